@@ -1,0 +1,503 @@
+package proto
+
+import (
+	"bytes"
+	"fmt"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// Request is every client-to-agent message; the fields an operation does not
+// use stay empty and are not sent.
+type Request struct {
+	ID       uint64 // echoed in the reply; a connection may have many in flight
+	Op       Op
+	Version  uint16 // Hello: the client's protocol version
+	Features uint64 // Hello: the client's feature bits
+	Key      string // key (slot) name; or
+	KID      string // kid; Key wins when both are set
+	Scheme   uint8  // Sign, Verify: Scheme* (0: the key's default)
+	Hash     uint8  // Sign, Verify: Hash*
+	Digest   []byte // Sign, Verify: the digest (pure Ed25519: the message)
+	Sig      []byte // Verify: the signature to check
+	// TimeoutMillis is the client's remaining deadline; the agent never works
+	// on a request longer than this (nor longer than its own limit).
+	TimeoutMillis uint32
+}
+
+// Response is every agent-to-client message.
+type Response struct {
+	ID       uint64
+	Code     Code
+	Msg      string // human-readable detail for a non-OK code; never secrets
+	Version  uint16 // Hello: the agent's protocol version
+	Features uint64 // Hello: the agent's feature bits
+	Key      string // Sign, PublicKey: the key name that served the request
+	KID      string // Sign, PublicKey: the kid that signed / was read
+	KeyType  string // PublicKey
+	Pub      []byte // PublicKey: DER SubjectPublicKeyInfo
+	Sig      []byte // Sign
+	Valid    bool   // Verify
+	Keys     []KeyEntry
+}
+
+// KeyEntry is one key in a ListKeys reply.
+type KeyEntry struct {
+	Name     string
+	KID      string
+	Provider string
+	KeyType  string
+	Pub      []byte // DER SubjectPublicKeyInfo
+}
+
+// Err returns nil for OK, else the reply as an *Error.
+func (r *Response) Err() error {
+	if r.Code == OK {
+		return nil
+	}
+	return &Error{Code: r.Code, Msg: r.Msg}
+}
+
+// Reset clears r for reuse, keeping the capacity of its byte slices.
+func (r *Request) Reset() {
+	*r = Request{Digest: r.Digest[:0], Sig: r.Sig[:0]}
+}
+
+// Wire keys. Short, stable, never reused for another meaning.
+const (
+	kID       = "id"
+	kOp       = "op"
+	kVersion  = "ver"
+	kFeatures = "feat"
+	kKey      = "key"
+	kKID      = "kid"
+	kScheme   = "sch"
+	kHash     = "hash"
+	kDigest   = "dig"
+	kSig      = "sig"
+	kTimeout  = "tmo"
+	kCode     = "code"
+	kMsg      = "msg"
+	kKeyType  = "kty"
+	kPub      = "pub"
+	kValid    = "ok"
+	kKeys     = "keys"
+	kName     = "name"
+	kProvider = "prov"
+)
+
+// EncodeMsgpack writes r as a msgpack map of its non-empty fields
+// (msgpack.CustomEncoder).
+func (r *Request) EncodeMsgpack(e *msgpack.Encoder) error {
+	n := 2
+	n += count(r.Version != 0) + count(r.Features != 0) + count(r.Key != "") + count(r.KID != "") +
+		count(r.Scheme != 0) + count(r.Hash != 0) + count(len(r.Digest) != 0) + count(len(r.Sig) != 0) +
+		count(r.TimeoutMillis != 0)
+	w := fieldWriter{e: e}
+	w.mapLen(n)
+	w.uint(kID, r.ID)
+	w.uint(kOp, uint64(r.Op))
+	if r.Version != 0 {
+		w.uint(kVersion, uint64(r.Version))
+	}
+	if r.Features != 0 {
+		w.uint(kFeatures, r.Features)
+	}
+	if r.Key != "" {
+		w.str(kKey, r.Key)
+	}
+	if r.KID != "" {
+		w.str(kKID, r.KID)
+	}
+	if r.Scheme != 0 {
+		w.uint(kScheme, uint64(r.Scheme))
+	}
+	if r.Hash != 0 {
+		w.uint(kHash, uint64(r.Hash))
+	}
+	if len(r.Digest) != 0 {
+		w.bytes(kDigest, r.Digest)
+	}
+	if len(r.Sig) != 0 {
+		w.bytes(kSig, r.Sig)
+	}
+	if r.TimeoutMillis != 0 {
+		w.uint(kTimeout, uint64(r.TimeoutMillis))
+	}
+	return w.err
+}
+
+// decode reads a map written by EncodeMsgpack, skipping unknown keys. Byte
+// fields reuse r's existing capacity.
+func (r *Request) decode(c *Codec) error {
+	d := c.dec
+	n, err := d.DecodeMapLen()
+	if err != nil {
+		return fmt.Errorf("request: %w", err)
+	}
+	if n < 0 {
+		return fmt.Errorf("request: nil map")
+	}
+	var key []byte
+	for i := 0; i < n; i++ {
+		if key, err = decodeKey(d, key[:0]); err != nil {
+			return fmt.Errorf("request key: %w", err)
+		}
+		var v uint64
+		switch string(key) {
+		case kID:
+			r.ID, err = d.DecodeUint64()
+		case kOp:
+			v, err = decodeUintMax(d, 0xff)
+			r.Op = Op(v)
+		case kVersion:
+			v, err = decodeUintMax(d, 0xffff)
+			r.Version = uint16(v)
+		case kFeatures:
+			r.Features, err = d.DecodeUint64()
+		case kKey:
+			r.Key, err = d.DecodeString()
+		case kKID:
+			r.KID, err = d.DecodeString()
+		case kScheme:
+			v, err = decodeUintMax(d, 0xff)
+			r.Scheme = uint8(v)
+		case kHash:
+			v, err = decodeUintMax(d, 0xff)
+			r.Hash = uint8(v)
+		case kDigest:
+			r.Digest, err = c.decodeBytesInto(r.Digest[:0])
+		case kSig:
+			r.Sig, err = c.decodeBytesInto(r.Sig[:0])
+		case kTimeout:
+			v, err = decodeUintMax(d, 0xffffffff)
+			r.TimeoutMillis = uint32(v)
+		default:
+			err = d.Skip()
+		}
+		if err != nil {
+			return fmt.Errorf("request field %q: %w", key, err)
+		}
+	}
+	return nil
+}
+
+// EncodeMsgpack writes r as a msgpack map of its non-empty fields.
+func (r *Response) EncodeMsgpack(e *msgpack.Encoder) error {
+	n := 2
+	n += count(r.Msg != "") + count(r.Version != 0) + count(r.Features != 0) + count(r.Key != "") +
+		count(r.KID != "") + count(r.KeyType != "") + count(len(r.Pub) != 0) + count(len(r.Sig) != 0) +
+		count(r.Valid) + count(r.Keys != nil)
+	w := fieldWriter{e: e}
+	w.mapLen(n)
+	w.uint(kID, r.ID)
+	w.uint(kCode, uint64(r.Code))
+	if r.Msg != "" {
+		w.str(kMsg, r.Msg)
+	}
+	if r.Version != 0 {
+		w.uint(kVersion, uint64(r.Version))
+	}
+	if r.Features != 0 {
+		w.uint(kFeatures, r.Features)
+	}
+	if r.Key != "" {
+		w.str(kKey, r.Key)
+	}
+	if r.KID != "" {
+		w.str(kKID, r.KID)
+	}
+	if r.KeyType != "" {
+		w.str(kKeyType, r.KeyType)
+	}
+	if len(r.Pub) != 0 {
+		w.bytes(kPub, r.Pub)
+	}
+	if len(r.Sig) != 0 {
+		w.bytes(kSig, r.Sig)
+	}
+	if r.Valid {
+		w.key(kValid)
+		w.setErr(e.EncodeBool(true))
+	}
+	if r.Keys != nil {
+		w.key(kKeys)
+		w.setErr(e.EncodeArrayLen(len(r.Keys)))
+		for i := range r.Keys {
+			k := &r.Keys[i]
+			w.mapLen(5)
+			w.str(kName, k.Name)
+			w.str(kKID, k.KID)
+			w.str(kProvider, k.Provider)
+			w.str(kKeyType, k.KeyType)
+			w.bytes(kPub, k.Pub)
+		}
+	}
+	return w.err
+}
+
+// decode reads a map written by EncodeMsgpack, skipping unknown keys.
+func (r *Response) decode(c *Codec) error {
+	d := c.dec
+	n, err := d.DecodeMapLen()
+	if err != nil {
+		return fmt.Errorf("response: %w", err)
+	}
+	if n < 0 {
+		return fmt.Errorf("response: nil map")
+	}
+	var key []byte
+	for i := 0; i < n; i++ {
+		if key, err = decodeKey(d, key[:0]); err != nil {
+			return fmt.Errorf("response key: %w", err)
+		}
+		var v uint64
+		switch string(key) {
+		case kID:
+			r.ID, err = d.DecodeUint64()
+		case kCode:
+			v, err = decodeUintMax(d, 0xffff)
+			r.Code = Code(v)
+		case kMsg:
+			r.Msg, err = d.DecodeString()
+		case kVersion:
+			v, err = decodeUintMax(d, 0xffff)
+			r.Version = uint16(v)
+		case kFeatures:
+			r.Features, err = d.DecodeUint64()
+		case kKey:
+			r.Key, err = d.DecodeString()
+		case kKID:
+			r.KID, err = d.DecodeString()
+		case kKeyType:
+			r.KeyType, err = d.DecodeString()
+		case kPub:
+			r.Pub, err = c.decodeBytesInto(nil)
+		case kSig:
+			r.Sig, err = c.decodeBytesInto(r.Sig[:0])
+		case kValid:
+			r.Valid, err = d.DecodeBool()
+		case kKeys:
+			r.Keys, err = c.decodeKeyEntries()
+		default:
+			err = d.Skip()
+		}
+		if err != nil {
+			return fmt.Errorf("response field %q: %w", key, err)
+		}
+	}
+	return nil
+}
+
+func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {
+	d := c.dec
+	n, err := d.DecodeArrayLen()
+	if err != nil || n < 0 {
+		return nil, err
+	}
+	// Each entry is at least one byte on the wire, so a hostile count is
+	// bounded by the frame size; cap the pre-allocation all the same.
+	out := make([]KeyEntry, 0, min(n, 1024))
+	var key []byte
+	for i := 0; i < n; i++ {
+		m, err := d.DecodeMapLen()
+		if err != nil {
+			return nil, err
+		}
+		var k KeyEntry
+		for j := 0; j < m; j++ {
+			if key, err = decodeKey(d, key[:0]); err != nil {
+				return nil, err
+			}
+			switch string(key) {
+			case kName:
+				k.Name, err = d.DecodeString()
+			case kKID:
+				k.KID, err = d.DecodeString()
+			case kProvider:
+				k.Provider, err = d.DecodeString()
+			case kKeyType:
+				k.KeyType, err = d.DecodeString()
+			case kPub:
+				k.Pub, err = c.decodeBytesInto(nil)
+			default:
+				err = d.Skip()
+			}
+			if err != nil {
+				return nil, err
+			}
+		}
+		out = append(out, k)
+	}
+	return out, nil
+}
+
+// fieldWriter keeps the first encoding error so the encoders read straight.
+type fieldWriter struct {
+	e   *msgpack.Encoder
+	err error
+}
+
+func (w *fieldWriter) setErr(err error) {
+	if w.err == nil {
+		w.err = err
+	}
+}
+func (w *fieldWriter) mapLen(n int) { w.setErr(w.e.EncodeMapLen(n)) }
+func (w *fieldWriter) key(k string) { w.setErr(w.e.EncodeString(k)) }
+func (w *fieldWriter) uint(k string, v uint64) {
+	w.key(k)
+	w.setErr(w.e.EncodeUint(v))
+}
+func (w *fieldWriter) str(k, v string) {
+	w.key(k)
+	w.setErr(w.e.EncodeString(v))
+}
+func (w *fieldWriter) bytes(k string, v []byte) {
+	w.key(k)
+	w.setErr(w.e.EncodeBytes(v))
+}
+
+func count(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// maxKeyLen bounds a map key; ours are at most a few bytes, and a long one is
+// skipped as unknown without being stored.
+const maxKeyLen = 32
+
+func decodeKey(d *msgpack.Decoder, buf []byte) ([]byte, error) {
+	n, err := d.DecodeBytesLen() // accepts str and bin families
+	if err != nil {
+		return nil, err
+	}
+	if n < 0 {
+		return nil, fmt.Errorf("nil key")
+	}
+	if n > maxKeyLen {
+		// Still consume it so the decoder stays in step; the key matches nothing.
+		if err := discard(d, n); err != nil {
+			return nil, err
+		}
+		return append(buf, '?'), nil
+	}
+	buf = append(buf, make([]byte, n)...)
+	if err := d.ReadFull(buf); err != nil {
+		return nil, err
+	}
+	return buf, nil
+}
+
+func discard(d *msgpack.Decoder, n int) error {
+	var scratch [64]byte
+	for n > 0 {
+		k := min(n, len(scratch))
+		if err := d.ReadFull(scratch[:k]); err != nil {
+			return err
+		}
+		n -= k
+	}
+	return nil
+}
+
+func decodeUintMax(d *msgpack.Decoder, max uint64) (uint64, error) {
+	v, err := d.DecodeUint64()
+	if err != nil {
+		return 0, err
+	}
+	if v > max {
+		return 0, fmt.Errorf("value %d out of range", v)
+	}
+	return v, nil
+}
+
+// decodeBytesInto reads a bin or str value into buf's capacity. A length
+// beyond what is left of the payload is refused before allocating, so a
+// hostile header cannot make the agent allocate gigabytes.
+func (c *Codec) decodeBytesInto(buf []byte) ([]byte, error) {
+	d := c.dec
+	n, err := d.DecodeBytesLen()
+	if err != nil {
+		return nil, err
+	}
+	if n <= 0 {
+		return buf[:0], nil
+	}
+	if n > c.rd.Len() {
+		return nil, fmt.Errorf("byte string of %d bytes exceeds the frame", n)
+	}
+	if cap(buf) < n {
+		buf = make([]byte, n)
+	} else {
+		buf = buf[:n]
+	}
+	if err := d.ReadFull(buf); err != nil {
+		return nil, err
+	}
+	return buf, nil
+}
+
+// Codec encodes and decodes messages, reusing its buffers. A Codec is not safe
+// for concurrent use; keep one per goroutine (or take them from a sync.Pool).
+type Codec struct {
+	rd  bytes.Reader
+	dec *msgpack.Decoder
+	wr  bytes.Buffer
+	enc *msgpack.Encoder
+}
+
+// NewCodec returns a ready Codec.
+func NewCodec() *Codec {
+	c := &Codec{}
+	c.dec = msgpack.NewDecoder(&c.rd)
+	c.enc = msgpack.NewEncoder(&c.wr)
+	return c
+}
+
+// DecodeRequest decodes one payload (the bytes of a frame, without the length
+// prefix) into r. Trailing bytes after the map are an error.
+func (c *Codec) DecodeRequest(payload []byte, r *Request) error {
+	c.rd.Reset(payload)
+	c.dec.Reset(&c.rd)
+	if err := r.decode(c); err != nil {
+		return err
+	}
+	if c.rd.Len() != 0 {
+		return fmt.Errorf("request: %d trailing bytes", c.rd.Len())
+	}
+	return nil
+}
+
+// DecodeResponse decodes one payload into r.
+func (c *Codec) DecodeResponse(payload []byte, r *Response) error {
+	c.rd.Reset(payload)
+	c.dec.Reset(&c.rd)
+	if err := r.decode(c); err != nil {
+		return err
+	}
+	if c.rd.Len() != 0 {
+		return fmt.Errorf("response: %d trailing bytes", c.rd.Len())
+	}
+	return nil
+}
+
+// AppendRequestFrame appends r as a complete frame (length prefix included) to dst.
+func (c *Codec) AppendRequestFrame(dst []byte, r *Request) ([]byte, error) {
+	c.wr.Reset()
+	if err := r.EncodeMsgpack(c.enc); err != nil {
+		return dst, fmt.Errorf("encode request: %w", err)
+	}
+	return appendFrame(dst, c.wr.Bytes()), nil
+}
+
+// AppendResponseFrame appends r as a complete frame to dst.
+func (c *Codec) AppendResponseFrame(dst []byte, r *Response) ([]byte, error) {
+	c.wr.Reset()
+	if err := r.EncodeMsgpack(c.enc); err != nil {
+		return dst, fmt.Errorf("encode response: %w", err)
+	}
+	return appendFrame(dst, c.wr.Bytes()), nil
+}

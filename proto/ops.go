@@ -1,0 +1,71 @@
+package proto
+
+import "strconv"
+
+// Version is the protocol version this package speaks.
+const Version uint16 = 1
+
+// Feature bits a peer announces in Hello. None are defined yet; unknown bits
+// are ignored.
+const (
+	FeaturePipelining uint64 = 1 << 0 // replies may arrive out of order
+)
+
+// DefaultMaxFrame bounds a frame's payload. It is checked before a buffer is
+// allocated, so a hostile length costs nothing.
+const DefaultMaxFrame = 64 << 10
+
+// Op is an operation number.
+type Op uint8
+
+const (
+	OpHello     Op = 1
+	OpPing      Op = 2
+	OpListKeys  Op = 3
+	OpPublicKey Op = 4
+	OpSign      Op = 5
+	OpVerify    Op = 6
+	// Admin operations: numbers reserved now so they never move.
+	OpRotate       Op = 16
+	OpRollback     Op = 17
+	OpPause        Op = 18
+	OpResume       Op = 19
+	OpReloadPolicy Op = 20
+	OpAuditTail    Op = 21
+	OpExportREP    Op = 22
+)
+
+var opNames = map[Op]string{
+	OpHello: "Hello", OpPing: "Ping", OpListKeys: "ListKeys", OpPublicKey: "PublicKey",
+	OpSign: "Sign", OpVerify: "Verify", OpRotate: "Rotate", OpRollback: "Rollback",
+	OpPause: "Pause", OpResume: "Resume", OpReloadPolicy: "ReloadPolicy",
+	OpAuditTail: "AuditTail", OpExportREP: "ExportREP",
+}
+
+func (o Op) String() string {
+	if n, ok := opNames[o]; ok {
+		return n
+	}
+	return "Op" + strconv.Itoa(int(o))
+}
+
+// Scheme numbers on the wire (equal to providers.Scheme).
+const (
+	SchemeECDSA    uint8 = 1
+	SchemePKCS1v15 uint8 = 2
+	SchemePSS      uint8 = 3
+	SchemeEd25519  uint8 = 4
+)
+
+// Hash numbers on the wire. HashNone is for pure Ed25519, and in a Sign
+// request with SchemeDefault it asks for the key's default algorithm.
+const (
+	HashNone   uint8 = 0
+	HashSHA256 uint8 = 1
+	HashSHA384 uint8 = 2
+	HashSHA512 uint8 = 3
+)
+
+// SchemeDefault (0) in a Sign request asks for the key's default algorithm
+// (ECDSA with the curve's hash, RSA PKCS#1 v1.5 SHA-256, pure Ed25519).
+const SchemeDefault uint8 = 0

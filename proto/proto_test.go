@@ -1,0 +1,216 @@
+package proto
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"reflect"
+	"testing"
+
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+func TestRequestRoundTrip(t *testing.T) {
+	cases := []struct {
+		name string
+		req  Request
+	}{
+		{"hello", Request{ID: 1, Op: OpHello, Version: Version, Features: FeaturePipelining}},
+		{"ping", Request{ID: 2, Op: OpPing}},
+		{"sign by name", Request{ID: 1 << 40, Op: OpSign, Key: "payments/release", Scheme: SchemeECDSA, Hash: HashSHA256, Digest: bytes.Repeat([]byte{0xab}, 32), TimeoutMillis: 1500}},
+		{"sign by kid", Request{ID: 3, Op: OpSign, KID: "00112233445566778899aabbccddeeff", Scheme: SchemeEd25519, Digest: []byte("message")}},
+		{"verify", Request{ID: 4, Op: OpVerify, Key: "k", Scheme: SchemePSS, Hash: HashSHA384, Digest: make([]byte, 48), Sig: make([]byte, 256)}},
+	}
+	c := NewCodec()
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			frame, err := c.AppendRequestFrame(nil, &tc.req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			payload, err := ReadFrame(bufio.NewReader(bytes.NewReader(frame)), nil, DefaultMaxFrame)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got Request
+			if err := c.DecodeRequest(payload, &got); err != nil {
+				t.Fatal(err)
+			}
+			normalize(&got.Digest, &got.Sig)
+			want := tc.req
+			normalize(&want.Digest, &want.Sig)
+			if !reflect.DeepEqual(got, want) {
+				t.Fatalf("round trip:\n got %+v\nwant %+v", got, want)
+			}
+		})
+	}
+}
+
+func normalize(bs ...*[]byte) {
+	for _, b := range bs {
+		if len(*b) == 0 {
+			*b = nil
+		}
+	}
+}
+
+func TestResponseRoundTrip(t *testing.T) {
+	cases := []Response{
+		{ID: 1, Code: OK, Version: Version, Features: FeaturePipelining},
+		{ID: 2, Code: NotFound, Msg: "no such key"},
+		{ID: 3, Code: OK, Key: "k", KID: "abc", Sig: []byte{1, 2, 3}},
+		{ID: 4, Code: OK, Key: "k", KID: "abc", KeyType: "ed25519", Pub: []byte{4, 5}},
+		{ID: 5, Code: OK, Valid: true},
+		{ID: 6, Code: OK, Keys: []KeyEntry{{Name: "a", KID: "1", Provider: "soft", KeyType: "rsa-2048", Pub: []byte{9}}, {Name: "b", KID: "2", Provider: "hsm", KeyType: "ed25519", Pub: []byte{8}}}},
+		{ID: 7, Code: OK, Keys: []KeyEntry{}},
+	}
+	c := NewCodec()
+	for _, want := range cases {
+		frame, err := c.AppendResponseFrame(nil, &want)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var got Response
+		if err := c.DecodeResponse(frame[FrameHeaderLen:], &got); err != nil {
+			t.Fatal(err)
+		}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("round trip:\n got %+v\nwant %+v", got, want)
+		}
+	}
+}
+
+// A newer peer may send fields this version does not know: they are skipped.
+func TestDecodeSkipsUnknownFields(t *testing.T) {
+	raw, err := msgpack.Marshal(map[string]any{
+		"id": 9, "op": int(OpSign), "key": "k", "future": map[string]any{"x": []int{1, 2}},
+		"a-very-long-unknown-key-name-from-the-future": "v", "dig": []byte{1, 2, 3},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r Request
+	if err := NewCodec().DecodeRequest(raw, &r); err != nil {
+		t.Fatal(err)
+	}
+	if r.ID != 9 || r.Op != OpSign || r.Key != "k" || !bytes.Equal(r.Digest, []byte{1, 2, 3}) {
+		t.Fatalf("decoded %+v", r)
+	}
+}
+
+func TestDecodeRejects(t *testing.T) {
+	good, _ := NewCodec().AppendRequestFrame(nil, &Request{ID: 1, Op: OpSign, Digest: make([]byte, 32)})
+	good = good[FrameHeaderLen:]
+	mk := func(v any) []byte { b, _ := msgpack.Marshal(v); return b }
+	cases := []struct {
+		name    string
+		payload []byte
+	}{
+		{"not a map", mk([]int{1, 2})},
+		{"nil", mk(nil)},
+		{"truncated", good[:len(good)-5]},
+		{"trailing bytes", append(append([]byte{}, good...), 0xc0)},
+		{"op out of range", mk(map[string]any{"id": 1, "op": 300})},
+		{"id wrong type", mk(map[string]any{"id": "one"})},
+		{"digest length beyond frame", []byte{0x81, 0xa3, 'd', 'i', 'g', 0xc6, 0x7f, 0xff, 0xff, 0xff}},
+		{"key not a string", mk(map[int]int{1: 2})},
+	}
+	c := NewCodec()
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			var r Request
+			if err := c.DecodeRequest(tc.payload, &r); err == nil {
+				t.Fatalf("decoded %x without error: %+v", tc.payload, r)
+			}
+		})
+	}
+}
+
+func TestReadFrame(t *testing.T) {
+	frame := func(n uint32, body []byte) []byte {
+		return append(binary.BigEndian.AppendUint32(nil, n), body...)
+	}
+	cases := []struct {
+		name    string
+		in      []byte
+		max     int
+		want    []byte
+		wantErr error
+	}{
+		{"ok", frame(3, []byte("abc")), 16, []byte("abc"), nil},
+		{"at limit", frame(4, []byte("abcd")), 4, []byte("abcd"), nil},
+		{"over limit", frame(5, []byte("abcde")), 4, nil, ErrFrameTooLarge},
+		{"huge announced length", frame(0xffffffff, nil), DefaultMaxFrame, nil, ErrFrameTooLarge},
+		{"empty", frame(0, nil), 16, nil, ErrEmptyFrame},
+		{"short body", frame(5, []byte("ab")), 16, nil, io.ErrUnexpectedEOF},
+		{"short header", []byte{0, 0}, 16, nil, io.ErrUnexpectedEOF},
+		{"eof", nil, 16, nil, io.EOF},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := ReadFrame(bufio.NewReader(bytes.NewReader(tc.in)), nil, tc.max)
+			if !errors.Is(err, tc.wantErr) {
+				t.Fatalf("err = %v, want %v", err, tc.wantErr)
+			}
+			if !bytes.Equal(got, tc.want) {
+				t.Fatalf("payload %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestCodes(t *testing.T) {
+	seen := map[string]bool{}
+	for _, c := range Codes() {
+		name := c.String()
+		if seen[name] {
+			t.Fatalf("duplicate name %s", name)
+		}
+		seen[name] = true
+		back, ok := ParseCode(name)
+		if !ok || back != c {
+			t.Fatalf("ParseCode(%s) = %d, %v", name, back, ok)
+		}
+	}
+	if len(seen) != 18 {
+		t.Fatalf("%d codes, DESIGN.md names 18", len(seen))
+	}
+	if got := Code(999).String(); got != "CODE_999" {
+		t.Fatalf("unknown code prints %q", got)
+	}
+	err := error(&Error{Code: Paused, Msg: "slot paused"})
+	if !errors.Is(err, &Error{Code: Paused}) || errors.Is(err, &Error{Code: OK}) {
+		t.Fatal("errors.Is on code")
+	}
+}
+
+func BenchmarkRequestRoundTrip(b *testing.B) {
+	c := NewCodec()
+	req := Request{ID: 42, Op: OpSign, Key: "payments/release", Scheme: SchemeECDSA, Hash: HashSHA256, Digest: make([]byte, 32), TimeoutMillis: 5000}
+	var buf []byte
+	var got Request
+	b.ReportAllocs()
+	for b.Loop() {
+		buf, _ = c.AppendRequestFrame(buf[:0], &req)
+		got.Reset()
+		if err := c.DecodeRequest(buf[FrameHeaderLen:], &got); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkResponseRoundTrip(b *testing.B) {
+	c := NewCodec()
+	resp := Response{ID: 42, Code: OK, Key: "payments/release", KID: "00112233445566778899aabbccddeeff", Sig: make([]byte, 72)}
+	var buf []byte
+	var got Response
+	b.ReportAllocs()
+	for b.Loop() {
+		buf, _ = c.AppendResponseFrame(buf[:0], &resp)
+		if err := c.DecodeResponse(buf[FrameHeaderLen:], &got); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,271 @@
+package software
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// KeyConfig names one key and its type.
+type KeyConfig struct {
+	Name string
+	Type providers.KeyType
+}
+
+// Config configures a software provider.
+type Config struct {
+	ID      string      // provider id, part of every kid
+	DataDir string      // keys live in DataDir/<escaped name>.pem
+	Keys    []KeyConfig // generated when absent, loaded when present
+}
+
+// Provider holds software keys in memory.
+type Provider struct {
+	id  string
+	dir string
+
+	mu     sync.RWMutex
+	keys   map[string]*softKey
+	order  []string
+	closed bool
+}
+
+type softKey struct {
+	info   providers.KeyInfo
+	signer crypto.Signer
+}
+
+var _ providers.Provider = (*Provider)(nil)
+
+// Open loads the configured keys from cfg.DataDir, generating each one that
+// does not exist yet. A key file whose type differs from the configuration is
+// an error, never overwritten: it may be the only copy of a key in use.
+func Open(cfg Config) (*Provider, error) {
+	if cfg.ID == "" {
+		return nil, errors.New("software provider: empty id")
+	}
+	if cfg.DataDir == "" {
+		return nil, fmt.Errorf("software provider %s: empty data dir", cfg.ID)
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("software provider %s: %w", cfg.ID, err)
+	}
+	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("software provider %s: %w", cfg.ID, err)
+	}
+	p := &Provider{id: cfg.ID, dir: cfg.DataDir, keys: make(map[string]*softKey)}
+	for _, kc := range cfg.Keys {
+		if _, dup := p.keys[kc.Name]; dup {
+			return nil, fmt.Errorf("software provider %s: key %q configured twice", cfg.ID, kc.Name)
+		}
+		k, err := p.loadOrGenerate(kc)
+		if err != nil {
+			return nil, fmt.Errorf("software provider %s: key %q: %w", cfg.ID, kc.Name, err)
+		}
+		p.keys[kc.Name] = k
+		p.order = append(p.order, kc.Name)
+	}
+	return p, nil
+}
+
+// ID implements providers.Provider.
+func (p *Provider) ID() string { return p.id }
+
+// Keys implements providers.Provider.
+func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
+	p.mu.RLock()
+	defer p.mu.RUnlock()
+	out := make([]providers.KeyInfo, 0, len(p.order))
+	for _, name := range p.order {
+		out = append(out, p.keys[name].info)
+	}
+	return out, nil
+}
+
+// Sign implements providers.Provider.
+func (p *Provider) Sign(_ context.Context, name string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	p.mu.RLock()
+	k, ok := p.keys[name]
+	closed := p.closed
+	p.mu.RUnlock()
+	if closed {
+		return nil, fmt.Errorf("software sign %s: provider closed: %w", name, providers.ErrUnavailable)
+	}
+	if !ok {
+		return nil, fmt.Errorf("software sign %s: %w", name, providers.ErrNotFound)
+	}
+	var opts crypto.SignerOpts = alg.Hash
+	switch alg.Scheme {
+	case providers.SchemePSS:
+		// Salt length = hash length: what TLS 1.3 requires and what AWS KMS and
+		// PKCS#11 tokens produce, so every provider's PSS signatures look alike.
+		opts = &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: alg.Hash}
+	case providers.SchemeEd25519:
+		opts = crypto.Hash(0)
+	}
+	sig, err := k.signer.Sign(rand.Reader, digest, opts)
+	if err != nil {
+		return nil, fmt.Errorf("software sign %s %s: %w", name, alg, err)
+	}
+	return sig, nil
+}
+
+// GenerateKey creates and persists a new key and serves it from now on.
+// Rotation uses it for the next version of a slot.
+func (p *Provider) GenerateKey(_ context.Context, name string, kt providers.KeyType) (providers.KeyInfo, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if _, dup := p.keys[name]; dup {
+		return providers.KeyInfo{}, fmt.Errorf("software generate %s: key exists", name)
+	}
+	if _, err := os.Stat(p.keyPath(name)); err == nil {
+		return providers.KeyInfo{}, fmt.Errorf("software generate %s: key file exists", name)
+	}
+	k, err := p.loadOrGenerate(KeyConfig{Name: name, Type: kt})
+	if err != nil {
+		return providers.KeyInfo{}, fmt.Errorf("software generate %s: %w", name, err)
+	}
+	p.keys[name] = k
+	p.order = append(p.order, name)
+	return k.info, nil
+}
+
+// Close implements providers.Provider.
+func (p *Provider) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.closed = true
+	p.keys = map[string]*softKey{}
+	p.order = nil
+	return nil
+}
+
+func (p *Provider) keyPath(name string) string {
+	// PathEscape keeps slot-style names ("payments/release") inside the directory.
+	return filepath.Join(p.dir, url.PathEscape(name)+".pem")
+}
+
+func (p *Provider) loadOrGenerate(kc KeyConfig) (*softKey, error) {
+	path := p.keyPath(kc.Name)
+	signer, err := loadKey(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if signer, err = generate(kc.Type); err != nil {
+			return nil, err
+		}
+		if err := storeKey(path, signer); err != nil {
+			return nil, err
+		}
+	case err != nil:
+		return nil, err
+	}
+	info, err := providers.NewKeyInfo(p.id, kc.Name, signer.Public())
+	if err != nil {
+		return nil, err
+	}
+	if info.Type != kc.Type {
+		return nil, fmt.Errorf("key file %s holds a %s key, configuration says %s", path, info.Type, kc.Type)
+	}
+	return &softKey{info: info, signer: signer}, nil
+}
+
+func generate(kt providers.KeyType) (crypto.Signer, error) {
+	switch kt {
+	case providers.KeyECDSAP256:
+		return ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	case providers.KeyECDSAP384:
+		return ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	case providers.KeyRSA2048:
+		return rsa.GenerateKey(rand.Reader, 2048)
+	case providers.KeyRSA3072:
+		return rsa.GenerateKey(rand.Reader, 3072)
+	case providers.KeyRSA4096:
+		return rsa.GenerateKey(rand.Reader, 4096)
+	case providers.KeyEd25519:
+		_, priv, err := ed25519.GenerateKey(rand.Reader)
+		return priv, err
+	}
+	return nil, fmt.Errorf("key type %q: %w", kt, providers.ErrUnsupportedAlgorithm)
+}
+
+func loadKey(path string) (crypto.Signer, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, err
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		// Refuse rather than fix: a key readable by others may already be copied.
+		return nil, fmt.Errorf("key file %s has mode %v; want 0600", path, st.Mode().Perm())
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	block, _ := pem.Decode(raw)
+	if block == nil || block.Type != "PRIVATE KEY" {
+		return nil, fmt.Errorf("key file %s: no PKCS#8 PRIVATE KEY block", path)
+	}
+	key, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("key file %s: parse PKCS#8 (contents not shown)", path)
+	}
+	signer, ok := key.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("key file %s: %T cannot sign", path, key)
+	}
+	return signer, nil
+}
+
+// storeKey writes the key with 0600 through a temp file and rename, fsyncing
+// both, so a crash leaves either no key or a whole one.
+func storeKey(path string, key crypto.Signer) error {
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return fmt.Errorf("marshal key: %w", err)
+	}
+	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-key-*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	if err := f.Chmod(0o600); err != nil {
+		f.Close()
+		return err
+	}
+	if err := pem.Encode(f, &pem.Block{Type: "PRIVATE KEY", Bytes: der}); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	dir, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
+	return dir.Sync()
+}

@@ -1,0 +1,191 @@
+package software
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"crypto/sha512"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/sigil-agent/sigil/providers"
+)
+
+var allKeys = []KeyConfig{
+	{"p256", providers.KeyECDSAP256},
+	{"p384", providers.KeyECDSAP384},
+	{"rsa2048", providers.KeyRSA2048},
+	{"rsa3072", providers.KeyRSA3072},
+	{"ed25519", providers.KeyEd25519},
+	{"payments/release", providers.KeyEd25519},
+}
+
+func TestSignVerifiesEveryType(t *testing.T) {
+	p, err := Open(Config{ID: "soft", DataDir: t.TempDir(), Keys: allKeys})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	d256 := sha256.Sum256([]byte("payload"))
+	d384 := sha512.Sum384([]byte("payload"))
+	cases := []struct {
+		key    string
+		alg    providers.Algorithm
+		digest []byte
+	}{
+		{"p256", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d256[:]},
+		{"p384", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA384}, d384[:]},
+		{"rsa2048", providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA256}, d256[:]},
+		{"rsa2048", providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA256}, d256[:]},
+		{"rsa3072", providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA384}, d384[:]},
+		{"rsa3072", providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA384}, d384[:]},
+		{"ed25519", providers.Algorithm{Scheme: providers.SchemeEd25519}, []byte("the message itself")},
+		{"payments/release", providers.Algorithm{Scheme: providers.SchemeEd25519}, []byte("m")},
+	}
+	keys, _ := p.Keys(context.Background())
+	pubs := map[string]crypto.PublicKey{}
+	for _, k := range keys {
+		pubs[k.Name] = k.Public
+	}
+	for _, tc := range cases {
+		t.Run(tc.key+"/"+tc.alg.String(), func(t *testing.T) {
+			sig, err := p.Sign(context.Background(), tc.key, tc.alg, tc.digest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := providers.Verify(pubs[tc.key], tc.alg, tc.digest, sig); err != nil {
+				t.Fatalf("verify: %v", err)
+			}
+			flipped := append([]byte{}, tc.digest...)
+			if len(flipped) == 0 {
+				flipped = []byte{0}
+			}
+			flipped[0] ^= 1
+			if err := providers.Verify(pubs[tc.key], tc.alg, flipped, sig); !errors.Is(err, providers.ErrInvalidSignature) {
+				t.Fatalf("flipped digest verified: %v", err)
+			}
+		})
+	}
+}
+
+func TestKeysPersistAcrossRestarts(t *testing.T) {
+	dir := t.TempDir()
+	cfg := Config{ID: "soft", DataDir: dir, Keys: allKeys[:1]}
+	p1, err := Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k1, _ := p1.Keys(context.Background())
+	p1.Close()
+	p2, err := Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	k2, _ := p2.Keys(context.Background())
+	if k1[0].KID != k2[0].KID {
+		t.Fatalf("kid changed across restart: %s → %s", k1[0].KID, k2[0].KID)
+	}
+	st, err := os.Stat(filepath.Join(dir, "p256.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o600 {
+		t.Fatalf("key file mode %v", st.Mode().Perm())
+	}
+	dst, _ := os.Stat(dir)
+	if dst.Mode().Perm() != 0o700 {
+		t.Fatalf("data dir mode %v", dst.Mode().Perm())
+	}
+}
+
+func TestOpenRefuses(t *testing.T) {
+	cases := []struct {
+		name    string
+		prepare func(dir string)
+		keys    []KeyConfig
+	}{
+		{"type changed in config", func(dir string) {
+			if _, err := Open(Config{ID: "s", DataDir: dir, Keys: []KeyConfig{{"k", providers.KeyEd25519}}}); err != nil {
+				t.Fatal(err)
+			}
+		}, []KeyConfig{{"k", providers.KeyECDSAP256}}},
+		{"world-readable key file", func(dir string) {
+			if _, err := Open(Config{ID: "s", DataDir: dir, Keys: []KeyConfig{{"k", providers.KeyEd25519}}}); err != nil {
+				t.Fatal(err)
+			}
+			os.Chmod(filepath.Join(dir, "k.pem"), 0o644)
+		}, []KeyConfig{{"k", providers.KeyEd25519}}},
+		{"garbage key file", func(dir string) {
+			os.WriteFile(filepath.Join(dir, "k.pem"), []byte("not a key"), 0o600)
+		}, []KeyConfig{{"k", providers.KeyEd25519}}},
+		{"duplicate name", func(string) {}, []KeyConfig{{"k", providers.KeyEd25519}, {"k", providers.KeyEd25519}}},
+		{"unknown type", func(string) {}, []KeyConfig{{"k", "dsa-1024"}}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			tc.prepare(dir)
+			if _, err := Open(Config{ID: "s", DataDir: dir, Keys: tc.keys}); err == nil {
+				t.Fatal("Open succeeded")
+			}
+		})
+	}
+}
+
+func TestSignErrors(t *testing.T) {
+	p, err := Open(Config{ID: "s", DataDir: t.TempDir(), Keys: allKeys[:1]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := sha256.Sum256(nil)
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	if _, err := p.Sign(context.Background(), "nope", alg, d[:]); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("unknown key: %v", err)
+	}
+	p.Close()
+	if _, err := p.Sign(context.Background(), "p256", alg, d[:]); !errors.Is(err, providers.ErrUnavailable) {
+		t.Fatalf("after close: %v", err)
+	}
+}
+
+func TestGenerateKey(t *testing.T) {
+	p, err := Open(Config{ID: "s", DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := p.GenerateKey(context.Background(), "slot/v2", providers.KeyECDSAP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := sha256.Sum256([]byte("x"))
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	sig, err := p.Sign(context.Background(), "slot/v2", alg, d[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := providers.Verify(info.Public, alg, d[:], sig); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := p.GenerateKey(context.Background(), "slot/v2", providers.KeyECDSAP256); err == nil {
+		t.Fatal("generated over an existing key")
+	}
+}
+
+func BenchmarkSignEd25519(b *testing.B) {
+	p, err := Open(Config{ID: "s", DataDir: b.TempDir(), Keys: []KeyConfig{{"k", providers.KeyEd25519}}})
+	if err != nil {
+		b.Fatal(err)
+	}
+	alg := providers.Algorithm{Scheme: providers.SchemeEd25519}
+	msg := make([]byte, 32)
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			if _, err := p.Sign(context.Background(), "k", alg, msg); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
