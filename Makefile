@@ -1,0 +1,47 @@
+# Sigil's build. Two commands set a fresh Debian machine up: `make run` and
+# `make test` (see README.md). cgo is required (miekg/pkcs11).
+
+GO        ?= go
+BIN       := bin/sigil
+PKGS      := ./...
+FUZZTIME  ?= 30s
+TESTFLAGS ?=
+export CGO_ENABLED := 1
+
+.PHONY: all build run test test-deps bench fuzz lint clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/sigil
+
+# The agent on its embedded default: software keys in $XDG_STATE_HOME/sigil
+# (else ~/.local/state/sigil), socket under $XDG_RUNTIME_DIR/sigil (else
+# /tmp/sigil-$UID). Ctrl-C stops it.
+run: build
+	./$(BIN) agent
+
+# Installs SoftHSM2, OpenSC and p11-kit when missing and running as root,
+# then runs every test with the race detector.
+test: test-deps
+	$(GO) test -race -count=1 -timeout 25m $(TESTFLAGS) $(PKGS)
+
+test-deps:
+	@bash .ci/install-test-deps
+
+bench: build
+	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x $(PKGS)
+
+# Each fuzz target for FUZZTIME; new crashers land in testdata/fuzz and fail `make test`.
+fuzz:
+	@set -e; for t in FuzzDecodeRequest FuzzDecodeResponse FuzzReadFrame; do \
+		echo "== $$t ($(FUZZTIME))"; \
+		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./proto; \
+	done
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet $(PKGS)
+
+clean:
+	rm -rf bin

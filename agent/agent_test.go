@@ -1,0 +1,449 @@
+package agent_test
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/sha512"
+	"encoding/binary"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/software"
+)
+
+func TestSignThroughAgentVerifiesWithGoCrypto(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	c := r.dial(t)
+	ctx := context.Background()
+	d256 := sha256.Sum256([]byte("payload"))
+	d384 := sha512.Sum384([]byte("payload"))
+	cases := []struct {
+		key    string
+		alg    client.Algorithm
+		digest []byte
+	}{
+		{"default", client.Algorithm{}, d256[:]},
+		{"default", client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA256}, d256[:]},
+		{"p384", client.Algorithm{}, d384[:]},
+		{"rsa", client.Algorithm{}, d256[:]},
+		{"rsa", client.Algorithm{Scheme: client.SchemePSS, Hash: crypto.SHA384}, d384[:]},
+		{"ed", client.Algorithm{}, []byte("a message, signed as itself")},
+		{"", client.Algorithm{}, d256[:]}, // the default key
+	}
+	keys, err := c.ListKeys(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	byName := map[string]client.Key{}
+	for _, k := range keys {
+		byName[k.Name] = k
+	}
+	for _, tc := range cases {
+		t.Run(tc.key, func(t *testing.T) {
+			sig, err := c.Sign(ctx, client.ByName(tc.key), tc.alg, tc.digest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			k := byName[sig.Key]
+			if sig.KID != k.KID {
+				t.Fatalf("reply kid %s, key %s has %s", sig.KID, sig.Key, k.KID)
+			}
+			alg := effective(tc.alg, k.Type)
+			if err := providers.Verify(k.Public, alg, tc.digest, sig.Sig); err != nil {
+				t.Fatalf("Go crypto rejects the agent's signature: %v", err)
+			}
+			bad := bytes.Clone(tc.digest)
+			bad[len(bad)-1] ^= 0x01
+			if err := providers.Verify(k.Public, alg, bad, sig.Sig); !errors.Is(err, providers.ErrInvalidSignature) {
+				t.Fatalf("signature verified over a flipped digest: %v", err)
+			}
+			ok, err := c.Verify(ctx, client.ByKID(sig.KID), tc.alg, tc.digest, sig.Sig)
+			if err != nil || !ok {
+				t.Fatalf("agent Verify = %v, %v", ok, err)
+			}
+			ok, err = c.Verify(ctx, client.ByKID(sig.KID), tc.alg, bad, sig.Sig)
+			if err != nil || ok {
+				t.Fatalf("agent Verify over a flipped digest = %v, %v", ok, err)
+			}
+		})
+	}
+}
+
+// effective is the algorithm the agent applies for a client Algorithm.
+func effective(a client.Algorithm, keyType string) providers.Algorithm {
+	if a.Scheme == client.SchemeDefault {
+		a = client.DefaultAlgorithm(keyType)
+	}
+	return providers.Algorithm{Scheme: providers.Scheme(a.Scheme), Hash: a.Hash}
+}
+
+func TestRequestErrors(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	c := r.dial(t)
+	d := sha256.Sum256([]byte("x"))
+	cases := []struct {
+		name   string
+		ref    client.KeyRef
+		alg    client.Algorithm
+		digest []byte
+		want   proto.Code
+	}{
+		{"unknown key", client.ByName("nope"), client.Algorithm{}, d[:], proto.NotFound},
+		{"unknown kid", client.ByKID("00000000000000000000000000000000"), client.Algorithm{}, d[:], proto.NotFound},
+		{"short digest", client.ByName("default"), client.Algorithm{}, d[:31], proto.BadRequest},
+		{"long digest", client.ByName("default"), client.Algorithm{}, append(d[:], 0), proto.BadRequest},
+		{"digest for another hash", client.ByName("default"), client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA384}, d[:], proto.BadRequest},
+		{"pss on ecdsa key", client.ByName("default"), client.Algorithm{Scheme: client.SchemePSS, Hash: crypto.SHA256}, d[:], proto.UnsupportedAlgorithm},
+		{"ed25519ph", client.ByName("ed"), client.Algorithm{Scheme: client.SchemeEd25519, Hash: crypto.SHA512}, make([]byte, 64), proto.UnsupportedAlgorithm},
+		{"ecdsa on ed25519 key", client.ByName("ed"), client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA256}, d[:], proto.UnsupportedAlgorithm},
+		{"unknown scheme", client.ByName("default"), client.Algorithm{Scheme: 9, Hash: crypto.SHA256}, d[:], proto.UnsupportedAlgorithm},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := c.Sign(context.Background(), tc.ref, tc.alg, tc.digest)
+			if got := client.Code(err); got != tc.want {
+				t.Fatalf("code %s (%v), want %s", got, err, tc.want)
+			}
+			if bytes.Contains([]byte(err.Error()), []byte(string(d[:4]))) {
+				t.Fatal("error message echoes the digest")
+			}
+		})
+	}
+	// The connection survives refused requests.
+	if err := c.Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestAdminOperationsRefused(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	rc := r.raw(t)
+	rc.hello()
+	for i, op := range []proto.Op{proto.OpRotate, proto.OpPause, proto.OpReloadPolicy} {
+		rc.send(&proto.Request{ID: uint64(10 + i), Op: op, Key: "default"})
+		resp, err := rc.recv()
+		if err != nil || resp.Code != proto.PermissionDenied || resp.ID != uint64(10+i) {
+			t.Fatalf("%s: %v %+v", op, err, resp)
+		}
+	}
+	rc.send(&proto.Request{ID: 20, Op: proto.Op(99)})
+	if resp, err := rc.recv(); err != nil || resp.Code != proto.BadRequest {
+		t.Fatalf("unknown op: %v %+v", err, resp)
+	}
+}
+
+func TestHandshake(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	t.Run("request before hello closes", func(t *testing.T) {
+		rc := r.raw(t)
+		rc.send(&proto.Request{ID: 5, Op: proto.OpPing})
+		resp, err := rc.recv()
+		if err != nil || resp.Code != proto.BadRequest || resp.ID != 0 {
+			t.Fatalf("%v %+v", err, resp)
+		}
+		if _, err := rc.recv(); !errors.Is(err, io.EOF) {
+			t.Fatalf("connection not closed: %v", err)
+		}
+	})
+	t.Run("newer client gets UNSUPPORTED_VERSION and may retry", func(t *testing.T) {
+		rc := r.raw(t)
+		rc.send(&proto.Request{ID: 1, Op: proto.OpHello, Version: proto.Version + 1})
+		resp, err := rc.recv()
+		if err != nil || resp.Code != proto.UnsupportedVersion || resp.Version != proto.Version {
+			t.Fatalf("%v %+v", err, resp)
+		}
+		rc.hello()
+		rc.send(&proto.Request{ID: 2, Op: proto.OpPing})
+		if resp, err := rc.recv(); err != nil || resp.Code != proto.OK || resp.ID != 2 {
+			t.Fatalf("ping after re-hello: %v %+v", err, resp)
+		}
+	})
+}
+
+func TestBadFramesCloseOnlyThatConnection(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	good := r.dial(t)
+	cases := []struct {
+		name  string
+		bytes []byte
+		reply bool // a final BAD_REQUEST reply is expected before the close
+	}{
+		{"oversized frame", binary.BigEndian.AppendUint32(nil, proto.DefaultMaxFrame+1), true},
+		{"4 GiB frame", []byte{0xff, 0xff, 0xff, 0xff}, true},
+		{"empty frame", []byte{0, 0, 0, 0}, true},
+		{"not msgpack", append(binary.BigEndian.AppendUint32(nil, 5), 0xc1, 0xc1, 0xc1, 0xc1, 0xc1), true},
+		{"truncated then hang up", []byte{0, 0, 1, 0, 0x85}, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			rc := r.raw(t)
+			rc.hello()
+			rc.nc.Write(tc.bytes)
+			if !tc.reply {
+				rc.nc.Close()
+				return
+			}
+			resp, err := rc.recv()
+			if err != nil || resp.Code != proto.BadRequest || resp.ID != 0 {
+				t.Fatalf("final reply: %v %+v", err, resp)
+			}
+			if _, err := rc.recv(); !errors.Is(err, io.EOF) {
+				t.Fatalf("connection left open: %v", err)
+			}
+		})
+	}
+	// The other client never noticed.
+	d := sha256.Sum256([]byte("still here"))
+	if _, err := good.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:]); err != nil {
+		t.Fatalf("other client after bad frames: %v", err)
+	}
+}
+
+func TestGarbageDoesNotCrashTheAgent(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	var wg sync.WaitGroup
+	for i := 0; i < 20; i++ {
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			rc := r.raw(t)
+			if i%2 == 0 {
+				rc.hello()
+			}
+			junk := make([]byte, 1+i*97)
+			rand.Read(junk)
+			rc.nc.Write(junk)
+			rc.nc.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+			io.Copy(io.Discard, rc.nc)
+			rc.nc.Close()
+		}(i)
+	}
+	wg.Wait()
+	c := r.dial(t)
+	if err := c.Ping(context.Background()); err != nil {
+		t.Fatalf("agent stopped answering after garbage: %v", err)
+	}
+}
+
+// Pipelined requests on one connection all get their own reply.
+func TestPipelining(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	rc := r.raw(t)
+	rc.hello()
+	const n = 200
+	var frames []byte
+	d := sha256.Sum256([]byte("pipelined"))
+	for i := 0; i < n; i++ {
+		req := proto.Request{ID: uint64(100 + i), Op: proto.OpSign, Key: "default", Digest: d[:]}
+		if i%10 == 0 {
+			req = proto.Request{ID: uint64(100 + i), Op: proto.OpPing}
+		}
+		frames, _ = rc.codec.AppendRequestFrame(frames, &req)
+	}
+	if _, err := rc.nc.Write(frames); err != nil { // all at once, before reading anything
+		t.Fatal(err)
+	}
+	seen := map[uint64]bool{}
+	for len(seen) < n {
+		resp, err := rc.recv()
+		if err != nil {
+			t.Fatalf("after %d replies: %v", len(seen), err)
+		}
+		if resp.Code != proto.OK || seen[resp.ID] || resp.ID < 100 || resp.ID >= 100+n {
+			t.Fatalf("reply %+v", resp)
+		}
+		seen[resp.ID] = true
+	}
+}
+
+func TestConcurrentClientsShareOneConnection(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	c := r.dial(t)
+	keys, _ := c.ListKeys(context.Background())
+	var pub crypto.PublicKey
+	for _, k := range keys {
+		if k.Name == "ed" {
+			pub = k.Public
+		}
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 16)
+	for g := 0; g < 16; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			for i := 0; i < 50; i++ {
+				msg := []byte{byte(g), byte(i)}
+				sig, err := c.Sign(context.Background(), client.ByName("ed"), client.Algorithm{}, msg)
+				if err == nil {
+					err = providers.Verify(pub, providers.Algorithm{Scheme: providers.SchemeEd25519}, msg, sig.Sig)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}(g)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+}
+
+func TestDeadlines(t *testing.T) {
+	cfg := softwareConfig(t)
+	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "slow", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Limits.RequestTimeout = 300 * time.Millisecond
+	r := startAgent(t, cfg, agent.WithProviders(&slowProvider{Provider: soft, delay: 2 * time.Second}))
+	c := r.dial(t)
+	d := sha256.Sum256(nil)
+	for _, tc := range []struct {
+		name   string
+		client time.Duration
+		max    time.Duration
+	}{
+		{"client deadline shorter than the agent's", 100 * time.Millisecond, time.Second},
+		{"agent's limit shorter than the client's", 5 * time.Second, 2 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), tc.client)
+			defer cancel()
+			start := time.Now()
+			_, err := c.Sign(ctx, client.ByName("slow"), client.Algorithm{}, d[:])
+			if client.Code(err) != proto.DeadlineExceeded {
+				t.Fatalf("code %s (%v)", client.Code(err), err)
+			}
+			if el := time.Since(start); el > tc.max {
+				t.Fatalf("took %v", el)
+			}
+		})
+	}
+	// The connection is still usable after a caller gave up.
+	if _, err := c.Sign(context.Background(), client.ByName("default"), client.Algorithm{}, d[:]); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestShutdownFinishesInFlight(t *testing.T) {
+	cfg := softwareConfig(t)
+	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "slow", Type: providers.KeyEd25519}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := agent.New(context.Background(), cfg, nil, agent.WithProviders(&slowProvider{Provider: soft, delay: 300 * time.Millisecond}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := agent.ListenUnix(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.Serve(ln)
+	c, err := client.Dial(context.Background(), cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	results := make(chan error, 4)
+	for i := 0; i < 4; i++ {
+		go func() {
+			_, err := c.Sign(context.Background(), client.ByName("slow"), client.Algorithm{}, []byte("m"))
+			results <- err
+		}()
+	}
+	time.Sleep(100 * time.Millisecond) // the requests are in flight
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := a.Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	for i := 0; i < 4; i++ {
+		if err := <-results; err != nil {
+			t.Fatalf("in-flight request lost in shutdown: %v", err)
+		}
+	}
+	if _, err := client.Dial(context.Background(), cfg.Socket); err == nil {
+		t.Fatal("agent still accepting after shutdown")
+	}
+}
+
+func TestSocketPermissions(t *testing.T) {
+	cfg := softwareConfig(t)
+	r := startAgent(t, cfg)
+	st, err := os.Stat(r.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o600 {
+		t.Fatalf("socket mode %v", st.Mode().Perm())
+	}
+	dst, _ := os.Stat(filepath.Dir(r.socket))
+	if dst.Mode().Perm() != 0o700 {
+		t.Fatalf("socket dir mode %v", dst.Mode().Perm())
+	}
+	if _, err := agent.ListenUnix(r.socket); err == nil {
+		t.Fatal("second agent took over a live socket")
+	}
+}
+
+func TestStaleSocketIsReplaced(t *testing.T) {
+	cfg := softwareConfig(t)
+	os.MkdirAll(filepath.Dir(cfg.Socket), 0o700)
+	ln, err := agent.ListenUnix(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Simulate a killed agent: the socket file stays, nobody listens.
+	ln.(interface{ SetUnlinkOnClose(bool) }).SetUnlinkOnClose(false)
+	ln.Close()
+	if _, err := os.Stat(cfg.Socket); err != nil {
+		t.Fatalf("stale socket not left behind: %v", err)
+	}
+	r := startAgent(t, cfg)
+	if err := r.dial(t).Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestConfigValidation(t *testing.T) {
+	cases := []struct {
+		name string
+		yaml string
+		want string
+	}{
+		{"unknown field names the line", "providers:\n  - id: a\n    type: software\n    colour: blue\n", "line 4"},
+		{"unknown provider type", "providers:\n  - {id: a, type: tpm}\n", "type \"tpm\""},
+		{"pkcs11 without pin source", "providers:\n  - {id: h, type: pkcs11, module: /x.so, keys: [{name: k, uri: 'pkcs11:object=k'}]}\n", "pin_env or pin_file"},
+		{"bad key type", "providers:\n  - {id: a, type: software, keys: [{name: k, type: dsa}]}\n", "type \"dsa\""},
+		{"duplicate key name", "providers:\n  - {id: a, type: software, keys: [{name: k, type: ed25519}]}\n  - {id: b, type: software, keys: [{name: k, type: ed25519}]}\n", "also used"},
+		{"default key missing", "default_key: x\nproviders:\n  - {id: a, type: software, keys: [{name: k, type: ed25519}]}\n", "default_key"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := agent.ParseConfig([]byte(tc.yaml))
+			if err == nil || !bytes.Contains([]byte(err.Error()), []byte(tc.want)) {
+				t.Fatalf("err = %v, want it to mention %q", err, tc.want)
+			}
+		})
+	}
+	if cfg := agent.DefaultConfig(); cfg.DefaultKey != "default" || len(cfg.Providers) != 1 {
+		t.Fatalf("embedded default %+v", cfg)
+	}
+}

@@ -1,0 +1,53 @@
+package agent
+
+import (
+	"context"
+	"errors"
+
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// codeOf maps an error from the request path to its wire code. This is the
+// one place where that mapping lives.
+func codeOf(err error) proto.Code {
+	var pe *proto.Error
+	switch {
+	case err == nil:
+		return proto.OK
+	case errors.As(err, &pe):
+		return pe.Code
+	case errors.Is(err, providers.ErrNotFound):
+		return proto.NotFound
+	case errors.Is(err, providers.ErrUnsupportedAlgorithm):
+		return proto.UnsupportedAlgorithm
+	case errors.Is(err, providers.ErrBadRequest):
+		return proto.BadRequest
+	case errors.Is(err, providers.ErrPINIncorrect):
+		return proto.PINIncorrect
+	case errors.Is(err, providers.ErrTokenLocked):
+		return proto.TokenLocked
+	case errors.Is(err, providers.ErrUnavailable):
+		return proto.Unavailable
+	case errors.Is(err, context.DeadlineExceeded):
+		return proto.DeadlineExceeded
+	case errors.Is(err, context.Canceled):
+		return proto.Unavailable
+	}
+	return proto.Internal
+}
+
+// clientMessage is what a caller is told. Provider and agent errors are built
+// without secrets and are safe to return; an unclassified error may carry
+// internals (paths, library text), so the caller gets a fixed text and the
+// log gets the detail.
+func clientMessage(code proto.Code, err error) string {
+	if code == proto.Internal {
+		return "internal error; see the agent's log"
+	}
+	var pe *proto.Error
+	if errors.As(err, &pe) {
+		return pe.Msg
+	}
+	return err.Error()
+}

@@ -1,0 +1,248 @@
+package agent
+
+import (
+	"bytes"
+	_ "embed"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"go.yaml.in/yaml/v3"
+
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+)
+
+//go:embed default.yaml
+var defaultConfigYAML []byte
+
+// DefaultConfigYAML is the embedded default configuration, for `sigil agent
+// --print-default-config` and the docs.
+func DefaultConfigYAML() []byte { return append([]byte(nil), defaultConfigYAML...) }
+
+// Config is the agent's whole configuration. Zero values mean "the default";
+// EnsureDefaults fills them in one place.
+type Config struct {
+	// Socket is the Unix socket path (default proto.DefaultSocketPath()).
+	Socket string `yaml:"socket"`
+	// DataDir holds software keys and, later, the journal (default
+	// $XDG_STATE_HOME/sigil, else ~/.local/state/sigil).
+	DataDir string `yaml:"data_dir"`
+	// DefaultKey answers requests that name no key.
+	DefaultKey string         `yaml:"default_key"`
+	Log        LogConfig      `yaml:"log"`
+	Limits     Limits         `yaml:"limits"`
+	Providers  []ProviderSpec `yaml:"providers"`
+}
+
+// LogConfig chooses the zap logger.
+type LogConfig struct {
+	Level  string `yaml:"level"`  // debug, info (default), warn, error
+	Format string `yaml:"format"` // console (default) or json
+}
+
+// Limits bound what one client can make the agent do.
+type Limits struct {
+	MaxFrame           int           `yaml:"max_frame"`              // bytes, default proto.DefaultMaxFrame
+	MaxInFlightPerConn int           `yaml:"max_in_flight_per_conn"` // default 64; the reader stops reading beyond it
+	RequestTimeout     time.Duration `yaml:"request_timeout"`        // default 5s; a client may ask for less
+	WriteTimeout       time.Duration `yaml:"write_timeout"`          // default 10s; a client that does not read is dropped
+	ShutdownGrace      time.Duration `yaml:"shutdown_grace"`         // default 10s for in-flight requests on SIGTERM
+}
+
+// ProviderSpec configures one provider. Type selects which fields apply.
+type ProviderSpec struct {
+	ID   string `yaml:"id"`
+	Type string `yaml:"type"` // software | pkcs11
+
+	// software
+	Dir string `yaml:"dir"` // default DataDir/keys/<id>
+
+	// pkcs11
+	Module      string `yaml:"module"`
+	TokenLabel  string `yaml:"token_label"`
+	TokenSerial string `yaml:"token_serial"`
+	Slot        *uint  `yaml:"slot"`
+	PINEnv      string `yaml:"pin_env"`
+	PINFile     string `yaml:"pin_file"`
+	Sessions    int    `yaml:"sessions"`
+
+	Keys []KeySpec `yaml:"keys"`
+}
+
+// KeySpec is one key of a provider: software keys by type, PKCS#11 keys by URI.
+type KeySpec struct {
+	Name string `yaml:"name"`
+	Type string `yaml:"type"` // software: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096, ed25519
+	URI  string `yaml:"uri"`  // pkcs11: RFC 7512, e.g. pkcs11:token=prod;object=release
+}
+
+// LoadConfig reads and validates a YAML configuration file. Errors name the
+// file and, for YAML faults and unknown fields, the line.
+func LoadConfig(path string) (Config, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	cfg, err := ParseConfig(raw)
+	if err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// DefaultConfig is the embedded default, parsed.
+func DefaultConfig() Config {
+	cfg, err := ParseConfig(defaultConfigYAML)
+	if err != nil {
+		panic("embedded default config is invalid: " + err.Error()) // caught by tests
+	}
+	return cfg
+}
+
+// ParseConfig parses YAML, refusing unknown fields (a typo must not silently
+// drop a setting), and validates the result.
+func ParseConfig(raw []byte) (Config, error) {
+	var cfg Config
+	dec := yaml.NewDecoder(bytes.NewReader(raw))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil {
+		return Config{}, err
+	}
+	if err := cfg.Validate(); err != nil {
+		return Config{}, err
+	}
+	return cfg, nil
+}
+
+// EnsureDefaults fills every unset field with its default.
+func (c *Config) EnsureDefaults() {
+	if c.Socket == "" {
+		c.Socket = proto.DefaultSocketPath()
+	}
+	if c.DataDir == "" {
+		c.DataDir = defaultDataDir()
+	}
+	if c.Log.Level == "" {
+		c.Log.Level = "info"
+	}
+	if c.Log.Format == "" {
+		c.Log.Format = "console"
+	}
+	l := &c.Limits
+	if l.MaxFrame == 0 {
+		l.MaxFrame = proto.DefaultMaxFrame
+	}
+	if l.MaxInFlightPerConn == 0 {
+		l.MaxInFlightPerConn = 64
+	}
+	if l.RequestTimeout == 0 {
+		l.RequestTimeout = 5 * time.Second
+	}
+	if l.WriteTimeout == 0 {
+		l.WriteTimeout = 10 * time.Second
+	}
+	if l.ShutdownGrace == 0 {
+		l.ShutdownGrace = 10 * time.Second
+	}
+	for i := range c.Providers {
+		p := &c.Providers[i]
+		if p.Type == "software" && p.Dir == "" {
+			p.Dir = filepath.Join(c.DataDir, "keys", p.ID)
+		}
+	}
+}
+
+func defaultDataDir() string {
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "sigil")
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "state", "sigil")
+	}
+	return filepath.Join(os.TempDir(), fmt.Sprintf("sigil-state-%d", os.Getuid()))
+}
+
+// Validate checks the configuration's consistency without touching providers.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.Limits.MaxFrame < 0 || c.Limits.MaxFrame > 16<<20 {
+		errs = append(errs, fmt.Errorf("limits.max_frame %d: want 1..16 MiB", c.Limits.MaxFrame))
+	}
+	if c.Limits.MaxInFlightPerConn < 0 {
+		errs = append(errs, fmt.Errorf("limits.max_in_flight_per_conn %d: negative", c.Limits.MaxInFlightPerConn))
+	}
+	switch c.Log.Level {
+	case "", "debug", "info", "warn", "error":
+	default:
+		errs = append(errs, fmt.Errorf("log.level %q: want debug, info, warn or error", c.Log.Level))
+	}
+	switch c.Log.Format {
+	case "", "console", "json":
+	default:
+		errs = append(errs, fmt.Errorf("log.format %q: want console or json", c.Log.Format))
+	}
+	ids := map[string]bool{}
+	names := map[string]string{}
+	for i, p := range c.Providers {
+		where := fmt.Sprintf("providers[%d]", i)
+		if p.ID == "" {
+			errs = append(errs, fmt.Errorf("%s: id is required", where))
+		} else if ids[p.ID] {
+			errs = append(errs, fmt.Errorf("%s: id %q used twice", where, p.ID))
+		}
+		ids[p.ID] = true
+		switch p.Type {
+		case "software":
+			for j, k := range p.Keys {
+				if !knownKeyType(k.Type) {
+					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: type %q: want one of %v", where, j, k.Name, k.Type, providers.KeyTypes))
+				}
+				if k.URI != "" {
+					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: uri is for pkcs11 providers", where, j, k.Name))
+				}
+			}
+		case "pkcs11":
+			if p.Module == "" {
+				errs = append(errs, fmt.Errorf("%s: pkcs11 needs module", where))
+			}
+			if p.PINEnv == "" && p.PINFile == "" {
+				errs = append(errs, fmt.Errorf("%s: pkcs11 needs pin_env or pin_file (a PIN is never taken from the config text)", where))
+			}
+			for j, k := range p.Keys {
+				if k.URI == "" {
+					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: pkcs11 keys need a uri", where, j, k.Name))
+				}
+			}
+		default:
+			errs = append(errs, fmt.Errorf("%s: type %q: want software or pkcs11", where, p.Type))
+		}
+		for j, k := range p.Keys {
+			if k.Name == "" {
+				errs = append(errs, fmt.Errorf("%s.keys[%d]: name is required", where, j))
+				continue
+			}
+			if other, dup := names[k.Name]; dup {
+				errs = append(errs, fmt.Errorf("%s.keys[%d]: key name %q also used by provider %q", where, j, k.Name, other))
+			}
+			names[k.Name] = p.ID
+		}
+	}
+	if c.DefaultKey != "" {
+		if _, ok := names[c.DefaultKey]; !ok {
+			errs = append(errs, fmt.Errorf("default_key %q: no such key", c.DefaultKey))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func knownKeyType(t string) bool {
+	for _, kt := range providers.KeyTypes {
+		if string(kt) == t {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,153 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// dispatch answers one request into resp.
+func (c *conn) dispatch(req *proto.Request, resp *proto.Response) {
+	var err error
+	switch req.Op {
+	case proto.OpHello:
+		err = c.hello(req, resp)
+	case proto.OpPing:
+	case proto.OpListKeys:
+		resp.Keys = c.a.keys.list
+	case proto.OpPublicKey:
+		err = c.publicKey(req, resp)
+	case proto.OpSign:
+		err = c.sign(req, resp)
+	case proto.OpVerify:
+		err = c.verify(req, resp)
+	case proto.OpRotate, proto.OpRollback, proto.OpPause, proto.OpResume,
+		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP:
+		err = &proto.Error{Code: proto.PermissionDenied, Msg: req.Op.String() + " needs the admin role"}
+	default:
+		err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("unknown operation %d", req.Op)}
+	}
+	if err == nil {
+		return
+	}
+	code := codeOf(err)
+	resp.Code = code
+	resp.Msg = clientMessage(code, err)
+	c.logFailure(req, code, err)
+}
+
+// logFailure records a refused or failed request: what and why, never the
+// digest or message bytes.
+func (c *conn) logFailure(req *proto.Request, code proto.Code, err error) {
+	fields := []zap.Field{
+		zap.Stringer("op", req.Op), zap.Stringer("code", code), zap.Error(err),
+	}
+	if req.Key != "" {
+		fields = append(fields, zap.String("key", shortName(req.Key)))
+	}
+	if req.KID != "" {
+		fields = append(fields, zap.String("kid", shortName(req.KID)))
+	}
+	switch code {
+	case proto.Internal, proto.PINIncorrect, proto.TokenLocked, proto.Unavailable, proto.DeadlineExceeded:
+		c.log.Warn("request failed", fields...)
+	default:
+		c.log.Info("request refused", fields...)
+	}
+}
+
+func shortName(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
+}
+
+func (c *conn) hello(req *proto.Request, resp *proto.Response) error {
+	resp.Version = proto.Version
+	resp.Features = proto.FeaturePipelining
+	switch {
+	case req.Version == 0:
+		return &proto.Error{Code: proto.BadRequest, Msg: "Hello without a version"}
+	case req.Version != proto.Version:
+		// The connection stays open: a newer client may say Hello again with
+		// the version the reply names.
+		return &proto.Error{Code: proto.UnsupportedVersion,
+			Msg: fmt.Sprintf("client speaks version %d; this agent speaks %d", req.Version, proto.Version)}
+	}
+	c.helloDone = true
+	return nil
+}
+
+func (c *conn) publicKey(req *proto.Request, resp *proto.Response) error {
+	e, err := c.a.keys.lookup(req.Key, req.KID)
+	if err != nil {
+		return err
+	}
+	resp.Key, resp.KID, resp.KeyType, resp.Pub = e.info.Name, e.info.KID, string(e.info.Type), e.info.SPKI
+	return nil
+}
+
+func (c *conn) sign(req *proto.Request, resp *proto.Response) error {
+	e, err := c.a.keys.lookup(req.Key, req.KID)
+	if err != nil {
+		return err
+	}
+	alg, err := e.algorithmFor(req.Scheme, req.Hash)
+	if err != nil {
+		return err
+	}
+	if err := providers.CheckRequest(e.info.Type, alg, req.Digest); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, c.requestTimeout(req))
+	sig, err := e.provider.Sign(ctx, e.info.Name, alg, req.Digest)
+	cancel()
+	if err != nil {
+		if errors.Is(err, context.Canceled) && c.ctx.Err() != nil {
+			return fmt.Errorf("client went away: %w", err)
+		}
+		return err
+	}
+	resp.Key, resp.KID, resp.Sig = e.info.Name, e.info.KID, sig
+	return nil
+}
+
+func (c *conn) verify(req *proto.Request, resp *proto.Response) error {
+	e, err := c.a.keys.lookup(req.Key, req.KID)
+	if err != nil {
+		return err
+	}
+	alg, err := e.algorithmFor(req.Scheme, req.Hash)
+	if err != nil {
+		return err
+	}
+	err = providers.Verify(e.info.Public, alg, req.Digest, req.Sig)
+	switch {
+	case err == nil:
+		resp.Valid = true
+	case errors.Is(err, providers.ErrInvalidSignature):
+		resp.Valid = false
+	default:
+		return err
+	}
+	resp.Key, resp.KID = e.info.Name, e.info.KID
+	return nil
+}
+
+// requestTimeout is the tighter of the client's deadline and the agent's limit.
+func (c *conn) requestTimeout(req *proto.Request) time.Duration {
+	limit := c.a.cfg.Limits.RequestTimeout
+	if req.TimeoutMillis > 0 {
+		if d := time.Duration(req.TimeoutMillis) * time.Millisecond; d < limit {
+			return d
+		}
+	}
+	return limit
+}

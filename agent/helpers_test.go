@@ -1,0 +1,172 @@
+package agent_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// softwareConfig is a config with one software key of each type.
+func softwareConfig(t testing.TB) agent.Config {
+	t.Helper()
+	dir := t.TempDir()
+	cfg, err := agent.ParseConfig([]byte(`
+default_key: default
+providers:
+  - id: soft
+    type: software
+    keys:
+      - {name: default, type: ecdsa-p256}
+      - {name: p384, type: ecdsa-p384}
+      - {name: ed, type: ed25519}
+      - {name: rsa, type: rsa-2048}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DataDir = filepath.Join(dir, "state")
+	cfg.Socket = shortSocketPath(t)
+	return cfg
+}
+
+// shortSocketPath keeps socket paths under the 108-byte sun_path limit, which
+// t.TempDir's long names can exceed.
+func shortSocketPath(t testing.TB) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "sigil-t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return filepath.Join(dir, "s", "agent.sock")
+}
+
+type running struct {
+	agent  *agent.Agent
+	socket string
+	done   chan error
+}
+
+// startAgent runs an agent on cfg.Socket until the test ends.
+func startAgent(t testing.TB, cfg agent.Config, opts ...agent.Option) *running {
+	t.Helper()
+	return startAgentLog(t, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)), opts...)
+}
+
+func startAgentLog(t testing.TB, cfg agent.Config, log *zap.Logger, opts ...agent.Option) *running {
+	t.Helper()
+	a, err := agent.New(context.Background(), cfg, log, opts...)
+	if err != nil {
+		t.Fatalf("agent.New: %v", err)
+	}
+	ln, err := agent.ListenUnix(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &running{agent: a, socket: cfg.Socket, done: make(chan error, 1)}
+	go func() { r.done <- a.Serve(ln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := a.Shutdown(ctx); err != nil && !errors.Is(err, agent.ErrClosed) {
+			t.Errorf("shutdown: %v", err)
+		}
+		if err := <-r.done; !errors.Is(err, agent.ErrClosed) {
+			t.Errorf("serve returned %v", err)
+		}
+	})
+	return r
+}
+
+func (r *running) dial(t testing.TB) *client.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := client.Dial(ctx, r.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// rawConn speaks frames by hand, for tests of what a well-behaved client
+// never sends.
+type rawConn struct {
+	t     testing.TB
+	nc    net.Conn
+	br    *bufio.Reader
+	codec *proto.Codec
+}
+
+func (r *running) raw(t testing.TB) *rawConn {
+	t.Helper()
+	nc, err := net.Dial("unix", r.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { nc.Close() })
+	nc.SetDeadline(time.Now().Add(10 * time.Second))
+	return &rawConn{t: t, nc: nc, br: bufio.NewReader(nc), codec: proto.NewCodec()}
+}
+
+func (rc *rawConn) send(req *proto.Request) {
+	rc.t.Helper()
+	frame, err := rc.codec.AppendRequestFrame(nil, req)
+	if err != nil {
+		rc.t.Fatal(err)
+	}
+	if _, err := rc.nc.Write(frame); err != nil {
+		rc.t.Fatal(err)
+	}
+}
+
+func (rc *rawConn) recv() (*proto.Response, error) {
+	payload, err := proto.ReadFrame(rc.br, nil, 1<<20)
+	if err != nil {
+		return nil, err
+	}
+	var resp proto.Response
+	if err := rc.codec.DecodeResponse(payload, &resp); err != nil {
+		rc.t.Fatal(err)
+	}
+	return &resp, nil
+}
+
+func (rc *rawConn) hello() {
+	rc.t.Helper()
+	rc.send(&proto.Request{ID: 1, Op: proto.OpHello, Version: proto.Version})
+	resp, err := rc.recv()
+	if err != nil || resp.Code != proto.OK {
+		rc.t.Fatalf("hello: %v %+v", err, resp)
+	}
+}
+
+// slowProvider wraps a provider and delays each Sign, honouring ctx the way
+// a real provider must.
+type slowProvider struct {
+	providers.Provider
+	delay time.Duration
+}
+
+func (s *slowProvider) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	select {
+	case <-time.After(s.delay):
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	return s.Provider.Sign(ctx, key, alg, digest)
+}

@@ -1,0 +1,180 @@
+package agent
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"fmt"
+
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/software"
+)
+
+// keyEntry is one servable key and the provider that holds it.
+type keyEntry struct {
+	info     providers.KeyInfo
+	provider providers.Provider
+	// defaultAlg answers a Sign that names no scheme.
+	defaultAlg providers.Algorithm
+}
+
+// keyring resolves key names and kids to entries. It is built once at start
+// and read without locks on the hot path.
+type keyring struct {
+	byName     map[string]*keyEntry
+	byKID      map[string]*keyEntry
+	defaultKey *keyEntry
+	list       []proto.KeyEntry // the ListKeys reply, precomputed
+	providers  []providers.Provider
+}
+
+// openProviders opens every configured provider, closing those already open
+// if one fails, so a failed start leaves no token logged in.
+func openProviders(ctx context.Context, cfg *Config, log *zap.Logger) (_ []providers.Provider, err error) {
+	var opened []providers.Provider
+	defer func() {
+		if err != nil {
+			for _, p := range opened {
+				p.Close()
+			}
+		}
+	}()
+	for _, spec := range cfg.Providers {
+		p, err := openProvider(ctx, spec, log.With(zap.String("provider", spec.ID)))
+		if err != nil {
+			return nil, fmt.Errorf("provider %s: %w", spec.ID, err)
+		}
+		opened = append(opened, p)
+	}
+	return opened, nil
+}
+
+func openProvider(ctx context.Context, spec ProviderSpec, log *zap.Logger) (providers.Provider, error) {
+	switch spec.Type {
+	case "software":
+		keys := make([]software.KeyConfig, len(spec.Keys))
+		for i, k := range spec.Keys {
+			keys[i] = software.KeyConfig{Name: k.Name, Type: providers.KeyType(k.Type)}
+		}
+		return software.Open(software.Config{ID: spec.ID, DataDir: spec.Dir, Keys: keys})
+	case "pkcs11":
+		return openPKCS11(ctx, spec, log)
+	}
+	return nil, fmt.Errorf("unknown provider type %q", spec.Type)
+}
+
+func newKeyring(ctx context.Context, provs []providers.Provider, defaultKey string) (*keyring, error) {
+	kr := &keyring{
+		byName:    map[string]*keyEntry{},
+		byKID:     map[string]*keyEntry{},
+		list:      []proto.KeyEntry{},
+		providers: provs,
+	}
+	for _, p := range provs {
+		keys, err := p.Keys(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("provider %s: list keys: %w", p.ID(), err)
+		}
+		for _, k := range keys {
+			if _, dup := kr.byName[k.Name]; dup {
+				return nil, fmt.Errorf("key name %q served by two providers", k.Name)
+			}
+			e := &keyEntry{info: k, provider: p, defaultAlg: k.Type.DefaultAlgorithm()}
+			kr.byName[k.Name] = e
+			kr.byKID[k.KID] = e
+			kr.list = append(kr.list, proto.KeyEntry{
+				Name: k.Name, KID: k.KID, Provider: k.Provider, KeyType: string(k.Type), Pub: k.SPKI,
+			})
+		}
+	}
+	if defaultKey != "" {
+		kr.defaultKey = kr.byName[defaultKey]
+		if kr.defaultKey == nil {
+			return nil, fmt.Errorf("default key %q is not served by any provider", defaultKey)
+		}
+	}
+	return kr, nil
+}
+
+var errNoDefaultKey = &proto.Error{Code: proto.NotFound, Msg: "no key named and no default_key configured"}
+
+// lookup resolves a request's key: by name, else by kid, else the default.
+// An unknown key is NOT_FOUND without saying which keys do exist.
+func (kr *keyring) lookup(name, kid string) (*keyEntry, error) {
+	switch {
+	case name != "":
+		if e := kr.byName[name]; e != nil {
+			return e, nil
+		}
+		return nil, &proto.Error{Code: proto.NotFound, Msg: "no key named " + quoteShort(name)}
+	case kid != "":
+		if e := kr.byKID[kid]; e != nil {
+			return e, nil
+		}
+		return nil, &proto.Error{Code: proto.NotFound, Msg: "no key with kid " + quoteShort(kid)}
+	case kr.defaultKey != nil:
+		return kr.defaultKey, nil
+	}
+	return nil, errNoDefaultKey
+}
+
+// quoteShort quotes a client-supplied name for a message, cut short so a
+// client cannot make the agent echo (or log) a large blob.
+func quoteShort(s string) string {
+	const max = 64
+	if len(s) > max {
+		s = s[:max] + "…"
+	}
+	return fmt.Sprintf("%q", s)
+}
+
+func (kr *keyring) close() error {
+	var errs []error
+	for _, p := range kr.providers {
+		if err := p.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("close provider %s: %w", p.ID(), err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// wireHash maps the protocol's hash numbers to crypto.Hash.
+func wireHash(h uint8) (crypto.Hash, bool) {
+	switch h {
+	case proto.HashNone:
+		return 0, true
+	case proto.HashSHA256:
+		return crypto.SHA256, true
+	case proto.HashSHA384:
+		return crypto.SHA384, true
+	case proto.HashSHA512:
+		return crypto.SHA512, true
+	}
+	return 0, false
+}
+
+// algorithmFor turns the wire's scheme and hash into an Algorithm for key e:
+// scheme 0 means the key's default; hash 0 with a hashed scheme means the
+// default's hash.
+func (e *keyEntry) algorithmFor(scheme, hash uint8) (providers.Algorithm, error) {
+	h, ok := wireHash(hash)
+	if !ok {
+		return providers.Algorithm{}, &proto.Error{Code: proto.UnsupportedAlgorithm, Msg: fmt.Sprintf("unknown hash number %d", hash)}
+	}
+	alg := e.defaultAlg
+	if scheme != proto.SchemeDefault {
+		alg.Scheme = providers.Scheme(scheme)
+		if alg.Scheme == providers.SchemeEd25519 {
+			alg.Hash = 0
+		} else if alg.Hash == 0 {
+			alg.Hash = crypto.SHA256
+		}
+	}
+	if h != 0 {
+		alg.Hash = h
+	}
+	return alg, nil
+}

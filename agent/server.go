@@ -1,0 +1,189 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// Agent serves the wire protocol for one configuration.
+type Agent struct {
+	cfg  Config
+	log  *zap.Logger
+	keys *keyring
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	closing   bool
+	connWG    sync.WaitGroup
+}
+
+// Option adjusts New.
+type Option func(*options)
+
+type options struct {
+	extra []providers.Provider
+}
+
+// WithProviders serves keys from already-open providers besides the
+// configured ones (for embedding the agent, and for tests that need a
+// provider with injected faults). The agent closes them on Shutdown.
+func WithProviders(p ...providers.Provider) Option {
+	return func(o *options) { o.extra = append(o.extra, p...) }
+}
+
+// New opens the configured providers (logging in to tokens) and returns an
+// agent ready to serve. cfg is completed with EnsureDefaults.
+func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Agent, error) {
+	var o options
+	for _, opt := range opts {
+		opt(&o)
+	}
+	cfg.EnsureDefaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if log == nil {
+		log = zap.NewNop()
+	}
+	provs, err := openProviders(ctx, &cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	provs = append(provs, o.extra...)
+	kr, err := newKeyring(ctx, provs, cfg.DefaultKey)
+	if err != nil {
+		for _, p := range provs {
+			p.Close()
+		}
+		return nil, err
+	}
+	for _, k := range kr.list {
+		log.Info("serving key", zap.String("key", k.Name), zap.String("kid", k.KID),
+			zap.String("provider", k.Provider), zap.String("type", k.KeyType))
+	}
+	return &Agent{
+		cfg:       cfg,
+		log:       log,
+		keys:      kr,
+		listeners: map[net.Listener]struct{}{},
+		conns:     map[*conn]struct{}{},
+	}, nil
+}
+
+// Config returns the agent's configuration with defaults filled in.
+func (a *Agent) Config() Config { return a.cfg }
+
+// ErrClosed is returned by Serve once Shutdown has begun.
+var ErrClosed = errors.New("agent closed")
+
+// Serve accepts connections on ln until Shutdown. It returns ErrClosed after
+// a shutdown, or the listener's error.
+func (a *Agent) Serve(ln net.Listener) error {
+	a.mu.Lock()
+	if a.closing {
+		a.mu.Unlock()
+		ln.Close()
+		return ErrClosed
+	}
+	a.listeners[ln] = struct{}{}
+	a.mu.Unlock()
+	defer func() {
+		a.mu.Lock()
+		delete(a.listeners, ln)
+		a.mu.Unlock()
+	}()
+
+	var backoff time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if a.isClosing() {
+				return ErrClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTooManyFiles) {
+				// Out of file descriptors or similar: back off instead of
+				// spinning, keep serving the connections already open.
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				a.log.Warn("accept failed; backing off", zap.Error(err), zap.Duration("backoff", backoff))
+				time.Sleep(backoff)
+				continue
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		backoff = 0
+		c := newConn(a, nc)
+		a.mu.Lock()
+		if a.closing {
+			a.mu.Unlock()
+			nc.Close()
+			return ErrClosed
+		}
+		a.conns[c] = struct{}{}
+		a.connWG.Add(1)
+		a.mu.Unlock()
+		go c.serve()
+	}
+}
+
+func (a *Agent) isClosing() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.closing
+}
+
+func (a *Agent) forget(c *conn) {
+	a.mu.Lock()
+	delete(a.conns, c)
+	a.mu.Unlock()
+	a.connWG.Done()
+}
+
+// Shutdown stops accepting, lets in-flight requests finish and their replies
+// go out (until ctx ends, then connections are cut), and closes the providers.
+func (a *Agent) Shutdown(ctx context.Context) error {
+	a.mu.Lock()
+	if a.closing {
+		a.mu.Unlock()
+		return ErrClosed
+	}
+	a.closing = true
+	for ln := range a.listeners {
+		ln.Close()
+	}
+	for c := range a.conns {
+		c.stopReading()
+	}
+	a.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() {
+		a.connWG.Wait()
+		close(done)
+	}()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = fmt.Errorf("shutdown: %w; cutting remaining connections", ctx.Err())
+		a.mu.Lock()
+		for c := range a.conns {
+			c.nc.Close()
+		}
+		a.mu.Unlock()
+		<-done
+	}
+	if cerr := a.keys.close(); cerr != nil {
+		err = errors.Join(err, cerr)
+	}
+	return err
+}

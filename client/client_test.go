@@ -1,0 +1,221 @@
+package client_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+func startAgent(t *testing.T) string {
+	t.Helper()
+	cfg, err := agent.ParseConfig([]byte(`
+default_key: p256
+providers:
+  - id: soft
+    type: software
+    keys:
+      - {name: p256, type: ecdsa-p256}
+      - {name: p384, type: ecdsa-p384}
+      - {name: rsa, type: rsa-2048}
+      - {name: ed, type: ed25519}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DataDir = t.TempDir()
+	dir, _ := os.MkdirTemp("", "sigil-c")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	cfg.Socket = filepath.Join(dir, "agent.sock")
+	a, err := agent.New(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := agent.ListenUnix(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.Serve(ln)
+	t.Cleanup(func() { a.Shutdown(context.Background()) })
+	return cfg.Socket
+}
+
+func dial(t *testing.T, addr string) *client.Client {
+	t.Helper()
+	c, err := client.Dial(context.Background(), addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestSignerMakesCSRs(t *testing.T) {
+	c := dial(t, startAgent(t))
+	cases := []struct {
+		key string
+		alg x509.SignatureAlgorithm
+	}{
+		{"p256", x509.ECDSAWithSHA256},
+		{"p384", x509.ECDSAWithSHA384},
+		{"rsa", x509.SHA256WithRSA},
+		{"rsa", x509.SHA384WithRSAPSS},
+		{"ed", x509.PureEd25519},
+	}
+	for _, tc := range cases {
+		t.Run(tc.key+"/"+tc.alg.String(), func(t *testing.T) {
+			s, err := c.Signer(context.Background(), client.ByName(tc.key))
+			if err != nil {
+				t.Fatal(err)
+			}
+			der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+				Subject:            pkix.Name{CommonName: "release-signing"},
+				SignatureAlgorithm: tc.alg,
+			}, s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			csr, err := x509.ParseCertificateRequest(der)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := csr.CheckSignature(); err != nil {
+				t.Fatalf("CSR signature: %v", err)
+			}
+		})
+	}
+}
+
+// A key behind the agent serves as a TLS certificate's private key: a real
+// handshake completes and the peer sees the agent-held key's certificate.
+func TestSignerAsTLSCertificate(t *testing.T) {
+	c := dial(t, startAgent(t))
+	for _, key := range []string{"p256", "rsa", "ed"} {
+		t.Run(key, func(t *testing.T) {
+			s, err := c.Signer(context.Background(), client.ByName(key))
+			if err != nil {
+				t.Fatal(err)
+			}
+			tmpl := &x509.Certificate{
+				SerialNumber: big.NewInt(1),
+				Subject:      pkix.Name{CommonName: "sigil.test"},
+				DNSNames:     []string{"sigil.test"},
+				NotBefore:    time.Now().Add(-time.Hour),
+				NotAfter:     time.Now().Add(time.Hour),
+				KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+				ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+				IsCA:         true, BasicConstraintsValid: true,
+			}
+			der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, s.Public(), s)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cert, _ := x509.ParseCertificate(der)
+			pool := x509.NewCertPool()
+			pool.AddCert(cert)
+			srvConn, cliConn := net.Pipe()
+			defer srvConn.Close()
+			defer cliConn.Close()
+			srv := tls.Server(srvConn, &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: s}}})
+			cli := tls.Client(cliConn, &tls.Config{RootCAs: pool, ServerName: "sigil.test"})
+			errc := make(chan error, 1)
+			go func() { errc <- srv.Handshake() }()
+			if err := cli.Handshake(); err != nil {
+				t.Fatalf("client handshake: %v", err)
+			}
+			if err := <-errc; err != nil {
+				t.Fatalf("server handshake: %v", err)
+			}
+		})
+	}
+}
+
+func TestSignerRefusesWhatItCannotDo(t *testing.T) {
+	c := dial(t, startAgent(t))
+	ed, _ := c.Signer(context.Background(), client.ByName("ed"))
+	if _, err := ed.Sign(nil, make([]byte, 64), crypto.SHA512); client.Code(err) != proto.UnsupportedAlgorithm {
+		t.Fatalf("Ed25519ph: %v", err)
+	}
+	r, _ := c.Signer(context.Background(), client.ByName("rsa"))
+	d := sha256.Sum256(nil)
+	if _, err := r.Sign(nil, d[:], &rsa.PSSOptions{SaltLength: 7, Hash: crypto.SHA256}); client.Code(err) != proto.UnsupportedAlgorithm {
+		t.Fatalf("odd PSS salt: %v", err)
+	}
+	if _, err := r.Sign(nil, d[:], crypto.MD5); client.Code(err) != proto.UnsupportedAlgorithm {
+		t.Fatalf("md5: %v", err)
+	}
+}
+
+func TestDialUsesSIGIL_SOCK(t *testing.T) {
+	sock := startAgent(t)
+	t.Setenv(proto.SocketEnv, sock)
+	c := dial(t, "")
+	if err := c.Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	c2 := dial(t, "unix:"+sock)
+	if err := c2.Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestDialNoAgent(t *testing.T) {
+	_, err := client.Dial(context.Background(), filepath.Join(t.TempDir(), "none.sock"))
+	if err == nil {
+		t.Fatal("dialled nothing")
+	}
+}
+
+// When the agent dies mid-request, callers get an error at once, not a hang.
+func TestAgentGoneFailsPendingCalls(t *testing.T) {
+	dir, _ := os.MkdirTemp("", "sigil-c")
+	defer os.RemoveAll(dir)
+	path := filepath.Join(dir, "fake.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		nc, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		// Answer Hello, swallow the next request, then die.
+		codec := proto.NewCodec()
+		buf := make([]byte, 4096)
+		nc.Read(buf)
+		frame, _ := codec.AppendResponseFrame(nil, &proto.Response{ID: 1, Code: proto.OK, Version: proto.Version})
+		nc.Write(frame)
+		nc.Read(buf)
+		nc.Close()
+	}()
+	c := dial(t, path)
+	start := time.Now()
+	err = c.Ping(context.Background())
+	if client.Code(err) != proto.Unavailable || time.Since(start) > 5*time.Second {
+		t.Fatalf("ping on a dead agent: %v after %v", err, time.Since(start))
+	}
+	if err := c.Ping(context.Background()); err == nil {
+		t.Fatal("call on a dead connection succeeded")
+	}
+	var pe *proto.Error
+	if errors.As(err, &pe) {
+		t.Fatalf("a lost connection is not an agent code: %v", err)
+	}
+}

@@ -1,0 +1,98 @@
+package client
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// Signer is a crypto.Signer backed by a key behind the agent. It signs by
+// kid, so it keeps signing with the key whose public half it returned even
+// if the name later points elsewhere.
+type Signer struct {
+	c       *Client
+	key     Key
+	timeout time.Duration
+}
+
+// DefaultSignerTimeout bounds each Sign of a Signer: crypto.Signer has no
+// context, so the deadline is set here.
+const DefaultSignerTimeout = 10 * time.Second
+
+// Signer returns a crypto.Signer for the key. ctx bounds only the public key
+// lookup; each Sign is bounded by DefaultSignerTimeout (see SetTimeout).
+func (c *Client) Signer(ctx context.Context, ref KeyRef) (*Signer, error) {
+	k, err := c.PublicKey(ctx, ref)
+	if err != nil {
+		return nil, err
+	}
+	return &Signer{c: c, key: k, timeout: DefaultSignerTimeout}, nil
+}
+
+// SetTimeout changes the per-signature deadline.
+func (s *Signer) SetTimeout(d time.Duration) { s.timeout = d }
+
+// Public implements crypto.Signer.
+func (s *Signer) Public() crypto.PublicKey { return s.key.Public }
+
+// Key describes the key behind the signer.
+func (s *Signer) Key() Key { return s.key }
+
+// Sign implements crypto.Signer. For ECDSA and RSA, digest is the hash named
+// by opts; *rsa.PSSOptions selects PSS (salt length = hash length, which
+// verifiers using PSSSaltLengthAuto or EqualsHash accept). For Ed25519,
+// digest is the message and opts.HashFunc() must be 0 (Ed25519ph is not
+// supported). rand is unused: the key's holder supplies randomness.
+func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	alg, err := s.algorithm(opts)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+	defer cancel()
+	sig, err := s.c.Sign(ctx, ByKID(s.key.KID), alg, digest)
+	if err != nil {
+		return nil, err
+	}
+	return sig.Sig, nil
+}
+
+func (s *Signer) algorithm(opts crypto.SignerOpts) (Algorithm, error) {
+	h := crypto.Hash(0)
+	if opts != nil {
+		h = opts.HashFunc()
+	}
+	switch s.key.Public.(type) {
+	case ed25519.PublicKey:
+		if h != 0 {
+			return Algorithm{}, unsupported("Ed25519ph (a pre-hashed Ed25519 signature) is not supported; pass crypto.Hash(0) and the message")
+		}
+		return Algorithm{SchemeEd25519, 0}, nil
+	case *ecdsa.PublicKey:
+		return Algorithm{SchemeECDSA, h}, nil
+	case *rsa.PublicKey:
+		if pss, ok := opts.(*rsa.PSSOptions); ok {
+			switch pss.SaltLength {
+			case rsa.PSSSaltLengthEqualsHash, rsa.PSSSaltLengthAuto:
+			default:
+				if pss.SaltLength != h.Size() {
+					return Algorithm{}, unsupported(fmt.Sprintf("PSS salt length %d; the agent uses the hash length (%d)", pss.SaltLength, h.Size()))
+				}
+			}
+			return Algorithm{SchemePSS, h}, nil
+		}
+		return Algorithm{SchemePKCS1v15, h}, nil
+	}
+	return Algorithm{}, unsupported(fmt.Sprintf("public key type %T", s.key.Public))
+}
+
+func unsupported(msg string) error {
+	return &proto.Error{Code: proto.UnsupportedAlgorithm, Msg: msg}
+}

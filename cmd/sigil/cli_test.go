@@ -1,0 +1,150 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/sigil-agent/sigil/agent"
+)
+
+func startTestAgent(t *testing.T) string {
+	t.Helper()
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	dir, _ := os.MkdirTemp("", "sigil-cli")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	cfg.Socket = filepath.Join(dir, "agent.sock")
+	a, err := agent.New(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := agent.ListenUnix(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.Serve(ln)
+	t.Cleanup(func() { a.Shutdown(context.Background()) })
+	return cfg.Socket
+}
+
+// run executes the CLI in-process and returns stdout, stderr and the exit code.
+func run(t *testing.T, args ...string) (string, string, int) {
+	t.Helper()
+	root := newRootCommand()
+	var stdout, stderr bytes.Buffer
+	root.SetOut(&stdout)
+	root.SetErr(&stderr)
+	root.SetArgs(args)
+	err := root.Execute()
+	code := exitOK
+	if err != nil {
+		code = exitUsage
+		var ee *exitError
+		if errors.As(err, &ee) {
+			code = ee.code
+		}
+		stderr.WriteString(err.Error())
+	}
+	return stdout.String(), stderr.String(), code
+}
+
+func TestSignAndVerifyFromTheShell(t *testing.T) {
+	sock := startTestAgent(t)
+	dir := t.TempDir()
+	in := filepath.Join(dir, "release.tar")
+	os.WriteFile(in, bytes.Repeat([]byte("release bytes "), 10000), 0o644)
+
+	out, _, code := run(t, "--socket", sock, "keys", "info", "--json")
+	if code != exitOK {
+		t.Fatalf("keys info exit %d", code)
+	}
+	var keys []struct{ Name, KID, Provider, Type string }
+	if err := json.Unmarshal([]byte(out), &keys); err != nil || len(keys) != 4 {
+		t.Fatalf("keys info: %v %q", err, out)
+	}
+
+	for _, k := range keys {
+		t.Run(k.Name, func(t *testing.T) {
+			file := in
+			if k.Type == "ed25519" {
+				file = filepath.Join(dir, "small.txt") // pure Ed25519 signs the file itself
+				os.WriteFile(file, []byte("small message"), 0o644)
+			}
+			sig := filepath.Join(dir, k.Name+".sig")
+			_, stderr, code := run(t, "--socket", sock, "keys", "sign", "--in", file, "--key", k.Name, "--out", sig)
+			if code != exitOK {
+				t.Fatalf("sign exit %d: %s", code, stderr)
+			}
+			if !strings.Contains(stderr, k.KID) {
+				t.Fatalf("sign did not say which kid signed: %q", stderr)
+			}
+			stdout, stderr, code := run(t, "--socket", sock, "verify-signature", "--in", file, "--sig", sig, "--kid", k.KID)
+			if code != exitOK || !strings.Contains(stdout, "signature OK") {
+				t.Fatalf("verify exit %d: %s %s", code, stdout, stderr)
+			}
+			// Another file: the signature must not verify.
+			other := filepath.Join(dir, "other")
+			os.WriteFile(other, []byte("not what was signed"), 0o644)
+			_, stderr, code = run(t, "--socket", sock, "verify-signature", "--in", other, "--sig", sig, "--kid", k.KID)
+			if code != exitFailure || !strings.Contains(stderr, "INVALID") {
+				t.Fatalf("verify of another file: exit %d %s", code, stderr)
+			}
+		})
+	}
+
+	// Base64 on stdout, read back by verify-signature.
+	stdout, _, code := run(t, "--socket", sock, "keys", "sign", "--in", in)
+	if code != exitOK {
+		t.Fatal("sign to stdout")
+	}
+	b64 := filepath.Join(dir, "sig.b64")
+	os.WriteFile(b64, []byte(stdout), 0o644)
+	_, stderr, code := run(t, "--socket", sock, "verify-signature", "--in", in, "--sig", b64, "--key", "default")
+	if code != exitOK {
+		t.Fatalf("verify base64 signature: %s", stderr)
+	}
+
+	stdout, _, code = run(t, "--socket", sock, "keys", "pubkey", "--kid", keys[0].KID)
+	if code != exitOK || !strings.HasPrefix(stdout, "-----BEGIN PUBLIC KEY-----") {
+		t.Fatalf("pubkey: %d %q", code, stdout)
+	}
+}
+
+func TestShellErrors(t *testing.T) {
+	sock := startTestAgent(t)
+	dir := t.TempDir()
+	in := filepath.Join(dir, "f")
+	os.WriteFile(in, []byte("x"), 0o644)
+	big := filepath.Join(dir, "big")
+	os.WriteFile(big, make([]byte, 100<<10), 0o644)
+	cases := []struct {
+		name string
+		args []string
+		code int
+		says string
+	}{
+		{"unknown key", []string{"--socket", sock, "keys", "sign", "--in", in, "--key", "nope"}, exitRefused, "NOT_FOUND"},
+		{"no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "keys", "info"}, exitUnreachable, "no agent"},
+		{"missing --in", []string{"--socket", sock, "keys", "sign"}, exitUsage, "--in"},
+		{"bad --alg", []string{"--socket", sock, "keys", "sign", "--in", in, "--alg", "md5"}, exitUsage, "unknown algorithm"},
+		{"wrong alg for key", []string{"--socket", sock, "keys", "sign", "--in", in, "--alg", "rsa-pss-sha256"}, exitRefused, "UNSUPPORTED_ALGORITHM"},
+		{"ed25519 file too big", []string{"--socket", sock, "keys", "sign", "--in", big, "--key", "ed25519"}, exitFailure, "ECDSA or RSA"},
+		{"missing file", []string{"--socket", sock, "keys", "sign", "--in", filepath.Join(dir, "nope")}, exitFailure, "no such file"},
+		{"verify needs a key", []string{"--socket", sock, "verify-signature", "--in", in, "--sig", in}, exitUsage, "--kid"},
+		{"both --key and --kid", []string{"--socket", sock, "keys", "pubkey", "--key", "a", "--kid", "b"}, exitUsage, "none of the others"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, stderr, code := run(t, tc.args...)
+			if code != tc.code || !strings.Contains(stderr, tc.says) {
+				t.Fatalf("exit %d (want %d), stderr %q (want %q)", code, tc.code, stderr, tc.says)
+			}
+		})
+	}
+}

@@ -1,0 +1,242 @@
+package main
+
+import (
+	"crypto"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"io"
+	"os"
+	"text/tabwriter"
+
+	"github.com/spf13/cobra"
+
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+func newKeysCommand(g *globalFlags) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "keys",
+		Short: "List keys, sign with them, print their public keys",
+	}
+	cmd.AddCommand(newKeysInfoCommand(g), newKeysSignCommand(g), newKeysPubkeyCommand(g))
+	return cmd
+}
+
+func newKeysInfoCommand(g *globalFlags) *cobra.Command {
+	var asJSON bool
+	cmd := &cobra.Command{
+		Use:   "info",
+		Short: "List the agent's keys: name, kid, provider, type",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := g.context()
+			defer cancel()
+			c, err := g.connect(ctx)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			keys, err := c.ListKeys(ctx)
+			if err != nil {
+				return agentError("list keys", err)
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				type row struct {
+					Name     string `json:"name"`
+					KID      string `json:"kid"`
+					Provider string `json:"provider"`
+					Type     string `json:"type"`
+				}
+				rows := make([]row, len(keys))
+				for i, k := range keys {
+					rows[i] = row{k.Name, k.KID, k.Provider, k.Type}
+				}
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				return enc.Encode(rows)
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NAME\tKID\tPROVIDER\tTYPE")
+			for _, k := range keys {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", k.Name, k.KID, k.Provider, k.Type)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON instead of a table")
+	return cmd
+}
+
+// keyFlags select a key by --key or --kid; neither means the default key.
+type keyFlags struct{ name, kid string }
+
+func (k *keyFlags) add(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&k.name, "key", "", "key name (default: the agent's default key)")
+	cmd.Flags().StringVar(&k.kid, "kid", "", "key id, as 'sigil keys info' prints it")
+	cmd.MarkFlagsMutuallyExclusive("key", "kid")
+}
+
+func (k *keyFlags) ref() client.KeyRef { return client.KeyRef{Name: k.name, KID: k.kid} }
+
+func newKeysSignCommand(g *globalFlags) *cobra.Command {
+	var (
+		key          keyFlags
+		in, out, alg string
+		printBase64  bool
+	)
+	cmd := &cobra.Command{
+		Use:   "sign --in FILE [--key NAME | --kid KID] [--out FILE]",
+		Short: "Sign a file with a key behind the agent",
+		Long: `Sign a file. For ECDSA and RSA keys the file is hashed here (SHA-256, or SHA-384
+for P-384, unless --alg says otherwise) and only the digest goes to the agent;
+Ed25519 signs the file itself, which must then fit in one frame (about 64 KiB).
+
+The signature is written raw to --out, or base64 to stdout without --out.
+What key signed, and its kid, goes to stderr.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if in == "" {
+				return usageError("--in FILE is required (use - for stdin)")
+			}
+			ctx, cancel := g.context()
+			defer cancel()
+			c, err := g.connect(ctx)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			k, err := c.PublicKey(ctx, key.ref())
+			if err != nil {
+				return agentError("sign", err)
+			}
+			a, err := chooseAlgorithm(alg, k.Type)
+			if err != nil {
+				return usageError("%v", err)
+			}
+			digest, err := digestFile(in, a.Hash)
+			if err != nil {
+				return &exitError{exitFailure, err}
+			}
+			// Sign by kid: the key whose type chose the hash is the key that signs.
+			sig, err := c.Sign(ctx, client.ByKID(k.KID), a, digest)
+			if err != nil {
+				return agentError("sign", err)
+			}
+			fmt.Fprintf(cmd.ErrOrStderr(), "signed %s with key %q (kid %s, %s)\n", displayName(in), sig.Key, sig.KID, algorithmName(a))
+			if out == "" || printBase64 {
+				fmt.Fprintln(cmd.OutOrStdout(), base64.StdEncoding.EncodeToString(sig.Sig))
+				if out == "" {
+					return nil
+				}
+			}
+			if err := writeOut(out, sig.Sig); err != nil {
+				return &exitError{exitFailure, fmt.Errorf("write signature: %w", err)}
+			}
+			return nil
+		},
+	}
+	key.add(cmd)
+	cmd.Flags().StringVar(&in, "in", "", "file to sign (- for stdin)")
+	cmd.Flags().StringVar(&out, "out", "", "write the raw signature here (default: base64 on stdout)")
+	cmd.Flags().StringVar(&alg, "alg", "", "ecdsa-sha256|384|512, rsa-pkcs1v15-sha256…, rsa-pss-sha256…, ed25519 (default: the key's)")
+	cmd.Flags().BoolVar(&printBase64, "base64", false, "also print the signature as base64 on stdout")
+	return cmd
+}
+
+func newKeysPubkeyCommand(g *globalFlags) *cobra.Command {
+	var key keyFlags
+	cmd := &cobra.Command{
+		Use:   "pubkey [--kid KID | --key NAME]",
+		Short: "Print a key's public key as PEM",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := g.context()
+			defer cancel()
+			c, err := g.connect(ctx)
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			k, err := c.PublicKey(ctx, key.ref())
+			if err != nil {
+				return agentError("pubkey", err)
+			}
+			return pem.Encode(cmd.OutOrStdout(), &pem.Block{Type: "PUBLIC KEY", Bytes: k.SPKI})
+		},
+	}
+	key.add(cmd)
+	return cmd
+}
+
+func chooseAlgorithm(flag, keyType string) (client.Algorithm, error) {
+	if flag == "" {
+		return client.DefaultAlgorithm(keyType), nil
+	}
+	return client.ParseAlgorithm(flag)
+}
+
+func algorithmName(a client.Algorithm) string {
+	names := map[client.Scheme]string{
+		client.SchemeECDSA: "ecdsa", client.SchemePKCS1v15: "rsa-pkcs1v15", client.SchemePSS: "rsa-pss", client.SchemeEd25519: "ed25519",
+	}
+	n := names[a.Scheme]
+	switch a.Hash {
+	case crypto.SHA256:
+		n += "-sha256"
+	case crypto.SHA384:
+		n += "-sha384"
+	case crypto.SHA512:
+		n += "-sha512"
+	}
+	return n
+}
+
+// maxMessage leaves room in a frame for the request's other fields.
+const maxMessage = proto.DefaultMaxFrame - 512
+
+// digestFile hashes the file with h, or for h == 0 (pure Ed25519) returns the
+// file itself, refusing one that cannot fit in a frame.
+func digestFile(path string, h crypto.Hash) ([]byte, error) {
+	r, closeFn, err := openInput(path)
+	if err != nil {
+		return nil, err
+	}
+	defer closeFn()
+	if h == 0 {
+		data, err := io.ReadAll(io.LimitReader(r, maxMessage+1))
+		if err != nil {
+			return nil, fmt.Errorf("read %s: %w", displayName(path), err)
+		}
+		if len(data) > maxMessage {
+			return nil, fmt.Errorf("%s is larger than %d bytes: pure Ed25519 signs the message itself and it must fit in one request; use an ECDSA or RSA key for large files", displayName(path), maxMessage)
+		}
+		return data, nil
+	}
+	hasher := h.New()
+	if _, err := io.Copy(hasher, r); err != nil {
+		return nil, fmt.Errorf("read %s: %w", displayName(path), err)
+	}
+	return hasher.Sum(nil), nil
+}
+
+func openInput(path string) (io.Reader, func(), error) {
+	if path == "-" {
+		return os.Stdin, func() {}, nil
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	return f, func() { f.Close() }, nil
+}
+
+func displayName(path string) string {
+	if path == "-" {
+		return "stdin"
+	}
+	return path
+}

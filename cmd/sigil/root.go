@@ -1,0 +1,93 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// globalFlags are shared by the client-side commands.
+type globalFlags struct {
+	socket  string
+	timeout time.Duration
+}
+
+func newRootCommand() *cobra.Command {
+	g := &globalFlags{}
+	root := &cobra.Command{
+		Use:   "sigil",
+		Short: "Sigil: a signing agent in front of HSMs and cloud KMS",
+		Long: `Sigil holds warm sessions to HSMs and KMS and signs digests for local services and people.
+
+Run the agent with 'sigil agent'; then sign with 'sigil keys sign --in FILE'.
+Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() + `.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().StringVar(&g.socket, "socket", "", "agent socket (default $SIGIL_SOCK, else "+proto.DefaultSocketPath()+")")
+	root.PersistentFlags().DurationVar(&g.timeout, "timeout", 10*time.Second, "deadline for each request to the agent")
+	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newVersionCommand())
+	return root
+}
+
+// connect dials the agent, mapping failure to exitUnreachable with a hint.
+func (g *globalFlags) connect(ctx context.Context) (*client.Client, error) {
+	c, err := client.Dial(ctx, g.socket)
+	if err != nil {
+		addr := g.socket
+		if addr == "" {
+			addr = proto.ClientSocketPath()
+		}
+		return nil, &exitError{exitUnreachable, fmt.Errorf("no agent at %s (start one with 'sigil agent' or 'make run', or set $SIGIL_SOCK): %w", addr, errors.Unwrap(err))}
+	}
+	return c, nil
+}
+
+func (g *globalFlags) context() (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), g.timeout)
+}
+
+// agentError wraps an error from a request: refused by the agent (exitRefused,
+// with the code name first) or a lost connection (exitUnreachable).
+func agentError(what string, err error) error {
+	var pe *proto.Error
+	if errors.As(err, &pe) {
+		return &exitError{exitRefused, fmt.Errorf("%s: agent refused: %s", what, pe.Error())}
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return &exitError{exitRefused, fmt.Errorf("%s: %s: no answer within the --timeout", what, proto.DeadlineExceeded)}
+	}
+	return &exitError{exitUnreachable, fmt.Errorf("%s: %w", what, err)}
+}
+
+func usageError(format string, args ...any) error {
+	return &exitError{exitUsage, fmt.Errorf(format, args...)}
+}
+
+var version = "dev"
+
+func newVersionCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print sigil's version and protocol version",
+		Args:  cobra.NoArgs,
+		Run: func(cmd *cobra.Command, _ []string) {
+			fmt.Fprintf(cmd.OutOrStdout(), "sigil %s (protocol %d)\n", version, proto.Version)
+		},
+	}
+}
+
+func writeOut(path string, data []byte) error {
+	if path == "" || path == "-" {
+		_, err := os.Stdout.Write(data)
+		return err
+	}
+	return os.WriteFile(path, data, 0o644)
+}
