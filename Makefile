@@ -13,6 +13,7 @@ export CGO_ENABLED := 1
 all: build
 
 build:
+	@bash .ci/ensure-cc
 	$(GO) build -o $(BIN) ./cmd/sigil
 
 # The agent on its embedded default: software keys in $XDG_STATE_HOME/sigil
@@ -27,6 +28,7 @@ test: test-deps
 	$(GO) test -race -count=1 -timeout 25m $(TESTFLAGS) $(PKGS)
 
 test-deps:
+	@bash .ci/ensure-cc
 	@bash .ci/install-test-deps
 
 bench: build

@@ -1,0 +1,68 @@
+package agent
+
+import (
+	"context"
+	"net"
+	"testing"
+
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// fixedProvider signs instantly with a constant, so the benchmark below
+// measures the agent's own request path, not a key's arithmetic.
+type fixedProvider struct {
+	info providers.KeyInfo
+	sig  []byte
+}
+
+func (f *fixedProvider) ID() string { return "fixed" }
+func (f *fixedProvider) Keys(context.Context) ([]providers.KeyInfo, error) {
+	return []providers.KeyInfo{f.info}, nil
+}
+func (f *fixedProvider) Sign(context.Context, string, providers.Algorithm, []byte) ([]byte, error) {
+	return f.sig, nil
+}
+func (f *fixedProvider) Close() error { return nil }
+
+// BenchmarkRequestPath is decode → dispatch → encode for one Sign, without
+// the socket: the allocation budget of the agent's hot path.
+func BenchmarkRequestPath(b *testing.B) {
+	pub, _, _ := ed25519Key()
+	info, err := providers.NewKeyInfo("fixed", "k", pub)
+	if err != nil {
+		b.Fatal(err)
+	}
+	a, err := New(context.Background(), Config{DataDir: b.TempDir()}, zap.NewNop(),
+		WithProviders(&fixedProvider{info: info, sig: make([]byte, 64)}))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer a.Shutdown(context.Background())
+	srv, cli := net.Pipe()
+	defer srv.Close()
+	defer cli.Close()
+	c := newConn(a, srv)
+	c.helloDone = true
+	codec := proto.NewCodec()
+	frame, _ := codec.AppendRequestFrame(nil, &proto.Request{ID: 7, Op: proto.OpSign, Key: "k", Scheme: proto.SchemeEd25519, Digest: make([]byte, 32), TimeoutMillis: 1000})
+	payload := frame[proto.FrameHeaderLen:]
+	var out []byte
+	b.ReportAllocs()
+	for b.Loop() {
+		req := requestPool.Get().(*proto.Request)
+		req.Reset()
+		if err := codec.DecodeRequest(payload, req); err != nil {
+			b.Fatal(err)
+		}
+		resp := proto.Response{ID: req.ID}
+		c.dispatch(req, &resp)
+		requestPool.Put(req)
+		if resp.Code != proto.OK {
+			b.Fatal(resp.Msg)
+		}
+		out, _ = codec.AppendResponseFrame(out[:0], &resp)
+	}
+}

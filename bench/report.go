@@ -1,0 +1,309 @@
+package bench
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"strings"
+	"time"
+)
+
+// Result is one scenario at one connection count. Latencies and CPU per op are
+// the median over reps of each rep's figure; Errors and Ops are totals over
+// reps. Only successful ops have latencies: a failure that returns at once
+// would otherwise read as a fast signature.
+type Result struct {
+	Scenario   string  `json:"scenario"`
+	Key        string  `json:"key"`
+	Conns      int     `json:"conns"`
+	P50us      float64 `json:"p50_us"`
+	P95us      float64 `json:"p95_us"`
+	P99us      float64 `json:"p99_us"`
+	P999us     float64 `json:"p999_us"`
+	OpsPerS    float64 `json:"ops_per_s"`
+	Errors     int     `json:"errors"`
+	CPUPerOpUs float64 `json:"cpu_per_op_us"` // this process, its waited-for children and Scenario.CPU, per successful op
+	Reps       int     `json:"reps"`
+	Err        string  `json:"error,omitempty"` // NewWorker failed: not run, or not every rep
+
+	Ops       int64  `json:"ops"`                  // successful ops over all reps
+	AllFailed bool   `json:"all_failed,omitempty"` // it ran, and not one op succeeded
+	OpErr     string `json:"op_error,omitempty"`   // the first op error, to say why
+
+	// CDF is the latency distribution of all reps merged, downsampled to at
+	// most MaxCDFPoints: CDF[j] is the latency at quantile j/(len(CDF)-1).
+	CDF []time.Duration `json:"-"`
+}
+
+func (r Result) label() string { return fmt.Sprintf("%s/%s@%d", r.Scenario, r.Key, r.Conns) }
+
+// ran reports whether r has figures worth comparing.
+func (r Result) ran() bool { return r.Err == "" && !r.AllFailed && r.Reps > 0 }
+
+// Report is the outcome of Run.
+type Report struct {
+	Started time.Time `json:"started"`
+	Options
+	Results []Result           `json:"results"` // scenario order, then Conns order
+	Ratios  map[string]float64 `json:"ratios"`  // see ComputeRatios
+	Machine Machine            `json:"machine"`
+}
+
+// Find returns the result of scenario on key at conns connections.
+func (r *Report) Find(scenario, key string, conns int) (Result, bool) {
+	for _, res := range r.Results {
+		if res.Scenario == scenario && res.Key == key && res.Conns == conns {
+			return res, true
+		}
+	}
+	return Result{}, false
+}
+
+// Skipped returns the results that did not run to completion because a
+// worker could not be opened. They are neither passes nor SLO violations: the
+// harness, not the signer, failed to measure them.
+func (r *Report) Skipped() []Result {
+	var out []Result
+	for _, res := range r.Results {
+		if res.Err != "" {
+			out = append(out, res)
+		}
+	}
+	return out
+}
+
+// Names of the ratios of issue 3; each is the first-named figure divided by
+// the second, ECDSA P-256, same run.
+const (
+	RatioAgentVsDirectP50    = "agent_vs_direct_p50"    // agent-unix p50 @1 / direct p50 @1
+	RatioAgentVsDirectOpsG8  = "agent_vs_direct_ops_g8" // agent-unix ops/s @8 / direct ops/s @8
+	RatioP11KitVsAgentP50    = "p11kit_vs_agent_p50"    // p11kit p50 @1 / agent-unix p50 @1
+	RatioAgentVsP11KitOpsG8  = "agent_vs_p11kit_ops_g8" // agent-unix ops/s @8 / p11kit ops/s @8
+	RatioTCPVsUnixP50        = "tcp_vs_unix_p50"        // agent-tcp p50 @1 / agent-unix p50 @1
+	GoalSoftwareEd25519OpsG8 = "software_ed25519_ops_g8"
+)
+
+type ratioDef struct {
+	name     string
+	num, den string // scenarios, both on KeyECDSAP256
+	conns    int
+	ops      bool // ops/s rather than p50
+	goal     float64
+	atMost   bool // the goal is an upper bound
+}
+
+var ratioDefs = []ratioDef{
+	{name: RatioAgentVsDirectP50, num: ScenarioAgentUnix, den: ScenarioDirect, conns: 1, goal: 1.3, atMost: true},
+	{name: RatioAgentVsDirectOpsG8, num: ScenarioAgentUnix, den: ScenarioDirect, conns: 8, ops: true, goal: 1.0},
+	{name: RatioP11KitVsAgentP50, num: ScenarioP11Kit, den: ScenarioAgentUnix, conns: 1, goal: 3},
+	{name: RatioAgentVsP11KitOpsG8, num: ScenarioAgentUnix, den: ScenarioP11Kit, conns: 8, ops: true, goal: 3},
+	{name: RatioTCPVsUnixP50, num: ScenarioAgentTCP, den: ScenarioAgentUnix, conns: 1, goal: 1.2, atMost: true},
+}
+
+// ComputeRatios fills Ratios with the goal ratios of issue 3 on ECDSA P-256.
+// A ratio whose inputs did not run (missing, skipped, every op failed, or a
+// zero divisor) is left out rather than reported as 0 or infinity.
+func (r *Report) ComputeRatios() {
+	r.Ratios = make(map[string]float64, len(ratioDefs))
+	for _, d := range ratioDefs {
+		num, ok1 := r.Find(d.num, KeyECDSAP256, d.conns)
+		den, ok2 := r.Find(d.den, KeyECDSAP256, d.conns)
+		if !ok1 || !ok2 || !num.ran() || !den.ran() {
+			continue
+		}
+		n, m := num.P50us, den.P50us
+		if d.ops {
+			n, m = num.OpsPerS, den.OpsPerS
+		}
+		if m > 0 {
+			r.Ratios[d.name] = n / m
+		}
+	}
+}
+
+// A Goal is one target of issue 3 and how this report stands against it.
+type Goal struct {
+	Name     string  `json:"name"`  // a Ratio* or Goal* constant
+	Text     string  `json:"goal"`  // e.g. "≤ 1.3"
+	Limit    float64 `json:"limit"` // the bound
+	AtMost   bool    `json:"at_most"`
+	Value    float64 `json:"value"`
+	Measured bool    `json:"measured"`
+}
+
+// Met reports whether the goal was measured and reached.
+func (g Goal) Met() bool {
+	if !g.Measured {
+		return false
+	}
+	if g.AtMost {
+		return g.Value <= g.Limit
+	}
+	return g.Value >= g.Limit
+}
+
+func (g Goal) status() string {
+	switch {
+	case !g.Measured:
+		return "not measured"
+	case g.Met():
+		return "met"
+	default:
+		return "NOT met"
+	}
+}
+
+// Goals evaluates the goals of issue 3 against Ratios (call ComputeRatios
+// first on a hand-built report) and the software Ed25519 throughput.
+func (r *Report) Goals() []Goal {
+	goals := make([]Goal, 0, len(ratioDefs)+1)
+	for _, d := range ratioDefs {
+		g := Goal{Name: d.name, Limit: d.goal, AtMost: d.atMost}
+		g.Value, g.Measured = r.Ratios[d.name]
+		goals = append(goals, g)
+	}
+	g := Goal{Name: GoalSoftwareEd25519OpsG8, Limit: 40000}
+	if res, ok := r.Find(ScenarioSoftware, KeyEd25519, 8); ok && res.ran() {
+		g.Value, g.Measured = res.OpsPerS, true
+	}
+	goals = append(goals, g)
+	for i := range goals {
+		op := "≥"
+		if goals[i].AtMost {
+			op = "≤"
+		}
+		goals[i].Text = fmt.Sprintf("%s %g", op, goals[i].Limit)
+	}
+	return goals
+}
+
+var goalDescriptions = map[string]string{
+	RatioAgentVsDirectP50:    "agent-unix p50 ÷ direct p50, 1 conn",
+	RatioAgentVsDirectOpsG8:  "agent-unix ops/s ÷ direct ops/s, 8 conns",
+	RatioP11KitVsAgentP50:    "p11kit p50 ÷ agent-unix p50, 1 conn",
+	RatioAgentVsP11KitOpsG8:  "agent-unix ops/s ÷ p11kit ops/s, 8 conns",
+	RatioTCPVsUnixP50:        "agent-tcp p50 ÷ agent-unix p50, 1 conn",
+	GoalSoftwareEd25519OpsG8: "software Ed25519 ops/s, 8 conns",
+}
+
+// Markdown writes the results table, then the goals with their status, then
+// what was skipped.
+func (r *Report) Markdown(w io.Writer) error {
+	var b strings.Builder
+	b.WriteString("| scenario | key | conns | p50 µs | p95 µs | p99 µs | p99.9 µs | ops/s | CPU µs/op | errors |\n")
+	b.WriteString("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
+	for _, res := range r.Results {
+		fmt.Fprintf(&b, "| %s | %s | %d ", mdEscape(res.Scenario), mdEscape(res.Key), res.Conns)
+		switch {
+		case res.Err != "" && res.Reps == 0:
+			b.WriteString("| – | – | – | – | – | – | not run |\n")
+			continue
+		case res.AllFailed:
+			fmt.Fprintf(&b, "| – | – | – | – | 0 | – | %d (all failed) |\n", res.Errors)
+			continue
+		}
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %.0f | %s | %d |\n",
+			fmtUs(res.P50us), fmtUs(res.P95us), fmtUs(res.P99us), fmtUs(res.P999us),
+			res.OpsPerS, fmtUs(res.CPUPerOpUs), res.Errors)
+	}
+
+	b.WriteString("\nGoals (ECDSA P-256 unless named, one run):\n\n")
+	for _, g := range r.Goals() {
+		fmt.Fprintf(&b, "- %s (%s): ", g.Name, goalDescriptions[g.Name])
+		if g.Measured {
+			if g.Name == GoalSoftwareEd25519OpsG8 {
+				fmt.Fprintf(&b, "%.0f", g.Value)
+			} else {
+				fmt.Fprintf(&b, "%.2f", g.Value)
+			}
+			fmt.Fprintf(&b, ", goal %s: %s\n", g.Text, g.status())
+		} else {
+			fmt.Fprintf(&b, "goal %s: %s\n", g.Text, g.status())
+		}
+	}
+
+	var notes []string
+	for _, res := range r.Results {
+		switch {
+		case res.Err != "" && res.Reps > 0:
+			notes = append(notes, fmt.Sprintf("- %s: only %d of %d reps ran: %s", res.label(), res.Reps, r.Reps, mdEscape(res.Err)))
+		case res.Err != "":
+			notes = append(notes, fmt.Sprintf("- %s: not run: %s", res.label(), mdEscape(res.Err)))
+		case res.AllFailed:
+			notes = append(notes, fmt.Sprintf("- %s: every op failed: %s", res.label(), mdEscape(res.OpErr)))
+		}
+	}
+	if len(notes) > 0 {
+		b.WriteString("\nNot measured:\n\n")
+		b.WriteString(strings.Join(notes, "\n"))
+		b.WriteString("\n")
+	}
+	_, err := io.WriteString(w, b.String())
+	return err
+}
+
+func fmtUs(us float64) string {
+	if us >= 1000 {
+		return fmt.Sprintf("%.0f", us)
+	}
+	return fmt.Sprintf("%.1f", us)
+}
+
+// mdEscape keeps error text from breaking a table row or a list line.
+func mdEscape(s string) string {
+	return strings.NewReplacer("|", `\|`, "\n", " ", "\r", " ").Replace(s)
+}
+
+// WriteJSON writes the report as one JSON object: "results" holds one object
+// per scenario, key and connection count (scenario, key, conns, p50_us,
+// p95_us, p99_us, p999_us, ops_per_s, errors, cpu_per_op_us, reps, ...),
+// "ratios" the goal ratios by name, "goals" their status, and "machine",
+// "options" and "started" say where and how it was measured.
+func (r *Report) WriteJSON(w io.Writer) error {
+	type jsonOptions struct {
+		Conns    []int  `json:"conns"`
+		Duration string `json:"duration"`
+		Warmup   string `json:"warmup"`
+		Reps     int    `json:"reps"`
+	}
+	type jsonGoal struct {
+		Goal
+		Met bool `json:"met"`
+	}
+	out := struct {
+		Started time.Time          `json:"started"`
+		Options jsonOptions        `json:"options"`
+		Machine Machine            `json:"machine"`
+		Results []Result           `json:"results"`
+		Ratios  map[string]float64 `json:"ratios"`
+		Goals   []jsonGoal         `json:"goals"`
+	}{
+		Started: r.Started,
+		Options: jsonOptions{
+			Conns:    r.Conns,
+			Duration: r.Duration.String(),
+			Warmup:   r.Warmup.String(),
+			Reps:     r.Reps,
+		},
+		Machine: r.Machine,
+		Results: r.Results,
+		Ratios:  r.Ratios,
+	}
+	// Consumers index these; null would make them special-case an empty run.
+	if out.Results == nil {
+		out.Results = []Result{}
+	}
+	if out.Ratios == nil {
+		out.Ratios = map[string]float64{}
+	}
+	for _, g := range r.Goals() {
+		out.Goals = append(out.Goals, jsonGoal{Goal: g, Met: g.Met()})
+	}
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	enc.SetEscapeHTML(false)
+	if err := enc.Encode(out); err != nil {
+		return fmt.Errorf("bench: write json: %w", err)
+	}
+	return nil
+}

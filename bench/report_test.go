@@ -1,0 +1,239 @@
+package bench
+
+import (
+	"bytes"
+	"encoding/json"
+	"math"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// handBuiltReport is one run's worth of ECDSA P-256 figures in the shape of
+// ANCHORS.md, plus a software Ed25519 result, a skipped and a dead scenario.
+func handBuiltReport() *Report {
+	r := &Report{
+		Started: time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC),
+		Options: Options{Conns: []int{1, 8}, Duration: 2 * time.Second, Warmup: 300 * time.Millisecond, Reps: 3},
+		Machine: Machine{Cores: 2, CPUModel: "AMD EPYC 7B13", Kernel: "6.1.0", GoVersion: "go1.26"},
+	}
+	add := func(sc, key string, conns int, p50, ops float64) {
+		r.Results = append(r.Results, Result{
+			Scenario: sc, Key: key, Conns: conns, Reps: 3,
+			P50us: p50, P95us: 1.5 * p50, P99us: 2 * p50, P999us: 4 * p50,
+			OpsPerS: ops, CPUPerOpUs: 50, Ops: int64(ops * 6),
+		})
+	}
+	add("direct", "ecdsa-p256", 1, 70, 12000)
+	add("direct", "ecdsa-p256", 8, 500, 14000)
+	add("agent-unix", "ecdsa-p256", 1, 84, 10000)
+	add("agent-unix", "ecdsa-p256", 8, 520, 15400)
+	add("agent-tcp", "ecdsa-p256", 1, 105, 8000)
+	add("p11kit", "ecdsa-p256", 1, 349, 2900)
+	add("p11kit", "ecdsa-p256", 8, 1800, 4400)
+	add("software", "ed25519", 8, 150, 52000)
+	add("agent-unix", "rsa-2048", 1, 650, 1500)
+	r.Results = append(r.Results,
+		Result{Scenario: "agent-tcp", Key: "ecdsa-p256", Conns: 8, Err: "open worker 1 of 8: dial tcp: connection refused"},
+		Result{Scenario: "agent-unix", Key: "ed25519", Conns: 1, Reps: 3, Errors: 900, AllFailed: true, OpErr: "no such key | gone"},
+	)
+	r.ComputeRatios()
+	return r
+}
+
+func TestComputeRatios(t *testing.T) {
+	r := handBuiltReport()
+	want := map[string]float64{
+		RatioAgentVsDirectP50:   84.0 / 70,
+		RatioAgentVsDirectOpsG8: 15400.0 / 14000,
+		RatioP11KitVsAgentP50:   349.0 / 84,
+		RatioAgentVsP11KitOpsG8: 15400.0 / 4400,
+		RatioTCPVsUnixP50:       105.0 / 84,
+	}
+	if len(r.Ratios) != len(want) {
+		t.Errorf("ratios %v, want %v", r.Ratios, want)
+	}
+	for k, v := range want {
+		if got, ok := r.Ratios[k]; !ok || math.Abs(got-v) > 1e-12 {
+			t.Errorf("%s = %v (present %v), want %v", k, got, ok, v)
+		}
+	}
+
+	tests := []struct {
+		name   string
+		edit   func(*Report)
+		absent []string
+	}{
+		{"no p11kit", func(r *Report) { r.Results = without(r.Results, "p11kit") },
+			[]string{RatioP11KitVsAgentP50, RatioAgentVsP11KitOpsG8}},
+		{"no direct", func(r *Report) { r.Results = without(r.Results, "direct") },
+			[]string{RatioAgentVsDirectP50, RatioAgentVsDirectOpsG8}},
+		{"agent skipped", func(r *Report) { setErr(r, "agent-unix", "dial: refused") },
+			[]string{RatioAgentVsDirectP50, RatioAgentVsDirectOpsG8, RatioP11KitVsAgentP50, RatioAgentVsP11KitOpsG8, RatioTCPVsUnixP50}},
+		{"direct all failed", func(r *Report) {
+			for i := range r.Results {
+				if r.Results[i].Scenario == "direct" {
+					r.Results[i].AllFailed, r.Results[i].P50us, r.Results[i].OpsPerS = true, 0, 0
+				}
+			}
+		}, []string{RatioAgentVsDirectP50, RatioAgentVsDirectOpsG8}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := handBuiltReport()
+			tt.edit(r)
+			r.ComputeRatios()
+			for _, k := range tt.absent {
+				if v, ok := r.Ratios[k]; ok {
+					t.Errorf("%s = %v, want it left out", k, v)
+				}
+			}
+			if len(r.Ratios) != len(want)-len(tt.absent) {
+				t.Errorf("%d ratios, want %d: %v", len(r.Ratios), len(want)-len(tt.absent), r.Ratios)
+			}
+		})
+	}
+}
+
+func without(rs []Result, scenario string) []Result {
+	var out []Result
+	for _, r := range rs {
+		if r.Scenario != scenario {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func setErr(r *Report, scenario, err string) {
+	for i := range r.Results {
+		if r.Results[i].Scenario == scenario {
+			r.Results[i].Err = err
+		}
+	}
+}
+
+func TestGoals(t *testing.T) {
+	r := handBuiltReport()
+	met := map[string]bool{}
+	for _, g := range r.Goals() {
+		if !g.Measured {
+			t.Errorf("%s not measured", g.Name)
+		}
+		met[g.Name] = g.Met()
+	}
+	want := map[string]bool{
+		RatioAgentVsDirectP50:    true,  // 1.2 ≤ 1.3
+		RatioAgentVsDirectOpsG8:  true,  // 1.1 ≥ 1.0
+		RatioP11KitVsAgentP50:    true,  // 4.15 ≥ 3
+		RatioAgentVsP11KitOpsG8:  true,  // 3.5 ≥ 3
+		RatioTCPVsUnixP50:        false, // 1.25 > 1.2
+		GoalSoftwareEd25519OpsG8: true,  // 52000 ≥ 40000
+	}
+	for k, v := range want {
+		if met[k] != v {
+			t.Errorf("%s met = %v, want %v", k, met[k], v)
+		}
+	}
+
+	empty := &Report{}
+	for _, g := range empty.Goals() {
+		if g.Measured || g.Met() {
+			t.Errorf("empty report: %s measured %v met %v", g.Name, g.Measured, g.Met())
+		}
+	}
+}
+
+func TestMarkdown(t *testing.T) {
+	r := handBuiltReport()
+	var b bytes.Buffer
+	if err := r.Markdown(&b); err != nil {
+		t.Fatal(err)
+	}
+	md := b.String()
+	for _, res := range r.Results {
+		row := "| " + res.Scenario + " | " + res.Key + " | " + strconv.Itoa(res.Conns) + " |"
+		if !strings.Contains(md, row) {
+			t.Errorf("no row starting %q", row)
+		}
+	}
+	for _, want := range []string{
+		"| direct | ecdsa-p256 | 1 | 70.0 | 105.0 | 140.0 | 280.0 | 12000 | 50.0 | 0 |",
+		"- agent_vs_direct_p50 (agent-unix p50 ÷ direct p50, 1 conn): 1.20, goal ≤ 1.3: met",
+		"- agent_vs_direct_ops_g8 (agent-unix ops/s ÷ direct ops/s, 8 conns): 1.10, goal ≥ 1: met",
+		"- p11kit_vs_agent_p50 (p11kit p50 ÷ agent-unix p50, 1 conn): 4.15, goal ≥ 3: met",
+		"- agent_vs_p11kit_ops_g8 (agent-unix ops/s ÷ p11kit ops/s, 8 conns): 3.50, goal ≥ 3: met",
+		"- tcp_vs_unix_p50 (agent-tcp p50 ÷ agent-unix p50, 1 conn): 1.25, goal ≤ 1.2: NOT met",
+		"- software_ed25519_ops_g8 (software Ed25519 ops/s, 8 conns): 52000, goal ≥ 40000: met",
+		"| agent-tcp | ecdsa-p256 | 8 | – | – | – | – | – | – | not run |",
+		"| agent-unix | ed25519 | 1 | – | – | – | – | 0 | – | 900 (all failed) |",
+		"- agent-tcp/ecdsa-p256@8: not run: open worker 1 of 8: dial tcp: connection refused",
+		`- agent-unix/ed25519@1: every op failed: no such key \| gone`,
+	} {
+		if !strings.Contains(md, want) {
+			t.Errorf("markdown lacks %q", want)
+		}
+	}
+	if t.Failed() {
+		t.Log("\n" + md)
+	}
+
+	var empty bytes.Buffer
+	if err := (&Report{}).Markdown(&empty); err != nil || !strings.Contains(empty.String(), "agent_vs_direct_p50") ||
+		!strings.Contains(empty.String(), "not measured") {
+		t.Errorf("empty report: %v\n%s", err, empty.String())
+	}
+}
+
+func TestWriteJSON(t *testing.T) {
+	r := handBuiltReport()
+	r.Results[0].CDF = []time.Duration{time.Microsecond} // never written
+	var b bytes.Buffer
+	if err := r.WriteJSON(&b); err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Results []map[string]any   `json:"results"`
+		Ratios  map[string]float64 `json:"ratios"`
+		Machine map[string]any     `json:"machine"`
+		Options map[string]any     `json:"options"`
+		Goals   []map[string]any   `json:"goals"`
+	}
+	if err := json.Unmarshal(b.Bytes(), &got); err != nil {
+		t.Fatalf("%v\n%s", err, b.String())
+	}
+	if len(got.Results) != len(r.Results) {
+		t.Fatalf("%d results, want %d", len(got.Results), len(r.Results))
+	}
+	first := got.Results[0]
+	for _, k := range []string{"scenario", "key", "conns", "p50_us", "p95_us", "p99_us", "p999_us", "ops_per_s", "errors", "cpu_per_op_us", "reps"} {
+		if _, ok := first[k]; !ok {
+			t.Errorf("result lacks %q: %v", k, first)
+		}
+	}
+	if first["scenario"] != "direct" || first["p50_us"] != 70.0 || first["ops_per_s"] != 12000.0 {
+		t.Errorf("first result %v", first)
+	}
+	if _, ok := first["CDF"]; ok {
+		t.Error("CDF written to JSON")
+	}
+	if _, ok := first["error"]; ok {
+		t.Error("empty error written")
+	}
+	if len(got.Ratios) != 5 || got.Ratios[RatioAgentVsDirectP50] == 0 {
+		t.Errorf("ratios %v", got.Ratios)
+	}
+	if got.Machine["cores"] != 2.0 || got.Options["duration"] != "2s" || len(got.Goals) != 6 {
+		t.Errorf("machine %v options %v goals %v", got.Machine, got.Options, got.Goals)
+	}
+
+	// An empty report still has the arrays and objects consumers index.
+	b.Reset()
+	if err := (&Report{}).WriteJSON(&b); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(b.String(), `"results": []`) || !strings.Contains(b.String(), `"ratios": {}`) {
+		t.Errorf("empty report:\n%s", b.String())
+	}
+}

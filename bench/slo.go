@@ -1,0 +1,144 @@
+package bench
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// An SLO is a set of latency limits every measured result must stay within,
+// e.g. the seeds' p95 ≤ 50 ms, p99 ≤ 200 ms.
+type SLO struct {
+	Limits []Limit // in the order given
+}
+
+// A Limit bounds one percentile: "p50", "p95", "p99" or "p99.9".
+type Limit struct {
+	Percentile string
+	Max        time.Duration
+}
+
+func (l Limit) String() string { return l.Percentile + "=" + l.Max.String() }
+
+func (s SLO) String() string {
+	parts := make([]string, len(s.Limits))
+	for i, l := range s.Limits {
+		parts[i] = l.String()
+	}
+	return strings.Join(parts, ",")
+}
+
+// percentileOf maps the percentile names an SLO may use to a result's field.
+var percentileOf = map[string]func(Result) float64{
+	"p50":   func(r Result) float64 { return r.P50us },
+	"p95":   func(r Result) float64 { return r.P95us },
+	"p99":   func(r Result) float64 { return r.P99us },
+	"p99.9": func(r Result) float64 { return r.P999us },
+}
+
+// ParseSLO parses comma-separated percentile=duration pairs, durations in Go
+// syntax: "p95=50ms,p99=200ms". Percentiles are p50, p95, p99 and p99.9 (p999
+// is accepted for p99.9), each at most once.
+func ParseSLO(spec string) (SLO, error) {
+	var s SLO
+	if strings.TrimSpace(spec) == "" {
+		return s, errors.New("slo: empty; want e.g. p95=50ms,p99=200ms")
+	}
+	seen := map[string]bool{}
+	for part := range strings.SplitSeq(spec, ",") {
+		part = strings.TrimSpace(part)
+		name, value, ok := strings.Cut(part, "=")
+		if !ok {
+			return SLO{}, fmt.Errorf("slo: %q: want percentile=duration, e.g. p99=200ms", part)
+		}
+		name = strings.ToLower(strings.TrimSpace(name))
+		if name == "p999" {
+			name = "p99.9"
+		}
+		if _, known := percentileOf[name]; !known {
+			return SLO{}, fmt.Errorf("slo: %q: unknown percentile; use p50, p95, p99 or p99.9", part)
+		}
+		if seen[name] {
+			return SLO{}, fmt.Errorf("slo: %s given twice", name)
+		}
+		seen[name] = true
+		d, err := time.ParseDuration(strings.TrimSpace(value))
+		if err != nil {
+			return SLO{}, fmt.Errorf("slo: %q: %w", part, err)
+		}
+		if d <= 0 {
+			return SLO{}, fmt.Errorf("slo: %q: the limit must be positive", part)
+		}
+		s.Limits = append(s.Limits, Limit{Percentile: name, Max: d})
+	}
+	return s, nil
+}
+
+// A Violation is one result that missed the SLO: a percentile over its limit,
+// or no successful op at all (an outage is not fast).
+type Violation struct {
+	Scenario   string
+	Key        string
+	Conns      int
+	Percentile string        // empty when AllFailed
+	Measured   time.Duration // the median over reps of that percentile
+	Limit      time.Duration
+	AllFailed  bool
+	Errors     int
+}
+
+// String reads like "agent-unix/ecdsa-p256@8: p99 212ms > 200ms".
+func (v Violation) String() string {
+	where := fmt.Sprintf("%s/%s@%d", v.Scenario, v.Key, v.Conns)
+	if v.AllFailed {
+		return fmt.Sprintf("%s: every op failed (%d errors)", where, v.Errors)
+	}
+	return fmt.Sprintf("%s: %s %s > %s", where, v.Percentile, formatDuration(v.Measured), formatDuration(v.Limit))
+}
+
+// Violations is the outcome of SLO.Check.
+type Violations []Violation
+
+// Err is nil when there are no violations, else an error naming each one, for
+// the command's exit status.
+func (vs Violations) Err() error {
+	if len(vs) == 0 {
+		return nil
+	}
+	lines := make([]string, len(vs))
+	for i, v := range vs {
+		lines[i] = v.String()
+	}
+	return fmt.Errorf("SLO missed (%d): %s", len(vs), strings.Join(lines, "; "))
+}
+
+// Check returns every result of r that misses a limit of s, and every result
+// in which not one op succeeded. Results that were not run (Report.Skipped)
+// are not judged. The figures checked are the medians over reps.
+func (s SLO) Check(r *Report) Violations {
+	var out Violations
+	for _, res := range r.Results {
+		if res.Err != "" {
+			continue
+		}
+		if res.AllFailed {
+			out = append(out, Violation{Scenario: res.Scenario, Key: res.Key, Conns: res.Conns, AllFailed: true, Errors: res.Errors})
+			continue
+		}
+		for _, l := range s.Limits {
+			get, ok := percentileOf[l.Percentile]
+			if !ok {
+				continue // only a hand-built SLO can hold an unknown name
+			}
+			measured := time.Duration(get(res) * float64(time.Microsecond))
+			if measured > l.Max {
+				out = append(out, Violation{
+					Scenario: res.Scenario, Key: res.Key, Conns: res.Conns,
+					Percentile: l.Percentile, Measured: measured, Limit: l.Max, Errors: res.Errors,
+				})
+			}
+		}
+	}
+	return out
+}

@@ -1,0 +1,129 @@
+package bench
+
+import (
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseSLO(t *testing.T) {
+	ms := time.Millisecond
+	tests := []struct {
+		spec    string
+		want    []Limit
+		wantErr string // a fragment of the message
+	}{
+		{spec: "p95=50ms,p99=200ms", want: []Limit{{"p95", 50 * ms}, {"p99", 200 * ms}}},
+		{spec: " p50 = 1ms , p99.9=1s ", want: []Limit{{"p50", ms}, {"p99.9", time.Second}}},
+		{spec: "P999=1.5s", want: []Limit{{"p99.9", 1500 * ms}}},
+		{spec: "p99=150ms", want: []Limit{{"p99", 150 * ms}}},
+		{spec: "", wantErr: "empty"},
+		{spec: "  ", wantErr: "empty"},
+		{spec: "p95", wantErr: "want percentile=duration"},
+		{spec: "p95=50ms,,p99=1s", wantErr: "want percentile=duration"},
+		{spec: "p90=10ms", wantErr: "unknown percentile"},
+		{spec: "95=10ms", wantErr: "unknown percentile"},
+		{spec: "p95=fast", wantErr: `invalid duration "fast"`},
+		{spec: "p95=50", wantErr: "missing unit"},
+		{spec: "p95=0s", wantErr: "must be positive"},
+		{spec: "p95=-1ms", wantErr: "must be positive"},
+		{spec: "p95=1ms,p95=2ms", wantErr: "p95 given twice"},
+		{spec: "p99.9=1s,p999=2s", wantErr: "p99.9 given twice"},
+	}
+	for _, tt := range tests {
+		got, err := ParseSLO(tt.spec)
+		if tt.wantErr != "" {
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("ParseSLO(%q) err = %v, want one mentioning %q", tt.spec, err, tt.wantErr)
+			}
+			continue
+		}
+		if err != nil || !slices.Equal(got.Limits, tt.want) {
+			t.Errorf("ParseSLO(%q) = %v, %v; want %v", tt.spec, got.Limits, err, tt.want)
+		}
+	}
+	if s, _ := ParseSLO("p95=50ms,p99=200ms"); s.String() != "p95=50ms,p99=200ms" {
+		t.Errorf("String() = %q", s.String())
+	}
+}
+
+func TestSLOCheck(t *testing.T) {
+	report := func(rs ...Result) *Report { return &Report{Results: rs} }
+	res := func(sc string, conns int, p95, p99 float64) Result {
+		return Result{Scenario: sc, Key: "ecdsa-p256", Conns: conns, Reps: 3, P50us: p95 / 2, P95us: p95, P99us: p99, P999us: p99 * 2, OpsPerS: 1000}
+	}
+	seeds, err := ParseSLO("p95=50ms,p99=200ms")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name    string
+		slo     SLO
+		report  *Report
+		want    []string // Violation.String() of each
+		skipped int
+	}{
+		{
+			name:   "all within",
+			slo:    seeds,
+			report: report(res("agent-unix", 1, 120, 300), res("agent-unix", 8, 49_999, 200_000)),
+		},
+		{
+			name:   "p99 over at 8",
+			slo:    seeds,
+			report: report(res("agent-unix", 1, 120, 300), res("agent-unix", 8, 30_000, 212_345)),
+			want:   []string{"agent-unix/ecdsa-p256@8: p99 212ms > 200ms"},
+		},
+		{
+			name:   "both over",
+			slo:    seeds,
+			report: report(res("kms", 64, 51_200, 1_234_567)),
+			want:   []string{"kms/ecdsa-p256@64: p95 51.2ms > 50ms", "kms/ecdsa-p256@64: p99 1.23s > 200ms"},
+		},
+		{
+			name: "every op failed is a violation, not running is not",
+			slo:  seeds,
+			report: report(
+				Result{Scenario: "agent-unix", Key: "ed25519", Conns: 8, Reps: 3, Errors: 4242, AllFailed: true},
+				Result{Scenario: "p11kit", Key: "ecdsa-p256", Conns: 8, Err: "p11-kit not installed"},
+			),
+			want:    []string{"agent-unix/ed25519@8: every op failed (4242 errors)"},
+			skipped: 1,
+		},
+		{
+			name:   "p99.9 limit",
+			slo:    SLO{Limits: []Limit{{"p99.9", 500 * time.Microsecond}}},
+			report: report(res("direct", 1, 100, 300)),
+			want:   []string{"direct/ecdsa-p256@1: p99.9 600µs > 500µs"},
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			vs := tt.slo.Check(tt.report)
+			var got []string
+			for _, v := range vs {
+				got = append(got, v.String())
+			}
+			if !slices.Equal(got, tt.want) {
+				t.Errorf("violations %q, want %q", got, tt.want)
+			}
+			if n := len(tt.report.Skipped()); n != tt.skipped {
+				t.Errorf("%d skipped, want %d", n, tt.skipped)
+			}
+			// The command exits non-zero exactly when Err is not nil.
+			err := vs.Err()
+			if (err != nil) != (len(tt.want) > 0) {
+				t.Fatalf("Err() = %v with %d violations", err, len(tt.want))
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("Err() = %q, does not name %q", err, w)
+				}
+			}
+		})
+	}
+	if err := Violations(nil).Err(); err != nil {
+		t.Errorf("no violations: Err() = %v", err)
+	}
+}
