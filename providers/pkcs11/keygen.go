@@ -1,0 +1,226 @@
+package pkcs11
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/asn1"
+	"errors"
+	"fmt"
+	"time"
+
+	p11 "github.com/miekg/pkcs11"
+	"github.com/sigil-agent/sigil/providers"
+	"go.uber.org/zap"
+)
+
+// GenerateKey creates a key pair in the token (C_GenerateKeyPair, token
+// objects; the private key can sign, is sensitive and never extractable),
+// and adds it to the keys the provider serves under name. label and id
+// become CKA_LABEL and CKA_ID of both halves; an empty label means name, a
+// nil id a random 16-byte one. Either already naming a private key on the
+// token is an error: the new key could not be found unambiguously after a
+// re-login.
+//
+// Generation cannot be interrupted once started (RSA-4096 takes seconds on
+// SoftHSM); ctx is checked before it begins.
+func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.KeyType, label string, id []byte) (providers.KeyInfo, error) {
+	fail := func(err error) (providers.KeyInfo, error) {
+		return providers.KeyInfo{}, fmt.Errorf("pkcs11 generate %s: %w", name, err)
+	}
+	if name == "" {
+		return fail(errors.New("empty key name"))
+	}
+	if label == "" {
+		label = name
+	}
+	if id == nil {
+		id = make([]byte, 16)
+		if _, err := rand.Read(id); err != nil {
+			return fail(err)
+		}
+	}
+	pubTmpl, privTmpl, mech, err := keyTemplates(kt, label, id)
+	if err != nil {
+		return fail(err)
+	}
+	if !p.enter() {
+		return fail(errClosed)
+	}
+	defer p.exit()
+	p.keysMu.Lock()
+	defer p.keysMu.Unlock()
+	if _, dup := p.keys.Load().byName[name]; dup {
+		return fail(errors.New("a key of that name is already served"))
+	}
+	if err := ctx.Err(); err != nil {
+		return fail(err)
+	}
+	if err := stateError(p.state.Load()); err != nil {
+		return fail(err)
+	}
+
+	// A read-write session of its own: generation can take seconds and
+	// should not hold one of the signing sessions. Closing it afterwards
+	// keeps the login, since the pool's sessions stay open.
+	var sh p11.SessionHandle
+	err = p.call("open-session", func(c *p11.Ctx) error {
+		var err error
+		sh, err = c.OpenSession(uint(p.slot.Load()), p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+		return err
+	})
+	if err != nil {
+		p.requestRepair(classify(rvOf(err)).repair(), p.state.Load().epoch)
+		return fail(fmt.Errorf("open session: %w: %w", providers.ErrUnavailable, err))
+	}
+	defer func() { _ = p.mod.do(func(c *p11.Ctx) error { return c.CloseSession(sh) }) }()
+
+	sel := objectSelector{label: label, id: id}
+	k := &key{obj: sel}
+	k.info.Name = name
+	start := time.Now()
+	err = p.call("generate", func(c *p11.Ctx) error {
+		for _, a := range []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, label), p11.NewAttribute(p11.CKA_ID, id)} {
+			objs, err := findObjects(c, sh, []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PRIVATE_KEY), a}, 1)
+			if err != nil {
+				return err
+			}
+			if len(objs) > 0 {
+				return fmt.Errorf("a private key with this %s already exists on the token", map[uint]string{p11.CKA_LABEL: "label", p11.CKA_ID: "id"}[a.Type])
+			}
+		}
+		_, priv, err := c.GenerateKeyPair(sh, []*p11.Mechanism{p11.NewMechanism(mech, nil)}, pubTmpl, privTmpl)
+		if err != nil {
+			return fmt.Errorf("C_GenerateKeyPair: %w", err)
+		}
+		pub, err := readPublicKey(c, sh, priv)
+		if err != nil {
+			return err
+		}
+		info, err := providers.NewKeyInfo(p.id, name, pub)
+		if err != nil {
+			return err
+		}
+		if info.Type != kt {
+			return fmt.Errorf("token generated a %s key, asked for %s", info.Type, kt)
+		}
+		n, err := signatureLen(pub)
+		if err != nil {
+			return err
+		}
+		k.info, k.sigLen = info, n
+		k.handle.Store(uint64(priv))
+		return nil
+	})
+	if err != nil {
+		if lvl := classify(rvOf(err)).repair(); rvOf(err) != 0 && lvl >= repairLogin {
+			p.requestRepair(lvl, p.state.Load().epoch)
+		}
+		return fail(err)
+	}
+
+	old := p.keys.Load()
+	ks := &keySet{byName: make(map[string]*key, len(old.byName)+1), order: append(old.order[:len(old.order):len(old.order)], k)}
+	for n, v := range old.byName {
+		ks.byName[n] = v
+	}
+	ks.byName[name] = k
+	p.keys.Store(ks)
+	p.log.Info("pkcs11 key generated", zap.String("key", name), zap.String("kid", k.info.KID),
+		zap.String("type", string(kt)), zap.Stringer("object", sel), zap.Duration("took", time.Since(start)))
+	return k.info, nil
+}
+
+// URI returns the RFC 7512 URI that names a generated (or configured) key's
+// object, for writing into a configuration.
+func (p *Provider) URI(name string) (string, error) {
+	k := p.keys.Load().byName[name]
+	if k == nil {
+		return "", fmt.Errorf("pkcs11 uri %s: %w", name, providers.ErrNotFound)
+	}
+	return formatURI(p.tokenLabel, k.obj), nil
+}
+
+func formatURI(token string, o objectSelector) string {
+	uri := "pkcs11:token=" + pctEncode([]byte(token))
+	if o.label != "" {
+		uri += ";object=" + pctEncode([]byte(o.label))
+	}
+	if o.id != nil {
+		uri += ";id=" + pctEncodeAll(o.id)
+	}
+	return uri
+}
+
+// pctEncode escapes everything outside RFC 3986's unreserved set.
+func pctEncode(b []byte) string {
+	const hex = "0123456789ABCDEF"
+	out := make([]byte, 0, len(b))
+	for _, c := range b {
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_' || c == '~' {
+			out = append(out, c)
+			continue
+		}
+		out = append(out, '%', hex[c>>4], hex[c&15])
+	}
+	return string(out)
+}
+
+// pctEncodeAll escapes every byte: ids are binary.
+func pctEncodeAll(b []byte) string {
+	const hex = "0123456789ABCDEF"
+	out := make([]byte, 0, 3*len(b))
+	for _, c := range b {
+		out = append(out, '%', hex[c>>4], hex[c&15])
+	}
+	return string(out)
+}
+
+func keyTemplates(kt providers.KeyType, label string, id []byte) (pub, priv []*p11.Attribute, mech uint, err error) {
+	common := func(class uint, keyType uint) []*p11.Attribute {
+		return []*p11.Attribute{
+			p11.NewAttribute(p11.CKA_CLASS, class),
+			p11.NewAttribute(p11.CKA_KEY_TYPE, keyType),
+			p11.NewAttribute(p11.CKA_TOKEN, true),
+			p11.NewAttribute(p11.CKA_LABEL, label),
+			p11.NewAttribute(p11.CKA_ID, id),
+		}
+	}
+	privAttrs := func(keyType uint) []*p11.Attribute {
+		return append(common(p11.CKO_PRIVATE_KEY, keyType),
+			p11.NewAttribute(p11.CKA_PRIVATE, true),
+			p11.NewAttribute(p11.CKA_SIGN, true),
+			p11.NewAttribute(p11.CKA_SENSITIVE, true),
+			p11.NewAttribute(p11.CKA_EXTRACTABLE, false),
+		)
+	}
+	pubAttrs := func(keyType uint) []*p11.Attribute {
+		return append(common(p11.CKO_PUBLIC_KEY, keyType),
+			p11.NewAttribute(p11.CKA_PRIVATE, false),
+			p11.NewAttribute(p11.CKA_VERIFY, true),
+		)
+	}
+	ecParams := func(oid asn1.ObjectIdentifier) []byte {
+		b, _ := asn1.Marshal(oid)
+		return b
+	}
+	switch kt {
+	case providers.KeyECDSAP256, providers.KeyECDSAP384:
+		oid := oidP256
+		if kt == providers.KeyECDSAP384 {
+			oid = oidP384
+		}
+		pub = append(pubAttrs(p11.CKK_EC), p11.NewAttribute(p11.CKA_EC_PARAMS, ecParams(oid)))
+		return pub, privAttrs(p11.CKK_EC), p11.CKM_EC_KEY_PAIR_GEN, nil
+	case providers.KeyEd25519:
+		pub = append(pubAttrs(ckkECEdwards), p11.NewAttribute(p11.CKA_EC_PARAMS, ecParams(oidEd25519)))
+		return pub, privAttrs(ckkECEdwards), ckmECEdwardsKeyPairGen, nil
+	case providers.KeyRSA2048, providers.KeyRSA3072, providers.KeyRSA4096:
+		bits := map[providers.KeyType]int{providers.KeyRSA2048: 2048, providers.KeyRSA3072: 3072, providers.KeyRSA4096: 4096}[kt]
+		pub = append(pubAttrs(p11.CKK_RSA),
+			p11.NewAttribute(p11.CKA_MODULUS_BITS, bits),
+			p11.NewAttribute(p11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}),
+		)
+		return pub, privAttrs(p11.CKK_RSA), p11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil
+	}
+	return nil, nil, 0, fmt.Errorf("key type %q: %w", kt, providers.ErrUnsupportedAlgorithm)
+}

@@ -1,0 +1,265 @@
+package pkcs11
+
+import (
+	"errors"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	p11 "github.com/miekg/pkcs11"
+)
+
+// A Cryptoki library has one state per process: C_Initialize succeeds once,
+// C_Finalize ends it for every caller, and login state belongs to the token
+// across all of the process's sessions. Two providers on the same module path
+// (two tokens of one HSM, or the same token opened twice) therefore share one
+// module value, reference counted, and a reload by one is seen by the other
+// through gen.
+type module struct {
+	path string
+	ctx  *p11.Ctx
+	lib  *library
+
+	// initialized records that our C_Initialize succeeded; when another user
+	// in the process initialized the library first we must not finalize it.
+	initialized bool
+	refs        int            // guarded by modules.mu
+	logins      map[string]int // token serial → providers relying on its login; guarded by modules.mu
+
+	// gen counts reloads (C_Finalize + C_Initialize). Every session and object
+	// handle belongs to one generation; after a reload they are all void and
+	// must never be passed to the module again (numbers are reused).
+	gen atomic.Uint64
+
+	// calls and gate let a reload (or a test's pause) wait until no
+	// goroutine is inside the module: finalizing under a running C_Sign is
+	// undefined behaviour, and SoftHSM frees a session closed under one.
+	calls    atomic.Int64
+	gate     atomic.Uint32 // gateOpen, gateReload or gatePause
+	reloadMu sync.Mutex    // serializes reloads and pauses
+	down     bool          // guarded by reloadMu: finalized, and the last Initialize failed
+	pauseMu  sync.Mutex
+	paused   chan struct{} // guarded by pauseMu; closed when a pause ends
+}
+
+const (
+	gateOpen   = iota
+	gateReload // calls fail with errGated: the library is going away
+	gatePause  // calls wait for the pause to end
+)
+
+var modules = struct {
+	mu sync.Mutex
+	m  map[string]*module
+}{m: make(map[string]*module)}
+
+// errGated is what a call gets while another goroutine reloads the module.
+var errGated = p11.Error(p11.CKR_CRYPTOKI_NOT_INITIALIZED)
+
+// reloadDrainTimeout bounds how long a reload waits for calls already inside
+// the module to return before it gives up (and is retried with backoff).
+const reloadDrainTimeout = 5 * time.Second
+
+func acquireModule(path string) (*module, error) {
+	key := filepath.Clean(path)
+	modules.mu.Lock()
+	defer modules.mu.Unlock()
+	if m, ok := modules.m[key]; ok {
+		m.refs++
+		return m, nil
+	}
+	ctx := p11.New(path)
+	if ctx == nil {
+		return nil, fmt.Errorf("load module %s: dlopen failed", path)
+	}
+	lib, err := openLibrary(path)
+	if err != nil {
+		ctx.Destroy()
+		return nil, fmt.Errorf("load module %s: %w", path, err)
+	}
+	m := &module{path: key, ctx: ctx, lib: lib, refs: 1, logins: make(map[string]int)}
+	switch err := ctx.Initialize(); {
+	case err == nil:
+		m.initialized = true
+	case isRV(err, p11.CKR_CRYPTOKI_ALREADY_INITIALIZED):
+		// Another user in this process (a test fixture, another library)
+		// initialized it; sharing is what the standard asks for.
+	default:
+		lib.close()
+		ctx.Destroy()
+		return nil, fmt.Errorf("initialize module %s: %w", path, err)
+	}
+	modules.m[key] = m
+	return m, nil
+}
+
+// release drops one reference; the last one finalizes and unloads.
+func (m *module) release() {
+	modules.mu.Lock()
+	defer modules.mu.Unlock()
+	m.refs--
+	if m.refs > 0 {
+		return
+	}
+	delete(modules.m, m.path)
+	if m.initialized {
+		_ = m.ctx.Finalize()
+	}
+	m.lib.close()
+	m.ctx.Destroy()
+}
+
+// enter marks a goroutine as inside the module; false while a reload holds
+// the gate. Every call through ctx or lib is bracketed by enter and exit.
+func (m *module) enter() bool {
+	for {
+		m.calls.Add(1)
+		g := m.gate.Load()
+		if g == gateOpen {
+			return true
+		}
+		m.calls.Add(-1)
+		if g == gateReload {
+			return false
+		}
+		m.pauseMu.Lock()
+		ch := m.paused
+		m.pauseMu.Unlock()
+		if ch != nil {
+			<-ch
+		}
+	}
+}
+
+func (m *module) exit() { m.calls.Add(-1) }
+
+// do runs fn inside the module, or returns errGated during a reload.
+func (m *module) do(fn func(*p11.Ctx) error) error {
+	if !m.enter() {
+		return errGated
+	}
+	defer m.exit()
+	return fn(m.ctx)
+}
+
+// reload finalizes and re-initializes the library unless another provider
+// already did since seenGen. It returns the current generation.
+func (m *module) reload(seenGen uint64, inject func(string) uint) (uint64, error) {
+	m.reloadMu.Lock()
+	defer m.reloadMu.Unlock()
+	if g := m.gen.Load(); g != seenGen && !m.down {
+		return g, nil
+	}
+	m.gate.Store(gateReload)
+	defer m.gate.Store(gateOpen)
+	if err := m.drain(); err != nil {
+		return seenGen, fmt.Errorf("reload: %w", err)
+	}
+	if err := m.ctx.Finalize(); err != nil && !isRV(err, p11.CKR_CRYPTOKI_NOT_INITIALIZED) {
+		return seenGen, fmt.Errorf("finalize: %w", err)
+	}
+	// From here every old handle is void, whether or not Initialize works.
+	g := m.gen.Add(1)
+	m.down = true
+	if rv := hook(inject, "initialize"); rv != 0 {
+		return g, fmt.Errorf("initialize: %w", p11.Error(rv))
+	}
+	if err := m.ctx.Initialize(); err != nil && !isRV(err, p11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+		return g, fmt.Errorf("initialize: %w", err)
+	}
+	m.down = false
+	m.initialized = true
+	return g, nil
+}
+
+// drain waits for the goroutines inside the module to leave; the gate is
+// already closed to new ones.
+func (m *module) drain() error {
+	deadline := time.Now().Add(reloadDrainTimeout)
+	for m.calls.Load() != 0 {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d calls still inside the module after %s", m.calls.Load(), reloadDrainTimeout)
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	return nil
+}
+
+// PauseModule runs fn while no provider of this process is inside the module
+// at path; provider calls made meanwhile wait for fn to return. It is for
+// tests that act on the module behind a provider's back: SoftHSM frees a
+// session closed by C_CloseAllSessions while another thread is still signing
+// on it, which a real token (whose sessions die on the device) does not do.
+// Without a provider open on path, fn simply runs.
+func PauseModule(path string, fn func()) error {
+	modules.mu.Lock()
+	m := modules.m[filepath.Clean(path)]
+	modules.mu.Unlock()
+	if m == nil {
+		fn()
+		return nil
+	}
+	m.reloadMu.Lock()
+	defer m.reloadMu.Unlock()
+	m.pauseMu.Lock()
+	m.paused = make(chan struct{})
+	m.pauseMu.Unlock()
+	m.gate.Store(gatePause)
+	defer func() {
+		m.gate.Store(gateOpen)
+		m.pauseMu.Lock()
+		close(m.paused)
+		m.paused = nil
+		m.pauseMu.Unlock()
+	}()
+	if err := m.drain(); err != nil {
+		return fmt.Errorf("pause module: %w", err)
+	}
+	fn()
+	return nil
+}
+
+// holdLogin records that a provider relies on the token's login; releaseLogin
+// reports whether it was the last one, so that only the last logs out (logout
+// is token-wide and would strand the others).
+func (m *module) holdLogin(serial string) {
+	modules.mu.Lock()
+	m.logins[serial]++
+	modules.mu.Unlock()
+}
+
+func (m *module) releaseLogin(serial string) (last bool) {
+	modules.mu.Lock()
+	defer modules.mu.Unlock()
+	m.logins[serial]--
+	if m.logins[serial] <= 0 {
+		delete(m.logins, serial)
+		return true
+	}
+	return false
+}
+
+// hook consults the fault hook; 0 means "make the real call".
+func hook(inject func(string) uint, op string) uint {
+	if inject == nil {
+		return 0
+	}
+	return inject(op)
+}
+
+// isRV reports whether err is the module return value rv.
+func isRV(err error, rv uint) bool {
+	var e p11.Error
+	return errors.As(err, &e) && uint(e) == rv
+}
+
+// rvOf extracts a module return value from err, or 0.
+func rvOf(err error) uint {
+	var e p11.Error
+	if errors.As(err, &e) {
+		return uint(e)
+	}
+	return 0
+}

@@ -1,0 +1,411 @@
+package pkcs11
+
+import (
+	"context"
+	"crypto"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/sha512"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+)
+
+// Tests here use softhsmtest, which sets SOFTHSM2_CONF with t.Setenv: none of
+// them may run in parallel.
+
+const pinEnv = "SIGIL_TEST_PKCS11_PIN"
+
+// open opens a provider on tok with the PIN in the environment and closes it
+// when the test ends.
+func open(t testing.TB, tok *softhsmtest.Token, keys []KeyConfig, edit func(*Config)) *Provider {
+	t.Helper()
+	p, err := tryOpen(t, tok, keys, edit)
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	return p
+}
+
+func tryOpen(t testing.TB, tok *softhsmtest.Token, keys []KeyConfig, edit func(*Config)) (*Provider, error) {
+	t.Helper()
+	t.Setenv(pinEnv, tok.PIN)
+	cfg := Config{ID: "hsm-test", Module: tok.Module, PINEnv: pinEnv, Keys: keys, Backoff: 20 * time.Millisecond}
+	if edit != nil {
+		edit(&cfg)
+	}
+	p, err := Open(context.Background(), cfg)
+	if err == nil {
+		t.Cleanup(func() {
+			if err := p.Close(); err != nil {
+				t.Errorf("Close: %v", err)
+			}
+		})
+	}
+	return p, err
+}
+
+func digestOf(h crypto.Hash, msg []byte) []byte {
+	switch h {
+	case crypto.SHA256:
+		d := sha256.Sum256(msg)
+		return d[:]
+	case crypto.SHA384:
+		d := sha512.Sum384(msg)
+		return d[:]
+	case crypto.SHA512:
+		d := sha512.Sum512(msg)
+		return d[:]
+	}
+	return msg // pure Ed25519 signs the message
+}
+
+// signAndVerify signs msg's digest and checks the signature with Go's crypto,
+// and that a flipped bit in the signature or the digest fails to verify.
+func signAndVerify(t testing.TB, p *Provider, name string, alg providers.Algorithm, msg []byte) {
+	t.Helper()
+	info := keyInfo(t, p, name)
+	digest := digestOf(alg.Hash, msg)
+	sig, err := p.Sign(context.Background(), name, alg, digest)
+	if err != nil {
+		t.Fatalf("Sign %s %s: %v", name, alg, err)
+	}
+	if err := providers.Verify(info.Public, alg, digest, sig); err != nil {
+		t.Fatalf("Verify %s %s: %v", name, alg, err)
+	}
+	if alg.Scheme == providers.SchemePSS {
+		// The contract fixes the salt at the hash length; Verify accepts any.
+		if err := rsa.VerifyPSS(info.Public.(*rsa.PublicKey), alg.Hash, digest, sig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash}); err != nil {
+			t.Fatalf("%s %s: salt is not the hash length: %v", name, alg, err)
+		}
+	}
+	bad := append([]byte(nil), sig...)
+	bad[len(bad)/2] ^= 0x10
+	if err := providers.Verify(info.Public, alg, digest, bad); !errors.Is(err, providers.ErrInvalidSignature) {
+		t.Errorf("%s %s: flipped signature bit: Verify = %v, want ErrInvalidSignature", name, alg, err)
+	}
+	if len(digest) > 0 {
+		other := append([]byte(nil), digest...)
+		other[0] ^= 1
+		if err := providers.Verify(info.Public, alg, other, sig); !errors.Is(err, providers.ErrInvalidSignature) {
+			t.Errorf("%s %s: flipped digest bit: Verify = %v, want ErrInvalidSignature", name, alg, err)
+		}
+	}
+}
+
+func keyInfo(t testing.TB, p *Provider, name string) providers.KeyInfo {
+	t.Helper()
+	keys, err := p.Keys(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys {
+		if k.Name == name {
+			return k
+		}
+	}
+	t.Fatalf("key %q not served", name)
+	return providers.KeyInfo{}
+}
+
+var signCases = []struct {
+	key providers.KeyType
+	alg providers.Algorithm
+	msg string
+}{
+	{providers.KeyECDSAP256, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, "p256"},
+	{providers.KeyECDSAP256, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA384}, "p256 with a longer digest"},
+	{providers.KeyECDSAP384, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA384}, "p384"},
+	{providers.KeyRSA2048, providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA256}, "rsa pkcs1 sha256"},
+	{providers.KeyRSA2048, providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA384}, "rsa pkcs1 sha384"},
+	{providers.KeyRSA2048, providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA256}, "rsa pss sha256"},
+	{providers.KeyRSA2048, providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA384}, "rsa pss sha384"},
+	{providers.KeyRSA3072, providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA256}, "rsa3072 pkcs1"},
+	{providers.KeyRSA3072, providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA512}, "rsa3072 pss sha512"},
+	{providers.KeyEd25519, providers.Algorithm{Scheme: providers.SchemeEd25519}, "ed25519 message"},
+	{providers.KeyEd25519, providers.Algorithm{Scheme: providers.SchemeEd25519}, ""},
+}
+
+var testKeyTypes = []providers.KeyType{
+	providers.KeyECDSAP256, providers.KeyECDSAP384, providers.KeyRSA2048, providers.KeyRSA3072, providers.KeyEd25519,
+}
+
+func keyConfigs(keys map[providers.KeyType]softhsmtest.Key) []KeyConfig {
+	var kc []KeyConfig
+	for _, kt := range testKeyTypes {
+		if k, ok := keys[kt]; ok {
+			kc = append(kc, KeyConfig{Name: string(kt), URI: k.URI})
+		}
+	}
+	return kc
+}
+
+// Keys provisioned by another tool (pkcs11-tool), as in the field.
+func TestSignVerifyProvisionedKeys(t *testing.T) {
+	tok := softhsmtest.New(t, "sign")
+	keys := tok.GenerateKeys(t, testKeyTypes...)
+	p := open(t, tok, keyConfigs(keys), nil)
+	for _, tc := range signCases {
+		t.Run(string(tc.key)+"/"+tc.alg.String(), func(t *testing.T) {
+			if got := keyInfo(t, p, string(tc.key)).Type; got != tc.key {
+				t.Fatalf("key type %s, want %s", got, tc.key)
+			}
+			signAndVerify(t, p, string(tc.key), tc.alg, []byte(tc.msg))
+		})
+	}
+}
+
+// Keys made by the provider itself, as rotation will.
+func TestGenerateKeySignVerify(t *testing.T) {
+	tok := softhsmtest.New(t, "gen")
+	p := open(t, tok, nil, func(c *Config) { c.TokenLabel = tok.Label })
+	types := testKeyTypes
+	if !testing.Short() {
+		types = append(types, providers.KeyRSA4096)
+	}
+	for i, kt := range types {
+		info, err := p.GenerateKey(context.Background(), "gen-"+string(kt), kt, "", []byte{0x40, byte(i)})
+		if err != nil {
+			t.Fatalf("GenerateKey %s: %v", kt, err)
+		}
+		if info.Type != kt || info.KID == "" || info.Provider != p.ID() {
+			t.Fatalf("GenerateKey %s: KeyInfo %+v", kt, info)
+		}
+	}
+	for _, tc := range append(signCases, struct {
+		key providers.KeyType
+		alg providers.Algorithm
+		msg string
+	}{providers.KeyRSA4096, providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA256}, "rsa4096"}) {
+		if tc.key == providers.KeyRSA4096 && testing.Short() {
+			continue
+		}
+		t.Run(string(tc.key)+"/"+tc.alg.String(), func(t *testing.T) {
+			signAndVerify(t, p, "gen-"+string(tc.key), tc.alg, []byte(tc.msg))
+		})
+	}
+
+	if _, err := p.GenerateKey(context.Background(), "gen-"+string(providers.KeyECDSAP256), providers.KeyECDSAP256, "x", nil); err == nil {
+		t.Error("GenerateKey with a served name: want an error")
+	}
+	if _, err := p.GenerateKey(context.Background(), "again", providers.KeyECDSAP256, "gen-"+string(providers.KeyECDSAP256), nil); err == nil {
+		t.Error("GenerateKey with a label already on the token: want an error")
+	}
+
+	// The generated keys are found again by URI in a later configuration.
+	uri, err := p.URI("gen-" + string(providers.KeyEd25519))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := keyInfo(t, p, "gen-"+string(providers.KeyEd25519)).KID
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	p2 := open(t, tok, []KeyConfig{{Name: "gen-" + string(providers.KeyEd25519), URI: uri}}, nil)
+	if got := keyInfo(t, p2, "gen-"+string(providers.KeyEd25519)).KID; got != want {
+		t.Errorf("kid after reopening by %s: %s, want %s", uri, got, want)
+	}
+	signAndVerify(t, p2, "gen-"+string(providers.KeyEd25519), providers.Algorithm{Scheme: providers.SchemeEd25519}, []byte("again"))
+}
+
+// Same key, provider id and name give the same kid whatever URI names the
+// object, and two providers on one token in one process share the module
+// and the login without stepping on each other.
+func TestKIDStableAcrossURIForms(t *testing.T) {
+	tok := softhsmtest.New(t, "kid")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256, providers.KeyEd25519)
+	byLabel := open(t, tok, []KeyConfig{
+		{Name: "release", URI: keys[providers.KeyECDSAP256].URI},
+		{Name: "ed", URI: keys[providers.KeyEd25519].URI},
+	}, nil)
+	byID := open(t, tok, []KeyConfig{
+		{Name: "release", URI: "pkcs11:id=%01"},
+		{Name: "ed", URI: keys[providers.KeyEd25519].IDURI},
+	}, func(c *Config) { c.TokenSerial = tok.Serial })
+	for _, name := range []string{"release", "ed"} {
+		a, b := keyInfo(t, byLabel, name), keyInfo(t, byID, name)
+		if a.KID != b.KID || len(a.KID) != 32 {
+			t.Errorf("%s: kid by label %s, by id %s", name, a.KID, b.KID)
+		}
+	}
+	if byLabel.mod != byID.mod {
+		t.Fatal("two providers on one module path loaded it twice")
+	}
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	signAndVerify(t, byLabel, "release", alg, []byte("a"))
+	signAndVerify(t, byID, "release", alg, []byte("b"))
+	// Closing one must neither log the other out nor finalize the module.
+	if err := byLabel.Close(); err != nil {
+		t.Fatal(err)
+	}
+	signAndVerify(t, byID, "release", alg, []byte("c"))
+	if err := byID.Healthy(); err != nil {
+		t.Errorf("Healthy after the other provider closed: %v", err)
+	}
+}
+
+func TestWrongPIN(t *testing.T) {
+	tok := softhsmtest.New(t, "pin")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	const wrong = "wrong-pin-31337"
+	core, logs := observer.New(zap.DebugLevel)
+	_, err := tryOpen(t, tok, keyConfigs(keys), func(c *Config) {
+		t.Setenv(pinEnv+"_WRONG", wrong)
+		c.PINEnv = pinEnv + "_WRONG"
+		c.Logger = zap.New(core)
+	})
+	if !errors.Is(err, providers.ErrPINIncorrect) {
+		t.Fatalf("Open with a wrong PIN: %v, want ErrPINIncorrect", err)
+	}
+	if strings.Contains(err.Error(), wrong) {
+		t.Errorf("error %q contains the PIN", err)
+	}
+	assertNoSecret(t, logs, wrong)
+
+	// A locked token (SoftHSM does not lock, so the module's answer is
+	// injected).
+	_, err = tryOpen(t, tok, keyConfigs(keys), func(c *Config) {
+		c.FaultHook = func(op string) uint {
+			if op == "login" {
+				return 0xA4 // CKR_PIN_LOCKED
+			}
+			return 0
+		}
+	})
+	if !errors.Is(err, providers.ErrTokenLocked) {
+		t.Fatalf("Open on a locked token: %v, want ErrTokenLocked", err)
+	}
+
+	// The right PIN from a file, with the trailing newline an editor leaves.
+	p := open(t, tok, keyConfigs(keys), func(c *Config) { c.PINEnv, c.PINFile = "", tok.PINFile(t) })
+	signAndVerify(t, p, string(providers.KeyECDSAP256), providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("pin file"))
+}
+
+func assertNoSecret(t *testing.T, logs *observer.ObservedLogs, secret string) {
+	t.Helper()
+	for _, e := range logs.All() {
+		line := e.Message
+		for k, v := range e.ContextMap() {
+			line += " " + k + "=" + strings.ReplaceAll(strings.ReplaceAll(toString(v), "\n", " "), "\t", " ")
+		}
+		if strings.Contains(line, secret) {
+			t.Errorf("log line contains the PIN: %s", line)
+		}
+	}
+}
+
+func toString(v any) string {
+	switch x := v.(type) {
+	case string:
+		return x
+	case error:
+		return x.Error()
+	case interface{ String() string }:
+		return x.String()
+	}
+	return ""
+}
+
+func TestConfigErrors(t *testing.T) {
+	tok := softhsmtest.New(t, "cfg")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	good := keys[providers.KeyECDSAP256].URI
+	cases := []struct {
+		name    string
+		edit    func(*Config)
+		want    string // in the error
+		notWant string // never in the error
+	}{
+		{"pin-value in URI", func(c *Config) { c.Keys[0].URI = good + "?pin-value=s3cr3t-pin" }, "pin-value", "s3cr3t-pin"},
+		{"pin-source in URI", func(c *Config) { c.Keys[0].URI = good + "?pin-source=file:/etc/pin" }, "pin-source", ""},
+		{"key object missing", func(c *Config) { c.Keys[0] = KeyConfig{Name: "ghost", URI: "pkcs11:token=cfg;object=no-such-key"} }, `key "ghost"`, ""},
+		{"no object in URI", func(c *Config) { c.Keys[0].URI = "pkcs11:token=cfg" }, "names no object", ""},
+		{"unknown attribute", func(c *Config) { c.Keys[0].URI = "pkcs11:token=cfg;objet=x" }, "unknown path attribute", ""},
+		{"public key type", func(c *Config) { c.Keys[0].URI = good + ";type=public" }, "type=private", ""},
+		{"two tokens", func(c *Config) { c.TokenLabel = "other" }, "one provider serves one token", ""},
+		{"two selectors", func(c *Config) { c.TokenLabel, c.TokenSerial = "cfg", tok.Serial }, "one of TokenLabel", ""},
+		{"no token", func(c *Config) { c.Keys[0].URI = "pkcs11:object=x" }, "no token named", ""},
+		{"token absent", func(c *Config) { c.Keys[0].URI = "pkcs11:token=absent;object=x" }, "no token token=absent", ""},
+		{"no PIN source", func(c *Config) { c.PINEnv = "" }, "no PIN source", ""},
+		{"empty PIN env", func(c *Config) { c.PINEnv = "SIGIL_TEST_UNSET_PIN_VAR" }, "SIGIL_TEST_UNSET_PIN_VAR", ""},
+		{"duplicate name", func(c *Config) { c.Keys = append(c.Keys, c.Keys[0]) }, "configured twice", ""},
+		{"other module-path", func(c *Config) { c.Keys[0].URI = good + "?module-path=/usr/lib/other.so" }, "module-path", ""},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := tryOpen(t, tok, []KeyConfig{{Name: "k", URI: good}}, tc.edit)
+			if err == nil {
+				t.Fatal("Open succeeded")
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("error %q does not mention %q", err, tc.want)
+			}
+			if tc.notWant != "" && strings.Contains(err.Error(), tc.notWant) {
+				t.Errorf("error %q contains %q", err, tc.notWant)
+			}
+			if strings.Contains(err.Error(), tok.PIN) {
+				t.Errorf("error %q contains the PIN", err)
+			}
+		})
+	}
+}
+
+func TestSignErrors(t *testing.T) {
+	tok := softhsmtest.New(t, "errs")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	p := open(t, tok, keyConfigs(keys), nil)
+	ctx := context.Background()
+	d := digestOf(crypto.SHA256, []byte("x"))
+	cases := []struct {
+		name string
+		key  string
+		alg  providers.Algorithm
+		dig  []byte
+		want error
+	}{
+		{"unknown key", "nope", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d, providers.ErrNotFound},
+		{"wrong scheme", string(providers.KeyECDSAP256), providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA256}, d, providers.ErrUnsupportedAlgorithm},
+		{"short digest", string(providers.KeyECDSAP256), providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d[:20], providers.ErrBadRequest},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			if _, err := p.Sign(ctx, tc.key, tc.alg, tc.dig); !errors.Is(err, tc.want) {
+				t.Errorf("Sign: %v, want %v", err, tc.want)
+			}
+		})
+	}
+
+	if err := p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+	if _, err := p.Sign(ctx, string(providers.KeyECDSAP256), providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d); !errors.Is(err, providers.ErrUnavailable) {
+		t.Errorf("Sign after Close: %v, want ErrUnavailable", err)
+	}
+	if err := p.Healthy(); !errors.Is(err, providers.ErrUnavailable) {
+		t.Errorf("Healthy after Close: %v, want ErrUnavailable", err)
+	}
+}
+
+func TestFunctionListLayout(t *testing.T) {
+	module := softhsmtest.FindModule()
+	if module == "" {
+		t.Skip("SoftHSM2 not installed")
+	}
+	lib, err := openLibrary(module)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lib.close()
+	if !lib.symbolsMatch() {
+		t.Fatal("shim's C_SignInit/C_Sign slots are not the module's C_SignInit/C_Sign: CK_FUNCTION_LIST layout is wrong")
+	}
+}

@@ -1,0 +1,472 @@
+package pkcs11
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	p11 "github.com/miekg/pkcs11"
+	"github.com/sigil-agent/sigil/providers"
+	"go.uber.org/zap"
+)
+
+// Provider serves the keys of one token of one PKCS#11 module.
+type Provider struct {
+	id         string
+	modulePath string
+	log        *zap.Logger
+	mod        *module
+	tokenSel   tokenSelector
+	tokenLabel string // for messages
+	serial     string // the token's identity for login sharing
+	pin        string
+	inject     func(string) uint
+	size       int
+	backoff    time.Duration
+
+	slot atomic.Uint64 // current slot id; may change across a module reload
+	gen  atomic.Uint64 // module generation the slot and login belong to
+
+	keysMu sync.Mutex // serializes changes to keys
+	keys   atomic.Pointer[keySet]
+
+	idle chan *session
+	live atomic.Int32 // sessions open: idle plus checked out
+
+	stateMu sync.Mutex
+	state   atomic.Pointer[state]
+	wanted  repairLevel // guarded by stateMu
+	wake    chan struct{}
+	stop    chan struct{}
+	done    chan struct{}
+
+	loggedIn bool // holds a login reference on the module (set in Open)
+
+	inflight  atomic.Int64
+	closed    atomic.Bool
+	drained   chan struct{}
+	drainOnce sync.Once
+}
+
+// keySet is replaced, never modified, so Sign reads it without a lock.
+type keySet struct {
+	byName map[string]*key
+	order  []*key
+}
+
+var _ providers.Provider = (*Provider)(nil)
+
+// closeDrainTimeout bounds how long Close waits for calls still inside the
+// module (a wedged network HSM can hold a C_Sign indefinitely).
+const closeDrainTimeout = 5 * time.Second
+
+// Open loads the module (or shares it with another provider in the process),
+// finds the token, logs in once, finds every configured key and its public
+// half, and opens the session pool. A wrong PIN fails with
+// providers.ErrPINIncorrect, a locked token with providers.ErrTokenLocked;
+// neither is retried.
+func Open(ctx context.Context, cfg Config) (*Provider, error) {
+	cfg.ensureDefaults()
+	if cfg.ID == "" {
+		return nil, errors.New("pkcs11 provider: empty id")
+	}
+	fail := func(err error) (*Provider, error) {
+		return nil, fmt.Errorf("pkcs11 provider %s: %w", cfg.ID, err)
+	}
+	if cfg.Module == "" {
+		return fail(errors.New("no module path"))
+	}
+
+	var sel tokenSelector
+	named := 0
+	if cfg.TokenLabel != "" {
+		sel.label = cfg.TokenLabel
+		named++
+	}
+	if cfg.TokenSerial != "" {
+		sel.serial = cfg.TokenSerial
+		named++
+	}
+	if cfg.Slot != nil {
+		s := *cfg.Slot
+		sel.slot = &s
+		named++
+	}
+	if named > 1 {
+		return fail(errors.New("name the token by one of TokenLabel, TokenSerial or Slot"))
+	}
+	ks := &keySet{byName: make(map[string]*key)}
+	for _, kc := range cfg.Keys {
+		if kc.Name == "" {
+			return fail(errors.New("key with an empty name"))
+		}
+		if _, dup := ks.byName[kc.Name]; dup {
+			return fail(fmt.Errorf("key %q configured twice", kc.Name))
+		}
+		obj, tok, err := parseKeyURI(kc.URI, cfg.Module)
+		if err != nil {
+			return fail(fmt.Errorf("key %q: %w", kc.Name, err))
+		}
+		if err := sel.merge(tok); err != nil {
+			return fail(fmt.Errorf("key %q: %w", kc.Name, err))
+		}
+		for _, other := range ks.order {
+			if other.obj.equal(obj) {
+				return fail(fmt.Errorf("keys %q and %q name the same object", other.info.Name, kc.Name))
+			}
+		}
+		k := &key{obj: obj}
+		k.info.Name = kc.Name
+		ks.byName[kc.Name] = k
+		ks.order = append(ks.order, k)
+	}
+	if sel.empty() {
+		return fail(errors.New("no token named: set TokenLabel, TokenSerial or Slot, or token= in the key URIs"))
+	}
+	pin, err := readPIN(&cfg, cfg.Logger)
+	if err != nil {
+		return fail(err)
+	}
+	if err := ctx.Err(); err != nil {
+		return fail(err)
+	}
+
+	mod, err := acquireModule(cfg.Module)
+	if err != nil {
+		return fail(err)
+	}
+	p := &Provider{
+		id:         cfg.ID,
+		modulePath: cfg.Module,
+		log:        cfg.Logger.With(zap.String("provider", cfg.ID)),
+		mod:        mod,
+		tokenSel:   sel,
+		tokenLabel: sel.String(),
+		pin:        pin,
+		inject:     cfg.FaultHook,
+		size:       cfg.Sessions,
+		backoff:    cfg.Backoff,
+		idle:       make(chan *session, cfg.Sessions),
+		wake:       make(chan struct{}, 1),
+		stop:       make(chan struct{}),
+		done:       make(chan struct{}),
+		drained:    make(chan struct{}),
+	}
+	p.keys.Store(ks)
+	p.state.Store(&state{kind: stateHealthy, changed: make(chan struct{})})
+	p.gen.Store(mod.gen.Load())
+	if err := p.connect(ctx); err != nil {
+		if p.loggedIn && p.mod.releaseLogin(p.serial) {
+			p.logout()
+		}
+		p.closeSessions()
+		mod.release()
+		return fail(err)
+	}
+	go p.supervise()
+	p.log.Info("pkcs11 provider open",
+		zap.String("module", cfg.Module), zap.String("token", p.tokenLabel), zap.String("serial", p.serial),
+		zap.Uint64("slot", p.slot.Load()), zap.Int("keys", len(ks.order)), zap.Int("sessions", p.size))
+	return p, nil
+}
+
+// connect finds the slot, logs in, resolves every key and fills the pool.
+func (p *Provider) connect(ctx context.Context) error {
+	slot, ti, err := p.findSlot()
+	if err != nil {
+		return err
+	}
+	p.slot.Store(uint64(slot))
+	p.serial = trimPadded(ti.SerialNumber)
+	p.tokenLabel = trimPadded(ti.Label)
+	s, err := p.openSession(false)
+	if err != nil {
+		return fmt.Errorf("open session on token %s: %w", p.tokenLabel, err)
+	}
+	if err := p.login(s); err != nil {
+		p.release(s)
+		return err
+	}
+	p.mod.holdLogin(p.serial)
+	p.loggedIn = true
+	for _, k := range p.keys.Load().order {
+		if err := ctx.Err(); err != nil {
+			p.release(s)
+			return err
+		}
+		if err := p.resolveKey(s, k); err != nil {
+			p.release(s)
+			return fmt.Errorf("key %q (%s): %w", k.info.Name, k.obj, err)
+		}
+	}
+	p.release(s)
+	for p.live.Load() < int32(p.size) {
+		s, err := p.openSession(false)
+		if err != nil {
+			return fmt.Errorf("open session on token %s: %w", p.tokenLabel, err)
+		}
+		p.release(s)
+	}
+	return nil
+}
+
+// resolveKey finds k's private key object, reads its public key and fills in
+// k's KeyInfo, signature length and handle.
+func (p *Provider) resolveKey(s *session, k *key) error {
+	return p.call("find", func(c *p11.Ctx) error {
+		h, err := findPrivateKey(c, s.h, k.obj)
+		if err != nil {
+			return err
+		}
+		if always, err := c.GetAttributeValue(s.h, h, []*p11.Attribute{p11.NewAttribute(p11.CKA_ALWAYS_AUTHENTICATE, nil)}); err == nil &&
+			len(always[0].Value) == 1 && always[0].Value[0] != 0 {
+			return errors.New("key demands a PIN per signature (CKA_ALWAYS_AUTHENTICATE): unsupported")
+		}
+		pub, err := readPublicKey(c, s.h, h)
+		if err != nil {
+			return err
+		}
+		info, err := providers.NewKeyInfo(p.id, k.info.Name, pub)
+		if err != nil {
+			return err
+		}
+		n, err := signatureLen(pub)
+		if err != nil {
+			return err
+		}
+		k.info, k.sigLen = info, n
+		k.handle.Store(uint64(h))
+		return nil
+	})
+}
+
+func trimPadded(s string) string {
+	for len(s) > 0 && (s[len(s)-1] == ' ' || s[len(s)-1] == 0) {
+		s = s[:len(s)-1]
+	}
+	return s
+}
+
+// ID implements providers.Provider.
+func (p *Provider) ID() string { return p.id }
+
+// Keys implements providers.Provider.
+func (p *Provider) Keys(ctx context.Context) ([]providers.KeyInfo, error) {
+	if p.closed.Load() {
+		return nil, fmt.Errorf("pkcs11 keys: %w", errClosed)
+	}
+	ks := p.keys.Load()
+	out := make([]providers.KeyInfo, len(ks.order))
+	for i, k := range ks.order {
+		out[i] = k.info
+	}
+	return out, nil
+}
+
+// Sign implements providers.Provider: C_SignInit and one C_Sign on a pooled
+// session. A signature that fails for any reason but a bad request is
+// retried once, after the repair the failure called for, on a newly opened
+// session checked to be logged in; the caller sees an error only if that
+// retry fails too or no working session can be had before ctx's deadline.
+func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	k := p.keys.Load().byName[name]
+	if k == nil {
+		return nil, fmt.Errorf("pkcs11 sign %s: %w", name, providers.ErrNotFound)
+	}
+	if err := providers.CheckRequest(k.info.Type, alg, digest); err != nil {
+		return nil, fmt.Errorf("pkcs11 sign %s: %w", name, err)
+	}
+	var in [maxPKCS1v15InputLen]byte
+	params, input, err := k.signParams(alg, digest, &in)
+	if err != nil {
+		return nil, fmt.Errorf("pkcs11 sign %s: %w", name, err)
+	}
+	if !p.enter() {
+		return nil, fmt.Errorf("pkcs11 sign %s: %w", name, errClosed)
+	}
+	defer p.exit()
+
+	var out [maxSignatureLen]byte
+	var epoch uint64
+	for attempt := 0; ; attempt++ {
+		var s *session
+		if attempt == 0 {
+			s, epoch, err = p.acquire(ctx)
+		} else {
+			s, epoch, err = p.acquireFresh(ctx)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("pkcs11 sign %s: %w", name, err)
+		}
+		h := uint(k.handle.Load())
+		if h == 0 {
+			p.release(s)
+			return nil, fmt.Errorf("pkcs11 sign %s: key object %s is not on the token: %w", name, k.obj, providers.ErrUnavailable)
+		}
+		rv, n, failedInit := p.signCall(s, h, &params, input, out[:k.sigLen])
+		if rv == p11.CKR_OK {
+			p.release(s)
+			return k.encode(out[:n])
+		}
+		cls := classify(rv)
+		call := "C_Sign"
+		if failedInit {
+			call = "C_SignInit"
+		}
+		p.afterFault(s, cls, rv, epoch, call)
+		switch {
+		case cls == faultRequest:
+			return nil, fmt.Errorf("pkcs11 sign %s: %w: %w", name, requestError(rv), p11.Error(rv))
+		case attempt > 0:
+			return nil, fmt.Errorf("pkcs11 sign %s: retry failed: %w: %w", name, providers.ErrUnavailable, p11.Error(rv))
+		}
+	}
+}
+
+func requestError(rv uint) error {
+	switch rv {
+	case p11.CKR_DATA_INVALID, p11.CKR_DATA_LEN_RANGE, p11.CKR_ARGUMENTS_BAD:
+		return providers.ErrBadRequest
+	}
+	return providers.ErrUnsupportedAlgorithm
+}
+
+// signCall is the hot path's one cgo crossing (see shim.go).
+func (p *Provider) signCall(s *session, key uint, params *signParams, input, out []byte) (rv uint, n int, failedInit bool) {
+	if p.inject != nil {
+		if rv := p.inject("sign"); rv != 0 {
+			return rv, 0, true
+		}
+	}
+	if !p.mod.enter() {
+		return uint(errGated), 0, true
+	}
+	rv, n, failedInit = p.mod.lib.sign(uint(s.h), key, params, input, out)
+	p.mod.exit()
+	return rv, n, failedInit
+}
+
+// Healthy reports whether a working session can be had now: nil, or the
+// error a Sign would get. It probes an idle session with C_GetSessionInfo
+// and starts a repair if the probe fails.
+func (p *Provider) Healthy() error {
+	if p.closed.Load() {
+		return errClosed
+	}
+	st := p.state.Load()
+	if err := stateError(st); err != nil {
+		return fmt.Errorf("pkcs11 provider %s: %w", p.id, err)
+	}
+	var s *session
+	select {
+	case s = <-p.idle:
+	default:
+		if p.live.Load() > 0 {
+			return nil // every session busy signing: working
+		}
+		p.requestRepair(repairSweep, st.epoch)
+		return fmt.Errorf("pkcs11 provider %s: no open session: %w", p.id, providers.ErrUnavailable)
+	}
+	if s.gen != p.mod.gen.Load() {
+		p.drop(s, false)
+		p.requestRepair(repairLogin, st.epoch)
+		return fmt.Errorf("pkcs11 provider %s: module reloaded: %w", p.id, providers.ErrUnavailable)
+	}
+	info, err := p.sessionInfo(s)
+	if err != nil {
+		p.afterFault(s, classify(rvOf(err)), rvOf(err), st.epoch, "C_GetSessionInfo")
+		return fmt.Errorf("pkcs11 provider %s: %w: %w", p.id, providers.ErrUnavailable, err)
+	}
+	p.release(s)
+	if !isUserState(info.State) {
+		p.requestRepair(repairLogin, st.epoch)
+		return fmt.Errorf("pkcs11 provider %s: token logged out: %w", p.id, providers.ErrUnavailable)
+	}
+	return nil
+}
+
+// enter counts a call that may reach the module; false after Close.
+func (p *Provider) enter() bool {
+	p.inflight.Add(1)
+	if p.closed.Load() {
+		p.exit()
+		return false
+	}
+	return true
+}
+
+func (p *Provider) exit() {
+	if p.inflight.Add(-1) == 0 && p.closed.Load() {
+		p.drainOnce.Do(func() { close(p.drained) })
+	}
+}
+
+// Close stops the supervisor, waits for calls in flight, closes the
+// sessions, logs out (unless another provider in the process still relies on
+// the token's login) and finalizes the module when no provider uses it.
+// Sign fails with providers.ErrUnavailable afterwards.
+func (p *Provider) Close() error {
+	if !p.closed.CompareAndSwap(false, true) {
+		return nil
+	}
+	p.stateMu.Lock()
+	p.setStateLocked(stateClosed, nil, false)
+	p.stateMu.Unlock()
+	close(p.stop)
+	<-p.done
+	if p.inflight.Load() != 0 {
+		t := time.NewTimer(closeDrainTimeout)
+		defer t.Stop()
+		select {
+		case <-p.drained:
+		case <-t.C:
+			// Finalizing under a running call is undefined behaviour: leave
+			// the module loaded rather than risk the process.
+			p.log.Error("pkcs11 close: calls still inside the module; module left loaded", zap.Int64("calls", p.inflight.Load()))
+			return fmt.Errorf("pkcs11 provider %s: close: %d calls still inside the module after %s", p.id, p.inflight.Load(), closeDrainTimeout)
+		}
+	}
+	if p.mod.releaseLogin(p.serial) {
+		p.logout()
+	}
+	p.closeSessions()
+	p.pin = ""
+	p.mod.release()
+	p.log.Info("pkcs11 provider closed")
+	return nil
+}
+
+func (p *Provider) logout() {
+	for {
+		var s *session
+		select {
+		case s = <-p.idle:
+		default:
+			return
+		}
+		if s.gen != p.mod.gen.Load() {
+			p.drop(s, false)
+			continue
+		}
+		err := p.mod.do(func(c *p11.Ctx) error { return c.Logout(s.h) })
+		p.idle <- s
+		if err != nil && !isRV(err, p11.CKR_USER_NOT_LOGGED_IN) {
+			p.log.Warn("pkcs11 logout failed", zap.Error(err))
+		}
+		return
+	}
+}
+
+func (p *Provider) closeSessions() {
+	for {
+		select {
+		case s := <-p.idle:
+			p.drop(s, true)
+		default:
+			return
+		}
+	}
+}

@@ -1,0 +1,472 @@
+package pkcs11
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	p11 "github.com/miekg/pkcs11"
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+)
+
+// signLoad signs in a loop on n goroutines until stop is closed, verifying
+// every signature, and reports each error.
+type signLoad struct {
+	ok     atomic.Int64
+	done   []atomic.Int64 // requests finished, per goroutine
+	errs   chan error
+	wg     sync.WaitGroup
+	stop   chan struct{}
+	perReq time.Duration
+}
+
+func startLoad(t *testing.T, p *Provider, name string, n int, perReq time.Duration) *signLoad {
+	t.Helper()
+	info := keyInfo(t, p, name)
+	alg := info.Type.DefaultAlgorithm()
+	l := &signLoad{errs: make(chan error, 1024), stop: make(chan struct{}), perReq: perReq, done: make([]atomic.Int64, n)}
+	for g := 0; g < n; g++ {
+		l.wg.Add(1)
+		go func() {
+			defer l.wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-l.stop:
+					return
+				default:
+				}
+				digest := digestOf(alg.Hash, fmt.Appendf(nil, "load %d %d", g, i))
+				ctx, cancel := context.WithTimeout(context.Background(), perReq)
+				sig, err := p.Sign(ctx, name, alg, digest)
+				cancel()
+				l.done[g].Add(1)
+				if err == nil {
+					err = providers.Verify(info.Public, alg, digest, sig)
+				}
+				if err != nil {
+					select {
+					case l.errs <- err:
+					default:
+					}
+					continue
+				}
+				l.ok.Add(1)
+			}
+		}()
+	}
+	return l
+}
+
+func (l *signLoad) stopAndErrors() []error {
+	close(l.stop)
+	l.wg.Wait()
+	close(l.errs)
+	var errs []error
+	for err := range l.errs {
+		errs = append(errs, err)
+	}
+	return errs
+}
+
+// settle waits until every goroutine has finished two more requests, so that
+// no request in flight now is still in flight at the next fault: the
+// guarantee is one retry per fault, and a request straddling two faults may
+// rightly fail. It also waits for n more good signatures.
+func (l *signLoad) settle(t *testing.T, n int64, within time.Duration) {
+	t.Helper()
+	target := l.ok.Load() + n
+	marks := make([]int64, len(l.done))
+	for i := range l.done {
+		marks[i] = l.done[i].Load() + 2
+	}
+	deadline := time.Now().Add(within)
+	for {
+		ready := l.ok.Load() >= target
+		for i := range l.done {
+			ready = ready && l.done[i].Load() >= marks[i]
+		}
+		if ready {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no progress: %d good signatures, want %d within %s", l.ok.Load(), target, within)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// The sessions die and the login goes away behind the pool's back while
+// callers sign: signing resumes without a restart, no caller sees an error,
+// and every signature verifies.
+func TestRecoveryBehindThePoolsBack(t *testing.T) {
+	for _, kt := range []providers.KeyType{providers.KeyECDSAP256, providers.KeyEd25519} {
+		t.Run(string(kt), func(t *testing.T) {
+			tok := softhsmtest.New(t, "recover")
+			tok.Around = pauseAround(t, tok)
+			keys := tok.GenerateKeys(t, kt)
+			core, logs := observer.New(zap.DebugLevel)
+			p := open(t, tok, keyConfigs(keys), func(c *Config) { c.Logger = zap.New(core) })
+			load := startLoad(t, p, string(kt), 6, 2*time.Second)
+
+			load.settle(t, 200, 5*time.Second)
+			for round := 0; round < 3; round++ {
+				tok.CloseAllSessions(t) // sessions gone, and with the last of them the login
+				load.settle(t, 200, 5*time.Second)
+				tok.Logout(t) // sessions stay, login and object handles go
+				load.settle(t, 200, 5*time.Second)
+			}
+			errs := load.stopAndErrors()
+			for i, err := range errs {
+				if i < 5 {
+					t.Errorf("a caller saw: %v", err)
+				}
+			}
+			if len(errs) > 0 {
+				t.Fatalf("%d callers saw errors; %d signatures good", len(errs), load.ok.Load())
+			}
+			if err := p.Healthy(); err != nil {
+				t.Errorf("Healthy after recovery: %v", err)
+			}
+			if n := logs.FilterMessage("pkcs11 logging in again").Len(); n < 3 {
+				t.Errorf("%d re-logins logged, want at least 3", n)
+			}
+			if n := logs.FilterMessage("pkcs11 session evicted").Len(); n == 0 {
+				t.Error("no session eviction logged")
+			}
+			assertNoSecret(t, logs, tok.PIN)
+			t.Logf("%d good signatures; %d evictions, %d re-logins", load.ok.Load(),
+				logs.FilterMessage("pkcs11 session evicted").Len(), logs.FilterMessage("pkcs11 logging in again").Len())
+		})
+	}
+}
+
+// pauseAround holds the provider's module calls while the test acts behind
+// its back (see softhsmtest.Token.Around).
+func pauseAround(t *testing.T, tok *softhsmtest.Token) func(func()) {
+	return func(fn func()) {
+		if err := PauseModule(tok.Module, fn); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+// faultSwitch is a FaultHook whose answers a test can change while the
+// provider runs.
+type faultSwitch struct {
+	mu     sync.Mutex
+	answer map[string]uint
+	calls  map[string]int
+}
+
+func newFaultSwitch() *faultSwitch {
+	return &faultSwitch{answer: map[string]uint{}, calls: map[string]int{}}
+}
+
+func (f *faultSwitch) hook(op string) uint {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.calls[op]++
+	return f.answer[op]
+}
+
+func (f *faultSwitch) set(answers map[string]uint) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.answer = answers
+}
+
+func (f *faultSwitch) count(op string) int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.calls[op]
+}
+
+// The device disappears (SoftHSM cannot be unplugged, so the module's
+// answers are injected, while the reload itself is real): callers get
+// ErrUnavailable quickly, never a hang, the supervisor reloads the module
+// with backoff, and signing resumes when the device is back.
+func TestDeviceRemovedReloadsModule(t *testing.T) {
+	tok := softhsmtest.New(t, "device")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	faults := newFaultSwitch()
+	core, logs := observer.New(zap.DebugLevel)
+	p := open(t, tok, keyConfigs(keys), func(c *Config) { c.FaultHook = faults.hook; c.Logger = zap.New(core) })
+	name := string(providers.KeyECDSAP256)
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	digest := digestOf(crypto.SHA256, []byte("device"))
+	genBefore := p.mod.gen.Load()
+
+	const removed = p11.CKR_DEVICE_REMOVED
+	faults.set(map[string]uint{"sign": removed, "slot": p11.CKR_TOKEN_NOT_PRESENT})
+	for i := 0; i < 20; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+		start := time.Now()
+		_, err := p.Sign(ctx, name, alg, digest)
+		took := time.Since(start)
+		cancel()
+		if !errors.Is(err, providers.ErrUnavailable) {
+			t.Fatalf("Sign with the device gone: %v, want ErrUnavailable", err)
+		}
+		if took > 300*time.Millisecond {
+			t.Fatalf("Sign with the device gone took %s with a 200ms deadline", took)
+		}
+	}
+	if err := p.Healthy(); !errors.Is(err, providers.ErrUnavailable) {
+		t.Errorf("Healthy with the device gone: %v, want ErrUnavailable", err)
+	}
+	// Backoff: a handful of slot lookups, not one per request.
+	time.Sleep(100 * time.Millisecond)
+	if n := faults.count("slot"); n < 1 || n > 8 {
+		t.Errorf("%d reload attempts in ~100ms with a 20ms initial backoff", n)
+	}
+
+	faults.set(nil) // the device is back
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		sig, err := p.Sign(ctx, name, alg, digest)
+		cancel()
+		if err == nil {
+			if err := providers.Verify(keyInfo(t, p, name).Public, alg, digest, sig); err != nil {
+				t.Fatal(err)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no recovery after the device came back: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if p.mod.gen.Load() == genBefore {
+		t.Error("module was not reloaded")
+	}
+	if logs.FilterMessage("pkcs11 reloading module").Len() == 0 || logs.FilterMessage("pkcs11 repair failed; backing off").Len() == 0 {
+		t.Error("reload and backoff not logged")
+	}
+	if err := p.Healthy(); err != nil {
+		t.Errorf("Healthy after recovery: %v", err)
+	}
+}
+
+// No call outlives its deadline: with every session taken, Sign returns
+// DeadlineExceeded at the deadline; with a repair that cannot finish, it
+// returns ErrUnavailable by the deadline.
+func TestSignHonoursDeadline(t *testing.T) {
+	tok := softhsmtest.New(t, "deadline")
+	tok.Around = pauseAround(t, tok)
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	faults := newFaultSwitch()
+	p := open(t, tok, keyConfigs(keys), func(c *Config) { c.Sessions = 2; c.FaultHook = faults.hook })
+	name := string(providers.KeyECDSAP256)
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	digest := digestOf(crypto.SHA256, []byte("deadline"))
+	const deadline, slack = 200 * time.Millisecond, 100 * time.Millisecond
+
+	timed := func(t *testing.T) (time.Duration, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), deadline)
+		defer cancel()
+		start := time.Now()
+		_, err := p.Sign(ctx, name, alg, digest)
+		return time.Since(start), err
+	}
+
+	t.Run("pool exhausted", func(t *testing.T) {
+		var held []*session
+		for i := 0; i < p.size; i++ {
+			s, _, err := p.acquire(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, s)
+		}
+		took, err := timed(t)
+		for _, s := range held {
+			p.release(s)
+		}
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("Sign on an exhausted pool: %v, want DeadlineExceeded", err)
+		}
+		if took < deadline-10*time.Millisecond || took > deadline+slack {
+			t.Errorf("Sign on an exhausted pool returned after %s, deadline %s", took, deadline)
+		}
+	})
+
+	t.Run("repair stuck", func(t *testing.T) {
+		// The login goes away and every login attempt fails with an error
+		// that is not about the PIN: the supervisor keeps trying, callers
+		// get ErrUnavailable by their deadline.
+		faults.set(map[string]uint{"login": p11.CKR_DEVICE_MEMORY})
+		tok.Logout(t)
+		for i := 0; i < 5; i++ {
+			took, err := timed(t)
+			if !errors.Is(err, providers.ErrUnavailable) {
+				t.Fatalf("Sign while the login cannot be repaired: %v, want ErrUnavailable", err)
+			}
+			if took > deadline+slack {
+				t.Fatalf("Sign while the login cannot be repaired took %s", took)
+			}
+		}
+		faults.set(nil)
+		waitHealthy(t, p, 5*time.Second)
+		if took, err := timed(t); err != nil {
+			t.Fatalf("Sign after the repair (%s): %v", took, err)
+		}
+	})
+
+	t.Run("background context while degraded", func(t *testing.T) {
+		// No deadline at all: a broken provider must still answer.
+		faults.set(map[string]uint{"sign": p11.CKR_DEVICE_REMOVED, "slot": p11.CKR_TOKEN_NOT_PRESENT})
+		done := make(chan error, 1)
+		go func() {
+			_, err := p.Sign(context.Background(), name, alg, digest)
+			done <- err
+		}()
+		select {
+		case err := <-done:
+			if !errors.Is(err, providers.ErrUnavailable) {
+				t.Errorf("Sign: %v, want ErrUnavailable", err)
+			}
+		case <-time.After(2 * time.Second):
+			t.Fatal("Sign without a deadline hung on a broken provider")
+		}
+		faults.set(nil)
+		waitHealthy(t, p, 5*time.Second)
+	})
+}
+
+func waitHealthy(t *testing.T, p *Provider, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		err := p.Healthy()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not healthy after %s: %v", within, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// The PIN changes while the provider runs; when the login is lost the one
+// re-login is refused, and the provider stops there: every request fails
+// with ErrPINIncorrect and the PIN is never presented again.
+func TestReloginWithWrongPINStopsRetrying(t *testing.T) {
+	tok := softhsmtest.New(t, "repin")
+	tok.Around = pauseAround(t, tok)
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	faults := newFaultSwitch()
+	core, logs := observer.New(zap.DebugLevel)
+	oldPIN := tok.PIN
+	p := open(t, tok, keyConfigs(keys), func(c *Config) { c.FaultHook = faults.hook; c.Logger = zap.New(core) })
+	name := string(providers.KeyECDSAP256)
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	digest := digestOf(crypto.SHA256, []byte("repin"))
+	if _, err := p.Sign(context.Background(), name, alg, digest); err != nil {
+		t.Fatal(err)
+	}
+	loginsAtOpen := faults.count("login")
+
+	tok.ChangePIN(t, "changed-pin-2024")
+	tok.Logout(t)
+	for i := 0; i < 10; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		_, err := p.Sign(ctx, name, alg, digest)
+		cancel()
+		if !errors.Is(err, providers.ErrPINIncorrect) {
+			t.Fatalf("Sign %d after the PIN changed: %v, want ErrPINIncorrect", i, err)
+		}
+	}
+	time.Sleep(200 * time.Millisecond) // ten backoff periods
+	if n := faults.count("login") - loginsAtOpen; n != 1 {
+		t.Errorf("%d login attempts after the PIN changed, want exactly 1", n)
+	}
+	if err := p.Healthy(); !errors.Is(err, providers.ErrPINIncorrect) {
+		t.Errorf("Healthy: %v, want ErrPINIncorrect", err)
+	}
+	assertNoSecret(t, logs, oldPIN)
+	assertNoSecret(t, logs, tok.PIN)
+}
+
+// A signature that fails because its session died is retried once on a fresh
+// session; the caller never sees the first failure.
+func TestDeadSessionRetriedOnce(t *testing.T) {
+	tok := softhsmtest.New(t, "retry")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	name := string(providers.KeyECDSAP256)
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	digest := digestOf(crypto.SHA256, []byte("retry"))
+	cases := []struct {
+		name     string
+		answers  []uint // the module's answers to successive signs; 0 = real call
+		wantErr  error
+		wantSign int
+	}{
+		{"session handle invalid", []uint{p11.CKR_SESSION_HANDLE_INVALID}, nil, 2},
+		{"session closed", []uint{p11.CKR_SESSION_CLOSED}, nil, 2},
+		{"operation active", []uint{p11.CKR_OPERATION_ACTIVE}, nil, 2},
+		{"device error", []uint{p11.CKR_DEVICE_ERROR}, nil, 2},
+		{"transient", []uint{p11.CKR_FUNCTION_FAILED}, nil, 2},
+		{"stale handle", []uint{p11.CKR_OBJECT_HANDLE_INVALID}, nil, 2},
+		{"twice dead", []uint{p11.CKR_SESSION_HANDLE_INVALID, p11.CKR_SESSION_HANDLE_INVALID}, providers.ErrUnavailable, 2},
+		{"bad mechanism", []uint{p11.CKR_MECHANISM_INVALID}, providers.ErrUnsupportedAlgorithm, 1},
+		{"bad data", []uint{p11.CKR_DATA_LEN_RANGE}, providers.ErrBadRequest, 1},
+	}
+	var mu sync.Mutex
+	var queue []uint
+	signs := 0
+	p := open(t, tok, keyConfigs(keys), func(c *Config) {
+		c.FaultHook = func(op string) uint {
+			if op != "sign" {
+				return 0
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			signs++
+			if len(queue) == 0 {
+				return 0
+			}
+			rv := queue[0]
+			queue = queue[1:]
+			return rv
+		}
+	})
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			waitHealthy(t, p, 2*time.Second)
+			mu.Lock()
+			queue, signs = append([]uint(nil), tc.answers...), 0
+			mu.Unlock()
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			sig, err := p.Sign(ctx, name, alg, digest)
+			mu.Lock()
+			n := signs
+			mu.Unlock()
+			if n != tc.wantSign {
+				t.Errorf("%d sign attempts, want %d", n, tc.wantSign)
+			}
+			if tc.wantErr != nil {
+				if !errors.Is(err, tc.wantErr) {
+					t.Fatalf("Sign: %v, want %v", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Sign: %v", err)
+			}
+			if err := providers.Verify(keyInfo(t, p, name).Public, alg, digest, sig); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}

@@ -1,0 +1,338 @@
+package pkcs11
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	p11 "github.com/miekg/pkcs11"
+	"github.com/sigil-agent/sigil/providers"
+	"go.uber.org/zap"
+)
+
+// supervise runs the repairs callers ask for, one at a time, in the
+// background: callers never log in or reload themselves, so a token outage
+// costs one repair attempt per backoff period, not one per request.
+func (p *Provider) supervise() {
+	defer close(p.done)
+	backoff := p.backoff
+	for {
+		select {
+		case <-p.wake:
+		case <-p.stop:
+			return
+		}
+		for {
+			p.stateMu.Lock()
+			level := p.wanted
+			p.wanted = repairNone
+			p.stateMu.Unlock()
+			if level == repairNone {
+				break
+			}
+			start := time.Now()
+			done, err := p.repair(level)
+			p.stateMu.Lock()
+			if err == nil {
+				if p.wanted < repairLogin {
+					// A sweep changes no handle: no new epoch unless something
+					// above a sweep was done or callers were kept waiting.
+					st := p.state.Load()
+					if done >= repairLogin || st.kind != stateHealthy {
+						p.setStateLocked(stateHealthy, nil, true)
+					}
+				}
+				p.stateMu.Unlock()
+				if done >= repairLogin {
+					p.log.Info("pkcs11 token recovered", zap.Stringer("repair", done), zap.Duration("took", time.Since(start)))
+				}
+				backoff = p.backoff
+				continue
+			}
+			if errors.Is(err, providers.ErrPINIncorrect) || errors.Is(err, providers.ErrTokenLocked) {
+				// Never try the PIN again: a token counts failures and
+				// locks itself (or wipes, on some HSMs).
+				p.setStateLocked(stateFailed, fmt.Errorf("pkcs11 provider %s: %w", p.id, err), false)
+				p.stateMu.Unlock()
+				p.log.Error("pkcs11 login refused; provider stopped retrying", zap.Stringer("repair", done), zap.Error(err))
+				return
+			}
+			if done > p.wanted {
+				p.wanted = done
+			}
+			p.setStateLocked(stateDegraded, err, false)
+			p.stateMu.Unlock()
+			p.log.Warn("pkcs11 repair failed; backing off", zap.Stringer("repair", done), zap.Duration("backoff", backoff), zap.Error(err))
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-p.stop:
+				t.Stop()
+				return
+			}
+			backoff = min(2*backoff, MaxBackoff)
+			p.stateMu.Lock()
+			p.setStateLocked(stateRepairing, nil, false)
+			p.stateMu.Unlock()
+		}
+	}
+}
+
+// escalation is a repair step's finding that a bigger repair is needed.
+type escalation struct {
+	level repairLevel
+	cause error
+}
+
+func (e *escalation) Error() string { return fmt.Sprintf("needs %s: %v", e.level, e.cause) }
+func (e *escalation) Unwrap() error { return e.cause }
+
+// escalateFor turns a module error met during a repair into an escalation
+// when it calls for a bigger repair than the one under way.
+func escalateFor(err error, current repairLevel) error {
+	if err == nil {
+		return nil
+	}
+	if lvl := classify(rvOf(err)).repair(); lvl > current {
+		return &escalation{level: lvl, cause: err}
+	}
+	return err
+}
+
+// repair performs level, escalating as the token demands. It returns the
+// level it ended at.
+func (p *Provider) repair(level repairLevel) (repairLevel, error) {
+	for {
+		if level >= repairLogin {
+			p.stateMu.Lock()
+			if st := p.state.Load(); st.kind == stateHealthy {
+				p.setStateLocked(stateRepairing, nil, false)
+			}
+			p.stateMu.Unlock()
+		}
+		var err error
+		switch level {
+		case repairSweep:
+			err = p.sweep()
+		case repairLogin:
+			err = p.relogin()
+		case repairReload:
+			err = p.reload()
+		}
+		var esc *escalation
+		if errors.As(err, &esc) && esc.level > level {
+			p.log.Info("pkcs11 repair escalated", zap.Stringer("from", level), zap.Stringer("to", esc.level), zap.Error(esc.cause))
+			level = esc.level
+			continue
+		}
+		return level, err
+	}
+}
+
+// sweep checks every idle session, replaces the dead, and fills the pool to
+// its size. It escalates to a login when sessions are found logged out.
+func (p *Provider) sweep() error {
+	gen := p.mod.gen.Load()
+	var keep []*session
+	defer func() {
+		for _, s := range keep {
+			p.release(s)
+		}
+	}()
+	loggedOut := false
+	for n := len(p.idle); n > 0; n-- {
+		var s *session
+		select {
+		case s = <-p.idle:
+		default:
+		}
+		if s == nil {
+			break
+		}
+		if s.gen != gen {
+			p.drop(s, false)
+			continue
+		}
+		info, err := p.sessionInfo(s)
+		if err != nil {
+			cls := classify(rvOf(err))
+			p.drop(s, cls != faultSessionGone && cls != faultDevice)
+			if cls == faultDevice {
+				return escalateFor(err, repairSweep)
+			}
+			continue
+		}
+		if !isUserState(info.State) {
+			loggedOut = true
+		}
+		keep = append(keep, s)
+	}
+	for p.live.Load() < int32(p.size) {
+		s, err := p.openSession(false)
+		if errors.Is(err, errPoolFull) {
+			break
+		}
+		if err != nil {
+			return escalateFor(fmt.Errorf("open session: %w", err), repairSweep)
+		}
+		keep = append(keep, s)
+	}
+	if loggedOut {
+		return &escalation{level: repairLogin, cause: errors.New("sessions are logged out")}
+	}
+	return nil
+}
+
+// relogin logs in if the token says the login is gone (never when it says
+// otherwise: each C_Login with a wrong PIN counts towards a lockout), then
+// finds every key object again, since handles change across a login.
+func (p *Provider) relogin() error {
+	if err := p.sweep(); err != nil {
+		var esc *escalation
+		if !errors.As(err, &esc) || esc.level != repairLogin {
+			return err
+		}
+	}
+	// A session of our own to log in on and search with. It joins the pool
+	// when there is room; otherwise the pool's own sessions stay open, so
+	// closing it does not end the login.
+	s, err := p.openSession(true)
+	if err != nil {
+		return escalateFor(fmt.Errorf("open session: %w", err), repairLogin)
+	}
+	defer p.release(s)
+	info, err := p.sessionInfo(s)
+	if err != nil {
+		return escalateFor(fmt.Errorf("session info: %w", err), repairLogin)
+	}
+	if !isUserState(info.State) {
+		p.log.Info("pkcs11 logging in again", zap.String("token", p.tokenLabel))
+		if err := p.login(s); err != nil {
+			return escalateFor(err, repairLogin)
+		}
+	}
+	return escalateFor(p.findKeys(s), repairLogin)
+}
+
+// login performs C_Login with the PIN; an already logged-in token is success.
+// Errors never carry the PIN.
+func (p *Provider) login(s *session) error {
+	err := p.call("login", func(c *p11.Ctx) error { return c.Login(s.h, p11.CKU_USER, p.pin) })
+	switch {
+	case err == nil, isRV(err, p11.CKR_USER_ALREADY_LOGGED_IN):
+		return nil
+	}
+	switch classify(rvOf(err)) {
+	case faultPIN:
+		return fmt.Errorf("login to token %s: %w: %w", p.tokenLabel, providers.ErrPINIncorrect, err)
+	case faultLocked:
+		return fmt.Errorf("login to token %s: %w: %w", p.tokenLabel, providers.ErrTokenLocked, err)
+	}
+	return fmt.Errorf("login to token %s: %w", p.tokenLabel, err)
+}
+
+// findKeys finds every served key's private key object again. A key whose
+// object has gone is kept with handle 0: it signs with ErrUnavailable until a
+// later repair finds it.
+func (p *Provider) findKeys(s *session) error {
+	for _, k := range p.keys.Load().order {
+		var h p11.ObjectHandle
+		err := p.call("find", func(c *p11.Ctx) error {
+			var err error
+			h, err = findPrivateKey(c, s.h, k.obj)
+			return err
+		})
+		if errors.Is(err, errObjectMissing) {
+			k.handle.Store(0)
+			p.log.Warn("pkcs11 key object missing after re-login", zap.String("key", k.info.Name), zap.Stringer("object", k.obj))
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("find key %s: %w", k.info.Name, err)
+		}
+		k.handle.Store(uint64(h))
+	}
+	return nil
+}
+
+// reload finalizes and re-initializes the module (unless another provider on
+// it just did), finds the token's slot again, and logs in.
+func (p *Provider) reload() error {
+	p.log.Warn("pkcs11 reloading module", zap.String("module", p.modulePath), zap.String("token", p.tokenLabel))
+	gen, err := p.mod.reload(p.gen.Load(), p.inject)
+	if err != nil {
+		return fmt.Errorf("reload module: %w", err)
+	}
+	p.gen.Store(gen)
+	slot, _, err := p.findSlot()
+	if err != nil {
+		return err
+	}
+	p.slot.Store(uint64(slot))
+	if err := p.relogin(); err != nil {
+		var esc *escalation
+		if errors.As(err, &esc) && esc.level == repairReload {
+			// The token vanished again between slot lookup and login: report
+			// it as this reload's failure, retried after backoff.
+			return esc.cause
+		}
+		return err
+	}
+	return nil
+}
+
+// findSlot finds the one slot whose token matches the selector.
+func (p *Provider) findSlot() (uint, p11.TokenInfo, error) {
+	if rv := hook(p.inject, "slot"); rv != 0 {
+		return 0, p11.TokenInfo{}, fmt.Errorf("find token %s: %w", p.tokenSel, p11.Error(rv))
+	}
+	var found []uint
+	var infos []p11.TokenInfo
+	err := p.mod.do(func(c *p11.Ctx) error {
+		slots, err := c.GetSlotList(true)
+		if err != nil {
+			return err
+		}
+		for _, slot := range slots {
+			if p.tokenSel.slot != nil && *p.tokenSel.slot != slot {
+				continue
+			}
+			ti, err := c.GetTokenInfo(slot)
+			if err != nil {
+				continue // removed between the two calls
+			}
+			if p.tokenSel.matches(ti) {
+				found = append(found, slot)
+				infos = append(infos, ti)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, p11.TokenInfo{}, fmt.Errorf("list slots: %w", err)
+	}
+	switch len(found) {
+	case 0:
+		return 0, p11.TokenInfo{}, fmt.Errorf("no token %s present: %w", p.tokenSel, p11.Error(p11.CKR_TOKEN_NOT_PRESENT))
+	case 1:
+		return found[0], infos[0], nil
+	}
+	return 0, p11.TokenInfo{}, fmt.Errorf("%d tokens match %s: name the token by serial", len(found), p.tokenSel)
+}
+
+func (t tokenSelector) matches(ti p11.TokenInfo) bool {
+	trim := func(s string) string { return strings.TrimRight(s, " \x00") }
+	return (t.label == "" || trim(ti.Label) == t.label) &&
+		(t.serial == "" || trim(ti.SerialNumber) == t.serial) &&
+		(t.manufacturer == "" || trim(ti.ManufacturerID) == t.manufacturer) &&
+		(t.model == "" || trim(ti.Model) == t.model)
+}
+
+// call runs a module call through the fault hook and the reload gate.
+func (p *Provider) call(op string, fn func(*p11.Ctx) error) error {
+	if rv := hook(p.inject, op); rv != 0 {
+		return p11.Error(rv)
+	}
+	return p.mod.do(fn)
+}
