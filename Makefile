@@ -8,7 +8,7 @@ FUZZTIME  ?= 30s
 TESTFLAGS ?=
 export CGO_ENABLED := 1
 
-.PHONY: all build run test test-deps bench fuzz lint clean
+.PHONY: all build run test test-deps bench bench-full bench-go fuzz lint clean
 
 all: build
 
@@ -31,7 +31,16 @@ test-deps:
 	@bash .ci/ensure-cc
 	@bash .ci/install-test-deps
 
-bench: build
+# The latency harness on a throwaway SoftHSM2 token, agent process and p11-kit
+# server (under a minute); bench-full writes docs/BENCHMARKS.md; bench-go runs
+# the Go micro-benchmarks of the hot path with allocation counts.
+bench: build test-deps
+	./$(BIN) bench --quick
+
+bench-full: build test-deps
+	./$(BIN) bench --doc docs/BENCHMARKS.md --json docs/benchmarks.json
+
+bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x $(PKGS)
 
 # Each fuzz target for FUZZTIME; new crashers land in testdata/fuzz and fail `make test`.

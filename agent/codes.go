@@ -8,6 +8,11 @@ import (
 	"github.com/sigil-agent/sigil/providers"
 )
 
+// Code is the stable code of an error from the agent: of a request's failure,
+// and of a failed start (a wrong PIN is PIN_INCORRECT), for the log line an
+// operator reads.
+func Code(err error) proto.Code { return codeOf(err) }
+
 // codeOf maps an error from the request path to its wire code. This is the
 // one place where that mapping lives.
 func codeOf(err error) proto.Code {

@@ -137,7 +137,7 @@ func (c *conn) readLoop() {
 				return
 			}
 			c.handlers.Add(1)
-			go c.handleAsync(req)
+			c.a.workers.run(job{c: c, req: req})
 			continue
 		}
 		c.handle(req)

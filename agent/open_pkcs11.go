@@ -2,15 +2,28 @@ package agent
 
 import (
 	"context"
-	"errors"
 
 	"go.uber.org/zap"
 
 	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/pkcs11"
 )
 
-// openPKCS11 is replaced by the PKCS#11 provider in the next commit; until
-// then a pkcs11 entry in the config fails the start with this error.
-func openPKCS11(context.Context, ProviderSpec, *zap.Logger) (providers.Provider, error) {
-	return nil, errors.New("pkcs11 providers are not in this build yet")
+func openPKCS11(ctx context.Context, spec ProviderSpec, log *zap.Logger) (providers.Provider, error) {
+	keys := make([]pkcs11.KeyConfig, len(spec.Keys))
+	for i, k := range spec.Keys {
+		keys[i] = pkcs11.KeyConfig{Name: k.Name, URI: k.URI}
+	}
+	return pkcs11.Open(ctx, pkcs11.Config{
+		ID:          spec.ID,
+		Module:      spec.Module,
+		TokenLabel:  spec.TokenLabel,
+		TokenSerial: spec.TokenSerial,
+		Slot:        spec.Slot,
+		PINEnv:      spec.PINEnv,
+		PINFile:     spec.PINFile,
+		Sessions:    spec.Sessions,
+		Keys:        keys,
+		Logger:      log,
+	})
 }

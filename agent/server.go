@@ -15,9 +15,10 @@ import (
 
 // Agent serves the wire protocol for one configuration.
 type Agent struct {
-	cfg  Config
-	log  *zap.Logger
-	keys *keyring
+	cfg     Config
+	log     *zap.Logger
+	keys    *keyring
+	workers *workerPool
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
@@ -74,6 +75,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		cfg:       cfg,
 		log:       log,
 		keys:      kr,
+		workers:   newWorkerPool(30 * time.Second),
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[*conn]struct{}{},
 	}, nil

@@ -77,8 +77,9 @@ func runAgent(cfg agent.Config) error {
 
 	a, err := agent.New(ctx, cfg, log)
 	if err != nil {
-		log.Error("agent failed to start", zap.Error(err))
-		return &exitError{exitFailure, fmt.Errorf("agent failed to start: %w", err)}
+		code := agent.Code(err)
+		log.Error("agent failed to start", zap.Stringer("code", code), zap.Error(err))
+		return &exitError{exitFailure, fmt.Errorf("agent failed to start (%s): %w", code, err)}
 	}
 	ln, err := agent.ListenUnix(cfg.Socket)
 	if err != nil {

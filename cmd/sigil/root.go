@@ -33,7 +33,7 @@ Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() +
 	}
 	root.PersistentFlags().StringVar(&g.socket, "socket", "", "agent socket (default $SIGIL_SOCK, else "+proto.DefaultSocketPath()+")")
 	root.PersistentFlags().DurationVar(&g.timeout, "timeout", 10*time.Second, "deadline for each request to the agent")
-	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newVersionCommand())
+	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newBenchCommand(), newVersionCommand())
 	return root
 }
 

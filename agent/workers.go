@@ -1,0 +1,51 @@
+package agent
+
+import (
+	"time"
+
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// workerPool runs Sign and Verify requests on goroutines that outlive one
+// request. A fresh goroutine per request starts on an 8 KiB stack and grows it
+// (copying) on every signature, since crypto and cgo calls need deep stacks:
+// the cost the gokeyless measurements in ANCHORS.md point at. Idle workers
+// wait on an unbuffered channel, so a hand-off succeeds only when one is
+// free; otherwise a new worker starts. Concurrency stays bounded by the
+// per-connection in-flight limit, not by the pool.
+type workerPool struct {
+	jobs        chan job
+	idleTimeout time.Duration
+}
+
+type job struct {
+	c   *conn
+	req *proto.Request
+}
+
+func newWorkerPool(idleTimeout time.Duration) *workerPool {
+	return &workerPool{jobs: make(chan job), idleTimeout: idleTimeout}
+}
+
+func (p *workerPool) run(j job) {
+	select {
+	case p.jobs <- j:
+	default:
+		go p.worker(j)
+	}
+}
+
+func (p *workerPool) worker(j job) {
+	j.c.handleAsync(j.req)
+	idle := time.NewTimer(p.idleTimeout)
+	defer idle.Stop()
+	for {
+		select {
+		case j := <-p.jobs:
+			j.c.handleAsync(j.req)
+			idle.Reset(p.idleTimeout)
+		case <-idle.C:
+			return
+		}
+	}
+}

@@ -1,0 +1,291 @@
+package bench
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/pkcs11"
+)
+
+// pinEnv carries the bench token's PIN to the agent process, the way an
+// operator's service manager would.
+const pinEnv = "SIGIL_BENCH_PIN"
+
+// benchKeyTypes are the key types a self-contained run provisions.
+var benchKeyTypes = map[string]providers.KeyType{
+	KeyECDSAP256: providers.KeyECDSAP256,
+	KeyRSA2048:   providers.KeyRSA2048,
+	KeyEd25519:   providers.KeyEd25519,
+}
+
+// Env is a self-contained benchmark set-up in a temporary directory: a
+// SoftHSM2 token with one key per type, the agent as its own process serving
+// those keys (and software keys of the same types), and a p11-kit server
+// forwarding the same token when p11-kit is installed.
+type Env struct {
+	Dir        string
+	Module     string // libsofthsm2.so
+	TokenLabel string
+	PIN        string
+	Keys       []string // key types provisioned, e.g. "ecdsa-p256"
+
+	AgentSocket string
+	agent       *exec.Cmd
+	agentLog    *os.File
+
+	P11KitClient  string // p11-kit-client.so, "" when p11-kit is absent
+	P11KitAddress string // P11_KIT_SERVER_ADDRESS for the client module
+	P11KitSkip    string // why the p11kit scenario cannot run, if it cannot
+	p11kit        *exec.Cmd
+}
+
+// SetupOptions configures Setup.
+type SetupOptions struct {
+	Sigil string   // the sigil binary that runs the agent
+	Keys  []string // key types; default all of benchKeyTypes
+	Log   io.Writer
+}
+
+// softhsmModules are where Debian and others install SoftHSM2's module.
+var softhsmModules = []string{
+	"/usr/lib/softhsm/libsofthsm2.so",
+	"/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+	"/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+	"/usr/local/lib/softhsm/libsofthsm2.so",
+}
+
+// p11kitClientModules are where p11-kit's client module lives.
+var p11kitClientModules = []string{
+	"/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so",
+	"/usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so",
+	"/usr/lib/pkcs11/p11-kit-client.so",
+}
+
+func firstExisting(paths []string) string {
+	for _, p := range paths {
+		if _, err := os.Stat(p); err == nil {
+			return p
+		}
+	}
+	return ""
+}
+
+// Setup builds the environment. It sets SOFTHSM2_CONF in this process, since
+// the direct and p11kit scenarios load modules here.
+func Setup(ctx context.Context, o SetupOptions) (_ *Env, err error) {
+	if len(o.Keys) == 0 {
+		o.Keys = []string{KeyECDSAP256, KeyRSA2048, KeyEd25519}
+	}
+	if o.Log == nil {
+		o.Log = io.Discard
+	}
+	module := os.Getenv("SOFTHSM2_MODULE")
+	if module == "" {
+		module = firstExisting(softhsmModules)
+	}
+	if module == "" {
+		return nil, errors.New("SoftHSM2 is not installed (apt-get install softhsm2; `make test` does it as root)")
+	}
+	dir, err := os.MkdirTemp("", "sigil-bench-")
+	if err != nil {
+		return nil, err
+	}
+	e := &Env{Dir: dir, Module: module, TokenLabel: "sigil-bench", PIN: "5678", Keys: o.Keys}
+	defer func() {
+		if err != nil {
+			e.Close()
+		}
+	}()
+	if err := e.initToken(); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(o.Log, "bench: SoftHSM2 token %q in %s\n", e.TokenLabel, dir)
+	if err := e.generateKeys(ctx); err != nil {
+		return nil, err
+	}
+	if err := e.startAgent(ctx, o.Sigil); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(o.Log, "bench: agent (pid %d) on %s\n", e.agent.Process.Pid, e.AgentSocket)
+	if err := e.startP11Kit(ctx); err != nil {
+		e.P11KitSkip = err.Error()
+		fmt.Fprintf(o.Log, "bench: p11kit scenario skipped: %v\n", err)
+	} else {
+		fmt.Fprintf(o.Log, "bench: p11-kit server (pid %d) at %s\n", e.p11kit.Process.Pid, e.P11KitAddress)
+	}
+	return e, nil
+}
+
+func (e *Env) initToken() error {
+	tokens := filepath.Join(e.Dir, "tokens")
+	if err := os.MkdirAll(tokens, 0o700); err != nil {
+		return err
+	}
+	conf := filepath.Join(e.Dir, "softhsm2.conf")
+	if err := os.WriteFile(conf, []byte("directories.tokendir = "+tokens+"\nobjectstore.backend = file\nlog.level = ERROR\n"), 0o600); err != nil {
+		return err
+	}
+	os.Setenv("SOFTHSM2_CONF", conf)
+	out, err := exec.Command("softhsm2-util", "--init-token", "--free", "--label", e.TokenLabel,
+		"--so-pin", "1234", "--pin", e.PIN).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("softhsm2-util --init-token: %v: %s", err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// generateKeys makes the keys in the token through Sigil's own provider (the
+// path rotation uses), then closes it so the module is free for the others.
+func (e *Env) generateKeys(ctx context.Context) error {
+	os.Setenv(pinEnv, e.PIN)
+	p, err := pkcs11.Open(ctx, pkcs11.Config{ID: "bench-setup", Module: e.Module, TokenLabel: e.TokenLabel, PINEnv: pinEnv})
+	if err != nil {
+		return fmt.Errorf("open token: %w", err)
+	}
+	defer p.Close()
+	for i, k := range e.Keys {
+		kt, ok := benchKeyTypes[k]
+		if !ok {
+			return fmt.Errorf("key type %q: want one of ecdsa-p256, rsa-2048, ed25519", k)
+		}
+		if _, err := p.GenerateKey(ctx, k, kt, k, []byte{byte(i + 1)}); err != nil {
+			return fmt.Errorf("generate %s: %w", k, err)
+		}
+	}
+	return nil
+}
+
+// hsmKeyName and softKeyName are the agent's names for the bench keys.
+func hsmKeyName(kt string) string  { return "hsm-" + kt }
+func softKeyName(kt string) string { return "soft-" + kt }
+
+func (e *Env) startAgent(ctx context.Context, sigil string) error {
+	if sigil == "" {
+		return errors.New("no sigil binary to run the agent")
+	}
+	e.AgentSocket = filepath.Join(e.Dir, "agent.sock")
+	var b strings.Builder
+	fmt.Fprintf(&b, "socket: %s\ndata_dir: %s\nlog: {level: warn}\nproviders:\n", e.AgentSocket, filepath.Join(e.Dir, "state"))
+	fmt.Fprintf(&b, "  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: %s\n    pin_env: %s\n    keys:\n", e.Module, e.TokenLabel, pinEnv)
+	for _, k := range e.Keys {
+		fmt.Fprintf(&b, "      - {name: %s, uri: \"pkcs11:token=%s;object=%s\"}\n", hsmKeyName(k), e.TokenLabel, k)
+	}
+	fmt.Fprintf(&b, "  - id: soft\n    type: software\n    keys:\n")
+	for _, k := range e.Keys {
+		fmt.Fprintf(&b, "      - {name: %s, type: %s}\n", softKeyName(k), k)
+	}
+	cfgPath := filepath.Join(e.Dir, "agent.yaml")
+	if err := os.WriteFile(cfgPath, []byte(b.String()), 0o600); err != nil {
+		return err
+	}
+	logf, err := os.Create(filepath.Join(e.Dir, "agent.log"))
+	if err != nil {
+		return err
+	}
+	e.agentLog = logf
+	cmd := exec.Command(sigil, "agent", "--config", cfgPath)
+	cmd.Env = append(os.Environ(), pinEnv+"="+e.PIN)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start agent: %w", err)
+	}
+	e.agent = cmd
+	if err := waitForSocket(ctx, "unix", e.AgentSocket, 20*time.Second); err != nil {
+		log, _ := os.ReadFile(logf.Name())
+		return fmt.Errorf("agent did not come up: %w\n%s", err, log)
+	}
+	return nil
+}
+
+// AgentPID is the agent process's pid, for ProcessCPU.
+func (e *Env) AgentPID() int { return e.agent.Process.Pid }
+
+// P11KitPID is the p11-kit server's pid, 0 when it is not running.
+func (e *Env) P11KitPID() int {
+	if e.p11kit == nil {
+		return 0
+	}
+	return e.p11kit.Process.Pid
+}
+
+func (e *Env) startP11Kit(ctx context.Context) error {
+	client := firstExisting(p11kitClientModules)
+	if client == "" {
+		return errors.New("p11-kit-client.so not found (apt-get install p11-kit p11-kit-modules)")
+	}
+	if _, err := exec.LookPath("p11-kit"); err != nil {
+		return errors.New("p11-kit not installed")
+	}
+	sock := filepath.Join(e.Dir, "p11kit.sock")
+	cmd := exec.Command("p11-kit", "server", "-f", "--provider", e.Module, "-n", sock, "pkcs11:token="+e.TokenLabel)
+	cmd.Env = os.Environ()
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start p11-kit server: %w", err)
+	}
+	e.p11kit = cmd
+	go io.Copy(io.Discard, bufio.NewReader(out))
+	if err := waitForSocket(ctx, "unix", sock, 10*time.Second); err != nil {
+		return fmt.Errorf("p11-kit server did not come up: %w", err)
+	}
+	e.P11KitClient = client
+	e.P11KitAddress = "unix:path=" + sock
+	return nil
+}
+
+func waitForSocket(ctx context.Context, network, addr string, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		c, err := net.DialTimeout(network, addr, time.Second)
+		if err == nil {
+			c.Close()
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// Close stops the processes and removes the directory.
+func (e *Env) Close() error {
+	for _, cmd := range []*exec.Cmd{e.agent, e.p11kit} {
+		if cmd == nil || cmd.Process == nil {
+			continue
+		}
+		cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-done
+		}
+	}
+	if e.agentLog != nil {
+		e.agentLog.Close()
+	}
+	return os.RemoveAll(e.Dir)
+}

@@ -1,0 +1,91 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"time"
+)
+
+// SuiteOptions configures RunSuite.
+type SuiteOptions struct {
+	Options
+	// Sigil is the binary that runs the agent (os.Executable() for `sigil bench`).
+	Sigil string
+	// Keys are the key types to measure; default ecdsa-p256, rsa-2048, ed25519.
+	Keys []string
+	// Scenarios limits which scenarios run (default all): direct, agent-unix,
+	// p11kit, software.
+	Scenarios []string
+	// Addr and Key measure an agent that is already running instead of
+	// setting one up: only the agent-unix scenario, with that key.
+	Addr, Key string
+	Log       io.Writer
+}
+
+func (o *SuiteOptions) wants(name string) bool {
+	if len(o.Scenarios) == 0 {
+		return true
+	}
+	for _, s := range o.Scenarios {
+		if s == name {
+			return true
+		}
+	}
+	return false
+}
+
+// RunSuite sets up (or attaches to) what it measures, runs every scenario
+// interleaved rep by rep, and tears the set-up down.
+func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
+	if o.Log == nil {
+		o.Log = io.Discard
+	}
+	if o.Addr != "" {
+		if o.Key == "" {
+			return nil, fmt.Errorf("--addr needs --key: the key to sign with")
+		}
+		return Run(ctx, []Scenario{AgentScenario(ScenarioAgentUnix, o.Key, o.Addr, o.Key, nil)}, o.Options)
+	}
+	env, err := Setup(ctx, SetupOptions{Sigil: o.Sigil, Keys: o.Keys, Log: o.Log})
+	if err != nil {
+		return nil, fmt.Errorf("bench set-up: %w", err)
+	}
+	defer env.Close()
+
+	agentCPU := func() time.Duration { d, _ := ProcessCPU(env.AgentPID()); return d }
+	var direct, forwarded *Cryptoki
+	if o.wants(ScenarioDirect) {
+		if direct, err = OpenCryptoki(env.Module, env.TokenLabel, env.PIN); err != nil {
+			return nil, fmt.Errorf("direct scenario: %w", err)
+		}
+		defer direct.Close()
+	}
+	if o.wants(ScenarioP11Kit) && env.P11KitAddress != "" {
+		p11kitEnv(env.P11KitAddress)
+		if forwarded, err = OpenCryptoki(env.P11KitClient, env.TokenLabel, env.PIN); err != nil {
+			fmt.Fprintf(o.Log, "bench: p11kit scenario skipped: %v\n", err)
+			forwarded = nil
+		} else {
+			defer forwarded.Close()
+		}
+	}
+	p11kitCPU := func() time.Duration { d, _ := ProcessCPU(env.P11KitPID()); return d }
+
+	var scenarios []Scenario
+	for _, k := range env.Keys {
+		if direct != nil {
+			scenarios = append(scenarios, direct.Scenario(ScenarioDirect, k, nil))
+		}
+		if o.wants(ScenarioAgentUnix) {
+			scenarios = append(scenarios, AgentScenario(ScenarioAgentUnix, k, env.AgentSocket, hsmKeyName(k), agentCPU))
+		}
+		if forwarded != nil {
+			scenarios = append(scenarios, forwarded.Scenario(ScenarioP11Kit, k, p11kitCPU))
+		}
+		if o.wants(ScenarioSoftware) {
+			scenarios = append(scenarios, AgentScenario(ScenarioSoftware, k, env.AgentSocket, softKeyName(k), agentCPU))
+		}
+	}
+	return Run(ctx, scenarios, o.Options)
+}

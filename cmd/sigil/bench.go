@@ -1,0 +1,212 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/sigil-agent/sigil/bench"
+)
+
+func newBenchCommand() *cobra.Command {
+	var (
+		quick             bool
+		conns             string
+		keys, scenarios   string
+		duration, warmup  time.Duration
+		reps              int
+		jsonPath, svgPath string
+		docPath, sloSpec  string
+		addr, key         string
+	)
+	cmd := &cobra.Command{
+		Use:   "bench",
+		Short: "Measure signing latency and throughput against the goals and SLOs",
+		Long: `Measure signatures per second and latency percentiles.
+
+With no --addr it sets everything up in a temp dir and tears it down after: a
+SoftHSM2 token with ECDSA P-256, RSA-2048 and Ed25519 keys, the agent as its own
+process serving them (and software keys of the same types), and a p11-kit
+server forwarding the same token. Scenarios, interleaved rep by rep so ratios
+hold on a noisy machine:
+
+  direct      in-process miekg/pkcs11 on the token (the floor)
+  agent-unix  the agent over its Unix socket, one connection per worker
+  p11kit      PKCS#11 forwarded by p11-kit (client module in this process)
+  software    the agent on software keys
+
+--quick (what 'make bench' runs) takes under a minute on 2 cores.
+--doc FILE writes the full report (machine, command, table, ratios) and the
+CDF plot beside it. --slo p95=50ms,p99=200ms exits 1 naming every scenario
+that missed.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			o := bench.SuiteOptions{Log: cmd.ErrOrStderr(), Addr: addr, Key: key}
+			if quick {
+				o.Conns = []int{1, 8}
+				o.Duration = time.Second
+				o.Warmup = 200 * time.Millisecond
+				o.Reps = 2
+				o.Keys = []string{bench.KeyECDSAP256, bench.KeyEd25519}
+			}
+			if conns != "" {
+				list, err := parseInts(conns)
+				if err != nil {
+					return usageError("--conns: %v", err)
+				}
+				o.Conns = list
+			}
+			if keys != "" {
+				o.Keys = strings.Split(keys, ",")
+			}
+			if scenarios != "" {
+				o.Scenarios = strings.Split(scenarios, ",")
+			}
+			if duration != 0 {
+				o.Duration = duration
+			}
+			if warmup != 0 {
+				o.Warmup = warmup
+			}
+			if reps != 0 {
+				o.Reps = reps
+			}
+			var slo bench.SLO
+			if sloSpec != "" {
+				var err error
+				if slo, err = bench.ParseSLO(sloSpec); err != nil {
+					return usageError("--slo: %v", err)
+				}
+			}
+			self, err := os.Executable()
+			if err != nil {
+				return &exitError{exitFailure, err}
+			}
+			o.Sigil = self
+			o.Progress = func(line string) { fmt.Fprintln(cmd.ErrOrStderr(), line) }
+
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			report, err := bench.RunSuite(ctx, o)
+			if err != nil {
+				return &exitError{exitFailure, err}
+			}
+			report.ComputeRatios()
+			if err := report.Markdown(cmd.OutOrStdout()); err != nil {
+				return err
+			}
+			if err := writeReportFiles(report, jsonPath, svgPath, docPath, os.Args); err != nil {
+				return &exitError{exitFailure, err}
+			}
+			if sloSpec != "" {
+				if err := slo.Check(report).Err(); err != nil {
+					return &exitError{exitFailure, fmt.Errorf("SLO %s missed: %w", slo, err)}
+				}
+				fmt.Fprintf(cmd.ErrOrStderr(), "SLO %s met by every scenario\n", slo)
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.BoolVar(&quick, "quick", false, "1 and 8 connections, ECDSA P-256 and Ed25519, 2 reps of 1s (under a minute)")
+	f.StringVar(&conns, "conns", "", "connection counts, comma-separated (default 1,8,64)")
+	f.StringVar(&keys, "keys", "", "key types: ecdsa-p256,rsa-2048,ed25519 (default all)")
+	f.StringVar(&scenarios, "scenarios", "", "direct,agent-unix,p11kit,software (default all)")
+	f.DurationVar(&duration, "duration", 0, "measured time per rep (default 2s)")
+	f.DurationVar(&warmup, "warmup", 0, "warm-up before each rep (default 300ms)")
+	f.IntVar(&reps, "reps", 0, "repetitions (default 3); figures are medians over reps")
+	f.StringVar(&jsonPath, "json", "", "write results and ratios as JSON here")
+	f.StringVar(&svgPath, "svg", "", "write the latency CDF (1 connection) as SVG here")
+	f.StringVar(&docPath, "doc", "", "write the full Markdown report here (and its SVG beside it)")
+	f.StringVar(&sloSpec, "slo", "", "e.g. p95=50ms,p99=200ms: exit 1 if any scenario misses")
+	f.StringVar(&addr, "addr", "", "measure an agent already running at this socket")
+	f.StringVar(&key, "key", "", "with --addr: the key to sign with")
+	return cmd
+}
+
+func parseInts(s string) ([]int, error) {
+	var out []int
+	for _, part := range strings.Split(s, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(part))
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("%q is not a positive count", part)
+		}
+		out = append(out, n)
+	}
+	return out, nil
+}
+
+func writeReportFiles(r *bench.Report, jsonPath, svgPath, docPath string, argv []string) error {
+	if jsonPath != "" {
+		var b bytes.Buffer
+		if err := r.WriteJSON(&b); err != nil {
+			return err
+		}
+		if err := os.WriteFile(jsonPath, b.Bytes(), 0o644); err != nil {
+			return err
+		}
+	}
+	if svgPath != "" {
+		if err := writeSVG(r, svgPath, 1); err != nil {
+			return err
+		}
+	}
+	if docPath == "" {
+		return nil
+	}
+	base := strings.TrimSuffix(filepath.Base(docPath), filepath.Ext(docPath))
+	var svgs []string
+	for _, n := range r.Conns {
+		name := fmt.Sprintf("%s-cdf-%d.svg", strings.ToLower(base), n)
+		if err := writeSVG(r, filepath.Join(filepath.Dir(docPath), name), n); err != nil {
+			return err
+		}
+		svgs = append(svgs, name)
+	}
+	var b bytes.Buffer
+	m := r.Machine
+	fmt.Fprintf(&b, "# Benchmarks\n\nWritten by `sigil bench --doc` on %s. Regenerate with `make bench-full`.\n\n", r.Started.UTC().Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(&b, "## Machine and versions\n\n- %d cores, %s, Linux %s, %s %s/%s\n", m.Cores, m.CPUModel, m.Kernel, m.GoVersion, m.OS, m.Arch)
+	fmt.Fprintf(&b, "- SoftHSM2 %s, p11-kit %s\n", toolVersion("softhsm2-util", "--version"), toolVersion("p11-kit", "--version"))
+	fmt.Fprintf(&b, "- command: `%s`\n", strings.Join(append([]string{"sigil"}, argv[1:]...), " "))
+	fmt.Fprintf(&b, "- %d reps of %v after %v warm-up, scenarios interleaved rep by rep; figures are medians over reps\n\n", r.Reps, r.Duration, r.Warmup)
+	b.WriteString("## Results\n\n")
+	if err := r.Markdown(&b); err != nil {
+		return err
+	}
+	b.WriteString("\n## Latency CDFs\n\n")
+	for i, s := range svgs {
+		fmt.Fprintf(&b, "%d connection(s):\n\n![latency CDF, %d connections](%s)\n\n", r.Conns[i], r.Conns[i], s)
+	}
+	return os.WriteFile(docPath, b.Bytes(), 0o644)
+}
+
+func writeSVG(r *bench.Report, path string, conns int) error {
+	var b bytes.Buffer
+	if err := r.WriteSVG(&b, conns); err != nil {
+		return err
+	}
+	return os.WriteFile(path, b.Bytes(), 0o644)
+}
+
+func toolVersion(tool string, args ...string) string {
+	out, err := exec.Command(tool, args...).Output()
+	if err != nil {
+		return "(not installed)"
+	}
+	v := strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])
+	if v == "" {
+		return "(unknown)"
+	}
+	return v
+}

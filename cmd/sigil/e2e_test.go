@@ -1,0 +1,178 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
+)
+
+// buildSigil compiles the binary once per test run.
+func buildSigil(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "sigil")
+	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+type agentProcess struct {
+	cmd    *exec.Cmd
+	stderr *bytes.Buffer
+	socket string
+}
+
+func startAgentProcess(t *testing.T, bin, config, socket string) *agentProcess {
+	t.Helper()
+	var stderr bytes.Buffer
+	cmd := exec.Command(bin, "agent", "--config", config, "--socket", socket)
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &agentProcess{cmd: cmd, stderr: &stderr, socket: socket}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return p
+}
+
+func (p *agentProcess) waitReady(t *testing.T) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for time.Now().Before(deadline) {
+		if c, err := net.Dial("unix", p.socket); err == nil {
+			c.Close()
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("agent did not start:\n%s", p.stderr.String())
+}
+
+func runBin(t *testing.T, bin string, args ...string) (string, string, int) {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	err := cmd.Run()
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return stdout.String(), stderr.String(), code
+}
+
+// The agent as its own process on a SoftHSM2 token, used from the shell the
+// way an operator would: keys info, sign, verify, a killed agent, a restart
+// over its stale socket, SIGTERM, and a wrong PIN at start-up.
+func TestAgentProcessOnSoftHSM(t *testing.T) {
+	tok := softhsmtest.New(t, "e2e")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256, providers.KeyEd25519)
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	pinFile := tok.PINFile(t)
+	config := filepath.Join(dir, "sigil.yaml")
+	os.WriteFile(config, []byte(fmt.Sprintf(`
+data_dir: %s
+default_key: release
+providers:
+  - id: hsm
+    type: pkcs11
+    module: %s
+    token_label: %s
+    pin_file: %s
+    keys:
+      - {name: release, uri: %q}
+      - {name: ssh, uri: %q}
+`, filepath.Join(dir, "state"), tok.Module, tok.Label, pinFile, keys[providers.KeyECDSAP256].URI, keys[providers.KeyEd25519].IDURI)), 0o600)
+	sockDir, _ := os.MkdirTemp("", "sigil-e2e")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	socket := filepath.Join(sockDir, "agent.sock")
+
+	agent := startAgentProcess(t, bin, config, socket)
+	agent.waitReady(t)
+
+	out, stderr, code := runBin(t, bin, "--socket", socket, "keys", "info")
+	if code != 0 || !strings.Contains(out, "release") || !strings.Contains(out, "ssh") {
+		t.Fatalf("keys info: %d %s %s", code, out, stderr)
+	}
+	in := filepath.Join(dir, "artifact")
+	os.WriteFile(in, bytes.Repeat([]byte("artifact "), 5000), 0o644)
+	sig := filepath.Join(dir, "artifact.sig")
+	_, stderr, code = runBin(t, bin, "--socket", socket, "keys", "sign", "--in", in, "--out", sig)
+	if code != 0 {
+		t.Fatalf("sign: %d %s", code, stderr)
+	}
+	kid := strings.Fields(strings.SplitAfter(stderr, "(kid ")[1])[0]
+	kid = strings.TrimSuffix(kid, ",")
+	out, stderr, code = runBin(t, bin, "--socket", socket, "verify-signature", "--in", in, "--sig", sig, "--kid", kid)
+	if code != 0 || !strings.Contains(out, "signature OK") {
+		t.Fatalf("verify: %d %s %s", code, out, stderr)
+	}
+	// The environment variable works as the socket.
+	cmd := exec.Command(bin, "keys", "sign", "--in", in, "--key", "ssh")
+	cmd.Env = append(os.Environ(), "SIGIL_SOCK="+socket)
+	os.WriteFile(in, []byte("small enough for pure Ed25519"), 0o644)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("sign via SIGIL_SOCK: %v %s", err, out)
+	}
+
+	// A killed agent: the shell gets "unreachable", not a hang.
+	agent.cmd.Process.Kill()
+	agent.cmd.Wait()
+	_, stderr, code = runBin(t, bin, "--socket", socket, "keys", "info")
+	if code != exitUnreachable {
+		t.Fatalf("with the agent killed: exit %d %s", code, stderr)
+	}
+	// A new agent replaces the stale socket, and stops cleanly on SIGTERM.
+	agent = startAgentProcess(t, bin, config, socket)
+	agent.waitReady(t)
+	if _, stderr, code := runBin(t, bin, "--socket", socket, "keys", "info"); code != 0 {
+		t.Fatalf("after restart: %s", stderr)
+	}
+	agent.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan error, 1)
+	go func() { done <- agent.cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("agent exit after SIGTERM: %v\n%s", err, agent.stderr)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("agent ignored SIGTERM")
+	}
+	if _, err := os.Stat(socket); !os.IsNotExist(err) {
+		t.Fatalf("socket left behind after a clean stop: %v", err)
+	}
+
+	// A wrong PIN: the agent refuses to start, says PIN_INCORRECT, shows no PIN.
+	os.WriteFile(pinFile, []byte("0000-wrong\n"), 0o600)
+	agent = startAgentProcess(t, bin, config, socket)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	go func() { <-ctx.Done(); agent.cmd.Process.Kill() }()
+	err := agent.cmd.Wait()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != exitFailure {
+		t.Fatalf("agent with a wrong PIN: %v\n%s", err, agent.stderr)
+	}
+	log := agent.stderr.String()
+	if !strings.Contains(log, "PIN_INCORRECT") {
+		t.Fatalf("start-up failure does not say PIN_INCORRECT:\n%s", log)
+	}
+	if strings.Contains(log, "0000-wrong") || strings.Contains(log, tok.PIN) {
+		t.Fatalf("a PIN is in the log:\n%s", log)
+	}
+}
