@@ -447,3 +447,57 @@ func TestConfigValidation(t *testing.T) {
 		t.Fatalf("embedded default %+v", cfg)
 	}
 }
+
+// One connection, callers with different deadlines: the caller reading the
+// socket for the others may give up (its deadline) or be cancelled, and the
+// others still get their replies.
+func TestClientReaderHandOff(t *testing.T) {
+	cfg := softwareConfig(t)
+	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "slow", Type: providers.KeyEd25519}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg, agent.WithProviders(&slowProvider{Provider: soft, delay: 300 * time.Millisecond}))
+	c := r.dial(t)
+	type result struct {
+		name string
+		err  error
+		took time.Duration
+	}
+	results := make(chan result, 3)
+	run := func(name string, ctx context.Context) {
+		start := time.Now()
+		_, err := c.Sign(ctx, client.ByName("slow"), client.Algorithm{}, []byte(name))
+		results <- result{name, err, time.Since(start)}
+	}
+	short, cancelShort := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancelShort()
+	cancellable, cancel := context.WithCancel(context.Background())
+	go run("short", short)
+	time.Sleep(5 * time.Millisecond) // "short" most likely holds the reader role
+	go run("cancelled", cancellable)
+	go run("patient", context.Background())
+	time.Sleep(100 * time.Millisecond)
+	cancel()
+	for i := 0; i < 3; i++ {
+		res := <-results
+		switch res.name {
+		case "short":
+			if client.Code(res.err) != proto.DeadlineExceeded || res.took > 250*time.Millisecond {
+				t.Errorf("short: %v after %v", res.err, res.took)
+			}
+		case "cancelled":
+			if !errors.Is(res.err, context.Canceled) || res.took > 250*time.Millisecond {
+				t.Errorf("cancelled: %v after %v", res.err, res.took)
+			}
+		case "patient":
+			if res.err != nil {
+				t.Errorf("patient caller lost its reply: %v", res.err)
+			}
+		}
+	}
+	// The connection is in step afterwards.
+	if _, err := c.Sign(context.Background(), client.ByName("ed"), client.Algorithm{}, []byte("after")); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -16,9 +16,13 @@ import (
 	"github.com/sigil-agent/sigil/proto"
 )
 
-// conn is one client connection: a reader goroutine (this one) that decodes
-// requests and dispatches them, and a writer goroutine that sends replies in
-// the order they become ready.
+// conn is one client connection. Its reader goroutine decodes requests and
+// answers the cheap ones itself; Sign and Verify run on the reader too when
+// nothing else of this connection is in flight (the common case of a client
+// waiting for each signature: no goroutine hand-off, no thread wake-up), and
+// on pool workers otherwise, so a pipelining client's requests overlap.
+// Replies are written by whoever finishes one: the first writes, and replies
+// that become ready meanwhile are appended and go out in its next write.
 type conn struct {
 	a   *Agent
 	nc  net.Conn
@@ -27,33 +31,42 @@ type conn struct {
 	ctx    context.Context // cancelled when the connection ends
 	cancel context.CancelFunc
 
-	out        chan *outFrame // replies ready to write
-	writerDone chan struct{}
-	inFlight   chan struct{} // one token per request being handled off the reader
-	handlers   sync.WaitGroup
+	inFlight chan struct{} // one token per request handed to a worker
+	handlers sync.WaitGroup
+
+	w replyWriter
 
 	helloDone bool // touched by the reader goroutine only
 }
 
-type outFrame struct{ b []byte }
+// replyWriter coalesces replies without a writer goroutine.
+type replyWriter struct {
+	mu       sync.Mutex
+	pending  []byte // encoded frames waiting for the next write
+	spare    []byte // the other buffer, swapped in while one is being written
+	flushing bool   // someone is writing; appenders just leave their frame
+	broken   bool   // a write failed or the peer stopped reading: drop replies
+}
+
+// maxPendingReplies bounds the replies queued behind a write that does not
+// complete: a client that sends but never reads is disconnected, not buffered
+// for without limit.
+const maxPendingReplies = 1 << 20
 
 var (
-	outFramePool = sync.Pool{New: func() any { return &outFrame{b: make([]byte, 0, 256)} }}
-	codecPool    = sync.Pool{New: func() any { return proto.NewCodec() }}
-	requestPool  = sync.Pool{New: func() any { return new(proto.Request) }}
+	codecPool   = sync.Pool{New: func() any { return proto.NewCodec() }}
+	requestPool = sync.Pool{New: func() any { return new(proto.Request) }}
 )
 
 func newConn(a *Agent, nc net.Conn) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	lim := a.cfg.Limits
 	c := &conn{
-		a:          a,
-		nc:         nc,
-		ctx:        ctx,
-		cancel:     cancel,
-		out:        make(chan *outFrame, lim.MaxInFlightPerConn+4),
-		writerDone: make(chan struct{}),
-		inFlight:   make(chan struct{}, lim.MaxInFlightPerConn),
+		a:        a,
+		nc:       nc,
+		ctx:      ctx,
+		cancel:   cancel,
+		inFlight: make(chan struct{}, lim.MaxInFlightPerConn),
 	}
 	c.log = a.log.With(peerFields(nc)...)
 	return c
@@ -84,12 +97,10 @@ func peerFields(nc net.Conn) []zap.Field {
 func (c *conn) serve() {
 	defer c.a.forget(c)
 	c.log.Debug("connection opened")
-	go c.writeLoop()
 	c.readLoop()
-	// Requests already read still get their replies, unless the peer is gone.
+	// Requests already read still get their replies (each handler writes its
+	// own), unless the peer is gone.
 	c.handlers.Wait()
-	close(c.out)
-	<-c.writerDone
 	c.cancel()
 	c.nc.Close()
 	c.log.Debug("connection closed")
@@ -127,7 +138,7 @@ func (c *conn) readLoop() {
 			requestPool.Put(req)
 			return
 		}
-		if req.Op == proto.OpSign || req.Op == proto.OpVerify {
+		if (req.Op == proto.OpSign || req.Op == proto.OpVerify) && !c.runInline(req, br) {
 			// Backpressure: past the in-flight bound the reader stops reading,
 			// so a client that floods waits instead of growing our memory.
 			select {
@@ -177,56 +188,76 @@ func (c *conn) sendFinal(code proto.Code, msg string) {
 	c.send(&proto.Response{ID: 0, Code: code, Msg: msg})
 }
 
+// runInline reports whether a Sign or Verify should run on the reader: only
+// when no other request of this connection is in flight or already waiting
+// in the read buffer, and the key's provider answers locally (a remote one
+// would hold up the connection's next requests for a network round trip).
+func (c *conn) runInline(req *proto.Request, br *bufio.Reader) bool {
+	if len(c.inFlight) != 0 || br.Buffered() != 0 {
+		return false
+	}
+	e, err := c.a.keys.lookup(req.Key, req.KID)
+	return err != nil || !e.remote
+}
+
+// send queues resp and, unless another goroutine is already writing, writes
+// everything queued until nothing is left.
 func (c *conn) send(resp *proto.Response) {
 	codec := codecPool.Get().(*proto.Codec)
-	of := outFramePool.Get().(*outFrame)
+	defer codecPool.Put(codec)
+	w := &c.w
+	w.mu.Lock()
+	if w.broken {
+		w.mu.Unlock()
+		return
+	}
 	var err error
-	of.b, err = codec.AppendResponseFrame(of.b[:0], resp)
-	codecPool.Put(codec)
-	if err != nil {
+	if w.pending, err = codec.AppendResponseFrame(w.pending, resp); err != nil {
 		// Only a bug gets here (every field is encodable); tell the client
 		// something rather than leaving its request unanswered.
 		c.log.Error("encode reply", zap.Error(err))
-		of.b, _ = proto.NewCodec().AppendResponseFrame(of.b[:0], &proto.Response{ID: resp.ID, Code: proto.Internal, Msg: "internal error; see the agent's log"})
+		w.pending, _ = codec.AppendResponseFrame(w.pending, &proto.Response{ID: resp.ID, Code: proto.Internal, Msg: "internal error; see the agent's log"})
 	}
-	c.out <- of
+	if len(w.pending) > maxPendingReplies {
+		w.broken = true
+		w.mu.Unlock()
+		c.log.Info("closing connection: client is not reading its replies")
+		c.drop()
+		return
+	}
+	if w.flushing {
+		w.mu.Unlock()
+		return
+	}
+	w.flushing = true
+	timeout := c.a.cfg.Limits.WriteTimeout
+	for {
+		buf := w.pending
+		w.pending = w.spare[:0]
+		w.mu.Unlock()
+		c.nc.SetWriteDeadline(time.Now().Add(timeout))
+		_, err := c.nc.Write(buf)
+		w.mu.Lock()
+		w.spare = buf[:0]
+		if err != nil {
+			w.broken, w.flushing = true, false
+			w.pending = w.pending[:0]
+			w.mu.Unlock()
+			// A peer that stopped reading (or vanished): drop it. Closing
+			// the socket also ends the reader.
+			c.log.Info("closing connection: write failed", zap.Error(err))
+			c.drop()
+			return
+		}
+		if len(w.pending) == 0 {
+			w.flushing = false
+			w.mu.Unlock()
+			return
+		}
+	}
 }
 
-// writeLoop writes replies as they come, draining whatever else is ready
-// before each flush so pipelined replies share one write.
-func (c *conn) writeLoop() {
-	defer close(c.writerDone)
-	bw := bufio.NewWriterSize(c.nc, 16<<10)
-	timeout := c.a.cfg.Limits.WriteTimeout
-	broken := false
-	for of := range c.out {
-		if broken {
-			outFramePool.Put(of)
-			continue
-		}
-		c.nc.SetWriteDeadline(time.Now().Add(timeout))
-		bw.Write(of.b)
-		outFramePool.Put(of)
-	drain:
-		for {
-			select {
-			case more, ok := <-c.out:
-				if !ok {
-					break drain
-				}
-				bw.Write(more.b)
-				outFramePool.Put(more)
-			default:
-				break drain
-			}
-		}
-		if err := bw.Flush(); err != nil {
-			// A peer that stopped reading (or vanished): drop it. Closing the
-			// socket also ends the reader; queued replies are discarded.
-			broken = true
-			c.log.Info("closing connection: write failed", zap.Error(err))
-			c.cancel()
-			c.nc.Close()
-		}
-	}
+func (c *conn) drop() {
+	c.cancel()
+	c.nc.Close()
 }

@@ -19,6 +19,8 @@ type keyEntry struct {
 	provider providers.Provider
 	// defaultAlg answers a Sign that names no scheme.
 	defaultAlg providers.Algorithm
+	// remote: the provider's Sign waits on a network (providers.Remote).
+	remote bool
 }
 
 // keyring resolves key names and kids to entries. It is built once at start
@@ -82,7 +84,7 @@ func newKeyring(ctx context.Context, provs []providers.Provider, defaultKey stri
 			if _, dup := kr.byName[k.Name]; dup {
 				return nil, fmt.Errorf("key name %q served by two providers", k.Name)
 			}
-			e := &keyEntry{info: k, provider: p, defaultAlg: k.Type.DefaultAlgorithm()}
+			e := &keyEntry{info: k, provider: p, defaultAlg: k.Type.DefaultAlgorithm(), remote: providers.IsRemote(p)}
 			kr.byName[k.Name] = e
 			kr.byKID[k.KID] = e
 			kr.list = append(kr.list, proto.KeyEntry{

@@ -50,3 +50,16 @@ func NewKeyInfo(provider, name string, pub crypto.PublicKey) (KeyInfo, error) {
 		SPKI:     spki,
 	}, nil
 }
+
+// Remote is implemented by providers whose Sign waits on a network (cloud
+// KMS). The agent runs their calls off a connection's reader, so one slow
+// call does not hold up the connection's other requests.
+type Remote interface {
+	Remote() bool
+}
+
+// IsRemote reports whether p declares itself Remote.
+func IsRemote(p Provider) bool {
+	r, ok := p.(Remote)
+	return ok && r.Remote()
+}
