@@ -31,10 +31,12 @@ type Config struct {
 	// $XDG_STATE_HOME/sigil, else ~/.local/state/sigil).
 	DataDir string `yaml:"data_dir"`
 	// DefaultKey answers requests that name no key.
-	DefaultKey string         `yaml:"default_key"`
-	Log        LogConfig      `yaml:"log"`
-	Limits     Limits         `yaml:"limits"`
-	Providers  []ProviderSpec `yaml:"providers"`
+	DefaultKey string `yaml:"default_key"`
+	// TCP, when Listen is set, adds a mutual-TLS listener.
+	TCP       TCPConfig      `yaml:"tcp"`
+	Log       LogConfig      `yaml:"log"`
+	Limits    Limits         `yaml:"limits"`
+	Providers []ProviderSpec `yaml:"providers"`
 }
 
 // LogConfig chooses the zap logger.
@@ -147,6 +149,9 @@ func (c *Config) EnsureDefaults() {
 	if l.ShutdownGrace == 0 {
 		l.ShutdownGrace = 10 * time.Second
 	}
+	if c.TCP.HandshakeTimeout == 0 {
+		c.TCP.HandshakeTimeout = 10 * time.Second
+	}
 	for i := range c.Providers {
 		p := &c.Providers[i]
 		if p.Type == "software" && p.Dir == "" {
@@ -183,6 +188,9 @@ func (c *Config) Validate() error {
 	case "", "console", "json":
 	default:
 		errs = append(errs, fmt.Errorf("log.format %q: want console or json", c.Log.Format))
+	}
+	if err := c.TCP.validate(); err != nil {
+		errs = append(errs, err)
 	}
 	ids := map[string]bool{}
 	names := map[string]string{}

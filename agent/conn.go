@@ -3,12 +3,13 @@ package agent
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
 	"sync"
-	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -36,7 +37,32 @@ type conn struct {
 
 	w replyWriter
 
+	peer      peer
 	helloDone bool // touched by the reader goroutine only
+}
+
+// identify establishes who the peer is before anything is read from it: the
+// kernel's credentials on a Unix socket, the verified client certificate
+// after a bounded TLS handshake.
+func (c *conn) identify() error {
+	switch nc := c.nc.(type) {
+	case *net.UnixConn:
+		p, err := unixPeer(nc)
+		c.peer = p
+		return err
+	case *tls.Conn:
+		ctx, cancel := context.WithTimeout(c.ctx, c.a.cfg.TCP.HandshakeTimeout)
+		defer cancel()
+		if err := nc.HandshakeContext(ctx); err != nil {
+			c.log = c.log.With(zap.String("peer_addr", nc.RemoteAddr().String()))
+			return fmt.Errorf("TLS handshake: %w", err)
+		}
+		p, err := tlsPeer(nc.ConnectionState(), nc.RemoteAddr().String())
+		c.peer = p
+		return err
+	}
+	c.peer = peer{addr: c.nc.RemoteAddr().String()}
+	return nil
 }
 
 // replyWriter coalesces replies without a writer goroutine.
@@ -68,34 +94,19 @@ func newConn(a *Agent, nc net.Conn) *conn {
 		cancel:   cancel,
 		inFlight: make(chan struct{}, lim.MaxInFlightPerConn),
 	}
-	c.log = a.log.With(peerFields(nc)...)
+	c.log = a.log
 	return c
-}
-
-// peerFields identifies the peer for the log: uid and pid from SO_PEERCRED on
-// a Unix socket (the identity tenants will be mapped from), the address on TCP.
-func peerFields(nc net.Conn) []zap.Field {
-	uc, ok := nc.(*net.UnixConn)
-	if !ok {
-		return []zap.Field{zap.String("peer", nc.RemoteAddr().String())}
-	}
-	raw, err := uc.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	var cred *syscall.Ucred
-	raw.Control(func(fd uintptr) {
-		cred, err = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
-	})
-	if err != nil || cred == nil {
-		return nil
-	}
-	return []zap.Field{zap.Uint32("peer_uid", cred.Uid), zap.Int32("peer_pid", cred.Pid)}
 }
 
 // serve runs the connection to its end and releases everything it held.
 func (c *conn) serve() {
 	defer c.a.forget(c)
+	if err := c.identify(); err != nil {
+		c.log.Info("connection refused: peer not identified", zap.Error(err))
+		c.nc.Close()
+		return
+	}
+	c.log = c.log.With(c.peer.logFields()...)
 	c.log.Debug("connection opened")
 	c.readLoop()
 	// Requests already read still get their replies (each handler writes its

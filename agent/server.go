@@ -19,6 +19,7 @@ type Agent struct {
 	log     *zap.Logger
 	keys    *keyring
 	workers *workerPool
+	tls     *tlsMaterial // nil without a TCP listener
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
@@ -67,6 +68,13 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		}
 		return nil, err
 	}
+	var tm *tlsMaterial
+	if cfg.TCP.Listen != "" {
+		if tm, err = newTLSMaterial(cfg.TCP); err != nil {
+			kr.close()
+			return nil, err
+		}
+	}
 	for _, k := range kr.list {
 		log.Info("serving key", zap.String("key", k.Name), zap.String("kid", k.KID),
 			zap.String("provider", k.Provider), zap.String("type", k.KeyType))
@@ -76,6 +84,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		log:       log,
 		keys:      kr,
 		workers:   newWorkerPool(30 * time.Second),
+		tls:       tm,
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[*conn]struct{}{},
 	}, nil
@@ -188,4 +197,18 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 		err = errors.Join(err, cerr)
 	}
 	return err
+}
+
+// Reload re-reads what can change without a restart: the TLS certificates
+// (new handshakes use them; open connections carry on). On error the old
+// material stays in force.
+func (a *Agent) Reload() error {
+	if a.tls != nil {
+		if err := a.tls.reload(); err != nil {
+			a.log.Warn("reload failed; keeping the current certificates", zap.Error(err))
+			return err
+		}
+		a.log.Info("TLS certificates reloaded")
+	}
+	return nil
 }

@@ -3,6 +3,7 @@ package bench
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/sigil-agent/sigil/agent/devcerts"
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/pkcs11"
 )
@@ -41,6 +43,8 @@ type Env struct {
 	Keys       []string // key types provisioned, e.g. "ecdsa-p256"
 
 	AgentSocket string
+	AgentTCP    string      // host:port of the agent's mutual-TLS listener
+	ClientTLS   *tls.Config // a client certificate the agent accepts
 	agent       *exec.Cmd
 	agentLog    *os.File
 
@@ -175,8 +179,12 @@ func (e *Env) startAgent(ctx context.Context, sigil string) error {
 		return errors.New("no sigil binary to run the agent")
 	}
 	e.AgentSocket = filepath.Join(e.Dir, "agent.sock")
+	tcp, err := e.tlsMaterial()
+	if err != nil {
+		return fmt.Errorf("bench certificates: %w", err)
+	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "socket: %s\ndata_dir: %s\nlog: {level: warn}\nproviders:\n", e.AgentSocket, filepath.Join(e.Dir, "state"))
+	fmt.Fprintf(&b, "socket: %s\ndata_dir: %s\nlog: {level: warn}\n%sproviders:\n", e.AgentSocket, filepath.Join(e.Dir, "state"), tcp)
 	fmt.Fprintf(&b, "  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: %s\n    pin_env: %s\n    keys:\n", e.Module, e.TokenLabel, pinEnv)
 	for _, k := range e.Keys {
 		fmt.Fprintf(&b, "      - {name: %s, uri: \"pkcs11:token=%s;object=%s\"}\n", hsmKeyName(k), e.TokenLabel, k)
@@ -207,6 +215,39 @@ func (e *Env) startAgent(ctx context.Context, sigil string) error {
 		return fmt.Errorf("agent did not come up: %w\n%s", err, log)
 	}
 	return nil
+}
+
+// tlsMaterial makes a throwaway CA, the agent's certificate and a client
+// certificate, and returns the agent config's tcp section.
+func (e *Env) tlsMaterial() (string, error) {
+	ca, err := devcerts.NewCA("sigil bench CA")
+	if err != nil {
+		return "", err
+	}
+	srv, err := ca.Issue(devcerts.Leaf{CommonName: "sigil bench agent", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+	if err != nil {
+		return "", err
+	}
+	cli, err := ca.Issue(devcerts.Leaf{CommonName: "bench-client", URIs: []string{"spiffe://sigil.bench/client"}})
+	if err != nil {
+		return "", err
+	}
+	certFile, keyFile, err := srv.Write(e.Dir, "agent-tls")
+	if err != nil {
+		return "", err
+	}
+	caFile, err := ca.WriteCert(e.Dir, "bench-ca")
+	if err != nil {
+		return "", err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	e.AgentTCP = ln.Addr().String()
+	ln.Close()
+	e.ClientTLS = &tls.Config{Certificates: []tls.Certificate{cli.TLS}, RootCAs: ca.Pool()}
+	return fmt.Sprintf("tcp: {listen: %q, cert_file: %s, key_file: %s, client_ca_file: %s}\n", e.AgentTCP, certFile, keyFile, caFile), nil
 }
 
 // AgentPID is the agent process's pid, for ProcessCPU.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/sha256"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"os"
@@ -30,6 +31,26 @@ func AgentScenario(name, keyType, socket, keyName string, cpu func() time.Durati
 		Name: name, Key: keyType, CPU: cpu,
 		NewWorker: func(ctx context.Context) (func(context.Context) error, func() error, error) {
 			c, err := client.Dial(ctx, socket)
+			if err != nil {
+				return nil, nil, err
+			}
+			ref := client.ByName(keyName)
+			op := func(ctx context.Context) error {
+				_, err := c.Sign(ctx, ref, client.Algorithm{}, benchDigest[:])
+				return err
+			}
+			return op, c.Close, nil
+		},
+	}
+}
+
+// AgentTLSScenario signs through the agent's mutual-TLS listener, one
+// connection (one full handshake, then reused) per worker.
+func AgentTLSScenario(name, keyType, addr string, cfg *tls.Config, keyName string, cpu func() time.Duration) Scenario {
+	return Scenario{
+		Name: name, Key: keyType, CPU: cpu,
+		NewWorker: func(ctx context.Context) (func(context.Context) error, func() error, error) {
+			c, err := client.DialTLS(ctx, addr, cfg)
 			if err != nil {
 				return nil, nil, err
 			}

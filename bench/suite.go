@@ -15,7 +15,7 @@ type SuiteOptions struct {
 	// Keys are the key types to measure; default ecdsa-p256, rsa-2048, ed25519.
 	Keys []string
 	// Scenarios limits which scenarios run (default all): direct, agent-unix,
-	// p11kit, software.
+	// agent-tcp, p11kit, software.
 	Scenarios []string
 	// Addr and Key measure an agent that is already running instead of
 	// setting one up: only the agent-unix scenario, with that key.
@@ -79,6 +79,9 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 		if o.wants(ScenarioAgentUnix) {
 			scenarios = append(scenarios, AgentScenario(ScenarioAgentUnix, k, env.AgentSocket, hsmKeyName(k), agentCPU))
+		}
+		if o.wants(ScenarioAgentTCP) {
+			scenarios = append(scenarios, AgentTLSScenario(ScenarioAgentTCP, k, env.AgentTCP, env.ClientTLS, hsmKeyName(k), agentCPU))
 		}
 		if forwarded != nil {
 			scenarios = append(scenarios, forwarded.Scenario(ScenarioP11Kit, k, p11kitCPU))

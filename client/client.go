@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto"
+	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
 	"errors"
@@ -64,6 +65,25 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("sigil: connect to agent at %s: %w", path, err)
 	}
+	return newClient(ctx, nc)
+}
+
+// DialTLS connects to an agent's mutual-TLS listener at addr (host:port).
+// cfg must carry the client certificate (Certificates or
+// GetClientCertificate) and the CAs that signed the agent's certificate
+// (RootCAs); TLS 1.3 is required.
+func DialTLS(ctx context.Context, addr string, cfg *tls.Config) (*Client, error) {
+	cfg = cfg.Clone()
+	cfg.MinVersion = tls.VersionTLS13
+	d := tls.Dialer{Config: cfg}
+	nc, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("sigil: connect to agent at %s: %w", addr, err)
+	}
+	return newClient(ctx, nc)
+}
+
+func newClient(ctx context.Context, nc net.Conn) (*Client, error) {
 	c := &Client{
 		nc:       nc,
 		maxFrame: proto.DefaultMaxFrame,

@@ -91,14 +91,35 @@ func runAgent(cfg agent.Config) error {
 	// Scripts that started the agent in the background wait for this line.
 	fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", cfg.Socket)
 
-	serveErr := make(chan error, 1)
+	serveErr := make(chan error, 2)
 	go func() { serveErr <- a.Serve(ln) }()
+	if cfg.TCP.Listen != "" {
+		tln, err := a.ListenTLS()
+		if err != nil {
+			a.Shutdown(context.Background())
+			os.Remove(cfg.Socket)
+			log.Error("agent failed to listen", zap.Error(err))
+			return &exitError{exitFailure, err}
+		}
+		log.Info("agent listening (mutual TLS)", zap.String("addr", tln.Addr().String()))
+		go func() { serveErr <- a.Serve(tln) }()
+	}
 
-	select {
-	case <-ctx.Done():
-		log.Info("shutting down: finishing in-flight requests", zap.Duration("grace", cfg.Limits.ShutdownGrace))
-	case err := <-serveErr:
-		log.Error("listener failed", zap.Error(err))
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+wait:
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("shutting down: finishing in-flight requests", zap.Duration("grace", cfg.Limits.ShutdownGrace))
+			break wait
+		case <-hup:
+			a.Reload()
+		case err := <-serveErr:
+			log.Error("listener failed", zap.Error(err))
+			break wait
+		}
 	}
 	shutCtx, cancel := context.WithTimeout(context.Background(), cfg.Limits.ShutdownGrace)
 	defer cancel()

@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -17,6 +20,8 @@ import (
 type globalFlags struct {
 	socket  string
 	timeout time.Duration
+	// mTLS, for --socket tls://host:port
+	tlsCert, tlsKey, tlsCA string
 }
 
 func newRootCommand() *cobra.Command {
@@ -33,13 +38,26 @@ Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() +
 	}
 	root.PersistentFlags().StringVar(&g.socket, "socket", "", "agent socket (default $SIGIL_SOCK, else "+proto.DefaultSocketPath()+")")
 	root.PersistentFlags().DurationVar(&g.timeout, "timeout", 10*time.Second, "deadline for each request to the agent")
+	root.PersistentFlags().StringVar(&g.tlsCert, "tls-cert", "", "client certificate (PEM) for --socket tls://host:port")
+	root.PersistentFlags().StringVar(&g.tlsKey, "tls-key", "", "client private key (PEM) for --socket tls://host:port")
+	root.PersistentFlags().StringVar(&g.tlsCA, "tls-ca", "", "CA bundle (PEM) that signed the agent's certificate")
 	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newBenchCommand(), newVersionCommand())
 	return root
 }
 
 // connect dials the agent, mapping failure to exitUnreachable with a hint.
 func (g *globalFlags) connect(ctx context.Context) (*client.Client, error) {
-	c, err := client.Dial(ctx, g.socket)
+	var c *client.Client
+	var err error
+	if addr, ok := strings.CutPrefix(g.socket, "tls://"); ok {
+		cfg, cerr := clientTLSConfig(g.tlsCert, g.tlsKey, g.tlsCA)
+		if cerr != nil {
+			return nil, usageError("%v", cerr)
+		}
+		c, err = client.DialTLS(ctx, addr, cfg)
+	} else {
+		c, err = client.Dial(ctx, g.socket)
+	}
 	if err != nil {
 		addr := g.socket
 		if addr == "" {
@@ -48,6 +66,26 @@ func (g *globalFlags) connect(ctx context.Context) (*client.Client, error) {
 		return nil, &exitError{exitUnreachable, fmt.Errorf("no agent at %s (start one with 'sigil agent' or 'make run', or set $SIGIL_SOCK): %w", addr, errors.Unwrap(err))}
 	}
 	return c, nil
+}
+
+// clientTLSConfig builds the mTLS client side from PEM files.
+func clientTLSConfig(certFile, keyFile, caFile string) (*tls.Config, error) {
+	if certFile == "" || keyFile == "" || caFile == "" {
+		return nil, errors.New("tls:// needs --tls-cert, --tls-key and --tls-ca")
+	}
+	cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("client certificate: %w", err)
+	}
+	caPEM, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("CA bundle: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("CA bundle %s holds no PEM certificate", caFile)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS13}, nil
 }
 
 func (g *globalFlags) context() (context.Context, context.CancelFunc) {

@@ -1,0 +1,64 @@
+package agent
+
+import (
+	"crypto/tls"
+	"errors"
+	"net"
+	"syscall"
+
+	"go.uber.org/zap"
+)
+
+// peer is who is on the other end of a connection: a local process by its
+// kernel-reported credentials, or a remote service by its verified client
+// certificate. Tenants are mapped from this, never from anything the client
+// says about itself.
+type peer struct {
+	unix     bool
+	uid, gid uint32
+	pid      int32
+	name     string // mTLS: the first URI SAN (a SPIFFE ID, say), else the subject CN
+	addr     string
+}
+
+// unixPeer reads SO_PEERCRED: the uid, gid and pid the kernel recorded when
+// the client connected.
+func unixPeer(uc *net.UnixConn) (peer, error) {
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return peer{}, err
+	}
+	var cred *syscall.Ucred
+	cerr := raw.Control(func(fd uintptr) {
+		cred, err = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	})
+	if cerr != nil {
+		return peer{}, cerr
+	}
+	if err != nil {
+		return peer{}, err
+	}
+	return peer{unix: true, uid: cred.Uid, gid: cred.Gid, pid: cred.Pid}, nil
+}
+
+var errNoClientCert = errors.New("no verified client certificate")
+
+// tlsPeer names a mutually authenticated TLS peer by its leaf certificate.
+func tlsPeer(cs tls.ConnectionState, addr string) (peer, error) {
+	if len(cs.VerifiedChains) == 0 || len(cs.PeerCertificates) == 0 {
+		return peer{}, errNoClientCert
+	}
+	leaf := cs.PeerCertificates[0]
+	p := peer{addr: addr, name: leaf.Subject.CommonName}
+	if len(leaf.URIs) > 0 {
+		p.name = leaf.URIs[0].String()
+	}
+	return p, nil
+}
+
+func (p peer) logFields() []zap.Field {
+	if p.unix {
+		return []zap.Field{zap.Uint32("peer_uid", p.uid), zap.Uint32("peer_gid", p.gid), zap.Int32("peer_pid", p.pid)}
+	}
+	return []zap.Field{zap.String("peer", p.name), zap.String("peer_addr", p.addr)}
+}

@@ -1,0 +1,154 @@
+package agent_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/devcerts"
+	"github.com/sigil-agent/sigil/client"
+)
+
+type tlsSetup struct {
+	ca, otherCA *devcerts.CA
+	dir         string
+	addr        string
+	running     *running
+}
+
+func startTLSAgent(t *testing.T) *tlsSetup {
+	t.Helper()
+	s := &tlsSetup{dir: t.TempDir()}
+	var err error
+	if s.ca, err = devcerts.NewCA("sigil test CA"); err != nil {
+		t.Fatal(err)
+	}
+	if s.otherCA, err = devcerts.NewCA("some other CA"); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := s.ca.Issue(devcerts.Leaf{CommonName: "sigil agent", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := softwareConfig(t)
+	cfg.TCP.CertFile, cfg.TCP.KeyFile, _ = srv.Write(s.dir, "server")
+	cfg.TCP.ClientCAFile, _ = s.ca.WriteCert(s.dir, "clients-ca")
+	// A free port: listen, note it, close.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.addr = ln.Addr().String()
+	ln.Close()
+	cfg.TCP.Listen = s.addr
+	s.running = startAgent(t, cfg)
+	tln, err := s.running.agent.ListenTLS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.running.agent.Serve(tln)
+	return s
+}
+
+func (s *tlsSetup) dial(t *testing.T, cert *devcerts.Issued) (*client.Client, error) {
+	cfg := &tls.Config{RootCAs: s.ca.Pool()}
+	if cert != nil {
+		cfg.Certificates = []tls.Certificate{cert.TLS}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := client.DialTLS(ctx, s.addr, cfg)
+	if err == nil {
+		t.Cleanup(func() { c.Close() })
+	}
+	return c, err
+}
+
+func TestMutualTLS(t *testing.T) {
+	s := startTLSAgent(t)
+	good, _ := s.ca.Issue(devcerts.Leaf{CommonName: "payments-client", URIs: []string{"spiffe://example.org/payments"}})
+	expired, _ := s.ca.Issue(devcerts.Leaf{CommonName: "old", NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-24 * time.Hour)})
+	foreign, _ := s.otherCA.Issue(devcerts.Leaf{CommonName: "intruder"})
+	server, _ := s.ca.Issue(devcerts.Leaf{CommonName: "not a client", Server: true})
+
+	c, err := s.dial(t, good)
+	if err != nil {
+		t.Fatalf("valid client certificate refused: %v", err)
+	}
+	d := sha256.Sum256([]byte("over mTLS"))
+	if _, err := c.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:]); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		cert *devcerts.Issued
+	}{
+		{"no certificate", nil},
+		{"expired certificate", expired},
+		{"certificate from another CA", foreign},
+		{"server-only certificate", server},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := s.dial(t, tc.cert)
+			if err == nil {
+				// TLS 1.3 may report the server's refusal on the first read.
+				err = c.Ping(context.Background())
+			}
+			if err == nil {
+				t.Fatal("agent served a client it should have refused")
+			}
+		})
+	}
+	// The good client still works after the refusals.
+	if err := c.Ping(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Renewed certificates are picked up on Reload; connections open before it
+// carry on.
+func TestTLSReload(t *testing.T) {
+	s := startTLSAgent(t)
+	good, _ := s.ca.Issue(devcerts.Leaf{CommonName: "c"})
+	before, err := s.dial(t, good)
+	if err != nil {
+		t.Fatal(err)
+	}
+	renewed, _ := s.ca.Issue(devcerts.Leaf{CommonName: "sigil agent renewed", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+	renewed.Write(s.dir, "server")
+	if err := s.running.agent.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	conn, err := tls.Dial("tcp", s.addr, &tls.Config{RootCAs: s.ca.Pool(), Certificates: []tls.Certificate{good.TLS}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if cn := conn.ConnectionState().PeerCertificates[0].Subject.CommonName; cn != "sigil agent renewed" {
+		t.Fatalf("after reload the agent presents %q", cn)
+	}
+	if err := before.Ping(context.Background()); err != nil {
+		t.Fatalf("connection from before the reload: %v", err)
+	}
+	// A broken renewal keeps the working certificates.
+	os.WriteFile(filepath.Join(s.dir, "server.pem"), []byte("garbage"), 0o644)
+	if err := s.running.agent.Reload(); err == nil {
+		t.Fatal("reload accepted a broken certificate")
+	}
+	if _, err := s.dial(t, good); err != nil {
+		t.Fatalf("after a failed reload: %v", err)
+	}
+}
+
+func TestTCPConfigNeedsTLSMaterial(t *testing.T) {
+	_, err := agent.ParseConfig([]byte("tcp: {listen: '127.0.0.1:0'}\n"))
+	if err == nil {
+		t.Fatal("a TCP listener without certificates was accepted")
+	}
+}

@@ -1,0 +1,93 @@
+package agent
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"sync/atomic"
+	"time"
+)
+
+// TCPConfig configures the mutual-TLS listener for services on other hosts
+// (or in other network namespaces). Every client must present a certificate
+// that chains to ClientCAFile; TLS 1.3 only.
+type TCPConfig struct {
+	Listen       string `yaml:"listen"`         // host:port, e.g. 127.0.0.1:7443
+	CertFile     string `yaml:"cert_file"`      // the agent's certificate chain (PEM)
+	KeyFile      string `yaml:"key_file"`       // its private key (PEM, 0600)
+	ClientCAFile string `yaml:"client_ca_file"` // CAs whose client certificates are accepted (PEM)
+	// HandshakeTimeout bounds a TLS handshake (default 10s), so a client
+	// that connects and says nothing holds a socket for no longer.
+	HandshakeTimeout time.Duration `yaml:"handshake_timeout"`
+}
+
+func (t *TCPConfig) validate() error {
+	if t.Listen == "" {
+		return nil
+	}
+	var errs []error
+	for _, f := range []struct{ name, val string }{{"cert_file", t.CertFile}, {"key_file", t.KeyFile}, {"client_ca_file", t.ClientCAFile}} {
+		if f.val == "" {
+			errs = append(errs, fmt.Errorf("tcp.%s is required with tcp.listen (the TCP listener is mutual TLS only)", f.name))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// tlsMaterial holds the current certificates; Reload swaps them so new
+// handshakes use renewed certificates without a restart, while established
+// connections carry on.
+type tlsMaterial struct {
+	cfg     TCPConfig
+	current atomic.Pointer[tls.Config]
+}
+
+func newTLSMaterial(cfg TCPConfig) (*tlsMaterial, error) {
+	m := &tlsMaterial{cfg: cfg}
+	if err := m.reload(); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func (m *tlsMaterial) reload() error {
+	cert, err := tls.LoadX509KeyPair(m.cfg.CertFile, m.cfg.KeyFile)
+	if err != nil {
+		return fmt.Errorf("tls: load %s / %s: %w", m.cfg.CertFile, m.cfg.KeyFile, err)
+	}
+	caPEM, err := os.ReadFile(m.cfg.ClientCAFile)
+	if err != nil {
+		return fmt.Errorf("tls: client CAs: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return fmt.Errorf("tls: %s holds no PEM certificate", m.cfg.ClientCAFile)
+	}
+	m.current.Store(&tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{cert},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    pool,
+	})
+	return nil
+}
+
+// ListenTLS opens the mutual-TLS listener of cfg.TCP.
+func (a *Agent) ListenTLS() (net.Listener, error) {
+	if a.tls == nil {
+		return nil, errors.New("no tcp listener configured")
+	}
+	ln, err := net.Listen("tcp", a.cfg.TCP.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", a.cfg.TCP.Listen, err)
+	}
+	return tls.NewListener(ln, &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+			return a.tls.current.Load(), nil
+		},
+	}), nil
+}
