@@ -138,7 +138,7 @@ func (r *Request) decode(c *Codec) error {
 	if n < 0 {
 		return fmt.Errorf("request: nil map")
 	}
-	var key []byte
+	key := c.key[:0]
 	for i := 0; i < n; i++ {
 		if key, err = decodeKey(d, key[:0]); err != nil {
 			return fmt.Errorf("request key: %w", err)
@@ -443,6 +443,7 @@ func (c *Codec) decodeBytesInto(buf []byte) ([]byte, error) {
 // Codec encodes and decodes messages, reusing its buffers. A Codec is not safe
 // for concurrent use; keep one per goroutine (or take them from a sync.Pool).
 type Codec struct {
+	key [maxKeyLen]byte // scratch for map keys, so decoding them allocates nothing
 	rd  bytes.Reader
 	dec *msgpack.Decoder
 	wr  bytes.Buffer
