@@ -1,0 +1,356 @@
+package policy
+
+import (
+	"errors"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// Reason is why a request was denied, or OK. Each maps to the wire code of
+// the same name (String); the numbers are this package's, not the wire's.
+type Reason uint8
+
+const (
+	OK                   Reason = iota // allowed
+	NotFound                           // no such slot for this tenant (another tenant's slot included)
+	PermissionDenied                   // the client identity is not in the slot's clients
+	UnsupportedAlgorithm               // the algorithm is not allowed by the slot's policy
+	BadRequest                         // the digest length does not match the algorithm's hash
+	RateLimited                        // the slot's token bucket is empty
+	QuotaExceeded                      // the slot's daily quota is used up
+	OutsideWindow                      // now is outside the slot's UTC windows
+	Paused                             // the slot is paused (by the file or at run time)
+)
+
+var reasonNames = [...]string{
+	OK:                   "OK",
+	NotFound:             "NOT_FOUND",
+	PermissionDenied:     "PERMISSION_DENIED",
+	UnsupportedAlgorithm: "UNSUPPORTED_ALGORITHM",
+	BadRequest:           "BAD_REQUEST",
+	RateLimited:          "RATE_LIMITED",
+	QuotaExceeded:        "QUOTA_EXCEEDED",
+	OutsideWindow:        "OUTSIDE_WINDOW",
+	Paused:               "PAUSED",
+}
+
+// String is the wire code name the reason maps to (proto.ParseCode accepts it).
+func (r Reason) String() string {
+	if int(r) < len(reasonNames) {
+		return reasonNames[r]
+	}
+	return "REASON_" + strconv.Itoa(int(r))
+}
+
+// Messages safe to show the client: fixed texts, free of secrets, digests and
+// of anything about other tenants.
+var reasonMessages = [...]string{
+	OK:                   "",
+	NotFound:             "key slot not found",
+	PermissionDenied:     "this client identity may not use the key slot",
+	UnsupportedAlgorithm: "the key slot's policy does not allow this algorithm",
+	BadRequest:           "digest length does not match the algorithm's hash",
+	RateLimited:          "the key slot's rate limit is exceeded; retry later",
+	QuotaExceeded:        "the key slot's daily quota is used up; it resets at 00:00 UTC",
+	OutsideWindow:        "signing with this key slot is not allowed at this time (UTC windows)",
+	Paused:               "the key slot is paused",
+}
+
+// Decision is the outcome of a policy check.
+type Decision struct {
+	Reason Reason // OK: allowed
+	// PolicyHash is the hash of the requesting tenant's policy (Tenant.Hash),
+	// for the reply and the audit record; zero when the peer maps to no
+	// tenant. It is the tenant's hash, not the whole set's, so that one
+	// tenant's replies do not reveal when another tenant's policy changes.
+	PolicyHash [32]byte
+	// Slot is the slot that was checked (its Key is the agent key to sign
+	// with); nil when the slot was not found.
+	Slot *Slot
+	// RetryAfter is, for RateLimited, QuotaExceeded and OutsideWindow, the
+	// earliest moment a retry can pass that rule; 0 otherwise.
+	RetryAfter time.Duration
+}
+
+// Allowed reports whether the request may be signed.
+func (d Decision) Allowed() bool { return d.Reason == OK }
+
+// Message is a fixed text for the client explaining a denial ("" for OK).
+func (d Decision) Message() string {
+	if int(d.Reason) < len(reasonMessages) {
+		return reasonMessages[d.Reason]
+	}
+	return "denied by policy"
+}
+
+// Errors of the admin operations.
+var (
+	ErrSlotNotFound = errors.New("policy: key slot not found")
+	// ErrPausedInFile is returned by Resume when the policy file itself
+	// pauses the slot: the run-time pause is lifted, the slot stays paused
+	// until the file says paused: false and is reloaded.
+	ErrPausedInFile = errors.New("policy: key slot is paused by the policy file")
+)
+
+// Engine enforces a Set at run time. It holds each slot's token bucket, daily
+// counter and run-time paused flag, in memory only: a restart starts every
+// bucket full and every daily count at zero, and forgets run-time pauses
+// (the audit journal will persist them).
+//
+// Check is lock-free: the set and the per-slot state are read through one
+// atomic pointer, and the per-slot counters are atomics. Swap replaces the set
+// without stopping Check.
+type Engine struct {
+	clock func() time.Time
+	epoch time.Time // token buckets count from here, on the monotonic clock when clock is time.Now
+	state atomic.Pointer[engineState]
+	swap  sync.Mutex // serializes Swap; never taken by Check
+}
+
+type engineState struct {
+	set   *Set
+	slots []*slotState // by Slot.index
+}
+
+const (
+	quotaCountBits = 40
+	quotaCountMask = 1<<quotaCountBits - 1
+)
+
+// slotState is one slot's run-time state, shared by the engine states of
+// successive Swaps while the slot exists.
+type slotState struct {
+	// tat is the GCRA "theoretical arrival time" in ns since Engine.epoch: a
+	// token bucket in one word. The bucket is full when tat <= now.
+	tat atomic.Int64
+	// quota is day<<quotaCountBits | count, day = UTC days since 1970.
+	quota  atomic.Uint64
+	paused atomic.Bool
+	_      [64 - 20]byte // one cache line per slot: busy slots do not share lines
+}
+
+// NewEngine starts enforcing set, which must not be nil. clock is the time
+// source (nil: time.Now); tests inject a fake.
+func NewEngine(set *Set, clock func() time.Time) *Engine {
+	if clock == nil {
+		clock = time.Now
+	}
+	e := &Engine{clock: clock, epoch: clock()}
+	e.state.Store(newState(set, nil))
+	return e
+}
+
+func newState(set *Set, old *engineState) *engineState {
+	st := &engineState{set: set, slots: make([]*slotState, set.slotCount)}
+	for _, t := range set.tenants {
+		for _, sl := range t.Slots {
+			if old != nil {
+				if prev, ok := old.set.Slot(t.Name, sl.Name); ok {
+					st.slots[sl.index] = old.slots[prev.index]
+					continue
+				}
+			}
+			st.slots[sl.index] = new(slotState)
+		}
+	}
+	return st
+}
+
+// Set is the set in force.
+func (e *Engine) Set() *Set { return e.state.Load().set }
+
+// Swap puts set (not nil) in force: a reload. A slot that exists in both sets, by
+// full name, keeps its bucket, daily count and run-time pause, even if its
+// policy changed; a removed slot's state is dropped, and a slot added later
+// under the same name starts afresh. Checks running during Swap see either
+// the old or the new set, never a mix.
+func (e *Engine) Swap(set *Set) {
+	e.swap.Lock()
+	defer e.swap.Unlock()
+	e.state.Store(newState(set, e.state.Load()))
+}
+
+// Check decides whether the peer id, a member of tenant, may sign with
+// tenant's slot using alg over a digest of digestLen bytes (for pure Ed25519
+// the message length, not checked here). The rules apply in this order, the
+// first failing one deciding: tenant and slot (NotFound), clients
+// (PermissionDenied), paused (Paused), algorithm (UnsupportedAlgorithm),
+// digest length (BadRequest), windows (OutsideWindow), daily quota
+// (QuotaExceeded), rate (RateLimited). Only an allowed request consumes
+// quota and a rate token, whether or not the signature then succeeds.
+//
+// The peer must map to tenant (Set.TenantOf); otherwise the slot is not
+// found. Check does not allocate and takes no lock.
+func (e *Engine) Check(tenant, slot string, id Identity, alg providers.Algorithm, digestLen int) Decision {
+	st := e.state.Load()
+	t := st.set.tenantOf(id)
+	if t == nil {
+		return Decision{Reason: NotFound}
+	}
+	if t.Name != tenant {
+		return Decision{Reason: NotFound, PolicyHash: t.hash}
+	}
+	sl, ok := t.slots[slot]
+	if !ok {
+		return Decision{Reason: NotFound, PolicyHash: t.hash}
+	}
+	d := Decision{PolicyHash: t.hash, Slot: sl}
+	pol := &sl.Policy
+	if pol.clients != nil && !pol.clients.matches(id) {
+		d.Reason = PermissionDenied
+		return d
+	}
+	rs := st.slots[sl.index]
+	if pol.Paused || rs.paused.Load() {
+		d.Reason = Paused
+		return d
+	}
+	if algorithmBit(alg)&pol.algs == 0 {
+		d.Reason = UnsupportedAlgorithm
+		return d
+	}
+	if n := digestSize(alg); n >= 0 && digestLen != n {
+		d.Reason = BadRequest
+		return d
+	}
+	if pol.window == nil && pol.DailyQuota == 0 && pol.Rate == nil {
+		return d
+	}
+	now := e.clock()
+	if pol.window != nil {
+		if m := minuteOfWeek(now); !pol.window.has(m) {
+			d.Reason = OutsideWindow
+			if n := pol.window.untilNext(m); n > 0 {
+				d.RetryAfter = time.Duration(n)*time.Minute - sinceMinute(now)
+			}
+			return d
+		}
+	}
+	var day uint64
+	if pol.DailyQuota > 0 {
+		day = uint64(floorDiv(now.Unix(), 86400))
+		if !rs.takeQuota(day, uint64(pol.DailyQuota)) {
+			d.Reason = QuotaExceeded
+			d.RetryAfter = time.Unix(int64(day+1)*86400, 0).Sub(now)
+			return d
+		}
+	}
+	if pol.Rate != nil {
+		if wait, ok := rs.takeToken(int64(now.Sub(e.epoch)), pol.interval, pol.tolerance); !ok {
+			if pol.DailyQuota > 0 {
+				rs.refundQuota(day)
+			}
+			d.Reason = RateLimited
+			d.RetryAfter = time.Duration(wait)
+			return d
+		}
+	}
+	return d
+}
+
+func sinceMinute(t time.Time) time.Duration {
+	s := t.Unix() % 60
+	if s < 0 {
+		s += 60
+	}
+	return time.Duration(s)*time.Second + time.Duration(t.Nanosecond())
+}
+
+// takeToken is GCRA, equivalent to a token bucket of tolerance/interval
+// tokens refilling one per interval: a request moves tat interval ns into
+// the future and is refused if tat would then lie more than tolerance ahead
+// of now. It returns how long until a request would pass when refused.
+func (s *slotState) takeToken(now, interval, tolerance int64) (wait int64, ok bool) {
+	for {
+		tat := s.tat.Load()
+		next := max(tat, now) + interval
+		if ahead := next - now; ahead > tolerance {
+			return ahead - tolerance, false
+		}
+		if s.tat.CompareAndSwap(tat, next) {
+			return 0, true
+		}
+	}
+}
+
+// takeQuota counts one signature against today's quota; a new day starts at
+// zero.
+func (s *slotState) takeQuota(day, limit uint64) bool {
+	for {
+		old := s.quota.Load()
+		count := old & quotaCountMask
+		if old>>quotaCountBits != day {
+			count = 0
+		}
+		if count >= limit {
+			return false
+		}
+		if s.quota.CompareAndSwap(old, day<<quotaCountBits|(count+1)) {
+			return true
+		}
+	}
+}
+
+// refundQuota gives back a signature counted by takeQuota on the same day
+// (the rate limit then refused the request).
+func (s *slotState) refundQuota(day uint64) {
+	for {
+		old := s.quota.Load()
+		if old>>quotaCountBits != day || old&quotaCountMask == 0 {
+			return
+		}
+		if s.quota.CompareAndSwap(old, old-1) {
+			return
+		}
+	}
+}
+
+func (e *Engine) lookup(tenant, slot string) (*Slot, *slotState, bool) {
+	st := e.state.Load()
+	sl, ok := st.set.Slot(tenant, slot)
+	if !ok {
+		return nil, nil, false
+	}
+	return sl, st.slots[sl.index], true
+}
+
+// Pause pauses the slot at run time: Check answers Paused until Resume. The
+// pause survives Swap while the slot exists, not a restart (the journal will
+// persist it). A slot is paused when its file says paused: true or it is
+// paused at run time; either suffices.
+func (e *Engine) Pause(tenant, slot string) error {
+	_, rs, ok := e.lookup(tenant, slot)
+	if !ok {
+		return ErrSlotNotFound
+	}
+	rs.paused.Store(true)
+	return nil
+}
+
+// Resume lifts a run-time pause. If the policy file also pauses the slot,
+// the slot stays paused and Resume returns ErrPausedInFile.
+func (e *Engine) Resume(tenant, slot string) error {
+	sl, rs, ok := e.lookup(tenant, slot)
+	if !ok {
+		return ErrSlotNotFound
+	}
+	rs.paused.Store(false)
+	if sl.Policy.Paused {
+		return ErrPausedInFile
+	}
+	return nil
+}
+
+// Paused reports whether the slot is paused, by its file or at run time;
+// found is false for an unknown slot.
+func (e *Engine) Paused(tenant, slot string) (paused, found bool) {
+	sl, rs, ok := e.lookup(tenant, slot)
+	if !ok {
+		return false, false
+	}
+	return sl.Policy.Paused || rs.paused.Load(), true
+}
