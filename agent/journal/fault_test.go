@@ -1,0 +1,330 @@
+package journal
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
+)
+
+// walFault injects errors through pebble's errorfs into operations on
+// Pebble's WAL files (*.log) and on the journal's recovery probe file: a
+// disk that fails new writes, as far as the commit path can see. Faults
+// stay off the MANIFEST and sstables: a failed MANIFEST write makes Pebble
+// call Fatalf on a background goroutine, which ends the process by design
+// (see doc.go, "Failures").
+type walFault struct {
+	on       atomic.Bool
+	oneShot  atomic.Bool // turn off after the first injected error
+	kinds    map[errorfs.OpKind]bool
+	err      error
+	injected atomic.Int64
+}
+
+func (f *walFault) MaybeError(op errorfs.Op) error {
+	if !f.on.Load() || !f.kinds[op.Kind] ||
+		!strings.HasSuffix(op.Path, ".log") && !strings.HasSuffix(op.Path, probeName) {
+		return nil
+	}
+	if f.oneShot.Load() {
+		f.on.Store(false)
+	}
+	f.injected.Add(1)
+	return f.err
+}
+
+func (f *walFault) String() string { return "walFault" }
+
+// Creating a new WAL fails too while the fault is on, as it would on a
+// full disk, so reopening Pebble fails until the fault clears.
+var walCreate = []errorfs.OpKind{errorfs.OpCreate, errorfs.OpReuseForWrite}
+
+func newWALFault(err error, kinds ...errorfs.OpKind) *walFault {
+	f := &walFault{kinds: map[errorfs.OpKind]bool{}, err: err}
+	for _, k := range kinds {
+		f.kinds[k] = true
+	}
+	return f
+}
+
+// appendEventually retries Append until it succeeds, as the agent's
+// next signing requests would after a fault clears.
+func appendEventually(t *testing.T, j *Journal, r *Record) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		rc := *r
+		err := j.Append(context.Background(), &rc)
+		if err == nil {
+			*r = rc
+			return
+		}
+		if !errors.Is(err, ErrUnavailable) || time.Now().After(deadline) {
+			t.Fatalf("Append after the fault cleared: %v", err)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// What Pebble does (v2.1.7), as these cases show: a failed WAL write or
+// sync reaches the committer as Logger.Fatalf("pebble: fatal commit
+// error"); that DB never accepts another write (its log writer keeps the
+// error), and its memtable holds the failed batch. The journal recovers
+// the Fatalf panic, closes that DB (Close returns the same error but does
+// not hang) and opens a fresh one, which replays whatever reached the WAL
+// file.
+func TestWriteFaults(t *testing.T) {
+	cases := []struct {
+		name  string
+		mode  Durability
+		fault *walFault
+		// failedAppendPersists: the failed commit's bytes reached the file
+		// (write succeeded, fsync failed), so after recovery the record is
+		// there, followed by a journal.recovered note.
+		failedAppendPersists bool
+		// transient: one injected error, then the disk is fine again.
+		transient bool
+		// noEffect: the fault hits an operation the mode never performs.
+		noEffect bool
+	}{
+		{name: "wal/write ENOSPC", mode: WAL,
+			fault: newWALFault(syscall.ENOSPC, append(walCreate, errorfs.OpFileWrite)...)},
+		{name: "fsync/write ENOSPC", mode: Fsync,
+			fault: newWALFault(syscall.ENOSPC, append(walCreate, errorfs.OpFileWrite)...)},
+		{name: "fsync/sync EIO", mode: Fsync, failedAppendPersists: true,
+			fault: newWALFault(syscall.EIO, append(walCreate, errorfs.OpFileSync, errorfs.OpFileSyncData)...)},
+		{name: "wal/one failed write", mode: WAL, transient: true,
+			fault: newWALFault(syscall.EIO, errorfs.OpFileWrite)},
+		{name: "wal/sync EIO never hit", mode: WAL, noEffect: true,
+			fault: newWALFault(syscall.EIO, errorfs.OpFileSync, errorfs.OpFileSyncData)},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			fs := errorfs.Wrap(vfs.Default, tc.fault)
+			j := openTest(t, t.TempDir(), tc.mode, func(o *Options) {
+				o.FS = fs
+				o.RecoveryInterval = time.Millisecond
+			})
+			appendN(t, j, "before", 5)
+			_, headBefore := j.Head()
+
+			tc.fault.oneShot.Store(tc.transient)
+			tc.fault.on.Store(true)
+			err := j.Append(ctx, signRecord("during", 0))
+			if tc.noEffect {
+				if err != nil {
+					t.Fatalf("Append: %v", err)
+				}
+				tc.fault.on.Store(false)
+				mustVerify(t, j, 6)
+				return
+			}
+			if !errors.Is(err, ErrUnavailable) {
+				t.Fatalf("Append during the fault: %v, want ErrUnavailable", err)
+			}
+			if seq, h := j.Head(); seq != 5 || h != headBefore {
+				t.Fatalf("head moved to %d on a failed commit", seq)
+			}
+			if !tc.transient {
+				// Still failing: fast refusals, and nothing readable that
+				// could be half-written.
+				for i := 0; i < 3; i++ {
+					if err := j.Append(ctx, signRecord("during", i)); !errors.Is(err, ErrUnavailable) {
+						t.Fatalf("Append %d while the fault is on: %v", i, err)
+					}
+					time.Sleep(2 * time.Millisecond) // let a reopen be tried and fail
+				}
+				if _, err := j.Verify(ctx); err != nil && !errors.Is(err, ErrUnavailable) {
+					t.Fatalf("Verify while unavailable: %v", err)
+				}
+				tc.fault.on.Store(false)
+			}
+
+			after := signRecord("after", 0)
+			appendEventually(t, j, after)
+			wantAfter := uint64(6)
+			if tc.failedAppendPersists {
+				wantAfter = 8 // 6: the unconfirmed record, 7: the note
+			}
+			if after.Seq != wantAfter {
+				t.Fatalf("first record after recovery has seq %d, want %d", after.Seq, wantAfter)
+			}
+			rep := mustVerify(t, j, wantAfter)
+			var tenants []string
+			if err := j.Scan(ctx, Filter{FromSeq: 6}, func(r *Record) error {
+				tenants = append(tenants, r.Tenant+"/"+r.Op)
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			want := "[after/sign]"
+			if tc.failedAppendPersists {
+				want = "[during/sign /journal.recovered after/sign]"
+			}
+			if fmt.Sprint(tenants) != want {
+				t.Fatalf("records from seq 6: %v, want %v", tenants, want)
+			}
+			st := j.Stats()
+			if st.Failures != 1 || st.Recoveries < 1 {
+				t.Fatalf("stats %+v: want one failure and a recovery", st)
+			}
+			t.Logf("head %d, stats %+v, injected %d", rep.LastSeq, st, tc.fault.injected.Load())
+		})
+	}
+}
+
+// Appenders keep going while faults come and go. Every Append that
+// returned nil has its record, byte for byte, in a chain that verifies.
+// The volume stays under Pebble's first memtable (256 KiB) so that no WAL
+// rotation meets a fault: that case ends the process and has its own test
+// (TestFaultDuringWALRotationAbortsProcess).
+func TestWriteFaultsUnderLoad(t *testing.T) {
+	const goroutines, perGoroutine = 3, 120
+	for _, mode := range []Durability{WAL, Fsync} {
+		t.Run(mode.String(), func(t *testing.T) {
+			fault := newWALFault(syscall.ENOSPC, append(walCreate, errorfs.OpFileWrite, errorfs.OpFileSync, errorfs.OpFileSyncData)...)
+			j := openTest(t, t.TempDir(), mode, func(o *Options) {
+				o.FS = errorfs.Wrap(vfs.Default, fault)
+				o.RecoveryInterval = time.Millisecond
+			})
+			var (
+				mu        sync.Mutex
+				confirmed = map[uint64][32]byte{}
+				refused   atomic.Int64
+				wg        sync.WaitGroup
+			)
+			for g := 0; g < goroutines; g++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for i := 0; i < perGoroutine; i++ {
+						r := signRecord(fmt.Sprintf("t%d", g), i)
+						err := j.Append(context.Background(), r)
+						switch {
+						case err == nil:
+							mu.Lock()
+							confirmed[r.Seq] = r.Hash
+							mu.Unlock()
+						case errors.Is(err, ErrUnavailable):
+							refused.Add(1)
+						default:
+							t.Errorf("Append: %v", err)
+							return
+						}
+						time.Sleep(time.Millisecond)
+					}
+				}()
+			}
+			done := make(chan struct{})
+			go func() { wg.Wait(); close(done) }()
+		cycles:
+			for {
+				select {
+				case <-done:
+					break cycles
+				case <-time.After(15 * time.Millisecond):
+				}
+				// Fault only a journal that is committing, never one in the
+				// middle of reopening Pebble: that race is the probe's
+				// residual window (doc.go) and would end the test process.
+				for !j.available() {
+					select {
+					case <-done:
+						break cycles
+					case <-time.After(time.Millisecond):
+					}
+				}
+				fault.on.Store(true)
+				time.Sleep(10 * time.Millisecond)
+				fault.on.Store(false)
+			}
+
+			appendEventually(t, j, signRecord("final", 0))
+			head, _ := j.Head()
+			mustVerify(t, j, head)
+			found := 0
+			if err := j.Scan(context.Background(), Filter{}, func(r *Record) error {
+				if h, ok := confirmed[r.Seq]; ok {
+					if h != r.Hash {
+						return fmt.Errorf("seq %d: stored hash differs from the one Append returned", r.Seq)
+					}
+					found++
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if found != len(confirmed) {
+				t.Fatalf("%d of %d confirmed records found", found, len(confirmed))
+			}
+			if refused.Load() == 0 || j.Stats().Failures == 0 {
+				t.Fatalf("no append was refused (%d) or no commit failed: the fault never hit", refused.Load())
+			}
+			t.Logf("confirmed %d, refused %d, head %d, stats %+v", len(confirmed), refused.Load(), head, j.Stats())
+		})
+	}
+}
+
+// spaceFS reports a settable amount of free space.
+type spaceFS struct {
+	vfs.FS
+	avail atomic.Uint64
+}
+
+func (fs *spaceFS) GetDiskUsage(string) (vfs.DiskUsage, error) {
+	a := fs.avail.Load()
+	return vfs.DiskUsage{AvailBytes: a, TotalBytes: 100 << 30, UsedBytes: 100<<30 - a}, nil
+}
+
+// Below the free-space reserve the journal refuses appends itself, so
+// Pebble never meets ENOSPC; with room again the next append goes through.
+func TestJournalFullRefusesBeforePebbleFails(t *testing.T) {
+	fs := &spaceFS{FS: vfs.Default}
+	fs.avail.Store(10 << 30)
+	j := openTest(t, t.TempDir(), Fsync, func(o *Options) { o.FS = fs })
+	ctx := context.Background()
+	steps := []struct {
+		free uint64
+		ok   bool
+	}{
+		{10 << 30, true},
+		{63 << 20, false}, // under the 64 MiB default reserve
+		{1 << 20, false},
+		{65 << 20, true},
+		{10 << 30, true},
+	}
+	want := uint64(0)
+	for i, s := range steps {
+		fs.avail.Store(s.free)
+		if i == 1 {
+			// Outside the full state the check runs every 100ms.
+			time.Sleep(spaceCheckInterval + 10*time.Millisecond)
+		}
+		err := j.Append(ctx, signRecord("acme", i))
+		if s.ok != (err == nil) {
+			t.Fatalf("step %d (%d bytes free): Append = %v", i, s.free, err)
+		}
+		if err != nil && (!errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "journal full")) {
+			t.Fatalf("step %d: %v, want a journal-full ErrUnavailable", i, err)
+		}
+		if s.ok {
+			want++
+		}
+		if seq, _ := j.Head(); seq != want {
+			t.Fatalf("step %d: head %d, want %d", i, seq, want)
+		}
+	}
+	mustVerify(t, j, want)
+	if st := j.Stats(); st.Failures != 0 || st.Full != 2 {
+		t.Fatalf("stats %+v: want no Pebble failure and two refusals", st)
+	}
+}

@@ -1,0 +1,481 @@
+package journal
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"go.uber.org/zap"
+)
+
+// Durability says when Append may return.
+type Durability int
+
+const (
+	// WAL: the record was written to Pebble's write-ahead log with
+	// write(2), without fsync. It survives a killed process (the kernel
+	// has the bytes), not a power cut or kernel crash. The default.
+	WAL Durability = iota
+	// Fsync: the record's WAL write was also fsynced. Concurrent appends
+	// share one commit and so one fsync (group commit).
+	Fsync
+)
+
+// String returns the configuration name of the mode: "wal" or "fsync".
+func (d Durability) String() string {
+	switch d {
+	case WAL:
+		return "wal"
+	case Fsync:
+		return "fsync"
+	default:
+		return fmt.Sprintf("Durability(%d)", int(d))
+	}
+}
+
+// ParseDurability parses a configuration name: "wal" or "fsync".
+func ParseDurability(s string) (Durability, error) {
+	switch strings.ToLower(strings.TrimSpace(s)) {
+	case "wal", "":
+		return WAL, nil
+	case "fsync":
+		return Fsync, nil
+	default:
+		return 0, fmt.Errorf("journal: unknown durability %q (want \"wal\" or \"fsync\")", s)
+	}
+}
+
+// MarshalText implements encoding.TextMarshaler for configuration files.
+func (d Durability) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// UnmarshalText implements encoding.TextUnmarshaler for configuration files.
+func (d *Durability) UnmarshalText(b []byte) error {
+	v, err := ParseDurability(string(b))
+	if err != nil {
+		return err
+	}
+	*d = v
+	return nil
+}
+
+// Options configure a Journal. The zero value of every field except Dir is
+// usable; EnsureDefaults fills them in.
+type Options struct {
+	// Dir is the Pebble directory. Required; created if missing.
+	Dir string
+	// Durability is when Append returns. Default WAL.
+	Durability Durability
+	// Logger receives the journal's and Pebble's log lines. Default: a
+	// no-op logger.
+	Logger *zap.Logger
+	// FS is the filesystem Pebble uses; tests inject faults through it.
+	// Default vfs.Default.
+	FS vfs.FS
+	// Clock stamps records whose Time is zero; it is called from the
+	// appending goroutines, concurrently. Default time.Now.
+	Clock func() time.Time
+	// RecoveryInterval is the least time between two attempts to reopen
+	// Pebble after a write failure; appends in between fail at once with
+	// ErrUnavailable instead of each paying for an Open. Default 100ms.
+	RecoveryInterval time.Duration
+	// MemTableSize is Pebble's memtable size. Default 16 MiB: about 50k
+	// records between flushes.
+	MemTableSize uint64
+	// MinFreeBytes is the free space the journal keeps on its filesystem:
+	// below it, appends fail with ErrUnavailable ("journal full") before
+	// Pebble ever meets ENOSPC, because Pebble cannot survive every
+	// ENOSPC (one that hits a WAL rotation aborts the process; doc.go,
+	// "Failures"). The headroom also lets Pebble flush and compact.
+	// Checked at most every 100ms while there is room, on every commit
+	// while there is not. Default 64 MiB; negative disables the check.
+	MinFreeBytes int64
+}
+
+// EnsureDefaults fills in the zero-valued fields with their defaults.
+func (o *Options) EnsureDefaults() {
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	if o.FS == nil {
+		o.FS = vfs.Default
+	}
+	if o.Clock == nil {
+		o.Clock = time.Now
+	}
+	if o.RecoveryInterval <= 0 {
+		o.RecoveryInterval = 100 * time.Millisecond
+	}
+	if o.MemTableSize == 0 {
+		o.MemTableSize = 16 << 20
+	}
+	if o.MinFreeBytes == 0 {
+		o.MinFreeBytes = 64 << 20
+	}
+}
+
+var (
+	// ErrUnavailable is wrapped by every error that means "the journal
+	// could not confirm the write": a Pebble write or sync failure, a full
+	// disk, a closed journal, a caller's deadline passing while the commit
+	// was pending. The agent maps it to JOURNAL_UNAVAILABLE and releases no
+	// signature.
+	ErrUnavailable = errors.New("journal unavailable")
+	// ErrClosed is returned after Close. It wraps ErrUnavailable.
+	ErrClosed = fmt.Errorf("%w: closed", ErrUnavailable)
+	// ErrNotFound is returned by Get for a missing state key.
+	ErrNotFound = errors.New("journal: state key not found")
+)
+
+// Key layout (see doc.go).
+const (
+	auditPrefix = "a/"
+	statePrefix = "s/"
+	headKey     = "m/head" // chain-head checkpoint
+	auditKeyLen = len(auditPrefix) + 8
+)
+
+// Journal is the hash-chained audit journal and the agent's state store.
+// All methods are safe for concurrent use.
+type Journal struct {
+	opts Options
+	log  *zap.Logger
+	fs   *walFS
+	lock *pebble.Lock // held from Open to Close, across reopens
+
+	// dbMu guards db against a recovery swapping it. Readers hold it
+	// shared while they iterate (so a recovery, and Close, wait for a long
+	// export to finish); the goroutine holding busy is the only one that
+	// writes db, and it reads db without the lock.
+	dbMu sync.RWMutex
+	db   *pebble.DB // nil while unavailable (after a failure) and after Close
+
+	// mu guards who commits (commit.go, "Who commits"), the queue of
+	// appends and state writes waiting, and closing.
+	mu      sync.Mutex
+	wake    *sync.Cond // wakes the committer goroutine
+	busy    bool       // a goroutine is committing; implies it will drain pending
+	handoff bool       // busy was handed to the committer goroutine
+	pending []*request
+	spare   []*request
+	closing bool
+	done    chan struct{} // closed when the committer goroutine has exited
+	stalled atomic.Bool   // Pebble reported a write stall: no inline commits
+
+	// headMu guards the confirmed chain head: the last record of a
+	// successful commit. It only moves forward on a successful commit.
+	headMu   sync.Mutex
+	headSeq  uint64
+	headHash [32]byte
+
+	// Owned by whichever goroutine holds busy (an inline Append or the
+	// committer goroutine).
+	batch          *pebble.Batch
+	nextReopen     time.Time
+	unconfirmed    [2]uint64 // seq range written by a failed commit, to note after recovery
+	nextSpace      time.Time // next free-space check
+	nextCheckpoint time.Time // next "m/head" checkpoint
+	full           bool      // the last free-space check found less than MinFreeBytes
+
+	stats struct {
+		records, commits, failures, recoveries, full atomic.Uint64
+	}
+}
+
+// Open opens (creating if needed) the journal in opts.Dir and reads the
+// chain head, so that appends continue the chain after a restart.
+func Open(opts Options) (*Journal, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("journal: Options.Dir is required")
+	}
+	opts.EnsureDefaults()
+	if opts.Durability != WAL && opts.Durability != Fsync {
+		return nil, fmt.Errorf("journal: unknown durability %d", int(opts.Durability))
+	}
+	j := &Journal{
+		opts: opts,
+		log:  opts.Logger.Named("journal"),
+		fs:   &walFS{FS: opts.FS},
+		done: make(chan struct{}),
+	}
+	j.fs.skipWALSync.Store(opts.Durability == WAL)
+	j.wake = sync.NewCond(&j.mu)
+	if err := j.fs.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("journal: create %s: %w", opts.Dir, err)
+	}
+	// The directory lock is taken once and handed to every pebble.Open, so
+	// a recovery that reopens Pebble never races another process for it.
+	lock, err := pebble.LockDirectory(opts.Dir, j.fs)
+	if err != nil {
+		return nil, fmt.Errorf("journal: lock %s: %w", opts.Dir, err)
+	}
+	j.lock = lock
+	if err := j.openDB(); err != nil {
+		_ = lock.Close()
+		return nil, err
+	}
+	j.log.Info("journal open", zap.String("dir", opts.Dir),
+		zap.Stringer("durability", opts.Durability), zap.Uint64("head_seq", j.headSeq))
+	go j.commitLoop()
+	return j, nil
+}
+
+func (j *Journal) pebbleOptions() *pebble.Options {
+	plog := pebbleLogger{z: j.log.Named("pebble").WithOptions(zap.AddCallerSkip(1)).Sugar()}
+	o := &pebble.Options{
+		FS:                 j.fs,
+		Comparer:           pebble.DefaultComparer,
+		Lock:               j.lock,
+		Logger:             plog,
+		MemTableSize:       j.opts.MemTableSize,
+		FormatMajorVersion: pebble.FormatNewest,
+		EventListener: &pebble.EventListener{
+			BackgroundError: func(err error) {
+				j.log.Error("pebble background error", zap.Error(err))
+			},
+			// Pebble's default here is Fatalf. A corrupt sstable is
+			// reported by Verify and by the reads that hit it; the agent
+			// keeps running so that an operator can look.
+			DataCorruption: func(info pebble.DataCorruptionInfo) {
+				j.log.Error("pebble data corruption", zap.String("info", info.String()))
+			},
+			WriteStallBegin: func(info pebble.WriteStallBeginInfo) {
+				j.stalled.Store(true)
+				j.log.Warn("pebble write stall", zap.String("reason", info.Reason))
+			},
+			WriteStallEnd: func() {
+				j.stalled.Store(false)
+				j.log.Info("pebble write stall ended")
+			},
+			DiskSlow: func(info pebble.DiskSlowInfo) {
+				j.log.Warn("pebble disk slow", zap.String("info", info.String()))
+			},
+		},
+	}
+	// Audit keys only ever grow, so sstables holding only audit keys never
+	// overlap one another and move down the LSM without being rewritten.
+	// One "m/" or "s/" key in the same sstable would stretch its range over
+	// all newer audit keys, and every level would then rewrite all data
+	// passing through it (measured: +0.5 µs of compaction CPU per record).
+	// Ending every flush and compaction output at the audit range's edges
+	// keeps the other keys in sstables of their own.
+	o.Experimental.SpanPolicyFunc = pebble.MakeStaticSpanPolicyFunc(pebble.DefaultComparer.Compare,
+		pebble.KeyRange{Start: []byte(auditPrefix), End: prefixEnd([]byte(auditPrefix))}, pebble.SpanPolicy{})
+	return o
+}
+
+// openDB opens Pebble and loads the chain head from it. Called by Open
+// and by the committer when it recovers from a failure.
+func (j *Journal) openDB() error {
+	db, err := pebble.Open(j.opts.Dir, j.pebbleOptions())
+	if err != nil {
+		return fmt.Errorf("journal: open pebble in %s: %w", j.opts.Dir, err)
+	}
+	seq, hash, err := readHead(db, j.log)
+	if err != nil {
+		_ = db.Close()
+		return err
+	}
+	j.headMu.Lock()
+	j.headSeq, j.headHash = seq, hash
+	j.headMu.Unlock()
+	j.batch = db.NewBatch()
+	j.dbMu.Lock()
+	j.db = db
+	j.dbMu.Unlock()
+	return nil
+}
+
+// readHead returns the chain head: the last record's seq and stored hash.
+// The checkpoint entry ("m/head", see checkpointInterval) is compared with
+// it: a checkpoint beyond the last record means records were deleted from
+// the end while the journal was closed. The checkpoint then wins, so new
+// records keep the evidence (Verify reports the gap) instead of reusing
+// the missing seqs.
+func readHead(db *pebble.DB, log *zap.Logger) (uint64, [32]byte, error) {
+	last, lastHash, _, err := lastRecordHead(db)
+	if err != nil {
+		return 0, lastHash, err
+	}
+	cpSeq, cpHash, found, err := readCheckpoint(db)
+	if err != nil {
+		return 0, lastHash, err
+	}
+	if found && cpSeq > last {
+		log.Error("journal checkpoint is beyond the last record: records were removed; run audit verify",
+			zap.Uint64("checkpoint_seq", cpSeq), zap.Uint64("last_record_seq", last))
+		return cpSeq, cpHash, nil
+	}
+	return last, lastHash, nil
+}
+
+// readCheckpoint reads the "m/head" checkpoint entry.
+func readCheckpoint(r pebble.Reader) (seq uint64, hash [32]byte, found bool, err error) {
+	v, closer, err := r.Get([]byte(headKey))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return 0, hash, false, nil
+	}
+	if err != nil {
+		return 0, hash, false, fmt.Errorf("journal: read checkpoint: %w", err)
+	}
+	defer closer.Close()
+	seq, hash, err = decodeHead(v)
+	return seq, hash, err == nil, err
+}
+
+// lastRecordHead returns the seq in the last audit key and the Hash stored
+// in its value (the value's last 32 bytes, so even an undecodable record
+// yields a hash to chain from).
+func lastRecordHead(db *pebble.DB) (uint64, [32]byte, bool, error) {
+	var hash [32]byte
+	it, err := db.NewIter(auditIterOptions(0))
+	if err != nil {
+		return 0, hash, false, fmt.Errorf("journal: read last record: %w", err)
+	}
+	defer it.Close()
+	if !it.Last() {
+		return 0, hash, false, it.Error()
+	}
+	seq, ok := seqFromKey(it.Key())
+	if !ok {
+		return 0, hash, false, fmt.Errorf("journal: malformed audit key %x", it.Key())
+	}
+	if v := it.Value(); len(v) >= 32 {
+		copy(hash[:], v[len(v)-32:])
+	}
+	return seq, hash, true, nil
+}
+
+const headFormatV1 = 1
+
+func encodeHead(buf []byte, seq uint64, hash [32]byte) {
+	buf[0] = headFormatV1
+	putUint64(buf[1:], seq)
+	copy(buf[9:], hash[:])
+}
+
+const headLen = 1 + 8 + 32
+
+func decodeHead(v []byte) (uint64, [32]byte, error) {
+	var hash [32]byte
+	if len(v) != headLen || v[0] != headFormatV1 {
+		return 0, hash, fmt.Errorf("journal: checkpoint entry malformed (%d bytes)", len(v))
+	}
+	copy(hash[:], v[9:])
+	return getUint64(v[1:]), hash, nil
+}
+
+// Head returns the last confirmed record's seq and hash (0 and zeros for
+// an empty journal). A REP quotes these as the audit-chain head.
+func (j *Journal) Head() (seq uint64, hash [32]byte) {
+	j.headMu.Lock()
+	defer j.headMu.Unlock()
+	return j.headSeq, j.headHash
+}
+
+// Stats are running counters for metrics. WALSyncs counts fsyncs of the
+// WAL actually issued (zero in `wal` mode until Close); Records/WALSyncs
+// is the group-commit factor in `fsync` mode.
+type Stats struct {
+	Records    uint64 // records confirmed by Append
+	Commits    uint64 // Pebble commits (one per commit group)
+	WALSyncs   uint64 // WAL fsyncs issued
+	Failures   uint64 // commits that failed and made the journal reopen Pebble
+	Recoveries uint64 // successful reopens after a failure
+	Full       uint64 // commit groups refused for lack of free space
+}
+
+// Stats returns the journal's counters since Open.
+func (j *Journal) Stats() Stats {
+	return Stats{
+		Records:    j.stats.records.Load(),
+		Commits:    j.stats.commits.Load(),
+		WALSyncs:   j.fs.walSyncs.Load(),
+		Failures:   j.stats.failures.Load(),
+		Recoveries: j.stats.recoveries.Load(),
+		Full:       j.stats.full.Load(),
+	}
+}
+
+// Close waits for queued appends to be committed, syncs the WAL (in both
+// modes: a clean shutdown is durable against a power cut) and closes
+// Pebble. Calls after the first return ErrClosed.
+func (j *Journal) Close() error {
+	j.mu.Lock()
+	if j.closing {
+		j.mu.Unlock()
+		return ErrClosed
+	}
+	j.closing = true
+	j.wake.Signal()
+	j.mu.Unlock()
+	<-j.done // queued and inline commits are finished
+
+	j.dbMu.Lock()
+	db := j.db
+	j.db = nil
+	j.dbMu.Unlock()
+	var err error
+	if db != nil {
+		j.fs.skipWALSync.Store(false)
+		err = j.writeCheckpoint(db)
+		if cerr := closeDB(db); err == nil {
+			err = cerr
+		}
+	}
+	if lerr := j.lock.Close(); err == nil && lerr != nil {
+		err = fmt.Errorf("journal: release lock: %w", lerr)
+	}
+	j.log.Info("journal closed", zap.Uint64("head_seq", j.headSeq), zap.Error(err))
+	return err
+}
+
+// writeCheckpoint records the confirmed head at a clean shutdown, so that
+// records removed from the end while the agent is stopped are detected.
+func (j *Journal) writeCheckpoint(db *pebble.DB) error {
+	seq, hash := j.Head()
+	if seq == 0 {
+		return nil
+	}
+	var v [headLen]byte
+	encodeHead(v[:], seq, hash)
+	if err := db.Set([]byte(headKey), v[:], pebble.Sync); err != nil {
+		return fmt.Errorf("journal: write checkpoint: %w", err)
+	}
+	return nil
+}
+
+// closeDB closes Pebble, turning a Fatalf panic into an error.
+func closeDB(db *pebble.DB) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("journal: close pebble: %v", p)
+		}
+	}()
+	if cerr := db.Close(); cerr != nil {
+		return fmt.Errorf("journal: close pebble: %w", cerr)
+	}
+	return nil
+}
+
+// readDB returns the open DB with dbMu held shared; release it with
+// j.dbMu.RUnlock. It fails with ErrClosed after Close and ErrUnavailable
+// while a failure has Pebble closed.
+func (j *Journal) readDB() (*pebble.DB, error) {
+	j.dbMu.RLock()
+	if j.db != nil {
+		return j.db, nil
+	}
+	j.dbMu.RUnlock()
+	j.mu.Lock()
+	closing := j.closing
+	j.mu.Unlock()
+	if closing {
+		return nil, ErrClosed
+	}
+	return nil, fmt.Errorf("%w: recovering from a write failure", ErrUnavailable)
+}

@@ -1,0 +1,302 @@
+package journal
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+)
+
+// Filter selects audit records for Scan, Last and WriteJSONL. Zero fields
+// select everything.
+type Filter struct {
+	FromSeq uint64    // first seq to consider
+	Since   time.Time // records at or after this time
+	Tenant  string    // only this tenant's records
+}
+
+func (f *Filter) matches(v []byte) bool {
+	if f.Tenant != "" {
+		t, ok := peekTenant(v)
+		if !ok || string(t) != f.Tenant {
+			return false
+		}
+	}
+	if !f.Since.IsZero() {
+		ns, ok := peekTime(v)
+		if !ok || ns < f.Since.UnixNano() {
+			return false
+		}
+	}
+	return true
+}
+
+func auditIterOptions(from uint64) *pebble.IterOptions {
+	lower := make([]byte, auditKeyLen)
+	copy(lower, auditPrefix)
+	binary.BigEndian.PutUint64(lower[len(auditPrefix):], from)
+	return &pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd([]byte(auditPrefix))}
+}
+
+// Scan calls fn for each record the filter selects, in seq order. Records
+// are filtered by time as stored, so a clock step backwards does not hide
+// later records. The *Record is reused between calls: copy it to keep it.
+// An error from fn stops the scan and is returned; a record that cannot be
+// decoded stops it with an error (Verify says where and why).
+func (j *Journal) Scan(ctx context.Context, f Filter, fn func(*Record) error) error {
+	db, err := j.readDB()
+	if err != nil {
+		return err
+	}
+	defer j.dbMu.RUnlock()
+	it, err := db.NewIter(auditIterOptions(f.FromSeq))
+	if err != nil {
+		return fmt.Errorf("journal: scan: %w", err)
+	}
+	defer it.Close()
+	var r Record
+	for ok := it.First(); ok; ok = it.Next() {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		v := it.Value()
+		if !f.matches(v) {
+			continue
+		}
+		if err := decodeRecord(v, &r); err != nil {
+			return fmt.Errorf("journal: record at key %x: %w", it.Key(), err)
+		}
+		if err := fn(&r); err != nil {
+			return err
+		}
+	}
+	return it.Error()
+}
+
+// Last returns up to n of the most recent records (of tenant, if not
+// empty), oldest first: what `sigil audit tail` prints before following.
+func (j *Journal) Last(n int, tenant string) ([]Record, error) {
+	if n <= 0 {
+		return nil, nil
+	}
+	db, err := j.readDB()
+	if err != nil {
+		return nil, err
+	}
+	defer j.dbMu.RUnlock()
+	it, err := db.NewIter(auditIterOptions(0))
+	if err != nil {
+		return nil, fmt.Errorf("journal: last: %w", err)
+	}
+	defer it.Close()
+	f := Filter{Tenant: tenant}
+	out := make([]Record, 0, min(n, 1024))
+	for ok := it.Last(); ok && len(out) < n; ok = it.Prev() {
+		v := it.Value()
+		if !f.matches(v) {
+			continue
+		}
+		var r Record
+		if err := decodeRecord(v, &r); err != nil {
+			return nil, fmt.Errorf("journal: record at key %x: %w", it.Key(), err)
+		}
+		out = append(out, r)
+	}
+	if err := it.Error(); err != nil {
+		return nil, err
+	}
+	for i, k := 0, len(out)-1; i < k; i, k = i+1, k-1 {
+		out[i], out[k] = out[k], out[i]
+	}
+	return out, nil
+}
+
+// WriteJSONL writes the records the filter selects to w, one JSON object
+// per line (Record.MarshalJSON), for the fleet's log pipeline.
+func (j *Journal) WriteJSONL(ctx context.Context, w io.Writer, f Filter) error {
+	bw := bufio.NewWriterSize(w, 64<<10)
+	err := j.Scan(ctx, f, func(r *Record) error {
+		b, err := r.MarshalJSON()
+		if err != nil {
+			return err
+		}
+		b = append(b, '\n')
+		_, err = bw.Write(b)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return bw.Flush()
+}
+
+// BreakReason says why Verify stopped trusting the chain.
+type BreakReason int
+
+const (
+	// BreakHashMismatch: the record's bytes do not hash to its stored
+	// Hash (the record was edited).
+	BreakHashMismatch BreakReason = iota + 1
+	// BreakPrevMismatch: the record's PrevHash is not the previous
+	// record's Hash (a record was replaced or reordered).
+	BreakPrevMismatch
+	// BreakGap: a seq is missing (a record was deleted), or the first
+	// record is not seq 1.
+	BreakGap
+	// BreakUndecodable: the stored value is not a record encoding, or its
+	// seq disagrees with its key.
+	BreakUndecodable
+	// BreakHeadMismatch: the chain disagrees with the chain-head
+	// checkpoint: records deleted from the end, or history rewritten up
+	// to the checkpoint.
+	BreakHeadMismatch
+)
+
+func (r BreakReason) String() string {
+	switch r {
+	case BreakHashMismatch:
+		return "hash mismatch"
+	case BreakPrevMismatch:
+		return "prev-hash mismatch"
+	case BreakGap:
+		return "gap in seq"
+	case BreakUndecodable:
+		return "undecodable record"
+	case BreakHeadMismatch:
+		return "head mismatch"
+	default:
+		return fmt.Sprintf("BreakReason(%d)", int(r))
+	}
+}
+
+// ChainBreak is the first place where Verify found the chain broken.
+type ChainBreak struct {
+	Seq    uint64 // the first seq that cannot be trusted
+	Reason BreakReason
+	Detail string
+}
+
+func (b *ChainBreak) Error() string {
+	return fmt.Sprintf("audit chain broken at seq %d: %s: %s", b.Seq, b.Reason, b.Detail)
+}
+
+// VerifyReport is the result of Verify.
+type VerifyReport struct {
+	Records  uint64   // records read
+	FirstSeq uint64   // seq of the first record (0 when empty)
+	LastSeq  uint64   // seq of the last record
+	HeadHash [32]byte // the last record's stored hash: what new records chain to
+	// CheckpointSeq is the seq of the chain-head checkpoint (0 if none).
+	CheckpointSeq uint64
+	// Break is the first break, nil if the chain is intact from seq 1 to
+	// the last record and agrees with the checkpoint.
+	Break *ChainBreak
+}
+
+// OK reports an intact chain.
+func (r *VerifyReport) OK() bool { return r.Break == nil }
+
+// Verify walks every record, recomputing each hash and checking each link,
+// and reports the first break. The walk reads a snapshot: appends may go
+// on meanwhile. The error is for failures to read, not for breaks.
+//
+// What it can prove: every record from seq 1 to the last is present,
+// unedited and in order, and the chain reaches the last checkpoint. What
+// it cannot: that no records were cut from the end after the last
+// checkpoint (at most one second of records, or none after a clean
+// Close), or that someone who can write the store did not rewrite the
+// whole chain; quoting Head in Rotation Evidence Packs and exporting the
+// records off the host is what anchors the chain against that.
+func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
+	var rep VerifyReport
+	db, err := j.readDB()
+	if err != nil {
+		return rep, err
+	}
+	defer j.dbMu.RUnlock()
+	snap := db.NewSnapshot()
+	defer snap.Close()
+
+	breakAt := func(seq uint64, reason BreakReason, format string, args ...any) {
+		if rep.Break == nil {
+			rep.Break = &ChainBreak{Seq: seq, Reason: reason, Detail: fmt.Sprintf(format, args...)}
+		}
+	}
+	cpSeq, cpHash, cpFound, cpErr := readCheckpoint(snap)
+	if cpErr != nil {
+		breakAt(0, BreakHeadMismatch, "%v", cpErr)
+	}
+	rep.CheckpointSeq = cpSeq
+
+	it, err := snap.NewIter(auditIterOptions(0))
+	if err != nil {
+		return rep, fmt.Errorf("journal: verify: %w", err)
+	}
+	defer it.Close()
+	var (
+		r        Record
+		prevHash [32]byte
+		expected uint64 = 1
+	)
+	for ok := it.First(); ok; ok = it.Next() {
+		if rep.Records%4096 == 0 {
+			if err := ctx.Err(); err != nil {
+				return rep, err
+			}
+		}
+		keySeq, okKey := seqFromKey(it.Key())
+		val := it.Value()
+		rep.Records++
+		if rep.Records == 1 {
+			rep.FirstSeq = keySeq
+		}
+		rep.LastSeq = keySeq
+		if !okKey {
+			breakAt(expected, BreakUndecodable, "malformed key %x", it.Key())
+			continue
+		}
+		if keySeq != expected {
+			breakAt(expected, BreakGap, "expected seq %d, found %d", expected, keySeq)
+		}
+		expected = keySeq + 1
+		if err := decodeRecord(val, &r); err != nil {
+			breakAt(keySeq, BreakUndecodable, "%v", err)
+			// Chain on from the stored hash, if there is one, so a
+			// single bad record is reported once.
+			if len(val) >= 32 {
+				copy(prevHash[:], val[len(val)-32:])
+			}
+			continue
+		}
+		switch {
+		case r.Seq != keySeq:
+			breakAt(keySeq, BreakUndecodable, "record says seq %d under key seq %d", r.Seq, keySeq)
+		case computedHash(val) != r.Hash:
+			breakAt(keySeq, BreakHashMismatch, "stored hash %x, bytes hash to %x", r.Hash[:8], hashPrefix(val))
+		case r.PrevHash != prevHash:
+			breakAt(keySeq, BreakPrevMismatch, "prev hash %x, previous record's hash %x", r.PrevHash[:8], prevHash[:8])
+		}
+		if cpFound && keySeq == cpSeq && r.Hash != cpHash {
+			breakAt(keySeq, BreakHeadMismatch, "record hash %x, checkpoint says %x", r.Hash[:8], cpHash[:8])
+		}
+		prevHash = r.Hash
+	}
+	if err := it.Error(); err != nil {
+		return rep, fmt.Errorf("journal: verify: %w", err)
+	}
+	rep.HeadHash = prevHash
+	if cpFound && cpSeq > rep.LastSeq {
+		breakAt(rep.LastSeq+1, BreakHeadMismatch,
+			"checkpoint at seq %d, last record is seq %d: records were removed from the end", cpSeq, rep.LastSeq)
+	}
+	return rep, nil
+}
+
+func hashPrefix(val []byte) []byte {
+	h := computedHash(val)
+	return h[:8]
+}

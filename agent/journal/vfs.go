@@ -1,0 +1,130 @@
+package journal
+
+import (
+	"fmt"
+	"strings"
+	"sync/atomic"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"go.uber.org/zap"
+)
+
+// walFS wraps the FS given to Pebble to decide what a WAL sync does.
+//
+// Pebble's WriteOptions offer two behaviours and neither is the `wal` mode:
+// with pebble.NoSync a commit returns once the batch is copied into the
+// WAL writer's in-process 32 KiB block buffer, and the flush goroutine
+// writes that block to the file only when the block fills or someone asks
+// for a sync (record/log_writer.go, v2.1.7). A SIGKILL loses the buffered
+// tail: records whose Append had returned. With pebble.Sync the commit
+// waits for write(2) and then fsync. So the journal always commits with
+// pebble.Sync and, in `wal` mode, this wrapper turns the WAL file's sync
+// into a no-op: the commit returns after write(2) handed the bytes to the
+// kernel, which keeps them through a process kill but not a power cut.
+// Concurrent commits still share that one write, as they would share an
+// fsync. Syncs of everything else (sstables, MANIFEST, directories) pass
+// through unchanged, so Pebble's own consistency is untouched.
+type walFS struct {
+	vfs.FS
+	// skipWALSync is true in `wal` mode; Close clears it so that a clean
+	// shutdown syncs the WAL for real.
+	skipWALSync atomic.Bool
+	walSyncs    atomic.Uint64 // fsyncs issued on WAL files
+	walSkipped  atomic.Uint64 // WAL syncs turned into no-ops (`wal` mode)
+}
+
+func isWALFile(name string, category vfs.DiskWriteCategory) bool {
+	return category == "pebble-wal" || strings.HasSuffix(name, ".log")
+}
+
+func (fs *walFS) wrap(f vfs.File, name string, category vfs.DiskWriteCategory) vfs.File {
+	if !isWALFile(name, category) {
+		return f
+	}
+	return &walFile{File: f, fs: fs}
+}
+
+func (fs *walFS) Create(name string, category vfs.DiskWriteCategory) (vfs.File, error) {
+	f, err := fs.FS.Create(name, category)
+	if err != nil {
+		return nil, err
+	}
+	return fs.wrap(f, name, category), nil
+}
+
+func (fs *walFS) ReuseForWrite(oldname, newname string, category vfs.DiskWriteCategory) (vfs.File, error) {
+	f, err := fs.FS.ReuseForWrite(oldname, newname, category)
+	if err != nil {
+		return nil, err
+	}
+	return fs.wrap(f, newname, category), nil
+}
+
+func (fs *walFS) OpenReadWrite(name string, category vfs.DiskWriteCategory, opts ...vfs.OpenOption) (vfs.File, error) {
+	f, err := fs.FS.OpenReadWrite(name, category, opts...)
+	if err != nil {
+		return nil, err
+	}
+	return fs.wrap(f, name, category), nil
+}
+
+// Unwrap lets Pebble see through to the underlying FS where it checks for
+// one (for example for disk-usage queries).
+func (fs *walFS) Unwrap() vfs.FS { return fs.FS }
+
+// walFile counts and, in `wal` mode, elides the syncs of one WAL file.
+type walFile struct {
+	vfs.File
+	fs *walFS
+}
+
+func (f *walFile) Sync() error {
+	if f.fs.skipWALSync.Load() {
+		f.fs.walSkipped.Add(1)
+		return nil
+	}
+	f.fs.walSyncs.Add(1)
+	return f.File.Sync()
+}
+
+func (f *walFile) SyncData() error {
+	if f.fs.skipWALSync.Load() {
+		f.fs.walSkipped.Add(1)
+		return nil
+	}
+	f.fs.walSyncs.Add(1)
+	return f.File.SyncData()
+}
+
+func (f *walFile) SyncTo(length int64) (fullSync bool, err error) {
+	if f.fs.skipWALSync.Load() {
+		f.fs.walSkipped.Add(1)
+		return false, nil
+	}
+	f.fs.walSyncs.Add(1)
+	return f.File.SyncTo(length)
+}
+
+// pebbleFatal is what pebbleLogger.Fatalf panics with. Pebble requires
+// Fatalf not to return (db.go: after "fatal commit error" it would
+// otherwise report the failed commit as a success). On the committer
+// goroutine the journal recovers this panic and turns it into
+// ErrUnavailable; on Pebble's own background goroutines (a failed MANIFEST
+// write, say) it ends the process, which is what Pebble asks for.
+type pebbleFatal struct{ msg string }
+
+func (p pebbleFatal) Error() string { return "pebble fatal: " + p.msg }
+
+// pebbleLogger sends Pebble's log lines through zap.
+type pebbleLogger struct{ z *zap.SugaredLogger }
+
+var _ pebble.Logger = pebbleLogger{}
+
+func (l pebbleLogger) Infof(format string, args ...any)  { l.z.Infof(format, args...) }
+func (l pebbleLogger) Errorf(format string, args ...any) { l.z.Errorf(format, args...) }
+func (l pebbleLogger) Fatalf(format string, args ...any) {
+	msg := fmt.Sprintf(format, args...)
+	l.z.Errorw("pebble fatal error", "message", msg)
+	panic(pebbleFatal{msg: msg})
+}
