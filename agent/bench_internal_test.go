@@ -44,7 +44,7 @@ func BenchmarkRequestPath(b *testing.B) {
 	srv, cli := net.Pipe()
 	defer srv.Close()
 	defer cli.Close()
-	c := newConn(a, srv)
+	c := newConn(a, srv, false)
 	c.helloDone = true
 	codec := proto.NewCodec()
 	frame, _ := codec.AppendRequestFrame(nil, &proto.Request{ID: 7, Op: proto.OpSign, Key: "k", Scheme: proto.SchemeEd25519, Digest: make([]byte, 32), TimeoutMillis: 1000})

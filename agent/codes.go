@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 
+	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 )
@@ -34,6 +35,8 @@ func codeOf(err error) proto.Code {
 		return proto.TokenLocked
 	case errors.Is(err, providers.ErrUnavailable):
 		return proto.Unavailable
+	case errors.Is(err, journal.ErrUnavailable):
+		return proto.JournalUnavailable
 	case errors.Is(err, context.DeadlineExceeded):
 		return proto.DeadlineExceeded
 	case errors.Is(err, context.Canceled):

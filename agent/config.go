@@ -33,10 +33,17 @@ type Config struct {
 	// DefaultKey answers requests that name no key.
 	DefaultKey string `yaml:"default_key"`
 	// TCP, when Listen is set, adds a mutual-TLS listener.
-	TCP       TCPConfig      `yaml:"tcp"`
-	Log       LogConfig      `yaml:"log"`
-	Limits    Limits         `yaml:"limits"`
-	Providers []ProviderSpec `yaml:"providers"`
+	TCP     TCPConfig     `yaml:"tcp"`
+	Journal JournalConfig `yaml:"journal"`
+	// Policy is a policy file or directory (docs/policy.md). Without one the
+	// agent is single-tenant: its socket's owner and root use every key.
+	Policy string `yaml:"policy"`
+	// AdminSocket serves the admin role (pause, resume, reload); default
+	// admin.sock beside Socket.
+	AdminSocket string         `yaml:"admin_socket"`
+	Log         LogConfig      `yaml:"log"`
+	Limits      Limits         `yaml:"limits"`
+	Providers   []ProviderSpec `yaml:"providers"`
 }
 
 // LogConfig chooses the zap logger.
@@ -127,6 +134,9 @@ func (c *Config) EnsureDefaults() {
 	if c.DataDir == "" {
 		c.DataDir = defaultDataDir()
 	}
+	if c.AdminSocket == "" {
+		c.AdminSocket = filepath.Join(filepath.Dir(c.Socket), "admin.sock")
+	}
 	if c.Log.Level == "" {
 		c.Log.Level = "info"
 	}
@@ -190,6 +200,9 @@ func (c *Config) Validate() error {
 		errs = append(errs, fmt.Errorf("log.format %q: want console or json", c.Log.Format))
 	}
 	if err := c.TCP.validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.Journal.validate(); err != nil {
 		errs = append(errs, err)
 	}
 	ids := map[string]bool{}

@@ -38,6 +38,7 @@ type conn struct {
 	w replyWriter
 
 	peer      peer
+	admin     bool // accepted on the admin socket
 	helloDone bool // touched by the reader goroutine only
 }
 
@@ -74,6 +75,10 @@ type replyWriter struct {
 	broken   bool   // a write failed or the peer stopped reading: drop replies
 }
 
+// drainIdle is how long a connection must stay quiet during shutdown before
+// its reader stops; the shutdown grace period bounds the whole drain.
+const drainIdle = 20 * time.Millisecond
+
 // maxPendingReplies bounds the replies queued behind a write that does not
 // complete: a client that sends but never reads is disconnected, not buffered
 // for without limit.
@@ -84,7 +89,7 @@ var (
 	requestPool = sync.Pool{New: func() any { return new(proto.Request) }}
 )
 
-func newConn(a *Agent, nc net.Conn) *conn {
+func newConn(a *Agent, nc net.Conn, admin bool) *conn {
 	ctx, cancel := context.WithCancel(context.Background())
 	lim := a.cfg.Limits
 	c := &conn{
@@ -93,6 +98,7 @@ func newConn(a *Agent, nc net.Conn) *conn {
 		ctx:      ctx,
 		cancel:   cancel,
 		inFlight: make(chan struct{}, lim.MaxInFlightPerConn),
+		admin:    admin,
 	}
 	c.log = a.log
 	return c
@@ -128,9 +134,20 @@ func (c *conn) readLoop() {
 	br := bufio.NewReaderSize(c.nc, 16<<10)
 	codec := proto.NewCodec()
 	var buf []byte
+	draining := false
 	for {
+		if draining {
+			c.nc.SetReadDeadline(time.Now().Add(drainIdle))
+		}
 		payload, err := proto.ReadFrame(br, buf, lim.MaxFrame)
 		if err != nil {
+			if !draining && errors.Is(err, os.ErrDeadlineExceeded) && c.a.isClosing() && br.Buffered() == 0 {
+				// Shutdown: requests the client has already sent (they may
+				// have queued behind one run on this reader) are still
+				// served; the reader stops once the socket stays quiet.
+				draining = true
+				continue
+			}
 			c.readFailed(err)
 			return
 		}
@@ -142,6 +159,14 @@ func (c *conn) readLoop() {
 			c.log.Info("closing connection: malformed message", zap.Error(err))
 			c.sendFinal(proto.BadRequest, "malformed message; closing connection")
 			return
+		}
+		if !c.helloDone && req.Op == proto.OpHello {
+			if err := c.admitted(); err != nil {
+				c.log.Info("closing connection: peer refused", zap.Error(err))
+				c.sendFinal(codeOf(err), clientMessage(codeOf(err), err))
+				requestPool.Put(req)
+				return
+			}
 		}
 		if !c.helloDone && req.Op != proto.OpHello {
 			c.log.Info("closing connection: request before Hello", zap.Stringer("op", req.Op))

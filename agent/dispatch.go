@@ -19,17 +19,15 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response) {
 	case proto.OpHello:
 		err = c.hello(req, resp)
 	case proto.OpPing:
-	case proto.OpListKeys:
-		resp.Keys = c.a.keys.list
-	case proto.OpPublicKey:
-		err = c.publicKey(req, resp)
-	case proto.OpSign:
-		err = c.sign(req, resp)
-	case proto.OpVerify:
-		err = c.verify(req, resp)
 	case proto.OpRotate, proto.OpRollback, proto.OpPause, proto.OpResume,
 		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP:
-		err = &proto.Error{Code: proto.PermissionDenied, Msg: req.Op.String() + " needs the admin role"}
+		err = c.adminOp(req, resp)
+	case proto.OpListKeys, proto.OpPublicKey, proto.OpSign, proto.OpVerify:
+		if c.admin {
+			err = &proto.Error{Code: proto.PermissionDenied, Msg: "the admin socket serves admin operations only"}
+			break
+		}
+		err = c.keyOp(req, resp)
 	default:
 		err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("unknown operation %d", req.Op)}
 	}
@@ -40,6 +38,20 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response) {
 	resp.Code = code
 	resp.Msg = clientMessage(code, err)
 	c.logFailure(req, code, err)
+}
+
+func (c *conn) keyOp(req *proto.Request, resp *proto.Response) (err error) {
+	switch req.Op {
+	case proto.OpListKeys:
+		resp.Keys, err = c.listKeys()
+	case proto.OpPublicKey:
+		err = c.publicKey(req, resp)
+	case proto.OpSign:
+		err = c.sign(req, resp)
+	case proto.OpVerify:
+		err = c.verify(req, resp)
+	}
+	return err
 }
 
 // logFailure records a refused or failed request: what and why, never the
@@ -86,44 +98,78 @@ func (c *conn) hello(req *proto.Request, resp *proto.Response) error {
 }
 
 func (c *conn) publicKey(req *proto.Request, resp *proto.Response) error {
-	e, err := c.a.keys.lookup(req.Key, req.KID)
+	t, _, err := c.resolve(req.Key, req.KID)
 	if err != nil {
 		return err
 	}
-	resp.Key, resp.KID, resp.KeyType, resp.Pub = e.info.Name, e.info.KID, string(e.info.Type), e.info.SPKI
+	e := t.key
+	resp.Key, resp.KID, resp.KeyType, resp.Pub = t.name(), e.info.KID, string(e.info.Type), e.info.SPKI
 	return nil
 }
 
 func (c *conn) sign(req *proto.Request, resp *proto.Response) error {
-	e, err := c.a.keys.lookup(req.Key, req.KID)
+	d := signDecision{start: time.Now(), keyName: req.Key, digest: req.Digest}
+	if d.keyName == "" {
+		d.keyName = req.KID
+	}
+	sig, err := c.decideAndSign(req, &d)
+	d.code = codeOf(err)
+	if rerr := c.record(&d); rerr != nil {
+		return rerr
+	}
 	if err != nil {
 		return err
 	}
+	resp.Key, resp.KID, resp.Sig = d.target.name(), d.target.key.info.KID, sig
+	if d.policyHash != ([32]byte{}) {
+		resp.PolicyHash = d.policyHash[:]
+	}
+	return nil
+}
+
+// decideAndSign checks the request and signs; every outcome, including a
+// refusal, is journaled by the caller.
+func (c *conn) decideAndSign(req *proto.Request, d *signDecision) ([]byte, error) {
+	t, tenant, err := c.resolve(req.Key, req.KID)
+	d.tenant = tenant
+	if err != nil {
+		return nil, err
+	}
+	d.target = t
+	e := t.key
 	alg, err := e.algorithmFor(req.Scheme, req.Hash)
 	if err != nil {
-		return err
+		return nil, err
+	}
+	d.alg = alg
+	if t.slot != nil {
+		dec := c.a.policy.Check(tenant, t.slot.Name, c.identity(), alg, len(req.Digest))
+		d.policyHash = dec.PolicyHash
+		if !dec.Allowed() {
+			return nil, &proto.Error{Code: reasonCode(dec.Reason), Msg: dec.Message()}
+		}
 	}
 	if err := providers.CheckRequest(e.info.Type, alg, req.Digest); err != nil {
-		return err
+		return nil, err
 	}
 	ctx, cancel := context.WithTimeout(c.ctx, c.requestTimeout(req))
 	sig, err := e.provider.Sign(ctx, e.info.Name, alg, req.Digest)
 	cancel()
 	if err != nil {
 		if errors.Is(err, context.Canceled) && c.ctx.Err() != nil {
-			return fmt.Errorf("client went away: %w", err)
+			return nil, fmt.Errorf("client went away: %w", err)
 		}
-		return err
+		return nil, err
 	}
-	resp.Key, resp.KID, resp.Sig = e.info.Name, e.info.KID, sig
-	return nil
+	return sig, nil
 }
 
 func (c *conn) verify(req *proto.Request, resp *proto.Response) error {
-	e, err := c.a.keys.lookup(req.Key, req.KID)
+	t, _, err := c.resolve(req.Key, req.KID)
 	if err != nil {
 		return err
 	}
+	e := t.key
 	alg, err := e.algorithmFor(req.Scheme, req.Hash)
 	if err != nil {
 		return err
@@ -137,7 +183,7 @@ func (c *conn) verify(req *proto.Request, resp *proto.Response) error {
 	default:
 		return err
 	}
-	resp.Key, resp.KID = e.info.Name, e.info.KID
+	resp.Key, resp.KID = t.name(), e.info.KID
 	return nil
 }
 

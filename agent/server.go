@@ -10,6 +10,10 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/cockroachdb/pebble/v2/vfs"
+
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/providers"
 )
 
@@ -19,7 +23,9 @@ type Agent struct {
 	log     *zap.Logger
 	keys    *keyring
 	workers *workerPool
-	tls     *tlsMaterial // nil without a TCP listener
+	tls     *tlsMaterial     // nil without a TCP listener
+	journal *journal.Journal // nil only with journal.mode: off
+	policy  *policy.Engine   // nil without a policy file: single-tenant mode
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
@@ -32,7 +38,13 @@ type Agent struct {
 type Option func(*options)
 
 type options struct {
-	extra []providers.Provider
+	extra     []providers.Provider
+	journalFS vfs.FS
+}
+
+// WithJournalFS makes the journal use fs (tests inject disk faults with it).
+func WithJournalFS(fs vfs.FS) Option {
+	return func(o *options) { o.journalFS = fs }
 }
 
 // WithProviders serves keys from already-open providers besides the
@@ -75,6 +87,25 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 			return nil, err
 		}
 	}
+	var engine *policy.Engine
+	if cfg.Policy != "" {
+		set, err := policy.Load(cfg.Policy)
+		if err == nil {
+			err = checkSlotKeys(set, kr)
+		}
+		if err != nil {
+			kr.close()
+			return nil, fmt.Errorf("policy: %w", err)
+		}
+		engine = policy.NewEngine(set, time.Now)
+		log.Info("policy in force", zap.String("file", cfg.Policy), zap.String("hash", set.HashHex()), zap.Strings("tenants", set.Tenants()))
+	}
+	// Fail closed: without its journal the agent does not start.
+	jl, err := openJournal(&cfg, log, o.journalFS)
+	if err != nil {
+		kr.close()
+		return nil, err
+	}
 	for _, k := range kr.list {
 		log.Info("serving key", zap.String("key", k.Name), zap.String("kid", k.KID),
 			zap.String("provider", k.Provider), zap.String("type", k.KeyType))
@@ -85,6 +116,8 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		keys:      kr,
 		workers:   newWorkerPool(30 * time.Second),
 		tls:       tm,
+		journal:   jl,
+		policy:    engine,
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[*conn]struct{}{},
 	}, nil
@@ -96,9 +129,16 @@ func (a *Agent) Config() Config { return a.cfg }
 // ErrClosed is returned by Serve once Shutdown has begun.
 var ErrClosed = errors.New("agent closed")
 
-// Serve accepts connections on ln until Shutdown. It returns ErrClosed after
-// a shutdown, or the listener's error.
-func (a *Agent) Serve(ln net.Listener) error {
+// Serve accepts client connections on ln until Shutdown. It returns
+// ErrClosed after a shutdown, or the listener's error.
+func (a *Agent) Serve(ln net.Listener) error { return a.serve(ln, false) }
+
+// ServeAdmin accepts connections for the admin role on ln: peers that are
+// admins under the policy (without one: the agent's own user and root) may
+// pause and resume slots and reload the policy, and do nothing else.
+func (a *Agent) ServeAdmin(ln net.Listener) error { return a.serve(ln, true) }
+
+func (a *Agent) serve(ln net.Listener, admin bool) error {
 	a.mu.Lock()
 	if a.closing {
 		a.mu.Unlock()
@@ -132,7 +172,7 @@ func (a *Agent) Serve(ln net.Listener) error {
 			return fmt.Errorf("accept: %w", err)
 		}
 		backoff = 0
-		c := newConn(a, nc)
+		c := newConn(a, nc, admin)
 		a.mu.Lock()
 		if a.closing {
 			a.mu.Unlock()
@@ -196,19 +236,31 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 	if cerr := a.keys.close(); cerr != nil {
 		err = errors.Join(err, cerr)
 	}
+	if a.journal != nil {
+		if jerr := a.journal.Close(); jerr != nil {
+			err = errors.Join(err, fmt.Errorf("close journal: %w", jerr))
+		}
+	}
 	return err
 }
 
 // Reload re-reads what can change without a restart: the TLS certificates
-// (new handshakes use them; open connections carry on). On error the old
-// material stays in force.
+// (new handshakes use them; open connections carry on) and the policy. What
+// fails to load is refused and the old stays in force.
 func (a *Agent) Reload() error {
+	var errs []error
 	if a.tls != nil {
 		if err := a.tls.reload(); err != nil {
 			a.log.Warn("reload failed; keeping the current certificates", zap.Error(err))
-			return err
+			errs = append(errs, err)
+		} else {
+			a.log.Info("TLS certificates reloaded")
 		}
-		a.log.Info("TLS certificates reloaded")
 	}
-	return nil
+	if a.policy != nil {
+		if err := a.ReloadPolicy(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }

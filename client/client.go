@@ -358,6 +358,9 @@ type Signature struct {
 	Sig []byte
 	Key string
 	KID string
+	// PolicyHash is the hash of the tenant policy that allowed the
+	// signature (empty when the agent runs without policies).
+	PolicyHash []byte
 }
 
 // Sign signs digest (for Ed25519: the message) with the key. A zero Algorithm
@@ -372,7 +375,7 @@ func (c *Client) Sign(ctx context.Context, ref KeyRef, alg Algorithm, digest []b
 	if err != nil {
 		return Signature{}, err
 	}
-	return Signature{Sig: resp.Sig, Key: resp.Key, KID: resp.KID}, nil
+	return Signature{Sig: resp.Sig, Key: resp.Key, KID: resp.KID, PolicyHash: resp.PolicyHash}, nil
 }
 
 // Verify asks the agent whether sig is a valid signature by the key over

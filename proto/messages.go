@@ -39,6 +39,9 @@ type Response struct {
 	Sig      []byte // Sign
 	Valid    bool   // Verify
 	Keys     []KeyEntry
+	// PolicyHash is the BLAKE3 hash of the caller's tenant policy that
+	// allowed a Sign (empty when the agent runs without a policy).
+	PolicyHash []byte
 }
 
 // KeyEntry is one key in a ListKeys reply.
@@ -84,6 +87,7 @@ const (
 	kKeys     = "keys"
 	kName     = "name"
 	kProvider = "prov"
+	kPolicy   = "ph"
 )
 
 // EncodeMsgpack writes r as a msgpack map of its non-empty fields
@@ -187,7 +191,7 @@ func (r *Response) EncodeMsgpack(e *msgpack.Encoder) error {
 	n := 2
 	n += count(r.Msg != "") + count(r.Version != 0) + count(r.Features != 0) + count(r.Key != "") +
 		count(r.KID != "") + count(r.KeyType != "") + count(len(r.Pub) != 0) + count(len(r.Sig) != 0) +
-		count(r.Valid) + count(r.Keys != nil)
+		count(r.Valid) + count(r.Keys != nil) + count(len(r.PolicyHash) != 0)
 	w := fieldWriter{e: e}
 	w.mapLen(n)
 	w.uint(kID, r.ID)
@@ -215,6 +219,9 @@ func (r *Response) EncodeMsgpack(e *msgpack.Encoder) error {
 	}
 	if len(r.Sig) != 0 {
 		w.bytes(kSig, r.Sig)
+	}
+	if len(r.PolicyHash) != 0 {
+		w.bytes(kPolicy, r.PolicyHash)
 	}
 	if r.Valid {
 		w.key(kValid)
@@ -277,6 +284,8 @@ func (r *Response) decode(c *Codec) error {
 			r.Sig, err = c.decodeBytesInto(r.Sig[:0])
 		case kValid:
 			r.Valid, err = d.DecodeBool()
+		case kPolicy:
+			r.PolicyHash, err = c.decodeBytesInto(nil)
 		case kKeys:
 			r.Keys, err = c.decodeKeyEntries()
 		default:

@@ -60,7 +60,7 @@ func TestResponseRoundTrip(t *testing.T) {
 	cases := []Response{
 		{ID: 1, Code: OK, Version: Version, Features: FeaturePipelining},
 		{ID: 2, Code: NotFound, Msg: "no such key"},
-		{ID: 3, Code: OK, Key: "k", KID: "abc", Sig: []byte{1, 2, 3}},
+		{ID: 3, Code: OK, Key: "k", KID: "abc", Sig: []byte{1, 2, 3}, PolicyHash: make([]byte, 32)},
 		{ID: 4, Code: OK, Key: "k", KID: "abc", KeyType: "ed25519", Pub: []byte{4, 5}},
 		{ID: 5, Code: OK, Valid: true},
 		{ID: 6, Code: OK, Keys: []KeyEntry{{Name: "a", KID: "1", Provider: "soft", KeyType: "rsa-2048", Pub: []byte{9}}, {Name: "b", KID: "2", Provider: "hsm", KeyType: "ed25519", Pub: []byte{8}}}},

@@ -91,8 +91,17 @@ func runAgent(cfg agent.Config) error {
 	// Scripts that started the agent in the background wait for this line.
 	fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", cfg.Socket)
 
-	serveErr := make(chan error, 2)
+	serveErr := make(chan error, 3)
 	go func() { serveErr <- a.Serve(ln) }()
+	aln, err := agent.ListenUnix(cfg.AdminSocket)
+	if err != nil {
+		a.Shutdown(context.Background())
+		os.Remove(cfg.Socket)
+		log.Error("agent failed to listen on its admin socket", zap.Error(err))
+		return &exitError{exitFailure, err}
+	}
+	defer os.Remove(cfg.AdminSocket)
+	go func() { serveErr <- a.ServeAdmin(aln) }()
 	if cfg.TCP.Listen != "" {
 		tln, err := a.ListenTLS()
 		if err != nil {

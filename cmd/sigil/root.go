@@ -41,7 +41,7 @@ Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() +
 	root.PersistentFlags().StringVar(&g.tlsCert, "tls-cert", "", "client certificate (PEM) for --socket tls://host:port")
 	root.PersistentFlags().StringVar(&g.tlsKey, "tls-key", "", "client private key (PEM) for --socket tls://host:port")
 	root.PersistentFlags().StringVar(&g.tlsCA, "tls-ca", "", "CA bundle (PEM) that signed the agent's certificate")
-	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newBenchCommand(), newVersionCommand())
+	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(), newAdminCommand(g), newPolicyCommand(), newBenchCommand(), newVersionCommand())
 	return root
 }
 

@@ -1,0 +1,124 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// JournalConfig configures the audit journal.
+type JournalConfig struct {
+	// Dir is the journal's Pebble directory (default DataDir/journal).
+	Dir string `yaml:"dir"`
+	// Mode: "wal" (default: every record in Pebble's write-ahead log before
+	// its signature is released; survives a killed agent), "fsync" (also
+	// synced to disk, concurrent signers sharing each sync; survives a power
+	// cut) or "off" (no audit: for benchmarks only, logged loudly).
+	Mode string `yaml:"mode"`
+}
+
+func (j *JournalConfig) validate() error {
+	switch j.Mode {
+	case "", "wal", "fsync", "off":
+		return nil
+	}
+	return fmt.Errorf("journal.mode %q: want wal, fsync or off", j.Mode)
+}
+
+func openJournal(cfg *Config, log *zap.Logger, fs vfs.FS) (*journal.Journal, error) {
+	if cfg.Journal.Mode == "off" {
+		log.Warn("audit journal is OFF: signatures are released without audit records (benchmarks only)")
+		return nil, nil
+	}
+	d, err := journal.ParseDurability(cfg.Journal.Mode)
+	if err != nil {
+		return nil, err
+	}
+	dir := cfg.Journal.Dir
+	if dir == "" {
+		dir = filepath.Join(cfg.DataDir, "journal")
+	}
+	j, err := journal.Open(journal.Options{Dir: dir, Durability: d, Logger: log.Named("journal"), FS: fs})
+	if err != nil {
+		return nil, fmt.Errorf("audit journal %s: %w", dir, err)
+	}
+	seq, _ := j.Head()
+	log.Info("audit journal open", zap.String("dir", dir), zap.Stringer("mode", d), zap.Uint64("head_seq", seq))
+	return j, nil
+}
+
+// signDecision is what the journal records about one Sign request.
+type signDecision struct {
+	start      time.Time
+	target     target // zero when the key was not found
+	tenant     string
+	policyHash [32]byte
+	keyName    string // as requested, when the key was not found
+	alg        providers.Algorithm
+	digest     []byte
+	code       proto.Code
+}
+
+// record journals a signing decision. For an allowed signature it returns
+// the error that must stop the signature's release; a denial whose record
+// cannot be written stays a denial (and is logged).
+func (c *conn) record(d *signDecision) error {
+	j := c.a.journal
+	if j == nil {
+		return nil
+	}
+	r := journal.Record{
+		Tenant:        d.tenant,
+		Slot:          d.keyName,
+		PolicyHash:    d.policyHash,
+		Op:            "sign",
+		Algorithm:     d.alg.String(),
+		DigestHash:    journal.HashDigest(d.digest),
+		Code:          uint16(d.code),
+		CodeName:      d.code.String(),
+		LatencyMicros: uint32(min(time.Since(d.start).Microseconds(), 1<<32-1)),
+		Peer:          c.peer.String(),
+	}
+	switch {
+	case d.target.slot != nil:
+		r.Slot, r.KID = d.target.slot.FullName(), d.target.key.info.KID
+	case d.target.key != nil:
+		r.Slot, r.KID = d.target.key.info.Name, d.target.key.info.KID
+	}
+	// The signature already exists; the caller may have given up, but the
+	// record must still be written or the signature withheld, so the write
+	// gets its own short deadline rather than the request's.
+	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
+	err := j.Append(ctx, &r)
+	cancel()
+	if err != nil {
+		c.log.Warn("audit journal append failed", zap.Stringer("decision", d.code), zap.Error(err))
+		if d.code == proto.OK {
+			return &proto.Error{Code: proto.JournalUnavailable, Msg: "the audit journal could not record this signature, so it was not released"}
+		}
+	}
+	return nil
+}
+
+// journalAppendTimeout bounds one audit write; past it the signature is
+// withheld with JOURNAL_UNAVAILABLE.
+const journalAppendTimeout = 5 * time.Second
+
+func (p peer) String() string {
+	if p.unix {
+		return "uid:" + strconv.FormatUint(uint64(p.uid), 10) + " gid:" + strconv.FormatUint(uint64(p.gid), 10)
+	}
+	if p.name != "" {
+		return p.name
+	}
+	return p.addr
+}

@@ -1,0 +1,120 @@
+package agent_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
+
+	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// Every signature a client receives has its audit record, refusals are
+// recorded too, the chain verifies, and no record holds the digest.
+func TestEverySignatureIsJournaled(t *testing.T) {
+	cfg := softwareConfig(t)
+	a, err := agent.New(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := agent.ListenUnix(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.Serve(ln)
+	c, err := client.Dial(context.Background(), cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signed := map[[32]byte]bool{}
+	for i := 0; i < 50; i++ {
+		d := sha256.Sum256([]byte{byte(i)})
+		if _, err := c.Sign(context.Background(), client.ByName("default"), client.Algorithm{}, d[:]); err != nil {
+			t.Fatal(err)
+		}
+		signed[journal.HashDigest(d[:])] = true
+	}
+	c.Sign(context.Background(), client.ByName("nope"), client.Algorithm{}, make([]byte, 32))
+	c.Sign(context.Background(), client.ByName("default"), client.Algorithm{}, make([]byte, 31))
+	c.Close()
+	if err := a.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	rep, err := j.Verify(context.Background())
+	if err != nil || !rep.OK() {
+		t.Fatalf("chain: %v %+v", err, rep.Break)
+	}
+	codes := map[string]int{}
+	err = j.Scan(context.Background(), journal.Filter{}, func(r *journal.Record) error {
+		codes[r.CodeName]++
+		if r.CodeName == "OK" {
+			if !signed[r.DigestHash] {
+				t.Errorf("record %d: a signature nobody asked for", r.Seq)
+			}
+			delete(signed, r.DigestHash)
+			if r.KID == "" || r.Slot != "default" || r.Peer == "" {
+				t.Errorf("record %d incomplete: %+v", r.Seq, r)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(signed) != 0 {
+		t.Fatalf("%d released signatures have no audit record", len(signed))
+	}
+	if codes["NOT_FOUND"] != 1 || codes["BAD_REQUEST"] != 1 {
+		t.Fatalf("refusals not journaled: %v", codes)
+	}
+}
+
+// Fail closed: while the journal cannot write, no signature is released
+// (JOURNAL_UNAVAILABLE); when the fault clears, signing resumes.
+func TestJournalFaultWithholdsSignatures(t *testing.T) {
+	toggle := &errorfs.Toggle{Injector: errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if op.Kind.ReadOrWrite() == errorfs.OpIsWrite {
+			return errorfs.ErrInjected
+		}
+		return nil
+	})}
+	cfg := softwareConfig(t)
+	r := startAgent(t, cfg, agent.WithJournalFS(errorfs.Wrap(vfs.Default, toggle)))
+	c := r.dial(t)
+	d := sha256.Sum256([]byte("x"))
+	if _, err := c.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:]); err != nil {
+		t.Fatal(err)
+	}
+	toggle.On()
+	for i := 0; i < 3; i++ {
+		sig, err := c.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:])
+		if client.Code(err) != proto.JournalUnavailable || sig.Sig != nil {
+			t.Fatalf("with the disk failing: %v, signature %x", err, sig.Sig)
+		}
+	}
+	toggle.Off()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		_, err := c.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:])
+		if err == nil {
+			break
+		}
+		if client.Code(err) != proto.JournalUnavailable || time.Now().After(deadline) {
+			t.Fatalf("signing did not resume after the fault cleared: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

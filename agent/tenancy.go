@@ -1,0 +1,251 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/policy"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// Without a policy file the agent is single-tenant: whoever can open its
+// socket (0600, so its owner and root) may use every key, and requests name
+// keys. With one, every peer must map to a tenant, requests name that
+// tenant's key slots, and each Sign passes the slot's policy first.
+
+// target is what a request's key name or kid resolved to.
+type target struct {
+	key  *keyEntry
+	slot *policy.Slot // nil in single-tenant mode
+}
+
+// name is what replies call the key: the slot's name within its tenant, or
+// the key's name in single-tenant mode.
+func (t target) name() string {
+	if t.slot != nil {
+		return t.slot.Name
+	}
+	return t.key.info.Name
+}
+
+func (c *conn) identity() policy.Identity {
+	if c.peer.unix {
+		return policy.UnixIdentity(c.peer.uid, c.peer.gid)
+	}
+	return policy.MTLSIdentity(c.peer.name)
+}
+
+var errUnknownPeer = &proto.Error{Code: proto.Unauthenticated, Msg: "this peer is not mapped to any tenant"}
+
+// tenant is the peer's tenant under the policy in force now, so a mapping
+// removed by a reload takes effect on the next request.
+func (c *conn) tenant() (string, error) {
+	if c.a.policy == nil {
+		return "", nil
+	}
+	t, ok := c.a.policy.Set().TenantOf(c.identity())
+	if !ok {
+		return "", errUnknownPeer
+	}
+	return t, nil
+}
+
+// resolve finds the key a request names. A tenant sees only its own slots:
+// another tenant's slot is NOT_FOUND with the same message as a missing one.
+func (c *conn) resolve(name, kid string) (target, string, error) {
+	if c.a.policy == nil {
+		e, err := c.a.keys.lookup(name, kid)
+		return target{key: e}, "", err
+	}
+	tenant, err := c.tenant()
+	if err != nil {
+		return target{}, "", err
+	}
+	set := c.a.policy.Set()
+	name = strings.TrimPrefix(name, tenant+"/")
+	var slot *policy.Slot
+	switch {
+	case name != "":
+		s, ok := set.Slot(tenant, name)
+		if !ok {
+			return target{}, tenant, &proto.Error{Code: proto.NotFound, Msg: "no key slot named " + quoteShort(name)}
+		}
+		slot = s
+	case kid != "":
+		for _, s := range set.Slots(tenant) {
+			if e := c.a.keys.byName[s.Key]; e != nil && e.info.KID == kid {
+				slot = s
+				break
+			}
+		}
+		if slot == nil {
+			return target{}, tenant, &proto.Error{Code: proto.NotFound, Msg: "no key slot with kid " + quoteShort(kid)}
+		}
+	default:
+		return target{}, tenant, &proto.Error{Code: proto.NotFound, Msg: "name a key slot: there is no default slot"}
+	}
+	e := c.a.keys.byName[slot.Key]
+	if e == nil {
+		// Load and reload refuse such a policy; reaching here is a bug.
+		return target{}, tenant, fmt.Errorf("slot %s names key %q, which no provider serves", slot.FullName(), slot.Key)
+	}
+	return target{key: e, slot: slot}, tenant, nil
+}
+
+// listKeys is the ListKeys reply: the tenant's slots, or every key.
+func (c *conn) listKeys() ([]proto.KeyEntry, error) {
+	if c.a.policy == nil {
+		return c.a.keys.list, nil
+	}
+	tenant, err := c.tenant()
+	if err != nil {
+		return nil, err
+	}
+	slots := c.a.policy.Set().Slots(tenant)
+	out := make([]proto.KeyEntry, 0, len(slots))
+	for _, s := range slots {
+		if e := c.a.keys.byName[s.Key]; e != nil {
+			out = append(out, proto.KeyEntry{Name: s.Name, KID: e.info.KID, Provider: e.info.Provider, KeyType: string(e.info.Type), Pub: e.info.SPKI})
+		}
+	}
+	return out, nil
+}
+
+// reasonCode maps a policy denial to its wire code; the names are the same.
+func reasonCode(r policy.Reason) proto.Code {
+	if code, ok := proto.ParseCode(r.String()); ok {
+		return code
+	}
+	return proto.PermissionDenied
+}
+
+// isAdmin: the admin socket serves the policy's admins, or without a policy
+// the agent's own user and root.
+func (c *conn) isAdmin() bool {
+	if c.a.policy != nil {
+		return c.a.policy.Set().IsAdmin(c.identity())
+	}
+	return c.peer.unix && (c.peer.uid == 0 || int(c.peer.uid) == os.Getuid())
+}
+
+// checkSlotKeys refuses a policy whose slots name keys no provider serves.
+func checkSlotKeys(set *policy.Set, kr *keyring) error {
+	var errs []error
+	for _, s := range set.AllSlots() {
+		keys := []string{s.Key}
+		for _, v := range s.Versions {
+			keys = append(keys, v.Key)
+		}
+		for _, k := range keys {
+			if k != "" && kr.byName[k] == nil {
+				errs = append(errs, fmt.Errorf("slot %s: key %q is not served by any provider", s.FullName(), k))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ReloadPolicy re-reads the policy file. A policy that fails validation is
+// refused and the one in force stays; the error says why.
+func (a *Agent) ReloadPolicy() error {
+	if a.policy == nil {
+		return errors.New("the agent runs without a policy file (single-tenant mode)")
+	}
+	set, err := policy.Load(a.cfg.Policy)
+	if err == nil {
+		err = checkSlotKeys(set, a.keys)
+	}
+	if err != nil {
+		a.log.Warn("policy reload refused; the current policy stays in force", zap.Error(err))
+		a.journalEvent("reload-policy", "", proto.BadRequest, "refused: "+firstLine(err.Error()))
+		return err
+	}
+	a.policy.Swap(set)
+	a.log.Info("policy reloaded", zap.String("hash", set.HashHex()))
+	a.journalEvent("reload-policy", "", proto.OK, "policy "+set.HashHex())
+	return nil
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		return s[:i] + " …"
+	}
+	return s
+}
+
+// journalEvent records an operator action. Failing to record one is logged;
+// the action itself has happened.
+func (a *Agent) journalEvent(op, slot string, code proto.Code, detail string) {
+	if a.journal == nil {
+		return
+	}
+	r := journal.Record{Op: op, Slot: slot, Code: uint16(code), CodeName: code.String(), Detail: detail, Peer: "agent"}
+	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
+	defer cancel()
+	if err := a.journal.Append(ctx, &r); err != nil {
+		a.log.Warn("audit journal append failed", zap.String("op", op), zap.Error(err))
+	}
+}
+
+// admitted decides at Hello whether this peer may use this listener.
+func (c *conn) admitted() error {
+	if c.admin {
+		if !c.isAdmin() {
+			return &proto.Error{Code: proto.Unauthenticated, Msg: "this peer does not hold the admin role"}
+		}
+		return nil
+	}
+	_, err := c.tenant()
+	return err
+}
+
+// admin answers the operator operations, on the admin socket only.
+func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
+	if !c.admin {
+		return &proto.Error{Code: proto.PermissionDenied, Msg: req.Op.String() + " needs the admin role (the admin socket)"}
+	}
+	switch req.Op {
+	case proto.OpPause, proto.OpResume:
+		if c.a.policy == nil {
+			return &proto.Error{Code: proto.BadRequest, Msg: "pausing needs a policy file: slots are defined there"}
+		}
+		tenant, slot, ok := strings.Cut(req.Key, "/")
+		if !ok || tenant == "" || slot == "" {
+			return &proto.Error{Code: proto.BadRequest, Msg: "name the slot as tenant/slot"}
+		}
+		var err error
+		op := "pause"
+		if req.Op == proto.OpPause {
+			err = c.a.policy.Pause(tenant, slot)
+		} else {
+			op = "resume"
+			err = c.a.policy.Resume(tenant, slot)
+		}
+		switch {
+		case errors.Is(err, policy.ErrSlotNotFound):
+			return &proto.Error{Code: proto.NotFound, Msg: "no key slot " + quoteShort(req.Key)}
+		case errors.Is(err, policy.ErrPausedInFile):
+			c.a.journalEvent(op, req.Key, proto.OK, "run-time pause lifted; the policy file still pauses the slot")
+			resp.Msg = "the policy file itself pauses this slot: it stays paused until the file says paused: false and is reloaded"
+			return nil
+		case err != nil:
+			return err
+		}
+		c.a.journalEvent(op, req.Key, proto.OK, "by "+c.peer.String())
+		c.log.Info("slot "+op+"d by an admin", zap.String("slot", req.Key))
+		return nil
+	case proto.OpReloadPolicy:
+		if err := c.a.ReloadPolicy(); err != nil {
+			return &proto.Error{Code: proto.BadRequest, Msg: "policy refused, the current one stays in force: " + err.Error()}
+		}
+		resp.Msg = "policy " + c.a.policy.Set().HashHex() + " in force"
+		return nil
+	}
+	return &proto.Error{Code: proto.BadRequest, Msg: req.Op.String() + " is not supported by this agent version"}
+}

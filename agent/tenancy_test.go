@@ -1,0 +1,237 @@
+package agent_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/devcerts"
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// twoTenants: payments is this test process's uid (Unix) and a SPIFFE ID
+// (mTLS); billing is another SPIFFE ID. The admin is this uid.
+func twoTenants(uid int, billingMTLS string) string {
+	return fmt.Sprintf(`
+admins:
+  unix_uids: [%d]
+tenants:
+  - name: payments
+    identities:
+      unix_uids: [%d]
+      mtls: ["spiffe://example.org/payments"]
+    slots:
+      - name: release
+        key: default
+        policy:
+          algorithms: [ecdsa-sha256]
+  - name: billing
+    identities:
+      mtls: [%q]
+    slots:
+      - name: invoice
+        key: ed
+`, uid, uid, billingMTLS)
+}
+
+type tenancySetup struct {
+	*tlsSetup
+	policyFile string
+	admin      string
+}
+
+func startTenancy(t *testing.T) *tenancySetup {
+	t.Helper()
+	s := &tenancySetup{tlsSetup: &tlsSetup{dir: t.TempDir()}}
+	var err error
+	if s.ca, err = devcerts.NewCA("tenancy CA"); err != nil {
+		t.Fatal(err)
+	}
+	srv, _ := s.ca.Issue(devcerts.Leaf{CommonName: "agent", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.TCP.CertFile, cfg.TCP.KeyFile, _ = srv.Write(s.dir, "server")
+	cfg.TCP.ClientCAFile, _ = s.ca.WriteCert(s.dir, "ca")
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	s.addr = ln.Addr().String()
+	ln.Close()
+	cfg.TCP.Listen = s.addr
+	s.policyFile = filepath.Join(s.dir, "policy.yaml")
+	os.WriteFile(s.policyFile, []byte(twoTenants(os.Getuid(), "spiffe://example.org/billing")), 0o600)
+	cfg.Policy = s.policyFile
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	s.admin = cfg.AdminSocket
+	s.running = startAgent(t, cfg)
+	tln, err := s.running.agent.ListenTLS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.running.agent.Serve(tln)
+	aln, err := agent.ListenUnix(cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.running.agent.ServeAdmin(aln)
+	return s
+}
+
+func (s *tenancySetup) tenantClient(t *testing.T, spiffe string) (*client.Client, error) {
+	cert, _ := s.ca.Issue(devcerts.Leaf{CommonName: "c", URIs: []string{spiffe}})
+	return s.dial(t, cert)
+}
+
+func TestTenantIsolation(t *testing.T) {
+	s := startTenancy(t)
+	payUnix := s.running.dial(t)
+	payTLS, err := s.tenantClient(t, "spiffe://example.org/payments")
+	if err != nil {
+		t.Fatal(err)
+	}
+	billing, err := s.tenantClient(t, "spiffe://example.org/billing")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	d := sha256.Sum256([]byte("tenant payload"))
+	billingKeys, _ := billing.ListKeys(ctx)
+	if len(billingKeys) != 1 || billingKeys[0].Name != "invoice" {
+		t.Fatalf("billing sees %+v", billingKeys)
+	}
+	invoiceKID := billingKeys[0].KID
+
+	for name, c := range map[string]*client.Client{"payments over Unix": payUnix, "payments over mTLS": payTLS} {
+		t.Run(name, func(t *testing.T) {
+			keys, err := c.ListKeys(ctx)
+			if err != nil || len(keys) != 1 || keys[0].Name != "release" {
+				t.Fatalf("lists %+v, %v", keys, err)
+			}
+			sig, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(sig.PolicyHash) != 32 {
+				t.Fatalf("no policy hash on the reply: %x", sig.PolicyHash)
+			}
+			// Everything of billing's is NOT_FOUND, by every route, with
+			// the message a missing slot gets.
+			_, missing := c.Sign(ctx, client.ByName("no-such-slot"), client.Algorithm{}, d[:])
+			for _, ref := range []client.KeyRef{client.ByName("invoice"), client.ByName("billing/invoice"), client.ByKID(invoiceKID)} {
+				_, err := c.Sign(ctx, ref, client.Algorithm{}, []byte("m"))
+				if client.Code(err) != proto.NotFound {
+					t.Fatalf("sign with %+v: %v", ref, err)
+				}
+				if _, err := c.PublicKey(ctx, ref); client.Code(err) != proto.NotFound {
+					t.Fatalf("public key of %+v: %v", ref, err)
+				}
+				if ok, err := c.Verify(ctx, ref, client.Algorithm{}, []byte("m"), make([]byte, 64)); client.Code(err) != proto.NotFound || ok {
+					t.Fatalf("verify with %+v: %v", ref, err)
+				}
+				// The message only echoes what was asked, as for a missing slot.
+				if strings.Contains(err.Error(), "tenant") || strings.Contains(err.Error(), "exist") || strings.Contains(err.Error(), "permission") {
+					t.Fatalf("the error hints at another tenant: %v", err)
+				}
+			}
+			if client.Code(missing) != proto.NotFound {
+				t.Fatal(missing)
+			}
+			// Policy: only ECDSA with SHA-256.
+			d384 := make([]byte, 48)
+			if _, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA384}, d384); client.Code(err) != proto.UnsupportedAlgorithm {
+				t.Fatalf("policy allowed sha384: %v", err)
+			}
+			// Admin operations are not for tenants.
+			if _, err := c.Pause(ctx, "billing/invoice"); client.Code(err) != proto.PermissionDenied {
+				t.Fatalf("a tenant paused a slot: %v", err)
+			}
+		})
+	}
+	if _, err := billing.Sign(ctx, client.ByName("invoice"), client.Algorithm{}, []byte("bill")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := billing.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:]); client.Code(err) != proto.NotFound {
+		t.Fatalf("billing reached payments' slot: %v", err)
+	}
+}
+
+func TestUnknownPeersRefused(t *testing.T) {
+	s := startTenancy(t)
+	if _, err := s.tenantClient(t, "spiffe://example.org/stranger"); client.Code(err) != proto.Unauthenticated {
+		t.Fatalf("unmapped certificate: %v", err)
+	}
+	// The admin socket refuses a tenant's identity... and serves the admin.
+	admin, err := client.Dial(context.Background(), s.admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	if _, err := admin.Sign(context.Background(), client.ByName("release"), client.Algorithm{}, make([]byte, 32)); client.Code(err) != proto.PermissionDenied {
+		t.Fatalf("the admin socket signed: %v", err)
+	}
+}
+
+func TestAdminPauseResumeReload(t *testing.T) {
+	s := startTenancy(t)
+	ctx := context.Background()
+	admin, err := client.Dial(ctx, s.admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	pay := s.running.dial(t)
+	billing, _ := s.tenantClient(t, "spiffe://example.org/billing")
+	d := sha256.Sum256([]byte("x"))
+
+	if _, err := admin.Pause(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pay.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:]); client.Code(err) != proto.Paused {
+		t.Fatalf("paused slot signed: %v", err)
+	}
+	if _, err := billing.Sign(ctx, client.ByName("invoice"), client.Algorithm{}, []byte("m")); err != nil {
+		t.Fatalf("pausing one slot stopped another: %v", err)
+	}
+	if _, err := admin.Resume(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pay.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:]); err != nil {
+		t.Fatalf("after resume: %v", err)
+	}
+	if _, err := admin.Pause(ctx, "payments/nope"); client.Code(err) != proto.NotFound {
+		t.Fatalf("pause of a missing slot: %v", err)
+	}
+
+	// A broken policy is refused; the old one stays in force.
+	os.WriteFile(s.policyFile, []byte("tenants:\n  - name: BAD NAME\n"), 0o600)
+	if _, err := admin.ReloadPolicy(ctx); client.Code(err) != proto.BadRequest || !strings.Contains(err.Error(), "policy.yaml:") {
+		t.Fatalf("broken policy: %v", err)
+	}
+	if _, err := billing.Sign(ctx, client.ByName("invoice"), client.Algorithm{}, []byte("m")); err != nil {
+		t.Fatalf("after a refused reload: %v", err)
+	}
+	// A policy that revokes billing's mapping: billing is refused at once.
+	os.WriteFile(s.policyFile, []byte(twoTenants(os.Getuid(), "spiffe://example.org/billing-v2")), 0o600)
+	if _, err := admin.ReloadPolicy(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := billing.Sign(ctx, client.ByName("invoice"), client.Algorithm{}, []byte("m")); client.Code(err) != proto.Unauthenticated {
+		t.Fatalf("revoked mapping still signs: %v", err)
+	}
+	if _, err := s.tenantClient(t, "spiffe://example.org/billing"); client.Code(err) != proto.Unauthenticated {
+		t.Fatalf("revoked mapping connects: %v", err)
+	}
+	if _, err := s.tenantClient(t, "spiffe://example.org/billing-v2"); err != nil {
+		t.Fatalf("new mapping: %v", err)
+	}
+	// SIGHUP's path does the same.
+	if err := s.running.agent.Reload(); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,40 @@
+package client
+
+import (
+	"context"
+
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// The admin operations are answered on the agent's admin socket only (see
+// the agent's admin_socket); elsewhere they are PERMISSION_DENIED.
+
+// Pause stops a key slot ("tenant/slot") from signing: signers get PAUSED.
+// The returned text is the agent's note, if any.
+func (c *Client) Pause(ctx context.Context, slot string) (string, error) {
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpPause, Key: slot})
+	if err != nil {
+		return "", err
+	}
+	return resp.Msg, nil
+}
+
+// Resume lifts a run-time pause. A slot the policy file pauses stays paused;
+// the returned text says so.
+func (c *Client) Resume(ctx context.Context, slot string) (string, error) {
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpResume, Key: slot})
+	if err != nil {
+		return "", err
+	}
+	return resp.Msg, nil
+}
+
+// ReloadPolicy makes the agent re-read its policy; a policy that fails
+// validation is refused (BAD_REQUEST, with the reasons) and the old one stays.
+func (c *Client) ReloadPolicy(ctx context.Context) (string, error) {
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpReloadPolicy})
+	if err != nil {
+		return "", err
+	}
+	return resp.Msg, nil
+}

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"fmt"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/policy"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+func newAdminCommand(g *globalFlags) *cobra.Command {
+	var adminSocket string
+	cmd := &cobra.Command{
+		Use:   "admin",
+		Short: "Operator commands on the agent's admin socket: pause, resume, reload",
+	}
+	cmd.PersistentFlags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket)")
+	run := func(what string, fn func(c *client.Client) (string, error)) error {
+		addr := adminSocket
+		if addr == "" {
+			addr = filepath.Join(filepath.Dir(proto.ClientSocketPath()), "admin.sock")
+		}
+		ctx, cancel := g.context()
+		defer cancel()
+		c, err := client.Dial(ctx, addr)
+		if err != nil {
+			if client.Code(err) == proto.Unauthenticated {
+				return agentError(what, err)
+			}
+			return &exitError{exitUnreachable, fmt.Errorf("no agent admin socket at %s: %w", addr, err)}
+		}
+		defer c.Close()
+		msg, err := fn(c)
+		if err != nil {
+			return agentError(what, err)
+		}
+		if msg == "" {
+			msg = "done"
+		}
+		fmt.Println(what+":", msg)
+		return nil
+	}
+	pause := &cobra.Command{
+		Use:   "pause TENANT/SLOT",
+		Short: "Stop a key slot from signing (signers get PAUSED)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return run("pause "+args[0], func(c *client.Client) (string, error) { return c.Pause(cmd.Context(), args[0]) })
+		},
+	}
+	resume := &cobra.Command{
+		Use:   "resume TENANT/SLOT",
+		Short: "Lift a run-time pause",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return run("resume "+args[0], func(c *client.Client) (string, error) { return c.Resume(cmd.Context(), args[0]) })
+		},
+	}
+	reload := &cobra.Command{
+		Use:   "reload",
+		Short: "Re-read the policy (a policy that fails validation is refused; the old stays)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return run("reload", func(c *client.Client) (string, error) { return c.ReloadPolicy(cmd.Context()) })
+		},
+	}
+	cmd.AddCommand(pause, resume, reload)
+	return cmd
+}
+
+func newPolicyCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "policy",
+		Short: "Check policy files before they reach an agent",
+	}
+	validate := &cobra.Command{
+		Use:   "validate FILE|DIR",
+		Short: "Validate a policy; errors name file, line and field",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := policy.Validate(args[0]); err != nil {
+				return &exitError{exitFailure, err}
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s: valid\n", args[0])
+			return nil
+		},
+	}
+	hash := &cobra.Command{
+		Use:   "hash FILE|DIR",
+		Short: "Print the policy's hash and each tenant's (the one stamped on replies and audit records)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			set, err := policy.Load(args[0])
+			if err != nil {
+				return &exitError{exitFailure, err}
+			}
+			out := cmd.OutOrStdout()
+			fmt.Fprintf(out, "%s  (whole policy)\n", set.HashHex())
+			for _, t := range set.Tenants() {
+				h, _ := set.TenantHash(t)
+				fmt.Fprintf(out, "%x  tenant %s\n", h, t)
+			}
+			return nil
+		},
+	}
+	cmd.AddCommand(validate, hash)
+	return cmd
+}
