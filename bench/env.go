@@ -46,7 +46,10 @@ type Env struct {
 	AgentTCP    string      // host:port of the agent's mutual-TLS listener
 	ClientTLS   *tls.Config // a client certificate the agent accepts
 	agent       *exec.Cmd
-	agentLog    *os.File
+	extra       []*exec.Cmd
+	logs        []*os.File
+	// Variants are the extra agents by scenario name.
+	Variants map[string]Variant
 
 	P11KitClient  string // p11-kit-client.so, "" when p11-kit is absent
 	P11KitAddress string // P11_KIT_SERVER_ADDRESS for the client module
@@ -193,28 +196,87 @@ func (e *Env) startAgent(ctx context.Context, sigil string) error {
 	for _, k := range e.Keys {
 		fmt.Fprintf(&b, "      - {name: %s, type: %s}\n", softKeyName(k), k)
 	}
-	cfgPath := filepath.Join(e.Dir, "agent.yaml")
-	if err := os.WriteFile(cfgPath, []byte(b.String()), 0o600); err != nil {
-		return err
-	}
-	logf, err := os.Create(filepath.Join(e.Dir, "agent.log"))
+	cmd, err := e.launch(ctx, sigil, "agent", b.String(), e.AgentSocket)
 	if err != nil {
 		return err
 	}
-	e.agentLog = logf
+	e.agent = cmd
+	return e.startVariants(ctx, sigil)
+}
+
+// Variant agents serve the same software keys under other settings, so the
+// cost of a setting is a ratio between scenarios of one run: the journal
+// off and in fsync mode, and a policy with every rule switched on.
+const (
+	ScenarioSoftwareNoJournal = "software-nojournal"
+	ScenarioSoftwareFsync     = "software-fsync"
+	ScenarioSoftwarePolicy    = "software-policy"
+)
+
+func (e *Env) startVariants(ctx context.Context, sigil string) error {
+	e.Variants = map[string]Variant{}
+	policyFile := filepath.Join(e.Dir, "policy.yaml")
+	var p strings.Builder
+	fmt.Fprintf(&p, "tenants:\n  - name: bench\n    identities: {unix_uids: [%d]}\n    slots:\n", os.Getuid())
+	for _, k := range e.Keys {
+		fmt.Fprintf(&p, "      - name: %s\n        key: %s\n        policy:\n          algorithms: [ecdsa-sha256, rsa-pkcs1v15-sha256, ed25519]\n          rate: {per_second: 1000000, burst: 1000000}\n          daily_quota: 1000000000\n          windows: [\"Mon-Sun 00:00-24:00\"]\n", softKeyName(k), softKeyName(k))
+	}
+	if err := os.WriteFile(policyFile, []byte(p.String()), 0o600); err != nil {
+		return err
+	}
+	for _, v := range []struct{ name, extra string }{
+		{ScenarioSoftwareNoJournal, "journal: {mode: \"off\"}\n"},
+		{ScenarioSoftwareFsync, "journal: {mode: fsync}\n"},
+		{ScenarioSoftwarePolicy, "policy: " + policyFile + "\n"},
+	} {
+		sock := filepath.Join(e.Dir, v.name+".sock")
+		var b strings.Builder
+		fmt.Fprintf(&b, "socket: %s\nadmin_socket: %s\ndata_dir: %s\nlog: {level: warn}\n%s", sock, sock+".admin", filepath.Join(e.Dir, v.name), v.extra)
+		fmt.Fprintf(&b, "providers:\n  - id: soft\n    type: software\n    keys:\n")
+		for _, k := range e.Keys {
+			fmt.Fprintf(&b, "      - {name: %s, type: %s}\n", softKeyName(k), k)
+		}
+		cmd, err := e.launch(ctx, sigil, v.name, b.String(), sock)
+		if err != nil {
+			return err
+		}
+		e.extra = append(e.extra, cmd)
+		e.Variants[v.name] = Variant{Socket: sock, PID: cmd.Process.Pid}
+	}
+	return nil
+}
+
+// Variant is one of the extra agents.
+type Variant struct {
+	Socket string
+	PID    int
+}
+
+// launch runs `sigil agent` on config and waits for its socket.
+func (e *Env) launch(ctx context.Context, sigil, name, config, socket string) (*exec.Cmd, error) {
+	cfgPath := filepath.Join(e.Dir, name+".yaml")
+	if err := os.WriteFile(cfgPath, []byte(config), 0o600); err != nil {
+		return nil, err
+	}
+	logf, err := os.Create(filepath.Join(e.Dir, name+".log"))
+	if err != nil {
+		return nil, err
+	}
+	e.logs = append(e.logs, logf)
 	cmd := exec.Command(sigil, "agent", "--config", cfgPath)
 	cmd.Env = append(os.Environ(), pinEnv+"="+e.PIN)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start agent: %w", err)
+		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	e.agent = cmd
-	if err := waitForSocket(ctx, "unix", e.AgentSocket, 20*time.Second); err != nil {
+	if err := waitForSocket(ctx, "unix", socket, 20*time.Second); err != nil {
+		cmd.Process.Kill()
+		cmd.Wait()
 		log, _ := os.ReadFile(logf.Name())
-		return fmt.Errorf("agent did not come up: %w\n%s", err, log)
+		return nil, fmt.Errorf("%s did not come up: %w\n%s", name, err, log)
 	}
-	return nil
+	return cmd, nil
 }
 
 // tlsMaterial makes a throwaway CA, the agent's certificate and a client
@@ -311,7 +373,7 @@ func waitForSocket(ctx context.Context, network, addr string, limit time.Duratio
 
 // Close stops the processes and removes the directory.
 func (e *Env) Close() error {
-	for _, cmd := range []*exec.Cmd{e.agent, e.p11kit} {
+	for _, cmd := range append([]*exec.Cmd{e.agent, e.p11kit}, e.extra...) {
 		if cmd == nil || cmd.Process == nil {
 			continue
 		}
@@ -325,8 +387,8 @@ func (e *Env) Close() error {
 			<-done
 		}
 	}
-	if e.agentLog != nil {
-		e.agentLog.Close()
+	for _, f := range e.logs {
+		f.Close()
 	}
 	return os.RemoveAll(e.Dir)
 }

@@ -33,6 +33,10 @@ func handBuiltReport() *Report {
 	add("p11kit", "ecdsa-p256", 1, 349, 2900)
 	add("p11kit", "ecdsa-p256", 8, 1800, 4400)
 	add("software", "ed25519", 8, 150, 52000)
+	add("software", "ecdsa-p256", 8, 300, 19000)
+	add("software-nojournal", "ecdsa-p256", 8, 280, 20000)
+	add("software-fsync", "ecdsa-p256", 8, 900, 8000)
+	add("software-policy", "ecdsa-p256", 8, 310, 18500)
 	add("agent-unix", "rsa-2048", 1, 650, 1500)
 	r.Results = append(r.Results,
 		Result{Scenario: "agent-tcp", Key: "ecdsa-p256", Conns: 8, Err: "open worker 1 of 8: dial tcp: connection refused"},
@@ -50,6 +54,9 @@ func TestComputeRatios(t *testing.T) {
 		RatioP11KitVsAgentP50:   349.0 / 84,
 		RatioAgentVsP11KitOpsG8: 15400.0 / 4400,
 		RatioTCPVsUnixP50:       105.0 / 84,
+		RatioJournalVsOffOpsG8:  19000.0 / 20000,
+		RatioFsyncVsOffOpsG8:    8000.0 / 20000,
+		RatioPolicyVsNoneOpsG8:  18500.0 / 19000,
 	}
 	if len(r.Ratios) != len(want) {
 		t.Errorf("ratios %v, want %v", r.Ratios, want)
@@ -130,6 +137,9 @@ func TestGoals(t *testing.T) {
 		RatioAgentVsP11KitOpsG8:  true,  // 3.5 ≥ 3
 		RatioTCPVsUnixP50:        false, // 1.25 > 1.2
 		GoalSoftwareEd25519OpsG8: true,  // 52000 ≥ 40000
+		RatioJournalVsOffOpsG8:   true,  // 0.95 ≥ 0.9
+		RatioFsyncVsOffOpsG8:     true,  // reported, no goal
+		RatioPolicyVsNoneOpsG8:   true,  // 0.974 ≥ 0.95
 	}
 	for k, v := range want {
 		if met[k] != v {
@@ -221,10 +231,10 @@ func TestWriteJSON(t *testing.T) {
 	if _, ok := first["error"]; ok {
 		t.Error("empty error written")
 	}
-	if len(got.Ratios) != 5 || got.Ratios[RatioAgentVsDirectP50] == 0 {
+	if len(got.Ratios) != 8 || got.Ratios[RatioAgentVsDirectP50] == 0 {
 		t.Errorf("ratios %v", got.Ratios)
 	}
-	if got.Machine["cores"] != 2.0 || got.Options["duration"] != "2s" || len(got.Goals) != 6 {
+	if got.Machine["cores"] != 2.0 || got.Options["duration"] != "2s" || len(got.Goals) != 9 {
 		t.Errorf("machine %v options %v goals %v", got.Machine, got.Options, got.Goals)
 	}
 

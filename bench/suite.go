@@ -89,6 +89,14 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		if o.wants(ScenarioSoftware) {
 			scenarios = append(scenarios, AgentScenario(ScenarioSoftware, k, env.AgentSocket, softKeyName(k), agentCPU))
 		}
+		for _, name := range []string{ScenarioSoftwareNoJournal, ScenarioSoftwareFsync, ScenarioSoftwarePolicy} {
+			v, ok := env.Variants[name]
+			if !ok || !o.wants(name) {
+				continue
+			}
+			pid := v.PID
+			scenarios = append(scenarios, AgentScenario(name, k, v.Socket, softKeyName(k), func() time.Duration { d, _ := ProcessCPU(pid); return d }))
+		}
 	}
 	return Run(ctx, scenarios, o.Options)
 }

@@ -45,6 +45,9 @@ hold on a noisy machine:
   agent-tcp   the agent over mutual TLS 1.3 on loopback, one connection per worker
   p11kit      PKCS#11 forwarded by p11-kit (client module in this process)
   software    the agent on software keys
+  software-nojournal, software-fsync, software-policy
+              the same keys on agents with the journal off, in fsync mode,
+              and with a policy whose every rule is on (cost ratios)
 
 --quick (what 'make bench' runs) takes under a minute on 2 cores.
 --doc FILE writes the full report (machine, command, table, ratios) and the
