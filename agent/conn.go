@@ -60,6 +60,11 @@ func (c *conn) identify() error {
 		}
 		p, err := tlsPeer(nc.ConnectionState(), nc.RemoteAddr().String())
 		c.peer = p
+		// An admin identity on mTLS holds the admin role on this connection,
+		// as the admin socket's peers do.
+		if err == nil && c.a.policy != nil && c.a.policy.Set().IsAdmin(c.identity()) {
+			c.admin = true
+		}
 		return err
 	}
 	c.peer = peer{addr: c.nc.RemoteAddr().String()}

@@ -23,6 +23,7 @@ func twoTenants(uid int, billingMTLS string) string {
 	return fmt.Sprintf(`
 admins:
   unix_uids: [%d]
+  mtls: ["spiffe://example.org/ops"]
 tenants:
   - name: payments
     identities:
@@ -151,6 +152,9 @@ func TestTenantIsolation(t *testing.T) {
 			if _, err := c.Pause(ctx, "billing/invoice"); client.Code(err) != proto.PermissionDenied {
 				t.Fatalf("a tenant paused a slot: %v", err)
 			}
+			if err := c.Rotate(ctx, "billing/invoice"); client.Code(err) != proto.PermissionDenied {
+				t.Fatalf("a tenant rotated a slot: %v", err)
+			}
 		})
 	}
 	if _, err := billing.Sign(ctx, client.ByName("invoice"), client.Algorithm{}, []byte("bill")); err != nil {
@@ -229,6 +233,17 @@ func TestAdminPauseResumeReload(t *testing.T) {
 	}
 	if _, err := s.tenantClient(t, "spiffe://example.org/billing-v2"); err != nil {
 		t.Fatalf("new mapping: %v", err)
+	}
+	// An admin identity on mTLS holds the admin role there.
+	ops, err := s.tenantClient(t, "spiffe://example.org/ops")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ops.Pause(ctx, "payments/release"); err != nil {
+		t.Fatalf("mTLS admin: %v", err)
+	}
+	if _, err := pay.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:]); client.Code(err) != proto.Paused {
+		t.Fatalf("after the mTLS admin paused: %v", err)
 	}
 	// SIGHUP's path does the same.
 	if err := s.running.agent.Reload(); err != nil {

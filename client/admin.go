@@ -38,3 +38,9 @@ func (c *Client) ReloadPolicy(ctx context.Context) (string, error) {
 	}
 	return resp.Msg, nil
 }
+
+// Rotate asks the agent to rotate a key slot ("tenant/slot") now.
+func (c *Client) Rotate(ctx context.Context, slot string) error {
+	_, err := c.call(ctx, &proto.Request{Op: proto.OpRotate, Key: slot})
+	return err
+}
