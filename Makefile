@@ -39,6 +39,7 @@ bench: build test-deps
 
 bench-full: build test-deps
 	./$(BIN) bench --doc docs/BENCHMARKS.md --json docs/benchmarks.json
+	bash .ci/bench-micro >> docs/BENCHMARKS.md
 
 bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x $(PKGS)

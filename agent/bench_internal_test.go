@@ -28,14 +28,22 @@ func (f *fixedProvider) Sign(context.Context, string, providers.Algorithm, []byt
 func (f *fixedProvider) Close() error { return nil }
 
 // BenchmarkRequestPath is decode → dispatch → encode for one Sign, without
-// the socket: the allocation budget of the agent's hot path.
+// the socket: the allocation budget of the agent's hot path, with the audit
+// journal off and on (wal).
 func BenchmarkRequestPath(b *testing.B) {
+	for _, mode := range []string{"off", "wal"} {
+		b.Run("journal-"+mode, func(b *testing.B) { benchRequestPath(b, mode) })
+	}
+}
+
+func benchRequestPath(b *testing.B, journalMode string) {
 	pub, _, _ := ed25519Key()
 	info, err := providers.NewKeyInfo("fixed", "k", pub)
 	if err != nil {
 		b.Fatal(err)
 	}
-	a, err := New(context.Background(), Config{DataDir: b.TempDir()}, zap.NewNop(),
+	cfg := Config{DataDir: b.TempDir(), Journal: JournalConfig{Mode: journalMode}}
+	a, err := New(context.Background(), cfg, zap.NewNop(),
 		WithProviders(&fixedProvider{info: info, sig: make([]byte, 64)}))
 	if err != nil {
 		b.Fatal(err)
@@ -46,6 +54,7 @@ func BenchmarkRequestPath(b *testing.B) {
 	defer cli.Close()
 	c := newConn(a, srv, false)
 	c.helloDone = true
+	c.peer = peer{unix: true, uid: 1000, gid: 1000}
 	codec := proto.NewCodec()
 	frame, _ := codec.AppendRequestFrame(nil, &proto.Request{ID: 7, Op: proto.OpSign, Key: "k", Scheme: proto.SchemeEd25519, Digest: make([]byte, 32), TimeoutMillis: 1000})
 	payload := frame[proto.FrameHeaderLen:]

@@ -240,6 +240,13 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 		c.a.journalEvent(op, req.Key, proto.OK, "by "+c.peer.String())
 		c.log.Info("slot "+op+"d by an admin", zap.String("slot", req.Key))
 		return nil
+	case proto.OpAuditTail:
+		recs, err := c.a.auditTail(req.Key, req.FromSeq, int(req.Limit))
+		if err != nil {
+			return err
+		}
+		resp.Records = recs
+		return nil
 	case proto.OpReloadPolicy:
 		if err := c.a.ReloadPolicy(); err != nil {
 			return &proto.Error{Code: proto.BadRequest, Msg: "policy refused, the current one stays in force: " + err.Error()}
@@ -249,3 +256,47 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 	}
 	return &proto.Error{Code: proto.BadRequest, Msg: req.Op.String() + " is not supported by this agent version"}
 }
+
+// maxTailRecords caps one AuditTail reply: records are a few hundred bytes
+// of JSON each, and the client's frame limit is 64 KiB.
+const maxTailRecords = 100
+
+// auditTail reads the running agent's journal for `sigil audit tail`: the
+// last n records, or up to n from seq on.
+func (a *Agent) auditTail(tenant string, from uint64, n int) ([][]byte, error) {
+	if a.journal == nil {
+		return nil, &proto.Error{Code: proto.JournalUnavailable, Msg: "the audit journal is off"}
+	}
+	if n <= 0 || n > maxTailRecords {
+		n = maxTailRecords
+	}
+	var recs []journal.Record
+	if from == 0 {
+		var err error
+		if recs, err = a.journal.Last(n, tenant); err != nil {
+			return nil, err
+		}
+	} else {
+		err := a.journal.Scan(context.Background(), journal.Filter{FromSeq: from, Tenant: tenant}, func(r *journal.Record) error {
+			recs = append(recs, *r)
+			if len(recs) >= n {
+				return errStopScan
+			}
+			return nil
+		})
+		if err != nil && !errors.Is(err, errStopScan) {
+			return nil, err
+		}
+	}
+	out := make([][]byte, 0, len(recs))
+	for i := range recs {
+		b, err := recs[i].MarshalJSON()
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, b)
+	}
+	return out, nil
+}
+
+var errStopScan = errors.New("enough records")

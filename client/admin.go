@@ -44,3 +44,14 @@ func (c *Client) Rotate(ctx context.Context, slot string) error {
 	_, err := c.call(ctx, &proto.Request{Op: proto.OpRotate, Key: slot})
 	return err
 }
+
+// AuditTail reads the running agent's audit journal (admin role): the last
+// limit records when from is 0, else up to limit records from seq from on;
+// tenant "" means every tenant. Each record is one JSON object.
+func (c *Client) AuditTail(ctx context.Context, tenant string, from uint64, limit int) ([][]byte, error) {
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpAuditTail, Key: tenant, FromSeq: from, Limit: uint32(max(limit, 0))})
+	if err != nil {
+		return nil, err
+	}
+	return resp.Records, nil
+}

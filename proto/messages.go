@@ -23,6 +23,10 @@ type Request struct {
 	// TimeoutMillis is the client's remaining deadline; the agent never works
 	// on a request longer than this (nor longer than its own limit).
 	TimeoutMillis uint32
+	// AuditTail: records from this seq on (0: the last Limit records), at
+	// most Limit of them (the agent caps it).
+	FromSeq uint64
+	Limit   uint32
 }
 
 // Response is every agent-to-client message.
@@ -42,6 +46,8 @@ type Response struct {
 	// PolicyHash is the BLAKE3 hash of the caller's tenant policy that
 	// allowed a Sign (empty when the agent runs without a policy).
 	PolicyHash []byte
+	// AuditTail: audit records, each one JSON object.
+	Records [][]byte
 }
 
 // KeyEntry is one key in a ListKeys reply.
@@ -88,6 +94,9 @@ const (
 	kName     = "name"
 	kProvider = "prov"
 	kPolicy   = "ph"
+	kFromSeq  = "from"
+	kLimit    = "n"
+	kRecords  = "recs"
 )
 
 // EncodeMsgpack writes r as a msgpack map of its non-empty fields
@@ -96,7 +105,7 @@ func (r *Request) EncodeMsgpack(e *msgpack.Encoder) error {
 	n := 2
 	n += count(r.Version != 0) + count(r.Features != 0) + count(r.Key != "") + count(r.KID != "") +
 		count(r.Scheme != 0) + count(r.Hash != 0) + count(len(r.Digest) != 0) + count(len(r.Sig) != 0) +
-		count(r.TimeoutMillis != 0)
+		count(r.TimeoutMillis != 0) + count(r.FromSeq != 0) + count(r.Limit != 0)
 	w := fieldWriter{e: e}
 	w.mapLen(n)
 	w.uint(kID, r.ID)
@@ -127,6 +136,12 @@ func (r *Request) EncodeMsgpack(e *msgpack.Encoder) error {
 	}
 	if r.TimeoutMillis != 0 {
 		w.uint(kTimeout, uint64(r.TimeoutMillis))
+	}
+	if r.FromSeq != 0 {
+		w.uint(kFromSeq, r.FromSeq)
+	}
+	if r.Limit != 0 {
+		w.uint(kLimit, uint64(r.Limit))
 	}
 	return w.err
 }
@@ -176,6 +191,11 @@ func (r *Request) decode(c *Codec) error {
 		case kTimeout:
 			v, err = decodeUintMax(d, 0xffffffff)
 			r.TimeoutMillis = uint32(v)
+		case kFromSeq:
+			r.FromSeq, err = d.DecodeUint64()
+		case kLimit:
+			v, err = decodeUintMax(d, 0xffffffff)
+			r.Limit = uint32(v)
 		default:
 			err = d.Skip()
 		}
@@ -191,7 +211,7 @@ func (r *Response) EncodeMsgpack(e *msgpack.Encoder) error {
 	n := 2
 	n += count(r.Msg != "") + count(r.Version != 0) + count(r.Features != 0) + count(r.Key != "") +
 		count(r.KID != "") + count(r.KeyType != "") + count(len(r.Pub) != 0) + count(len(r.Sig) != 0) +
-		count(r.Valid) + count(r.Keys != nil) + count(len(r.PolicyHash) != 0)
+		count(r.Valid) + count(r.Keys != nil) + count(len(r.PolicyHash) != 0) + count(r.Records != nil)
 	w := fieldWriter{e: e}
 	w.mapLen(n)
 	w.uint(kID, r.ID)
@@ -222,6 +242,13 @@ func (r *Response) EncodeMsgpack(e *msgpack.Encoder) error {
 	}
 	if len(r.PolicyHash) != 0 {
 		w.bytes(kPolicy, r.PolicyHash)
+	}
+	if r.Records != nil {
+		w.key(kRecords)
+		w.setErr(e.EncodeArrayLen(len(r.Records)))
+		for _, rec := range r.Records {
+			w.setErr(e.EncodeBytes(rec))
+		}
 	}
 	if r.Valid {
 		w.key(kValid)
@@ -286,6 +313,8 @@ func (r *Response) decode(c *Codec) error {
 			r.Valid, err = d.DecodeBool()
 		case kPolicy:
 			r.PolicyHash, err = c.decodeBytesInto(nil)
+		case kRecords:
+			r.Records, err = c.decodeByteList()
 		case kKeys:
 			r.Keys, err = c.decodeKeyEntries()
 		default:
@@ -296,6 +325,22 @@ func (r *Response) decode(c *Codec) error {
 		}
 	}
 	return nil
+}
+
+func (c *Codec) decodeByteList() ([][]byte, error) {
+	n, err := c.dec.DecodeArrayLen()
+	if err != nil || n < 0 {
+		return nil, err
+	}
+	out := make([][]byte, 0, min(n, 1024))
+	for i := 0; i < n; i++ {
+		b, err := c.decodeBytesInto(nil)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, b)
+	}
+	return out, nil
 }
 
 func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {

@@ -19,6 +19,7 @@ func TestRequestRoundTrip(t *testing.T) {
 	}{
 		{"hello", Request{ID: 1, Op: OpHello, Version: Version, Features: FeaturePipelining}},
 		{"ping", Request{ID: 2, Op: OpPing}},
+		{"audit tail", Request{ID: 9, Op: OpAuditTail, Key: "payments", FromSeq: 1 << 40, Limit: 500}},
 		{"sign by name", Request{ID: 1 << 40, Op: OpSign, Key: "payments/release", Scheme: SchemeECDSA, Hash: HashSHA256, Digest: bytes.Repeat([]byte{0xab}, 32), TimeoutMillis: 1500}},
 		{"sign by kid", Request{ID: 3, Op: OpSign, KID: "00112233445566778899aabbccddeeff", Scheme: SchemeEd25519, Digest: []byte("message")}},
 		{"verify", Request{ID: 4, Op: OpVerify, Key: "k", Scheme: SchemePSS, Hash: HashSHA384, Digest: make([]byte, 48), Sig: make([]byte, 256)}},
@@ -65,6 +66,7 @@ func TestResponseRoundTrip(t *testing.T) {
 		{ID: 5, Code: OK, Valid: true},
 		{ID: 6, Code: OK, Keys: []KeyEntry{{Name: "a", KID: "1", Provider: "soft", KeyType: "rsa-2048", Pub: []byte{9}}, {Name: "b", KID: "2", Provider: "hsm", KeyType: "ed25519", Pub: []byte{8}}}},
 		{ID: 7, Code: OK, Keys: []KeyEntry{}},
+		{ID: 8, Code: OK, Records: [][]byte{[]byte(`{"seq":1}`), []byte(`{"seq":2}`)}},
 	}
 	c := NewCodec()
 	for _, want := range cases {

@@ -3,10 +3,14 @@ package main
 import (
 	"context"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
+	"io"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -14,6 +18,8 @@ import (
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
 )
 
 // The audit commands read the journal directly. Pebble allows one process
@@ -68,13 +74,27 @@ func newAuditCommand() *cobra.Command {
 		},
 	}
 
-	var tenant string
+	var tenant, adminSocket string
 	var n int
+	var follow bool
 	tail := &cobra.Command{
-		Use:   "tail [-n N] [--tenant T]",
-		Short: "Print the last records",
+		Use:   "tail [-n N] [--tenant T] [--follow]",
+		Short: "Print the last records (from the running agent over its admin socket, else from the journal directory)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			out := cmd.OutOrStdout()
+			if dir == "" {
+				addr := adminSocket
+				if addr == "" {
+					addr = filepath.Join(filepath.Dir(proto.ClientSocketPath()), "admin.sock")
+				}
+				if c, err := client.Dial(cmd.Context(), addr); err == nil {
+					defer c.Close()
+					return tailOnline(cmd.Context(), c, out, tenant, n, follow)
+				} else if follow {
+					return &exitError{exitUnreachable, fmt.Errorf("--follow reads the running agent, and none answered at %s: %w", addr, err)}
+				}
+			}
 			j, err := open()
 			if err != nil {
 				return err
@@ -84,15 +104,16 @@ func newAuditCommand() *cobra.Command {
 			if err != nil {
 				return &exitError{exitFailure, err}
 			}
-			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "SEQ\tTIME\tTENANT\tSLOT\tKID\tOP\tALG\tCODE\tµs\tPEER")
-			for _, r := range recs {
-				fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Seq, r.Time.UTC().Format(time.RFC3339Nano),
-					dash(r.Tenant), r.Slot, dash(r.KID), r.Op, dash(r.Algorithm), r.CodeName, r.LatencyMicros, r.Peer)
+			tw := newTailWriter(out)
+			for i := range recs {
+				b, _ := recs[i].MarshalJSON()
+				tw.row(b)
 			}
 			return tw.Flush()
 		},
 	}
+	tail.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new records (running agent only)")
+	tail.Flags().StringVar(&adminSocket, "admin-socket", "", "the running agent's admin socket")
 	tail.Flags().IntVarP(&n, "lines", "n", 20, "how many records")
 	tail.Flags().StringVar(&tenant, "tenant", "", "only this tenant's records")
 
@@ -162,4 +183,82 @@ func dash(s string) string {
 		return "-"
 	}
 	return s
+}
+
+// tailRecord is the part of a record's JSON the table shows.
+type tailRecord struct {
+	Seq       uint64 `json:"seq"`
+	Time      string `json:"time"`
+	Tenant    string `json:"tenant"`
+	Slot      string `json:"slot"`
+	KID       string `json:"kid"`
+	Op        string `json:"op"`
+	Algorithm string `json:"alg"`
+	CodeName  string `json:"code_name"`
+	Latency   uint32 `json:"latency_us"`
+	Peer      string `json:"peer"`
+}
+
+type tailWriter struct {
+	*tabwriter.Writer
+	last uint64
+}
+
+func newTailWriter(w io.Writer) *tailWriter {
+	tw := &tailWriter{Writer: tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)}
+	fmt.Fprintln(tw, "SEQ\tTIME\tTENANT\tSLOT\tKID\tOP\tALG\tCODE\tµs\tPEER")
+	return tw
+}
+
+func (tw *tailWriter) row(js []byte) {
+	var r tailRecord
+	if json.Unmarshal(js, &r) != nil {
+		return
+	}
+	tw.last = r.Seq
+	fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Seq, r.Time, dash(r.Tenant), dash(r.Slot),
+		dash(r.KID), r.Op, dash(r.Algorithm), r.CodeName, r.Latency, r.Peer)
+}
+
+// tailOnline reads the running agent's journal through the AuditTail admin
+// operation; with follow it polls for new records until interrupted.
+func tailOnline(ctx context.Context, c *client.Client, out io.Writer, tenant string, n int, follow bool) error {
+	tw := newTailWriter(out)
+	recs, err := c.AuditTail(ctx, tenant, 0, n)
+	if err != nil {
+		return agentError("audit tail", err)
+	}
+	for _, r := range recs {
+		tw.row(r)
+	}
+	if err := tw.Flush(); err != nil || !follow {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-tick.C:
+		}
+		for {
+			recs, err := c.AuditTail(ctx, tenant, tw.last+1, 100)
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil
+				}
+				return agentError("audit tail", err)
+			}
+			for _, r := range recs {
+				tw.row(r)
+			}
+			tw.Flush()
+			if len(recs) < 100 {
+				break
+			}
+		}
+	}
 }

@@ -184,7 +184,7 @@ func writeReportFiles(r *bench.Report, jsonPath, svgPath, docPath string, argv [
 	fmt.Fprintf(&b, "- SoftHSM2 %s, p11-kit %s\n", toolVersion("softhsm2-util", "--version"), toolVersion("p11-kit", "--version"))
 	fmt.Fprintf(&b, "- command: `%s`\n", strings.Join(append([]string{"sigil"}, argv[1:]...), " "))
 	fmt.Fprintf(&b, "- %d reps of %v after %v warm-up, scenarios interleaved rep by rep; figures are medians over reps\n\n", r.Reps, r.Duration, r.Warmup)
-	b.WriteString("## Results\n\n")
+	b.WriteString("What limits each goal, and what was tried, is in [performance.md](performance.md).\n\n## Results\n\n")
 	if err := r.Markdown(&b); err != nil {
 		return err
 	}
@@ -206,6 +206,10 @@ func writeSVG(r *bench.Report, path string, conns int) error {
 func toolVersion(tool string, args ...string) string {
 	out, err := exec.Command(tool, args...).Output()
 	if err != nil {
+		// Some tools (p11-kit) have no --version: ask the package manager.
+		if pkg, perr := exec.Command("dpkg-query", "-W", "-f", "${Version}", tool).Output(); perr == nil && len(pkg) > 0 {
+			return string(pkg)
+		}
 		return "(not installed)"
 	}
 	v := strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0])

@@ -69,6 +69,7 @@ providers:
 	}
 
 	out, stderr, code := runBin(t, bin, "audit", "verify", "--config", config)
+	_ = stderr
 	if code != 0 || !strings.Contains(out, "audit chain OK") {
 		t.Fatalf("audit verify after the kill: exit %d %s %s", code, out, stderr)
 	}
@@ -90,6 +91,11 @@ providers:
 	agent.waitReady(t)
 	if _, stderr, code := runBin(t, bin, "--socket", socket, "keys", "sign", "--in", config); code != 0 {
 		t.Fatalf("sign after restart: %s", stderr)
+	}
+	// The running agent's journal, read over its admin socket.
+	out, stderr, code = runBin(t, bin, "audit", "tail", "-n", "3", "--admin-socket", filepath.Join(sockDir, "admin.sock"))
+	if code != 0 || strings.Count(out, " sign ") < 1 || !strings.Contains(out, "OK") {
+		t.Fatalf("audit tail from the running agent: %d\n%s%s", code, out, stderr)
 	}
 	agent.cmd.Process.Kill()
 	agent.cmd.Wait()
