@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"crypto"
 	"encoding/base64"
 	"encoding/json"
@@ -109,17 +110,9 @@ What key signed, and its kid, goes to stderr.`,
 				return err
 			}
 			defer c.Close()
-			k, err := c.PublicKey(ctx, key.ref())
+			k, a, digest, err := keyAndDigest(ctx, c, "sign", key.ref(), alg, in)
 			if err != nil {
-				return agentError("sign", err)
-			}
-			a, err := chooseAlgorithm(alg, k.Type)
-			if err != nil {
-				return usageError("%v", err)
-			}
-			digest, err := digestFile(in, a.Hash)
-			if err != nil {
-				return &exitError{exitFailure, err}
+				return err
 			}
 			// Sign by kid: the key whose type chose the hash is the key that signs.
 			sig, err := c.Sign(ctx, client.ByKID(k.KID), a, digest)
@@ -239,4 +232,23 @@ func displayName(path string) string {
 		return "stdin"
 	}
 	return path
+}
+
+// keyAndDigest looks the key up, picks the algorithm (--alg, else the key's
+// default) and hashes the input the way that algorithm needs: what both
+// `keys sign` and `verify-signature` do before talking to the agent again.
+func keyAndDigest(ctx context.Context, c *client.Client, what string, ref client.KeyRef, algFlag, in string) (client.Key, client.Algorithm, []byte, error) {
+	k, err := c.PublicKey(ctx, ref)
+	if err != nil {
+		return client.Key{}, client.Algorithm{}, nil, agentError(what, err)
+	}
+	a, err := chooseAlgorithm(algFlag, k.Type)
+	if err != nil {
+		return client.Key{}, client.Algorithm{}, nil, usageError("%v", err)
+	}
+	digest, err := digestFile(in, a.Hash)
+	if err != nil {
+		return client.Key{}, client.Algorithm{}, nil, &exitError{exitFailure, err}
+	}
+	return k, a, digest, nil
 }

@@ -40,17 +40,9 @@ same way 'sigil keys sign' hashed it. Exit status: 0 valid, 1 invalid.`,
 				return err
 			}
 			defer c.Close()
-			k, err := c.PublicKey(ctx, key.ref())
+			k, a, digest, err := keyAndDigest(ctx, c, "verify", key.ref(), alg, in)
 			if err != nil {
-				return agentError("verify", err)
-			}
-			a, err := chooseAlgorithm(alg, k.Type)
-			if err != nil {
-				return usageError("%v", err)
-			}
-			digest, err := digestFile(in, a.Hash)
-			if err != nil {
-				return &exitError{exitFailure, err}
+				return err
 			}
 			ok, err := c.Verify(ctx, key.ref(), a, digest, sig)
 			if err != nil {
