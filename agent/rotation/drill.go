@@ -1,0 +1,172 @@
+package rotation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+
+	"github.com/zeebo/blake3"
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// Pauser pauses and resumes a slot's signing (signers get PAUSED meanwhile).
+// The policy engine (policy.Engine) satisfies it.
+type Pauser interface {
+	Pause(tenant, slot string) error
+	Resume(tenant, slot string) error
+}
+
+// DrillReport is the outcome of an incident drill.
+type DrillReport struct {
+	Slot     string
+	FirstSeq uint64 // the drill's first journal record ("drill.start")
+	LastSeq  uint64 // its closing record ("drill.done" or "drill.failed")
+	// Rotation is the emergency rotation; nil when it failed.
+	Rotation *Result
+	// Resumed: the slot was resumed. A drill whose rotation failed leaves
+	// the slot paused.
+	Resumed bool
+	// Statement is the incident statement (Markdown), rendered from the
+	// journal records of the drill; StatementFile is where it was written
+	// (empty without an EvidenceDir). It is also stored in the journal
+	// (Store.IncidentStatement).
+	Statement     []byte
+	StatementFile string
+}
+
+// Drill runs an incident drill on the slot, every step journaled:
+//
+//  1. drill.start;
+//  2. pause the slot through p (signers get PAUSED);
+//  3. emergency rotation (opts with Emergency set: overlap 0, the old
+//     version stops verifying at the cut-over and is retired once the
+//     rotation succeeded), which re-signs and verifies the canary set and
+//     writes a REP;
+//  4. resume the slot;
+//  5. an incident statement rendered from the journal records of the
+//     slot from the drill's first seq on, written next to the REPs and
+//     stored; its BLAKE3 is in the closing record "drill.done".
+//
+// If the pause or the rotation fails, the slot is not resumed: a failed
+// emergency rotation leaves the old version active, and in a real
+// incident that key must not sign until someone has looked. The statement
+// is still written (closing record "drill.failed") and the error returned.
+func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateOptions) (*DrillReport, error) {
+	tenant, name, err := SplitSlot(slot)
+	if err != nil {
+		return nil, err
+	}
+	if p == nil {
+		return nil, errors.New("drill: no pauser")
+	}
+	release, err := r.store.acquire(slot)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+
+	started := r.now()
+	rep := &DrillReport{Slot: slot}
+	rec := func(op, detail string) *journal.Record {
+		v, _ := r.store.Resolve(slot)
+		return &journal.Record{Time: r.now(), Tenant: tenant, Slot: slot, Version: uint32(v.Number), KID: v.KID,
+			Op: op, PolicyHash: opts.PolicyHash, CodeName: proto.OK.String(), Peer: opts.Peer, Detail: truncate(detail)}
+	}
+	appendRec := func(rc *journal.Record, changes ...journal.StateChange) error {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+		defer cancel()
+		return r.store.j.AppendWithState(cctx, rc, changes...)
+	}
+
+	first := rec("drill.start", "incident drill: pause, emergency rotation, canaries, resume")
+	if err := appendRec(first); err != nil {
+		return nil, fmt.Errorf("drill %s: journal: %w", slot, err)
+	}
+	rep.FirstSeq = first.Seq
+
+	drillErr := func() error {
+		if err := p.Pause(tenant, name); err != nil {
+			return fmt.Errorf("pause: %w", err)
+		}
+		if err := appendRec(rec("pause", "incident drill: signing refused with PAUSED")); err != nil {
+			return fmt.Errorf("pause: journal: %w", err)
+		}
+		opts.Emergency = true
+		if opts.Reason == "" {
+			opts.Reason = "incident drill"
+		}
+		res, err := r.rotateLocked(ctx, slot, opts)
+		if err != nil {
+			return err
+		}
+		rep.Rotation = res
+		if err := p.Resume(tenant, name); err != nil {
+			return fmt.Errorf("resume: %w", err)
+		}
+		rep.Resumed = true
+		if err := appendRec(rec("resume", "incident drill: signing resumed")); err != nil {
+			return fmt.Errorf("resume: journal: %w", err)
+		}
+		return nil
+	}()
+
+	// The statement, from the journal.
+	in := &incident{slot: slot, started: started, ended: r.now(), firstSeq: rep.FirstSeq, result: rep.Rotation,
+		err: drillErr, resumed: rep.Resumed, evidenceKeyID: EvidenceKeyID(r.evidencePub)}
+	err = r.store.j.Scan(ctx, journal.Filter{FromSeq: rep.FirstSeq, Tenant: tenant}, func(rc *journal.Record) error {
+		if rc.Slot == slot {
+			in.records = append(in.records, *rc)
+		}
+		return nil
+	})
+	if err != nil {
+		return rep, errors.Join(drillErr, fmt.Errorf("drill %s: read the journal for the statement: %w", slot, err))
+	}
+	rep.Statement = renderIncident(in)
+	if r.opts.EvidenceDir != "" {
+		dir := filepath.Join(r.opts.EvidenceDir, tenant, name)
+		fname := fmt.Sprintf("incident-%d.md", rep.FirstSeq)
+		if err := writeFileAtomic(dir, fname, rep.Statement); err != nil {
+			drillErr = errors.Join(drillErr, fmt.Errorf("write statement: %w", err))
+		} else {
+			rep.StatementFile = filepath.Join(dir, fname)
+		}
+	}
+	sum := blake3.Sum256(rep.Statement)
+	closing := rec("drill.done", fmt.Sprintf("incident statement blake3 %x", sum))
+	if drillErr != nil {
+		code := r.opts.Code(drillErr)
+		closing.Op, closing.Code, closing.CodeName = "drill.failed", uint16(code), code.String()
+		closing.Detail = truncate(fmt.Sprintf("%v; slot paused: %v; incident statement blake3 %x", drillErr, !rep.Resumed, sum))
+	}
+	key := fmt.Sprintf("%s%s/%s/%016d.md", incidentKeyPrefix, tenant, name, rep.FirstSeq)
+	if err := appendRec(closing, journal.StateChange{Key: key, Value: rep.Statement}); err != nil {
+		drillErr = errors.Join(drillErr, fmt.Errorf("journal the statement: %w", err))
+	} else {
+		rep.LastSeq = closing.Seq
+	}
+	if drillErr != nil {
+		r.log.Error("incident drill failed", zap.String("slot", slot), zap.Bool("resumed", rep.Resumed), zap.Error(drillErr))
+		return rep, fmt.Errorf("drill %s: %w", slot, drillErr)
+	}
+	r.log.Info("incident drill done", zap.String("slot", slot), zap.Uint64("first_seq", rep.FirstSeq), zap.Uint64("last_seq", rep.LastSeq))
+	return rep, nil
+}
+
+// IncidentStatement returns the stored statement of the drill that began
+// at journal seq firstSeq.
+func (s *Store) IncidentStatement(slot string, firstSeq uint64) ([]byte, error) {
+	tenant, name, err := SplitSlot(slot)
+	if err != nil {
+		return nil, err
+	}
+	b, err := s.j.Get(fmt.Sprintf("%s%s/%s/%016d.md", incidentKeyPrefix, tenant, name, firstSeq))
+	if errors.Is(err, journal.ErrNotFound) {
+		return nil, fmt.Errorf("incident statement %s@%d: %w", slot, firstSeq, ErrNotFound)
+	}
+	return b, err
+}

@@ -1,0 +1,176 @@
+package rotation
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/zeebo/blake3"
+
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// fakePauser records Pause and Resume calls, as the policy engine would
+// take them.
+type fakePauser struct {
+	mu     sync.Mutex
+	paused map[string]bool
+	calls  []string
+}
+
+func (p *fakePauser) Pause(tenant, slot string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.paused == nil {
+		p.paused = map[string]bool{}
+	}
+	p.paused[tenant+"/"+slot] = true
+	p.calls = append(p.calls, "pause "+tenant+"/"+slot)
+	return nil
+}
+
+func (p *fakePauser) Resume(tenant, slot string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.paused[tenant+"/"+slot] = false
+	p.calls = append(p.calls, "resume "+tenant+"/"+slot)
+	return nil
+}
+
+func (p *fakePauser) isPaused(slot string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.paused[slot]
+}
+
+// pauseCheckingSigner signs through the provider, records whether the slot
+// was paused at each signature, and journals a refused client signature
+// per call, as the agent would for a signer hitting PAUSED meanwhile.
+type pauseCheckingSigner struct {
+	inner          Signer
+	pauser         *fakePauser
+	j              *journal.Journal
+	signedUnpaused int
+}
+
+func (s *pauseCheckingSigner) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	if !s.pauser.isPaused(testSlot) {
+		s.signedUnpaused++
+	} else if err := s.j.Append(ctx, &journal.Record{Tenant: "payments", Slot: testSlot, Op: "sign", Code: 10, CodeName: "PAUSED", Peer: "uid:1001"}); err != nil {
+		return nil, err
+	}
+	return s.inner.Sign(ctx, key, alg, digest)
+}
+
+func TestDrill(t *testing.T) {
+	e := newEnv(t, providers.KeyECDSAP256)
+	e.rotate() // v1 accepted until its T1, v2 active
+	v1, _ := e.store.Get(testSlot)
+	old := e.active()
+	p := &fakePauser{}
+	signer := &pauseCheckingSigner{inner: e.soft, pauser: p, j: e.j}
+	o := e.opts()
+	o.Signer, o.Peer = signer, "admin uid:0"
+	rep, err := e.rot.Drill(context.Background(), testSlot, p, o)
+	if err != nil {
+		t.Fatalf("Drill: %v", err)
+	}
+	if want := []string{"pause " + testSlot, "resume " + testSlot}; !slices.Equal(p.calls, want) {
+		t.Fatalf("pauser calls %v, want %v", p.calls, want)
+	}
+	if signer.signedUnpaused != 0 {
+		t.Fatalf("%d signatures of the drill made while the slot was not paused", signer.signedUnpaused)
+	}
+	if !rep.Resumed || rep.Rotation == nil || rep.Rotation.New.Number != 3 {
+		t.Fatalf("report %+v", rep)
+	}
+
+	// Emergency: the old version stopped verifying at once and is retired,
+	// and so is v1, which was still accepted.
+	sl, _ := e.store.Get(testSlot)
+	for _, kid := range []string{old.KID, v1.Versions[0].KID} {
+		if _, err := e.store.VersionForVerify(testSlot, kid, e.clock.Now()); !errors.Is(err, ErrKeyRetired) {
+			t.Fatalf("kid %s after the drill: %v", kid, err)
+		}
+	}
+	for _, n := range []int{1, 2} {
+		if v, _ := sl.Version(n); v.State != StateRetired {
+			t.Fatalf("v%d after the drill: %s", n, v.State)
+		}
+	}
+	if _, err := e.rot.Rollback(context.Background(), testSlot, RollbackOptions{}); !errors.Is(err, ErrKeyRetired) {
+		t.Fatalf("rollback after an emergency rotation: %v", err)
+	}
+	m, err := VerifyREP(rep.Rotation.Manifest, rep.Rotation.Signature, e.rot.EvidencePublicKey())
+	if err != nil || !m.Emergency || m.Overlap != "0s" || !m.Canary.AllVerified {
+		t.Fatalf("drill REP: %v %+v", err, m)
+	}
+
+	// Every step journaled, in order (rollback's refusal comes after).
+	var drillOps []string
+	for _, r := range e.records() {
+		if r.Seq >= rep.FirstSeq && r.Seq <= rep.LastSeq && r.Op != "sign" {
+			drillOps = append(drillOps, r.Op)
+		}
+	}
+	want := []string{"drill.start", "pause", "rotate.start", "rotate.keygen", "rotate.csr", "rotate", "canary", "retire", "rotate.rep", "resume", "drill.done"}
+	if !slices.Equal(drillOps, want) {
+		t.Fatalf("drill records %v\nwant %v", drillOps, want)
+	}
+
+	// The statement: from the journal, written, stored, hashed in the closing record.
+	st := string(rep.Statement)
+	for _, want := range []string{"Incident drill statement", testSlot, "completed", old.KID, rep.Rotation.New.KID,
+		"rotate.keygen", "canary", "retire", "10/10 verified", "`PAUSED`", "resumed"} {
+		if !strings.Contains(st, want) {
+			t.Errorf("statement lacks %q:\n%s", want, st)
+		}
+	}
+	if got, err := os.ReadFile(rep.StatementFile); err != nil || !bytes.Equal(got, rep.Statement) {
+		t.Fatalf("statement file: %v", err)
+	}
+	if got, err := e.store.IncidentStatement(testSlot, rep.FirstSeq); err != nil || !bytes.Equal(got, rep.Statement) {
+		t.Fatalf("stored statement: %v", err)
+	}
+	sum := blake3.Sum256(rep.Statement)
+	last := e.records()
+	closing := last[slices.IndexFunc(last, func(r journal.Record) bool { return r.Op == "drill.done" })]
+	if !strings.Contains(closing.Detail, fmt.Sprintf("%x", sum)) {
+		t.Fatalf("closing record %q does not quote the statement hash", closing.Detail)
+	}
+}
+
+func TestDrillFailureLeavesSlotPaused(t *testing.T) {
+	e := newEnv(t, providers.KeyEd25519)
+	old := e.active()
+	p := &fakePauser{}
+	o := e.opts()
+	o.Maker = failingMaker{fmt.Errorf("generate: %w", providers.ErrUnavailable)}
+	rep, err := e.rot.Drill(context.Background(), testSlot, p, o)
+	var se *StepError
+	if !errors.As(err, &se) || se.Step != StepKeygen {
+		t.Fatalf("Drill: %v, want the keygen step error", err)
+	}
+	if !p.isPaused(testSlot) || rep.Resumed || len(p.calls) != 1 {
+		t.Fatalf("slot resumed after a failed drill: %v", p.calls)
+	}
+	if e.active().KID != old.KID {
+		t.Fatal("failed drill changed the active version")
+	}
+	recs := e.records()
+	if last := recs[len(recs)-1]; last.Op != "drill.failed" || last.CodeName != "UNAVAILABLE" || last.Seq != rep.LastSeq {
+		t.Fatalf("closing record %s %s", last.Op, last.CodeName)
+	}
+	for _, want := range []string{"FAILED", "paused", "rotate.failed", "sigil resume " + testSlot} {
+		if !strings.Contains(string(rep.Statement), want) {
+			t.Errorf("statement lacks %q:\n%s", want, rep.Statement)
+		}
+	}
+}

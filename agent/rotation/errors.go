@@ -1,0 +1,100 @@
+package rotation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+)
+
+var (
+	// ErrKeyRetired: the version is retired, or accepted and past its T1.
+	// The agent maps it to KEY_RETIRED.
+	ErrKeyRetired = errors.New("key version retired")
+	// ErrNotFound: no such slot, version or kid in the slot. It wraps
+	// providers.ErrNotFound, so the agent's code mapping gives NOT_FOUND.
+	ErrNotFound error = &wrappedSentinel{msg: "rotation: no such key slot or version", is: providers.ErrNotFound}
+	// ErrBusy: another rotation, rollback or drill is running on the slot.
+	ErrBusy = errors.New("rotation: another rotation of this slot is in progress")
+	// ErrSlotExists: Enroll found the slot already enrolled with another key.
+	ErrSlotExists = errors.New("rotation: slot already enrolled")
+)
+
+type wrappedSentinel struct {
+	msg string
+	is  error
+}
+
+func (e *wrappedSentinel) Error() string { return e.msg }
+func (e *wrappedSentinel) Unwrap() error { return e.is }
+
+// Steps of a rotation, as StepError.Step and journal details name them.
+const (
+	StepStart    = "start"    // journal the start, reserve the key name
+	StepKeygen   = "keygen"   // generate (or look up) the new key
+	StepCSR      = "csr"      // CSR signed by the new key
+	StepCutover  = "cutover"  // new version active, old accepted
+	StepCanary   = "canary"   // canary set signed by the active key and verified
+	StepRetire   = "retire"   // emergency rotations: old version retired
+	StepEvidence = "evidence" // Rotation Evidence Pack signed, written, stored
+)
+
+// StepError is a failed rotation: which step failed and why. When it is
+// returned the slot's old version is active (Reverted says whether a
+// cutover had to be undone), unless RevertErr is set: then the journal
+// refused the revert too, and the new version stayed active (a valid state;
+// see the package documentation, "Crash consistency").
+type StepError struct {
+	Slot      string
+	Step      string
+	Err       error
+	Reverted  bool
+	RevertErr error
+}
+
+func (e *StepError) Error() string {
+	msg := fmt.Sprintf("rotate %s: step %s failed: %v", e.Slot, e.Step, e.Err)
+	if e.RevertErr != nil {
+		msg += fmt.Sprintf("; revert failed, the new version stays active: %v", e.RevertErr)
+	} else if e.Reverted {
+		msg += "; reverted, the old version is active"
+	}
+	return msg
+}
+
+func (e *StepError) Unwrap() error { return e.Err }
+
+// defaultCode maps an error to a wire code for the code fields of the
+// rotation's journal records, when Options.Code is not set. The agent
+// passes its own mapping (agent.Code) so that codes come from one place.
+func defaultCode(err error) proto.Code {
+	var pe *proto.Error
+	switch {
+	case err == nil:
+		return proto.OK
+	case errors.As(err, &pe):
+		return pe.Code
+	case errors.Is(err, ErrKeyRetired):
+		return proto.KeyRetired
+	case errors.Is(err, providers.ErrNotFound):
+		return proto.NotFound
+	case errors.Is(err, providers.ErrUnsupportedAlgorithm):
+		return proto.UnsupportedAlgorithm
+	case errors.Is(err, providers.ErrBadRequest):
+		return proto.BadRequest
+	case errors.Is(err, providers.ErrPINIncorrect):
+		return proto.PINIncorrect
+	case errors.Is(err, providers.ErrTokenLocked):
+		return proto.TokenLocked
+	case errors.Is(err, providers.ErrUnavailable), errors.Is(err, ErrBusy), errors.Is(err, context.Canceled):
+		return proto.Unavailable
+	case errors.Is(err, journal.ErrUnavailable):
+		return proto.JournalUnavailable
+	case errors.Is(err, context.DeadlineExceeded):
+		return proto.DeadlineExceeded
+	}
+	return proto.Internal
+}

@@ -1,0 +1,746 @@
+package rotation
+
+import (
+	"context"
+	"crypto"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/zeebo/blake3"
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// Defaults.
+const (
+	// DefaultOverlap is how long an old version keeps verifying after a
+	// rotation or rollback (its T1 = cutover + overlap).
+	DefaultOverlap = 24 * time.Hour
+	// DefaultCanaries is the size of the canary set.
+	DefaultCanaries = 100
+	// maxCanaries bounds the canary set: every signature is kept in the REP.
+	maxCanaries = 10000
+	// maxDetail bounds a record's Detail.
+	maxDetail = 300
+)
+
+// Options configure a Rotator.
+type Options struct {
+	// EvidenceKey signs every Rotation Evidence Pack and incident statement
+	// record: an Ed25519 key held by the agent (LoadOrCreateEvidenceKey).
+	// Required.
+	EvidenceKey crypto.Signer
+	// EvidenceDir is where REP files and incident statements are written,
+	// under <EvidenceDir>/<tenant>/<slot>/. Empty: they are kept in the
+	// journal only (Store.REP, ExportREP).
+	EvidenceDir string
+	// Host names this agent in evidence (for example the host name or the
+	// agent's SPIFFE ID). Optional.
+	Host string
+	// DefaultOverlap is used when RotateOptions.Overlap or
+	// RollbackOptions.Overlap is zero. Default DefaultOverlap (24h).
+	DefaultOverlap time.Duration
+	// DefaultCanaries is used when RotateOptions.Canaries is zero. Default
+	// DefaultCanaries (100).
+	DefaultCanaries int
+	// Code maps an error to the wire code written into a failure record.
+	// Default: a mapping of the provider, journal and rotation errors; the
+	// agent passes agent.Code so codes are mapped in one place.
+	Code func(error) proto.Code
+	// Logger. Default: the store's.
+	Logger *zap.Logger
+}
+
+// EnsureDefaults fills in the zero-valued fields that have defaults.
+func (o *Options) EnsureDefaults() {
+	if o.DefaultOverlap <= 0 {
+		o.DefaultOverlap = DefaultOverlap
+	}
+	if o.DefaultCanaries <= 0 {
+		o.DefaultCanaries = DefaultCanaries
+	}
+	if o.Code == nil {
+		o.Code = defaultCode
+	}
+}
+
+// Rotator rotates, rolls back and retires key versions of the slots in a
+// Store, and writes the evidence.
+type Rotator struct {
+	store       *Store
+	opts        Options
+	evidencePub ed25519.PublicKey
+	log         *zap.Logger
+
+	// hook, set by tests only, runs after each rotation step and can fail it.
+	hook func(step string) error
+}
+
+// NewRotator returns a Rotator over store. When EvidenceDir is set it
+// writes the evidence public key there as evidence-key.pub.pem, for
+// verifiers; they should pin it by its fingerprint (EvidenceKeyID).
+func NewRotator(store *Store, opts Options) (*Rotator, error) {
+	if store == nil {
+		return nil, errors.New("rotation: a store is required")
+	}
+	opts.EnsureDefaults()
+	if opts.EvidenceKey == nil {
+		return nil, errors.New("rotation: an evidence key is required")
+	}
+	pub, ok := opts.EvidenceKey.Public().(ed25519.PublicKey)
+	if !ok {
+		return nil, fmt.Errorf("rotation: the evidence key must be Ed25519, not %T", opts.EvidenceKey.Public())
+	}
+	if opts.Logger == nil {
+		opts.Logger = store.log
+	}
+	r := &Rotator{store: store, opts: opts, evidencePub: pub, log: opts.Logger}
+	if opts.EvidenceDir != "" {
+		if err := writeFileAtomic(opts.EvidenceDir, "evidence-key.pub.pem", MarshalEvidencePublicKey(pub)); err != nil {
+			return nil, fmt.Errorf("rotation: evidence dir: %w", err)
+		}
+	}
+	return r, nil
+}
+
+// Store is the rotator's store.
+func (r *Rotator) Store() *Store { return r.store }
+
+// EvidencePublicKey is the public half of the evidence key.
+func (r *Rotator) EvidencePublicKey() ed25519.PublicKey { return r.evidencePub }
+
+func (r *Rotator) now() time.Time { return r.store.clock() }
+
+// RotateOptions describe one rotation.
+type RotateOptions struct {
+	// Maker generates the new key. Not needed when NextKey is set.
+	Maker KeyMaker
+	// Signer signs with the new key (the CSR and the canaries): the
+	// provider that holds it. Required.
+	Signer Signer
+	// NextKey is a pre-provisioned key to rotate to instead of generating
+	// one. Signer must serve it.
+	NextKey *providers.KeyInfo
+	// KeyType of the new key. Default: the active version's type.
+	KeyType providers.KeyType
+	// KeyName of the new key. Default "<tenant>/<slot>/v<n>", with
+	// "-a<k>" appended for the k-th attempt at the same version (k ≥ 2).
+	KeyName string
+	// Subject of the CSR. Default: CommonName "<tenant>/<slot>".
+	Subject pkix.Name
+	// Overlap: the old version is accepted until cutover + Overlap. Zero
+	// means Options.DefaultOverlap. Ignored when Emergency is set.
+	Overlap time.Duration
+	// Emergency: the old version stops verifying at the cutover (T1 = cutover
+	// time); once the canaries verified, it and every older version still
+	// accepted are retired. Incident drills rotate this way.
+	Emergency bool
+	// Canaries is the size of the canary set. Zero: Options.DefaultCanaries.
+	Canaries int
+	// PolicyHash is stamped on the records and quoted in the REP.
+	PolicyHash [32]byte
+	// Reason is why ("scheduled", "manual", "incident drill"); in the
+	// journal and the REP.
+	Reason string
+	// Peer is who asked, for the journal ("scheduler", an admin identity).
+	Peer string
+}
+
+// Result is a successful rotation.
+type Result struct {
+	Slot      string
+	Old, New  Version // as they are after the rotation
+	REP       int     // the evidence pack's number (= New.Number)
+	Manifest  []byte  // canonical manifest JSON
+	Signature []byte  // Ed25519 signature over Manifest
+	Files     []string
+	FirstSeq  uint64 // the rotation's journal records
+	LastSeq   uint64
+}
+
+// Rotate rotates the slot to a new key version:
+//
+//  1. start: journal the start (and reserve a fresh key name);
+//  2. keygen: generate the new key (or take opts.NextKey);
+//  3. csr: a CSR signed by the new key through its crypto.Signer, and
+//     checked — the pre-flight proof that the key signs and matches;
+//  4. cutover: the new version active, the old one accepted until T1;
+//  5. canary: the canary set signed with the slot's now-active key and
+//     every signature verified against the new public key;
+//  6. retire (emergency only): the old version retired;
+//  7. evidence: the Rotation Evidence Pack signed, written, stored.
+//
+// Each step is journaled; the cutover (and a revert) is one atomic commit
+// of a record and the slot's state. A failed step returns a *StepError and
+// leaves the old version active: a step after the cutover is undone (the
+// new version is retired and marked failed).
+func (r *Rotator) Rotate(ctx context.Context, slot string, opts RotateOptions) (*Result, error) {
+	if _, _, err := SplitSlot(slot); err != nil {
+		return nil, err
+	}
+	release, err := r.store.acquire(slot)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	return r.rotateLocked(ctx, slot, opts)
+}
+
+// rotation is one Rotate in progress.
+type rotation struct {
+	r              *Rotator
+	slot           string
+	tenant, name   string
+	opts           RotateOptions
+	old            Version
+	n              int
+	keyType        providers.KeyType
+	newKey         providers.KeyInfo
+	newURI         string
+	attestation    *Attestation
+	csrDER         []byte
+	canary         canaryResult
+	started        time.Time
+	cutoverAt      time.Time
+	t1             time.Time
+	cutover        bool
+	firstSeq       uint64
+	lastSeq        uint64
+	lastHash       [32]byte
+	generatedLeft  string // a generated key's name, for the failure record
+	afterStepsHook func(step string) error
+}
+
+func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOptions) (*Result, error) {
+	cur, ok := r.store.Get(slot)
+	if !ok {
+		return nil, fmt.Errorf("%s: %w", slot, ErrNotFound)
+	}
+	u := &rotation{r: r, slot: slot, tenant: cur.Tenant, name: cur.Name, opts: opts,
+		old: cur.ActiveVersion(), n: cur.nextNumber(), started: r.now(), afterStepsHook: r.hook}
+	if err := ctx.Err(); err != nil {
+		return nil, &StepError{Slot: slot, Step: StepStart, Err: err}
+	}
+	if err := u.resolveOptions(); err != nil {
+		return nil, u.fail(ctx, StepStart, err)
+	}
+
+	// start
+	rec := u.rec("rotate.start", u.old.Number, u.old.KID,
+		fmt.Sprintf("v%d -> v%d (%s); reason: %s", u.old.Number, u.n, u.keyType, u.opts.Reason))
+	st, err := r.store.mutate(ctx, slot, rec, func(sl *Slot, _ *journal.Record) error {
+		sl.Attempt++
+		return nil
+	})
+	if err != nil {
+		return nil, &StepError{Slot: slot, Step: StepStart, Err: err}
+	}
+	u.note(rec)
+	if err := u.hook(StepStart); err != nil {
+		return nil, u.fail(ctx, StepStart, err)
+	}
+	keyName := u.opts.KeyName
+	if keyName == "" {
+		keyName = fmt.Sprintf("%s/v%d", slot, u.n)
+		if st.Attempt > 1 {
+			keyName += fmt.Sprintf("-a%d", st.Attempt)
+		}
+	}
+
+	steps := []struct {
+		name string
+		fn   func(context.Context) error
+	}{
+		{StepKeygen, func(ctx context.Context) error { return u.keygen(ctx, keyName, cur) }},
+		{StepCSR, u.csr},
+		{StepCutover, u.doCutover},
+		{StepCanary, u.canaries},
+		{StepRetire, u.retireOld},
+	}
+	for _, s := range steps {
+		if err := s.fn(ctx); err != nil {
+			return nil, u.fail(ctx, s.name, err)
+		}
+		if err := u.hook(s.name); err != nil {
+			return nil, u.fail(ctx, s.name, err)
+		}
+	}
+	res, err := u.evidence(ctx)
+	if err == nil {
+		err = u.hook(StepEvidence)
+	}
+	if err != nil {
+		return nil, u.fail(ctx, StepEvidence, err)
+	}
+	r.log.Info("slot rotated", zap.String("slot", slot), zap.Int("old", u.old.Number), zap.Int("new", u.n),
+		zap.String("kid", u.newKey.KID), zap.String("reason", u.opts.Reason), zap.Bool("emergency", u.opts.Emergency))
+	return res, nil
+}
+
+func (u *rotation) hook(step string) error {
+	if u.afterStepsHook == nil {
+		return nil
+	}
+	return u.afterStepsHook(step)
+}
+
+func (u *rotation) resolveOptions() error {
+	o := &u.opts
+	if o.Signer == nil {
+		return errors.New("no signer for the new key")
+	}
+	if o.NextKey == nil && o.Maker == nil {
+		return errors.New("no key maker and no pre-provisioned next key")
+	}
+	if o.KeyType == "" {
+		o.KeyType = u.old.KeyType
+		if o.NextKey != nil {
+			o.KeyType = o.NextKey.Type
+		}
+	}
+	u.keyType = o.KeyType
+	if !slices.Contains(providers.KeyTypes, u.keyType) {
+		return fmt.Errorf("key type %q: %w", u.keyType, providers.ErrUnsupportedAlgorithm)
+	}
+	switch {
+	case o.Overlap < 0:
+		return fmt.Errorf("negative overlap %v", o.Overlap)
+	case o.Emergency:
+		o.Overlap = 0
+	case o.Overlap == 0:
+		o.Overlap = u.r.opts.DefaultOverlap
+	}
+	if o.Canaries == 0 {
+		o.Canaries = u.r.opts.DefaultCanaries
+	}
+	if o.Canaries < 1 || o.Canaries > maxCanaries {
+		return fmt.Errorf("canary set of %d (want 1 to %d)", o.Canaries, maxCanaries)
+	}
+	if o.Subject.CommonName == "" && len(o.Subject.Names) == 0 && len(o.Subject.ExtraNames) == 0 && len(o.Subject.Organization) == 0 {
+		o.Subject.CommonName = u.slot
+	}
+	if o.Reason == "" {
+		o.Reason = "manual"
+	}
+	if o.Emergency {
+		o.Reason += " (emergency)"
+	}
+	return nil
+}
+
+func (u *rotation) rec(op string, version int, kid, detail string) *journal.Record {
+	return &journal.Record{
+		Time: u.r.now(), Tenant: u.tenant, Slot: u.slot, Version: uint32(version), KID: kid,
+		Op: op, PolicyHash: u.opts.PolicyHash, CodeName: proto.OK.String(), Peer: u.opts.Peer,
+		Detail: truncate(detail),
+	}
+}
+
+func (u *rotation) note(r *journal.Record) {
+	if u.firstSeq == 0 {
+		u.firstSeq = r.Seq
+	}
+	u.lastSeq, u.lastHash = r.Seq, r.Hash
+}
+
+// append journals a step record that changes no state.
+func (u *rotation) append(ctx context.Context, rec *journal.Record, changes ...journal.StateChange) error {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+	defer cancel()
+	if err := u.r.store.j.AppendWithState(cctx, rec, changes...); err != nil {
+		return fmt.Errorf("journal %s: %w", rec.Op, err)
+	}
+	u.note(rec)
+	return nil
+}
+
+func (u *rotation) keygen(ctx context.Context, keyName string, cur Slot) error {
+	start := time.Now()
+	var info providers.KeyInfo
+	how := "generated"
+	if u.opts.NextKey != nil {
+		info, how = *u.opts.NextKey, "pre-provisioned"
+	} else {
+		var err error
+		if info, err = u.opts.Maker.GenerateKey(ctx, keyName, u.keyType); err != nil {
+			return err
+		}
+		u.generatedLeft = info.Name
+	}
+	if info.Type != u.keyType {
+		return fmt.Errorf("key %s is %s, want %s", info.Name, info.Type, u.keyType)
+	}
+	if info.Public == nil || len(info.SPKI) == 0 || info.KID == "" {
+		return fmt.Errorf("key %s: incomplete key info", info.Name)
+	}
+	for _, v := range cur.Versions {
+		if v.KID == info.KID {
+			return fmt.Errorf("key %s is already v%d of this slot", info.Name, v.Number)
+		}
+	}
+	if loc, ok := u.opts.Maker.(KeyLocator); ok && u.opts.NextKey == nil {
+		uri, err := loc.URI(info.Name)
+		if err != nil {
+			return fmt.Errorf("locate key %s: %w", info.Name, err)
+		}
+		u.newURI = uri
+	}
+	if at, ok := u.opts.Maker.(Attester); ok {
+		a, err := at.Attest(ctx, info)
+		if err != nil {
+			return fmt.Errorf("attest key %s: %w", info.Name, err)
+		}
+		u.attestation = &a
+	}
+	u.newKey = info
+	rec := u.rec("rotate.keygen", u.n, info.KID, fmt.Sprintf("%s key %s (%s) on %s", how, info.Name, info.Type, info.Provider))
+	rec.LatencyMicros = micros(time.Since(start))
+	return u.append(ctx, rec)
+}
+
+func (u *rotation) csr(ctx context.Context) error {
+	start := time.Now()
+	tmpl := &x509.CertificateRequest{Subject: u.opts.Subject}
+	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, NewCryptoSigner(ctx, u.opts.Signer, u.newKey))
+	if err != nil {
+		return fmt.Errorf("create CSR: %w", err)
+	}
+	if err := checkCSR(der, u.newKey.SPKI); err != nil {
+		return err
+	}
+	u.csrDER = der
+	sum := blake3.Sum256(der)
+	rec := u.rec("rotate.csr", u.n, u.newKey.KID, fmt.Sprintf("CSR for %q, blake3 %x", u.opts.Subject.String(), sum[:8]))
+	rec.LatencyMicros = micros(time.Since(start))
+	return u.append(ctx, rec)
+}
+
+// checkCSR parses a CSR, checks its self-signature and that it is for the
+// key with the given SPKI.
+func checkCSR(der, spki []byte) error {
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		return fmt.Errorf("parse CSR: %w", err)
+	}
+	if err := csr.CheckSignature(); err != nil {
+		return fmt.Errorf("CSR signature does not verify with the new key: %w", err)
+	}
+	if string(csr.RawSubjectPublicKeyInfo) != string(spki) {
+		return errors.New("CSR is for another public key")
+	}
+	return nil
+}
+
+func (u *rotation) doCutover(ctx context.Context) error {
+	now := u.r.now()
+	t1 := now.Add(u.opts.Overlap)
+	nv := versionFromKey(u.n, u.newKey, now)
+	nv.URI, nv.State, nv.Activated = u.newURI, StateActive, now
+	detail := fmt.Sprintf("v%d active; v%d accepted until %s", u.n, u.old.Number, t1.UTC().Format(time.RFC3339))
+	if u.opts.Emergency {
+		detail = fmt.Sprintf("v%d active; v%d stops verifying now (emergency)", u.n, u.old.Number)
+	}
+	rec := u.rec("rotate", u.n, u.newKey.KID, detail)
+	_, err := u.r.store.mutate(ctx, u.slot, rec, func(sl *Slot, _ *journal.Record) error {
+		i, ok := sl.index(u.old.Number)
+		if !ok || sl.Versions[i].State != StateActive {
+			return errors.New("the active version changed during the rotation")
+		}
+		sl.Versions[i].State, sl.Versions[i].T1 = StateAccepted, t1
+		sl.Versions = append(sl.Versions, nv)
+		sl.Active, sl.Attempt = u.n, 0
+		sl.Scheduled = slices.DeleteFunc(sl.Scheduled, func(t time.Time) bool { return !t.After(now) })
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	u.cutover, u.cutoverAt, u.t1 = true, now, t1
+	u.note(rec)
+	return nil
+}
+
+type canaryResult struct {
+	alg        providers.Algorithm
+	count      int
+	verified   int
+	sigs       [][]byte
+	sigsHash   [32]byte
+	signingKID string
+}
+
+// canaries re-signs the canary set with the key the slot now resolves to,
+// as the signing path would, and verifies each signature against the new
+// version's public key.
+func (u *rotation) canaries(ctx context.Context) error {
+	start := time.Now()
+	active, err := u.r.store.Resolve(u.slot)
+	if err != nil {
+		return err
+	}
+	if active.KID != u.newKey.KID {
+		return fmt.Errorf("slot resolves to kid %s, not the new version's %s", active.KID, u.newKey.KID)
+	}
+	c := canaryResult{alg: u.keyType.DefaultAlgorithm(), count: u.opts.Canaries, signingKID: active.KID}
+	c.sigs = make([][]byte, 0, c.count)
+	var firstErr error
+	for i := 0; i < c.count; i++ {
+		in := canaryInput(c.alg, CanaryPayload(u.slot, u.n, i))
+		sig, err := u.opts.Signer.Sign(ctx, active.Key, c.alg, in)
+		if err != nil {
+			return fmt.Errorf("canary %d: sign: %w", i, err)
+		}
+		if err := providers.Verify(u.newKey.Public, c.alg, in, sig); err != nil {
+			firstErr = cmpErr(firstErr, fmt.Errorf("canary %d: %w", i, err))
+		} else {
+			c.verified++
+		}
+		c.sigs = append(c.sigs, sig)
+	}
+	c.sigsHash = canarySignaturesHash(c.sigs)
+	u.canary = c
+	detail := fmt.Sprintf("%d/%d verified with %s; signatures blake3 %x", c.verified, c.count, c.alg, c.sigsHash[:8])
+	if firstErr != nil {
+		return fmt.Errorf("%d of %d canary signatures did not verify (first: %w)", c.count-c.verified, c.count, firstErr)
+	}
+	rec := u.rec("canary", u.n, u.newKey.KID, detail)
+	rec.Algorithm = c.alg.String()
+	rec.LatencyMicros = micros(time.Since(start))
+	return u.append(ctx, rec)
+}
+
+func cmpErr(a, b error) error {
+	if a != nil {
+		return a
+	}
+	return b
+}
+
+func (u *rotation) retireOld(ctx context.Context) error {
+	if !u.opts.Emergency {
+		return nil
+	}
+	now := u.r.now()
+	rec := u.rec("retire", u.old.Number, u.old.KID, "")
+	_, err := u.r.store.mutate(ctx, u.slot, rec, func(sl *Slot, rec *journal.Record) error {
+		// Every older version that still verifies goes, not only the one
+		// rotated from: after an incident only the new key may verify.
+		var retired []string
+		for i := range sl.Versions {
+			v := &sl.Versions[i]
+			if v.Number != u.n && v.State != StateRetired {
+				v.State, v.Retired = StateRetired, now
+				retired = append(retired, fmt.Sprintf("v%d", v.Number))
+			}
+		}
+		rec.Detail = truncate(fmt.Sprintf("emergency rotation: %s retired", strings.Join(retired, ", ")))
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	u.note(rec)
+	return nil
+}
+
+// fail journals a failed step, undoes a cutover, and returns the StepError.
+func (u *rotation) fail(ctx context.Context, step string, cause error) error {
+	se := &StepError{Slot: u.slot, Step: step, Err: cause}
+	code := u.r.opts.Code(cause)
+	detail := fmt.Sprintf("step %s failed: %v", step, cause)
+	if u.generatedLeft != "" {
+		detail = fmt.Sprintf("%s; generated key %s is not in use", detail, u.generatedLeft)
+	}
+	if u.cutover {
+		now := u.r.now()
+		rec := u.rec("rotate.failed", u.old.Number, u.old.KID,
+			fmt.Sprintf("%s; reverted: v%d active again, v%d retired", detail, u.old.Number, u.n))
+		rec.Code, rec.CodeName = uint16(code), code.String()
+		_, err := u.r.store.mutate(ctx, u.slot, rec, func(sl *Slot, _ *journal.Record) error {
+			oi, ok1 := sl.index(u.old.Number)
+			ni, ok2 := sl.index(u.n)
+			if !ok1 || !ok2 {
+				return errors.New("versions of the rotation not found")
+			}
+			o, n := &sl.Versions[oi], &sl.Versions[ni]
+			o.State, o.T1, o.Retired = StateActive, time.Time{}, time.Time{}
+			n.State, n.T1, n.Retired, n.Failed = StateRetired, time.Time{}, now, true
+			sl.Active = u.old.Number
+			return nil
+		})
+		if err != nil {
+			se.RevertErr = err
+		} else {
+			se.Reverted = true
+			u.note(rec)
+		}
+	} else {
+		version, kid := u.old.Number, u.old.KID
+		rec := u.rec("rotate.failed", version, kid, detail)
+		rec.Code, rec.CodeName = uint16(code), code.String()
+		if err := u.append(ctx, rec); err != nil {
+			u.r.log.Error("rotation failure not journaled", zap.String("slot", u.slot), zap.Error(err))
+		}
+	}
+	u.r.log.Error("rotation failed", zap.String("slot", u.slot), zap.String("step", step),
+		zap.Bool("reverted", se.Reverted), zap.Error(se))
+	return se
+}
+
+// RollbackOptions describe one rollback.
+type RollbackOptions struct {
+	// Overlap: the version rolled back from is accepted until now + Overlap.
+	// Zero: Options.DefaultOverlap.
+	Overlap    time.Duration
+	PolicyHash [32]byte
+	Reason     string
+	Peer       string
+}
+
+// Rollback makes the slot's previous version active again: the
+// highest-numbered version below the active one that did not fail its
+// rotation. The version rolled back from becomes accepted until now +
+// overlap. It fails with ErrKeyRetired when that previous version is
+// retired (or accepted past its T1), with ErrNotFound when there is none;
+// refusals are journaled too.
+func (r *Rotator) Rollback(ctx context.Context, slot string, opts RollbackOptions) (Version, error) {
+	tenant, _, err := SplitSlot(slot)
+	if err != nil {
+		return Version{}, err
+	}
+	if opts.Overlap < 0 {
+		return Version{}, fmt.Errorf("rollback %s: negative overlap %v", slot, opts.Overlap)
+	}
+	if opts.Overlap == 0 {
+		opts.Overlap = r.opts.DefaultOverlap
+	}
+	release, err := r.store.acquire(slot)
+	if err != nil {
+		return Version{}, err
+	}
+	defer release()
+	now := r.now()
+	rec := &journal.Record{Time: now, Tenant: tenant, Slot: slot, Op: "rollback", PolicyHash: opts.PolicyHash,
+		CodeName: proto.OK.String(), Peer: opts.Peer}
+	var refused error
+	var from, to Version
+	sl, err := r.store.mutate(ctx, slot, rec, func(sl *Slot, rec *journal.Record) error {
+		ci, _ := sl.index(sl.Active)
+		cur := &sl.Versions[ci]
+		rec.Version, rec.KID = uint32(cur.Number), cur.KID
+		ti := -1
+		for i := ci - 1; i >= 0; i-- {
+			if !sl.Versions[i].Failed {
+				ti = i
+				break
+			}
+		}
+		if ti < 0 {
+			refused = fmt.Errorf("rollback %s: no version before v%d: %w", slot, cur.Number, ErrNotFound)
+			return refused
+		}
+		t := &sl.Versions[ti]
+		if t.StateAt(now) == StateRetired {
+			refused = fmt.Errorf("rollback %s to v%d: %w", slot, t.Number, ErrKeyRetired)
+			return refused
+		}
+		from = *cur
+		t.State, t.T1, t.Retired, t.Activated = StateActive, time.Time{}, time.Time{}, now
+		cur.State, cur.T1 = StateAccepted, now.Add(opts.Overlap)
+		sl.Active = t.Number
+		to = *t
+		rec.Version, rec.KID = uint32(t.Number), t.KID
+		rec.Detail = truncate(fmt.Sprintf("v%d -> v%d; v%d accepted until %s; reason: %s",
+			cur.Number, t.Number, cur.Number, cur.T1.UTC().Format(time.RFC3339), opts.Reason))
+		return nil
+	})
+	if refused != nil {
+		code := r.opts.Code(refused)
+		rec.Code, rec.CodeName, rec.Detail = uint16(code), code.String(), truncate("refused: "+refused.Error())
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+		defer cancel()
+		if jerr := r.store.j.Append(cctx, rec); jerr != nil {
+			r.log.Error("rollback refusal not journaled", zap.String("slot", slot), zap.Error(jerr))
+		}
+		return Version{}, refused
+	}
+	if err != nil {
+		return Version{}, fmt.Errorf("rollback %s: %w", slot, err)
+	}
+	r.log.Info("slot rolled back", zap.String("slot", slot), zap.Int("from", from.Number), zap.Int("to", to.Number))
+	return sl.ActiveVersion(), nil
+}
+
+// Retirement is one version RetireDue retired.
+type Retirement struct {
+	Slot    string
+	Version int
+	KID     string
+	T1      time.Time
+}
+
+// errSkip: RetireDue leaves a slot alone while a rotation holds it.
+var errSkip = errors.New("skip")
+
+// RetireDue moves every accepted version whose T1 has come (T1 ≤ now) to
+// retired, one journal record ("retire") per version. Slots with a
+// rotation in progress are left for the next call. Verification does not
+// wait for it: VersionForVerify refuses an accepted version from its T1 on.
+func (r *Rotator) RetireDue(ctx context.Context, now time.Time) ([]Retirement, error) {
+	var out []Retirement
+	var errs []error
+	for _, sl := range r.store.Slots() {
+		for _, v := range sl.Versions {
+			if v.State != StateAccepted || now.Before(v.T1) {
+				continue
+			}
+			slot := sl.FullName()
+			rec := &journal.Record{Time: r.now(), Tenant: sl.Tenant, Slot: slot, Version: uint32(v.Number), KID: v.KID,
+				Op: "retire", CodeName: proto.OK.String(), Peer: "scheduler",
+				Detail: fmt.Sprintf("v%d reached its T1 %s", v.Number, v.T1.UTC().Format(time.RFC3339))}
+			_, err := r.store.mutate(ctx, slot, rec, func(cur *Slot, _ *journal.Record) error {
+				// r.store.mu is held while fn runs.
+				if r.store.busy[slot] {
+					return errSkip
+				}
+				i, ok := cur.index(v.Number)
+				if !ok || cur.Versions[i].State != StateAccepted || now.Before(cur.Versions[i].T1) {
+					return errSkip
+				}
+				cur.Versions[i].State, cur.Versions[i].Retired = StateRetired, now
+				return nil
+			})
+			switch {
+			case errors.Is(err, errSkip):
+			case err != nil:
+				errs = append(errs, fmt.Errorf("retire %s v%d: %w", slot, v.Number, err))
+			default:
+				out = append(out, Retirement{Slot: slot, Version: v.Number, KID: v.KID, T1: v.T1})
+				r.log.Info("key version retired", zap.String("slot", slot), zap.Int("version", v.Number))
+			}
+		}
+	}
+	return out, errors.Join(errs...)
+}
+
+func truncate(s string) string {
+	if len(s) <= maxDetail {
+		return s
+	}
+	return strings.ToValidUTF8(s[:maxDetail-3], "") + "..."
+}
+
+func micros(d time.Duration) uint32 { return uint32(min(d.Microseconds(), 1<<32-1)) }
+
+func hexHash(h [32]byte) string { return hex.EncodeToString(h[:]) }

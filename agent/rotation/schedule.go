@@ -1,0 +1,380 @@
+package rotation
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// Calendar is a slot's rotation calendar: a period, explicit dates, or
+// both (whichever comes first). One-off times set with RotateAt are kept
+// in the slot's state and count as well.
+type Calendar struct {
+	// Period: rotate this long after the active version became active.
+	// Zero: no periodic rotation.
+	Period time.Duration
+	// Dates: rotate at each of these times, sorted. A date counts as done
+	// once a version has been activated at or after it.
+	Dates []time.Time
+}
+
+// CalendarConfig is a calendar as the configuration file writes it:
+//
+//	rotation:
+//	  calendars:
+//	    payments/release: {period: 720h}
+//	    payments/firmware: {dates: ["2026-03-01T09:00:00Z", "2026-09-01T09:00:00Z"]}
+//
+// Period is a Go duration ("720h", "90m") or whole days ("30d"); dates
+// are RFC 3339.
+type CalendarConfig struct {
+	Period string   `yaml:"period,omitempty" json:"period,omitempty"`
+	Dates  []string `yaml:"dates,omitempty" json:"dates,omitempty"`
+}
+
+// MinPeriod is the shortest period a calendar accepts: every rotation
+// makes a key, a CSR and an evidence pack.
+const MinPeriod = time.Hour
+
+// Parse validates the configuration and returns the calendar.
+func (c CalendarConfig) Parse() (Calendar, error) {
+	var cal Calendar
+	if c.Period != "" {
+		p, err := parsePeriod(c.Period)
+		if err != nil {
+			return Calendar{}, err
+		}
+		cal.Period = p
+	}
+	for _, d := range c.Dates {
+		t, err := time.Parse(time.RFC3339, d)
+		if err != nil {
+			return Calendar{}, fmt.Errorf("date %q: want RFC 3339, like 2026-03-01T09:00:00Z", d)
+		}
+		cal.Dates = append(cal.Dates, t.UTC())
+	}
+	slices.SortFunc(cal.Dates, time.Time.Compare)
+	cal.Dates = slices.CompactFunc(cal.Dates, time.Time.Equal)
+	if cal.Period == 0 && len(cal.Dates) == 0 {
+		return Calendar{}, errors.New("calendar: set a period or dates")
+	}
+	return cal, nil
+}
+
+func parsePeriod(s string) (time.Duration, error) {
+	var p time.Duration
+	if n, ok := strings.CutSuffix(s, "d"); ok {
+		days, err := strconv.Atoi(n)
+		if err != nil || days <= 0 || days > 100*366 {
+			return 0, fmt.Errorf("period %q: want whole days like 30d, or a duration like 720h", s)
+		}
+		p = time.Duration(days) * 24 * time.Hour
+	} else {
+		var err error
+		if p, err = time.ParseDuration(s); err != nil {
+			return 0, fmt.Errorf("period %q: want a duration like 720h, or whole days like 30d", s)
+		}
+	}
+	if p < MinPeriod {
+		return 0, fmt.Errorf("period %q is shorter than %v", s, MinPeriod)
+	}
+	return p, nil
+}
+
+// NextDue is when the slot is next due for rotation under cal and its
+// one-off times (Slot.Scheduled); zero if never. A slot not yet rotated
+// counts from its enrolment.
+func NextDue(cal Calendar, sl *Slot) time.Time {
+	last := sl.LastActivation()
+	var due time.Time
+	earliest := func(t time.Time) {
+		if due.IsZero() || t.Before(due) {
+			due = t
+		}
+	}
+	if cal.Period > 0 {
+		earliest(last.Add(cal.Period))
+	}
+	for _, list := range [][]time.Time{cal.Dates, sl.Scheduled} {
+		for _, d := range list {
+			if d.After(last) {
+				earliest(d)
+				break
+			}
+		}
+	}
+	return due
+}
+
+// SchedulerOptions configure a Scheduler.
+type SchedulerOptions struct {
+	// Calendars by slot ("tenant/slot"). Slots without one rotate only on
+	// request (and at their RotateAt times).
+	Calendars map[string]Calendar
+	// Options returns the options of a scheduled rotation of slot: maker,
+	// signer, key type, subject, overlap, policy hash. Required.
+	Options func(slot string) (RotateOptions, error)
+	// RetryAfter is the wait after a failed scheduled rotation before the
+	// next attempt. Default 1h.
+	RetryAfter time.Duration
+	// MaxSleep bounds Run's sleep, so that a wall-clock step or a new
+	// calendar is noticed. Default 1 minute.
+	MaxSleep time.Duration
+}
+
+// EnsureDefaults fills in the zero-valued fields that have defaults.
+func (o *SchedulerOptions) EnsureDefaults() {
+	if o.RetryAfter <= 0 {
+		o.RetryAfter = time.Hour
+	}
+	if o.MaxSleep <= 0 {
+		o.MaxSleep = time.Minute
+	}
+}
+
+// Scheduler rotates slots on their calendars and retires versions whose T1
+// has come. Tick does one round at the rotator's clock (tests call it with
+// a fake clock); Run calls Tick on a timer until its context ends.
+type Scheduler struct {
+	r    *Rotator
+	opts SchedulerOptions
+	log  *zap.Logger
+	kick chan struct{}
+
+	mu    sync.Mutex
+	cals  map[string]Calendar
+	retry map[string]time.Time // slot → no scheduled attempt before
+}
+
+// NewScheduler returns a scheduler for r's slots.
+func NewScheduler(r *Rotator, opts SchedulerOptions) (*Scheduler, error) {
+	if r == nil || opts.Options == nil {
+		return nil, errors.New("scheduler: a rotator and an Options function are required")
+	}
+	opts.EnsureDefaults()
+	s := &Scheduler{r: r, opts: opts, log: r.log, kick: make(chan struct{}, 1), retry: map[string]time.Time{}}
+	if err := s.SetCalendars(opts.Calendars); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// SetCalendars replaces the calendars (on a configuration reload).
+func (s *Scheduler) SetCalendars(cals map[string]Calendar) error {
+	c := make(map[string]Calendar, len(cals))
+	for slot, cal := range cals {
+		if _, _, err := SplitSlot(slot); err != nil {
+			return fmt.Errorf("calendar: %w", err)
+		}
+		if cal.Period < 0 {
+			return fmt.Errorf("calendar %s: negative period", slot)
+		}
+		cal.Dates = slices.Clone(cal.Dates)
+		slices.SortFunc(cal.Dates, time.Time.Compare)
+		c[slot] = cal
+	}
+	s.mu.Lock()
+	s.cals = c
+	s.mu.Unlock()
+	s.Kick()
+	return nil
+}
+
+// Kick makes Run re-plan at once.
+func (s *Scheduler) Kick() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// NextDue is when the slot is next due (zero and false if never or unknown).
+func (s *Scheduler) NextDue(slot string) (time.Time, bool) {
+	sl, ok := s.r.store.Get(slot)
+	if !ok {
+		return time.Time{}, false
+	}
+	s.mu.Lock()
+	cal := s.cals[slot]
+	s.mu.Unlock()
+	due := NextDue(cal, &sl)
+	return due, !due.IsZero()
+}
+
+// RotateAt schedules a one-off rotation of the slot at `at` (`sigil rotate
+// SLOT --at TIME`). It is kept in the slot's state, so it survives a
+// restart, and journaled ("rotate.scheduled").
+func (s *Scheduler) RotateAt(ctx context.Context, slot string, at time.Time, peer string) error {
+	tenant, _, err := SplitSlot(slot)
+	if err != nil {
+		return err
+	}
+	at = at.UTC()
+	now := s.r.now()
+	if !at.After(now) {
+		return fmt.Errorf("rotate %s at %s: that is not in the future", slot, at.Format(time.RFC3339))
+	}
+	rec := &journal.Record{Time: now, Tenant: tenant, Slot: slot, Op: "rotate.scheduled", CodeName: proto.OK.String(),
+		Peer: peer, Detail: "rotation scheduled for " + at.Format(time.RFC3339)}
+	_, err = s.r.store.mutate(ctx, slot, rec, func(sl *Slot, rec *journal.Record) error {
+		v := sl.ActiveVersion()
+		rec.Version, rec.KID = uint32(v.Number), v.KID
+		if !slices.ContainsFunc(sl.Scheduled, at.Equal) {
+			sl.Scheduled = append(sl.Scheduled, at)
+			slices.SortFunc(sl.Scheduled, time.Time.Compare)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	s.Kick()
+	return nil
+}
+
+// TickReport is what one Tick did.
+type TickReport struct {
+	Retired []Retirement
+	Rotated []*Result
+	Failed  map[string]error // slot → the failed scheduled rotation's error
+}
+
+// Tick retires versions whose T1 has come, then rotates every slot that is
+// due (not before its due time, and not within RetryAfter of a failed
+// scheduled attempt). Slots rotate one after another.
+func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
+	var rep TickReport
+	now := s.r.now()
+	retired, retireErr := s.r.RetireDue(ctx, now)
+	rep.Retired = retired
+	s.mu.Lock()
+	cals := s.cals
+	s.mu.Unlock()
+	for _, sl := range s.r.store.Slots() {
+		if ctx.Err() != nil {
+			break
+		}
+		slot := sl.FullName()
+		due := NextDue(cals[slot], &sl)
+		if due.IsZero() || now.Before(due) {
+			continue
+		}
+		s.mu.Lock()
+		notBefore := s.retry[slot]
+		s.mu.Unlock()
+		if now.Before(notBefore) {
+			continue
+		}
+		res, err := s.rotate(ctx, slot, due)
+		switch {
+		case errors.Is(err, ErrBusy):
+			// A manual rotation or drill holds the slot; look again next tick.
+		case err != nil:
+			s.mu.Lock()
+			s.retry[slot] = now.Add(s.opts.RetryAfter)
+			s.mu.Unlock()
+			if rep.Failed == nil {
+				rep.Failed = map[string]error{}
+			}
+			rep.Failed[slot] = err
+			s.log.Error("scheduled rotation failed", zap.String("slot", slot), zap.Time("due", due),
+				zap.Duration("retry_after", s.opts.RetryAfter), zap.Error(err))
+		default:
+			s.mu.Lock()
+			delete(s.retry, slot)
+			s.mu.Unlock()
+			rep.Rotated = append(rep.Rotated, res)
+		}
+	}
+	errs := []error{retireErr}
+	for slot, err := range rep.Failed {
+		errs = append(errs, fmt.Errorf("scheduled rotation of %s: %w", slot, err))
+	}
+	return rep, errors.Join(errs...)
+}
+
+func (s *Scheduler) rotate(ctx context.Context, slot string, due time.Time) (*Result, error) {
+	opts, err := s.opts.Options(slot)
+	if err != nil {
+		return nil, fmt.Errorf("rotation options: %w", err)
+	}
+	if opts.Reason == "" {
+		opts.Reason = "scheduled, due " + due.UTC().Format(time.RFC3339)
+	}
+	if opts.Peer == "" {
+		opts.Peer = "scheduler"
+	}
+	return s.r.Rotate(ctx, slot, opts)
+}
+
+// Next is the earliest time anything is due: a rotation (or its retry
+// after a failure) or an accepted version's T1. Zero if nothing is.
+func (s *Scheduler) Next() time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var next time.Time
+	earliest := func(t time.Time) {
+		if !t.IsZero() && (next.IsZero() || t.Before(next)) {
+			next = t
+		}
+	}
+	for _, sl := range s.r.store.Slots() {
+		slot := sl.FullName()
+		if due := NextDue(s.cals[slot], &sl); !due.IsZero() {
+			if r := s.retry[slot]; r.After(due) {
+				due = r
+			}
+			earliest(due)
+		}
+		for _, v := range sl.Versions {
+			if v.State == StateAccepted {
+				earliest(v.T1)
+			}
+		}
+	}
+	return next
+}
+
+// minSleep keeps Run from spinning when something due keeps failing
+// without a retry delay (the journal refusing RetireDue's records).
+const minSleep = time.Second
+
+// Run calls Tick whenever something is due, until ctx ends. Errors are
+// logged (and journaled by the rotations themselves); Run returns
+// ctx.Err().
+func (s *Scheduler) Run(ctx context.Context) error {
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-timer.C:
+		case <-s.kick:
+		}
+		if _, err := s.Tick(ctx); err != nil && ctx.Err() == nil {
+			s.log.Warn("rotation scheduler round had errors", zap.Error(err))
+		}
+		d := s.opts.MaxSleep
+		if next := s.Next(); !next.IsZero() {
+			d = min(max(next.Sub(s.r.now()), minSleep), s.opts.MaxSleep)
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+		timer.Reset(d)
+	}
+}

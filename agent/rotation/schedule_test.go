@@ -1,0 +1,236 @@
+package rotation
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/providers"
+)
+
+func newScheduler(t *testing.T, e *env, cals map[string]Calendar) *Scheduler {
+	t.Helper()
+	s, err := NewScheduler(e.rot, SchedulerOptions{Calendars: cals, Options: func(string) (RotateOptions, error) {
+		o := e.opts()
+		o.Reason = ""
+		return o, nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func TestCalendarConfig(t *testing.T) {
+	d1, d2 := "2026-03-01T09:00:00Z", "2026-09-01T11:00:00+02:00"
+	for _, tc := range []struct {
+		in      CalendarConfig
+		period  time.Duration
+		dates   int
+		wantErr bool
+	}{
+		{in: CalendarConfig{Period: "720h"}, period: 720 * time.Hour},
+		{in: CalendarConfig{Period: "30d"}, period: 720 * time.Hour},
+		{in: CalendarConfig{Dates: []string{d2, d1, d1}}, dates: 2},
+		{in: CalendarConfig{Period: "90d", Dates: []string{d1}}, period: 90 * 24 * time.Hour, dates: 1},
+		{in: CalendarConfig{}, wantErr: true},
+		{in: CalendarConfig{Period: "10m"}, wantErr: true},
+		{in: CalendarConfig{Period: "-720h"}, wantErr: true},
+		{in: CalendarConfig{Period: "monthly"}, wantErr: true},
+		{in: CalendarConfig{Period: "0d"}, wantErr: true},
+		{in: CalendarConfig{Dates: []string{"2026-03-01"}}, wantErr: true},
+	} {
+		cal, err := tc.in.Parse()
+		if (err != nil) != tc.wantErr {
+			t.Errorf("%+v: error %v, want error %v", tc.in, err, tc.wantErr)
+			continue
+		}
+		if err == nil && (cal.Period != tc.period || len(cal.Dates) != tc.dates || !slices.IsSortedFunc(cal.Dates, time.Time.Compare)) {
+			t.Errorf("%+v: %+v", tc.in, cal)
+		}
+	}
+}
+
+// tick advances the clock to at and runs one scheduler round.
+func tick(t *testing.T, e *env, s *Scheduler, at time.Time) TickReport {
+	t.Helper()
+	e.clock.Set(at)
+	rep, err := s.Tick(context.Background())
+	if err != nil {
+		t.Fatalf("Tick at %v: %v", at, err)
+	}
+	return rep
+}
+
+func TestSchedulerPeriod(t *testing.T) {
+	e := newEnv(t, providers.KeyEd25519)
+	s := newScheduler(t, e, map[string]Calendar{testSlot: {Period: 720 * time.Hour}})
+	if due, ok := s.NextDue(testSlot); !ok || !due.Equal(t0.Add(720*time.Hour)) {
+		t.Fatalf("NextDue %v", due)
+	}
+	if rep := tick(t, e, s, t0.Add(720*time.Hour-time.Second)); len(rep.Rotated) != 0 {
+		t.Fatal("rotated before due")
+	}
+	due1 := t0.Add(720 * time.Hour)
+	rep := tick(t, e, s, due1)
+	if len(rep.Rotated) != 1 || e.active().Number != 2 {
+		t.Fatalf("not rotated when due: %+v", rep)
+	}
+	if !slices.Contains(ops(e.records()), "rotate.rep") {
+		t.Fatal("scheduled rotation wrote no REP")
+	}
+	if due, _ := s.NextDue(testSlot); !due.Equal(due1.Add(720 * time.Hour)) {
+		t.Fatalf("next due %v", due)
+	}
+	if next := s.Next(); !next.Equal(due1.Add(DefaultOverlap)) {
+		t.Fatalf("Next %v, want v1's T1", next)
+	}
+
+	// RetireDue on time: v1's T1 is due1 + 24h.
+	if rep := tick(t, e, s, due1.Add(DefaultOverlap-time.Second)); len(rep.Retired) != 0 || len(rep.Rotated) != 0 {
+		t.Fatalf("early round did something: %+v", rep)
+	}
+	rep = tick(t, e, s, due1.Add(DefaultOverlap))
+	if len(rep.Retired) != 1 || rep.Retired[0].Version != 1 {
+		t.Fatalf("v1 not retired at its T1: %+v", rep)
+	}
+	sl, _ := e.store.Get(testSlot)
+	if v, _ := sl.Version(1); v.State != StateRetired || !v.Retired.Equal(due1.Add(DefaultOverlap)) {
+		t.Fatalf("v1 after RetireDue: %s %v", v.State, v.Retired)
+	}
+	if last := e.records()[len(e.records())-1]; last.Op != "retire" || last.Version != 1 {
+		t.Fatalf("retirement not journaled: %s v%d", last.Op, last.Version)
+	}
+	if rep := tick(t, e, s, due1.Add(2*DefaultOverlap)); len(rep.Retired)+len(rep.Rotated) != 0 {
+		t.Fatalf("idle round did something: %+v", rep)
+	}
+	if rep := tick(t, e, s, due1.Add(720*time.Hour)); len(rep.Rotated) != 1 || e.active().Number != 3 {
+		t.Fatal("second period did not rotate")
+	}
+}
+
+func TestSchedulerDates(t *testing.T) {
+	e := newEnv(t, providers.KeyEd25519)
+	d1, d2 := t0.Add(10*24*time.Hour), t0.Add(20*24*time.Hour)
+	s := newScheduler(t, e, map[string]Calendar{testSlot: {Dates: []time.Time{d1, d2}}})
+	for _, step := range []struct {
+		at      time.Time
+		rotated int
+		active  int
+	}{
+		{t0, 0, 1},
+		{d1.Add(-time.Minute), 0, 1},
+		{d1, 1, 2},
+		{d1.Add(time.Minute), 0, 2},
+		{d2.Add(-time.Minute), 0, 2},
+		{d2.Add(time.Hour), 1, 3}, // late (the agent was down): rotates at once
+		{d2.Add(1000 * time.Hour), 0, 3},
+	} {
+		rep := tick(t, e, s, step.at)
+		if len(rep.Rotated) != step.rotated || e.active().Number != step.active {
+			t.Fatalf("at %v: rotated %d, active v%d; want %d, v%d", step.at, len(rep.Rotated), e.active().Number, step.rotated, step.active)
+		}
+	}
+	if _, ok := s.NextDue(testSlot); ok {
+		t.Fatal("due again after the last date")
+	}
+}
+
+func TestSchedulerRetriesAfterFailure(t *testing.T) {
+	e := newEnv(t, providers.KeyEd25519)
+	fail := true
+	s, err := NewScheduler(e.rot, SchedulerOptions{
+		Calendars:  map[string]Calendar{testSlot: {Period: 720 * time.Hour}},
+		RetryAfter: time.Hour,
+		Options: func(string) (RotateOptions, error) {
+			o := e.opts()
+			if fail {
+				o.Maker = failingMaker{providers.ErrUnavailable}
+			}
+			return o, nil
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	due := t0.Add(720 * time.Hour)
+	e.clock.Set(due)
+	rep, err := s.Tick(context.Background())
+	if err == nil || rep.Failed[testSlot] == nil {
+		t.Fatalf("failing rotation: %+v %v", rep, err)
+	}
+	starts := func() int {
+		n := 0
+		for _, op := range ops(e.records()) {
+			if op == "rotate.start" {
+				n++
+			}
+		}
+		return n
+	}
+	if next := s.Next(); !next.Equal(due.Add(time.Hour)) {
+		t.Fatalf("Next after a failure %v", next)
+	}
+	fail = false
+	tick(t, e, s, due.Add(59*time.Minute))
+	if starts() != 1 || e.active().Number != 1 {
+		t.Fatal("retried before RetryAfter")
+	}
+	tick(t, e, s, due.Add(time.Hour))
+	if starts() != 2 || e.active().Number != 2 {
+		t.Fatal("not retried after RetryAfter")
+	}
+}
+
+func TestSchedulerRotateAt(t *testing.T) {
+	e := newEnv(t, providers.KeyEd25519)
+	s := newScheduler(t, e, nil)
+	ctx := context.Background()
+	at := t0.Add(3 * time.Hour)
+	if err := s.RotateAt(ctx, testSlot, t0.Add(-time.Hour), "admin"); err == nil {
+		t.Fatal("RotateAt in the past accepted")
+	}
+	if err := s.RotateAt(ctx, testSlot, at, "admin"); err != nil {
+		t.Fatal(err)
+	}
+	e.reopen() // the one-off time is persisted
+	s = newScheduler(t, e, nil)
+	if due, ok := s.NextDue(testSlot); !ok || !due.Equal(at) {
+		t.Fatalf("NextDue after restart %v %v", due, ok)
+	}
+	if rep := tick(t, e, s, at.Add(-time.Second)); len(rep.Rotated) != 0 {
+		t.Fatal("rotated early")
+	}
+	if rep := tick(t, e, s, at); len(rep.Rotated) != 1 {
+		t.Fatal("not rotated at the scheduled time")
+	}
+	if sl, _ := e.store.Get(testSlot); len(sl.Scheduled) != 0 {
+		t.Fatalf("served one-off time kept: %v", sl.Scheduled)
+	}
+	if _, ok := s.NextDue(testSlot); ok {
+		t.Fatal("still due")
+	}
+}
+
+// Run ticks at once when something is due and stops with its context.
+func TestSchedulerRun(t *testing.T) {
+	e := newEnv(t, providers.KeyEd25519)
+	e.clock.Set(t0.Add(721 * time.Hour))
+	s := newScheduler(t, e, map[string]Calendar{testSlot: {Period: 720 * time.Hour}})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- s.Run(ctx) }()
+	deadline := time.Now().Add(10 * time.Second)
+	for e.active().Number != 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("Run did not rotate the due slot")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Run returned %v", err)
+	}
+}
