@@ -5,6 +5,7 @@ import (
 	"errors"
 
 	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/agent/rotation"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 )
@@ -37,6 +38,8 @@ func codeOf(err error) proto.Code {
 		return proto.Unavailable
 	case errors.Is(err, journal.ErrUnavailable):
 		return proto.JournalUnavailable
+	case errors.Is(err, rotation.ErrKeyRetired):
+		return proto.KeyRetired
 	case errors.Is(err, context.DeadlineExceeded):
 		return proto.DeadlineExceeded
 	case errors.Is(err, context.Canceled):

@@ -40,10 +40,12 @@ type Config struct {
 	Policy string `yaml:"policy"`
 	// AdminSocket serves the admin role (pause, resume, reload); default
 	// admin.sock beside Socket.
-	AdminSocket string         `yaml:"admin_socket"`
-	Log         LogConfig      `yaml:"log"`
-	Limits      Limits         `yaml:"limits"`
-	Providers   []ProviderSpec `yaml:"providers"`
+	AdminSocket string `yaml:"admin_socket"`
+	// Rotation: calendars and defaults (docs/rotation.md).
+	Rotation  RotationConfig `yaml:"rotation"`
+	Log       LogConfig      `yaml:"log"`
+	Limits    Limits         `yaml:"limits"`
+	Providers []ProviderSpec `yaml:"providers"`
 }
 
 // LogConfig chooses the zap logger.

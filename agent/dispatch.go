@@ -20,7 +20,7 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response) {
 		err = c.hello(req, resp)
 	case proto.OpPing:
 	case proto.OpRotate, proto.OpRollback, proto.OpPause, proto.OpResume,
-		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP:
+		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP, proto.OpIncidentDrill:
 		err = c.adminOp(req, resp)
 	case proto.OpListKeys, proto.OpPublicKey, proto.OpSign, proto.OpVerify:
 		if c.admin {
@@ -98,7 +98,7 @@ func (c *conn) hello(req *proto.Request, resp *proto.Response) error {
 }
 
 func (c *conn) publicKey(req *proto.Request, resp *proto.Response) error {
-	t, _, err := c.resolve(req.Key, req.KID)
+	t, _, err := c.resolve(req.Key, req.KID, true)
 	if err != nil {
 		return err
 	}
@@ -130,7 +130,7 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response) error {
 // decideAndSign checks the request and signs; every outcome, including a
 // refusal, is journaled by the caller.
 func (c *conn) decideAndSign(req *proto.Request, d *signDecision) ([]byte, error) {
-	t, tenant, err := c.resolve(req.Key, req.KID)
+	t, tenant, err := c.resolve(req.Key, req.KID, false)
 	d.tenant = tenant
 	if err != nil {
 		return nil, err
@@ -165,7 +165,7 @@ func (c *conn) decideAndSign(req *proto.Request, d *signDecision) ([]byte, error
 }
 
 func (c *conn) verify(req *proto.Request, resp *proto.Response) error {
-	t, _, err := c.resolve(req.Key, req.KID)
+	t, _, err := c.resolve(req.Key, req.KID, true)
 	if err != nil {
 		return err
 	}

@@ -5,6 +5,8 @@ import (
 	"crypto"
 	"errors"
 	"fmt"
+	"sync"
+	"sync/atomic"
 
 	"go.uber.org/zap"
 
@@ -26,11 +28,48 @@ type keyEntry struct {
 // keyring resolves key names and kids to entries. It is built once at start
 // and read without locks on the hot path.
 type keyring struct {
-	byName     map[string]*keyEntry
-	byKID      map[string]*keyEntry
+	// maps is replaced whole when a rotation adds a key, so the hot path
+	// reads it with one atomic load and no lock.
+	maps       atomic.Pointer[keyMaps]
+	addMu      sync.Mutex
 	defaultKey *keyEntry
 	list       []proto.KeyEntry // the ListKeys reply, precomputed
 	providers  []providers.Provider
+}
+
+type keyMaps struct {
+	byName map[string]*keyEntry
+	byKID  map[string]*keyEntry
+}
+
+func (kr *keyring) entry(name string) *keyEntry { return kr.maps.Load().byName[name] }
+
+func (kr *keyring) entryByKID(kid string) *keyEntry { return kr.maps.Load().byKID[kid] }
+
+// add serves a key that appeared after start (a rotation's new version, or
+// one adopted again after a restart).
+func (kr *keyring) add(k providers.KeyInfo, p providers.Provider) (*keyEntry, error) {
+	kr.addMu.Lock()
+	defer kr.addMu.Unlock()
+	old := kr.maps.Load()
+	if e := old.byName[k.Name]; e != nil {
+		if e.info.KID == k.KID {
+			return e, nil
+		}
+		return nil, fmt.Errorf("key name %q already serves another key", k.Name)
+	}
+	m := &keyMaps{byName: make(map[string]*keyEntry, len(old.byName)+1), byKID: make(map[string]*keyEntry, len(old.byKID)+1)}
+	for n, e := range old.byName {
+		m.byName[n] = e
+	}
+	for n, e := range old.byKID {
+		m.byKID[n] = e
+	}
+	e := &keyEntry{info: k, provider: p, defaultAlg: k.Type.DefaultAlgorithm(), remote: providers.IsRemote(p)}
+	m.byName[k.Name] = e
+	m.byKID[k.KID] = e
+	kr.maps.Store(m)
+	return e, nil
 }
 
 // openProviders opens every configured provider, closing those already open
@@ -70,30 +109,30 @@ func openProvider(ctx context.Context, spec ProviderSpec, log *zap.Logger) (prov
 
 func newKeyring(ctx context.Context, provs []providers.Provider, defaultKey string) (*keyring, error) {
 	kr := &keyring{
-		byName:    map[string]*keyEntry{},
-		byKID:     map[string]*keyEntry{},
 		list:      []proto.KeyEntry{},
 		providers: provs,
 	}
+	m := &keyMaps{byName: map[string]*keyEntry{}, byKID: map[string]*keyEntry{}}
 	for _, p := range provs {
 		keys, err := p.Keys(ctx)
 		if err != nil {
 			return nil, fmt.Errorf("provider %s: list keys: %w", p.ID(), err)
 		}
 		for _, k := range keys {
-			if _, dup := kr.byName[k.Name]; dup {
+			if _, dup := m.byName[k.Name]; dup {
 				return nil, fmt.Errorf("key name %q served by two providers", k.Name)
 			}
 			e := &keyEntry{info: k, provider: p, defaultAlg: k.Type.DefaultAlgorithm(), remote: providers.IsRemote(p)}
-			kr.byName[k.Name] = e
-			kr.byKID[k.KID] = e
+			m.byName[k.Name] = e
+			m.byKID[k.KID] = e
 			kr.list = append(kr.list, proto.KeyEntry{
 				Name: k.Name, KID: k.KID, Provider: k.Provider, KeyType: string(k.Type), Pub: k.SPKI,
 			})
 		}
 	}
+	kr.maps.Store(m)
 	if defaultKey != "" {
-		kr.defaultKey = kr.byName[defaultKey]
+		kr.defaultKey = m.byName[defaultKey]
 		if kr.defaultKey == nil {
 			return nil, fmt.Errorf("default key %q is not served by any provider", defaultKey)
 		}
@@ -108,12 +147,12 @@ var errNoDefaultKey = &proto.Error{Code: proto.NotFound, Msg: "no key named and 
 func (kr *keyring) lookup(name, kid string) (*keyEntry, error) {
 	switch {
 	case name != "":
-		if e := kr.byName[name]; e != nil {
+		if e := kr.entry(name); e != nil {
 			return e, nil
 		}
 		return nil, &proto.Error{Code: proto.NotFound, Msg: "no key named " + quoteShort(name)}
 	case kid != "":
-		if e := kr.byKID[kid]; e != nil {
+		if e := kr.entryByKID(kid); e != nil {
 			return e, nil
 		}
 		return nil, &proto.Error{Code: proto.NotFound, Msg: "no key with kid " + quoteShort(kid)}

@@ -13,6 +13,7 @@ import (
 	"github.com/cockroachdb/pebble/v2/vfs"
 
 	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/agent/rotation"
 	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/providers"
 )
@@ -23,9 +24,13 @@ type Agent struct {
 	log     *zap.Logger
 	keys    *keyring
 	workers *workerPool
-	tls     *tlsMaterial     // nil without a TCP listener
-	journal *journal.Journal // nil only with journal.mode: off
-	policy  *policy.Engine   // nil without a policy file: single-tenant mode
+	tls     *tlsMaterial      // nil without a TCP listener
+	journal *journal.Journal  // nil only with journal.mode: off
+	policy  *policy.Engine    // nil without a policy file: single-tenant mode
+	rot     *rotation.Rotator // nil without a policy file or without the journal
+
+	stopScheduler func()
+	schedulerDone chan struct{}
 
 	mu        sync.Mutex
 	listeners map[net.Listener]struct{}
@@ -110,7 +115,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		log.Info("serving key", zap.String("key", k.Name), zap.String("kid", k.KID),
 			zap.String("provider", k.Provider), zap.String("type", k.KeyType))
 	}
-	return &Agent{
+	a := &Agent{
 		cfg:       cfg,
 		log:       log,
 		keys:      kr,
@@ -120,7 +125,15 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		policy:    engine,
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[*conn]struct{}{},
-	}, nil
+	}
+	if engine != nil && jl != nil {
+		if err := a.setupRotation(ctx); err != nil {
+			kr.close()
+			jl.Close()
+			return nil, fmt.Errorf("rotation: %w", err)
+		}
+	}
+	return a, nil
 }
 
 // Config returns the agent's configuration with defaults filled in.
@@ -232,6 +245,10 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 		}
 		a.mu.Unlock()
 		<-done
+	}
+	if a.stopScheduler != nil {
+		a.stopScheduler()
+		<-a.schedulerDone
 	}
 	if cerr := a.keys.close(); cerr != nil {
 		err = errors.Join(err, cerr)

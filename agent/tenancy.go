@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"os"
 	"strings"
+	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/agent/rotation"
 	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/proto"
 )
@@ -58,7 +60,9 @@ func (c *conn) tenant() (string, error) {
 
 // resolve finds the key a request names. A tenant sees only its own slots:
 // another tenant's slot is NOT_FOUND with the same message as a missing one.
-func (c *conn) resolve(name, kid string) (target, string, error) {
+// With rotation, a slot's active version signs; for verify, a kid may also
+// name an accepted version before its T1 (after it: KEY_RETIRED).
+func (c *conn) resolve(name, kid string, verify bool) (target, string, error) {
 	if c.a.policy == nil {
 		e, err := c.a.keys.lookup(name, kid)
 		return target{key: e}, "", err
@@ -79,7 +83,7 @@ func (c *conn) resolve(name, kid string) (target, string, error) {
 		slot = s
 	case kid != "":
 		for _, s := range set.Slots(tenant) {
-			if e := c.a.keys.byName[s.Key]; e != nil && e.info.KID == kid {
+			if _, err := c.slotKey(s, kid, true); err == nil || codeOf(err) == proto.KeyRetired {
 				slot = s
 				break
 			}
@@ -90,12 +94,47 @@ func (c *conn) resolve(name, kid string) (target, string, error) {
 	default:
 		return target{}, tenant, &proto.Error{Code: proto.NotFound, Msg: "name a key slot: there is no default slot"}
 	}
-	e := c.a.keys.byName[slot.Key]
-	if e == nil {
-		// Load and reload refuse such a policy; reaching here is a bug.
-		return target{}, tenant, fmt.Errorf("slot %s names key %q, which no provider serves", slot.FullName(), slot.Key)
+	e, err := c.slotKey(slot, kid, verify)
+	if err != nil {
+		return target{}, tenant, err
 	}
 	return target{key: e, slot: slot}, tenant, nil
+}
+
+// slotKey is the key of slot that the request may use: without rotation
+// the configured key; with it, the active version (or, to verify, the
+// version with kid while it is not retired).
+func (c *conn) slotKey(slot *policy.Slot, kid string, verify bool) (*keyEntry, error) {
+	keyName := slot.Key
+	if c.a.rot != nil {
+		store := c.a.rot.Store()
+		v, err := store.Resolve(slot.FullName())
+		if err != nil {
+			return nil, err
+		}
+		if kid != "" && v.KID != kid {
+			if !verify {
+				if _, verr := store.VersionForVerify(slot.FullName(), kid, time.Now()); verr == nil {
+					return nil, &proto.Error{Code: proto.KeyRetired, Msg: "that key version verifies only; sign with the slot's name"}
+				}
+				return nil, rotationError(rotation.ErrNotFound)
+			}
+			if v, err = store.VersionForVerify(slot.FullName(), kid, time.Now()); err != nil {
+				return nil, rotationError(err)
+			}
+		}
+		keyName = v.Key
+	} else if kid != "" {
+		if e := c.a.keys.entry(keyName); e == nil || e.info.KID != kid {
+			return nil, &proto.Error{Code: proto.NotFound, Msg: "no key slot with kid " + quoteShort(kid)}
+		}
+	}
+	e := c.a.keys.entry(keyName)
+	if e == nil {
+		// Load, reload and restart refuse such a state; reaching here is a bug.
+		return nil, fmt.Errorf("slot %s names key %q, which no provider serves", slot.FullName(), keyName)
+	}
+	return e, nil
 }
 
 // listKeys is the ListKeys reply: the tenant's slots, or every key.
@@ -110,7 +149,7 @@ func (c *conn) listKeys() ([]proto.KeyEntry, error) {
 	slots := c.a.policy.Set().Slots(tenant)
 	out := make([]proto.KeyEntry, 0, len(slots))
 	for _, s := range slots {
-		if e := c.a.keys.byName[s.Key]; e != nil {
+		if e, err := c.slotKey(s, "", false); err == nil {
 			out = append(out, proto.KeyEntry{Name: s.Name, KID: e.info.KID, Provider: e.info.Provider, KeyType: string(e.info.Type), Pub: e.info.SPKI})
 		}
 	}
@@ -143,7 +182,7 @@ func checkSlotKeys(set *policy.Set, kr *keyring) error {
 			keys = append(keys, v.Key)
 		}
 		for _, k := range keys {
-			if k != "" && kr.byName[k] == nil {
+			if k != "" && kr.entry(k) == nil {
 				errs = append(errs, fmt.Errorf("slot %s: key %q is not served by any provider", s.FullName(), k))
 			}
 		}
@@ -211,6 +250,8 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 		return &proto.Error{Code: proto.PermissionDenied, Msg: req.Op.String() + " needs the admin role (the admin socket)"}
 	}
 	switch req.Op {
+	case proto.OpRotate, proto.OpRollback, proto.OpIncidentDrill:
+		return c.rotationOp(req, resp)
 	case proto.OpPause, proto.OpResume:
 		if c.a.policy == nil {
 			return &proto.Error{Code: proto.BadRequest, Msg: "pausing needs a policy file: slots are defined there"}

@@ -39,10 +39,20 @@ func (c *Client) ReloadPolicy(ctx context.Context) (string, error) {
 	return resp.Msg, nil
 }
 
-// Rotate asks the agent to rotate a key slot ("tenant/slot") now.
+// Rotate asks the agent to rotate a key slot ("tenant/slot") now: new key,
+// CSR, cut-over, canaries, evidence pack.
 func (c *Client) Rotate(ctx context.Context, slot string) error {
-	_, err := c.call(ctx, &proto.Request{Op: proto.OpRotate, Key: slot})
+	_, err := c.RotateSlot(ctx, slot)
 	return err
+}
+
+// RotateSlot is Rotate returning the agent's summary.
+func (c *Client) RotateSlot(ctx context.Context, slot string) (string, error) {
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpRotate, Key: slot})
+	if err != nil {
+		return "", err
+	}
+	return resp.Msg, nil
 }
 
 // AuditTail reads the running agent's audit journal (admin role): the last
@@ -54,4 +64,25 @@ func (c *Client) AuditTail(ctx context.Context, tenant string, from uint64, limi
 		return nil, err
 	}
 	return resp.Records, nil
+}
+
+// Rollback makes the slot's previous key version active again, while that
+// version is not retired (KEY_RETIRED otherwise). It returns the agent's note.
+func (c *Client) Rollback(ctx context.Context, slot string) (string, error) {
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpRollback, Key: slot})
+	if err != nil {
+		return "", err
+	}
+	return resp.Msg, nil
+}
+
+// IncidentDrill pauses the slot, rotates it in emergency mode (the old
+// version stops verifying), re-signs the canary set, resumes the slot and
+// writes an incident statement; it returns the agent's summary.
+func (c *Client) IncidentDrill(ctx context.Context, slot string) (string, error) {
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpIncidentDrill, Key: slot})
+	if err != nil {
+		return "", err
+	}
+	return resp.Msg, nil
 }

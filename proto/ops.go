@@ -33,13 +33,16 @@ const (
 	OpReloadPolicy Op = 20
 	OpAuditTail    Op = 21
 	OpExportREP    Op = 22
+	// OpIncidentDrill pauses a slot, rotates it in emergency mode, re-signs
+	// the canaries, resumes it and writes an incident statement.
+	OpIncidentDrill Op = 23
 )
 
 var opNames = map[Op]string{
 	OpHello: "Hello", OpPing: "Ping", OpListKeys: "ListKeys", OpPublicKey: "PublicKey",
 	OpSign: "Sign", OpVerify: "Verify", OpRotate: "Rotate", OpRollback: "Rollback",
 	OpPause: "Pause", OpResume: "Resume", OpReloadPolicy: "ReloadPolicy",
-	OpAuditTail: "AuditTail", OpExportREP: "ExportREP",
+	OpAuditTail: "AuditTail", OpExportREP: "ExportREP", OpIncidentDrill: "IncidentDrill",
 }
 
 func (o Op) String() string {

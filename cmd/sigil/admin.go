@@ -11,7 +11,9 @@ import (
 	"github.com/sigil-agent/sigil/proto"
 )
 
-func newAdminCommand(g *globalFlags) *cobra.Command {
+// adminCommands builds `sigil admin ...` and the top-level rotate, rollback
+// and incident commands over the same admin-socket plumbing.
+func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 	var adminSocket string
 	cmd := &cobra.Command{
 		Use:   "admin",
@@ -68,7 +70,44 @@ func newAdminCommand(g *globalFlags) *cobra.Command {
 		},
 	}
 	cmd.AddCommand(pause, resume, reload)
-	return cmd
+	cmd.AddCommand(rotationCommands(run)...)
+	top := rotationCommands(run)
+	for _, c := range top {
+		c.Flags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket)")
+	}
+	incident := &cobra.Command{Use: "incident", Short: "Incident drills"}
+	incident.AddCommand(top[2])
+	return cmd, []*cobra.Command{top[0], top[1], incident}
+}
+
+// rotationCommands are rotate, rollback and drill; they are also top-level
+// commands (`sigil rotate SLOT`), as operators know them.
+func rotationCommands(run func(string, func(*client.Client) (string, error)) error) []*cobra.Command {
+	rotate := &cobra.Command{
+		Use:   "rotate TENANT/SLOT",
+		Short: "Rotate a key slot now: new key, CSR, cut-over, 100 canaries, evidence pack",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return run("rotate "+args[0], func(c *client.Client) (string, error) { return c.RotateSlot(cmd.Context(), args[0]) })
+		},
+	}
+	rollback := &cobra.Command{
+		Use:   "rollback TENANT/SLOT",
+		Short: "Make the previous key version active again (while it is not retired)",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return run("rollback "+args[0], func(c *client.Client) (string, error) { return c.Rollback(cmd.Context(), args[0]) })
+		},
+	}
+	drill := &cobra.Command{
+		Use:   "drill TENANT/SLOT",
+		Short: "Incident drill: pause, emergency rotation, canaries, resume, incident statement",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			return run("incident drill "+args[0], func(c *client.Client) (string, error) { return c.IncidentDrill(cmd.Context(), args[0]) })
+		},
+	}
+	return []*cobra.Command{rotate, rollback, drill}
 }
 
 func newPolicyCommand() *cobra.Command {

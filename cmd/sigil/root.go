@@ -41,7 +41,10 @@ Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() +
 	root.PersistentFlags().StringVar(&g.tlsCert, "tls-cert", "", "client certificate (PEM) for --socket tls://host:port")
 	root.PersistentFlags().StringVar(&g.tlsKey, "tls-key", "", "client private key (PEM) for --socket tls://host:port")
 	root.PersistentFlags().StringVar(&g.tlsCA, "tls-ca", "", "CA bundle (PEM) that signed the agent's certificate")
-	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(), newAdminCommand(g), newPolicyCommand(), newBenchCommand(), newVersionCommand())
+	adminCmd, opsCmds := adminCommands(g)
+	root.AddCommand(adminCmd)
+	root.AddCommand(opsCmds...)
+	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(), newPolicyCommand(), newREPCommand(), newBenchCommand(), newVersionCommand())
 	return root
 }
 

@@ -224,3 +224,50 @@ func keyTemplates(kt providers.KeyType, label string, id []byte) (pub, priv []*p
 	}
 	return nil, nil, 0, fmt.Errorf("key type %q: %w", kt, providers.ErrUnsupportedAlgorithm)
 }
+
+// AddKey starts serving a key already on the token, named by its RFC 7512
+// URI: a key version a rotation generated before a restart. The URI's token
+// must be this provider's.
+func (p *Provider) AddKey(ctx context.Context, kc KeyConfig) (providers.KeyInfo, error) {
+	fail := func(err error) (providers.KeyInfo, error) {
+		return providers.KeyInfo{}, fmt.Errorf("pkcs11 add key %s: %w", kc.Name, err)
+	}
+	obj, tok, err := parseKeyURI(kc.URI, p.modulePath)
+	if err != nil {
+		return fail(err)
+	}
+	if (tok.label != "" && tok.label != p.tokenLabel) || (tok.serial != "" && tok.serial != p.serial) {
+		return fail(fmt.Errorf("the URI names another token than %q", p.tokenLabel))
+	}
+	if !p.enter() {
+		return fail(errClosed)
+	}
+	defer p.exit()
+	p.keysMu.Lock()
+	defer p.keysMu.Unlock()
+	old := p.keys.Load()
+	if k, dup := old.byName[kc.Name]; dup {
+		if k.obj.equal(obj) {
+			return k.info, nil
+		}
+		return fail(errors.New("a different key is served under this name"))
+	}
+	s, _, err := p.acquire(ctx)
+	if err != nil {
+		return fail(err)
+	}
+	k := &key{obj: obj}
+	k.info.Name = kc.Name
+	err = p.resolveKey(s, k)
+	p.release(s)
+	if err != nil {
+		return fail(err)
+	}
+	ks := &keySet{byName: make(map[string]*key, len(old.byName)+1), order: append(old.order[:len(old.order):len(old.order)], k)}
+	for n, v := range old.byName {
+		ks.byName[n] = v
+	}
+	ks.byName[kc.Name] = k
+	p.keys.Store(ks)
+	return k.info, nil
+}

@@ -145,6 +145,27 @@ func (p *Provider) GenerateKey(_ context.Context, name string, kt providers.KeyT
 	return k.info, nil
 }
 
+// Adopt starts serving a key this provider generated earlier (a rotated key
+// version, after a restart) from its file in the data dir. It never
+// generates: a missing file is an error.
+func (p *Provider) Adopt(name string, kt providers.KeyType) (providers.KeyInfo, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if k, ok := p.keys[name]; ok {
+		return k.info, nil
+	}
+	if _, err := os.Stat(p.keyPath(name)); err != nil {
+		return providers.KeyInfo{}, fmt.Errorf("software adopt %s: %w", name, err)
+	}
+	k, err := p.loadOrGenerate(KeyConfig{Name: name, Type: kt})
+	if err != nil {
+		return providers.KeyInfo{}, fmt.Errorf("software adopt %s: %w", name, err)
+	}
+	p.keys[name] = k
+	p.order = append(p.order, name)
+	return k.info, nil
+}
+
 // Close implements providers.Provider.
 func (p *Provider) Close() error {
 	p.mu.Lock()

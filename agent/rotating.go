@@ -1,0 +1,282 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/agent/rotation"
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/pkcs11"
+	"github.com/sigil-agent/sigil/providers/software"
+)
+
+// RotationConfig configures key rotation (docs/rotation.md). Rotation needs a
+// policy file (slots are defined there) and the journal (state lives there).
+type RotationConfig struct {
+	// Calendars by slot, e.g. "payments/release": {period: 720h}.
+	Calendars map[string]rotation.CalendarConfig `yaml:"calendars"`
+	// Overlap: how long an old version still verifies after a rotation
+	// (default 24h).
+	Overlap time.Duration `yaml:"overlap"`
+	// Canaries signed and verified with each new key (default 100).
+	Canaries int `yaml:"canaries"`
+}
+
+// rotationTimeout bounds an operator's rotation: key generation on an HSM,
+// a CSR and the canary set.
+const rotationTimeout = 2 * time.Minute
+
+// setupRotation opens the rotation state, serves again the key versions a
+// rotation made before a restart, enrolls the policy's slots (v1 = the
+// configured key) and starts the calendar.
+func (a *Agent) setupRotation(ctx context.Context) error {
+	store, err := rotation.OpenStore(ctx, a.journal, rotation.StoreOptions{Logger: a.log.Named("rotation")})
+	if err != nil {
+		return err
+	}
+	for _, sl := range store.Slots() {
+		for _, v := range sl.Versions {
+			if v.StateAt(time.Now()) == rotation.StateRetired || a.keys.entry(v.Key) != nil {
+				continue
+			}
+			if err := a.adopt(ctx, v); err != nil {
+				if v.Number == sl.Active {
+					// Fail closed: the version that must sign cannot be served.
+					return fmt.Errorf("slot %s: active version %d: %w", sl.FullName(), v.Number, err)
+				}
+				a.log.Warn("an accepted key version cannot be served; its signatures cannot be verified here",
+					zap.String("slot", sl.FullName()), zap.Int("version", v.Number), zap.Error(err))
+			}
+		}
+	}
+	set := a.policy.Set()
+	for _, s := range set.AllSlots() {
+		e := a.keys.entry(s.Key)
+		if e == nil {
+			continue // checkSlotKeys refused this already
+		}
+		if _, err := store.Enroll(ctx, s.FullName(), e.info, "config"); err != nil {
+			if errors.Is(err, rotation.ErrSlotExists) {
+				a.log.Info("slot has rotated since its configured key; the stored versions decide", zap.String("slot", s.FullName()))
+				continue
+			}
+			return fmt.Errorf("enroll slot %s: %w", s.FullName(), err)
+		}
+	}
+	evKey, err := rotation.LoadOrCreateEvidenceKey(filepath.Join(a.cfg.DataDir, "evidence.key"))
+	if err != nil {
+		return err
+	}
+	host, _ := os.Hostname()
+	rot, err := rotation.NewRotator(store, rotation.Options{
+		EvidenceKey:     evKey,
+		EvidenceDir:     filepath.Join(a.cfg.DataDir, "evidence"),
+		Host:            host,
+		DefaultOverlap:  a.cfg.Rotation.Overlap,
+		DefaultCanaries: a.cfg.Rotation.Canaries,
+		Code:            codeOf,
+		Logger:          a.log.Named("rotation"),
+	})
+	if err != nil {
+		return err
+	}
+	a.rot = rot
+	cals := map[string]rotation.Calendar{}
+	for slot, cc := range a.cfg.Rotation.Calendars {
+		cal, err := cc.Parse()
+		if err != nil {
+			return fmt.Errorf("rotation.calendars[%s]: %w", slot, err)
+		}
+		cals[slot] = cal
+	}
+	sched, err := rotation.NewScheduler(rot, rotation.SchedulerOptions{
+		Calendars: cals,
+		Options: func(slot string) (rotation.RotateOptions, error) {
+			return a.rotateOptions(slot, "scheduled", "scheduler")
+		},
+	})
+	if err != nil {
+		return err
+	}
+	runCtx, cancel := context.WithCancel(context.Background())
+	a.stopScheduler = cancel
+	a.schedulerDone = make(chan struct{})
+	go func() {
+		defer close(a.schedulerDone)
+		if err := sched.Run(runCtx); err != nil && runCtx.Err() == nil {
+			a.log.Error("rotation scheduler stopped", zap.Error(err))
+		}
+	}()
+	pub := rotation.MarshalEvidencePublicKey(rot.EvidencePublicKey())
+	if err := os.WriteFile(filepath.Join(a.cfg.DataDir, "evidence.pub"), pub, 0o644); err != nil {
+		a.log.Warn("could not write the evidence public key", zap.Error(err))
+	}
+	return nil
+}
+
+// adopt serves again a key version generated before a restart.
+func (a *Agent) adopt(ctx context.Context, v rotation.Version) error {
+	for _, p := range a.keys.providers {
+		if p.ID() != v.Provider {
+			continue
+		}
+		var info providers.KeyInfo
+		var err error
+		switch pp := p.(type) {
+		case *software.Provider:
+			info, err = pp.Adopt(v.Key, v.KeyType)
+		case *pkcs11.Provider:
+			info, err = pp.AddKey(ctx, pkcs11.KeyConfig{Name: v.Key, URI: v.URI})
+		default:
+			return fmt.Errorf("provider %s cannot serve generated keys again", p.ID())
+		}
+		if err != nil {
+			return err
+		}
+		if info.KID != v.KID {
+			return fmt.Errorf("key %s has kid %s, the rotation recorded %s", v.Key, info.KID, v.KID)
+		}
+		_, err = a.keys.add(info, p)
+		return err
+	}
+	return fmt.Errorf("no provider %q in the configuration", v.Provider)
+}
+
+// keyMaker adapts providers that can generate keys to rotation.KeyMaker; the
+// PKCS#11 one also tells the rotation the new key's URI (for restarts).
+type pkcs11Maker struct{ *pkcs11.Provider }
+
+func (m pkcs11Maker) GenerateKey(ctx context.Context, name string, kt providers.KeyType) (providers.KeyInfo, error) {
+	return m.Provider.GenerateKey(ctx, name, kt, name, nil)
+}
+
+// rotateOptions: the new version is made by the provider of the active one.
+func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions, error) {
+	v, err := a.rot.Store().Resolve(slot)
+	if err != nil {
+		return rotation.RotateOptions{}, err
+	}
+	e := a.keys.entry(v.Key)
+	if e == nil {
+		return rotation.RotateOptions{}, fmt.Errorf("active key %s is not served", v.Key)
+	}
+	o := rotation.RotateOptions{Signer: &servingSigner{a: a, p: e.provider}, Reason: reason, Peer: peer, Canaries: a.cfg.Rotation.Canaries}
+	switch pp := e.provider.(type) {
+	case *software.Provider:
+		o.Maker = &servingMaker{a: a, p: pp, gen: pp}
+	case *pkcs11.Provider:
+		o.Maker = &locatingMaker{servingMaker{a: a, p: pp, gen: pkcs11Maker{pp}}, pp}
+	default:
+		return rotation.RotateOptions{}, fmt.Errorf("provider %s cannot generate keys", e.provider.ID())
+	}
+	if tenant, _, err := rotation.SplitSlot(slot); err == nil && a.policy != nil {
+		o.PolicyHash, _ = a.policy.Set().TenantHash(tenant)
+	}
+	return o, nil
+}
+
+// servingMaker generates a key and at once serves it, so the canaries (and
+// then clients) can sign with it through the agent's keyring.
+type servingMaker struct {
+	a   *Agent
+	p   providers.Provider
+	gen rotation.KeyMaker
+}
+
+func (m *servingMaker) GenerateKey(ctx context.Context, name string, kt providers.KeyType) (providers.KeyInfo, error) {
+	info, err := m.gen.GenerateKey(ctx, name, kt)
+	if err != nil {
+		return info, err
+	}
+	_, err = m.a.keys.add(info, m.p)
+	return info, err
+}
+
+// locatingMaker is a servingMaker whose provider names keys by URI
+// (rotation.KeyLocator), so a restart can find the key again.
+type locatingMaker struct {
+	servingMaker
+	loc rotation.KeyLocator
+}
+
+func (m *locatingMaker) URI(name string) (string, error) { return m.loc.URI(name) }
+
+type servingSigner struct {
+	a *Agent
+	p providers.Provider
+}
+
+func (s *servingSigner) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	return s.p.Sign(ctx, key, alg, digest)
+}
+
+// rotationOp answers the Rotate and Rollback admin operations.
+func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {
+	if c.a.rot == nil {
+		return &proto.Error{Code: proto.BadRequest, Msg: "rotation needs a policy file and the audit journal"}
+	}
+	slot := req.Key
+	if _, _, err := rotation.SplitSlot(slot); err != nil {
+		return &proto.Error{Code: proto.BadRequest, Msg: "name the slot as tenant/slot"}
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, rotationTimeout)
+	defer cancel()
+	peer := c.peer.String()
+	if req.Op == proto.OpRollback {
+		o := rotation.RollbackOptions{Reason: "manual", Peer: peer}
+		if tenant, _, _ := rotation.SplitSlot(slot); c.a.policy != nil {
+			o.PolicyHash, _ = c.a.policy.Set().TenantHash(tenant)
+		}
+		v, err := c.a.rot.Rollback(ctx, slot, o)
+		if err != nil {
+			return rotationError(err)
+		}
+		resp.KID = v.KID
+		resp.Msg = fmt.Sprintf("%s rolled back: version %d (kid %s) active", slot, v.Number, v.KID)
+		return nil
+	}
+	reason := "manual"
+	if req.Op == proto.OpIncidentDrill {
+		reason = "incident drill"
+	}
+	o, err := c.a.rotateOptions(slot, reason, peer)
+	if err != nil {
+		return rotationError(err)
+	}
+	if req.Op == proto.OpIncidentDrill {
+		o.Emergency = true
+		rep, err := c.a.rot.Drill(ctx, slot, c.a.policy, o)
+		if err != nil {
+			return rotationError(err)
+		}
+		resp.KID = rep.Rotation.New.KID
+		resp.Msg = fmt.Sprintf("%s drilled: paused, rotated to version %d (kid %s), canaries verified, resumed; journal records %d..%d; statement %s",
+			slot, rep.Rotation.New.Number, rep.Rotation.New.KID, rep.FirstSeq, rep.LastSeq, rep.StatementFile)
+		return nil
+	}
+	res, err := c.a.rot.Rotate(ctx, slot, o)
+	if err != nil {
+		return rotationError(err)
+	}
+	resp.KID = res.New.KID
+	resp.Msg = fmt.Sprintf("%s rotated: version %d (kid %s) active, version %d accepted until %s; evidence pack %d",
+		slot, res.New.Number, res.New.KID, res.Old.Number, res.Old.T1.UTC().Format(time.RFC3339), res.REP)
+	return nil
+}
+
+func rotationError(err error) error {
+	switch {
+	case errors.Is(err, rotation.ErrNotFound):
+		return &proto.Error{Code: proto.NotFound, Msg: err.Error()}
+	case errors.Is(err, rotation.ErrKeyRetired):
+		return &proto.Error{Code: proto.KeyRetired, Msg: err.Error()}
+	}
+	return err
+}

@@ -1,0 +1,145 @@
+package agent_test
+
+import (
+	"context"
+	"crypto/sha256"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/rotation"
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// Rotation through the agent: rotate, old and new both verify while the old
+// is accepted, the old no longer signs, rollback brings it back, the
+// evidence pack verifies, and a restart serves the generated version again.
+func TestAgentRotation(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	dir := t.TempDir()
+	cfg.Policy = filepath.Join(dir, "policy.yaml")
+	os.WriteFile(cfg.Policy, []byte(twoTenants(os.Getuid(), "spiffe://example.org/billing")), 0o600)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Rotation.Canaries = 10
+	ctx := context.Background()
+
+	start := func() (*agent.Agent, *client.Client, *client.Client) {
+		a, err := agent.New(ctx, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, err := agent.ListenUnix(cfg.Socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		aln, err := agent.ListenUnix(cfg.AdminSocket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go a.Serve(ln)
+		go a.ServeAdmin(aln)
+		c, err := client.Dial(ctx, cfg.Socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		admin, err := client.Dial(ctx, cfg.AdminSocket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a, c, admin
+	}
+	a, c, admin := start()
+	d := sha256.Sum256([]byte("release 1.0"))
+	sign := func() client.Signature {
+		t.Helper()
+		s, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	verify := func(s client.Signature) (bool, error) {
+		return c.Verify(ctx, client.ByKID(s.KID), client.Algorithm{}, d[:], s.Sig)
+	}
+	v1 := sign()
+	if err := admin.Rotate(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	v2 := sign()
+	if v2.KID == v1.KID {
+		t.Fatal("the slot signs with the same key after a rotation")
+	}
+	for _, s := range []client.Signature{v1, v2} {
+		if ok, err := verify(s); !ok || err != nil {
+			t.Fatalf("before T1, kid %s: %v %v", s.KID, ok, err)
+		}
+	}
+	if _, err := c.Sign(ctx, client.ByKID(v1.KID), client.Algorithm{}, d[:]); client.Code(err) != proto.KeyRetired {
+		t.Fatalf("the accepted version signed: %v", err)
+	}
+	if err := admin.Rotate(ctx, "billing/nope"); client.Code(err) != proto.NotFound {
+		t.Fatalf("rotate a missing slot: %v", err)
+	}
+
+	// The evidence pack of rotation 2 verifies with the agent's evidence key.
+	evDir := filepath.Join(cfg.DataDir, "evidence")
+	manifest, sigFile, _, _ := rotation.REPPaths(evDir, "payments/release", 2)
+	m, _ := os.ReadFile(manifest)
+	sig, _ := os.ReadFile(sigFile)
+	pubPEM, _ := os.ReadFile(filepath.Join(cfg.DataDir, "evidence.pub"))
+	pub, err := rotation.ParseEvidencePublicKey(pubPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rotation.VerifyREP(m, sig, pub); err != nil {
+		t.Fatalf("evidence pack: %v", err)
+	}
+
+	if _, err := admin.Rollback(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	if s := sign(); s.KID != v1.KID {
+		t.Fatalf("after rollback the slot signs with %s, want %s", s.KID, v1.KID)
+	}
+	if err := admin.Rotate(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	v3 := sign()
+
+	// Restart: the same versions, the generated key served again.
+	c.Close()
+	admin.Close()
+	if err := a.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a, c, admin = start()
+	defer func() { c.Close(); admin.Close(); a.Shutdown(ctx) }()
+	if s := sign(); s.KID != v3.KID {
+		t.Fatalf("after a restart the slot signs with %s, want %s", s.KID, v3.KID)
+	}
+	if ok, err := verify(v3); !ok || err != nil {
+		t.Fatalf("after restart: %v %v", ok, err)
+	}
+
+	// Incident drill: emergency rotation, the old version stops verifying.
+	if _, err := c.IncidentDrill(ctx, "payments/release"); client.Code(err) != proto.PermissionDenied {
+		t.Fatalf("a tenant ran a drill: %v", err)
+	}
+	msg, err := admin.IncidentDrill(ctx, "payments/release")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v4 := sign()
+	if v4.KID == v3.KID {
+		t.Fatalf("the drill did not rotate: %s", msg)
+	}
+	if _, err := verify(v3); client.Code(err) != proto.KeyRetired {
+		t.Fatalf("after an emergency rotation the old version: %v", err)
+	}
+}
