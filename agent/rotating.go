@@ -105,6 +105,7 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	a.sched = sched
 	runCtx, cancel := context.WithCancel(context.Background())
 	a.stopScheduler = cancel
 	a.schedulerDone = make(chan struct{})
@@ -242,6 +243,14 @@ func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {
 		resp.Msg = fmt.Sprintf("%s rolled back: version %d (kid %s) active", slot, v.Number, v.KID)
 		return nil
 	}
+	if req.Op == proto.OpRotate && req.At != 0 {
+		at := time.Unix(req.At, 0)
+		if err := c.a.sched.RotateAt(ctx, slot, at, peer); err != nil {
+			return rotationError(err)
+		}
+		resp.Msg = fmt.Sprintf("%s: rotation scheduled for %s", slot, at.UTC().Format(time.RFC3339))
+		return nil
+	}
 	reason := "manual"
 	if req.Op == proto.OpIncidentDrill {
 		reason = "incident drill"
@@ -279,4 +288,29 @@ func rotationError(err error) error {
 		return &proto.Error{Code: proto.KeyRetired, Msg: err.Error()}
 	}
 	return err
+}
+
+// exportREP returns a stored evidence pack: its manifest and signature.
+func (c *conn) exportREP(req *proto.Request, resp *proto.Response) error {
+	if c.a.rot == nil {
+		return &proto.Error{Code: proto.BadRequest, Msg: "rotation needs a policy file and the audit journal"}
+	}
+	store := c.a.rot.Store()
+	n := int(req.Limit)
+	if n == 0 {
+		nums, err := store.REPNumbers(c.ctx, req.Key)
+		if err != nil {
+			return rotationError(err)
+		}
+		if len(nums) == 0 {
+			return &proto.Error{Code: proto.NotFound, Msg: "no evidence pack for " + quoteShort(req.Key)}
+		}
+		n = nums[len(nums)-1]
+	}
+	manifest, sig, err := store.REP(req.Key, n)
+	if err != nil {
+		return rotationError(err)
+	}
+	resp.Records = [][]byte{manifest, sig}
+	return nil
 }

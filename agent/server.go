@@ -28,6 +28,7 @@ type Agent struct {
 	journal *journal.Journal  // nil only with journal.mode: off
 	policy  *policy.Engine    // nil without a policy file: single-tenant mode
 	rot     *rotation.Rotator // nil without a policy file or without the journal
+	sched   *rotation.Scheduler
 
 	stopScheduler func()
 	schedulerDone chan struct{}

@@ -252,6 +252,8 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 	switch req.Op {
 	case proto.OpRotate, proto.OpRollback, proto.OpIncidentDrill:
 		return c.rotationOp(req, resp)
+	case proto.OpExportREP:
+		return c.exportREP(req, resp)
 	case proto.OpPause, proto.OpResume:
 		if c.a.policy == nil {
 			return &proto.Error{Code: proto.BadRequest, Msg: "pausing needs a policy file: slots are defined there"}

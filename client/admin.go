@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"time"
 
 	"github.com/sigil-agent/sigil/proto"
 )
@@ -85,4 +86,27 @@ func (c *Client) IncidentDrill(ctx context.Context, slot string) (string, error)
 		return "", err
 	}
 	return resp.Msg, nil
+}
+
+// ScheduleRotation stores a one-off rotation of the slot at the given time
+// (it survives agent restarts).
+func (c *Client) ScheduleRotation(ctx context.Context, slot string, at time.Time) (string, error) {
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpRotate, Key: slot, At: at.Unix()})
+	if err != nil {
+		return "", err
+	}
+	return resp.Msg, nil
+}
+
+// ExportREP fetches a stored Rotation Evidence Pack of the slot: its
+// canonical manifest and the detached signature. n 0 means the newest.
+func (c *Client) ExportREP(ctx context.Context, slot string, n int) (manifest, sig []byte, err error) {
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpExportREP, Key: slot, Limit: uint32(max(n, 0))})
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(resp.Records) != 2 {
+		return nil, nil, &proto.Error{Code: proto.Internal, Msg: "malformed ExportREP reply"}
+	}
+	return resp.Records[0], resp.Records[1], nil
 }

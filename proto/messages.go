@@ -27,6 +27,9 @@ type Request struct {
 	// most Limit of them (the agent caps it).
 	FromSeq uint64
 	Limit   uint32
+	// Rotate: Unix seconds of a one-off rotation to schedule (0: now).
+	// ExportREP uses Limit as the pack's number (0: the newest).
+	At int64
 }
 
 // Response is every agent-to-client message.
@@ -97,6 +100,7 @@ const (
 	kFromSeq  = "from"
 	kLimit    = "n"
 	kRecords  = "recs"
+	kAt       = "at"
 )
 
 // EncodeMsgpack writes r as a msgpack map of its non-empty fields
@@ -105,7 +109,7 @@ func (r *Request) EncodeMsgpack(e *msgpack.Encoder) error {
 	n := 2
 	n += count(r.Version != 0) + count(r.Features != 0) + count(r.Key != "") + count(r.KID != "") +
 		count(r.Scheme != 0) + count(r.Hash != 0) + count(len(r.Digest) != 0) + count(len(r.Sig) != 0) +
-		count(r.TimeoutMillis != 0) + count(r.FromSeq != 0) + count(r.Limit != 0)
+		count(r.TimeoutMillis != 0) + count(r.FromSeq != 0) + count(r.Limit != 0) + count(r.At != 0)
 	w := fieldWriter{e: e}
 	w.mapLen(n)
 	w.uint(kID, r.ID)
@@ -142,6 +146,10 @@ func (r *Request) EncodeMsgpack(e *msgpack.Encoder) error {
 	}
 	if r.Limit != 0 {
 		w.uint(kLimit, uint64(r.Limit))
+	}
+	if r.At != 0 {
+		w.key(kAt)
+		w.setErr(e.EncodeInt(r.At))
 	}
 	return w.err
 }
@@ -196,6 +204,8 @@ func (r *Request) decode(c *Codec) error {
 		case kLimit:
 			v, err = decodeUintMax(d, 0xffffffff)
 			r.Limit = uint32(v)
+		case kAt:
+			r.At, err = d.DecodeInt64()
 		default:
 			err = d.Skip()
 		}

@@ -20,6 +20,7 @@ func TestRequestRoundTrip(t *testing.T) {
 		{"hello", Request{ID: 1, Op: OpHello, Version: Version, Features: FeaturePipelining}},
 		{"ping", Request{ID: 2, Op: OpPing}},
 		{"audit tail", Request{ID: 9, Op: OpAuditTail, Key: "payments", FromSeq: 1 << 40, Limit: 500}},
+		{"rotate at", Request{ID: 10, Op: OpRotate, Key: "payments/release", At: 1_800_000_000}},
 		{"sign by name", Request{ID: 1 << 40, Op: OpSign, Key: "payments/release", Scheme: SchemeECDSA, Hash: HashSHA256, Digest: bytes.Repeat([]byte{0xab}, 32), TimeoutMillis: 1500}},
 		{"sign by kid", Request{ID: 3, Op: OpSign, KID: "00112233445566778899aabbccddeeff", Scheme: SchemeEd25519, Digest: []byte("message")}},
 		{"verify", Request{ID: 4, Op: OpVerify, Key: "k", Scheme: SchemePSS, Hash: HashSHA384, Digest: make([]byte, 48), Sig: make([]byte, 256)}},

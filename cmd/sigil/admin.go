@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"path/filepath"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -75,22 +76,33 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 	for _, c := range top {
 		c.Flags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket)")
 	}
+	export := repExportCommand(run)
+	export.Flags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket)")
 	incident := &cobra.Command{Use: "incident", Short: "Incident drills"}
 	incident.AddCommand(top[2])
-	return cmd, []*cobra.Command{top[0], top[1], incident}
+	return cmd, []*cobra.Command{top[0], top[1], incident, export}
 }
 
 // rotationCommands are rotate, rollback and drill; they are also top-level
 // commands (`sigil rotate SLOT`), as operators know them.
 func rotationCommands(run func(string, func(*client.Client) (string, error)) error) []*cobra.Command {
+	var at string
 	rotate := &cobra.Command{
-		Use:   "rotate TENANT/SLOT",
-		Short: "Rotate a key slot now: new key, CSR, cut-over, 100 canaries, evidence pack",
+		Use:   "rotate TENANT/SLOT [--at TIME]",
+		Short: "Rotate a key slot now (new key, CSR, cut-over, canaries, evidence pack), or schedule it --at an RFC 3339 time",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if at != "" {
+				t, err := time.Parse(time.RFC3339, at)
+				if err != nil {
+					return usageError("--at: %v (want RFC 3339, e.g. 2026-12-01T09:00:00Z)", err)
+				}
+				return run("rotate "+args[0], func(c *client.Client) (string, error) { return c.ScheduleRotation(cmd.Context(), args[0], t) })
+			}
 			return run("rotate "+args[0], func(c *client.Client) (string, error) { return c.RotateSlot(cmd.Context(), args[0]) })
 		},
 	}
+	rotate.Flags().StringVar(&at, "at", "", "schedule the rotation at this RFC 3339 time instead of now")
 	rollback := &cobra.Command{
 		Use:   "rollback TENANT/SLOT",
 		Short: "Make the previous key version active again (while it is not retired)",

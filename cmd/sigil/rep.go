@@ -1,19 +1,22 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
 
 	"github.com/sigil-agent/sigil/agent/rotation"
+	"github.com/sigil-agent/sigil/client"
 )
 
 func newREPCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "rep",
-		Short: "Rotation Evidence Packs: verify one offline",
+		Short: "Rotation Evidence Packs: export from the agent, verify offline",
 	}
 	var sigPath, pubPath string
 	verify := &cobra.Command{
@@ -56,7 +59,45 @@ defaults to the manifest's name with .sig for .json.`,
 		},
 	}
 	verify.Flags().StringVar(&sigPath, "sig", "", "the detached signature (default: MANIFEST with .sig)")
-	verify.Flags().StringVar(&pubPath, "evidence-key", "", "the agent's evidence public key (PEM)")
+	verify.Flags().StringVar(&pubPath, "evidence-key", "", "the agent's evidence public key (PEM; the agent writes DATA_DIR/evidence.pub)")
 	cmd.AddCommand(verify)
+	return cmd
+}
+
+// repExportCommand is `sigil rep export`; the root command attaches it, as
+// it talks to the agent over the admin socket plumbing of adminCommands.
+func repExportCommand(run func(string, func(*client.Client) (string, error)) error) *cobra.Command {
+	var out string
+	cmd := &cobra.Command{
+		Use:   "export TENANT/SLOT [N] [--out DIR]",
+		Short: "Write a stored evidence pack (rep-N.json, .sig, .md) from the running agent's journal",
+		Args:  cobra.RangeArgs(1, 2),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			n := 0
+			if len(args) == 2 {
+				v, err := strconv.Atoi(args[1])
+				if err != nil || v < 1 {
+					return usageError("N: a pack number (1, 2, ...)")
+				}
+				n = v
+			}
+			return run("rep export "+args[0], func(c *client.Client) (string, error) {
+				manifest, sig, err := c.ExportREP(cmd.Context(), args[0], n)
+				if err != nil {
+					return "", err
+				}
+				var m rotation.Manifest
+				if err := json.Unmarshal(manifest, &m); err != nil {
+					return "", fmt.Errorf("manifest: %w", err)
+				}
+				files, err := rotation.WriteREP(out, &m, manifest, sig)
+				if err != nil {
+					return "", err
+				}
+				return "wrote " + strings.Join(files, ", "), nil
+			})
+		},
+	}
+	cmd.Flags().StringVar(&out, "out", ".", "directory to write TENANT/SLOT/rep-N.* under")
 	return cmd
 }

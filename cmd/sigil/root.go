@@ -43,8 +43,10 @@ Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() +
 	root.PersistentFlags().StringVar(&g.tlsCA, "tls-ca", "", "CA bundle (PEM) that signed the agent's certificate")
 	adminCmd, opsCmds := adminCommands(g)
 	root.AddCommand(adminCmd)
-	root.AddCommand(opsCmds...)
-	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(), newPolicyCommand(), newREPCommand(), newBenchCommand(), newVersionCommand())
+	root.AddCommand(opsCmds[:3]...)
+	rep := newREPCommand()
+	rep.AddCommand(opsCmds[3])
+	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(), newPolicyCommand(), rep, newBenchCommand(), newVersionCommand())
 	return root
 }
 

@@ -1,0 +1,71 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// An operator's rotation from the shell: rotate, export the evidence pack
+// and verify it offline, schedule one, run an incident drill.
+func TestRotationFromTheShell(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	state := filepath.Join(dir, "state")
+	policyFile := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
+admins: {unix_uids: [%d]}
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: release-v1}
+`, os.Getuid(), os.Getuid())), 0o600)
+	config := filepath.Join(dir, "sigil.yaml")
+	os.WriteFile(config, []byte(fmt.Sprintf(`
+data_dir: %s
+policy: %s
+rotation: {canaries: 10}
+providers:
+  - id: soft
+    type: software
+    keys: [{name: release-v1, type: ecdsa-p256}]
+`, state, policyFile)), 0o600)
+	sockDir, _ := os.MkdirTemp("", "sigil-rot")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	socket := filepath.Join(sockDir, "agent.sock")
+	admin := filepath.Join(sockDir, "admin.sock")
+	agent := startAgentProcess(t, bin, config, socket)
+	agent.waitReady(t)
+
+	out, stderr, code := runBin(t, bin, "rotate", "payments/release", "--admin-socket", admin)
+	if code != 0 || !strings.Contains(out, "version 2") {
+		t.Fatalf("rotate: %d %s %s", code, out, stderr)
+	}
+	exportDir := filepath.Join(dir, "export")
+	out, stderr, code = runBin(t, bin, "rep", "export", "payments/release", "--out", exportDir, "--admin-socket", admin)
+	if code != 0 {
+		t.Fatalf("rep export: %d %s %s", code, out, stderr)
+	}
+	manifest := filepath.Join(exportDir, "payments", "release", "rep-2.json")
+	out, stderr, code = runBin(t, bin, "rep", "verify", manifest, "--evidence-key", filepath.Join(state, "evidence.pub"))
+	if code != 0 || !strings.Contains(out, "evidence pack OK") {
+		t.Fatalf("rep verify: %d %s %s", code, out, stderr)
+	}
+	at := time.Now().Add(48 * time.Hour).UTC().Format(time.RFC3339)
+	if out, stderr, code = runBin(t, bin, "rotate", "payments/release", "--at", at, "--admin-socket", admin); code != 0 || !strings.Contains(out, "scheduled") {
+		t.Fatalf("rotate --at: %d %s %s", code, out, stderr)
+	}
+	if out, stderr, code = runBin(t, bin, "incident", "drill", "payments/release", "--admin-socket", admin); code != 0 || !strings.Contains(out, "drilled") {
+		t.Fatalf("incident drill: %d %s %s", code, out, stderr)
+	}
+	if out, stderr, code = runBin(t, bin, "--socket", socket, "keys", "sign", "--in", config, "--key", "release"); code != 0 {
+		t.Fatalf("sign after the drill: %s %s", out, stderr)
+	}
+	if _, stderr, code = runBin(t, bin, "rollback", "payments/release", "--admin-socket", admin); code != exitRefused || !strings.Contains(stderr, "KEY_RETIRED") {
+		t.Fatalf("rollback past an emergency rotation: %d %s", code, stderr)
+	}
+}
