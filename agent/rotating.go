@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"os"
@@ -27,6 +28,26 @@ type RotationConfig struct {
 	Overlap time.Duration `yaml:"overlap"`
 	// Canaries signed and verified with each new key (default 100).
 	Canaries int `yaml:"canaries"`
+	// Slots: per-slot settings, e.g. "payments/release".
+	Slots map[string]SlotRotation `yaml:"slots"`
+}
+
+// SlotRotation is one slot's rotation settings.
+type SlotRotation struct {
+	// Subject of the CSR issued for each new key (default CN=tenant/slot).
+	Subject SubjectConfig `yaml:"subject"`
+	// NextKey names a pre-provisioned key (served by a provider in this
+	// config) that the next rotation moves to instead of generating one;
+	// once used, later rotations generate keys again.
+	NextKey string `yaml:"next_key"`
+}
+
+// SubjectConfig is a CSR subject.
+type SubjectConfig struct {
+	CommonName         string   `yaml:"common_name"`
+	Organization       []string `yaml:"organization"`
+	OrganizationalUnit []string `yaml:"organizational_unit"`
+	Country            []string `yaml:"country"`
 }
 
 // rotationTimeout bounds an operator's rotation: key generation on an HSM,
@@ -179,6 +200,28 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 	}
 	if tenant, _, err := rotation.SplitSlot(slot); err == nil && a.policy != nil {
 		o.PolicyHash, _ = a.policy.Set().TenantHash(tenant)
+	}
+	sc := a.cfg.Rotation.Slots[slot]
+	if sc.Subject.CommonName != "" || len(sc.Subject.Organization) > 0 {
+		o.Subject = pkix.Name{CommonName: sc.Subject.CommonName, Organization: sc.Subject.Organization,
+			OrganizationalUnit: sc.Subject.OrganizationalUnit, Country: sc.Subject.Country}
+	}
+	if sc.NextKey != "" {
+		next := a.keys.entry(sc.NextKey)
+		if next == nil {
+			return rotation.RotateOptions{}, fmt.Errorf("rotation.slots[%s].next_key %q is not served by any provider", slot, sc.NextKey)
+		}
+		used := false
+		if sl, ok := a.rot.Store().Get(slot); ok {
+			for _, v := range sl.Versions {
+				used = used || v.KID == next.info.KID
+			}
+		}
+		if !used {
+			info := next.info
+			o.NextKey, o.Maker = &info, nil
+			o.Signer = &servingSigner{a: a, p: next.provider}
+		}
 	}
 	return o, nil
 }

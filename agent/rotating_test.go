@@ -2,9 +2,12 @@ package agent_test
 
 import (
 	"context"
+	"crypto"
 	"crypto/sha256"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"go.uber.org/zap"
@@ -14,6 +17,8 @@ import (
 	"github.com/sigil-agent/sigil/agent/rotation"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
 )
 
 // Rotation through the agent: rotate, old and new both verify while the old
@@ -27,6 +32,10 @@ func TestAgentRotation(t *testing.T) {
 	os.WriteFile(cfg.Policy, []byte(twoTenants(os.Getuid(), "spiffe://example.org/billing")), 0o600)
 	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
 	cfg.Rotation.Canaries = 10
+	// The first rotation moves to a pre-provisioned key ("p384" is served by
+	// the software provider); later ones generate keys.
+	cfg.Rotation.Slots = map[string]agent.SlotRotation{"payments/release": {NextKey: "p384",
+		Subject: agent.SubjectConfig{CommonName: "release.payments.example", Organization: []string{"Example"}}}}
 	ctx := context.Background()
 
 	start := func() (*agent.Agent, *client.Client, *client.Client) {
@@ -56,16 +65,17 @@ func TestAgentRotation(t *testing.T) {
 	}
 	a, c, admin := start()
 	d := sha256.Sum256([]byte("release 1.0"))
+	es256 := client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA256}
 	sign := func() client.Signature {
 		t.Helper()
-		s, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		s, err := c.Sign(ctx, client.ByName("release"), es256, d[:])
 		if err != nil {
 			t.Fatal(err)
 		}
 		return s
 	}
 	verify := func(s client.Signature) (bool, error) {
-		return c.Verify(ctx, client.ByKID(s.KID), client.Algorithm{}, d[:], s.Sig)
+		return c.Verify(ctx, client.ByKID(s.KID), es256, d[:], s.Sig)
 	}
 	v1 := sign()
 	if err := admin.Rotate(ctx, "payments/release"); err != nil {
@@ -75,12 +85,15 @@ func TestAgentRotation(t *testing.T) {
 	if v2.KID == v1.KID {
 		t.Fatal("the slot signs with the same key after a rotation")
 	}
+	if k, _ := c.PublicKey(ctx, client.ByName("release")); k.Type != "ecdsa-p384" {
+		t.Fatalf("the rotation did not move to the pre-provisioned key: %s", k.Type)
+	}
 	for _, s := range []client.Signature{v1, v2} {
 		if ok, err := verify(s); !ok || err != nil {
 			t.Fatalf("before T1, kid %s: %v %v", s.KID, ok, err)
 		}
 	}
-	if _, err := c.Sign(ctx, client.ByKID(v1.KID), client.Algorithm{}, d[:]); client.Code(err) != proto.KeyRetired {
+	if _, err := c.Sign(ctx, client.ByKID(v1.KID), es256, d[:]); client.Code(err) != proto.KeyRetired {
 		t.Fatalf("the accepted version signed: %v", err)
 	}
 	if err := admin.Rotate(ctx, "billing/nope"); client.Code(err) != proto.NotFound {
@@ -97,8 +110,12 @@ func TestAgentRotation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := rotation.VerifyREP(m, sig, pub); err != nil {
+	rep, err := rotation.VerifyREP(m, sig, pub)
+	if err != nil {
 		t.Fatalf("evidence pack: %v", err)
+	}
+	if !strings.Contains(rep.CSR.Subject, "release.payments.example") {
+		t.Fatalf("CSR subject %q is not the configured one", rep.CSR.Subject)
 	}
 
 	if _, err := admin.Rollback(ctx, "payments/release"); err != nil {
@@ -142,4 +159,76 @@ func TestAgentRotation(t *testing.T) {
 	if _, err := verify(v3); client.Code(err) != proto.KeyRetired {
 		t.Fatalf("after an emergency rotation the old version: %v", err)
 	}
+}
+
+// The same on a SoftHSM2 token: the new version is generated in the token,
+// and after a restart the agent finds it again by the URI the rotation
+// recorded.
+func TestAgentRotationOnSoftHSM(t *testing.T) {
+	tok := softhsmtest.New(t, "rotate")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	cfg := hsmConfig(t, tok, keys)
+	dir := t.TempDir()
+	cfg.Policy = filepath.Join(dir, "policy.yaml")
+	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf(`
+admins: {unix_uids: [%d]}
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: hsm-ecdsa-p256}
+`, os.Getuid(), os.Getuid())), 0o600)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Rotation.Canaries = 10
+	ctx := context.Background()
+	d := sha256.Sum256([]byte("firmware"))
+
+	run := func(f func(c, admin *client.Client)) {
+		a, err := agent.New(ctx, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, _ := agent.ListenUnix(cfg.Socket)
+		aln, _ := agent.ListenUnix(cfg.AdminSocket)
+		go a.Serve(ln)
+		go a.ServeAdmin(aln)
+		c, err := client.Dial(ctx, cfg.Socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		admin, err := client.Dial(ctx, cfg.AdminSocket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f(c, admin)
+		c.Close()
+		admin.Close()
+		if err := a.Shutdown(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var v2 string
+	run(func(c, admin *client.Client) {
+		if err := admin.Rotate(ctx, "payments/release"); err != nil {
+			t.Fatal(err)
+		}
+		s, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		v2 = s.KID
+	})
+	run(func(c, admin *client.Client) {
+		s, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		if err != nil || s.KID != v2 {
+			t.Fatalf("after restart: kid %s (want %s), %v", s.KID, v2, err)
+		}
+		k, _ := c.PublicKey(ctx, client.ByKID(v2))
+		if err := providers.Verify(k.Public, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d[:], s.Sig); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := admin.IncidentDrill(ctx, "payments/release"); err != nil {
+			t.Fatalf("drill on SoftHSM2: %v", err)
+		}
+	})
 }
