@@ -71,7 +71,7 @@ type signDecision struct {
 // record journals a signing decision. For an allowed signature it returns
 // the error that must stop the signature's release; a denial whose record
 // cannot be written stays a denial (and is logged).
-func (c *conn) record(d *signDecision) error {
+func (c *conn) record(ctx context.Context, d *signDecision) error {
 	j := c.a.journal
 	if j == nil {
 		return nil
@@ -86,7 +86,7 @@ func (c *conn) record(d *signDecision) error {
 		Code:          uint16(d.code),
 		CodeName:      d.code.String(),
 		LatencyMicros: uint32(min(time.Since(d.start).Microseconds(), 1<<32-1)),
-		Peer:          c.peer.String(),
+		Peer:          c.peerName,
 	}
 	switch {
 	case d.target.slot != nil:
@@ -94,12 +94,15 @@ func (c *conn) record(d *signDecision) error {
 	case d.target.key != nil:
 		r.Slot, r.KID = d.target.key.info.Name, d.target.key.info.KID
 	}
-	// The signature already exists; the caller may have given up, but the
-	// record must still be written or the signature withheld, so the write
-	// gets its own short deadline rather than the request's.
-	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
+	// A refusal is recorded even when the request's deadline has passed
+	// (it is the usual cause of one); an allowed signature's record shares
+	// the request's deadline, and past it the signature is withheld.
+	if ctx.Err() != nil && d.code != proto.OK {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(context.Background(), journalAppendTimeout)
+		defer cancel()
+	}
 	err := j.Append(ctx, &r)
-	cancel()
 	if err != nil {
 		c.log.Warn("audit journal append failed", zap.Stringer("decision", d.code), zap.Error(err))
 		if d.code == proto.OK {

@@ -55,6 +55,7 @@ func benchRequestPath(b *testing.B, journalMode string) {
 	c := newConn(a, srv, false)
 	c.helloDone = true
 	c.peer = peer{unix: true, uid: 1000, gid: 1000}
+	c.peerName = c.peer.String()
 	codec := proto.NewCodec()
 	frame, _ := codec.AppendRequestFrame(nil, &proto.Request{ID: 7, Op: proto.OpSign, Key: "k", Scheme: proto.SchemeEd25519, Digest: make([]byte, 32), TimeoutMillis: 1000})
 	payload := frame[proto.FrameHeaderLen:]

@@ -18,10 +18,11 @@ func Code(err error) proto.Code { return codeOf(err) }
 // codeOf maps an error from the request path to its wire code. This is the
 // one place where that mapping lives.
 func codeOf(err error) proto.Code {
+	if err == nil {
+		return proto.OK // before pe exists: errors.As makes it escape, and OK is the hot path
+	}
 	var pe *proto.Error
 	switch {
-	case err == nil:
-		return proto.OK
 	case errors.As(err, &pe):
 		return pe.Code
 	case errors.Is(err, providers.ErrNotFound):

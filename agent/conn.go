@@ -38,8 +38,9 @@ type conn struct {
 	w replyWriter
 
 	peer      peer
-	admin     bool // accepted on the admin socket
-	helloDone bool // touched by the reader goroutine only
+	peerName  string // peer.String(), for audit records
+	admin     bool   // accepted on the admin socket
+	helloDone bool   // touched by the reader goroutine only
 }
 
 // identify establishes who the peer is before anything is read from it: the
@@ -118,6 +119,7 @@ func (c *conn) serve() {
 		return
 	}
 	c.log = c.log.With(c.peer.logFields()...)
+	c.peerName = c.peer.String()
 	c.log.Debug("connection opened")
 	c.readLoop()
 	// Requests already read still get their replies (each handler writes its

@@ -112,9 +112,13 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response) error {
 	if d.keyName == "" {
 		d.keyName = req.KID
 	}
-	sig, err := c.decideAndSign(req, &d)
+	// One deadline for the decision, the signature and its audit record: a
+	// record that cannot be written in time withholds the signature.
+	ctx, cancel := context.WithTimeout(c.ctx, c.requestTimeout(req))
+	defer cancel()
+	sig, err := c.decideAndSign(ctx, req, &d)
 	d.code = codeOf(err)
-	if rerr := c.record(&d); rerr != nil {
+	if rerr := c.record(ctx, &d); rerr != nil {
 		return rerr
 	}
 	if err != nil {
@@ -129,7 +133,7 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response) error {
 
 // decideAndSign checks the request and signs; every outcome, including a
 // refusal, is journaled by the caller.
-func (c *conn) decideAndSign(req *proto.Request, d *signDecision) ([]byte, error) {
+func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDecision) ([]byte, error) {
 	t, tenant, err := c.resolve(req.Key, req.KID, false)
 	d.tenant = tenant
 	if err != nil {
@@ -152,9 +156,7 @@ func (c *conn) decideAndSign(req *proto.Request, d *signDecision) ([]byte, error
 	if err := providers.CheckRequest(e.info.Type, alg, req.Digest); err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(c.ctx, c.requestTimeout(req))
 	sig, err := e.provider.Sign(ctx, e.info.Name, alg, req.Digest)
-	cancel()
 	if err != nil {
 		if errors.Is(err, context.Canceled) && c.ctx.Err() != nil {
 			return nil, fmt.Errorf("client went away: %w", err)
