@@ -24,6 +24,7 @@ import (
 
 	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/software"
 )
 
 // REPFormat is the manifest format this package writes and verifies.
@@ -475,7 +476,9 @@ func syncDir(dir string) error {
 
 // LoadOrCreateEvidenceKey loads the agent's Ed25519 evidence key from path
 // (PKCS#8 PEM), creating it with mode 0600 when the file does not exist.
-// A file readable by group or others is refused, as for software keys.
+// The file is read and written as software keys are (software.ReadKeyFile,
+// WriteKeyFile): a file readable by group or others is refused, and an
+// existing file is never replaced.
 func LoadOrCreateEvidenceKey(path string) (ed25519.PrivateKey, error) {
 	key, err := loadEvidenceKey(path)
 	if !errors.Is(err, fs.ErrNotExist) {
@@ -485,69 +488,26 @@ func LoadOrCreateEvidenceKey(path string) (ed25519.PrivateKey, error) {
 	if err != nil {
 		return nil, err
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(priv)
-	if err != nil {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, err
 	}
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, err
-	}
-	f, err := os.CreateTemp(dir, ".tmp-evidence-key-*")
-	if err != nil {
-		return nil, err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp)
-	err = f.Chmod(0o600)
-	if err == nil {
-		err = pem.Encode(f, &pem.Block{Type: "PRIVATE KEY", Bytes: der})
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return nil, fmt.Errorf("evidence key %s: %w", path, err)
-	}
-	// Link, not rename: never replace a key another process just created.
-	if err := os.Link(tmp, path); err != nil {
+	if err := software.WriteKeyFile(path, priv); err != nil {
 		if errors.Is(err, fs.ErrExist) {
-			return loadEvidenceKey(path)
+			return loadEvidenceKey(path) // another process made it first
 		}
 		return nil, fmt.Errorf("evidence key %s: %w", path, err)
-	}
-	if err := syncDir(dir); err != nil {
-		return nil, err
 	}
 	return priv, nil
 }
 
 func loadEvidenceKey(path string) (ed25519.PrivateKey, error) {
-	st, err := os.Stat(path)
+	signer, err := software.ReadKeyFile(path)
 	if err != nil {
 		return nil, err
 	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("evidence key %s has mode %v; want 0600", path, st.Mode().Perm())
-	}
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	block, _ := pem.Decode(raw)
-	if block == nil || block.Type != "PRIVATE KEY" {
-		return nil, fmt.Errorf("evidence key %s: no PKCS#8 PRIVATE KEY block", path)
-	}
-	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("evidence key %s: parse PKCS#8 (contents not shown)", path)
-	}
-	priv, ok := k.(ed25519.PrivateKey)
+	priv, ok := signer.(ed25519.PrivateKey)
 	if !ok {
-		return nil, fmt.Errorf("evidence key %s: %T, want Ed25519", path, k)
+		return nil, fmt.Errorf("evidence key %s: %T, want Ed25519", path, signer)
 	}
 	return priv, nil
 }

@@ -183,13 +183,13 @@ func (p *Provider) keyPath(name string) string {
 
 func (p *Provider) loadOrGenerate(kc KeyConfig) (*softKey, error) {
 	path := p.keyPath(kc.Name)
-	signer, err := loadKey(path)
+	signer, err := ReadKeyFile(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		if signer, err = generate(kc.Type); err != nil {
 			return nil, err
 		}
-		if err := storeKey(path, signer); err != nil {
+		if err := WriteKeyFile(path, signer); err != nil {
 			return nil, err
 		}
 	case err != nil:
@@ -224,13 +224,15 @@ func generate(kt providers.KeyType) (crypto.Signer, error) {
 	return nil, fmt.Errorf("key type %q: %w", kt, providers.ErrUnsupportedAlgorithm)
 }
 
-func loadKey(path string) (crypto.Signer, error) {
+// ReadKeyFile reads a PKCS#8 PEM private key written by WriteKeyFile. A file
+// readable by group or others is refused rather than fixed: a key readable
+// by others may already have been copied. Errors never show the contents.
+func ReadKeyFile(path string) (crypto.Signer, error) {
 	st, err := os.Stat(path)
 	if err != nil {
 		return nil, err
 	}
 	if st.Mode().Perm()&0o077 != 0 {
-		// Refuse rather than fix: a key readable by others may already be copied.
 		return nil, fmt.Errorf("key file %s has mode %v; want 0600", path, st.Mode().Perm())
 	}
 	raw, err := os.ReadFile(path)
@@ -252,9 +254,12 @@ func loadKey(path string) (crypto.Signer, error) {
 	return signer, nil
 }
 
-// storeKey writes the key with 0600 through a temp file and rename, fsyncing
-// both, so a crash leaves either no key or a whole one.
-func storeKey(path string, key crypto.Signer) error {
+// WriteKeyFile writes a private key as PKCS#8 PEM, mode 0600 from birth,
+// through a temp file fsynced and then linked into place (the directory
+// fsynced too): a crash leaves no key or a whole one, and an existing file
+// is never replaced (the error wraps fs.ErrExist) — it may be the only copy
+// of a key in use.
+func WriteKeyFile(path string, key crypto.Signer) error {
 	der, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return fmt.Errorf("marshal key: %w", err)
@@ -265,22 +270,20 @@ func storeKey(path string, key crypto.Signer) error {
 	}
 	tmp := f.Name()
 	defer os.Remove(tmp)
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
+	err = f.Chmod(0o600)
+	if err == nil {
+		err = pem.Encode(f, &pem.Block{Type: "PRIVATE KEY", Bytes: der})
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
 		return err
 	}
-	if err := pem.Encode(f, &pem.Block{Type: "PRIVATE KEY", Bytes: der}); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
+	if err := os.Link(tmp, path); err != nil {
 		return err
 	}
 	dir, err := os.Open(filepath.Dir(path))
