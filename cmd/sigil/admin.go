@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"fmt"
 	"path/filepath"
 	"time"
@@ -18,15 +19,17 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 	var adminSocket string
 	cmd := &cobra.Command{
 		Use:   "admin",
-		Short: "Operator commands on the agent's admin socket: pause, resume, reload",
+		Short: "Operator commands on the agent's admin socket: pause, resume, reload, rotate, rollback, drill",
 	}
 	cmd.PersistentFlags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket)")
-	run := func(what string, fn func(c *client.Client) (string, error)) error {
+	run := func(what string, fn func(context.Context, *client.Client) (string, error)) error {
 		addr := adminSocket
 		if addr == "" {
 			addr = filepath.Join(filepath.Dir(proto.ClientSocketPath()), "admin.sock")
 		}
-		ctx, cancel := g.context()
+		// Rotations generate keys (seconds on some HSMs) and sign a canary
+		// set: the agent allows them 2 minutes, so the CLI waits at least 3.
+		ctx, cancel := context.WithTimeout(context.Background(), max(g.timeout, 3*time.Minute))
 		defer cancel()
 		c, err := client.Dial(ctx, addr)
 		if err != nil {
@@ -36,7 +39,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 			return &exitError{exitUnreachable, fmt.Errorf("no agent admin socket at %s: %w", addr, err)}
 		}
 		defer c.Close()
-		msg, err := fn(c)
+		msg, err := fn(ctx, c)
 		if err != nil {
 			return agentError(what, err)
 		}
@@ -51,7 +54,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		Short: "Stop a key slot from signing (signers get PAUSED)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("pause "+args[0], func(c *client.Client) (string, error) { return c.Pause(cmd.Context(), args[0]) })
+			return run("pause "+args[0], func(ctx context.Context, c *client.Client) (string, error) { return c.Pause(ctx, args[0]) })
 		},
 	}
 	resume := &cobra.Command{
@@ -59,7 +62,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		Short: "Lift a run-time pause",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("resume "+args[0], func(c *client.Client) (string, error) { return c.Resume(cmd.Context(), args[0]) })
+			return run("resume "+args[0], func(ctx context.Context, c *client.Client) (string, error) { return c.Resume(ctx, args[0]) })
 		},
 	}
 	reload := &cobra.Command{
@@ -67,7 +70,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		Short: "Re-read the policy (a policy that fails validation is refused; the old stays)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return run("reload", func(c *client.Client) (string, error) { return c.ReloadPolicy(cmd.Context()) })
+			return run("reload", func(ctx context.Context, c *client.Client) (string, error) { return c.ReloadPolicy(ctx) })
 		},
 	}
 	cmd.AddCommand(pause, resume, reload)
@@ -85,7 +88,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 
 // rotationCommands are rotate, rollback and drill; they are also top-level
 // commands (`sigil rotate SLOT`), as operators know them.
-func rotationCommands(run func(string, func(*client.Client) (string, error)) error) []*cobra.Command {
+func rotationCommands(run func(string, func(context.Context, *client.Client) (string, error)) error) []*cobra.Command {
 	var at string
 	rotate := &cobra.Command{
 		Use:   "rotate TENANT/SLOT [--at TIME]",
@@ -97,9 +100,11 @@ func rotationCommands(run func(string, func(*client.Client) (string, error)) err
 				if err != nil {
 					return usageError("--at: %v (want RFC 3339, e.g. 2026-12-01T09:00:00Z)", err)
 				}
-				return run("rotate "+args[0], func(c *client.Client) (string, error) { return c.ScheduleRotation(cmd.Context(), args[0], t) })
+				return run("rotate "+args[0], func(ctx context.Context, c *client.Client) (string, error) {
+					return c.ScheduleRotation(ctx, args[0], t)
+				})
 			}
-			return run("rotate "+args[0], func(c *client.Client) (string, error) { return c.RotateSlot(cmd.Context(), args[0]) })
+			return run("rotate "+args[0], func(ctx context.Context, c *client.Client) (string, error) { return c.RotateSlot(ctx, args[0]) })
 		},
 	}
 	rotate.Flags().StringVar(&at, "at", "", "schedule the rotation at this RFC 3339 time instead of now")
@@ -108,7 +113,7 @@ func rotationCommands(run func(string, func(*client.Client) (string, error)) err
 		Short: "Make the previous key version active again (while it is not retired)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("rollback "+args[0], func(c *client.Client) (string, error) { return c.Rollback(cmd.Context(), args[0]) })
+			return run("rollback "+args[0], func(ctx context.Context, c *client.Client) (string, error) { return c.Rollback(ctx, args[0]) })
 		},
 	}
 	drill := &cobra.Command{
@@ -116,7 +121,7 @@ func rotationCommands(run func(string, func(*client.Client) (string, error)) err
 		Short: "Incident drill: pause, emergency rotation, canaries, resume, incident statement",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("incident drill "+args[0], func(c *client.Client) (string, error) { return c.IncidentDrill(cmd.Context(), args[0]) })
+			return run("incident drill "+args[0], func(ctx context.Context, c *client.Client) (string, error) { return c.IncidentDrill(ctx, args[0]) })
 		},
 	}
 	return []*cobra.Command{rotate, rollback, drill}

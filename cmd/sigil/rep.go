@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -66,7 +67,7 @@ defaults to the manifest's name with .sig for .json.`,
 
 // repExportCommand is `sigil rep export`; the root command attaches it, as
 // it talks to the agent over the admin socket plumbing of adminCommands.
-func repExportCommand(run func(string, func(*client.Client) (string, error)) error) *cobra.Command {
+func repExportCommand(run func(string, func(context.Context, *client.Client) (string, error)) error) *cobra.Command {
 	var out string
 	cmd := &cobra.Command{
 		Use:   "export TENANT/SLOT [N] [--out DIR]",
@@ -81,8 +82,8 @@ func repExportCommand(run func(string, func(*client.Client) (string, error)) err
 				}
 				n = v
 			}
-			return run("rep export "+args[0], func(c *client.Client) (string, error) {
-				manifest, sig, err := c.ExportREP(cmd.Context(), args[0], n)
+			return run("rep export "+args[0], func(ctx context.Context, c *client.Client) (string, error) {
+				manifest, sig, err := c.ExportREP(ctx, args[0], n)
 				if err != nil {
 					return "", err
 				}
