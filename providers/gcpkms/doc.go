@@ -1,0 +1,20 @@
+// Package gcpkms is a Sigil provider whose keys live in Google Cloud KMS.
+//
+// Each configured key is one CryptoKeyVersion: either named in full, or a
+// CryptoKey with version "latest", resolved once at Open to its highest
+// ENABLED version. Open fetches every public key once (checking the PEM's
+// CRC32C) and caches it; Sign sends only the digest to AsymmetricSign, with
+// CRC32C integrity checks in both directions.
+//
+// A GCP key version is bound to one algorithm (EC_SIGN_P256_SHA256,
+// RSA_SIGN_PSS_2048_SHA256, ...), so a key signs with exactly one
+// providers.Algorithm; any other is providers.ErrUnsupportedAlgorithm.
+// Ed25519 versions are refused at Open: GCP signs them over the message, not
+// a digest, which the digest-only Sign path here cannot offer.
+//
+// Credentials come from the SDK's default chain (Application Default
+// Credentials), never from configuration text. One gRPC client is opened per
+// provider and reused; every call has a deadline (Config.Timeout, default
+// 2 s). gRPC status codes map to the provider error vocabulary in one place,
+// classify.
+package gcpkms

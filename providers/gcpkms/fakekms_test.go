@@ -1,0 +1,215 @@
+package gcpkms
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/pem"
+	"hash/crc32"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"cloud.google.com/go/kms/apiv1/kmspb"
+	"google.golang.org/api/option"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+)
+
+// fakeKMS is an in-process Cloud KMS speaking the real gRPC service with real
+// Go keys. It does what the real service does on the paths Sigil uses: it
+// checks the digest's CRC32C and the digest type against the version's
+// algorithm, and returns CRC32C-protected answers. Faults are set per version.
+type fakeKMS struct {
+	kmspb.UnimplementedKeyManagementServiceServer
+
+	mu       sync.Mutex
+	versions map[string]*fakeVersion
+	signs    int // AsymmetricSign calls answered, faults included
+}
+
+type fakeVersion struct {
+	signer crypto.Signer
+	alg    kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm
+	state  kmspb.CryptoKeyVersion_CryptoKeyVersionState
+
+	delay        time.Duration // AsymmetricSign stalls this long (or until the caller gives up)
+	signErr      error         // AsymmetricSign fails with this
+	corruptCRC   int           // the next corruptCRC responses carry a wrong signature_crc32c
+	unverified   bool          // verified_digest_crc32c stays false
+	corruptPEMCR bool          // GetPublicKey returns a wrong pem_crc32c
+}
+
+const testKeyRing = "projects/p/locations/global/keyRings/ring"
+
+func cryptoKeyName(key string) string { return testKeyRing + "/cryptoKeys/" + key }
+
+func versionName(key, v string) string { return cryptoKeyName(key) + "/cryptoKeyVersions/" + v }
+
+func (f *fakeKMS) add(name string, signer crypto.Signer, alg kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm) *fakeVersion {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.versions == nil {
+		f.versions = make(map[string]*fakeVersion)
+	}
+	v := &fakeVersion{signer: signer, alg: alg, state: kmspb.CryptoKeyVersion_ENABLED}
+	f.versions[name] = v
+	return v
+}
+
+func (f *fakeKMS) version(name string) (*fakeVersion, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	v, ok := f.versions[name]
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "CryptoKeyVersion %s not found", name)
+	}
+	return v, nil
+}
+
+func (f *fakeKMS) signCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.signs
+}
+
+func (f *fakeKMS) GetPublicKey(_ context.Context, req *kmspb.GetPublicKeyRequest) (*kmspb.PublicKey, error) {
+	v, err := f.version(req.Name)
+	if err != nil {
+		return nil, err
+	}
+	der, err := x509.MarshalPKIXPublicKey(v.signer.Public())
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	p := string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
+	sum := int64(crc32.Checksum([]byte(p), crc32c))
+	if v.corruptPEMCR {
+		sum ^= 1
+	}
+	return &kmspb.PublicKey{Name: req.Name, Pem: p, Algorithm: v.alg, PemCrc32C: wrapperspb.Int64(sum)}, nil
+}
+
+func (f *fakeKMS) ListCryptoKeyVersions(_ context.Context, req *kmspb.ListCryptoKeyVersionsRequest) (*kmspb.ListCryptoKeyVersionsResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	resp := &kmspb.ListCryptoKeyVersionsResponse{}
+	for name, v := range f.versions {
+		if strings.HasPrefix(name, req.Parent+"/cryptoKeyVersions/") {
+			resp.CryptoKeyVersions = append(resp.CryptoKeyVersions, &kmspb.CryptoKeyVersion{Name: name, State: v.state, Algorithm: v.alg})
+		}
+	}
+	if len(resp.CryptoKeyVersions) == 0 {
+		return nil, status.Errorf(codes.NotFound, "CryptoKey %s not found", req.Parent)
+	}
+	resp.TotalSize = int32(len(resp.CryptoKeyVersions))
+	return resp, nil
+}
+
+func (f *fakeKMS) AsymmetricSign(ctx context.Context, req *kmspb.AsymmetricSignRequest) (*kmspb.AsymmetricSignResponse, error) {
+	v, err := f.version(req.Name)
+	if err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	f.signs++
+	delay, signErr := v.delay, v.signErr
+	corrupt := v.corruptCRC > 0
+	if corrupt {
+		v.corruptCRC--
+	}
+	unverified := v.unverified
+	f.mu.Unlock()
+	if delay > 0 {
+		select {
+		case <-time.After(delay):
+		case <-ctx.Done():
+			return nil, status.FromContextError(ctx.Err()).Err()
+		}
+	}
+	if signErr != nil {
+		return nil, signErr
+	}
+	var digest []byte
+	var hash crypto.Hash
+	switch d := req.GetDigest().GetDigest().(type) {
+	case *kmspb.Digest_Sha256:
+		digest, hash = d.Sha256, crypto.SHA256
+	case *kmspb.Digest_Sha384:
+		digest, hash = d.Sha384, crypto.SHA384
+	case *kmspb.Digest_Sha512:
+		digest, hash = d.Sha512, crypto.SHA512
+	default:
+		return nil, status.Error(codes.InvalidArgument, "digest required")
+	}
+	if !strings.HasSuffix(v.alg.String(), "_"+strings.ToUpper(strings.ReplaceAll(hash.String(), "-", ""))) {
+		return nil, status.Errorf(codes.InvalidArgument, "digest type does not match algorithm %s", v.alg)
+	}
+	if req.DigestCrc32C != nil && int64(crc32.Checksum(digest, crc32c)) != req.DigestCrc32C.Value {
+		return nil, status.Error(codes.InvalidArgument, "digest_crc32c mismatch")
+	}
+	var opts crypto.SignerOpts = hash
+	if strings.HasPrefix(v.alg.String(), "RSA_SIGN_PSS_") {
+		opts = &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: hash}
+	}
+	sig, err := v.signer.Sign(rand.Reader, digest, opts)
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	sum := int64(crc32.Checksum(sig, crc32c))
+	if corrupt {
+		sum ^= 0x5a
+	}
+	return &kmspb.AsymmetricSignResponse{
+		Name:                 req.Name,
+		Signature:            sig,
+		SignatureCrc32C:      wrapperspb.Int64(sum),
+		VerifiedDigestCrc32C: req.DigestCrc32C != nil && !unverified,
+	}, nil
+}
+
+// serve starts f on a loopback port for the test's lifetime and returns the
+// client options that reach it the way tests should: the real SDK client,
+// no credentials, plaintext gRPC.
+func (f *fakeKMS) serve(t testing.TB) []option.ClientOption {
+	t.Helper()
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	kmspb.RegisterKeyManagementServiceServer(srv, f)
+	go srv.Serve(lis)
+	t.Cleanup(srv.Stop)
+	return []option.ClientOption{
+		option.WithEndpoint(lis.Addr().String()),
+		option.WithoutAuthentication(),
+		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())),
+	}
+}
+
+// testKeys are generated once per test binary: RSA generation dominates
+// otherwise.
+var testKeys = sync.OnceValue(func() map[string]crypto.Signer {
+	must := func(k crypto.Signer, err error) crypto.Signer {
+		if err != nil {
+			panic(err)
+		}
+		return k
+	}
+	return map[string]crypto.Signer{
+		"p256":    must(ecdsa.GenerateKey(elliptic.P256(), rand.Reader)),
+		"p384":    must(ecdsa.GenerateKey(elliptic.P384(), rand.Reader)),
+		"rsa2048": must(rsa.GenerateKey(rand.Reader, 2048)),
+		"rsa-b":   must(rsa.GenerateKey(rand.Reader, 2048)),
+	}
+})

@@ -1,0 +1,429 @@
+package gcpkms
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	kms "cloud.google.com/go/kms/apiv1"
+	"cloud.google.com/go/kms/apiv1/kmspb"
+	"go.uber.org/zap"
+	"google.golang.org/api/iterator"
+	"google.golang.org/api/option"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// DefaultTimeout bounds each KMS call when Config.Timeout is zero.
+const DefaultTimeout = 2 * time.Second
+
+// VersionLatest, as KeyConfig.Version, asks Open to resolve a CryptoKey to its
+// highest-numbered ENABLED version.
+const VersionLatest = "latest"
+
+// KeyConfig names one key and the GCP key version behind it.
+type KeyConfig struct {
+	// Name is the key's name in Sigil, unique across the agent's configuration.
+	Name string
+	// Resource is a full version resource,
+	// projects/P/locations/L/keyRings/R/cryptoKeys/K/cryptoKeyVersions/V,
+	// or, with Version "latest", a CryptoKey resource
+	// projects/P/locations/L/keyRings/R/cryptoKeys/K.
+	Resource string
+	// Version is empty (Resource names the version) or VersionLatest.
+	Version string
+}
+
+// Config configures a GCP Cloud KMS provider.
+type Config struct {
+	ID      string        // provider id, part of every kid
+	Keys    []KeyConfig   // the key versions served
+	Timeout time.Duration // per KMS call; 0 means DefaultTimeout
+	// ClientOptions are passed to the KMS client. Production leaves them
+	// empty: the SDK's default credential chain applies. Tests point the
+	// client at a loopback server without authentication.
+	ClientOptions []option.ClientOption
+	Logger        *zap.Logger // nil means no logging
+}
+
+// EnsureDefaults fills in the documented defaults.
+func (c *Config) EnsureDefaults() {
+	if c.Timeout <= 0 {
+		c.Timeout = DefaultTimeout
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+}
+
+// Provider signs with Cloud KMS key versions. Its key table is fixed at Open,
+// so Sign takes no lock.
+type Provider struct {
+	id      string
+	timeout time.Duration
+	log     *zap.Logger
+	client  *kms.KeyManagementClient
+	keys    map[string]*remoteKey
+	order   []string
+	closed  atomic.Bool
+}
+
+type remoteKey struct {
+	info    providers.KeyInfo
+	version string              // full CryptoKeyVersion resource
+	alg     providers.Algorithm // the one algorithm the version signs with
+}
+
+var (
+	_ providers.Provider = (*Provider)(nil)
+	_ providers.Remote   = (*Provider)(nil)
+)
+
+// crc32c is the Castagnoli table Cloud KMS uses for its integrity fields.
+var crc32c = crc32.MakeTable(crc32.Castagnoli)
+
+// Open connects one KMS client, resolves every configured key to a version
+// and fetches and caches its public key. Any key that cannot be served fails
+// Open as a whole: a half-configured provider would fail later, per request.
+func Open(ctx context.Context, cfg Config) (*Provider, error) {
+	if cfg.ID == "" {
+		return nil, errors.New("gcpkms provider: empty id")
+	}
+	cfg.EnsureDefaults()
+	client, err := kms.NewKeyManagementClient(ctx, cfg.ClientOptions...)
+	if err != nil {
+		return nil, fmt.Errorf("gcpkms provider %s: client: %w", cfg.ID, err)
+	}
+	// No SDK retries on the signing path: its default retries Unavailable
+	// with backoff until the deadline, which would turn a clear "unavailable"
+	// into a late "deadline exceeded". Sign retries only an integrity
+	// mismatch, itself.
+	client.CallOptions.AsymmetricSign = nil
+	p := &Provider{
+		id:      cfg.ID,
+		timeout: cfg.Timeout,
+		log:     cfg.Logger,
+		client:  client,
+		keys:    make(map[string]*remoteKey, len(cfg.Keys)),
+	}
+	for _, kc := range cfg.Keys {
+		if _, dup := p.keys[kc.Name]; dup || kc.Name == "" {
+			client.Close()
+			return nil, fmt.Errorf("gcpkms provider %s: key %q empty or configured twice", cfg.ID, kc.Name)
+		}
+		k, err := p.openKey(ctx, kc)
+		if err != nil {
+			client.Close()
+			return nil, fmt.Errorf("gcpkms provider %s: key %q: %w", cfg.ID, kc.Name, err)
+		}
+		p.keys[kc.Name] = k
+		p.order = append(p.order, kc.Name)
+		p.log.Info("gcpkms key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
+			zap.String("version", k.version), zap.Stringer("algorithm", k.alg), zap.String("kid", k.info.KID))
+	}
+	return p, nil
+}
+
+func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error) {
+	version := kc.Resource
+	switch kc.Version {
+	case "":
+		if !isResource(kc.Resource, 10) {
+			return nil, fmt.Errorf("resource %q is not projects/P/locations/L/keyRings/R/cryptoKeys/K/cryptoKeyVersions/V: %w", kc.Resource, providers.ErrBadRequest)
+		}
+	case VersionLatest:
+		if !isResource(kc.Resource, 8) {
+			return nil, fmt.Errorf("resource %q with version latest is not projects/P/locations/L/keyRings/R/cryptoKeys/K: %w", kc.Resource, providers.ErrBadRequest)
+		}
+		v, err := p.latestVersion(ctx, kc.Resource)
+		if err != nil {
+			return nil, err
+		}
+		version = v
+	default:
+		return nil, fmt.Errorf("version %q: want empty (resource names the version) or %q: %w", kc.Version, VersionLatest, providers.ErrBadRequest)
+	}
+
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	pk, err := p.client.GetPublicKey(callCtx, &kmspb.GetPublicKeyRequest{Name: version})
+	if err != nil {
+		return nil, classify(ctx, callCtx, "get public key "+version, err)
+	}
+	if pk.PemCrc32C == nil || int64(crc32.Checksum([]byte(pk.Pem), crc32c)) != pk.PemCrc32C.Value {
+		return nil, fmt.Errorf("get public key %s: pem_crc32c does not match the PEM received (corrupted in transit): %w", version, providers.ErrUnavailable)
+	}
+	if pk.Name != "" && pk.Name != version {
+		return nil, fmt.Errorf("get public key %s: response names %s: %w", version, pk.Name, providers.ErrUnavailable)
+	}
+	alg, err := algorithmOf(pk.Algorithm)
+	if err != nil {
+		return nil, fmt.Errorf("version %s: %w", version, err)
+	}
+	pub, err := parsePublicPEM(pk.Pem)
+	if err != nil {
+		return nil, fmt.Errorf("version %s: %w", version, err)
+	}
+	info, err := providers.NewKeyInfo(p.id, kc.Name, pub)
+	if err != nil {
+		return nil, fmt.Errorf("version %s: %w", version, err)
+	}
+	// The public key and the algorithm come from one response; a mismatch
+	// means a key we do not understand, so refuse it rather than sign wrong.
+	if err := providers.CheckRequest(info.Type, alg, make([]byte, alg.Hash.Size())); err != nil {
+		return nil, fmt.Errorf("version %s: %s key with algorithm %s: %w", version, info.Type, pk.Algorithm, providers.ErrUnsupportedAlgorithm)
+	}
+	if want := curveHash(info.Type); want != 0 && want != alg.Hash {
+		return nil, fmt.Errorf("version %s: %s key with algorithm %s: %w", version, info.Type, pk.Algorithm, providers.ErrUnsupportedAlgorithm)
+	}
+	return &remoteKey{info: info, version: version, alg: alg}, nil
+}
+
+// latestVersion returns the highest-numbered ENABLED version of cryptoKey.
+// Version ids are decimal integers assigned in creation order, so "highest"
+// compares them as numbers ("10" after "9").
+func (p *Provider) latestVersion(ctx context.Context, cryptoKey string) (string, error) {
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	it := p.client.ListCryptoKeyVersions(callCtx, &kmspb.ListCryptoKeyVersionsRequest{Parent: cryptoKey})
+	best, bestN := "", int64(-1)
+	for {
+		v, err := it.Next()
+		if errors.Is(err, iterator.Done) {
+			break
+		}
+		if err != nil {
+			return "", classify(ctx, callCtx, "list versions of "+cryptoKey, err)
+		}
+		if v.State != kmspb.CryptoKeyVersion_ENABLED {
+			continue
+		}
+		n, err := strconv.ParseInt(v.Name[strings.LastIndexByte(v.Name, '/')+1:], 10, 64)
+		if err != nil || !strings.HasPrefix(v.Name, cryptoKey+"/cryptoKeyVersions/") {
+			return "", fmt.Errorf("list versions of %s: unexpected version name %q: %w", cryptoKey, v.Name, providers.ErrUnavailable)
+		}
+		if n > bestN {
+			best, bestN = v.Name, n
+		}
+	}
+	if best == "" {
+		return "", fmt.Errorf("%s has no ENABLED version: %w", cryptoKey, providers.ErrNotFound)
+	}
+	return best, nil
+}
+
+// ID implements providers.Provider.
+func (p *Provider) ID() string { return p.id }
+
+// Remote implements providers.Remote: every Sign is a network round trip.
+func (p *Provider) Remote() bool { return true }
+
+// Keys implements providers.Provider.
+func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
+	out := make([]providers.KeyInfo, 0, len(p.order))
+	for _, name := range p.order {
+		out = append(out, p.keys[name].info)
+	}
+	return out, nil
+}
+
+// Version returns the CryptoKeyVersion resource a key resolved to at Open.
+func (p *Provider) Version(name string) (string, bool) {
+	k, ok := p.keys[name]
+	if !ok {
+		return "", false
+	}
+	return k.version, true
+}
+
+// Sign implements providers.Provider. One deadline, min(ctx, Config.Timeout),
+// covers the call and its one retry, so a caller's bound holds.
+func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	if p.closed.Load() {
+		return nil, fmt.Errorf("gcpkms sign %s: provider closed: %w", name, providers.ErrUnavailable)
+	}
+	k, ok := p.keys[name]
+	if !ok {
+		return nil, fmt.Errorf("gcpkms sign %s: %w", name, providers.ErrNotFound)
+	}
+	if alg != k.alg {
+		return nil, fmt.Errorf("gcpkms sign %s: the key version signs only %s, not %s: %w", name, k.alg, alg, providers.ErrUnsupportedAlgorithm)
+	}
+	if len(digest) != alg.Hash.Size() {
+		return nil, fmt.Errorf("gcpkms sign %s: digest of %d bytes for %s: %w", name, len(digest), alg, providers.ErrBadRequest)
+	}
+	req := &kmspb.AsymmetricSignRequest{
+		Name:         k.version,
+		Digest:       digestOf(alg.Hash, digest),
+		DigestCrc32C: wrapperspb.Int64(int64(crc32.Checksum(digest, crc32c))),
+	}
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	var err error
+	// A CRC32C mismatch either way means bytes were damaged in transit; one
+	// retry covers a transient fault without hiding a persistent one.
+	for attempt := 0; attempt < 2; attempt++ {
+		var resp *kmspb.AsymmetricSignResponse
+		resp, err = p.client.AsymmetricSign(callCtx, req)
+		if err != nil {
+			return nil, classify(ctx, callCtx, "sign "+name, err)
+		}
+		if err = checkSignResponse(resp, k.version); err == nil {
+			// ECDSA signatures arrive ASN.1 DER and RSA ones raw: already the
+			// encodings providers.Provider promises.
+			return resp.Signature, nil
+		}
+		p.log.Warn("gcpkms sign integrity check failed", zap.String("provider", p.id),
+			zap.String("key", name), zap.Int("attempt", attempt+1), zap.Error(err))
+	}
+	return nil, fmt.Errorf("gcpkms sign %s: %w", name, err)
+}
+
+func checkSignResponse(resp *kmspb.AsymmetricSignResponse, version string) error {
+	if !resp.VerifiedDigestCrc32C {
+		return fmt.Errorf("integrity check failed: KMS did not verify the digest's CRC32C: %w", providers.ErrUnavailable)
+	}
+	if resp.Name != version {
+		return fmt.Errorf("integrity check failed: response names another key version: %w", providers.ErrUnavailable)
+	}
+	if resp.SignatureCrc32C == nil || int64(crc32.Checksum(resp.Signature, crc32c)) != resp.SignatureCrc32C.Value {
+		return fmt.Errorf("integrity check failed: signature does not match its CRC32C: %w", providers.ErrUnavailable)
+	}
+	return nil
+}
+
+// Close implements providers.Provider. Sign fails with ErrUnavailable after it.
+func (p *Provider) Close() error {
+	if p.closed.Swap(true) {
+		return nil
+	}
+	if err := p.client.Close(); err != nil {
+		return fmt.Errorf("gcpkms provider %s: close: %w", p.id, err)
+	}
+	return nil
+}
+
+// classify maps a KMS call's error to the provider error vocabulary. It keeps
+// the gRPC code and drops the server's message text, so nothing the server
+// echoes reaches a log or a client. parent is the caller's context, callCtx
+// the one with the per-call deadline.
+func classify(parent, callCtx context.Context, op string, err error) error {
+	if errors.Is(parent.Err(), context.Canceled) {
+		return fmt.Errorf("gcpkms %s: %w", op, context.Canceled)
+	}
+	if callCtx.Err() != nil {
+		return fmt.Errorf("gcpkms %s: %w", op, context.DeadlineExceeded)
+	}
+	code := status.Code(err)
+	switch code {
+	case codes.DeadlineExceeded:
+		return fmt.Errorf("gcpkms %s: %w", op, context.DeadlineExceeded)
+	case codes.ResourceExhausted:
+		return fmt.Errorf("gcpkms %s: rate limited (%s): %w", op, code, providers.ErrUnavailable)
+	case codes.Unauthenticated, codes.PermissionDenied:
+		return fmt.Errorf("gcpkms %s: credentials refused (%s): %w", op, code, providers.ErrUnavailable)
+	case codes.NotFound:
+		return fmt.Errorf("gcpkms %s: %w", op, providers.ErrNotFound)
+	case codes.InvalidArgument:
+		return fmt.Errorf("gcpkms %s: rejected as invalid: %w", op, providers.ErrBadRequest)
+	case codes.FailedPrecondition:
+		// For example a key version that is disabled or scheduled for destruction.
+		return fmt.Errorf("gcpkms %s: key version not usable (%s): %w", op, code, providers.ErrUnavailable)
+	case codes.Unavailable:
+		return fmt.Errorf("gcpkms %s: %s: %w", op, code, providers.ErrUnavailable)
+	}
+	return fmt.Errorf("gcpkms %s: %s: %w", op, code, providers.ErrUnavailable)
+}
+
+// algorithmOf maps a GCP signing algorithm to the one providers.Algorithm it
+// performs. GCP's PSS uses a salt as long as the digest, as Sigil does.
+func algorithmOf(a kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm) (providers.Algorithm, error) {
+	const (
+		ecdsa = providers.SchemeECDSA
+		pkcs1 = providers.SchemePKCS1v15
+		pss   = providers.SchemePSS
+	)
+	switch a {
+	case kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256:
+		return providers.Algorithm{Scheme: ecdsa, Hash: crypto.SHA256}, nil
+	case kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384:
+		return providers.Algorithm{Scheme: ecdsa, Hash: crypto.SHA384}, nil
+	case kmspb.CryptoKeyVersion_RSA_SIGN_PKCS1_2048_SHA256,
+		kmspb.CryptoKeyVersion_RSA_SIGN_PKCS1_3072_SHA256,
+		kmspb.CryptoKeyVersion_RSA_SIGN_PKCS1_4096_SHA256:
+		return providers.Algorithm{Scheme: pkcs1, Hash: crypto.SHA256}, nil
+	case kmspb.CryptoKeyVersion_RSA_SIGN_PKCS1_4096_SHA512:
+		return providers.Algorithm{Scheme: pkcs1, Hash: crypto.SHA512}, nil
+	case kmspb.CryptoKeyVersion_RSA_SIGN_PSS_2048_SHA256,
+		kmspb.CryptoKeyVersion_RSA_SIGN_PSS_3072_SHA256,
+		kmspb.CryptoKeyVersion_RSA_SIGN_PSS_4096_SHA256:
+		return providers.Algorithm{Scheme: pss, Hash: crypto.SHA256}, nil
+	case kmspb.CryptoKeyVersion_RSA_SIGN_PSS_4096_SHA512:
+		return providers.Algorithm{Scheme: pss, Hash: crypto.SHA512}, nil
+	case kmspb.CryptoKeyVersion_EC_SIGN_ED25519:
+		return providers.Algorithm{}, fmt.Errorf("algorithm %s: GCP signs Ed25519 over the whole message, and this provider sends only digests: %w", a, providers.ErrUnsupportedAlgorithm)
+	}
+	// RSA_SIGN_RAW_PKCS1_* take a prebuilt DigestInfo as data, secp256k1 is no
+	// Sigil key type, and the rest do not sign.
+	return providers.Algorithm{}, fmt.Errorf("algorithm %s: %w", a, providers.ErrUnsupportedAlgorithm)
+}
+
+// curveHash is the hash GCP pairs with an ECDSA curve; 0 for other key types.
+func curveHash(t providers.KeyType) crypto.Hash {
+	switch t {
+	case providers.KeyECDSAP256:
+		return crypto.SHA256
+	case providers.KeyECDSAP384:
+		return crypto.SHA384
+	}
+	return 0
+}
+
+func digestOf(h crypto.Hash, digest []byte) *kmspb.Digest {
+	switch h {
+	case crypto.SHA384:
+		return &kmspb.Digest{Digest: &kmspb.Digest_Sha384{Sha384: digest}}
+	case crypto.SHA512:
+		return &kmspb.Digest{Digest: &kmspb.Digest_Sha512{Sha512: digest}}
+	}
+	return &kmspb.Digest{Digest: &kmspb.Digest_Sha256{Sha256: digest}}
+}
+
+func parsePublicPEM(s string) (crypto.PublicKey, error) {
+	block, _ := pem.Decode([]byte(s))
+	if block == nil || block.Type != "PUBLIC KEY" {
+		return nil, fmt.Errorf("public key: no PEM PUBLIC KEY block: %w", providers.ErrUnavailable)
+	}
+	pub, err := x509.ParsePKIXPublicKey(block.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("public key: %w", err)
+	}
+	return pub, nil
+}
+
+// isResource reports whether s is a KMS resource of n alternating
+// collection/id segments, starting projects/…/locations/…/keyRings/…/cryptoKeys/….
+func isResource(s string, n int) bool {
+	parts := strings.Split(s, "/")
+	if len(parts) != n {
+		return false
+	}
+	collections := []string{"projects", "locations", "keyRings", "cryptoKeys", "cryptoKeyVersions"}
+	for i := 0; i < n; i += 2 {
+		if parts[i] != collections[i/2] || parts[i+1] == "" {
+			return false
+		}
+	}
+	return true
+}

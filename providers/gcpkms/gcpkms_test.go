@@ -1,0 +1,378 @@
+package gcpkms
+
+import (
+	"context"
+	"crypto"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"cloud.google.com/go/kms/apiv1/kmspb"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/sigil-agent/sigil/providers"
+)
+
+var (
+	algES256 = providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	algES384 = providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA384}
+	algRS256 = providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA256}
+	algPS256 = providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA256}
+)
+
+// testFleet is a fake KMS holding one version per Sigil key type GCP offers,
+// and a provider opened on it.
+type testFleet struct {
+	kms *fakeKMS
+	p   *Provider
+}
+
+func newFleet(t *testing.T, timeout time.Duration) *testFleet {
+	t.Helper()
+	keys := testKeys()
+	f := &fakeKMS{}
+	f.add(versionName("p256", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	f.add(versionName("p384", "1"), keys["p384"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
+	f.add(versionName("rsa-pkcs1", "1"), keys["rsa2048"], kmspb.CryptoKeyVersion_RSA_SIGN_PKCS1_2048_SHA256)
+	f.add(versionName("rsa-pss", "1"), keys["rsa-b"], kmspb.CryptoKeyVersion_RSA_SIGN_PSS_2048_SHA256)
+	opts := f.serve(t)
+	p, err := Open(context.Background(), Config{
+		ID: "gcp",
+		Keys: []KeyConfig{
+			{Name: "p256", Resource: versionName("p256", "1")},
+			{Name: "p384", Resource: versionName("p384", "1")},
+			{Name: "rsa-pkcs1", Resource: versionName("rsa-pkcs1", "1")},
+			{Name: "rsa-pss", Resource: versionName("rsa-pss", "1")},
+		},
+		Timeout:       timeout,
+		ClientOptions: opts,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return &testFleet{kms: f, p: p}
+}
+
+func (tf *testFleet) info(t *testing.T, name string) providers.KeyInfo {
+	t.Helper()
+	infos, err := tf.p.Keys(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ki := range infos {
+		if ki.Name == name {
+			return ki
+		}
+	}
+	t.Fatalf("no key %s", name)
+	return providers.KeyInfo{}
+}
+
+func randomDigest(h crypto.Hash) []byte {
+	d := make([]byte, h.Size())
+	rand.Read(d)
+	return d
+}
+
+func TestSignVerifies(t *testing.T) {
+	tf := newFleet(t, 0)
+	for _, tc := range []struct {
+		key  string
+		alg  providers.Algorithm
+		kind providers.KeyType
+	}{
+		{"p256", algES256, providers.KeyECDSAP256},
+		{"p384", algES384, providers.KeyECDSAP384},
+		{"rsa-pkcs1", algRS256, providers.KeyRSA2048},
+		{"rsa-pss", algPS256, providers.KeyRSA2048},
+	} {
+		t.Run(tc.key, func(t *testing.T) {
+			ki := tf.info(t, tc.key)
+			if ki.Type != tc.kind || ki.Provider != "gcp" || len(ki.KID) != 32 {
+				t.Fatalf("key info %+v", ki)
+			}
+			digest := randomDigest(tc.alg.Hash)
+			sig, err := tf.p.Sign(context.Background(), tc.key, tc.alg, digest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := providers.Verify(ki.Public, tc.alg, digest, sig); err != nil {
+				t.Fatalf("verify: %v", err)
+			}
+			sig[len(sig)/2] ^= 0x01
+			if err := providers.Verify(ki.Public, tc.alg, digest, sig); !errors.Is(err, providers.ErrInvalidSignature) {
+				t.Fatalf("flipped bit: verify = %v, want ErrInvalidSignature", err)
+			}
+		})
+	}
+}
+
+func TestSignRefusesOtherAlgorithms(t *testing.T) {
+	tf := newFleet(t, 0)
+	for _, tc := range []struct {
+		key string
+		alg providers.Algorithm
+	}{
+		{"p256", algES384},
+		{"p384", algES256},
+		{"rsa-pkcs1", algPS256},
+		{"rsa-pss", algRS256},
+		{"rsa-pkcs1", providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA512}},
+		{"p256", providers.Algorithm{Scheme: providers.SchemeEd25519}},
+	} {
+		t.Run(tc.key+"/"+tc.alg.String(), func(t *testing.T) {
+			_, err := tf.p.Sign(context.Background(), tc.key, tc.alg, randomDigest(crypto.SHA256))
+			if !errors.Is(err, providers.ErrUnsupportedAlgorithm) {
+				t.Fatalf("err = %v, want ErrUnsupportedAlgorithm", err)
+			}
+		})
+	}
+	if n := tf.kms.signCount(); n != 0 {
+		t.Fatalf("%d refused requests reached KMS", n)
+	}
+}
+
+func TestSignUnknownKeyAndClosed(t *testing.T) {
+	tf := newFleet(t, 0)
+	if _, err := tf.p.Sign(context.Background(), "nope", algES256, randomDigest(crypto.SHA256)); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("unknown key: %v", err)
+	}
+	if !providers.IsRemote(tf.p) {
+		t.Fatal("provider does not declare itself Remote")
+	}
+	if err := tf.p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tf.p.Sign(context.Background(), "p256", algES256, randomDigest(crypto.SHA256)); !errors.Is(err, providers.ErrUnavailable) {
+		t.Fatalf("after Close: %v", err)
+	}
+}
+
+// A stalled KMS costs the caller the configured deadline and no more, and the
+// provider goes on serving its other keys.
+func TestSignDeadline(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	tf := newFleet(t, timeout)
+	stalled, _ := tf.kms.version(versionName("p256", "1"))
+	tf.kms.mu.Lock()
+	stalled.delay = 5 * time.Second
+	tf.kms.mu.Unlock()
+
+	start := time.Now()
+	_, err := tf.p.Sign(context.Background(), "p256", algES256, randomDigest(crypto.SHA256))
+	elapsed := time.Since(start)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want DeadlineExceeded", err)
+	}
+	if elapsed < timeout || elapsed > timeout+100*time.Millisecond {
+		t.Fatalf("deadline error after %v, want %v..%v", elapsed, timeout, timeout+100*time.Millisecond)
+	}
+
+	// The caller's own, shorter deadline wins over Config.Timeout.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	start = time.Now()
+	if _, err := tf.p.Sign(ctx, "p256", algES256, randomDigest(crypto.SHA256)); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("caller deadline: err = %v", err)
+	}
+	if elapsed := time.Since(start); elapsed > 150*time.Millisecond {
+		t.Fatalf("caller deadline of 50ms honoured after %v", elapsed)
+	}
+
+	digest := randomDigest(crypto.SHA384)
+	sig, err := tf.p.Sign(context.Background(), "p384", algES384, digest)
+	if err != nil {
+		t.Fatalf("other key after a stall: %v", err)
+	}
+	if err := providers.Verify(tf.info(t, "p384").Public, algES384, digest, sig); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSignErrorMapping(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		code    codes.Code
+		want    error
+		message string
+	}{
+		{"throttled", codes.ResourceExhausted, providers.ErrUnavailable, "rate limited"},
+		{"unauthenticated", codes.Unauthenticated, providers.ErrUnavailable, "credentials refused"},
+		{"permission denied", codes.PermissionDenied, providers.ErrUnavailable, "credentials refused"},
+		{"not found", codes.NotFound, providers.ErrNotFound, ""},
+		{"invalid argument", codes.InvalidArgument, providers.ErrBadRequest, ""},
+		{"unavailable", codes.Unavailable, providers.ErrUnavailable, "Unavailable"},
+		{"disabled version", codes.FailedPrecondition, providers.ErrUnavailable, "not usable"},
+		{"server deadline", codes.DeadlineExceeded, context.DeadlineExceeded, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tf := newFleet(t, 0)
+			v, _ := tf.kms.version(versionName("p256", "1"))
+			tf.kms.mu.Lock()
+			v.signErr = status.Error(tc.code, "server says: secret-detail")
+			tf.kms.mu.Unlock()
+			digest := randomDigest(crypto.SHA256)
+			start := time.Now()
+			_, err := tf.p.Sign(context.Background(), "p256", algES256, digest)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("err = %v, want %v", err, tc.want)
+			}
+			if !strings.Contains(err.Error(), tc.message) {
+				t.Fatalf("err = %q, want it to mention %q", err, tc.message)
+			}
+			for _, leak := range []string{hex.EncodeToString(digest), "secret-detail"} {
+				if strings.Contains(err.Error(), leak) {
+					t.Fatalf("err %q carries %q", err, leak)
+				}
+			}
+			// Failures come back at once: no SDK retry loop up to the deadline.
+			if elapsed := time.Since(start); elapsed > 500*time.Millisecond {
+				t.Fatalf("error after %v", elapsed)
+			}
+		})
+	}
+}
+
+func TestSignIntegrity(t *testing.T) {
+	for _, tc := range []struct {
+		name       string
+		corruptCRC int
+		unverified bool
+		wantErr    bool
+		wantCalls  int
+	}{
+		{"one corrupted signature_crc32c is retried", 1, false, false, 2},
+		{"persistent corruption fails", 100, false, true, 2},
+		{"digest crc32c not verified by KMS", 0, true, true, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tf := newFleet(t, 0)
+			v, _ := tf.kms.version(versionName("rsa-pss", "1"))
+			tf.kms.mu.Lock()
+			v.corruptCRC, v.unverified = tc.corruptCRC, tc.unverified
+			tf.kms.mu.Unlock()
+			digest := randomDigest(crypto.SHA256)
+			sig, err := tf.p.Sign(context.Background(), "rsa-pss", algPS256, digest)
+			if n := tf.kms.signCount(); n != tc.wantCalls {
+				t.Fatalf("%d sign calls, want %d", n, tc.wantCalls)
+			}
+			if tc.wantErr {
+				if !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "integrity") {
+					t.Fatalf("err = %v, want an integrity ErrUnavailable", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := providers.Verify(tf.info(t, "rsa-pss").Public, algPS256, digest, sig); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
+func TestOpenLatestPicksHighestEnabled(t *testing.T) {
+	keys := testKeys()
+	f := &fakeKMS{}
+	f.add(versionName("rot", "2"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	f.add(versionName("rot", "9"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	want := f.add(versionName("rot", "10"), keys["p384"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
+	f.add(versionName("rot", "11"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).state = kmspb.CryptoKeyVersion_DISABLED
+	f.add(versionName("rot", "12"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).state = kmspb.CryptoKeyVersion_DESTROYED
+	f.add(versionName("other", "50"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	p, err := Open(context.Background(), Config{
+		ID:            "gcp",
+		Keys:          []KeyConfig{{Name: "rot", Resource: cryptoKeyName("rot"), Version: VersionLatest}},
+		ClientOptions: f.serve(t),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if got, _ := p.Version("rot"); got != versionName("rot", "10") {
+		t.Fatalf("latest = %s, want version 10 (numeric order, ENABLED only)", got)
+	}
+	digest := randomDigest(crypto.SHA384)
+	sig, err := p.Sign(context.Background(), "rot", algES384, digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := providers.Verify(want.signer.Public(), algES384, digest, sig); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestOpenRefuses(t *testing.T) {
+	keys := testKeys()
+	_, edKey, _ := ed25519.GenerateKey(rand.Reader)
+	f := &fakeKMS{}
+	f.add(versionName("ok", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	f.add(versionName("ed", "1"), edKey, kmspb.CryptoKeyVersion_EC_SIGN_ED25519)
+	f.add(versionName("badcrc", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).corruptPEMCR = true
+	f.add(versionName("mismatch", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
+	f.add(versionName("rsa-as-ec", "1"), keys["rsa2048"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	f.add(versionName("secp", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_SECP256K1_SHA256)
+	f.add(versionName("off", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).state = kmspb.CryptoKeyVersion_DISABLED
+	opts := f.serve(t)
+	for _, tc := range []struct {
+		name    string
+		key     KeyConfig
+		want    error
+		message string
+	}{
+		{"not found", KeyConfig{Name: "k", Resource: versionName("missing", "1")}, providers.ErrNotFound, ""},
+		{"ed25519", KeyConfig{Name: "k", Resource: versionName("ed", "1")}, providers.ErrUnsupportedAlgorithm, "Ed25519"},
+		{"pem crc32c", KeyConfig{Name: "k", Resource: versionName("badcrc", "1")}, providers.ErrUnavailable, "pem_crc32c"},
+		{"curve and algorithm disagree", KeyConfig{Name: "k", Resource: versionName("mismatch", "1")}, providers.ErrUnsupportedAlgorithm, ""},
+		{"key type and algorithm disagree", KeyConfig{Name: "k", Resource: versionName("rsa-as-ec", "1")}, providers.ErrUnsupportedAlgorithm, ""},
+		{"secp256k1", KeyConfig{Name: "k", Resource: versionName("secp", "1")}, providers.ErrUnsupportedAlgorithm, ""},
+		{"latest with none enabled", KeyConfig{Name: "k", Resource: cryptoKeyName("off"), Version: VersionLatest}, providers.ErrNotFound, "ENABLED"},
+		{"latest of a missing key", KeyConfig{Name: "k", Resource: cryptoKeyName("missing"), Version: VersionLatest}, providers.ErrNotFound, ""},
+		{"malformed resource", KeyConfig{Name: "k", Resource: "projects/p/cryptoKeys/x"}, providers.ErrBadRequest, ""},
+		{"latest on a version resource", KeyConfig{Name: "k", Resource: versionName("ok", "1"), Version: VersionLatest}, providers.ErrBadRequest, ""},
+		{"unknown version word", KeyConfig{Name: "k", Resource: cryptoKeyName("ok"), Version: "newest"}, providers.ErrBadRequest, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, err := Open(context.Background(), Config{
+				ID:            "gcp",
+				Keys:          []KeyConfig{{Name: "fine", Resource: versionName("ok", "1")}, tc.key},
+				ClientOptions: opts,
+			})
+			if err == nil {
+				p.Close()
+				t.Fatal("Open succeeded")
+			}
+			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.message) {
+				t.Fatalf("err = %v, want %v mentioning %q", err, tc.want, tc.message)
+			}
+		})
+	}
+}
+
+func BenchmarkSign(b *testing.B) {
+	f := &fakeKMS{}
+	f.add(versionName("p256", "1"), testKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	p, err := Open(context.Background(), Config{
+		ID:            "gcp",
+		Keys:          []KeyConfig{{Name: "p256", Resource: versionName("p256", "1")}},
+		ClientOptions: f.serve(b),
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	digest := randomDigest(crypto.SHA256)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := p.Sign(context.Background(), "p256", algES256, digest); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
