@@ -80,6 +80,18 @@ type ProviderSpec struct {
 	PINFile     string `yaml:"pin_file"`
 	Sessions    int    `yaml:"sessions"`
 
+	// gcpkms: the key ring; credentials come from the Google SDK's default
+	// chain (workload identity, GOOGLE_APPLICATION_CREDENTIALS), never from
+	// this file.
+	Project  string        `yaml:"project"`
+	Location string        `yaml:"location"`
+	KeyRing  string        `yaml:"key_ring"`
+	Endpoint string        `yaml:"endpoint"` // default: the public endpoint
+	Timeout  time.Duration `yaml:"timeout"`  // per call, default 2s
+	// InsecureEndpoint talks plaintext gRPC without credentials to
+	// Endpoint: for emulators and tests on loopback only.
+	InsecureEndpoint bool `yaml:"insecure_endpoint"`
+
 	Keys []KeySpec `yaml:"keys"`
 }
 
@@ -88,6 +100,10 @@ type KeySpec struct {
 	Name string `yaml:"name"`
 	Type string `yaml:"type"` // software: ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096, ed25519
 	URI  string `yaml:"uri"`  // pkcs11: RFC 7512, e.g. pkcs11:token=prod;object=release
+	// gcpkms: the crypto key's id in the key ring, and its version: a
+	// number, or "latest" (the highest enabled version, resolved at start).
+	Key     string `yaml:"key"`
+	Version string `yaml:"version"`
 }
 
 // LoadConfig reads and validates a YAML configuration file. Errors name the
@@ -239,8 +255,20 @@ func (c *Config) Validate() error {
 					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: pkcs11 keys need a uri", where, j, k.Name))
 				}
 			}
+		case "gcpkms":
+			if p.Project == "" || p.Location == "" || p.KeyRing == "" {
+				errs = append(errs, fmt.Errorf("%s: gcpkms needs project, location and key_ring", where))
+			}
+			if p.InsecureEndpoint && p.Endpoint == "" {
+				errs = append(errs, fmt.Errorf("%s: insecure_endpoint needs an endpoint", where))
+			}
+			for j, k := range p.Keys {
+				if k.Key == "" || k.Version == "" {
+					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: gcpkms keys need key and version (a number or latest)", where, j, k.Name))
+				}
+			}
 		default:
-			errs = append(errs, fmt.Errorf("%s: type %q: want software or pkcs11", where, p.Type))
+			errs = append(errs, fmt.Errorf("%s: type %q: want software, pkcs11 or gcpkms", where, p.Type))
 		}
 		for j, k := range p.Keys {
 			if k.Name == "" {

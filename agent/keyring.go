@@ -103,6 +103,8 @@ func openProvider(ctx context.Context, spec ProviderSpec, log *zap.Logger) (prov
 		return software.Open(software.Config{ID: spec.ID, DataDir: spec.Dir, Keys: keys})
 	case "pkcs11":
 		return openPKCS11(ctx, spec, log)
+	case "gcpkms":
+		return openGCPKMS(ctx, spec, log)
 	}
 	return nil, fmt.Errorf("unknown provider type %q", spec.Type)
 }

@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"github.com/sigil-agent/sigil/providers/gcpkms/gcpkmstest"
 	"strings"
 	"testing"
 	"time"
@@ -28,26 +29,26 @@ var (
 // testFleet is a fake KMS holding one version per Sigil key type GCP offers,
 // and a provider opened on it.
 type testFleet struct {
-	kms *fakeKMS
+	kms *gcpkmstest.Server
 	p   *Provider
 }
 
 func newFleet(t *testing.T, timeout time.Duration) *testFleet {
 	t.Helper()
-	keys := testKeys()
-	f := &fakeKMS{}
-	f.add(versionName("p256", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
-	f.add(versionName("p384", "1"), keys["p384"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
-	f.add(versionName("rsa-pkcs1", "1"), keys["rsa2048"], kmspb.CryptoKeyVersion_RSA_SIGN_PKCS1_2048_SHA256)
-	f.add(versionName("rsa-pss", "1"), keys["rsa-b"], kmspb.CryptoKeyVersion_RSA_SIGN_PSS_2048_SHA256)
-	opts := f.serve(t)
+	keys := gcpkmstest.TestKeys()
+	f := &gcpkmstest.Server{}
+	f.Add(gcpkmstest.VersionName("p256", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	f.Add(gcpkmstest.VersionName("p384", "1"), keys["p384"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
+	f.Add(gcpkmstest.VersionName("rsa-pkcs1", "1"), keys["rsa2048"], kmspb.CryptoKeyVersion_RSA_SIGN_PKCS1_2048_SHA256)
+	f.Add(gcpkmstest.VersionName("rsa-pss", "1"), keys["rsa-b"], kmspb.CryptoKeyVersion_RSA_SIGN_PSS_2048_SHA256)
+	opts := f.Serve(t)
 	p, err := Open(context.Background(), Config{
 		ID: "gcp",
 		Keys: []KeyConfig{
-			{Name: "p256", Resource: versionName("p256", "1")},
-			{Name: "p384", Resource: versionName("p384", "1")},
-			{Name: "rsa-pkcs1", Resource: versionName("rsa-pkcs1", "1")},
-			{Name: "rsa-pss", Resource: versionName("rsa-pss", "1")},
+			{Name: "p256", Resource: gcpkmstest.VersionName("p256", "1")},
+			{Name: "p384", Resource: gcpkmstest.VersionName("p384", "1")},
+			{Name: "rsa-pkcs1", Resource: gcpkmstest.VersionName("rsa-pkcs1", "1")},
+			{Name: "rsa-pss", Resource: gcpkmstest.VersionName("rsa-pss", "1")},
 		},
 		Timeout:       timeout,
 		ClientOptions: opts,
@@ -133,7 +134,7 @@ func TestSignRefusesOtherAlgorithms(t *testing.T) {
 			}
 		})
 	}
-	if n := tf.kms.signCount(); n != 0 {
+	if n := tf.kms.SignCount(); n != 0 {
 		t.Fatalf("%d refused requests reached KMS", n)
 	}
 }
@@ -159,10 +160,10 @@ func TestSignUnknownKeyAndClosed(t *testing.T) {
 func TestSignDeadline(t *testing.T) {
 	const timeout = 200 * time.Millisecond
 	tf := newFleet(t, timeout)
-	stalled, _ := tf.kms.version(versionName("p256", "1"))
-	tf.kms.mu.Lock()
-	stalled.delay = 5 * time.Second
-	tf.kms.mu.Unlock()
+	stalled, _ := tf.kms.Lookup(gcpkmstest.VersionName("p256", "1"))
+	tf.kms.Update(func() {
+		stalled.Delay = 5 * time.Second
+	})
 
 	start := time.Now()
 	_, err := tf.p.Sign(context.Background(), "p256", algES256, randomDigest(crypto.SHA256))
@@ -213,10 +214,10 @@ func TestSignErrorMapping(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tf := newFleet(t, 0)
-			v, _ := tf.kms.version(versionName("p256", "1"))
-			tf.kms.mu.Lock()
-			v.signErr = status.Error(tc.code, "server says: secret-detail")
-			tf.kms.mu.Unlock()
+			v, _ := tf.kms.Lookup(gcpkmstest.VersionName("p256", "1"))
+			tf.kms.Update(func() {
+				v.SignErr = status.Error(tc.code, "server says: secret-detail")
+			})
 			digest := randomDigest(crypto.SHA256)
 			start := time.Now()
 			_, err := tf.p.Sign(context.Background(), "p256", algES256, digest)
@@ -253,13 +254,13 @@ func TestSignIntegrity(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tf := newFleet(t, 0)
-			v, _ := tf.kms.version(versionName("rsa-pss", "1"))
-			tf.kms.mu.Lock()
-			v.corruptCRC, v.unverified = tc.corruptCRC, tc.unverified
-			tf.kms.mu.Unlock()
+			v, _ := tf.kms.Lookup(gcpkmstest.VersionName("rsa-pss", "1"))
+			tf.kms.Update(func() {
+				v.CorruptCRC, v.Unverified = tc.corruptCRC, tc.unverified
+			})
 			digest := randomDigest(crypto.SHA256)
 			sig, err := tf.p.Sign(context.Background(), "rsa-pss", algPS256, digest)
-			if n := tf.kms.signCount(); n != tc.wantCalls {
+			if n := tf.kms.SignCount(); n != tc.wantCalls {
 				t.Fatalf("%d sign calls, want %d", n, tc.wantCalls)
 			}
 			if tc.wantErr {
@@ -279,24 +280,24 @@ func TestSignIntegrity(t *testing.T) {
 }
 
 func TestOpenLatestPicksHighestEnabled(t *testing.T) {
-	keys := testKeys()
-	f := &fakeKMS{}
-	f.add(versionName("rot", "2"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
-	f.add(versionName("rot", "9"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
-	want := f.add(versionName("rot", "10"), keys["p384"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
-	f.add(versionName("rot", "11"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).state = kmspb.CryptoKeyVersion_DISABLED
-	f.add(versionName("rot", "12"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).state = kmspb.CryptoKeyVersion_DESTROYED
-	f.add(versionName("other", "50"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	keys := gcpkmstest.TestKeys()
+	f := &gcpkmstest.Server{}
+	f.Add(gcpkmstest.VersionName("rot", "2"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	f.Add(gcpkmstest.VersionName("rot", "9"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	want := f.Add(gcpkmstest.VersionName("rot", "10"), keys["p384"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
+	f.Add(gcpkmstest.VersionName("rot", "11"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).State = kmspb.CryptoKeyVersion_DISABLED
+	f.Add(gcpkmstest.VersionName("rot", "12"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).State = kmspb.CryptoKeyVersion_DESTROYED
+	f.Add(gcpkmstest.VersionName("other", "50"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
 	p, err := Open(context.Background(), Config{
 		ID:            "gcp",
-		Keys:          []KeyConfig{{Name: "rot", Resource: cryptoKeyName("rot"), Version: VersionLatest}},
-		ClientOptions: f.serve(t),
+		Keys:          []KeyConfig{{Name: "rot", Resource: gcpkmstest.CryptoKeyName("rot"), Version: VersionLatest}},
+		ClientOptions: f.Serve(t),
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	if got, _ := p.Version("rot"); got != versionName("rot", "10") {
+	if got, _ := p.Version("rot"); got != gcpkmstest.VersionName("rot", "10") {
 		t.Fatalf("latest = %s, want version 10 (numeric order, ENABLED only)", got)
 	}
 	digest := randomDigest(crypto.SHA384)
@@ -304,45 +305,45 @@ func TestOpenLatestPicksHighestEnabled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := providers.Verify(want.signer.Public(), algES384, digest, sig); err != nil {
+	if err := providers.Verify(want.Signer.Public(), algES384, digest, sig); err != nil {
 		t.Fatal(err)
 	}
 }
 
 func TestOpenRefuses(t *testing.T) {
-	keys := testKeys()
+	keys := gcpkmstest.TestKeys()
 	_, edKey, _ := ed25519.GenerateKey(rand.Reader)
-	f := &fakeKMS{}
-	f.add(versionName("ok", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
-	f.add(versionName("ed", "1"), edKey, kmspb.CryptoKeyVersion_EC_SIGN_ED25519)
-	f.add(versionName("badcrc", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).corruptPEMCR = true
-	f.add(versionName("mismatch", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
-	f.add(versionName("rsa-as-ec", "1"), keys["rsa2048"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
-	f.add(versionName("secp", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_SECP256K1_SHA256)
-	f.add(versionName("off", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).state = kmspb.CryptoKeyVersion_DISABLED
-	opts := f.serve(t)
+	f := &gcpkmstest.Server{}
+	f.Add(gcpkmstest.VersionName("ok", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	f.Add(gcpkmstest.VersionName("ed", "1"), edKey, kmspb.CryptoKeyVersion_EC_SIGN_ED25519)
+	f.Add(gcpkmstest.VersionName("badcrc", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).CorruptPEMCRC = true
+	f.Add(gcpkmstest.VersionName("mismatch", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
+	f.Add(gcpkmstest.VersionName("rsa-as-ec", "1"), keys["rsa2048"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	f.Add(gcpkmstest.VersionName("secp", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_SECP256K1_SHA256)
+	f.Add(gcpkmstest.VersionName("off", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).State = kmspb.CryptoKeyVersion_DISABLED
+	opts := f.Serve(t)
 	for _, tc := range []struct {
 		name    string
 		key     KeyConfig
 		want    error
 		message string
 	}{
-		{"not found", KeyConfig{Name: "k", Resource: versionName("missing", "1")}, providers.ErrNotFound, ""},
-		{"ed25519", KeyConfig{Name: "k", Resource: versionName("ed", "1")}, providers.ErrUnsupportedAlgorithm, "Ed25519"},
-		{"pem crc32c", KeyConfig{Name: "k", Resource: versionName("badcrc", "1")}, providers.ErrUnavailable, "pem_crc32c"},
-		{"curve and algorithm disagree", KeyConfig{Name: "k", Resource: versionName("mismatch", "1")}, providers.ErrUnsupportedAlgorithm, ""},
-		{"key type and algorithm disagree", KeyConfig{Name: "k", Resource: versionName("rsa-as-ec", "1")}, providers.ErrUnsupportedAlgorithm, ""},
-		{"secp256k1", KeyConfig{Name: "k", Resource: versionName("secp", "1")}, providers.ErrUnsupportedAlgorithm, ""},
-		{"latest with none enabled", KeyConfig{Name: "k", Resource: cryptoKeyName("off"), Version: VersionLatest}, providers.ErrNotFound, "ENABLED"},
-		{"latest of a missing key", KeyConfig{Name: "k", Resource: cryptoKeyName("missing"), Version: VersionLatest}, providers.ErrNotFound, ""},
+		{"not found", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("missing", "1")}, providers.ErrNotFound, ""},
+		{"ed25519", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("ed", "1")}, providers.ErrUnsupportedAlgorithm, "Ed25519"},
+		{"pem crc32c", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("badcrc", "1")}, providers.ErrUnavailable, "pem_crc32c"},
+		{"curve and algorithm disagree", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("mismatch", "1")}, providers.ErrUnsupportedAlgorithm, ""},
+		{"key type and algorithm disagree", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("rsa-as-ec", "1")}, providers.ErrUnsupportedAlgorithm, ""},
+		{"secp256k1", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("secp", "1")}, providers.ErrUnsupportedAlgorithm, ""},
+		{"latest with none enabled", KeyConfig{Name: "k", Resource: gcpkmstest.CryptoKeyName("off"), Version: VersionLatest}, providers.ErrNotFound, "ENABLED"},
+		{"latest of a missing key", KeyConfig{Name: "k", Resource: gcpkmstest.CryptoKeyName("missing"), Version: VersionLatest}, providers.ErrNotFound, ""},
 		{"malformed resource", KeyConfig{Name: "k", Resource: "projects/p/cryptoKeys/x"}, providers.ErrBadRequest, ""},
-		{"latest on a version resource", KeyConfig{Name: "k", Resource: versionName("ok", "1"), Version: VersionLatest}, providers.ErrBadRequest, ""},
-		{"unknown version word", KeyConfig{Name: "k", Resource: cryptoKeyName("ok"), Version: "newest"}, providers.ErrBadRequest, ""},
+		{"latest on a version resource", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("ok", "1"), Version: VersionLatest}, providers.ErrBadRequest, ""},
+		{"unknown version word", KeyConfig{Name: "k", Resource: gcpkmstest.CryptoKeyName("ok"), Version: "newest"}, providers.ErrBadRequest, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			p, err := Open(context.Background(), Config{
 				ID:            "gcp",
-				Keys:          []KeyConfig{{Name: "fine", Resource: versionName("ok", "1")}, tc.key},
+				Keys:          []KeyConfig{{Name: "fine", Resource: gcpkmstest.VersionName("ok", "1")}, tc.key},
 				ClientOptions: opts,
 			})
 			if err == nil {
@@ -357,12 +358,12 @@ func TestOpenRefuses(t *testing.T) {
 }
 
 func BenchmarkSign(b *testing.B) {
-	f := &fakeKMS{}
-	f.add(versionName("p256", "1"), testKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	f := &gcpkmstest.Server{}
+	f.Add(gcpkmstest.VersionName("p256", "1"), gcpkmstest.TestKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
 	p, err := Open(context.Background(), Config{
 		ID:            "gcp",
-		Keys:          []KeyConfig{{Name: "p256", Resource: versionName("p256", "1")}},
-		ClientOptions: f.serve(b),
+		Keys:          []KeyConfig{{Name: "p256", Resource: gcpkmstest.VersionName("p256", "1")}},
+		ClientOptions: f.Serve(b),
 	})
 	if err != nil {
 		b.Fatal(err)

@@ -1,4 +1,8 @@
-package gcpkms
+// Package gcpkmstest is an in-process Cloud KMS for tests: the real gRPC
+// service (kmspb.KeyManagementServiceServer) holding real Go keys, reached by
+// the real SDK client over loopback. The gcpkms provider's tests and the
+// agent's use it; nothing here is for production.
+package gcpkmstest
 
 import (
 	"context"
@@ -25,48 +29,57 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
-// fakeKMS is an in-process Cloud KMS speaking the real gRPC service with real
+// Server is an in-process Cloud KMS speaking the real gRPC service with real
 // Go keys. It does what the real service does on the paths Sigil uses: it
 // checks the digest's CRC32C and the digest type against the version's
 // algorithm, and returns CRC32C-protected answers. Faults are set per version.
-type fakeKMS struct {
+type Server struct {
 	kmspb.UnimplementedKeyManagementServiceServer
 
 	mu       sync.Mutex
-	versions map[string]*fakeVersion
+	versions map[string]*Version
 	signs    int // AsymmetricSign calls answered, faults included
+	addr     string
 }
 
-type fakeVersion struct {
-	signer crypto.Signer
-	alg    kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm
-	state  kmspb.CryptoKeyVersion_CryptoKeyVersionState
-
-	delay        time.Duration // AsymmetricSign stalls this long (or until the caller gives up)
-	signErr      error         // AsymmetricSign fails with this
-	corruptCRC   int           // the next corruptCRC responses carry a wrong signature_crc32c
-	unverified   bool          // verified_digest_crc32c stays false
-	corruptPEMCR bool          // GetPublicKey returns a wrong pem_crc32c
+// Addr is the loopback address Serve listens on (host:port), for an agent
+// configured with endpoint and insecure_endpoint.
+func (f *Server) Addr() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.addr
 }
 
-const testKeyRing = "projects/p/locations/global/keyRings/ring"
+type Version struct {
+	Signer crypto.Signer
+	Alg    kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm
+	State  kmspb.CryptoKeyVersion_CryptoKeyVersionState
 
-func cryptoKeyName(key string) string { return testKeyRing + "/cryptoKeys/" + key }
+	Delay         time.Duration // AsymmetricSign stalls this long (or until the caller gives up)
+	SignErr       error         // AsymmetricSign fails with this
+	CorruptCRC    int           // the next corruptCRC responses carry a wrong signature_crc32c
+	Unverified    bool          // verified_digest_crc32c stays false
+	CorruptPEMCRC bool          // GetPublicKey returns a wrong pem_crc32c
+}
 
-func versionName(key, v string) string { return cryptoKeyName(key) + "/cryptoKeyVersions/" + v }
+const KeyRing = "projects/p/locations/global/keyRings/ring"
 
-func (f *fakeKMS) add(name string, signer crypto.Signer, alg kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm) *fakeVersion {
+func CryptoKeyName(key string) string { return KeyRing + "/cryptoKeys/" + key }
+
+func VersionName(key, v string) string { return CryptoKeyName(key) + "/cryptoKeyVersions/" + v }
+
+func (f *Server) Add(name string, signer crypto.Signer, alg kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm) *Version {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if f.versions == nil {
-		f.versions = make(map[string]*fakeVersion)
+		f.versions = make(map[string]*Version)
 	}
-	v := &fakeVersion{signer: signer, alg: alg, state: kmspb.CryptoKeyVersion_ENABLED}
+	v := &Version{Signer: signer, Alg: alg, State: kmspb.CryptoKeyVersion_ENABLED}
 	f.versions[name] = v
 	return v
 }
 
-func (f *fakeKMS) version(name string) (*fakeVersion, error) {
+func (f *Server) Lookup(name string) (*Version, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	v, ok := f.versions[name]
@@ -76,36 +89,36 @@ func (f *fakeKMS) version(name string) (*fakeVersion, error) {
 	return v, nil
 }
 
-func (f *fakeKMS) signCount() int {
+func (f *Server) SignCount() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.signs
 }
 
-func (f *fakeKMS) GetPublicKey(_ context.Context, req *kmspb.GetPublicKeyRequest) (*kmspb.PublicKey, error) {
-	v, err := f.version(req.Name)
+func (f *Server) GetPublicKey(_ context.Context, req *kmspb.GetPublicKeyRequest) (*kmspb.PublicKey, error) {
+	v, err := f.Lookup(req.Name)
 	if err != nil {
 		return nil, err
 	}
-	der, err := x509.MarshalPKIXPublicKey(v.signer.Public())
+	der, err := x509.MarshalPKIXPublicKey(v.Signer.Public())
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	p := string(pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}))
 	sum := int64(crc32.Checksum([]byte(p), crc32c))
-	if v.corruptPEMCR {
+	if v.CorruptPEMCRC {
 		sum ^= 1
 	}
-	return &kmspb.PublicKey{Name: req.Name, Pem: p, Algorithm: v.alg, PemCrc32C: wrapperspb.Int64(sum)}, nil
+	return &kmspb.PublicKey{Name: req.Name, Pem: p, Algorithm: v.Alg, PemCrc32C: wrapperspb.Int64(sum)}, nil
 }
 
-func (f *fakeKMS) ListCryptoKeyVersions(_ context.Context, req *kmspb.ListCryptoKeyVersionsRequest) (*kmspb.ListCryptoKeyVersionsResponse, error) {
+func (f *Server) ListCryptoKeyVersions(_ context.Context, req *kmspb.ListCryptoKeyVersionsRequest) (*kmspb.ListCryptoKeyVersionsResponse, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	resp := &kmspb.ListCryptoKeyVersionsResponse{}
 	for name, v := range f.versions {
 		if strings.HasPrefix(name, req.Parent+"/cryptoKeyVersions/") {
-			resp.CryptoKeyVersions = append(resp.CryptoKeyVersions, &kmspb.CryptoKeyVersion{Name: name, State: v.state, Algorithm: v.alg})
+			resp.CryptoKeyVersions = append(resp.CryptoKeyVersions, &kmspb.CryptoKeyVersion{Name: name, State: v.State, Algorithm: v.Alg})
 		}
 	}
 	if len(resp.CryptoKeyVersions) == 0 {
@@ -115,19 +128,19 @@ func (f *fakeKMS) ListCryptoKeyVersions(_ context.Context, req *kmspb.ListCrypto
 	return resp, nil
 }
 
-func (f *fakeKMS) AsymmetricSign(ctx context.Context, req *kmspb.AsymmetricSignRequest) (*kmspb.AsymmetricSignResponse, error) {
-	v, err := f.version(req.Name)
+func (f *Server) AsymmetricSign(ctx context.Context, req *kmspb.AsymmetricSignRequest) (*kmspb.AsymmetricSignResponse, error) {
+	v, err := f.Lookup(req.Name)
 	if err != nil {
 		return nil, err
 	}
 	f.mu.Lock()
 	f.signs++
-	delay, signErr := v.delay, v.signErr
-	corrupt := v.corruptCRC > 0
+	delay, signErr := v.Delay, v.SignErr
+	corrupt := v.CorruptCRC > 0
 	if corrupt {
-		v.corruptCRC--
+		v.CorruptCRC--
 	}
-	unverified := v.unverified
+	unverified := v.Unverified
 	f.mu.Unlock()
 	if delay > 0 {
 		select {
@@ -151,17 +164,17 @@ func (f *fakeKMS) AsymmetricSign(ctx context.Context, req *kmspb.AsymmetricSignR
 	default:
 		return nil, status.Error(codes.InvalidArgument, "digest required")
 	}
-	if !strings.HasSuffix(v.alg.String(), "_"+strings.ToUpper(strings.ReplaceAll(hash.String(), "-", ""))) {
-		return nil, status.Errorf(codes.InvalidArgument, "digest type does not match algorithm %s", v.alg)
+	if !strings.HasSuffix(v.Alg.String(), "_"+strings.ToUpper(strings.ReplaceAll(hash.String(), "-", ""))) {
+		return nil, status.Errorf(codes.InvalidArgument, "digest type does not match algorithm %s", v.Alg)
 	}
 	if req.DigestCrc32C != nil && int64(crc32.Checksum(digest, crc32c)) != req.DigestCrc32C.Value {
 		return nil, status.Error(codes.InvalidArgument, "digest_crc32c mismatch")
 	}
 	var opts crypto.SignerOpts = hash
-	if strings.HasPrefix(v.alg.String(), "RSA_SIGN_PSS_") {
+	if strings.HasPrefix(v.Alg.String(), "RSA_SIGN_PSS_") {
 		opts = &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: hash}
 	}
-	sig, err := v.signer.Sign(rand.Reader, digest, opts)
+	sig, err := v.Signer.Sign(rand.Reader, digest, opts)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -180,7 +193,7 @@ func (f *fakeKMS) AsymmetricSign(ctx context.Context, req *kmspb.AsymmetricSignR
 // serve starts f on a loopback port for the test's lifetime and returns the
 // client options that reach it the way tests should: the real SDK client,
 // no credentials, plaintext gRPC.
-func (f *fakeKMS) serve(t testing.TB) []option.ClientOption {
+func (f *Server) Serve(t testing.TB) []option.ClientOption {
 	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -190,6 +203,9 @@ func (f *fakeKMS) serve(t testing.TB) []option.ClientOption {
 	kmspb.RegisterKeyManagementServiceServer(srv, f)
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
+	f.mu.Lock()
+	f.addr = lis.Addr().String()
+	f.mu.Unlock()
 	return []option.ClientOption{
 		option.WithEndpoint(lis.Addr().String()),
 		option.WithoutAuthentication(),
@@ -197,9 +213,9 @@ func (f *fakeKMS) serve(t testing.TB) []option.ClientOption {
 	}
 }
 
-// testKeys are generated once per test binary: RSA generation dominates
+// TestKeys are generated once per test binary: RSA generation dominates
 // otherwise.
-var testKeys = sync.OnceValue(func() map[string]crypto.Signer {
+var TestKeys = sync.OnceValue(func() map[string]crypto.Signer {
 	must := func(k crypto.Signer, err error) crypto.Signer {
 		if err != nil {
 			panic(err)
@@ -213,3 +229,14 @@ var testKeys = sync.OnceValue(func() map[string]crypto.Signer {
 		"rsa-b":   must(rsa.GenerateKey(rand.Reader, 2048)),
 	}
 })
+
+// crc32c is the Castagnoli table Cloud KMS uses for its integrity fields.
+var crc32c = crc32.MakeTable(crc32.Castagnoli)
+
+// Update runs fn with the server's lock held, for tests that change a
+// Version's faults while requests are in flight.
+func (f *Server) Update(fn func()) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	fn()
+}

@@ -1,0 +1,83 @@
+package agent_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"fmt"
+	"sync"
+	"testing"
+
+	"cloud.google.com/go/kms/apiv1/kmspb"
+
+	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/gcpkms/gcpkmstest"
+)
+
+// A GCP Cloud KMS key served by the agent (the real SDK client against an
+// in-process KMS): signatures verify with Go's crypto, several callers on
+// one connection overlap (remote providers run off the reader), and its
+// kid is the same construction as every other provider's.
+func TestAgentServesGCPKMSKeys(t *testing.T) {
+	keys := gcpkmstest.TestKeys()
+	kms := &gcpkmstest.Server{}
+	kms.Add(gcpkmstest.VersionName("release", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	kms.Add(gcpkmstest.VersionName("release", "2"), keys["p384"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
+	kms.Serve(t)
+	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
+providers:
+  - id: gcp
+    type: gcpkms
+    project: p
+    location: global
+    key_ring: ring
+    endpoint: %q
+    insecure_endpoint: true
+    keys:
+      - {name: release-v1, key: release, version: "1"}
+      - {name: release-latest, key: release, version: latest}
+`, kms.Addr())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DataDir = t.TempDir()
+	cfg.Socket = shortSocketPath(t)
+	r := startAgent(t, cfg)
+	c := r.dial(t)
+	ctx := context.Background()
+	latest, err := c.PublicKey(ctx, client.ByName("release-latest"))
+	if err != nil || latest.Type != "ecdsa-p384" {
+		t.Fatalf("latest resolved to %s: %v", latest.Type, err)
+	}
+	if want := providers.ComputeKID(latest.SPKI, "gcp", "release-latest"); latest.KID != want {
+		t.Fatalf("kid %s, want %s", latest.KID, want)
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func(g int) {
+			defer wg.Done()
+			d := sha256.Sum256([]byte{byte(g)})
+			sig, err := c.Sign(ctx, client.ByName("release-v1"), client.Algorithm{}, d[:])
+			if err == nil {
+				k, _ := c.PublicKey(ctx, client.ByName("release-v1"))
+				err = providers.Verify(k.Public, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d[:], sig.Sig)
+			}
+			errs <- err
+		}(g)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := c.Sign(ctx, client.ByName("release-v1"), client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA384}, make([]byte, 48)); client.Code(err) != proto.UnsupportedAlgorithm {
+		t.Fatalf("a version bound to ECDSA SHA-256 signed SHA-384: %v", err)
+	}
+}
