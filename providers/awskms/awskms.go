@@ -1,0 +1,364 @@
+package awskms
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/aws/retry"
+	"github.com/aws/aws-sdk-go-v2/config"
+	"github.com/aws/aws-sdk-go-v2/service/kms"
+	"github.com/aws/aws-sdk-go-v2/service/kms/types"
+	"github.com/aws/smithy-go"
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// DefaultTimeout bounds each KMS call when Config.Timeout is zero.
+const DefaultTimeout = 2 * time.Second
+
+// KeyConfig names one key and the AWS KMS key behind it.
+type KeyConfig struct {
+	// Name is the key's name in Sigil, unique across the agent's configuration.
+	Name string
+	// KeyID is a key id, a key ARN, an alias ("alias/name") or an alias ARN.
+	// Open resolves it once to the key ARN it names and signs with that ARN,
+	// so the cached public key and the signing key cannot drift apart.
+	KeyID string
+}
+
+// Config configures an AWS KMS provider.
+type Config struct {
+	ID     string // provider id, part of every kid
+	Region string // AWS region, for example eu-west-1; empty means the SDK's default chain
+	// Endpoint overrides the KMS endpoint (for example a local-kms emulator,
+	// http://127.0.0.1:PORT); empty means the region's AWS endpoint.
+	Endpoint string
+	Keys     []KeyConfig   // the keys served
+	Timeout  time.Duration // per KMS call, SDK retries included; 0 means DefaultTimeout
+	Logger   *zap.Logger   // nil means no logging
+	// Credentials, when set, replace the SDK's default credential chain. Only
+	// tests set it (static credentials for an emulator); production leaves it
+	// nil, and credentials never come from configuration text.
+	Credentials aws.CredentialsProvider
+	// ClientOptions adjust the KMS client after the defaults above, for tests
+	// (an instrumented HTTP client, for example).
+	ClientOptions []func(*kms.Options)
+}
+
+// EnsureDefaults fills in the documented defaults.
+func (c *Config) EnsureDefaults() {
+	if c.Timeout <= 0 {
+		c.Timeout = DefaultTimeout
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+}
+
+// Provider signs with AWS KMS asymmetric keys. Its key table is fixed at
+// Open, so Sign takes no lock.
+type Provider struct {
+	id      string
+	timeout time.Duration
+	log     *zap.Logger
+	client  *kms.Client
+	keys    map[string]*remoteKey
+	order   []string
+	closed  atomic.Bool
+}
+
+type remoteKey struct {
+	info  providers.KeyInfo
+	keyID string                                             // the key ARN KMS resolved the configured id to
+	algs  map[providers.Algorithm]types.SigningAlgorithmSpec // what the key may sign with
+}
+
+var (
+	_ providers.Provider = (*Provider)(nil)
+	_ providers.Remote   = (*Provider)(nil)
+)
+
+// Open builds one KMS client, then fetches and caches every configured key's
+// public key and signing algorithms. Any key that cannot be served fails Open
+// as a whole: a half-configured provider would fail later, per request.
+func Open(ctx context.Context, cfg Config) (*Provider, error) {
+	if cfg.ID == "" {
+		return nil, errors.New("awskms provider: empty id")
+	}
+	cfg.EnsureDefaults()
+	var loadOpts []func(*config.LoadOptions) error
+	if cfg.Region != "" {
+		loadOpts = append(loadOpts, config.WithRegion(cfg.Region))
+	}
+	if cfg.Credentials != nil {
+		loadOpts = append(loadOpts, config.WithCredentialsProvider(cfg.Credentials))
+	}
+	awsCfg, err := config.LoadDefaultConfig(ctx, loadOpts...)
+	if err != nil {
+		return nil, fmt.Errorf("awskms provider %s: load AWS configuration: %w", cfg.ID, err)
+	}
+	if awsCfg.Region == "" {
+		return nil, fmt.Errorf("awskms provider %s: no region configured: %w", cfg.ID, providers.ErrBadRequest)
+	}
+	// The SDK's standard retryer decides what is retryable (throttling,
+	// transient 5xx, connection resets). Its backoff is capped so that
+	// retries fit inside the per-call deadline instead of outliving it.
+	maxBackoff := cfg.Timeout / 4
+	opts := []func(*kms.Options){func(o *kms.Options) {
+		if cfg.Endpoint != "" {
+			o.BaseEndpoint = aws.String(cfg.Endpoint)
+		}
+		o.Retryer = retry.AddWithMaxBackoffDelay(o.Retryer, maxBackoff)
+	}}
+	opts = append(opts, cfg.ClientOptions...)
+	client := kms.NewFromConfig(awsCfg, opts...)
+	p := &Provider{
+		id:      cfg.ID,
+		timeout: cfg.Timeout,
+		log:     cfg.Logger,
+		client:  client,
+		keys:    make(map[string]*remoteKey, len(cfg.Keys)),
+	}
+	for _, kc := range cfg.Keys {
+		if _, dup := p.keys[kc.Name]; dup || kc.Name == "" {
+			return nil, fmt.Errorf("awskms provider %s: key %q empty or configured twice", cfg.ID, kc.Name)
+		}
+		k, err := p.openKey(ctx, kc)
+		if err != nil {
+			return nil, fmt.Errorf("awskms provider %s: key %q: %w", cfg.ID, kc.Name, err)
+		}
+		p.keys[kc.Name] = k
+		p.order = append(p.order, kc.Name)
+		p.log.Info("awskms key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
+			zap.String("key_id", k.keyID), zap.Int("algorithms", len(k.algs)), zap.String("kid", k.info.KID))
+	}
+	return p, nil
+}
+
+func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error) {
+	if kc.KeyID == "" {
+		return nil, fmt.Errorf("empty key id: %w", providers.ErrBadRequest)
+	}
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	out, err := p.client.GetPublicKey(callCtx, &kms.GetPublicKeyInput{KeyId: aws.String(kc.KeyID)})
+	if err != nil {
+		return nil, classify(ctx, callCtx, "get public key "+kc.KeyID, err)
+	}
+	if out.KeyUsage != types.KeyUsageTypeSignVerify {
+		return nil, fmt.Errorf("key %s has usage %s, not SIGN_VERIFY: %w", kc.KeyID, out.KeyUsage, providers.ErrUnsupportedAlgorithm)
+	}
+	keyID := aws.ToString(out.KeyId)
+	if keyID == "" {
+		return nil, fmt.Errorf("get public key %s: response names no key: %w", kc.KeyID, providers.ErrUnavailable)
+	}
+	want, err := keyTypeOf(out.KeySpec)
+	if err != nil {
+		return nil, fmt.Errorf("key %s: %w", kc.KeyID, err)
+	}
+	pub, err := x509.ParsePKIXPublicKey(out.PublicKey)
+	if err != nil {
+		return nil, fmt.Errorf("key %s: public key: %v: %w", kc.KeyID, err, providers.ErrUnavailable)
+	}
+	info, err := providers.NewKeyInfo(p.id, kc.Name, pub)
+	if err != nil {
+		return nil, fmt.Errorf("key %s: %w", kc.KeyID, err)
+	}
+	// The key spec and the public key come from one response; a mismatch
+	// means a key we do not understand, so refuse it rather than sign wrong.
+	if info.Type != want {
+		return nil, fmt.Errorf("key %s: key spec %s but a %s public key: %w", kc.KeyID, out.KeySpec, info.Type, providers.ErrUnsupportedAlgorithm)
+	}
+	algs := make(map[providers.Algorithm]types.SigningAlgorithmSpec, len(out.SigningAlgorithms))
+	for _, spec := range out.SigningAlgorithms {
+		alg, ok := algorithmOf(spec)
+		if !ok {
+			continue // an algorithm Sigil does not offer (SM2DSA, ML-DSA, ...)
+		}
+		if providers.CheckRequest(info.Type, alg, make([]byte, alg.Hash.Size())) != nil {
+			continue
+		}
+		algs[alg] = spec
+	}
+	if len(algs) == 0 {
+		return nil, fmt.Errorf("key %s: no signing algorithm Sigil supports: %w", kc.KeyID, providers.ErrUnsupportedAlgorithm)
+	}
+	return &remoteKey{info: info, keyID: keyID, algs: algs}, nil
+}
+
+// ID implements providers.Provider.
+func (p *Provider) ID() string { return p.id }
+
+// Remote implements providers.Remote: every Sign is a network round trip.
+func (p *Provider) Remote() bool { return true }
+
+// Keys implements providers.Provider.
+func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
+	out := make([]providers.KeyInfo, 0, len(p.order))
+	for _, name := range p.order {
+		out = append(out, p.keys[name].info)
+	}
+	return out, nil
+}
+
+// KeyARN returns the key ARN a key's configured id resolved to at Open.
+func (p *Provider) KeyARN(name string) (string, bool) {
+	k, ok := p.keys[name]
+	if !ok {
+		return "", false
+	}
+	return k.keyID, true
+}
+
+// Algorithms returns the algorithms a key signs with, in no particular order.
+func (p *Provider) Algorithms(name string) []providers.Algorithm {
+	k, ok := p.keys[name]
+	if !ok {
+		return nil
+	}
+	out := make([]providers.Algorithm, 0, len(k.algs))
+	for a := range k.algs {
+		out = append(out, a)
+	}
+	return out
+}
+
+// Sign implements providers.Provider. One deadline, min(ctx, Config.Timeout),
+// covers the call and any retry the SDK makes, so a caller's bound holds.
+func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	if p.closed.Load() {
+		return nil, fmt.Errorf("awskms sign %s: provider closed: %w", name, providers.ErrUnavailable)
+	}
+	k, ok := p.keys[name]
+	if !ok {
+		return nil, fmt.Errorf("awskms sign %s: %w", name, providers.ErrNotFound)
+	}
+	spec, ok := k.algs[alg]
+	if !ok {
+		return nil, fmt.Errorf("awskms sign %s: the key does not sign with %s: %w", name, alg, providers.ErrUnsupportedAlgorithm)
+	}
+	if len(digest) != alg.Hash.Size() {
+		return nil, fmt.Errorf("awskms sign %s: digest of %d bytes for %s: %w", name, len(digest), alg, providers.ErrBadRequest)
+	}
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	out, err := p.client.Sign(callCtx, &kms.SignInput{
+		KeyId:            aws.String(k.keyID),
+		Message:          digest,
+		MessageType:      types.MessageTypeDigest,
+		SigningAlgorithm: spec,
+	})
+	if err != nil {
+		return nil, classify(ctx, callCtx, "sign "+name, err)
+	}
+	if len(out.Signature) == 0 {
+		return nil, fmt.Errorf("awskms sign %s: empty signature: %w", name, providers.ErrUnavailable)
+	}
+	if out.KeyId != nil && *out.KeyId != k.keyID {
+		return nil, fmt.Errorf("awskms sign %s: response names another key: %w", name, providers.ErrUnavailable)
+	}
+	// ECDSA signatures arrive ASN.1 DER and RSA ones raw: already the
+	// encodings providers.Provider promises.
+	return out.Signature, nil
+}
+
+// Close implements providers.Provider. Sign fails with ErrUnavailable after
+// it. The SDK client holds only idle HTTP connections, which the transport
+// closes on its own.
+func (p *Provider) Close() error {
+	p.closed.Store(true)
+	return nil
+}
+
+// classify maps a KMS call's error to the provider error vocabulary. It keeps
+// the API error code and drops the server's message text, so nothing the
+// server echoes reaches a log or a client. parent is the caller's context,
+// callCtx the one with the per-call deadline.
+func classify(parent, callCtx context.Context, op string, err error) error {
+	if errors.Is(parent.Err(), context.Canceled) {
+		return fmt.Errorf("awskms %s: %w", op, context.Canceled)
+	}
+	if callCtx.Err() != nil || errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("awskms %s: %w", op, context.DeadlineExceeded)
+	}
+	var apiErr smithy.APIError
+	if !errors.As(err, &apiErr) {
+		// Transport failures: connection refused, reset, TLS. Their text can
+		// name the endpoint but carries nothing from a request body.
+		return fmt.Errorf("awskms %s: request failed: %w", op, providers.ErrUnavailable)
+	}
+	code := apiErr.ErrorCode()
+	switch code {
+	case "ThrottlingException", "Throttling", "ThrottledException", "TooManyRequestsException",
+		"RequestLimitExceeded", "LimitExceededException":
+		return fmt.Errorf("awskms %s: rate limited (%s): %w", op, code, providers.ErrUnavailable)
+	case "AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException",
+		"IncompleteSignature", "MissingAuthenticationToken", "InvalidClientTokenId",
+		"ExpiredTokenException", "ExpiredToken", "SignatureDoesNotMatch":
+		return fmt.Errorf("awskms %s: credentials refused (%s): %w", op, code, providers.ErrUnavailable)
+	case "NotFoundException":
+		return fmt.Errorf("awskms %s: %w", op, providers.ErrNotFound)
+	case "DisabledException", "KMSInvalidStateException", "KeyUnavailableException":
+		return fmt.Errorf("awskms %s: key not usable (%s): %w", op, code, providers.ErrUnavailable)
+	case "ValidationException", "InvalidKeyUsageException", "InvalidGrantTokenException":
+		return fmt.Errorf("awskms %s: rejected as invalid (%s): %w", op, code, providers.ErrBadRequest)
+	}
+	return fmt.Errorf("awskms %s: %s: %w", op, code, providers.ErrUnavailable)
+}
+
+// keyTypeOf maps an AWS key spec to the Sigil key type; other specs
+// (ECC_NIST_P521, ECC_SECG_P256K1, SM2, ML_DSA_*, HMAC_*, symmetric) are not
+// Sigil key types.
+func keyTypeOf(spec types.KeySpec) (providers.KeyType, error) {
+	switch spec {
+	case types.KeySpecEccNistP256:
+		return providers.KeyECDSAP256, nil
+	case types.KeySpecEccNistP384:
+		return providers.KeyECDSAP384, nil
+	case types.KeySpecRsa2048:
+		return providers.KeyRSA2048, nil
+	case types.KeySpecRsa3072:
+		return providers.KeyRSA3072, nil
+	case types.KeySpecRsa4096:
+		return providers.KeyRSA4096, nil
+	}
+	return "", fmt.Errorf("key spec %s: %w", spec, providers.ErrUnsupportedAlgorithm)
+}
+
+// algorithmOf maps an AWS signing algorithm to the providers.Algorithm it
+// performs.
+func algorithmOf(spec types.SigningAlgorithmSpec) (providers.Algorithm, bool) {
+	const (
+		ecdsa = providers.SchemeECDSA
+		pkcs1 = providers.SchemePKCS1v15
+		pss   = providers.SchemePSS
+	)
+	switch spec {
+	case types.SigningAlgorithmSpecEcdsaSha256:
+		return providers.Algorithm{Scheme: ecdsa, Hash: crypto.SHA256}, true
+	case types.SigningAlgorithmSpecEcdsaSha384:
+		return providers.Algorithm{Scheme: ecdsa, Hash: crypto.SHA384}, true
+	case types.SigningAlgorithmSpecEcdsaSha512:
+		return providers.Algorithm{Scheme: ecdsa, Hash: crypto.SHA512}, true
+	case types.SigningAlgorithmSpecRsassaPkcs1V15Sha256:
+		return providers.Algorithm{Scheme: pkcs1, Hash: crypto.SHA256}, true
+	case types.SigningAlgorithmSpecRsassaPkcs1V15Sha384:
+		return providers.Algorithm{Scheme: pkcs1, Hash: crypto.SHA384}, true
+	case types.SigningAlgorithmSpecRsassaPkcs1V15Sha512:
+		return providers.Algorithm{Scheme: pkcs1, Hash: crypto.SHA512}, true
+	case types.SigningAlgorithmSpecRsassaPssSha256:
+		return providers.Algorithm{Scheme: pss, Hash: crypto.SHA256}, true
+	case types.SigningAlgorithmSpecRsassaPssSha384:
+		return providers.Algorithm{Scheme: pss, Hash: crypto.SHA384}, true
+	case types.SigningAlgorithmSpecRsassaPssSha512:
+		return providers.Algorithm{Scheme: pss, Hash: crypto.SHA512}, true
+	}
+	return providers.Algorithm{}, false
+}

@@ -1,0 +1,449 @@
+package awskms
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/kms"
+	"github.com/aws/aws-sdk-go-v2/service/kms/types"
+	"github.com/aws/smithy-go"
+
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/awskms/awskmstest"
+)
+
+var (
+	algES256 = providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	algES384 = providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA384}
+	algRS256 = providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA256}
+	algRS384 = providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA384}
+	algRS512 = providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA512}
+	algPS256 = providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA256}
+	algPS384 = providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA384}
+	algPS512 = providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA512}
+)
+
+// transport wraps the SDK's HTTP client: it counts Sign requests and can send
+// the Sign requests for one key to a server that never answers. Everything
+// else reaches local-kms unchanged.
+type transport struct {
+	inner     aws.HTTPClient
+	signs     atomic.Int64
+	stallKey  atomic.Value // string: a key id whose Sign requests stall
+	stallHost string
+}
+
+func (tr *transport) Do(req *http.Request) (*http.Response, error) {
+	if !strings.HasSuffix(req.Header.Get("X-Amz-Target"), ".Sign") {
+		return tr.inner.Do(req)
+	}
+	tr.signs.Add(1)
+	if key, _ := tr.stallKey.Load().(string); key != "" && req.Body != nil {
+		body, err := io.ReadAll(req.Body)
+		if err != nil {
+			return nil, err
+		}
+		req.Body = io.NopCloser(bytes.NewReader(body))
+		if bytes.Contains(body, []byte(key)) {
+			req.URL.Host = tr.stallHost
+			req.Host = tr.stallHost
+		}
+	}
+	return tr.inner.Do(req)
+}
+
+// stallServer accepts TCP connections and reads from them without ever
+// answering: a KMS endpoint that has stopped responding.
+func stallServer(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var conns []net.Conn
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+			go io.Copy(io.Discard, c)
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return ln.Addr().String()
+}
+
+// testFleet is a local-kms holding one key per key spec, and a provider
+// opened on it.
+type testFleet struct {
+	endpoint string
+	admin    *kms.Client
+	ids      map[string]string // Sigil key name → KMS key id
+	tr       *transport
+	p        *Provider
+}
+
+func testConfig(endpoint string, tr *transport, timeout time.Duration, keys ...KeyConfig) Config {
+	cfg := Config{
+		ID:          "aws",
+		Region:      awskmstest.Region,
+		Endpoint:    endpoint,
+		Keys:        keys,
+		Timeout:     timeout,
+		Credentials: awskmstest.Credentials(),
+	}
+	if tr != nil {
+		cfg.ClientOptions = []func(*kms.Options){func(o *kms.Options) {
+			tr.inner = o.HTTPClient
+			o.HTTPClient = tr
+		}}
+	}
+	return cfg
+}
+
+func newFleet(t *testing.T, timeout time.Duration) *testFleet {
+	t.Helper()
+	endpoint := awskmstest.Start(t)
+	admin := awskmstest.Client(endpoint)
+	tf := &testFleet{
+		endpoint: endpoint,
+		admin:    admin,
+		ids: map[string]string{
+			"p256": awskmstest.CreateKey(t, admin, types.KeySpecEccNistP256),
+			"p384": awskmstest.CreateKey(t, admin, types.KeySpecEccNistP384),
+			"rsa":  awskmstest.CreateKey(t, admin, types.KeySpecRsa2048),
+		},
+		tr: &transport{stallHost: stallServer(t)},
+	}
+	p, err := Open(context.Background(), testConfig(endpoint, tf.tr, timeout,
+		KeyConfig{Name: "p256", KeyID: tf.ids["p256"]},
+		KeyConfig{Name: "p384", KeyID: tf.ids["p384"]},
+		KeyConfig{Name: "rsa", KeyID: tf.ids["rsa"]},
+	))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	tf.p = p
+	return tf
+}
+
+func (tf *testFleet) info(t *testing.T, name string) providers.KeyInfo {
+	t.Helper()
+	infos, err := tf.p.Keys(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ki := range infos {
+		if ki.Name == name {
+			return ki
+		}
+	}
+	t.Fatalf("no key %s", name)
+	return providers.KeyInfo{}
+}
+
+func randomDigest(h crypto.Hash) []byte {
+	d := make([]byte, h.Size())
+	rand.Read(d)
+	return d
+}
+
+func TestSignVerifies(t *testing.T) {
+	tf := newFleet(t, 0)
+	for _, tc := range []struct {
+		key  string
+		alg  providers.Algorithm
+		kind providers.KeyType
+	}{
+		{"p256", algES256, providers.KeyECDSAP256},
+		{"p384", algES384, providers.KeyECDSAP384},
+		{"rsa", algRS256, providers.KeyRSA2048},
+		{"rsa", algRS384, providers.KeyRSA2048},
+		{"rsa", algRS512, providers.KeyRSA2048},
+		{"rsa", algPS256, providers.KeyRSA2048},
+		{"rsa", algPS384, providers.KeyRSA2048},
+		{"rsa", algPS512, providers.KeyRSA2048},
+	} {
+		t.Run(tc.key+"/"+tc.alg.String(), func(t *testing.T) {
+			ki := tf.info(t, tc.key)
+			if ki.Type != tc.kind || ki.Provider != "aws" || len(ki.KID) != 32 {
+				t.Fatalf("key info %+v", ki)
+			}
+			digest := randomDigest(tc.alg.Hash)
+			sig, err := tf.p.Sign(context.Background(), tc.key, tc.alg, digest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := providers.Verify(ki.Public, tc.alg, digest, sig); err != nil {
+				t.Fatalf("verify: %v", err)
+			}
+			sig[len(sig)/2] ^= 0x01
+			if err := providers.Verify(ki.Public, tc.alg, digest, sig); !errors.Is(err, providers.ErrInvalidSignature) {
+				t.Fatalf("flipped bit: verify = %v, want ErrInvalidSignature", err)
+			}
+		})
+	}
+	for name, want := range map[string]int{"p256": 1, "p384": 1, "rsa": 6} {
+		if got := len(tf.p.Algorithms(name)); got != want {
+			t.Errorf("%s: %d algorithms, want %d", name, got, want)
+		}
+	}
+	if arn, _ := tf.p.KeyARN("p256"); !strings.HasPrefix(arn, "arn:aws:kms:"+awskmstest.Region+":"+awskmstest.AccountID+":key/") {
+		t.Errorf("key ARN %q", arn)
+	}
+}
+
+func TestSignRefusesOtherAlgorithms(t *testing.T) {
+	tf := newFleet(t, 0)
+	for _, tc := range []struct {
+		key string
+		alg providers.Algorithm
+	}{
+		{"p256", algES384},
+		{"p384", algES256},
+		{"p256", algPS256},
+		{"rsa", algES256},
+		{"p256", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA512}},
+		{"p256", providers.Algorithm{Scheme: providers.SchemeEd25519}},
+	} {
+		t.Run(tc.key+"/"+tc.alg.String(), func(t *testing.T) {
+			_, err := tf.p.Sign(context.Background(), tc.key, tc.alg, randomDigest(crypto.SHA256))
+			if !errors.Is(err, providers.ErrUnsupportedAlgorithm) {
+				t.Fatalf("err = %v, want ErrUnsupportedAlgorithm", err)
+			}
+		})
+	}
+	if _, err := tf.p.Sign(context.Background(), "p256", algES256, make([]byte, 20)); !errors.Is(err, providers.ErrBadRequest) {
+		t.Fatalf("short digest: %v", err)
+	}
+	if n := tf.tr.signs.Load(); n != 0 {
+		t.Fatalf("%d refused requests reached KMS", n)
+	}
+}
+
+func TestSignUnknownKeyAndClosed(t *testing.T) {
+	tf := newFleet(t, 0)
+	if _, err := tf.p.Sign(context.Background(), "nope", algES256, randomDigest(crypto.SHA256)); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("unknown key: %v", err)
+	}
+	if !providers.IsRemote(tf.p) {
+		t.Fatal("provider does not declare itself Remote")
+	}
+	if err := tf.p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tf.p.Sign(context.Background(), "p256", algES256, randomDigest(crypto.SHA256)); !errors.Is(err, providers.ErrUnavailable) {
+		t.Fatalf("after Close: %v", err)
+	}
+}
+
+func TestOpenByAlias(t *testing.T) {
+	endpoint := awskmstest.Start(t)
+	admin := awskmstest.Client(endpoint)
+	id := awskmstest.CreateKey(t, admin, types.KeySpecEccNistP256)
+	awskmstest.CreateAlias(t, admin, "alias/sigil-signing", id)
+	p, err := Open(context.Background(), testConfig(endpoint, nil, 0, KeyConfig{Name: "signing", KeyID: "alias/sigil-signing"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if arn, _ := p.KeyARN("signing"); !strings.HasSuffix(arn, ":key/"+id) {
+		t.Fatalf("alias resolved to %q, want the ARN of key %s", arn, id)
+	}
+	ki, _ := p.Keys(context.Background())
+	digest := randomDigest(crypto.SHA256)
+	sig, err := p.Sign(context.Background(), "signing", algES256, digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := providers.Verify(ki[0].Public, algES256, digest, sig); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestOpenRefuses(t *testing.T) {
+	endpoint := awskmstest.Start(t)
+	admin := awskmstest.Client(endpoint)
+	ok := awskmstest.CreateKey(t, admin, types.KeySpecEccNistP256)
+	encOut, err := admin.CreateKey(context.Background(), &kms.CreateKeyInput{
+		KeySpec: types.KeySpecRsa2048, KeyUsage: types.KeyUsageTypeEncryptDecrypt,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		key  KeyConfig
+		want error
+	}{
+		{"unknown key id", KeyConfig{Name: "k", KeyID: "00000000-0000-4000-8000-000000000000"}, providers.ErrNotFound},
+		{"unknown alias", KeyConfig{Name: "k", KeyID: "alias/missing"}, providers.ErrNotFound},
+		{"encryption key", KeyConfig{Name: "k", KeyID: aws.ToString(encOut.KeyMetadata.KeyId)}, providers.ErrUnsupportedAlgorithm},
+		{"empty key id", KeyConfig{Name: "k"}, providers.ErrBadRequest},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, err := Open(context.Background(), testConfig(endpoint, nil, 0, KeyConfig{Name: "fine", KeyID: ok}, tc.key))
+			if err == nil {
+				p.Close()
+				t.Fatal("Open succeeded")
+			}
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("err = %v, want %v", err, tc.want)
+			}
+		})
+	}
+	if _, err := Open(context.Background(), testConfig(endpoint, nil, 0, KeyConfig{Name: "a", KeyID: ok}, KeyConfig{Name: "a", KeyID: ok})); err == nil {
+		t.Fatal("duplicate key name accepted")
+	}
+}
+
+// A disabled key fails as unavailable, without the digest in the message.
+func TestSignDisabledKey(t *testing.T) {
+	tf := newFleet(t, 0)
+	awskmstest.DisableKey(t, tf.admin, tf.ids["p256"])
+	digest := randomDigest(crypto.SHA256)
+	_, err := tf.p.Sign(context.Background(), "p256", algES256, digest)
+	if !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "key not usable") {
+		t.Fatalf("err = %v, want ErrUnavailable, key not usable", err)
+	}
+	if strings.Contains(strings.ToLower(err.Error()), hex.EncodeToString(digest)) {
+		t.Fatalf("err %q carries the digest", err)
+	}
+	if _, err := tf.p.Sign(context.Background(), "p384", algES384, randomDigest(crypto.SHA384)); err != nil {
+		t.Fatalf("other key: %v", err)
+	}
+}
+
+// A stalled KMS costs the caller the configured deadline and no more, and the
+// provider goes on serving its other keys meanwhile.
+func TestSignDeadline(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	tf := newFleet(t, timeout)
+	tf.tr.stallKey.Store(tf.ids["p256"])
+
+	other := make(chan error, 1)
+	go func() {
+		digest := randomDigest(crypto.SHA384)
+		sig, err := tf.p.Sign(context.Background(), "p384", algES384, digest)
+		if err == nil {
+			err = providers.Verify(tf.info(t, "p384").Public, algES384, digest, sig)
+		}
+		other <- err
+	}()
+
+	start := time.Now()
+	_, err := tf.p.Sign(context.Background(), "p256", algES256, randomDigest(crypto.SHA256))
+	elapsed := time.Since(start)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want DeadlineExceeded", err)
+	}
+	if elapsed < timeout || elapsed > timeout+100*time.Millisecond {
+		t.Fatalf("deadline error after %v, want %v..%v", elapsed, timeout, timeout+100*time.Millisecond)
+	}
+	if err := <-other; err != nil {
+		t.Fatalf("other key during a stall: %v", err)
+	}
+
+	// The caller's own, shorter deadline wins over Config.Timeout.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	start = time.Now()
+	if _, err := tf.p.Sign(ctx, "p256", algES256, randomDigest(crypto.SHA256)); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("caller deadline: err = %v", err)
+	}
+	if elapsed := time.Since(start); elapsed > 150*time.Millisecond {
+		t.Fatalf("caller deadline of 50ms honoured after %v", elapsed)
+	}
+}
+
+// Open against an endpoint that never answers fails with DeadlineExceeded.
+func TestOpenDeadline(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	start := time.Now()
+	_, err := Open(context.Background(), testConfig("http://"+stallServer(t), nil, timeout, KeyConfig{Name: "k", KeyID: "alias/any"}))
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want DeadlineExceeded", err)
+	}
+	if elapsed := time.Since(start); elapsed > timeout+500*time.Millisecond {
+		t.Fatalf("Open gave up after %v", elapsed)
+	}
+}
+
+// classify keeps the API error code, maps it, and drops the server's text.
+func TestClassify(t *testing.T) {
+	const secret = "server says: secret-detail"
+	for _, tc := range []struct {
+		err     error
+		want    error
+		message string
+	}{
+		{&smithy.GenericAPIError{Code: "ThrottlingException", Message: secret}, providers.ErrUnavailable, "rate limited"},
+		{&types.LimitExceededException{Message: aws.String(secret)}, providers.ErrUnavailable, "rate limited"},
+		{&smithy.GenericAPIError{Code: "AccessDeniedException", Message: secret}, providers.ErrUnavailable, "credentials refused"},
+		{&smithy.GenericAPIError{Code: "UnrecognizedClientException", Message: secret}, providers.ErrUnavailable, "credentials refused"},
+		{&smithy.GenericAPIError{Code: "InvalidSignatureException", Message: secret}, providers.ErrUnavailable, "credentials refused"},
+		{&types.NotFoundException{Message: aws.String(secret)}, providers.ErrNotFound, ""},
+		{&types.DisabledException{Message: aws.String(secret)}, providers.ErrUnavailable, "key not usable"},
+		{&types.KMSInvalidStateException{Message: aws.String(secret)}, providers.ErrUnavailable, "key not usable"},
+		{&smithy.GenericAPIError{Code: "ValidationException", Message: secret}, providers.ErrBadRequest, ""},
+		{&types.InvalidKeyUsageException{Message: aws.String(secret)}, providers.ErrBadRequest, ""},
+		{&types.KMSInternalException{Message: aws.String(secret)}, providers.ErrUnavailable, "KMSInternalException"},
+		{errors.New(secret), providers.ErrUnavailable, "request failed"},
+	} {
+		got := classify(context.Background(), context.Background(), "sign k", &smithy.OperationError{ServiceID: "KMS", OperationName: "Sign", Err: tc.err})
+		if !errors.Is(got, tc.want) || !strings.Contains(got.Error(), tc.message) {
+			t.Errorf("%T: %v, want %v mentioning %q", tc.err, got, tc.want, tc.message)
+		}
+		if strings.Contains(got.Error(), "secret-detail") {
+			t.Errorf("%T: %q carries the server's text", tc.err, got)
+		}
+	}
+	expired, cancel := context.WithDeadline(context.Background(), time.Now())
+	defer cancel()
+	if got := classify(context.Background(), expired, "sign k", errors.New("x")); !errors.Is(got, context.DeadlineExceeded) {
+		t.Errorf("expired call: %v", got)
+	}
+}
+
+func BenchmarkSign(b *testing.B) {
+	endpoint := awskmstest.Start(b)
+	id := awskmstest.CreateKey(b, awskmstest.Client(endpoint), types.KeySpecEccNistP256)
+	p, err := Open(context.Background(), testConfig(endpoint, nil, 0, KeyConfig{Name: "p256", KeyID: id}))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	digest := randomDigest(crypto.SHA256)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := p.Sign(context.Background(), "p256", algES256, digest); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

@@ -1,0 +1,217 @@
+// Package awskmstest runs the AWS KMS emulator github.com/nsmithuk/local-kms
+// for tests: a real KMS wire protocol server, reached by the real SDK client
+// over loopback, with keys created through the SDK. Nothing here is for
+// production.
+package awskmstest
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/credentials"
+	"github.com/aws/aws-sdk-go-v2/service/kms"
+	"github.com/aws/aws-sdk-go-v2/service/kms/types"
+)
+
+// Module is the local-kms version installed when no binary is found. The
+// project has no release tags; this is the proxy's latest pseudo-version.
+const Module = "github.com/nsmithuk/local-kms@v0.0.0-20260228092603-2a5e92d09ab6"
+
+// Region and AccountID are what the emulator is started with.
+const (
+	Region    = "eu-west-1"
+	AccountID = "111122223333"
+)
+
+// Credentials are static test credentials; local-kms does not check them.
+func Credentials() aws.CredentialsProvider {
+	return credentials.NewStaticCredentialsProvider("AKIDLOCALKMSTEST", "local-kms-test-secret", "")
+}
+
+var (
+	installOnce sync.Once
+	installBin  string
+	installErr  error
+)
+
+// Binary finds the local-kms binary: $LOCAL_KMS_BIN, else PATH, else
+// $(go env GOBIN) or $(go env GOPATH)/bin. When none exists and the go
+// command is available it runs `go install Module` once per test process.
+func Binary() (string, error) {
+	if p := os.Getenv("LOCAL_KMS_BIN"); p != "" {
+		if _, err := os.Stat(p); err != nil {
+			return "", err
+		}
+		return p, nil
+	}
+	if p, err := exec.LookPath("local-kms"); err == nil {
+		return p, nil
+	}
+	installOnce.Do(func() {
+		goBin, err := exec.LookPath("go")
+		if err != nil {
+			installErr = errors.New("local-kms not found and no go command to install it")
+			return
+		}
+		dir, err := goBinDir(goBin)
+		if err != nil {
+			installErr = err
+			return
+		}
+		installBin = filepath.Join(dir, "local-kms")
+		if _, err := os.Stat(installBin); err == nil {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		out, err := exec.CommandContext(ctx, goBin, "install", Module).CombinedOutput()
+		if err != nil {
+			installErr = errors.New("go install " + Module + ": " + err.Error() + ": " + strings.TrimSpace(string(out)))
+			return
+		}
+		if _, err := os.Stat(installBin); err != nil {
+			installErr = errors.New("go install " + Module + " left no binary at " + installBin)
+		}
+	})
+	return installBin, installErr
+}
+
+func goBinDir(goBin string) (string, error) {
+	out, err := exec.Command(goBin, "env", "GOBIN", "GOPATH").Output()
+	if err != nil {
+		return "", err
+	}
+	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+	if len(lines) >= 1 && strings.TrimSpace(lines[0]) != "" {
+		return strings.TrimSpace(lines[0]), nil
+	}
+	if len(lines) < 2 || strings.TrimSpace(lines[1]) == "" {
+		return "", errors.New("go env GOPATH is empty")
+	}
+	// GOPATH may list several directories; go install uses the first.
+	return filepath.Join(filepath.SplitList(strings.TrimSpace(lines[1]))[0], "bin"), nil
+}
+
+var startedRE = regexp.MustCompile(`Local KMS started on [^\s"]*:(\d+)`)
+
+// Start runs a fresh local-kms with its data in a temporary directory, on a
+// port it picks itself (PORT=0), and returns its loopback endpoint
+// (http://127.0.0.1:PORT). The emulator binds all interfaces; clients must
+// use the returned loopback address only. It is killed at cleanup. The test
+// is skipped, with the reason, when the emulator cannot be installed.
+func Start(t testing.TB) string {
+	t.Helper()
+	bin, err := Binary()
+	if err != nil {
+		t.Skipf("local-kms emulator unavailable (set LOCAL_KMS_BIN or run `go install %s`): %v", Module, err)
+	}
+	dir := t.TempDir()
+	cmd := exec.Command(bin)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(),
+		"KMS_DATA_PATH="+filepath.Join(dir, "data"),
+		"KMS_SEED_PATH="+filepath.Join(dir, "no-seed.yaml"),
+		"KMS_REGION="+Region,
+		"KMS_ACCOUNT_ID="+AccountID,
+		"PORT=0",
+	)
+	pr, pw := io.Pipe()
+	cmd.Stdout, cmd.Stderr = pw, pw
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start local-kms: %v", err)
+	}
+	exited := make(chan struct{})
+	go func() {
+		cmd.Wait()
+		pw.Close()
+		close(exited)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+	})
+
+	port := make(chan string, 1)
+	var logMu sync.Mutex
+	var tail []string
+	go func() {
+		sc := bufio.NewScanner(pr)
+		found := false
+		for sc.Scan() {
+			line := sc.Text()
+			if !found {
+				logMu.Lock()
+				tail = append(tail, line)
+				logMu.Unlock()
+				if m := startedRE.FindStringSubmatch(line); m != nil {
+					found = true
+					port <- m[1]
+				}
+			}
+		}
+		io.Copy(io.Discard, pr) // keep draining so the emulator never blocks on its log
+	}()
+	select {
+	case p := <-port:
+		return "http://127.0.0.1:" + p
+	case <-exited:
+	case <-time.After(30 * time.Second):
+	}
+	logMu.Lock()
+	defer logMu.Unlock()
+	t.Fatalf("local-kms did not report its port; output:\n%s", strings.Join(tail, "\n"))
+	return ""
+}
+
+// Client is a KMS client for the emulator at endpoint, for creating and
+// managing test keys.
+func Client(endpoint string) *kms.Client {
+	return kms.New(kms.Options{
+		Region:       Region,
+		BaseEndpoint: aws.String(endpoint),
+		Credentials:  Credentials(),
+	})
+}
+
+// CreateKey creates a SIGN_VERIFY key of the given spec and returns its key id.
+func CreateKey(t testing.TB, c *kms.Client, spec types.KeySpec) string {
+	t.Helper()
+	out, err := c.CreateKey(context.Background(), &kms.CreateKeyInput{
+		KeySpec:  spec,
+		KeyUsage: types.KeyUsageTypeSignVerify,
+	})
+	if err != nil {
+		t.Fatalf("create %s key: %v", spec, err)
+	}
+	return aws.ToString(out.KeyMetadata.KeyId)
+}
+
+// CreateAlias points alias ("alias/name") at keyID.
+func CreateAlias(t testing.TB, c *kms.Client, alias, keyID string) {
+	t.Helper()
+	if _, err := c.CreateAlias(context.Background(), &kms.CreateAliasInput{
+		AliasName:   aws.String(alias),
+		TargetKeyId: aws.String(keyID),
+	}); err != nil {
+		t.Fatalf("create alias %s: %v", alias, err)
+	}
+}
+
+// DisableKey disables keyID.
+func DisableKey(t testing.TB, c *kms.Client, keyID string) {
+	t.Helper()
+	if _, err := c.DisableKey(context.Background(), &kms.DisableKeyInput{KeyId: aws.String(keyID)}); err != nil {
+		t.Fatalf("disable key: %v", err)
+	}
+}

@@ -1,0 +1,38 @@
+// Package awskms is a Sigil provider whose keys live in AWS KMS.
+//
+// Each configured key is an asymmetric SIGN_VERIFY KMS key named by key id,
+// key ARN, alias ("alias/name") or alias ARN. Open resolves it once through
+// GetPublicKey to the key's ARN, caches the DER SubjectPublicKeyInfo it
+// returns, and records which algorithms the key allows from its KeySpec and
+// SigningAlgorithms: ECDSA_SHA_256/384/512 for ECC_NIST_P256/P384 keys and
+// RSASSA_PKCS1_V1_5_SHA_256/384/512 and RSASSA_PSS_SHA_256/384/512 for
+// RSA_2048/3072/4096 keys. Sign sends only the digest (MessageType DIGEST) to
+// the resolved ARN, so a key repointed behind an alias takes effect at the
+// next Open, never between a cached public key and a signature. Any other
+// algorithm is providers.ErrUnsupportedAlgorithm, refused without a call.
+// ECDSA signatures come back ASN.1 DER and RSA ones raw, as providers.Provider
+// promises.
+//
+// Credentials come from the SDK's default chain (config.LoadDefaultConfig:
+// environment, shared files, SSO, web identity, container and instance
+// roles), never from configuration text; Config.Credentials exists for tests
+// against an emulator. One kms.Client is built per provider and reused; every
+// call has a deadline (Config.Timeout, default 2 s) that covers the SDK's own
+// retries: its standard retryer decides what is retryable (throttling,
+// transient server and connection errors), with its backoff capped at a
+// quarter of the timeout so retries fit inside the deadline. API error codes
+// map to the provider error vocabulary in one place, classify: throttling and
+// LimitExceeded are ErrUnavailable "rate limited", refused credentials
+// ErrUnavailable "credentials refused", NotFoundException ErrNotFound,
+// disabled or pending-deletion keys ErrUnavailable "key not usable",
+// ValidationException and InvalidKeyUsage ErrBadRequest, and an expired
+// deadline context.DeadlineExceeded. Messages keep the error code and drop the
+// server's text; digests never appear in them.
+//
+// Tests run against the AWS KMS emulator github.com/nsmithuk/local-kms (see
+// package awskmstest). Known difference: local-kms signs RSA-PSS with the
+// maximum salt length, where AWS KMS uses a salt as long as the digest.
+// providers.Verify uses rsa.PSSSaltLengthAuto, so both verify; a verifier
+// that insists on a hash-length salt accepts AWS's signatures but not the
+// emulator's.
+package awskms

@@ -1,0 +1,379 @@
+package azurekv
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rsa"
+	"errors"
+	"fmt"
+	"math/big"
+	"net/http"
+	"regexp"
+	"sync/atomic"
+	"time"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
+	"github.com/Azure/azure-sdk-for-go/sdk/azidentity"
+	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// DefaultTimeout bounds each Key Vault call when Config.Timeout is zero.
+const DefaultTimeout = 2 * time.Second
+
+// KeyConfig names one key and the Key Vault key version behind it.
+type KeyConfig struct {
+	// Name is the key's name in Sigil, unique across the agent's configuration.
+	Name string
+	// Key is the key's name in the vault.
+	Key string
+	// Version is a Key Vault key version; empty means the current version,
+	// resolved once at Open to the concrete version the vault reports.
+	Version string
+}
+
+// Config configures an Azure Key Vault provider.
+type Config struct {
+	ID       string        // provider id, part of every kid
+	VaultURL string        // https://<vault>.vault.azure.net/
+	Keys     []KeyConfig   // the key versions served
+	Timeout  time.Duration // per Key Vault call, SDK retries included; 0 means DefaultTimeout
+	// Credential authenticates to the vault. nil means the SDK's default
+	// chain (azidentity.NewDefaultAzureCredential: environment, workload
+	// identity, managed identity, Azure CLI, ...), never configuration text.
+	Credential azcore.TokenCredential
+	// ClientOptions are passed to azkeys.NewClient. Production leaves them
+	// nil. Tests set a transport trusting a loopback TLS server and
+	// DisableChallengeResourceVerification. A zero Retry gets this package's
+	// bounded retry policy (see retryOptions).
+	ClientOptions *azkeys.ClientOptions
+	Logger        *zap.Logger // nil means no logging
+}
+
+// EnsureDefaults fills in the documented defaults.
+func (c *Config) EnsureDefaults() {
+	if c.Timeout <= 0 {
+		c.Timeout = DefaultTimeout
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+}
+
+// Provider signs with Azure Key Vault keys. Its key table is fixed at Open,
+// so Sign takes no lock.
+type Provider struct {
+	id      string
+	timeout time.Duration
+	log     *zap.Logger
+	client  *azkeys.Client
+	keys    map[string]*remoteKey
+	order   []string
+	closed  atomic.Bool
+}
+
+type remoteKey struct {
+	info    providers.KeyInfo
+	key     string // the key's name in the vault
+	version string // the concrete key version
+	size    int    // signature length: 2×coordinate bytes for ECDSA (raw r‖s), modulus bytes for RSA
+}
+
+var (
+	_ providers.Provider = (*Provider)(nil)
+	_ providers.Remote   = (*Provider)(nil)
+)
+
+// retryOptions bound the SDK's retries so that a call and its retries fit in
+// one per-call deadline and a clear answer is not turned into a late
+// "deadline exceeded": one quick retry of a transport failure or a 5xx, and
+// none of a throttle (429), which surfaces at once as rate limited.
+func retryOptions(timeout time.Duration) policy.RetryOptions {
+	delay := timeout / 20
+	if delay > 100*time.Millisecond {
+		delay = 100 * time.Millisecond
+	}
+	return policy.RetryOptions{
+		MaxRetries:    1,
+		RetryDelay:    delay,
+		MaxRetryDelay: delay,
+		StatusCodes: []int{
+			http.StatusInternalServerError,
+			http.StatusBadGateway,
+			http.StatusServiceUnavailable,
+			http.StatusGatewayTimeout,
+		},
+	}
+}
+
+// Open creates one Key Vault client, resolves every configured key to a
+// concrete version and fetches and caches its public key. Any key that
+// cannot be served fails Open as a whole.
+func Open(ctx context.Context, cfg Config) (*Provider, error) {
+	if cfg.ID == "" {
+		return nil, errors.New("azurekv provider: empty id")
+	}
+	if cfg.VaultURL == "" {
+		return nil, fmt.Errorf("azurekv provider %s: empty vault URL: %w", cfg.ID, providers.ErrBadRequest)
+	}
+	cfg.EnsureDefaults()
+	cred := cfg.Credential
+	if cred == nil {
+		c, err := azidentity.NewDefaultAzureCredential(nil)
+		if err != nil {
+			return nil, fmt.Errorf("azurekv provider %s: default credential: %w", cfg.ID, err)
+		}
+		cred = c
+	}
+	var opts azkeys.ClientOptions
+	if cfg.ClientOptions != nil {
+		opts = *cfg.ClientOptions
+	}
+	if opts.Retry.MaxRetries == 0 && opts.Retry.StatusCodes == nil && opts.Retry.ShouldRetry == nil {
+		opts.Retry = retryOptions(cfg.Timeout)
+	}
+	client, err := azkeys.NewClient(cfg.VaultURL, cred, &opts)
+	if err != nil {
+		return nil, fmt.Errorf("azurekv provider %s: client: %w", cfg.ID, err)
+	}
+	p := &Provider{
+		id:      cfg.ID,
+		timeout: cfg.Timeout,
+		log:     cfg.Logger,
+		client:  client,
+		keys:    make(map[string]*remoteKey, len(cfg.Keys)),
+	}
+	for _, kc := range cfg.Keys {
+		if _, dup := p.keys[kc.Name]; dup || kc.Name == "" {
+			return nil, fmt.Errorf("azurekv provider %s: key %q empty or configured twice", cfg.ID, kc.Name)
+		}
+		k, err := p.openKey(ctx, kc)
+		if err != nil {
+			return nil, fmt.Errorf("azurekv provider %s: key %q: %w", cfg.ID, kc.Name, err)
+		}
+		p.keys[kc.Name] = k
+		p.order = append(p.order, kc.Name)
+		p.log.Info("azurekv key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
+			zap.String("vault_key", k.key), zap.String("version", k.version), zap.String("kid", k.info.KID))
+	}
+	return p, nil
+}
+
+func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error) {
+	if kc.Key == "" {
+		return nil, fmt.Errorf("empty vault key name: %w", providers.ErrBadRequest)
+	}
+	op := "get key " + kc.Key
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	resp, err := p.client.GetKey(callCtx, kc.Key, kc.Version, nil)
+	if err != nil {
+		return nil, classify(ctx, callCtx, op, err)
+	}
+	jwk := resp.Key
+	if jwk == nil || jwk.KID == nil {
+		return nil, fmt.Errorf("azurekv %s: response has no key or kid: %w", op, providers.ErrUnavailable)
+	}
+	if name, version := jwk.KID.Name(), jwk.KID.Version(); name != kc.Key || version == "" || (kc.Version != "" && version != kc.Version) {
+		return nil, fmt.Errorf("azurekv %s: response names key %q version %q: %w", op, name, version, providers.ErrUnavailable)
+	}
+	if resp.Attributes != nil && resp.Attributes.Enabled != nil && !*resp.Attributes.Enabled {
+		return nil, fmt.Errorf("azurekv %s: key version is disabled: %w", op, providers.ErrUnavailable)
+	}
+	pub, size, err := publicKeyOf(jwk)
+	if err != nil {
+		return nil, fmt.Errorf("azurekv %s: %w", op, err)
+	}
+	info, err := providers.NewKeyInfo(p.id, kc.Name, pub)
+	if err != nil {
+		return nil, fmt.Errorf("azurekv %s: %w", op, err)
+	}
+	return &remoteKey{info: info, key: kc.Key, version: jwk.KID.Version(), size: size}, nil
+}
+
+// publicKeyOf converts a JSON Web Key's public half. size is the length of
+// the signatures the key makes, as Key Vault returns them.
+func publicKeyOf(jwk *azkeys.JSONWebKey) (crypto.PublicKey, int, error) {
+	if jwk.Kty == nil {
+		return nil, 0, fmt.Errorf("key has no kty: %w", providers.ErrUnsupportedAlgorithm)
+	}
+	switch *jwk.Kty {
+	case azkeys.KeyTypeEC, azkeys.KeyTypeECHSM:
+		var curve elliptic.Curve
+		switch {
+		case jwk.Crv != nil && *jwk.Crv == azkeys.CurveNameP256:
+			curve = elliptic.P256()
+		case jwk.Crv != nil && *jwk.Crv == azkeys.CurveNameP384:
+			curve = elliptic.P384()
+		default:
+			crv := "none"
+			if jwk.Crv != nil {
+				crv = string(*jwk.Crv)
+			}
+			return nil, 0, fmt.Errorf("EC curve %s: %w", crv, providers.ErrUnsupportedAlgorithm)
+		}
+		n := (curve.Params().BitSize + 7) / 8
+		if len(jwk.X) != n || len(jwk.Y) != n {
+			return nil, 0, fmt.Errorf("EC key with %d/%d-byte coordinates on %s: %w", len(jwk.X), len(jwk.Y), curve.Params().Name, providers.ErrUnavailable)
+		}
+		// Uncompressed SEC 1 point, parsed by crypto/ecdh via ecdsa: this
+		// checks that the point is on the curve.
+		point := append(append([]byte{4}, jwk.X...), jwk.Y...)
+		pub, err := ecdsa.ParseUncompressedPublicKey(curve, point)
+		if err != nil {
+			return nil, 0, fmt.Errorf("EC key: point not on %s: %w", curve.Params().Name, providers.ErrUnavailable)
+		}
+		return pub, 2 * n, nil
+	case azkeys.KeyTypeRSA, azkeys.KeyTypeRSAHSM:
+		if len(jwk.N) == 0 || len(jwk.E) == 0 || len(jwk.E) > 4 {
+			return nil, 0, fmt.Errorf("RSA key without a usable n or e: %w", providers.ErrUnavailable)
+		}
+		e := new(big.Int).SetBytes(jwk.E)
+		pub := &rsa.PublicKey{N: new(big.Int).SetBytes(jwk.N), E: int(e.Int64())}
+		if pub.E < 3 || pub.E%2 == 0 {
+			return nil, 0, fmt.Errorf("RSA key with exponent %d: %w", pub.E, providers.ErrUnsupportedAlgorithm)
+		}
+		return pub, pub.Size(), nil
+	}
+	return nil, 0, fmt.Errorf("key type %s: %w", *jwk.Kty, providers.ErrUnsupportedAlgorithm)
+}
+
+// ID implements providers.Provider.
+func (p *Provider) ID() string { return p.id }
+
+// Remote implements providers.Remote: every Sign is a network round trip.
+func (p *Provider) Remote() bool { return true }
+
+// Keys implements providers.Provider.
+func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
+	out := make([]providers.KeyInfo, 0, len(p.order))
+	for _, name := range p.order {
+		out = append(out, p.keys[name].info)
+	}
+	return out, nil
+}
+
+// Version returns the Key Vault key version a key resolved to at Open.
+func (p *Provider) Version(name string) (string, bool) {
+	k, ok := p.keys[name]
+	if !ok {
+		return "", false
+	}
+	return k.version, true
+}
+
+// Sign implements providers.Provider. One deadline, min(ctx, Config.Timeout),
+// covers the call, the challenge round trip and the SDK's retries.
+func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	if p.closed.Load() {
+		return nil, fmt.Errorf("azurekv sign %s: provider closed: %w", name, providers.ErrUnavailable)
+	}
+	k, ok := p.keys[name]
+	if !ok {
+		return nil, fmt.Errorf("azurekv sign %s: %w", name, providers.ErrNotFound)
+	}
+	jws, err := jwsAlgorithm(k.info.Type, alg)
+	if err != nil {
+		return nil, fmt.Errorf("azurekv sign %s: %w", name, err)
+	}
+	if len(digest) != alg.Hash.Size() {
+		return nil, fmt.Errorf("azurekv sign %s: digest of %d bytes for %s: %w", name, len(digest), alg, providers.ErrBadRequest)
+	}
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	resp, err := p.client.Sign(callCtx, k.key, k.version, azkeys.SignParameters{Algorithm: &jws, Value: digest}, nil)
+	if err != nil {
+		return nil, classify(ctx, callCtx, "sign "+name, err)
+	}
+	if resp.KID != nil && (resp.KID.Name() != k.key || resp.KID.Version() != k.version) {
+		return nil, fmt.Errorf("azurekv sign %s: response names another key version: %w", name, providers.ErrUnavailable)
+	}
+	if len(resp.Result) != k.size {
+		return nil, fmt.Errorf("azurekv sign %s: signature of %d bytes, want %d: %w", name, len(resp.Result), k.size, providers.ErrUnavailable)
+	}
+	if alg.Scheme == providers.SchemeECDSA {
+		// Key Vault returns JOSE-style raw r‖s; providers.Provider promises DER.
+		der, err := providers.ECDSARawToASN1(resp.Result)
+		if err != nil {
+			return nil, fmt.Errorf("azurekv sign %s: %w", name, err)
+		}
+		return der, nil
+	}
+	return resp.Result, nil
+}
+
+// Close implements providers.Provider. Sign fails with ErrUnavailable after
+// it. The SDK client holds no resources beyond pooled connections.
+func (p *Provider) Close() error {
+	p.closed.Store(true)
+	return nil
+}
+
+// jwsAlgorithm maps a Sigil algorithm on a key type to the JWS algorithm
+// Key Vault signs with. Key Vault pairs an EC curve with one hash (ES256 on
+// P-256, ES384 on P-384), and its PSS uses a salt as long as the digest, as
+// Sigil does.
+func jwsAlgorithm(t providers.KeyType, alg providers.Algorithm) (azkeys.SignatureAlgorithm, error) {
+	switch {
+	case t == providers.KeyECDSAP256 && alg == providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}:
+		return azkeys.SignatureAlgorithmES256, nil
+	case t == providers.KeyECDSAP384 && alg == providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA384}:
+		return azkeys.SignatureAlgorithmES384, nil
+	case t.IsRSA() && alg.Scheme == providers.SchemePKCS1v15 && alg.Hash == crypto.SHA256:
+		return azkeys.SignatureAlgorithmRS256, nil
+	case t.IsRSA() && alg.Scheme == providers.SchemePKCS1v15 && alg.Hash == crypto.SHA384:
+		return azkeys.SignatureAlgorithmRS384, nil
+	case t.IsRSA() && alg.Scheme == providers.SchemePSS && alg.Hash == crypto.SHA256:
+		return azkeys.SignatureAlgorithmPS256, nil
+	case t.IsRSA() && alg.Scheme == providers.SchemePSS && alg.Hash == crypto.SHA384:
+		return azkeys.SignatureAlgorithmPS384, nil
+	}
+	return "", fmt.Errorf("%s key cannot sign %s here: %w", t, alg, providers.ErrUnsupportedAlgorithm)
+}
+
+// safeCode admits a Key Vault error code ("Throttled", "KeyNotFound") into a
+// message; anything else the server sent stays out.
+var safeCode = regexp.MustCompile(`^[A-Za-z][A-Za-z0-9_.]{0,63}$`)
+
+// classify maps a Key Vault call's error to the provider error vocabulary.
+// It keeps the HTTP status and the error code and drops the server's message
+// text, so nothing the server echoes reaches a log or a client. parent is the
+// caller's context, callCtx the one with the per-call deadline.
+func classify(parent, callCtx context.Context, op string, err error) error {
+	if errors.Is(parent.Err(), context.Canceled) {
+		return fmt.Errorf("azurekv %s: %w", op, context.Canceled)
+	}
+	if callCtx.Err() != nil || errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("azurekv %s: %w", op, context.DeadlineExceeded)
+	}
+	var re *azcore.ResponseError
+	if errors.As(err, &re) {
+		status := fmt.Sprintf("HTTP %d", re.StatusCode)
+		if safeCode.MatchString(re.ErrorCode) {
+			status += " " + re.ErrorCode
+		}
+		switch {
+		case re.StatusCode == http.StatusTooManyRequests:
+			return fmt.Errorf("azurekv %s: rate limited (%s): %w", op, status, providers.ErrUnavailable)
+		case re.StatusCode == http.StatusUnauthorized || re.StatusCode == http.StatusForbidden:
+			return fmt.Errorf("azurekv %s: credentials refused (%s): %w", op, status, providers.ErrUnavailable)
+		case re.StatusCode == http.StatusNotFound:
+			return fmt.Errorf("azurekv %s: %s: %w", op, status, providers.ErrNotFound)
+		case re.StatusCode == http.StatusBadRequest:
+			return fmt.Errorf("azurekv %s: rejected as invalid (%s): %w", op, status, providers.ErrBadRequest)
+		}
+		return fmt.Errorf("azurekv %s: %s: %w", op, status, providers.ErrUnavailable)
+	}
+	var afe *azidentity.AuthenticationFailedError
+	if errors.As(err, &afe) {
+		return fmt.Errorf("azurekv %s: credentials refused (token request failed): %w", op, providers.ErrUnavailable)
+	}
+	// Transport failures, an unobtainable token, an unreadable response: no
+	// answer from the vault that classifies further.
+	return fmt.Errorf("azurekv %s: no usable response from the vault: %w", op, providers.ErrUnavailable)
+}

@@ -1,0 +1,322 @@
+package azurekv
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"encoding/base64"
+	"errors"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/azurekv/azurekvtest"
+)
+
+var (
+	algES256 = providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	algES384 = providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA384}
+	algRS256 = providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA256}
+	algRS384 = providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA384}
+	algPS256 = providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA256}
+	algPS384 = providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA384}
+)
+
+// testKeys are generated once per test binary: RSA generation is slow under -race.
+var testKeys = sync.OnceValue(func() map[string]crypto.Signer {
+	must := func(k crypto.Signer, err error) crypto.Signer {
+		if err != nil {
+			panic(err)
+		}
+		return k
+	}
+	return map[string]crypto.Signer{
+		"p256":   must(ecdsa.GenerateKey(elliptic.P256(), rand.Reader)),
+		"p384":   must(ecdsa.GenerateKey(elliptic.P384(), rand.Reader)),
+		"p256-b": must(ecdsa.GenerateKey(elliptic.P256(), rand.Reader)),
+		"rsa":    must(rsa.GenerateKey(rand.Reader, 2048)),
+	}
+})
+
+// testFleet is a fake vault holding one key per type and a provider opened on it.
+type testFleet struct {
+	kv *azurekvtest.Server
+	p  *Provider
+	v  map[string]*azurekvtest.Version // by vault key name
+}
+
+func newFleet(t *testing.T, timeout time.Duration) *testFleet {
+	t.Helper()
+	keys := testKeys()
+	kv := &azurekvtest.Server{}
+	v := map[string]*azurekvtest.Version{
+		"ec-p256": kv.Add("ec-p256", keys["p256"]),
+		"ec-p384": kv.Add("ec-p384", keys["p384"]),
+		"rsa":     kv.Add("rsa", keys["rsa"]),
+	}
+	url, opts, cred := kv.Start(t)
+	p, err := Open(context.Background(), Config{
+		ID:       "azure",
+		VaultURL: url,
+		Keys: []KeyConfig{
+			{Name: "p256", Key: "ec-p256", Version: v["ec-p256"].ID},
+			{Name: "p384", Key: "ec-p384"},
+			{Name: "rsa", Key: "rsa"},
+		},
+		Timeout:       timeout,
+		Credential:    cred,
+		ClientOptions: opts,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	return &testFleet{kv: kv, p: p, v: v}
+}
+
+func (tf *testFleet) info(t *testing.T, name string) providers.KeyInfo {
+	t.Helper()
+	infos, err := tf.p.Keys(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ki := range infos {
+		if ki.Name == name {
+			return ki
+		}
+	}
+	t.Fatalf("no key %s", name)
+	return providers.KeyInfo{}
+}
+
+func randomDigest(h crypto.Hash) []byte {
+	d := make([]byte, h.Size())
+	rand.Read(d)
+	return d
+}
+
+func TestSignVerifies(t *testing.T) {
+	tf := newFleet(t, 0)
+	if tf.kv.Challenges() == 0 {
+		t.Fatal("the client never went through the challenge flow")
+	}
+	for _, tc := range []struct {
+		key  string
+		alg  providers.Algorithm
+		kind providers.KeyType
+	}{
+		{"p256", algES256, providers.KeyECDSAP256},
+		{"p384", algES384, providers.KeyECDSAP384},
+		{"rsa", algRS256, providers.KeyRSA2048},
+		{"rsa", algRS384, providers.KeyRSA2048},
+		{"rsa", algPS256, providers.KeyRSA2048},
+		{"rsa", algPS384, providers.KeyRSA2048},
+	} {
+		t.Run(tc.key+"/"+tc.alg.String(), func(t *testing.T) {
+			ki := tf.info(t, tc.key)
+			if ki.Type != tc.kind || ki.Provider != "azure" || len(ki.KID) != 32 {
+				t.Fatalf("key info %+v", ki)
+			}
+			digest := randomDigest(tc.alg.Hash)
+			sig, err := tf.p.Sign(context.Background(), tc.key, tc.alg, digest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := providers.Verify(ki.Public, tc.alg, digest, sig); err != nil {
+				t.Fatalf("verify: %v", err)
+			}
+			sig[len(sig)/2] ^= 0x01
+			if err := providers.Verify(ki.Public, tc.alg, digest, sig); !errors.Is(err, providers.ErrInvalidSignature) {
+				t.Fatalf("flipped bit: verify = %v, want ErrInvalidSignature", err)
+			}
+		})
+	}
+	// Public keys are fetched once, at Open, and cached.
+	if n := tf.kv.GetKeyCount(); n != 3 {
+		t.Fatalf("vault answered %d get-key requests, want 3", n)
+	}
+}
+
+func TestSignRefusesOtherAlgorithms(t *testing.T) {
+	tf := newFleet(t, 0)
+	for _, tc := range []struct {
+		key string
+		alg providers.Algorithm
+	}{
+		{"p256", algES384},
+		{"p384", algES256},
+		{"p256", algPS256},
+		{"rsa", algES256},
+		{"rsa", providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA512}},
+		{"p256", providers.Algorithm{Scheme: providers.SchemeEd25519}},
+	} {
+		t.Run(tc.key+"/"+tc.alg.String(), func(t *testing.T) {
+			_, err := tf.p.Sign(context.Background(), tc.key, tc.alg, randomDigest(crypto.SHA256))
+			if !errors.Is(err, providers.ErrUnsupportedAlgorithm) {
+				t.Fatalf("err = %v, want ErrUnsupportedAlgorithm", err)
+			}
+		})
+	}
+	if _, err := tf.p.Sign(context.Background(), "p256", algES256, make([]byte, 20)); !errors.Is(err, providers.ErrBadRequest) {
+		t.Fatalf("short digest: err = %v, want ErrBadRequest", err)
+	}
+	if n := tf.kv.SignCount(); n != 0 {
+		t.Fatalf("%d refused requests reached the vault", n)
+	}
+}
+
+func TestSignUnknownKeyAndClosed(t *testing.T) {
+	tf := newFleet(t, 0)
+	if _, err := tf.p.Sign(context.Background(), "nope", algES256, randomDigest(crypto.SHA256)); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("unknown key: %v", err)
+	}
+	if !providers.IsRemote(tf.p) {
+		t.Fatal("provider does not declare itself Remote")
+	}
+	if err := tf.p.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tf.p.Sign(context.Background(), "p256", algES256, randomDigest(crypto.SHA256)); !errors.Is(err, providers.ErrUnavailable) {
+		t.Fatalf("after Close: %v", err)
+	}
+}
+
+// A stalled vault costs the caller the configured deadline and no more, and
+// the provider goes on serving its other keys.
+func TestSignDeadline(t *testing.T) {
+	const timeout = 200 * time.Millisecond
+	tf := newFleet(t, timeout)
+	tf.kv.Update(func() { tf.v["ec-p256"].Delay = 5 * time.Second })
+
+	start := time.Now()
+	_, err := tf.p.Sign(context.Background(), "p256", algES256, randomDigest(crypto.SHA256))
+	elapsed := time.Since(start)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v, want DeadlineExceeded", err)
+	}
+	if elapsed < timeout || elapsed > timeout+100*time.Millisecond {
+		t.Fatalf("deadline error after %v, want %v..%v", elapsed, timeout, timeout+100*time.Millisecond)
+	}
+	t.Logf("stalled sign answered DeadlineExceeded after %v (timeout %v)", elapsed, timeout)
+
+	// The caller's own, shorter deadline wins over Config.Timeout.
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	start = time.Now()
+	if _, err := tf.p.Sign(ctx, "p256", algES256, randomDigest(crypto.SHA256)); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("caller deadline: err = %v", err)
+	}
+	if elapsed := time.Since(start); elapsed > 150*time.Millisecond {
+		t.Fatalf("caller deadline of 50ms honoured after %v", elapsed)
+	}
+
+	digest := randomDigest(crypto.SHA384)
+	sig, err := tf.p.Sign(context.Background(), "p384", algES384, digest)
+	if err != nil {
+		t.Fatalf("other key after a stall: %v", err)
+	}
+	if err := providers.Verify(tf.info(t, "p384").Public, algES384, digest, sig); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestSignErrorMapping(t *testing.T) {
+	for _, tc := range []struct {
+		status int
+		want   error
+		text   string
+		tries  int // sign requests the vault sees: 5xx is retried once, 401 re-authenticated once
+	}{
+		{http.StatusTooManyRequests, providers.ErrUnavailable, "rate limited", 1},
+		{http.StatusForbidden, providers.ErrUnavailable, "credentials refused", 1},
+		{http.StatusUnauthorized, providers.ErrUnavailable, "credentials refused", 2},
+		{http.StatusNotFound, providers.ErrNotFound, "HTTP 404", 1},
+		{http.StatusBadRequest, providers.ErrBadRequest, "rejected as invalid", 1},
+		{http.StatusServiceUnavailable, providers.ErrUnavailable, "HTTP 503", 2},
+		{http.StatusInternalServerError, providers.ErrUnavailable, "HTTP 500", 2},
+	} {
+		t.Run(http.StatusText(tc.status), func(t *testing.T) {
+			tf := newFleet(t, 0)
+			tf.kv.Update(func() { tf.v["ec-p256"].SignStatus = tc.status })
+			digest := randomDigest(crypto.SHA256)
+			start := time.Now()
+			_, err := tf.p.Sign(context.Background(), "p256", algES256, digest)
+			elapsed := time.Since(start)
+			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.text) {
+				t.Fatalf("err = %v, want %v mentioning %q", err, tc.want, tc.text)
+			}
+			t.Logf("HTTP %d after %v: %v", tc.status, elapsed.Round(time.Millisecond), err)
+			if strings.Contains(err.Error(), "injected fault") || strings.Contains(strings.ToLower(err.Error()), strings.ToLower(base64.RawURLEncoding.EncodeToString(digest))) {
+				t.Fatalf("error carries server text or the digest: %v", err)
+			}
+			if n := tf.kv.SignCount(); n != tc.tries {
+				t.Fatalf("vault saw %d sign requests, want %d", n, tc.tries)
+			}
+			if elapsed > time.Second {
+				t.Fatalf("answered after %v", elapsed)
+			}
+		})
+	}
+}
+
+func TestOpenResolvesVersions(t *testing.T) {
+	keys := testKeys()
+	kv := &azurekvtest.Server{}
+	old := kv.Add("ec", keys["p256"])
+	cur := kv.Add("ec", keys["p256-b"])
+	url, opts, cred := kv.Start(t)
+	open := func(kcs ...KeyConfig) (*Provider, error) {
+		return Open(context.Background(), Config{ID: "azure", VaultURL: url, Keys: kcs, Credential: cred, ClientOptions: opts})
+	}
+
+	p, err := open(KeyConfig{Name: "latest", Key: "ec"}, KeyConfig{Name: "pinned", Key: "ec", Version: old.ID})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	for name, want := range map[string]*azurekvtest.Version{"latest": cur, "pinned": old} {
+		if v, _ := p.Version(name); v != want.ID {
+			t.Fatalf("%s resolved to version %q, want %q", name, v, want.ID)
+		}
+		digest := randomDigest(crypto.SHA256)
+		sig, err := p.Sign(context.Background(), name, algES256, digest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := providers.Verify(want.Signer.Public(), algES256, digest, sig); err != nil {
+			t.Fatalf("%s: signature is not the resolved version's: %v", name, err)
+		}
+	}
+
+	for _, tc := range []struct {
+		name string
+		kc   KeyConfig
+		want error
+		text string
+	}{
+		{"unknown key", KeyConfig{Name: "x", Key: "missing"}, providers.ErrNotFound, "HTTP 404"},
+		{"unknown version", KeyConfig{Name: "x", Key: "ec", Version: "0123456789abcdef0123456789abcdef"}, providers.ErrNotFound, "HTTP 404"},
+		{"no vault key", KeyConfig{Name: "x"}, providers.ErrBadRequest, "empty vault key"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := open(tc.kc)
+			if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.text) {
+				t.Fatalf("err = %v, want %v mentioning %q", err, tc.want, tc.text)
+			}
+		})
+	}
+
+	kv.Update(func() { cur.GetStatus = http.StatusForbidden })
+	if _, err := open(KeyConfig{Name: "latest", Key: "ec"}); !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "credentials refused") {
+		t.Fatalf("get key refused: err = %v", err)
+	}
+	if _, err := open(KeyConfig{Name: "a", Key: "ec"}, KeyConfig{Name: "a", Key: "ec", Version: old.ID}); err == nil {
+		t.Fatal("a name configured twice opened")
+	}
+}

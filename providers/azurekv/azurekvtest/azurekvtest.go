@@ -1,0 +1,392 @@
+// Package azurekvtest is an in-process Azure Key Vault for tests: an
+// httptest TLS server speaking the Key Vault REST endpoints the azkeys SDK
+// uses for get-key and sign, holding real Go keys, reached by the real
+// azkeys.Client through its real challenge-based bearer authentication. The
+// azurekv provider's tests and the agent's use it; nothing here is for
+// production.
+package azurekvtest
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/rand"
+	"crypto/rsa"
+	_ "crypto/sha256" // SHA-256 for RS/PS256
+	_ "crypto/sha512" // SHA-384 for RS/PS384
+	"encoding/asn1"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"math/big"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
+	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
+)
+
+// Challenge is the WWW-Authenticate header the fake answers an
+// unauthenticated request with, as Key Vault does.
+const Challenge = `Bearer authorization="https://login.microsoftonline.com/tenant", resource="https://vault.azure.net"`
+
+// Token is the bearer token Credential issues.
+const Token = "fake-token"
+
+// Server is an in-process Key Vault. Keys have versions; the newest version
+// of a name is its current one. Faults are set per version, under Update.
+type Server struct {
+	mu         sync.Mutex
+	keys       map[string][]*Version // name → versions, oldest first
+	signs      int                   // sign requests answered, faults included
+	challenges int                   // unauthenticated requests answered with 401
+	gets       int                   // authenticated get-key requests answered, faults included
+}
+
+// Version is one key version.
+type Version struct {
+	Name    string // the key's name
+	ID      string // the version id, 32 hex digits as Key Vault uses
+	Signer  crypto.Signer
+	Enabled bool
+
+	Delay      time.Duration // sign stalls this long (or until the client gives up)
+	SignStatus int           // sign answers with this HTTP status (and a Key Vault error body)
+	GetStatus  int           // get-key answers with this HTTP status
+}
+
+// Add creates a new version of key name, signing with signer, and makes it
+// the current version.
+func (s *Server) Add(name string, signer crypto.Signer) *Version {
+	var id [16]byte
+	rand.Read(id[:])
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.keys == nil {
+		s.keys = make(map[string][]*Version)
+	}
+	v := &Version{Name: name, ID: hex.EncodeToString(id[:]), Signer: signer, Enabled: true}
+	s.keys[name] = append(s.keys[name], v)
+	return v
+}
+
+// Update runs fn under the server's lock, for changing a Version's faults
+// while requests may be in flight.
+func (s *Server) Update(fn func()) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	fn()
+}
+
+// SignCount is the number of authenticated sign requests answered.
+func (s *Server) SignCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.signs
+}
+
+// GetKeyCount is the number of authenticated get-key requests answered.
+func (s *Server) GetKeyCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.gets
+}
+
+// Challenges is the number of unauthenticated requests answered with a 401
+// challenge.
+func (s *Server) Challenges() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.challenges
+}
+
+// lookup finds a version; version "" is the current one.
+func (s *Server) lookup(name, version string) *Version {
+	vs := s.keys[name]
+	if len(vs) == 0 {
+		return nil
+	}
+	if version == "" {
+		return vs[len(vs)-1]
+	}
+	for _, v := range vs {
+		if v.ID == version {
+			return v
+		}
+	}
+	return nil
+}
+
+// Start serves the vault on a loopback TLS listener until the test ends. It
+// returns the vault URL, client options whose transport trusts the server's
+// certificate (with challenge resource verification off, as the server is
+// not under vault.azure.net), and a static credential.
+func (s *Server) Start(t testing.TB) (vaultURL string, opts *azkeys.ClientOptions, cred azcore.TokenCredential) {
+	t.Helper()
+	srv := httptest.NewTLSServer(http.HandlerFunc(s.serveHTTP))
+	t.Cleanup(srv.Close)
+	opts = &azkeys.ClientOptions{
+		ClientOptions:                        azcore.ClientOptions{Transport: srv.Client()},
+		DisableChallengeResourceVerification: true,
+	}
+	return srv.URL + "/", opts, Credential{}
+}
+
+// Credential is a static azcore.TokenCredential issuing Token.
+type Credential struct{}
+
+// GetToken implements azcore.TokenCredential.
+func (Credential) GetToken(_ context.Context, o policy.TokenRequestOptions) (azcore.AccessToken, error) {
+	if len(o.Scopes) != 1 || o.Scopes[0] != "https://vault.azure.net/.default" || o.TenantID != "tenant" {
+		return azcore.AccessToken{}, fmt.Errorf("azurekvtest: token for scopes %v tenant %q, want the challenge's", o.Scopes, o.TenantID)
+	}
+	return azcore.AccessToken{Token: Token, ExpiresOn: time.Now().Add(time.Hour)}, nil
+}
+
+type kvError struct {
+	Error struct {
+		Code    string `json:"code"`
+		Message string `json:"message"`
+	} `json:"error"`
+}
+
+func writeError(w http.ResponseWriter, status int, code, msg string) {
+	var e kvError
+	e.Error.Code, e.Error.Message = code, msg
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	switch status {
+	case http.StatusTooManyRequests:
+		w.Header().Set("Retry-After", "1")
+	case http.StatusUnauthorized:
+		// Key Vault challenges every 401, a rejected token included; the SDK
+		// then fetches a fresh token and tries once more.
+		w.Header().Set("WWW-Authenticate", Challenge)
+	}
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(e)
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	json.NewEncoder(w).Encode(v)
+}
+
+// codeFor is the error code Key Vault sends with an HTTP status.
+func codeFor(status int) string {
+	switch status {
+	case http.StatusBadRequest:
+		return "BadParameter"
+	case http.StatusUnauthorized:
+		return "Unauthorized"
+	case http.StatusForbidden:
+		return "Forbidden"
+	case http.StatusNotFound:
+		return "KeyNotFound"
+	case http.StatusTooManyRequests:
+		return "Throttled"
+	case http.StatusServiceUnavailable:
+		return "ServiceUnavailable"
+	}
+	return "InternalServerError"
+}
+
+var b64 = base64.RawURLEncoding
+
+func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.URL.Query().Get("api-version") == "" {
+		writeError(w, http.StatusBadRequest, "BadParameter", "api-version is required")
+		return
+	}
+	// The SDK's first request carries no token and no body; Key Vault answers
+	// it with a challenge naming the tenant and the resource to get a token for.
+	if r.Header.Get("Authorization") != "Bearer "+Token {
+		s.mu.Lock()
+		s.challenges++
+		s.mu.Unlock()
+		writeError(w, http.StatusUnauthorized, "Unauthorized", "AKV10000: Request is missing a Bearer or PoP token.")
+		return
+	}
+	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/"), "/")
+	switch {
+	case r.Method == http.MethodGet && len(parts) >= 2 && len(parts) <= 3 && parts[0] == "keys" && parts[1] != "":
+		version := ""
+		if len(parts) == 3 {
+			version = parts[2]
+		}
+		s.getKey(w, r, parts[1], version)
+	case r.Method == http.MethodPost && len(parts) == 4 && parts[0] == "keys" && parts[3] == "sign" && parts[1] != "" && parts[2] != "":
+		s.sign(w, r, parts[1], parts[2])
+	default:
+		writeError(w, http.StatusNotFound, "NotFound", "no such endpoint")
+	}
+}
+
+func kid(r *http.Request, v *Version) string {
+	return "https://" + r.Host + "/keys/" + v.Name + "/" + v.ID
+}
+
+func (s *Server) getKey(w http.ResponseWriter, r *http.Request, name, version string) {
+	s.mu.Lock()
+	s.gets++
+	v := s.lookup(name, version)
+	var status int
+	var enabled bool
+	if v != nil {
+		status, enabled = v.GetStatus, v.Enabled
+	}
+	s.mu.Unlock()
+	if v == nil {
+		writeError(w, http.StatusNotFound, "KeyNotFound", "A key with (name/id) "+name+" was not found in this key vault.")
+		return
+	}
+	if status != 0 {
+		writeError(w, status, codeFor(status), "injected fault")
+		return
+	}
+	key := map[string]any{"kid": kid(r, v)}
+	switch pub := v.Signer.Public().(type) {
+	case *ecdsa.PublicKey:
+		n := (pub.Curve.Params().BitSize + 7) / 8
+		point, err := pub.Bytes()
+		if err != nil {
+			writeError(w, http.StatusInternalServerError, "InternalServerError", err.Error())
+			return
+		}
+		key["kty"] = "EC"
+		key["crv"] = pub.Curve.Params().Name
+		key["x"] = b64.EncodeToString(point[1 : 1+n])
+		key["y"] = b64.EncodeToString(point[1+n:])
+		key["key_ops"] = []string{"sign", "verify"}
+	case *rsa.PublicKey:
+		key["kty"] = "RSA"
+		key["n"] = b64.EncodeToString(pub.N.Bytes())
+		key["e"] = b64.EncodeToString(bigEndian(pub.E))
+		key["key_ops"] = []string{"sign", "verify", "encrypt", "decrypt", "wrapKey", "unwrapKey"}
+	default:
+		writeError(w, http.StatusInternalServerError, "InternalServerError", "unsupported test key")
+		return
+	}
+	writeJSON(w, map[string]any{
+		"key":        key,
+		"attributes": map[string]any{"enabled": enabled, "created": time.Now().Unix(), "updated": time.Now().Unix(), "recoveryLevel": "Recoverable+Purgeable"},
+	})
+}
+
+func bigEndian(e int) []byte {
+	var out []byte
+	for ; e > 0; e >>= 8 {
+		out = append([]byte{byte(e)}, out...)
+	}
+	return out
+}
+
+func (s *Server) sign(w http.ResponseWriter, r *http.Request, name, version string) {
+	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+		writeError(w, http.StatusBadRequest, "BadParameter", "content type "+ct)
+		return
+	}
+	var req struct {
+		Alg   string `json:"alg"`
+		Value string `json:"value"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, "BadParameter", "malformed body")
+		return
+	}
+	digest, err := b64.DecodeString(req.Value)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "BadParameter", "value is not base64url")
+		return
+	}
+	s.mu.Lock()
+	v := s.lookup(name, version)
+	if v == nil {
+		s.mu.Unlock()
+		writeError(w, http.StatusNotFound, "KeyNotFound", "A key with (name/id) "+name+"/"+version+" was not found in this key vault.")
+		return
+	}
+	s.signs++
+	delay, status, enabled := v.Delay, v.SignStatus, v.Enabled
+	s.mu.Unlock()
+	if delay > 0 {
+		select {
+		case <-time.After(delay):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	if status != 0 {
+		writeError(w, status, codeFor(status), "injected fault")
+		return
+	}
+	if !enabled {
+		writeError(w, http.StatusForbidden, "Forbidden", "Operation sign is not allowed on a disabled key.")
+		return
+	}
+	sig, err := signWith(v.Signer, req.Alg, digest)
+	if err != nil {
+		writeError(w, http.StatusBadRequest, "BadParameter", err.Error())
+		return
+	}
+	writeJSON(w, map[string]string{"kid": kid(r, v), "value": b64.EncodeToString(sig)})
+}
+
+// signWith signs as Key Vault does: ECDSA as raw r‖s of fixed width, RSA-PSS
+// with a salt as long as the digest. The algorithm must suit the key: an EC
+// curve takes only its own hash.
+func signWith(signer crypto.Signer, alg string, digest []byte) ([]byte, error) {
+	var h crypto.Hash
+	switch alg[len(alg)-3:] {
+	case "256":
+		h = crypto.SHA256
+	case "384":
+		h = crypto.SHA384
+	case "512":
+		h = crypto.SHA512
+	default:
+		return nil, fmt.Errorf("algorithm %q", alg)
+	}
+	if len(digest) != h.Size() {
+		return nil, fmt.Errorf("digest of %d bytes for %s", len(digest), alg)
+	}
+	switch pub := signer.Public().(type) {
+	case *ecdsa.PublicKey:
+		want := map[string]string{"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}[pub.Curve.Params().Name]
+		if alg != want {
+			return nil, fmt.Errorf("algorithm %s on curve %s", alg, pub.Curve.Params().Name)
+		}
+		der, err := signer.Sign(rand.Reader, digest, h)
+		if err != nil {
+			return nil, err
+		}
+		return derToRaw(der, (pub.Curve.Params().BitSize+7)/8)
+	case *rsa.PublicKey:
+		switch alg[:2] {
+		case "RS":
+			return signer.Sign(rand.Reader, digest, h)
+		case "PS":
+			return signer.Sign(rand.Reader, digest, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: h})
+		}
+		return nil, fmt.Errorf("algorithm %s on an RSA key", alg)
+	}
+	return nil, fmt.Errorf("unsupported test key %T", signer.Public())
+}
+
+// derToRaw converts an ASN.1 DER ECDSA signature to r‖s, each left-padded
+// to n bytes, as JOSE and Key Vault encode it.
+func derToRaw(der []byte, n int) ([]byte, error) {
+	var sig struct{ R, S *big.Int }
+	if rest, err := asn1.Unmarshal(der, &sig); err != nil || len(rest) != 0 {
+		return nil, fmt.Errorf("ecdsa signature is not DER")
+	}
+	out := make([]byte, 2*n)
+	sig.R.FillBytes(out[:n])
+	sig.S.FillBytes(out[n:])
+	return out, nil
+}
