@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"go.yaml.in/yaml/v3"
@@ -92,6 +93,13 @@ type ProviderSpec struct {
 	// Endpoint: for emulators and tests on loopback only.
 	InsecureEndpoint bool `yaml:"insecure_endpoint"`
 
+	// awskms: the region (credentials from the AWS SDK's default chain);
+	// endpoint above overrides the regional one (VPC endpoints, emulators).
+	Region string `yaml:"region"`
+
+	// azurekv: the vault (credentials from azidentity's default chain).
+	VaultURL string `yaml:"vault_url"`
+
 	Keys []KeySpec `yaml:"keys"`
 }
 
@@ -102,8 +110,11 @@ type KeySpec struct {
 	URI  string `yaml:"uri"`  // pkcs11: RFC 7512, e.g. pkcs11:token=prod;object=release
 	// gcpkms: the crypto key's id in the key ring, and its version: a
 	// number, or "latest" (the highest enabled version, resolved at start).
+	// azurekv: the key's name in the vault and its version ("" = current).
 	Key     string `yaml:"key"`
 	Version string `yaml:"version"`
+	// awskms: key id, key ARN or alias/NAME.
+	KeyID string `yaml:"key_id"`
 }
 
 // LoadConfig reads and validates a YAML configuration file. Errors name the
@@ -267,8 +278,26 @@ func (c *Config) Validate() error {
 					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: gcpkms keys need key and version (a number or latest)", where, j, k.Name))
 				}
 			}
+		case "awskms":
+			if p.Region == "" {
+				errs = append(errs, fmt.Errorf("%s: awskms needs region", where))
+			}
+			for j, k := range p.Keys {
+				if k.KeyID == "" {
+					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: awskms keys need key_id (id, ARN or alias/NAME)", where, j, k.Name))
+				}
+			}
+		case "azurekv":
+			if !strings.HasPrefix(p.VaultURL, "https://") {
+				errs = append(errs, fmt.Errorf("%s: azurekv needs vault_url (https://NAME.vault.azure.net)", where))
+			}
+			for j, k := range p.Keys {
+				if k.Key == "" {
+					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: azurekv keys need key (and optionally version)", where, j, k.Name))
+				}
+			}
 		default:
-			errs = append(errs, fmt.Errorf("%s: type %q: want software, pkcs11 or gcpkms", where, p.Type))
+			errs = append(errs, fmt.Errorf("%s: type %q: want software, pkcs11, gcpkms, awskms or azurekv", where, p.Type))
 		}
 		for j, k := range p.Keys {
 			if k.Name == "" {

@@ -12,6 +12,8 @@ import (
 
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/awskms"
+	"github.com/sigil-agent/sigil/providers/azurekv"
 	"github.com/sigil-agent/sigil/providers/software"
 )
 
@@ -105,6 +107,18 @@ func openProvider(ctx context.Context, spec ProviderSpec, log *zap.Logger) (prov
 		return openPKCS11(ctx, spec, log)
 	case "gcpkms":
 		return openGCPKMS(ctx, spec, log)
+	case "awskms":
+		keys := make([]awskms.KeyConfig, len(spec.Keys))
+		for i, k := range spec.Keys {
+			keys[i] = awskms.KeyConfig{Name: k.Name, KeyID: k.KeyID}
+		}
+		return awskms.Open(ctx, awskms.Config{ID: spec.ID, Region: spec.Region, Endpoint: spec.Endpoint, Keys: keys, Timeout: spec.Timeout, Logger: log})
+	case "azurekv":
+		keys := make([]azurekv.KeyConfig, len(spec.Keys))
+		for i, k := range spec.Keys {
+			keys[i] = azurekv.KeyConfig{Name: k.Name, Key: k.Key, Version: k.Version}
+		}
+		return azurekv.Open(ctx, azurekv.Config{ID: spec.ID, VaultURL: spec.VaultURL, Keys: keys, Timeout: spec.Timeout, Logger: log})
 	}
 	return nil, fmt.Errorf("unknown provider type %q", spec.Type)
 }
