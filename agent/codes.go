@@ -35,6 +35,8 @@ func codeOf(err error) proto.Code {
 		return proto.PINIncorrect
 	case errors.Is(err, providers.ErrTokenLocked):
 		return proto.TokenLocked
+	case errors.Is(err, providers.ErrRateLimited):
+		return proto.RateLimited
 	case errors.Is(err, providers.ErrUnavailable):
 		return proto.Unavailable
 	case errors.Is(err, journal.ErrUnavailable):

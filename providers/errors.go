@@ -21,6 +21,9 @@ var (
 	ErrPINIncorrect = errors.New("PIN incorrect")
 	// ErrTokenLocked: the token's PIN is locked.
 	ErrTokenLocked = errors.New("token locked")
+	// ErrRateLimited: the backend throttled the call (a cloud KMS quota).
+	// Transient: retry later.
+	ErrRateLimited = errors.New("rate limited by the key service")
 	// ErrInvalidSignature: Verify found the signature does not match.
 	ErrInvalidSignature = errors.New("invalid signature")
 )

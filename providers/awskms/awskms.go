@@ -298,7 +298,7 @@ func classify(parent, callCtx context.Context, op string, err error) error {
 	switch code {
 	case "ThrottlingException", "Throttling", "ThrottledException", "TooManyRequestsException",
 		"RequestLimitExceeded", "LimitExceededException":
-		return fmt.Errorf("awskms %s: rate limited (%s): %w", op, code, providers.ErrUnavailable)
+		return fmt.Errorf("awskms %s: rate limited (%s): %w", op, code, providers.ErrRateLimited)
 	case "AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException",
 		"IncompleteSignature", "MissingAuthenticationToken", "InvalidClientTokenId",
 		"ExpiredTokenException", "ExpiredToken", "SignatureDoesNotMatch":

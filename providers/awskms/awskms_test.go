@@ -403,8 +403,8 @@ func TestClassify(t *testing.T) {
 		want    error
 		message string
 	}{
-		{&smithy.GenericAPIError{Code: "ThrottlingException", Message: secret}, providers.ErrUnavailable, "rate limited"},
-		{&types.LimitExceededException{Message: aws.String(secret)}, providers.ErrUnavailable, "rate limited"},
+		{&smithy.GenericAPIError{Code: "ThrottlingException", Message: secret}, providers.ErrRateLimited, "rate limited"},
+		{&types.LimitExceededException{Message: aws.String(secret)}, providers.ErrRateLimited, "rate limited"},
 		{&smithy.GenericAPIError{Code: "AccessDeniedException", Message: secret}, providers.ErrUnavailable, "credentials refused"},
 		{&smithy.GenericAPIError{Code: "UnrecognizedClientException", Message: secret}, providers.ErrUnavailable, "credentials refused"},
 		{&smithy.GenericAPIError{Code: "InvalidSignatureException", Message: secret}, providers.ErrUnavailable, "credentials refused"},

@@ -22,7 +22,7 @@
 // transient server and connection errors), with its backoff capped at a
 // quarter of the timeout so retries fit inside the deadline. API error codes
 // map to the provider error vocabulary in one place, classify: throttling and
-// LimitExceeded are ErrUnavailable "rate limited", refused credentials
+// LimitExceeded are ErrRateLimited (RATE_LIMITED), refused credentials
 // ErrUnavailable "credentials refused", NotFoundException ErrNotFound,
 // disabled or pending-deletion keys ErrUnavailable "key not usable",
 // ValidationException and InvalidKeyUsage ErrBadRequest, and an expired

@@ -359,7 +359,7 @@ func classify(parent, callCtx context.Context, op string, err error) error {
 		}
 		switch {
 		case re.StatusCode == http.StatusTooManyRequests:
-			return fmt.Errorf("azurekv %s: rate limited (%s): %w", op, status, providers.ErrUnavailable)
+			return fmt.Errorf("azurekv %s: rate limited (%s): %w", op, status, providers.ErrRateLimited)
 		case re.StatusCode == http.StatusUnauthorized || re.StatusCode == http.StatusForbidden:
 			return fmt.Errorf("azurekv %s: credentials refused (%s): %w", op, status, providers.ErrUnavailable)
 		case re.StatusCode == http.StatusNotFound:

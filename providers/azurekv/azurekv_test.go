@@ -233,7 +233,7 @@ func TestSignErrorMapping(t *testing.T) {
 		text   string
 		tries  int // sign requests the vault sees: 5xx is retried once, 401 re-authenticated once
 	}{
-		{http.StatusTooManyRequests, providers.ErrUnavailable, "rate limited", 1},
+		{http.StatusTooManyRequests, providers.ErrRateLimited, "rate limited", 1},
 		{http.StatusForbidden, providers.ErrUnavailable, "credentials refused", 1},
 		{http.StatusUnauthorized, providers.ErrUnavailable, "credentials refused", 2},
 		{http.StatusNotFound, providers.ErrNotFound, "HTTP 404", 1},

@@ -19,7 +19,7 @@
 // SDK's retries: one quick retry of a transport failure or a 5xx, none of a
 // 429. HTTP statuses map to the provider error vocabulary in one place,
 // classify, keeping the status and Key Vault's error code and dropping the
-// server's message text: 429 → rate limited, 401/403 → credentials refused
+// server's message text: 429 → providers.ErrRateLimited (RATE_LIMITED), 401/403 → credentials refused
 // (both providers.ErrUnavailable), 404 → providers.ErrNotFound, 400 →
 // providers.ErrBadRequest, others → providers.ErrUnavailable.
 package azurekv

@@ -330,7 +330,7 @@ func classify(parent, callCtx context.Context, op string, err error) error {
 	case codes.DeadlineExceeded:
 		return fmt.Errorf("gcpkms %s: %w", op, context.DeadlineExceeded)
 	case codes.ResourceExhausted:
-		return fmt.Errorf("gcpkms %s: rate limited (%s): %w", op, code, providers.ErrUnavailable)
+		return fmt.Errorf("gcpkms %s: rate limited (%s): %w", op, code, providers.ErrRateLimited)
 	case codes.Unauthenticated, codes.PermissionDenied:
 		return fmt.Errorf("gcpkms %s: credentials refused (%s): %w", op, code, providers.ErrUnavailable)
 	case codes.NotFound:

@@ -203,7 +203,7 @@ func TestSignErrorMapping(t *testing.T) {
 		want    error
 		message string
 	}{
-		{"throttled", codes.ResourceExhausted, providers.ErrUnavailable, "rate limited"},
+		{"throttled", codes.ResourceExhausted, providers.ErrRateLimited, "rate limited"},
 		{"unauthenticated", codes.Unauthenticated, providers.ErrUnavailable, "credentials refused"},
 		{"permission denied", codes.PermissionDenied, providers.ErrUnavailable, "credentials refused"},
 		{"not found", codes.NotFound, providers.ErrNotFound, ""},
