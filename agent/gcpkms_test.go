@@ -5,6 +5,8 @@ import (
 	"crypto"
 	"crypto/sha256"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
 
@@ -80,4 +82,101 @@ providers:
 	if _, err := c.Sign(ctx, client.ByName("release-v1"), client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA384}, make([]byte, 48)); client.Code(err) != proto.UnsupportedAlgorithm {
 		t.Fatalf("a version bound to ECDSA SHA-256 signed SHA-384: %v", err)
 	}
+}
+
+// Rotating a cloud slot makes a new version of its key in the KMS; after a
+// restart the agent serves that version again by the resource the rotation
+// recorded.
+func TestAgentRotatesGCPKMSSlot(t *testing.T) {
+	keys := gcpkmstest.TestKeys()
+	kms := &gcpkmstest.Server{}
+	kms.Add(gcpkmstest.VersionName("release", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	kms.Serve(t)
+	dir := t.TempDir()
+	policyFile := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
+admins: {unix_uids: [%d]}
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: gcp-release}
+`, os.Getuid(), os.Getuid())), 0o600)
+	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
+policy: %s
+rotation: {canaries: 5}
+providers:
+  - id: gcp
+    type: gcpkms
+    project: p
+    location: global
+    key_ring: ring
+    endpoint: %q
+    insecure_endpoint: true
+    keys:
+      - {name: gcp-release, key: release, version: "1"}
+`, policyFile, kms.Addr())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DataDir = t.TempDir()
+	cfg.Socket = shortSocketPath(t)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	ctx := context.Background()
+	d := sha256.Sum256([]byte("cloud rotation"))
+
+	run := func(f func(c, admin *client.Client)) {
+		a, err := agent.New(ctx, cfg, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ln, _ := agent.ListenUnix(cfg.Socket)
+		aln, _ := agent.ListenUnix(cfg.AdminSocket)
+		go a.Serve(ln)
+		go a.ServeAdmin(aln)
+		c, err := client.Dial(ctx, cfg.Socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		admin, err := client.Dial(ctx, cfg.AdminSocket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		f(c, admin)
+		c.Close()
+		admin.Close()
+		a.Shutdown(ctx)
+	}
+	var v1, v2 string
+	run(func(c, admin *client.Client) {
+		s, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		v1 = s.KID
+		if err := admin.Rotate(ctx, "payments/release"); err != nil {
+			t.Fatal(err)
+		}
+		s, err = c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		v2 = s.KID
+		if v2 == v1 {
+			t.Fatal("the cloud slot signs with the same key after a rotation")
+		}
+	})
+	if _, err := kms.Lookup(gcpkmstest.VersionName("release", "2")); err != nil {
+		t.Fatalf("the rotation made no new version in the KMS: %v", err)
+	}
+	run(func(c, admin *client.Client) {
+		s, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		if err != nil || s.KID != v2 {
+			t.Fatalf("after a restart: kid %s (want %s), %v", s.KID, v2, err)
+		}
+		k, _ := c.PublicKey(ctx, client.ByKID(v2))
+		if err := providers.Verify(k.Public, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d[:], s.Sig); err != nil {
+			t.Fatal(err)
+		}
+	})
 }

@@ -156,6 +156,8 @@ func (a *Agent) adopt(ctx context.Context, v rotation.Version) error {
 			info, err = pp.Adopt(v.Key, v.KeyType)
 		case *pkcs11.Provider:
 			info, err = pp.AddKey(ctx, pkcs11.KeyConfig{Name: v.Key, URI: v.URI})
+		case versionedKeys:
+			info, err = pp.AddKey(ctx, v.Key, v.URI)
 		default:
 			return fmt.Errorf("provider %s cannot serve generated keys again", p.ID())
 		}
@@ -179,6 +181,30 @@ func (m pkcs11Maker) GenerateKey(ctx context.Context, name string, kt providers.
 	return m.Provider.GenerateKey(ctx, name, kt, name, nil)
 }
 
+// versionedKeys is a cloud provider: a rotation makes a new version of the
+// key behind the active one (GCP CreateCryptoKeyVersion, Azure CreateKey on
+// the same name) or a new key behind its alias (AWS); URI and AddKey let a
+// restart serve it again.
+type versionedKeys interface {
+	NewVersion(ctx context.Context, base, name string) (providers.KeyInfo, error)
+	URI(name string) (string, error)
+	AddKey(ctx context.Context, name, locator string) (providers.KeyInfo, error)
+}
+
+// cloudMaker makes the next version of the key that base names.
+type cloudMaker struct {
+	p    versionedKeys
+	base string
+}
+
+func (m cloudMaker) GenerateKey(ctx context.Context, name string, kt providers.KeyType) (providers.KeyInfo, error) {
+	info, err := m.p.NewVersion(ctx, m.base, name)
+	if err == nil && info.Type != kt {
+		return info, fmt.Errorf("the key service made a %s key, the slot uses %s", info.Type, kt)
+	}
+	return info, err
+}
+
 // rotateOptions: the new version is made by the provider of the active one.
 func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions, error) {
 	v, err := a.rot.Store().Resolve(slot)
@@ -195,6 +221,8 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 		o.Maker = &servingMaker{a: a, p: pp, gen: pp}
 	case *pkcs11.Provider:
 		o.Maker = &locatingMaker{servingMaker{a: a, p: pp, gen: pkcs11Maker{pp}}, pp}
+	case versionedKeys:
+		o.Maker = &locatingMaker{servingMaker{a: a, p: e.provider, gen: cloudMaker{pp, v.Key}}, pp}
 	default:
 		return rotation.RotateOptions{}, fmt.Errorf("provider %s cannot generate keys", e.provider.ID())
 	}

@@ -6,6 +6,8 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -62,22 +64,59 @@ func (c *Config) EnsureDefaults() {
 	}
 }
 
-// Provider signs with AWS KMS asymmetric keys. Its key table is fixed at
-// Open, so Sign takes no lock.
+// Provider signs with AWS KMS asymmetric keys. Its key table is replaced
+// whole (copy on write) when NewVersion or AddKey adds a key, so Sign takes
+// no lock.
 type Provider struct {
 	id      string
 	timeout time.Duration
 	log     *zap.Logger
 	client  *kms.Client
-	keys    map[string]*remoteKey
-	order   []string
+	keys    atomic.Pointer[keySet]
+	keysMu  sync.Mutex // serializes writers of keys
 	closed  atomic.Bool
+}
+
+// keySet is one immutable generation of the key table.
+type keySet struct {
+	byName map[string]*remoteKey
+	order  []string
 }
 
 type remoteKey struct {
 	info  providers.KeyInfo
 	keyID string                                             // the key ARN KMS resolved the configured id to
+	spec  types.KeySpec                                      // the key's spec, for creating its next version
+	alias string                                             // "alias/name" when the key is served through that alias, else ""
 	algs  map[providers.Algorithm]types.SigningAlgorithmSpec // what the key may sign with
+}
+
+// aliasName returns the alias name ("alias/name") a configured key id names,
+// or "" when it names a key by id or key ARN.
+func aliasName(keyID string) string {
+	if strings.HasPrefix(keyID, "alias/") {
+		return keyID
+	}
+	if strings.HasPrefix(keyID, "arn:") {
+		if i := strings.Index(keyID, ":alias/"); i >= 0 {
+			return keyID[i+1:]
+		}
+	}
+	return ""
+}
+
+// with returns a copy of ks with k served under name, added after the others
+// when name is new.
+func (ks *keySet) with(name string, k *remoteKey) *keySet {
+	out := &keySet{byName: make(map[string]*remoteKey, len(ks.byName)+1), order: ks.order[:len(ks.order):len(ks.order)]}
+	for n, v := range ks.byName {
+		out.byName[n] = v
+	}
+	if _, ok := out.byName[name]; !ok {
+		out.order = append(out.order, name)
+	}
+	out.byName[name] = k
+	return out
 }
 
 var (
@@ -124,21 +163,22 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		timeout: cfg.Timeout,
 		log:     cfg.Logger,
 		client:  client,
-		keys:    make(map[string]*remoteKey, len(cfg.Keys)),
 	}
+	ks := &keySet{byName: make(map[string]*remoteKey, len(cfg.Keys))}
 	for _, kc := range cfg.Keys {
-		if _, dup := p.keys[kc.Name]; dup || kc.Name == "" {
+		if _, dup := ks.byName[kc.Name]; dup || kc.Name == "" {
 			return nil, fmt.Errorf("awskms provider %s: key %q empty or configured twice", cfg.ID, kc.Name)
 		}
 		k, err := p.openKey(ctx, kc)
 		if err != nil {
 			return nil, fmt.Errorf("awskms provider %s: key %q: %w", cfg.ID, kc.Name, err)
 		}
-		p.keys[kc.Name] = k
-		p.order = append(p.order, kc.Name)
+		ks.byName[kc.Name] = k
+		ks.order = append(ks.order, kc.Name)
 		p.log.Info("awskms key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
 			zap.String("key_id", k.keyID), zap.Int("algorithms", len(k.algs)), zap.String("kid", k.info.KID))
 	}
+	p.keys.Store(ks)
 	return p, nil
 }
 
@@ -190,7 +230,7 @@ func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error
 	if len(algs) == 0 {
 		return nil, fmt.Errorf("key %s: no signing algorithm Sigil supports: %w", kc.KeyID, providers.ErrUnsupportedAlgorithm)
 	}
-	return &remoteKey{info: info, keyID: keyID, algs: algs}, nil
+	return &remoteKey{info: info, keyID: keyID, spec: out.KeySpec, alias: aliasName(kc.KeyID), algs: algs}, nil
 }
 
 // ID implements providers.Provider.
@@ -201,25 +241,175 @@ func (p *Provider) Remote() bool { return true }
 
 // Keys implements providers.Provider.
 func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
-	out := make([]providers.KeyInfo, 0, len(p.order))
-	for _, name := range p.order {
-		out = append(out, p.keys[name].info)
+	ks := p.keys.Load()
+	out := make([]providers.KeyInfo, 0, len(ks.order))
+	for _, name := range ks.order {
+		out = append(out, ks.byName[name].info)
 	}
 	return out, nil
 }
 
-// KeyARN returns the key ARN a key's configured id resolved to at Open.
+// KeyARN returns the key ARN a key's configured id resolved to when the key
+// was first served.
 func (p *Provider) KeyARN(name string) (string, bool) {
-	k, ok := p.keys[name]
+	k, ok := p.keys.Load().byName[name]
 	if !ok {
 		return "", false
 	}
 	return k.keyID, true
 }
 
+// URI returns the key ARN of a served key: what a later configuration (or
+// AddKey after a restart) names the key by. Unlike the configured id it
+// never follows an alias, so it keeps naming this key after a rotation.
+func (p *Provider) URI(name string) (string, error) {
+	k, ok := p.keys.Load().byName[name]
+	if !ok {
+		return "", fmt.Errorf("awskms uri %s: %w", name, providers.ErrNotFound)
+	}
+	return k.keyID, nil
+}
+
+// NewVersion rotates the served key base: AWS KMS has no versions of an
+// asymmetric key, so it creates a new SIGN_VERIFY key of base's key spec and
+// serves it under name. When base was configured through an alias, the alias
+// is pointed at the new key, but only once the new key's public key was
+// fetched and checked; any failure before that leaves the alias on the old
+// key (and schedules the unused new key for deletion, best effort). The old
+// key stays served under base.
+func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers.KeyInfo, error) {
+	fail := func(err error) (providers.KeyInfo, error) {
+		return providers.KeyInfo{}, fmt.Errorf("awskms provider %s: new version %s of %s: %w", p.id, name, base, err)
+	}
+	if name == "" {
+		return fail(fmt.Errorf("empty key name: %w", providers.ErrBadRequest))
+	}
+	if p.closed.Load() {
+		return fail(fmt.Errorf("provider closed: %w", providers.ErrUnavailable))
+	}
+	p.keysMu.Lock()
+	defer p.keysMu.Unlock()
+	old := p.keys.Load()
+	bk, ok := old.byName[base]
+	if !ok {
+		return fail(providers.ErrNotFound)
+	}
+	if _, dup := old.byName[name]; dup {
+		return fail(fmt.Errorf("a key is already served under this name: %w", providers.ErrBadRequest))
+	}
+
+	createCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	created, err := p.client.CreateKey(createCtx, &kms.CreateKeyInput{
+		KeySpec:     bk.spec,
+		KeyUsage:    types.KeyUsageTypeSignVerify,
+		Description: aws.String(fmt.Sprintf("Sigil provider %s: key %s, rotation of key %s (%s)", p.id, name, base, bk.keyID)),
+	})
+	if err != nil {
+		cancel()
+		return fail(classify(ctx, createCtx, "create key", err))
+	}
+	cancel()
+	if created.KeyMetadata == nil || aws.ToString(created.KeyMetadata.Arn) == "" {
+		return fail(fmt.Errorf("create key: response names no key: %w", providers.ErrUnavailable))
+	}
+	newARN := aws.ToString(created.KeyMetadata.Arn)
+	discard := func(err error) (providers.KeyInfo, error) {
+		p.deleteKey(ctx, newARN)
+		return fail(err)
+	}
+
+	k, err := p.openKey(ctx, KeyConfig{Name: name, KeyID: newARN})
+	if err != nil {
+		return discard(err)
+	}
+	if k.keyID != newARN {
+		return discard(fmt.Errorf("get public key %s: response names another key: %w", newARN, providers.ErrUnavailable))
+	}
+	if k.info.Type != bk.info.Type {
+		return discard(fmt.Errorf("new key is a %s key, not %s: %w", k.info.Type, bk.info.Type, providers.ErrUnavailable))
+	}
+
+	next := old
+	if bk.alias != "" {
+		aliasCtx, cancel := context.WithTimeout(ctx, p.timeout)
+		_, err := p.client.UpdateAlias(aliasCtx, &kms.UpdateAliasInput{
+			AliasName:   aws.String(bk.alias),
+			TargetKeyId: aws.String(newARN),
+		})
+		if err != nil {
+			err = classify(ctx, aliasCtx, "update alias "+bk.alias, err)
+			cancel()
+			return discard(err)
+		}
+		cancel()
+		// The alias now follows the new version: a later rotation of
+		// name moves it again, one of base no longer does.
+		k.alias = bk.alias
+		ob := *bk
+		ob.alias = ""
+		next = next.with(base, &ob)
+	}
+	p.keys.Store(next.with(name, k))
+	p.log.Info("awskms key version created", zap.String("provider", p.id), zap.String("key", name),
+		zap.String("base", base), zap.String("key_id", k.keyID), zap.String("alias", k.alias), zap.String("kid", k.info.KID))
+	return k.info, nil
+}
+
+// deleteKey schedules an unused key NewVersion created for deletion, best
+// effort: the rotation has failed already, and the key was never served.
+func (p *Provider) deleteKey(ctx context.Context, keyARN string) {
+	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
+	defer cancel()
+	_, err := p.client.ScheduleKeyDeletion(callCtx, &kms.ScheduleKeyDeletionInput{
+		KeyId:               aws.String(keyARN),
+		PendingWindowInDays: aws.Int32(7),
+	})
+	if err != nil {
+		p.log.Warn("awskms: could not schedule an unused new key for deletion", zap.String("provider", p.id),
+			zap.String("key_id", keyARN), zap.Error(classify(callCtx, callCtx, "schedule key deletion", err)))
+	}
+}
+
+// AddKey starts serving an existing key, named by key id, key ARN, alias or
+// alias ARN, under name: a key version a rotation created before a restart,
+// named by the ARN URI returned. Adding the same key under the same name
+// again returns its KeyInfo; another key under a served name is refused.
+func (p *Provider) AddKey(ctx context.Context, name, keyID string) (providers.KeyInfo, error) {
+	fail := func(err error) (providers.KeyInfo, error) {
+		return providers.KeyInfo{}, fmt.Errorf("awskms provider %s: add key %s: %w", p.id, name, err)
+	}
+	if name == "" {
+		return fail(fmt.Errorf("empty key name: %w", providers.ErrBadRequest))
+	}
+	if p.closed.Load() {
+		return fail(fmt.Errorf("provider closed: %w", providers.ErrUnavailable))
+	}
+	p.keysMu.Lock()
+	defer p.keysMu.Unlock()
+	old := p.keys.Load()
+	cur, dup := old.byName[name]
+	if dup && cur.keyID == keyID {
+		return cur.info, nil
+	}
+	k, err := p.openKey(ctx, KeyConfig{Name: name, KeyID: keyID})
+	if err != nil {
+		return fail(err)
+	}
+	if dup {
+		if cur.keyID == k.keyID {
+			return cur.info, nil
+		}
+		return fail(fmt.Errorf("a different key is served under this name: %w", providers.ErrBadRequest))
+	}
+	p.keys.Store(old.with(name, k))
+	p.log.Info("awskms key added", zap.String("provider", p.id), zap.String("key", name),
+		zap.String("key_id", k.keyID), zap.String("kid", k.info.KID))
+	return k.info, nil
+}
+
 // Algorithms returns the algorithms a key signs with, in no particular order.
 func (p *Provider) Algorithms(name string) []providers.Algorithm {
-	k, ok := p.keys[name]
+	k, ok := p.keys.Load().byName[name]
 	if !ok {
 		return nil
 	}
@@ -236,7 +426,7 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if p.closed.Load() {
 		return nil, fmt.Errorf("awskms sign %s: provider closed: %w", name, providers.ErrUnavailable)
 	}
-	k, ok := p.keys[name]
+	k, ok := p.keys.Load().byName[name]
 	if !ok {
 		return nil, fmt.Errorf("awskms sign %s: %w", name, providers.ErrNotFound)
 	}

@@ -11,6 +11,7 @@ import (
 	"math/big"
 	"net/http"
 	"regexp"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -65,23 +66,32 @@ func (c *Config) EnsureDefaults() {
 	}
 }
 
-// Provider signs with Azure Key Vault keys. Its key table is fixed at Open,
-// so Sign takes no lock.
+// Provider signs with Azure Key Vault keys. Its key table is replaced
+// copy-on-write when NewVersion or AddKey adds a key, so Sign takes no lock.
 type Provider struct {
 	id      string
 	timeout time.Duration
 	log     *zap.Logger
 	client  *azkeys.Client
-	keys    map[string]*remoteKey
-	order   []string
+	keys    atomic.Pointer[keyTable]
+	keysMu  sync.Mutex // serialises writers of keys
 	closed  atomic.Bool
+}
+
+// keyTable is an immutable snapshot of the keys served.
+type keyTable struct {
+	byName map[string]*remoteKey
+	order  []string
 }
 
 type remoteKey struct {
 	info    providers.KeyInfo
 	key     string // the key's name in the vault
 	version string // the concrete key version
-	size    int    // signature length: 2×coordinate bytes for ECDSA (raw r‖s), modulus bytes for RSA
+	uri     string // the full Key Vault key id (kid URL with version)
+	kty     azkeys.KeyType
+	crv     azkeys.CurveName // EC keys only
+	size    int              // signature length: 2×coordinate bytes for ECDSA (raw r‖s), modulus bytes for RSA
 }
 
 var (
@@ -146,21 +156,22 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		timeout: cfg.Timeout,
 		log:     cfg.Logger,
 		client:  client,
-		keys:    make(map[string]*remoteKey, len(cfg.Keys)),
 	}
+	kt := &keyTable{byName: make(map[string]*remoteKey, len(cfg.Keys))}
 	for _, kc := range cfg.Keys {
-		if _, dup := p.keys[kc.Name]; dup || kc.Name == "" {
+		if _, dup := kt.byName[kc.Name]; dup || kc.Name == "" {
 			return nil, fmt.Errorf("azurekv provider %s: key %q empty or configured twice", cfg.ID, kc.Name)
 		}
 		k, err := p.openKey(ctx, kc)
 		if err != nil {
 			return nil, fmt.Errorf("azurekv provider %s: key %q: %w", cfg.ID, kc.Name, err)
 		}
-		p.keys[kc.Name] = k
-		p.order = append(p.order, kc.Name)
+		kt.byName[kc.Name] = k
+		kt.order = append(kt.order, kc.Name)
 		p.log.Info("azurekv key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
 			zap.String("vault_key", k.key), zap.String("version", k.version), zap.String("kid", k.info.KID))
 	}
+	p.keys.Store(kt)
 	return p, nil
 }
 
@@ -175,6 +186,13 @@ func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error
 	if err != nil {
 		return nil, classify(ctx, callCtx, op, err)
 	}
+	return p.entryOf(op, kc, resp.KeyBundle)
+}
+
+// entryOf builds the served entry for kc from a key bundle the vault
+// returned (get-key or create-key), checking that it names kc's key (and
+// kc's version when one is given) and is not disabled.
+func (p *Provider) entryOf(op string, kc KeyConfig, resp azkeys.KeyBundle) (*remoteKey, error) {
 	jwk := resp.Key
 	if jwk == nil || jwk.KID == nil {
 		return nil, fmt.Errorf("azurekv %s: response has no key or kid: %w", op, providers.ErrUnavailable)
@@ -193,7 +211,11 @@ func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error
 	if err != nil {
 		return nil, fmt.Errorf("azurekv %s: %w", op, err)
 	}
-	return &remoteKey{info: info, key: kc.Key, version: jwk.KID.Version(), size: size}, nil
+	k := &remoteKey{info: info, key: kc.Key, version: jwk.KID.Version(), uri: string(*jwk.KID), kty: *jwk.Kty, size: size}
+	if jwk.Crv != nil {
+		k.crv = *jwk.Crv
+	}
+	return k, nil
 }
 
 // publicKeyOf converts a JSON Web Key's public half. size is the length of
@@ -251,16 +273,17 @@ func (p *Provider) Remote() bool { return true }
 
 // Keys implements providers.Provider.
 func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
-	out := make([]providers.KeyInfo, 0, len(p.order))
-	for _, name := range p.order {
-		out = append(out, p.keys[name].info)
+	kt := p.keys.Load()
+	out := make([]providers.KeyInfo, 0, len(kt.order))
+	for _, name := range kt.order {
+		out = append(out, kt.byName[name].info)
 	}
 	return out, nil
 }
 
-// Version returns the Key Vault key version a key resolved to at Open.
+// Version returns the Key Vault key version a key is pinned to.
 func (p *Provider) Version(name string) (string, bool) {
-	k, ok := p.keys[name]
+	k, ok := p.keys.Load().byName[name]
 	if !ok {
 		return "", false
 	}
@@ -273,7 +296,7 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if p.closed.Load() {
 		return nil, fmt.Errorf("azurekv sign %s: provider closed: %w", name, providers.ErrUnavailable)
 	}
-	k, ok := p.keys[name]
+	k, ok := p.keys.Load().byName[name]
 	if !ok {
 		return nil, fmt.Errorf("azurekv sign %s: %w", name, providers.ErrNotFound)
 	}

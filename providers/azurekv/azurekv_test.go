@@ -15,6 +15,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
+	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
+
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/azurekv/azurekvtest"
 )
@@ -49,6 +52,10 @@ type testFleet struct {
 	kv *azurekvtest.Server
 	p  *Provider
 	v  map[string]*azurekvtest.Version // by vault key name
+	// what the provider was opened with, for opening another on the same vault
+	url  string
+	opts *azkeys.ClientOptions
+	cred azcore.TokenCredential
 }
 
 func newFleet(t *testing.T, timeout time.Duration) *testFleet {
@@ -77,7 +84,7 @@ func newFleet(t *testing.T, timeout time.Duration) *testFleet {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { p.Close() })
-	return &testFleet{kv: kv, p: p, v: v}
+	return &testFleet{kv: kv, p: p, v: v, url: url, opts: opts, cred: cred}
 }
 
 func (tf *testFleet) info(t *testing.T, name string) providers.KeyInfo {

@@ -10,6 +10,7 @@ import (
 	"hash/crc32"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -67,16 +68,36 @@ func (c *Config) EnsureDefaults() {
 	}
 }
 
-// Provider signs with Cloud KMS key versions. Its key table is fixed at Open,
-// so Sign takes no lock.
+// Provider signs with Cloud KMS key versions. Its key table is replaced
+// whole (copy-on-write) when NewVersion or AddKey adds a key, so Sign takes
+// no lock.
 type Provider struct {
 	id      string
 	timeout time.Duration
 	log     *zap.Logger
 	client  *kms.KeyManagementClient
-	keys    map[string]*remoteKey
-	order   []string
+	keys    atomic.Pointer[keySet]
+	keysMu  sync.Mutex // serializes writers of keys
 	closed  atomic.Bool
+}
+
+// keySet is one immutable generation of the provider's key table.
+type keySet struct {
+	byName map[string]*remoteKey
+	order  []string
+}
+
+// with returns a copy of ks that also serves k under name.
+func (ks *keySet) with(name string, k *remoteKey) *keySet {
+	next := &keySet{
+		byName: make(map[string]*remoteKey, len(ks.byName)+1),
+		order:  append(ks.order[:len(ks.order):len(ks.order)], name),
+	}
+	for n, v := range ks.byName {
+		next.byName[n] = v
+	}
+	next.byName[name] = k
+	return next
 }
 
 type remoteKey struct {
@@ -115,10 +136,10 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		timeout: cfg.Timeout,
 		log:     cfg.Logger,
 		client:  client,
-		keys:    make(map[string]*remoteKey, len(cfg.Keys)),
 	}
+	ks := &keySet{byName: make(map[string]*remoteKey, len(cfg.Keys))}
 	for _, kc := range cfg.Keys {
-		if _, dup := p.keys[kc.Name]; dup || kc.Name == "" {
+		if _, dup := ks.byName[kc.Name]; dup || kc.Name == "" {
 			client.Close()
 			return nil, fmt.Errorf("gcpkms provider %s: key %q empty or configured twice", cfg.ID, kc.Name)
 		}
@@ -127,11 +148,12 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 			client.Close()
 			return nil, fmt.Errorf("gcpkms provider %s: key %q: %w", cfg.ID, kc.Name, err)
 		}
-		p.keys[kc.Name] = k
-		p.order = append(p.order, kc.Name)
+		ks.byName[kc.Name] = k
+		ks.order = append(ks.order, kc.Name)
 		p.log.Info("gcpkms key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
 			zap.String("version", k.version), zap.Stringer("algorithm", k.alg), zap.String("kid", k.info.KID))
 	}
+	p.keys.Store(ks)
 	return p, nil
 }
 
@@ -231,16 +253,18 @@ func (p *Provider) Remote() bool { return true }
 
 // Keys implements providers.Provider.
 func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
-	out := make([]providers.KeyInfo, 0, len(p.order))
-	for _, name := range p.order {
-		out = append(out, p.keys[name].info)
+	ks := p.keys.Load()
+	out := make([]providers.KeyInfo, 0, len(ks.order))
+	for _, name := range ks.order {
+		out = append(out, ks.byName[name].info)
 	}
 	return out, nil
 }
 
-// Version returns the CryptoKeyVersion resource a key resolved to at Open.
+// Version returns the CryptoKeyVersion resource a key resolved to at Open
+// (or was created or added as).
 func (p *Provider) Version(name string) (string, bool) {
-	k, ok := p.keys[name]
+	k, ok := p.keys.Load().byName[name]
 	if !ok {
 		return "", false
 	}
@@ -253,7 +277,7 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if p.closed.Load() {
 		return nil, fmt.Errorf("gcpkms sign %s: provider closed: %w", name, providers.ErrUnavailable)
 	}
-	k, ok := p.keys[name]
+	k, ok := p.keys.Load().byName[name]
 	if !ok {
 		return nil, fmt.Errorf("gcpkms sign %s: %w", name, providers.ErrNotFound)
 	}
@@ -426,4 +450,163 @@ func isResource(s string, n int) bool {
 		}
 	}
 	return true
+}
+
+// GenerationTimeout bounds how long NewVersion waits for Cloud KMS to finish
+// generating a new key version (PENDING_GENERATION to ENABLED), unless the
+// caller's context ends sooner.
+const GenerationTimeout = time.Minute
+
+// Backoff between GetCryptoKeyVersion polls while a version is generated.
+const (
+	pollFirst = 50 * time.Millisecond
+	pollMax   = 2 * time.Second
+)
+
+// NewVersion creates a new version of the CryptoKey behind the served key
+// base, waits until Cloud KMS has generated it (ENABLED), fetches its public
+// key with the checks Open makes, and starts serving it under name. base keeps
+// being served as it was. The new version's resource is available from URI.
+func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers.KeyInfo, error) {
+	fail := func(err error) (providers.KeyInfo, error) {
+		return providers.KeyInfo{}, fmt.Errorf("gcpkms provider %s: new version %s of %s: %w", p.id, name, base, err)
+	}
+	if p.closed.Load() {
+		return fail(fmt.Errorf("provider closed: %w", providers.ErrUnavailable))
+	}
+	if name == "" {
+		return fail(fmt.Errorf("empty key name: %w", providers.ErrBadRequest))
+	}
+	p.keysMu.Lock()
+	defer p.keysMu.Unlock()
+	old := p.keys.Load()
+	bk, ok := old.byName[base]
+	if !ok {
+		return fail(providers.ErrNotFound)
+	}
+	if _, dup := old.byName[name]; dup {
+		return fail(fmt.Errorf("key %q is already served: %w", name, providers.ErrBadRequest))
+	}
+	i := strings.LastIndex(bk.version, "/cryptoKeyVersions/")
+	if i < 0 {
+		return fail(fmt.Errorf("version %q has no parent CryptoKey: %w", bk.version, providers.ErrBadRequest))
+	}
+	cryptoKey := bk.version[:i]
+
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	created, err := p.client.CreateCryptoKeyVersion(callCtx, &kmspb.CreateCryptoKeyVersionRequest{
+		Parent:           cryptoKey,
+		CryptoKeyVersion: &kmspb.CryptoKeyVersion{},
+	})
+	err = classifyIf(ctx, callCtx, "create version of "+cryptoKey, err)
+	cancel()
+	if err != nil {
+		return fail(err)
+	}
+	version := created.GetName()
+	if !isResource(version, 10) || !strings.HasPrefix(version, cryptoKey+"/cryptoKeyVersions/") {
+		return fail(fmt.Errorf("create version of %s: unexpected version name %q: %w", cryptoKey, version, providers.ErrUnavailable))
+	}
+	p.log.Info("gcpkms key version created", zap.String("provider", p.id), zap.String("base", base),
+		zap.String("key", name), zap.String("version", version), zap.Stringer("state", created.GetState()))
+	if created.GetState() != kmspb.CryptoKeyVersion_ENABLED {
+		if err := p.awaitEnabled(ctx, version); err != nil {
+			return fail(err)
+		}
+	}
+	k, err := p.openKey(ctx, KeyConfig{Name: name, Resource: version})
+	if err != nil {
+		return fail(err)
+	}
+	p.keys.Store(old.with(name, k))
+	p.log.Info("gcpkms key ready", zap.String("provider", p.id), zap.String("key", name),
+		zap.String("version", k.version), zap.Stringer("algorithm", k.alg), zap.String("kid", k.info.KID))
+	return k.info, nil
+}
+
+// awaitEnabled polls version until it is ENABLED, each call bounded by the
+// per-call timeout, with doubling backoff between calls, for at most
+// GenerationTimeout in all.
+func (p *Provider) awaitEnabled(ctx context.Context, version string) error {
+	waitCtx, cancel := context.WithTimeout(ctx, GenerationTimeout)
+	defer cancel()
+	delay := pollFirst
+	for {
+		callCtx, callCancel := context.WithTimeout(waitCtx, p.timeout)
+		v, err := p.client.GetCryptoKeyVersion(callCtx, &kmspb.GetCryptoKeyVersionRequest{Name: version})
+		err = classifyIf(ctx, callCtx, "get version "+version, err)
+		callCancel()
+		if err != nil {
+			return err
+		}
+		switch st := v.GetState(); st {
+		case kmspb.CryptoKeyVersion_ENABLED:
+			return nil
+		case kmspb.CryptoKeyVersion_PENDING_GENERATION:
+		default:
+			return fmt.Errorf("version %s is %s, not ENABLED: %w", version, st, providers.ErrUnavailable)
+		}
+		t := time.NewTimer(delay)
+		select {
+		case <-t.C:
+		case <-waitCtx.Done():
+			t.Stop()
+			if errors.Is(ctx.Err(), context.Canceled) {
+				return fmt.Errorf("gcpkms await version %s: %w", version, context.Canceled)
+			}
+			return fmt.Errorf("gcpkms await version %s: still PENDING_GENERATION: %w", version, context.DeadlineExceeded)
+		}
+		delay = min(2*delay, pollMax)
+	}
+}
+
+// classifyIf is classify for a possibly nil error.
+func classifyIf(parent, callCtx context.Context, op string, err error) error {
+	if err == nil {
+		return nil
+	}
+	return classify(parent, callCtx, op, err)
+}
+
+// URI returns the full CryptoKeyVersion resource of a served key,
+// projects/P/locations/L/keyRings/R/cryptoKeys/K/cryptoKeyVersions/V, for
+// writing into a configuration so a restart (AddKey) serves the same version.
+func (p *Provider) URI(name string) (string, error) {
+	k, ok := p.keys.Load().byName[name]
+	if !ok {
+		return "", fmt.Errorf("gcpkms uri %s: %w", name, providers.ErrNotFound)
+	}
+	return k.version, nil
+}
+
+// AddKey starts serving an existing key version, named by its full
+// CryptoKeyVersion resource, under name: a version a rotation created before a
+// restart. It is idempotent when name already serves that resource.
+func (p *Provider) AddKey(ctx context.Context, name, resource string) (providers.KeyInfo, error) {
+	fail := func(err error) (providers.KeyInfo, error) {
+		return providers.KeyInfo{}, fmt.Errorf("gcpkms provider %s: add key %s: %w", p.id, name, err)
+	}
+	if p.closed.Load() {
+		return fail(fmt.Errorf("provider closed: %w", providers.ErrUnavailable))
+	}
+	if name == "" {
+		return fail(fmt.Errorf("empty key name: %w", providers.ErrBadRequest))
+	}
+	p.keysMu.Lock()
+	defer p.keysMu.Unlock()
+	old := p.keys.Load()
+	if k, dup := old.byName[name]; dup {
+		if k.version == resource {
+			return k.info, nil
+		}
+		return fail(fmt.Errorf("another version (%s) is served under this name: %w", k.version, providers.ErrBadRequest))
+	}
+	k, err := p.openKey(ctx, KeyConfig{Name: name, Resource: resource})
+	if err != nil {
+		return fail(err)
+	}
+	p.keys.Store(old.with(name, k))
+	p.log.Info("gcpkms key ready", zap.String("provider", p.id), zap.String("key", name),
+		zap.String("version", k.version), zap.Stringer("algorithm", k.alg), zap.String("kid", k.info.KID))
+	return k.info, nil
 }

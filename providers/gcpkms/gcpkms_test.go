@@ -377,3 +377,99 @@ func BenchmarkSign(b *testing.B) {
 		}
 	}
 }
+
+func TestNewVersionURIAddKey(t *testing.T) {
+	tf := newFleet(t, 0)
+	ctx := context.Background()
+	base := tf.info(t, "p256")
+	getsBefore := tf.kms.GetVersionCount()
+
+	ki, err := tf.p.NewVersion(ctx, "p256", "p256-v2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ki.Name != "p256-v2" || ki.Type != providers.KeyECDSAP256 || ki.Provider != "gcp" || ki.KID == base.KID {
+		t.Fatalf("new version info %+v (base kid %s)", ki, base.KID)
+	}
+	if n := tf.kms.GetVersionCount() - getsBefore; n < 2 {
+		t.Fatalf("%d GetCryptoKeyVersion calls, want >= 2 (PENDING_GENERATION then ENABLED)", n)
+	}
+	uri, err := tf.p.URI("p256-v2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := gcpkmstest.VersionName("p256", "2"); uri != want {
+		t.Fatalf("URI = %q, want %q", uri, want)
+	}
+	if v, ok := tf.p.Version("p256-v2"); !ok || v != uri {
+		t.Fatalf("Version = %q, %v", v, ok)
+	}
+	if got := tf.info(t, "p256-v2"); got.KID != ki.KID {
+		t.Fatalf("Keys lists kid %s, want %s", got.KID, ki.KID)
+	}
+	digest := randomDigest(crypto.SHA256)
+	sig, err := tf.p.Sign(ctx, "p256-v2", algES256, digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := providers.Verify(ki.Public, algES256, digest, sig); err != nil {
+		t.Fatalf("verify with the new key: %v", err)
+	}
+	if err := providers.Verify(base.Public, algES256, digest, sig); !errors.Is(err, providers.ErrInvalidSignature) {
+		t.Fatalf("verify with the base key = %v, want ErrInvalidSignature", err)
+	}
+	// The base key is still served, unchanged.
+	if sig, err := tf.p.Sign(ctx, "p256", algES256, digest); err != nil {
+		t.Fatal(err)
+	} else if err := providers.Verify(base.Public, algES256, digest, sig); err != nil {
+		t.Fatalf("base key after rotation: %v", err)
+	}
+	if _, err := tf.p.URI("nope"); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("URI(unknown) = %v, want ErrNotFound", err)
+	}
+	if _, err := tf.p.NewVersion(ctx, "p256", "p256-v2"); !errors.Is(err, providers.ErrBadRequest) {
+		t.Fatalf("NewVersion onto a served name = %v, want ErrBadRequest", err)
+	}
+
+	// A restart: a fresh provider configured with the base key only adopts the
+	// new version by its resource.
+	p2, err := Open(ctx, Config{
+		ID:            "gcp",
+		Keys:          []KeyConfig{{Name: "p256", Resource: gcpkmstest.VersionName("p256", "1")}},
+		ClientOptions: tf.kms.Serve(t),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p2.Close()
+	ki2, err := p2.AddKey(ctx, "p256-v2", uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ki2.KID != ki.KID {
+		t.Fatalf("adopted kid %s, want %s", ki2.KID, ki.KID)
+	}
+	if again, err := p2.AddKey(ctx, "p256-v2", uri); err != nil || again.KID != ki.KID {
+		t.Fatalf("AddKey again = %+v, %v; want idempotent", again, err)
+	}
+	if _, err := p2.AddKey(ctx, "p256-v2", gcpkmstest.VersionName("p256", "1")); !errors.Is(err, providers.ErrBadRequest) {
+		t.Fatalf("AddKey of another resource under a served name = %v, want ErrBadRequest", err)
+	}
+	sig, err = p2.Sign(ctx, "p256-v2", algES256, digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := providers.Verify(ki2.Public, algES256, digest, sig); err != nil {
+		t.Fatalf("verify after adoption: %v", err)
+	}
+}
+
+func TestNewVersionUnknownBase(t *testing.T) {
+	tf := newFleet(t, 0)
+	if _, err := tf.p.NewVersion(context.Background(), "nope", "nope-v2"); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("NewVersion(unknown base) = %v, want ErrNotFound", err)
+	}
+	if _, err := tf.p.AddKey(context.Background(), "x", gcpkmstest.VersionName("missing", "1")); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("AddKey(missing resource) = %v, want ErrNotFound", err)
+	}
+}

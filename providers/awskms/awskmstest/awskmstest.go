@@ -215,3 +215,17 @@ func DisableKey(t testing.TB, c *kms.Client, keyID string) {
 		t.Fatalf("disable key: %v", err)
 	}
 }
+
+// DescribeKey returns the metadata of the key keyID (a key id, key ARN,
+// alias or alias ARN) names.
+func DescribeKey(t testing.TB, c *kms.Client, keyID string) types.KeyMetadata {
+	t.Helper()
+	out, err := c.DescribeKey(context.Background(), &kms.DescribeKeyInput{KeyId: aws.String(keyID)})
+	if err != nil {
+		t.Fatalf("describe key %s: %v", keyID, err)
+	}
+	if out.KeyMetadata == nil {
+		t.Fatalf("describe key %s: no metadata", keyID)
+	}
+	return *out.KeyMetadata
+}

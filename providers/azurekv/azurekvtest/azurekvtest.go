@@ -1,6 +1,6 @@
 // Package azurekvtest is an in-process Azure Key Vault for tests: an
 // httptest TLS server speaking the Key Vault REST endpoints the azkeys SDK
-// uses for get-key and sign, holding real Go keys, reached by the real
+// uses for get-key, create-key and sign, holding real Go keys, reached by the real
 // azkeys.Client through its real challenge-based bearer authentication. The
 // azurekv provider's tests and the agent's use it; nothing here is for
 // production.
@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
 	_ "crypto/sha256" // SHA-256 for RS/PS256
@@ -220,6 +221,8 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 			version = parts[2]
 		}
 		s.getKey(w, r, parts[1], version)
+	case r.Method == http.MethodPost && len(parts) == 3 && parts[0] == "keys" && parts[2] == "create" && parts[1] != "":
+		s.createKey(w, r, parts[1])
 	case r.Method == http.MethodPost && len(parts) == 4 && parts[0] == "keys" && parts[3] == "sign" && parts[1] != "" && parts[2] != "":
 		s.sign(w, r, parts[1], parts[2])
 	default:
@@ -249,6 +252,68 @@ func (s *Server) getKey(w http.ResponseWriter, r *http.Request, name, version st
 		writeError(w, status, codeFor(status), "injected fault")
 		return
 	}
+	writeBundle(w, r, v, enabled)
+}
+
+// createKey makes a new version of key name (a new key if there is none)
+// holding a fresh Go key of the requested kty and crv or key_size, and
+// answers with its key bundle, as Key Vault does.
+func (s *Server) createKey(w http.ResponseWriter, r *http.Request, name string) {
+	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+		writeError(w, http.StatusBadRequest, "BadParameter", "content type "+ct)
+		return
+	}
+	var req struct {
+		Kty     string   `json:"kty"`
+		Crv     string   `json:"crv"`
+		KeySize int      `json:"key_size"`
+		KeyOps  []string `json:"key_ops"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, "BadParameter", "malformed body")
+		return
+	}
+	var signer crypto.Signer
+	var err error
+	switch req.Kty {
+	case "EC", "EC-HSM":
+		var curve elliptic.Curve
+		switch req.Crv {
+		case "P-256", "":
+			curve = elliptic.P256()
+		case "P-384":
+			curve = elliptic.P384()
+		case "P-521":
+			curve = elliptic.P521()
+		default:
+			writeError(w, http.StatusBadRequest, "BadParameter", "unsupported curve "+req.Crv)
+			return
+		}
+		signer, err = ecdsa.GenerateKey(curve, rand.Reader)
+	case "RSA", "RSA-HSM":
+		size := req.KeySize
+		if size == 0 {
+			size = 2048
+		}
+		if size != 2048 && size != 3072 && size != 4096 {
+			writeError(w, http.StatusBadRequest, "BadParameter", fmt.Sprintf("unsupported key size %d", size))
+			return
+		}
+		signer, err = rsa.GenerateKey(rand.Reader, size)
+	default:
+		writeError(w, http.StatusBadRequest, "BadParameter", "unsupported kty "+req.Kty)
+		return
+	}
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, "InternalServerError", err.Error())
+		return
+	}
+	v := s.Add(name, signer)
+	writeBundle(w, r, v, true)
+}
+
+// writeBundle answers with v's KeyBundle: its JWK public key and attributes.
+func writeBundle(w http.ResponseWriter, r *http.Request, v *Version, enabled bool) {
 	key := map[string]any{"kid": kid(r, v)}
 	switch pub := v.Signer.Public().(type) {
 	case *ecdsa.PublicKey:

@@ -15,6 +15,7 @@ import (
 	"encoding/pem"
 	"hash/crc32"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -39,6 +40,7 @@ type Server struct {
 	mu       sync.Mutex
 	versions map[string]*Version
 	signs    int // AsymmetricSign calls answered, faults included
+	gets     int // GetCryptoKeyVersion calls answered
 	addr     string
 }
 
@@ -60,6 +62,10 @@ type Version struct {
 	CorruptCRC    int           // the next corruptCRC responses carry a wrong signature_crc32c
 	Unverified    bool          // verified_digest_crc32c stays false
 	CorruptPEMCRC bool          // GetPublicKey returns a wrong pem_crc32c
+
+	// pendingGets is how many more GetCryptoKeyVersion calls report
+	// PENDING_GENERATION before the version turns ENABLED.
+	pendingGets int
 }
 
 const KeyRing = "projects/p/locations/global/keyRings/ring"
@@ -232,6 +238,96 @@ var TestKeys = sync.OnceValue(func() map[string]crypto.Signer {
 
 // crc32c is the Castagnoli table Cloud KMS uses for its integrity fields.
 var crc32c = crc32.MakeTable(crc32.Castagnoli)
+
+// CreateCryptoKeyVersion adds version max+1 to req.Parent with a fresh real
+// key of the algorithm of the CryptoKey's highest version. Like Cloud KMS it
+// generates asynchronously: the version is PENDING_GENERATION and the first
+// GetCryptoKeyVersion call still reports so; later ones report ENABLED.
+func (f *Server) CreateCryptoKeyVersion(_ context.Context, req *kmspb.CreateCryptoKeyVersionRequest) (*kmspb.CryptoKeyVersion, error) {
+	f.mu.Lock()
+	prefix := req.Parent + "/cryptoKeyVersions/"
+	maxN := int64(0)
+	var alg kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm
+	for name, v := range f.versions {
+		if !strings.HasPrefix(name, prefix) {
+			continue
+		}
+		n, err := strconv.ParseInt(strings.TrimPrefix(name, prefix), 10, 64)
+		if err == nil && n > maxN {
+			maxN, alg = n, v.Alg
+		}
+	}
+	f.mu.Unlock()
+	if maxN == 0 {
+		return nil, status.Errorf(codes.NotFound, "CryptoKey %s not found", req.Parent)
+	}
+	signer, err := generate(alg)
+	if err != nil {
+		return nil, err
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	// Numbered under the lock: a concurrent create may have taken maxN+1.
+	var name string
+	for n := maxN + 1; ; n++ {
+		name = prefix + strconv.FormatInt(n, 10)
+		if _, taken := f.versions[name]; !taken {
+			break
+		}
+	}
+	v := &Version{Signer: signer, Alg: alg, State: kmspb.CryptoKeyVersion_PENDING_GENERATION, pendingGets: 1}
+	f.versions[name] = v
+	return &kmspb.CryptoKeyVersion{Name: name, State: v.State, Algorithm: alg}, nil
+}
+
+// generate makes a fresh key for alg: ECDSA P-256, P-384 or RSA-2048.
+func generate(alg kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm) (crypto.Signer, error) {
+	var (
+		k   crypto.Signer
+		err error
+	)
+	switch alg {
+	case kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256:
+		k, err = ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	case kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384:
+		k, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	case kmspb.CryptoKeyVersion_RSA_SIGN_PKCS1_2048_SHA256, kmspb.CryptoKeyVersion_RSA_SIGN_PSS_2048_SHA256:
+		k, err = rsa.GenerateKey(rand.Reader, 2048)
+	default:
+		return nil, status.Errorf(codes.Unimplemented, "test server cannot generate %s", alg)
+	}
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	return k, nil
+}
+
+// GetCryptoKeyVersion reports a version's state, turning a freshly created
+// version ENABLED after its first report.
+func (f *Server) GetCryptoKeyVersion(_ context.Context, req *kmspb.GetCryptoKeyVersionRequest) (*kmspb.CryptoKeyVersion, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	v, ok := f.versions[req.Name]
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "CryptoKeyVersion %s not found", req.Name)
+	}
+	f.gets++
+	resp := &kmspb.CryptoKeyVersion{Name: req.Name, State: v.State, Algorithm: v.Alg}
+	if v.pendingGets > 0 {
+		v.pendingGets--
+		if v.pendingGets == 0 && v.State == kmspb.CryptoKeyVersion_PENDING_GENERATION {
+			v.State = kmspb.CryptoKeyVersion_ENABLED
+		}
+	}
+	return resp, nil
+}
+
+// GetVersionCount is how many GetCryptoKeyVersion calls were answered.
+func (f *Server) GetVersionCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.gets
+}
 
 // Update runs fn with the server's lock held, for tests that change a
 // Version's faults while requests are in flight.

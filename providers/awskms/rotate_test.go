@@ -1,0 +1,136 @@
+package awskms
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"testing"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/kms/types"
+
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/awskms/awskmstest"
+)
+
+func TestNewVersionByAlias(t *testing.T) {
+	ctx := context.Background()
+	endpoint := awskmstest.Start(t)
+	admin := awskmstest.Client(endpoint)
+	oldID := awskmstest.CreateKey(t, admin, types.KeySpecEccNistP256)
+	const alias = "alias/sigil-rotating"
+	awskmstest.CreateAlias(t, admin, alias, oldID)
+	oldARN := aws.ToString(awskmstest.DescribeKey(t, admin, oldID).Arn)
+
+	p, err := Open(ctx, testConfig(endpoint, nil, 0, KeyConfig{Name: "signing", KeyID: alias}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	oldInfo := p.keys.Load().byName["signing"].info
+
+	info, err := p.NewVersion(ctx, "signing", "signing-v2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Name != "signing-v2" || info.Type != providers.KeyECDSAP256 {
+		t.Fatalf("new version: name %q type %s", info.Name, info.Type)
+	}
+	if info.KID == oldInfo.KID {
+		t.Fatalf("new version has the old kid %s", info.KID)
+	}
+	digest := randomDigest(crypto.SHA256)
+	sig, err := p.Sign(ctx, "signing-v2", algES256, digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := providers.Verify(info.Public, algES256, digest, sig); err != nil {
+		t.Fatalf("new version's signature does not verify: %v", err)
+	}
+	// The old version is still served, with its own key.
+	sig, err = p.Sign(ctx, "signing", algES256, digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := providers.Verify(oldInfo.Public, algES256, digest, sig); err != nil {
+		t.Fatalf("old version's signature does not verify: %v", err)
+	}
+
+	newARN, err := p.URI("signing-v2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if newARN == oldARN || newARN == "" {
+		t.Fatalf("URI of the new version = %q (old key %q)", newARN, oldARN)
+	}
+	if got, err := p.URI("signing"); err != nil || got != oldARN {
+		t.Fatalf("URI of the old version = %q, %v; want %q", got, err, oldARN)
+	}
+	if _, err := p.URI("nope"); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("URI of an unknown key: %v", err)
+	}
+	md := awskmstest.DescribeKey(t, admin, alias)
+	if got := aws.ToString(md.Arn); got != newARN {
+		t.Fatalf("alias resolves to %s, want the new key %s", got, newARN)
+	}
+	if md.KeySpec != types.KeySpecEccNistP256 || md.KeyUsage != types.KeyUsageTypeSignVerify {
+		t.Fatalf("new key: spec %s usage %s", md.KeySpec, md.KeyUsage)
+	}
+	if len(p.Algorithms("signing-v2")) == 0 {
+		t.Fatal("new version has no algorithms")
+	}
+	keys, _ := p.Keys(ctx)
+	if len(keys) != 2 || keys[0].Name != "signing" || keys[1].Name != "signing-v2" {
+		t.Fatalf("Keys = %v", keys)
+	}
+
+	// Restart: a fresh provider serves the version again from its ARN.
+	p2, err := Open(ctx, testConfig(endpoint, nil, 0, KeyConfig{Name: "signing", KeyID: oldARN}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p2.Close()
+	again, err := p2.AddKey(ctx, "signing-v2", newARN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.KID != info.KID {
+		t.Fatalf("AddKey kid %s, want %s", again.KID, info.KID)
+	}
+	if again2, err := p2.AddKey(ctx, "signing-v2", newARN); err != nil || again2.KID != info.KID {
+		t.Fatalf("AddKey again: %v, %v", again2.KID, err)
+	}
+	if _, err := p2.AddKey(ctx, "signing-v2", oldARN); err == nil {
+		t.Fatal("AddKey of another key under a served name succeeded")
+	}
+	sig, err = p2.Sign(ctx, "signing-v2", algES256, digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := providers.Verify(again.Public, algES256, digest, sig); err != nil {
+		t.Fatalf("re-added version's signature does not verify: %v", err)
+	}
+}
+
+func TestNewVersionRefuses(t *testing.T) {
+	tf := newFleet(t, 0)
+	ctx := context.Background()
+	if _, err := tf.p.NewVersion(ctx, "nope", "nope-v2"); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("NewVersion of an unknown key: %v", err)
+	}
+	if _, err := tf.p.NewVersion(ctx, "p256", "p384"); err == nil {
+		t.Fatal("NewVersion under a served name succeeded")
+	}
+	// A key configured by id, not alias: a new key, no alias touched.
+	info, err := tf.p.NewVersion(ctx, "rsa", "rsa-v2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.Type != providers.KeyRSA2048 {
+		t.Fatalf("new version type %s", info.Type)
+	}
+	tf.p.Close()
+	if _, err := tf.p.NewVersion(ctx, "p256", "p256-v2"); !errors.Is(err, providers.ErrUnavailable) {
+		t.Fatalf("NewVersion after Close: %v", err)
+	}
+}

@@ -1,0 +1,112 @@
+package azurekv
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/providers"
+)
+
+func TestNewVersionAndAddKey(t *testing.T) {
+	ctx := context.Background()
+	tf := newFleet(t, 5*time.Second)
+	baseVersion, _ := tf.p.Version("p256")
+	baseURI, err := tf.p.URI("p256")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	ki, err := tf.p.NewVersion(ctx, "p256", "p256-v2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ki.Name != "p256-v2" || ki.Type != providers.KeyECDSAP256 {
+		t.Fatalf("new version info %+v", ki)
+	}
+	if ki.KID == tf.info(t, "p256").KID {
+		t.Fatal("new version has the base's kid")
+	}
+	newVersion, ok := tf.p.Version("p256-v2")
+	if !ok || newVersion == "" || newVersion == baseVersion {
+		t.Fatalf("new version %q, base %q", newVersion, baseVersion)
+	}
+	if v, _ := tf.p.Version("p256"); v != baseVersion {
+		t.Fatalf("base moved to version %q, want %q", v, baseVersion)
+	}
+	for _, name := range []string{"p256", "p256-v2"} {
+		want := tf.info(t, name)
+		d := randomDigest(crypto.SHA256)
+		sig, err := tf.p.Sign(ctx, name, algES256, d)
+		if err != nil {
+			t.Fatalf("sign %s: %v", name, err)
+		}
+		if err := providers.Verify(want.Public, algES256, d, sig); err != nil {
+			t.Fatalf("verify %s: %v", name, err)
+		}
+	}
+	// The new version's signature does not verify under the base's key.
+	d := randomDigest(crypto.SHA256)
+	sig, err := tf.p.Sign(ctx, "p256-v2", algES256, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := providers.Verify(ki.Public, algES256, d, sig); err != nil {
+		t.Fatal(err)
+	}
+	if providers.Verify(tf.info(t, "p256").Public, algES256, d, sig) == nil {
+		t.Fatal("new version signs with the base's key")
+	}
+
+	uri, err := tf.p.URI("p256-v2")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if uri == baseURI || uri[len(uri)-len(newVersion):] != newVersion {
+		t.Fatalf("uri %q, base %q, version %q", uri, baseURI, newVersion)
+	}
+	if _, err := tf.p.URI("nope"); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("uri of unknown key: %v", err)
+	}
+
+	// A restarted agent (a fresh Provider on the same vault) adopts the
+	// version by its kid.
+	fresh, err := Open(ctx, Config{ID: "azure", VaultURL: tf.url, Credential: tf.cred, ClientOptions: tf.opts})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fresh.Close()
+	got, err := fresh.AddKey(ctx, "p256-v2", uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.KID != ki.KID {
+		t.Fatalf("adopted kid %s, want %s", got.KID, ki.KID)
+	}
+	if u, _ := fresh.URI("p256-v2"); u != uri {
+		t.Fatalf("adopted uri %q, want %q", u, uri)
+	}
+	again, err := fresh.AddKey(ctx, "p256-v2", uri)
+	if err != nil || again.KID != ki.KID {
+		t.Fatalf("idempotent add: %v %s", err, again.KID)
+	}
+	if _, err := fresh.AddKey(ctx, "p256-v2", baseURI); !errors.Is(err, providers.ErrBadRequest) {
+		t.Fatalf("add another kid under the same name: %v", err)
+	}
+	sig, err = fresh.Sign(ctx, "p256-v2", algES256, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := providers.Verify(got.Public, algES256, d, sig); err != nil {
+		t.Fatal(err)
+	}
+
+	if _, err := tf.p.NewVersion(ctx, "unknown", "x"); !errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("new version of unknown base: %v", err)
+	}
+	if _, err := tf.p.NewVersion(ctx, "p256", "p256-v2"); !errors.Is(err, providers.ErrBadRequest) {
+		t.Fatalf("new version under a served name: %v", err)
+	}
+}
