@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"cloud.google.com/go/kms/apiv1/kmspb"
 
@@ -179,4 +180,50 @@ providers:
 			t.Fatal(err)
 		}
 	})
+}
+
+// A stalled KMS: the agent answers DEADLINE_EXCEEDED within the configured
+// per-call deadline plus 100 ms and keeps serving its other keys.
+func TestAgentStalledCloudKey(t *testing.T) {
+	keys := gcpkmstest.TestKeys()
+	kms := &gcpkmstest.Server{}
+	stalled := kms.Add(gcpkmstest.VersionName("slow", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	kms.Add(gcpkmstest.VersionName("fast", "1"), keys["p384"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
+	kms.Serve(t)
+	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
+providers:
+  - id: gcp
+    type: gcpkms
+    project: p
+    location: global
+    key_ring: ring
+    endpoint: %q
+    insecure_endpoint: true
+    timeout: 200ms
+    keys:
+      - {name: slow, key: slow, version: "1"}
+      - {name: fast, key: fast, version: "1"}
+`, kms.Addr())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DataDir = t.TempDir()
+	cfg.Socket = shortSocketPath(t)
+	r := startAgent(t, cfg)
+	c := r.dial(t)
+	kms.Update(func() { stalled.Delay = 5 * time.Second })
+	ctx := context.Background()
+	d := sha256.Sum256([]byte("stall"))
+	start := time.Now()
+	_, err = c.Sign(ctx, client.ByName("slow"), client.Algorithm{}, d[:])
+	if client.Code(err) != proto.DeadlineExceeded {
+		t.Fatalf("stalled KMS: %v", err)
+	}
+	if el := time.Since(start); el > 300*time.Millisecond {
+		t.Fatalf("answered after %v; the deadline is 200ms", el)
+	}
+	d384 := make([]byte, 48)
+	if _, err := c.Sign(ctx, client.ByName("fast"), client.Algorithm{}, d384); err != nil {
+		t.Fatalf("another key of the same KMS after the stall: %v", err)
+	}
 }
