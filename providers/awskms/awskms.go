@@ -72,15 +72,9 @@ type Provider struct {
 	timeout time.Duration
 	log     *zap.Logger
 	client  *kms.Client
-	keys    atomic.Pointer[keySet]
-	keysMu  sync.Mutex // serializes writers of keys
+	keys    providers.KeySet[*remoteKey]
+	keysMu  sync.Mutex // serializes NewVersion and AddKey, which check keys before slow work
 	closed  atomic.Bool
-}
-
-// keySet is one immutable generation of the key table.
-type keySet struct {
-	byName map[string]*remoteKey
-	order  []string
 }
 
 type remoteKey struct {
@@ -103,20 +97,6 @@ func aliasName(keyID string) string {
 		}
 	}
 	return ""
-}
-
-// with returns a copy of ks with k served under name, added after the others
-// when name is new.
-func (ks *keySet) with(name string, k *remoteKey) *keySet {
-	out := &keySet{byName: make(map[string]*remoteKey, len(ks.byName)+1), order: ks.order[:len(ks.order):len(ks.order)]}
-	for n, v := range ks.byName {
-		out.byName[n] = v
-	}
-	if _, ok := out.byName[name]; !ok {
-		out.order = append(out.order, name)
-	}
-	out.byName[name] = k
-	return out
 }
 
 var (
@@ -164,21 +144,20 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		log:     cfg.Logger,
 		client:  client,
 	}
-	ks := &keySet{byName: make(map[string]*remoteKey, len(cfg.Keys))}
 	for _, kc := range cfg.Keys {
-		if _, dup := ks.byName[kc.Name]; dup || kc.Name == "" {
+		if _, dup := p.keys.Get(kc.Name); dup || kc.Name == "" {
 			return nil, fmt.Errorf("awskms provider %s: key %q empty or configured twice", cfg.ID, kc.Name)
 		}
 		k, err := p.openKey(ctx, kc)
 		if err != nil {
 			return nil, fmt.Errorf("awskms provider %s: key %q: %w", cfg.ID, kc.Name, err)
 		}
-		ks.byName[kc.Name] = k
-		ks.order = append(ks.order, kc.Name)
+		if err := p.keys.Add(kc.Name, k); err != nil {
+			return nil, fmt.Errorf("awskms provider %s: key %q: %w", cfg.ID, kc.Name, err)
+		}
 		p.log.Info("awskms key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
 			zap.String("key_id", k.keyID), zap.Int("algorithms", len(k.algs)), zap.String("kid", k.info.KID))
 	}
-	p.keys.Store(ks)
 	return p, nil
 }
 
@@ -241,10 +220,10 @@ func (p *Provider) Remote() bool { return true }
 
 // Keys implements providers.Provider.
 func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
-	ks := p.keys.Load()
-	out := make([]providers.KeyInfo, 0, len(ks.order))
-	for _, name := range ks.order {
-		out = append(out, ks.byName[name].info)
+	ks := p.keys.All()
+	out := make([]providers.KeyInfo, len(ks))
+	for i, k := range ks {
+		out[i] = k.info
 	}
 	return out, nil
 }
@@ -252,7 +231,7 @@ func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
 // KeyARN returns the key ARN a key's configured id resolved to when the key
 // was first served.
 func (p *Provider) KeyARN(name string) (string, bool) {
-	k, ok := p.keys.Load().byName[name]
+	k, ok := p.keys.Get(name)
 	if !ok {
 		return "", false
 	}
@@ -263,7 +242,7 @@ func (p *Provider) KeyARN(name string) (string, bool) {
 // AddKey after a restart) names the key by. Unlike the configured id it
 // never follows an alias, so it keeps naming this key after a rotation.
 func (p *Provider) URI(name string) (string, error) {
-	k, ok := p.keys.Load().byName[name]
+	k, ok := p.keys.Get(name)
 	if !ok {
 		return "", fmt.Errorf("awskms uri %s: %w", name, providers.ErrNotFound)
 	}
@@ -289,12 +268,11 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	}
 	p.keysMu.Lock()
 	defer p.keysMu.Unlock()
-	old := p.keys.Load()
-	bk, ok := old.byName[base]
+	bk, ok := p.keys.Get(base)
 	if !ok {
 		return fail(providers.ErrNotFound)
 	}
-	if _, dup := old.byName[name]; dup {
+	if _, dup := p.keys.Get(name); dup {
 		return fail(fmt.Errorf("a key is already served under this name: %w", providers.ErrBadRequest))
 	}
 
@@ -329,7 +307,6 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 		return discard(fmt.Errorf("new key is a %s key, not %s: %w", k.info.Type, bk.info.Type, providers.ErrUnavailable))
 	}
 
-	next := old
 	if bk.alias != "" {
 		aliasCtx, cancel := context.WithTimeout(ctx, p.timeout)
 		_, err := p.client.UpdateAlias(aliasCtx, &kms.UpdateAliasInput{
@@ -347,9 +324,13 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 		k.alias = bk.alias
 		ob := *bk
 		ob.alias = ""
-		next = next.with(base, &ob)
+		if err := p.keys.Replace(base, &ob); err != nil {
+			return fail(err)
+		}
 	}
-	p.keys.Store(next.with(name, k))
+	if err := p.keys.Add(name, k); err != nil {
+		return fail(err)
+	}
 	p.log.Info("awskms key version created", zap.String("provider", p.id), zap.String("key", name),
 		zap.String("base", base), zap.String("key_id", k.keyID), zap.String("alias", k.alias), zap.String("kid", k.info.KID))
 	return k.info, nil
@@ -386,8 +367,7 @@ func (p *Provider) AddKey(ctx context.Context, name, keyID string) (providers.Ke
 	}
 	p.keysMu.Lock()
 	defer p.keysMu.Unlock()
-	old := p.keys.Load()
-	cur, dup := old.byName[name]
+	cur, dup := p.keys.Get(name)
 	if dup && cur.keyID == keyID {
 		return cur.info, nil
 	}
@@ -401,7 +381,9 @@ func (p *Provider) AddKey(ctx context.Context, name, keyID string) (providers.Ke
 		}
 		return fail(fmt.Errorf("a different key is served under this name: %w", providers.ErrBadRequest))
 	}
-	p.keys.Store(old.with(name, k))
+	if err := p.keys.Add(name, k); err != nil {
+		return fail(err)
+	}
 	p.log.Info("awskms key added", zap.String("provider", p.id), zap.String("key", name),
 		zap.String("key_id", k.keyID), zap.String("kid", k.info.KID))
 	return k.info, nil
@@ -409,7 +391,7 @@ func (p *Provider) AddKey(ctx context.Context, name, keyID string) (providers.Ke
 
 // Algorithms returns the algorithms a key signs with, in no particular order.
 func (p *Provider) Algorithms(name string) []providers.Algorithm {
-	k, ok := p.keys.Load().byName[name]
+	k, ok := p.keys.Get(name)
 	if !ok {
 		return nil
 	}
@@ -426,7 +408,7 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if p.closed.Load() {
 		return nil, fmt.Errorf("awskms sign %s: provider closed: %w", name, providers.ErrUnavailable)
 	}
-	k, ok := p.keys.Load().byName[name]
+	k, ok := p.keys.Get(name)
 	if !ok {
 		return nil, fmt.Errorf("awskms sign %s: %w", name, providers.ErrNotFound)
 	}

@@ -27,7 +27,8 @@ func TestNewVersionByAlias(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	oldInfo := p.keys.Load().byName["signing"].info
+	old, _ := p.keys.Get("signing")
+	oldInfo := old.info
 
 	info, err := p.NewVersion(ctx, "signing", "signing-v2")
 	if err != nil {

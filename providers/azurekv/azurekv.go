@@ -73,15 +73,9 @@ type Provider struct {
 	timeout time.Duration
 	log     *zap.Logger
 	client  *azkeys.Client
-	keys    atomic.Pointer[keyTable]
-	keysMu  sync.Mutex // serialises writers of keys
+	keys    providers.KeySet[*remoteKey]
+	keysMu  sync.Mutex // serialises NewVersion and AddKey, which check keys before slow work
 	closed  atomic.Bool
-}
-
-// keyTable is an immutable snapshot of the keys served.
-type keyTable struct {
-	byName map[string]*remoteKey
-	order  []string
 }
 
 type remoteKey struct {
@@ -157,21 +151,20 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		log:     cfg.Logger,
 		client:  client,
 	}
-	kt := &keyTable{byName: make(map[string]*remoteKey, len(cfg.Keys))}
 	for _, kc := range cfg.Keys {
-		if _, dup := kt.byName[kc.Name]; dup || kc.Name == "" {
+		if _, dup := p.keys.Get(kc.Name); dup || kc.Name == "" {
 			return nil, fmt.Errorf("azurekv provider %s: key %q empty or configured twice", cfg.ID, kc.Name)
 		}
 		k, err := p.openKey(ctx, kc)
 		if err != nil {
 			return nil, fmt.Errorf("azurekv provider %s: key %q: %w", cfg.ID, kc.Name, err)
 		}
-		kt.byName[kc.Name] = k
-		kt.order = append(kt.order, kc.Name)
+		if err := p.keys.Add(kc.Name, k); err != nil {
+			return nil, fmt.Errorf("azurekv provider %s: key %q: %w", cfg.ID, kc.Name, err)
+		}
 		p.log.Info("azurekv key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
 			zap.String("vault_key", k.key), zap.String("version", k.version), zap.String("kid", k.info.KID))
 	}
-	p.keys.Store(kt)
 	return p, nil
 }
 
@@ -273,17 +266,17 @@ func (p *Provider) Remote() bool { return true }
 
 // Keys implements providers.Provider.
 func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
-	kt := p.keys.Load()
-	out := make([]providers.KeyInfo, 0, len(kt.order))
-	for _, name := range kt.order {
-		out = append(out, kt.byName[name].info)
+	ks := p.keys.All()
+	out := make([]providers.KeyInfo, len(ks))
+	for i, k := range ks {
+		out[i] = k.info
 	}
 	return out, nil
 }
 
 // Version returns the Key Vault key version a key is pinned to.
 func (p *Provider) Version(name string) (string, bool) {
-	k, ok := p.keys.Load().byName[name]
+	k, ok := p.keys.Get(name)
 	if !ok {
 		return "", false
 	}
@@ -296,7 +289,7 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if p.closed.Load() {
 		return nil, fmt.Errorf("azurekv sign %s: provider closed: %w", name, providers.ErrUnavailable)
 	}
-	k, ok := p.keys.Load().byName[name]
+	k, ok := p.keys.Get(name)
 	if !ok {
 		return nil, fmt.Errorf("azurekv sign %s: %w", name, providers.ErrNotFound)
 	}

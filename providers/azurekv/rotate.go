@@ -27,12 +27,11 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	}
 	p.keysMu.Lock()
 	defer p.keysMu.Unlock()
-	old := p.keys.Load()
-	b, ok := old.byName[base]
+	b, ok := p.keys.Get(base)
 	if !ok {
 		return fail(providers.ErrNotFound)
 	}
-	if _, dup := old.byName[name]; dup {
+	if _, dup := p.keys.Get(name); dup {
 		return fail(fmt.Errorf("a key of that name is already served: %w", providers.ErrBadRequest))
 	}
 	kty := b.kty
@@ -62,7 +61,9 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	if k.version == b.version {
 		return fail(fmt.Errorf("azurekv %s: the vault answered with the base's version: %w", op, providers.ErrUnavailable))
 	}
-	p.store(old, name, k)
+	if err := p.keys.Add(name, k); err != nil {
+		return fail(err)
+	}
 	p.log.Info("azurekv key version created", zap.String("provider", p.id), zap.String("key", name),
 		zap.String("base", base), zap.String("vault_key", k.key), zap.String("version", k.version), zap.String("kid", k.info.KID))
 	return k.info, nil
@@ -72,7 +73,7 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 // served key, for writing into a configuration and passing to AddKey after a
 // restart.
 func (p *Provider) URI(name string) (string, error) {
-	k, ok := p.keys.Load().byName[name]
+	k, ok := p.keys.Get(name)
 	if !ok {
 		return "", fmt.Errorf("azurekv uri %s: %w", name, providers.ErrNotFound)
 	}
@@ -100,8 +101,7 @@ func (p *Provider) AddKey(ctx context.Context, name, kid string) (providers.KeyI
 	}
 	p.keysMu.Lock()
 	defer p.keysMu.Unlock()
-	old := p.keys.Load()
-	if k, dup := old.byName[name]; dup {
+	if k, dup := p.keys.Get(name); dup {
 		if k.key == key && k.version == version {
 			return k.info, nil
 		}
@@ -111,23 +111,12 @@ func (p *Provider) AddKey(ctx context.Context, name, kid string) (providers.KeyI
 	if err != nil {
 		return fail(err)
 	}
-	p.store(old, name, k)
+	if err := p.keys.Add(name, k); err != nil {
+		return fail(err)
+	}
 	p.log.Info("azurekv key added", zap.String("provider", p.id), zap.String("key", name),
 		zap.String("vault_key", k.key), zap.String("version", k.version), zap.String("kid", k.info.KID))
 	return k.info, nil
-}
-
-// store publishes a copy of old with k added under name. keysMu must be held.
-func (p *Provider) store(old *keyTable, name string, k *remoteKey) {
-	kt := &keyTable{
-		byName: make(map[string]*remoteKey, len(old.byName)+1),
-		order:  append(old.order[:len(old.order):len(old.order)], name),
-	}
-	for n, v := range old.byName {
-		kt.byName[n] = v
-	}
-	kt.byName[name] = k
-	p.keys.Store(kt)
 }
 
 func ptr[T any](v T) *T { return &v }

@@ -76,28 +76,9 @@ type Provider struct {
 	timeout time.Duration
 	log     *zap.Logger
 	client  *kms.KeyManagementClient
-	keys    atomic.Pointer[keySet]
-	keysMu  sync.Mutex // serializes writers of keys
+	keys    providers.KeySet[*remoteKey]
+	keysMu  sync.Mutex // serializes NewVersion and AddKey, which check keys before slow work
 	closed  atomic.Bool
-}
-
-// keySet is one immutable generation of the provider's key table.
-type keySet struct {
-	byName map[string]*remoteKey
-	order  []string
-}
-
-// with returns a copy of ks that also serves k under name.
-func (ks *keySet) with(name string, k *remoteKey) *keySet {
-	next := &keySet{
-		byName: make(map[string]*remoteKey, len(ks.byName)+1),
-		order:  append(ks.order[:len(ks.order):len(ks.order)], name),
-	}
-	for n, v := range ks.byName {
-		next.byName[n] = v
-	}
-	next.byName[name] = k
-	return next
 }
 
 type remoteKey struct {
@@ -137,9 +118,8 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		log:     cfg.Logger,
 		client:  client,
 	}
-	ks := &keySet{byName: make(map[string]*remoteKey, len(cfg.Keys))}
 	for _, kc := range cfg.Keys {
-		if _, dup := ks.byName[kc.Name]; dup || kc.Name == "" {
+		if _, dup := p.keys.Get(kc.Name); dup || kc.Name == "" {
 			client.Close()
 			return nil, fmt.Errorf("gcpkms provider %s: key %q empty or configured twice", cfg.ID, kc.Name)
 		}
@@ -148,12 +128,13 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 			client.Close()
 			return nil, fmt.Errorf("gcpkms provider %s: key %q: %w", cfg.ID, kc.Name, err)
 		}
-		ks.byName[kc.Name] = k
-		ks.order = append(ks.order, kc.Name)
+		if err := p.keys.Add(kc.Name, k); err != nil {
+			client.Close()
+			return nil, fmt.Errorf("gcpkms provider %s: key %q: %w", cfg.ID, kc.Name, err)
+		}
 		p.log.Info("gcpkms key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
 			zap.String("version", k.version), zap.Stringer("algorithm", k.alg), zap.String("kid", k.info.KID))
 	}
-	p.keys.Store(ks)
 	return p, nil
 }
 
@@ -253,10 +234,10 @@ func (p *Provider) Remote() bool { return true }
 
 // Keys implements providers.Provider.
 func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
-	ks := p.keys.Load()
-	out := make([]providers.KeyInfo, 0, len(ks.order))
-	for _, name := range ks.order {
-		out = append(out, ks.byName[name].info)
+	ks := p.keys.All()
+	out := make([]providers.KeyInfo, len(ks))
+	for i, k := range ks {
+		out[i] = k.info
 	}
 	return out, nil
 }
@@ -264,7 +245,7 @@ func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
 // Version returns the CryptoKeyVersion resource a key resolved to at Open
 // (or was created or added as).
 func (p *Provider) Version(name string) (string, bool) {
-	k, ok := p.keys.Load().byName[name]
+	k, ok := p.keys.Get(name)
 	if !ok {
 		return "", false
 	}
@@ -277,7 +258,7 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if p.closed.Load() {
 		return nil, fmt.Errorf("gcpkms sign %s: provider closed: %w", name, providers.ErrUnavailable)
 	}
-	k, ok := p.keys.Load().byName[name]
+	k, ok := p.keys.Get(name)
 	if !ok {
 		return nil, fmt.Errorf("gcpkms sign %s: %w", name, providers.ErrNotFound)
 	}
@@ -479,12 +460,11 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	}
 	p.keysMu.Lock()
 	defer p.keysMu.Unlock()
-	old := p.keys.Load()
-	bk, ok := old.byName[base]
+	bk, ok := p.keys.Get(base)
 	if !ok {
 		return fail(providers.ErrNotFound)
 	}
-	if _, dup := old.byName[name]; dup {
+	if _, dup := p.keys.Get(name); dup {
 		return fail(fmt.Errorf("key %q is already served: %w", name, providers.ErrBadRequest))
 	}
 	i := strings.LastIndex(bk.version, "/cryptoKeyVersions/")
@@ -518,7 +498,9 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	if err != nil {
 		return fail(err)
 	}
-	p.keys.Store(old.with(name, k))
+	if err := p.keys.Add(name, k); err != nil {
+		return fail(err)
+	}
 	p.log.Info("gcpkms key ready", zap.String("provider", p.id), zap.String("key", name),
 		zap.String("version", k.version), zap.Stringer("algorithm", k.alg), zap.String("kid", k.info.KID))
 	return k.info, nil
@@ -572,7 +554,7 @@ func classifyIf(parent, callCtx context.Context, op string, err error) error {
 // projects/P/locations/L/keyRings/R/cryptoKeys/K/cryptoKeyVersions/V, for
 // writing into a configuration so a restart (AddKey) serves the same version.
 func (p *Provider) URI(name string) (string, error) {
-	k, ok := p.keys.Load().byName[name]
+	k, ok := p.keys.Get(name)
 	if !ok {
 		return "", fmt.Errorf("gcpkms uri %s: %w", name, providers.ErrNotFound)
 	}
@@ -594,8 +576,7 @@ func (p *Provider) AddKey(ctx context.Context, name, resource string) (providers
 	}
 	p.keysMu.Lock()
 	defer p.keysMu.Unlock()
-	old := p.keys.Load()
-	if k, dup := old.byName[name]; dup {
+	if k, dup := p.keys.Get(name); dup {
 		if k.version == resource {
 			return k.info, nil
 		}
@@ -605,7 +586,9 @@ func (p *Provider) AddKey(ctx context.Context, name, resource string) (providers
 	if err != nil {
 		return fail(err)
 	}
-	p.keys.Store(old.with(name, k))
+	if err := p.keys.Add(name, k); err != nil {
+		return fail(err)
+	}
 	p.log.Info("gcpkms key ready", zap.String("provider", p.id), zap.String("key", name),
 		zap.String("version", k.version), zap.Stringer("algorithm", k.alg), zap.String("kid", k.info.KID))
 	return k.info, nil
