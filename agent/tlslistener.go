@@ -84,6 +84,16 @@ func (a *Agent) ListenTLS() (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", a.cfg.TCP.Listen, err)
 	}
+	return a.WrapTLS(ln)
+}
+
+// WrapTLS serves mutual TLS on ln (a TCP listener made elsewhere, e.g. one
+// inherited from systemd socket activation) with the certificates of
+// cfg.TCP, reloaded like ListenTLS's.
+func (a *Agent) WrapTLS(ln net.Listener) (net.Listener, error) {
+	if a.tls == nil {
+		return nil, errors.New("no tcp listener configured (tcp.cert_file, tcp.key_file, tcp.client_ca_file)")
+	}
 	return tls.NewListener(ln, &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {

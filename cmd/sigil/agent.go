@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"syscall"
@@ -81,38 +82,78 @@ func runAgent(cfg agent.Config) error {
 		log.Error("agent failed to start", zap.Stringer("code", code), zap.Error(err))
 		return &exitError{exitFailure, fmt.Errorf("agent failed to start (%s): %w", code, err)}
 	}
-	ln, err := agent.ListenUnix(cfg.Socket)
+	// Under systemd socket activation the sockets come from sigil.socket
+	// (and stay there across restarts); otherwise the agent makes its own.
+	sd, err := inheritedListeners()
 	if err != nil {
 		a.Shutdown(context.Background())
 		log.Error("agent failed to listen", zap.Error(err))
 		return &exitError{exitFailure, err}
 	}
-	log.Info("agent listening", zap.String("socket", cfg.Socket), zap.String("data_dir", cfg.DataDir))
-	// Scripts that started the agent in the background wait for this line.
-	fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", cfg.Socket)
-
-	serveErr := make(chan error, 3)
-	go func() { serveErr <- a.Serve(ln) }()
-	aln, err := agent.ListenUnix(cfg.AdminSocket)
-	if err != nil {
-		a.Shutdown(context.Background())
-		os.Remove(cfg.Socket)
-		log.Error("agent failed to listen on its admin socket", zap.Error(err))
-		return &exitError{exitFailure, err}
+	if sd == nil {
+		sd = &systemdListeners{}
 	}
-	defer os.Remove(cfg.AdminSocket)
-	go func() { serveErr <- a.ServeAdmin(aln) }()
-	if cfg.TCP.Listen != "" {
-		tln, err := a.ListenTLS()
-		if err != nil {
-			a.Shutdown(context.Background())
+	ownSocket, ownAdmin := sd.client == nil, sd.admin == nil
+	removeSocket := func() {
+		if ownSocket {
 			os.Remove(cfg.Socket)
+		}
+	}
+	ln := sd.client
+	if ln == nil {
+		if ln, err = agent.ListenUnix(cfg.Socket); err != nil {
+			a.Shutdown(context.Background())
 			log.Error("agent failed to listen", zap.Error(err))
 			return &exitError{exitFailure, err}
 		}
-		log.Info("agent listening (mutual TLS)", zap.String("addr", tln.Addr().String()))
+	}
+	socket := cfg.Socket
+	if !ownSocket {
+		socket = ln.Addr().String()
+	}
+	log.Info("agent listening", zap.String("socket", socket), zap.Bool("systemd_socket", !ownSocket), zap.String("data_dir", cfg.DataDir))
+	// Scripts that started the agent in the background wait for this line.
+	fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", socket)
+
+	serveErr := make(chan error, 3)
+	go func() { serveErr <- a.Serve(ln) }()
+	aln := sd.admin
+	if aln == nil {
+		if aln, err = agent.ListenUnix(cfg.AdminSocket); err != nil {
+			a.Shutdown(context.Background())
+			removeSocket()
+			log.Error("agent failed to listen on its admin socket", zap.Error(err))
+			return &exitError{exitFailure, err}
+		}
+	}
+	if ownAdmin {
+		defer os.Remove(cfg.AdminSocket)
+	}
+	go func() { serveErr <- a.ServeAdmin(aln) }()
+	if cfg.TCP.Listen != "" || sd.tcp != nil {
+		var tln net.Listener
+		if sd.tcp != nil {
+			tln, err = a.WrapTLS(sd.tcp)
+		} else {
+			tln, err = a.ListenTLS()
+		}
+		if err != nil {
+			a.Shutdown(context.Background())
+			removeSocket()
+			log.Error("agent failed to listen", zap.Error(err))
+			return &exitError{exitFailure, err}
+		}
+		log.Info("agent listening (mutual TLS)", zap.String("addr", tln.Addr().String()), zap.Bool("systemd_socket", sd.tcp != nil))
 		go func() { serveErr <- a.Serve(tln) }()
 	}
+
+	// Providers are open (tokens logged in), the journal is open and every
+	// listener is up: tell systemd (Type=notify), and keep its watchdog fed
+	// while the agent answers.
+	sdNotify(log, "READY=1\nSTATUS=serving on "+socket)
+	wdCtx, wdStop := context.WithCancel(ctx)
+	defer wdStop()
+	go runWatchdog(wdCtx, log, socket)
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
@@ -130,10 +171,12 @@ wait:
 			break wait
 		}
 	}
+	wdStop()
+	sdNotify(log, "STOPPING=1\nSTATUS=shutting down")
 	shutCtx, cancel := context.WithTimeout(context.Background(), cfg.Limits.ShutdownGrace)
 	defer cancel()
 	err = a.Shutdown(shutCtx)
-	os.Remove(cfg.Socket)
+	removeSocket()
 	if err != nil && !errors.Is(err, agent.ErrClosed) {
 		log.Warn("shutdown", zap.Error(err))
 	}
