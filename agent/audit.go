@@ -102,7 +102,9 @@ func (c *conn) record(ctx context.Context, d *signDecision) error {
 		ctx, cancel = context.WithTimeout(context.Background(), journalAppendTimeout)
 		defer cancel()
 	}
+	appendStart := time.Now()
 	err := j.Append(ctx, &r)
+	c.a.metrics.journalAppended(time.Since(appendStart), err)
 	if err != nil {
 		c.log.Warn("audit journal append failed", zap.Stringer("decision", d.code), zap.Error(err))
 		if d.code == proto.OK {

@@ -43,10 +43,12 @@ type Config struct {
 	// admin.sock beside Socket.
 	AdminSocket string `yaml:"admin_socket"`
 	// Rotation: calendars and defaults (docs/rotation.md).
-	Rotation  RotationConfig `yaml:"rotation"`
-	Log       LogConfig      `yaml:"log"`
-	Limits    Limits         `yaml:"limits"`
-	Providers []ProviderSpec `yaml:"providers"`
+	Rotation RotationConfig `yaml:"rotation"`
+	// AdminHTTP serves /metrics, /healthz and /readyz (off by default).
+	AdminHTTP AdminHTTPConfig `yaml:"admin_http"`
+	Log       LogConfig       `yaml:"log"`
+	Limits    Limits          `yaml:"limits"`
+	Providers []ProviderSpec  `yaml:"providers"`
 }
 
 // LogConfig chooses the zap logger.
@@ -232,6 +234,9 @@ func (c *Config) Validate() error {
 		errs = append(errs, err)
 	}
 	if err := c.Journal.validate(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := c.AdminHTTP.validate(); err != nil {
 		errs = append(errs, err)
 	}
 	ids := map[string]bool{}

@@ -14,6 +14,9 @@ import (
 
 // dispatch answers one request into resp.
 func (c *conn) dispatch(req *proto.Request, resp *proto.Response) {
+	m := c.a.metrics
+	m.inFlight.Add(1)
+	var meta reqMeta
 	var err error
 	switch req.Op {
 	case proto.OpHello:
@@ -27,29 +30,32 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response) {
 			err = &proto.Error{Code: proto.PermissionDenied, Msg: "the admin socket serves admin operations only"}
 			break
 		}
-		err = c.keyOp(req, resp)
+		err = c.keyOp(req, resp, &meta)
 	default:
 		err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("unknown operation %d", req.Op)}
 	}
+	m.inFlight.Add(-1)
 	if err == nil {
+		m.request(req.Op, proto.OK, &meta)
 		return
 	}
 	code := codeOf(err)
+	m.request(req.Op, code, &meta)
 	resp.Code = code
 	resp.Msg = clientMessage(code, err)
 	c.logFailure(req, code, err)
 }
 
-func (c *conn) keyOp(req *proto.Request, resp *proto.Response) (err error) {
+func (c *conn) keyOp(req *proto.Request, resp *proto.Response, meta *reqMeta) (err error) {
 	switch req.Op {
 	case proto.OpListKeys:
 		resp.Keys, err = c.listKeys()
 	case proto.OpPublicKey:
-		err = c.publicKey(req, resp)
+		err = c.publicKey(req, resp, meta)
 	case proto.OpSign:
-		err = c.sign(req, resp)
+		err = c.sign(req, resp, meta)
 	case proto.OpVerify:
-		err = c.verify(req, resp)
+		err = c.verify(req, resp, meta)
 	}
 	return err
 }
@@ -97,8 +103,9 @@ func (c *conn) hello(req *proto.Request, resp *proto.Response) error {
 	return nil
 }
 
-func (c *conn) publicKey(req *proto.Request, resp *proto.Response) error {
-	t, _, err := c.resolve(req.Key, req.KID, true)
+func (c *conn) publicKey(req *proto.Request, resp *proto.Response, meta *reqMeta) error {
+	t, tenant, err := c.resolve(req.Key, req.KID, true)
+	meta.set(tenant, t)
 	if err != nil {
 		return err
 	}
@@ -107,7 +114,7 @@ func (c *conn) publicKey(req *proto.Request, resp *proto.Response) error {
 	return nil
 }
 
-func (c *conn) sign(req *proto.Request, resp *proto.Response) error {
+func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta) error {
 	d := signDecision{start: time.Now(), keyName: req.Key, digest: req.Digest}
 	if d.keyName == "" {
 		d.keyName = req.KID
@@ -117,6 +124,7 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response) error {
 	ctx, cancel := context.WithTimeout(c.ctx, c.requestTimeout(req))
 	defer cancel()
 	sig, err := c.decideAndSign(ctx, req, &d)
+	meta.set(d.tenant, d.target)
 	d.code = codeOf(err)
 	if rerr := c.record(ctx, &d); rerr != nil {
 		return rerr
@@ -124,6 +132,7 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response) error {
 	if err != nil {
 		return err
 	}
+	c.a.metrics.signed(d.target.key, time.Since(d.start))
 	resp.Key, resp.KID, resp.Sig = d.target.name(), d.target.key.info.KID, sig
 	if d.policyHash != ([32]byte{}) {
 		resp.PolicyHash = d.policyHash[:]
@@ -150,6 +159,7 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 		dec := c.a.policy.Check(tenant, t.slot.Name, c.identity(), alg, len(req.Digest))
 		d.policyHash = dec.PolicyHash
 		if !dec.Allowed() {
+			c.a.metrics.denied(dec.Reason)
 			return nil, &proto.Error{Code: reasonCode(dec.Reason), Msg: dec.Message()}
 		}
 	}
@@ -166,8 +176,9 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 	return sig, nil
 }
 
-func (c *conn) verify(req *proto.Request, resp *proto.Response) error {
-	t, _, err := c.resolve(req.Key, req.KID, true)
+func (c *conn) verify(req *proto.Request, resp *proto.Response, meta *reqMeta) error {
+	t, tenant, err := c.resolve(req.Key, req.KID, true)
+	meta.set(tenant, t)
 	if err != nil {
 		return err
 	}

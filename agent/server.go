@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"sync"
 	"time"
 
@@ -33,11 +34,14 @@ type Agent struct {
 	stopScheduler func()
 	schedulerDone chan struct{}
 
-	mu        sync.Mutex
-	listeners map[net.Listener]struct{}
-	conns     map[*conn]struct{}
-	closing   bool
-	connWG    sync.WaitGroup
+	metrics *metrics
+
+	mu          sync.Mutex
+	listeners   map[net.Listener]struct{}
+	httpServers map[*http.Server]struct{}
+	conns       map[*conn]struct{}
+	closing     bool
+	connWG      sync.WaitGroup
 }
 
 // Option adjusts New.
@@ -126,7 +130,10 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		policy:    engine,
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[*conn]struct{}{},
+
+		httpServers: map[*http.Server]struct{}{},
 	}
+	a.metrics = newMetrics(a)
 	if engine != nil && jl != nil {
 		if err := a.setupRotation(ctx); err != nil {
 			kr.close()
@@ -246,6 +253,9 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 		}
 		a.mu.Unlock()
 		<-done
+	}
+	if herr := a.shutdownHTTP(ctx); herr != nil {
+		err = errors.Join(err, herr)
 	}
 	if a.stopScheduler != nil {
 		a.stopScheduler()

@@ -115,7 +115,7 @@ func runAgent(cfg agent.Config) error {
 	// Scripts that started the agent in the background wait for this line.
 	fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", socket)
 
-	serveErr := make(chan error, 3)
+	serveErr := make(chan error, 4)
 	go func() { serveErr <- a.Serve(ln) }()
 	aln := sd.admin
 	if aln == nil {
@@ -145,6 +145,17 @@ func runAgent(cfg agent.Config) error {
 		}
 		log.Info("agent listening (mutual TLS)", zap.String("addr", tln.Addr().String()), zap.Bool("systemd_socket", sd.tcp != nil))
 		go func() { serveErr <- a.Serve(tln) }()
+	}
+	if cfg.AdminHTTP.Listen != "" {
+		hln, err := a.ListenAdminHTTP()
+		if err != nil {
+			a.Shutdown(context.Background())
+			removeSocket()
+			log.Error("agent failed to listen", zap.Error(err))
+			return &exitError{exitFailure, err}
+		}
+		log.Info("admin HTTP listening (/metrics, /healthz, /readyz)", zap.String("addr", hln.Addr().String()))
+		go func() { serveErr <- a.ServeAdminHTTP(hln) }()
 	}
 
 	// Providers are open (tokens logged in), the journal is open and every

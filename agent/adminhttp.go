@@ -1,0 +1,152 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"go.uber.org/zap"
+)
+
+// AdminHTTPConfig configures the optional admin HTTP listener that serves
+// /metrics (Prometheus), /healthz and /readyz. Off when Listen is empty.
+type AdminHTTPConfig struct {
+	// Listen is host:port, e.g. 127.0.0.1:9464. A non-loopback address is
+	// refused unless AllowRemote is set: the endpoints are unauthenticated.
+	Listen      string `yaml:"listen"`
+	AllowRemote bool   `yaml:"allow_remote"`
+}
+
+func (h *AdminHTTPConfig) validate() error {
+	if h.Listen == "" {
+		return nil
+	}
+	host, _, err := net.SplitHostPort(h.Listen)
+	if err != nil {
+		return fmt.Errorf("admin_http.listen %q: %w", h.Listen, err)
+	}
+	if !h.AllowRemote && !isLoopbackHost(host) {
+		return fmt.Errorf("admin_http.listen %q is not a loopback address; set admin_http.allow_remote: true to serve metrics beyond this host", h.Listen)
+	}
+	return nil
+}
+
+func isLoopbackHost(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// ListenAdminHTTP opens the configured admin HTTP address.
+func (a *Agent) ListenAdminHTTP() (net.Listener, error) {
+	if a.cfg.AdminHTTP.Listen == "" {
+		return nil, errors.New("admin_http.listen is not configured")
+	}
+	ln, err := net.Listen("tcp", a.cfg.AdminHTTP.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("admin http: %w", err)
+	}
+	return ln, nil
+}
+
+// AdminHandler serves /metrics, /healthz and /readyz.
+func (a *Agent) AdminHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics.reg, promhttp.HandlerOpts{
+		ErrorLog: zap.NewStdLog(a.log.Named("metrics")),
+	}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		if reason := a.notReady(r.Context()); reason != "" {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintln(w, reason)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	return mux
+}
+
+// ServeAdminHTTP serves the admin HTTP endpoints on ln until Shutdown; it
+// returns ErrClosed after a shutdown, or the listener's error.
+func (a *Agent) ServeAdminHTTP(ln net.Listener) error {
+	srv := &http.Server{
+		Handler:           a.AdminHandler(),
+		ReadHeaderTimeout: 5 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       60 * time.Second,
+	}
+	a.mu.Lock()
+	if a.closing {
+		a.mu.Unlock()
+		ln.Close()
+		return ErrClosed
+	}
+	a.httpServers[srv] = struct{}{}
+	a.mu.Unlock()
+	err := srv.Serve(ln)
+	a.mu.Lock()
+	delete(a.httpServers, srv)
+	a.mu.Unlock()
+	if errors.Is(err, http.ErrServerClosed) {
+		return ErrClosed
+	}
+	return err
+}
+
+// healthChecker is what a provider may implement to report whether it can
+// sign now (the PKCS#11 provider does); others count as ready.
+type healthChecker interface{ Healthy() error }
+
+// notReady is "" when every provider is reachable and the journal is open,
+// else a short reason without secrets.
+func (a *Agent) notReady(ctx context.Context) string {
+	if a.isClosing() {
+		return "shutting down"
+	}
+	if a.cfg.Journal.Mode != "off" && a.journal == nil {
+		return "audit journal not open"
+	}
+	for _, p := range a.keys.providers {
+		hc, ok := p.(healthChecker)
+		if !ok {
+			continue
+		}
+		if ctx.Err() != nil {
+			return "readiness check cancelled"
+		}
+		if err := hc.Healthy(); err != nil {
+			a.log.Info("not ready: provider unhealthy", zap.String("provider", p.ID()), zap.Error(err))
+			return "provider " + p.ID() + " unavailable"
+		}
+	}
+	return ""
+}
+
+// shutdownHTTP stops the admin HTTP servers (during Shutdown).
+func (a *Agent) shutdownHTTP(ctx context.Context) error {
+	a.mu.Lock()
+	srvs := make([]*http.Server, 0, len(a.httpServers))
+	for s := range a.httpServers {
+		srvs = append(srvs, s)
+	}
+	a.mu.Unlock()
+	var errs []error
+	for _, s := range srvs {
+		if err := s.Shutdown(ctx); err != nil {
+			s.Close()
+			errs = append(errs, fmt.Errorf("admin http: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
