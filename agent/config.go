@@ -46,9 +46,16 @@ type Config struct {
 	Rotation RotationConfig `yaml:"rotation"`
 	// AdminHTTP serves /metrics, /healthz and /readyz (off by default).
 	AdminHTTP AdminHTTPConfig `yaml:"admin_http"`
-	Log       LogConfig       `yaml:"log"`
-	Limits    Limits          `yaml:"limits"`
-	Providers []ProviderSpec  `yaml:"providers"`
+	// SSHAgentSocket, when set, also serves the OpenSSH agent protocol
+	// there (SSH_AUTH_SOCK), through the same tenants, policies and journal.
+	SSHAgentSocket string `yaml:"ssh_agent_socket"`
+	// SSHKeys limits what the ssh-agent socket lists and signs with (slot
+	// names with a policy, key names without); empty: every key the peer
+	// may use.
+	SSHKeys   []string       `yaml:"ssh_keys"`
+	Log       LogConfig      `yaml:"log"`
+	Limits    Limits         `yaml:"limits"`
+	Providers []ProviderSpec `yaml:"providers"`
 }
 
 // LogConfig chooses the zap logger.

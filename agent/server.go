@@ -32,6 +32,7 @@ type Agent struct {
 	sched   *rotation.Scheduler
 
 	stopScheduler func()
+	stopSSH       context.CancelFunc // ends ServeSSHAgent's connections on Shutdown
 	schedulerDone chan struct{}
 
 	metrics *metrics
@@ -229,6 +230,9 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 		return ErrClosed
 	}
 	a.closing = true
+	if a.stopSSH != nil {
+		a.stopSSH()
+	}
 	for ln := range a.listeners {
 		ln.Close()
 	}

@@ -115,7 +115,7 @@ func runAgent(cfg agent.Config) error {
 	// Scripts that started the agent in the background wait for this line.
 	fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", socket)
 
-	serveErr := make(chan error, 4)
+	serveErr := make(chan error, 5)
 	go func() { serveErr <- a.Serve(ln) }()
 	aln := sd.admin
 	if aln == nil {
@@ -130,6 +130,18 @@ func runAgent(cfg agent.Config) error {
 		defer os.Remove(cfg.AdminSocket)
 	}
 	go func() { serveErr <- a.ServeAdmin(aln) }()
+	if cfg.SSHAgentSocket != "" {
+		sln, err := agent.ListenUnix(cfg.SSHAgentSocket)
+		if err != nil {
+			a.Shutdown(context.Background())
+			removeSocket()
+			log.Error("agent failed to listen on its ssh-agent socket", zap.Error(err))
+			return &exitError{exitFailure, err}
+		}
+		defer os.Remove(cfg.SSHAgentSocket)
+		log.Info("serving the OpenSSH agent protocol", zap.String("socket", cfg.SSHAgentSocket))
+		go func() { serveErr <- a.ServeSSHAgent(sln) }()
+	}
 	if cfg.TCP.Listen != "" || sd.tcp != nil {
 		var tln net.Listener
 		if sd.tcp != nil {
