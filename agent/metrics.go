@@ -10,6 +10,7 @@ import (
 
 	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
 )
 
 // metrics holds the agent's Prometheus collectors, on a registry of its own
@@ -111,6 +112,36 @@ func newMetrics(a *Agent) *metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	// Session pools (PKCS#11): sessions open/idle/in use and repairs
+	// (re-logins, module reloads, session sweeps), per provider.
+	for _, p := range a.keys.providers {
+		pr, ok := p.(providers.PoolReporter)
+		if !ok {
+			continue
+		}
+		labels := prometheus.Labels{"provider": p.ID()}
+		for _, state := range []string{"open", "idle", "in_use"} {
+			m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name:        "sigil_pool_sessions",
+				Help:        "Provider sessions by state (open = idle + in_use).",
+				ConstLabels: prometheus.Labels{"provider": p.ID(), "state": state},
+			}, func() float64 {
+				st := pr.PoolStats()
+				switch state {
+				case "open":
+					return float64(st.Open)
+				case "idle":
+					return float64(st.Idle)
+				}
+				return float64(st.Open - st.Idle)
+			}))
+		}
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name:        "sigil_provider_repairs_total",
+			Help:        "Session pool repairs since start: re-logins, module reloads, session sweeps (reconnects).",
+			ConstLabels: labels,
+		}, func() float64 { return float64(pr.PoolStats().Repairs) }))
+	}
 	// Every denial reason shows up at 0 from the start.
 	for r := policy.NotFound; r <= policy.Paused; r++ {
 		m.denials.WithLabelValues(r.String())

@@ -23,6 +23,8 @@ import (
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/pkcs11"
+	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
 )
 
 // healthProvider serves no keys and reports the health the test sets.
@@ -249,5 +251,45 @@ func TestMetricsTenantAndPolicyDenials(t *testing.T) {
 	}
 	if got := counter(mf, "sigil_policy_denials_total", map[string]string{"reason": "PAUSED"}); got != 0 {
 		t.Errorf("paused denials = %v, want 0", got)
+	}
+}
+
+// The PKCS#11 session pool shows in /metrics, and a repair behind the
+// pool's back (all sessions closed) counts as one.
+func TestPoolMetrics(t *testing.T) {
+	tok := softhsmtest.New(t, "metrics")
+	tok.Around = func(fn func()) {
+		if err := pkcs11.PauseModule(tok.Module, fn); err != nil {
+			t.Error(err)
+		}
+	}
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	r := startAgent(t, hsmConfig(t, tok, keys))
+	c := r.dial(t)
+	d := sha256.Sum256([]byte("pool"))
+	if _, err := c.Sign(context.Background(), client.ByName("hsm-ecdsa-p256"), client.Algorithm{}, d[:]); err != nil {
+		t.Fatal(err)
+	}
+	tok.CloseAllSessions(t)
+	if _, err := c.Sign(context.Background(), client.ByName("hsm-ecdsa-p256"), client.Algorithm{}, d[:]); err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(r.agent.AdminHandler())
+	defer srv.Close()
+	resp, err := http.Get(srv.URL + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	mf, err := parser.TextToMetricFamilies(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m := findMetric(mf, "sigil_pool_sessions", map[string]string{"provider": "hsm", "state": "open"}); m == nil || m.GetGauge().GetValue() < 1 {
+		t.Fatalf("no open sessions reported: %v", m)
+	}
+	if got := counter(mf, "sigil_provider_repairs_total", map[string]string{"provider": "hsm"}); got < 1 {
+		t.Fatalf("repairs = %v after sessions were closed behind the pool's back", got)
 	}
 }

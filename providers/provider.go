@@ -63,3 +63,16 @@ func IsRemote(p Provider) bool {
 	r, ok := p.(Remote)
 	return ok && r.Remote()
 }
+
+// PoolStats is what a provider with a session pool reports for monitoring.
+type PoolStats struct {
+	Size    int    // sessions the pool keeps open
+	Open    int    // sessions open now (idle and in use)
+	Idle    int    // sessions waiting for a signature
+	Repairs uint64 // repairs done since start: re-logins, module reloads, session sweeps
+}
+
+// PoolReporter is implemented by providers with a session pool (PKCS#11).
+type PoolReporter interface {
+	PoolStats() PoolStats
+}

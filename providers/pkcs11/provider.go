@@ -33,8 +33,9 @@ type Provider struct {
 	keysMu sync.Mutex // serializes changes to keys
 	keys   atomic.Pointer[keySet]
 
-	idle chan *session
-	live atomic.Int32 // sessions open: idle plus checked out
+	idle    chan *session
+	live    atomic.Int32  // sessions open: idle plus checked out
+	repairs atomic.Uint64 // repairs done, for PoolStats
 
 	stateMu sync.Mutex
 	state   atomic.Pointer[state]
@@ -469,4 +470,9 @@ func (p *Provider) closeSessions() {
 			return
 		}
 	}
+}
+
+// PoolStats implements providers.PoolReporter.
+func (p *Provider) PoolStats() providers.PoolStats {
+	return providers.PoolStats{Size: p.size, Open: int(p.live.Load()), Idle: len(p.idle), Repairs: p.repairs.Load()}
 }

@@ -35,6 +35,7 @@ func (p *Provider) supervise() {
 			done, err := p.repair(level)
 			p.stateMu.Lock()
 			if err == nil {
+				p.repairs.Add(1)
 				if p.wanted < repairLogin {
 					// A sweep changes no handle: no new epoch unless something
 					// above a sweep was done or callers were kept waiting.
