@@ -215,7 +215,7 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 	if e == nil {
 		return rotation.RotateOptions{}, fmt.Errorf("active key %s is not served", v.Key)
 	}
-	o := rotation.RotateOptions{Signer: &servingSigner{a: a, p: e.provider}, Reason: reason, Peer: peer, Canaries: a.cfg.Rotation.Canaries}
+	o := rotation.RotateOptions{Signer: e.provider, Reason: reason, Peer: peer, Canaries: a.cfg.Rotation.Canaries}
 	switch pp := e.provider.(type) {
 	case *software.Provider:
 		o.Maker = &servingMaker{a: a, p: pp, gen: pp}
@@ -248,7 +248,7 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 		if !used {
 			info := next.info
 			o.NextKey, o.Maker = &info, nil
-			o.Signer = &servingSigner{a: a, p: next.provider}
+			o.Signer = next.provider
 		}
 	}
 	return o, nil
@@ -279,15 +279,6 @@ type locatingMaker struct {
 }
 
 func (m *locatingMaker) URI(name string) (string, error) { return m.loc.URI(name) }
-
-type servingSigner struct {
-	a *Agent
-	p providers.Provider
-}
-
-func (s *servingSigner) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
-	return s.p.Sign(ctx, key, alg, digest)
-}
 
 // rotationOp answers the Rotate and Rollback admin operations.
 func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {
