@@ -126,30 +126,8 @@ providers:
 	ctx := context.Background()
 	d := sha256.Sum256([]byte("cloud rotation"))
 
-	run := func(f func(c, admin *client.Client)) {
-		a, err := agent.New(ctx, cfg, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ln, _ := agent.ListenUnix(cfg.Socket)
-		aln, _ := agent.ListenUnix(cfg.AdminSocket)
-		go a.Serve(ln)
-		go a.ServeAdmin(aln)
-		c, err := client.Dial(ctx, cfg.Socket)
-		if err != nil {
-			t.Fatal(err)
-		}
-		admin, err := client.Dial(ctx, cfg.AdminSocket)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f(c, admin)
-		c.Close()
-		admin.Close()
-		a.Shutdown(ctx)
-	}
 	var v1, v2 string
-	run(func(c, admin *client.Client) {
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
 		s, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
 		if err != nil {
 			t.Fatal(err)
@@ -170,7 +148,7 @@ providers:
 	if _, err := kms.Lookup(gcpkmstest.VersionName("release", "2")); err != nil {
 		t.Fatalf("the rotation made no new version in the KMS: %v", err)
 	}
-	run(func(c, admin *client.Client) {
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
 		s, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
 		if err != nil || s.KID != v2 {
 			t.Fatalf("after a restart: kid %s (want %s), %v", s.KID, v2, err)

@@ -170,3 +170,39 @@ func (s *slowProvider) Sign(ctx context.Context, key string, alg providers.Algor
 	}
 	return s.Provider.Sign(ctx, key, alg, digest)
 }
+
+// agentLifetime runs one agent on cfg from start to a checked Shutdown,
+// handing f a client and an admin connection: tests that restart an agent
+// call it once per life.
+func agentLifetime(t *testing.T, cfg agent.Config, f func(c, admin *client.Client)) {
+	t.Helper()
+	ctx := context.Background()
+	a, err := agent.New(ctx, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := agent.ListenUnix(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	aln, err := agent.ListenUnix(cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.Serve(ln)
+	go a.ServeAdmin(aln)
+	c, err := client.Dial(ctx, cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, err := client.Dial(ctx, cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f(c, admin)
+	c.Close()
+	admin.Close()
+	if err := a.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -183,32 +183,8 @@ tenants:
 	ctx := context.Background()
 	d := sha256.Sum256([]byte("firmware"))
 
-	run := func(f func(c, admin *client.Client)) {
-		a, err := agent.New(ctx, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		ln, _ := agent.ListenUnix(cfg.Socket)
-		aln, _ := agent.ListenUnix(cfg.AdminSocket)
-		go a.Serve(ln)
-		go a.ServeAdmin(aln)
-		c, err := client.Dial(ctx, cfg.Socket)
-		if err != nil {
-			t.Fatal(err)
-		}
-		admin, err := client.Dial(ctx, cfg.AdminSocket)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f(c, admin)
-		c.Close()
-		admin.Close()
-		if err := a.Shutdown(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
 	var v2 string
-	run(func(c, admin *client.Client) {
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
 		if err := admin.Rotate(ctx, "payments/release"); err != nil {
 			t.Fatal(err)
 		}
@@ -218,7 +194,7 @@ tenants:
 		}
 		v2 = s.KID
 	})
-	run(func(c, admin *client.Client) {
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
 		s, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
 		if err != nil || s.KID != v2 {
 			t.Fatalf("after restart: kid %s (want %s), %v", s.KID, v2, err)
