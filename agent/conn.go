@@ -239,8 +239,9 @@ func (c *conn) runInline(req *proto.Request, br *bufio.Reader) bool {
 	if len(c.inFlight) != 0 || br.Buffered() != 0 {
 		return false
 	}
-	e, err := c.a.keys.lookup(req.Key, req.KID)
-	return err != nil || !e.remote
+	// The same resolution dispatch will do: with a policy, names are slots.
+	t, _, err := c.resolve(req.Key, req.KID, req.Op == proto.OpVerify)
+	return err != nil || !t.key.remote
 }
 
 // send queues resp and, unless another goroutine is already writing, writes

@@ -205,3 +205,62 @@ providers:
 		t.Fatalf("another key of the same KMS after the stall: %v", err)
 	}
 }
+
+// With a policy, a Sign on a cloud slot runs off the connection's reader
+// like any remote key: a slow KMS call does not hold up the next request
+// on the same connection.
+func TestCloudSlotRunsOffTheReader(t *testing.T) {
+	keys := gcpkmstest.TestKeys()
+	kms := &gcpkmstest.Server{}
+	slow := kms.Add(gcpkmstest.VersionName("slow", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	kms.Serve(t)
+	kms.Update(func() { slow.Delay = 400 * time.Millisecond })
+	dir := t.TempDir()
+	policyFile := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: slow, key: gcp-slow}
+      - {name: local, key: default}
+`, os.Getuid())), 0o600)
+	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
+policy: %s
+providers:
+  - {id: soft, type: software, keys: [{name: default, type: ecdsa-p256}]}
+  - id: gcp
+    type: gcpkms
+    project: p
+    location: global
+    key_ring: ring
+    endpoint: %q
+    insecure_endpoint: true
+    keys: [{name: gcp-slow, key: slow, version: "1"}]
+`, policyFile, kms.Addr())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DataDir = t.TempDir()
+	cfg.Socket = shortSocketPath(t)
+	r := startAgent(t, cfg)
+	c := r.dial(t)
+	ctx := context.Background()
+	d := sha256.Sum256([]byte("x"))
+	slowDone := make(chan error, 1)
+	go func() {
+		_, err := c.Sign(ctx, client.ByName("slow"), client.Algorithm{}, d[:])
+		slowDone <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // the slow request is at the KMS
+	start := time.Now()
+	if _, err := c.Sign(ctx, client.ByName("local"), client.Algorithm{}, d[:]); err != nil {
+		t.Fatal(err)
+	}
+	if el := time.Since(start); el > 200*time.Millisecond {
+		t.Fatalf("a local Sign waited %v behind a slow cloud Sign on the same connection", el)
+	}
+	if err := <-slowDone; err != nil {
+		t.Fatal(err)
+	}
+}
