@@ -1,13 +1,15 @@
 // Package awskmstest runs the AWS KMS emulator github.com/nsmithuk/local-kms
-// for tests: a real KMS wire protocol server, reached by the real SDK client
-// over loopback, with keys created through the SDK. Nothing here is for
-// production.
+// for tests and for `sigil bench`: a real KMS wire protocol server, reached by
+// the real SDK client over loopback, with keys created through the SDK.
+// Nothing here is for production. It does not import testing (TB is the part
+// of testing.TB the helpers use), so the sigil binary can link it.
 package awskmstest
 
 import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
@@ -15,7 +17,6 @@ import (
 	"regexp"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -39,16 +40,28 @@ func Credentials() aws.CredentialsProvider {
 	return credentials.NewStaticCredentialsProvider("AKIDLOCALKMSTEST", "local-kms-test-secret", "")
 }
 
+// TB is the part of testing.TB the helpers use; *testing.T and *testing.B
+// satisfy it.
+type TB interface {
+	Helper()
+	Cleanup(func())
+	Fatalf(format string, args ...any)
+	Skipf(format string, args ...any)
+}
+
+// ErrNotInstalled is returned by Find when no local-kms binary exists.
+var ErrNotInstalled = errors.New("local-kms not installed")
+
 var (
 	installOnce sync.Once
 	installBin  string
 	installErr  error
 )
 
-// Binary finds the local-kms binary: $LOCAL_KMS_BIN, else PATH, else
-// $(go env GOBIN) or $(go env GOPATH)/bin. When none exists and the go
-// command is available it runs `go install Module` once per test process.
-func Binary() (string, error) {
+// Find locates an installed local-kms without installing it: $LOCAL_KMS_BIN,
+// else PATH, else $(go env GOBIN) or $(go env GOPATH)/bin. The error wraps
+// ErrNotInstalled when there is none.
+func Find() (string, error) {
 	if p := os.Getenv("LOCAL_KMS_BIN"); p != "" {
 		if _, err := os.Stat(p); err != nil {
 			return "", err
@@ -58,19 +71,30 @@ func Binary() (string, error) {
 	if p, err := exec.LookPath("local-kms"); err == nil {
 		return p, nil
 	}
+	p, err := goInstallPath()
+	if err != nil {
+		return "", fmt.Errorf("%w (set LOCAL_KMS_BIN or run `go install %s`): %v", ErrNotInstalled, Module, err)
+	}
+	if _, err := os.Stat(p); err != nil {
+		return "", fmt.Errorf("%w (set LOCAL_KMS_BIN or run `go install %s`)", ErrNotInstalled, Module)
+	}
+	return p, nil
+}
+
+// Binary is Find, and when nothing is installed and the go command is
+// available it runs `go install Module` once per process (minutes on a cold
+// module cache: for tests, not for `sigil bench`).
+func Binary() (string, error) {
+	if p, err := Find(); err == nil || !errors.Is(err, ErrNotInstalled) {
+		return p, err
+	}
 	installOnce.Do(func() {
 		goBin, err := exec.LookPath("go")
 		if err != nil {
 			installErr = errors.New("local-kms not found and no go command to install it")
 			return
 		}
-		dir, err := goBinDir(goBin)
-		if err != nil {
-			installErr = err
-			return
-		}
-		installBin = filepath.Join(dir, "local-kms")
-		if _, err := os.Stat(installBin); err == nil {
+		if installBin, installErr = goInstallPath(); installErr != nil {
 			return
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
@@ -87,13 +111,28 @@ func Binary() (string, error) {
 	return installBin, installErr
 }
 
+// goInstallPath is where `go install` puts local-kms.
+func goInstallPath() (string, error) {
+	goBin, err := exec.LookPath("go")
+	if err != nil {
+		return "", errors.New("no go command to ask for GOBIN and GOPATH")
+	}
+	dir, err := goBinDir(goBin)
+	if err != nil {
+		return "", err
+	}
+	return filepath.Join(dir, "local-kms"), nil
+}
+
 func goBinDir(goBin string) (string, error) {
 	out, err := exec.Command(goBin, "env", "GOBIN", "GOPATH").Output()
 	if err != nil {
 		return "", err
 	}
-	lines := strings.Split(strings.TrimSpace(string(out)), "\n")
-	if len(lines) >= 1 && strings.TrimSpace(lines[0]) != "" {
+	// One line each; an unset GOBIN is an empty first line, so the output
+	// must not be trimmed before it is split.
+	lines := strings.Split(string(out), "\n")
+	if strings.TrimSpace(lines[0]) != "" {
 		return strings.TrimSpace(lines[0]), nil
 	}
 	if len(lines) < 2 || strings.TrimSpace(lines[1]) == "" {
@@ -105,18 +144,24 @@ func goBinDir(goBin string) (string, error) {
 
 var startedRE = regexp.MustCompile(`Local KMS started on [^\s"]*:(\d+)`)
 
-// Start runs a fresh local-kms with its data in a temporary directory, on a
-// port it picks itself (PORT=0), and returns its loopback endpoint
-// (http://127.0.0.1:PORT). The emulator binds all interfaces; clients must
-// use the returned loopback address only. It is killed at cleanup. The test
-// is skipped, with the reason, when the emulator cannot be installed.
-func Start(t testing.TB) string {
-	t.Helper()
-	bin, err := Binary()
+// Emulator is a running local-kms.
+type Emulator struct {
+	// Endpoint is its loopback endpoint, http://127.0.0.1:PORT. The emulator
+	// binds all interfaces; clients must use this address only.
+	Endpoint string
+	cmd      *exec.Cmd
+	exited   chan struct{}
+	dir      string
+}
+
+// StartEmulator runs a fresh local-kms from bin with its data in a new
+// temporary directory, on a port it picks itself (PORT=0), and waits until it
+// reports that port. Close stops it.
+func StartEmulator(bin string) (*Emulator, error) {
+	dir, err := os.MkdirTemp("", "local-kms-")
 	if err != nil {
-		t.Skipf("local-kms emulator unavailable (set LOCAL_KMS_BIN or run `go install %s`): %v", Module, err)
+		return nil, err
 	}
-	dir := t.TempDir()
 	cmd := exec.Command(bin)
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(),
@@ -129,18 +174,15 @@ func Start(t testing.TB) string {
 	pr, pw := io.Pipe()
 	cmd.Stdout, cmd.Stderr = pw, pw
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("start local-kms: %v", err)
+		os.RemoveAll(dir)
+		return nil, fmt.Errorf("start local-kms: %w", err)
 	}
-	exited := make(chan struct{})
+	e := &Emulator{cmd: cmd, exited: make(chan struct{}), dir: dir}
 	go func() {
 		cmd.Wait()
 		pw.Close()
-		close(exited)
+		close(e.exited)
 	}()
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		<-exited
-	})
 
 	port := make(chan string, 1)
 	var logMu sync.Mutex
@@ -164,14 +206,42 @@ func Start(t testing.TB) string {
 	}()
 	select {
 	case p := <-port:
-		return "http://127.0.0.1:" + p
-	case <-exited:
+		e.Endpoint = "http://127.0.0.1:" + p
+		return e, nil
+	case <-e.exited:
 	case <-time.After(30 * time.Second):
 	}
+	e.Close()
 	logMu.Lock()
 	defer logMu.Unlock()
-	t.Fatalf("local-kms did not report its port; output:\n%s", strings.Join(tail, "\n"))
-	return ""
+	return nil, fmt.Errorf("local-kms did not report its port; output:\n%s", strings.Join(tail, "\n"))
+}
+
+// PID is the emulator's process id, for CPU accounting.
+func (e *Emulator) PID() int { return e.cmd.Process.Pid }
+
+// Close kills the emulator and removes its data.
+func (e *Emulator) Close() {
+	e.cmd.Process.Kill()
+	<-e.exited
+	os.RemoveAll(e.dir)
+}
+
+// Start runs a fresh local-kms (StartEmulator) for the test's lifetime and
+// returns its loopback endpoint. The test is skipped, with the reason, when
+// the emulator cannot be installed.
+func Start(t TB) string {
+	t.Helper()
+	bin, err := Binary()
+	if err != nil {
+		t.Skipf("local-kms emulator unavailable (set LOCAL_KMS_BIN or run `go install %s`): %v", Module, err)
+	}
+	e, err := StartEmulator(bin)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	t.Cleanup(e.Close)
+	return e.Endpoint
 }
 
 // Client is a KMS client for the emulator at endpoint, for creating and
@@ -185,7 +255,7 @@ func Client(endpoint string) *kms.Client {
 }
 
 // CreateKey creates a SIGN_VERIFY key of the given spec and returns its key id.
-func CreateKey(t testing.TB, c *kms.Client, spec types.KeySpec) string {
+func CreateKey(t TB, c *kms.Client, spec types.KeySpec) string {
 	t.Helper()
 	out, err := c.CreateKey(context.Background(), &kms.CreateKeyInput{
 		KeySpec:  spec,
@@ -198,7 +268,7 @@ func CreateKey(t testing.TB, c *kms.Client, spec types.KeySpec) string {
 }
 
 // CreateAlias points alias ("alias/name") at keyID.
-func CreateAlias(t testing.TB, c *kms.Client, alias, keyID string) {
+func CreateAlias(t TB, c *kms.Client, alias, keyID string) {
 	t.Helper()
 	if _, err := c.CreateAlias(context.Background(), &kms.CreateAliasInput{
 		AliasName:   aws.String(alias),
@@ -209,7 +279,7 @@ func CreateAlias(t testing.TB, c *kms.Client, alias, keyID string) {
 }
 
 // DisableKey disables keyID.
-func DisableKey(t testing.TB, c *kms.Client, keyID string) {
+func DisableKey(t TB, c *kms.Client, keyID string) {
 	t.Helper()
 	if _, err := c.DisableKey(context.Background(), &kms.DisableKeyInput{KeyId: aws.String(keyID)}); err != nil {
 		t.Fatalf("disable key: %v", err)
@@ -218,7 +288,7 @@ func DisableKey(t testing.TB, c *kms.Client, keyID string) {
 
 // DescribeKey returns the metadata of the key keyID (a key id, key ARN,
 // alias or alias ARN) names.
-func DescribeKey(t testing.TB, c *kms.Client, keyID string) types.KeyMetadata {
+func DescribeKey(t TB, c *kms.Client, keyID string) types.KeyMetadata {
 	t.Helper()
 	out, err := c.DescribeKey(context.Background(), &kms.DescribeKeyInput{KeyId: aws.String(keyID)})
 	if err != nil {

@@ -2,8 +2,14 @@
 // httptest TLS server speaking the Key Vault REST endpoints the azkeys SDK
 // uses for get-key, create-key and sign, holding real Go keys, reached by the real
 // azkeys.Client through its real challenge-based bearer authentication. The
-// azurekv provider's tests and the agent's use it; nothing here is for
-// production.
+// azurekv provider's tests, the agent's and `sigil bench` use it; nothing
+// here is for production. It does not import testing (TB is the part of
+// testing.TB Start uses), so the sigil binary can link it.
+//
+// Beside the vault, Listen serves an App Service managed-identity token
+// endpoint, so that a separate process (the agent under `sigil bench`) gets
+// its token the production way: azidentity's default chain, configured by
+// IDENTITY_ENDPOINT and IDENTITY_HEADER.
 package azurekvtest
 
 import (
@@ -15,17 +21,22 @@ import (
 	"crypto/rsa"
 	_ "crypto/sha256" // SHA-256 for RS/PS256
 	_ "crypto/sha512" // SHA-384 for RS/PS384
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/asn1"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
@@ -33,9 +44,13 @@ import (
 	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
 )
 
+// Resource is the audience Key Vault tokens are for: the challenge names it,
+// and the managed-identity endpoint issues tokens for it only.
+const Resource = "https://vault.azure.net"
+
 // Challenge is the WWW-Authenticate header the fake answers an
 // unauthenticated request with, as Key Vault does.
-const Challenge = `Bearer authorization="https://login.microsoftonline.com/tenant", resource="https://vault.azure.net"`
+const Challenge = `Bearer authorization="https://login.microsoftonline.com/tenant", resource="` + Resource + `"`
 
 // Token is the bearer token Credential issues.
 const Token = "fake-token"
@@ -48,6 +63,7 @@ type Server struct {
 	signs      int                   // sign requests answered, faults included
 	challenges int                   // unauthenticated requests answered with 401
 	gets       int                   // authenticated get-key requests answered, faults included
+	identities int                   // tokens issued by the managed-identity endpoint
 }
 
 // Version is one key version.
@@ -124,19 +140,179 @@ func (s *Server) lookup(name, version string) *Version {
 	return nil
 }
 
+// TB is the part of testing.TB Start uses; *testing.T and *testing.B
+// satisfy it.
+type TB interface {
+	Helper()
+	Cleanup(func())
+	Fatalf(format string, args ...any)
+}
+
 // Start serves the vault on a loopback TLS listener until the test ends. It
 // returns the vault URL, client options whose transport trusts the server's
 // certificate (with challenge resource verification off, as the server is
 // not under vault.azure.net), and a static credential.
-func (s *Server) Start(t testing.TB) (vaultURL string, opts *azkeys.ClientOptions, cred azcore.TokenCredential) {
+func (s *Server) Start(t TB) (vaultURL string, opts *azkeys.ClientOptions, cred azcore.TokenCredential) {
 	t.Helper()
-	srv := httptest.NewTLSServer(http.HandlerFunc(s.serveHTTP))
-	t.Cleanup(srv.Close)
-	opts = &azkeys.ClientOptions{
-		ClientOptions:                        azcore.ClientOptions{Transport: srv.Client()},
+	v, err := s.Listen()
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	t.Cleanup(v.Close)
+	return v.URL, v.ClientOptions(), Credential{}
+}
+
+// Vault is a Server listening on loopback: the vault over TLS and its
+// managed-identity token endpoint over plain HTTP, as App Service serves its
+// own on the host.
+type Vault struct {
+	URL string // https://127.0.0.1:PORT/
+	// CertPEM is the vault's self-signed certificate, made for this Listen
+	// (its key is nowhere else): the root a separate process trusts it by,
+	// e.g. through SSL_CERT_FILE.
+	CertPEM []byte
+	// IdentityEndpoint and IdentityHeader are what App Service puts in
+	// IDENTITY_ENDPOINT and IDENTITY_HEADER: the endpoint issues Token, for
+	// Resource only, to a caller sending IdentityHeader in X-IDENTITY-HEADER.
+	IdentityEndpoint string
+	IdentityHeader   string
+
+	vault, identity *httptest.Server
+}
+
+// Env is the environment that points azidentity's default chain at the
+// managed-identity endpoint (and at it alone, through AZURE_TOKEN_CREDENTIALS).
+func (v *Vault) Env() []string {
+	return []string{
+		"IDENTITY_ENDPOINT=" + v.IdentityEndpoint,
+		"IDENTITY_HEADER=" + v.IdentityHeader,
+		"AZURE_TOKEN_CREDENTIALS=ManagedIdentityCredential",
+	}
+}
+
+// ClientOptions reach the vault from this process: a transport trusting its
+// certificate, and challenge resource verification off, as the vault is not
+// under vault.azure.net.
+func (v *Vault) ClientOptions() *azkeys.ClientOptions {
+	return &azkeys.ClientOptions{
+		ClientOptions:                        azcore.ClientOptions{Transport: v.vault.Client()},
 		DisableChallengeResourceVerification: true,
 	}
-	return srv.URL + "/", opts, Credential{}
+}
+
+// Close stops both listeners.
+func (v *Vault) Close() {
+	v.vault.Close()
+	v.identity.Close()
+}
+
+// Listen serves the vault and its managed-identity endpoint on loopback
+// until Close. Unlike httptest.NewTLSServer it returns an error rather than
+// panicking, and the TLS certificate is made here rather than httptest's
+// shared one, whose key is public.
+func (s *Server) Listen() (*Vault, error) {
+	cert, certPEM, err := loopbackCertificate()
+	if err != nil {
+		return nil, fmt.Errorf("azurekvtest: certificate: %w", err)
+	}
+	var secret [16]byte
+	rand.Read(secret[:])
+	header := hex.EncodeToString(secret[:])
+	vl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, fmt.Errorf("azurekvtest: listen: %w", err)
+	}
+	il, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		vl.Close()
+		return nil, fmt.Errorf("azurekvtest: listen: %w", err)
+	}
+	v := &Vault{
+		CertPEM:        certPEM,
+		IdentityHeader: header,
+		vault: &httptest.Server{
+			Listener: vl,
+			Config:   &http.Server{Handler: http.HandlerFunc(s.serveHTTP)},
+			TLS:      &tls.Config{Certificates: []tls.Certificate{cert}},
+		},
+		identity: &httptest.Server{Listener: il, Config: &http.Server{Handler: s.identityHandler(header)}},
+	}
+	v.vault.StartTLS()
+	v.identity.Start()
+	v.URL = v.vault.URL + "/"
+	v.IdentityEndpoint = v.identity.URL + "/msi/token"
+	return v, nil
+}
+
+// loopbackCertificate makes a self-signed ECDSA P-256 certificate for
+// 127.0.0.1 and ::1, valid for a day.
+func loopbackCertificate() (tls.Certificate, []byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: "azurekvtest vault"},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true, // it is its own root
+		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		return tls.Certificate{}, nil, err
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key},
+		pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), nil
+}
+
+// IdentityTokens is the number of tokens the managed-identity endpoint issued.
+func (s *Server) IdentityTokens() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.identities
+}
+
+// identityHandler answers as App Service's managed-identity endpoint does
+// (api-version 2019-08-01): GET with the secret header, the resource in the
+// query, a token and its expiry in seconds since the epoch as a string.
+func (s *Server) identityHandler(header string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		switch {
+		case r.Method != http.MethodGet || r.URL.Path != "/msi/token":
+			http.Error(w, "no such endpoint", http.StatusNotFound)
+			return
+		case r.Header.Get("X-IDENTITY-HEADER") != header:
+			http.Error(w, "missing or wrong X-IDENTITY-HEADER", http.StatusUnauthorized)
+			return
+		case q.Get("api-version") != "2019-08-01":
+			http.Error(w, "api-version 2019-08-01 required", http.StatusBadRequest)
+			return
+		case q.Get("resource") != Resource:
+			http.Error(w, "no identity for resource "+q.Get("resource"), http.StatusBadRequest)
+			return
+		}
+		s.mu.Lock()
+		s.identities++
+		s.mu.Unlock()
+		writeJSON(w, map[string]string{
+			"access_token": Token,
+			"expires_on":   strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10),
+			"resource":     Resource,
+			"token_type":   "Bearer",
+			"client_id":    "00000000-0000-0000-0000-00000000a2b0",
+		})
+	})
 }
 
 // Credential is a static azcore.TokenCredential issuing Token.

@@ -1,7 +1,9 @@
 // Package gcpkmstest is an in-process Cloud KMS for tests: the real gRPC
 // service (kmspb.KeyManagementServiceServer) holding real Go keys, reached by
-// the real SDK client over loopback. The gcpkms provider's tests and the
-// agent's use it; nothing here is for production.
+// the real SDK client over loopback. The gcpkms provider's tests, the agent's
+// and `sigil bench` use it; nothing here is for production. It does not
+// import testing (TB is the part of testing.TB Serve uses), so the sigil
+// binary can link it.
 package gcpkmstest
 
 import (
@@ -13,12 +15,12 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/pem"
+	"fmt"
 	"hash/crc32"
 	"net"
 	"strconv"
 	"strings"
 	"sync"
-	"testing"
 	"time"
 
 	"cloud.google.com/go/kms/apiv1/kmspb"
@@ -196,24 +198,42 @@ func (f *Server) AsymmetricSign(ctx context.Context, req *kmspb.AsymmetricSignRe
 	}, nil
 }
 
-// serve starts f on a loopback port for the test's lifetime and returns the
-// client options that reach it the way tests should: the real SDK client,
-// no credentials, plaintext gRPC.
-func (f *Server) Serve(t testing.TB) []option.ClientOption {
-	t.Helper()
+// TB is the part of testing.TB Serve uses; *testing.T and *testing.B
+// satisfy it.
+type TB interface {
+	Helper()
+	Cleanup(func())
+	Fatalf(format string, args ...any)
+}
+
+// Listen serves f on a loopback port until stop is called; Addr then names
+// the port. It is Serve for callers outside `go test` (sigil bench).
+func (f *Server) Listen() (stop func(), err error) {
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		t.Fatal(err)
+		return nil, fmt.Errorf("gcpkmstest: listen: %w", err)
 	}
 	srv := grpc.NewServer()
 	kmspb.RegisterKeyManagementServiceServer(srv, f)
 	go srv.Serve(lis)
-	t.Cleanup(srv.Stop)
 	f.mu.Lock()
 	f.addr = lis.Addr().String()
 	f.mu.Unlock()
+	return srv.Stop, nil
+}
+
+// Serve starts f on a loopback port for the test's lifetime and returns the
+// client options that reach it the way tests should: the real SDK client,
+// no credentials, plaintext gRPC.
+func (f *Server) Serve(t TB) []option.ClientOption {
+	t.Helper()
+	stop, err := f.Listen()
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	t.Cleanup(stop)
 	return []option.ClientOption{
-		option.WithEndpoint(lis.Addr().String()),
+		option.WithEndpoint(f.Addr()),
 		option.WithoutAuthentication(),
 		option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())),
 	}
