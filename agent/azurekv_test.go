@@ -57,6 +57,7 @@ func TestCloudProviderConfigValidation(t *testing.T) {
 		{"aws without region", "providers:\n  - {id: a, type: awskms, keys: [{name: k, key_id: alias/k}]}\n"},
 		{"aws key without id", "providers:\n  - {id: a, type: awskms, region: eu-west-1, keys: [{name: k}]}\n"},
 		{"gcp without key ring", "providers:\n  - {id: g, type: gcpkms, project: p, location: l, keys: [{name: k, key: k, version: '1'}]}\n"},
+		{"challenge verification off on another type", "providers:\n  - {id: a, type: awskms, region: eu-west-1, disable_challenge_resource_verification: true, keys: [{name: k, key_id: alias/k}]}\n"},
 		{"gcp insecure without endpoint", "providers:\n  - {id: g, type: gcpkms, project: p, location: l, key_ring: r, insecure_endpoint: true, keys: [{name: k, key: k, version: '1'}]}\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -14,6 +14,7 @@ import (
 
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/pkcs11"
 )
 
 //go:embed default.yaml
@@ -89,6 +90,9 @@ type ProviderSpec struct {
 	PINEnv      string `yaml:"pin_env"`
 	PINFile     string `yaml:"pin_file"`
 	Sessions    int    `yaml:"sessions"`
+	// Instances loads the module this many times (SoftHSM2: 2); see
+	// docs/pkcs11.md, "Module instances".
+	Instances int `yaml:"module_instances"`
 
 	// gcpkms: the key ring; credentials come from the Google SDK's default
 	// chain (workload identity, GOOGLE_APPLICATION_CREDENTIALS), never from
@@ -108,6 +112,11 @@ type ProviderSpec struct {
 
 	// azurekv: the vault (credentials from azidentity's default chain).
 	VaultURL string `yaml:"vault_url"`
+	// DisableChallengeResourceVerification lets a vault reached by a name
+	// outside its cloud's domain (an emulator on loopback, a custom DNS
+	// name) be challenged for https://vault.azure.net; see
+	// azurekv.Config and docs/cloudkms.md.
+	DisableChallengeResourceVerification bool `yaml:"disable_challenge_resource_verification"`
 
 	Keys []KeySpec `yaml:"keys"`
 }
@@ -273,6 +282,9 @@ func (c *Config) Validate() error {
 			if p.PINEnv == "" && p.PINFile == "" {
 				errs = append(errs, fmt.Errorf("%s: pkcs11 needs pin_env or pin_file (a PIN is never taken from the config text)", where))
 			}
+			if p.Instances < 0 || p.Instances > pkcs11.MaxInstances {
+				errs = append(errs, fmt.Errorf("%s: module_instances %d: want 1 to %d", where, p.Instances, pkcs11.MaxInstances))
+			}
 			for j, k := range p.Keys {
 				if k.URI == "" {
 					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: pkcs11 keys need a uri", where, j, k.Name))
@@ -310,6 +322,9 @@ func (c *Config) Validate() error {
 			}
 		default:
 			errs = append(errs, fmt.Errorf("%s: type %q: want software, pkcs11, gcpkms, awskms or azurekv", where, p.Type))
+		}
+		if p.DisableChallengeResourceVerification && p.Type != "azurekv" {
+			errs = append(errs, fmt.Errorf("%s: disable_challenge_resource_verification is for azurekv providers", where))
 		}
 		for j, k := range p.Keys {
 			if k.Name == "" {

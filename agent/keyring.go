@@ -118,7 +118,8 @@ func openProvider(ctx context.Context, spec ProviderSpec, log *zap.Logger) (prov
 		for i, k := range spec.Keys {
 			keys[i] = azurekv.KeyConfig{Name: k.Name, Key: k.Key, Version: k.Version}
 		}
-		return azurekv.Open(ctx, azurekv.Config{ID: spec.ID, VaultURL: spec.VaultURL, Keys: keys, Timeout: spec.Timeout, Logger: log})
+		return azurekv.Open(ctx, azurekv.Config{ID: spec.ID, VaultURL: spec.VaultURL, Keys: keys, Timeout: spec.Timeout, Logger: log,
+			DisableChallengeResourceVerification: spec.DisableChallengeResourceVerification})
 	}
 	return nil, fmt.Errorf("unknown provider type %q", spec.Type)
 }

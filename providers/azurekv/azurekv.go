@@ -11,6 +11,7 @@ import (
 	"math/big"
 	"net/http"
 	"regexp"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -48,6 +49,15 @@ type Config struct {
 	// chain (azidentity.NewDefaultAzureCredential: environment, workload
 	// identity, managed identity, Azure CLI, ...), never configuration text.
 	Credential azcore.TokenCredential
+	// DisableChallengeResourceVerification accepts a vault whose bearer
+	// challenge names a resource its host is not under. By default the SDK
+	// requires https://NAME.vault.azure.net (or a sovereign cloud's
+	// equivalent) to be challenged for https://vault.azure.net, so that a
+	// server the vault URL reaches by mistake cannot obtain a Key Vault token
+	// by naming that resource. Only a vault reached by a name outside its
+	// cloud's domain needs this: an emulator on loopback (sigil bench), a
+	// private endpoint under a custom DNS name.
+	DisableChallengeResourceVerification bool
 	// ClientOptions are passed to azkeys.NewClient. Production leaves them
 	// nil. Tests set a transport trusting a loopback TLS server and
 	// DisableChallengeResourceVerification. A zero Retry gets this package's
@@ -137,6 +147,9 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	var opts azkeys.ClientOptions
 	if cfg.ClientOptions != nil {
 		opts = *cfg.ClientOptions
+	}
+	if cfg.DisableChallengeResourceVerification {
+		opts.DisableChallengeResourceVerification = true
 	}
 	if opts.Retry.MaxRetries == 0 && opts.Retry.StatusCodes == nil && opts.Retry.ShouldRetry == nil {
 		opts.Retry = retryOptions(cfg.Timeout)
@@ -388,6 +401,11 @@ func classify(parent, callCtx context.Context, op string, err error) error {
 	var afe *azidentity.AuthenticationFailedError
 	if errors.As(err, &afe) {
 		return fmt.Errorf("azurekv %s: credentials refused (token request failed): %w", op, providers.ErrUnavailable)
+	}
+	// The SDK refuses a challenge for a resource the vault's host is not
+	// under with an untyped error (keyvault/internal challengeMatchError).
+	if strings.Contains(err.Error(), "doesn't match the requested domain") {
+		return fmt.Errorf("azurekv %s: the vault's challenge names a resource its host is not under (a vault reached outside its cloud's domain needs disable_challenge_resource_verification): %w", op, providers.ErrUnavailable)
 	}
 	// Transport failures, an unobtainable token, an unreadable response: no
 	// answer from the vault that classifies further.

@@ -327,3 +327,55 @@ func TestOpenResolvesVersions(t *testing.T) {
 		t.Fatal("a name configured twice opened")
 	}
 }
+
+// With no Config.Credential the provider authenticates as production does,
+// through azidentity's default chain: here an App Service managed identity
+// (the fake's token endpoint, named by IDENTITY_ENDPOINT and
+// IDENTITY_HEADER). The SDK refuses a vault on 127.0.0.1 challenged for
+// https://vault.azure.net unless DisableChallengeResourceVerification says
+// the name is known to be outside the cloud's domain.
+func TestDefaultCredentialAndChallengeVerification(t *testing.T) {
+	kv := &azurekvtest.Server{}
+	v0 := kv.Add("ec", testKeys()["p256"])
+	vault, err := kv.Listen()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer vault.Close()
+	for _, kv := range vault.Env() {
+		name, value, _ := strings.Cut(kv, "=")
+		t.Setenv(name, value)
+	}
+	// The vault's transport trusts its certificate and nothing else is
+	// changed from production: verification stays on unless Config says.
+	opts := vault.ClientOptions()
+	opts.DisableChallengeResourceVerification = false
+	open := func(disable bool) (*Provider, error) {
+		return Open(context.Background(), Config{ID: "azure", VaultURL: vault.URL, ClientOptions: opts,
+			DisableChallengeResourceVerification: disable, Keys: []KeyConfig{{Name: "ec", Key: "ec"}}})
+	}
+
+	if _, err := open(false); !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "disable_challenge_resource_verification") {
+		t.Fatalf("vault on 127.0.0.1 challenged for %s: err = %v, want the SDK's challenge resource refusal", azurekvtest.Resource, err)
+	}
+	if n := kv.IdentityTokens(); n != 0 {
+		t.Fatalf("%d tokens issued for a refused challenge", n)
+	}
+
+	p, err := open(true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	digest := randomDigest(crypto.SHA256)
+	sig, err := p.Sign(context.Background(), "ec", algES256, digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := providers.Verify(v0.Signer.Public(), algES256, digest, sig); err != nil {
+		t.Fatal(err)
+	}
+	if n := kv.IdentityTokens(); n != 1 {
+		t.Fatalf("managed-identity endpoint issued %d tokens, want 1 (then cached)", n)
+	}
+}
