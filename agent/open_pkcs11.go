@@ -23,6 +23,7 @@ func openPKCS11(ctx context.Context, spec ProviderSpec, log *zap.Logger) (provid
 		PINEnv:      spec.PINEnv,
 		PINFile:     spec.PINFile,
 		Sessions:    spec.Sessions,
+		Instances:   spec.Instances,
 		Keys:        keys,
 		Logger:      log,
 	})

@@ -42,8 +42,18 @@ type Config struct {
 	PINEnv  string
 	PINFile string
 
-	// Sessions is the size of the session pool (default DefaultSessions).
+	// Sessions is the size of the session pool (default DefaultSessions),
+	// shared out among the module instances.
 	Sessions int
+
+	// Instances is how many instances of the module the provider loads
+	// (default 1). Modules that serialize work per process, like SoftHSM2,
+	// sign faster with 2: see instances.go for how and when.
+	Instances int
+
+	// loadFrom is the file an instance loads the module from when it is not
+	// Module: a private copy (instances.go).
+	loadFrom string
 
 	Keys []KeyConfig
 
@@ -81,6 +91,9 @@ func (c *Config) ensureDefaults() {
 	if c.Sessions <= 0 {
 		c.Sessions = DefaultSessions
 	}
+	if c.Instances <= 0 {
+		c.Instances = 1
+	}
 	if c.Backoff <= 0 {
 		c.Backoff = DefaultBackoff
 	}
@@ -90,6 +103,13 @@ func (c *Config) ensureDefaults() {
 	if c.Logger == nil {
 		c.Logger = zap.NewNop()
 	}
+}
+
+func (c *Config) loadPath() string {
+	if c.loadFrom != "" {
+		return c.loadFrom
+	}
+	return c.Module
 }
 
 // tokenSelector finds the token among the module's slots.

@@ -78,38 +78,41 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	k := &key{obj: sel}
 	k.info.Name = name
 	start := time.Now()
-	err = p.call("generate", func(c *p11.Ctx) error {
-		for _, a := range []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, label), p11.NewAttribute(p11.CKA_ID, id)} {
-			objs, err := findObjects(c, sh, []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PRIVATE_KEY), a}, 1)
+	// The write runs alone among the module instances (instances.go).
+	err = p.writeExclusive(func() error {
+		return p.call("generate", func(c *p11.Ctx) error {
+			for _, a := range []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, label), p11.NewAttribute(p11.CKA_ID, id)} {
+				objs, err := findObjects(c, sh, []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PRIVATE_KEY), a}, 1)
+				if err != nil {
+					return err
+				}
+				if len(objs) > 0 {
+					return fmt.Errorf("a private key with this %s already exists on the token", map[uint]string{p11.CKA_LABEL: "label", p11.CKA_ID: "id"}[a.Type])
+				}
+			}
+			_, priv, err := c.GenerateKeyPair(sh, []*p11.Mechanism{p11.NewMechanism(mech, nil)}, pubTmpl, privTmpl)
+			if err != nil {
+				return fmt.Errorf("C_GenerateKeyPair: %w", err)
+			}
+			pub, err := readPublicKey(c, sh, priv)
 			if err != nil {
 				return err
 			}
-			if len(objs) > 0 {
-				return fmt.Errorf("a private key with this %s already exists on the token", map[uint]string{p11.CKA_LABEL: "label", p11.CKA_ID: "id"}[a.Type])
+			info, err := providers.NewKeyInfo(p.id, name, pub)
+			if err != nil {
+				return err
 			}
-		}
-		_, priv, err := c.GenerateKeyPair(sh, []*p11.Mechanism{p11.NewMechanism(mech, nil)}, pubTmpl, privTmpl)
-		if err != nil {
-			return fmt.Errorf("C_GenerateKeyPair: %w", err)
-		}
-		pub, err := readPublicKey(c, sh, priv)
-		if err != nil {
-			return err
-		}
-		info, err := providers.NewKeyInfo(p.id, name, pub)
-		if err != nil {
-			return err
-		}
-		if info.Type != kt {
-			return fmt.Errorf("token generated a %s key, asked for %s", info.Type, kt)
-		}
-		n, err := signatureLen(pub)
-		if err != nil {
-			return err
-		}
-		k.info, k.sigLen = info, n
-		k.handle.Store(uint64(priv))
-		return nil
+			if info.Type != kt {
+				return fmt.Errorf("token generated a %s key, asked for %s", info.Type, kt)
+			}
+			n, err := signatureLen(pub)
+			if err != nil {
+				return err
+			}
+			k.info, k.sigLen = info, n
+			k.handle.Store(uint64(priv))
+			return nil
+		})
 	})
 	if err != nil {
 		if lvl := classify(rvOf(err)).repair(); rvOf(err) != 0 && lvl >= repairLogin {
@@ -125,6 +128,7 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	}
 	ks.byName[name] = k
 	p.keys.Store(ks)
+	p.addToPeers(ctx, KeyConfig{Name: name, URI: formatURI(p.tokenLabel, sel)})
 	p.log.Info("pkcs11 key generated", zap.String("key", name), zap.String("kid", k.info.KID),
 		zap.String("type", string(kt)), zap.Stringer("object", sel), zap.Duration("took", time.Since(start)))
 	return k.info, nil
@@ -229,6 +233,14 @@ func keyTemplates(kt providers.KeyType, label string, id []byte) (pub, priv []*p
 // URI: a key version a rotation generated before a restart. The URI's token
 // must be this provider's.
 func (p *Provider) AddKey(ctx context.Context, kc KeyConfig) (providers.KeyInfo, error) {
+	info, err := p.addKey(ctx, kc)
+	if err == nil {
+		p.addToPeers(ctx, kc)
+	}
+	return info, err
+}
+
+func (p *Provider) addKey(ctx context.Context, kc KeyConfig) (providers.KeyInfo, error) {
 	fail := func(err error) (providers.KeyInfo, error) {
 		return providers.KeyInfo{}, fmt.Errorf("pkcs11 add key %s: %w", kc.Name, err)
 	}

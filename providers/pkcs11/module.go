@@ -201,6 +201,12 @@ func PauseModule(path string, fn func()) error {
 		fn()
 		return nil
 	}
+	return m.pause(fn)
+}
+
+// pause runs fn while no goroutine is inside the module; calls made
+// meanwhile wait for fn to return.
+func (m *module) pause(fn func()) error {
 	m.reloadMu.Lock()
 	defer m.reloadMu.Unlock()
 	m.pauseMu.Lock()

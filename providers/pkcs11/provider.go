@@ -46,6 +46,11 @@ type Provider struct {
 
 	loggedIn bool // holds a login reference on the module (set in Open)
 
+	// peers are the further module instances of an Open with Instances > 1
+	// (instances.go); nil in the peers themselves.
+	peers     []*Provider
+	exclusive atomic.Bool // a token write is under way: sign on this instance only
+
 	inflight  atomic.Int64
 	closed    atomic.Bool
 	drained   chan struct{}
@@ -64,12 +69,8 @@ var _ providers.Provider = (*Provider)(nil)
 // module (a wedged network HSM can hold a C_Sign indefinitely).
 const closeDrainTimeout = 5 * time.Second
 
-// Open loads the module (or shares it with another provider in the process),
-// finds the token, logs in once, finds every configured key and its public
-// half, and opens the session pool. A wrong PIN fails with
-// providers.ErrPINIncorrect, a locked token with providers.ErrTokenLocked;
-// neither is retried.
-func Open(ctx context.Context, cfg Config) (*Provider, error) {
+// openInstance opens one instance of the module: see Open.
+func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 	cfg.ensureDefaults()
 	if cfg.ID == "" {
 		return nil, errors.New("pkcs11 provider: empty id")
@@ -135,7 +136,7 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		return fail(err)
 	}
 
-	mod, err := acquireModule(cfg.Module)
+	mod, err := acquireModule(cfg.loadPath())
 	if err != nil {
 		return fail(err)
 	}
@@ -268,11 +269,20 @@ func (p *Provider) Keys(ctx context.Context) ([]providers.KeyInfo, error) {
 }
 
 // Sign implements providers.Provider: C_SignInit and one C_Sign on a pooled
-// session. A signature that fails for any reason but a bad request is
+// session of the least busy module instance (instances.go). A signature that fails for any reason but a bad request is
 // retried once, after the repair the failure called for, on a newly opened
 // session checked to be logged in; the caller sees an error only if that
 // retry fails too or no working session can be had before ctx's deadline.
 func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	if q := p.pickInstance(); q != p {
+		if _, ok := q.keys.Load().byName[name]; ok {
+			return q.signOn(ctx, name, alg, digest)
+		}
+	}
+	return p.signOn(ctx, name, alg, digest)
+}
+
+func (p *Provider) signOn(ctx context.Context, name string, alg providers.Algorithm, digest []byte) ([]byte, error) {
 	k := p.keys.Load().byName[name]
 	if k == nil {
 		return nil, fmt.Errorf("pkcs11 sign %s: %w", name, providers.ErrNotFound)
@@ -354,6 +364,14 @@ func (p *Provider) signCall(s *session, key uint, params *signParams, input, out
 // error a Sign would get. It probes an idle session with C_GetSessionInfo
 // and starts a repair if the probe fails.
 func (p *Provider) Healthy() error {
+	err := p.healthy()
+	if err != nil && p.healthyPeers() {
+		return nil
+	}
+	return err
+}
+
+func (p *Provider) healthy() error {
 	if p.closed.Load() {
 		return errClosed
 	}
@@ -413,6 +431,7 @@ func (p *Provider) Close() error {
 	if !p.closed.CompareAndSwap(false, true) {
 		return nil
 	}
+	peerErr := p.closePeers()
 	p.stateMu.Lock()
 	p.setStateLocked(stateClosed, nil, false)
 	p.stateMu.Unlock()
@@ -437,7 +456,7 @@ func (p *Provider) Close() error {
 	p.pin = ""
 	p.mod.release()
 	p.log.Info("pkcs11 provider closed")
-	return nil
+	return peerErr
 }
 
 func (p *Provider) logout() {
@@ -474,5 +493,5 @@ func (p *Provider) closeSessions() {
 
 // PoolStats implements providers.PoolReporter.
 func (p *Provider) PoolStats() providers.PoolStats {
-	return providers.PoolStats{Size: p.size, Open: int(p.live.Load()), Idle: len(p.idle), Repairs: p.repairs.Load()}
+	return p.peerStats(providers.PoolStats{Size: p.size, Open: int(p.live.Load()), Idle: len(p.idle), Repairs: p.repairs.Load()})
 }

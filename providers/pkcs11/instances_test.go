@@ -1,0 +1,135 @@
+package pkcs11
+
+import (
+	"context"
+	"crypto"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
+)
+
+// With two module instances every instance signs, each signature verifies,
+// a key generated meanwhile is written while the other instance is paused
+// and is then served by both, and nothing of the copies stays on disk.
+func TestModuleInstances(t *testing.T) {
+	tok := softhsmtest.New(t, "instances")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256, providers.KeyEd25519)
+	tmp := t.TempDir()
+	t.Setenv("TMPDIR", tmp)
+	p := open(t, tok, keyConfigs(keys), func(c *Config) { c.Instances = 2; c.Sessions = 4 })
+
+	if len(p.peers) != 1 {
+		t.Fatalf("%d peer instances, want 1", len(p.peers))
+	}
+	if p.peers[0].mod == p.mod {
+		t.Fatal("the second instance shares the first's module: the loader handed back the same library")
+	}
+	if left, _ := filepath.Glob(filepath.Join(tmp, "*")); len(left) != 0 {
+		t.Errorf("module copies left on disk: %v", left)
+	}
+	if st := p.PoolStats(); st.Size != 4 || st.Open != 4 {
+		t.Errorf("PoolStats %+v: want 4 sessions in all (2 per instance)", st)
+	}
+
+	// Each instance signs by itself, and verifies with the same public key:
+	// same key, same kid.
+	ecdsa := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	info := keyInfo(t, p, string(providers.KeyECDSAP256))
+	for i, inst := range []*Provider{p, p.peers[0]} {
+		digest := digestOf(crypto.SHA256, []byte("instance"))
+		sig, err := inst.signOn(context.Background(), string(providers.KeyECDSAP256), ecdsa, digest)
+		if err != nil {
+			t.Fatalf("instance %d: %v", i, err)
+		}
+		if err := providers.Verify(info.Public, ecdsa, digest, sig); err != nil {
+			t.Fatalf("instance %d: %v", i, err)
+		}
+	}
+
+	// Concurrent signers while a key is generated: every signature verifies,
+	// and both instances took part.
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			digest := digestOf(crypto.SHA256, []byte("load"))
+			for ctx.Err() == nil {
+				sig, err := p.Sign(context.Background(), string(providers.KeyECDSAP256), ecdsa, digest)
+				if err == nil {
+					err = providers.Verify(info.Public, ecdsa, digest, sig)
+				}
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	gen, err := p.GenerateKey(context.Background(), "rotated", providers.KeyECDSAP256, "", []byte{0x77})
+	if err != nil {
+		t.Fatalf("GenerateKey under load: %v", err)
+	}
+	cancel()
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatalf("signer under key generation: %v", err)
+	}
+	if p.peers[0].repairs.Load() != 0 || p.repairs.Load() != 0 {
+		t.Errorf("repairs %d/%d: the write disturbed an instance", p.repairs.Load(), p.peers[0].repairs.Load())
+	}
+	for i, inst := range []*Provider{p, p.peers[0]} {
+		digest := digestOf(crypto.SHA256, []byte("new key"))
+		sig, err := inst.signOn(context.Background(), "rotated", ecdsa, digest)
+		if err != nil {
+			t.Fatalf("instance %d signs with the generated key: %v", i, err)
+		}
+		if err := providers.Verify(gen.Public, ecdsa, digest, sig); err != nil {
+			t.Fatalf("instance %d: %v", i, err)
+		}
+	}
+	signAndVerify(t, p, string(providers.KeyEd25519), providers.Algorithm{Scheme: providers.SchemeEd25519}, []byte("ed"))
+	if err := p.Healthy(); err != nil {
+		t.Errorf("Healthy: %v", err)
+	}
+}
+
+// A key only the first instance has (one that another instance could not
+// find) is still signed with, by the first instance.
+func TestModuleInstancesFallBackToFirst(t *testing.T) {
+	tok := softhsmtest.New(t, "fallback")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	p := open(t, tok, nil, func(c *Config) { c.Instances = 2; c.TokenLabel = tok.Label })
+	if _, err := p.addKey(context.Background(), KeyConfig{Name: "only-first", URI: keys[providers.KeyECDSAP256].URI}); err != nil {
+		t.Fatal(err)
+	}
+	// Make the second instance the least busy one.
+	p.inflight.Add(5)
+	defer p.inflight.Add(-5)
+	if p.pickInstance() != p.peers[0] {
+		t.Fatal("pickInstance did not pick the idle instance")
+	}
+	signAndVerify(t, p, "only-first", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("x"))
+}
+
+func TestModuleInstancesLimits(t *testing.T) {
+	tok := softhsmtest.New(t, "limits")
+	if _, err := tryOpen(t, tok, nil, func(c *Config) { c.Instances = MaxInstances + 1; c.TokenLabel = tok.Label }); err == nil {
+		t.Fatal("Open with too many instances: want an error")
+	}
+	// A module that cannot be copied fails Open and leaves nothing open.
+	missing := filepath.Join(t.TempDir(), "missing.so")
+	if _, err := os.Stat(missing); err == nil {
+		t.Fatal("setup")
+	}
+	if _, err := tryOpen(t, tok, nil, func(c *Config) { c.Instances = 2; c.Module = missing; c.TokenLabel = tok.Label }); err == nil {
+		t.Fatal("Open of a missing module: want an error")
+	}
+}
