@@ -12,13 +12,18 @@ UNITDIR   ?= /etc/systemd/system
 UNITS     := systemd/sigil.service systemd/sigil.socket systemd/sigil-admin.socket
 export CGO_ENABLED := 1
 
-.PHONY: all build run test test-deps systemd-verify install bench bench-full bench-go fuzz lint clean
+.PHONY: all build run test test-deps ensure-cc systemd-verify install bench bench-full bench-go fuzz lint clean
 
 all: build
 
-build:
-	@bash .ci/ensure-cc
+include client/pkcs11module/module.mk
+
+# bin/sigil and the PKCS#11 front bin/libsigil-pkcs11.so.
+build: ensure-cc $(PKCS11_MODULE)
 	$(GO) build -o $(BIN) ./cmd/sigil
+
+ensure-cc:
+	@bash .ci/ensure-cc
 
 # The agent on its embedded default: software keys in $XDG_STATE_HOME/sigil
 # (else ~/.local/state/sigil), socket under $XDG_RUNTIME_DIR/sigil (else
@@ -26,9 +31,10 @@ build:
 run: build
 	./$(BIN) agent
 
-# Installs SoftHSM2, OpenSC and p11-kit when missing and running as root,
-# then runs every test with the race detector.
-test: test-deps systemd-verify
+# Installs SoftHSM2, OpenSC, p11-kit, OpenSSH and OpenSSL's PKCS#11 engine
+# when missing and running as root, then runs every test with the race
+# detector. The PKCS#11 front's tests load bin/libsigil-pkcs11.so.
+test: test-deps systemd-verify $(PKCS11_MODULE)
 	$(GO) test -race -count=1 -timeout 25m $(TESTFLAGS) $(PKGS)
 
 # `systemd-analyze verify` on the units, with ExecStart pointed at the built
@@ -58,8 +64,7 @@ install: build
 	./$(BIN) agent --print-default-config > $(DESTDIR)/etc/sigil/sigil.yaml.example
 	chmod 0644 $(DESTDIR)/etc/sigil/sigil.yaml.example
 
-test-deps:
-	@bash .ci/ensure-cc
+test-deps: ensure-cc
 	@bash .ci/install-test-deps
 
 # The latency harness on a throwaway SoftHSM2 token, agent process and p11-kit

@@ -1,0 +1,258 @@
+/*
+ * agent.c: the Unix-socket transport to the agent (docs/protocol.md).
+ *
+ * Host-process hygiene: sockets are close-on-exec, writes use MSG_NOSIGNAL
+ * (no SIGPIPE in a host that has not ignored it), and deadlines are socket
+ * timeouts rather than signals or threads.
+ */
+#include "agent.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+/* Idle connections kept beyond this are closed: a burst of threads should
+ * not leave dozens of agent connections open for the process's lifetime. */
+#define MAX_IDLE 32
+
+void sg_agent_init(sg_agent *a, const char *path, unsigned timeout_ms)
+{
+	memset(a, 0, sizeof *a);
+	strncpy(a->path, path, sizeof a->path - 1);
+	a->timeout_ms = timeout_ms;
+	pthread_mutex_init(&a->mu, NULL);
+}
+
+static void conn_free(sg_conn *c)
+{
+	if (c->fd >= 0)
+		close(c->fd);
+	free(c);
+}
+
+static int write_all(int fd, const uint8_t *p, size_t n)
+{
+	while (n > 0) {
+		ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
+		if (k < 0) {
+			if (errno == EINTR)
+				continue;
+			return -1;
+		}
+		p += k;
+		n -= (size_t)k;
+	}
+	return 0;
+}
+
+/* read_full: 0 done, -1 error or timeout, 1 end of stream before any byte. */
+static int read_full(int fd, uint8_t *p, size_t n)
+{
+	size_t got = 0;
+	while (got < n) {
+		ssize_t k = recv(fd, p + got, n - got, 0);
+		if (k < 0) {
+			if (errno == EINTR)
+				continue;
+			return -1;
+		}
+		if (k == 0)
+			return got == 0 ? 1 : -1;
+		got += (size_t)k;
+	}
+	return 0;
+}
+
+/* roundtrip writes the frame already in c->buf (len bytes) and reads the
+ * reply. wrote is set once the request has fully left. */
+static int roundtrip(sg_conn *c, size_t len, uint64_t id, sg_response *resp, int *wrote)
+{
+	*wrote = 0;
+	if (write_all(c->fd, c->buf, len))
+		return SG_IO_LOST;
+	*wrote = 1;
+	uint8_t *hdr = c->buf;
+	if (read_full(c->fd, hdr, SG_FRAME_HEADER))
+		return SG_IO_LOST;
+	uint32_t n = (uint32_t)hdr[0] << 24 | (uint32_t)hdr[1] << 16 | (uint32_t)hdr[2] << 8 | hdr[3];
+	if (n == 0 || n > SG_MAX_FRAME)
+		return SG_IO_PROTOCOL;
+	if (read_full(c->fd, c->buf, n))
+		return SG_IO_LOST;
+	if (sg_decode_response(c->buf, n, resp))
+		return SG_IO_PROTOCOL;
+	/* id 0 is the agent's last word before it closes the connection
+	 * (e.g. UNAUTHENTICATED); its code still answers this request. */
+	if (resp->id != id && resp->id != 0)
+		return SG_IO_PROTOCOL;
+	return SG_IO_OK;
+}
+
+static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
+{
+	sg_conn *c = malloc(sizeof *c);
+	if (!c) {
+		*io = SG_IO_UNREACHABLE;
+		return NULL;
+	}
+	c->next = NULL;
+	c->dead = 0;
+	c->next_id = 1;
+	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (c->fd < 0)
+		goto fail;
+	/* The agent answers within its request_timeout (5 s by default) or
+	 * says DEADLINE_EXCEEDED; the socket timeout is the backstop for an
+	 * agent that stopped answering altogether. */
+	unsigned ms = a->timeout_ms + 2000;
+	struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+	setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+	setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+	struct sockaddr_un sa = {.sun_family = AF_UNIX};
+	memcpy(sa.sun_path, a->path, sizeof sa.sun_path);
+	int rc;
+	do {
+		rc = connect(c->fd, (struct sockaddr *)&sa, sizeof sa);
+	} while (rc < 0 && errno == EINTR);
+	if (rc < 0)
+		goto fail;
+	sg_request hello = {.id = c->next_id++, .op = SG_OP_HELLO, .ver = SG_PROTOCOL_VERSION};
+	size_t len = sg_encode_request(&hello, c->buf, sizeof c->buf);
+	int wrote;
+	*io = roundtrip(c, len, hello.id, resp, &wrote);
+	if (*io != SG_IO_OK) {
+		conn_free(c);
+		return NULL;
+	}
+	/* A refused Hello (e.g. UNAUTHENTICATED: this peer maps to no tenant)
+	 * still returns the connection, marked dead, so the reply stays
+	 * readable for the caller. */
+	if (resp->code != SG_OK || resp->id == 0)
+		c->dead = 1;
+	return c;
+fail:
+	conn_free(c);
+	*io = SG_IO_UNREACHABLE;
+	return NULL;
+}
+
+/* stale: an idle connection with something to read, or hung up, is one
+ * the agent has closed (restart, idle timeout, shutdown): never reuse it. */
+static int stale(sg_conn *c)
+{
+	struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
+	int rc;
+	do {
+		rc = poll(&pfd, 1, 0);
+	} while (rc < 0 && errno == EINTR);
+	return rc != 0;
+}
+
+static sg_conn *borrow(sg_agent *a)
+{
+	for (;;) {
+		pthread_mutex_lock(&a->mu);
+		sg_conn *c = a->idle;
+		if (c) {
+			a->idle = c->next;
+			a->nidle--;
+		}
+		pthread_mutex_unlock(&a->mu);
+		if (!c || !stale(c))
+			return c;
+		conn_free(c);
+	}
+}
+
+int sg_agent_call(sg_agent *a, sg_request *req, sg_response *resp, sg_conn **connp)
+{
+	*connp = NULL;
+	if (a->timeout_ms && !req->tmo)
+		req->tmo = a->timeout_ms;
+	for (int attempt = 0; attempt < 2; attempt++) {
+		int io = SG_IO_OK;
+		sg_conn *c = borrow(a);
+		int pooled = c != NULL;
+		if (!c) {
+			c = dial(a, resp, &io);
+			if (!c)
+				return io;
+			if (c->dead) {
+				*connp = c; /* the agent refused the Hello: resp has its code */
+				return SG_IO_OK;
+			}
+		}
+		req->id = c->next_id++;
+		size_t len = sg_encode_request(req, c->buf, sizeof c->buf);
+		if (len == 0) {
+			sg_agent_release(a, c);
+			return SG_IO_TOOBIG;
+		}
+		int wrote;
+		io = roundtrip(c, len, req->id, resp, &wrote);
+		if (io == SG_IO_OK) {
+			if (resp->id == 0)
+				c->dead = 1; /* the agent closes it after this reply */
+			*connp = c;
+			return SG_IO_OK;
+		}
+		conn_free(c);
+		/* A pooled connection that failed before the request left was
+		 * closed under us: the agent never saw the request, so one retry on
+		 * a fresh connection is safe. A request that left is not repeated
+		 * (it may have been signed and journaled). */
+		if (!(pooled && !wrote))
+			return io;
+	}
+	return SG_IO_LOST;
+}
+
+void sg_agent_release(sg_agent *a, sg_conn *c)
+{
+	if (!c)
+		return;
+	pthread_mutex_lock(&a->mu);
+	if (!c->dead && a->nidle < MAX_IDLE) {
+		c->next = a->idle;
+		a->idle = c;
+		a->nidle++;
+		c = NULL;
+	}
+	pthread_mutex_unlock(&a->mu);
+	if (c)
+		conn_free(c);
+}
+
+void sg_agent_close(sg_agent *a)
+{
+	pthread_mutex_lock(&a->mu);
+	sg_conn *c = a->idle;
+	a->idle = NULL;
+	a->nidle = 0;
+	pthread_mutex_unlock(&a->mu);
+	while (c) {
+		sg_conn *next = c->next;
+		conn_free(c);
+		c = next;
+	}
+}
+
+void sg_agent_forget(sg_agent *a)
+{
+	/* The mutex may have been held by a parent thread at fork time: do not
+	 * lock it, re-create it. close() on the child's copy of an fd leaves the
+	 * parent's connection as it was. */
+	sg_conn *c = a->idle;
+	while (c) {
+		sg_conn *next = c->next;
+		conn_free(c);
+		c = next;
+	}
+	a->idle = NULL;
+	a->nidle = 0;
+	pthread_mutex_init(&a->mu, NULL);
+}

@@ -1,0 +1,1302 @@
+/*
+ * module.c: libsigil-pkcs11.so, a PKCS#11 v2.40 front for the Sigil agent.
+ * One slot with one token: the keys the calling process may use, as the
+ * agent sees it (its tenant, by SO_PEERCRED). Signing is one agent round
+ * trip; everything else is answered from what the last ListKeys said.
+ * docs/pkcs11-module.md is the user's reference.
+ *
+ * Locks: g.mu guards the key and session tables and the login flag and is
+ * never held across agent I/O. Each session has its own mutex, held for a
+ * whole call on that session (including the agent round trip of C_Sign),
+ * so one session's calls are serialised and other sessions run in
+ * parallel. Order: a session's mutex, then g.mu; never the other way.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "agent.h"
+#include "sigil.h"
+
+#define EXPORT __attribute__((visibility("default")))
+
+#define SLOT_ID 1
+#define MAX_SESSIONS (1u << 20)
+#define DEFAULT_TIMEOUT_MS 10000
+#define LIBRARY_VERSION_MAJOR 1
+#define LIBRARY_VERSION_MINOR 0
+
+enum input_kind {
+	IN_HASH,       /* the mechanism includes the hash: hash the data here */
+	IN_DIGEST,     /* the data is a digest */
+	IN_DIGESTINFO, /* CKM_RSA_PKCS: a DER DigestInfo */
+	IN_MESSAGE,    /* CKM_EDDSA: the message itself */
+};
+
+typedef struct {
+	CK_SESSION_HANDLE h;
+	CK_FLAGS flags;
+	int refs;   /* under g.mu: the table's reference and each caller's */
+	int closed; /* atomic: C_CloseSession ran */
+	pthread_mutex_t mu;
+
+	int find_active;
+	CK_OBJECT_HANDLE *found;
+	size_t nfound, pos;
+
+	int sign_active, sign_multi;
+	sg_key *key;
+	int sch, hash, input;
+	void *mdctx;
+	uint8_t *buf;
+	size_t blen, bcap;
+} sg_session;
+
+static struct {
+	int init;
+	pthread_mutex_t mu;
+	sg_agent agent;
+	char token_label[33];
+	char serial[17];
+	char *only_keys; /* "keys =" in the config: ",name,name," or NULL for all */
+	sg_key **keys;
+	size_t nkeys, capkeys;
+	int keys_loaded;
+	sg_session **sess;
+	size_t nsess, opensess, rwsess;
+	uint64_t gen;
+	int logged_in;
+} g;
+
+/* Set in a fork child: every call answers CKR_CRYPTOKI_NOT_INITIALIZED
+ * until the child calls C_Initialize, which drops the parent's state. */
+static int g_forked;
+static pthread_mutex_t g_init_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void on_fork_child(void)
+{
+	pthread_mutex_init(&g_init_mu, NULL);
+	if (g.init)
+		g_forked = 1;
+}
+
+/* glibc unregisters this handler when the module is dlclose'd. */
+__attribute__((constructor)) static void on_load(void)
+{
+	pthread_atfork(NULL, NULL, on_fork_child);
+}
+
+#define CHECK_INIT()                      \
+	do {                              \
+		if (!g.init || g_forked)  \
+			return CKR_CRYPTOKI_NOT_INITIALIZED; \
+	} while (0)
+
+/* ---- result codes ---- */
+
+/* code_rv maps an agent result code to the nearest CKR (the table in
+ * docs/pkcs11-module.md). */
+static CK_RV code_rv(uint32_t code)
+{
+	switch (code) {
+	case SG_OK: return CKR_OK;
+	case SG_BAD_REQUEST: return CKR_DATA_INVALID;
+	case SG_NOT_FOUND: return CKR_KEY_HANDLE_INVALID;
+	case SG_UNSUPPORTED_ALGORITHM: return CKR_MECHANISM_INVALID;
+	case SG_UNAUTHENTICATED:
+	case SG_PERMISSION_DENIED:
+	case SG_RATE_LIMITED:
+	case SG_QUOTA_EXCEEDED:
+	case SG_OUTSIDE_WINDOW:
+	case SG_PAUSED:
+	case SG_KEY_RETIRED:
+		return CKR_FUNCTION_REJECTED;
+	case SG_UNSUPPORTED_VERSION:
+	case SG_PIN_INCORRECT:
+	case SG_TOKEN_LOCKED:
+	case SG_UNAVAILABLE:
+	case SG_DEADLINE_EXCEEDED:
+	case SG_JOURNAL_UNAVAILABLE:
+		return CKR_DEVICE_ERROR;
+	}
+	return CKR_GENERAL_ERROR; /* INTERNAL, or a code newer than this module */
+}
+
+static CK_RV io_rv(int io)
+{
+	return io == SG_IO_TOOBIG ? CKR_DATA_LEN_RANGE : CKR_DEVICE_ERROR;
+}
+
+/* ---- configuration ---- */
+
+static void pad(unsigned char *dst, size_t n, const char *src)
+{
+	size_t k = strlen(src);
+	if (k > n)
+		k = n;
+	memset(dst, ' ', n);
+	memcpy(dst, src, k);
+}
+
+static char *trim(char *s)
+{
+	while (*s == ' ' || *s == '\t')
+		s++;
+	size_t n = strlen(s);
+	while (n && (s[n - 1] == ' ' || s[n - 1] == '\t' || s[n - 1] == '\n' || s[n - 1] == '\r'))
+		s[--n] = 0;
+	return s;
+}
+
+static int set_socket(char *dst, size_t cap, const char *v)
+{
+	if (strncmp(v, "unix:", 5) == 0)
+		v += 5;
+	if (!*v || strlen(v) >= cap)
+		return -1;
+	strcpy(dst, v);
+	return 0;
+}
+
+/* load_config: SIGIL_PKCS11_CONF's settings, else SIGIL_SOCK, else the
+ * agent's default socket path (proto.DefaultSocketPath). secure_getenv:
+ * a setuid host does not take its socket from the caller's environment. */
+static CK_RV load_config(char *sock, size_t cap, unsigned *timeout_ms, char *label, char **only_keys)
+{
+	const char *v;
+	*only_keys = NULL;
+	sock[0] = 0;
+	*timeout_ms = DEFAULT_TIMEOUT_MS;
+	strcpy(label, "sigil");
+	if ((v = secure_getenv("SIGIL_SOCK")) && *v && set_socket(sock, cap, v))
+		goto toolong;
+	if ((v = secure_getenv("SIGIL_PKCS11_CONF")) && *v) {
+		FILE *f = fopen(v, "re");
+		char line[512];
+		int lineno = 0;
+		if (!f) {
+			fprintf(stderr, "libsigil-pkcs11: SIGIL_PKCS11_CONF %s: %s\n", v, strerror(errno));
+			return CKR_GENERAL_ERROR;
+		}
+		while (fgets(line, sizeof line, f)) {
+			lineno++;
+			char *l = trim(line), *eq;
+			if (!*l || *l == '#')
+				continue;
+			if (!(eq = strchr(l, '='))) {
+				fprintf(stderr, "libsigil-pkcs11: %s:%d: want key = value\n", v, lineno);
+				fclose(f);
+				free(*only_keys);
+				*only_keys = NULL;
+				return CKR_GENERAL_ERROR;
+			}
+			*eq = 0;
+			char *key = trim(l), *val = trim(eq + 1);
+			int bad = 0;
+			if (strcmp(key, "socket") == 0) {
+				bad = set_socket(sock, cap, val);
+			} else if (strcmp(key, "token_label") == 0) {
+				bad = !*val || strlen(val) > 32;
+				if (!bad)
+					strcpy(label, val);
+			} else if (strcmp(key, "keys") == 0) {
+				/* Stored as ",a,b," so a lookup is one strstr of ",name,". */
+				free(*only_keys);
+				size_t n = strlen(val);
+				if ((*only_keys = malloc(n + 3))) {
+					char *d = *only_keys;
+					*d++ = ',';
+					for (const char *c = val; *c; c++)
+						if (*c != ' ' && *c != '\t')
+							*d++ = *c;
+					*d++ = ',';
+					*d = 0;
+				}
+				bad = !*only_keys;
+			} else if (strcmp(key, "timeout_ms") == 0) {
+				char *end;
+				unsigned long ms = strtoul(val, &end, 10);
+				bad = *end || ms == 0 || ms > 600000;
+				*timeout_ms = (unsigned)ms;
+			} else {
+				fprintf(stderr, "libsigil-pkcs11: %s:%d: unknown setting %s\n", v, lineno, key);
+				fclose(f);
+				free(*only_keys);
+				*only_keys = NULL;
+				return CKR_GENERAL_ERROR;
+			}
+			if (bad) {
+				fprintf(stderr, "libsigil-pkcs11: %s:%d: bad value for %s\n", v, lineno, key);
+				fclose(f);
+				free(*only_keys);
+				*only_keys = NULL;
+				return CKR_GENERAL_ERROR;
+			}
+		}
+		fclose(f);
+	}
+	if (!sock[0]) {
+		char def[512];
+		if ((v = secure_getenv("XDG_RUNTIME_DIR")) && *v) {
+			snprintf(def, sizeof def, "%s/sigil/agent.sock", v);
+		} else {
+			const char *tmp = secure_getenv("TMPDIR");
+			snprintf(def, sizeof def, "%s/sigil-%u/agent.sock", tmp && *tmp ? tmp : "/tmp", (unsigned)getuid());
+		}
+		if (set_socket(sock, cap, def))
+			goto toolong;
+	}
+	return CKR_OK;
+toolong:
+	free(*only_keys);
+	*only_keys = NULL;
+	fprintf(stderr, "libsigil-pkcs11: agent socket path empty or longer than %zu bytes\n", cap - 1);
+	return CKR_GENERAL_ERROR;
+}
+
+/* ---- keys ---- */
+
+/* refresh_keys asks the agent for the caller's keys (one round trip) and
+ * merges them into the key table: a known (name, kid) keeps its object
+ * handles, a new one gets new handles, one no longer listed disappears. */
+static int shown(sg_bytes name)
+{
+	if (!g.only_keys)
+		return 1;
+	char want[260];
+	if (name.n > sizeof want - 3 || memchr(name.p, ',', name.n))
+		return 0;
+	want[0] = ',';
+	memcpy(want + 1, name.p, name.n);
+	want[name.n + 1] = ',';
+	want[name.n + 2] = 0;
+	return strstr(g.only_keys, want) != NULL;
+}
+
+static CK_RV refresh_keys(void)
+{
+	sg_request req = {.op = SG_OP_LISTKEYS};
+	sg_response resp;
+	sg_conn *c;
+	int io = sg_agent_call(&g.agent, &req, &resp, &c);
+	if (io)
+		return io_rv(io);
+	CK_RV rv = code_rv(resp.code);
+	if (rv != CKR_OK) {
+		sg_agent_release(&g.agent, c);
+		return rv;
+	}
+	pthread_mutex_lock(&g.mu);
+	for (size_t i = 0; i < g.nkeys; i++)
+		g.keys[i]->present = 0;
+	sg_bytes it = resp.keys;
+	sg_key_entry e;
+	int more;
+	while ((more = sg_keys_next(&it, &e)) == 1) {
+		size_t i;
+		if (!shown(e.name))
+			continue;
+		for (i = 0; i < g.nkeys; i++) {
+			sg_key *k = g.keys[i];
+			if (k->name_len == e.name.n && memcmp(k->name, e.name.p, e.name.n) == 0 &&
+			    k->kid_len == e.kid.n && memcmp(k->kid, e.kid.p, e.kid.n) == 0)
+				break;
+		}
+		if (i < g.nkeys) {
+			g.keys[i]->present = 1;
+			continue;
+		}
+		sg_key *k = calloc(1, sizeof *k);
+		if (!k) {
+			rv = CKR_HOST_MEMORY;
+			break;
+		}
+		if (sg_key_build(k, &e)) {
+			sg_key_free(k); /* a key type PKCS#11 clients here cannot use */
+			continue;
+		}
+		if (g.nkeys == g.capkeys) {
+			size_t cap = g.capkeys ? 2 * g.capkeys : 16;
+			sg_key **nk = realloc(g.keys, cap * sizeof *nk);
+			if (!nk) {
+				sg_key_free(k);
+				rv = CKR_HOST_MEMORY;
+				break;
+			}
+			g.keys = nk;
+			g.capkeys = cap;
+		}
+		g.keys[g.nkeys++] = k;
+	}
+	if (more < 0)
+		rv = CKR_DEVICE_ERROR;
+	if (rv == CKR_OK)
+		g.keys_loaded = 1;
+	pthread_mutex_unlock(&g.mu);
+	sg_agent_release(&g.agent, c);
+	return rv;
+}
+
+static CK_RV ensure_keys(void)
+{
+	pthread_mutex_lock(&g.mu);
+	int loaded = g.keys_loaded;
+	pthread_mutex_unlock(&g.mu);
+	return loaded ? CKR_OK : refresh_keys();
+}
+
+/* Object handles: key i's private key is 2i+1, its public key 2i+2. */
+static sg_key *find_object(CK_OBJECT_HANDLE h, int *is_private)
+{
+	sg_key *k = NULL;
+	if (h == 0)
+		return NULL;
+	pthread_mutex_lock(&g.mu);
+	size_t i = (size_t)((h - 1) / 2);
+	if (i < g.nkeys && g.keys[i]->present)
+		k = g.keys[i];
+	pthread_mutex_unlock(&g.mu);
+	*is_private = (h - 1) % 2 == 0;
+	return k;
+}
+
+/* ---- sessions ---- */
+
+static void session_end_find(sg_session *s)
+{
+	free(s->found);
+	s->found = NULL;
+	s->nfound = s->pos = 0;
+	s->find_active = 0;
+}
+
+static void session_end_sign(sg_session *s)
+{
+	if (s->mdctx)
+		sg_md_ctx_free(s->mdctx);
+	s->mdctx = NULL;
+	s->blen = 0;
+	s->sign_active = s->sign_multi = 0;
+	s->key = NULL;
+}
+
+static void session_free(sg_session *s)
+{
+	session_end_find(s);
+	session_end_sign(s);
+	free(s->buf);
+	pthread_mutex_destroy(&s->mu);
+	free(s);
+}
+
+/* get_session returns the session locked, with a reference, or NULL. */
+static sg_session *get_session(CK_SESSION_HANDLE h)
+{
+	sg_session *s = NULL;
+	size_t i = (size_t)(h & (MAX_SESSIONS - 1));
+	pthread_mutex_lock(&g.mu);
+	if (i >= 1 && i <= g.nsess && g.sess[i - 1] && g.sess[i - 1]->h == h) {
+		s = g.sess[i - 1];
+		s->refs++;
+	}
+	pthread_mutex_unlock(&g.mu);
+	if (!s)
+		return NULL;
+	pthread_mutex_lock(&s->mu);
+	return s;
+}
+
+static void put_session(sg_session *s)
+{
+	pthread_mutex_unlock(&s->mu);
+	pthread_mutex_lock(&g.mu);
+	int last = --s->refs == 0;
+	pthread_mutex_unlock(&g.mu);
+	if (last)
+		session_free(s);
+}
+
+#define SESSION(h, s)                                              \
+	CHECK_INIT();                                              \
+	sg_session *s = get_session(h);                            \
+	if (!s)                                                    \
+		return CKR_SESSION_HANDLE_INVALID;                 \
+	if (__atomic_load_n(&s->closed, __ATOMIC_ACQUIRE)) {       \
+		put_session(s);                                    \
+		return CKR_SESSION_CLOSED;                         \
+	}
+
+/* unlink_session removes table slot i (under g.mu) and returns whether the
+ * caller must free the session (no call is using it). */
+static int unlink_session(size_t i)
+{
+	sg_session *s = g.sess[i];
+	g.sess[i] = NULL;
+	g.opensess--;
+	if (s->flags & CKF_RW_SESSION)
+		g.rwsess--;
+	if (g.opensess == 0)
+		g.logged_in = 0; /* PKCS#11: the login ends with the last session */
+	__atomic_store_n(&s->closed, 1, __ATOMIC_RELEASE);
+	return --s->refs == 0;
+}
+
+/* ---- general ---- */
+
+static void drop_state(int after_fork)
+{
+	for (size_t i = 0; i < g.nsess; i++) {
+		sg_session *s = g.sess[i];
+		if (!s)
+			continue;
+		if (after_fork) {
+			/* Its mutex may be held by a thread that does not exist here. */
+			session_end_find(s);
+			if (s->mdctx)
+				sg_md_ctx_free(s->mdctx);
+			free(s->buf);
+			free(s);
+		} else {
+			session_free(s);
+		}
+	}
+	free(g.sess);
+	for (size_t i = 0; i < g.nkeys; i++)
+		sg_key_free(g.keys[i]);
+	free(g.keys);
+	free(g.only_keys);
+	if (after_fork)
+		sg_agent_forget(&g.agent);
+	else
+		sg_agent_close(&g.agent);
+	memset(&g, 0, sizeof g);
+}
+
+EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
+{
+	CK_RV rv = CKR_OK;
+	if (pInitArgs) {
+		CK_C_INITIALIZE_ARGS *a = pInitArgs;
+		int fns = (a->CreateMutex != NULL) + (a->DestroyMutex != NULL) + (a->LockMutex != NULL) + (a->UnlockMutex != NULL);
+		if (a->pReserved || (fns != 0 && fns != 4))
+			return CKR_ARGUMENTS_BAD;
+		/* We lock with pthreads; an application that can only offer its
+		 * own mutex functions is told we cannot use them. */
+		if (fns == 4 && !(a->flags & CKF_OS_LOCKING_OK))
+			return CKR_CANT_LOCK;
+	}
+	pthread_mutex_lock(&g_init_mu);
+	if (g_forked) {
+		drop_state(1);
+		g_forked = 0;
+	}
+	if (g.init) {
+		rv = CKR_CRYPTOKI_ALREADY_INITIALIZED;
+		goto out;
+	}
+	char sock[sizeof g.agent.path];
+	unsigned timeout_ms;
+	char label[33];
+	char *only_keys;
+	if ((rv = load_config(sock, sizeof sock, &timeout_ms, label, &only_keys)) != CKR_OK)
+		goto out;
+	if (sg_crypto_init()) {
+		free(only_keys);
+		rv = CKR_GENERAL_ERROR;
+		goto out;
+	}
+	memset(&g, 0, sizeof g);
+	g.only_keys = only_keys;
+	pthread_mutex_init(&g.mu, NULL);
+	sg_agent_init(&g.agent, sock, timeout_ms);
+	strcpy(g.token_label, label);
+	/* The serial names the agent (its socket), so two configurations in
+	 * one process show two distinguishable tokens. FNV-1a, 64 bits. */
+	uint64_t hsh = 1469598103934665603ull;
+	for (const char *p = sock; *p; p++)
+		hsh = (hsh ^ (uint8_t)*p) * 1099511628211ull;
+	snprintf(g.serial, sizeof g.serial, "%016llx", (unsigned long long)hsh);
+	g.init = 1;
+out:
+	pthread_mutex_unlock(&g_init_mu);
+	return rv;
+}
+
+EXPORT CK_RV C_Finalize(CK_VOID_PTR pReserved)
+{
+	if (pReserved)
+		return CKR_ARGUMENTS_BAD;
+	pthread_mutex_lock(&g_init_mu);
+	if (!g.init || g_forked) {
+		pthread_mutex_unlock(&g_init_mu);
+		return CKR_CRYPTOKI_NOT_INITIALIZED;
+	}
+	drop_state(0);
+	pthread_mutex_unlock(&g_init_mu);
+	return CKR_OK;
+}
+
+EXPORT CK_RV C_GetInfo(CK_INFO_PTR pInfo)
+{
+	CHECK_INIT();
+	if (!pInfo)
+		return CKR_ARGUMENTS_BAD;
+	memset(pInfo, 0, sizeof *pInfo);
+	pInfo->cryptokiVersion.major = 2;
+	pInfo->cryptokiVersion.minor = 40;
+	pad(pInfo->manufacturerID, sizeof pInfo->manufacturerID, "Sigil");
+	pad(pInfo->libraryDescription, sizeof pInfo->libraryDescription, "Sigil signing agent front");
+	pInfo->libraryVersion.major = LIBRARY_VERSION_MAJOR;
+	pInfo->libraryVersion.minor = LIBRARY_VERSION_MINOR;
+	return CKR_OK;
+}
+
+EXPORT CK_RV C_GetSlotList(CK_BBOOL tokenPresent, CK_SLOT_ID_PTR pSlotList, CK_ULONG_PTR pulCount)
+{
+	(void)tokenPresent;
+	CHECK_INIT();
+	if (!pulCount)
+		return CKR_ARGUMENTS_BAD;
+	if (!pSlotList) {
+		*pulCount = 1;
+		return CKR_OK;
+	}
+	if (*pulCount < 1) {
+		*pulCount = 1;
+		return CKR_BUFFER_TOO_SMALL;
+	}
+	pSlotList[0] = SLOT_ID;
+	*pulCount = 1;
+	return CKR_OK;
+}
+
+EXPORT CK_RV C_GetSlotInfo(CK_SLOT_ID slotID, CK_SLOT_INFO_PTR pInfo)
+{
+	CHECK_INIT();
+	if (slotID != SLOT_ID)
+		return CKR_SLOT_ID_INVALID;
+	if (!pInfo)
+		return CKR_ARGUMENTS_BAD;
+	memset(pInfo, 0, sizeof *pInfo);
+	char desc[64 + sizeof g.agent.path];
+	snprintf(desc, sizeof desc, "Sigil agent %s", g.agent.path);
+	pad(pInfo->slotDescription, sizeof pInfo->slotDescription, desc);
+	pad(pInfo->manufacturerID, sizeof pInfo->manufacturerID, "Sigil");
+	pInfo->flags = CKF_TOKEN_PRESENT;
+	pInfo->hardwareVersion.major = LIBRARY_VERSION_MAJOR;
+	pInfo->firmwareVersion.major = LIBRARY_VERSION_MAJOR;
+	return CKR_OK;
+}
+
+EXPORT CK_RV C_GetTokenInfo(CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo)
+{
+	CHECK_INIT();
+	if (slotID != SLOT_ID)
+		return CKR_SLOT_ID_INVALID;
+	if (!pInfo)
+		return CKR_ARGUMENTS_BAD;
+	memset(pInfo, 0, sizeof *pInfo);
+	pad(pInfo->label, sizeof pInfo->label, g.token_label);
+	pad(pInfo->manufacturerID, sizeof pInfo->manufacturerID, "Sigil");
+	pad(pInfo->model, sizeof pInfo->model, "signing agent");
+	pad(pInfo->serialNumber, sizeof pInfo->serialNumber, g.serial);
+	/* No CKF_LOGIN_REQUIRED: the agent identifies the caller by its socket
+	 * peer credentials, so there is no PIN to ask for. */
+	pInfo->flags = CKF_TOKEN_INITIALIZED | CKF_USER_PIN_INITIALIZED;
+	pthread_mutex_lock(&g.mu);
+	pInfo->ulSessionCount = g.opensess;
+	pInfo->ulRwSessionCount = g.rwsess;
+	pthread_mutex_unlock(&g.mu);
+	pInfo->ulMaxSessionCount = CK_EFFECTIVELY_INFINITE;
+	pInfo->ulMaxRwSessionCount = CK_EFFECTIVELY_INFINITE;
+	pInfo->ulMaxPinLen = 255;
+	pInfo->ulMinPinLen = 0;
+	pInfo->ulTotalPublicMemory = CK_UNAVAILABLE_INFORMATION;
+	pInfo->ulFreePublicMemory = CK_UNAVAILABLE_INFORMATION;
+	pInfo->ulTotalPrivateMemory = CK_UNAVAILABLE_INFORMATION;
+	pInfo->ulFreePrivateMemory = CK_UNAVAILABLE_INFORMATION;
+	pInfo->hardwareVersion.major = LIBRARY_VERSION_MAJOR;
+	pInfo->firmwareVersion.major = LIBRARY_VERSION_MAJOR;
+	return CKR_OK;
+}
+
+/* ---- mechanisms ---- */
+
+typedef struct {
+	CK_MECHANISM_TYPE m;
+	int family, sch, hash, input;
+} mech_spec;
+
+static const mech_spec mechs[] = {
+	{CKM_ECDSA, SG_FAM_EC, SG_SCHEME_ECDSA, 0, IN_DIGEST},
+	{CKM_ECDSA_SHA256, SG_FAM_EC, SG_SCHEME_ECDSA, SG_HASH_SHA256, IN_HASH},
+	{CKM_ECDSA_SHA384, SG_FAM_EC, SG_SCHEME_ECDSA, SG_HASH_SHA384, IN_HASH},
+	{CKM_ECDSA_SHA512, SG_FAM_EC, SG_SCHEME_ECDSA, SG_HASH_SHA512, IN_HASH},
+	{CKM_RSA_PKCS, SG_FAM_RSA, SG_SCHEME_PKCS1V15, 0, IN_DIGESTINFO},
+	{CKM_SHA256_RSA_PKCS, SG_FAM_RSA, SG_SCHEME_PKCS1V15, SG_HASH_SHA256, IN_HASH},
+	{CKM_SHA384_RSA_PKCS, SG_FAM_RSA, SG_SCHEME_PKCS1V15, SG_HASH_SHA384, IN_HASH},
+	{CKM_SHA512_RSA_PKCS, SG_FAM_RSA, SG_SCHEME_PKCS1V15, SG_HASH_SHA512, IN_HASH},
+	{CKM_RSA_PKCS_PSS, SG_FAM_RSA, SG_SCHEME_PSS, 0, IN_DIGEST},
+	{CKM_SHA256_RSA_PKCS_PSS, SG_FAM_RSA, SG_SCHEME_PSS, SG_HASH_SHA256, IN_HASH},
+	{CKM_SHA384_RSA_PKCS_PSS, SG_FAM_RSA, SG_SCHEME_PSS, SG_HASH_SHA384, IN_HASH},
+	{CKM_SHA512_RSA_PKCS_PSS, SG_FAM_RSA, SG_SCHEME_PSS, SG_HASH_SHA512, IN_HASH},
+	{CKM_EDDSA, SG_FAM_ED, SG_SCHEME_ED25519, SG_HASH_NONE, IN_MESSAGE},
+};
+#define NMECHS (sizeof mechs / sizeof mechs[0])
+
+static const mech_spec *find_mech(CK_MECHANISM_TYPE m)
+{
+	for (size_t i = 0; i < NMECHS; i++)
+		if (mechs[i].m == m)
+			return &mechs[i];
+	return NULL;
+}
+
+/* family_bits reports the smallest and largest key of a family the caller
+ * has; 0 when it has none. */
+static int family_bits(int family, unsigned *min, unsigned *max)
+{
+	int any = 0;
+	*min = *max = 0;
+	pthread_mutex_lock(&g.mu);
+	for (size_t i = 0; i < g.nkeys; i++) {
+		sg_key *k = g.keys[i];
+		if (!k->present || k->family != family)
+			continue;
+		if (!any || k->bits < *min)
+			*min = k->bits;
+		if (!any || k->bits > *max)
+			*max = k->bits;
+		any = 1;
+	}
+	pthread_mutex_unlock(&g.mu);
+	return any;
+}
+
+EXPORT CK_RV C_GetMechanismList(CK_SLOT_ID slotID, CK_MECHANISM_TYPE_PTR pMechanismList, CK_ULONG_PTR pulCount)
+{
+	CHECK_INIT();
+	if (slotID != SLOT_ID)
+		return CKR_SLOT_ID_INVALID;
+	if (!pulCount)
+		return CKR_ARGUMENTS_BAD;
+	CK_RV rv = ensure_keys();
+	if (rv != CKR_OK)
+		return rv;
+	CK_MECHANISM_TYPE list[NMECHS];
+	CK_ULONG n = 0;
+	unsigned lo, hi;
+	int has[4] = {0, family_bits(SG_FAM_EC, &lo, &hi), family_bits(SG_FAM_RSA, &lo, &hi), family_bits(SG_FAM_ED, &lo, &hi)};
+	for (size_t i = 0; i < NMECHS; i++)
+		if (has[mechs[i].family])
+			list[n++] = mechs[i].m;
+	if (!pMechanismList) {
+		*pulCount = n;
+		return CKR_OK;
+	}
+	if (*pulCount < n) {
+		*pulCount = n;
+		return CKR_BUFFER_TOO_SMALL;
+	}
+	memcpy(pMechanismList, list, n * sizeof list[0]);
+	*pulCount = n;
+	return CKR_OK;
+}
+
+EXPORT CK_RV C_GetMechanismInfo(CK_SLOT_ID slotID, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR pInfo)
+{
+	CHECK_INIT();
+	if (slotID != SLOT_ID)
+		return CKR_SLOT_ID_INVALID;
+	if (!pInfo)
+		return CKR_ARGUMENTS_BAD;
+	const mech_spec *m = find_mech(type);
+	if (!m)
+		return CKR_MECHANISM_INVALID;
+	CK_RV rv = ensure_keys();
+	if (rv != CKR_OK)
+		return rv;
+	unsigned lo, hi;
+	if (!family_bits(m->family, &lo, &hi))
+		return CKR_MECHANISM_INVALID;
+	pInfo->ulMinKeySize = lo;
+	pInfo->ulMaxKeySize = hi;
+	pInfo->flags = CKF_SIGN;
+	if (m->family == SG_FAM_EC)
+		pInfo->flags |= CKF_EC_F_P | CKF_EC_NAMEDCURVE | CKF_EC_UNCOMPRESS;
+	return CKR_OK;
+}
+
+/* ---- sessions ---- */
+
+EXPORT CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pApplication, CK_NOTIFY Notify, CK_SESSION_HANDLE_PTR phSession)
+{
+	(void)pApplication;
+	(void)Notify; /* no callbacks: this token never surrenders */
+	CHECK_INIT();
+	if (slotID != SLOT_ID)
+		return CKR_SLOT_ID_INVALID;
+	if (!(flags & CKF_SERIAL_SESSION))
+		return CKR_SESSION_PARALLEL_NOT_SUPPORTED;
+	if (!phSession)
+		return CKR_ARGUMENTS_BAD;
+	sg_session *s = calloc(1, sizeof *s);
+	if (!s)
+		return CKR_HOST_MEMORY;
+	pthread_mutex_init(&s->mu, NULL);
+	s->flags = flags & (CKF_SERIAL_SESSION | CKF_RW_SESSION);
+	s->refs = 1;
+	CK_RV rv = CKR_OK;
+	pthread_mutex_lock(&g.mu);
+	size_t i;
+	for (i = 0; i < g.nsess && g.sess[i]; i++)
+		;
+	if (i == g.nsess) {
+		if (g.nsess + 1 >= MAX_SESSIONS) {
+			rv = CKR_SESSION_COUNT;
+			goto out;
+		}
+		sg_session **ns = realloc(g.sess, (g.nsess + 1) * sizeof *ns);
+		if (!ns) {
+			rv = CKR_HOST_MEMORY;
+			goto out;
+		}
+		g.sess = ns;
+		g.nsess++;
+	}
+	/* The low bits index the table; the high bits change with every open,
+	 * so a stale handle to a reused slot is refused. */
+	g.gen++;
+	s->h = (CK_SESSION_HANDLE)(i + 1) | (CK_SESSION_HANDLE)(g.gen << 20);
+	g.sess[i] = s;
+	g.opensess++;
+	if (s->flags & CKF_RW_SESSION)
+		g.rwsess++;
+	*phSession = s->h;
+out:
+	pthread_mutex_unlock(&g.mu);
+	if (rv != CKR_OK)
+		session_free(s);
+	return rv;
+}
+
+EXPORT CK_RV C_CloseSession(CK_SESSION_HANDLE hSession)
+{
+	CHECK_INIT();
+	sg_session *s = NULL;
+	size_t i = (size_t)(hSession & (MAX_SESSIONS - 1));
+	int free_it = 0;
+	pthread_mutex_lock(&g.mu);
+	if (i >= 1 && i <= g.nsess && g.sess[i - 1] && g.sess[i - 1]->h == hSession) {
+		s = g.sess[i - 1];
+		free_it = unlink_session(i - 1);
+	}
+	pthread_mutex_unlock(&g.mu);
+	if (!s)
+		return CKR_SESSION_HANDLE_INVALID;
+	if (free_it)
+		session_free(s);
+	return CKR_OK;
+}
+
+EXPORT CK_RV C_CloseAllSessions(CK_SLOT_ID slotID)
+{
+	CHECK_INIT();
+	if (slotID != SLOT_ID)
+		return CKR_SLOT_ID_INVALID;
+	pthread_mutex_lock(&g.mu);
+	for (size_t i = 0; i < g.nsess; i++) {
+		sg_session *s = g.sess[i];
+		if (s && unlink_session(i)) {
+			/* Nobody holds it: free outside the table lock is not needed,
+			 * session_free takes no lock but its own mutex's destroy. */
+			session_free(s);
+		}
+	}
+	pthread_mutex_unlock(&g.mu);
+	return CKR_OK;
+}
+
+EXPORT CK_RV C_GetSessionInfo(CK_SESSION_HANDLE hSession, CK_SESSION_INFO_PTR pInfo)
+{
+	SESSION(hSession, s);
+	if (!pInfo) {
+		put_session(s);
+		return CKR_ARGUMENTS_BAD;
+	}
+	int rw = (s->flags & CKF_RW_SESSION) != 0;
+	pthread_mutex_lock(&g.mu);
+	int user = g.logged_in;
+	pthread_mutex_unlock(&g.mu);
+	pInfo->slotID = SLOT_ID;
+	pInfo->state = user ? (rw ? CKS_RW_USER_FUNCTIONS : CKS_RO_USER_FUNCTIONS) : (rw ? CKS_RW_PUBLIC_SESSION : CKS_RO_PUBLIC_SESSION);
+	pInfo->flags = s->flags;
+	pInfo->ulDeviceError = 0;
+	put_session(s);
+	return CKR_OK;
+}
+
+/* C_Login is accepted and the PIN ignored (never kept, never sent): the
+ * agent decides who may sign by the socket peer, not by a PIN. */
+EXPORT CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8CHAR_PTR pPin, CK_ULONG ulPinLen)
+{
+	(void)pPin;
+	(void)ulPinLen;
+	SESSION(hSession, s);
+	CK_RV rv = CKR_OK;
+	if (userType != CKU_USER && userType != CKU_CONTEXT_SPECIFIC) {
+		rv = CKR_USER_TYPE_INVALID;
+	} else {
+		pthread_mutex_lock(&g.mu);
+		if (userType == CKU_USER && g.logged_in)
+			rv = CKR_USER_ALREADY_LOGGED_IN;
+		g.logged_in = 1;
+		pthread_mutex_unlock(&g.mu);
+	}
+	put_session(s);
+	return rv;
+}
+
+EXPORT CK_RV C_Logout(CK_SESSION_HANDLE hSession)
+{
+	SESSION(hSession, s);
+	CK_RV rv = CKR_OK;
+	pthread_mutex_lock(&g.mu);
+	if (!g.logged_in)
+		rv = CKR_USER_NOT_LOGGED_IN;
+	g.logged_in = 0;
+	pthread_mutex_unlock(&g.mu);
+	put_session(s);
+	return rv;
+}
+
+/* ---- objects ---- */
+
+static int matches(const sg_attrs *a, CK_ATTRIBUTE_PTR t, CK_ULONG n, int is_private)
+{
+	for (CK_ULONG i = 0; i < n; i++) {
+		if (is_private && sg_attr_sensitive(t[i].type))
+			return 0;
+		const sg_attr *x = sg_attrs_find(a, t[i].type);
+		if (!x || x->len != t[i].ulValueLen)
+			return 0;
+		if (x->len && (!t[i].pValue || memcmp(x->val, t[i].pValue, x->len) != 0))
+			return 0;
+	}
+	return 1;
+}
+
+EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount)
+{
+	SESSION(hSession, s);
+	CK_RV rv = CKR_OK;
+	if (s->find_active) {
+		rv = CKR_OPERATION_ACTIVE;
+		goto out;
+	}
+	if (!pTemplate && ulCount) {
+		rv = CKR_ARGUMENTS_BAD;
+		goto out;
+	}
+	/* Every search asks the agent (one round trip), so a key added,
+	 * rotated or removed behind the agent shows at the next search. */
+	if ((rv = refresh_keys()) != CKR_OK)
+		goto out;
+	pthread_mutex_lock(&g.mu);
+	s->found = calloc(2 * g.nkeys + 1, sizeof *s->found);
+	if (!s->found) {
+		pthread_mutex_unlock(&g.mu);
+		rv = CKR_HOST_MEMORY;
+		goto out;
+	}
+	for (size_t i = 0; i < g.nkeys; i++) {
+		sg_key *k = g.keys[i];
+		if (!k->present)
+			continue;
+		if (matches(&k->priv, pTemplate, ulCount, 1))
+			s->found[s->nfound++] = 2 * i + 1;
+		if (matches(&k->pub, pTemplate, ulCount, 0))
+			s->found[s->nfound++] = 2 * i + 2;
+	}
+	pthread_mutex_unlock(&g.mu);
+	s->pos = 0;
+	s->find_active = 1;
+out:
+	put_session(s);
+	return rv;
+}
+
+EXPORT CK_RV C_FindObjects(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE_PTR phObject, CK_ULONG ulMaxObjectCount, CK_ULONG_PTR pulObjectCount)
+{
+	SESSION(hSession, s);
+	CK_RV rv = CKR_OK;
+	if (!s->find_active)
+		rv = CKR_OPERATION_NOT_INITIALIZED;
+	else if (!phObject || !pulObjectCount)
+		rv = CKR_ARGUMENTS_BAD;
+	else {
+		CK_ULONG n = 0;
+		while (n < ulMaxObjectCount && s->pos < s->nfound)
+			phObject[n++] = s->found[s->pos++];
+		*pulObjectCount = n;
+	}
+	put_session(s);
+	return rv;
+}
+
+EXPORT CK_RV C_FindObjectsFinal(CK_SESSION_HANDLE hSession)
+{
+	SESSION(hSession, s);
+	CK_RV rv = s->find_active ? CKR_OK : CKR_OPERATION_NOT_INITIALIZED;
+	session_end_find(s);
+	put_session(s);
+	return rv;
+}
+
+EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hObject, CK_ATTRIBUTE_PTR pTemplate, CK_ULONG ulCount)
+{
+	SESSION(hSession, s);
+	CK_RV rv = CKR_OK;
+	int is_private;
+	sg_key *k = find_object(hObject, &is_private);
+	if (!k) {
+		rv = CKR_OBJECT_HANDLE_INVALID;
+		goto out;
+	}
+	if (!pTemplate && ulCount) {
+		rv = CKR_ARGUMENTS_BAD;
+		goto out;
+	}
+	const sg_attrs *attrs = is_private ? &k->priv : &k->pub;
+	for (CK_ULONG i = 0; i < ulCount; i++) {
+		CK_ATTRIBUTE_PTR t = &pTemplate[i];
+		const sg_attr *a;
+		if (is_private && sg_attr_sensitive(t->type)) {
+			t->ulValueLen = CK_UNAVAILABLE_INFORMATION;
+			rv = CKR_ATTRIBUTE_SENSITIVE;
+		} else if (!(a = sg_attrs_find(attrs, t->type))) {
+			t->ulValueLen = CK_UNAVAILABLE_INFORMATION;
+			rv = CKR_ATTRIBUTE_TYPE_INVALID;
+		} else if (!t->pValue) {
+			t->ulValueLen = a->len;
+		} else if (t->ulValueLen < a->len) {
+			t->ulValueLen = CK_UNAVAILABLE_INFORMATION;
+			rv = CKR_BUFFER_TOO_SMALL;
+		} else {
+			memcpy(t->pValue, a->val, a->len);
+			t->ulValueLen = a->len;
+		}
+	}
+out:
+	put_session(s);
+	return rv;
+}
+
+/* ---- signing ---- */
+
+static CK_RV pss_hash(CK_MECHANISM_PTR m, int fixed, int *hash)
+{
+	if (!m->pParameter) {
+		if (!fixed)
+			return CKR_MECHANISM_PARAM_INVALID; /* CKM_RSA_PKCS_PSS: which hash? */
+		*hash = fixed;
+		return CKR_OK;
+	}
+	if (m->ulParameterLen != sizeof(CK_RSA_PKCS_PSS_PARAMS))
+		return CKR_MECHANISM_PARAM_INVALID;
+	CK_RSA_PKCS_PSS_PARAMS *p = m->pParameter;
+	int h;
+	CK_RSA_PKCS_MGF_TYPE mgf;
+	switch (p->hashAlg) {
+	case CKM_SHA256: h = SG_HASH_SHA256; mgf = CKG_MGF1_SHA256; break;
+	case CKM_SHA384: h = SG_HASH_SHA384; mgf = CKG_MGF1_SHA384; break;
+	case CKM_SHA512: h = SG_HASH_SHA512; mgf = CKG_MGF1_SHA512; break;
+	default: return CKR_MECHANISM_PARAM_INVALID;
+	}
+	/* The agent's PSS: MGF1 with the same hash, salt as long as the hash. */
+	if ((fixed && fixed != h) || p->mgf != mgf || p->sLen != sg_hash_len(h))
+		return CKR_MECHANISM_PARAM_INVALID;
+	*hash = h;
+	return CKR_OK;
+}
+
+EXPORT CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey)
+{
+	SESSION(hSession, s);
+	CK_RV rv = CKR_OK;
+	int is_private;
+	sg_key *k;
+	const mech_spec *m;
+	int hash;
+	if (s->sign_active) {
+		rv = CKR_OPERATION_ACTIVE;
+		goto out;
+	}
+	if (!pMechanism) {
+		rv = CKR_ARGUMENTS_BAD;
+		goto out;
+	}
+	if (!(k = find_object(hKey, &is_private))) {
+		rv = CKR_KEY_HANDLE_INVALID;
+		goto out;
+	}
+	if (!is_private) {
+		rv = CKR_KEY_FUNCTION_NOT_PERMITTED;
+		goto out;
+	}
+	if (!(m = find_mech(pMechanism->mechanism))) {
+		rv = CKR_MECHANISM_INVALID;
+		goto out;
+	}
+	if (m->family != k->family) {
+		rv = CKR_KEY_TYPE_INCONSISTENT;
+		goto out;
+	}
+	hash = m->hash;
+	if (m->sch == SG_SCHEME_PSS) {
+		if ((rv = pss_hash(pMechanism, m->hash, &hash)) != CKR_OK)
+			goto out;
+	} else if (m->sch == SG_SCHEME_ED25519 && pMechanism->pParameter) {
+		/* Pure Ed25519 only: no Ed25519ph, no context (Ed25519ctx). */
+		sg_eddsa_params *p = pMechanism->pParameter;
+		if (pMechanism->ulParameterLen != sizeof *p || p->phFlag || p->ulContextDataLen) {
+			rv = CKR_MECHANISM_PARAM_INVALID;
+			goto out;
+		}
+	}
+	s->key = k;
+	s->sch = m->sch;
+	s->hash = hash;
+	s->input = m->input;
+	s->sign_multi = 0;
+	s->blen = 0;
+	s->sign_active = 1;
+out:
+	put_session(s);
+	return rv;
+}
+
+/* agent_sign: one round trip; the signature lands in out in PKCS#11's form. */
+static CK_RV agent_sign(const sg_key *k, int sch, int hash, const uint8_t *dig, size_t n, uint8_t *out)
+{
+	sg_request req = {
+		.op = SG_OP_SIGN,
+		/* Name and kid both: with rotation the agent refuses (KEY_RETIRED)
+		 * rather than sign with a version other than this object's key. */
+		.key = {(const uint8_t *)k->name, k->name_len},
+		.kid = {(const uint8_t *)k->kid, k->kid_len},
+		.sch = (uint8_t)sch,
+		.hash = (uint8_t)hash,
+		.dig = {dig, n},
+	};
+	sg_response resp;
+	sg_conn *c;
+	int io = sg_agent_call(&g.agent, &req, &resp, &c);
+	if (io)
+		return io_rv(io);
+	CK_RV rv = code_rv(resp.code);
+	if (rv == CKR_OK) {
+		switch (k->family) {
+		case SG_FAM_EC:
+			if (sg_ecdsa_der_to_raw(resp.sig.p, resp.sig.n, k->field_len, out))
+				rv = CKR_DEVICE_ERROR;
+			break;
+		case SG_FAM_RSA:
+			if (resp.sig.n == 0 || resp.sig.n > k->sig_len) {
+				rv = CKR_DEVICE_ERROR;
+				break;
+			}
+			memset(out, 0, k->sig_len - resp.sig.n);
+			memcpy(out + k->sig_len - resp.sig.n, resp.sig.p, resp.sig.n);
+			break;
+		case SG_FAM_ED:
+			if (resp.sig.n != 64)
+				rv = CKR_DEVICE_ERROR;
+			else
+				memcpy(out, resp.sig.p, 64);
+			break;
+		}
+	}
+	sg_agent_release(&g.agent, c);
+	return rv;
+}
+
+/* The largest Ed25519 message that fits a request frame with room for the
+ * map's other fields and a key name of up to 1 KiB. */
+#define MAX_MESSAGE (SG_MAX_FRAME - 1200)
+
+/* finish_sign turns the operation's input (all of it, or for IN_HASH the
+ * digest already computed) into a signature. */
+static CK_RV finish_sign(sg_session *s, const uint8_t *in, size_t n, int hashed, uint8_t *out)
+{
+	uint8_t digest[64];
+	const uint8_t *dig = in;
+	int hash = s->hash;
+	switch (s->input) {
+	case IN_HASH:
+		if (!hashed) {
+			if (sg_digest(hash, in, n, digest))
+				return CKR_GENERAL_ERROR;
+			dig = digest;
+			n = sg_hash_len(hash);
+		}
+		break;
+	case IN_DIGEST:
+		if (s->sch == SG_SCHEME_ECDSA) {
+			/* CKM_ECDSA carries no hash: the digest's length names it. */
+			hash = n == 32 ? SG_HASH_SHA256 : n == 48 ? SG_HASH_SHA384 : n == 64 ? SG_HASH_SHA512 : 0;
+			if (!hash)
+				return CKR_DATA_LEN_RANGE;
+		} else if (n != sg_hash_len(hash)) {
+			return CKR_DATA_LEN_RANGE;
+		}
+		break;
+	case IN_DIGESTINFO:
+		if (sg_digestinfo_split(in, n, &hash, &dig))
+			return CKR_DATA_INVALID;
+		n = sg_hash_len(hash);
+		break;
+	case IN_MESSAGE:
+		if (n > MAX_MESSAGE)
+			return CKR_DATA_LEN_RANGE;
+		break;
+	}
+	return agent_sign(s->key, s->sch, hash, dig, n, out);
+}
+
+/* sig_room answers a length query or a short buffer without the agent:
+ * every signature's length is known from the key. 1: answered. */
+static int sig_room(sg_session *s, CK_BYTE_PTR sig, CK_ULONG_PTR len, CK_RV *rv)
+{
+	size_t need = s->key->sig_len;
+	if (!sig) {
+		*len = need;
+		*rv = CKR_OK;
+		return 1;
+	}
+	if (*len < need) {
+		*len = need;
+		*rv = CKR_BUFFER_TOO_SMALL;
+		return 1;
+	}
+	return 0;
+}
+
+EXPORT CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDataLen, CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen)
+{
+	SESSION(hSession, s);
+	CK_RV rv;
+	if (!s->sign_active) {
+		rv = CKR_OPERATION_NOT_INITIALIZED;
+		goto out;
+	}
+	if (s->sign_multi) {
+		rv = CKR_OPERATION_ACTIVE; /* C_SignUpdate began a multi-part signature */
+		goto out;
+	}
+	if (!pulSignatureLen || (!pData && ulDataLen)) {
+		rv = CKR_ARGUMENTS_BAD;
+		session_end_sign(s);
+		goto out;
+	}
+	if (sig_room(s, pSignature, pulSignatureLen, &rv))
+		goto out; /* the operation stays active (v2.40 section 5.2) */
+	rv = finish_sign(s, pData, ulDataLen, 0, pSignature);
+	if (rv == CKR_OK)
+		*pulSignatureLen = s->key->sig_len;
+	session_end_sign(s);
+out:
+	put_session(s);
+	return rv;
+}
+
+EXPORT CK_RV C_SignUpdate(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pPart, CK_ULONG ulPartLen)
+{
+	SESSION(hSession, s);
+	CK_RV rv = CKR_OK;
+	if (!s->sign_active) {
+		rv = CKR_OPERATION_NOT_INITIALIZED;
+		goto out;
+	}
+	if (!pPart && ulPartLen) {
+		rv = CKR_ARGUMENTS_BAD;
+		goto fail;
+	}
+	s->sign_multi = 1;
+	if (s->input == IN_HASH) {
+		if (!s->mdctx && !(s->mdctx = sg_md_ctx_new(s->hash))) {
+			rv = CKR_HOST_MEMORY;
+			goto fail;
+		}
+		if (sg_md_ctx_update(s->mdctx, pPart, ulPartLen)) {
+			rv = CKR_GENERAL_ERROR;
+			goto fail;
+		}
+		goto out;
+	}
+	/* The other mechanisms sign their whole input in one request, which
+	 * the frame bounds. */
+	if (ulPartLen > MAX_MESSAGE - s->blen) {
+		rv = CKR_DATA_LEN_RANGE;
+		goto fail;
+	}
+	if (s->blen + ulPartLen > s->bcap) {
+		size_t cap = s->blen + ulPartLen;
+		if (cap < 256)
+			cap = 256;
+		uint8_t *nb = realloc(s->buf, cap);
+		if (!nb) {
+			rv = CKR_HOST_MEMORY;
+			goto fail;
+		}
+		s->buf = nb;
+		s->bcap = cap;
+	}
+	if (ulPartLen)
+		memcpy(s->buf + s->blen, pPart, ulPartLen);
+	s->blen += ulPartLen;
+	goto out;
+fail:
+	session_end_sign(s); /* any error but a short buffer ends the operation */
+out:
+	put_session(s);
+	return rv;
+}
+
+EXPORT CK_RV C_SignFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature, CK_ULONG_PTR pulSignatureLen)
+{
+	SESSION(hSession, s);
+	CK_RV rv;
+	if (!s->sign_active) {
+		rv = CKR_OPERATION_NOT_INITIALIZED;
+		goto out;
+	}
+	if (!pulSignatureLen) {
+		rv = CKR_ARGUMENTS_BAD;
+		session_end_sign(s);
+		goto out;
+	}
+	if (sig_room(s, pSignature, pulSignatureLen, &rv))
+		goto out;
+	if (s->input == IN_HASH) {
+		uint8_t digest[64];
+		if (!s->mdctx && !(s->mdctx = sg_md_ctx_new(s->hash)))
+			rv = CKR_HOST_MEMORY;
+		else if (sg_md_ctx_final(s->mdctx, digest))
+			rv = CKR_GENERAL_ERROR;
+		else
+			rv = finish_sign(s, digest, sg_hash_len(s->hash), 1, pSignature);
+	} else {
+		rv = finish_sign(s, s->buf, s->blen, 0, pSignature);
+	}
+	if (rv == CKR_OK)
+		*pulSignatureLen = s->key->sig_len;
+	session_end_sign(s);
+out:
+	put_session(s);
+	return rv;
+}

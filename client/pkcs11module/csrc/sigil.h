@@ -1,0 +1,72 @@
+/*
+ * sigil.h: what the module's C files share. The PKCS#11 types come from
+ * p11-kit's pkcs11.h (v2.40, permissive licence), which is on every
+ * machine that has p11-kit's development files.
+ */
+#ifndef SIGIL_MODULE_H
+#define SIGIL_MODULE_H
+
+#include <p11-kit/pkcs11.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "wire.h"
+
+/* CK_EDDSA_PARAMS (PKCS#11 v3.0 section 2.3.14), absent from v2.40 headers. */
+typedef struct {
+	CK_BBOOL phFlag;
+	CK_ULONG ulContextDataLen;
+	CK_BYTE_PTR pContextData;
+} sg_eddsa_params;
+
+typedef struct {
+	CK_ATTRIBUTE_TYPE type;
+	CK_ULONG len;
+	uint8_t *val;
+} sg_attr;
+
+typedef struct {
+	sg_attr *v;
+	size_t n, cap;
+} sg_attrs;
+
+enum { SG_FAM_EC = 1, SG_FAM_RSA = 2, SG_FAM_ED = 3 };
+
+/*
+ * sg_key is one key the agent lists: a private key object and a public key
+ * object. Immutable once built, except present (read and written under the
+ * module lock), and never freed before C_Finalize, so a session may use a
+ * key pointer without holding the lock.
+ */
+typedef struct {
+	char *name, *kid;
+	size_t name_len, kid_len;
+	int family;
+	unsigned bits;
+	size_t sig_len;   /* the PKCS#11 signature's length: answers length queries locally */
+	size_t field_len; /* ECDSA: bytes of r and of s */
+	int present;      /* listed by the agent's last ListKeys */
+	sg_attrs priv, pub;
+} sg_key;
+
+/* keys.c */
+int sg_key_build(sg_key *k, const sg_key_entry *e);
+void sg_key_free(sg_key *k);
+const sg_attr *sg_attrs_find(const sg_attrs *a, CK_ATTRIBUTE_TYPE t);
+int sg_attr_sensitive(CK_ATTRIBUTE_TYPE t);
+
+/* crypto.c */
+int sg_crypto_init(void);
+void sg_crypto_free(void);
+/* md for a wire hash number; NULL for SG_HASH_NONE or unknown */
+const void *sg_md(int hash);
+size_t sg_hash_len(int hash);
+int sg_digest(int hash, const uint8_t *p, size_t n, uint8_t *out);
+void *sg_md_ctx_new(int hash);
+int sg_md_ctx_update(void *ctx, const uint8_t *p, size_t n);
+int sg_md_ctx_final(void *ctx, uint8_t *out);
+void sg_md_ctx_free(void *ctx);
+int sg_ecdsa_der_to_raw(const uint8_t *der, size_t n, size_t field_len, uint8_t *out);
+int sg_digestinfo_split(const uint8_t *p, size_t n, int *hash, const uint8_t **digest);
+
+#endif
