@@ -80,11 +80,15 @@ bench-full: build test-deps
 bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x $(PKGS)
 
-# Each fuzz target for FUZZTIME; new crashers land in testdata/fuzz and fail `make test`.
+# Each fuzz target (the wire decoders in Go and the PKCS#11 front's C codec) for FUZZTIME; new crashers land in testdata/fuzz and fail `make test`.
 fuzz:
 	@set -e; for t in FuzzDecodeRequest FuzzDecodeResponse FuzzReadFrame; do \
 		echo "== $$t ($(FUZZTIME))"; \
 		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./proto; \
+	done
+	@set -e; for t in FuzzWireDecodeResponse FuzzWireResponseRoundTrip FuzzWireEncodeRequest; do \
+		echo "== $$t ($(FUZZTIME), the PKCS#11 front's C codec)"; \
+		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./client/pkcs11module; \
 	done
 
 lint:

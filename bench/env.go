@@ -252,8 +252,10 @@ type Variant struct {
 	PID    int
 }
 
-// launch runs `sigil agent` on config and waits for its socket.
-func (e *Env) launch(ctx context.Context, sigil, name, config, socket string) (*exec.Cmd, error) {
+// launch runs `sigil agent` on config and waits for its socket. env adds
+// to (and overrides) this process's environment, as a service manager's
+// Environment= would.
+func (e *Env) launch(ctx context.Context, sigil, name, config, socket string, env ...string) (*exec.Cmd, error) {
 	cfgPath := filepath.Join(e.Dir, name+".yaml")
 	if err := os.WriteFile(cfgPath, []byte(config), 0o600); err != nil {
 		return nil, err
@@ -264,7 +266,7 @@ func (e *Env) launch(ctx context.Context, sigil, name, config, socket string) (*
 	}
 	e.logs = append(e.logs, logf)
 	cmd := exec.Command(sigil, "agent", "--config", cfgPath)
-	cmd.Env = append(os.Environ(), pinEnv+"="+e.PIN)
+	cmd.Env = append(append(os.Environ(), pinEnv+"="+e.PIN), env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {

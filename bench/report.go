@@ -236,6 +236,10 @@ func (r *Report) Markdown(w io.Writer) error {
 		}
 	}
 
+	if line := r.cloudSLOSummary(); line != "" {
+		b.WriteString("\n" + line)
+	}
+
 	var notes []string
 	for _, res := range r.Results {
 		switch {

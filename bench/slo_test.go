@@ -92,6 +92,27 @@ func TestSLOCheck(t *testing.T) {
 			skipped: 1,
 		},
 		{
+			name: "cloud rows are judged by the cloud SLO, the rest by the run's",
+			slo:  seeds,
+			report: report(
+				res(ScenarioAWSKMS, 8, 120_000, 180_000),  // over 50 ms, within 150 ms
+				res("agent-unix", 8, 120_000, 180_000),    // the same figures miss the local SLO
+				res(ScenarioGCPKMS, 1, 151_000, 160_000),  // over the cloud p95
+				res(ScenarioAzureKV, 64, 10_000, 250_000), // over the cloud p99
+			),
+			want: []string{
+				"agent-unix/ecdsa-p256@8: p95 120ms > 50ms",
+				"gcpkms/ecdsa-p256@1: p95 151ms > 150ms",
+				"azurekv/ecdsa-p256@64: p99 250ms > 200ms",
+			},
+		},
+		{
+			name:   "a stricter run SLO does not tighten the cloud one",
+			slo:    SLO{Limits: []Limit{{"p99", time.Millisecond}}},
+			report: report(res(ScenarioAzureKV, 1, 2000, 5000), res("software", 1, 2000, 5000)),
+			want:   []string{"software/ecdsa-p256@1: p99 5ms > 1ms"},
+		},
+		{
 			name:   "p99.9 limit",
 			slo:    SLO{Limits: []Limit{{"p99.9", 500 * time.Microsecond}}},
 			report: report(res("direct", 1, 100, 300)),
@@ -125,5 +146,54 @@ func TestSLOCheck(t *testing.T) {
 	}
 	if err := Violations(nil).Err(); err != nil {
 		t.Errorf("no violations: Err() = %v", err)
+	}
+}
+
+// Every run judges its cloud rows against CloudSLO, --slo or not, and says
+// so in the report; rows that did not run are not judged.
+func TestCheckCloud(t *testing.T) {
+	ok := Result{Scenario: ScenarioGCPKMS, Key: KeyECDSAP256, Conns: 1, Reps: 2, P50us: 150, P95us: 280, P99us: 1100, OpsPerS: 5600}
+	slow := Result{Scenario: ScenarioAWSKMS, Key: KeyECDSAP256, Conns: 8, Reps: 2, P50us: 90_000, P95us: 140_000, P99us: 201_000, OpsPerS: 80}
+	failed := Result{Scenario: ScenarioAzureKV, Key: KeyECDSAP256, Conns: 8, Reps: 2, Errors: 12, AllFailed: true}
+	notRun := Result{Scenario: ScenarioAzureKV, Key: KeyECDSAP256, Conns: 1, Err: "open worker 1 of 1: refused"}
+	local := Result{Scenario: ScenarioSoftware, Key: KeyECDSAP256, Conns: 1, Reps: 2, P95us: 900_000, P99us: 900_000, OpsPerS: 1}
+	tests := []struct {
+		name     string
+		results  []Result
+		judged   int
+		want     []string
+		markdown string // "" means no cloud SLO line
+	}{
+		{name: "no cloud rows", results: []Result{local}},
+		{name: "met", results: []Result{local, ok, notRun}, judged: 1, markdown: "Cloud SLO p95=150ms,p99=200ms (the seeds'; judges awskms, gcpkms, azurekv whatever --slo says): met by every cloud result (1 judged)"},
+		{
+			name: "missed", results: []Result{ok, slow, failed}, judged: 3,
+			want:     []string{"awskms/ecdsa-p256@8: p99 201ms > 200ms", "azurekv/ecdsa-p256@8: every op failed (12 errors)"},
+			markdown: "NOT met (2):\n\n- awskms/ecdsa-p256@8: p99 201ms > 200ms\n- azurekv/ecdsa-p256@8: every op failed (12 errors)\n",
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := &Report{Results: tt.results, Options: Options{Reps: 2}}
+			judged, vs := CheckCloud(r)
+			var got []string
+			for _, v := range vs {
+				got = append(got, v.String())
+			}
+			if judged != tt.judged || !slices.Equal(got, tt.want) {
+				t.Errorf("CheckCloud = %d, %q; want %d, %q", judged, got, tt.judged, tt.want)
+			}
+			var b strings.Builder
+			if err := r.Markdown(&b); err != nil {
+				t.Fatal(err)
+			}
+			has := strings.Contains(b.String(), "Cloud SLO")
+			if tt.markdown == "" && has {
+				t.Errorf("markdown has a cloud SLO line without cloud rows:\n%s", b.String())
+			}
+			if tt.markdown != "" && !strings.Contains(b.String(), tt.markdown) {
+				t.Errorf("markdown lacks %q:\n%s", tt.markdown, b.String())
+			}
+		})
 	}
 }

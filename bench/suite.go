@@ -15,7 +15,8 @@ type SuiteOptions struct {
 	// Keys are the key types to measure; default ecdsa-p256, rsa-2048, ed25519.
 	Keys []string
 	// Scenarios limits which scenarios run (default all): direct, agent-unix,
-	// agent-tcp, p11kit, software.
+	// agent-tcp, p11kit, software, and the cloud ones (awskms, gcpkms,
+	// azurekv; see StartCloud).
 	Scenarios []string
 	// Addr and Key measure an agent that is already running instead of
 	// setting one up: only the agent-unix scenario, with that key.
@@ -52,6 +53,11 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		return nil, fmt.Errorf("bench set-up: %w", err)
 	}
 	defer env.Close()
+	cloud, err := env.StartCloud(ctx, o.Sigil, o.wants, o.Log)
+	if err != nil {
+		return nil, fmt.Errorf("cloud scenarios: %w", err)
+	}
+	defer cloud.Close()
 
 	agentCPU := func() time.Duration { d, _ := ProcessCPU(env.AgentPID()); return d }
 	var direct, forwarded *Cryptoki
@@ -98,5 +104,6 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 			scenarios = append(scenarios, AgentScenario(name, k, v.Socket, softKeyName(k), func() time.Duration { d, _ := ProcessCPU(pid); return d }))
 		}
 	}
+	scenarios = append(scenarios, cloud.Scenarios()...)
 	return Run(ctx, scenarios, o.Options)
 }

@@ -64,7 +64,7 @@ var (
 func Find() (string, error) {
 	if p := os.Getenv("LOCAL_KMS_BIN"); p != "" {
 		if _, err := os.Stat(p); err != nil {
-			return "", err
+			return "", fmt.Errorf("LOCAL_KMS_BIN: %w", err)
 		}
 		return p, nil
 	}

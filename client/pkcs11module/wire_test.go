@@ -1,0 +1,193 @@
+package pkcs11module
+
+import (
+	"bytes"
+	"encoding/binary"
+	"testing"
+
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// goResponse encodes r with package proto and returns the payload.
+func goResponse(t testing.TB, r *proto.Response) []byte {
+	t.Helper()
+	frame, err := proto.NewCodec().AppendResponseFrame(nil, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return frame[proto.FrameHeaderLen:]
+}
+
+func sameResponse(t testing.TB, want *proto.Response, got *wireResponse) {
+	t.Helper()
+	if got.ID != want.ID || got.Code != uint32(want.Code) || got.Version != want.Version ||
+		got.Msg != want.Msg || got.Key != want.Key || got.KID != want.KID || got.KeyType != want.KeyType ||
+		!bytes.Equal(got.Pub, want.Pub) || !bytes.Equal(got.Sig, want.Sig) || got.HasKeys != (want.Keys != nil) {
+		t.Fatalf("C decoder read %+v, Go wrote %+v", got, want)
+	}
+	if len(got.Keys) != len(want.Keys) {
+		t.Fatalf("C decoder read %d keys, Go wrote %d", len(got.Keys), len(want.Keys))
+	}
+	for i, k := range want.Keys {
+		g := got.Keys[i]
+		if g.Name != k.Name || g.KID != k.KID || g.Provider != k.Provider || g.KeyType != k.KeyType || !bytes.Equal(g.Pub, k.Pub) {
+			t.Fatalf("key %d: C read %+v, Go wrote %+v", i, g, k)
+		}
+	}
+}
+
+// Every reply shape the agent sends, written by package proto, reads back
+// the same through the C decoder.
+func TestWireDecodesAgentReplies(t *testing.T) {
+	long := bytes.Repeat([]byte{0xab}, 70000) // bin32 inside the map
+	cases := []proto.Response{
+		{ID: 1, Code: proto.OK, Version: 1, Features: 1},
+		{ID: 1<<64 - 1, Code: proto.Paused, Msg: "the key slot is paused"},
+		{ID: 300, Code: proto.OK, Key: "release", KID: "00112233445566778899aabbccddeeff", Sig: []byte{0x30, 0x44, 1, 2}, PolicyHash: make([]byte, 32)},
+		{ID: 70000, Code: proto.OK, KeyType: "ed25519", Pub: long[:300], Valid: true},
+		{ID: 5, Code: proto.OK, Keys: []proto.KeyEntry{}},
+		{ID: 6, Code: proto.OK, Keys: []proto.KeyEntry{
+			{Name: "p256", KID: "a", Provider: "soft", KeyType: "ecdsa-p256", Pub: []byte{1, 2, 3}},
+			{Name: "rsa", KID: "b", Provider: "hsm", KeyType: "rsa-4096", Pub: long[:600]},
+		}},
+		{ID: 7, Code: proto.OK, Records: [][]byte{[]byte(`{"seq":1}`), long[:5]}},
+		{ID: 8, Code: proto.OK, Sig: long},
+	}
+	for i := range cases {
+		got, err := decodeResponse(goResponse(t, &cases[i]))
+		if err != nil {
+			t.Fatalf("case %d: %v", i, err)
+		}
+		sameResponse(t, &cases[i], got)
+	}
+}
+
+func TestWireRejectsMalformed(t *testing.T) {
+	good := goResponse(t, &proto.Response{ID: 9, Code: proto.OK, Sig: []byte{1, 2, 3}})
+	cases := map[string][]byte{
+		"empty":          {},
+		"truncated":      good[:len(good)-1],
+		"trailing":       append(append([]byte{}, good...), 0xc0),
+		"not a map":      {0x91, 0x01},
+		"code too big":   {0x81, 0xa4, 'c', 'o', 'd', 'e', 0xce, 0, 1, 0, 0},
+		"negative id":    {0x81, 0xa2, 'i', 'd', 0xff},
+		"sig wrong type": {0x81, 0xa3, 's', 'i', 'g', 0x01},
+		"bin past end":   {0x81, 0xa3, 's', 'i', 'g', 0xc6, 0xff, 0xff, 0xff, 0xff, 0x00},
+		"map count lies": {0xdf, 0xff, 0xff, 0xff, 0xff, 0xa2, 'i', 'd', 0x01},
+		"reserved c1":    {0x81, 0xa1, 'x', 0xc1},
+		"deep nesting":   append(append([]byte{0x81, 0xa1, 'x'}, bytes.Repeat([]byte{0x91}, 100)...), 0x01),
+	}
+	for name, b := range cases {
+		if _, err := decodeResponse(b); err == nil {
+			t.Errorf("%s: accepted % x", name, b)
+		}
+	}
+}
+
+// Requests the C encoder writes decode in package proto to what was asked.
+func TestWireEncodesRequests(t *testing.T) {
+	cases := []wireRequest{
+		{ID: 1, Op: uint8(proto.OpHello), Version: 1},
+		{ID: 2, Op: uint8(proto.OpListKeys), TimeoutMs: 10000},
+		{ID: 1 << 40, Op: uint8(proto.OpSign), Key: "p256", KID: "00112233445566778899aabbccddeeff", Scheme: 1, Hash: 1, Digest: bytes.Repeat([]byte{7}, 32), TimeoutMs: 1},
+		{ID: 3, Op: uint8(proto.OpSign), Key: string(bytes.Repeat([]byte{'k'}, 300)), Scheme: 4, Digest: bytes.Repeat([]byte{1}, 60000)},
+	}
+	for _, q := range cases {
+		checkRequest(t, q)
+	}
+	if encodeRequest(wireRequest{ID: 1, Op: 5, Digest: make([]byte, proto.DefaultMaxFrame)}) != nil {
+		t.Fatal("encoded a request over the frame limit")
+	}
+}
+
+func checkRequest(t testing.TB, q wireRequest) {
+	t.Helper()
+	frame := encodeRequest(q)
+	if frame == nil {
+		return // over the frame limit: refused, as it must be
+	}
+	if n := binary.BigEndian.Uint32(frame); int(n) != len(frame)-4 || n > proto.DefaultMaxFrame {
+		t.Fatalf("length prefix %d for a %d-byte payload", n, len(frame)-4)
+	}
+	var r proto.Request
+	if err := proto.NewCodec().DecodeRequest(frame[4:], &r); err != nil {
+		t.Fatalf("proto cannot decode the C request %+v: %v", q, err)
+	}
+	if r.ID != q.ID || uint8(r.Op) != q.Op || r.Version != q.Version || r.Features != q.Features || r.Key != q.Key ||
+		r.KID != q.KID || r.Scheme != q.Scheme || r.Hash != q.Hash || !bytes.Equal(r.Digest, q.Digest) || r.TimeoutMillis != q.TimeoutMs {
+		t.Fatalf("C wrote %+v, proto read %+v", q, r)
+	}
+}
+
+// Random bytes: the C decoder never reads past its input (the guard page
+// turns that into a crash) and, where package proto also accepts the
+// payload, both read the same fields.
+func FuzzWireDecodeResponse(f *testing.F) {
+	f.Add(goResponse(f, &proto.Response{ID: 1, Code: proto.OK, Version: 1}))
+	f.Add(goResponse(f, &proto.Response{ID: 2, Code: proto.OK, Sig: []byte{0x30, 1, 2}, KID: "k"}))
+	f.Add(goResponse(f, &proto.Response{ID: 3, Code: proto.OK, Keys: []proto.KeyEntry{{Name: "a", KID: "b", Provider: "c", KeyType: "ed25519", Pub: []byte{1}}}}))
+	f.Add(goResponse(f, &proto.Response{ID: 4, Code: proto.RateLimited, Msg: "later", Records: [][]byte{{1}}}))
+	f.Add([]byte{0x82, 0xa1, 'x', 0xd8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xa2, 'i', 'd', 1})
+	f.Fuzz(func(t *testing.T, payload []byte) {
+		got, err := decodeResponse(payload)
+		if err != nil {
+			return
+		}
+		var want proto.Response
+		if proto.NewCodec().DecodeResponse(payload, &want) != nil {
+			return
+		}
+		if got.ID != want.ID || got.Code != uint32(want.Code) || !bytes.Equal(got.Sig, want.Sig) ||
+			got.KID != want.KID || got.Msg != want.Msg || len(got.Keys) != len(want.Keys) {
+			t.Fatalf("C read %+v, proto read %+v", got, want)
+		}
+	})
+}
+
+// Replies written by package proto from arbitrary fields always decode in C
+// to the same fields.
+func FuzzWireResponseRoundTrip(f *testing.F) {
+	f.Add(uint64(1), uint16(0), "", []byte{}, "", "", []byte{}, 0)
+	f.Add(uint64(1<<63), uint16(17), "msg", []byte{1, 2}, "name", "kid", []byte{3}, 3)
+	f.Fuzz(func(t *testing.T, id uint64, code uint16, msg string, sig []byte, name, kid string, pub []byte, nkeys int) {
+		r := proto.Response{ID: id, Code: proto.Code(code), Msg: msg, Sig: sig, KID: kid}
+		if nkeys = nkeys % 8; nkeys > 0 {
+			for i := 0; i < nkeys; i++ {
+				r.Keys = append(r.Keys, proto.KeyEntry{Name: name, KID: kid, Provider: msg, KeyType: "x", Pub: pub})
+			}
+		}
+		frame, err := proto.NewCodec().AppendResponseFrame(nil, &r)
+		if err != nil || len(frame)-proto.FrameHeaderLen > proto.DefaultMaxFrame {
+			return
+		}
+		got, err := decodeResponse(frame[proto.FrameHeaderLen:])
+		if err != nil {
+			t.Fatalf("C refused a reply proto wrote: %v", err)
+		}
+		// proto omits empty fields, so compare what was sent.
+		want := r
+		if len(want.Sig) == 0 {
+			want.Sig = nil
+		}
+		if !bytes.Equal(got.Sig, want.Sig) && !(len(got.Sig) == 0 && len(want.Sig) == 0) {
+			t.Fatalf("sig: C %x, Go %x", got.Sig, want.Sig)
+		}
+		if got.ID != r.ID || got.Code != uint32(r.Code) || got.Msg != r.Msg || got.KID != r.KID || len(got.Keys) != len(r.Keys) {
+			t.Fatalf("C read %+v, Go wrote %+v", got, r)
+		}
+		for i := range r.Keys {
+			if got.Keys[i].Name != name || got.Keys[i].KID != kid || !bytes.Equal(got.Keys[i].Pub, pub) && len(pub) > 0 {
+				t.Fatalf("key %d: C read %+v", i, got.Keys[i])
+			}
+		}
+	})
+}
+
+// Requests the C encoder writes from arbitrary fields decode in proto.
+func FuzzWireEncodeRequest(f *testing.F) {
+	f.Add(uint64(1), uint8(5), "p256", "kid", uint8(1), uint8(1), []byte{1, 2, 3}, uint32(5000))
+	f.Add(uint64(0), uint8(0), "", "", uint8(0), uint8(0), []byte{}, uint32(0))
+	f.Fuzz(func(t *testing.T, id uint64, op uint8, key, kid string, sch, hash uint8, dig []byte, tmo uint32) {
+		checkRequest(t, wireRequest{ID: id, Op: op, Key: key, KID: kid, Scheme: sch, Hash: hash, Digest: dig, TimeoutMs: tmo})
+	})
+}
