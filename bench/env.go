@@ -173,6 +173,11 @@ func (e *Env) generateKeys(ctx context.Context) error {
 	return nil
 }
 
+// benchModuleInstances is the agent's module_instances for SoftHSM2: what
+// docs/pkcs11.md recommends for it, chosen by measurement (instances.go in
+// providers/pkcs11; the agent-unix-2proc experiment).
+const benchModuleInstances = 2
+
 // hsmKeyName and softKeyName are the agent's names for the bench keys.
 func hsmKeyName(kt string) string  { return "hsm-" + kt }
 func softKeyName(kt string) string { return "soft-" + kt }
@@ -188,7 +193,7 @@ func (e *Env) startAgent(ctx context.Context, sigil string) error {
 	}
 	var b strings.Builder
 	fmt.Fprintf(&b, "socket: %s\ndata_dir: %s\nlog: {level: warn}\n%sproviders:\n", e.AgentSocket, filepath.Join(e.Dir, "state"), tcp)
-	fmt.Fprintf(&b, "  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: %s\n    pin_env: %s\n    keys:\n", e.Module, e.TokenLabel, pinEnv)
+	fmt.Fprintf(&b, "  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: %s\n    pin_env: %s\n    module_instances: %d\n    keys:\n", e.Module, e.TokenLabel, pinEnv, benchModuleInstances)
 	for _, k := range e.Keys {
 		fmt.Fprintf(&b, "      - {name: %s, uri: \"pkcs11:token=%s;object=%s\"}\n", hsmKeyName(k), e.TokenLabel, k)
 	}

@@ -27,21 +27,7 @@ var benchDigest = sha256.Sum256([]byte("sigil benchmark payload"))
 // AgentScenario signs through an agent at socket with the named key, one
 // client connection per worker: what a co-located service does.
 func AgentScenario(name, keyType, socket, keyName string, cpu func() time.Duration) Scenario {
-	return Scenario{
-		Name: name, Key: keyType, CPU: cpu,
-		NewWorker: func(ctx context.Context) (func(context.Context) error, func() error, error) {
-			c, err := client.Dial(ctx, socket)
-			if err != nil {
-				return nil, nil, err
-			}
-			ref := client.ByName(keyName)
-			op := func(ctx context.Context) error {
-				_, err := c.Sign(ctx, ref, client.Algorithm{}, benchDigest[:])
-				return err
-			}
-			return op, c.Close, nil
-		},
-	}
+	return SplitAgentScenario(name, keyType, []string{socket}, keyName, cpu)
 }
 
 // AgentTLSScenario signs through the agent's mutual-TLS listener, one

@@ -26,7 +26,7 @@ type SuiteOptions struct {
 
 func (o *SuiteOptions) wants(name string) bool {
 	if len(o.Scenarios) == 0 {
-		return true
+		return !experimentScenarios[name]
 	}
 	for _, s := range o.Scenarios {
 		if s == name {
@@ -77,6 +77,27 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 	}
 	p11kitCPU := func() time.Duration { d, _ := ProcessCPU(env.P11KitPID()); return d }
+	var single, second Variant
+	if o.wants(ScenarioAgentOneInstance) || o.wants(ScenarioAgentTwoProcs) {
+		if single, err = env.startHSMAgent(ctx, o.Sigil, "hsm-1inst", 1); err != nil {
+			return nil, fmt.Errorf("experiment agent: %w", err)
+		}
+	}
+	if o.wants(ScenarioAgentTwoProcs) {
+		if second, err = env.startHSMAgent(ctx, o.Sigil, "hsm-1inst-b", 1); err != nil {
+			return nil, fmt.Errorf("experiment agent: %w", err)
+		}
+	}
+	cpuOf := func(pids ...int) func() time.Duration {
+		return func() time.Duration {
+			var sum time.Duration
+			for _, pid := range pids {
+				d, _ := ProcessCPU(pid)
+				sum += d
+			}
+			return sum
+		}
+	}
 
 	var scenarios []Scenario
 	for _, k := range env.Keys {
@@ -85,6 +106,12 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 		if o.wants(ScenarioAgentUnix) {
 			scenarios = append(scenarios, AgentScenario(ScenarioAgentUnix, k, env.AgentSocket, hsmKeyName(k), agentCPU))
+		}
+		if o.wants(ScenarioAgentOneInstance) {
+			scenarios = append(scenarios, AgentScenario(ScenarioAgentOneInstance, k, single.Socket, hsmKeyName(k), cpuOf(single.PID)))
+		}
+		if o.wants(ScenarioAgentTwoProcs) {
+			scenarios = append(scenarios, SplitAgentScenario(ScenarioAgentTwoProcs, k, []string{single.Socket, second.Socket}, hsmKeyName(k), cpuOf(single.PID, second.PID)))
 		}
 		if o.wants(ScenarioAgentTCP) {
 			scenarios = append(scenarios, AgentTLSScenario(ScenarioAgentTCP, k, env.AgentTCP, env.ClientTLS, hsmKeyName(k), agentCPU))
