@@ -1,0 +1,477 @@
+package pkcs11module
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"math/big"
+	"sync"
+	"testing"
+
+	p11 "github.com/miekg/pkcs11"
+
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+)
+
+const ckmEdDSA = 0x1057 // CKM_EDDSA; miekg/pkcs11 does not name it
+
+var message = []byte("a message signed through libsigil-pkcs11.so")
+
+func sum(h crypto.Hash, b []byte) []byte {
+	x := h.New()
+	x.Write(b)
+	return x.Sum(nil)
+}
+
+func digestInfo(h crypto.Hash, b []byte) []byte {
+	prefix, err := providers.DigestInfoPrefix(h)
+	if err != nil {
+		panic(err)
+	}
+	return append(append([]byte{}, prefix...), sum(h, b)...)
+}
+
+// verify checks a PKCS#11-format signature (ECDSA r||s, RSA, Ed25519) over
+// message with pub, for the hash the case signed with.
+func verify(pub crypto.PublicKey, h crypto.Hash, pss bool, sig []byte) error {
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		n := len(sig) / 2
+		if !ecdsa.Verify(k, sum(h, message), new(big.Int).SetBytes(sig[:n]), new(big.Int).SetBytes(sig[n:])) {
+			return errors.New("ECDSA signature does not verify")
+		}
+		return nil
+	case *rsa.PublicKey:
+		if pss {
+			return rsa.VerifyPSS(k, h, sum(h, message), sig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash})
+		}
+		return rsa.VerifyPKCS1v15(k, h, sum(h, message), sig)
+	case ed25519.PublicKey:
+		if !ed25519.Verify(k, message, sig) {
+			return errors.New("Ed25519 signature does not verify")
+		}
+		return nil
+	}
+	return fmt.Errorf("key type %T", pub)
+}
+
+type mechCase struct {
+	name string
+	key  string
+	mech *p11.Mechanism
+	data []byte
+	hash crypto.Hash
+	pss  bool
+}
+
+func mechCases(prefix string) []mechCase {
+	k := func(n string) string { return prefix + n }
+	pss := func(m uint, h, mgf, salt uint) *p11.Mechanism {
+		return p11.NewMechanism(m, p11.NewPSSParams(h, mgf, salt))
+	}
+	return []mechCase{
+		{"ECDSA/P-256", k("p256"), p11.NewMechanism(p11.CKM_ECDSA, nil), sum(crypto.SHA256, message), crypto.SHA256, false},
+		{"ECDSA_SHA256/P-256", k("p256"), p11.NewMechanism(p11.CKM_ECDSA_SHA256, nil), message, crypto.SHA256, false},
+		{"RSA_PKCS/SHA-256", k("rsa"), p11.NewMechanism(p11.CKM_RSA_PKCS, nil), digestInfo(crypto.SHA256, message), crypto.SHA256, false},
+		{"RSA_PKCS/SHA-512", k("rsa"), p11.NewMechanism(p11.CKM_RSA_PKCS, nil), digestInfo(crypto.SHA512, message), crypto.SHA512, false},
+		{"SHA256_RSA_PKCS", k("rsa"), p11.NewMechanism(p11.CKM_SHA256_RSA_PKCS, nil), message, crypto.SHA256, false},
+		{"RSA_PKCS_PSS/SHA-256", k("rsa"), pss(p11.CKM_RSA_PKCS_PSS, p11.CKM_SHA256, p11.CKG_MGF1_SHA256, 32), sum(crypto.SHA256, message), crypto.SHA256, true},
+		{"SHA256_RSA_PKCS_PSS", k("rsa"), pss(p11.CKM_SHA256_RSA_PKCS_PSS, p11.CKM_SHA256, p11.CKG_MGF1_SHA256, 32), message, crypto.SHA256, true},
+		{"EDDSA", k("ed"), p11.NewMechanism(ckmEdDSA, nil), message, 0, false},
+	}
+}
+
+// Every mechanism signs with exactly one agent round trip, single-part and
+// multi-part: the length query miekg makes first is answered locally.
+func TestOneRoundTripPerSignature(t *testing.T) {
+	keys := newFakeKeys(t)
+	fake := startFake(t, keys)
+	t.Setenv(proto.SocketEnv, fake.sock)
+	ctx := openModule(t)
+	s := openSession(t, ctx)
+	pubs := map[string]crypto.PublicKey{}
+	for _, k := range keys {
+		pubs[k.name] = k.signer.Public()
+	}
+	cases := append(mechCases(""),
+		mechCase{"ECDSA/P-384", "p384", p11.NewMechanism(p11.CKM_ECDSA, nil), sum(crypto.SHA384, message), crypto.SHA384, false},
+		mechCase{"ECDSA_SHA384/P-384", "p384", p11.NewMechanism(p11.CKM_ECDSA_SHA384, nil), message, crypto.SHA384, false},
+		mechCase{"SHA512_RSA_PKCS", "rsa", p11.NewMechanism(p11.CKM_SHA512_RSA_PKCS, nil), message, crypto.SHA512, false},
+	)
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, tc.key)
+			fake.reset()
+			if err := ctx.SignInit(s, []*p11.Mechanism{tc.mech}, key); err != nil {
+				t.Fatalf("C_SignInit: %v", err)
+			}
+			sig, err := ctx.Sign(s, tc.data)
+			if err != nil {
+				t.Fatalf("C_Sign: %v", err)
+			}
+			if n, signs := fake.total(), fake.ops[proto.OpSign].Load(); n != 1 || signs != 1 {
+				t.Fatalf("C_SignInit + C_Sign (with its length query) made %d agent requests (%d Sign), want 1", n, signs)
+			}
+			if err := verify(pubs[tc.key], tc.hash, tc.pss, sig); err != nil {
+				t.Fatal(err)
+			}
+			// Multi-part: the same signature input in three pieces.
+			fake.reset()
+			if err := ctx.SignInit(s, []*p11.Mechanism{tc.mech}, key); err != nil {
+				t.Fatalf("C_SignInit: %v", err)
+			}
+			third := len(tc.data) / 3
+			for _, part := range [][]byte{tc.data[:third], tc.data[third : 2*third], tc.data[2*third:]} {
+				if err := ctx.SignUpdate(s, part); err != nil {
+					t.Fatalf("C_SignUpdate: %v", err)
+				}
+			}
+			if sig, err = ctx.SignFinal(s); err != nil {
+				t.Fatalf("C_SignFinal: %v", err)
+			}
+			if n := fake.total(); n != 1 {
+				t.Fatalf("multi-part signature made %d agent requests, want 1", n)
+			}
+			if err := verify(pubs[tc.key], tc.hash, tc.pss, sig); err != nil {
+				t.Fatalf("multi-part: %v", err)
+			}
+		})
+	}
+}
+
+// Each agent result code surfaces as the CKR docs/pkcs11-module.md says,
+// and ends the signing operation.
+func TestResultCodes(t *testing.T) {
+	fake := startFake(t, newFakeKeys(t))
+	t.Setenv(proto.SocketEnv, fake.sock)
+	ctx := openModule(t)
+	s := openSession(t, ctx)
+	key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+	want := map[proto.Code]uint{
+		proto.BadRequest:           p11.CKR_DATA_INVALID,
+		proto.UnsupportedVersion:   p11.CKR_DEVICE_ERROR,
+		proto.Unauthenticated:      p11.CKR_FUNCTION_REJECTED,
+		proto.PermissionDenied:     p11.CKR_FUNCTION_REJECTED,
+		proto.NotFound:             p11.CKR_KEY_HANDLE_INVALID,
+		proto.UnsupportedAlgorithm: p11.CKR_MECHANISM_INVALID,
+		proto.RateLimited:          p11.CKR_FUNCTION_REJECTED,
+		proto.QuotaExceeded:        p11.CKR_FUNCTION_REJECTED,
+		proto.OutsideWindow:        p11.CKR_FUNCTION_REJECTED,
+		proto.Paused:               p11.CKR_FUNCTION_REJECTED,
+		proto.KeyRetired:           p11.CKR_FUNCTION_REJECTED,
+		proto.PINIncorrect:         p11.CKR_DEVICE_ERROR,
+		proto.TokenLocked:          p11.CKR_DEVICE_ERROR,
+		proto.Unavailable:          p11.CKR_DEVICE_ERROR,
+		proto.DeadlineExceeded:     p11.CKR_DEVICE_ERROR,
+		proto.JournalUnavailable:   p11.CKR_DEVICE_ERROR,
+		proto.Internal:             p11.CKR_GENERAL_ERROR,
+		proto.Code(200):            p11.CKR_GENERAL_ERROR, // a code newer than the module
+	}
+	for _, code := range append(proto.Codes()[1:], proto.Code(200)) {
+		t.Run(code.String(), func(t *testing.T) {
+			fake.code.Store(uint32(code))
+			if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, key); err != nil {
+				t.Fatalf("C_SignInit: %v", err)
+			}
+			_, err := ctx.Sign(s, make([]byte, 32))
+			if got := ckr(err); got != want[code] {
+				t.Fatalf("agent %s: C_Sign gave %v, want %v", code, err, p11.Error(want[code]))
+			}
+			if _, err := ctx.Sign(s, make([]byte, 32)); ckr(err) != p11.CKR_OPERATION_NOT_INITIALIZED {
+				t.Fatalf("after a refusal the operation is still active: %v", err)
+			}
+		})
+	}
+	fake.code.Store(uint32(proto.OK))
+	// The agent gone: the device is in error, and the session lives on.
+	fake.close()
+	if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, key); err != nil {
+		t.Fatalf("C_SignInit needs no agent: %v", err)
+	}
+	if _, err := ctx.Sign(s, make([]byte, 32)); ckr(err) != p11.CKR_DEVICE_ERROR {
+		t.Fatalf("agent gone: %v, want CKR_DEVICE_ERROR", err)
+	}
+}
+
+// What the module refuses before asking the agent.
+func TestLocalRefusals(t *testing.T) {
+	fake := startFake(t, newFakeKeys(t))
+	t.Setenv(proto.SocketEnv, fake.sock)
+	ctx := openModule(t)
+	s := openSession(t, ctx)
+	p256 := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+	p256pub := findKey(t, ctx, s, p11.CKO_PUBLIC_KEY, "p256")
+	rsaKey := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "rsa")
+	ed := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "ed")
+	fake.reset()
+	initErr := []struct {
+		name string
+		mech *p11.Mechanism
+		key  p11.ObjectHandle
+		want uint
+	}{
+		{"RSA mechanism on an EC key", p11.NewMechanism(p11.CKM_RSA_PKCS, nil), p256, p11.CKR_KEY_TYPE_INCONSISTENT},
+		{"public key", p11.NewMechanism(p11.CKM_ECDSA, nil), p256pub, p11.CKR_KEY_FUNCTION_NOT_PERMITTED},
+		{"no such object", p11.NewMechanism(p11.CKM_ECDSA, nil), 9999, p11.CKR_KEY_HANDLE_INVALID},
+		{"unknown mechanism", p11.NewMechanism(p11.CKM_SHA1_RSA_PKCS, nil), rsaKey, p11.CKR_MECHANISM_INVALID},
+		{"PSS without parameters", p11.NewMechanism(p11.CKM_RSA_PKCS_PSS, nil), rsaKey, p11.CKR_MECHANISM_PARAM_INVALID},
+		{"PSS salt the agent does not use", p11.NewMechanism(p11.CKM_RSA_PKCS_PSS, p11.NewPSSParams(p11.CKM_SHA256, p11.CKG_MGF1_SHA256, 20)), rsaKey, p11.CKR_MECHANISM_PARAM_INVALID},
+		{"PSS MGF of another hash", p11.NewMechanism(p11.CKM_SHA256_RSA_PKCS_PSS, p11.NewPSSParams(p11.CKM_SHA256, p11.CKG_MGF1_SHA384, 32)), rsaKey, p11.CKR_MECHANISM_PARAM_INVALID},
+	}
+	for _, tc := range initErr {
+		if err := ctx.SignInit(s, []*p11.Mechanism{tc.mech}, tc.key); ckr(err) != tc.want {
+			t.Errorf("%s: C_SignInit gave %v, want %v", tc.name, err, p11.Error(tc.want))
+		}
+	}
+	signErr := []struct {
+		name string
+		mech *p11.Mechanism
+		key  p11.ObjectHandle
+		data []byte
+		want uint
+	}{
+		{"CKM_ECDSA on a 20-byte digest", p11.NewMechanism(p11.CKM_ECDSA, nil), p256, make([]byte, 20), p11.CKR_DATA_LEN_RANGE},
+		{"CKM_RSA_PKCS without a DigestInfo", p11.NewMechanism(p11.CKM_RSA_PKCS, nil), rsaKey, make([]byte, 36), p11.CKR_DATA_INVALID},
+		{"CKM_RSA_PKCS with a SHA-1 DigestInfo", p11.NewMechanism(p11.CKM_RSA_PKCS, nil), rsaKey, append([]byte{0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14}, make([]byte, 20)...), p11.CKR_DATA_INVALID},
+		{"PSS digest of the wrong length", p11.NewMechanism(p11.CKM_RSA_PKCS_PSS, p11.NewPSSParams(p11.CKM_SHA256, p11.CKG_MGF1_SHA256, 32)), rsaKey, make([]byte, 48), p11.CKR_DATA_LEN_RANGE},
+		{"Ed25519 message over the frame", p11.NewMechanism(ckmEdDSA, nil), ed, make([]byte, proto.DefaultMaxFrame), p11.CKR_DATA_LEN_RANGE},
+	}
+	for _, tc := range signErr {
+		if err := ctx.SignInit(s, []*p11.Mechanism{tc.mech}, tc.key); err != nil {
+			t.Fatalf("%s: C_SignInit: %v", tc.name, err)
+		}
+		if _, err := ctx.Sign(s, tc.data); ckr(err) != tc.want {
+			t.Errorf("%s: C_Sign gave %v, want %v", tc.name, err, p11.Error(tc.want))
+		}
+	}
+	if n := fake.total(); n != 0 {
+		t.Fatalf("refusals made %d agent requests", n)
+	}
+}
+
+// Functions outside the signing subset say so; the rest of the token's
+// surface answers as PKCS#11 v2.40 says.
+func TestTokenSurface(t *testing.T) {
+	fake := startFake(t, newFakeKeys(t))
+	t.Setenv(proto.SocketEnv, fake.sock)
+	ctx := openModule(t)
+	if err := ctx.Initialize(); ckr(err) != p11.CKR_CRYPTOKI_ALREADY_INITIALIZED {
+		t.Fatalf("second C_Initialize: %v", err)
+	}
+	info, err := ctx.GetInfo()
+	if err != nil || info.CryptokiVersion.Major != 2 || info.CryptokiVersion.Minor != 40 {
+		t.Fatalf("C_GetInfo: %+v %v", info, err)
+	}
+	slots, err := ctx.GetSlotList(true)
+	if err != nil || len(slots) != 1 {
+		t.Fatalf("C_GetSlotList: %v %v", slots, err)
+	}
+	ti, err := ctx.GetTokenInfo(slots[0])
+	if err != nil || ti.Label != "sigil" || ti.Flags&p11.CKF_LOGIN_REQUIRED != 0 {
+		t.Fatalf("C_GetTokenInfo: %+v %v", ti, err)
+	}
+	mechs, err := ctx.GetMechanismList(slots[0])
+	if err != nil || len(mechs) != 13 {
+		t.Fatalf("C_GetMechanismList: %d mechanisms, %v", len(mechs), err)
+	}
+	mi, err := ctx.GetMechanismInfo(slots[0], []*p11.Mechanism{p11.NewMechanism(p11.CKM_RSA_PKCS, nil)})
+	if err != nil || mi.MinKeySize != 2048 || mi.MaxKeySize != 2048 || mi.Flags&p11.CKF_SIGN == 0 {
+		t.Fatalf("C_GetMechanismInfo: %+v %v", mi, err)
+	}
+	s := openSession(t, ctx)
+	if err := ctx.Login(s, p11.CKU_USER, "any PIN at all"); err != nil {
+		t.Fatalf("C_Login: %v", err)
+	}
+	if si, err := ctx.GetSessionInfo(s); err != nil || si.State != p11.CKS_RO_USER_FUNCTIONS {
+		t.Fatalf("C_GetSessionInfo after login: %+v %v", si, err)
+	}
+	if err := ctx.Logout(s); err != nil {
+		t.Fatalf("C_Logout: %v", err)
+	}
+	key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+	if err := ctx.EncryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_RSA_PKCS, nil)}, key); ckr(err) != p11.CKR_FUNCTION_NOT_SUPPORTED {
+		t.Errorf("C_EncryptInit: %v", err)
+	}
+	if _, err := ctx.GenerateRandom(s, 16); ckr(err) != p11.CKR_FUNCTION_NOT_SUPPORTED {
+		t.Errorf("C_GenerateRandom: %v", err)
+	}
+	if err := ctx.DestroyObject(s, key); ckr(err) != p11.CKR_FUNCTION_NOT_SUPPORTED {
+		t.Errorf("C_DestroyObject: %v", err)
+	}
+	if _, err := ctx.GetAttributeValue(s, key, []*p11.Attribute{p11.NewAttribute(p11.CKA_VALUE, nil)}); ckr(err) != p11.CKR_ATTRIBUTE_SENSITIVE {
+		t.Errorf("private CKA_VALUE: %v", err)
+	}
+	if _, err := ctx.GetAttributeValue(s, key, []*p11.Attribute{p11.NewAttribute(p11.CKA_CERTIFICATE_TYPE, nil)}); ckr(err) != p11.CKR_ATTRIBUTE_TYPE_INVALID {
+		t.Errorf("an attribute keys do not have: %v", err)
+	}
+	if err := ctx.CloseSession(s); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ctx.GetSessionInfo(s); ckr(err) != p11.CKR_SESSION_HANDLE_INVALID {
+		t.Fatalf("closed session: %v", err)
+	}
+}
+
+// The objects' attributes carry the agent's public keys exactly.
+func TestObjectAttributes(t *testing.T) {
+	f := startFixture(t, fixtureOptions{})
+	ctx := openModule(t)
+	s := openSession(t, ctx)
+	for _, name := range []string{"p256", "p384", "rsa", "ed"} {
+		pub := findKey(t, ctx, s, p11.CKO_PUBLIC_KEY, name)
+		priv := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, name)
+		spki, _ := x509.MarshalPKIXPublicKey(f.keys[name].Public)
+		for _, h := range []p11.ObjectHandle{pub, priv} {
+			attrs, err := ctx.GetAttributeValue(s, h, []*p11.Attribute{
+				p11.NewAttribute(p11.CKA_ID, nil), p11.NewAttribute(p11.CKA_PUBLIC_KEY_INFO, nil),
+			})
+			if err != nil {
+				t.Fatalf("%s: %v", name, err)
+			}
+			if fmt.Sprintf("%x", attrs[0].Value) != f.keys[name].KID {
+				t.Errorf("%s: CKA_ID %x, kid %s", name, attrs[0].Value, f.keys[name].KID)
+			}
+			if !bytes.Equal(attrs[1].Value, spki) {
+				t.Errorf("%s: CKA_PUBLIC_KEY_INFO differs from the agent's key", name)
+			}
+		}
+		var want []*p11.Attribute
+		switch k := f.keys[name].Public.(type) {
+		case *ecdsa.PublicKey:
+			pt, _ := k.ECDH()
+			want = []*p11.Attribute{p11.NewAttribute(p11.CKA_EC_POINT, append([]byte{0x04, byte(len(pt.Bytes()))}, pt.Bytes()...))}
+		case *rsa.PublicKey:
+			want = []*p11.Attribute{p11.NewAttribute(p11.CKA_MODULUS, k.N.Bytes()), p11.NewAttribute(p11.CKA_PUBLIC_EXPONENT, big.NewInt(int64(k.E)).Bytes())}
+		case ed25519.PublicKey:
+			want = []*p11.Attribute{p11.NewAttribute(p11.CKA_VALUE, []byte(k)), p11.NewAttribute(p11.CKA_EC_PARAMS, []byte{0x06, 0x03, 0x2b, 0x65, 0x70})}
+		}
+		for _, w := range want {
+			got, err := ctx.GetAttributeValue(s, pub, []*p11.Attribute{p11.NewAttribute(w.Type, nil)})
+			if err != nil {
+				t.Errorf("%s: attribute %#x: %v", name, w.Type, err)
+			} else if !bytes.Equal(got[0].Value, w.Value) {
+				t.Errorf("%s: attribute %#x = %x, want %x", name, w.Type, got[0].Value, w.Value)
+			}
+		}
+	}
+}
+
+// Threads sign concurrently, each on its own session, and every signature
+// verifies.
+func TestConcurrentSigning(t *testing.T) {
+	f := startFixture(t, fixtureOptions{})
+	ctx := openModule(t)
+	const workers, each = 8, 25
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	for w := 0; w < workers; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			tc := mechCases("")[[]int{1, 4, 7}[w%3]] // ECDSA_SHA256, SHA256_RSA_PKCS, EDDSA
+			s, err := ctx.OpenSession(1, p11.CKF_SERIAL_SESSION)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer ctx.CloseSession(s)
+			key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, tc.key)
+			for i := 0; i < each; i++ {
+				if err := ctx.SignInit(s, []*p11.Mechanism{tc.mech}, key); err != nil {
+					errs <- fmt.Errorf("worker %d C_SignInit: %w", w, err)
+					return
+				}
+				sig, err := ctx.Sign(s, tc.data)
+				if err != nil {
+					errs <- fmt.Errorf("worker %d C_Sign: %w", w, err)
+					return
+				}
+				if err := verify(f.keys[tc.key].Public, tc.hash, tc.pss, sig); err != nil {
+					errs <- fmt.Errorf("worker %d %s: %w", w, tc.name, err)
+					return
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+// C_Finalize then C_Initialize again works, and in between the module
+// answers CKR_CRYPTOKI_NOT_INITIALIZED.
+func TestFinalizeAndInitializeAgain(t *testing.T) {
+	f := startFixture(t, fixtureOptions{})
+	ctx := p11.New(modulePath(t))
+	if ctx == nil {
+		t.Fatal("cannot load the module")
+	}
+	defer ctx.Destroy()
+	for round := 0; round < 3; round++ {
+		if err := ctx.Initialize(); err != nil {
+			t.Fatalf("round %d: C_Initialize: %v", round, err)
+		}
+		s := openSession(t, ctx)
+		key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+		if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA_SHA256, nil)}, key); err != nil {
+			t.Fatal(err)
+		}
+		sig, err := ctx.Sign(s, message)
+		if err != nil {
+			t.Fatalf("round %d: C_Sign: %v", round, err)
+		}
+		if err := verify(f.keys["p256"].Public, crypto.SHA256, false, sig); err != nil {
+			t.Fatal(err)
+		}
+		if err := ctx.Finalize(); err != nil {
+			t.Fatalf("C_Finalize: %v", err)
+		}
+		if _, err := ctx.GetSlotList(true); ckr(err) != p11.CKR_CRYPTOKI_NOT_INITIALIZED {
+			t.Fatalf("after C_Finalize: %v", err)
+		}
+	}
+}
+
+// An agent restart costs nothing but the restart: pooled connections the
+// agent closed are noticed before use, so the next call after the agent is
+// back succeeds; a call while it is down fails and the one after recovers.
+func TestAgentRestartReconnects(t *testing.T) {
+	f := startFixture(t, fixtureOptions{})
+	ctx := openModule(t)
+	s := openSession(t, ctx)
+	key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+	sign := func() error {
+		if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, key); err != nil {
+			return err
+		}
+		sig, err := ctx.Sign(s, sum(crypto.SHA256, message))
+		if err == nil {
+			err = verify(f.keys["p256"].Public, crypto.SHA256, false, sig)
+		}
+		return err
+	}
+	if err := sign(); err != nil {
+		t.Fatal(err)
+	}
+	f.stop()
+	f.start()
+	if err := sign(); err != nil {
+		t.Fatalf("first call after a restart: %v", err)
+	}
+	f.stop()
+	if err := sign(); ckr(err) != p11.CKR_DEVICE_ERROR {
+		t.Fatalf("agent down: %v, want CKR_DEVICE_ERROR", err)
+	}
+	f.start()
+	if err := sign(); err != nil {
+		t.Fatalf("agent back: %v", err)
+	}
+}
