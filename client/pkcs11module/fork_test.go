@@ -1,0 +1,27 @@
+package pkcs11module
+
+import (
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// The module across fork(): testdata/forkcheck.c (built here with the C
+// compiler the module needs anyway) forks while two threads sign, and each
+// child initializes the module again and signs; the parent never stops.
+func TestForkSafety(t *testing.T) {
+	need(t, "cc")
+	startFixture(t, fixtureOptions{})
+	mod := modulePath(t)
+	bin := filepath.Join(t.TempDir(), "forkcheck")
+	if out, err := exec.Command("cc", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-I/usr/include/p11-kit-1",
+		"-o", bin, "testdata/forkcheck.c", "-ldl", "-lpthread").CombinedOutput(); err != nil {
+		t.Fatalf("cc forkcheck.c: %v\n%s", err, out)
+	}
+	out := run(t, nil, bin, mod, "p256")
+	if !strings.HasPrefix(out, "ok: 20 forks") {
+		t.Fatalf("forkcheck: %s", out)
+	}
+	t.Log(strings.TrimSpace(out))
+}
