@@ -72,6 +72,26 @@ type Limits struct {
 	RequestTimeout     time.Duration `yaml:"request_timeout"`        // default 5s; a client may ask for less
 	WriteTimeout       time.Duration `yaml:"write_timeout"`          // default 10s; a client that does not read is dropped
 	ShutdownGrace      time.Duration `yaml:"shutdown_grace"`         // default 10s for in-flight requests on SIGTERM
+
+	// Connections: beyond these a new connection gets one UNAVAILABLE
+	// reply (id 0) and is closed. A tenant is the policy's tenant, or
+	// without a policy the peer (Unix uid, client certificate identity).
+	// The admin socket is exempt, so an operator can always get in.
+	MaxConns          int `yaml:"max_conns"`            // default 4096
+	MaxConnsPerTenant int `yaml:"max_conns_per_tenant"` // default 1024
+	// MaxInFlightPerTenant bounds the Sign and Verify requests of one
+	// tenant being worked on at once, over all its connections, so that a
+	// tenant flooding cannot starve the others of provider sessions and
+	// CPU. Past it the tenant's requests wait (at most their deadline).
+	MaxInFlightPerTenant int `yaml:"max_in_flight_per_tenant"` // default 32
+	// FrameTimeout is how long a frame may take to arrive once its first
+	// byte has (slow-loris), and how long a new connection may take to say
+	// Hello. Default 10s.
+	FrameTimeout time.Duration `yaml:"frame_timeout"`
+	// IdleTimeout closes a connection with nothing in flight that sent
+	// nothing for this long. Default 0: never, since services and
+	// ssh-agent-style holders keep one connection for their lifetime.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
 }
 
 // ProviderSpec configures one provider. Type selects which fields apply.
@@ -206,6 +226,18 @@ func (c *Config) EnsureDefaults() {
 	if l.ShutdownGrace == 0 {
 		l.ShutdownGrace = 10 * time.Second
 	}
+	if l.MaxConns == 0 {
+		l.MaxConns = 4096
+	}
+	if l.MaxConnsPerTenant == 0 {
+		l.MaxConnsPerTenant = 1024
+	}
+	if l.MaxInFlightPerTenant == 0 {
+		l.MaxInFlightPerTenant = 32
+	}
+	if l.FrameTimeout == 0 {
+		l.FrameTimeout = 10 * time.Second
+	}
 	if c.TCP.HandshakeTimeout == 0 {
 		c.TCP.HandshakeTimeout = 10 * time.Second
 	}
@@ -233,8 +265,21 @@ func (c *Config) Validate() error {
 	if c.Limits.MaxFrame < 0 || c.Limits.MaxFrame > 16<<20 {
 		errs = append(errs, fmt.Errorf("limits.max_frame %d: want 1..16 MiB", c.Limits.MaxFrame))
 	}
-	if c.Limits.MaxInFlightPerConn < 0 {
-		errs = append(errs, fmt.Errorf("limits.max_in_flight_per_conn %d: negative", c.Limits.MaxInFlightPerConn))
+	for _, l := range []struct {
+		name string
+		v    int
+	}{
+		{"max_in_flight_per_conn", c.Limits.MaxInFlightPerConn},
+		{"max_conns", c.Limits.MaxConns},
+		{"max_conns_per_tenant", c.Limits.MaxConnsPerTenant},
+		{"max_in_flight_per_tenant", c.Limits.MaxInFlightPerTenant},
+	} {
+		if l.v < 0 {
+			errs = append(errs, fmt.Errorf("limits.%s %d: negative", l.name, l.v))
+		}
+	}
+	if c.Limits.FrameTimeout < 0 || c.Limits.IdleTimeout < 0 {
+		errs = append(errs, errors.New("limits.frame_timeout and limits.idle_timeout must not be negative"))
 	}
 	switch c.Log.Level {
 	case "", "debug", "info", "warn", "error":

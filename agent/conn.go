@@ -10,6 +10,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -37,10 +38,14 @@ type conn struct {
 
 	w replyWriter
 
-	peer      peer
-	peerName  string // peer.String(), for audit records
-	admin     bool   // accepted on the admin socket
-	helloDone bool   // touched by the reader goroutine only
+	load     *tenantLoad // nil on the admin socket (limits.go)
+	stopping atomic.Bool // stopReading was called: keep the read deadline in the past
+
+	peer       peer
+	peerName   string // peer.String(), for audit records
+	admin      bool   // accepted on the admin socket
+	helloDone  bool   // touched by the reader goroutine only
+	frameArmed bool   // the reader's deadline is limits.frame_timeout; reader only
 }
 
 // identify establishes who the peer is before anything is read from it: the
@@ -120,6 +125,12 @@ func (c *conn) serve() {
 	}
 	c.log = c.log.With(c.peer.logFields()...)
 	c.peerName = c.peer.String()
+	if limit := c.a.admit(c); limit != "" {
+		c.refuse(limit)
+		c.nc.Close()
+		return
+	}
+	defer c.a.unadmit(c)
 	c.log.Debug("connection opened")
 	c.readLoop()
 	// Requests already read still get their replies (each handler writes its
@@ -133,7 +144,94 @@ func (c *conn) serve() {
 // stopReading makes the reader return at its next read, for shutdown: no new
 // requests are taken, in-flight ones finish.
 func (c *conn) stopReading() {
+	c.stopping.Store(true)
 	c.nc.SetReadDeadline(time.Now())
+}
+
+// setReadDeadline sets the reader's deadline unless shutdown has stopped
+// the reader: stopReading's deadline in the past must not be overwritten.
+func (c *conn) setReadDeadline(t time.Time) {
+	c.nc.SetReadDeadline(t)
+	if c.stopping.Load() {
+		c.nc.SetReadDeadline(time.Now())
+	}
+}
+
+// frameBuffered reports whether br holds a whole frame (or at least a
+// header announcing more than max, which ReadFrame refuses at once).
+func frameBuffered(br *bufio.Reader, max int) bool {
+	n := br.Buffered()
+	if n < 4 {
+		return false
+	}
+	h, _ := br.Peek(4)
+	l := int(h[0])<<24 | int(h[1])<<16 | int(h[2])<<8 | int(h[3])
+	return l > max || n-4 >= l
+}
+
+// waitFrame blocks until the next frame has fully arrived in br, within
+// the limits: frame_timeout once its first byte is in (and for the first
+// frame, Hello, from the connection's start), idle_timeout before that.
+// In the common case (a small request in one segment, read whole) it sets
+// no deadline at all. It returns the limit that expired, or "" and the
+// read error, if any.
+func (c *conn) waitFrame(br *bufio.Reader, lim Limits, draining bool) (string, error) {
+	if draining {
+		return "", nil // the drain's own deadline applies
+	}
+	if br.Buffered() == 0 && c.helloDone {
+		if lim.IdleTimeout > 0 {
+			c.setReadDeadline(time.Now().Add(lim.IdleTimeout))
+		}
+		if _, err := br.Peek(1); err != nil {
+			if lim.IdleTimeout > 0 && errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
+				return limitIdleTimeout, err
+			}
+			return "", err
+		}
+	}
+	if frameBuffered(br, lim.MaxFrame) {
+		if lim.IdleTimeout > 0 {
+			c.setReadDeadline(time.Time{})
+		}
+		return "", nil
+	}
+	c.setReadDeadline(time.Now().Add(lim.FrameTimeout))
+	c.frameArmed = true
+	_, err := br.Peek(4)
+	if err == nil {
+		h, _ := br.Peek(4)
+		l := int(h[0])<<24 | int(h[1])<<16 | int(h[2])<<8 | int(h[3])
+		if l > br.Size()-4 {
+			// Larger than the read buffer: ReadFrame reads the rest
+			// under the armed deadline, and readLoop clears it after.
+			return "", nil
+		}
+		if l <= lim.MaxFrame {
+			_, err = br.Peek(4 + l)
+		}
+	}
+	if err != nil {
+		if c.frameExpired(err) {
+			return limitFrameTimeout, err
+		}
+		return "", err
+	}
+	c.disarmFrame()
+	return "", nil
+}
+
+// frameExpired reports whether err is the frame deadline running out (not
+// shutdown stopping the reader).
+func (c *conn) frameExpired(err error) bool {
+	return c.frameArmed && errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load()
+}
+
+func (c *conn) disarmFrame() {
+	if c.frameArmed {
+		c.frameArmed = false
+		c.setReadDeadline(time.Time{})
+	}
 }
 
 func (c *conn) readLoop() {
@@ -146,7 +244,25 @@ func (c *conn) readLoop() {
 		if draining {
 			c.nc.SetReadDeadline(time.Now().Add(drainIdle))
 		}
+		if limit, err := c.waitFrame(br, lim, draining); limit != "" {
+			c.a.metrics.refused(limit)
+			c.log.Info("closing connection: "+limit+" expired", zap.String("limit", limit))
+			if limit == limitFrameTimeout {
+				c.sendFinal(proto.BadRequest, "frame not completed within limits.frame_timeout; closing connection")
+			}
+			return
+		} else if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			c.readFailed(err)
+			return
+		}
 		payload, err := proto.ReadFrame(br, buf, lim.MaxFrame)
+		if err != nil && c.frameExpired(err) {
+			c.a.metrics.refused(limitFrameTimeout)
+			c.log.Info("closing connection: "+limitFrameTimeout+" expired", zap.String("limit", limitFrameTimeout))
+			c.sendFinal(proto.BadRequest, "frame not completed within limits.frame_timeout; closing connection")
+			return
+		}
+		c.disarmFrame()
 		if err != nil {
 			if !draining && errors.Is(err, os.ErrDeadlineExceeded) && c.a.isClosing() && br.Buffered() == 0 {
 				// Shutdown: requests the client has already sent (they may
@@ -181,20 +297,32 @@ func (c *conn) readLoop() {
 			requestPool.Put(req)
 			return
 		}
-		if (req.Op == proto.OpSign || req.Op == proto.OpVerify) && !c.runInline(req, br) {
-			// Backpressure: past the in-flight bound the reader stops reading,
-			// so a client that floods waits instead of growing our memory.
-			select {
-			case c.inFlight <- struct{}{}:
-			case <-c.ctx.Done():
-				requestPool.Put(req)
-				return
-			}
-			c.handlers.Add(1)
-			c.a.workers.run(job{c: c, req: req})
+		if req.Op != proto.OpSign && req.Op != proto.OpVerify {
+			c.handle(req)
 			continue
 		}
-		c.handle(req)
+		if !c.acquireSlot(req) {
+			if c.ctx.Err() != nil {
+				return
+			}
+			continue
+		}
+		if c.runInline(req, br) {
+			c.handle(req)
+			c.releaseSlot()
+			continue
+		}
+		// Backpressure: past the in-flight bound the reader stops reading,
+		// so a client that floods waits instead of growing our memory.
+		select {
+		case c.inFlight <- struct{}{}:
+		case <-c.ctx.Done():
+			c.releaseSlot()
+			requestPool.Put(req)
+			return
+		}
+		c.handlers.Add(1)
+		c.a.workers.run(job{c: c, req: req})
 	}
 }
 
@@ -213,6 +341,7 @@ func (c *conn) readFailed(err error) {
 func (c *conn) handleAsync(req *proto.Request) {
 	defer func() {
 		<-c.inFlight
+		c.releaseSlot()
 		c.handlers.Done()
 	}()
 	c.handle(req)
@@ -265,6 +394,7 @@ func (c *conn) send(resp *proto.Response) {
 	if len(w.pending) > maxPendingReplies {
 		w.broken = true
 		w.mu.Unlock()
+		c.a.metrics.refused(limitUnreadReplies)
 		c.log.Info("closing connection: client is not reading its replies")
 		c.drop()
 		return

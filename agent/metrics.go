@@ -31,6 +31,7 @@ type metrics struct {
 	journalOK     prometheus.Counter
 	journalFailed prometheus.Counter
 	denials       *prometheus.CounterVec // reason
+	refusals      *prometheus.CounterVec // limit
 
 	inFlight atomic.Int64
 
@@ -88,6 +89,10 @@ func newMetrics(a *Agent) *metrics {
 			Name: "sigil_policy_denials_total",
 			Help: "Sign requests refused by the policy, by reason.",
 		}, []string{"reason"}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "sigil_limit_refusals_total",
+			Help: "Connections refused or closed, and requests refused, by the limit that did it (limits.* in the config).",
+		}, []string{"limit"}),
 	}
 	records := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "sigil_journal_records_total",
@@ -96,7 +101,7 @@ func newMetrics(a *Agent) *metrics {
 	m.journalOK = records.WithLabelValues("ok")
 	m.journalFailed = records.WithLabelValues("error")
 	m.reg.MustRegister(
-		m.requests, m.signLatency, m.journalAppend, records, m.denials,
+		m.requests, m.signLatency, m.journalAppend, records, m.denials, m.refusals,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "sigil_connections_open",
 			Help: "Client connections open (all listeners).",
@@ -142,6 +147,9 @@ func newMetrics(a *Agent) *metrics {
 			ConstLabels: labels,
 		}, func() float64 { return float64(pr.PoolStats().Repairs) }))
 	}
+	for _, l := range []string{limitConns, limitTenantConns, limitTenantFlight, limitFrameTimeout, limitIdleTimeout, limitUnreadReplies} {
+		m.refusals.WithLabelValues(l)
+	}
 	// Every denial reason shows up at 0 from the start.
 	for r := policy.NotFound; r <= policy.Paused; r++ {
 		m.denials.WithLabelValues(r.String())
@@ -185,6 +193,8 @@ func (m *metrics) signed(e *keyEntry, d time.Duration) {
 }
 
 func (m *metrics) denied(r policy.Reason) { m.denials.WithLabelValues(r.String()).Inc() }
+
+func (m *metrics) refused(limit string) { m.refusals.WithLabelValues(limit).Inc() }
 
 func (m *metrics) journalAppended(d time.Duration, err error) {
 	m.journalAppend.Observe(d.Seconds())

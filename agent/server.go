@@ -41,6 +41,8 @@ type Agent struct {
 	listeners   map[net.Listener]struct{}
 	httpServers map[*http.Server]struct{}
 	conns       map[*conn]struct{}
+	clientConns int                    // admitted client connections (limits.go)
+	tenants     map[string]*tenantLoad // by principal, while it has connections
 	closing     bool
 	connWG      sync.WaitGroup
 }
@@ -131,6 +133,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		policy:    engine,
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[*conn]struct{}{},
+		tenants:   map[string]*tenantLoad{},
 
 		httpServers: map[*http.Server]struct{}{},
 	}

@@ -24,35 +24,11 @@ type tlsSetup struct {
 
 func startTLSAgent(t *testing.T) *tlsSetup {
 	t.Helper()
-	s := &tlsSetup{dir: t.TempDir()}
+	s := startTLSAgentWith(t, softwareConfig(t))
 	var err error
-	if s.ca, err = devcerts.NewCA("sigil test CA"); err != nil {
-		t.Fatal(err)
-	}
 	if s.otherCA, err = devcerts.NewCA("some other CA"); err != nil {
 		t.Fatal(err)
 	}
-	srv, err := s.ca.Issue(devcerts.Leaf{CommonName: "sigil agent", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg := softwareConfig(t)
-	cfg.TCP.CertFile, cfg.TCP.KeyFile, _ = srv.Write(s.dir, "server")
-	cfg.TCP.ClientCAFile, _ = s.ca.WriteCert(s.dir, "clients-ca")
-	// A free port: listen, note it, close.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.addr = ln.Addr().String()
-	ln.Close()
-	cfg.TCP.Listen = s.addr
-	s.running = startAgent(t, cfg)
-	tln, err := s.running.agent.ListenTLS()
-	if err != nil {
-		t.Fatal(err)
-	}
-	go s.running.agent.Serve(tln)
 	return s
 }
 

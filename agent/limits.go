@@ -1,0 +1,151 @@
+package agent
+
+import (
+	"strconv"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// Limits that keep one client, or one tenant, from stopping the agent
+// signing for everyone else. Each refusal has a stable code or is a clean
+// close, is logged without secrets and counted in sigil_limit_refusals_total.
+//
+//   - Connections: limits.max_conns in all and limits.max_conns_per_tenant
+//     per tenant. Past either the connection gets one UNAVAILABLE reply
+//     (id 0) and is closed. The admin socket is exempt.
+//   - Requests: limits.max_in_flight_per_conn per connection (the reader
+//     stops reading), and limits.max_in_flight_per_tenant Sign and Verify
+//     requests per tenant being worked on at once. A request past the
+//     tenant's bound waits, holding up only its own connection, for at most
+//     its deadline (DEADLINE_EXCEEDED). This is what keeps a flooding
+//     tenant from queueing thousands of requests ahead of another tenant's
+//     for the same provider sessions and CPU.
+//   - Time: limits.frame_timeout for a frame to arrive once its first byte
+//     has (slow-loris) and for a new connection to say Hello;
+//     limits.idle_timeout (off by default) for a quiet connection;
+//     limits.write_timeout and a bound on queued reply bytes for a client
+//     that does not read its replies.
+
+// Refusal reasons, the values of the metric's "limit" label.
+const (
+	limitConns         = "max_conns"
+	limitTenantConns   = "max_conns_per_tenant"
+	limitTenantFlight  = "max_in_flight_per_tenant"
+	limitFrameTimeout  = "frame_timeout"
+	limitIdleTimeout   = "idle_timeout"
+	limitUnreadReplies = "unread_replies"
+)
+
+// tenantLoad is one tenant's share of the limits. It lives in
+// Agent.tenants while the tenant has connections; a connection keeps its
+// pointer, so requests in flight release into the right semaphore even
+// after the entry is gone.
+type tenantLoad struct {
+	key      string
+	conns    int           // guarded by Agent.mu
+	inFlight chan struct{} // one token per Sign or Verify being worked on
+}
+
+// principal names whom the per-tenant limits count: the policy's tenant,
+// or without a policy (or for a peer no tenant claims, which Hello will
+// refuse) the peer itself.
+func (c *conn) principal() string {
+	if c.a.policy != nil {
+		if t, ok := c.a.policy.Set().TenantOf(c.identity()); ok {
+			return "tenant:" + t
+		}
+	}
+	if c.peer.unix {
+		return "uid:" + strconv.FormatUint(uint64(c.peer.uid), 10)
+	}
+	return "peer:" + c.peer.String()
+}
+
+// admit counts an identified client connection against max_conns and its
+// tenant's max_conns_per_tenant; it returns the limit that refuses it, or "".
+func (a *Agent) admit(c *conn) string {
+	if c.admin {
+		return ""
+	}
+	key := c.principal()
+	lim := a.cfg.Limits
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.clientConns >= lim.MaxConns {
+		return limitConns
+	}
+	t := a.tenants[key]
+	if t == nil {
+		t = &tenantLoad{key: key, inFlight: make(chan struct{}, lim.MaxInFlightPerTenant)}
+		a.tenants[key] = t
+	}
+	if t.conns >= lim.MaxConnsPerTenant {
+		return limitTenantConns
+	}
+	t.conns++
+	a.clientConns++
+	c.load = t
+	return ""
+}
+
+// unadmit gives back what admit counted.
+func (a *Agent) unadmit(c *conn) {
+	t := c.load
+	if t == nil {
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.clientConns--
+	t.conns--
+	if t.conns == 0 && a.tenants[t.key] == t {
+		delete(a.tenants, t.key)
+	}
+}
+
+// refuse sends the one reply a connection over a limit gets, then the
+// caller closes it.
+func (c *conn) refuse(limit string) {
+	c.a.metrics.refused(limit)
+	c.log.Warn("connection refused: limit reached", zap.String("limit", limit))
+	c.sendFinal(proto.Unavailable, "too many connections ("+limit+"); try again later")
+}
+
+// acquireSlot takes one of the tenant's in-flight tokens for a Sign or
+// Verify, waiting at most the request's deadline. When it returns false it
+// has answered the request itself (or the connection is ending).
+func (c *conn) acquireSlot(req *proto.Request) bool {
+	if c.load == nil {
+		return true // admin socket: no Sign or Verify is served there anyway
+	}
+	select {
+	case c.load.inFlight <- struct{}{}:
+		return true
+	default:
+	}
+	t := time.NewTimer(c.requestTimeout(req))
+	defer t.Stop()
+	select {
+	case c.load.inFlight <- struct{}{}:
+		return true
+	case <-t.C:
+		c.a.metrics.refused(limitTenantFlight)
+		c.send(&proto.Response{ID: req.ID, Code: proto.DeadlineExceeded,
+			Msg: "no capacity within the deadline: this tenant has limits.max_in_flight_per_tenant requests in flight"})
+		requestPool.Put(req)
+		return false
+	case <-c.ctx.Done():
+		requestPool.Put(req)
+		return false
+	}
+}
+
+// releaseSlot gives back a token acquireSlot took.
+func (c *conn) releaseSlot() {
+	if c.load != nil {
+		<-c.load.inFlight
+	}
+}

@@ -1,0 +1,289 @@
+package agent_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/devcerts"
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/software"
+)
+
+// signOK signs with the default key and verifies the signature: the agent
+// is still serving well-behaved clients.
+func signOK(t *testing.T, c *client.Client) {
+	t.Helper()
+	d := sha256.Sum256([]byte("still serving"))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	key, err := c.PublicKey(ctx, client.ByName("default"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig, err := c.Sign(ctx, client.ByName("default"), client.Algorithm{}, d[:])
+	if err != nil {
+		t.Fatalf("a well-behaved client: %v", err)
+	}
+	if err := providers.Verify(key.Public, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d[:], sig.Sig); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitClosed reads until the agent closes the connection; it fails the
+// test if that takes longer than within.
+func waitClosed(t *testing.T, nc net.Conn, within time.Duration) time.Duration {
+	t.Helper()
+	start := time.Now()
+	nc.SetReadDeadline(start.Add(within))
+	_, err := io.Copy(io.Discard, nc)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("the agent did not close the connection within %v", within)
+	}
+	return time.Since(start)
+}
+
+func TestConnectionLimits(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.Limits.MaxConns = 3
+	cfg.Limits.MaxConnsPerTenant = 2
+	s := startTLSAgentWith(t, cfg)
+	ctx := context.Background()
+
+	// The Unix peer (this test's uid) is one tenant: two connections, then
+	// UNAVAILABLE.
+	a1, a2 := s.running.dial(t), s.running.dial(t)
+	if _, err := client.Dial(ctx, s.running.socket); client.Code(err) != proto.Unavailable {
+		t.Fatalf("third connection of one tenant: %v, want UNAVAILABLE", err)
+	}
+	// Another tenant (a client certificate) still gets in, up to max_conns.
+	other, _ := s.ca.Issue(devcerts.Leaf{CommonName: "other-tenant"})
+	b1, err := s.dial(t, other)
+	if err != nil {
+		t.Fatalf("another tenant's first connection: %v", err)
+	}
+	third, _ := s.ca.Issue(devcerts.Leaf{CommonName: "third-tenant"})
+	if _, err := s.dial(t, third); client.Code(err) != proto.Unavailable {
+		t.Fatalf("connection past max_conns: %v, want UNAVAILABLE", err)
+	}
+	for _, c := range []*client.Client{a1, a2, b1} {
+		signOK(t, c)
+	}
+	// A closed connection frees its place.
+	a2.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		c, err := client.Dial(ctx, s.running.socket)
+		if err == nil {
+			signOK(t, c)
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("place not freed: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestSlowLorisIsCut(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.Limits.FrameTimeout = 300 * time.Millisecond
+	r := startAgent(t, cfg)
+	good := r.dial(t)
+
+	t.Run("silent before Hello", func(t *testing.T) {
+		rc := r.raw(t)
+		if took := waitClosed(t, rc.nc, 5*time.Second); took < 200*time.Millisecond {
+			t.Fatalf("closed after %v, before the frame timeout", took)
+		}
+	})
+	t.Run("header dribbled after Hello", func(t *testing.T) {
+		rc := r.raw(t)
+		rc.hello()
+		if _, err := rc.nc.Write([]byte{0, 0}); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := rc.recv()
+		if err != nil || resp.Code != proto.BadRequest || resp.ID != 0 {
+			t.Fatalf("want a final BAD_REQUEST, got %+v %v", resp, err)
+		}
+		waitClosed(t, rc.nc, 5*time.Second)
+	})
+	t.Run("body dribbled", func(t *testing.T) {
+		rc := r.raw(t)
+		rc.hello()
+		frame, _ := rc.codec.AppendRequestFrame(nil, &proto.Request{ID: 7, Op: proto.OpPing})
+		// All but the last byte, one at a time, slower than the timeout in
+		// total though each byte is quick.
+		for _, b := range frame[:len(frame)-1] {
+			if _, err := rc.nc.Write([]byte{b}); err != nil {
+				break // closed already
+			}
+			time.Sleep(60 * time.Millisecond)
+		}
+		waitClosed(t, rc.nc, 5*time.Second)
+	})
+	t.Run("a frame sent slowly but within the limit is served", func(t *testing.T) {
+		rc := r.raw(t)
+		rc.hello()
+		frame, _ := rc.codec.AppendRequestFrame(nil, &proto.Request{ID: 8, Op: proto.OpPing})
+		rc.nc.Write(frame[:3])
+		time.Sleep(100 * time.Millisecond)
+		rc.nc.Write(frame[3:])
+		resp, err := rc.recv()
+		if err != nil || resp.ID != 8 || resp.Code != proto.OK {
+			t.Fatalf("%+v %v", resp, err)
+		}
+	})
+	signOK(t, good)
+}
+
+func TestIdleTimeout(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.Limits.IdleTimeout = 300 * time.Millisecond
+	r := startAgent(t, cfg)
+	busy := r.raw(t)
+	busy.hello()
+	idle := r.raw(t)
+	idle.hello()
+	// The busy connection pings more often than the timeout and stays.
+	for i := 0; i < 6; i++ {
+		busy.send(&proto.Request{ID: uint64(10 + i), Op: proto.OpPing})
+		if resp, err := busy.recv(); err != nil || resp.Code != proto.OK {
+			t.Fatalf("busy connection: %+v %v", resp, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	waitClosed(t, idle.nc, 5*time.Second)
+}
+
+// A client that pipelines requests and never reads the replies is dropped;
+// the agent's memory does not grow with it and others keep signing.
+func TestClientThatNeverReadsIsDropped(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.Limits.WriteTimeout = 300 * time.Millisecond
+	r := startAgent(t, cfg)
+	good := r.dial(t)
+	rc := r.raw(t)
+	rc.hello()
+	d := sha256.Sum256([]byte("flood"))
+	frame, _ := rc.codec.AppendRequestFrame(nil, &proto.Request{ID: 9, Op: proto.OpSign, Key: "ed", Digest: d[:]})
+	var batch []byte
+	for i := 0; i < 256; i++ {
+		batch = append(batch, frame...)
+	}
+	done := make(chan error, 1)
+	go func() {
+		rc.nc.SetWriteDeadline(time.Now().Add(20 * time.Second))
+		for {
+			if _, err := rc.nc.Write(batch); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, net.ErrClosed) && !isReset(err) {
+			t.Fatalf("the flooding writer ended with %v, want the agent to have closed it", err)
+		}
+	case <-time.After(15 * time.Second):
+		t.Fatal("a client that never reads was not dropped")
+	}
+	signOK(t, good)
+}
+
+func isReset(err error) bool {
+	var ne *net.OpError
+	return errors.As(err, &ne) // EPIPE / ECONNRESET from the kernel
+}
+
+// One tenant's requests past max_in_flight_per_tenant wait at most their
+// deadline; another tenant is not held up behind them.
+func TestTenantInFlightLimit(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.Limits.MaxInFlightPerTenant = 2
+	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "slow", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startTLSAgentWith(t, cfg, agent.WithProviders(&slowProvider{Provider: soft, delay: time.Second}))
+	d := sha256.Sum256(nil)
+
+	// The Unix tenant fills its two places with slow signatures.
+	var wg sync.WaitGroup
+	for i := 0; i < 2; i++ {
+		c := s.running.dial(t)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := c.Sign(context.Background(), client.ByName("slow"), client.Algorithm{}, d[:]); err != nil {
+				t.Errorf("slow signature: %v", err)
+			}
+		}()
+	}
+	time.Sleep(200 * time.Millisecond)
+	// Its third request waits for a place no longer than its deadline.
+	third := s.running.dial(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 150*time.Millisecond)
+	start := time.Now()
+	_, err = third.Sign(ctx, client.ByName("default"), client.Algorithm{}, d[:])
+	cancel()
+	if code := client.Code(err); code != proto.DeadlineExceeded {
+		t.Fatalf("third request of a full tenant: %s (%v), want DEADLINE_EXCEEDED", code, err)
+	}
+	if took := time.Since(start); took > 700*time.Millisecond {
+		t.Fatalf("waited %v past a 150ms deadline", took)
+	}
+	// Another tenant signs at once.
+	other, _ := s.ca.Issue(devcerts.Leaf{CommonName: "tenant-b"})
+	b, err := s.dial(t, other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signOK(t, b)
+	wg.Wait()
+	// Places come back: the first tenant signs again.
+	signOK(t, third)
+}
+
+// startTLSAgentWith is startTLSAgent on a given config and options.
+func startTLSAgentWith(t *testing.T, cfg agent.Config, opts ...agent.Option) *tlsSetup {
+	t.Helper()
+	s := &tlsSetup{dir: t.TempDir()}
+	var err error
+	if s.ca, err = devcerts.NewCA("sigil test CA"); err != nil {
+		t.Fatal(err)
+	}
+	srv, err := s.ca.Issue(devcerts.Leaf{CommonName: "sigil agent", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.TCP.CertFile, cfg.TCP.KeyFile, _ = srv.Write(s.dir, "server")
+	cfg.TCP.ClientCAFile, _ = s.ca.WriteCert(s.dir, "clients-ca")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.addr = ln.Addr().String()
+	ln.Close()
+	cfg.TCP.Listen = s.addr
+	s.running = startAgent(t, cfg, opts...)
+	tln, err := s.running.agent.ListenTLS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	go s.running.agent.Serve(tln)
+	return s
+}
