@@ -2,11 +2,17 @@ package main
 
 import (
 	"context"
+	"crypto"
+	"crypto/rsa"
+	"crypto/sha256"
+	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -107,4 +113,123 @@ providers:
 	if code != 0 || strings.Count(out, "\n") < 10 {
 		t.Fatalf("export: %d lines", strings.Count(out, "\n"))
 	}
+}
+
+// The agent is SIGKILLed at points spread over a rotation (key generation,
+// CSR, cut-over, canary re-signing): each restart comes up with exactly one
+// active version that signs, old or new, never neither, and the audit chain
+// verifies.
+func TestKilledMidRotationRestartsConsistent(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	policyFile := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
+admins: {unix_uids: [%d]}
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: release-v1}
+`, os.Getuid(), os.Getuid())), 0o600)
+	config := filepath.Join(dir, "sigil.yaml")
+	// RSA-2048 keys and 200 canaries stretch a rotation over a few
+	// hundred milliseconds, so the kills land in different steps.
+	os.WriteFile(config, []byte(fmt.Sprintf(`
+data_dir: %s
+policy: %s
+rotation: {canaries: 200}
+providers:
+  - id: soft
+    type: software
+    keys: [{name: release-v1, type: rsa-2048}]
+`, filepath.Join(dir, "state"), policyFile)), 0o600)
+	sockDir, _ := os.MkdirTemp("", "sigil-rotkill")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	socket := filepath.Join(sockDir, "agent.sock")
+	adminSocket := filepath.Join(sockDir, "admin.sock")
+
+	signsAndVerifies := func() string {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, err := client.Dial(ctx, socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		key, err := c.PublicKey(ctx, client.ByName("release"))
+		if err != nil {
+			t.Fatalf("no active version after the restart: %v", err)
+		}
+		msg := []byte("after the kill")
+		sig, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, digestSHA256(msg))
+		if err != nil {
+			t.Fatalf("the active version does not sign after the restart: %v", err)
+		}
+		if err := verifyRSA(key.Public, digestSHA256(msg), sig.Sig); err != nil {
+			t.Fatalf("signature by %s does not verify against its public key: %v", key.KID, err)
+		}
+		return key.KID
+	}
+
+	// One whole rotation first, timed, so the kills below land at fixed
+	// fractions of it whatever the machine's speed.
+	agent := startAgentProcess(t, bin, config, socket)
+	agent.waitReady(t)
+	first := signsAndVerifies()
+	start := time.Now()
+	if out, stderr, code := runBin(t, bin, "rotate", "payments/release", "--admin-socket", adminSocket); code != 0 {
+		t.Fatalf("rotate: %d %s %s", code, out, stderr)
+	}
+	whole := time.Since(start)
+	if signsAndVerifies() == first {
+		t.Fatal("the uninterrupted rotation did not change the active version")
+	}
+	agent.cmd.Process.Signal(syscall.SIGTERM)
+	agent.cmd.Wait()
+
+	changed := 0
+	for i, fraction := range []float64{0.05, 0.25, 0.5, 0.75, 0.95} {
+		delay := time.Duration(fraction * float64(whole))
+		agent = startAgentProcess(t, bin, config, socket)
+		agent.waitReady(t)
+		before := signsAndVerifies()
+		rotated := make(chan struct{})
+		go func() {
+			defer close(rotated)
+			exec.Command(bin, "rotate", "payments/release", "--admin-socket", adminSocket).Run()
+		}()
+		time.Sleep(delay)
+		agent.cmd.Process.Kill()
+		agent.cmd.Wait()
+		<-rotated
+
+		out, stderr, code := runBin(t, bin, "audit", "verify", "--config", config)
+		if code != 0 || !strings.Contains(out, "audit chain OK") {
+			t.Fatalf("kill %d (%v into a rotation): audit verify exit %d\n%s%s", i, delay, code, out, stderr)
+		}
+		agent = startAgentProcess(t, bin, config, socket)
+		agent.waitReady(t)
+		after := signsAndVerifies()
+		if after != before {
+			changed++
+		}
+		agent.cmd.Process.Signal(syscall.SIGTERM)
+		agent.cmd.Wait()
+		t.Logf("kill %v (%.0f%% of a %v rotation): active %s before, %s after", delay, 100*fraction, whole, before[:8], after[:8])
+	}
+	t.Logf("%d of 5 kills came after the cut-over", changed)
+}
+
+func digestSHA256(msg []byte) []byte {
+	d := sha256.Sum256(msg)
+	return d[:]
+}
+
+func verifyRSA(pub crypto.PublicKey, digest, sig []byte) error {
+	k, ok := pub.(*rsa.PublicKey)
+	if !ok {
+		return errors.New("not an RSA key")
+	}
+	return rsa.VerifyPKCS1v15(k, crypto.SHA256, digest, sig)
 }
