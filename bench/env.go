@@ -55,6 +55,10 @@ type Env struct {
 	P11KitAddress string // P11_KIT_SERVER_ADDRESS for the client module
 	P11KitSkip    string // why the p11kit scenario cannot run, if it cannot
 	p11kit        *exec.Cmd
+
+	// PKCS11Front is libsigil-pkcs11.so beside the sigil binary ("" when it
+	// was not built): the pkcs11-front scenario loads it here.
+	PKCS11Front string
 }
 
 // SetupOptions configures Setup.
@@ -206,7 +210,29 @@ func (e *Env) startAgent(ctx context.Context, sigil string) error {
 		return err
 	}
 	e.agent = cmd
+	e.PKCS11Front = firstExisting([]string{filepath.Join(filepath.Dir(sigil), "libsigil-pkcs11.so")})
 	return e.startVariants(ctx, sigil)
+}
+
+// startFrontAgent starts the agent the pkcs11-front scenario signs through:
+// the main agent's SoftHSM2 provider, with each key named by its token label
+// (a provider may not name one object twice). Through libsigil-pkcs11.so the
+// agent's key names are the objects' labels, which is what the PKCS#11
+// scenarios look a key up by.
+func (e *Env) startFrontAgent(ctx context.Context, sigil string) (Variant, error) {
+	sock := filepath.Join(e.Dir, "front.sock")
+	var b strings.Builder
+	fmt.Fprintf(&b, "socket: %s\nadmin_socket: %s\ndata_dir: %s\nlog: {level: warn}\nproviders:\n", sock, sock+".admin", filepath.Join(e.Dir, "front-state"))
+	fmt.Fprintf(&b, "  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: %s\n    pin_env: %s\n    module_instances: %d\n    keys:\n", e.Module, e.TokenLabel, pinEnv, benchModuleInstances)
+	for _, k := range e.Keys {
+		fmt.Fprintf(&b, "      - {name: %s, uri: \"pkcs11:token=%s;object=%s\"}\n", k, e.TokenLabel, k)
+	}
+	cmd, err := e.launch(ctx, sigil, "front", b.String(), sock)
+	if err != nil {
+		return Variant{}, err
+	}
+	e.extra = append(e.extra, cmd)
+	return Variant{Socket: sock, PID: cmd.Process.Pid}, nil
 }
 
 // Variant agents serve the same software keys under other settings, so the

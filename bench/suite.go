@@ -4,8 +4,16 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
 	"time"
+
+	"github.com/sigil-agent/sigil/proto"
 )
+
+// ScenarioPKCS11Front signs through libsigil-pkcs11.so (miekg/pkcs11 in this
+// process → the module → the agent → SoftHSM2): the PKCS#11 front measured
+// beside p11kit, which forwards the same token.
+const ScenarioPKCS11Front = "pkcs11-front"
 
 // SuiteOptions configures RunSuite.
 type SuiteOptions struct {
@@ -15,7 +23,7 @@ type SuiteOptions struct {
 	// Keys are the key types to measure; default ecdsa-p256, rsa-2048, ed25519.
 	Keys []string
 	// Scenarios limits which scenarios run (default all): direct, agent-unix,
-	// agent-tcp, p11kit, software, and the cloud ones (awskms, gcpkms,
+	// agent-tcp, p11kit, pkcs11-front, software, and the cloud ones (awskms, gcpkms,
 	// azurekv; see StartCloud).
 	Scenarios []string
 	// Addr and Key measure an agent that is already running instead of
@@ -77,6 +85,24 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 	}
 	p11kitCPU := func() time.Duration { d, _ := ProcessCPU(env.P11KitPID()); return d }
+	var front *Cryptoki
+	var frontAgent Variant
+	if o.wants(ScenarioPKCS11Front) {
+		if env.PKCS11Front == "" {
+			fmt.Fprintf(o.Log, "bench: pkcs11-front scenario skipped: no libsigil-pkcs11.so beside %s (make build)\n", o.Sigil)
+		} else if frontAgent, err = env.startFrontAgent(ctx, o.Sigil); err != nil {
+			return nil, fmt.Errorf("pkcs11-front agent: %w", err)
+		} else {
+			// The module reads SIGIL_SOCK at C_Initialize; it needs no PIN
+			// but accepts OpenCryptoki's login.
+			os.Setenv(proto.SocketEnv, frontAgent.Socket)
+			os.Setenv("SIGIL_PKCS11_CONF", "")
+			if front, err = OpenCryptoki(env.PKCS11Front, "sigil", env.PIN); err != nil {
+				return nil, fmt.Errorf("pkcs11-front scenario: %w", err)
+			}
+			defer front.Close()
+		}
+	}
 	var single, second Variant
 	if o.wants(ScenarioAgentOneInstance) || o.wants(ScenarioAgentTwoProcs) {
 		if single, err = env.startHSMAgent(ctx, o.Sigil, "hsm-1inst", 1); err != nil {
@@ -118,6 +144,9 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 		if forwarded != nil {
 			scenarios = append(scenarios, forwarded.Scenario(ScenarioP11Kit, k, p11kitCPU))
+		}
+		if front != nil {
+			scenarios = append(scenarios, front.Scenario(ScenarioPKCS11Front, k, func() time.Duration { d, _ := ProcessCPU(frontAgent.PID); return d }))
 		}
 		if o.wants(ScenarioSoftware) {
 			scenarios = append(scenarios, AgentScenario(ScenarioSoftware, k, env.AgentSocket, softKeyName(k), agentCPU))

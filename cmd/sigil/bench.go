@@ -44,6 +44,9 @@ hold on a noisy machine:
   agent-unix  the agent over its Unix socket, one connection per worker
   agent-tcp   the agent over mutual TLS 1.3 on loopback, one connection per worker
   p11kit      PKCS#11 forwarded by p11-kit (client module in this process)
+  pkcs11-front
+              libsigil-pkcs11.so (beside this binary) loaded in this process,
+              signing through an agent on the same SoftHSM2 keys
   software    the agent on software keys
   software-nojournal, software-fsync, software-policy
               the same keys on agents with the journal off, in fsync mode,
@@ -135,7 +138,7 @@ exits 1 too.`,
 	f.BoolVar(&quick, "quick", false, "1 and 8 connections, ECDSA P-256 and Ed25519, 2 reps of 500ms (under a minute)")
 	f.StringVar(&conns, "conns", "", "connection counts, comma-separated (default 1,8,64)")
 	f.StringVar(&keys, "keys", "", "key types: ecdsa-p256,rsa-2048,ed25519 (default all)")
-	f.StringVar(&scenarios, "scenarios", "", "direct,agent-unix,agent-tcp,p11kit,software,awskms,gcpkms,azurekv (default all)")
+	f.StringVar(&scenarios, "scenarios", "", "direct,agent-unix,agent-tcp,p11kit,pkcs11-front,software,awskms,gcpkms,azurekv (default all)")
 	f.DurationVar(&duration, "duration", 0, "measured time per rep (default 2s)")
 	f.DurationVar(&warmup, "warmup", 0, "warm-up before each rep (default 300ms)")
 	f.IntVar(&reps, "reps", 0, "repetitions (default 3); figures are medians over reps")
