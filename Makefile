@@ -80,11 +80,16 @@ bench-full: build test-deps
 bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem -benchtime 2000x $(PKGS)
 
-# Each fuzz target (the wire decoders in Go and the PKCS#11 front's C codec) for FUZZTIME; new crashers land in testdata/fuzz and fail `make test`.
+# Each fuzz target (the wire decoders, the policy and config loaders, and the
+# PKCS#11 front's C codec) for FUZZTIME; new crashers land in testdata/fuzz
+# and fail `make test`. docs/security.md has the exec counts of the last long run.
+FUZZ_GO := ./proto:FuzzDecodeRequest ./proto:FuzzDecodeResponse ./proto:FuzzReadFrame \
+	./policy:FuzzParse ./agent:FuzzParseConfig
 fuzz:
-	@set -e; for t in FuzzDecodeRequest FuzzDecodeResponse FuzzReadFrame; do \
-		echo "== $$t ($(FUZZTIME))"; \
-		$(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) ./proto; \
+	@set -e; for pt in $(FUZZ_GO); do \
+		p=$${pt%%:*}; t=$${pt##*:}; \
+		echo "== $$t in $$p ($(FUZZTIME))"; \
+		$(GO) test -timeout 0 -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$p; \
 	done
 	@set -e; for t in FuzzWireDecodeResponse FuzzWireResponseRoundTrip FuzzWireEncodeRequest; do \
 		echo "== $$t ($(FUZZTIME), the PKCS#11 front's C codec)"; \
