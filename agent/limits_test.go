@@ -259,7 +259,7 @@ func TestTenantInFlightLimit(t *testing.T) {
 }
 
 // startTLSAgentWith is startTLSAgent on a given config and options.
-func startTLSAgentWith(t *testing.T, cfg agent.Config, opts ...agent.Option) *tlsSetup {
+func startTLSAgentWith(t testing.TB, cfg agent.Config, opts ...agent.Option) *tlsSetup {
 	t.Helper()
 	s := &tlsSetup{dir: t.TempDir()}
 	var err error

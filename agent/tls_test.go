@@ -32,7 +32,7 @@ func startTLSAgent(t *testing.T) *tlsSetup {
 	return s
 }
 
-func (s *tlsSetup) dial(t *testing.T, cert *devcerts.Issued) (*client.Client, error) {
+func (s *tlsSetup) dial(t testing.TB, cert *devcerts.Issued) (*client.Client, error) {
 	cfg := &tls.Config{RootCAs: s.ca.Pool()}
 	if cert != nil {
 		cfg.Certificates = []tls.Certificate{cert.TLS}
