@@ -59,6 +59,11 @@ type Env struct {
 	// PKCS11Front is libsigil-pkcs11.so beside the sigil binary ("" when it
 	// was not built): the pkcs11-front scenario loads it here.
 	PKCS11Front string
+
+	// AgentConfig is the main agent's config file; AdminHTTP the host:port
+	// of its admin HTTP listener (/metrics), "" unless SetupOptions asked.
+	AgentConfig string
+	AdminHTTP   string
 }
 
 // SetupOptions configures Setup.
@@ -66,6 +71,12 @@ type SetupOptions struct {
 	Sigil string   // the sigil binary that runs the agent
 	Keys  []string // key types; default all of benchKeyTypes
 	Log   io.Writer
+	// AgentOnly starts the main agent alone: no variant agents, no p11-kit
+	// server (sigil soak loads one agent and measures that process).
+	AgentOnly bool
+	// AdminHTTP gives the main agent an admin HTTP listener on loopback,
+	// for reading its /metrics (Env.AdminHTTP).
+	AdminHTTP bool
 }
 
 // softhsmModules are where Debian and others install SoftHSM2's module.
@@ -125,10 +136,13 @@ func Setup(ctx context.Context, o SetupOptions) (_ *Env, err error) {
 	if err := e.generateKeys(ctx); err != nil {
 		return nil, err
 	}
-	if err := e.startAgent(ctx, o.Sigil); err != nil {
+	if err := e.startAgent(ctx, o); err != nil {
 		return nil, err
 	}
 	fmt.Fprintf(o.Log, "bench: agent (pid %d) on %s\n", e.agent.Process.Pid, e.AgentSocket)
+	if o.AgentOnly {
+		return e, nil
+	}
 	if err := e.startP11Kit(ctx); err != nil {
 		e.P11KitSkip = err.Error()
 		fmt.Fprintf(o.Log, "bench: p11kit scenario skipped: %v\n", err)
@@ -186,7 +200,8 @@ const benchModuleInstances = 2
 func hsmKeyName(kt string) string  { return "hsm-" + kt }
 func softKeyName(kt string) string { return "soft-" + kt }
 
-func (e *Env) startAgent(ctx context.Context, sigil string) error {
+func (e *Env) startAgent(ctx context.Context, o SetupOptions) error {
+	sigil := o.Sigil
 	if sigil == "" {
 		return errors.New("no sigil binary to run the agent")
 	}
@@ -196,7 +211,14 @@ func (e *Env) startAgent(ctx context.Context, sigil string) error {
 		return fmt.Errorf("bench certificates: %w", err)
 	}
 	var b strings.Builder
-	fmt.Fprintf(&b, "socket: %s\ndata_dir: %s\nlog: {level: warn}\n%sproviders:\n", e.AgentSocket, filepath.Join(e.Dir, "state"), tcp)
+	fmt.Fprintf(&b, "socket: %s\ndata_dir: %s\nlog: {level: warn}\n%s", e.AgentSocket, filepath.Join(e.Dir, "state"), tcp)
+	if o.AdminHTTP {
+		if e.AdminHTTP, err = freeLoopbackPort(); err != nil {
+			return err
+		}
+		fmt.Fprintf(&b, "admin_http: {listen: %q}\n", e.AdminHTTP)
+	}
+	b.WriteString("providers:\n")
 	fmt.Fprintf(&b, "  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: %s\n    pin_env: %s\n    module_instances: %d\n    keys:\n", e.Module, e.TokenLabel, pinEnv, benchModuleInstances)
 	for _, k := range e.Keys {
 		fmt.Fprintf(&b, "      - {name: %s, uri: \"pkcs11:token=%s;object=%s\"}\n", hsmKeyName(k), e.TokenLabel, k)
@@ -210,8 +232,22 @@ func (e *Env) startAgent(ctx context.Context, sigil string) error {
 		return err
 	}
 	e.agent = cmd
+	e.AgentConfig = filepath.Join(e.Dir, "agent.yaml")
+	if o.AgentOnly {
+		return nil
+	}
 	e.PKCS11Front = firstExisting([]string{filepath.Join(filepath.Dir(sigil), "libsigil-pkcs11.so")})
 	return e.startVariants(ctx, sigil)
+}
+
+// freeLoopbackPort returns a 127.0.0.1 address no one listens on right now.
+func freeLoopbackPort() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
 }
 
 // startFrontAgent starts the agent the pkcs11-front scenario signs through:
@@ -345,6 +381,25 @@ func (e *Env) tlsMaterial() (string, error) {
 	return fmt.Sprintf("tcp: {listen: %q, cert_file: %s, key_file: %s, client_ca_file: %s}\n", e.AgentTCP, certFile, keyFile, caFile), nil
 }
 
+// StopAgent stops the main agent as a service manager would: SIGTERM, then
+// SIGKILL after grace. It returns how the process ended (an agent that
+// crashed earlier is reaped here); Close then leaves it alone. The directory
+// stays, so the agent's journal can be read afterwards.
+func (e *Env) StopAgent(grace time.Duration) (*os.ProcessState, error) {
+	cmd := e.agent
+	if cmd == nil || cmd.Process == nil {
+		return nil, errors.New("no agent running")
+	}
+	if cmd.ProcessState != nil {
+		return cmd.ProcessState, nil
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	timer := time.AfterFunc(grace, func() { cmd.Process.Kill() })
+	defer timer.Stop()
+	cmd.Wait() // the exit status is in ProcessState
+	return cmd.ProcessState, nil
+}
+
 // AgentPID is the agent process's pid, for ProcessCPU.
 func (e *Env) AgentPID() int { return e.agent.Process.Pid }
 
@@ -407,7 +462,7 @@ func waitForSocket(ctx context.Context, network, addr string, limit time.Duratio
 // Close stops the processes and removes the directory.
 func (e *Env) Close() error {
 	for _, cmd := range append([]*exec.Cmd{e.agent, e.p11kit}, e.extra...) {
-		if cmd == nil || cmd.Process == nil {
+		if cmd == nil || cmd.Process == nil || cmd.ProcessState != nil {
 			continue
 		}
 		cmd.Process.Signal(syscall.SIGTERM)
