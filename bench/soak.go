@@ -210,9 +210,10 @@ type SoakSample struct {
 	RSS        int64         `json:"rss_bytes"`
 	FDs        int64         `json:"fds"`
 	Threads    int64         `json:"threads"`
-	Goroutines int64         `json:"goroutines"` // -1: no metrics endpoint answered
-	CPU        time.Duration `json:"cpu_ns"`     // agent CPU time so far
-	Signatures int64         `json:"signatures"` // well-behaved signatures so far
+	Goroutines int64         `json:"goroutines"`       // -1: no metrics endpoint answered
+	HeapInuse  int64         `json:"heap_inuse_bytes"` // Go heap in use; -1 as Goroutines
+	CPU        time.Duration `json:"cpu_ns"`           // agent CPU time so far
+	Signatures int64         `json:"signatures"`       // well-behaved signatures so far
 }
 
 // LeakCheck is the leak rule applied to one metric.
@@ -813,13 +814,13 @@ func (r *soakRun) sample(ctx context.Context) []SoakSample {
 			continue // exited: watch reports it
 		}
 		s.At = time.Since(r.start)
-		s.Goroutines = scrapeGauge(hc, r.metricsURL, "go_goroutines")
+		s.Goroutines, s.HeapInuse = scrapeGauges(hc, r.metricsURL)
 		s.Signatures = r.signOK.Load()
 		out = append(out, s)
 		if time.Since(last) >= 30*time.Second || len(out) == 1 {
 			last = time.Now()
-			fmt.Fprintf(r.o.Log, "soak: %v: rss %.1f MiB, %d fds, %d threads, %d goroutines, %d signatures\n",
-				s.At.Round(time.Second), float64(s.RSS)/(1<<20), s.FDs, s.Threads, s.Goroutines, s.Signatures)
+			fmt.Fprintf(r.o.Log, "soak: %v: rss %.1f MiB (Go heap %.1f MiB), %d fds, %d threads, %d goroutines, %d signatures\n",
+				s.At.Round(time.Second), float64(s.RSS)/(1<<20), float64(s.HeapInuse)/(1<<20), s.FDs, s.Threads, s.Goroutines, s.Signatures)
 		}
 	}
 }
@@ -876,23 +877,26 @@ func parseProcStatus(b []byte) (SoakSample, error) {
 	return s, nil
 }
 
-// scrapeGauge reads one unlabelled metric from a Prometheus text page; -1
-// when it cannot.
-func scrapeGauge(hc *http.Client, url, name string) int64 {
+// scrapeGauges reads go_goroutines and go_memstats_heap_inuse_bytes from
+// the agent's /metrics; -1 for what it cannot read.
+func scrapeGauges(hc *http.Client, url string) (goroutines, heap int64) {
+	goroutines, heap = -1, -1
 	resp, err := hc.Get(url)
 	if err != nil {
-		return -1
+		return
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
 	if err != nil || resp.StatusCode != http.StatusOK {
-		return -1
+		return
 	}
-	v, ok := metricValues(body, name)[""]
-	if !ok {
-		return -1
+	if v, ok := metricValues(body, "go_goroutines")[""]; ok {
+		goroutines = int64(v)
 	}
-	return int64(v)
+	if v, ok := metricValues(body, "go_memstats_heap_inuse_bytes")[""]; ok {
+		heap = int64(v)
+	}
+	return
 }
 
 // metricValues returns the samples of metric name in a Prometheus text page,
@@ -1160,7 +1164,7 @@ func (r *SoakReport) Markdown(w io.Writer) error {
 	}
 
 	b.WriteString("The agent over time (every ~" + sampleStride(r.Samples, 12).String() + "; all samples in the JSON):\n\n")
-	b.WriteString("| t | RSS MiB | FDs | threads | goroutines | CPU % | signatures/s |\n|---:|---:|---:|---:|---:|---:|---:|\n")
+	b.WriteString("| t | RSS MiB | Go heap MiB | FDs | threads | goroutines | CPU % | signatures/s |\n|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	step := max(1, len(r.Samples)/12)
 	roundTo := time.Second
 	if o.Duration < 2*time.Minute {
@@ -1173,7 +1177,7 @@ func (r *SoakReport) Markdown(w io.Writer) error {
 			prev = r.Samples[i-step]
 		}
 		dt := (cur.At - prev.At).Seconds()
-		fmt.Fprintf(&b, "| %v | %.1f | %d | %d | %d | %.0f | %.0f |\n", cur.At.Round(roundTo), float64(cur.RSS)/(1<<20), cur.FDs, cur.Threads,
+		fmt.Fprintf(&b, "| %v | %.1f | %.1f | %d | %d | %d | %.0f | %.0f |\n", cur.At.Round(roundTo), float64(cur.RSS)/(1<<20), float64(cur.HeapInuse)/(1<<20), cur.FDs, cur.Threads,
 			cur.Goroutines, 100*(cur.CPU-prev.CPU).Seconds()/dt, float64(cur.Signatures-prev.Signatures)/dt)
 	}
 	fmt.Fprintf(&b, "\nLeak rule: after the %v warm-up the samples are cut into thirds; the median of the last third may exceed the median of the first by %.0f%% plus a slack (RSS %d MiB, FDs %d, goroutines %d; threads %d when goroutines cannot be read).\n\n",
