@@ -197,7 +197,7 @@ type JunkStats struct {
 type NeverStats struct {
 	Conns    int           `json:"conns"`
 	Dials    int64         `json:"dials"`
-	Frames   int64         `json:"frames"`   // Sign frames written whole
+	Frames   int64         `json:"frames"`   // frames (Hello, then Signs) written whole
 	Dropped  int64         `json:"dropped"`  // the agent closed the connection
 	Outlived int64         `json:"outlived"` // still open after neverMax: the harness closed it
 	DropP50  time.Duration `json:"drop_p50_ns"`
@@ -420,8 +420,8 @@ func (r *soakRun) load(ctx context.Context, rep *SoakReport) {
 	sampler.Go(func() { samples = r.sample(ctx) })
 	sampler.Go(func() { r.watch(ctx, cancel) })
 	sampler.Wait()
+	rep.Elapsed = time.Since(r.start) // the load's end; requests in flight drain below
 	wg.Wait()
-	rep.Elapsed = time.Since(r.start)
 	rep.Samples = samples
 	rep.Refusals = scrapeRefusals(r.metricsURL)
 
@@ -1145,7 +1145,7 @@ func (r *SoakReport) Markdown(w io.Writer) error {
 	fmt.Fprintf(&b, "| junk (random bytes, oversized or empty frames, garbage after Hello) | %d | %d | %d closed by the agent (%d after a reply), %d left open %v and closed by the harness |\n",
 		j.Conns, j.Sent, j.Closed, j.Answered, j.Ignored, junkWait)
 	n := r.NeverReaders
-	fmt.Fprintf(&b, "| never-readers (%d pipelined Signs, then one per %v) | %d | %d | %d Sign frames sent; %d dropped by the agent (after %v median, %v max), %d outlived %v |\n\n",
+	fmt.Fprintf(&b, "| never-readers (%d pipelined Signs, then one per %v) | %d | %d | %d frames sent; %d dropped by the agent (after %v median, %v max), %d outlived %v |\n\n",
 		neverBurst, neverTick, n.Conns, n.Dials, n.Frames, n.Dropped, n.DropP50.Round(100*time.Millisecond), n.DropMax.Round(100*time.Millisecond), n.Outlived, neverMax)
 
 	if len(s.FirstError) > 0 {
