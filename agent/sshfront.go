@@ -6,7 +6,10 @@ import (
 	"crypto/x509"
 	"errors"
 	"net"
+	"os"
 	"slices"
+	"sync"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -39,24 +42,30 @@ func (a *Agent) ServeSSHAgent(ln net.Listener) error {
 
 var errNotUnix = errors.New("the ssh-agent socket takes Unix connections only")
 
-func (a *Agent) sshBackendFor(nc net.Conn) (sshagent.Backend, error) {
+func (a *Agent) sshBackendFor(nc net.Conn) (sshagent.Backend, net.Conn, error) {
 	uc, ok := nc.(*net.UnixConn)
 	if !ok {
-		return nil, errNotUnix
+		return nil, nil, errNotUnix
 	}
 	c := newConn(a, nc, false)
 	p, err := unixPeer(uc)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	c.peer = p
 	c.peerName = "ssh:" + p.String()
 	c.log = a.log.Named("ssh-agent").With(p.logFields()...)
 	if err := c.admitted(); err != nil {
 		c.log.Info("ssh-agent connection refused", zap.Error(err))
-		return nil, err
+		return nil, nil, err
 	}
-	return sshBackend{c: c}, nil
+	if limit := a.admit(c); limit != "" {
+		a.metrics.refused(limit)
+		c.log.Warn("ssh-agent connection refused: limit reached", zap.String("limit", limit))
+		return nil, nil, errors.New("ssh-agent connection refused: " + limit)
+	}
+	lim := a.cfg.Limits
+	return sshBackend{c: c}, &sshConn{Conn: nc, c: c, maxMsg: lim.MaxFrame, frameTimeout: lim.FrameTimeout}, nil
 }
 
 // sshBackend answers the ssh-agent front for one connection.
@@ -107,4 +116,81 @@ func protoHash(h crypto.Hash) uint8 {
 		return proto.HashSHA512
 	}
 	return proto.HashNone
+}
+
+// sshConn holds the ssh-agent socket to the client socket's limits
+// (limits.go): its messages share limits.max_frame (x/crypto's server
+// would otherwise allocate up to 16 MiB for a length prefix a client
+// sends), a message must complete within limits.frame_timeout once its
+// first byte is in, and the connection counts against max_conns and the
+// tenant's max_conns_per_tenant until it closes. It tracks message
+// boundaries from the 4-byte length prefixes as bytes pass through Read.
+type sshConn struct {
+	net.Conn
+	c            *conn
+	maxMsg       int
+	frameTimeout time.Duration
+
+	hdr       [4]byte
+	hdrN      int // header bytes seen of the current message
+	remaining int // body bytes still to come of the current message
+	armed     bool
+	closeOnce sync.Once
+}
+
+var errSSHMessageTooLarge = errors.New("ssh-agent message longer than limits.max_frame")
+
+func (s *sshConn) Read(p []byte) (int, error) {
+	n, err := s.Conn.Read(p)
+	if n > 0 {
+		if perr := s.track(p[:n]); perr != nil {
+			s.c.log.Info("closing ssh-agent connection", zap.Error(perr))
+			s.Conn.Close()
+			return 0, perr
+		}
+	}
+	if err != nil && s.armed && errors.Is(err, os.ErrDeadlineExceeded) {
+		s.c.a.metrics.refused(limitFrameTimeout)
+		s.c.log.Info("closing ssh-agent connection: " + limitFrameTimeout + " expired")
+	}
+	return n, err
+}
+
+// track walks the bytes just read and arms or clears the frame deadline at
+// message boundaries.
+func (s *sshConn) track(b []byte) error {
+	for len(b) > 0 {
+		if s.remaining == 0 {
+			k := copy(s.hdr[s.hdrN:], b)
+			s.hdrN += k
+			b = b[k:]
+			if s.hdrN < 4 {
+				break
+			}
+			l := int(s.hdr[0])<<24 | int(s.hdr[1])<<16 | int(s.hdr[2])<<8 | int(s.hdr[3])
+			if l > s.maxMsg {
+				return errSSHMessageTooLarge
+			}
+			s.hdrN, s.remaining = 0, l
+			continue
+		}
+		k := min(len(b), s.remaining)
+		s.remaining -= k
+		b = b[k:]
+	}
+	inMessage := s.hdrN > 0 || s.remaining > 0
+	switch {
+	case inMessage && !s.armed:
+		s.armed = true
+		s.Conn.SetReadDeadline(time.Now().Add(s.frameTimeout))
+	case !inMessage && s.armed:
+		s.armed = false
+		s.Conn.SetReadDeadline(time.Time{})
+	}
+	return nil
+}
+
+func (s *sshConn) Close() error {
+	s.closeOnce.Do(func() { s.c.a.unadmit(s.c) })
+	return s.Conn.Close()
 }

@@ -2,11 +2,16 @@ package agent_test
 
 import (
 	"context"
+	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	sshagentclient "golang.org/x/crypto/ssh/agent"
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/journal"
@@ -100,5 +105,84 @@ func TestSSHAgentSocketWithOpenSSH(t *testing.T) {
 	})
 	if !found {
 		t.Fatal("the SSH signature has no audit record")
+	}
+}
+
+// The ssh-agent socket keeps the client socket's limits: an oversized
+// length prefix and a message dribbled past frame_timeout close only that
+// connection, connections count against max_conns_per_tenant, and a
+// well-behaved ssh-agent client keeps working.
+func TestSSHAgentSocketLimits(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.SSHKeys = []string{"ed"}
+	cfg.Limits.FrameTimeout = 300 * time.Millisecond
+	cfg.Limits.MaxConnsPerTenant = 3
+	r := startAgent(t, cfg)
+	sshSock := filepath.Join(filepath.Dir(cfg.Socket), "ssh.sock")
+	ln, err := agent.ListenUnix(sshSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.agent.ServeSSHAgent(ln)
+	dial := func() net.Conn {
+		t.Helper()
+		c, err := net.Dial("unix", sshSock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c
+	}
+	// One agent client per connection: x/crypto's client reads replies on
+	// a goroutine of its own, so two clients on one connection would race
+	// for each other's replies.
+	clients := map[net.Conn]sshagentclient.ExtendedAgent{}
+	listKeys := func(c net.Conn) error {
+		ac, ok := clients[c]
+		if !ok {
+			ac = sshagentclient.NewClient(c)
+			clients[c] = ac
+		}
+		keys, err := ac.List()
+		if err == nil && len(keys) != 1 {
+			err = fmt.Errorf("%d keys listed, want 1", len(keys))
+		}
+		return err
+	}
+
+	huge := dial()
+	huge.Write([]byte{0x00, 0xff, 0xff, 0xff}) // 16 MiB announced
+	waitClosed(t, huge, 5*time.Second)
+
+	slow := dial()
+	slow.Write([]byte{0, 0, 0, 1}) // one body byte that never comes
+	if took := waitClosed(t, slow, 5*time.Second); took < 200*time.Millisecond {
+		t.Fatalf("closed after %v, before frame_timeout", took)
+	}
+
+	// The tenant's connections: the Unix client socket's one (r.dial) and
+	// two ssh-agent ones fill max_conns_per_tenant = 3.
+	r.dial(t)
+	good := dial()
+	if err := listKeys(good); err != nil {
+		t.Fatal(err)
+	}
+	second := dial()
+	if err := listKeys(second); err != nil {
+		t.Fatal(err)
+	}
+	if err := listKeys(dial()); err == nil {
+		t.Fatal("a connection past max_conns_per_tenant was served")
+	}
+	second.Close()
+	deadline := time.Now().Add(5 * time.Second)
+	for listKeys(dial()) != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("a closed ssh-agent connection did not free its place")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err := listKeys(good); err != nil {
+		t.Fatalf("the well-behaved connection: %v", err)
 	}
 }

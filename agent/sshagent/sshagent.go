@@ -53,10 +53,11 @@ var ErrSHA1 = errors.New("ssh-rsa signatures (SHA-1) are refused; use rsa-sha2-2
 var ErrUnknownKey = errors.New("no such key in this agent")
 
 // Serve accepts connections on ln and serves the OpenSSH agent protocol on
-// each, with the Backend backendFor returns for it. A connection whose
-// backendFor fails is closed. Serve returns nil once ctx is done (it closes
+// each, with the Backend backendFor returns for it, over the connection it
+// returns (the accepted one, or a wrapper that enforces limits; Serve
+// closes that one). A connection whose backendFor fails is closed. Serve returns nil once ctx is done (it closes
 // ln and every open connection and waits for them), or the listener's error.
-func Serve(ctx context.Context, ln net.Listener, backendFor func(conn net.Conn) (Backend, error), log *zap.Logger) error {
+func Serve(ctx context.Context, ln net.Listener, backendFor func(conn net.Conn) (Backend, net.Conn, error), log *zap.Logger) error {
 	if log == nil {
 		log = zap.NewNop()
 	}
@@ -102,29 +103,34 @@ func Serve(ctx context.Context, ln net.Listener, backendFor func(conn net.Conn) 
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer func() {
-				mu.Lock()
-				delete(conns, conn)
-				mu.Unlock()
-				conn.Close()
-			}()
-			serveConn(ctx, conn, backendFor, log)
+			served := serveConn(ctx, conn, backendFor, log)
+			mu.Lock()
+			delete(conns, conn)
+			mu.Unlock()
+			if served != nil && served != conn {
+				served.Close()
+			}
+			conn.Close()
 		}()
 	}
 }
 
-func serveConn(ctx context.Context, conn net.Conn, backendFor func(net.Conn) (Backend, error), log *zap.Logger) {
-	b, err := backendFor(conn)
+func serveConn(ctx context.Context, conn net.Conn, backendFor func(net.Conn) (Backend, net.Conn, error), log *zap.Logger) net.Conn {
+	b, served, err := backendFor(conn)
 	if err != nil {
 		log.Info("ssh-agent: connection refused", zap.Error(err))
-		return
+		return served
+	}
+	if served == nil {
+		served = conn
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	a := &front{ctx: ctx, b: b, log: log}
-	if err := agent.ServeAgent(a, conn); err != nil && !errors.Is(err, io.EOF) && ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
+	if err := agent.ServeAgent(a, served); err != nil && !errors.Is(err, io.EOF) && ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
 		log.Debug("ssh-agent: connection ended", zap.Error(err))
 	}
+	return served
 }
 
 // NewAgent returns the agent.ExtendedAgent Serve runs for one connection;

@@ -108,7 +108,7 @@ func startAgent(t *testing.T) (string, *fakeBackend) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() {
-		done <- Serve(ctx, ln, func(net.Conn) (Backend, error) { return b, nil }, zaptest.NewLogger(t))
+		done <- Serve(ctx, ln, func(c net.Conn) (Backend, net.Conn, error) { return b, c, nil }, zaptest.NewLogger(t))
 	}()
 	t.Cleanup(func() {
 		cancel()
