@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net/http"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/aws/retry"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/kms"
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
@@ -112,7 +114,14 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		return nil, errors.New("awskms provider: empty id")
 	}
 	cfg.EnsureDefaults()
-	var loadOpts []func(*config.LoadOptions) error
+	// One warm connection pool for the provider, sized for the agent's
+	// concurrency (providers.MaxIdleConnsPerHost).
+	loadOpts := []func(*config.LoadOptions) error{
+		config.WithHTTPClient(awshttp.NewBuildableClient().WithTransportOptions(func(tr *http.Transport) {
+			tr.MaxIdleConns = 2 * providers.MaxIdleConnsPerHost
+			tr.MaxIdleConnsPerHost = providers.MaxIdleConnsPerHost
+		})),
+	}
 	if cfg.Region != "" {
 		loadOpts = append(loadOpts, config.WithRegion(cfg.Region))
 	}

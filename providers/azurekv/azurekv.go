@@ -148,6 +148,11 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	if cfg.ClientOptions != nil {
 		opts = *cfg.ClientOptions
 	}
+	if opts.Transport == nil {
+		// One warm connection pool, sized for the agent's concurrency
+		// (providers.MaxIdleConnsPerHost); azcore's default keeps 10.
+		opts.Transport = &http.Client{Transport: providers.NewHTTPTransport()}
+	}
 	if cfg.DisableChallengeResourceVerification {
 		opts.DisableChallengeResourceVerification = true
 	}
