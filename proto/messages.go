@@ -3,8 +3,10 @@ package proto
 import (
 	"bytes"
 	"fmt"
+	"slices"
 
 	"github.com/vmihailenco/msgpack/v5"
+	"github.com/vmihailenco/msgpack/v5/msgpcode"
 )
 
 // Request is every client-to-agent message; the fields an operation does not
@@ -183,9 +185,9 @@ func (r *Request) decode(c *Codec) error {
 		case kFeatures:
 			r.Features, err = d.DecodeUint64()
 		case kKey:
-			r.Key, err = d.DecodeString()
+			r.Key, err = c.decodeString()
 		case kKID:
-			r.KID, err = d.DecodeString()
+			r.KID, err = c.decodeString()
 		case kScheme:
 			v, err = decodeUintMax(d, 0xff)
 			r.Scheme = uint8(v)
@@ -207,7 +209,7 @@ func (r *Request) decode(c *Codec) error {
 		case kAt:
 			r.At, err = d.DecodeInt64()
 		default:
-			err = d.Skip()
+			err = c.skip(0)
 		}
 		if err != nil {
 			return fmt.Errorf("request field %q: %w", key, err)
@@ -303,18 +305,18 @@ func (r *Response) decode(c *Codec) error {
 			v, err = decodeUintMax(d, 0xffff)
 			r.Code = Code(v)
 		case kMsg:
-			r.Msg, err = d.DecodeString()
+			r.Msg, err = c.decodeString()
 		case kVersion:
 			v, err = decodeUintMax(d, 0xffff)
 			r.Version = uint16(v)
 		case kFeatures:
 			r.Features, err = d.DecodeUint64()
 		case kKey:
-			r.Key, err = d.DecodeString()
+			r.Key, err = c.decodeString()
 		case kKID:
-			r.KID, err = d.DecodeString()
+			r.KID, err = c.decodeString()
 		case kKeyType:
-			r.KeyType, err = d.DecodeString()
+			r.KeyType, err = c.decodeString()
 		case kPub:
 			r.Pub, err = c.decodeBytesInto(nil)
 		case kSig:
@@ -328,7 +330,7 @@ func (r *Response) decode(c *Codec) error {
 		case kKeys:
 			r.Keys, err = c.decodeKeyEntries()
 		default:
-			err = d.Skip()
+			err = c.skip(0)
 		}
 		if err != nil {
 			return fmt.Errorf("response field %q: %w", key, err)
@@ -338,7 +340,7 @@ func (r *Response) decode(c *Codec) error {
 }
 
 func (c *Codec) decodeByteList() ([][]byte, error) {
-	n, err := c.dec.DecodeArrayLen()
+	n, err := c.decodeArrayLen()
 	if err != nil || n < 0 {
 		return nil, err
 	}
@@ -355,12 +357,12 @@ func (c *Codec) decodeByteList() ([][]byte, error) {
 
 func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {
 	d := c.dec
-	n, err := d.DecodeArrayLen()
+	n, err := c.decodeArrayLen()
 	if err != nil || n < 0 {
 		return nil, err
 	}
-	// Each entry is at least one byte on the wire, so a hostile count is
-	// bounded by the frame size; cap the pre-allocation all the same.
+	// decodeArrayLen bounds a hostile count by the frame size; cap the
+	// pre-allocation all the same.
 	out := make([]KeyEntry, 0, min(n, 1024))
 	var key []byte
 	for i := 0; i < n; i++ {
@@ -375,17 +377,17 @@ func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {
 			}
 			switch string(key) {
 			case kName:
-				k.Name, err = d.DecodeString()
+				k.Name, err = c.decodeString()
 			case kKID:
-				k.KID, err = d.DecodeString()
+				k.KID, err = c.decodeString()
 			case kProvider:
-				k.Provider, err = d.DecodeString()
+				k.Provider, err = c.decodeString()
 			case kKeyType:
-				k.KeyType, err = d.DecodeString()
+				k.KeyType, err = c.decodeString()
 			case kPub:
 				k.Pub, err = c.decodeBytesInto(nil)
 			default:
-				err = d.Skip()
+				err = c.skip(0)
 			}
 			if err != nil {
 				return nil, err
@@ -504,10 +506,107 @@ func (c *Codec) decodeBytesInto(buf []byte) ([]byte, error) {
 	return buf, nil
 }
 
+// decodeString reads a str (or bin) value. Like decodeBytesInto it refuses a
+// length beyond what is left of the payload before reading: msgpack's own
+// DecodeString allocates up to 1 MiB for a 5-byte header and keeps the grown
+// buffer in the decoder, so a reused Codec grew by a MiB per hostile frame.
+func (c *Codec) decodeString() (string, error) {
+	n, err := c.dec.DecodeBytesLen()
+	if err != nil {
+		return "", err
+	}
+	if n <= 0 {
+		return "", nil
+	}
+	if n > c.rd.Len() {
+		return "", fmt.Errorf("string of %d bytes exceeds the frame", n)
+	}
+	c.str = slices.Grow(c.str[:0], n)[:n]
+	if err := c.dec.ReadFull(c.str); err != nil {
+		return "", err
+	}
+	return string(c.str), nil
+}
+
+// decodeArrayLen reads an array header whose count fits in what is left of
+// the payload (every element takes at least one byte).
+func (c *Codec) decodeArrayLen() (int, error) {
+	n, err := c.dec.DecodeArrayLen()
+	if err == nil && n > c.rd.Len() {
+		err = fmt.Errorf("array of %d elements exceeds the frame", n)
+	}
+	return n, err
+}
+
+// maxSkipDepth bounds the nesting of an unknown field's value; our own
+// messages nest two deep.
+const maxSkipDepth = 16
+
+// skip consumes one value of an unknown field. It replaces msgpack's Skip,
+// which allocates for a str, bin or ext length before reading it (see
+// decodeString) and recurses as deep as the payload nests: here every
+// length and count is checked against the rest of the payload first, and
+// nesting is bounded.
+func (c *Codec) skip(depth int) error {
+	d := c.dec
+	code, err := d.PeekCode()
+	if err != nil {
+		return err
+	}
+	var values int
+	switch {
+	case msgpcode.IsString(code) || msgpcode.IsBin(code):
+		n, err := d.DecodeBytesLen()
+		if err != nil {
+			return err
+		}
+		if n > c.rd.Len() {
+			return fmt.Errorf("value of %d bytes exceeds the frame", n)
+		}
+		return discard(d, n)
+	case msgpcode.IsExt(code):
+		_, n, err := d.DecodeExtHeader()
+		if err != nil {
+			return err
+		}
+		if n > c.rd.Len() {
+			return fmt.Errorf("extension value of %d bytes exceeds the frame", n)
+		}
+		return discard(d, n)
+	case msgpcode.IsFixedArray(code) || code == msgpcode.Array16 || code == msgpcode.Array32:
+		n, err := d.DecodeArrayLen()
+		if err != nil {
+			return err
+		}
+		values = n
+	case msgpcode.IsFixedMap(code) || code == msgpcode.Map16 || code == msgpcode.Map32:
+		n, err := d.DecodeMapLen()
+		if err != nil {
+			return err
+		}
+		values = 2 * n
+	default:
+		return d.Skip() // a scalar: at most 9 bytes, read into a fixed buffer
+	}
+	if values > c.rd.Len() {
+		return fmt.Errorf("%d values exceed the frame", values)
+	}
+	if values > 0 && depth >= maxSkipDepth {
+		return fmt.Errorf("value nested more than %d deep", maxSkipDepth)
+	}
+	for range values {
+		if err := c.skip(depth + 1); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // Codec encodes and decodes messages, reusing its buffers. A Codec is not safe
 // for concurrent use; keep one per goroutine (or take them from a sync.Pool).
 type Codec struct {
 	key [maxKeyLen]byte // scratch for map keys, so decoding them allocates nothing
+	str []byte          // scratch for strings, at most a payload long
 	rd  bytes.Reader
 	dec *msgpack.Decoder
 	wr  bytes.Buffer
