@@ -23,18 +23,22 @@ import (
 //     module_instances 2 but in two processes, without the agent → worker
 //     hop a real pool of worker processes would add, so an upper bound for
 //     that design.
+//   - agent-unix-procs1: the agent as agent-unix, with GOMAXPROCS=1, so its
+//     runtime never spins an idle P looking for work on a machine whose
+//     other core runs the client and the token.
 const (
 	ScenarioAgentOneInstance = "agent-unix-1inst"
 	ScenarioAgentTwoProcs    = "agent-unix-2proc"
+	ScenarioAgentOneProc     = "agent-unix-procs1"
 )
 
 // experimentScenarios run only when --scenarios names them.
-var experimentScenarios = map[string]bool{ScenarioAgentOneInstance: true, ScenarioAgentTwoProcs: true}
+var experimentScenarios = map[string]bool{ScenarioAgentOneInstance: true, ScenarioAgentTwoProcs: true, ScenarioAgentOneProc: true}
 
 // startHSMAgent starts another agent process serving the SoftHSM2 keys of
 // the main one with the given module_instances, its own state directory and
 // its own module instances (and so its own sessions and SoftHSM2 locks).
-func (e *Env) startHSMAgent(ctx context.Context, sigil, name string, instances int) (Variant, error) {
+func (e *Env) startHSMAgent(ctx context.Context, sigil, name string, instances int, env ...string) (Variant, error) {
 	sock := filepath.Join(e.Dir, name+".sock")
 	var b strings.Builder
 	fmt.Fprintf(&b, "socket: %s\nadmin_socket: %s\ndata_dir: %s\nlog: {level: warn}\nproviders:\n", sock, sock+".admin", filepath.Join(e.Dir, name+"-state"))
@@ -42,7 +46,7 @@ func (e *Env) startHSMAgent(ctx context.Context, sigil, name string, instances i
 	for _, k := range e.Keys {
 		fmt.Fprintf(&b, "      - {name: %s, uri: \"pkcs11:token=%s;object=%s\"}\n", hsmKeyName(k), e.TokenLabel, k)
 	}
-	cmd, err := e.launch(ctx, sigil, name, b.String(), sock)
+	cmd, err := e.launch(ctx, sigil, name, b.String(), sock, env...)
 	if err != nil {
 		return Variant{}, err
 	}

@@ -114,6 +114,12 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 			return nil, fmt.Errorf("experiment agent: %w", err)
 		}
 	}
+	var oneProc Variant
+	if o.wants(ScenarioAgentOneProc) {
+		if oneProc, err = env.startHSMAgent(ctx, o.Sigil, "hsm-procs1", benchModuleInstances, "GOMAXPROCS=1"); err != nil {
+			return nil, fmt.Errorf("experiment agent: %w", err)
+		}
+	}
 	cpuOf := func(pids ...int) func() time.Duration {
 		return func() time.Duration {
 			var sum time.Duration
@@ -135,6 +141,9 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 		if o.wants(ScenarioAgentOneInstance) {
 			scenarios = append(scenarios, AgentScenario(ScenarioAgentOneInstance, k, single.Socket, hsmKeyName(k), cpuOf(single.PID)))
+		}
+		if o.wants(ScenarioAgentOneProc) {
+			scenarios = append(scenarios, AgentScenario(ScenarioAgentOneProc, k, oneProc.Socket, hsmKeyName(k), cpuOf(oneProc.PID)))
 		}
 		if o.wants(ScenarioAgentTwoProcs) {
 			scenarios = append(scenarios, SplitAgentScenario(ScenarioAgentTwoProcs, k, []string{single.Socket, second.Socket}, hsmKeyName(k), cpuOf(single.PID, second.PID)))
