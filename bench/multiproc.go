@@ -30,10 +30,11 @@ const (
 	ScenarioAgentOneInstance = "agent-unix-1inst"
 	ScenarioAgentTwoProcs    = "agent-unix-2proc"
 	ScenarioAgentOneProc     = "agent-unix-procs1"
+	ScenarioSoftwareOneProc  = "software-procs1" // software keys on the agent-unix-procs1 agent
 )
 
 // experimentScenarios run only when --scenarios names them.
-var experimentScenarios = map[string]bool{ScenarioAgentOneInstance: true, ScenarioAgentTwoProcs: true, ScenarioAgentOneProc: true}
+var experimentScenarios = map[string]bool{ScenarioAgentOneInstance: true, ScenarioAgentTwoProcs: true, ScenarioAgentOneProc: true, ScenarioSoftwareOneProc: true}
 
 // startHSMAgent starts another agent process serving the SoftHSM2 keys of
 // the main one with the given module_instances, its own state directory and
@@ -45,6 +46,10 @@ func (e *Env) startHSMAgent(ctx context.Context, sigil, name string, instances i
 	fmt.Fprintf(&b, "  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: %s\n    pin_env: %s\n    module_instances: %d\n    keys:\n", e.Module, e.TokenLabel, pinEnv, instances)
 	for _, k := range e.Keys {
 		fmt.Fprintf(&b, "      - {name: %s, uri: \"pkcs11:token=%s;object=%s\"}\n", hsmKeyName(k), e.TokenLabel, k)
+	}
+	fmt.Fprintf(&b, "  - id: soft\n    type: software\n    keys:\n")
+	for _, k := range e.Keys {
+		fmt.Fprintf(&b, "      - {name: %s, type: %s}\n", softKeyName(k), k)
 	}
 	cmd, err := e.launch(ctx, sigil, name, b.String(), sock, env...)
 	if err != nil {

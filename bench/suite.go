@@ -115,7 +115,7 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 	}
 	var oneProc Variant
-	if o.wants(ScenarioAgentOneProc) {
+	if o.wants(ScenarioAgentOneProc) || o.wants(ScenarioSoftwareOneProc) {
 		if oneProc, err = env.startHSMAgent(ctx, o.Sigil, "hsm-procs1", benchModuleInstances, "GOMAXPROCS=1"); err != nil {
 			return nil, fmt.Errorf("experiment agent: %w", err)
 		}
@@ -144,6 +144,9 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 		if o.wants(ScenarioAgentOneProc) {
 			scenarios = append(scenarios, AgentScenario(ScenarioAgentOneProc, k, oneProc.Socket, hsmKeyName(k), cpuOf(oneProc.PID)))
+		}
+		if o.wants(ScenarioSoftwareOneProc) {
+			scenarios = append(scenarios, AgentScenario(ScenarioSoftwareOneProc, k, oneProc.Socket, softKeyName(k), cpuOf(oneProc.PID)))
 		}
 		if o.wants(ScenarioAgentTwoProcs) {
 			scenarios = append(scenarios, SplitAgentScenario(ScenarioAgentTwoProcs, k, []string{single.Socket, second.Socket}, hsmKeyName(k), cpuOf(single.PID, second.PID)))
