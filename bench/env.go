@@ -196,6 +196,21 @@ func (e *Env) generateKeys(ctx context.Context) error {
 // providers/pkcs11; the agent-unix-2proc experiment).
 const benchModuleInstances = 2
 
+// writeProviders writes an agent config's providers: the SoftHSM2 token's
+// keys (as hsm-TYPE, with the given module_instances) and software keys of
+// the same types (soft-TYPE).
+func (e *Env) writeProviders(b *strings.Builder, instances int) {
+	b.WriteString("providers:\n")
+	fmt.Fprintf(b, "  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: %s\n    pin_env: %s\n    module_instances: %d\n    keys:\n", e.Module, e.TokenLabel, pinEnv, instances)
+	for _, k := range e.Keys {
+		fmt.Fprintf(b, "      - {name: %s, uri: \"pkcs11:token=%s;object=%s\"}\n", hsmKeyName(k), e.TokenLabel, k)
+	}
+	fmt.Fprintf(b, "  - id: soft\n    type: software\n    keys:\n")
+	for _, k := range e.Keys {
+		fmt.Fprintf(b, "      - {name: %s, type: %s}\n", softKeyName(k), k)
+	}
+}
+
 // hsmKeyName and softKeyName are the agent's names for the bench keys.
 func hsmKeyName(kt string) string  { return "hsm-" + kt }
 func softKeyName(kt string) string { return "soft-" + kt }
@@ -218,15 +233,7 @@ func (e *Env) startAgent(ctx context.Context, o SetupOptions) error {
 		}
 		fmt.Fprintf(&b, "admin_http: {listen: %q}\n", e.AdminHTTP)
 	}
-	b.WriteString("providers:\n")
-	fmt.Fprintf(&b, "  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: %s\n    pin_env: %s\n    module_instances: %d\n    keys:\n", e.Module, e.TokenLabel, pinEnv, benchModuleInstances)
-	for _, k := range e.Keys {
-		fmt.Fprintf(&b, "      - {name: %s, uri: \"pkcs11:token=%s;object=%s\"}\n", hsmKeyName(k), e.TokenLabel, k)
-	}
-	fmt.Fprintf(&b, "  - id: soft\n    type: software\n    keys:\n")
-	for _, k := range e.Keys {
-		fmt.Fprintf(&b, "      - {name: %s, type: %s}\n", softKeyName(k), k)
-	}
+	e.writeProviders(&b, benchModuleInstances)
 	cmd, err := e.launch(ctx, sigil, "agent", b.String(), e.AgentSocket)
 	if err != nil {
 		return err

@@ -42,15 +42,8 @@ var experimentScenarios = map[string]bool{ScenarioAgentOneInstance: true, Scenar
 func (e *Env) startHSMAgent(ctx context.Context, sigil, name string, instances int, env ...string) (Variant, error) {
 	sock := filepath.Join(e.Dir, name+".sock")
 	var b strings.Builder
-	fmt.Fprintf(&b, "socket: %s\nadmin_socket: %s\ndata_dir: %s\nlog: {level: warn}\nproviders:\n", sock, sock+".admin", filepath.Join(e.Dir, name+"-state"))
-	fmt.Fprintf(&b, "  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: %s\n    pin_env: %s\n    module_instances: %d\n    keys:\n", e.Module, e.TokenLabel, pinEnv, instances)
-	for _, k := range e.Keys {
-		fmt.Fprintf(&b, "      - {name: %s, uri: \"pkcs11:token=%s;object=%s\"}\n", hsmKeyName(k), e.TokenLabel, k)
-	}
-	fmt.Fprintf(&b, "  - id: soft\n    type: software\n    keys:\n")
-	for _, k := range e.Keys {
-		fmt.Fprintf(&b, "      - {name: %s, type: %s}\n", softKeyName(k), k)
-	}
+	fmt.Fprintf(&b, "socket: %s\nadmin_socket: %s\ndata_dir: %s\nlog: {level: warn}\n", sock, sock+".admin", filepath.Join(e.Dir, name+"-state"))
+	e.writeProviders(&b, instances)
 	cmd, err := e.launch(ctx, sigil, name, b.String(), sock, env...)
 	if err != nil {
 		return Variant{}, err
@@ -67,16 +60,7 @@ func SplitAgentScenario(name, keyType string, sockets []string, keyName string, 
 		Name: name, Key: keyType, CPU: cpu,
 		NewWorker: func(ctx context.Context) (func(context.Context) error, func() error, error) {
 			socket := sockets[(next.Add(1)-1)%uint64(len(sockets))]
-			c, err := client.Dial(ctx, socket)
-			if err != nil {
-				return nil, nil, err
-			}
-			ref := client.ByName(keyName)
-			op := func(ctx context.Context) error {
-				_, err := c.Sign(ctx, ref, client.Algorithm{}, benchDigest[:])
-				return err
-			}
-			return op, c.Close, nil
+			return signingWorker(keyName)(client.Dial(ctx, socket))
 		},
 	}
 }

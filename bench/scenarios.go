@@ -36,17 +36,24 @@ func AgentTLSScenario(name, keyType, addr string, cfg *tls.Config, keyName strin
 	return Scenario{
 		Name: name, Key: keyType, CPU: cpu,
 		NewWorker: func(ctx context.Context) (func(context.Context) error, func() error, error) {
-			c, err := client.DialTLS(ctx, addr, cfg)
-			if err != nil {
-				return nil, nil, err
-			}
-			ref := client.ByName(keyName)
-			op := func(ctx context.Context) error {
-				_, err := c.Sign(ctx, ref, client.Algorithm{}, benchDigest[:])
-				return err
-			}
-			return op, c.Close, nil
+			return signingWorker(keyName)(client.DialTLS(ctx, addr, cfg))
 		},
+	}
+}
+
+// signingWorker makes a worker of a connection to an agent: each op signs
+// the bench digest with the named key. It takes Dial's results as they are.
+func signingWorker(keyName string) func(*client.Client, error) (func(context.Context) error, func() error, error) {
+	return func(c *client.Client, err error) (func(context.Context) error, func() error, error) {
+		if err != nil {
+			return nil, nil, err
+		}
+		ref := client.ByName(keyName)
+		op := func(ctx context.Context) error {
+			_, err := c.Sign(ctx, ref, client.Algorithm{}, benchDigest[:])
+			return err
+		}
+		return op, c.Close, nil
 	}
 }
 

@@ -121,32 +121,10 @@ providers:
 // verifies.
 func TestKilledMidRotationRestartsConsistent(t *testing.T) {
 	bin := buildSigil(t)
-	dir := t.TempDir()
-	policyFile := filepath.Join(dir, "policy.yaml")
-	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
-admins: {unix_uids: [%d]}
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: release-v1}
-`, os.Getuid(), os.Getuid())), 0o600)
-	config := filepath.Join(dir, "sigil.yaml")
 	// RSA-2048 keys and 200 canaries stretch a rotation over a few
 	// hundred milliseconds, so the kills land in different steps.
-	os.WriteFile(config, []byte(fmt.Sprintf(`
-data_dir: %s
-policy: %s
-rotation: {canaries: 200}
-providers:
-  - id: soft
-    type: software
-    keys: [{name: release-v1, type: rsa-2048}]
-`, filepath.Join(dir, "state"), policyFile)), 0o600)
-	sockDir, _ := os.MkdirTemp("", "sigil-rotkill")
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	socket := filepath.Join(sockDir, "agent.sock")
-	adminSocket := filepath.Join(sockDir, "admin.sock")
+	r := newRotationSetup(t, "rsa-2048", 200)
+	config, socket, adminSocket := r.config, r.socket, r.admin
 
 	signsAndVerifies := func() string {
 		t.Helper()

@@ -13,31 +13,9 @@ import (
 // and verify it offline, schedule one, run an incident drill.
 func TestRotationFromTheShell(t *testing.T) {
 	bin := buildSigil(t)
-	dir := t.TempDir()
-	state := filepath.Join(dir, "state")
-	policyFile := filepath.Join(dir, "policy.yaml")
-	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
-admins: {unix_uids: [%d]}
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: release-v1}
-`, os.Getuid(), os.Getuid())), 0o600)
-	config := filepath.Join(dir, "sigil.yaml")
-	os.WriteFile(config, []byte(fmt.Sprintf(`
-data_dir: %s
-policy: %s
-rotation: {canaries: 10}
-providers:
-  - id: soft
-    type: software
-    keys: [{name: release-v1, type: ecdsa-p256}]
-`, state, policyFile)), 0o600)
-	sockDir, _ := os.MkdirTemp("", "sigil-rot")
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	socket := filepath.Join(sockDir, "agent.sock")
-	admin := filepath.Join(sockDir, "admin.sock")
+	r := newRotationSetup(t, "ecdsa-p256", 10)
+	state, config, socket, admin := r.state, r.config, r.socket, r.admin
+	dir := r.dir
 	agent := startAgentProcess(t, bin, config, socket)
 	agent.waitReady(t)
 
@@ -68,4 +46,40 @@ providers:
 	if _, stderr, code = runBin(t, bin, "rollback", "payments/release", "--admin-socket", admin); code != exitRefused || !strings.Contains(stderr, "KEY_RETIRED") {
 		t.Fatalf("rollback past an emergency rotation: %d %s", code, stderr)
 	}
+}
+
+// rotationSetup is an agent configuration with one tenant ("payments", this
+// test's uid, also the admin) and one slot ("release") on a software key.
+type rotationSetup struct {
+	dir, state, config string
+	socket, admin      string
+}
+
+func newRotationSetup(t *testing.T, keyType string, canaries int) rotationSetup {
+	t.Helper()
+	dir := t.TempDir()
+	r := rotationSetup{dir: dir, state: filepath.Join(dir, "state"), config: filepath.Join(dir, "sigil.yaml")}
+	policyFile := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
+admins: {unix_uids: [%d]}
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: release-v1}
+`, os.Getuid(), os.Getuid())), 0o600)
+	os.WriteFile(r.config, []byte(fmt.Sprintf(`
+data_dir: %s
+policy: %s
+rotation: {canaries: %d}
+providers:
+  - id: soft
+    type: software
+    keys: [{name: release-v1, type: %s}]
+`, r.state, policyFile, canaries, keyType)), 0o600)
+	sockDir, _ := os.MkdirTemp("", "sigil-rot")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	r.socket = filepath.Join(sockDir, "agent.sock")
+	r.admin = filepath.Join(sockDir, "admin.sock")
+	return r
 }
