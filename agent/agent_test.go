@@ -434,6 +434,9 @@ func TestConfigValidation(t *testing.T) {
 		{"bad key type", "providers:\n  - {id: a, type: software, keys: [{name: k, type: dsa}]}\n", "type \"dsa\""},
 		{"duplicate key name", "providers:\n  - {id: a, type: software, keys: [{name: k, type: ed25519}]}\n  - {id: b, type: software, keys: [{name: k, type: ed25519}]}\n", "also used"},
 		{"default key missing", "default_key: x\nproviders:\n  - {id: a, type: software, keys: [{name: k, type: ed25519}]}\n", "default_key"},
+		{"rotation calendar too short", "rotation: {calendars: {payments/release: {period: 5m}}}\n", "rotation.calendars[payments/release]"},
+		{"rotation calendar bad date", "rotation: {calendars: {payments/release: {dates: [tomorrow]}}}\n", "rotation.calendars[payments/release]"},
+		{"negative limit", "limits: {max_conns: -1}\n", "max_conns"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -5,8 +5,10 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -385,6 +387,13 @@ func (c *Config) Validate() error {
 	if c.DefaultKey != "" {
 		if _, ok := names[c.DefaultKey]; !ok {
 			errs = append(errs, fmt.Errorf("default_key %q: no such key", c.DefaultKey))
+		}
+	}
+	// Calendars are parsed here too, so `sigil agent --check` and a reload
+	// refuse a bad one instead of the scheduler at start.
+	for _, slot := range slices.Sorted(maps.Keys(c.Rotation.Calendars)) {
+		if _, err := c.Rotation.Calendars[slot].Parse(); err != nil {
+			errs = append(errs, fmt.Errorf("rotation.calendars[%s]: %w", slot, err))
 		}
 	}
 	return errors.Join(errs...)
