@@ -49,7 +49,7 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	defer p.exit()
 	p.keysMu.Lock()
 	defer p.keysMu.Unlock()
-	if _, dup := p.keys.Load().byName[name]; dup {
+	if _, dup := p.keys.Get(name); dup {
 		return fail(errors.New("a key of that name is already served"))
 	}
 	if err := ctx.Err(); err != nil {
@@ -121,13 +121,9 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 		return fail(err)
 	}
 
-	old := p.keys.Load()
-	ks := &keySet{byName: make(map[string]*key, len(old.byName)+1), order: append(old.order[:len(old.order):len(old.order)], k)}
-	for n, v := range old.byName {
-		ks.byName[n] = v
+	if err := p.keys.Add(name, k); err != nil {
+		return fail(err) // not reached: keysMu is held since the check above
 	}
-	ks.byName[name] = k
-	p.keys.Store(ks)
 	p.addToPeers(ctx, KeyConfig{Name: name, URI: formatURI(p.tokenLabel, sel)})
 	p.log.Info("pkcs11 key generated", zap.String("key", name), zap.String("kid", k.info.KID),
 		zap.String("type", string(kt)), zap.Stringer("object", sel), zap.Duration("took", time.Since(start)))
@@ -137,7 +133,7 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 // URI returns the RFC 7512 URI that names a generated (or configured) key's
 // object, for writing into a configuration.
 func (p *Provider) URI(name string) (string, error) {
-	k := p.keys.Load().byName[name]
+	k, _ := p.keys.Get(name)
 	if k == nil {
 		return "", fmt.Errorf("pkcs11 uri %s: %w", name, providers.ErrNotFound)
 	}
@@ -257,8 +253,7 @@ func (p *Provider) addKey(ctx context.Context, kc KeyConfig) (providers.KeyInfo,
 	defer p.exit()
 	p.keysMu.Lock()
 	defer p.keysMu.Unlock()
-	old := p.keys.Load()
-	if k, dup := old.byName[kc.Name]; dup {
+	if k, dup := p.keys.Get(kc.Name); dup {
 		if k.obj.equal(obj) {
 			return k.info, nil
 		}
@@ -275,11 +270,8 @@ func (p *Provider) addKey(ctx context.Context, kc KeyConfig) (providers.KeyInfo,
 	if err != nil {
 		return fail(err)
 	}
-	ks := &keySet{byName: make(map[string]*key, len(old.byName)+1), order: append(old.order[:len(old.order):len(old.order)], k)}
-	for n, v := range old.byName {
-		ks.byName[n] = v
+	if err := p.keys.Add(kc.Name, k); err != nil {
+		return fail(err)
 	}
-	ks.byName[kc.Name] = k
-	p.keys.Store(ks)
 	return k.info, nil
 }

@@ -30,8 +30,8 @@ type Provider struct {
 	slot atomic.Uint64 // current slot id; may change across a module reload
 	gen  atomic.Uint64 // module generation the slot and login belong to
 
-	keysMu sync.Mutex // serializes changes to keys
-	keys   atomic.Pointer[keySet]
+	keysMu sync.Mutex // serializes key changes with the token work before them
+	keys   providers.KeySet[*key]
 
 	idle    chan *session
 	live    atomic.Int32  // sessions open: idle plus checked out
@@ -55,12 +55,6 @@ type Provider struct {
 	closed    atomic.Bool
 	drained   chan struct{}
 	drainOnce sync.Once
-}
-
-// keySet is replaced, never modified, so Sign reads it without a lock.
-type keySet struct {
-	byName map[string]*key
-	order  []*key
 }
 
 var _ providers.Provider = (*Provider)(nil)
@@ -100,13 +94,15 @@ func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 	if named > 1 {
 		return fail(errors.New("name the token by one of TokenLabel, TokenSerial or Slot"))
 	}
-	ks := &keySet{byName: make(map[string]*key)}
+	var keys []*key
 	for _, kc := range cfg.Keys {
 		if kc.Name == "" {
 			return fail(errors.New("key with an empty name"))
 		}
-		if _, dup := ks.byName[kc.Name]; dup {
-			return fail(fmt.Errorf("key %q configured twice", kc.Name))
+		for _, other := range keys {
+			if other.info.Name == kc.Name {
+				return fail(fmt.Errorf("key %q configured twice", kc.Name))
+			}
 		}
 		obj, tok, err := parseKeyURI(kc.URI, cfg.Module)
 		if err != nil {
@@ -115,15 +111,14 @@ func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 		if err := sel.merge(tok); err != nil {
 			return fail(fmt.Errorf("key %q: %w", kc.Name, err))
 		}
-		for _, other := range ks.order {
+		for _, other := range keys {
 			if other.obj.equal(obj) {
 				return fail(fmt.Errorf("keys %q and %q name the same object", other.info.Name, kc.Name))
 			}
 		}
 		k := &key{obj: obj}
 		k.info.Name = kc.Name
-		ks.byName[kc.Name] = k
-		ks.order = append(ks.order, k)
+		keys = append(keys, k)
 	}
 	if sel.empty() {
 		return fail(errors.New("no token named: set TokenLabel, TokenSerial or Slot, or token= in the key URIs"))
@@ -157,7 +152,9 @@ func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 		done:       make(chan struct{}),
 		drained:    make(chan struct{}),
 	}
-	p.keys.Store(ks)
+	for _, k := range keys {
+		_ = p.keys.Add(k.info.Name, k) // names checked above
+	}
 	p.state.Store(&state{kind: stateHealthy, changed: make(chan struct{})})
 	p.gen.Store(mod.gen.Load())
 	if err := p.connect(ctx); err != nil {
@@ -171,7 +168,7 @@ func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 	go p.supervise()
 	p.log.Info("pkcs11 provider open",
 		zap.String("module", cfg.Module), zap.String("token", p.tokenLabel), zap.String("serial", p.serial),
-		zap.Uint64("slot", p.slot.Load()), zap.Int("keys", len(ks.order)), zap.Int("sessions", p.size))
+		zap.Uint64("slot", p.slot.Load()), zap.Int("keys", p.keys.Len()), zap.Int("sessions", p.size))
 	return p, nil
 }
 
@@ -194,7 +191,7 @@ func (p *Provider) connect(ctx context.Context) error {
 	}
 	p.mod.holdLogin(p.serial)
 	p.loggedIn = true
-	for _, k := range p.keys.Load().order {
+	for _, k := range p.keys.All() {
 		if err := ctx.Err(); err != nil {
 			p.release(s)
 			return err
@@ -260,9 +257,9 @@ func (p *Provider) Keys(ctx context.Context) ([]providers.KeyInfo, error) {
 	if p.closed.Load() {
 		return nil, fmt.Errorf("pkcs11 keys: %w", errClosed)
 	}
-	ks := p.keys.Load()
-	out := make([]providers.KeyInfo, len(ks.order))
-	for i, k := range ks.order {
+	ks := p.keys.All()
+	out := make([]providers.KeyInfo, len(ks))
+	for i, k := range ks {
 		out[i] = k.info
 	}
 	return out, nil
@@ -275,7 +272,7 @@ func (p *Provider) Keys(ctx context.Context) ([]providers.KeyInfo, error) {
 // retry fails too or no working session can be had before ctx's deadline.
 func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorithm, digest []byte) ([]byte, error) {
 	if q := p.pickInstance(); q != p {
-		if _, ok := q.keys.Load().byName[name]; ok {
+		if _, ok := q.keys.Get(name); ok {
 			return q.signOn(ctx, name, alg, digest)
 		}
 	}
@@ -283,7 +280,7 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 }
 
 func (p *Provider) signOn(ctx context.Context, name string, alg providers.Algorithm, digest []byte) ([]byte, error) {
-	k := p.keys.Load().byName[name]
+	k, _ := p.keys.Get(name)
 	if k == nil {
 		return nil, fmt.Errorf("pkcs11 sign %s: %w", name, providers.ErrNotFound)
 	}

@@ -237,7 +237,7 @@ func (p *Provider) login(s *session) error {
 // object has gone is kept with handle 0: it signs with ErrUnavailable until a
 // later repair finds it.
 func (p *Provider) findKeys(s *session) error {
-	for _, k := range p.keys.Load().order {
+	for _, k := range p.keys.All() {
 		var h p11.ObjectHandle
 		err := p.call("find", func(c *p11.Ctx) error {
 			var err error
