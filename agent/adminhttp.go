@@ -117,6 +117,12 @@ func (a *Agent) notReady(ctx context.Context) string {
 	if a.cfg.Journal.Mode != "off" && a.journal == nil {
 		return "audit journal not open"
 	}
+	if a.journal != nil {
+		if err := a.journal.Healthy(ctx); err != nil {
+			a.log.Info("not ready: audit journal unavailable", zap.Error(err))
+			return "audit journal unavailable"
+		}
+	}
 	for _, p := range a.keys.providers {
 		hc, ok := p.(healthChecker)
 		if !ok {

@@ -3,7 +3,10 @@ package agent_test
 import (
 	"context"
 	"crypto/sha256"
+	"net/http"
+	"net/http/httptest"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -98,6 +101,14 @@ func TestJournalFaultWithholdsSignatures(t *testing.T) {
 	if _, err := c.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:]); err != nil {
 		t.Fatal(err)
 	}
+	readyz := func() (int, string) {
+		rec := httptest.NewRecorder()
+		r.agent.AdminHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/readyz", nil))
+		return rec.Code, rec.Body.String()
+	}
+	if code, body := readyz(); code != http.StatusOK {
+		t.Fatalf("/readyz before the fault: %d %s", code, body)
+	}
 	toggle.On()
 	for i := 0; i < 3; i++ {
 		sig, err := c.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:])
@@ -105,7 +116,23 @@ func TestJournalFaultWithholdsSignatures(t *testing.T) {
 			t.Fatalf("with the disk failing: %v, signature %x", err, sig.Sig)
 		}
 	}
+	// An orchestrator stops routing signers here: the agent is not ready.
+	if code, body := readyz(); code != http.StatusServiceUnavailable || !strings.Contains(body, "audit journal") {
+		t.Fatalf("/readyz with the journal failing: %d %q", code, body)
+	}
 	toggle.Off()
+	// Ready again without any signature arriving to drive the recovery.
+	readyBy := time.Now().Add(10 * time.Second)
+	for {
+		code, _ := readyz()
+		if code == http.StatusOK {
+			break
+		}
+		if time.Now().After(readyBy) {
+			t.Fatalf("/readyz did not recover after the fault cleared: %d", code)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		_, err := c.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:])

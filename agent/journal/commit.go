@@ -450,10 +450,12 @@ func (j *Journal) checkSpace(now time.Time) error {
 			j.log.Warn("journal free-space check failed", zap.Error(err))
 		}
 		j.full = false
+		j.fullNow.Store(false)
 		return nil
 	}
 	wasFull := j.full
 	j.full = usage.AvailBytes < uint64(j.opts.MinFreeBytes)
+	j.fullNow.Store(j.full)
 	switch {
 	case j.full:
 		j.stats.full.Add(1)

@@ -316,6 +316,9 @@ func TestJournalFullRefusesBeforePebbleFails(t *testing.T) {
 		if err != nil && (!errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "journal full")) {
 			t.Fatalf("step %d: %v, want a journal-full ErrUnavailable", i, err)
 		}
+		if herr := j.Healthy(ctx); (herr == nil) != s.ok || (herr != nil && !strings.Contains(herr.Error(), "journal full")) {
+			t.Fatalf("step %d: Healthy = %v after Append = %v", i, herr, err)
+		}
 		if s.ok {
 			want++
 		}
@@ -327,4 +330,43 @@ func TestJournalFullRefusesBeforePebbleFails(t *testing.T) {
 	if st := j.Stats(); st.Failures != 0 || st.Full != 2 {
 		t.Fatalf("stats %+v: want no Pebble failure and two refusals", st)
 	}
+}
+
+// Healthy follows a write fault: unavailable while the disk fails, and it
+// reopens Pebble by itself once the fault clears, with no append to push it
+// (a not-ready agent gets none).
+func TestHealthyFollowsWriteFaults(t *testing.T) {
+	ctx := context.Background()
+	fault := newWALFault(syscall.EIO, append(walCreate, errorfs.OpFileWrite)...)
+	j := openTest(t, t.TempDir(), WAL, func(o *Options) {
+		o.FS = errorfs.Wrap(vfs.Default, fault)
+		o.RecoveryInterval = time.Millisecond
+	})
+	appendN(t, j, "before", 3)
+	if err := j.Healthy(ctx); err != nil {
+		t.Fatalf("Healthy before the fault: %v", err)
+	}
+	fault.on.Store(true)
+	if err := j.Append(ctx, signRecord("during", 0)); err == nil {
+		t.Fatal("Append with the disk failing: want an error")
+	}
+	for i := 0; i < 3; i++ {
+		time.Sleep(2 * time.Millisecond)
+		if err := j.Healthy(ctx); !errors.Is(err, ErrUnavailable) {
+			t.Fatalf("Healthy with the disk failing: %v, want ErrUnavailable", err)
+		}
+	}
+	fault.on.Store(false)
+	deadline := time.Now().Add(5 * time.Second)
+	for j.Healthy(ctx) != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("Healthy did not recover after the fault cleared")
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	if !j.available() {
+		t.Fatal("Healthy is nil but Pebble is not open")
+	}
+	appendN(t, j, "after", 2)
+	mustVerify(t, j, 5)
 }

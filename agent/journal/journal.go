@@ -1,6 +1,7 @@
 package journal
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"strings"
@@ -176,10 +177,11 @@ type Journal struct {
 	// committer goroutine).
 	batch          *pebble.Batch
 	nextReopen     time.Time
-	unconfirmed    [2]uint64 // seq range written by a failed commit, to note after recovery
-	nextSpace      time.Time // next free-space check
-	nextCheckpoint time.Time // next "m/head" checkpoint
-	full           bool      // the last free-space check found less than MinFreeBytes
+	unconfirmed    [2]uint64   // seq range written by a failed commit, to note after recovery
+	nextSpace      time.Time   // next free-space check
+	nextCheckpoint time.Time   // next "m/head" checkpoint
+	full           bool        // the last free-space check found less than MinFreeBytes
+	fullNow        atomic.Bool // full, for Healthy (full belongs to the committer)
 
 	stats struct {
 		records, commits, failures, recoveries, full atomic.Uint64
@@ -387,6 +389,36 @@ type Stats struct {
 	Failures   uint64 // commits that failed and made the journal reopen Pebble
 	Recoveries uint64 // successful reopens after a failure
 	Full       uint64 // commit groups refused for lack of free space
+}
+
+// Healthy reports whether an append can succeed now: nil, or an error
+// wrapping ErrUnavailable while the journal cannot reopen Pebble after a
+// write failure, refuses appends for lack of free space, or is closed. It
+// is what the agent's readiness check asks, so that an orchestrator stops
+// sending signers to an agent that would answer JOURNAL_UNAVAILABLE. A
+// journal waiting to reopen is given the chance to (recovery otherwise
+// happens only when an append arrives, and a not-ready agent gets none):
+// Healthy commits an empty group, which reopens Pebble if the fault has
+// cleared, at most once per RecoveryInterval.
+func (j *Journal) Healthy(ctx context.Context) error {
+	j.mu.Lock()
+	closing := j.closing
+	j.mu.Unlock()
+	if closing {
+		return ErrClosed
+	}
+	j.dbMu.RLock()
+	open := j.db != nil
+	j.dbMu.RUnlock()
+	if !open {
+		if err := j.commitState(ctx, nil); err != nil {
+			return fmt.Errorf("%w: recovering from a write failure", ErrUnavailable)
+		}
+	}
+	if j.fullNow.Load() {
+		return fmt.Errorf("%w: journal full", ErrUnavailable)
+	}
+	return nil
 }
 
 // Stats returns the journal's counters since Open.
