@@ -145,3 +145,25 @@ func TestJournalFaultWithholdsSignatures(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
+
+// `sigil audit verify` against a running agent: the admin operation
+// recomputes the chain while the agent serves; the client socket refuses it.
+func TestAuditVerifyLive(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		d := sha256.Sum256([]byte("live verify"))
+		for i := 0; i < 5; i++ {
+			if _, err := c.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		ok, summary, err := admin.AuditVerify(context.Background())
+		if err != nil || !ok || !strings.Contains(summary, "5 records") {
+			t.Fatalf("AuditVerify = %v %q %v, want an intact chain of 5 records", ok, summary, err)
+		}
+		if _, _, err := c.AuditVerify(context.Background()); client.Code(err) != proto.PermissionDenied {
+			t.Fatalf("AuditVerify on the client socket: %v, want PERMISSION_DENIED", err)
+		}
+	})
+}

@@ -23,7 +23,7 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response) {
 		err = c.hello(req, resp)
 	case proto.OpPing:
 	case proto.OpRotate, proto.OpRollback, proto.OpPause, proto.OpResume,
-		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP, proto.OpIncidentDrill:
+		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP, proto.OpIncidentDrill, proto.OpAuditVerify:
 		err = c.adminOp(req, resp)
 	case proto.OpListKeys, proto.OpPublicKey, proto.OpSign, proto.OpVerify:
 		if c.admin {

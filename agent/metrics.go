@@ -179,7 +179,7 @@ func knownOp(op proto.Op) bool {
 	switch op {
 	case proto.OpHello, proto.OpPing, proto.OpListKeys, proto.OpPublicKey, proto.OpSign, proto.OpVerify,
 		proto.OpRotate, proto.OpRollback, proto.OpPause, proto.OpResume,
-		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP, proto.OpIncidentDrill:
+		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP, proto.OpIncidentDrill, proto.OpAuditVerify:
 		return true
 	}
 	return false

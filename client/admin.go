@@ -56,6 +56,17 @@ func (c *Client) RotateSlot(ctx context.Context, slot string) (string, error) {
 	return resp.Msg, nil
 }
 
+// AuditVerify has the running agent recompute its audit chain (admin role):
+// ok reports an intact chain; summary gives the record count, seq range and
+// head hash, or names the first broken record.
+func (c *Client) AuditVerify(ctx context.Context) (ok bool, summary string, err error) {
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpAuditVerify})
+	if err != nil {
+		return false, "", err
+	}
+	return resp.Valid, resp.Msg, nil
+}
+
 // AuditTail reads the running agent's audit journal (admin role): the last
 // limit records when from is 0, else up to limit records from seq from on;
 // tenant "" means every tenant. Each record is one JSON object.

@@ -36,6 +36,8 @@ const (
 	// OpIncidentDrill pauses a slot, rotates it in emergency mode, re-signs
 	// the canaries, resumes it and writes an incident statement.
 	OpIncidentDrill Op = 23
+	// OpAuditVerify recomputes the running agent's audit chain.
+	OpAuditVerify Op = 24
 )
 
 var opNames = map[Op]string{
@@ -43,6 +45,7 @@ var opNames = map[Op]string{
 	OpSign: "Sign", OpVerify: "Verify", OpRotate: "Rotate", OpRollback: "Rollback",
 	OpPause: "Pause", OpResume: "Resume", OpReloadPolicy: "ReloadPolicy",
 	OpAuditTail: "AuditTail", OpExportREP: "ExportREP", OpIncidentDrill: "IncidentDrill",
+	OpAuditVerify: "AuditVerify",
 }
 
 func (o Op) String() string {

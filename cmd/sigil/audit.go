@@ -22,9 +22,10 @@ import (
 	"github.com/sigil-agent/sigil/proto"
 )
 
-// The audit commands read the journal directly. Pebble allows one process
-// at a time, so they run with the agent stopped (or on a copy of the
-// directory); a running agent's journal answers "in use".
+// The audit commands read the journal directory, which Pebble lets one
+// process open at a time: with the agent stopped, or on a copy. verify and
+// tail ask a running agent over its admin socket instead when one answers
+// (and no directory is named).
 func newAuditCommand() *cobra.Command {
 	var configPath, dir string
 	cmd := &cobra.Command{
@@ -51,11 +52,32 @@ func newAuditCommand() *cobra.Command {
 		return j, nil
 	}
 
+	var adminSocket string
 	verify := &cobra.Command{
 		Use:   "verify",
-		Short: "Recompute the hash chain; exit 1 and name the first broken record on a break",
+		Short: "Recompute the hash chain (the running agent's, over its admin socket, else the journal directory); exit 1 and name the first broken record on a break",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" && configPath == "" || adminSocket != "" {
+				addr := adminSocket
+				if addr == "" {
+					addr = filepath.Join(filepath.Dir(proto.ClientSocketPath()), "admin.sock")
+				}
+				if c, err := client.Dial(cmd.Context(), addr); err == nil {
+					defer c.Close()
+					ok, summary, err := c.AuditVerify(cmd.Context())
+					if err != nil {
+						return &exitError{exitFailure, err}
+					}
+					if !ok {
+						return &exitError{exitFailure, fmt.Errorf("running agent: %s", summary)}
+					}
+					fmt.Fprintf(cmd.OutOrStdout(), "audit chain OK (running agent): %s\n", summary)
+					return nil
+				} else if adminSocket != "" {
+					return &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %w", addr, err)}
+				}
+			}
 			j, err := open()
 			if err != nil {
 				return err
@@ -74,7 +96,8 @@ func newAuditCommand() *cobra.Command {
 		},
 	}
 
-	var tenant, adminSocket string
+	verify.Flags().StringVar(&adminSocket, "admin-socket", "", "verify the running agent's chain over its admin socket")
+	var tenant string
 	var n int
 	var follow bool
 	tail := &cobra.Command{

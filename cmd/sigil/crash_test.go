@@ -98,6 +98,12 @@ providers:
 	if _, stderr, code := runBin(t, bin, "--socket", socket, "keys", "sign", "--in", config); code != 0 {
 		t.Fatalf("sign after restart: %s", stderr)
 	}
+	// The running agent's chain, verified over its admin socket while it
+	// serves (its directory is locked).
+	out, stderr, code = runBin(t, bin, "audit", "verify", "--admin-socket", filepath.Join(sockDir, "admin.sock"))
+	if code != 0 || !strings.Contains(out, "audit chain OK (running agent)") {
+		t.Fatalf("audit verify of the running agent: %d\n%s%s", code, out, stderr)
+	}
 	// The running agent's journal, read over its admin socket.
 	out, stderr, code = runBin(t, bin, "audit", "tail", "-n", "3", "--admin-socket", filepath.Join(sockDir, "admin.sock"))
 	if code != 0 || strings.Count(out, " sign ") < 1 || !strings.Contains(out, "OK") {
