@@ -94,7 +94,7 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		peer, err := openInstance(ctx, sub)
 		if err != nil {
 			p.Close()
-			return nil, fmt.Errorf("module instance %d: %w", i, err)
+			return nil, fmt.Errorf("module instance %d (a copy of the module under %s, which must allow executable mappings: set TMPDIR if it is mounted noexec): %w", i, os.TempDir(), err)
 		}
 		p.peers = append(p.peers, peer)
 	}
