@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -19,6 +20,11 @@ type AdminHTTPConfig struct {
 	// refused unless AllowRemote is set: the endpoints are unauthenticated.
 	Listen      string `yaml:"listen"`
 	AllowRemote bool   `yaml:"allow_remote"`
+	// Pprof adds Go's profiler under /debug/pprof/ (off by default): CPU
+	// and heap profiles of the running agent, for finding where a
+	// signature's time goes under real load. Profiles show function names
+	// and timings, never request contents.
+	Pprof bool `yaml:"pprof"`
 }
 
 func (h *AdminHTTPConfig) validate() error {
@@ -55,9 +61,17 @@ func (a *Agent) ListenAdminHTTP() (net.Listener, error) {
 	return ln, nil
 }
 
-// AdminHandler serves /metrics, /healthz and /readyz.
+// AdminHandler serves /metrics, /healthz and /readyz (and /debug/pprof/
+// with admin_http.pprof).
 func (a *Agent) AdminHandler() http.Handler {
 	mux := http.NewServeMux()
+	if a.cfg.AdminHTTP.Pprof {
+		mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+		mux.HandleFunc("GET /debug/pprof/cmdline", pprof.Cmdline)
+		mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+		mux.HandleFunc("GET /debug/pprof/symbol", pprof.Symbol)
+		mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
+	}
 	mux.Handle("GET /metrics", promhttp.HandlerFor(a.metrics.reg, promhttp.HandlerOpts{
 		ErrorLog: zap.NewStdLog(a.log.Named("metrics")),
 	}))

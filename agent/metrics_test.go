@@ -293,3 +293,17 @@ func TestPoolMetrics(t *testing.T) {
 		t.Fatalf("repairs = %v after sessions were closed behind the pool's back", got)
 	}
 }
+
+// Go's profiler is served only when admin_http.pprof asks for it.
+func TestAdminHTTPPprofIsOptIn(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		cfg := softwareConfig(t)
+		cfg.AdminHTTP.Pprof = on
+		r := startAgent(t, cfg)
+		rec := httptest.NewRecorder()
+		r.agent.AdminHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/debug/pprof/", nil))
+		if got, want := rec.Code == http.StatusOK, on; got != want {
+			t.Errorf("pprof %v: /debug/pprof/ answered %d", on, rec.Code)
+		}
+	}
+}
