@@ -49,6 +49,17 @@ func (s *KeySet[T]) All() []T {
 	return out
 }
 
+// Infos returns info of each entry, in insertion order: what a provider's
+// Keys answers, from the KeyInfo its entries carry.
+func (s *KeySet[T]) Infos(info func(T) KeyInfo) []KeyInfo {
+	all := s.All()
+	out := make([]KeyInfo, len(all))
+	for i, v := range all {
+		out[i] = info(v)
+	}
+	return out
+}
+
 // Names returns the entries' names in insertion order, in a fresh slice.
 func (s *KeySet[T]) Names() []string {
 	ks := s.snap.Load()

@@ -189,3 +189,16 @@ func TestKeySetGetAllocatesNothing(t *testing.T) {
 		t.Errorf("Get on an empty set allocates %v times", n)
 	}
 }
+
+func TestKeySetInfos(t *testing.T) {
+	var s KeySet[KeyInfo]
+	if got := s.Infos(func(k KeyInfo) KeyInfo { return k }); len(got) != 0 {
+		t.Fatalf("empty set: %v", got)
+	}
+	_ = s.Add("b", KeyInfo{Name: "b", KID: "2"})
+	_ = s.Add("a", KeyInfo{Name: "a", KID: "1"})
+	got := s.Infos(func(k KeyInfo) KeyInfo { return k })
+	if len(got) != 2 || got[0].Name != "b" || got[1].KID != "1" {
+		t.Fatalf("Infos = %+v, want b then a in insertion order", got)
+	}
+}

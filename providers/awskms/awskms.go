@@ -229,12 +229,7 @@ func (p *Provider) Remote() bool { return true }
 
 // Keys implements providers.Provider.
 func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
-	ks := p.keys.All()
-	out := make([]providers.KeyInfo, len(ks))
-	for i, k := range ks {
-		out[i] = k.info
-	}
-	return out, nil
+	return p.keys.Infos(func(k *remoteKey) providers.KeyInfo { return k.info }), nil
 }
 
 // KeyARN returns the key ARN a key's configured id resolved to when the key

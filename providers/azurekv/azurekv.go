@@ -284,12 +284,7 @@ func (p *Provider) Remote() bool { return true }
 
 // Keys implements providers.Provider.
 func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
-	ks := p.keys.All()
-	out := make([]providers.KeyInfo, len(ks))
-	for i, k := range ks {
-		out[i] = k.info
-	}
-	return out, nil
+	return p.keys.Infos(func(k *remoteKey) providers.KeyInfo { return k.info }), nil
 }
 
 // Version returns the Key Vault key version a key is pinned to.

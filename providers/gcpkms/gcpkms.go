@@ -234,12 +234,7 @@ func (p *Provider) Remote() bool { return true }
 
 // Keys implements providers.Provider.
 func (p *Provider) Keys(context.Context) ([]providers.KeyInfo, error) {
-	ks := p.keys.All()
-	out := make([]providers.KeyInfo, len(ks))
-	for i, k := range ks {
-		out[i] = k.info
-	}
-	return out, nil
+	return p.keys.Infos(func(k *remoteKey) providers.KeyInfo { return k.info }), nil
 }
 
 // Version returns the CryptoKeyVersion resource a key resolved to at Open
@@ -494,16 +489,11 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 			return fail(err)
 		}
 	}
-	k, err := p.openKey(ctx, KeyConfig{Name: name, Resource: version})
+	info, err := p.serve(ctx, name, version)
 	if err != nil {
 		return fail(err)
 	}
-	if err := p.keys.Add(name, k); err != nil {
-		return fail(err)
-	}
-	p.log.Info("gcpkms key ready", zap.String("provider", p.id), zap.String("key", name),
-		zap.String("version", k.version), zap.Stringer("algorithm", k.alg), zap.String("kid", k.info.KID))
-	return k.info, nil
+	return info, nil
 }
 
 // awaitEnabled polls version until it is ENABLED, each call bounded by the
@@ -582,12 +572,22 @@ func (p *Provider) AddKey(ctx context.Context, name, resource string) (providers
 		}
 		return fail(fmt.Errorf("another version (%s) is served under this name: %w", k.version, providers.ErrBadRequest))
 	}
-	k, err := p.openKey(ctx, KeyConfig{Name: name, Resource: resource})
+	info, err := p.serve(ctx, name, resource)
 	if err != nil {
 		return fail(err)
 	}
+	return info, nil
+}
+
+// serve fetches a key version's public key and starts serving it under name:
+// the last step of NewVersion and AddKey.
+func (p *Provider) serve(ctx context.Context, name, version string) (providers.KeyInfo, error) {
+	k, err := p.openKey(ctx, KeyConfig{Name: name, Resource: version})
+	if err != nil {
+		return providers.KeyInfo{}, err
+	}
 	if err := p.keys.Add(name, k); err != nil {
-		return fail(err)
+		return providers.KeyInfo{}, err
 	}
 	p.log.Info("gcpkms key ready", zap.String("provider", p.id), zap.String("key", name),
 		zap.String("version", k.version), zap.Stringer("algorithm", k.alg), zap.String("kid", k.info.KID))

@@ -257,12 +257,7 @@ func (p *Provider) Keys(ctx context.Context) ([]providers.KeyInfo, error) {
 	if p.closed.Load() {
 		return nil, fmt.Errorf("pkcs11 keys: %w", errClosed)
 	}
-	ks := p.keys.All()
-	out := make([]providers.KeyInfo, len(ks))
-	for i, k := range ks {
-		out[i] = k.info
-	}
-	return out, nil
+	return p.keys.Infos(func(k *key) providers.KeyInfo { return k.info }), nil
 }
 
 // Sign implements providers.Provider: C_SignInit and one C_Sign on a pooled
