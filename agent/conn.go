@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -165,7 +166,7 @@ func frameBuffered(br *bufio.Reader, max int) bool {
 		return false
 	}
 	h, _ := br.Peek(4)
-	l := int(h[0])<<24 | int(h[1])<<16 | int(h[2])<<8 | int(h[3])
+	l := int(binary.BigEndian.Uint32(h))
 	return l > max || n-4 >= l
 }
 
@@ -198,10 +199,9 @@ func (c *conn) waitFrame(br *bufio.Reader, lim Limits, draining bool) (string, e
 	}
 	c.setReadDeadline(time.Now().Add(lim.FrameTimeout))
 	c.frameArmed = true
-	_, err := br.Peek(4)
+	h, err := br.Peek(4)
 	if err == nil {
-		h, _ := br.Peek(4)
-		l := int(h[0])<<24 | int(h[1])<<16 | int(h[2])<<8 | int(h[3])
+		l := int(binary.BigEndian.Uint32(h))
 		if l > br.Size()-4 {
 			// Larger than the read buffer: ReadFrame reads the rest
 			// under the armed deadline, and readLoop clears it after.

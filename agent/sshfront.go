@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
+	"encoding/binary"
 	"errors"
 	"net"
 	"os"
@@ -167,7 +168,7 @@ func (s *sshConn) track(b []byte) error {
 			if s.hdrN < 4 {
 				break
 			}
-			l := int(s.hdr[0])<<24 | int(s.hdr[1])<<16 | int(s.hdr[2])<<8 | int(s.hdr[3])
+			l := int(binary.BigEndian.Uint32(s.hdr[:]))
 			if l > s.maxMsg {
 				return errSSHMessageTooLarge
 			}
