@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"time"
 
 	"cloud.google.com/go/kms/apiv1/kmspb"
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -144,15 +143,7 @@ func (c *Cloud) Scenarios() []Scenario {
 		if name == ScenarioAWSKMS {
 			pids = append(pids, c.awsPID)
 		}
-		cpu := func() time.Duration {
-			var total time.Duration
-			for _, pid := range pids {
-				d, _ := ProcessCPU(pid)
-				total += d
-			}
-			return total
-		}
-		out = append(out, AgentScenario(name, KeyECDSAP256, c.Socket, cloudKeyName(name), cpu))
+		out = append(out, AgentScenario(name, KeyECDSAP256, c.Socket, cloudKeyName(name), processesCPU(pids...)))
 	}
 	return out
 }

@@ -442,6 +442,20 @@ func scenarioCPU(sc Scenario) time.Duration {
 // Linux ABI Go supports; reading sysconf(_SC_CLK_TCK) would need cgo.
 const clockTick = 100
 
+// processesCPU returns a Scenario.CPU that sums ProcessCPU over pids: the
+// server side of a scenario may be several processes (an agent and an
+// emulator, two agents).
+func processesCPU(pids ...int) func() time.Duration {
+	return func() time.Duration {
+		var sum time.Duration
+		for _, pid := range pids {
+			d, _ := ProcessCPU(pid)
+			sum += d
+		}
+		return sum
+	}
+}
+
 // ProcessCPU returns the user+system CPU time used so far by process pid,
 // from /proc/PID/stat (utime+stime, resolution 10 ms).
 func ProcessCPU(pid int) (time.Duration, error) {

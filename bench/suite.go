@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"time"
 
 	"github.com/sigil-agent/sigil/proto"
 )
@@ -67,7 +66,7 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 	}
 	defer cloud.Close()
 
-	agentCPU := func() time.Duration { d, _ := ProcessCPU(env.AgentPID()); return d }
+	agentCPU := processesCPU(env.AgentPID())
 	var direct, forwarded *Cryptoki
 	if o.wants(ScenarioDirect) {
 		if direct, err = OpenCryptoki(env.Module, env.TokenLabel, env.PIN); err != nil {
@@ -84,7 +83,7 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 			defer forwarded.Close()
 		}
 	}
-	p11kitCPU := func() time.Duration { d, _ := ProcessCPU(env.P11KitPID()); return d }
+	p11kitCPU := processesCPU(env.P11KitPID())
 	var front *Cryptoki
 	var frontAgent Variant
 	if o.wants(ScenarioPKCS11Front) {
@@ -120,16 +119,6 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 			return nil, fmt.Errorf("experiment agent: %w", err)
 		}
 	}
-	cpuOf := func(pids ...int) func() time.Duration {
-		return func() time.Duration {
-			var sum time.Duration
-			for _, pid := range pids {
-				d, _ := ProcessCPU(pid)
-				sum += d
-			}
-			return sum
-		}
-	}
 
 	var scenarios []Scenario
 	for _, k := range env.Keys {
@@ -140,16 +129,16 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 			scenarios = append(scenarios, AgentScenario(ScenarioAgentUnix, k, env.AgentSocket, hsmKeyName(k), agentCPU))
 		}
 		if o.wants(ScenarioAgentOneInstance) {
-			scenarios = append(scenarios, AgentScenario(ScenarioAgentOneInstance, k, single.Socket, hsmKeyName(k), cpuOf(single.PID)))
+			scenarios = append(scenarios, AgentScenario(ScenarioAgentOneInstance, k, single.Socket, hsmKeyName(k), processesCPU(single.PID)))
 		}
 		if o.wants(ScenarioAgentOneProc) {
-			scenarios = append(scenarios, AgentScenario(ScenarioAgentOneProc, k, oneProc.Socket, hsmKeyName(k), cpuOf(oneProc.PID)))
+			scenarios = append(scenarios, AgentScenario(ScenarioAgentOneProc, k, oneProc.Socket, hsmKeyName(k), processesCPU(oneProc.PID)))
 		}
 		if o.wants(ScenarioSoftwareOneProc) {
-			scenarios = append(scenarios, AgentScenario(ScenarioSoftwareOneProc, k, oneProc.Socket, softKeyName(k), cpuOf(oneProc.PID)))
+			scenarios = append(scenarios, AgentScenario(ScenarioSoftwareOneProc, k, oneProc.Socket, softKeyName(k), processesCPU(oneProc.PID)))
 		}
 		if o.wants(ScenarioAgentTwoProcs) {
-			scenarios = append(scenarios, SplitAgentScenario(ScenarioAgentTwoProcs, k, []string{single.Socket, second.Socket}, hsmKeyName(k), cpuOf(single.PID, second.PID)))
+			scenarios = append(scenarios, SplitAgentScenario(ScenarioAgentTwoProcs, k, []string{single.Socket, second.Socket}, hsmKeyName(k), processesCPU(single.PID, second.PID)))
 		}
 		if o.wants(ScenarioAgentTCP) {
 			scenarios = append(scenarios, AgentTLSScenario(ScenarioAgentTCP, k, env.AgentTCP, env.ClientTLS, hsmKeyName(k), agentCPU))
@@ -158,7 +147,7 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 			scenarios = append(scenarios, forwarded.Scenario(ScenarioP11Kit, k, p11kitCPU))
 		}
 		if front != nil {
-			scenarios = append(scenarios, front.Scenario(ScenarioPKCS11Front, k, func() time.Duration { d, _ := ProcessCPU(frontAgent.PID); return d }))
+			scenarios = append(scenarios, front.Scenario(ScenarioPKCS11Front, k, processesCPU(frontAgent.PID)))
 		}
 		if o.wants(ScenarioSoftware) {
 			scenarios = append(scenarios, AgentScenario(ScenarioSoftware, k, env.AgentSocket, softKeyName(k), agentCPU))
@@ -168,8 +157,7 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 			if !ok || !o.wants(name) {
 				continue
 			}
-			pid := v.PID
-			scenarios = append(scenarios, AgentScenario(name, k, v.Socket, softKeyName(k), func() time.Duration { d, _ := ProcessCPU(pid); return d }))
+			scenarios = append(scenarios, AgentScenario(name, k, v.Socket, softKeyName(k), processesCPU(v.PID)))
 		}
 	}
 	scenarios = append(scenarios, cloud.Scenarios()...)
