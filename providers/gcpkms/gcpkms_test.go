@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/providertest"
 )
 
 var (
@@ -62,24 +63,10 @@ func newFleet(t *testing.T, timeout time.Duration) *testFleet {
 
 func (tf *testFleet) info(t *testing.T, name string) providers.KeyInfo {
 	t.Helper()
-	infos, err := tf.p.Keys(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, ki := range infos {
-		if ki.Name == name {
-			return ki
-		}
-	}
-	t.Fatalf("no key %s", name)
-	return providers.KeyInfo{}
+	return providertest.KeyInfo(t, tf.p, name)
 }
 
-func randomDigest(h crypto.Hash) []byte {
-	d := make([]byte, h.Size())
-	rand.Read(d)
-	return d
-}
+var randomDigest = providertest.RandomDigest
 
 func TestSignVerifies(t *testing.T) {
 	tf := newFleet(t, 0)

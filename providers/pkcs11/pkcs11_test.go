@@ -13,6 +13,7 @@ import (
 
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
+	"github.com/sigil-agent/sigil/providers/providertest"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
 )
@@ -101,17 +102,7 @@ func signAndVerify(t testing.TB, p *Provider, name string, alg providers.Algorit
 
 func keyInfo(t testing.TB, p *Provider, name string) providers.KeyInfo {
 	t.Helper()
-	keys, err := p.Keys(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, k := range keys {
-		if k.Name == name {
-			return k
-		}
-	}
-	t.Fatalf("key %q not served", name)
-	return providers.KeyInfo{}
+	return providertest.KeyInfo(t, p, name)
 }
 
 var signCases = []struct {
