@@ -64,6 +64,7 @@ type request struct {
 	kind    requestKind
 	rec     Record
 	changes []StateChange
+	prune   *pruneRange // a prune's deletion, committed with rec
 	err     error
 	done    chan struct{} // buffered 1; the committer sends once
 }
@@ -103,6 +104,12 @@ func (j *Journal) AppendWithState(ctx context.Context, r *Record, changes ...Sta
 			return errEmptyKey
 		}
 	}
+	return j.submitRecord(ctx, r, changes, nil)
+}
+
+// submitRecord commits r with the state changes and, for a prune, its
+// deletion.
+func (j *Journal) submitRecord(ctx context.Context, r *Record, changes []StateChange, prune *pruneRange) error {
 	if r.Time.IsZero() {
 		r.Time = j.opts.Clock()
 	}
@@ -112,12 +119,14 @@ func (j *Journal) AppendWithState(ctx context.Context, r *Record, changes ...Sta
 	req.kind = kindRecord
 	req.rec = *r
 	req.changes = copyChanges(changes)
+	req.prune = prune
 	if err := j.submit(ctx, req); err != nil {
 		return err
 	}
 	r.Seq, r.PrevHash, r.Hash = req.rec.Seq, req.rec.PrevHash, req.rec.Hash
 	req.rec = Record{}
 	req.changes = nil
+	req.prune = nil
 	requestPool.Put(req)
 	return nil
 }
@@ -273,6 +282,9 @@ func (j *Journal) commitGroup(group []*request) error {
 			putRecord(b, &key, &req.rec)
 			prev = req.rec.Hash
 			records++
+			if req.prune != nil {
+				putPrune(b, req.prune)
+			}
 		}
 		for _, c := range req.changes {
 			k := stateKey(c.Key)

@@ -2,7 +2,6 @@ package journal
 
 import (
 	"context"
-	"encoding/binary"
 	"fmt"
 	"sync/atomic"
 	"testing"
@@ -97,12 +96,7 @@ func rawGet(t *testing.T, j *Journal, key []byte) []byte {
 	return append([]byte(nil), v...)
 }
 
-func auditKey(seq uint64) []byte {
-	k := make([]byte, auditKeyLen)
-	copy(k, auditPrefix)
-	binary.BigEndian.PutUint64(k[len(auditPrefix):], seq)
-	return k
-}
+func auditKey(seq uint64) []byte { return auditKeyFor(seq) }
 
 // appendN appends n records from one goroutine.
 func appendN(t testing.TB, j *Journal, tenant string, n int) {

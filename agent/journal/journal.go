@@ -173,6 +173,8 @@ type Journal struct {
 	headSeq  uint64
 	headHash [32]byte
 
+	pruneMu sync.Mutex // one Prune at a time
+
 	// Owned by whichever goroutine holds busy (an inline Append or the
 	// committer goroutine).
 	batch          *pebble.Batch
@@ -317,12 +319,17 @@ func readHead(db *pebble.DB, log *zap.Logger) (uint64, [32]byte, error) {
 
 // readCheckpoint reads the "m/head" checkpoint entry.
 func readCheckpoint(r pebble.Reader) (seq uint64, hash [32]byte, found bool, err error) {
-	v, closer, err := r.Get([]byte(headKey))
+	return readMeta(r, headKey)
+}
+
+// readMeta reads a seq-and-hash entry: the head checkpoint or the anchor.
+func readMeta(r pebble.Reader, key string) (seq uint64, hash [32]byte, found bool, err error) {
+	v, closer, err := r.Get([]byte(key))
 	if errors.Is(err, pebble.ErrNotFound) {
 		return 0, hash, false, nil
 	}
 	if err != nil {
-		return 0, hash, false, fmt.Errorf("journal: read checkpoint: %w", err)
+		return 0, hash, false, fmt.Errorf("journal: read %s: %w", key, err)
 	}
 	defer closer.Close()
 	seq, hash, err = decodeHead(v)
@@ -365,7 +372,7 @@ const headLen = 1 + 8 + 32
 func decodeHead(v []byte) (uint64, [32]byte, error) {
 	var hash [32]byte
 	if len(v) != headLen || v[0] != headFormatV1 {
-		return 0, hash, fmt.Errorf("journal: checkpoint entry malformed (%d bytes)", len(v))
+		return 0, hash, fmt.Errorf("journal: chain-head entry malformed (%d bytes)", len(v))
 	}
 	copy(hash[:], v[9:])
 	return getUint64(v[1:]), hash, nil

@@ -145,7 +145,7 @@ const (
 	// record's Hash (a record was replaced or reordered).
 	BreakPrevMismatch
 	// BreakGap: a seq is missing (a record was deleted), or the first
-	// record is not seq 1.
+	// record is not seq 1 (or, after a prune, the anchor's seq + 1).
 	BreakGap
 	// BreakUndecodable: the stored value is not a record encoding, or its
 	// seq disagrees with its key.
@@ -154,6 +154,10 @@ const (
 	// checkpoint: records deleted from the end, or history rewritten up
 	// to the checkpoint.
 	BreakHeadMismatch
+	// BreakAnchor: the chain's start after a prune (the anchor) is not
+	// the one the newest prune record names: records were deleted, or
+	// the anchor moved, outside Prune.
+	BreakAnchor
 )
 
 func (r BreakReason) String() string {
@@ -168,6 +172,8 @@ func (r BreakReason) String() string {
 		return "undecodable record"
 	case BreakHeadMismatch:
 		return "head mismatch"
+	case BreakAnchor:
+		return "anchor mismatch"
 	default:
 		return fmt.Sprintf("BreakReason(%d)", int(r))
 	}
@@ -192,8 +198,11 @@ type VerifyReport struct {
 	HeadHash [32]byte // the last record's stored hash: what new records chain to
 	// CheckpointSeq is the seq of the chain-head checkpoint (0 if none).
 	CheckpointSeq uint64
-	// Break is the first break, nil if the chain is intact from seq 1 to
-	// the last record and agrees with the checkpoint.
+	// AnchorSeq is the last seq deleted by Prune (0 if none): the chain
+	// starts after it.
+	AnchorSeq uint64
+	// Break is the first break, nil if the chain is intact from seq 1 (or
+	// the anchor) to the last record and agrees with the checkpoint.
 	Break *ChainBreak
 }
 
@@ -204,8 +213,10 @@ func (r *VerifyReport) OK() bool { return r.Break == nil }
 // and reports the first break. The walk reads a snapshot: appends may go
 // on meanwhile. The error is for failures to read, not for breaks.
 //
-// What it can prove: every record from seq 1 to the last is present,
-// unedited and in order, and the chain reaches the last checkpoint. What
+// What it can prove: every record from seq 1 (after a prune: from the
+// anchor, which the newest prune record must name) to the last is
+// present, unedited and in order, and the chain reaches the last
+// checkpoint. What
 // it cannot: that no records were cut from the end after the last
 // checkpoint (at most one second of records, or none after a clean
 // Close), or that someone who can write the store did not rewrite the
@@ -231,16 +242,24 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 		breakAt(0, BreakHeadMismatch, "%v", cpErr)
 	}
 	rep.CheckpointSeq = cpSeq
+	// After a prune the chain starts after the anchor (prune.go).
+	anchorSeq, anchorHash, anchorFound, err := readMeta(snap, anchorKey)
+	if err != nil {
+		breakAt(0, BreakAnchor, "%v", err)
+	}
+	rep.AnchorSeq = anchorSeq
 
-	it, err := snap.NewIter(auditIterOptions(0))
+	it, err := snap.NewIter(auditIterOptions(anchorSeq + 1))
 	if err != nil {
 		return rep, fmt.Errorf("journal: verify: %w", err)
 	}
 	defer it.Close()
 	var (
-		r        Record
-		prevHash [32]byte
-		expected uint64 = 1
+		r          Record
+		prevHash   = anchorHash
+		expected   = anchorSeq + 1
+		pruneSeq   uint64   // the newest prune record
+		pruneNamed [32]byte // the anchor hash it names
 	)
 	for ok := it.First(); ok; ok = it.Next() {
 		if rep.Records%4096 == 0 {
@@ -280,6 +299,9 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 		case r.PrevHash != prevHash:
 			breakAt(keySeq, BreakPrevMismatch, "prev hash %x, previous record's hash %x", r.PrevHash[:8], prevHash[:8])
 		}
+		if r.Op == PruneOp {
+			pruneSeq, pruneNamed = keySeq, r.DigestHash
+		}
 		if cpFound && keySeq == cpSeq && r.Hash != cpHash {
 			breakAt(keySeq, BreakHeadMismatch, "record hash %x, checkpoint says %x", r.Hash[:8], cpHash[:8])
 		}
@@ -289,6 +311,13 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 		return rep, fmt.Errorf("journal: verify: %w", err)
 	}
 	rep.HeadHash = prevHash
+	switch {
+	case anchorFound && pruneSeq == 0:
+		breakAt(anchorSeq+1, BreakAnchor, "the chain starts after seq %d, and no %s record attests that", anchorSeq, PruneOp)
+	case anchorFound && pruneNamed != anchorHash:
+		breakAt(pruneSeq, BreakAnchor, "the newest %s record names anchor hash %x, the store's anchor is seq %d hash %x",
+			PruneOp, pruneNamed[:8], anchorSeq, anchorHash[:8])
+	}
 	if cpFound && cpSeq > rep.LastSeq {
 		breakAt(rep.LastSeq+1, BreakHeadMismatch,
 			"checkpoint at seq %d, last record is seq %d: records were removed from the end", cpSeq, rep.LastSeq)

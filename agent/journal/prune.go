@@ -1,0 +1,171 @@
+package journal
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+)
+
+// Retention. A journal that only grows ends full, and a full journal
+// refuses every signature; so old records can be deleted, from the start
+// of the chain only, without losing the chain's proof:
+//
+//   - The anchor ("m/anchor") is the seq and hash of the last deleted
+//     record. Verify starts there: the first kept record must chain to the
+//     anchor's hash, exactly as it chained to the deleted record.
+//   - Every prune appends a PruneOp record to the chain, in the same atomic
+//     commit as the deletion and the anchor, whose DigestHash is the new
+//     anchor's hash. Verify requires the newest such record to name the
+//     stored anchor, so moving the anchor forward to hide more records
+//     breaks the chain after it, like any other edit.
+//   - Prune checks the links of every record it is about to delete and
+//     refuses on a break: deleting a tampered range would erase the
+//     evidence.
+//
+// Space comes back as Pebble compacts the range deletion away (its
+// delete-only compactions drop sstables the deletion covers whole).
+
+// anchorKey holds the chain's anchor after a prune.
+const anchorKey = "m/anchor"
+
+// PruneOp is the Op of the record a prune appends.
+const PruneOp = "journal.pruned"
+
+// ErrPruneRefused wraps the reason a prune deleted nothing.
+var ErrPruneRefused = errors.New("journal: prune refused")
+
+// PruneResult says what one Prune deleted. All zero when nothing was old
+// enough.
+type PruneResult struct {
+	Deleted    uint64   // records deleted
+	FromSeq    uint64   // first deleted seq
+	ToSeq      uint64   // last deleted seq: the new anchor
+	AnchorHash [32]byte // hash of record ToSeq, which the first kept record chains to
+	RecordSeq  uint64   // the PruneOp record that attests the anchor
+}
+
+func (p PruneResult) String() string {
+	if p.Deleted == 0 {
+		return "no records old enough to delete"
+	}
+	return fmt.Sprintf("deleted %d records (seq %d..%d); the chain now starts after seq %d (hash %s), attested by record %d",
+		p.Deleted, p.FromSeq, p.ToSeq, p.ToSeq, hex.EncodeToString(p.AnchorHash[:8]), p.RecordSeq)
+}
+
+// pruneRange is the deletion a prune record's commit carries.
+type pruneRange struct {
+	from, to uint64
+	hash     [32]byte // record to's hash
+}
+
+// Prune deletes the records at the start of the chain whose Time is
+// before the given time, up to the first record that is not, after
+// checking their links. It never deletes the record it appends, so the
+// chain is never empty after a prune. Concurrent Prunes run one at a
+// time; appends go on meanwhile.
+func (j *Journal) Prune(ctx context.Context, before time.Time) (PruneResult, error) {
+	j.pruneMu.Lock()
+	defer j.pruneMu.Unlock()
+	pr, err := j.pruneRange(ctx, before)
+	if err != nil || pr.to == 0 {
+		return PruneResult{}, err
+	}
+	r := Record{
+		Op:       PruneOp,
+		CodeName: "OK",
+		Peer:     "agent",
+		// The anchor's hash in a hashed field, so Verify can compare it
+		// with the stored anchor without parsing the detail.
+		DigestHash: pr.hash,
+		Detail: fmt.Sprintf("deleted records %d-%d, each older than %s; the chain now starts after seq %d",
+			pr.from, pr.to, before.UTC().Format(time.RFC3339), pr.to),
+	}
+	if err := j.submitRecord(ctx, &r, nil, &pr); err != nil {
+		return PruneResult{}, err
+	}
+	return PruneResult{Deleted: pr.to - pr.from + 1, FromSeq: pr.from, ToSeq: pr.to, AnchorHash: pr.hash, RecordSeq: r.Seq}, nil
+}
+
+// pruneRange finds the records to delete, checking each link on the way.
+func (j *Journal) pruneRange(ctx context.Context, before time.Time) (pruneRange, error) {
+	db, err := j.readDB()
+	if err != nil {
+		return pruneRange{}, err
+	}
+	defer j.dbMu.RUnlock()
+	snap := db.NewSnapshot()
+	defer snap.Close()
+	anchorSeq, anchorHash, _, err := readMeta(snap, anchorKey)
+	if err != nil {
+		return pruneRange{}, fmt.Errorf("%w: %w", ErrPruneRefused, err)
+	}
+	it, err := snap.NewIter(auditIterOptions(anchorSeq + 1))
+	if err != nil {
+		return pruneRange{}, fmt.Errorf("journal: prune: %w", err)
+	}
+	defer it.Close()
+	var (
+		r    Record
+		pr   = pruneRange{from: anchorSeq + 1}
+		prev = anchorHash
+		want = anchorSeq + 1
+	)
+	refuse := func(seq uint64, format string, args ...any) (pruneRange, error) {
+		return pruneRange{}, fmt.Errorf("%w: the chain is broken at seq %d (%s); nothing was deleted, run audit verify",
+			ErrPruneRefused, seq, fmt.Sprintf(format, args...))
+	}
+	beforeNS := before.UnixNano()
+	for ok := it.First(); ok; ok = it.Next() {
+		if (want-pr.from)%4096 == 0 {
+			if err := ctx.Err(); err != nil {
+				return pruneRange{}, err
+			}
+		}
+		seq, okKey := seqFromKey(it.Key())
+		if !okKey || seq != want {
+			return refuse(want, "expected seq %d, found key %x", want, it.Key())
+		}
+		val := it.Value()
+		if ns, ok := peekTime(val); ok && ns >= beforeNS {
+			break
+		}
+		if err := decodeRecord(val, &r); err != nil {
+			return refuse(seq, "%v", err)
+		}
+		switch {
+		case r.Seq != seq:
+			return refuse(seq, "record says seq %d", r.Seq)
+		case computedHash(val) != r.Hash:
+			return refuse(seq, "hash mismatch")
+		case r.PrevHash != prev:
+			return refuse(seq, "prev-hash mismatch")
+		}
+		pr.to, pr.hash, prev = seq, r.Hash, r.Hash
+		want++
+	}
+	if err := it.Error(); err != nil {
+		return pruneRange{}, fmt.Errorf("journal: prune: %w", err)
+	}
+	return pr, nil
+}
+
+// putPrune adds a prune's deletion and new anchor to the batch.
+func putPrune(b *pebble.Batch, pr *pruneRange) {
+	_ = b.DeleteRange(auditKeyFor(pr.from), auditKeyFor(pr.to+1), nil)
+	op := b.SetDeferred(len(anchorKey), headLen)
+	copy(op.Key, anchorKey)
+	encodeHead(op.Value, pr.to, pr.hash)
+	_ = op.Finish()
+}
+
+func auditKeyFor(seq uint64) []byte {
+	k := make([]byte, auditKeyLen)
+	copy(k, auditPrefix)
+	binary.BigEndian.PutUint64(k[len(auditPrefix):], seq)
+	return k
+}

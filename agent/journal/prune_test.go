@@ -1,0 +1,241 @@
+package journal
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+)
+
+// pruneFixture is a journal of n records stamped 1ms apart from t0 (the
+// clock steps 1ms per call, one call per record).
+func pruneFixture(t *testing.T, n int) (*Journal, string, time.Time) {
+	t.Helper()
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	dir := t.TempDir()
+	j := openTest(t, dir, WAL, func(o *Options) { o.Clock = fixedClock(t0) })
+	appendN(t, j, "acme", n)
+	return j, dir, t0
+}
+
+// recordAt is the time of record seq in a pruneFixture.
+func recordAt(t0 time.Time, seq uint64) time.Time {
+	return t0.Add(time.Duration(seq) * time.Millisecond)
+}
+
+func mustPrune(t *testing.T, j *Journal, before time.Time) PruneResult {
+	t.Helper()
+	res, err := j.Prune(context.Background(), before)
+	if err != nil {
+		t.Fatalf("Prune: %v", err)
+	}
+	return res
+}
+
+func TestPruneKeepsAVerifiableChain(t *testing.T) {
+	j, dir, t0 := pruneFixture(t, 100)
+
+	res := mustPrune(t, j, recordAt(t0, 41)) // records 1..40 are older
+	if res.Deleted != 40 || res.FromSeq != 1 || res.ToSeq != 40 || res.RecordSeq != 101 {
+		t.Fatalf("first prune: %+v", res)
+	}
+	rep := verifyOK(t, j)
+	if rep.AnchorSeq != 40 || rep.FirstSeq != 41 || rep.LastSeq != 101 || rep.Records != 61 {
+		t.Fatalf("after the first prune: %+v", rep)
+	}
+	var prune Record
+	if err := decodeRecord(rawGet(t, j, auditKey(101)), &prune); err != nil {
+		t.Fatal(err)
+	}
+	if prune.Op != PruneOp || prune.DigestHash != res.AnchorHash || prune.Hash != rep.HeadHash {
+		t.Fatalf("prune record %+v does not attest anchor %x", prune, res.AnchorHash[:8])
+	}
+
+	// Nothing older is left: the same cut-off deletes nothing and appends
+	// nothing.
+	if again := mustPrune(t, j, recordAt(t0, 41)); again.Deleted != 0 {
+		t.Fatalf("second prune with the same cut-off: %+v", again)
+	}
+	if seq, _ := j.Head(); seq != 101 {
+		t.Fatalf("head %d after an empty prune, want 101", seq)
+	}
+
+	// A later cut-off takes the rest, the first prune's record included
+	// (the test clock stamps it 101ms).
+	res = mustPrune(t, j, recordAt(t0, 1000))
+	if res.FromSeq != 41 || res.ToSeq != 101 || res.RecordSeq != 102 {
+		t.Fatalf("second prune: %+v", res)
+	}
+	rep = verifyOK(t, j)
+	if rep.AnchorSeq != 101 || rep.FirstSeq != 102 || rep.Records != 1 {
+		t.Fatalf("after the second prune: %+v", rep)
+	}
+
+	// New records chain on, and all of it survives a restart.
+	appendN(t, j, "acme", 5)
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	j = openTest(t, dir, WAL)
+	rep = verifyOK(t, j)
+	if rep.FirstSeq != 102 || rep.LastSeq != 107 {
+		t.Fatalf("after restart: %+v", rep)
+	}
+	var seqs []uint64
+	if err := j.Scan(context.Background(), Filter{}, func(r *Record) error {
+		seqs = append(seqs, r.Seq)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(seqs) != 6 || seqs[0] != 102 {
+		t.Fatalf("Scan after prune: %v", seqs)
+	}
+}
+
+// Every record can go: the chain then starts with the prune record.
+func TestPruneEverything(t *testing.T) {
+	j, _, t0 := pruneFixture(t, 10)
+	res := mustPrune(t, j, recordAt(t0, 1000))
+	if res.Deleted != 10 || res.RecordSeq != 11 {
+		t.Fatalf("prune: %+v", res)
+	}
+	if rep := verifyOK(t, j); rep.Records != 1 || rep.FirstSeq != 11 {
+		t.Fatalf("verify: %+v", rep)
+	}
+}
+
+// Prune appends while signers append: no record is lost or misplaced.
+func TestPruneWhileAppending(t *testing.T) {
+	j, _, t0 := pruneFixture(t, 200)
+	var wg sync.WaitGroup
+	for g := 0; g < 4; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			appendN(t, j, "acme", 100)
+		}()
+	}
+	mustPrune(t, j, recordAt(t0, 150))
+	wg.Wait()
+	rep := verifyOK(t, j)
+	if rep.AnchorSeq != 149 || rep.LastSeq != 601 || rep.Records != 601-149 {
+		t.Fatalf("verify: %+v", rep)
+	}
+}
+
+func TestPruneRefusesABrokenChain(t *testing.T) {
+	j, _, t0 := pruneFixture(t, 30)
+	v := rawGet(t, j, auditKey(12))
+	v[recordFixedLen+2] ^= 0x01
+	rawSet(t, j, auditKey(12), v)
+	_, err := j.Prune(context.Background(), recordAt(t0, 20))
+	if !errors.Is(err, ErrPruneRefused) {
+		t.Fatalf("Prune over an edited record: %v, want ErrPruneRefused", err)
+	}
+	// The evidence is still there.
+	rep, err := j.Verify(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK() || rep.Break.Seq != 12 || rep.AnchorSeq != 0 {
+		t.Fatalf("verify after a refused prune: %+v", rep)
+	}
+}
+
+// Deleting records or moving the anchor behind the journal's back is
+// caught even when the first kept record is intact.
+func TestVerifyFindsPruneTampering(t *testing.T) {
+	cases := []struct {
+		name   string
+		tamper func(t *testing.T, j *Journal)
+		seq    uint64
+		reason BreakReason
+	}{
+		{
+			name: "more records deleted and the anchor moved",
+			tamper: func(t *testing.T, j *Journal) {
+				var r Record
+				if err := decodeRecord(rawGet(t, j, auditKey(25)), &r); err != nil {
+					t.Fatal(err)
+				}
+				for seq := uint64(21); seq <= 25; seq++ {
+					rawDelete(t, j, auditKey(seq))
+				}
+				v := make([]byte, headLen)
+				encodeHead(v, 25, r.Hash)
+				rawSet(t, j, []byte(anchorKey), v)
+			},
+			seq: 41, reason: BreakAnchor,
+		},
+		{
+			name:   "anchor deleted",
+			tamper: func(t *testing.T, j *Journal) { rawDelete(t, j, []byte(anchorKey)) },
+			seq:    1, reason: BreakGap,
+		},
+		{
+			name:   "first kept record deleted",
+			tamper: func(t *testing.T, j *Journal) { rawDelete(t, j, auditKey(21)) },
+			seq:    21, reason: BreakGap,
+		},
+		{
+			name:   "anchor garbage",
+			tamper: func(t *testing.T, j *Journal) { rawSet(t, j, []byte(anchorKey), []byte("x")) },
+			seq:    0, reason: BreakAnchor,
+		},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			j, _, t0 := pruneFixture(t, 40)
+			mustPrune(t, j, recordAt(t0, 21))
+			verifyOK(t, j)
+			tc.tamper(t, j)
+			rep, err := j.Verify(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rep.OK() {
+				t.Fatal("Verify passed a tampered journal")
+			}
+			if rep.Break.Seq != tc.seq || rep.Break.Reason != tc.reason {
+				t.Fatalf("break at %d (%s), want %d (%s); %v", rep.Break.Seq, rep.Break.Reason, tc.seq, tc.reason, rep.Break)
+			}
+		})
+	}
+}
+
+// An anchor with no prune record naming it (records cut and an anchor
+// written by hand) is a break.
+func TestVerifyAnchorWithoutPruneRecord(t *testing.T) {
+	j, _, _ := pruneFixture(t, 20)
+	var r Record
+	if err := decodeRecord(rawGet(t, j, auditKey(10)), &r); err != nil {
+		t.Fatal(err)
+	}
+	for seq := uint64(1); seq <= 10; seq++ {
+		rawDelete(t, j, auditKey(seq))
+	}
+	v := make([]byte, headLen)
+	encodeHead(v, 10, r.Hash)
+	rawSet(t, j, []byte(anchorKey), v)
+	rep, err := j.Verify(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK() || rep.Break.Reason != BreakAnchor || rep.Break.Seq != 11 {
+		t.Fatalf("verify: %+v", rep)
+	}
+}
+
+func verifyOK(t *testing.T, j *Journal) VerifyReport {
+	t.Helper()
+	rep, err := j.Verify(context.Background())
+	if err != nil {
+		t.Fatalf("Verify: %v", err)
+	}
+	if !rep.OK() {
+		t.Fatalf("Verify: %v", rep.Break)
+	}
+	return rep
+}
