@@ -437,6 +437,7 @@ func TestConfigValidation(t *testing.T) {
 		{"rotation calendar too short", "rotation: {calendars: {payments/release: {period: 5m}}}\n", "rotation.calendars[payments/release]"},
 		{"rotation calendar bad date", "rotation: {calendars: {payments/release: {dates: [tomorrow]}}}\n", "rotation.calendars[payments/release]"},
 		{"negative limit", "limits: {max_conns: -1}\n", "max_conns"},
+		{"journal retention too short", "journal: {retention: 30s}\n", "journal.retention 30s"},
 		{"too many module instances", "providers:\n  - {id: h, type: pkcs11, module: /x.so, pin_env: P, module_instances: 17, keys: [{name: k, uri: 'pkcs11:object=k'}]}\n", "module_instances 17"},
 	}
 	for _, tc := range cases {

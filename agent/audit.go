@@ -24,14 +24,26 @@ type JournalConfig struct {
 	// synced to disk, concurrent signers sharing each sync; survives a power
 	// cut) or "off" (no audit: for benchmarks only, logged loudly).
 	Mode string `yaml:"mode"`
+	// Retention deletes records older than this, checked every hour (or
+	// every tenth of the retention, if shorter); 0, the default, keeps
+	// every record. The chain stays verifiable (docs/audit.md, Retention).
+	Retention time.Duration `yaml:"retention"`
 }
+
+// minRetention guards against a unit slip ("90" read as 90ns) deleting
+// the audit trail as fast as it is written.
+const minRetention = time.Minute
 
 func (j *JournalConfig) validate() error {
 	switch j.Mode {
 	case "", "wal", "fsync", "off":
-		return nil
+	default:
+		return fmt.Errorf("journal.mode %q: want wal, fsync or off", j.Mode)
 	}
-	return fmt.Errorf("journal.mode %q: want wal, fsync or off", j.Mode)
+	if j.Retention != 0 && j.Retention < minRetention {
+		return fmt.Errorf("journal.retention %v: want 0 (keep every record) or at least %v", j.Retention, minRetention)
+	}
+	return nil
 }
 
 func openJournal(cfg *Config, log *zap.Logger, fs vfs.FS) (*journal.Journal, error) {
@@ -54,6 +66,57 @@ func openJournal(cfg *Config, log *zap.Logger, fs vfs.FS) (*journal.Journal, err
 	seq, _ := j.Head()
 	log.Info("audit journal open", zap.String("dir", dir), zap.Stringer("mode", d), zap.Uint64("head_seq", seq))
 	return j, nil
+}
+
+// startRetention runs the journal's retention in the background when
+// journal.retention is set; Shutdown stops it before closing the journal.
+func (a *Agent) startRetention() {
+	keep := a.cfg.Journal.Retention
+	if a.journal == nil || keep <= 0 {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	a.stopRetention = cancel
+	a.retentionDone = make(chan struct{})
+	every := min(time.Hour, keep/10)
+	a.log.Info("audit journal retention on", zap.Duration("retention", keep), zap.Duration("every", every))
+	go func() {
+		defer close(a.retentionDone)
+		tick := time.NewTicker(every)
+		defer tick.Stop()
+		for {
+			a.pruneExpired(ctx, time.Now())
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+}
+
+// pruneExpired deletes the records older than the retention at now.
+func (a *Agent) pruneExpired(ctx context.Context, now time.Time) {
+	keep := a.cfg.Journal.Retention
+	res, err := a.pruneJournal(ctx, now.Add(-keep), "agent (journal.retention "+keep.String()+")")
+	switch {
+	case err != nil && ctx.Err() != nil:
+	case err != nil:
+		a.log.Error("audit journal retention failed; records are kept", zap.Error(err))
+	case res.Deleted > 0:
+		a.log.Info("audit journal retention deleted old records", zap.Uint64("records", res.Deleted),
+			zap.Uint64("from_seq", res.FromSeq), zap.Uint64("to_seq", res.ToSeq), zap.Uint64("record_seq", res.RecordSeq))
+	}
+}
+
+// pruneJournal deletes the records older than before (see journal.Prune)
+// and counts them in the metrics.
+func (a *Agent) pruneJournal(ctx context.Context, before time.Time, by string) (journal.PruneResult, error) {
+	res, err := a.journal.Prune(ctx, before, by)
+	if err == nil {
+		a.metrics.journalPruned.Add(float64(res.Deleted))
+	}
+	return res, err
 }
 
 // signDecision is what the journal records about one Sign request.

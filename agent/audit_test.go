@@ -167,3 +167,71 @@ func TestAuditVerifyLive(t *testing.T) {
 		}
 	})
 }
+
+// Retention: the agent prunes on start and then on its schedule; `sigil
+// audit prune` does it on demand over the admin socket. The chain verifies
+// after each, and the client socket cannot prune.
+func TestJournalRetention(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Journal.Retention = time.Minute
+	// Ten records from before the retention, written while the agent was
+	// stopped.
+	j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 10; i++ {
+		r := journal.Record{Time: time.Now().Add(-2 * time.Minute), Op: "sign", Tenant: "old", CodeName: "OK"}
+		if err := j.Append(context.Background(), &r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		verify := func() string {
+			t.Helper()
+			ok, summary, err := admin.AuditVerify(context.Background())
+			if err != nil || !ok {
+				t.Fatalf("AuditVerify = %v %q %v", ok, summary, err)
+			}
+			return summary
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for !strings.Contains(verify(), "1 records, seq 11..11 (seq 1..10 pruned)") {
+			if time.Now().After(deadline) {
+				t.Fatalf("retention did not prune on start: %s", verify())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		d := sha256.Sum256([]byte("after retention"))
+		if _, err := c.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:]); err != nil {
+			t.Fatal(err)
+		}
+		if s := verify(); !strings.Contains(s, "2 records, seq 11..12") {
+			t.Fatalf("after a signature: %s", s)
+		}
+
+		summary, err := admin.AuditPrune(context.Background(), time.Now().Add(time.Second))
+		if err != nil || !strings.Contains(summary, "deleted 2 records (seq 11..12)") {
+			t.Fatalf("AuditPrune = %q %v", summary, err)
+		}
+		if s := verify(); !strings.Contains(s, "1 records, seq 13..13 (seq 1..12 pruned)") {
+			t.Fatalf("after audit prune: %s", s)
+		}
+		recs, err := admin.AuditTail(context.Background(), "", 0, 1)
+		if err != nil || len(recs) != 1 || !strings.Contains(string(recs[0]), journal.PruneOp) ||
+			!strings.Contains(string(recs[0]), "admin uid:") {
+			t.Fatalf("the prune record: %q %v", recs, err)
+		}
+
+		if _, err := admin.AuditPrune(context.Background(), time.Time{}); client.Code(err) != proto.BadRequest {
+			t.Fatalf("AuditPrune without a time: %v, want BAD_REQUEST", err)
+		}
+		if _, err := c.AuditPrune(context.Background(), time.Now()); client.Code(err) != proto.PermissionDenied {
+			t.Fatalf("AuditPrune on the client socket: %v, want PERMISSION_DENIED", err)
+		}
+	})
+}

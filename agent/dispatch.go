@@ -23,7 +23,8 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response) {
 		err = c.hello(req, resp)
 	case proto.OpPing:
 	case proto.OpRotate, proto.OpRollback, proto.OpPause, proto.OpResume,
-		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP, proto.OpIncidentDrill, proto.OpAuditVerify:
+		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP, proto.OpIncidentDrill, proto.OpAuditVerify,
+		proto.OpAuditPrune:
 		err = c.adminOp(req, resp)
 	case proto.OpListKeys, proto.OpPublicKey, proto.OpSign, proto.OpVerify:
 		if c.admin {

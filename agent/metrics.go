@@ -30,6 +30,7 @@ type metrics struct {
 	journalAppend prometheus.Histogram
 	journalOK     prometheus.Counter
 	journalFailed prometheus.Counter
+	journalPruned prometheus.Counter
 	denials       *prometheus.CounterVec // reason
 	refusals      *prometheus.CounterVec // limit
 
@@ -100,8 +101,12 @@ func newMetrics(a *Agent) *metrics {
 	}, []string{"result"})
 	m.journalOK = records.WithLabelValues("ok")
 	m.journalFailed = records.WithLabelValues("error")
+	m.journalPruned = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "sigil_journal_pruned_records_total",
+		Help: "Audit records deleted by retention or `sigil audit prune`.",
+	})
 	m.reg.MustRegister(
-		m.requests, m.signLatency, m.journalAppend, records, m.denials, m.refusals,
+		m.requests, m.signLatency, m.journalAppend, records, m.journalPruned, m.denials, m.refusals,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "sigil_connections_open",
 			Help: "Client connections open (all listeners).",
@@ -179,7 +184,8 @@ func knownOp(op proto.Op) bool {
 	switch op {
 	case proto.OpHello, proto.OpPing, proto.OpListKeys, proto.OpPublicKey, proto.OpSign, proto.OpVerify,
 		proto.OpRotate, proto.OpRollback, proto.OpPause, proto.OpResume,
-		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP, proto.OpIncidentDrill, proto.OpAuditVerify:
+		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP, proto.OpIncidentDrill, proto.OpAuditVerify,
+		proto.OpAuditPrune:
 		return true
 	}
 	return false

@@ -34,6 +34,8 @@ type Agent struct {
 	stopScheduler func()
 	stopSSH       context.CancelFunc // ends ServeSSHAgent's connections on Shutdown
 	schedulerDone chan struct{}
+	stopRetention context.CancelFunc // nil without journal.retention
+	retentionDone chan struct{}
 
 	metrics *metrics
 
@@ -145,6 +147,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 			return nil, fmt.Errorf("rotation: %w", err)
 		}
 	}
+	a.startRetention()
 	return a, nil
 }
 
@@ -267,6 +270,10 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 	if a.stopScheduler != nil {
 		a.stopScheduler()
 		<-a.schedulerDone
+	}
+	if a.stopRetention != nil {
+		a.stopRetention()
+		<-a.retentionDone
 	}
 	if cerr := a.keys.close(); cerr != nil {
 		err = errors.Join(err, cerr)

@@ -2,7 +2,6 @@ package agent
 
 import (
 	"context"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -286,6 +285,8 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 		return nil
 	case proto.OpAuditVerify:
 		return c.a.auditVerify(c.ctx, resp)
+	case proto.OpAuditPrune:
+		return c.a.auditPrune(c.ctx, req.At, c.peer.String(), resp)
 	case proto.OpAuditTail:
 		recs, err := c.a.auditTail(req.Key, req.FromSeq, int(req.Limit))
 		if err != nil {
@@ -327,7 +328,30 @@ func (a *Agent) auditVerify(ctx context.Context, resp *proto.Response) error {
 		resp.Msg = fmt.Sprintf("%d records read; %v", rep.Records, rep.Break)
 		return nil
 	}
-	resp.Msg = fmt.Sprintf("%d records, seq %d..%d, head %s", rep.Records, rep.FirstSeq, rep.LastSeq, hex.EncodeToString(rep.HeadHash[:]))
+	resp.Msg = journal.Summary(&rep)
+	return nil
+}
+
+// auditPrune deletes the records older than the Unix time at, for `sigil
+// audit prune`; the prune record names the admin who asked.
+func (a *Agent) auditPrune(ctx context.Context, at int64, by string, resp *proto.Response) error {
+	if a.journal == nil {
+		return &proto.Error{Code: proto.JournalUnavailable, Msg: "the audit journal is off"}
+	}
+	if at <= 0 {
+		return &proto.Error{Code: proto.BadRequest, Msg: "audit prune needs a cut-off time"}
+	}
+	ctx, cancel := context.WithTimeout(ctx, auditVerifyTimeout)
+	defer cancel()
+	res, err := a.pruneJournal(ctx, time.Unix(at, 0), "admin "+by)
+	switch {
+	case errors.Is(err, journal.ErrPruneRefused):
+		return &proto.Error{Code: proto.Internal, Msg: strings.TrimPrefix(err.Error(), "journal: ")}
+	case err != nil:
+		a.log.Warn("audit prune failed", zap.Error(err))
+		return &proto.Error{Code: proto.JournalUnavailable, Msg: "the audit journal could not be pruned; see the agent's log"}
+	}
+	resp.Msg = res.String()
 	return nil
 }
 

@@ -67,6 +67,17 @@ func (c *Client) AuditVerify(ctx context.Context) (ok bool, summary string, err 
 	return resp.Valid, resp.Msg, nil
 }
 
+// AuditPrune has the running agent delete its audit records older than
+// before (admin role), keeping the chain verifiable from the new start; it
+// returns the agent's summary. A broken chain refuses the prune (INTERNAL).
+func (c *Client) AuditPrune(ctx context.Context, before time.Time) (string, error) {
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpAuditPrune, At: before.Unix()})
+	if err != nil {
+		return "", err
+	}
+	return resp.Msg, nil
+}
+
 // AuditTail reads the running agent's audit journal (admin role): the last
 // limit records when from is 0, else up to limit records from seq from on;
 // tenant "" means every tenant. Each record is one JSON object.

@@ -38,6 +38,9 @@ const (
 	OpIncidentDrill Op = 23
 	// OpAuditVerify recomputes the running agent's audit chain.
 	OpAuditVerify Op = 24
+	// OpAuditPrune deletes the audit records older than Request.At (Unix
+	// seconds), keeping the chain verifiable.
+	OpAuditPrune Op = 25
 )
 
 var opNames = map[Op]string{
@@ -45,7 +48,7 @@ var opNames = map[Op]string{
 	OpSign: "Sign", OpVerify: "Verify", OpRotate: "Rotate", OpRollback: "Rollback",
 	OpPause: "Pause", OpResume: "Resume", OpReloadPolicy: "ReloadPolicy",
 	OpAuditTail: "AuditTail", OpExportREP: "ExportREP", OpIncidentDrill: "IncidentDrill",
-	OpAuditVerify: "AuditVerify",
+	OpAuditVerify: "AuditVerify", OpAuditPrune: "AuditPrune",
 }
 
 func (o Op) String() string {

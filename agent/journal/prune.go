@@ -67,8 +67,8 @@ type pruneRange struct {
 // before the given time, up to the first record that is not, after
 // checking their links. It never deletes the record it appends, so the
 // chain is never empty after a prune. Concurrent Prunes run one at a
-// time; appends go on meanwhile.
-func (j *Journal) Prune(ctx context.Context, before time.Time) (PruneResult, error) {
+// time; appends go on meanwhile. by says who asked, for the record's Peer.
+func (j *Journal) Prune(ctx context.Context, before time.Time, by string) (PruneResult, error) {
 	j.pruneMu.Lock()
 	defer j.pruneMu.Unlock()
 	pr, err := j.pruneRange(ctx, before)
@@ -78,7 +78,7 @@ func (j *Journal) Prune(ctx context.Context, before time.Time) (PruneResult, err
 	r := Record{
 		Op:       PruneOp,
 		CodeName: "OK",
-		Peer:     "agent",
+		Peer:     by,
 		// The anchor's hash in a hashed field, so Verify can compare it
 		// with the stored anchor without parsing the detail.
 		DigestHash: pr.hash,

@@ -26,7 +26,7 @@ func recordAt(t0 time.Time, seq uint64) time.Time {
 
 func mustPrune(t *testing.T, j *Journal, before time.Time) PruneResult {
 	t.Helper()
-	res, err := j.Prune(context.Background(), before)
+	res, err := j.Prune(context.Background(), before, "test")
 	if err != nil {
 		t.Fatalf("Prune: %v", err)
 	}
@@ -130,7 +130,7 @@ func TestPruneRefusesABrokenChain(t *testing.T) {
 	v := rawGet(t, j, auditKey(12))
 	v[recordFixedLen+2] ^= 0x01
 	rawSet(t, j, auditKey(12), v)
-	_, err := j.Prune(context.Background(), recordAt(t0, 20))
+	_, err := j.Prune(context.Background(), recordAt(t0, 20), "test")
 	if !errors.Is(err, ErrPruneRefused) {
 		t.Fatalf("Prune over an edited record: %v, want ErrPruneRefused", err)
 	}

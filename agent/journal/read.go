@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"time"
@@ -204,6 +205,16 @@ type VerifyReport struct {
 	// Break is the first break, nil if the chain is intact from seq 1 (or
 	// the anchor) to the last record and agrees with the checkpoint.
 	Break *ChainBreak
+}
+
+// Summary describes an intact chain in one line: records, seq range (and
+// what retention deleted) and head hash.
+func Summary(r *VerifyReport) string {
+	pruned := ""
+	if r.AnchorSeq > 0 {
+		pruned = fmt.Sprintf(" (seq 1..%d pruned)", r.AnchorSeq)
+	}
+	return fmt.Sprintf("%d records, seq %d..%d%s, head %s", r.Records, r.FirstSeq, r.LastSeq, pruned, hex.EncodeToString(r.HeadHash[:]))
 }
 
 // OK reports an intact chain.

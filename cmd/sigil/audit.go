@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -90,8 +89,7 @@ func newAuditCommand() *cobra.Command {
 			if !rep.OK() {
 				return &exitError{exitFailure, fmt.Errorf("%d records read; %v", rep.Records, rep.Break)}
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "audit chain OK: %d records, seq %d..%d, head %s\n",
-				rep.Records, rep.FirstSeq, rep.LastSeq, hex.EncodeToString(rep.HeadHash[:]))
+			fmt.Fprintf(cmd.OutOrStdout(), "audit chain OK: %s\n", journal.Summary(&rep))
 			return nil
 		},
 	}
@@ -172,7 +170,54 @@ func newAuditCommand() *cobra.Command {
 	export.Flags().StringVar(&tenant, "tenant", "", "only this tenant's records")
 	export.Flags().StringVar(&format, "format", "jsonl", "output format (jsonl)")
 
-	cmd.AddCommand(verify, tail, export)
+	var before string
+	prune := &cobra.Command{
+		Use:   "prune --before TIME",
+		Short: "Delete the records older than TIME (the running agent's, over its admin socket, else the journal directory); the chain stays verifiable",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if before == "" {
+				return usageError("--before is required: an RFC 3339 time, or a duration ago (2160h)")
+			}
+			cut, err := parseSince(before)
+			if err != nil {
+				return usageError("--before: %v", err)
+			}
+			out := cmd.OutOrStdout()
+			if dir == "" && configPath == "" || adminSocket != "" {
+				addr := adminSocket
+				if addr == "" {
+					addr = filepath.Join(filepath.Dir(proto.ClientSocketPath()), "admin.sock")
+				}
+				if c, err := client.Dial(cmd.Context(), addr); err == nil {
+					defer c.Close()
+					summary, err := c.AuditPrune(cmd.Context(), cut)
+					if err != nil {
+						return agentError("audit prune", err)
+					}
+					fmt.Fprintf(out, "running agent: %s\n", summary)
+					return nil
+				} else if adminSocket != "" {
+					return &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %w", addr, err)}
+				}
+			}
+			j, err := open()
+			if err != nil {
+				return err
+			}
+			defer j.Close()
+			res, err := j.Prune(cmd.Context(), cut, "sigil audit prune (offline)")
+			if err != nil {
+				return &exitError{exitFailure, err}
+			}
+			fmt.Fprintln(out, res)
+			return nil
+		},
+	}
+	prune.Flags().StringVar(&before, "before", "", "delete records older than this: RFC 3339 time, or a duration ago (2160h)")
+	prune.Flags().StringVar(&adminSocket, "admin-socket", "", "the running agent's admin socket")
+
+	cmd.AddCommand(verify, tail, export, prune)
 	return cmd
 }
 
