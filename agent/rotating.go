@@ -323,7 +323,7 @@ func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {
 	}
 	if req.Op == proto.OpIncidentDrill {
 		o.Emergency = true
-		rep, err := c.a.rot.Drill(ctx, slot, c.a.policy, o)
+		rep, err := c.a.rot.Drill(ctx, slot, pauser{a: c.a, by: "incident drill by " + c.peer.String()}, o)
 		if err != nil {
 			return rotationError(err)
 		}

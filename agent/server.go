@@ -140,6 +140,12 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		httpServers: map[*http.Server]struct{}{},
 	}
 	a.metrics = newMetrics(a)
+	if err := a.restorePauses(ctx); err != nil {
+		// Fail closed: which slots an operator paused is not known.
+		kr.close()
+		jl.Close()
+		return nil, fmt.Errorf("stored pauses: %w", err)
+	}
 	if engine != nil && jl != nil {
 		if err := a.setupRotation(ctx); err != nil {
 			kr.close()

@@ -206,6 +206,10 @@ func (a *Agent) ReloadPolicy() error {
 		return err
 	}
 	a.policy.Swap(set)
+	if err := a.restorePauses(context.Background()); err != nil {
+		// Slots that stayed keep their pauses; one that came back may not.
+		a.log.Error("stored pauses could not be re-applied after the reload", zap.Error(err))
+	}
 	a.log.Info("policy reloaded", zap.String("hash", set.HashHex()))
 	a.journalEvent("reload-policy", "", proto.OK, "policy "+set.HashHex())
 	return nil
@@ -264,15 +268,19 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 		}
 		var err error
 		op := "pause"
+		p := pauser{a: c.a, by: c.peer.String()}
 		if req.Op == proto.OpPause {
-			err = c.a.policy.Pause(tenant, slot)
+			err = p.Pause(tenant, slot)
 		} else {
 			op = "resume"
-			err = c.a.policy.Resume(tenant, slot)
+			err = p.Resume(tenant, slot)
 		}
 		switch {
 		case errors.Is(err, policy.ErrSlotNotFound):
 			return &proto.Error{Code: proto.NotFound, Msg: "no key slot " + quoteShort(req.Key)}
+		case errors.Is(err, errPauseNotStored):
+			c.a.journalEvent(op, req.Key, proto.JournalUnavailable, "by "+c.peer.String()+"; in force until a restart: the pause could not be stored")
+			return &proto.Error{Code: proto.JournalUnavailable, Msg: "the slot is paused, but the pause could not be stored in the journal: it lasts until the agent restarts"}
 		case errors.Is(err, policy.ErrPausedInFile):
 			c.a.journalEvent(op, req.Key, proto.OK, "run-time pause lifted; the policy file still pauses the slot")
 			resp.Msg = "the policy file itself pauses this slot: it stays paused until the file says paused: false and is reloaded"

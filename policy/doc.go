@@ -77,9 +77,9 @@
 //
 // An Engine holds, per slot, the token bucket (GCRA in one atomic word), the
 // daily count (day and count in one atomic word; it resets at 00:00 UTC) and
-// a run-time paused flag. This state lives in memory only: a restart refills
-// every bucket, zeroes every count and forgets run-time pauses, until the
-// audit journal persists them. Engine.Swap puts a reloaded set in force with
+// a run-time paused flag. This state lives in memory: a restart refills
+// every bucket and zeroes every count. The agent stores run-time pauses in
+// its journal and pauses those slots again at start (agent/pause.go). Engine.Swap puts a reloaded set in force with
 // one atomic pointer store; slots that survive (same tenant and slot name)
 // keep their state. A slot is paused if its file says paused: true or an
 // admin paused it at run time; Resume lifts only the run-time pause.

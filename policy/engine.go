@@ -99,7 +99,7 @@ var (
 // Engine enforces a Set at run time. It holds each slot's token bucket, daily
 // counter and run-time paused flag, in memory only: a restart starts every
 // bucket full and every daily count at zero, and forgets run-time pauses
-// (the audit journal will persist them).
+// (which the agent stores in its journal and puts back).
 //
 // Check is lock-free: the set and the per-slot state are read through one
 // atomic pointer, and the per-slot counters are atomics. Swap replaces the set
@@ -319,8 +319,8 @@ func (e *Engine) lookup(tenant, slot string) (*Slot, *slotState, bool) {
 }
 
 // Pause pauses the slot at run time: Check answers Paused until Resume. The
-// pause survives Swap while the slot exists, not a restart (the journal will
-// persist it). A slot is paused when its file says paused: true or it is
+// pause survives Swap while the slot exists, not a restart (the agent
+// stores pauses and calls Pause again at start). A slot is paused when its file says paused: true or it is
 // paused at run time; either suffices.
 func (e *Engine) Pause(tenant, slot string) error {
 	_, rs, ok := e.lookup(tenant, slot)

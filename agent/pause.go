@@ -1,0 +1,95 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/agent/rotation"
+	"github.com/sigil-agent/sigil/policy"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// Run-time pauses outlive the process. An operator who pauses a slot
+// (`sigil pause`, or an incident drill between its pause and its resume)
+// means "this key must not sign until someone says so"; a crash or a deploy
+// must not lift that. So a pause is kept in the journal's state namespace
+// and put back in force when the agent starts and after every policy
+// reload, and the two directions fail differently, both closed:
+//   - Pause takes effect in memory first, then is stored. If it cannot be
+//     stored the slot is still paused, until a restart, and the caller is
+//     told so.
+//   - Resume is stored first, then takes effect. If it cannot be stored the
+//     slot stays paused.
+
+// pauseKeyPrefix is the state namespace of run-time pauses:
+// pause/<tenant>/<slot>, whose value says who paused it and when.
+const pauseKeyPrefix = "pause/"
+
+// errPauseNotStored says a pause is in force but will not survive a restart.
+var errPauseNotStored = errors.New("the pause could not be stored in the journal")
+
+// pauser pauses and resumes slots in the policy engine and the journal. It
+// is the rotation package's Pauser for incident drills too.
+type pauser struct {
+	a  *Agent
+	by string // who asks, stored with the pause
+}
+
+func (p pauser) Pause(tenant, slot string) error {
+	if err := p.a.policy.Pause(tenant, slot); err != nil {
+		return err
+	}
+	if p.a.journal == nil {
+		return nil
+	}
+	value := fmt.Sprintf("paused by %s at %s", p.by, time.Now().UTC().Format(time.RFC3339))
+	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
+	defer cancel()
+	if err := p.a.journal.Put(ctx, pauseKeyPrefix+tenant+"/"+slot, []byte(value)); err != nil {
+		p.a.log.Error("slot paused, but the pause was not stored: it lasts until the agent restarts",
+			zap.String("slot", tenant+"/"+slot), zap.Error(err))
+		return fmt.Errorf("%w: %w", errPauseNotStored, err)
+	}
+	return nil
+}
+
+func (p pauser) Resume(tenant, slot string) error {
+	if _, found := p.a.policy.Paused(tenant, slot); !found {
+		return policy.ErrSlotNotFound
+	}
+	if p.a.journal != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
+		defer cancel()
+		if err := p.a.journal.Delete(ctx, pauseKeyPrefix+tenant+"/"+slot); err != nil {
+			return &proto.Error{Code: proto.JournalUnavailable, Msg: "the slot stays paused: its resume could not be stored in the journal"}
+		}
+	}
+	return p.a.policy.Resume(tenant, slot)
+}
+
+// restorePauses puts the stored pauses back in force. A stored pause of a
+// slot the policy no longer has is kept, and applies again if the slot
+// comes back.
+func (a *Agent) restorePauses(ctx context.Context) error {
+	if a.policy == nil || a.journal == nil {
+		return nil
+	}
+	return a.journal.ScanState(ctx, pauseKeyPrefix, func(key string, value []byte) error {
+		tenant, slot, _ := strings.Cut(strings.TrimPrefix(key, pauseKeyPrefix), "/")
+		if err := a.policy.Pause(tenant, slot); err != nil {
+			a.log.Warn("stored pause of a slot the policy does not have; kept for when it returns",
+				zap.String("slot", tenant+"/"+slot))
+			return nil
+		}
+		a.log.Info("slot paused (a stored run-time pause)", zap.String("slot", tenant+"/"+slot),
+			zap.String("detail", string(value)))
+		return nil
+	})
+}
+
+var _ rotation.Pauser = pauser{}
