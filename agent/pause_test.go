@@ -6,8 +6,14 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
 
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
+
+	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
 )
@@ -17,27 +23,8 @@ import (
 // too. A policy reload that drops the slot and brings it back keeps it
 // paused.
 func TestRunTimePauseSurvivesRestart(t *testing.T) {
-	cfg := softwareConfig(t)
-	cfg.DefaultKey = ""
-	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
-	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
-	withSlot := fmt.Sprintf(`
-admins: {unix_uids: [%d]}
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: default}
-      - {name: other, key: ed}
-`, os.Getuid(), os.Getuid())
-	withoutSlot := fmt.Sprintf(`
-admins: {unix_uids: [%d]}
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: other, key: ed}
-`, os.Getuid(), os.Getuid())
+	cfg := pauseConfig(t)
+	withSlot, withoutSlot := pausePolicy(true), pausePolicy(false)
 	if err := os.WriteFile(cfg.Policy, []byte(withSlot), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -90,4 +77,101 @@ tenants:
 			t.Fatalf("a resume did not outlive the restart: %v", err)
 		}
 	})
+}
+
+// pauseConfig is softwareConfig with an admin socket and a policy file
+// (written by the caller).
+func pauseConfig(t *testing.T) agent.Config {
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	return cfg
+}
+
+// pausePolicy: tenant payments (this uid) with slots release (unless
+// dropped) and other; this uid is the admin.
+func pausePolicy(withRelease bool) string {
+	release := "      - {name: release, key: default}\n"
+	if !withRelease {
+		release = ""
+	}
+	return fmt.Sprintf(`
+admins: {unix_uids: [%d]}
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+%s      - {name: other, key: ed}
+`, os.Getuid(), os.Getuid(), release)
+}
+
+// With the journal failing, a pause still takes effect (and says it will
+// not outlive a restart), and a resume does not.
+func TestPauseFailsClosedWhenTheJournalFails(t *testing.T) {
+	toggle := &errorfs.Toggle{Injector: errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if op.Kind.ReadOrWrite() == errorfs.OpIsWrite {
+			return errorfs.ErrInjected
+		}
+		return nil
+	})}
+	cfg := pauseConfig(t)
+	if err := os.WriteFile(cfg.Policy, []byte(pausePolicy(true)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg, agent.WithJournalFS(errorfs.Wrap(vfs.Default, toggle)))
+	aln, err := agent.ListenUnix(cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.agent.ServeAdmin(aln)
+	ctx := context.Background()
+	admin, err := client.Dial(ctx, cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	c := r.dial(t)
+	d := sha256.Sum256([]byte("pause"))
+	sign := func() error {
+		_, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		return err
+	}
+	// retry repeats op until the journal has recovered from the fault.
+	retry := func(what string, op func() error) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			err := op()
+			if err == nil {
+				return
+			}
+			if client.Code(err) != proto.JournalUnavailable || time.Now().After(deadline) {
+				t.Fatalf("%s after the fault cleared: %v", what, err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+
+	toggle.On()
+	_, err = admin.Pause(ctx, "payments/release")
+	if client.Code(err) != proto.JournalUnavailable || !strings.Contains(err.Error(), "lasts until the agent restarts") {
+		t.Fatalf("pause with the journal failing: %v", err)
+	}
+	if err := sign(); client.Code(err) != proto.Paused {
+		t.Fatalf("a pause that could not be stored did not take effect: %v", err)
+	}
+	toggle.Off()
+	retry("pause", func() error { _, err := admin.Pause(ctx, "payments/release"); return err })
+
+	toggle.On()
+	if _, err := admin.Resume(ctx, "payments/release"); client.Code(err) != proto.JournalUnavailable {
+		t.Fatalf("resume with the journal failing: %v", err)
+	}
+	if err := sign(); client.Code(err) != proto.Paused {
+		t.Fatalf("a resume that could not be stored took effect: %v", err)
+	}
+	toggle.Off()
+	retry("resume", func() error { _, err := admin.Resume(ctx, "payments/release"); return err })
+	retry("sign", sign)
 }
