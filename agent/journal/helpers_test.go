@@ -108,8 +108,8 @@ func appendN(t testing.TB, j *Journal, tenant string, n int) {
 	}
 }
 
-// mustVerify fails the test unless the chain is intact and ends at seq.
-func mustVerify(t *testing.T, j *Journal, seq uint64) VerifyReport {
+// verifyOK fails the test unless the chain is intact.
+func verifyOK(t *testing.T, j *Journal) VerifyReport {
 	t.Helper()
 	rep, err := j.Verify(context.Background())
 	if err != nil {
@@ -118,6 +118,30 @@ func mustVerify(t *testing.T, j *Journal, seq uint64) VerifyReport {
 	if !rep.OK() {
 		t.Fatalf("Verify: %v", rep.Break)
 	}
+	return rep
+}
+
+// expectBreak fails the test unless Verify reports its first break at seq
+// for reason.
+func expectBreak(t *testing.T, j *Journal, seq uint64, reason BreakReason) VerifyReport {
+	t.Helper()
+	rep, err := j.Verify(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK() {
+		t.Fatal("Verify passed a tampered journal")
+	}
+	if rep.Break.Seq != seq || rep.Break.Reason != reason {
+		t.Fatalf("break at %d (%s), want %d (%s); %v", rep.Break.Seq, rep.Break.Reason, seq, reason, rep.Break)
+	}
+	return rep
+}
+
+// mustVerify fails the test unless the chain is intact and ends at seq.
+func mustVerify(t *testing.T, j *Journal, seq uint64) VerifyReport {
+	t.Helper()
+	rep := verifyOK(t, j)
 	if rep.LastSeq != seq || rep.Records != seq {
 		t.Fatalf("Verify: last %d records %d, want %d", rep.LastSeq, rep.Records, seq)
 	}

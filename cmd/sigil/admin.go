@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -23,10 +22,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 	}
 	cmd.PersistentFlags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket)")
 	run := func(what string, fn func(context.Context, *client.Client) (string, error)) error {
-		addr := adminSocket
-		if addr == "" {
-			addr = filepath.Join(filepath.Dir(proto.ClientSocketPath()), "admin.sock")
-		}
+		addr := adminSocketAddr(adminSocket)
 		// Rotations generate keys (seconds on some HSMs) and sign a canary
 		// set: the agent allows them 2 minutes, so the CLI waits at least 3.
 		ctx, cancel := context.WithTimeout(context.Background(), max(g.timeout, 3*time.Minute))

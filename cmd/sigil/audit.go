@@ -52,30 +52,41 @@ func newAuditCommand() *cobra.Command {
 	}
 
 	var adminSocket string
+	// runningAgent dials the running agent's admin socket unless a
+	// directory is named without --admin-socket. nil and no error: read
+	// the directory (no agent answered, and none was named).
+	runningAgent := func(ctx context.Context) (*client.Client, error) {
+		if (dir != "" || configPath != "") && adminSocket == "" {
+			return nil, nil
+		}
+		addr := adminSocketAddr(adminSocket)
+		c, err := client.Dial(ctx, addr)
+		switch {
+		case err == nil:
+			return c, nil
+		case adminSocket != "":
+			return nil, &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %w", addr, err)}
+		}
+		return nil, nil
+	}
 	verify := &cobra.Command{
 		Use:   "verify",
 		Short: "Recompute the hash chain (the running agent's, over its admin socket, else the journal directory); exit 1 and name the first broken record on a break",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if dir == "" && configPath == "" || adminSocket != "" {
-				addr := adminSocket
-				if addr == "" {
-					addr = filepath.Join(filepath.Dir(proto.ClientSocketPath()), "admin.sock")
+			if c, err := runningAgent(cmd.Context()); err != nil {
+				return err
+			} else if c != nil {
+				defer c.Close()
+				ok, summary, err := c.AuditVerify(cmd.Context())
+				if err != nil {
+					return &exitError{exitFailure, err}
 				}
-				if c, err := client.Dial(cmd.Context(), addr); err == nil {
-					defer c.Close()
-					ok, summary, err := c.AuditVerify(cmd.Context())
-					if err != nil {
-						return &exitError{exitFailure, err}
-					}
-					if !ok {
-						return &exitError{exitFailure, fmt.Errorf("running agent: %s", summary)}
-					}
-					fmt.Fprintf(cmd.OutOrStdout(), "audit chain OK (running agent): %s\n", summary)
-					return nil
-				} else if adminSocket != "" {
-					return &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %w", addr, err)}
+				if !ok {
+					return &exitError{exitFailure, fmt.Errorf("running agent: %s", summary)}
 				}
+				fmt.Fprintf(cmd.OutOrStdout(), "audit chain OK (running agent): %s\n", summary)
+				return nil
 			}
 			j, err := open()
 			if err != nil {
@@ -105,10 +116,7 @@ func newAuditCommand() *cobra.Command {
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			out := cmd.OutOrStdout()
 			if dir == "" {
-				addr := adminSocket
-				if addr == "" {
-					addr = filepath.Join(filepath.Dir(proto.ClientSocketPath()), "admin.sock")
-				}
+				addr := adminSocketAddr(adminSocket)
 				if c, err := client.Dial(cmd.Context(), addr); err == nil {
 					defer c.Close()
 					return tailOnline(cmd.Context(), c, out, tenant, n, follow)
@@ -184,22 +192,16 @@ func newAuditCommand() *cobra.Command {
 				return usageError("--before: %v", err)
 			}
 			out := cmd.OutOrStdout()
-			if dir == "" && configPath == "" || adminSocket != "" {
-				addr := adminSocket
-				if addr == "" {
-					addr = filepath.Join(filepath.Dir(proto.ClientSocketPath()), "admin.sock")
+			if c, err := runningAgent(cmd.Context()); err != nil {
+				return err
+			} else if c != nil {
+				defer c.Close()
+				summary, err := c.AuditPrune(cmd.Context(), cut)
+				if err != nil {
+					return agentError("audit prune", err)
 				}
-				if c, err := client.Dial(cmd.Context(), addr); err == nil {
-					defer c.Close()
-					summary, err := c.AuditPrune(cmd.Context(), cut)
-					if err != nil {
-						return agentError("audit prune", err)
-					}
-					fmt.Fprintf(out, "running agent: %s\n", summary)
-					return nil
-				} else if adminSocket != "" {
-					return &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %w", addr, err)}
-				}
+				fmt.Fprintf(out, "running agent: %s\n", summary)
+				return nil
 			}
 			j, err := open()
 			if err != nil {
@@ -219,6 +221,15 @@ func newAuditCommand() *cobra.Command {
 
 	cmd.AddCommand(verify, tail, export, prune)
 	return cmd
+}
+
+// adminSocketAddr is the admin socket named, else the default one beside
+// the client socket.
+func adminSocketAddr(named string) string {
+	if named != "" {
+		return named
+	}
+	return filepath.Join(filepath.Dir(proto.ClientSocketPath()), "admin.sock")
 }
 
 func journalDir(configPath, dir string) (string, error) {
