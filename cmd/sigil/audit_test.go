@@ -1,7 +1,6 @@
 package main
 
 import (
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,17 +14,7 @@ import (
 func TestAuditPruneFromTheShell(t *testing.T) {
 	bin := buildSigil(t)
 	dir := t.TempDir()
-	config := filepath.Join(dir, "sigil.yaml")
-	if err := os.WriteFile(config, []byte(fmt.Sprintf(`
-data_dir: %s
-default_key: ed
-providers:
-  - id: soft
-    type: software
-    keys: [{name: ed, type: ed25519}]
-`, filepath.Join(dir, "state"))), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	config := writeEd25519Config(t, dir)
 	sockDir, _ := os.MkdirTemp("", "sigil-prune")
 	t.Cleanup(func() { os.RemoveAll(sockDir) })
 	socket := filepath.Join(sockDir, "agent.sock")

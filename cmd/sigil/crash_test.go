@@ -26,15 +26,7 @@ import (
 func TestKilledAgentLosesNoAuditRecord(t *testing.T) {
 	bin := buildSigil(t)
 	dir := t.TempDir()
-	config := filepath.Join(dir, "sigil.yaml")
-	os.WriteFile(config, []byte(fmt.Sprintf(`
-data_dir: %s
-default_key: ed
-providers:
-  - id: soft
-    type: software
-    keys: [{name: ed, type: ed25519}]
-`, filepath.Join(dir, "state"))), 0o600)
+	config := writeEd25519Config(t, dir)
 	sockDir, _ := os.MkdirTemp("", "sigil-crash")
 	t.Cleanup(func() { os.RemoveAll(sockDir) })
 	socket := filepath.Join(sockDir, "agent.sock")

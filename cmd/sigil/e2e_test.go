@@ -28,6 +28,25 @@ func buildSigil(t *testing.T) string {
 	return bin
 }
 
+// writeEd25519Config writes dir/sigil.yaml: one software Ed25519 key "ed"
+// (the default), state in dir/state.
+func writeEd25519Config(t *testing.T, dir string) string {
+	t.Helper()
+	config := filepath.Join(dir, "sigil.yaml")
+	err := os.WriteFile(config, []byte(fmt.Sprintf(`
+data_dir: %s
+default_key: ed
+providers:
+  - id: soft
+    type: software
+    keys: [{name: ed, type: ed25519}]
+`, filepath.Join(dir, "state"))), 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return config
+}
+
 type agentProcess struct {
 	cmd    *exec.Cmd
 	stderr *bytes.Buffer
