@@ -204,6 +204,64 @@ init = 0
 	}
 }
 
+// NSS (the PKCS#11 consumer of Firefox, Thunderbird, Chromium on Linux and
+// Java's SunPKCS11 through NSS-style modules) loads the module with
+// modutil, lists the keys with certutil, and signs certificate requests
+// with them: PKCS#1 v1.5 and PSS for RSA, ECDSA for P-256, software and
+// SoftHSM2 keys. OpenSSL checks each request's signature and that it
+// carries the key behind the agent.
+func TestNSSThroughTheModule(t *testing.T) {
+	need(t, "certutil", "modutil", "openssl")
+	f := startFixture(t, fixtureOptions{hsm: true})
+	db := "sql:" + filepath.Join(f.dir, "nssdb")
+	os.Mkdir(filepath.Join(f.dir, "nssdb"), 0o700)
+	run(t, nil, "certutil", "-N", "-d", db, "--empty-password")
+	run(t, nil, "modutil", "-force", "-add", "sigil", "-libfile", modulePath(t), "-dbdir", db)
+	pw := filepath.Join(f.dir, "nss-password")
+	os.WriteFile(pw, []byte("\n"), 0o600)
+
+	// certutil -K: "< 0> ec  <CKA_ID in hex>  <label>"; NSS finds a key
+	// for -k by that ID.
+	ids := map[string]string{}
+	for _, line := range strings.Split(run(t, nil, "certutil", "-K", "-d", db, "-h", "sigil", "-f", pw), "\n") {
+		if fields := strings.Fields(line); len(fields) == 5 && strings.HasPrefix(fields[0], "<") {
+			ids[fields[4]] = fields[3]
+		}
+	}
+	for _, tc := range []struct{ key, alg string }{
+		{"p256", "ecdsa-with-SHA256"}, {"rsa", "sha256WithRSAEncryption"}, {"rsa", "rsassaPss"},
+		{"hsm-p256", "ecdsa-with-SHA256"}, {"hsm-rsa", "sha256WithRSAEncryption"},
+	} {
+		t.Run(tc.key+"/"+tc.alg, func(t *testing.T) {
+			id, ok := ids[tc.key]
+			if !ok {
+				t.Fatalf("certutil -K does not list %s: %v", tc.key, ids)
+			}
+			csr := filepath.Join(f.dir, tc.key+"-"+tc.alg+".csr")
+			args := []string{"-R", "-d", db, "-h", "sigil", "-f", pw, "-k", id, "-s", "CN=nss " + tc.key, "-Z", "SHA256", "-a", "-o", csr}
+			if tc.alg == "rsassaPss" {
+				args = append(args, "--pss")
+			}
+			run(t, nil, "certutil", args...)
+			out := run(t, nil, "openssl", "req", "-in", csr, "-noout", "-verify", "-text")
+			if !strings.Contains(out, "verify OK") || !strings.Contains(out, "Signature Algorithm: "+tc.alg) {
+				t.Fatalf("openssl req -verify:\n%s", out)
+			}
+			// A --pss request restricts the key to PSS in its SPKI, so
+			// RSA keys are compared by modulus.
+			got := run(t, nil, "openssl", "req", "-in", csr, "-noout", "-pubkey")
+			want, _ := os.ReadFile(f.pem(tc.key))
+			if strings.Contains(tc.key, "rsa") {
+				got = run(t, nil, "openssl", "req", "-in", csr, "-noout", "-modulus")
+				want = []byte(run(t, nil, "openssl", "rsa", "-pubin", "-in", f.pem(tc.key), "-noout", "-modulus"))
+			}
+			if strings.TrimSpace(got) != strings.TrimSpace(string(want)) {
+				t.Fatalf("the request carries another key:\n%s\nwant\n%s", got, want)
+			}
+		})
+	}
+}
+
 const denialPolicy = `
 admins:
   unix_uids: [UID]
