@@ -36,6 +36,8 @@ type Agent struct {
 	schedulerDone chan struct{}
 	stopRetention context.CancelFunc // nil without journal.retention
 	retentionDone chan struct{}
+	stopQuotas    context.CancelFunc // nil without a policy or a journal
+	quotasDone    chan struct{}
 
 	metrics *metrics
 
@@ -146,6 +148,12 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		jl.Close()
 		return nil, fmt.Errorf("stored pauses: %w", err)
 	}
+	if err := a.restoreQuotas(ctx); err != nil {
+		// Fail closed: how much of each daily quota is left is not known.
+		kr.close()
+		jl.Close()
+		return nil, fmt.Errorf("daily quotas: %w", err)
+	}
 	if engine != nil && jl != nil {
 		if err := a.setupRotation(ctx); err != nil {
 			kr.close()
@@ -154,6 +162,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		}
 	}
 	a.startRetention()
+	a.startQuotaSnapshots()
 	return a, nil
 }
 
@@ -281,6 +290,7 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 		a.stopRetention()
 		<-a.retentionDone
 	}
+	a.stopQuotaSnapshots()
 	if cerr := a.keys.close(); cerr != nil {
 		err = errors.Join(err, cerr)
 	}

@@ -78,8 +78,10 @@
 // An Engine holds, per slot, the token bucket (GCRA in one atomic word), the
 // daily count (day and count in one atomic word; it resets at 00:00 UTC) and
 // a run-time paused flag. This state lives in memory: a restart refills
-// every bucket and zeroes every count. The agent stores run-time pauses in
-// its journal and pauses those slots again at start (agent/pause.go). Engine.Swap puts a reloaded set in force with
+// every bucket and zeroes every count. The agent stores run-time pauses and
+// the day's counts in its journal and puts them back at start
+// (agent/pause.go, agent/quota.go: Engine.DailyCounts and
+// Engine.RestoreDailyCount). Engine.Swap puts a reloaded set in force with
 // one atomic pointer store; slots that survive (same tenant and slot name)
 // keep their state. A slot is paused if its file says paused: true or an
 // admin paused it at run time; Resume lifts only the run-time pause.

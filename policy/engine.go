@@ -99,7 +99,7 @@ var (
 // Engine enforces a Set at run time. It holds each slot's token bucket, daily
 // counter and run-time paused flag, in memory only: a restart starts every
 // bucket full and every daily count at zero, and forgets run-time pauses
-// (which the agent stores in its journal and puts back).
+// (the agent stores pauses and counts in its journal and puts them back).
 //
 // Check is lock-free: the set and the per-slot state are read through one
 // atomic pointer, and the per-slot counters are atomics. Swap replaces the set
@@ -232,7 +232,7 @@ func (e *Engine) Check(tenant, slot string, id Identity, alg providers.Algorithm
 	}
 	var day uint64
 	if pol.DailyQuota > 0 {
-		day = uint64(floorDiv(now.Unix(), 86400))
+		day = Day(now)
 		if !rs.takeQuota(day, uint64(pol.DailyQuota)) {
 			d.Reason = QuotaExceeded
 			d.RetryAfter = time.Unix(int64(day+1)*86400, 0).Sub(now)
@@ -273,6 +273,50 @@ func (s *slotState) takeToken(now, interval, tolerance int64) (wait int64, ok bo
 		}
 		if s.tat.CompareAndSwap(tat, next) {
 			return 0, true
+		}
+	}
+}
+
+// Day is the quota day of t: UTC days since 1970. A slot's daily count
+// starts afresh when the day changes.
+func Day(t time.Time) uint64 { return uint64(floorDiv(t.Unix(), 86400)) }
+
+// Today is the quota day by the engine's clock.
+func (e *Engine) Today() uint64 { return Day(e.clock()) }
+
+// DailyCounts returns the day's count of every slot that has one ("tenant/
+// slot" → signatures counted that day), for the agent to store.
+func (e *Engine) DailyCounts(day uint64) map[string]uint64 {
+	st := e.state.Load()
+	out := map[string]uint64{}
+	for _, sl := range st.set.AllSlots() {
+		q := st.slots[sl.index].quota.Load()
+		if q>>quotaCountBits == day && q&quotaCountMask > 0 {
+			out[sl.FullName()] = q & quotaCountMask
+		}
+	}
+	return out
+}
+
+// RestoreDailyCount raises the slot's count for day to at least count
+// (what a restarted agent read back from its journal): a restart must not
+// hand out a quota again. It reports whether the slot exists.
+func (e *Engine) RestoreDailyCount(tenant, slot string, day, count uint64) bool {
+	_, rs, ok := e.lookup(tenant, slot)
+	if !ok {
+		return false
+	}
+	count = min(count, quotaCountMask)
+	for {
+		old := rs.quota.Load()
+		if old>>quotaCountBits == day && old&quotaCountMask >= count {
+			return true
+		}
+		if old>>quotaCountBits > day {
+			return true // a later day has begun
+		}
+		if rs.quota.CompareAndSwap(old, day<<quotaCountBits|count) {
+			return true
 		}
 	}
 }

@@ -460,3 +460,39 @@ func TestReasonNames(t *testing.T) {
 		t.Error(Reason(200).String())
 	}
 }
+
+// A restarted agent reads its daily counts back: the engine refuses what
+// the day's quota no longer allows, keeps a higher count it already has,
+// and ignores a count of a day that is over.
+func TestRestoreDailyCount(t *testing.T) {
+	set := mustParse(t, enginePolicy)
+	clock := newFakeClock(utc(2024, 6, 3, 12, 0, 0))
+	e := NewEngine(set, clock.now)
+	today := e.Today()
+	if today != Day(utc(2024, 6, 3, 0, 0, 0)) || today != Day(utc(2024, 6, 3, 23, 59, 59)) {
+		t.Fatalf("Today = %d", today)
+	}
+	if e.RestoreDailyCount("a", "nope", today, 1) {
+		t.Error("restored a count for a slot that does not exist")
+	}
+	e.RestoreDailyCount("a", "quota", today-1, 2) // yesterday's: no effect today
+	if d := e.Check("a", "quota", alice, es256, 32); d.Reason != OK {
+		t.Fatalf("after yesterday's count: %v", d.Reason)
+	}
+	e.RestoreDailyCount("a", "quota", today, 0) // lower than what it has: kept
+	if got := e.DailyCounts(today); got["a/quota"] != 1 || len(got) != 1 {
+		t.Fatalf("DailyCounts = %v, want a/quota: 1", got)
+	}
+	e.RestoreDailyCount("a", "quota", today, 2)
+	if d := e.Check("a", "quota", alice, es256, 32); d.Reason != QuotaExceeded {
+		t.Fatalf("after restoring the day's 2: %v, want QuotaExceeded", d.Reason)
+	}
+	clock.advance(12 * time.Hour)
+	if d := e.Check("a", "quota", alice, es256, 32); d.Reason != OK {
+		t.Fatalf("the next day: %v", d.Reason)
+	}
+	e.RestoreDailyCount("a", "quota", today, 2) // the day is over: no effect
+	if got := e.DailyCounts(today + 1); got["a/quota"] != 1 {
+		t.Fatalf("DailyCounts of the new day = %v", got)
+	}
+}

@@ -212,3 +212,23 @@ func TestVerifyAnchorWithoutPruneRecord(t *testing.T) {
 	rawSet(t, j, []byte(anchorKey), v)
 	expectBreak(t, j, 11, BreakAnchor)
 }
+
+func TestFirstSeqAt(t *testing.T) {
+	j, _, t0 := pruneFixture(t, 50)
+	for _, tc := range []struct {
+		at   time.Time
+		want uint64
+	}{
+		{t0, 1}, {recordAt(t0, 1), 1}, {recordAt(t0, 1).Add(time.Nanosecond), 2},
+		{recordAt(t0, 37), 37}, {recordAt(t0, 50), 50}, {recordAt(t0, 51), 51},
+	} {
+		if got, err := j.FirstSeqAt(tc.at); err != nil || got != tc.want {
+			t.Errorf("FirstSeqAt(t0+%v) = %d, %v; want %d", tc.at.Sub(t0), got, err, tc.want)
+		}
+	}
+	// After a prune the search starts past the anchor.
+	mustPrune(t, j, recordAt(t0, 20))
+	if got, err := j.FirstSeqAt(t0); err != nil || got != 20 {
+		t.Errorf("FirstSeqAt after a prune = %d, %v; want 20", got, err)
+	}
+}

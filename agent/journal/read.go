@@ -78,6 +78,45 @@ func (j *Journal) Scan(ctx context.Context, f Filter, fn func(*Record) error) er
 	return it.Error()
 }
 
+// FirstSeqAt returns the seq of the first record stamped at or after t
+// (the head's seq + 1 when there is none), by binary search: records are
+// stamped in seq order, so a clock stepped back can make it land a few
+// records off. It reads a handful of records, not the journal.
+func (j *Journal) FirstSeqAt(t time.Time) (uint64, error) {
+	db, err := j.readDB()
+	if err != nil {
+		return 0, err
+	}
+	defer j.dbMu.RUnlock()
+	snap := db.NewSnapshot()
+	defer snap.Close()
+	anchor, _, _, err := readMeta(snap, anchorKey)
+	if err != nil {
+		return 0, err
+	}
+	head, _ := j.Head()
+	want := t.UnixNano()
+	lo, hi := anchor+1, head+1 // the answer is in [lo, hi]
+	for lo < hi {
+		mid := lo + (hi-lo)/2
+		v, closer, err := snap.Get(auditKeyFor(mid))
+		if err != nil {
+			return 0, fmt.Errorf("journal: read record %d: %w", mid, err)
+		}
+		ns, ok := peekTime(v)
+		closer.Close()
+		if !ok {
+			return 0, fmt.Errorf("journal: record %d is not a record", mid)
+		}
+		if ns >= want {
+			hi = mid
+		} else {
+			lo = mid + 1
+		}
+	}
+	return lo, nil
+}
+
 // Last returns up to n of the most recent records (of tenant, if not
 // empty), oldest first: what `sigil audit tail` prints before following.
 func (j *Journal) Last(n int, tenant string) ([]Record, error) {

@@ -14,6 +14,7 @@ import (
 	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
 
 	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
 )
@@ -174,4 +175,80 @@ func TestPauseFailsClosedWhenTheJournalFails(t *testing.T) {
 	toggle.Off()
 	retry("resume", func() error { _, err := admin.Resume(ctx, "payments/release"); return err })
 	retry("sign", sign)
+}
+
+// The day's quota outlives the agent: counts stored at shutdown, counted
+// again from the day's records when none are stored (a crash before the
+// first store), and stored counts plus the records after them.
+func TestDailyQuotaSurvivesRestart(t *testing.T) {
+	cfg := pauseConfig(t)
+	policyText := strings.Replace(pausePolicy(true), "{name: release, key: default}",
+		"{name: release, key: default, policy: {daily_quota: 3}}", 1)
+	if err := os.WriteFile(cfg.Policy, []byte(policyText), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	d := sha256.Sum256([]byte("quota"))
+	sign := func(c *client.Client) error {
+		_, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		return err
+	}
+	journalDir := filepath.Join(cfg.DataDir, "journal")
+	// withJournal edits the stopped agent's journal.
+	withJournal := func(f func(j *journal.Journal)) {
+		j, err := journal.Open(journal.Options{Dir: journalDir})
+		if err != nil {
+			t.Fatal(err)
+		}
+		f(j)
+		if err := j.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	expectExhausted := func(step string) {
+		t.Helper()
+		agentLifetime(t, cfg, func(c, _ *client.Client) {
+			if err := sign(c); client.Code(err) != proto.QuotaExceeded {
+				t.Fatalf("%s: %v, want QUOTA_EXCEEDED", step, err)
+			}
+		})
+	}
+
+	agentLifetime(t, cfg, func(c, _ *client.Client) {
+		for i := 0; i < 2; i++ {
+			if err := sign(c); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	agentLifetime(t, cfg, func(c, _ *client.Client) {
+		if err := sign(c); err != nil {
+			t.Fatalf("the 3rd signature after a restart: %v", err)
+		}
+		if err := sign(c); client.Code(err) != proto.QuotaExceeded {
+			t.Fatalf("the 4th: %v, want QUOTA_EXCEEDED", err)
+		}
+	})
+	expectExhausted("stored counts")
+
+	withJournal(func(j *journal.Journal) {
+		if err := j.Delete(ctx, "quota/counts"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	expectExhausted("no stored counts: today's records")
+
+	// Counts stored after the first signature, the next two journaled
+	// after them (as when the agent is killed between two stores).
+	withJournal(func(j *journal.Journal) {
+		first, err := j.FirstSeqAt(time.Time{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		stale := fmt.Sprintf(`{"day":%d,"seq":%d,"counts":{"payments/release":1}}`, time.Now().Unix()/86400, first)
+		if err := j.Put(ctx, "quota/counts", []byte(stale)); err != nil {
+			t.Fatal(err)
+		}
+	})
+	expectExhausted("stored counts and the records after them")
 }

@@ -1,0 +1,177 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"maps"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// Daily quotas outlive the process. The policy engine counts a slot's
+// signatures in memory; a restart (a deploy, a crash) would hand the day's
+// quota out again. So the agent stores the day's counts in the journal's
+// state every quotaSnapshotInterval and at shutdown, together with the
+// journal head they cover, and a starting agent takes the stored counts and
+// adds the released signatures journaled after them (after a crash, up to
+// quotaSnapshotInterval of them). Without a stored count for today it counts
+// the day's records from the first one stamped today (journal.FirstSeqAt).
+//
+// What is restored is signatures released (records with code OK); a
+// signature the policy allowed and the provider then failed counted against
+// the quota before the restart and does not after. Rate-limit buckets are
+// not stored: a restart refills them, which the burst bounds.
+
+// quotaStateKey is the state entry of the stored counts.
+const quotaStateKey = "quota/counts"
+
+// quotaSnapshotInterval bounds how many records a restart after a crash
+// reads back.
+const quotaSnapshotInterval = 10 * time.Second
+
+// quotaSnapshot is what quotaStateKey holds.
+type quotaSnapshot struct {
+	Day    uint64            `json:"day"`    // policy.Day of the counts
+	Seq    uint64            `json:"seq"`    // journal head when taken; later records are not in Counts
+	Counts map[string]uint64 `json:"counts"` // "tenant/slot" → signatures counted that day
+}
+
+// hasDailyQuota reports whether any slot of the policy in force has one.
+func (a *Agent) hasDailyQuota() bool {
+	for _, sl := range a.policy.Set().AllSlots() {
+		if sl.Policy.DailyQuota > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// restoreQuotas puts the day's counts back into the policy engine. An
+// error stops the agent from starting: without the counts it cannot tell
+// how much of a quota is left (fail closed).
+func (a *Agent) restoreQuotas(ctx context.Context) error {
+	if a.policy == nil || a.journal == nil || !a.hasDailyQuota() {
+		return nil
+	}
+	day := a.policy.Today()
+	dayStart := time.Unix(int64(day)*86400, 0)
+	counts := map[string]uint64{}
+	snap, found, err := a.readQuotaSnapshot()
+	if err != nil {
+		return err
+	}
+	var from uint64
+	if found && snap.Day == day {
+		maps.Copy(counts, snap.Counts)
+		from = snap.Seq + 1
+	} else if from, err = a.journal.FirstSeqAt(dayStart); err != nil {
+		return fmt.Errorf("find today's first audit record: %w", err)
+	}
+	read := 0
+	err = a.journal.Scan(ctx, journal.Filter{FromSeq: from, Since: dayStart}, func(r *journal.Record) error {
+		read++
+		if r.Op == "sign" && r.Code == uint16(proto.OK) && r.Tenant != "" {
+			counts[r.Slot]++
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("count today's signatures: %w", err)
+	}
+	for slot, n := range counts {
+		tenant, name, _ := strings.Cut(slot, "/")
+		a.policy.RestoreDailyCount(tenant, name, day, n)
+	}
+	a.log.Info("daily quota counts restored", zap.Int("slots", len(counts)),
+		zap.Bool("stored_counts", found && snap.Day == day), zap.Int("records_read", read))
+	return nil
+}
+
+func (a *Agent) readQuotaSnapshot() (quotaSnapshot, bool, error) {
+	var snap quotaSnapshot
+	v, err := a.journal.Get(quotaStateKey)
+	if errors.Is(err, journal.ErrNotFound) {
+		return snap, false, nil
+	}
+	if err != nil {
+		return snap, false, fmt.Errorf("read the stored quota counts: %w", err)
+	}
+	if err := json.Unmarshal(v, &snap); err != nil {
+		// Counted again from the day's records instead.
+		a.log.Warn("stored quota counts unreadable; counting today's records", zap.Error(err))
+		return snap, false, nil
+	}
+	return snap, true, nil
+}
+
+// storeQuotas writes the day's counts with the journal head they cover.
+// The head is read first: a signature journaled at or before it took its
+// count before, so the counts include it; one counted but journaled later
+// is counted twice on restore, which errs on the side of refusing.
+func (a *Agent) storeQuotas(ctx context.Context, last *quotaSnapshot) error {
+	seq, _ := a.journal.Head()
+	day := a.policy.Today()
+	snap := quotaSnapshot{Day: day, Seq: seq, Counts: a.policy.DailyCounts(day)}
+	if last != nil && last.Day == snap.Day && maps.Equal(last.Counts, snap.Counts) {
+		return nil
+	}
+	v, err := json.Marshal(snap)
+	if err != nil {
+		return err
+	}
+	if err := a.journal.Put(ctx, quotaStateKey, v); err != nil {
+		return fmt.Errorf("store quota counts: %w", err)
+	}
+	if last != nil {
+		*last = snap
+	}
+	return nil
+}
+
+// startQuotaSnapshots stores the counts every quotaSnapshotInterval;
+// Shutdown stops it and stores them once more.
+func (a *Agent) startQuotaSnapshots() {
+	if a.policy == nil || a.journal == nil {
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	a.stopQuotas = cancel
+	a.quotasDone = make(chan struct{})
+	go func() {
+		defer close(a.quotasDone)
+		tick := time.NewTicker(quotaSnapshotInterval)
+		defer tick.Stop()
+		var last quotaSnapshot
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			if err := a.storeQuotas(ctx, &last); err != nil && ctx.Err() == nil {
+				a.log.Warn("daily quota counts not stored; a restart will read more records", zap.Error(err))
+			}
+		}
+	}()
+}
+
+// stopQuotaSnapshots ends the loop and stores the final counts.
+func (a *Agent) stopQuotaSnapshots() {
+	if a.stopQuotas == nil {
+		return
+	}
+	a.stopQuotas()
+	<-a.quotasDone
+	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
+	defer cancel()
+	if err := a.storeQuotas(ctx, nil); err != nil {
+		a.log.Warn("daily quota counts not stored at shutdown; the next start reads today's records", zap.Error(err))
+	}
+}
