@@ -55,10 +55,14 @@ type Config struct {
 	// SSHKeys limits what the ssh-agent socket lists and signs with (slot
 	// names with a policy, key names without); empty: every key the peer
 	// may use.
-	SSHKeys   []string       `yaml:"ssh_keys"`
-	Log       LogConfig      `yaml:"log"`
-	Limits    Limits         `yaml:"limits"`
-	Providers []ProviderSpec `yaml:"providers"`
+	SSHKeys []string `yaml:"ssh_keys"`
+	// Certificates names an X.509 certificate (PEM file) for a key, by key
+	// name; clients list it with the key (the PKCS#11 front shows it as a
+	// certificate object). Its public key must be the key's.
+	Certificates map[string]string `yaml:"certificates"`
+	Log          LogConfig         `yaml:"log"`
+	Limits       Limits            `yaml:"limits"`
+	Providers    []ProviderSpec    `yaml:"providers"`
 }
 
 // LogConfig chooses the zap logger.

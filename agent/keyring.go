@@ -25,6 +25,9 @@ type keyEntry struct {
 	defaultAlg providers.Algorithm
 	// remote: the provider's Sign waits on a network (providers.Remote).
 	remote bool
+	// cert is the key's X.509 certificate (DER) from the config's
+	// `certificates:`, nil without one (certs.go).
+	cert []byte
 }
 
 // keyring resolves key names and kids to entries. It is built once at start

@@ -97,6 +97,10 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		}
 		return nil, err
 	}
+	if err := kr.attachCertificates(cfg.Certificates); err != nil {
+		kr.close()
+		return nil, err
+	}
 	var tm *tlsMaterial
 	if cfg.TCP.Listen != "" {
 		if tm, err = newTLSMaterial(cfg.TCP); err != nil {

@@ -150,7 +150,7 @@ func (c *conn) listKeys() ([]proto.KeyEntry, error) {
 	out := make([]proto.KeyEntry, 0, len(slots))
 	for _, s := range slots {
 		if e, err := c.slotKey(s, "", false); err == nil {
-			out = append(out, proto.KeyEntry{Name: s.Name, KID: e.info.KID, Provider: e.info.Provider, KeyType: string(e.info.Type), Pub: e.info.SPKI})
+			out = append(out, proto.KeyEntry{Name: s.Name, KID: e.info.KID, Provider: e.info.Provider, KeyType: string(e.info.Type), Pub: e.info.SPKI, Cert: e.cert})
 		}
 	}
 	return out, nil

@@ -314,6 +314,10 @@ type Key struct {
 	Type     string // ecdsa-p256, ecdsa-p384, rsa-2048, rsa-3072, rsa-4096, ed25519
 	Public   crypto.PublicKey
 	SPKI     []byte // DER SubjectPublicKeyInfo
+	// Certificate is the key's X.509 certificate (DER) when the agent's
+	// config names one (`certificates:`), else nil: with the key's Signer
+	// it makes a tls.Certificate.
+	Certificate []byte
 }
 
 // Ping checks the agent answers.
@@ -334,7 +338,7 @@ func (c *Client) ListKeys(ctx context.Context) ([]Key, error) {
 		if err != nil {
 			return nil, fmt.Errorf("sigil: key %q: public key: %w", k.Name, err)
 		}
-		out = append(out, Key{Name: k.Name, KID: k.KID, Provider: k.Provider, Type: k.KeyType, Public: pub, SPKI: k.Pub})
+		out = append(out, Key{Name: k.Name, KID: k.KID, Provider: k.Provider, Type: k.KeyType, Public: pub, SPKI: k.Pub, Certificate: k.Cert})
 	}
 	return out, nil
 }

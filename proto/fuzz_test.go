@@ -65,7 +65,7 @@ func FuzzDecodeResponse(f *testing.F) {
 	c := NewCodec()
 	for _, r := range []Response{
 		{ID: 1, Code: OK, Version: Version},
-		{ID: 2, Code: OK, Keys: []KeyEntry{{Name: "a", KID: "b", Provider: "c", KeyType: "ed25519", Pub: []byte{1}}}},
+		{ID: 2, Code: OK, Keys: []KeyEntry{{Name: "a", KID: "b", Provider: "c", KeyType: "ed25519", Pub: []byte{1}, Cert: []byte{0x30, 0}}}},
 		{ID: 3, Code: NotFound, Msg: "x"},
 	} {
 		frame, _ := c.AppendResponseFrame(nil, &r)

@@ -62,6 +62,9 @@ type KeyEntry struct {
 	Provider string
 	KeyType  string
 	Pub      []byte // DER SubjectPublicKeyInfo
+	// Cert is the key's X.509 certificate (DER), when the agent's config
+	// names one (`certificates:`); nil otherwise.
+	Cert []byte
 }
 
 // Err returns nil for OK, else the reply as an *Error.
@@ -94,6 +97,7 @@ const (
 	kMsg      = "msg"
 	kKeyType  = "kty"
 	kPub      = "pub"
+	kCert     = "cert"
 	kValid    = "ok"
 	kKeys     = "keys"
 	kName     = "name"
@@ -271,12 +275,15 @@ func (r *Response) EncodeMsgpack(e *msgpack.Encoder) error {
 		w.setErr(e.EncodeArrayLen(len(r.Keys)))
 		for i := range r.Keys {
 			k := &r.Keys[i]
-			w.mapLen(5)
+			w.mapLen(5 + count(k.Cert != nil))
 			w.str(kName, k.Name)
 			w.str(kKID, k.KID)
 			w.str(kProvider, k.Provider)
 			w.str(kKeyType, k.KeyType)
 			w.bytes(kPub, k.Pub)
+			if k.Cert != nil {
+				w.bytes(kCert, k.Cert)
+			}
 		}
 	}
 	return w.err
@@ -386,6 +393,8 @@ func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {
 				k.KeyType, err = c.decodeString()
 			case kPub:
 				k.Pub, err = c.decodeBytesInto(nil)
+			case kCert:
+				k.Cert, err = c.decodeBytesInto(nil)
 			default:
 				err = c.skip(0)
 			}

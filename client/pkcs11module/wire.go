@@ -60,7 +60,7 @@ type wireResponse struct {
 
 type wireKey struct {
 	Name, KID, Provider, KeyType string
-	Pub                          []byte
+	Pub, Cert                    []byte
 }
 
 var errMalformed = errors.New("malformed")
@@ -107,7 +107,7 @@ func decodeResponse(payload []byte) (*wireResponse, error) {
 		}
 		out.Keys = append(out.Keys, wireKey{
 			Name: string(goBytes(e.name)), KID: string(goBytes(e.kid)), Provider: string(goBytes(e.prov)),
-			KeyType: string(goBytes(e.kty)), Pub: goBytes(e.pub),
+			KeyType: string(goBytes(e.kty)), Pub: goBytes(e.pub), Cert: goBytes(e.cert),
 		})
 	}
 	if uint32(len(out.Keys)) != uint32(r.nkeys) {

@@ -30,7 +30,7 @@ func sameResponse(t testing.TB, want *proto.Response, got *wireResponse) {
 	}
 	for i, k := range want.Keys {
 		g := got.Keys[i]
-		if g.Name != k.Name || g.KID != k.KID || g.Provider != k.Provider || g.KeyType != k.KeyType || !bytes.Equal(g.Pub, k.Pub) {
+		if g.Name != k.Name || g.KID != k.KID || g.Provider != k.Provider || g.KeyType != k.KeyType || !bytes.Equal(g.Pub, k.Pub) || !bytes.Equal(g.Cert, k.Cert) {
 			t.Fatalf("key %d: C read %+v, Go wrote %+v", i, g, k)
 		}
 	}
@@ -48,7 +48,7 @@ func TestWireDecodesAgentReplies(t *testing.T) {
 		{ID: 5, Code: proto.OK, Keys: []proto.KeyEntry{}},
 		{ID: 6, Code: proto.OK, Keys: []proto.KeyEntry{
 			{Name: "p256", KID: "a", Provider: "soft", KeyType: "ecdsa-p256", Pub: []byte{1, 2, 3}},
-			{Name: "rsa", KID: "b", Provider: "hsm", KeyType: "rsa-4096", Pub: long[:600]},
+			{Name: "rsa", KID: "b", Provider: "hsm", KeyType: "rsa-4096", Pub: long[:600], Cert: long[:900]},
 		}},
 		{ID: 7, Code: proto.OK, Records: [][]byte{[]byte(`{"seq":1}`), long[:5]}},
 		{ID: 8, Code: proto.OK, Sig: long},

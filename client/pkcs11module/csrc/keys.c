@@ -1,6 +1,7 @@
 /*
  * keys.c: the PKCS#11 objects of one agent key, built from its ListKeys
- * entry (name, kid, DER SubjectPublicKeyInfo).
+ * entry (name, kid, DER SubjectPublicKeyInfo, and the DER certificate when
+ * the agent has one).
  */
 #include "sigil.h"
 
@@ -68,6 +69,8 @@ void sg_key_free(sg_key *k)
 	free(k->kid);
 	attrs_free(&k->priv);
 	attrs_free(&k->pub);
+	attrs_free(&k->cert);
+	free(k->cert_der);
 	free(k);
 }
 
@@ -134,8 +137,9 @@ static const CK_MECHANISM_TYPE rsa_mechs[] = {
 };
 static const CK_MECHANISM_TYPE ed_mechs[] = {CKM_EDDSA};
 
-/* The attributes both objects share, then each object's own. */
-static int common(sg_attrs *a, CK_OBJECT_CLASS cls, CK_KEY_TYPE kt, const sg_key *k, const uint8_t *id, size_t idn, sg_bytes spki)
+/* The attributes both key objects share, then each object's own. subject
+ * is the certificate's subject (DER Name), empty without one. */
+static int common(sg_attrs *a, CK_OBJECT_CLASS cls, CK_KEY_TYPE kt, const sg_key *k, const uint8_t *id, size_t idn, sg_bytes spki, sg_bytes subject)
 {
 	int rc = 0;
 	rc |= add_ulong(a, CKA_CLASS, cls);
@@ -153,7 +157,7 @@ static int common(sg_attrs *a, CK_OBJECT_CLASS cls, CK_KEY_TYPE kt, const sg_key
 	rc |= add_bool(a, CKA_LOCAL, CK_FALSE);
 	rc |= attr_add(a, CKA_START_DATE, "", 0);
 	rc |= attr_add(a, CKA_END_DATE, "", 0);
-	rc |= attr_add(a, CKA_SUBJECT, "", 0);
+	rc |= attr_add(a, CKA_SUBJECT, subject.p, subject.n);
 	rc |= attr_add(a, CKA_PUBLIC_KEY_INFO, spki.p, spki.n);
 	const CK_MECHANISM_TYPE *m = k->family == SG_FAM_EC ? ec_mechs : k->family == SG_FAM_RSA ? rsa_mechs : ed_mechs;
 	size_t nm = k->family == SG_FAM_EC ? sizeof ec_mechs : k->family == SG_FAM_RSA ? sizeof rsa_mechs : sizeof ed_mechs;
@@ -176,6 +180,81 @@ static int common(sg_attrs *a, CK_OBJECT_CLASS cls, CK_KEY_TYPE kt, const sg_key
 		rc |= add_bool(a, CKA_WRAP, CK_FALSE);
 		rc |= add_bool(a, CKA_TRUSTED, CK_FALSE);
 	}
+	return rc ? -1 : 0;
+}
+
+/* tlv reads one DER element's header at *p: its tag and class, the start of
+ * the whole element (header included) in *el and its end in *elend; *p is
+ * left at its contents. */
+static int tlv(const unsigned char **p, const unsigned char *end, int *tag, int *cls, const unsigned char **el, const unsigned char **elend)
+{
+	long len;
+	*el = *p;
+	if (*p >= end || ASN1_get_object(p, &len, tag, cls, end - *p) & 0x80 || len < 0 || len > end - *p)
+		return -1;
+	*elend = *p + len;
+	return 0;
+}
+
+/* cert_parts finds the serial number, issuer and subject (each a whole DER
+ * element) in a DER X.509 certificate by walking its TBSCertificate, without
+ * decoding the key (see sg_key_build on why). */
+static int cert_parts(sg_bytes der, sg_bytes *serial, sg_bytes *issuer, sg_bytes *subject)
+{
+	const unsigned char *p = der.p, *end = der.p + der.n, *el, *elend;
+	int tag, cls;
+	if (tlv(&p, end, &tag, &cls, &el, &elend) || tag != V_ASN1_SEQUENCE || elend != end) /* Certificate */
+		return -1;
+	if (tlv(&p, end, &tag, &cls, &el, &elend) || tag != V_ASN1_SEQUENCE) /* TBSCertificate */
+		return -1;
+	end = elend;
+	if (tlv(&p, end, &tag, &cls, &el, &elend))
+		return -1;
+	if (cls == V_ASN1_CONTEXT_SPECIFIC && tag == 0) { /* [0] version */
+		p = elend;
+		if (tlv(&p, end, &tag, &cls, &el, &elend))
+			return -1;
+	}
+	if (tag != V_ASN1_INTEGER || cls != V_ASN1_UNIVERSAL)
+		return -1;
+	*serial = (sg_bytes){el, (size_t)(elend - el)};
+	p = elend;
+	sg_bytes *names[] = {NULL, issuer, NULL, subject}; /* signature, issuer, validity, subject */
+	for (int i = 0; i < 4; i++) {
+		if (tlv(&p, end, &tag, &cls, &el, &elend) || tag != V_ASN1_SEQUENCE || cls != V_ASN1_UNIVERSAL)
+			return -1;
+		if (names[i])
+			*names[i] = (sg_bytes){el, (size_t)(elend - el)};
+		p = elend;
+	}
+	return 0;
+}
+
+/* cert_object builds the certificate object: same label and CKA_ID as the
+ * key's objects, which is how Java's SunPKCS11 keystore and NSS pair a key
+ * with its certificate. */
+static int cert_object(sg_attrs *a, const sg_key *k, const uint8_t *id, size_t idn, sg_bytes der, sg_bytes serial, sg_bytes issuer, sg_bytes subject)
+{
+	int rc = 0;
+	rc |= add_ulong(a, CKA_CLASS, CKO_CERTIFICATE);
+	rc |= add_ulong(a, CKA_CERTIFICATE_TYPE, CKC_X_509);
+	rc |= add_bool(a, CKA_TOKEN, CK_TRUE);
+	rc |= add_bool(a, CKA_PRIVATE, CK_FALSE);
+	rc |= add_bool(a, CKA_MODIFIABLE, CK_FALSE);
+	rc |= add_bool(a, CKA_COPYABLE, CK_FALSE);
+	rc |= add_bool(a, CKA_DESTROYABLE, CK_FALSE);
+	rc |= add_bool(a, CKA_TRUSTED, CK_FALSE);
+	rc |= add_ulong(a, CKA_CERTIFICATE_CATEGORY, 0); /* unspecified */
+	rc |= add_ulong(a, CKA_JAVA_MIDP_SECURITY_DOMAIN, 0);
+	rc |= attr_add(a, CKA_LABEL, k->name, k->name_len);
+	rc |= attr_add(a, CKA_ID, id, idn);
+	rc |= attr_add(a, CKA_START_DATE, "", 0);
+	rc |= attr_add(a, CKA_END_DATE, "", 0);
+	rc |= attr_add(a, CKA_URL, "", 0);
+	rc |= attr_add(a, CKA_SUBJECT, subject.p, subject.n);
+	rc |= attr_add(a, CKA_ISSUER, issuer.p, issuer.n);
+	rc |= attr_add(a, CKA_SERIAL_NUMBER, serial.p, serial.n);
+	rc |= attr_add(a, CKA_VALUE, der.p, der.n);
 	return rc ? -1 : 0;
 }
 
@@ -240,6 +319,13 @@ static int key_material(sg_attrs *a, const sg_key *k, const uint8_t *pt, size_t 
 		break;
 	}
 	return rc ? -1 : 0;
+}
+
+int sg_key_same(const sg_key *k, const sg_key_entry *e)
+{
+	return k->name_len == e->name.n && memcmp(k->name, e->name.p, e->name.n) == 0 &&
+	       k->kid_len == e->kid.n && memcmp(k->kid, e->kid.p, e->kid.n) == 0 &&
+	       k->cert_len == e->cert.n && (e->cert.n == 0 || memcmp(k->cert_der, e->cert.p, e->cert.n) == 0);
 }
 
 /*
@@ -316,10 +402,23 @@ int sg_key_build(sg_key *k, const sg_key_entry *e)
 	k->kid_len = e->kid.n;
 	uint8_t id[64];
 	size_t idn = kid_to_id(e->kid, id, sizeof id);
-	if (common(&k->priv, CKO_PRIVATE_KEY, kt, k, id, idn, e->pub) ||
+	if (e->cert.n) {
+		if (!(k->cert_der = malloc(e->cert.n)))
+			goto out;
+		memcpy(k->cert_der, e->cert.p, e->cert.n);
+		k->cert_len = e->cert.n;
+	}
+	sg_bytes serial = {0}, issuer = {0}, subject = {0};
+	/* A certificate the module cannot read is left out, not the key. */
+	k->has_cert = e->cert.n > 0 && cert_parts(e->cert, &serial, &issuer, &subject) == 0;
+	if (!k->has_cert)
+		subject = (sg_bytes){0};
+	if (common(&k->priv, CKO_PRIVATE_KEY, kt, k, id, idn, e->pub, subject) ||
 	    key_material(&k->priv, k, pt, (size_t)ptn, CKO_PRIVATE_KEY) ||
-	    common(&k->pub, CKO_PUBLIC_KEY, kt, k, id, idn, e->pub) ||
+	    common(&k->pub, CKO_PUBLIC_KEY, kt, k, id, idn, e->pub, subject) ||
 	    key_material(&k->pub, k, pt, (size_t)ptn, CKO_PUBLIC_KEY))
+		goto out;
+	if (k->has_cert && cert_object(&k->cert, k, id, idn, e->cert, serial, issuer, subject))
 		goto out;
 	k->present = 1;
 	rc = 0;

@@ -261,8 +261,9 @@ toolong:
 /* ---- keys ---- */
 
 /* refresh_keys asks the agent for the caller's keys (one round trip) and
- * merges them into the key table: a known (name, kid) keeps its object
- * handles, a new one gets new handles, one no longer listed disappears. */
+ * merges them into the key table: a known (name, kid, certificate) keeps
+ * its object handles, a new one gets new handles, one no longer listed
+ * disappears. */
 static int shown(sg_bytes name)
 {
 	if (!g.only_keys)
@@ -300,12 +301,9 @@ static CK_RV refresh_keys(void)
 		size_t i;
 		if (!shown(e.name))
 			continue;
-		for (i = 0; i < g.nkeys; i++) {
-			sg_key *k = g.keys[i];
-			if (k->name_len == e.name.n && memcmp(k->name, e.name.p, e.name.n) == 0 &&
-			    k->kid_len == e.kid.n && memcmp(k->kid, e.kid.p, e.kid.n) == 0)
+		for (i = 0; i < g.nkeys; i++)
+			if (sg_key_same(g.keys[i], &e))
 				break;
-		}
 		if (i < g.nkeys) {
 			g.keys[i]->present = 1;
 			continue;
@@ -349,19 +347,27 @@ static CK_RV ensure_keys(void)
 	return loaded ? CKR_OK : refresh_keys();
 }
 
-/* Object handles: key i's private key is 2i+1, its public key 2i+2. */
-static sg_key *find_object(CK_OBJECT_HANDLE h, int *is_private)
+/* find_object resolves a handle (sigil.h: SG_OBJS_PER_KEY per key) to its
+ * key and which of the key's objects it is (SG_OBJ_*). */
+static sg_key *find_object(CK_OBJECT_HANDLE h, int *kind)
 {
 	sg_key *k = NULL;
 	if (h == 0)
 		return NULL;
+	*kind = (int)((h - 1) % SG_OBJS_PER_KEY);
 	pthread_mutex_lock(&g.mu);
-	size_t i = (size_t)((h - 1) / 2);
-	if (i < g.nkeys && g.keys[i]->present)
+	size_t i = (size_t)((h - 1) / SG_OBJS_PER_KEY);
+	if (i < g.nkeys && g.keys[i]->present && (*kind != SG_OBJ_CERT || g.keys[i]->has_cert))
 		k = g.keys[i];
 	pthread_mutex_unlock(&g.mu);
-	*is_private = (h - 1) % 2 == 0;
 	return k;
+}
+
+static CK_OBJECT_HANDLE object_handle(size_t key, int kind) { return (CK_OBJECT_HANDLE)(key * SG_OBJS_PER_KEY + kind + 1); }
+
+static const sg_attrs *object_attrs(const sg_key *k, int kind)
+{
+	return kind == SG_OBJ_PRIVATE ? &k->priv : kind == SG_OBJ_PUBLIC ? &k->pub : &k->cert;
 }
 
 /* ---- sessions ---- */
@@ -907,7 +913,7 @@ EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTem
 	if ((rv = refresh_keys()) != CKR_OK)
 		goto out;
 	pthread_mutex_lock(&g.mu);
-	s->found = calloc(2 * g.nkeys + 1, sizeof *s->found);
+	s->found = calloc(SG_OBJS_PER_KEY * g.nkeys + 1, sizeof *s->found);
 	if (!s->found) {
 		pthread_mutex_unlock(&g.mu);
 		rv = CKR_HOST_MEMORY;
@@ -918,9 +924,11 @@ EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTem
 		if (!k->present)
 			continue;
 		if (matches(&k->priv, pTemplate, ulCount, 1))
-			s->found[s->nfound++] = 2 * i + 1;
+			s->found[s->nfound++] = object_handle(i, SG_OBJ_PRIVATE);
 		if (matches(&k->pub, pTemplate, ulCount, 0))
-			s->found[s->nfound++] = 2 * i + 2;
+			s->found[s->nfound++] = object_handle(i, SG_OBJ_PUBLIC);
+		if (k->has_cert && matches(&k->cert, pTemplate, ulCount, 0))
+			s->found[s->nfound++] = object_handle(i, SG_OBJ_CERT);
 	}
 	pthread_mutex_unlock(&g.mu);
 	s->pos = 0;
@@ -961,8 +969,8 @@ EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hO
 {
 	SESSION(hSession, s);
 	CK_RV rv = CKR_OK;
-	int is_private;
-	sg_key *k = find_object(hObject, &is_private);
+	int kind;
+	sg_key *k = find_object(hObject, &kind);
 	if (!k) {
 		rv = CKR_OBJECT_HANDLE_INVALID;
 		goto out;
@@ -971,7 +979,8 @@ EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hO
 		rv = CKR_ARGUMENTS_BAD;
 		goto out;
 	}
-	const sg_attrs *attrs = is_private ? &k->priv : &k->pub;
+	const sg_attrs *attrs = object_attrs(k, kind);
+	int is_private = kind == SG_OBJ_PRIVATE;
 	for (CK_ULONG i = 0; i < ulCount; i++) {
 		CK_ATTRIBUTE_PTR t = &pTemplate[i];
 		const sg_attr *a;
@@ -1028,7 +1037,7 @@ EXPORT CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
 {
 	SESSION(hSession, s);
 	CK_RV rv = CKR_OK;
-	int is_private;
+	int kind;
 	sg_key *k;
 	const mech_spec *m;
 	int hash;
@@ -1040,11 +1049,11 @@ EXPORT CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
 		rv = CKR_ARGUMENTS_BAD;
 		goto out;
 	}
-	if (!(k = find_object(hKey, &is_private))) {
+	if (!(k = find_object(hKey, &kind))) {
 		rv = CKR_KEY_HANDLE_INVALID;
 		goto out;
 	}
-	if (!is_private) {
+	if (kind != SG_OBJ_PRIVATE) {
 		rv = CKR_KEY_FUNCTION_NOT_PERMITTED;
 		goto out;
 	}

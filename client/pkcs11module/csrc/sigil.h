@@ -33,7 +33,8 @@ typedef struct {
 enum { SG_FAM_EC = 1, SG_FAM_RSA = 2, SG_FAM_ED = 3 };
 
 /*
- * sg_key is one key the agent lists: a private key object and a public key
+ * sg_key is one key the agent lists: a private key object, a public key
+ * object and, when the agent has the key's certificate, a certificate
  * object. Immutable once built, except present (read and written under the
  * module lock), and never freed before C_Finalize, so a session may use a
  * key pointer without holding the lock.
@@ -46,11 +47,20 @@ typedef struct {
 	size_t sig_len;   /* the PKCS#11 signature's length: answers length queries locally */
 	size_t field_len; /* ECDSA: bytes of r and of s */
 	int present;      /* listed by the agent's last ListKeys */
-	sg_attrs priv, pub;
+	int has_cert;     /* the certificate object exists */
+	uint8_t *cert_der; /* the agent's certificate bytes, as listed (NULL: none) */
+	size_t cert_len;
+	sg_attrs priv, pub, cert;
 } sg_key;
+
+/* The objects of key i have handles 3i+1 (private), 3i+2 (public) and
+ * 3i+3 (certificate, when the key has one). */
+enum { SG_OBJ_PRIVATE = 0, SG_OBJ_PUBLIC = 1, SG_OBJ_CERT = 2, SG_OBJS_PER_KEY = 3 };
 
 /* keys.c */
 int sg_key_build(sg_key *k, const sg_key_entry *e);
+/* sg_key_same: e lists k as it was built (name, kid and certificate). */
+int sg_key_same(const sg_key *k, const sg_key_entry *e);
 void sg_key_free(sg_key *k);
 const sg_attr *sg_attrs_find(const sg_attrs *a, CK_ATTRIBUTE_TYPE t);
 int sg_attr_sensitive(CK_ATTRIBUTE_TYPE t);

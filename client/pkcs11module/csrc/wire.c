@@ -340,6 +340,7 @@ static int read_key_entry(rd *r, sg_key_entry *e)
 		else if (key_is(k, "prov")) rc = get_bytes(r, &e->prov);
 		else if (key_is(k, "kty")) rc = get_bytes(r, &e->kty);
 		else if (key_is(k, "pub")) rc = get_bytes(r, &e->pub);
+		else if (key_is(k, "cert")) rc = get_bytes(r, &e->cert);
 		else rc = skip(r, 2);
 		if (rc)
 			return -1;

@@ -53,6 +53,7 @@ typedef struct {
 
 typedef struct {
 	sg_bytes name, kid, prov, kty, pub;
+	sg_bytes cert; /* DER X.509 certificate; empty when the key has none */
 } sg_key_entry;
 
 typedef struct {
