@@ -2,35 +2,29 @@ package agent_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/devcerts"
 )
 
-// writeSelfSigned writes a self-signed certificate for a new P-256 key
-// (not one the agent has) and returns its path.
-func writeSelfSigned(t *testing.T, dir string) string {
+// writeOtherKeysCert writes a certificate for a new key (not one the agent
+// has) and returns its path.
+func writeOtherKeysCert(t *testing.T, dir string) string {
 	t.Helper()
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "someone else"},
-		NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	ca, err := devcerts.NewCA("other CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := ca.Issue(devcerts.Leaf{CommonName: "someone else"})
 	if err != nil {
 		t.Fatal(err)
 	}
 	path := filepath.Join(dir, "other.crt")
-	os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(path, leaf.CertPEM, 0o600)
 	return path
 }
 
@@ -39,7 +33,7 @@ func writeSelfSigned(t *testing.T, dir string) string {
 // TestCertificateObjects and TestJavaJarsignerThroughTheModule.)
 func TestCertificateConfigRefused(t *testing.T) {
 	dir := t.TempDir()
-	other := writeSelfSigned(t, dir)
+	other := writeOtherKeysCert(t, dir)
 	garbage := filepath.Join(dir, "garbage.crt")
 	os.WriteFile(garbage, []byte("not a certificate"), 0o600)
 	for _, tc := range []struct {

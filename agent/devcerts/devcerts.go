@@ -5,6 +5,7 @@
 package devcerts
 
 import (
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -58,8 +59,11 @@ type Leaf struct {
 	IPs        []net.IP
 	DNSNames   []string
 	Server     bool // server auth (else client auth)
-	NotBefore  time.Time
-	NotAfter   time.Time // zero: valid for a day
+	// CodeSigning adds the code-signing extended key usage (jarsigner
+	// wants it).
+	CodeSigning bool
+	NotBefore   time.Time
+	NotAfter    time.Time // zero: valid for a day
 }
 
 // Issued is a certificate with its key, in PEM and as a tls.Certificate.
@@ -68,40 +72,13 @@ type Issued struct {
 	TLS             tls.Certificate
 }
 
-// Issue signs a leaf certificate.
+// Issue signs a leaf certificate for a new key.
 func (ca *CA) Issue(l Leaf) (*Issued, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
 	}
-	if l.NotBefore.IsZero() {
-		l.NotBefore = time.Now().Add(-time.Hour)
-	}
-	if l.NotAfter.IsZero() {
-		l.NotAfter = time.Now().Add(24 * time.Hour)
-	}
-	usage := x509.ExtKeyUsageClientAuth
-	if l.Server {
-		usage = x509.ExtKeyUsageServerAuth
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: l.CommonName},
-		NotBefore:    l.NotBefore,
-		NotAfter:     l.NotAfter,
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
-		IPAddresses:  l.IPs,
-		DNSNames:     l.DNSNames,
-	}
-	for _, u := range l.URIs {
-		parsed, err := url.Parse(u)
-		if err != nil {
-			return nil, fmt.Errorf("URI SAN %q: %w", u, err)
-		}
-		tmpl.URIs = append(tmpl.URIs, parsed)
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
+	der, err := ca.Certify(&key.PublicKey, l)
 	if err != nil {
 		return nil, err
 	}
@@ -115,6 +92,42 @@ func (ca *CA) Issue(l Leaf) (*Issued, error) {
 	}
 	out.TLS, err = tls.X509KeyPair(out.CertPEM, out.KeyPEM)
 	return out, err
+}
+
+// Certify signs a leaf certificate (DER) for a key held elsewhere, such as
+// one behind the agent.
+func (ca *CA) Certify(pub crypto.PublicKey, l Leaf) ([]byte, error) {
+	if l.NotBefore.IsZero() {
+		l.NotBefore = time.Now().Add(-time.Hour)
+	}
+	if l.NotAfter.IsZero() {
+		l.NotAfter = time.Now().Add(24 * time.Hour)
+	}
+	usage := []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+	if l.Server {
+		usage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
+	}
+	if l.CodeSigning {
+		usage = append(usage, x509.ExtKeyUsageCodeSigning)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: l.CommonName},
+		NotBefore:    l.NotBefore,
+		NotAfter:     l.NotAfter,
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  usage,
+		IPAddresses:  l.IPs,
+		DNSNames:     l.DNSNames,
+	}
+	for _, u := range l.URIs {
+		parsed, err := url.Parse(u)
+		if err != nil {
+			return nil, fmt.Errorf("URI SAN %q: %w", u, err)
+		}
+		tmpl.URIs = append(tmpl.URIs, parsed)
+	}
+	return x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, pub, ca.Key)
 }
 
 // Write stores the certificate and key as dir/name.pem and dir/name-key.pem
