@@ -22,7 +22,8 @@ import (
 	"github.com/sigil-agent/sigil/proto"
 )
 
-func startAgent(t *testing.T) string {
+// agentConfig is the test agent's config: four software keys.
+func agentConfig(t *testing.T) agent.Config {
 	t.Helper()
 	cfg, err := agent.ParseConfig([]byte(`
 default_key: p256
@@ -38,10 +39,23 @@ providers:
 	if err != nil {
 		t.Fatal(err)
 	}
+	return cfg
+}
+
+func startAgent(t *testing.T) string {
+	t.Helper()
+	cfg := agentConfig(t)
 	cfg.DataDir = t.TempDir()
 	dir, _ := os.MkdirTemp("", "sigil-c")
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	cfg.Socket = filepath.Join(dir, "agent.sock")
+	run(t, cfg)
+	return cfg.Socket
+}
+
+// run starts an agent on cfg; the test's end stops it.
+func run(t *testing.T, cfg agent.Config) *agent.Agent {
+	t.Helper()
 	a, err := agent.New(context.Background(), cfg, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -52,7 +66,7 @@ providers:
 	}
 	go a.Serve(ln)
 	t.Cleanup(func() { a.Shutdown(context.Background()) })
-	return cfg.Socket
+	return a
 }
 
 func dial(t *testing.T, addr string) *client.Client {

@@ -44,4 +44,10 @@ func Example() {
 
 	var issuedChain [][]byte
 	_ = tls.Certificate{Certificate: issuedChain, PrivateKey: signer}
+
+	// Or, once the agent's config names the key's certificate
+	// (certificates: {default: /etc/sigil/certs/default.pem}):
+	if cert, err := c.TLSCertificate(ctx, "default"); err == nil {
+		_ = &tls.Config{Certificates: []tls.Certificate{cert}}
+	}
 }

@@ -6,6 +6,8 @@ import (
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"time"
@@ -34,6 +36,37 @@ func (c *Client) Signer(ctx context.Context, ref KeyRef) (*Signer, error) {
 		return nil, err
 	}
 	return &Signer{c: c, key: k, timeout: DefaultSignerTimeout}, nil
+}
+
+// TLSCertificate returns the named key as a tls.Certificate, for a
+// tls.Config's Certificates or GetClientCertificate: the key's certificate
+// as the agent lists it (the agent config's `certificates:`) and a Signer
+// for the private key, which stays behind the agent. A key the agent has no
+// certificate for is NOT_FOUND. The agent lists the key's own certificate
+// only: append intermediates to Certificate when peers need the chain.
+func (c *Client) TLSCertificate(ctx context.Context, name string) (tls.Certificate, error) {
+	keys, err := c.ListKeys(ctx)
+	if err != nil {
+		return tls.Certificate{}, err
+	}
+	for _, k := range keys {
+		if k.Name != name {
+			continue
+		}
+		if k.Certificate == nil {
+			return tls.Certificate{}, &proto.Error{Code: proto.NotFound, Msg: fmt.Sprintf("the agent has no certificate for key %q", name)}
+		}
+		leaf, err := x509.ParseCertificate(k.Certificate)
+		if err != nil {
+			return tls.Certificate{}, fmt.Errorf("sigil: key %q: certificate: %w", name, err)
+		}
+		return tls.Certificate{
+			Certificate: [][]byte{k.Certificate},
+			PrivateKey:  &Signer{c: c, key: k, timeout: DefaultSignerTimeout},
+			Leaf:        leaf,
+		}, nil
+	}
+	return tls.Certificate{}, &proto.Error{Code: proto.NotFound, Msg: fmt.Sprintf("no key named %q", name)}
 }
 
 // SetTimeout changes the per-signature deadline.

@@ -1,0 +1,89 @@
+package client_test
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/pem"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/devcerts"
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// A key the agent has a certificate for is a tls.Certificate: a server
+// that requires client certificates from the CA accepts a handshake whose
+// CertificateVerify the agent signed. A key without one is NOT_FOUND.
+func TestTLSCertificateAuthenticatesAClient(t *testing.T) {
+	cfg := agentConfig(t)
+	cfg.DataDir = t.TempDir()
+	sockDir, _ := os.MkdirTemp("", "sigil-tls")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	cfg.Socket = filepath.Join(sockDir, "first.sock")
+	first, c := serve(t, cfg)
+	keys, err := c.ListKeys(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	first.Shutdown(context.Background())
+
+	// The same keys again, now with a certificate for p256.
+	ca, err := devcerts.NewCA("client CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys {
+		if k.Name != "p256" {
+			continue
+		}
+		der, err := ca.Certify(k.Public, devcerts.Leaf{CommonName: "payments-client"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(t.TempDir(), "p256.crt")
+		os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+		cfg.Certificates = map[string]string{"p256": path}
+	}
+	cfg.Socket = filepath.Join(sockDir, "second.sock")
+	_, c2 := serve(t, cfg)
+
+	if _, err := c2.TLSCertificate(context.Background(), "rsa"); client.Code(err) != proto.NotFound {
+		t.Fatalf("a key without a certificate: %v, want NOT_FOUND", err)
+	}
+	cert, err := c2.TLSCertificate(context.Background(), "p256")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := ca.Issue(devcerts.Leaf{CommonName: "server", DNSNames: []string{"server.test"}, Server: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvConn, cliConn := net.Pipe()
+	defer srvConn.Close()
+	defer cliConn.Close()
+	srv := tls.Server(srvConn, &tls.Config{Certificates: []tls.Certificate{server.TLS},
+		ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool()})
+	cli := tls.Client(cliConn, &tls.Config{RootCAs: ca.Pool(), ServerName: "server.test", Certificates: []tls.Certificate{cert}})
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Handshake() }()
+	if err := cli.Handshake(); err != nil {
+		t.Fatalf("client handshake: %v", err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("server handshake: %v", err)
+	}
+	if peer := srv.ConnectionState().PeerCertificates; len(peer) != 1 || peer[0].Subject.CommonName != "payments-client" {
+		t.Fatalf("the server saw %v", peer)
+	}
+}
+
+// serve starts an agent on cfg and dials it.
+func serve(t *testing.T, cfg agent.Config) (*agent.Agent, *client.Client) {
+	t.Helper()
+	return run(t, cfg), dial(t, cfg.Socket)
+}
