@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"os"
 	"sort"
+
+	"github.com/sigil-agent/sigil/proto"
 )
 
 // attachCertificates gives keys the X.509 certificates the config names
@@ -28,6 +30,17 @@ func (kr *keyring) attachCertificates(certs map[string]string) error {
 	for _, name := range names {
 		if err := kr.attachCertificate(name, certs[name]); err != nil {
 			errs = append(errs, fmt.Errorf("certificates[%s]: %w", name, err))
+		}
+	}
+	if len(errs) == 0 && len(names) > 0 {
+		// ListKeys answers in one frame, and clients (the Go client,
+		// the PKCS#11 front) read at most proto.DefaultMaxFrame.
+		frame, err := proto.NewCodec().AppendResponseFrame(nil, &proto.Response{ID: 1 << 62, Keys: kr.list})
+		if err != nil {
+			return err
+		}
+		if len(frame) > proto.DefaultMaxFrame {
+			return fmt.Errorf("certificates: with them the key list is %d bytes, over the %d-byte frame clients read; name fewer", len(frame), proto.DefaultMaxFrame)
 		}
 	}
 	return errors.Join(errs...)

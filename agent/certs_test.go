@@ -2,6 +2,8 @@ package agent_test
 
 import (
 	"context"
+	"encoding/pem"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -58,5 +60,46 @@ func TestCertificateConfigRefused(t *testing.T) {
 				t.Fatalf("error %q, want it to contain %q", err, tc.want)
 			}
 		})
+	}
+}
+
+// Certificates that would make the key list larger than one frame are
+// refused at start: clients read ListKeys in one frame of at most 64 KiB.
+func TestCertificatesOverOneFrameRefused(t *testing.T) {
+	cfg := softwareConfig(t)
+	r := startAgent(t, cfg)
+	keys, err := r.dial(t).ListKeys(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.agent.Shutdown(context.Background())
+	ca, err := devcerts.NewCA("large CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	names := make([]string, 0, 3000)
+	for i := range 3000 {
+		names = append(names, fmt.Sprintf("host-%04d.example.org", i))
+	}
+	cfg.Certificates = map[string]string{}
+	for _, k := range keys {
+		if k.Name != "ed" {
+			continue
+		}
+		der, err := ca.Certify(k.Public, devcerts.Leaf{CommonName: "large", DNSNames: names})
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(t.TempDir(), "large.crt")
+		os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+		cfg.Certificates["ed"] = path
+	}
+	a, err := agent.New(context.Background(), cfg, nil)
+	if err == nil {
+		a.Shutdown(context.Background())
+		t.Fatal("the agent started")
+	}
+	if !strings.Contains(err.Error(), "over the 65536-byte frame") {
+		t.Fatalf("error %q", err)
 	}
 }
