@@ -283,8 +283,12 @@ func (e *Env) startFrontAgent(ctx context.Context, sigil string) (Variant, error
 // off and in fsync mode, and a policy with every rule switched on.
 const (
 	ScenarioSoftwareNoJournal = "software-nojournal"
-	ScenarioSoftwareFsync     = "software-fsync"
-	ScenarioSoftwarePolicy    = "software-policy"
+	// ScenarioAgentNoJournal is agent-unix (SoftHSM2 keys, the same module
+	// instances) with the journal off: the journal's cost where a
+	// signature costs what an HSM's does.
+	ScenarioAgentNoJournal = "agent-unix-nojournal"
+	ScenarioSoftwareFsync  = "software-fsync"
+	ScenarioSoftwarePolicy = "software-policy"
 )
 
 func (e *Env) startVariants(ctx context.Context, sigil string) error {

@@ -40,9 +40,14 @@ var experimentScenarios = map[string]bool{ScenarioAgentOneInstance: true, Scenar
 // the main one with the given module_instances, its own state directory and
 // its own module instances (and so its own sessions and SoftHSM2 locks).
 func (e *Env) startHSMAgent(ctx context.Context, sigil, name string, instances int, env ...string) (Variant, error) {
+	return e.startHSMAgentWith(ctx, sigil, name, instances, "", env...)
+}
+
+// startHSMAgentWith is startHSMAgent with extra config lines.
+func (e *Env) startHSMAgentWith(ctx context.Context, sigil, name string, instances int, extra string, env ...string) (Variant, error) {
 	sock := filepath.Join(e.Dir, name+".sock")
 	var b strings.Builder
-	fmt.Fprintf(&b, "socket: %s\nadmin_socket: %s\ndata_dir: %s\nlog: {level: warn}\n", sock, sock+".admin", filepath.Join(e.Dir, name+"-state"))
+	fmt.Fprintf(&b, "socket: %s\nadmin_socket: %s\ndata_dir: %s\nlog: {level: warn}\n%s", sock, sock+".admin", filepath.Join(e.Dir, name+"-state"), extra)
 	e.writeProviders(&b, instances)
 	cmd, err := e.launch(ctx, sigil, name, b.String(), sock, env...)
 	if err != nil {

@@ -81,9 +81,10 @@ const (
 	RatioAgentVsP11KitOpsG8  = "agent_vs_p11kit_ops_g8" // agent-unix ops/s @8 / p11kit ops/s @8
 	RatioTCPVsUnixP50        = "tcp_vs_unix_p50"        // agent-tcp p50 @1 / agent-unix p50 @1
 	GoalSoftwareEd25519OpsG8 = "software_ed25519_ops_g8"
-	RatioJournalVsOffOpsG8   = "journal_wal_vs_off_ops_g8"   // software ops/s @8 / software-nojournal ops/s @8
-	RatioFsyncVsOffOpsG8     = "journal_fsync_vs_off_ops_g8" // software-fsync ops/s @8 / software-nojournal ops/s @8 (reported)
-	RatioPolicyVsNoneOpsG8   = "policy_vs_none_ops_g8"       // software-policy ops/s @8 / software ops/s @8
+	RatioJournalVsOffOpsG8   = "journal_wal_vs_off_ops_g8"     // software ops/s @8 / software-nojournal ops/s @8
+	RatioFsyncVsOffOpsG8     = "journal_fsync_vs_off_ops_g8"   // software-fsync ops/s @8 / software-nojournal ops/s @8 (reported)
+	RatioJournalHSMOpsG8     = "journal_wal_vs_off_hsm_ops_g8" // agent-unix ops/s @8 / agent-unix-nojournal ops/s @8 (reported)
+	RatioPolicyVsNoneOpsG8   = "policy_vs_none_ops_g8"         // software-policy ops/s @8 / software ops/s @8
 )
 
 type ratioDef struct {
@@ -103,6 +104,7 @@ var ratioDefs = []ratioDef{
 	{name: RatioTCPVsUnixP50, num: ScenarioAgentTCP, den: ScenarioAgentUnix, conns: 1, goal: 1.2, atMost: true},
 	{name: RatioJournalVsOffOpsG8, num: ScenarioSoftware, den: ScenarioSoftwareNoJournal, conns: 8, ops: true, goal: 0.9},
 	{name: RatioFsyncVsOffOpsG8, num: ScenarioSoftwareFsync, den: ScenarioSoftwareNoJournal, conns: 8, ops: true},
+	{name: RatioJournalHSMOpsG8, num: ScenarioAgentUnix, den: ScenarioAgentNoJournal, conns: 8, ops: true},
 	{name: RatioPolicyVsNoneOpsG8, num: ScenarioSoftwarePolicy, den: ScenarioSoftware, conns: 8, ops: true, goal: 0.95},
 }
 
@@ -197,6 +199,7 @@ var goalDescriptions = map[string]string{
 	GoalSoftwareEd25519OpsG8: "software Ed25519 ops/s, 8 conns",
 	RatioJournalVsOffOpsG8:   "software ops/s with the journal (wal) ÷ without, 8 conns",
 	RatioFsyncVsOffOpsG8:     "software ops/s with the journal in fsync mode ÷ without, 8 conns",
+	RatioJournalHSMOpsG8:     "SoftHSM2 ops/s with the journal (wal) ÷ without (agent-unix ÷ agent-unix-nojournal), 8 conns",
 	RatioPolicyVsNoneOpsG8:   "software ops/s with every policy rule on ÷ without a policy, 8 conns",
 }
 

@@ -29,6 +29,7 @@ func handBuiltReport() *Report {
 	add("direct", "ecdsa-p256", 8, 500, 14000)
 	add("agent-unix", "ecdsa-p256", 1, 84, 10000)
 	add("agent-unix", "ecdsa-p256", 8, 520, 15400)
+	add("agent-unix-nojournal", "ecdsa-p256", 8, 480, 16500)
 	add("agent-tcp", "ecdsa-p256", 1, 105, 8000)
 	add("p11kit", "ecdsa-p256", 1, 349, 2900)
 	add("p11kit", "ecdsa-p256", 8, 1800, 4400)
@@ -56,6 +57,7 @@ func TestComputeRatios(t *testing.T) {
 		RatioTCPVsUnixP50:       105.0 / 84,
 		RatioJournalVsOffOpsG8:  19000.0 / 20000,
 		RatioFsyncVsOffOpsG8:    8000.0 / 20000,
+		RatioJournalHSMOpsG8:    15400.0 / 16500,
 		RatioPolicyVsNoneOpsG8:  18500.0 / 19000,
 	}
 	if len(r.Ratios) != len(want) {
@@ -77,7 +79,7 @@ func TestComputeRatios(t *testing.T) {
 		{"no direct", func(r *Report) { r.Results = without(r.Results, "direct") },
 			[]string{RatioAgentVsDirectP50, RatioAgentVsDirectOpsG8}},
 		{"agent skipped", func(r *Report) { setErr(r, "agent-unix", "dial: refused") },
-			[]string{RatioAgentVsDirectP50, RatioAgentVsDirectOpsG8, RatioP11KitVsAgentP50, RatioAgentVsP11KitOpsG8, RatioTCPVsUnixP50}},
+			[]string{RatioAgentVsDirectP50, RatioAgentVsDirectOpsG8, RatioP11KitVsAgentP50, RatioAgentVsP11KitOpsG8, RatioTCPVsUnixP50, RatioJournalHSMOpsG8}},
 		{"direct all failed", func(r *Report) {
 			for i := range r.Results {
 				if r.Results[i].Scenario == "direct" {
@@ -139,6 +141,7 @@ func TestGoals(t *testing.T) {
 		GoalSoftwareEd25519OpsG8: true,  // 52000 ≥ 40000
 		RatioJournalVsOffOpsG8:   true,  // 0.95 ≥ 0.9
 		RatioFsyncVsOffOpsG8:     true,  // reported, no goal
+		RatioJournalHSMOpsG8:     true,  // reported, no goal
 		RatioPolicyVsNoneOpsG8:   true,  // 0.974 ≥ 0.95
 	}
 	for k, v := range want {
@@ -231,10 +234,10 @@ func TestWriteJSON(t *testing.T) {
 	if _, ok := first["error"]; ok {
 		t.Error("empty error written")
 	}
-	if len(got.Ratios) != 8 || got.Ratios[RatioAgentVsDirectP50] == 0 {
+	if len(got.Ratios) != 9 || got.Ratios[RatioAgentVsDirectP50] == 0 {
 		t.Errorf("ratios %v", got.Ratios)
 	}
-	if got.Machine["cores"] != 2.0 || got.Options["duration"] != "2s" || len(got.Goals) != 9 {
+	if got.Machine["cores"] != 2.0 || got.Options["duration"] != "2s" || len(got.Goals) != 10 {
 		t.Errorf("machine %v options %v goals %v", got.Machine, got.Options, got.Goals)
 	}
 

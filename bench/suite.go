@@ -22,8 +22,9 @@ type SuiteOptions struct {
 	// Keys are the key types to measure; default ecdsa-p256, rsa-2048, ed25519.
 	Keys []string
 	// Scenarios limits which scenarios run (default all): direct, agent-unix,
-	// agent-tcp, p11kit, pkcs11-front, software, and the cloud ones (awskms, gcpkms,
-	// azurekv; see StartCloud).
+	// agent-unix-nojournal, agent-tcp, p11kit, pkcs11-front, software (and its
+	// -nojournal, -fsync and -policy variants), and the cloud ones (awskms,
+	// gcpkms, azurekv; see StartCloud).
 	Scenarios []string
 	// Addr and Key measure an agent that is already running instead of
 	// setting one up: only the agent-unix scenario, with that key.
@@ -113,6 +114,12 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 			return nil, fmt.Errorf("experiment agent: %w", err)
 		}
 	}
+	var noJournal Variant
+	if o.wants(ScenarioAgentNoJournal) {
+		if noJournal, err = env.startHSMAgentWith(ctx, o.Sigil, "hsm-nojournal", benchModuleInstances, "journal: {mode: \"off\"}\n"); err != nil {
+			return nil, fmt.Errorf("journal-off agent: %w", err)
+		}
+	}
 	var oneProc Variant
 	if o.wants(ScenarioAgentOneProc) || o.wants(ScenarioSoftwareOneProc) {
 		if oneProc, err = env.startHSMAgent(ctx, o.Sigil, "hsm-procs1", benchModuleInstances, "GOMAXPROCS=1"); err != nil {
@@ -127,6 +134,9 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 		if o.wants(ScenarioAgentUnix) {
 			scenarios = append(scenarios, AgentScenario(ScenarioAgentUnix, k, env.AgentSocket, hsmKeyName(k), agentCPU))
+		}
+		if o.wants(ScenarioAgentNoJournal) {
+			scenarios = append(scenarios, AgentScenario(ScenarioAgentNoJournal, k, noJournal.Socket, hsmKeyName(k), processesCPU(noJournal.PID)))
 		}
 		if o.wants(ScenarioAgentOneInstance) {
 			scenarios = append(scenarios, AgentScenario(ScenarioAgentOneInstance, k, single.Socket, hsmKeyName(k), processesCPU(single.PID)))

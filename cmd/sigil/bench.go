@@ -139,7 +139,7 @@ exits 1 too.`,
 	f.BoolVar(&quick, "quick", false, "1 and 8 connections, ECDSA P-256 and Ed25519, 2 reps of 400ms (under a minute)")
 	f.StringVar(&conns, "conns", "", "connection counts, comma-separated (default 1,8,64)")
 	f.StringVar(&keys, "keys", "", "key types: ecdsa-p256,rsa-2048,ed25519 (default all)")
-	f.StringVar(&scenarios, "scenarios", "", "direct,agent-unix,agent-tcp,p11kit,pkcs11-front,software,awskms,gcpkms,azurekv (default all)")
+	f.StringVar(&scenarios, "scenarios", "", "direct,agent-unix,agent-unix-nojournal,agent-tcp,p11kit,pkcs11-front,software,software-nojournal,software-fsync,software-policy,awskms,gcpkms,azurekv (default all but the experiments)")
 	f.DurationVar(&duration, "duration", 0, "measured time per rep (default 2s)")
 	f.DurationVar(&warmup, "warmup", 0, "warm-up before each rep (default 300ms)")
 	f.IntVar(&reps, "reps", 0, "repetitions (default 3); figures are medians over reps")
