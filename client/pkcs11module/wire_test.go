@@ -126,6 +126,7 @@ func FuzzWireDecodeResponse(f *testing.F) {
 	f.Add(goResponse(f, &proto.Response{ID: 1, Code: proto.OK, Version: 1}))
 	f.Add(goResponse(f, &proto.Response{ID: 2, Code: proto.OK, Sig: []byte{0x30, 1, 2}, KID: "k"}))
 	f.Add(goResponse(f, &proto.Response{ID: 3, Code: proto.OK, Keys: []proto.KeyEntry{{Name: "a", KID: "b", Provider: "c", KeyType: "ed25519", Pub: []byte{1}}}}))
+	f.Add(goResponse(f, &proto.Response{ID: 5, Code: proto.OK, Keys: []proto.KeyEntry{{Name: "a", KID: "b", Provider: "c", KeyType: "ecdsa-p256", Pub: []byte{1}, Cert: []byte{0x30, 0}}}}))
 	f.Add(goResponse(f, &proto.Response{ID: 4, Code: proto.RateLimited, Msg: "later", Records: [][]byte{{1}}}))
 	f.Add([]byte{0x82, 0xa1, 'x', 0xd8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xa2, 'i', 'd', 1})
 	f.Fuzz(func(t *testing.T, payload []byte) {
@@ -153,7 +154,11 @@ func FuzzWireResponseRoundTrip(f *testing.F) {
 		r := proto.Response{ID: id, Code: proto.Code(code), Msg: msg, Sig: sig, KID: kid}
 		if nkeys = nkeys % 8; nkeys > 0 {
 			for i := 0; i < nkeys; i++ {
-				r.Keys = append(r.Keys, proto.KeyEntry{Name: name, KID: kid, Provider: msg, KeyType: "x", Pub: pub})
+				k := proto.KeyEntry{Name: name, KID: kid, Provider: msg, KeyType: "x", Pub: pub}
+				if i%2 == 1 {
+					k.Cert = sig // some keys with a certificate, some without
+				}
+				r.Keys = append(r.Keys, k)
 			}
 		}
 		frame, err := proto.NewCodec().AppendResponseFrame(nil, &r)
@@ -176,7 +181,8 @@ func FuzzWireResponseRoundTrip(f *testing.F) {
 			t.Fatalf("C read %+v, Go wrote %+v", got, r)
 		}
 		for i := range r.Keys {
-			if got.Keys[i].Name != name || got.Keys[i].KID != kid || !bytes.Equal(got.Keys[i].Pub, pub) && len(pub) > 0 {
+			if got.Keys[i].Name != name || got.Keys[i].KID != kid || !bytes.Equal(got.Keys[i].Pub, pub) && len(pub) > 0 ||
+				!bytes.Equal(got.Keys[i].Cert, r.Keys[i].Cert) {
 				t.Fatalf("key %d: C read %+v", i, got.Keys[i])
 			}
 		}
