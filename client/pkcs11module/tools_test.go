@@ -260,6 +260,21 @@ func TestNSSThroughTheModule(t *testing.T) {
 			}
 		})
 	}
+
+	// With certificates named in the agent's config, NSS lists them on
+	// the token and reads each back whole.
+	certs := f.issueCertificates("p256", "hsm-rsa")
+	listed := run(t, nil, "certutil", "-L", "-d", db, "-h", "sigil", "-f", pw)
+	for name, cert := range certs {
+		if !strings.Contains(listed, "sigil:"+name+" ") {
+			t.Errorf("certutil -L does not list sigil:%s:\n%s", name, listed)
+			continue
+		}
+		out, err := runErr(nil, "certutil", "-L", "-d", db, "-h", "sigil", "-f", pw, "-n", "sigil:"+name, "-r")
+		if err != nil || out != string(cert.Raw) {
+			t.Errorf("certutil -L -n sigil:%s -r does not give the certificate back: %v", name, err)
+		}
+	}
 }
 
 const denialPolicy = `
