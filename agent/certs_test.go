@@ -1,7 +1,9 @@
 package agent_test
 
 import (
+	"bytes"
 	"context"
+	"crypto"
 	"encoding/pem"
 	"fmt"
 	"os"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/devcerts"
+	"github.com/sigil-agent/sigil/client"
 )
 
 // writeOtherKeysCert writes a certificate for a new key (not one the agent
@@ -101,5 +104,71 @@ func TestCertificatesOverOneFrameRefused(t *testing.T) {
 	}
 	if !strings.Contains(err.Error(), "over the 65536-byte frame") {
 		t.Fatalf("error %q", err)
+	}
+}
+
+// A renewed certificate is served after a reload, with no restart; one
+// that does not load is refused and the one in force stays.
+func TestCertificateReload(t *testing.T) {
+	cfg := softwareConfig(t)
+	r := startAgent(t, cfg)
+	keys, err := r.dial(t).ListKeys(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.agent.Shutdown(context.Background())
+	var pub crypto.PublicKey
+	for _, k := range keys {
+		if k.Name == "default" {
+			pub = k.Public
+		}
+	}
+	ca, err := devcerts.NewCA("reload CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "default.crt")
+	issue := func(cn string) []byte {
+		der, err := ca.Certify(pub, devcerts.Leaf{CommonName: cn})
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+		return der
+	}
+	served := func(c *client.Client) []byte {
+		t.Helper()
+		keys, err := c.ListKeys(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range keys {
+			if k.Name == "default" {
+				return k.Certificate
+			}
+		}
+		return nil
+	}
+
+	first := issue("first")
+	cfg.Certificates = map[string]string{"default": path}
+	r = startAgent(t, cfg)
+	c := r.dial(t)
+	if !bytes.Equal(served(c), first) {
+		t.Fatal("the configured certificate is not served")
+	}
+	renewed := issue("renewed")
+	if err := r.agent.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(served(c), renewed) {
+		t.Fatal("the renewed certificate is not served after a reload")
+	}
+	os.WriteFile(path, []byte("half-written"), 0o600)
+	if err := r.agent.Reload(); err == nil || !strings.Contains(err.Error(), "no PEM CERTIFICATE block") {
+		t.Fatalf("reload of a broken file: %v", err)
+	}
+	if !bytes.Equal(served(c), renewed) {
+		t.Fatal("a failed reload changed the certificate served")
 	}
 }

@@ -25,9 +25,6 @@ type keyEntry struct {
 	defaultAlg providers.Algorithm
 	// remote: the provider's Sign waits on a network (providers.Remote).
 	remote bool
-	// cert is the key's X.509 certificate (DER) from the config's
-	// `certificates:`, nil without one (certs.go).
-	cert []byte
 }
 
 // keyring resolves key names and kids to entries. It is built once at start
@@ -38,7 +35,8 @@ type keyring struct {
 	maps       atomic.Pointer[keyMaps]
 	addMu      sync.Mutex
 	defaultKey *keyEntry
-	list       []proto.KeyEntry // the ListKeys reply, precomputed
+	list       []proto.KeyEntry         // the ListKeys reply, precomputed, without certificates
+	certs      atomic.Pointer[keyCerts] // certs.go; nil or empty without `certificates:`
 	providers  []providers.Provider
 }
 

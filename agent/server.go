@@ -97,7 +97,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		}
 		return nil, err
 	}
-	if err := kr.attachCertificates(cfg.Certificates); err != nil {
+	if err := kr.loadCertificates(cfg.Certificates); err != nil {
 		kr.close()
 		return nil, err
 	}
@@ -307,8 +307,9 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 }
 
 // Reload re-reads what can change without a restart: the TLS certificates
-// (new handshakes use them; open connections carry on) and the policy. What
-// fails to load is refused and the old stays in force.
+// (new handshakes use them; open connections carry on), the keys'
+// certificates (certs.go) and the policy. What fails to load is refused
+// and the old stays in force.
 func (a *Agent) Reload() error {
 	var errs []error
 	if a.tls != nil {
@@ -317,6 +318,14 @@ func (a *Agent) Reload() error {
 			errs = append(errs, err)
 		} else {
 			a.log.Info("TLS certificates reloaded")
+		}
+	}
+	if len(a.cfg.Certificates) > 0 {
+		if err := a.keys.loadCertificates(a.cfg.Certificates); err != nil {
+			a.log.Warn("key certificates not reloaded; keeping the ones in force", zap.Error(err))
+			errs = append(errs, err)
+		} else {
+			a.log.Info("key certificates reloaded", zap.Int("certificates", len(a.cfg.Certificates)))
 		}
 	}
 	if a.policy != nil {

@@ -140,7 +140,7 @@ func (c *conn) slotKey(slot *policy.Slot, kid string, verify bool) (*keyEntry, e
 // listKeys is the ListKeys reply: the tenant's slots, or every key.
 func (c *conn) listKeys() ([]proto.KeyEntry, error) {
 	if c.a.policy == nil {
-		return c.a.keys.list, nil
+		return c.a.keys.listWithCerts(), nil
 	}
 	tenant, err := c.tenant()
 	if err != nil {
@@ -150,7 +150,7 @@ func (c *conn) listKeys() ([]proto.KeyEntry, error) {
 	out := make([]proto.KeyEntry, 0, len(slots))
 	for _, s := range slots {
 		if e, err := c.slotKey(s, "", false); err == nil {
-			out = append(out, proto.KeyEntry{Name: s.Name, KID: e.info.KID, Provider: e.info.Provider, KeyType: string(e.info.Type), Pub: e.info.SPKI, Cert: e.cert})
+			out = append(out, proto.KeyEntry{Name: s.Name, KID: e.info.KID, Provider: e.info.Provider, KeyType: string(e.info.Type), Pub: e.info.SPKI, Cert: c.a.keys.cert(e.info.Name)})
 		}
 	}
 	return out, nil
@@ -303,10 +303,14 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 		resp.Records = recs
 		return nil
 	case proto.OpReloadPolicy:
-		if err := c.a.ReloadPolicy(); err != nil {
-			return &proto.Error{Code: proto.BadRequest, Msg: "policy refused, the current one stays in force: " + err.Error()}
+		// What SIGHUP reloads: TLS certificates, keys' certificates, policy.
+		if err := c.a.Reload(); err != nil {
+			return &proto.Error{Code: proto.BadRequest, Msg: "reload refused, what was in force stays: " + err.Error()}
 		}
-		resp.Msg = "policy " + c.a.policy.Set().HashHex() + " in force"
+		resp.Msg = "reloaded"
+		if c.a.policy != nil {
+			resp.Msg = "reloaded; policy " + c.a.policy.Set().HashHex() + " in force"
+		}
 		return nil
 	}
 	return &proto.Error{Code: proto.BadRequest, Msg: req.Op.String() + " is not supported by this agent version"}

@@ -30,8 +30,9 @@ func (c *Client) Resume(ctx context.Context, slot string) (string, error) {
 	return resp.Msg, nil
 }
 
-// ReloadPolicy makes the agent re-read its policy; a policy that fails
-// validation is refused (BAD_REQUEST, with the reasons) and the old one stays.
+// ReloadPolicy makes the agent re-read what SIGHUP re-reads: its policy,
+// TLS certificates and keys' certificates. What fails to load or validate
+// is refused (BAD_REQUEST, with the reasons) and the old stays.
 func (c *Client) ReloadPolicy(ctx context.Context) (string, error) {
 	resp, err := c.call(ctx, &proto.Request{Op: proto.OpReloadPolicy})
 	if err != nil {
