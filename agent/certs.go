@@ -13,8 +13,8 @@ import (
 )
 
 // Key certificates. The config names an X.509 certificate per key
-// (`certificates:`, key name → PEM file, the key's certificate first) and
-// clients list it with the key: the PKCS#11 front shows each as a
+// (`certificates:`, key name → PEM file, the key's certificate first, then
+// any intermediates) and clients list them with the key: the PKCS#11 front shows each as a
 // certificate object beside the key, which is how Java's SunPKCS11 keystore
 // and NSS find a key for TLS client authentication or jarsigner, and the Go
 // client makes a tls.Certificate of it. A file that does not parse, or a
@@ -23,15 +23,22 @@ import (
 // whose key is not the one that signs would only fail later, at the peer.
 // Reload reads the files again, so a renewed certificate needs no restart.
 
-// keyCerts maps key names to certificates (DER); replaced whole.
-type keyCerts map[string][]byte
+// keyCert is a key's certificate and the ones that followed it in the
+// file (intermediates), DER.
+type keyCert struct {
+	leaf  []byte
+	chain [][]byte
+}
 
-// cert returns the key's certificate, nil without one.
-func (kr *keyring) cert(name string) []byte {
+// keyCerts maps key names to certificates; replaced whole.
+type keyCerts map[string]keyCert
+
+// cert returns the key's certificate and chain, zero without one.
+func (kr *keyring) cert(name string) keyCert {
 	if m := kr.certs.Load(); m != nil {
 		return (*m)[name]
 	}
-	return nil
+	return keyCert{}
 }
 
 // listWithCerts is the ListKeys reply of every key, certificates included.
@@ -40,9 +47,15 @@ func (kr *keyring) listWithCerts() []proto.KeyEntry {
 	if m == nil || len(*m) == 0 {
 		return kr.list
 	}
-	out := make([]proto.KeyEntry, len(kr.list))
-	for i, k := range kr.list {
-		k.Cert = (*m)[k.Name]
+	return withCerts(kr.list, *m)
+}
+
+// withCerts copies list with each key's certificate and chain from m.
+func withCerts(list []proto.KeyEntry, m keyCerts) []proto.KeyEntry {
+	out := make([]proto.KeyEntry, len(list))
+	for i, k := range list {
+		c := m[k.Name]
+		k.Cert, k.Chain = c.leaf, c.chain
 		out[i] = k
 	}
 	return out
@@ -59,24 +72,19 @@ func (kr *keyring) loadCertificates(paths map[string]string) error {
 	m := keyCerts{}
 	var errs []error
 	for _, name := range names {
-		der, err := kr.readCertificate(name, paths[name])
+		c, err := kr.readCertificate(name, paths[name])
 		if err != nil {
 			errs = append(errs, fmt.Errorf("certificates[%s]: %w", name, err))
 			continue
 		}
-		m[name] = der
+		m[name] = c
 	}
 	if len(errs) > 0 {
 		return errors.Join(errs...)
 	}
 	// ListKeys answers in one frame, and clients (the Go client, the
 	// PKCS#11 front) read at most proto.DefaultMaxFrame.
-	list := make([]proto.KeyEntry, len(kr.list))
-	for i, k := range kr.list {
-		k.Cert = m[k.Name]
-		list[i] = k
-	}
-	frame, err := proto.NewCodec().AppendResponseFrame(nil, &proto.Response{ID: 1 << 62, Keys: list})
+	frame, err := proto.NewCodec().AppendResponseFrame(nil, &proto.Response{ID: 1 << 62, Keys: withCerts(kr.list, m)})
 	if err != nil {
 		return err
 	}
@@ -87,40 +95,46 @@ func (kr *keyring) loadCertificates(paths map[string]string) error {
 	return nil
 }
 
-// readCertificate reads the first certificate of a PEM file and checks that
-// it certifies the named key.
-func (kr *keyring) readCertificate(name, path string) ([]byte, error) {
+// readCertificate reads a PEM file, the key's certificate first and any
+// intermediates after it, and checks that the first certifies the named key.
+func (kr *keyring) readCertificate(name, path string) (keyCert, error) {
 	e := kr.entry(name)
 	if e == nil {
-		return nil, errors.New("no provider serves this key")
+		return keyCert{}, errors.New("no provider serves this key")
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, err
+		return keyCert{}, err
 	}
-	var der []byte
-	for rest := data; der == nil; {
+	var ders [][]byte
+	for rest := data; ; {
 		var b *pem.Block
 		if b, rest = pem.Decode(rest); b == nil {
 			break
 		}
 		if b.Type == "CERTIFICATE" {
-			der = b.Bytes
+			ders = append(ders, b.Bytes)
 		}
 	}
-	if der == nil {
-		return nil, fmt.Errorf("%s: no PEM CERTIFICATE block", path)
+	if len(ders) == 0 {
+		return keyCert{}, fmt.Errorf("%s: no PEM CERTIFICATE block", path)
 	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
+	certs := make([]*x509.Certificate, len(ders))
+	for i, der := range ders {
+		if certs[i], err = x509.ParseCertificate(der); err != nil {
+			return keyCert{}, fmt.Errorf("%s: certificate %d: %w", path, i+1, err)
+		}
 	}
 	pub, err := x509.ParsePKIXPublicKey(e.info.SPKI)
 	if err != nil {
-		return nil, fmt.Errorf("the key's public key: %w", err)
+		return keyCert{}, fmt.Errorf("the key's public key: %w", err)
 	}
-	if k, ok := pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(cert.PublicKey) {
-		return nil, fmt.Errorf("%s certifies another key (subject %q), not this one", path, cert.Subject.String())
+	if k, ok := pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(certs[0].PublicKey) {
+		return keyCert{}, fmt.Errorf("%s certifies another key (subject %q), not this one", path, certs[0].Subject.String())
 	}
-	return der, nil
+	c := keyCert{leaf: ders[0]}
+	if len(ders) > 1 {
+		c.chain = ders[1:]
+	}
+	return c, nil
 }

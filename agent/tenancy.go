@@ -150,7 +150,9 @@ func (c *conn) listKeys() ([]proto.KeyEntry, error) {
 	out := make([]proto.KeyEntry, 0, len(slots))
 	for _, s := range slots {
 		if e, err := c.slotKey(s, "", false); err == nil {
-			out = append(out, proto.KeyEntry{Name: s.Name, KID: e.info.KID, Provider: e.info.Provider, KeyType: string(e.info.Type), Pub: e.info.SPKI, Cert: c.a.keys.cert(e.info.Name)})
+			cert := c.a.keys.cert(e.info.Name)
+			out = append(out, proto.KeyEntry{Name: s.Name, KID: e.info.KID, Provider: e.info.Provider, KeyType: string(e.info.Type),
+				Pub: e.info.SPKI, Cert: cert.leaf, Chain: cert.chain})
 		}
 	}
 	return out, nil

@@ -316,8 +316,10 @@ type Key struct {
 	SPKI     []byte // DER SubjectPublicKeyInfo
 	// Certificate is the key's X.509 certificate (DER) when the agent's
 	// config names one (`certificates:`), else nil: with the key's Signer
-	// it makes a tls.Certificate.
-	Certificate []byte
+	// it makes a tls.Certificate (TLSCertificate). Intermediates are the
+	// certificates that followed it in that file.
+	Certificate   []byte
+	Intermediates [][]byte
 }
 
 // Ping checks the agent answers.
@@ -338,7 +340,7 @@ func (c *Client) ListKeys(ctx context.Context) ([]Key, error) {
 		if err != nil {
 			return nil, fmt.Errorf("sigil: key %q: public key: %w", k.Name, err)
 		}
-		out = append(out, Key{Name: k.Name, KID: k.KID, Provider: k.Provider, Type: k.KeyType, Public: pub, SPKI: k.Pub, Certificate: k.Cert})
+		out = append(out, Key{Name: k.Name, KID: k.KID, Provider: k.Provider, Type: k.KeyType, Public: pub, SPKI: k.Pub, Certificate: k.Cert, Intermediates: k.Chain})
 	}
 	return out, nil
 }

@@ -40,10 +40,9 @@ func (c *Client) Signer(ctx context.Context, ref KeyRef) (*Signer, error) {
 
 // TLSCertificate returns the named key as a tls.Certificate, for a
 // tls.Config's Certificates or GetClientCertificate: the key's certificate
-// as the agent lists it (the agent config's `certificates:`) and a Signer
-// for the private key, which stays behind the agent. A key the agent has no
-// certificate for is NOT_FOUND. The agent lists the key's own certificate
-// only: append intermediates to Certificate when peers need the chain.
+// and its intermediates as the agent lists them (the agent config's
+// `certificates:` file) and a Signer for the private key, which stays
+// behind the agent. A key the agent has no certificate for is NOT_FOUND.
 func (c *Client) TLSCertificate(ctx context.Context, name string) (tls.Certificate, error) {
 	keys, err := c.ListKeys(ctx)
 	if err != nil {
@@ -61,7 +60,7 @@ func (c *Client) TLSCertificate(ctx context.Context, name string) (tls.Certifica
 			return tls.Certificate{}, fmt.Errorf("sigil: key %q: certificate: %w", name, err)
 		}
 		return tls.Certificate{
-			Certificate: [][]byte{k.Certificate},
+			Certificate: append([][]byte{k.Certificate}, k.Intermediates...),
 			PrivateKey:  &Signer{c: c, key: k, timeout: DefaultSignerTimeout},
 			Leaf:        leaf,
 		}, nil

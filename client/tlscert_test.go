@@ -15,9 +15,10 @@ import (
 	"github.com/sigil-agent/sigil/proto"
 )
 
-// A key the agent has a certificate for is a tls.Certificate: a server
-// that requires client certificates from the CA accepts a handshake whose
-// CertificateVerify the agent signed. A key without one is NOT_FOUND.
+// A key the agent has a certificate for is a tls.Certificate, with its
+// intermediate: a server that requires client certificates from the root CA
+// accepts a handshake whose CertificateVerify the agent signed. A key
+// without one is NOT_FOUND.
 func TestTLSCertificateAuthenticatesAClient(t *testing.T) {
 	cfg := agentConfig(t)
 	cfg.DataDir = t.TempDir()
@@ -32,8 +33,14 @@ func TestTLSCertificateAuthenticatesAClient(t *testing.T) {
 	c.Close()
 	first.Shutdown(context.Background())
 
-	// The same keys again, now with a certificate for p256.
-	ca, err := devcerts.NewCA("client CA")
+	// The same keys again, now with a certificate for p256 from an
+	// intermediate CA, the intermediate after it in the file: the server
+	// trusts only the root, so the handshake needs the chain.
+	ca, err := devcerts.NewCA("client root CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	intermediate, err := ca.NewIntermediate("client issuing CA")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -41,12 +48,12 @@ func TestTLSCertificateAuthenticatesAClient(t *testing.T) {
 		if k.Name != "p256" {
 			continue
 		}
-		der, err := ca.Certify(k.Public, devcerts.Leaf{CommonName: "payments-client"})
+		der, err := intermediate.Certify(k.Public, devcerts.Leaf{CommonName: "payments-client"})
 		if err != nil {
 			t.Fatal(err)
 		}
 		path := filepath.Join(t.TempDir(), "p256.crt")
-		os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+		os.WriteFile(path, append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), intermediate.CertPEM...), 0o600)
 		cfg.Certificates = map[string]string{"p256": path}
 	}
 	cfg.Socket = filepath.Join(sockDir, "second.sock")
@@ -77,7 +84,7 @@ func TestTLSCertificateAuthenticatesAClient(t *testing.T) {
 	if err := <-errc; err != nil {
 		t.Fatalf("server handshake: %v", err)
 	}
-	if peer := srv.ConnectionState().PeerCertificates; len(peer) != 1 || peer[0].Subject.CommonName != "payments-client" {
+	if peer := srv.ConnectionState().PeerCertificates; len(peer) != 2 || peer[0].Subject.CommonName != "payments-client" {
 		t.Fatalf("the server saw %v", peer)
 	}
 }

@@ -63,8 +63,10 @@ type KeyEntry struct {
 	KeyType  string
 	Pub      []byte // DER SubjectPublicKeyInfo
 	// Cert is the key's X.509 certificate (DER), when the agent's config
-	// names one (`certificates:`); nil otherwise.
-	Cert []byte
+	// names one (`certificates:`); nil otherwise. Chain holds the
+	// certificates that followed it in the file (intermediates, DER).
+	Cert  []byte
+	Chain [][]byte
 }
 
 // Err returns nil for OK, else the reply as an *Error.
@@ -98,6 +100,7 @@ const (
 	kKeyType  = "kty"
 	kPub      = "pub"
 	kCert     = "cert"
+	kChain    = "chain"
 	kValid    = "ok"
 	kKeys     = "keys"
 	kName     = "name"
@@ -275,7 +278,7 @@ func (r *Response) EncodeMsgpack(e *msgpack.Encoder) error {
 		w.setErr(e.EncodeArrayLen(len(r.Keys)))
 		for i := range r.Keys {
 			k := &r.Keys[i]
-			w.mapLen(5 + count(k.Cert != nil))
+			w.mapLen(5 + count(k.Cert != nil) + count(k.Chain != nil))
 			w.str(kName, k.Name)
 			w.str(kKID, k.KID)
 			w.str(kProvider, k.Provider)
@@ -283,6 +286,13 @@ func (r *Response) EncodeMsgpack(e *msgpack.Encoder) error {
 			w.bytes(kPub, k.Pub)
 			if k.Cert != nil {
 				w.bytes(kCert, k.Cert)
+			}
+			if k.Chain != nil {
+				w.key(kChain)
+				w.setErr(e.EncodeArrayLen(len(k.Chain)))
+				for _, c := range k.Chain {
+					w.setErr(e.EncodeBytes(c))
+				}
 			}
 		}
 	}
@@ -395,6 +405,8 @@ func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {
 				k.Pub, err = c.decodeBytesInto(nil)
 			case kCert:
 				k.Cert, err = c.decodeBytesInto(nil)
+			case kChain:
+				k.Chain, err = c.decodeByteList()
 			default:
 				err = c.skip(0)
 			}

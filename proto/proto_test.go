@@ -65,7 +65,7 @@ func TestResponseRoundTrip(t *testing.T) {
 		{ID: 3, Code: OK, Key: "k", KID: "abc", Sig: []byte{1, 2, 3}, PolicyHash: make([]byte, 32)},
 		{ID: 4, Code: OK, Key: "k", KID: "abc", KeyType: "ed25519", Pub: []byte{4, 5}},
 		{ID: 5, Code: OK, Valid: true},
-		{ID: 6, Code: OK, Keys: []KeyEntry{{Name: "a", KID: "1", Provider: "soft", KeyType: "rsa-2048", Pub: []byte{9}}, {Name: "b", KID: "2", Provider: "hsm", KeyType: "ed25519", Pub: []byte{8}, Cert: []byte{0x30, 1, 2}}}},
+		{ID: 6, Code: OK, Keys: []KeyEntry{{Name: "a", KID: "1", Provider: "soft", KeyType: "rsa-2048", Pub: []byte{9}}, {Name: "b", KID: "2", Provider: "hsm", KeyType: "ed25519", Pub: []byte{8}, Cert: []byte{0x30, 1, 2}, Chain: [][]byte{{0x30, 3}, {0x30, 4}}}}},
 		{ID: 7, Code: OK, Keys: []KeyEntry{}},
 		{ID: 8, Code: OK, Records: [][]byte{[]byte(`{"seq":1}`), []byte(`{"seq":2}`)}},
 	}

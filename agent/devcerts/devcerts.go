@@ -30,7 +30,13 @@ type CA struct {
 }
 
 // NewCA makes a self-signed CA valid for a day.
-func NewCA(name string) (*CA, error) {
+func NewCA(name string) (*CA, error) { return newCA(name, nil) }
+
+// NewIntermediate makes a CA that ca certifies, valid for a day: leaves it
+// issues verify against ca's pool only with it sent as an intermediate.
+func (ca *CA) NewIntermediate(name string) (*CA, error) { return newCA(name, ca) }
+
+func newCA(name string, parent *CA) (*CA, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
@@ -44,7 +50,11 @@ func NewCA(name string) (*CA, error) {
 		BasicConstraintsValid: true,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	issuer, issuerKey := tmpl, key
+	if parent != nil {
+		issuer, issuerKey = parent.Cert, parent.Key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer, &key.PublicKey, issuerKey)
 	if err != nil {
 		return nil, err
 	}

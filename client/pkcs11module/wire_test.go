@@ -48,7 +48,7 @@ func TestWireDecodesAgentReplies(t *testing.T) {
 		{ID: 5, Code: proto.OK, Keys: []proto.KeyEntry{}},
 		{ID: 6, Code: proto.OK, Keys: []proto.KeyEntry{
 			{Name: "p256", KID: "a", Provider: "soft", KeyType: "ecdsa-p256", Pub: []byte{1, 2, 3}},
-			{Name: "rsa", KID: "b", Provider: "hsm", KeyType: "rsa-4096", Pub: long[:600], Cert: long[:900]},
+			{Name: "rsa", KID: "b", Provider: "hsm", KeyType: "rsa-4096", Pub: long[:600], Cert: long[:900], Chain: [][]byte{long[:50], {}}},
 		}},
 		{ID: 7, Code: proto.OK, Records: [][]byte{[]byte(`{"seq":1}`), long[:5]}},
 		{ID: 8, Code: proto.OK, Sig: long},
@@ -157,6 +157,7 @@ func FuzzWireResponseRoundTrip(f *testing.F) {
 				k := proto.KeyEntry{Name: name, KID: kid, Provider: msg, KeyType: "x", Pub: pub}
 				if i%2 == 1 {
 					k.Cert = sig // some keys with a certificate, some without
+					k.Chain = [][]byte{pub, sig}
 				}
 				r.Keys = append(r.Keys, k)
 			}
