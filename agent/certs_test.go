@@ -66,16 +66,24 @@ func TestCertificateConfigRefused(t *testing.T) {
 	}
 }
 
-// Certificates that would make the key list larger than one frame are
-// refused at start: clients read ListKeys in one frame of at most 64 KiB.
-func TestCertificatesOverOneFrameRefused(t *testing.T) {
-	cfg := softwareConfig(t)
+// keysOfFirstStart starts the agent once, so that it makes its software
+// keys, and returns them: a certificate needs the key's public half.
+func keysOfFirstStart(t *testing.T, cfg agent.Config) []client.Key {
+	t.Helper()
 	r := startAgent(t, cfg)
 	keys, err := r.dial(t).ListKeys(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
 	r.agent.Shutdown(context.Background())
+	return keys
+}
+
+// Certificates that would make the key list larger than one frame are
+// refused at start: clients read ListKeys in one frame of at most 64 KiB.
+func TestCertificatesOverOneFrameRefused(t *testing.T) {
+	cfg := softwareConfig(t)
+	keys := keysOfFirstStart(t, cfg)
 	ca, err := devcerts.NewCA("large CA")
 	if err != nil {
 		t.Fatal(err)
@@ -111,12 +119,7 @@ func TestCertificatesOverOneFrameRefused(t *testing.T) {
 // that does not load is refused and the one in force stays.
 func TestCertificateReload(t *testing.T) {
 	cfg := softwareConfig(t)
-	r := startAgent(t, cfg)
-	keys, err := r.dial(t).ListKeys(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	r.agent.Shutdown(context.Background())
+	keys := keysOfFirstStart(t, cfg)
 	var pub crypto.PublicKey
 	for _, k := range keys {
 		if k.Name == "default" {
@@ -152,7 +155,7 @@ func TestCertificateReload(t *testing.T) {
 
 	first := issue("first")
 	cfg.Certificates = map[string]string{"default": path}
-	r = startAgent(t, cfg)
+	r := startAgent(t, cfg)
 	c := r.dial(t)
 	if !bytes.Equal(served(c), first) {
 		t.Fatal("the configured certificate is not served")

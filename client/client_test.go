@@ -142,21 +142,28 @@ func TestSignerAsTLSCertificate(t *testing.T) {
 			cert, _ := x509.ParseCertificate(der)
 			pool := x509.NewCertPool()
 			pool.AddCert(cert)
-			srvConn, cliConn := net.Pipe()
-			defer srvConn.Close()
-			defer cliConn.Close()
-			srv := tls.Server(srvConn, &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: s}}})
-			cli := tls.Client(cliConn, &tls.Config{RootCAs: pool, ServerName: "sigil.test"})
-			errc := make(chan error, 1)
-			go func() { errc <- srv.Handshake() }()
-			if err := cli.Handshake(); err != nil {
-				t.Fatalf("client handshake: %v", err)
-			}
-			if err := <-errc; err != nil {
-				t.Fatalf("server handshake: %v", err)
-			}
+			handshake(t, &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: s}}},
+				&tls.Config{RootCAs: pool, ServerName: "sigil.test"})
 		})
 	}
+}
+
+// handshake runs a TLS handshake over a pipe and returns the server's end;
+// either side failing fails the test.
+func handshake(t *testing.T, server, client *tls.Config) *tls.Conn {
+	t.Helper()
+	srvConn, cliConn := net.Pipe()
+	t.Cleanup(func() { srvConn.Close(); cliConn.Close() })
+	srv, cli := tls.Server(srvConn, server), tls.Client(cliConn, client)
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Handshake() }()
+	if err := cli.Handshake(); err != nil {
+		t.Fatalf("client handshake: %v", err)
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("server handshake: %v", err)
+	}
+	return srv
 }
 
 func TestSignerRefusesWhatItCannotDo(t *testing.T) {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/pem"
-	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -70,20 +69,8 @@ func TestTLSCertificateAuthenticatesAClient(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srvConn, cliConn := net.Pipe()
-	defer srvConn.Close()
-	defer cliConn.Close()
-	srv := tls.Server(srvConn, &tls.Config{Certificates: []tls.Certificate{server.TLS},
-		ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool()})
-	cli := tls.Client(cliConn, &tls.Config{RootCAs: ca.Pool(), ServerName: "server.test", Certificates: []tls.Certificate{cert}})
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Handshake() }()
-	if err := cli.Handshake(); err != nil {
-		t.Fatalf("client handshake: %v", err)
-	}
-	if err := <-errc; err != nil {
-		t.Fatalf("server handshake: %v", err)
-	}
+	srv := handshake(t, &tls.Config{Certificates: []tls.Certificate{server.TLS}, ClientAuth: tls.RequireAndVerifyClientCert, ClientCAs: ca.Pool()},
+		&tls.Config{RootCAs: ca.Pool(), ServerName: "server.test", Certificates: []tls.Certificate{cert}})
 	if peer := srv.ConnectionState().PeerCertificates; len(peer) != 2 || peer[0].Subject.CommonName != "payments-client" {
 		t.Fatalf("the server saw %v", peer)
 	}

@@ -263,11 +263,7 @@ func (r *Response) EncodeMsgpack(e *msgpack.Encoder) error {
 		w.bytes(kPolicy, r.PolicyHash)
 	}
 	if r.Records != nil {
-		w.key(kRecords)
-		w.setErr(e.EncodeArrayLen(len(r.Records)))
-		for _, rec := range r.Records {
-			w.setErr(e.EncodeBytes(rec))
-		}
+		w.byteList(kRecords, r.Records)
 	}
 	if r.Valid {
 		w.key(kValid)
@@ -288,11 +284,7 @@ func (r *Response) EncodeMsgpack(e *msgpack.Encoder) error {
 				w.bytes(kCert, k.Cert)
 			}
 			if k.Chain != nil {
-				w.key(kChain)
-				w.setErr(e.EncodeArrayLen(len(k.Chain)))
-				for _, c := range k.Chain {
-					w.setErr(e.EncodeBytes(c))
-				}
+				w.byteList(kChain, k.Chain)
 			}
 		}
 	}
@@ -443,6 +435,15 @@ func (w *fieldWriter) str(k, v string) {
 func (w *fieldWriter) bytes(k string, v []byte) {
 	w.key(k)
 	w.setErr(w.e.EncodeBytes(v))
+}
+
+// byteList writes an array of byte strings (what decodeByteList reads).
+func (w *fieldWriter) byteList(k string, v [][]byte) {
+	w.key(k)
+	w.setErr(w.e.EncodeArrayLen(len(v)))
+	for _, b := range v {
+		w.setErr(w.e.EncodeBytes(b))
+	}
 }
 
 func count(b bool) int {
