@@ -8,6 +8,9 @@ import (
 	"fmt"
 	"os"
 	"sort"
+	"time"
+
+	"go.uber.org/zap"
 
 	"github.com/sigil-agent/sigil/proto"
 )
@@ -26,8 +29,9 @@ import (
 // keyCert is a key's certificate and the ones that followed it in the
 // file (intermediates), DER.
 type keyCert struct {
-	leaf  []byte
-	chain [][]byte
+	leaf     []byte
+	chain    [][]byte
+	notAfter time.Time // the leaf's
 }
 
 // keyCerts maps key names to certificates; replaced whole.
@@ -95,6 +99,30 @@ func (kr *keyring) loadCertificates(paths map[string]string) error {
 	return nil
 }
 
+// certExpiryWarning is how long before a certificate's end the agent starts
+// saying so at each load.
+const certExpiryWarning = 14 * 24 * time.Hour
+
+// checkCertificates logs the certificates that have expired or soon will
+// (they are still served: replacing them is the operator's move) and
+// updates the expiry metric, which is what alerts should watch.
+func (a *Agent) checkCertificates(now time.Time) {
+	m := a.keys.certs.Load()
+	a.metrics.certExpiry.Reset()
+	if m == nil {
+		return
+	}
+	for name, c := range *m {
+		a.metrics.certExpiry.WithLabelValues(name).Set(float64(c.notAfter.Unix()))
+		switch left := c.notAfter.Sub(now); {
+		case left <= 0:
+			a.log.Error("key certificate has expired; peers will refuse it", zap.String("key", name), zap.Time("not_after", c.notAfter))
+		case left < certExpiryWarning:
+			a.log.Warn("key certificate expires soon", zap.String("key", name), zap.Time("not_after", c.notAfter))
+		}
+	}
+}
+
 // readCertificate reads a PEM file, the key's certificate first and any
 // intermediates after it, and checks that the first certifies the named key.
 func (kr *keyring) readCertificate(name, path string) (keyCert, error) {
@@ -132,7 +160,7 @@ func (kr *keyring) readCertificate(name, path string) (keyCert, error) {
 	if k, ok := pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(certs[0].PublicKey) {
 		return keyCert{}, fmt.Errorf("%s certifies another key (subject %q), not this one", path, certs[0].Subject.String())
 	}
-	c := keyCert{leaf: ders[0]}
+	c := keyCert{leaf: ders[0], notAfter: certs[0].NotAfter}
 	if len(ders) > 1 {
 		c.chain = ders[1:]
 	}

@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"net/http/httptest"
+	"strconv"
 	"os"
 	"path/filepath"
 	"strings"
@@ -166,6 +169,15 @@ func TestCertificateReload(t *testing.T) {
 	}
 	if !bytes.Equal(served(c), renewed) {
 		t.Fatal("the renewed certificate is not served after a reload")
+	}
+	// The expiry metric follows the certificate in force.
+	cert, _ := x509.ParseCertificate(renewed)
+	rec := httptest.NewRecorder()
+	r.agent.AdminHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	want := fmt.Sprintf(`sigil_key_certificate_expiry_timestamp_seconds{key="default"} %s`,
+		strconv.FormatFloat(float64(cert.NotAfter.Unix()), 'g', -1, 64))
+	if !strings.Contains(rec.Body.String(), want) {
+		t.Fatalf("/metrics lacks %q", want)
 	}
 	os.WriteFile(path, []byte("half-written"), 0o600)
 	if err := r.agent.Reload(); err == nil || !strings.Contains(err.Error(), "no PEM CERTIFICATE block") {

@@ -31,6 +31,7 @@ type metrics struct {
 	journalOK     prometheus.Counter
 	journalFailed prometheus.Counter
 	journalPruned prometheus.Counter
+	certExpiry    *prometheus.GaugeVec   // key (config-defined names only)
 	denials       *prometheus.CounterVec // reason
 	refusals      *prometheus.CounterVec // limit
 
@@ -105,8 +106,12 @@ func newMetrics(a *Agent) *metrics {
 		Name: "sigil_journal_pruned_records_total",
 		Help: "Audit records deleted by retention or `sigil audit prune`.",
 	})
+	m.certExpiry = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "sigil_key_certificate_expiry_timestamp_seconds",
+		Help: "When each key's certificate (certificates: in the config) expires, Unix time; alert on it minus time().",
+	}, []string{"key"})
 	m.reg.MustRegister(
-		m.requests, m.signLatency, m.journalAppend, records, m.journalPruned, m.denials, m.refusals,
+		m.requests, m.signLatency, m.journalAppend, records, m.journalPruned, m.certExpiry, m.denials, m.refusals,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "sigil_connections_open",
 			Help: "Client connections open (all listeners).",

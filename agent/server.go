@@ -146,6 +146,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		httpServers: map[*http.Server]struct{}{},
 	}
 	a.metrics = newMetrics(a)
+	a.checkCertificates(time.Now())
 	if err := a.restorePauses(ctx); err != nil {
 		// Fail closed: which slots an operator paused is not known.
 		kr.close()
@@ -326,6 +327,7 @@ func (a *Agent) Reload() error {
 			errs = append(errs, err)
 		} else {
 			a.log.Info("key certificates reloaded", zap.Int("certificates", len(a.cfg.Certificates)))
+			a.checkCertificates(time.Now())
 		}
 	}
 	if a.policy != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"os"
 	"path/filepath"
@@ -11,15 +12,25 @@ import (
 	"testing"
 
 	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/devcerts"
+	"github.com/sigil-agent/sigil/client"
 )
 
 func startTestAgent(t *testing.T) string {
 	t.Helper()
 	cfg := agent.DefaultConfig()
 	cfg.DataDir = t.TempDir()
+	_, socket := serveTestAgent(t, cfg, "agent.sock")
+	return socket
+}
+
+// serveTestAgent runs an agent on cfg with its socket named name in a
+// short temporary directory.
+func serveTestAgent(t *testing.T, cfg agent.Config, name string) (*agent.Agent, string) {
+	t.Helper()
 	dir, _ := os.MkdirTemp("", "sigil-cli")
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	cfg.Socket = filepath.Join(dir, "agent.sock")
+	cfg.Socket = filepath.Join(dir, name)
 	a, err := agent.New(context.Background(), cfg, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -30,7 +41,69 @@ func startTestAgent(t *testing.T) string {
 	}
 	go a.Serve(ln)
 	t.Cleanup(func() { a.Shutdown(context.Background()) })
-	return cfg.Socket
+	return a, cfg.Socket
+}
+
+// `sigil keys info` shows the certificate the agent serves with a key.
+func TestKeysInfoShowsCertificates(t *testing.T) {
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	first, socket := serveTestAgent(t, cfg, "first.sock")
+	c, err := client.Dial(context.Background(), socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := c.ListKeys(context.Background())
+	c.Close()
+	first.Shutdown(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, err := devcerts.NewCA("release CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range keys {
+		if k.Name != "default" {
+			continue
+		}
+		der, err := ca.Certify(k.Public, devcerts.Leaf{CommonName: "release-signer"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(t.TempDir(), "default.crt")
+		os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+		cfg.Certificates = map[string]string{"default": path}
+	}
+	_, socket = serveTestAgent(t, cfg, "second.sock")
+
+	out, _, code := run(t, "--socket", socket, "keys", "info")
+	if code != exitOK || !strings.Contains(out, "CERTIFICATE") {
+		t.Fatalf("keys info: exit %d\n%s", code, out)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		fields := strings.Fields(line)
+		switch {
+		case len(fields) == 0 || fields[0] == "NAME":
+		case fields[0] == "default" && !strings.Contains(line, "CN=release-signer until "):
+			t.Errorf("the default key's certificate is not shown: %q", line)
+		case fields[0] != "default" && fields[len(fields)-1] != "-":
+			t.Errorf("a key without a certificate shows one: %q", line)
+		}
+	}
+	out, _, _ = run(t, "--socket", socket, "keys", "info", "--json")
+	var rows []struct {
+		Name        string
+		Certificate *struct{ Subject, Issuer string }
+	}
+	if err := json.Unmarshal([]byte(out), &rows); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range rows {
+		if (r.Name == "default") != (r.Certificate != nil) || r.Certificate != nil && r.Certificate.Issuer != "CN=release CA" {
+			t.Errorf("keys info --json: %s certificate %+v", r.Name, r.Certificate)
+		}
+	}
 }
 
 // run executes the CLI in-process and returns stdout, stderr and the exit code.

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
@@ -10,6 +11,7 @@ import (
 	"io"
 	"os"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -30,7 +32,7 @@ func newKeysInfoCommand(g *globalFlags) *cobra.Command {
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "info",
-		Short: "List the agent's keys: name, kid, provider, type",
+		Short: "List the agent's keys: name, kid, provider, type, and the certificate the agent serves with each",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := g.context()
@@ -47,29 +49,54 @@ func newKeysInfoCommand(g *globalFlags) *cobra.Command {
 			out := cmd.OutOrStdout()
 			if asJSON {
 				type row struct {
-					Name     string `json:"name"`
-					KID      string `json:"kid"`
-					Provider string `json:"provider"`
-					Type     string `json:"type"`
+					Name        string           `json:"name"`
+					KID         string           `json:"kid"`
+					Provider    string           `json:"provider"`
+					Type        string           `json:"type"`
+					Certificate *certificateInfo `json:"certificate,omitempty"`
 				}
 				rows := make([]row, len(keys))
 				for i, k := range keys {
-					rows[i] = row{k.Name, k.KID, k.Provider, k.Type}
+					rows[i] = row{k.Name, k.KID, k.Provider, k.Type, describeCertificate(k.Certificate)}
 				}
 				enc := json.NewEncoder(out)
 				enc.SetIndent("", "  ")
 				return enc.Encode(rows)
 			}
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-			fmt.Fprintln(tw, "NAME\tKID\tPROVIDER\tTYPE")
+			fmt.Fprintln(tw, "NAME\tKID\tPROVIDER\tTYPE\tCERTIFICATE")
 			for _, k := range keys {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", k.Name, k.KID, k.Provider, k.Type)
+				cert := "-"
+				if c := describeCertificate(k.Certificate); c != nil {
+					cert = c.Subject + " until " + c.NotAfter.Format(time.DateOnly)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", k.Name, k.KID, k.Provider, k.Type, cert)
 			}
 			return tw.Flush()
 		},
 	}
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON instead of a table")
 	return cmd
+}
+
+// certificateInfo is what `keys info` shows of a key's certificate.
+type certificateInfo struct {
+	Subject  string    `json:"subject"`
+	Issuer   string    `json:"issuer"`
+	NotAfter time.Time `json:"not_after"`
+}
+
+// describeCertificate summarises a DER certificate; nil for none (or one
+// that does not parse, which the agent would not have served).
+func describeCertificate(der []byte) *certificateInfo {
+	if der == nil {
+		return nil
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil
+	}
+	return &certificateInfo{Subject: c.Subject.String(), Issuer: c.Issuer.String(), NotAfter: c.NotAfter.UTC()}
 }
 
 // keyFlags select a key by --key or --kid; neither means the default key.
