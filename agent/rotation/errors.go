@@ -67,10 +67,11 @@ func (e *StepError) Error() string {
 
 func (e *StepError) Unwrap() error { return e.Err }
 
-// defaultCode maps an error to a wire code for the code fields of the
-// rotation's journal records, when Options.Code is not set. The agent
-// passes its own mapping (agent.Code) so that codes come from one place.
-func defaultCode(err error) proto.Code {
+// WireCode maps an error from a provider, the journal or this package to
+// its wire code: the one mapping, which the agent's replies use too (this is
+// the lowest package that knows all those errors). A *proto.Error keeps its
+// code; what is not recognised is INTERNAL.
+func WireCode(err error) proto.Code {
 	var pe *proto.Error
 	switch {
 	case err == nil:
@@ -89,6 +90,8 @@ func defaultCode(err error) proto.Code {
 		return proto.PINIncorrect
 	case errors.Is(err, providers.ErrTokenLocked):
 		return proto.TokenLocked
+	case errors.Is(err, providers.ErrRateLimited):
+		return proto.RateLimited
 	case errors.Is(err, providers.ErrUnavailable), errors.Is(err, ErrBusy), errors.Is(err, context.Canceled):
 		return proto.Unavailable
 	case errors.Is(err, journal.ErrUnavailable):

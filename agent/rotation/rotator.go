@@ -71,7 +71,7 @@ func (o *Options) EnsureDefaults() {
 		o.DefaultCanaries = DefaultCanaries
 	}
 	if o.Code == nil {
-		o.Code = defaultCode
+		o.Code = WireCode
 	}
 }
 
