@@ -8,9 +8,9 @@ import (
 	"encoding/pem"
 	"fmt"
 	"net/http/httptest"
-	"strconv"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
