@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -149,7 +150,7 @@ func newAuditCommand() *cobra.Command {
 	var since, format string
 	export := &cobra.Command{
 		Use:   "export [--since TIME] [--tenant T] --format jsonl",
-		Short: "Write records as JSON lines for a log pipeline",
+		Short: "Write records as JSON lines for a log pipeline (the running agent's, over its admin socket, else the journal directory)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if format != "jsonl" {
@@ -163,6 +164,15 @@ func newAuditCommand() *cobra.Command {
 				}
 				f.Since = t
 			}
+			if c, err := runningAgent(cmd.Context()); err != nil {
+				return err
+			} else if c != nil {
+				defer c.Close()
+				if err := exportOnline(cmd.Context(), c, cmd.OutOrStdout(), f); err != nil {
+					return agentError("audit export", err)
+				}
+				return nil
+			}
 			j, err := open()
 			if err != nil {
 				return err
@@ -175,6 +185,7 @@ func newAuditCommand() *cobra.Command {
 		},
 	}
 	export.Flags().StringVar(&since, "since", "", "RFC 3339 time, or a duration ago (24h)")
+	export.Flags().StringVar(&adminSocket, "admin-socket", "", "the running agent's admin socket")
 	export.Flags().StringVar(&tenant, "tenant", "", "only this tenant's records")
 	export.Flags().StringVar(&format, "format", "jsonl", "output format (jsonl)")
 
@@ -297,6 +308,39 @@ func (tw *tailWriter) row(js []byte) {
 	tw.last = r.Seq
 	fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Seq, r.Time, dash(r.Tenant), dash(r.Slot),
 		dash(r.KID), r.Op, dash(r.Algorithm), r.CodeName, r.Latency, r.Peer)
+}
+
+// exportOnline writes the running agent's records as JSON lines, paging
+// through the AuditTail admin operation from the first record on (the
+// agent's reply is each record's export JSON). Records before f.Since are
+// skipped here, as WriteJSONL does on the directory.
+func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journal.Filter) error {
+	const page = 100
+	w := bufio.NewWriterSize(out, 64<<10)
+	for from := uint64(1); ; {
+		recs, err := c.AuditTail(ctx, f.Tenant, from, page)
+		if err != nil {
+			return err
+		}
+		for _, r := range recs {
+			var head struct {
+				Seq  uint64    `json:"seq"`
+				Time time.Time `json:"time"`
+			}
+			if err := json.Unmarshal(r, &head); err != nil {
+				return fmt.Errorf("record after seq %d: %w", from-1, err)
+			}
+			from = head.Seq + 1
+			if !f.Since.IsZero() && head.Time.Before(f.Since) {
+				continue
+			}
+			w.Write(r)
+			w.WriteByte('\n')
+		}
+		if len(recs) < page {
+			return w.Flush()
+		}
+	}
 }
 
 // tailOnline reads the running agent's journal through the AuditTail admin

@@ -8,9 +8,10 @@ import (
 	"time"
 )
 
-// `sigil audit prune` from the shell: over the running agent's admin
-// socket, then on the directory of the stopped agent; the chain verifies
-// after each and says where it now starts.
+// `sigil audit export` then `sigil audit prune` from the shell, as the
+// docs advise: over the running agent's admin socket, then on the directory
+// of the stopped agent; the chain verifies after each prune and says where
+// it now starts.
 func TestAuditPruneFromTheShell(t *testing.T) {
 	bin := buildSigil(t)
 	dir := t.TempDir()
@@ -27,13 +28,18 @@ func TestAuditPruneFromTheShell(t *testing.T) {
 			t.Fatalf("sign: %s", stderr)
 		}
 	}
+	// Export first, from the running agent: the three records as JSON lines.
+	out, stderr, code := runBin(t, bin, "audit", "export", "--since", "1h", "--admin-socket", adminSocket)
+	if code != 0 || strings.Count(out, "\n") != 3 || strings.Count(out, `"op":"sign"`) != 3 {
+		t.Fatalf("export from the running agent: exit %d\n%s%s", code, out, stderr)
+	}
 	if _, stderr, code := runBin(t, bin, "audit", "prune", "--admin-socket", adminSocket); code != exitUsage || !strings.Contains(stderr, "--before") {
 		t.Fatalf("prune without --before: exit %d %s", code, stderr)
 	}
 	// The wire carries whole seconds: a cut-off just ahead of now takes
 	// the records signed this second.
 	soon := time.Now().Add(2 * time.Second).Format(time.RFC3339)
-	out, stderr, code := runBin(t, bin, "audit", "prune", "--before", soon, "--admin-socket", adminSocket)
+	out, stderr, code = runBin(t, bin, "audit", "prune", "--before", soon, "--admin-socket", adminSocket)
 	if code != 0 || !strings.Contains(out, "running agent: deleted 3 records (seq 1..3)") {
 		t.Fatalf("prune over the admin socket: exit %d\n%s%s", code, out, stderr)
 	}
