@@ -134,16 +134,8 @@ func (j *Journal) pruneRange(ctx context.Context, before time.Time) (pruneRange,
 		if ns, ok := peekTime(val); ok && ns >= beforeNS {
 			break
 		}
-		if err := decodeRecord(val, &r); err != nil {
-			return refuse(seq, "%v", err)
-		}
-		switch {
-		case r.Seq != seq:
-			return refuse(seq, "record says seq %d", r.Seq)
-		case computedHash(val) != r.Hash:
-			return refuse(seq, "hash mismatch")
-		case r.PrevHash != prev:
-			return refuse(seq, "prev-hash mismatch")
+		if brk, _ := checkRecord(val, seq, prev, &r); brk != nil {
+			return refuse(seq, "%s: %s", brk.Reason, brk.Detail)
 		}
 		pr.to, pr.hash, prev = seq, r.Hash, r.Hash
 		want++

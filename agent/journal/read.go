@@ -3,7 +3,6 @@ package journal
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"io"
@@ -37,10 +36,7 @@ func (f *Filter) matches(v []byte) bool {
 }
 
 func auditIterOptions(from uint64) *pebble.IterOptions {
-	lower := make([]byte, auditKeyLen)
-	copy(lower, auditPrefix)
-	binary.BigEndian.PutUint64(lower[len(auditPrefix):], from)
-	return &pebble.IterOptions{LowerBound: lower, UpperBound: prefixEnd([]byte(auditPrefix))}
+	return &pebble.IterOptions{LowerBound: auditKeyFor(from), UpperBound: prefixEnd([]byte(auditPrefix))}
 }
 
 // Scan calls fn for each record the filter selects, in seq order. Records
@@ -332,22 +328,17 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 			breakAt(expected, BreakGap, "expected seq %d, found %d", expected, keySeq)
 		}
 		expected = keySeq + 1
-		if err := decodeRecord(val, &r); err != nil {
-			breakAt(keySeq, BreakUndecodable, "%v", err)
+		brk, decoded := checkRecord(val, keySeq, prevHash, &r)
+		if brk != nil {
+			breakAt(brk.Seq, brk.Reason, "%s", brk.Detail)
+		}
+		if !decoded {
 			// Chain on from the stored hash, if there is one, so a
 			// single bad record is reported once.
 			if len(val) >= 32 {
 				copy(prevHash[:], val[len(val)-32:])
 			}
 			continue
-		}
-		switch {
-		case r.Seq != keySeq:
-			breakAt(keySeq, BreakUndecodable, "record says seq %d under key seq %d", r.Seq, keySeq)
-		case computedHash(val) != r.Hash:
-			breakAt(keySeq, BreakHashMismatch, "stored hash %x, bytes hash to %x", r.Hash[:8], hashPrefix(val))
-		case r.PrevHash != prevHash:
-			breakAt(keySeq, BreakPrevMismatch, "prev hash %x, previous record's hash %x", r.PrevHash[:8], prevHash[:8])
 		}
 		if r.Op == PruneOp {
 			pruneSeq, pruneNamed = keySeq, r.DigestHash
@@ -373,6 +364,26 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 			"checkpoint at seq %d, last record is seq %d: records were removed from the end", cpSeq, rep.LastSeq)
 	}
 	return rep, nil
+}
+
+// checkRecord decodes the value stored under keySeq into r and checks it:
+// its seq, its hash over its bytes, and its link to prev, the previous
+// record's hash. It returns the first thing wrong (nil if nothing is), and
+// decoded false when the value is not a record at all. Verify reports what
+// it returns; Prune refuses on it.
+func checkRecord(val []byte, keySeq uint64, prev [32]byte, r *Record) (brk *ChainBreak, decoded bool) {
+	if err := decodeRecord(val, r); err != nil {
+		return &ChainBreak{Seq: keySeq, Reason: BreakUndecodable, Detail: err.Error()}, false
+	}
+	switch {
+	case r.Seq != keySeq:
+		return &ChainBreak{Seq: keySeq, Reason: BreakUndecodable, Detail: fmt.Sprintf("record says seq %d under key seq %d", r.Seq, keySeq)}, true
+	case computedHash(val) != r.Hash:
+		return &ChainBreak{Seq: keySeq, Reason: BreakHashMismatch, Detail: fmt.Sprintf("stored hash %x, bytes hash to %x", r.Hash[:8], hashPrefix(val))}, true
+	case r.PrevHash != prev:
+		return &ChainBreak{Seq: keySeq, Reason: BreakPrevMismatch, Detail: fmt.Sprintf("prev hash %x, previous record's hash %x", r.PrevHash[:8], prev[:8])}, true
+	}
+	return nil, true
 }
 
 func hashPrefix(val []byte) []byte {
