@@ -75,24 +75,9 @@ func (a *Agent) startRetention() {
 	if a.journal == nil || keep <= 0 {
 		return
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	a.stopRetention = cancel
-	a.retentionDone = make(chan struct{})
 	every := min(time.Hour, keep/10)
 	a.log.Info("audit journal retention on", zap.Duration("retention", keep), zap.Duration("every", every))
-	go func() {
-		defer close(a.retentionDone)
-		tick := time.NewTicker(every)
-		defer tick.Stop()
-		for {
-			a.pruneExpired(ctx, time.Now())
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-			}
-		}
-	}()
+	a.every(every, true, func(ctx context.Context) { a.pruneExpired(ctx, time.Now()) })
 }
 
 // pruneExpired deletes the records older than the retention at now.

@@ -135,40 +135,26 @@ func (a *Agent) storeQuotas(ctx context.Context, last *quotaSnapshot) error {
 	return nil
 }
 
-// startQuotaSnapshots stores the counts every quotaSnapshotInterval;
-// Shutdown stops it and stores them once more.
+// startQuotaSnapshots stores the counts every quotaSnapshotInterval until
+// Shutdown, which stores them once more (storeFinalQuotas).
 func (a *Agent) startQuotaSnapshots() {
 	if a.policy == nil || a.journal == nil {
 		return
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	a.stopQuotas = cancel
-	a.quotasDone = make(chan struct{})
-	go func() {
-		defer close(a.quotasDone)
-		tick := time.NewTicker(quotaSnapshotInterval)
-		defer tick.Stop()
-		var last quotaSnapshot
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
-			}
-			if err := a.storeQuotas(ctx, &last); err != nil && ctx.Err() == nil {
-				a.log.Warn("daily quota counts not stored; a restart will read more records", zap.Error(err))
-			}
+	var last quotaSnapshot
+	a.every(quotaSnapshotInterval, false, func(ctx context.Context) {
+		if err := a.storeQuotas(ctx, &last); err != nil && ctx.Err() == nil {
+			a.log.Warn("daily quota counts not stored; a restart will read more records", zap.Error(err))
 		}
-	}()
+	})
 }
 
-// stopQuotaSnapshots ends the loop and stores the final counts.
-func (a *Agent) stopQuotaSnapshots() {
-	if a.stopQuotas == nil {
+// storeFinalQuotas stores the counts at Shutdown, after the signers and
+// the snapshot loop have stopped.
+func (a *Agent) storeFinalQuotas() {
+	if a.policy == nil || a.journal == nil {
 		return
 	}
-	a.stopQuotas()
-	<-a.quotasDone
 	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
 	defer cancel()
 	if err := a.storeQuotas(ctx, nil); err != nil {

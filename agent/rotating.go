@@ -127,15 +127,11 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 		return err
 	}
 	a.sched = sched
-	runCtx, cancel := context.WithCancel(context.Background())
-	a.stopScheduler = cancel
-	a.schedulerDone = make(chan struct{})
-	go func() {
-		defer close(a.schedulerDone)
-		if err := sched.Run(runCtx); err != nil && runCtx.Err() == nil {
+	a.goUntilShutdown(func(ctx context.Context) {
+		if err := sched.Run(ctx); err != nil && ctx.Err() == nil {
 			a.log.Error("rotation scheduler stopped", zap.Error(err))
 		}
-	}()
+	})
 	pub := rotation.MarshalEvidencePublicKey(rot.EvidencePublicKey())
 	if err := os.WriteFile(filepath.Join(a.cfg.DataDir, "evidence.pub"), pub, 0o644); err != nil {
 		a.log.Warn("could not write the evidence public key", zap.Error(err))

@@ -31,13 +31,10 @@ type Agent struct {
 	rot     *rotation.Rotator // nil without a policy file or without the journal
 	sched   *rotation.Scheduler
 
-	stopScheduler func()
-	stopSSH       context.CancelFunc // ends ServeSSHAgent's connections on Shutdown
-	schedulerDone chan struct{}
-	stopRetention context.CancelFunc // nil without journal.retention
-	retentionDone chan struct{}
-	stopQuotas    context.CancelFunc // nil without a policy or a journal
-	quotasDone    chan struct{}
+	stopSSH context.CancelFunc // ends ServeSSHAgent's connections on Shutdown
+	// background stops and waits for each goroutine goUntilShutdown
+	// started: the rotation scheduler, retention, quota snapshots.
+	background []func()
 
 	metrics *metrics
 
@@ -147,17 +144,17 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 	}
 	a.metrics = newMetrics(a)
 	a.checkCertificates(time.Now())
-	if err := a.restorePauses(ctx); err != nil {
-		// Fail closed: which slots an operator paused is not known.
-		kr.close()
-		jl.Close()
-		return nil, fmt.Errorf("stored pauses: %w", err)
+	// Fail closed: without the stored pauses and the day's quota counts the
+	// agent cannot tell which slots may sign, or how much.
+	if err = a.restorePauses(ctx); err != nil {
+		err = fmt.Errorf("stored pauses: %w", err)
+	} else if err = a.restoreQuotas(ctx); err != nil {
+		err = fmt.Errorf("daily quotas: %w", err)
 	}
-	if err := a.restoreQuotas(ctx); err != nil {
-		// Fail closed: how much of each daily quota is left is not known.
+	if err != nil {
 		kr.close()
 		jl.Close()
-		return nil, fmt.Errorf("daily quotas: %w", err)
+		return nil, err
 	}
 	if engine != nil && jl != nil {
 		if err := a.setupRotation(ctx); err != nil {
@@ -287,15 +284,8 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 	if herr := a.shutdownHTTP(ctx); herr != nil {
 		err = errors.Join(err, herr)
 	}
-	if a.stopScheduler != nil {
-		a.stopScheduler()
-		<-a.schedulerDone
-	}
-	if a.stopRetention != nil {
-		a.stopRetention()
-		<-a.retentionDone
-	}
-	a.stopQuotaSnapshots()
+	a.stopBackground()
+	a.storeFinalQuotas()
 	if cerr := a.keys.close(); cerr != nil {
 		err = errors.Join(err, cerr)
 	}
