@@ -137,13 +137,12 @@ static const CK_MECHANISM_TYPE rsa_mechs[] = {
 };
 static const CK_MECHANISM_TYPE ed_mechs[] = {CKM_EDDSA};
 
-/* The attributes both key objects share, then each object's own. subject
- * is the certificate's subject (DER Name), empty without one. */
-static int common(sg_attrs *a, CK_OBJECT_CLASS cls, CK_KEY_TYPE kt, const sg_key *k, const uint8_t *id, size_t idn, sg_bytes spki, sg_bytes subject)
+/* object_common adds what every object of a key has: a read-only token
+ * object with the key's label and CKA_ID (how programs pair a key's objects),
+ * no dates, and the certificate's subject (empty without one). */
+static int object_common(sg_attrs *a, const sg_key *k, const uint8_t *id, size_t idn, sg_bytes subject)
 {
 	int rc = 0;
-	rc |= add_ulong(a, CKA_CLASS, cls);
-	rc |= add_ulong(a, CKA_KEY_TYPE, kt);
 	rc |= add_bool(a, CKA_TOKEN, CK_TRUE);
 	/* Access control is the agent's, by socket peer: the objects are
 	 * visible without C_Login, so they do not claim to be private. */
@@ -153,11 +152,22 @@ static int common(sg_attrs *a, CK_OBJECT_CLASS cls, CK_KEY_TYPE kt, const sg_key
 	rc |= add_bool(a, CKA_DESTROYABLE, CK_FALSE);
 	rc |= attr_add(a, CKA_LABEL, k->name, k->name_len);
 	rc |= attr_add(a, CKA_ID, id, idn);
-	rc |= add_bool(a, CKA_DERIVE, CK_FALSE);
-	rc |= add_bool(a, CKA_LOCAL, CK_FALSE);
 	rc |= attr_add(a, CKA_START_DATE, "", 0);
 	rc |= attr_add(a, CKA_END_DATE, "", 0);
 	rc |= attr_add(a, CKA_SUBJECT, subject.p, subject.n);
+	return rc;
+}
+
+/* The attributes both key objects share, then each object's own. subject
+ * is the certificate's subject (DER Name), empty without one. */
+static int common(sg_attrs *a, CK_OBJECT_CLASS cls, CK_KEY_TYPE kt, const sg_key *k, const uint8_t *id, size_t idn, sg_bytes spki, sg_bytes subject)
+{
+	int rc = 0;
+	rc |= add_ulong(a, CKA_CLASS, cls);
+	rc |= add_ulong(a, CKA_KEY_TYPE, kt);
+	rc |= object_common(a, k, id, idn, subject);
+	rc |= add_bool(a, CKA_DERIVE, CK_FALSE);
+	rc |= add_bool(a, CKA_LOCAL, CK_FALSE);
 	rc |= attr_add(a, CKA_PUBLIC_KEY_INFO, spki.p, spki.n);
 	const CK_MECHANISM_TYPE *m = k->family == SG_FAM_EC ? ec_mechs : k->family == SG_FAM_RSA ? rsa_mechs : ed_mechs;
 	size_t nm = k->family == SG_FAM_EC ? sizeof ec_mechs : k->family == SG_FAM_RSA ? sizeof rsa_mechs : sizeof ed_mechs;
@@ -238,20 +248,11 @@ static int cert_object(sg_attrs *a, const sg_key *k, const uint8_t *id, size_t i
 	int rc = 0;
 	rc |= add_ulong(a, CKA_CLASS, CKO_CERTIFICATE);
 	rc |= add_ulong(a, CKA_CERTIFICATE_TYPE, CKC_X_509);
-	rc |= add_bool(a, CKA_TOKEN, CK_TRUE);
-	rc |= add_bool(a, CKA_PRIVATE, CK_FALSE);
-	rc |= add_bool(a, CKA_MODIFIABLE, CK_FALSE);
-	rc |= add_bool(a, CKA_COPYABLE, CK_FALSE);
-	rc |= add_bool(a, CKA_DESTROYABLE, CK_FALSE);
+	rc |= object_common(a, k, id, idn, subject);
 	rc |= add_bool(a, CKA_TRUSTED, CK_FALSE);
 	rc |= add_ulong(a, CKA_CERTIFICATE_CATEGORY, 0); /* unspecified */
 	rc |= add_ulong(a, CKA_JAVA_MIDP_SECURITY_DOMAIN, 0);
-	rc |= attr_add(a, CKA_LABEL, k->name, k->name_len);
-	rc |= attr_add(a, CKA_ID, id, idn);
-	rc |= attr_add(a, CKA_START_DATE, "", 0);
-	rc |= attr_add(a, CKA_END_DATE, "", 0);
 	rc |= attr_add(a, CKA_URL, "", 0);
-	rc |= attr_add(a, CKA_SUBJECT, subject.p, subject.n);
 	rc |= attr_add(a, CKA_ISSUER, issuer.p, issuer.n);
 	rc |= attr_add(a, CKA_SERIAL_NUMBER, serial.p, serial.n);
 	rc |= attr_add(a, CKA_VALUE, der.p, der.n);
