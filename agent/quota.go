@@ -68,7 +68,8 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 		return err
 	}
 	var from uint64
-	if found && snap.Day == day {
+	stored := found && snap.Day == day
+	if stored {
 		maps.Copy(counts, snap.Counts)
 		from = snap.Seq + 1
 	} else if from, err = a.journal.FirstSeqAt(dayStart); err != nil {
@@ -90,7 +91,7 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 		a.policy.RestoreDailyCount(tenant, name, day, n)
 	}
 	a.log.Info("daily quota counts restored", zap.Int("slots", len(counts)),
-		zap.Bool("stored_counts", found && snap.Day == day), zap.Int("records_read", read))
+		zap.Bool("stored_counts", stored), zap.Int("records_read", read))
 	return nil
 }
 
