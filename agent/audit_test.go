@@ -235,3 +235,15 @@ func TestJournalRetention(t *testing.T) {
 		}
 	})
 }
+
+// With the journal off there is nothing to prune: JOURNAL_UNAVAILABLE.
+func TestAuditPruneWithoutJournal(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Journal.Mode = "off"
+	agentLifetime(t, cfg, func(_, admin *client.Client) {
+		if _, err := admin.AuditPrune(context.Background(), time.Now()); client.Code(err) != proto.JournalUnavailable {
+			t.Fatalf("AuditPrune with the journal off: %v, want JOURNAL_UNAVAILABLE", err)
+		}
+	})
+}
