@@ -65,22 +65,25 @@
 //
 // Two modes (Options.Durability, config names "wal" and "fsync"):
 //
-//   - WAL (default): Append returns after Pebble's write-ahead log was
-//     written with write(2), without fsync. The record survives a killed or
-//     crashed agent (the kernel has it), not a power cut or kernel crash;
-//     Pebble's memtable flushes (every ~16 MiB of records) and Close fsync
-//     what came before.
-//   - Fsync: Append returns after the WAL was also fsynced; survives a power
-//     cut on a disk that honours flushes.
+//   - WAL (default): Append returns after the commit group was written
+//     with write(2), without fsync, to the tail log and committed to Pebble,
+//     whose WAL writer writes it moments later. The record survives a
+//     killed or crashed agent (the kernel has it), not a power cut or
+//     kernel crash; Pebble's memtable flushes (every ~16 MiB of records)
+//     and Close fsync what came before.
+//   - Fsync: Append returns after Pebble's WAL was written and fsynced;
+//     survives a power cut on a disk that honours flushes.
 //
-// Neither of Pebble's write options gives the WAL mode: with pebble.NoSync
-// a commit returns once the batch is in the WAL writer's in-process 32 KiB
-// buffer, which reaches the file only when it fills or a sync is requested.
-// Measured with TestKilledProcessKeepsConfirmedRecords and NoSync, a
-// SIGKILL lost 37 to 78 records whose Append had returned. So the journal
-// always commits with pebble.Sync and, in WAL mode, gives Pebble a
-// filesystem whose WAL files treat sync as a no-op (vfs.go): the commit
-// waits for the write(2) and no longer for the fsync.
+// Neither of Pebble's write options gives the WAL mode cheaply. With
+// pebble.NoSync a commit returns once the batch is in the WAL writer's
+// in-process 32 KiB buffer, which reaches the file only when it fills or a
+// sync is requested: measured with TestKilledProcessKeepsConfirmedRecords,
+// a SIGKILL lost 37 to 78 records whose Append had returned. With
+// pebble.Sync over a filesystem whose WAL sync is a no-op (vfs.go, still
+// what Fsync mode and every waited commit use) the commit waits for the
+// WAL writer goroutine, two hand-offs that cost more than the rest of the
+// record. So WAL mode writes each group to a tail log of its own first and
+// commits with NoSync (tail.go).
 //
 // # Group commit
 //
@@ -93,25 +96,14 @@
 // own pipeline, measured without the journal, groups the same), under the
 // agent's open-loop load arrival rate times fsync time.
 //
-// Measured on the 2-core development VM (ext4 on virtio; go test -bench,
-// medians of 2 runs of 2 s; cpu-ns/op is the whole process's CPU per
-// record, Pebble's WAL writer, flushes and compactions included):
-//
-//	mode   g    ns/op    cpu-ns/op  allocs/op  records/commit  records/fsync
-//	wal    1    2 500    3 240      0          1.0             -
-//	wal    8    2 280    3 230      0          1.3             -
-//	wal    64   1 620    2 620      0          2.3             -
-//	fsync  1    203 000  93 900     0          1.0             1.0
-//	fsync  8    57 000   24 000     0          4.1-4.4         4.1-4.4
-//	fsync  64   10 600   5 660      0          31              31
-//
-// The alternative, a chain mutex held across one Pebble commit per record,
-// costs 2 730 cpu-ns/op in WAL mode (the inline path is within 0.5 µs of
-// it) but never shares an fsync: 1.0 records/fsync at g=8, 5x slower than
-// the committer. Encoding plus hashing a record alone is 258 ns. In WAL
-// mode most of the remaining cost is the write(2) per commit, the memtable
-// insert and the flush to sstables; the fsync cost on this VM is mostly
-// system CPU.
+// BenchmarkAppend gives, per record: wall time, the whole process's CPU
+// (Pebble's WAL writer, flushes and compactions included), records per
+// commit and, in Fsync mode, records per fsync. Figures for this machine
+// are in docs/BENCHMARKS.md; the alternative it is measured against, a
+// chain mutex held across one Pebble commit per record, costs about the
+// same CPU in WAL mode but never shares an fsync (1.0 records/fsync at
+// g=8, against 4 for the committer). Encoding plus hashing a record
+// alone is about 0.5 µs (BenchmarkEncodeRecord).
 //
 // # Failures
 //
@@ -153,6 +145,13 @@
 // returned is in the journal, and the restarted agent continues the chain
 // (tested). A supervisor (systemd) restarts it.
 //
-// Records are never deleted; retention and export-then-prune are left to a
-// later change (they will need a chain anchor for the first kept record).
+// A failed write to Pebble's WAL in WAL mode comes after the appends it
+// carried were confirmed, and they are in the tail log. Pebble keeps that
+// error to itself and would panic on a later commit holding its commit
+// lock, so walFS notes the failure and the next commit takes Pebble out
+// of service instead (TestPebbleWALFailureAfterTheTailWasWritten); the
+// reopen replays the tail.
+//
+// Records are deleted only from the start of the chain, by Prune, which
+// keeps an anchor so that the rest still verifies (prune.go).
 package journal

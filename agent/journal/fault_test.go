@@ -16,7 +16,8 @@ import (
 )
 
 // walFault injects errors through pebble's errorfs into operations on
-// Pebble's WAL files (*.log) and on the journal's recovery probe file: a
+// Pebble's WAL files (*.log), the journal's tail log and its recovery
+// probe file: a
 // disk that fails new writes, as far as the commit path can see. Faults
 // stay off the MANIFEST and sstables: a failed MANIFEST write makes Pebble
 // call Fatalf on a background goroutine, which ends the process by design
@@ -27,11 +28,15 @@ type walFault struct {
 	kinds    map[errorfs.OpKind]bool
 	err      error
 	injected atomic.Int64
+	// pebbleOnly spares the tail log: Pebble's own WAL writes fail while
+	// the journal's frames still reach the disk.
+	pebbleOnly bool
 }
 
 func (f *walFault) MaybeError(op errorfs.Op) error {
 	if !f.on.Load() || !f.kinds[op.Kind] ||
-		!strings.HasSuffix(op.Path, ".log") && !strings.HasSuffix(op.Path, probeName) {
+		!strings.HasSuffix(op.Path, ".log") && !strings.HasSuffix(op.Path, probeName) &&
+			(f.pebbleOnly || !strings.HasSuffix(op.Path, tailName)) {
 		return nil
 	}
 	if f.oneShot.Load() {
@@ -369,4 +374,68 @@ func TestHealthyFollowsWriteFaults(t *testing.T) {
 	}
 	appendN(t, j, "after", 2)
 	mustVerify(t, j, 5)
+}
+
+// In `wal` mode an Append returns once its tail log frame is written, so a
+// failure of Pebble's own WAL write, which happens later on Pebble's
+// goroutine, loses nothing. Pebble reports it to the next commit that waits
+// for the WAL (a state write here), or, once its 32 KiB WAL block has
+// filled, to the next commit of any kind; the journal reopens Pebble, and
+// the tail puts back what Pebble's WAL lacked.
+func TestPebbleWALFailureAfterTheTailWasWritten(t *testing.T) {
+	for _, waited := range []bool{true, false} {
+		name := map[bool]string{true: "reported to a waited commit", false: "reported when a block fills"}[waited]
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			fault := newWALFault(syscall.EIO, errorfs.OpFileWrite)
+			fault.pebbleOnly = true
+			j := openTest(t, t.TempDir(), WAL, func(o *Options) {
+				o.FS = errorfs.Wrap(vfs.Default, fault)
+				o.RecoveryInterval = time.Millisecond
+			})
+			appendN(t, j, "before", 3)
+			fault.on.Store(true)
+			confirmed := map[uint64][32]byte{}
+			for i := 0; i < 2000; i++ {
+				if waited && i == 5 {
+					if err := j.Put(ctx, "k", []byte("v")); !errors.Is(err, ErrUnavailable) {
+						t.Fatalf("Put while Pebble's WAL fails: %v, want ErrUnavailable", err)
+					}
+					break
+				}
+				r := signRecord("during", i)
+				err := j.Append(ctx, r)
+				if errors.Is(err, ErrUnavailable) && !waited {
+					break
+				}
+				if err != nil {
+					t.Fatalf("Append %d while only Pebble's WAL fails: %v", i, err)
+				}
+				confirmed[r.Seq] = r.Hash
+			}
+			if fault.injected.Load() == 0 || j.Stats().Failures != 1 {
+				t.Fatalf("the fault never hit or was not reported (stats %+v)", j.Stats())
+			}
+			fault.on.Store(false)
+			after := signRecord("after", 0)
+			appendEventually(t, j, after)
+			mustVerify(t, j, after.Seq)
+			if err := j.Scan(ctx, Filter{FromSeq: 4}, func(r *Record) error {
+				if _, ok := confirmed[r.Seq]; !ok {
+					return nil
+				}
+				if confirmed[r.Seq] != r.Hash {
+					return fmt.Errorf("seq %d (%s) is not the record confirmed during the fault", r.Seq, r.Tenant)
+				}
+				delete(confirmed, r.Seq)
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if len(confirmed) != 0 {
+				t.Fatalf("%d records confirmed during the fault are missing", len(confirmed))
+			}
+			t.Logf("head %d, stats %+v", after.Seq, j.Stats())
+		})
+	}
 }

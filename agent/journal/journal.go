@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -178,6 +179,7 @@ type Journal struct {
 	// Owned by whichever goroutine holds busy (an inline Append or the
 	// committer goroutine).
 	batch          *pebble.Batch
+	tail           *tailLog // `wal` mode only (tail.go); nil while Pebble is closed
 	nextReopen     time.Time
 	unconfirmed    [2]uint64   // seq range written by a failed commit, to note after recovery
 	nextSpace      time.Time   // next free-space check
@@ -275,13 +277,20 @@ func (j *Journal) pebbleOptions() *pebble.Options {
 // openDB opens Pebble and loads the chain head from it. Called by Open
 // and by the committer when it recovers from a failure.
 func (j *Journal) openDB() error {
+	j.fs.walFailed.Store(false)
 	db, err := pebble.Open(j.opts.Dir, j.pebbleOptions())
 	if err != nil {
 		return fmt.Errorf("journal: open pebble in %s: %w", j.opts.Dir, err)
 	}
 	seq, hash, err := readHead(db, j.log)
+	if err == nil {
+		seq, hash, _, err = replayTail(j.fs, j.tailPath(), db, seq, hash, j.log)
+	}
+	if err == nil {
+		err = j.startTail()
+	}
 	if err != nil {
-		_ = db.Close()
+		_ = closeDB(db)
 		return err
 	}
 	j.headMu.Lock()
@@ -291,6 +300,25 @@ func (j *Journal) openDB() error {
 	j.dbMu.Lock()
 	j.db = db
 	j.dbMu.Unlock()
+	return nil
+}
+
+func (j *Journal) tailPath() string { return j.fs.PathJoin(j.opts.Dir, tailName) }
+
+// startTail gives a freshly opened (and replayed) Pebble an empty tail log
+// in `wal` mode, and removes any left from `wal` mode in `fsync` mode.
+func (j *Journal) startTail() error {
+	if j.opts.Durability != WAL {
+		if err := j.fs.Remove(j.tailPath()); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("journal: remove tail log: %w", err)
+		}
+		return nil
+	}
+	t, err := createTail(j.fs, j.tailPath())
+	if err != nil {
+		return err
+	}
+	j.tail = t
 	return nil
 }
 
@@ -466,6 +494,16 @@ func (j *Journal) Close() error {
 			err = cerr
 		}
 	}
+	if terr := j.tail.close(); err == nil && terr != nil {
+		err = fmt.Errorf("journal: close tail log: %w", terr)
+	}
+	if err == nil && j.tail != nil {
+		// Pebble's WAL is synced: the tail has nothing Pebble lacks.
+		if rerr := j.fs.Remove(j.tailPath()); rerr != nil {
+			j.log.Warn("removing the tail log", zap.Error(rerr))
+		}
+	}
+	j.tail = nil
 	if lerr := j.lock.Close(); err == nil && lerr != nil {
 		err = fmt.Errorf("journal: release lock: %w", lerr)
 	}
@@ -480,9 +518,16 @@ func (j *Journal) writeCheckpoint(db *pebble.DB) error {
 	if seq == 0 {
 		return nil
 	}
+	if j.fs.walFailed.Load() {
+		return fmt.Errorf("journal: write checkpoint: %w", errWALWriteFailed)
+	}
 	var v [headLen]byte
 	encodeHead(v[:], seq, hash)
-	if err := db.Set([]byte(headKey), v[:], pebble.Sync); err != nil {
+	b := db.NewBatch()
+	_ = b.Set([]byte(headKey), v[:], nil)
+	// Through apply: after a WAL write failure that no commit has waited
+	// for yet (tail.go), this is where Pebble reports it, with Fatalf.
+	if err := apply(db, b, pebble.Sync); err != nil {
 		return fmt.Errorf("journal: write checkpoint: %w", err)
 	}
 	return nil

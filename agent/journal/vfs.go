@@ -12,19 +12,19 @@ import (
 
 // walFS wraps the FS given to Pebble to decide what a WAL sync does.
 //
-// Pebble's WriteOptions offer two behaviours and neither is the `wal` mode:
-// with pebble.NoSync a commit returns once the batch is copied into the
-// WAL writer's in-process 32 KiB block buffer, and the flush goroutine
-// writes that block to the file only when the block fills or someone asks
-// for a sync (record/log_writer.go, v2.1.7). A SIGKILL loses the buffered
-// tail: records whose Append had returned. With pebble.Sync the commit
-// waits for write(2) and then fsync. So the journal always commits with
-// pebble.Sync and, in `wal` mode, this wrapper turns the WAL file's sync
-// into a no-op: the commit returns after write(2) handed the bytes to the
-// kernel, which keeps them through a process kill but not a power cut.
-// Concurrent commits still share that one write, as they would share an
-// fsync. Syncs of everything else (sstables, MANIFEST, directories) pass
-// through unchanged, so Pebble's own consistency is untouched.
+// Pebble's WriteOptions offer two behaviours. With pebble.NoSync a commit
+// returns once the batch is copied into the WAL writer's in-process 32 KiB
+// block buffer, and the flush goroutine writes that block to the file only
+// when the block fills or someone asks for a sync (record/log_writer.go,
+// v2.1.7); `wal` mode makes such commits kill-safe with its tail log
+// (tail.go). With pebble.Sync the commit waits for write(2) and then
+// fsync. Commits that wait (every commit in `fsync` mode; in `wal` mode
+// the head checkpoint, state changes, prunes and Close) use pebble.Sync,
+// and in `wal` mode this wrapper turns the WAL file's sync into a no-op:
+// the commit returns after write(2) handed the bytes to the kernel, which
+// keeps them through a process kill but not a power cut. Syncs of
+// everything else (sstables, MANIFEST, directories) pass through
+// unchanged, so Pebble's own consistency is untouched.
 type walFS struct {
 	vfs.FS
 	// skipWALSync is true in `wal` mode; Close clears it so that a clean
@@ -32,6 +32,13 @@ type walFS struct {
 	skipWALSync atomic.Bool
 	walSyncs    atomic.Uint64 // fsyncs issued on WAL files
 	walSkipped  atomic.Uint64 // WAL syncs turned into no-ops (`wal` mode)
+	// walFailed is set when a write to a WAL file fails; openDB clears it.
+	// Pebble's WAL writer keeps such an error to itself until its next
+	// block fills, and then the commit after that panics inside Pebble
+	// holding Pebble's commit lock (commitWrite, v2.1.7), which nothing
+	// can recover from in-process. A `wal`-mode commit does not wait for
+	// the WAL writer (tail.go), so the committer checks this first.
+	walFailed atomic.Bool
 }
 
 func isWALFile(name string, category vfs.DiskWriteCategory) bool {
@@ -77,6 +84,22 @@ func (fs *walFS) Unwrap() vfs.FS { return fs.FS }
 type walFile struct {
 	vfs.File
 	fs *walFS
+}
+
+func (f *walFile) Write(p []byte) (int, error) {
+	n, err := f.File.Write(p)
+	if err != nil {
+		f.fs.walFailed.Store(true)
+	}
+	return n, err
+}
+
+func (f *walFile) WriteAt(p []byte, off int64) (int, error) {
+	n, err := f.File.WriteAt(p, off)
+	if err != nil {
+		f.fs.walFailed.Store(true)
+	}
+	return n, err
 }
 
 func (f *walFile) Sync() error {

@@ -1,0 +1,185 @@
+package journal
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+)
+
+// snapshotDir copies dir as a SIGKILL would leave it: every file as the
+// kernel holds it, without the writes still buffered in the process.
+func snapshotDir(t *testing.T, dir string, skip ...string) string {
+	t.Helper()
+	out := t.TempDir()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+next:
+	for _, e := range entries {
+		for _, s := range skip {
+			if e.Name() == s {
+				continue next
+			}
+		}
+		data, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(out, e.Name()), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out
+}
+
+// openHead opens dir, returns its head and closes it.
+func openHead(t *testing.T, dir string) uint64 {
+	t.Helper()
+	j := openTest(t, dir, WAL)
+	head, _ := j.Head()
+	verifyOK(t, j)
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return head
+}
+
+// The tail log is what keeps a killed agent's records: Pebble's WAL lacks
+// the ones still in its buffer, and Open puts them back from the tail.
+func TestTailLogKeepsWhatPebbleBuffered(t *testing.T) {
+	dir := t.TempDir()
+	j := openTest(t, dir, WAL)
+	appendN(t, j, "acme", 40) // the first commit checkpoints; the other 39 go through the tail
+	if j.tail.size == 0 {
+		t.Fatal("no record went through the tail log")
+	}
+
+	withTail := snapshotDir(t, dir)
+	pebbleOnly := snapshotDir(t, dir, tailName)
+	if head := openHead(t, pebbleOnly); head >= 40 {
+		t.Fatalf("Pebble's WAL alone has all %d records: the test shows nothing about the tail", head)
+	}
+	j2 := openTest(t, withTail, WAL)
+	mustVerify(t, j2, 40)
+	if _, err := os.Stat(filepath.Join(withTail, tailName)); err != nil {
+		t.Fatalf("tail log after Open: %v", err)
+	}
+	if j2.tail.size != 0 {
+		t.Fatalf("tail log holds %d bytes after the replay, want 0", j2.tail.size)
+	}
+	// The chain goes on from the replayed head.
+	r := signRecord("acme", 41)
+	if err := j2.Append(context.Background(), r); err != nil || r.Seq != 41 {
+		t.Fatalf("Append after replay: seq %d, %v", r.Seq, err)
+	}
+	mustVerify(t, j2, 41)
+
+	// A clean Close leaves nothing to replay.
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, tailName)); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("tail log after Close: %v, want it removed", err)
+	}
+	if head := openHead(t, dir); head != 40 {
+		t.Fatalf("head after Close and Open: %d, want 40", head)
+	}
+}
+
+// A commit that waits for Pebble's WAL (a state change here) empties the
+// tail: what it held is in Pebble's WAL by then.
+func TestTailLogStartsOverAfterAWaitedCommit(t *testing.T) {
+	j := openTest(t, t.TempDir(), WAL)
+	appendN(t, j, "acme", 5)
+	if j.tail.size == 0 {
+		t.Fatal("no record went through the tail log")
+	}
+	if err := j.Put(context.Background(), "k", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	if j.tail.size != 0 {
+		t.Fatalf("tail log holds %d bytes after a waited commit", j.tail.size)
+	}
+	if fsync := openTest(t, t.TempDir(), Fsync); fsync.tail != nil {
+		t.Fatal("fsync mode has a tail log")
+	}
+}
+
+// killedWithTail leaves a journal directory as a SIGKILL would, with 30
+// records of which Pebble's WAL has only the first, and returns it.
+func killedWithTail(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	j := openTest(t, dir, WAL)
+	for i := 0; i < 30; i++ {
+		// One record per frame, so frames can be cut one by one.
+		if err := j.Append(context.Background(), signRecord("acme", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return snapshotDir(t, dir)
+}
+
+// frameOffsets returns where each frame of a tail log starts.
+func frameOffsets(t *testing.T, data []byte) []int {
+	t.Helper()
+	var offs []int
+	for off := 0; off < len(data); {
+		offs = append(offs, off)
+		off += tailHeaderLen + int(binary.BigEndian.Uint32(data[off+4:])) + tailCRCLen
+	}
+	return offs
+}
+
+func TestTailLogDamage(t *testing.T) {
+	cases := []struct {
+		name string
+		// damage edits the tail log's bytes given its frames' offsets.
+		damage   func(data []byte, offs []int) []byte
+		wantHead uint64 // 0: Open must refuse
+	}{
+		{"intact", func(d []byte, _ []int) []byte { return d }, 30},
+		{"last frame cut short", func(d []byte, _ []int) []byte { return d[:len(d)-7] }, 29},
+		{"last frame's header cut short", func(d []byte, offs []int) []byte { return d[:offs[len(offs)-1]+10] }, 29},
+		{"last frame's checksum wrong", func(d []byte, _ []int) []byte { d[len(d)-1] ^= 1; return d }, 29},
+		{"empty", func([]byte, []int) []byte { return nil }, 1},
+		{"middle frame's checksum wrong", func(d []byte, offs []int) []byte { d[offs[5]+tailHeaderLen] ^= 1; return d }, 0},
+		{"middle frame missing", func(d []byte, offs []int) []byte { return append(d[:offs[5]:offs[5]], d[offs[6]:]...) }, 0},
+		{"garbage between frames", func(d []byte, offs []int) []byte {
+			return append(append(d[:offs[5]:offs[5]], "junk"...), d[offs[5]:]...)
+		}, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := killedWithTail(t)
+			path := filepath.Join(dir, tailName)
+			data, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(path, tc.damage(data, frameOffsets(t, data)), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			j, err := Open(Options{Dir: dir, Durability: WAL, Logger: testLogger(t)})
+			if tc.wantHead == 0 {
+				if err == nil {
+					_ = j.Close()
+					t.Fatal("Open accepted a tail log with a gap in the records it holds")
+				}
+				if !errors.Is(err, errTailCorrupt) {
+					t.Fatalf("Open: %v, want errTailCorrupt", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Open: %v", err)
+			}
+			t.Cleanup(func() { _ = j.Close() })
+			mustVerify(t, j, tc.wantHead)
+		})
+	}
+}
