@@ -49,12 +49,17 @@ static int write_all(int fd, const uint8_t *p, size_t n)
 	return 0;
 }
 
-/* read_full: 0 done, -1 error or timeout, 1 end of stream before any byte. */
-static int read_full(int fd, uint8_t *p, size_t n)
+/* read_frame reads one reply frame into buf (cap bytes) and sets *body
+ * and *n to its payload. It asks for as much as fits, so a reply the agent
+ * wrote with one write(2) usually takes one recv(2), not a header read and
+ * a payload read. Returns 0 done, -1 error or timeout, 1 end of stream
+ * before any byte, 2 more bytes than the frame (no reply of ours does that:
+ * the connection is not to be reused), 3 a length out of range. */
+static int read_frame(int fd, uint8_t *buf, size_t cap, uint8_t **body, uint32_t *n)
 {
-	size_t got = 0;
-	while (got < n) {
-		ssize_t k = recv(fd, p + got, n - got, 0);
+	size_t got = 0, want = SG_FRAME_HEADER;
+	while (got < want) {
+		ssize_t k = recv(fd, buf + got, cap - got, 0);
 		if (k < 0) {
 			if (errno == EINTR)
 				continue;
@@ -63,8 +68,16 @@ static int read_full(int fd, uint8_t *p, size_t n)
 		if (k == 0)
 			return got == 0 ? 1 : -1;
 		got += (size_t)k;
+		if (want == SG_FRAME_HEADER && got >= SG_FRAME_HEADER) {
+			uint32_t len = (uint32_t)buf[0] << 24 | (uint32_t)buf[1] << 16 | (uint32_t)buf[2] << 8 | buf[3];
+			if (len == 0 || len > SG_MAX_FRAME)
+				return 3;
+			*n = len;
+			want = SG_FRAME_HEADER + (size_t)len;
+		}
 	}
-	return 0;
+	*body = buf + SG_FRAME_HEADER;
+	return got > want ? 2 : 0;
 }
 
 /* roundtrip writes the frame already in c->buf (len bytes) and reads the
@@ -75,15 +88,20 @@ static int roundtrip(sg_conn *c, size_t len, uint64_t id, sg_response *resp, int
 	if (write_all(c->fd, c->buf, len))
 		return SG_IO_LOST;
 	*wrote = 1;
-	uint8_t *hdr = c->buf;
-	if (read_full(c->fd, hdr, SG_FRAME_HEADER))
-		return SG_IO_LOST;
-	uint32_t n = (uint32_t)hdr[0] << 24 | (uint32_t)hdr[1] << 16 | (uint32_t)hdr[2] << 8 | hdr[3];
-	if (n == 0 || n > SG_MAX_FRAME)
+	uint8_t *body;
+	uint32_t n = 0;
+	switch (read_frame(c->fd, c->buf, sizeof c->buf, &body, &n)) {
+	case 0:
+		break;
+	case 2:
+		c->dead = 1;
+		break;
+	case 3:
 		return SG_IO_PROTOCOL;
-	if (read_full(c->fd, c->buf, n))
+	default:
 		return SG_IO_LOST;
-	if (sg_decode_response(c->buf, n, resp))
+	}
+	if (sg_decode_response(body, n, resp))
 		return SG_IO_PROTOCOL;
 	/* id 0 is the agent's last word before it closes the connection
 	 * (e.g. UNAUTHENTICATED); its code still answers this request. */
