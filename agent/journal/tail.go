@@ -264,15 +264,8 @@ func readAll(fs vfs.FS, path string) ([]byte, error) {
 
 // syncWAL waits until everything committed so far is in Pebble's WAL
 // file (and synced, in `fsync` mode; see walFS).
-func syncWAL(db *pebble.DB) (err error) {
-	defer func() {
-		if p := recover(); p != nil {
-			f, ok := p.(pebbleFatal)
-			if !ok {
-				panic(p)
-			}
-			err = f
-		}
-	}()
-	return db.LogData([]byte("sigil: tail log replayed"), pebble.Sync)
+func syncWAL(db *pebble.DB) error {
+	b := db.NewBatch()
+	_ = b.LogData([]byte("sigil: tail log replayed"), nil)
+	return apply(db, b, pebble.Sync)
 }
