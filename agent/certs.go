@@ -65,6 +65,32 @@ func withCerts(list []proto.KeyEntry, m keyCerts) []proto.KeyEntry {
 	return out
 }
 
+// reloadCertificates puts in force the certificates the config names now:
+// the `certificates:` map is read again from the config file (the rest of
+// the file needs a restart), and every file in it is read again.
+func (a *Agent) reloadCertificates() error {
+	a.certMu.Lock()
+	defer a.certMu.Unlock()
+	paths := a.certPaths
+	if a.cfg.source != "" {
+		fresh, err := LoadConfig(a.cfg.source)
+		if err != nil {
+			return fmt.Errorf("certificates: %w", err)
+		}
+		paths = fresh.Certificates
+	}
+	if len(paths) == 0 && len(a.certPaths) == 0 {
+		return nil
+	}
+	if err := a.keys.loadCertificates(paths); err != nil {
+		return err
+	}
+	a.certPaths = paths
+	a.log.Info("key certificates reloaded", zap.Int("certificates", len(paths)))
+	a.checkCertificates(time.Now())
+	return nil
+}
+
 // loadCertificates reads and checks the configured certificates and puts
 // them in force; on any error the ones in force stay.
 func (kr *keyring) loadCertificates(paths map[string]string) error {

@@ -187,3 +187,95 @@ func TestCertificateReload(t *testing.T) {
 		t.Fatal("a failed reload changed the certificate served")
 	}
 }
+
+// Reload reads the `certificates:` map again from the config file: a key
+// given a certificate gets it, a key taken out of the map loses it, and a
+// config file that no longer parses leaves the certificates in force.
+func TestReloadReadsTheCertificatesMapAgain(t *testing.T) {
+	base := softwareConfig(t)
+	pubs := map[string]crypto.PublicKey{}
+	for _, k := range keysOfFirstStart(t, base) {
+		pubs[k.Name] = k.Public
+	}
+	ca, err := devcerts.NewCA("map CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile := func(name string) (string, []byte) {
+		der, err := ca.Certify(pubs[name], devcerts.Leaf{CommonName: name})
+		if err != nil {
+			t.Fatal(err)
+		}
+		path := filepath.Join(dir, name+".crt")
+		os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+		return path, der
+	}
+	defaultPath, defaultDER := certFile("default")
+	edPath, edDER := certFile("ed")
+
+	configPath := filepath.Join(dir, "sigil.yaml")
+	writeConfig := func(certificates string) {
+		t.Helper()
+		yaml := fmt.Sprintf("socket: %s\ndata_dir: %s\ndefault_key: default\n%s\nproviders:\n  - id: soft\n    type: software\n    keys:\n"+
+			"      - {name: default, type: ecdsa-p256}\n      - {name: p384, type: ecdsa-p384}\n      - {name: ed, type: ed25519}\n      - {name: rsa, type: rsa-2048}\n",
+			base.Socket, base.DataDir, certificates)
+		if err := os.WriteFile(configPath, []byte(yaml), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeConfig("certificates: {default: " + defaultPath + "}")
+	cfg, err := agent.LoadConfig(configPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg)
+	c := r.dial(t)
+	served := func() map[string][]byte {
+		t.Helper()
+		keys, err := c.ListKeys(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		out := map[string][]byte{}
+		for _, k := range keys {
+			if k.Certificate != nil {
+				out[k.Name] = k.Certificate
+			}
+		}
+		return out
+	}
+	check := func(step string, want map[string][]byte) {
+		t.Helper()
+		got := served()
+		if len(got) != len(want) {
+			t.Fatalf("%s: certificates served for %d keys, want %d", step, len(got), len(want))
+		}
+		for name, der := range want {
+			if !bytes.Equal(got[name], der) {
+				t.Fatalf("%s: key %s serves the wrong certificate or none", step, name)
+			}
+		}
+	}
+	check("start", map[string][]byte{"default": defaultDER})
+
+	writeConfig("certificates: {default: " + defaultPath + ", ed: " + edPath + "}")
+	if err := r.agent.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	check("key added to the map", map[string][]byte{"default": defaultDER, "ed": edDER})
+
+	writeConfig("certificates: {ed: " + edPath + "}")
+	if err := r.agent.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	check("key taken out of the map", map[string][]byte{"ed": edDER})
+
+	if err := os.WriteFile(configPath, []byte("certificates: [half-written"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.agent.Reload(); err == nil || !strings.Contains(err.Error(), configPath) {
+		t.Fatalf("reload with a broken config file: %v, want an error naming it", err)
+	}
+	check("broken config file", map[string][]byte{"ed": edDER})
+}

@@ -59,10 +59,16 @@ type Config struct {
 	// Certificates names an X.509 certificate (PEM file) for a key, by key
 	// name; clients list it with the key (the PKCS#11 front shows it as a
 	// certificate object). Its public key must be the key's.
+	// Reload reads this map again from the file, so certificates can be
+	// added, renewed or removed without a restart.
 	Certificates map[string]string `yaml:"certificates"`
 	Log          LogConfig         `yaml:"log"`
 	Limits       Limits            `yaml:"limits"`
 	Providers    []ProviderSpec    `yaml:"providers"`
+
+	// source is the file LoadConfig read, empty for a config built in
+	// code or the embedded default.
+	source string
 }
 
 // LogConfig chooses the zap logger.
@@ -172,6 +178,7 @@ func LoadConfig(path string) (Config, error) {
 	if err != nil {
 		return Config{}, fmt.Errorf("config %s: %w", path, err)
 	}
+	cfg.source = path
 	return cfg, nil
 }
 

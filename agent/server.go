@@ -38,6 +38,11 @@ type Agent struct {
 
 	metrics *metrics
 
+	// certMu serializes certificate reloads (SIGHUP and the admin op) and
+	// guards certPaths, the certificates map in force.
+	certMu    sync.Mutex
+	certPaths map[string]string
+
 	mu          sync.Mutex
 	listeners   map[net.Listener]struct{}
 	httpServers map[*http.Server]struct{}
@@ -132,6 +137,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		cfg:       cfg,
 		log:       log,
 		keys:      kr,
+		certPaths: cfg.Certificates,
 		workers:   newWorkerPool(30 * time.Second),
 		tls:       tm,
 		journal:   jl,
@@ -311,14 +317,9 @@ func (a *Agent) Reload() error {
 			a.log.Info("TLS certificates reloaded")
 		}
 	}
-	if len(a.cfg.Certificates) > 0 {
-		if err := a.keys.loadCertificates(a.cfg.Certificates); err != nil {
-			a.log.Warn("key certificates not reloaded; keeping the ones in force", zap.Error(err))
-			errs = append(errs, err)
-		} else {
-			a.log.Info("key certificates reloaded", zap.Int("certificates", len(a.cfg.Certificates)))
-			a.checkCertificates(time.Now())
-		}
+	if err := a.reloadCertificates(); err != nil {
+		a.log.Warn("key certificates not reloaded; keeping the ones in force", zap.Error(err))
+		errs = append(errs, err)
 	}
 	if a.policy != nil {
 		if err := a.ReloadPolicy(); err != nil {
