@@ -19,8 +19,9 @@ import (
 type JournalConfig struct {
 	// Dir is the journal's Pebble directory (default DataDir/journal).
 	Dir string `yaml:"dir"`
-	// Mode: "wal" (default: every record in Pebble's write-ahead log before
-	// its signature is released; survives a killed agent), "fsync" (also
+	// Mode: "wal" (default: every record written to the kernel, in the
+	// journal's tail log and then Pebble, before its signature is
+	// released; survives a killed agent), "fsync" (Pebble's WAL also
 	// synced to disk, concurrent signers sharing each sync; survives a power
 	// cut) or "off" (no audit: for benchmarks only, logged loudly).
 	Mode string `yaml:"mode"`
