@@ -17,15 +17,17 @@ import (
 )
 
 // issueCertificates has a throwaway CA certify the named keys behind the
-// agent, names the certificates in the agent's config (`certificates:`)
-// and restarts it. It returns the certificates.
+// agent, names the certificates in the agent's config (`certificates:`;
+// each file holds the key's certificate, then the CA's, which the agent
+// lists as its intermediate) and restarts it. It returns the certificates
+// by key name and, under "", the CA's.
 func (f *fixture) issueCertificates(names ...string) map[string]*x509.Certificate {
 	f.t.Helper()
 	ca, err := devcerts.NewCA("sigil test CA")
 	if err != nil {
 		f.t.Fatal(err)
 	}
-	certs := map[string]*x509.Certificate{}
+	certs := map[string]*x509.Certificate{"": ca.Cert}
 	f.cfg.Certificates = map[string]string{}
 	for _, name := range names {
 		der, err := ca.Certify(f.keys[name].Public, devcerts.Leaf{CommonName: name, CodeSigning: true})
@@ -44,8 +46,10 @@ func (f *fixture) issueCertificates(names ...string) map[string]*x509.Certificat
 
 // A key the config gives a certificate has a certificate object beside its
 // key objects: same label and CKA_ID, the DER in CKA_VALUE, and subject,
-// issuer and serial number as the certificate has them. The Go client
-// lists the certificate too.
+// issuer and serial number as the certificate has them. Each intermediate
+// that followed it in the file is a certificate object of its own
+// (label KEY-ca1, no CKA_ID, category authority), found by its subject the
+// way Java and NSS build a chain. The Go client lists the certificate too.
 func TestCertificateObjects(t *testing.T) {
 	f := startFixture(t, fixtureOptions{hsm: true})
 	certs := f.issueCertificates("p256", "hsm-rsa")
@@ -69,29 +73,43 @@ func TestCertificateObjects(t *testing.T) {
 	}
 	found, _, err := ctx.FindObjects(s, 10)
 	ctx.FindObjectsFinal(s)
-	if err != nil || len(found) != 2 {
-		t.Fatalf("certificate objects: %d, %v; want 2", len(found), err)
+	if err != nil || len(found) != 4 {
+		t.Fatalf("certificate objects: %d, %v; want 4 (2 keys' certificates, 2 intermediates)", len(found), err)
 	}
+	intermediates := 0
 	for _, h := range found {
 		attrs, err := ctx.GetAttributeValue(s, h, []*p11.Attribute{
 			p11.NewAttribute(p11.CKA_LABEL, nil), p11.NewAttribute(p11.CKA_ID, nil), p11.NewAttribute(p11.CKA_VALUE, nil),
 			p11.NewAttribute(p11.CKA_SUBJECT, nil), p11.NewAttribute(p11.CKA_ISSUER, nil), p11.NewAttribute(p11.CKA_SERIAL_NUMBER, nil),
 			p11.NewAttribute(p11.CKA_CERTIFICATE_TYPE, nil), p11.NewAttribute(p11.CKA_TOKEN, nil),
+			p11.NewAttribute(p11.CKA_CERTIFICATE_CATEGORY, nil),
 		})
 		if err != nil {
 			t.Fatal(err)
 		}
-		name := string(attrs[0].Value)
-		want := certs[name]
+		label := string(attrs[0].Value)
+		name, isCA := strings.CutSuffix(label, "-ca1")
+		want, category := certs[name], uint(0)
+		if isCA {
+			want, category = certs[""], 2
+			intermediates++
+			if len(attrs[1].Value) != 0 {
+				t.Errorf("%s: an intermediate has CKA_ID %x; it pairs with no key", label, attrs[1].Value)
+			}
+		}
 		if want == nil {
-			t.Fatalf("a certificate object labelled %q", name)
+			t.Fatalf("a certificate object labelled %q", label)
 		}
 		serial, _ := asn1.Marshal(want.SerialNumber)
 		if !bytes.Equal(attrs[2].Value, want.Raw) || !bytes.Equal(attrs[3].Value, want.RawSubject) ||
 			!bytes.Equal(attrs[4].Value, want.RawIssuer) || !bytes.Equal(attrs[5].Value, serial) ||
 			!bytes.Equal(attrs[6].Value, p11.NewAttribute(p11.CKA_CERTIFICATE_TYPE, p11.CKC_X_509).Value) ||
-			!bytes.Equal(attrs[7].Value, []byte{1}) {
-			t.Errorf("%s: certificate object attributes differ from the certificate", name)
+			!bytes.Equal(attrs[7].Value, []byte{1}) ||
+			!bytes.Equal(attrs[8].Value, p11.NewAttribute(p11.CKA_CERTIFICATE_CATEGORY, category).Value) {
+			t.Errorf("%s: certificate object attributes differ from the certificate", label)
+		}
+		if isCA {
+			continue
 		}
 		// The private key with the same CKA_ID carries the subject too.
 		priv := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, name)
@@ -99,6 +117,21 @@ func TestCertificateObjects(t *testing.T) {
 		if err != nil || !bytes.Equal(pa[0].Value, attrs[1].Value) || !bytes.Equal(pa[1].Value, want.RawSubject) {
 			t.Errorf("%s: private key CKA_ID/CKA_SUBJECT do not match its certificate: %v", name, err)
 		}
+	}
+	if intermediates != 2 {
+		t.Errorf("%d intermediate objects, want one per key", intermediates)
+	}
+	// A chain builder finds the issuer by subject: the leaf's issuer names
+	// the intermediates.
+	if err := ctx.FindObjectsInit(s, []*p11.Attribute{
+		p11.NewAttribute(p11.CKA_CLASS, p11.CKO_CERTIFICATE), p11.NewAttribute(p11.CKA_SUBJECT, certs["p256"].RawIssuer),
+	}); err != nil {
+		t.Fatal(err)
+	}
+	issuers, _, err := ctx.FindObjects(s, 10)
+	ctx.FindObjectsFinal(s)
+	if err != nil || len(issuers) != 2 {
+		t.Errorf("certificates whose subject is p256's issuer: %d, %v; want the 2 intermediates", len(issuers), err)
 	}
 	// A key without a certificate has no certificate object and an empty
 	// subject.
@@ -129,6 +162,12 @@ func TestJavaJarsignerThroughTheModule(t *testing.T) {
 	}
 	if strings.Contains(list, "ed, ") {
 		t.Errorf("a key without a certificate is listed:\n%s", list)
+	}
+	// Java builds each key's chain from the token: its certificate, then
+	// the intermediate the module shows beside it.
+	verbose := run(t, nil, "keytool", append([]string{"-list", "-v", "-alias", "p256"}, provider...)...)
+	if !strings.Contains(verbose, "Certificate chain length: 2") || !strings.Contains(verbose, "CN=sigil test CA") {
+		t.Errorf("keytool -list -v -alias p256 does not show the chain through the intermediate:\n%s", verbose)
 	}
 
 	payload := filepath.Join(f.dir, "payload.txt")

@@ -61,9 +61,13 @@ type wireResponse struct {
 type wireKey struct {
 	Name, KID, Provider, KeyType string
 	Pub, Cert                    []byte
+	Chain                        [][]byte // the first SG_MAX_CHAIN intermediates
 }
 
 var errMalformed = errors.New("malformed")
+
+// maxChain is how many intermediates of a key the module keeps.
+const maxChain = C.SG_MAX_CHAIN
 
 func goBytes(b C.sg_bytes) []byte {
 	if b.n == 0 {
@@ -105,10 +109,14 @@ func decodeResponse(payload []byte) (*wireResponse, error) {
 		if rc < 0 {
 			return nil, errors.New("keys validated by the decoder did not iterate")
 		}
-		out.Keys = append(out.Keys, wireKey{
+		k := wireKey{
 			Name: string(goBytes(e.name)), KID: string(goBytes(e.kid)), Provider: string(goBytes(e.prov)),
 			KeyType: string(goBytes(e.kty)), Pub: goBytes(e.pub), Cert: goBytes(e.cert),
-		})
+		}
+		for i := 0; i < int(e.nchain); i++ {
+			k.Chain = append(k.Chain, goBytes(e.chain[i]))
+		}
+		out.Keys = append(out.Keys, k)
 	}
 	if uint32(len(out.Keys)) != uint32(r.nkeys) {
 		return nil, errors.New("key count differs from the entries iterated")

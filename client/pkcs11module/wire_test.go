@@ -159,6 +159,9 @@ func FuzzWireResponseRoundTrip(f *testing.F) {
 					k.Cert = sig // some keys with a certificate, some without
 					k.Chain = [][]byte{pub, sig}
 				}
+				if i == 3 {
+					k.Chain = [][]byte{pub, sig, pub, sig, pub, sig} // more than the module keeps
+				}
 				r.Keys = append(r.Keys, k)
 			}
 		}
@@ -185,6 +188,18 @@ func FuzzWireResponseRoundTrip(f *testing.F) {
 			if got.Keys[i].Name != name || got.Keys[i].KID != kid || !bytes.Equal(got.Keys[i].Pub, pub) && len(pub) > 0 ||
 				!bytes.Equal(got.Keys[i].Cert, r.Keys[i].Cert) {
 				t.Fatalf("key %d: C read %+v", i, got.Keys[i])
+			}
+			want := r.Keys[i].Chain
+			if len(want) > maxChain {
+				want = want[:maxChain]
+			}
+			if len(got.Keys[i].Chain) != len(want) {
+				t.Fatalf("key %d: C read %d intermediates, want %d", i, len(got.Keys[i].Chain), len(want))
+			}
+			for j := range want {
+				if !bytes.Equal(got.Keys[i].Chain[j], want[j]) && len(want[j]) > 0 {
+					t.Fatalf("key %d: intermediate %d differs", i, j)
+				}
 			}
 		}
 	})

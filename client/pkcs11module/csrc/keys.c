@@ -8,6 +8,7 @@
 #include <openssl/asn1.h>
 #include <openssl/objects.h>
 #include <openssl/x509.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -71,6 +72,10 @@ void sg_key_free(sg_key *k)
 	attrs_free(&k->pub);
 	attrs_free(&k->cert);
 	free(k->cert_der);
+	for (int i = 0; i < SG_MAX_CHAIN; i++) {
+		attrs_free(&k->chain[i]);
+		free(k->chain_der[i]);
+	}
 	free(k);
 }
 
@@ -137,10 +142,11 @@ static const CK_MECHANISM_TYPE rsa_mechs[] = {
 };
 static const CK_MECHANISM_TYPE ed_mechs[] = {CKM_EDDSA};
 
-/* object_common adds what every object of a key has: a read-only token
- * object with the key's label and CKA_ID (how programs pair a key's objects),
- * no dates, and the certificate's subject (empty without one). */
-static int object_common(sg_attrs *a, const sg_key *k, const uint8_t *id, size_t idn, sg_bytes subject)
+/* object_common adds what every object has: a read-only token object with
+ * a label and CKA_ID (the key's for its own objects: how programs pair a
+ * key's objects), no dates, and a subject (the certificate's; empty for a
+ * key without one). */
+static int object_common(sg_attrs *a, const char *label, size_t labeln, const uint8_t *id, size_t idn, sg_bytes subject)
 {
 	int rc = 0;
 	rc |= add_bool(a, CKA_TOKEN, CK_TRUE);
@@ -150,7 +156,7 @@ static int object_common(sg_attrs *a, const sg_key *k, const uint8_t *id, size_t
 	rc |= add_bool(a, CKA_MODIFIABLE, CK_FALSE);
 	rc |= add_bool(a, CKA_COPYABLE, CK_FALSE);
 	rc |= add_bool(a, CKA_DESTROYABLE, CK_FALSE);
-	rc |= attr_add(a, CKA_LABEL, k->name, k->name_len);
+	rc |= attr_add(a, CKA_LABEL, label, labeln);
 	rc |= attr_add(a, CKA_ID, id, idn);
 	rc |= attr_add(a, CKA_START_DATE, "", 0);
 	rc |= attr_add(a, CKA_END_DATE, "", 0);
@@ -165,7 +171,7 @@ static int common(sg_attrs *a, CK_OBJECT_CLASS cls, CK_KEY_TYPE kt, const sg_key
 	int rc = 0;
 	rc |= add_ulong(a, CKA_CLASS, cls);
 	rc |= add_ulong(a, CKA_KEY_TYPE, kt);
-	rc |= object_common(a, k, id, idn, subject);
+	rc |= object_common(a, k->name, k->name_len, id, idn, subject);
 	rc |= add_bool(a, CKA_DERIVE, CK_FALSE);
 	rc |= add_bool(a, CKA_LOCAL, CK_FALSE);
 	rc |= attr_add(a, CKA_PUBLIC_KEY_INFO, spki.p, spki.n);
@@ -240,17 +246,22 @@ static int cert_parts(sg_bytes der, sg_bytes *serial, sg_bytes *issuer, sg_bytes
 	return 0;
 }
 
-/* cert_object builds the certificate object: same label and CKA_ID as the
- * key's objects, which is how Java's SunPKCS11 keystore and NSS pair a key
- * with its certificate. */
-static int cert_object(sg_attrs *a, const sg_key *k, const uint8_t *id, size_t idn, sg_bytes der, sg_bytes serial, sg_bytes issuer, sg_bytes subject)
+/* cert_object builds a certificate object. The key's own has the key's
+ * label and CKA_ID, which is how Java's SunPKCS11 keystore and NSS pair a key
+ * with its certificate; an intermediate has its own label, no CKA_ID (it
+ * pairs with no key) and category "authority": programs building a chain
+ * find it by CKA_SUBJECT. */
+static int cert_object(sg_attrs *a, const char *label, size_t labeln, const uint8_t *id, size_t idn, CK_ULONG category, sg_bytes der)
 {
+	sg_bytes serial, issuer, subject;
+	if (cert_parts(der, &serial, &issuer, &subject))
+		return -1;
 	int rc = 0;
 	rc |= add_ulong(a, CKA_CLASS, CKO_CERTIFICATE);
 	rc |= add_ulong(a, CKA_CERTIFICATE_TYPE, CKC_X_509);
-	rc |= object_common(a, k, id, idn, subject);
+	rc |= object_common(a, label, labeln, id, idn, subject);
 	rc |= add_bool(a, CKA_TRUSTED, CK_FALSE);
-	rc |= add_ulong(a, CKA_CERTIFICATE_CATEGORY, 0); /* unspecified */
+	rc |= add_ulong(a, CKA_CERTIFICATE_CATEGORY, category);
 	rc |= add_ulong(a, CKA_JAVA_MIDP_SECURITY_DOMAIN, 0);
 	rc |= attr_add(a, CKA_URL, "", 0);
 	rc |= attr_add(a, CKA_ISSUER, issuer.p, issuer.n);
@@ -322,11 +333,60 @@ static int key_material(sg_attrs *a, const sg_key *k, const uint8_t *pt, size_t 
 	return rc ? -1 : 0;
 }
 
+static int same_bytes(const uint8_t *p, size_t n, sg_bytes b)
+{
+	return n == b.n && (n == 0 || memcmp(p, b.p, n) == 0);
+}
+
 int sg_key_same(const sg_key *k, const sg_key_entry *e)
 {
-	return k->name_len == e->name.n && memcmp(k->name, e->name.p, e->name.n) == 0 &&
-	       k->kid_len == e->kid.n && memcmp(k->kid, e->kid.p, e->kid.n) == 0 &&
-	       k->cert_len == e->cert.n && (e->cert.n == 0 || memcmp(k->cert_der, e->cert.p, e->cert.n) == 0);
+	if (!same_bytes((const uint8_t *)k->name, k->name_len, e->name) ||
+	    !same_bytes((const uint8_t *)k->kid, k->kid_len, e->kid) ||
+	    !same_bytes(k->cert_der, k->cert_len, e->cert) || k->nchain_der != e->nchain)
+		return 0;
+	for (uint32_t i = 0; i < e->nchain; i++)
+		if (!same_bytes(k->chain_der[i], k->chain_len[i], e->chain[i]))
+			return 0;
+	return 1;
+}
+
+/* copy_der keeps a copy of b in *p and *n. */
+static int copy_der(uint8_t **p, size_t *n, sg_bytes b)
+{
+	*p = NULL;
+	*n = b.n;
+	if (!b.n)
+		return 0;
+	if (!(*p = malloc(b.n)))
+		return -1;
+	memcpy(*p, b.p, b.n);
+	return 0;
+}
+
+/* chain_objects builds the objects of the certificate's intermediates,
+ * labelled "KEY-ca1", "KEY-ca2"... in the order the config file gave them.
+ * One the module cannot read is left out. */
+static int chain_objects(sg_key *k, const sg_key_entry *e)
+{
+	k->nchain_der = e->nchain;
+	for (uint32_t i = 0; i < e->nchain; i++)
+		if (copy_der(&k->chain_der[i], &k->chain_len[i], e->chain[i]))
+			return -1;
+	if (!k->has_cert)
+		return 0;
+	for (uint32_t i = 0; i < e->nchain; i++) {
+		char label[300];
+		int n = snprintf(label, sizeof label, "%.*s-ca%u", (int)k->name_len, k->name, i + 1);
+		if (n < 0 || (size_t)n >= sizeof label)
+			continue;
+		sg_attrs a = {0};
+		if (cert_object(&a, label, (size_t)n, NULL, 0, 2 /* authority */, e->chain[i])) {
+			attrs_free(&a);
+			continue;
+		}
+		k->chain[k->nchain++] = a;
+	}
+	return 0;
 }
 
 /*
@@ -403,13 +463,9 @@ int sg_key_build(sg_key *k, const sg_key_entry *e)
 	k->kid_len = e->kid.n;
 	uint8_t id[64];
 	size_t idn = kid_to_id(e->kid, id, sizeof id);
-	if (e->cert.n) {
-		if (!(k->cert_der = malloc(e->cert.n)))
-			goto out;
-		memcpy(k->cert_der, e->cert.p, e->cert.n);
-		k->cert_len = e->cert.n;
-	}
-	sg_bytes serial = {0}, issuer = {0}, subject = {0};
+	if (copy_der(&k->cert_der, &k->cert_len, e->cert))
+		goto out;
+	sg_bytes serial, issuer, subject = {0};
 	/* A certificate the module cannot read is left out, not the key. */
 	k->has_cert = e->cert.n > 0 && cert_parts(e->cert, &serial, &issuer, &subject) == 0;
 	if (!k->has_cert)
@@ -419,7 +475,9 @@ int sg_key_build(sg_key *k, const sg_key_entry *e)
 	    common(&k->pub, CKO_PUBLIC_KEY, kt, k, id, idn, e->pub, subject) ||
 	    key_material(&k->pub, k, pt, (size_t)ptn, CKO_PUBLIC_KEY))
 		goto out;
-	if (k->has_cert && cert_object(&k->cert, k, id, idn, e->cert, serial, issuer, subject))
+	if (k->has_cert && cert_object(&k->cert, k->name, k->name_len, id, idn, 0 /* unspecified */, e->cert))
+		goto out;
+	if (chain_objects(k, e))
 		goto out;
 	k->present = 1;
 	rc = 0;

@@ -347,6 +347,17 @@ static CK_RV ensure_keys(void)
 	return loaded ? CKR_OK : refresh_keys();
 }
 
+/* object_exists: a key always has its private and public key objects; the
+ * certificate objects only when the agent listed them. */
+static int object_exists(const sg_key *k, int kind)
+{
+	if (kind == SG_OBJ_CERT)
+		return k->has_cert;
+	if (kind >= SG_OBJ_CHAIN)
+		return kind - SG_OBJ_CHAIN < k->nchain;
+	return 1;
+}
+
 /* find_object resolves a handle (sigil.h: SG_OBJS_PER_KEY per key) to its
  * key and which of the key's objects it is (SG_OBJ_*). */
 static sg_key *find_object(CK_OBJECT_HANDLE h, int *kind)
@@ -357,7 +368,7 @@ static sg_key *find_object(CK_OBJECT_HANDLE h, int *kind)
 	*kind = (int)((h - 1) % SG_OBJS_PER_KEY);
 	pthread_mutex_lock(&g.mu);
 	size_t i = (size_t)((h - 1) / SG_OBJS_PER_KEY);
-	if (i < g.nkeys && g.keys[i]->present && (*kind != SG_OBJ_CERT || g.keys[i]->has_cert))
+	if (i < g.nkeys && g.keys[i]->present && object_exists(g.keys[i], *kind))
 		k = g.keys[i];
 	pthread_mutex_unlock(&g.mu);
 	return k;
@@ -367,7 +378,16 @@ static CK_OBJECT_HANDLE object_handle(size_t key, int kind) { return (CK_OBJECT_
 
 static const sg_attrs *object_attrs(const sg_key *k, int kind)
 {
-	return kind == SG_OBJ_PRIVATE ? &k->priv : kind == SG_OBJ_PUBLIC ? &k->pub : &k->cert;
+	switch (kind) {
+	case SG_OBJ_PRIVATE:
+		return &k->priv;
+	case SG_OBJ_PUBLIC:
+		return &k->pub;
+	case SG_OBJ_CERT:
+		return &k->cert;
+	default:
+		return &k->chain[kind - SG_OBJ_CHAIN];
+	}
 }
 
 /* ---- sessions ---- */
@@ -929,6 +949,9 @@ EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTem
 			s->found[s->nfound++] = object_handle(i, SG_OBJ_PUBLIC);
 		if (k->has_cert && matches(&k->cert, pTemplate, ulCount, 0))
 			s->found[s->nfound++] = object_handle(i, SG_OBJ_CERT);
+		for (int c = 0; c < k->nchain; c++)
+			if (matches(&k->chain[c], pTemplate, ulCount, 0))
+				s->found[s->nfound++] = object_handle(i, SG_OBJ_CHAIN + c);
 	}
 	pthread_mutex_unlock(&g.mu);
 	s->pos = 0;

@@ -51,15 +51,25 @@ typedef struct {
 	uint8_t *cert_der; /* the agent's certificate bytes, as listed (NULL: none) */
 	size_t cert_len;
 	sg_attrs priv, pub, cert;
+	/* The certificate's intermediates: nchain objects, built from the
+	 * listed ones that parse; chain_der keeps every listed one (for
+	 * sg_key_same). */
+	int nchain;
+	sg_attrs chain[SG_MAX_CHAIN];
+	uint32_t nchain_der;
+	uint8_t *chain_der[SG_MAX_CHAIN];
+	size_t chain_len[SG_MAX_CHAIN];
 } sg_key;
 
-/* The objects of key i have handles 3i+1 (private), 3i+2 (public) and
- * 3i+3 (certificate, when the key has one). */
-enum { SG_OBJ_PRIVATE = 0, SG_OBJ_PUBLIC = 1, SG_OBJ_CERT = 2, SG_OBJS_PER_KEY = 3 };
+/* The objects of key i have handles 7i+1 (private), 7i+2 (public), 7i+3
+ * (certificate, when the key has one) and 7i+4 to 7i+7 (its intermediates,
+ * as many as it has). */
+enum { SG_OBJ_PRIVATE = 0, SG_OBJ_PUBLIC = 1, SG_OBJ_CERT = 2, SG_OBJ_CHAIN = 3, SG_OBJS_PER_KEY = 3 + SG_MAX_CHAIN };
 
 /* keys.c */
 int sg_key_build(sg_key *k, const sg_key_entry *e);
-/* sg_key_same: e lists k as it was built (name, kid and certificate). */
+/* sg_key_same: e lists k as it was built (name, kid, certificate and
+ * intermediates). */
 int sg_key_same(const sg_key *k, const sg_key_entry *e);
 void sg_key_free(sg_key *k);
 const sg_attr *sg_attrs_find(const sg_attrs *a, CK_ATTRIBUTE_TYPE t);

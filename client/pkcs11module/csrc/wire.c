@@ -324,6 +324,25 @@ static int key_is(sg_bytes k, const char *s)
 	return k.n == n && memcmp(k.p, s, n) == 0;
 }
 
+/* read_chain reads the intermediates (an array of DER certificates),
+ * keeping the first SG_MAX_CHAIN. */
+static int read_chain(rd *r, sg_key_entry *e)
+{
+	uint64_t n;
+	if (get_len(r, 0, &n))
+		return -1;
+	for (uint64_t i = 0; i < n; i++) {
+		if (i < SG_MAX_CHAIN) {
+			if (get_bytes(r, &e->chain[i]))
+				return -1;
+			e->nchain = (uint32_t)i + 1;
+		} else if (skip(r, 2)) {
+			return -1;
+		}
+	}
+	return 0;
+}
+
 static int read_key_entry(rd *r, sg_key_entry *e)
 {
 	uint64_t n;
@@ -341,6 +360,7 @@ static int read_key_entry(rd *r, sg_key_entry *e)
 		else if (key_is(k, "kty")) rc = get_bytes(r, &e->kty);
 		else if (key_is(k, "pub")) rc = get_bytes(r, &e->pub);
 		else if (key_is(k, "cert")) rc = get_bytes(r, &e->cert);
+		else if (key_is(k, "chain")) rc = read_chain(r, e);
 		else rc = skip(r, 2);
 		if (rc)
 			return -1;

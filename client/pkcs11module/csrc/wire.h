@@ -51,9 +51,14 @@ typedef struct {
 	uint32_t tmo;         /* milliseconds; 0: not sent */
 } sg_request;
 
+/* Intermediates of a key's certificate the module shows; more are left out. */
+#define SG_MAX_CHAIN 4
+
 typedef struct {
 	sg_bytes name, kid, prov, kty, pub;
 	sg_bytes cert; /* DER X.509 certificate; empty when the key has none */
+	sg_bytes chain[SG_MAX_CHAIN]; /* its intermediates, DER, as the config file gave them */
+	uint32_t nchain;
 } sg_key_entry;
 
 typedef struct {
