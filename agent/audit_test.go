@@ -1,8 +1,10 @@
 package agent_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -10,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
 
@@ -232,6 +235,64 @@ func TestJournalRetention(t *testing.T) {
 		}
 		if _, err := c.AuditPrune(context.Background(), time.Now()); client.Code(err) != proto.PermissionDenied {
 			t.Fatalf("AuditPrune on the client socket: %v, want PERMISSION_DENIED", err)
+		}
+	})
+}
+
+// A prune over a broken chain would erase the evidence of the tampering, so
+// the admin operation refuses it with INTERNAL, names the break, and
+// deletes nothing.
+func TestAuditPruneRefusedOverABrokenChain(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	dir := filepath.Join(cfg.DataDir, "journal")
+	j, err := journal.Open(journal.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 5; i++ {
+		r := journal.Record{Time: time.Now().Add(-2 * time.Minute), Op: "sign", Tenant: "old", CodeName: "OK"}
+		if err := j.Append(context.Background(), &r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Edit record 3 behind the journal's back: "old" becomes "odd".
+	db, err := pebble.Open(dir, &pebble.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := append([]byte("a/"), binary.BigEndian.AppendUint64(nil, 3)...)
+	v, closer, err := db.Get(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edited := bytes.Replace(v, []byte("old"), []byte("odd"), 1)
+	closer.Close()
+	if bytes.Equal(edited, v) {
+		t.Fatal("record 3 does not hold the tenant name")
+	}
+	if err := db.Set(key, edited, pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	if err := db.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		_, err := admin.AuditPrune(context.Background(), time.Now())
+		if client.Code(err) != proto.Internal || !strings.Contains(err.Error(), "broken at seq 3") {
+			t.Fatalf("AuditPrune over a broken chain: %v, want INTERNAL naming seq 3", err)
+		}
+		ok, summary, err := admin.AuditVerify(context.Background())
+		if err != nil || ok || !strings.Contains(summary, "seq 3") {
+			t.Fatalf("AuditVerify after the refused prune = %v %q %v, want the break at seq 3 still there", ok, summary, err)
+		}
+		recs, err := admin.AuditTail(context.Background(), "", 0, 10)
+		if err != nil || len(recs) != 5 {
+			t.Fatalf("records after the refused prune: %d, %v; want all 5", len(recs), err)
 		}
 	})
 }

@@ -21,17 +21,19 @@ func codeOf(err error) proto.Code {
 	return rotation.WireCode(err)
 }
 
-// clientMessage is what a caller is told. Provider and agent errors are built
-// without secrets and are safe to return; an unclassified error may carry
+// clientMessage is what a caller is told. A *proto.Error is written for the
+// caller, whatever its code (an INTERNAL one too: a prune refused over a
+// broken chain names the break), and provider and agent errors are built
+// without secrets; an unclassified error that maps to INTERNAL may carry
 // internals (paths, library text), so the caller gets a fixed text and the
 // log gets the detail.
 func clientMessage(code proto.Code, err error) string {
-	if code == proto.Internal {
-		return "internal error; see the agent's log"
-	}
 	var pe *proto.Error
 	if errors.As(err, &pe) {
 		return pe.Msg
+	}
+	if code == proto.Internal {
+		return "internal error; see the agent's log"
 	}
 	return err.Error()
 }
