@@ -171,6 +171,25 @@ func TestAuditVerifyLive(t *testing.T) {
 	})
 }
 
+// appendOldRecords writes n signing records of tenant "old", two minutes
+// old, to the journal in dir while no agent has it open.
+func appendOldRecords(t *testing.T, dir string, n int) {
+	t.Helper()
+	j, err := journal.Open(journal.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < n; i++ {
+		r := journal.Record{Time: time.Now().Add(-2 * time.Minute), Op: "sign", Tenant: "old", CodeName: "OK"}
+		if err := j.Append(context.Background(), &r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // Retention: the agent prunes on start and then on its schedule; `sigil
 // audit prune` does it on demand over the admin socket. The chain verifies
 // after each, and the client socket cannot prune.
@@ -180,19 +199,7 @@ func TestJournalRetention(t *testing.T) {
 	cfg.Journal.Retention = time.Minute
 	// Ten records from before the retention, written while the agent was
 	// stopped.
-	j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i < 10; i++ {
-		r := journal.Record{Time: time.Now().Add(-2 * time.Minute), Op: "sign", Tenant: "old", CodeName: "OK"}
-		if err := j.Append(context.Background(), &r); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := j.Close(); err != nil {
-		t.Fatal(err)
-	}
+	appendOldRecords(t, filepath.Join(cfg.DataDir, "journal"), 10)
 	agentLifetime(t, cfg, func(c, admin *client.Client) {
 		verify := func() string {
 			t.Helper()
@@ -246,19 +253,7 @@ func TestAuditPruneRefusedOverABrokenChain(t *testing.T) {
 	cfg := softwareConfig(t)
 	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
 	dir := filepath.Join(cfg.DataDir, "journal")
-	j, err := journal.Open(journal.Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i < 5; i++ {
-		r := journal.Record{Time: time.Now().Add(-2 * time.Minute), Op: "sign", Tenant: "old", CodeName: "OK"}
-		if err := j.Append(context.Background(), &r); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := j.Close(); err != nil {
-		t.Fatal(err)
-	}
+	appendOldRecords(t, dir, 5)
 	// Edit record 3 behind the journal's back: "old" becomes "odd".
 	db, err := pebble.Open(dir, &pebble.Options{})
 	if err != nil {
