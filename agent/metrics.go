@@ -127,6 +127,22 @@ func newMetrics(a *Agent) *metrics {
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
+	if j := a.journal; j != nil {
+		m.reg.MustRegister(
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "sigil_journal_failures_total",
+				Help: "Audit journal commits that failed (their signatures were withheld) and made the journal reopen its store.",
+			}, func() float64 { return float64(j.Stats().Failures) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "sigil_journal_recoveries_total",
+				Help: "Reopens of the audit journal's store after a failure.",
+			}, func() float64 { return float64(j.Stats().Recoveries) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Name: "sigil_journal_replayed_records_total",
+				Help: "Audit records put back from the journal's tail log at start or at a reopen: confirmed before a kill or a failed WAL write, missing from the store's own log.",
+			}, func() float64 { return float64(j.Stats().Replayed) }),
+		)
+	}
 	// Session pools (PKCS#11): sessions open/idle/in use and repairs
 	// (re-logins, module reloads, session sweeps), per provider.
 	for _, p := range a.keys.providers {

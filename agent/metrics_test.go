@@ -124,6 +124,11 @@ func TestAdminHTTPMetricsAndHealth(t *testing.T) {
 	if got := counter(after, "sigil_journal_records_total", map[string]string{"result": "ok"}); got != 4 {
 		t.Errorf("journal records %v, want 4", got)
 	}
+	for _, name := range []string{"sigil_journal_failures_total", "sigil_journal_recoveries_total", "sigil_journal_replayed_records_total"} {
+		if after[name] == nil || counter(after, name, nil) != 0 {
+			t.Errorf("%s missing or not 0 on a healthy agent", name)
+		}
+	}
 	if got := gauge(after, "sigil_connections_open"); got < 1 {
 		t.Errorf("open connections %v, want ≥1", got)
 	}

@@ -188,7 +188,7 @@ type Journal struct {
 	fullNow        atomic.Bool // full, for Healthy (full belongs to the committer)
 
 	stats struct {
-		records, commits, failures, recoveries, full atomic.Uint64
+		records, commits, failures, recoveries, full, replayed atomic.Uint64
 	}
 }
 
@@ -284,7 +284,9 @@ func (j *Journal) openDB() error {
 	}
 	seq, hash, err := readHead(db, j.log)
 	if err == nil {
-		seq, hash, _, err = replayTail(j.fs, j.tailPath(), db, seq, hash, j.log)
+		var added uint64
+		seq, hash, added, err = replayTail(j.fs, j.tailPath(), db, seq, hash, j.log)
+		j.stats.replayed.Add(added)
 	}
 	if err == nil {
 		err = j.startTail()
@@ -424,6 +426,7 @@ type Stats struct {
 	Failures   uint64 // commits that failed and made the journal reopen Pebble
 	Recoveries uint64 // successful reopens after a failure
 	Full       uint64 // commit groups refused for lack of free space
+	Replayed   uint64 // records put back from the tail log (tail.go) at Open or a reopen
 }
 
 // Healthy reports whether an append can succeed now: nil, or an error
@@ -465,6 +468,7 @@ func (j *Journal) Stats() Stats {
 		Failures:   j.stats.failures.Load(),
 		Recoveries: j.stats.recoveries.Load(),
 		Full:       j.stats.full.Load(),
+		Replayed:   j.stats.replayed.Load(),
 	}
 }
 

@@ -36,10 +36,11 @@ next:
 	return out
 }
 
-// openHead opens dir, returns its head and closes it.
-func openHead(t *testing.T, dir string) uint64 {
+// openHeadOf opens a copy of dir (so dir stays as it is), returns its head
+// and closes it.
+func openHeadOf(t *testing.T, dir string) uint64 {
 	t.Helper()
-	j := openTest(t, dir, WAL)
+	j := openTest(t, snapshotDir(t, dir), WAL)
 	head, _ := j.Head()
 	verifyOK(t, j)
 	if err := j.Close(); err != nil {
@@ -60,11 +61,14 @@ func TestTailLogKeepsWhatPebbleBuffered(t *testing.T) {
 
 	withTail := snapshotDir(t, dir)
 	pebbleOnly := snapshotDir(t, dir, tailName)
-	if head := openHead(t, pebbleOnly); head >= 40 {
+	if head := openHeadOf(t, pebbleOnly); head >= 40 {
 		t.Fatalf("Pebble's WAL alone has all %d records: the test shows nothing about the tail", head)
 	}
 	j2 := openTest(t, withTail, WAL)
 	mustVerify(t, j2, 40)
+	if got, lacked := j2.Stats().Replayed, 40-openHeadOf(t, pebbleOnly); got != lacked {
+		t.Fatalf("Stats().Replayed = %d, want the %d records Pebble lacked", got, lacked)
+	}
 	if _, err := os.Stat(filepath.Join(withTail, tailName)); err != nil {
 		t.Fatalf("tail log after Open: %v", err)
 	}
@@ -85,7 +89,7 @@ func TestTailLogKeepsWhatPebbleBuffered(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, tailName)); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("tail log after Close: %v, want it removed", err)
 	}
-	if head := openHead(t, dir); head != 40 {
+	if head := openHeadOf(t, dir); head != 40 {
 		t.Fatalf("head after Close and Open: %d, want 40", head)
 	}
 }
