@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/proto"
 )
 
@@ -24,10 +25,9 @@ import (
 // quotaSnapshotInterval of them). Without a stored count for today it counts
 // the day's records from the first one stamped today (journal.FirstSeqAt).
 //
-// What is restored is signatures released (records with code OK); a
-// signature the policy allowed and the provider then failed counted against
-// the quota before the restart and does not after. Rate-limit buckets are
-// not stored: a restart refills them, which the burst bounds.
+// What is restored is what the policy counted: every request it allowed,
+// released or not (countsAgainstQuota). Rate-limit buckets are not stored:
+// a restart refills them, which the burst bounds.
 
 // quotaStateKey is the state entry of the stored counts.
 const quotaStateKey = "quota/counts"
@@ -78,7 +78,7 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 	read := 0
 	err = a.journal.Scan(ctx, journal.Filter{FromSeq: from, Since: dayStart}, func(r *journal.Record) error {
 		read++
-		if r.Op == "sign" && r.Code == uint16(proto.OK) && r.Tenant != "" {
+		if r.Op == "sign" && r.Tenant != "" && countsAgainstQuota(r) {
 			counts[r.Slot]++
 		}
 		return nil
@@ -93,6 +93,30 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 	a.log.Info("daily quota counts restored", zap.Int("slots", len(counts)),
 		zap.Bool("stored_counts", stored), zap.Int("records_read", read))
 	return nil
+}
+
+// countsAgainstQuota reports whether the policy counted r's request
+// against the slot's daily quota. The policy counts every request it allows,
+// whether or not the provider then signs (policy.Engine.Check), so a record
+// counts if it was released (OK) or if the policy decided on it (its
+// tenant's policy hash is set) with a code no policy refusal has: a provider
+// failure, a deadline. BAD_REQUEST and UNSUPPORTED_ALGORITHM after an allow
+// (the provider's own request checks, which the policy's mostly repeat) are
+// read as the policy's refusals of the same codes and not counted.
+func countsAgainstQuota(r *journal.Record) bool {
+	if r.Code == uint16(proto.OK) {
+		return true
+	}
+	if r.PolicyHash == ([32]byte{}) {
+		return false
+	}
+	code := proto.Code(r.Code)
+	for reason := policy.NotFound; reason <= policy.Paused; reason++ {
+		if reasonCode(reason) == code {
+			return false
+		}
+	}
+	return true
 }
 
 func (a *Agent) readQuotaSnapshot() (quotaSnapshot, bool, error) {

@@ -251,4 +251,35 @@ func TestDailyQuotaSurvivesRestart(t *testing.T) {
 		}
 	})
 	expectExhausted("stored counts and the records after them")
+
+	// The policy counts what it allows, signed or not: after a restart a
+	// request it allowed and the provider failed still counts, and one it
+	// refused does not.
+	withJournal(func(j *journal.Journal) {
+		if err := j.Delete(ctx, "quota/counts"); err != nil {
+			t.Fatal(err)
+		}
+	})
+	policyText = strings.Replace(policyText, "daily_quota: 3", "daily_quota: 6", 1)
+	if err := os.WriteFile(cfg.Policy, []byte(policyText), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	withJournal(func(j *journal.Journal) {
+		for _, code := range []proto.Code{proto.Unavailable, proto.DeadlineExceeded, proto.RateLimited, proto.Paused} {
+			r := journal.Record{Op: "sign", Tenant: "payments", Slot: "payments/release", Code: uint16(code),
+				CodeName: code.String(), PolicyHash: journal.HashDigest([]byte("policy"))}
+			if err := j.Append(ctx, &r); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	// 3 released + 2 allowed and failed = 5 of 6: one more, then none.
+	agentLifetime(t, cfg, func(c, _ *client.Client) {
+		if err := sign(c); err != nil {
+			t.Fatalf("the 6th counted request: %v", err)
+		}
+		if err := sign(c); client.Code(err) != proto.QuotaExceeded {
+			t.Fatalf("the 7th: %v, want QUOTA_EXCEEDED", err)
+		}
+	})
 }
