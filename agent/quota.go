@@ -21,8 +21,8 @@ import (
 // quota out again. So the agent stores the day's counts in the journal's
 // state every quotaSnapshotInterval and at shutdown, together with the
 // journal head they cover, and a starting agent takes the stored counts and
-// adds the released signatures journaled after them (after a crash, up to
-// quotaSnapshotInterval of them). Without a stored count for today it counts
+// adds the requests the policy counted that were journaled after them
+// (after a crash, up to quotaSnapshotInterval of them). Without a stored count for today it counts
 // the day's records from the first one stamped today (journal.FirstSeqAt).
 //
 // What is restored is what the policy counted: every request it allowed,
