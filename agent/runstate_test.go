@@ -214,6 +214,19 @@ func TestDailyQuotaSurvivesRestart(t *testing.T) {
 		})
 	}
 
+	// expectOneLeft: a restarted agent signs once more, then refuses.
+	expectOneLeft := func(step string) {
+		t.Helper()
+		agentLifetime(t, cfg, func(c, _ *client.Client) {
+			if err := sign(c); err != nil {
+				t.Fatalf("%s: the quota's last signature: %v", step, err)
+			}
+			if err := sign(c); client.Code(err) != proto.QuotaExceeded {
+				t.Fatalf("%s: past the quota: %v, want QUOTA_EXCEEDED", step, err)
+			}
+		})
+	}
+
 	agentLifetime(t, cfg, func(c, _ *client.Client) {
 		for i := 0; i < 2; i++ {
 			if err := sign(c); err != nil {
@@ -221,14 +234,7 @@ func TestDailyQuotaSurvivesRestart(t *testing.T) {
 			}
 		}
 	})
-	agentLifetime(t, cfg, func(c, _ *client.Client) {
-		if err := sign(c); err != nil {
-			t.Fatalf("the 3rd signature after a restart: %v", err)
-		}
-		if err := sign(c); client.Code(err) != proto.QuotaExceeded {
-			t.Fatalf("the 4th: %v, want QUOTA_EXCEEDED", err)
-		}
-	})
+	expectOneLeft("the 3rd signature after a restart")
 	expectExhausted("stored counts")
 
 	withJournal(func(j *journal.Journal) {
@@ -274,12 +280,5 @@ func TestDailyQuotaSurvivesRestart(t *testing.T) {
 		}
 	})
 	// 3 released + 2 allowed and failed = 5 of 6: one more, then none.
-	agentLifetime(t, cfg, func(c, _ *client.Client) {
-		if err := sign(c); err != nil {
-			t.Fatalf("the 6th counted request: %v", err)
-		}
-		if err := sign(c); client.Code(err) != proto.QuotaExceeded {
-			t.Fatalf("the 7th: %v, want QUOTA_EXCEEDED", err)
-		}
-	})
+	expectOneLeft("failed requests counted, refusals not")
 }
