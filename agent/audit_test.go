@@ -91,12 +91,7 @@ func TestEverySignatureIsJournaled(t *testing.T) {
 // Fail closed: while the journal cannot write, no signature is released
 // (JOURNAL_UNAVAILABLE); when the fault clears, signing resumes.
 func TestJournalFaultWithholdsSignatures(t *testing.T) {
-	toggle := &errorfs.Toggle{Injector: errorfs.InjectorFunc(func(op errorfs.Op) error {
-		if op.Kind.ReadOrWrite() == errorfs.OpIsWrite {
-			return errorfs.ErrInjected
-		}
-		return nil
-	})}
+	toggle := writeFaults()
 	cfg := softwareConfig(t)
 	r := startAgent(t, cfg, agent.WithJournalFS(errorfs.Wrap(vfs.Default, toggle)))
 	c := r.dial(t)

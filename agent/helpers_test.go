@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
@@ -205,4 +206,15 @@ func agentLifetime(t *testing.T, cfg agent.Config, f func(c, admin *client.Clien
 	if err := a.Shutdown(ctx); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// writeFaults fails every write through the journal's filesystem while it
+// is on (toggle.On), as a failing disk would.
+func writeFaults() *errorfs.Toggle {
+	return &errorfs.Toggle{Injector: errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if op.Kind.ReadOrWrite() == errorfs.OpIsWrite {
+			return errorfs.ErrInjected
+		}
+		return nil
+	})}
 }

@@ -30,11 +30,7 @@ func TestRunTimePauseSurvivesRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	d := sha256.Sum256([]byte("pause"))
-	sign := func(c *client.Client) error {
-		_, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
-		return err
-	}
+	sign := releaseSigner("pause")
 
 	agentLifetime(t, cfg, func(c, admin *client.Client) {
 		if err := sign(c); err != nil {
@@ -80,6 +76,16 @@ func TestRunTimePauseSurvivesRestart(t *testing.T) {
 	})
 }
 
+// releaseSigner returns a Sign of a digest of text with the slot
+// "release", as pausePolicy's tenant.
+func releaseSigner(text string) func(c *client.Client) error {
+	d := sha256.Sum256([]byte(text))
+	return func(c *client.Client) error {
+		_, err := c.Sign(context.Background(), client.ByName("release"), client.Algorithm{}, d[:])
+		return err
+	}
+}
+
 // pauseConfig is softwareConfig with an admin socket and a policy file
 // (written by the caller).
 func pauseConfig(t *testing.T) agent.Config {
@@ -110,12 +116,7 @@ tenants:
 // With the journal failing, a pause still takes effect (and says it will
 // not outlive a restart), and a resume does not.
 func TestPauseFailsClosedWhenTheJournalFails(t *testing.T) {
-	toggle := &errorfs.Toggle{Injector: errorfs.InjectorFunc(func(op errorfs.Op) error {
-		if op.Kind.ReadOrWrite() == errorfs.OpIsWrite {
-			return errorfs.ErrInjected
-		}
-		return nil
-	})}
+	toggle := writeFaults()
 	cfg := pauseConfig(t)
 	if err := os.WriteFile(cfg.Policy, []byte(pausePolicy(true)), 0o600); err != nil {
 		t.Fatal(err)
@@ -133,11 +134,8 @@ func TestPauseFailsClosedWhenTheJournalFails(t *testing.T) {
 	}
 	defer admin.Close()
 	c := r.dial(t)
-	d := sha256.Sum256([]byte("pause"))
-	sign := func() error {
-		_, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
-		return err
-	}
+	signRelease := releaseSigner("pause")
+	sign := func() error { return signRelease(c) }
 	// retry repeats op until the journal has recovered from the fault.
 	retry := func(what string, op func() error) {
 		t.Helper()
@@ -188,11 +186,7 @@ func TestDailyQuotaSurvivesRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	d := sha256.Sum256([]byte("quota"))
-	sign := func(c *client.Client) error {
-		_, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
-		return err
-	}
+	sign := releaseSigner("quota")
 	journalDir := filepath.Join(cfg.DataDir, "journal")
 	// withJournal edits the stopped agent's journal.
 	withJournal := func(f func(j *journal.Journal)) {

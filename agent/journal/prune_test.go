@@ -154,20 +154,9 @@ func TestVerifyFindsPruneTampering(t *testing.T) {
 		reason BreakReason
 	}{
 		{
-			name: "more records deleted and the anchor moved",
-			tamper: func(t *testing.T, j *Journal) {
-				var r Record
-				if err := decodeRecord(rawGet(t, j, auditKey(25)), &r); err != nil {
-					t.Fatal(err)
-				}
-				for seq := uint64(21); seq <= 25; seq++ {
-					rawDelete(t, j, auditKey(seq))
-				}
-				v := make([]byte, headLen)
-				encodeHead(v, 25, r.Hash)
-				rawSet(t, j, []byte(anchorKey), v)
-			},
-			seq: 41, reason: BreakAnchor,
+			name:   "more records deleted and the anchor moved",
+			tamper: func(t *testing.T, j *Journal) { cutByHand(t, j, 21, 25) },
+			seq:    41, reason: BreakAnchor,
 		},
 		{
 			name:   "anchor deleted",
@@ -200,17 +189,25 @@ func TestVerifyFindsPruneTampering(t *testing.T) {
 // written by hand) is a break.
 func TestVerifyAnchorWithoutPruneRecord(t *testing.T) {
 	j, _, _ := pruneFixture(t, 20)
+	cutByHand(t, j, 1, 10)
+	expectBreak(t, j, 11, BreakAnchor)
+}
+
+// cutByHand does what a prune does to the store, outside Prune: deletes
+// records from..to and moves the anchor to record to, with no prune record
+// attesting it.
+func cutByHand(t *testing.T, j *Journal, from, to uint64) {
+	t.Helper()
 	var r Record
-	if err := decodeRecord(rawGet(t, j, auditKey(10)), &r); err != nil {
+	if err := decodeRecord(rawGet(t, j, auditKey(to)), &r); err != nil {
 		t.Fatal(err)
 	}
-	for seq := uint64(1); seq <= 10; seq++ {
+	for seq := from; seq <= to; seq++ {
 		rawDelete(t, j, auditKey(seq))
 	}
 	v := make([]byte, headLen)
-	encodeHead(v, 10, r.Hash)
+	encodeHead(v, to, r.Hash)
 	rawSet(t, j, []byte(anchorKey), v)
-	expectBreak(t, j, 11, BreakAnchor)
 }
 
 func TestFirstSeqAt(t *testing.T) {
