@@ -76,9 +76,10 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 		return fmt.Errorf("find today's first audit record: %w", err)
 	}
 	read := 0
+	refusals := policyRefusalCodes()
 	err = a.journal.Scan(ctx, journal.Filter{FromSeq: from, Since: dayStart}, func(r *journal.Record) error {
 		read++
-		if r.Op == "sign" && r.Tenant != "" && countsAgainstQuota(r) {
+		if r.Op == "sign" && r.Tenant != "" && countsAgainstQuota(r, refusals) {
 			counts[r.Slot]++
 		}
 		return nil
@@ -103,20 +104,22 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 // failure, a deadline. BAD_REQUEST and UNSUPPORTED_ALGORITHM after an allow
 // (the provider's own request checks, which the policy's mostly repeat) are
 // read as the policy's refusals of the same codes and not counted.
-func countsAgainstQuota(r *journal.Record) bool {
+func countsAgainstQuota(r *journal.Record, refusals map[proto.Code]bool) bool {
 	if r.Code == uint16(proto.OK) {
 		return true
 	}
-	if r.PolicyHash == ([32]byte{}) {
-		return false
-	}
-	code := proto.Code(r.Code)
+	return r.PolicyHash != ([32]byte{}) && !refusals[proto.Code(r.Code)]
+}
+
+// policyRefusalCodes are the wire codes of the policy's refusals, built
+// once per restore rather than per record: a day's journal can hold
+// millions.
+func policyRefusalCodes() map[proto.Code]bool {
+	codes := map[proto.Code]bool{}
 	for reason := policy.NotFound; reason <= policy.Paused; reason++ {
-		if reasonCode(reason) == code {
-			return false
-		}
+		codes[reasonCode(reason)] = true
 	}
-	return true
+	return codes
 }
 
 func (a *Agent) readQuotaSnapshot() (quotaSnapshot, bool, error) {

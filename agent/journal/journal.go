@@ -383,10 +383,18 @@ func lastRecordHead(db *pebble.DB) (uint64, [32]byte, bool, error) {
 	if !ok {
 		return 0, hash, false, fmt.Errorf("journal: malformed audit key %x", it.Key())
 	}
-	if v := it.Value(); len(v) >= 32 {
-		copy(hash[:], v[len(v)-32:])
-	}
+	hash, _ = valueHash(it.Value())
 	return seq, hash, true, nil
+}
+
+// valueHash is the Hash stored in a record's value: its last 32 bytes, read
+// without decoding the rest, so even an undecodable value has one.
+func valueHash(v []byte) (h [32]byte, ok bool) {
+	if len(v) < 32 {
+		return h, false
+	}
+	copy(h[:], v[len(v)-32:])
+	return h, true
 }
 
 const headFormatV1 = 1

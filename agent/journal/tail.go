@@ -240,17 +240,12 @@ func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte
 
 // storedHash returns the Hash stored with record seq.
 func storedHash(db *pebble.DB, seq uint64) ([32]byte, bool) {
-	var h [32]byte
 	v, closer, err := db.Get(auditKeyFor(seq))
 	if err != nil {
-		return h, false
+		return [32]byte{}, false
 	}
 	defer closer.Close()
-	if len(v) < 32 {
-		return h, false
-	}
-	copy(h[:], v[len(v)-32:])
-	return h, true
+	return valueHash(v)
 }
 
 func readAll(fs vfs.FS, path string) ([]byte, error) {
