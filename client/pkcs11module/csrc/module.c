@@ -943,15 +943,9 @@ EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTem
 		sg_key *k = g.keys[i];
 		if (!k->present)
 			continue;
-		if (matches(&k->priv, pTemplate, ulCount, 1))
-			s->found[s->nfound++] = object_handle(i, SG_OBJ_PRIVATE);
-		if (matches(&k->pub, pTemplate, ulCount, 0))
-			s->found[s->nfound++] = object_handle(i, SG_OBJ_PUBLIC);
-		if (k->has_cert && matches(&k->cert, pTemplate, ulCount, 0))
-			s->found[s->nfound++] = object_handle(i, SG_OBJ_CERT);
-		for (int c = 0; c < k->nchain; c++)
-			if (matches(&k->chain[c], pTemplate, ulCount, 0))
-				s->found[s->nfound++] = object_handle(i, SG_OBJ_CHAIN + c);
+		for (int kind = 0; kind < SG_OBJS_PER_KEY; kind++)
+			if (object_exists(k, kind) && matches(object_attrs(k, kind), pTemplate, ulCount, kind == SG_OBJ_PRIVATE))
+				s->found[s->nfound++] = object_handle(i, kind);
 	}
 	pthread_mutex_unlock(&g.mu);
 	s->pos = 0;
