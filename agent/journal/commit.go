@@ -317,6 +317,9 @@ func (j *Journal) commitGroup(group []*request) error {
 	if b.Empty() {
 		return nil // a state write with no changes: Healthy's recovery probe
 	}
+	if !waits && !j.tail.fits(len(b.Repr())) {
+		waits = true // the mapped tail is full: it starts over after this commit
+	}
 
 	if err := j.commitBatch(b, waits, seq, prev); err != nil {
 		firstSeq := j.headSeq + 1

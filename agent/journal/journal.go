@@ -316,7 +316,7 @@ func (j *Journal) startTail() error {
 		}
 		return nil
 	}
-	t, err := createTail(j.fs, j.tailPath())
+	t, err := createTail(j.fs, j.tailPath(), j.opts.FS == vfs.Default, j.log)
 	if err != nil {
 		return err
 	}

@@ -8,6 +8,8 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
+	"runtime"
+	"runtime/debug"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -35,6 +37,19 @@ import (
 // head checkpoint, state changes, prunes, Close) has by then made every
 // earlier batch durable in it too, so the tail starts over empty after it.
 //
+// On the OS filesystem the tail file is mapped into memory (MAP_SHARED)
+// and a frame is a copy into the mapping: the page cache has it once the
+// copy ends, which a killed process leaves behind just as it leaves a
+// write(2). On these VMs write(2) costs about 2 µs per frame and the copy
+// 0.3 µs (measured, 420-byte frames). The file is allocated at its full
+// size (tailMapSize) and its pages touched once when it is created, so no
+// append takes a page fault or a disk-full error. Starting over reuses the
+// mapping from its first byte, leaving the older frames after the newest
+// ones; they all hold records Pebble's WAL has. A group that would not fit
+// commits waiting for Pebble's WAL instead, and the tail starts over
+// after it. Through any other vfs.FS (tests inject faults through one) the
+// tail is written with write(2).
+//
 // A frame is one commit group:
 //
 //	off   size  field
@@ -47,12 +62,15 @@ import (
 //	88    n     payload: the Pebble batch (its Repr)
 //	88+n  4     CRC-32C of bytes [0, 88+n)
 //
-// Integers are big-endian. A frame that runs past the end of the file, or
-// whose CRC fails as the file's last frame, is a write the kill cut short:
-// its Append had not returned, so it is dropped. Anything else that does
-// not parse, or a frame that does not continue the chain where Pebble's
-// records end, means records confirmed to a caller are missing, and Open
-// refuses to start rather than build on a gap.
+// Integers are big-endian. Open reads the run of frames from the start of
+// the file in which each frame continues the chain of the one before.
+// What follows the run is a write the kill cut short (its Append had not
+// returned, so it is dropped), frames from before the mapped tail last
+// started over, or zeros. A valid frame after the run that holds records
+// beyond both the run and Pebble's head means a frame inside the tail is
+// damaged or missing; so does a run that does not continue the chain where
+// Pebble's records end. Either way records confirmed to a caller are
+// missing, and Open refuses to start rather than build on a gap.
 
 // tailName is the tail log's file in the journal directory; Pebble ignores
 // files whose names it does not know.
@@ -64,37 +82,77 @@ const (
 	tailCRCLen    = 4
 )
 
+// tailMapSize is the mapped tail file's size. The tail starts over at
+// least once a second (the checkpoint) and holds about 420 bytes per
+// record, so 16 MiB lasts about 40k records/s before a group has to wait
+// for Pebble's WAL. Its pages stay resident: 16 MiB of page cache.
+const tailMapSize = 16 << 20
+
 var crc32c = crc32.MakeTable(crc32.Castagnoli)
 
 // tailLog is the open tail file. Only the goroutine holding busy (or Open
 // and Close, when no one can) uses it.
 type tailLog struct {
-	fs   vfs.FS
-	path string
-	f    vfs.File
-	size int64  // bytes written since the tail last started over
-	buf  []byte // frame scratch
+	fs     vfs.FS
+	path   string
+	f      vfs.File
+	size   int64  // bytes written since the tail last started over
+	buf    []byte // frame scratch (written tail)
+	mapped []byte // the file's mapping; nil when the tail is written
 }
 
-// createTail creates (or empties) the tail log.
-func createTail(fs vfs.FS, path string) (*tailLog, error) {
+// createTail creates (or empties) the tail log, mapped when mapIt is set
+// and the platform allows, written otherwise.
+func createTail(fs vfs.FS, path string, mapIt bool, log *zap.Logger) (*tailLog, error) {
 	f, err := fs.Create(path, vfs.WriteCategoryUnspecified)
 	if err != nil {
 		return nil, fmt.Errorf("journal: create tail log: %w", err)
 	}
-	return &tailLog{fs: fs, path: path, f: f}, nil
+	t := &tailLog{fs: fs, path: path, f: f}
+	if mapIt {
+		m, err := mapTail(f.Fd(), tailMapSize)
+		if err != nil {
+			log.Warn("journal tail log is written, not mapped", zap.Error(err))
+		}
+		t.mapped = m
+	}
+	return t, nil
 }
 
-// append writes one commit group as a frame. On error the frame may be
-// partly in the file; the caller takes Pebble out of service, and the
-// recovery that follows replays the tail (dropping the cut-short frame)
-// and starts it over.
+// fits reports whether a frame for a batch of n bytes fits in the tail.
+func (t *tailLog) fits(n int) bool {
+	return t.mapped == nil || t.size+int64(tailHeaderLen+n+tailCRCLen) <= int64(len(t.mapped))
+}
+
+// append writes one commit group as a frame; in a mapped tail the caller
+// has checked that it fits. On error the frame may be partly in the
+// file; the caller takes Pebble out of service, and the recovery that
+// follows replays the tail (dropping the cut-short frame) and starts it
+// over.
 func (t *tailLog) append(batch []byte, firstSeq, lastSeq uint64, prev, last [32]byte) error {
 	n := tailHeaderLen + len(batch) + tailCRCLen
+	if t.mapped != nil {
+		if err := copyFrame(t.mapped[t.size:t.size+int64(n)], batch, firstSeq, lastSeq, prev, last); err != nil {
+			return fmt.Errorf("journal: write tail log (mapped): %w", err)
+		}
+		t.size += int64(n)
+		return nil
+	}
 	if cap(t.buf) < n {
 		t.buf = make([]byte, n, n+n/2)
 	}
-	frame := t.buf[:n]
+	putFrame(t.buf[:n], batch, firstSeq, lastSeq, prev, last)
+	if _, err := t.f.Write(t.buf[:n]); err != nil {
+		return fmt.Errorf("journal: write tail log: %w", err)
+	}
+	t.size += int64(n)
+	return nil
+}
+
+// putFrame encodes a frame into frame, which is exactly its length. The
+// checksum goes last, so a mapped frame a kill cut short fails it.
+func putFrame(frame, batch []byte, firstSeq, lastSeq uint64, prev, last [32]byte) {
+	n := len(frame)
 	copy(frame, tailMagic)
 	binary.BigEndian.PutUint32(frame[4:], uint32(len(batch)))
 	binary.BigEndian.PutUint64(frame[8:], firstSeq)
@@ -103,19 +161,36 @@ func (t *tailLog) append(batch []byte, firstSeq, lastSeq uint64, prev, last [32]
 	copy(frame[56:], last[:])
 	copy(frame[tailHeaderLen:], batch)
 	binary.BigEndian.PutUint32(frame[n-tailCRCLen:], crc32.Checksum(frame[:n-tailCRCLen], crc32c))
-	if _, err := t.f.Write(frame); err != nil {
-		return fmt.Errorf("journal: write tail log: %w", err)
-	}
-	t.size += int64(n)
+}
+
+// copyFrame puts a frame into the mapping. A fault while doing so (the
+// file truncated behind the journal's back, an I/O error reading a page
+// in) is a SIGBUS, which would end the process; here it is an error.
+func copyFrame(dst, batch []byte, firstSeq, lastSeq uint64, prev, last [32]byte) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if p := recover(); p != nil {
+			if re, ok := p.(runtime.Error); ok {
+				err = re
+				return
+			}
+			panic(p)
+		}
+	}()
+	putFrame(dst, batch, firstSeq, lastSeq, prev, last)
 	return nil
 }
 
 // startOver empties the tail after Pebble's WAL was written up to the
-// commit just confirmed. If the file cannot be recreated the tail keeps
-// growing on the old handle: its frames are all in Pebble, and replay
-// skips them.
+// commit just confirmed. A mapped tail goes back to its first byte. A
+// written one is recreated; if that fails it keeps growing on the old
+// handle: its frames are all in Pebble, and replay skips them.
 func (t *tailLog) startOver(log *zap.Logger) {
 	if t.size == 0 {
+		return
+	}
+	if t.mapped != nil {
+		t.size = 0
 		return
 	}
 	f, err := t.fs.Create(t.path, vfs.WriteCategoryUnspecified)
@@ -131,7 +206,14 @@ func (t *tailLog) close() error {
 	if t == nil || t.f == nil {
 		return nil
 	}
-	err := t.f.Close()
+	var err error
+	if t.mapped != nil {
+		err = unmapTail(t.mapped)
+		t.mapped = nil
+	}
+	if cerr := t.f.Close(); err == nil {
+		err = cerr
+	}
 	t.f = nil
 	return err
 }
@@ -146,42 +228,61 @@ type tailFrame struct {
 // errTailCorrupt marks a tail log that cannot be read to its end.
 var errTailCorrupt = errors.New("journal: tail log corrupt")
 
-// parseTail splits the tail log into frames. torn is the number of bytes
-// at the end that belong to a frame a kill cut short.
-func parseTail(data []byte) (frames []tailFrame, torn int, err error) {
-	for off := 0; off < len(data); {
-		rest := data[off:]
-		if len(rest) < tailHeaderLen {
-			return frames, len(rest), nil
+// frameAt parses the frame at the start of data; ok is false when there
+// is none there (no magic, cut short, a failed checksum, bad seqs).
+func frameAt(data []byte) (fr tailFrame, n int, ok bool) {
+	if len(data) < tailHeaderLen || !bytes.Equal(data[:4], []byte(tailMagic)) {
+		return fr, 0, false
+	}
+	n = tailHeaderLen + int(binary.BigEndian.Uint32(data[4:])) + tailCRCLen
+	if n > len(data) || crc32.Checksum(data[:n-tailCRCLen], crc32c) != binary.BigEndian.Uint32(data[n-tailCRCLen:]) {
+		return fr, 0, false
+	}
+	fr = tailFrame{
+		firstSeq: binary.BigEndian.Uint64(data[8:]),
+		lastSeq:  binary.BigEndian.Uint64(data[16:]),
+		payload:  data[tailHeaderLen : n-tailCRCLen],
+	}
+	copy(fr.prev[:], data[24:56])
+	copy(fr.last[:], data[56:88])
+	if fr.firstSeq == 0 || fr.lastSeq < fr.firstSeq {
+		return fr, 0, false
+	}
+	return fr, n, true
+}
+
+// parseTail returns the run of frames at the start of the tail log, each
+// continuing the chain of the one before, and the offset where the run
+// ends. What follows it must hold no valid frame with records beyond both
+// the run and headSeq, Pebble's last record (see the format above).
+func parseTail(data []byte, headSeq uint64) (frames []tailFrame, end int, err error) {
+	for end < len(data) {
+		fr, n, ok := frameAt(data[end:])
+		if !ok {
+			break
 		}
-		if !bytes.Equal(rest[:4], []byte(tailMagic)) {
-			return frames, 0, fmt.Errorf("%w: no frame at byte %d", errTailCorrupt, off)
-		}
-		n := tailHeaderLen + int(binary.BigEndian.Uint32(rest[4:])) + tailCRCLen
-		if n > len(rest) {
-			return frames, len(rest), nil
-		}
-		sum := binary.BigEndian.Uint32(rest[n-tailCRCLen:])
-		if crc32.Checksum(rest[:n-tailCRCLen], crc32c) != sum {
-			if n == len(rest) {
-				return frames, n, nil // the last frame, cut short
-			}
-			return frames, 0, fmt.Errorf("%w: frame at byte %d fails its checksum", errTailCorrupt, off)
-		}
-		fr := tailFrame{
-			firstSeq: binary.BigEndian.Uint64(rest[8:]),
-			lastSeq:  binary.BigEndian.Uint64(rest[16:]),
-			payload:  rest[tailHeaderLen : n-tailCRCLen],
-		}
-		copy(fr.prev[:], rest[24:56])
-		copy(fr.last[:], rest[56:88])
-		if fr.firstSeq == 0 || fr.lastSeq < fr.firstSeq {
-			return frames, 0, fmt.Errorf("%w: frame at byte %d names seqs %d-%d", errTailCorrupt, off, fr.firstSeq, fr.lastSeq)
+		if k := len(frames); k > 0 && (fr.firstSeq != frames[k-1].lastSeq+1 || fr.prev != frames[k-1].last) {
+			break
 		}
 		frames = append(frames, fr)
-		off += n
+		end += n
 	}
-	return frames, 0, nil
+	last := headSeq
+	if k := len(frames); k > 0 {
+		last = max(last, frames[k-1].lastSeq)
+	}
+	for off := end; off < len(data); off++ {
+		i := bytes.Index(data[off:], []byte(tailMagic))
+		if i < 0 {
+			break
+		}
+		off += i
+		if fr, _, ok := frameAt(data[off:]); ok && fr.lastSeq > last {
+			return frames, end, fmt.Errorf("%w: the frame at byte %d holds records %d-%d, but the frames before it end at byte %d",
+				errTailCorrupt, off, fr.firstSeq, fr.lastSeq, end)
+		}
+	}
+	return frames, end, nil
 }
 
 // replayTail commits to db the tail log's groups that it lacks, after the
@@ -195,12 +296,13 @@ func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte
 	if err != nil {
 		return seq, hash, 0, fmt.Errorf("journal: read tail log: %w", err)
 	}
-	frames, torn, err := parseTail(data)
+	frames, end, err := parseTail(data, seq)
 	if err != nil {
 		return seq, hash, 0, fmt.Errorf("%w (%s); records confirmed to signers may be missing: run `sigil audit verify`, and move the file aside to start without it", err, path)
 	}
-	if torn > 0 {
-		log.Info("journal tail log ends in a write cut short; dropping it (its append never returned)", zap.Int("bytes", torn))
+	if end < len(data) && data[end] != 0 {
+		log.Info("journal tail log's frames end before its last byte; dropping the rest (a write cut short, or frames from before it started over)",
+			zap.Int("end", end), zap.Int("size", len(data)))
 	}
 	var added uint64
 	for _, fr := range frames {

@@ -119,24 +119,55 @@ func killedWithTail(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
 	j := openTest(t, dir, WAL)
+	walSizes := map[string]int64{}
 	for i := 0; i < 30; i++ {
 		// One record per frame, so frames can be cut one by one.
 		if err := j.Append(context.Background(), signRecord("acme", i)); err != nil {
 			t.Fatal(err)
 		}
+		if i == 0 {
+			walSizes = logFileSizes(t, dir)
+		}
 	}
-	return snapshotDir(t, dir)
+	killed := snapshotDir(t, dir)
+	// Pebble's WAL writer may have caught up with some of the other 29 by
+	// now; cut its files back to where the first commit's wait left them,
+	// as a kill a moment earlier would have.
+	for name, size := range logFileSizes(t, killed) {
+		if err := os.Truncate(filepath.Join(killed, name), min(size, walSizes[name])); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return killed
 }
 
-// frameOffsets returns where each frame of a tail log starts.
-func frameOffsets(t *testing.T, data []byte) []int {
+// logFileSizes returns the size of each of Pebble's WAL files in dir.
+func logFileSizes(t *testing.T, dir string) map[string]int64 {
 	t.Helper()
-	var offs []int
-	for off := 0; off < len(data); {
-		offs = append(offs, off)
-		off += tailHeaderLen + int(binary.BigEndian.Uint32(data[off+4:])) + tailCRCLen
+	names, err := filepath.Glob(filepath.Join(dir, "*.log"))
+	if err != nil {
+		t.Fatal(err)
 	}
-	return offs
+	sizes := map[string]int64{}
+	for _, n := range names {
+		fi, err := os.Stat(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		sizes[filepath.Base(n)] = fi.Size()
+	}
+	return sizes
+}
+
+// frameOffsets returns where each frame of a tail log starts and where
+// the last one ends (a mapped tail's file goes on with zeros).
+func frameOffsets(t *testing.T, data []byte) (offs []int, end int) {
+	t.Helper()
+	for end < len(data) && string(data[end:end+4]) == tailMagic {
+		offs = append(offs, end)
+		end += tailHeaderLen + int(binary.BigEndian.Uint32(data[end+4:])) + tailCRCLen
+	}
+	return offs, end
 }
 
 func TestTailLogDamage(t *testing.T) {
@@ -165,7 +196,12 @@ func TestTailLogDamage(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if err := os.WriteFile(path, tc.damage(data, frameOffsets(t, data)), 0o600); err != nil {
+			offs, end := frameOffsets(t, data)
+			if len(offs) != 29 {
+				t.Fatalf("the tail log holds %d frames, want 29", len(offs))
+			}
+			// The cases edit a tail as written, ending at its last frame.
+			if err := os.WriteFile(path, tc.damage(data[:end], offs), 0o600); err != nil {
 				t.Fatal(err)
 			}
 			j, err := Open(Options{Dir: dir, Durability: WAL, Logger: testLogger(t)})
@@ -186,4 +222,81 @@ func TestTailLogDamage(t *testing.T) {
 			mustVerify(t, j, tc.wantHead)
 		})
 	}
+}
+
+// A mapped tail starts over in place: the frames written since lie before
+// older ones, which Pebble's WAL already has. Open takes the new run and
+// stops where it ends.
+func TestMappedTailStartsOverInPlace(t *testing.T) {
+	dir := t.TempDir()
+	j := openTest(t, dir, WAL)
+	if j.tail.mapped == nil {
+		t.Fatal("the tail log on the OS filesystem is not mapped")
+	}
+	appendN(t, j, "acme", 30)
+	if err := j.Put(context.Background(), "k", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		if err := j.Append(context.Background(), signRecord("acme", 100+i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	killed := snapshotDir(t, dir)
+	data, err := os.ReadFile(filepath.Join(killed, tailName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	run, end, err := parseTail(data, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fr, _, ok := frameAt(data[end:]); len(run) != 3 || !ok || fr.lastSeq > 30 {
+		t.Fatalf("after starting over: a run of %d frames, then a frame for seqs up to %d (ok %v); want 3 new frames before older ones",
+			len(run), fr.lastSeq, ok)
+	}
+	j2 := openTest(t, killed, WAL)
+	mustVerify(t, j2, 33)
+	if v, err := j2.Get("k"); err != nil || string(v) != "v" {
+		t.Fatalf("state after Open: %q, %v", v, err)
+	}
+}
+
+// A group that does not fit in the mapped tail waits for Pebble's WAL
+// instead, and the tail starts over after it.
+func TestMappedTailFull(t *testing.T) {
+	dir := t.TempDir()
+	j := openTest(t, dir, WAL)
+	appendN(t, j, "acme", 3)
+	j.tail.size = int64(len(j.tail.mapped)) - 50 // as if it had filled up
+	if err := j.Append(context.Background(), signRecord("acme", 4)); err != nil {
+		t.Fatal(err)
+	}
+	if j.tail.size != 0 {
+		t.Fatalf("tail log holds %d bytes after a full tail's commit, want 0", j.tail.size)
+	}
+	appendN(t, j, "acme", 2)
+	if head := openHeadOf(t, dir); head != 6 {
+		t.Fatalf("head after a kill: %d, want 6", head)
+	}
+}
+
+// The mapped tail truncated behind the journal's back: the append faults
+// (SIGBUS). The agent must not die of it; the commit fails, the journal
+// reopens, and the next append goes through.
+func TestMappedTailTruncated(t *testing.T) {
+	dir := t.TempDir()
+	j := openTest(t, dir, WAL)
+	appendN(t, j, "acme", 3)
+	if err := os.Truncate(filepath.Join(dir, tailName), 0); err != nil {
+		t.Fatal(err)
+	}
+	err := j.Append(context.Background(), signRecord("acme", 4))
+	if !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Append over a truncated tail: %v, want ErrUnavailable", err)
+	}
+	if err := j.Append(context.Background(), signRecord("acme", 5)); err != nil {
+		t.Fatalf("Append after the journal reopened: %v", err)
+	}
+	mustVerify(t, j, 4)
 }

@@ -1,0 +1,32 @@
+package journal
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+)
+
+// mapTail allocates the tail file's blocks, maps it shared and touches
+// every page, so that appends neither fault nor find the disk full.
+func mapTail(fd uintptr, size int) ([]byte, error) {
+	if fd == vfs.InvalidFd {
+		return nil, errors.New("the file has no descriptor")
+	}
+	if err := syscall.Fallocate(int(fd), 0, 0, int64(size)); err != nil {
+		return nil, fmt.Errorf("fallocate: %w", err)
+	}
+	m, err := syscall.Mmap(int(fd), 0, size, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("mmap: %w", err)
+	}
+	// A page's first write faults (about 14 µs on these VMs): pay it here
+	// for all of them rather than on appends.
+	for i := 0; i < len(m); i += syscall.Getpagesize() {
+		m[i] = 0
+	}
+	return m, nil
+}
+
+func unmapTail(m []byte) error { return syscall.Munmap(m) }
