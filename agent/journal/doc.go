@@ -65,9 +65,11 @@
 //
 // Two modes (Options.Durability, config names "wal" and "fsync"):
 //
-//   - WAL (default): Append returns after the commit group was written
-//     with write(2), without fsync, to the tail log and committed to Pebble,
-//     whose WAL writer writes it moments later. The record survives a
+//   - WAL (default): Append returns after the commit group was copied
+//     into the tail log's shared mapping (the kernel's page cache; written
+//     with write(2) when the journal is not on the OS filesystem), without
+//     fsync, and committed to Pebble, whose WAL writer writes it moments
+//     later. The record survives a
 //     killed or crashed agent (the kernel has it), not a power cut or
 //     kernel crash; Pebble's memtable flushes (every ~16 MiB of records)
 //     and Close fsync what came before.
@@ -76,8 +78,8 @@
 //
 // Neither of Pebble's write options gives the WAL mode cheaply. With
 // pebble.NoSync a commit returns once the batch is in the WAL writer's
-// in-process 32 KiB buffer, which reaches the file only when it fills or a
-// sync is requested: measured with TestKilledProcessKeepsConfirmedRecords,
+// in-process 32 KiB buffer, which the writer goroutine writes to the file
+// when it next runs: measured with TestKilledProcessKeepsConfirmedRecords,
 // a SIGKILL lost 37 to 78 records whose Append had returned. With
 // pebble.Sync over a filesystem whose WAL sync is a no-op (vfs.go, still
 // what Fsync mode and every waited commit use) the commit waits for the

@@ -14,9 +14,9 @@ import (
 //
 // Pebble's WriteOptions offer two behaviours. With pebble.NoSync a commit
 // returns once the batch is copied into the WAL writer's in-process 32 KiB
-// block buffer, and the flush goroutine writes that block to the file only
-// when the block fills or someone asks for a sync (record/log_writer.go,
-// v2.1.7); `wal` mode makes such commits kill-safe with its tail log
+// block buffer, and the flush goroutine writes what is new to the file when
+// it next runs (record/log_writer.go, flushLoop, v2.1.7): a SIGKILL before
+// then loses it. `wal` mode makes such commits kill-safe with its tail log
 // (tail.go). With pebble.Sync the commit waits for write(2) and then
 // fsync. Commits that wait (every commit in `fsync` mode; in `wal` mode
 // the head checkpoint, state changes, prunes and Close) use pebble.Sync,
