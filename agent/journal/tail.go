@@ -8,7 +8,6 @@ import (
 	"hash/crc32"
 	"io"
 	"os"
-	"runtime"
 	"runtime/debug"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -163,21 +162,29 @@ func putFrame(frame, batch []byte, firstSeq, lastSeq uint64, prev, last [32]byte
 	binary.BigEndian.PutUint32(frame[n-tailCRCLen:], crc32.Checksum(frame[:n-tailCRCLen], crc32c))
 }
 
-// copyFrame puts a frame into the mapping. A fault while doing so (the
-// file truncated behind the journal's back, an I/O error reading a page
-// in) is a SIGBUS, which would end the process; here it is an error.
-func copyFrame(dst, batch []byte, firstSeq, lastSeq uint64, prev, last [32]byte) (err error) {
+// copyFrame puts a frame into the mapping.
+func copyFrame(dst, batch []byte, firstSeq, lastSeq uint64, prev, last [32]byte) error {
+	return faultsAsErrors(func() { putFrame(dst, batch, firstSeq, lastSeq, prev, last) })
+}
+
+// faultsAsErrors runs f, which touches the tail's mapping. A fault there
+// (the file truncated behind the journal's back, an I/O error reading a
+// page in) is a SIGBUS, which would end the process; here it is an error.
+func faultsAsErrors(f func()) (err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer func() {
 		if p := recover(); p != nil {
-			if re, ok := p.(runtime.Error); ok {
-				err = re
-				return
+			fault, ok := p.(interface {
+				error
+				Addr() uintptr // a memory fault's panic (debug.SetPanicOnFault)
+			})
+			if !ok {
+				panic(p)
 			}
-			panic(p)
+			err = fault
 		}
 	}()
-	putFrame(dst, batch, firstSeq, lastSeq, prev, last)
+	f()
 	return nil
 }
 

@@ -23,8 +23,14 @@ func mapTail(fd uintptr, size int) ([]byte, error) {
 	}
 	// A page's first write faults (about 14 µs on these VMs): pay it here
 	// for all of them rather than on appends.
-	for i := 0; i < len(m); i += syscall.Getpagesize() {
-		m[i] = 0
+	err = faultsAsErrors(func() {
+		for i := 0; i < len(m); i += syscall.Getpagesize() {
+			m[i] = 0
+		}
+	})
+	if err != nil {
+		_ = syscall.Munmap(m)
+		return nil, fmt.Errorf("touch the mapping: %w", err)
 	}
 	return m, nil
 }
