@@ -3,6 +3,7 @@ package agent_test
 import (
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -12,6 +13,9 @@ import (
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest"
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/journal"
@@ -275,4 +279,109 @@ func TestDailyQuotaSurvivesRestart(t *testing.T) {
 	})
 	// 3 released + 2 allowed and failed = 5 of 6: one more, then none.
 	expectOneLeft("failed requests counted, refusals not")
+}
+
+// Fail closed at start: an agent that cannot read its stored pauses, or
+// the counts behind today's quotas, does not start, since it could not
+// tell which slots may sign or how much. The reads fail once the journal
+// is open (the disk failing under the agent's state, not under Pebble's
+// own start-up).
+func TestAgentRefusesToStartWithoutItsState(t *testing.T) {
+	cases := []struct {
+		name    string
+		policy  string
+		prepare func(c, admin *client.Client) error
+		// minTable: only tables of at least this size fail. The journal
+		// keeps state keys in small tables of their own and records in
+		// large ones (its span policy), so 64 KiB fails the records only.
+		minTable int64
+		want     string
+		// after: what the next signature gets once the disk reads again.
+		after proto.Code
+	}{
+		{"stored pauses", pausePolicy(true), func(_, admin *client.Client) error {
+			_, err := admin.Pause(context.Background(), "payments/release")
+			return err
+		}, 0, "stored pauses", proto.Paused},
+		{"today's records", strings.Replace(pausePolicy(true), "{name: release, key: default}",
+			"{name: release, key: default, policy: {daily_quota: 3}}", 1), func(c, _ *client.Client) error {
+			return releaseSigner("quota")(c)
+		}, 64 << 10, "daily quotas", proto.OK},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := pauseConfig(t)
+			if err := os.WriteFile(cfg.Policy, []byte(tc.policy), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			agentLifetime(t, cfg, func(c, admin *client.Client) {
+				if err := tc.prepare(c, admin); err != nil {
+					t.Fatal(err)
+				}
+			})
+
+			flushJournalState(t, filepath.Join(cfg.DataDir, "journal"))
+
+			faults := sstableReadFaults(tc.minTable)
+			log := zaptest.NewLogger(t, zaptest.Level(zap.InfoLevel), zaptest.WrapOptions(zap.Hooks(func(e zapcore.Entry) error {
+				if e.Message == "audit journal open" {
+					faults.On()
+				}
+				return nil
+			})))
+			a, err := agent.New(context.Background(), cfg, log, agent.WithJournalFS(errorfs.Wrap(vfs.Default, faults)))
+			if err == nil {
+				_ = a.Shutdown(context.Background())
+				t.Fatal("the agent started without reading its state")
+			}
+			if !strings.Contains(err.Error(), tc.want) || !errors.Is(err, errorfs.ErrInjected) {
+				t.Fatalf("agent.New: %v, want a refusal naming %q caused by the read fault", err, tc.want)
+			}
+
+			// The state is still there for an agent whose disk reads again.
+			agentLifetime(t, cfg, func(c, _ *client.Client) {
+				if err := releaseSigner("quota")(c); client.Code(err) != tc.after {
+					t.Fatalf("after the fault: %v, want %v", err, tc.after)
+				}
+			})
+		})
+	}
+}
+
+// sstableReadFaults fails every read of a Pebble table of at least
+// minSize bytes while it is on.
+func sstableReadFaults(minSize int64) *errorfs.Toggle {
+	return &errorfs.Toggle{Injector: errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if op.Kind.ReadOrWrite() != errorfs.OpIsRead || !strings.HasSuffix(op.Path, ".sst") {
+			return nil
+		}
+		if fi, err := os.Stat(op.Path); err == nil && fi.Size() >= minSize {
+			return errorfs.ErrInjected
+		}
+		return nil
+	})}
+}
+
+// flushJournalState appends records of another tenant to the stopped
+// agent's journal through a small memtable until what the agent stored is
+// in Pebble's tables, where reads reach the disk (the last memtable's
+// writes are replayed into memory at open and never read from a file).
+func flushJournalState(t *testing.T, dir string) {
+	t.Helper()
+	j, err := journal.Open(journal.Options{Dir: dir, MemTableSize: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 8000; i++ {
+		r := journal.Record{Tenant: "filler", Slot: "filler/k", Op: "sign", Peer: "test"}
+		if err := j.Append(context.Background(), &r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if tables, _ := filepath.Glob(filepath.Join(dir, "*.sst")); len(tables) == 0 {
+		t.Fatal("no Pebble table after filling the memtable")
+	}
 }
