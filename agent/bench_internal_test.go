@@ -4,6 +4,7 @@ import (
 	"context"
 	"net"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -74,5 +75,33 @@ func benchRequestPath(b *testing.B, journalMode string) {
 			b.Fatal(resp.Msg)
 		}
 		out, _ = codec.AppendResponseFrame(out[:0], &resp)
+	}
+}
+
+// BenchmarkIdleDeadline is what limits.idle_timeout adds per request: the
+// read deadline armed before waiting for the next frame and cleared once it
+// is in (waitFrame), on a Unix socket.
+func BenchmarkIdleDeadline(b *testing.B) {
+	ln, err := ListenUnix(b.TempDir() + "/s")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			defer c.Close()
+			var one [1]byte
+			_, _ = c.Read(one[:])
+		}
+	}()
+	nc, err := net.Dial("unix", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer nc.Close()
+	c := &conn{nc: nc}
+	for b.Loop() {
+		c.setReadDeadline(time.Now().Add(5 * time.Minute))
+		c.setReadDeadline(time.Time{})
 	}
 }
