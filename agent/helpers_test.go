@@ -211,8 +211,14 @@ func agentLifetime(t *testing.T, cfg agent.Config, f func(c, admin *client.Clien
 // writeFaults fails every write through the journal's filesystem while it
 // is on (toggle.On), as a failing disk would.
 func writeFaults() *errorfs.Toggle {
+	return faultsWhere(func(op errorfs.Op) bool { return op.Kind.ReadOrWrite() == errorfs.OpIsWrite })
+}
+
+// faultsWhere fails the filesystem operations fails picks while the
+// toggle is on.
+func faultsWhere(fails func(op errorfs.Op) bool) *errorfs.Toggle {
 	return &errorfs.Toggle{Injector: errorfs.InjectorFunc(func(op errorfs.Op) error {
-		if op.Kind.ReadOrWrite() == errorfs.OpIsWrite {
+		if fails(op) {
 			return errorfs.ErrInjected
 		}
 		return nil

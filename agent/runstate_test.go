@@ -351,15 +351,13 @@ func TestAgentRefusesToStartWithoutItsState(t *testing.T) {
 // sstableReadFaults fails every read of a Pebble table of at least
 // minSize bytes while it is on.
 func sstableReadFaults(minSize int64) *errorfs.Toggle {
-	return &errorfs.Toggle{Injector: errorfs.InjectorFunc(func(op errorfs.Op) error {
+	return faultsWhere(func(op errorfs.Op) bool {
 		if op.Kind.ReadOrWrite() != errorfs.OpIsRead || !strings.HasSuffix(op.Path, ".sst") {
-			return nil
+			return false
 		}
-		if fi, err := os.Stat(op.Path); err == nil && fi.Size() >= minSize {
-			return errorfs.ErrInjected
-		}
-		return nil
-	})}
+		fi, err := os.Stat(op.Path)
+		return err == nil && fi.Size() >= minSize
+	})
 }
 
 // flushJournalState appends records of another tenant to the stopped
