@@ -1,8 +1,10 @@
 // Package bench is Sigil's latency harness: it drives concurrent workers
 // against signing scenarios (the in-process floor, the agent over its Unix
-// socket and TCP, p11-kit, software keys), measures every signature, and
-// reports percentiles, throughput, CPU per signature, the goal ratios of issue
-// 3 and SLO violations, as a Markdown table, JSON and an SVG latency CDF.
+// socket and TCP, p11-kit, the PKCS#11 front, software keys), measures every
+// signature, and reports percentiles, throughput, CPU per signature, the goal
+// ratios (the agent's against the floor and p11-kit, the journal's cost, the
+// front's against p11-kit) and SLO violations, as a Markdown table, JSON and
+// an SVG latency CDF.
 //
 // The package knows nothing of PKCS#11, the agent or the wire protocol: a
 // Scenario is a name, a key label and a function that opens a worker. The

@@ -72,8 +72,9 @@ func (r *Report) Skipped() []Result {
 	return out
 }
 
-// Names of the ratios of issue 3; each is the first-named figure divided by
-// the second, ECDSA P-256, same run.
+// Names of the goal ratios (issue 3's, the journal's of issue 5 and the
+// PKCS#11 front's of issue 8); each is the first-named figure divided by the
+// second, ECDSA P-256, same run.
 const (
 	RatioAgentVsDirectP50    = "agent_vs_direct_p50"    // agent-unix p50 @1 / direct p50 @1
 	RatioAgentVsDirectOpsG8  = "agent_vs_direct_ops_g8" // agent-unix ops/s @8 / direct ops/s @8
@@ -85,6 +86,8 @@ const (
 	RatioFsyncVsOffOpsG8     = "journal_fsync_vs_off_ops_g8"   // software-fsync ops/s @8 / software-nojournal ops/s @8 (reported)
 	RatioJournalHSMOpsG8     = "journal_wal_vs_off_hsm_ops_g8" // agent-unix ops/s @8 / agent-unix-nojournal ops/s @8 (reported)
 	RatioPolicyVsNoneOpsG8   = "policy_vs_none_ops_g8"         // software-policy ops/s @8 / software ops/s @8
+	RatioFrontVsP11KitOpsG8  = "front_vs_p11kit_ops_g8"        // pkcs11-front ops/s @8 / p11kit ops/s @8
+	RatioFrontVsP11KitP50    = "front_vs_p11kit_p50"           // pkcs11-front p50 @1 / p11kit p50 @1
 )
 
 type ratioDef struct {
@@ -106,9 +109,11 @@ var ratioDefs = []ratioDef{
 	{name: RatioFsyncVsOffOpsG8, num: ScenarioSoftwareFsync, den: ScenarioSoftwareNoJournal, conns: 8, ops: true},
 	{name: RatioJournalHSMOpsG8, num: ScenarioAgentUnix, den: ScenarioAgentNoJournal, conns: 8, ops: true},
 	{name: RatioPolicyVsNoneOpsG8, num: ScenarioSoftwarePolicy, den: ScenarioSoftware, conns: 8, ops: true, goal: 0.95},
+	{name: RatioFrontVsP11KitOpsG8, num: ScenarioPKCS11Front, den: ScenarioP11Kit, conns: 8, ops: true, goal: 2.5},
+	{name: RatioFrontVsP11KitP50, num: ScenarioPKCS11Front, den: ScenarioP11Kit, conns: 1, goal: 0.5, atMost: true},
 }
 
-// ComputeRatios fills Ratios with the goal ratios of issue 3 on ECDSA P-256.
+// ComputeRatios fills Ratios with the goal ratios on ECDSA P-256.
 // A ratio whose inputs did not run (missing, skipped, every op failed, or a
 // zero divisor) is left out rather than reported as 0 or infinity.
 func (r *Report) ComputeRatios() {
@@ -129,7 +134,7 @@ func (r *Report) ComputeRatios() {
 	}
 }
 
-// A Goal is one target of issue 3 and how this report stands against it.
+// A Goal is one target and how this report stands against it.
 type Goal struct {
 	Name     string  `json:"name"`  // a Ratio* or Goal* constant
 	Text     string  `json:"goal"`  // e.g. "≤ 1.3"
@@ -163,7 +168,7 @@ func (g Goal) status() string {
 	}
 }
 
-// Goals evaluates the goals of issue 3 against Ratios (call ComputeRatios
+// Goals evaluates the goals against Ratios (call ComputeRatios
 // first on a hand-built report) and the software Ed25519 throughput.
 func (r *Report) Goals() []Goal {
 	goals := make([]Goal, 0, len(ratioDefs)+1)
@@ -201,6 +206,8 @@ var goalDescriptions = map[string]string{
 	RatioFsyncVsOffOpsG8:     "software ops/s with the journal in fsync mode ÷ without, 8 conns",
 	RatioJournalHSMOpsG8:     "SoftHSM2 ops/s with the journal (wal) ÷ without (agent-unix ÷ agent-unix-nojournal), 8 conns",
 	RatioPolicyVsNoneOpsG8:   "software ops/s with every policy rule on ÷ without a policy, 8 conns",
+	RatioFrontVsP11KitOpsG8:  "pkcs11-front ops/s ÷ p11kit ops/s, 8 conns",
+	RatioFrontVsP11KitP50:    "pkcs11-front p50 ÷ p11kit p50, 1 conn",
 }
 
 // Markdown writes the results table, then the goals with their status, then

@@ -33,6 +33,8 @@ func handBuiltReport() *Report {
 	add("agent-tcp", "ecdsa-p256", 1, 105, 8000)
 	add("p11kit", "ecdsa-p256", 1, 349, 2900)
 	add("p11kit", "ecdsa-p256", 8, 1800, 4400)
+	add("pkcs11-front", "ecdsa-p256", 1, 160, 6000)
+	add("pkcs11-front", "ecdsa-p256", 8, 450, 10000)
 	add("software", "ed25519", 8, 150, 52000)
 	add("software", "ecdsa-p256", 8, 300, 19000)
 	add("software-nojournal", "ecdsa-p256", 8, 280, 20000)
@@ -59,6 +61,8 @@ func TestComputeRatios(t *testing.T) {
 		RatioFsyncVsOffOpsG8:    8000.0 / 20000,
 		RatioJournalHSMOpsG8:    15400.0 / 16500,
 		RatioPolicyVsNoneOpsG8:  18500.0 / 19000,
+		RatioFrontVsP11KitOpsG8: 10000.0 / 4400,
+		RatioFrontVsP11KitP50:   160.0 / 349,
 	}
 	if len(r.Ratios) != len(want) {
 		t.Errorf("ratios %v, want %v", r.Ratios, want)
@@ -75,7 +79,9 @@ func TestComputeRatios(t *testing.T) {
 		absent []string
 	}{
 		{"no p11kit", func(r *Report) { r.Results = without(r.Results, "p11kit") },
-			[]string{RatioP11KitVsAgentP50, RatioAgentVsP11KitOpsG8}},
+			[]string{RatioP11KitVsAgentP50, RatioAgentVsP11KitOpsG8, RatioFrontVsP11KitOpsG8, RatioFrontVsP11KitP50}},
+		{"front skipped", func(r *Report) { setErr(r, "pkcs11-front", "libsigil-pkcs11.so not found") },
+			[]string{RatioFrontVsP11KitOpsG8, RatioFrontVsP11KitP50}},
 		{"no direct", func(r *Report) { r.Results = without(r.Results, "direct") },
 			[]string{RatioAgentVsDirectP50, RatioAgentVsDirectOpsG8}},
 		{"agent skipped", func(r *Report) { setErr(r, "agent-unix", "dial: refused") },
@@ -143,6 +149,8 @@ func TestGoals(t *testing.T) {
 		RatioFsyncVsOffOpsG8:     true,  // reported, no goal
 		RatioJournalHSMOpsG8:     true,  // reported, no goal
 		RatioPolicyVsNoneOpsG8:   true,  // 0.974 ≥ 0.95
+		RatioFrontVsP11KitOpsG8:  false, // 2.27 < 2.5
+		RatioFrontVsP11KitP50:    true,  // 0.458 ≤ 0.5
 	}
 	for k, v := range want {
 		if met[k] != v {
@@ -179,6 +187,8 @@ func TestMarkdown(t *testing.T) {
 		"- agent_vs_p11kit_ops_g8 (agent-unix ops/s ÷ p11kit ops/s, 8 conns): 3.50, goal ≥ 3: met",
 		"- tcp_vs_unix_p50 (agent-tcp p50 ÷ agent-unix p50, 1 conn): 1.25, goal ≤ 1.2: NOT met",
 		"- software_ed25519_ops_g8 (software Ed25519 ops/s, 8 conns): 52000, goal ≥ 40000: met",
+		"- front_vs_p11kit_ops_g8 (pkcs11-front ops/s ÷ p11kit ops/s, 8 conns): 2.27, goal ≥ 2.5: NOT met",
+		"- front_vs_p11kit_p50 (pkcs11-front p50 ÷ p11kit p50, 1 conn): 0.46, goal ≤ 0.5: met",
 		"| agent-tcp | ecdsa-p256 | 8 | – | – | – | – | – | – | not run |",
 		"| agent-unix | ed25519 | 1 | – | – | – | – | 0 | – | 900 (all failed) |",
 		"- agent-tcp/ecdsa-p256@8: not run: open worker 1 of 8: dial tcp: connection refused",
@@ -234,10 +244,10 @@ func TestWriteJSON(t *testing.T) {
 	if _, ok := first["error"]; ok {
 		t.Error("empty error written")
 	}
-	if len(got.Ratios) != 9 || got.Ratios[RatioAgentVsDirectP50] == 0 {
+	if len(got.Ratios) != len(ratioDefs) || got.Ratios[RatioAgentVsDirectP50] == 0 {
 		t.Errorf("ratios %v", got.Ratios)
 	}
-	if got.Machine["cores"] != 2.0 || got.Options["duration"] != "2s" || len(got.Goals) != 10 {
+	if got.Machine["cores"] != 2.0 || got.Options["duration"] != "2s" || len(got.Goals) != len(ratioDefs)+1 {
 		t.Errorf("machine %v options %v goals %v", got.Machine, got.Options, got.Goals)
 	}
 

@@ -63,13 +63,14 @@ func TestWriteSVG(t *testing.T) {
 		polylines int
 		contains  []string
 	}{
-		// At 1: direct, agent-unix, agent-tcp, p11kit on ECDSA and agent-unix
-		// on RSA; agent-unix Ed25519 failed every op and is named instead.
-		{1, 5, []string{"1 connection<", "10µs", "100µs", "1ms", "agent-unix / rsa-2048",
+		// At 1: direct, agent-unix, agent-tcp, p11kit, pkcs11-front on ECDSA
+		// and agent-unix on RSA; agent-unix Ed25519 failed every op and is
+		// named instead.
+		{1, 6, []string{"1 connection<", "10µs", "100µs", "1ms", "agent-unix / rsa-2048",
 			"not plotted: agent-unix/ed25519: every op failed"}},
 		// At 8 also software on ECDSA and its three variants, and agent-unix
 		// without its journal.
-		{8, 9, []string{"8 connections<", "software / ed25519", "not plotted: agent-tcp/ecdsa-p256: not run: open worker 1 of 8"}},
+		{8, 10, []string{"8 connections<", "software / ed25519", "not plotted: agent-tcp/ecdsa-p256: not run: open worker 1 of 8"}},
 		{64, 0, []string{"no data at this connection count"}},
 	}
 	for _, tt := range tests {
