@@ -437,6 +437,8 @@ func TestConfigValidation(t *testing.T) {
 		{"rotation calendar too short", "rotation: {calendars: {payments/release: {period: 5m}}}\n", "rotation.calendars[payments/release]"},
 		{"rotation calendar bad date", "rotation: {calendars: {payments/release: {dates: [tomorrow]}}}\n", "rotation.calendars[payments/release]"},
 		{"negative limit", "limits: {max_conns: -1}\n", "max_conns"},
+		{"negative gc percent", "runtime: {gc_percent: -1}\n", "runtime.gc_percent -1"},
+		{"gc percent too high", "runtime: {gc_percent: 20000}\n", "runtime.gc_percent 20000"},
 		{"journal retention too short", "journal: {retention: 30s}\n", "journal.retention 30s"},
 		{"too many module instances", "providers:\n  - {id: h, type: pkcs11, module: /x.so, pin_env: P, module_instances: 17, keys: [{name: k, uri: 'pkcs11:object=k'}]}\n", "module_instances 17"},
 	}

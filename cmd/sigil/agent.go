@@ -7,6 +7,8 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"runtime/debug"
+	"strconv"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -72,6 +74,8 @@ func runAgent(cfg agent.Config) error {
 		return &exitError{exitUsage, err}
 	}
 	defer log.Sync()
+	gcPercent, gcFrom := setGCPercent(cfg.Runtime.GCPercent, os.Getenv("GOGC"), debug.SetGCPercent)
+	log.Info("garbage collector", zap.String("gc_percent", gcPercent), zap.String("from", gcFrom))
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -222,4 +226,16 @@ func newLogger(lc agent.LogConfig) (*zap.Logger, error) {
 	zc.Level = zap.NewAtomicLevelAt(level)
 	zc.OutputPaths = []string{"stderr"}
 	return zc.Build()
+}
+
+// setGCPercent applies the config's garbage-collection target through set
+// (debug.SetGCPercent) unless GOGC is in the environment: the runtime has
+// read an operator's GOGC at start, and it wins. It returns the target now
+// in force and where it came from, for the log.
+func setGCPercent(configured int, gogc string, set func(int) int) (percent, from string) {
+	if gogc != "" {
+		return gogc, "GOGC"
+	}
+	set(configured)
+	return strconv.Itoa(configured), "runtime.gc_percent"
 }

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestSetGCPercent(t *testing.T) {
+	cases := []struct {
+		name       string
+		configured int
+		gogc       string
+		wantSet    int // 0: set must not be called
+		wantValue  string
+		wantFrom   string
+	}{
+		{"config applies", 400, "", 400, "400", "runtime.gc_percent"},
+		{"GOGC wins", 400, "150", 0, "150", "GOGC"},
+		{"GOGC off wins", 400, "off", 0, "off", "GOGC"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			got := 0
+			value, from := setGCPercent(tc.configured, tc.gogc, func(p int) int { got = p; return 100 })
+			if got != tc.wantSet || value != tc.wantValue || from != tc.wantFrom {
+				t.Fatalf("set %d, (%q, %q); want set %d, (%q, %q)", got, value, from, tc.wantSet, tc.wantValue, tc.wantFrom)
+			}
+		})
+	}
+}
+
+// The agent binary runs its collector at runtime.gc_percent, and an
+// operator's GOGC wins: what the Go runtime reports on /metrics.
+func TestAgentGCPercentInForce(t *testing.T) {
+	bin := buildSigil(t)
+	cases := []struct {
+		name   string
+		config string
+		env    []string
+		want   string
+	}{
+		{"no runtime section", "", nil, "go_gc_gogc_percent 400"},
+		{"from the config", "runtime: {gc_percent: 250}\n", nil, "go_gc_gogc_percent 250"},
+		{"GOGC wins", "runtime: {gc_percent: 250}\n", []string{"GOGC=150"}, "go_gc_gogc_percent 150"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			addr := freeLoopbackAddr(t)
+			config := filepath.Join(dir, "sigil.yaml")
+			err := os.WriteFile(config, []byte(fmt.Sprintf(`data_dir: %s
+admin_http: {listen: %q}
+%sproviders:
+  - id: soft
+    type: software
+    keys: [{name: ed, type: ed25519}]
+`, filepath.Join(dir, "state"), addr, tc.config)), 0o600)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sockDir, _ := os.MkdirTemp("", "sigil-gc")
+			t.Cleanup(func() { os.RemoveAll(sockDir) })
+			var stderr bytes.Buffer
+			cmd := exec.Command(bin, "agent", "--config", config, "--socket", filepath.Join(sockDir, "agent.sock"))
+			cmd.Env = append(withoutEnv(os.Environ(), "GOGC"), tc.env...)
+			cmd.Stderr = &stderr
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+			(&agentProcess{cmd: cmd, stderr: &stderr, socket: filepath.Join(sockDir, "agent.sock")}).waitReady(t)
+			resp, err := http.Get("http://" + addr + "/metrics")
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if !strings.Contains(string(body), "\n"+tc.want+"\n") {
+				t.Fatalf("/metrics lacks %q; the agent logged:\n%s", tc.want, stderr.String())
+			}
+		})
+	}
+}
+
+func freeLoopbackAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func withoutEnv(env []string, name string) []string {
+	out := env[:0:0]
+	for _, kv := range env {
+		if !strings.HasPrefix(kv, name+"=") {
+			out = append(out, kv)
+		}
+	}
+	return out
+}
