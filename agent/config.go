@@ -82,16 +82,17 @@ type LogConfig struct {
 // runtime.gc_percent nor GOGC names one. Go's own default (100) collects
 // about 50 times a second at 8 busy connections with software ECDSA keys,
 // whose signing allocates about 7 KB a signature over a live heap of 3 MB;
-// 400 gives 10-15% more signatures per second for about 12 MB more memory
-// (docs/performance.md, "The garbage collector").
+// 400 gave those keys 8-17% more signatures per second for about 12 MB more
+// memory (docs/performance.md, "The garbage collector").
 const DefaultGCPercent = 400
 
 // RuntimeConfig tunes the Go runtime the agent runs on.
 type RuntimeConfig struct {
 	// GCPercent is the garbage collector's target, as GOGC: the heap may
 	// grow this many percent over the live heap before a collection.
-	// Default DefaultGCPercent. GOGC in the agent's environment, when set,
-	// wins over it, as does GOMEMLIMIT for a memory limit.
+	// Default DefaultGCPercent. Applied at start (a reload does not change
+	// it). GOGC in the agent's environment, when set, wins over it;
+	// GOMEMLIMIT sets a memory limit as for any Go program.
 	GCPercent int `yaml:"gc_percent"`
 }
 
