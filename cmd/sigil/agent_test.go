@@ -90,6 +90,17 @@ admin_http: {listen: %q}
 	}
 }
 
+func TestAgentGCTargetInBenchDoc(t *testing.T) {
+	for gogc, want := range map[string]string{
+		"":    "400 (runtime.gc_percent, the default)",
+		"100": "GOGC=100 from the environment",
+	} {
+		if got := agentGCTarget(gogc); got != want {
+			t.Errorf("agentGCTarget(%q) = %q, want %q", gogc, got, want)
+		}
+	}
+}
+
 func freeLoopbackAddr(t *testing.T) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")

@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/bench"
 )
 
@@ -196,6 +197,7 @@ func writeReportFiles(r *bench.Report, jsonPath, svgPath, docPath string, argv [
 	fmt.Fprintf(&b, "# Benchmarks\n\nWritten by `sigil bench --doc` on %s. Regenerate with `make bench-full`.\n\n", r.Started.UTC().Format("2006-01-02 15:04 MST"))
 	fmt.Fprintf(&b, "## Machine and versions\n\n- %d cores, %s, Linux %s, %s %s/%s\n", m.Cores, m.CPUModel, m.Kernel, m.GoVersion, m.OS, m.Arch)
 	fmt.Fprintf(&b, "- SoftHSM2 %s, p11-kit %s\n", toolVersion("softhsm2-util", "--version"), toolVersion("p11-kit", "--version"))
+	fmt.Fprintf(&b, "- the agents' garbage-collection target: %s\n", agentGCTarget(os.Getenv("GOGC")))
 	fmt.Fprintf(&b, "- command: `%s`\n", strings.Join(append([]string{"sigil"}, argv[1:]...), " "))
 	fmt.Fprintf(&b, "- %d reps of %v after %v warm-up, scenarios interleaved rep by rep; figures are medians over reps\n\n", r.Reps, r.Duration, r.Warmup)
 	b.WriteString("What limits each goal, and what was tried, is in [performance.md](performance.md).\n\n## Results\n\n")
@@ -207,6 +209,17 @@ func writeReportFiles(r *bench.Report, jsonPath, svgPath, docPath string, argv [
 		fmt.Fprintf(&b, "%d connection(s):\n\n![latency CDF, %d connections](%s)\n\n", r.Conns[i], r.Conns[i], s)
 	}
 	return os.WriteFile(docPath, b.Bytes(), 0o644)
+}
+
+// agentGCTarget says which GC target the bench's agents ran at: they
+// inherit the bench's environment, so a GOGC there overrides their default
+// and changes the software rows (docs/performance.md, "The garbage
+// collector").
+func agentGCTarget(gogc string) string {
+	if gogc != "" {
+		return "GOGC=" + gogc + " from the environment"
+	}
+	return strconv.Itoa(agent.DefaultGCPercent) + " (runtime.gc_percent, the default)"
 }
 
 func writeSVG(r *bench.Report, path string, conns int) error {
