@@ -80,7 +80,7 @@ type LogConfig struct {
 
 // DefaultGCPercent is the agent's garbage-collection target when neither
 // runtime.gc_percent nor GOGC names one. Go's own default (100) collects
-// about 50 times a second at 8 busy connections with software ECDSA keys,
+// about 40 times a second at 8 busy connections with software ECDSA keys,
 // whose signing allocates about 7 KB a signature over a live heap of 3 MB;
 // 400 gave those keys 8-17% more signatures per second for about 12 MB more
 // memory (docs/performance.md, "The garbage collector").
