@@ -1,14 +1,13 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -68,15 +67,9 @@ admin_http: {listen: %q}
 			}
 			sockDir, _ := os.MkdirTemp("", "sigil-gc")
 			t.Cleanup(func() { os.RemoveAll(sockDir) })
-			var stderr bytes.Buffer
-			cmd := exec.Command(bin, "agent", "--config", config, "--socket", filepath.Join(sockDir, "agent.sock"))
-			cmd.Env = append(withoutEnv(os.Environ(), "GOGC"), tc.env...)
-			cmd.Stderr = &stderr
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-			(&agentProcess{cmd: cmd, stderr: &stderr, socket: filepath.Join(sockDir, "agent.sock")}).waitReady(t)
+			env := append(withoutEnv(os.Environ(), "GOGC"), tc.env...)
+			agent := startAgentProcessEnv(t, bin, config, filepath.Join(sockDir, "agent.sock"), env)
+			agent.waitReady(t)
 			resp, err := http.Get("http://" + addr + "/metrics")
 			if err != nil {
 				t.Fatal(err)
@@ -84,7 +77,7 @@ admin_http: {listen: %q}
 			body, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			if !strings.Contains(string(body), "\n"+tc.want+"\n") {
-				t.Fatalf("/metrics lacks %q; the agent logged:\n%s", tc.want, stderr.String())
+				t.Fatalf("/metrics lacks %q; the agent logged:\n%s", tc.want, agent.stderr.String())
 			}
 		})
 	}
@@ -111,10 +104,11 @@ func freeLoopbackAddr(t *testing.T) string {
 	return l.Addr().String()
 }
 
-func withoutEnv(env []string, name string) []string {
+// withoutEnv is env less the variables names.
+func withoutEnv(env []string, names ...string) []string {
 	out := env[:0:0]
 	for _, kv := range env {
-		if !strings.HasPrefix(kv, name+"=") {
+		if !slices.Contains(names, strings.SplitN(kv, "=", 2)[0]) {
 			out = append(out, kv)
 		}
 	}

@@ -55,8 +55,16 @@ type agentProcess struct {
 
 func startAgentProcess(t *testing.T, bin, config, socket string) *agentProcess {
 	t.Helper()
+	return startAgentProcessEnv(t, bin, config, socket, nil)
+}
+
+// startAgentProcessEnv starts the agent with env as its whole environment
+// (nil: this process's).
+func startAgentProcessEnv(t *testing.T, bin, config, socket string, env []string) *agentProcess {
+	t.Helper()
 	var stderr bytes.Buffer
 	cmd := exec.Command(bin, "agent", "--config", config, "--socket", socket)
+	cmd.Env = env
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -67,14 +67,7 @@ func TestSystemdSocketActivation(t *testing.T) {
 		}
 	}()
 
-	var env []string
-	for _, kv := range os.Environ() {
-		switch strings.SplitN(kv, "=", 2)[0] {
-		case "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "SIGIL_SOCK":
-			continue
-		}
-		env = append(env, kv)
-	}
+	env := withoutEnv(os.Environ(), "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "SIGIL_SOCK")
 	env = append(env, "LISTEN_FDS=2", "LISTEN_FDNAMES=client:admin",
 		"NOTIFY_SOCKET="+notifyPath, "WATCHDOG_USEC=400000")
 	// LISTEN_PID must be the agent's own pid, known only once it runs: the
