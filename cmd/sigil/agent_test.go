@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestSetGCPercent(t *testing.T) {
@@ -70,12 +71,7 @@ admin_http: {listen: %q}
 			env := append(withoutEnv(os.Environ(), "GOGC"), tc.env...)
 			agent := startAgentProcessEnv(t, bin, config, filepath.Join(sockDir, "agent.sock"), env)
 			agent.waitReady(t)
-			resp, err := http.Get("http://" + addr + "/metrics")
-			if err != nil {
-				t.Fatal(err)
-			}
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
+			body := getOnceUp(t, "http://"+addr+"/metrics")
 			if !strings.Contains(string(body), "\n"+tc.want+"\n") {
 				t.Fatalf("/metrics lacks %q; the agent logged:\n%s", tc.want, agent.stderr.String())
 			}
@@ -91,6 +87,29 @@ func TestAgentGCTargetInBenchDoc(t *testing.T) {
 		if got := agentGCTarget(gogc); got != want {
 			t.Errorf("agentGCTarget(%q) = %q, want %q", gogc, got, want)
 		}
+	}
+}
+
+// getOnceUp GETs url, retrying while nothing listens there yet: the agent
+// opens its admin HTTP listener after its socket, so a ready socket does
+// not mean /metrics answers.
+func getOnceUp(t *testing.T, url string) []byte {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		resp, err := http.Get(url)
+		if err == nil {
+			defer resp.Body.Close()
+			body, err := io.ReadAll(resp.Body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			return body
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 
