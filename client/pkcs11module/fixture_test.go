@@ -267,6 +267,7 @@ type fakeAgent struct {
 	ln     net.Listener
 	keys   []fakeKey
 	code   atomic.Uint32 // what Sign answers; OK signs
+	silent atomic.Bool   // Sign requests are read and never answered
 	ops    [32]atomic.Int64
 	conns  atomic.Int64
 	mu     sync.Mutex
@@ -362,6 +363,9 @@ func (f *fakeAgent) handle(nc net.Conn) {
 		}
 		if int(req.Op) < len(f.ops) {
 			f.ops[req.Op].Add(1)
+		}
+		if req.Op == proto.OpSign && f.silent.Load() {
+			continue // a hung agent: the connection stays open, unanswered
 		}
 		resp := f.answer(&req)
 		frame, err := codec.AppendResponseFrame(nil, resp)

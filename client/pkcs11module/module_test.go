@@ -10,8 +10,11 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"os"
+	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	p11 "github.com/miekg/pkcs11"
 
@@ -473,5 +476,48 @@ func TestAgentRestartReconnects(t *testing.T) {
 	f.start()
 	if err := sign(); err != nil {
 		t.Fatalf("agent back: %v", err)
+	}
+}
+
+// An agent that takes a request and never answers costs the caller
+// timeout_ms plus the module's 2 s grace, then CKR_DEVICE_ERROR; the
+// connection is not reused, and the next call signs on a fresh one.
+func TestUnansweredRequestTimesOut(t *testing.T) {
+	fake := startFake(t, newFakeKeys(t))
+	conf := filepath.Join(shortDir(t), "pkcs11.conf")
+	if err := os.WriteFile(conf, []byte("socket = "+fake.sock+"\ntimeout_ms = 100\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("SIGIL_PKCS11_CONF", conf)
+	ctx := openModule(t)
+	s := openSession(t, ctx)
+	key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+	sign := func() ([]byte, error) {
+		if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, key); err != nil {
+			return nil, err
+		}
+		return ctx.Sign(s, sum(crypto.SHA256, message))
+	}
+	fake.silent.Store(true)
+	start := time.Now()
+	_, err := sign()
+	waited := time.Since(start)
+	if ckr(err) != p11.CKR_DEVICE_ERROR {
+		t.Fatalf("unanswered request: %v, want CKR_DEVICE_ERROR", err)
+	}
+	if waited < 2100*time.Millisecond || waited > 10*time.Second {
+		t.Fatalf("gave up after %v, want timeout_ms (100 ms) + 2 s", waited)
+	}
+	fake.silent.Store(false)
+	conns := fake.conns.Load()
+	sig, err := sign()
+	if err != nil {
+		t.Fatalf("after a timeout: %v", err)
+	}
+	if err := verify(fake.keys[0].signer.Public(), crypto.SHA256, false, sig); err != nil {
+		t.Fatal(err)
+	}
+	if fake.conns.Load() != conns+1 {
+		t.Fatalf("the timed-out connection was reused (%d dials, want %d)", fake.conns.Load(), conns+1)
 	}
 }

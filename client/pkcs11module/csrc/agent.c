@@ -49,16 +49,42 @@ static int write_all(int fd, const uint8_t *p, size_t n)
 	return 0;
 }
 
+/* wait_readable waits up to ms for fd to have bytes (or end of stream).
+ * Returns 0 ready, -1 error or timeout.
+ *
+ * Why not sleep in recv(2) itself: when the agent reads our request, the
+ * kernel tells our socket it has write space again, and that wake-up goes
+ * to every sleeper on the socket, a recv(2) sleeper included. The thread
+ * woke, found nothing, slept again, and on a busy core it preempted the
+ * agent in the middle of the signature it was waiting for. poll(2) sleeps
+ * for POLLIN only, so that wake-up passes it by: the p50 at 1 thread fell
+ * from 131-141 to 107-113 us (docs/pkcs11-module.md). */
+static int wait_readable(int fd, int ms)
+{
+	struct pollfd pfd = {.fd = fd, .events = POLLIN};
+	for (;;) {
+		int rc = poll(&pfd, 1, ms);
+		if (rc > 0)
+			return 0;
+		if (rc < 0 && errno == EINTR)
+			continue; /* restarts the full wait: a signal storm only delays */
+		return -1;
+	}
+}
+
 /* read_frame reads one reply frame into buf (cap bytes) and sets *body
- * and *n to its payload. It asks for as much as fits, so a reply the agent
- * wrote with one write(2) usually takes one recv(2), not a header read and
- * a payload read. Returns 0 done, -1 error or timeout, 1 end of stream
- * before any byte, 2 more bytes than the frame (no reply of ours does that:
- * the connection is not to be reused), 3 a length out of range. */
-static int read_frame(int fd, uint8_t *buf, size_t cap, uint8_t **body, uint32_t *n)
+ * and *n to its payload, waiting up to wait_ms for each piece. It asks for
+ * as much as fits, so a reply the agent wrote with one write(2) usually
+ * takes one recv(2), not a header read and a payload read. Returns 0 done,
+ * -1 error or timeout, 1 end of stream before any byte, 2 more bytes than
+ * the frame (no reply of ours does that: the connection is not to be
+ * reused), 3 a length out of range. */
+static int read_frame(int fd, int wait_ms, uint8_t *buf, size_t cap, uint8_t **body, uint32_t *n)
 {
 	size_t got = 0, want = SG_FRAME_HEADER;
 	while (got < want) {
+		if (wait_readable(fd, wait_ms))
+			return -1;
 		ssize_t k = recv(fd, buf + got, cap - got, 0);
 		if (k < 0) {
 			if (errno == EINTR)
@@ -90,7 +116,7 @@ static int roundtrip(sg_conn *c, size_t len, uint64_t id, sg_response *resp, int
 	*wrote = 1;
 	uint8_t *body;
 	uint32_t n = 0;
-	switch (read_frame(c->fd, c->buf, sizeof c->buf, &body, &n)) {
+	switch (read_frame(c->fd, c->wait_ms, c->buf, sizeof c->buf, &body, &n)) {
 	case 0:
 		break;
 	case 2:
@@ -127,6 +153,7 @@ static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
 	 * says DEADLINE_EXCEEDED; the socket timeout is the backstop for an
 	 * agent that stopped answering altogether. */
 	unsigned ms = a->timeout_ms + 2000;
+	c->wait_ms = (int)ms;
 	struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
 	setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 	setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
