@@ -85,6 +85,10 @@ type replyWriter struct {
 	spare    []byte // the other buffer, swapped in while one is being written
 	flushing bool   // someone is writing; appenders just leave their frame
 	broken   bool   // a write failed or the peer stopped reading: drop replies
+
+	// deadlineSet is when the write deadline was last set; only the
+	// goroutine that is flushing touches it.
+	deadlineSet time.Time
 }
 
 // drainIdle is how long a connection must stay quiet during shutdown before
@@ -409,7 +413,14 @@ func (c *conn) send(resp *proto.Response) {
 		buf := w.pending
 		w.pending = w.spare[:0]
 		w.mu.Unlock()
-		c.nc.SetWriteDeadline(time.Now().Add(timeout))
+		// The deadline is moved only once a tenth of it has passed, so a
+		// write gets at least 0.9x limits.write_timeout. Moving it with
+		// every reply moved a runtime timer per request, and the runtime
+		// wakes a thread for that when none is asleep in the netpoller.
+		if now := time.Now(); now.Sub(w.deadlineSet) >= timeout/10 {
+			c.nc.SetWriteDeadline(now.Add(timeout))
+			w.deadlineSet = now
+		}
 		_, err := c.nc.Write(buf)
 		w.mu.Lock()
 		w.spare = buf[:0]

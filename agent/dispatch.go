@@ -122,7 +122,7 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta) err
 	}
 	// One deadline for the decision, the signature and its audit record: a
 	// record that cannot be written in time withholds the signature.
-	ctx, cancel := context.WithTimeout(c.ctx, c.requestTimeout(req))
+	ctx, cancel := withRequestDeadline(c.ctx, d.start.Add(c.requestTimeout(req)))
 	defer cancel()
 	sig, err := c.decideAndSign(ctx, req, &d)
 	meta.set(d.tenant, d.target)

@@ -1,0 +1,136 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+)
+
+type ctxKey struct{}
+
+// A request's context ends as one from context.WithDeadline would, whether
+// or not anything armed its timer by waiting on Done.
+func TestRequestContext(t *testing.T) {
+	closed := func(ctx context.Context, within time.Duration) bool {
+		select {
+		case <-ctx.Done():
+			return true
+		case <-time.After(within):
+			return false
+		}
+	}
+	cases := []struct {
+		name string
+		run  func(t *testing.T, parent context.Context, cancelParent context.CancelFunc)
+	}{
+		{"deadline passes with nobody waiting", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
+			ctx, release := withRequestDeadline(parent, time.Now().Add(20*time.Millisecond))
+			defer release()
+			if err := ctx.Err(); err != nil {
+				t.Fatalf("before the deadline: %v", err)
+			}
+			time.Sleep(30 * time.Millisecond)
+			if err := ctx.Err(); !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("after the deadline: %v, want DeadlineExceeded", err)
+			}
+			if !closed(ctx, 0) && !closed(ctx, 10*time.Millisecond) {
+				t.Fatal("Done not closed after the deadline")
+			}
+		}},
+		{"a waiter is woken at the deadline", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
+			ctx, release := withRequestDeadline(parent, time.Now().Add(20*time.Millisecond))
+			defer release()
+			if closed(ctx, 5*time.Millisecond) {
+				t.Fatal("Done closed before the deadline")
+			}
+			if !closed(ctx, 5*time.Second) {
+				t.Fatal("Done not closed at the deadline")
+			}
+			if err := ctx.Err(); !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("Err %v, want DeadlineExceeded", err)
+			}
+		}},
+		{"the connection ends before anyone waits", func(t *testing.T, parent context.Context, cancelParent context.CancelFunc) {
+			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			defer release()
+			cancelParent()
+			if err := ctx.Err(); !errors.Is(err, context.Canceled) {
+				t.Fatalf("Err %v, want Canceled", err)
+			}
+			if !closed(ctx, 5*time.Second) {
+				t.Fatal("Done not closed after the parent ended")
+			}
+		}},
+		{"the connection ends while a waiter waits", func(t *testing.T, parent context.Context, cancelParent context.CancelFunc) {
+			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			defer release()
+			done := ctx.Done()
+			cancelParent()
+			select {
+			case <-done:
+			case <-time.After(5 * time.Second):
+				t.Fatal("waiter not woken when the parent ended")
+			}
+			if err := ctx.Err(); !errors.Is(err, context.Canceled) {
+				t.Fatalf("Err %v, want Canceled", err)
+			}
+		}},
+		{"released without waiting", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
+			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			release()
+			if err := ctx.Err(); !errors.Is(err, context.Canceled) {
+				t.Fatalf("Err %v, want Canceled", err)
+			}
+			if !closed(ctx, 5*time.Second) {
+				t.Fatal("Done of a released context not closed")
+			}
+		}},
+		{"released after a wait began", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
+			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			done := ctx.Done()
+			release()
+			select {
+			case <-done:
+			case <-time.After(5 * time.Second):
+				t.Fatal("waiter not woken by release")
+			}
+		}},
+		{"deadline and values", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
+			want := time.Now().Add(time.Hour)
+			ctx, release := withRequestDeadline(context.WithValue(parent, ctxKey{}, "v"), want)
+			defer release()
+			if d, ok := ctx.Deadline(); !ok || !d.Equal(want) {
+				t.Fatalf("Deadline %v %v, want %v", d, ok, want)
+			}
+			if v := ctx.Value(ctxKey{}); v != "v" {
+				t.Fatalf("Value %v", v)
+			}
+		}},
+		{"a parent that ends first keeps its deadline", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
+			early, cancel := context.WithTimeout(parent, time.Minute)
+			defer cancel()
+			want, _ := early.Deadline()
+			ctx, release := withRequestDeadline(early, time.Now().Add(time.Hour))
+			defer release()
+			if d, ok := ctx.Deadline(); !ok || !d.Equal(want) {
+				t.Fatalf("Deadline %v %v, want the parent's %v", d, ok, want)
+			}
+		}},
+		{"checking Err arms no timer", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
+			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			defer release()
+			_ = ctx.Err()
+			if ctx.(*requestContext).armed.Load() != nil {
+				t.Fatal("Err armed the timer")
+			}
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			parent, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			tc.run(t, parent, cancel)
+		})
+	}
+}
