@@ -81,4 +81,12 @@ func (rc *requestContext) Err() error {
 	return nil
 }
 
-func (rc *requestContext) Value(key any) any { return rc.parent.Value(key) }
+// Value asks the armed context once there is one: a context derived from
+// this one (context.WithTimeout in a provider) then finds the cancelCtx
+// behind Done and links to it, instead of starting a goroutine to watch it.
+func (rc *requestContext) Value(key any) any {
+	if ctx := rc.armed.Load(); ctx != nil {
+		return (*ctx).Value(key)
+	}
+	return rc.parent.Value(key)
+}

@@ -117,6 +117,18 @@ func TestRequestContext(t *testing.T) {
 				t.Fatalf("Deadline %v %v, want the parent's %v", d, ok, want)
 			}
 		}},
+		{"a derived context ends with it", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
+			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			child, cancel := context.WithTimeout(ctx, time.Hour)
+			defer cancel()
+			release()
+			if !closed(child, 5*time.Second) {
+				t.Fatal("derived context not ended by release")
+			}
+			if err := child.Err(); !errors.Is(err, context.Canceled) {
+				t.Fatalf("derived Err %v, want Canceled", err)
+			}
+		}},
 		{"checking Err arms no timer", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
 			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
 			defer release()
