@@ -122,8 +122,8 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta) err
 	}
 	// One deadline for the decision, the signature and its audit record: a
 	// record that cannot be written in time withholds the signature.
-	ctx, cancel := withRequestDeadline(c.ctx, d.start.Add(c.requestTimeout(req)))
-	defer cancel()
+	ctx := newRequestContext(c.ctx, d.start.Add(c.requestTimeout(req)))
+	defer ctx.release()
 	sig, err := c.decideAndSign(ctx, req, &d)
 	meta.set(d.tenant, d.target)
 	d.code = codeOf(err)

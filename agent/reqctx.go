@@ -29,15 +29,15 @@ type requestContext struct {
 	released atomic.Bool                     // the request is over: Canceled
 }
 
-// withRequestDeadline returns a context that ends at deadline or when parent
-// ends, and the function that releases it (call it when the request is done).
-func withRequestDeadline(parent context.Context, deadline time.Time) (context.Context, context.CancelFunc) {
-	if d, ok := parent.Deadline(); ok && !d.After(deadline) {
-		// The parent ends first: nothing of ours to arm.
-		return context.WithCancel(parent)
+// newRequestContext returns a context that ends at deadline (or the
+// parent's, if that is earlier) or when parent ends. Call release when the
+// request is done. It is not a (Context, CancelFunc) pair because the
+// method value would cost an allocation per request.
+func newRequestContext(parent context.Context, deadline time.Time) *requestContext {
+	if d, ok := parent.Deadline(); ok && d.Before(deadline) {
+		deadline = d
 	}
-	rc := &requestContext{parent: parent, deadline: deadline}
-	return rc, rc.release
+	return &requestContext{parent: parent, deadline: deadline}
 }
 
 func (rc *requestContext) arm() context.Context {
@@ -54,6 +54,7 @@ func (rc *requestContext) arm() context.Context {
 	return *rc.armed.Load()
 }
 
+// release ends the request's context, like a CancelFunc.
 func (rc *requestContext) release() {
 	rc.released.Store(true)
 	if rc.armed.Load() != nil {

@@ -9,6 +9,11 @@ import (
 
 type ctxKey struct{}
 
+func newReq(parent context.Context, deadline time.Time) (context.Context, func()) {
+	rc := newRequestContext(parent, deadline)
+	return rc, rc.release
+}
+
 // A request's context ends as one from context.WithDeadline would, whether
 // or not anything armed its timer by waiting on Done.
 func TestRequestContext(t *testing.T) {
@@ -25,7 +30,7 @@ func TestRequestContext(t *testing.T) {
 		run  func(t *testing.T, parent context.Context, cancelParent context.CancelFunc)
 	}{
 		{"deadline passes with nobody waiting", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
-			ctx, release := withRequestDeadline(parent, time.Now().Add(20*time.Millisecond))
+			ctx, release := newReq(parent, time.Now().Add(20*time.Millisecond))
 			defer release()
 			if err := ctx.Err(); err != nil {
 				t.Fatalf("before the deadline: %v", err)
@@ -39,7 +44,7 @@ func TestRequestContext(t *testing.T) {
 			}
 		}},
 		{"a waiter is woken at the deadline", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
-			ctx, release := withRequestDeadline(parent, time.Now().Add(20*time.Millisecond))
+			ctx, release := newReq(parent, time.Now().Add(20*time.Millisecond))
 			defer release()
 			if closed(ctx, 5*time.Millisecond) {
 				t.Fatal("Done closed before the deadline")
@@ -52,7 +57,7 @@ func TestRequestContext(t *testing.T) {
 			}
 		}},
 		{"the connection ends before anyone waits", func(t *testing.T, parent context.Context, cancelParent context.CancelFunc) {
-			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			ctx, release := newReq(parent, time.Now().Add(time.Hour))
 			defer release()
 			cancelParent()
 			if err := ctx.Err(); !errors.Is(err, context.Canceled) {
@@ -63,7 +68,7 @@ func TestRequestContext(t *testing.T) {
 			}
 		}},
 		{"the connection ends while a waiter waits", func(t *testing.T, parent context.Context, cancelParent context.CancelFunc) {
-			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			ctx, release := newReq(parent, time.Now().Add(time.Hour))
 			defer release()
 			done := ctx.Done()
 			cancelParent()
@@ -77,7 +82,7 @@ func TestRequestContext(t *testing.T) {
 			}
 		}},
 		{"released without waiting", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
-			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			ctx, release := newReq(parent, time.Now().Add(time.Hour))
 			release()
 			if err := ctx.Err(); !errors.Is(err, context.Canceled) {
 				t.Fatalf("Err %v, want Canceled", err)
@@ -87,7 +92,7 @@ func TestRequestContext(t *testing.T) {
 			}
 		}},
 		{"released after a wait began", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
-			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			ctx, release := newReq(parent, time.Now().Add(time.Hour))
 			done := ctx.Done()
 			release()
 			select {
@@ -98,7 +103,7 @@ func TestRequestContext(t *testing.T) {
 		}},
 		{"deadline and values", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
 			want := time.Now().Add(time.Hour)
-			ctx, release := withRequestDeadline(context.WithValue(parent, ctxKey{}, "v"), want)
+			ctx, release := newReq(context.WithValue(parent, ctxKey{}, "v"), want)
 			defer release()
 			if d, ok := ctx.Deadline(); !ok || !d.Equal(want) {
 				t.Fatalf("Deadline %v %v, want %v", d, ok, want)
@@ -111,14 +116,14 @@ func TestRequestContext(t *testing.T) {
 			early, cancel := context.WithTimeout(parent, time.Minute)
 			defer cancel()
 			want, _ := early.Deadline()
-			ctx, release := withRequestDeadline(early, time.Now().Add(time.Hour))
+			ctx, release := newReq(early, time.Now().Add(time.Hour))
 			defer release()
 			if d, ok := ctx.Deadline(); !ok || !d.Equal(want) {
 				t.Fatalf("Deadline %v %v, want the parent's %v", d, ok, want)
 			}
 		}},
 		{"a derived context ends with it", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
-			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			ctx, release := newReq(parent, time.Now().Add(time.Hour))
 			child, cancel := context.WithTimeout(ctx, time.Hour)
 			defer cancel()
 			release()
@@ -130,7 +135,7 @@ func TestRequestContext(t *testing.T) {
 			}
 		}},
 		{"checking Err arms no timer", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
-			ctx, release := withRequestDeadline(parent, time.Now().Add(time.Hour))
+			ctx, release := newReq(parent, time.Now().Add(time.Hour))
 			defer release()
 			_ = ctx.Err()
 			if ctx.(*requestContext).armed.Load() != nil {
