@@ -30,12 +30,12 @@ func TestRequestContext(t *testing.T) {
 		run  func(t *testing.T, parent context.Context, cancelParent context.CancelFunc)
 	}{
 		{"deadline passes with nobody waiting", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
-			ctx, release := newReq(parent, time.Now().Add(20*time.Millisecond))
+			ctx, release := newReq(parent, time.Now().Add(200*time.Millisecond))
 			defer release()
 			if err := ctx.Err(); err != nil {
 				t.Fatalf("before the deadline: %v", err)
 			}
-			time.Sleep(30 * time.Millisecond)
+			time.Sleep(250 * time.Millisecond)
 			if err := ctx.Err(); !errors.Is(err, context.DeadlineExceeded) {
 				t.Fatalf("after the deadline: %v, want DeadlineExceeded", err)
 			}
@@ -44,7 +44,7 @@ func TestRequestContext(t *testing.T) {
 			}
 		}},
 		{"a waiter is woken at the deadline", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
-			ctx, release := newReq(parent, time.Now().Add(20*time.Millisecond))
+			ctx, release := newReq(parent, time.Now().Add(200*time.Millisecond))
 			defer release()
 			if closed(ctx, 5*time.Millisecond) {
 				t.Fatal("Done closed before the deadline")
