@@ -268,6 +268,8 @@ type fakeAgent struct {
 	keys   []fakeKey
 	code   atomic.Uint32 // what Sign answers; OK signs
 	silent atomic.Bool   // Sign requests are read and never answered
+	hangUp atomic.Bool   // after answering a Sign, close the connection
+	hungUp chan struct{} // receives once per connection closed for hangUp
 	ops    [32]atomic.Int64
 	conns  atomic.Int64
 	mu     sync.Mutex
@@ -295,7 +297,7 @@ func newFakeKeys(t testing.TB) []fakeKey {
 
 func startFake(t testing.TB, keys []fakeKey) *fakeAgent {
 	t.Helper()
-	f := &fakeAgent{t: t, sock: filepath.Join(shortDir(t), "fake.sock"), keys: keys}
+	f := &fakeAgent{t: t, sock: filepath.Join(shortDir(t), "fake.sock"), keys: keys, hungUp: make(chan struct{}, 16)}
 	ln, err := net.Listen("unix", f.sock)
 	if err != nil {
 		t.Fatal(err)
@@ -373,6 +375,11 @@ func (f *fakeAgent) handle(nc net.Conn) {
 			return
 		}
 		if _, err := nc.Write(frame); err != nil {
+			return
+		}
+		if req.Op == proto.OpSign && f.hangUp.Load() {
+			nc.Close()
+			f.hungUp <- struct{}{}
 			return
 		}
 	}

@@ -521,3 +521,33 @@ func TestUnansweredRequestTimesOut(t *testing.T) {
 		t.Fatalf("the timed-out connection was reused (%d dials, want %d)", fake.conns.Load(), conns+1)
 	}
 }
+
+// A connection the agent closes right after answering (here, every one) is
+// not reused however soon the next call comes: the module skips its stale
+// check for a connection pooled a moment ago, and then the send fails
+// before the request leaves and goes again on a fresh connection.
+func TestConnectionClosedAfterAnswerIsNotReused(t *testing.T) {
+	fake := startFake(t, newFakeKeys(t))
+	t.Setenv(proto.SocketEnv, fake.sock)
+	ctx := openModule(t)
+	s := openSession(t, ctx)
+	key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+	fake.hangUp.Store(true)
+	for i := range 5 {
+		conns := fake.conns.Load()
+		if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, key); err != nil {
+			t.Fatal(err)
+		}
+		sig, err := ctx.Sign(s, sum(crypto.SHA256, message))
+		if err != nil {
+			t.Fatalf("signature %d after the agent hung up: %v", i, err)
+		}
+		if err := verify(fake.keys[0].signer.Public(), crypto.SHA256, false, sig); err != nil {
+			t.Fatal(err)
+		}
+		<-fake.hungUp // the next call starts after the close, as fast as it can
+		if i > 0 && fake.conns.Load() != conns+1 {
+			t.Fatalf("signature %d: %d dials, want 1", i, fake.conns.Load()-conns)
+		}
+	}
+}

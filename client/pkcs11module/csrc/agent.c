@@ -13,6 +13,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <time.h>
 #include <unistd.h>
 
 /* Idle connections kept beyond this are closed: a burst of threads should
@@ -185,10 +186,27 @@ fail:
 	return NULL;
 }
 
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* A connection pooled less than this long ago is reused without the
+ * stale check: the agent closes connections for being idle, for a
+ * restart or a shutdown, none of which a connection that was answering
+ * a moment ago has met, and a send to a Unix socket the agent did close
+ * fails with EPIPE before the request leaves, which is retried on a fresh
+ * connection anyway. The check is a poll(2) per signature otherwise. */
+#define FRESH_NS 1000000u
+
 /* stale: an idle connection with something to read, or hung up, is one
  * the agent has closed (restart, idle timeout, shutdown): never reuse it. */
 static int stale(sg_conn *c)
 {
+	if (now_ns() - c->idle_since_ns < FRESH_NS)
+		return 0;
 	struct pollfd pfd = {.fd = c->fd, .events = POLLIN};
 	int rc;
 	do {
@@ -260,6 +278,7 @@ void sg_agent_release(sg_agent *a, sg_conn *c)
 {
 	if (!c)
 		return;
+	c->idle_since_ns = now_ns();
 	pthread_mutex_lock(&a->mu);
 	if (!c->dead && a->nidle < MAX_IDLE) {
 		c->next = a->idle;

@@ -17,6 +17,7 @@ typedef struct sg_conn {
 	int fd;
 	int dead; /* not to be pooled: the agent closes it after this reply */
 	int wait_ms; /* how long a reply may take before the connection is lost */
+	uint64_t idle_since_ns; /* CLOCK_MONOTONIC when it was last pooled */
 	uint64_t next_id;
 	struct sg_conn *next;
 	uint8_t buf[SG_FRAME_HEADER + SG_MAX_FRAME]; /* request out, then reply in */
