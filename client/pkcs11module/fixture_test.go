@@ -440,6 +440,18 @@ func (f *fakeAgent) answer(req *proto.Request) *proto.Response {
 
 // ---- miekg/pkcs11 helpers ----
 
+// fakeP256Session starts a fake agent, loads the module against it and
+// opens a session. It returns the fake, the module, the session and the
+// fake's P-256 private key.
+func fakeP256Session(t *testing.T) (*fakeAgent, *p11.Ctx, p11.SessionHandle, p11.ObjectHandle) {
+	t.Helper()
+	fake := startFake(t, newFakeKeys(t))
+	t.Setenv(proto.SocketEnv, fake.sock)
+	ctx := openModule(t)
+	s := openSession(t, ctx)
+	return fake, ctx, s, findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+}
+
 // openModule loads the module in this process and initializes it; the test
 // finalizes and unloads it at the end.
 func openModule(t testing.TB) *p11.Ctx {

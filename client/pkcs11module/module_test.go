@@ -151,11 +151,7 @@ func TestOneRoundTripPerSignature(t *testing.T) {
 // Each agent result code surfaces as the CKR docs/pkcs11-module.md says,
 // and ends the signing operation.
 func TestResultCodes(t *testing.T) {
-	fake := startFake(t, newFakeKeys(t))
-	t.Setenv(proto.SocketEnv, fake.sock)
-	ctx := openModule(t)
-	s := openSession(t, ctx)
-	key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+	fake, ctx, s, key := fakeP256Session(t)
 	want := map[proto.Code]uint{
 		proto.BadRequest:           p11.CKR_DATA_INVALID,
 		proto.UnsupportedVersion:   p11.CKR_DEVICE_ERROR,
@@ -204,11 +200,7 @@ func TestResultCodes(t *testing.T) {
 
 // What the module refuses before asking the agent.
 func TestLocalRefusals(t *testing.T) {
-	fake := startFake(t, newFakeKeys(t))
-	t.Setenv(proto.SocketEnv, fake.sock)
-	ctx := openModule(t)
-	s := openSession(t, ctx)
-	p256 := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+	fake, ctx, s, p256 := fakeP256Session(t)
 	p256pub := findKey(t, ctx, s, p11.CKO_PUBLIC_KEY, "p256")
 	rsaKey := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "rsa")
 	ed := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "ed")
@@ -527,11 +519,7 @@ func TestUnansweredRequestTimesOut(t *testing.T) {
 // check for a connection pooled a moment ago, and then the send fails
 // before the request leaves and goes again on a fresh connection.
 func TestConnectionClosedAfterAnswerIsNotReused(t *testing.T) {
-	fake := startFake(t, newFakeKeys(t))
-	t.Setenv(proto.SocketEnv, fake.sock)
-	ctx := openModule(t)
-	s := openSession(t, ctx)
-	key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+	fake, ctx, s, key := fakeP256Session(t)
 	fake.hangUp.Store(true)
 	for i := range 5 {
 		conns := fake.conns.Load()
