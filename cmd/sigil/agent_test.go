@@ -53,19 +53,8 @@ func TestAgentGCPercentInForce(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			dir := t.TempDir()
 			addr := freeLoopbackAddr(t)
-			config := filepath.Join(dir, "sigil.yaml")
-			err := os.WriteFile(config, []byte(fmt.Sprintf(`data_dir: %s
-admin_http: {listen: %q}
-%sproviders:
-  - id: soft
-    type: software
-    keys: [{name: ed, type: ed25519}]
-`, filepath.Join(dir, "state"), addr, tc.config)), 0o600)
-			if err != nil {
-				t.Fatal(err)
-			}
+			config := writeEd25519Config(t, t.TempDir(), fmt.Sprintf("admin_http: {listen: %q}\n", addr), tc.config)
 			sockDir, _ := os.MkdirTemp("", "sigil-gc")
 			t.Cleanup(func() { os.RemoveAll(sockDir) })
 			env := append(withoutEnv(os.Environ(), "GOGC"), tc.env...)

@@ -29,8 +29,8 @@ func buildSigil(t *testing.T) string {
 }
 
 // writeEd25519Config writes dir/sigil.yaml: one software Ed25519 key "ed"
-// (the default), state in dir/state.
-func writeEd25519Config(t *testing.T, dir string) string {
+// (the default), state in dir/state, then the extra top-level YAML.
+func writeEd25519Config(t *testing.T, dir string, extra ...string) string {
 	t.Helper()
 	config := filepath.Join(dir, "sigil.yaml")
 	err := os.WriteFile(config, []byte(fmt.Sprintf(`
@@ -40,7 +40,7 @@ providers:
   - id: soft
     type: software
     keys: [{name: ed, type: ed25519}]
-`, filepath.Join(dir, "state"))), 0o600)
+`, filepath.Join(dir, "state"))+strings.Join(extra, "")), 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
