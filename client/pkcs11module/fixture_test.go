@@ -440,6 +440,15 @@ func (f *fakeAgent) answer(req *proto.Request) *proto.Response {
 
 // ---- miekg/pkcs11 helpers ----
 
+// signMessageECDSA signs SHA-256(message) with key by CKM_ECDSA:
+// C_SignInit, then C_Sign.
+func signMessageECDSA(ctx *p11.Ctx, s p11.SessionHandle, key p11.ObjectHandle) ([]byte, error) {
+	if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, key); err != nil {
+		return nil, err
+	}
+	return ctx.Sign(s, sum(crypto.SHA256, message))
+}
+
 // fakeP256Session starts a fake agent, loads the module against it and
 // opens a session. It returns the fake, the module, the session and the
 // fake's P-256 private key.

@@ -444,10 +444,7 @@ func TestAgentRestartReconnects(t *testing.T) {
 	s := openSession(t, ctx)
 	key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
 	sign := func() error {
-		if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, key); err != nil {
-			return err
-		}
-		sig, err := ctx.Sign(s, sum(crypto.SHA256, message))
+		sig, err := signMessageECDSA(ctx, s, key)
 		if err == nil {
 			err = verify(f.keys["p256"].Public, crypto.SHA256, false, sig)
 		}
@@ -484,15 +481,9 @@ func TestUnansweredRequestTimesOut(t *testing.T) {
 	ctx := openModule(t)
 	s := openSession(t, ctx)
 	key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
-	sign := func() ([]byte, error) {
-		if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, key); err != nil {
-			return nil, err
-		}
-		return ctx.Sign(s, sum(crypto.SHA256, message))
-	}
 	fake.silent.Store(true)
 	start := time.Now()
-	_, err := sign()
+	_, err := signMessageECDSA(ctx, s, key)
 	waited := time.Since(start)
 	if ckr(err) != p11.CKR_DEVICE_ERROR {
 		t.Fatalf("unanswered request: %v, want CKR_DEVICE_ERROR", err)
@@ -502,7 +493,7 @@ func TestUnansweredRequestTimesOut(t *testing.T) {
 	}
 	fake.silent.Store(false)
 	conns := fake.conns.Load()
-	sig, err := sign()
+	sig, err := signMessageECDSA(ctx, s, key)
 	if err != nil {
 		t.Fatalf("after a timeout: %v", err)
 	}
@@ -523,10 +514,7 @@ func TestConnectionClosedAfterAnswerIsNotReused(t *testing.T) {
 	fake.hangUp.Store(true)
 	for i := range 5 {
 		conns := fake.conns.Load()
-		if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, key); err != nil {
-			t.Fatal(err)
-		}
-		sig, err := ctx.Sign(s, sum(crypto.SHA256, message))
+		sig, err := signMessageECDSA(ctx, s, key)
 		if err != nil {
 			t.Fatalf("signature %d after the agent hung up: %v", i, err)
 		}
