@@ -14,5 +14,8 @@
 // The machines this runs on are shared and noisy (figures drift 5-25% between
 // runs), so Run interleaves scenarios rep by rep and reports the median over
 // reps: ratios between scenarios measured side by side in one run hold even
-// when the absolute figures move.
+// when the absolute figures move. A goal is judged on the ratio of the
+// medians; the report also gives the ratio rep by rep (rep i of one scenario
+// against rep i of the other, seconds apart) and in how many reps the goal
+// held, so a verdict that one rep more could flip is seen as such.
 package bench

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"time"
 )
@@ -26,6 +27,12 @@ type Result struct {
 	Reps       int     `json:"reps"`
 	Err        string  `json:"error,omitempty"` // NewWorker failed: not run, or not every rep
 
+	// Each rep's own p50 and ops/s, in rep order (a rep without one
+	// successful op has p50 0). The figures above are their medians; these
+	// pair a rep with the same rep of another scenario (RepRatios).
+	RepP50us   []float64 `json:"rep_p50_us,omitempty"`
+	RepOpsPerS []float64 `json:"rep_ops_per_s,omitempty"`
+
 	Ops       int64  `json:"ops"`                  // successful ops over all reps
 	AllFailed bool   `json:"all_failed,omitempty"` // it ran, and not one op succeeded
 	OpErr     string `json:"op_error,omitempty"`   // the first op error, to say why
@@ -46,7 +53,10 @@ type Report struct {
 	Options
 	Results []Result           `json:"results"` // scenario order, then Conns order
 	Ratios  map[string]float64 `json:"ratios"`  // see ComputeRatios
-	Machine Machine            `json:"machine"`
+	// RepRatios holds each ratio rep by rep, for the reps where both
+	// scenarios ran: how far the ratio moves within the run.
+	RepRatios map[string][]float64 `json:"rep_ratios"`
+	Machine   Machine              `json:"machine"`
 }
 
 // Find returns the result of scenario on key at conns connections.
@@ -113,11 +123,14 @@ var ratioDefs = []ratioDef{
 	{name: RatioFrontVsP11KitP50, num: ScenarioPKCS11Front, den: ScenarioP11Kit, conns: 1, goal: 0.5, atMost: true},
 }
 
-// ComputeRatios fills Ratios with the goal ratios on ECDSA P-256.
-// A ratio whose inputs did not run (missing, skipped, every op failed, or a
-// zero divisor) is left out rather than reported as 0 or infinity.
+// ComputeRatios fills Ratios with the goal ratios on ECDSA P-256, each the
+// ratio of the two scenarios' medians, and RepRatios with the same ratios
+// rep by rep. A ratio whose inputs did not run (missing, skipped, every op
+// failed, or a zero divisor) is left out rather than reported as 0 or
+// infinity.
 func (r *Report) ComputeRatios() {
 	r.Ratios = make(map[string]float64, len(ratioDefs))
+	r.RepRatios = make(map[string][]float64, len(ratioDefs))
 	for _, d := range ratioDefs {
 		num, ok1 := r.Find(d.num, KeyECDSAP256, d.conns)
 		den, ok2 := r.Find(d.den, KeyECDSAP256, d.conns)
@@ -125,11 +138,25 @@ func (r *Report) ComputeRatios() {
 			continue
 		}
 		n, m := num.P50us, den.P50us
+		repN, repM := num.RepP50us, den.RepP50us
 		if d.ops {
 			n, m = num.OpsPerS, den.OpsPerS
+			repN, repM = num.RepOpsPerS, den.RepOpsPerS
 		}
 		if m > 0 {
 			r.Ratios[d.name] = n / m
+		}
+		// Rep i of both was measured in the same pass over the
+		// scenarios, seconds apart, so a drift of the machine between
+		// reps moves both.
+		var per []float64
+		for i := range min(len(repN), len(repM)) {
+			if repN[i] > 0 && repM[i] > 0 {
+				per = append(per, repN[i]/repM[i])
+			}
+		}
+		if len(per) > 0 {
+			r.RepRatios[d.name] = per
 		}
 	}
 }
@@ -142,17 +169,27 @@ type Goal struct {
 	AtMost   bool    `json:"at_most"`
 	Value    float64 `json:"value"`
 	Measured bool    `json:"measured"`
+
+	// The same ratio rep by rep (Report.RepRatios): its range, and in how
+	// many of the RepPairs it was met (0 for a figure with no goal). Zero
+	// when no pair was measured.
+	RepMin      float64 `json:"rep_min,omitempty"`
+	RepMax      float64 `json:"rep_max,omitempty"`
+	RepPairs    int     `json:"rep_pairs,omitempty"`
+	RepPairsMet int     `json:"rep_pairs_met,omitempty"`
+}
+
+// reached reports whether v meets the goal's bound.
+func (g Goal) reached(v float64) bool {
+	if g.AtMost {
+		return v <= g.Limit
+	}
+	return v >= g.Limit
 }
 
 // Met reports whether the goal was measured and reached.
 func (g Goal) Met() bool {
-	if !g.Measured {
-		return false
-	}
-	if g.AtMost {
-		return g.Value <= g.Limit
-	}
-	return g.Value >= g.Limit
+	return g.Measured && g.reached(g.Value)
 }
 
 func (g Goal) status() string {
@@ -175,6 +212,14 @@ func (r *Report) Goals() []Goal {
 	for _, d := range ratioDefs {
 		g := Goal{Name: d.name, Limit: d.goal, AtMost: d.atMost}
 		g.Value, g.Measured = r.Ratios[d.name]
+		if per := r.RepRatios[d.name]; g.Measured && len(per) > 0 {
+			g.RepMin, g.RepMax, g.RepPairs = slices.Min(per), slices.Max(per), len(per)
+			for _, v := range per {
+				if g.Limit != 0 && g.reached(v) {
+					g.RepPairsMet++
+				}
+			}
+		}
 		goals = append(goals, g)
 	}
 	g := Goal{Name: GoalSoftwareEd25519OpsG8, Limit: 40000}
@@ -240,7 +285,15 @@ func (r *Report) Markdown(w io.Writer) error {
 			} else {
 				fmt.Fprintf(&b, "%.2f", g.Value)
 			}
-			fmt.Fprintf(&b, ", goal %s: %s\n", g.Text, g.status())
+			fmt.Fprintf(&b, ", goal %s: %s", g.Text, g.status())
+			if g.RepPairs > 1 {
+				fmt.Fprintf(&b, " (rep by rep %.2f-%.2f", g.RepMin, g.RepMax)
+				if g.Limit != 0 {
+					fmt.Fprintf(&b, ", met in %d of %d", g.RepPairsMet, g.RepPairs)
+				}
+				b.WriteString(")")
+			}
+			b.WriteString("\n")
 		} else {
 			fmt.Fprintf(&b, "goal %s: %s\n", g.Text, g.status())
 		}
@@ -299,12 +352,13 @@ func (r *Report) WriteJSON(w io.Writer) error {
 		Met bool `json:"met"`
 	}
 	out := struct {
-		Started time.Time          `json:"started"`
-		Options jsonOptions        `json:"options"`
-		Machine Machine            `json:"machine"`
-		Results []Result           `json:"results"`
-		Ratios  map[string]float64 `json:"ratios"`
-		Goals   []jsonGoal         `json:"goals"`
+		Started   time.Time            `json:"started"`
+		Options   jsonOptions          `json:"options"`
+		Machine   Machine              `json:"machine"`
+		Results   []Result             `json:"results"`
+		Ratios    map[string]float64   `json:"ratios"`
+		RepRatios map[string][]float64 `json:"rep_ratios"`
+		Goals     []jsonGoal           `json:"goals"`
 	}{
 		Started: r.Started,
 		Options: jsonOptions{
@@ -313,9 +367,10 @@ func (r *Report) WriteJSON(w io.Writer) error {
 			Warmup:   r.Warmup.String(),
 			Reps:     r.Reps,
 		},
-		Machine: r.Machine,
-		Results: r.Results,
-		Ratios:  r.Ratios,
+		Machine:   r.Machine,
+		Results:   r.Results,
+		Ratios:    r.Ratios,
+		RepRatios: r.RepRatios,
 	}
 	// Consumers index these; null would make them special-case an empty run.
 	if out.Results == nil {
@@ -323,6 +378,9 @@ func (r *Report) WriteJSON(w io.Writer) error {
 	}
 	if out.Ratios == nil {
 		out.Ratios = map[string]float64{}
+	}
+	if out.RepRatios == nil {
+		out.RepRatios = map[string][]float64{}
 	}
 	for _, g := range r.Goals() {
 		out.Goals = append(out.Goals, jsonGoal{Goal: g, Met: g.Met()})

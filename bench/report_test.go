@@ -212,16 +212,26 @@ func TestMarkdown(t *testing.T) {
 func TestWriteJSON(t *testing.T) {
 	r := handBuiltReport()
 	r.Results[0].CDF = []time.Duration{time.Microsecond} // never written
+	for i := range r.Results {
+		switch res := &r.Results[i]; {
+		case res.Scenario == "pkcs11-front" && res.Conns == 1:
+			res.RepP50us = []float64{150, 170}
+		case res.Scenario == "p11kit" && res.Conns == 1:
+			res.RepP50us = []float64{300, 340}
+		}
+	}
+	r.ComputeRatios()
 	var b bytes.Buffer
 	if err := r.WriteJSON(&b); err != nil {
 		t.Fatal(err)
 	}
 	var got struct {
-		Results []map[string]any   `json:"results"`
-		Ratios  map[string]float64 `json:"ratios"`
-		Machine map[string]any     `json:"machine"`
-		Options map[string]any     `json:"options"`
-		Goals   []map[string]any   `json:"goals"`
+		Results   []map[string]any     `json:"results"`
+		Ratios    map[string]float64   `json:"ratios"`
+		RepRatios map[string][]float64 `json:"rep_ratios"`
+		Machine   map[string]any       `json:"machine"`
+		Options   map[string]any       `json:"options"`
+		Goals     []map[string]any     `json:"goals"`
 	}
 	if err := json.Unmarshal(b.Bytes(), &got); err != nil {
 		t.Fatalf("%v\n%s", err, b.String())
@@ -247,6 +257,12 @@ func TestWriteJSON(t *testing.T) {
 	if len(got.Ratios) != len(ratioDefs) || got.Ratios[RatioAgentVsDirectP50] == 0 {
 		t.Errorf("ratios %v", got.Ratios)
 	}
+	if per := got.RepRatios[RatioFrontVsP11KitP50]; len(got.RepRatios) != 1 || len(per) != 2 || per[0] != 0.5 || per[1] != 0.5 {
+		t.Errorf("rep_ratios %v", got.RepRatios)
+	}
+	if p50s, ok := first["rep_p50_us"]; ok {
+		t.Errorf("direct has no reps recorded, yet rep_p50_us = %v", p50s)
+	}
 	if got.Machine["cores"] != 2.0 || got.Options["duration"] != "2s" || len(got.Goals) != len(ratioDefs)+1 {
 		t.Errorf("machine %v options %v goals %v", got.Machine, got.Options, got.Goals)
 	}
@@ -256,7 +272,117 @@ func TestWriteJSON(t *testing.T) {
 	if err := (&Report{}).WriteJSON(&b); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(b.String(), `"results": []`) || !strings.Contains(b.String(), `"ratios": {}`) {
+	if !strings.Contains(b.String(), `"results": []`) || !strings.Contains(b.String(), `"ratios": {}`) ||
+		!strings.Contains(b.String(), `"rep_ratios": {}`) {
 		t.Errorf("empty report:\n%s", b.String())
+	}
+}
+
+func TestRepRatios(t *testing.T) {
+	setReps := func(r *Report, scenario string, conns int, p50, ops []float64) {
+		for i := range r.Results {
+			if res := &r.Results[i]; res.Scenario == scenario && res.Key == KeyECDSAP256 && res.Conns == conns {
+				res.RepP50us, res.RepOpsPerS = p50, ops
+			}
+		}
+	}
+	tests := []struct {
+		name      string
+		edit      func(*Report)
+		ratio     string
+		wantPer   []float64 // nil: left out of RepRatios
+		wantLine  string    // in the goal's Markdown line; "" to check it has no rep-by-rep part
+		wantPairs int
+		wantMet   int
+	}{
+		{
+			name: "three reps paired in order",
+			edit: func(r *Report) {
+				setReps(r, "pkcs11-front", 1, []float64{120, 160, 150}, nil)
+				setReps(r, "p11kit", 1, []float64{300, 300, 250}, nil)
+			},
+			ratio:     RatioFrontVsP11KitP50,
+			wantPer:   []float64{0.4, 160.0 / 300, 0.6},
+			wantLine:  "goal ≤ 0.5: met (rep by rep 0.40-0.60, met in 1 of 3)",
+			wantPairs: 3, wantMet: 1,
+		},
+		{
+			name: "a rep without a successful op is not paired",
+			edit: func(r *Report) {
+				setReps(r, "pkcs11-front", 1, []float64{120, 0, 150}, nil)
+				setReps(r, "p11kit", 1, []float64{300, 300, 250}, nil)
+			},
+			ratio:     RatioFrontVsP11KitP50,
+			wantPer:   []float64{0.4, 0.6},
+			wantLine:  "(rep by rep 0.40-0.60, met in 1 of 2)",
+			wantPairs: 2, wantMet: 1,
+		},
+		{
+			name: "one pair: no range",
+			edit: func(r *Report) {
+				setReps(r, "software", 8, nil, []float64{18000})
+				setReps(r, "software-nojournal", 8, nil, []float64{20000, 21000, 19000})
+			},
+			ratio:     RatioJournalVsOffOpsG8,
+			wantPer:   []float64{0.9},
+			wantPairs: 1, wantMet: 1,
+		},
+		{
+			name: "a reported ratio has a range but no count",
+			edit: func(r *Report) {
+				setReps(r, "software-fsync", 8, nil, []float64{8000, 9000})
+				setReps(r, "software-nojournal", 8, nil, []float64{20000, 20000})
+			},
+			ratio:     RatioFsyncVsOffOpsG8,
+			wantPer:   []float64{0.4, 0.45},
+			wantLine:  "reported (no goal) (rep by rep 0.40-0.45)\n",
+			wantPairs: 2,
+		},
+		{
+			name:  "no reps recorded",
+			edit:  func(*Report) {},
+			ratio: RatioFrontVsP11KitP50,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := handBuiltReport()
+			tt.edit(r)
+			r.ComputeRatios()
+			got, ok := r.RepRatios[tt.ratio]
+			if ok != (tt.wantPer != nil) || len(got) != len(tt.wantPer) {
+				t.Fatalf("RepRatios[%s] = %v (present %v), want %v", tt.ratio, got, ok, tt.wantPer)
+			}
+			for i := range got {
+				if math.Abs(got[i]-tt.wantPer[i]) > 1e-12 {
+					t.Errorf("rep %d: %v, want %v", i, got[i], tt.wantPer[i])
+				}
+			}
+			var g Goal
+			for _, x := range r.Goals() {
+				if x.Name == tt.ratio {
+					g = x
+				}
+			}
+			if g.RepPairs != tt.wantPairs || g.RepPairsMet != tt.wantMet {
+				t.Errorf("goal: %d pairs, %d met; want %d, %d", g.RepPairs, g.RepPairsMet, tt.wantPairs, tt.wantMet)
+			}
+			var b bytes.Buffer
+			if err := r.Markdown(&b); err != nil {
+				t.Fatal(err)
+			}
+			var line string
+			for _, l := range strings.SplitAfter(b.String(), "\n") {
+				if strings.HasPrefix(l, "- "+tt.ratio+" ") {
+					line = l
+				}
+			}
+			switch {
+			case tt.wantLine == "" && strings.Contains(line, "rep by rep"):
+				t.Errorf("line %q has a rep-by-rep range", line)
+			case tt.wantLine != "" && !strings.Contains(line, tt.wantLine):
+				t.Errorf("line %q lacks %q", line, tt.wantLine)
+			}
+		})
 	}
 }

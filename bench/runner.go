@@ -237,9 +237,12 @@ func (c *cell) result(sc Scenario, conns int) Result {
 		r.Errors += int(m.errs)
 		r.Ops += m.ok
 		ops = append(ops, OpsPerSecond(m.ok, m.wall))
+		r.RepOpsPerS = append(r.RepOpsPerS, OpsPerSecond(m.ok, m.wall))
 		if m.ok == 0 {
+			r.RepP50us = append(r.RepP50us, 0)
 			continue // no latency, no CPU per op; its zero ops/s still counts
 		}
+		r.RepP50us = append(r.RepP50us, durationUs(m.summary.P50))
 		p50 = append(p50, durationUs(m.summary.P50))
 		p95 = append(p95, durationUs(m.summary.P95))
 		p99 = append(p99, durationUs(m.summary.P99))

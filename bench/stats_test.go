@@ -163,6 +163,7 @@ func TestCellResult(t *testing.T) {
 		p50, p999, ops, cpuPer float64
 		errors                 int
 		allFailed              bool
+		repP50, repOps         []float64 // each rep's, in order
 	}{
 		{
 			name: "three reps",
@@ -172,6 +173,7 @@ func TestCellResult(t *testing.T) {
 				rep(200, 2, 20*us, 10*time.Millisecond), // 50 µs/op
 			},
 			p50: 20, p999: 80, ops: 200, cpuPer: 50, errors: 3,
+			repP50: []float64{10, 30, 20}, repOps: []float64{100, 300, 200},
 		},
 		{
 			name: "a rep with no success",
@@ -181,11 +183,13 @@ func TestCellResult(t *testing.T) {
 				rep(300, 0, 30*us, 0),
 			},
 			p50: 20, p999: 80, ops: 100, errors: 50,
+			repP50: []float64{10, 0, 30}, repOps: []float64{100, 0, 300},
 		},
 		{
 			name:   "every op failed",
 			reps:   []repMeasurement{rep(0, 5, 0, 0), rep(0, 7, 0, 0)},
 			errors: 12, allFailed: true,
+			repP50: []float64{0, 0}, repOps: []float64{0, 0},
 		},
 	}
 	for _, tt := range tests {
@@ -201,6 +205,9 @@ func TestCellResult(t *testing.T) {
 					"want p50 %v p99.9 %v ops/s %v cpu/op %v errors %d allFailed %v reps %d",
 					r.P50us, r.P999us, r.OpsPerS, r.CPUPerOpUs, r.Errors, r.AllFailed, r.Reps,
 					tt.p50, tt.p999, tt.ops, tt.cpuPer, tt.errors, tt.allFailed, len(tt.reps))
+			}
+			if !slices.Equal(r.RepP50us, tt.repP50) || !slices.Equal(r.RepOpsPerS, tt.repOps) {
+				t.Errorf("per rep: p50 %v ops/s %v, want %v and %v", r.RepP50us, r.RepOpsPerS, tt.repP50, tt.repOps)
 			}
 		})
 	}

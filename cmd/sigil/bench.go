@@ -199,7 +199,7 @@ func writeReportFiles(r *bench.Report, jsonPath, svgPath, docPath string, argv [
 	fmt.Fprintf(&b, "- SoftHSM2 %s, p11-kit %s\n", toolVersion("softhsm2-util", "--version"), toolVersion("p11-kit", "--version"))
 	fmt.Fprintf(&b, "- the agents' garbage-collection target: %s\n", agentGCTarget(os.Getenv("GOGC")))
 	fmt.Fprintf(&b, "- command: `%s`\n", strings.Join(append([]string{"sigil"}, argv[1:]...), " "))
-	fmt.Fprintf(&b, "- %d reps of %v after %v warm-up, scenarios interleaved rep by rep; figures are medians over reps\n\n", r.Reps, r.Duration, r.Warmup)
+	fmt.Fprintf(&b, "- %d reps of %v after %v warm-up, scenarios interleaved rep by rep; figures are medians over reps; a goal is judged on the ratio of the medians, and \"rep by rep\" gives the same ratio for each rep\n\n", r.Reps, r.Duration, r.Warmup)
 	b.WriteString("What limits each goal, and what was tried, is in [performance.md](performance.md).\n\n## Results\n\n")
 	if err := r.Markdown(&b); err != nil {
 		return err
