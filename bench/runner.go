@@ -232,11 +232,10 @@ func (c *cell) result(sc Scenario, conns int) Result {
 	if c.firstErr != nil {
 		r.OpErr = c.firstErr.Error()
 	}
-	var p50, p95, p99, p999, ops, cpu []float64
+	var p50, p95, p99, p999, cpu []float64
 	for _, m := range c.reps {
 		r.Errors += int(m.errs)
 		r.Ops += m.ok
-		ops = append(ops, OpsPerSecond(m.ok, m.wall))
 		r.RepOpsPerS = append(r.RepOpsPerS, OpsPerSecond(m.ok, m.wall))
 		if m.ok == 0 {
 			r.RepP50us = append(r.RepP50us, 0)
@@ -250,7 +249,7 @@ func (c *cell) result(sc Scenario, conns int) Result {
 		cpu = append(cpu, durationUs(m.cpu)/float64(m.ok))
 	}
 	r.P50us, r.P95us, r.P99us, r.P999us = Median(p50), Median(p95), Median(p99), Median(p999)
-	r.OpsPerS = Median(ops)
+	r.OpsPerS = Median(r.RepOpsPerS)
 	r.CPUPerOpUs = Median(cpu)
 	r.AllFailed = len(c.reps) > 0 && r.Ops == 0
 	slices.Sort(c.merged)
