@@ -37,29 +37,56 @@ func BenchmarkRequestPath(b *testing.B) {
 	}
 }
 
-func benchRequestPath(b *testing.B, journalMode string) {
+// requestPathConn is a connection of an agent whose only key signs with a
+// constant signature, ready for dispatch, and the payload of a Sign for it.
+func requestPathConn(tb testing.TB, journalMode string) (*conn, []byte) {
+	tb.Helper()
 	pub, _, _ := ed25519Key()
 	info, err := providers.NewKeyInfo("fixed", "k", pub)
 	if err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
-	cfg := Config{DataDir: b.TempDir(), Journal: JournalConfig{Mode: journalMode}}
+	cfg := Config{DataDir: tb.TempDir(), Journal: JournalConfig{Mode: journalMode}}
 	a, err := New(context.Background(), cfg, zap.NewNop(),
 		WithProviders(&fixedProvider{info: info, sig: make([]byte, 64)}))
 	if err != nil {
-		b.Fatal(err)
+		tb.Fatal(err)
 	}
-	defer a.Shutdown(context.Background())
+	tb.Cleanup(func() { a.Shutdown(context.Background()) })
 	srv, cli := net.Pipe()
-	defer srv.Close()
-	defer cli.Close()
+	tb.Cleanup(func() { srv.Close(); cli.Close() })
 	c := newConn(a, srv, false)
 	c.helloDone = true
 	c.peer = peer{unix: true, uid: 1000, gid: 1000}
 	c.peerName = c.peer.String()
+	frame, _ := proto.NewCodec().AppendRequestFrame(nil, &proto.Request{ID: 7, Op: proto.OpSign, Key: "k", Scheme: proto.SchemeEd25519, Digest: make([]byte, 32), TimeoutMillis: 1000})
+	return c, frame[proto.FrameHeaderLen:]
+}
+
+// TestSignAllocations pins the allocation budget of a Sign's dispatch
+// with the journal off: the request's context, nothing else (the signing
+// decision stays on the stack).
+func TestSignAllocations(t *testing.T) {
+	c, payload := requestPathConn(t, "off")
+	var req proto.Request
+	if err := proto.NewCodec().DecodeRequest(payload, &req); err != nil {
+		t.Fatal(err)
+	}
+	allocs := testing.AllocsPerRun(1000, func() {
+		resp := proto.Response{ID: req.ID}
+		c.dispatch(&req, &resp)
+		if resp.Code != proto.OK {
+			t.Fatal(resp.Msg)
+		}
+	})
+	if allocs > 1 {
+		t.Errorf("a Sign's dispatch allocates %v times, want at most 1", allocs)
+	}
+}
+
+func benchRequestPath(b *testing.B, journalMode string) {
+	c, payload := requestPathConn(b, journalMode)
 	codec := proto.NewCodec()
-	frame, _ := codec.AppendRequestFrame(nil, &proto.Request{ID: 7, Op: proto.OpSign, Key: "k", Scheme: proto.SchemeEd25519, Digest: make([]byte, 32), TimeoutMillis: 1000})
-	payload := frame[proto.FrameHeaderLen:]
 	var out []byte
 	b.ReportAllocs()
 	for b.Loop() {

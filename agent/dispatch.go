@@ -136,7 +136,9 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta) err
 	c.a.metrics.signed(d.target.key, time.Since(d.start))
 	resp.Key, resp.KID, resp.Sig = d.target.name(), d.target.key.info.KID, sig
 	if d.policyHash != ([32]byte{}) {
-		resp.PolicyHash = d.policyHash[:]
+		// A copy, not d.policyHash[:]: a slice of d would move the whole
+		// decision to the heap on every request, policy or not.
+		resp.PolicyHash = append([]byte(nil), d.policyHash[:]...)
 	}
 	return nil
 }
