@@ -17,9 +17,11 @@ func newReq(parent context.Context, deadline time.Time) (context.Context, func()
 // A request's context ends as one from context.WithDeadline would, whether
 // or not anything armed its timer by waiting on Done.
 func TestRequestContext(t *testing.T) {
-	closed := func(ctx context.Context, within time.Duration) bool {
+	// closed reports whether done closes within the given time. Tests of a
+	// waiter take Done before the event, so the timer is armed first.
+	closed := func(done <-chan struct{}, within time.Duration) bool {
 		select {
-		case <-ctx.Done():
+		case <-done:
 			return true
 		case <-time.After(within):
 			return false
@@ -39,17 +41,17 @@ func TestRequestContext(t *testing.T) {
 			if err := ctx.Err(); !errors.Is(err, context.DeadlineExceeded) {
 				t.Fatalf("after the deadline: %v, want DeadlineExceeded", err)
 			}
-			if !closed(ctx, 0) && !closed(ctx, 10*time.Millisecond) {
+			if !closed(ctx.Done(), 10*time.Millisecond) {
 				t.Fatal("Done not closed after the deadline")
 			}
 		}},
 		{"a waiter is woken at the deadline", func(t *testing.T, parent context.Context, _ context.CancelFunc) {
 			ctx, release := newReq(parent, time.Now().Add(200*time.Millisecond))
 			defer release()
-			if closed(ctx, 5*time.Millisecond) {
+			if closed(ctx.Done(), 5*time.Millisecond) {
 				t.Fatal("Done closed before the deadline")
 			}
-			if !closed(ctx, 5*time.Second) {
+			if !closed(ctx.Done(), 5*time.Second) {
 				t.Fatal("Done not closed at the deadline")
 			}
 			if err := ctx.Err(); !errors.Is(err, context.DeadlineExceeded) {
@@ -63,7 +65,7 @@ func TestRequestContext(t *testing.T) {
 			if err := ctx.Err(); !errors.Is(err, context.Canceled) {
 				t.Fatalf("Err %v, want Canceled", err)
 			}
-			if !closed(ctx, 5*time.Second) {
+			if !closed(ctx.Done(), 5*time.Second) {
 				t.Fatal("Done not closed after the parent ended")
 			}
 		}},
@@ -72,9 +74,7 @@ func TestRequestContext(t *testing.T) {
 			defer release()
 			done := ctx.Done()
 			cancelParent()
-			select {
-			case <-done:
-			case <-time.After(5 * time.Second):
+			if !closed(done, 5*time.Second) {
 				t.Fatal("waiter not woken when the parent ended")
 			}
 			if err := ctx.Err(); !errors.Is(err, context.Canceled) {
@@ -87,7 +87,7 @@ func TestRequestContext(t *testing.T) {
 			if err := ctx.Err(); !errors.Is(err, context.Canceled) {
 				t.Fatalf("Err %v, want Canceled", err)
 			}
-			if !closed(ctx, 5*time.Second) {
+			if !closed(ctx.Done(), 5*time.Second) {
 				t.Fatal("Done of a released context not closed")
 			}
 		}},
@@ -95,9 +95,7 @@ func TestRequestContext(t *testing.T) {
 			ctx, release := newReq(parent, time.Now().Add(time.Hour))
 			done := ctx.Done()
 			release()
-			select {
-			case <-done:
-			case <-time.After(5 * time.Second):
+			if !closed(done, 5*time.Second) {
 				t.Fatal("waiter not woken by release")
 			}
 		}},
@@ -127,7 +125,7 @@ func TestRequestContext(t *testing.T) {
 			child, cancel := context.WithTimeout(ctx, time.Hour)
 			defer cancel()
 			release()
-			if !closed(child, 5*time.Second) {
+			if !closed(child.Done(), 5*time.Second) {
 				t.Fatal("derived context not ended by release")
 			}
 			if err := child.Err(); !errors.Is(err, context.Canceled) {
