@@ -70,9 +70,10 @@ func reportGrouping(b *testing.B, records, commits, syncs uint64) {
 	}
 }
 
-// BenchmarkAppend is the chosen design: Append hands the record to the
-// committer goroutine, which chains and commits everything pending in one
-// Pebble batch.
+// BenchmarkAppend is the chosen design: an Append commits inline when
+// nobody is committing, else the committer goroutine chains and commits
+// everything pending as one group (commit.go, "Who commits"); in `wal` mode
+// the groups reach Pebble in one batch per Options.ApplyDelay.
 func BenchmarkAppend(b *testing.B) {
 	for _, mode := range []Durability{WAL, Fsync} {
 		for _, g := range []int{1, 8, 64} {

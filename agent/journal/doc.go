@@ -68,11 +68,12 @@
 //   - WAL (default): Append returns after the commit group was copied
 //     into the tail log's shared mapping (the kernel's page cache; written
 //     with write(2) when the journal is not on the OS filesystem), without
-//     fsync, and committed to Pebble, whose WAL writer writes it moments
-//     later. The record survives a
-//     killed or crashed agent (the kernel has it), not a power cut or
-//     kernel crash; Pebble's memtable flushes (every ~16 MiB of records)
-//     and Close fsync what came before.
+//     fsync. Pebble gets the group within Options.ApplyDelay (2 ms), in
+//     one commit with the groups around it (commit.go, "Deferred apply"),
+//     and its WAL writer writes it moments later; readers see it at once.
+//     The record survives a killed or crashed agent (the kernel has it),
+//     not a power cut or kernel crash; Pebble's memtable flushes (every
+//     ~16 MiB of records) and Close fsync what came before.
 //   - Fsync: Append returns after Pebble's WAL was written and fsynced;
 //     survives a power cut on a disk that honours flushes.
 //
@@ -85,7 +86,7 @@
 // what Fsync mode and every waited commit use) the commit waits for the
 // WAL writer goroutine, two hand-offs that cost more than the rest of the
 // record. So WAL mode writes each group to a tail log of its own first and
-// commits with NoSync (tail.go).
+// gives it to Pebble later, with NoSync (tail.go).
 //
 // # Group commit
 //

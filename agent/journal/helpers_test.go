@@ -59,7 +59,7 @@ func signRecord(tenant string, i int) *Record {
 // tamper tests' way of editing the store behind the journal's back.
 func rawSet(t *testing.T, j *Journal, key, value []byte) {
 	t.Helper()
-	db, err := j.readDB()
+	db, err := j.readAuditDB()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,7 +71,7 @@ func rawSet(t *testing.T, j *Journal, key, value []byte) {
 
 func rawDelete(t *testing.T, j *Journal, key []byte) {
 	t.Helper()
-	db, err := j.readDB()
+	db, err := j.readAuditDB()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,7 +83,7 @@ func rawDelete(t *testing.T, j *Journal, key []byte) {
 
 func rawGet(t *testing.T, j *Journal, key []byte) []byte {
 	t.Helper()
-	db, err := j.readDB()
+	db, err := j.readAuditDB()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -88,6 +88,11 @@ type Options struct {
 	// MemTableSize is Pebble's memtable size. Default 16 MiB: about 50k
 	// records between flushes.
 	MemTableSize uint64
+	// ApplyDelay is how long, in `wal` mode, confirmed records gather in
+	// the tail log before the journal commits them to Pebble as one batch
+	// (commit.go, "Deferred apply"). Readers never wait for it. Default
+	// 2ms.
+	ApplyDelay time.Duration
 	// MinFreeBytes is the free space the journal keeps on its filesystem:
 	// below it, appends fail with ErrUnavailable ("journal full") before
 	// Pebble ever meets ENOSPC, because Pebble cannot survive every
@@ -111,6 +116,9 @@ func (o *Options) EnsureDefaults() {
 	}
 	if o.RecoveryInterval <= 0 {
 		o.RecoveryInterval = 100 * time.Millisecond
+	}
+	if o.ApplyDelay <= 0 {
+		o.ApplyDelay = 2 * time.Millisecond
 	}
 	if o.MemTableSize == 0 {
 		o.MemTableSize = 16 << 20
@@ -176,6 +184,21 @@ type Journal struct {
 
 	pruneMu sync.Mutex // one Prune at a time
 
+	// Deferred apply (`wal` mode; commit.go, "Deferred apply"). applyMu
+	// serializes applying staged groups to Pebble with every other Pebble
+	// write and with every change of db: whoever holds it may use db.
+	// stageMu guards the staged batch, which the holder of busy appends to
+	// and the applier swaps out. Lock order: applyMu, then stageMu or dbMu.
+	applyMu     sync.Mutex
+	stageMu     sync.Mutex
+	staged      *pebble.Batch // groups in the tail log that Pebble lacks yet; nil while db is
+	stagedN     int           // records in staged
+	spareStaged *pebble.Batch // the other staged batch, empty; guarded by applyMu
+	applyFailed atomic.Bool   // applying staged groups failed: db is out of service
+	applyKick   chan struct{} // buffered 1: staged went from empty to not
+	applyStop   chan struct{} // closed by Close
+	applyDone   chan struct{} // closed when the applier goroutine has exited
+
 	// Owned by whichever goroutine holds busy (an inline Append or the
 	// committer goroutine).
 	batch          *pebble.Batch
@@ -207,6 +230,10 @@ func Open(opts Options) (*Journal, error) {
 		log:  opts.Logger.Named("journal"),
 		fs:   &walFS{FS: opts.FS},
 		done: make(chan struct{}),
+
+		applyKick: make(chan struct{}, 1),
+		applyStop: make(chan struct{}),
+		applyDone: make(chan struct{}),
 	}
 	j.fs.skipWALSync.Store(opts.Durability == WAL)
 	j.wake = sync.NewCond(&j.mu)
@@ -227,6 +254,7 @@ func Open(opts Options) (*Journal, error) {
 	j.log.Info("journal open", zap.String("dir", opts.Dir),
 		zap.Stringer("durability", opts.Durability), zap.Uint64("head_seq", j.headSeq))
 	go j.commitLoop()
+	go j.applyLoop()
 	return j, nil
 }
 
@@ -299,9 +327,16 @@ func (j *Journal) openDB() error {
 	j.headSeq, j.headHash = seq, hash
 	j.headMu.Unlock()
 	j.batch = db.NewBatch()
+	j.applyMu.Lock()
+	j.stageMu.Lock()
+	j.staged, j.stagedN = db.NewBatch(), 0
+	j.stageMu.Unlock()
+	j.spareStaged = db.NewBatch()
+	j.applyFailed.Store(false)
 	j.dbMu.Lock()
 	j.db = db
 	j.dbMu.Unlock()
+	j.applyMu.Unlock()
 	return nil
 }
 
@@ -429,7 +464,7 @@ func (j *Journal) Head() (seq uint64, hash [32]byte) {
 // is the group-commit factor in `fsync` mode.
 type Stats struct {
 	Records    uint64 // records confirmed by Append
-	Commits    uint64 // Pebble commits (one per commit group)
+	Commits    uint64 // commit groups (in `fsync` mode, one Pebble commit each)
 	WALSyncs   uint64 // WAL fsyncs issued
 	Failures   uint64 // commits that failed and made the journal reopen Pebble
 	Recoveries uint64 // successful reopens after a failure
@@ -454,7 +489,7 @@ func (j *Journal) Healthy(ctx context.Context) error {
 		return ErrClosed
 	}
 	j.dbMu.RLock()
-	open := j.db != nil
+	open := j.db != nil && !j.applyFailed.Load()
 	j.dbMu.RUnlock()
 	if !open {
 		if err := j.commitState(ctx, nil); err != nil {
@@ -493,15 +528,26 @@ func (j *Journal) Close() error {
 	j.wake.Signal()
 	j.mu.Unlock()
 	<-j.done // queued and inline commits are finished
+	close(j.applyStop)
+	<-j.applyDone // and every staged group was applied, or applying failed
 
+	j.applyMu.Lock()
 	j.dbMu.Lock()
 	db := j.db
 	j.db = nil
 	j.dbMu.Unlock()
+	j.applyMu.Unlock()
 	var err error
+	if j.applyFailed.Load() {
+		// Pebble lacks records that the tail log has: keep the tail for
+		// the next Open to replay.
+		err = fmt.Errorf("journal: apply staged records: %w", errApplyFailed)
+	}
 	if db != nil {
-		j.fs.skipWALSync.Store(false)
-		err = j.writeCheckpoint(db)
+		if err == nil {
+			j.fs.skipWALSync.Store(false)
+			err = j.writeCheckpoint(db)
+		}
 		if cerr := closeDB(db); err == nil {
 			err = cerr
 		}
@@ -556,6 +602,16 @@ func closeDB(db *pebble.DB) (err error) {
 		return fmt.Errorf("journal: close pebble: %w", cerr)
 	}
 	return nil
+}
+
+// readAuditDB is readDB for readers of audit records: it first applies
+// the staged groups, so the reader sees every record confirmed before the
+// call.
+func (j *Journal) readAuditDB() (*pebble.DB, error) {
+	if err := j.applyStaged(); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+	}
+	return j.readDB()
 }
 
 // readDB returns the open DB with dbMu held shared; release it with

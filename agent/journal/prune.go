@@ -93,7 +93,7 @@ func (j *Journal) Prune(ctx context.Context, before time.Time, by string) (Prune
 
 // pruneRange finds the records to delete, checking each link on the way.
 func (j *Journal) pruneRange(ctx context.Context, before time.Time) (pruneRange, error) {
-	db, err := j.readDB()
+	db, err := j.readAuditDB()
 	if err != nil {
 		return pruneRange{}, err
 	}

@@ -45,7 +45,7 @@ func auditIterOptions(from uint64) *pebble.IterOptions {
 // An error from fn stops the scan and is returned; a record that cannot be
 // decoded stops it with an error (Verify says where and why).
 func (j *Journal) Scan(ctx context.Context, f Filter, fn func(*Record) error) error {
-	db, err := j.readDB()
+	db, err := j.readAuditDB()
 	if err != nil {
 		return err
 	}
@@ -79,7 +79,7 @@ func (j *Journal) Scan(ctx context.Context, f Filter, fn func(*Record) error) er
 // stamped in seq order, so a clock stepped back can make it land a few
 // records off. It reads a handful of records, not the journal.
 func (j *Journal) FirstSeqAt(t time.Time) (uint64, error) {
-	db, err := j.readDB()
+	db, err := j.readAuditDB()
 	if err != nil {
 		return 0, err
 	}
@@ -119,7 +119,7 @@ func (j *Journal) Last(n int, tenant string) ([]Record, error) {
 	if n <= 0 {
 		return nil, nil
 	}
-	db, err := j.readDB()
+	db, err := j.readAuditDB()
 	if err != nil {
 		return nil, err
 	}
@@ -270,7 +270,7 @@ func (r *VerifyReport) OK() bool { return r.Break == nil }
 // records off the host is what anchors the chain against that.
 func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 	var rep VerifyReport
-	db, err := j.readDB()
+	db, err := j.readAuditDB()
 	if err != nil {
 		return rep, err
 	}

@@ -27,12 +27,14 @@ import (
 // its noise. A commit that does not wait (pebble.NoSync) leaves the batch
 // in Pebble's in-process buffer, which a SIGKILL loses.
 //
-// So in `wal` mode the committer first puts the commit group, framed, in
-// the tail log (a copy into its mapping, or one write(2) of its own; see
-// below), then commits it to Pebble with pebble.NoSync. From then on the
-// kernel has the group, and a killed agent loses nothing: Open replays the
-// tail's groups that Pebble lacks. Pebble's WAL still receives every batch,
-// in order, a moment later. Each commit that waits for Pebble's WAL anyway
+// So in `wal` mode the committer puts the commit group, framed, in the
+// tail log (a copy into its mapping, or one write(2) of its own; see
+// below), and the group is confirmed. Pebble receives it within 2 ms, with
+// the groups staged around it in one pebble.NoSync commit (commit.go,
+// "Deferred apply"). From the copy on, the kernel has the group, and a
+// killed agent loses nothing: Open replays the tail's groups that Pebble
+// lacks. Pebble's WAL still receives every batch, in order, a moment
+// later. Each commit that waits for Pebble's WAL anyway
 // (the once-a-second head checkpoint, state changes, prunes, Close) has by
 // then made every earlier batch durable in it too, so the tail starts over
 // after it.
