@@ -131,7 +131,7 @@ func newMetrics(a *Agent) *metrics {
 		m.reg.MustRegister(
 			prometheus.NewCounterFunc(prometheus.CounterOpts{
 				Name: "sigil_journal_failures_total",
-				Help: "Audit journal commits that failed (their signatures were withheld) and made the journal reopen its store.",
+				Help: "Audit journal writes that failed and made the journal reopen its store: commits (their signatures were withheld) and applies of records already in the tail log (nothing withheld).",
 			}, func() float64 { return float64(j.Stats().Failures) }),
 			prometheus.NewCounterFunc(prometheus.CounterOpts{
 				Name: "sigil_journal_recoveries_total",

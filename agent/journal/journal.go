@@ -466,7 +466,7 @@ type Stats struct {
 	Records    uint64 // records confirmed by Append
 	Commits    uint64 // commit groups (in `fsync` mode, one Pebble commit each)
 	WALSyncs   uint64 // WAL fsyncs issued
-	Failures   uint64 // commits that failed and made the journal reopen Pebble
+	Failures   uint64 // commits, or applies of staged records, that failed and made the journal reopen Pebble
 	Recoveries uint64 // successful reopens after a failure
 	Full       uint64 // commit groups refused for lack of free space
 	Replayed   uint64 // records put back from the tail log (tail.go) at Open or a reopen
