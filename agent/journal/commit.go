@@ -20,9 +20,10 @@ import (
 //   - Every append that arrives while a commit is in flight joins the next
 //     one: one tail log frame in `wal` mode; one Pebble batch, one WAL
 //     write and one fsync in `fsync` mode. This is the group commit.
-//   - Pebble is written by one goroutine at a time, so after a WAL failure
-//     no other commit can be stuck in Pebble's pipeline when the journal
-//     closes and reopens it.
+//   - Pebble is written by one goroutine at a time (the holder of busy, or
+//     the applier, each under applyMu), so after a WAL failure no other
+//     commit can be stuck in Pebble's pipeline when the journal closes and
+//     reopens it.
 //
 // An Append that finds nobody committing commits its own record on its own
 // goroutine, like a mutex would; an Append that finds a commit in flight
@@ -414,7 +415,9 @@ func (j *Journal) commitBatch(b *pebble.Batch, waits bool, lastSeq uint64, lastH
 //   - Failures. If applying fails, the staged groups stay in the tail;
 //     the next commit (or Healthy) takes Pebble out of service and the
 //     reopen replays the tail, as after any WAL failure. Close keeps the
-//     tail instead of removing it.
+//     tail instead of removing it. If the tail log fails instead, Pebble
+//     gets the staged groups before it is closed for the reopen
+//     (closeFailedDB), since the tail may no longer hold them.
 //   - Bounds. Past maxStaged records the committer applies the staged
 //     groups itself, so a starved applier slows appends instead of growing
 //     memory; the tail's size bounds them too.
@@ -452,8 +455,8 @@ func (j *Journal) stage(b *pebble.Batch) error {
 
 // applyLoop is the applier goroutine: woken when a group is staged into
 // an empty batch, it waits Options.ApplyDelay and applies what has
-// gathered. It
-// exits after a last apply once Close has stopped the committer.
+// gathered. It exits after a last apply once Close has stopped the
+// committer.
 func (j *Journal) applyLoop() {
 	defer close(j.applyDone)
 	t := time.NewTimer(j.opts.ApplyDelay)
@@ -554,11 +557,21 @@ func apply(db *pebble.DB, b *pebble.Batch, opts *pebble.WriteOptions) (err error
 // reused.
 func (j *Journal) closeFailedDB() {
 	j.applyMu.Lock()
+	if j.db != nil {
+		// When the tail log is what failed, Pebble is sound, and the
+		// staged groups are in memory and in a tail that may now be
+		// damaged: give them to Pebble, whose Close writes its WAL, before
+		// it goes. When Pebble failed, this applies nothing, and the tail
+		// has them.
+		if err := j.applyStagedLocked(); err != nil {
+			j.log.Warn("journal: staged records not applied before reopening pebble; the tail log has them", zap.Error(err))
+		}
+	}
 	j.dbMu.Lock()
 	db := j.db
 	j.db = nil
 	j.dbMu.Unlock()
-	// The staged groups are in the tail log, which the reopen replays.
+	// What is still staged is in the tail log, which the reopen replays.
 	j.stageMu.Lock()
 	j.staged = nil
 	j.stageMu.Unlock()

@@ -192,7 +192,6 @@ type Journal struct {
 	applyMu     sync.Mutex
 	stageMu     sync.Mutex
 	staged      *pebble.Batch // groups in the tail log that Pebble lacks yet; nil while db is
-	stagedN     int           // records in staged
 	spareStaged *pebble.Batch // the other staged batch, empty; guarded by applyMu
 	applyFailed atomic.Bool   // applying staged groups failed: db is out of service
 	applyKick   chan struct{} // buffered 1: staged went from empty to not
@@ -329,7 +328,7 @@ func (j *Journal) openDB() error {
 	j.batch = db.NewBatch()
 	j.applyMu.Lock()
 	j.stageMu.Lock()
-	j.staged, j.stagedN = db.NewBatch(), 0
+	j.staged = db.NewBatch()
 	j.stageMu.Unlock()
 	j.spareStaged = db.NewBatch()
 	j.applyFailed.Store(false)

@@ -296,20 +296,39 @@ func TestMappedTailFull(t *testing.T) {
 
 // The mapped tail truncated behind the journal's back: the append faults
 // (SIGBUS). The agent must not die of it; the commit fails, the journal
-// reopens, and the next append goes through.
+// reopens, and the next append goes through. The records confirmed before
+// survive, whether Pebble already had them or they were still staged (the
+// truncated tail then no longer has them, and Pebble gets them before the
+// reopen).
 func TestMappedTailTruncated(t *testing.T) {
-	dir := t.TempDir()
-	j := openTest(t, dir, WAL)
-	appendN(t, j, "acme", 3)
-	if err := os.Truncate(filepath.Join(dir, tailName), 0); err != nil {
-		t.Fatal(err)
+	for _, staged := range []bool{false, true} {
+		t.Run(map[bool]string{false: "applied", true: "staged"}[staged], func(t *testing.T) {
+			dir := t.TempDir()
+			var j *Journal
+			if staged {
+				j = openStaged(t, dir)
+			} else {
+				j = openTest(t, dir, WAL)
+			}
+			appendN(t, j, "acme", 3)
+			if !staged {
+				if _, err := j.Last(1, ""); err != nil { // applies them
+					t.Fatal(err)
+				}
+			} else if inPebble(t, j, 3) {
+				t.Fatal("record 3 is in Pebble: the case shows nothing")
+			}
+			if err := os.Truncate(filepath.Join(dir, tailName), 0); err != nil {
+				t.Fatal(err)
+			}
+			err := j.Append(context.Background(), signRecord("acme", 4))
+			if !errors.Is(err, ErrUnavailable) {
+				t.Fatalf("Append over a truncated tail: %v, want ErrUnavailable", err)
+			}
+			if err := j.Append(context.Background(), signRecord("acme", 5)); err != nil {
+				t.Fatalf("Append after the journal reopened: %v", err)
+			}
+			mustVerify(t, j, 4)
+		})
 	}
-	err := j.Append(context.Background(), signRecord("acme", 4))
-	if !errors.Is(err, ErrUnavailable) {
-		t.Fatalf("Append over a truncated tail: %v, want ErrUnavailable", err)
-	}
-	if err := j.Append(context.Background(), signRecord("acme", 5)); err != nil {
-		t.Fatalf("Append after the journal reopened: %v", err)
-	}
-	mustVerify(t, j, 4)
 }
