@@ -56,7 +56,9 @@ func signRecord(tenant string, i int) *Record {
 }
 
 // rawSet writes a key straight into Pebble, bypassing the journal: the
-// tamper tests' way of editing the store behind the journal's back.
+// tamper tests' way of editing the store behind the journal's back. Like
+// rawDelete and rawGet it applies the staged records first, so that the
+// applier cannot later write a record over the edit.
 func rawSet(t *testing.T, j *Journal, key, value []byte) {
 	t.Helper()
 	db, err := j.readAuditDB()
