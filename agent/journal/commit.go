@@ -557,12 +557,12 @@ func apply(db *pebble.DB, b *pebble.Batch, opts *pebble.WriteOptions) (err error
 // reused.
 func (j *Journal) closeFailedDB() {
 	j.applyMu.Lock()
-	if j.db != nil {
+	if j.db != nil && !j.applyFailed.Load() && !j.fs.walFailed.Load() {
 		// When the tail log is what failed, Pebble is sound, and the
 		// staged groups are in memory and in a tail that may now be
 		// damaged: give them to Pebble, whose Close writes its WAL, before
-		// it goes. When Pebble failed, this applies nothing, and the tail
-		// has them.
+		// it goes. When Pebble failed (already reported), the tail has
+		// them.
 		if err := j.applyStagedLocked(); err != nil {
 			j.log.Warn("journal: staged records not applied before reopening pebble; the tail log has them", zap.Error(err))
 		}
