@@ -556,27 +556,18 @@ func apply(db *pebble.DB, b *pebble.Batch, opts *pebble.WriteOptions) (err error
 // and its memtable may hold the unconfirmed batch, so it is closed, not
 // reused.
 func (j *Journal) closeFailedDB() {
-	j.applyMu.Lock()
 	if j.db != nil && !j.applyFailed.Load() && !j.fs.walFailed.Load() {
 		// When the tail log is what failed, Pebble is sound, and the
 		// staged groups are in memory and in a tail that may now be
 		// damaged: give them to Pebble, whose Close writes its WAL, before
 		// it goes. When Pebble failed (already reported), the tail has
-		// them.
-		if err := j.applyStagedLocked(); err != nil {
+		// them. Only the holder of busy stages, so nothing joins them
+		// before takeDB.
+		if err := j.applyStaged(); err != nil {
 			j.log.Warn("journal: staged records not applied before reopening pebble; the tail log has them", zap.Error(err))
 		}
 	}
-	j.dbMu.Lock()
-	db := j.db
-	j.db = nil
-	j.dbMu.Unlock()
-	// What is still staged is in the tail log, which the reopen replays.
-	j.stageMu.Lock()
-	j.staged = nil
-	j.stageMu.Unlock()
-	j.spareStaged = nil
-	j.applyMu.Unlock()
+	db := j.takeDB()
 	j.batch = nil
 	if err := j.tail.close(); err != nil {
 		j.log.Warn("closing the tail log", zap.Error(err))
@@ -589,6 +580,23 @@ func (j *Journal) closeFailedDB() {
 		j.log.Warn("closing failed pebble", zap.Error(err))
 	}
 	j.nextReopen = time.Time{}
+}
+
+// takeDB takes Pebble out of service and returns it for closing: readers
+// and the applier no longer see it, and what is still staged is dropped
+// (the tail log has it, and the next Open or reopen replays it).
+func (j *Journal) takeDB() *pebble.DB {
+	j.applyMu.Lock()
+	defer j.applyMu.Unlock()
+	j.dbMu.Lock()
+	db := j.db
+	j.db = nil
+	j.dbMu.Unlock()
+	j.stageMu.Lock()
+	j.staged = nil
+	j.stageMu.Unlock()
+	j.spareStaged = nil
+	return db
 }
 
 // recover reopens Pebble after a failure, at most once per

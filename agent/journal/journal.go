@@ -530,12 +530,7 @@ func (j *Journal) Close() error {
 	close(j.applyStop)
 	<-j.applyDone // and every staged group was applied, or applying failed
 
-	j.applyMu.Lock()
-	j.dbMu.Lock()
-	db := j.db
-	j.db = nil
-	j.dbMu.Unlock()
-	j.applyMu.Unlock()
+	db := j.takeDB()
 	var err error
 	if j.applyFailed.Load() {
 		// Pebble lacks records that the tail log has: keep the tail for
