@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -249,20 +248,39 @@ func TestAuditPruneRefusedOverABrokenChain(t *testing.T) {
 	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
 	dir := filepath.Join(cfg.DataDir, "journal")
 	appendOldRecords(t, dir, 5)
-	// Edit record 3 behind the journal's back: "old" becomes "odd".
+	// Edit record 3 behind the journal's back: its tenant "old" becomes
+	// "odd". A stored value holds one record or a run of them, in seq
+	// order, so record 3's tenant is the third length-prefixed "old".
 	db, err := pebble.Open(dir, &pebble.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	key := append([]byte("a/"), binary.BigEndian.AppendUint64(nil, 3)...)
-	v, closer, err := db.Get(key)
+	it, err := db.NewIter(&pebble.IterOptions{LowerBound: []byte("a/"), UpperBound: []byte("a0")})
 	if err != nil {
 		t.Fatal(err)
 	}
-	edited := bytes.Replace(v, []byte("old"), []byte("odd"), 1)
-	closer.Close()
-	if bytes.Equal(edited, v) {
-		t.Fatal("record 3 does not hold the tenant name")
+	tenant := []byte("\x00\x03old")
+	var key, edited []byte
+	for ok, seen := it.First(), 0; ok && key == nil; ok = it.Next() {
+		v := it.Value()
+		for off := 0; ; {
+			i := bytes.Index(v[off:], tenant)
+			if i < 0 {
+				break
+			}
+			if seen++; seen == 3 {
+				key, edited = bytes.Clone(it.Key()), bytes.Clone(v)
+				copy(edited[off+i+2:], "odd")
+				break
+			}
+			off += i + len(tenant)
+		}
+	}
+	if err := it.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if key == nil {
+		t.Fatal("no third record with the tenant name")
 	}
 	if err := db.Set(key, edited, pebble.Sync); err != nil {
 		t.Fatal(err)

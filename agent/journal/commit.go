@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"github.com/cockroachdb/pebble/v2/batchrepr"
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"go.uber.org/zap"
 )
@@ -422,19 +423,39 @@ func (j *Journal) commitBatch(b *pebble.Batch, waits bool, lastSeq uint64, lastH
 //     groups itself, so a starved applier slows appends instead of growing
 //     memory; the tail's size bounds them too.
 
-// maxStaged bounds the staged batch (about 1 MiB at 420 bytes per record),
-// far below Pebble's large-batch threshold (MemTableSize/2).
+// maxStaged bounds the staged records (about 1 MiB at 420 bytes per
+// record), far below Pebble's large-batch threshold (MemTableSize/2).
 const maxStaged = 2048
+
+// maxRun bounds the records one staged run holds. The applier stores the
+// records staged between two applies (about 40 at 20k records/s) as runs
+// of consecutive records, one Pebble value each, instead of one value per
+// record: Pebble's cost goes with its keys (memtable inserts, and the
+// per-key work of every flush and compaction), and records are small.
+// BenchmarkAppend/wal: 1.5-1.7 µs of CPU per record against 2.1-2.2 µs
+// with a value per record. Agents side by side at 8 connections, software
+// ECDSA P-256, ops/s ÷ the journal-off agent's: 0.904 against 0.891
+// (medians of 10 and 8 rounds; within this machine's noise). A bound keeps
+// a reader that wants one record from decoding many.
+const maxRun = 64
 
 var errApplyFailed = errors.New("applying staged records to pebble failed")
 
-// stage appends a group already in the tail log to the staged batch and
-// wakes the applier if the batch was empty.
+// stagedRun is the run of records being staged: consecutive records the
+// next apply stores as one value under the first one's seq.
+type stagedRun struct {
+	first uint64 // seq of its first record; meaningful when n > 0
+	n     int
+	buf   []byte // the records' encodings, concatenated
+}
+
+// stage adds a group already in the tail log to the staged records and
+// wakes the applier if there were none.
 func (j *Journal) stage(b *pebble.Batch) error {
 	j.stageMu.Lock()
-	wasEmpty := j.staged.Empty()
-	err := j.staged.Apply(b, nil)
-	full := j.staged.Count() >= maxStaged
+	wasEmpty := j.stagedRecords == 0 && j.staged.Empty()
+	err := j.stageLocked(b)
+	full := j.stagedRecords >= maxStaged
 	j.stageMu.Unlock()
 	if err != nil {
 		return fmt.Errorf("journal: stage commit group: %w", err)
@@ -451,6 +472,57 @@ func (j *Journal) stage(b *pebble.Batch) error {
 		_ = j.applyStaged()
 	}
 	return nil
+}
+
+// stageLocked adds the group's records to the open run, which is closed
+// into the staged batch when the next record does not follow it or it is
+// full. A staged group holds only audit records (state changes, prunes and
+// checkpoints wait for Pebble's WAL instead); any other write is staged
+// as it is, after the records before it.
+func (j *Journal) stageLocked(b *pebble.Batch) error {
+	for r := batchrepr.Read(b.Repr()); ; {
+		kind, key, value, ok, err := r.Next()
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return nil
+		}
+		seq, isRecord := seqFromKey(key)
+		if kind != pebble.InternalKeyKindSet || !isRecord {
+			j.closeRun()
+			if kind != pebble.InternalKeyKindSet {
+				return fmt.Errorf("a staged group holds a write of kind %v", kind)
+			}
+			if err := j.staged.Set(key, value, nil); err != nil {
+				return err
+			}
+			continue
+		}
+		run := &j.openRun
+		if run.n > 0 && (seq != run.first+uint64(run.n) || run.n == maxRun) {
+			j.closeRun()
+		}
+		if run.n == 0 {
+			run.first = seq
+		}
+		run.buf = append(run.buf, value...)
+		run.n++
+		j.stagedRecords++
+	}
+}
+
+// closeRun moves the open run into the staged batch as one value.
+func (j *Journal) closeRun() {
+	run := &j.openRun
+	if run.n == 0 {
+		return
+	}
+	op := j.staged.SetDeferred(auditKeyLen, len(run.buf))
+	putAuditKey(op.Key, run.first)
+	copy(op.Value, run.buf)
+	_ = op.Finish() // only fails for indexed batches
+	run.n, run.buf = 0, run.buf[:0]
 }
 
 // applyLoop is the applier goroutine: woken when a group is staged into
@@ -498,11 +570,17 @@ func (j *Journal) applyStagedLocked() error {
 	}
 	j.stageMu.Lock()
 	b := j.staged
-	if b == nil || b.Empty() {
+	if b == nil {
 		j.stageMu.Unlock()
 		return nil
 	}
-	j.staged = j.spareStaged
+	j.closeRun()
+	if b.Empty() {
+		j.stageMu.Unlock()
+		return nil
+	}
+	records := j.stagedRecords
+	j.staged, j.stagedRecords = j.spareStaged, 0
 	j.stageMu.Unlock()
 	var err error
 	if j.fs.walFailed.Load() {
@@ -515,7 +593,7 @@ func (j *Journal) applyStagedLocked() error {
 		j.spareStaged = nil // never reused: the reopen makes new ones
 		j.applyFailed.Store(true)
 		j.log.Error("journal: applying staged records to pebble failed; they are in the tail log, and pebble is reopened at the next commit",
-			zap.Int("records", int(b.Count())), zap.Error(err))
+			zap.Int("records", records), zap.Error(err))
 		return fmt.Errorf("%w: %w", errApplyFailed, err)
 	}
 	b.Reset()
@@ -593,7 +671,8 @@ func (j *Journal) takeDB() *pebble.DB {
 	j.db = nil
 	j.dbMu.Unlock()
 	j.stageMu.Lock()
-	j.staged = nil
+	j.staged, j.stagedRecords = nil, 0
+	j.openRun.n, j.openRun.buf = 0, j.openRun.buf[:0]
 	j.stageMu.Unlock()
 	j.spareStaged = nil
 	return db

@@ -38,11 +38,23 @@
 //
 // One Pebble database, three namespaces:
 //
-//	a/<seq: 8 bytes big-endian>  one audit record (its encoding)
+//	a/<seq: 8 bytes big-endian>  a run of audit records: the record seq,
+//	                             or it and the records after it, their
+//	                             encodings concatenated
 //	m/head                       chain-head checkpoint: version byte 1,
 //	                             seq (8 bytes BE), hash (32 bytes)
 //	s/<key>                      agent state (rotation state, calendars,
 //	                             REPs): Put, Get, Delete, ScanState
+//
+// A record's encoding says where it ends (its strings carry their
+// lengths), so a run needs no framing, and a value of one record, as every
+// value was before runs, is a run of one. The applier stores what it
+// applies at once as runs of up to 64 records (commit.go, maxRun); waited
+// commits and tail replay store a record per key, and a prune that ends
+// inside a run stores the rest of it as a run of its own.
+// Readers find record seq in the last run stored under a seq not above it.
+// Runs make Pebble's per-key work (memtable inserts, flush and compaction)
+// once per run rather than once per record.
 //
 // Audit keys only grow, so sstables of audit keys never overlap and move
 // down the LSM without rewrites; Options.Experimental.SpanPolicyFunc cuts

@@ -58,13 +58,12 @@ func signRecord(tenant string, i int) *Record {
 // rawSet writes a key straight into Pebble, bypassing the journal: the
 // tamper tests' way of editing the store behind the journal's back. Like
 // rawDelete and rawGet it applies the staged records first, so that the
-// applier cannot later write a record over the edit.
+// applier cannot later write a record over the edit, and then stores
+// every record under its own key (splitRuns), so that a test can name one
+// record by its key.
 func rawSet(t *testing.T, j *Journal, key, value []byte) {
 	t.Helper()
-	db, err := j.readAuditDB()
-	if err != nil {
-		t.Fatal(err)
-	}
+	db := rawDB(t, j)
 	defer j.dbMu.RUnlock()
 	if err := db.Set(key, value, pebble.Sync); err != nil {
 		t.Fatal(err)
@@ -73,10 +72,7 @@ func rawSet(t *testing.T, j *Journal, key, value []byte) {
 
 func rawDelete(t *testing.T, j *Journal, key []byte) {
 	t.Helper()
-	db, err := j.readAuditDB()
-	if err != nil {
-		t.Fatal(err)
-	}
+	db := rawDB(t, j)
 	defer j.dbMu.RUnlock()
 	if err := db.Delete(key, pebble.Sync); err != nil {
 		t.Fatal(err)
@@ -85,10 +81,7 @@ func rawDelete(t *testing.T, j *Journal, key []byte) {
 
 func rawGet(t *testing.T, j *Journal, key []byte) []byte {
 	t.Helper()
-	db, err := j.readAuditDB()
-	if err != nil {
-		t.Fatal(err)
-	}
+	db := rawDB(t, j)
 	defer j.dbMu.RUnlock()
 	v, closer, err := db.Get(key)
 	if err != nil {
@@ -96,6 +89,70 @@ func rawGet(t *testing.T, j *Journal, key []byte) []byte {
 	}
 	defer closer.Close()
 	return append([]byte(nil), v...)
+}
+
+// rawDB applies the staged records, splits the stored runs and returns
+// the DB with j.dbMu read-held.
+func rawDB(t *testing.T, j *Journal) *pebble.DB {
+	t.Helper()
+	db, err := j.readAuditDB()
+	if err != nil {
+		t.Fatal(err)
+	}
+	splitRuns(t, db)
+	return db
+}
+
+// splitRuns stores every record of a run of several under its own key,
+// which is how a journal stores records applied one per commit (and how
+// it stored every record before runs).
+func splitRuns(t *testing.T, db *pebble.DB) {
+	t.Helper()
+	it, err := db.NewIter(auditIterOptions(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := db.NewBatch()
+	for ok := it.First(); ok; ok = it.Next() {
+		seq, _ := seqFromKey(it.Key())
+		for run := it.Value(); len(run) > 0; seq++ {
+			rec, rest, err := nextInRun(run)
+			if err != nil {
+				break // a tampered value: leave it as it is
+			}
+			if err := b.Set(auditKeyFor(seq), rec, nil); err != nil {
+				t.Fatal(err)
+			}
+			run = rest
+		}
+	}
+	if err := it.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Commit(pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// runCount counts the stored audit values (runs, or records stored one per
+// key).
+func runCount(t *testing.T, j *Journal) int {
+	t.Helper()
+	db, err := j.readAuditDB()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.dbMu.RUnlock()
+	it, err := db.NewIter(auditIterOptions(0))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer it.Close()
+	n := 0
+	for ok := it.First(); ok; ok = it.Next() {
+		n++
+	}
+	return n
 }
 
 func auditKey(seq uint64) []byte { return auditKeyFor(seq) }

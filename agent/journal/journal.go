@@ -189,14 +189,16 @@ type Journal struct {
 	// write and with every change of db: whoever holds it may use db.
 	// stageMu guards the staged batch, which the holder of busy appends to
 	// and the applier swaps out. Lock order: applyMu, then stageMu or dbMu.
-	applyMu     sync.Mutex
-	stageMu     sync.Mutex
-	staged      *pebble.Batch // groups in the tail log that Pebble lacks yet; nil while db is
-	spareStaged *pebble.Batch // the other staged batch, empty; guarded by applyMu
-	applyFailed atomic.Bool   // applying staged groups failed: db is out of service
-	applyKick   chan struct{} // buffered 1: staged went from empty to not
-	applyStop   chan struct{} // closed by Close
-	applyDone   chan struct{} // closed when the applier goroutine has exited
+	applyMu       sync.Mutex
+	stageMu       sync.Mutex
+	staged        *pebble.Batch // runs of records in the tail log that Pebble lacks yet; nil while db is
+	openRun       stagedRun     // the run being staged, which the next apply closes into staged
+	stagedRecords int           // records in staged and openRun
+	spareStaged   *pebble.Batch // the other staged batch, empty; guarded by applyMu
+	applyFailed   atomic.Bool   // applying staged groups failed: db is out of service
+	applyKick     chan struct{} // buffered 1: staged went from empty to not
+	applyStop     chan struct{} // closed by Close
+	applyDone     chan struct{} // closed when the applier goroutine has exited
 
 	// Owned by whichever goroutine holds busy (an inline Append or the
 	// committer goroutine).
@@ -400,9 +402,11 @@ func readMeta(r pebble.Reader, key string) (seq uint64, hash [32]byte, found boo
 	return seq, hash, err == nil, err
 }
 
-// lastRecordHead returns the seq in the last audit key and the Hash stored
-// in its value (the value's last 32 bytes, so even an undecodable record
-// yields a hash to chain from).
+// lastRecordHead returns the seq of the last stored record and the Hash
+// stored with it (the last run's last 32 bytes, read without decoding,
+// so even an undecodable record yields a hash to chain from). A run whose
+// end cannot be split into records counts that end as one record, as
+// Verify does.
 func lastRecordHead(db *pebble.DB) (uint64, [32]byte, bool, error) {
 	var hash [32]byte
 	it, err := db.NewIter(auditIterOptions(0))
@@ -417,8 +421,12 @@ func lastRecordHead(db *pebble.DB) (uint64, [32]byte, bool, error) {
 	if !ok {
 		return 0, hash, false, fmt.Errorf("journal: malformed audit key %x", it.Key())
 	}
+	n, err := runLen(it.Value())
+	if err != nil {
+		n++
+	}
 	hash, _ = valueHash(it.Value())
-	return seq, hash, true, nil
+	return seq + max(n, 1) - 1, hash, true, nil
 }
 
 // valueHash is the Hash stored in a record's value: its last 32 bytes, read

@@ -61,6 +61,9 @@ func (p PruneResult) String() string {
 type pruneRange struct {
 	from, to uint64
 	hash     [32]byte // record to's hash
+	// keep is the part of the run holding record to that follows it,
+	// stored again under seq to+1 (nil when record to ends its run).
+	keep []byte
 }
 
 // Prune deletes the records at the start of the chain whose Time is
@@ -120,25 +123,36 @@ func (j *Journal) pruneRange(ctx context.Context, before time.Time) (pruneRange,
 			ErrPruneRefused, seq, fmt.Sprintf(format, args...))
 	}
 	beforeNS := before.UnixNano()
+runs:
 	for ok := it.First(); ok; ok = it.Next() {
-		if (want-pr.from)%4096 == 0 {
-			if err := ctx.Err(); err != nil {
-				return pruneRange{}, err
-			}
-		}
-		seq, okKey := seqFromKey(it.Key())
-		if !okKey || seq != want {
+		keySeq, okKey := seqFromKey(it.Key())
+		if !okKey || keySeq != want {
 			return refuse(want, "expected seq %d, found key %x", want, it.Key())
 		}
-		val := it.Value()
-		if ns, ok := peekTime(val); ok && ns >= beforeNS {
-			break
+		run := it.Value()
+		for off := 0; off < len(run); {
+			if (want-pr.from)%4096 == 0 {
+				if err := ctx.Err(); err != nil {
+					return pruneRange{}, err
+				}
+			}
+			val, _, err := nextInRun(run[off:])
+			if err != nil {
+				return refuse(want, "%v", err)
+			}
+			if ns, ok := peekTime(val); ok && ns >= beforeNS {
+				if off > 0 {
+					pr.keep = append([]byte(nil), run[off:]...)
+				}
+				break runs
+			}
+			if brk, _ := checkRecord(val, want, prev, &r); brk != nil {
+				return refuse(want, "%s: %s", brk.Reason, brk.Detail)
+			}
+			pr.to, pr.hash, prev = want, r.Hash, r.Hash
+			want++
+			off += len(val)
 		}
-		if brk, _ := checkRecord(val, seq, prev, &r); brk != nil {
-			return refuse(seq, "%s: %s", brk.Reason, brk.Detail)
-		}
-		pr.to, pr.hash, prev = seq, r.Hash, r.Hash
-		want++
 	}
 	if err := it.Error(); err != nil {
 		return pruneRange{}, fmt.Errorf("journal: prune: %w", err)
@@ -149,6 +163,10 @@ func (j *Journal) pruneRange(ctx context.Context, before time.Time) (pruneRange,
 // putPrune adds a prune's deletion and new anchor to the batch.
 func putPrune(b *pebble.Batch, pr *pruneRange) {
 	_ = b.DeleteRange(auditKeyFor(pr.from), auditKeyFor(pr.to+1), nil)
+	if pr.keep != nil {
+		// The records after the anchor in its run start a run of their own.
+		_ = b.Set(auditKeyFor(pr.to+1), pr.keep, nil)
+	}
 	op := b.SetDeferred(len(anchorKey), headLen)
 	copy(op.Key, anchorKey)
 	encodeHead(op.Value, pr.to, pr.hash)
@@ -157,7 +175,12 @@ func putPrune(b *pebble.Batch, pr *pruneRange) {
 
 func auditKeyFor(seq uint64) []byte {
 	k := make([]byte, auditKeyLen)
+	putAuditKey(k, seq)
+	return k
+}
+
+// putAuditKey writes seq's audit key into k, which is auditKeyLen bytes.
+func putAuditKey(k []byte, seq uint64) {
 	copy(k, auditPrefix)
 	binary.BigEndian.PutUint64(k[len(auditPrefix):], seq)
-	return k
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"fmt"
 	"io"
+	"math"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -35,8 +36,47 @@ func (f *Filter) matches(v []byte) bool {
 	return true
 }
 
+// auditIterOptions bounds an iterator to the audit keys from seq from on.
+// A run stored under an earlier seq may hold from: seekRun finds it.
 func auditIterOptions(from uint64) *pebble.IterOptions {
 	return &pebble.IterOptions{LowerBound: auditKeyFor(from), UpperBound: prefixEnd([]byte(auditPrefix))}
+}
+
+// seekRun positions it at the stored run that holds seq: the last one
+// stored under a seq not above it (which may end before seq), or the
+// first one when there is none.
+func seekRun(it *pebble.Iterator, seq uint64) bool {
+	if seq < math.MaxUint64 && it.SeekLT(auditKeyFor(seq+1)) {
+		return true
+	}
+	return it.First()
+}
+
+// storedRecord returns a copy of record seq's encoding.
+func storedRecord(r pebble.Reader, seq uint64) ([]byte, error) {
+	it, err := r.NewIter(auditIterOptions(0))
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	if seq < math.MaxUint64 && it.SeekLT(auditKeyFor(seq+1)) {
+		keySeq, _ := seqFromKey(it.Key())
+		run := it.Value()
+		for s := keySeq; len(run) > 0; s++ {
+			rec, rest, err := nextInRun(run)
+			if err != nil {
+				return nil, fmt.Errorf("journal: record %d: %w", s, err)
+			}
+			if s == seq {
+				return append([]byte(nil), rec...), nil
+			}
+			run = rest
+		}
+	}
+	if err := it.Error(); err != nil {
+		return nil, err
+	}
+	return nil, fmt.Errorf("journal: record %d: %w", seq, pebble.ErrNotFound)
 }
 
 // Scan calls fn for each record the filter selects, in seq order. Records
@@ -50,25 +90,32 @@ func (j *Journal) Scan(ctx context.Context, f Filter, fn func(*Record) error) er
 		return err
 	}
 	defer j.dbMu.RUnlock()
-	it, err := db.NewIter(auditIterOptions(f.FromSeq))
+	it, err := db.NewIter(auditIterOptions(0))
 	if err != nil {
 		return fmt.Errorf("journal: scan: %w", err)
 	}
 	defer it.Close()
 	var r Record
-	for ok := it.First(); ok; ok = it.Next() {
+	for ok := seekRun(it, f.FromSeq); ok; ok = it.Next() {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		v := it.Value()
-		if !f.matches(v) {
-			continue
-		}
-		if err := decodeRecord(v, &r); err != nil {
-			return fmt.Errorf("journal: record at key %x: %w", it.Key(), err)
-		}
-		if err := fn(&r); err != nil {
-			return err
+		keySeq, _ := seqFromKey(it.Key())
+		for seq, run := keySeq, it.Value(); len(run) > 0; seq++ {
+			v, rest, err := nextInRun(run)
+			if err != nil {
+				return fmt.Errorf("journal: record %d: %w", seq, err)
+			}
+			run = rest
+			if seq < f.FromSeq || !f.matches(v) {
+				continue
+			}
+			if err := decodeRecord(v, &r); err != nil {
+				return fmt.Errorf("journal: record %d: %w", seq, err)
+			}
+			if err := fn(&r); err != nil {
+				return err
+			}
 		}
 	}
 	return it.Error()
@@ -95,12 +142,11 @@ func (j *Journal) FirstSeqAt(t time.Time) (uint64, error) {
 	lo, hi := anchor+1, head+1 // the answer is in [lo, hi]
 	for lo < hi {
 		mid := lo + (hi-lo)/2
-		v, closer, err := snap.Get(auditKeyFor(mid))
+		v, err := storedRecord(snap, mid)
 		if err != nil {
 			return 0, fmt.Errorf("journal: read record %d: %w", mid, err)
 		}
 		ns, ok := peekTime(v)
-		closer.Close()
 		if !ok {
 			return 0, fmt.Errorf("journal: record %d is not a record", mid)
 		}
@@ -131,16 +177,27 @@ func (j *Journal) Last(n int, tenant string) ([]Record, error) {
 	defer it.Close()
 	f := Filter{Tenant: tenant}
 	out := make([]Record, 0, min(n, 1024))
+	var recs [][]byte // the current run's records
 	for ok := it.Last(); ok && len(out) < n; ok = it.Prev() {
-		v := it.Value()
-		if !f.matches(v) {
-			continue
+		keySeq, _ := seqFromKey(it.Key())
+		recs = recs[:0]
+		for seq, run := keySeq, it.Value(); len(run) > 0; seq++ {
+			v, rest, err := nextInRun(run)
+			if err != nil {
+				return nil, fmt.Errorf("journal: record %d: %w", seq, err)
+			}
+			recs, run = append(recs, v), rest
 		}
-		var r Record
-		if err := decodeRecord(v, &r); err != nil {
-			return nil, fmt.Errorf("journal: record at key %x: %w", it.Key(), err)
+		for i := len(recs) - 1; i >= 0 && len(out) < n; i-- {
+			if !f.matches(recs[i]) {
+				continue
+			}
+			var r Record
+			if err := decodeRecord(recs[i], &r); err != nil {
+				return nil, fmt.Errorf("journal: record %d: %w", keySeq+uint64(i), err)
+			}
+			out = append(out, r)
 		}
-		out = append(out, r)
 	}
 	if err := it.Error(); err != nil {
 		return nil, err
@@ -183,8 +240,9 @@ const (
 	// BreakGap: a seq is missing (a record was deleted), or the first
 	// record is not seq 1 (or, after a prune, the anchor's seq + 1).
 	BreakGap
-	// BreakUndecodable: the stored value is not a record encoding, or its
-	// seq disagrees with its key.
+	// BreakUndecodable: the stored bytes are not a record encoding, or a
+	// record's seq disagrees with its place (its key, or its position in
+	// a run).
 	BreakUndecodable
 	// BreakHeadMismatch: the chain disagrees with the chain-head
 	// checkpoint: records deleted from the end, or history rewritten up
@@ -295,6 +353,8 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 	}
 	rep.AnchorSeq = anchorSeq
 
+	// The chain starts after the anchor, and a prune leaves the records
+	// after it in a run of their own: the first run starts at anchor+1.
 	it, err := snap.NewIter(auditIterOptions(anchorSeq + 1))
 	if err != nil {
 		return rep, fmt.Errorf("journal: verify: %w", err)
@@ -304,49 +364,67 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 		r          Record
 		prevHash   = anchorHash
 		expected   = anchorSeq + 1
+		resync     bool     // a run's end was unreadable: take the next run's seq as given
 		pruneSeq   uint64   // the newest prune record
 		pruneNamed [32]byte // the anchor hash it names
 	)
 	for ok := it.First(); ok; ok = it.Next() {
-		if rep.Records%4096 == 0 {
-			if err := ctx.Err(); err != nil {
-				return rep, err
-			}
-		}
 		keySeq, okKey := seqFromKey(it.Key())
-		val := it.Value()
-		rep.Records++
-		if rep.Records == 1 {
-			rep.FirstSeq = keySeq
-		}
-		rep.LastSeq = keySeq
 		if !okKey {
+			rep.Records++
 			breakAt(expected, BreakUndecodable, "malformed key %x", it.Key())
 			continue
 		}
-		if keySeq != expected {
+		if keySeq != expected && !resync {
 			breakAt(expected, BreakGap, "expected seq %d, found %d", expected, keySeq)
 		}
-		expected = keySeq + 1
-		brk, decoded := checkRecord(val, keySeq, prevHash, &r)
-		if brk != nil {
-			breakAt(brk.Seq, brk.Reason, "%s", brk.Detail)
-		}
-		if !decoded {
-			// Chain on from the stored hash, if there is one, so a
-			// single bad record is reported once.
-			if len(val) >= 32 {
-				copy(prevHash[:], val[len(val)-32:])
+		resync = false
+		seq, run := keySeq, it.Value()
+		for first := true; first || len(run) > 0; first = false {
+			if rep.Records%4096 == 0 {
+				if err := ctx.Err(); err != nil {
+					return rep, err
+				}
 			}
-			continue
+			rep.Records++
+			if rep.Records == 1 {
+				rep.FirstSeq = seq
+			}
+			rep.LastSeq = seq
+			val, rest, err := nextInRun(run)
+			if err != nil {
+				// The rest of the run cannot be split into records. Chain
+				// on from the hash it ends with, if it has one, so the
+				// break is reported once.
+				breakAt(seq, BreakUndecodable, "%v", err)
+				if len(run) >= 32 {
+					copy(prevHash[:], run[len(run)-32:])
+				}
+				resync = true
+				break
+			}
+			run = rest
+			brk, decoded := checkRecord(val, seq, prevHash, &r)
+			if brk != nil {
+				breakAt(brk.Seq, brk.Reason, "%s", brk.Detail)
+			}
+			if !decoded {
+				// Chain on from the stored hash, so a single bad record is
+				// reported once.
+				copy(prevHash[:], val[len(val)-32:])
+				seq++
+				continue
+			}
+			if r.Op == PruneOp {
+				pruneSeq, pruneNamed = seq, r.DigestHash
+			}
+			if cpFound && seq == cpSeq && r.Hash != cpHash {
+				breakAt(seq, BreakHeadMismatch, "record hash %x, checkpoint says %x", r.Hash[:8], cpHash[:8])
+			}
+			prevHash = r.Hash
+			seq++
 		}
-		if r.Op == PruneOp {
-			pruneSeq, pruneNamed = keySeq, r.DigestHash
-		}
-		if cpFound && keySeq == cpSeq && r.Hash != cpHash {
-			breakAt(keySeq, BreakHeadMismatch, "record hash %x, checkpoint says %x", r.Hash[:8], cpHash[:8])
-		}
-		prevHash = r.Hash
+		expected = seq
 	}
 	if err := it.Error(); err != nil {
 		return rep, fmt.Errorf("journal: verify: %w", err)
@@ -366,22 +444,22 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 	return rep, nil
 }
 
-// checkRecord decodes the value stored under keySeq into r and checks it:
-// its seq, its hash over its bytes, and its link to prev, the previous
-// record's hash. It returns the first thing wrong (nil if nothing is), and
-// decoded false when the value is not a record at all. Verify reports what
-// it returns; Prune refuses on it.
-func checkRecord(val []byte, keySeq uint64, prev [32]byte, r *Record) (brk *ChainBreak, decoded bool) {
+// checkRecord decodes a stored record, at seq's place in the chain, into r
+// and checks it: its seq, its hash over its bytes, and its link to prev,
+// the previous record's hash. It returns the first thing wrong (nil if
+// nothing is), and decoded false when the bytes are not a record at all.
+// Verify reports what it returns; Prune refuses on it.
+func checkRecord(val []byte, seq uint64, prev [32]byte, r *Record) (brk *ChainBreak, decoded bool) {
 	if err := decodeRecord(val, r); err != nil {
-		return &ChainBreak{Seq: keySeq, Reason: BreakUndecodable, Detail: err.Error()}, false
+		return &ChainBreak{Seq: seq, Reason: BreakUndecodable, Detail: err.Error()}, false
 	}
 	switch {
-	case r.Seq != keySeq:
-		return &ChainBreak{Seq: keySeq, Reason: BreakUndecodable, Detail: fmt.Sprintf("record says seq %d under key seq %d", r.Seq, keySeq)}, true
+	case r.Seq != seq:
+		return &ChainBreak{Seq: seq, Reason: BreakUndecodable, Detail: fmt.Sprintf("record says seq %d, stored where seq %d belongs", r.Seq, seq)}, true
 	case computedHash(val) != r.Hash:
-		return &ChainBreak{Seq: keySeq, Reason: BreakHashMismatch, Detail: fmt.Sprintf("stored hash %x, bytes hash to %x", r.Hash[:8], hashPrefix(val))}, true
+		return &ChainBreak{Seq: seq, Reason: BreakHashMismatch, Detail: fmt.Sprintf("stored hash %x, bytes hash to %x", r.Hash[:8], hashPrefix(val))}, true
 	case r.PrevHash != prev:
-		return &ChainBreak{Seq: keySeq, Reason: BreakPrevMismatch, Detail: fmt.Sprintf("prev hash %x, previous record's hash %x", r.PrevHash[:8], prev[:8])}, true
+		return &ChainBreak{Seq: seq, Reason: BreakPrevMismatch, Detail: fmt.Sprintf("prev hash %x, previous record's hash %x", r.PrevHash[:8], prev[:8])}, true
 	}
 	return nil, true
 }

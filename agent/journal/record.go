@@ -190,6 +190,53 @@ func decodeRecord(buf []byte, r *Record) error {
 	return nil
 }
 
+// recordLen returns the length of the record encoding at the start of
+// buf, found by walking its string lengths; it checks nothing else.
+func recordLen(buf []byte) (int, error) {
+	if len(buf) < minRecordEncoded {
+		return 0, fmt.Errorf("%w: %d bytes, shorter than the minimum %d", errUndecodable, len(buf), minRecordEncoded)
+	}
+	p := recordFixedLen
+	for i := range recordStringN {
+		if p+2 > len(buf)-32 {
+			return 0, fmt.Errorf("%w: string %d length runs past the end", errUndecodable, i)
+		}
+		p += 2 + int(binary.BigEndian.Uint16(buf[p:]))
+	}
+	if p+32 > len(buf) {
+		return 0, fmt.Errorf("%w: string %d runs past the end", errUndecodable, recordStringN-1)
+	}
+	return p + 32, nil
+}
+
+// A stored audit value is a run: one record, or several consecutive
+// records concatenated, stored under the seq of its first (see doc.go,
+// "Key layout"). A record's encoding says where it ends, so a run needs
+// no framing of its own, and a value of one record is a run of one.
+
+// nextInRun splits the first record off a run. A record whose string
+// lengths run past the end makes the rest of the run unreadable.
+func nextInRun(run []byte) (rec, rest []byte, err error) {
+	n, err := recordLen(run)
+	if err != nil {
+		return nil, nil, err
+	}
+	return run[:n], run[n:], nil
+}
+
+// runLen counts the records of a run.
+func runLen(run []byte) (uint64, error) {
+	var n uint64
+	for len(run) > 0 {
+		var err error
+		if _, run, err = nextInRun(run); err != nil {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
+}
+
 // computedHash is the hash a stored record should carry: BLAKE3 of its
 // bytes without the trailing stored hash.
 func computedHash(buf []byte) [32]byte { return blake3.Sum256(buf[:len(buf)-32]) }

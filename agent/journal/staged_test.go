@@ -31,14 +31,13 @@ func inPebble(t *testing.T, j *Journal, seq uint64) bool {
 		t.Fatal(err)
 	}
 	defer j.dbMu.RUnlock()
-	_, closer, err := db.Get(auditKeyFor(seq))
+	_, err = storedRecord(db, seq)
 	if errors.Is(err, pebble.ErrNotFound) {
 		return false
 	}
 	if err != nil {
 		t.Fatal(err)
 	}
-	_ = closer.Close()
 	return true
 }
 
@@ -83,6 +82,11 @@ func TestStagedBatchIsBounded(t *testing.T) {
 		t.Fatalf("record %d is in Pebble: the batch was applied before it was full", maxStaged+1)
 	}
 	mustVerify(t, j, maxStaged+1)
+	// Staged as runs of maxRun records, and the last record, which
+	// mustVerify applied, as a run of one.
+	if n, want := runCount(t, j), maxStaged/maxRun+1; n != want {
+		t.Fatalf("%d stored runs, want %d", n, want)
+	}
 }
 
 func TestCloseAppliesStagedRecords(t *testing.T) {

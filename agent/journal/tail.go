@@ -352,11 +352,10 @@ func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte
 
 // storedHash returns the Hash stored with record seq.
 func storedHash(db *pebble.DB, seq uint64) ([32]byte, bool) {
-	v, closer, err := db.Get(auditKeyFor(seq))
+	v, err := storedRecord(db, seq)
 	if err != nil {
 		return [32]byte{}, false
 	}
-	defer closer.Close()
 	return valueHash(v)
 }
 
