@@ -45,6 +45,18 @@ func (a Algorithm) String() string {
 	if a.Hash == 0 {
 		return a.Scheme.String()
 	}
+	// The agent names the algorithm in every audit record: the usual
+	// pairs come from a switch, so that costs no allocation.
+	switch a {
+	case Algorithm{SchemeECDSA, crypto.SHA256}:
+		return "ecdsa-sha256"
+	case Algorithm{SchemeECDSA, crypto.SHA384}:
+		return "ecdsa-sha384"
+	case Algorithm{SchemePKCS1v15, crypto.SHA256}:
+		return "rsa-pkcs1v15-sha256"
+	case Algorithm{SchemePSS, crypto.SHA256}:
+		return "rsa-pss-sha256"
+	}
 	return a.Scheme.String() + "-" + hashName(a.Hash)
 }
 

@@ -107,3 +107,32 @@ func TestDigestInfoPrefix(t *testing.T) {
 		t.Fatal("md5 accepted")
 	}
 }
+
+// Algorithm names are what audit records and logs carry: the switch for
+// the usual pairs must name them exactly as the general rule does.
+func TestAlgorithmString(t *testing.T) {
+	cases := []struct {
+		alg  Algorithm
+		want string
+	}{
+		{Algorithm{SchemeECDSA, crypto.SHA256}, "ecdsa-sha256"},
+		{Algorithm{SchemeECDSA, crypto.SHA384}, "ecdsa-sha384"},
+		{Algorithm{SchemeECDSA, crypto.SHA512}, "ecdsa-sha512"},
+		{Algorithm{SchemePKCS1v15, crypto.SHA256}, "rsa-pkcs1v15-sha256"},
+		{Algorithm{SchemePKCS1v15, crypto.SHA384}, "rsa-pkcs1v15-sha384"},
+		{Algorithm{SchemePSS, crypto.SHA256}, "rsa-pss-sha256"},
+		{Algorithm{SchemePSS, crypto.SHA512}, "rsa-pss-sha512"},
+		{Algorithm{SchemeEd25519, 0}, "ed25519"},
+		{Algorithm{SchemeECDSA, crypto.MD5}, "ecdsa-MD5"},
+		{Algorithm{Scheme(9), crypto.SHA256}, "scheme(9)-sha256"},
+	}
+	for _, tc := range cases {
+		if got := tc.alg.String(); got != tc.want {
+			t.Errorf("%#v.String() = %q, want %q", tc.alg, got, tc.want)
+		}
+	}
+	usual := Algorithm{SchemeECDSA, crypto.SHA256}
+	if n := testing.AllocsPerRun(100, func() { _ = usual.String() }); n != 0 {
+		t.Errorf("ecdsa-sha256 String allocates %v times", n)
+	}
+}
