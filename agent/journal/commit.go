@@ -45,7 +45,17 @@ import (
 // up to the last checkpoint. Writing it with every commit would cost about
 // 0.9 µs of CPU per record (measured: a second memtable entry and WAL
 // bytes per commit, plus the flush and compaction of its versions).
-const checkpointInterval = time.Second
+//
+// In `wal` mode the checkpoint's commit waits for Pebble's WAL, after
+// which the tail log starts over (tail.go), so the interval also sets how
+// much of the tail's mapping appends cycle through: at 20k records/s,
+// about 0.8 MiB at 100 ms, which stays in the CPU's caches, against 8 MiB
+// at one second, which did not. Measured with agents side by side at 8
+// connections (software ECDSA P-256, 20 rounds): ops/s 1.2% higher at
+// 100 ms than at one second (median of the paired rounds; 14 of 20 in its
+// favour), and copying a frame into the tail took about half the CPU in
+// the agent's profile. Ten waited commits a second cost nothing measurable.
+const checkpointInterval = 100 * time.Millisecond
 
 // maxGroup bounds one commit group, keeping batches far below Pebble's
 // large-batch threshold (MemTableSize/2).

@@ -62,7 +62,7 @@
 // and s/ keys never share an sstable with audit keys (sharing one made
 // every level rewrite all audit data: +0.5 µs of CPU per record).
 //
-// The m/head checkpoint is written with a commit at most once a second and
+// The m/head checkpoint is written with a commit at most every 100 ms and
 // on Close. Writing it with every commit would cost about 0.9 µs per
 // record. Open continues the chain from the last record, or from the
 // checkpoint if records after it are missing, so new records do not reuse

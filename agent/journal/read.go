@@ -322,8 +322,7 @@ func (r *VerifyReport) OK() bool { return r.Break == nil }
 // present, unedited and in order, and the chain reaches the last
 // checkpoint. What
 // it cannot: that no records were cut from the end after the last
-// checkpoint (at most one second of records, or none after a clean
-// Close), or that someone who can write the store did not rewrite the
+// checkpoint (at most 100 ms of records, or none after a clean Close), or that someone who can write the store did not rewrite the
 // whole chain; quoting Head in Rotation Evidence Packs and exporting the
 // records off the host is what anchors the chain against that.
 func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
