@@ -36,7 +36,8 @@ func handBuiltReport() *Report {
 	add("pkcs11-front", "ecdsa-p256", 1, 160, 6000)
 	add("pkcs11-front", "ecdsa-p256", 8, 450, 10000)
 	add("software", "ed25519", 8, 150, 52000)
-	add("software", "ecdsa-p256", 8, 300, 19000)
+	add("software", "ecdsa-p256", 8, 320, 17000)
+	add("software-wal", "ecdsa-p256", 8, 300, 19000)
 	add("software-nojournal", "ecdsa-p256", 8, 280, 20000)
 	add("software-fsync", "ecdsa-p256", 8, 900, 8000)
 	add("software-policy", "ecdsa-p256", 8, 310, 18500)
@@ -58,6 +59,7 @@ func TestComputeRatios(t *testing.T) {
 		RatioAgentVsP11KitOpsG8: 15400.0 / 4400,
 		RatioTCPVsUnixP50:       105.0 / 84,
 		RatioJournalVsOffOpsG8:  19000.0 / 20000,
+		RatioMainVsOffOpsG8:     17000.0 / 20000,
 		RatioFsyncVsOffOpsG8:    8000.0 / 20000,
 		RatioJournalHSMOpsG8:    15400.0 / 16500,
 		RatioPolicyVsNoneOpsG8:  18500.0 / 19000,
@@ -320,7 +322,7 @@ func TestRepRatios(t *testing.T) {
 		{
 			name: "one pair: no range",
 			edit: func(r *Report) {
-				setReps(r, "software", 8, nil, []float64{18000})
+				setReps(r, "software-wal", 8, nil, []float64{18000})
 				setReps(r, "software-nojournal", 8, nil, []float64{20000, 21000, 19000})
 			},
 			ratio:     RatioJournalVsOffOpsG8,

@@ -142,7 +142,16 @@ func Run(ctx context.Context, scenarios []Scenario, opts Options) (*Report, erro
 run:
 	for rep := 1; rep <= opts.Reps; rep++ {
 		for ci, conns := range opts.Conns {
-			for si, sc := range scenarios {
+			for i := range scenarios {
+				// Every other rep runs the scenarios in reverse order, so
+				// that no scenario of a ratio always runs first, right
+				// after what the one before it left behind (a flush, a
+				// busy cache, another process's wake-ups).
+				si := i
+				if rep%2 == 0 {
+					si = len(scenarios) - 1 - i
+				}
+				sc := scenarios[si]
 				if runErr = ctx.Err(); runErr != nil {
 					break run
 				}

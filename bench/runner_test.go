@@ -159,6 +159,17 @@ func TestRun(t *testing.T) {
 	if !slices.ContainsFunc(progress, func(s string) bool { return strings.Contains(s, "broken/k@4: not run") }) {
 		t.Errorf("no progress line says broken@4 was not run:\n%s", strings.Join(progress, "\n"))
 	}
+	// Rep 2 runs the scenarios in reverse order: no scenario of a ratio
+	// always runs right after the same other one.
+	var runOrder []string
+	for _, line := range progress {
+		if rest, ok := strings.CutPrefix(line, "rep 2/2 "); ok && strings.Contains(rest, "@1:") {
+			runOrder = append(runOrder, rest[:strings.Index(rest, "/")])
+		}
+	}
+	if want := []string{"dead", "broken", "flaky", "sleep"}; !slices.Equal(runOrder, want) {
+		t.Errorf("rep 2 at 1 connection ran %v, want %v", runOrder, want)
+	}
 	if len(report.Ratios) != 0 {
 		t.Errorf("ratios %v from scenarios that enter none", report.Ratios)
 	}

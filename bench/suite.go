@@ -23,7 +23,7 @@ type SuiteOptions struct {
 	Keys []string
 	// Scenarios limits which scenarios run (default all): direct, agent-unix,
 	// agent-unix-nojournal, agent-tcp, p11kit, pkcs11-front, software (and its
-	// -nojournal, -fsync and -policy variants), and the cloud ones (awskms,
+	// -wal, -nojournal, -fsync and -policy variants), and the cloud ones (awskms,
 	// gcpkms, azurekv; see StartCloud).
 	Scenarios []string
 	// Addr and Key measure an agent that is already running instead of
@@ -162,7 +162,7 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		if o.wants(ScenarioSoftware) {
 			scenarios = append(scenarios, AgentScenario(ScenarioSoftware, k, env.AgentSocket, softKeyName(k), agentCPU))
 		}
-		for _, name := range []string{ScenarioSoftwareNoJournal, ScenarioSoftwareFsync, ScenarioSoftwarePolicy} {
+		for _, name := range []string{ScenarioSoftwareWAL, ScenarioSoftwareNoJournal, ScenarioSoftwareFsync, ScenarioSoftwarePolicy} {
 			v, ok := env.Variants[name]
 			if !ok || !o.wants(name) {
 				continue

@@ -68,9 +68,9 @@ func TestWriteSVG(t *testing.T) {
 		// named instead.
 		{1, 6, []string{"1 connection<", "10µs", "100µs", "1ms", "agent-unix / rsa-2048",
 			"not plotted: agent-unix/ed25519: every op failed"}},
-		// At 8 also software on ECDSA and its three variants, and agent-unix
+		// At 8 also software on ECDSA and its four variants, and agent-unix
 		// without its journal.
-		{8, 10, []string{"8 connections<", "software / ed25519", "not plotted: agent-tcp/ecdsa-p256: not run: open worker 1 of 8"}},
+		{8, 11, []string{"8 connections<", "software / ed25519", "not plotted: agent-tcp/ecdsa-p256: not run: open worker 1 of 8"}},
 		{64, 0, []string{"no data at this connection count"}},
 	}
 	for _, tt := range tests {
