@@ -338,7 +338,9 @@ func (j *Journal) commitGroup(group []*request) error {
 		return nil // a state write with no changes: Healthy's recovery probe
 	}
 	if !waits && !j.tail.fits(len(b.Repr())) {
-		waits = true // the mapped tail is full: it starts over after this commit
+		// The mapped tail is full, or a written one could not start over:
+		// it starts over after this commit.
+		waits = true
 	}
 
 	if err := j.commitBatch(b, waits, seq, prev); err != nil {

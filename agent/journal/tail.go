@@ -102,6 +102,12 @@ type tailLog struct {
 	size   int64  // bytes written since the tail last started over
 	buf    []byte // frame scratch (written tail)
 	mapped []byte // the file's mapping; nil when the tail is written
+	// stale: a written tail could not start over. Its frames are all in
+	// Pebble's WAL, but the commit that made them so did not go through
+	// the tail, so a frame appended now would not continue the chain of
+	// the frames before it, and Open would take the gap for lost records.
+	// Until it starts over, every commit waits for Pebble's WAL (fits).
+	stale bool
 }
 
 // createTail creates (or empties) the tail log, mapped when mapIt is set
@@ -124,6 +130,9 @@ func createTail(fs vfs.FS, path string, mapIt bool, log *zap.Logger) (*tailLog, 
 
 // fits reports whether a frame for a batch of n bytes fits in the tail.
 func (t *tailLog) fits(n int) bool {
+	if t.stale {
+		return false
+	}
 	return t.mapped == nil || t.size+int64(tailHeaderLen+n+tailCRCLen) <= int64(len(t.mapped))
 }
 
@@ -194,10 +203,12 @@ func faultsAsErrors(f func()) (err error) {
 
 // startOver empties the tail after Pebble's WAL was written up to the
 // commit just confirmed. A mapped tail goes back to its first byte. A
-// written one is recreated; if that fails it keeps growing on the old
-// handle: its frames are all in Pebble, and replay skips them.
+// written one is recreated; if that fails the tail is stale: it keeps its
+// frames (all in Pebble, which replay skips) and takes no more until a
+// later try succeeds, so commits wait for Pebble's WAL meanwhile.
 func (t *tailLog) startOver(log *zap.Logger) {
 	if t.size == 0 {
+		t.stale = false
 		return
 	}
 	if t.mapped != nil {
@@ -206,11 +217,14 @@ func (t *tailLog) startOver(log *zap.Logger) {
 	}
 	f, err := t.fs.Create(t.path, vfs.WriteCategoryUnspecified)
 	if err != nil {
-		log.Warn("journal tail log not emptied; it keeps growing until the next try", zap.Error(err))
+		if !t.stale {
+			log.Warn("journal tail log not emptied; commits wait for pebble's WAL until it is", zap.Error(err))
+		}
+		t.stale = true
 		return
 	}
 	_ = t.f.Close()
-	t.f, t.size = f, 0
+	t.f, t.size, t.stale = f, 0, false
 }
 
 func (t *tailLog) close() error {

@@ -6,7 +6,14 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
 	"testing"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
 )
 
 // snapshotDir copies dir as a SIGKILL would leave it: every file as the
@@ -331,4 +338,57 @@ func TestMappedTailTruncated(t *testing.T) {
 			mustVerify(t, j, 4)
 		})
 	}
+}
+
+// tailCreateFault fails creating the tail log while on: a disk that takes
+// writes to open files but no new file.
+type tailCreateFault struct{ on atomic.Bool }
+
+func (f *tailCreateFault) MaybeError(op errorfs.Op) error {
+	if f.on.Load() && op.Kind == errorfs.OpCreate && strings.HasSuffix(op.Path, tailName) {
+		return syscall.EIO
+	}
+	return nil
+}
+
+func (f *tailCreateFault) String() string { return "tailCreateFault" }
+
+// A written tail that cannot start over after a commit that waited for
+// Pebble's WAL (here a record with a state change) takes no more frames:
+// one appended after the gap that commit left would not continue the
+// frames' chain, and Open would refuse the directory a kill left. Commits
+// wait for Pebble's WAL until the tail starts over, and then use it again.
+func TestTailLogThatCannotStartOver(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	fault := &tailCreateFault{}
+	j := openTest(t, dir, WAL, func(o *Options) { o.FS = errorfs.Wrap(vfs.Default, fault) })
+	j.nextCheckpoint = time.Now().Add(time.Hour) // no checkpoint empties the tail by itself
+	appendN(t, j, "acme", 5)
+	if j.tail.mapped != nil || j.tail.size == 0 {
+		t.Fatal("the records did not go through a written tail log")
+	}
+	fault.on.Store(true)
+	if err := j.AppendWithState(ctx, signRecord("acme", 5), StateChange{Key: "k", Value: []byte("v")}); err != nil {
+		t.Fatal(err)
+	}
+	if !j.tail.stale {
+		t.Fatal("the tail log could not start over, yet it is not marked stale")
+	}
+	size := j.tail.size
+	appendN(t, j, "acme", 4) // seqs 7-10, past the gap record 6 left in the tail
+	if j.tail.size != size {
+		t.Fatalf("a stale tail log took frames: %d bytes, was %d", j.tail.size, size)
+	}
+	// As a kill leaves the directory now: Open replays nothing new and
+	// finds all ten records.
+	killed := openTest(t, snapshotDir(t, dir), WAL)
+	mustVerify(t, killed, 10)
+
+	fault.on.Store(false)
+	appendN(t, j, "acme", 2) // the first waits and starts the tail over; the second goes through it
+	if j.tail.stale || j.tail.size == 0 {
+		t.Fatalf("tail log stale %v, %d bytes: not back in use", j.tail.stale, j.tail.size)
+	}
+	mustVerify(t, j, 12)
 }
