@@ -489,23 +489,32 @@ func (j *Journal) stage(b *pebble.Batch) error {
 // stageLocked adds the group's records to the open run, which is closed
 // into the staged batch when the next record does not follow it or it is
 // full. A staged group holds only audit records (state changes, prunes and
-// checkpoints wait for Pebble's WAL instead); any other write is staged
-// as it is, after the records before it.
+// checkpoints wait for Pebble's WAL instead); any other Set is staged as
+// it is, after the records before it. A group holding another kind of
+// write is refused whole, before anything of it is staged: commitGroup
+// makes none, and half a group staged would leave Pebble holding part of
+// a tail frame, which replay cannot continue.
 func (j *Journal) stageLocked(b *pebble.Batch) error {
 	for r := batchrepr.Read(b.Repr()); ; {
-		kind, key, value, ok, err := r.Next()
+		kind, _, _, ok, err := r.Next()
 		if err != nil {
 			return err
 		}
 		if !ok {
+			break
+		}
+		if kind != pebble.InternalKeyKindSet {
+			return fmt.Errorf("a staged group holds a write of kind %v", kind)
+		}
+	}
+	for r := batchrepr.Read(b.Repr()); ; {
+		_, key, value, ok, _ := r.Next()
+		if !ok {
 			return nil
 		}
 		seq, isRecord := seqFromKey(key)
-		if kind != pebble.InternalKeyKindSet || !isRecord {
+		if !isRecord {
 			j.closeRun()
-			if kind != pebble.InternalKeyKindSet {
-				return fmt.Errorf("a staged group holds a write of kind %v", kind)
-			}
 			if err := j.staged.Set(key, value, nil); err != nil {
 				return err
 			}
