@@ -158,6 +158,13 @@ func decodeRecord(buf []byte, r *Record) error {
 	if buf[0] != recordFormatV1 {
 		return fmt.Errorf("%w: unknown format version %d", errUndecodable, buf[0])
 	}
+	n, err := recordLen(buf)
+	if err != nil {
+		return err
+	}
+	if n != len(buf) {
+		return fmt.Errorf("%w: %d trailing bytes", errUndecodable, len(buf)-n)
+	}
 	r.Seq = binary.BigEndian.Uint64(buf[offSeq:])
 	r.Time = time.Unix(0, int64(binary.BigEndian.Uint64(buf[offTime:]))).UTC()
 	r.Version = binary.BigEndian.Uint32(buf[offVersion:])
@@ -166,45 +173,38 @@ func decodeRecord(buf []byte, r *Record) error {
 	copy(r.DigestHash[:], buf[offDigestHash:])
 	copy(r.PolicyHash[:], buf[offPolicyHash:])
 	copy(r.PrevHash[:], buf[offPrevHash:])
-	body := buf[:len(buf)-32]
+	// recordLen checked every string length against the end.
 	p := recordFixedLen
 	var strs [recordStringN]string
 	for i := range strs {
-		if p+2 > len(body) {
-			return fmt.Errorf("%w: string %d length runs past the end", errUndecodable, i)
-		}
-		n := int(binary.BigEndian.Uint16(body[p:]))
-		p += 2
-		if p+n > len(body) {
-			return fmt.Errorf("%w: string %d runs past the end", errUndecodable, i)
-		}
-		strs[i] = string(body[p : p+n])
-		p += n
-	}
-	if p != len(body) {
-		return fmt.Errorf("%w: %d trailing bytes", errUndecodable, len(body)-p)
+		n := int(binary.BigEndian.Uint16(buf[p:]))
+		strs[i] = string(buf[p+2 : p+2+n])
+		p += 2 + n
 	}
 	r.Tenant, r.Slot, r.KID, r.Op, r.Algorithm, r.CodeName, r.Peer, r.Detail =
 		strs[0], strs[1], strs[2], strs[3], strs[4], strs[5], strs[6], strs[7]
-	copy(r.Hash[:], buf[len(body):])
+	copy(r.Hash[:], buf[len(buf)-32:])
 	return nil
 }
 
 // recordLen returns the length of the record encoding at the start of
-// buf, found by walking its string lengths; it checks nothing else.
+// buf, found by walking its string lengths; it checks nothing else. It is
+// the one walk of a record's layout that decodeRecord and the readers of
+// runs share.
 func recordLen(buf []byte) (int, error) {
 	if len(buf) < minRecordEncoded {
 		return 0, fmt.Errorf("%w: %d bytes, shorter than the minimum %d", errUndecodable, len(buf), minRecordEncoded)
 	}
+	end := len(buf) - 32 // the strings end before a hash, at the latest here
 	p := recordFixedLen
 	for i := range recordStringN {
-		if p+2 > len(buf)-32 {
+		if p+2 > end {
 			return 0, fmt.Errorf("%w: string %d length runs past the end", errUndecodable, i)
 		}
 		p += 2 + int(binary.BigEndian.Uint16(buf[p:]))
-	}
-	if p+32 > len(buf) {
-		return 0, fmt.Errorf("%w: string %d runs past the end", errUndecodable, recordStringN-1)
+		if p > end {
+			return 0, fmt.Errorf("%w: string %d runs past the end", errUndecodable, i)
+		}
 	}
 	return p + 32, nil
 }
