@@ -59,24 +59,26 @@ func storedRecord(r pebble.Reader, seq uint64) ([]byte, error) {
 		return nil, err
 	}
 	defer it.Close()
-	if seq < math.MaxUint64 && it.SeekLT(auditKeyFor(seq+1)) {
+	var found []byte
+	if seekRun(it, seq) {
 		keySeq, _ := seqFromKey(it.Key())
-		run := it.Value()
-		for s := keySeq; len(run) > 0; s++ {
-			rec, rest, err := nextInRun(run)
-			if err != nil {
-				return nil, fmt.Errorf("journal: record %d: %w", s, err)
-			}
+		err := walkRun(it.Value(), keySeq, func(s uint64, rec []byte) error {
 			if s == seq {
-				return append([]byte(nil), rec...), nil
+				found = append([]byte(nil), rec...)
 			}
-			run = rest
+			return nil
+		})
+		if err != nil {
+			return nil, err
 		}
 	}
 	if err := it.Error(); err != nil {
 		return nil, err
 	}
-	return nil, fmt.Errorf("journal: record %d: %w", seq, pebble.ErrNotFound)
+	if found == nil {
+		return nil, fmt.Errorf("journal: record %d: %w", seq, pebble.ErrNotFound)
+	}
+	return found, nil
 }
 
 // Scan calls fn for each record the filter selects, in seq order. Records
@@ -101,21 +103,17 @@ func (j *Journal) Scan(ctx context.Context, f Filter, fn func(*Record) error) er
 			return err
 		}
 		keySeq, _ := seqFromKey(it.Key())
-		for seq, run := keySeq, it.Value(); len(run) > 0; seq++ {
-			v, rest, err := nextInRun(run)
-			if err != nil {
-				return fmt.Errorf("journal: record %d: %w", seq, err)
-			}
-			run = rest
+		err := walkRun(it.Value(), keySeq, func(seq uint64, v []byte) error {
 			if seq < f.FromSeq || !f.matches(v) {
-				continue
+				return nil
 			}
 			if err := decodeRecord(v, &r); err != nil {
 				return fmt.Errorf("journal: record %d: %w", seq, err)
 			}
-			if err := fn(&r); err != nil {
-				return err
-			}
+			return fn(&r)
+		})
+		if err != nil {
+			return err
 		}
 	}
 	return it.Error()
@@ -181,12 +179,12 @@ func (j *Journal) Last(n int, tenant string) ([]Record, error) {
 	for ok := it.Last(); ok && len(out) < n; ok = it.Prev() {
 		keySeq, _ := seqFromKey(it.Key())
 		recs = recs[:0]
-		for seq, run := keySeq, it.Value(); len(run) > 0; seq++ {
-			v, rest, err := nextInRun(run)
-			if err != nil {
-				return nil, fmt.Errorf("journal: record %d: %w", seq, err)
-			}
-			recs, run = append(recs, v), rest
+		err := walkRun(it.Value(), keySeq, func(_ uint64, v []byte) error {
+			recs = append(recs, v)
+			return nil
+		})
+		if err != nil {
+			return nil, err
 		}
 		for i := len(recs) - 1; i >= 0 && len(out) < n; i-- {
 			if !f.matches(recs[i]) {

@@ -224,17 +224,27 @@ func nextInRun(run []byte) (rec, rest []byte, err error) {
 	return run[:n], run[n:], nil
 }
 
-// runLen counts the records of a run.
-func runLen(run []byte) (uint64, error) {
-	var n uint64
-	for len(run) > 0 {
-		var err error
-		if _, run, err = nextInRun(run); err != nil {
-			return n, err
+// walkRun calls fn with each record of the run stored under first and
+// its seq, in order, and stops at fn's first error. A record whose end
+// cannot be found stops it with an error naming that record's seq.
+func walkRun(run []byte, first uint64, fn func(seq uint64, rec []byte) error) error {
+	for seq := first; len(run) > 0; seq++ {
+		rec, rest, err := nextInRun(run)
+		if err != nil {
+			return fmt.Errorf("journal: record %d: %w", seq, err)
 		}
-		n++
+		if err := fn(seq, rec); err != nil {
+			return err
+		}
+		run = rest
 	}
-	return n, nil
+	return nil
+}
+
+// runLen counts the records of a run; on an error, those before it.
+func runLen(run []byte) (n uint64, err error) {
+	err = walkRun(run, 0, func(uint64, []byte) error { n++; return nil })
+	return n, err
 }
 
 // computedHash is the hash a stored record should carry: BLAKE3 of its

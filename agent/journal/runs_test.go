@@ -1,6 +1,7 @@
 package journal
 
 import (
+	"bytes"
 	"context"
 	"testing"
 	"time"
@@ -130,12 +131,11 @@ func runRecords(t *testing.T, j *Journal) [][]byte {
 	}
 	defer closer.Close()
 	var recs [][]byte
-	for run := v; len(run) > 0; {
-		rec, rest, err := nextInRun(run)
-		if err != nil {
-			t.Fatal(err)
-		}
-		recs, run = append(recs, append([]byte(nil), rec...)), rest
+	if err := walkRun(v, 1, func(_ uint64, rec []byte) error {
+		recs = append(recs, bytes.Clone(rec))
+		return nil
+	}); err != nil {
+		t.Fatal(err)
 	}
 	return recs
 }
