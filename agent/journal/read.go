@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -52,6 +53,9 @@ func seekRun(it *pebble.Iterator, seq uint64) bool {
 	return it.First()
 }
 
+// errStopWalk ends a walkRun early without an error.
+var errStopWalk = errors.New("journal: stop walking the run")
+
 // storedRecord returns a copy of record seq's encoding.
 func storedRecord(r pebble.Reader, seq uint64) ([]byte, error) {
 	it, err := r.NewIter(auditIterOptions(0))
@@ -65,10 +69,11 @@ func storedRecord(r pebble.Reader, seq uint64) ([]byte, error) {
 		err := walkRun(it.Value(), keySeq, func(s uint64, rec []byte) error {
 			if s == seq {
 				found = append([]byte(nil), rec...)
+				return errStopWalk // what follows it does not matter, damaged or not
 			}
 			return nil
 		})
-		if err != nil {
+		if err != nil && err != errStopWalk {
 			return nil, err
 		}
 	}
