@@ -403,6 +403,17 @@ func TestPebbleWALFailureAfterTheTailWasWritten(t *testing.T) {
 					}
 					break
 				}
+				if i == 512 && !waited {
+					// Pebble's WAL writer flushes on a goroutine of its
+					// own, and on a busy machine it may not have run yet.
+					// Let it meet the fault before more records go to the
+					// memtable: a memtable rotation onto a WAL whose
+					// pending writes then fail aborts the process (doc.go,
+					// "Failures"), which a loop this fast reached about
+					// once in thirty runs. 512 records stay well below the
+					// first memtable's 256 KiB.
+					waitFor(t, func() bool { return fault.injected.Load() > 0 })
+				}
 				r := signRecord("during", i)
 				err := j.Append(ctx, r)
 				if errors.Is(err, ErrUnavailable) && !waited {
@@ -437,5 +448,17 @@ func TestPebbleWALFailureAfterTheTailWasWritten(t *testing.T) {
 			}
 			t.Logf("head %d, stats %+v", after.Seq, j.Stats())
 		})
+	}
+}
+
+// waitFor polls cond until it holds, failing the test after 10 s.
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 10s")
+		}
+		time.Sleep(time.Millisecond)
 	}
 }
