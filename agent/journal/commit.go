@@ -465,7 +465,7 @@ type stagedRun struct {
 // wakes the applier if there were none.
 func (j *Journal) stage(b *pebble.Batch) error {
 	j.stageMu.Lock()
-	wasEmpty := j.stagedRecords == 0 && j.staged.Empty()
+	wasEmpty := j.stagedRecords == 0
 	err := j.stageLocked(b)
 	full := j.stagedRecords >= maxStaged
 	j.stageMu.Unlock()
@@ -488,37 +488,24 @@ func (j *Journal) stage(b *pebble.Batch) error {
 
 // stageLocked adds the group's records to the open run, which is closed
 // into the staged batch when the next record does not follow it or it is
-// full. A staged group holds only audit records (state changes, prunes and
-// checkpoints wait for Pebble's WAL instead); any other Set is staged as
-// it is, after the records before it. A group holding another kind of
-// write is refused whole, before anything of it is staged: commitGroup
-// makes none, and half a group staged would leave Pebble holding part of
-// a tail frame, which replay cannot continue.
+// full. commitGroup stages only audit records: state changes, prunes and
+// checkpoints wait for Pebble's WAL instead. Should a group hold anything
+// else, what is staged of it must not reach Pebble without the rest, so
+// it fails the way an apply does: the next commit reopens Pebble and the
+// reopen replays the tail log, where the whole group is.
 func (j *Journal) stageLocked(b *pebble.Batch) error {
 	for r := batchrepr.Read(b.Repr()); ; {
-		kind, _, _, ok, err := r.Next()
-		if err != nil {
-			return err
-		}
-		if !ok {
-			break
-		}
-		if kind != pebble.InternalKeyKindSet {
-			return fmt.Errorf("a staged group holds a write of kind %v", kind)
-		}
-	}
-	for r := batchrepr.Read(b.Repr()); ; {
-		_, key, value, ok, _ := r.Next()
-		if !ok {
+		kind, key, value, ok, err := r.Next()
+		if !ok && err == nil {
 			return nil
 		}
 		seq, isRecord := seqFromKey(key)
-		if !isRecord {
-			j.closeRun()
-			if err := j.staged.Set(key, value, nil); err != nil {
-				return err
-			}
-			continue
+		if err == nil && (kind != pebble.InternalKeyKindSet || !isRecord) {
+			err = fmt.Errorf("a staged group holds a write of kind %v that is not an audit record", kind)
+		}
+		if err != nil {
+			j.applyFailed.Store(true)
+			return err
 		}
 		run := &j.openRun
 		if run.n > 0 && (seq != run.first+uint64(run.n) || run.n == maxRun) {

@@ -153,3 +153,25 @@ func TestFailedApplyKeepsStagedRecords(t *testing.T) {
 		})
 	}
 }
+
+// A staged group that holds anything but audit records (commitGroup makes
+// none) is refused like a failed apply: none of it reaches Pebble on its
+// own, the next commit reopens Pebble, and the reopen replays the records
+// staged before it from the tail log.
+func TestStagingAnythingButRecordsForcesAReopen(t *testing.T) {
+	j := openStaged(t, t.TempDir())
+	appendN(t, j, "acme", 3)
+	b := j.db.NewBatch()
+	_ = b.Delete(stateKey("k"), nil)
+	if err := j.stage(b); err == nil {
+		t.Fatal("a group with a deletion was staged")
+	}
+	if !j.applyFailed.Load() {
+		t.Fatal("the refused group did not take Pebble out of service")
+	}
+	appendN(t, j, "acme", 1)
+	if n := j.Stats().Failures; n != 1 {
+		t.Fatalf("Stats().Failures = %d, want 1", n)
+	}
+	mustVerify(t, j, 4)
+}
