@@ -323,9 +323,9 @@ func (r *VerifyReport) OK() bool { return r.Break == nil }
 // What it can prove: every record from seq 1 (after a prune: from the
 // anchor, which the newest prune record must name) to the last is
 // present, unedited and in order, and the chain reaches the last
-// checkpoint. What
-// it cannot: that no records were cut from the end after the last
-// checkpoint (at most 100 ms of records, or none after a clean Close), or that someone who can write the store did not rewrite the
+// checkpoint. What it cannot: that no records were cut from the end after
+// the last checkpoint (at most 100 ms of records, or none after a clean
+// Close), or that someone who can write the store did not rewrite the
 // whole chain; quoting Head in Rotation Evidence Packs and exporting the
 // records off the host is what anchors the chain against that.
 func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {

@@ -35,7 +35,7 @@ import (
 // killed agent loses nothing: Open replays the tail's groups that Pebble
 // lacks. Pebble's WAL still receives every batch, in order, a moment
 // later. Each commit that waits for Pebble's WAL anyway
-// (the once-a-second head checkpoint, state changes, prunes, Close) has by
+// (the head checkpoint every 100 ms, state changes, prunes, Close) has by
 // then made every earlier batch durable in it too, so the tail starts over
 // after it.
 //
