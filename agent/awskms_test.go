@@ -43,7 +43,8 @@ providers:
 	}
 	cfg.DataDir = t.TempDir()
 	cfg.Socket = shortSocketPath(t)
-	r := startAgent(t, cfg)
+	r, logs := startAgentObserved(t, cfg)
+	assertFieldOnce(t, logs, "provider")
 	c := r.dial(t)
 	ctx := context.Background()
 	k, err := c.PublicKey(ctx, client.ByName("release"))

@@ -48,7 +48,11 @@ providers:
 	}
 	cfg.DataDir = t.TempDir()
 	cfg.Socket = shortSocketPath(t)
-	r := startAgent(t, cfg)
+	r, logs := startAgentObserved(t, cfg)
+	assertFieldOnce(t, logs, "provider")
+	if logs.FilterMessage("gcpkms key ready").Len() != 2 {
+		t.Errorf("want a \"gcpkms key ready\" line per key, got %d", logs.FilterMessage("gcpkms key ready").Len())
+	}
 	c := r.dial(t)
 	ctx := context.Background()
 	latest, err := c.PublicKey(ctx, client.ByName("release-latest"))

@@ -12,7 +12,9 @@ import (
 
 	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/client"
@@ -65,6 +67,32 @@ type running struct {
 func startAgent(t testing.TB, cfg agent.Config, opts ...agent.Option) *running {
 	t.Helper()
 	return startAgentLog(t, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)), opts...)
+}
+
+// startAgentObserved runs an agent like startAgent and also records what it
+// logs at Info and above, for tests of the log itself.
+func startAgentObserved(t testing.TB, cfg agent.Config, opts ...agent.Option) (*running, *observer.ObservedLogs) {
+	t.Helper()
+	core, logs := observer.New(zap.InfoLevel)
+	test := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)).Core()
+	return startAgentLog(t, cfg, zap.New(zapcore.NewTee(test, core)), opts...), logs
+}
+
+// assertFieldOnce fails the test for every log entry that carries the field
+// key more than once: a reader (or a JSON decoder) keeps one of them.
+func assertFieldOnce(t testing.TB, logs *observer.ObservedLogs, key string) {
+	t.Helper()
+	for _, e := range logs.All() {
+		n := 0
+		for _, f := range e.Context {
+			if f.Key == key {
+				n++
+			}
+		}
+		if n > 1 {
+			t.Errorf("log entry %q carries %q %d times", e.Message, key, n)
+		}
+	}
 }
 
 func startAgentLog(t testing.TB, cfg agent.Config, log *zap.Logger, opts ...agent.Option) *running {

@@ -195,6 +195,23 @@ func TestAgentRecoversTokenSessions(t *testing.T) {
 	}
 }
 
+// The agent names a provider in every line its provider logs, once: the
+// providers leave the name to the logger they are given.
+func TestProviderNamedOnceInTheLog(t *testing.T) {
+	tok := softhsmtest.New(t, "log-fields")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	cfg := hsmConfig(t, tok, keys)
+	_, logs := startAgentObserved(t, cfg)
+	opened := logs.FilterMessage("pkcs11 provider open").All()
+	if len(opened) != 1 {
+		t.Fatalf("%d \"pkcs11 provider open\" lines, want 1", len(opened))
+	}
+	if got := opened[0].ContextMap()["provider"]; got != "hsm" {
+		t.Errorf("provider field %v, want hsm", got)
+	}
+	assertFieldOnce(t, logs, "provider")
+}
+
 // A wrong PIN fails the start with PIN_INCORRECT, and neither the error nor
 // the log carries the PIN.
 func TestWrongPINAtStartup(t *testing.T) {

@@ -46,7 +46,7 @@ type Config struct {
 	Endpoint string
 	Keys     []KeyConfig   // the keys served
 	Timeout  time.Duration // per KMS call, SDK retries included; 0 means DefaultTimeout
-	Logger   *zap.Logger   // nil means no logging
+	Logger   *zap.Logger   // nil means no logging; the caller names the provider in it (the agent does)
 	// Credentials, when set, replace the SDK's default credential chain. Only
 	// tests set it (static credentials for an emulator); production leaves it
 	// nil, and credentials never come from configuration text.
@@ -164,7 +164,7 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		if err := p.keys.Add(kc.Name, k); err != nil {
 			return nil, fmt.Errorf("awskms provider %s: key %q: %w", cfg.ID, kc.Name, err)
 		}
-		p.log.Info("awskms key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
+		p.log.Info("awskms key ready", zap.String("key", kc.Name),
 			zap.String("key_id", k.keyID), zap.Int("algorithms", len(k.algs)), zap.String("kid", k.info.KID))
 	}
 	return p, nil
@@ -335,7 +335,7 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	if err := p.keys.Add(name, k); err != nil {
 		return fail(err)
 	}
-	p.log.Info("awskms key version created", zap.String("provider", p.id), zap.String("key", name),
+	p.log.Info("awskms key version created", zap.String("key", name),
 		zap.String("base", base), zap.String("key_id", k.keyID), zap.String("alias", k.alias), zap.String("kid", k.info.KID))
 	return k.info, nil
 }
@@ -350,7 +350,7 @@ func (p *Provider) deleteKey(ctx context.Context, keyARN string) {
 		PendingWindowInDays: aws.Int32(7),
 	})
 	if err != nil {
-		p.log.Warn("awskms: could not schedule an unused new key for deletion", zap.String("provider", p.id),
+		p.log.Warn("awskms: could not schedule an unused new key for deletion",
 			zap.String("key_id", keyARN), zap.Error(classify(callCtx, callCtx, "schedule key deletion", err)))
 	}
 }
@@ -388,7 +388,7 @@ func (p *Provider) AddKey(ctx context.Context, name, keyID string) (providers.Ke
 	if err := p.keys.Add(name, k); err != nil {
 		return fail(err)
 	}
-	p.log.Info("awskms key added", zap.String("provider", p.id), zap.String("key", name),
+	p.log.Info("awskms key added", zap.String("key", name),
 		zap.String("key_id", k.keyID), zap.String("kid", k.info.KID))
 	return k.info, nil
 }

@@ -63,7 +63,7 @@ type Config struct {
 	// DisableChallengeResourceVerification. A zero Retry gets this package's
 	// bounded retry policy (see retryOptions).
 	ClientOptions *azkeys.ClientOptions
-	Logger        *zap.Logger // nil means no logging
+	Logger        *zap.Logger // nil means no logging; the caller names the provider in it (the agent does)
 }
 
 // EnsureDefaults fills in the documented defaults.
@@ -180,7 +180,7 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		if err := p.keys.Add(kc.Name, k); err != nil {
 			return nil, fmt.Errorf("azurekv provider %s: key %q: %w", cfg.ID, kc.Name, err)
 		}
-		p.log.Info("azurekv key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
+		p.log.Info("azurekv key ready", zap.String("key", kc.Name),
 			zap.String("vault_key", k.key), zap.String("version", k.version), zap.String("kid", k.info.KID))
 	}
 	return p, nil

@@ -64,7 +64,7 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	if err := p.keys.Add(name, k); err != nil {
 		return fail(err)
 	}
-	p.log.Info("azurekv key version created", zap.String("provider", p.id), zap.String("key", name),
+	p.log.Info("azurekv key version created", zap.String("key", name),
 		zap.String("base", base), zap.String("vault_key", k.key), zap.String("version", k.version), zap.String("kid", k.info.KID))
 	return k.info, nil
 }
@@ -114,7 +114,7 @@ func (p *Provider) AddKey(ctx context.Context, name, kid string) (providers.KeyI
 	if err := p.keys.Add(name, k); err != nil {
 		return fail(err)
 	}
-	p.log.Info("azurekv key added", zap.String("provider", p.id), zap.String("key", name),
+	p.log.Info("azurekv key added", zap.String("key", name),
 		zap.String("vault_key", k.key), zap.String("version", k.version), zap.String("kid", k.info.KID))
 	return k.info, nil
 }

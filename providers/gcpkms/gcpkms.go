@@ -55,7 +55,7 @@ type Config struct {
 	// empty: the SDK's default credential chain applies. Tests point the
 	// client at a loopback server without authentication.
 	ClientOptions []option.ClientOption
-	Logger        *zap.Logger // nil means no logging
+	Logger        *zap.Logger // nil means no logging; the caller names the provider in it (the agent does)
 }
 
 // EnsureDefaults fills in the documented defaults.
@@ -132,7 +132,7 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 			client.Close()
 			return nil, fmt.Errorf("gcpkms provider %s: key %q: %w", cfg.ID, kc.Name, err)
 		}
-		p.log.Info("gcpkms key ready", zap.String("provider", cfg.ID), zap.String("key", kc.Name),
+		p.log.Info("gcpkms key ready", zap.String("key", kc.Name),
 			zap.String("version", k.version), zap.Stringer("algorithm", k.alg), zap.String("kid", k.info.KID))
 	}
 	return p, nil
@@ -284,7 +284,7 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 			// encodings providers.Provider promises.
 			return resp.Signature, nil
 		}
-		p.log.Warn("gcpkms sign integrity check failed", zap.String("provider", p.id),
+		p.log.Warn("gcpkms sign integrity check failed",
 			zap.String("key", name), zap.Int("attempt", attempt+1), zap.Error(err))
 	}
 	return nil, fmt.Errorf("gcpkms sign %s: %w", name, err)
@@ -482,7 +482,7 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	if !isResource(version, 10) || !strings.HasPrefix(version, cryptoKey+"/cryptoKeyVersions/") {
 		return fail(fmt.Errorf("create version of %s: unexpected version name %q: %w", cryptoKey, version, providers.ErrUnavailable))
 	}
-	p.log.Info("gcpkms key version created", zap.String("provider", p.id), zap.String("base", base),
+	p.log.Info("gcpkms key version created", zap.String("base", base),
 		zap.String("key", name), zap.String("version", version), zap.Stringer("state", created.GetState()))
 	if created.GetState() != kmspb.CryptoKeyVersion_ENABLED {
 		if err := p.awaitEnabled(ctx, version); err != nil {
@@ -589,7 +589,7 @@ func (p *Provider) serve(ctx context.Context, name, version string) (providers.K
 	if err := p.keys.Add(name, k); err != nil {
 		return providers.KeyInfo{}, err
 	}
-	p.log.Info("gcpkms key ready", zap.String("provider", p.id), zap.String("key", name),
+	p.log.Info("gcpkms key ready", zap.String("key", name),
 		zap.String("version", k.version), zap.Stringer("algorithm", k.alg), zap.String("kid", k.info.KID))
 	return k.info, nil
 }

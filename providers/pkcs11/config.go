@@ -57,7 +57,7 @@ type Config struct {
 
 	Keys []KeyConfig
 
-	Logger *zap.Logger // nil: no logging
+	Logger *zap.Logger // nil: no logging; the caller names the provider in it (the agent does)
 
 	// Backoff is the supervisor's first wait after a failed repair (default
 	// DefaultBackoff); it doubles on each failure up to MaxBackoff.

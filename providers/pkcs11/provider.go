@@ -138,7 +138,7 @@ func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 	p := &Provider{
 		id:         cfg.ID,
 		modulePath: cfg.Module,
-		log:        cfg.Logger.With(zap.String("provider", cfg.ID)),
+		log:        cfg.Logger,
 		mod:        mod,
 		tokenSel:   sel,
 		tokenLabel: sel.String(),
