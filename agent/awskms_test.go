@@ -44,7 +44,7 @@ providers:
 	cfg.DataDir = t.TempDir()
 	cfg.Socket = shortSocketPath(t)
 	r, logs := startAgentObserved(t, cfg)
-	assertFieldOnce(t, logs, "provider")
+	assertNoFieldTwice(t, logs)
 	c := r.dial(t)
 	ctx := context.Background()
 	k, err := c.PublicKey(ctx, client.ByName("release"))

@@ -49,7 +49,7 @@ providers:
 	cfg.DataDir = t.TempDir()
 	cfg.Socket = shortSocketPath(t)
 	r, logs := startAgentObserved(t, cfg)
-	assertFieldOnce(t, logs, "provider")
+	assertNoFieldTwice(t, logs)
 	if logs.FilterMessage("gcpkms key ready").Len() != 2 {
 		t.Errorf("want a \"gcpkms key ready\" line per key, got %d", logs.FilterMessage("gcpkms key ready").Len())
 	}

@@ -78,19 +78,19 @@ func startAgentObserved(t testing.TB, cfg agent.Config, opts ...agent.Option) (*
 	return startAgentLog(t, cfg, zap.New(zapcore.NewTee(test, core)), opts...), logs
 }
 
-// assertFieldOnce fails the test for every log entry that carries the field
-// key more than once: a reader (or a JSON decoder) keeps one of them.
-func assertFieldOnce(t testing.TB, logs *observer.ObservedLogs, key string) {
+// assertNoFieldTwice fails the test for every log entry that carries a field
+// more than once: a reader (or a JSON decoder) keeps only one of them.
+func assertNoFieldTwice(t testing.TB, logs *observer.ObservedLogs) {
 	t.Helper()
 	for _, e := range logs.All() {
-		n := 0
+		seen := make(map[string]int, len(e.Context))
 		for _, f := range e.Context {
-			if f.Key == key {
-				n++
-			}
+			seen[f.Key]++
 		}
-		if n > 1 {
-			t.Errorf("log entry %q carries %q %d times", e.Message, key, n)
+		for key, n := range seen {
+			if n > 1 {
+				t.Errorf("log entry %q carries %q %d times", e.Message, key, n)
+			}
 		}
 	}
 }

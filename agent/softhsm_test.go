@@ -209,7 +209,7 @@ func TestProviderNamedOnceInTheLog(t *testing.T) {
 	if got := opened[0].ContextMap()["provider"]; got != "hsm" {
 		t.Errorf("provider field %v, want hsm", got)
 	}
-	assertFieldOnce(t, logs, "provider")
+	assertNoFieldTwice(t, logs)
 }
 
 // A wrong PIN fails the start with PIN_INCORRECT, and neither the error nor
