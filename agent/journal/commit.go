@@ -461,6 +461,9 @@ type stagedRun struct {
 	buf   []byte // the records' encodings, concatenated
 }
 
+// reset empties the run, keeping its buffer for the next one.
+func (r *stagedRun) reset() { r.n, r.buf = 0, r.buf[:0] }
+
 // stage adds a group already in the tail log to the staged records and
 // wakes the applier if there were none.
 func (j *Journal) stage(b *pebble.Batch) error {
@@ -530,7 +533,7 @@ func (j *Journal) closeRun() {
 	putAuditKey(op.Key, run.first)
 	copy(op.Value, run.buf)
 	_ = op.Finish() // only fails for indexed batches
-	run.n, run.buf = 0, run.buf[:0]
+	run.reset()
 }
 
 // applyLoop is the applier goroutine: woken when a group is staged into
@@ -680,7 +683,7 @@ func (j *Journal) takeDB() *pebble.DB {
 	j.dbMu.Unlock()
 	j.stageMu.Lock()
 	j.staged, j.stagedRecords = nil, 0
-	j.openRun.n, j.openRun.buf = 0, j.openRun.buf[:0]
+	j.openRun.reset()
 	j.stageMu.Unlock()
 	j.spareStaged = nil
 	return db
