@@ -145,33 +145,34 @@ func (m *module) do(fn func(*p11.Ctx) error) error {
 }
 
 // reload finalizes and re-initializes the library unless another provider
-// already did since seenGen. It returns the current generation.
-func (m *module) reload(seenGen uint64, inject func(string) uint) (uint64, error) {
+// already did since seenGen. It returns the current generation, and whether
+// this call was the one that reloaded.
+func (m *module) reload(seenGen uint64, inject func(string) uint) (gen uint64, reloaded bool, err error) {
 	m.reloadMu.Lock()
 	defer m.reloadMu.Unlock()
 	if g := m.gen.Load(); g != seenGen && !m.down {
-		return g, nil
+		return g, false, nil
 	}
 	m.gate.Store(gateReload)
 	defer m.gate.Store(gateOpen)
 	if err := m.drain(); err != nil {
-		return seenGen, fmt.Errorf("reload: %w", err)
+		return seenGen, false, fmt.Errorf("reload: %w", err)
 	}
 	if err := m.ctx.Finalize(); err != nil && !isRV(err, p11.CKR_CRYPTOKI_NOT_INITIALIZED) {
-		return seenGen, fmt.Errorf("finalize: %w", err)
+		return seenGen, false, fmt.Errorf("finalize: %w", err)
 	}
 	// From here every old handle is void, whether or not Initialize works.
 	g := m.gen.Add(1)
 	m.down = true
 	if rv := hook(inject, "initialize"); rv != 0 {
-		return g, fmt.Errorf("initialize: %w", p11.Error(rv))
+		return g, true, fmt.Errorf("initialize: %w", p11.Error(rv))
 	}
 	if err := m.ctx.Initialize(); err != nil && !isRV(err, p11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
-		return g, fmt.Errorf("initialize: %w", err)
+		return g, true, fmt.Errorf("initialize: %w", err)
 	}
 	m.down = false
 	m.initialized = true
-	return g, nil
+	return g, true, nil
 }
 
 // drain waits for the goroutines inside the module to leave; the gate is

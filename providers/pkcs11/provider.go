@@ -28,7 +28,7 @@ type Provider struct {
 	backoff    time.Duration
 
 	slot atomic.Uint64 // current slot id; may change across a module reload
-	gen  atomic.Uint64 // module generation the slot and login belong to
+	gen  atomic.Uint64 // module generation the slot, the login and the key handles belong to
 
 	keysMu sync.Mutex // serializes key changes with the token work before them
 	keys   providers.KeySet[*key]
@@ -314,6 +314,18 @@ func (p *Provider) signOn(ctx context.Context, name string, alg providers.Algori
 			p.release(s)
 			return k.encode(out[:n])
 		}
+		if rv == rvStale {
+			// A reload ran or is running: nothing was sent to the module.
+			// The session is kept unless its generation is over; a session
+			// dropped here without C_CloseSession would stay open on the
+			// token if the reload gave up.
+			p.release(s)
+			p.requestRepair(repairReload, epoch)
+			if attempt > 0 {
+				return nil, fmt.Errorf("pkcs11 sign %s: retry failed: module reloading: %w", name, providers.ErrUnavailable)
+			}
+			continue
+		}
 		cls := classify(rv)
 		call := "C_Sign"
 		if failedInit {
@@ -337,6 +349,10 @@ func requestError(rv uint) error {
 	return providers.ErrUnsupportedAlgorithm
 }
 
+// rvStale is signCall's answer when the module was or is being reloaded
+// under the caller; it is no CKR_ value, and nothing reached the module.
+const rvStale = ^uint(0)
+
 // signCall is the hot path's one cgo crossing (see shim.go).
 func (p *Provider) signCall(s *session, key uint, params *signParams, input, out []byte) (rv uint, n int, failedInit bool) {
 	if p.inject != nil {
@@ -345,7 +361,14 @@ func (p *Provider) signCall(s *session, key uint, params *signParams, input, out
 		}
 	}
 	if !p.mod.enter() {
-		return uint(errGated), 0, true
+		return rvStale, 0, true
+	}
+	// Inside the gate the generation cannot move. A reload between acquire
+	// and here voided both handles, and their numbers may have been given
+	// to other sessions and objects (another provider's keys among them).
+	if g := p.mod.gen.Load(); s.gen != g || p.gen.Load() != g {
+		p.mod.exit()
+		return rvStale, 0, true
 	}
 	rv, n, failedInit = p.mod.lib.sign(uint(s.h), key, params, input, out)
 	p.mod.exit()

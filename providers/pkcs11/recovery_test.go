@@ -248,7 +248,7 @@ func TestDeviceRemovedReloadsModule(t *testing.T) {
 	if p.mod.gen.Load() == genBefore {
 		t.Error("module was not reloaded")
 	}
-	if logs.FilterMessage("pkcs11 reloading module").Len() == 0 || logs.FilterMessage("pkcs11 repair failed; backing off").Len() == 0 {
+	if logs.FilterMessage("pkcs11 module reloaded").Len() == 0 || logs.FilterMessage("pkcs11 repair failed; backing off").Len() == 0 {
 		t.Error("reload and backoff not logged")
 	}
 	if err := p.Healthy(); err != nil {
@@ -466,6 +466,75 @@ func TestDeadSessionRetriedOnce(t *testing.T) {
 			}
 			if err := providers.Verify(keyInfo(t, p, name).Public, alg, digest, sig); err != nil {
 				t.Fatal(err)
+			}
+		})
+	}
+}
+
+// Two providers share one module, so a reload by one voids the other's
+// object handles too, and SoftHSM2 numbers handles from 1 again after
+// C_Initialize: a provider that went on using its old handles would sign
+// with whatever object now has the number, another provider's key among
+// them. Every signature must still verify under the key it was asked of.
+func TestReloadBySharerFindsKeysAgain(t *testing.T) {
+	cases := []struct {
+		name             string
+		reloaderSessions int
+		reloaderKeys     []string
+		bystanderKeys    []string
+		firstAfterReload string // its old handle is the number a reloader's key gets (SoftHSM2 2.6)
+	}{
+		{"two sessions, one key", 2, []string{"a0"}, []string{"b0", "b1"}, "b1"},
+		{"three sessions, two keys", 3, []string{"a0", "a1"}, []string{"b0", "b1", "b2"}, "b2"},
+	}
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			tok := softhsmtest.New(t, "sharer")
+			generate := func(labels []string, idBase byte) []KeyConfig {
+				var kc []KeyConfig
+				for i, l := range labels {
+					k := tok.GenerateKey(t, providers.KeyECDSAP256, l, []byte{idBase + byte(i)})
+					kc = append(kc, KeyConfig{Name: l, URI: k.URI})
+				}
+				return kc
+			}
+			bystanderKeys := generate(tc.bystanderKeys, 0x10)
+			reloaderKeys := generate(tc.reloaderKeys, 0x20)
+			bystander := open(t, tok, bystanderKeys, func(c *Config) { c.ID = "bystander"; c.Sessions = 1 })
+			faults := newFaultSwitch()
+			reloader := open(t, tok, reloaderKeys, func(c *Config) {
+				c.ID = "reloader"
+				c.Sessions = tc.reloaderSessions
+				c.FaultHook = faults.hook
+			})
+			for _, kc := range bystanderKeys {
+				signAndVerify(t, bystander, kc.Name, alg, []byte("before"))
+			}
+
+			genBefore := reloader.mod.gen.Load()
+			faults.set(map[string]uint{"sign": p11.CKR_DEVICE_REMOVED})
+			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+			_, err := reloader.Sign(ctx, reloaderKeys[0].Name, alg, digestOf(crypto.SHA256, []byte("gone")))
+			cancel()
+			if !errors.Is(err, providers.ErrUnavailable) {
+				t.Fatalf("Sign with the device gone: %v, want ErrUnavailable", err)
+			}
+			faults.set(nil)
+			waitHealthy(t, reloader, 5*time.Second)
+			if reloader.mod.gen.Load() == genBefore {
+				t.Fatal("the module was not reloaded")
+			}
+
+			signAndVerify(t, bystander, tc.firstAfterReload, alg, []byte("first after the sharer's reload"))
+			if got, want := bystander.gen.Load(), bystander.mod.gen.Load(); got != want {
+				t.Errorf("the bystander signed with handles of generation %d; the module is at %d", got, want)
+			}
+			for _, kc := range bystanderKeys {
+				signAndVerify(t, bystander, kc.Name, alg, []byte("after the sharer's reload"))
+			}
+			for _, kc := range reloaderKeys {
+				signAndVerify(t, reloader, kc.Name, alg, []byte("after its own reload"))
 			}
 		})
 	}

@@ -258,12 +258,17 @@ func (p *Provider) findKeys(s *session) error {
 }
 
 // reload finalizes and re-initializes the module (unless another provider on
-// it just did), finds the token's slot again, and logs in.
+// it did since this one last found its keys), finds the token's slot again,
+// logs in and finds the keys.
 func (p *Provider) reload() error {
-	p.log.Warn("pkcs11 reloading module", zap.String("module", p.modulePath), zap.String("token", p.tokenLabel))
-	gen, err := p.mod.reload(p.gen.Load(), p.inject)
+	gen, reloaded, err := p.mod.reload(p.gen.Load(), p.inject)
 	if err != nil {
 		return fmt.Errorf("reload module: %w", err)
+	}
+	if reloaded {
+		p.log.Warn("pkcs11 module reloaded", zap.String("module", p.modulePath), zap.String("token", p.tokenLabel))
+	} else {
+		p.log.Info("pkcs11 module reloaded by another provider; finding the token and keys again", zap.String("module", p.modulePath), zap.String("token", p.tokenLabel))
 	}
 	p.gen.Store(gen)
 	slot, _, err := p.findSlot()
