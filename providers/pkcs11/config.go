@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -197,21 +198,16 @@ var uriAttrsIgnored = map[string]bool{
 	"slot-description": true, "slot-manufacturer": true,
 }
 
-// parseKeyURI parses one key URI. The PIN checks come before the parser so
-// that no error can echo a PIN back.
+// parseKeyURI parses one key URI. Its errors never quote the URI, which
+// could carry a PIN under a spelling the checks below do not know; the caller
+// names the key instead.
 func parseKeyURI(raw, module string) (objectSelector, tokenSelector, error) {
-	if q := strings.IndexByte(raw, '?'); q >= 0 {
-		query := strings.ToLower(raw[q:])
-		if strings.Contains(query, "pin-value") {
-			return objectSelector{}, tokenSelector{}, errors.New("URI carries pin-value: the PIN comes from PINEnv or PINFile, never from configuration")
-		}
-		if strings.Contains(query, "pin-source") {
-			return objectSelector{}, tokenSelector{}, errors.New("URI carries pin-source: use PINFile instead")
-		}
+	if err := refusePINAttributes(raw); err != nil {
+		return objectSelector{}, tokenSelector{}, err
 	}
 	u := pkcs11uri.New()
 	if err := u.Parse(raw); err != nil {
-		return objectSelector{}, tokenSelector{}, fmt.Errorf("parse URI %q: %w", raw, err)
+		return objectSelector{}, tokenSelector{}, fmt.Errorf("parse URI: %w", err)
 	}
 	var obj objectSelector
 	var tok tokenSelector
@@ -232,7 +228,7 @@ func parseKeyURI(raw, module string) (objectSelector, tokenSelector, error) {
 		obj.id = []byte(v)
 	}
 	if v, ok := get("type"); ok && v != "private" {
-		return obj, tok, fmt.Errorf("URI %q: type=%s: a signing key is type=private", raw, v)
+		return obj, tok, fmt.Errorf("URI: type=%s: a signing key is type=private", v)
 	}
 	if v, ok := get("token"); ok {
 		tok.label = v
@@ -249,7 +245,7 @@ func parseKeyURI(raw, module string) (objectSelector, tokenSelector, error) {
 	if v, ok := get("slot-id"); ok {
 		n, err := strconv.ParseUint(v, 10, 64)
 		if err != nil {
-			return obj, tok, fmt.Errorf("URI %q: slot-id: %w", raw, err)
+			return obj, tok, fmt.Errorf("URI: slot-id: %w", err)
 		}
 		s := uint(n)
 		tok.slot = &s
@@ -258,17 +254,43 @@ func parseKeyURI(raw, module string) (objectSelector, tokenSelector, error) {
 		get(name)
 	}
 	if countPathAttributes(raw) != known {
-		return obj, tok, fmt.Errorf("URI %q: unknown path attribute (known: object, id, type, token, serial, manufacturer, model, slot-id)", raw)
+		return obj, tok, errors.New("URI: unknown path attribute (known: object, id, type, token, serial, manufacturer, model, slot-id)")
 	}
 	if v, ok := u.GetQueryAttribute("module-path", false); ok {
 		if filepath.Clean(v) != filepath.Clean(module) {
-			return obj, tok, fmt.Errorf("URI %q: module-path %s differs from the provider's module %s", raw, v, module)
+			return obj, tok, fmt.Errorf("URI: module-path %s differs from the provider's module %s", v, module)
 		}
 	}
 	if obj.label == "" && obj.id == nil {
-		return obj, tok, fmt.Errorf("URI %q names no object: give object= or id=", raw)
+		return obj, tok, errors.New("URI names no object: give object= or id=")
 	}
 	return obj, tok, nil
+}
+
+// refusePINAttributes refuses a URI that carries pin-value or pin-source in
+// its path or its query, whatever the case or percent-encoding of the name:
+// RFC 7512 puts them in the query, but a PIN misplaced in the path must not
+// reach an error message or a log line either.
+func refusePINAttributes(raw string) error {
+	path, query, _ := strings.Cut(raw, "?")
+	attrs := append(strings.Split(path, ";"), strings.Split(query, "&")...)
+	for _, attr := range attrs {
+		name, _, _ := strings.Cut(attr, "=")
+		if unescaped, err := url.PathUnescape(name); err == nil {
+			name = unescaped
+		}
+		name = strings.ToLower(strings.TrimSpace(name))
+		if len(name) >= len("pkcs11:") && strings.EqualFold(name[:len("pkcs11:")], "pkcs11:") {
+			name = name[len("pkcs11:"):]
+		}
+		switch name {
+		case "pin-value":
+			return errors.New("URI carries pin-value: the PIN comes from PINEnv or PINFile, never from configuration")
+		case "pin-source":
+			return errors.New("URI carries pin-source: use PINFile instead")
+		}
+	}
+	return nil
 }
 
 // countPathAttributes counts the ';'-separated attributes of a URI's path, as
