@@ -307,7 +307,7 @@ func (p *Provider) signOn(ctx context.Context, name string, alg providers.Algori
 		h := uint(k.handle.Load())
 		if h == 0 {
 			p.release(s)
-			return nil, fmt.Errorf("pkcs11 sign %s: key object %s is not on the token: %w", name, k.obj, providers.ErrUnavailable)
+			return nil, fmt.Errorf("pkcs11 sign %s: key object %s is missing from the token or was replaced: %w", name, k.obj, providers.ErrUnavailable)
 		}
 		rv, n, failedInit := p.signCall(s, h, &params, input, out[:k.sigLen])
 		if rv == p11.CKR_OK {

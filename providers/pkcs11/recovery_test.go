@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -538,4 +539,110 @@ func TestReloadBySharerFindsKeysAgain(t *testing.T) {
 			}
 		})
 	}
+}
+
+// The key pair is destroyed and a new one generated under the same label and
+// id, then the login goes: the re-login finds an object by those names, but
+// it is not the served key, so the provider refuses to sign with it rather
+// than hand out signatures under a kid that did not make them.
+func TestReplacedKeyObjectIsNotServed(t *testing.T) {
+	tok := softhsmtest.New(t, "replaced")
+	k := tok.GenerateKey(t, providers.KeyECDSAP256, "swap", []byte{7})
+	core, logs := observer.New(zap.DebugLevel)
+	p := open(t, tok, []KeyConfig{{Name: "swap", URI: k.URI}}, func(c *Config) { c.Logger = zap.New(core) })
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	signAndVerify(t, p, "swap", alg, []byte("the original key"))
+
+	tok.WithModule(t, func(c *p11.Ctx, slot uint) {
+		s, err := c.OpenSession(slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+		if err != nil {
+			t.Fatalf("C_OpenSession: %v", err)
+		}
+		defer c.CloseSession(s)
+		objs, err := findObjects(c, s, []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, "swap")}, 4)
+		if err != nil || len(objs) != 2 {
+			t.Fatalf("find the key pair: %d objects, %v", len(objs), err)
+		}
+		for _, o := range objs {
+			if err := c.DestroyObject(s, o); err != nil {
+				t.Fatalf("C_DestroyObject: %v", err)
+			}
+		}
+	})
+	tok.GenerateKey(t, providers.KeyECDSAP256, "swap", []byte{7})
+	tok.Logout(t)
+
+	digest := digestOf(crypto.SHA256, []byte("after the swap"))
+	for i := 0; i < 3; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		sig, err := p.Sign(ctx, "swap", alg, digest)
+		cancel()
+		if err == nil {
+			verr := providers.Verify(keyInfo(t, p, "swap").Public, alg, digest, sig)
+			t.Fatalf("Sign with the key object replaced succeeded (verifies under the served key: %v)", verr)
+		}
+		if !errors.Is(err, providers.ErrUnavailable) {
+			t.Fatalf("Sign with the key object replaced: %v, want ErrUnavailable", err)
+		}
+	}
+	if logs.FilterMessage("pkcs11 key object replaced: its public key is not the served key's; not signing with it").Len() == 0 {
+		t.Error("the replaced key object was not logged")
+	}
+}
+
+// The token is deleted and a new one initialized under the same label, then
+// the device fails: the reload finds a token by the configured label, but its
+// serial is not the one the provider logged in to, so the PIN is not
+// presented to it and signing stays unavailable.
+func TestReloadRefusesAnotherTokenUnderTheSameLabel(t *testing.T) {
+	tok := softhsmtest.New(t, "reinit")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	faults := newFaultSwitch()
+	core, logs := observer.New(zap.DebugLevel)
+	p := open(t, tok, keyConfigs(keys), func(c *Config) { c.FaultHook = faults.hook; c.Logger = zap.New(core) })
+	name := string(providers.KeyECDSAP256)
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	signAndVerify(t, p, name, alg, []byte("the original token"))
+	oldSerial := tok.Serial
+
+	tok.Reinitialize(t)
+	if tok.Serial == oldSerial {
+		t.Fatal("the new token has the old serial")
+	}
+	logins := faults.count("login")
+	faults.set(map[string]uint{"sign": p11.CKR_DEVICE_REMOVED})
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	_, err := p.Sign(ctx, name, alg, digestOf(crypto.SHA256, []byte("gone")))
+	cancel()
+	if !errors.Is(err, providers.ErrUnavailable) {
+		t.Fatalf("Sign with the device gone: %v, want ErrUnavailable", err)
+	}
+	faults.set(nil)
+
+	deadline := time.Now().Add(2 * time.Second)
+	for logs.FilterMessage("pkcs11 repair failed; backing off").Len() < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("no failed repair logged")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 200*time.Millisecond)
+	_, err = p.Sign(ctx, name, alg, digestOf(crypto.SHA256, []byte("another token")))
+	cancel()
+	if !errors.Is(err, providers.ErrUnavailable) {
+		t.Fatalf("Sign with another token under the label: %v, want ErrUnavailable", err)
+	}
+	if n := faults.count("login"); n != logins {
+		t.Errorf("%d logins after the token was replaced, want none", n-logins)
+	}
+	found := false
+	for _, e := range logs.FilterMessage("pkcs11 repair failed; backing off").All() {
+		if strings.Contains(toString(e.ContextMap()["error"]), tok.Serial) {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("the failed repair does not name the other token's serial")
+	}
+	assertNoSecret(t, logs, tok.PIN)
 }

@@ -1,6 +1,7 @@
 package pkcs11
 
 import (
+	"crypto"
 	"errors"
 	"fmt"
 	"strings"
@@ -236,13 +237,27 @@ func (p *Provider) login(s *session) error {
 // findKeys finds every served key's private key object again. A key whose
 // object has gone is kept with handle 0: it signs with ErrUnavailable until a
 // later repair finds it.
+//
+// The object is found by its label and id, which a new key can take over
+// (the pair destroyed and generated again under the same names), so its
+// public key is read and compared with the one served under the key's kid:
+// signing with another key would hand out signatures that verify under no
+// key the caller knows, all journaled under the wrong kid.
 func (p *Provider) findKeys(s *session) error {
 	for _, k := range p.keys.All() {
 		var h p11.ObjectHandle
+		var pub crypto.PublicKey
+		var readErr error
 		err := p.call("find", func(c *p11.Ctx) error {
 			var err error
-			h, err = findPrivateKey(c, s.h, k.obj)
-			return err
+			if h, err = findPrivateKey(c, s.h, k.obj); err != nil {
+				return err
+			}
+			pub, readErr = readPublicKey(c, s.h, h)
+			if rvOf(readErr) != 0 {
+				return readErr // the module failed, not the key
+			}
+			return nil
 		})
 		if errors.Is(err, errObjectMissing) {
 			k.handle.Store(0)
@@ -252,9 +267,20 @@ func (p *Provider) findKeys(s *session) error {
 		if err != nil {
 			return fmt.Errorf("find key %s: %w", k.info.Name, err)
 		}
+		if readErr != nil || !sameKey(k.info.Public, pub) {
+			k.handle.Store(0)
+			p.log.Error("pkcs11 key object replaced: its public key is not the served key's; not signing with it",
+				zap.String("key", k.info.Name), zap.String("kid", k.info.KID), zap.Stringer("object", k.obj), zap.NamedError("read", readErr))
+			continue
+		}
 		k.handle.Store(uint64(h))
 	}
 	return nil
+}
+
+func sameKey(served, found crypto.PublicKey) bool {
+	e, ok := served.(interface{ Equal(crypto.PublicKey) bool })
+	return ok && found != nil && e.Equal(found)
 }
 
 // reload finalizes and re-initializes the module (unless another provider on
@@ -271,9 +297,16 @@ func (p *Provider) reload() error {
 		p.log.Info("pkcs11 module reloaded by another provider; finding the token and keys again", zap.String("module", p.modulePath), zap.String("token", p.tokenLabel))
 	}
 	p.gen.Store(gen)
-	slot, _, err := p.findSlot()
+	slot, ti, err := p.findSlot()
 	if err != nil {
 		return err
+	}
+	if serial := trimPadded(ti.SerialNumber); serial != p.serial {
+		// The selector (often a label alone) matched another token, e.g.
+		// one initialized again under the same label: never present the
+		// PIN to it. Retried with backoff in case the original comes back.
+		return fmt.Errorf("token %s now has serial %q, not %q: another token; not logging in to it: %w",
+			p.tokenLabel, serial, p.serial, providers.ErrUnavailable)
 	}
 	p.slot.Store(uint64(slot))
 	if err := p.relogin(); err != nil {

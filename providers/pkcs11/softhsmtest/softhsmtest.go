@@ -117,6 +117,16 @@ func run(t testing.TB, name string, args ...string) string {
 	return out.String()
 }
 
+// Reinitialize deletes the token and initializes a new, empty one under the
+// same label and PINs, as an operator re-provisioning an HSM partition
+// would: the new token has another serial and none of the old keys.
+func (tok *Token) Reinitialize(t testing.TB) {
+	t.Helper()
+	run(t, "softhsm2-util", "--delete-token", "--serial", tok.Serial)
+	run(t, "softhsm2-util", "--init-token", "--free", "--label", tok.Label, "--so-pin", tok.SOPIN, "--pin", tok.PIN)
+	tok.Serial = tok.findSerial(t)
+}
+
 // findSerial reads the token's serial from softhsm2-util --show-slots.
 func (tok *Token) findSerial(t testing.TB) string {
 	out := run(t, "softhsm2-util", "--show-slots")
