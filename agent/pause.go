@@ -92,4 +92,17 @@ func (a *Agent) restorePauses(ctx context.Context) error {
 	})
 }
 
+// storedPauses reads the stored run-time pauses, by "tenant/slot".
+func (a *Agent) storedPauses(ctx context.Context) (map[string]bool, error) {
+	paused := make(map[string]bool)
+	if a.journal == nil {
+		return paused, nil
+	}
+	err := a.journal.ScanState(ctx, pauseKeyPrefix, func(key string, _ []byte) error {
+		paused[strings.TrimPrefix(key, pauseKeyPrefix)] = true
+		return nil
+	})
+	return paused, err
+}
+
 var _ rotation.Pauser = pauser{}

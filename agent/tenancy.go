@@ -202,16 +202,21 @@ func (a *Agent) ReloadPolicy() error {
 	if err == nil {
 		err = checkSlotKeys(set, a.keys)
 	}
+	var paused map[string]bool
+	if err == nil {
+		// A slot that comes back must be paused from its first Check if a
+		// stored pause names it: read them all before the swap, and refuse
+		// the reload (fail closed) if they cannot be read.
+		if paused, err = a.storedPauses(context.Background()); err != nil {
+			err = fmt.Errorf("the stored pauses could not be read: %w", err)
+		}
+	}
 	if err != nil {
 		a.log.Warn("policy reload refused; the current policy stays in force", zap.Error(err))
 		a.journalEvent("reload-policy", "", proto.BadRequest, "refused: "+firstLine(err.Error()))
 		return err
 	}
-	a.policy.Swap(set)
-	if err := a.restorePauses(context.Background()); err != nil {
-		// Slots that stayed keep their pauses; one that came back may not.
-		a.log.Error("stored pauses could not be re-applied after the reload", zap.Error(err))
-	}
+	a.policy.SwapPaused(set, func(tenant, slot string) bool { return paused[tenant+"/"+slot] })
 	a.log.Info("policy reloaded", zap.String("hash", set.HashHex()))
 	a.journalEvent("reload-policy", "", proto.OK, "policy "+set.HashHex())
 	return nil

@@ -140,11 +140,11 @@ func NewEngine(set *Set, clock func() time.Time) *Engine {
 		clock = time.Now
 	}
 	e := &Engine{clock: clock, epoch: clock()}
-	e.state.Store(newState(set, nil))
+	e.state.Store(newState(set, nil, nil))
 	return e
 }
 
-func newState(set *Set, old *engineState) *engineState {
+func newState(set *Set, old *engineState, paused func(tenant, slot string) bool) *engineState {
 	st := &engineState{set: set, slots: make([]*slotState, set.slotCount)}
 	for _, t := range set.tenants {
 		for _, sl := range t.Slots {
@@ -154,7 +154,11 @@ func newState(set *Set, old *engineState) *engineState {
 					continue
 				}
 			}
-			st.slots[sl.index] = new(slotState)
+			rs := new(slotState)
+			if paused != nil && paused(t.Name, sl.Name) {
+				rs.paused.Store(true)
+			}
+			st.slots[sl.index] = rs
 		}
 	}
 	return st
@@ -168,10 +172,16 @@ func (e *Engine) Set() *Set { return e.state.Load().set }
 // policy changed; a removed slot's state is dropped, and a slot added later
 // under the same name starts afresh. Checks running during Swap see either
 // the old or the new set, never a mix.
-func (e *Engine) Swap(set *Set) {
+func (e *Engine) Swap(set *Set) { e.SwapPaused(set, nil) }
+
+// SwapPaused is Swap for a reload that may bring slots back: a slot new to
+// the engine starts paused when paused says so (the agent's stored run-time
+// pauses). It is paused in the same step that puts set in force, so no Check
+// sees it unpaused. Slots that stay keep their own run-time state.
+func (e *Engine) SwapPaused(set *Set, paused func(tenant, slot string) bool) {
 	e.swap.Lock()
 	defer e.swap.Unlock()
-	e.state.Store(newState(set, e.state.Load()))
+	e.state.Store(newState(set, e.state.Load(), paused))
 }
 
 // Check decides whether the peer id, a member of tenant, may sign with

@@ -383,6 +383,34 @@ tenants:
 	}
 }
 
+// A reload that brings slots back pauses those its caller names in the same
+// step that puts the set in force; slots that stayed keep their own state.
+func TestSwapPausedPausesReturningSlots(t *testing.T) {
+	set := mustParse(t, enginePolicy)
+	e := NewEngine(mustParse(t, `
+tenants:
+  - name: a
+    identities: {unix_uids: [1001]}
+    slots:
+      - {name: open, key: ka}
+`), newFakeClock(monday).now)
+	pausedNames := map[string]bool{"a/rated": true, "a/open": true}
+	e.SwapPaused(set, func(tenant, slot string) bool { return pausedNames[tenant+"/"+slot] })
+	cases := []struct {
+		slot string
+		want Reason
+	}{
+		{"rated", Paused}, // new to the engine, named: paused from the first Check
+		{"open", OK},      // stayed: its run-time state (not paused) is kept
+		{"quota", OK},     // new, not named
+	}
+	for _, tc := range cases {
+		if r := e.Check("a", tc.slot, alice, es256, 32).Reason; r != tc.want {
+			t.Errorf("%s: %v, want %v", tc.slot, r, tc.want)
+		}
+	}
+}
+
 // Checks run while sets are swapped; the rate bucket is shared across swaps,
 // so exactly burst requests pass however the swaps interleave.
 func TestSwapConcurrent(t *testing.T) {
