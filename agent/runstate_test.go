@@ -81,6 +81,44 @@ func TestRunTimePauseSurvivesRestart(t *testing.T) {
 	})
 }
 
+// A reload that takes this uid out of the admins ends its admin role on the
+// admin connection already open, not only for new ones.
+func TestRevokedAdminLosesTheRoleOnOpenConnections(t *testing.T) {
+	cfg := pauseConfig(t)
+	if err := os.WriteFile(cfg.Policy, []byte(pausePolicy(true)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		if _, err := admin.Pause(ctx, "payments/release"); err != nil {
+			t.Fatal(err)
+		}
+		revoked := strings.Replace(pausePolicy(true), fmt.Sprintf("admins: {unix_uids: [%d]}", os.Getuid()),
+			fmt.Sprintf("admins: {unix_uids: [%d]}", os.Getuid()+1), 1)
+		if revoked == pausePolicy(true) {
+			t.Fatal("the policy names no admin to revoke")
+		}
+		if err := os.WriteFile(cfg.Policy, []byte(revoked), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := admin.ReloadPolicy(ctx); err != nil {
+			t.Fatal(err)
+		}
+		for name, op := range map[string]func() error{
+			"resume": func() error { _, err := admin.Resume(ctx, "payments/release"); return err },
+			"pause":  func() error { _, err := admin.Pause(ctx, "payments/other"); return err },
+			"reload": func() error { _, err := admin.ReloadPolicy(ctx); return err },
+		} {
+			if err := op(); client.Code(err) != proto.Unauthenticated {
+				t.Errorf("%s by a revoked admin: %v, want UNAUTHENTICATED", name, err)
+			}
+		}
+		if err := releaseSigner("still paused")(c); client.Code(err) != proto.Paused {
+			t.Errorf("the slot after the revoked admin's resume: %v, want PAUSED", err)
+		}
+	})
+}
+
 // releaseSigner returns a Sign of a digest of text with the slot
 // "release", as pausePolicy's tenant.
 func releaseSigner(text string) func(c *client.Client) error {

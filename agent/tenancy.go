@@ -260,6 +260,11 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 	if !c.admin {
 		return &proto.Error{Code: proto.PermissionDenied, Msg: req.Op.String() + " needs the admin role (the admin socket)"}
 	}
+	if !c.isAdmin() {
+		// Checked again on every request, as tenant mappings are: a reload
+		// that revokes the role ends it on open connections too.
+		return &proto.Error{Code: proto.Unauthenticated, Msg: "this peer no longer holds the admin role"}
+	}
 	switch req.Op {
 	case proto.OpRotate, proto.OpRollback, proto.OpIncidentDrill:
 		return c.rotationOp(req, resp)
