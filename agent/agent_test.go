@@ -1,6 +1,7 @@
 package agent_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto"
@@ -10,11 +11,15 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"sync"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/client"
@@ -170,6 +175,48 @@ func TestHandshake(t *testing.T) {
 			t.Fatalf("ping after re-hello: %v %+v", err, resp)
 		}
 	})
+}
+
+// A connection whose peer the agent cannot identify (plain TCP handed to
+// Serve) is closed before anything is read: it must not be taken for the
+// single tenant of an agent without a policy file.
+func TestUnidentifiableConnectionIsClosed(t *testing.T) {
+	cfg := softwareConfig(t)
+	a, err := agent.New(context.Background(), cfg, zaptest.NewLogger(t, zaptest.Level(zap.ErrorLevel)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- a.Serve(ln) }()
+	defer func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		a.Shutdown(ctx)
+		<-done
+	}()
+	nc, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(5 * time.Second))
+	codec := proto.NewCodec()
+	d := sha256.Sum256([]byte("no identity"))
+	frames, err := codec.AppendRequestFrame(nil, &proto.Request{ID: 1, Op: proto.OpHello, Version: proto.Version})
+	if err == nil {
+		frames, err = codec.AppendRequestFrame(frames, &proto.Request{ID: 2, Op: proto.OpSign, Key: "default", Digest: d[:]})
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	nc.Write(frames) // may fail already: the agent closes at once
+	if payload, err := proto.ReadFrame(bufio.NewReader(nc), nil, 1<<20); err == nil {
+		t.Fatalf("an unidentified TCP peer got an answer (%d bytes)", len(payload))
+	}
 }
 
 func TestBadFramesCloseOnlyThatConnection(t *testing.T) {

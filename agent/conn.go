@@ -74,8 +74,11 @@ func (c *conn) identify() error {
 		}
 		return err
 	}
+	// Fail closed: a connection whose peer cannot be identified (plain TCP,
+	// say, through Serve or a systemd socket) must not be taken for the
+	// single tenant of a policy-less agent.
 	c.peer = peer{addr: c.nc.RemoteAddr().String()}
-	return nil
+	return fmt.Errorf("a %T carries no peer identity: the agent serves Unix sockets and mutual TLS only", c.nc)
 }
 
 // replyWriter coalesces replies without a writer goroutine.

@@ -181,7 +181,9 @@ func (a *Agent) Config() Config { return a.cfg }
 var ErrClosed = errors.New("agent closed")
 
 // Serve accepts client connections on ln until Shutdown. It returns
-// ErrClosed after a shutdown, or the listener's error.
+// ErrClosed after a shutdown, or the listener's error. ln must give Unix
+// socket or TLS connections (ListenUnix, ListenTLS, WrapTLS): a peer of any
+// other kind cannot be identified, and its connection is closed unread.
 func (a *Agent) Serve(ln net.Listener) error { return a.serve(ln, false) }
 
 // ServeAdmin accepts connections for the admin role on ln: peers that are

@@ -54,6 +54,11 @@ func inheritedListeners() (*systemdListeners, error) {
 			if i > 0 || *slot != nil {
 				return nil, fmt.Errorf("systemd socket activation: more than one socket named %q", name)
 			}
+			if _, unix := ln.(*net.UnixListener); name != "tcp" && !unix {
+				// The agent identifies these sockets' peers by their kernel
+				// credentials; a TCP socket has none.
+				return nil, fmt.Errorf("systemd socket activation: %q must be a Unix socket (ListenStream=/path), not %s", name, ln.Addr().Network())
+			}
 			*slot = ln
 		}
 	}

@@ -145,3 +145,48 @@ func TestSystemdSocketActivation(t *testing.T) {
 		}
 	}
 }
+
+// A TCP socket passed under the name "client" (or "admin") is refused at
+// start: those sockets' peers are identified by their Unix credentials, and a
+// plain TCP peer has none.
+func TestSystemdTCPSocketNamedClientIsRefused(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the agent binary")
+	}
+	bin := buildSigil(t)
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	f, err := ln.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	env := withoutEnv(os.Environ(), "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "SIGIL_SOCK")
+	env = append(env, "LISTEN_FDS=1", "LISTEN_FDNAMES=client")
+	var stderr bytes.Buffer
+	cmd := exec.Command("/bin/sh", "-c", `LISTEN_PID=$$; export LISTEN_PID; exec "$@"`, "sh",
+		bin, "agent", "--data-dir", t.TempDir(), "--socket", filepath.Join(t.TempDir(), "agent.sock"))
+	cmd.Env = env
+	cmd.ExtraFiles = []*os.File{f}
+	cmd.Stderr = &stderr
+	done := make(chan error, 1)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Fatal("the agent started on a TCP socket named client")
+		}
+	case <-time.After(20 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("the agent is still running on a TCP socket named client")
+	}
+	if !strings.Contains(stderr.String(), `"client" must be a Unix socket`) {
+		t.Errorf("stderr does not say why:\n%s", stderr.String())
+	}
+}
