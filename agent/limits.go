@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"errors"
 	"strconv"
 	"time"
 
@@ -118,28 +119,44 @@ func (c *conn) refuse(limit string) {
 // Verify, waiting at most the request's deadline. When it returns false it
 // has answered the request itself (or the connection is ending).
 func (c *conn) acquireSlot(req *proto.Request) bool {
+	switch c.takeTenantToken(c.requestTimeout(req), c.ctx.Done()) {
+	case nil:
+		return true
+	case errNoTenantCapacity:
+		c.send(&proto.Response{ID: req.ID, Code: proto.DeadlineExceeded, Msg: noTenantCapacityMsg})
+	}
+	requestPool.Put(req)
+	return false
+}
+
+var (
+	errNoTenantCapacity = errors.New("no tenant capacity within the deadline")
+	errConnEnding       = errors.New("connection ending")
+)
+
+const noTenantCapacityMsg = "no capacity within the deadline: this tenant has limits.max_in_flight_per_tenant requests in flight"
+
+// takeTenantToken waits up to d for one of the tenant's in-flight tokens,
+// or until done is closed.
+func (c *conn) takeTenantToken(d time.Duration, done <-chan struct{}) error {
 	if c.load == nil {
-		return true // admin socket: no Sign or Verify is served there anyway
+		return nil // admin socket: no Sign or Verify is served there anyway
 	}
 	select {
 	case c.load.inFlight <- struct{}{}:
-		return true
+		return nil
 	default:
 	}
-	t := time.NewTimer(c.requestTimeout(req))
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case c.load.inFlight <- struct{}{}:
-		return true
+		return nil
 	case <-t.C:
 		c.a.metrics.refused(limitTenantFlight)
-		c.send(&proto.Response{ID: req.ID, Code: proto.DeadlineExceeded,
-			Msg: "no capacity within the deadline: this tenant has limits.max_in_flight_per_tenant requests in flight"})
-		requestPool.Put(req)
-		return false
-	case <-c.ctx.Done():
-		requestPool.Put(req)
-		return false
+		return errNoTenantCapacity
+	case <-done:
+		return errConnEnding
 	}
 }
 

@@ -32,6 +32,7 @@ type Agent struct {
 	sched   *rotation.Scheduler
 
 	stopSSH context.CancelFunc // ends ServeSSHAgent's connections on Shutdown
+	sshWG   sync.WaitGroup     // held while ServeSSHAgent runs
 	// background stops and waits for each goroutine goUntilShutdown
 	// started: the rotation scheduler, retention, quota snapshots.
 	background []func()
@@ -275,6 +276,7 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 	done := make(chan struct{})
 	go func() {
 		a.connWG.Wait()
+		a.sshWG.Wait() // its requests were cancelled by stopSSH
 		close(done)
 	}()
 	var err error

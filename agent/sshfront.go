@@ -33,6 +33,10 @@ func (a *Agent) ServeSSHAgent(ln net.Listener) error {
 		return ErrClosed
 	}
 	a.stopSSH = cancel
+	// Shutdown waits for this to return, and Serve returns only when its
+	// connections have ended: no SSH signature outlives the providers.
+	a.sshWG.Add(1)
+	defer a.sshWG.Done()
 	a.mu.Unlock()
 	err := sshagent.Serve(ctx, ln, a.sshBackendFor, a.log.Named("ssh-agent"))
 	if ctx.Err() != nil {
@@ -93,12 +97,24 @@ func (b sshBackend) Keys(context.Context) ([]sshagent.Key, error) {
 }
 
 // Sign runs a Sign request through the connection's dispatch, so the SSH
-// path is the socket path: policy, provider, journal, metrics.
-func (b sshBackend) Sign(_ context.Context, name string, alg providers.Algorithm, message []byte) ([]byte, error) {
+// path is the socket path: policy, the tenant's in-flight limit, provider,
+// journal, metrics. ctx ends when the agent shuts down; the request is then
+// cancelled, so that nothing signs after Shutdown has closed the providers.
+func (b sshBackend) Sign(ctx context.Context, name string, alg providers.Algorithm, message []byte) ([]byte, error) {
 	if allowed := b.c.a.cfg.SSHKeys; len(allowed) > 0 && !slices.Contains(allowed, name) {
 		return nil, &proto.Error{Code: proto.NotFound, Msg: "not an ssh key"}
 	}
+	stop := context.AfterFunc(ctx, b.c.cancel)
+	defer stop()
 	req := &proto.Request{Op: proto.OpSign, Key: name, Scheme: uint8(alg.Scheme), Hash: protoHash(alg.Hash), Digest: message}
+	switch b.c.takeTenantToken(b.c.requestTimeout(req), b.c.ctx.Done()) {
+	case nil:
+	case errNoTenantCapacity:
+		return nil, &proto.Error{Code: proto.DeadlineExceeded, Msg: noTenantCapacityMsg}
+	default:
+		return nil, &proto.Error{Code: proto.Unavailable, Msg: "the agent is shutting down"}
+	}
+	defer b.c.releaseSlot()
 	var resp proto.Response
 	b.c.dispatch(req, &resp)
 	if err := resp.Err(); err != nil {

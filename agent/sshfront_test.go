@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -15,6 +16,8 @@ import (
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/software"
 )
 
 // OpenSSH's own tools use keys behind Sigil through the ssh-agent socket:
@@ -184,5 +187,141 @@ func TestSSHAgentSocketLimits(t *testing.T) {
 	}
 	if err := listKeys(good); err != nil {
 		t.Fatalf("the well-behaved connection: %v", err)
+	}
+}
+
+// closeWatcher counts the signatures its provider finished after Close:
+// with a PKCS#11 module that would be a call into a finalized library.
+type closeWatcher struct {
+	slowProvider
+	closed, signedAfterClose atomic.Int32
+}
+
+func (w *closeWatcher) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	sig, err := w.slowProvider.Sign(ctx, key, alg, digest)
+	if err == nil && w.closed.Load() != 0 {
+		w.signedAfterClose.Add(1)
+	}
+	return sig, err
+}
+
+func (w *closeWatcher) Close() error {
+	w.closed.Store(1)
+	return w.slowProvider.Close()
+}
+
+// Shutdown with an SSH signature in flight waits for it to end (cancelled)
+// before it closes the providers and the journal.
+func TestShutdownEndsSSHSignaturesFirst(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.SSHKeys = []string{"slow"}
+	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "slow", Type: providers.KeyEd25519}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	watcher := &closeWatcher{slowProvider: slowProvider{Provider: soft, delay: 500 * time.Millisecond}}
+	a, err := agent.New(context.Background(), cfg, nil, agent.WithProviders(watcher))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := agent.ListenUnix(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.Serve(ln)
+	sshSock := filepath.Join(filepath.Dir(cfg.Socket), "ssh.sock")
+	sln, err := agent.ListenUnix(sshSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sshDone := make(chan error, 1)
+	go func() { sshDone <- a.ServeSSHAgent(sln) }()
+
+	nc, err := net.Dial("unix", sshSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	ac := sshagentclient.NewClient(nc)
+	keys, err := ac.List()
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("List: %d keys, %v", len(keys), err)
+	}
+	signed := make(chan error, 1)
+	go func() {
+		_, err := ac.Sign(keys[0], []byte("in flight at shutdown"))
+		signed <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // the signature is in the provider
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := a.Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	select {
+	case err := <-sshDone:
+		if err != agent.ErrClosed {
+			t.Errorf("ServeSSHAgent returned %v, want ErrClosed", err)
+		}
+	default:
+		t.Error("Shutdown returned while ServeSSHAgent still ran")
+	}
+	if err := <-signed; err == nil {
+		t.Error("the SSH signature in flight at shutdown was delivered")
+	}
+	time.Sleep(600 * time.Millisecond) // past the provider's delay
+	if n := watcher.signedAfterClose.Load(); n != 0 {
+		t.Fatalf("%d signatures made after the providers were closed", n)
+	}
+}
+
+// SSH signatures count against limits.max_in_flight_per_tenant like the
+// client socket's: with one token, two connections' signatures take turns.
+func TestSSHSignaturesShareTheTenantInFlightLimit(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.SSHKeys = []string{"slow"}
+	cfg.Limits.MaxInFlightPerTenant = 1
+	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "slow", Type: providers.KeyEd25519}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const delay = 300 * time.Millisecond
+	r := startAgent(t, cfg, agent.WithProviders(&slowProvider{Provider: soft, delay: delay}))
+	sshSock := filepath.Join(filepath.Dir(cfg.Socket), "ssh.sock")
+	ln, err := agent.ListenUnix(sshSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.agent.ServeSSHAgent(ln)
+	const conns = 2
+	start := time.Now()
+	errs := make(chan error, conns)
+	for range conns {
+		nc, err := net.Dial("unix", sshSock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		go func() {
+			ac := sshagentclient.NewClient(nc)
+			keys, err := ac.List()
+			if err == nil && len(keys) != 1 {
+				err = fmt.Errorf("%d keys", len(keys))
+			}
+			if err == nil {
+				_, err = ac.Sign(keys[0], []byte("taking turns"))
+			}
+			errs <- err
+		}()
+	}
+	for range conns {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A lower bound only: they cannot finish sooner than one after the other.
+	if took := time.Since(start); took < conns*delay {
+		t.Fatalf("%d signatures of %v each took %v with one in-flight token: they ran side by side", conns, delay, took)
 	}
 }
