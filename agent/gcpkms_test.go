@@ -164,6 +164,87 @@ providers:
 	})
 }
 
+// A slot whose key is configured as "latest" rotates, and the agent
+// restarts: the configured name now resolves to the new version, so it
+// cannot serve version 1 under that name. Version 1 is then refused
+// (UNAVAILABLE), never answered with version 2's key: not its public key by
+// v1's kid, and not a signature after a rollback to v1.
+func TestRotatedLatestCloudKeyDoesNotServeV2AsV1(t *testing.T) {
+	keys := gcpkmstest.TestKeys()
+	kms := &gcpkmstest.Server{}
+	kms.Add(gcpkmstest.VersionName("release", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	kms.Serve(t)
+	dir := t.TempDir()
+	policyFile := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
+admins: {unix_uids: [%d]}
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: gcp-release}
+`, os.Getuid(), os.Getuid())), 0o600)
+	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
+policy: %s
+rotation: {canaries: 5}
+providers:
+  - id: gcp
+    type: gcpkms
+    project: p
+    location: global
+    key_ring: ring
+    endpoint: %q
+    insecure_endpoint: true
+    keys:
+      - {name: gcp-release, key: release, version: latest}
+`, policyFile, kms.Addr())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DataDir = t.TempDir()
+	cfg.Socket = shortSocketPath(t)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	ctx := context.Background()
+	d := sha256.Sum256([]byte("cloud rotation"))
+
+	var v1, v2 string
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		s, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		v1 = s.KID
+		if err := admin.Rotate(ctx, "payments/release"); err != nil {
+			t.Fatal(err)
+		}
+		if s, err = c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:]); err != nil {
+			t.Fatal(err)
+		}
+		v2 = s.KID
+	})
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		s, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		if err != nil || s.KID != v2 {
+			t.Fatalf("after a restart: kid %s (want %s), %v", s.KID, v2, err)
+		}
+		if k, err := c.PublicKey(ctx, client.ByKID(v1)); err == nil && k.KID != v1 {
+			t.Fatalf("the public key asked by v1's kid is kid %s", k.KID)
+		} else if code := client.Code(err); err != nil && code != proto.Unavailable && code != proto.NotFound {
+			t.Fatalf("v1's public key: %v, want it, NOT_FOUND or UNAVAILABLE", err)
+		}
+		if _, err := admin.Rollback(ctx, "payments/release"); err != nil {
+			t.Fatal(err)
+		}
+		s, err = c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		if err == nil {
+			t.Fatalf("after a rollback to v1 the slot signed with kid %s (v1 %s, v2 %s)", s.KID, v1, v2)
+		}
+		if client.Code(err) != proto.Unavailable {
+			t.Fatalf("after a rollback to v1: %v, want UNAVAILABLE", err)
+		}
+	})
+}
+
 // A stalled KMS: the agent answers DEADLINE_EXCEEDED within the configured
 // per-call deadline plus 100 ms and keeps serving its other keys.
 func TestAgentStalledCloudKey(t *testing.T) {

@@ -64,7 +64,17 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 	}
 	for _, sl := range store.Slots() {
 		for _, v := range sl.Versions {
-			if v.StateAt(time.Now()) == rotation.StateRetired || a.keys.entry(v.Key) != nil {
+			if v.StateAt(time.Now()) == rotation.StateRetired {
+				continue
+			}
+			if e := a.keys.entry(v.Key); e != nil {
+				if e.info.KID != v.KID {
+					// slotKey refuses this version (UNAVAILABLE): the slot's
+					// other versions, and other slots, go on.
+					a.log.Error("a key version's key name now resolves to another key; that version is not served (name the configured key by a fixed version, ARN or key id: docs/cloudkms.md)",
+						zap.String("slot", sl.FullName()), zap.Int("version", v.Number), zap.String("key", v.Key),
+						zap.String("recorded_kid", v.KID), zap.String("served_kid", e.info.KID))
+				}
 				continue
 			}
 			if err := a.adopt(ctx, v); err != nil {

@@ -106,6 +106,7 @@ func (c *conn) resolve(name, kid string, verify bool) (target, string, error) {
 // version with kid while it is not retired).
 func (c *conn) slotKey(slot *policy.Slot, kid string, verify bool) (*keyEntry, error) {
 	keyName := slot.Key
+	wantKID := "" // with rotation: the kid the version was recorded with
 	if c.a.rot != nil {
 		store := c.a.rot.Store()
 		v, err := store.Resolve(slot.FullName())
@@ -123,7 +124,7 @@ func (c *conn) slotKey(slot *policy.Slot, kid string, verify bool) (*keyEntry, e
 				return nil, rotationError(err)
 			}
 		}
-		keyName = v.Key
+		keyName, wantKID = v.Key, v.KID
 	} else if kid != "" {
 		if e := c.a.keys.entry(keyName); e == nil || e.info.KID != kid {
 			return nil, &proto.Error{Code: proto.NotFound, Msg: "no key slot with kid " + quoteShort(kid)}
@@ -133,6 +134,13 @@ func (c *conn) slotKey(slot *policy.Slot, kid string, verify bool) (*keyEntry, e
 	if e == nil {
 		// Load, reload and restart refuse such a state; reaching here is a bug.
 		return nil, fmt.Errorf("slot %s names key %q, which no provider serves", slot.FullName(), keyName)
+	}
+	if wantKID != "" && e.info.KID != wantKID {
+		// The key name now resolves to other material, e.g. a cloud key
+		// configured as "latest" or by alias, which a rotation moved on:
+		// signing with it would sign as another version (checkVersionKeys
+		// logged it at start). Fail closed.
+		return nil, &proto.Error{Code: proto.Unavailable, Msg: "this key version is not served: its key name now resolves to another key (see the agent's log)"}
 	}
 	return e, nil
 }
