@@ -12,6 +12,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sigil-agent/sigil/agent/rotation"
+	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/pkcs11"
@@ -87,19 +88,8 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 			}
 		}
 	}
-	set := a.policy.Set()
-	for _, s := range set.AllSlots() {
-		e := a.keys.entry(s.Key)
-		if e == nil {
-			continue // checkSlotKeys refused this already
-		}
-		if _, err := store.Enroll(ctx, s.FullName(), e.info, "config"); err != nil {
-			if errors.Is(err, rotation.ErrSlotExists) {
-				a.log.Info("slot has rotated since its configured key; the stored versions decide", zap.String("slot", s.FullName()))
-				continue
-			}
-			return fmt.Errorf("enroll slot %s: %w", s.FullName(), err)
-		}
+	if err := a.enrollSlots(ctx, store, a.policy.Set()); err != nil {
+		return err
 	}
 	evKey, err := rotation.LoadOrCreateEvidenceKey(filepath.Join(a.cfg.DataDir, "evidence.key"))
 	if err != nil {
@@ -177,6 +167,26 @@ func (a *Agent) adopt(ctx context.Context, v rotation.Version) error {
 		return err
 	}
 	return fmt.Errorf("no provider %q in the configuration", v.Provider)
+}
+
+// enrollSlots records each slot of set that the rotation store does not
+// know yet, with its configured key as version 1; a slot it knows keeps its
+// stored versions.
+func (a *Agent) enrollSlots(ctx context.Context, store *rotation.Store, set *policy.Set) error {
+	for _, s := range set.AllSlots() {
+		e := a.keys.entry(s.Key)
+		if e == nil {
+			continue // checkSlotKeys refused this already
+		}
+		if _, err := store.Enroll(ctx, s.FullName(), e.info, "config"); err != nil {
+			if errors.Is(err, rotation.ErrSlotExists) {
+				a.log.Info("slot has rotated since its configured key; the stored versions decide", zap.String("slot", s.FullName()))
+				continue
+			}
+			return fmt.Errorf("enroll slot %s: %w", s.FullName(), err)
+		}
+	}
+	return nil
 }
 
 // keyMaker adapts providers that can generate keys to rotation.KeyMaker; the

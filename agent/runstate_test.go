@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -115,6 +116,43 @@ func TestRevokedAdminLosesTheRoleOnOpenConnections(t *testing.T) {
 		}
 		if err := releaseSigner("still paused")(c); client.Code(err) != proto.Paused {
 			t.Errorf("the slot after the revoked admin's resume: %v, want PAUSED", err)
+		}
+	})
+}
+
+// A slot that a reload adds signs at once, and is listed, with rotation on
+// (a policy file and the journal): it is enrolled before the policy naming
+// it is in force.
+func TestSlotAddedByReloadSigns(t *testing.T) {
+	cfg := pauseConfig(t)
+	if err := os.WriteFile(cfg.Policy, []byte(pausePolicy(false)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	sign := releaseSigner("a new slot")
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		if err := sign(c); client.Code(err) != proto.NotFound {
+			t.Fatalf("before the reload: %v, want NOT_FOUND", err)
+		}
+		if err := os.WriteFile(cfg.Policy, []byte(pausePolicy(true)), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := admin.ReloadPolicy(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := sign(c); err != nil {
+			t.Fatalf("the slot the reload added: %v", err)
+		}
+		keys, err := c.ListKeys(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, k := range keys {
+			names = append(names, k.Name)
+		}
+		if !slices.Contains(names, "release") {
+			t.Fatalf("ListKeys after the reload: %v, want release among them", names)
 		}
 	})
 }

@@ -219,6 +219,11 @@ func (a *Agent) ReloadPolicy() error {
 			err = fmt.Errorf("the stored pauses could not be read: %w", err)
 		}
 	}
+	if err == nil && a.rot != nil {
+		// A slot new to the agent gets its version 1 before it is in force:
+		// with rotation on, a slot the store does not know cannot sign.
+		err = a.enrollSlots(context.Background(), a.rot.Store(), set)
+	}
 	if err != nil {
 		a.log.Warn("policy reload refused; the current policy stays in force", zap.Error(err))
 		a.journalEvent("reload-policy", "", proto.BadRequest, "refused: "+firstLine(err.Error()))
