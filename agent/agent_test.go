@@ -10,6 +10,7 @@ import (
 	"crypto/sha512"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -428,6 +429,67 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 	}
 	if _, err := client.Dial(context.Background(), cfg.Socket); err == nil {
 		t.Fatal("agent still accepting after shutdown")
+	}
+}
+
+// An admin operation still running when the shutdown grace period ends (a
+// rotation signing its canaries on a slow key) is cancelled with its
+// connection: Shutdown returns soon after the grace period, not when the
+// operation's own two-minute bound ends.
+func TestShutdownCancelsAdminOperationsAfterGrace(t *testing.T) {
+	cfg := pauseConfig(t)
+	cfg.Rotation.Canaries = 20
+	cfg.Rotation.Slots = map[string]agent.SlotRotation{"payments/release": {NextKey: "slow-next"}}
+	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf(`
+admins: {unix_uids: [%d]}
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: slow-cur}
+`, os.Getuid(), os.Getuid())), 0o600)
+	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{
+		{Name: "slow-cur", Type: providers.KeyEd25519}, {Name: "slow-next", Type: providers.KeyEd25519}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := agent.New(context.Background(), cfg, zaptest.NewLogger(t, zaptest.Level(zap.DPanicLevel)), agent.WithProviders(&slowProvider{Provider: soft, delay: time.Second}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	aln, err := agent.ListenUnix(cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.ServeAdmin(aln)
+	admin, err := client.Dial(context.Background(), cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	rotated := make(chan error, 1)
+	go func() { rotated <- admin.Rotate(context.Background(), "payments/release") }()
+	time.Sleep(200 * time.Millisecond) // the rotation is signing canaries
+
+	const grace = 300 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
+	defer cancel()
+	start := time.Now()
+	if err := a.Shutdown(ctx); err == nil {
+		select {
+		case rerr := <-rotated:
+			t.Errorf("Shutdown cut a connection but reported no error (took %v; rotation: %v)", time.Since(start), rerr)
+		default:
+			t.Errorf("Shutdown returned no error after %v while the rotation still ran", time.Since(start))
+		}
+	}
+	// 20 canaries of 1 s each would take 20 s; the one being signed when
+	// the grace period ends takes at most 1 s more.
+	if took := time.Since(start); took > 5*time.Second {
+		t.Fatalf("Shutdown took %v with a %v grace period", took, grace)
+	}
+	if err := <-rotated; err == nil {
+		t.Error("the rotation cut by the shutdown reported success")
 	}
 }
 

@@ -239,8 +239,6 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 		o.Maker = &locatingMaker{servingMaker{a: a, p: pp, gen: pkcs11Maker{pp}}, pp}
 	case versionedKeys:
 		o.Maker = &locatingMaker{servingMaker{a: a, p: e.provider, gen: cloudMaker{pp, v.Key}}, pp}
-	default:
-		return rotation.RotateOptions{}, fmt.Errorf("provider %s cannot generate keys", e.provider.ID())
 	}
 	if tenant, _, err := rotation.SplitSlot(slot); err == nil && a.policy != nil {
 		o.PolicyHash, _ = a.policy.Set().TenantHash(tenant)
@@ -266,6 +264,10 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 			o.NextKey, o.Maker = &info, nil
 			o.Signer = next.provider
 		}
+	}
+	if o.NextKey == nil && o.Maker == nil {
+		// A pre-provisioned next key needs no generation; anything else does.
+		return rotation.RotateOptions{}, fmt.Errorf("provider %s cannot generate keys", e.provider.ID())
 	}
 	return o, nil
 }

@@ -286,7 +286,9 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 		err = fmt.Errorf("shutdown: %w; cutting remaining connections", ctx.Err())
 		a.mu.Lock()
 		for c := range a.conns {
-			c.nc.Close()
+			// Cancel as well as close: an admin operation (a rotation, an
+			// audit verify) runs on the connection's context, not its socket.
+			c.drop()
 		}
 		a.mu.Unlock()
 		<-done

@@ -321,7 +321,7 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 	case proto.OpAuditPrune:
 		return c.a.auditPrune(c.ctx, req.At, c.peer.String(), resp)
 	case proto.OpAuditTail:
-		recs, err := c.a.auditTail(req.Key, req.FromSeq, int(req.Limit))
+		recs, err := c.a.auditTail(c.ctx, req.Key, req.FromSeq, int(req.Limit))
 		if err != nil {
 			return err
 		}
@@ -398,7 +398,7 @@ const maxTailRecords = 100
 
 // auditTail reads the running agent's journal for `sigil audit tail`: the
 // last n records, or up to n from seq on.
-func (a *Agent) auditTail(tenant string, from uint64, n int) ([][]byte, error) {
+func (a *Agent) auditTail(ctx context.Context, tenant string, from uint64, n int) ([][]byte, error) {
 	if a.journal == nil {
 		return nil, &proto.Error{Code: proto.JournalUnavailable, Msg: "the audit journal is off"}
 	}
@@ -412,7 +412,7 @@ func (a *Agent) auditTail(tenant string, from uint64, n int) ([][]byte, error) {
 			return nil, err
 		}
 	} else {
-		err := a.journal.Scan(context.Background(), journal.Filter{FromSeq: from, Tenant: tenant}, func(r *journal.Record) error {
+		err := a.journal.Scan(ctx, journal.Filter{FromSeq: from, Tenant: tenant}, func(r *journal.Record) error {
 			recs = append(recs, *r)
 			if len(recs) >= n {
 				return errStopScan
