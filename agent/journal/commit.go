@@ -156,6 +156,26 @@ func (j *Journal) commitState(ctx context.Context, changes []StateChange) error 
 	return nil
 }
 
+// Barrier returns once every commit submitted before it has been
+// resolved: confirmed, or failed for good. An Append whose context ended
+// while its commit was queued has returned an error, but the commit may
+// still land (see Append); commits are taken in the order they were
+// submitted, so once Barrier returns nil such a commit has landed or never
+// will, and state read after it (Get) tells which. Barrier writes nothing
+// itself (an empty group: like Healthy's probe, it reopens Pebble after a
+// failure if the fault has cleared). An error means it could not wait that
+// long: ctx ended first, or the journal is closed.
+func (j *Journal) Barrier(ctx context.Context) error {
+	err := j.commitState(ctx, nil)
+	if err == nil || errors.Is(err, ErrClosed) ||
+		errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	// The group the barrier went in failed (a full disk, a reopen not yet
+	// due): it was still taken in its turn, after everything before it.
+	return nil
+}
+
 // copyChanges copies the caller's slices so that a caller who gives up on
 // a pending commit may reuse them.
 func copyChanges(changes []StateChange) []StateChange {
@@ -267,6 +287,9 @@ func (j *Journal) commitLoop() {
 func (j *Journal) commitGroup(group []*request) error {
 	now := time.Now()
 	if err := j.checkSpace(now); err != nil {
+		if holdsWork(group) {
+			j.stats.full.Add(1)
+		}
 		return err
 	}
 	if j.applyFailed.Load() && j.db != nil {
@@ -787,7 +810,6 @@ func (j *Journal) checkSpace(now time.Time) error {
 	j.fullNow.Store(j.full)
 	switch {
 	case j.full:
-		j.stats.full.Add(1)
 		if !wasFull {
 			j.log.Error("journal full: refusing appends",
 				zap.Uint64("free_bytes", usage.AvailBytes), zap.Int64("reserve_bytes", j.opts.MinFreeBytes))
@@ -797,6 +819,17 @@ func (j *Journal) checkSpace(now time.Time) error {
 		j.log.Info("journal has room again", zap.Uint64("free_bytes", usage.AvailBytes))
 	}
 	return nil
+}
+
+// holdsWork reports whether a group holds a record or a state change:
+// Stats.Full counts refused work, not Healthy's empty probes.
+func holdsWork(group []*request) bool {
+	for _, req := range group {
+		if req.kind == kindRecord || len(req.changes) > 0 {
+			return true
+		}
+	}
+	return false
 }
 
 func stateKey(key string) []byte {

@@ -282,10 +282,12 @@ func TestWriteFaultsUnderLoad(t *testing.T) {
 // spaceFS reports a settable amount of free space.
 type spaceFS struct {
 	vfs.FS
-	avail atomic.Uint64
+	avail  atomic.Uint64
+	checks atomic.Int64 // GetDiskUsage calls
 }
 
 func (fs *spaceFS) GetDiskUsage(string) (vfs.DiskUsage, error) {
+	fs.checks.Add(1)
 	a := fs.avail.Load()
 	return vfs.DiskUsage{AvailBytes: a, TotalBytes: 100 << 30, UsedBytes: 100<<30 - a}, nil
 }
@@ -334,6 +336,56 @@ func TestJournalFullRefusesBeforePebbleFails(t *testing.T) {
 	mustVerify(t, j, want)
 	if st := j.Stats(); st.Failures != 0 || st.Full != 2 {
 		t.Fatalf("stats %+v: want no Pebble failure and two refusals", st)
+	}
+}
+
+// Healthy notices freed space by itself: while the journal is full it
+// probes with an empty commit, whose free-space check is the only thing
+// that clears "journal full", and a not-ready agent gets no appends to
+// commit. The probe runs at most once per RecoveryInterval.
+func TestHealthyNoticesFreedSpace(t *testing.T) {
+	for _, mode := range []Durability{WAL, Fsync} {
+		t.Run(mode.String(), func(t *testing.T) {
+			ctx := context.Background()
+			fs := &spaceFS{FS: vfs.Default}
+			fs.avail.Store(10 << 30)
+			const interval = 200 * time.Millisecond
+			j := openTest(t, t.TempDir(), mode, func(o *Options) {
+				o.FS = fs
+				o.RecoveryInterval = interval
+			})
+			appendN(t, j, "before", 2)
+			fs.avail.Store(1 << 20)
+			time.Sleep(spaceCheckInterval + 10*time.Millisecond) // outside the full state the check runs every 100ms
+			if err := j.Append(ctx, signRecord("full", 0)); err == nil {
+				t.Fatal("Append on a full disk succeeded")
+			}
+			// Still full: readiness checks in a burst probe at most once.
+			checks := fs.checks.Load()
+			start := time.Now()
+			for i := 0; i < 20; i++ {
+				if err := j.Healthy(ctx); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "journal full") {
+					t.Fatalf("Healthy on a full disk: %v", err)
+				}
+			}
+			if probes := fs.checks.Load() - checks; probes > 1 && time.Since(start) < interval {
+				t.Fatalf("%d free-space probes within one RecoveryInterval", probes)
+			}
+			if st := j.Stats(); st.Full != 1 {
+				t.Fatalf("stats %+v: want one refused append; probes are not refusals", st)
+			}
+
+			fs.avail.Store(10 << 30) // an operator freed space; no append comes
+			deadline := time.Now().Add(5 * time.Second)
+			for j.Healthy(ctx) != nil {
+				if time.Now().After(deadline) {
+					t.Fatal("Healthy still reports the journal full after space was freed")
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			appendN(t, j, "after", 1)
+			mustVerify(t, j, 3)
+		})
 	}
 }
 

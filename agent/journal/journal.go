@@ -184,6 +184,8 @@ type Journal struct {
 
 	pruneMu sync.Mutex // one Prune at a time
 
+	nextFullProbe atomic.Int64 // Unix ns: Healthy's next free-space probe while full
+
 	// Deferred apply (`wal` mode; commit.go, "Deferred apply"). applyMu
 	// serializes applying staged groups to Pebble with every other Pebble
 	// write and with every change of db: whoever holds it may use db.
@@ -475,7 +477,7 @@ type Stats struct {
 	WALSyncs   uint64 // WAL fsyncs issued
 	Failures   uint64 // commits, or applies of staged records, that failed and made the journal reopen Pebble
 	Recoveries uint64 // successful reopens after a failure
-	Full       uint64 // commit groups refused for lack of free space
+	Full       uint64 // commit groups refused for lack of free space (Healthy's empty probes not counted)
 	Replayed   uint64 // records put back from the tail log (tail.go) at Open or a reopen
 }
 
@@ -487,7 +489,9 @@ type Stats struct {
 // journal waiting to reopen is given the chance to (recovery otherwise
 // happens only when an append arrives, and a not-ready agent gets none):
 // Healthy commits an empty group, which reopens Pebble if the fault has
-// cleared, at most once per RecoveryInterval.
+// cleared, at most once per RecoveryInterval. So does a full journal:
+// only a commit's free-space check clears "journal full", and the empty
+// group checks free space first.
 func (j *Journal) Healthy(ctx context.Context) error {
 	j.mu.Lock()
 	closing := j.closing
@@ -502,11 +506,25 @@ func (j *Journal) Healthy(ctx context.Context) error {
 		if err := j.commitState(ctx, nil); err != nil {
 			return fmt.Errorf("%w: recovering from a write failure", ErrUnavailable)
 		}
+	} else if j.fullNow.Load() && j.fullProbeDue(time.Now()) {
+		// The error is the free-space check's; fullNow says the same.
+		_ = j.commitState(ctx, nil)
 	}
 	if j.fullNow.Load() {
 		return fmt.Errorf("%w: journal full", ErrUnavailable)
 	}
 	return nil
+}
+
+// fullProbeDue reports whether Healthy may probe a full journal now, at
+// most once per RecoveryInterval: while full, every commit calls statfs,
+// and readiness checks may come often and from several probers.
+func (j *Journal) fullProbeDue(now time.Time) bool {
+	next := j.nextFullProbe.Load()
+	if now.UnixNano() < next {
+		return false
+	}
+	return j.nextFullProbe.CompareAndSwap(next, now.Add(j.opts.RecoveryInterval).UnixNano())
 }
 
 // Stats returns the journal's counters since Open.

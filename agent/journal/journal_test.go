@@ -13,6 +13,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
 func TestAppendConcurrentVerifyRestart(t *testing.T) {
@@ -512,6 +514,58 @@ func TestAppendContextEndsWhileQueued(t *testing.T) {
 	last, err := j.Last(2, "")
 	if err != nil || len(last) != 2 || last[0].DigestHash != r.DigestHash {
 		t.Fatalf("the abandoned record should be seq 1: %+v, %v", last, err)
+	}
+}
+
+// Barrier returns once the commits queued before it are resolved, so a
+// state write whose caller gave up is visible to a Get after it. A group
+// the journal refuses (a full disk) still resolves it; only a context that
+// ends first or a closed journal make it fail.
+func TestBarrierWaitsForAbandonedCommits(t *testing.T) {
+	fs := &spaceFS{FS: vfs.Default}
+	fs.avail.Store(10 << 30)
+	j := openTest(t, t.TempDir(), WAL, func(o *Options) { o.FS = fs })
+	// Pretend a commit is in flight, so what comes next queues.
+	j.mu.Lock()
+	j.busy = true
+	j.mu.Unlock()
+	short := func() context.Context {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		t.Cleanup(cancel)
+		return ctx
+	}
+	if err := j.Put(short(), "k", []byte("v")); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Put: %v, want its context's end", err)
+	}
+	if err := j.Barrier(short()); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Barrier that cannot wait: %v, want its context's end", err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- j.Barrier(context.Background()) }()
+	select {
+	case err := <-done:
+		t.Fatalf("Barrier returned %v with a commit before it pending", err)
+	case <-time.After(20 * time.Millisecond):
+	}
+	j.releaseCommit() // the commit in flight ends and hands the queue on
+	if err := <-done; err != nil {
+		t.Fatalf("Barrier: %v", err)
+	}
+	if v, err := j.Get("k"); err != nil || string(v) != "v" {
+		t.Fatalf("Get after the Barrier: %q %v, want the abandoned Put's value", v, err)
+	}
+
+	fs.avail.Store(1 << 20)
+	time.Sleep(spaceCheckInterval + 10*time.Millisecond)
+	if err := j.Put(context.Background(), "k", []byte("w")); !errors.Is(err, ErrUnavailable) {
+		t.Fatalf("Put on a full disk: %v", err)
+	}
+	if err := j.Barrier(context.Background()); err != nil {
+		t.Fatalf("Barrier on a full disk: %v, want nil (its group was refused, in its turn)", err)
+	}
+	_ = j.Close()
+	if err := j.Barrier(context.Background()); !errors.Is(err, ErrClosed) {
+		t.Fatalf("Barrier after Close: %v, want ErrClosed", err)
 	}
 }
 

@@ -51,8 +51,17 @@
 // State commits run detached from the caller's context with their own
 // deadline: a revert after a cancelled rotation must still be written, and
 // an abandoned commit would leave the outcome unknown. If a commit is not
-// confirmed the store re-reads the slot from the journal, since an
-// unconfirmed commit may still have landed (journal doc.go, "Failures").
+// confirmed it may still have landed (journal doc.go, "Failures"): a failed
+// fsync after the write, or a commit that timed out in the queue and went
+// through later. So the store puts a journal.Barrier through, after which
+// that commit has landed or never will, and reads the slot back. A cut-over
+// found there is reverted as after any failed step, and a rollback found
+// there is reported as done. A slot that cannot be read back, or whose
+// revert the journal did not confirm, does not sign (Resolve returns
+// ErrStateUnknown or ErrNotReverted) until the store has read it back and
+// committed the revert; the slot's next mutation and every scheduler round
+// try (TestCutoverCommitNotConfirmed, TestCutoverOutcomeUnknownFailsClosed,
+// TestRollbackCommitNotConfirmed).
 //
 // # A rotation's steps
 //

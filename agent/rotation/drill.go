@@ -63,7 +63,7 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 	if p == nil {
 		return nil, errors.New("drill: no pauser")
 	}
-	release, err := r.store.acquire(slot)
+	release, err := r.store.acquire(ctx, slot)
 	if err != nil {
 		return nil, err
 	}

@@ -21,6 +21,16 @@ var (
 	ErrBusy = errors.New("rotation: another rotation of this slot is in progress")
 	// ErrSlotExists: Enroll found the slot already enrolled with another key.
 	ErrSlotExists = errors.New("rotation: slot already enrolled")
+	// ErrStateUnknown: the journal did not confirm a commit of the slot's
+	// state, and the slot could not be read back to see whether it landed.
+	// The slot does not sign until it is. It wraps journal.ErrUnavailable
+	// (JOURNAL_UNAVAILABLE).
+	ErrStateUnknown = fmt.Errorf("%w: rotation state unknown (a commit not confirmed, and not read back)", journal.ErrUnavailable)
+	// ErrNotReverted: a rotation failed after its cut-over and the journal
+	// has not confirmed the revert yet, so the new version, whose canaries
+	// or evidence failed, may be active in it. The slot does not sign until
+	// the revert is in. It wraps journal.ErrUnavailable.
+	ErrNotReverted = fmt.Errorf("%w: the revert of a failed rotation is not in the journal yet", journal.ErrUnavailable)
 )
 
 type wrappedSentinel struct {
@@ -44,9 +54,14 @@ const (
 
 // StepError is a failed rotation: which step failed and why. When it is
 // returned the slot's old version is active (Reverted says whether a
-// cutover had to be undone), unless RevertErr is set: then the journal
-// refused the revert too, and the new version stayed active (a valid state;
-// see the package documentation, "Crash consistency").
+// cutover had to be undone), unless RevertErr is set: then the journal did
+// not confirm the revert, or could not say whether the cut-over landed,
+// and the new version may be active in it. The slot then does not sign
+// (Resolve: ErrNotReverted or ErrStateUnknown) until the store has read it
+// back and committed the revert, which the scheduler's rounds and the
+// slot's next mutation retry. An agent restarted meanwhile takes the
+// journal's state, as after a crash (package documentation, "Crash
+// consistency").
 type StepError struct {
 	Slot      string
 	Step      string
@@ -58,7 +73,7 @@ type StepError struct {
 func (e *StepError) Error() string {
 	msg := fmt.Sprintf("rotate %s: step %s failed: %v", e.Slot, e.Step, e.Err)
 	if e.RevertErr != nil {
-		msg += fmt.Sprintf("; revert failed, the new version stays active: %v", e.RevertErr)
+		msg += fmt.Sprintf("; revert not confirmed, the slot does not sign until it is: %v", e.RevertErr)
 	} else if e.Reverted {
 		msg += "; reverted, the old version is active"
 	}

@@ -7,9 +7,14 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
+
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 )
 
@@ -345,6 +350,173 @@ func TestCrashAfterEachStep(t *testing.T) {
 				t.Fatalf("journal verify: %+v %v", rep, err)
 			}
 		})
+	}
+}
+
+// A cut-over whose commit reports failure may still land (journal doc.go,
+// "Failures"): in `fsync` mode a failed WAL sync leaves the write on disk,
+// and the reopened journal replays it; a commit that timed out in the
+// queue is committed later. Either way the rotation fails at the cut-over
+// and undoes it: the old version is active, in memory and in the journal,
+// and the new one is retired and marked failed.
+func TestCutoverCommitNotConfirmed(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		fault *journalFault
+		// arm runs right before the cut-over's commit.
+		arm func(t *testing.T, e *env, f *journalFault)
+	}{
+		{"fsync EIO, the write on disk", newJournalFault(syscall.EIO, walSync...),
+			func(t *testing.T, e *env, f *journalFault) { f.on.Store(true) }},
+		{"timed out in the queue, landed later", newJournalFault(nil, walSync...),
+			func(t *testing.T, e *env, f *journalFault) {
+				// Another commit holds the journal in its WAL sync, so the
+				// cut-over's queues behind it, times out, and lands once
+				// the sync is let go, half a timeout later.
+				f.on.Store(true)
+				go func() {
+					_ = e.j.Append(context.Background(), &journal.Record{Tenant: "other", Slot: "other/x", Op: "sign", CodeName: "OK"})
+				}()
+				<-f.hit
+				time.AfterFunc(commitTimeout*3/2, func() { close(f.stall) })
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := tc.fault
+			f.oneShot = true
+			if f.err == nil {
+				f.stall = make(chan struct{})
+				saved := commitTimeout
+				commitTimeout = 500 * time.Millisecond
+				t.Cleanup(func() { commitTimeout = saved })
+			}
+			e := newEnvOn(t, providers.KeyEd25519, nil, withFault(f))
+			old := e.active()
+			e.rot.hook = func(step string) error {
+				if step == StepCSR {
+					tc.arm(t, e, f)
+				}
+				return nil
+			}
+			_, err := e.rot.Rotate(context.Background(), testSlot, e.opts())
+			var se *StepError
+			if !errors.As(err, &se) || se.Step != StepCutover || !se.Reverted || se.RevertErr != nil {
+				t.Fatalf("Rotate: %v (%#v), want the cut-over failed and reverted", err, se)
+			}
+			check := func() {
+				t.Helper()
+				if got := e.active(); got.KID != old.KID {
+					t.Fatalf("active is v%d, want the old v%d", got.Number, old.Number)
+				}
+				sl, _ := e.store.Get(testSlot)
+				if nv, ok := sl.Version(2); !ok || nv.State != StateRetired || !nv.Failed {
+					t.Fatalf("new version after the revert: %+v (found %v)", nv, ok)
+				}
+				recs := e.records()
+				last := recs[len(recs)-1]
+				if last.Op != "rotate.failed" || !strings.Contains(last.Detail, "reverted: v1 active again") {
+					t.Fatalf("last record %s %q, want the revert journaled", last.Op, last.Detail)
+				}
+			}
+			check()
+			inMemory := stateJSON(t, e.store)
+			e.reopen()
+			check()
+			if stored := stateJSON(t, e.store); stored != inMemory {
+				t.Fatalf("state in memory and in the journal differ:\n%s\n%s", inMemory, stored)
+			}
+			if rep, err := e.j.Verify(context.Background()); err != nil || !rep.OK() {
+				t.Fatalf("journal verify: %+v %v", rep, err)
+			}
+			e.rot.hook = nil
+			if res := e.rotate(); res.New.Number != 3 {
+				t.Fatalf("next rotation made v%d, want v3", res.New.Number)
+			}
+		})
+	}
+}
+
+// When the journal fails and stays down, the cut-over's outcome cannot be
+// read back. The slot then signs with nothing: its new version may be
+// active in the journal with no canary verified. Once the journal is back,
+// the scheduler's next round reads the slot back and commits the revert.
+func TestCutoverOutcomeUnknownFailsClosed(t *testing.T) {
+	ctx := context.Background()
+	// The WAL sync fails (the write stays on disk) and so do the recovery
+	// probe and a new WAL: the journal cannot reopen while the fault is on.
+	f := newJournalFault(syscall.EIO, append(walSync, errorfs.OpCreate, errorfs.OpReuseForWrite)...)
+	e := newEnvOn(t, providers.KeyEd25519, nil, withFault(f))
+	old := e.active()
+	e.rot.hook = func(step string) error {
+		if step == StepCSR {
+			f.on.Store(true)
+		}
+		return nil
+	}
+	_, err := e.rot.Rotate(ctx, testSlot, e.opts())
+	var se *StepError
+	if !errors.As(err, &se) || se.Step != StepCutover || se.Reverted || !errors.Is(se.RevertErr, ErrStateUnknown) {
+		t.Fatalf("Rotate: %v (%#v), want the cut-over failed with its outcome unknown", err, se)
+	}
+	if !strings.Contains(err.Error(), "unknown") || !strings.Contains(err.Error(), "does not sign") {
+		t.Fatalf("error %q does not say the state is unknown and the slot does not sign", err)
+	}
+	if _, err := e.store.Resolve(testSlot); !errors.Is(err, ErrStateUnknown) || WireCode(err) != proto.JournalUnavailable {
+		t.Fatalf("Resolve with the state unknown: %v, want ErrStateUnknown (JOURNAL_UNAVAILABLE)", err)
+	}
+	s := newScheduler(t, e, nil)
+	if _, err := s.Tick(ctx); !errors.Is(err, ErrStateUnknown) {
+		t.Fatalf("Tick with the journal down: %v, want ErrStateUnknown", err)
+	}
+
+	// The disk recovers. The cut-over had reached it, the revert had not:
+	// the round finds v2 active in the journal, and reverts it.
+	f.on.Store(false)
+	deadline := time.Now().Add(10 * time.Second)
+	for _, err := s.Tick(ctx); err != nil; _, err = s.Tick(ctx) {
+		if time.Now().After(deadline) {
+			t.Fatalf("Tick after the fault cleared: %v", err)
+		}
+		time.Sleep(2 * time.Millisecond) // the journal tries a reopen once per RecoveryInterval
+	}
+	for _, when := range []string{"in memory", "after a restart"} {
+		if when != "in memory" {
+			e.reopen()
+		}
+		if got := e.active(); got.KID != old.KID {
+			t.Fatalf("%s: active v%d, want v%d", when, got.Number, old.Number)
+		}
+		sl, _ := e.store.Get(testSlot)
+		if nv, ok := sl.Version(2); !ok || nv.State != StateRetired || !nv.Failed {
+			t.Fatalf("%s: v2 %+v (found %v), want retired and failed", when, nv, ok)
+		}
+		recs := e.records()
+		if got := ops(recs[len(recs)-2:]); !slices.Equal(got, []string{"rotate", "rotate.failed"}) {
+			t.Fatalf("%s: last records %v, want the cut-over and its revert", when, got)
+		}
+	}
+}
+
+// A rollback whose commit reports failure but lands is reported as done:
+// an operator told it failed would roll back again, one version further.
+func TestRollbackCommitNotConfirmed(t *testing.T) {
+	f := newJournalFault(syscall.EIO, walSync...)
+	f.oneShot = true
+	e := newEnvOn(t, providers.KeyEd25519, nil, withFault(f))
+	e.rotate()
+	e.rotate()
+	f.on.Store(true)
+	v, err := e.rot.Rollback(context.Background(), testSlot, RollbackOptions{})
+	if err != nil || v.Number != 2 {
+		t.Fatalf("Rollback: v%d %v, want v2 and no error", v.Number, err)
+	}
+	for _, when := range []string{"in memory", "after a restart"} {
+		if when != "in memory" {
+			e.reopen()
+		}
+		if got := e.active(); got.Number != 2 {
+			t.Fatalf("%s: active v%d, want v2", when, got.Number)
+		}
 	}
 }
 

@@ -189,7 +189,7 @@ func (r *Rotator) Rotate(ctx context.Context, slot string, opts RotateOptions) (
 	if _, _, err := SplitSlot(slot); err != nil {
 		return nil, err
 	}
-	release, err := r.store.acquire(slot)
+	release, err := r.store.acquire(ctx, slot)
 	if err != nil {
 		return nil, err
 	}
@@ -214,7 +214,8 @@ type rotation struct {
 	started        time.Time
 	cutoverAt      time.Time
 	t1             time.Time
-	cutover        bool
+	cutover        bool        // the new version is, or may be, active: a failure must revert it
+	served         []time.Time // one-off times the cut-over dropped; a revert puts them back
 	firstSeq       uint64
 	lastSeq        uint64
 	lastHash       [32]byte
@@ -460,10 +461,24 @@ func (u *rotation) doCutover(ctx context.Context) error {
 		sl.Versions[i].State, sl.Versions[i].T1 = StateAccepted, t1
 		sl.Versions = append(sl.Versions, nv)
 		sl.Active, sl.Attempt = u.n, 0
-		sl.Scheduled = slices.DeleteFunc(sl.Scheduled, func(t time.Time) bool { return !t.After(now) })
+		u.served = nil
+		sl.Scheduled = slices.DeleteFunc(sl.Scheduled, func(t time.Time) bool {
+			if t.After(now) {
+				return false
+			}
+			u.served = append(u.served, t)
+			return true
+		})
 		return nil
 	})
 	if err != nil {
+		// The journal did not confirm the commit, but it may have landed
+		// (journal doc.go, "Failures"): the store has read the slot back,
+		// or could not. If the new version is, or may be, active, fail
+		// must undo the cut-over.
+		if sl, _ := u.r.store.Get(u.slot); sl.Active == u.n || errors.Is(err, ErrStateUnknown) {
+			u.cutover, u.cutoverAt, u.t1 = true, now, t1
+		}
 		return err
 	}
 	u.cutover, u.cutoverAt, u.t1 = true, now, t1
@@ -567,25 +582,40 @@ func (u *rotation) fail(ctx context.Context, step string, cause error) error {
 		rec := u.rec("rotate.failed", u.old.Number, u.old.KID,
 			fmt.Sprintf("%s; reverted: v%d active again, v%d retired", detail, u.old.Number, u.n))
 		rec.Code, rec.CodeName = uint16(code), code.String()
-		_, err := u.r.store.mutate(ctx, u.slot, rec, func(sl *Slot, _ *journal.Record) error {
+		// The store keeps a revert the journal does not confirm and commits
+		// it later; the slot does not sign meanwhile.
+		err := u.r.store.revert(ctx, u.slot, rec, func(sl *Slot, _ *journal.Record) error {
 			oi, ok1 := sl.index(u.old.Number)
 			ni, ok2 := sl.index(u.n)
-			if !ok1 || !ok2 {
+			if !ok2 || sl.Active != u.n {
+				return errNoRevert // the cut-over did not land, or is undone already
+			}
+			if !ok1 {
 				return errors.New("versions of the rotation not found")
 			}
 			o, n := &sl.Versions[oi], &sl.Versions[ni]
 			o.State, o.T1, o.Retired = StateActive, time.Time{}, time.Time{}
 			n.State, n.T1, n.Retired, n.Failed = StateRetired, time.Time{}, now, true
 			sl.Active = u.old.Number
+			// The one-off times the cut-over served are due again: the
+			// rotation they asked for did not happen.
+			sl.Scheduled = append(sl.Scheduled, u.served...)
+			slices.SortFunc(sl.Scheduled, time.Time.Compare)
+			sl.Scheduled = slices.CompactFunc(sl.Scheduled, time.Time.Equal)
 			return nil
 		})
-		if err != nil {
+		sl, _ := u.r.store.Get(u.slot)
+		nv, _ := sl.Version(u.n)
+		switch {
+		case err != nil:
 			se.RevertErr = err
-		} else {
+		case nv.Failed:
 			se.Reverted = true
-			u.note(rec)
+		default:
+			u.cutover = false // it never landed: journal the failure alone
 		}
-	} else {
+	}
+	if !u.cutover {
 		version, kid := u.old.Number, u.old.KID
 		rec := u.rec("rotate.failed", version, kid, detail)
 		rec.Code, rec.CodeName = uint16(code), code.String()
@@ -625,7 +655,7 @@ func (r *Rotator) Rollback(ctx context.Context, slot string, opts RollbackOption
 	if opts.Overlap == 0 {
 		opts.Overlap = r.opts.DefaultOverlap
 	}
-	release, err := r.store.acquire(slot)
+	release, err := r.store.acquire(ctx, slot)
 	if err != nil {
 		return Version{}, err
 	}
@@ -676,7 +706,15 @@ func (r *Rotator) Rollback(ctx context.Context, slot string, opts RollbackOption
 		return Version{}, refused
 	}
 	if err != nil {
-		return Version{}, fmt.Errorf("rollback %s: %w", slot, err)
+		// The journal did not confirm the commit, but it may have landed;
+		// the store has read the slot back. Report what the journal holds:
+		// told that a rollback which happened failed, an operator would
+		// roll back again, one version further.
+		if cur, _ := r.store.Get(slot); to.Number == 0 || cur.Active != to.Number || errors.Is(err, ErrStateUnknown) {
+			return Version{}, fmt.Errorf("rollback %s: %w", slot, err)
+		}
+		r.log.Warn("rollback committed although the journal reported a failure", zap.String("slot", slot), zap.Error(err))
+		sl, _ = r.store.Get(slot)
 	}
 	r.log.Info("slot rolled back", zap.String("slot", slot), zap.Int("from", from.Number), zap.Int("to", to.Number))
 	return sl.ActiveVersion(), nil

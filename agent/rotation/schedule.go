@@ -249,11 +249,13 @@ type TickReport struct {
 	Failed  map[string]error // slot → the failed scheduled rotation's error
 }
 
-// Tick retires versions whose T1 has come, then rotates every slot that is
-// due (not before its due time, and not within RetryAfter of a failed
+// Tick settles the slots whose state the journal has not confirmed (see
+// Store), retires versions whose T1 has come, then rotates every slot that
+// is due (not before its due time, and not within RetryAfter of a failed
 // scheduled attempt). Slots rotate one after another.
 func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
 	var rep TickReport
+	settleErr := s.r.store.settleAll(ctx)
 	now := s.r.now()
 	retired, retireErr := s.r.RetireDue(ctx, now)
 	rep.Retired = retired
@@ -296,7 +298,7 @@ func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
 			rep.Rotated = append(rep.Rotated, res)
 		}
 	}
-	errs := []error{retireErr}
+	errs := []error{settleErr, retireErr}
 	for slot, err := range rep.Failed {
 		errs = append(errs, fmt.Errorf("scheduled rotation of %s: %w", slot, err))
 	}

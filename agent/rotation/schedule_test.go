@@ -214,6 +214,68 @@ func TestSchedulerRotateAt(t *testing.T) {
 	}
 }
 
+// A one-off rotation that fails is retried after RetryAfter, like any
+// scheduled one, whichever step failed: a failure after the cut-over
+// reverts it, and puts back the one-off time it had served.
+func TestSchedulerRetriesFailedRotateAt(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		modify func(e *env, o *RotateOptions)
+	}{
+		{"keygen", func(e *env, o *RotateOptions) { o.Maker = failingMaker{providers.ErrUnavailable} }},
+		{"canary", func(e *env, o *RotateOptions) { o.Signer = &corruptingSigner{inner: e.soft, clean: 1} }},
+		{"evidence", func(e *env, o *RotateOptions) {
+			e.rot.hook = func(step string) error {
+				if step == StepEvidence {
+					return errInjected
+				}
+				return nil
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, providers.KeyEd25519)
+			fail := true
+			s, err := NewScheduler(e.rot, SchedulerOptions{
+				RetryAfter: time.Hour,
+				Options: func(string) (RotateOptions, error) {
+					o := e.opts()
+					e.rot.hook = nil
+					if fail {
+						tc.modify(e, &o)
+					}
+					return o, nil
+				},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx := context.Background()
+			at := t0.Add(3 * time.Hour)
+			if err := s.RotateAt(ctx, testSlot, at, "admin"); err != nil {
+				t.Fatal(err)
+			}
+			e.clock.Set(at)
+			if rep, err := s.Tick(ctx); err == nil || rep.Failed[testSlot] == nil {
+				t.Fatalf("failing rotation: %+v %v", rep, err)
+			}
+			if due, ok := s.NextDue(testSlot); !ok || !due.Equal(at) {
+				t.Fatalf("NextDue after the failure: %v %v, want %v", due, ok, at)
+			}
+			if next := s.Next(); !next.Equal(at.Add(time.Hour)) {
+				t.Fatalf("Next after the failure %v, want the retry at %v", next, at.Add(time.Hour))
+			}
+			fail = false
+			if rep := tick(t, e, s, at.Add(time.Hour)); len(rep.Rotated) != 1 || e.active().Number == 1 {
+				t.Fatalf("not retried after RetryAfter: %+v", rep)
+			}
+			if sl, _ := e.store.Get(testSlot); len(sl.Scheduled) != 0 {
+				t.Fatalf("served one-off time kept: %v", sl.Scheduled)
+			}
+		})
+	}
+}
+
 // Run ticks at once when something is due and stops with its context.
 func TestSchedulerRun(t *testing.T) {
 	e := newEnv(t, providers.KeyEd25519)

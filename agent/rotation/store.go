@@ -31,10 +31,12 @@ func repKey(tenant, name string, n int, ext string) string {
 	return fmt.Sprintf("%s%s/%s/%08d.%s", repKeyPrefix, tenant, name, n, ext)
 }
 
-// commitTimeout bounds one state commit. State commits run detached from
-// the caller's context: a revert after a cancelled rotation must still be
-// written, and a commit abandoned half-way would leave the outcome unknown.
-const commitTimeout = 10 * time.Second
+// commitTimeout bounds one state commit, and the wait for the journal to
+// resolve one it did not confirm (readBackLocked). State commits run
+// detached from the caller's context: a revert after a cancelled rotation
+// must still be written, and a commit abandoned half-way would leave the
+// outcome unknown. A variable so that tests can shorten it.
+var commitTimeout = 10 * time.Second
 
 // StoreOptions configure a Store.
 type StoreOptions struct {
@@ -61,15 +63,37 @@ func (o *StoreOptions) EnsureDefaults() {
 // serialized, each one a journal record and the slot's new state in one
 // atomic commit (journal.AppendWithState), and the snapshot is replaced
 // only after the commit is confirmed.
+//
+// A commit the journal does not confirm may still land (journal doc.go,
+// "Failures"), so the store then reads the slot back (readBackLocked). A
+// slot it cannot read back is unsettled, and a slot with a revert the
+// journal did not confirm has it pending: either way the slot does not
+// sign (Resolve fails) until settleLocked has read it back and committed
+// the revert, which the slot's next mutation and every scheduler round
+// (settleAll) try.
 type Store struct {
 	j     *journal.Journal
 	clock func() time.Time
 	log   *zap.Logger
 
-	mu   sync.Mutex      // serializes mutations; guards busy
-	busy map[string]bool // slots with a rotation, rollback or drill running
-	snap atomic.Pointer[snapshot]
+	mu        sync.Mutex                // serializes mutations; guards busy, unsettled and pending
+	busy      map[string]bool           // slots with a rotation, rollback or drill running
+	unsettled map[string]bool           // slots whose state in memory may not be the journal's
+	pending   map[string]*pendingRevert // reverts to commit before the slot signs again
+	snap      atomic.Pointer[snapshot]
 }
+
+// pendingRevert is the undoing of a rotation's cut-over that the journal
+// did not confirm. fn changes the slot as mutate's fn does, and returns
+// errNoRevert when the slot has nothing to undo (the cut-over is not in
+// the journal, or the revert already is).
+type pendingRevert struct {
+	rec journal.Record
+	fn  func(sl *Slot, rec *journal.Record) error
+}
+
+// errNoRevert: a revert found nothing to undo.
+var errNoRevert = errors.New("nothing to revert")
 
 type snapshot struct {
 	slots map[string]*slotView // by "tenant/slot"
@@ -80,6 +104,7 @@ type slotView struct {
 	slot   Slot
 	active *Version
 	byKID  map[string]*Version
+	hold   error // non-nil: the slot does not sign (Resolve returns it)
 }
 
 func newView(sl Slot) (*slotView, error) {
@@ -105,7 +130,8 @@ func OpenStore(ctx context.Context, j *journal.Journal, opts StoreOptions) (*Sto
 		return nil, errors.New("rotation: a journal is required")
 	}
 	opts.EnsureDefaults()
-	s := &Store{j: j, clock: opts.Clock, log: opts.Logger.Named("rotation"), busy: map[string]bool{}}
+	s := &Store{j: j, clock: opts.Clock, log: opts.Logger.Named("rotation"), busy: map[string]bool{},
+		unsettled: map[string]bool{}, pending: map[string]*pendingRevert{}}
 	snap := &snapshot{slots: map[string]*slotView{}}
 	err := j.ScanState(ctx, slotKeyPrefix, func(key string, value []byte) error {
 		var sl Slot
@@ -134,11 +160,16 @@ func OpenStore(ctx context.Context, j *journal.Journal, opts StoreOptions) (*Sto
 func (s *Store) Now() time.Time { return s.clock() }
 
 // Resolve returns the slot's active version: the key a signature for the
-// slot is made with. It takes no lock and does not allocate.
+// slot is made with. It fails with ErrStateUnknown or ErrNotReverted while
+// the journal has not confirmed where the slot stands (see Store). It
+// takes no lock and does not allocate.
 func (s *Store) Resolve(slot string) (Version, error) {
 	v := s.snap.Load().slots[slot]
 	if v == nil {
 		return Version{}, ErrNotFound
+	}
+	if v.hold != nil {
+		return Version{}, v.hold
 	}
 	return *v.active, nil
 }
@@ -225,8 +256,9 @@ func versionFromKey(n int, key providers.KeyInfo, now time.Time) Version {
 	}
 }
 
-// acquire marks the slot busy for one rotation, rollback or drill.
-func (s *Store) acquire(slot string) (release func(), err error) {
+// acquire marks the slot busy for one rotation, rollback or drill, which
+// then starts from the journal's state of the slot.
+func (s *Store) acquire(ctx context.Context, slot string) (release func(), err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.snap.Load().slots[slot] == nil {
@@ -234,6 +266,9 @@ func (s *Store) acquire(slot string) (release func(), err error) {
 	}
 	if s.busy[slot] {
 		return nil, fmt.Errorf("%s: %w", slot, ErrBusy)
+	}
+	if err := s.settleLocked(ctx, slot); err != nil {
+		return nil, err
 	}
 	s.busy[slot] = true
 	return func() {
@@ -249,15 +284,89 @@ func (s *Store) acquire(slot string) (release func(), err error) {
 func (s *Store) mutate(ctx context.Context, slot string, rec *journal.Record, fn func(sl *Slot, rec *journal.Record) error, extra ...journal.StateChange) (Slot, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	cur := s.snap.Load().slots[slot]
-	if cur == nil {
+	if s.snap.Load().slots[slot] == nil {
 		return Slot{}, fmt.Errorf("%s: %w", slot, ErrNotFound)
 	}
-	next := cur.slot.clone()
+	// fn must change the journal's state, not a stale copy of it.
+	if err := s.settleLocked(ctx, slot); err != nil {
+		return Slot{}, err
+	}
+	next := s.snap.Load().slots[slot].slot.clone()
 	if err := fn(&next, rec); err != nil {
 		return Slot{}, err
 	}
 	return s.commitLocked(ctx, next, rec, extra...)
+}
+
+// revert commits the undoing of a cut-over, like mutate, and does not let
+// it go: if the journal does not confirm it, the store keeps it pending,
+// the slot does not sign, and settleLocked commits it later. fn returns
+// errNoRevert when there is nothing to undo; revert then writes nothing and
+// returns nil, as it does once the revert is in the journal.
+func (s *Store) revert(ctx context.Context, slot string, rec *journal.Record, fn func(sl *Slot, rec *journal.Record) error) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pending[slot] = &pendingRevert{rec: *rec, fn: fn}
+	s.republishLocked(slot) // the new version stops signing now
+	err := s.settleLocked(ctx, slot)
+	if err != nil && !s.unsettled[slot] {
+		// The slot was read back after the failed commit: the revert may
+		// be there after all (fn now finds nothing to undo), or the
+		// journal has already recovered.
+		err = s.settleLocked(ctx, slot)
+	}
+	return err
+}
+
+// settleLocked brings a slot the journal did not confirm back in line: it
+// reads an unsettled slot back, then commits a pending revert. It is a
+// no-op for a settled slot. While it fails the slot does not sign.
+func (s *Store) settleLocked(ctx context.Context, slot string) error {
+	if s.unsettled[slot] {
+		tenant, name, _ := SplitSlot(slot)
+		if err := s.readBackLocked(ctx, tenant, name); err != nil {
+			return err
+		}
+	}
+	p := s.pending[slot]
+	cur := s.snap.Load().slots[slot]
+	if p == nil || cur == nil {
+		return nil
+	}
+	next, rec := cur.slot.clone(), p.rec
+	rec.Time = s.clock()
+	err := p.fn(&next, &rec)
+	if err == nil {
+		_, err = s.commitLocked(ctx, next, &rec)
+	}
+	if err != nil && !errors.Is(err, errNoRevert) {
+		return fmt.Errorf("revert %s: %w: %w", slot, ErrNotReverted, err)
+	}
+	delete(s.pending, slot)
+	s.republishLocked(slot)
+	return nil
+}
+
+// settleAll settles every slot no rotation holds: a slot that does not
+// sign may see no mutation for a long time, so the scheduler calls this
+// every round.
+func (s *Store) settleAll(ctx context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	slots := make(map[string]bool, len(s.unsettled)+len(s.pending))
+	for slot := range s.unsettled {
+		slots[slot] = true
+	}
+	for slot := range s.pending {
+		slots[slot] = true
+	}
+	var errs []error
+	for slot := range slots {
+		if !s.busy[slot] {
+			errs = append(errs, s.settleLocked(ctx, slot))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // commitLocked validates sl, commits it with rec and publishes it.
@@ -274,43 +383,84 @@ func (s *Store) commitLocked(ctx context.Context, sl Slot, rec *journal.Record, 
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
 	defer cancel()
 	if err := s.j.AppendWithState(cctx, rec, changes...); err != nil {
+		err = fmt.Errorf("journal %s: %w", rec.Op, err)
 		// An unconfirmed commit may still land (journal doc.go, "Failures"):
-		// take whatever the journal now holds as the truth.
-		s.resyncLocked(sl.Tenant, sl.Name)
-		return Slot{}, fmt.Errorf("journal %s: %w", rec.Op, err)
+		// take what the journal holds once it has landed or never will.
+		if rerr := s.readBackLocked(ctx, sl.Tenant, sl.Name); rerr != nil {
+			err = fmt.Errorf("%w; %w", err, rerr)
+		}
+		return Slot{}, err
 	}
 	s.publishLocked(view)
 	return view.slot.clone(), nil
 }
 
+// publishLocked publishes view, which is not published yet, holding the
+// slot from signing while it is unsettled or has a revert pending.
 func (s *Store) publishLocked(view *slotView) {
+	slot := view.slot.FullName()
+	switch {
+	case s.unsettled[slot]:
+		view.hold = ErrStateUnknown
+	case s.pending[slot] != nil:
+		view.hold = ErrNotReverted
+	default:
+		view.hold = nil
+	}
 	old := s.snap.Load()
 	next := &snapshot{slots: make(map[string]*slotView, len(old.slots)+1)}
 	for k, v := range old.slots {
 		next.slots[k] = v
 	}
-	next.slots[view.slot.FullName()] = view
+	next.slots[slot] = view
 	s.snap.Store(next)
 }
 
-func (s *Store) resyncLocked(tenant, name string) {
-	b, err := s.j.Get(slotKey(tenant, name))
-	if err != nil {
-		s.log.Warn("rotation state not re-read after a failed commit; keeping the last confirmed state",
-			zap.String("slot", tenant+"/"+name), zap.Error(err))
-		return
+// republishLocked publishes the slot's current state again, after its
+// hold changed.
+func (s *Store) republishLocked(slot string) {
+	if cur := s.snap.Load().slots[slot]; cur != nil {
+		v := *cur
+		s.publishLocked(&v)
 	}
-	var sl Slot
-	if err := json.Unmarshal(b, &sl); err != nil {
-		s.log.Error("rotation state unreadable", zap.String("slot", tenant+"/"+name), zap.Error(err))
-		return
+}
+
+// readBackLocked reads the slot from the journal after a commit the
+// journal did not confirm, and publishes it. It first waits for the
+// journal to resolve every commit before (journal.Barrier): a commit that
+// timed out in the queue may land after its caller gave up. When it cannot
+// tell, the slot is unsettled and does not sign.
+func (s *Store) readBackLocked(ctx context.Context, tenant, name string) error {
+	slot := tenant + "/" + name
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+	defer cancel()
+	err := s.j.Barrier(cctx)
+	var b []byte
+	if err == nil {
+		b, err = s.j.Get(slotKey(tenant, name))
 	}
-	view, err := newView(sl)
-	if err != nil {
-		s.log.Error("rotation state invalid", zap.String("slot", tenant+"/"+name), zap.Error(err))
-		return
+	var view *slotView
+	if err == nil {
+		var sl Slot
+		if err = json.Unmarshal(b, &sl); err == nil {
+			view, err = newView(sl)
+		}
 	}
+	switch {
+	case errors.Is(err, journal.ErrNotFound) && s.snap.Load().slots[slot] == nil:
+		// An enrolment that did not land: the slot is still not there.
+		delete(s.unsettled, slot)
+		return nil
+	case err != nil:
+		s.unsettled[slot] = true
+		s.republishLocked(slot)
+		s.log.Error("rotation state not confirmed and not read back: the slot does not sign until it is",
+			zap.String("slot", slot), zap.Error(err))
+		return fmt.Errorf("%s: %w: %w", slot, ErrStateUnknown, err)
+	}
+	delete(s.unsettled, slot)
 	s.publishLocked(view)
+	return nil
 }
 
 // isBusy reports whether a rotation holds the slot.
