@@ -32,7 +32,15 @@ type Client struct {
 	nc       net.Conn
 	maxFrame int
 
-	writeMu sync.Mutex
+	// writeToken holds one token when nobody is writing: a channel, not a
+	// mutex, so that a caller queued behind a blocked write can give up when
+	// its context ends. The holder alone touches the write deadline.
+	writeToken    chan struct{}
+	writeDeadline time.Time     // the write deadline last set on nc
+	writeCut      chan struct{} // a write's context.AfterFunc reports here that it ran
+	// cutWriteBreaks is set on TLS: crypto/tls fails every Write after one
+	// that timed out, even one that sent nothing.
+	cutWriteBreaks bool
 
 	// readerRole holds one token when nobody is reading. The holder alone
 	// touches br, codec and the connection's read deadline.
@@ -93,10 +101,14 @@ func newClient(ctx context.Context, nc net.Conn) (*Client, error) {
 		br:         bufio.NewReaderSize(nc, proto.DefaultMaxFrame+proto.FrameHeaderLen),
 		codec:      proto.NewCodec(),
 		readerRole: make(chan struct{}, 1),
+		writeToken: make(chan struct{}, 1),
+		writeCut:   make(chan struct{}, 1),
 		pending:    map[uint64]chan *proto.Response{},
 		done:       make(chan struct{}),
 	}
+	_, c.cutWriteBreaks = nc.(*tls.Conn)
 	c.readerRole <- struct{}{}
+	c.writeToken <- struct{}{}
 	if _, err := c.call(ctx, &proto.Request{Op: proto.OpHello, Version: proto.Version, Features: proto.FeaturePipelining}); err != nil {
 		c.Close()
 		return nil, fmt.Errorf("sigil: hello: %w", err)
@@ -110,7 +122,13 @@ func (c *Client) Close() error {
 	return nil
 }
 
+// fail ends the connection: err becomes every later call's error.
 func (c *Client) fail(err error) {
+	if err == nil {
+		// A nil c.err reads as "still open" while pending is already gone:
+		// the next call would write to a nil map.
+		err = errors.New("sigil: connection to agent failed")
+	}
 	c.mu.Lock()
 	if c.err != nil {
 		c.mu.Unlock()
@@ -159,12 +177,9 @@ func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response,
 		c.forget(req.ID)
 		return nil, err
 	}
-	c.writeMu.Lock()
-	_, err = c.nc.Write(frame)
-	c.writeMu.Unlock()
-	if err != nil {
-		c.fail(fmt.Errorf("sigil: write to agent: %w", err))
-		return nil, c.terminalErr()
+	if err := c.write(ctx, req.Op, frame); err != nil {
+		c.forget(req.ID)
+		return nil, err
 	}
 
 	for {
@@ -193,6 +208,67 @@ func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response,
 			return nil, c.terminalErr()
 		}
 	}
+}
+
+// pastDeadline is the write deadline that cuts a write now.
+var pastDeadline = time.Unix(1, 0)
+
+// write sends one frame, giving up when ctx ends. A write can block for
+// good: the agent stops reading a connection that has max_in_flight_per_conn
+// requests in flight, and a hung agent reads nothing; an unbounded write
+// would hold this caller and every caller queued behind it.
+func (c *Client) write(ctx context.Context, op proto.Op, frame []byte) error {
+	select {
+	case <-c.writeToken:
+	case <-ctx.Done():
+		return fmt.Errorf("sigil %s: %w", op, ctx.Err())
+	case <-c.done:
+		return c.terminalErr()
+	}
+	defer func() { c.writeToken <- struct{}{} }()
+	dl, _ := ctx.Deadline()
+	if !c.writeDeadline.Equal(dl) {
+		c.nc.SetWriteDeadline(dl)
+		c.writeDeadline = dl
+	}
+	// The deadline bounds the write; a context that can be cancelled but
+	// has no deadline is watched instead, as readUntil does (a
+	// context.AfterFunc per call costs a registration with the parent, so
+	// it is not paid when a deadline already bounds the write).
+	stop := func() bool { return true }
+	if dl.IsZero() && ctx.Done() != nil {
+		stop = context.AfterFunc(ctx, func() {
+			c.nc.SetWriteDeadline(pastDeadline)
+			c.writeCut <- struct{}{}
+		})
+	}
+	n, err := c.nc.Write(frame)
+	if !stop() {
+		// The cut has run or is running: wait for it, so that it cannot
+		// land on the next holder's write.
+		<-c.writeCut
+		c.writeDeadline = pastDeadline
+	}
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, os.ErrDeadlineExceeded) {
+		c.fail(fmt.Errorf("sigil: write to agent: %w", err))
+		return c.terminalErr()
+	}
+	cause := ctx.Err()
+	if cause == nil {
+		cause = context.DeadlineExceeded // nc's deadline fired before ctx's timer
+	}
+	if n == 0 && !c.cutWriteBreaks {
+		// Nothing of the frame went out: the stream is still in step.
+		return fmt.Errorf("sigil %s: %w", op, cause)
+	}
+	// Part of the frame went out. The agent would read the next request's
+	// bytes as the rest of this one, so no request may follow on this
+	// connection.
+	c.fail(fmt.Errorf("sigil: connection to agent closed: a %s request was cut off by its caller's deadline or cancellation after %d of its %d bytes", op, n, len(frame)))
+	return fmt.Errorf("sigil %s: %w (the request was cut off after %d of its %d bytes, so the connection was closed)", op, cause, n, len(frame))
 }
 
 func (c *Client) result(resp *proto.Response, ok bool) (*proto.Response, error) {
@@ -238,7 +314,11 @@ func (c *Client) readUntil(ctx context.Context, id uint64, ch chan *proto.Respon
 		}
 		if resp.ID == 0 {
 			// The agent's last word before it closes the connection.
-			c.fail(resp.Err())
+			err := resp.Err()
+			if err == nil {
+				err = errors.New("sigil: protocol error: the agent sent a final reply (id 0) with code OK; connection closed")
+			}
+			c.fail(err)
 			return nil, false, nil
 		}
 		if resp.ID == id {

@@ -166,19 +166,76 @@ func handshake(t *testing.T, server, client *tls.Config) *tls.Conn {
 	return srv
 }
 
+// What the agent cannot sign as crypto.Signer asks is refused, never signed
+// some other way.
 func TestSignerRefusesWhatItCannotDo(t *testing.T) {
 	c := dial(t, startAgent(t))
-	ed, _ := c.Signer(context.Background(), client.ByName("ed"))
-	if _, err := ed.Sign(nil, make([]byte, 64), crypto.SHA512); client.Code(err) != proto.UnsupportedAlgorithm {
-		t.Fatalf("Ed25519ph: %v", err)
-	}
-	r, _ := c.Signer(context.Background(), client.ByName("rsa"))
 	d := sha256.Sum256(nil)
-	if _, err := r.Sign(nil, d[:], &rsa.PSSOptions{SaltLength: 7, Hash: crypto.SHA256}); client.Code(err) != proto.UnsupportedAlgorithm {
-		t.Fatalf("odd PSS salt: %v", err)
+	for _, tc := range []struct {
+		name   string
+		key    string
+		digest []byte
+		opts   crypto.SignerOpts
+	}{
+		{"Ed25519ph", "ed", make([]byte, 64), crypto.SHA512},
+		{"odd PSS salt", "rsa", d[:], &rsa.PSSOptions{SaltLength: 7, Hash: crypto.SHA256}},
+		{"MD5", "rsa", d[:], crypto.MD5},
+		// crypto.Signer's hash 0 for RSA is PKCS#1 v1.5 over raw data; the
+		// agent would sign a SHA-256 DigestInfo instead.
+		{"RSA raw PKCS#1 v1.5", "rsa", d[:], crypto.Hash(0)},
+		{"RSA nil opts", "rsa", d[:], nil},
+		{"PSS without a hash", "rsa", d[:], &rsa.PSSOptions{SaltLength: 32}},
+		{"PSS without a hash or salt", "rsa", d[:], &rsa.PSSOptions{}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := c.Signer(context.Background(), client.ByName(tc.key))
+			if err != nil {
+				t.Fatal(err)
+			}
+			sig, err := s.Sign(nil, tc.digest, tc.opts)
+			if client.Code(err) != proto.UnsupportedAlgorithm {
+				t.Fatalf("Sign = %x, %v; want UNSUPPORTED_ALGORITHM", sig, err)
+			}
+		})
 	}
-	if _, err := r.Sign(nil, d[:], crypto.MD5); client.Code(err) != proto.UnsupportedAlgorithm {
-		t.Fatalf("md5: %v", err)
+}
+
+// The RSA options crypto.Signer users pass give signatures Go's rsa package
+// verifies with the same options.
+func TestSignerRSAOptions(t *testing.T) {
+	c := dial(t, startAgent(t))
+	s, err := c.Signer(context.Background(), client.ByName("rsa"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub := s.Public().(*rsa.PublicKey)
+	for _, tc := range []struct {
+		name string
+		hash crypto.Hash
+		opts crypto.SignerOpts
+	}{
+		{"PKCS#1 v1.5 SHA-256", crypto.SHA256, crypto.SHA256},
+		{"PKCS#1 v1.5 SHA-512", crypto.SHA512, crypto.SHA512},
+		{"PSS SHA-256 salt = hash", crypto.SHA256, &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: rsa.PSSSaltLengthEqualsHash}},
+		{"PSS SHA-384 salt 48", crypto.SHA384, &rsa.PSSOptions{Hash: crypto.SHA384, SaltLength: 48}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := tc.hash.New()
+			h.Write([]byte("release v1.2.3"))
+			digest := h.Sum(nil)
+			sig, err := s.Sign(nil, digest, tc.opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if pss, ok := tc.opts.(*rsa.PSSOptions); ok {
+				err = rsa.VerifyPSS(pub, tc.hash, digest, sig, pss)
+			} else {
+				err = rsa.VerifyPKCS1v15(pub, tc.hash, digest, sig)
+			}
+			if err != nil {
+				t.Fatalf("signature does not verify: %v", err)
+			}
+		})
 	}
 }
 

@@ -79,7 +79,8 @@ func (s *Signer) Key() Key { return s.key }
 
 // Sign implements crypto.Signer. For ECDSA and RSA, digest is the hash named
 // by opts; *rsa.PSSOptions selects PSS (salt length = hash length, which
-// verifiers using PSSSaltLengthAuto or EqualsHash accept). For Ed25519,
+// verifiers using PSSSaltLengthAuto or EqualsHash accept). RSA needs a hash:
+// opts.HashFunc() 0 (raw PKCS#1 v1.5) is UNSUPPORTED_ALGORITHM. For Ed25519,
 // digest is the message and opts.HashFunc() must be 0 (Ed25519ph is not
 // supported). rand is unused: the key's holder supplies randomness.
 func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
@@ -110,6 +111,13 @@ func (s *Signer) algorithm(opts crypto.SignerOpts) (Algorithm, error) {
 	case *ecdsa.PublicKey:
 		return Algorithm{SchemeECDSA, h}, nil
 	case *rsa.PublicKey:
+		if h == 0 {
+			// crypto.Signer's hash 0 asks for PKCS#1 v1.5 over raw data, but on
+			// the wire hash 0 means the default, SHA-256 with its DigestInfo:
+			// the signature would verify only as a SHA-256 one. (PSSOptions
+			// without a Hash lands here too, before h.Size() can panic.)
+			return Algorithm{}, unsupported("RSA needs a hash (SHA-256, SHA-384, SHA-512) in opts; raw PKCS#1 v1.5 (crypto.Hash(0)) is not supported")
+		}
 		if pss, ok := opts.(*rsa.PSSOptions); ok {
 			switch pss.SaltLength {
 			case rsa.PSSSaltLengthEqualsHash, rsa.PSSSaltLengthAuto:

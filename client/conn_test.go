@@ -1,0 +1,252 @@
+package client_test
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// fakeAgent listens on a Unix socket, accepts one connection, answers its
+// Hello and then runs then on it in the background. It returns the socket's
+// path; the test's end closes the connection and waits for then to return.
+func fakeAgent(t *testing.T, then func(nc net.Conn, br *bufio.Reader)) string {
+	t.Helper()
+	// Not t.TempDir(): a Unix socket path must stay under ~100 bytes.
+	dir, err := os.MkdirTemp("", "sigil-c")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	path := filepath.Join(dir, "fake.sock")
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	accepted := make(chan net.Conn, 1) // the connection, or nil
+	wg.Go(func() {
+		nc, err := ln.Accept()
+		ln.Close()
+		if err != nil {
+			accepted <- nil
+			return
+		}
+		accepted <- nc
+		br := bufio.NewReaderSize(nc, proto.DefaultMaxFrame+proto.FrameHeaderLen)
+		req, err := readRequest(br)
+		if err != nil || req.Op != proto.OpHello {
+			t.Errorf("fake agent: want Hello, got %v, %v", req, err)
+			return
+		}
+		if err := writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK, Version: proto.Version, Features: proto.FeaturePipelining}); err != nil {
+			t.Errorf("fake agent: %v", err)
+			return
+		}
+		then(nc, br)
+	})
+	t.Cleanup(func() {
+		ln.Close() // so that Accept, if still waiting, returns
+		if nc := <-accepted; nc != nil {
+			nc.Close()
+		}
+		wg.Wait()
+	})
+	return path
+}
+
+func readRequest(br *bufio.Reader) (*proto.Request, error) {
+	payload, err := proto.ReadFrame(br, nil, proto.DefaultMaxFrame)
+	if err != nil {
+		return nil, err
+	}
+	req := new(proto.Request)
+	return req, proto.NewCodec().DecodeRequest(payload, req)
+}
+
+func writeResponse(nc net.Conn, resp *proto.Response) error {
+	frame, err := proto.NewCodec().AppendResponseFrame(nil, resp)
+	if err != nil {
+		return err
+	}
+	_, err = nc.Write(frame)
+	return err
+}
+
+// returnsWithin runs fn and fails the test if it has not returned after d.
+// A call that never returns is left behind: the test's cleanup closes the
+// fake agent's end, which lets it go.
+func returnsWithin(t *testing.T, d time.Duration, what string, fn func()) {
+	t.Helper()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn()
+	}()
+	select {
+	case <-done:
+	case <-time.After(d):
+		t.Fatalf("%s: still blocked after %v", what, d)
+	}
+}
+
+// bigMessage is an Ed25519 message that fills most of a frame, so that a few
+// requests fill the socket's buffer.
+var bigMessage = make([]byte, 60<<10)
+
+var ed25519Alg = client.Algorithm{Scheme: client.SchemeEd25519}
+
+// An agent that stops reading (past max_in_flight_per_conn requests in
+// flight, or hung) must not hold a caller past its context, nor the callers
+// queued behind it; a request cut off mid-frame closes the connection, so no
+// later request is misframed.
+func TestStalledAgentCannotHoldCallers(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		run  func(t *testing.T, c *client.Client)
+	}{
+		{"sequential calls with deadlines", func(t *testing.T, c *client.Client) {
+			// The first few requests fit in the socket's buffer and time out
+			// waiting for replies; then one is cut off mid-write, and the
+			// rest find the connection closed.
+			var timedOut, closed int
+			for i := 0; closed < 2 && i < 200; i++ {
+				var err error
+				returnsWithin(t, 2*time.Second, "Sign with a 200 ms deadline", func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+					defer cancel()
+					_, err = c.Sign(ctx, client.ByName("ed"), ed25519Alg, bigMessage)
+				})
+				switch code := client.Code(err); {
+				case code == proto.Unavailable:
+					closed++
+				case code != proto.DeadlineExceeded || closed > 0:
+					t.Fatalf("Sign %d: %v (code %v)", i, err, code)
+				default:
+					timedOut++
+				}
+			}
+			if timedOut == 0 || closed == 0 {
+				t.Fatalf("%d calls timed out and %d found the connection closed; want some of each", timedOut, closed)
+			}
+		}},
+		{"a call queued behind a blocked write", func(t *testing.T, c *client.Client) {
+			// Writers without a deadline: some fill the socket's buffer, one
+			// blocks writing, the others wait for their turn.
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			var wg sync.WaitGroup
+			for range 16 {
+				wg.Go(func() { c.Sign(ctx, client.ByName("ed"), ed25519Alg, bigMessage) })
+			}
+			time.Sleep(200 * time.Millisecond)
+			returnsWithin(t, 2*time.Second, "Sign with a 200 ms deadline behind a blocked write", func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+				defer cancel()
+				_, err := c.Sign(ctx, client.ByName("ed"), ed25519Alg, bigMessage)
+				if !errors.Is(err, context.DeadlineExceeded) {
+					t.Errorf("Sign: %v, want a deadline error", err)
+				}
+			})
+			cancel()
+			returnsWithin(t, 2*time.Second, "cancelled Signs", wg.Wait)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			drain := make(chan struct{})
+			framing := make(chan error, 1)
+			path := fakeAgent(t, func(nc net.Conn, br *bufio.Reader) {
+				<-drain
+				framing <- readWholeFrames(br)
+			})
+			// Cleanups run last first: this one lets a failed test's fake
+			// agent go before fakeAgent's cleanup waits for it.
+			var once sync.Once
+			t.Cleanup(func() { once.Do(func() { close(drain) }) })
+			c := dial(t, path)
+			tc.run(t, c)
+			c.Close()
+			once.Do(func() { close(drain) })
+			if err := <-framing; err != nil {
+				t.Fatalf("the agent read a misframed request: %v", err)
+			}
+		})
+	}
+}
+
+// readWholeFrames reads Sign requests to the end of the stream. The last
+// one may be cut short (the write the client gave up on); any other frame
+// must decode.
+func readWholeFrames(br *bufio.Reader) error {
+	codec := proto.NewCodec()
+	buf := make([]byte, proto.DefaultMaxFrame)
+	for {
+		payload, err := proto.ReadFrame(br, buf, proto.DefaultMaxFrame)
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		var req proto.Request
+		if err := codec.DecodeRequest(payload, &req); err != nil {
+			return err
+		}
+		if req.Op != proto.OpSign || len(req.Digest) != len(bigMessage) {
+			return fmt.Errorf("request %d: %v of %d bytes, want a Sign of %d", req.ID, req.Op, len(req.Digest), len(bigMessage))
+		}
+	}
+}
+
+// The agent's final reply (id 0) ends the connection: calls fail with its
+// code, or UNAVAILABLE when it says OK (a buggy or hostile agent), and
+// nothing panics or hangs.
+func TestFinalReplyEndsConnection(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		code proto.Code
+		want proto.Code
+	}{
+		{"OK", proto.OK, proto.Unavailable},
+		{"UNAUTHENTICATED", proto.Unauthenticated, proto.Unauthenticated},
+		{"BAD_REQUEST", proto.BadRequest, proto.BadRequest},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := fakeAgent(t, func(nc net.Conn, br *bufio.Reader) {
+				if _, err := readRequest(br); err != nil {
+					return
+				}
+				writeResponse(nc, &proto.Response{ID: 0, Code: tc.code})
+				// Keep the connection open: the client must act on the
+				// reply, not on an end of stream.
+				io.Copy(io.Discard, br)
+			})
+			c, err := client.Dial(context.Background(), path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			returnsWithin(t, 2*time.Second, "Sign answered by a final reply", func() {
+				_, err := c.Sign(context.Background(), client.ByName("ed"), ed25519Alg, []byte("message"))
+				if got := client.Code(err); err == nil || got != tc.want {
+					t.Errorf("Sign: %v (code %v), want code %v", err, got, tc.want)
+				}
+			})
+			returnsWithin(t, 2*time.Second, "Ping after a final reply", func() {
+				if err := c.Ping(context.Background()); client.Code(err) != tc.want {
+					t.Errorf("Ping: %v, want code %v", err, tc.want)
+				}
+			})
+			returnsWithin(t, 2*time.Second, "Close", func() { c.Close() })
+		})
+	}
+}
