@@ -294,7 +294,10 @@ func join(path, key string) string {
 
 // fields walks a mapping, calling each known key's function in document
 // order. Unknown and repeated keys are errors at their own line. A null
-// value (an empty mapping) is accepted as having no keys.
+// value (an empty mapping) is accepted as having no keys. A key whose value
+// is null (`paused:`, `burst: ~`) is skipped: docs/policy.md makes a null
+// field the same as an absent one, for every field, so each field's function
+// sees only a value.
 func (p *parser) fields(file string, n *yaml.Node, path string, known []field) {
 	n = resolve(n)
 	if isNull(n) {
@@ -325,7 +328,9 @@ func (p *parser) fields(file string, n *yaml.Node, path string, known []field) {
 			p.errorf(at(file, k, fpath), "unknown field (want %s)", fieldNames(known))
 			continue
 		}
-		known[j].fn(v, fpath)
+		if !isNull(v) {
+			known[j].fn(v, fpath)
+		}
 	}
 }
 
@@ -600,7 +605,7 @@ func (p *parser) versions(file string, n *yaml.Node, path string, s *Slot) {
 			s.Versions = append(s.Versions, v)
 		}
 	})
-	if present && len(resolve(n).Content) == 0 || !present && isNull(n) {
+	if present && len(resolve(n).Content) == 0 {
 		p.errorf(at(file, resolve(n), path), "a slot needs at least one version")
 	}
 	slices.SortFunc(s.Versions, func(a, b Version) int { return a.Number - b.Number })
@@ -630,16 +635,8 @@ func (p *parser) policy(file string, n *yaml.Node, path string, rs *rawSlot) {
 				pol.algs = set
 			}
 		}},
-		{"rate", func(v *yaml.Node, f string) {
-			if isNull(v) {
-				return
-			}
-			p.rate(file, v, f, pol)
-		}},
+		{"rate", func(v *yaml.Node, f string) { p.rate(file, v, f, pol) }},
 		{"daily_quota", func(v *yaml.Node, f string) {
-			if isNull(v) {
-				return
-			}
 			q, ok := p.integer(file, v, f)
 			if !ok {
 				return

@@ -246,6 +246,15 @@ func TestParseErrors(t *testing.T) {
 			[]string{`policy.yaml:8: tenants[0].slots[0].policy.clients[0]: mTLS name "spiffe://example.org/payments" is not an identity of tenant "payments"`}},
 		{"bad client", head + "      - name: release\n        key: k\n        policy:\n          clients: [\"uid:root\"]\n",
 			[]string{`policy.yaml:8: tenants[0].slots[0].policy.clients[0]: "uid:root": want uid:N`}},
+		// A null required field is missing, not of the wrong type.
+		{"slot name null", head + "      - name:\n        key: k\n",
+			[]string{"policy.yaml:5: tenants[0].slots[0].name: required"}},
+		{"per_second null", head + "      - name: release\n        key: k\n        policy:\n          rate: {per_second: ~, burst: 5}\n",
+			[]string{"policy.yaml:8: tenants[0].slots[0].policy.rate.per_second: required"}},
+		{"version null", head + "      - name: release\n        versions:\n          - {version: null, key: a}\n",
+			[]string{"policy.yaml:7: tenants[0].slots[0].versions[0].version: required"}},
+		{"versions null without key", head + "      - name: release\n        versions:\n",
+			[]string{"policy.yaml:5: tenants[0].slots[0].key: required"}},
 		{"paused not a bool", head + "      - name: release\n        key: k\n        policy: {paused: \"yes\"}\n",
 			[]string{`policy.yaml:7: tenants[0].slots[0].policy.paused: want true or false, got "yes"`}},
 		{"uid out of range", "tenants:\n  - {name: a, identities: {unix_uids: [-1]}}\n",
@@ -300,4 +309,32 @@ func aliasBomb() string {
 	more := func(name string) string { return strings.Repeat(", *"+name, 199) }
 	return "tenants: [&T {name: a, identities: {unix_uids: [1]}, slots: [&S {name: s, versions: [&V {version: 1, key: k}" +
 		more("V") + "]}" + more("S") + "]}" + more("T") + "]\n"
+}
+
+// A field set to null or left empty is the same as an absent field
+// (docs/policy.md), whatever its type: each case parses to the policy its
+// counterpart without the field parses to.
+func TestNullIsAbsent(t *testing.T) {
+	const head = "tenants:\n  - name: a\n    identities: {unix_uids: [1]}\n    slots:\n      - name: s\n"
+	for _, tc := range []struct {
+		name      string
+		src, bare string
+	}{
+		{"paused empty", head + "        key: k\n        policy:\n          paused:\n", head + "        key: k\n"},
+		{"paused ~", head + "        key: k\n        policy: {paused: ~}\n", head + "        key: k\n"},
+		{"burst empty", head + "        key: k\n        policy:\n          rate:\n            per_second: 10\n            burst:\n", head + "        key: k\n        policy: {rate: {per_second: 10}}\n"},
+		{"burst null", head + "        key: k\n        policy: {rate: {per_second: 0.5, burst: null}}\n", head + "        key: k\n        policy: {rate: {per_second: 0.5}}\n"},
+		{"daily_quota and rate null", head + "        key: k\n        policy: {rate: null, daily_quota: ~}\n", head + "        key: k\n"},
+		{"key null beside versions", head + "        key:\n        versions: [{version: 2, key: k}]\n", head + "        versions: [{version: 2, key: k}]\n"},
+		{"versions null beside key", head + "        key: k\n        versions:\n", head + "        key: k\n"},
+		{"policy null", head + "        key: k\n        policy:\n", head + "        key: k\n"},
+		{"mtls null", "tenants:\n  - {name: a, identities: {unix_uids: [1], mtls: ~}}\n", "tenants:\n  - {name: a, identities: {unix_uids: [1]}}\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, want := mustParse(t, tc.src), mustParse(t, tc.bare)
+			if got.Hash() != want.Hash() {
+				t.Errorf("parses as\n%s\nwant\n%s", got.Canonical(), want.Canonical())
+			}
+		})
+	}
 }
