@@ -258,7 +258,9 @@ func (p *Provider) URI(name string) (string, error) {
 // serves it under name. When base was configured through an alias, the alias
 // is pointed at the new key, but only once the new key's public key was
 // fetched and checked; any failure before that leaves the alias on the old
-// key (and schedules the unused new key for deletion, best effort). The old
+// key (and schedules the unused new key for deletion, best effort). A failed
+// alias update is checked against where the alias points (updateAlias): the
+// new key is deleted only when the alias is known not to name it. The old
 // key stays served under base.
 func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers.KeyInfo, error) {
 	fail := func(err error) (providers.KeyInfo, error) {
@@ -312,17 +314,12 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	}
 
 	if bk.alias != "" {
-		aliasCtx, cancel := context.WithTimeout(ctx, p.timeout)
-		_, err := p.client.UpdateAlias(aliasCtx, &kms.UpdateAliasInput{
-			AliasName:   aws.String(bk.alias),
-			TargetKeyId: aws.String(newARN),
-		})
-		if err != nil {
-			err = classify(ctx, aliasCtx, "update alias "+bk.alias, err)
-			cancel()
+		if deletable, err := p.updateAlias(ctx, bk.alias, newARN); err != nil {
+			if !deletable {
+				return fail(err)
+			}
 			return discard(err)
 		}
-		cancel()
 		// The alias now follows the new version: a later rotation of
 		// name moves it again, one of base no longer does.
 		k.alias = bk.alias
@@ -338,6 +335,57 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	p.log.Info("awskms key version created", zap.String("key", name),
 		zap.String("base", base), zap.String("key_id", k.keyID), zap.String("alias", k.alias), zap.String("kid", k.info.KID))
 	return k.info, nil
+}
+
+// updateAlias points alias at the key newARN. A failed UpdateAlias may have
+// been applied all the same (the server wrote it, then the answer was lost
+// to a deadline or came back a 5xx), and deleting a key the alias names
+// breaks every user of the alias. So on failure the alias is read back: if
+// it names newARN the update is done (nil); if it names another key, the
+// error comes back with deletable true; if it cannot be read, with
+// deletable false, and the new key must be left alone.
+func (p *Provider) updateAlias(ctx context.Context, alias, newARN string) (deletable bool, err error) {
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	_, err = p.client.UpdateAlias(callCtx, &kms.UpdateAliasInput{
+		AliasName:   aws.String(alias),
+		TargetKeyId: aws.String(newARN),
+	})
+	if err == nil {
+		cancel()
+		return false, nil
+	}
+	err = classify(ctx, callCtx, "update alias "+alias, err)
+	cancel()
+
+	target, readErr := p.aliasTarget(ctx, alias)
+	switch {
+	case readErr != nil:
+		p.log.Warn("awskms: alias update failed and the alias could not be read back; new key left in place",
+			zap.String("alias", alias), zap.String("key_id", newARN), zap.Error(readErr))
+		return false, fmt.Errorf("%w; reading the alias back failed too (%v), so it may name new key %s, which was left in place, not scheduled for deletion",
+			err, readErr, newARN)
+	case target == newARN:
+		p.log.Warn("awskms: alias update reported a failure but was applied",
+			zap.String("alias", alias), zap.String("key_id", newARN), zap.Error(err))
+		return false, nil
+	}
+	return true, err
+}
+
+// aliasTarget returns the ARN of the key alias names now. It runs even when
+// ctx is done, since ctx's deadline may be what failed the call before it.
+func (p *Provider) aliasTarget(ctx context.Context, alias string) (string, error) {
+	parent := context.WithoutCancel(ctx)
+	callCtx, cancel := context.WithTimeout(parent, p.timeout)
+	defer cancel()
+	out, err := p.client.DescribeKey(callCtx, &kms.DescribeKeyInput{KeyId: aws.String(alias)})
+	if err != nil {
+		return "", classify(parent, callCtx, "describe key "+alias, err)
+	}
+	if out.KeyMetadata == nil || aws.ToString(out.KeyMetadata.Arn) == "" {
+		return "", fmt.Errorf("awskms describe key %s: response names no key: %w", alias, providers.ErrUnavailable)
+	}
+	return aws.ToString(out.KeyMetadata.Arn), nil
 }
 
 // deleteKey schedules an unused key NewVersion created for deletion, best

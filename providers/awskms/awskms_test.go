@@ -36,18 +36,40 @@ var (
 	algPS512 = providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA512}
 )
 
-// transport wraps the SDK's HTTP client: it counts Sign requests and can send
-// the Sign requests for one key to a server that never answers. Everything
-// else reaches local-kms unchanged.
+// transport wraps the SDK's HTTP client: it counts Sign requests, can send
+// the Sign requests for one key to a server that never answers, and can fail
+// any operation by name (faults). Everything else reaches local-kms
+// unchanged.
 type transport struct {
 	inner     aws.HTTPClient
 	signs     atomic.Int64
 	stallKey  atomic.Value // string: a key id whose Sign requests stall
 	stallHost string
+	faults    sync.Map // operation name ("UpdateAlias") → fault, on every attempt
 }
 
+// fault is how an operation fails as the client sees it.
+type fault int
+
+const (
+	noFault fault = iota
+	// faultApplied5xx: local-kms carries the request out, and the client
+	// gets a 500 in place of its answer.
+	faultApplied5xx
+	// faultAppliedLost: local-kms carries the request out, and its answer
+	// never arrives: the client's deadline passes.
+	faultAppliedLost
+	// faultRefused5xx: a 500, and local-kms never sees the request.
+	faultRefused5xx
+)
+
 func (tr *transport) Do(req *http.Request) (*http.Response, error) {
-	if !strings.HasSuffix(req.Header.Get("X-Amz-Target"), ".Sign") {
+	target := req.Header.Get("X-Amz-Target")
+	op := target[strings.LastIndexByte(target, '.')+1:]
+	if f, _ := tr.faults.Load(op); f != nil && f.(fault) != noFault {
+		return tr.inject(req, f.(fault))
+	}
+	if op != "Sign" {
 		return tr.inner.Do(req)
 	}
 	tr.signs.Add(1)
@@ -63,6 +85,35 @@ func (tr *transport) Do(req *http.Request) (*http.Response, error) {
 		}
 	}
 	return tr.inner.Do(req)
+}
+
+func (tr *transport) inject(req *http.Request, f fault) (*http.Response, error) {
+	if f == faultApplied5xx || f == faultAppliedLost {
+		resp, err := tr.inner.Do(req)
+		if err != nil {
+			return nil, err
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	if f == faultAppliedLost {
+		<-req.Context().Done()
+		return nil, req.Context().Err()
+	}
+	// What KMS answers when it fails inside; the SDK retries it, and
+	// meets the same fault each time.
+	const body = `{"__type":"KMSInternalException","message":"injected fault"}`
+	return &http.Response{
+		Status:        "500 Internal Server Error",
+		StatusCode:    http.StatusInternalServerError,
+		Proto:         "HTTP/1.1",
+		ProtoMajor:    1,
+		ProtoMinor:    1,
+		Header:        http.Header{"Content-Type": {"application/x-amz-json-1.1"}},
+		Body:          io.NopCloser(strings.NewReader(body)),
+		ContentLength: int64(len(body)),
+		Request:       req,
+	}, nil
 }
 
 // stallServer accepts TCP connections and reads from them without ever

@@ -4,9 +4,13 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/kms"
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
 
 	"github.com/sigil-agent/sigil/providers"
@@ -134,4 +138,117 @@ func TestNewVersionRefuses(t *testing.T) {
 	if _, err := tf.p.NewVersion(ctx, "p256", "p256-v2"); !errors.Is(err, providers.ErrUnavailable) {
 		t.Fatalf("NewVersion after Close: %v", err)
 	}
+}
+
+// A failed UpdateAlias may have been applied all the same. NewVersion reads
+// the alias back, and schedules the new key for deletion only when the alias
+// is known not to name it: a key pending deletion behind the alias would
+// break every user of the alias, and the agent's next start.
+func TestNewVersionAliasUpdateFaults(t *testing.T) {
+	const timeout = time.Second
+	ctx := context.Background()
+	endpoint := awskmstest.Start(t)
+	admin := awskmstest.Client(endpoint)
+	for i, tc := range []struct {
+		name        string
+		update      fault // of UpdateAlias
+		readBack    fault // of DescribeKey, which reads the alias back
+		wantErr     bool
+		aliasOnNew  bool // the alias names the new key afterwards, else the old one
+		newDeleting bool // the new key is pending deletion afterwards
+	}{
+		{"applied, answer a 5xx", faultApplied5xx, noFault, false, true, false},
+		{"applied, answer lost", faultAppliedLost, noFault, false, true, false},
+		{"not applied", faultRefused5xx, noFault, true, false, true},
+		{"applied, alias unreadable", faultApplied5xx, faultRefused5xx, true, true, false},
+		{"not applied, alias unreadable", faultRefused5xx, faultRefused5xx, true, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			alias := fmt.Sprintf("alias/sigil-fault-%d", i)
+			oldID := awskmstest.CreateKey(t, admin, types.KeySpecEccNistP256)
+			awskmstest.CreateAlias(t, admin, alias, oldID)
+			oldARN := aws.ToString(awskmstest.DescribeKey(t, admin, oldID).Arn)
+			tr := &transport{}
+			p, err := Open(ctx, testConfig(endpoint, tr, timeout, KeyConfig{Name: "signing", KeyID: alias}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			tr.faults.Store("UpdateAlias", tc.update)
+			tr.faults.Store("DescribeKey", tc.readBack)
+
+			before := keyARNs(t, admin)
+			info, err := p.NewVersion(ctx, "signing", "signing-v2")
+			var newARN string
+			for arn := range keyARNs(t, admin) {
+				if !before[arn] {
+					newARN = arn
+				}
+			}
+			if newARN == "" {
+				t.Fatal("NewVersion created no key")
+			}
+
+			if tc.wantErr {
+				if err == nil {
+					t.Fatal("NewVersion succeeded")
+				}
+				if !errors.Is(err, providers.ErrUnavailable) || strings.Contains(err.Error(), "injected fault") {
+					t.Fatalf("err = %v, want ErrUnavailable without the server's text", err)
+				}
+				if _, uerr := p.URI("signing-v2"); uerr == nil {
+					t.Fatal("the failed version is served")
+				}
+				if !tc.newDeleting && (!strings.Contains(err.Error(), newARN) || !strings.Contains(err.Error(), "not scheduled for deletion")) {
+					t.Errorf("err = %v, want it to name the kept key %s", err, newARN)
+				}
+			} else if err != nil {
+				t.Errorf("NewVersion: %v", err) // and where the alias and the key are, below
+			} else {
+				if got, _ := p.URI("signing-v2"); got != newARN {
+					t.Fatalf("signing-v2 serves %s, want the new key %s", got, newARN)
+				}
+				digest := randomDigest(crypto.SHA256)
+				sig, err := p.Sign(ctx, "signing-v2", algES256, digest)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := providers.Verify(info.Public, algES256, digest, sig); err != nil {
+					t.Fatalf("new version's signature does not verify: %v", err)
+				}
+			}
+
+			wantTarget := oldARN
+			if tc.aliasOnNew {
+				wantTarget = newARN
+			}
+			if got := aws.ToString(awskmstest.DescribeKey(t, admin, alias).Arn); got != wantTarget {
+				t.Errorf("alias names %s, want %s (old %s, new %s)", got, wantTarget, oldARN, newARN)
+			}
+			wantState := types.KeyStateEnabled
+			if tc.newDeleting {
+				wantState = types.KeyStatePendingDeletion
+			}
+			if got := awskmstest.DescribeKey(t, admin, newARN).KeyState; got != wantState {
+				t.Errorf("new key is %s, want %s", got, wantState)
+			}
+		})
+	}
+}
+
+// keyARNs returns the ARNs of every key in the emulator.
+func keyARNs(t *testing.T, admin *kms.Client) map[string]bool {
+	t.Helper()
+	arns := map[string]bool{}
+	pages := kms.NewListKeysPaginator(admin, &kms.ListKeysInput{})
+	for pages.HasMorePages() {
+		page, err := pages.NextPage(context.Background())
+		if err != nil {
+			t.Fatalf("list keys: %v", err)
+		}
+		for _, k := range page.Keys {
+			arns[aws.ToString(k.KeyArn)] = true
+		}
+	}
+	return arns
 }
