@@ -250,6 +250,56 @@ func TestLocalRefusals(t *testing.T) {
 	}
 }
 
+// C_Sign after C_SignUpdate is refused, and, as any C_Sign error but
+// CKR_BUFFER_TOO_SMALL must (PKCS#11 v2.40 section 5.12), ends the operation:
+// the session can begin a new one at once.
+func TestSignAfterSignUpdateEndsOperation(t *testing.T) {
+	fake, ctx, _, _ := fakeP256Session(t)
+	var pub crypto.PublicKey
+	for _, k := range fake.keys {
+		if k.name == "p256" {
+			pub = k.signer.Public()
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		mech uint // one that buffers its input, one that hashes it here
+		data []byte
+	}{
+		{"ECDSA", p11.CKM_ECDSA, sum(crypto.SHA256, message)},
+		{"ECDSA_SHA256", p11.CKM_ECDSA_SHA256, message},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := openSession(t, ctx) // each case its own, so one's leftover cannot fail the next
+			key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+			mech := []*p11.Mechanism{p11.NewMechanism(tc.mech, nil)}
+			fake.reset()
+			if err := ctx.SignInit(s, mech, key); err != nil {
+				t.Fatalf("C_SignInit: %v", err)
+			}
+			if err := ctx.SignUpdate(s, tc.data[:10]); err != nil {
+				t.Fatalf("C_SignUpdate: %v", err)
+			}
+			if _, err := ctx.Sign(s, tc.data); ckr(err) != p11.CKR_OPERATION_ACTIVE {
+				t.Fatalf("C_Sign after C_SignUpdate: %v, want CKR_OPERATION_ACTIVE", err)
+			}
+			if err := ctx.SignInit(s, mech, key); err != nil {
+				t.Fatalf("C_SignInit after the refused C_Sign: %v (the operation was left active)", err)
+			}
+			sig, err := ctx.Sign(s, tc.data)
+			if err != nil {
+				t.Fatalf("C_Sign: %v", err)
+			}
+			if err := verify(pub, crypto.SHA256, false, sig); err != nil {
+				t.Fatal(err)
+			}
+			if n := fake.total(); n != 1 {
+				t.Fatalf("%d agent requests, want 1: the refused C_Sign asks nothing", n)
+			}
+		})
+	}
+}
+
 // Functions outside the signing subset say so; the rest of the token's
 // surface answers as PKCS#11 v2.40 says.
 func TestTokenSurface(t *testing.T) {

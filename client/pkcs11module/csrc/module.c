@@ -1221,7 +1221,13 @@ EXPORT CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDa
 		goto out;
 	}
 	if (s->sign_multi) {
-		rv = CKR_OPERATION_ACTIVE; /* C_SignUpdate began a multi-part signature */
+		/* C_SignUpdate began a multi-part signature. C_Sign ends the
+		 * operation on any error but CKR_BUFFER_TOO_SMALL (v2.40 section
+		 * 5.12, C_Sign), this one included: a caller may go straight on to
+		 * C_SignInit, which would otherwise refuse with
+		 * CKR_OPERATION_ACTIVE. */
+		rv = CKR_OPERATION_ACTIVE;
+		session_end_sign(s);
 		goto out;
 	}
 	if (!pulSignatureLen || (!pData && ulDataLen)) {
