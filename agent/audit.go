@@ -132,7 +132,7 @@ func (c *conn) record(ctx context.Context, d *signDecision) error {
 	r := journal.Record{
 		Time:          now,
 		Tenant:        d.tenant,
-		Slot:          d.keyName,
+		Slot:          shortName(d.keyName), // the client's own text when the key is unknown
 		PolicyHash:    d.policyHash,
 		Op:            "sign",
 		Algorithm:     d.alg.String(),

@@ -46,7 +46,9 @@ func TestEverySignatureIsJournaled(t *testing.T) {
 		}
 		signed[journal.HashDigest(d[:])] = true
 	}
-	c.Sign(context.Background(), client.ByName("nope"), client.Algorithm{}, make([]byte, 32))
+	// An unknown key's name is the client's: the record keeps a bounded
+	// prefix of it, not up to a frame's worth of whatever was sent.
+	c.Sign(context.Background(), client.ByName(strings.Repeat("nope", 2000)), client.Algorithm{}, make([]byte, 32))
 	c.Sign(context.Background(), client.ByName("default"), client.Algorithm{}, make([]byte, 31))
 	c.Close()
 	if err := a.Shutdown(context.Background()); err != nil {
@@ -65,6 +67,9 @@ func TestEverySignatureIsJournaled(t *testing.T) {
 	codes := map[string]int{}
 	err = j.Scan(context.Background(), journal.Filter{}, func(r *journal.Record) error {
 		codes[r.CodeName]++
+		if len(r.Slot) > 64+len("…") {
+			t.Errorf("record %d: a %d-byte slot name", r.Seq, len(r.Slot))
+		}
 		if r.CodeName == "OK" {
 			if !signed[r.DigestHash] {
 				t.Errorf("record %d: a signature nobody asked for", r.Seq)

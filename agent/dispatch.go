@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"time"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -82,10 +83,15 @@ func (c *conn) logFailure(req *proto.Request, code proto.Code, err error) {
 }
 
 func shortName(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "…"
+	const max = 64
+	if len(s) <= max {
+		return s
 	}
-	return s
+	cut := max
+	for cut > 0 && !utf8.RuneStart(s[cut]) {
+		cut-- // never split a character: records and messages stay valid UTF-8
+	}
+	return s[:cut] + "…"
 }
 
 func (c *conn) hello(req *proto.Request, resp *proto.Response) error {

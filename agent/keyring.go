@@ -182,13 +182,7 @@ func (kr *keyring) lookup(name, kid string) (*keyEntry, error) {
 
 // quoteShort quotes a client-supplied name for a message, cut short so a
 // client cannot make the agent echo (or log) a large blob.
-func quoteShort(s string) string {
-	const max = 64
-	if len(s) > max {
-		s = s[:max] + "…"
-	}
-	return fmt.Sprintf("%q", s)
-}
+func quoteShort(s string) string { return fmt.Sprintf("%q", shortName(s)) }
 
 func (kr *keyring) close() error {
 	var errs []error
