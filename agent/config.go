@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
@@ -14,6 +15,7 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/sigil-agent/sigil/agent/rotation"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/pkcs11"
@@ -284,6 +286,19 @@ func (c *Config) EnsureDefaults() {
 	}
 }
 
+// isLoopbackEndpoint reports whether endpoint is host:port on loopback.
+func isLoopbackEndpoint(endpoint string) bool {
+	host, _, err := net.SplitHostPort(endpoint)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
 func defaultDataDir() string {
 	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
 		return filepath.Join(d, "sigil")
@@ -313,8 +328,26 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("limits.%s %d: negative", l.name, l.v))
 		}
 	}
-	if c.Limits.FrameTimeout < 0 || c.Limits.IdleTimeout < 0 {
-		errs = append(errs, errors.New("limits.frame_timeout and limits.idle_timeout must not be negative"))
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{
+		{"limits.frame_timeout", c.Limits.FrameTimeout},
+		{"limits.idle_timeout", c.Limits.IdleTimeout},
+		{"limits.request_timeout", c.Limits.RequestTimeout},
+		{"limits.write_timeout", c.Limits.WriteTimeout},
+		{"limits.shutdown_grace", c.Limits.ShutdownGrace},
+		{"tcp.handshake_timeout", c.TCP.HandshakeTimeout},
+		{"rotation.overlap", c.Rotation.Overlap},
+	} {
+		// A negative duration would fail every request, reply, handshake
+		// or shutdown at once, not mean "none".
+		if d.v < 0 {
+			errs = append(errs, fmt.Errorf("%s %s: negative", d.name, d.v))
+		}
+	}
+	if n := c.Rotation.Canaries; n < 0 || n > rotation.MaxCanaries {
+		errs = append(errs, fmt.Errorf("rotation.canaries %d: want 1..%d (0: the default, %d)", n, rotation.MaxCanaries, rotation.DefaultCanaries))
 	}
 	if c.Runtime.GCPercent < 0 || c.Runtime.GCPercent > 10000 {
 		errs = append(errs, fmt.Errorf("runtime.gc_percent %d: want 1..10000 (GOGC=off in the environment turns the collector off)", c.Runtime.GCPercent))
@@ -377,8 +410,9 @@ func (c *Config) Validate() error {
 			if p.Project == "" || p.Location == "" || p.KeyRing == "" {
 				errs = append(errs, fmt.Errorf("%s: gcpkms needs project, location and key_ring", where))
 			}
-			if p.InsecureEndpoint && p.Endpoint == "" {
-				errs = append(errs, fmt.Errorf("%s: insecure_endpoint needs an endpoint", where))
+			if p.InsecureEndpoint && !isLoopbackEndpoint(p.Endpoint) {
+				// Plaintext and no credentials: an emulator on this machine only.
+				errs = append(errs, fmt.Errorf("%s: insecure_endpoint needs an endpoint on loopback (localhost or 127.0.0.1/::1 with a port), not %q", where, p.Endpoint))
 			}
 			for j, k := range p.Keys {
 				if k.Key == "" || k.Version == "" {

@@ -29,8 +29,8 @@ const (
 	DefaultOverlap = 24 * time.Hour
 	// DefaultCanaries is the size of the canary set.
 	DefaultCanaries = 100
-	// maxCanaries bounds the canary set: every signature is kept in the REP.
-	maxCanaries = 10000
+	// MaxCanaries bounds the canary set: every signature is kept in the REP.
+	MaxCanaries = 10000
 	// maxDetail bounds a record's Detail.
 	maxDetail = 300
 )
@@ -325,8 +325,8 @@ func (u *rotation) resolveOptions() error {
 	if o.Canaries == 0 {
 		o.Canaries = u.r.opts.DefaultCanaries
 	}
-	if o.Canaries < 1 || o.Canaries > maxCanaries {
-		return fmt.Errorf("canary set of %d (want 1 to %d)", o.Canaries, maxCanaries)
+	if o.Canaries < 1 || o.Canaries > MaxCanaries {
+		return fmt.Errorf("canary set of %d (want 1 to %d)", o.Canaries, MaxCanaries)
 	}
 	if o.Subject.CommonName == "" && len(o.Subject.Names) == 0 && len(o.Subject.ExtraNames) == 0 && len(o.Subject.Organization) == 0 {
 		o.Subject.CommonName = u.slot
