@@ -16,6 +16,8 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -624,5 +626,59 @@ func TestClientReaderHandOff(t *testing.T) {
 	// The connection is in step afterwards.
 	if _, err := c.Sign(context.Background(), client.ByName("ed"), client.Algorithm{}, []byte("after")); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// flakyListener fails its first accepts with errno, as accept(2) does when
+// the process or the system runs out of a resource, then accepts for real.
+type flakyListener struct {
+	net.Listener
+	errno    syscall.Errno
+	failures atomic.Int32
+}
+
+func (l *flakyListener) Accept() (net.Conn, error) {
+	if l.failures.Add(-1) >= 0 {
+		return nil, &net.OpError{Op: "accept", Net: "unix", Err: os.NewSyscallError("accept4", l.errno)}
+	}
+	return l.Listener.Accept()
+}
+
+// A resource shortage at accept (descriptors, the system's file table,
+// socket buffers, memory) makes the listener back off, not end Serve and
+// with it the agent: once the shortage passes, clients are served.
+func TestAcceptShortagesDoNotStopServing(t *testing.T) {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM} {
+		t.Run(errno.Error(), func(t *testing.T) {
+			cfg := softwareConfig(t)
+			a, err := agent.New(context.Background(), cfg, zaptest.NewLogger(t, zaptest.Level(zap.ErrorLevel)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			ln, err := agent.ListenUnix(cfg.Socket)
+			if err != nil {
+				t.Fatal(err)
+			}
+			fl := &flakyListener{Listener: ln, errno: errno}
+			fl.failures.Store(3)
+			done := make(chan error, 1)
+			go func() { done <- a.Serve(fl) }()
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			c, err := client.Dial(ctx, cfg.Socket)
+			if err != nil {
+				t.Fatalf("dial after %s at accept: %v", errno, err)
+			}
+			if err := c.Ping(ctx); err != nil {
+				t.Fatalf("ping after %s at accept: %v", errno, err)
+			}
+			c.Close()
+			if err := a.Shutdown(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if err := <-done; !errors.Is(err, agent.ErrClosed) {
+				t.Fatalf("Serve returned %v, want ErrClosed", err)
+			}
+		})
 	}
 }

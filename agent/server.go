@@ -215,7 +215,7 @@ func (a *Agent) serve(ln net.Listener, admin bool) error {
 				return ErrClosed
 			}
 			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, errTooManyFiles) {
+			if errors.As(err, &ne) && ne.Timeout() || isResourceShortage(err) {
 				// Out of file descriptors or similar: back off instead of
 				// spinning, keep serving the connections already open.
 				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)

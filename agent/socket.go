@@ -10,7 +10,18 @@ import (
 	"time"
 )
 
-var errTooManyFiles = syscall.EMFILE
+// isResourceShortage reports whether an accept failed for want of a
+// resource the system may get back (file descriptors, the system's file
+// table, socket buffers, memory): the listener backs off and goes on, as
+// net/http does, instead of ending Serve and with it the agent.
+func isResourceShortage(err error) bool {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	return false
+}
 
 // ListenUnix creates the agent's Unix socket: its directory 0700 and owned by
 // us (an attacker's pre-made /tmp directory is refused, not used), the socket
