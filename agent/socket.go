@@ -55,11 +55,12 @@ func ListenUnix(path string) (net.Listener, error) {
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
-	// The umask makes the socket 0600 from birth: a chmod after bind would
-	// leave a window in which others could connect.
-	old := syscall.Umask(0o177)
+	// No one else can reach the socket between bind and the chmod below:
+	// its directory is ours and 0700 (checked above). A umask would close
+	// that window too, but umask is the whole process's, and the agent's
+	// other goroutines may be creating files meanwhile (an overdue
+	// rotation's evidence directory would come out 0600, unenterable).
 	ln, err := net.Listen("unix", path)
-	syscall.Umask(old)
 	if err != nil {
 		return nil, fmt.Errorf("listen %s: %w", path, err)
 	}
