@@ -117,14 +117,21 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 	// The statement, from the journal.
 	in := &incident{slot: slot, started: started, ended: r.now(), firstSeq: rep.FirstSeq, result: rep.Rotation,
 		err: drillErr, resumed: rep.Resumed, evidenceKeyID: EvidenceKeyID(r.evidencePub)}
-	err = r.store.j.Scan(ctx, journal.Filter{FromSeq: rep.FirstSeq, Tenant: tenant}, func(rc *journal.Record) error {
+	// Detached from ctx, as the drill's records are: the caller's going away
+	// must not leave the drill without its closing record. If the read
+	// fails all the same, the statement shows the records read so far and
+	// the closing record says the drill failed.
+	scanCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+	err = r.store.j.Scan(scanCtx, journal.Filter{FromSeq: rep.FirstSeq, Tenant: tenant}, func(rc *journal.Record) error {
 		if rc.Slot == slot {
 			in.records = append(in.records, *rc)
 		}
 		return nil
 	})
+	cancel()
 	if err != nil {
-		return rep, errors.Join(drillErr, fmt.Errorf("drill %s: read the journal for the statement: %w", slot, err))
+		drillErr = errors.Join(drillErr, fmt.Errorf("read the journal for the statement: %w", err))
+		in.err = drillErr
 	}
 	rep.Statement = renderIncident(in)
 	if r.opts.EvidenceDir != "" {

@@ -147,6 +147,38 @@ func TestDrill(t *testing.T) {
 	}
 }
 
+// cancellingPauser cancels the drill's context when the drill resumes the
+// slot: the operator's command went away near the end.
+type cancellingPauser struct {
+	fakePauser
+	cancel context.CancelFunc
+}
+
+func (p *cancellingPauser) Resume(tenant, slot string) error {
+	p.cancel()
+	return p.fakePauser.Resume(tenant, slot)
+}
+
+// A drill whose caller goes away after the rotation still writes its
+// statement and closing record.
+func TestDrillOutlivesItsCaller(t *testing.T) {
+	e := newEnv(t, providers.KeyECDSAP256)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	p := &cancellingPauser{cancel: cancel}
+	rep, err := e.rot.Drill(ctx, testSlot, p, e.opts())
+	if err != nil {
+		t.Fatalf("Drill: %v", err)
+	}
+	recs := e.records()
+	if last := recs[len(recs)-1]; last.Op != "drill.done" || last.Seq != rep.LastSeq {
+		t.Fatalf("closing record %s (seq %d, report %d)", last.Op, last.Seq, rep.LastSeq)
+	}
+	if got, err := e.store.IncidentStatement(testSlot, rep.FirstSeq); err != nil || !bytes.Equal(got, rep.Statement) {
+		t.Fatalf("stored statement: %v", err)
+	}
+}
+
 func TestDrillFailureLeavesSlotPaused(t *testing.T) {
 	e := newEnv(t, providers.KeyEd25519)
 	old := e.active()
