@@ -329,9 +329,16 @@ func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte
 		log.Info("journal tail log's frames end before its last byte; dropping the rest (a write cut short, or frames from before it started over)",
 			zap.Int("end", end), zap.Int("size", len(data)))
 	}
+	// Records up to the prune anchor were deleted on purpose; the tail
+	// may still hold them (a kill before it started over).
+	pruned, _, _, err := readMeta(db, anchorKey)
+	if err != nil {
+		return seq, hash, 0, err
+	}
 	var added uint64
 	for _, fr := range frames {
 		switch {
+		case fr.lastSeq <= pruned:
 		case fr.lastSeq <= seq:
 			// Pebble's WAL had it. A record that differs means the store
 			// changed under the journal; Verify reports where.

@@ -1,6 +1,9 @@
 package journal
 
 import (
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+
 	"context"
 	"encoding/binary"
 	"errors"
@@ -391,4 +394,19 @@ func TestTailLogThatCannotStartOver(t *testing.T) {
 		t.Fatalf("tail log stale %v, %d bytes: not back in use", j.tail.stale, j.tail.size)
 	}
 	mustVerify(t, j, 12)
+}
+
+// A kill right after a prune: the tail log may still hold frames of
+// records the prune deleted. They are gone on purpose, and reopening must
+// not report them as records the store lacks.
+func TestReopenAfterPruneIsQuiet(t *testing.T) {
+	j, dir, t0 := pruneFixture(t, 30)
+	mustPrune(t, j, recordAt(t0, 21)) // records 1..20
+	core, logs := observer.New(zap.WarnLevel)
+	killed := snapshotDir(t, dir)
+	j2 := openTest(t, killed, WAL, func(o *Options) { o.Logger = zap.New(core) })
+	verifyOK(t, j2)
+	for _, e := range logs.All() {
+		t.Errorf("reopening after a prune logged %s %q %v", e.Level, e.Message, e.ContextMap())
+	}
 }
