@@ -20,7 +20,33 @@ import (
 	"github.com/sigil-agent/sigil/proto"
 )
 
-// Client is a connection to an agent.
+// Client talks to one agent over one connection at a time, and replaces the
+// connection when it fails (see call and redial).
+type Client struct {
+	// cur is the connection calls go to. A call reads it without a lock:
+	// a healthy connection's call costs one atomic load more, nothing else.
+	cur atomic.Pointer[conn]
+	// dial opens a connection the way Dial or DialTLS did (address, TLS
+	// config), for redial.
+	dial func(ctx context.Context) (net.Conn, error)
+
+	// redialToken holds one token when nobody is redialling: one dial at a
+	// time, and a caller waiting for it can give up when its context ends.
+	// The holder alone touches failedAt and failErr.
+	redialToken chan struct{}
+	failedAt    time.Time // when the last redial failed; zero after a success
+	failErr     error     // why it failed
+
+	mu     sync.Mutex
+	closed bool // set by Close: no redial after it
+}
+
+// redialBackoff is how long after a failed redial the next one may start.
+// Without it every caller of a service whose agent is down would dial in a
+// tight loop, each call a connect and, with TLS, a handshake.
+const redialBackoff = 100 * time.Millisecond
+
+// conn is one connection to an agent.
 //
 // There is no reader goroutine: a caller waiting for its reply reads the
 // socket itself when no other caller is reading ("the reader role", a token
@@ -28,7 +54,7 @@ import (
 // A lone caller so gets its reply without any goroutine hand-off, which on
 // the VMs we measure on saves a thread wake-up worth more than the frame's
 // decoding; concurrent callers still share one pipelined connection.
-type Client struct {
+type conn struct {
 	nc       net.Conn
 	maxFrame int
 
@@ -62,37 +88,59 @@ var ErrClosed = errors.New("sigil client closed")
 
 // Dial connects to the agent at addr and says Hello. An empty addr means
 // $SIGIL_SOCK, else the default socket path. addr is a Unix socket path,
-// optionally written "unix:PATH".
+// optionally written "unix:PATH". The client redials the same path when the
+// connection fails.
 func Dial(ctx context.Context, addr string) (*Client, error) {
 	if addr == "" {
 		addr = proto.ClientSocketPath()
 	}
 	path := strings.TrimPrefix(addr, "unix:")
-	var d net.Dialer
-	nc, err := d.DialContext(ctx, "unix", path)
-	if err != nil {
-		return nil, fmt.Errorf("sigil: connect to agent at %s: %w", path, err)
-	}
-	return newClient(ctx, nc)
+	return newClient(ctx, func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
+		nc, err := d.DialContext(ctx, "unix", path)
+		if err != nil {
+			return nil, fmt.Errorf("sigil: connect to agent at %s: %w", path, err)
+		}
+		return nc, nil
+	})
 }
 
 // DialTLS connects to an agent's mutual-TLS listener at addr (host:port).
 // cfg must carry the client certificate (Certificates or
 // GetClientCertificate) and the CAs that signed the agent's certificate
-// (RootCAs); TLS 1.3 is required.
+// (RootCAs); TLS 1.3 is required. The client redials with the same
+// configuration when the connection fails.
 func DialTLS(ctx context.Context, addr string, cfg *tls.Config) (*Client, error) {
 	cfg = cfg.Clone()
 	cfg.MinVersion = tls.VersionTLS13
 	d := tls.Dialer{Config: cfg}
-	nc, err := d.DialContext(ctx, "tcp", addr)
-	if err != nil {
-		return nil, fmt.Errorf("sigil: connect to agent at %s: %w", addr, err)
-	}
-	return newClient(ctx, nc)
+	return newClient(ctx, func(ctx context.Context) (net.Conn, error) {
+		nc, err := d.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return nil, fmt.Errorf("sigil: connect to agent at %s: %w", addr, err)
+		}
+		return nc, nil
+	})
 }
 
-func newClient(ctx context.Context, nc net.Conn) (*Client, error) {
-	c := &Client{
+func newClient(ctx context.Context, dial func(context.Context) (net.Conn, error)) (*Client, error) {
+	c := &Client{dial: dial, redialToken: make(chan struct{}, 1)}
+	c.redialToken <- struct{}{}
+	cn, err := c.connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	c.cur.Store(cn)
+	return c, nil
+}
+
+// connect dials and says Hello.
+func (c *Client) connect(ctx context.Context) (*conn, error) {
+	nc, err := c.dial(ctx)
+	if err != nil {
+		return nil, err
+	}
+	cn := &conn{
 		nc:       nc,
 		maxFrame: proto.DefaultMaxFrame,
 		// Frames are read with Peek so that a read deadline (a caller's
@@ -106,24 +154,99 @@ func newClient(ctx context.Context, nc net.Conn) (*Client, error) {
 		pending:    map[uint64]chan *proto.Response{},
 		done:       make(chan struct{}),
 	}
-	_, c.cutWriteBreaks = nc.(*tls.Conn)
-	c.readerRole <- struct{}{}
-	c.writeToken <- struct{}{}
-	if _, err := c.call(ctx, &proto.Request{Op: proto.OpHello, Version: proto.Version, Features: proto.FeaturePipelining}); err != nil {
-		c.Close()
+	_, cn.cutWriteBreaks = nc.(*tls.Conn)
+	cn.readerRole <- struct{}{}
+	cn.writeToken <- struct{}{}
+	if _, _, err := cn.call(ctx, &proto.Request{Op: proto.OpHello, Version: proto.Version, Features: proto.FeaturePipelining}); err != nil {
+		cn.fail(ErrClosed)
 		return nil, fmt.Errorf("sigil: hello: %w", err)
 	}
-	return c, nil
+	return cn, nil
 }
 
-// Close closes the connection; calls waiting for replies fail with ErrClosed.
+// Close closes the connection; calls waiting for replies, and every later
+// call, fail with ErrClosed. A closed client does not redial.
 func (c *Client) Close() error {
-	c.fail(ErrClosed)
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	// A redial in progress sees closed before it publishes its connection
+	// (redial), so the connection loaded here is the last one.
+	c.cur.Load().fail(ErrClosed)
 	return nil
 }
 
+// call sends req on the current connection. When that connection turns out
+// to have failed before req was written, it redials once and sends req on
+// the new one. A request that was written is never sent again, even when its
+// reply is lost: the agent may have signed it, and a second signature would
+// be a second audit record and, for a caller counting on at-most-once, wrong.
+func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response, error) {
+	cn := c.cur.Load()
+	resp, unsent, err := cn.call(ctx, req)
+	if !unsent {
+		return resp, err
+	}
+	cn, err = c.redial(ctx, cn)
+	if err != nil {
+		return nil, fmt.Errorf("sigil %s: %w", req.Op, err)
+	}
+	resp, _, err = cn.call(ctx, req)
+	return resp, err
+}
+
+// redial replaces the failed connection dead, unless another caller already
+// has, and returns the current connection. Dials are serialized, and none
+// starts within redialBackoff of a failed one: callers then get UNAVAILABLE
+// at once.
+func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
+	if c.isClosed() {
+		return nil, ErrClosed // without waiting for a dial in progress
+	}
+	select {
+	case <-c.redialToken:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	defer func() { c.redialToken <- struct{}{} }()
+	if c.isClosed() {
+		return nil, ErrClosed
+	}
+	if cur := c.cur.Load(); cur != dead {
+		return cur, nil // redialled while we waited
+	}
+	if since := time.Since(c.failedAt); since < redialBackoff {
+		// %v, not %w: the code is UNAVAILABLE whatever the last failure's was.
+		return nil, fmt.Errorf("agent unavailable: the last reconnect, %v ago, failed: %v", since.Round(time.Millisecond), c.failErr)
+	}
+	cn, err := c.connect(ctx)
+	if err != nil {
+		// A dial cut short by the caller's own context says nothing about
+		// the agent: no backoff for the next caller.
+		if ctx.Err() == nil {
+			c.failedAt, c.failErr = time.Now(), err
+		}
+		return nil, fmt.Errorf("reconnect: %w", err)
+	}
+	c.failedAt, c.failErr = time.Time{}, nil
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		cn.fail(ErrClosed)
+		return nil, ErrClosed
+	}
+	c.cur.Store(cn)
+	return cn, nil
+}
+
+func (c *Client) isClosed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed
+}
+
 // fail ends the connection: err becomes every later call's error.
-func (c *Client) fail(err error) {
+func (c *conn) fail(err error) {
 	if err == nil {
 		// A nil c.err reads as "still open" while pending is already gone:
 		// the next call would write to a nil map.
@@ -146,23 +269,36 @@ func (c *Client) fail(err error) {
 }
 
 // call sends req and waits for its reply, or ctx, or the connection's end. A
-// non-OK reply is returned as a *proto.Error.
-func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response, error) {
+// non-OK reply is returned as a *proto.Error. unsent reports that the call
+// failed because the connection had failed before any byte of req reached
+// it: only such a request may be sent again on another connection.
+func (c *conn) call(ctx context.Context, req *proto.Request) (resp *proto.Response, unsent bool, err error) {
+	ch, dl, unsent, err := c.send(ctx, req)
+	if err != nil {
+		return nil, unsent, err
+	}
+	resp, err = c.await(ctx, req, ch, dl)
+	return resp, false, err
+}
+
+// send registers req for its reply and writes it. It returns the channel the
+// reply comes on and ctx's deadline.
+func (c *conn) send(ctx context.Context, req *proto.Request) (ch chan *proto.Response, dl time.Time, unsent bool, err error) {
 	req.ID = c.nextID.Add(1)
 	dl, hasDeadline := ctx.Deadline()
 	if hasDeadline {
 		ms := time.Until(dl).Milliseconds()
 		if ms <= 0 {
-			return nil, fmt.Errorf("sigil %s: %w", req.Op, context.DeadlineExceeded)
+			return nil, dl, false, fmt.Errorf("sigil %s: %w", req.Op, context.DeadlineExceeded)
 		}
 		req.TimeoutMillis = uint32(min(ms, math.MaxUint32))
 	}
-	ch := make(chan *proto.Response, 1)
+	ch = make(chan *proto.Response, 1)
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
 		c.mu.Unlock()
-		return nil, err
+		return nil, dl, true, err
 	}
 	c.pending[req.ID] = ch
 	c.mu.Unlock()
@@ -175,13 +311,17 @@ func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response,
 	}
 	if err != nil {
 		c.forget(req.ID)
-		return nil, err
+		return nil, dl, false, err
 	}
-	if err := c.write(ctx, req.Op, frame); err != nil {
+	if unsent, err := c.write(ctx, req.Op, frame); err != nil {
 		c.forget(req.ID)
-		return nil, err
+		return nil, dl, unsent, err
 	}
+	return ch, dl, false, nil
+}
 
+// await waits for the reply to req, sent, on ch.
+func (c *conn) await(ctx context.Context, req *proto.Request, ch chan *proto.Response, dl time.Time) (*proto.Response, error) {
 	for {
 		select {
 		case resp, ok := <-ch:
@@ -216,14 +356,15 @@ var pastDeadline = time.Unix(1, 0)
 // write sends one frame, giving up when ctx ends. A write can block for
 // good: the agent stops reading a connection that has max_in_flight_per_conn
 // requests in flight, and a hung agent reads nothing; an unbounded write
-// would hold this caller and every caller queued behind it.
-func (c *Client) write(ctx context.Context, op proto.Op, frame []byte) error {
+// would hold this caller and every caller queued behind it. unsent reports
+// that the connection had failed and nothing of frame reached it.
+func (c *conn) write(ctx context.Context, op proto.Op, frame []byte) (unsent bool, err error) {
 	select {
 	case <-c.writeToken:
 	case <-ctx.Done():
-		return fmt.Errorf("sigil %s: %w", op, ctx.Err())
+		return false, fmt.Errorf("sigil %s: %w", op, ctx.Err())
 	case <-c.done:
-		return c.terminalErr()
+		return true, c.terminalErr()
 	}
 	defer func() { c.writeToken <- struct{}{} }()
 	dl, _ := ctx.Deadline()
@@ -250,11 +391,15 @@ func (c *Client) write(ctx context.Context, op proto.Op, frame []byte) error {
 		c.writeDeadline = pastDeadline
 	}
 	if err == nil {
-		return nil
+		return false, nil
 	}
 	if !errors.Is(err, os.ErrDeadlineExceeded) {
 		c.fail(fmt.Errorf("sigil: write to agent: %w", err))
-		return c.terminalErr()
+		// A Unix socket whose peer has closed fails the write (EPIPE) with
+		// nothing sent: how a connection to a restarted agent is found dead.
+		// Over TLS, n counts whole records written, so n == 0 still means
+		// the agent cannot have decoded any of the request.
+		return n == 0, c.terminalErr()
 	}
 	cause := ctx.Err()
 	if cause == nil {
@@ -262,16 +407,16 @@ func (c *Client) write(ctx context.Context, op proto.Op, frame []byte) error {
 	}
 	if n == 0 && !c.cutWriteBreaks {
 		// Nothing of the frame went out: the stream is still in step.
-		return fmt.Errorf("sigil %s: %w", op, cause)
+		return false, fmt.Errorf("sigil %s: %w", op, cause)
 	}
 	// Part of the frame went out. The agent would read the next request's
 	// bytes as the rest of this one, so no request may follow on this
 	// connection.
 	c.fail(fmt.Errorf("sigil: connection to agent closed: a %s request was cut off by its caller's deadline or cancellation after %d of its %d bytes", op, n, len(frame)))
-	return fmt.Errorf("sigil %s: %w (the request was cut off after %d of its %d bytes, so the connection was closed)", op, cause, n, len(frame))
+	return false, fmt.Errorf("sigil %s: %w (the request was cut off after %d of its %d bytes, so the connection was closed)", op, cause, n, len(frame))
 }
 
-func (c *Client) result(resp *proto.Response, ok bool) (*proto.Response, error) {
+func (c *conn) result(resp *proto.Response, ok bool) (*proto.Response, error) {
 	if !ok {
 		return nil, c.terminalErr()
 	}
@@ -285,7 +430,7 @@ func (c *Client) result(resp *proto.Response, ok bool) (*proto.Response, error) 
 // arrives (returned with ok), the connection fails (ok false: the caller
 // reads the terminal error), or ctx ends (err). The caller holds the reader
 // role.
-func (c *Client) readUntil(ctx context.Context, id uint64, ch chan *proto.Response, dl time.Time) (*proto.Response, bool, error) {
+func (c *conn) readUntil(ctx context.Context, id uint64, ch chan *proto.Response, dl time.Time) (*proto.Response, bool, error) {
 	if dl.IsZero() && ctx.Done() != nil {
 		// Cancellable without a deadline: cut the blocking read when ctx ends.
 		stop := context.AfterFunc(ctx, func() { c.nc.SetReadDeadline(time.Now()) })
@@ -337,7 +482,7 @@ func (c *Client) readUntil(ctx context.Context, id uint64, ch chan *proto.Respon
 
 // readFrame reads one reply. It peeks the whole frame before consuming any
 // of it, so a read deadline in the middle leaves the stream in step.
-func (c *Client) readFrame() (*proto.Response, error) {
+func (c *conn) readFrame() (*proto.Response, error) {
 	hdr, err := c.br.Peek(proto.FrameHeaderLen)
 	if err != nil {
 		return nil, err
@@ -361,13 +506,13 @@ func (c *Client) readFrame() (*proto.Response, error) {
 
 var codecPool = sync.Pool{New: func() any { return proto.NewCodec() }}
 
-func (c *Client) forget(id uint64) {
+func (c *conn) forget(id uint64) {
 	c.mu.Lock()
 	delete(c.pending, id)
 	c.mu.Unlock()
 }
 
-func (c *Client) terminalErr() error {
+func (c *conn) terminalErr() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.err

@@ -271,6 +271,9 @@ func TestAgentGoneFailsPendingCalls(t *testing.T) {
 	defer ln.Close()
 	go func() {
 		nc, err := ln.Accept()
+		// No second connection: a redial must fail, not wait for a Hello
+		// nobody will answer.
+		ln.Close()
 		if err != nil {
 			return
 		}

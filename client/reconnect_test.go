@@ -1,0 +1,385 @@
+package client_test
+
+import (
+	"bufio"
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// An agent restart (a deploy, systemd restarting it) costs its clients
+// nothing but the restart: the same Client, and Signers made from it before,
+// sign again with the same keys, whether or not calls came while it was down.
+func TestClientSurvivesAgentRestart(t *testing.T) {
+	ctx := context.Background()
+	cfg := agentConfig(t)
+	cfg.DataDir = t.TempDir() // the software keys live here, across restarts
+	dir, _ := os.MkdirTemp("", "sigil-c")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	cfg.Socket = filepath.Join(dir, "agent.sock")
+	a := run(t, cfg)
+	c := dial(t, cfg.Socket)
+
+	cases := []struct {
+		key  string
+		opts crypto.SignerOpts // for Signer.Sign
+		alg  client.Algorithm  // the same, for Client.Sign
+	}{
+		{"p256", crypto.SHA256, client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA256}},
+		{"rsa", &rsa.PSSOptions{Hash: crypto.SHA256, SaltLength: rsa.PSSSaltLengthEqualsHash}, client.Algorithm{Scheme: client.SchemePSS, Hash: crypto.SHA256}},
+		{"ed", crypto.Hash(0), ed25519Alg},
+	}
+	signers := make([]*client.Signer, len(cases))
+	for i, tc := range cases {
+		s, err := c.Signer(ctx, client.ByName(tc.key))
+		if err != nil {
+			t.Fatal(err)
+		}
+		signers[i] = s
+	}
+	signAll := func(t *testing.T) {
+		t.Helper()
+		for i, tc := range cases {
+			s := signers[i]
+			digest := digestFor(tc.opts, "release v1.2.3")
+			sig, err := s.Sign(nil, digest, tc.opts)
+			if err != nil {
+				t.Fatalf("%s: Signer.Sign: %v", tc.key, err)
+			}
+			if err := verifySignature(s.Public(), digest, tc.opts, sig); err != nil {
+				t.Fatalf("%s: Signer.Sign: %v", tc.key, err)
+			}
+			got, err := c.Sign(ctx, client.ByName(tc.key), tc.alg, digest)
+			if err != nil {
+				t.Fatalf("%s: Client.Sign: %v", tc.key, err)
+			}
+			if got.KID != s.Key().KID {
+				t.Fatalf("%s: signed by kid %s, want %s", tc.key, got.KID, s.Key().KID)
+			}
+			if err := verifySignature(s.Public(), digest, tc.opts, got.Sig); err != nil {
+				t.Fatalf("%s: Client.Sign: %v", tc.key, err)
+			}
+		}
+	}
+	signAll(t)
+
+	t.Run("restart between calls", func(t *testing.T) {
+		a.Shutdown(ctx)
+		a = run(t, cfg)
+		signAll(t)
+	})
+	t.Run("calls while the agent is down", func(t *testing.T) {
+		a.Shutdown(ctx)
+		if err := c.Ping(ctx); client.Code(err) != proto.Unavailable {
+			t.Fatalf("Ping with the agent down: %v, want UNAVAILABLE", err)
+		}
+		a = run(t, cfg)
+		// The first call may fall within the backoff of the failed redial.
+		deadline := time.Now().Add(5 * time.Second)
+		for err := c.Ping(ctx); err != nil; err = c.Ping(ctx) {
+			if client.Code(err) != proto.Unavailable || time.Now().After(deadline) {
+				t.Fatalf("Ping with the agent back: %v", err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		signAll(t)
+	})
+}
+
+func digestFor(opts crypto.SignerOpts, msg string) []byte {
+	if opts.HashFunc() == 0 {
+		return []byte(msg) // Ed25519 signs the message
+	}
+	h := opts.HashFunc().New()
+	h.Write([]byte(msg))
+	return h.Sum(nil)
+}
+
+func verifySignature(pub crypto.PublicKey, digest []byte, opts crypto.SignerOpts, sig []byte) error {
+	switch pub := pub.(type) {
+	case *ecdsa.PublicKey:
+		if !ecdsa.VerifyASN1(pub, digest, sig) {
+			return errors.New("ECDSA signature does not verify")
+		}
+		return nil
+	case *rsa.PublicKey:
+		if pss, ok := opts.(*rsa.PSSOptions); ok {
+			return rsa.VerifyPSS(pub, opts.HashFunc(), digest, sig, pss)
+		}
+		return rsa.VerifyPKCS1v15(pub, opts.HashFunc(), digest, sig)
+	case ed25519.PublicKey:
+		if !ed25519.Verify(pub, digest, sig) {
+			return errors.New("Ed25519 signature does not verify")
+		}
+		return nil
+	}
+	return fmt.Errorf("public key type %T", pub)
+}
+
+// fakeAgents listens on a Unix socket and serves each connection it accepts
+// with serve, given the connection's number (1 for the first).
+type fakeAgents struct {
+	path  string
+	ln    net.Listener
+	conns atomic.Int32 // connections accepted
+
+	mu       sync.Mutex
+	accepted []net.Conn
+}
+
+func listenFake(t *testing.T, serve func(n int32, nc net.Conn, br *bufio.Reader)) *fakeAgents {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "sigil-c") // a Unix socket path must stay short
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	f := &fakeAgents{path: filepath.Join(dir, "fake.sock")}
+	if f.ln, err = net.Listen("unix", f.path); err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			nc, err := f.ln.Accept()
+			if err != nil {
+				return
+			}
+			n := f.conns.Add(1)
+			f.mu.Lock()
+			f.accepted = append(f.accepted, nc)
+			f.mu.Unlock()
+			wg.Go(func() {
+				defer nc.Close()
+				serve(n, nc, bufio.NewReaderSize(nc, proto.DefaultMaxFrame+proto.FrameHeaderLen))
+			})
+		}
+	})
+	t.Cleanup(func() {
+		f.stop()
+		f.mu.Lock()
+		for _, nc := range f.accepted {
+			nc.Close()
+		}
+		f.mu.Unlock()
+		wg.Wait()
+	})
+	return f
+}
+
+// stop closes the listener, which removes the socket: later dials fail.
+func (f *fakeAgents) stop() { f.ln.Close() }
+
+// answerHello reads the connection's Hello and answers it.
+func answerHello(nc net.Conn, br *bufio.Reader) error {
+	req, err := readRequest(br)
+	if err != nil {
+		return err
+	}
+	if req.Op != proto.OpHello {
+		return fmt.Errorf("want Hello, got %v", req.Op)
+	}
+	return writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK, Version: proto.Version, Features: proto.FeaturePipelining})
+}
+
+// While no agent serves the socket, calls fail at once with UNAVAILABLE,
+// and the client dials at most once per backoff period however many calls
+// come, yet keeps trying.
+func TestNoAgentFailsFastWithoutSpinning(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// listening: the socket stays and takes connections, closing each
+		// at once (an agent in a crash loop, or out of connections); else
+		// the socket is gone.
+		listening bool
+	}{
+		{"socket gone", false},
+		{"every connection closed at once", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := listenFake(t, func(n int32, nc net.Conn, br *bufio.Reader) {
+				if n == 1 {
+					answerHello(nc, br) // then the agent goes away
+				}
+			})
+			c := dial(t, f.path)
+			if !tc.listening {
+				f.stop()
+			}
+			const window = 500 * time.Millisecond
+			var calls atomic.Int32
+			var wg sync.WaitGroup
+			start := time.Now()
+			for range 4 {
+				wg.Go(func() {
+					for time.Since(start) < window {
+						began := time.Now()
+						err := c.Ping(context.Background())
+						calls.Add(1)
+						if client.Code(err) != proto.Unavailable {
+							t.Errorf("Ping: %v, want UNAVAILABLE", err)
+							return
+						}
+						if took := time.Since(began); took > time.Second {
+							t.Errorf("Ping took %v to fail", took)
+							return
+						}
+					}
+				})
+			}
+			wg.Wait()
+			elapsed := time.Since(start)
+			t.Logf("%d calls and %d connections in %v", calls.Load(), f.conns.Load(), elapsed)
+			if calls.Load() < 20 {
+				t.Fatalf("only %d calls in %v: calls do not fail fast", calls.Load(), elapsed)
+			}
+			if !tc.listening {
+				return
+			}
+			// One dial per 100 ms backoff, plus the first connection and one
+			// for the edges of the window.
+			redials := f.conns.Load() - 1
+			most := int32(elapsed/(100*time.Millisecond)) + 2
+			if redials < 2 || redials > most {
+				t.Fatalf("%d redials in %v over %d calls, want 2 to %d", redials, elapsed, calls.Load(), most)
+			}
+		})
+	}
+}
+
+// A request the agent may have received is never sent again: the agent reads
+// a Sign and dies without answering, the caller gets UNAVAILABLE and the
+// agent saw one Sign. The next call redials and signs.
+func TestWrittenRequestIsNotResent(t *testing.T) {
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name string
+		die  func(nc net.Conn) // how the first connection ends after reading the Sign
+	}{
+		{"connection closed", func(nc net.Conn) { nc.Close() }},
+		{"final reply", func(nc net.Conn) {
+			writeResponse(nc, &proto.Response{ID: 0, Code: proto.Unavailable, Msg: "shutting down"})
+			nc.Close()
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var signs atomic.Int32
+			f := listenFake(t, func(n int32, nc net.Conn, br *bufio.Reader) {
+				if err := answerHello(nc, br); err != nil {
+					return
+				}
+				for {
+					req, err := readRequest(br)
+					if err != nil {
+						return
+					}
+					if req.Op != proto.OpSign {
+						t.Errorf("fake agent: got %v, want Sign", req.Op)
+						return
+					}
+					signs.Add(1)
+					if n == 1 {
+						tc.die(nc)
+						return
+					}
+					writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK, Key: "ed", KID: "fake", Sig: ed25519.Sign(priv, req.Digest)})
+				}
+			})
+			c := dial(t, f.path)
+			msg := []byte("release v1.2.3")
+			_, err := c.Sign(context.Background(), client.ByName("ed"), ed25519Alg, msg)
+			if client.Code(err) != proto.Unavailable {
+				t.Fatalf("Sign the agent died on: %v, want UNAVAILABLE", err)
+			}
+			if got := signs.Load(); got != 1 {
+				t.Fatalf("the agent saw %d Sign requests, want 1 (a written request must not be resent)", got)
+			}
+			if got := f.conns.Load(); got != 1 {
+				t.Fatalf("%d connections after the lost reply, want 1", got)
+			}
+
+			sig, err := c.Sign(context.Background(), client.ByName("ed"), ed25519Alg, msg)
+			if err != nil {
+				t.Fatalf("Sign after the agent died: %v", err)
+			}
+			if !ed25519.Verify(pub, msg, sig.Sig) {
+				t.Fatal("signature does not verify")
+			}
+			if got := signs.Load(); got != 2 {
+				t.Fatalf("the agent saw %d Sign requests, want 2", got)
+			}
+		})
+	}
+}
+
+// Close is final: later calls fail with ErrClosed and dial nothing, whether
+// the connection was open or already lost.
+func TestCloseIsFinal(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		lost bool
+	}{
+		{"open connection", false},
+		{"lost connection", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			helloDone := make(chan struct{})
+			f := listenFake(t, func(n int32, nc net.Conn, br *bufio.Reader) {
+				answerHello(nc, br)
+				if n == 1 {
+					close(helloDone)
+				}
+				if !tc.lost {
+					readWholeFrames(br) // until the client closes
+				}
+			})
+			c := dial(t, f.path)
+			if tc.lost {
+				<-helloDone
+				f.stop()
+				if err := c.Ping(context.Background()); client.Code(err) != proto.Unavailable {
+					t.Fatalf("Ping on a lost connection: %v, want UNAVAILABLE", err)
+				}
+			}
+			c.Close()
+			digest := sha256.Sum256([]byte("x"))
+			for _, call := range []struct {
+				name string
+				do   func() error
+			}{
+				{"Ping", func() error { return c.Ping(context.Background()) }},
+				{"Sign", func() error {
+					_, err := c.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, digest[:])
+					return err
+				}},
+				{"ListKeys", func() error { _, err := c.ListKeys(context.Background()); return err }},
+			} {
+				if err := call.do(); !errors.Is(err, client.ErrClosed) {
+					t.Errorf("%s after Close: %v, want ErrClosed", call.name, err)
+				}
+			}
+			if got := f.conns.Load(); got != 1 {
+				t.Fatalf("%d connections, want 1: a closed client dialled", got)
+			}
+		})
+	}
+}
