@@ -165,10 +165,15 @@ var errNoDefaultKey = &proto.Error{Code: proto.NotFound, Msg: "no key named and 
 func (kr *keyring) lookup(name, kid string) (*keyEntry, error) {
 	switch {
 	case name != "":
-		if e := kr.entry(name); e != nil {
-			return e, nil
+		e := kr.entry(name)
+		if e == nil {
+			return nil, &proto.Error{Code: proto.NotFound, Msg: "no key named " + quoteShort(name)}
 		}
-		return nil, &proto.Error{Code: proto.NotFound, Msg: "no key named " + quoteShort(name)}
+		if kid != "" && e.info.KID != kid {
+			// Both given: the caller pinned the key it expects under the name.
+			return nil, &proto.Error{Code: proto.NotFound, Msg: "key " + quoteShort(name) + " does not have kid " + quoteShort(kid)}
+		}
+		return e, nil
 	case kid != "":
 		if e := kr.entryByKID(kid); e != nil {
 			return e, nil

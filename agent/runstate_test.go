@@ -3,6 +3,8 @@ package agent_test
 import (
 	"bytes"
 	"context"
+	"crypto"
+	"crypto/ecdsa"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -471,5 +473,64 @@ func flushJournalState(t *testing.T, dir string) {
 	}
 	if tables, _ := filepath.Glob(filepath.Join(dir, "*.sst")); len(tables) == 0 {
 		t.Fatal("no Pebble table after filling the memtable")
+	}
+}
+
+// Two slots of a tenant share a key under different policies. A request by
+// kid alone cannot say whose policy applies, so a Sign by kid is refused; by
+// name (and kid) the named slot's policy applies, for a Signer too.
+func TestSlotsSharingAKeyKeepTheirOwnPolicies(t *testing.T) {
+	cfg := pauseConfig(t)
+	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf(`
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: open, key: default}
+      - {name: frozen, key: default, policy: {paused: true}}
+`, os.Getuid())), 0o600)
+	r := startAgent(t, cfg)
+	c := r.dial(t)
+	ctx := context.Background()
+	d := sha256.Sum256([]byte("shared key"))
+	open, err := c.PublicKey(ctx, client.ByName("open"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cases := []struct {
+		name string
+		ref  client.KeyRef
+		want proto.Code
+	}{
+		{"by the open slot's name", client.ByName("open"), proto.OK},
+		{"by the frozen slot's name", client.ByName("frozen"), proto.Paused},
+		{"by name and kid", client.KeyRef{Name: "frozen", KID: open.KID}, proto.Paused},
+		{"by kid alone", client.ByKID(open.KID), proto.BadRequest},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := c.Sign(ctx, tc.ref, client.Algorithm{}, d[:])
+			if got := client.Code(err); got != tc.want {
+				t.Fatalf("Sign: %v, want %s", err, tc.want)
+			}
+		})
+	}
+	frozen, err := c.Signer(ctx, client.ByName("frozen"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := frozen.Sign(nil, d[:], crypto.SHA256); client.Code(err) != proto.Paused {
+		t.Fatalf("a Signer of the frozen slot: %v, want PAUSED", err)
+	}
+	opener, err := c.Signer(ctx, client.ByName("open"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig, err := opener.Sign(nil, d[:], crypto.SHA256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ecdsa.VerifyASN1(open.Public.(*ecdsa.PublicKey), d[:], sig) {
+		t.Fatal("the open slot's signature does not verify")
 	}
 }

@@ -82,14 +82,27 @@ func (c *conn) resolve(name, kid string, verify bool) (target, string, error) {
 		}
 		slot = s
 	case kid != "":
+		var also []string // other slots with the kid
 		for _, s := range set.Slots(tenant) {
 			if _, err := c.slotKey(s, kid, true); err == nil || codeOf(err) == proto.KeyRetired {
-				slot = s
-				break
+				if slot == nil {
+					slot = s
+				} else {
+					also = append(also, s.Name)
+				}
+				if verify {
+					break // the same public key whichever slot: no policy applies
+				}
 			}
 		}
 		if slot == nil {
 			return target{}, tenant, &proto.Error{Code: proto.NotFound, Msg: "no key slot with kid " + quoteShort(kid)}
+		}
+		if len(also) > 0 {
+			// Two slots may share a key under different policies: a kid
+			// alone cannot say whose policy applies, so it must not pick.
+			return target{}, tenant, &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf(
+				"kid %s is the key of %d key slots (%s, %s): name the slot", quoteShort(kid), len(also)+1, slot.Name, strings.Join(also, ", "))}
 		}
 	default:
 		return target{}, tenant, &proto.Error{Code: proto.NotFound, Msg: "name a key slot: there is no default slot"}

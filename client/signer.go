@@ -17,10 +17,13 @@ import (
 
 // Signer is a crypto.Signer backed by a key behind the agent. It signs by
 // kid, so it keeps signing with the key whose public half it returned even
-// if the name later points elsewhere.
+// if the name later points elsewhere; made from a name, it signs by the name
+// and the kid both, so the agent applies that key slot's policy (two slots
+// may share a key) and refuses if the slot's key is no longer that kid.
 type Signer struct {
 	c       *Client
 	key     Key
+	ref     KeyRef // what Sign asks for: the kid, and the name if one was given
 	timeout time.Duration
 }
 
@@ -35,7 +38,7 @@ func (c *Client) Signer(ctx context.Context, ref KeyRef) (*Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Signer{c: c, key: k, timeout: DefaultSignerTimeout}, nil
+	return &Signer{c: c, key: k, ref: KeyRef{Name: ref.Name, KID: k.KID}, timeout: DefaultSignerTimeout}, nil
 }
 
 // TLSCertificate returns the named key as a tls.Certificate, for a
@@ -61,7 +64,7 @@ func (c *Client) TLSCertificate(ctx context.Context, name string) (tls.Certifica
 		}
 		return tls.Certificate{
 			Certificate: append([][]byte{k.Certificate}, k.Intermediates...),
-			PrivateKey:  &Signer{c: c, key: k, timeout: DefaultSignerTimeout},
+			PrivateKey:  &Signer{c: c, key: k, ref: KeyRef{Name: name, KID: k.KID}, timeout: DefaultSignerTimeout},
 			Leaf:        leaf,
 		}, nil
 	}
@@ -90,7 +93,7 @@ func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
 	defer cancel()
-	sig, err := s.c.Sign(ctx, ByKID(s.key.KID), alg, digest)
+	sig, err := s.c.Sign(ctx, s.ref, alg, digest)
 	if err != nil {
 		return nil, err
 	}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -219,5 +220,31 @@ func TestShellErrors(t *testing.T) {
 				t.Fatalf("exit %d (want %d), stderr %q (want %q)", code, tc.code, stderr, tc.says)
 			}
 		})
+	}
+}
+
+// `keys sign --key SLOT` applies that slot's policy even when another slot
+// of the tenant has the same key: a paused slot refuses, the open one signs.
+func TestKeysSignAppliesTheNamedSlotsPolicy(t *testing.T) {
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf(`
+tenants:
+  - name: ops
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: aaa, key: default}
+      - {name: zzz, key: default, policy: {paused: true}}
+`, os.Getuid())), 0o600)
+	_, sock := serveTestAgent(t, cfg, "agent.sock")
+	in := filepath.Join(t.TempDir(), "f")
+	os.WriteFile(in, []byte("release"), 0o644)
+	if _, stderr, code := run(t, "--socket", sock, "keys", "sign", "--in", in, "--key", "zzz"); code != exitRefused || !strings.Contains(stderr, "PAUSED") {
+		t.Fatalf("sign with the paused slot: exit %d, stderr %q; want refused, PAUSED", code, stderr)
+	}
+	if _, stderr, code := run(t, "--socket", sock, "keys", "sign", "--in", in, "--key", "aaa"); code != exitOK {
+		t.Fatalf("sign with the open slot: exit %d, stderr %q", code, stderr)
 	}
 }

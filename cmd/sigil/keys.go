@@ -141,8 +141,12 @@ What key signed, and its kid, goes to stderr.`,
 			if err != nil {
 				return err
 			}
-			// Sign by kid: the key whose type chose the hash is the key that signs.
-			sig, err := c.Sign(ctx, client.ByKID(k.KID), a, digest)
+			// Pin the kid: the key whose type chose the hash is the key that
+			// signs. Keep the name: it is the key slot whose policy applies
+			// (two slots may share a key).
+			ref := key.ref()
+			ref.KID = k.KID
+			sig, err := c.Sign(ctx, ref, a, digest)
 			if err != nil {
 				return agentError("sign", err)
 			}
