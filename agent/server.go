@@ -207,25 +207,15 @@ func (a *Agent) serve(ln net.Listener, admin bool) error {
 		a.mu.Unlock()
 	}()
 
-	var backoff time.Duration
+	pl := patientListener{Listener: ln, log: a.log}
 	for {
-		nc, err := ln.Accept()
+		nc, err := pl.Accept()
 		if err != nil {
 			if a.isClosing() {
 				return ErrClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() || isResourceShortage(err) {
-				// Out of file descriptors or similar: back off instead of
-				// spinning, keep serving the connections already open.
-				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-				a.log.Warn("accept failed; backing off", zap.Error(err), zap.Duration("backoff", backoff))
-				time.Sleep(backoff)
-				continue
-			}
 			return fmt.Errorf("accept: %w", err)
 		}
-		backoff = 0
 		c := newConn(a, nc, admin)
 		a.mu.Lock()
 		if a.closing {

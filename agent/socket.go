@@ -8,7 +8,32 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
+
+	"go.uber.org/zap"
 )
+
+// patientListener backs off and accepts again when an accept fails for a
+// reason that passes (a timeout, a resource shortage), so that a listener
+// never ends, and the agent with it, for want of a file descriptor.
+type patientListener struct {
+	net.Listener
+	log *zap.Logger
+}
+
+func (l patientListener) Accept() (net.Conn, error) {
+	var backoff time.Duration
+	for {
+		nc, err := l.Listener.Accept()
+		var ne net.Error
+		if err == nil || !(errors.As(err, &ne) && ne.Timeout() || isResourceShortage(err)) {
+			return nc, err
+		}
+		// Keep serving the connections already open meanwhile.
+		backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+		l.log.Warn("accept failed; backing off", zap.String("listener", l.Addr().String()), zap.Error(err), zap.Duration("backoff", backoff))
+		time.Sleep(backoff)
+	}
+}
 
 // isResourceShortage reports whether an accept failed for want of a
 // resource the system may get back (file descriptors, the system's file

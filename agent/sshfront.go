@@ -38,7 +38,7 @@ func (a *Agent) ServeSSHAgent(ln net.Listener) error {
 	a.sshWG.Add(1)
 	defer a.sshWG.Done()
 	a.mu.Unlock()
-	err := sshagent.Serve(ctx, ln, a.sshBackendFor, a.log.Named("ssh-agent"))
+	err := sshagent.Serve(ctx, patientListener{Listener: ln, log: a.log}, a.sshBackendFor, a.log.Named("ssh-agent"))
 	if ctx.Err() != nil {
 		return ErrClosed
 	}

@@ -68,6 +68,12 @@ $XDG_RUNTIME_DIR/sigil/agent.sock, else /tmp/sigil-$UID/agent.sock.
 }
 
 func runAgent(cfg agent.Config) error {
+	// Taken first: SIGHUP's default action ends the process, and a reload
+	// sent while the agent starts (a config management run right after a
+	// start) must not. One arriving then is served once the agent is up.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	cfg.EnsureDefaults()
 	log, err := newLogger(cfg.Log)
 	if err != nil {
@@ -182,9 +188,7 @@ func runAgent(cfg agent.Config) error {
 	defer wdStop()
 	go runWatchdog(wdCtx, log, socket)
 
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
+	var failed error
 wait:
 	for {
 		select {
@@ -195,6 +199,9 @@ wait:
 			a.Reload()
 		case err := <-serveErr:
 			log.Error("listener failed", zap.Error(err))
+			// Exit non-zero after the shutdown, so that a supervisor
+			// (systemd's Restart=on-failure) starts the agent again.
+			failed = &exitError{exitFailure, fmt.Errorf("listener failed: %w", err)}
 			break wait
 		}
 	}
@@ -208,7 +215,7 @@ wait:
 		log.Warn("shutdown", zap.Error(err))
 	}
 	log.Info("agent stopped")
-	return nil
+	return failed
 }
 
 func newLogger(lc agent.LogConfig) (*zap.Logger, error) {

@@ -1,14 +1,17 @@
 package main
 
 import (
+	"bufio"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -121,4 +124,47 @@ func withoutEnv(env []string, names ...string) []string {
 		}
 	}
 	return out
+}
+
+// A SIGHUP that arrives while the agent starts (a config management run
+// right after a start) is taken as a reload, not as the signal's default
+// action, which would end the process.
+func TestSIGHUPDuringStartIsNotFatal(t *testing.T) {
+	bin := buildSigil(t)
+	config := writeEd25519Config(t, t.TempDir())
+	sockDir, _ := os.MkdirTemp("", "sigil-hup")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	cmd := exec.Command(bin, "agent", "--config", config, "--socket", filepath.Join(sockDir, "agent.sock"))
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	lines := bufio.NewScanner(stderr)
+	var seen []string
+	waitFor := func(text string) {
+		t.Helper()
+		for lines.Scan() {
+			seen = append(seen, lines.Text())
+			if strings.Contains(lines.Text(), text) {
+				return
+			}
+		}
+		t.Fatalf("the agent ended before %q:\n%s", text, strings.Join(seen, "\n"))
+	}
+	waitFor("garbage collector") // logged before the providers open
+	if err := cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitFor("sigil agent ready")
+	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	go io.Copy(io.Discard, stderr)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("the agent exited with %v after a SIGHUP during its start", err)
+	}
 }
