@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -12,6 +13,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
 )
 
 // systemdListeners are the sockets systemd passed us (socket activation,
@@ -105,13 +107,21 @@ func runWatchdog(ctx context.Context, log *zap.Logger, socket string) {
 	}
 }
 
+// pingSelf reports whether the agent answers on its client socket. Any
+// answer counts, a refusal included: at max_conns the agent refuses the
+// watchdog's connection like any other (with UNAVAILABLE, "too many
+// connections"), and systemd must not restart a busy agent for that.
 func pingSelf(ctx context.Context, socket string, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	c, err := client.Dial(ctx, socket)
-	if err != nil {
-		return err
+	if err == nil {
+		defer c.Close()
+		err = c.Ping(ctx)
 	}
-	defer c.Close()
-	return c.Ping(ctx)
+	var answer *proto.Error
+	if errors.As(err, &answer) {
+		return nil // the agent's own reply, whatever it says
+	}
+	return err
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"net"
 	"os"
 	"os/exec"
@@ -10,6 +11,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/client"
 )
 
 // TestSystemdSocketActivation runs the agent the way systemd runs
@@ -188,5 +192,29 @@ func TestSystemdTCPSocketNamedClientIsRefused(t *testing.T) {
 	}
 	if !strings.Contains(stderr.String(), `"client" must be a Unix socket`) {
 		t.Errorf("stderr does not say why:\n%s", stderr.String())
+	}
+}
+
+// The watchdog's self-ping counts any answer from the agent, a refusal at
+// max_conns included (a busy agent must not be restarted for being busy),
+// and only a socket nobody answers on as a failure.
+func TestPingSelf(t *testing.T) {
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.Limits.MaxConns = 1
+	_, sock := serveTestAgent(t, cfg, "agent.sock")
+	if err := pingSelf(context.Background(), sock, 2*time.Second); err != nil {
+		t.Fatalf("ping of an idle agent: %v", err)
+	}
+	held, err := client.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if err := pingSelf(context.Background(), sock, 2*time.Second); err != nil {
+		t.Fatalf("ping of an agent at max_conns: %v", err)
+	}
+	if err := pingSelf(context.Background(), filepath.Join(t.TempDir(), "none.sock"), 2*time.Second); err == nil {
+		t.Fatal("ping of a socket nobody listens on succeeded")
 	}
 }
