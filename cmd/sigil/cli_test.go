@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -246,5 +247,39 @@ tenants:
 	}
 	if _, stderr, code := run(t, "--socket", sock, "keys", "sign", "--in", in, "--key", "aaa"); code != exitOK {
 		t.Fatalf("sign with the open slot: exit %d, stderr %q", code, stderr)
+	}
+}
+
+// Output that cannot be written (a full disk, here /dev/full) fails the
+// command: a script must not take a signature it never got for one written.
+func TestUnwritableOutputFails(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds and runs the binary")
+	}
+	full, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)
+	if err != nil {
+		t.Skip("no /dev/full")
+	}
+	defer full.Close()
+	bin := buildSigil(t)
+	sock := startTestAgent(t)
+	in := filepath.Join(t.TempDir(), "f")
+	os.WriteFile(in, []byte("release"), 0o644)
+	for _, args := range [][]string{
+		{"version"},
+		{"--socket", sock, "keys", "sign", "--in", in},
+		{"--socket", sock, "keys", "pubkey"},
+	} {
+		t.Run(strings.Join(args, " "), func(t *testing.T) {
+			cmd := exec.Command(bin, args...)
+			cmd.Stdout = full
+			var stderr bytes.Buffer
+			cmd.Stderr = &stderr
+			err := cmd.Run()
+			var ee *exec.ExitError
+			if !errors.As(err, &ee) || ee.ExitCode() != exitFailure || !strings.Contains(stderr.String(), "write to standard output") {
+				t.Fatalf("exit %v, stderr %q; want exit %d naming the write", err, stderr.String(), exitFailure)
+			}
+		})
 	}
 }

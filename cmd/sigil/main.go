@@ -6,6 +6,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 )
 
@@ -29,11 +30,18 @@ func (e *exitError) Unwrap() error { return e.err }
 
 func main() {
 	root := newRootCommand()
+	stdout := &checkedWriter{w: os.Stdout}
+	root.SetOut(stdout)
 	err := root.Execute()
+	var ee *exitError
+	if stdout.err != nil && !errors.As(err, &ee) {
+		// A script must not take a signature it never got (a full disk, a
+		// closed pipe) for one written; nor is that a usage error.
+		err = &exitError{exitFailure, fmt.Errorf("write to standard output: %w", stdout.err)}
+	}
 	if err == nil {
 		os.Exit(exitOK)
 	}
-	var ee *exitError
 	if errors.As(err, &ee) {
 		if ee.err != nil {
 			fmt.Fprintln(os.Stderr, "sigil:", ee.err)
@@ -42,4 +50,19 @@ func main() {
 	}
 	fmt.Fprintln(os.Stderr, "sigil:", err)
 	os.Exit(exitUsage)
+}
+
+// checkedWriter remembers the first write error, which commands printing
+// with fmt.Fprint* do not look at.
+type checkedWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (c *checkedWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	if err != nil && c.err == nil {
+		c.err = err
+	}
+	return n, err
 }
