@@ -11,7 +11,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/devcerts"
@@ -281,5 +283,29 @@ func TestUnwritableOutputFails(t *testing.T) {
 				t.Fatalf("exit %v, stderr %q; want exit %d naming the write", err, stderr.String(), exitFailure)
 			}
 		})
+	}
+}
+
+// --timeout bounds each request to the agent, not the reading of the input:
+// a file that trickles in over longer than the timeout still gets signed.
+func TestTimeoutIsPerRequestNotForTheInput(t *testing.T) {
+	sock := startTestAgent(t)
+	fifo := filepath.Join(t.TempDir(), "slow")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Skipf("mkfifo: %v", err)
+	}
+	go func() {
+		f, err := os.OpenFile(fifo, os.O_WRONLY, 0)
+		if err != nil {
+			return
+		}
+		defer f.Close()
+		f.Write([]byte("a slow "))
+		time.Sleep(1500 * time.Millisecond)
+		f.Write([]byte("pipe"))
+	}()
+	stdout, stderr, code := run(t, "--socket", sock, "--timeout", "1s", "keys", "sign", "--in", fifo)
+	if code != exitOK || stdout == "" {
+		t.Fatalf("exit %d, stderr %q", code, stderr)
 	}
 }

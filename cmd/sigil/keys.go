@@ -146,7 +146,11 @@ What key signed, and its kid, goes to stderr.`,
 			// (two slots may share a key).
 			ref := key.ref()
 			ref.KID = k.KID
-			sig, err := c.Sign(ctx, ref, a, digest)
+			// --timeout is per request: reading and hashing the input (a slow
+			// pipe, a large file) does not count against the signature's.
+			signCtx, cancelSign := g.context()
+			defer cancelSign()
+			sig, err := c.Sign(signCtx, ref, a, digest)
 			if err != nil {
 				return agentError("sign", err)
 			}

@@ -44,7 +44,10 @@ same way 'sigil keys sign' hashed it. Exit status: 0 valid, 1 invalid.`,
 			if err != nil {
 				return err
 			}
-			ok, err := c.Verify(ctx, key.ref(), a, digest, sig)
+			// --timeout is per request, not for reading the input too.
+			verifyCtx, cancelVerify := g.context()
+			defer cancelVerify()
+			ok, err := c.Verify(verifyCtx, key.ref(), a, digest, sig)
 			if err != nil {
 				return agentError("verify", err)
 			}
