@@ -514,6 +514,44 @@ func TestSocketPermissions(t *testing.T) {
 	}
 }
 
+// The socket's directory must be writable by nobody else, and its mode is
+// never changed: for root it could be /tmp or /run.
+func TestSocketDirectoryModes(t *testing.T) {
+	cases := []struct {
+		mode    os.FileMode
+		refused bool
+	}{
+		{0o700, false},
+		{0o750, false}, // systemd's RuntimeDirectoryMode for a group of clients
+		{0o755, false},
+		{0o770, true},
+		{0o777, true},
+		{0o777 | os.ModeSticky, true}, // like /tmp
+	}
+	for _, tc := range cases {
+		t.Run(tc.mode.String(), func(t *testing.T) {
+			dir := filepath.Dir(shortSocketPath(t))
+			if err := os.MkdirAll(dir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(dir, tc.mode); err != nil {
+				t.Fatal(err)
+			}
+			ln, err := agent.ListenUnix(filepath.Join(dir, "agent.sock"))
+			if tc.refused != (err != nil) {
+				t.Fatalf("ListenUnix in a %v directory: %v", tc.mode, err)
+			}
+			if ln != nil {
+				ln.Close()
+			}
+			st, _ := os.Stat(dir)
+			if st.Mode()&(os.ModePerm|os.ModeSticky) != tc.mode {
+				t.Fatalf("directory mode changed from %v to %v", tc.mode, st.Mode())
+			}
+		})
+	}
+}
+
 func TestStaleSocketIsReplaced(t *testing.T) {
 	cfg := softwareConfig(t)
 	os.MkdirAll(filepath.Dir(cfg.Socket), 0o700)

@@ -48,8 +48,10 @@ func isResourceShortage(err error) bool {
 	return false
 }
 
-// ListenUnix creates the agent's Unix socket: its directory 0700 and owned by
-// us (an attacker's pre-made /tmp directory is refused, not used), the socket
+// ListenUnix creates the agent's Unix socket: its directory owned by us (an
+// attacker's pre-made /tmp directory is refused, not used) and writable by
+// nobody else (made 0700 when it does not exist; an existing one's mode is
+// left as it is, e.g. systemd's 0750 for a group of clients), the socket
 // 0600. A stale socket left by a killed agent is removed; a live agent on the
 // same path is an error.
 func ListenUnix(path string) (net.Listener, error) {
@@ -64,10 +66,11 @@ func ListenUnix(path string) (net.Listener, error) {
 	if sys, ok := st.Sys().(*syscall.Stat_t); ok && int(sys.Uid) != os.Getuid() {
 		return nil, fmt.Errorf("socket dir %s belongs to uid %d, not us (%d): refusing it", dir, sys.Uid, os.Getuid())
 	}
-	if st.Mode().Perm()&0o077 != 0 {
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return nil, fmt.Errorf("socket dir %s: %w", dir, err)
-		}
+	if st.Mode().Perm()&0o022 != 0 {
+		// Another user could replace the socket, or plant one before it.
+		// Its mode is not ours to change: for root, dir may be /tmp or /run.
+		return nil, fmt.Errorf("socket dir %s is writable by group or others (%v): give the socket a directory of its own, e.g. %s",
+			dir, st.Mode().Perm(), filepath.Join(dir, "sigil"))
 	}
 	if _, err := os.Lstat(path); err == nil {
 		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
