@@ -193,6 +193,23 @@ func TestSignAndVerifyFromTheShell(t *testing.T) {
 	}
 }
 
+// An agent that refuses the connection (here: at max_conns) is an agent
+// that said no (exit 4, its code), not "no agent" (exit 3).
+func TestRefusedConnectionIsNotNoAgent(t *testing.T) {
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.Limits.MaxConns = 1
+	_, sock := serveTestAgent(t, cfg, "agent.sock")
+	held, err := client.Dial(context.Background(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if _, stderr, code := run(t, "--socket", sock, "keys", "info"); code != exitRefused || !strings.Contains(stderr, "UNAVAILABLE") {
+		t.Fatalf("exit %d, stderr %q; want %d and UNAVAILABLE", code, stderr, exitRefused)
+	}
+}
+
 func TestShellErrors(t *testing.T) {
 	sock := startTestAgent(t)
 	dir := t.TempDir()

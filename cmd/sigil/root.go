@@ -64,6 +64,12 @@ func (g *globalFlags) connect(ctx context.Context) (*client.Client, error) {
 		c, err = client.Dial(ctx, g.socket)
 	}
 	if err != nil {
+		var refused *proto.Error
+		if errors.As(err, &refused) {
+			// An agent is there and said no (too many connections, a peer
+			// it does not admit): not "no agent".
+			return nil, agentError("connect", err)
+		}
 		addr := g.socket
 		if addr == "" {
 			addr = proto.ClientSocketPath()
