@@ -394,7 +394,7 @@ func (c *conn) write(ctx context.Context, op proto.Op, frame []byte) (unsent boo
 		return false, nil
 	}
 	if !errors.Is(err, os.ErrDeadlineExceeded) {
-		c.fail(fmt.Errorf("sigil: write to agent: %w", err))
+		c.fail(c.finalWord(fmt.Errorf("sigil: write to agent: %w", err)))
 		// A Unix socket whose peer has closed fails the write (EPIPE) with
 		// nothing sent: how a connection to a restarted agent is found dead.
 		// Over TLS, n counts whole records written, so n == 0 still means
@@ -414,6 +414,38 @@ func (c *conn) write(ctx context.Context, op proto.Op, frame []byte) (unsent boo
 	// connection.
 	c.fail(fmt.Errorf("sigil: connection to agent closed: a %s request was cut off by its caller's deadline or cancellation after %d of its %d bytes", op, n, len(frame)))
 	return false, fmt.Errorf("sigil %s: %w (the request was cut off after %d of its %d bytes, so the connection was closed)", op, cause, n, len(frame))
+}
+
+// finalWordWait bounds the look for the agent's last reply after a failed
+// write; the reply, if any, is in the socket already.
+const finalWordWait = 100 * time.Millisecond
+
+// finalWord returns the agent's last reply before it closed the connection
+// (id 0: why it refused or ended it) as the error to report instead of
+// writeErr, when one is waiting in the socket. An agent that refuses a
+// connection (at max_conns, a peer it does not admit) says why and closes
+// at once, so the client's first write fails (EPIPE) with the reason
+// unread. The connection is failing: replies read here are nobody's.
+func (c *conn) finalWord(writeErr error) error {
+	select {
+	case <-c.readerRole:
+	default:
+		return writeErr // a caller is reading: it meets the reply itself
+	}
+	defer func() { c.readerRole <- struct{}{} }()
+	c.nc.SetReadDeadline(time.Now().Add(finalWordWait))
+	for {
+		resp, err := c.readFrame()
+		if err != nil {
+			return writeErr
+		}
+		if resp.ID == 0 {
+			if perr := resp.Err(); perr != nil {
+				return perr
+			}
+			return writeErr
+		}
+	}
 }
 
 func (c *conn) result(resp *proto.Response, ok bool) (*proto.Response, error) {

@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -249,5 +250,27 @@ func TestFinalReplyEndsConnection(t *testing.T) {
 			})
 			returnsWithin(t, 2*time.Second, "Close", func() { c.Close() })
 		})
+	}
+}
+
+// An agent that refuses a connection says why (a final reply, id 0) and
+// closes at once, often before the client's Hello is written: the client
+// reports the agent's reason, not the write's broken pipe.
+func TestRefusalBeforeHelloIsReported(t *testing.T) {
+	f := listenFake(t, func(_ int32, nc net.Conn, _ *bufio.Reader) {
+		writeResponse(nc, &proto.Response{Code: proto.Unavailable, Msg: "too many connections (max_conns); try again later"})
+	})
+	for i := 0; i < 20; i++ {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		c, err := client.Dial(ctx, f.path)
+		cancel()
+		if err == nil {
+			c.Close()
+			t.Fatal("Dial to a refusing agent succeeded")
+		}
+		var pe *proto.Error
+		if !errors.As(err, &pe) || pe.Code != proto.Unavailable || !strings.Contains(pe.Msg, "max_conns") {
+			t.Fatalf("attempt %d: %v, want the agent's UNAVAILABLE refusal", i, err)
+		}
 	}
 }
