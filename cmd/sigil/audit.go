@@ -45,7 +45,7 @@ func newAuditCommand() *cobra.Command {
 		j, err := journal.Open(journal.Options{Dir: d})
 		if err != nil {
 			if strings.Contains(err.Error(), "lock") {
-				return nil, &exitError{exitFailure, fmt.Errorf("journal %s is in use (is the agent running? stop it, or copy the directory): %w", d, err)}
+				return nil, &exitError{exitFailure, fmt.Errorf("journal %s is in use (is the agent running? ask it with --admin-socket PATH, stop it, or copy the directory): %w", d, err)}
 			}
 			return nil, &exitError{exitFailure, err}
 		}
