@@ -93,40 +93,7 @@ providers:
 // restart the agent serves that version again by the resource the rotation
 // recorded.
 func TestAgentRotatesGCPKMSSlot(t *testing.T) {
-	keys := gcpkmstest.TestKeys()
-	kms := &gcpkmstest.Server{}
-	kms.Add(gcpkmstest.VersionName("release", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
-	kms.Serve(t)
-	dir := t.TempDir()
-	policyFile := filepath.Join(dir, "policy.yaml")
-	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
-admins: {unix_uids: [%d]}
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: gcp-release}
-`, os.Getuid(), os.Getuid())), 0o600)
-	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
-policy: %s
-rotation: {canaries: 5}
-providers:
-  - id: gcp
-    type: gcpkms
-    project: p
-    location: global
-    key_ring: ring
-    endpoint: %q
-    insecure_endpoint: true
-    keys:
-      - {name: gcp-release, key: release, version: "1"}
-`, policyFile, kms.Addr())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.DataDir = t.TempDir()
-	cfg.Socket = shortSocketPath(t)
-	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	kms, cfg := gcpRotationSetup(t, `"1"`)
 	ctx := context.Background()
 	d := sha256.Sum256([]byte("cloud rotation"))
 
@@ -170,40 +137,7 @@ providers:
 // (UNAVAILABLE), never answered with version 2's key: not its public key by
 // v1's kid, and not a signature after a rollback to v1.
 func TestRotatedLatestCloudKeyDoesNotServeV2AsV1(t *testing.T) {
-	keys := gcpkmstest.TestKeys()
-	kms := &gcpkmstest.Server{}
-	kms.Add(gcpkmstest.VersionName("release", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
-	kms.Serve(t)
-	dir := t.TempDir()
-	policyFile := filepath.Join(dir, "policy.yaml")
-	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
-admins: {unix_uids: [%d]}
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: gcp-release}
-`, os.Getuid(), os.Getuid())), 0o600)
-	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
-policy: %s
-rotation: {canaries: 5}
-providers:
-  - id: gcp
-    type: gcpkms
-    project: p
-    location: global
-    key_ring: ring
-    endpoint: %q
-    insecure_endpoint: true
-    keys:
-      - {name: gcp-release, key: release, version: latest}
-`, policyFile, kms.Addr())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.DataDir = t.TempDir()
-	cfg.Socket = shortSocketPath(t)
-	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	_, cfg := gcpRotationSetup(t, "latest")
 	ctx := context.Background()
 	d := sha256.Sum256([]byte("cloud rotation"))
 
@@ -348,4 +282,47 @@ providers:
 	if err := <-slowDone; err != nil {
 		t.Fatal(err)
 	}
+}
+
+// gcpRotationSetup starts an in-process Cloud KMS holding version 1 of key
+// "release" and returns it with an agent config that serves it as
+// gcp-release (configured by version, e.g. "1" or latest) behind the slot
+// payments/release, rotation on, this uid a tenant and the admin.
+func gcpRotationSetup(t *testing.T, version string) (*gcpkmstest.Server, agent.Config) {
+	t.Helper()
+	keys := gcpkmstest.TestKeys()
+	kms := &gcpkmstest.Server{}
+	kms.Add(gcpkmstest.VersionName("release", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	kms.Serve(t)
+	dir := t.TempDir()
+	policyFile := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
+admins: {unix_uids: [%d]}
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: gcp-release}
+`, os.Getuid(), os.Getuid())), 0o600)
+	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
+policy: %s
+rotation: {canaries: 5}
+providers:
+  - id: gcp
+    type: gcpkms
+    project: p
+    location: global
+    key_ring: ring
+    endpoint: %q
+    insecure_endpoint: true
+    keys:
+      - {name: gcp-release, key: release, version: %s}
+`, policyFile, kms.Addr(), version)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DataDir = t.TempDir()
+	cfg.Socket = shortSocketPath(t)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	return kms, cfg
 }

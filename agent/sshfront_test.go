@@ -214,28 +214,12 @@ func (w *closeWatcher) Close() error {
 // before it closes the providers and the journal.
 func TestShutdownEndsSSHSignaturesFirst(t *testing.T) {
 	cfg := softwareConfig(t)
-	cfg.SSHKeys = []string{"slow"}
-	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "slow", Type: providers.KeyEd25519}}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	watcher := &closeWatcher{slowProvider: slowProvider{Provider: soft, delay: 500 * time.Millisecond}}
-	a, err := agent.New(context.Background(), cfg, nil, agent.WithProviders(watcher))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := agent.ListenUnix(cfg.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go a.Serve(ln)
-	sshSock := filepath.Join(filepath.Dir(cfg.Socket), "ssh.sock")
-	sln, err := agent.ListenUnix(sshSock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	sshDone := make(chan error, 1)
-	go func() { sshDone <- a.ServeSSHAgent(sln) }()
+	watcher := &closeWatcher{}
+	r, sshSock, sshDone := startSlowSSHAgent(t, cfg, 500*time.Millisecond, func(p providers.Provider) providers.Provider {
+		watcher.slowProvider = *p.(*slowProvider)
+		return watcher
+	})
+	a := r.agent
 
 	nc, err := net.Dial("unix", sshSock)
 	if err != nil {
@@ -280,20 +264,9 @@ func TestShutdownEndsSSHSignaturesFirst(t *testing.T) {
 // client socket's: with one token, two connections' signatures take turns.
 func TestSSHSignaturesShareTheTenantInFlightLimit(t *testing.T) {
 	cfg := softwareConfig(t)
-	cfg.SSHKeys = []string{"slow"}
 	cfg.Limits.MaxInFlightPerTenant = 1
-	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "slow", Type: providers.KeyEd25519}}})
-	if err != nil {
-		t.Fatal(err)
-	}
 	const delay = 300 * time.Millisecond
-	r := startAgent(t, cfg, agent.WithProviders(&slowProvider{Provider: soft, delay: delay}))
-	sshSock := filepath.Join(filepath.Dir(cfg.Socket), "ssh.sock")
-	ln, err := agent.ListenUnix(sshSock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go r.agent.ServeSSHAgent(ln)
+	_, sshSock, _ := startSlowSSHAgent(t, cfg, delay, nil)
 	const conns = 2
 	start := time.Now()
 	errs := make(chan error, conns)
@@ -324,4 +297,30 @@ func TestSSHSignaturesShareTheTenantInFlightLimit(t *testing.T) {
 	if took := time.Since(start); took < conns*delay {
 		t.Fatalf("%d signatures of %v each took %v with one in-flight token: they ran side by side", conns, delay, took)
 	}
+}
+
+// startSlowSSHAgent runs an agent on cfg with an ssh-agent socket that
+// serves one Ed25519 key, "slow", whose every signature takes delay (wrap,
+// when set, wraps its provider). It returns the agent, the ssh-agent
+// socket and what ServeSSHAgent returns.
+func startSlowSSHAgent(t *testing.T, cfg agent.Config, delay time.Duration, wrap func(providers.Provider) providers.Provider) (*running, string, chan error) {
+	t.Helper()
+	cfg.SSHKeys = []string{"slow"}
+	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "slow", Type: providers.KeyEd25519}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var p providers.Provider = &slowProvider{Provider: soft, delay: delay}
+	if wrap != nil {
+		p = wrap(p)
+	}
+	r := startAgent(t, cfg, agent.WithProviders(p))
+	sshSock := filepath.Join(filepath.Dir(cfg.Socket), "ssh.sock")
+	ln, err := agent.ListenUnix(sshSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- r.agent.ServeSSHAgent(ln) }()
+	return r, sshSock, done
 }
