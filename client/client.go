@@ -425,7 +425,7 @@ const finalWordWait = 100 * time.Millisecond
 // writeErr, when one is waiting in the socket. An agent that refuses a
 // connection (at max_conns, a peer it does not admit) says why and closes
 // at once, so the client's first write fails (EPIPE) with the reason
-// unread. The connection is failing: replies read here are nobody's.
+// unread. Replies to earlier requests read on the way go to their callers.
 func (c *conn) finalWord(writeErr error) error {
 	select {
 	case <-c.readerRole:
@@ -433,7 +433,8 @@ func (c *conn) finalWord(writeErr error) error {
 		return writeErr // a caller is reading: it meets the reply itself
 	}
 	defer func() { c.readerRole <- struct{}{} }()
-	c.nc.SetReadDeadline(time.Now().Add(finalWordWait))
+	c.deadline = time.Now().Add(finalWordWait)
+	c.nc.SetReadDeadline(c.deadline)
 	for {
 		resp, err := c.readFrame()
 		if err != nil {
@@ -444,6 +445,13 @@ func (c *conn) finalWord(writeErr error) error {
 				return perr
 			}
 			return writeErr
+		}
+		c.mu.Lock()
+		waiting := c.pending[resp.ID]
+		delete(c.pending, resp.ID)
+		c.mu.Unlock()
+		if waiting != nil {
+			waiting <- resp
 		}
 	}
 }
