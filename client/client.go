@@ -446,13 +446,7 @@ func (c *conn) finalWord(writeErr error) error {
 			}
 			return writeErr
 		}
-		c.mu.Lock()
-		waiting := c.pending[resp.ID]
-		delete(c.pending, resp.ID)
-		c.mu.Unlock()
-		if waiting != nil {
-			waiting <- resp
-		}
+		c.deliver(resp)
 	}
 }
 
@@ -510,13 +504,19 @@ func (c *conn) readUntil(ctx context.Context, id uint64, ch chan *proto.Response
 			c.forget(id)
 			return resp, true, nil
 		}
-		c.mu.Lock()
-		other := c.pending[resp.ID]
-		delete(c.pending, resp.ID)
-		c.mu.Unlock()
-		if other != nil {
-			other <- resp
-		}
+		c.deliver(resp)
+	}
+}
+
+// deliver hands a reply read by the reader to the call waiting for it, if
+// that call is still waiting.
+func (c *conn) deliver(resp *proto.Response) {
+	c.mu.Lock()
+	waiting := c.pending[resp.ID]
+	delete(c.pending, resp.ID)
+	c.mu.Unlock()
+	if waiting != nil {
+		waiting <- resp
 	}
 }
 
