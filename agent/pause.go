@@ -76,30 +76,33 @@ func (p pauser) Resume(tenant, slot string) error {
 // slot the policy no longer has is kept, and applies again if the slot
 // comes back.
 func (a *Agent) restorePauses(ctx context.Context) error {
-	if a.policy == nil || a.journal == nil {
+	if a.policy == nil {
 		return nil
 	}
-	return a.journal.ScanState(ctx, pauseKeyPrefix, func(key string, value []byte) error {
-		tenant, slot, _ := strings.Cut(strings.TrimPrefix(key, pauseKeyPrefix), "/")
+	paused, err := a.storedPauses(ctx)
+	if err != nil {
+		return err
+	}
+	for name, detail := range paused {
+		tenant, slot, _ := strings.Cut(name, "/")
 		if err := a.policy.Pause(tenant, slot); err != nil {
-			a.log.Warn("stored pause of a slot the policy does not have; kept for when it returns",
-				zap.String("slot", tenant+"/"+slot))
-			return nil
+			a.log.Warn("stored pause of a slot the policy does not have; kept for when it returns", zap.String("slot", name))
+			continue
 		}
-		a.log.Info("slot paused (a stored run-time pause)", zap.String("slot", tenant+"/"+slot),
-			zap.String("detail", string(value)))
-		return nil
-	})
+		a.log.Info("slot paused (a stored run-time pause)", zap.String("slot", name), zap.String("detail", detail))
+	}
+	return nil
 }
 
-// storedPauses reads the stored run-time pauses, by "tenant/slot".
-func (a *Agent) storedPauses(ctx context.Context) (map[string]bool, error) {
-	paused := make(map[string]bool)
+// storedPauses reads the stored run-time pauses: who paused each slot and
+// when, by "tenant/slot".
+func (a *Agent) storedPauses(ctx context.Context) (map[string]string, error) {
+	paused := make(map[string]string)
 	if a.journal == nil {
 		return paused, nil
 	}
-	err := a.journal.ScanState(ctx, pauseKeyPrefix, func(key string, _ []byte) error {
-		paused[strings.TrimPrefix(key, pauseKeyPrefix)] = true
+	err := a.journal.ScanState(ctx, pauseKeyPrefix, func(key string, value []byte) error {
+		paused[strings.TrimPrefix(key, pauseKeyPrefix)] = string(value)
 		return nil
 	})
 	return paused, err

@@ -223,7 +223,7 @@ func (a *Agent) ReloadPolicy() error {
 	if err == nil {
 		err = checkSlotKeys(set, a.keys)
 	}
-	var paused map[string]bool
+	var paused map[string]string
 	if err == nil {
 		// A slot that comes back must be paused from its first Check if a
 		// stored pause names it: read them all before the swap, and refuse
@@ -242,7 +242,10 @@ func (a *Agent) ReloadPolicy() error {
 		a.journalEvent("reload-policy", "", proto.BadRequest, "refused: "+firstLine(err.Error()))
 		return err
 	}
-	a.policy.SwapPaused(set, func(tenant, slot string) bool { return paused[tenant+"/"+slot] })
+	a.policy.SwapPaused(set, func(tenant, slot string) bool {
+		_, ok := paused[tenant+"/"+slot]
+		return ok
+	})
 	a.log.Info("policy reloaded", zap.String("hash", set.HashHex()))
 	a.journalEvent("reload-policy", "", proto.OK, "policy "+set.HashHex())
 	return nil
