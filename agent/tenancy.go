@@ -151,7 +151,7 @@ func (c *conn) slotKey(slot *policy.Slot, kid string, verify bool) (*keyEntry, e
 	if wantKID != "" && e.info.KID != wantKID {
 		// The key name now resolves to other material, e.g. a cloud key
 		// configured as "latest" or by alias, which a rotation moved on:
-		// signing with it would sign as another version (checkVersionKeys
+		// signing with it would sign as another version (setupRotation
 		// logged it at start). Fail closed.
 		return nil, &proto.Error{Code: proto.Unavailable, Msg: "this key version is not served: its key name now resolves to another key (see the agent's log)"}
 	}

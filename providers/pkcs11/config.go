@@ -279,11 +279,7 @@ func refusePINAttributes(raw string) error {
 		if unescaped, err := url.PathUnescape(name); err == nil {
 			name = unescaped
 		}
-		name = strings.ToLower(strings.TrimSpace(name))
-		if len(name) >= len("pkcs11:") && strings.EqualFold(name[:len("pkcs11:")], "pkcs11:") {
-			name = name[len("pkcs11:"):]
-		}
-		switch name {
+		switch strings.TrimPrefix(strings.ToLower(strings.TrimSpace(name)), "pkcs11:") {
 		case "pin-value":
 			return errors.New("URI carries pin-value: the PIN comes from PINEnv or PINFile, never from configuration")
 		case "pin-source":

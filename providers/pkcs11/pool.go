@@ -122,14 +122,10 @@ func (p *Provider) acquire(ctx context.Context) (*session, uint64, error) {
 		if p.gen.Load() != p.mod.gen.Load() {
 			// Another provider on this module reloaded it: our key handles
 			// are void, and their numbers may now name its objects. The
-			// supervisor finds the slot and the keys again first.
+			// supervisor finds the slot and the keys again first: the
+			// request puts the provider in repair, which the loop waits out.
 			p.requestRepair(repairReload, st.epoch)
-			select {
-			case <-st.changed:
-				continue
-			case <-ctx.Done():
-				return nil, 0, fmt.Errorf("no working session before the deadline (%v): %w", ctx.Err(), providers.ErrUnavailable)
-			}
+			continue
 		}
 		var s *session
 		select {
