@@ -9,6 +9,7 @@ import (
 	"os/signal"
 	"runtime/debug"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -16,6 +17,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/proto"
 )
 
 func newAgentCommand(g *globalFlags) *cobra.Command {
@@ -34,7 +36,8 @@ With no --config it runs on the embedded default: software keys (ECDSA P-256
 "default", ECDSA P-384, Ed25519, RSA-2048) generated on first start into the
 data dir ($XDG_STATE_HOME/sigil, else ~/.local/state/sigil), and the socket at
 $XDG_RUNTIME_DIR/sigil/agent.sock, else /tmp/sigil-$UID/agent.sock.
---socket overrides the socket path.`,
+The socket is --socket, else the config's socket, else $SIGIL_SOCK when it is
+a path (so an agent and the clients of one shell agree), else that default.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if printDefault {
@@ -48,9 +51,11 @@ $XDG_RUNTIME_DIR/sigil/agent.sock, else /tmp/sigil-$UID/agent.sock.
 					return &exitError{exitFailure, err}
 				}
 			}
-			if g.socket != "" {
-				cfg.Socket = g.socket
+			socket, err := agentSocket(g.socket, cfg.Socket, os.Getenv(proto.SocketEnv))
+			if err != nil {
+				return &exitError{exitUsage, err}
 			}
+			cfg.Socket = socket
 			if dataDir != "" {
 				cfg.DataDir = dataDir
 			}
@@ -65,6 +70,25 @@ $XDG_RUNTIME_DIR/sigil/agent.sock, else /tmp/sigil-$UID/agent.sock.
 	cmd.Flags().StringVar(&logLevel, "log-level", "", "debug, info, warn or error (overrides the config)")
 	cmd.Flags().BoolVar(&printDefault, "print-default-config", false, "print the embedded default configuration and exit")
 	return cmd
+}
+
+// agentSocket is the path the agent listens on: the --socket flag, else the
+// config's socket, else $SIGIL_SOCK (the path the shell's clients dial),
+// else "" for the default. A tls:// address is a client's, not a path an
+// agent can listen on: the agent's TCP listener is the config's tcp section.
+func agentSocket(flag, configured, env string) (string, error) {
+	if strings.HasPrefix(flag, "tls://") {
+		return "", errors.New("--socket tls://: the agent listens on a Unix socket; its mTLS listener is the config's tcp.listen")
+	}
+	switch {
+	case flag != "":
+		return strings.TrimPrefix(flag, "unix:"), nil
+	case configured != "":
+		return configured, nil
+	case env != "" && !strings.HasPrefix(env, "tls://"):
+		return strings.TrimPrefix(env, "unix:"), nil
+	}
+	return "", nil
 }
 
 func runAgent(cfg agent.Config) error {

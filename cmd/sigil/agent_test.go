@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"io"
 	"net"
@@ -166,5 +167,55 @@ func TestSIGHUPDuringStartIsNotFatal(t *testing.T) {
 	go io.Copy(io.Discard, stderr)
 	if err := cmd.Wait(); err != nil {
 		t.Fatalf("the agent exited with %v after a SIGHUP during its start", err)
+	}
+}
+
+func TestAgentSocketChoice(t *testing.T) {
+	for _, tc := range []struct {
+		name, flag, configured, env, want string
+		wantErr                           bool
+	}{
+		{name: "nothing set: the default", want: ""},
+		{name: "SIGIL_SOCK", env: "/run/x/agent.sock", want: "/run/x/agent.sock"},
+		{name: "SIGIL_SOCK as unix:", env: "unix:/run/x/agent.sock", want: "/run/x/agent.sock"},
+		{name: "SIGIL_SOCK naming a TLS agent is a client's", env: "tls://127.0.0.1:7443", want: ""},
+		{name: "the config beats SIGIL_SOCK", configured: "/etc/a.sock", env: "/run/x/agent.sock", want: "/etc/a.sock"},
+		{name: "the flag beats both", flag: "/f.sock", configured: "/etc/a.sock", env: "/run/x/agent.sock", want: "/f.sock"},
+		{name: "flag as unix:", flag: "unix:/f.sock", want: "/f.sock"},
+		{name: "flag naming TLS", flag: "tls://127.0.0.1:7443", wantErr: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, err := agentSocket(tc.flag, tc.configured, tc.env)
+			if (err != nil) != tc.wantErr || got != tc.want {
+				t.Fatalf("agentSocket(%q, %q, %q) = %q, %v; want %q, error %v", tc.flag, tc.configured, tc.env, got, err, tc.want, tc.wantErr)
+			}
+		})
+	}
+}
+
+// An agent started in a shell that has $SIGIL_SOCK set listens there, so
+// the shell's `sigil keys` finds it, as its help promises.
+func TestAgentListensAtSIGIL_SOCK(t *testing.T) {
+	bin := buildSigil(t)
+	config := writeEd25519Config(t, t.TempDir())
+	sockDir, _ := os.MkdirTemp("", "sigil-env")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	socket := filepath.Join(sockDir, "agent.sock")
+	env := append(os.Environ(), "SIGIL_SOCK="+socket)
+	cmd := exec.Command(bin, "agent", "--config", config)
+	cmd.Env = env
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	p := &agentProcess{cmd: cmd, stderr: &stderr, socket: socket}
+	p.waitReady(t)
+	keys := exec.Command(bin, "keys", "info")
+	keys.Env = env
+	out, err := keys.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "ed") {
+		t.Fatalf("sigil keys info with the same SIGIL_SOCK: %v\n%s", err, out)
 	}
 }
