@@ -279,6 +279,7 @@ func startTLSAgentWith(t testing.TB, cfg agent.Config, opts ...agent.Option) *tl
 	s.addr = ln.Addr().String()
 	ln.Close()
 	cfg.TCP.Listen = s.addr
+	s.cfg = cfg
 	s.running = startAgent(t, cfg, opts...)
 	tln, err := s.running.agent.ListenTLS()
 	if err != nil {

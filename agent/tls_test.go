@@ -2,8 +2,11 @@ package agent_test
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
 	"crypto/sha256"
 	"crypto/tls"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -19,6 +22,7 @@ type tlsSetup struct {
 	ca, otherCA *devcerts.CA
 	dir         string
 	addr        string
+	cfg         agent.Config // as running serves it, TCP listener included
 	running     *running
 }
 
@@ -126,5 +130,51 @@ func TestTCPConfigNeedsTLSMaterial(t *testing.T) {
 	_, err := agent.ParseConfig([]byte("tcp: {listen: '127.0.0.1:0'}\n"))
 	if err == nil {
 		t.Fatal("a TCP listener without certificates was accepted")
+	}
+}
+
+// A client over mTLS outlives an agent restart as one on the Unix socket
+// does: the first call after the restart goes out on a new connection. A TCP
+// write to the closed connection would succeed and lose the request, so the
+// client looks for the agent's close on a quiet connection first.
+func TestTLSClientSurvivesAgentRestart(t *testing.T) {
+	s := startTLSAgent(t)
+	cert, err := s.ca.Issue(devcerts.Leaf{CommonName: "payments-client"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := s.dial(t, cert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	signer, err := c.Signer(ctx, client.ByName("default"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sign := func(when string) {
+		t.Helper()
+		d := sha256.Sum256([]byte(when))
+		sig, err := signer.Sign(nil, d[:], crypto.SHA256)
+		if err != nil {
+			t.Fatalf("%s: %v", when, err)
+		}
+		if !ecdsa.VerifyASN1(signer.Public().(*ecdsa.PublicKey), d[:], sig) {
+			t.Fatalf("%s: the signature does not verify", when)
+		}
+	}
+	sign("before any restart")
+	for i := range 3 {
+		if err := s.running.agent.Shutdown(ctx); err != nil {
+			t.Fatal(err)
+		}
+		s.running = startAgent(t, s.cfg)
+		tln, err := s.running.agent.ListenTLS()
+		if err != nil {
+			t.Fatal(err)
+		}
+		go s.running.agent.Serve(tln)
+		sign(fmt.Sprintf("first call after restart %d", i+1))
+		sign(fmt.Sprintf("second call after restart %d", i+1))
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/sigil-agent/sigil/proto"
@@ -74,6 +75,15 @@ type conn struct {
 	br         *bufio.Reader
 	codec      *proto.Codec
 	deadline   time.Time // the read deadline last set on nc
+
+	// probe, set on TCP connections, is the socket under TLS that
+	// peerSpoke peeks at: a TCP write to an agent that has closed the
+	// connection succeeds, so the close must be looked for before a request
+	// goes out (see send). born and lastRead (nanoseconds since born, when
+	// the last reply was read) tell how long the connection has been quiet.
+	probe    syscall.RawConn
+	born     time.Time
+	lastRead atomic.Int64
 
 	mu      sync.Mutex
 	pending map[uint64]chan *proto.Response
@@ -154,7 +164,13 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 		pending:    map[uint64]chan *proto.Response{},
 		done:       make(chan struct{}),
 	}
-	_, cn.cutWriteBreaks = nc.(*tls.Conn)
+	if tc, ok := nc.(*tls.Conn); ok {
+		cn.cutWriteBreaks = true
+		if sc, ok := tc.NetConn().(syscall.Conn); ok {
+			cn.probe, _ = sc.SyscallConn()
+			cn.born = time.Now()
+		}
+	}
 	cn.readerRole <- struct{}{}
 	cn.writeToken <- struct{}{}
 	if _, _, err := cn.call(ctx, &proto.Request{Op: proto.OpHello, Version: proto.Version, Features: proto.FeaturePipelining}); err != nil {
@@ -300,8 +316,15 @@ func (c *conn) send(ctx context.Context, req *proto.Request) (ch chan *proto.Res
 		c.mu.Unlock()
 		return nil, dl, true, err
 	}
+	quiet := c.probe != nil && len(c.pending) == 0
 	c.pending[req.ID] = ch
 	c.mu.Unlock()
+	if quiet && c.quietFor() >= quietProbeAfter && c.closedByAgent() {
+		// Found before anything was written: req may go out on a new
+		// connection.
+		c.forget(req.ID)
+		return nil, dl, true, c.terminalErr()
+	}
 
 	codec := codecPool.Get().(*proto.Codec)
 	frame, err := codec.AppendRequestFrame(nil, req)
@@ -348,6 +371,82 @@ func (c *conn) await(ctx context.Context, req *proto.Request, ch chan *proto.Res
 			return nil, c.terminalErr()
 		}
 	}
+}
+
+// quietProbeAfter is how long a TCP connection must have gone without a
+// reply before a request looks for the agent's close first. Back-to-back
+// requests skip the look (a system call); an agent's restart takes longer.
+const quietProbeAfter = time.Millisecond
+
+// quietFor is how long ago the last reply was read.
+func (c *conn) quietFor() time.Duration {
+	return time.Since(c.born) - time.Duration(c.lastRead.Load())
+}
+
+// closedByAgent reports whether the agent has ended this quiet connection:
+// it closed it (a restart, an idle timeout) or said its last word (an id 0
+// reply). A TCP write to such a connection succeeds, and the request would
+// be lost with it, so a request that finds the connection ended this way
+// goes out on a new one instead. Anything else the agent sent meanwhile is
+// read: a late reply to a call that gave up is dropped as readUntil drops
+// it. The connection is failed when it reports true.
+func (c *conn) closedByAgent() bool {
+	select {
+	case <-c.readerRole:
+	default:
+		return false // a caller is reading: it meets the close itself
+	}
+	defer func() { c.readerRole <- struct{}{} }()
+	for c.spoke() {
+		c.deadline = time.Now().Add(finalWordWait)
+		c.nc.SetReadDeadline(c.deadline)
+		resp, err := c.readFrame()
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			return false // part of a frame: the next reader waits for the rest
+		}
+		if err != nil {
+			c.fail(fmt.Errorf("sigil: connection to agent lost: %w", err))
+			return true
+		}
+		if resp.ID == 0 {
+			err := resp.Err()
+			if err == nil {
+				err = errors.New("sigil: protocol error: the agent sent a final reply (id 0) with code OK; connection closed")
+			}
+			c.fail(err)
+			return true
+		}
+		c.deliver(resp)
+	}
+	return false
+}
+
+// spoke reports whether the agent has sent anything not yet read: bytes or
+// the end of the stream in the socket, in the connection's buffer, or in
+// crypto/tls's (records it read off the socket with an earlier reply but
+// has not handed up yet), without waiting. The caller holds the reader role.
+func (c *conn) spoke() bool {
+	if c.br.Buffered() > 0 || c.peerSpoke() {
+		return true
+	}
+	// A deadline already past fails a read that would have to wait, before
+	// any system call; crypto/tls takes the timeout as temporary.
+	c.deadline = pastDeadline
+	c.nc.SetReadDeadline(pastDeadline)
+	_, err := c.br.Peek(1)
+	return !errors.Is(err, os.ErrDeadlineExceeded)
+}
+
+// peerSpoke reports whether the socket under the connection has bytes or
+// an end of stream to read, without reading them.
+func (c *conn) peerSpoke() bool {
+	var err error
+	var b [1]byte
+	c.probe.Read(func(fd uintptr) bool {
+		_, _, err = syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		return true
+	})
+	return err == nil
 }
 
 // pastDeadline is the write deadline that cuts a write now.
@@ -476,6 +575,9 @@ func (c *conn) readUntil(ctx context.Context, id uint64, ch chan *proto.Response
 			c.deadline = dl
 		}
 		resp, err := c.readFrame()
+		if c.probe != nil {
+			c.lastRead.Store(int64(time.Since(c.born)))
+		}
 		if err != nil {
 			if errors.Is(err, os.ErrDeadlineExceeded) {
 				if ctx.Err() != nil {

@@ -3,6 +3,7 @@ package client_test
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sigil-agent/sigil/agent/devcerts"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
 )
@@ -34,6 +36,13 @@ func fakeAgent(t *testing.T, then func(nc net.Conn, br *bufio.Reader)) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	serveFake(t, ln, then)
+	return path
+}
+
+// serveFake accepts one connection on ln and serves it as fakeAgent says.
+func serveFake(t *testing.T, ln net.Listener, then func(nc net.Conn, br *bufio.Reader)) {
+	t.Helper()
 	var wg sync.WaitGroup
 	accepted := make(chan net.Conn, 1) // the connection, or nil
 	wg.Go(func() {
@@ -63,7 +72,6 @@ func fakeAgent(t *testing.T, then func(nc net.Conn, br *bufio.Reader)) string {
 		}
 		wg.Wait()
 	})
-	return path
 }
 
 func readRequest(br *bufio.Reader) (*proto.Request, error) {
@@ -272,5 +280,103 @@ func TestRefusalBeforeHelloIsReported(t *testing.T) {
 		if !errors.As(err, &pe) || pe.Code != proto.Unavailable || !strings.Contains(pe.Msg, "max_conns") {
 			t.Fatalf("attempt %d: %v, want the agent's UNAVAILABLE refusal", i, err)
 		}
+	}
+}
+
+// fakeTLSAgent is fakeAgent over mutual TLS on loopback. It returns the
+// address and the client's TLS configuration.
+func fakeTLSAgent(t *testing.T, then func(nc net.Conn, br *bufio.Reader)) (string, *tls.Config) {
+	t.Helper()
+	ca, err := devcerts.NewCA("fake agent CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server, err := ca.Issue(devcerts.Leaf{CommonName: "fake agent", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientCert, err := ca.Issue(devcerts.Leaf{CommonName: "fake client"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	serveFake(t, tls.NewListener(ln, &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{server.TLS},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    ca.Pool(),
+	}), then)
+	return ln.Addr().String(), &tls.Config{RootCAs: ca.Pool(), Certificates: []tls.Certificate{clientCert.TLS}}
+}
+
+// Over TCP a request first looks for the agent's close on a quiet
+// connection, reading what the agent sent meanwhile. A late reply to a call
+// that gave up is such a thing: it is dropped, and the connection, still
+// good, carries the next call (the fake agent accepts one connection only).
+func TestQuietTLSConnectionKeepsServingAfterALateReply(t *testing.T) {
+	lateSent := make(chan struct{})
+	addr, cfg := fakeTLSAgent(t, func(nc net.Conn, br *bufio.Reader) {
+		late, err := readRequest(br)
+		if err != nil {
+			t.Errorf("fake agent: %v", err)
+			return
+		}
+		time.Sleep(50 * time.Millisecond) // past the caller's deadline
+		writeResponse(nc, &proto.Response{ID: late.ID, Code: proto.OK})
+		close(lateSent)
+		req, err := readRequest(br)
+		if err != nil {
+			t.Errorf("fake agent: the call after the late reply: %v", err)
+			return
+		}
+		writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
+	})
+	ctx := context.Background()
+	c, err := client.DialTLS(ctx, addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	short, cancel := context.WithTimeout(ctx, 10*time.Millisecond)
+	defer cancel()
+	if err := c.Ping(short); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("the unanswered ping: %v, want a deadline error", err)
+	}
+	<-lateSent
+	time.Sleep(20 * time.Millisecond) // the late reply is in the socket; the connection is quiet
+	returnsWithin(t, 5*time.Second, "the next ping", func() {
+		if err := c.Ping(ctx); err != nil {
+			t.Errorf("the next ping on the same connection: %v", err)
+		}
+	})
+}
+
+// An agent's last word (an id 0 reply) on a quiet TCP connection ends it
+// before the next request is written: the request goes to a new
+// connection, here refused, and is not lost on the old one.
+func TestQuietTLSConnectionEndedByTheAgentIsNotWrittenTo(t *testing.T) {
+	wrote := make(chan bool, 1)
+	addr, cfg := fakeTLSAgent(t, func(nc net.Conn, br *bufio.Reader) {
+		writeResponse(nc, &proto.Response{ID: 0, Code: proto.Unavailable, Msg: "the agent is shutting down"})
+		nc.SetReadDeadline(time.Now().Add(time.Second))
+		_, err := readRequest(br)
+		wrote <- err == nil
+	})
+	ctx := context.Background()
+	c, err := client.DialTLS(ctx, addr, cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	time.Sleep(20 * time.Millisecond)
+	err = c.Ping(ctx)
+	if client.Code(err) != proto.Unavailable {
+		t.Fatalf("ping after the agent's last word: %v, want UNAVAILABLE", err)
+	}
+	if <-wrote {
+		t.Fatal("the ping was written to the connection the agent had ended")
 	}
 }

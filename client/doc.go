@@ -18,8 +18,11 @@
 // second signature would be a second audit record, and wrong for a caller
 // counting on at most one. Whether to retry is the caller's choice. On the
 // Unix socket a connection the agent closed fails the write itself, so the
-// first call after a restart goes through; over TCP the close is seen only
-// after the request is written, so that first call fails this way.
+// first call after a restart goes through. Over TCP a write to a closed
+// connection succeeds, so a call on a connection that has had no reply for
+// a millisecond or more first looks, without waiting, for the agent's close
+// or last word (one system call), and goes out on a new connection when it
+// finds one: the first call after a restart goes through there too.
 //
 // Close is final: the client does not redial after it, and calls fail with
 // ErrClosed.
