@@ -156,28 +156,9 @@ func (kr *keyring) readCertificate(name, path string) (keyCert, error) {
 	if e == nil {
 		return keyCert{}, errors.New("no provider serves this key")
 	}
-	data, err := os.ReadFile(path)
+	ders, certs, err := readCertificateChain(path)
 	if err != nil {
 		return keyCert{}, err
-	}
-	var ders [][]byte
-	for rest := data; ; {
-		var b *pem.Block
-		if b, rest = pem.Decode(rest); b == nil {
-			break
-		}
-		if b.Type == "CERTIFICATE" {
-			ders = append(ders, b.Bytes)
-		}
-	}
-	if len(ders) == 0 {
-		return keyCert{}, fmt.Errorf("%s: no PEM CERTIFICATE block", path)
-	}
-	certs := make([]*x509.Certificate, len(ders))
-	for i, der := range ders {
-		if certs[i], err = x509.ParseCertificate(der); err != nil {
-			return keyCert{}, fmt.Errorf("%s: certificate %d: %w", path, i+1, err)
-		}
 	}
 	pub, err := x509.ParsePKIXPublicKey(e.info.SPKI)
 	if err != nil {
@@ -191,4 +172,32 @@ func (kr *keyring) readCertificate(name, path string) (keyCert, error) {
 		c.chain = ders[1:]
 	}
 	return c, nil
+}
+
+// readCertificateChain reads a PEM file's certificates, in file order.
+func readCertificateChain(path string) ([][]byte, []*x509.Certificate, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, err
+	}
+	var ders [][]byte
+	for rest := data; ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		if b.Type == "CERTIFICATE" {
+			ders = append(ders, b.Bytes)
+		}
+	}
+	if len(ders) == 0 {
+		return nil, nil, fmt.Errorf("%s: no PEM CERTIFICATE block", path)
+	}
+	certs := make([]*x509.Certificate, len(ders))
+	for i, der := range ders {
+		if certs[i], err = x509.ParseCertificate(der); err != nil {
+			return nil, nil, fmt.Errorf("%s: certificate %d: %w", path, i+1, err)
+		}
+	}
+	return ders, certs, nil
 }

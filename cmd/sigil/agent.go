@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 	"go.uber.org/zap"
@@ -26,11 +27,17 @@ func newAgentCommand(g *globalFlags) *cobra.Command {
 		dataDir      string
 		logLevel     string
 		printDefault bool
+		check        bool
 	)
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the signing agent",
 		Long: `Run the signing agent in the foreground until SIGTERM or SIGINT.
+
+With --check it only checks the config and the files a reload reads (the
+policy, the TLS listener's certificate, key and CAs, key certificates) and
+exits 1 naming each problem; the systemd unit runs it before it signals a
+reload.
 
 With no --config it runs on the embedded default: software keys (ECDSA P-256
 "default", ECDSA P-384, Ed25519, RSA-2048) generated on first start into the
@@ -51,6 +58,17 @@ a path (so an agent and the clients of one shell agree), else that default.`,
 					return &exitError{exitFailure, err}
 				}
 			}
+			if check {
+				if err := agent.CheckFiles(cfg); err != nil {
+					return &exitError{exitFailure, fmt.Errorf("check: %w", err)}
+				}
+				what := "the embedded default"
+				if configPath != "" {
+					what = configPath
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "%s: the config and the files it names are valid\n", what)
+				return nil
+			}
 			socket, err := agentSocket(g.socket, cfg.Socket, os.Getenv(proto.SocketEnv))
 			if err != nil {
 				return &exitError{exitUsage, err}
@@ -69,7 +87,15 @@ a path (so an agent and the clients of one shell agree), else that default.`,
 	cmd.Flags().StringVar(&dataDir, "data-dir", "", "data directory (overrides the config's data_dir)")
 	cmd.Flags().StringVar(&logLevel, "log-level", "", "debug, info, warn or error (overrides the config)")
 	cmd.Flags().BoolVar(&printDefault, "print-default-config", false, "print the embedded default configuration and exit")
+	cmd.Flags().BoolVar(&check, "check", false, "check the config, its policy and its TLS and certificate files as a reload reads them, and exit (1: invalid) without starting")
 	return cmd
+}
+
+// firstLineOf is err's message up to its first line break: a joined error's
+// first error, fit for an sd_notify STATUS (one line).
+func firstLineOf(err error) string {
+	line, _, _ := strings.Cut(err.Error(), "\n")
+	return line
 }
 
 // agentSocket is the path the agent listens on: the --socket flag, else the
@@ -220,7 +246,13 @@ wait:
 			log.Info("shutting down: finishing in-flight requests", zap.Duration("grace", cfg.Limits.ShutdownGrace))
 			break wait
 		case <-hup:
-			a.Reload()
+			// The outcome shows in `systemctl status`: systemd's reload job
+			// ended when the signal was sent.
+			status := "serving on " + socket + "; reloaded at " + time.Now().UTC().Format(time.RFC3339)
+			if err := a.Reload(); err != nil {
+				status = "serving on " + socket + "; the reload at " + time.Now().UTC().Format(time.RFC3339) + " was refused, see the log: " + firstLineOf(err)
+			}
+			sdNotify(log, "STATUS="+status)
 		case err := <-serveErr:
 			log.Error("listener failed", zap.Error(err))
 			// Exit non-zero after the shutdown, so that a supervisor

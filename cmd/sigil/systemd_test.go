@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -53,23 +54,7 @@ func TestSystemdSocketActivation(t *testing.T) {
 	}
 	clientFile, adminFile := listen(clientPath), listen(adminPath)
 
-	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notifyPath, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { notify.Close() })
-	msgs := make(chan string, 64)
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			n, err := notify.Read(buf)
-			if err != nil {
-				close(msgs)
-				return
-			}
-			msgs <- string(buf[:n])
-		}
-	}()
+	msgs := listenNotify(t, notifyPath)
 
 	env := withoutEnv(os.Environ(), "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "SIGIL_SOCK")
 	env = append(env, "LISTEN_FDS=2", "LISTEN_FDNAMES=client:admin",
@@ -97,24 +82,7 @@ func TestSystemdSocketActivation(t *testing.T) {
 
 	await := func(state string, within time.Duration) {
 		t.Helper()
-		deadline := time.After(within)
-		for {
-			select {
-			case m, ok := <-msgs:
-				if !ok {
-					t.Fatalf("notify socket closed before %s", state)
-				}
-				for _, line := range strings.Split(m, "\n") {
-					if line == state {
-						return
-					}
-				}
-			case err := <-exited:
-				t.Fatalf("agent exited (%v) before %s; stderr:\n%s", err, state, stderr.String())
-			case <-deadline:
-				t.Fatalf("no %s within %s; stderr:\n%s", state, within, stderr.String())
-			}
-		}
+		awaitNotify(t, msgs, exited, &stderr, func(line string) bool { return line == state }, state, within)
 	}
 	await("READY=1", 60*time.Second)
 	// The keep-alive follows a successful Ping through the inherited socket.
@@ -223,5 +191,133 @@ func TestPingSelf(t *testing.T) {
 	}
 	if err := pingSelf(context.Background(), filepath.Join(t.TempDir(), "none.sock"), 2*time.Second); err == nil {
 		t.Fatal("ping of a socket nobody listens on succeeded")
+	}
+}
+
+// listenNotify listens on a NOTIFY_SOCKET at path and returns the messages
+// sent to it.
+func listenNotify(t *testing.T, path string) <-chan string {
+	t.Helper()
+	notify, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { notify.Close() })
+	msgs := make(chan string, 64)
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := notify.Read(buf)
+			if err != nil {
+				close(msgs)
+				return
+			}
+			msgs <- string(buf[:n])
+		}
+	}()
+	return msgs
+}
+
+// awaitNotify waits for a notify message with a line that match accepts,
+// failing the test if the agent exits first or within passes. It returns
+// the line.
+func awaitNotify(t *testing.T, msgs <-chan string, exited <-chan error, stderr *bytes.Buffer, match func(string) bool, what string, within time.Duration) string {
+	t.Helper()
+	deadline := time.After(within)
+	for {
+		select {
+		case m, ok := <-msgs:
+			if !ok {
+				t.Fatalf("notify socket closed before %s", what)
+			}
+			for _, line := range strings.Split(m, "\n") {
+				if match(line) {
+					return line
+				}
+			}
+		case err := <-exited:
+			t.Fatalf("agent exited (%v) before %s; stderr:\n%s", err, what, stderr.String())
+		case <-deadline:
+			t.Fatalf("no %s within %s; stderr:\n%s", what, within, stderr.String())
+		}
+	}
+}
+
+// systemctl reload runs `sigil agent --check` and then signals the agent
+// (sigil.service's ExecReload): a config or policy the agent would refuse
+// fails the reload before the signal. What only the running agent can
+// refuse (a slot naming a key no provider serves) shows in the STATUS
+// line of `systemctl status`, as does a reload that went through.
+func TestReloadOutcomeForSystemd(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	policyFile := filepath.Join(dir, "policy.yaml")
+	writePolicy := func(key string) {
+		t.Helper()
+		err := os.WriteFile(policyFile, []byte(fmt.Sprintf(`
+tenants:
+  - name: ops
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: %s}
+`, os.Getuid(), key)), 0o600)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	writePolicy("ed")
+	config := writeEd25519Config(t, dir, "policy: "+policyFile+"\n")
+
+	if out, stderr, code := runBin(t, bin, "agent", "--check", "--config", config); code != 0 || !strings.Contains(out, "valid") {
+		t.Fatalf("agent --check on a good config: exit %d\n%s%s", code, out, stderr)
+	}
+	os.WriteFile(policyFile, []byte("tenants:\n  - name: ops\n    identities: {unix_uids: [1]}\n    slots: [{name: release, key: ed, policy: {rate: {per_second: -1}}}]\n"), 0o600)
+	if _, stderr, code := runBin(t, bin, "agent", "--check", "--config", config); code != exitFailure || !strings.Contains(stderr, policyFile) || !strings.Contains(stderr, "per_second") {
+		t.Fatalf("agent --check on a bad policy: exit %d, stderr %q; want %d naming the file and the field", code, stderr, exitFailure)
+	}
+	badTLS := writeEd25519Config(t, t.TempDir(), "tcp: {listen: 127.0.0.1:0, cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem, client_ca_file: /nonexistent/ca.pem}\n")
+	if _, stderr, code := runBin(t, bin, "agent", "--check", "--config", badTLS); code != exitFailure || !strings.Contains(stderr, "/nonexistent/c.pem") {
+		t.Fatalf("agent --check with missing TLS files: exit %d, stderr %q", code, stderr)
+	}
+	notPEM := filepath.Join(t.TempDir(), "ed.pem")
+	os.WriteFile(notPEM, []byte("not a certificate"), 0o600)
+	badCert := writeEd25519Config(t, t.TempDir(), "certificates: {ed: "+notPEM+"}\n")
+	if _, stderr, code := runBin(t, bin, "agent", "--check", "--config", badCert); code != exitFailure || !strings.Contains(stderr, "certificates[ed]") {
+		t.Fatalf("agent --check with a key certificate that is not PEM: exit %d, stderr %q", code, stderr)
+	}
+
+	writePolicy("ed")
+	sockDir, _ := os.MkdirTemp("", "sigil-rl")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	notifyPath := filepath.Join(sockDir, "notify")
+	msgs := listenNotify(t, notifyPath)
+	var stderr bytes.Buffer
+	cmd := exec.Command(bin, "agent", "--config", config, "--socket", filepath.Join(sockDir, "agent.sock"))
+	cmd.Env = append(withoutEnv(os.Environ(), "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC"), "NOTIFY_SOCKET="+notifyPath)
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-exited
+	})
+	awaitNotify(t, msgs, exited, &stderr, func(l string) bool { return l == "READY=1" }, "READY=1", 60*time.Second)
+
+	status := func(what string) string {
+		t.Helper()
+		return awaitNotify(t, msgs, exited, &stderr, func(l string) bool { return strings.HasPrefix(l, "STATUS=") && strings.Contains(l, "reload") }, what, 30*time.Second)
+	}
+	writePolicy("no-such-key") // valid on its own; only the agent knows its keys
+	cmd.Process.Signal(syscall.SIGHUP)
+	if got := status("the refused reload's STATUS"); !strings.Contains(got, "was refused") || !strings.Contains(got, "no-such-key") {
+		t.Fatalf("after a refused reload: %q", got)
+	}
+	writePolicy("ed")
+	cmd.Process.Signal(syscall.SIGHUP)
+	if got := status("the reload's STATUS"); !strings.Contains(got, "reloaded at") {
+		t.Fatalf("after a good reload: %q", got)
 	}
 }

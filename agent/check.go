@@ -1,0 +1,43 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"sort"
+
+	"github.com/sigil-agent/sigil/policy"
+)
+
+// CheckFiles checks what a reload reads, the way the agent reads it, without
+// an agent: the config (already parsed and validated by LoadConfig), the
+// policy it names, the TLS listener's certificate, key and client CAs, and
+// each key certificate's file. It is `sigil agent --check`, which the
+// systemd unit runs before it signals a reload, so that `systemctl reload`
+// fails on a file the agent would refuse.
+//
+// What needs the agent's keys is left to the agent: that a certificate
+// certifies its key, and that each slot's key is served.
+func CheckFiles(cfg Config) error {
+	var errs []error
+	if cfg.Policy != "" {
+		if _, err := policy.Load(cfg.Policy); err != nil {
+			errs = append(errs, fmt.Errorf("policy: %w", err))
+		}
+	}
+	if cfg.TCP.Listen != "" {
+		if _, err := newTLSMaterial(cfg.TCP); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	names := make([]string, 0, len(cfg.Certificates))
+	for name := range cfg.Certificates {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		if _, _, err := readCertificateChain(cfg.Certificates[name]); err != nil {
+			errs = append(errs, fmt.Errorf("certificates[%s]: %w", name, err))
+		}
+	}
+	return errors.Join(errs...)
+}
