@@ -319,7 +319,7 @@ func (c *conn) send(ctx context.Context, req *proto.Request) (ch chan *proto.Res
 	quiet := c.probe != nil && len(c.pending) == 0
 	c.pending[req.ID] = ch
 	c.mu.Unlock()
-	if quiet && c.quietFor() >= quietProbeAfter && c.closedByAgent() {
+	if quiet && c.quietFor() >= quietProbeAfter && c.closedByAgent(dl) {
 		// Found before anything was written: req may go out on a new
 		// connection.
 		c.forget(req.ID)
@@ -389,8 +389,9 @@ func (c *conn) quietFor() time.Duration {
 // be lost with it, so a request that finds the connection ended this way
 // goes out on a new one instead. Anything else the agent sent meanwhile is
 // read: a late reply to a call that gave up is dropped as readUntil drops
-// it. The connection is failed when it reports true.
-func (c *conn) closedByAgent() bool {
+// it. The connection is failed when it reports true. A read of part of a
+// frame waits for the rest until the caller's deadline dl at most.
+func (c *conn) closedByAgent(dl time.Time) bool {
 	select {
 	case <-c.readerRole:
 	default:
@@ -399,6 +400,9 @@ func (c *conn) closedByAgent() bool {
 	defer func() { c.readerRole <- struct{}{} }()
 	for c.spoke() {
 		c.deadline = time.Now().Add(finalWordWait)
+		if !dl.IsZero() && dl.Before(c.deadline) {
+			c.deadline = dl
+		}
 		c.nc.SetReadDeadline(c.deadline)
 		resp, err := c.readFrame()
 		if errors.Is(err, os.ErrDeadlineExceeded) {
