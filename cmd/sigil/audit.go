@@ -53,14 +53,14 @@ func newAuditCommand() *cobra.Command {
 	}
 
 	var adminSocket string
-	// runningAgent dials the running agent's admin socket unless a
-	// directory is named without --admin-socket. nil and no error: read
-	// the directory (no agent answered, and none was named).
+	// runningAgent dials the running agent's admin socket (auditAdminSocket)
+	// unless there is none to ask. nil and no error: read the directory (no
+	// agent answered, and none was named).
 	runningAgent := func(ctx context.Context) (*client.Client, error) {
-		if (dir != "" || configPath != "") && adminSocket == "" {
-			return nil, nil
+		addr, err := auditAdminSocket(configPath, dir, adminSocket)
+		if err != nil || addr == "" {
+			return nil, err
 		}
-		addr := adminSocketAddr(adminSocket)
 		c, err := client.Dial(ctx, addr)
 		switch {
 		case err == nil:
@@ -116,8 +116,14 @@ func newAuditCommand() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			out := cmd.OutOrStdout()
-			if dir == "" {
-				addr := adminSocketAddr(adminSocket)
+			addr, err := auditAdminSocket(configPath, dir, adminSocket)
+			if err != nil {
+				return err
+			}
+			if addr == "" && follow {
+				return usageError("--follow reads the running agent: name its admin socket with --admin-socket")
+			}
+			if addr != "" {
 				if c, err := client.Dial(cmd.Context(), addr); err == nil {
 					defer c.Close()
 					return tailOnline(cmd.Context(), c, out, tenant, n, follow)
@@ -232,6 +238,32 @@ func newAuditCommand() *cobra.Command {
 
 	cmd.AddCommand(verify, tail, export, prune)
 	return cmd
+}
+
+// auditAdminSocket is the admin socket the audit commands ask a running
+// agent over, or "" to read the journal directory: the one named with
+// --admin-socket; none when a directory is named (--journal); with
+// --config, the one that config's agent listens on if the config names its
+// socket or admin socket, else none (the default path could be another
+// agent's, whose journal is not the config's); else the default one.
+func auditAdminSocket(configPath, dir, named string) (string, error) {
+	switch {
+	case named != "":
+		return named, nil
+	case dir != "":
+		return "", nil
+	case configPath != "":
+		cfg, err := agent.LoadConfig(configPath)
+		if err != nil {
+			return "", &exitError{exitUsage, err}
+		}
+		if cfg.Socket == "" && cfg.AdminSocket == "" {
+			return "", nil
+		}
+		cfg.EnsureDefaults()
+		return cfg.AdminSocket, nil
+	}
+	return adminSocketAddr(""), nil
 }
 
 // adminSocketAddr is the admin socket named, else the default one beside

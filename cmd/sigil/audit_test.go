@@ -59,3 +59,47 @@ func TestAuditPruneFromTheShell(t *testing.T) {
 		t.Fatalf("verify of the pruned directory: exit %d\n%s%s", code, out, stderr)
 	}
 }
+
+// With --config, the audit commands ask the running agent of that config
+// over the admin socket the config implies, as they do by default; a
+// config that names no socket leaves only its journal directory to read.
+func TestAuditWithConfigAsksItsRunningAgent(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	sockDir, _ := os.MkdirTemp("", "sigil-acfg")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	socket := filepath.Join(sockDir, "agent.sock")
+	config := writeEd25519Config(t, dir, "socket: "+socket+"\n")
+	agent := startAgentProcess(t, bin, config, socket)
+	agent.waitReady(t)
+	for range 2 {
+		if _, stderr, code := runBin(t, bin, "--socket", socket, "keys", "sign", "--in", config); code != 0 {
+			t.Fatalf("sign: %s", stderr)
+		}
+	}
+	out, stderr, code := runBin(t, bin, "audit", "verify", "--config", config)
+	if code != 0 || !strings.Contains(out, "(running agent)") {
+		t.Fatalf("verify --config with its agent running: exit %d\n%s%s", code, out, stderr)
+	}
+	out, stderr, code = runBin(t, bin, "audit", "export", "--since", "1h", "--config", config)
+	if code != 0 || strings.Count(out, `"op":"sign"`) != 2 {
+		t.Fatalf("export --config with its agent running: exit %d\n%s%s", code, out, stderr)
+	}
+	out, stderr, code = runBin(t, bin, "audit", "tail", "-n", "5", "--config", config)
+	if code != 0 || strings.Count(out, "sign") < 2 {
+		t.Fatalf("tail --config with its agent running: exit %d\n%s%s", code, out, stderr)
+	}
+
+	// The same journal through a config that names no socket: the default
+	// admin socket may be another agent's, so the directory is read, and
+	// it is in use.
+	bare := filepath.Join(dir, "bare.yaml")
+	raw, _ := os.ReadFile(config)
+	os.WriteFile(bare, []byte(strings.Replace(string(raw), "socket: "+socket+"\n", "", 1)), 0o600)
+	if _, stderr, code := runBin(t, bin, "audit", "verify", "--config", bare); code != exitFailure || !strings.Contains(stderr, "in use") {
+		t.Fatalf("verify --config naming no socket: exit %d, stderr %q; want the directory, in use", code, stderr)
+	}
+	if _, stderr, code := runBin(t, bin, "audit", "tail", "--follow", "--config", bare); code != exitUsage || !strings.Contains(stderr, "--admin-socket") {
+		t.Fatalf("tail --follow --config naming no socket: exit %d, stderr %q", code, stderr)
+	}
+}
