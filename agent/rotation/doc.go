@@ -55,8 +55,10 @@
 // fsync after the write, or a commit that timed out in the queue and went
 // through later. So the store puts a journal.Barrier through, after which
 // that commit has landed or never will, and reads the slot back. A cut-over
-// found there is reverted as after any failed step, and a rollback found
-// there is reported as done. A slot that cannot be read back, or whose
+// found there is reverted as after any failed step, a rollback found there
+// is reported as done, and an evidence pack found there completes the
+// rotation (TestEvidenceCommitNotConfirmedButLanded). A slot that cannot be
+// read back, or whose
 // revert the journal did not confirm, does not sign (Resolve returns
 // ErrStateUnknown or ErrNotReverted) until the store has read it back and
 // committed the revert; the slot's next mutation and every scheduler round

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/zeebo/blake3"
+	"go.uber.org/zap"
 
 	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/providers"
@@ -217,6 +218,14 @@ func (u *rotation) evidence(ctx context.Context) (*Result, error) {
 	err = u.append(ctx, rec,
 		journal.StateChange{Key: repKey(u.tenant, u.name, u.n, "json"), Value: manifest},
 		journal.StateChange{Key: repKey(u.tenant, u.name, u.n, "sig"), Value: sig})
+	if err != nil && u.evidenceStored(ctx, manifest) {
+		// The pack is in the journal, its record with it: the rotation
+		// is done. Failing it now would retire the version the stored
+		// pack vouches for.
+		r.log.Warn("the evidence pack's commit was not confirmed but landed; the rotation stands",
+			zap.String("slot", u.slot), zap.Int("rep", u.n), zap.Error(err))
+		err = nil
+	}
 	if err != nil {
 		for _, f := range files {
 			_ = os.Remove(f)
@@ -227,6 +236,21 @@ func (u *rotation) evidence(ctx context.Context) (*Result, error) {
 		Slot: u.slot, Old: oldV, New: newV, REP: u.n, Manifest: manifest, Signature: sig, Files: files,
 		FirstSeq: u.firstSeq, LastSeq: u.lastSeq,
 	}, nil
+}
+
+// evidenceStored reports whether the pack's commit, which the journal did
+// not confirm, landed all the same (journal doc.go, "Failures"): once the
+// journal has resolved every commit before (Barrier), the stored manifest
+// is read back. When that cannot be told, it reports false, and the
+// rotation fails and is undone as before.
+func (u *rotation) evidenceStored(ctx context.Context, manifest []byte) bool {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+	defer cancel()
+	if err := u.r.store.j.Barrier(cctx); err != nil {
+		return false
+	}
+	stored, err := u.r.store.j.Get(repKey(u.tenant, u.name, u.n, "json"))
+	return err == nil && bytes.Equal(stored, manifest)
 }
 
 func (r *Rotator) signManifest(m *Manifest) (manifest, sig []byte, err error) {

@@ -1,6 +1,7 @@
 package rotation
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -434,6 +435,49 @@ func TestCutoverCommitNotConfirmed(t *testing.T) {
 			}
 		})
 	}
+}
+
+// The evidence pack's commit may report failure and land all the same, like
+// the cut-over's. Then the pack and its record are in the journal, and the
+// rotation stands: failing it would retire the version the stored pack
+// vouches for, leaving both rotate.rep and rotate.failed in the journal.
+func TestEvidenceCommitNotConfirmedButLanded(t *testing.T) {
+	f := newJournalFault(syscall.EIO, walSync...)
+	f.oneShot = true
+	e := newEnvOn(t, providers.KeyEd25519, nil, withFault(f))
+	old := e.active()
+	e.rot.hook = func(step string) error {
+		if step == StepRetire { // the last step before the pack's commit
+			f.on.Store(true)
+		}
+		return nil
+	}
+	res, err := e.rot.Rotate(context.Background(), testSlot, e.opts())
+	if err != nil {
+		t.Fatalf("Rotate: %v, want the rotation to stand", err)
+	}
+	select {
+	case <-f.hit:
+	default:
+		t.Fatal("the fault was not hit: the test did not fail the pack's commit")
+	}
+	check := func() {
+		t.Helper()
+		if got := e.active(); got.KID == old.KID || got.Number != res.New.Number {
+			t.Fatalf("active is v%d, want the new v%d", got.Number, res.New.Number)
+		}
+		got := ops(e.records())
+		if !slices.Contains(got, "rotate.rep") || slices.Contains(got, "rotate.failed") {
+			t.Fatalf("journal ops %v, want rotate.rep and no rotate.failed", got)
+		}
+		manifest, err := e.j.Get(repKey("payments", "release", res.New.Number, "json"))
+		if err != nil || !bytes.Equal(manifest, res.Manifest) {
+			t.Fatalf("stored manifest: %v (equal %v)", err, bytes.Equal(manifest, res.Manifest))
+		}
+	}
+	check()
+	e.reopen()
+	check()
 }
 
 // When the journal fails and stays down, the cut-over's outcome cannot be
