@@ -109,6 +109,11 @@ type Engine struct {
 	epoch time.Time // token buckets count from here, on the monotonic clock when clock is time.Now
 	state atomic.Pointer[engineState]
 	swap  sync.Mutex // serializes Swap; never taken by Check
+	// dropped holds the state of slots a Swap removed, by full name, until
+	// their quota day is over: a slot that one reload drops and the next
+	// brings back the same day must not get its daily quota back. Guarded
+	// by swap.
+	dropped map[string]*slotState
 }
 
 type engineState struct {
@@ -139,12 +144,16 @@ func NewEngine(set *Set, clock func() time.Time) *Engine {
 	if clock == nil {
 		clock = time.Now
 	}
-	e := &Engine{clock: clock, epoch: clock()}
-	e.state.Store(newState(set, nil, nil))
+	e := &Engine{clock: clock, epoch: clock(), dropped: map[string]*slotState{}}
+	e.state.Store(newState(set, nil, nil, nil))
 	return e
 }
 
-func newState(set *Set, old *engineState, paused func(tenant, slot string) bool) *engineState {
+// newState builds the state for set: a slot in old keeps its state, a slot
+// in dropped (removed by an earlier Swap) gets its state back, and any other
+// starts afresh. paused, if not nil, says which returning or new slots start
+// paused. Slots of old that set lacks move to dropped.
+func newState(set *Set, old *engineState, paused func(tenant, slot string) bool, dropped map[string]*slotState) *engineState {
 	st := &engineState{set: set, slots: make([]*slotState, set.slotCount)}
 	for _, t := range set.tenants {
 		for _, sl := range t.Slots {
@@ -154,11 +163,23 @@ func newState(set *Set, old *engineState, paused func(tenant, slot string) bool)
 					continue
 				}
 			}
-			rs := new(slotState)
-			if paused != nil && paused(t.Name, sl.Name) {
-				rs.paused.Store(true)
+			rs, back := dropped[sl.FullName()]
+			if back {
+				delete(dropped, sl.FullName())
+			} else {
+				rs = new(slotState)
+			}
+			if paused != nil {
+				rs.paused.Store(paused(t.Name, sl.Name))
 			}
 			st.slots[sl.index] = rs
+		}
+	}
+	if old != nil && dropped != nil {
+		for _, sl := range old.set.AllSlots() {
+			if _, kept := set.Slot(sl.Tenant, sl.Name); !kept {
+				dropped[sl.FullName()] = old.slots[sl.index]
+			}
 		}
 	}
 	return st
@@ -169,9 +190,11 @@ func (e *Engine) Set() *Set { return e.state.Load().set }
 
 // Swap puts set (not nil) in force: a reload. A slot that exists in both sets, by
 // full name, keeps its bucket, daily count and run-time pause, even if its
-// policy changed; a removed slot's state is dropped, and a slot added later
-// under the same name starts afresh. Checks running during Swap see either
-// the old or the new set, never a mix.
+// policy changed. A removed slot's state is kept until its quota day ends: a
+// slot added again under the same name that day carries on with it (its
+// count, so a drop and a return do not give the day's quota back); after
+// that it starts afresh. Checks running during Swap see either the old or
+// the new set, never a mix.
 func (e *Engine) Swap(set *Set) { e.SwapPaused(set, nil) }
 
 // SwapPaused is Swap for a reload that may bring slots back: a slot new to
@@ -181,7 +204,13 @@ func (e *Engine) Swap(set *Set) { e.SwapPaused(set, nil) }
 func (e *Engine) SwapPaused(set *Set, paused func(tenant, slot string) bool) {
 	e.swap.Lock()
 	defer e.swap.Unlock()
-	e.state.Store(newState(set, e.state.Load(), paused))
+	today := e.Today()
+	for name, rs := range e.dropped {
+		if rs.quota.Load()>>quotaCountBits < today {
+			delete(e.dropped, name) // its day is over: it would start afresh
+		}
+	}
+	e.state.Store(newState(set, e.state.Load(), paused, e.dropped))
 }
 
 // Check decides whether the peer id, a member of tenant, may sign with
@@ -297,13 +326,22 @@ func (e *Engine) Today() uint64 { return Day(e.clock()) }
 // DailyCounts returns the day's count of every slot that has one ("tenant/
 // slot" → signatures counted that day), for the agent to store.
 func (e *Engine) DailyCounts(day uint64) map[string]uint64 {
+	e.swap.Lock()
+	defer e.swap.Unlock()
 	st := e.state.Load()
 	out := map[string]uint64{}
-	for _, sl := range st.set.AllSlots() {
-		q := st.slots[sl.index].quota.Load()
-		if q>>quotaCountBits == day && q&quotaCountMask > 0 {
-			out[sl.FullName()] = q & quotaCountMask
+	add := func(name string, rs *slotState) {
+		if q := rs.quota.Load(); q>>quotaCountBits == day && q&quotaCountMask > 0 {
+			out[name] = q & quotaCountMask
 		}
+	}
+	for _, sl := range st.set.AllSlots() {
+		add(sl.FullName(), st.slots[sl.index])
+	}
+	// A slot dropped today keeps its count through a restart too, should
+	// it come back.
+	for name, rs := range e.dropped {
+		add(name, rs)
 	}
 	return out
 }
@@ -314,36 +352,47 @@ func (e *Engine) DailyCounts(day uint64) map[string]uint64 {
 func (e *Engine) RestoreDailyCount(tenant, slot string, day, count uint64) bool {
 	_, rs, ok := e.lookup(tenant, slot)
 	if !ok {
-		return false
+		// A slot the set lacks now (dropped before the restart) keeps its
+		// count for the day, should a reload bring it back.
+		e.swap.Lock()
+		defer e.swap.Unlock()
+		name := tenant + "/" + slot
+		if rs = e.dropped[name]; rs == nil {
+			rs = new(slotState)
+			e.dropped[name] = rs
+		}
 	}
 	count = min(count, quotaCountMask)
 	for {
 		old := rs.quota.Load()
 		if old>>quotaCountBits == day && old&quotaCountMask >= count {
-			return true
+			return ok
 		}
 		if old>>quotaCountBits > day {
-			return true // a later day has begun
+			return ok // a later day has begun
 		}
 		if rs.quota.CompareAndSwap(old, day<<quotaCountBits|count) {
-			return true
+			return ok
 		}
 	}
 }
 
 // takeQuota counts one signature against today's quota; a new day starts at
-// zero.
+// zero. The count never goes back a day: a check that read the clock before
+// midnight and counts after the new day's first signatures (or a clock
+// stepped back across midnight) counts against the newer day, rather than
+// starting the old one afresh and so the new one again after it.
 func (s *slotState) takeQuota(day, limit uint64) bool {
 	for {
 		old := s.quota.Load()
-		count := old & quotaCountMask
-		if old>>quotaCountBits != day {
-			count = 0
+		stored, count := old>>quotaCountBits, old&quotaCountMask
+		if stored < day {
+			stored, count = day, 0
 		}
 		if count >= limit {
 			return false
 		}
-		if s.quota.CompareAndSwap(old, day<<quotaCountBits|(count+1)) {
+		if s.quota.CompareAndSwap(old, stored<<quotaCountBits|(count+1)) {
 			return true
 		}
 	}

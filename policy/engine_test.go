@@ -372,14 +372,72 @@ tenants:
 		t.Errorf("new slot: %v", r)
 	}
 
-	// Back to the first set: "quota" returns with a fresh count, "rated"
-	// still shares its bucket.
+	// Back to the first set the same day: "quota" returns with the day's
+	// count (a drop and a return must not give the quota back), and it
+	// is in the counts the agent stores meanwhile; "rated" still shares
+	// its bucket.
+	if got := e.DailyCounts(e.Today())["a/quota"]; got != 2 {
+		t.Errorf("the dropped slot's stored count: %d, want 2", got)
+	}
 	e.Swap(set)
-	if r := e.Check("a", "quota", alice, es256, 32).Reason; r != OK {
-		t.Errorf("re-added slot starts afresh: %v", r)
+	if r := e.Check("a", "quota", alice, es256, 32).Reason; r != QuotaExceeded {
+		t.Errorf("re-added slot the same day: %v, want its quota still used up", r)
 	}
 	if r := e.Check("a", "rated", alice, es256, 32).Reason; r != RateLimited {
 		t.Errorf("rated: %v", r)
+	}
+
+	// Dropped again, and back the next day: it starts afresh.
+	e.Swap(next)
+	clock.advance(24 * time.Hour)
+	e.Swap(set)
+	if r := e.Check("a", "quota", alice, es256, 32).Reason; r != OK {
+		t.Errorf("re-added slot the next day: %v, want a fresh count", r)
+	}
+}
+
+// A restart reads back the day's counts of every slot in the journal; one
+// the policy lacks at that point keeps its count for a reload that brings
+// it back the same day.
+func TestRestoredCountOfADroppedSlot(t *testing.T) {
+	set := mustParse(t, enginePolicy)
+	clock := newFakeClock(monday.Add(12 * time.Hour))
+	e := NewEngine(mustParse(t, `
+tenants:
+  - name: a
+    identities: {unix_uids: [1001]}
+    slots:
+      - {name: open, key: ka}
+`), clock.now)
+	if e.RestoreDailyCount("a", "quota", e.Today(), 2) {
+		t.Error("RestoreDailyCount reported a slot the set lacks as existing")
+	}
+	e.Swap(set)
+	if r := e.Check("a", "quota", alice, es256, 32).Reason; r != QuotaExceeded {
+		t.Errorf("slot back after a restart that restored its count: %v, want QuotaExceeded", r)
+	}
+}
+
+// The daily count never goes back a day: a check that read the clock just
+// before midnight and counts after the new day's first signatures, or a
+// clock stepped back across midnight, must not start the old day afresh and
+// so hand the new day's quota out again.
+func TestQuotaNeverGoesBackADay(t *testing.T) {
+	set := mustParse(t, enginePolicy) // "quota": daily_quota 2
+	clock := newFakeClock(monday.Add(24*time.Hour + time.Second))
+	e := NewEngine(set, clock.now)
+	for i, want := range []Reason{OK, OK, QuotaExceeded} {
+		if r := e.Check("a", "quota", alice, es256, 32).Reason; r != want {
+			t.Fatalf("check %d of the new day: %v, want %v", i+1, r, want)
+		}
+	}
+	clock.set(monday.Add(24*time.Hour - time.Second)) // stepped back across midnight
+	if r := e.Check("a", "quota", alice, es256, 32).Reason; r != QuotaExceeded {
+		t.Errorf("check with the clock back on the old day: %v, want it counted against the newer day", r)
+	}
+	clock.set(monday.Add(24*time.Hour + 2*time.Second))
+	if r := e.Check("a", "quota", alice, es256, 32).Reason; r != QuotaExceeded {
+		t.Errorf("the new day after a straggler from the old one: %v, want its quota still used up", r)
 	}
 }
 
@@ -508,8 +566,10 @@ func TestRestoreDailyCount(t *testing.T) {
 		t.Fatalf("after yesterday's count: %v", d.Reason)
 	}
 	e.RestoreDailyCount("a", "quota", today, 0) // lower than what it has: kept
-	if got := e.DailyCounts(today); got["a/quota"] != 1 || len(got) != 1 {
-		t.Fatalf("DailyCounts = %v, want a/quota: 1", got)
+	// a/nope, which the set lacks, keeps its count for a reload that
+	// brings it back (TestRestoredCountOfADroppedSlot).
+	if got := e.DailyCounts(today); got["a/quota"] != 1 || got["a/nope"] != 1 || len(got) != 2 {
+		t.Fatalf("DailyCounts = %v, want a/quota: 1, a/nope: 1", got)
 	}
 	e.RestoreDailyCount("a", "quota", today, 2)
 	if d := e.Check("a", "quota", alice, es256, 32); d.Reason != QuotaExceeded {
