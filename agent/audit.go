@@ -144,7 +144,7 @@ func (c *conn) record(ctx context.Context, d *signDecision) error {
 	}
 	switch {
 	case d.target.slot != nil:
-		r.Slot, r.KID = d.target.slot.FullName(), d.target.key.info.KID
+		r.Slot, r.KID, r.Version = d.target.slot.FullName(), d.target.key.info.KID, uint32(d.target.version)
 	case d.target.key != nil:
 		r.Slot, r.KID = d.target.key.info.Name, d.target.key.info.KID
 	}

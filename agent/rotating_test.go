@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -84,6 +85,27 @@ func TestAgentRotation(t *testing.T) {
 	v2 := sign()
 	if v2.KID == v1.KID {
 		t.Fatal("the slot signs with the same key after a rotation")
+	}
+	// Each signature's audit record names the version that made it.
+	recs, err := admin.AuditTail(ctx, "payments", 0, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	versions := map[string]int{}
+	for _, raw := range recs {
+		var r struct {
+			Op, KID string
+			Version int
+		}
+		if err := json.Unmarshal(raw, &r); err != nil {
+			t.Fatal(err)
+		}
+		if r.Op == "sign" {
+			versions[r.KID] = r.Version
+		}
+	}
+	if versions[v1.KID] != 1 || versions[v2.KID] != 2 {
+		t.Fatalf("sign records' versions by kid: %v, want v1's kid 1 and v2's kid 2", versions)
 	}
 	if k, _ := c.PublicKey(ctx, client.ByName("release")); k.Type != "ecdsa-p384" {
 		t.Fatalf("the rotation did not move to the pre-provisioned key: %s", k.Type)

@@ -25,6 +25,9 @@ import (
 type target struct {
 	key  *keyEntry
 	slot *policy.Slot // nil in single-tenant mode
+	// version is the slot's key version key is, with rotation on (0: none
+	// recorded, as without rotation).
+	version int
 }
 
 // name is what replies call the key: the slot's name within its tenant, or
@@ -84,7 +87,7 @@ func (c *conn) resolve(name, kid string, verify bool) (target, string, error) {
 	case kid != "":
 		var also []string // other slots with the kid
 		for _, s := range set.Slots(tenant) {
-			if _, err := c.slotKey(s, kid, true); err == nil || codeOf(err) == proto.KeyRetired {
+			if _, _, err := c.slotKey(s, kid, true); err == nil || codeOf(err) == proto.KeyRetired {
 				if slot == nil {
 					slot = s
 				} else {
@@ -107,55 +110,56 @@ func (c *conn) resolve(name, kid string, verify bool) (target, string, error) {
 	default:
 		return target{}, tenant, &proto.Error{Code: proto.NotFound, Msg: "name a key slot: there is no default slot"}
 	}
-	e, err := c.slotKey(slot, kid, verify)
+	e, version, err := c.slotKey(slot, kid, verify)
 	if err != nil {
 		return target{}, tenant, err
 	}
-	return target{key: e, slot: slot}, tenant, nil
+	return target{key: e, slot: slot, version: version}, tenant, nil
 }
 
 // slotKey is the key of slot that the request may use: without rotation
 // the configured key; with it, the active version (or, to verify, the
 // version with kid while it is not retired).
-func (c *conn) slotKey(slot *policy.Slot, kid string, verify bool) (*keyEntry, error) {
+func (c *conn) slotKey(slot *policy.Slot, kid string, verify bool) (*keyEntry, int, error) {
 	keyName := slot.Key
 	wantKID := "" // with rotation: the kid the version was recorded with
+	version := 0
 	if c.a.rot != nil {
 		store := c.a.rot.Store()
 		v, err := store.Resolve(slot.FullName())
 		if err != nil {
-			return nil, err
+			return nil, 0, err
 		}
 		if kid != "" && v.KID != kid {
 			if !verify {
 				if _, verr := store.VersionForVerify(slot.FullName(), kid, time.Now()); verr == nil {
-					return nil, &proto.Error{Code: proto.KeyRetired, Msg: "that key version verifies only; sign with the slot's name"}
+					return nil, 0, &proto.Error{Code: proto.KeyRetired, Msg: "that key version verifies only; sign with the slot's name"}
 				}
-				return nil, rotationError(rotation.ErrNotFound)
+				return nil, 0, rotationError(rotation.ErrNotFound)
 			}
 			if v, err = store.VersionForVerify(slot.FullName(), kid, time.Now()); err != nil {
-				return nil, rotationError(err)
+				return nil, 0, rotationError(err)
 			}
 		}
-		keyName, wantKID = v.Key, v.KID
+		keyName, wantKID, version = v.Key, v.KID, v.Number
 	} else if kid != "" {
 		if e := c.a.keys.entry(keyName); e == nil || e.info.KID != kid {
-			return nil, &proto.Error{Code: proto.NotFound, Msg: "no key slot with kid " + quoteShort(kid)}
+			return nil, 0, &proto.Error{Code: proto.NotFound, Msg: "no key slot with kid " + quoteShort(kid)}
 		}
 	}
 	e := c.a.keys.entry(keyName)
 	if e == nil {
 		// Load, reload and restart refuse such a state; reaching here is a bug.
-		return nil, fmt.Errorf("slot %s names key %q, which no provider serves", slot.FullName(), keyName)
+		return nil, 0, fmt.Errorf("slot %s names key %q, which no provider serves", slot.FullName(), keyName)
 	}
 	if wantKID != "" && e.info.KID != wantKID {
 		// The key name now resolves to other material, e.g. a cloud key
 		// configured as "latest" or by alias, which a rotation moved on:
 		// signing with it would sign as another version (setupRotation
 		// logged it at start). Fail closed.
-		return nil, &proto.Error{Code: proto.Unavailable, Msg: "this key version is not served: its key name now resolves to another key (see the agent's log)"}
+		return nil, 0, &proto.Error{Code: proto.Unavailable, Msg: "this key version is not served: its key name now resolves to another key (see the agent's log)"}
 	}
-	return e, nil
+	return e, version, nil
 }
 
 // listKeys is the ListKeys reply: the tenant's slots, or every key.
@@ -170,7 +174,7 @@ func (c *conn) listKeys() ([]proto.KeyEntry, error) {
 	slots := c.a.policy.Set().Slots(tenant)
 	out := make([]proto.KeyEntry, 0, len(slots))
 	for _, s := range slots {
-		if e, err := c.slotKey(s, "", false); err == nil {
+		if e, _, err := c.slotKey(s, "", false); err == nil {
 			cert := c.a.keys.cert(e.info.Name)
 			out = append(out, proto.KeyEntry{Name: s.Name, KID: e.info.KID, Provider: e.info.Provider, KeyType: string(e.info.Type),
 				Pub: e.info.SPKI, Cert: cert.leaf, Chain: cert.chain})
