@@ -19,6 +19,8 @@ import (
 	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/software"
 )
 
 // Every signature a client receives has its audit record, refusals are
@@ -320,4 +322,71 @@ func TestAuditPruneWithoutJournal(t *testing.T) {
 			t.Fatalf("AuditPrune with the journal off: %v, want JOURNAL_UNAVAILABLE", err)
 		}
 	})
+}
+
+// stubbornProvider signs after delay whatever ctx says, as a PKCS#11 C_Sign
+// in progress does.
+type stubbornProvider struct {
+	providers.Provider
+	delay time.Duration
+}
+
+func (s *stubbornProvider) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	time.Sleep(s.delay)
+	return s.Provider.Sign(ctx, key, alg, digest)
+}
+
+// A signature that comes back from a provider after the request's deadline
+// is withheld as DEADLINE_EXCEEDED, not JOURNAL_UNAVAILABLE (the journal is
+// fine), and the refusal is journaled: the policy allowed it and the token
+// signed, so the decision is in the audit trail.
+func TestLateSignatureIsWithheldAndJournaled(t *testing.T) {
+	cfg := softwareConfig(t)
+	soft, err := software.Open(software.Config{ID: "late", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "late", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Limits.RequestTimeout = 100 * time.Millisecond
+	a, err := agent.New(context.Background(), cfg, nil, agent.WithProviders(&stubbornProvider{Provider: soft, delay: 300 * time.Millisecond}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := agent.ListenUnix(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.Serve(ln)
+	r := &running{agent: a, socket: cfg.Socket}
+	rc := r.raw(t)
+	rc.hello()
+	d := sha256.Sum256([]byte("late"))
+	rc.send(&proto.Request{ID: 2, Op: proto.OpSign, Key: "late", Digest: d[:]})
+	resp, err := rc.recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Code != proto.DeadlineExceeded || len(resp.Sig) != 0 {
+		t.Fatalf("late signature: code %s, %d signature bytes; want DEADLINE_EXCEEDED and none", resp.Code, len(resp.Sig))
+	}
+	if err := a.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	var found []string
+	err = j.Scan(context.Background(), journal.Filter{}, func(r *journal.Record) error {
+		if r.DigestHash == journal.HashDigest(d[:]) {
+			found = append(found, r.CodeName)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(found) != 1 || found[0] != "DEADLINE_EXCEEDED" {
+		t.Fatalf("records of the late request: %v, want one DEADLINE_EXCEEDED", found)
+	}
 }

@@ -176,6 +176,15 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 		return nil, err
 	}
 	sig, err := e.provider.Sign(ctx, e.info.Name, alg, req.Digest)
+	if err == nil {
+		// A provider that cannot be interrupted (a PKCS#11 C_Sign) may
+		// return after the request's deadline or its client's departure.
+		// The signature is withheld then, and the journal records the
+		// refusal (with a time of its own); an append sharing the spent
+		// deadline would fail at once, leave no record, and answer
+		// JOURNAL_UNAVAILABLE of a healthy journal.
+		err = ctx.Err()
+	}
 	if err != nil {
 		if errors.Is(err, context.Canceled) && c.ctx.Err() != nil {
 			return nil, fmt.Errorf("client went away: %w", err)
