@@ -112,6 +112,12 @@ type Limits struct {
 	// The admin socket is exempt, so an operator can always get in.
 	MaxConns          int `yaml:"max_conns"`            // default 4096
 	MaxConnsPerTenant int `yaml:"max_conns_per_tenant"` // default 1024
+	// MaxHandshakes bounds the TCP connections still in their TLS
+	// handshake, whose peers are not identified yet and so count against
+	// no tenant: past it a new one is closed at once. It keeps a peer
+	// without a certificate from holding sockets (each for up to
+	// tcp.handshake_timeout) until the agent runs out of file descriptors.
+	MaxHandshakes int `yaml:"max_handshakes"` // default 256
 	// MaxInFlightPerTenant bounds the Sign and Verify requests of one
 	// tenant being worked on at once, over all its connections, so that a
 	// tenant flooding cannot starve the others of provider sessions and
@@ -269,6 +275,9 @@ func (c *Config) EnsureDefaults() {
 	if l.MaxConnsPerTenant == 0 {
 		l.MaxConnsPerTenant = 1024
 	}
+	if l.MaxHandshakes == 0 {
+		l.MaxHandshakes = 256
+	}
 	if l.MaxInFlightPerTenant == 0 {
 		l.MaxInFlightPerTenant = 32
 	}
@@ -322,6 +331,7 @@ func (c *Config) Validate() error {
 		{"max_in_flight_per_conn", c.Limits.MaxInFlightPerConn},
 		{"max_conns", c.Limits.MaxConns},
 		{"max_conns_per_tenant", c.Limits.MaxConnsPerTenant},
+		{"max_handshakes", c.Limits.MaxHandshakes},
 		{"max_in_flight_per_tenant", c.Limits.MaxInFlightPerTenant},
 	} {
 		if l.v < 0 {

@@ -16,7 +16,10 @@ import (
 //
 //   - Connections: limits.max_conns in all and limits.max_conns_per_tenant
 //     per tenant. Past either the connection gets one UNAVAILABLE reply
-//     (id 0) and is closed. The admin socket is exempt.
+//     (id 0) and is closed. The admin socket is exempt. Before either
+//     counts it, a TCP connection's TLS handshake must finish, and at most
+//     limits.max_handshakes may be under way: past it a new one is closed
+//     at once, unanswered (its peer is no one yet).
 //   - Requests: limits.max_in_flight_per_conn per connection (the reader
 //     stops reading), and limits.max_in_flight_per_tenant Sign and Verify
 //     requests per tenant being worked on at once. A request past the
@@ -33,6 +36,7 @@ import (
 // Refusal reasons, the values of the metric's "limit" label.
 const (
 	limitConns         = "max_conns"
+	limitHandshakes    = "max_handshakes"
 	limitTenantConns   = "max_conns_per_tenant"
 	limitTenantFlight  = "max_in_flight_per_tenant"
 	limitFrameTimeout  = "frame_timeout"
@@ -63,6 +67,25 @@ func (c *conn) principal() string {
 		return "uid:" + strconv.FormatUint(uint64(c.peer.uid), 10)
 	}
 	return "peer:" + c.peer.String()
+}
+
+// beginHandshake counts a TLS connection about to identify its peer against
+// max_handshakes; false: the limit refuses it.
+func (a *Agent) beginHandshake() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.handshakes >= a.cfg.Limits.MaxHandshakes {
+		return false
+	}
+	a.handshakes++
+	return true
+}
+
+// endHandshake gives back what beginHandshake counted.
+func (a *Agent) endHandshake() {
+	a.mu.Lock()
+	a.handshakes--
+	a.mu.Unlock()
 }
 
 // admit counts an identified client connection against max_conns and its

@@ -288,3 +288,77 @@ func startTLSAgentWith(t testing.TB, cfg agent.Config, opts ...agent.Option) *tl
 	go s.running.agent.Serve(tln)
 	return s
 }
+
+// TCP connections that never finish their TLS handshake (no certificate,
+// nothing sent) are not identified, so no tenant's limit counts them:
+// limits.max_handshakes does. Past it a new one is closed at once, and
+// clients on the Unix socket, and a TLS client once the squatters are gone,
+// are served as before.
+func TestHandshakeLimit(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.Limits.MaxHandshakes = 4
+	cfg.TCP.HandshakeTimeout = time.Minute // the squatters outlast the test
+	s := startTLSAgentWith(t, cfg)
+	const squatters = 20
+	var held []net.Conn
+	for range squatters {
+		nc, err := net.Dial("tcp", s.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, nc)
+	}
+	defer func() {
+		for _, nc := range held {
+			nc.Close()
+		}
+	}()
+	// A closed one reads EOF; one still waiting for its handshake times
+	// out. Look until all but max_handshakes are closed, then once more.
+	closed := make([]bool, squatters)
+	count := func() (n int) {
+		for i, nc := range held {
+			if closed[i] {
+				n++
+				continue
+			}
+			nc.SetReadDeadline(time.Now().Add(10 * time.Millisecond))
+			var b [1]byte
+			if _, err := nc.Read(b[:]); errors.Is(err, io.EOF) {
+				closed[i] = true
+				n++
+			}
+		}
+		return n
+	}
+	want := squatters - cfg.Limits.MaxHandshakes
+	for wait := time.Now().Add(5 * time.Second); count() < want && time.Now().Before(wait); {
+	}
+	time.Sleep(100 * time.Millisecond)
+	if n := count(); n != want {
+		t.Fatalf("%d of %d unidentified connections closed, want all but max_handshakes = %d", n, squatters, cfg.Limits.MaxHandshakes)
+	}
+	signOK(t, s.running.dial(t))
+
+	for _, nc := range held {
+		nc.Close()
+	}
+	good, err := s.ca.Issue(devcerts.Leaf{CommonName: "payments-client"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The agent sees the squatters' closes as their handshakes fail.
+	var c *client.Client
+	for wait := time.Now().Add(5 * time.Second); ; {
+		if c, err = s.dial(t, good); err == nil {
+			if err = c.Ping(context.Background()); err == nil {
+				break
+			}
+		}
+		if time.Now().After(wait) {
+			t.Fatalf("a TLS client after the squatters left: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	signOK(t, c)
+}

@@ -173,7 +173,7 @@ func newMetrics(a *Agent) *metrics {
 			ConstLabels: labels,
 		}, func() float64 { return float64(pr.PoolStats().Repairs) }))
 	}
-	for _, l := range []string{limitConns, limitTenantConns, limitTenantFlight, limitFrameTimeout, limitIdleTimeout, limitUnreadReplies} {
+	for _, l := range []string{limitConns, limitHandshakes, limitTenantConns, limitTenantFlight, limitFrameTimeout, limitIdleTimeout, limitUnreadReplies} {
 		m.refusals.WithLabelValues(l)
 	}
 	// Every denial reason shows up at 0 from the start.

@@ -49,6 +49,7 @@ type Agent struct {
 	httpServers map[*http.Server]struct{}
 	conns       map[*conn]struct{}
 	clientConns int                    // admitted client connections (limits.go)
+	handshakes  int                    // TLS connections not yet identified (limits.go)
 	tenants     map[string]*tenantLoad // by principal, while it has connections
 	closing     bool
 	connWG      sync.WaitGroup
