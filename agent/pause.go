@@ -41,6 +41,8 @@ type pauser struct {
 }
 
 func (p pauser) Pause(tenant, slot string) error {
+	p.a.pauseMu.Lock()
+	defer p.a.pauseMu.Unlock()
 	if err := p.a.policy.Pause(tenant, slot); err != nil {
 		return err
 	}
@@ -59,6 +61,8 @@ func (p pauser) Pause(tenant, slot string) error {
 }
 
 func (p pauser) Resume(tenant, slot string) error {
+	p.a.pauseMu.Lock()
+	defer p.a.pauseMu.Unlock()
 	if _, found := p.a.policy.Paused(tenant, slot); !found {
 		return policy.ErrSlotNotFound
 	}

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -80,6 +81,47 @@ func TestRunTimePauseSurvivesRestart(t *testing.T) {
 	agentLifetime(t, cfg, func(c, admin *client.Client) {
 		if err := sign(c); err != nil {
 			t.Fatalf("a resume did not outlive the restart: %v", err)
+		}
+	})
+}
+
+// A pause and a resume of one slot at the same time (two admins, or a
+// drill and an admin) leave the slot as one of them left it, in memory and
+// in the journal alike: never signing in memory while the journal says
+// paused (a Pause that returned OK on a slot that signs). Dropping the slot
+// from the policy and bringing it back re-reads the stored pause.
+func TestConcurrentPauseAndResumeAgree(t *testing.T) {
+	cfg := pauseConfig(t)
+	withSlot, withoutSlot := pausePolicy(true), pausePolicy(false)
+	if err := os.WriteFile(cfg.Policy, []byte(withSlot), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	sign := releaseSigner("pause race")
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		admin2, err := client.Dial(ctx, cfg.AdminSocket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer admin2.Close()
+		for i := range 40 {
+			var wg sync.WaitGroup
+			wg.Go(func() { admin.Pause(ctx, "payments/release") })
+			wg.Go(func() { admin2.Resume(ctx, "payments/release") })
+			wg.Wait()
+			inMemory := client.Code(sign(c))
+			os.WriteFile(cfg.Policy, []byte(withoutSlot), 0o600)
+			if _, err := admin.ReloadPolicy(ctx); err != nil {
+				t.Fatal(err)
+			}
+			os.WriteFile(cfg.Policy, []byte(withSlot), 0o600)
+			if _, err := admin.ReloadPolicy(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if stored := client.Code(sign(c)); stored != inMemory {
+				t.Fatalf("round %d: the slot answered %s before the reload and %s after it, from the stored pauses", i, inMemory, stored)
+			}
+			admin.Resume(ctx, "payments/release")
 		}
 	})
 }

@@ -44,6 +44,12 @@ type Agent struct {
 	certMu    sync.Mutex
 	certPaths map[string]string
 
+	// pauseMu serializes run-time pauses and resumes (pause.go): each is a
+	// change in memory and one in the journal, in opposite orders, and two
+	// interleaved (two admins, or a drill and an admin) could leave a slot
+	// signing in memory while the journal says paused.
+	pauseMu sync.Mutex
+
 	mu          sync.Mutex
 	listeners   map[net.Listener]struct{}
 	httpServers map[*http.Server]struct{}
