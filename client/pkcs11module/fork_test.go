@@ -25,3 +25,21 @@ func TestForkSafety(t *testing.T) {
 	}
 	t.Log(strings.TrimSpace(out))
 }
+
+// fork() while another thread is in C_Finalize: testdata/forkfinalize.c.
+// Each child must initialize and finalize the module cleanly, not free what
+// the parent's C_Finalize had freed already.
+func TestForkDuringFinalize(t *testing.T) {
+	need(t, "cc")
+	startFixture(t, fixtureOptions{})
+	mod := modulePath(t)
+	bin := filepath.Join(t.TempDir(), "forkfinalize")
+	if out, err := exec.Command("cc", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-I/usr/include/p11-kit-1",
+		"-o", bin, "testdata/forkfinalize.c", "-ldl", "-lpthread").CombinedOutput(); err != nil {
+		t.Fatalf("cc forkfinalize.c: %v\n%s", err, out)
+	}
+	out := run(t, nil, bin, mod)
+	if !strings.HasPrefix(out, "ok: 40 forks") {
+		t.Fatalf("forkfinalize: %s", out)
+	}
+}

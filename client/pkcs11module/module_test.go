@@ -330,6 +330,14 @@ func TestTokenSurface(t *testing.T) {
 		t.Fatalf("C_GetMechanismInfo: %+v %v", mi, err)
 	}
 	s := openSession(t, ctx)
+	// A context-specific login belongs right after an operation's Init
+	// and logs no one in (v2.40 section 5.6).
+	if err := ctx.Login(s, p11.CKU_CONTEXT_SPECIFIC, "1234"); ckr(err) != p11.CKR_OPERATION_NOT_INITIALIZED {
+		t.Fatalf("C_Login(CKU_CONTEXT_SPECIFIC) with no operation: %v, want CKR_OPERATION_NOT_INITIALIZED", err)
+	}
+	if si, err := ctx.GetSessionInfo(s); err != nil || si.State != p11.CKS_RO_PUBLIC_SESSION {
+		t.Fatalf("C_GetSessionInfo after a refused context-specific login: %+v %v", si, err)
+	}
 	if err := ctx.Login(s, p11.CKU_USER, "any PIN at all"); err != nil {
 		t.Fatalf("C_Login: %v", err)
 	}
@@ -340,6 +348,18 @@ func TestTokenSurface(t *testing.T) {
 		t.Fatalf("C_Logout: %v", err)
 	}
 	key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+	if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, key); err != nil {
+		t.Fatal(err)
+	}
+	if err := ctx.Login(s, p11.CKU_CONTEXT_SPECIFIC, "1234"); err != nil {
+		t.Fatalf("C_Login(CKU_CONTEXT_SPECIFIC) after C_SignInit: %v", err)
+	}
+	if sig, err := ctx.Sign(s, make([]byte, 32)); err != nil || len(sig) != 64 {
+		t.Fatalf("C_Sign after a context-specific login: %d bytes, %v", len(sig), err)
+	}
+	if si, err := ctx.GetSessionInfo(s); err != nil || si.State != p11.CKS_RO_PUBLIC_SESSION {
+		t.Fatalf("C_GetSessionInfo after a context-specific login: %+v %v", si, err)
+	}
 	if err := ctx.EncryptInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_RSA_PKCS, nil)}, key); ckr(err) != p11.CKR_FUNCTION_NOT_SUPPORTED {
 		t.Errorf("C_EncryptInit: %v", err)
 	}

@@ -83,7 +83,8 @@ static char *dup_bytes(sg_bytes b)
 {
 	char *s = malloc(b.n + 1);
 	if (s) {
-		memcpy(s, b.p, b.n);
+		if (b.n) /* b.p may be NULL for an absent field; memcpy must not see it */
+			memcpy(s, b.p, b.n);
 		s[b.n] = 0;
 	}
 	return s;

@@ -77,17 +77,45 @@ static struct {
 static int g_forked;
 static pthread_mutex_t g_init_mu = PTHREAD_MUTEX_INITIALIZER;
 
+/* fork() is not a Cryptoki call: an application may fork while another of
+ * its threads is in C_Initialize, C_Finalize or C_OpenSession. The child
+ * gets a copy of the state as it was at the fork, and its C_Initialize
+ * frees that copy; a copy taken halfway through C_Finalize (sessions freed,
+ * g.init still set) would be freed twice. So the fork waits for the
+ * module's state to be consistent: the prepare handler takes g_init_mu and
+ * g.mu (in the order the module takes them), and both parent and child
+ * release them. Neither is held across a round trip to the agent. */
+static int g_fork_holds_mu; /* the prepare handler took g.mu */
+
+static void on_fork_prepare(void)
+{
+	pthread_mutex_lock(&g_init_mu);
+	g_fork_holds_mu = g.init && !g_forked;
+	if (g_fork_holds_mu)
+		pthread_mutex_lock(&g.mu);
+}
+
+static void on_fork_parent(void)
+{
+	if (g_fork_holds_mu)
+		pthread_mutex_unlock(&g.mu);
+	pthread_mutex_unlock(&g_init_mu);
+}
+
 static void on_fork_child(void)
 {
-	pthread_mutex_init(&g_init_mu, NULL);
+	/* The forking thread, the child's only one, holds both. */
+	if (g_fork_holds_mu)
+		pthread_mutex_unlock(&g.mu);
+	pthread_mutex_unlock(&g_init_mu);
 	if (g.init)
 		g_forked = 1;
 }
 
-/* glibc unregisters this handler when the module is dlclose'd. */
+/* glibc unregisters these handlers when the module is dlclose'd. */
 __attribute__((constructor)) static void on_load(void)
 {
-	pthread_atfork(NULL, NULL, on_fork_child);
+	pthread_atfork(on_fork_prepare, on_fork_parent, on_fork_child);
 }
 
 #define CHECK_INIT()                      \
@@ -874,11 +902,16 @@ EXPORT CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8C
 	(void)ulPinLen;
 	SESSION(hSession, s);
 	CK_RV rv = CKR_OK;
-	if (userType != CKU_USER && userType != CKU_CONTEXT_SPECIFIC) {
+	if (userType == CKU_CONTEXT_SPECIFIC) {
+		/* Only straight after an operation's Init (v2.40 section 5.6,
+		 * C_Login), and it logs no one in: the agent authorizes each
+		 * signature by the socket's peer, so it is accepted then. */
+		rv = s->sign_active ? CKR_OK : CKR_OPERATION_NOT_INITIALIZED;
+	} else if (userType != CKU_USER) {
 		rv = CKR_USER_TYPE_INVALID;
 	} else {
 		pthread_mutex_lock(&g.mu);
-		if (userType == CKU_USER && g.logged_in)
+		if (g.logged_in)
 			rv = CKR_USER_ALREADY_LOGGED_IN;
 		g.logged_in = 1;
 		pthread_mutex_unlock(&g.mu);
