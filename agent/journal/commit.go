@@ -268,10 +268,18 @@ func (j *Journal) commitLoop() {
 			}
 			j.mu.Unlock()
 
-			err := j.commitGroup(group)
-			for _, req := range group {
-				req.err = err
-				req.done <- struct{}{}
+			// A prune commits in a group of its own: on a full journal
+			// it goes through where records do not (onlyPrunes).
+			rest := group
+			if j.full {
+				rest = j.commitPrunesApart(group)
+			}
+			if len(rest) > 0 {
+				err := j.commitGroup(rest)
+				for _, req := range rest {
+					req.err = err
+					req.done <- struct{}{}
+				}
 			}
 			clear(group)
 			j.mu.Lock()
@@ -282,11 +290,26 @@ func (j *Journal) commitLoop() {
 	}
 }
 
+// commitPrunesApart commits each prune of group in a group of its own,
+// answers it, and returns the rest of group (the slice reused in place).
+func (j *Journal) commitPrunesApart(group []*request) []*request {
+	rest := group[:0]
+	for _, req := range group {
+		if req.prune == nil {
+			rest = append(rest, req)
+			continue
+		}
+		req.err = j.commitGroup([]*request{req})
+		req.done <- struct{}{}
+	}
+	return rest
+}
+
 // commitGroup chains, encodes and commits one group. The head moves only
 // if Pebble confirms the commit.
 func (j *Journal) commitGroup(group []*request) error {
 	now := time.Now()
-	if err := j.checkSpace(now); err != nil {
+	if err := j.checkSpace(now); err != nil && !(onlyPrunes(group) && j.availBytes >= pruneFloorBytes) {
 		if holdsWork(group) {
 			j.stats.full.Add(1)
 		}
@@ -806,6 +829,7 @@ func (j *Journal) checkSpace(now time.Time) error {
 		return nil
 	}
 	wasFull := j.full
+	j.availBytes = usage.AvailBytes
 	j.full = usage.AvailBytes < uint64(j.opts.MinFreeBytes)
 	j.fullNow.Store(j.full)
 	switch {
@@ -823,6 +847,23 @@ func (j *Journal) checkSpace(now time.Time) error {
 
 // holdsWork reports whether a group holds a record or a state change:
 // Stats.Full counts refused work, not Healthy's empty probes.
+// pruneFloorBytes is the free space a prune needs when the journal is
+// full. A prune is how a full journal gets its space back (audit.md,
+// "Retention"): its commit, one record and a range deletion, is let
+// through below MinFreeBytes, down to this, which leaves room for the
+// memtable flush the compaction of the pruned range starts (Prune).
+const pruneFloorBytes = 16 << 20
+
+// onlyPrunes reports whether every request of group is a prune's.
+func onlyPrunes(group []*request) bool {
+	for _, req := range group {
+		if req.prune == nil {
+			return false
+		}
+	}
+	return len(group) > 0
+}
+
 func holdsWork(group []*request) bool {
 	for _, req := range group {
 		if req.kind == kindRecord || len(req.changes) > 0 {

@@ -211,6 +211,7 @@ type Journal struct {
 	nextSpace      time.Time   // next free-space check
 	nextCheckpoint time.Time   // next "m/head" checkpoint
 	full           bool        // the last free-space check found less than MinFreeBytes
+	availBytes     uint64      // what the last free-space check found (committer's)
 	fullNow        atomic.Bool // full, for Healthy (full belongs to the committer)
 
 	stats struct {

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"go.uber.org/zap"
 )
 
 // Retention. A journal that only grows ends full, and a full journal
@@ -91,7 +92,25 @@ func (j *Journal) Prune(ctx context.Context, before time.Time, by string) (Prune
 	if err := j.submitRecord(ctx, &r, nil, &pr); err != nil {
 		return PruneResult{}, err
 	}
+	j.reclaim(ctx, pr.from, pr.to)
 	return PruneResult{Deleted: pr.to - pr.from + 1, FromSeq: pr.from, ToSeq: pr.to, AnchorHash: pr.hash, RecordSeq: r.Seq}, nil
+}
+
+// reclaim compacts the pruned records' range, so that their space comes
+// back now: a full journal is waiting for it, and Pebble's own compactions
+// reach a range deletion only as the data above it grows. Best effort: the
+// prune stands either way.
+func (j *Journal) reclaim(ctx context.Context, from, to uint64) {
+	db, err := j.readDB()
+	if err != nil {
+		return
+	}
+	err = db.Compact(ctx, auditKeyFor(from), auditKeyFor(to+1), false)
+	j.dbMu.RUnlock()
+	if err != nil {
+		j.log.Warn("journal: compacting the pruned records failed; their space comes back as Pebble compacts",
+			zap.Uint64("from_seq", from), zap.Uint64("to_seq", to), zap.Error(err))
+	}
 }
 
 // pruneRange finds the records to delete, checking each link on the way.

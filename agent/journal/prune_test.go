@@ -3,9 +3,12 @@ package journal
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
 // pruneFixture is a journal of n records stamped 1ms apart from t0 (the
@@ -227,5 +230,36 @@ func TestFirstSeqAt(t *testing.T) {
 	mustPrune(t, j, recordAt(t0, 20))
 	if got, err := j.FirstSeqAt(t0); err != nil || got != 20 {
 		t.Errorf("FirstSeqAt after a prune = %d, %v; want 20", got, err)
+	}
+}
+
+// A full journal refuses appends, and a prune is what gets its space back
+// (audit.md, "Retention"): the prune's own commit goes through below the
+// reserve, down to pruneFloorBytes, and the pruned range is compacted at
+// once. Below the floor a prune is refused too.
+func TestPruneOnAFullJournal(t *testing.T) {
+	fs := &spaceFS{FS: vfs.Default}
+	fs.avail.Store(10 << 30)
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	j := openTest(t, t.TempDir(), WAL, func(o *Options) { o.FS = fs; o.Clock = fixedClock(t0) })
+	ctx := context.Background()
+	appendN(t, j, "acme", 50)
+	fs.avail.Store(pruneFloorBytes * 2) // under the 64 MiB reserve
+	time.Sleep(spaceCheckInterval + 10*time.Millisecond)
+	if err := j.Append(ctx, signRecord("acme", 51)); err == nil || !strings.Contains(err.Error(), "journal full") {
+		t.Fatalf("append on a full journal: %v, want journal full", err)
+	}
+	res, err := j.Prune(ctx, recordAt(t0, 41), "operator")
+	if err != nil || res.Deleted == 0 {
+		t.Fatalf("prune on a full journal: %+v, %v", res, err)
+	}
+	verifyOK(t, j)
+	fs.avail.Store(pruneFloorBytes / 2)
+	if _, err := j.Prune(ctx, recordAt(t0, 45), "operator"); err == nil || !strings.Contains(err.Error(), "journal full") {
+		t.Fatalf("prune below the floor: %v, want journal full", err)
+	}
+	fs.avail.Store(10 << 30)
+	if err := j.Append(ctx, signRecord("acme", 52)); err != nil {
+		t.Fatalf("append with room again: %v", err)
 	}
 }
