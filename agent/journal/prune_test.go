@@ -233,6 +233,40 @@ func TestFirstSeqAt(t *testing.T) {
 	}
 }
 
+// FirstSeqAt while appends go on, their groups staged for a long while:
+// the search must not ask for a record confirmed after its snapshot.
+func TestFirstSeqAtDuringAppends(t *testing.T) {
+	j := openTest(t, t.TempDir(), WAL, func(o *Options) { o.ApplyDelay = time.Hour })
+	appendN(t, j, "acme", 10)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() {
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if err := j.Append(context.Background(), signRecord("acme", i)); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	deadline := time.Now().Add(2 * time.Second)
+	for i := 0; i < 3000 && time.Now().Before(deadline); i++ {
+		if _, err := j.FirstSeqAt(time.Now().Add(time.Hour)); err != nil {
+			close(stop)
+			wg.Wait()
+			t.Fatalf("FirstSeqAt during appends, call %d: %v", i, err)
+		}
+	}
+	close(stop)
+	wg.Wait()
+}
+
 // A full journal refuses appends, and a prune is what gets its space back
 // (audit.md, "Retention"): the prune's own commit goes through below the
 // reserve, down to pruneFloorBytes, and the pruned range is compacted at

@@ -129,6 +129,11 @@ func (j *Journal) Scan(ctx context.Context, f Filter, fn func(*Record) error) er
 // stamped in seq order, so a clock stepped back can make it land a few
 // records off. It reads a handful of records, not the journal.
 func (j *Journal) FirstSeqAt(t time.Time) (uint64, error) {
+	// The head first: readAuditDB then applies every group confirmed up to
+	// it, so the snapshot holds each record the search may ask for. A head
+	// read after the snapshot may name records confirmed meanwhile and
+	// still staged, which the snapshot lacks.
+	head, _ := j.Head()
 	db, err := j.readAuditDB()
 	if err != nil {
 		return 0, err
@@ -140,7 +145,6 @@ func (j *Journal) FirstSeqAt(t time.Time) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	head, _ := j.Head()
 	want := t.UnixNano()
 	lo, hi := anchor+1, head+1 // the answer is in [lo, hi]
 	for lo < hi {
