@@ -7,8 +7,10 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -21,29 +23,55 @@ import (
 
 // snapshotDir copies dir as a SIGKILL would leave it: every file as the
 // kernel holds it, without the writes still buffered in the process.
+//
+// Pebble's background work (a compaction, a new MANIFEST) may add files
+// while the copy runs, and a copy whose MANIFEST names a file listed too
+// late is no state a kill could leave. So the copy is taken again until
+// the directory's file names are the same before and after it.
 func snapshotDir(t *testing.T, dir string, skip ...string) string {
 	t.Helper()
-	out := t.TempDir()
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-next:
-	for _, e := range entries {
-		for _, s := range skip {
-			if e.Name() == s {
-				continue next
-			}
-		}
-		data, err := os.ReadFile(filepath.Join(dir, e.Name()))
+	names := func() []string {
+		entries, err := os.ReadDir(dir)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := os.WriteFile(filepath.Join(out, e.Name()), data, 0o600); err != nil {
-			t.Fatal(err)
+		var out []string
+	next:
+		for _, e := range entries {
+			for _, s := range skip {
+				if e.Name() == s {
+					continue next
+				}
+			}
+			out = append(out, e.Name())
 		}
+		return out
 	}
-	return out
+	for attempt := 0; ; attempt++ {
+		out := t.TempDir()
+		before := names()
+		copied := true
+		for _, name := range before {
+			data, err := os.ReadFile(filepath.Join(dir, name))
+			if errors.Is(err, fs.ErrNotExist) {
+				copied = false // deleted meanwhile: take the copy again
+				break
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(out, name), data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if copied && slices.Equal(before, names()) {
+			return out
+		}
+		if attempt == 50 {
+			t.Fatalf("the files of %s kept changing while they were copied", dir)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }
 
 // openHeadOf opens a copy of dir (so dir stays as it is), returns its head
