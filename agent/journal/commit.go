@@ -336,6 +336,17 @@ func (j *Journal) commitGroup(group []*request) error {
 	// waits: this commit waits for Pebble's WAL (see tail.go) rather than
 	// going through the tail log.
 	waits := j.tail == nil
+	if j.lost[1] != 0 {
+		seq++
+		note := Record{
+			Seq: seq, Time: j.opts.Clock(), Op: LostOp, PrevHash: prev,
+			Detail: fmt.Sprintf("records %d-%d were confirmed but are not in the store: the tail log and pebble's WAL both failed them; their signatures may have been released",
+				j.lost[0], j.lost[1]),
+		}
+		putRecord(b, &key, &note)
+		prev = note.Hash
+		waits = true
+	}
 	if j.unconfirmed[1] != 0 {
 		// The last failed commit reached the disk after all: say so in
 		// the chain, next to the records whose callers were told no.
@@ -410,7 +421,7 @@ func (j *Journal) commitGroup(group []*request) error {
 	j.headMu.Lock()
 	j.headSeq, j.headHash = seq, prev
 	j.headMu.Unlock()
-	j.unconfirmed = [2]uint64{}
+	j.unconfirmed, j.lost = [2]uint64{}, [2]uint64{}
 	j.stats.commits.Add(1)
 	j.stats.records.Add(records)
 	return nil
@@ -746,16 +757,24 @@ func (j *Journal) recover() error {
 	if err := j.probeDir(); err != nil {
 		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
-	confirmed := j.headSeq
+	confirmed, confirmedHash := j.headSeq, j.headHash
 	if err := j.openDB(); err != nil {
 		return fmt.Errorf("%w: reopen: %w", ErrUnavailable, err)
 	}
 	j.stats.recoveries.Add(1)
 	if j.headSeq < confirmed {
-		// Pebble lost a write it had confirmed: never seen, but the
-		// chain would reuse seqs, so say it loudly.
-		j.log.Error("journal reopened behind its confirmed head",
-			zap.Uint64("confirmed_seq", confirmed), zap.Uint64("head_seq", j.headSeq))
+		// Records whose callers were told they are in are not: the tail
+		// log and Pebble's own WAL both failed them. The chain must not
+		// reuse their seqs (a later record would stand in for a lost one
+		// and Verify would pass), so it carries on from the confirmed
+		// head, which Verify reports as a gap, and the next commit says
+		// what was lost.
+		j.log.Error("journal reopened behind its confirmed head: confirmed records were lost; the chain continues after them",
+			zap.Uint64("confirmed_seq", confirmed), zap.Uint64("store_head_seq", j.headSeq))
+		j.lost = [2]uint64{j.headSeq + 1, confirmed}
+		j.headMu.Lock()
+		j.headSeq, j.headHash = confirmed, confirmedHash
+		j.headMu.Unlock()
 	}
 	if j.headSeq > confirmed {
 		// A commit that reported failure had reached the disk; the next

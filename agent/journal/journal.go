@@ -208,6 +208,7 @@ type Journal struct {
 	tail           *tailLog // `wal` mode only (tail.go); nil while Pebble is closed
 	nextReopen     time.Time
 	unconfirmed    [2]uint64   // seq range written by a failed commit, to note after recovery
+	lost           [2]uint64   // seq range confirmed but not in the store after a reopen, to note
 	nextSpace      time.Time   // next free-space check
 	nextCheckpoint time.Time   // next "m/head" checkpoint
 	full           bool        // the last free-space check found less than MinFreeBytes

@@ -37,6 +37,11 @@ const anchorKey = "m/anchor"
 // PruneOp is the Op of the record a prune appends.
 const PruneOp = "journal.pruned"
 
+// LostOp is the op of the record that says confirmed records were lost
+// (the tail log and Pebble's WAL both failed them) and the chain goes on
+// after them: Verify reports the gap, Prune may delete across it.
+const LostOp = "journal.lost"
+
 // ErrPruneRefused wraps the reason a prune deleted nothing.
 var ErrPruneRefused = errors.New("journal: prune refused")
 
@@ -145,6 +150,15 @@ func (j *Journal) pruneRange(ctx context.Context, before time.Time) (pruneRange,
 runs:
 	for ok := it.First(); ok; ok = it.Next() {
 		keySeq, okKey := seqFromKey(it.Key())
+		if okKey && keySeq > want {
+			// Records lost to a double fault leave a gap that a
+			// journal.lost record attests (commit.go, recover): the
+			// chain goes on from its link, and the gap can be pruned
+			// like the records around it.
+			if link, ok := attestedGap(it.Value(), want, keySeq); ok {
+				want, prev = keySeq, link
+			}
+		}
 		if !okKey || keySeq != want {
 			return refuse(want, "expected seq %d, found key %x", want, it.Key())
 		}
@@ -177,6 +191,25 @@ runs:
 		return pruneRange{}, fmt.Errorf("journal: prune: %w", err)
 	}
 	return pr, nil
+}
+
+// attestedGap reports whether run, stored under seq keySeq where seq want
+// was expected, starts with the journal.lost record that names exactly the
+// records want..keySeq-1, and returns its link (PrevHash).
+func attestedGap(run []byte, want, keySeq uint64) ([32]byte, bool) {
+	val, _, err := nextInRun(run)
+	if err != nil {
+		return [32]byte{}, false
+	}
+	var r Record
+	if err := decodeRecord(val, &r); err != nil || r.Op != LostOp || r.Seq != keySeq {
+		return [32]byte{}, false
+	}
+	var from, to uint64
+	if _, err := fmt.Sscanf(r.Detail, "records %d-%d", &from, &to); err != nil || from != want || to != keySeq-1 {
+		return [32]byte{}, false
+	}
+	return r.PrevHash, true
 }
 
 // putPrune adds a prune's deletion and new anchor to the batch.

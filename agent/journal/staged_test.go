@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -174,4 +175,62 @@ func TestStagingAnythingButRecordsForcesAReopen(t *testing.T) {
 		t.Fatalf("Stats().Failures = %d, want 1", n)
 	}
 	mustVerify(t, j, 4)
+}
+
+// Two faults at once: the applier cannot give Pebble three confirmed
+// records, and the tail log that holds them is damaged, so the reopen
+// finds a store without them. The chain must not reuse their seqs (a new
+// record standing in for a lost one would verify): it carries on after the
+// confirmed head, Verify reports the gap, and a journal.lost record says
+// which records were lost.
+func TestReopenBehindTheConfirmedHeadSkipsTheLostSeqs(t *testing.T) {
+	ctx := context.Background()
+	dir := t.TempDir()
+	j := openStaged(t, dir)
+	appendN(t, j, "acme", 3)
+	if err := os.Truncate(filepath.Join(dir, tailName), 0); err != nil {
+		t.Fatal(err)
+	}
+	j.fs.walFailed.Store(true)
+	_ = j.Append(ctx, signRecord("acme", 4)) // fails, and the journal reopens
+	var r *Record
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		r = signRecord("acme", 5)
+		err := j.Append(ctx, r)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the journal did not recover: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if r.Seq <= 3 {
+		t.Fatalf("the record after the reopen took seq %d: a lost record's seq reused", r.Seq)
+	}
+	rep, err := j.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK() {
+		t.Fatalf("Verify passed over the lost records: %+v", rep)
+	}
+	var lost []string
+	if err := j.Scan(ctx, Filter{}, func(rec *Record) error {
+		if rec.Op == "journal.lost" {
+			lost = append(lost, rec.Detail)
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(lost) != 1 || !strings.Contains(lost[0], "records 1-3") {
+		t.Fatalf("journal.lost records: %q, want one naming records 1-3", lost)
+	}
+	// Retention can still delete across the attested gap, after which the
+	// chain verifies again.
+	if _, err := j.Prune(ctx, time.Now().Add(time.Hour), "test"); err != nil {
+		t.Fatalf("prune across the attested gap: %v", err)
+	}
+	verifyOK(t, j)
 }
