@@ -19,9 +19,11 @@ import (
 type Durability int
 
 const (
-	// WAL: the record was written to Pebble's write-ahead log with
-	// write(2), without fsync. It survives a killed process (the kernel
-	// has the bytes), not a power cut or kernel crash. The default.
+	// WAL: the record was copied into the journal's tail log, a shared
+	// memory mapping of a file (tail.go), or, for commits that carry
+	// state, written to Pebble's write-ahead log; either way without
+	// fsync. It survives a killed process (the kernel has the bytes), not
+	// a power cut or kernel crash. The default.
 	WAL Durability = iota
 	// Fsync: the record's WAL write was also fsynced. Concurrent appends
 	// share one commit and so one fsync (group commit).
