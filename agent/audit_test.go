@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
+	"go.uber.org/zap/zapcore"
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/journal"
@@ -388,5 +390,47 @@ func TestLateSignatureIsWithheldAndJournaled(t *testing.T) {
 	}
 	if len(found) != 1 || found[0] != "DEADLINE_EXCEEDED" {
 		t.Fatalf("records of the late request: %v, want one DEADLINE_EXCEEDED", found)
+	}
+}
+
+// leakyProvider fails every Sign with an error whose text names the
+// agent's own things, as cloud SDK errors do (a key ARN, and in it the
+// account).
+type leakyProvider struct{ providers.Provider }
+
+const leakyDetail = "awskms sign arn:aws:kms:eu-west-1:123456789012:key/1234abcd: throttled"
+
+func (leakyProvider) Sign(context.Context, string, providers.Algorithm, []byte) ([]byte, error) {
+	return nil, fmt.Errorf("%s: %w", leakyDetail, providers.ErrUnavailable)
+}
+
+// A provider's error reaches the client as its code and a fixed text; its
+// own text, which may name key ARNs, accounts or vaults, goes to the log.
+func TestProviderErrorTextStaysInTheLog(t *testing.T) {
+	cfg := softwareConfig(t)
+	soft, err := software.Open(software.Config{ID: "leaky", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "leaky", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, logs := startAgentObserved(t, cfg, agent.WithProviders(leakyProvider{soft}))
+	c := r.dial(t)
+	d := sha256.Sum256([]byte("x"))
+	_, err = c.Sign(context.Background(), client.ByName("leaky"), client.Algorithm{}, d[:])
+	if client.Code(err) != proto.Unavailable {
+		t.Fatalf("sign: %v, want UNAVAILABLE", err)
+	}
+	if strings.Contains(err.Error(), "123456789012") || strings.Contains(err.Error(), "arn:") {
+		t.Fatalf("the client was told the provider's text: %v", err)
+	}
+	found := false
+	for _, e := range logs.All() {
+		for _, f := range e.Context {
+			if f.Type == zapcore.ErrorType && strings.Contains(fmt.Sprint(f.Interface), leakyDetail) {
+				found = true
+			}
+		}
+	}
+	if !found {
+		t.Fatal("the provider's error is not in the log")
 	}
 }

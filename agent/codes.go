@@ -32,8 +32,32 @@ func clientMessage(code proto.Code, err error) string {
 	if errors.As(err, &pe) {
 		return pe.Msg
 	}
-	if code == proto.Internal {
-		return "internal error; see the agent's log"
+	var pf *providerFailure
+	if code == proto.Internal || errors.As(err, &pf) {
+		return fixedMessage(code)
 	}
 	return err.Error()
+}
+
+// providerFailure is a provider's signing error on its way to a client. A
+// provider's text names the agent's own things: its key names, a key's
+// ARN (and with it the cloud account), a vault's URL, a token's label.
+// A tenant is told the code and a fixed text; the log has the detail.
+type providerFailure struct{ err error }
+
+func (e *providerFailure) Error() string { return e.err.Error() }
+func (e *providerFailure) Unwrap() error { return e.err }
+
+// fixedMessage is what a client is told of a failure whose own text is
+// not for it.
+func fixedMessage(code proto.Code) string {
+	switch code {
+	case proto.Internal:
+		return "internal error; see the agent's log"
+	case proto.Unavailable:
+		return "the key's provider could not sign now; see the agent's log"
+	case proto.DeadlineExceeded:
+		return "the key's provider did not sign within the deadline"
+	}
+	return "the key's provider refused (" + code.String() + "); see the agent's log"
 }

@@ -183,15 +183,16 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 		// refusal (with a time of its own); an append sharing the spent
 		// deadline would fail at once, leave no record, and answer
 		// JOURNAL_UNAVAILABLE of a healthy journal.
-		err = ctx.Err()
-	}
-	if err != nil {
-		if errors.Is(err, context.Canceled) && c.ctx.Err() != nil {
-			return nil, fmt.Errorf("client went away: %w", err)
+		if err = ctx.Err(); err == nil {
+			return sig, nil
 		}
-		return nil, err
+	} else {
+		err = &providerFailure{err}
 	}
-	return sig, nil
+	if errors.Is(err, context.Canceled) && c.ctx.Err() != nil {
+		return nil, fmt.Errorf("client went away: %w", err)
+	}
+	return nil, err
 }
 
 func (c *conn) verify(req *proto.Request, resp *proto.Response, meta *reqMeta) error {
