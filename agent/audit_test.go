@@ -349,16 +349,7 @@ func TestLateSignatureIsWithheldAndJournaled(t *testing.T) {
 		t.Fatal(err)
 	}
 	cfg.Limits.RequestTimeout = 100 * time.Millisecond
-	a, err := agent.New(context.Background(), cfg, nil, agent.WithProviders(&stubbornProvider{Provider: soft, delay: 300 * time.Millisecond}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := agent.ListenUnix(cfg.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go a.Serve(ln)
-	r := &running{agent: a, socket: cfg.Socket}
+	r := startAgent(t, cfg, agent.WithProviders(&stubbornProvider{Provider: soft, delay: 300 * time.Millisecond}))
 	rc := r.raw(t)
 	rc.hello()
 	d := sha256.Sum256([]byte("late"))
@@ -370,7 +361,7 @@ func TestLateSignatureIsWithheldAndJournaled(t *testing.T) {
 	if resp.Code != proto.DeadlineExceeded || len(resp.Sig) != 0 {
 		t.Fatalf("late signature: code %s, %d signature bytes; want DEADLINE_EXCEEDED and none", resp.Code, len(resp.Sig))
 	}
-	if err := a.Shutdown(context.Background()); err != nil {
+	if err := r.agent.Shutdown(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 	j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
