@@ -39,3 +39,17 @@ func Verify(pub crypto.PublicKey, alg Algorithm, digest, sig []byte) error {
 	}
 	return nil
 }
+
+// CheckReturned verifies a signature a remote provider (a cloud KMS)
+// returned for digest against the served key's public key, before it is
+// released. The service's answer names the key it used, but a signature
+// by another key or version (a misrouted request, a key changed under its
+// name, a faulty proxy) would otherwise go out under the served kid: fail
+// closed instead. It costs a verification, nothing beside a network round
+// trip.
+func CheckReturned(info KeyInfo, alg Algorithm, digest, sig []byte) error {
+	if err := Verify(info.Public, alg, digest, sig); err != nil {
+		return fmt.Errorf("the signature returned does not verify against key %s's public key (kid %s): %w", info.Name, info.KID, ErrUnavailable)
+	}
+	return nil
+}

@@ -488,8 +488,14 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if out.KeyId != nil && *out.KeyId != k.keyID {
 		return nil, fmt.Errorf("awskms sign %s: response names another key: %w", name, providers.ErrUnavailable)
 	}
+	if p.closed.Load() {
+		return nil, fmt.Errorf("awskms sign %s: provider closed during the call: %w", name, providers.ErrUnavailable)
+	}
 	// ECDSA signatures arrive ASN.1 DER and RSA ones raw: already the
 	// encodings providers.Provider promises.
+	if err := providers.CheckReturned(k.info, alg, digest, out.Signature); err != nil {
+		return nil, fmt.Errorf("awskms sign %s: %w", name, err)
+	}
 	return out.Signature, nil
 }
 

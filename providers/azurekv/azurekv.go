@@ -325,15 +325,20 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if len(resp.Result) != k.size {
 		return nil, fmt.Errorf("azurekv sign %s: signature of %d bytes, want %d: %w", name, len(resp.Result), k.size, providers.ErrUnavailable)
 	}
+	if p.closed.Load() {
+		return nil, fmt.Errorf("azurekv sign %s: provider closed during the call: %w", name, providers.ErrUnavailable)
+	}
+	sig := resp.Result
 	if alg.Scheme == providers.SchemeECDSA {
 		// Key Vault returns JOSE-style raw r‖s; providers.Provider promises DER.
-		der, err := providers.ECDSARawToASN1(resp.Result)
-		if err != nil {
+		if sig, err = providers.ECDSARawToASN1(resp.Result); err != nil {
 			return nil, fmt.Errorf("azurekv sign %s: %w", name, err)
 		}
-		return der, nil
 	}
-	return resp.Result, nil
+	if err := providers.CheckReturned(k.info, alg, digest, sig); err != nil {
+		return nil, fmt.Errorf("azurekv sign %s: %w", name, err)
+	}
+	return sig, nil
 }
 
 // Close implements providers.Provider. Sign fails with ErrUnavailable after

@@ -383,3 +383,15 @@ func TestDefaultCredentialAndChallengeVerification(t *testing.T) {
 // defaultCredentialRuns counts TestDefaultCredentialAndChallengeVerification's
 // runs in this process.
 var defaultCredentialRuns atomic.Int32
+
+// A signature the vault returns by another key is not released under the
+// served kid: Sign checks it against the served public key.
+func TestSignByAnotherKeyIsRefused(t *testing.T) {
+	tf := newFleet(t, 0)
+	tf.kv.Update(func() { tf.v["ec-p256"].Signer = testKeys()["p256-b"] })
+	digest := randomDigest(algES256.Hash)
+	sig, err := tf.p.Sign(context.Background(), "p256", algES256, digest)
+	if !errors.Is(err, providers.ErrUnavailable) || sig != nil {
+		t.Fatalf("Sign with the vault signing by another key: %d bytes, %v; want ErrUnavailable", len(sig), err)
+	}
+}

@@ -282,6 +282,9 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 		if err = checkSignResponse(resp, k.version); err == nil {
 			// ECDSA signatures arrive ASN.1 DER and RSA ones raw: already the
 			// encodings providers.Provider promises.
+			if err := providers.CheckReturned(k.info, alg, digest, resp.Signature); err != nil {
+				return nil, fmt.Errorf("gcpkms sign %s: %w", name, err)
+			}
 			return resp.Signature, nil
 		}
 		p.log.Warn("gcpkms sign integrity check failed",

@@ -460,3 +460,19 @@ func TestNewVersionUnknownBase(t *testing.T) {
 		t.Fatalf("AddKey(missing resource) = %v, want ErrNotFound", err)
 	}
 }
+
+// A signature the service returns by another key (a key material change
+// under the version's name, a faulty proxy) is not released under the
+// served kid: Sign checks it against the served public key.
+func TestSignByAnotherKeyIsRefused(t *testing.T) {
+	tf := newFleet(t, 0)
+	v, err := tf.kms.Lookup(gcpkmstest.VersionName("rsa-pss", "1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	tf.kms.Update(func() { v.Signer = gcpkmstest.TestKeys()["rsa2048"] })
+	sig, err := tf.p.Sign(context.Background(), "rsa-pss", algPS256, randomDigest(algPS256.Hash))
+	if !errors.Is(err, providers.ErrUnavailable) || sig != nil {
+		t.Fatalf("Sign with the service signing by another key: %d bytes, %v; want ErrUnavailable", len(sig), err)
+	}
+}
