@@ -387,9 +387,13 @@ func (p *Provider) Healthy() error {
 }
 
 func (p *Provider) healthy() error {
-	if p.closed.Load() {
+	// Counted as a call in flight, as Sign is: Close must not finalize the
+	// module (a crash in C_GetSessionInfo) or close the pool (a session
+	// handed back to a closed pool stays open) under the probe.
+	if !p.enter() {
 		return errClosed
 	}
+	defer p.exit()
 	st := p.state.Load()
 	if err := stateError(st); err != nil {
 		return fmt.Errorf("pkcs11 provider %s: %w", p.id, err)

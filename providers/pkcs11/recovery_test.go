@@ -646,3 +646,47 @@ func TestReloadRefusesAnotherTokenUnderTheSameLabel(t *testing.T) {
 	}
 	assertNoSecret(t, logs, tok.PIN)
 }
+
+// A readiness probe (Healthy) racing Close: Close waits for it as for a
+// Sign, so the probe neither calls into a finalized module (the process
+// would crash) nor hands its session back to a closed pool (the session
+// would stay open on the token). A second provider keeps the module loaded
+// here, so that the probe's late C_GetSessionInfo cannot crash the test.
+func TestHealthyRacingClose(t *testing.T) {
+	tok := softhsmtest.New(t, "hclose")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	open(t, tok, keyConfigs(keys), func(c *Config) { c.ID = "keeper" })
+	var armed atomic.Bool
+	inHook, resume := make(chan struct{}), make(chan struct{})
+	p, err := Open(context.Background(), Config{ID: "probed", Module: tok.Module, PINEnv: pinEnv, Keys: keyConfigs(keys),
+		Backoff: 20 * time.Millisecond, Sessions: 1,
+		FaultHook: func(op string) uint {
+			if op == "session-info" && armed.CompareAndSwap(true, false) {
+				close(inHook)
+				<-resume
+			}
+			return 0
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	armed.Store(true)
+	probed := make(chan error, 1)
+	go func() { probed <- p.Healthy() }()
+	<-inHook
+	closed := make(chan error, 1)
+	go func() { closed <- p.Close() }()
+	select {
+	case err := <-closed:
+		t.Fatalf("Close returned (%v) while the probe was inside the module", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(resume)
+	<-probed
+	if err := <-closed; err != nil {
+		t.Fatalf("Close: %v", err)
+	}
+	if live, idle := p.live.Load(), len(p.idle); live != 0 || idle != 0 {
+		t.Fatalf("after Close: %d sessions still open (%d idle in the closed pool)", live, idle)
+	}
+}
