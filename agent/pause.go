@@ -76,6 +76,12 @@ func (p pauser) Resume(tenant, slot string) error {
 	return p.a.policy.Resume(tenant, slot)
 }
 
+// Paused reports whether the slot refuses with PAUSED now (a run-time
+// pause or its policy file).
+func (p pauser) Paused(tenant, slot string) (paused, found bool) {
+	return p.a.policy.Paused(tenant, slot)
+}
+
 // restorePauses puts the stored pauses back in force. A stored pause of a
 // slot the policy no longer has is kept, and applies again if the slot
 // comes back.

@@ -181,6 +181,18 @@ func TestAgentRotation(t *testing.T) {
 	if _, err := verify(v3); client.Code(err) != proto.KeyRetired {
 		t.Fatalf("after an emergency rotation the old version: %v", err)
 	}
+
+	// An operator pauses the slot, then drills it (the incident
+	// playbook): the drill rotates and leaves the slot paused.
+	if _, err := admin.Pause(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	if msg, err = admin.IncidentDrill(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Sign(ctx, client.ByName("release"), es256, d[:]); client.Code(err) != proto.Paused {
+		t.Fatalf("after a drill of a slot an operator had paused: %v, want PAUSED (%s)", err, msg)
+	}
 }
 
 // The same on a SoftHSM2 token: the new version is generated in the token,

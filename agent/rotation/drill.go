@@ -14,10 +14,13 @@ import (
 )
 
 // Pauser pauses and resumes a slot's signing (signers get PAUSED meanwhile).
-// The policy engine (policy.Engine) satisfies it.
+// The policy engine (policy.Engine) satisfies it. Paused reports whether
+// the slot refuses with PAUSED now, for whatever reason (an operator's
+// pause, the policy file).
 type Pauser interface {
 	Pause(tenant, slot string) error
 	Resume(tenant, slot string) error
+	Paused(tenant, slot string) (paused, found bool)
 }
 
 // DrillReport is the outcome of an incident drill.
@@ -28,8 +31,11 @@ type DrillReport struct {
 	// Rotation is the emergency rotation; nil when it failed.
 	Rotation *Result
 	// Resumed: the slot was resumed. A drill whose rotation failed leaves
-	// the slot paused.
+	// the slot paused, and so does one on a slot paused before it.
 	Resumed bool
+	// WasPaused: the slot was paused before the drill (an operator's
+	// pause, or its policy file), and the drill left it so.
+	WasPaused bool
 	// Statement is the incident statement (Markdown), rendered from the
 	// journal records of the drill; StatementFile is where it was written
 	// (empty without an EvidenceDir). It is also stored in the journal
@@ -46,7 +52,9 @@ type DrillReport struct {
 //     version stops verifying at the cut-over and is retired once the
 //     rotation succeeded), which re-signs and verifies the canary set and
 //     writes a REP;
-//  4. resume the slot;
+//  4. resume the slot, unless it was paused before the drill: an
+//     operator who paused a suspect key and then drills it means it to
+//     stay paused;
 //  5. an incident statement rendered from the journal records of the
 //     slot from the drill's first seq on, written next to the REPs and
 //     stored; its BLAKE3 is in the closing record "drill.done".
@@ -89,11 +97,20 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 	rep.FirstSeq = first.Seq
 
 	drillErr := func() error {
-		if err := p.Pause(tenant, name); err != nil {
-			return fmt.Errorf("pause: %w", err)
-		}
-		if err := appendRec(rec("pause", "incident drill: signing refused with PAUSED")); err != nil {
-			return fmt.Errorf("pause: journal: %w", err)
+		if paused, _ := p.Paused(tenant, name); paused {
+			// Paused already: the operator's pause, and who made it,
+			// stay as they are.
+			rep.WasPaused = true
+			if err := appendRec(rec("pause", "incident drill: the slot was paused already; it stays paused after the drill")); err != nil {
+				return fmt.Errorf("pause: journal: %w", err)
+			}
+		} else {
+			if err := p.Pause(tenant, name); err != nil {
+				return fmt.Errorf("pause: %w", err)
+			}
+			if err := appendRec(rec("pause", "incident drill: signing refused with PAUSED")); err != nil {
+				return fmt.Errorf("pause: journal: %w", err)
+			}
 		}
 		opts.Emergency = true
 		if opts.Reason == "" {
@@ -104,6 +121,9 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 			return err
 		}
 		rep.Rotation = res
+		if rep.WasPaused {
+			return nil
+		}
 		if err := p.Resume(tenant, name); err != nil {
 			return fmt.Errorf("resume: %w", err)
 		}
@@ -116,7 +136,7 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 
 	// The statement, from the journal.
 	in := &incident{slot: slot, started: started, ended: r.now(), firstSeq: rep.FirstSeq, result: rep.Rotation,
-		err: drillErr, resumed: rep.Resumed, evidenceKeyID: EvidenceKeyID(r.evidencePub)}
+		err: drillErr, resumed: rep.Resumed, wasPaused: rep.WasPaused, evidenceKeyID: EvidenceKeyID(r.evidencePub)}
 	// Detached from ctx, as the drill's records are: the caller's going away
 	// must not leave the drill without its closing record. If the read
 	// fails all the same, the statement shows the records read so far and

@@ -44,6 +44,10 @@ func (p *fakePauser) Resume(tenant, slot string) error {
 	return nil
 }
 
+func (p *fakePauser) Paused(tenant, slot string) (paused, found bool) {
+	return p.isPaused(tenant + "/" + slot), true
+}
+
 func (p *fakePauser) isPaused(slot string) bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -67,6 +71,28 @@ func (s *pauseCheckingSigner) Sign(ctx context.Context, key string, alg provider
 		return nil, err
 	}
 	return s.inner.Sign(ctx, key, alg, digest)
+}
+
+// A drill of a slot paused before it (an operator's pause) neither pauses
+// nor resumes it: the slot stays paused, and the statement says so.
+func TestDrillOfAPausedSlotLeavesItPaused(t *testing.T) {
+	e := newEnv(t, providers.KeyECDSAP256)
+	p := &fakePauser{paused: map[string]bool{testSlot: true}}
+	o := e.opts()
+	o.Signer = &pauseCheckingSigner{inner: e.soft, pauser: p, j: e.j}
+	rep, err := e.rot.Drill(context.Background(), testSlot, p, o)
+	if err != nil {
+		t.Fatalf("Drill: %v", err)
+	}
+	if len(p.calls) != 0 || !p.isPaused(testSlot) {
+		t.Fatalf("pauser calls %v, paused %v; want none, and still paused", p.calls, p.isPaused(testSlot))
+	}
+	if rep.Resumed || !rep.WasPaused || rep.Rotation == nil {
+		t.Fatalf("report %+v", rep)
+	}
+	if !strings.Contains(string(rep.Statement), "stays **paused**") {
+		t.Fatalf("the statement does not say the slot stays paused:\n%s", rep.Statement)
+	}
 }
 
 func TestDrill(t *testing.T) {

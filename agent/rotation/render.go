@@ -114,6 +114,7 @@ type incident struct {
 	result         *Result
 	err            error
 	resumed        bool
+	wasPaused      bool
 	evidenceKeyID  string
 }
 
@@ -132,7 +133,7 @@ func renderIncident(in *incident) []byte {
 	p("## Outcome\n\n")
 	if in.err != nil {
 		p("- **Failed**: %s\n", md(in.err.Error()))
-		if !in.resumed {
+		if !in.resumed && !in.wasPaused {
 			p("- The slot was left **paused** (signing refused with `PAUSED`): resume it with `sigil resume %s` once the situation is understood.\n", md(in.slot))
 		}
 	}
@@ -142,6 +143,9 @@ func renderIncident(in *incident) []byte {
 	}
 	if in.resumed {
 		p("- The slot was resumed.\n")
+	}
+	if in.wasPaused {
+		p("- The slot was paused before the drill and stays **paused**: the drill neither paused nor resumed it.\n")
 	}
 
 	// Signing decisions on the slot during the drill, by code.
