@@ -277,10 +277,15 @@ func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
 		if now.Before(notBefore) {
 			continue
 		}
-		res, err := s.rotate(ctx, slot, due)
+		res, err := s.rotate(ctx, slot, due, func(cur Slot) bool {
+			d := NextDue(cals[slot], &cur)
+			return !d.IsZero() && !now.Before(d)
+		})
 		switch {
 		case errors.Is(err, ErrBusy):
 			// A manual rotation or drill holds the slot; look again next tick.
+		case errors.Is(err, errNotDue):
+			// Rotated meanwhile by someone else: nothing to do.
 		case err != nil:
 			s.mu.Lock()
 			s.retry[slot] = now.Add(s.opts.RetryAfter)
@@ -305,7 +310,7 @@ func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
 	return rep, errors.Join(errs...)
 }
 
-func (s *Scheduler) rotate(ctx context.Context, slot string, due time.Time) (*Result, error) {
+func (s *Scheduler) rotate(ctx context.Context, slot string, due time.Time, stillDue func(Slot) bool) (*Result, error) {
 	opts, err := s.opts.Options(slot)
 	if err != nil {
 		return nil, fmt.Errorf("rotation options: %w", err)
@@ -316,7 +321,7 @@ func (s *Scheduler) rotate(ctx context.Context, slot string, due time.Time) (*Re
 	if opts.Peer == "" {
 		opts.Peer = "scheduler"
 	}
-	return s.r.Rotate(ctx, slot, opts)
+	return s.r.rotateIfDue(ctx, slot, opts, stillDue)
 }
 
 // Next is the earliest time anything is due: a rotation (or its retry

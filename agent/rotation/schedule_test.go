@@ -296,3 +296,35 @@ func TestSchedulerRun(t *testing.T) {
 		t.Fatalf("Run returned %v", err)
 	}
 }
+
+// The scheduler decides from a snapshot of every slot, then rotates them
+// one after another. A manual rotation of a later slot meanwhile makes it
+// no longer due: the scheduler must not rotate it a second time at once.
+func TestSchedulerSkipsASlotRotatedMeanwhile(t *testing.T) {
+	e := newEnv(t, providers.KeyECDSAP256)
+	const other = "payments/aaa" // sorts before testSlot: rotated first
+	v1, err := e.soft.GenerateKey(context.Background(), other+"/v1", providers.KeyECDSAP256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.store.Enroll(context.Background(), other, v1, "test"); err != nil {
+		t.Fatal(err)
+	}
+	cal := Calendar{Period: 720 * time.Hour}
+	s := newScheduler(t, e, map[string]Calendar{other: cal, testSlot: cal})
+	manual := false
+	e.rot.hook = func(step string) error {
+		if step == StepCSR && !manual {
+			manual = true // during the scheduler's rotation of other
+			if _, err := e.rot.Rotate(context.Background(), testSlot, e.opts()); err != nil {
+				t.Errorf("manual rotation: %v", err)
+			}
+		}
+		return nil
+	}
+	t0 := e.clock.Now()
+	rep := tick(t, e, s, t0.Add(721*time.Hour))
+	if got := e.active().Number; got != 2 {
+		t.Fatalf("%s is at v%d after a manual rotation during the scheduler's round, want v2 (rotated %d)", testSlot, got, len(rep.Rotated))
+	}
+}
