@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"sync"
@@ -135,15 +136,28 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	if awsCfg.Region == "" {
 		return nil, fmt.Errorf("awskms provider %s: no region configured: %w", cfg.ID, providers.ErrBadRequest)
 	}
-	// The SDK's standard retryer decides what is retryable (throttling,
-	// transient 5xx, connection resets). Its backoff is capped so that
-	// retries fit inside the per-call deadline instead of outliving it.
+	// The SDK's standard retryer, for transient 5xx and connection resets
+	// only, with a jittered backoff capped so that retries fit inside the
+	// per-call deadline instead of outliving it. Throttling is not
+	// retried: it is RATE_LIMITED at once, for the client to back off,
+	// rather than three requests per signature to a service that is
+	// already refusing, in step with every other caller's.
 	maxBackoff := cfg.Timeout / 4
 	opts := []func(*kms.Options){func(o *kms.Options) {
 		if cfg.Endpoint != "" {
 			o.BaseEndpoint = aws.String(cfg.Endpoint)
 		}
-		o.Retryer = retry.AddWithMaxBackoffDelay(o.Retryer, maxBackoff)
+		o.Retryer = retry.NewStandard(func(so *retry.StandardOptions) {
+			so.MaxBackoff = maxBackoff
+			so.Backoff = jitterBackoff{max: maxBackoff}
+			so.Retryables = []retry.IsErrorRetryable{
+				retry.NoRetryCanceledError{},
+				retry.RetryableError{},
+				retry.RetryableConnectionError{},
+				retry.RetryableHTTPStatusCode{Codes: retry.DefaultRetryableHTTPStatusCodes},
+				retry.RetryableErrorCode{Codes: retry.DefaultRetryableErrorCodes},
+			}
+		})
 	}}
 	opts = append(opts, cfg.ClientOptions...)
 	client := kms.NewFromConfig(awsCfg, opts...)
@@ -497,6 +511,19 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 		return nil, fmt.Errorf("awskms sign %s: %w", name, err)
 	}
 	return out.Signature, nil
+}
+
+// jitterBackoff is a full-jitter exponential backoff from 25 ms, capped at
+// max. The SDK's own, under a cap below one second, waits the cap every
+// time: every caller retrying in step.
+type jitterBackoff struct{ max time.Duration }
+
+func (b jitterBackoff) BackoffDelay(attempt int, _ error) (time.Duration, error) {
+	ceil := min(b.max, 25*time.Millisecond<<min(attempt, 16))
+	if ceil <= 0 {
+		return 0, nil
+	}
+	return time.Duration(rand.Int64N(int64(ceil) + 1)), nil
 }
 
 // Close implements providers.Provider. Sign fails with ErrUnavailable after

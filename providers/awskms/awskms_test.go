@@ -46,6 +46,7 @@ type transport struct {
 	stallKey  atomic.Value // string: a key id whose Sign requests stall
 	stallHost string
 	faults    sync.Map // operation name ("UpdateAlias") → fault, on every attempt
+	injected  atomic.Int64 // requests answered by inject
 }
 
 // fault is how an operation fails as the client sees it.
@@ -61,6 +62,9 @@ const (
 	faultAppliedLost
 	// faultRefused5xx: a 500, and local-kms never sees the request.
 	faultRefused5xx
+	// faultThrottled: KMS's throttling answer (400 ThrottlingException),
+	// and local-kms never sees the request.
+	faultThrottled
 )
 
 func (tr *transport) Do(req *http.Request) (*http.Response, error) {
@@ -102,10 +106,14 @@ func (tr *transport) inject(req *http.Request, f fault) (*http.Response, error) 
 	}
 	// What KMS answers when it fails inside; the SDK retries it, and
 	// meets the same fault each time.
-	const body = `{"__type":"KMSInternalException","message":"injected fault"}`
+	body, status, code := `{"__type":"KMSInternalException","message":"injected fault"}`, "500 Internal Server Error", http.StatusInternalServerError
+	if f == faultThrottled {
+		body, status, code = `{"__type":"ThrottlingException","message":"Rate exceeded"}`, "400 Bad Request", http.StatusBadRequest
+	}
+	tr.injected.Add(1)
 	return &http.Response{
-		Status:        "500 Internal Server Error",
-		StatusCode:    http.StatusInternalServerError,
+		Status:        status,
+		StatusCode:    code,
 		Proto:         "HTTP/1.1",
 		ProtoMajor:    1,
 		ProtoMinor:    1,
@@ -482,5 +490,28 @@ func BenchmarkSign(b *testing.B) {
 		if _, err := p.Sign(context.Background(), "p256", algES256, digest); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// KMS throttling is RATE_LIMITED at once, after one request: the SDK's
+// retries of a throttle (with a fixed backoff under a short cap) would
+// send the throttled service three requests per signature, in step with
+// every other caller, and turn the answer into DEADLINE_EXCEEDED for a
+// caller with a tight deadline.
+func TestThrottlingIsNotRetried(t *testing.T) {
+	tf := newFleet(t, 0)
+	tf.tr.faults.Store("Sign", faultThrottled)
+	ctx, cancel := context.WithTimeout(context.Background(), 400*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := tf.p.Sign(ctx, "p256", algES256, randomDigest(algES256.Hash))
+	if !errors.Is(err, providers.ErrRateLimited) {
+		t.Fatalf("Sign while KMS throttles: %v, want ErrRateLimited", err)
+	}
+	if n := tf.tr.injected.Load(); n != 1 {
+		t.Fatalf("%d Sign requests for one throttled signature, want 1", n)
+	}
+	if el := time.Since(start); el > 200*time.Millisecond {
+		t.Fatalf("the throttle took %v to report", el)
 	}
 }
