@@ -487,16 +487,38 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	}
 	p.log.Info("gcpkms key version created", zap.String("base", base),
 		zap.String("key", name), zap.String("version", version), zap.Stringer("state", created.GetState()))
+	// A version the rotation cannot use must not stay ENABLED: it is the
+	// highest, so a key configured as "latest" would pick it at the next
+	// start.
+	discard := func(err error) (providers.KeyInfo, error) {
+		p.destroyVersion(ctx, version)
+		return fail(err)
+	}
 	if created.GetState() != kmspb.CryptoKeyVersion_ENABLED {
 		if err := p.awaitEnabled(ctx, version); err != nil {
-			return fail(err)
+			return discard(err)
 		}
 	}
 	info, err := p.serve(ctx, name, version)
 	if err != nil {
-		return fail(err)
+		return discard(err)
 	}
 	return info, nil
+}
+
+// destroyVersion schedules an unused new version for destruction, best
+// effort: the rotation has failed already, and the version was never
+// served. Cloud KMS keeps it restorable for the key's destroy-scheduled
+// duration.
+func (p *Provider) destroyVersion(ctx context.Context, version string) {
+	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
+	defer cancel()
+	if _, err := p.client.DestroyCryptoKeyVersion(callCtx, &kmspb.DestroyCryptoKeyVersionRequest{Name: version}); err != nil {
+		p.log.Warn("gcpkms: could not schedule an unused new version for destruction; it stays enabled",
+			zap.String("version", version), zap.Error(classify(callCtx, callCtx, "destroy version", err)))
+		return
+	}
+	p.log.Info("gcpkms: unused new version scheduled for destruction", zap.String("version", version))
 }
 
 // awaitEnabled polls version until it is ENABLED, each call bounded by the

@@ -476,3 +476,25 @@ func TestSignByAnotherKeyIsRefused(t *testing.T) {
 		t.Fatalf("Sign with the service signing by another key: %d bytes, %v; want ErrUnavailable", len(sig), err)
 	}
 }
+
+// A rotation that fails after its version exists schedules that version's
+// destruction: left ENABLED, it would be the highest, and a key configured
+// as "latest" would pick it at the next start.
+func TestFailedNewVersionIsDestroyed(t *testing.T) {
+	tf := newFleet(t, 0)
+	tf.kms.Update(func() {
+		tf.kms.NewVersionFault = func(v *gcpkmstest.Version) { v.CorruptPEMCRC = true }
+	})
+	if _, err := tf.p.NewVersion(context.Background(), "p256", "p256-v2"); err == nil {
+		t.Fatal("NewVersion succeeded with a public key that fails its integrity check")
+	}
+	v, err := tf.kms.Lookup(gcpkmstest.VersionName("p256", "2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st kmspb.CryptoKeyVersion_CryptoKeyVersionState
+	tf.kms.Update(func() { st = v.State })
+	if st != kmspb.CryptoKeyVersion_DESTROY_SCHEDULED {
+		t.Fatalf("the failed rotation's version is %s, want DESTROY_SCHEDULED", st)
+	}
+}

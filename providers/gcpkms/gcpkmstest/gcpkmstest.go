@@ -44,6 +44,11 @@ type Server struct {
 	signs    int // AsymmetricSign calls answered, faults included
 	gets     int // GetCryptoKeyVersion calls answered
 	addr     string
+
+	// NewVersionFault, when set, is applied to every version
+	// CreateCryptoKeyVersion makes (under the server's lock), so a test
+	// can fail a rotation after the version exists.
+	NewVersionFault func(*Version)
 }
 
 // Addr is the loopback address Serve listens on (host:port), for an agent
@@ -296,8 +301,25 @@ func (f *Server) CreateCryptoKeyVersion(_ context.Context, req *kmspb.CreateCryp
 		}
 	}
 	v := &Version{Signer: signer, Alg: alg, State: kmspb.CryptoKeyVersion_PENDING_GENERATION, pendingGets: 1}
+	if f.NewVersionFault != nil {
+		f.NewVersionFault(v)
+	}
 	f.versions[name] = v
 	return &kmspb.CryptoKeyVersion{Name: name, State: v.State, Algorithm: alg}, nil
+}
+
+// DestroyCryptoKeyVersion schedules a version's destruction, as Cloud KMS
+// does: it is DESTROY_SCHEDULED from then on, and signs no more.
+func (f *Server) DestroyCryptoKeyVersion(_ context.Context, req *kmspb.DestroyCryptoKeyVersionRequest) (*kmspb.CryptoKeyVersion, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	v, ok := f.versions[req.Name]
+	if !ok {
+		return nil, status.Errorf(codes.NotFound, "CryptoKeyVersion %s not found", req.Name)
+	}
+	v.State = kmspb.CryptoKeyVersion_DESTROY_SCHEDULED
+	v.pendingGets = 0
+	return &kmspb.CryptoKeyVersion{Name: req.Name, State: v.State, Algorithm: v.Alg}, nil
 }
 
 // generate makes a fresh key for alg: ECDSA P-256, P-384 or RSA-2048.
