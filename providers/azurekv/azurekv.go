@@ -315,7 +315,7 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	}
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
-	resp, err := p.client.Sign(callCtx, k.key, k.version, azkeys.SignParameters{Algorithm: &jws, Value: digest}, nil)
+	resp, err := p.signCall(callCtx, k, jws, digest)
 	if err != nil {
 		return nil, classify(ctx, callCtx, "sign "+name, err)
 	}
@@ -339,6 +339,30 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 		return nil, fmt.Errorf("azurekv sign %s: %w", name, err)
 	}
 	return sig, nil
+}
+
+// signCall is the SDK's Sign, bounded by ctx. azcore's bearer token policy
+// lets one call fetch a new token while the others wait for it, and the
+// waiters do not heed their own contexts: while a slow token endpoint
+// holds the fetch, a Sign with a short deadline would wait out the
+// fetcher's. So the call runs aside, and the caller leaves at its deadline;
+// the call ends with its context, once the fetch lets it.
+func (p *Provider) signCall(ctx context.Context, k *remoteKey, jws azkeys.SignatureAlgorithm, digest []byte) (azkeys.SignResponse, error) {
+	type result struct {
+		resp azkeys.SignResponse
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		resp, err := p.client.Sign(ctx, k.key, k.version, azkeys.SignParameters{Algorithm: &jws, Value: digest}, nil)
+		done <- result{resp, err}
+	}()
+	select {
+	case r := <-done:
+		return r.resp, r.err
+	case <-ctx.Done():
+		return azkeys.SignResponse{}, ctx.Err()
+	}
 }
 
 // Close implements providers.Provider. Sign fails with ErrUnavailable after

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
 	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
 
 	"github.com/sigil-agent/sigil/providers"
@@ -393,5 +394,53 @@ func TestSignByAnotherKeyIsRefused(t *testing.T) {
 	sig, err := tf.p.Sign(context.Background(), "p256", algES256, digest)
 	if !errors.Is(err, providers.ErrUnavailable) || sig != nil {
 		t.Fatalf("Sign with the vault signing by another key: %d bytes, %v; want ErrUnavailable", len(sig), err)
+	}
+}
+
+// stallingCredential hands out its inner credential's tokens, but the
+// first expires almost at once and the fetch of the second hangs until its
+// caller gives up: a slow managed-identity endpoint during a refresh.
+type stallingCredential struct {
+	inner azcore.TokenCredential
+	calls atomic.Int32
+}
+
+func (c *stallingCredential) GetToken(ctx context.Context, o policy.TokenRequestOptions) (azcore.AccessToken, error) {
+	switch c.calls.Add(1) {
+	case 1:
+		tok, err := c.inner.GetToken(ctx, o)
+		tok.ExpiresOn = time.Now().Add(300 * time.Millisecond)
+		return tok, err
+	case 2:
+		<-ctx.Done()
+		return azcore.AccessToken{}, ctx.Err()
+	}
+	return c.inner.GetToken(ctx, o)
+}
+
+// A Sign's deadline bounds it even while another call's token fetch
+// hangs: azcore makes the other callers wait for that fetch without
+// heeding their own contexts.
+func TestSignDeadlineDuringATokenFetch(t *testing.T) {
+	tf := newFleet(t, 0)
+	cred := &stallingCredential{inner: tf.cred}
+	p, err := Open(context.Background(), Config{ID: "azure2", VaultURL: tf.url, Keys: []KeyConfig{{Name: "p256", Key: "ec-p256", Version: tf.v["ec-p256"].ID}},
+		Timeout: 1500 * time.Millisecond, Credential: cred, ClientOptions: tf.opts})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	time.Sleep(400 * time.Millisecond) // the first token has expired
+	go p.Sign(context.Background(), "p256", algES256, randomDigest(algES256.Hash)) // fetches, and hangs
+	time.Sleep(100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err = p.Sign(ctx, "p256", algES256, randomDigest(algES256.Hash))
+	if el := time.Since(start); el > 500*time.Millisecond {
+		t.Fatalf("a Sign with a 50ms deadline returned after %v (%v)", el, err)
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Sign: %v, want a deadline error", err)
 	}
 }
