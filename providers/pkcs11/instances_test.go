@@ -3,10 +3,12 @@ package pkcs11
 import (
 	"context"
 	"crypto"
+	"errors"
 	"os"
 	"path/filepath"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
@@ -131,5 +133,43 @@ func TestModuleInstancesLimits(t *testing.T) {
 	}
 	if _, err := tryOpen(t, tok, nil, func(c *Config) { c.Instances = 2; c.Module = missing; c.TokenLabel = tok.Label }); err == nil {
 		t.Fatal("Open of a missing module: want an error")
+	}
+}
+
+// Key generation pauses the instances beside instance 0; a Sign routed to
+// one of them before the pause began waits for it only as long as its own
+// deadline allows, then gives up with nothing sent to the module.
+func TestSignDeadlineDuringKeyGeneration(t *testing.T) {
+	tok := softhsmtest.New(t, "genwait")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	p := open(t, tok, keyConfigs(keys), func(c *Config) {
+		c.Instances, c.Sessions = 2, 4
+		c.FaultHook = func(op string) uint {
+			if op == "generate" {
+				time.Sleep(1500 * time.Millisecond)
+			}
+			return 0
+		}
+	})
+	ecdsa := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	digest := digestOf(crypto.SHA256, []byte("during a generation"))
+	generated := make(chan error, 1)
+	go func() {
+		_, err := p.GenerateKey(context.Background(), "rotated", providers.KeyECDSAP256, "", []byte{0x78})
+		generated <- err
+	}()
+	time.Sleep(300 * time.Millisecond) // the peer instance is paused now
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := p.peers[0].signOn(ctx, string(providers.KeyECDSAP256), ecdsa, digest)
+	if el := time.Since(start); el > 600*time.Millisecond {
+		t.Fatalf("a Sign with a 200ms deadline on the paused instance took %v (%v)", el, err)
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Sign on the paused instance: %v, want a deadline error", err)
+	}
+	if err := <-generated; err != nil {
+		t.Fatal(err)
 	}
 }

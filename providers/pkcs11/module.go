@@ -1,6 +1,7 @@
 package pkcs11
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"path/filepath"
@@ -114,21 +115,34 @@ func (m *module) release() {
 // enter marks a goroutine as inside the module; false while a reload holds
 // the gate. Every call through ctx or lib is bracketed by enter and exit.
 func (m *module) enter() bool {
+	ok, _ := m.enterCtx(context.Background())
+	return ok
+}
+
+// enterCtx is enter for a call with a deadline: while a pause (key
+// generation on another instance) holds the gate it waits until the pause
+// ends or ctx does, and then returns ctx's error. ctx.Done is asked for
+// only then: the agent's request context arms a timer when it is.
+func (m *module) enterCtx(ctx context.Context) (bool, error) {
 	for {
 		m.calls.Add(1)
 		g := m.gate.Load()
 		if g == gateOpen {
-			return true
+			return true, nil
 		}
 		m.calls.Add(-1)
 		if g == gateReload {
-			return false
+			return false, nil
 		}
 		m.pauseMu.Lock()
 		ch := m.paused
 		m.pauseMu.Unlock()
 		if ch != nil {
-			<-ch
+			select {
+			case <-ch:
+			case <-ctx.Done():
+				return false, ctx.Err()
+			}
 		}
 	}
 }

@@ -309,10 +309,16 @@ func (p *Provider) signOn(ctx context.Context, name string, alg providers.Algori
 			p.release(s)
 			return nil, fmt.Errorf("pkcs11 sign %s: key object %s is missing from the token or was replaced: %w", name, k.obj, providers.ErrUnavailable)
 		}
-		rv, n, failedInit := p.signCall(s, h, &params, input, out[:k.sigLen])
+		rv, n, failedInit := p.signCall(ctx, s, h, &params, input, out[:k.sigLen])
 		if rv == p11.CKR_OK {
 			p.release(s)
 			return k.encode(out[:n])
+		}
+		if rv == rvGaveUp {
+			// The caller's deadline passed while key generation paused
+			// this instance; nothing reached the module.
+			p.release(s)
+			return nil, fmt.Errorf("pkcs11 sign %s: waiting out a key generation: %w", name, ctx.Err())
 		}
 		if rv == rvStale {
 			// A reload ran or is running: nothing was sent to the module.
@@ -353,14 +359,20 @@ func requestError(rv uint) error {
 // under the caller; it is no CKR_ value, and nothing reached the module.
 const rvStale = ^uint(0)
 
+// rvGaveUp is signCall's answer when the caller's context ended while a
+// pause held the module; no CKR_ value either, and nothing reached it.
+const rvGaveUp = ^uint(0) - 1
+
 // signCall is the hot path's one cgo crossing (see shim.go).
-func (p *Provider) signCall(s *session, key uint, params *signParams, input, out []byte) (rv uint, n int, failedInit bool) {
+func (p *Provider) signCall(ctx context.Context, s *session, key uint, params *signParams, input, out []byte) (rv uint, n int, failedInit bool) {
 	if p.inject != nil {
 		if rv := p.inject("sign"); rv != 0 {
 			return rv, 0, true
 		}
 	}
-	if !p.mod.enter() {
+	if ok, err := p.mod.enterCtx(ctx); err != nil {
+		return rvGaveUp, 0, true
+	} else if !ok {
 		return rvStale, 0, true
 	}
 	// Inside the gate the generation cannot move. A reload between acquire
