@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	pkcs11uri "github.com/stefanberger/go-pkcs11uri"
@@ -55,6 +56,10 @@ type Config struct {
 	// loadFrom is the file an instance loads the module from when it is not
 	// Module: a private copy (instances.go).
 	loadFrom string
+	// pinRefused is shared by the instances of one Open: once the token
+	// has refused the PIN to one of them, none presents it again (see
+	// Provider.login).
+	pinRefused *atomic.Bool
 
 	Keys []KeyConfig
 

@@ -8,6 +8,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 
 	"github.com/sigil-agent/sigil/providers"
 	"go.uber.org/zap"
@@ -57,6 +58,7 @@ const MaxInstances = 16
 // locked token with providers.ErrTokenLocked; neither is retried.
 func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	cfg.ensureDefaults()
+	cfg.pinRefused = new(atomic.Bool)
 	if cfg.Instances == 1 {
 		return openInstance(ctx, cfg)
 	}

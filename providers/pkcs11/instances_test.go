@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	p11 "github.com/miekg/pkcs11"
+
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
 )
@@ -171,5 +173,48 @@ func TestSignDeadlineDuringKeyGeneration(t *testing.T) {
 	}
 	if err := <-generated; err != nil {
 		t.Fatal(err)
+	}
+}
+
+// With several module instances, a token that refuses the PIN (it was
+// changed) on the re-login of one is not presented it again by the
+// others: each instance trying once would spend one of the token's few
+// tries per instance, and lock it.
+func TestWrongPINIsPresentedOnceAcrossInstances(t *testing.T) {
+	tok := softhsmtest.New(t, "pininst")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	faults := newFaultSwitch()
+	p := open(t, tok, keyConfigs(keys), func(c *Config) {
+		c.Instances, c.Sessions = 2, 4
+		c.FaultHook = faults.hook
+	})
+	logins := faults.count("login")
+	// The PIN changes (injected: the module's second copy would not see a
+	// C_SetPIN made through the first) and every instance loses its login.
+	faults.set(map[string]uint{"login": p11.CKR_PIN_INCORRECT})
+	for _, inst := range []*Provider{p, p.peers[0]} {
+		err := inst.mod.pause(func() {
+			s, err := inst.mod.ctx.OpenSession(uint(inst.slot.Load()), p11.CKF_SERIAL_SESSION)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			inst.mod.ctx.Logout(s)
+			inst.mod.ctx.CloseSession(s)
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	ecdsa := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	digest := digestOf(crypto.SHA256, []byte("pin"))
+	for range 10 {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		p.Sign(ctx, string(providers.KeyECDSAP256), ecdsa, digest)
+		cancel()
+	}
+	time.Sleep(300 * time.Millisecond) // backoff periods for both supervisors
+	if n := faults.count("login") - logins; n != 1 {
+		t.Fatalf("%d C_Login attempts with the wrong PIN over 2 instances, want 1", n)
 	}
 }

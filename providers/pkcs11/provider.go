@@ -23,6 +23,7 @@ type Provider struct {
 	tokenLabel string // for messages
 	serial     string // the token's identity for login sharing
 	pin        string
+	pinRefused *atomic.Bool // shared by the instances of one Open (login)
 	inject     func(string) uint
 	size       int
 	backoff    time.Duration
@@ -143,6 +144,7 @@ func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 		tokenSel:   sel,
 		tokenLabel: sel.String(),
 		pin:        pin,
+		pinRefused: cfg.pinRefused,
 		inject:     cfg.FaultHook,
 		size:       cfg.Sessions,
 		backoff:    cfg.Backoff,

@@ -219,7 +219,15 @@ func (p *Provider) relogin() error {
 
 // login performs C_Login with the PIN; an already logged-in token is success.
 // Errors never carry the PIN.
+//
+// A token counts wrong PINs and locks at its limit. Once it has refused
+// the PIN to one module instance, no instance presents it again: N
+// instances each trying once after a PIN change would spend N of the
+// token's tries.
 func (p *Provider) login(s *session) error {
+	if p.pinRefused != nil && p.pinRefused.Load() {
+		return fmt.Errorf("login to token %s: %w: the token refused this PIN to another module instance; not presented again", p.tokenLabel, providers.ErrPINIncorrect)
+	}
 	err := p.call("login", func(c *p11.Ctx) error { return c.Login(s.h, p11.CKU_USER, p.pin) })
 	switch {
 	case err == nil, isRV(err, p11.CKR_USER_ALREADY_LOGGED_IN):
@@ -227,11 +235,19 @@ func (p *Provider) login(s *session) error {
 	}
 	switch classify(rvOf(err)) {
 	case faultPIN:
+		p.refusePIN()
 		return fmt.Errorf("login to token %s: %w: %w", p.tokenLabel, providers.ErrPINIncorrect, err)
 	case faultLocked:
+		p.refusePIN()
 		return fmt.Errorf("login to token %s: %w: %w", p.tokenLabel, providers.ErrTokenLocked, err)
 	}
 	return fmt.Errorf("login to token %s: %w", p.tokenLabel, err)
+}
+
+func (p *Provider) refusePIN() {
+	if p.pinRefused != nil {
+		p.pinRefused.Store(true)
+	}
 }
 
 // findKeys finds every served key's private key object again. A key whose
