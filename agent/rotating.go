@@ -139,6 +139,19 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 	return nil
 }
 
+// servable reports whether v's key signs here now: served, under v's kid.
+// An accepted version whose key was lost (adopt logs it at start) is not.
+func (a *Agent) servable(v rotation.Version) error {
+	e := a.keys.entry(v.Key)
+	switch {
+	case e == nil:
+		return fmt.Errorf("key %s is not served (see the agent's log at start): %w", v.Key, providers.ErrUnavailable)
+	case e.info.KID != v.KID:
+		return fmt.Errorf("key %s now has kid %s, the version was recorded with %s: %w", v.Key, e.info.KID, v.KID, providers.ErrUnavailable)
+	}
+	return nil
+}
+
 // adopt serves again a key version generated before a restart.
 func (a *Agent) adopt(ctx context.Context, v rotation.Version) error {
 	for _, p := range a.keys.providers {
@@ -311,7 +324,7 @@ func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {
 	defer cancel()
 	peer := c.peer.String()
 	if req.Op == proto.OpRollback {
-		o := rotation.RollbackOptions{Reason: "manual", Peer: peer}
+		o := rotation.RollbackOptions{Reason: "manual", Peer: peer, Servable: c.a.servable}
 		if tenant, _, _ := rotation.SplitSlot(slot); c.a.policy != nil {
 			o.PolicyHash, _ = c.a.policy.Set().TenantHash(tenant)
 		}

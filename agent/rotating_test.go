@@ -242,3 +242,46 @@ tenants:
 		}
 	})
 }
+
+// A rollback to a version whose key the agent cannot serve (its generated
+// key was lost; the agent logged that at start) is refused: every
+// signature would fail, and the next start would refuse the agent for an
+// active version it cannot serve.
+func TestRollbackToAnUnservableVersionIsRefused(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	os.WriteFile(cfg.Policy, []byte(twoTenants(os.Getuid(), "spiffe://example.org/billing")), 0o600)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Rotation.Canaries = 2
+	ctx := context.Background()
+	d := sha256.Sum256([]byte("rollback"))
+	es256 := client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA256}
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		for range 2 { // v2 and v3 generated; v2 accepted
+			if err := admin.Rotate(ctx, "payments/release"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	lost, _ := filepath.Glob(filepath.Join(cfg.DataDir, "keys", "*", "*v2*"))
+	if len(lost) != 1 {
+		t.Fatalf("v2's key file: %v", lost)
+	}
+	if err := os.Remove(lost[0]); err != nil {
+		t.Fatal(err)
+	}
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		if _, err := admin.Rollback(ctx, "payments/release"); client.Code(err) != proto.Unavailable {
+			t.Fatalf("rollback to a version whose key is gone: %v, want UNAVAILABLE", err)
+		}
+		if _, err := c.Sign(ctx, client.ByName("release"), es256, d[:]); err != nil {
+			t.Fatalf("the slot after the refused rollback: %v", err)
+		}
+	})
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		if _, err := c.Sign(ctx, client.ByName("release"), es256, d[:]); err != nil {
+			t.Fatalf("after a restart: %v", err)
+		}
+	})
+}

@@ -657,6 +657,11 @@ type RollbackOptions struct {
 	PolicyHash [32]byte
 	Reason     string
 	Peer       string
+	// Servable, if set, says whether the version rolled back to can sign
+	// now (its key is served, under its kid). A rollback to one that
+	// cannot is refused: every signature would fail, and the next start
+	// would refuse an active version it cannot serve.
+	Servable func(Version) error
 }
 
 // Rollback makes the slot's previous version active again: the
@@ -705,6 +710,12 @@ func (r *Rotator) Rollback(ctx context.Context, slot string, opts RollbackOption
 		if t.StateAt(now) == StateRetired {
 			refused = fmt.Errorf("rollback %s to v%d: %w", slot, t.Number, ErrKeyRetired)
 			return refused
+		}
+		if opts.Servable != nil {
+			if err := opts.Servable(*t); err != nil {
+				refused = fmt.Errorf("rollback %s to v%d: its key cannot sign: %w", slot, t.Number, err)
+				return refused
+			}
 		}
 		from = *cur
 		t.State, t.T1, t.Retired, t.Activated = StateActive, time.Time{}, time.Time{}, now
