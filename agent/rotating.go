@@ -120,7 +120,8 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 	sched, err := rotation.NewScheduler(rot, rotation.SchedulerOptions{
 		Calendars: cals,
 		Options: func(slot string) (rotation.RotateOptions, error) {
-			return a.rotateOptions(slot, "scheduled", "scheduler")
+			// No reason: the scheduler writes "scheduled, due <time>".
+			return a.rotateOptions(slot, "", "scheduler")
 		},
 	})
 	if err != nil {

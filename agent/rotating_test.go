@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
@@ -282,6 +283,43 @@ func TestRollbackToAnUnservableVersionIsRefused(t *testing.T) {
 	agentLifetime(t, cfg, func(c, admin *client.Client) {
 		if _, err := c.Sign(ctx, client.ByName("release"), es256, d[:]); err != nil {
 			t.Fatalf("after a restart: %v", err)
+		}
+	})
+}
+
+// A rotation the calendar makes says so, and when it was due, in its
+// journal records and evidence pack: "scheduled, due <time>".
+func TestScheduledRotationNamesItsDueTime(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	os.WriteFile(cfg.Policy, []byte(twoTenants(os.Getuid(), "spiffe://example.org/billing")), 0o600)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Rotation.Canaries = 2
+	due := time.Now().Add(3 * time.Second).UTC().Truncate(time.Second) // after the slot is enrolled at start
+	cfg.Rotation.Calendars = map[string]rotation.CalendarConfig{"payments/release": {Dates: []string{due.Format(time.RFC3339)}}}
+	ctx := context.Background()
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		want := "scheduled, due " + due.Format(time.RFC3339)
+		for deadline := time.Now().Add(10 * time.Second); ; {
+			recs, err := admin.AuditTail(ctx, "payments", 0, 1000)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, raw := range recs {
+				var r struct{ Op, Detail string }
+				json.Unmarshal(raw, &r)
+				if r.Op == "rotate.start" {
+					if !strings.Contains(r.Detail, want) {
+						t.Fatalf("the scheduled rotation's start record: %q, want it to say %q", r.Detail, want)
+					}
+					return
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the calendar's rotation did not start")
+			}
+			time.Sleep(50 * time.Millisecond)
 		}
 	})
 }
