@@ -81,33 +81,47 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	// The write runs alone among the module instances (instances.go).
 	err = p.writeExclusive(func() error {
 		return p.call("generate", func(c *p11.Ctx) error {
-			for _, a := range []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, label), p11.NewAttribute(p11.CKA_ID, id)} {
-				objs, err := findObjects(c, sh, []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PRIVATE_KEY), a}, 1)
-				if err != nil {
-					return err
-				}
-				if len(objs) > 0 {
-					return fmt.Errorf("a private key with this %s already exists on the token", map[uint]string{p11.CKA_LABEL: "label", p11.CKA_ID: "id"}[a.Type])
+			// Private and public objects alike: a leftover public key with
+			// the id would make the new pair's public half ambiguous.
+			for _, class := range []uint{p11.CKO_PRIVATE_KEY, p11.CKO_PUBLIC_KEY} {
+				for _, a := range []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, label), p11.NewAttribute(p11.CKA_ID, id)} {
+					objs, err := findObjects(c, sh, []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, class), a}, 1)
+					if err != nil {
+						return err
+					}
+					if len(objs) > 0 {
+						return fmt.Errorf("a %s key with this %s already exists on the token",
+							map[uint]string{p11.CKO_PRIVATE_KEY: "private", p11.CKO_PUBLIC_KEY: "public"}[class],
+							map[uint]string{p11.CKA_LABEL: "label", p11.CKA_ID: "id"}[a.Type])
+					}
 				}
 			}
-			_, priv, err := c.GenerateKeyPair(sh, []*p11.Mechanism{p11.NewMechanism(mech, nil)}, pubTmpl, privTmpl)
+			pubH, priv, err := c.GenerateKeyPair(sh, []*p11.Mechanism{p11.NewMechanism(mech, nil)}, pubTmpl, privTmpl)
 			if err != nil {
 				return fmt.Errorf("C_GenerateKeyPair: %w", err)
 			}
+			// From here a failure destroys the new pair: left on the
+			// token it would be a key no journal record names, holding
+			// the label the next attempt needs.
+			destroy := func(err error) error {
+				_ = c.DestroyObject(sh, priv)
+				_ = c.DestroyObject(sh, pubH)
+				return err
+			}
 			pub, err := readPublicKey(c, sh, priv)
 			if err != nil {
-				return err
+				return destroy(err)
 			}
 			info, err := providers.NewKeyInfo(p.id, name, pub)
 			if err != nil {
-				return err
+				return destroy(err)
 			}
 			if info.Type != kt {
-				return fmt.Errorf("token generated a %s key, asked for %s", info.Type, kt)
+				return destroy(fmt.Errorf("token generated a %s key, asked for %s", info.Type, kt))
 			}
 			n, err := signatureLen(pub)
 			if err != nil {
-				return err
+				return destroy(err)
 			}
 			k.info, k.sigLen = info, n
 			k.handle.Store(uint64(priv))

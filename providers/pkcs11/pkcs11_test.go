@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	p11 "github.com/miekg/pkcs11"
+
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
 	"github.com/sigil-agent/sigil/providers/providertest"
@@ -398,5 +400,42 @@ func TestFunctionListLayout(t *testing.T) {
 	defer lib.close()
 	if !lib.symbolsMatch() {
 		t.Fatal("shim's C_SignInit/C_Sign slots are not the module's C_SignInit/C_Sign: CK_FUNCTION_LIST layout is wrong")
+	}
+}
+
+// A generation that cannot end well leaves nothing on the token: here a
+// public key object left behind under the id (its private half deleted)
+// would make the new pair's public half ambiguous. The generation is
+// refused before it makes a pair, and the label stays free for the retry.
+func TestGenerateKeyLeavesNoOrphan(t *testing.T) {
+	tok := softhsmtest.New(t, "orphan")
+	tok.GenerateKey(t, providers.KeyECDSAP256, "retired", []byte{0x42})
+	tok.WithModule(t, func(c *p11.Ctx, slot uint) {
+		s, err := c.OpenSession(slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.CloseSession(s)
+		if err := c.Login(s, p11.CKU_USER, tok.PIN); err != nil && !errors.Is(err, p11.Error(p11.CKR_USER_ALREADY_LOGGED_IN)) {
+			t.Fatal(err)
+		}
+		if err := c.FindObjectsInit(s, []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PRIVATE_KEY), p11.NewAttribute(p11.CKA_ID, []byte{0x42})}); err != nil {
+			t.Fatal(err)
+		}
+		objs, _, err := c.FindObjects(s, 1)
+		c.FindObjectsFinal(s)
+		if err != nil || len(objs) != 1 {
+			t.Fatalf("the retired private key: %v %v", objs, err)
+		}
+		if err := c.DestroyObject(s, objs[0]); err != nil {
+			t.Fatal(err)
+		}
+	})
+	p := open(t, tok, nil, func(c *Config) { c.TokenLabel = tok.Label })
+	if _, err := p.GenerateKey(context.Background(), "new", providers.KeyECDSAP256, "new", []byte{0x42}); err == nil {
+		t.Fatal("GenerateKey over a leftover public key with the id succeeded")
+	}
+	if _, err := p.GenerateKey(context.Background(), "new", providers.KeyECDSAP256, "new", []byte{0x43}); err != nil {
+		t.Fatalf("the retry under the same label: %v (an orphan from the first attempt holds it)", err)
 	}
 }
