@@ -45,7 +45,7 @@ type transport struct {
 	signs     atomic.Int64
 	stallKey  atomic.Value // string: a key id whose Sign requests stall
 	stallHost string
-	faults    sync.Map // operation name ("UpdateAlias") → fault, on every attempt
+	faults    sync.Map     // operation name ("UpdateAlias") → fault, on every attempt
 	injected  atomic.Int64 // requests answered by inject
 }
 
