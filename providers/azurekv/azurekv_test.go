@@ -430,8 +430,9 @@ func TestSignDeadlineDuringATokenFetch(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer p.Close()
-	time.Sleep(400 * time.Millisecond)                                             // the first token has expired
-	go p.Sign(context.Background(), "p256", algES256, randomDigest(algES256.Hash)) // fetches, and hangs
+	time.Sleep(400 * time.Millisecond) // the first token has expired
+	// This Sign fetches the next token, and the fetch hangs.
+	go p.Sign(context.Background(), "p256", algES256, randomDigest(algES256.Hash))
 	time.Sleep(100 * time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
 	defer cancel()
