@@ -249,12 +249,7 @@ tenants:
 // signature would fail, and the next start would refuse the agent for an
 // active version it cannot serve.
 func TestRollbackToAnUnservableVersionIsRefused(t *testing.T) {
-	cfg := softwareConfig(t)
-	cfg.DefaultKey = ""
-	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
-	os.WriteFile(cfg.Policy, []byte(twoTenants(os.Getuid(), "spiffe://example.org/billing")), 0o600)
-	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
-	cfg.Rotation.Canaries = 2
+	cfg := smallRotationConfig(t)
 	ctx := context.Background()
 	d := sha256.Sum256([]byte("rollback"))
 	es256 := client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA256}
@@ -290,12 +285,7 @@ func TestRollbackToAnUnservableVersionIsRefused(t *testing.T) {
 // A rotation the calendar makes says so, and when it was due, in its
 // journal records and evidence pack: "scheduled, due <time>".
 func TestScheduledRotationNamesItsDueTime(t *testing.T) {
-	cfg := softwareConfig(t)
-	cfg.DefaultKey = ""
-	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
-	os.WriteFile(cfg.Policy, []byte(twoTenants(os.Getuid(), "spiffe://example.org/billing")), 0o600)
-	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
-	cfg.Rotation.Canaries = 2
+	cfg := smallRotationConfig(t)
 	due := time.Now().Add(3 * time.Second).UTC().Truncate(time.Second) // after the slot is enrolled at start
 	cfg.Rotation.Calendars = map[string]rotation.CalendarConfig{"payments/release": {Dates: []string{due.Format(time.RFC3339)}}}
 	ctx := context.Background()
@@ -322,4 +312,17 @@ func TestScheduledRotationNamesItsDueTime(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	})
+}
+
+// smallRotationConfig is softwareConfig with the two-tenant policy, an
+// admin socket and rotation on with a canary set of 2.
+func smallRotationConfig(t *testing.T) agent.Config {
+	t.Helper()
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	os.WriteFile(cfg.Policy, []byte(twoTenants(os.Getuid(), "spiffe://example.org/billing")), 0o600)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Rotation.Canaries = 2
+	return cfg
 }
