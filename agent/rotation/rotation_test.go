@@ -718,3 +718,43 @@ func TestRotateToPreProvisionedKey(t *testing.T) {
 		t.Fatal("rotating to a key that is already a version succeeded")
 	}
 }
+
+// makeThenFail generates the key, then fails, as a maker does that finds
+// the new key unfit after making it.
+type makeThenFail struct{ inner KeyMaker }
+
+func (m makeThenFail) GenerateKey(ctx context.Context, name string, kt providers.KeyType) (providers.KeyInfo, error) {
+	info, err := m.inner.GenerateKey(ctx, name, kt)
+	if err != nil {
+		return info, err
+	}
+	return info, errors.New("the new key is unfit")
+}
+
+// Every key a rotation makes can be traced from the journal: rotate.start
+// names the key it will make (a crash right after the generation leaves
+// no keygen record), and a failure names a key the maker made and then
+// reported failing.
+func TestRotationNamesItsKeys(t *testing.T) {
+	e := newEnv(t, providers.KeyECDSAP256)
+	o := e.opts()
+	o.Maker = makeThenFail{e.soft}
+	if _, err := e.rot.Rotate(context.Background(), testSlot, o); err == nil {
+		t.Fatal("Rotate succeeded with a failing maker")
+	}
+	var start, failed string
+	for _, r := range e.records() {
+		switch r.Op {
+		case "rotate.start":
+			start = r.Detail
+		case "rotate.failed":
+			failed = r.Detail
+		}
+	}
+	if !strings.Contains(start, "key "+testSlot+"/v2") {
+		t.Errorf("rotate.start %q does not name the key it makes", start)
+	}
+	if !strings.Contains(failed, "generated key "+testSlot+"/v2 is not in use") {
+		t.Errorf("rotate.failed %q does not name the key the maker made", failed)
+	}
+}

@@ -258,11 +258,24 @@ func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOpti
 		return nil, u.fail(ctx, StepStart, err)
 	}
 
-	// start
-	rec := u.rec("rotate.start", u.old.Number, u.old.KID,
-		fmt.Sprintf("v%d -> v%d (%s); reason: %s", u.old.Number, u.n, u.keyType, u.opts.Reason))
-	st, err := r.store.mutate(ctx, slot, rec, func(sl *Slot, _ *journal.Record) error {
+	// start: the record names the key the rotation will make (or use), so
+	// that a key generated and then orphaned by a crash before the keygen
+	// record can still be traced from the journal.
+	rec := u.rec("rotate.start", u.old.Number, u.old.KID, "")
+	keyName := u.opts.KeyName
+	_, err := r.store.mutate(ctx, slot, rec, func(sl *Slot, rec *journal.Record) error {
 		sl.Attempt++
+		if keyName == "" {
+			keyName = fmt.Sprintf("%s/v%d", slot, u.n)
+			if sl.Attempt > 1 {
+				keyName += fmt.Sprintf("-a%d", sl.Attempt)
+			}
+		}
+		key := "key " + keyName
+		if u.opts.NextKey != nil {
+			key = "pre-provisioned key " + u.opts.NextKey.Name
+		}
+		rec.Detail = truncate(fmt.Sprintf("v%d -> v%d (%s), %s; reason: %s", u.old.Number, u.n, u.keyType, key, u.opts.Reason))
 		return nil
 	})
 	if err != nil {
@@ -271,13 +284,6 @@ func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOpti
 	u.note(rec)
 	if err := u.hook(StepStart); err != nil {
 		return nil, u.fail(ctx, StepStart, err)
-	}
-	keyName := u.opts.KeyName
-	if keyName == "" {
-		keyName = fmt.Sprintf("%s/v%d", slot, u.n)
-		if st.Attempt > 1 {
-			keyName += fmt.Sprintf("-a%d", st.Attempt)
-		}
 	}
 
 	steps := []struct {
@@ -395,10 +401,15 @@ func (u *rotation) keygen(ctx context.Context, keyName string, cur Slot) error {
 		info, how = *u.opts.NextKey, "pre-provisioned"
 	} else {
 		var err error
-		if info, err = u.opts.Maker.GenerateKey(ctx, keyName, u.keyType); err != nil {
+		info, err = u.opts.Maker.GenerateKey(ctx, keyName, u.keyType)
+		if info.Name != "" {
+			// Made, even if the maker then failed: the failure record
+			// must name it.
+			u.generatedLeft = info.Name
+		}
+		if err != nil {
 			return err
 		}
-		u.generatedLeft = info.Name
 	}
 	if info.Type != u.keyType {
 		return fmt.Errorf("key %s is %s, want %s", info.Name, info.Type, u.keyType)
