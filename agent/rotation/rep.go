@@ -206,12 +206,6 @@ func (u *rotation) evidence(ctx context.Context) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	var files []string
-	if r.opts.EvidenceDir != "" {
-		if files, err = WriteREP(r.opts.EvidenceDir, m, manifest, sig); err != nil {
-			return nil, err
-		}
-	}
 	sum := blake3.Sum256(manifest)
 	rec := u.rec("rotate.rep", u.n, u.newKey.KID,
 		fmt.Sprintf("rep-%d manifest blake3 %x, evidence key %s", u.n, sum, m.EvidenceKey))
@@ -227,10 +221,19 @@ func (u *rotation) evidence(ctx context.Context) (*Result, error) {
 		err = nil
 	}
 	if err != nil {
-		for _, f := range files {
-			_ = os.Remove(f)
-		}
 		return nil, err
+	}
+	// The files after the commit: written before it, a crash between the
+	// two would leave a pack on disk that verifies although the journal,
+	// where the rotation is recorded, has none. The journal holds the
+	// pack either way; `sigil rep export` writes it out again.
+	var files []string
+	if r.opts.EvidenceDir != "" {
+		if files, err = WriteREP(r.opts.EvidenceDir, m, manifest, sig); err != nil {
+			r.log.Error("evidence pack stored in the journal, but its files could not be written; export it with sigil rep export",
+				zap.String("slot", u.slot), zap.Int("rep", u.n), zap.Error(err))
+			files = nil
+		}
 	}
 	return &Result{
 		Slot: u.slot, Old: oldV, New: newV, REP: u.n, Manifest: manifest, Signature: sig, Files: files,

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -756,5 +757,38 @@ func TestRotationNamesItsKeys(t *testing.T) {
 	}
 	if !strings.Contains(failed, "generated key "+testSlot+"/v2 is not in use") {
 		t.Errorf("rotate.failed %q does not name the key the maker made", failed)
+	}
+}
+
+// The evidence pack's files are written once the journal holds the pack:
+// a crash while its commit is under way leaves no pack on disk that
+// verifies for a rotation the journal does not record as done.
+func TestEvidenceFilesFollowTheCommit(t *testing.T) {
+	f := newJournalFault(nil, walSync...)
+	f.oneShot = true
+	f.stall = make(chan struct{})
+	e := newEnvOn(t, providers.KeyEd25519, nil, withFault(f))
+	e.rot.hook = func(step string) error {
+		if step == StepRetire { // the last step before the pack's commit
+			f.on.Store(true)
+		}
+		return nil
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := e.rot.Rotate(context.Background(), testSlot, e.opts())
+		done <- err
+	}()
+	<-f.hit // the pack's commit is in its WAL sync: a kill now loses it
+	files, _ := filepath.Glob(filepath.Join(e.evDir, "*", "*", "rep-*"))
+	close(f.stall)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if len(files) != 0 {
+		t.Fatalf("pack files on disk before the journal held the pack: %v", files)
+	}
+	if after, _ := filepath.Glob(filepath.Join(e.evDir, "*", "*", "rep-*")); len(after) == 0 {
+		t.Fatal("no pack files after the rotation")
 	}
 }
