@@ -340,7 +340,7 @@ func (j *Journal) commitGroup(group []*request) error {
 		seq++
 		note := Record{
 			Seq: seq, Time: j.opts.Clock(), Op: LostOp, PrevHash: prev,
-			Detail: fmt.Sprintf("records %d-%d were confirmed but are not in the store: the tail log and pebble's WAL both failed them; their signatures may have been released",
+			Detail: fmt.Sprintf(lostRange+" were confirmed but are not in the store: the tail log and pebble's WAL both failed them; their signatures may have been released",
 				j.lost[0], j.lost[1]),
 		}
 		putRecord(b, &key, &note)
@@ -864,8 +864,6 @@ func (j *Journal) checkSpace(now time.Time) error {
 	return nil
 }
 
-// holdsWork reports whether a group holds a record or a state change:
-// Stats.Full counts refused work, not Healthy's empty probes.
 // pruneFloorBytes is the free space a prune needs when the journal is
 // full. A prune is how a full journal gets its space back (audit.md,
 // "Retention"): its commit, one record and a range deletion, is let
@@ -883,6 +881,8 @@ func onlyPrunes(group []*request) bool {
 	return len(group) > 0
 }
 
+// holdsWork reports whether a group holds a record or a state change:
+// Stats.Full counts refused work, not Healthy's empty probes.
 func holdsWork(group []*request) bool {
 	for _, req := range group {
 		if req.kind == kindRecord || len(req.changes) > 0 {

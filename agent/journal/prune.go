@@ -42,6 +42,10 @@ const PruneOp = "journal.pruned"
 // after them: Verify reports the gap, Prune may delete across it.
 const LostOp = "journal.lost"
 
+// lostRange starts a LostOp record's detail: the seqs lost, which Prune
+// reads back (attestedGap).
+const lostRange = "records %d-%d"
+
 // ErrPruneRefused wraps the reason a prune deleted nothing.
 var ErrPruneRefused = errors.New("journal: prune refused")
 
@@ -206,7 +210,7 @@ func attestedGap(run []byte, want, keySeq uint64) ([32]byte, bool) {
 		return [32]byte{}, false
 	}
 	var from, to uint64
-	if _, err := fmt.Sscanf(r.Detail, "records %d-%d", &from, &to); err != nil || from != want || to != keySeq-1 {
+	if _, err := fmt.Sscanf(r.Detail, lostRange, &from, &to); err != nil || from != want || to != keySeq-1 {
 		return [32]byte{}, false
 	}
 	return r.PrevHash, true
