@@ -6,8 +6,9 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
-	"sort"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -94,14 +95,9 @@ func (a *Agent) reloadCertificates() error {
 // loadCertificates reads and checks the configured certificates and puts
 // them in force; on any error the ones in force stay.
 func (kr *keyring) loadCertificates(paths map[string]string) error {
-	names := make([]string, 0, len(paths))
-	for name := range paths {
-		names = append(names, name)
-	}
-	sort.Strings(names)
 	m := keyCerts{}
 	var errs []error
-	for _, name := range names {
+	for _, name := range slices.Sorted(maps.Keys(paths)) {
 		c, err := kr.readCertificate(name, paths[name])
 		if err != nil {
 			errs = append(errs, fmt.Errorf("certificates[%s]: %w", name, err))

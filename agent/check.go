@@ -3,7 +3,8 @@ package agent
 import (
 	"errors"
 	"fmt"
-	"sort"
+	"maps"
+	"slices"
 
 	"github.com/sigil-agent/sigil/policy"
 )
@@ -29,12 +30,7 @@ func CheckFiles(cfg Config) error {
 			errs = append(errs, err)
 		}
 	}
-	names := make([]string, 0, len(cfg.Certificates))
-	for name := range cfg.Certificates {
-		names = append(names, name)
-	}
-	sort.Strings(names)
-	for _, name := range names {
+	for _, name := range slices.Sorted(maps.Keys(cfg.Certificates)) {
 		if _, _, err := readCertificateChain(cfg.Certificates[name]); err != nil {
 			errs = append(errs, fmt.Errorf("certificates[%s]: %w", name, err))
 		}
