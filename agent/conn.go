@@ -126,16 +126,15 @@ func newConn(a *Agent, nc net.Conn, admin bool) *conn {
 // serve runs the connection to its end and releases everything it held.
 func (c *conn) serve() {
 	defer c.a.forget(c)
-	if _, tls := c.nc.(*tls.Conn); tls {
-		if !c.a.beginHandshake() {
-			// Not logged one by one: a flood of these would flood the log.
-			c.a.metrics.refused(limitHandshakes)
-			c.nc.Close()
-			return
-		}
+	_, handshakes := c.nc.(*tls.Conn)
+	if handshakes && !c.a.beginHandshake() {
+		// Not logged one by one: a flood of these would flood the log.
+		c.a.metrics.refused(limitHandshakes)
+		c.nc.Close()
+		return
 	}
 	err := c.identify()
-	if _, tls := c.nc.(*tls.Conn); tls {
+	if handshakes {
 		c.a.endHandshake()
 	}
 	if err != nil {
