@@ -189,20 +189,15 @@ func (r *Rotator) Rotate(ctx context.Context, slot string, opts RotateOptions) (
 	if _, _, err := SplitSlot(slot); err != nil {
 		return nil, err
 	}
-	release, err := r.store.acquire(ctx, slot)
-	if err != nil {
-		return nil, err
-	}
-	defer release()
-	return r.rotateLocked(ctx, slot, opts)
+	return r.rotateIfDue(ctx, slot, opts, nil)
 }
 
 // errNotDue: a scheduled rotation found, once it held the slot, that the
 // slot is no longer due (another rotation or a drill ran meanwhile).
 var errNotDue = errors.New("no longer due")
 
-// rotateIfDue is Rotate for the scheduler: once it holds the slot it asks
-// due, with the slot as it is then, whether to rotate at all. The
+// rotateIfDue is Rotate that, once it holds the slot, asks due (if not
+// nil), with the slot as it is then, whether to rotate at all. The
 // scheduler decides from a snapshot of every slot taken before it rotates
 // them one by one; a manual rotation or a drill of a later slot meanwhile
 // must not be followed at once by a second one.
@@ -212,8 +207,10 @@ func (r *Rotator) rotateIfDue(ctx context.Context, slot string, opts RotateOptio
 		return nil, err
 	}
 	defer release()
-	if cur, ok := r.store.Get(slot); !ok || !due(cur) {
-		return nil, errNotDue
+	if due != nil {
+		if cur, ok := r.store.Get(slot); !ok || !due(cur) {
+			return nil, errNotDue
+		}
 	}
 	return r.rotateLocked(ctx, slot, opts)
 }

@@ -267,8 +267,12 @@ func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
 			break
 		}
 		slot := sl.FullName()
-		due := NextDue(cals[slot], &sl)
-		if due.IsZero() || now.Before(due) {
+		dueAt := func(sl *Slot) (time.Time, bool) {
+			d := NextDue(cals[slot], sl)
+			return d, !d.IsZero() && !now.Before(d)
+		}
+		due, isDue := dueAt(&sl)
+		if !isDue {
 			continue
 		}
 		s.mu.Lock()
@@ -278,8 +282,8 @@ func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
 			continue
 		}
 		res, err := s.rotate(ctx, slot, due, func(cur Slot) bool {
-			d := NextDue(cals[slot], &cur)
-			return !d.IsZero() && !now.Before(d)
+			_, still := dueAt(&cur)
+			return still
 		})
 		switch {
 		case errors.Is(err, ErrBusy):
