@@ -248,11 +248,12 @@ wait:
 		case <-hup:
 			// The outcome shows in `systemctl status`: systemd's reload job
 			// ended when the signal was sent.
-			status := "serving on " + socket + "; reloaded at " + time.Now().UTC().Format(time.RFC3339)
+			at := time.Now().UTC().Format(time.RFC3339)
+			outcome := "reloaded at " + at
 			if err := a.Reload(); err != nil {
-				status = "serving on " + socket + "; the reload at " + time.Now().UTC().Format(time.RFC3339) + " was refused, see the log: " + firstLineOf(err)
+				outcome = "the reload at " + at + " was refused, see the log: " + firstLineOf(err)
 			}
-			sdNotify(log, "STATUS="+status)
+			sdNotify(log, "STATUS=serving on "+socket+"; "+outcome)
 		case err := <-serveErr:
 			log.Error("listener failed", zap.Error(err))
 			// Exit non-zero after the shutdown, so that a supervisor
