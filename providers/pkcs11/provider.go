@@ -23,7 +23,7 @@ type Provider struct {
 	tokenLabel string // for messages
 	serial     string // the token's identity for login sharing
 	pin        string
-	pinRefused *atomic.Bool // shared by the instances of one Open (login)
+	pinRefused *atomic.Bool // shared by the instances of one Open (login); never nil
 	inject     func(string) uint
 	size       int
 	backoff    time.Duration

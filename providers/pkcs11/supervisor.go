@@ -225,7 +225,7 @@ func (p *Provider) relogin() error {
 // instances each trying once after a PIN change would spend N of the
 // token's tries.
 func (p *Provider) login(s *session) error {
-	if p.pinRefused != nil && p.pinRefused.Load() {
+	if p.pinRefused.Load() {
 		return fmt.Errorf("login to token %s: %w: the token refused this PIN to another module instance; not presented again", p.tokenLabel, providers.ErrPINIncorrect)
 	}
 	err := p.call("login", func(c *p11.Ctx) error { return c.Login(s.h, p11.CKU_USER, p.pin) })
@@ -235,19 +235,13 @@ func (p *Provider) login(s *session) error {
 	}
 	switch classify(rvOf(err)) {
 	case faultPIN:
-		p.refusePIN()
+		p.pinRefused.Store(true)
 		return fmt.Errorf("login to token %s: %w: %w", p.tokenLabel, providers.ErrPINIncorrect, err)
 	case faultLocked:
-		p.refusePIN()
+		p.pinRefused.Store(true)
 		return fmt.Errorf("login to token %s: %w: %w", p.tokenLabel, providers.ErrTokenLocked, err)
 	}
 	return fmt.Errorf("login to token %s: %w", p.tokenLabel, err)
-}
-
-func (p *Provider) refusePIN() {
-	if p.pinRefused != nil {
-		p.pinRefused.Store(true)
-	}
 }
 
 // findKeys finds every served key's private key object again. A key whose
