@@ -413,11 +413,7 @@ func (c *conn) closedByAgent(dl time.Time) bool {
 			return true
 		}
 		if resp.ID == 0 {
-			err := resp.Err()
-			if err == nil {
-				err = errors.New("sigil: protocol error: the agent sent a final reply (id 0) with code OK; connection closed")
-			}
-			c.fail(err)
+			c.fail(finalReplyError(resp))
 			return true
 		}
 		c.deliver(resp)
@@ -598,12 +594,7 @@ func (c *conn) readUntil(ctx context.Context, id uint64, ch chan *proto.Response
 			return nil, false, nil
 		}
 		if resp.ID == 0 {
-			// The agent's last word before it closes the connection.
-			err := resp.Err()
-			if err == nil {
-				err = errors.New("sigil: protocol error: the agent sent a final reply (id 0) with code OK; connection closed")
-			}
-			c.fail(err)
+			c.fail(finalReplyError(resp))
 			return nil, false, nil
 		}
 		if resp.ID == id {
@@ -612,6 +603,16 @@ func (c *conn) readUntil(ctx context.Context, id uint64, ch chan *proto.Response
 		}
 		c.deliver(resp)
 	}
+}
+
+// finalReplyError is the error an id 0 reply ends the connection with:
+// the agent's last word before it closes the connection, which is a
+// refusal; one with code OK is a protocol error.
+func finalReplyError(resp *proto.Response) error {
+	if err := resp.Err(); err != nil {
+		return err
+	}
+	return errors.New("sigil: protocol error: the agent sent a final reply (id 0) with code OK; connection closed")
 }
 
 // deliver hands a reply read by the reader to the call waiting for it, if
