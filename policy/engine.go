@@ -133,9 +133,12 @@ type slotState struct {
 	// token bucket in one word. The bucket is full when tat <= now.
 	tat atomic.Int64
 	// quota is day<<quotaCountBits | count, day = UTC days since 1970.
-	quota  atomic.Uint64
-	paused atomic.Bool
-	_      [64 - 20]byte // one cache line per slot: busy slots do not share lines
+	quota atomic.Uint64
+	// interval and tolerance are the rate tat is counted in (0: it never
+	// had one). Set by newState, under Engine.swap; Check never reads them.
+	interval, tolerance int64
+	paused              atomic.Bool
+	_                   [64 - 36]byte // one cache line per slot: busy slots do not share lines
 }
 
 // NewEngine starts enforcing set, which must not be nil. clock is the time
@@ -145,21 +148,24 @@ func NewEngine(set *Set, clock func() time.Time) *Engine {
 		clock = time.Now
 	}
 	e := &Engine{clock: clock, epoch: clock(), dropped: map[string]*slotState{}}
-	e.state.Store(newState(set, nil, nil, nil))
+	e.state.Store(newState(set, nil, nil, nil, 0))
 	return e
 }
 
 // newState builds the state for set: a slot in old keeps its state, a slot
 // in dropped (removed by an earlier Swap) gets its state back, and any other
 // starts afresh. paused, if not nil, says which returning or new slots start
-// paused. Slots of old that set lacks move to dropped.
-func newState(set *Set, old *engineState, paused func(tenant, slot string) bool, dropped map[string]*slotState) *engineState {
+// paused. Slots of old that set lacks move to dropped. now is the engine's
+// time (ns since its epoch), for re-expressing a kept bucket in a new rate.
+func newState(set *Set, old *engineState, paused func(tenant, slot string) bool, dropped map[string]*slotState, now int64) *engineState {
 	st := &engineState{set: set, slots: make([]*slotState, set.slotCount)}
 	for _, t := range set.tenants {
 		for _, sl := range t.Slots {
 			if old != nil {
 				if prev, ok := old.set.Slot(t.Name, sl.Name); ok {
-					st.slots[sl.index] = old.slots[prev.index]
+					rs := old.slots[prev.index]
+					rs.rebase(&sl.Policy, now)
+					st.slots[sl.index] = rs
 					continue
 				}
 			}
@@ -169,6 +175,7 @@ func newState(set *Set, old *engineState, paused func(tenant, slot string) bool,
 			} else {
 				rs = new(slotState)
 			}
+			rs.rebase(&sl.Policy, now)
 			if paused != nil {
 				rs.paused.Store(paused(t.Name, sl.Name))
 			}
@@ -204,13 +211,40 @@ func (e *Engine) Swap(set *Set) { e.SwapPaused(set, nil) }
 func (e *Engine) SwapPaused(set *Set, paused func(tenant, slot string) bool) {
 	e.swap.Lock()
 	defer e.swap.Unlock()
-	today := e.Today()
+	clock := e.clock()
+	today, now := Day(clock), int64(clock.Sub(e.epoch))
 	for name, rs := range e.dropped {
-		if rs.quota.Load()>>quotaCountBits < today {
-			delete(e.dropped, name) // its day is over: it would start afresh
+		if rs.quota.Load()>>quotaCountBits < today && rs.tat.Load() <= now {
+			// Its day is over and its bucket full again: a return would
+			// start afresh anyway.
+			delete(e.dropped, name)
 		}
 	}
-	e.state.Store(newState(set, e.state.Load(), paused, e.dropped))
+	e.state.Store(newState(set, e.state.Load(), paused, e.dropped, now))
+}
+
+// rebase re-expresses the slot's bucket in the rate pol sets, when that
+// differs from the rate its tat is counted in: the tokens spent and not
+// yet refilled stay spent, at most the new burst. Kept as it was, a tat
+// counted in slow refills would hold a raised rate back for as long as the
+// old rate needed to refill (an hour, for 1/s with a burst of 3600). A
+// policy without a rate leaves the bucket as it is, for the rate's return.
+func (s *slotState) rebase(pol *Policy, now int64) {
+	if pol.Rate == nil || (s.interval == pol.interval && s.tolerance == pol.tolerance) {
+		return
+	}
+	for {
+		tat := s.tat.Load()
+		next := tat
+		if tat > now && s.interval > 0 {
+			spent := float64(tat-now) / float64(s.interval)
+			next = now + min(int64(spent*float64(pol.interval)), pol.tolerance)
+		}
+		if s.tat.CompareAndSwap(tat, next) {
+			break
+		}
+	}
+	s.interval, s.tolerance = pol.interval, pol.tolerance
 }
 
 // Check decides whether the peer id, a member of tenant, may sign with

@@ -584,3 +584,63 @@ func TestRestoreDailyCount(t *testing.T) {
 		t.Fatalf("DailyCounts of the new day = %v", got)
 	}
 }
+
+// A reload that changes a slot's rate keeps the bucket's level in tokens:
+// what was spent and not yet refilled stays spent, at most the new burst,
+// and refills at the new rate. Before, the bucket was kept in the old
+// rate's units: raising 1/s (burst 3600, used up) to 100/s refused the
+// slot for an hour.
+func TestSwapRebasesTheBucket(t *testing.T) {
+	slot := func(rate string) string {
+		s := "tenants:\n  - name: a\n    identities: {unix_uids: [1001]}\n    slots:\n      - {name: other, key: k}\n"
+		if rate == "dropped" {
+			return s
+		}
+		return s + "      - {name: s, key: k, policy: {" + rate + "}}\n"
+	}
+	for _, tc := range []struct {
+		name string
+		// spend is used up under the first policy, then the reloads
+		// follow at once, one second apart.
+		first   string
+		spend   int
+		reloads []string
+		wait    time.Duration // after the last reload
+		allowed int           // then allowed in a row
+	}{
+		{"rate raised", "rate: {per_second: 1, burst: 3600}", 3600, []string{"rate: {per_second: 100, burst: 1000}"}, 10 * time.Millisecond, 1},
+		{"rate raised, a second of refill", "rate: {per_second: 1, burst: 3600}", 3600, []string{"rate: {per_second: 100, burst: 1000}"}, time.Second, 100},
+		{"burst lowered", "rate: {per_second: 1, burst: 3600}", 100, []string{"rate: {per_second: 1, burst: 10}"}, 0, 0},
+		{"burst raised", "rate: {per_second: 1, burst: 10}", 10, []string{"rate: {per_second: 1, burst: 100}"}, 0, 90},
+		{"rate lowered", "rate: {per_second: 100, burst: 100}", 100, []string{"rate: {per_second: 1, burst: 100}"}, 0, 0},
+		{"unchanged", "rate: {per_second: 1, burst: 10}", 10, []string{"rate: {per_second: 1, burst: 10}"}, 0, 0},
+		{"rate removed and restored", "rate: {per_second: 0.001, burst: 5}", 5, []string{"daily_quota: 100", "rate: {per_second: 0.001, burst: 5}"}, 0, 0},
+		{"dropped and back", "rate: {per_second: 0.001, burst: 5}", 5, []string{"dropped", "rate: {per_second: 0.001, burst: 5}"}, 0, 0},
+		{"dropped and back at a higher rate", "rate: {per_second: 0.001, burst: 5}", 5, []string{"dropped", "rate: {per_second: 1000, burst: 5}"}, 5 * time.Millisecond, 5},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			clock := newFakeClock(monday.Add(12 * time.Hour))
+			e := NewEngine(mustParse(t, slot(tc.first)), clock.now)
+			for i := range tc.spend {
+				if d := e.Check("a", "s", alice, es256, 32); !d.Allowed() {
+					t.Fatalf("request %d under the first policy: %v", i, d.Reason)
+				}
+			}
+			for i, r := range tc.reloads {
+				if i > 0 {
+					clock.advance(time.Second)
+				}
+				e.Swap(mustParse(t, slot(r)))
+			}
+			clock.advance(tc.wait)
+			for i := range tc.allowed {
+				if d := e.Check("a", "s", alice, es256, 32); !d.Allowed() {
+					t.Fatalf("request %d after the reload: %v, retry after %v", i, d.Reason, d.RetryAfter)
+				}
+			}
+			if d := e.Check("a", "s", alice, es256, 32); d.Reason != RateLimited {
+				t.Fatalf("request %d after the reload: %v, want RATE_LIMITED", tc.allowed, d.Reason)
+			}
+		})
+	}
+}

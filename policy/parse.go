@@ -379,7 +379,28 @@ func (p *parser) integer(file string, n *yaml.Node, path string) (int64, bool) {
 		p.errorf(at(file, n, path), "want an integer, got %q", n.Value)
 		return 0, false
 	}
+	if !plainDecimal(n.Value) {
+		p.errorf(at(file, n, path), "write %q in plain decimal digits (YAML reads a leading 0 as octal, 0x as hex)", n.Value)
+		return 0, false
+	}
 	return v, true
+}
+
+// plainDecimal reports whether an integer scalar is written in decimal
+// digits, with no leading zero. YAML also takes 0o17, 0x1F, and (as yaml.v3
+// does for YAML 1.1) 017 as octal: a uid written 01001 would map uid 513,
+// while the same digits in a `clients` entry ("uid:01001") read as 1001.
+func plainDecimal(s string) bool {
+	s = strings.TrimPrefix(strings.TrimPrefix(s, "-"), "+")
+	if s == "" || (len(s) > 1 && s[0] == '0') {
+		return false
+	}
+	for _, r := range s {
+		if r < '0' || r > '9' {
+			return false
+		}
+	}
+	return true
 }
 
 func (p *parser) number(file string, n *yaml.Node, path string) (float64, bool) {
@@ -388,6 +409,10 @@ func (p *parser) number(file string, n *yaml.Node, path string) (float64, bool) 
 	if n.Kind != yaml.ScalarNode || (n.ShortTag() != "!!int" && n.ShortTag() != "!!float") || n.Decode(&v) != nil ||
 		math.IsNaN(v) || math.IsInf(v, 0) {
 		p.errorf(at(file, n, path), "want a number, got %q", n.Value)
+		return 0, false
+	}
+	if n.ShortTag() == "!!int" && !plainDecimal(n.Value) {
+		p.errorf(at(file, n, path), "write %q in plain decimal digits (YAML reads a leading 0 as octal, 0x as hex)", n.Value)
 		return 0, false
 	}
 	return v, true
@@ -881,7 +906,9 @@ func reachable(ids *identitySet, c rawID) bool {
 		return ids.matches(MTLSIdentity(c.name))
 	}
 	for _, q := range ids.prefixes {
-		if strings.HasPrefix(c.name, q) {
+		// Either prefix may be the longer: the client's may narrow the
+		// tenant's, or cover all of it.
+		if overlaps(c.name, true, q, true) {
 			return true
 		}
 	}

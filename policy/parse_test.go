@@ -190,6 +190,14 @@ func TestParseErrors(t *testing.T) {
 			[]string{"policy.yaml:8: tenants[0].slots[0].policy.rate: burst 1000 at 1e-05 per second takes longer than a year"}},
 		{"quota zero", head + "      - name: release\n        key: k\n        policy:\n          daily_quota: 0\n",
 			[]string{"policy.yaml:8: tenants[0].slots[0].policy.daily_quota: must be between 1 and"}},
+		{"uid with a leading zero", "tenants:\n  - name: a\n    identities: {unix_uids: [01001]}\n    slots: [{name: s, key: k}]\n",
+			[]string{`policy.yaml:3: tenants[0].identities.unix_uids[0]: write "01001" in plain decimal digits`}},
+		{"quota in octal", head + "      - name: release\n        key: k\n        policy:\n          daily_quota: 0o10000\n",
+			[]string{`policy.yaml:8: tenants[0].slots[0].policy.daily_quota: write "0o10000" in plain decimal digits`}},
+		{"burst in hex", head + "      - name: release\n        key: k\n        policy:\n          rate: {per_second: 1, burst: 0x10}\n",
+			[]string{`tenants[0].slots[0].policy.rate.burst: write "0x10" in plain decimal digits`}},
+		{"per_second with a leading zero", head + "      - name: release\n        key: k\n        policy:\n          rate: {per_second: 010}\n",
+			[]string{`tenants[0].slots[0].policy.rate.per_second: write "010" in plain decimal digits`}},
 		{"quota string", head + "      - name: release\n        key: k\n        policy:\n          daily_quota: \"100\"\n",
 			[]string{`policy.yaml:8: tenants[0].slots[0].policy.daily_quota: want an integer, got "100"`}},
 		{"bad window syntax", head + "      - name: release\n        key: k\n        policy:\n          windows:\n            - Mon-Fri 08:00-18:00\n            - Mon-Fri 8-18\n",
@@ -294,6 +302,8 @@ func TestParseAccepts(t *testing.T) {
 		"tenants:\n  - name: a\n    identities: {unix_uids: [1]}\n    slots:\n      - name: s\n        key: k\n        policy:\n          rate:\n          windows:\n          clients:\n",
 		// anchors
 		"admins: &ids {unix_uids: [1]}\ntenants:\n  - {name: a, identities: *ids}\n",
+		// a client prefix that covers the whole of the tenant's prefix
+		"tenants:\n  - name: a\n    identities: {mtls: [\"spiffe://x/a/team/*\"]}\n    slots: [{name: s, key: k, policy: {clients: [\"spiffe://x/a/*\"]}}]\n",
 		// an mTLS client under a prefix of the tenant; uid client via gid membership
 		"tenants:\n  - name: a\n    identities: {unix_gids: [10], mtls: [\"spiffe://x/a/*\"]}\n    slots: [{name: s, key: k, policy: {clients: [\"spiffe://x/a/ci\", \"spiffe://x/a/ci/*\", \"uid:55\", \"gid:10\"]}}]\n",
 	} {
