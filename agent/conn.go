@@ -44,7 +44,7 @@ type conn struct {
 
 	peer       peer
 	peerName   string // peer.String(), for audit records
-	admin      bool   // accepted on the admin socket
+	admin      bool   // accepted on the admin socket: admin operations only
 	helloDone  bool   // touched by the reader goroutine only
 	frameArmed bool   // the reader's deadline is limits.frame_timeout; reader only
 }
@@ -67,11 +67,6 @@ func (c *conn) identify() error {
 		}
 		p, err := tlsPeer(nc.ConnectionState(), nc.RemoteAddr().String())
 		c.peer = p
-		// An admin identity on mTLS holds the admin role on this connection,
-		// as the admin socket's peers do.
-		if err == nil && c.a.policy != nil && c.a.policy.Set().IsAdmin(c.identity()) {
-			c.admin = true
-		}
 		return err
 	}
 	// Fail closed: a connection whose peer cannot be identified (plain TCP,

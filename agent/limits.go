@@ -94,6 +94,11 @@ func (a *Agent) admit(c *conn) string {
 	if c.admin {
 		return ""
 	}
+	if c.tlsAdmin() {
+		if _, err := c.tenant(); err != nil {
+			return "" // admin operations only, as on the admin socket
+		}
+	}
 	key := c.principal()
 	lim := a.cfg.Limits
 	a.mu.Lock()

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"net"
+	"strings"
 	"syscall"
 
 	"go.uber.org/zap"
@@ -52,9 +53,16 @@ func tlsPeer(cs tls.ConnectionState, addr string) (peer, error) {
 	p := peer{addr: addr, name: leaf.Subject.CommonName}
 	if len(leaf.URIs) > 0 {
 		p.name = leaf.URIs[0].String()
+	} else if strings.Contains(p.name, "://") {
+		// A CN is free text to many CAs: one written as a URI must not
+		// pass for the URI SAN (a SPIFFE ID, say) the policy names, nor
+		// fall under a URI prefix.
+		return p, errURIInCN
 	}
 	return p, nil
 }
+
+var errURIInCN = errors.New("the client certificate has no URI SAN and a URI for its CN: a URI identity must be a URI SAN")
 
 func (p peer) logFields() []zap.Field {
 	if p.unix {

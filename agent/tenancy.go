@@ -285,15 +285,24 @@ func (c *conn) admitted() error {
 		return nil
 	}
 	_, err := c.tenant()
+	if err != nil && c.tlsAdmin() {
+		return nil // an mTLS admin of no tenant: admin operations only
+	}
 	return err
 }
+
+// tlsAdmin reports whether an mTLS peer holds the admin role now. Over
+// mTLS one connection serves both roles an identity holds, as the policy's
+// admins may overlap tenants' identities and no second listener exists.
+func (c *conn) tlsAdmin() bool { return !c.admin && !c.peer.unix && c.isAdmin() }
 
 // admin answers the operator operations, on the admin socket only.
 func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 	if !c.admin {
-		return &proto.Error{Code: proto.PermissionDenied, Msg: req.Op.String() + " needs the admin role (the admin socket)"}
-	}
-	if !c.isAdmin() {
+		if !c.tlsAdmin() {
+			return &proto.Error{Code: proto.PermissionDenied, Msg: req.Op.String() + " needs the admin role (the admin socket, or an mTLS identity in the policy's admins)"}
+		}
+	} else if !c.isAdmin() {
 		// Checked again on every request, as tenant mappings are: a reload
 		// that revokes the role ends it on open connections too.
 		return &proto.Error{Code: proto.Unauthenticated, Msg: "this peer no longer holds the admin role"}

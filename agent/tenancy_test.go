@@ -250,3 +250,73 @@ func TestAdminPauseResumeReload(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Over mTLS one connection serves every role its identity holds: the
+// policy's admins may overlap tenants' identities, and there is no second
+// TCP listener for the other role. An admin that is also a tenant member
+// used to be served admin operations only, so it could not sign at all.
+func TestMTLSAdminThatIsAlsoATenant(t *testing.T) {
+	s := startTenancy(t)
+	ctx := context.Background()
+	both := strings.Replace(twoTenants(os.Getuid(), "spiffe://example.org/billing"),
+		`mtls: ["spiffe://example.org/payments"]`, `mtls: ["spiffe://example.org/payments", "spiffe://example.org/ops"]`, 1)
+	if err := os.WriteFile(s.policyFile, []byte(both), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.running.agent.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	ops, err := s.tenantClient(t, "spiffe://example.org/ops")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := sha256.Sum256([]byte("both roles"))
+	if _, err := ops.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:]); err != nil {
+		t.Fatalf("an admin that is a payments member signs over mTLS: %v", err)
+	}
+	if _, err := ops.Pause(ctx, "payments/release"); err != nil {
+		t.Fatalf("and pauses: %v", err)
+	}
+	if _, err := ops.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:]); client.Code(err) != proto.Paused {
+		t.Fatalf("its own Sign after its pause: %v, want PAUSED", err)
+	}
+	// A tenant member without the role gets no admin operation.
+	pay, err := s.tenantClient(t, "spiffe://example.org/payments")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pay.Resume(ctx, "payments/release"); client.Code(err) != proto.PermissionDenied {
+		t.Fatalf("resume by a tenant member: %v, want PERMISSION_DENIED", err)
+	}
+	// The admin role taken away by a reload: the tenant role stays.
+	if err := os.WriteFile(s.policyFile, []byte(strings.Replace(both, `mtls: ["spiffe://example.org/ops"]`, `mtls: []`, 1)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.running.agent.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ops.Resume(ctx, "payments/release"); client.Code(err) != proto.PermissionDenied {
+		t.Fatalf("resume after the role was revoked: %v, want PERMISSION_DENIED", err)
+	}
+	if _, err := ops.ListKeys(ctx); err != nil {
+		t.Fatalf("its tenant role after the revocation: %v", err)
+	}
+}
+
+// A certificate without a URI SAN is known by its CN. A CN written as a
+// URI is refused: CNs are free text to many CAs, and one must not pass for
+// the SPIFFE ID (or fall under the URI prefix) that a policy names.
+func TestCNWrittenAsAURIIsRefused(t *testing.T) {
+	s := startTenancy(t)
+	for _, cn := range []string{"spiffe://example.org/ops", "spiffe://example.org/payments"} {
+		cert, err := s.ca.Issue(devcerts.Leaf{CommonName: cn})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if c, err := s.dial(t, cert); err == nil {
+			_, perr := c.Pause(context.Background(), "payments/release")
+			_, serr := c.ListKeys(context.Background())
+			t.Fatalf("CN %q without a URI SAN connected: pause %v, list keys %v", cn, perr, serr)
+		}
+	}
+}
