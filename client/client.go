@@ -300,6 +300,12 @@ func (c *conn) call(ctx context.Context, req *proto.Request) (resp *proto.Respon
 // send registers req for its reply and writes it. It returns the channel the
 // reply comes on and ctx's deadline.
 func (c *conn) send(ctx context.Context, req *proto.Request) (ch chan *proto.Response, dl time.Time, unsent bool, err error) {
+	if err := ctx.Err(); err != nil {
+		// A request its caller gave up on before it was sent stays unsent:
+		// the agent would sign it, journal it and count it against the
+		// slot's rate and quota.
+		return nil, dl, false, fmt.Errorf("sigil %s: %w", req.Op, err)
+	}
 	req.ID = c.nextID.Add(1)
 	dl, hasDeadline := ctx.Deadline()
 	if hasDeadline {
@@ -365,11 +371,31 @@ func (c *conn) await(ctx context.Context, req *proto.Request, ch chan *proto.Res
 			}
 			return c.result(resp, ok)
 		case <-ctx.Done():
+			if resp, ok, got := c.delivered(ch); got {
+				return c.result(resp, ok)
+			}
 			c.forget(req.ID)
 			return nil, fmt.Errorf("sigil %s: %w", req.Op, ctx.Err())
 		case <-c.done:
+			// A reader hands out the replies it read before it fails the
+			// connection: one may be waiting, a signature the agent made
+			// and journaled. Reported lost, a caller that retries would
+			// get a second one.
+			if resp, ok, got := c.delivered(ch); got {
+				return c.result(resp, ok)
+			}
 			return nil, c.terminalErr()
 		}
+	}
+}
+
+// delivered takes the reply waiting on ch, if there is one.
+func (c *conn) delivered(ch chan *proto.Response) (resp *proto.Response, ok, got bool) {
+	select {
+	case resp, ok = <-ch:
+		return resp, ok, true
+	default:
+		return nil, false, false
 	}
 }
 
@@ -466,17 +492,21 @@ func (c *conn) write(ctx context.Context, op proto.Op, frame []byte) (unsent boo
 		return true, c.terminalErr()
 	}
 	defer func() { c.writeToken <- struct{}{} }()
+	if err := ctx.Err(); err != nil {
+		// The token and the cancellation were both ready, and select took
+		// the token: nothing is sent for a caller that gave up.
+		return false, fmt.Errorf("sigil %s: %w", op, err)
+	}
 	dl, _ := ctx.Deadline()
 	if !c.writeDeadline.Equal(dl) {
 		c.nc.SetWriteDeadline(dl)
 		c.writeDeadline = dl
 	}
-	// The deadline bounds the write; a context that can be cancelled but
-	// has no deadline is watched instead, as readUntil does (a
-	// context.AfterFunc per call costs a registration with the parent, so
-	// it is not paid when a deadline already bounds the write).
+	// The deadline bounds the write; a cancellation before it is watched
+	// too, as readUntil does: a context with a deadline can also be
+	// cancelled (its parent, its cancel func).
 	stop := func() bool { return true }
-	if dl.IsZero() && ctx.Done() != nil {
+	if ctx.Done() != nil {
 		stop = context.AfterFunc(ctx, func() {
 			c.nc.SetWriteDeadline(pastDeadline)
 			c.writeCut <- struct{}{}
@@ -564,8 +594,9 @@ func (c *conn) result(resp *proto.Response, ok bool) (*proto.Response, error) {
 // reads the terminal error), or ctx ends (err). The caller holds the reader
 // role.
 func (c *conn) readUntil(ctx context.Context, id uint64, ch chan *proto.Response, dl time.Time) (*proto.Response, bool, error) {
-	if dl.IsZero() && ctx.Done() != nil {
-		// Cancellable without a deadline: cut the blocking read when ctx ends.
+	if ctx.Done() != nil {
+		// Cut the blocking read when ctx ends: at its deadline the read
+		// deadline does it, but a cancellation before then must too.
 		stop := context.AfterFunc(ctx, func() { c.nc.SetReadDeadline(time.Now()) })
 		defer stop()
 	}

@@ -3,6 +3,7 @@ package client_test
 import (
 	"context"
 	"crypto"
+	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
@@ -178,6 +179,8 @@ func TestSignerRefusesWhatItCannotDo(t *testing.T) {
 		opts   crypto.SignerOpts
 	}{
 		{"Ed25519ph", "ed", make([]byte, 64), crypto.SHA512},
+		// ed25519.PrivateKey signs Ed25519ctx for a context string.
+		{"Ed25519ctx", "ed", []byte("message"), &ed25519.Options{Context: "sigil"}},
 		{"odd PSS salt", "rsa", d[:], &rsa.PSSOptions{SaltLength: 7, Hash: crypto.SHA256}},
 		{"MD5", "rsa", d[:], crypto.MD5},
 		// crypto.Signer's hash 0 for RSA is PKCS#1 v1.5 over raw data; the

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -169,6 +170,37 @@ func TestStalledAgentCannotHoldCallers(t *testing.T) {
 			})
 			cancel()
 			returnsWithin(t, 2*time.Second, "cancelled Signs", wg.Wait)
+		}},
+		{"a call cancelled before its deadline, reading", func(t *testing.T, c *client.Client) {
+			// A context with a deadline can also be cancelled (its parent,
+			// its cancel func): the blocked read ends then, not at the
+			// deadline.
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			time.AfterFunc(50*time.Millisecond, cancel)
+			returnsWithin(t, 2*time.Second, "Sign cancelled 50 ms into a 10 s deadline", func() {
+				if _, err := c.Sign(ctx, client.ByName("ed"), ed25519Alg, bigMessage); !errors.Is(err, context.Canceled) {
+					t.Errorf("Sign: %v, want context.Canceled", err)
+				}
+			})
+		}},
+		{"calls cancelled before their deadlines, writing", func(t *testing.T, c *client.Client) {
+			// Another caller holds the reader role; these fill the socket
+			// and block writing.
+			bg, stop := context.WithCancel(context.Background())
+			var wg sync.WaitGroup
+			wg.Go(func() { c.Sign(bg, client.ByName("ed"), ed25519Alg, bigMessage) })
+			time.Sleep(50 * time.Millisecond)
+			for i := range 8 {
+				returnsWithin(t, 2*time.Second, fmt.Sprintf("Sign %d cancelled 50 ms into a 10 s deadline", i), func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					defer cancel()
+					time.AfterFunc(50*time.Millisecond, cancel)
+					c.Sign(ctx, client.ByName("ed"), ed25519Alg, bigMessage)
+				})
+			}
+			stop()
+			returnsWithin(t, 2*time.Second, "the background Sign", wg.Wait)
 		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -378,5 +410,73 @@ func TestQuietTLSConnectionEndedByTheAgentIsNotWrittenTo(t *testing.T) {
 	}
 	if <-wrote {
 		t.Fatal("the ping was written to the connection the agent had ended")
+	}
+}
+
+// A call whose context has already ended sends nothing: the agent would
+// sign it, journal it and count it against the slot's rate and quota for a
+// caller that has gone.
+func TestCancelledCallSendsNothing(t *testing.T) {
+	var signs atomic.Int32
+	path := fakeAgent(t, func(nc net.Conn, br *bufio.Reader) {
+		for {
+			req, err := readRequest(br)
+			if err != nil {
+				return
+			}
+			signs.Add(1)
+			writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK, Sig: []byte("sig")})
+		}
+	})
+	c := dial(t, path)
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	for i := range 50 {
+		if _, err := c.Sign(ctx, client.ByName("ed"), ed25519Alg, []byte("m")); !errors.Is(err, context.Canceled) {
+			t.Fatalf("Sign %d with a cancelled context: %v, want context.Canceled", i, err)
+		}
+	}
+	if _, err := c.Sign(context.Background(), client.ByName("ed"), ed25519Alg, []byte("m")); err != nil {
+		t.Fatal(err)
+	}
+	if n := signs.Load(); n != 1 {
+		t.Fatalf("the agent received %d Signs, want only the last one's", n)
+	}
+}
+
+// A reply the agent sent just before it closed the connection reaches its
+// caller. The reader hands it over and then fails the connection; the
+// caller, finding both ready, took the failure about one time in four,
+// reporting UNAVAILABLE for a signature the agent made and journaled (and a
+// caller that retries would get a second one).
+func TestReplyBeforeCloseIsNotLost(t *testing.T) {
+	for i := range 100 {
+		f := listenFake(t, func(_ int32, nc net.Conn, br *bufio.Reader) {
+			if answerHello(nc, br) != nil {
+				return
+			}
+			if _, err := readRequest(br); err != nil { // the reader's: never answered
+				return
+			}
+			req, err := readRequest(br)
+			if err != nil {
+				return
+			}
+			writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK, Sig: []byte("sig")})
+			nc.Close()
+		})
+		c, err := client.Dial(context.Background(), f.path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		reading := make(chan struct{})
+		go func() { defer close(reading); c.Ping(context.Background()) }()
+		time.Sleep(2 * time.Millisecond) // the Ping holds the reader role
+		if _, err := c.Sign(context.Background(), client.ByName("ed"), ed25519Alg, []byte("m")); err != nil {
+			t.Fatalf("round %d: an answered Sign failed: %v", i, err)
+		}
+		c.Close()
+		<-reading
+		f.stop()
 	}
 }

@@ -110,6 +110,11 @@ func (s *Signer) algorithm(opts crypto.SignerOpts) (Algorithm, error) {
 		if h != 0 {
 			return Algorithm{}, unsupported("Ed25519ph (a pre-hashed Ed25519 signature) is not supported; pass crypto.Hash(0) and the message")
 		}
+		if o, ok := opts.(*ed25519.Options); ok && o.Context != "" {
+			// ed25519.PrivateKey signs Ed25519ctx for a context; a pure
+			// Ed25519 signature in its place would not verify as one.
+			return Algorithm{}, unsupported("Ed25519ctx (a context string in ed25519.Options) is not supported; only pure Ed25519")
+		}
 		return Algorithm{SchemeEd25519, 0}, nil
 	case *ecdsa.PublicKey:
 		return Algorithm{SchemeECDSA, h}, nil
