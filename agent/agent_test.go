@@ -571,6 +571,68 @@ func TestStaleSocketIsReplaced(t *testing.T) {
 	}
 }
 
+// ListenUnix replaces only a socket that refuses connections. Anything else
+// at the path stays: a file the path names by mistake, and a live agent
+// that does not accept right now (its accept queue full, as when it is out
+// of file descriptors), which answers EAGAIN rather than ECONNREFUSED.
+func TestListenUnixReplacesOnlyAStaleSocket(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		make func(t *testing.T, path string)
+	}{
+		{"a regular file", func(t *testing.T, path string) {
+			if err := os.WriteFile(path, []byte("precious"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"a directory", func(t *testing.T, path string) {
+			if err := os.Mkdir(path, 0o700); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"a live agent with a full accept queue", func(t *testing.T, path string) {
+			fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { syscall.Close(fd) })
+			if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: path}); err != nil {
+				t.Fatal(err)
+			}
+			if err := syscall.Listen(fd, 0); err != nil {
+				t.Fatal(err)
+			}
+			for i := 0; ; i++ {
+				c, err := net.DialTimeout("unix", path, time.Second)
+				if err != nil {
+					break // the queue is full
+				}
+				t.Cleanup(func() { c.Close() })
+				if i == 16 {
+					t.Fatal("the accept queue never filled")
+				}
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "agent.sock")
+			tc.make(t, path)
+			var before syscall.Stat_t
+			if err := syscall.Lstat(path, &before); err != nil {
+				t.Fatal(err)
+			}
+			if ln, err := agent.ListenUnix(path); err == nil {
+				ln.Close()
+				t.Fatal("ListenUnix took the path")
+			}
+			var after syscall.Stat_t
+			if err := syscall.Lstat(path, &after); err != nil || after.Ino != before.Ino {
+				t.Fatalf("the path's file was replaced or removed: %v", err)
+			}
+		})
+	}
+}
+
 func TestConfigValidation(t *testing.T) {
 	cases := []struct {
 		name string

@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"path/filepath"
@@ -48,12 +49,27 @@ func isResourceShortage(err error) bool {
 	return false
 }
 
+// fileKind names what a non-socket file at a socket path is.
+func fileKind(m fs.FileMode) string {
+	switch {
+	case m.IsDir():
+		return "directory"
+	case m.IsRegular():
+		return "regular file"
+	case m&fs.ModeSymlink != 0:
+		return "symbolic link"
+	}
+	return "file of mode " + m.Type().String()
+}
+
 // ListenUnix creates the agent's Unix socket: its directory owned by us (an
 // attacker's pre-made /tmp directory is refused, not used) and writable by
 // nobody else (made 0700 when it does not exist; an existing one's mode is
 // left as it is, e.g. systemd's 0750 for a group of clients), the socket
 // 0600. A stale socket left by a killed agent is removed; a live agent on the
-// same path is an error.
+// same path is an error, as is any file there that is not a socket, or a
+// socket whose dial fails otherwise than refused (a live agent with a full
+// accept queue).
 func ListenUnix(path string) (net.Listener, error) {
 	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
@@ -72,10 +88,24 @@ func ListenUnix(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("socket dir %s is writable by group or others (%v): give the socket a directory of its own, e.g. %s",
 			dir, st.Mode().Perm(), filepath.Join(dir, "sigil"))
 	}
-	if _, err := os.Lstat(path); err == nil {
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != fs.ModeSocket {
+			// A mistyped path (the config file, ~/.ssh/config) is not
+			// ours to delete.
+			return nil, fmt.Errorf("socket %s: a %s is there, not a socket: refusing to replace it", path, fileKind(fi.Mode()))
+		}
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err == nil {
 			c.Close()
 			return nil, fmt.Errorf("socket %s: another agent is listening there", path)
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			// Only a refused connection shows that no one listens. A live
+			// agent whose accept queue is full answers EAGAIN, and one
+			// that is slow to accept times out: removing its socket
+			// would cut it off from every client while it holds the keys
+			// and the journal.
+			return nil, fmt.Errorf("socket %s: cannot tell whether an agent listens there (%w); remove it by hand if none does", path, err)
 		}
 		if err := os.Remove(path); err != nil {
 			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
