@@ -20,9 +20,9 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		Use:   "admin",
 		Short: "Operator commands on the agent's admin socket: pause, resume, reload, rotate, rollback, drill",
 	}
-	cmd.PersistentFlags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket)")
+	cmd.PersistentFlags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket, --socket's or $SIGIL_SOCK's)")
 	run := func(what string, fn func(context.Context, *client.Client) (string, error)) error {
-		addr := adminSocketAddr(adminSocket)
+		addr := adminSocketAddr(adminSocket, g.socket)
 		// Rotations generate keys (seconds on some HSMs) and sign a canary
 		// set: the agent allows them 2 minutes, so the CLI waits at least 3.
 		ctx, cancel := context.WithTimeout(context.Background(), max(g.timeout, 3*time.Minute))
@@ -73,10 +73,10 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 	cmd.AddCommand(rotationCommands(run)...)
 	top := rotationCommands(run)
 	for _, c := range top {
-		c.Flags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket)")
+		c.Flags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket, --socket's or $SIGIL_SOCK's)")
 	}
 	export := repExportCommand(run)
-	export.Flags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket)")
+	export.Flags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket, --socket's or $SIGIL_SOCK's)")
 	incident := &cobra.Command{Use: "incident", Short: "Incident drills"}
 	incident.AddCommand(top[2])
 	return cmd, []*cobra.Command{top[0], top[1], incident, export}

@@ -26,7 +26,7 @@ import (
 // process open at a time: with the agent stopped, or on a copy. verify and
 // tail ask a running agent over its admin socket instead when one answers
 // (and no directory is named).
-func newAuditCommand() *cobra.Command {
+func newAuditCommand(g *globalFlags) *cobra.Command {
 	var configPath, dir string
 	cmd := &cobra.Command{
 		Use:   "audit",
@@ -57,7 +57,7 @@ func newAuditCommand() *cobra.Command {
 	// unless there is none to ask. nil and no error: read the directory (no
 	// agent answered, and none was named).
 	runningAgent := func(ctx context.Context) (*client.Client, error) {
-		addr, err := auditAdminSocket(configPath, dir, adminSocket)
+		addr, err := auditAdminSocket(configPath, dir, adminSocket, g.socket)
 		if err != nil || addr == "" {
 			return nil, err
 		}
@@ -116,7 +116,7 @@ func newAuditCommand() *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			out := cmd.OutOrStdout()
-			addr, err := auditAdminSocket(configPath, dir, adminSocket)
+			addr, err := auditAdminSocket(configPath, dir, adminSocket, g.socket)
 			if err != nil {
 				return err
 			}
@@ -129,6 +129,11 @@ func newAuditCommand() *cobra.Command {
 					return tailOnline(cmd.Context(), c, out, tenant, n, follow)
 				} else if follow {
 					return &exitError{exitUnreachable, fmt.Errorf("--follow reads the running agent, and none answered at %s: %w", addr, err)}
+				} else if adminSocket != "" {
+					// As verify, export and prune: the agent named is the
+					// one asked about; another journal's records would
+					// pass for its.
+					return &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %w", addr, err)}
 				}
 			}
 			j, err := open()
@@ -246,7 +251,7 @@ func newAuditCommand() *cobra.Command {
 // --config, the one that config's agent listens on if the config names its
 // socket or admin socket, else none (the default path could be another
 // agent's, whose journal is not the config's); else the default one.
-func auditAdminSocket(configPath, dir, named string) (string, error) {
+func auditAdminSocket(configPath, dir, named, clientSocket string) (string, error) {
 	switch {
 	case named != "":
 		return named, nil
@@ -263,16 +268,20 @@ func auditAdminSocket(configPath, dir, named string) (string, error) {
 		cfg.EnsureDefaults()
 		return cfg.AdminSocket, nil
 	}
-	return adminSocketAddr(""), nil
+	return adminSocketAddr("", clientSocket), nil
 }
 
 // adminSocketAddr is the admin socket named, else the default one beside
-// the client socket.
-func adminSocketAddr(named string) string {
+// the client socket: the global --socket, else $SIGIL_SOCK or the default
+// path. A tls:// agent address has no admin socket beside it.
+func adminSocketAddr(named, clientSocket string) string {
 	if named != "" {
 		return named
 	}
-	return filepath.Join(filepath.Dir(proto.ClientSocketPath()), "admin.sock")
+	if clientSocket == "" || strings.HasPrefix(clientSocket, "tls://") {
+		clientSocket = proto.ClientSocketPath()
+	}
+	return filepath.Join(filepath.Dir(clientSocket), "admin.sock")
 }
 
 func journalDir(configPath, dir string) (string, error) {

@@ -103,3 +103,44 @@ func TestAuditWithConfigAsksItsRunningAgent(t *testing.T) {
 		t.Fatalf("tail --follow --config naming no socket: exit %d, stderr %q", code, stderr)
 	}
 }
+
+// The admin and audit commands find the admin socket beside the agent
+// socket the global --socket names, as the client commands use it; they
+// used to look beside $SIGIL_SOCK whatever --socket said, and so reached
+// another agent or none. An --admin-socket named where no agent answers is
+// exit 3 for every audit command: tail used to print the default data
+// dir's journal instead, as if it were the named agent's.
+func TestAdminSocketBesideTheSocketFlag(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	sockDir, _ := os.MkdirTemp("", "sigil-asf")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	socket := filepath.Join(sockDir, "agent.sock")
+	config := writeEd25519Config(t, dir, "socket: "+socket+"\n")
+	agent := startAgentProcess(t, bin, config, socket)
+	agent.waitReady(t)
+	elsewhere := t.TempDir()
+	t.Setenv("SIGIL_SOCK", filepath.Join(elsewhere, "agent.sock"))
+	t.Setenv("XDG_RUNTIME_DIR", elsewhere)
+	t.Setenv("XDG_STATE_HOME", elsewhere)
+
+	if _, stderr, code := runBin(t, bin, "--socket", socket, "keys", "sign", "--in", config); code != 0 {
+		t.Fatalf("sign: %s", stderr)
+	}
+	if out, stderr, code := runBin(t, bin, "--socket", socket, "admin", "reload"); code != 0 {
+		t.Fatalf("admin reload --socket: exit %d\n%s%s", code, out, stderr)
+	}
+	if out, stderr, code := runBin(t, bin, "--socket", socket, "audit", "verify"); code != 0 || !strings.Contains(out, "(running agent)") {
+		t.Fatalf("audit verify --socket: exit %d\n%s%s", code, out, stderr)
+	}
+	if out, stderr, code := runBin(t, bin, "--socket", socket, "audit", "tail"); code != 0 || !strings.Contains(out, "sign") {
+		t.Fatalf("audit tail --socket: exit %d\n%s%s", code, out, stderr)
+	}
+
+	nobody := filepath.Join(elsewhere, "admin.sock")
+	for _, sub := range []string{"tail", "verify"} {
+		if out, stderr, code := runBin(t, bin, "audit", sub, "--admin-socket", nobody); code != exitUnreachable {
+			t.Errorf("audit %s --admin-socket where no agent answers: exit %d, want %d\n%s%s", sub, code, exitUnreachable, out, stderr)
+		}
+	}
+}

@@ -46,7 +46,7 @@ Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() +
 	root.AddCommand(opsCmds[:3]...)
 	rep := newREPCommand()
 	rep.AddCommand(opsCmds[3])
-	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(), newPolicyCommand(), rep, newSSHAgentEnvCommand(), newBenchCommand(), newSoakCommand(), newVersionCommand())
+	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(g), newPolicyCommand(), rep, newSSHAgentEnvCommand(), newBenchCommand(), newSoakCommand(), newVersionCommand())
 	return root
 }
 
