@@ -173,7 +173,7 @@ func runAgent(cfg agent.Config) error {
 	}
 	log.Info("agent listening", zap.String("socket", socket), zap.Bool("systemd_socket", !ownSocket), zap.String("data_dir", cfg.DataDir))
 	// Scripts that started the agent in the background wait for this line.
-	fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", socket)
+	fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", shellQuote(socket))
 
 	serveErr := make(chan error, 5)
 	go func() { serveErr <- a.Serve(ln) }()

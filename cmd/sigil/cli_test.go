@@ -326,3 +326,27 @@ func TestTimeoutIsPerRequestNotForTheInput(t *testing.T) {
 		t.Fatalf("exit %d, stderr %q", code, stderr)
 	}
 }
+
+// eval "$(sigil ssh-agent-env)" sets SSH_AUTH_SOCK to the configured path,
+// whatever it holds, and runs nothing else: the path used to be printed
+// unquoted, so a space split it and a ";" or "$(" ran the rest.
+func TestSSHAgentEnvIsShellSafe(t *testing.T) {
+	for _, name := range []string{"my keys", "a;touch PWNED", "$(touch PWNED)", "it's"} {
+		dir := t.TempDir()
+		sock := filepath.Join(dir, name, "ssh.sock")
+		config := writeEd25519Config(t, dir, fmt.Sprintf("ssh_agent_socket: %q\n", sock))
+		out, stderr, code := run(t, "ssh-agent-env", "--config", config)
+		if code != exitOK {
+			t.Fatalf("%q: exit %d: %s", name, code, stderr)
+		}
+		sh := exec.Command("sh", "-c", out+`printf %s "$SSH_AUTH_SOCK"`)
+		sh.Dir = dir
+		got, err := sh.CombinedOutput()
+		if err != nil || string(got) != sock {
+			t.Errorf("eval of %q: SSH_AUTH_SOCK=%q (%v), want %q", out, got, err, sock)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "PWNED")); err == nil {
+			t.Errorf("eval of %q ran a command", out)
+		}
+	}
+}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -25,10 +26,16 @@ func newSSHAgentEnvCommand() *cobra.Command {
 			if cfg.SSHAgentSocket == "" {
 				return &exitError{exitFailure, fmt.Errorf("the configuration sets no ssh_agent_socket")}
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "SSH_AUTH_SOCK=%s; export SSH_AUTH_SOCK;\n", cfg.SSHAgentSocket)
+			fmt.Fprintf(cmd.OutOrStdout(), "SSH_AUTH_SOCK=%s; export SSH_AUTH_SOCK;\n", shellQuote(cfg.SSHAgentSocket))
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&configPath, "config", "", "the agent's configuration")
 	return cmd
+}
+
+// shellQuote quotes s for a POSIX shell's eval: a socket path with a space,
+// a ";" or a "$(" in it must stay one word and run nothing.
+func shellQuote(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
