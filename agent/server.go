@@ -39,6 +39,11 @@ type Agent struct {
 
 	metrics *metrics
 
+	// reloadMu serializes Reload and ReloadPolicy, and guards policyFile:
+	// the policy file reloads read, the config's as of the last reload.
+	reloadMu   sync.Mutex
+	policyFile string
+
 	// certMu serializes certificate reloads (SIGHUP and the admin op) and
 	// guards certPaths, the certificates map in force.
 	certMu    sync.Mutex
@@ -142,17 +147,18 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 			zap.String("provider", k.Provider), zap.String("type", k.KeyType))
 	}
 	a := &Agent{
-		cfg:       cfg,
-		log:       log,
-		keys:      kr,
-		certPaths: cfg.Certificates,
-		workers:   newWorkerPool(30 * time.Second),
-		tls:       tm,
-		journal:   jl,
-		policy:    engine,
-		listeners: map[net.Listener]struct{}{},
-		conns:     map[*conn]struct{}{},
-		tenants:   map[string]*tenantLoad{},
+		cfg:        cfg,
+		log:        log,
+		keys:       kr,
+		certPaths:  cfg.Certificates,
+		policyFile: cfg.Policy,
+		workers:    newWorkerPool(30 * time.Second),
+		tls:        tm,
+		journal:    jl,
+		policy:     engine,
+		listeners:  map[net.Listener]struct{}{},
+		conns:      map[*conn]struct{}{},
+		tenants:    map[string]*tenantLoad{},
 
 		httpServers: map[*http.Server]struct{}{},
 	}
@@ -308,12 +314,30 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 
 // Reload re-reads what can change without a restart: the TLS certificates
 // (new handshakes use them; open connections carry on), the keys'
-// certificates (certs.go) and the policy. What fails to load is refused
-// and the old stays in force.
+// certificates (certs.go) and the policy, each from the path the config
+// file names now (as `sigil agent --check` reads them). What fails to load
+// is refused and the old stays in force.
 func (a *Agent) Reload() error {
+	a.reloadMu.Lock()
+	defer a.reloadMu.Unlock()
 	var errs []error
+	var tcp *TCPConfig
 	if a.tls != nil {
-		if err := a.tls.reload(); err != nil {
+		tcp = &a.tls.cfg
+	}
+	if a.cfg.source != "" {
+		fresh, err := LoadConfig(a.cfg.source)
+		if err != nil {
+			a.log.Warn("config not read again; reloading the files from the paths in force", zap.Error(err))
+			errs = append(errs, fmt.Errorf("config: %w", err))
+		} else {
+			var ferrs []error
+			tcp, ferrs = a.followConfig(fresh)
+			errs = append(errs, ferrs...)
+		}
+	}
+	if a.tls != nil {
+		if err := a.tls.reloadFrom(*tcp); err != nil {
 			a.log.Warn("reload failed; keeping the current certificates", zap.Error(err))
 			errs = append(errs, err)
 		} else {
@@ -325,9 +349,41 @@ func (a *Agent) Reload() error {
 		errs = append(errs, err)
 	}
 	if a.policy != nil {
-		if err := a.ReloadPolicy(); err != nil {
+		if err := a.reloadPolicy(); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// followConfig takes from fresh, the config file read again, the paths a
+// reload follows: the TLS files and the policy file (setting policyFile).
+// A change only a restart applies is an error naming it: the TCP listener
+// or the policy file added or removed (either changes who may connect and
+// how). The TCP address moved is logged; the listener stays where it is.
+func (a *Agent) followConfig(fresh Config) (*TCPConfig, []error) {
+	var errs []error
+	var tcp *TCPConfig
+	switch {
+	case a.tls != nil && fresh.TCP.Listen == "":
+		tcp = &a.tls.cfg
+		errs = append(errs, errors.New("tcp.listen was removed from the config: restart the agent to close the TCP listener"))
+	case a.tls == nil && fresh.TCP.Listen != "":
+		errs = append(errs, errors.New("tcp.listen was added to the config: restart the agent to open the TCP listener"))
+	case a.tls != nil:
+		if fresh.TCP.Listen != a.tls.cfg.Listen {
+			a.log.Warn("tcp.listen changed in the config; the listener stays at its address until a restart",
+				zap.String("listening", a.tls.cfg.Listen), zap.String("config", fresh.TCP.Listen))
+		}
+		tcp = &fresh.TCP
+	}
+	switch {
+	case a.policy != nil && fresh.Policy == "":
+		errs = append(errs, errors.New("policy was removed from the config: restart the agent to run without one (single-tenant mode); the policy in force stays"))
+	case a.policy == nil && fresh.Policy != "":
+		errs = append(errs, errors.New("policy was added to the config: restart the agent to put it in force"))
+	case a.policy != nil:
+		a.policyFile = fresh.Policy
+	}
+	return tcp, errs
 }

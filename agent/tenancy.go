@@ -217,13 +217,21 @@ func checkSlotKeys(set *policy.Set, kr *keyring) error {
 	return errors.Join(errs...)
 }
 
-// ReloadPolicy re-reads the policy file. A policy that fails validation is
+// ReloadPolicy re-reads the policy file (the config's, as of the last Reload,
+// which reads the config again). A policy that fails validation is
 // refused and the one in force stays; the error says why.
 func (a *Agent) ReloadPolicy() error {
+	a.reloadMu.Lock()
+	defer a.reloadMu.Unlock()
+	return a.reloadPolicy()
+}
+
+// reloadPolicy is ReloadPolicy with reloadMu held.
+func (a *Agent) reloadPolicy() error {
 	if a.policy == nil {
 		return errors.New("the agent runs without a policy file (single-tenant mode)")
 	}
-	set, err := policy.Load(a.cfg.Policy)
+	set, err := policy.Load(a.policyFile)
 	if err == nil {
 		err = checkSlotKeys(set, a.keys)
 	}

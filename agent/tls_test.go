@@ -10,12 +10,14 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/devcerts"
 	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
 )
 
 type tlsSetup struct {
@@ -176,5 +178,127 @@ func TestTLSClientSurvivesAgentRestart(t *testing.T) {
 		go s.running.agent.Serve(tln)
 		sign(fmt.Sprintf("first call after restart %d", i+1))
 		sign(fmt.Sprintf("second call after restart %d", i+1))
+	}
+}
+
+// A reload reads the config file again and follows the paths it names now,
+// as `sigil agent --check` (systemd's ExecReload) checks them: the TLS files
+// and the policy file. It used to reload the files named at start, so
+// pointing tcp.cert_file at a renewed certificate passed the check,
+// reported success and kept serving the old one. What only a restart can
+// apply (the policy file or the TCP listener added or removed) fails the
+// reload, named, and the rest is put in force.
+func TestReloadFollowsTheConfigsPaths(t *testing.T) {
+	dir := t.TempDir()
+	ca, _ := devcerts.NewCA("reload CA")
+	caFile, _ := ca.WriteCert(dir, "ca")
+	issue := func(cn string) (string, string) {
+		c, _ := ca.Issue(devcerts.Leaf{CommonName: cn, IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+		cert, key, err := c.Write(dir, cn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return cert, key
+	}
+	oldCert, oldKey := issue("old-server")
+	newCert, newKey := issue("renewed-server")
+	writePolicy := func(name string, uid int) string {
+		path := filepath.Join(dir, name)
+		os.WriteFile(path, []byte(fmt.Sprintf("tenants:\n  - name: %s\n    identities: {unix_uids: [%d], mtls: [\"spiffe://example.org/%s\"]}\n    slots: [{name: release, key: default}]\n", name, uid, name)), 0o600)
+		return path
+	}
+	oldPolicy := writePolicy("old", os.Getuid())
+	newPolicy := writePolicy("new", os.Getuid())
+	sock := shortSocketPath(t)
+	configFile := filepath.Join(dir, "sigil.yaml")
+	writeConfig := func(cert, key, policy string, tcp bool) {
+		var b strings.Builder
+		fmt.Fprintf(&b, "data_dir: %s\nsocket: %s\nproviders:\n  - {id: soft, type: software, keys: [{name: default, type: ecdsa-p256}]}\n", filepath.Join(dir, "state"), sock)
+		if policy != "" {
+			fmt.Fprintf(&b, "policy: %s\n", policy)
+		}
+		if tcp {
+			fmt.Fprintf(&b, "tcp: {listen: \"127.0.0.1:0\", cert_file: %s, key_file: %s, client_ca_file: %s}\n", cert, key, caFile)
+		}
+		if err := os.WriteFile(configFile, []byte(b.String()), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeConfig(oldCert, oldKey, oldPolicy, true)
+	cfg, err := agent.LoadConfig(configFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg)
+	tln, err := r.agent.ListenTLS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.agent.Serve(tln)
+	peer, _ := ca.Issue(devcerts.Leaf{CommonName: "c", URIs: []string{"spiffe://example.org/new"}})
+	serverName := func() string {
+		t.Helper()
+		conn, err := tls.Dial("tcp", tln.Addr().String(), &tls.Config{RootCAs: ca.Pool(), Certificates: []tls.Certificate{peer.TLS}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		return conn.ConnectionState().PeerCertificates[0].Subject.CommonName
+	}
+	tenantKeys := func() error {
+		c, err := client.Dial(context.Background(), r.socket)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.ListKeys(context.Background())
+		return err
+	}
+	if name := serverName(); name != "old-server" {
+		t.Fatalf("at start the agent presents %q", name)
+	}
+
+	writeConfig(newCert, newKey, newPolicy, true)
+	if err := r.agent.Reload(); err != nil {
+		t.Fatal(err)
+	}
+	if name := serverName(); name != "renewed-server" {
+		t.Fatalf("after the config named the renewed certificate and a reload, the agent presents %q", name)
+	}
+	c := r.dial(t)
+	keys, err := c.ListKeys(context.Background())
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("under the new policy file: %v, %v", keys, err)
+	}
+	// The admin op ReloadPolicy reads the policy file the last Reload took.
+	os.WriteFile(newPolicy, []byte("tenants: []\n"), 0o600)
+	if err := r.agent.ReloadPolicy(); err != nil {
+		t.Fatal(err)
+	}
+	if err := tenantKeys(); client.Code(err) != proto.Unauthenticated {
+		t.Fatalf("after the new policy file was emptied: %v, want UNAUTHENTICATED", err)
+	}
+	writePolicy("new", os.Getuid())
+
+	for _, tc := range []struct {
+		name   string
+		policy string
+		tcp    bool
+		want   string
+	}{
+		{"policy removed", "", true, "policy was removed"},
+		{"TCP listener removed", newPolicy, false, "tcp.listen was removed"},
+	} {
+		writeConfig(newCert, newKey, tc.policy, tc.tcp)
+		err := r.agent.Reload()
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Reload = %v, want an error naming %q", tc.name, err, tc.want)
+		}
+		if err := tenantKeys(); err != nil {
+			t.Errorf("%s: the policy in force after the refused change: %v", tc.name, err)
+		}
+		if name := serverName(); name != "renewed-server" {
+			t.Errorf("%s: the agent presents %q", tc.name, name)
+		}
 	}
 }

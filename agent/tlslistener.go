@@ -46,26 +46,30 @@ type tlsMaterial struct {
 }
 
 func newTLSMaterial(cfg TCPConfig) (*tlsMaterial, error) {
-	m := &tlsMaterial{cfg: cfg}
-	if err := m.reload(); err != nil {
+	m := &tlsMaterial{}
+	if err := m.reloadFrom(cfg); err != nil {
 		return nil, err
 	}
 	return m, nil
 }
 
-func (m *tlsMaterial) reload() error {
-	cert, err := tls.LoadX509KeyPair(m.cfg.CertFile, m.cfg.KeyFile)
+// reloadFrom puts in force the files cfg names, and remembers cfg as the
+// paths in force; on an error the certificates in force stay, and so do
+// their paths. Reload calls it serialized (Agent.reloadMu).
+func (m *tlsMaterial) reloadFrom(cfg TCPConfig) error {
+	cert, err := tls.LoadX509KeyPair(cfg.CertFile, cfg.KeyFile)
 	if err != nil {
-		return fmt.Errorf("tls: load %s / %s: %w", m.cfg.CertFile, m.cfg.KeyFile, err)
+		return fmt.Errorf("tls: load %s / %s: %w", cfg.CertFile, cfg.KeyFile, err)
 	}
-	caPEM, err := os.ReadFile(m.cfg.ClientCAFile)
+	caPEM, err := os.ReadFile(cfg.ClientCAFile)
 	if err != nil {
 		return fmt.Errorf("tls: client CAs: %w", err)
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(caPEM) {
-		return fmt.Errorf("tls: %s holds no PEM certificate", m.cfg.ClientCAFile)
+		return fmt.Errorf("tls: %s holds no PEM certificate", cfg.ClientCAFile)
 	}
+	m.cfg = cfg
 	m.current.Store(&tls.Config{
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{cert},
