@@ -74,7 +74,7 @@ func TestSignAllocations(t *testing.T) {
 	}
 	allocs := testing.AllocsPerRun(1000, func() {
 		resp := proto.Response{ID: req.ID}
-		c.dispatch(&req, &resp)
+		c.dispatch(&req, &resp, time.Time{})
 		if resp.Code != proto.OK {
 			t.Fatal(resp.Msg)
 		}
@@ -96,7 +96,7 @@ func benchRequestPath(b *testing.B, journalMode string) {
 			b.Fatal(err)
 		}
 		resp := proto.Response{ID: req.ID}
-		c.dispatch(req, &resp)
+		c.dispatch(req, &resp, time.Time{})
 		requestPool.Put(req)
 		if resp.Code != proto.OK {
 			b.Fatal(resp.Msg)

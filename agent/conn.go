@@ -311,17 +311,20 @@ func (c *conn) readLoop() {
 			return
 		}
 		if req.Op != proto.OpSign && req.Op != proto.OpVerify {
-			c.handle(req)
+			c.handle(req, time.Time{})
 			continue
 		}
-		if !c.acquireSlot(req) {
+		// The request's deadline runs from here: a wait for the tenant's
+		// in-flight place is part of it, not added to it.
+		arrived := time.Now()
+		if !c.acquireSlot(req, arrived) {
 			if c.ctx.Err() != nil {
 				return
 			}
 			continue
 		}
 		if c.runInline(req, br) {
-			c.handle(req)
+			c.handle(req, arrived)
 			c.releaseSlot()
 			continue
 		}
@@ -335,7 +338,7 @@ func (c *conn) readLoop() {
 			return
 		}
 		c.handlers.Add(1)
-		c.a.workers.run(job{c: c, req: req})
+		c.a.workers.run(job{c: c, req: req, arrived: arrived})
 	}
 }
 
@@ -351,18 +354,20 @@ func (c *conn) readFailed(err error) {
 	}
 }
 
-func (c *conn) handleAsync(req *proto.Request) {
+func (c *conn) handleAsync(req *proto.Request, arrived time.Time) {
 	defer func() {
 		<-c.inFlight
 		c.releaseSlot()
 		c.handlers.Done()
 	}()
-	c.handle(req)
+	c.handle(req, arrived)
 }
 
-func (c *conn) handle(req *proto.Request) {
+// handle answers req; arrived is when a Sign or Verify was read (its
+// deadline runs from then), zero for other ops.
+func (c *conn) handle(req *proto.Request, arrived time.Time) {
 	resp := proto.Response{ID: req.ID}
-	c.dispatch(req, &resp)
+	c.dispatch(req, &resp, arrived)
 	requestPool.Put(req)
 	c.send(&resp)
 }

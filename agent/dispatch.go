@@ -13,8 +13,9 @@ import (
 	"github.com/sigil-agent/sigil/providers"
 )
 
-// dispatch answers one request into resp.
-func (c *conn) dispatch(req *proto.Request, resp *proto.Response) {
+// dispatch answers one request into resp. arrived is when a Sign was read:
+// its deadline runs from then (zero: from now).
+func (c *conn) dispatch(req *proto.Request, resp *proto.Response, arrived time.Time) {
 	m := c.a.metrics
 	m.inFlight.Add(1)
 	var meta reqMeta
@@ -32,7 +33,7 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response) {
 			err = &proto.Error{Code: proto.PermissionDenied, Msg: "the admin socket serves admin operations only"}
 			break
 		}
-		err = c.keyOp(req, resp, &meta)
+		err = c.keyOp(req, resp, &meta, arrived)
 	default:
 		err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("unknown operation %d", req.Op)}
 	}
@@ -48,14 +49,14 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response) {
 	c.logFailure(req, code, err)
 }
 
-func (c *conn) keyOp(req *proto.Request, resp *proto.Response, meta *reqMeta) (err error) {
+func (c *conn) keyOp(req *proto.Request, resp *proto.Response, meta *reqMeta, arrived time.Time) (err error) {
 	switch req.Op {
 	case proto.OpListKeys:
 		resp.Keys, err = c.listKeys()
 	case proto.OpPublicKey:
 		err = c.publicKey(req, resp, meta)
 	case proto.OpSign:
-		err = c.sign(req, resp, meta)
+		err = c.sign(req, resp, meta, arrived)
 	case proto.OpVerify:
 		err = c.verify(req, resp, meta)
 	}
@@ -121,8 +122,11 @@ func (c *conn) publicKey(req *proto.Request, resp *proto.Response, meta *reqMeta
 	return nil
 }
 
-func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta) error {
-	d := signDecision{start: time.Now(), keyName: req.Key, digest: req.Digest}
+func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta, arrived time.Time) error {
+	if arrived.IsZero() {
+		arrived = time.Now()
+	}
+	d := signDecision{start: arrived, keyName: req.Key, digest: req.Digest}
 	if d.keyName == "" {
 		d.keyName = req.KID
 	}

@@ -144,10 +144,11 @@ func (c *conn) refuse(limit string) {
 }
 
 // acquireSlot takes one of the tenant's in-flight tokens for a Sign or
-// Verify, waiting at most the request's deadline. When it returns false it
-// has answered the request itself (or the connection is ending).
-func (c *conn) acquireSlot(req *proto.Request) bool {
-	switch c.takeTenantToken(c.requestTimeout(req), c.ctx.Done()) {
+// Verify, waiting at most until the request's deadline (counted from
+// arrived). When it returns false it has answered the request itself (or
+// the connection is ending).
+func (c *conn) acquireSlot(req *proto.Request, arrived time.Time) bool {
+	switch c.takeTenantToken(c.requestTimeout(req)-time.Since(arrived), c.ctx.Done()) {
 	case nil:
 		return true
 	case errNoTenantCapacity:
@@ -174,6 +175,10 @@ func (c *conn) takeTenantToken(d time.Duration, done <-chan struct{}) error {
 	case c.load.inFlight <- struct{}{}:
 		return nil
 	default:
+	}
+	if d <= 0 {
+		c.a.metrics.refused(limitTenantFlight)
+		return errNoTenantCapacity
 	}
 	t := time.NewTimer(d)
 	defer t.Stop()

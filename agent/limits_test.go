@@ -362,3 +362,42 @@ func TestHandshakeLimit(t *testing.T) {
 	}
 	signOK(t, c)
 }
+
+// A request's deadline runs from when the agent read it: the wait for one
+// of the tenant's in-flight places is part of it. The wait and the
+// signature each used to get the whole deadline, so a signature was
+// released (and journaled OK) up to twice the deadline after the request,
+// to a client that had given up.
+func TestTenantWaitCountsAgainstTheDeadline(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.Limits.MaxInFlightPerTenant = 1
+	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "slow", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg, agent.WithProviders(&slowProvider{Provider: soft, delay: 400 * time.Millisecond}))
+	d := sha256.Sum256(nil)
+	holder := r.dial(t)
+	held := make(chan error, 1)
+	go func() {
+		_, err := holder.Sign(context.Background(), client.ByName("slow"), client.Algorithm{}, d[:])
+		held <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // the holder has the tenant's one place
+
+	rc := r.raw(t)
+	rc.hello()
+	start := time.Now()
+	rc.send(&proto.Request{ID: 7, Op: proto.OpSign, Key: "slow", Digest: d[:], TimeoutMillis: 500})
+	resp, err := rc.recv()
+	took := time.Since(start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-held; err != nil {
+		t.Fatal(err)
+	}
+	if resp.Code != proto.DeadlineExceeded || took > 700*time.Millisecond {
+		t.Fatalf("a request that waited ~300 ms for a place and then signed for 400 ms, deadline 500 ms: %s after %v, want DEADLINE_EXCEEDED by ~500 ms", resp.Code, took)
+	}
+}

@@ -107,6 +107,7 @@ func (b sshBackend) Sign(ctx context.Context, name string, alg providers.Algorit
 	stop := context.AfterFunc(ctx, b.c.cancel)
 	defer stop()
 	req := &proto.Request{Op: proto.OpSign, Key: name, Scheme: uint8(alg.Scheme), Hash: protoHash(alg.Hash), Digest: message}
+	arrived := time.Now()
 	switch b.c.takeTenantToken(b.c.requestTimeout(req), b.c.ctx.Done()) {
 	case nil:
 	case errNoTenantCapacity:
@@ -116,7 +117,7 @@ func (b sshBackend) Sign(ctx context.Context, name string, alg providers.Algorit
 	}
 	defer b.c.releaseSlot()
 	var resp proto.Response
-	b.c.dispatch(req, &resp)
+	b.c.dispatch(req, &resp, arrived)
 	if err := resp.Err(); err != nil {
 		return nil, err
 	}

@@ -19,8 +19,9 @@ type workerPool struct {
 }
 
 type job struct {
-	c   *conn
-	req *proto.Request
+	c       *conn
+	req     *proto.Request
+	arrived time.Time // when the request was read: its deadline runs from then
 }
 
 func newWorkerPool(idleTimeout time.Duration) *workerPool {
@@ -36,13 +37,13 @@ func (p *workerPool) run(j job) {
 }
 
 func (p *workerPool) worker(j job) {
-	j.c.handleAsync(j.req)
+	j.c.handleAsync(j.req, j.arrived)
 	idle := time.NewTimer(p.idleTimeout)
 	defer idle.Stop()
 	for {
 		select {
 		case j := <-p.jobs:
-			j.c.handleAsync(j.req)
+			j.c.handleAsync(j.req, j.arrived)
 			idle.Reset(p.idleTimeout)
 		case <-idle.C:
 			return
