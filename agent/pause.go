@@ -33,11 +33,15 @@ const pauseKeyPrefix = "pause/"
 // errPauseNotStored says a pause is in force but will not survive a restart.
 var errPauseNotStored = errors.New("the pause could not be stored in the journal")
 
-// pauser pauses and resumes slots in the policy engine and the journal. It
-// is the rotation package's Pauser for incident drills too.
+// pauser pauses and resumes slots in the policy engine and the journal.
+// An operator's pauser lifts any pause; a drill's (own set) lifts only its
+// own, as rotation.Pauser asks.
 type pauser struct {
 	a  *Agent
 	by string // who asks, stored with the pause
+	// own, for a drill, holds the pause it made, to tell it from one an
+	// operator made after it.
+	own *uint64
 }
 
 func (p pauser) Pause(tenant, slot string) error {
@@ -45,6 +49,14 @@ func (p pauser) Pause(tenant, slot string) error {
 	defer p.a.pauseMu.Unlock()
 	if err := p.a.policy.Pause(tenant, slot); err != nil {
 		return err
+	}
+	p.a.pauseSerial++
+	if p.a.pausedBy == nil {
+		p.a.pausedBy = map[string]uint64{}
+	}
+	p.a.pausedBy[tenant+"/"+slot] = p.a.pauseSerial
+	if p.own != nil {
+		*p.own = p.a.pauseSerial
 	}
 	if p.a.journal == nil {
 		return nil
@@ -66,6 +78,9 @@ func (p pauser) Resume(tenant, slot string) error {
 	if _, found := p.a.policy.Paused(tenant, slot); !found {
 		return policy.ErrSlotNotFound
 	}
+	if cur, ok := p.a.pausedBy[tenant+"/"+slot]; ok && p.own != nil && cur != *p.own {
+		return rotation.ErrPausedMeanwhile
+	}
 	if p.a.journal != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
 		defer cancel()
@@ -73,6 +88,7 @@ func (p pauser) Resume(tenant, slot string) error {
 			return &proto.Error{Code: proto.JournalUnavailable, Msg: "the slot stays paused: its resume could not be stored in the journal"}
 		}
 	}
+	delete(p.a.pausedBy, tenant+"/"+slot)
 	return p.a.policy.Resume(tenant, slot)
 }
 

@@ -355,13 +355,20 @@ func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {
 	}
 	if req.Op == proto.OpIncidentDrill {
 		o.Emergency = true
-		rep, err := c.a.rot.Drill(ctx, slot, pauser{a: c.a, by: "incident drill by " + c.peer.String()}, o)
+		rep, err := c.a.rot.Drill(ctx, slot, pauser{a: c.a, by: "incident drill by " + c.peer.String(), own: new(uint64)}, o)
 		if err != nil {
 			return rotationError(err)
 		}
 		resp.KID = rep.Rotation.New.KID
-		resp.Msg = fmt.Sprintf("%s drilled: paused, rotated to version %d (kid %s), canaries verified, resumed; journal records %d..%d; statement %s",
-			slot, rep.Rotation.New.Number, rep.Rotation.New.KID, rep.FirstSeq, rep.LastSeq, rep.StatementFile)
+		ending := "resumed"
+		switch {
+		case rep.WasPaused:
+			ending = "left paused, as it was before the drill"
+		case rep.PausedMeanwhile:
+			ending = "left paused: it was paused again during the drill"
+		}
+		resp.Msg = fmt.Sprintf("%s drilled: paused, rotated to version %d (kid %s), canaries verified, %s; journal records %d..%d; statement %s",
+			slot, rep.Rotation.New.Number, rep.Rotation.New.KID, ending, rep.FirstSeq, rep.LastSeq, rep.StatementFile)
 		return nil
 	}
 	res, err := c.a.rot.Rotate(ctx, slot, o)

@@ -576,3 +576,48 @@ tenants:
 		t.Fatal("the open slot's signature does not verify")
 	}
 }
+
+// An operator who pauses a slot while an incident drill runs on it finds
+// it paused after the drill, and after a restart: the drill lifts only the
+// pause it made, as it leaves a pause made before it began. Its resume used
+// to lift the operator's pause too, in memory and in the journal.
+func TestDrillKeepsAPauseMadeDuringIt(t *testing.T) {
+	cfg := pauseConfig(t)
+	if err := os.WriteFile(cfg.Policy, []byte(pausePolicy(true)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg.Rotation.Canaries = 3000 // a drill that lasts long enough to pause during it
+	sign := releaseSigner("drill")
+	ctx := context.Background()
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		drillAdmin, err := client.Dial(ctx, cfg.AdminSocket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer drillAdmin.Close()
+		drilled := make(chan error, 1)
+		go func() {
+			_, err := drillAdmin.IncidentDrill(ctx, "payments/release")
+			drilled <- err
+		}()
+		for deadline := time.Now().Add(10 * time.Second); client.Code(sign(c)) != proto.Paused; time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatal("the drill never paused the slot")
+			}
+		}
+		if _, err := admin.Pause(ctx, "payments/release"); err != nil {
+			t.Fatalf("the operator's pause: %v", err)
+		}
+		if err := <-drilled; err != nil {
+			t.Fatalf("drill: %v", err)
+		}
+		if err := sign(c); client.Code(err) != proto.Paused {
+			t.Fatalf("after the drill: %v, want PAUSED (the operator's pause)", err)
+		}
+	})
+	agentLifetime(t, cfg, func(c, _ *client.Client) {
+		if err := sign(c); client.Code(err) != proto.Paused {
+			t.Fatalf("after a restart: %v, want PAUSED", err)
+		}
+	})
+}

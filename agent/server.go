@@ -54,6 +54,11 @@ type Agent struct {
 	// interleaved (two admins, or a drill and an admin) could leave a slot
 	// signing in memory while the journal says paused.
 	pauseMu sync.Mutex
+	// pausedBy numbers the run-time pause in force of each slot it made
+	// ("tenant/slot"), from pauseSerial, so that a drill lifts only its
+	// own pause. Guarded by pauseMu.
+	pausedBy    map[string]uint64
+	pauseSerial uint64
 
 	mu          sync.Mutex
 	listeners   map[net.Listener]struct{}

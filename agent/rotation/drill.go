@@ -17,11 +17,19 @@ import (
 // The policy engine (policy.Engine) satisfies it. Paused reports whether
 // the slot refuses with PAUSED now, for whatever reason (an operator's
 // pause, the policy file).
+//
+// Resume lifts only the pause this Pauser made: when someone paused the
+// slot again meanwhile (an operator, during the drill), it returns
+// ErrPausedMeanwhile and the slot stays paused.
 type Pauser interface {
 	Pause(tenant, slot string) error
 	Resume(tenant, slot string) error
 	Paused(tenant, slot string) (paused, found bool)
 }
+
+// ErrPausedMeanwhile is a Pauser's Resume refusing to lift a pause someone
+// else made after its own.
+var ErrPausedMeanwhile = errors.New("the slot was paused again meanwhile, by someone else; it stays paused")
 
 // DrillReport is the outcome of an incident drill.
 type DrillReport struct {
@@ -36,6 +44,9 @@ type DrillReport struct {
 	// WasPaused: the slot was paused before the drill (an operator's
 	// pause, or its policy file), and the drill left it so.
 	WasPaused bool
+	// PausedMeanwhile: someone paused the slot again during the drill, and
+	// the drill left that pause in force instead of resuming.
+	PausedMeanwhile bool
 	// Statement is the incident statement (Markdown), rendered from the
 	// journal records of the drill; StatementFile is where it was written
 	// (empty without an EvidenceDir). It is also stored in the journal
@@ -124,7 +135,15 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 		if rep.WasPaused {
 			return nil
 		}
-		if err := p.Resume(tenant, name); err != nil {
+		if err := p.Resume(tenant, name); errors.Is(err, ErrPausedMeanwhile) {
+			// An operator paused the slot during the drill: their pause
+			// stands, as one made before the drill would.
+			rep.PausedMeanwhile = true
+			if err := appendRec(rec("pause", "incident drill: the slot was paused again during the drill; it stays paused after the drill")); err != nil {
+				return fmt.Errorf("resume: journal: %w", err)
+			}
+			return nil
+		} else if err != nil {
 			return fmt.Errorf("resume: %w", err)
 		}
 		rep.Resumed = true
@@ -136,7 +155,7 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 
 	// The statement, from the journal.
 	in := &incident{slot: slot, started: started, ended: r.now(), firstSeq: rep.FirstSeq, result: rep.Rotation,
-		err: drillErr, resumed: rep.Resumed, wasPaused: rep.WasPaused, evidenceKeyID: EvidenceKeyID(r.evidencePub)}
+		err: drillErr, resumed: rep.Resumed, wasPaused: rep.WasPaused, pausedMeanwhile: rep.PausedMeanwhile, evidenceKeyID: EvidenceKeyID(r.evidencePub)}
 	// Detached from ctx, as the drill's records are: the caller's going away
 	// must not leave the drill without its closing record. If the read
 	// fails all the same, the statement shows the records read so far and

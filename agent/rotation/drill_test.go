@@ -232,3 +232,33 @@ func TestDrillFailureLeavesSlotPaused(t *testing.T) {
 		}
 	}
 }
+
+// meanwhilePauser is a Pauser whose slot someone pauses again while the
+// drill runs: its Resume refuses, as the agent's does for a drill.
+type meanwhilePauser struct{ fakePauser }
+
+func (p *meanwhilePauser) Resume(tenant, slot string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.calls = append(p.calls, "resume refused "+tenant+"/"+slot)
+	return ErrPausedMeanwhile
+}
+
+// A pause someone made during the drill stands: the drill does not resume
+// the slot, succeeds, and the statement says the slot stays paused.
+func TestDrillLeavesAPauseMadeDuringIt(t *testing.T) {
+	e := newEnv(t, providers.KeyECDSAP256)
+	p := &meanwhilePauser{}
+	o := e.opts()
+	o.Signer = &pauseCheckingSigner{inner: e.soft, pauser: &p.fakePauser, j: e.j}
+	rep, err := e.rot.Drill(context.Background(), testSlot, p, o)
+	if err != nil {
+		t.Fatalf("Drill: %v", err)
+	}
+	if !p.isPaused(testSlot) || rep.Resumed || !rep.PausedMeanwhile || rep.WasPaused || rep.Rotation == nil {
+		t.Fatalf("paused %v, report %+v", p.isPaused(testSlot), rep)
+	}
+	if !strings.Contains(string(rep.Statement), "paused again during the drill and stays **paused**") {
+		t.Fatalf("the statement does not say the slot stays paused:\n%s", rep.Statement)
+	}
+}

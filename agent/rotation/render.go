@@ -115,7 +115,9 @@ type incident struct {
 	err            error
 	resumed        bool
 	wasPaused      bool
-	evidenceKeyID  string
+	// pausedMeanwhile: paused again during the drill, so not resumed.
+	pausedMeanwhile bool
+	evidenceKeyID   string
 }
 
 // renderIncident renders the incident statement of a drill from the
@@ -133,7 +135,7 @@ func renderIncident(in *incident) []byte {
 	p("## Outcome\n\n")
 	if in.err != nil {
 		p("- **Failed**: %s\n", md(in.err.Error()))
-		if !in.resumed && !in.wasPaused {
+		if !in.resumed && !in.wasPaused && !in.pausedMeanwhile {
 			p("- The slot was left **paused** (signing refused with `PAUSED`): resume it with `sigil resume %s` once the situation is understood.\n", md(in.slot))
 		}
 	}
@@ -146,6 +148,9 @@ func renderIncident(in *incident) []byte {
 	}
 	if in.wasPaused {
 		p("- The slot was paused before the drill and stays **paused**: the drill neither paused nor resumed it.\n")
+	}
+	if in.pausedMeanwhile {
+		p("- The slot was paused again during the drill and stays **paused**: the drill did not lift that pause.\n")
 	}
 
 	// Signing decisions on the slot during the drill, by code.
