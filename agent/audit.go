@@ -178,5 +178,8 @@ func (p peer) String() string {
 	if p.name != "" {
 		return p.name
 	}
+	if p.cert != "" {
+		return p.cert
+	}
 	return p.addr
 }

@@ -401,3 +401,39 @@ func TestTenantWaitCountsAgainstTheDeadline(t *testing.T) {
 		t.Fatalf("a request that waited ~300 ms for a place and then signed for 400 ms, deadline 500 ms: %s after %v, want DEADLINE_EXCEEDED by ~500 ms", resp.Code, took)
 	}
 }
+
+// A client certificate with neither a URI SAN nor a CN (DNS SANs only, as
+// cert-manager and ACME issue) is one client for the limits, known by its
+// certificate: it used to be known by its ephemeral address, so each of
+// its connections was a tenant of its own and max_conns_per_tenant (and
+// max_in_flight_per_tenant) never bound it.
+func TestCertificateWithoutANameIsOneClient(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.Limits.MaxConnsPerTenant = 2
+	s := startTLSAgentWith(t, cfg)
+	issue := func(dns string) *devcerts.Issued {
+		c, err := s.ca.Issue(devcerts.Leaf{DNSNames: []string{dns}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	one, other := issue("signer.example.internal"), issue("other.example.internal")
+	for i := range 2 {
+		c, err := s.dial(t, one)
+		if err != nil {
+			t.Fatalf("connection %d: %v", i+1, err)
+		}
+		signOK(t, c)
+	}
+	if c, err := s.dial(t, one); err == nil {
+		if err := c.Ping(context.Background()); err == nil {
+			t.Fatal("a third connection of one certificate was served past max_conns_per_tenant=2")
+		}
+	}
+	c, err := s.dial(t, other)
+	if err != nil {
+		t.Fatalf("another certificate: %v", err)
+	}
+	signOK(t, c)
+}

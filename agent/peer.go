@@ -1,7 +1,9 @@
 package agent
 
 import (
+	"crypto/sha256"
 	"crypto/tls"
+	"encoding/hex"
 	"errors"
 	"net"
 	"strings"
@@ -19,7 +21,12 @@ type peer struct {
 	uid, gid uint32
 	pid      int32
 	name     string // mTLS: the first URI SAN (a SPIFFE ID, say), else the subject CN
-	addr     string
+	// cert names an mTLS peer whose certificate has neither (a DNS-SAN
+	// only one, as cert-manager and ACME issue): by its leaf's SHA-256,
+	// so that its connections count as one client in the limits and the
+	// audit records name the certificate, not an ephemeral port.
+	cert string
+	addr string
 }
 
 // unixPeer reads SO_PEERCRED: the uid, gid and pid the kernel recorded when
@@ -59,6 +66,10 @@ func tlsPeer(cs tls.ConnectionState, addr string) (peer, error) {
 		// fall under a URI prefix.
 		return p, errURIInCN
 	}
+	if p.name == "" {
+		sum := sha256.Sum256(leaf.Raw)
+		p.cert = "cert-sha256:" + hex.EncodeToString(sum[:16])
+	}
 	return p, nil
 }
 
@@ -68,5 +79,5 @@ func (p peer) logFields() []zap.Field {
 	if p.unix {
 		return []zap.Field{zap.Uint32("peer_uid", p.uid), zap.Uint32("peer_gid", p.gid), zap.Int32("peer_pid", p.pid)}
 	}
-	return []zap.Field{zap.String("peer", p.name), zap.String("peer_addr", p.addr)}
+	return []zap.Field{zap.String("peer", p.String()), zap.String("peer_addr", p.addr)}
 }
