@@ -41,6 +41,9 @@ type conn struct {
 
 	load     *tenantLoad // nil on the admin socket (limits.go)
 	stopping atomic.Bool // stopReading was called: keep the read deadline in the past
+	// lastDone is when a request on a worker last ended (Unix ns), kept
+	// with idle_timeout on: the connection is idle from then.
+	lastDone atomic.Int64
 
 	peer       peer
 	peerName   string // peer.String(), for audit records
@@ -194,11 +197,28 @@ func (c *conn) waitFrame(br *bufio.Reader, lim Limits, draining bool) (string, e
 		return "", nil // the drain's own deadline applies
 	}
 	if br.Buffered() == 0 && c.helloDone {
-		if lim.IdleTimeout > 0 {
-			c.setReadDeadline(time.Now().Add(lim.IdleTimeout))
-		}
-		if _, err := br.Peek(1); err != nil {
+		idleFor := lim.IdleTimeout
+		for {
+			if lim.IdleTimeout > 0 {
+				c.setReadDeadline(time.Now().Add(idleFor))
+			}
+			_, err := br.Peek(1)
+			if err == nil {
+				break
+			}
 			if lim.IdleTimeout > 0 && errors.Is(err, os.ErrDeadlineExceeded) && !c.stopping.Load() {
+				// Idle means nothing in flight for idle_timeout: a
+				// request still running on a worker (a cloud KMS sign,
+				// say), or one that ended less than that ago, keeps the
+				// connection.
+				if len(c.inFlight) > 0 {
+					idleFor = lim.IdleTimeout
+					continue
+				}
+				if since := time.Since(time.Unix(0, c.lastDone.Load())); since < lim.IdleTimeout {
+					idleFor = lim.IdleTimeout - since
+					continue
+				}
 				return limitIdleTimeout, err
 			}
 			return "", err
@@ -356,6 +376,9 @@ func (c *conn) readFailed(err error) {
 
 func (c *conn) handleAsync(req *proto.Request, arrived time.Time) {
 	defer func() {
+		if c.a.cfg.Limits.IdleTimeout > 0 {
+			c.lastDone.Store(time.Now().UnixNano())
+		}
 		<-c.inFlight
 		c.releaseSlot()
 		c.handlers.Done()

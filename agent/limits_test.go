@@ -168,6 +168,45 @@ func TestIdleTimeout(t *testing.T) {
 	waitClosed(t, idle.nc, 5*time.Second)
 }
 
+// remoteSlowProvider is a slow provider the agent takes for a remote one
+// (a cloud KMS): its signatures run on workers, not on the reader.
+type remoteSlowProvider struct{ *slowProvider }
+
+func (remoteSlowProvider) Remote() bool { return true }
+
+// A connection waiting on a signature is not idle: idle_timeout counts from
+// when nothing is in flight. Its reader used to stop at idle_timeout while
+// a slow (remote) signature ran, so a request sent meanwhile was never
+// answered and the connection closed after the reply.
+func TestIdleTimeoutSparesAConnectionWithARequestInFlight(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.Limits.IdleTimeout = 300 * time.Millisecond
+	soft, err := software.Open(software.Config{ID: "kms", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "kms", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg, agent.WithProviders(remoteSlowProvider{&slowProvider{Provider: soft, delay: time.Second}}))
+	rc := r.raw(t)
+	rc.hello()
+	d := sha256.Sum256(nil)
+	rc.send(&proto.Request{ID: 2, Op: proto.OpSign, Key: "kms", Digest: d[:]})
+	time.Sleep(500 * time.Millisecond) // past idle_timeout, the Sign in flight
+	rc.send(&proto.Request{ID: 3, Op: proto.OpPing})
+	got := map[uint64]proto.Code{}
+	for len(got) < 2 {
+		resp, err := rc.recv()
+		if err != nil {
+			t.Fatalf("replies %v, then %v", got, err)
+		}
+		got[resp.ID] = resp.Code
+	}
+	if got[2] != proto.OK || got[3] != proto.OK {
+		t.Fatalf("replies %v, want both OK", got)
+	}
+	// Idle from the Sign's end on: closed after idle_timeout.
+	waitClosed(t, rc.nc, 5*time.Second)
+}
+
 // A client that pipelines requests and never reads the replies is dropped;
 // the agent's memory does not grow with it and others keep signing.
 func TestClientThatNeverReadsIsDropped(t *testing.T) {
