@@ -112,6 +112,7 @@ type signDecision struct {
 	tenant     string
 	policyHash [32]byte
 	keyName    string // as requested, when the key was not found
+	kid        string // as requested
 	alg        providers.Algorithm
 	digest     []byte
 	code       proto.Code
@@ -143,6 +144,10 @@ func (c *conn) record(ctx context.Context, d *signDecision) error {
 		Peer:          c.peerName,
 	}
 	switch {
+	case d.target.slot != nil && d.target.key == nil:
+		// Refused before a key was chosen (KEY_RETIRED, say): the slot,
+		// and the kid the client asked for.
+		r.Slot, r.KID = d.target.slot.FullName(), shortName(d.kid)
 	case d.target.slot != nil:
 		r.Slot, r.KID, r.Version = d.target.slot.FullName(), d.target.key.info.KID, uint32(d.target.version)
 	case d.target.key != nil:

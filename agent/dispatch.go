@@ -126,7 +126,7 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta, arr
 	if arrived.IsZero() {
 		arrived = time.Now()
 	}
-	d := signDecision{start: arrived, keyName: req.Key, digest: req.Digest}
+	d := signDecision{start: arrived, keyName: req.Key, kid: req.KID, digest: req.Digest}
 	if d.keyName == "" {
 		d.keyName = req.KID
 	}
@@ -157,11 +157,10 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta, arr
 // refusal, is journaled by the caller.
 func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDecision) ([]byte, error) {
 	t, tenant, err := c.resolve(req.Key, req.KID, false)
-	d.tenant = tenant
+	d.tenant, d.target = tenant, t
 	if err != nil {
 		return nil, err
 	}
-	d.target = t
 	e := t.key
 	alg, err := e.algorithmFor(req.Scheme, req.Hash)
 	if err != nil {

@@ -119,6 +119,21 @@ func TestAgentRotation(t *testing.T) {
 	if _, err := c.Sign(ctx, client.ByKID(v1.KID), es256, d[:]); client.Code(err) != proto.KeyRetired {
 		t.Fatalf("the accepted version signed: %v", err)
 	}
+	// The refusal is in the slot's audit trail, with the kid asked for.
+	last, err := admin.AuditTail(ctx, "payments", 0, 1)
+	if err != nil || len(last) != 1 {
+		t.Fatalf("audit tail: %d records, %v", len(last), err)
+	}
+	var refused struct {
+		Slot, KID string
+		CodeName  string `json:"code_name"`
+	}
+	if err := json.Unmarshal(last[0], &refused); err != nil {
+		t.Fatal(err)
+	}
+	if refused.Slot != "payments/release" || refused.KID != v1.KID || refused.CodeName != "KEY_RETIRED" {
+		t.Fatalf("the KEY_RETIRED record: %s; want slot payments/release and kid %s", last[0], v1.KID)
+	}
 	if err := admin.Rotate(ctx, "billing/nope"); client.Code(err) != proto.NotFound {
 		t.Fatalf("rotate a missing slot: %v", err)
 	}

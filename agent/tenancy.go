@@ -112,7 +112,9 @@ func (c *conn) resolve(name, kid string, verify bool) (target, string, error) {
 	}
 	e, version, err := c.slotKey(slot, kid, verify)
 	if err != nil {
-		return target{}, tenant, err
+		// The slot is known (a retired kid, an unserved version): the
+		// refusal's audit record names it.
+		return target{slot: slot}, tenant, err
 	}
 	return target{key: e, slot: slot, version: version}, tenant, nil
 }
