@@ -15,6 +15,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -493,6 +495,136 @@ tenants:
 	if err := <-rotated; err == nil {
 		t.Error("the rotation cut by the shutdown reported success")
 	}
+}
+
+// stuckProvider holds each Sign until release is closed, whatever its
+// context says: a C_Sign on a wedged network HSM, which no cancellation
+// reaches.
+type stuckProvider struct {
+	providers.Provider
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (s *stuckProvider) Sign(_ context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	select {
+	case s.entered <- struct{}{}:
+	default:
+	}
+	<-s.release
+	return s.Provider.Sign(context.Background(), key, alg, digest)
+}
+
+// A provider call that never returns does not hold Shutdown for good: past
+// the grace period it cuts the connections, gives the handlers a moment,
+// and closes the providers and the journal under what is left (a
+// signature that comes back after that finds the journal closed and is
+// withheld). It used to wait for the handler without a bound, so the
+// process lived until SIGKILL with its journal open.
+func TestShutdownAbandonsAProviderCallThatNeverReturns(t *testing.T) {
+	cfg := softwareConfig(t)
+	soft, err := software.Open(software.Config{ID: "stuck", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "stuck", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sp := &stuckProvider{Provider: soft, entered: make(chan struct{}, 1), release: make(chan struct{})}
+	a, err := agent.New(context.Background(), cfg, zaptest.NewLogger(t, zaptest.Level(zap.DPanicLevel)), agent.WithProviders(sp))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := agent.ListenUnix(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.Serve(ln)
+	c, err := client.Dial(context.Background(), cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	signed := make(chan error, 1)
+	d := sha256.Sum256([]byte("stuck"))
+	go func() {
+		_, err := c.Sign(context.Background(), client.ByName("stuck"), client.Algorithm{}, d[:])
+		signed <- err
+	}()
+	<-sp.entered
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- a.Shutdown(ctx) }()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Error("Shutdown that abandoned a request reported no error")
+		}
+	case <-time.After(5 * time.Second):
+		close(sp.release)
+		<-done
+		t.Fatal("Shutdown with a 300 ms grace period still waited after 5 s for a provider call that never returns")
+	}
+	if err := <-signed; err == nil {
+		t.Error("the abandoned request got a signature")
+	}
+	close(sp.release) // the call returns at last: nothing is released, nothing panics
+	time.Sleep(50 * time.Millisecond)
+}
+
+// During shutdown a connection's reader serves what its client had already
+// sent, then stops: a client that keeps sending does not hold the drain
+// open. The drain's quiet period used to be re-armed per request, so a
+// busy signer was served until the grace period ran out and was then cut
+// in the middle of a request.
+func TestShutdownDoesNotServeABusyClientUntilTheGraceEnds(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	c := r.dial(t)
+	d := sha256.Sum256([]byte("busy"))
+	stopped := make(chan error, 1)
+	go func() {
+		for {
+			if _, err := c.Sign(context.Background(), client.ByName("default"), client.Algorithm{}, d[:]); err != nil {
+				stopped <- err
+				return
+			}
+		}
+	}()
+	time.Sleep(100 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := r.agent.Shutdown(ctx); err != nil {
+		t.Errorf("Shutdown cut connections: %v", err)
+	}
+	if took := time.Since(start); took > 2*time.Second {
+		t.Fatalf("Shutdown took %v with a busy client: it served new requests until the grace period ran out", took)
+	}
+	if err := <-stopped; client.Code(err) != proto.Unavailable {
+		t.Errorf("the busy client's first refused request: %v, want UNAVAILABLE (the agent went away)", err)
+	}
+}
+
+// No worker goroutine outlives Shutdown by its idle timeout.
+func TestShutdownEndsTheWorkers(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	c := r.dial(t)
+	d := sha256.Sum256([]byte("w"))
+	var wg sync.WaitGroup
+	for range 16 { // concurrent requests on one connection run on workers
+		wg.Go(func() { c.Sign(context.Background(), client.ByName("default"), client.Algorithm{}, d[:]) })
+	}
+	wg.Wait()
+	c.Close()
+	if err := r.agent.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		buf := make([]byte, 1<<20)
+		if n = strings.Count(string(buf[:runtime.Stack(buf, true)]), "agent.(*workerPool).worker"); n == 0 {
+			return
+		}
+	}
+	t.Fatalf("%d worker goroutines still running 2 s after Shutdown", n)
 }
 
 func TestSocketPermissions(t *testing.T) {

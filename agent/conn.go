@@ -92,8 +92,9 @@ type replyWriter struct {
 	deadlineSet time.Time
 }
 
-// drainIdle is how long a connection must stay quiet during shutdown before
-// its reader stops; the shutdown grace period bounds the whole drain.
+// drainIdle is how long a connection's reader goes on reading during
+// shutdown, for the requests its client sent before it; the shutdown grace
+// period bounds the whole drain.
 const drainIdle = 20 * time.Millisecond
 
 // maxPendingReplies bounds the replies queued behind a write that does not
@@ -274,9 +275,6 @@ func (c *conn) readLoop() {
 	var buf []byte
 	draining := false
 	for {
-		if draining {
-			c.nc.SetReadDeadline(time.Now().Add(drainIdle))
-		}
 		if limit, err := c.waitFrame(br, lim, draining); limit != "" {
 			c.a.metrics.refused(limit)
 			c.log.Info("closing connection: "+limit+" expired", zap.String("limit", limit))
@@ -300,8 +298,12 @@ func (c *conn) readLoop() {
 			if !draining && errors.Is(err, os.ErrDeadlineExceeded) && c.a.isClosing() && br.Buffered() == 0 {
 				// Shutdown: requests the client has already sent (they may
 				// have queued behind one run on this reader) are still
-				// served; the reader stops once the socket stays quiet.
+				// served, those in the socket within drainIdle. The
+				// deadline is set once: re-armed per request, a client
+				// that keeps sending would be served until the grace
+				// period ran out and its connection was cut mid-request.
 				draining = true
+				c.nc.SetReadDeadline(time.Now().Add(drainIdle))
 				continue
 			}
 			c.readFailed(err)

@@ -261,8 +261,16 @@ func (a *Agent) forget(c *conn) {
 	a.connWG.Done()
 }
 
+// stuckHandlerWait bounds the wait, after the grace period has cut the
+// connections, for handlers to leave their provider calls (cancelled with
+// their connections). A provider that holds calls past it has its own
+// bound in its Close (the PKCS#11 provider waits 5 s for calls inside
+// the module).
+const stuckHandlerWait = time.Second
+
 // Shutdown stops accepting, lets in-flight requests finish and their replies
-// go out (until ctx ends, then connections are cut), and closes the providers.
+// go out (until ctx ends, then connections are cut, and handlers still in a
+// provider call get stuckHandlerWait more), and closes the providers.
 func (a *Agent) Shutdown(ctx context.Context) error {
 	a.mu.Lock()
 	if a.closing {
@@ -299,11 +307,22 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 			c.drop()
 		}
 		a.mu.Unlock()
-		<-done
+		select {
+		case <-done:
+		case <-time.After(stuckHandlerWait):
+			// A provider call that ignores its context (a C_Sign on a
+			// wedged network HSM) holds its handler. Closing the
+			// providers and the journal under it is safe: a signature
+			// it returns later finds the journal closed and is withheld.
+			a.log.Error("shutdown: requests still running in their providers past the grace period; closing the providers under them",
+				zap.Duration("waited", stuckHandlerWait))
+			err = errors.Join(err, errors.New("shutdown: requests stuck in their providers were abandoned"))
+		}
 	}
 	if herr := a.shutdownHTTP(ctx); herr != nil {
 		err = errors.Join(err, herr)
 	}
+	a.workers.stop()
 	a.stopBackground()
 	a.storeFinalQuotas()
 	if cerr := a.keys.close(); cerr != nil {

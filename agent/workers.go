@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"sync"
 	"time"
 
 	"github.com/sigil-agent/sigil/proto"
@@ -16,6 +17,8 @@ import (
 type workerPool struct {
 	jobs        chan job
 	idleTimeout time.Duration
+	stopped     chan struct{} // closed by stop: idle workers end
+	stopOnce    sync.Once
 }
 
 type job struct {
@@ -25,8 +28,12 @@ type job struct {
 }
 
 func newWorkerPool(idleTimeout time.Duration) *workerPool {
-	return &workerPool{jobs: make(chan job), idleTimeout: idleTimeout}
+	return &workerPool{jobs: make(chan job), idleTimeout: idleTimeout, stopped: make(chan struct{})}
 }
+
+// stop ends the idle workers, and each busy one once its job is done, so
+// that none outlives the agent's Shutdown by its idle timeout.
+func (p *workerPool) stop() { p.stopOnce.Do(func() { close(p.stopped) }) }
 
 func (p *workerPool) run(j job) {
 	select {
@@ -46,6 +53,8 @@ func (p *workerPool) worker(j job) {
 			j.c.handleAsync(j.req, j.arrived)
 			idle.Reset(p.idleTimeout)
 		case <-idle.C:
+			return
+		case <-p.stopped:
 			return
 		}
 	}
