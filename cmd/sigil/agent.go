@@ -117,6 +117,25 @@ func agentSocket(flag, configured, env string) (string, error) {
 	return "", nil
 }
 
+// ownSocketRemover returns a func that removes the socket just made at
+// path, if path is still that socket: Go's listener unlinks it on Close,
+// when Shutdown begins, and a successor started during the drain may have
+// made its own at the same path, which must stay.
+func ownSocketRemover(path string) func() {
+	var made syscall.Stat_t
+	if err := syscall.Lstat(path, &made); err != nil {
+		return func() {}
+	}
+	return func() {
+		var now syscall.Stat_t
+		// The inode number alone is no proof: a file system reuses a
+		// freed one at once. Its change time (ns) tells a new file.
+		if syscall.Lstat(path, &now) == nil && now.Ino == made.Ino && now.Dev == made.Dev && now.Ctim == made.Ctim {
+			os.Remove(path)
+		}
+	}
+}
+
 func runAgent(cfg agent.Config) error {
 	// Taken first: SIGHUP's default action ends the process, and a reload
 	// sent while the agent starts (a config management run right after a
@@ -154,11 +173,7 @@ func runAgent(cfg agent.Config) error {
 		sd = &systemdListeners{}
 	}
 	ownSocket, ownAdmin := sd.client == nil, sd.admin == nil
-	removeSocket := func() {
-		if ownSocket {
-			os.Remove(cfg.Socket)
-		}
-	}
+	removeSocket := func() {}
 	ln := sd.client
 	if ln == nil {
 		if ln, err = agent.ListenUnix(cfg.Socket); err != nil {
@@ -166,14 +181,13 @@ func runAgent(cfg agent.Config) error {
 			log.Error("agent failed to listen", zap.Error(err))
 			return &exitError{exitFailure, err}
 		}
+		removeSocket = ownSocketRemover(cfg.Socket)
 	}
 	socket := cfg.Socket
 	if !ownSocket {
 		socket = ln.Addr().String()
 	}
 	log.Info("agent listening", zap.String("socket", socket), zap.Bool("systemd_socket", !ownSocket), zap.String("data_dir", cfg.DataDir))
-	// Scripts that started the agent in the background wait for this line.
-	fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", shellQuote(socket))
 
 	serveErr := make(chan error, 5)
 	go func() { serveErr <- a.Serve(ln) }()
@@ -187,7 +201,7 @@ func runAgent(cfg agent.Config) error {
 		}
 	}
 	if ownAdmin {
-		defer os.Remove(cfg.AdminSocket)
+		defer ownSocketRemover(cfg.AdminSocket)()
 	}
 	go func() { serveErr <- a.ServeAdmin(aln) }()
 	if cfg.SSHAgentSocket != "" {
@@ -198,7 +212,7 @@ func runAgent(cfg agent.Config) error {
 			log.Error("agent failed to listen on its ssh-agent socket", zap.Error(err))
 			return &exitError{exitFailure, err}
 		}
-		defer os.Remove(cfg.SSHAgentSocket)
+		defer ownSocketRemover(cfg.SSHAgentSocket)()
 		log.Info("serving the OpenSSH agent protocol", zap.String("socket", cfg.SSHAgentSocket))
 		go func() { serveErr <- a.ServeSSHAgent(sln) }()
 	}
@@ -232,7 +246,10 @@ func runAgent(cfg agent.Config) error {
 
 	// Providers are open (tokens logged in), the journal is open and every
 	// listener is up: tell systemd (Type=notify), and keep its watchdog fed
-	// while the agent answers.
+	// while the agent answers. Scripts that started the agent in the
+	// background wait for the line on stderr, printed only now: a listener
+	// that fails to open (a port in use) ends the start, unannounced.
+	fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", shellQuote(socket))
 	sdNotify(log, "READY=1\nSTATUS=serving on "+socket)
 	wdCtx, wdStop := context.WithCancel(ctx)
 	defer wdStop()
@@ -243,7 +260,10 @@ wait:
 	for {
 		select {
 		case <-ctx.Done():
-			log.Info("shutting down: finishing in-flight requests", zap.Duration("grace", cfg.Limits.ShutdownGrace))
+			// A second SIGTERM or SIGINT ends the process at once, as
+			// its default action: the journal loses nothing to a kill.
+			stop()
+			log.Info("shutting down: finishing in-flight requests (a second SIGTERM or Ctrl-C ends the process now)", zap.Duration("grace", cfg.Limits.ShutdownGrace))
 			break wait
 		case <-hup:
 			// The outcome shows in `systemctl status`: systemd's reload job

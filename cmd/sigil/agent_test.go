@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/sigil-agent/sigil/agent"
 )
 
 func TestSetGCPercent(t *testing.T) {
@@ -217,5 +220,104 @@ func TestAgentListensAtSIGIL_SOCK(t *testing.T) {
 	out, err := keys.CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "ed") {
 		t.Fatalf("sigil keys info with the same SIGIL_SOCK: %v\n%s", err, out)
+	}
+}
+
+// The ready line scripts wait for comes once every listener is up: an
+// agent that cannot open one (here its admin socket's path holds a file)
+// exits 1 without having announced itself ready.
+func TestReadyLineOnlyOnceEveryListenerIsUp(t *testing.T) {
+	bin := buildSigil(t)
+	sockDir, _ := os.MkdirTemp("", "sigil-rdy")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	if err := os.WriteFile(filepath.Join(sockDir, "admin.sock"), []byte("not a socket"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd := exec.Command(bin, "agent", "--config", writeEd25519Config(t, t.TempDir()), "--socket", filepath.Join(sockDir, "agent.sock"))
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err == nil {
+		t.Fatalf("the agent started with a file at its admin socket's path:\n%s", stderr.String())
+	}
+	if strings.Contains(stderr.String(), "sigil agent ready") {
+		t.Fatalf("the agent printed its ready line, then failed to start:\n%s", stderr.String())
+	}
+}
+
+// A stopping agent removes its socket only while it is still its own: one
+// a successor made at the same path during the drain stays (though the file
+// system may give it the same inode number).
+func TestOwnSocketRemoverSparesASuccessorsSocket(t *testing.T) {
+	dir, _ := os.MkdirTemp("", "sigil-rm")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	path := filepath.Join(dir, "agent.sock")
+	ln, err := agent.ListenUnix(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	remove := ownSocketRemover(path)
+	ln.Close() // Shutdown's close unlinks it
+	successor, err := agent.ListenUnix(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer successor.Close()
+	remove()
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("the successor's socket was removed: %v", err)
+	}
+	// Its own socket, left in place by its listener, it removes.
+	own := filepath.Join(dir, "own.sock")
+	oln, err := agent.ListenUnix(own)
+	if err != nil {
+		t.Fatal(err)
+	}
+	removeOwn := ownSocketRemover(own)
+	oln.(*net.UnixListener).SetUnlinkOnClose(false)
+	oln.Close()
+	removeOwn()
+	if _, err := os.Stat(own); !os.IsNotExist(err) {
+		t.Fatalf("its own socket after the remover: %v", err)
+	}
+}
+
+// A second SIGTERM (or Ctrl-C) while the agent drains ends it at once, by
+// the signal's default action: an operator who asks twice means now, and
+// the journal loses nothing to a kill. Before, the agent took no notice
+// and drained for the whole grace period.
+func TestSecondSignalEndsTheAgentAtOnce(t *testing.T) {
+	bin := buildSigil(t)
+	r := newRotationSetup(t, "rsa-2048", 10000) // a rotation of many seconds
+	f, err := os.OpenFile(r.config, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprintf(f, "limits: {shutdown_grace: 2m}\n")
+	f.Close()
+	a := startAgentProcess(t, bin, r.config, r.socket)
+	a.waitReady(t)
+	exited := make(chan error, 1)
+	go func() { exited <- a.cmd.Wait() }()
+	rotate := exec.Command(bin, "rotate", "payments/release", "--admin-socket", r.admin)
+	if err := rotate.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { rotate.Process.Kill(); rotate.Wait() }()
+	time.Sleep(500 * time.Millisecond) // the rotation signs its canaries
+	a.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-exited:
+		t.Fatalf("the agent exited on the first SIGTERM (%v) while a rotation ran: the test shows nothing\n%s", err, a.stderr.String())
+	case <-time.After(500 * time.Millisecond):
+	}
+	a.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-exited:
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGTERM {
+			t.Fatalf("the agent ended with %v, want killed by SIGTERM", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the agent still drained 5 s after a second SIGTERM\n%s", a.stderr.String())
 	}
 }
