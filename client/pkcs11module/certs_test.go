@@ -78,6 +78,10 @@ func TestCertificateObjects(t *testing.T) {
 	}
 	intermediates := 0
 	for _, h := range found {
+		// A certificate is no key (v2.40 section 5.1).
+		if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}, h); ckr(err) != p11.CKR_KEY_HANDLE_INVALID {
+			t.Errorf("C_SignInit on a certificate object: %v, want CKR_KEY_HANDLE_INVALID", err)
+		}
 		attrs, err := ctx.GetAttributeValue(s, h, []*p11.Attribute{
 			p11.NewAttribute(p11.CKA_LABEL, nil), p11.NewAttribute(p11.CKA_ID, nil), p11.NewAttribute(p11.CKA_VALUE, nil),
 			p11.NewAttribute(p11.CKA_SUBJECT, nil), p11.NewAttribute(p11.CKA_ISSUER, nil), p11.NewAttribute(p11.CKA_SERIAL_NUMBER, nil),

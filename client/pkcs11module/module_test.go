@@ -7,6 +7,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rsa"
 	"crypto/x509"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/big"
@@ -338,6 +339,14 @@ func TestTokenSurface(t *testing.T) {
 	if si, err := ctx.GetSessionInfo(s); err != nil || si.State != p11.CKS_RO_PUBLIC_SESSION {
 		t.Fatalf("C_GetSessionInfo after a refused context-specific login: %+v %v", si, err)
 	}
+	// No SO functions here, and an SO may not log in while a read-only
+	// session exists (v2.40 section 5.6); CKU_SO is a valid user type.
+	if err := ctx.Login(s, p11.CKU_SO, "so"); ckr(err) != p11.CKR_SESSION_READ_ONLY_EXISTS {
+		t.Fatalf("C_Login(CKU_SO) with a read-only session: %v, want CKR_SESSION_READ_ONLY_EXISTS", err)
+	}
+	if err := ctx.Login(s, 7, "x"); ckr(err) != p11.CKR_USER_TYPE_INVALID {
+		t.Fatalf("C_Login(user type 7): %v, want CKR_USER_TYPE_INVALID", err)
+	}
 	if err := ctx.Login(s, p11.CKU_USER, "any PIN at all"); err != nil {
 		t.Fatalf("C_Login: %v", err)
 	}
@@ -415,6 +424,25 @@ func TestObjectAttributes(t *testing.T) {
 			want = []*p11.Attribute{p11.NewAttribute(p11.CKA_MODULUS, k.N.Bytes()), p11.NewAttribute(p11.CKA_PUBLIC_EXPONENT, big.NewInt(int64(k.E)).Bytes())}
 		case ed25519.PublicKey:
 			want = []*p11.Attribute{p11.NewAttribute(p11.CKA_VALUE, []byte(k)), p11.NewAttribute(p11.CKA_EC_PARAMS, []byte{0x06, 0x03, 0x2b, 0x65, 0x70})}
+		}
+		// Attributes every key object has (v2.40 sections 4.7, 4.9, 4.10).
+		unavailable := make([]byte, 8)
+		binary.NativeEndian.PutUint64(unavailable, ^uint64(0)) // CK_UNAVAILABLE_INFORMATION
+		for _, c := range []struct {
+			obj  p11.ObjectHandle
+			attr *p11.Attribute
+		}{
+			{priv, p11.NewAttribute(p11.CKA_KEY_GEN_MECHANISM, unavailable)},
+			{pub, p11.NewAttribute(p11.CKA_KEY_GEN_MECHANISM, unavailable)},
+			{priv, p11.NewAttribute(p11.CKA_UNWRAP_TEMPLATE, []byte{})},
+			{pub, p11.NewAttribute(p11.CKA_WRAP_TEMPLATE, []byte{})},
+		} {
+			got, err := ctx.GetAttributeValue(s, c.obj, []*p11.Attribute{p11.NewAttribute(c.attr.Type, nil)})
+			if err != nil {
+				t.Errorf("%s: attribute %#x: %v", name, c.attr.Type, err)
+			} else if !bytes.Equal(got[0].Value, c.attr.Value) {
+				t.Errorf("%s: attribute %#x = %x, want %x", name, c.attr.Type, got[0].Value, c.attr.Value)
+			}
 		}
 		for _, w := range want {
 			got, err := ctx.GetAttributeValue(s, pub, []*p11.Attribute{p11.NewAttribute(w.Type, nil)})

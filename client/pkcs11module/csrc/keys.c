@@ -175,6 +175,8 @@ static int common(sg_attrs *a, CK_OBJECT_CLASS cls, CK_KEY_TYPE kt, const sg_key
 	rc |= object_common(a, k->name, k->name_len, id, idn, subject);
 	rc |= add_bool(a, CKA_DERIVE, CK_FALSE);
 	rc |= add_bool(a, CKA_LOCAL, CK_FALSE);
+	/* Not known here: the key was made, or imported, behind the agent. */
+	rc |= add_ulong(a, CKA_KEY_GEN_MECHANISM, CK_UNAVAILABLE_INFORMATION);
 	rc |= attr_add(a, CKA_PUBLIC_KEY_INFO, spki.p, spki.n);
 	const CK_MECHANISM_TYPE *m = k->family == SG_FAM_EC ? ec_mechs : k->family == SG_FAM_RSA ? rsa_mechs : ed_mechs;
 	size_t nm = k->family == SG_FAM_EC ? sizeof ec_mechs : k->family == SG_FAM_RSA ? sizeof rsa_mechs : sizeof ed_mechs;
@@ -189,6 +191,7 @@ static int common(sg_attrs *a, CK_OBJECT_CLASS cls, CK_KEY_TYPE kt, const sg_key
 		rc |= add_bool(a, CKA_DECRYPT, CK_FALSE);
 		rc |= add_bool(a, CKA_UNWRAP, CK_FALSE);
 		rc |= add_bool(a, CKA_WRAP_WITH_TRUSTED, CK_FALSE);
+		rc |= attr_add(a, CKA_UNWRAP_TEMPLATE, "", 0); /* an empty template: no unwrapping */
 		rc |= add_bool(a, CKA_ALWAYS_AUTHENTICATE, CK_FALSE);
 	} else {
 		rc |= add_bool(a, CKA_VERIFY, CK_TRUE);
@@ -196,6 +199,7 @@ static int common(sg_attrs *a, CK_OBJECT_CLASS cls, CK_KEY_TYPE kt, const sg_key
 		rc |= add_bool(a, CKA_ENCRYPT, CK_FALSE);
 		rc |= add_bool(a, CKA_WRAP, CK_FALSE);
 		rc |= add_bool(a, CKA_TRUSTED, CK_FALSE);
+		rc |= attr_add(a, CKA_WRAP_TEMPLATE, "", 0);
 	}
 	return rc ? -1 : 0;
 }

@@ -907,6 +907,14 @@ EXPORT CK_RV C_Login(CK_SESSION_HANDLE hSession, CK_USER_TYPE userType, CK_UTF8C
 		 * C_Login), and it logs no one in: the agent authorizes each
 		 * signature by the socket's peer, so it is accepted then. */
 		rv = s->sign_active ? CKR_OK : CKR_OPERATION_NOT_INITIALIZED;
+	} else if (userType == CKU_SO) {
+		/* No SO functions here (no token to initialize, no PIN to
+		 * set). An SO may not log in while a read-only session exists
+		 * (v2.40 section 5.6); otherwise it is the function that is
+		 * not supported, not the user type. */
+		pthread_mutex_lock(&g.mu);
+		rv = g.opensess > g.rwsess ? CKR_SESSION_READ_ONLY_EXISTS : CKR_FUNCTION_NOT_SUPPORTED;
+		pthread_mutex_unlock(&g.mu);
 	} else if (userType != CKU_USER) {
 		rv = CKR_USER_TYPE_INVALID;
 	} else {
@@ -1104,7 +1112,9 @@ EXPORT CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
 		goto out;
 	}
 	if (kind != SG_OBJ_PRIVATE) {
-		rv = CKR_KEY_FUNCTION_NOT_PERMITTED;
+		/* A certificate is no key (v2.40 section 5.1); the public key
+		 * is one that may not sign. */
+		rv = kind == SG_OBJ_PUBLIC ? CKR_KEY_FUNCTION_NOT_PERMITTED : CKR_KEY_HANDLE_INVALID;
 		goto out;
 	}
 	if (!(m = find_mech(pMechanism->mechanism))) {
