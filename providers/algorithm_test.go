@@ -85,7 +85,11 @@ func TestECDSARawToASN1(t *testing.T) {
 			t.Fatalf("converted signature does not verify: %v", err)
 		}
 	}
-	for _, bad := range [][]byte{nil, {1}, make([]byte, 200)} {
+	// Past P-384's 2×48 bytes the DER lengths would need the long form,
+	// which the short encoding would get wrong (P-521's 2×66 did).
+	p521 := make([]byte, 132)
+	p521[0], p521[66] = 0x80, 0x80
+	for _, bad := range [][]byte{nil, {1}, make([]byte, 200), p521} {
 		if _, err := ECDSARawToASN1(bad); !errors.Is(err, ErrBadRequest) {
 			t.Fatalf("raw of %d bytes: %v", len(bad), err)
 		}

@@ -9,7 +9,9 @@ import (
 // each half the curve's byte length) to the ASN.1 DER SEQUENCE{r, s} that
 // Go's ecdsa.VerifyASN1 and crypto.Signer callers expect.
 func ECDSARawToASN1(raw []byte) ([]byte, error) {
-	if len(raw) == 0 || len(raw)%2 != 0 || len(raw) > 2*66 {
+	// Up to P-384's 2×48 bytes, every DER length below is short-form (<
+	// 128); P-521's would not be, and no key type has that curve.
+	if len(raw) == 0 || len(raw)%2 != 0 || len(raw) > 2*48 {
 		return nil, fmt.Errorf("raw ecdsa signature of %d bytes: %w", len(raw), ErrBadRequest)
 	}
 	half := len(raw) / 2

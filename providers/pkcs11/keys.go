@@ -7,6 +7,7 @@ import (
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rsa"
+	"crypto/sha256"
 	"encoding/asn1"
 	"encoding/binary"
 	"errors"
@@ -292,4 +293,73 @@ func bytesToUint(b []byte) uint {
 		return uint(binary.NativeEndian.Uint32(b))
 	}
 	return ^uint(0)
+}
+
+// pairProbe is the digest checkPair signs: fixed, so that a token's audit
+// log shows the same one at every start.
+var pairProbe = sha256.Sum256([]byte("sigil: this private key matches its public key"))
+
+// checkPair signs pairProbe with priv and verifies the signature against
+// pub, the public key read from the public object with priv's id or label.
+// A key replaced by importing a new private key under the same id and label
+// can leave the old public object behind: served, it would publish a key
+// that verifies none of the signatures made, all journaled under its kid.
+func checkPair(c *p11.Ctx, s p11.SessionHandle, priv p11.ObjectHandle, pub crypto.PublicKey) error {
+	input := pairProbe[:]
+	var mech uint
+	switch pub.(type) {
+	case *ecdsa.PublicKey:
+		mech = p11.CKM_ECDSA
+	case *rsa.PublicKey:
+		mech = p11.CKM_RSA_PKCS
+		input = append(append([]byte(nil), must(providers.DigestInfoPrefix(crypto.SHA256))...), pairProbe[:]...)
+	case ed25519.PublicKey:
+		mech = ckmEDDSA
+	default:
+		return fmt.Errorf("public key type %T", pub)
+	}
+	m := p11.NewMechanism(mech, nil)
+	err := c.SignInit(s, []*p11.Mechanism{m}, priv)
+	pss := false
+	if _, isRSA := pub.(*rsa.PublicKey); isRSA && (rvOf(err) == p11.CKR_MECHANISM_INVALID || rvOf(err) == p11.CKR_KEY_FUNCTION_NOT_PERMITTED) {
+		// A key its CKA_ALLOWED_MECHANISMS keeps to PSS.
+		pss, input = true, pairProbe[:]
+		m = p11.NewMechanism(p11.CKM_RSA_PKCS_PSS, p11.NewPSSParams(p11.CKM_SHA256, p11.CKG_MGF1_SHA256, sha256.Size))
+		err = c.SignInit(s, []*p11.Mechanism{m}, priv)
+	}
+	if err != nil {
+		return fmt.Errorf("test signature: %w", err)
+	}
+	sig, err := c.Sign(s, input)
+	if err != nil {
+		return fmt.Errorf("test signature: %w", err)
+	}
+	ok := false
+	switch k := pub.(type) {
+	case *ecdsa.PublicKey:
+		if n := len(sig) / 2; len(sig) == 2*((k.Curve.Params().BitSize+7)/8) {
+			ok = ecdsa.Verify(k, pairProbe[:], new(big.Int).SetBytes(sig[:n]), new(big.Int).SetBytes(sig[n:]))
+		}
+	case *rsa.PublicKey:
+		if pss {
+			ok = rsa.VerifyPSS(k, crypto.SHA256, pairProbe[:], sig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash}) == nil
+		} else {
+			ok = rsa.VerifyPKCS1v15(k, crypto.SHA256, pairProbe[:], sig) == nil
+		}
+	case ed25519.PublicKey:
+		ok = ed25519.Verify(k, pairProbe[:], sig)
+	}
+	if !ok {
+		return errKeyPairMismatch
+	}
+	return nil
+}
+
+var errKeyPairMismatch = errors.New("the private key does not match the public key object that shares its id or label (a key replaced, its old public object left on the token?): not serving it")
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
 }

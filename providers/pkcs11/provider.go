@@ -230,6 +230,9 @@ func (p *Provider) resolveKey(s *session, k *key) error {
 		if err != nil {
 			return err
 		}
+		if err := checkPair(c, s.h, h, pub); err != nil {
+			return err
+		}
 		info, err := providers.NewKeyInfo(p.id, k.info.Name, pub)
 		if err != nil {
 			return err

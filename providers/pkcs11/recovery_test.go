@@ -541,25 +541,16 @@ func TestReloadBySharerFindsKeysAgain(t *testing.T) {
 	}
 }
 
-// The key pair is destroyed and a new one generated under the same label and
-// id, then the login goes: the re-login finds an object by those names, but
-// it is not the served key, so the provider refuses to sign with it rather
-// than hand out signatures under a kid that did not make them.
-func TestReplacedKeyObjectIsNotServed(t *testing.T) {
-	tok := softhsmtest.New(t, "replaced")
-	k := tok.GenerateKey(t, providers.KeyECDSAP256, "swap", []byte{7})
-	core, logs := observer.New(zap.DebugLevel)
-	p := open(t, tok, []KeyConfig{{Name: "swap", URI: k.URI}}, func(c *Config) { c.Logger = zap.New(core) })
-	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
-	signAndVerify(t, p, "swap", alg, []byte("the original key"))
-
+// replaceKeyPair destroys the objects labelled label and generates a new
+// pair under the same label and id.
+func replaceKeyPair(t *testing.T, tok *softhsmtest.Token, label string, id []byte) {
 	tok.WithModule(t, func(c *p11.Ctx, slot uint) {
 		s, err := c.OpenSession(slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
 		if err != nil {
 			t.Fatalf("C_OpenSession: %v", err)
 		}
 		defer c.CloseSession(s)
-		objs, err := findObjects(c, s, []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, "swap")}, 4)
+		objs, err := findObjects(c, s, []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, label)}, 4)
 		if err != nil || len(objs) != 2 {
 			t.Fatalf("find the key pair: %d objects, %v", len(objs), err)
 		}
@@ -569,24 +560,99 @@ func TestReplacedKeyObjectIsNotServed(t *testing.T) {
 			}
 		}
 	})
-	tok.GenerateKey(t, providers.KeyECDSAP256, "swap", []byte{7})
-	tok.Logout(t)
+	tok.GenerateKey(t, providers.KeyECDSAP256, label, id)
+}
 
-	digest := digestOf(crypto.SHA256, []byte("after the swap"))
-	for i := 0; i < 3; i++ {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		sig, err := p.Sign(ctx, "swap", alg, digest)
-		cancel()
-		if err == nil {
-			verr := providers.Verify(keyInfo(t, p, "swap").Public, alg, digest, sig)
-			t.Fatalf("Sign with the key object replaced succeeded (verifies under the served key: %v)", verr)
+// replacePrivateKeyAlone destroys the private key labelled label and puts
+// another private key in its place, under its label and id, as an import
+// would: the old public key object stays on the token.
+func replacePrivateKeyAlone(t *testing.T, tok *softhsmtest.Token, label string, id []byte) {
+	tok.GenerateKey(t, providers.KeyECDSAP256, label+"-new", []byte("new"))
+	tok.WithModule(t, func(c *p11.Ctx, slot uint) {
+		s, err := c.OpenSession(slot, p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+		if err != nil {
+			t.Fatalf("C_OpenSession: %v", err)
 		}
-		if !errors.Is(err, providers.ErrUnavailable) {
-			t.Fatalf("Sign with the key object replaced: %v, want ErrUnavailable", err)
+		defer c.CloseSession(s)
+		if err := c.Login(s, p11.CKU_USER, tok.PIN); err != nil && rvOf(err) != p11.CKR_USER_ALREADY_LOGGED_IN {
+			t.Fatalf("C_Login: %v", err)
 		}
+		find := func(class uint, label string) p11.ObjectHandle {
+			objs, err := findObjects(c, s, []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, class), p11.NewAttribute(p11.CKA_LABEL, label)}, 2)
+			if err != nil || len(objs) != 1 {
+				t.Fatalf("find %s: %d objects, %v", label, len(objs), err)
+			}
+			return objs[0]
+		}
+		for _, o := range []p11.ObjectHandle{find(p11.CKO_PRIVATE_KEY, label), find(p11.CKO_PUBLIC_KEY, label+"-new")} {
+			if err := c.DestroyObject(s, o); err != nil {
+				t.Fatalf("C_DestroyObject: %v", err)
+			}
+		}
+		if err := c.SetAttributeValue(s, find(p11.CKO_PRIVATE_KEY, label+"-new"), []*p11.Attribute{
+			p11.NewAttribute(p11.CKA_LABEL, label), p11.NewAttribute(p11.CKA_ID, id),
+		}); err != nil {
+			t.Fatalf("C_SetAttributeValue: %v", err)
+		}
+	})
+}
+
+// A served key is replaced under its label and id, then the login goes:
+// the re-login finds an object by those names, but it is not the served
+// key, so the provider refuses to sign with it rather than hand out
+// signatures under a kid that did not make them. Either the pair is
+// re-created, or the private key alone is replaced and the old public
+// object left behind, which a check of the public object alone misses: a
+// test signature shows the halves do not match.
+func TestReplacedKeyObjectIsNotServed(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		replace func(t *testing.T, tok *softhsmtest.Token, label string, id []byte)
+	}{
+		{"the pair re-created", replaceKeyPair},
+		{"the private key replaced alone", replacePrivateKeyAlone},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tok := softhsmtest.New(t, "replaced")
+			k := tok.GenerateKey(t, providers.KeyECDSAP256, "swap", []byte{7})
+			core, logs := observer.New(zap.DebugLevel)
+			p := open(t, tok, []KeyConfig{{Name: "swap", URI: k.URI}}, func(c *Config) { c.Logger = zap.New(core) })
+			alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+			signAndVerify(t, p, "swap", alg, []byte("the original key"))
+
+			tc.replace(t, tok, "swap", []byte{7})
+			tok.Logout(t)
+
+			digest := digestOf(crypto.SHA256, []byte("after the swap"))
+			for i := 0; i < 3; i++ {
+				ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+				sig, err := p.Sign(ctx, "swap", alg, digest)
+				cancel()
+				if err == nil {
+					verr := providers.Verify(keyInfo(t, p, "swap").Public, alg, digest, sig)
+					t.Fatalf("Sign with the key object replaced succeeded (verifies under the served key: %v)", verr)
+				}
+				if !errors.Is(err, providers.ErrUnavailable) {
+					t.Fatalf("Sign with the key object replaced: %v, want ErrUnavailable", err)
+				}
+			}
+			if logs.FilterMessage("pkcs11 key object replaced: its public key is not the served key's; not signing with it").Len() == 0 {
+				t.Error("the replaced key object was not logged")
+			}
+		})
 	}
-	if logs.FilterMessage("pkcs11 key object replaced: its public key is not the served key's; not signing with it").Len() == 0 {
-		t.Error("the replaced key object was not logged")
+}
+
+// A private key whose public key object (found by its id) is another key's
+// is not opened: the provider would publish a public key that verifies
+// none of its signatures.
+func TestMismatchedKeyPairIsNotOpened(t *testing.T) {
+	tok := softhsmtest.New(t, "mismatch")
+	k := tok.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
+	replacePrivateKeyAlone(t, tok, "release", []byte{1})
+	_, err := tryOpen(t, tok, []KeyConfig{{Name: "release", URI: k.URI}}, nil)
+	if !errors.Is(err, errKeyPairMismatch) {
+		t.Fatalf("Open: %v, want the mismatch refused", err)
 	}
 }
 

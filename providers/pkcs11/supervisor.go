@@ -267,6 +267,13 @@ func (p *Provider) findKeys(s *session) error {
 			if rvOf(readErr) != 0 {
 				return readErr // the module failed, not the key
 			}
+			if readErr == nil {
+				// The private half may have been replaced alone.
+				readErr = checkPair(c, s.h, h, pub)
+				if rvOf(readErr) != 0 {
+					return readErr
+				}
+			}
 			return nil
 		})
 		if errors.Is(err, errObjectMissing) {

@@ -43,6 +43,8 @@ type Provider struct {
 	keys   map[string]*softKey
 	order  []string
 	closed bool
+
+	genMu sync.Mutex // serializes GenerateKey, which runs without mu
 }
 
 type softKey struct {
@@ -127,10 +129,17 @@ func (p *Provider) Sign(_ context.Context, name string, alg providers.Algorithm,
 
 // GenerateKey creates and persists a new key and serves it from now on.
 // Rotation uses it for the next version of a slot.
+//
+// The key is made and written without p.mu: an RSA-4096 generation takes
+// seconds, and Sign of every other key waits for p.mu. genMu keeps two
+// generations apart, and WriteKeyFile never replaces a file.
 func (p *Provider) GenerateKey(_ context.Context, name string, kt providers.KeyType) (providers.KeyInfo, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if _, dup := p.keys[name]; dup {
+	p.genMu.Lock()
+	defer p.genMu.Unlock()
+	p.mu.RLock()
+	_, dup := p.keys[name]
+	p.mu.RUnlock()
+	if dup {
 		return providers.KeyInfo{}, fmt.Errorf("software generate %s: key exists", name)
 	}
 	if _, err := os.Stat(p.keyPath(name)); err == nil {
@@ -139,6 +148,14 @@ func (p *Provider) GenerateKey(_ context.Context, name string, kt providers.KeyT
 	k, err := p.loadOrGenerate(KeyConfig{Name: name, Type: kt})
 	if err != nil {
 		return providers.KeyInfo{}, fmt.Errorf("software generate %s: %w", name, err)
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return providers.KeyInfo{}, fmt.Errorf("software generate %s: provider closed: %w", name, providers.ErrUnavailable)
+	}
+	if _, dup := p.keys[name]; dup { // adopted meanwhile, from the file just written
+		return providers.KeyInfo{}, fmt.Errorf("software generate %s: key exists", name)
 	}
 	p.keys[name] = k
 	p.order = append(p.order, name)

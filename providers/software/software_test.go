@@ -173,6 +173,44 @@ func TestGenerateKey(t *testing.T) {
 	}
 }
 
+// A key generation does not hold up the provider's other keys: Sign runs
+// while an RSA-4096 key (seconds of work) is being made. GenerateKey used
+// to hold the provider's lock throughout, so every Sign waited it out.
+func TestGenerateKeyDoesNotStopSigning(t *testing.T) {
+	p, err := Open(Config{ID: "s", DataDir: t.TempDir(), Keys: []KeyConfig{{"p256", providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	generated := make(chan error, 1)
+	go func() {
+		_, err := p.GenerateKey(context.Background(), "slot/v2", providers.KeyRSA4096)
+		generated <- err
+	}()
+	d := sha256.Sum256([]byte("x"))
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	signed := 0
+	for {
+		select {
+		case err := <-generated:
+			if err != nil {
+				t.Fatal(err)
+			}
+			// An RSA-4096 generation lasts far longer than ten P-256
+			// signatures; with the lock held, at most one got through.
+			if signed < 10 {
+				t.Fatalf("%d signatures made while an RSA-4096 key was generated", signed)
+			}
+			return
+		default:
+		}
+		if _, err := p.Sign(context.Background(), "p256", alg, d[:]); err != nil {
+			t.Fatal(err)
+		}
+		signed++
+	}
+}
+
 func BenchmarkSignEd25519(b *testing.B) {
 	p, err := Open(Config{ID: "s", DataDir: b.TempDir(), Keys: []KeyConfig{{"k", providers.KeyEd25519}}})
 	if err != nil {
