@@ -263,7 +263,7 @@ func parseKeyURI(raw, module string) (objectSelector, tokenSelector, error) {
 	}
 	if v, ok := u.GetQueryAttribute("module-path", false); ok {
 		if filepath.Clean(v) != filepath.Clean(module) {
-			return obj, tok, fmt.Errorf("URI: module-path %s differs from the provider's module %s", v, module)
+			return obj, tok, fmt.Errorf("URI: its module-path differs from the provider's module %s", module)
 		}
 	}
 	if obj.label == "" && obj.id == nil {
@@ -275,10 +275,11 @@ func parseKeyURI(raw, module string) (objectSelector, tokenSelector, error) {
 // refusePINAttributes refuses a URI that carries pin-value or pin-source in
 // its path or its query, whatever the case or percent-encoding of the name:
 // RFC 7512 puts them in the query, but a PIN misplaced in the path must not
-// reach an error message or a log line either.
+// reach an error message or a log line either. Both separators are tried
+// on both parts: "object=k&pin-value=…" is a valid path attribute whose
+// value would otherwise carry the PIN into the object label.
 func refusePINAttributes(raw string) error {
-	path, query, _ := strings.Cut(raw, "?")
-	attrs := append(strings.Split(path, ";"), strings.Split(query, "&")...)
+	attrs := strings.FieldsFunc(raw, func(r rune) bool { return r == ';' || r == '&' || r == '?' })
 	for _, attr := range attrs {
 		name, _, _ := strings.Cut(attr, "=")
 		if unescaped, err := url.PathUnescape(name); err == nil {
@@ -307,6 +308,16 @@ func countPathAttributes(uri string) int {
 	return strings.Count(path, ";") + 1
 }
 
+// envName reports whether s can name an environment variable.
+func envName(s string) bool {
+	for i, r := range s {
+		if r != '_' && (r < 'A' || r > 'Z') && (r < 'a' || r > 'z') && (i == 0 || r < '0' || r > '9') {
+			return false
+		}
+	}
+	return s != ""
+}
+
 // readPIN fetches the PIN from the one configured source. Errors name the
 // source, never the content.
 func readPIN(cfg *Config, log *zap.Logger) (string, error) {
@@ -314,18 +325,30 @@ func readPIN(cfg *Config, log *zap.Logger) (string, error) {
 	case cfg.PINEnv != "" && cfg.PINFile != "":
 		return "", errors.New("both PINEnv and PINFile set: choose one")
 	case cfg.PINEnv != "":
+		if !envName(cfg.PINEnv) {
+			// Not quoted: a PIN typed where its variable's name belongs.
+			return "", errors.New("PINEnv is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
+		}
 		v, ok := os.LookupEnv(cfg.PINEnv)
 		if !ok || v == "" {
 			return "", fmt.Errorf("PIN environment variable %s is unset or empty", cfg.PINEnv)
 		}
 		return v, nil
 	case cfg.PINFile != "":
+		if !filepath.IsAbs(cfg.PINFile) {
+			return "", errors.New("PINFile is not an absolute path") // not quoted, as above
+		}
 		fi, err := os.Stat(cfg.PINFile)
 		if err != nil {
 			return "", fmt.Errorf("PIN file: %w", err)
 		}
-		if fi.Mode().Perm()&0o077 != 0 {
-			log.Warn("PIN file is readable by group or others", zap.String("file", cfg.PINFile), zap.Stringer("mode", fi.Mode().Perm()))
+		switch perm := fi.Mode().Perm(); {
+		case perm&0o007 != 0, perm&0o020 != 0:
+			// Group read stays allowed: root's 0640 file for group sigil
+			// is the layout the shipped unit suggests.
+			return "", fmt.Errorf("PIN file %s has mode %v: others may read or group may write it; want 0600 or 0640", cfg.PINFile, perm)
+		case perm&0o040 != 0:
+			log.Info("PIN file is readable by its group", zap.String("file", cfg.PINFile), zap.Stringer("mode", perm))
 		}
 		b, err := os.ReadFile(cfg.PINFile)
 		if err != nil {

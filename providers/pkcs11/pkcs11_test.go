@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/sha512"
 	"errors"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -278,6 +279,9 @@ func TestWrongPIN(t *testing.T) {
 	// The right PIN from a file, with the trailing newline an editor leaves.
 	p := open(t, tok, keyConfigs(keys), func(c *Config) { c.PINEnv, c.PINFile = "", tok.PINFile(t) })
 	signAndVerify(t, p, string(providers.KeyECDSAP256), providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("pin file"))
+	// Root's 0640 file for the agent's group, as the shipped unit lays out.
+	p = open(t, tok, keyConfigs(keys), func(c *Config) { c.PINEnv, c.PINFile = "", pinFileWithMode(t, tok, 0o640) })
+	signAndVerify(t, p, string(providers.KeyECDSAP256), providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("group-readable pin file"))
 }
 
 func assertNoSecret(t *testing.T, logs *observer.ObservedLogs, secret string) {
@@ -305,6 +309,15 @@ func toString(v any) string {
 	return ""
 }
 
+// pinFileWithMode writes tok's PIN to a file of the given mode.
+func pinFileWithMode(t *testing.T, tok *softhsmtest.Token, mode os.FileMode) string {
+	path := tok.PINFile(t)
+	if err := os.Chmod(path, mode); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
 func TestConfigErrors(t *testing.T) {
 	tok := softhsmtest.New(t, "cfg")
 	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
@@ -328,7 +341,14 @@ func TestConfigErrors(t *testing.T) {
 		{"no PIN source", func(c *Config) { c.PINEnv = "" }, "no PIN source", ""},
 		{"empty PIN env", func(c *Config) { c.PINEnv = "SIGIL_TEST_UNSET_PIN_VAR" }, "SIGIL_TEST_UNSET_PIN_VAR", ""},
 		{"duplicate name", func(c *Config) { c.Keys = append(c.Keys, c.Keys[0]) }, "configured twice", ""},
-		{"other module-path", func(c *Config) { c.Keys[0].URI = good + "?module-path=/usr/lib/other.so" }, "module-path", ""},
+		{"other module-path", func(c *Config) { c.Keys[0].URI = good + "?module-path=/usr/lib/other.so" }, "module-path", "/usr/lib/other.so"},
+		{"pin-value after '&' in the path", func(c *Config) { c.Keys[0].URI = good + "&pin-value=s3cr3t-pin" }, "pin-value", "s3cr3t-pin"},
+		{"pin-value after ';' in the query", func(c *Config) { c.Keys[0].URI = good + "?module-path=" + tok.Module + ";pin-value=s3cr3t-pin" }, "pin-value", "s3cr3t-pin"},
+		// A PIN typed where the variable's name or the file's path belongs.
+		{"the PIN as pin_env", func(c *Config) { c.PINEnv = tok.PIN }, "not an environment variable name", ""},
+		{"the PIN as pin_file", func(c *Config) { c.PINEnv, c.PINFile = "", tok.PIN }, "not an absolute path", ""},
+		{"a PIN file others may read", func(c *Config) { c.PINEnv, c.PINFile = "", pinFileWithMode(t, tok, 0o644) }, "others may read", ""},
+		{"a PIN file its group may write", func(c *Config) { c.PINEnv, c.PINFile = "", pinFileWithMode(t, tok, 0o660) }, "group may write", ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

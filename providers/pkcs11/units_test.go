@@ -39,6 +39,10 @@ func TestParseKeyURI(t *testing.T) {
 		{uri: "pkcs11:object=x?module-path=/m.so&Pin%2DValue=1234", wantErr: "pin-value"},
 		{uri: "pkcs11:pin-value=1234;object=x", wantErr: "pin-value"},
 		{uri: "pkcs11:object=x;p%69n-source=1234", wantErr: "pin-source"},
+		// Separators swapped: '&' is plain text in a path value, ';' in a
+		// query value, and the PIN would ride in the label or module-path.
+		{uri: "pkcs11:token=prod;object=release&pin-value=1234", wantErr: "pin-value"},
+		{uri: "pkcs11:object=x?module-path=/m.so;pin-value=1234", wantErr: "pin-value"},
 		{uri: "pkcs11:object=x;flavour=1234", wantErr: "unknown path attribute"},
 		{uri: "pkcs11:object=x%zz1234", wantErr: "parse URI"},
 		{uri: "pkcs11:token=prod", wantErr: "names no object"},
