@@ -793,6 +793,9 @@ func TestConfigValidation(t *testing.T) {
 		{"gc percent too high", "runtime: {gc_percent: 20000}\n", "runtime.gc_percent 20000"},
 		{"journal retention too short", "journal: {retention: 30s}\n", "journal.retention 30s"},
 		{"too many module instances", "providers:\n  - {id: h, type: pkcs11, module: /x.so, pin_env: P, module_instances: 17, keys: [{name: k, uri: 'pkcs11:object=k'}]}\n", "module_instances 17"},
+		// Two files concatenated: the second, policy: and all, went unread.
+		{"a second YAML document", "---\nlog: {level: info}\n---\npolicy: /etc/sigil/policy.yaml\n", "more than one YAML document"},
+		{"awskms over http off loopback", "providers:\n  - {id: a, type: awskms, region: eu-west-1, endpoint: 'http://kms.example.com', keys: [{name: k, key_id: alias/k}]}\n", "on loopback"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -912,5 +915,23 @@ func TestAcceptShortagesDoNotStopServing(t *testing.T) {
 				t.Fatalf("Serve returned %v, want ErrClosed", err)
 			}
 		})
+	}
+}
+
+// The AWS KMS endpoints a config may name: https anywhere, plain http only
+// to an emulator on this machine.
+func TestAWSKMSEndpoints(t *testing.T) {
+	for endpoint, ok := range map[string]bool{
+		"https://kms.eu-west-1.amazonaws.com": true,
+		"http://127.0.0.1:4566":               true,
+		"http://localhost:4566/":              true,
+		"http://[::1]:4566":                   true,
+		"http://kms.example.com":              false,
+		"http://10.0.0.5:4566":                false,
+	} {
+		_, err := agent.ParseConfig([]byte("providers:\n  - {id: a, type: awskms, region: eu-west-1, endpoint: '" + endpoint + "', keys: [{name: k, key_id: alias/k}]}\n"))
+		if (err == nil) != ok {
+			t.Errorf("endpoint %s: %v, want accepted %v", endpoint, err, ok)
+		}
 	}
 }

@@ -5,6 +5,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"io"
 	"maps"
 	"net"
 	"os"
@@ -227,6 +228,12 @@ func ParseConfig(raw []byte) (Config, error) {
 	if err := dec.Decode(&cfg); err != nil {
 		return Config{}, err
 	}
+	// A second document (two files concatenated, each opening with
+	// "---") would go unread, policy: included: single-tenant mode.
+	var more yaml.Node
+	if err := dec.Decode(&more); !errors.Is(err, io.EOF) {
+		return Config{}, errors.New("the config holds more than one YAML document (a second \"---\"): merge them into one")
+	}
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err
 	}
@@ -432,6 +439,11 @@ func (c *Config) Validate() error {
 		case "awskms":
 			if p.Region == "" {
 				errs = append(errs, fmt.Errorf("%s: awskms needs region", where))
+			}
+			if rest, plain := strings.CutPrefix(p.Endpoint, "http://"); plain && !isLoopbackEndpoint(strings.TrimSuffix(rest, "/")) {
+				// Signed requests and the public keys the agent then trusts,
+				// in clear: an emulator on this machine only.
+				errs = append(errs, fmt.Errorf("%s: an http:// endpoint must be on loopback (localhost or 127.0.0.1/::1 with a port), not %q; use https://", where, p.Endpoint))
 			}
 			for j, k := range p.Keys {
 				if k.KeyID == "" {
