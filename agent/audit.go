@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -176,12 +177,14 @@ func (c *conn) record(ctx context.Context, d *signDecision) error {
 // withheld with JOURNAL_UNAVAILABLE.
 const journalAppendTimeout = 5 * time.Second
 
+// String names the peer in records and logs, as valid UTF-8 (a CN may not
+// be; see shortName).
 func (p peer) String() string {
 	if p.unix {
 		return "uid:" + strconv.FormatUint(uint64(p.uid), 10) + " gid:" + strconv.FormatUint(uint64(p.gid), 10)
 	}
 	if p.name != "" {
-		return p.name
+		return strings.ToValidUTF8(p.name, "\uFFFD")
 	}
 	if p.cert != "" {
 		return p.cert

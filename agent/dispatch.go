@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -83,8 +84,12 @@ func (c *conn) logFailure(req *proto.Request, code proto.Code, err error) {
 	}
 }
 
+// shortName is a client's name for the records and messages: valid UTF-8
+// (a record's JSON export must carry the bytes its hash covers, and JSON
+// replaces invalid ones), at most 64 bytes.
 func shortName(s string) string {
 	const max = 64
+	s = strings.ToValidUTF8(s, "\uFFFD") // s itself, unallocated, when valid
 	if len(s) <= max {
 		return s
 	}

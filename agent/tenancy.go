@@ -431,12 +431,18 @@ func (a *Agent) auditPrune(ctx context.Context, at int64, by string, resp *proto
 	return nil
 }
 
-// maxTailRecords caps one AuditTail reply: records are a few hundred bytes
-// of JSON each, and the client's frame limit is 64 KiB.
-const maxTailRecords = 100
+// maxTailRecords caps one AuditTail reply's records, and maxTailBytes their
+// JSON: a reply must fit the client's 64 KiB frame, and a record's size is
+// partly the client's (a refused request's key name, up to 64 bytes, each
+// '<' six in JSON), so 100 records can outgrow it.
+const (
+	maxTailRecords = 100
+	maxTailBytes   = proto.DefaultMaxFrame - 4<<10 // room for the reply's own fields and framing
+)
 
 // auditTail reads the running agent's journal for `sigil audit tail`: the
-// last n records, or up to n from seq on.
+// last n records, or up to n from seq on; fewer when they would not fit a
+// reply (maxTailBytes), so a reader pages until a reply is empty.
 func (a *Agent) auditTail(ctx context.Context, tenant string, from uint64, n int) ([][]byte, error) {
 	if a.journal == nil {
 		return nil, &proto.Error{Code: proto.JournalUnavailable, Msg: "the audit journal is off"}
@@ -462,13 +468,27 @@ func (a *Agent) auditTail(ctx context.Context, tenant string, from uint64, n int
 			return nil, err
 		}
 	}
-	out := make([][]byte, 0, len(recs))
-	for i := range recs {
+	out := make([][]byte, len(recs))
+	size := 0
+	// From the newest for a tail (from 0), the oldest when paging on: past
+	// maxTailBytes the rest is left out, the oldest of a tail, the newest
+	// of a page (the next page starts there).
+	for k := range recs {
+		i := k
+		if from == 0 {
+			i = len(recs) - 1 - k
+		}
 		b, err := recs[i].MarshalJSON()
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, b)
+		if size += len(b) + 8; size > maxTailBytes && k > 0 {
+			if from == 0 {
+				return out[i+1:], nil
+			}
+			return out[:i], nil
+		}
+		out[i] = b
 	}
 	return out, nil
 }

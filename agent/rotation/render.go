@@ -63,9 +63,9 @@ func RenderREPStatement(m *Manifest) []byte {
 	p("The rotation's journal records are seq %d to %d (records of other slots may lie between). Record %d has hash `%s`; the journal head was seq %d, hash `%s`. The pack's own record (`rotate.rep`, quoting the manifest's BLAKE3) follows. `sigil audit verify` recomputes the chain.\n",
 		m.Audit.FirstSeq, m.Audit.LastSeq, m.Audit.LastSeq, m.Audit.LastHash, m.Audit.HeadSeq, m.Audit.HeadHash)
 
-	p("\n## Verify\n\nSigned by evidence key `%s`.\n\n```sh\n", m.EvidenceKey)
-	p("sigil rep verify rep-%d.json --key evidence-key.pub.pem\n", m.Number)
-	p("openssl pkeyutl -verify -pubin -inkey evidence-key.pub.pem -rawin -in rep-%d.json -sigfile rep-%d.sig\n```\n", m.Number, m.Number)
+	p("\n## Verify\n\nSigned by evidence key `%s`. In this file's directory (the evidence directory's `TENANT/SLOT`), with the evidence public key at the evidence directory's top (`evidence-key.pub.pem`; the agent also writes it as `DATA_DIR/evidence.pub`):\n\n```sh\n", m.EvidenceKey)
+	p("sigil rep verify rep-%d.json --evidence-key ../../evidence-key.pub.pem\n", m.Number)
+	p("openssl pkeyutl -verify -pubin -inkey ../../evidence-key.pub.pem -rawin -in rep-%d.json -sigfile rep-%d.sig\n```\n", m.Number, m.Number)
 	p("\n`sigil rep verify` also re-verifies the CSR and every canary signature; openssl checks the signature only.\n")
 	return b.Bytes()
 }

@@ -9,10 +9,12 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
 	"time"
+	"unicode"
 
 	"github.com/spf13/cobra"
 
@@ -313,6 +315,19 @@ func dash(s string) string {
 	if s == "" {
 		return "-"
 	}
+	return cell(s)
+}
+
+// cell is a record's field as a table cell: quoted (Go syntax) when it holds
+// a tab, a line break, a terminal escape or anything else unprintable. A
+// client's key name lands in a refused request's record, and unquoted it
+// could draw table rows of its own, decisions that never happened.
+func cell(s string) string {
+	for _, r := range s {
+		if !unicode.IsPrint(r) {
+			return strconv.Quote(s)
+		}
+	}
 	return s
 }
 
@@ -347,14 +362,16 @@ func (tw *tailWriter) row(js []byte) {
 		return
 	}
 	tw.last = r.Seq
-	fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Seq, r.Time, dash(r.Tenant), dash(r.Slot),
-		dash(r.KID), r.Op, dash(r.Algorithm), r.CodeName, r.Latency, r.Peer)
+	fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", r.Seq, cell(r.Time), dash(r.Tenant), dash(r.Slot),
+		dash(r.KID), cell(r.Op), dash(r.Algorithm), cell(r.CodeName), r.Latency, cell(r.Peer))
 }
 
 // exportOnline writes the running agent's records as JSON lines, paging
 // through the AuditTail admin operation from the first record on (the
-// agent's reply is each record's export JSON). Records before f.Since are
-// skipped here, as WriteJSONL does on the directory.
+// agent's reply is each record's export JSON) until a page comes back
+// empty: the agent sends fewer than asked when they would not fit a reply.
+// Records before f.Since are skipped here, as WriteJSONL does on the
+// directory.
 func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journal.Filter) error {
 	const page = 100
 	w := bufio.NewWriterSize(out, 64<<10)
@@ -378,7 +395,7 @@ func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journa
 			w.Write(r)
 			w.WriteByte('\n')
 		}
-		if len(recs) < page {
+		if len(recs) == 0 {
 			return w.Flush()
 		}
 	}
@@ -420,7 +437,7 @@ func tailOnline(ctx context.Context, c *client.Client, out io.Writer, tenant str
 				tw.row(r)
 			}
 			tw.Flush()
-			if len(recs) < 100 {
+			if len(recs) == 0 {
 				break
 			}
 		}

@@ -1,11 +1,17 @@
 package main
 
 import (
+	"context"
+	"crypto/sha256"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
+
+	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
 )
 
 // `sigil audit export` then `sigil audit prune` from the shell, as the
@@ -141,6 +147,70 @@ func TestAdminSocketBesideTheSocketFlag(t *testing.T) {
 	for _, sub := range []string{"tail", "verify"} {
 		if out, stderr, code := runBin(t, bin, "audit", sub, "--admin-socket", nobody); code != exitUnreachable {
 			t.Errorf("audit %s --admin-socket where no agent answers: exit %d, want %d\n%s%s", sub, code, exitUnreachable, out, stderr)
+		}
+	}
+}
+
+// refuseKeyNames has the agent at socket refuse one Sign per name (no such
+// key): each refusal's audit record carries the client's name.
+func refuseKeyNames(t *testing.T, socket string, names ...string) {
+	t.Helper()
+	c, err := client.Dial(context.Background(), socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	d := sha256.Sum256([]byte("x"))
+	for _, name := range names {
+		if _, err := c.Sign(context.Background(), client.ByName(name), client.Algorithm{}, d[:]); client.Code(err) != proto.NotFound {
+			t.Fatalf("Sign with key %q: %v, want NOT_FOUND", name, err)
+		}
+	}
+}
+
+// A client's key name lands in a refused request's audit record; whatever
+// it holds, the audit commands stay correct:
+//   - records swollen by it (a '<' is six bytes of JSON) are exported whole:
+//     100 of them used to outgrow the reply frame and fail the export;
+//   - bytes that are not UTF-8 are recorded as U+FFFD, so the export (JSON)
+//     carries what the hash covers;
+//   - a tab or line break in it does not draw table rows of its own in
+//     `audit tail`.
+func TestAuditRecordsOfHostileKeyNames(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	sockDir, _ := os.MkdirTemp("", "sigil-hkn")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	socket, admin := filepath.Join(sockDir, "agent.sock"), filepath.Join(sockDir, "admin.sock")
+	startAgentProcess(t, bin, writeEd25519Config(t, dir), socket).waitReady(t)
+
+	wide := make([]string, 150)
+	for i := range wide {
+		wide[i] = strings.Repeat("<", 64)
+	}
+	refuseKeyNames(t, socket, wide...)
+	refuseKeyNames(t, socket, "rel\xffease", "x\n999\t2026-01-01T00:00:00Z\tacme\tacme/prod\tkid\tsign\ted\tOK")
+
+	out, stderr, code := runBin(t, bin, "audit", "export", "--format", "jsonl", "--admin-socket", admin)
+	if code != 0 {
+		t.Fatalf("audit export: exit %d: %s", code, stderr)
+	}
+	if n := strings.Count(out, `"code_name":"NOT_FOUND"`); n != 152 {
+		t.Fatalf("audit export: %d refusals, want 152", n)
+	}
+	if !utf8.ValidString(out) || !strings.Contains(out, `"slot":"rel`+"\uFFFD"+`ease"`) {
+		t.Fatalf("the non-UTF-8 key name is not recorded as U+FFFD:\n%s", out[strings.Index(out, `"slot":"rel`):][:40])
+	}
+	if out, stderr, code := runBin(t, bin, "audit", "verify", "--admin-socket", admin); code != 0 {
+		t.Fatalf("audit verify: exit %d\n%s%s", code, out, stderr)
+	}
+	out, stderr, code = runBin(t, bin, "audit", "tail", "-n", "100", "--admin-socket", admin)
+	if code != 0 {
+		t.Fatalf("audit tail: exit %d: %s", code, stderr)
+	}
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, "999 ") {
+			t.Fatalf("audit tail drew a row from a key name:\n%s", out)
 		}
 	}
 }
