@@ -412,6 +412,22 @@ func (c *conn) exportREP(req *proto.Request, resp *proto.Response) error {
 	if err != nil {
 		return rotationError(err)
 	}
-	resp.Records = [][]byte{manifest, sig}
+	off := req.FromSeq
+	if off == 0 && len(manifest) <= repChunk {
+		resp.Records = [][]byte{manifest, sig}
+		return nil
+	}
+	// A manifest past one reply (an RSA-4096 slot's 100 canaries are 73
+	// KiB) goes in parts: from byte off, with "LENGTH NUMBER" beside it so
+	// the client asks on for the same pack.
+	if off >= uint64(len(manifest)) {
+		return &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("offset %d is past the manifest's %d bytes", off, len(manifest))}
+	}
+	end := min(off+repChunk, uint64(len(manifest)))
+	resp.Records = [][]byte{manifest[off:end], sig, []byte(fmt.Sprintf("%d %d", len(manifest), n))}
 	return nil
 }
+
+// repChunk is the most of a manifest one ExportREP reply carries: the
+// client's frame is 64 KiB.
+const repChunk = proto.DefaultMaxFrame - 4<<10

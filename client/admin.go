@@ -2,6 +2,7 @@ package client
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/sigil-agent/sigil/proto"
@@ -123,13 +124,34 @@ func (c *Client) ScheduleRotation(ctx context.Context, slot string, at time.Time
 
 // ExportREP fetches a stored Rotation Evidence Pack of the slot: its
 // canonical manifest and the detached signature. n 0 means the newest.
+//
+// A manifest larger than one reply comes in parts, which it asks for in
+// turn, of the same pack.
 func (c *Client) ExportREP(ctx context.Context, slot string, n int) (manifest, sig []byte, err error) {
-	resp, err := c.call(ctx, &proto.Request{Op: proto.OpExportREP, Key: slot, Limit: uint32(max(n, 0))})
-	if err != nil {
-		return nil, nil, err
+	malformed := &proto.Error{Code: proto.Internal, Msg: "malformed ExportREP reply"}
+	for {
+		resp, err := c.call(ctx, &proto.Request{Op: proto.OpExportREP, Key: slot, Limit: uint32(max(n, 0)), FromSeq: uint64(len(manifest))})
+		if err != nil {
+			return nil, nil, err
+		}
+		switch len(resp.Records) {
+		case 2: // the whole manifest
+			if manifest != nil {
+				return nil, nil, malformed
+			}
+			return resp.Records[0], resp.Records[1], nil
+		case 3: // a part: "LENGTH NUMBER" beside it
+			var total, number int
+			if _, err := fmt.Sscanf(string(resp.Records[2]), "%d %d", &total, &number); err != nil ||
+				len(resp.Records[0]) == 0 || len(manifest)+len(resp.Records[0]) > total || (n != 0 && number != n) {
+				return nil, nil, malformed
+			}
+			manifest, sig, n = append(manifest, resp.Records[0]...), resp.Records[1], number
+			if len(manifest) == total {
+				return manifest, sig, nil
+			}
+		default:
+			return nil, nil, malformed
+		}
 	}
-	if len(resp.Records) != 2 {
-		return nil, nil, &proto.Error{Code: proto.Internal, Msg: "malformed ExportREP reply"}
-	}
-	return resp.Records[0], resp.Records[1], nil
 }

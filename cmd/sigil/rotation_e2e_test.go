@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -8,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/sigil-agent/sigil/agent/rotation"
 )
 
 // An operator's rotation from the shell: rotate, export the evidence pack
@@ -101,4 +104,34 @@ providers:
 	r.socket = filepath.Join(sockDir, "agent.sock")
 	r.admin = filepath.Join(sockDir, "admin.sock")
 	return r
+}
+
+// An evidence pack larger than one reply is exported whole, in parts, and
+// verifies: with 2000 canaries the manifest is several replies long (an
+// RSA-4096 slot's default 100 already outgrow one). rep export used to fail
+// with "frame too large", so such a pack could not be fetched.
+func TestREPExportOfALargePack(t *testing.T) {
+	bin := buildSigil(t)
+	r := newRotationSetup(t, "ecdsa-p256", 2000)
+	startAgentProcess(t, bin, r.config, r.socket).waitReady(t)
+	if out, stderr, code := runBin(t, bin, "rotate", "payments/release", "--admin-socket", r.admin); code != 0 {
+		t.Fatalf("rotate: %d %s %s", code, out, stderr)
+	}
+	own, _, _, _ := rotation.REPPaths(filepath.Join(r.state, "evidence"), "payments/release", 2)
+	if fi, err := os.Stat(own); err != nil || fi.Size() < 3*64<<10 {
+		t.Fatalf("the agent's manifest: %v; want one of several replies (%d bytes)", err, fi.Size())
+	}
+	exportDir := filepath.Join(r.dir, "export")
+	if out, stderr, code := runBin(t, bin, "rep", "export", "payments/release", "--out", exportDir, "--admin-socket", r.admin); code != 0 {
+		t.Fatalf("rep export: %d %s %s", code, out, stderr)
+	}
+	exported, _, _, _ := rotation.REPPaths(exportDir, "payments/release", 2)
+	a, _ := os.ReadFile(own)
+	b, _ := os.ReadFile(exported)
+	if !bytes.Equal(a, b) {
+		t.Fatalf("the exported manifest (%d bytes) differs from the agent's (%d bytes)", len(b), len(a))
+	}
+	if out, stderr, code := runBin(t, bin, "rep", "verify", exported, "--evidence-key", filepath.Join(r.state, "evidence.pub")); code != 0 || !strings.Contains(out, "evidence pack OK") {
+		t.Fatalf("rep verify of the exported pack: %d %s %s", code, out, stderr)
+	}
 }
