@@ -388,3 +388,41 @@ func TestRepRatios(t *testing.T) {
 		})
 	}
 }
+
+// A goal whose scenarios had failed ops is not met, whatever its figure:
+// only successes have latencies, so a signer failing 19 of 20 requests at
+// once read as fast as direct, and the p50 goal as met.
+func TestGoalWithFailedOpsIsNotMet(t *testing.T) {
+	r := &Report{Results: []Result{
+		{Scenario: ScenarioDirect, Key: KeyECDSAP256, Conns: 1, Reps: 1, Ops: 3460, P50us: 1000, OpsPerS: 1000, RepP50us: []float64{1000}},
+		{Scenario: ScenarioAgentUnix, Key: KeyECDSAP256, Conns: 1, Reps: 1, Ops: 173, Errors: 3287, P50us: 1010, OpsPerS: 50, RepP50us: []float64{1010}},
+	}}
+	r.ComputeRatios()
+	for _, g := range r.Goals() {
+		if g.Name != RatioAgentVsDirectP50 {
+			continue
+		}
+		if g.Met() || g.Failed != 3287 || !strings.Contains(g.status(), "3287 ops failed") {
+			t.Fatalf("%s: met %v, failed %d, status %q", g.Name, g.Met(), g.Failed, g.status())
+		}
+		return
+	}
+	t.Fatal("no agent_vs_direct_p50 goal")
+}
+
+// The printed figure sides with the verdict: rounded to two decimals,
+// 0.8996 read "0.90, goal ≥ 0.9: NOT met".
+func TestGoalFigureSidesWithTheVerdict(t *testing.T) {
+	r := &Report{Results: []Result{
+		{Scenario: ScenarioSoftwareWAL, Key: KeyECDSAP256, Conns: 8, Reps: 1, Ops: 1, OpsPerS: 8996},
+		{Scenario: ScenarioSoftwareNoJournal, Key: KeyECDSAP256, Conns: 8, Reps: 1, Ops: 1, OpsPerS: 10000},
+	}}
+	r.ComputeRatios()
+	var b bytes.Buffer
+	if err := r.Markdown(&b); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(b.String(), "- "+RatioJournalVsOffOpsG8+" (") || !strings.Contains(b.String(), "0.8996, goal ≥ 0.9: NOT met") {
+		t.Fatalf("the goal line does not print 0.8996:\n%s", b.String())
+	}
+}

@@ -453,22 +453,61 @@ func scenarioCPU(sc Scenario) time.Duration {
 // Linux ABI Go supports; reading sysconf(_SC_CLK_TCK) would need cgo.
 const clockTick = 100
 
-// processesCPU returns a Scenario.CPU that sums ProcessCPU over pids: the
-// server side of a scenario may be several processes (an agent and an
-// emulator, two agents).
+// processesCPU returns a Scenario.CPU that sums the CPU of each pid's
+// process tree (treeCPU): the server side of a scenario may be several
+// processes (an agent and an emulator, two agents), and one may fork its
+// workers: p11-kit server signs in a child per client connection.
 func processesCPU(pids ...int) func() time.Duration {
 	return func() time.Duration {
+		children := childrenByParent()
 		var sum time.Duration
 		for _, pid := range pids {
-			d, _ := ProcessCPU(pid)
-			sum += d
+			sum += treeCPU(pid, children)
 		}
 		return sum
 	}
 }
 
-// ProcessCPU returns the user+system CPU time used so far by process pid,
-// from /proc/PID/stat (utime+stime, resolution 10 ms).
+// treeCPU is the CPU of pid and of each live descendant, every one with the
+// children it has waited for (ProcessCPU).
+func treeCPU(pid int, children map[int][]int) time.Duration {
+	d, _ := ProcessCPU(pid)
+	for _, c := range children[pid] {
+		d += treeCPU(c, children)
+	}
+	return d
+}
+
+// childrenByParent maps each process's parent to it, from /proc.
+func childrenByParent() map[int][]int {
+	out := map[int][]int{}
+	entries, _ := os.ReadDir("/proc")
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue // gone meanwhile
+		}
+		stat := string(b)
+		i := strings.LastIndexByte(stat, ')')
+		if i < 0 {
+			continue
+		}
+		if f := strings.Fields(stat[i+1:]); len(f) > 1 {
+			if ppid, err := strconv.Atoi(f[1]); err == nil {
+				out[ppid] = append(out[ppid], pid)
+			}
+		}
+	}
+	return out
+}
+
+// ProcessCPU returns the user+system CPU time used so far by process pid and
+// the children it has waited for, from /proc/PID/stat (utime+stime+cutime+
+// cstime, resolution 10 ms).
 func ProcessCPU(pid int) (time.Duration, error) {
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
@@ -489,12 +528,13 @@ func parseProcStatCPU(stat string) (time.Duration, error) {
 		return 0, errors.New("malformed stat: no command name")
 	}
 	fields := strings.Fields(stat[i+1:])
-	// fields[0] is field 3 (state), so utime (14) and stime (15) are 11 and 12.
-	if len(fields) < 13 {
+	// fields[0] is field 3 (state), so utime (14), stime (15), cutime (16)
+	// and cstime (17) are 11 to 14.
+	if len(fields) < 15 {
 		return 0, fmt.Errorf("malformed stat: %d fields after the command name", len(fields))
 	}
 	var ticks int64
-	for _, f := range fields[11:13] {
+	for _, f := range fields[11:15] {
 		t, err := strconv.ParseInt(f, 10, 64)
 		if err != nil {
 			return 0, fmt.Errorf("malformed stat: %w", err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"sync"
@@ -280,6 +281,27 @@ func TestProcessCPU(t *testing.T) {
 	}
 	if _, err := ProcessCPU(-1); err == nil {
 		t.Error("ProcessCPU(-1): no error")
+	}
+}
+
+// A scenario's CPU counts its server's whole process tree: p11-kit server
+// signs in a child per client connection, and the p11kit row's CPU per op
+// used to leave all of that out.
+func TestProcessesCPUCountsChildren(t *testing.T) {
+	if _, err := os.Stat("/proc/self/stat"); err != nil {
+		t.Skip("no /proc")
+	}
+	// A parent that does nothing but wait for a child that burns CPU.
+	cmd := exec.Command("sh", "-c", `sh -c 'end=$(($(date +%s)+3)); while [ $(date +%s) -lt $end ]; do :; done' & wait`)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	time.Sleep(time.Second)
+	own, _ := ProcessCPU(cmd.Process.Pid)
+	tree := processesCPU(cmd.Process.Pid)()
+	if tree < 200*time.Millisecond || tree < 4*own {
+		t.Fatalf("the tree's CPU %v (the parent's own %v): the busy child is not counted", tree, own)
 	}
 }
 

@@ -104,15 +104,29 @@ type Violation struct {
 	Limit      time.Duration
 	AllFailed  bool
 	Errors     int
+	Ops        int64 // successful ops, beside Errors when some failed
+	// NoneMeasured: not one result of the report was measured.
+	NoneMeasured bool
 }
 
 // String reads like "agent-unix/ecdsa-p256@8: p99 212ms > 200ms".
 func (v Violation) String() string {
-	where := fmt.Sprintf("%s/%s@%d", v.Scenario, v.Key, v.Conns)
-	if v.AllFailed {
-		return fmt.Sprintf("%s: every op failed (%d errors)", where, v.Errors)
+	if v.NoneMeasured {
+		return "no scenario was measured"
 	}
-	return fmt.Sprintf("%s: %s %s > %s", where, v.Percentile, formatDuration(v.Measured), formatDuration(v.Limit))
+	where := fmt.Sprintf("%s/%s@%d", v.Scenario, v.Key, v.Conns)
+	switch {
+	case v.AllFailed:
+		return fmt.Sprintf("%s: every op failed (%d errors)", where, v.Errors)
+	case v.Percentile == "":
+		return fmt.Sprintf("%s: %d of %d ops failed", where, v.Errors, int64(v.Errors)+v.Ops)
+	}
+	measured, limit := formatDuration(v.Measured), formatDuration(v.Limit)
+	if measured == limit {
+		// Rounded to the same text, the figure would read as within it.
+		measured, limit = v.Measured.String(), v.Limit.String()
+	}
+	return fmt.Sprintf("%s: %s %s > %s", where, v.Percentile, measured, limit)
 }
 
 // Violations is the outcome of SLO.Check.
@@ -133,13 +147,23 @@ func (vs Violations) Err() error {
 
 // Check returns every result of r that misses a limit of the SLO that
 // judges it (s.For: CloudSLO for the cloud scenarios, s for the rest), and
-// every result in which not one op succeeded. Results that were not run
-// (Report.Skipped) are not judged. The figures checked are the medians over
-// reps.
+// every result in which an op failed. Results that were not run at all
+// (Report.Skipped) are not judged; one whose later reps could not run is
+// judged on the reps that did. A report in which no result was judged is a
+// violation too: an SLO is not met by nothing. The figures checked are the
+// medians over reps.
 func (s SLO) Check(r *Report) Violations {
 	var out Violations
+	judged := 0
 	for _, res := range r.Results {
+		if res.Reps == 0 {
+			continue
+		}
+		judged++
 		out = append(out, s.For(res.Scenario).check(res)...)
+	}
+	if judged == 0 {
+		out = append(out, Violation{NoneMeasured: true})
 	}
 	return out
 }
@@ -149,7 +173,7 @@ func (s SLO) Check(r *Report) Violations {
 // results that ran.
 func CheckCloud(r *Report) (judged int, vs Violations) {
 	for _, res := range r.Results {
-		if !IsCloudScenario(res.Scenario) || res.Err != "" {
+		if !IsCloudScenario(res.Scenario) || res.Reps == 0 {
 			continue
 		}
 		judged++
@@ -159,13 +183,15 @@ func CheckCloud(r *Report) (judged int, vs Violations) {
 }
 
 func (s SLO) check(res Result) Violations {
-	if res.Err != "" {
-		return nil
-	}
 	if res.AllFailed {
 		return Violations{{Scenario: res.Scenario, Key: res.Key, Conns: res.Conns, AllFailed: true, Errors: res.Errors}}
 	}
 	var out Violations
+	if res.Errors > 0 {
+		// Only successful ops have latencies: failures that return at once
+		// would leave fast figures for a signer that mostly fails.
+		out = append(out, Violation{Scenario: res.Scenario, Key: res.Key, Conns: res.Conns, Errors: res.Errors, Ops: res.Ops})
+	}
 	for _, l := range s.Limits {
 		get, ok := percentileOf[l.Percentile]
 		if !ok {

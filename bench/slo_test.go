@@ -113,6 +113,38 @@ func TestSLOCheck(t *testing.T) {
 			want:   []string{"software/ecdsa-p256@1: p99 5ms > 1ms"},
 		},
 		{
+			// A result whose later reps could not run is judged on the
+			// reps that did; before, any result with an error was let go.
+			name:   "a partly run result is judged",
+			slo:    seeds,
+			report: report(Result{Scenario: "agent-unix", Key: "ecdsa-p256", Conns: 1, Reps: 1, P95us: 21_900, P99us: 250_000, Err: "rep 2: connection refused"}),
+			want:    []string{"agent-unix/ecdsa-p256@1: p99 250ms > 200ms"},
+			skipped: 1,
+		},
+		{
+			// Only successes have latencies: failures that return at once
+			// would leave the figures of a signer that mostly fails.
+			name:   "failed ops are a violation",
+			slo:    seeds,
+			report: report(Result{Scenario: "agent-unix", Key: "ecdsa-p256", Conns: 8, Reps: 3, Ops: 173, Errors: 3287, P95us: 1000, P99us: 1000}),
+			want:   []string{"agent-unix/ecdsa-p256@8: 3287 of 3460 ops failed"},
+		},
+		{
+			// "met by every scenario" with none measured was a pass.
+			name:    "nothing measured is a violation",
+			slo:     seeds,
+			report:  report(Result{Scenario: "agent-unix", Key: "ecdsa-p256", Conns: 1, Err: "connection refused"}),
+			want:    []string{"no scenario was measured"},
+			skipped: 1,
+		},
+		{
+			// Rounded alike, a miss would read as within its limit.
+			name:   "a miss within the rounding",
+			slo:    seeds,
+			report: report(res("agent-unix", 1, 120, 200_004)),
+			want:   []string{"agent-unix/ecdsa-p256@1: p99 200.004ms > 200ms"},
+		},
+		{
 			name:   "p99.9 limit",
 			slo:    SLO{Limits: []Limit{{"p99.9", 500 * time.Microsecond}}},
 			report: report(res("direct", 1, 100, 300)),
