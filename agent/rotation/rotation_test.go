@@ -92,6 +92,16 @@ func TestRollback(t *testing.T) {
 				t.Fatal(err)
 			}
 		}, wantActive: 1, wantAccepted: 2},
+		// v2 was backed out of; v3 replaced v1, so back to v1, not v2.
+		{name: "3 to the 1 it replaced, past a version rolled back from", setup: func(e *env) {
+			e.rotate()
+			e.clock.Advance(time.Hour)
+			if _, err := e.rot.Rollback(ctx, testSlot, RollbackOptions{}); err != nil {
+				t.Fatal(err)
+			}
+			e.clock.Advance(time.Hour)
+			e.rotate()
+		}, wantActive: 1, wantAccepted: 3},
 		{name: "to a version past T1", setup: func(e *env) { e.rotate(); e.clock.Advance(DefaultOverlap) }, wantErr: ErrKeyRetired},
 		{name: "to a retired version", setup: func(e *env) {
 			e.rotate()

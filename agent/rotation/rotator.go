@@ -476,7 +476,7 @@ func (u *rotation) doCutover(ctx context.Context) error {
 	now := u.r.now()
 	t1 := now.Add(u.opts.Overlap)
 	nv := versionFromKey(u.n, u.newKey, now)
-	nv.URI, nv.State, nv.Activated = u.newURI, StateActive, now
+	nv.URI, nv.State, nv.Activated, nv.Replaced = u.newURI, StateActive, now, u.old.Number
 	detail := fmt.Sprintf("v%d active; v%d accepted until %s", u.n, u.old.Number, t1.UTC().Format(time.RFC3339))
 	if u.opts.Emergency {
 		detail = fmt.Sprintf("v%d active; v%d stops verifying now (emergency)", u.n, u.old.Number)
@@ -703,11 +703,17 @@ func (r *Rotator) Rollback(ctx context.Context, slot string, opts RollbackOption
 		ci, _ := sl.index(sl.Active)
 		cur := &sl.Versions[ci]
 		rec.Version, rec.KID = uint32(cur.Number), cur.KID
+		// The version the active one replaced; without that record, the
+		// highest-numbered one below it. Not simply the highest below: after
+		// v1→v2, a rollback to v1 and a rotation to v3, rolling back v3
+		// must give v1, not v2, a key someone backed out of.
 		ti := -1
-		for i := ci - 1; i >= 0; i-- {
+		if pi, ok := sl.index(cur.Replaced); ok && cur.Replaced != 0 && !sl.Versions[pi].Failed {
+			ti = pi
+		}
+		for i := ci - 1; ti < 0 && i >= 0; i-- {
 			if !sl.Versions[i].Failed {
 				ti = i
-				break
 			}
 		}
 		if ti < 0 {

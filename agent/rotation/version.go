@@ -45,6 +45,10 @@ type Version struct {
 	// Failed marks a version whose rotation failed after the cutover and
 	// was undone; Rollback skips it.
 	Failed bool `json:"failed,omitempty"`
+	// Replaced is the version that was active when a rotation made this
+	// one active (0: none recorded, as for versions stored before it was):
+	// the one a rollback from this version goes back to.
+	Replaced int `json:"replaced,omitempty"`
 
 	// Public is SPKI parsed.
 	Public crypto.PublicKey `json:"-"`
