@@ -779,6 +779,10 @@ func TestConfigValidation(t *testing.T) {
 		{"default key missing", "default_key: x\nproviders:\n  - {id: a, type: software, keys: [{name: k, type: ed25519}]}\n", "default_key"},
 		{"rotation calendar too short", "rotation: {calendars: {payments/release: {period: 5m}}}\n", "rotation.calendars[payments/release]"},
 		{"rotation calendar bad date", "rotation: {calendars: {payments/release: {dates: [tomorrow]}}}\n", "rotation.calendars[payments/release]"},
+		// Refused by --check and a reload, not first by the agent's start.
+		{"rotation calendar of no tenant/slot", "rotation: {calendars: {payments-release: {period: 720h}}}\n", "rotation.calendars[payments-release]"},
+		{"rotation retry_after too short", "rotation: {retry_after: 1s}\n", "rotation.retry_after 1s"},
+		{"rotation retry_after negative", "rotation: {retry_after: -1h}\n", "rotation.retry_after -1h"},
 		{"negative limit", "limits: {max_conns: -1}\n", "max_conns"},
 		{"negative request timeout", "limits: {request_timeout: -1s}\n", "limits.request_timeout -1s"},
 		{"negative write timeout", "limits: {write_timeout: -1s}\n", "limits.write_timeout -1s"},

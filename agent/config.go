@@ -356,12 +356,16 @@ func (c *Config) Validate() error {
 		{"limits.shutdown_grace", c.Limits.ShutdownGrace},
 		{"tcp.handshake_timeout", c.TCP.HandshakeTimeout},
 		{"rotation.overlap", c.Rotation.Overlap},
+		{"rotation.retry_after", c.Rotation.RetryAfter},
 	} {
 		// A negative duration would fail every request, reply, handshake
 		// or shutdown at once, not mean "none".
 		if d.v < 0 {
 			errs = append(errs, fmt.Errorf("%s %s: negative", d.name, d.v))
 		}
+	}
+	if d := c.Rotation.RetryAfter; d > 0 && d < time.Minute {
+		errs = append(errs, fmt.Errorf("rotation.retry_after %s: at least 1m (a failing rotation retried in a loop)", d))
 	}
 	if n := c.Rotation.Canaries; n < 0 || n > rotation.MaxCanaries {
 		errs = append(errs, fmt.Errorf("rotation.canaries %d: want 1..%d (0: the default, %d)", n, rotation.MaxCanaries, rotation.DefaultCanaries))
@@ -484,6 +488,9 @@ func (c *Config) Validate() error {
 	// Calendars are parsed here too, so `sigil agent --check` and a reload
 	// refuse a bad one instead of the scheduler at start.
 	for _, slot := range slices.Sorted(maps.Keys(c.Rotation.Calendars)) {
+		if _, _, err := rotation.SplitSlot(slot); err != nil {
+			errs = append(errs, fmt.Errorf("rotation.calendars[%s]: %w", slot, err))
+		}
 		if _, err := c.Rotation.Calendars[slot].Parse(); err != nil {
 			errs = append(errs, fmt.Errorf("rotation.calendars[%s]: %w", slot, err))
 		}

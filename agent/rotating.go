@@ -29,8 +29,24 @@ type RotationConfig struct {
 	Overlap time.Duration `yaml:"overlap"`
 	// Canaries signed and verified with each new key (default 100).
 	Canaries int `yaml:"canaries"`
+	// RetryAfter: how long after a failed scheduled rotation the scheduler
+	// tries the slot again (default 1h, at least 1m).
+	RetryAfter time.Duration `yaml:"retry_after"`
 	// Slots: per-slot settings, e.g. "payments/release".
 	Slots map[string]SlotRotation `yaml:"slots"`
+}
+
+// parseCalendars parses the config's calendars for the scheduler.
+func parseCalendars(cfg map[string]rotation.CalendarConfig) (map[string]rotation.Calendar, error) {
+	cals := make(map[string]rotation.Calendar, len(cfg))
+	for slot, cc := range cfg {
+		cal, err := cc.Parse()
+		if err != nil {
+			return nil, fmt.Errorf("rotation.calendars[%s]: %w", slot, err)
+		}
+		cals[slot] = cal
+	}
+	return cals, nil
 }
 
 // SlotRotation is one slot's rotation settings.
@@ -109,16 +125,13 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 		return err
 	}
 	a.rot = rot
-	cals := map[string]rotation.Calendar{}
-	for slot, cc := range a.cfg.Rotation.Calendars {
-		cal, err := cc.Parse()
-		if err != nil {
-			return fmt.Errorf("rotation.calendars[%s]: %w", slot, err)
-		}
-		cals[slot] = cal
+	cals, err := parseCalendars(a.cfg.Rotation.Calendars)
+	if err != nil {
+		return err
 	}
 	sched, err := rotation.NewScheduler(rot, rotation.SchedulerOptions{
-		Calendars: cals,
+		Calendars:  cals,
+		RetryAfter: a.cfg.Rotation.RetryAfter,
 		Options: func(slot string) (rotation.RotateOptions, error) {
 			// No reason: the scheduler writes "scheduled, due <time>".
 			return a.rotateOptions(slot, "", "scheduler")

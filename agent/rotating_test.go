@@ -341,3 +341,49 @@ func smallRotationConfig(t *testing.T) agent.Config {
 	cfg.Rotation.Canaries = 2
 	return cfg
 }
+
+// A reload puts the config file's calendars in force: calendars reach the
+// agent from the fleet's configuration system, like the rest of its config.
+// A calendar added by a reload used to be dropped while the reload reported
+// success, so the slot never rotated until a restart.
+func TestReloadPutsCalendarsInForce(t *testing.T) {
+	base := smallRotationConfig(t)
+	configPath := filepath.Join(t.TempDir(), "sigil.yaml")
+	writeConfig := func(calendars string) {
+		t.Helper()
+		y := fmt.Sprintf("socket: %s\ndata_dir: %s\nadmin_socket: %s\npolicy: %s\nrotation:\n  canaries: 2\n%s"+
+			"providers:\n  - id: soft\n    type: software\n    keys:\n      - {name: default, type: ecdsa-p256}\n      - {name: ed, type: ed25519}\n",
+			base.Socket, base.DataDir, base.AdminSocket, base.Policy, calendars)
+		if err := os.WriteFile(configPath, []byte(y), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeConfig("")
+	cfg, err := agent.LoadConfig(configPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	agentLifetime(t, cfg, func(_, admin *client.Client) {
+		due := time.Now().Add(time.Second).UTC().Truncate(time.Second).Add(time.Second)
+		writeConfig(fmt.Sprintf("  calendars:\n    payments/release: {dates: [%q]}\n", due.Format(time.RFC3339)))
+		if _, err := admin.ReloadPolicy(ctx); err != nil {
+			t.Fatalf("reload: %v", err)
+		}
+		for deadline := due.Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			recs, err := admin.AuditTail(ctx, "payments", 0, 100)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, raw := range recs {
+				var r struct{ Op, Detail string }
+				if json.Unmarshal(raw, &r) == nil && r.Op == "rotate.start" {
+					return
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no rotation by %s for the calendar date %s a reload put in force", deadline.Format(time.RFC3339), due.Format(time.RFC3339))
+			}
+		}
+	})
+}

@@ -380,8 +380,9 @@ func (a *Agent) Reload() error {
 	return errors.Join(errs...)
 }
 
-// followConfig takes from fresh, the config file read again, the paths a
-// reload follows: the TLS files and the policy file (setting policyFile).
+// followConfig takes from fresh, the config file read again, what a reload
+// follows: the TLS files, the policy file (setting policyFile) and the
+// rotation calendars (into the scheduler).
 // A change only a restart applies is an error naming it: the TCP listener
 // or the policy file added or removed (either changes who may connect and
 // how). The TCP address moved is logged; the listener stays where it is.
@@ -408,6 +409,18 @@ func (a *Agent) followConfig(fresh Config) (*TCPConfig, []error) {
 		errs = append(errs, errors.New("policy was added to the config: restart the agent to put it in force"))
 	case a.policy != nil:
 		a.policyFile = fresh.Policy
+	}
+	// Calendars come from the fleet's configuration system like the rest;
+	// the scheduler takes the new set at once.
+	switch cals, err := parseCalendars(fresh.Rotation.Calendars); {
+	case err != nil:
+		errs = append(errs, err)
+	case a.sched != nil:
+		if err := a.sched.SetCalendars(cals); err != nil {
+			errs = append(errs, fmt.Errorf("rotation.calendars: %w", err))
+		}
+	case len(cals) > 0:
+		errs = append(errs, errors.New("rotation.calendars: rotation is off in this agent (it needs a policy file and the journal)"))
 	}
 	return tcp, errs
 }

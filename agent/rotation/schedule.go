@@ -238,6 +238,11 @@ func (s *Scheduler) RotateAt(ctx context.Context, slot string, at time.Time, pee
 	if err != nil {
 		return err
 	}
+	// The operator's time stands, not the back-off of an earlier failed
+	// attempt (a fault they may have just fixed).
+	s.mu.Lock()
+	delete(s.retry, slot)
+	s.mu.Unlock()
 	s.Kick()
 	return nil
 }
@@ -277,6 +282,12 @@ func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
 		}
 		s.mu.Lock()
 		notBefore := s.retry[slot]
+		if !notBefore.IsZero() && sl.ActiveVersion().Activated.After(notBefore.Add(-s.opts.RetryAfter)) {
+			// A rotation (by hand) succeeded since the failure: the
+			// fault is gone, and so is the back-off.
+			delete(s.retry, slot)
+			notBefore = time.Time{}
+		}
 		s.mu.Unlock()
 		if now.Before(notBefore) {
 			continue

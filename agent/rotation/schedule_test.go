@@ -184,6 +184,60 @@ func TestSchedulerRetriesAfterFailure(t *testing.T) {
 	}
 }
 
+// The back-off after a failed scheduled rotation gives way to what the
+// operator does meanwhile: a one-off rotation at a time they pick runs then,
+// and a rotation by hand that succeeds ends the back-off. The one-off used
+// to wait out the back-off.
+func TestSchedulerBackOffGivesWayToTheOperator(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		operate func(e *env, s *Scheduler, due time.Time) time.Time // returns when to tick
+	}{
+		{"a one-off at a time within the back-off", func(e *env, s *Scheduler, due time.Time) time.Time {
+			at := due.Add(15 * time.Minute)
+			if err := s.RotateAt(context.Background(), testSlot, at, "admin"); err != nil {
+				t.Fatal(err)
+			}
+			return at
+		}},
+		{"a rotation by hand, then the calendar's next due", func(e *env, s *Scheduler, due time.Time) time.Time {
+			e.rotate() // v2, at due+5m
+			return due.Add(5*time.Minute + 720*time.Hour)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, providers.KeyEd25519)
+			fail := true
+			s, err := NewScheduler(e.rot, SchedulerOptions{
+				Calendars:  map[string]Calendar{testSlot: {Period: 720 * time.Hour}},
+				RetryAfter: 10000 * time.Hour,
+				Options: func(string) (RotateOptions, error) {
+					o := e.opts()
+					if fail {
+						o.Maker = failingMaker{providers.ErrUnavailable}
+					}
+					return o, nil
+				},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			due := t0.Add(720 * time.Hour)
+			e.clock.Set(due)
+			if _, err := s.Tick(context.Background()); err == nil {
+				t.Fatal("the failing rotation succeeded")
+			}
+			fail = false
+			e.clock.Set(due.Add(5 * time.Minute))
+			at := tc.operate(e, s, due)
+			before := e.active().Number
+			if rep := tick(t, e, s, at); len(rep.Rotated) != 1 || e.active().Number != before+1 {
+				t.Fatalf("at %v: rotated %d, active v%d (was v%d); Next %v", at, len(rep.Rotated), e.active().Number, before, s.Next())
+			}
+		})
+	}
+}
+
 func TestSchedulerRotateAt(t *testing.T) {
 	e := newEnv(t, providers.KeyEd25519)
 	s := newScheduler(t, e, nil)
