@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -27,8 +28,12 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		// set: the agent allows them 2 minutes, so the CLI waits at least 3.
 		ctx, cancel := context.WithTimeout(context.Background(), max(g.timeout, 3*time.Minute))
 		defer cancel()
-		c, err := client.Dial(ctx, addr)
+		c, err := g.dialAddr(ctx, addr)
 		if err != nil {
+			var usage *exitError
+			if errors.As(err, &usage) {
+				return err
+			}
 			if client.Code(err) == proto.Unauthenticated {
 				return agentError(what, err)
 			}

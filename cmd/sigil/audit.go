@@ -63,7 +63,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 		if err != nil || addr == "" {
 			return nil, err
 		}
-		c, err := client.Dial(ctx, addr)
+		c, err := g.dialAddr(ctx, addr)
 		switch {
 		case err == nil:
 			return c, nil
@@ -126,7 +126,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				return usageError("--follow reads the running agent: name its admin socket with --admin-socket")
 			}
 			if addr != "" {
-				if c, err := client.Dial(cmd.Context(), addr); err == nil {
+				if c, err := g.dialAddr(cmd.Context(), addr); err == nil {
 					defer c.Close()
 					return tailOnline(cmd.Context(), c, out, tenant, n, follow)
 				} else if follow {
@@ -275,12 +275,16 @@ func auditAdminSocket(configPath, dir, named, clientSocket string) (string, erro
 
 // adminSocketAddr is the admin socket named, else the default one beside
 // the client socket: the global --socket, else $SIGIL_SOCK or the default
-// path. A tls:// agent address has no admin socket beside it.
+// path. A tls:// agent address is its own: the mTLS listener serves an
+// admin identity's admin operations.
 func adminSocketAddr(named, clientSocket string) string {
 	if named != "" {
 		return named
 	}
-	if clientSocket == "" || strings.HasPrefix(clientSocket, "tls://") {
+	if strings.HasPrefix(clientSocket, "tls://") {
+		return clientSocket
+	}
+	if clientSocket == "" {
 		clientSocket = proto.ClientSocketPath()
 	}
 	return filepath.Join(filepath.Dir(clientSocket), "admin.sock")

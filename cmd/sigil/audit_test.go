@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"crypto/sha256"
+	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,6 +12,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/sigil-agent/sigil/agent/devcerts"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
 )
@@ -212,5 +215,53 @@ func TestAuditRecordsOfHostileKeyNames(t *testing.T) {
 		if strings.HasPrefix(line, "999 ") {
 			t.Fatalf("audit tail drew a row from a key name:\n%s", out)
 		}
+	}
+}
+
+// The admin and audit commands reach an agent over mTLS as the client
+// commands do: with --socket tls://host:port the admin operations go to
+// that listener, where an mTLS identity in the policy's admins is served
+// them. They used to fall back to the local admin socket beside
+// $SIGIL_SOCK, acting on another agent.
+func TestAdminCommandsOverMutualTLS(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	ca, err := devcerts.NewCA("admin over mTLS")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caFile, _ := ca.WriteCert(dir, "ca")
+	server, _ := ca.Issue(devcerts.Leaf{CommonName: "agent", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+	serverCert, serverKey, _ := server.Write(dir, "server")
+	ops, _ := ca.Issue(devcerts.Leaf{CommonName: "ops", URIs: []string{"spiffe://example.org/ops"}})
+	opsCert, opsKey, _ := ops.Write(dir, "ops")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	policyFile := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policyFile, []byte(fmt.Sprintf("admins: {mtls: [\"spiffe://example.org/ops\"]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots: [{name: release, key: ed}]\n", os.Getuid())), 0o600)
+	config := writeEd25519Config(t, dir, fmt.Sprintf("policy: %s\ntcp: {listen: %q, cert_file: %s, key_file: %s, client_ca_file: %s}\n", policyFile, addr, serverCert, serverKey, caFile))
+	sockDir, _ := os.MkdirTemp("", "sigil-amt")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	socket := filepath.Join(sockDir, "agent.sock")
+	startAgentProcess(t, bin, config, socket).waitReady(t)
+	// Another agent's place, where the commands used to go.
+	t.Setenv("SIGIL_SOCK", filepath.Join(t.TempDir(), "agent.sock"))
+
+	tlsFlags := []string{"--socket", "tls://" + addr, "--tls-cert", opsCert, "--tls-key", opsKey, "--tls-ca", caFile}
+	if out, stderr, code := runBin(t, bin, append(tlsFlags, "admin", "pause", "payments/release")...); code != 0 {
+		t.Fatalf("admin pause over mTLS: exit %d\n%s%s", code, out, stderr)
+	}
+	if _, stderr, code := runBin(t, bin, "--socket", socket, "keys", "sign", "--in", config, "--key", "release"); code != exitRefused || !strings.Contains(stderr, "PAUSED") {
+		t.Fatalf("sign after the pause over mTLS: exit %d %s", code, stderr)
+	}
+	if out, stderr, code := runBin(t, bin, append(tlsFlags, "audit", "verify")...); code != 0 || !strings.Contains(out, "(running agent)") {
+		t.Fatalf("audit verify over mTLS: exit %d\n%s%s", code, out, stderr)
+	}
+	if _, stderr, code := runBin(t, bin, "--socket", "tls://"+addr, "admin", "resume", "payments/release"); code != exitUsage {
+		t.Fatalf("admin over tls:// without the TLS files: exit %d %s, want a usage error", code, stderr)
 	}
 }

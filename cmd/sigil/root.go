@@ -79,6 +79,21 @@ func (g *globalFlags) connect(ctx context.Context) (*client.Client, error) {
 	return c, nil
 }
 
+// dialAddr dials an agent address as the admin and audit commands name it:
+// a Unix socket path, or tls://host:port with the global --tls-* files (an
+// mTLS identity in the policy's admins is served admin operations there).
+// A TLS setup error is a usage error (exitError).
+func (g *globalFlags) dialAddr(ctx context.Context, addr string) (*client.Client, error) {
+	if host, ok := strings.CutPrefix(addr, "tls://"); ok {
+		cfg, err := clientTLSConfig(g.tlsCert, g.tlsKey, g.tlsCA)
+		if err != nil {
+			return nil, usageError("%v", err)
+		}
+		return client.DialTLS(ctx, host, cfg)
+	}
+	return client.Dial(ctx, addr)
+}
+
 // clientTLSConfig builds the mTLS client side from PEM files.
 func clientTLSConfig(certFile, keyFile, caFile string) (*tls.Config, error) {
 	if certFile == "" || keyFile == "" || caFile == "" {
