@@ -232,6 +232,11 @@ func TestShellErrors(t *testing.T) {
 		{"missing file", []string{"--socket", sock, "keys", "sign", "--in", filepath.Join(dir, "nope")}, exitFailure, "no such file"},
 		{"verify needs a key", []string{"--socket", sock, "verify-signature", "--in", in, "--sig", in}, exitUsage, "--kid"},
 		{"both --key and --kid", []string{"--socket", sock, "keys", "pubkey", "--key", "a", "--kid", "b"}, exitUsage, "none of the others"},
+		// A mistyped subcommand of a group used to print the group's help
+		// and exit 0, having done nothing.
+		{"mistyped admin subcommand", []string{"--socket", sock, "admin", "pasue", "payments/release"}, exitUsage, `unknown command "pasue" for "sigil admin"`},
+		{"mistyped audit subcommand", []string{"audit", "verfy"}, exitUsage, `unknown command "verfy"`},
+		{"mistyped keys subcommand", []string{"--socket", sock, "keys", "lsit"}, exitUsage, `unknown command "lsit"`},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

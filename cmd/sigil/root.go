@@ -47,7 +47,31 @@ Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() +
 	rep := newREPCommand()
 	rep.AddCommand(opsCmds[3])
 	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(g), newPolicyCommand(), rep, newSSHAgentEnvCommand(), newBenchCommand(), newSoakCommand(), newVersionCommand())
+	for _, c := range root.Commands() {
+		refuseUnknownSubcommands(c)
+	}
 	return root
+}
+
+// refuseUnknownSubcommands makes each command group under c (admin, audit,
+// keys, ...) refuse a word that names none of its subcommands: cobra prints
+// such a group's help and succeeds, so 'sigil admin pasue SLOT' exited 0
+// having paused nothing, and a cron 'sigil audit verfy' checked nothing.
+// The root refuses unknown words itself.
+func refuseUnknownSubcommands(c *cobra.Command) {
+	for _, sub := range c.Commands() {
+		refuseUnknownSubcommands(sub)
+	}
+	if !c.HasSubCommands() || c.Runnable() {
+		return
+	}
+	c.Args = func(cmd *cobra.Command, args []string) error {
+		if len(args) > 0 {
+			return fmt.Errorf("unknown command %q for %q; see '%s --help'", args[0], cmd.CommandPath(), cmd.CommandPath())
+		}
+		return nil
+	}
+	c.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
 }
 
 // connect dials the agent, mapping failure to exitUnreachable with a hint.
