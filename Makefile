@@ -51,12 +51,14 @@ systemd-verify: build
 	if echo "$$out" | grep -q "$$tmp"; then echo "$$out"; echo "systemd-verify: warnings in the units"; exit 1; fi; \
 	echo "systemd-verify: $(notdir $(UNITS)) OK"
 
-# The binary to $(PREFIX)/bin, the units to $(UNITDIR) (ExecStart rewritten
-# to $(PREFIX)/bin/sigil), and an example config (the embedded default) to
-# /etc/sigil/sigil.yaml.example; DESTDIR for packaging.
+# The binary to $(PREFIX)/bin, the PKCS#11 front to $(PREFIX)/lib (where
+# docs/pkcs11-module.md loads it from), the units to $(UNITDIR) (ExecStart
+# rewritten to $(PREFIX)/bin/sigil), and an example config (the embedded
+# default) to /etc/sigil/sigil.yaml.example; DESTDIR for packaging.
 install: build
-	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc/sigil
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc/sigil
 	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/sigil
+	install -m 0755 $(PKCS11_MODULE) $(DESTDIR)$(PREFIX)/lib/libsigil-pkcs11.so
 	for u in $(UNITS); do \
 		sed 's|/usr/local/bin/sigil|$(PREFIX)/bin/sigil|' $$u > $(DESTDIR)$(UNITDIR)/$$(basename $$u); \
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$u); \
