@@ -115,9 +115,9 @@ func TestSLOCheck(t *testing.T) {
 		{
 			// A result whose later reps could not run is judged on the
 			// reps that did; before, any result with an error was let go.
-			name:   "a partly run result is judged",
-			slo:    seeds,
-			report: report(Result{Scenario: "agent-unix", Key: "ecdsa-p256", Conns: 1, Reps: 1, P95us: 21_900, P99us: 250_000, Err: "rep 2: connection refused"}),
+			name:    "a partly run result is judged",
+			slo:     seeds,
+			report:  report(Result{Scenario: "agent-unix", Key: "ecdsa-p256", Conns: 1, Reps: 1, P95us: 21_900, P99us: 250_000, Err: "rep 2: connection refused"}),
 			want:    []string{"agent-unix/ecdsa-p256@1: p99 250ms > 200ms"},
 			skipped: 1,
 		},
