@@ -399,20 +399,7 @@ func TestShutdownFinishesInFlight(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	a, err := agent.New(context.Background(), cfg, nil, agent.WithProviders(&slowProvider{Provider: soft, delay: 300 * time.Millisecond}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := agent.ListenUnix(cfg.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go a.Serve(ln)
-	c, err := client.Dial(context.Background(), cfg.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	a, c := serveForShutdown(t, cfg, nil, agent.WithProviders(&slowProvider{Provider: soft, delay: 300 * time.Millisecond}))
 	results := make(chan error, 4)
 	for i := 0; i < 4; i++ {
 		go func() {
@@ -528,20 +515,7 @@ func TestShutdownAbandonsAProviderCallThatNeverReturns(t *testing.T) {
 		t.Fatal(err)
 	}
 	sp := &stuckProvider{Provider: soft, entered: make(chan struct{}, 1), release: make(chan struct{})}
-	a, err := agent.New(context.Background(), cfg, zaptest.NewLogger(t, zaptest.Level(zap.DPanicLevel)), agent.WithProviders(sp))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := agent.ListenUnix(cfg.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go a.Serve(ln)
-	c, err := client.Dial(context.Background(), cfg.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	a, c := serveForShutdown(t, cfg, zaptest.NewLogger(t, zaptest.Level(zap.DPanicLevel)), agent.WithProviders(sp))
 	signed := make(chan error, 1)
 	d := sha256.Sum256([]byte("stuck"))
 	go func() {

@@ -29,19 +29,7 @@ import (
 // recorded too, the chain verifies, and no record holds the digest.
 func TestEverySignatureIsJournaled(t *testing.T) {
 	cfg := softwareConfig(t)
-	a, err := agent.New(context.Background(), cfg, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := agent.ListenUnix(cfg.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go a.Serve(ln)
-	c, err := client.Dial(context.Background(), cfg.Socket)
-	if err != nil {
-		t.Fatal(err)
-	}
+	a, c := serveForShutdown(t, cfg, nil)
 	signed := map[[32]byte]bool{}
 	for i := 0; i < 50; i++ {
 		d := sha256.Sum256([]byte{byte(i)})

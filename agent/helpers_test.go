@@ -120,6 +120,27 @@ func startAgentLog(t testing.TB, cfg agent.Config, log *zap.Logger, opts ...agen
 	return r
 }
 
+// serveForShutdown starts an agent on cfg's socket and dials it, leaving
+// the agent's Shutdown to the test (startAgent's cleanup calls it).
+func serveForShutdown(t *testing.T, cfg agent.Config, log *zap.Logger, opts ...agent.Option) (*agent.Agent, *client.Client) {
+	t.Helper()
+	a, err := agent.New(context.Background(), cfg, log, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := agent.ListenUnix(cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.Serve(ln)
+	c, err := client.Dial(context.Background(), cfg.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return a, c
+}
+
 func (r *running) dial(t testing.TB) *client.Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -138,12 +138,14 @@ func TestSchedulerDates(t *testing.T) {
 	}
 }
 
-func TestSchedulerRetriesAfterFailure(t *testing.T) {
-	e := newEnv(t, providers.KeyEd25519)
+// failingScheduler is a scheduler of testSlot every 720h whose rotations
+// fail (no key can be made) while *fail is true.
+func failingScheduler(t *testing.T, e *env, retryAfter time.Duration) (*Scheduler, *bool) {
+	t.Helper()
 	fail := true
 	s, err := NewScheduler(e.rot, SchedulerOptions{
 		Calendars:  map[string]Calendar{testSlot: {Period: 720 * time.Hour}},
-		RetryAfter: time.Hour,
+		RetryAfter: retryAfter,
 		Options: func(string) (RotateOptions, error) {
 			o := e.opts()
 			if fail {
@@ -155,6 +157,12 @@ func TestSchedulerRetriesAfterFailure(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return s, &fail
+}
+
+func TestSchedulerRetriesAfterFailure(t *testing.T) {
+	e := newEnv(t, providers.KeyEd25519)
+	s, fail := failingScheduler(t, e, time.Hour)
 	due := t0.Add(720 * time.Hour)
 	e.clock.Set(due)
 	rep, err := s.Tick(context.Background())
@@ -173,7 +181,7 @@ func TestSchedulerRetriesAfterFailure(t *testing.T) {
 	if next := s.Next(); !next.Equal(due.Add(time.Hour)) {
 		t.Fatalf("Next after a failure %v", next)
 	}
-	fail = false
+	*fail = false
 	tick(t, e, s, due.Add(59*time.Minute))
 	if starts() != 1 || e.active().Number != 1 {
 		t.Fatal("retried before RetryAfter")
@@ -207,27 +215,13 @@ func TestSchedulerBackOffGivesWayToTheOperator(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newEnv(t, providers.KeyEd25519)
-			fail := true
-			s, err := NewScheduler(e.rot, SchedulerOptions{
-				Calendars:  map[string]Calendar{testSlot: {Period: 720 * time.Hour}},
-				RetryAfter: 10000 * time.Hour,
-				Options: func(string) (RotateOptions, error) {
-					o := e.opts()
-					if fail {
-						o.Maker = failingMaker{providers.ErrUnavailable}
-					}
-					return o, nil
-				},
-			})
-			if err != nil {
-				t.Fatal(err)
-			}
+			s, fail := failingScheduler(t, e, 10000*time.Hour)
 			due := t0.Add(720 * time.Hour)
 			e.clock.Set(due)
 			if _, err := s.Tick(context.Background()); err == nil {
 				t.Fatal("the failing rotation succeeded")
 			}
-			fail = false
+			*fail = false
 			e.clock.Set(due.Add(5 * time.Minute))
 			at := tc.operate(e, s, due)
 			before := e.active().Number

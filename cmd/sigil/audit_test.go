@@ -113,6 +113,18 @@ func TestAuditWithConfigAsksItsRunningAgent(t *testing.T) {
 	}
 }
 
+// shortSocketDir is a directory for an agent's sockets, under the 108-byte
+// sun_path limit t.TempDir's names can exceed.
+func shortSocketDir(t *testing.T) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "sigil-s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
+}
+
 // The admin and audit commands find the admin socket beside the agent
 // socket the global --socket names, as the client commands use it; they
 // used to look beside $SIGIL_SOCK whatever --socket said, and so reached
@@ -122,8 +134,7 @@ func TestAuditWithConfigAsksItsRunningAgent(t *testing.T) {
 func TestAdminSocketBesideTheSocketFlag(t *testing.T) {
 	bin := buildSigil(t)
 	dir := t.TempDir()
-	sockDir, _ := os.MkdirTemp("", "sigil-asf")
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	sockDir := shortSocketDir(t)
 	socket := filepath.Join(sockDir, "agent.sock")
 	config := writeEd25519Config(t, dir, "socket: "+socket+"\n")
 	agent := startAgentProcess(t, bin, config, socket)
@@ -182,8 +193,7 @@ func refuseKeyNames(t *testing.T, socket string, names ...string) {
 func TestAuditRecordsOfHostileKeyNames(t *testing.T) {
 	bin := buildSigil(t)
 	dir := t.TempDir()
-	sockDir, _ := os.MkdirTemp("", "sigil-hkn")
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	sockDir := shortSocketDir(t)
 	socket, admin := filepath.Join(sockDir, "agent.sock"), filepath.Join(sockDir, "admin.sock")
 	startAgentProcess(t, bin, writeEd25519Config(t, dir), socket).waitReady(t)
 
@@ -244,8 +254,7 @@ func TestAdminCommandsOverMutualTLS(t *testing.T) {
 	policyFile := filepath.Join(dir, "policy.yaml")
 	os.WriteFile(policyFile, []byte(fmt.Sprintf("admins: {mtls: [\"spiffe://example.org/ops\"]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots: [{name: release, key: ed}]\n", os.Getuid())), 0o600)
 	config := writeEd25519Config(t, dir, fmt.Sprintf("policy: %s\ntcp: {listen: %q, cert_file: %s, key_file: %s, client_ca_file: %s}\n", policyFile, addr, serverCert, serverKey, caFile))
-	sockDir, _ := os.MkdirTemp("", "sigil-amt")
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	sockDir := shortSocketDir(t)
 	socket := filepath.Join(sockDir, "agent.sock")
 	startAgentProcess(t, bin, config, socket).waitReady(t)
 	// Another agent's place, where the commands used to go.
