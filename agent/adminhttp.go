@@ -41,14 +41,6 @@ func (h *AdminHTTPConfig) validate() error {
 	return nil
 }
 
-func isLoopbackHost(host string) bool {
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
-}
-
 // ListenAdminHTTP opens the configured admin HTTP address.
 func (a *Agent) ListenAdminHTTP() (net.Listener, error) {
 	if a.cfg.AdminHTTP.Listen == "" {

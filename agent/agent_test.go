@@ -900,12 +900,16 @@ func TestAcceptShortagesDoNotStopServing(t *testing.T) {
 // to an emulator on this machine.
 func TestAWSKMSEndpoints(t *testing.T) {
 	for endpoint, ok := range map[string]bool{
-		"https://kms.eu-west-1.amazonaws.com": true,
-		"http://127.0.0.1:4566":               true,
-		"http://localhost:4566/":              true,
-		"http://[::1]:4566":                   true,
-		"http://kms.example.com":              false,
-		"http://10.0.0.5:4566":                false,
+		"https://kms.eu-west-1.amazonaws.com":      true,
+		"http://127.0.0.1:4566":                    true,
+		"http://localhost:4566/":                   true,
+		"http://[::1]:4566":                        true,
+		"http://kms.example.com":                   false,
+		"http://10.0.0.5:4566":                     false,
+		"HTTP://kms.example.com:80":                false, // the SDK lowercases the scheme
+		"http://127.0.0.1:1@kms.example.com":       false, // the host is after the userinfo
+		"http://127.0.0.1:4566@kms.example.com:80": false,
+		"kms.example.com":                          false,
 	} {
 		_, err := agent.ParseConfig([]byte("providers:\n  - {id: a, type: awskms, region: eu-west-1, endpoint: '" + endpoint + "', keys: [{name: k, key_id: alias/k}]}\n"))
 		if (err == nil) != ok {

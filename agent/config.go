@@ -8,6 +8,7 @@ import (
 	"io"
 	"maps"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -305,10 +306,12 @@ func (c *Config) EnsureDefaults() {
 // isLoopbackEndpoint reports whether endpoint is host:port on loopback.
 func isLoopbackEndpoint(endpoint string) bool {
 	host, _, err := net.SplitHostPort(endpoint)
-	if err != nil {
-		return false
-	}
-	if host == "localhost" {
+	return err == nil && isLoopbackHost(host)
+}
+
+// isLoopbackHost reports whether host (no port) is this machine's loopback.
+func isLoopbackHost(host string) bool {
+	if strings.EqualFold(host, "localhost") {
 		return true
 	}
 	ip := net.ParseIP(host)
@@ -444,10 +447,20 @@ func (c *Config) Validate() error {
 			if p.Region == "" {
 				errs = append(errs, fmt.Errorf("%s: awskms needs region", where))
 			}
-			if rest, plain := strings.CutPrefix(p.Endpoint, "http://"); plain && !isLoopbackEndpoint(strings.TrimSuffix(rest, "/")) {
+			if p.Endpoint != "" {
 				// Signed requests and the public keys the agent then trusts,
-				// in clear: an emulator on this machine only.
-				errs = append(errs, fmt.Errorf("%s: an http:// endpoint must be on loopback (localhost or 127.0.0.1/::1 with a port), not %q; use https://", where, p.Endpoint))
+				// in clear: an emulator on this machine only. Judged on the
+				// URL as the SDK reads it (scheme in any case, the host
+				// after any userinfo).
+				u, err := url.Parse(p.Endpoint)
+				switch {
+				case err != nil || u.Host == "" || (!strings.EqualFold(u.Scheme, "http") && !strings.EqualFold(u.Scheme, "https")):
+					errs = append(errs, fmt.Errorf("%s: endpoint %q: want an http(s)://host[:port] URL", where, p.Endpoint))
+				case u.User != nil:
+					errs = append(errs, fmt.Errorf("%s: endpoint %q: no user information in the URL", where, p.Endpoint))
+				case strings.EqualFold(u.Scheme, "http") && !isLoopbackHost(u.Hostname()):
+					errs = append(errs, fmt.Errorf("%s: an http:// endpoint must be on loopback (localhost or 127.0.0.1/::1 with a port), not %q; use https://", where, p.Endpoint))
+				}
 			}
 			for j, k := range p.Keys {
 				if k.KeyID == "" {

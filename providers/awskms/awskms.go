@@ -301,10 +301,17 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 		KeySpec:     bk.spec,
 		KeyUsage:    types.KeyUsageTypeSignVerify,
 		Description: aws.String(fmt.Sprintf("Sigil provider %s: key %s, rotation of key %s (%s)", p.id, name, base, bk.keyID)),
+	}, func(o *kms.Options) {
+		// Not idempotent: a 5xx may come after the key was made, and each
+		// retry would make another, none of them ever deleted.
+		o.Retryer = retry.AddWithMaxAttempts(o.Retryer, 1)
 	})
 	if err != nil {
+		// Classified before cancel: a cancelled callCtx reads as the
+		// deadline having passed, whatever the error was.
+		err = classify(ctx, createCtx, "create key", err)
 		cancel()
-		return fail(classify(ctx, createCtx, "create key", err))
+		return fail(err)
 	}
 	cancel()
 	if created.KeyMetadata == nil || aws.ToString(created.KeyMetadata.Arn) == "" {

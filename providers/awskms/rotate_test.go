@@ -236,6 +236,56 @@ func TestNewVersionAliasUpdateFaults(t *testing.T) {
 	}
 }
 
+// A CreateKey that fails is reported by what failed: throttling as
+// RATE_LIMITED, a 5xx as UNAVAILABLE (its context was cancelled before the
+// error was classified, so every one read as a deadline passed). And it is
+// sent once: not idempotent, a CreateKey carried out but answered 5xx and
+// retried made a key per attempt, none of them served or deleted.
+func TestNewVersionCreateKeyFaults(t *testing.T) {
+	ctx := context.Background()
+	endpoint := awskmstest.Start(t)
+	admin := awskmstest.Client(endpoint)
+	id := awskmstest.CreateKey(t, admin, types.KeySpecEccNistP256)
+	for _, tc := range []struct {
+		name     string
+		f        fault
+		want     error
+		newKeys  int
+		requests int64
+	}{
+		{"throttled", faultThrottled, providers.ErrRateLimited, 0, 1},
+		{"refused, 5xx", faultRefused5xx, providers.ErrUnavailable, 0, 1},
+		{"carried out, answered 5xx", faultApplied5xx, providers.ErrUnavailable, 1, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := &transport{}
+			p, err := Open(ctx, testConfig(endpoint, tr, 5*time.Second, KeyConfig{Name: "signing", KeyID: id}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			tr.faults.Store("CreateKey", tc.f)
+			before := keyARNs(t, admin)
+			_, err = p.NewVersion(ctx, "signing", "signing-v2")
+			if !errors.Is(err, tc.want) || errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("NewVersion: %v; want %v", err, tc.want)
+			}
+			if n := tr.injected.Load(); n != tc.requests {
+				t.Errorf("CreateKey sent %d times, want %d", n, tc.requests)
+			}
+			made := 0
+			for arn := range keyARNs(t, admin) {
+				if !before[arn] {
+					made++
+				}
+			}
+			if made != tc.newKeys {
+				t.Errorf("%d keys made, want %d", made, tc.newKeys)
+			}
+		})
+	}
+}
+
 // keyARNs returns the ARNs of every key in the emulator.
 func keyARNs(t *testing.T, admin *kms.Client) map[string]bool {
 	t.Helper()

@@ -275,9 +275,13 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	// retry covers a transient fault without hiding a persistent one.
 	for attempt := 0; attempt < 2; attempt++ {
 		var resp *kmspb.AsymmetricSignResponse
-		resp, err = p.client.AsymmetricSign(callCtx, req)
+		resp, err = p.signCall(callCtx, req)
 		if err != nil {
 			return nil, classify(ctx, callCtx, "sign "+name, err)
+		}
+		if p.closed.Load() {
+			// Close overtook the call: nothing from it is released.
+			return nil, fmt.Errorf("gcpkms sign %s: provider closed: %w", name, providers.ErrUnavailable)
 		}
 		if err = checkSignResponse(resp, k.version); err == nil {
 			// ECDSA signatures arrive ASN.1 DER and RSA ones raw: already the
@@ -291,6 +295,28 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 			zap.String("key", name), zap.Int("attempt", attempt+1), zap.Error(err))
 	}
 	return nil, fmt.Errorf("gcpkms sign %s: %w", name, err)
+}
+
+// signCall runs the RPC aside and leaves at ctx's end. gRPC asks the auth
+// library for the call's token under its refresh lock, without the call's
+// context: while one call fetches a new token from a hung metadata server,
+// every other Sign would wait past its deadline.
+func (p *Provider) signCall(ctx context.Context, req *kmspb.AsymmetricSignRequest) (*kmspb.AsymmetricSignResponse, error) {
+	type result struct {
+		resp *kmspb.AsymmetricSignResponse
+		err  error
+	}
+	done := make(chan result, 1)
+	go func() {
+		resp, err := p.client.AsymmetricSign(ctx, req)
+		done <- result{resp, err}
+	}()
+	select {
+	case r := <-done:
+		return r.resp, r.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 func checkSignResponse(resp *kmspb.AsymmetricSignResponse, version string) error {

@@ -9,10 +9,13 @@ import (
 	"errors"
 	"github.com/sigil-agent/sigil/providers/gcpkms/gcpkmstest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"cloud.google.com/go/kms/apiv1/kmspb"
+	"google.golang.org/api/option"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -496,5 +499,64 @@ func TestFailedNewVersionIsDestroyed(t *testing.T) {
 	tf.kms.Update(func() { st = v.State })
 	if st != kmspb.CryptoKeyVersion_DESTROY_SCHEDULED {
 		t.Fatalf("the failed rotation's version is %s, want DESTROY_SCHEDULED", st)
+	}
+}
+
+// openIntercepted opens a provider on one P-256 key of a fake whose client
+// runs every unary call through icpt, given the provider once it is open.
+func openIntercepted(t *testing.T, icpt func(p *Provider, ctx context.Context, method string, call func() error) error) *Provider {
+	t.Helper()
+	f := &gcpkmstest.Server{}
+	f.Add(gcpkmstest.VersionName("p256", "1"), gcpkmstest.TestKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	var prov atomic.Pointer[Provider]
+	interceptor := grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, o ...grpc.CallOption) error {
+		call := func() error { return invoker(ctx, method, req, reply, cc, o...) }
+		if p := prov.Load(); p != nil && strings.HasSuffix(method, "/AsymmetricSign") {
+			return icpt(p, ctx, method, call)
+		}
+		return call()
+	})
+	p, err := Open(context.Background(), Config{
+		ID:            "gcp",
+		Keys:          []KeyConfig{{Name: "p256", Resource: gcpkmstest.VersionName("p256", "1")}},
+		ClientOptions: append(f.Serve(t), option.WithGRPCDialOption(interceptor)),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	prov.Store(p)
+	return p
+}
+
+// A Close that overtakes a Sign's call releases nothing from it, as AWS
+// and Azure do: before, the signature came back all the same.
+func TestSignOvertakenByCloseReleasesNothing(t *testing.T) {
+	p := openIntercepted(t, func(p *Provider, _ context.Context, _ string, call func() error) error {
+		err := call()
+		p.Close() // KMS has answered; Sign has not returned yet
+		return err
+	})
+	if sig, err := p.Sign(context.Background(), "p256", algES256, randomDigest(crypto.SHA256)); !errors.Is(err, providers.ErrUnavailable) {
+		t.Fatalf("Sign overtaken by Close: %d-byte signature, %v; want ErrUnavailable", len(sig), err)
+	}
+}
+
+// A call held up by what ignores its context (gRPC waits for the auth
+// library's token refresh, under its lock, without the call's context)
+// does not hold a Sign past its deadline.
+func TestSignLeavesAtItsDeadline(t *testing.T) {
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	p := openIntercepted(t, func(_ *Provider, _ context.Context, _ string, call func() error) error {
+		<-release // deaf to the call's context, as the token refresh is
+		return call()
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := p.Sign(ctx, "p256", algES256, randomDigest(crypto.SHA256))
+	if took := time.Since(start); !errors.Is(err, context.DeadlineExceeded) || took > time.Second {
+		t.Fatalf("Sign with a 100 ms deadline: %v after %v; want DeadlineExceeded at its deadline", err, took)
 	}
 }
