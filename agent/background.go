@@ -17,7 +17,14 @@ func (a *Agent) goUntilShutdown(fn func(ctx context.Context)) {
 	}()
 	a.background = append(a.background, func() {
 		cancel()
-		<-done
+		select {
+		case <-done:
+		case <-time.After(stuckHandlerWait):
+			// A scheduled rotation in a provider call deaf to its context
+			// (a wedged HSM): Shutdown closes the providers and the journal
+			// under it, as it does under a stuck request.
+			a.log.Error("shutdown: a background task still runs; closing the providers and the journal under it")
+		}
 	})
 }
 

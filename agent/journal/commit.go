@@ -315,12 +315,14 @@ func (j *Journal) commitGroup(group []*request) error {
 		}
 		return err
 	}
-	if j.applyFailed.Load() && j.db != nil {
+	if (j.applyFailed.Load() || j.fs.walFailed.Load()) && j.db != nil {
 		// The applier could not give Pebble staged groups that callers
-		// were told are in: they are in the tail log, which the reopen
-		// replays. Nothing more goes to this DB.
+		// were told are in, or Pebble's own WAL writer failed meanwhile
+		// (it refuses every later write): what callers were told is in
+		// is in the tail log, which the reopen replays. Nothing more goes
+		// to this DB.
 		j.stats.failures.Add(1)
-		j.log.Error("journal: reopening pebble after a failed apply of staged records")
+		j.log.Error("journal: reopening pebble after a failed write to it")
 		j.closeFailedDB()
 	}
 	if j.db == nil {

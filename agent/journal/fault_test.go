@@ -514,3 +514,59 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(time.Millisecond)
 	}
 }
+
+// After Pebble's own WAL writer has failed in the background (an idle agent:
+// no commit has met the error yet), Healthy does not report ready: it
+// recovers Pebble, once the disk is fine again, and the next append goes
+// through. It used to report ready and leave the next signer refused.
+func TestHealthyNoticesAFailedPebbleWAL(t *testing.T) {
+	ctx := context.Background()
+	fault := newWALFault(syscall.EIO, errorfs.OpFileWrite)
+	fault.pebbleOnly = true
+	j := openTest(t, t.TempDir(), WAL, func(o *Options) {
+		o.FS = errorfs.Wrap(vfs.Default, fault)
+		o.RecoveryInterval = time.Millisecond
+	})
+	j.nextCheckpoint = time.Now().Add(time.Hour)
+	appendN(t, j, "acme", 3)
+	fault.on.Store(true)
+	appendN(t, j, "acme", 150)               // past 32 KiB: Pebble's writer writes a block, and fails
+	if _, err := j.Last(1, ""); err != nil { // apply what is staged
+		t.Logf("Last: %v", err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); !j.fs.walFailed.Load(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("Pebble's WAL write never failed")
+		}
+	}
+	fault.on.Store(false)
+	time.Sleep(5 * time.Millisecond)
+	if err := j.Healthy(ctx); err != nil {
+		t.Logf("Healthy while recovering: %v", err) // a first probe may still report the fault
+	}
+	for deadline := time.Now().Add(5 * time.Second); j.Healthy(ctx) != nil; time.Sleep(2 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("Healthy did not recover after the fault cleared")
+		}
+	}
+	if err := j.Append(ctx, signRecord("acme", 999)); err != nil {
+		t.Fatalf("Healthy reported ready, then Append: %v", err)
+	}
+	mustVerify(t, j, 154)
+}
+
+// While Pebble reports a write stall (its flushes failing, say), appends
+// wait out their deadlines: Healthy does not report ready meanwhile.
+func TestHealthyDuringAWriteStall(t *testing.T) {
+	ctx := context.Background()
+	j := openTest(t, t.TempDir(), WAL)
+	appendN(t, j, "acme", 2)
+	j.stalled.Store(true) // as Pebble's WriteStallBegin event sets it
+	if err := j.Healthy(ctx); !errors.Is(err, ErrUnavailable) || !strings.Contains(err.Error(), "stall") {
+		t.Fatalf("Healthy during a write stall: %v, want ErrUnavailable", err)
+	}
+	j.stalled.Store(false) // WriteStallEnd
+	if err := j.Healthy(ctx); err != nil {
+		t.Fatalf("Healthy after the stall: %v", err)
+	}
+}

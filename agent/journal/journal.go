@@ -504,7 +504,9 @@ func (j *Journal) Healthy(ctx context.Context) error {
 		return ErrClosed
 	}
 	j.dbMu.RLock()
-	open := j.db != nil && !j.applyFailed.Load()
+	// A failed write to Pebble's own WAL (its log writer, in the
+	// background) fails the next append too: not open.
+	open := j.db != nil && !j.applyFailed.Load() && !j.fs.walFailed.Load()
 	j.dbMu.RUnlock()
 	if !open {
 		if err := j.commitState(ctx, nil); err != nil {
@@ -516,6 +518,11 @@ func (j *Journal) Healthy(ctx context.Context) error {
 	}
 	if j.fullNow.Load() {
 		return fmt.Errorf("%w: journal full", ErrUnavailable)
+	}
+	if j.stalled.Load() {
+		// Pebble stopped taking writes (its flushes fail, or cannot keep
+		// up): appends wait out their deadlines meanwhile.
+		return fmt.Errorf("%w: pebble write stall", ErrUnavailable)
 	}
 	return nil
 }
