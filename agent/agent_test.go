@@ -917,3 +917,31 @@ func TestAWSKMSEndpoints(t *testing.T) {
 		}
 	}
 }
+
+// A scheduled rotation stuck in a provider call that ignores its context
+// does not hold Shutdown for good, as a stuck request does not: Shutdown
+// gives it a moment, then closes the providers and the journal under it.
+func TestShutdownAbandonsAStuckScheduledRotation(t *testing.T) {
+	h, _, r, admin := heldAgent(t)
+	h.deaf.Store(true)
+	h.hold.Store(true)
+	if _, err := admin.ScheduleRotation(context.Background(), "payments/release", time.Now().Add(time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-h.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the scheduled rotation did not reach the provider")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- r.agent.Shutdown(ctx) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		h.release()
+		<-done
+		t.Fatal("Shutdown still waited after 5 s for a scheduled rotation stuck in its provider")
+	}
+}

@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 )
@@ -74,7 +75,9 @@ func TestSignAllocations(t *testing.T) {
 	}
 	allocs := testing.AllocsPerRun(1000, func() {
 		resp := proto.Response{ID: req.ID}
-		c.dispatch(&req, &resp, time.Time{})
+		var fence policy.Decision
+		c.dispatch(&req, &resp, time.Time{}, &fence)
+		fence.Done()
 		if resp.Code != proto.OK {
 			t.Fatal(resp.Msg)
 		}
@@ -96,7 +99,9 @@ func benchRequestPath(b *testing.B, journalMode string) {
 			b.Fatal(err)
 		}
 		resp := proto.Response{ID: req.ID}
-		c.dispatch(req, &resp, time.Time{})
+		var fence policy.Decision
+		c.dispatch(req, &resp, time.Time{}, &fence)
+		fence.Done()
 		requestPool.Put(req)
 		if resp.Code != proto.OK {
 			b.Fatal(resp.Msg)

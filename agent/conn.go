@@ -16,6 +16,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/proto"
 )
 
@@ -392,9 +393,11 @@ func (c *conn) handleAsync(req *proto.Request, arrived time.Time) {
 // deadline runs from then), zero for other ops.
 func (c *conn) handle(req *proto.Request, arrived time.Time) {
 	resp := proto.Response{ID: req.ID}
-	c.dispatch(req, &resp, arrived)
+	var fence policy.Decision
+	c.dispatch(req, &resp, arrived, &fence)
 	requestPool.Put(req)
 	c.send(&resp)
+	fence.Done() // the signature is out (or withheld): a Pause may ack
 }
 
 // sendFinal queues the reply that precedes closing the connection. Its id is

@@ -10,13 +10,16 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 )
 
 // dispatch answers one request into resp. arrived is when a Sign was read:
-// its deadline runs from then (zero: from now).
-func (c *conn) dispatch(req *proto.Request, resp *proto.Response, arrived time.Time) {
+// its deadline runs from then (zero: from now). fence receives an allowed
+// Sign's policy decision: the caller calls its Done once the reply is out,
+// which is what a Pause waits for (policy.Engine.WaitIdle).
+func (c *conn) dispatch(req *proto.Request, resp *proto.Response, arrived time.Time, fence *policy.Decision) {
 	m := c.a.metrics
 	m.inFlight.Add(1)
 	var meta reqMeta
@@ -34,7 +37,7 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response, arrived time.T
 			err = &proto.Error{Code: proto.PermissionDenied, Msg: "the admin socket serves admin operations only"}
 			break
 		}
-		err = c.keyOp(req, resp, &meta, arrived)
+		err = c.keyOp(req, resp, &meta, arrived, fence)
 	default:
 		err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("unknown operation %d", req.Op)}
 	}
@@ -50,14 +53,14 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response, arrived time.T
 	c.logFailure(req, code, err)
 }
 
-func (c *conn) keyOp(req *proto.Request, resp *proto.Response, meta *reqMeta, arrived time.Time) (err error) {
+func (c *conn) keyOp(req *proto.Request, resp *proto.Response, meta *reqMeta, arrived time.Time, fence *policy.Decision) (err error) {
 	switch req.Op {
 	case proto.OpListKeys:
 		resp.Keys, err = c.listKeys()
 	case proto.OpPublicKey:
 		err = c.publicKey(req, resp, meta)
 	case proto.OpSign:
-		err = c.sign(req, resp, meta, arrived)
+		err = c.sign(req, resp, meta, arrived, fence)
 	case proto.OpVerify:
 		err = c.verify(req, resp, meta)
 	}
@@ -127,7 +130,7 @@ func (c *conn) publicKey(req *proto.Request, resp *proto.Response, meta *reqMeta
 	return nil
 }
 
-func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta, arrived time.Time) error {
+func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta, arrived time.Time, fence *policy.Decision) error {
 	if arrived.IsZero() {
 		arrived = time.Now()
 	}
@@ -139,7 +142,7 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta, arr
 	// record that cannot be written in time withholds the signature.
 	ctx := newRequestContext(c.ctx, d.start.Add(c.requestTimeout(req)))
 	defer ctx.release()
-	sig, err := c.decideAndSign(ctx, req, &d)
+	sig, err := c.decideAndSign(ctx, req, &d, fence)
 	meta.set(d.tenant, d.target)
 	d.code = codeOf(err)
 	if rerr := c.record(ctx, &d); rerr != nil {
@@ -160,7 +163,7 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta, arr
 
 // decideAndSign checks the request and signs; every outcome, including a
 // refusal, is journaled by the caller.
-func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDecision) ([]byte, error) {
+func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDecision, fence *policy.Decision) ([]byte, error) {
 	t, tenant, err := c.resolve(req.Key, req.KID, false)
 	d.tenant, d.target = tenant, t
 	if err != nil {
@@ -173,11 +176,11 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 	}
 	d.alg = alg
 	if t.slot != nil {
-		dec := c.a.policy.Check(tenant, t.slot.Name, c.identity(), alg, len(req.Digest))
-		d.policyHash = dec.PolicyHash
-		if !dec.Allowed() {
-			c.a.metrics.denied(dec.Reason)
-			return nil, &proto.Error{Code: reasonCode(dec.Reason), Msg: dec.Message()}
+		*fence = c.a.policy.Check(tenant, t.slot.Name, c.identity(), alg, len(req.Digest))
+		d.policyHash = fence.PolicyHash
+		if !fence.Allowed() {
+			c.a.metrics.denied(fence.Reason)
+			return nil, &proto.Error{Code: reasonCode(fence.Reason), Msg: fence.Message()}
 		}
 	}
 	if err := providers.CheckRequest(e.info.Type, alg, req.Digest); err != nil {

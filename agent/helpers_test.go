@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,6 +22,7 @@ import (
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/software"
 )
 
 // softwareConfig is a config with one software key of each type.
@@ -272,4 +275,99 @@ func faultsWhere(fails func(op errorfs.Op) bool) *errorfs.Toggle {
 		}
 		return nil
 	})}
+}
+
+// heldProvider is a software provider that makes key versions (as a cloud
+// provider does, so rotations and drills run through it) and whose next
+// Sign, once held, waits inside the provider until the test lets it go: a
+// slow HSM or KMS call, made deterministic. deaf makes the held call
+// ignore its context, as a C_Sign on a wedged network HSM does.
+type heldProvider struct {
+	*software.Provider
+	hold, deaf atomic.Bool
+	entered    chan struct{}
+	letGo      chan struct{}
+}
+
+func newHeldProvider(t *testing.T) *heldProvider {
+	t.Helper()
+	sp, err := software.Open(software.Config{ID: "held", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "hkey", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &heldProvider{Provider: sp, entered: make(chan struct{}, 1), letGo: make(chan struct{})}
+	t.Cleanup(h.release)
+	return h
+}
+
+// release lets a held call go (once).
+func (h *heldProvider) release() {
+	select {
+	case <-h.letGo:
+	default:
+		close(h.letGo)
+	}
+}
+
+func (h *heldProvider) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	if h.hold.CompareAndSwap(true, false) {
+		h.entered <- struct{}{}
+		if h.deaf.Load() {
+			<-h.letGo
+			ctx = context.Background()
+		} else {
+			select {
+			case <-h.letGo:
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+	}
+	return h.Provider.Sign(ctx, key, alg, digest)
+}
+
+func (h *heldProvider) NewVersion(ctx context.Context, _, name string) (providers.KeyInfo, error) {
+	return h.Provider.GenerateKey(ctx, name, providers.KeyECDSAP256)
+}
+
+func (h *heldProvider) URI(name string) (string, error) { return "held:" + name, nil }
+
+func (h *heldProvider) AddKey(_ context.Context, name, _ string) (providers.KeyInfo, error) {
+	return h.Provider.Adopt(name, providers.KeyECDSAP256)
+}
+
+// heldAgent runs an agent whose tenant payments (this uid, also the admin)
+// has the slot release on a heldProvider's key, rotation on, and returns
+// the provider, the config, the agent and an admin client.
+func heldAgent(t *testing.T) (*heldProvider, agent.Config, *running, *client.Client) {
+	t.Helper()
+	h := newHeldProvider(t)
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Rotation.Canaries = 2
+	if err := os.WriteFile(cfg.Policy, []byte(heldPolicy("")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg, agent.WithProviders(h))
+	aln, err := agent.ListenUnix(cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.agent.ServeAdmin(aln)
+	admin, err := client.Dial(context.Background(), cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { admin.Close() })
+	return h, cfg, r, admin
+}
+
+// heldPolicy is heldAgent's policy, the slot's policy fields given.
+func heldPolicy(slotPolicy string) string {
+	if slotPolicy != "" {
+		slotPolicy = ", policy: {" + slotPolicy + "}"
+	}
+	return fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: hkey%s}\n", os.Getuid(), os.Getuid(), slotPolicy)
 }

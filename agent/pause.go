@@ -50,6 +50,15 @@ func (p pauser) Pause(tenant, slot string) error {
 	if err := p.a.policy.Pause(tenant, slot); err != nil {
 		return err
 	}
+	// The fence: a request the policy allowed before the pause is let
+	// finish, so that once this returns (the operator's ack, a drill's
+	// emergency rotation) no signature of the slot is released. A request
+	// still running past its own deadline has its signature withheld.
+	wctx, cancel := context.WithTimeout(context.Background(), p.a.cfg.Limits.RequestTimeout+time.Second)
+	if err := p.a.policy.WaitIdle(wctx, tenant, slot); err != nil {
+		p.a.log.Warn("pause: signatures still in flight past the request timeout", zap.String("slot", tenant+"/"+slot), zap.Error(err))
+	}
+	cancel()
 	p.a.pauseSerial++
 	if p.a.pausedBy == nil {
 		p.a.pausedBy = map[string]uint64{}
@@ -89,7 +98,14 @@ func (p pauser) Resume(tenant, slot string) error {
 		}
 	}
 	delete(p.a.pausedBy, tenant+"/"+slot)
-	return p.a.policy.Resume(tenant, slot)
+	err := p.a.policy.Resume(tenant, slot)
+	if p.own != nil && errors.Is(err, policy.ErrPausedInFile) {
+		// A reload paused the slot in its file during the drill: the
+		// drill's own pause is lifted, the file's stands, as any pause
+		// made meanwhile would.
+		return fmt.Errorf("%w: %w", rotation.ErrPausedMeanwhile, err)
+	}
+	return err
 }
 
 // Paused reports whether the slot refuses with PAUSED now (a run-time

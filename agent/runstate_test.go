@@ -6,6 +6,7 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -620,4 +622,128 @@ func TestDrillKeepsAPauseMadeDuringIt(t *testing.T) {
 			t.Fatalf("after a restart: %v, want PAUSED", err)
 		}
 	})
+}
+
+// holdOneSign sends one Sign of release that the provider holds, and
+// returns once the policy has allowed it and it waits in the provider.
+func holdOneSign(t *testing.T, h *heldProvider, r *running) (done <-chan error, released func() bool) {
+	t.Helper()
+	c := r.dial(t)
+	h.hold.Store(true)
+	errc := make(chan error, 1)
+	var got atomic.Bool
+	go func() {
+		d := sha256.Sum256([]byte("in flight"))
+		_, err := c.Sign(context.Background(), client.ByName("release"), client.Algorithm{}, d[:])
+		got.Store(err == nil)
+		errc <- err
+	}()
+	select {
+	case <-h.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the Sign did not reach the provider")
+	}
+	return errc, got.Load
+}
+
+// A Pause is a fence: the signature of a request the policy allowed just
+// before it is released before the pause is acknowledged, never after.
+// Before, the operator's ack could be followed by a signature of the
+// paused slot.
+func TestPauseWaitsForTheSignaturesInFlight(t *testing.T) {
+	h, _, r, admin := heldAgent(t)
+	signed, released := holdOneSign(t, h, r)
+	acked := make(chan error, 1)
+	go func() { _, err := admin.Pause(context.Background(), "payments/release"); acked <- err }()
+	select {
+	case err := <-acked:
+		t.Fatalf("the pause was acknowledged (%v) with a signature of the slot still in flight", err)
+	case <-time.After(300 * time.Millisecond):
+	}
+	h.release()
+	if err := <-acked; err != nil {
+		t.Fatal(err)
+	}
+	if !released() {
+		t.Fatal("the pause was acknowledged before the signature in flight was out")
+	}
+	if err := <-signed; err != nil {
+		t.Fatalf("the Sign allowed before the pause: %v", err)
+	}
+}
+
+// An incident drill pauses first, and its pause waits out the signatures
+// in flight: none made by the old key comes out after the drill retired
+// it. Before, a signature by the retired key reached its client after the
+// drill had answered, its record after the `retire` record.
+func TestDrillReleasesNoSignatureOfTheKeyItRetired(t *testing.T) {
+	h, _, r, admin := heldAgent(t)
+	signed, _ := holdOneSign(t, h, r)
+	drilled := make(chan error, 1)
+	go func() { _, err := admin.IncidentDrill(context.Background(), "payments/release"); drilled <- err }()
+	time.Sleep(300 * time.Millisecond)
+	h.release()
+	if err := <-drilled; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-signed; err != nil {
+		t.Fatalf("the Sign allowed before the drill: %v", err)
+	}
+	recs, err := admin.AuditTail(context.Background(), "payments", 0, 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	retired := false
+	for _, raw := range recs {
+		var rec struct {
+			Op       string
+			CodeName string `json:"code_name"`
+		}
+		json.Unmarshal(raw, &rec)
+		switch {
+		case rec.Op == "retire":
+			retired = true
+		case rec.Op == "sign" && rec.CodeName == "OK" && retired:
+			t.Fatalf("a signature was journaled OK after the drill retired its key:\n%s", raw)
+		}
+	}
+}
+
+// A reload that pauses the slot in its file while a drill runs leaves it
+// paused, and the drill succeeds, saying so. Before, the drill's resume
+// met the file's pause and reported the drill failed (INTERNAL,
+// drill.failed) although its rotation was done: a retried drill would
+// rotate again.
+func TestDrillLeavesAFilePauseMadeDuringIt(t *testing.T) {
+	h, cfg, r, admin := heldAgent(t)
+	h.hold.Store(true) // the drill's first signature (its CSR) waits
+	drilled := make(chan error, 1)
+	var msg string
+	go func() {
+		var err error
+		msg, err = admin.IncidentDrill(context.Background(), "payments/release")
+		drilled <- err
+	}()
+	select {
+	case <-h.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the drill did not reach the provider")
+	}
+	if err := os.WriteFile(cfg.Policy, []byte(heldPolicy("paused: true")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.agent.ReloadPolicy(); err != nil {
+		t.Fatal(err)
+	}
+	h.release()
+	if err := <-drilled; err != nil {
+		t.Fatalf("drill: %v", err)
+	}
+	if !strings.Contains(msg, "left paused") {
+		t.Errorf("the drill's reply does not say the slot was left paused: %s", msg)
+	}
+	d := sha256.Sum256([]byte("after"))
+	if _, err := r.dial(t).Sign(context.Background(), client.ByName("release"), client.Algorithm{}, d[:]); client.Code(err) != proto.Paused {
+		t.Fatalf("after the drill: %v, want PAUSED (the file's pause)", err)
+	}
 }

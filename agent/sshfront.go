@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/sigil-agent/sigil/agent/sshagent"
+	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 )
@@ -117,7 +118,9 @@ func (b sshBackend) Sign(ctx context.Context, name string, alg providers.Algorit
 	}
 	defer b.c.releaseSlot()
 	var resp proto.Response
-	b.c.dispatch(req, &resp, arrived)
+	var fence policy.Decision
+	defer fence.Done()
+	b.c.dispatch(req, &resp, arrived, &fence)
 	if err := resp.Err(); err != nil {
 		return nil, err
 	}

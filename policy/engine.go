@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"context"
 	"errors"
 	"strconv"
 	"sync"
@@ -74,6 +75,19 @@ type Decision struct {
 	// RetryAfter is, for RateLimited, QuotaExceeded and OutsideWindow, the
 	// earliest moment a retry can pass that rule; 0 otherwise.
 	RetryAfter time.Duration
+
+	// rs counts an allowed request among its slot's signatures in flight
+	// until Done: what a Pause waits out (WaitIdle).
+	rs *slotState
+}
+
+// Done ends an allowed request's time in flight, once its signature is
+// released or withheld. Further calls do nothing.
+func (d *Decision) Done() {
+	if d.rs != nil {
+		d.rs.inFlight.Add(-1)
+		d.rs = nil
+	}
 }
 
 // Allowed reports whether the request may be signed.
@@ -138,7 +152,10 @@ type slotState struct {
 	// had one). Set by newState, under Engine.swap; Check never reads them.
 	interval, tolerance int64
 	paused              atomic.Bool
-	_                   [64 - 36]byte // one cache line per slot: busy slots do not share lines
+	// inFlight counts the allowed requests whose signatures are not yet
+	// released or withheld (Decision.Done).
+	inFlight atomic.Int32
+	_        [64 - 40]byte // one cache line per slot: busy slots do not share lines
 }
 
 // NewEngine starts enforcing set, which must not be nil. clock is the time
@@ -258,40 +275,59 @@ func (s *slotState) rebase(pol *Policy, now int64) {
 //
 // The peer must map to tenant (Set.TenantOf); otherwise the slot is not
 // found. Check does not allocate and takes no lock.
+//
+// An allowed Decision counts in its slot's signatures in flight until its
+// Done, which the caller must call once the signature is out or withheld.
 func (e *Engine) Check(tenant, slot string, id Identity, alg providers.Algorithm, digestLen int) Decision {
+	d, rs := e.check(tenant, slot, id, alg, digestLen)
+	if d.Reason == OK && rs != nil {
+		rs.inFlight.Add(1)
+		if rs.paused.Load() {
+			// A Pause landed between the check and the count: it may
+			// have found the slot idle already, so this one is refused.
+			rs.inFlight.Add(-1)
+			d.Reason = Paused
+			return d
+		}
+		d.rs = rs
+	}
+	return d
+}
+
+func (e *Engine) check(tenant, slot string, id Identity, alg providers.Algorithm, digestLen int) (Decision, *slotState) {
 	st := e.state.Load()
 	t := st.set.tenantOf(id)
 	if t == nil {
-		return Decision{Reason: NotFound}
+		return Decision{Reason: NotFound}, nil
 	}
 	if t.Name != tenant {
-		return Decision{Reason: NotFound, PolicyHash: t.hash}
+		return Decision{Reason: NotFound, PolicyHash: t.hash}, nil
 	}
 	sl, ok := t.slots[slot]
 	if !ok {
-		return Decision{Reason: NotFound, PolicyHash: t.hash}
+		return Decision{Reason: NotFound, PolicyHash: t.hash}, nil
 	}
 	d := Decision{PolicyHash: t.hash, Slot: sl}
 	pol := &sl.Policy
 	if pol.clients != nil && !pol.clients.matches(id) {
 		d.Reason = PermissionDenied
-		return d
+		return d, nil
 	}
 	rs := st.slots[sl.index]
 	if pol.Paused || rs.paused.Load() {
 		d.Reason = Paused
-		return d
+		return d, nil
 	}
 	if algorithmBit(alg)&pol.algs == 0 {
 		d.Reason = UnsupportedAlgorithm
-		return d
+		return d, nil
 	}
 	if n := digestSize(alg); n >= 0 && digestLen != n {
 		d.Reason = BadRequest
-		return d
+		return d, nil
 	}
 	if pol.window == nil && pol.DailyQuota == 0 && pol.Rate == nil {
-		return d
+		return d, rs
 	}
 	now := e.clock()
 	if pol.window != nil {
@@ -300,7 +336,7 @@ func (e *Engine) Check(tenant, slot string, id Identity, alg providers.Algorithm
 			if n := pol.window.untilNext(m); n > 0 {
 				d.RetryAfter = time.Duration(n)*time.Minute - sinceMinute(now)
 			}
-			return d
+			return d, nil
 		}
 	}
 	var day uint64
@@ -309,7 +345,7 @@ func (e *Engine) Check(tenant, slot string, id Identity, alg providers.Algorithm
 		if !rs.takeQuota(day, uint64(pol.DailyQuota)) {
 			d.Reason = QuotaExceeded
 			d.RetryAfter = time.Unix(int64(day+1)*86400, 0).Sub(now)
-			return d
+			return d, nil
 		}
 	}
 	if pol.Rate != nil {
@@ -319,10 +355,10 @@ func (e *Engine) Check(tenant, slot string, id Identity, alg providers.Algorithm
 			}
 			d.Reason = RateLimited
 			d.RetryAfter = time.Duration(wait)
-			return d
+			return d, nil
 		}
 	}
-	return d
+	return d, rs
 }
 
 func sinceMinute(t time.Time) time.Duration {
@@ -453,6 +489,25 @@ func (e *Engine) lookup(tenant, slot string) (*Slot, *slotState, bool) {
 		return nil, nil, false
 	}
 	return sl, st.slots[sl.index], true
+}
+
+// WaitIdle waits until no allowed request of the slot is in flight (every
+// Decision Done), or ctx ends. After Pause, it is the fence past which no
+// signature of the slot is released: the requests allowed before the pause
+// finish first.
+func (e *Engine) WaitIdle(ctx context.Context, tenant, slot string) error {
+	_, rs, ok := e.lookup(tenant, slot)
+	if !ok {
+		return ErrSlotNotFound
+	}
+	for rs.inFlight.Load() > 0 {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(time.Millisecond):
+		}
+	}
+	return nil
 }
 
 // Pause pauses the slot at run time: Check answers Paused until Resume. The
