@@ -369,6 +369,7 @@ func (j *Journal) commitGroup(group []*request) error {
 			prev = req.rec.Hash
 			records++
 			if req.prune != nil {
+				j.refreshKeep(req.prune)
 				putPrune(b, req.prune)
 				waits = true
 			}

@@ -216,6 +216,44 @@ func attestedGap(run []byte, want, keySeq uint64) ([32]byte, bool) {
 	return r.PrevHash, true
 }
 
+// refreshKeep reads again, from the Pebble open now, what of the run holding
+// record pr.to follows it: pruneRange read the layout of the DB open then,
+// and a reopen in between (after a failed write) replays the tail log one
+// record per key, so the run it saw may now be single records. Written
+// back under pr.to+1, the old run would overlap those keys and break the
+// chain. The committer calls it, holding busy, on the DB it commits to.
+func (j *Journal) refreshKeep(pr *pruneRange) {
+	if j.db == nil {
+		return
+	}
+	it, err := j.db.NewIter(auditIterOptions(pr.from))
+	if err != nil {
+		return // the commit fails on the same DB, or pr.keep stands
+	}
+	defer it.Close()
+	if !it.SeekLT(auditKeyFor(pr.to + 1)) {
+		return
+	}
+	first, ok := seqFromKey(it.Key())
+	if !ok {
+		return
+	}
+	var keep []byte
+	found := false
+	_ = walkRun(it.Value(), first, func(seq uint64, rec []byte) error {
+		switch {
+		case seq == pr.to:
+			found = true
+		case seq > pr.to:
+			keep = append(keep, rec...)
+		}
+		return nil
+	})
+	if found {
+		pr.keep = keep
+	}
+}
+
 // putPrune adds a prune's deletion and new anchor to the batch.
 func putPrune(b *pebble.Batch, pr *pruneRange) {
 	_ = b.DeleteRange(auditKeyFor(pr.from), auditKeyFor(pr.to+1), nil)

@@ -3,12 +3,15 @@ package journal
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
+	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
 )
 
 // pruneFixture is a journal of n records stamped 1ms apart from t0 (the
@@ -295,5 +298,60 @@ func TestPruneOnAFullJournal(t *testing.T) {
 	fs.avail.Store(10 << 30)
 	if err := j.Append(ctx, signRecord("acme", 52)); err != nil {
 		t.Fatalf("append with room again: %v", err)
+	}
+}
+
+// A prune that ends inside a run stores the run's rest under the next seq,
+// as read when the prune began. If Pebble was reopened before the prune
+// commits (an append met a failed Pebble WAL), the reopen replays the tail
+// one record per key, and the rest as read then would overlap those keys:
+// the chain broke for good. The rest is now read again at the commit.
+func TestPruneAcrossAReopenKeepsTheChain(t *testing.T) {
+	ctx := context.Background()
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	fault := newWALFault(syscall.EIO, errorfs.OpFileWrite)
+	fault.pebbleOnly = true
+	j := openTest(t, t.TempDir(), WAL, func(o *Options) {
+		o.FS = errorfs.Wrap(vfs.Default, fault)
+		o.RecoveryInterval = time.Millisecond
+		o.ApplyDelay = time.Hour
+		o.Clock = fixedClock(t0)
+	})
+	j.nextCheckpoint = time.Now().Add(time.Hour)
+	appendN(t, j, "acme", 200) // staged and in the tail; past a 32 KiB WAL block
+
+	// Prune's first step applies the staged records as runs and reads the
+	// range 1..29, with records 30..64 of the first run to keep; Pebble's
+	// WAL writer fails under it.
+	fault.on.Store(true)
+	pr, err := j.pruneRange(ctx, recordAt(t0, 30))
+	if err != nil || pr.to != 29 || pr.keep == nil {
+		t.Fatalf("pruneRange: %+v %v", pr, err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); !j.fs.walFailed.Load(); time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("Pebble's WAL write never failed")
+		}
+	}
+	fault.on.Store(false)
+	// A signer's append meets the failed WAL: Pebble is reopened, and the
+	// tail replayed into it one record per key.
+	appendEventually(t, j, signRecord("acme", 1000))
+
+	// Prune's second step, as Prune does it.
+	r := Record{Op: PruneOp, CodeName: "OK", Peer: "test", DigestHash: pr.hash,
+		Detail: fmt.Sprintf("deleted records %d-%d", pr.from, pr.to)}
+	if err := j.submitRecord(ctx, &r, nil, &pr); err != nil {
+		t.Fatalf("the prune's commit: %v", err)
+	}
+	rep, err := j.Verify(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.OK() {
+		t.Fatalf("the chain after a prune that raced a reopen: %v", rep.Break)
+	}
+	if _, err := j.Prune(ctx, recordAt(t0, 40), "test"); err != nil {
+		t.Fatalf("the next prune: %v", err)
 	}
 }
