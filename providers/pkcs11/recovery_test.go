@@ -756,3 +756,92 @@ func TestHealthyRacingClose(t *testing.T) {
 		t.Fatalf("after Close: %d sessions still open (%d idle in the closed pool)", live, idle)
 	}
 }
+
+// logoutInside logs the token out through the provider's own module
+// instance while no call is inside it.
+func logoutInside(t *testing.T, p *Provider) {
+	err := p.mod.pause(func() {
+		s, err := p.mod.ctx.OpenSession(uint(p.slot.Load()), p11.CKF_SERIAL_SESSION)
+		if err != nil {
+			t.Logf("logoutInside: C_OpenSession: %v", err) // mid-repair: nothing to log out
+			return
+		}
+		if err := p.mod.ctx.Logout(s); err != nil {
+			t.Errorf("C_Logout: %v", err)
+		}
+		_ = p.mod.ctx.CloseSession(s)
+	})
+	if err != nil {
+		t.Error(err)
+	}
+}
+
+// Two providers share a token (the same token opened twice, as
+// TestKIDStableAcrossURIForms does). The token drops the login; p logs in
+// again, and the login drops once more while p's re-login is searching for
+// its key objects. A logged-out search sees no private objects, so findKeys
+// takes p's key for deleted (handle 0) and the repair counts as a success.
+// The other provider then logs in again, as its own repair does, so p's
+// sessions are logged in and nothing tells p anything is wrong: every Sign
+// of a key that never left the token fails with ErrUnavailable at once,
+// no repair is ever asked for, and Healthy says p is fine. Now a search
+// that finds keys missing checks that its session is still logged in, and
+// the repair is tried again when it is not.
+func TestLogoutDuringTheKeySearchDoesNotStrandTheKey(t *testing.T) {
+	tok := softhsmtest.New(t, "strand")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	other := open(t, tok, keyConfigs(keys), func(c *Config) { c.ID = "other"; c.Sessions = 1 })
+	var armedFind, armedInfo atomic.Bool
+	var p *Provider
+	p = open(t, tok, keyConfigs(keys), func(c *Config) {
+		c.Sessions = 2
+		c.FaultHook = func(op string) uint {
+			switch {
+			case op == "find" && armedFind.CompareAndSwap(true, false):
+				logoutInside(t, p) // the login goes again just before p's search
+				armedInfo.Store(true)
+			case op == "session-info" && armedInfo.CompareAndSwap(true, false):
+				// The other provider notices the logout and logs in again.
+				deadline := time.Now().Add(2 * time.Second)
+				for other.Healthy() != nil && time.Now().Before(deadline) {
+					time.Sleep(5 * time.Millisecond)
+				}
+			}
+			return 0
+		}
+	})
+	name := string(providers.KeyECDSAP256)
+	signAndVerify(t, p, name, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("before"))
+
+	armedFind.Store(true)
+	logoutInside(t, p) // the first logout: p's next Sign asks for a re-login
+	sign := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_, err := p.Sign(ctx, name, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, digestOf(crypto.SHA256, []byte("after")))
+		return err
+	}
+	_ = sign() // straddles the two logouts: may rightly fail
+	if armedFind.Load() {
+		t.Fatal("setup: the re-login did not search for the key")
+	}
+
+	// The faults are over, the token is logged in and the key object never
+	// left it: Signs must work again within a few seconds.
+	deadline := time.Now().Add(3 * time.Second)
+	var err error
+	fails := 0
+	for time.Now().Before(deadline) {
+		if err = sign(); err == nil {
+			break
+		}
+		fails++
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil {
+		k, _ := p.keys.Get(name)
+		t.Fatalf("3s after the faults ended, %d Signs failed, last: %v; Healthy() = %v; key handle %d",
+			fails, err, p.Healthy(), k.handle.Load())
+	}
+	signAndVerify(t, other, name, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("other"))
+}

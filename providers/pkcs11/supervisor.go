@@ -254,6 +254,7 @@ func (p *Provider) login(s *session) error {
 // signing with another key would hand out signatures that verify under no
 // key the caller knows, all journaled under the wrong kid.
 func (p *Provider) findKeys(s *session) error {
+	missing := false
 	for _, k := range p.keys.All() {
 		var h p11.ObjectHandle
 		var pub crypto.PublicKey
@@ -278,6 +279,7 @@ func (p *Provider) findKeys(s *session) error {
 		})
 		if errors.Is(err, errObjectMissing) {
 			k.handle.Store(0)
+			missing = true
 			p.log.Warn("pkcs11 key object missing after re-login", zap.String("key", k.info.Name), zap.Stringer("object", k.obj))
 			continue
 		}
@@ -291,6 +293,22 @@ func (p *Provider) findKeys(s *session) error {
 			continue
 		}
 		k.handle.Store(uint64(h))
+	}
+	if missing {
+		// A session logged out meanwhile (another provider's logout on
+		// the shared token) sees no private object at all: the keys are
+		// there, the login is not. The repair is not done, and is tried
+		// again; marked missing for good, the keys would never come back
+		// while the sessions look healthy.
+		var state uint
+		err := p.call("session info", func(c *p11.Ctx) error {
+			info, err := c.GetSessionInfo(s.h)
+			state = info.State
+			return err
+		})
+		if err != nil || (state != p11.CKS_RO_USER_FUNCTIONS && state != p11.CKS_RW_USER_FUNCTIONS) {
+			return fmt.Errorf("the session was logged out during the key search: %w", providers.ErrUnavailable)
+		}
 	}
 	return nil
 }
