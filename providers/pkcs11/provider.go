@@ -56,6 +56,11 @@ type Provider struct {
 	closed    atomic.Bool
 	drained   chan struct{}
 	drainOnce sync.Once
+	// closeDone is closed when the first Close has finished, with its
+	// error in closeErr: a second Close waits for it (a caller told the
+	// provider is closed may unload what it loaded).
+	closeDone chan struct{}
+	closeErr  error
 }
 
 var _ providers.Provider = (*Provider)(nil)
@@ -153,6 +158,7 @@ func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 		stop:       make(chan struct{}),
 		done:       make(chan struct{}),
 		drained:    make(chan struct{}),
+		closeDone:  make(chan struct{}),
 	}
 	for _, k := range keys {
 		_ = p.keys.Add(k.info.Name, k) // names checked above
@@ -465,14 +471,28 @@ func (p *Provider) exit() {
 // Sign fails with providers.ErrUnavailable afterwards.
 func (p *Provider) Close() error {
 	if !p.closed.CompareAndSwap(false, true) {
-		return nil
+		<-p.closeDone
+		return p.closeErr
 	}
+	p.closeErr = p.close()
+	close(p.closeDone)
+	return p.closeErr
+}
+
+func (p *Provider) close() error {
 	peerErr := p.closePeers()
 	p.stateMu.Lock()
 	p.setStateLocked(stateClosed, nil, false)
 	p.stateMu.Unlock()
 	close(p.stop)
-	<-p.done
+	select {
+	case <-p.done:
+	case <-time.After(closeDrainTimeout):
+		// A repair's call hangs in the module (a login on a wedged
+		// network HSM): as for calls in flight, leave it loaded.
+		p.log.Error("pkcs11 close: the supervisor's repair is still inside the module; module left loaded")
+		return fmt.Errorf("pkcs11 provider %s: close: a repair still inside the module after %s", p.id, closeDrainTimeout)
+	}
 	if p.inflight.Load() != 0 {
 		t := time.NewTimer(closeDrainTimeout)
 		defer t.Stop()

@@ -845,3 +845,98 @@ func TestLogoutDuringTheKeySearchDoesNotStrandTheKey(t *testing.T) {
 	}
 	signAndVerify(t, other, name, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("other"))
 }
+
+// Close is bounded when the supervisor's repair hangs in the module (a
+// C_Login on a wedged network HSM): it leaves the module loaded and says
+// so, as it does for a hung C_Sign. It used to wait for the repair without
+// a bound, and the agent's Shutdown with it.
+func TestCloseDuringAWedgedRepairIsBounded(t *testing.T) {
+	tok := softhsmtest.New(t, "wedged")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	var armed atomic.Bool
+	wedged, unwedge := make(chan struct{}), make(chan struct{})
+	var p *Provider
+	defer func() {
+		// The repair returns at last: finish what Close left, so that the
+		// module is finalized and the next test finds its own token.
+		close(unwedge)
+		<-p.done
+		if p.mod.releaseLogin(p.serial) {
+			p.logout()
+		}
+		p.closeSessions()
+		p.mod.release()
+		p.closeErr = nil
+	}()
+	p, err := tryOpen(t, tok, keyConfigs(keys), func(c *Config) {
+		c.FaultHook = func(op string) uint {
+			if op == "login" && armed.CompareAndSwap(true, false) {
+				close(wedged)
+				<-unwedge
+			}
+			return 0
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	armed.Store(true)
+	logoutInside(t, p)
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	p.Sign(ctx, string(providers.KeyECDSAP256), alg, digestOf(crypto.SHA256, []byte("x"))) // asks for the re-login
+	cancel()
+	select {
+	case <-wedged:
+	case <-time.After(5 * time.Second):
+		t.Fatal("no re-login")
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- p.Close() }()
+	select {
+	case err := <-closed:
+		if err == nil {
+			t.Error("Close under a wedged repair reported no error")
+		}
+	case <-time.After(closeDrainTimeout + 3*time.Second):
+		t.Fatal("Close still waited for the wedged repair")
+	}
+}
+
+// A second Close waits for the first: it used to return at once, while a
+// Sign was still inside the module, and its signature came out after.
+func TestSecondCloseWaitsForTheFirst(t *testing.T) {
+	tok := softhsmtest.New(t, "close2")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	inSign := make(chan struct{}, 1)
+	p := open(t, tok, keyConfigs(keys), func(c *Config) {
+		c.FaultHook = func(op string) uint {
+			if op == "sign" {
+				select {
+				case inSign <- struct{}{}:
+				default:
+				}
+				time.Sleep(300 * time.Millisecond) // a slow token
+			}
+			return 0
+		}
+	})
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	signed := make(chan time.Time, 1)
+	go func() {
+		if sig, err := p.Sign(context.Background(), string(providers.KeyECDSAP256), alg, digestOf(crypto.SHA256, []byte("slow"))); err == nil && sig != nil {
+			signed <- time.Now()
+		}
+		close(signed)
+	}()
+	<-inSign
+	first := make(chan error, 1)
+	go func() { first <- p.Close() }()
+	time.Sleep(20 * time.Millisecond) // the first Close waits for the Sign
+	p.Close()
+	second := time.Now()
+	if at, ok := <-signed; ok && at.After(second) {
+		t.Errorf("a signature came out %v after the second Close returned", at.Sub(second))
+	}
+	<-first
+}
