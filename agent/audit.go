@@ -98,10 +98,25 @@ func (a *Agent) pruneExpired(ctx context.Context, now time.Time) {
 
 // pruneJournal deletes the records older than before (see journal.Prune)
 // and counts them in the metrics.
+//
+// The day's quota counts are stored first (and again after): a restart
+// rebuilds them from the stored counts and the records after them, and a
+// prune may delete records the last stored counts do not cover, whose
+// signatures a restart would then hand out again.
 func (a *Agent) pruneJournal(ctx context.Context, before time.Time, by string) (journal.PruneResult, error) {
+	if a.policy != nil {
+		if err := a.storeQuotas(ctx, nil); err != nil {
+			return journal.PruneResult{}, fmt.Errorf("nothing pruned: the daily quota counts could not be stored first: %w", err)
+		}
+	}
 	res, err := a.journal.Prune(ctx, before, by)
 	if err == nil {
 		a.metrics.journalPruned.Add(float64(res.Deleted))
+		if a.policy != nil {
+			if serr := a.storeQuotas(ctx, nil); serr != nil {
+				a.log.Warn("daily quota counts not stored after the prune", zap.Error(serr))
+			}
+		}
 	}
 	return res, err
 }

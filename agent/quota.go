@@ -57,7 +57,7 @@ func (a *Agent) hasDailyQuota() bool {
 // error stops the agent from starting: without the counts it cannot tell
 // how much of a quota is left (fail closed).
 func (a *Agent) restoreQuotas(ctx context.Context) error {
-	if a.policy == nil || a.journal == nil || !a.hasDailyQuota() {
+	if a.policy == nil || a.journal == nil {
 		return nil
 	}
 	day := a.policy.Today()
@@ -69,6 +69,13 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 	}
 	var from uint64
 	stored := found && snap.Day == day
+	if !stored && !a.hasDailyQuota() {
+		// No slot in force has a quota and none was stored today: nothing
+		// to restore, and the day's records need not be read. Stored
+		// counts are restored even so: they may hold a slot a reload
+		// dropped, which a later reload brings back the same day.
+		return nil
+	}
 	if stored {
 		maps.Copy(counts, snap.Counts)
 		from = snap.Seq + 1

@@ -262,6 +262,16 @@ func (a *Agent) reloadPolicy() error {
 	})
 	a.log.Info("policy reloaded", zap.String("hash", set.HashHex()))
 	a.journalEvent("reload-policy", "", proto.OK, "policy "+set.HashHex())
+	if a.journal != nil {
+		// A slot this reload dropped keeps its day's count only in memory
+		// until the next snapshot; a crash before it would give the count
+		// back when a later reload restores the slot.
+		ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
+		if err := a.storeQuotas(ctx, nil); err != nil {
+			a.log.Warn("daily quota counts not stored after the reload", zap.Error(err))
+		}
+		cancel()
+	}
 	return nil
 }
 

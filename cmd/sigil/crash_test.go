@@ -18,6 +18,7 @@ import (
 
 	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
 )
 
 // The agent is SIGKILLed while clients sign concurrently: after a restart
@@ -208,4 +209,119 @@ func verifyRSA(pub crypto.PublicKey, digest, sig []byte) error {
 		return errors.New("not an RSA key")
 	}
 	return rsa.VerifyPKCS1v15(k, crypto.SHA256, digest, sig)
+}
+
+// quotaAgent is an agent process with a policy: tenant payments (this uid,
+// also the admin) with slot release (daily_quota quota) and slot other.
+type quotaAgent struct {
+	bin, config, policy, socket, admin string
+	proc                               *agentProcess
+}
+
+func newQuotaAgent(t *testing.T, quota int) *quotaAgent {
+	t.Helper()
+	q := &quotaAgent{bin: buildSigil(t)}
+	dir := t.TempDir()
+	q.policy = filepath.Join(dir, "policy.yaml")
+	q.writePolicy(t, quota, true)
+	q.config = writeEd25519Config(t, dir, "policy: "+q.policy+"\n")
+	sockDir := shortSocketDir(t)
+	q.socket, q.admin = filepath.Join(sockDir, "agent.sock"), filepath.Join(sockDir, "admin.sock")
+	return q
+}
+
+// writePolicy writes the policy, with the slot release or without it.
+func (q *quotaAgent) writePolicy(t *testing.T, quota int, withRelease bool) {
+	t.Helper()
+	slots := "      - {name: other, key: ed}\n"
+	if withRelease {
+		slots = fmt.Sprintf("      - {name: release, key: ed, policy: {daily_quota: %d}}\n", quota) + slots
+	}
+	text := fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n%s", os.Getuid(), os.Getuid(), slots)
+	if err := os.WriteFile(q.policy, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (q *quotaAgent) start(t *testing.T) {
+	t.Helper()
+	q.proc = startAgentProcess(t, q.bin, q.config, q.socket)
+	q.proc.waitReady(t)
+}
+
+// kill ends the agent with SIGKILL: nothing is stored on the way out.
+func (q *quotaAgent) kill() {
+	q.proc.cmd.Process.Kill()
+	q.proc.cmd.Wait()
+}
+
+// sign signs with release up to n times and returns how many went through.
+func (q *quotaAgent) sign(t *testing.T, n int) int {
+	t.Helper()
+	c, err := client.Dial(context.Background(), q.socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for i := range n {
+		if _, err := c.Sign(context.Background(), client.ByName("release"), client.Algorithm{}, []byte(fmt.Sprint(i))); err != nil {
+			if client.Code(err) != proto.QuotaExceeded {
+				t.Fatalf("sign %d: %v", i, err)
+			}
+			return i
+		}
+	}
+	return n
+}
+
+// A daily quota holds across a SIGKILL after what would have lost its
+// count before the next stored snapshot:
+//   - an audit prune of today's records: the restart rebuilt the count
+//     from the records after the last stored counts, which the prune had
+//     deleted;
+//   - a reload dropping the slot: the restart restored no stored counts
+//     when no slot in force had a quota, so the dropped slot's count was
+//     gone when a later reload brought it back.
+//
+// Each time the quota used to be handed out a second time.
+func TestDailyQuotaSurvivesAKillAfterPruneOrDrop(t *testing.T) {
+	const quota = 30
+	for _, tc := range []struct {
+		name   string
+		before func(t *testing.T, q *quotaAgent)
+		after  func(t *testing.T, q *quotaAgent) // once restarted
+	}{
+		{"prune of today's records", func(t *testing.T, q *quotaAgent) {
+			cut := time.Now().Truncate(time.Second).Add(time.Second)
+			time.Sleep(time.Until(cut) + 20*time.Millisecond)
+			if out, stderr, code := runBin(t, q.bin, "audit", "prune", "--before", cut.UTC().Format(time.RFC3339), "--admin-socket", q.admin); code != 0 {
+				t.Fatalf("audit prune: %d %s %s", code, out, stderr)
+			}
+		}, func(*testing.T, *quotaAgent) {}},
+		{"the slot dropped by a reload", func(t *testing.T, q *quotaAgent) {
+			q.writePolicy(t, quota, false)
+			if out, stderr, code := runBin(t, q.bin, "admin", "reload", "--admin-socket", q.admin); code != 0 {
+				t.Fatalf("reload: %d %s %s", code, out, stderr)
+			}
+		}, func(t *testing.T, q *quotaAgent) {
+			q.writePolicy(t, quota, true) // back the same day
+			if out, stderr, code := runBin(t, q.bin, "admin", "reload", "--admin-socket", q.admin); code != 0 {
+				t.Fatalf("reload: %d %s %s", code, out, stderr)
+			}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			q := newQuotaAgent(t, quota)
+			q.start(t)
+			first := q.sign(t, 20)
+			tc.before(t, q)
+			q.kill()
+			q.start(t)
+			defer q.kill()
+			tc.after(t, q)
+			if second := q.sign(t, quota+1); first+second != quota {
+				t.Fatalf("daily_quota %d: %d signatures before the kill and %d after", quota, first, second)
+			}
+		})
+	}
 }
