@@ -6,12 +6,10 @@ import (
 	"fmt"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
-	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
 )
 
 // pruneFixture is a journal of n records stamped 1ms apart from t0 (the
@@ -309,11 +307,7 @@ func TestPruneOnAFullJournal(t *testing.T) {
 func TestPruneAcrossAReopenKeepsTheChain(t *testing.T) {
 	ctx := context.Background()
 	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	fault := newWALFault(syscall.EIO, errorfs.OpFileWrite)
-	fault.pebbleOnly = true
-	j := openTest(t, t.TempDir(), WAL, func(o *Options) {
-		o.FS = errorfs.Wrap(vfs.Default, fault)
-		o.RecoveryInterval = time.Millisecond
+	j, fault := openPebbleWALFault(t, func(o *Options) {
 		o.ApplyDelay = time.Hour
 		o.Clock = fixedClock(t0)
 	})
