@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -170,6 +171,52 @@ func TestSignDeadlineDuringKeyGeneration(t *testing.T) {
 	}
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("Sign on the paused instance: %v, want a deadline error", err)
+	}
+	if err := <-generated; err != nil {
+		t.Fatal(err)
+	}
+}
+
+// A Sign whose first attempt failed on a dead session retries on a fresh
+// one; a key generation's pause met there is waited out only until the
+// Sign's deadline too. The retry used to open its session without the
+// deadline and waited for the generation to end.
+func TestSignRetryDeadlineDuringKeyGeneration(t *testing.T) {
+	tok := softhsmtest.New(t, "genretry")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	var p *Provider
+	var armed atomic.Bool
+	generated := make(chan error, 1)
+	p = open(t, tok, keyConfigs(keys), func(c *Config) {
+		c.Instances, c.Sessions = 2, 4
+		c.FaultHook = func(op string) uint {
+			switch {
+			case op == "generate":
+				time.Sleep(1500 * time.Millisecond)
+			case op == "sign" && armed.CompareAndSwap(true, false):
+				// The first attempt fails on a dead session; meanwhile a
+				// key generation pauses this instance.
+				go func() {
+					_, err := p.GenerateKey(context.Background(), "rotated", providers.KeyECDSAP256, "", []byte{0x79})
+					generated <- err
+				}()
+				time.Sleep(200 * time.Millisecond)
+				return p11.CKR_SESSION_HANDLE_INVALID
+			}
+			return 0
+		}
+	})
+	ecdsa := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	armed.Store(true)
+	ctx, cancel := context.WithTimeout(context.Background(), 600*time.Millisecond)
+	defer cancel()
+	start := time.Now()
+	_, err := p.peers[0].signOn(ctx, string(providers.KeyECDSAP256), ecdsa, digestOf(crypto.SHA256, []byte("retry")))
+	if el := time.Since(start); el > 1100*time.Millisecond {
+		t.Fatalf("a Sign with a 600ms deadline, retried during a key generation, took %v (%v)", el, err)
+	}
+	if err == nil {
+		t.Fatal("the retry signed during the pause")
 	}
 	if err := <-generated; err != nil {
 		t.Fatal(err)

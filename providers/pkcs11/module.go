@@ -149,6 +149,21 @@ func (m *module) enterCtx(ctx context.Context) (bool, error) {
 
 func (m *module) exit() { m.calls.Add(-1) }
 
+// doCtx is do for a caller with a deadline: a pause (key generation on
+// another instance) is waited out only until ctx ends, whose error it then
+// returns.
+func (m *module) doCtx(ctx context.Context, fn func(*p11.Ctx) error) error {
+	ok, err := m.enterCtx(ctx)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return errGated
+	}
+	defer m.exit()
+	return fn(m.ctx)
+}
+
 // do runs fn inside the module, or returns errGated during a reload.
 func (m *module) do(fn func(*p11.Ctx) error) error {
 	if !m.enter() {

@@ -165,13 +165,21 @@ func (p *Provider) acquireFresh(ctx context.Context) (*session, uint64, error) {
 			return nil, 0, err
 		}
 		cur := p.state.Load().epoch
-		s, err := p.openSession(true)
+		s, err := p.openSessionCtx(ctx, true)
+		if ctx.Err() != nil && err != nil {
+			// A key generation's pause outlasted the caller's deadline.
+			return nil, 0, fmt.Errorf("no session for the retry before the deadline: %w", err)
+		}
 		if err != nil {
 			last = err
 			p.requestRepair(classify(rvOf(err)).repair(), cur)
 			continue
 		}
-		info, err := p.sessionInfo(s)
+		info, err := p.sessionInfoCtx(ctx, s)
+		if ctx.Err() != nil && err != nil && rvOf(err) == 0 {
+			p.release(s)
+			return nil, 0, fmt.Errorf("no session for the retry before the deadline: %w", err)
+		}
 		if err != nil {
 			last = err
 			p.afterFault(s, classify(rvOf(err)), rvOf(err), cur, "C_GetSessionInfo")
@@ -250,6 +258,11 @@ var errPoolFull = errors.New("session pool full")
 // openSession opens a read-only session on the token's slot. Unless force,
 // it refuses to grow the pool past its size.
 func (p *Provider) openSession(force bool) (*session, error) {
+	return p.openSessionCtx(context.Background(), force)
+}
+
+// openSessionCtx is openSession for a caller with a deadline (doCtx).
+func (p *Provider) openSessionCtx(ctx context.Context, force bool) (*session, error) {
 	if n := p.live.Add(1); n > int32(p.size) && !force {
 		p.live.Add(-1)
 		return nil, errPoolFull
@@ -259,7 +272,7 @@ func (p *Provider) openSession(force bool) (*session, error) {
 		return nil, p11.Error(rv)
 	}
 	s := &session{}
-	err := p.mod.do(func(c *p11.Ctx) error {
+	err := p.mod.doCtx(ctx, func(c *p11.Ctx) error {
 		s.gen = p.mod.gen.Load() // inside the gate: no reload can interleave
 		h, err := c.OpenSession(uint(p.slot.Load()), p11.CKF_SERIAL_SESSION)
 		s.h = h
@@ -273,11 +286,16 @@ func (p *Provider) openSession(force bool) (*session, error) {
 }
 
 func (p *Provider) sessionInfo(s *session) (p11.SessionInfo, error) {
+	return p.sessionInfoCtx(context.Background(), s)
+}
+
+// sessionInfoCtx is sessionInfo for a caller with a deadline (doCtx).
+func (p *Provider) sessionInfoCtx(ctx context.Context, s *session) (p11.SessionInfo, error) {
 	if rv := hook(p.inject, "session-info"); rv != 0 {
 		return p11.SessionInfo{}, p11.Error(rv)
 	}
 	var info p11.SessionInfo
-	err := p.mod.do(func(c *p11.Ctx) error {
+	err := p.mod.doCtx(ctx, func(c *p11.Ctx) error {
 		var err error
 		info, err = c.GetSessionInfo(s.h)
 		return err
