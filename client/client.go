@@ -357,11 +357,9 @@ func (c *conn) await(ctx context.Context, req *proto.Request, ch chan *proto.Res
 			return c.result(resp, ok)
 		case <-c.readerRole:
 			// Our reply may have been delivered while we waited for the role.
-			select {
-			case resp, ok := <-ch:
+			if resp, ok, got := c.delivered(ch); got {
 				c.readerRole <- struct{}{}
 				return c.result(resp, ok)
-			default:
 			}
 			resp, ok, err := c.readUntil(ctx, req.ID, ch, dl)
 			c.readerRole <- struct{}{}
