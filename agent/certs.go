@@ -66,20 +66,12 @@ func withCerts(list []proto.KeyEntry, m keyCerts) []proto.KeyEntry {
 	return out
 }
 
-// reloadCertificates puts in force the certificates the config names now:
-// the `certificates:` map is read again from the config file (the rest of
-// the file needs a restart), and every file in it is read again.
-func (a *Agent) reloadCertificates() error {
+// reloadCertificates puts in force the certificates paths names (the
+// `certificates:` map of the config as Reload read it again), every file
+// read again.
+func (a *Agent) reloadCertificates(paths map[string]string) error {
 	a.certMu.Lock()
 	defer a.certMu.Unlock()
-	paths := a.certPaths
-	if a.cfg.source != "" {
-		fresh, err := LoadConfig(a.cfg.source)
-		if err != nil {
-			return fmt.Errorf("certificates: %w", err)
-		}
-		paths = fresh.Certificates
-	}
 	if len(paths) == 0 && len(a.certPaths) == 0 {
 		return nil
 	}

@@ -349,15 +349,22 @@ func (a *Agent) Reload() error {
 	if a.tls != nil {
 		tcp = &a.tls.cfg
 	}
+	a.certMu.Lock()
+	certPaths, certsKnown := a.certPaths, true
+	a.certMu.Unlock()
 	if a.cfg.source != "" {
 		fresh, err := LoadConfig(a.cfg.source)
 		if err != nil {
-			a.log.Warn("config not read again; reloading the files from the paths in force", zap.Error(err))
+			// The key certificates come from the config alone: without
+			// it they stay as they are.
+			a.log.Warn("config not read again; reloading the TLS and policy files from the paths in force", zap.Error(err))
 			errs = append(errs, fmt.Errorf("config: %w", err))
+			certsKnown = false
 		} else {
 			var ferrs []error
 			tcp, ferrs = a.followConfig(fresh)
 			errs = append(errs, ferrs...)
+			certPaths = fresh.Certificates
 		}
 	}
 	if a.tls != nil {
@@ -368,7 +375,9 @@ func (a *Agent) Reload() error {
 			a.log.Info("TLS certificates reloaded")
 		}
 	}
-	if err := a.reloadCertificates(); err != nil {
+	if !certsKnown {
+		a.log.Warn("key certificates not reloaded; keeping the ones in force")
+	} else if err := a.reloadCertificates(certPaths); err != nil {
 		a.log.Warn("key certificates not reloaded; keeping the ones in force", zap.Error(err))
 		errs = append(errs, err)
 	}
