@@ -348,21 +348,9 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 // fetcher's. So the call runs aside, and the caller leaves at its deadline;
 // the call ends with its context, once the fetch lets it.
 func (p *Provider) signCall(ctx context.Context, k *remoteKey, jws azkeys.SignatureAlgorithm, digest []byte) (azkeys.SignResponse, error) {
-	type result struct {
-		resp azkeys.SignResponse
-		err  error
-	}
-	done := make(chan result, 1)
-	go func() {
-		resp, err := p.client.Sign(ctx, k.key, k.version, azkeys.SignParameters{Algorithm: &jws, Value: digest}, nil)
-		done <- result{resp, err}
-	}()
-	select {
-	case r := <-done:
-		return r.resp, r.err
-	case <-ctx.Done():
-		return azkeys.SignResponse{}, ctx.Err()
-	}
+	return providers.CallAside(ctx, func() (azkeys.SignResponse, error) {
+		return p.client.Sign(ctx, k.key, k.version, azkeys.SignParameters{Algorithm: &jws, Value: digest}, nil)
+	})
 }
 
 // Close implements providers.Provider. Sign fails with ErrUnavailable after

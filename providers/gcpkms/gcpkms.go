@@ -302,21 +302,9 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 // context: while one call fetches a new token from a hung metadata server,
 // every other Sign would wait past its deadline.
 func (p *Provider) signCall(ctx context.Context, req *kmspb.AsymmetricSignRequest) (*kmspb.AsymmetricSignResponse, error) {
-	type result struct {
-		resp *kmspb.AsymmetricSignResponse
-		err  error
-	}
-	done := make(chan result, 1)
-	go func() {
-		resp, err := p.client.AsymmetricSign(ctx, req)
-		done <- result{resp, err}
-	}()
-	select {
-	case r := <-done:
-		return r.resp, r.err
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
+	return providers.CallAside(ctx, func() (*kmspb.AsymmetricSignResponse, error) {
+		return p.client.AsymmetricSign(ctx, req)
+	})
 }
 
 func checkSignResponse(resp *kmspb.AsymmetricSignResponse, version string) error {
