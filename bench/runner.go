@@ -491,12 +491,7 @@ func childrenByParent() map[int][]int {
 		if err != nil {
 			continue // gone meanwhile
 		}
-		stat := string(b)
-		i := strings.LastIndexByte(stat, ')')
-		if i < 0 {
-			continue
-		}
-		if f := strings.Fields(stat[i+1:]); len(f) > 1 {
+		if f, err := statFields(string(b)); err == nil && len(f) > 1 {
 			if ppid, err := strconv.Atoi(f[1]); err == nil {
 				out[ppid] = append(out[ppid], pid)
 			}
@@ -520,14 +515,23 @@ func ProcessCPU(pid int) (time.Duration, error) {
 	return d, nil
 }
 
-func parseProcStatCPU(stat string) (time.Duration, error) {
-	// The command name (field 2) is in parentheses and may itself hold spaces
-	// and parentheses; only the last ')' ends it.
+// statFields splits /proc/PID/stat after the command name: fields[0] is
+// field 3 (state), fields[1] the parent's pid. The command name (field 2)
+// is in parentheses and may itself hold spaces and parentheses; only the
+// last ')' ends it.
+func statFields(stat string) ([]string, error) {
 	i := strings.LastIndexByte(stat, ')')
 	if i < 0 {
-		return 0, errors.New("malformed stat: no command name")
+		return nil, errors.New("malformed stat: no command name")
 	}
-	fields := strings.Fields(stat[i+1:])
+	return strings.Fields(stat[i+1:]), nil
+}
+
+func parseProcStatCPU(stat string) (time.Duration, error) {
+	fields, err := statFields(stat)
+	if err != nil {
+		return 0, err
+	}
 	// fields[0] is field 3 (state), so utime (14), stime (15), cutime (16)
 	// and cstime (17) are 11 to 14.
 	if len(fields) < 15 {
