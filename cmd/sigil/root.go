@@ -76,16 +76,10 @@ func refuseUnknownSubcommands(c *cobra.Command) {
 
 // connect dials the agent, mapping failure to exitUnreachable with a hint.
 func (g *globalFlags) connect(ctx context.Context) (*client.Client, error) {
-	var c *client.Client
-	var err error
-	if addr, ok := strings.CutPrefix(g.socket, "tls://"); ok {
-		cfg, cerr := clientTLSConfig(g.tlsCert, g.tlsKey, g.tlsCA)
-		if cerr != nil {
-			return nil, usageError("%v", cerr)
-		}
-		c, err = client.DialTLS(ctx, addr, cfg)
-	} else {
-		c, err = client.Dial(ctx, g.socket)
+	c, err := g.dialAddr(ctx, g.socket)
+	var usage *exitError
+	if errors.As(err, &usage) {
+		return nil, err
 	}
 	if err != nil {
 		var refused *proto.Error
