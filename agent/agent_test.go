@@ -945,3 +945,14 @@ func TestShutdownAbandonsAStuckScheduledRotation(t *testing.T) {
 		t.Fatal("Shutdown still waited after 5 s for a scheduled rotation stuck in its provider")
 	}
 }
+
+// An endpoint refused for its user information is not quoted: that part of
+// a URL may be a credential.
+func TestRefusedEndpointIsNotQuoted(t *testing.T) {
+	for _, endpoint := range []string{"http://key:s3cret@kms.example.com", "ftp://key:s3cret@kms.example.com"} {
+		_, err := agent.ParseConfig([]byte("providers:\n  - {id: a, type: awskms, region: eu-west-1, endpoint: '" + endpoint + "', keys: [{name: k, key_id: alias/k}]}\n"))
+		if err == nil || strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("endpoint with user information: %v", err)
+		}
+	}
+}

@@ -455,11 +455,12 @@ func (c *Config) Validate() error {
 				u, err := url.Parse(p.Endpoint)
 				switch {
 				case err != nil || u.Host == "" || (!strings.EqualFold(u.Scheme, "http") && !strings.EqualFold(u.Scheme, "https")):
-					errs = append(errs, fmt.Errorf("%s: endpoint %q: want an http(s)://host[:port] URL", where, p.Endpoint))
+					errs = append(errs, fmt.Errorf("%s: endpoint: want an http(s)://host[:port] URL", where))
 				case u.User != nil:
-					errs = append(errs, fmt.Errorf("%s: endpoint %q: no user information in the URL", where, p.Endpoint))
+					// Not quoted: the user information may be a credential.
+					errs = append(errs, fmt.Errorf("%s: endpoint: no user information in the URL", where))
 				case strings.EqualFold(u.Scheme, "http") && !isLoopbackHost(u.Hostname()):
-					errs = append(errs, fmt.Errorf("%s: an http:// endpoint must be on loopback (localhost or 127.0.0.1/::1 with a port), not %q; use https://", where, p.Endpoint))
+					errs = append(errs, fmt.Errorf("%s: an http:// endpoint must be on loopback (localhost or 127.0.0.1/::1 with a port), not %q; use https://", where, u.Host))
 				}
 			}
 			for j, k := range p.Keys {
