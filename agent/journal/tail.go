@@ -341,10 +341,11 @@ func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte
 		case fr.lastSeq <= pruned:
 		case fr.lastSeq <= seq:
 			// Pebble's WAL had it. A record that differs means the store
-			// changed under the journal; Verify reports where.
+			// changed under the journal, or the tail is another journal's:
+			// the chain is in doubt, and signing on would extend it.
 			if stored, ok := storedHash(db, fr.lastSeq); !ok || stored != fr.last {
-				log.Error("journal tail log holds a record the store lacks or holds differently; run audit verify",
-					zap.Uint64("seq", fr.lastSeq))
+				return seq, hash, 0, fmt.Errorf("%w (%s): its record %d is one the store lacks or holds differently; run `sigil audit verify`, and move the file aside to start without it",
+					errTailCorrupt, path, fr.lastSeq)
 			}
 		case fr.firstSeq == seq+1 && fr.prev == hash:
 			b := db.NewBatch()

@@ -159,12 +159,18 @@ func TestTailLogStartsOverAfterAWaitedCommit(t *testing.T) {
 // records of which Pebble's WAL has only the first, and returns it.
 func killedWithTail(t *testing.T) string {
 	t.Helper()
+	return killedWithTailOf(t, "acme")
+}
+
+// killedWithTailOf is killedWithTail with tenant's records.
+func killedWithTailOf(t *testing.T, tenant string) string {
+	t.Helper()
 	dir := t.TempDir()
 	j := openTest(t, dir, WAL)
 	walSizes := map[string]int64{}
 	for i := 0; i < 30; i++ {
 		// One record per frame, so frames can be cut one by one.
-		if err := j.Append(context.Background(), signRecord("acme", i)); err != nil {
+		if err := j.Append(context.Background(), signRecord(tenant, i)); err != nil {
 			t.Fatal(err)
 		}
 		if i == 0 {
@@ -272,6 +278,36 @@ func TestTailLogDamage(t *testing.T) {
 			t.Cleanup(func() { _ = j.Close() })
 			mustVerify(t, j, tc.wantHead)
 		})
+	}
+}
+
+// A tail log whose records the store already holds, but holds differently,
+// means the store changed under the journal (or the tail is another
+// journal's): Open refuses, as it does for a tail with a gap, rather than
+// sign on with a chain in doubt.
+func TestTailLogThatDisagreesWithTheStore(t *testing.T) {
+	dir := killedWithTailOf(t, "acme")
+	j := openTest(t, dir, WAL) // replays records 2-30 into Pebble
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	other, err := os.ReadFile(filepath.Join(killedWithTailOf(t, "other"), tailName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, tailName), other, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	j, err = Open(Options{Dir: dir, Durability: WAL, Logger: testLogger(t)})
+	if err == nil {
+		_ = j.Close()
+		t.Fatal("Open accepted a tail log whose records the store holds differently")
+	}
+	if !errors.Is(err, errTailCorrupt) {
+		t.Fatalf("Open: %v, want errTailCorrupt", err)
+	}
+	if !strings.Contains(err.Error(), "audit verify") {
+		t.Errorf("Open: %v; want it to say what to run", err)
 	}
 }
 
