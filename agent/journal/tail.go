@@ -202,20 +202,28 @@ func faultsAsErrors(f func()) (err error) {
 }
 
 // startOver empties the tail after Pebble's WAL was written up to the
-// commit just confirmed. A mapped tail goes back to its first byte. A
-// written one is recreated; if that fails the tail is stale: it keeps its
-// frames (all in Pebble, which replay skips) and takes no more until a
-// later try succeeds, so commits wait for Pebble's WAL meanwhile.
+// commit just confirmed. A mapped tail goes back to its first byte, unless
+// its file was deleted or moved away: frames written there would be lost
+// to the next start, so it is recreated at its path, as a written one
+// always is. If that fails the tail is stale: it keeps its frames (all in
+// Pebble, which replay skips) and takes no more until a later try
+// succeeds, so commits wait for Pebble's WAL meanwhile.
 func (t *tailLog) startOver(log *zap.Logger) {
-	if t.size == 0 {
+	switch {
+	case t.mapped != nil && !t.stale:
+		if at, err := t.atPath(); err == nil && at {
+			t.size = 0
+			return
+		} else if err != nil {
+			log.Warn("journal tail log: cannot tell whether it is still at its path; recreating it", zap.Error(err))
+		} else {
+			log.Warn("journal tail log was deleted or moved away; recreating it")
+		}
+	case t.mapped == nil && t.size == 0:
 		t.stale = false
 		return
 	}
-	if t.mapped != nil {
-		t.size = 0
-		return
-	}
-	f, err := t.fs.Create(t.path, vfs.WriteCategoryUnspecified)
+	nt, err := createTail(t.fs, t.path, t.mapped != nil, log)
 	if err != nil {
 		if !t.stale {
 			log.Warn("journal tail log not emptied; commits wait for pebble's WAL until it is", zap.Error(err))
@@ -223,9 +231,15 @@ func (t *tailLog) startOver(log *zap.Logger) {
 		t.stale = true
 		return
 	}
-	_ = t.f.Close()
-	t.f, t.size, t.stale = f, 0, false
+	if err := t.close(); err != nil {
+		log.Warn("closing the old tail log", zap.Error(err))
+	}
+	*t = *nt
 }
+
+// atPath reports whether the open (mapped) tail file is still the one at
+// its path.
+func (t *tailLog) atPath() (bool, error) { return fdAtPath(t.f.Fd(), t.path) }
 
 func (t *tailLog) close() error {
 	if t == nil || t.f == nil {

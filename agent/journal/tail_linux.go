@@ -36,3 +36,19 @@ func mapTail(fd uintptr, size int) ([]byte, error) {
 }
 
 func unmapTail(m []byte) error { return syscall.Munmap(m) }
+
+// fdAtPath reports whether the file open as fd is the one at path (same
+// device and inode); a path that names nothing is not.
+func fdAtPath(fd uintptr, path string) (bool, error) {
+	var open, named syscall.Stat_t
+	if err := syscall.Fstat(int(fd), &open); err != nil {
+		return false, fmt.Errorf("fstat: %w", err)
+	}
+	if err := syscall.Stat(path, &named); err != nil {
+		if errors.Is(err, syscall.ENOENT) {
+			return false, nil
+		}
+		return false, fmt.Errorf("stat: %w", err)
+	}
+	return open.Dev == named.Dev && open.Ino == named.Ino, nil
+}

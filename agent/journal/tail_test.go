@@ -311,6 +311,47 @@ func TestTailLogThatDisagreesWithTheStore(t *testing.T) {
 	}
 }
 
+// A tail log deleted or moved behind the journal's back would take the
+// records confirmed after it into a file that no restart finds. At its
+// next start over the journal creates a new one at its path instead of
+// going back to the start of the old one, so a kill after that loses
+// nothing.
+func TestTailMovedAwayIsRecreated(t *testing.T) {
+	for _, move := range []struct {
+		name string
+		do   func(path string) error
+	}{
+		{"deleted", os.Remove},
+		{"renamed", func(path string) error { return os.Rename(path, path+".old") }},
+	} {
+		t.Run(move.name, func(t *testing.T) {
+			dir := t.TempDir()
+			j := openTest(t, dir, WAL)
+			appendN(t, j, "acme", 5)
+			if err := move.do(filepath.Join(dir, tailName)); err != nil {
+				t.Fatal(err)
+			}
+			if err := j.Put(context.Background(), "k", []byte("v")); err != nil { // a commit that starts the tail over
+				t.Fatal(err)
+			}
+			if _, err := os.Stat(filepath.Join(dir, tailName)); err != nil {
+				t.Fatalf("after the tail started over: %v", err)
+			}
+			walSizes := logFileSizes(t, dir)
+			for i := 0; i < 3; i++ {
+				if err := j.Append(context.Background(), signRecord("acme", 100+i)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// Killed with records 6-8 in the tail alone.
+			killed := cutLogFiles(t, snapshotDir(t, dir, tailName+".old"), walSizes)
+			if head := openHeadOf(t, killed); head != 8 {
+				t.Fatalf("after a kill the head is %d, want 8", head)
+			}
+		})
+	}
+}
+
 // A mapped tail starts over in place: the frames written since lie before
 // older ones, which Pebble's WAL already has. Open takes the new run and
 // stops where it ends.
