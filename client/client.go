@@ -99,13 +99,17 @@ var ErrClosed = errors.New("sigil client closed")
 // Dial connects to the agent at addr and says Hello. An empty addr means
 // $SIGIL_SOCK, else the default socket path. addr is a Unix socket path,
 // optionally written "unix:PATH". The client redials the same path when the
-// connection fails.
+// connection fails. A path in the default socket directory is dialled only
+// while that directory is this user's (proto.CheckDefaultSocketDir).
 func Dial(ctx context.Context, addr string) (*Client, error) {
 	if addr == "" {
 		addr = proto.ClientSocketPath()
 	}
 	path := strings.TrimPrefix(addr, "unix:")
 	return newClient(ctx, func(ctx context.Context) (net.Conn, error) {
+		if err := proto.CheckDefaultSocketDir(path); err != nil {
+			return nil, err
+		}
 		var d net.Dialer
 		nc, err := d.DialContext(ctx, "unix", path)
 		if err != nil {

@@ -15,6 +15,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -259,6 +260,41 @@ func TestDialNoAgent(t *testing.T) {
 	_, err := client.Dial(context.Background(), filepath.Join(t.TempDir(), "none.sock"))
 	if err == nil {
 		t.Fatal("dialled nothing")
+	}
+}
+
+// A client that found its agent by default (no SIGIL_SOCK, no
+// XDG_RUNTIME_DIR: /tmp/sigil-$UID) does not talk to an agent whose
+// directory another user could have made or can write to.
+func TestDialRefusesAnUntrustedDefaultSocketDir(t *testing.T) {
+	tmp, err := os.MkdirTemp("", "sigil-t") // short: a socket path must stay under ~100 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(tmp) })
+	t.Setenv("XDG_RUNTIME_DIR", "")
+	t.Setenv("TMPDIR", tmp)
+	t.Setenv(proto.SocketEnv, "")
+	cfg := agentConfig(t)
+	cfg.DataDir = t.TempDir()
+	cfg.Socket = proto.DefaultSocketPath()
+	run(t, cfg)
+	if err := dial(t, "").Ping(context.Background()); err != nil {
+		t.Fatalf("the user's own default socket dir: %v", err)
+	}
+	// Another user's agent would sit in a directory like this one.
+	if err := os.Chmod(filepath.Dir(cfg.Socket), 0o777); err != nil {
+		t.Fatal(err)
+	}
+	for _, addr := range []string{"", cfg.Socket, filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")} {
+		c, err := client.Dial(context.Background(), addr)
+		if err == nil {
+			c.Close()
+			t.Fatalf("Dial(%q) trusted a socket dir others can write to", addr)
+		}
+		if !strings.Contains(err.Error(), "refusing to trust") {
+			t.Errorf("Dial(%q): %v", addr, err)
+		}
 	}
 }
 

@@ -1,6 +1,9 @@
 package proto
 
 import (
+	"errors"
+	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -27,4 +30,39 @@ func ClientSocketPath() string {
 		return p
 	}
 	return DefaultSocketPath()
+}
+
+// CheckDefaultSocketDir refuses to let a client trust a socket in the
+// default socket directory unless that directory is a directory (not a
+// link) owned by this user or root and writable by nobody else. Under /tmp
+// another local user could otherwise create sigil-$UID first and run an
+// agent of theirs there, which would then see this user's digests and hand
+// back its own keys and signatures. A path elsewhere is the user's choice
+// (SIGIL_SOCK, --socket), as SSH_AUTH_SOCK is for ssh; a directory that
+// does not exist is no agent, which the dial reports.
+func CheckDefaultSocketDir(path string) error {
+	dir := filepath.Dir(path)
+	if dir != filepath.Dir(DefaultSocketPath()) {
+		return nil
+	}
+	st, err := os.Lstat(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("sigil: socket dir: %w", err)
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("sigil: socket dir %s is not a directory (a %s): refusing to trust an agent there; set %s or XDG_RUNTIME_DIR",
+			dir, st.Mode().Type(), SocketEnv)
+	}
+	if uid, ok := fileOwner(st); ok && uid != os.Getuid() && uid != 0 {
+		return fmt.Errorf("sigil: socket dir %s belongs to uid %d, not you (%d): refusing to trust an agent there; set %s or XDG_RUNTIME_DIR",
+			dir, uid, os.Getuid(), SocketEnv)
+	}
+	if st.Mode().Perm()&0o022 != 0 {
+		return fmt.Errorf("sigil: socket dir %s is writable by group or others (%v): refusing to trust an agent there",
+			dir, st.Mode().Perm())
+	}
+	return nil
 }

@@ -94,8 +94,9 @@ type fixture struct {
 }
 
 type fixtureOptions struct {
-	hsm    bool
-	policy string // a policy file's text: the agent runs multi-tenant
+	hsm       bool
+	policy    string // a policy file's text: the agent runs multi-tenant
+	socketDir string // where the agent's sockets go; "" is the fixture's own dir
 }
 
 const softProvider = `  - id: soft
@@ -124,8 +125,12 @@ func startFixture(t *testing.T, o fixtureOptions) *fixture {
 	}
 	dir := shortDir(t)
 	cfg.DataDir = filepath.Join(dir, "state")
-	cfg.Socket = filepath.Join(dir, "agent.sock")
-	cfg.AdminSocket = filepath.Join(dir, "admin.sock")
+	sockDir := dir
+	if o.socketDir != "" {
+		sockDir = o.socketDir
+	}
+	cfg.Socket = filepath.Join(sockDir, "agent.sock")
+	cfg.AdminSocket = filepath.Join(sockDir, "admin.sock")
 	if o.policy != "" {
 		cfg.Policy = filepath.Join(dir, "policy.yaml")
 		if err := os.WriteFile(cfg.Policy, []byte(o.policy), 0o600); err != nil {

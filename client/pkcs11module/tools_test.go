@@ -14,11 +14,39 @@ import (
 
 	p11 "github.com/miekg/pkcs11"
 	"golang.org/x/crypto/ssh"
+
+	"github.com/sigil-agent/sigil/proto"
 )
 
 // The agent's keys, software and SoftHSM2, as pkcs11-tool sees them through
 // the module: listed, signed with under each family's mechanisms, and every
 // signature verified by openssl against the agent's public key.
+// A host that finds the agent by default (no SIGIL_SOCK, no
+// XDG_RUNTIME_DIR: /tmp/sigil-$UID) does not talk to an agent in a
+// directory another local user could have made or can write to.
+func TestModuleRefusesAnUntrustedDefaultSocketDir(t *testing.T) {
+	need(t, "pkcs11-tool")
+	tmp := shortDir(t)
+	t.Setenv("XDG_RUNTIME_DIR", "")
+	t.Setenv("TMPDIR", tmp)
+	f := startFixture(t, fixtureOptions{socketDir: filepath.Dir(proto.DefaultSocketPath())})
+	t.Setenv(proto.SocketEnv, "")
+	mod := modulePath(t)
+	if out := run(t, nil, "pkcs11-tool", "--module", mod, "--list-objects"); !strings.Contains(out, "label:      p256\n") {
+		t.Fatalf("the user's own default socket dir: pkcs11-tool --list-objects:\n%s", out)
+	}
+	if err := os.Chmod(filepath.Dir(f.cfg.Socket), 0o777); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("pkcs11-tool", "--module", mod, "--list-objects").CombinedOutput()
+	if err == nil || strings.Contains(string(out), "label:      p256") {
+		t.Fatalf("pkcs11-tool listed keys of an agent in a socket dir others can write to (err %v):\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "refusing to trust an agent there") {
+		t.Errorf("pkcs11-tool does not say why:\n%s", out)
+	}
+}
+
 func TestPkcs11ToolSignsAndOpenSSLVerifies(t *testing.T) {
 	need(t, "pkcs11-tool", "openssl")
 	f := startFixture(t, fixtureOptions{hsm: true})

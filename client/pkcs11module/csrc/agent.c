@@ -9,9 +9,11 @@
 
 #include <errno.h>
 #include <poll.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -137,8 +139,40 @@ static int roundtrip(sg_conn *c, size_t len, uint64_t id, sg_response *resp, int
 	return SG_IO_OK;
 }
 
+/* dir_trusted reports whether the directory holding path may be trusted
+ * to hold this user's agent: a directory, not a link, owned by this user
+ * or root, writable by nobody else. Under /tmp another local user could
+ * otherwise create sigil-$UID first and run an agent there, to be handed
+ * this process's digests and to hand back its own keys. An absent
+ * directory is no agent, which connect reports. */
+static int dir_trusted(const char *path)
+{
+	char dir[sizeof(((struct sockaddr_un *)0)->sun_path)];
+	strncpy(dir, path, sizeof dir - 1);
+	dir[sizeof dir - 1] = 0;
+	char *slash = strrchr(dir, '/');
+	if (!slash)
+		return 1;
+	slash[slash == dir] = 0;
+	struct stat st;
+	if (lstat(dir, &st) != 0)
+		return errno == ENOENT;
+	uid_t me = getuid();
+	if (S_ISDIR(st.st_mode) && (st.st_uid == me || st.st_uid == 0) && !(st.st_mode & 022))
+		return 1;
+	fprintf(stderr,
+		"libsigil-pkcs11: socket dir %s is not this user's own (a %s owned by uid %u, mode %03o): "
+		"refusing to trust an agent there; set SIGIL_SOCK or XDG_RUNTIME_DIR\n",
+		dir, S_ISDIR(st.st_mode) ? "directory" : "non-directory", (unsigned)st.st_uid, (unsigned)(st.st_mode & 0777));
+	return 0;
+}
+
 static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
 {
+	if (a->check_dir && !dir_trusted(a->path)) {
+		*io = SG_IO_UNREACHABLE;
+		return NULL;
+	}
 	sg_conn *c = malloc(sizeof *c);
 	if (!c) {
 		*io = SG_IO_UNREACHABLE;

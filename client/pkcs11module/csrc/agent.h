@@ -26,6 +26,10 @@ typedef struct sg_conn {
 typedef struct {
 	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 	unsigned timeout_ms;
+	/* path lies in the default socket directory: dial only while that
+	 * directory is this user's (or root's) and writable by nobody else,
+	 * as the Go client does (proto.CheckDefaultSocketDir). */
+	int check_dir;
 	pthread_mutex_t mu; /* guards idle and nidle only; never held across I/O */
 	sg_conn *idle;
 	unsigned nidle;

@@ -190,10 +190,19 @@ static int set_socket(char *dst, size_t cap, const char *v)
 	return 0;
 }
 
+/* same_dir reports whether paths a and b name files in one directory. */
+static int same_dir(const char *a, const char *b)
+{
+	const char *sa = strrchr(a, '/'), *sb = strrchr(b, '/');
+	if (!sa || !sb)
+		return !sa && !sb;
+	return sa - a == sb - b && memcmp(a, b, (size_t)(sa - a)) == 0;
+}
+
 /* load_config: SIGIL_PKCS11_CONF's settings, else SIGIL_SOCK, else the
  * agent's default socket path (proto.DefaultSocketPath). secure_getenv:
  * a setuid host does not take its socket from the caller's environment. */
-static CK_RV load_config(char *sock, size_t cap, unsigned *timeout_ms, char *label, char **only_keys)
+static CK_RV load_config(char *sock, size_t cap, unsigned *timeout_ms, char *label, char **only_keys, int *check_dir)
 {
 	const char *v;
 	*only_keys = NULL;
@@ -267,17 +276,16 @@ static CK_RV load_config(char *sock, size_t cap, unsigned *timeout_ms, char *lab
 		}
 		fclose(f);
 	}
-	if (!sock[0]) {
-		char def[512];
-		if ((v = secure_getenv("XDG_RUNTIME_DIR")) && *v) {
-			snprintf(def, sizeof def, "%s/sigil/agent.sock", v);
-		} else {
-			const char *tmp = secure_getenv("TMPDIR");
-			snprintf(def, sizeof def, "%s/sigil-%u/agent.sock", tmp && *tmp ? tmp : "/tmp", (unsigned)getuid());
-		}
-		if (set_socket(sock, cap, def))
-			goto toolong;
+	char def[512];
+	if ((v = secure_getenv("XDG_RUNTIME_DIR")) && *v) {
+		snprintf(def, sizeof def, "%s/sigil/agent.sock", v);
+	} else {
+		const char *tmp = secure_getenv("TMPDIR");
+		snprintf(def, sizeof def, "%s/sigil-%u/agent.sock", tmp && *tmp ? tmp : "/tmp", (unsigned)getuid());
 	}
+	if (!sock[0] && set_socket(sock, cap, def))
+		goto toolong;
+	*check_dir = same_dir(sock, def);
 	return CKR_OK;
 toolong:
 	free(*only_keys);
@@ -556,7 +564,8 @@ EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
 	unsigned timeout_ms;
 	char label[33];
 	char *only_keys;
-	if ((rv = load_config(sock, sizeof sock, &timeout_ms, label, &only_keys)) != CKR_OK)
+	int check_dir;
+	if ((rv = load_config(sock, sizeof sock, &timeout_ms, label, &only_keys, &check_dir)) != CKR_OK)
 		goto out;
 	if (sg_crypto_init()) {
 		free(only_keys);
@@ -567,6 +576,7 @@ EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
 	g.only_keys = only_keys;
 	pthread_mutex_init(&g.mu, NULL);
 	sg_agent_init(&g.agent, sock, timeout_ms);
+	g.agent.check_dir = check_dir;
 	strcpy(g.token_label, label);
 	/* The serial names the agent (its socket), so two configurations in
 	 * one process show two distinguishable tokens. FNV-1a, 64 bits. */
