@@ -956,3 +956,56 @@ func TestRefusedEndpointIsNotQuoted(t *testing.T) {
 		}
 	}
 }
+
+// The agent keeps its keys and its journal in directories of its own user:
+// one another user made is refused, one left open to others is closed.
+func TestDataDirsArePrivate(t *testing.T) {
+	giveAway := func(t *testing.T, dir string) {
+		t.Helper()
+		if os.Getuid() != 0 {
+			t.Skip("giving a directory to another uid needs root")
+		}
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(dir, 4242, 4242); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Run("journal dir made 0755 beforehand", func(t *testing.T) {
+		cfg := softwareConfig(t)
+		cfg.Journal.Dir = filepath.Join(t.TempDir(), "journal")
+		if err := os.Mkdir(cfg.Journal.Dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		a, err := agent.New(context.Background(), cfg, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer a.Shutdown(context.Background())
+		for _, dir := range []string{cfg.DataDir, cfg.Journal.Dir} {
+			if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != 0o700 {
+				t.Errorf("%s: mode %v (%v), want 0700", dir, st.Mode().Perm(), err)
+			}
+		}
+	})
+	for _, which := range []string{"data", "journal"} {
+		t.Run(which+" dir of another user", func(t *testing.T) {
+			cfg := softwareConfig(t)
+			dir := cfg.DataDir
+			if which == "journal" {
+				cfg.Journal.Dir = filepath.Join(t.TempDir(), "journal")
+				dir = cfg.Journal.Dir
+			}
+			giveAway(t, dir)
+			a, err := agent.New(context.Background(), cfg, nil)
+			if err == nil {
+				a.Shutdown(context.Background())
+				t.Fatalf("the agent took %s, another user's directory", dir)
+			}
+			if !strings.Contains(err.Error(), "belongs to uid 4242") {
+				t.Fatalf("New: %v", err)
+			}
+		})
+	}
+}

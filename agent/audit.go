@@ -14,6 +14,7 @@ import (
 	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/software"
 )
 
 // JournalConfig configures the audit journal.
@@ -60,6 +61,10 @@ func openJournal(cfg *Config, log *zap.Logger, fs vfs.FS) (*journal.Journal, err
 	dir := cfg.Journal.Dir
 	if dir == "" {
 		dir = filepath.Join(cfg.DataDir, "journal")
+	}
+	// Records name tenants, peers and keys, and a writer could cut them.
+	if err := software.PrivateDir(dir); err != nil {
+		return nil, fmt.Errorf("audit journal: %w", err)
 	}
 	j, err := journal.Open(journal.Options{Dir: dir, Durability: d, Logger: log.Named("journal"), FS: fs})
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"os/user"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -318,14 +319,25 @@ func isLoopbackHost(host string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
+// defaultDataDir is $XDG_STATE_HOME/sigil, else ~/.local/state/sigil, the
+// home taken from $HOME or else the user database; "" when there is none
+// (New then asks for data_dir). Never a shared directory such as
+// /tmp: another user could make the path first, and a tmp cleaner would
+// delete the keys.
 func defaultDataDir() string {
 	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
 		return filepath.Join(d, "sigil")
 	}
-	if home, err := os.UserHomeDir(); err == nil {
-		return filepath.Join(home, ".local", "state", "sigil")
+	home, err := os.UserHomeDir()
+	if err != nil {
+		if u, uerr := user.Current(); uerr == nil && u.HomeDir != "" {
+			home, err = u.HomeDir, nil
+		}
 	}
-	return filepath.Join(os.TempDir(), fmt.Sprintf("sigil-state-%d", os.Getuid()))
+	if err != nil {
+		return ""
+	}
+	return filepath.Join(home, ".local", "state", "sigil")
 }
 
 // Validate checks the configuration's consistency without touching providers.

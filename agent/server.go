@@ -17,6 +17,7 @@ import (
 	"github.com/sigil-agent/sigil/agent/rotation"
 	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/software"
 )
 
 // Agent serves the wire protocol for one configuration.
@@ -104,6 +105,12 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 	}
 	if log == nil {
 		log = zap.NewNop()
+	}
+	if cfg.DataDir == "" {
+		return nil, errors.New("data_dir: no default (no $XDG_STATE_HOME, and no home directory): set it")
+	}
+	if err := software.PrivateDir(cfg.DataDir); err != nil {
+		return nil, fmt.Errorf("data_dir: %w", err)
 	}
 	provs, err := openProviders(ctx, &cfg, log)
 	if err != nil {

@@ -143,6 +143,12 @@ func runAgent(cfg agent.Config) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
+	// Everything the agent creates is its own user's, as sigil.service's
+	// UMask=0077 has it: Pebble's files and the tail log would otherwise
+	// be 0666 less the caller's umask in a journal dir made beforehand,
+	// and a socket would be connectable by others between its bind and
+	// its chmod.
+	syscall.Umask(0o077)
 	cfg.EnsureDefaults()
 	log, err := newLogger(cfg.Log)
 	if err != nil {

@@ -203,3 +203,58 @@ providers:
 		t.Fatalf("a PIN is in the log:\n%s", log)
 	}
 }
+
+// Started under umask 000, the agent still creates nothing others can read
+// or write: its journal's files, its sockets, its keys.
+func TestAgentCreatesFilesForItsUserAlone(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	config := writeEd25519Config(t, dir, "journal:\n  dir: "+filepath.Join(dir, "journal")+"\n")
+	if err := os.Mkdir(filepath.Join(dir, "journal"), 0o755); err != nil { // made beforehand, e.g. by packaging
+		t.Fatal(err)
+	}
+	sockDir, err := os.MkdirTemp("", "sigil-t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	socket := filepath.Join(sockDir, "agent.sock")
+	var stderr bytes.Buffer
+	cmd := exec.Command("sh", "-c", `umask 000 && exec "$0" agent --config "$1" --socket "$2"`, bin, config, socket)
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	p := &agentProcess{cmd: cmd, stderr: &stderr, socket: socket}
+	p.waitReady(t)
+	if _, _, code := runBin(t, bin, "--socket", socket, "keys", "info"); code != 0 {
+		t.Fatalf("keys info: exit %d", code)
+	}
+	var seen int
+	for _, root := range []string{dir, sockDir} {
+		err := filepath.WalkDir(root, func(path string, d os.DirEntry, err error) error {
+			if err != nil {
+				return err
+			}
+			if path == root || path == filepath.Join(dir, "sigil.yaml") {
+				return nil
+			}
+			fi, err := os.Lstat(path)
+			if err != nil {
+				return err
+			}
+			seen++
+			if fi.Mode().Perm()&0o077 != 0 {
+				t.Errorf("%s: mode %v, open to group or others", path, fi.Mode().Perm())
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if seen < 8 {
+		t.Fatalf("only %d files looked at", seen)
+	}
+}

@@ -64,10 +64,7 @@ func Open(cfg Config) (*Provider, error) {
 	if cfg.DataDir == "" {
 		return nil, fmt.Errorf("software provider %s: empty data dir", cfg.ID)
 	}
-	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
-		return nil, fmt.Errorf("software provider %s: %w", cfg.ID, err)
-	}
-	if err := os.Chmod(cfg.DataDir, 0o700); err != nil {
+	if err := PrivateDir(cfg.DataDir); err != nil {
 		return nil, fmt.Errorf("software provider %s: %w", cfg.ID, err)
 	}
 	p := &Provider{id: cfg.ID, dir: cfg.DataDir, keys: make(map[string]*softKey)}
@@ -241,9 +238,37 @@ func generate(kt providers.KeyType) (crypto.Signer, error) {
 	return nil, fmt.Errorf("key type %q: %w", kt, providers.ErrUnsupportedAlgorithm)
 }
 
+// PrivateDir makes dir a directory for this user alone: created 0700, or,
+// when it exists, refused unless this user owns it and then made 0700. A
+// directory another user made first (a pre-made path under /tmp, a
+// data_dir pointed at the wrong place) would let them plant keys, read the
+// journal or delete it.
+func PrivateDir(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	st, err := os.Stat(dir)
+	if err != nil {
+		return err
+	}
+	if !st.IsDir() {
+		return fmt.Errorf("%s is not a directory", dir)
+	}
+	if uid, ok := fileOwner(st); ok && uid != os.Getuid() {
+		return fmt.Errorf("directory %s belongs to uid %d, not us (%d): refusing it", dir, uid, os.Getuid())
+	}
+	if st.Mode().Perm() != 0o700 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // ReadKeyFile reads a PKCS#8 PEM private key written by WriteKeyFile. A file
-// readable by group or others is refused rather than fixed: a key readable
-// by others may already have been copied. Errors never show the contents.
+// readable by group or others, or owned by another user, is refused rather
+// than fixed: a key readable by others may already have been copied, and
+// one another user wrote is theirs. Errors never show the contents.
 func ReadKeyFile(path string) (crypto.Signer, error) {
 	st, err := os.Stat(path)
 	if err != nil {
@@ -251,6 +276,9 @@ func ReadKeyFile(path string) (crypto.Signer, error) {
 	}
 	if st.Mode().Perm()&0o077 != 0 {
 		return nil, fmt.Errorf("key file %s has mode %v; want 0600", path, st.Mode().Perm())
+	}
+	if uid, ok := fileOwner(st); ok && uid != os.Getuid() {
+		return nil, fmt.Errorf("key file %s belongs to uid %d, not us (%d): refusing it", path, uid, os.Getuid())
 	}
 	raw, err := os.ReadFile(path)
 	if err != nil {

@@ -120,6 +120,21 @@ func TestOpenRefuses(t *testing.T) {
 		{"garbage key file", func(dir string) {
 			os.WriteFile(filepath.Join(dir, "k.pem"), []byte("not a key"), 0o600)
 		}, []KeyConfig{{"k", providers.KeyEd25519}}},
+		{"key file of another user", func(dir string) {
+			asRootOnly(t)
+			if _, err := Open(Config{ID: "s", DataDir: dir, Keys: []KeyConfig{{"k", providers.KeyEd25519}}}); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chown(filepath.Join(dir, "k.pem"), 4242, 4242); err != nil {
+				t.Fatal(err)
+			}
+		}, []KeyConfig{{"k", providers.KeyEd25519}}},
+		{"key dir of another user", func(dir string) {
+			asRootOnly(t)
+			if err := os.Chown(dir, 4242, 4242); err != nil {
+				t.Fatal(err)
+			}
+		}, []KeyConfig{{"k", providers.KeyEd25519}}},
 		{"duplicate name", func(string) {}, []KeyConfig{{"k", providers.KeyEd25519}, {"k", providers.KeyEd25519}}},
 		{"unknown type", func(string) {}, []KeyConfig{{"k", "dsa-1024"}}},
 	}
@@ -129,6 +144,68 @@ func TestOpenRefuses(t *testing.T) {
 			tc.prepare(dir)
 			if _, err := Open(Config{ID: "s", DataDir: dir, Keys: tc.keys}); err == nil {
 				t.Fatal("Open succeeded")
+			}
+		})
+	}
+}
+
+func asRootOnly(t *testing.T) {
+	t.Helper()
+	if os.Getuid() != 0 {
+		t.Skip("giving a file to another uid needs root")
+	}
+}
+
+// PrivateDir makes a directory this user's alone, or refuses one that is
+// not this user's to make so.
+func TestPrivateDir(t *testing.T) {
+	cases := []struct {
+		name    string
+		prepare func(t *testing.T, dir string)
+		refused bool
+	}{
+		{"absent", func(*testing.T, string) {}, false},
+		{"ours, 0755", func(t *testing.T, dir string) {
+			if err := os.Mkdir(dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+		}, false},
+		{"ours, 0777", func(t *testing.T, dir string) {
+			if err := os.Mkdir(dir, 0o777); err != nil {
+				t.Fatal(err)
+			}
+		}, false},
+		{"a file", func(t *testing.T, dir string) {
+			if err := os.WriteFile(dir, nil, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}, true},
+		{"another user's", func(t *testing.T, dir string) {
+			asRootOnly(t)
+			if err := os.Mkdir(dir, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chown(dir, 4242, 4242); err != nil {
+				t.Fatal(err)
+			}
+		}, true},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "d")
+			tc.prepare(t, dir)
+			err := PrivateDir(dir)
+			if tc.refused {
+				if err == nil {
+					t.Fatal("accepted")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != 0o700 || !st.IsDir() {
+				t.Fatalf("after PrivateDir: %v %v", st.Mode(), err)
 			}
 		})
 	}
