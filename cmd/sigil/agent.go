@@ -161,19 +161,24 @@ func runAgent(cfg agent.Config) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 
+	// Under systemd socket activation the sockets come from sigil.socket
+	// (and stay there across restarts); otherwise the agent makes its own.
+	// Taken before the providers open: a socket unit's mistake is found
+	// without logging in to a token first.
+	sd, err := inheritedListeners()
+	if err != nil {
+		log.Error("agent failed to listen", zap.Error(err))
+		return &exitError{exitFailure, err}
+	}
 	a, err := agent.New(ctx, cfg, log)
 	if err != nil {
 		code := agent.Code(err)
 		log.Error("agent failed to start", zap.Stringer("code", code), zap.Error(err))
-		return &exitError{exitFailure, fmt.Errorf("agent failed to start (%s): %w", code, err)}
-	}
-	// Under systemd socket activation the sockets come from sigil.socket
-	// (and stay there across restarts); otherwise the agent makes its own.
-	sd, err := inheritedListeners()
-	if err != nil {
-		a.Shutdown(context.Background())
-		log.Error("agent failed to listen", zap.Error(err))
-		return &exitError{exitFailure, err}
+		exit := exitFailure
+		if code == proto.PINIncorrect || code == proto.TokenLocked {
+			exit = exitCredentials
+		}
+		return &exitError{exit, fmt.Errorf("agent failed to start (%s): %w", code, err)}
 	}
 	if sd == nil {
 		sd = &systemdListeners{}

@@ -192,7 +192,7 @@ providers:
 	defer cancel()
 	go func() { <-ctx.Done(); agent.cmd.Process.Kill() }()
 	err := agent.cmd.Wait()
-	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != exitFailure {
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != exitCredentials { // not restarted by sigil.service
 		t.Fatalf("agent with a wrong PIN: %v\n%s", err, agent.stderr)
 	}
 	log := agent.stderr.String()

@@ -17,6 +17,11 @@ const (
 	exitUsage       = 2
 	exitUnreachable = 3 // no agent answered at the socket
 	exitRefused     = 4 // the agent answered with an error code
+	// exitCredentials: the agent did not start because a token refused
+	// its PIN or is locked. Starting again presents the same PIN and may
+	// lock the token, so sigil.service does not restart on it
+	// (RestartPreventExitStatus=78; 78 is sysexits' EX_CONFIG).
+	exitCredentials = 78
 )
 
 // exitError carries an exit code up to main.

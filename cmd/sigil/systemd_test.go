@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -319,5 +320,36 @@ tenants:
 	cmd.Process.Signal(syscall.SIGHUP)
 	if got := status("the reload's STATUS"); !strings.Contains(got, "reloaded at") {
 		t.Fatalf("after a good reload: %q", got)
+	}
+}
+
+// The unit and the binary agree: the exit status for a refused PIN is one
+// systemd does not restart on (a restart presents the same PIN again, and
+// a token with a retry counter locks), every other failing start ends
+// after a few tries, and no directive changes the agent's sockets or
+// metrics behind its back.
+func TestServiceUnitMatchesTheBinary(t *testing.T) {
+	raw, err := os.ReadFile("../../systemd/sigil.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	directives := map[string][]string{}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if k, v, ok := strings.Cut(strings.TrimSpace(line), "="); ok && !strings.HasPrefix(k, "#") {
+			directives[k] = append(directives[k], v)
+		}
+	}
+	want := map[string]string{
+		"Restart":                  "on-failure",
+		"RestartPreventExitStatus": strconv.Itoa(exitCredentials),
+		"StartLimitBurst":          "5",
+	}
+	for k, v := range want {
+		if got := directives[k]; len(got) != 1 || got[0] != v {
+			t.Errorf("%s=%v, want %s", k, got, v)
+		}
+	}
+	if got := directives["ProcSubset"]; len(got) != 0 {
+		t.Errorf("ProcSubset=%v: hides somaxconn (listen backlog 128) and /proc/stat (process metrics)", got)
 	}
 }
