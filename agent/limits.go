@@ -152,6 +152,9 @@ func (c *conn) acquireSlot(req *proto.Request, arrived time.Time) bool {
 	case nil:
 		return true
 	case errNoTenantCapacity:
+		// Answered before dispatch, which counts every other answer: no
+		// tenant or key is resolved yet, so it is counted without them.
+		c.a.metrics.request(req.Op, proto.DeadlineExceeded, &reqMeta{})
 		c.send(&proto.Response{ID: req.ID, Code: proto.DeadlineExceeded, Msg: noTenantCapacityMsg})
 	}
 	requestPool.Put(req)

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -220,18 +221,10 @@ func histCount(mf map[string]*dto.MetricFamily, name string, labels map[string]s
 	return 0
 }
 
-func TestMetricsTenantAndPolicyDenials(t *testing.T) {
-	s := startTenancy(t)
-	c := s.running.dial(t)
-	d := sha256.Sum256([]byte("x"))
-	if _, err := c.Sign(context.Background(), client.ByName("release"), client.Algorithm{}, d[:]); err != nil {
-		t.Fatal(err)
-	}
-	d384 := sha512.Sum384([]byte("x"))
-	if _, err := c.Sign(context.Background(), client.ByName("release"), client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA384}, d384[:]); client.Code(err) != proto.UnsupportedAlgorithm {
-		t.Fatalf("sign outside the slot's algorithms: %v", err)
-	}
-	srv := httptest.NewServer(s.running.agent.AdminHandler())
+// scrapeMetrics reads a's /metrics.
+func scrapeMetrics(t *testing.T, a *agent.Agent) map[string]*dto.MetricFamily {
+	t.Helper()
+	srv := httptest.NewServer(a.AdminHandler())
 	defer srv.Close()
 	resp, err := http.Get(srv.URL + "/metrics")
 	if err != nil {
@@ -243,6 +236,69 @@ func TestMetricsTenantAndPolicyDenials(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return mf
+}
+
+// A Sign refused for the tenant's in-flight limit is an answered request:
+// sigil_requests_total counts it with every other answer, so an error-rate
+// SLO sees overload.
+func TestTenantCapacityRefusalIsCounted(t *testing.T) {
+	h := newHeldProvider(t)
+	cfg := softwareConfig(t)
+	cfg.Limits.MaxInFlightPerTenant = 1
+	r := startAgent(t, cfg, agent.WithProviders(h))
+	d := sha256.Sum256([]byte("x"))
+	h.hold.Store(true)
+	held := make(chan error, 1)
+	go func() {
+		_, err := r.dial(t).Sign(context.Background(), client.ByName("hkey"), client.Algorithm{}, d[:])
+		held <- err
+	}()
+	<-h.entered // the tenant's one place is taken
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	_, err := r.dial(t).Sign(ctx, client.ByName("default"), client.Algorithm{}, d[:])
+	cancel()
+	h.release()
+	if client.Code(err) != proto.DeadlineExceeded {
+		t.Fatalf("a Sign past the tenant's limit: %v, want DEADLINE_EXCEEDED", err)
+	}
+	if err := <-held; err != nil {
+		t.Fatal(err)
+	}
+	mf := scrapeMetrics(t, r.agent)
+	if got := counter(mf, "sigil_requests_total", map[string]string{"op": "Sign", "code": "DEADLINE_EXCEEDED"}); got != 1 {
+		t.Errorf("sigil_requests_total{op=Sign,code=DEADLINE_EXCEEDED} = %v, want 1", got)
+	}
+}
+
+// An operator action's record is a journal append like a signature's, and
+// sigil_journal_records_total counts it.
+func TestJournalEventsAreCounted(t *testing.T) {
+	_, _, r, admin := heldAgent(t)
+	records := func() float64 {
+		return counter(scrapeMetrics(t, r.agent), "sigil_journal_records_total", map[string]string{"result": "ok"})
+	}
+	before := records()
+	if _, err := admin.Pause(context.Background(), "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	if got := records(); got != before+1 {
+		t.Fatalf("sigil_journal_records_total{result=ok}: %v before a pause, %v after, want one more", before, got)
+	}
+}
+
+func TestMetricsTenantAndPolicyDenials(t *testing.T) {
+	s := startTenancy(t)
+	c := s.running.dial(t)
+	d := sha256.Sum256([]byte("x"))
+	if _, err := c.Sign(context.Background(), client.ByName("release"), client.Algorithm{}, d[:]); err != nil {
+		t.Fatal(err)
+	}
+	d384 := sha512.Sum384([]byte("x"))
+	if _, err := c.Sign(context.Background(), client.ByName("release"), client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA384}, d384[:]); client.Code(err) != proto.UnsupportedAlgorithm {
+		t.Fatalf("sign outside the slot's algorithms: %v", err)
+	}
+	mf := scrapeMetrics(t, s.running.agent)
 	ok := map[string]string{"op": "Sign", "code": "OK", "tenant": "payments", "provider": "soft"}
 	if got := counter(mf, "sigil_requests_total", ok); got != 1 {
 		t.Errorf("payments Sign OK = %v, want 1", got)

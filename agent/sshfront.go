@@ -112,6 +112,7 @@ func (b sshBackend) Sign(ctx context.Context, name string, alg providers.Algorit
 	switch b.c.takeTenantToken(b.c.requestTimeout(req), b.c.ctx.Done()) {
 	case nil:
 	case errNoTenantCapacity:
+		b.c.a.metrics.request(proto.OpSign, proto.DeadlineExceeded, &reqMeta{}) // as acquireSlot
 		return nil, &proto.Error{Code: proto.DeadlineExceeded, Msg: noTenantCapacityMsg}
 	default:
 		return nil, &proto.Error{Code: proto.Unavailable, Msg: "the agent is shutting down"}

@@ -291,7 +291,10 @@ func (a *Agent) journalEvent(op, slot string, code proto.Code, detail string) {
 	r := journal.Record{Op: op, Slot: slot, Code: uint16(code), CodeName: code.String(), Detail: detail, Peer: "agent"}
 	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
 	defer cancel()
-	if err := a.journal.Append(ctx, &r); err != nil {
+	t0 := time.Now()
+	err := a.journal.Append(ctx, &r)
+	a.metrics.journalAppended(time.Since(t0), err)
+	if err != nil {
 		a.log.Warn("audit journal append failed", zap.String("op", op), zap.Error(err))
 	}
 }
