@@ -32,6 +32,9 @@ func ClientSocketPath() string {
 	return DefaultSocketPath()
 }
 
+// ErrUntrustedSocketDir is what CheckDefaultSocketDir's refusals wrap.
+var ErrUntrustedSocketDir = errors.New("sigil: refusing to trust an agent in the default socket dir")
+
 // CheckDefaultSocketDir refuses to let a client trust a socket in the
 // default socket directory unless that directory is a directory (not a
 // link) owned by this user or root and writable by nobody else. Under /tmp
@@ -53,16 +56,16 @@ func CheckDefaultSocketDir(path string) error {
 		return fmt.Errorf("sigil: socket dir: %w", err)
 	}
 	if !st.IsDir() {
-		return fmt.Errorf("sigil: socket dir %s is not a directory (a %s): refusing to trust an agent there; set %s or XDG_RUNTIME_DIR",
-			dir, st.Mode().Type(), SocketEnv)
+		return fmt.Errorf("%w: %s is not a directory (a %s); set %s or XDG_RUNTIME_DIR",
+			ErrUntrustedSocketDir, dir, st.Mode().Type(), SocketEnv)
 	}
 	if uid, ok := fileOwner(st); ok && uid != os.Getuid() && uid != 0 {
-		return fmt.Errorf("sigil: socket dir %s belongs to uid %d, not you (%d): refusing to trust an agent there; set %s or XDG_RUNTIME_DIR",
-			dir, uid, os.Getuid(), SocketEnv)
+		return fmt.Errorf("%w: %s belongs to uid %d, not you (%d); set %s or XDG_RUNTIME_DIR",
+			ErrUntrustedSocketDir, dir, uid, os.Getuid(), SocketEnv)
 	}
 	if st.Mode().Perm()&0o022 != 0 {
-		return fmt.Errorf("sigil: socket dir %s is writable by group or others (%v): refusing to trust an agent there",
-			dir, st.Mode().Perm())
+		return fmt.Errorf("%w: %s is writable by group or others (%v); set %s or XDG_RUNTIME_DIR",
+			ErrUntrustedSocketDir, dir, st.Mode().Perm(), SocketEnv)
 	}
 	return nil
 }

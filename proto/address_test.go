@@ -1,6 +1,7 @@
 package proto
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -27,7 +28,7 @@ func TestCheckDefaultSocketDir(t *testing.T) {
 			if err := os.Symlink(target, dir); err != nil {
 				t.Fatal(err)
 			}
-		}, "not a directory"},
+		}, "is not a directory"},
 		{"another user's", func(t *testing.T, dir string) {
 			if os.Getuid() != 0 {
 				t.Skip("giving a directory to another uid needs root")
@@ -52,8 +53,8 @@ func TestCheckDefaultSocketDir(t *testing.T) {
 			switch {
 			case tc.want == "" && err != nil:
 				t.Fatalf("refused: %v", err)
-			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
-				t.Fatalf("got %v, want an error saying %q", err, tc.want)
+			case tc.want != "" && (!errors.Is(err, ErrUntrustedSocketDir) || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("got %v, want ErrUntrustedSocketDir saying %q", err, tc.want)
 			}
 			// The admin socket beside it is judged the same; a path
 			// elsewhere is the user's own choice.

@@ -7,6 +7,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +19,7 @@ import (
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/devcerts"
 	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
 )
 
 func startTestAgent(t *testing.T) string {
@@ -230,6 +232,10 @@ func TestShellErrors(t *testing.T) {
 		{"wrong alg for key", []string{"--socket", sock, "keys", "sign", "--in", in, "--alg", "rsa-pss-sha256"}, exitRefused, "UNSUPPORTED_ALGORITHM"},
 		{"ed25519 file too big", []string{"--socket", sock, "keys", "sign", "--in", big, "--key", "ed25519"}, exitFailure, "ECDSA or RSA"},
 		{"missing file", []string{"--socket", sock, "keys", "sign", "--in", filepath.Join(dir, "nope")}, exitFailure, "no such file"},
+		// Input mistakes are told as such even with no agent to ask.
+		{"bad --alg, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "keys", "sign", "--in", in, "--alg", "bogus"}, exitUsage, "unknown algorithm"},
+		{"missing file, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "keys", "sign", "--in", filepath.Join(dir, "nope")}, exitFailure, "no such file"},
+		{"verify: missing file, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "verify-signature", "--kid", "k", "--in", filepath.Join(dir, "nope"), "--sig", in}, exitFailure, "no such file"},
 		{"verify needs a key", []string{"--socket", sock, "verify-signature", "--in", in, "--sig", in}, exitUsage, "--kid"},
 		{"both --key and --kid", []string{"--socket", sock, "keys", "pubkey", "--key", "a", "--kid", "b"}, exitUsage, "none of the others"},
 		// A mistyped subcommand of a group used to print the group's help
@@ -245,6 +251,49 @@ func TestShellErrors(t *testing.T) {
 				t.Fatalf("exit %d (want %d), stderr %q (want %q)", code, tc.code, stderr, tc.says)
 			}
 		})
+	}
+}
+
+// Why no agent answered is told as it is: a socket that accepts and never
+// says Hello, or a default socket dir the user cannot trust, is not "no
+// agent, start one".
+func TestUnreachableAgentSaysWhy(t *testing.T) {
+	dir, err := os.MkdirTemp("", "sigil-t")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	silent := filepath.Join(dir, "silent.sock")
+	ln, err := net.Listen("unix", silent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close() // held open, never answered
+		}
+	}()
+	_, stderr, code := run(t, "--socket", silent, "--timeout", "300ms", "keys", "info")
+	if code != exitUnreachable || !strings.Contains(stderr, "did not answer within --timeout") || strings.Contains(stderr, "start one") {
+		t.Errorf("silent agent: exit %d, stderr %q", code, stderr)
+	}
+
+	t.Setenv("XDG_RUNTIME_DIR", "")
+	t.Setenv("TMPDIR", dir)
+	t.Setenv(proto.SocketEnv, "")
+	open := filepath.Dir(proto.DefaultSocketPath())
+	if err := os.Mkdir(open, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(open, 0o777)
+	_, stderr, code = run(t, "keys", "info")
+	if code != exitUnreachable || !strings.Contains(stderr, "refusing to trust an agent") || strings.Contains(stderr, "%!") {
+		t.Errorf("untrusted default socket dir: exit %d, stderr %q", code, stderr)
 	}
 }
 

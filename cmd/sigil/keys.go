@@ -130,6 +130,9 @@ What key signed, and its kid, goes to stderr.`,
 			if in == "" {
 				return usageError("--in FILE is required (use - for stdin)")
 			}
+			if err := checkInputs(alg, in); err != nil {
+				return err
+			}
 			ctx, cancel := g.context()
 			defer cancel()
 			c, err := g.connect(ctx)
@@ -198,6 +201,25 @@ func newKeysPubkeyCommand(g *globalFlags) *cobra.Command {
 	}
 	key.add(cmd)
 	return cmd
+}
+
+// checkInputs reports a mistyped --alg (usage, exit 2) or an --in that
+// cannot be read (exit 1) before the agent is dialled, so neither hides
+// behind "no agent".
+func checkInputs(algFlag, in string) error {
+	if algFlag != "" {
+		if _, err := client.ParseAlgorithm(algFlag); err != nil {
+			return usageError("%v", err)
+		}
+	}
+	if in != "-" {
+		f, err := os.Open(in)
+		if err != nil {
+			return &exitError{exitFailure, err}
+		}
+		f.Close()
+	}
+	return nil
 }
 
 func chooseAlgorithm(flag, keyType string) (client.Algorithm, error) {

@@ -88,11 +88,23 @@ func (g *globalFlags) connect(ctx context.Context) (*client.Client, error) {
 			// it does not admit): not "no agent".
 			return nil, agentError("connect", err)
 		}
+		if errors.Is(err, proto.ErrUntrustedSocketDir) {
+			return nil, &exitError{exitUnreachable, err}
+		}
 		addr := g.socket
 		if addr == "" {
 			addr = proto.ClientSocketPath()
 		}
-		return nil, &exitError{exitUnreachable, fmt.Errorf("no agent at %s (start one with 'sigil agent' or 'make run', or set $SIGIL_SOCK): %w", addr, errors.Unwrap(err))}
+		if errors.Is(err, context.DeadlineExceeded) {
+			// A Unix dial to nothing fails at once: something is there
+			// and did not say Hello in time.
+			return nil, &exitError{exitUnreachable, fmt.Errorf("the agent at %s did not answer within --timeout (%s): %w", addr, g.timeout, err)}
+		}
+		cause := errors.Unwrap(err) // without "connect to agent at PATH", said here
+		if cause == nil {
+			cause = err
+		}
+		return nil, &exitError{exitUnreachable, fmt.Errorf("no agent at %s (start one with 'sigil agent' or 'make run', or set $SIGIL_SOCK): %w", addr, cause)}
 	}
 	return c, nil
 }

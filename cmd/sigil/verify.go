@@ -33,6 +33,9 @@ same way 'sigil keys sign' hashed it. Exit status: 0 valid, 1 invalid.`,
 			if err != nil {
 				return &exitError{exitFailure, err}
 			}
+			if err := checkInputs(alg, in); err != nil {
+				return err
+			}
 			ctx, cancel := g.context()
 			defer cancel()
 			c, err := g.connect(ctx)
