@@ -3,6 +3,7 @@ package client_test
 import (
 	"context"
 	"crypto"
+	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/rsa"
@@ -15,6 +16,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -189,6 +191,7 @@ func TestSignerRefusesWhatItCannotDo(t *testing.T) {
 		{"RSA nil opts", "rsa", d[:], nil},
 		{"PSS without a hash", "rsa", d[:], &rsa.PSSOptions{SaltLength: 32}},
 		{"PSS without a hash or salt", "rsa", d[:], &rsa.PSSOptions{}},
+		{"ECDSA without a hash, a 20-byte digest", "p256", make([]byte, 20), nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, err := c.Signer(context.Background(), client.ByName(tc.key))
@@ -240,6 +243,61 @@ func TestSignerRSAOptions(t *testing.T) {
 			}
 		})
 	}
+}
+
+// ECDSA with no hash in opts (crypto.Hash(0), nil opts) signs whatever
+// digest it is given, as ecdsa.PrivateKey does, for any of the three SHA-2
+// lengths and either curve; the signature verifies over that digest.
+func TestSignerECDSAWithoutAHash(t *testing.T) {
+	c := dial(t, startAgent(t))
+	for _, key := range []string{"p256", "p384"} {
+		s, err := c.Signer(context.Background(), client.ByName(key))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, h := range []crypto.Hash{crypto.SHA256, crypto.SHA384, crypto.SHA512} {
+			for _, opts := range []crypto.SignerOpts{nil, crypto.Hash(0)} {
+				hh := h.New()
+				hh.Write([]byte("release v1.2.3"))
+				digest := hh.Sum(nil)
+				sig, err := s.Sign(nil, digest, opts)
+				if err != nil {
+					t.Fatalf("%s, a %d-byte digest, opts %v: %v", key, len(digest), opts, err)
+				}
+				if !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), digest, sig) {
+					t.Fatalf("%s, a %d-byte digest: the signature does not verify", key, len(digest))
+				}
+			}
+		}
+	}
+}
+
+// A Signer in a tls.Config serves many handshakes at once; its deadline can
+// be changed meanwhile (go test -race watches).
+func TestSignerSetTimeoutWhileSigning(t *testing.T) {
+	c := dial(t, startAgent(t))
+	s, err := c.Signer(context.Background(), client.ByName("p256"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := sha256.Sum256([]byte("x"))
+	var wg sync.WaitGroup
+	for i := 0; i < 4; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := 0; j < 20; j++ {
+				if _, err := s.Sign(nil, d[:], crypto.SHA256); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	for j := 0; j < 20; j++ {
+		s.SetTimeout(time.Duration(5+j%3) * time.Second)
+	}
+	wg.Wait()
 }
 
 func TestDialUsesSIGIL_SOCK(t *testing.T) {

@@ -10,6 +10,8 @@ import (
 	"crypto/x509"
 	"fmt"
 	"io"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/sigil-agent/sigil/proto"
@@ -23,8 +25,14 @@ import (
 type Signer struct {
 	c       *Client
 	key     Key
-	ref     KeyRef // what Sign asks for: the kid, and the name if one was given
-	timeout time.Duration
+	ref     KeyRef       // what Sign asks for: the kid, and the name if one was given
+	timeout atomic.Int64 // per Sign, in ns: SetTimeout may run while it serves
+}
+
+func newSigner(c *Client, key Key, ref KeyRef) *Signer {
+	s := &Signer{c: c, key: key, ref: ref}
+	s.timeout.Store(int64(DefaultSignerTimeout))
+	return s
 }
 
 // DefaultSignerTimeout bounds each Sign of a Signer: crypto.Signer has no
@@ -38,7 +46,7 @@ func (c *Client) Signer(ctx context.Context, ref KeyRef) (*Signer, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Signer{c: c, key: k, ref: KeyRef{Name: ref.Name, KID: k.KID}, timeout: DefaultSignerTimeout}, nil
+	return newSigner(c, k, KeyRef{Name: ref.Name, KID: k.KID}), nil
 }
 
 // TLSCertificate returns the named key as a tls.Certificate, for a
@@ -46,52 +54,79 @@ func (c *Client) Signer(ctx context.Context, ref KeyRef) (*Signer, error) {
 // and its intermediates as the agent lists them (the agent config's
 // `certificates:` file) and a Signer for the private key, which stays
 // behind the agent. A key the agent has no certificate for is NOT_FOUND.
+// name is what Signer takes: a key name, or a policy slot as the tenant
+// sees it ("release") or qualified ("payments/release").
 func (c *Client) TLSCertificate(ctx context.Context, name string) (tls.Certificate, error) {
 	keys, err := c.ListKeys(ctx)
 	if err != nil {
 		return tls.Certificate{}, err
 	}
-	for _, k := range keys {
-		if k.Name != name {
-			continue
-		}
-		if k.Certificate == nil {
-			return tls.Certificate{}, &proto.Error{Code: proto.NotFound, Msg: fmt.Sprintf("the agent has no certificate for key %q", name)}
-		}
-		leaf, err := x509.ParseCertificate(k.Certificate)
+	k, found := keyNamed(keys, name)
+	if _, short, qualified := strings.Cut(name, "/"); !found && qualified {
+		// The list names a tenant's slots short. Which key a qualified
+		// name means is the agent's to say (it may name another tenant's
+		// slot, which this caller cannot have).
+		pk, err := c.PublicKey(ctx, ByName(name))
 		if err != nil {
-			return tls.Certificate{}, fmt.Errorf("sigil: key %q: certificate: %w", name, err)
+			return tls.Certificate{}, err
 		}
-		return tls.Certificate{
-			Certificate: append([][]byte{k.Certificate}, k.Intermediates...),
-			PrivateKey:  &Signer{c: c, key: k, ref: KeyRef{Name: name, KID: k.KID}, timeout: DefaultSignerTimeout},
-			Leaf:        leaf,
-		}, nil
+		if k, found = keyNamed(keys, short); found && k.KID != pk.KID {
+			found = false
+		}
 	}
-	return tls.Certificate{}, &proto.Error{Code: proto.NotFound, Msg: fmt.Sprintf("no key named %q", name)}
+	if !found {
+		return tls.Certificate{}, &proto.Error{Code: proto.NotFound, Msg: fmt.Sprintf("no key named %q", name)}
+	}
+	if k.Certificate == nil {
+		return tls.Certificate{}, &proto.Error{Code: proto.NotFound, Msg: fmt.Sprintf("the agent has no certificate for key %q", name)}
+	}
+	leaf, err := x509.ParseCertificate(k.Certificate)
+	if err != nil {
+		return tls.Certificate{}, fmt.Errorf("sigil: key %q: certificate: %w", name, err)
+	}
+	return tls.Certificate{
+		Certificate: append([][]byte{k.Certificate}, k.Intermediates...),
+		PrivateKey:  newSigner(c, k, KeyRef{Name: name, KID: k.KID}),
+		Leaf:        leaf,
+	}, nil
 }
 
-// SetTimeout changes the per-signature deadline.
-func (s *Signer) SetTimeout(d time.Duration) { s.timeout = d }
+func keyNamed(keys []Key, name string) (Key, bool) {
+	for _, k := range keys {
+		if k.Name == name {
+			return k, true
+		}
+	}
+	return Key{}, false
+}
+
+// SetTimeout changes the per-signature deadline; it may be called while
+// the Signer is in use. A deadline of 0 or less fails every Sign at once.
+func (s *Signer) SetTimeout(d time.Duration) { s.timeout.Store(int64(d)) }
 
 // Public implements crypto.Signer.
 func (s *Signer) Public() crypto.PublicKey { return s.key.Public }
 
-// Key describes the key behind the signer.
+// Key describes the key behind the signer. Its Provider is set only for a
+// Signer from TLSCertificate: the agent names providers in its key list,
+// not in a single key's lookup.
 func (s *Signer) Key() Key { return s.key }
 
 // Sign implements crypto.Signer. For ECDSA and RSA, digest is the hash named
 // by opts; *rsa.PSSOptions selects PSS (salt length = hash length, which
-// verifiers using PSSSaltLengthAuto or EqualsHash accept). RSA needs a hash:
-// opts.HashFunc() 0 (raw PKCS#1 v1.5) is UNSUPPORTED_ALGORITHM. For Ed25519,
-// digest is the message and opts.HashFunc() must be 0 (Ed25519ph is not
-// supported). rand is unused: the key's holder supplies randomness.
+// verifiers using PSSSaltLengthAuto or EqualsHash accept). ECDSA with
+// opts.HashFunc() 0 (or nil opts) takes the hash from the digest's length,
+// 32, 48 or 64 bytes (SHA-256, -384, -512), as ecdsa.PrivateKey signs any
+// digest it is given. RSA needs a hash: opts.HashFunc() 0 (raw PKCS#1 v1.5)
+// is UNSUPPORTED_ALGORITHM. For Ed25519, digest is the message and
+// opts.HashFunc() must be 0 (Ed25519ph is not supported). rand is unused:
+// the key's holder supplies randomness.
 func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	alg, err := s.algorithm(opts)
+	alg, err := s.algorithm(opts, len(digest))
 	if err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), s.timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(s.timeout.Load()))
 	defer cancel()
 	sig, err := s.c.Sign(ctx, s.ref, alg, digest)
 	if err != nil {
@@ -100,7 +135,7 @@ func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 	return sig.Sig, nil
 }
 
-func (s *Signer) algorithm(opts crypto.SignerOpts) (Algorithm, error) {
+func (s *Signer) algorithm(opts crypto.SignerOpts, digestLen int) (Algorithm, error) {
 	h := crypto.Hash(0)
 	if opts != nil {
 		h = opts.HashFunc()
@@ -117,6 +152,20 @@ func (s *Signer) algorithm(opts crypto.SignerOpts) (Algorithm, error) {
 		}
 		return Algorithm{SchemeEd25519, 0}, nil
 	case *ecdsa.PublicKey:
+		if h == 0 {
+			// On the wire hash 0 is the curve's hash, whose length the
+			// agent then requires of the digest.
+			switch digestLen {
+			case crypto.SHA256.Size():
+				h = crypto.SHA256
+			case crypto.SHA384.Size():
+				h = crypto.SHA384
+			case crypto.SHA512.Size():
+				h = crypto.SHA512
+			default:
+				return Algorithm{}, unsupported(fmt.Sprintf("ECDSA without a hash in opts: a %d-byte digest is no SHA-256, -384 or -512 digest", digestLen))
+			}
+		}
 		return Algorithm{SchemeECDSA, h}, nil
 	case *rsa.PublicKey:
 		if h == 0 {

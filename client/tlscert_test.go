@@ -2,8 +2,12 @@ package client_test
 
 import (
 	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/sha256"
 	"crypto/tls"
 	"encoding/pem"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -80,4 +84,70 @@ func TestTLSCertificateAuthenticatesAClient(t *testing.T) {
 func serve(t *testing.T, cfg agent.Config) (*agent.Agent, *client.Client) {
 	t.Helper()
 	return run(t, cfg), dial(t, cfg.Socket)
+}
+
+// Under a policy, TLSCertificate takes a slot name as Signer does: short
+// ("release") or qualified with the tenant ("payments/release"); a name
+// qualified with a tenant the caller is not in finds nothing, even where
+// the caller has a slot of that short name.
+func TestTLSCertificateTakesQualifiedSlotNames(t *testing.T) {
+	cfg := agentConfig(t)
+	cfg.DataDir = t.TempDir()
+	sockDir, _ := os.MkdirTemp("", "sigil-tls")
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	cfg.Socket = filepath.Join(sockDir, "first.sock")
+	first, c := serve(t, cfg)
+	pub, err := c.PublicKey(context.Background(), client.ByName("p256"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	first.Shutdown(context.Background())
+
+	ca, err := devcerts.NewCA("slot CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := ca.Certify(pub.Public, devcerts.Leaf{CommonName: "release"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile := filepath.Join(dir, "p256.crt")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	cfg.Certificates = map[string]string{"p256": certFile}
+	cfg.Policy = filepath.Join(dir, "policy.yaml")
+	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf(`
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: p256}
+  - name: billing
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: p384}
+`, os.Getuid(), os.Getuid()+1)), 0o600)
+	cfg.DefaultKey = ""
+	cfg.Socket = filepath.Join(sockDir, "second.sock")
+	_, c2 := serve(t, cfg)
+
+	for _, name := range []string{"release", "payments/release"} {
+		cert, err := c2.TLSCertificate(context.Background(), name)
+		if err != nil {
+			t.Fatalf("TLSCertificate(%q): %v", name, err)
+		}
+		signer := cert.PrivateKey.(crypto.Signer)
+		digest := sha256.Sum256([]byte("hello"))
+		sig, err := signer.Sign(nil, digest[:], crypto.SHA256)
+		if err != nil {
+			t.Fatalf("%q: Sign: %v", name, err)
+		}
+		if !ecdsa.VerifyASN1(cert.Leaf.PublicKey.(*ecdsa.PublicKey), digest[:], sig) {
+			t.Fatalf("%q: the signature does not verify against the certificate", name)
+		}
+	}
+	if _, err := c2.TLSCertificate(context.Background(), "billing/release"); client.Code(err) != proto.NotFound {
+		t.Fatalf("another tenant's slot: %v, want NOT_FOUND", err)
+	}
 }
