@@ -155,6 +155,9 @@ func runAgent(cfg agent.Config) error {
 		return &exitError{exitUsage, err}
 	}
 	defer log.Sync()
+	if err := hardenProcess(); err != nil {
+		log.Warn("the agent stays dumpable: other processes of its user could read its memory", zap.Error(err))
+	}
 	gcPercent, gcFrom := setGCPercent(cfg.Runtime.GCPercent, os.Getenv("GOGC"), debug.SetGCPercent)
 	log.Info("garbage collector", zap.String("gc_percent", gcPercent), zap.String("from", gcFrom))
 

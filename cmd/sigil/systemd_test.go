@@ -353,3 +353,27 @@ func TestServiceUnitMatchesTheBinary(t *testing.T) {
 		t.Errorf("ProcSubset=%v: hides somaxconn (listen backlog 128) and /proc/stat (process metrics)", got)
 	}
 }
+
+// The agent process is not dumpable: no core file, no ptrace by its user's
+// other processes. Checked in a child test process, since the flag cannot
+// be taken back.
+func TestHardenProcessMakesItNotDumpable(t *testing.T) {
+	if os.Getenv("SIGIL_TEST_HARDEN_CHILD") == "1" {
+		if err := hardenProcess(); err != nil {
+			fmt.Println("error:", err)
+			os.Exit(1)
+		}
+		d, err := dumpable()
+		fmt.Printf("dumpable=%v err=%v\n", d, err)
+		os.Exit(0)
+	}
+	if d, err := dumpable(); err != nil || !d {
+		t.Skipf("this test process is not dumpable to begin with (%v, %v)", d, err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHardenProcessMakesItNotDumpable$")
+	cmd.Env = append(os.Environ(), "SIGIL_TEST_HARDEN_CHILD=1")
+	out, err := cmd.CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "dumpable=false err=<nil>") {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+}
