@@ -1009,3 +1009,25 @@ func TestDataDirsArePrivate(t *testing.T) {
 		})
 	}
 }
+
+// On the wire a rotation's time 0 means "now": a rotation scheduled for the
+// Unix epoch (a zero-ish time from a bug or a typo) must be refused, not
+// run at once.
+func TestRotationScheduledForTheEpochIsRefused(t *testing.T) {
+	_, _, r, admin := heldAgent(t)
+	before, err := r.dial(t).PublicKey(context.Background(), client.ByName("release"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = admin.ScheduleRotation(context.Background(), "payments/release", time.Unix(0, 0))
+	if client.Code(err) != proto.BadRequest {
+		t.Fatalf("ScheduleRotation at the epoch: %v, want BAD_REQUEST", err)
+	}
+	after, err := r.dial(t).PublicKey(context.Background(), client.ByName("release"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.KID != before.KID {
+		t.Fatalf("the slot rotated: kid %s, then %s", before.KID, after.KID)
+	}
+}

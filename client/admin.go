@@ -113,8 +113,12 @@ func (c *Client) IncidentDrill(ctx context.Context, slot string) (string, error)
 }
 
 // ScheduleRotation stores a one-off rotation of the slot at the given time
-// (it survives agent restarts).
+// (it survives agent restarts). The time must be after the Unix epoch: on
+// the wire 0 means "now", and an earlier time is in the past anyway.
 func (c *Client) ScheduleRotation(ctx context.Context, slot string, at time.Time) (string, error) {
+	if at.Unix() <= 0 {
+		return "", &proto.Error{Code: proto.BadRequest, Msg: "a rotation can be scheduled only for a time in the future, " + at.UTC().Format(time.RFC3339) + " is not"}
+	}
 	resp, err := c.call(ctx, &proto.Request{Op: proto.OpRotate, Key: slot, At: at.Unix()})
 	if err != nil {
 		return "", err
