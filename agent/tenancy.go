@@ -466,7 +466,7 @@ func (a *Agent) auditTail(ctx context.Context, tenant string, from uint64, n int
 	var recs []journal.Record
 	if from == 0 {
 		var err error
-		if recs, err = a.journal.Last(n, tenant); err != nil {
+		if recs, err = a.journal.Last(ctx, n, tenant); err != nil {
 			return nil, err
 		}
 	} else {

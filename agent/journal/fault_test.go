@@ -536,7 +536,7 @@ func TestHealthyNoticesAFailedPebbleWAL(t *testing.T) {
 	for i := range 150 { // past 32 KiB: Pebble's writer writes a block, and fails
 		_ = j.Append(ctx, signRecord("acme", i)) // a late one may meet the failure: refused, as it must be
 	}
-	if _, err := j.Last(1, ""); err != nil { // apply what is staged
+	if _, err := j.Last(context.Background(), 1, ""); err != nil { // apply what is staged
 		t.Logf("Last: %v", err)
 	}
 	for deadline := time.Now().Add(5 * time.Second); !j.fs.walFailed.Load(); time.Sleep(time.Millisecond) {

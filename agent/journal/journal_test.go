@@ -102,7 +102,7 @@ func TestAppendConcurrentVerifyRestart(t *testing.T) {
 			}
 			appendN(t, j2, "after-restart", 5)
 			mustVerify(t, j2, n+5)
-			last, err := j2.Last(1, "")
+			last, err := j2.Last(context.Background(), 1, "")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -379,7 +379,7 @@ func TestLast(t *testing.T) {
 		{5, "nobody", nil},
 	}
 	for _, tc := range cases {
-		got, err := j.Last(tc.n, tc.tenant)
+		got, err := j.Last(context.Background(), tc.n, tc.tenant)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -390,6 +390,13 @@ func TestLast(t *testing.T) {
 		if fmt.Sprint(seqs) != fmt.Sprint(tc.seqs) {
 			t.Errorf("Last(%d, %q) = %v, want %v", tc.n, tc.tenant, seqs, tc.seqs)
 		}
+	}
+	// A tenant with no records walks the whole journal back: the caller's
+	// context ends the walk.
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if got, err := j.Last(ctx, 5, "nobody"); !errors.Is(err, context.Canceled) {
+		t.Errorf("Last with a cancelled context = %v, %v; want context.Canceled", got, err)
 	}
 }
 
@@ -511,7 +518,7 @@ func TestAppendContextEndsWhileQueued(t *testing.T) {
 	j.releaseCommit()
 	appendN(t, j, "acme", 1)
 	mustVerify(t, j, 2)
-	last, err := j.Last(2, "")
+	last, err := j.Last(context.Background(), 2, "")
 	if err != nil || len(last) != 2 || last[0].DigestHash != r.DigestHash {
 		t.Fatalf("the abandoned record should be seq 1: %+v, %v", last, err)
 	}

@@ -168,7 +168,9 @@ func (j *Journal) FirstSeqAt(t time.Time) (uint64, error) {
 
 // Last returns up to n of the most recent records (of tenant, if not
 // empty), oldest first: what `sigil audit tail` prints before following.
-func (j *Journal) Last(n int, tenant string) ([]Record, error) {
+// A tenant with few or no records means walking back through the whole
+// journal; ctx bounds that walk (an admin request's deadline).
+func (j *Journal) Last(ctx context.Context, n int, tenant string) ([]Record, error) {
 	if n <= 0 {
 		return nil, nil
 	}
@@ -186,6 +188,9 @@ func (j *Journal) Last(n int, tenant string) ([]Record, error) {
 	out := make([]Record, 0, min(n, 1024))
 	var recs [][]byte // the current run's records
 	for ok := it.Last(); ok && len(out) < n; ok = it.Prev() {
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("journal: last: %w", err)
+		}
 		keySeq, _ := seqFromKey(it.Key())
 		recs = recs[:0]
 		err := walkRun(it.Value(), keySeq, func(_ uint64, v []byte) error {

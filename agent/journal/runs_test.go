@@ -71,11 +71,11 @@ func TestRunsReadLikeRecords(t *testing.T) {
 		t.Fatalf("Scan since record %d's time: first %v of %d records", maxRun, seqs[:1], len(seqs))
 	}
 
-	last, err := j.Last(5, "acme")
+	last, err := j.Last(context.Background(), 5, "acme")
 	if err != nil || len(last) != 5 || last[0].Seq != n-9 || last[4].Seq != n-1 {
 		t.Fatalf("Last(5, acme) = %d records, %v; want seqs %d..%d", len(last), err, n-9, n-1)
 	}
-	last, err = j.Last(maxRun+30, "")
+	last, err = j.Last(context.Background(), maxRun+30, "")
 	if err != nil || len(last) != maxRun+30 || last[0].Seq != n-maxRun-29 || last[maxRun+29].Seq != n {
 		t.Fatalf("Last across runs = %d records, %v", len(last), err)
 	}

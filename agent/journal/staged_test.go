@@ -49,7 +49,7 @@ func TestReadersSeeStagedRecords(t *testing.T) {
 	if inPebble(t, j, 5) {
 		t.Fatal("record 5 is in Pebble before anything applied it: the test shows nothing")
 	}
-	last, err := j.Last(5, "")
+	last, err := j.Last(context.Background(), 5, "")
 	if err != nil || len(last) != 5 || last[4].Seq != 5 {
 		t.Fatalf("Last(5) = %d records, %v; want seqs 1-5", len(last), err)
 	}
@@ -124,7 +124,7 @@ func TestFailedApplyKeepsStagedRecords(t *testing.T) {
 
 			switch reopen {
 			case "healthy":
-				if _, err := j.Last(3, ""); !errors.Is(err, ErrUnavailable) {
+				if _, err := j.Last(context.Background(), 3, ""); !errors.Is(err, ErrUnavailable) {
 					t.Fatalf("Last with the apply failing: %v, want ErrUnavailable", err)
 				}
 				if err := j.Healthy(ctx); err != nil {

@@ -427,7 +427,7 @@ func TestMappedTailTruncated(t *testing.T) {
 			}
 			appendN(t, j, "acme", 3)
 			if !staged {
-				if _, err := j.Last(1, ""); err != nil { // applies them
+				if _, err := j.Last(context.Background(), 1, ""); err != nil { // applies them
 					t.Fatal(err)
 				}
 			} else if inPebble(t, j, 3) {

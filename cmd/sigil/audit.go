@@ -143,7 +143,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				return err
 			}
 			defer j.Close()
-			recs, err := j.Last(n, tenant)
+			recs, err := j.Last(cmd.Context(), n, tenant)
 			if err != nil {
 				return &exitError{exitFailure, err}
 			}
