@@ -361,36 +361,64 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 // updateAlias points alias at the key newARN. A failed UpdateAlias may have
 // been applied all the same (the server wrote it, then the answer was lost
 // to a deadline or came back a 5xx), and deleting a key the alias names
-// breaks every user of the alias. So on failure the alias is read back: if
-// it names newARN the update is done (nil); if it names another key, the
-// error comes back with deletable true; if it cannot be read, with
-// deletable false, and the new key must be left alone.
+// breaks every user of the alias. Only a 4xx answer says it was not
+// applied: then the error comes back with deletable true. Otherwise it is
+// sent once more (pointing an alias at the same key again is idempotent),
+// and the alias read back; a read showing newARN means done (nil), but a
+// read showing the old key proves nothing, since KMS is eventually
+// consistent and may still show what it named before. So in every other
+// case the new key is left in place (deletable false) and the error names
+// it.
 func (p *Provider) updateAlias(ctx context.Context, alias, newARN string) (deletable bool, err error) {
-	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
-	_, err = p.client.UpdateAlias(callCtx, &kms.UpdateAliasInput{
-		AliasName:   aws.String(alias),
-		TargetKeyId: aws.String(newARN),
-	})
+	update := func() error {
+		callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+		defer cancel()
+		_, err := p.client.UpdateAlias(callCtx, &kms.UpdateAliasInput{
+			AliasName:   aws.String(alias),
+			TargetKeyId: aws.String(newARN),
+		})
+		if err != nil {
+			return classifyRejection(err, classify(ctx, callCtx, "update alias "+alias, err))
+		}
+		return nil
+	}
+	err = update()
 	if err == nil {
-		cancel()
 		return false, nil
 	}
-	err = classify(ctx, callCtx, "update alias "+alias, err)
-	cancel()
-
+	if errors.Is(err, errRejected) {
+		return true, err
+	}
+	if ctx.Err() == nil {
+		if err = update(); err == nil {
+			p.log.Warn("awskms: alias update succeeded when sent again", zap.String("alias", alias), zap.String("key_id", newARN))
+			return false, nil
+		}
+	}
 	target, readErr := p.aliasTarget(ctx, alias)
-	switch {
-	case readErr != nil:
-		p.log.Warn("awskms: alias update failed and the alias could not be read back; new key left in place",
-			zap.String("alias", alias), zap.String("key_id", newARN), zap.Error(readErr))
-		return false, fmt.Errorf("%w; reading the alias back failed too (%v), so it may name new key %s, which was left in place, not scheduled for deletion",
-			err, readErr, newARN)
-	case target == newARN:
+	if readErr == nil && target == newARN {
 		p.log.Warn("awskms: alias update reported a failure but was applied",
 			zap.String("alias", alias), zap.String("key_id", newARN), zap.Error(err))
 		return false, nil
 	}
-	return true, err
+	p.log.Warn("awskms: alias update failed and may have been applied; new key left in place",
+		zap.String("alias", alias), zap.String("key_id", newARN), zap.Error(err), zap.NamedError("read_back", readErr))
+	return false, fmt.Errorf("%w; the alias may name new key %s all the same (KMS shows changes late), so that key was left in place, not scheduled for deletion: check the alias, and delete the key that it does not name",
+		err, newARN)
+}
+
+// errRejected marks a call the service answered with a 4xx: it was not
+// carried out.
+var errRejected = errors.New("rejected")
+
+// classifyRejection adds errRejected to classified when raw is a 4xx
+// answer.
+func classifyRejection(raw, classified error) error {
+	var status interface{ HTTPStatusCode() int }
+	if errors.As(raw, &status) && status.HTTPStatusCode() >= 400 && status.HTTPStatusCode() < 500 {
+		return fmt.Errorf("%w (%w)", classified, errRejected)
+	}
+	return classified
 }
 
 // aliasTarget returns the ARN of the key alias names now. It runs even when

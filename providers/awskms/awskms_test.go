@@ -6,6 +6,7 @@ import (
 	"crypto"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -47,6 +48,7 @@ type transport struct {
 	stallHost string
 	faults    sync.Map     // operation name ("UpdateAlias") → fault, on every attempt
 	injected  atomic.Int64 // requests answered by inject
+	staleARN  string       // what a faultStaleRead DescribeKey names
 }
 
 // fault is how an operation fails as the client sees it.
@@ -65,6 +67,9 @@ const (
 	// faultThrottled: KMS's throttling answer (400 ThrottlingException),
 	// and local-kms never sees the request.
 	faultThrottled
+	// faultStaleRead: a DescribeKey answered with the key staleARN, as
+	// eventually consistent KMS may answer just after an alias moved.
+	faultStaleRead
 )
 
 func (tr *transport) Do(req *http.Request) (*http.Response, error) {
@@ -107,8 +112,11 @@ func (tr *transport) inject(req *http.Request, f fault) (*http.Response, error) 
 	// What KMS answers when it fails inside; the SDK retries it, and
 	// meets the same fault each time.
 	body, status, code := `{"__type":"KMSInternalException","message":"injected fault"}`, "500 Internal Server Error", http.StatusInternalServerError
-	if f == faultThrottled {
+	switch f {
+	case faultThrottled:
 		body, status, code = `{"__type":"ThrottlingException","message":"Rate exceeded"}`, "400 Bad Request", http.StatusBadRequest
+	case faultStaleRead:
+		body, status, code = fmt.Sprintf(`{"KeyMetadata":{"Arn":%q,"KeyId":%q,"KeyState":"Enabled"}}`, tr.staleARN, tr.staleARN), "200 OK", http.StatusOK
 	}
 	tr.injected.Add(1)
 	return &http.Response{

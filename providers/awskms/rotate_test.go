@@ -140,10 +140,13 @@ func TestNewVersionRefuses(t *testing.T) {
 	}
 }
 
-// A failed UpdateAlias may have been applied all the same. NewVersion reads
-// the alias back, and schedules the new key for deletion only when the alias
-// is known not to name it: a key pending deletion behind the alias would
-// break every user of the alias, and the agent's next start.
+// A failed UpdateAlias may have been applied all the same, and a read of
+// the alias just after may still show the key it named before (KMS is
+// eventually consistent). NewVersion schedules the new key for deletion
+// only when KMS answered the update with a 4xx: a key pending deletion
+// behind the alias would break every user of the alias, and the agent's
+// next start. Otherwise it sends the update again, and leaves the new key
+// in place unless that or a read-back shows the alias on it.
 func TestNewVersionAliasUpdateFaults(t *testing.T) {
 	const timeout = time.Second
 	ctx := context.Background()
@@ -159,7 +162,9 @@ func TestNewVersionAliasUpdateFaults(t *testing.T) {
 	}{
 		{"applied, answer a 5xx", faultApplied5xx, noFault, false, true, false},
 		{"applied, answer lost", faultAppliedLost, noFault, false, true, false},
-		{"not applied", faultRefused5xx, noFault, true, false, true},
+		{"refused with a 4xx", faultThrottled, noFault, true, false, true},
+		{"not applied, a 5xx", faultRefused5xx, noFault, true, false, false},
+		{"applied, read back stale", faultApplied5xx, faultStaleRead, true, true, false},
 		{"applied, alias unreadable", faultApplied5xx, faultRefused5xx, true, true, false},
 		{"not applied, alias unreadable", faultRefused5xx, faultRefused5xx, true, false, false},
 	} {
@@ -168,7 +173,7 @@ func TestNewVersionAliasUpdateFaults(t *testing.T) {
 			oldID := awskmstest.CreateKey(t, admin, types.KeySpecEccNistP256)
 			awskmstest.CreateAlias(t, admin, alias, oldID)
 			oldARN := aws.ToString(awskmstest.DescribeKey(t, admin, oldID).Arn)
-			tr := &transport{}
+			tr := &transport{staleARN: oldARN}
 			p, err := Open(ctx, testConfig(endpoint, tr, timeout, KeyConfig{Name: "signing", KeyID: alias}))
 			if err != nil {
 				t.Fatal(err)
@@ -193,8 +198,8 @@ func TestNewVersionAliasUpdateFaults(t *testing.T) {
 				if err == nil {
 					t.Fatal("NewVersion succeeded")
 				}
-				if !errors.Is(err, providers.ErrUnavailable) || strings.Contains(err.Error(), "injected fault") {
-					t.Fatalf("err = %v, want ErrUnavailable without the server's text", err)
+				if !(errors.Is(err, providers.ErrUnavailable) || errors.Is(err, providers.ErrRateLimited)) || strings.Contains(err.Error(), "injected fault") {
+					t.Fatalf("err = %v, want ErrUnavailable or ErrRateLimited without the server's text", err)
 				}
 				if _, uerr := p.URI("signing-v2"); uerr == nil {
 					t.Fatal("the failed version is served")
