@@ -184,6 +184,12 @@ func (c *conn) record(ctx context.Context, d *signDecision) error {
 	}
 	err := j.Append(ctx, &r)
 	c.a.metrics.journalAppended(time.Since(now), err)
+	if err == nil && d.code == proto.OK && ctx.Err() != nil {
+		// Committed by this goroutine (nobody else was committing), which
+		// nothing interrupts: the record landed after the request's
+		// deadline. Withheld then, as when a queued commit outlives it.
+		err = fmt.Errorf("the record was committed after the request's deadline: %w", ctx.Err())
+	}
 	if err != nil {
 		c.log.Warn("audit journal append failed", zap.Stringer("decision", d.code), zap.Error(err))
 		if d.code == proto.OK {

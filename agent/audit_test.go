@@ -413,3 +413,33 @@ func TestProviderErrorTextStaysInTheLog(t *testing.T) {
 		t.Fatal("the provider's error is not in the log")
 	}
 }
+
+// A signature's record committed by the signer's own goroutine (nobody else
+// was committing) cannot be interrupted; when it lands after the request's
+// deadline, the signature is withheld as when a queued commit outlives it:
+// JOURNAL_UNAVAILABLE, nothing released, the OK record standing.
+func TestRecordPastTheDeadlineWithholdsTheSignature(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.Limits.RequestTimeout = 200 * time.Millisecond
+	slow := slowWrites(700 * time.Millisecond)
+	r := startAgent(t, cfg, agent.WithJournalFS(errorfs.Wrap(vfs.Default, slow)))
+	rc := r.raw(t)
+	rc.hello()
+	warm := sha256.Sum256([]byte("warm"))
+	rc.send(&proto.Request{ID: 2, Op: proto.OpSign, Digest: warm[:]})
+	if resp, err := rc.recv(); err != nil || resp.Code != proto.OK {
+		t.Fatalf("warm-up: %v %+v", err, resp)
+	}
+	time.Sleep(150 * time.Millisecond) // past the checkpoint interval: the next commit waits for the disk
+	slow.On()
+	d := sha256.Sum256([]byte("slow journal"))
+	rc.send(&proto.Request{ID: 3, Op: proto.OpSign, Digest: d[:], TimeoutMillis: 100})
+	resp, err := rc.recv()
+	slow.Off()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Code != proto.JournalUnavailable || len(resp.Sig) != 0 {
+		t.Fatalf("a record committed past the deadline: %s with %d signature bytes, want JOURNAL_UNAVAILABLE and none", resp.Code, len(resp.Sig))
+	}
+}

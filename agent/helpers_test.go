@@ -277,6 +277,17 @@ func faultsWhere(fails func(op errorfs.Op) bool) *errorfs.Toggle {
 	})}
 }
 
+// slowWrites makes every write through the journal's filesystem take d
+// while the toggle is on, as a slow or saturated disk would.
+func slowWrites(d time.Duration) *errorfs.Toggle {
+	return &errorfs.Toggle{Injector: errorfs.InjectorFunc(func(op errorfs.Op) error {
+		if op.Kind.ReadOrWrite() == errorfs.OpIsWrite {
+			time.Sleep(d)
+		}
+		return nil
+	})}
+}
+
 // heldProvider is a software provider that makes key versions (as a cloud
 // provider does, so rotations and drills run through it) and whose next
 // Sign, once held, waits inside the provider until the test lets it go: a
