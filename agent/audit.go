@@ -84,7 +84,31 @@ func (a *Agent) startRetention() {
 	}
 	every := min(time.Hour, keep/10)
 	a.log.Info("audit journal retention on", zap.Duration("retention", keep), zap.Duration("every", every))
-	a.every(every, true, func(ctx context.Context) { a.pruneExpired(ctx, time.Now()) })
+	started := time.Now()
+	a.every(every, true, func(ctx context.Context) {
+		now := time.Now()
+		if measured := notAhead(started.Round(0), now.Sub(started), now.Round(0)); measured.Before(now) {
+			if ahead := now.Sub(measured); ahead > time.Minute {
+				a.log.Warn("the wall clock is ahead of the time measured since retention started (a clock step, or a resumed VM); records are pruned by the measured time",
+					zap.Duration("ahead", ahead))
+			}
+			now = measured
+		}
+		a.pruneExpired(ctx, now)
+	})
+}
+
+// notAhead returns now, or startWall plus the time measured since then
+// (monotonic) when that is earlier. A deletion by age must not trust a
+// wall clock that jumped forward: one round with the clock a year ahead
+// would delete a year of records, every one written minutes before. The
+// bias keeps records: after a VM suspend the measured time lags and fewer
+// are deleted until the agent restarts.
+func notAhead(startWall time.Time, elapsed time.Duration, now time.Time) time.Time {
+	if measured := startWall.Add(elapsed); measured.Before(now) {
+		return measured
+	}
+	return now
 }
 
 // pruneExpired deletes the records older than the retention at now.

@@ -308,8 +308,14 @@ func journalDir(configPath, dir string) (string, error) {
 	return filepath.Join(cfg.DataDir, "journal"), nil
 }
 
+// parseSince reads an RFC 3339 time or a duration ago. A negative duration
+// is refused: "-2160h ago" is 90 days ahead, and a prune before it would
+// delete every record.
 func parseSince(s string) (time.Time, error) {
 	if d, err := time.ParseDuration(s); err == nil {
+		if d < 0 {
+			return time.Time{}, fmt.Errorf("%s: a duration ago cannot be negative", s)
+		}
 		return time.Now().Add(-d), nil
 	}
 	return time.Parse(time.RFC3339, s)

@@ -237,6 +237,8 @@ func TestShellErrors(t *testing.T) {
 		{"missing file, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "keys", "sign", "--in", filepath.Join(dir, "nope")}, exitFailure, "no such file"},
 		{"verify: missing file, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "verify-signature", "--kid", "k", "--in", filepath.Join(dir, "nope"), "--sig", in}, exitFailure, "no such file"},
 		{"verify needs a key", []string{"--socket", sock, "verify-signature", "--in", in, "--sig", in}, exitUsage, "--kid"},
+		// -2160h "ago" is 90 days ahead: everything would go.
+		{"prune before a negative duration", []string{"--socket", sock, "audit", "prune", "--before", "-2160h"}, exitUsage, "cannot be negative"},
 		{"both --key and --kid", []string{"--socket", sock, "keys", "pubkey", "--key", "a", "--kid", "b"}, exitUsage, "none of the others"},
 		// A mistyped subcommand of a group used to print the group's help
 		// and exit 0, having done nothing.
