@@ -192,6 +192,9 @@ func copyChanges(changes []StateChange) []StateChange {
 // submit commits req, inline or through the committer goroutine (see
 // "Who commits" above). On success req is the caller's to recycle.
 func (j *Journal) submit(ctx context.Context, req *request) error {
+	if j.opts.ReadOnly {
+		return ErrReadOnly
+	}
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}

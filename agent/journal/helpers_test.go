@@ -2,6 +2,7 @@ package journal
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
 	"testing"
@@ -95,9 +96,13 @@ func rawGet(t *testing.T, j *Journal, key []byte) []byte {
 // the DB with j.dbMu read-held.
 func rawDB(t *testing.T, j *Journal) *pebble.DB {
 	t.Helper()
-	db, err := j.readAuditDB()
+	r, err := j.readAuditDB()
 	if err != nil {
 		t.Fatal(err)
+	}
+	db, ok := r.(*pebble.DB)
+	if !ok {
+		t.Fatalf("rawDB of a read-only journal")
 	}
 	splitRuns(t, db)
 	return db
@@ -136,7 +141,7 @@ func splitRuns(t *testing.T, db *pebble.DB) {
 // key).
 func runCount(t *testing.T, j *Journal) int {
 	t.Helper()
-	db, err := j.readAuditDB()
+	db, err := j.writableAuditDB()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -218,4 +223,32 @@ func (j *Journal) available() bool {
 	j.dbMu.RLock()
 	defer j.dbMu.RUnlock()
 	return j.db != nil
+}
+
+// writableAuditDB is readAuditDB for tests that write to Pebble behind the
+// journal's back: the DB itself, with j.dbMu read-held.
+func (j *Journal) writableAuditDB() (*pebble.DB, error) {
+	r, err := j.readAuditDB()
+	if err != nil {
+		return nil, err
+	}
+	return asDB(j, r)
+}
+
+// writableDB is readDB's writableAuditDB.
+func (j *Journal) writableDB() (*pebble.DB, error) {
+	r, err := j.readDB()
+	if err != nil {
+		return nil, err
+	}
+	return asDB(j, r)
+}
+
+func asDB(j *Journal, r pebble.Reader) (*pebble.DB, error) {
+	db, ok := r.(*pebble.DB)
+	if !ok {
+		j.dbMu.RUnlock()
+		return nil, errors.New("a read-only journal's reader is not its DB")
+	}
+	return db, nil
 }

@@ -4,10 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -103,7 +105,36 @@ type Options struct {
 	// Checked at most every 100ms while there is room, on every commit
 	// while there is not. Default 64 MiB; negative disables the check.
 	MinFreeBytes int64
+	// ReadOnly opens an existing journal to read it, as `sigil audit
+	// verify`, `tail` and `export` do without an agent: Pebble read-only,
+	// and nothing written (no tail log started or removed, no checkpoint,
+	// no files that another user would own). The tail log's records that
+	// Pebble lacks (a killed agent's) are read into memory over it. What
+	// a writable Open refuses (a tail log with a gap, or that disagrees
+	// with the store; a checkpoint the records disagree with) is taken as
+	// far as it can be and reported by Verify. Writes fail with
+	// ErrReadOnly.
+	ReadOnly bool
 }
+
+// ErrInUse is returned by Open when another Journal (an agent, another
+// process) has the directory open.
+var ErrInUse = errors.New("journal: in use by another process")
+
+// lockHeld tells a lock another holder has from a lock that could not be
+// tried (the LOCK file unreadable, say): fcntl's refusal is a bare errno,
+// the file's open a *fs.PathError.
+func lockHeld(err error) bool {
+	var pathErr *fs.PathError
+	if errors.As(err, &pathErr) {
+		return false
+	}
+	return errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EACCES) ||
+		strings.Contains(err.Error(), "lock held by current process") // pebble's own, within one process
+}
+
+// ErrReadOnly is returned for writes to a journal opened ReadOnly.
+var ErrReadOnly = errors.New("journal: opened read-only")
 
 // EnsureDefaults fills in the zero-valued fields with their defaults.
 func (o *Options) EnsureDefaults() {
@@ -204,6 +235,11 @@ type Journal struct {
 	applyStop     chan struct{} // closed by Close
 	applyDone     chan struct{} // closed when the applier goroutine has exited
 
+	// ReadOnly: the tail log's records Pebble lacks, over db (an indexed
+	// batch, never committed), and what Open found in doubt, for Verify.
+	overlay   *pebble.Batch
+	tailDoubt *ChainBreak
+
 	// Owned by whichever goroutine holds busy (an inline Append or the
 	// committer goroutine).
 	batch          *pebble.Batch
@@ -244,16 +280,32 @@ func Open(opts Options) (*Journal, error) {
 	}
 	j.fs.skipWALSync.Store(opts.Durability == WAL)
 	j.wake = sync.NewCond(&j.mu)
-	if err := j.fs.MkdirAll(opts.Dir, 0o700); err != nil {
+	if opts.ReadOnly {
+		if _, err := j.fs.Stat(opts.Dir); err != nil {
+			return nil, fmt.Errorf("journal: %w", err)
+		}
+	} else if err := j.fs.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, fmt.Errorf("journal: create %s: %w", opts.Dir, err)
 	}
 	// The directory lock is taken once and handed to every pebble.Open, so
 	// a recovery that reopens Pebble never races another process for it.
 	lock, err := pebble.LockDirectory(opts.Dir, j.fs)
 	if err != nil {
+		if lockHeld(err) {
+			return nil, fmt.Errorf("%w: %s", ErrInUse, opts.Dir)
+		}
 		return nil, fmt.Errorf("journal: lock %s: %w", opts.Dir, err)
 	}
 	j.lock = lock
+	if opts.ReadOnly {
+		if err := j.openReadOnly(); err != nil {
+			_ = lock.Close()
+			return nil, err
+		}
+		close(j.done)
+		close(j.applyDone)
+		return j, nil
+	}
 	if err := j.openDB(); err != nil {
 		_ = lock.Close()
 		return nil, err
@@ -349,6 +401,42 @@ func (j *Journal) openDB() error {
 
 func (j *Journal) tailPath() string { return j.fs.PathJoin(j.opts.Dir, tailName) }
 
+// openReadOnly is openDB for a ReadOnly journal: the tail log's groups that
+// Pebble lacks go into an overlay, and what a writable Open would refuse is
+// kept in tailDoubt instead.
+func (j *Journal) openReadOnly() error {
+	o := j.pebbleOptions()
+	o.ReadOnly = true
+	db, err := pebble.Open(j.opts.Dir, o)
+	if err != nil {
+		return fmt.Errorf("journal: open pebble in %s read-only: %w", j.opts.Dir, err)
+	}
+	seq, hash, err := readHead(db, j.log)
+	if errors.Is(err, errHeadDoubt) {
+		err = nil // Verify reports where
+	}
+	var overlay *pebble.Batch
+	if err == nil {
+		overlay = db.NewIndexedBatch()
+		var doubt error
+		seq, hash, _, doubt = replayTailInto(j.fs, j.tailPath(), db, overlay, seq, hash, j.log)
+		if doubt != nil {
+			j.tailDoubt = &ChainBreak{Seq: seq + 1, Reason: BreakTailLog, Detail: doubt.Error()}
+		}
+		if overlay.Empty() {
+			_ = overlay.Close()
+			overlay = nil
+		}
+	}
+	if err != nil {
+		_ = closeDB(db)
+		return err
+	}
+	j.headSeq, j.headHash = seq, hash
+	j.db, j.overlay = db, overlay
+	return nil
+}
+
 // startTail gives a freshly opened (and replayed) Pebble an empty tail log
 // in `wal` mode, and removes any left from `wal` mode in `fsync` mode.
 func (j *Journal) startTail() error {
@@ -372,7 +460,7 @@ func (j *Journal) startTail() error {
 // the end while the journal was closed. The checkpoint then wins, so new
 // records keep the evidence (Verify reports the gap) instead of reusing
 // the missing seqs.
-func readHead(db *pebble.DB, log *zap.Logger) (uint64, [32]byte, error) {
+func readHead(db pebble.Reader, log *zap.Logger) (uint64, [32]byte, error) {
 	last, lastHash, _, err := lastRecordHead(db)
 	if err != nil {
 		return 0, lastHash, err
@@ -386,8 +474,28 @@ func readHead(db *pebble.DB, log *zap.Logger) (uint64, [32]byte, error) {
 			zap.Uint64("checkpoint_seq", cpSeq), zap.Uint64("last_record_seq", last))
 		return cpSeq, cpHash, nil
 	}
+	if found {
+		// Every record up to a checkpoint is in Pebble before it (a
+		// checkpoint is a waited commit, which applies the staged groups
+		// first), so the record at its seq has its hash, unless a prune
+		// deleted it since. Otherwise the history was rewritten while the
+		// journal was closed, and a writer would overwrite the one entry
+		// that shows it at its next checkpoint.
+		anchor, _, _, err := readMeta(db, anchorKey)
+		if err != nil {
+			return 0, lastHash, err
+		}
+		if stored, ok := storedHash(db, cpSeq); cpSeq > anchor && (!ok || stored != cpHash) {
+			return last, lastHash, fmt.Errorf("%w: the chain-head checkpoint names record %d with another hash than the store holds: records were changed while the journal was closed; run `sigil audit verify`, and keep this directory as evidence (move it aside to start a new journal)",
+				errHeadDoubt, cpSeq)
+		}
+	}
 	return last, lastHash, nil
 }
+
+// errHeadDoubt marks a store whose records disagree with its chain-head
+// checkpoint: a writable Open refuses it, a ReadOnly one reads on.
+var errHeadDoubt = errors.New("journal: chain in doubt")
 
 // readCheckpoint reads the "m/head" checkpoint entry.
 func readCheckpoint(r pebble.Reader) (seq uint64, hash [32]byte, found bool, err error) {
@@ -413,7 +521,7 @@ func readMeta(r pebble.Reader, key string) (seq uint64, hash [32]byte, found boo
 // so even an undecodable record yields a hash to chain from). A run whose
 // end cannot be split into records counts that end as one record, as
 // Verify does.
-func lastRecordHead(db *pebble.DB) (uint64, [32]byte, bool, error) {
+func lastRecordHead(db pebble.Reader) (uint64, [32]byte, bool, error) {
 	var hash [32]byte
 	it, err := db.NewIter(auditIterOptions(0))
 	if err != nil {
@@ -563,6 +671,9 @@ func (j *Journal) Close() error {
 	j.closing = true
 	j.wake.Signal()
 	j.mu.Unlock()
+	if j.opts.ReadOnly {
+		return j.closeReadOnly()
+	}
 	<-j.done // queued and inline commits are finished
 	close(j.applyStop)
 	<-j.applyDone // and every staged group was applied, or applying failed
@@ -600,6 +711,25 @@ func (j *Journal) Close() error {
 	return err
 }
 
+// closeReadOnly closes a ReadOnly journal, writing nothing.
+func (j *Journal) closeReadOnly() error {
+	j.dbMu.Lock()
+	db, overlay := j.db, j.overlay
+	j.db, j.overlay = nil, nil
+	j.dbMu.Unlock()
+	var err error
+	if overlay != nil {
+		err = overlay.Close()
+	}
+	if cerr := closeDB(db); err == nil {
+		err = cerr
+	}
+	if lerr := j.lock.Close(); err == nil && lerr != nil {
+		err = fmt.Errorf("journal: release lock: %w", lerr)
+	}
+	return err
+}
+
 // writeCheckpoint records the confirmed head at a clean shutdown, so that
 // records removed from the end while the agent is stopped are detected.
 func (j *Journal) writeCheckpoint(db *pebble.DB) error {
@@ -622,6 +752,17 @@ func (j *Journal) writeCheckpoint(db *pebble.DB) error {
 	return nil
 }
 
+// consistentView returns r as one point in time for a long walk: a
+// snapshot of an open DB, which commits may change under the walk, or r
+// itself (a ReadOnly journal's overlay, which nothing changes).
+func consistentView(r pebble.Reader) (pebble.Reader, func()) {
+	if db, ok := r.(*pebble.DB); ok {
+		snap := db.NewSnapshot()
+		return snap, func() { _ = snap.Close() }
+	}
+	return r, func() {}
+}
+
 // closeDB closes Pebble, turning a Fatalf panic into an error.
 func closeDB(db *pebble.DB) (err error) {
 	defer func() {
@@ -638,18 +779,22 @@ func closeDB(db *pebble.DB) (err error) {
 // readAuditDB is readDB for readers of audit records: it first applies
 // the staged groups, so the reader sees every record confirmed before the
 // call.
-func (j *Journal) readAuditDB() (*pebble.DB, error) {
+func (j *Journal) readAuditDB() (pebble.Reader, error) {
 	if err := j.applyStaged(); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
 	return j.readDB()
 }
 
-// readDB returns the open DB with dbMu held shared; release it with
-// j.dbMu.RUnlock. It fails with ErrClosed after Close and ErrUnavailable
-// while a failure has Pebble closed.
-func (j *Journal) readDB() (*pebble.DB, error) {
+// readDB returns the open DB (in a ReadOnly journal with the tail log's
+// records over it) with dbMu held shared; release it with j.dbMu.RUnlock.
+// It fails with ErrClosed after Close and ErrUnavailable while a failure
+// has Pebble closed.
+func (j *Journal) readDB() (pebble.Reader, error) {
 	j.dbMu.RLock()
+	if j.overlay != nil {
+		return j.overlay, nil
+	}
 	if j.db != nil {
 		return j.db, nil
 	}

@@ -82,6 +82,9 @@ type pruneRange struct {
 // chain is never empty after a prune. Concurrent Prunes run one at a
 // time; appends go on meanwhile. by says who asked, for the record's Peer.
 func (j *Journal) Prune(ctx context.Context, before time.Time, by string) (PruneResult, error) {
+	if j.opts.ReadOnly {
+		return PruneResult{}, ErrReadOnly
+	}
 	j.pruneMu.Lock()
 	defer j.pruneMu.Unlock()
 	pr, err := j.pruneRange(ctx, before)
@@ -110,11 +113,13 @@ func (j *Journal) Prune(ctx context.Context, before time.Time, by string) (Prune
 // reach a range deletion only as the data above it grows. Best effort: the
 // prune stands either way.
 func (j *Journal) reclaim(ctx context.Context, from, to uint64) {
-	db, err := j.readDB()
-	if err != nil {
+	j.dbMu.RLock()
+	db := j.db
+	if db == nil {
+		j.dbMu.RUnlock()
 		return
 	}
-	err = db.Compact(ctx, auditKeyFor(from), auditKeyFor(to+1), false)
+	err := db.Compact(ctx, auditKeyFor(from), auditKeyFor(to+1), false)
 	j.dbMu.RUnlock()
 	if err != nil {
 		j.log.Warn("journal: compacting the pruned records failed; their space comes back as Pebble compacts",
@@ -129,8 +134,8 @@ func (j *Journal) pruneRange(ctx context.Context, before time.Time) (pruneRange,
 		return pruneRange{}, err
 	}
 	defer j.dbMu.RUnlock()
-	snap := db.NewSnapshot()
-	defer snap.Close()
+	snap, release := consistentView(db)
+	defer release()
 	anchorSeq, anchorHash, _, err := readMeta(snap, anchorKey)
 	if err != nil {
 		return pruneRange{}, fmt.Errorf("%w: %w", ErrPruneRefused, err)

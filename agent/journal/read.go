@@ -139,8 +139,8 @@ func (j *Journal) FirstSeqAt(t time.Time) (uint64, error) {
 		return 0, err
 	}
 	defer j.dbMu.RUnlock()
-	snap := db.NewSnapshot()
-	defer snap.Close()
+	snap, release := consistentView(db)
+	defer release()
 	anchor, _, _, err := readMeta(snap, anchorKey)
 	if err != nil {
 		return 0, err
@@ -264,6 +264,11 @@ const (
 	// the one the newest prune record names: records were deleted, or
 	// the anchor moved, outside Prune.
 	BreakAnchor
+	// BreakTailLog: the tail log (a killed agent's records Pebble lacked)
+	// cannot be taken as it is: a frame missing or damaged between
+	// others, or records the store holds differently. Only a read-only
+	// journal reports this; Open refuses such a tail for writing.
+	BreakTailLog
 )
 
 func (r BreakReason) String() string {
@@ -280,6 +285,8 @@ func (r BreakReason) String() string {
 		return "head mismatch"
 	case BreakAnchor:
 		return "anchor mismatch"
+	case BreakTailLog:
+		return "tail log"
 	default:
 		return fmt.Sprintf("BreakReason(%d)", int(r))
 	}
@@ -344,13 +351,16 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 		return rep, err
 	}
 	defer j.dbMu.RUnlock()
-	snap := db.NewSnapshot()
-	defer snap.Close()
+	snap, release := consistentView(db)
+	defer release()
 
 	breakAt := func(seq uint64, reason BreakReason, format string, args ...any) {
 		if rep.Break == nil {
 			rep.Break = &ChainBreak{Seq: seq, Reason: reason, Detail: fmt.Sprintf(format, args...)}
 		}
+	}
+	if d := j.tailDoubt; d != nil {
+		breakAt(d.Seq, d.Reason, "%s", d.Detail)
 	}
 	cpSeq, cpHash, cpFound, cpErr := readCheckpoint(snap)
 	if cpErr != nil {

@@ -104,7 +104,7 @@ func TestRunsReadLikeRecords(t *testing.T) {
 // journal's back.
 func storeRun(t *testing.T, j *Journal, key uint64, value []byte) {
 	t.Helper()
-	db, err := j.readAuditDB()
+	db, err := j.writableAuditDB()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,7 +120,7 @@ func storeRun(t *testing.T, j *Journal, key uint64, value []byte) {
 // runRecords returns the records of the run stored under seq 1.
 func runRecords(t *testing.T, j *Journal) [][]byte {
 	t.Helper()
-	db, err := j.readAuditDB()
+	db, err := j.writableAuditDB()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -27,7 +27,7 @@ func openStaged(t *testing.T, dir string) *Journal {
 // staged groups first as every reader does.
 func inPebble(t *testing.T, j *Journal, seq uint64) bool {
 	t.Helper()
-	db, err := j.readDB()
+	db, err := j.writableDB()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -328,6 +328,14 @@ func parseTail(data []byte, headSeq uint64) (frames []tailFrame, end int, err er
 // chain head (seq, hash) read from db, and returns the new head and how
 // many records it added. A missing tail log is an empty one.
 func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte, log *zap.Logger) (uint64, [32]byte, uint64, error) {
+	return replayTailInto(fs, path, db, nil, seq, hash, log)
+}
+
+// replayTailInto is replayTail that, given an indexed batch into (a
+// read-only journal), puts the groups there instead of committing them to
+// db, and on a tail it cannot take as it is, keeps the groups before the
+// fault and returns the error with the head they reach.
+func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, seq uint64, hash [32]byte, log *zap.Logger) (uint64, [32]byte, uint64, error) {
 	data, err := readAll(fs, path)
 	if errors.Is(err, os.ErrNotExist) {
 		return seq, hash, 0, nil
@@ -335,9 +343,12 @@ func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte
 	if err != nil {
 		return seq, hash, 0, fmt.Errorf("journal: read tail log: %w", err)
 	}
-	frames, end, err := parseTail(data, seq)
-	if err != nil {
-		return seq, hash, 0, fmt.Errorf("%w (%s); records confirmed to signers may be missing: run `sigil audit verify`, and move the file aside to start without it", err, path)
+	frames, end, perr := parseTail(data, seq)
+	if perr != nil {
+		perr = fmt.Errorf("%w (%s); records confirmed to signers may be missing: run `sigil audit verify`, and move the file aside to start without it", perr, path)
+		if into == nil {
+			return seq, hash, 0, perr
+		}
 	}
 	if end < len(data) && data[end] != 0 {
 		log.Info("journal tail log's frames end before its last byte; dropping the rest (a write cut short, or frames from before it started over)",
@@ -366,7 +377,12 @@ func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte
 			if err := b.SetRepr(append([]byte(nil), fr.payload...)); err != nil {
 				return seq, hash, added, fmt.Errorf("journal: tail log frame for seqs %d-%d: %w", fr.firstSeq, fr.lastSeq, err)
 			}
-			if err := apply(db, b, pebble.NoSync); err != nil {
+			if into != nil {
+				err = into.Apply(b, nil)
+			} else {
+				err = apply(db, b, pebble.NoSync)
+			}
+			if err != nil {
 				return seq, hash, added, fmt.Errorf("journal: replay tail log: %w", err)
 			}
 			added += fr.lastSeq - fr.firstSeq + 1
@@ -376,7 +392,7 @@ func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte
 				errTailCorrupt, fr.firstSeq, fr.lastSeq, seq)
 		}
 	}
-	if added > 0 {
+	if added > 0 && into == nil {
 		// Through Pebble's WAL (in `fsync` mode also to the disk) before
 		// the tail is emptied.
 		if err := syncWAL(db); err != nil {
@@ -384,11 +400,11 @@ func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte
 		}
 		log.Info("journal replayed records from its tail log", zap.Uint64("records", added), zap.Uint64("head_seq", seq))
 	}
-	return seq, hash, added, nil
+	return seq, hash, added, perr
 }
 
 // storedHash returns the Hash stored with record seq.
-func storedHash(db *pebble.DB, seq uint64) ([32]byte, bool) {
+func storedHash(db pebble.Reader, seq uint64) ([32]byte, bool) {
 	v, err := storedRecord(db, seq)
 	if err != nil {
 		return [32]byte{}, false

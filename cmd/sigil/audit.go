@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -36,7 +37,11 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 	}
 	cmd.PersistentFlags().StringVar(&configPath, "config", "", "agent configuration (to find the journal)")
 	cmd.PersistentFlags().StringVar(&dir, "journal", "", "journal directory (default: from --config, else the default data dir)")
-	open := func() (*journal.Journal, error) {
+	// open opens the journal directory itself. The reading commands open
+	// it read-only: they write nothing (no file another user would own,
+	// no checkpoint over the evidence they report), and they read what a
+	// writable Open refuses.
+	open := func(readOnly bool) (*journal.Journal, error) {
 		d, err := journalDir(configPath, dir)
 		if err != nil {
 			return nil, &exitError{exitUsage, err}
@@ -44,9 +49,9 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 		if _, err := os.Stat(d); err != nil {
 			return nil, &exitError{exitFailure, fmt.Errorf("no journal at %s: %w", d, err)}
 		}
-		j, err := journal.Open(journal.Options{Dir: d})
+		j, err := journal.Open(journal.Options{Dir: d, ReadOnly: readOnly})
 		if err != nil {
-			if strings.Contains(err.Error(), "lock") {
+			if errors.Is(err, journal.ErrInUse) {
 				return nil, &exitError{exitFailure, fmt.Errorf("journal %s is in use (is the agent running? ask it with --admin-socket PATH, stop it, or copy the directory): %w", d, err)}
 			}
 			return nil, &exitError{exitFailure, err}
@@ -91,7 +96,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				fmt.Fprintf(cmd.OutOrStdout(), "audit chain OK (running agent): %s\n", summary)
 				return nil
 			}
-			j, err := open()
+			j, err := open(true)
 			if err != nil {
 				return err
 			}
@@ -138,7 +143,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 					return &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %w", addr, err)}
 				}
 			}
-			j, err := open()
+			j, err := open(true)
 			if err != nil {
 				return err
 			}
@@ -186,7 +191,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				}
 				return nil
 			}
-			j, err := open()
+			j, err := open(true)
 			if err != nil {
 				return err
 			}
@@ -227,7 +232,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				fmt.Fprintf(out, "running agent: %s\n", summary)
 				return nil
 			}
-			j, err := open()
+			j, err := open(false)
 			if err != nil {
 				return err
 			}

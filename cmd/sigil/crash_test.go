@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -67,12 +68,24 @@ func TestKilledAgentLosesNoAuditRecord(t *testing.T) {
 		t.Fatalf("only %d signatures before the kill", len(received))
 	}
 
+	// Reading the killed agent's journal offline writes nothing to it: the
+	// tail log stays for the agent to replay, and no file is added that a
+	// root-run CLI would own.
+	journalDir := filepath.Join(dir, "state", "journal")
+	before := fileHashes(t, journalDir)
 	out, stderr, code := runBin(t, bin, "audit", "verify", "--config", config)
-	_ = stderr
 	if code != 0 || !strings.Contains(out, "audit chain OK") {
 		t.Fatalf("audit verify after the kill: exit %d %s %s", code, out, stderr)
 	}
-	j, err := journal.Open(journal.Options{Dir: filepath.Join(dir, "state", "journal")})
+	for _, args := range [][]string{{"tail", "-n", "5"}, {"export", "--format", "jsonl"}} {
+		if _, stderr, code := runBin(t, bin, append(append([]string{"audit"}, args...), "--config", config)...); code != 0 {
+			t.Fatalf("audit %s after the kill: exit %d %s", args[0], code, stderr)
+		}
+	}
+	if after := fileHashes(t, journalDir); !maps.Equal(before, after) {
+		t.Fatalf("reading the journal offline changed it:\nbefore %v\nafter  %v", before, after)
+	}
+	j, err := journal.Open(journal.Options{Dir: journalDir})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -196,6 +209,24 @@ func TestKilledMidRotationRestartsConsistent(t *testing.T) {
 		t.Logf("kill %v (%.0f%% of a %v rotation): active %s before, %s after", delay, 100*fraction, whole, before[:8], after[:8])
 	}
 	t.Logf("%d of 5 kills came after the cut-over", changed)
+}
+
+// fileHashes is every file of dir with a hash of its contents.
+func fileHashes(t *testing.T, dir string) map[string][32]byte {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string][32]byte{}
+	for _, e := range entries {
+		data, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[e.Name()] = sha256.Sum256(data)
+	}
+	return out
 }
 
 func digestSHA256(msg []byte) []byte {

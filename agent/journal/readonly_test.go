@@ -1,0 +1,155 @@
+package journal
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// dirState is every file of dir with a hash of its contents, for telling
+// whether anything in it was written.
+func dirState(t *testing.T, dir string) map[string][32]byte {
+	t.Helper()
+	out := map[string][32]byte{}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		data, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out[e.Name()] = sha256.Sum256(data)
+	}
+	return out
+}
+
+func openReadOnly(t *testing.T, dir string) *Journal {
+	t.Helper()
+	j, err := Open(Options{Dir: dir, ReadOnly: true, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatalf("Open read-only: %v", err)
+	}
+	t.Cleanup(func() { _ = j.Close() })
+	return j
+}
+
+// A read-only journal reads a killed agent's journal whole (the tail log's
+// records included) and leaves every file of it as it was: an offline
+// `sigil audit verify` run as root must not leave files the agent cannot
+// open, nor replay or remove the tail.
+func TestReadOnlyOpenWritesNothing(t *testing.T) {
+	dir := killedWithTail(t)
+	before := dirState(t, dir)
+	j := openReadOnly(t, dir)
+	mustVerify(t, j, 30)
+	if last, err := j.Last(context.Background(), 1, ""); err != nil || len(last) != 1 || last[0].Seq != 30 {
+		t.Fatalf("Last: %v %v, want record 30 (from the tail log)", last, err)
+	}
+	if err := j.Append(context.Background(), signRecord("acme", 99)); !errors.Is(err, ErrReadOnly) {
+		t.Errorf("Append: %v, want ErrReadOnly", err)
+	}
+	if _, err := j.Prune(context.Background(), time.Now(), "test"); !errors.Is(err, ErrReadOnly) {
+		t.Errorf("Prune: %v, want ErrReadOnly", err)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	after := dirState(t, dir)
+	for name, h := range before {
+		if after[name] != h {
+			t.Errorf("%s changed", name)
+		}
+	}
+	for name := range after {
+		if _, ok := before[name]; !ok {
+			t.Errorf("%s was created", name)
+		}
+	}
+	// And the agent still finds the tail to replay.
+	mustVerify(t, openTest(t, dir, WAL), 30)
+}
+
+// History rewritten while the journal was closed, every link recomputed:
+// only the chain-head checkpoint shows it. Verifying must not erase that
+// (a writable Close rewrote the checkpoint with the forged head, and the
+// next verify passed), and a writer must not start on it.
+func TestRewrittenHistoryKeepsItsEvidence(t *testing.T) {
+	const n = 20
+	dir := t.TempDir()
+	j := openTest(t, dir, WAL)
+	appendN(t, j, "acme", n)
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	j = openTest(t, dir, WAL)
+	var prev [32]byte
+	for seq := uint64(1); seq <= n; seq++ {
+		var r Record
+		if err := decodeRecord(rawGet(t, j, auditKey(seq)), &r); err != nil {
+			t.Fatal(err)
+		}
+		if seq >= 3 {
+			r.PrevHash = prev
+			if seq == 3 {
+				r.CodeName = "FORGED"
+			}
+			rawSet(t, j, auditKey(seq), r.encode())
+		}
+		prev = r.Hash
+	}
+	if err := j.Close(); err != nil { // writes the head it holds: the true one
+		t.Fatal(err)
+	}
+	for i := range 2 {
+		ro := openReadOnly(t, dir)
+		rep, err := ro.Verify(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rep.OK() || rep.Break.Reason != BreakHeadMismatch {
+			t.Fatalf("read-only verify %d: %+v, want a head mismatch", i+1, rep.Break)
+		}
+		if err := ro.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if w, err := Open(Options{Dir: dir, Logger: testLogger(t)}); !errors.Is(err, errHeadDoubt) {
+		if err == nil {
+			w.Close()
+		}
+		t.Fatalf("writable Open: %v, want errHeadDoubt", err)
+	}
+}
+
+// What a writable Open refuses in a tail log (a damaged frame between
+// others), a read-only one reads up to, and Verify names: the remedy the
+// refusal prints, `sigil audit verify`, is this.
+func TestReadOnlyReportsATailLogOpenRefuses(t *testing.T) {
+	dir := killedWithTail(t)
+	path := filepath.Join(dir, tailName)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	offs, _ := frameOffsets(t, data)
+	data[offs[5]+tailHeaderLen] ^= 1 // the frame of record 7
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if w, err := Open(Options{Dir: dir, Logger: testLogger(t)}); !errors.Is(err, errTailCorrupt) {
+		if err == nil {
+			w.Close()
+		}
+		t.Fatalf("writable Open: %v, want errTailCorrupt", err)
+	}
+	rep := expectBreak(t, openReadOnly(t, dir), 7, BreakTailLog)
+	if rep.LastSeq != 6 {
+		t.Fatalf("read up to seq %d, want 6 (the frames before the damaged one)", rep.LastSeq)
+	}
+}
