@@ -43,6 +43,47 @@ type quotaSnapshot struct {
 	Counts map[string]uint64 `json:"counts"` // "tenant/slot" → signatures counted that day
 }
 
+// OfflinePruneCutoff is the cut-off a prune without the agent may use in
+// place of cut. The agent stores the day's quota counts before it prunes;
+// an offline prune cannot (it has no policy engine), and a restart would
+// then count the day's quotas from records it deleted, handing them out a
+// second time. So where quotas may be counted (the journal holds stored
+// counts, or a record of today names a policy tenant) it keeps the records
+// of the current UTC day: the returned time is the day's start, and kept
+// is true, when cut is later.
+func OfflinePruneCutoff(ctx context.Context, j *journal.Journal, cut, now time.Time) (before time.Time, kept bool, err error) {
+	dayStart := now.UTC().Truncate(24 * time.Hour)
+	if !cut.After(dayStart) {
+		return cut, false, nil
+	}
+	counted := true
+	if _, err := j.Get(quotaStateKey); errors.Is(err, journal.ErrNotFound) {
+		counted = false
+	} else if err != nil {
+		return cut, false, err
+	}
+	if !counted {
+		from, err := j.FirstSeqAt(dayStart)
+		if err != nil {
+			return cut, false, err
+		}
+		err = j.Scan(ctx, journal.Filter{FromSeq: from}, func(r *journal.Record) error {
+			if r.Tenant != "" {
+				counted = true
+				return errStopScan
+			}
+			return nil
+		})
+		if err != nil && !errors.Is(err, errStopScan) {
+			return cut, false, err
+		}
+	}
+	if counted {
+		return dayStart, true, nil
+	}
+	return cut, false, nil
+}
+
 // hasDailyQuota reports whether any slot of the policy in force has one.
 func (a *Agent) hasDailyQuota() bool {
 	for _, sl := range a.policy.Set().AllSlots() {

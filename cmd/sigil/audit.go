@@ -237,6 +237,13 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				return err
 			}
 			defer j.Close()
+			cut, kept, err := agent.OfflinePruneCutoff(cmd.Context(), j, cut, time.Now())
+			if err != nil {
+				return &exitError{exitFailure, err}
+			}
+			if kept {
+				fmt.Fprintf(out, "today's records were kept: the daily quota counts of a restart need them (the running agent prunes them, storing the counts first)\n")
+			}
 			res, err := j.Prune(cmd.Context(), cut, "sigil audit prune (offline)")
 			if err != nil {
 				return &exitError{exitFailure, err}

@@ -320,6 +320,7 @@ func TestDailyQuotaSurvivesAKillAfterPruneOrDrop(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		before func(t *testing.T, q *quotaAgent)
+		killed func(t *testing.T, q *quotaAgent) // while it is down; may be nil
 		after  func(t *testing.T, q *quotaAgent) // once restarted
 	}{
 		{"prune of today's records", func(t *testing.T, q *quotaAgent) {
@@ -328,13 +329,21 @@ func TestDailyQuotaSurvivesAKillAfterPruneOrDrop(t *testing.T) {
 			if out, stderr, code := runBin(t, q.bin, "audit", "prune", "--before", cut.UTC().Format(time.RFC3339), "--admin-socket", q.admin); code != 0 {
 				t.Fatalf("audit prune: %d %s %s", code, out, stderr)
 			}
+		}, nil, func(*testing.T, *quotaAgent) {}},
+		// The offline prune cannot store the counts first (it has no
+		// policy engine): it keeps today's records instead.
+		{"an offline prune after the kill", func(*testing.T, *quotaAgent) {}, func(t *testing.T, q *quotaAgent) {
+			out, stderr, code := runBin(t, q.bin, "audit", "prune", "--before", time.Now().Add(time.Minute).UTC().Format(time.RFC3339), "--config", q.config)
+			if code != 0 || !strings.Contains(out, "today's records were kept") {
+				t.Fatalf("offline audit prune: %d %s %s", code, out, stderr)
+			}
 		}, func(*testing.T, *quotaAgent) {}},
 		{"the slot dropped by a reload", func(t *testing.T, q *quotaAgent) {
 			q.writePolicy(t, quota, false)
 			if out, stderr, code := runBin(t, q.bin, "admin", "reload", "--admin-socket", q.admin); code != 0 {
 				t.Fatalf("reload: %d %s %s", code, out, stderr)
 			}
-		}, func(t *testing.T, q *quotaAgent) {
+		}, nil, func(t *testing.T, q *quotaAgent) {
 			q.writePolicy(t, quota, true) // back the same day
 			if out, stderr, code := runBin(t, q.bin, "admin", "reload", "--admin-socket", q.admin); code != 0 {
 				t.Fatalf("reload: %d %s %s", code, out, stderr)
@@ -347,6 +356,9 @@ func TestDailyQuotaSurvivesAKillAfterPruneOrDrop(t *testing.T) {
 			first := q.sign(t, 20)
 			tc.before(t, q)
 			q.kill()
+			if tc.killed != nil {
+				tc.killed(t, q)
+			}
 			q.start(t)
 			defer q.kill()
 			tc.after(t, q)
