@@ -410,6 +410,10 @@ func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journa
 			if err := json.Unmarshal(r, &head); err != nil {
 				return fmt.Errorf("record after seq %d: %w", from-1, err)
 			}
+			if err := continuesExport(from, head.Seq, f.Tenant); err != nil {
+				w.Flush()
+				return err
+			}
 			from = head.Seq + 1
 			if !f.Since.IsZero() && head.Time.Before(f.Since) {
 				continue
@@ -421,6 +425,19 @@ func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journa
 			return w.Flush()
 		}
 	}
+}
+
+// continuesExport checks that record seq may follow an export that has
+// reached from-1. Pages of the whole journal follow on seq by seq after
+// the first (which starts wherever the chain now starts): a jump means a
+// prune (the agent's retention, say) deleted the records in between while
+// the export ran, and the output would have a silent gap. A tenant's
+// records have gaps of their own.
+func continuesExport(from, seq uint64, tenant string) error {
+	if from > 1 && seq != from && tenant == "" {
+		return fmt.Errorf("records %d-%d were pruned while the export ran, so the output has a gap there: export again", from, seq-1)
+	}
+	return nil
 }
 
 // tailOnline reads the running agent's journal through the AuditTail admin

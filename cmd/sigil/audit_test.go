@@ -274,3 +274,25 @@ func TestAdminCommandsOverMutualTLS(t *testing.T) {
 		t.Fatalf("admin over tls:// without the TLS files: exit %d %s, want a usage error", code, stderr)
 	}
 }
+
+// An export from a running agent pages through its journal; records pruned
+// between two pages (retention runs hourly) must fail the export, not
+// leave a silent gap in it.
+func TestExportNoticesRecordsPrunedUnderIt(t *testing.T) {
+	for _, tc := range []struct {
+		from, seq uint64
+		tenant    string
+		ok        bool
+	}{
+		{1, 1, "", true},
+		{1, 4201, "", true}, // the first page starts where the chain starts
+		{101, 101, "", true},
+		{4201, 28089, "", false},
+		{4201, 28089, "payments", true}, // a tenant's records skip seqs anyway
+	} {
+		err := continuesExport(tc.from, tc.seq, tc.tenant)
+		if (err == nil) != tc.ok {
+			t.Errorf("from %d, record %d, tenant %q: %v", tc.from, tc.seq, tc.tenant, err)
+		}
+	}
+}
