@@ -342,9 +342,11 @@ func (e *Engine) check(tenant, slot string, id Identity, alg providers.Algorithm
 	var day uint64
 	if pol.DailyQuota > 0 {
 		day = Day(now)
-		if !rs.takeQuota(day, uint64(pol.DailyQuota)) {
+		if counted, ok := rs.takeQuota(day, uint64(pol.DailyQuota)); !ok {
 			d.Reason = QuotaExceeded
-			d.RetryAfter = time.Unix(int64(day+1)*86400, 0).Sub(now)
+			// The day counted against, which a clock stepped back across
+			// midnight leaves a day ahead of today's.
+			d.RetryAfter = time.Unix(int64(counted+1)*86400, 0).Sub(now)
 			return d, nil
 		}
 	}
@@ -448,22 +450,25 @@ func (e *Engine) RestoreDailyCount(tenant, slot string, day, count uint64) bool 
 }
 
 // takeQuota counts one signature against today's quota; a new day starts at
-// zero. The count never goes back a day: a check that read the clock before
-// midnight and counts after the new day's first signatures (or a clock
-// stepped back across midnight) counts against the newer day, rather than
-// starting the old one afresh and so the new one again after it.
-func (s *slotState) takeQuota(day, limit uint64) bool {
+// zero. It returns the day counted against. The count never goes back a
+// day: a check that read the clock before midnight and counts after the new
+// day's first signatures (or a clock stepped back across midnight) counts
+// against the newer day, rather than starting the old one afresh and so
+// the new one again after it. A stored day more than one ahead is a clock
+// that was stepped far ahead and back (a VM resumed with a bad clock):
+// kept, one signature then would freeze the slot's quota until that day.
+func (s *slotState) takeQuota(day, limit uint64) (uint64, bool) {
 	for {
 		old := s.quota.Load()
 		stored, count := old>>quotaCountBits, old&quotaCountMask
-		if stored < day {
+		if stored < day || stored > day+1 {
 			stored, count = day, 0
 		}
 		if count >= limit {
-			return false
+			return stored, false
 		}
 		if s.quota.CompareAndSwap(old, stored<<quotaCountBits|(count+1)) {
-			return true
+			return stored, true
 		}
 	}
 }

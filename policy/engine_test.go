@@ -441,6 +441,33 @@ func TestQuotaNeverGoesBackADay(t *testing.T) {
 	}
 }
 
+// A clock stepped back across midnight: the refusal's RetryAfter points at
+// the end of the day the count is on (the newer one), when a retry passes.
+// And a clock stepped far ahead and back (a VM resumed with a bad clock,
+// then NTP): the day of the signatures made meanwhile is not kept, or the
+// slot's quota would have to last until that day.
+func TestQuotaDayAfterClockSteps(t *testing.T) {
+	set := mustParse(t, enginePolicy) // "quota": daily_quota 2
+	clock := newFakeClock(monday.Add(24*time.Hour + time.Second))
+	e := NewEngine(set, clock.now)
+	e.Check("a", "quota", alice, es256, 32)
+	e.Check("a", "quota", alice, es256, 32)
+	clock.set(monday.Add(24*time.Hour - 2*time.Second)) // back across midnight
+	d := e.Check("a", "quota", alice, es256, 32)
+	if d.Reason != QuotaExceeded || d.RetryAfter < 24*time.Hour {
+		t.Fatalf("stepped back: %v, retry after %v; want QuotaExceeded until the newer day ends", d.Reason, d.RetryAfter)
+	}
+
+	e = NewEngine(set, clock.now)
+	clock.set(monday.Add(365 * 24 * time.Hour)) // a year ahead, for two signatures
+	e.Check("a", "quota", alice, es256, 32)
+	e.Check("a", "quota", alice, es256, 32)
+	clock.set(monday.Add(12 * time.Hour)) // corrected
+	if r := e.Check("a", "quota", alice, es256, 32).Reason; r != OK {
+		t.Fatalf("after the clock came back from a year ahead: %v, want today's quota fresh", r)
+	}
+}
+
 // A reload that brings slots back pauses those its caller names in the same
 // step that puts the set in force; slots that stayed keep their own state.
 func TestSwapPausedPausesReturningSlots(t *testing.T) {
