@@ -227,6 +227,12 @@ func (s *Scheduler) RotateAt(ctx context.Context, slot string, at time.Time, pee
 	rec := &journal.Record{Time: now, Tenant: tenant, Slot: slot, Op: "rotate.scheduled", CodeName: proto.OK.String(),
 		Peer: peer, Detail: "rotation scheduled for " + at.Format(time.RFC3339)}
 	_, err = s.r.store.mutate(ctx, slot, rec, func(sl *Slot, rec *journal.Record) error {
+		if last := sl.LastActivation(); !at.After(last) {
+			// NextDue counts one-off times after the last activation only:
+			// after a clock stepped back, this one would never run.
+			return fmt.Errorf("rotate %s at %s: that is not after the slot's last activation (%s), so it would never run",
+				slot, at.Format(time.RFC3339), last.Format(time.RFC3339))
+		}
 		v := sl.ActiveVersion()
 		rec.Version, rec.KID = uint32(v.Number), v.KID
 		if !slices.ContainsFunc(sl.Scheduled, at.Equal) {
@@ -245,6 +251,30 @@ func (s *Scheduler) RotateAt(ctx context.Context, slot string, at time.Time, pee
 	s.mu.Unlock()
 	s.Kick()
 	return nil
+}
+
+// clockStepTolerance is how far the wall clock may run ahead of the
+// monotonic clock between two rounds before the scheduler takes it for a
+// step: NTP slews far less than this.
+const clockStepTolerance = time.Minute
+
+// wallJump returns how far the wall clock moved ahead of the monotonic
+// clock from prev to now (both from time.Now), when that is more than
+// clockStepTolerance; else 0.
+func wallJump(prev, now time.Time) time.Duration {
+	if prev.IsZero() {
+		return 0
+	}
+	return stepAhead(now.Round(0).Sub(prev.Round(0)), now.Sub(prev))
+}
+
+// stepAhead is wallJump's measure: wall minus monotonic elapsed time, when
+// past the tolerance.
+func stepAhead(wall, monotonic time.Duration) time.Duration {
+	if d := wall - monotonic; d > clockStepTolerance {
+		return d
+	}
+	return 0
 }
 
 // TickReport is what one Tick did.
@@ -377,6 +407,7 @@ const minSleep = time.Second
 func (s *Scheduler) Run(ctx context.Context) error {
 	timer := time.NewTimer(0)
 	defer timer.Stop()
+	var prev time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -384,9 +415,19 @@ func (s *Scheduler) Run(ctx context.Context) error {
 		case <-timer.C:
 		case <-s.kick:
 		}
-		if _, err := s.Tick(ctx); err != nil && ctx.Err() == nil {
+		now := time.Now()
+		if ahead := wallJump(prev, now); ahead > 0 {
+			// A round acting on a wall clock stepped ahead (a VM resumed
+			// with a bad clock, before NTP) would rotate early, stamp T1
+			// and the calendar from the wrong time, and retire accepted
+			// versions for good. The step is let go by one round: a
+			// correction comes back, a true time stands at the next.
+			s.log.Warn("the wall clock jumped ahead of the time measured since the last round; no rotation or retirement this round",
+				zap.Duration("ahead", ahead))
+		} else if _, err := s.Tick(ctx); err != nil && ctx.Err() == nil {
 			s.log.Warn("rotation scheduler round had errors", zap.Error(err))
 		}
+		prev = now
 		d := s.opts.MaxSleep
 		if next := s.Next(); !next.IsZero() {
 			d = min(max(next.Sub(s.r.now()), minSleep), s.opts.MaxSleep)

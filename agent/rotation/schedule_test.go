@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -374,5 +375,48 @@ func TestSchedulerSkipsASlotRotatedMeanwhile(t *testing.T) {
 	rep := tick(t, e, s, t0.Add(721*time.Hour))
 	if got := e.active().Number; got != 2 {
 		t.Fatalf("%s is at v%d after a manual rotation during the scheduler's round, want v2 (rotated %d)", testSlot, got, len(rep.Rotated))
+	}
+}
+
+// After a rotation at 10:00 and the clock stepped back to 09:00, a one-off
+// time of 09:30 is in the future but before the last activation, which
+// NextDue never counts: accepted, it would never run. It is refused.
+func TestRotateAtBeforeTheLastActivationIsRefused(t *testing.T) {
+	e := newEnv(t, providers.KeyEd25519)
+	s := newScheduler(t, e, nil)
+	ctx := context.Background()
+	at := t0.Add(10 * time.Hour)
+	if err := s.RotateAt(ctx, testSlot, at, "admin"); err != nil {
+		t.Fatal(err)
+	}
+	if rep := tick(t, e, s, at); len(rep.Rotated) != 1 {
+		t.Fatal("not rotated at the scheduled time")
+	}
+	e.clock.Set(at.Add(-time.Hour)) // stepped back
+	if err := s.RotateAt(ctx, testSlot, at.Add(-30*time.Minute), "admin"); err == nil || !strings.Contains(err.Error(), "never run") {
+		t.Fatalf("RotateAt before the last activation: %v, want it refused", err)
+	}
+}
+
+// The scheduler takes a wall clock that ran ahead of the monotonic one
+// between two rounds for a step, past a minute (NTP slews far less).
+func TestSchedulerSeesAWallClockStep(t *testing.T) {
+	for _, tc := range []struct {
+		wall, monotonic time.Duration
+		step            bool
+	}{
+		{time.Minute, time.Minute, false},
+		{time.Minute + 50*time.Millisecond, time.Minute, false},
+		{time.Minute, 2 * time.Minute, false}, // stepped back: the rounds act on the earlier time
+		{365 * 24 * time.Hour, time.Minute, true},
+		{2*time.Minute + time.Second, time.Minute, true},
+	} {
+		if got := stepAhead(tc.wall, tc.monotonic) > 0; got != tc.step {
+			t.Errorf("wall %v, monotonic %v: step %v, want %v", tc.wall, tc.monotonic, got, tc.step)
+		}
+	}
+	now := time.Now()
+	if d := wallJump(now, now.Add(time.Minute)); d != 0 {
+		t.Errorf("a minute of both clocks: %v", d)
 	}
 }
