@@ -5,6 +5,7 @@ import (
 	"crypto/rsa"
 	"fmt"
 
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
 	"github.com/Azure/azure-sdk-for-go/sdk/security/keyvault/azkeys"
 	"go.uber.org/zap"
 
@@ -48,25 +49,90 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 		params.Curve = &crv
 	}
 	op := "create key " + b.key
+	// The versions there are now: a create whose answer is lost may have
+	// made one, which is then found by its absence here.
+	before, err := p.versionIDs(ctx, b.key)
+	if err != nil {
+		return fail(err)
+	}
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
-	resp, err := p.client.CreateKey(callCtx, b.key, params, nil)
+	// Sent once: not idempotent, and a 5xx or a lost answer may come after
+	// the vault made the version, so each retry would make another.
+	resp, err := p.client.CreateKey(policy.WithRetryOptions(callCtx, policy.RetryOptions{MaxRetries: -1}), b.key, params, nil)
 	if err != nil {
-		return fail(classify(ctx, callCtx, op, err))
+		err = classify(ctx, callCtx, op, err)
+		return fail(p.disableNew(ctx, b.key, before, err))
+	}
+	made := func(err error) (providers.KeyInfo, error) {
+		if resp.Key != nil && resp.Key.KID != nil && resp.Key.KID.Version() != b.version {
+			err = p.disable(ctx, b.key, resp.Key.KID.Version(), err)
+		}
+		return fail(err)
 	}
 	k, err := p.entryOf(op, KeyConfig{Name: name, Key: b.key}, resp.KeyBundle)
 	if err != nil {
-		return fail(err)
+		return made(err)
 	}
 	if k.version == b.version {
 		return fail(fmt.Errorf("azurekv %s: the vault answered with the base's version: %w", op, providers.ErrUnavailable))
 	}
 	if err := p.keys.Add(name, k); err != nil {
-		return fail(err)
+		return made(err)
 	}
 	p.log.Info("azurekv key version created", zap.String("key", name),
 		zap.String("base", base), zap.String("vault_key", k.key), zap.String("version", k.version), zap.String("kid", k.info.KID))
 	return k.info, nil
+}
+
+// versionIDs returns the ids of key's versions.
+func (p *Provider) versionIDs(ctx context.Context, key string) (map[string]bool, error) {
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	ids := map[string]bool{}
+	pager := p.client.NewListKeyPropertiesVersionsPager(key, nil)
+	for pager.More() {
+		page, err := pager.NextPage(callCtx)
+		if err != nil {
+			return nil, classify(ctx, callCtx, "list versions of "+key, err)
+		}
+		for _, kp := range page.Value {
+			if kp != nil && kp.KID != nil {
+				ids[kp.KID.Version()] = true
+			}
+		}
+	}
+	return ids, nil
+}
+
+// disableNew disables every version of key not in before, after a create
+// whose outcome is unknown, and returns cause with what became of them.
+func (p *Provider) disableNew(ctx context.Context, key string, before map[string]bool, cause error) error {
+	after, err := p.versionIDs(context.WithoutCancel(ctx), key)
+	if err != nil {
+		return fmt.Errorf("%w; listing the key's versions to find one the failed create may have made failed too (%v): check for an enabled version Sigil does not serve, and disable it", cause, err)
+	}
+	for v := range after {
+		if !before[v] {
+			cause = p.disable(ctx, key, v, cause)
+		}
+	}
+	return cause
+}
+
+// disable disables a version a failed NewVersion made, so that it is not
+// left as the vault key's current one, and returns cause saying so.
+func (p *Provider) disable(ctx context.Context, key, version string, cause error) error {
+	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
+	defer cancel()
+	enabled := false
+	_, err := p.client.UpdateKey(callCtx, key, version, azkeys.UpdateKeyParameters{KeyAttributes: &azkeys.KeyAttributes{Enabled: &enabled}}, nil)
+	if err != nil {
+		p.log.Warn("azurekv: a version made by a failed rotation could not be disabled", zap.String("vault_key", key), zap.String("version", version), zap.Error(err))
+		return fmt.Errorf("%w; the version %s it made could not be disabled, and is the key's current one: disable it by hand", cause, version)
+	}
+	p.log.Warn("azurekv: disabled the version a failed rotation made", zap.String("vault_key", key), zap.String("version", version))
+	return fmt.Errorf("%w; the version %s it made was disabled", cause, version)
 }
 
 // URI returns the full Key Vault key id (the kid URL, version included) of a

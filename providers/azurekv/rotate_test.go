@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/azurekv/azurekvtest"
 )
 
 func TestNewVersionAndAddKey(t *testing.T) {
@@ -108,5 +109,53 @@ func TestNewVersionAndAddKey(t *testing.T) {
 	}
 	if _, err := tf.p.NewVersion(ctx, "p256", "p256-v2"); !errors.Is(err, providers.ErrBadRequest) {
 		t.Fatalf("new version under a served name: %v", err)
+	}
+}
+
+// A CreateKey the vault carried out but whose answer was lost (a 503 in its
+// place, or none before the deadline) is not sent again: it is not
+// idempotent, and each retry would make another version. And the version
+// it made is disabled: left enabled it is the vault key's current one,
+// which anything resolving the key by name (a config without a version)
+// would use, though Sigil never published it.
+func TestFailedNewVersionIsNotRetriedAndIsDisabled(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		fault func(kv *azurekvtest.Server)
+	}{
+		{"answer a 503", func(kv *azurekvtest.Server) { kv.CreateStatus = 503 }},
+		{"answer lost", func(kv *azurekvtest.Server) { kv.CreateStall = true }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tf := newFleet(t, 500*time.Millisecond)
+			tf.kv.Update(func() { tc.fault(tf.kv) })
+			if _, err := tf.p.NewVersion(context.Background(), "p256", "p256-v2"); err == nil {
+				t.Fatal("NewVersion succeeded")
+			}
+			if n := tf.kv.CreateCount(); n != 1 {
+				t.Fatalf("the vault made %d versions, want 1", n)
+			}
+			vs := tf.kv.Versions("ec-p256")
+			var enabled []string
+			tf.kv.Update(func() {
+				for _, v := range vs {
+					if v.Enabled {
+						enabled = append(enabled, v.ID)
+					}
+				}
+			})
+			if len(enabled) != 1 || enabled[0] != tf.v["ec-p256"].ID {
+				t.Fatalf("enabled versions %v, want only the served %s", enabled, tf.v["ec-p256"].ID)
+			}
+			// The served version still signs.
+			d := randomDigest(crypto.SHA256)
+			sig, err := tf.p.Sign(context.Background(), "p256", algES256, d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := providers.Verify(tf.info(t, "p256").Public, algES256, d, sig); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }

@@ -64,6 +64,14 @@ type Server struct {
 	challenges int                   // unauthenticated requests answered with 401
 	gets       int                   // authenticated get-key requests answered, faults included
 	identities int                   // tokens issued by the managed-identity endpoint
+	creates    int                   // versions made by create-key requests
+
+	// Set through Update. Create-key requests are carried out, and then,
+	// with CreateStatus, answered with that HTTP status (and a Key Vault
+	// error body) instead of the new version; with CreateStall, not
+	// answered until the client gives up.
+	CreateStatus int
+	CreateStall  bool
 }
 
 // Version is one key version.
@@ -99,6 +107,20 @@ func (s *Server) Update(fn func()) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	fn()
+}
+
+// CreateCount returns how many versions create-key requests made.
+func (s *Server) CreateCount() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.creates
+}
+
+// Versions returns key name's versions, oldest first.
+func (s *Server) Versions(name string) []*Version {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]*Version(nil), s.keys[name]...)
 }
 
 // SignCount is the number of authenticated sign requests answered.
@@ -391,6 +413,10 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/"), "/")
 	switch {
+	case r.Method == http.MethodGet && len(parts) == 3 && parts[0] == "keys" && parts[1] != "" && parts[2] == "versions":
+		s.listVersions(w, r, parts[1])
+	case r.Method == http.MethodPatch && len(parts) == 3 && parts[0] == "keys" && parts[1] != "" && parts[2] != "":
+		s.updateKey(w, r, parts[1], parts[2])
 	case r.Method == http.MethodGet && len(parts) >= 2 && len(parts) <= 3 && parts[0] == "keys" && parts[1] != "":
 		version := ""
 		if len(parts) == 3 {
@@ -485,7 +511,62 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request, name string) 
 		return
 	}
 	v := s.Add(name, signer)
+	s.mu.Lock()
+	s.creates++
+	status, stall := s.CreateStatus, s.CreateStall
+	s.mu.Unlock()
+	switch {
+	case stall:
+		<-r.Context().Done()
+		return
+	case status != 0:
+		writeError(w, status, codeFor(status), "injected fault")
+		return
+	}
 	writeBundle(w, r, v, true)
+}
+
+// listVersions answers with the properties of key name's versions (one
+// page), as Key Vault's list-key-versions does.
+func (s *Server) listVersions(w http.ResponseWriter, r *http.Request, name string) {
+	s.mu.Lock()
+	var items []map[string]any
+	for _, v := range s.keys[name] {
+		items = append(items, map[string]any{
+			"kid":        kid(r, v),
+			"attributes": map[string]any{"enabled": v.Enabled, "recoveryLevel": "Recoverable+Purgeable"},
+		})
+	}
+	s.mu.Unlock()
+	writeJSON(w, map[string]any{"value": items, "nextLink": nil})
+}
+
+// updateKey applies an update-key request's enabled attribute to a version.
+func (s *Server) updateKey(w http.ResponseWriter, r *http.Request, name, version string) {
+	var req struct {
+		Attributes *struct {
+			Enabled *bool `json:"enabled"`
+		} `json:"attributes"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		writeError(w, http.StatusBadRequest, "BadParameter", "malformed body")
+		return
+	}
+	s.mu.Lock()
+	v := s.lookup(name, version)
+	if v != nil && req.Attributes != nil && req.Attributes.Enabled != nil {
+		v.Enabled = *req.Attributes.Enabled
+	}
+	var enabled bool
+	if v != nil {
+		enabled = v.Enabled
+	}
+	s.mu.Unlock()
+	if v == nil {
+		writeError(w, http.StatusNotFound, "KeyNotFound", "A key with (name/id) "+name+" was not found in this key vault.")
+		return
+	}
+	writeBundle(w, r, v, enabled)
 }
 
 // writeBundle answers with v's KeyBundle: its JWK public key and attributes.
