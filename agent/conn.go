@@ -338,15 +338,13 @@ func (c *conn) readLoop() {
 			continue
 		}
 		// The request's deadline runs from here: a wait for the tenant's
-		// in-flight place is part of it, not added to it.
+		// in-flight place is part of it, not added to it. That wait is a
+		// worker's, never the reader's: a request behind one that waits
+		// would not be read, and its deadline would start only when the
+		// wait ended, long after its client gave up.
 		arrived := time.Now()
-		if !c.acquireSlot(req, arrived) {
-			if c.ctx.Err() != nil {
-				return
-			}
-			continue
-		}
-		if c.runInline(req, br) {
+		held := c.tryTenantToken()
+		if held && c.runInline(req, br) {
 			c.handle(req, arrived)
 			c.releaseSlot()
 			continue
@@ -356,12 +354,14 @@ func (c *conn) readLoop() {
 		select {
 		case c.inFlight <- struct{}{}:
 		case <-c.ctx.Done():
-			c.releaseSlot()
+			if held {
+				c.releaseSlot()
+			}
 			requestPool.Put(req)
 			return
 		}
 		c.handlers.Add(1)
-		c.a.workers.run(job{c: c, req: req, arrived: arrived})
+		c.a.workers.run(job{c: c, req: req, arrived: arrived, waitSlot: !held})
 	}
 }
 
@@ -377,15 +377,24 @@ func (c *conn) readFailed(err error) {
 	}
 }
 
-func (c *conn) handleAsync(req *proto.Request, arrived time.Time) {
+// handleAsync answers req on a worker, first waiting for the tenant's
+// in-flight place when the reader could not take one (waitSlot).
+func (c *conn) handleAsync(req *proto.Request, arrived time.Time, waitSlot bool) {
+	held := !waitSlot
 	defer func() {
 		if c.a.cfg.Limits.IdleTimeout > 0 {
 			c.lastDone.Store(time.Now().UnixNano())
 		}
 		<-c.inFlight
-		c.releaseSlot()
+		if held {
+			c.releaseSlot()
+		}
 		c.handlers.Done()
 	}()
+	if waitSlot && !c.acquireSlot(req, arrived) {
+		return // answered, or the connection is ending
+	}
+	held = true
 	c.handle(req, arrived)
 }
 

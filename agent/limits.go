@@ -170,6 +170,20 @@ const noTenantCapacityMsg = "no capacity within the deadline: this tenant has li
 
 // takeTenantToken waits up to d for one of the tenant's in-flight tokens,
 // or until done is closed.
+// tryTenantToken takes one of the tenant's in-flight tokens if one is free
+// now; releaseSlot gives it back.
+func (c *conn) tryTenantToken() bool {
+	if c.load == nil {
+		return true
+	}
+	select {
+	case c.load.inFlight <- struct{}{}:
+		return true
+	default:
+		return false
+	}
+}
+
 func (c *conn) takeTenantToken(d time.Duration, done <-chan struct{}) error {
 	if c.load == nil {
 		return nil // admin socket: no Sign or Verify is served there anyway

@@ -476,3 +476,47 @@ func TestCertificateWithoutANameIsOneClient(t *testing.T) {
 	}
 	signOK(t, c)
 }
+
+// Pipelined requests behind one that waits for the tenant's in-flight place
+// are still read at once, so each one's deadline (tmo) runs from when its
+// client sent it, not from when the wait ahead of it ended: a request with
+// a short deadline is refused in time instead of being signed (and
+// journaled, and counted against quotas) after its client gave up.
+func TestPipelinedRequestsBehindATenantWaitAreReadAtOnce(t *testing.T) {
+	h := newHeldProvider(t)
+	cfg := softwareConfig(t)
+	cfg.Limits.MaxInFlightPerTenant = 1
+	r := startAgent(t, cfg, agent.WithProviders(h))
+	d := sha256.Sum256([]byte("x"))
+	h.hold.Store(true)
+	held := make(chan error, 1)
+	go func() {
+		_, err := r.dial(t).Sign(context.Background(), client.ByName("hkey"), client.Algorithm{}, d[:])
+		held <- err
+	}()
+	<-h.entered // the tenant's one place is taken until h.release
+	defer h.release()
+
+	rc := r.raw(t)
+	rc.hello()
+	sent := time.Now()
+	rc.send(&proto.Request{ID: 2, Op: proto.OpSign, Digest: d[:], TimeoutMillis: 3000})
+	rc.send(&proto.Request{ID: 3, Op: proto.OpSign, Digest: d[:], TimeoutMillis: 200})
+	resp, err := rc.recv()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.ID != 3 || resp.Code != proto.DeadlineExceeded || len(resp.Sig) != 0 {
+		t.Fatalf("first reply: id %d %s with %d signature bytes; want id 3 DEADLINE_EXCEEDED", resp.ID, resp.Code, len(resp.Sig))
+	}
+	if took := time.Since(sent); took > 2*time.Second {
+		t.Fatalf("the 200 ms request was answered after %v: its deadline started late", took)
+	}
+	h.release()
+	if err := <-held; err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := rc.recv(); err != nil || resp.ID != 2 || resp.Code != proto.OK {
+		t.Fatalf("the 3 s request: %v %+v, want signed once the place was free", err, resp)
+	}
+}

@@ -22,9 +22,10 @@ type workerPool struct {
 }
 
 type job struct {
-	c       *conn
-	req     *proto.Request
-	arrived time.Time // when the request was read: its deadline runs from then
+	c        *conn
+	req      *proto.Request
+	arrived  time.Time // when the request was read: its deadline runs from then
+	waitSlot bool      // the tenant's in-flight place is still to be taken
 }
 
 func newWorkerPool(idleTimeout time.Duration) *workerPool {
@@ -44,13 +45,13 @@ func (p *workerPool) run(j job) {
 }
 
 func (p *workerPool) worker(j job) {
-	j.c.handleAsync(j.req, j.arrived)
+	j.c.handleAsync(j.req, j.arrived, j.waitSlot)
 	idle := time.NewTimer(p.idleTimeout)
 	defer idle.Stop()
 	for {
 		select {
 		case j := <-p.jobs:
-			j.c.handleAsync(j.req, j.arrived)
+			j.c.handleAsync(j.req, j.arrived, j.waitSlot)
 			idle.Reset(p.idleTimeout)
 		case <-idle.C:
 			return
