@@ -6,6 +6,7 @@ import (
 	"maps"
 	"slices"
 
+	"github.com/sigil-agent/sigil/agent/rotation"
 	"github.com/sigil-agent/sigil/policy"
 )
 
@@ -21,9 +22,14 @@ import (
 func CheckFiles(cfg Config) error {
 	var errs []error
 	if cfg.Policy != "" {
-		if _, err := policy.Load(cfg.Policy); err != nil {
+		set, err := policy.Load(cfg.Policy)
+		if err != nil {
 			errs = append(errs, fmt.Errorf("policy: %w", err))
+		} else {
+			errs = append(errs, calendarSlotErrors(set, cfg.Rotation.Calendars)...)
 		}
+	} else if len(cfg.Rotation.Calendars) > 0 {
+		errs = append(errs, errors.New("rotation.calendars: rotation needs a policy file, and the config names none"))
 	}
 	if cfg.TCP.Listen != "" {
 		if _, err := newTLSMaterial(cfg.TCP); err != nil {
@@ -36,4 +42,20 @@ func CheckFiles(cfg Config) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// calendarSlotErrors names each calendar whose slot the policy set lacks:
+// a mistyped slot ("payments/relase") would never rotate, silently.
+func calendarSlotErrors(set *policy.Set, cals map[string]rotation.CalendarConfig) []error {
+	var errs []error
+	for _, name := range slices.Sorted(maps.Keys(cals)) {
+		tenant, slot, err := rotation.SplitSlot(name)
+		if err != nil {
+			continue // Validate names it
+		}
+		if _, ok := set.Slot(tenant, slot); !ok {
+			errs = append(errs, fmt.Errorf("rotation.calendars[%s]: the policy has no such slot, so it would never rotate", name))
+		}
+	}
+	return errs
 }

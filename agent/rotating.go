@@ -129,6 +129,9 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	for _, err := range calendarSlotErrors(a.policy.Set(), a.cfg.Rotation.Calendars) {
+		a.log.Warn("a rotation calendar names no slot of the policy", zap.Error(err))
+	}
 	sched, err := rotation.NewScheduler(rot, rotation.SchedulerOptions{
 		Calendars:  cals,
 		RetryAfter: a.cfg.Rotation.RetryAfter,

@@ -365,6 +365,12 @@ func TestReloadPutsCalendarsInForce(t *testing.T) {
 	}
 	ctx := context.Background()
 	agentLifetime(t, cfg, func(_, admin *client.Client) {
+		// A calendar for a slot the policy lacks is put in force with the
+		// others, and the reload says it will never rotate.
+		writeConfig("  calendars:\n    payments/relase: {period: 720h}\n")
+		if _, err := admin.ReloadPolicy(ctx); err == nil || !strings.Contains(err.Error(), "payments/relase") {
+			t.Fatalf("reload with a calendar for no slot: %v, want it named", err)
+		}
 		due := time.Now().Add(time.Second).UTC().Truncate(time.Second).Add(time.Second)
 		writeConfig(fmt.Sprintf("  calendars:\n    payments/release: {dates: [%q]}\n", due.Format(time.RFC3339)))
 		if _, err := admin.ReloadPolicy(ctx); err != nil {

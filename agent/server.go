@@ -359,6 +359,7 @@ func (a *Agent) Reload() error {
 	a.certMu.Lock()
 	certPaths, certsKnown := a.certPaths, true
 	a.certMu.Unlock()
+	var calendars map[string]rotation.CalendarConfig // the config's, checked against the policy reloaded below
 	if a.cfg.source != "" {
 		fresh, err := LoadConfig(a.cfg.source)
 		if err != nil {
@@ -372,6 +373,7 @@ func (a *Agent) Reload() error {
 			tcp, ferrs = a.followConfig(fresh)
 			errs = append(errs, ferrs...)
 			certPaths = fresh.Certificates
+			calendars = fresh.Rotation.Calendars
 		}
 	}
 	if a.tls != nil {
@@ -391,6 +393,9 @@ func (a *Agent) Reload() error {
 	if a.policy != nil {
 		if err := a.reloadPolicy(); err != nil {
 			errs = append(errs, err)
+		}
+		if a.sched != nil && calendars != nil {
+			errs = append(errs, calendarSlotErrors(a.policy.Set(), calendars)...)
 		}
 	}
 	return errors.Join(errs...)
