@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -105,6 +106,15 @@ type Options struct {
 	// Checked at most every 100ms while there is room, on every commit
 	// while there is not. Default 64 MiB; negative disables the check.
 	MinFreeBytes int64
+	// AcceptTailLoss opens a journal whose tail log lacks records it once
+	// held (damaged between frames: records confirmed to signers are
+	// lost), which Open otherwise refuses: what can be replayed is, the
+	// tail is kept beside it as journal.tail.lost-<unix time>, and the
+	// chain goes on after the highest seq the tail shows, the first
+	// commit writing a journal.lost record that names the lost range, so
+	// no seq of a released signature is reused. `sigil audit recover`.
+	// A tail that disagrees with the store is still refused.
+	AcceptTailLoss bool
 	// ReadOnly opens an existing journal to read it, as `sigil audit
 	// verify`, `tail` and `export` do without an agent: Pebble read-only,
 	// and nothing written (no tail log started or removed, no checkpoint,
@@ -374,6 +384,9 @@ func (j *Journal) openDB() error {
 		var added uint64
 		seq, hash, added, err = replayTail(j.fs, j.tailPath(), db, seq, hash, j.log)
 		j.stats.replayed.Add(added)
+		if err != nil && errors.Is(err, errTailGap) && j.opts.AcceptTailLoss {
+			seq, hash, err = j.acceptTailLoss(seq, hash, err)
+		}
 	}
 	if err == nil {
 		err = j.startTail()
@@ -400,6 +413,29 @@ func (j *Journal) openDB() error {
 }
 
 func (j *Journal) tailPath() string { return j.fs.PathJoin(j.opts.Dir, tailName) }
+
+// acceptTailLoss takes the loss a damaged tail log shows (cause): the
+// chain goes on after the highest seq in the tail, and the next commit
+// writes a journal.lost record for the seqs after seq, the head replay
+// reached. The tail is moved aside, as evidence, for a fresh one.
+func (j *Journal) acceptTailLoss(seq uint64, hash [32]byte, cause error) (uint64, [32]byte, error) {
+	data, err := readAll(j.fs, j.tailPath())
+	if err != nil {
+		return seq, hash, fmt.Errorf("journal: read tail log: %w", err)
+	}
+	aside := j.tailPath() + ".lost-" + strconv.FormatInt(time.Now().Unix(), 10)
+	if err := j.fs.Rename(j.tailPath(), aside); err != nil {
+		return seq, hash, fmt.Errorf("journal: keep the damaged tail log as %s: %w", aside, err)
+	}
+	hw, hwHash := tailHighWater(data)
+	j.log.Error("journal tail log damaged: its lost records are recorded as lost, and the chain goes on after them",
+		zap.Uint64("replayed_to_seq", seq), zap.Uint64("tail_high_seq", hw), zap.String("kept_as", aside), zap.NamedError("damage", cause))
+	if hw <= seq {
+		return seq, hash, nil
+	}
+	j.lost = [2]uint64{seq + 1, hw}
+	return hw, hwHash, nil
+}
 
 // openReadOnly is openDB for a ReadOnly journal: the tail log's groups that
 // Pebble lacks go into an overlay, and what a writable Open would refuse is

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 )
@@ -151,5 +152,61 @@ func TestReadOnlyReportsATailLogOpenRefuses(t *testing.T) {
 	rep := expectBreak(t, openReadOnly(t, dir), 7, BreakTailLog)
 	if rep.LastSeq != 6 {
 		t.Fatalf("read up to seq %d, want 6 (the frames before the damaged one)", rep.LastSeq)
+	}
+}
+
+// A damaged tail log's loss is recorded, not papered over: recovering
+// replays what it can, keeps the tail beside the journal, and goes on after
+// the highest seq the tail shows with a journal.lost record, so that no seq
+// of a released signature is used again (moving the tail aside, as the
+// refusal used to advise, made the agent sign on as seq 7).
+func TestAcceptTailLossRecordsTheLoss(t *testing.T) {
+	dir := killedWithTail(t)
+	path := filepath.Join(dir, tailName)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	offs, _ := frameOffsets(t, data)
+	data[offs[5]+tailHeaderLen] ^= 1 // the frame of record 7; 8-30 follow it
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	j, err := Open(Options{Dir: dir, AcceptTailLoss: true, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatalf("Open accepting the loss: %v", err)
+	}
+	if err := j.Barrier(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Append(context.Background(), signRecord("acme", 100)); err != nil {
+		t.Fatal(err)
+	}
+	if head, _ := j.Head(); head != 32 {
+		t.Fatalf("head %d, want 32: 1-6 kept, 7-30 lost, 31 the journal.lost record, 32 the new one", head)
+	}
+	var lost *Record
+	j.Scan(context.Background(), Filter{}, func(r *Record) error {
+		if r.Op == LostOp {
+			cp := *r
+			lost = &cp
+		}
+		return nil
+	})
+	if lost == nil || lost.Seq != 31 || !strings.Contains(lost.Detail, "7-30") {
+		t.Fatalf("journal.lost record %+v, want seq 31 naming 7-30", lost)
+	}
+	expectBreak(t, j, 7, BreakGap)
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	kept, _ := filepath.Glob(filepath.Join(dir, tailName+".lost-*"))
+	if len(kept) != 1 {
+		t.Fatalf("the damaged tail log was not kept beside the journal: %v", kept)
+	}
+	// The agent opens it as it is now, and goes on after seq 32.
+	j = openTest(t, dir, WAL)
+	if head, _ := j.Head(); head != 32 {
+		t.Fatalf("reopened at head %d, want 32", head)
 	}
 }

@@ -267,6 +267,29 @@ type tailFrame struct {
 // errTailCorrupt marks a tail log that cannot be read to its end.
 var errTailCorrupt = errors.New("journal: tail log corrupt")
 
+// errTailGap marks, with errTailCorrupt, a tail log that lacks records it
+// once held (a frame damaged or missing between others, or between the
+// store and the tail): records confirmed to signers are lost. Options.
+// AcceptTailLoss records that loss instead of refusing to open.
+var errTailGap = errors.New("records lost")
+
+// tailHighWater returns the highest seq a valid frame anywhere in the tail
+// log holds, and that record's hash: the head a killed agent had confirmed,
+// past any damage.
+func tailHighWater(data []byte) (seq uint64, hash [32]byte) {
+	for off := 0; off < len(data); off++ {
+		i := bytes.Index(data[off:], []byte(tailMagic))
+		if i < 0 {
+			break
+		}
+		off += i
+		if fr, _, ok := frameAt(data[off:]); ok && fr.lastSeq > seq {
+			seq, hash = fr.lastSeq, fr.last
+		}
+	}
+	return seq, hash
+}
+
 // frameAt parses the frame at the start of data; ok is false when there
 // is none there (no magic, cut short, a failed checksum, bad seqs).
 func frameAt(data []byte) (fr tailFrame, n int, ok bool) {
@@ -345,10 +368,9 @@ func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, s
 	}
 	frames, end, perr := parseTail(data, seq)
 	if perr != nil {
-		perr = fmt.Errorf("%w (%s); records confirmed to signers may be missing: run `sigil audit verify`, and move the file aside to start without it", perr, path)
-		if into == nil {
-			return seq, hash, 0, perr
-		}
+		// The run before the fault is still replayed: its records were
+		// confirmed, and they continue the chain.
+		perr = fmt.Errorf("%w (%w, %s); records confirmed to signers are missing: run `sigil audit verify`, then `sigil audit recover` to record their loss in the chain and start again", perr, errTailGap, path)
 	}
 	if end < len(data) && data[end] != 0 {
 		log.Info("journal tail log's frames end before its last byte; dropping the rest (a write cut short, or frames from before it started over)",
@@ -369,7 +391,7 @@ func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, s
 			// changed under the journal, or the tail is another journal's:
 			// the chain is in doubt, and signing on would extend it.
 			if stored, ok := storedHash(db, fr.lastSeq); !ok || stored != fr.last {
-				return seq, hash, 0, fmt.Errorf("%w (%s): its record %d is one the store lacks or holds differently; run `sigil audit verify`, and move the file aside to start without it",
+				return seq, hash, 0, fmt.Errorf("%w (%s): its record %d is one the store lacks or holds differently: the store changed under the journal, or the tail is another journal's; run `sigil audit verify`, and keep this directory as evidence",
 					errTailCorrupt, path, fr.lastSeq)
 			}
 		case fr.firstSeq == seq+1 && fr.prev == hash:
@@ -388,8 +410,8 @@ func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, s
 			added += fr.lastSeq - fr.firstSeq + 1
 			seq, hash = fr.lastSeq, fr.last
 		default:
-			return seq, hash, added, fmt.Errorf("%w: its records %d-%d do not continue the chain at seq %d; records confirmed to signers are missing: run `sigil audit verify`",
-				errTailCorrupt, fr.firstSeq, fr.lastSeq, seq)
+			return seq, hash, added, fmt.Errorf("%w (%w): its records %d-%d do not continue the chain at seq %d; records confirmed to signers are missing: run `sigil audit verify`, then `sigil audit recover` to record their loss in the chain and start again",
+				errTailCorrupt, errTailGap, fr.firstSeq, fr.lastSeq, seq)
 		}
 	}
 	if added > 0 && into == nil {

@@ -41,7 +41,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 	// it read-only: they write nothing (no file another user would own,
 	// no checkpoint over the evidence they report), and they read what a
 	// writable Open refuses.
-	open := func(readOnly bool) (*journal.Journal, error) {
+	open := func(readOnly bool, more ...func(*journal.Options)) (*journal.Journal, error) {
 		d, err := journalDir(configPath, dir)
 		if err != nil {
 			return nil, &exitError{exitUsage, err}
@@ -49,7 +49,11 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 		if _, err := os.Stat(d); err != nil {
 			return nil, &exitError{exitFailure, fmt.Errorf("no journal at %s: %w", d, err)}
 		}
-		j, err := journal.Open(journal.Options{Dir: d, ReadOnly: readOnly})
+		o := journal.Options{Dir: d, ReadOnly: readOnly}
+		for _, m := range more {
+			m(&o)
+		}
+		j, err := journal.Open(o)
 		if err != nil {
 			if errors.Is(err, journal.ErrInUse) {
 				return nil, &exitError{exitFailure, fmt.Errorf("journal %s is in use (is the agent running? ask it with --admin-socket PATH, stop it, or copy the directory): %w", d, err)}
@@ -255,7 +259,41 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 	prune.Flags().StringVar(&before, "before", "", "delete records older than this: RFC 3339 time, or a duration ago (2160h)")
 	prune.Flags().StringVar(&adminSocket, "admin-socket", "", "the running agent's admin socket")
 
-	cmd.AddCommand(verify, tail, export, prune)
+	recover := &cobra.Command{
+		Use:   "recover",
+		Short: "Record the records a damaged tail log lost, so that the agent starts again",
+		Long: `A killed agent's journal whose tail log is damaged between frames has lost
+records that were confirmed to signers, and the agent refuses to start on it.
+recover (with the agent stopped) replays what the tail still holds, keeps the
+damaged tail beside the journal as journal.tail.lost-<time>, and writes a
+journal.lost record naming the lost seqs: the chain goes on after them, so no
+seq of a released signature is used again. 'audit verify' reports the gap
+until a prune deletes past it. A tail log that disagrees with the store (the
+store changed under the journal) is not recovered: keep it as evidence.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			j, err := open(false, func(o *journal.Options) { o.AcceptTailLoss = true })
+			if err != nil {
+				return err
+			}
+			defer j.Close()
+			if err := j.Barrier(cmd.Context()); err != nil {
+				return &exitError{exitFailure, err}
+			}
+			last, err := j.Last(cmd.Context(), 1, "")
+			if err != nil {
+				return &exitError{exitFailure, err}
+			}
+			if len(last) == 1 && last[0].Op == journal.LostOp {
+				fmt.Fprintf(cmd.OutOrStdout(), "recorded at seq %d: %s\n", last[0].Seq, last[0].Detail)
+				return nil
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), "nothing to recover: the journal opens as it is")
+			return nil
+		},
+	}
+
+	cmd.AddCommand(verify, tail, export, prune, recover)
 	return cmd
 }
 

@@ -13,6 +13,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/sigil-agent/sigil/agent/devcerts"
+	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
 )
@@ -294,5 +295,30 @@ func TestExportNoticesRecordsPrunedUnderIt(t *testing.T) {
 		if (err == nil) != tc.ok {
 			t.Errorf("from %d, record %d, tenant %q: %v", tc.from, tc.seq, tc.tenant, err)
 		}
+	}
+}
+
+// `audit recover` on a journal with nothing lost opens it, says so, and
+// leaves the chain as it was (the damaged case: journal's
+// TestAcceptTailLossRecordsTheLoss).
+func TestAuditRecoverWithNothingLost(t *testing.T) {
+	dir := t.TempDir()
+	j, err := journal.Open(journal.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Append(context.Background(), &journal.Record{Tenant: "acme", Op: "sign", CodeName: "OK"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	out, stderr, code := run(t, "audit", "recover", "--journal", dir)
+	if code != 0 || !strings.Contains(out, "nothing to recover") {
+		t.Fatalf("recover: exit %d\n%s%s", code, out, stderr)
+	}
+	out, stderr, code = run(t, "audit", "verify", "--journal", dir)
+	if code != 0 || !strings.Contains(out, "audit chain OK: 1 records") {
+		t.Fatalf("verify after recover: exit %d\n%s%s", code, out, stderr)
 	}
 }
