@@ -11,6 +11,7 @@ import (
 	"math/big"
 	"net/http"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -86,6 +87,56 @@ type Provider struct {
 	keys    providers.KeySet[*remoteKey]
 	keysMu  sync.Mutex // serialises NewVersion and AddKey, which check keys before slow work
 	closed  atomic.Bool
+	// throttledUntil (Unix ns): the vault answered 429 and asked for a
+	// pause until then. Signs meanwhile are RATE_LIMITED here: Key Vault
+	// extends throttling for clients that keep sending.
+	throttledUntil atomic.Int64
+}
+
+// maxThrottlePause caps the pause a 429's Retry-After asks for;
+// defaultThrottlePause is the pause when it names none.
+const (
+	maxThrottlePause     = time.Minute
+	defaultThrottlePause = time.Second
+)
+
+// throttled returns how long the vault's last 429 asked for a pause still
+// has to run, zero when none.
+func (p *Provider) throttled(now time.Time) time.Duration {
+	if until := p.throttledUntil.Load(); until > now.UnixNano() {
+		return time.Duration(until - now.UnixNano())
+	}
+	return 0
+}
+
+// noteThrottle keeps the pause a 429 answer asks for: x-ms-retry-after-ms
+// or retry-after-ms (milliseconds), else Retry-After (seconds, or an HTTP
+// date), else defaultThrottlePause; at most maxThrottlePause.
+func (p *Provider) noteThrottle(err error, now time.Time) {
+	var re *azcore.ResponseError
+	if !errors.As(err, &re) || re.StatusCode != http.StatusTooManyRequests {
+		return
+	}
+	pause := defaultThrottlePause
+	if re.RawResponse != nil {
+		h := re.RawResponse.Header
+		if ms, err := strconv.Atoi(h.Get("x-ms-retry-after-ms")); err == nil && ms > 0 {
+			pause = time.Duration(ms) * time.Millisecond
+		} else if ms, err := strconv.Atoi(h.Get("retry-after-ms")); err == nil && ms > 0 {
+			pause = time.Duration(ms) * time.Millisecond
+		} else if sec, err := strconv.Atoi(h.Get("Retry-After")); err == nil && sec > 0 {
+			pause = time.Duration(sec) * time.Second
+		} else if at, err := http.ParseTime(h.Get("Retry-After")); err == nil && at.After(now) {
+			pause = at.Sub(now)
+		}
+	}
+	until := now.Add(min(pause, maxThrottlePause)).UnixNano()
+	for {
+		old := p.throttledUntil.Load()
+		if old >= until || p.throttledUntil.CompareAndSwap(old, until) {
+			return
+		}
+	}
 }
 
 type remoteKey struct {
@@ -313,10 +364,14 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if len(digest) != alg.Hash.Size() {
 		return nil, fmt.Errorf("azurekv sign %s: digest of %d bytes for %s: %w", name, len(digest), alg, providers.ErrBadRequest)
 	}
+	if wait := p.throttled(time.Now()); wait > 0 {
+		return nil, fmt.Errorf("azurekv sign %s: the vault asked for a pause (429), %v more: %w", name, wait.Round(time.Millisecond), providers.ErrRateLimited)
+	}
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	resp, err := p.signCall(callCtx, k, jws, digest)
 	if err != nil {
+		p.noteThrottle(err, time.Now())
 		return nil, classify(ctx, callCtx, "sign "+name, err)
 	}
 	if resp.KID != nil && (resp.KID.Name() != k.key || resp.KID.Version() != k.version) {

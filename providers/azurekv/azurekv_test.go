@@ -261,6 +261,44 @@ func TestSignErrorMapping(t *testing.T) {
 	}
 }
 
+// A 429 asks the client to pause (Retry-After): Signs meanwhile are
+// RATE_LIMITED without reaching the vault, which extends throttling for
+// clients that keep sending; after the pause they go through again.
+func TestThrottlePauseIsHonoured(t *testing.T) {
+	tf := newFleet(t, 0)
+	tf.kv.Update(func() { tf.v["ec-p256"].SignStatus = http.StatusTooManyRequests }) // Retry-After: 1
+	sign := func() error {
+		_, err := tf.p.Sign(context.Background(), "p256", algES256, randomDigest(crypto.SHA256))
+		return err
+	}
+	start := time.Now()
+	if err := sign(); !errors.Is(err, providers.ErrRateLimited) {
+		t.Fatalf("throttled: %v", err)
+	}
+	tf.kv.Update(func() { tf.v["ec-p256"].SignStatus = 0 })
+	for range 5 {
+		if err := sign(); !errors.Is(err, providers.ErrRateLimited) {
+			if time.Since(start) < 900*time.Millisecond {
+				t.Fatalf("during the pause the vault asked for: %v, want RATE_LIMITED", err)
+			}
+		}
+	}
+	if n := tf.kv.SignCount(); n != 1 && time.Since(start) < 900*time.Millisecond {
+		t.Fatalf("the vault saw %d sign requests during its pause, want 1", n)
+	}
+	time.Sleep(time.Until(start.Add(1100 * time.Millisecond)))
+	if err := sign(); err != nil {
+		t.Fatalf("after the pause: %v", err)
+	}
+	// The pause was the vault's: every key of it signs again.
+	if err := func() error {
+		_, err := tf.p.Sign(context.Background(), "p384", algES384, randomDigest(crypto.SHA384))
+		return err
+	}(); err != nil {
+		t.Fatal(err)
+	}
+}
+
 func TestOpenResolvesVersions(t *testing.T) {
 	keys := testKeys()
 	kv := &azurekvtest.Server{}
