@@ -15,6 +15,7 @@ import (
 
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/aws/retry"
+	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/service/kms"
@@ -582,6 +583,12 @@ func classify(parent, callCtx context.Context, op string, err error) error {
 	}
 	var apiErr smithy.APIError
 	if !errors.As(err, &apiErr) {
+		if credentialsFailed(err) {
+			// Nothing was sent: the SDK could not get credentials to sign
+			// with (expired, the role or file unreadable). Said apart from
+			// a network failure, which it otherwise reads as.
+			return fmt.Errorf("awskms %s: no credentials to sign the request with (check the credential source): %w", op, providers.ErrUnavailable)
+		}
 		// Transport failures: connection refused, reset, TLS. Their text can
 		// name the endpoint but carries nothing from a request body.
 		return fmt.Errorf("awskms %s: request failed: %w", op, providers.ErrUnavailable)
@@ -603,6 +610,14 @@ func classify(parent, callCtx context.Context, op string, err error) error {
 		return fmt.Errorf("awskms %s: rejected as invalid (%s): %w", op, code, providers.ErrBadRequest)
 	}
 	return fmt.Errorf("awskms %s: %s: %w", op, code, providers.ErrUnavailable)
+}
+
+// credentialsFailed reports an error from getting the credentials a request
+// is signed with, rather than from sending it: the SDK's signer error, or
+// its auth step's "get identity" (a plain wrapped error).
+func credentialsFailed(err error) bool {
+	var signing *v4.SigningError
+	return errors.As(err, &signing) || strings.Contains(err.Error(), "get identity:")
 }
 
 // keyTypeOf maps an AWS key spec to the Sigil key type; other specs

@@ -523,3 +523,33 @@ func TestThrottlingIsNotRetried(t *testing.T) {
 		t.Fatalf("the throttle took %v to report", el)
 	}
 }
+
+// Credentials that can no longer be had (expired, the role or the file
+// unreadable) are told apart from a network failure: nothing reached KMS.
+func TestCredentialFailureIsNamed(t *testing.T) {
+	endpoint := awskmstest.Start(t)
+	admin := awskmstest.Client(endpoint)
+	id := awskmstest.CreateKey(t, admin, types.KeySpecEccNistP256)
+	var broken atomic.Bool
+	static := awskmstest.Credentials()
+	cfg := testConfig(endpoint, nil, 2*time.Second, KeyConfig{Name: "k", KeyID: id})
+	cfg.Credentials = aws.CredentialsProviderFunc(func(ctx context.Context) (aws.Credentials, error) {
+		if broken.Load() {
+			return aws.Credentials{}, errors.New("the credential source is unreadable")
+		}
+		c, err := static.Retrieve(ctx)
+		c.CanExpire, c.Expires = true, time.Now().Add(time.Second)
+		return c, err
+	})
+	p, err := Open(context.Background(), cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	broken.Store(true)
+	time.Sleep(1100 * time.Millisecond) // the cached credentials expire
+	_, err = p.Sign(context.Background(), "k", algES256, randomDigest(crypto.SHA256))
+	if !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "no credentials") {
+		t.Fatalf("Sign with credentials gone: %v, want UNAVAILABLE naming the credentials", err)
+	}
+}
