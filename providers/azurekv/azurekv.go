@@ -461,8 +461,12 @@ func classify(parent, callCtx context.Context, op string, err error) error {
 		switch {
 		case re.StatusCode == http.StatusTooManyRequests:
 			return fmt.Errorf("azurekv %s: rate limited (%s): %w", op, status, providers.ErrRateLimited)
-		case re.StatusCode == http.StatusUnauthorized || re.StatusCode == http.StatusForbidden:
+		case re.StatusCode == http.StatusUnauthorized:
 			return fmt.Errorf("azurekv %s: credentials refused (%s): %w", op, status, providers.ErrUnavailable)
+		case re.StatusCode == http.StatusForbidden:
+			// Key Vault says 403 for an identity the access policy or RBAC
+			// role does not allow, and for a disabled key version alike.
+			return fmt.Errorf("azurekv %s: refused (%s: the identity's access policy or role, or a disabled key version): %w", op, status, providers.ErrUnavailable)
 		case re.StatusCode == http.StatusNotFound:
 			return fmt.Errorf("azurekv %s: %s: %w", op, status, providers.ErrNotFound)
 		case re.StatusCode == http.StatusBadRequest:

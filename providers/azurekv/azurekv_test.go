@@ -230,7 +230,7 @@ func TestSignErrorMapping(t *testing.T) {
 		tries  int // sign requests the vault sees: 5xx is retried once, 401 re-authenticated once
 	}{
 		{http.StatusTooManyRequests, providers.ErrRateLimited, "rate limited", 1},
-		{http.StatusForbidden, providers.ErrUnavailable, "credentials refused", 1},
+		{http.StatusForbidden, providers.ErrUnavailable, "or a disabled key version", 1},
 		{http.StatusUnauthorized, providers.ErrUnavailable, "credentials refused", 2},
 		{http.StatusNotFound, providers.ErrNotFound, "HTTP 404", 1},
 		{http.StatusBadRequest, providers.ErrBadRequest, "rejected as invalid", 1},
