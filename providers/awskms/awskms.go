@@ -377,6 +377,11 @@ func (p *Provider) updateAlias(ctx context.Context, alias, newARN string) (delet
 		_, err := p.client.UpdateAlias(callCtx, &kms.UpdateAliasInput{
 			AliasName:   aws.String(alias),
 			TargetKeyId: aws.String(newARN),
+		}, func(o *kms.Options) {
+			// One attempt per call: a 4xx must be the answer to the only
+			// attempt to mean "not applied". After an SDK retry it could
+			// follow a first attempt that was applied and answered 5xx.
+			o.Retryer = retry.AddWithMaxAttempts(o.Retryer, 1)
 		})
 		if err != nil {
 			return classifyRejection(err, classify(ctx, callCtx, "update alias "+alias, err))

@@ -49,6 +49,7 @@ type transport struct {
 	faults    sync.Map     // operation name ("UpdateAlias") → fault, on every attempt
 	injected  atomic.Int64 // requests answered by inject
 	staleARN  string       // what a faultStaleRead DescribeKey names
+	attempts  atomic.Int64 // requests of a faultAppliedThenThrottled operation
 }
 
 // fault is how an operation fails as the client sees it.
@@ -70,12 +71,21 @@ const (
 	// faultStaleRead: a DescribeKey answered with the key staleARN, as
 	// eventually consistent KMS may answer just after an alias moved.
 	faultStaleRead
+	// faultAppliedThenThrottled: the first attempt is faultApplied5xx,
+	// every later one faultThrottled.
+	faultAppliedThenThrottled
 )
 
 func (tr *transport) Do(req *http.Request) (*http.Response, error) {
 	target := req.Header.Get("X-Amz-Target")
 	op := target[strings.LastIndexByte(target, '.')+1:]
 	if f, _ := tr.faults.Load(op); f != nil && f.(fault) != noFault {
+		if f.(fault) == faultAppliedThenThrottled {
+			f = faultThrottled
+			if tr.attempts.Add(1) == 1 {
+				f = faultApplied5xx
+			}
+		}
 		return tr.inject(req, f.(fault))
 	}
 	if op != "Sign" {

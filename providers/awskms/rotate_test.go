@@ -165,6 +165,9 @@ func TestNewVersionAliasUpdateFaults(t *testing.T) {
 		{"refused with a 4xx", faultThrottled, noFault, true, false, true},
 		{"not applied, a 5xx", faultRefused5xx, noFault, true, false, false},
 		{"applied, read back stale", faultApplied5xx, faultStaleRead, true, true, false},
+		// The 4xx answers a second attempt, after the first was applied:
+		// it proves nothing about the alias.
+		{"applied, then a throttled attempt", faultAppliedThenThrottled, noFault, false, true, false},
 		{"applied, alias unreadable", faultApplied5xx, faultRefused5xx, true, true, false},
 		{"not applied, alias unreadable", faultRefused5xx, faultRefused5xx, true, false, false},
 	} {
