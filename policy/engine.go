@@ -339,10 +339,10 @@ func (e *Engine) check(tenant, slot string, id Identity, alg providers.Algorithm
 			return d, nil
 		}
 	}
-	var day uint64
+	var counted uint64 // the day the quota unit was taken from
 	if pol.DailyQuota > 0 {
-		day = Day(now)
-		if counted, ok := rs.takeQuota(day, uint64(pol.DailyQuota)); !ok {
+		var ok bool
+		if counted, ok = rs.takeQuota(Day(now), uint64(pol.DailyQuota)); !ok {
 			d.Reason = QuotaExceeded
 			// The day counted against, which a clock stepped back across
 			// midnight leaves a day ahead of today's.
@@ -353,7 +353,7 @@ func (e *Engine) check(tenant, slot string, id Identity, alg providers.Algorithm
 	if pol.Rate != nil {
 		if wait, ok := rs.takeToken(int64(now.Sub(e.epoch)), pol.interval, pol.tolerance); !ok {
 			if pol.DailyQuota > 0 {
-				rs.refundQuota(day)
+				rs.refundQuota(counted)
 			}
 			d.Reason = RateLimited
 			d.RetryAfter = time.Duration(wait)

@@ -468,6 +468,34 @@ func TestQuotaDayAfterClockSteps(t *testing.T) {
 	}
 }
 
+// A rate-limit refusal gives its quota unit back to the day it was taken
+// from, which after a step back across midnight is the newer day, not the
+// clock's: refunded to the clock's day, every such refusal kept its unit.
+func TestRateRefusalRefundsTheDayCounted(t *testing.T) {
+	set := mustParse(t, enginePolicy) // "both": 1/s, burst 1, daily_quota 5
+	clock := newFakeClock(monday.Add(24*time.Hour + time.Second))
+	e := NewEngine(set, clock.now)
+	if r := e.Check("a", "both", alice, es256, 32).Reason; r != OK {
+		t.Fatalf("first: %v", r)
+	}
+	clock.set(monday.Add(24*time.Hour - time.Second)) // back across midnight
+	for i := range 4 {
+		if r := e.Check("a", "both", alice, es256, 32).Reason; r != RateLimited {
+			t.Fatalf("check %d: %v, want RateLimited", i, r)
+		}
+	}
+	allowed := 0
+	for i := range 10 {
+		clock.set(monday.Add(24*time.Hour + time.Duration(10+i)*time.Second)) // a token each second
+		if e.Check("a", "both", alice, es256, 32).Reason == OK {
+			allowed++
+		}
+	}
+	if allowed != 4 {
+		t.Fatalf("%d of the day's 4 remaining signatures allowed after 4 rate-limit refusals, want 4", allowed)
+	}
+}
+
 // A reload that brings slots back pauses those its caller names in the same
 // step that puts the set in force; slots that stayed keep their own state.
 func TestSwapPausedPausesReturningSlots(t *testing.T) {
