@@ -406,3 +406,35 @@ func TestSSHAgentEnvIsShellSafe(t *testing.T) {
 		}
 	}
 }
+
+// `keys sign --in FIFO`: the input is checked before the agent is asked,
+// without opening a named pipe (which would lose what its writer sent and
+// leave the real read waiting).
+func TestSignFromANamedPipe(t *testing.T) {
+	sock := startTestAgent(t)
+	fifo := filepath.Join(t.TempDir(), "in")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		f, err := os.OpenFile(fifo, os.O_WRONLY, 0)
+		if err != nil {
+			return
+		}
+		f.Write([]byte("release v1.2.3"))
+		f.Close()
+	}()
+	done := make(chan int, 1)
+	go func() {
+		_, _, code := run(t, "--socket", sock, "keys", "sign", "--in", fifo)
+		done <- code
+	}()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Fatalf("keys sign --in FIFO: exit %d", code)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("keys sign --in FIFO hung")
+	}
+}

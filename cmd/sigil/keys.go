@@ -213,11 +213,20 @@ func checkInputs(algFlag, in string) error {
 		}
 	}
 	if in != "-" {
-		f, err := os.Open(in)
+		// Stat, not open: opening a named pipe here would take (and
+		// lose) what its writer sends, and the real read would then wait
+		// for a writer that has gone.
+		st, err := os.Stat(in)
 		if err != nil {
 			return &exitError{exitFailure, err}
 		}
-		f.Close()
+		if st.Mode().IsRegular() {
+			f, err := os.Open(in)
+			if err != nil {
+				return &exitError{exitFailure, err}
+			}
+			f.Close()
+		}
 	}
 	return nil
 }
