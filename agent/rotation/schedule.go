@@ -268,6 +268,31 @@ func wallJump(prev, now time.Time) time.Duration {
 	return stepAhead(now.Round(0).Sub(prev.Round(0)), now.Sub(prev))
 }
 
+// stepGuard holds the scheduler's rounds back after a forward step of the
+// wall clock. A round acting on a clock stepped ahead (a VM resumed with a
+// bad clock, before NTP) would rotate early, stamp T1 and the calendar from
+// the wrong time, and retire accepted versions for good; so after a step
+// no round acts for a while (a kick included), by the monotonic clock: a
+// correction comes back meanwhile, a true time stands after.
+type stepGuard struct {
+	jump      func(prev, now time.Time) time.Duration // wallJump; tests swap it
+	prev      time.Time
+	holdUntil time.Time // no round acts before this (monotonic)
+}
+
+// round reports, for a round at now, how far the clock jumped ahead since
+// the last (0 if not) and whether the round may act; after a jump none may
+// for hold.
+func (g *stepGuard) round(now time.Time, hold time.Duration) (ahead time.Duration, act bool) {
+	ahead = g.jump(g.prev, now)
+	g.prev = now
+	if ahead > 0 {
+		g.holdUntil = now.Add(hold)
+		return ahead, false
+	}
+	return 0, !now.Before(g.holdUntil)
+}
+
 // stepAhead is wallJump's measure: wall minus monotonic elapsed time, when
 // past the tolerance.
 func stepAhead(wall, monotonic time.Duration) time.Duration {
@@ -407,7 +432,7 @@ const minSleep = time.Second
 func (s *Scheduler) Run(ctx context.Context) error {
 	timer := time.NewTimer(0)
 	defer timer.Stop()
-	var prev time.Time
+	guard := stepGuard{jump: wallJump}
 	for {
 		select {
 		case <-ctx.Done():
@@ -415,21 +440,18 @@ func (s *Scheduler) Run(ctx context.Context) error {
 		case <-timer.C:
 		case <-s.kick:
 		}
-		now := time.Now()
-		if ahead := wallJump(prev, now); ahead > 0 {
-			// A round acting on a wall clock stepped ahead (a VM resumed
-			// with a bad clock, before NTP) would rotate early, stamp T1
-			// and the calendar from the wrong time, and retire accepted
-			// versions for good. The step is let go by one round: a
-			// correction comes back, a true time stands at the next.
-			s.log.Warn("the wall clock jumped ahead of the time measured since the last round; no rotation or retirement this round",
-				zap.Duration("ahead", ahead))
-		} else if _, err := s.Tick(ctx); err != nil && ctx.Err() == nil {
-			s.log.Warn("rotation scheduler round had errors", zap.Error(err))
+		ahead, act := guard.round(time.Now(), s.opts.MaxSleep)
+		switch {
+		case ahead > 0:
+			s.log.Warn("the wall clock jumped ahead of the time measured since the last round; no rotation or retirement for a while",
+				zap.Duration("ahead", ahead), zap.Duration("for", s.opts.MaxSleep))
+		case act:
+			if _, err := s.Tick(ctx); err != nil && ctx.Err() == nil {
+				s.log.Warn("rotation scheduler round had errors", zap.Error(err))
+			}
 		}
-		prev = now
 		d := s.opts.MaxSleep
-		if next := s.Next(); !next.IsZero() {
+		if next := s.Next(); !next.IsZero() && act {
 			d = min(max(next.Sub(s.r.now()), minSleep), s.opts.MaxSleep)
 		}
 		if !timer.Stop() {

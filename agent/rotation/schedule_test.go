@@ -420,3 +420,30 @@ func TestSchedulerSeesAWallClockStep(t *testing.T) {
 		t.Errorf("a minute of both clocks: %v", d)
 	}
 }
+
+// After a forward step no round acts for the hold, a kick's included; then
+// rounds act again.
+func TestStepGuardHoldsRoundsBack(t *testing.T) {
+	var jumped bool
+	g := stepGuard{jump: func(prev, now time.Time) time.Duration {
+		if jumped {
+			jumped = false
+			return time.Hour
+		}
+		return 0
+	}}
+	start := time.Now()
+	if _, act := g.round(start, time.Minute); !act {
+		t.Fatal("the first round did not act")
+	}
+	jumped = true
+	if ahead, act := g.round(start.Add(time.Second), time.Minute); ahead != time.Hour || act {
+		t.Fatalf("the round that saw the step: ahead %v, act %v", ahead, act)
+	}
+	if _, act := g.round(start.Add(2*time.Second), time.Minute); act {
+		t.Fatal("a round (a kick) a second after the step acted")
+	}
+	if _, act := g.round(start.Add(time.Second+time.Minute), time.Minute); !act {
+		t.Fatal("a round after the hold did not act")
+	}
+}

@@ -104,7 +104,9 @@ const (
 // has to run, zero when none.
 func (p *Provider) throttled(now time.Time) time.Duration {
 	if until := p.throttledUntil.Load(); until > now.UnixNano() {
-		return time.Duration(until - now.UnixNano())
+		// At most the longest pause kept: a wall clock stepped back must
+		// not stretch it (an hour back held every Sign for an hour).
+		return min(time.Duration(until-now.UnixNano()), maxThrottlePause)
 	}
 	return 0
 }

@@ -299,6 +299,17 @@ func TestThrottlePauseIsHonoured(t *testing.T) {
 	}
 }
 
+// The pause is kept in wall-clock time; a clock stepped back must not
+// stretch it past the longest pause a 429 may ask for.
+func TestThrottlePauseAfterAClockStepBack(t *testing.T) {
+	var p Provider
+	now := time.Now()
+	p.throttledUntil.Store(now.Add(time.Second).UnixNano())
+	if got := p.throttled(now.Add(-time.Hour)); got > maxThrottlePause {
+		t.Fatalf("an hour after a step back, %v of pause left, want at most %v", got, maxThrottlePause)
+	}
+}
+
 func TestOpenResolvesVersions(t *testing.T) {
 	keys := testKeys()
 	kv := &azurekvtest.Server{}
