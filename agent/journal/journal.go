@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -107,13 +106,14 @@ type Options struct {
 	// while there is not. Default 64 MiB; negative disables the check.
 	MinFreeBytes int64
 	// AcceptTailLoss opens a journal whose tail log lacks records it once
-	// held (damaged between frames: records confirmed to signers are
-	// lost), which Open otherwise refuses: what can be replayed is, the
-	// tail is kept beside it as journal.tail.lost-<unix time>, and the
-	// chain goes on after the highest seq the tail shows, the first
-	// commit writing a journal.lost record that names the lost range, so
-	// no seq of a released signature is reused. `sigil audit recover`.
-	// A tail that disagrees with the store is still refused.
+	// held (a frame damaged, and no other continuing the chain: records
+	// confirmed to signers are lost), which Open otherwise refuses: what
+	// can be replayed is, a copy of the tail is kept beside it as
+	// journal.tail.lost-<unix ns>, and a journal.lost record naming the
+	// lost range is committed after the highest seq the tail shows, so
+	// the chain goes on after it and no seq of a released signature is
+	// reused. `sigil audit recover`. A tail that disagrees with the store
+	// is still refused.
 	AcceptTailLoss bool
 	// ReadOnly opens an existing journal to read it, as `sigil audit
 	// verify`, `tail` and `export` do without an agent: Pebble read-only,
@@ -385,7 +385,7 @@ func (j *Journal) openDB() error {
 		seq, hash, added, err = replayTail(j.fs, j.tailPath(), db, seq, hash, j.log)
 		j.stats.replayed.Add(added)
 		if err != nil && errors.Is(err, errTailGap) && j.opts.AcceptTailLoss {
-			seq, hash, err = j.acceptTailLoss(seq, hash, err)
+			seq, hash, err = j.acceptTailLoss(db, seq, hash, err)
 		}
 	}
 	if err == nil {
@@ -414,27 +414,63 @@ func (j *Journal) openDB() error {
 
 func (j *Journal) tailPath() string { return j.fs.PathJoin(j.opts.Dir, tailName) }
 
-// acceptTailLoss takes the loss a damaged tail log shows (cause): the
-// chain goes on after the highest seq in the tail, and the next commit
-// writes a journal.lost record for the seqs after seq, the head replay
-// reached. The tail is moved aside, as evidence, for a fresh one.
-func (j *Journal) acceptTailLoss(seq uint64, hash [32]byte, cause error) (uint64, [32]byte, error) {
+// acceptTailLoss takes the loss a damaged tail log shows (cause): records
+// after seq, the head replay reached, up to the highest seq any valid frame
+// holds, were confirmed and are gone. Before the tail is emptied, a copy is
+// kept beside it as evidence, and a journal.lost record naming the range
+// is committed (synced) after it, with the head checkpoint: so the chain
+// goes on after the lost seqs, and a kill at any point reuses none of them
+// (a kill after the commit finds the record at the head, and replay takes
+// the old tail's frames in its range as accounted: lostAtHead).
+func (j *Journal) acceptTailLoss(db *pebble.DB, seq uint64, hash [32]byte, cause error) (uint64, [32]byte, error) {
 	data, err := readAll(j.fs, j.tailPath())
 	if err != nil {
 		return seq, hash, fmt.Errorf("journal: read tail log: %w", err)
 	}
-	aside := j.tailPath() + ".lost-" + strconv.FormatInt(time.Now().Unix(), 10)
-	if err := j.fs.Rename(j.tailPath(), aside); err != nil {
+	hw, hwHash := tailHighWater(data)
+	if hw <= seq {
+		return seq, hash, cause
+	}
+	aside := fmt.Sprintf("%s.lost-%d", j.tailPath(), time.Now().UnixNano())
+	if err := writeSynced(j.fs, aside, data); err != nil {
 		return seq, hash, fmt.Errorf("journal: keep the damaged tail log as %s: %w", aside, err)
 	}
-	hw, hwHash := tailHighWater(data)
-	j.log.Error("journal tail log damaged: its lost records are recorded as lost, and the chain goes on after them",
-		zap.Uint64("replayed_to_seq", seq), zap.Uint64("tail_high_seq", hw), zap.String("kept_as", aside), zap.NamedError("damage", cause))
-	if hw <= seq {
-		return seq, hash, nil
+	note := Record{
+		Seq: hw + 1, Time: j.opts.Clock().Round(0).UTC(), Op: LostOp, PrevHash: hwHash,
+		Detail: fmt.Sprintf(lostRange+" were confirmed to signers, and are lost with the damaged tail log kept as %s; their signatures may have been released",
+			seq+1, hw, j.fs.PathBase(aside)),
 	}
-	j.lost = [2]uint64{seq + 1, hw}
-	return hw, hwHash, nil
+	b := db.NewBatch()
+	var key [auditKeyLen]byte
+	copy(key[:], auditPrefix)
+	putRecord(b, &key, &note)
+	var v [headLen]byte
+	encodeHead(v[:], note.Seq, note.Hash)
+	_ = b.Set([]byte(headKey), v[:], nil)
+	if err := apply(db, b, pebble.Sync); err != nil {
+		return seq, hash, fmt.Errorf("journal: record the lost records: %w", err)
+	}
+	j.log.Error("journal tail log damaged: its lost records are recorded as lost, and the chain goes on after them",
+		zap.Uint64("lost_from", seq+1), zap.Uint64("lost_to", hw), zap.Uint64("lost_record_seq", note.Seq),
+		zap.String("kept_as", aside), zap.NamedError("damage", cause))
+	return note.Seq, note.Hash, nil
+}
+
+// writeSynced writes data to a new file path, synced.
+func writeSynced(fs vfs.FS, path string, data []byte) error {
+	f, err := fs.Create(path, vfs.WriteCategoryUnspecified)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // openReadOnly is openDB for a ReadOnly journal: the tail log's groups that

@@ -3,7 +3,9 @@ package journal
 import (
 	"context"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
+	"hash/crc32"
 	"os"
 	"path/filepath"
 	"strings"
@@ -208,5 +210,140 @@ func TestAcceptTailLossRecordsTheLoss(t *testing.T) {
 	j = openTest(t, dir, WAL)
 	if head, _ := j.Head(); head != 32 {
 		t.Fatalf("reopened at head %d, want 32", head)
+	}
+}
+
+// tailOf returns dir's tail log bytes and its frames' offsets.
+func tailOf(t *testing.T, dir string) ([]byte, []int) {
+	t.Helper()
+	data, err := os.ReadFile(filepath.Join(dir, tailName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	offs, end := frameOffsets(t, data)
+	return data[:end], offs
+}
+
+// A damaged frame hides only its own records: when the store already has
+// them (Pebble's WAL usually runs ahead of the tail's first frames at a
+// kill), nothing is lost, and Open neither refuses nor, recovering,
+// writes intact records off.
+func TestDamagedFrameTheStoreHolds(t *testing.T) {
+	dir := killedWithTail(t) // the store holds record 1, the tail 2-30
+	data, offs := tailOf(t, dir)
+	data = append([]byte(nil), data...)
+	// The store gets 2-20 (a tail of those alone, replayed and emptied).
+	if err := os.WriteFile(filepath.Join(dir, tailName), data[:offs[19]], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w := openTest(t, dir, WAL)
+	mustVerify(t, w, 20)
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// Killed again with the whole tail, record 7's frame damaged: the
+	// store has 7, and 21-30 continue its chain.
+	data[offs[5]+tailHeaderLen] ^= 1
+	if err := os.WriteFile(filepath.Join(dir, tailName), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	j, err := Open(Options{Dir: dir, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer j.Close()
+	mustVerify(t, j, 30)
+}
+
+// recover records the loss before it empties the tail: a kill in between
+// leaves the journal.lost record at the head, and the old tail's frames in
+// its range are taken as accounted, not as records to chain again.
+func TestRecoverKilledBeforeTheTailIsEmptied(t *testing.T) {
+	dir := killedWithTail(t)
+	data, offs := tailOf(t, dir)
+	data[offs[5]+tailHeaderLen] ^= 1 // record 7's frame; 8-30 follow it
+	damaged := append([]byte(nil), data...)
+	if err := os.WriteFile(filepath.Join(dir, tailName), damaged, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	j, err := Open(Options{Dir: dir, AcceptTailLoss: true, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// As if killed after the journal.lost record's commit, before the tail
+	// was emptied.
+	if err := os.WriteFile(filepath.Join(dir, tailName), damaged, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	j = openTest(t, dir, WAL)
+	if err := j.Append(context.Background(), signRecord("acme", 100)); err != nil {
+		t.Fatal(err)
+	}
+	if head, _ := j.Head(); head != 32 {
+		t.Fatalf("head %d after the new record, want 32: no seq of 7-30 used again", head)
+	}
+}
+
+// A tail whose next frame does not link to the store's record (the store
+// changed under the journal) is a disagreement, not a loss: recover does
+// not take it.
+func TestRecoverRefusesATailThatDisagrees(t *testing.T) {
+	dir := killedWithTail(t) // the store holds record 1; the tail 2-30
+	// Another journal's records 2-30 in its place: its record 2 does not
+	// link to this store's record 1.
+	other, err := os.ReadFile(filepath.Join(killedWithTailOf(t, "other"), tailName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, tailName), other, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := Open(Options{Dir: dir, AcceptTailLoss: true, Logger: testLogger(t)}); err == nil {
+		r.Close()
+		t.Fatal("AcceptTailLoss took another journal's tail")
+	} else if errors.Is(err, errTailGap) || !errors.Is(err, errTailCorrupt) {
+		t.Fatalf("Open: %v, want a disagreement (errTailCorrupt without errTailGap)", err)
+	}
+}
+
+// A frame whose checksum holds but whose batch does not decode is not a
+// panic in Pebble's decoder: its records count as lost.
+func TestFrameThatDoesNotDecode(t *testing.T) {
+	dir := killedWithTail(t)
+	data, offs := tailOf(t, dir)
+	frame := data[offs[0]:offs[1]] // records 2: the chain's next frame
+	payload := frame[tailHeaderLen : len(frame)-tailCRCLen]
+	payload[0], payload[12] = 0xff, 0x01 // a batch header claiming one entry, and junk
+	for i := 13; i < len(payload); i++ {
+		payload[i] = 0xff
+	}
+	binary.BigEndian.PutUint32(frame[len(frame)-tailCRCLen:], crc32.Checksum(frame[:len(frame)-tailCRCLen], crc32c))
+	if err := os.WriteFile(filepath.Join(dir, tailName), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, readOnly := range []bool{true, false} {
+		func() {
+			defer func() {
+				if p := recover(); p != nil {
+					t.Fatalf("read-only %v: Open panicked: %v", readOnly, p)
+				}
+			}()
+			j, err := Open(Options{Dir: dir, ReadOnly: readOnly, Logger: testLogger(t)})
+			if readOnly {
+				if err != nil {
+					t.Fatalf("read-only Open: %v", err)
+				}
+				expectBreak(t, j, 2, BreakTailLog)
+				j.Close()
+			} else if !errors.Is(err, errTailGap) {
+				if err == nil {
+					j.Close()
+				}
+				t.Fatalf("Open: %v, want records lost", err)
+			}
+		}()
 	}
 }

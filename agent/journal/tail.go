@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"runtime/debug"
+	"slices"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -356,8 +357,16 @@ func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte
 
 // replayTailInto is replayTail that, given an indexed batch into (a
 // read-only journal), puts the groups there instead of committing them to
-// db, and on a tail it cannot take as it is, keeps the groups before the
-// fault and returns the error with the head they reach.
+// db, and on a tail it cannot take as it is, keeps the groups it could and
+// returns the error with the head they reach.
+//
+// Every valid frame in the file counts, wherever it is: a damaged frame
+// hides only its own records. Frames at or below db's head must hold what
+// db holds (else the store changed under the journal, or the tail is
+// another journal's: errTailCorrupt). From the head the chain goes on
+// through the frame that continues it, as long as there is one; a valid
+// frame left beyond that point holds confirmed records db cannot have
+// (errTailCorrupt and errTailGap: records lost).
 func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, seq uint64, hash [32]byte, log *zap.Logger) (uint64, [32]byte, uint64, error) {
 	data, err := readAll(fs, path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -366,26 +375,23 @@ func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, s
 	if err != nil {
 		return seq, hash, 0, fmt.Errorf("journal: read tail log: %w", err)
 	}
-	frames, end, perr := parseTail(data, seq)
-	if perr != nil {
-		// The run before the fault is still replayed: its records were
-		// confirmed, and they continue the chain.
-		perr = fmt.Errorf("%w (%w, %s); records confirmed to signers are missing: run `sigil audit verify`, then `sigil audit recover` to record their loss in the chain and start again", perr, errTailGap, path)
-	}
-	if end < len(data) && data[end] != 0 {
-		log.Info("journal tail log's frames end before its last byte; dropping the rest (a write cut short, or frames from before it started over)",
-			zap.Int("end", end), zap.Int("size", len(data)))
-	}
+	frames, complete := scanFrames(data)
 	// Records up to the prune anchor were deleted on purpose; the tail
-	// may still hold them (a kill before it started over).
+	// may still hold them (a kill before it started over). Records a
+	// journal.lost record at the head names are gone too (a recovery
+	// killed before it emptied the tail: recordLostTail).
 	pruned, _, _, err := readMeta(db, anchorKey)
 	if err != nil {
 		return seq, hash, 0, err
 	}
-	var added uint64
+	lostFrom, lostTo := lostAtHead(db)
+	accounted := func(fr tailFrame) bool {
+		return fr.lastSeq <= pruned || (fr.firstSeq >= lostFrom && fr.lastSeq <= lostTo)
+	}
+	byFirst := map[uint64][]tailFrame{}
 	for _, fr := range frames {
 		switch {
-		case fr.lastSeq <= pruned:
+		case accounted(fr):
 		case fr.lastSeq <= seq:
 			// Pebble's WAL had it. A record that differs means the store
 			// changed under the journal, or the tail is another journal's:
@@ -394,25 +400,31 @@ func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, s
 				return seq, hash, 0, fmt.Errorf("%w (%s): its record %d is one the store lacks or holds differently: the store changed under the journal, or the tail is another journal's; run `sigil audit verify`, and keep this directory as evidence",
 					errTailCorrupt, path, fr.lastSeq)
 			}
-		case fr.firstSeq == seq+1 && fr.prev == hash:
-			b := db.NewBatch()
-			if err := b.SetRepr(append([]byte(nil), fr.payload...)); err != nil {
-				return seq, hash, added, fmt.Errorf("journal: tail log frame for seqs %d-%d: %w", fr.firstSeq, fr.lastSeq, err)
-			}
-			if into != nil {
-				err = into.Apply(b, nil)
-			} else {
-				err = apply(db, b, pebble.NoSync)
-			}
-			if err != nil {
-				return seq, hash, added, fmt.Errorf("journal: replay tail log: %w", err)
-			}
-			added += fr.lastSeq - fr.firstSeq + 1
-			seq, hash = fr.lastSeq, fr.last
+		case fr.firstSeq <= seq:
+			return seq, hash, 0, fmt.Errorf("%w (%s): its records %d-%d straddle the store's last record %d; run `sigil audit verify`, and keep this directory as evidence",
+				errTailCorrupt, path, fr.firstSeq, fr.lastSeq, seq)
 		default:
-			return seq, hash, added, fmt.Errorf("%w (%w): its records %d-%d do not continue the chain at seq %d; records confirmed to signers are missing: run `sigil audit verify`, then `sigil audit recover` to record their loss in the chain and start again",
-				errTailCorrupt, errTailGap, fr.firstSeq, fr.lastSeq, seq)
+			byFirst[fr.firstSeq] = append(byFirst[fr.firstSeq], fr)
 		}
+	}
+	var added uint64
+	for {
+		next := byFirst[seq+1]
+		if len(next) == 0 {
+			break
+		}
+		i := slices.IndexFunc(next, func(fr tailFrame) bool { return fr.prev == hash })
+		if i < 0 {
+			return seq, hash, added, fmt.Errorf("%w (%s): its records from %d do not link to record %d as stored: the store changed under the journal, or the tail is another journal's; run `sigil audit verify`, and keep this directory as evidence",
+				errTailCorrupt, path, seq+1, seq)
+		}
+		fr := next[i]
+		if err := applyFrame(db, into, fr); err != nil {
+			log.Warn("journal tail log frame that cannot be applied", zap.Uint64("first_seq", fr.firstSeq), zap.Uint64("last_seq", fr.lastSeq), zap.Error(err))
+			break // as if damaged: its records, and those after, count as lost below
+		}
+		added += fr.lastSeq - fr.firstSeq + 1
+		seq, hash = fr.lastSeq, fr.last
 	}
 	if added > 0 && into == nil {
 		// Through Pebble's WAL (in `fsync` mode also to the disk) before
@@ -422,7 +434,93 @@ func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, s
 		}
 		log.Info("journal replayed records from its tail log", zap.Uint64("records", added), zap.Uint64("head_seq", seq))
 	}
-	return seq, hash, added, perr
+	var high uint64
+	for _, fr := range frames {
+		if !accounted(fr) {
+			high = max(high, fr.lastSeq)
+		}
+	}
+	switch {
+	case high > seq:
+		return seq, hash, added, fmt.Errorf("%w (%w, %s): it holds records up to %d, but the chain it continues stops at %d (a frame damaged or missing); records confirmed to signers are missing: run `sigil audit verify`, then `sigil audit recover` to record their loss in the chain and start again",
+			errTailCorrupt, errTailGap, path, high, seq)
+	case !complete:
+		return seq, hash, added, fmt.Errorf("%w (%s): too much of it is unreadable to scan (%d bytes); run `sigil audit verify`, and keep this directory as evidence",
+			errTailCorrupt, path, len(data))
+	}
+	return seq, hash, added, nil
+}
+
+// applyFrame puts a frame's batch into into, or commits it to db. A frame
+// whose checksum holds but whose batch does not decode (written by
+// something else) is an error, not a panic in Pebble's decoder.
+func applyFrame(db *pebble.DB, into *pebble.Batch, fr tailFrame) (err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			err = fmt.Errorf("journal: tail log frame for seqs %d-%d does not decode: %v", fr.firstSeq, fr.lastSeq, p)
+		}
+	}()
+	b := db.NewBatch()
+	if err := b.SetRepr(append([]byte(nil), fr.payload...)); err != nil {
+		return fmt.Errorf("journal: tail log frame for seqs %d-%d: %w", fr.firstSeq, fr.lastSeq, err)
+	}
+	if into != nil {
+		return into.Apply(b, nil)
+	}
+	if err := apply(db, b, pebble.NoSync); err != nil {
+		return fmt.Errorf("journal: replay tail log: %w", err)
+	}
+	return nil
+}
+
+// scanFrames returns every valid frame in data, in file order, and whether
+// the scan got through it: a file of garbage that looks like frame headers
+// could make it checksum most of the file at every offset, so it stops
+// once it has checksummed several times the file's size.
+func scanFrames(data []byte) ([]tailFrame, bool) {
+	var frames []tailFrame
+	budget := 4*len(data) + 1<<20
+	for off := 0; off < len(data); {
+		i := bytes.Index(data[off:], []byte(tailMagic))
+		if i < 0 {
+			break
+		}
+		off += i
+		if len(data)-off >= 8 {
+			budget -= min(tailHeaderLen+int(binary.BigEndian.Uint32(data[off+4:]))+tailCRCLen, len(data)-off)
+		}
+		if budget < 0 {
+			return frames, false
+		}
+		if fr, n, ok := frameAt(data[off:]); ok {
+			frames = append(frames, fr)
+			off += n
+			continue
+		}
+		off++
+	}
+	return frames, true
+}
+
+// lostAtHead returns the range a journal.lost record at the head of db
+// names, or an empty range (from > to).
+func lostAtHead(db pebble.Reader) (from, to uint64) {
+	last, _, found, err := lastRecordHead(db)
+	if err != nil || !found {
+		return 1, 0
+	}
+	v, err := storedRecord(db, last)
+	if err != nil {
+		return 1, 0
+	}
+	var r Record
+	if decodeRecord(v, &r) != nil || r.Op != LostOp {
+		return 1, 0
+	}
+	if _, err := fmt.Sscanf(r.Detail, lostRange, &from, &to); err != nil || from > to {
+		return 1, 0
+	}
+	return from, to
 }
 
 // storedHash returns the Hash stored with record seq.
