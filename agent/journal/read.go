@@ -149,21 +149,59 @@ func (j *Journal) FirstSeqAt(t time.Time) (uint64, error) {
 	lo, hi := anchor+1, head+1 // the answer is in [lo, hi]
 	for lo < hi {
 		mid := lo + (hi-lo)/2
-		v, err := storedRecord(snap, mid)
+		// The first stored record at or after mid: seqs a journal.lost
+		// record names are not stored, and a probe may land among them.
+		seq, v, found, err := storedRecordFrom(snap, mid)
 		if err != nil {
 			return 0, fmt.Errorf("journal: read record %d: %w", mid, err)
 		}
+		if !found {
+			hi = mid
+			continue
+		}
 		ns, ok := peekTime(v)
 		if !ok {
-			return 0, fmt.Errorf("journal: record %d is not a record", mid)
+			return 0, fmt.Errorf("journal: record %d is not a record", seq)
 		}
 		if ns >= want {
 			hi = mid
 		} else {
-			lo = mid + 1
+			lo = seq + 1
 		}
 	}
 	return lo, nil
+}
+
+// storedRecordFrom returns the first stored record at or after seq: its
+// seq and a copy of its encoding; found is false when there is none.
+func storedRecordFrom(r pebble.Reader, seq uint64) (uint64, []byte, bool, error) {
+	it, err := r.NewIter(auditIterOptions(0))
+	if err != nil {
+		return 0, nil, false, err
+	}
+	defer it.Close()
+	var gotSeq uint64
+	var found []byte
+	for ok := seekRun(it, seq); ok && found == nil; ok = it.Next() {
+		keySeq, okKey := seqFromKey(it.Key())
+		if !okKey {
+			continue
+		}
+		err := walkRun(it.Value(), keySeq, func(s uint64, rec []byte) error {
+			if s >= seq {
+				gotSeq, found = s, append([]byte(nil), rec...)
+				return errStopWalk
+			}
+			return nil
+		})
+		if err != nil && err != errStopWalk {
+			return 0, nil, false, err
+		}
+	}
+	if err := it.Error(); err != nil {
+		return 0, nil, false, err
+	}
+	return gotSeq, found, found != nil, nil
 }
 
 // Last returns up to n of the most recent records (of tenant, if not

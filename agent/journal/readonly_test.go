@@ -347,3 +347,33 @@ func TestFrameThatDoesNotDecode(t *testing.T) {
 		}()
 	}
 }
+
+// FirstSeqAt (which restores the day's quota counts at start) finds its way
+// across the seqs a journal.lost record names, which are not stored.
+func TestFirstSeqAtAcrossALostRange(t *testing.T) {
+	dir := killedWithTail(t)
+	data, offs := tailOf(t, dir)
+	data[offs[5]+tailHeaderLen] ^= 1 // 7-30 lost
+	if err := os.WriteFile(filepath.Join(dir, tailName), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	j, err := Open(Options{Dir: dir, AcceptTailLoss: true, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	after := time.Now()
+	time.Sleep(2 * time.Millisecond)
+	for range 3 {
+		if err := j.Append(context.Background(), signRecord("acme", 200)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	seq, err := j.FirstSeqAt(after)
+	if err != nil {
+		t.Fatalf("FirstSeqAt across the lost range: %v", err)
+	}
+	if seq != 32 {
+		t.Fatalf("FirstSeqAt = %d, want 32 (the first record after the recovery)", seq)
+	}
+}

@@ -442,13 +442,15 @@ func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journa
 		}
 		for _, r := range recs {
 			var head struct {
-				Seq  uint64    `json:"seq"`
-				Time time.Time `json:"time"`
+				Seq    uint64    `json:"seq"`
+				Time   time.Time `json:"time"`
+				Op     string    `json:"op"`
+				Detail string    `json:"detail"`
 			}
 			if err := json.Unmarshal(r, &head); err != nil {
 				return fmt.Errorf("record after seq %d: %w", from-1, err)
 			}
-			if err := continuesExport(from, head.Seq, f.Tenant); err != nil {
+			if err := continuesExport(from, head.Seq, f.Tenant, head.Op, head.Detail); err != nil {
 				w.Flush()
 				return err
 			}
@@ -465,17 +467,22 @@ func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journa
 	}
 }
 
-// continuesExport checks that record seq may follow an export that has
-// reached from-1. Pages of the whole journal follow on seq by seq after
-// the first (which starts wherever the chain now starts): a jump means a
-// prune (the agent's retention, say) deleted the records in between while
-// the export ran, and the output would have a silent gap. A tenant's
-// records have gaps of their own.
-func continuesExport(from, seq uint64, tenant string) error {
-	if from > 1 && seq != from && tenant == "" {
-		return fmt.Errorf("records %d-%d were pruned while the export ran, so the output has a gap there: export again", from, seq-1)
+// continuesExport checks that record seq (its op and detail) may follow an
+// export that has reached from-1. Pages of the whole journal follow on seq
+// by seq after the first (which starts wherever the chain now starts): a
+// jump means a prune (the agent's retention, say) deleted the records in
+// between while the export ran, and the output would have a silent gap,
+// unless the record is the journal.lost record that names exactly those
+// seqs (the gap is in the journal, attested). A tenant's records have gaps
+// of their own.
+func continuesExport(from, seq uint64, tenant, op, detail string) error {
+	if from <= 1 || seq == from || tenant != "" {
+		return nil
 	}
-	return nil
+	if op == journal.LostOp && strings.HasPrefix(detail, fmt.Sprintf("records %d-%d ", from, seq-1)) {
+		return nil
+	}
+	return fmt.Errorf("records %d-%d were pruned while the export ran, so the output has a gap there: export again", from, seq-1)
 }
 
 // tailOnline reads the running agent's journal through the AuditTail admin

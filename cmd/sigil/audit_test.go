@@ -280,18 +280,23 @@ func TestAdminCommandsOverMutualTLS(t *testing.T) {
 // between two pages (retention runs hourly) must fail the export, not
 // leave a silent gap in it.
 func TestExportNoticesRecordsPrunedUnderIt(t *testing.T) {
+	lost := "records 7-30 were confirmed to signers, and are lost with the damaged tail log kept as journal.tail.lost-1"
 	for _, tc := range []struct {
-		from, seq uint64
-		tenant    string
-		ok        bool
+		from, seq  uint64
+		tenant     string
+		op, detail string
+		ok         bool
 	}{
-		{1, 1, "", true},
-		{1, 4201, "", true}, // the first page starts where the chain starts
-		{101, 101, "", true},
-		{4201, 28089, "", false},
-		{4201, 28089, "payments", true}, // a tenant's records skip seqs anyway
+		{1, 1, "", "sign", "", true},
+		{1, 4201, "", "sign", "", true}, // the first page starts where the chain starts
+		{101, 101, "", "sign", "", true},
+		{4201, 28089, "", "sign", "", false},
+		{4201, 28089, "payments", "sign", "", true}, // a tenant's records skip seqs anyway
+		{7, 31, "", journal.LostOp, lost, true},     // the gap a journal.lost record names
+		{7, 32, "", journal.LostOp, lost, false},    // ... and no other
+		{8, 31, "", journal.LostOp, lost, false},
 	} {
-		err := continuesExport(tc.from, tc.seq, tc.tenant)
+		err := continuesExport(tc.from, tc.seq, tc.tenant, tc.op, tc.detail)
 		if (err == nil) != tc.ok {
 			t.Errorf("from %d, record %d, tenant %q: %v", tc.from, tc.seq, tc.tenant, err)
 		}
