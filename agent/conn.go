@@ -344,6 +344,17 @@ func (c *conn) readLoop() {
 		// wait ended, long after its client gave up.
 		arrived := time.Now()
 		held := c.tryTenantToken()
+		if !held && !c.mayWaitOnWorker() {
+			// The tenant already has as many requests waiting on workers
+			// as it may have in flight: this reader waits itself.
+			if !c.acquireSlot(req, arrived) {
+				if c.ctx.Err() != nil {
+					return
+				}
+				continue
+			}
+			held = true
+		}
 		if held && c.runInline(req, br) {
 			c.handle(req, arrived)
 			c.releaseSlot()
@@ -356,6 +367,8 @@ func (c *conn) readLoop() {
 		case <-c.ctx.Done():
 			if held {
 				c.releaseSlot()
+			} else {
+				c.doneWaiting()
 			}
 			requestPool.Put(req)
 			return
@@ -391,8 +404,12 @@ func (c *conn) handleAsync(req *proto.Request, arrived time.Time, waitSlot bool)
 		}
 		c.handlers.Done()
 	}()
-	if waitSlot && !c.acquireSlot(req, arrived) {
-		return // answered, or the connection is ending
+	if waitSlot {
+		ok := c.acquireSlot(req, arrived)
+		c.doneWaiting()
+		if !ok {
+			return // answered, or the connection is ending
+		}
 	}
 	held = true
 	c.handle(req, arrived)

@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -52,6 +53,31 @@ type tenantLoad struct {
 	key      string
 	conns    int           // guarded by Agent.mu
 	inFlight chan struct{} // one token per Sign or Verify being worked on
+	// waiting counts the tenant's requests waiting on workers for a
+	// token, at most cap(inFlight): past that a connection's reader waits
+	// itself, so that a flooding tenant parks a bounded number of
+	// goroutines.
+	waiting atomic.Int32
+}
+
+// mayWaitOnWorker takes one of the tenant's places to wait for a token on a
+// worker; the worker gives it back (doneWaiting) once it has waited.
+func (c *conn) mayWaitOnWorker() bool {
+	t := c.load
+	if t == nil {
+		return true
+	}
+	if t.waiting.Add(1) > int32(cap(t.inFlight)) {
+		t.waiting.Add(-1)
+		return false
+	}
+	return true
+}
+
+func (c *conn) doneWaiting() {
+	if c.load != nil {
+		c.load.waiting.Add(-1)
+	}
 }
 
 // principal names whom the per-tenant limits count: the policy's tenant,

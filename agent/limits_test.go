@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -518,5 +519,49 @@ func TestPipelinedRequestsBehindATenantWaitAreReadAtOnce(t *testing.T) {
 	}
 	if resp, err := rc.recv(); err != nil || resp.ID != 2 || resp.Code != proto.OK {
 		t.Fatalf("the 3 s request: %v %+v, want signed once the place was free", err, resp)
+	}
+}
+
+// A tenant at its in-flight limit parks at most that many more requests on
+// workers; beyond that its connections' readers wait, as they did before,
+// so a flooding tenant cannot park a goroutine per pipelined request.
+func TestTenantWaitersAreBounded(t *testing.T) {
+	h := newHeldProvider(t)
+	cfg := softwareConfig(t)
+	cfg.Limits.MaxInFlightPerTenant = 1
+	r := startAgent(t, cfg, agent.WithProviders(h))
+	d := sha256.Sum256([]byte("x"))
+	h.hold.Store(true)
+	held := make(chan error, 1)
+	go func() {
+		_, err := r.dial(t).Sign(context.Background(), client.ByName("hkey"), client.Algorithm{}, d[:])
+		held <- err
+	}()
+	<-h.entered
+	defer h.release()
+	before := runtime.NumGoroutine()
+	var conns []*rawConn
+	for range 8 {
+		rc := r.raw(t)
+		rc.hello()
+		for i := range 16 {
+			rc.send(&proto.Request{ID: uint64(2 + i), Op: proto.OpSign, Digest: d[:], TimeoutMillis: 5000})
+		}
+		conns = append(conns, rc)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if grown := runtime.NumGoroutine() - before; grown > 8*2+16 {
+		t.Fatalf("8 connections pipelining 16 requests each past the tenant's limit of 1: %d more goroutines", grown)
+	}
+	h.release()
+	if err := <-held; err != nil {
+		t.Fatal(err)
+	}
+	for _, rc := range conns {
+		for range 16 {
+			if resp, err := rc.recv(); err != nil || resp.Code != proto.OK {
+				t.Fatalf("a waiting request: %v %+v", err, resp)
+			}
+		}
 	}
 }
