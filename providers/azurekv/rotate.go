@@ -2,7 +2,9 @@ package azurekv
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/rsa"
+	"encoding/hex"
 	"fmt"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
@@ -36,9 +38,17 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 		return fail(fmt.Errorf("a key of that name is already served: %w", providers.ErrBadRequest))
 	}
 	kty := b.kty
+	// A tag only this call's version carries: after a create whose answer
+	// was lost, the version to disable is the one with it, not whatever
+	// else another writer (a second agent, the vault's rotation policy, an
+	// operator) made meanwhile.
+	var nonce [16]byte
+	rand.Read(nonce[:])
+	tag := hex.EncodeToString(nonce[:])
 	params := azkeys.CreateKeyParameters{
 		Kty:    &kty,
 		KeyOps: []*azkeys.KeyOperation{ptr(azkeys.KeyOperationSign), ptr(azkeys.KeyOperationVerify)},
+		Tags:   map[string]*string{rotationTag: &tag},
 	}
 	switch pub := b.info.Public.(type) {
 	case *rsa.PublicKey:
@@ -51,10 +61,7 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	op := "create key " + b.key
 	// The versions there are now: a create whose answer is lost may have
 	// made one, which is then found by its absence here.
-	before, err := p.versionIDs(ctx, b.key)
-	if err != nil {
-		return fail(err)
-	}
+
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	// Sent once: not idempotent, and a 5xx or a lost answer may come after
@@ -62,7 +69,7 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	resp, err := p.client.CreateKey(policy.WithRetryOptions(callCtx, policy.RetryOptions{MaxRetries: -1}), b.key, params, nil)
 	if err != nil {
 		err = classify(ctx, callCtx, op, err)
-		return fail(p.disableNew(ctx, b.key, before, err))
+		return fail(p.disableTagged(ctx, b.key, tag, err))
 	}
 	made := func(err error) (providers.KeyInfo, error) {
 		if resp.Key != nil && resp.Key.KID != nil && resp.Key.KID.Version() != b.version {
@@ -85,36 +92,27 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	return k.info, nil
 }
 
-// versionIDs returns the ids of key's versions.
-func (p *Provider) versionIDs(ctx context.Context, key string) (map[string]bool, error) {
-	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+// rotationTag names the tag NewVersion sets on the version it creates.
+const rotationTag = "sigil-rotation"
+
+// disableTagged disables the version of key that carries the rotation tag
+// tag, if the vault made one before a create whose outcome is unknown
+// failed, and returns cause with what became of it.
+func (p *Provider) disableTagged(ctx context.Context, key, tag string, cause error) error {
+	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
 	defer cancel()
-	ids := map[string]bool{}
 	pager := p.client.NewListKeyPropertiesVersionsPager(key, nil)
 	for pager.More() {
 		page, err := pager.NextPage(callCtx)
 		if err != nil {
-			return nil, classify(ctx, callCtx, "list versions of "+key, err)
+			return fmt.Errorf("%w; listing the key's versions to find one the failed create may have made failed too (%v): check for an enabled version tagged %s=%s, and disable it",
+				cause, classify(ctx, callCtx, "list versions of "+key, err), rotationTag, tag)
 		}
 		for _, kp := range page.Value {
-			if kp != nil && kp.KID != nil {
-				ids[kp.KID.Version()] = true
+			if kp == nil || kp.KID == nil || kp.Tags[rotationTag] == nil || *kp.Tags[rotationTag] != tag {
+				continue
 			}
-		}
-	}
-	return ids, nil
-}
-
-// disableNew disables every version of key not in before, after a create
-// whose outcome is unknown, and returns cause with what became of them.
-func (p *Provider) disableNew(ctx context.Context, key string, before map[string]bool, cause error) error {
-	after, err := p.versionIDs(context.WithoutCancel(ctx), key)
-	if err != nil {
-		return fmt.Errorf("%w; listing the key's versions to find one the failed create may have made failed too (%v): check for an enabled version Sigil does not serve, and disable it", cause, err)
-	}
-	for v := range after {
-		if !before[v] {
-			cause = p.disable(ctx, key, v, cause)
+			return p.disable(ctx, key, kp.KID.Version(), cause)
 		}
 	}
 	return cause

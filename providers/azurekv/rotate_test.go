@@ -159,3 +159,38 @@ func TestFailedNewVersionIsNotRetriedAndIsDisabled(t *testing.T) {
 		})
 	}
 }
+
+// After a create whose answer was lost, only the version that create made
+// is disabled: one another writer made meanwhile (a second agent, the
+// vault's rotation policy, an operator) is left as it is.
+func TestFailedNewVersionLeavesOtherWritersVersions(t *testing.T) {
+	tf := newFleet(t, 500*time.Millisecond)
+	var other *azurekvtest.Version
+	tf.kv.Update(func() { tf.kv.CreateStall = true })
+	done := make(chan error, 1)
+	go func() {
+		_, err := tf.p.NewVersion(context.Background(), "p256", "p256-v2")
+		done <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // the create is in, its answer stalled
+	other = tf.kv.Add("ec-p256", testKeys()["p256-b"])
+	if err := <-done; err == nil {
+		t.Fatal("NewVersion succeeded")
+	}
+	var otherEnabled, ours int
+	versions := tf.kv.Versions("ec-p256")
+	tf.kv.Update(func() {
+		otherEnabled = map[bool]int{true: 1}[other.Enabled]
+		for _, v := range versions {
+			if v.Tags[rotationTag] != "" && v.Enabled {
+				ours++
+			}
+		}
+	})
+	if otherEnabled != 1 {
+		t.Fatal("the other writer's version was disabled")
+	}
+	if ours != 0 {
+		t.Fatal("the failed rotation's own version is still enabled")
+	}
+}

@@ -80,6 +80,7 @@ type Version struct {
 	ID      string // the version id, 32 hex digits as Key Vault uses
 	Signer  crypto.Signer
 	Enabled bool
+	Tags    map[string]string // as the create-key request set them
 
 	Delay      time.Duration // sign stalls this long (or until the client gives up)
 	SignStatus int           // sign answers with this HTTP status (and a Key Vault error body)
@@ -466,10 +467,11 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request, name string) 
 		return
 	}
 	var req struct {
-		Kty     string   `json:"kty"`
-		Crv     string   `json:"crv"`
-		KeySize int      `json:"key_size"`
-		KeyOps  []string `json:"key_ops"`
+		Kty     string            `json:"kty"`
+		Crv     string            `json:"crv"`
+		KeySize int               `json:"key_size"`
+		KeyOps  []string          `json:"key_ops"`
+		Tags    map[string]string `json:"tags"`
 	}
 	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
 		writeError(w, http.StatusBadRequest, "BadParameter", "malformed body")
@@ -512,6 +514,7 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request, name string) 
 	}
 	v := s.Add(name, signer)
 	s.mu.Lock()
+	v.Tags = req.Tags
 	s.creates++
 	status, stall := s.CreateStatus, s.CreateStall
 	s.mu.Unlock()
@@ -535,6 +538,7 @@ func (s *Server) listVersions(w http.ResponseWriter, r *http.Request, name strin
 		items = append(items, map[string]any{
 			"kid":        kid(r, v),
 			"attributes": map[string]any{"enabled": v.Enabled, "recoveryLevel": "Recoverable+Purgeable"},
+			"tags":       v.Tags,
 		})
 	}
 	s.mu.Unlock()
