@@ -115,6 +115,14 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 		if err != nil {
 			return nil, fmt.Errorf("sigil: connect to agent at %s: %w", path, err)
 		}
+		if proto.InDefaultSocketDir(path) {
+			// Who listens, by the kernel's word: closes the window between
+			// the directory check and the connect.
+			if err := checkPeerUID(nc); err != nil {
+				nc.Close()
+				return nil, err
+			}
+		}
 		return nc, nil
 	})
 }

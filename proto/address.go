@@ -45,7 +45,7 @@ var ErrUntrustedSocketDir = errors.New("sigil: refusing to trust an agent in the
 // does not exist is no agent, which the dial reports.
 func CheckDefaultSocketDir(path string) error {
 	dir := filepath.Dir(path)
-	if dir != filepath.Dir(DefaultSocketPath()) {
+	if !InDefaultSocketDir(path) {
 		return nil
 	}
 	st, err := os.Lstat(dir)
@@ -68,4 +68,10 @@ func CheckDefaultSocketDir(path string) error {
 			ErrUntrustedSocketDir, dir, st.Mode().Perm(), SocketEnv)
 	}
 	return nil
+}
+
+// InDefaultSocketDir reports whether path lies in the default socket
+// directory, where a client checks whom it talks to.
+func InDefaultSocketDir(path string) bool {
+	return filepath.Dir(path) == filepath.Dir(DefaultSocketPath())
 }

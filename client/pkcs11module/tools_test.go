@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"encoding/json"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -413,4 +414,71 @@ func (f *fixture) keysOf(t testing.TB, name string) string {
 func itoa(n int) string {
 	b, _ := json.Marshal(n)
 	return string(b)
+}
+
+// An agent in the default socket directory that runs as another user (it
+// made the socket in the window between the module's directory check and
+// its connect) is refused by the kernel's word (SO_PEERCRED).
+func TestModuleRefusesAnAgentOfAnotherUser(t *testing.T) {
+	if os.Getenv("SIGIL_TEST_LISTEN_AS_OTHER") != "" {
+		ln, err := net.Listen("unix", os.Getenv("SIGIL_TEST_LISTEN_AS_OTHER"))
+		if err != nil {
+			os.Exit(1)
+		}
+		os.Stdout.WriteString("listening\n")
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				os.Exit(0)
+			}
+			defer c.Close()
+		}
+	}
+	need(t, "pkcs11-tool")
+	if os.Getuid() != 0 {
+		t.Skip("running a listener as another uid needs root")
+	}
+	tmp := shortDir(t)
+	os.Chmod(tmp, 0o755)
+	t.Setenv("XDG_RUNTIME_DIR", "")
+	t.Setenv("TMPDIR", tmp)
+	t.Setenv(proto.SocketEnv, "")
+	t.Setenv("SIGIL_PKCS11_CONF", "")
+	sockDir := filepath.Dir(proto.DefaultSocketPath())
+	if err := os.Mkdir(sockDir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(sockDir, 0o777)
+	self, err := os.ReadFile(os.Args[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(tmp, "module.test")
+	if err := os.WriteFile(bin, self, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "-test.run=^TestModuleRefusesAnAgentOfAnotherUser$")
+	cmd.Env = append(os.Environ(), "SIGIL_TEST_LISTEN_AS_OTHER="+proto.DefaultSocketPath())
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 4242, Gid: 4242}}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	line := make([]byte, 10)
+	if n, _ := stdout.Read(line); string(line[:n]) != "listening\n" {
+		t.Fatalf("the other user's listener did not start: %q", line[:n])
+	}
+	// The directory now passes the check (root's, written by nobody else);
+	// the socket in it is still the other user's.
+	if err := os.Chmod(sockDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("pkcs11-tool", "--module", modulePath(t), "--list-objects").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "runs as uid 4242") {
+		t.Fatalf("pkcs11-tool with the agent of uid 4242 (err %v):\n%s", err, out)
+	}
 }

@@ -167,6 +167,23 @@ static int dir_trusted(const char *path)
 	return 0;
 }
 
+/* peer_trusted reports whether the process listening on fd's other end
+ * runs as this user or root (SO_PEERCRED): it closes the window between
+ * dir_trusted's check and the connect, in which another user could have
+ * made the default directory and a socket in it. */
+static int peer_trusted(int fd)
+{
+	struct ucred cr;
+	socklen_t n = sizeof cr;
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cr, &n) != 0)
+		return 0;
+	if (cr.uid == getuid() || cr.uid == 0)
+		return 1;
+	fprintf(stderr, "libsigil-pkcs11: the agent at the default socket runs as uid %u, not this user: refusing to trust it; set SIGIL_SOCK or XDG_RUNTIME_DIR\n",
+		(unsigned)cr.uid);
+	return 0;
+}
+
 static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
 {
 	if (a->check_dir && !dir_trusted(a->path)) {
@@ -199,6 +216,8 @@ static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
 		rc = connect(c->fd, (struct sockaddr *)&sa, sizeof sa);
 	} while (rc < 0 && errno == EINTR);
 	if (rc < 0)
+		goto fail;
+	if (a->check_dir && !peer_trusted(c->fd))
 		goto fail;
 	sg_request hello = {.id = c->next_id++, .op = SG_OP_HELLO, .ver = SG_PROTOCOL_VERSION};
 	size_t len = sg_encode_request(&hello, c->buf, sizeof c->buf);
