@@ -3,6 +3,7 @@ package agent_test
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"errors"
 	"fmt"
 	"net"
@@ -381,4 +382,25 @@ func heldPolicy(slotPolicy string) string {
 		slotPolicy = ", policy: {" + slotPolicy + "}"
 	}
 	return fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: hkey%s}\n", os.Getuid(), os.Getuid(), slotPolicy)
+}
+
+// tenantAtItsLimit runs an agent whose tenant may have one Sign in flight
+// (max_in_flight_per_tenant 1) and takes that place with a Sign held in a
+// heldProvider (h.release lets it go; its result arrives on held), and
+// returns the digest it signs.
+func tenantAtItsLimit(t *testing.T) (*running, *heldProvider, chan error, [32]byte) {
+	t.Helper()
+	h := newHeldProvider(t)
+	cfg := softwareConfig(t)
+	cfg.Limits.MaxInFlightPerTenant = 1
+	r := startAgent(t, cfg, agent.WithProviders(h))
+	d := sha256.Sum256([]byte("x"))
+	h.hold.Store(true)
+	held := make(chan error, 1)
+	go func() {
+		_, err := r.dial(t).Sign(context.Background(), client.ByName("hkey"), client.Algorithm{}, d[:])
+		held <- err
+	}()
+	<-h.entered
+	return r, h, held, d
 }

@@ -484,18 +484,7 @@ func TestCertificateWithoutANameIsOneClient(t *testing.T) {
 // a short deadline is refused in time instead of being signed (and
 // journaled, and counted against quotas) after its client gave up.
 func TestPipelinedRequestsBehindATenantWaitAreReadAtOnce(t *testing.T) {
-	h := newHeldProvider(t)
-	cfg := softwareConfig(t)
-	cfg.Limits.MaxInFlightPerTenant = 1
-	r := startAgent(t, cfg, agent.WithProviders(h))
-	d := sha256.Sum256([]byte("x"))
-	h.hold.Store(true)
-	held := make(chan error, 1)
-	go func() {
-		_, err := r.dial(t).Sign(context.Background(), client.ByName("hkey"), client.Algorithm{}, d[:])
-		held <- err
-	}()
-	<-h.entered // the tenant's one place is taken until h.release
+	r, h, held, d := tenantAtItsLimit(t)
 	defer h.release()
 
 	rc := r.raw(t)
@@ -526,18 +515,7 @@ func TestPipelinedRequestsBehindATenantWaitAreReadAtOnce(t *testing.T) {
 // workers; beyond that its connections' readers wait, as they did before,
 // so a flooding tenant cannot park a goroutine per pipelined request.
 func TestTenantWaitersAreBounded(t *testing.T) {
-	h := newHeldProvider(t)
-	cfg := softwareConfig(t)
-	cfg.Limits.MaxInFlightPerTenant = 1
-	r := startAgent(t, cfg, agent.WithProviders(h))
-	d := sha256.Sum256([]byte("x"))
-	h.hold.Store(true)
-	held := make(chan error, 1)
-	go func() {
-		_, err := r.dial(t).Sign(context.Background(), client.ByName("hkey"), client.Algorithm{}, d[:])
-		held <- err
-	}()
-	<-h.entered
+	r, h, held, d := tenantAtItsLimit(t)
 	defer h.release()
 	before := runtime.NumGoroutine()
 	var conns []*rawConn

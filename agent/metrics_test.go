@@ -243,18 +243,7 @@ func scrapeMetrics(t *testing.T, a *agent.Agent) map[string]*dto.MetricFamily {
 // sigil_requests_total counts it with every other answer, so an error-rate
 // SLO sees overload.
 func TestTenantCapacityRefusalIsCounted(t *testing.T) {
-	h := newHeldProvider(t)
-	cfg := softwareConfig(t)
-	cfg.Limits.MaxInFlightPerTenant = 1
-	r := startAgent(t, cfg, agent.WithProviders(h))
-	d := sha256.Sum256([]byte("x"))
-	h.hold.Store(true)
-	held := make(chan error, 1)
-	go func() {
-		_, err := r.dial(t).Sign(context.Background(), client.ByName("hkey"), client.Algorithm{}, d[:])
-		held <- err
-	}()
-	<-h.entered // the tenant's one place is taken
+	r, h, held, d := tenantAtItsLimit(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	_, err := r.dial(t).Sign(ctx, client.ByName("default"), client.Algorithm{}, d[:])
 	cancel()
