@@ -358,7 +358,7 @@ func TestOpenResolvesVersions(t *testing.T) {
 	}
 
 	kv.Update(func() { cur.GetStatus = http.StatusForbidden })
-	if _, err := open(KeyConfig{Name: "latest", Key: "ec"}); !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "credentials refused") {
+	if _, err := open(KeyConfig{Name: "latest", Key: "ec"}); !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "refused (HTTP 403") {
 		t.Fatalf("get key refused: err = %v", err)
 	}
 	if _, err := open(KeyConfig{Name: "a", Key: "ec"}, KeyConfig{Name: "a", Key: "ec", Version: old.ID}); err == nil {
