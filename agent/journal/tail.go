@@ -65,15 +65,17 @@ import (
 //	88    n     payload: the Pebble batch (its Repr)
 //	88+n  4     CRC-32C of bytes [0, 88+n)
 //
-// Integers are big-endian. Open reads the run of frames from the start of
-// the file in which each frame continues the chain of the one before.
-// What follows the run is a write the kill cut short (its Append had not
-// returned, so it is dropped), frames from before the mapped tail last
-// started over, or zeros. A valid frame after the run that holds records
-// beyond both the run and Pebble's head means a frame inside the tail is
-// damaged or missing; so does a run that does not continue the chain where
-// Pebble's records end. Either way records confirmed to a caller are
-// missing, and Open refuses to start rather than build on a gap.
+// Integers are big-endian. Open takes every valid frame in the file,
+// wherever it lies (scanFrames): besides the frames since the tail last
+// started over there may be a write the kill cut short (its Append had not
+// returned; it fails its checksum and is dropped), frames from before the
+// mapped tail last started over (records Pebble has), or zeros. Frames at
+// or below Pebble's head must hold what Pebble holds; from the head the
+// chain goes on through the frame that continues it (replayTailInto). A
+// valid frame left beyond where the chain stops means a frame in between
+// is damaged or missing: records confirmed to a caller are missing, and
+// Open refuses to start rather than build on a gap (`sigil audit recover`
+// records the loss: Options.AcceptTailLoss).
 
 // tailName is the tail log's file in the journal directory; Pebble ignores
 // files whose names it does not know.
@@ -278,13 +280,9 @@ var errTailGap = errors.New("records lost")
 // log holds, and that record's hash: the head a killed agent had confirmed,
 // past any damage.
 func tailHighWater(data []byte) (seq uint64, hash [32]byte) {
-	for off := 0; off < len(data); off++ {
-		i := bytes.Index(data[off:], []byte(tailMagic))
-		if i < 0 {
-			break
-		}
-		off += i
-		if fr, _, ok := frameAt(data[off:]); ok && fr.lastSeq > seq {
+	frames, _ := scanFrames(data)
+	for _, fr := range frames {
+		if fr.lastSeq > seq {
 			seq, hash = fr.lastSeq, fr.last
 		}
 	}
@@ -312,40 +310,6 @@ func frameAt(data []byte) (fr tailFrame, n int, ok bool) {
 		return fr, 0, false
 	}
 	return fr, n, true
-}
-
-// parseTail returns the run of frames at the start of the tail log, each
-// continuing the chain of the one before, and the offset where the run
-// ends. What follows it must hold no valid frame with records beyond both
-// the run and headSeq, Pebble's last record (see the format above).
-func parseTail(data []byte, headSeq uint64) (frames []tailFrame, end int, err error) {
-	for end < len(data) {
-		fr, n, ok := frameAt(data[end:])
-		if !ok {
-			break
-		}
-		if k := len(frames); k > 0 && (fr.firstSeq != frames[k-1].lastSeq+1 || fr.prev != frames[k-1].last) {
-			break
-		}
-		frames = append(frames, fr)
-		end += n
-	}
-	last := headSeq
-	if k := len(frames); k > 0 {
-		last = max(last, frames[k-1].lastSeq)
-	}
-	for off := end; off < len(data); off++ {
-		i := bytes.Index(data[off:], []byte(tailMagic))
-		if i < 0 {
-			break
-		}
-		off += i
-		if fr, _, ok := frameAt(data[off:]); ok && fr.lastSeq > last {
-			return frames, end, fmt.Errorf("%w: the frame at byte %d holds records %d-%d, but the frames before it end at byte %d",
-				errTailCorrupt, off, fr.firstSeq, fr.lastSeq, end)
-		}
-	}
-	return frames, end, nil
 }
 
 // replayTail commits to db the tail log's groups that it lacks, after the
@@ -379,7 +343,7 @@ func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, s
 	// Records up to the prune anchor were deleted on purpose; the tail
 	// may still hold them (a kill before it started over). Records a
 	// journal.lost record at the head names are gone too (a recovery
-	// killed before it emptied the tail: recordLostTail).
+	// killed before it emptied the tail: acceptTailLoss).
 	pruned, _, _, err := readMeta(db, anchorKey)
 	if err != nil {
 		return seq, hash, 0, err
