@@ -211,13 +211,8 @@ func (c *conn) tryTenantToken() bool {
 }
 
 func (c *conn) takeTenantToken(d time.Duration, done <-chan struct{}) error {
-	if c.load == nil {
-		return nil // admin socket: no Sign or Verify is served there anyway
-	}
-	select {
-	case c.load.inFlight <- struct{}{}:
-		return nil
-	default:
+	if c.tryTenantToken() {
+		return nil // a token was free (or there is no tenant: the admin socket)
 	}
 	if d <= 0 {
 		c.a.metrics.refused(limitTenantFlight)
