@@ -7,9 +7,10 @@ import (
 	"errors"
 	"net"
 	"strings"
-	"syscall"
 
 	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/proto"
 )
 
 // peer is who is on the other end of a connection: a local process by its
@@ -32,21 +33,11 @@ type peer struct {
 // unixPeer reads SO_PEERCRED: the uid, gid and pid the kernel recorded when
 // the client connected.
 func unixPeer(uc *net.UnixConn) (peer, error) {
-	raw, err := uc.SyscallConn()
+	cred, err := proto.UnixPeerCred(uc)
 	if err != nil {
 		return peer{}, err
 	}
-	var cred *syscall.Ucred
-	cerr := raw.Control(func(fd uintptr) {
-		cred, err = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
-	})
-	if cerr != nil {
-		return peer{}, cerr
-	}
-	if err != nil {
-		return peer{}, err
-	}
-	return peer{unix: true, uid: cred.Uid, gid: cred.Gid, pid: cred.Pid}, nil
+	return peer{unix: true, uid: cred.UID, gid: cred.GID, pid: cred.PID}, nil
 }
 
 var errNoClientCert = errors.New("no verified client certificate")
