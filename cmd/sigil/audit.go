@@ -37,11 +37,11 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 	}
 	cmd.PersistentFlags().StringVar(&configPath, "config", "", "agent configuration (to find the journal)")
 	cmd.PersistentFlags().StringVar(&dir, "journal", "", "journal directory (default: from --config, else the default data dir)")
-	// open opens the journal directory itself. The reading commands open
-	// it read-only: they write nothing (no file another user would own,
+	// open opens the journal directory itself with o (its Dir set here).
+	// The reading commands open it read-only: they write nothing (no file another user would own,
 	// no checkpoint over the evidence they report), and they read what a
 	// writable Open refuses.
-	open := func(readOnly bool, more ...func(*journal.Options)) (*journal.Journal, error) {
+	open := func(o journal.Options) (*journal.Journal, error) {
 		d, err := journalDir(configPath, dir)
 		if err != nil {
 			return nil, &exitError{exitUsage, err}
@@ -49,10 +49,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 		if _, err := os.Stat(d); err != nil {
 			return nil, &exitError{exitFailure, fmt.Errorf("no journal at %s: %w", d, err)}
 		}
-		o := journal.Options{Dir: d, ReadOnly: readOnly}
-		for _, m := range more {
-			m(&o)
-		}
+		o.Dir = d
 		j, err := journal.Open(o)
 		if err != nil {
 			if errors.Is(err, journal.ErrInUse) {
@@ -100,7 +97,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				fmt.Fprintf(cmd.OutOrStdout(), "audit chain OK (running agent): %s\n", summary)
 				return nil
 			}
-			j, err := open(true)
+			j, err := open(journal.Options{ReadOnly: true})
 			if err != nil {
 				return err
 			}
@@ -147,7 +144,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 					return &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %w", addr, err)}
 				}
 			}
-			j, err := open(true)
+			j, err := open(journal.Options{ReadOnly: true})
 			if err != nil {
 				return err
 			}
@@ -195,7 +192,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				}
 				return nil
 			}
-			j, err := open(true)
+			j, err := open(journal.Options{ReadOnly: true})
 			if err != nil {
 				return err
 			}
@@ -236,7 +233,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				fmt.Fprintf(out, "running agent: %s\n", summary)
 				return nil
 			}
-			j, err := open(false)
+			j, err := open(journal.Options{})
 			if err != nil {
 				return err
 			}
@@ -272,14 +269,12 @@ until a prune deletes past it. A tail log that disagrees with the store (the
 store changed under the journal) is not recovered: keep it as evidence.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			j, err := open(false, func(o *journal.Options) { o.AcceptTailLoss = true })
+			j, err := open(journal.Options{AcceptTailLoss: true})
 			if err != nil {
 				return err
 			}
 			defer j.Close()
-			if err := j.Barrier(cmd.Context()); err != nil {
-				return &exitError{exitFailure, err}
-			}
+			// Open has committed the journal.lost record, if anything was lost.
 			last, err := j.Last(cmd.Context(), 1, "")
 			if err != nil {
 				return &exitError{exitFailure, err}
