@@ -30,8 +30,29 @@ void sg_agent_init(sg_agent *a, const char *path, unsigned timeout_ms)
 	pthread_mutex_init(&a->mu, NULL);
 }
 
-static void conn_free(sg_conn *c)
+/* conn_track puts a new connection on a->all. */
+static void conn_track(sg_agent *a, sg_conn *c)
 {
+	pthread_mutex_lock(&a->mu);
+	c->all_prev = NULL;
+	c->all_next = a->all;
+	if (a->all)
+		a->all->all_prev = c;
+	a->all = c;
+	pthread_mutex_unlock(&a->mu);
+}
+
+/* conn_free closes c and takes it off a->all. */
+static void conn_free(sg_agent *a, sg_conn *c)
+{
+	pthread_mutex_lock(&a->mu);
+	if (c->all_prev)
+		c->all_prev->all_next = c->all_next;
+	else
+		a->all = c->all_next;
+	if (c->all_next)
+		c->all_next->all_prev = c->all_prev;
+	pthread_mutex_unlock(&a->mu);
 	if (c->fd >= 0)
 		close(c->fd);
 	free(c);
@@ -199,6 +220,7 @@ static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
 	c->dead = 0;
 	c->next_id = 1;
 	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	conn_track(a, c);
 	if (c->fd < 0)
 		goto fail;
 	/* The agent answers within its request_timeout (5 s by default) or
@@ -224,7 +246,7 @@ static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
 	int wrote;
 	*io = roundtrip(c, len, hello.id, resp, &wrote);
 	if (*io != SG_IO_OK) {
-		conn_free(c);
+		conn_free(a, c);
 		return NULL;
 	}
 	/* A refused Hello (e.g. UNAUTHENTICATED: this peer maps to no tenant)
@@ -234,7 +256,7 @@ static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
 		c->dead = 1;
 	return c;
 fail:
-	conn_free(c);
+	conn_free(a, c);
 	*io = SG_IO_UNREACHABLE;
 	return NULL;
 }
@@ -280,7 +302,7 @@ static sg_conn *borrow(sg_agent *a)
 		pthread_mutex_unlock(&a->mu);
 		if (!c || !stale(c))
 			return c;
-		conn_free(c);
+		conn_free(a, c);
 	}
 }
 
@@ -316,7 +338,7 @@ int sg_agent_call(sg_agent *a, sg_request *req, sg_response *resp, sg_conn **con
 			*connp = c;
 			return SG_IO_OK;
 		}
-		conn_free(c);
+		conn_free(a, c);
 		/* A pooled connection that failed before the request left was
 		 * closed under us: the agent never saw the request, so one retry on
 		 * a fresh connection is safe. A request that left is not repeated
@@ -341,7 +363,7 @@ void sg_agent_release(sg_agent *a, sg_conn *c)
 	}
 	pthread_mutex_unlock(&a->mu);
 	if (c)
-		conn_free(c);
+		conn_free(a, c);
 }
 
 void sg_agent_close(sg_agent *a)
@@ -353,7 +375,7 @@ void sg_agent_close(sg_agent *a)
 	pthread_mutex_unlock(&a->mu);
 	while (c) {
 		sg_conn *next = c->next;
-		conn_free(c);
+		conn_free(a, c);
 		c = next;
 	}
 }
@@ -363,12 +385,15 @@ void sg_agent_forget(sg_agent *a)
 	/* The mutex may have been held by a parent thread at fork time: do not
 	 * lock it, re-create it. close() on the child's copy of an fd leaves the
 	 * parent's connection as it was. */
-	sg_conn *c = a->idle;
+	sg_conn *c = a->all;
 	while (c) {
-		sg_conn *next = c->next;
-		conn_free(c);
+		sg_conn *next = c->all_next;
+		if (c->fd >= 0)
+			close(c->fd);
+		free(c);
 		c = next;
 	}
+	a->all = NULL;
 	a->idle = NULL;
 	a->nidle = 0;
 	pthread_mutex_init(&a->mu, NULL);

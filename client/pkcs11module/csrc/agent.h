@@ -19,7 +19,8 @@ typedef struct sg_conn {
 	int wait_ms; /* how long a reply may take before the connection is lost */
 	uint64_t idle_since_ns; /* CLOCK_MONOTONIC when it was last pooled */
 	uint64_t next_id;
-	struct sg_conn *next;
+	struct sg_conn *next; /* in the idle pool */
+	struct sg_conn *all_prev, *all_next; /* in sg_agent.all */
 	uint8_t buf[SG_FRAME_HEADER + SG_MAX_FRAME]; /* request out, then reply in */
 } sg_conn;
 
@@ -30,9 +31,13 @@ typedef struct {
 	 * directory is this user's (or root's) and writable by nobody else,
 	 * as the Go client does (proto.CheckDefaultSocketDir). */
 	int check_dir;
-	pthread_mutex_t mu; /* guards idle and nidle only; never held across I/O */
+	pthread_mutex_t mu; /* guards idle, nidle and all; never held across I/O */
 	sg_conn *idle;
 	unsigned nidle;
+	/* Every open connection, pooled or borrowed: a fork child closes its
+	 * copies of them all, including those a parent thread had borrowed for
+	 * a round trip when the process forked. */
+	sg_conn *all;
 } sg_agent;
 
 /* Transport results: the reply's code is in sg_response.code when SG_IO_OK. */
@@ -55,8 +60,9 @@ void sg_agent_release(sg_agent *a, sg_conn *c);
 void sg_agent_close(sg_agent *a);
 
 /*
- * sg_agent_forget drops the pool without touching the sockets' state in
- * the parent: after fork the child closes only its copies of the fds.
+ * sg_agent_forget drops every connection, pooled or borrowed, without
+ * touching the sockets' state in the parent: after fork the child closes
+ * only its copies of the fds.
  */
 void sg_agent_forget(sg_agent *a);
 

@@ -82,31 +82,38 @@ static pthread_mutex_t g_init_mu = PTHREAD_MUTEX_INITIALIZER;
  * gets a copy of the state as it was at the fork, and its C_Initialize
  * frees that copy; a copy taken halfway through C_Finalize (sessions freed,
  * g.init still set) would be freed twice. So the fork waits for the
- * module's state to be consistent: the prepare handler takes g_init_mu and
- * g.mu (in the order the module takes them), and both parent and child
- * release them. Neither is held across a round trip to the agent. */
+ * module's state to be consistent: the prepare handler takes g_init_mu,
+ * g.mu and the connection pool's lock (in the order the module takes
+ * them), and both parent and child release them. None is held across a
+ * round trip to the agent. */
 static int g_fork_holds_mu; /* the prepare handler took g.mu */
 
 static void on_fork_prepare(void)
 {
 	pthread_mutex_lock(&g_init_mu);
 	g_fork_holds_mu = g.init && !g_forked;
-	if (g_fork_holds_mu)
+	if (g_fork_holds_mu) {
 		pthread_mutex_lock(&g.mu);
+		pthread_mutex_lock(&g.agent.mu);
+	}
 }
 
 static void on_fork_parent(void)
 {
-	if (g_fork_holds_mu)
+	if (g_fork_holds_mu) {
+		pthread_mutex_unlock(&g.agent.mu);
 		pthread_mutex_unlock(&g.mu);
+	}
 	pthread_mutex_unlock(&g_init_mu);
 }
 
 static void on_fork_child(void)
 {
-	/* The forking thread, the child's only one, holds both. */
-	if (g_fork_holds_mu)
+	/* The forking thread, the child's only one, holds them all. */
+	if (g_fork_holds_mu) {
+		pthread_mutex_unlock(&g.agent.mu);
 		pthread_mutex_unlock(&g.mu);
+	}
 	pthread_mutex_unlock(&g_init_mu);
 	if (g.init)
 		g_forked = 1;

@@ -3,9 +3,11 @@
  * main thread forks 20 times, so some forks happen with the module's locks
  * held and a request in flight. Each child must find the module
  * uninitialized (PKCS#11 v2.40 section 6.7.7), initialize it again, sign on
- * its own connection and finalize; the parent's threads must keep signing
- * throughout on theirs. Usage: forkcheck MODULE KEY-LABEL. Prints "ok ...".
+ * its own connection and finalize, leaving no connection open; the
+ * parent's threads must keep signing throughout on theirs.
+ * Usage: forkcheck MODULE KEY-LABEL. Prints "ok ...".
  */
+#include <dirent.h>
 #include <dlfcn.h>
 #include <p11-kit/pkcs11.h>
 #include <pthread.h>
@@ -57,6 +59,28 @@ static CK_RV sign_once(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key)
 	if (rv == CKR_OK && n != 64)
 		rv = CKR_GENERAL_ERROR;
 	return rv;
+}
+
+/* open_sockets counts this process's socket fds: the module's connections
+ * to the agent are the only sockets forkcheck has. */
+static int open_sockets(void)
+{
+	DIR *d = opendir("/proc/self/fd");
+	if (!d)
+		die("opendir /proc/self/fd", 0);
+	int n = 0;
+	struct dirent *e;
+	while ((e = readdir(d))) {
+		char path[300], target[64];
+		snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
+		ssize_t k = readlink(path, target, sizeof target - 1);
+		if (k > 0) {
+			target[k] = 0;
+			n += strncmp(target, "socket:", 7) == 0;
+		}
+	}
+	closedir(d);
+	return n;
 }
 
 static void *signer(void *arg)
@@ -124,6 +148,14 @@ int main(int argc, char **argv)
 					die("child C_Sign", rv);
 			if ((rv = f->C_Finalize(NULL)))
 				die("child C_Finalize", rv);
+			/* Copies of the parent's connections, those its threads had
+			 * borrowed at the fork included, are closed by the child's
+			 * C_Initialize; its own by C_Finalize. */
+			int left = open_sockets();
+			if (left) {
+				fprintf(stderr, "forkcheck [%d]: %d agent connections still open after C_Finalize\n", (int)getpid(), left);
+				_exit(1);
+			}
 			_exit(0);
 		}
 		int status;
