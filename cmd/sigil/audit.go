@@ -29,6 +29,16 @@ import (
 // process open at a time: with the agent stopped, or on a copy. verify and
 // tail ask a running agent over its admin socket instead when one answers
 // (and no directory is named).
+// unchecked marks a failure of 'audit verify' to reach a verdict: exit 5,
+// not the broken chain's 1. Usage errors keep their code.
+func unchecked(err error) error {
+	var ee *exitError
+	if errors.As(err, &ee) && ee.code != exitFailure {
+		return err
+	}
+	return &exitError{exitUnchecked, err}
+}
+
 func newAuditCommand(g *globalFlags) *cobra.Command {
 	var configPath, dir string
 	cmd := &cobra.Command{
@@ -80,7 +90,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 	}
 	verify := &cobra.Command{
 		Use:   "verify",
-		Short: "Recompute the hash chain (the running agent's, over its admin socket, else the journal directory); exit 1 and name the first broken record on a break",
+		Short: "Recompute the hash chain (the running agent's, over its admin socket, else the journal directory); exit 1 and name the first broken record on a break, 5 when it could not be checked",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if c, err := runningAgent(cmd.Context()); err != nil {
@@ -89,7 +99,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				defer c.Close()
 				ok, summary, err := c.AuditVerify(cmd.Context())
 				if err != nil {
-					return &exitError{exitFailure, err}
+					return agentError("audit verify", err)
 				}
 				if !ok {
 					return &exitError{exitFailure, fmt.Errorf("running agent: %s", summary)}
@@ -99,12 +109,12 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 			}
 			j, err := open(journal.Options{ReadOnly: true})
 			if err != nil {
-				return err
+				return unchecked(err)
 			}
 			defer j.Close()
 			rep, err := j.Verify(context.Background())
 			if err != nil {
-				return &exitError{exitFailure, err}
+				return unchecked(err)
 			}
 			if !rep.OK() {
 				return &exitError{exitFailure, fmt.Errorf("%d records read; %v", rep.Records, rep.Break)}

@@ -106,7 +106,7 @@ func TestAuditWithConfigAsksItsRunningAgent(t *testing.T) {
 	bare := filepath.Join(dir, "bare.yaml")
 	raw, _ := os.ReadFile(config)
 	os.WriteFile(bare, []byte(strings.Replace(string(raw), "socket: "+socket+"\n", "", 1)), 0o600)
-	if _, stderr, code := runBin(t, bin, "audit", "verify", "--config", bare); code != exitFailure || !strings.Contains(stderr, "in use") {
+	if _, stderr, code := runBin(t, bin, "audit", "verify", "--config", bare); code != exitUnchecked || !strings.Contains(stderr, "in use") {
 		t.Fatalf("verify --config naming no socket: exit %d, stderr %q; want the directory, in use", code, stderr)
 	}
 	if _, stderr, code := runBin(t, bin, "audit", "tail", "--follow", "--config", bare); code != exitUsage || !strings.Contains(stderr, "--admin-socket") {
@@ -325,5 +325,50 @@ func TestAuditRecoverWithNothingLost(t *testing.T) {
 	out, stderr, code = run(t, "audit", "verify", "--journal", dir)
 	if code != 0 || !strings.Contains(out, "audit chain OK: 1 records") {
 		t.Fatalf("verify after recover: exit %d\n%s%s", code, out, stderr)
+	}
+}
+
+// audit verify's exit status tells a monitor a broken chain (1) from a
+// check that could not be made (5): both used to be 1.
+func TestAuditVerifyExitStatus(t *testing.T) {
+	dir := t.TempDir()
+	sound := filepath.Join(dir, "sound")
+	j, err := journal.Open(journal.Options{Dir: sound})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Append(context.Background(), &journal.Record{Tenant: "acme", Op: "sign", CodeName: "OK"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	held := filepath.Join(dir, "held")
+	hj, err := journal.Open(journal.Options{Dir: held})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hj.Close()
+	notDir := filepath.Join(dir, "file")
+	os.WriteFile(notDir, []byte("not a journal"), 0o600)
+
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		say  string
+	}{
+		{"sound chain", []string{"--journal", sound}, exitOK, "audit chain OK"},
+		{"no journal", []string{"--journal", filepath.Join(dir, "none")}, exitUnchecked, "no journal"},
+		{"journal in use", []string{"--journal", held}, exitUnchecked, "in use"},
+		{"not a journal", []string{"--journal", notDir}, exitUnchecked, "journal"},
+		{"named agent silent", []string{"--admin-socket", filepath.Join(dir, "none.sock")}, exitUnreachable, "no agent answered"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, stderr, code := run(t, append([]string{"audit", "verify"}, tc.args...)...)
+			if code != tc.code || !strings.Contains(out+stderr, tc.say) {
+				t.Fatalf("exit %d, want %d saying %q\n%s%s", code, tc.code, tc.say, out, stderr)
+			}
+		})
 	}
 }

@@ -17,6 +17,10 @@ const (
 	exitUsage       = 2
 	exitUnreachable = 3 // no agent answered at the socket
 	exitRefused     = 4 // the agent answered with an error code
+	// exitUnchecked: 'audit verify' reached no verdict (the journal
+	// missing, in use or unreadable), which a monitor must not take for
+	// a broken chain (exit 1) nor for a sound one.
+	exitUnchecked = 5
 	// exitCredentials: the agent did not start because a token refused
 	// its PIN or is locked. Starting again presents the same PIN and may
 	// lock the token, so sigil.service does not restart on it
