@@ -281,7 +281,7 @@ func Open(opts Options) (*Journal, error) {
 	j := &Journal{
 		opts: opts,
 		log:  opts.Logger.Named("journal"),
-		fs:   &walFS{FS: opts.FS},
+		fs:   &walFS{FS: opts.FS, readOnly: opts.ReadOnly},
 		done: make(chan struct{}),
 
 		applyKick: make(chan struct{}, 1),

@@ -1,16 +1,21 @@
 package journal
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
 	"hash/crc32"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cockroachdb/pebble/v2/vfs"
 )
 
 // dirState is every file of dir with a hash of its contents, for telling
@@ -375,5 +380,56 @@ func TestFirstSeqAtAcrossALostRange(t *testing.T) {
 	}
 	if seq != 32 {
 		t.Fatalf("FirstSeqAt = %d, want 32 (the first record after the recovery)", seq)
+	}
+}
+
+// readOnlyFS refuses every write as a read-only mount does (EROFS), the
+// LOCK file's open for writing included.
+type readOnlyFS struct{ vfs.FS }
+
+func erofs(op, name string) error { return &os.PathError{Op: op, Path: name, Err: syscall.EROFS} }
+
+func (readOnlyFS) Create(name string, _ vfs.DiskWriteCategory) (vfs.File, error) {
+	return nil, erofs("open", name)
+}
+func (readOnlyFS) OpenReadWrite(name string, _ vfs.DiskWriteCategory, _ ...vfs.OpenOption) (vfs.File, error) {
+	return nil, erofs("open", name)
+}
+func (readOnlyFS) ReuseForWrite(_, name string, _ vfs.DiskWriteCategory) (vfs.File, error) {
+	return nil, erofs("rename", name)
+}
+func (readOnlyFS) Link(_, name string) error                 { return erofs("link", name) }
+func (readOnlyFS) Remove(name string) error                  { return erofs("remove", name) }
+func (readOnlyFS) RemoveAll(name string) error               { return erofs("remove", name) }
+func (readOnlyFS) Rename(_, name string) error               { return erofs("rename", name) }
+func (readOnlyFS) MkdirAll(name string, _ os.FileMode) error { return erofs("mkdir", name) }
+func (readOnlyFS) Lock(name string) (io.Closer, error)       { return nil, erofs("open", name) }
+
+// A journal on a read-only mount (an evidence copy, a snapshot) is read
+// under a shared lock of its LOCK file: the exclusive lock a writer takes
+// needs the file open for writing, and every offline read failed there.
+// A writer in another process still keeps it out.
+func TestReadOnlyOpenOnAReadOnlyMount(t *testing.T) {
+	dir := killedWithTail(t)
+	j, err := Open(Options{Dir: dir, ReadOnly: true, FS: readOnlyFS{vfs.Default}, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatalf("Open read-only on a read-only mount: %v", err)
+	}
+	mustVerify(t, j, 30)
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	// A writer in another process: the shared lock is refused.
+	busy := t.TempDir()
+	_, out, _ := startChild(t, "wal "+busy)
+	if _, err := bufio.NewReader(out).ReadString('\n'); err != nil {
+		t.Fatalf("the writer child confirmed nothing: %v", err)
+	}
+	if r, err := Open(Options{Dir: busy, ReadOnly: true, FS: readOnlyFS{vfs.Default}, Logger: testLogger(t)}); !errors.Is(err, ErrInUse) {
+		if err == nil {
+			r.Close()
+		}
+		t.Fatalf("read-only Open beside a writer: %v, want ErrInUse", err)
 	}
 }

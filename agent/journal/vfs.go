@@ -1,9 +1,14 @@
 package journal
 
 import (
+	"errors"
 	"fmt"
+	"io"
+	"io/fs"
+	"os"
 	"strings"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/cockroachdb/pebble/v2"
 	"github.com/cockroachdb/pebble/v2/vfs"
@@ -39,6 +44,49 @@ type walFS struct {
 	// can recover from in-process. A `wal`-mode commit does not wait for
 	// the WAL writer (tail.go), so the committer checks this first.
 	walFailed atomic.Bool
+	// readOnly: the journal was opened ReadOnly, and may be on a mount
+	// that refuses to open its LOCK file for writing (see Lock).
+	readOnly bool
+}
+
+// Lock takes the directory lock Pebble's way: an exclusive fcntl lock on
+// the LOCK file, opened for writing. A read-only journal whose LOCK file
+// cannot be opened for writing (a read-only mount, an evidence copy) takes
+// a shared lock on it opened for reading instead, which a writer in another
+// process refuses as it refuses the exclusive one. That cannot meet a
+// writer in this process (whose fcntl lock the shared one would not see,
+// and whose lock closing the file would drop), since that writer opened the
+// same file for writing.
+func (fs *walFS) Lock(name string) (io.Closer, error) {
+	c, err := fs.FS.Lock(name)
+	if err == nil || !fs.readOnly || !cannotOpenForWriting(err) {
+		return c, err
+	}
+	f, err := fs.FS.Open(name)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return noLock{}, nil // no LOCK file: no writer ever opened the directory
+		}
+		return nil, err
+	}
+	spec := syscall.Flock_t{Type: syscall.F_RDLCK, Whence: io.SeekStart}
+	if err := syscall.FcntlFlock(f.Fd(), syscall.F_SETLK, &spec); err != nil {
+		_ = f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
+type noLock struct{}
+
+func (noLock) Close() error { return nil }
+
+// cannotOpenForWriting: the LOCK file's open failed for want of write
+// access. A held lock is fcntl's bare errno, never a *fs.PathError.
+func cannotOpenForWriting(err error) bool {
+	var pathErr *fs.PathError
+	return errors.As(err, &pathErr) &&
+		(errors.Is(err, syscall.EROFS) || errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM))
 }
 
 func isWALFile(name string, category vfs.DiskWriteCategory) bool {
