@@ -7,6 +7,9 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/sha256"
+	"net/http"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/sigil-agent/sigil/agent"
@@ -65,5 +68,45 @@ func TestCloudProviderConfigValidation(t *testing.T) {
 				t.Fatal("accepted")
 			}
 		})
+	}
+}
+
+// A key deleted in its vault while the agent serves it answers UNAVAILABLE
+// (the provider lost it), as a deleted PKCS#11 object or a destroyed GCP
+// version does, not NOT_FOUND, which tells a caller it named no key of its
+// own; the audit record says the same.
+func TestKeyDeletedInTheBackendIsUnavailable(t *testing.T) {
+	vault := &azurekvtest.Server{}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	v := vault.Add("release", key)
+	url, opts, cred := vault.Start(t)
+	p, err := azurekv.Open(context.Background(), azurekv.Config{ID: "azure", VaultURL: url, Credential: cred, ClientOptions: opts,
+		Keys: []azurekv.KeyConfig{{Name: "release", Key: "release"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := softwareConfig(t)
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	r := startAgent(t, cfg, agent.WithProviders(p))
+	c := r.dial(t)
+	vault.Update(func() { v.SignStatus = http.StatusNotFound })
+	d := sha256.Sum256([]byte("after the deletion"))
+	_, err = c.Sign(context.Background(), client.ByName("release"), client.Algorithm{}, d[:])
+	if client.Code(err) != proto.Unavailable {
+		t.Fatalf("sign with a deleted key: %v, want UNAVAILABLE", err)
+	}
+	aln, err := agent.ListenUnix(cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.agent.ServeAdmin(aln)
+	admin, err := client.Dial(context.Background(), cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	recs, err := admin.AuditTail(context.Background(), "", 0, 1)
+	if err != nil || len(recs) != 1 || !strings.Contains(string(recs[0]), `"op":"sign"`) || !strings.Contains(string(recs[0]), `"UNAVAILABLE"`) {
+		t.Fatalf("the refusal's record: %q %v, want a sign refused UNAVAILABLE", recs, err)
 	}
 }

@@ -198,12 +198,26 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 			return sig, nil
 		}
 	} else {
-		err = &providerFailure{err}
+		err = &providerFailure{servedKeyLost(err)}
 	}
 	if errors.Is(err, context.Canceled) && c.ctx.Err() != nil {
 		return nil, fmt.Errorf("client went away: %w", err)
 	}
 	return nil, err
+}
+
+// servedKeyLost turns a provider's "no such key" for a key the agent
+// serves into UNAVAILABLE. The caller named a slot that exists; the key
+// behind it was deleted in its HSM or key service. The wire's NOT_FOUND
+// means the caller has no such key, and a PKCS#11 object deleted from its
+// token, a destroyed GCP version and an AWS key pending deletion already
+// answered UNAVAILABLE, while an AWS key or Azure key deleted outright
+// answered NOT_FOUND.
+func servedKeyLost(err error) error {
+	if errors.Is(err, providers.ErrNotFound) {
+		return fmt.Errorf("%w: the provider no longer has this served key (deleted in the backend?): %v", providers.ErrUnavailable, err)
+	}
+	return err
 }
 
 func (c *conn) verify(req *proto.Request, resp *proto.Response, meta *reqMeta) error {
