@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"time"
 
@@ -343,15 +344,37 @@ func (a *Agent) Shutdown(ctx context.Context) error {
 	return err
 }
 
+// ReloadError is a reload refused in whole or in part. Each part (the
+// TLS certificates, the keys' certificates, the policy, the rotation
+// calendars) is taken or refused on its own, so that a bad certificate
+// file does not hold back a policy change; Taken names the parts that
+// were put in force all the same (the policy only when it changed).
+type ReloadError struct {
+	Taken []string
+	Err   error
+}
+
+func (e *ReloadError) Error() string {
+	if len(e.Taken) == 0 {
+		return "refused, what was in force stays: " + e.Err.Error()
+	}
+	// Taken first: the SIGHUP status line keeps only the first line.
+	return "refused in part (taken all the same: " + strings.Join(e.Taken, ", ") + "; the rest stays as it was): " + e.Err.Error()
+}
+
+func (e *ReloadError) Unwrap() error { return e.Err }
+
 // Reload re-reads what can change without a restart: the TLS certificates
 // (new handshakes use them; open connections carry on), the keys'
-// certificates (certs.go) and the policy, each from the path the config
-// file names now (as `sigil agent --check` reads them). What fails to load
-// is refused and the old stays in force.
+// certificates (certs.go), the policy and the rotation calendars, each
+// from the path the config file names now (as `sigil agent --check` reads
+// them). A part that fails to load is refused and its old version stays
+// in force; the others are taken (*ReloadError says which).
 func (a *Agent) Reload() error {
 	a.reloadMu.Lock()
 	defer a.reloadMu.Unlock()
 	var errs []error
+	var taken []string
 	var tcp *TCPConfig
 	if a.tls != nil {
 		tcp = &a.tls.cfg
@@ -370,8 +393,12 @@ func (a *Agent) Reload() error {
 			certsKnown = false
 		} else {
 			var ferrs []error
-			tcp, ferrs = a.followConfig(fresh)
+			var calendarsSet bool
+			tcp, calendarsSet, ferrs = a.followConfig(fresh)
 			errs = append(errs, ferrs...)
+			if calendarsSet {
+				taken = append(taken, "rotation calendars")
+			}
 			certPaths = fresh.Certificates
 			calendars = fresh.Rotation.Calendars
 		}
@@ -382,6 +409,7 @@ func (a *Agent) Reload() error {
 			errs = append(errs, err)
 		} else {
 			a.log.Info("TLS certificates reloaded")
+			taken = append(taken, "TLS certificates")
 		}
 	}
 	if !certsKnown {
@@ -389,16 +417,24 @@ func (a *Agent) Reload() error {
 	} else if err := a.reloadCertificates(certPaths); err != nil {
 		a.log.Warn("key certificates not reloaded; keeping the ones in force", zap.Error(err))
 		errs = append(errs, err)
+	} else if len(certPaths) > 0 {
+		taken = append(taken, "key certificates")
 	}
 	if a.policy != nil {
+		was := a.policy.Set().HashHex()
 		if err := a.reloadPolicy(); err != nil {
 			errs = append(errs, err)
+		} else if now := a.policy.Set().HashHex(); now != was {
+			taken = append(taken, "policy "+now)
 		}
 		if a.sched != nil && calendars != nil {
 			errs = append(errs, calendarSlotErrors(a.policy.Set(), calendars)...)
 		}
 	}
-	return errors.Join(errs...)
+	if len(errs) == 0 {
+		return nil
+	}
+	return &ReloadError{Taken: taken, Err: errors.Join(errs...)}
 }
 
 // followConfig takes from fresh, the config file read again, what a reload
@@ -407,9 +443,7 @@ func (a *Agent) Reload() error {
 // A change only a restart applies is an error naming it: the TCP listener
 // or the policy file added or removed (either changes who may connect and
 // how). The TCP address moved is logged; the listener stays where it is.
-func (a *Agent) followConfig(fresh Config) (*TCPConfig, []error) {
-	var errs []error
-	var tcp *TCPConfig
+func (a *Agent) followConfig(fresh Config) (tcp *TCPConfig, calendarsSet bool, errs []error) {
 	switch {
 	case a.tls != nil && fresh.TCP.Listen == "":
 		tcp = &a.tls.cfg
@@ -439,9 +473,11 @@ func (a *Agent) followConfig(fresh Config) (*TCPConfig, []error) {
 	case a.sched != nil:
 		if err := a.sched.SetCalendars(cals); err != nil {
 			errs = append(errs, fmt.Errorf("rotation.calendars: %w", err))
+		} else {
+			calendarsSet = true
 		}
 	case len(cals) > 0:
 		errs = append(errs, errors.New("rotation.calendars: rotation is off in this agent (it needs a policy file and the journal)"))
 	}
-	return tcp, errs
+	return tcp, calendarsSet, errs
 }

@@ -382,7 +382,7 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 	case proto.OpReloadPolicy:
 		// What SIGHUP reloads: TLS certificates, keys' certificates, policy.
 		if err := c.a.Reload(); err != nil {
-			return &proto.Error{Code: proto.BadRequest, Msg: "reload refused, what was in force stays: " + err.Error()}
+			return &proto.Error{Code: proto.BadRequest, Msg: "reload " + err.Error()}
 		}
 		resp.Msg = "reloaded"
 		if c.a.policy != nil {

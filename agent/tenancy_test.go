@@ -320,3 +320,37 @@ func TestCNWrittenAsAURIIsRefused(t *testing.T) {
 		}
 	}
 }
+
+// A reload is taken part by part: with the TLS certificate file broken
+// and the policy changed, the policy goes into force and the reply says
+// so. It used to say "reload refused, what was in force stays", and an
+// operator took a revocation that was in force for one that was not.
+func TestReloadRefusedInPartSaysWhatWasTaken(t *testing.T) {
+	s := startTenancy(t)
+	ctx := context.Background()
+	admin, err := client.Dial(ctx, s.admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	billing, err := s.tenantClient(t, "spiffe://example.org/billing")
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	os.WriteFile(filepath.Join(s.dir, "server.pem"), []byte("half-written"), 0o600)
+	_, err = admin.ReloadPolicy(ctx)
+	if client.Code(err) != proto.BadRequest || !strings.Contains(err.Error(), "refused, what was in force stays") {
+		t.Fatalf("reload with only the TLS file broken: %v, want it refused whole", err)
+	}
+
+	os.WriteFile(s.policyFile, []byte(twoTenants(os.Getuid(), "spiffe://example.org/billing-v2")), 0o600)
+	_, err = admin.ReloadPolicy(ctx)
+	if client.Code(err) != proto.BadRequest || !strings.Contains(err.Error(), "refused in part (taken all the same: policy ") ||
+		!strings.Contains(err.Error(), "tls:") {
+		t.Fatalf("reload with the TLS file broken and the policy changed: %v, want the policy named as taken and the TLS refusal", err)
+	}
+	if _, err := billing.Sign(ctx, client.ByName("invoice"), client.Algorithm{}, []byte("m")); client.Code(err) != proto.Unauthenticated {
+		t.Fatalf("the revocation the reply reports as taken: %v", err)
+	}
+}

@@ -68,7 +68,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 	}
 	reload := &cobra.Command{
 		Use:   "reload",
-		Short: "Re-read what SIGHUP re-reads: the policy, the TLS certificates and the keys' certificates (what fails to load is refused; the old stays)",
+		Short: "Re-read what SIGHUP re-reads: the policy, the TLS certificates and the keys' certificates (each on its own: a part that fails to load is refused and its old version stays; the reply names the parts taken)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			return run("reload", func(ctx context.Context, c *client.Client) (string, error) { return c.ReloadPolicy(ctx) })

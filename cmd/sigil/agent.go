@@ -285,7 +285,7 @@ wait:
 			at := time.Now().UTC().Format(time.RFC3339)
 			outcome := "reloaded at " + at
 			if err := a.Reload(); err != nil {
-				outcome = "the reload at " + at + " was refused, see the log: " + firstLineOf(err)
+				outcome = "the reload at " + at + " was " + firstLineOf(err) + " (see the log)"
 			}
 			sdNotify(log, "STATUS=serving on "+socket+"; "+outcome)
 		case err := <-serveErr:
