@@ -87,6 +87,12 @@ type replyWriter struct {
 	spare    []byte // the other buffer, swapped in while one is being written
 	flushing bool   // someone is writing; appenders just leave their frame
 	broken   bool   // a write failed or the peer stopped reading: drop replies
+	// fences are the policy fences of the signatures in pending: each is
+	// ended once the write that carries its reply returns (or the reply
+	// is dropped), so that a Pause's ack comes after every signature it
+	// let through has left, not merely been queued behind a slow reader.
+	fences      []policy.Decision
+	spareFences []policy.Decision
 
 	// deadlineSet is when the write deadline was last set; only the
 	// goroutine that is flushing touches it.
@@ -422,14 +428,13 @@ func (c *conn) handle(req *proto.Request, arrived time.Time) {
 	var fence policy.Decision
 	c.dispatch(req, &resp, arrived, &fence)
 	requestPool.Put(req)
-	c.send(&resp)
-	fence.Done() // the signature is out (or withheld): a Pause may ack
+	c.send(&resp, fence) // ends the fence once the reply is written or dropped
 }
 
 // sendFinal queues the reply that precedes closing the connection. Its id is
 // 0: the offending frame's id, if it had one, could not be trusted.
 func (c *conn) sendFinal(code proto.Code, msg string) {
-	c.send(&proto.Response{ID: 0, Code: code, Msg: msg})
+	c.send(&proto.Response{ID: 0, Code: code, Msg: msg}, policy.Decision{})
 }
 
 // runInline reports whether a Sign or Verify should run on the reader: only
@@ -446,14 +451,17 @@ func (c *conn) runInline(req *proto.Request, br *bufio.Reader) bool {
 }
 
 // send queues resp and, unless another goroutine is already writing, writes
-// everything queued until nothing is left.
-func (c *conn) send(resp *proto.Response) {
+// everything queued until nothing is left. fence (the policy's hold on the
+// reply's slot, zero for other replies) is ended once the write carrying
+// resp has returned or resp is dropped.
+func (c *conn) send(resp *proto.Response, fence policy.Decision) {
 	codec := codecPool.Get().(*proto.Codec)
 	defer codecPool.Put(codec)
 	w := &c.w
 	w.mu.Lock()
 	if w.broken {
 		w.mu.Unlock()
+		fence.Done()
 		return
 	}
 	var err error
@@ -465,21 +473,30 @@ func (c *conn) send(resp *proto.Response) {
 	}
 	if len(w.pending) > maxPendingReplies {
 		w.broken = true
+		dropped := w.fences
+		w.fences = nil
 		w.mu.Unlock()
+		fence.Done()
+		endFences(dropped)
 		c.a.metrics.refused(limitUnreadReplies)
 		c.log.Info("closing connection: client is not reading its replies")
 		c.drop()
 		return
 	}
 	if w.flushing {
+		if fence.Holds() {
+			w.fences = append(w.fences, fence)
+		}
 		w.mu.Unlock()
 		return
 	}
 	w.flushing = true
 	timeout := c.a.cfg.Limits.WriteTimeout
-	for {
+	for first := true; ; first = false {
 		buf := w.pending
 		w.pending = w.spare[:0]
+		fences := w.fences
+		w.fences = w.spareFences[:0]
 		w.mu.Unlock()
 		// The deadline is moved only once a tenth of it has passed, so a
 		// write gets at least 0.9x limits.write_timeout. Moving it with
@@ -490,12 +507,20 @@ func (c *conn) send(resp *proto.Response) {
 			w.deadlineSet = now
 		}
 		_, err := c.nc.Write(buf)
+		if first {
+			fence.Done() // resp went out in this write (or is dropped with it)
+		}
+		endFences(fences)
 		w.mu.Lock()
 		w.spare = buf[:0]
+		w.spareFences = fences[:0]
 		if err != nil {
 			w.broken, w.flushing = true, false
 			w.pending = w.pending[:0]
+			dropped := w.fences
+			w.fences = nil
 			w.mu.Unlock()
+			endFences(dropped)
 			// A peer that stopped reading (or vanished): drop it. Closing
 			// the socket also ends the reader.
 			c.log.Info("closing connection: write failed", zap.Error(err))
@@ -507,6 +532,13 @@ func (c *conn) send(resp *proto.Response) {
 			w.mu.Unlock()
 			return
 		}
+	}
+}
+
+// endFences ends each fence of fs (replies written or dropped).
+func endFences(fs []policy.Decision) {
+	for i := range fs {
+		fs[i].Done()
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/proto"
 )
 
@@ -181,7 +182,7 @@ func (c *conn) acquireSlot(req *proto.Request, arrived time.Time) bool {
 		// Answered before dispatch, which counts every other answer: no
 		// tenant or key is resolved yet, so it is counted without them.
 		c.a.metrics.request(req.Op, proto.DeadlineExceeded, &reqMeta{})
-		c.send(&proto.Response{ID: req.ID, Code: proto.DeadlineExceeded, Msg: noTenantCapacityMsg})
+		c.send(&proto.Response{ID: req.ID, Code: proto.DeadlineExceeded, Msg: noTenantCapacityMsg}, policy.Decision{})
 	}
 	requestPool.Put(req)
 	return false

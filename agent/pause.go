@@ -51,10 +51,13 @@ func (p pauser) Pause(tenant, slot string) error {
 		return err
 	}
 	// The fence: a request the policy allowed before the pause is let
-	// finish, so that once this returns (the operator's ack, a drill's
-	// emergency rotation) no signature of the slot is released. A request
-	// still running past its own deadline has its signature withheld.
-	wctx, cancel := context.WithTimeout(context.Background(), p.a.cfg.Limits.RequestTimeout+time.Second)
+	// finish, and its reply leave, so that once this returns (the
+	// operator's ack, a drill's emergency rotation) no signature of the
+	// slot is released. A request still running past its own deadline has
+	// its signature withheld; a reply not written within
+	// limits.write_timeout drops its connection, and the reply with it.
+	lim := p.a.cfg.Limits
+	wctx, cancel := context.WithTimeout(context.Background(), lim.RequestTimeout+lim.WriteTimeout+time.Second)
 	if err := p.a.policy.WaitIdle(wctx, tenant, slot); err != nil {
 		p.a.log.Warn("pause: signatures still in flight past the request timeout", zap.String("slot", tenant+"/"+slot), zap.Error(err))
 	}

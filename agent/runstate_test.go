@@ -1,6 +1,7 @@
 package agent_test
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto"
@@ -9,13 +10,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/cockroachdb/pebble/v2/vfs"
 	"github.com/cockroachdb/pebble/v2/vfs/errorfs"
@@ -742,4 +746,103 @@ func TestDrillLeavesAFilePauseMadeDuringIt(t *testing.T) {
 	if _, err := r.dial(t).Sign(context.Background(), client.ByName("release"), client.Algorithm{}, d[:]); client.Code(err) != proto.Paused {
 		t.Fatalf("after the drill: %v, want PAUSED (the file's pause)", err)
 	}
+}
+
+// A Pause is acknowledged only once every signature it let through has
+// left the agent, also when its replies wait behind a client that does not
+// read. Two ways that failed: the fence ended when a reply was queued, so
+// signatures queued behind another reply's blocked write did not hold the
+// ack; and the ack gave up waiting after request_timeout + 1 s, while a
+// blocked write may wait write_timeout. A client reading only after the ack
+// then received signatures of the paused slot written after it.
+func TestPauseAckComesAfterQueuedRepliesLeave(t *testing.T) {
+	for _, tc := range []struct {
+		name          string
+		verifiesFirst int // requests whose replies fill the client's socket before the Signs
+		request       time.Duration
+		write         time.Duration
+	}{
+		{"signatures queued behind another reply", 2000, 5 * time.Second, 2 * time.Second},
+		{"a write slower than the request timeout", 0, time.Second, 4 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := softwareConfig(t)
+			cfg.DefaultKey = ""
+			cfg.Limits.RequestTimeout = tc.request
+			cfg.Limits.WriteTimeout = tc.write
+			cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+			cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+			os.WriteFile(cfg.Policy, []byte(fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: default}\n", os.Getuid(), os.Getuid())), 0o600)
+			r := startAgent(t, cfg)
+			aln, err := agent.ListenUnix(cfg.AdminSocket)
+			if err != nil {
+				t.Fatal(err)
+			}
+			go r.agent.ServeAdmin(aln)
+			admin, err := client.Dial(context.Background(), cfg.AdminSocket)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer admin.Close()
+
+			rc := r.raw(t)
+			rc.nc.SetDeadline(time.Now().Add(30 * time.Second))
+			rc.hello()
+			d := sha256.Sum256([]byte("pipelined"))
+			codec := proto.NewCodec()
+			var frames []byte
+			id := uint64(2)
+			for ; id < uint64(2+tc.verifiesFirst); id++ {
+				frames, _ = codec.AppendRequestFrame(frames, &proto.Request{ID: id, Op: proto.OpVerify, Key: "release", Digest: d[:], Sig: []byte{1}})
+			}
+			for end := id + 2000; id < end; id++ {
+				frames, _ = codec.AppendRequestFrame(frames, &proto.Request{ID: id, Op: proto.OpSign, Key: "release", Digest: d[:]})
+			}
+			go rc.nc.Write(frames)  // blocks once the agent stops reading; fails when it drops the connection
+			time.Sleep(time.Second) // the agent's replies fill the client's socket
+
+			pauseWritesNothingAfterItsAck(t, admin, "payments/release", rc.nc, rc.br)
+		})
+	}
+}
+
+// pauseWritesNothingAfterItsAck pauses slot while nc's client has not read
+// its replies, then reads them all: every byte must have been in the
+// client's socket (or br) when the pause was acknowledged.
+func pauseWritesNothingAfterItsAck(t *testing.T, admin *client.Client, slot string, nc net.Conn, br *bufio.Reader) {
+	t.Helper()
+	if _, err := admin.Pause(context.Background(), slot); err != nil {
+		t.Fatal(err)
+	}
+	delivered := br.Buffered() + unreadBytes(t, nc)
+	var read int
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := br.Read(buf)
+		read += n
+		if err != nil {
+			break
+		}
+	}
+	if read != delivered {
+		t.Fatalf("%d reply bytes were in the client's socket at the pause's ack, %d came in all: the rest were written after it", delivered, read)
+	}
+}
+
+// unreadBytes is how many bytes wait in nc's receive queue.
+func unreadBytes(t *testing.T, nc net.Conn) int {
+	t.Helper()
+	raw, err := nc.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	var errno syscall.Errno
+	raw.Control(func(fd uintptr) {
+		_, _, errno = syscall.Syscall(syscall.SYS_IOCTL, fd, syscall.TIOCINQ, uintptr(unsafe.Pointer(&n)))
+	})
+	if errno != 0 {
+		t.Fatal(errno)
+	}
+	return n
 }

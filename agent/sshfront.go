@@ -71,11 +71,15 @@ func (a *Agent) sshBackendFor(nc net.Conn) (sshagent.Backend, net.Conn, error) {
 		return nil, nil, errors.New("ssh-agent connection refused: " + limit)
 	}
 	lim := a.cfg.Limits
-	return sshBackend{c: c}, &sshConn{Conn: nc, c: c, maxMsg: lim.MaxFrame, frameTimeout: lim.FrameTimeout}, nil
+	sc := &sshConn{Conn: nc, c: c, maxMsg: lim.MaxFrame, frameTimeout: lim.FrameTimeout, writeTimeout: lim.WriteTimeout}
+	return sshBackend{c: c, out: sc}, sc, nil
 }
 
 // sshBackend answers the ssh-agent front for one connection.
-type sshBackend struct{ c *conn }
+type sshBackend struct {
+	c   *conn
+	out *sshConn // holds a signature's policy fence until its reply is written
+}
 
 func (b sshBackend) Keys(context.Context) ([]sshagent.Key, error) {
 	entries, err := b.c.listKeys()
@@ -120,11 +124,14 @@ func (b sshBackend) Sign(ctx context.Context, name string, alg providers.Algorit
 	defer b.c.releaseSlot()
 	var resp proto.Response
 	var fence policy.Decision
-	defer fence.Done()
 	b.c.dispatch(req, &resp, arrived, &fence)
 	if err := resp.Err(); err != nil {
+		fence.Done()
 		return nil, err
 	}
+	// The signature leaves when the ssh-agent server writes its reply,
+	// after this returns: a Pause must not ack before that.
+	b.out.holdFence(fence)
 	return resp.Sig, nil
 }
 
@@ -153,16 +160,49 @@ type sshConn struct {
 	maxMsg       int
 	frameTimeout time.Duration
 
+	writeTimeout time.Duration
+
 	hdr       [4]byte
 	hdrN      int // header bytes seen of the current message
 	remaining int // body bytes still to come of the current message
 	armed     bool
 	closeOnce sync.Once
+
+	// fence is the last signature's policy fence. The ssh-agent server
+	// writes a reply and only then reads the next request, so the fence
+	// ends at the next Read, or at Close (a failed or timed-out write
+	// ends the connection).
+	fenceMu sync.Mutex
+	fence   policy.Decision
+}
+
+func (s *sshConn) holdFence(f policy.Decision) {
+	s.fenceMu.Lock()
+	s.fence.Done()
+	s.fence = f
+	s.fenceMu.Unlock()
+}
+
+func (s *sshConn) endFence() {
+	s.fenceMu.Lock()
+	s.fence.Done()
+	s.fenceMu.Unlock()
+}
+
+// Write gives each reply limits.write_timeout: a client that stops
+// reading is dropped, as on the agent's own socket, rather than holding
+// its goroutine (and a signature's fence) for good.
+func (s *sshConn) Write(p []byte) (int, error) {
+	if s.writeTimeout > 0 {
+		s.Conn.SetWriteDeadline(time.Now().Add(s.writeTimeout))
+	}
+	return s.Conn.Write(p)
 }
 
 var errSSHMessageTooLarge = errors.New("ssh-agent message longer than limits.max_frame")
 
 func (s *sshConn) Read(p []byte) (int, error) {
+	s.endFence() // the previous reply is written
 	n, err := s.Conn.Read(p)
 	if n > 0 {
 		if perr := s.track(p[:n]); perr != nil {
@@ -214,5 +254,7 @@ func (s *sshConn) track(b []byte) error {
 
 func (s *sshConn) Close() error {
 	s.closeOnce.Do(func() { s.c.a.unadmit(s.c) })
-	return s.Conn.Close()
+	err := s.Conn.Close()
+	s.endFence()
+	return err
 }

@@ -1,7 +1,9 @@
 package agent_test
 
 import (
+	"bufio"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"net"
 	"os"
@@ -16,6 +18,7 @@ import (
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/software"
 )
@@ -323,4 +326,68 @@ func startSlowSSHAgent(t *testing.T, cfg agent.Config, delay time.Duration, wrap
 	done := make(chan error, 1)
 	go func() { done <- r.agent.ServeSSHAgent(ln) }()
 	return r, sshSock, done
+}
+
+// The ssh-agent front holds a signature's policy fence until its reply is
+// written, as the socket does: a Pause is not acknowledged while ssh-agent
+// signatures it let through wait behind a client that does not read. The
+// fence used to end before the ssh-agent server wrote the reply, and the
+// reply's write had no deadline.
+func TestSSHPauseAckComesAfterRepliesLeave(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.SSHKeys = []string{"release"}
+	cfg.Limits.WriteTimeout = 2 * time.Second
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: ed}\n", os.Getuid(), os.Getuid())), 0o600)
+	r := startAgent(t, cfg)
+	sshSock := filepath.Join(filepath.Dir(cfg.Socket), "ssh.sock")
+	ln, err := agent.ListenUnix(sshSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.agent.ServeSSHAgent(ln)
+	aln, err := agent.ListenUnix(cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.agent.ServeAdmin(aln)
+	admin, err := client.Dial(context.Background(), cfg.AdminSocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+
+	lc, err := net.Dial("unix", sshSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := sshagentclient.NewClient(lc).List()
+	lc.Close()
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("keys %v %v", keys, err)
+	}
+	// SSH_AGENTC_SIGN_REQUEST (13): string key blob, string data, uint32 flags.
+	blob := keys[0].Blob
+	body := []byte{13}
+	body = binary.BigEndian.AppendUint32(body, uint32(len(blob)))
+	body = append(body, blob...)
+	body = binary.BigEndian.AppendUint32(body, 9)
+	body = append(body, "to be signed"[:9]...)
+	body = binary.BigEndian.AppendUint32(body, 0)
+	var frames []byte
+	for range 3000 {
+		frames = binary.BigEndian.AppendUint32(frames, uint32(len(body)))
+		frames = append(frames, body...)
+	}
+	nc, err := net.Dial("unix", sshSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(30 * time.Second))
+	go nc.Write(frames)     // blocks once the agent stops reading
+	time.Sleep(time.Second) // the agent's replies fill the client's socket
+	pauseWritesNothingAfterItsAck(t, admin, "payments/release", nc, bufio.NewReader(nc))
 }

@@ -90,6 +90,10 @@ func (d *Decision) Done() {
 	}
 }
 
+// Holds reports whether Done has something to end: the request was
+// allowed and its time in flight is still counted.
+func (d *Decision) Holds() bool { return d.rs != nil }
+
 // Allowed reports whether the request may be signed.
 func (d Decision) Allowed() bool { return d.Reason == OK }
 
