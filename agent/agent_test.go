@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"crypto/sha512"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -16,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -260,6 +262,65 @@ func TestBadFramesCloseOnlyThatConnection(t *testing.T) {
 	d := sha256.Sum256([]byte("still here"))
 	if _, err := good.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:]); err != nil {
 		t.Fatalf("other client after bad frames: %v", err)
+	}
+}
+
+// The log never holds the contents of a malformed frame (docs/security.md):
+// the reviewer's frame, a Sign whose unknown 32-byte key (a digest's size)
+// is followed by a str32 header claiming 4 GB, was logged with the key in
+// the decode error; and a digest's first bytes read as a frame's length
+// were logged as that length.
+func TestMalformedFrameNeverReachesTheLog(t *testing.T) {
+	digest := []byte{0xc0, 0xff, 0xee}
+	for b := byte(0xa1); b <= 0xbc; b++ {
+		digest = append(digest, b)
+	}
+	digest = append(digest, 0x42)
+	frame := func(payload []byte) []byte {
+		return append(binary.BigEndian.AppendUint32(nil, uint32(len(payload))), payload...)
+	}
+	sign := frame(bytes.Join([][]byte{
+		{0x83, 0xa2, 'i', 'd', 0x0a, 0xa2, 'o', 'p', byte(proto.OpSign)},
+		{0xd9, 32}, digest, {0xdb, 0xff, 0xff, 0xff, 0xff},
+	}, nil))
+	r, logs := startAgentObserved(t, softwareConfig(t))
+	for _, tc := range []struct {
+		name  string
+		bytes []byte
+	}{
+		{"unknown digest-sized key, str32 of 4 GB", sign},
+		{"a digest where a frame's length belongs", digest},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rc := r.raw(t)
+			rc.hello()
+			rc.nc.Write(tc.bytes)
+			resp, err := rc.recv()
+			if err != nil || resp.Code != proto.BadRequest || resp.ID != 0 {
+				t.Fatalf("final reply: %v %+v", err, resp)
+			}
+			if _, err := rc.recv(); !errors.Is(err, io.EOF) {
+				t.Fatalf("connection left open: %v", err)
+			}
+		})
+	}
+	var logged strings.Builder
+	for _, e := range logs.All() {
+		fmt.Fprintln(&logged, e.Message, e.ContextMap())
+	}
+	text := logged.String()
+	if !strings.Contains(text, "malformed message") || !strings.Contains(text, "bad frame") {
+		t.Fatalf("the refusals were not logged:\n%s", text)
+	}
+	for i := 0; i+2 <= len(digest); i++ {
+		w := digest[i : i+2]
+		if q := strconv.Quote(string(w)); strings.Contains(strings.ToLower(text), hex.EncodeToString(w)) ||
+			strings.Contains(text, q[1:len(q)-1]) {
+			t.Fatalf("the log shows the digest's bytes %x:\n%s", w, text)
+		}
+	}
+	if n := strconv.FormatUint(uint64(binary.BigEndian.Uint32(digest)), 10); strings.Contains(text, n) {
+		t.Fatalf("the log shows the digest's first bytes as the number %s:\n%s", n, text)
 	}
 }
 

@@ -36,7 +36,9 @@ func ReadFrame(r *bufio.Reader, buf []byte, max int) ([]byte, error) {
 		return nil, ErrEmptyFrame
 	}
 	if uint64(n) > uint64(max) {
-		return nil, fmt.Errorf("%w: %d bytes, limit %d", ErrFrameTooLarge, n, max)
+		// Not the announced length: from a sender that lost its place in
+		// the stream, those four bytes may be a digest's (docs/security.md).
+		return nil, fmt.Errorf("%w: over the limit of %d bytes", ErrFrameTooLarge, max)
 	}
 	if cap(buf) < int(n) {
 		buf = make([]byte, n)

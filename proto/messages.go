@@ -169,7 +169,7 @@ func (r *Request) decode(c *Codec) error {
 	d := c.dec
 	n, err := d.DecodeMapLen()
 	if err != nil {
-		return fmt.Errorf("request: %w", err)
+		return fmt.Errorf("request: %w", c.safeErr(err))
 	}
 	if n < 0 {
 		return fmt.Errorf("request: nil map")
@@ -177,7 +177,7 @@ func (r *Request) decode(c *Codec) error {
 	key := c.key[:0]
 	for i := 0; i < n; i++ {
 		if key, err = decodeKey(d, key[:0]); err != nil {
-			return fmt.Errorf("request key: %w", err)
+			return fmt.Errorf("request key: %w", c.safeErr(err))
 		}
 		var v uint64
 		switch string(key) {
@@ -219,7 +219,7 @@ func (r *Request) decode(c *Codec) error {
 			err = c.skip(0)
 		}
 		if err != nil {
-			return fmt.Errorf("request field %q: %w", key, err)
+			return c.fieldErr("request", key, requestKeys, err)
 		}
 	}
 	return nil
@@ -296,7 +296,7 @@ func (r *Response) decode(c *Codec) error {
 	d := c.dec
 	n, err := d.DecodeMapLen()
 	if err != nil {
-		return fmt.Errorf("response: %w", err)
+		return fmt.Errorf("response: %w", c.safeErr(err))
 	}
 	if n < 0 {
 		return fmt.Errorf("response: nil map")
@@ -304,7 +304,7 @@ func (r *Response) decode(c *Codec) error {
 	var key []byte
 	for i := 0; i < n; i++ {
 		if key, err = decodeKey(d, key[:0]); err != nil {
-			return fmt.Errorf("response key: %w", err)
+			return fmt.Errorf("response key: %w", c.safeErr(err))
 		}
 		var v uint64
 		switch string(key) {
@@ -342,7 +342,7 @@ func (r *Response) decode(c *Codec) error {
 			err = c.skip(0)
 		}
 		if err != nil {
-			return fmt.Errorf("response field %q: %w", key, err)
+			return c.fieldErr("response", key, responseKeys, err)
 		}
 	}
 	return nil
@@ -377,12 +377,12 @@ func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {
 	for i := 0; i < n; i++ {
 		m, err := d.DecodeMapLen()
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("key entry: %w", c.safeErr(err))
 		}
 		var k KeyEntry
 		for j := 0; j < m; j++ {
 			if key, err = decodeKey(d, key[:0]); err != nil {
-				return nil, err
+				return nil, fmt.Errorf("key entry key: %w", c.safeErr(err))
 			}
 			switch string(key) {
 			case kName:
@@ -403,7 +403,7 @@ func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {
 				err = c.skip(0)
 			}
 			if err != nil {
-				return nil, err
+				return nil, c.fieldErr("key entry", key, keyEntryKeys, err)
 			}
 		}
 		out = append(out, k)
@@ -463,7 +463,7 @@ func decodeKey(d *msgpack.Decoder, buf []byte) ([]byte, error) {
 		return nil, err
 	}
 	if n < 0 {
-		return nil, fmt.Errorf("nil key")
+		return nil, errNilKey
 	}
 	if n > maxKeyLen {
 		// Still consume it so the decoder stays in step; the key matches nothing.
@@ -497,7 +497,7 @@ func decodeUintMax(d *msgpack.Decoder, max uint64) (uint64, error) {
 		return 0, err
 	}
 	if v > max {
-		return 0, fmt.Errorf("value %d out of range", v)
+		return 0, formatError(fmt.Sprintf("value out of range (at most %d)", max))
 	}
 	return v, nil
 }
@@ -515,7 +515,7 @@ func (c *Codec) decodeBytesInto(buf []byte) ([]byte, error) {
 		return buf[:0], nil
 	}
 	if n > c.rd.Len() {
-		return nil, fmt.Errorf("byte string of %d bytes exceeds the frame", n)
+		return nil, errPastEnd
 	}
 	if cap(buf) < n {
 		buf = make([]byte, n)
@@ -541,7 +541,7 @@ func (c *Codec) decodeString() (string, error) {
 		return "", nil
 	}
 	if n > c.rd.Len() {
-		return "", fmt.Errorf("string of %d bytes exceeds the frame", n)
+		return "", errPastEnd
 	}
 	c.str = slices.Grow(c.str[:0], n)[:n]
 	if err := c.dec.ReadFull(c.str); err != nil {
@@ -555,7 +555,7 @@ func (c *Codec) decodeString() (string, error) {
 func (c *Codec) decodeArrayLen() (int, error) {
 	n, err := c.dec.DecodeArrayLen()
 	if err == nil && n > c.rd.Len() {
-		err = fmt.Errorf("array of %d elements exceeds the frame", n)
+		err = errPastEnd
 	}
 	return n, err
 }
@@ -583,7 +583,7 @@ func (c *Codec) skip(depth int) error {
 			return err
 		}
 		if n > c.rd.Len() {
-			return fmt.Errorf("value of %d bytes exceeds the frame", n)
+			return errPastEnd
 		}
 		return discard(d, n)
 	case msgpcode.IsExt(code):
@@ -592,7 +592,7 @@ func (c *Codec) skip(depth int) error {
 			return err
 		}
 		if n > c.rd.Len() {
-			return fmt.Errorf("extension value of %d bytes exceeds the frame", n)
+			return errPastEnd
 		}
 		return discard(d, n)
 	case msgpcode.IsFixedArray(code) || code == msgpcode.Array16 || code == msgpcode.Array32:
@@ -611,10 +611,10 @@ func (c *Codec) skip(depth int) error {
 		return d.Skip() // a scalar: at most 9 bytes, read into a fixed buffer
 	}
 	if values > c.rd.Len() {
-		return fmt.Errorf("%d values exceed the frame", values)
+		return errPastEnd
 	}
 	if values > 0 && depth >= maxSkipDepth {
-		return fmt.Errorf("value nested more than %d deep", maxSkipDepth)
+		return errTooDeep
 	}
 	for range values {
 		if err := c.skip(depth + 1); err != nil {
