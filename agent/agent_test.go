@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"path/filepath"
@@ -182,6 +183,65 @@ func TestHandshake(t *testing.T) {
 			t.Fatalf("ping after re-hello: %v %+v", err, resp)
 		}
 	})
+}
+
+// op and ver are uints on the wire, wider than proto's Op and Version: a
+// number past them is an op or a version the agent does not know, like any
+// other. It is answered with the request's id (BAD_REQUEST for an op,
+// UNSUPPORTED_VERSION for a Hello) and the connection stays open; it used
+// to fail decoding, and the agent sent the final id-0 BAD_REQUEST and closed.
+func TestOutOfRangeOpAndVersionKeepTheConnection(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	field := func(k string, v uint64) []byte { // "k": v as a uint64
+		return binary.BigEndian.AppendUint64(append(append([]byte{0xa0 | byte(len(k))}, k...), 0xcf), v)
+	}
+	frame := func(fields ...[]byte) []byte {
+		payload := bytes.Join(append([][]byte{{0x80 | byte(len(fields))}}, fields...), nil)
+		return append(binary.BigEndian.AppendUint32(nil, uint32(len(payload))), payload...)
+	}
+	const id = 10
+	for _, tc := range []struct {
+		name    string
+		request []byte
+		hello   bool // the request is a Hello (else one comes first)
+		want    proto.Code
+	}{
+		{"op 99", frame(field("id", id), field("op", 99)), false, proto.BadRequest},
+		{"op 255", frame(field("id", id), field("op", 255)), false, proto.BadRequest},
+		{"op 256", frame(field("id", id), field("op", 256)), false, proto.BadRequest},
+		{"op 261 (Sign + 256)", frame(field("id", id), field("op", 256+uint64(proto.OpSign))), false, proto.BadRequest},
+		{"op 2^32", frame(field("id", id), field("op", 1<<32)), false, proto.BadRequest},
+		{"op 2^64-1", frame(field("id", id), field("op", math.MaxUint64)), false, proto.BadRequest},
+		{"ver 2", frame(field("id", id), field("op", uint64(proto.OpHello)), field("ver", 2)), true, proto.UnsupportedVersion},
+		{"ver 65535", frame(field("id", id), field("op", uint64(proto.OpHello)), field("ver", 65535)), true, proto.UnsupportedVersion},
+		{"ver 65536", frame(field("id", id), field("op", uint64(proto.OpHello)), field("ver", 65536)), true, proto.UnsupportedVersion},
+		{"ver 65537 (1 + 65536)", frame(field("id", id), field("op", uint64(proto.OpHello)), field("ver", 65537)), true, proto.UnsupportedVersion},
+		{"ver 2^64-1", frame(field("id", id), field("op", uint64(proto.OpHello)), field("ver", math.MaxUint64)), true, proto.UnsupportedVersion},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rc := r.raw(t)
+			if !tc.hello {
+				rc.hello()
+			}
+			if _, err := rc.nc.Write(tc.request); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := rc.recv()
+			if err != nil || resp.ID != id || resp.Code != tc.want {
+				t.Fatalf("reply %v %+v, want id %d and %s", err, resp, id, tc.want)
+			}
+			if tc.hello {
+				if resp.Version != proto.Version {
+					t.Fatalf("UNSUPPORTED_VERSION names version %d, want %d", resp.Version, proto.Version)
+				}
+				rc.hello() // the client may say Hello again with the agent's version
+			}
+			rc.send(&proto.Request{ID: id + 1, Op: proto.OpPing})
+			if resp, err := rc.recv(); err != nil || resp.ID != id+1 || resp.Code != proto.OK {
+				t.Fatalf("ping afterwards: %v %+v", err, resp)
+			}
+		})
+	}
 }
 
 // A connection whose peer the agent cannot identify (plain TCP handed to

@@ -38,6 +38,8 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response, arrived time.T
 			break
 		}
 		err = c.keyOp(req, resp, &meta, arrived, fence)
+	case proto.OpOutOfRange:
+		err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("unknown operation (%d or more)", req.Op)}
 	default:
 		err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("unknown operation %d", req.Op)}
 	}
@@ -109,6 +111,9 @@ func (c *conn) hello(req *proto.Request, resp *proto.Response) error {
 	switch {
 	case req.Version == 0:
 		return &proto.Error{Code: proto.BadRequest, Msg: "Hello without a version"}
+	case req.Version == proto.VersionOutOfRange:
+		return &proto.Error{Code: proto.UnsupportedVersion,
+			Msg: fmt.Sprintf("client speaks version %d or later; this agent speaks %d", req.Version, proto.Version)}
 	case req.Version != proto.Version:
 		// The connection stays open: a newer client may say Hello again with
 		// the version the reply names.

@@ -184,10 +184,10 @@ func (r *Request) decode(c *Codec) error {
 		case kID:
 			r.ID, err = d.DecodeUint64()
 		case kOp:
-			v, err = decodeUintMax(d, 0xff)
+			v, err = decodeUintSaturated(d, uint64(OpOutOfRange))
 			r.Op = Op(v)
 		case kVersion:
-			v, err = decodeUintMax(d, 0xffff)
+			v, err = decodeUintSaturated(d, uint64(VersionOutOfRange))
 			r.Version = uint16(v)
 		case kFeatures:
 			r.Features, err = d.DecodeUint64()
@@ -316,7 +316,7 @@ func (r *Response) decode(c *Codec) error {
 		case kMsg:
 			r.Msg, err = c.decodeString()
 		case kVersion:
-			v, err = decodeUintMax(d, 0xffff)
+			v, err = decodeUintSaturated(d, uint64(VersionOutOfRange))
 			r.Version = uint16(v)
 		case kFeatures:
 			r.Features, err = d.DecodeUint64()
@@ -500,6 +500,16 @@ func decodeUintMax(d *msgpack.Decoder, max uint64) (uint64, error) {
 		return 0, formatError(fmt.Sprintf("value out of range (at most %d)", max))
 	}
 	return v, nil
+}
+
+// decodeUintSaturated reads a uint whose values from max up all mean the
+// same: an op or a version that nobody speaks (OpOutOfRange,
+// VersionOutOfRange), answered as such rather than refused as malformed.
+// msgpack's DecodeUint64 takes a negative int as its two's complement,
+// which lands here too.
+func decodeUintSaturated(d *msgpack.Decoder, max uint64) (uint64, error) {
+	v, err := d.DecodeUint64()
+	return min(v, max), err
 }
 
 // decodeBytesInto reads a bin or str value into buf's capacity. A length

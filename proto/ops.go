@@ -5,6 +5,12 @@ import "strconv"
 // Version is the protocol version this package speaks.
 const Version uint16 = 1
 
+// VersionOutOfRange is what the decoder reads for a version number too large
+// for uint16: 65535 and every number past it (ver is a uint on the wire).
+// No version will ever be numbered so, and the agent answers it
+// UNSUPPORTED_VERSION like any version it does not speak.
+const VersionOutOfRange uint16 = 0xffff
+
 // Feature bits a peer announces in Hello. None are defined yet; unknown bits
 // are ignored.
 const (
@@ -41,6 +47,13 @@ const (
 	// OpAuditPrune deletes the audit records older than Request.At (Unix
 	// seconds), keeping the chain verifiable.
 	OpAuditPrune Op = 25
+
+	// OpOutOfRange is what the decoder reads for an op number too large for
+	// Op: 255 and every number past it (op is a uint on the wire). No
+	// operation will ever be numbered so: such a request is an unknown op
+	// like any other (BAD_REQUEST, the connection stays open), and Op stays
+	// one byte.
+	OpOutOfRange Op = 0xff
 )
 
 var opNames = map[Op]string{
@@ -54,6 +67,9 @@ var opNames = map[Op]string{
 func (o Op) String() string {
 	if n, ok := opNames[o]; ok {
 		return n
+	}
+	if o == OpOutOfRange {
+		return "Op255+"
 	}
 	return "Op" + strconv.Itoa(int(o))
 }

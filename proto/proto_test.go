@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"math"
 	"reflect"
 	"testing"
 
@@ -115,7 +116,6 @@ func TestDecodeRejects(t *testing.T) {
 		{"nil", mk(nil)},
 		{"truncated", good[:len(good)-5]},
 		{"trailing bytes", append(append([]byte{}, good...), 0xc0)},
-		{"op out of range", mk(map[string]any{"id": 1, "op": 300})},
 		{"id wrong type", mk(map[string]any{"id": "one"})},
 		{"digest length beyond frame", []byte{0x81, 0xa3, 'd', 'i', 'g', 0xc6, 0x7f, 0xff, 0xff, 0xff}},
 		{"key not a string", mk(map[int]int{1: 2})},
@@ -128,6 +128,55 @@ func TestDecodeRejects(t *testing.T) {
 				t.Fatalf("decoded %x without error: %+v", tc.payload, r)
 			}
 		})
+	}
+}
+
+// op and ver are uints on the wire, wider than Op and Version. A number
+// past them is read as OpOutOfRange or VersionOutOfRange, which no
+// operation or version will ever have, so the agent answers it as any
+// op or version it does not know; it must not fail the decode (the agent
+// would close the connection) nor wrap around onto a real op or version.
+func TestOpAndVersionPastTheirFields(t *testing.T) {
+	for _, tc := range []struct {
+		wire   int64 // msgpack encodes it in the smallest int family that fits
+		op     Op
+		unwire uint64 // the same for ver, as uint64
+		ver    uint16
+	}{
+		{wire: 99, op: 99, unwire: 2, ver: 2},
+		{wire: 254, op: 254, unwire: 65534, ver: 65534},
+		{wire: 255, op: OpOutOfRange, unwire: 65535, ver: VersionOutOfRange},
+		{wire: 256, op: OpOutOfRange, unwire: 65536, ver: VersionOutOfRange},
+		{wire: 256 + int64(OpSign), op: OpOutOfRange, unwire: 65536 + uint64(Version), ver: VersionOutOfRange},
+		{wire: 1 << 32, op: OpOutOfRange, unwire: 1 << 32, ver: VersionOutOfRange},
+		{wire: math.MaxInt64, op: OpOutOfRange, unwire: math.MaxUint64, ver: VersionOutOfRange},
+		{wire: -1, op: OpOutOfRange, unwire: 1<<32 + 1, ver: VersionOutOfRange},
+	} {
+		raw, err := msgpack.Marshal(map[string]any{"id": 1, "op": tc.wire, "ver": tc.unwire})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := NewCodec()
+		var r Request
+		if err := c.DecodeRequest(raw, &r); err != nil {
+			t.Fatalf("op %d, ver %d: %v", tc.wire, tc.unwire, err)
+		}
+		if r.Op != tc.op || r.Version != tc.ver {
+			t.Fatalf("op %d, ver %d decoded as op %d, ver %d; want %d, %d", tc.wire, tc.unwire, r.Op, r.Version, tc.op, tc.ver)
+		}
+		frame, err := c.AppendRequestFrame(nil, &r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var again Request
+		if err := c.DecodeRequest(frame[FrameHeaderLen:], &again); err != nil || again.Op != r.Op || again.Version != r.Version {
+			t.Fatalf("re-encoded: %v, op %d ver %d", err, again.Op, again.Version)
+		}
+		var resp Response
+		raw, _ = msgpack.Marshal(map[string]any{"id": 1, "code": 2, "ver": tc.unwire})
+		if err := c.DecodeResponse(raw, &resp); err != nil || resp.Version != tc.ver {
+			t.Fatalf("response ver %d: %v, decoded as %d, want %d", tc.unwire, err, resp.Version, tc.ver)
+		}
 	}
 }
 
