@@ -244,6 +244,49 @@ func TestOutOfRangeOpAndVersionKeepTheConnection(t *testing.T) {
 	}
 }
 
+// Request ids are non-zero: id 0 marks the agent's final reply before it
+// closes, so a reply to a request of id 0 could not be told from that one
+// (an OK with id 0 is a protocol error to the client). Such a request is
+// malformed: the final id-0 BAD_REQUEST, then the close. It used to be
+// answered, OK included, with id 0.
+func TestRequestIDZeroIsMalformed(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	d := sha256.Sum256([]byte("id zero"))
+	frame := func(payload ...byte) []byte {
+		return append(binary.BigEndian.AppendUint32(nil, uint32(len(payload))), payload...)
+	}
+	for _, tc := range []struct {
+		name  string
+		hello bool // say Hello (with id 1) first
+		req   *proto.Request
+		raw   []byte // sent instead of req
+	}{
+		{name: "Ping", hello: true, req: &proto.Request{ID: 0, Op: proto.OpPing}},
+		{name: "Sign", hello: true, req: &proto.Request{ID: 0, Op: proto.OpSign, Key: "default", Digest: d[:]}},
+		{name: "no id at all", hello: true, raw: frame(0x81, 0xa2, 'o', 'p', byte(proto.OpPing))},
+		{name: "Hello", req: &proto.Request{ID: 0, Op: proto.OpHello, Version: proto.Version}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rc := r.raw(t)
+			if tc.hello {
+				rc.hello()
+			}
+			if tc.req != nil {
+				rc.send(tc.req)
+			} else if _, err := rc.nc.Write(tc.raw); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := rc.recv()
+			if err != nil || resp.ID != 0 || resp.Code != proto.BadRequest || len(resp.Sig) != 0 {
+				t.Fatalf("final reply: %v %+v, want id 0 and BAD_REQUEST", err, resp)
+			}
+			if _, err := rc.recv(); !errors.Is(err, io.EOF) {
+				t.Fatalf("connection left open: %v", err)
+			}
+		})
+	}
+}
+
 // A connection whose peer the agent cannot identify (plain TCP handed to
 // Serve) is closed before anything is read: it must not be taken for the
 // single tenant of an agent without a policy file.

@@ -325,6 +325,14 @@ func (c *conn) readLoop() {
 			c.sendFinal(proto.BadRequest, "malformed message; closing connection")
 			return
 		}
+		if req.ID == 0 {
+			// Id 0 marks the final reply before a close: a reply to this
+			// request could not be told from it, so the request is malformed.
+			requestPool.Put(req)
+			c.log.Info("closing connection: malformed message", zap.Error(errRequestIDZero))
+			c.sendFinal(proto.BadRequest, errRequestIDZero.Error()+"; closing connection")
+			return
+		}
 		if !c.helloDone && req.Op == proto.OpHello {
 			if err := c.admitted(); err != nil {
 				c.log.Info("closing connection: peer refused", zap.Error(err))
@@ -430,6 +438,10 @@ func (c *conn) handle(req *proto.Request, arrived time.Time) {
 	requestPool.Put(req)
 	c.send(&resp, fence) // ends the fence once the reply is written or dropped
 }
+
+// errRequestIDZero refuses a request of id 0: docs/protocol.md keeps id 0 for
+// the final reply before the agent closes a connection.
+var errRequestIDZero = errors.New("request id 0 (request ids are non-zero)")
 
 // sendFinal queues the reply that precedes closing the connection. Its id is
 // 0: the offending frame's id, if it had one, could not be trusted.
