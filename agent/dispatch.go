@@ -26,8 +26,13 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response, arrived time.T
 	var err error
 	switch req.Op {
 	case proto.OpHello:
-		err = c.hello(req, resp)
+		if err = c.admitted(); err == nil {
+			err = c.hello(req, resp)
+		}
 	case proto.OpPing:
+		// A peer whose mapping a reload removed is told so on its next
+		// request, whatever it is: a Ping kept answering OK.
+		err = c.admitted()
 	case proto.OpRotate, proto.OpRollback, proto.OpPause, proto.OpResume,
 		proto.OpReloadPolicy, proto.OpAuditTail, proto.OpExportREP, proto.OpIncidentDrill, proto.OpAuditVerify,
 		proto.OpAuditPrune:

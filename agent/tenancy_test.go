@@ -228,6 +228,9 @@ func TestAdminPauseResumeReload(t *testing.T) {
 	if _, err := billing.Sign(ctx, client.ByName("invoice"), client.Algorithm{}, []byte("m")); client.Code(err) != proto.Unauthenticated {
 		t.Fatalf("revoked mapping still signs: %v", err)
 	}
+	if err := billing.Ping(ctx); client.Code(err) != proto.Unauthenticated {
+		t.Fatalf("revoked mapping's Ping: %v, want UNAUTHENTICATED", err)
+	}
 	if _, err := s.tenantClient(t, "spiffe://example.org/billing"); client.Code(err) != proto.Unauthenticated {
 		t.Fatalf("revoked mapping connects: %v", err)
 	}
