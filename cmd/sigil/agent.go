@@ -136,6 +136,16 @@ func ownSocketRemover(path string) func() {
 	}
 }
 
+// ownerOnlyFiles makes every file this process creates from now on its own
+// user's alone, as sigil.service's UMask=0077 has it, and returns the umask
+// it replaced. Pebble's files, the tail log and a recovered tail's copy hold
+// the audit records, and would otherwise be 0666 less the caller's umask
+// (0644 under the common 022) in a journal dir made beforehand. The agent
+// and the audit commands that write to a journal directory call it.
+func ownerOnlyFiles() (previous int) {
+	return syscall.Umask(0o077)
+}
+
 func runAgent(cfg agent.Config) error {
 	// Taken first: SIGHUP's default action ends the process, and a reload
 	// sent while the agent starts (a config management run right after a
@@ -143,12 +153,9 @@ func runAgent(cfg agent.Config) error {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
-	// Everything the agent creates is its own user's, as sigil.service's
-	// UMask=0077 has it: Pebble's files and the tail log would otherwise
-	// be 0666 less the caller's umask in a journal dir made beforehand,
-	// and a socket would be connectable by others between its bind and
-	// its chmod.
-	syscall.Umask(0o077)
+	// A socket would otherwise be connectable by others between its bind
+	// and its chmod.
+	ownerOnlyFiles()
 	cfg.EnsureDefaults()
 	log, err := newLogger(cfg.Log)
 	if err != nil {

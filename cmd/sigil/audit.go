@@ -243,6 +243,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				fmt.Fprintf(out, "running agent: %s\n", summary)
 				return nil
 			}
+			defer syscall.Umask(ownerOnlyFiles())
 			j, err := open(journal.Options{})
 			if err != nil {
 				return err
@@ -279,6 +280,7 @@ until a prune deletes past it. A tail log that disagrees with the store (the
 store changed under the journal) is not recovered: keep it as evidence.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			defer syscall.Umask(ownerOnlyFiles())
 			j, err := open(journal.Options{AcceptTailLoss: true})
 			if err != nil {
 				return err

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -368,6 +370,120 @@ func TestAuditVerifyExitStatus(t *testing.T) {
 			out, stderr, code := run(t, append([]string{"audit", "verify"}, tc.args...)...)
 			if code != tc.code || !strings.Contains(out+stderr, tc.say) {
 				t.Fatalf("exit %d, want %d saying %q\n%s%s", code, tc.code, tc.say, out, stderr)
+			}
+		})
+	}
+}
+
+// damagedJournal returns the directory of a killed agent's journal whose
+// tail log lost records between frames: 10 records, each its own frame,
+// none yet applied to Pebble, and record 6's frame damaged: 6-10 are lost.
+func damagedJournal(t *testing.T) string {
+	t.Helper()
+	live := t.TempDir()
+	j, err := journal.Open(journal.Options{Dir: live, ApplyDelay: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		if err := j.Append(context.Background(), &journal.Record{Tenant: "acme", Op: "sign", CodeName: "OK", Slot: fmt.Sprint(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The kill: the directory as it is now, the journal still open.
+	dir := t.TempDir()
+	entries, err := os.ReadDir(live)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		data, err := os.ReadFile(filepath.Join(live, e.Name()))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e.Name() == "journal.tail" {
+			var frames []int
+			for off := 0; ; off++ {
+				i := bytes.Index(data[off:], []byte("SGT1"))
+				if i < 0 {
+					break
+				}
+				off += i
+				frames = append(frames, off)
+			}
+			// The first commit may have gone to Pebble's WAL itself.
+			if len(frames) < 5 {
+				t.Fatalf("the tail log holds %d frames, want 9 or 10", len(frames))
+			}
+			off := frames[len(frames)-5] + 88
+			data[off] ^= 1 // the payload of record 6's frame
+		}
+		if err := os.WriteFile(filepath.Join(dir, e.Name()), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	j.Close()
+	return dir
+}
+
+// The audit commands that write to a stopped agent's journal directory
+// create their files (Pebble's, and recover's journal.tail.lost-<ns>, which
+// holds records) for the agent's user alone, as the agent does, whatever
+// the caller's umask: under umask 022 they were world-readable.
+func TestAuditWritesJournalFilesOwnerOnly(t *testing.T) {
+	old := func(t *testing.T) string {
+		dir := t.TempDir()
+		j, err := journal.Open(journal.Options{Dir: dir})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range 3 {
+			r := &journal.Record{Time: time.Now().Add(-48 * time.Hour), Op: "sign", CodeName: "OK"}
+			if err := j.Append(context.Background(), r); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := j.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return dir
+	}
+	for _, tc := range []struct {
+		name    string
+		journal func(*testing.T) string
+		args    []string
+		say     string
+	}{
+		{"prune", old, []string{"audit", "prune", "--before", "24h"}, "deleted 3 records"},
+		{"recover, nothing lost", old, []string{"audit", "recover"}, "nothing to recover"},
+		{"recover, records lost", damagedJournal, []string{"audit", "recover"}, "records 6-10"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := tc.journal(t)
+			// What was there before is the agent's, 0600: each file
+			// left readable by others below is the command's.
+			files, _ := os.ReadDir(dir)
+			for _, f := range files {
+				os.Chmod(filepath.Join(dir, f.Name()), 0o600)
+			}
+			prev := syscall.Umask(0o022)
+			t.Cleanup(func() { syscall.Umask(prev) })
+			out, stderr, code := run(t, append(tc.args, "--journal", dir)...)
+			if code != exitOK || !strings.Contains(out, tc.say) {
+				t.Fatalf("exit %d, want 0 saying %q\n%s%s", code, tc.say, out, stderr)
+			}
+			files, err := os.ReadDir(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, f := range files {
+				info, err := f.Info()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if info.Mode().Perm()&0o077 != 0 {
+					t.Errorf("%s is %v: readable by others", f.Name(), info.Mode().Perm())
+				}
 			}
 		})
 	}
