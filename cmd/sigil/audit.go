@@ -133,6 +133,12 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 		Short: "Print the last records (from the running agent over its admin socket, else from the journal directory)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			// The running agent reads a count below 1 as its default
+			// (100 records), the directory as none: neither is what was
+			// asked for.
+			if n < 1 {
+				return usageError("-n/--lines: the number of records must be at least 1, not %d", n)
+			}
 			out := cmd.OutOrStdout()
 			addr, err := auditAdminSocket(configPath, dir, adminSocket, g.socket)
 			if err != nil {
@@ -173,7 +179,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 	}
 	tail.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new records (running agent only)")
 	tail.Flags().StringVar(&adminSocket, "admin-socket", "", "the running agent's admin socket")
-	tail.Flags().IntVarP(&n, "lines", "n", 20, "how many records")
+	tail.Flags().IntVarP(&n, "lines", "n", 20, "how many records (at least 1)")
 	tail.Flags().StringVar(&tenant, "tenant", "", "only this tenant's records")
 
 	var since, format string

@@ -14,6 +14,7 @@ import (
 	"time"
 	"unicode/utf8"
 
+	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/devcerts"
 	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/client"
@@ -484,6 +485,48 @@ func TestAuditWritesJournalFilesOwnerOnly(t *testing.T) {
 				if info.Mode().Perm()&0o077 != 0 {
 					t.Errorf("%s is %v: readable by others", f.Name(), info.Mode().Perm())
 				}
+			}
+		})
+	}
+}
+
+// `audit tail -n` takes a count of at least one record: 0 or a negative
+// count is a usage error naming the flag, on both paths. It used to be
+// taken: the running agent reads a count below 1 as its default (100
+// records printed) and the directory as none.
+func TestAuditTailRefusesCountBelowOne(t *testing.T) {
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	a, socket := serveTestAgent(t, cfg, "agent.sock")
+	admin := filepath.Join(filepath.Dir(socket), "admin.sock")
+	ln, err := agent.ListenUnix(admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.ServeAdmin(ln)
+	refuseKeyNames(t, socket, "a", "b", "c")
+	stopped := t.TempDir()
+	j, err := journal.Open(journal.Options{Dir: stopped})
+	if err != nil {
+		t.Fatal(err)
+	}
+	j.Append(context.Background(), &journal.Record{Tenant: "acme", Op: "sign", CodeName: "OK"})
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for _, where := range [][]string{{"--admin-socket", admin}, {"--journal", stopped}} {
+		for _, n := range []string{"0", "-5"} {
+			t.Run(where[0]+" -n "+n, func(t *testing.T) {
+				out, stderr, code := run(t, append([]string{"audit", "tail", "-n", n}, where...)...)
+				if code != exitUsage || !strings.Contains(stderr, "-n/--lines") || strings.Contains(out, "NOT_FOUND") {
+					t.Fatalf("exit %d, want %d naming -n/--lines\n%s%s", code, exitUsage, out, stderr)
+				}
+			})
+		}
+		t.Run(where[0]+" -n 1", func(t *testing.T) {
+			out, stderr, code := run(t, append([]string{"audit", "tail", "-n", "1"}, where...)...)
+			if code != exitOK || strings.Count(out, "\n") != 2 {
+				t.Fatalf("exit %d, want one record\n%s%s", code, out, stderr)
 			}
 		})
 	}
