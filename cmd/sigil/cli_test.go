@@ -383,7 +383,7 @@ func TestTimeoutIsPerRequestNotForTheInput(t *testing.T) {
 	}
 }
 
-// eval "$(sigil ssh-agent-env)" sets SSH_AUTH_SOCK to the configured path,
+// eval "$(sigil ssh-agent-env --config FILE)" sets SSH_AUTH_SOCK to the configured path,
 // whatever it holds, and runs nothing else: the path used to be printed
 // unquoted, so a space split it and a ";" or "$(" ran the rest.
 func TestSSHAgentEnvIsShellSafe(t *testing.T) {
@@ -436,5 +436,32 @@ func TestSignFromANamedPipe(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("keys sign --in FIFO hung")
+	}
+}
+
+// The help says what the commands do: verify-signature has no default key
+// (without --kid or --key it is a usage error), and ssh-agent-env needs the
+// configuration that sets ssh_agent_socket (the embedded default sets
+// none). Both helps used to promise otherwise.
+func TestHelpMatchesBehaviour(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		args        []string
+		code        int
+		says, never string
+	}{
+		{"verify-signature --key", []string{"verify-signature", "--help"}, exitOK, "--kid is required", "default: the agent's default key"},
+		{"verify-signature without a key", []string{"verify-signature", "--in", "f", "--sig", "s"}, exitUsage, "--kid KID (or --key NAME)", ""},
+		{"keys sign --key", []string{"keys", "sign", "--help"}, exitOK, "default: the agent's default key", ""},
+		{"sigil help: ssh-agent-env", []string{"help"}, exitOK, `eval "$(sigil ssh-agent-env --config FILE)"`, "$(sigil ssh-agent-env)"},
+		{"ssh-agent-env --help", []string{"ssh-agent-env", "--help"}, exitOK, "sigil ssh-agent-env --config FILE", "$(sigil ssh-agent-env)"},
+		{"ssh-agent-env without --config", []string{"ssh-agent-env"}, exitFailure, "--config FILE", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, stderr, code := run(t, tc.args...)
+			if code != tc.code || !strings.Contains(out+stderr, tc.says) || tc.never != "" && strings.Contains(out+stderr, tc.never) {
+				t.Fatalf("exit %d (want %d), want %q and not %q in\n%s%s", code, tc.code, tc.says, tc.never, out, stderr)
+			}
+		})
 	}
 }

@@ -99,11 +99,23 @@ func describeCertificate(der []byte) *certificateInfo {
 	return &certificateInfo{Subject: c.Subject.String(), Issuer: c.Issuer.String(), NotAfter: c.NotAfter.UTC()}
 }
 
-// keyFlags select a key by --key or --kid; neither means the default key.
+// keyFlags select a key by --key or --kid.
 type keyFlags struct{ name, kid string }
 
+// add adds --key and --kid to cmd, where neither means the agent's default
+// key.
 func (k *keyFlags) add(cmd *cobra.Command) {
-	cmd.Flags().StringVar(&k.name, "key", "", "key name (default: the agent's default key)")
+	k.addFlags(cmd, "key name (default: the agent's default key)")
+}
+
+// addRequired adds --key and --kid to cmd, which refuses to run without
+// one of them (verify-signature): the help must not promise a default.
+func (k *keyFlags) addRequired(cmd *cobra.Command) {
+	k.addFlags(cmd, "key name (this or --kid is required)")
+}
+
+func (k *keyFlags) addFlags(cmd *cobra.Command, nameUsage string) {
+	cmd.Flags().StringVar(&k.name, "key", "", nameUsage)
 	cmd.Flags().StringVar(&k.kid, "kid", "", "key id, as 'sigil keys info' prints it")
 	cmd.MarkFlagsMutuallyExclusive("key", "kid")
 }

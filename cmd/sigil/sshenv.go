@@ -12,8 +12,8 @@ import (
 func newSSHAgentEnvCommand() *cobra.Command {
 	var configPath string
 	cmd := &cobra.Command{
-		Use:   "ssh-agent-env [--config FILE]",
-		Short: "Print SSH_AUTH_SOCK for the agent's ssh-agent socket: eval \"$(sigil ssh-agent-env)\"",
+		Use:   "ssh-agent-env --config FILE",
+		Short: "Print SSH_AUTH_SOCK for the agent's ssh-agent socket: eval \"$(sigil ssh-agent-env --config FILE)\"",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			cfg := agent.DefaultConfig()
@@ -23,6 +23,9 @@ func newSSHAgentEnvCommand() *cobra.Command {
 					return &exitError{exitFailure, err}
 				}
 			}
+			if cfg.SSHAgentSocket == "" && configPath == "" {
+				return &exitError{exitFailure, fmt.Errorf("the default configuration sets no ssh_agent_socket: name the agent's with --config FILE")}
+			}
 			if cfg.SSHAgentSocket == "" {
 				return &exitError{exitFailure, fmt.Errorf("the configuration sets no ssh_agent_socket")}
 			}
@@ -30,7 +33,7 @@ func newSSHAgentEnvCommand() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&configPath, "config", "", "the agent's configuration")
+	cmd.Flags().StringVar(&configPath, "config", "", "the agent's configuration, which sets ssh_agent_socket")
 	return cmd
 }
 

@@ -61,7 +61,7 @@ same way 'sigil keys sign' hashed it. Exit status: 0 valid, 1 invalid.`,
 			return nil
 		},
 	}
-	key.add(cmd)
+	key.addRequired(cmd)
 	cmd.Flags().StringVar(&in, "in", "", "the signed file (- for stdin)")
 	cmd.Flags().StringVar(&sigPath, "sig", "", "the signature, raw or base64")
 	cmd.Flags().StringVar(&alg, "alg", "", "the algorithm used to sign (default: the key's)")
