@@ -50,8 +50,12 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 	// open opens the journal directory itself with o (its Dir set here).
 	// The reading commands open it read-only: they write nothing (no file another user would own,
 	// no checkpoint over the evidence they report), and they read what a
-	// writable Open refuses.
-	open := func(o journal.Options) (*journal.Journal, error) {
+	// writable Open refuses. inUse is what to do when another process
+	// (the agent) holds the journal.
+	const askTheAgent = "is the agent running? ask it with --admin-socket PATH, stop it, or copy the directory"
+	// recover has no agent to ask: it writes to the journal itself.
+	const recoverInUse = "is the agent running? recover writes to the journal: stop the agent first"
+	open := func(o journal.Options, inUse string) (*journal.Journal, error) {
 		d, err := journalDir(configPath, dir)
 		if err != nil {
 			return nil, &exitError{exitUsage, err}
@@ -63,7 +67,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 		j, err := journal.Open(o)
 		if err != nil {
 			if errors.Is(err, journal.ErrInUse) {
-				return nil, &exitError{exitFailure, fmt.Errorf("journal %s is in use (is the agent running? ask it with --admin-socket PATH, stop it, or copy the directory): %w", d, err)}
+				return nil, &exitError{exitFailure, fmt.Errorf("journal %s is in use (%s): %w", d, inUse, err)}
 			}
 			return nil, &exitError{exitFailure, err}
 		}
@@ -107,7 +111,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				fmt.Fprintf(cmd.OutOrStdout(), "audit chain OK (running agent): %s\n", summary)
 				return nil
 			}
-			j, err := open(journal.Options{ReadOnly: true})
+			j, err := open(journal.Options{ReadOnly: true}, askTheAgent)
 			if err != nil {
 				return unchecked(err)
 			}
@@ -160,7 +164,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 					return &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %w", addr, err)}
 				}
 			}
-			j, err := open(journal.Options{ReadOnly: true})
+			j, err := open(journal.Options{ReadOnly: true}, askTheAgent)
 			if err != nil {
 				return err
 			}
@@ -208,7 +212,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				}
 				return nil
 			}
-			j, err := open(journal.Options{ReadOnly: true})
+			j, err := open(journal.Options{ReadOnly: true}, askTheAgent)
 			if err != nil {
 				return err
 			}
@@ -250,7 +254,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				return nil
 			}
 			defer syscall.Umask(ownerOnlyFiles())
-			j, err := open(journal.Options{})
+			j, err := open(journal.Options{}, askTheAgent)
 			if err != nil {
 				return err
 			}
@@ -287,7 +291,7 @@ store changed under the journal) is not recovered: keep it as evidence.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			defer syscall.Umask(ownerOnlyFiles())
-			j, err := open(journal.Options{AcceptTailLoss: true})
+			j, err := open(journal.Options{AcceptTailLoss: true}, recoverInUse)
 			if err != nil {
 				return err
 			}

@@ -531,3 +531,39 @@ func TestAuditTailRefusesCountBelowOne(t *testing.T) {
 		})
 	}
 }
+
+// A journal in use (the agent running) is refused by every audit command
+// that reads the directory, each saying what would work: the readers can
+// ask the agent over --admin-socket, while recover, which has no such flag
+// and writes to the journal, needs the agent stopped. recover used to give
+// the readers' advice.
+func TestAuditJournalInUseSaysWhatToDo(t *testing.T) {
+	held := t.TempDir()
+	j, err := journal.Open(journal.Options{Dir: held})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	for _, tc := range []struct {
+		sub         string
+		code        int
+		says, never string
+	}{
+		{"verify", exitUnchecked, "ask it with --admin-socket PATH", ""},
+		{"tail", exitFailure, "ask it with --admin-socket PATH", ""},
+		{"export", exitFailure, "ask it with --admin-socket PATH", ""},
+		{"prune", exitFailure, "ask it with --admin-socket PATH", ""},
+		{"recover", exitFailure, "stop the agent first", "--admin-socket"},
+	} {
+		t.Run(tc.sub, func(t *testing.T) {
+			args := []string{"audit", tc.sub, "--journal", held}
+			if tc.sub == "prune" {
+				args = append(args, "--before", "24h")
+			}
+			out, stderr, code := run(t, args...)
+			if code != tc.code || !strings.Contains(stderr, "in use") || !strings.Contains(stderr, tc.says) || tc.never != "" && strings.Contains(stderr, tc.never) {
+				t.Fatalf("exit %d (want %d), want %q and not %q\n%s%s", code, tc.code, tc.says, tc.never, out, stderr)
+			}
+		})
+	}
+}
