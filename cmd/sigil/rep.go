@@ -26,7 +26,11 @@ func newREPCommand() *cobra.Command {
 		Long: `Checks the detached Ed25519 signature by the agent's evidence key over the
 manifest's exact bytes, then its content: each kid matches its public key, the
 CSR is signed by the new key, every canary signature verifies. The signature
-defaults to the manifest's name with .sig for .json.`,
+defaults to the manifest's name with .sig for .json.
+
+Exit status: 0 the pack verifies; 1 it does not (the first problem named),
+including a file missing and an --evidence-key file that is not an Ed25519
+public key (PEM, or the 32 raw bytes); 2 a usage error.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if pubPath == "" {
@@ -47,9 +51,12 @@ defaults to the manifest's name with .sig for .json.`,
 			if err != nil {
 				return &exitError{exitFailure, err}
 			}
+			// A key file of another kind checks nothing: the pack is not
+			// verified (exit 1, as for a pack that fails), and the message
+			// says why without showing what the file holds.
 			pub, err := rotation.ParseEvidencePublicKey(pubPEM)
 			if err != nil {
-				return usageError("%v", err)
+				return &exitError{exitFailure, fmt.Errorf("evidence pack not verified: --evidence-key %s is not an Ed25519 public key (%w)", pubPath, err)}
 			}
 			m, err := rotation.VerifyREP(manifest, sig, pub)
 			if err != nil {

@@ -2,7 +2,13 @@ package main
 
 import (
 	"context"
+	"crypto/ecdsa"
 	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/pem"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,9 +20,12 @@ import (
 	"github.com/sigil-agent/sigil/providers/software"
 )
 
-// A pack written by a real rotation verifies from the shell; one edited
-// byte, or another evidence key, fails it.
-func TestREPVerifyFromTheShell(t *testing.T) {
+// rotatedPack makes a real rotation of payments/release (v1 to v2) and
+// returns its pack's manifest, written where the agent writes it, and the
+// evidence key files: the public key (PEM) that verifies it and the
+// private key that signed it.
+func rotatedPack(t *testing.T) (manifest, pub, private string) {
+	t.Helper()
 	dir := t.TempDir()
 	ctx := context.Background()
 	j, err := journal.Open(journal.Options{Dir: filepath.Join(dir, "journal"), MinFreeBytes: -1})
@@ -33,7 +42,8 @@ func TestREPVerifyFromTheShell(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	evidence, err := rotation.LoadOrCreateEvidenceKey(filepath.Join(dir, "evidence.key"))
+	private = filepath.Join(dir, "evidence.key")
+	evidence, err := rotation.LoadOrCreateEvidenceKey(private)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,10 +62,17 @@ func TestREPVerifyFromTheShell(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	manifest, _, _, _ := rotation.REPPaths(filepath.Join(dir, "evidence"), "payments/release", res.REP)
-	pub := filepath.Join(dir, "evidence.pub")
+	manifest, _, _, _ = rotation.REPPaths(filepath.Join(dir, "evidence"), "payments/release", res.REP)
+	pub = filepath.Join(dir, "evidence.pub")
 	os.WriteFile(pub, rotation.MarshalEvidencePublicKey(rot.EvidencePublicKey()), 0o644)
+	return manifest, pub, private
+}
 
+// A pack written by a real rotation verifies from the shell; one edited
+// byte, or another evidence key, fails it.
+func TestREPVerifyFromTheShell(t *testing.T) {
+	manifest, pub, _ := rotatedPack(t)
+	dir := t.TempDir()
 	out, stderr, code := run(t, "rep", "verify", manifest, "--evidence-key", pub)
 	if code != exitOK || !strings.Contains(out, "evidence pack OK") {
 		t.Fatalf("verify: %d %s %s", code, out, stderr)
@@ -74,5 +91,45 @@ func TestREPVerifyFromTheShell(t *testing.T) {
 	os.WriteFile(pub, rotation.MarshalEvidencePublicKey(other.Public().(ed25519.PublicKey)), 0o644)
 	if _, _, code := run(t, "rep", "verify", manifest, "--evidence-key", pub); code != exitFailure {
 		t.Fatalf("another evidence key: exit %d", code)
+	}
+}
+
+// A pack checked against a file that is not an Ed25519 public key (the
+// evidence key is Ed25519) is not verified: exit 1, as for a pack that
+// does not verify, saying what is wrong with the key and never printing
+// it. Such a file used to be a usage error (exit 2), which
+// docs/rotation.md did not say.
+func TestREPVerifyWithAWrongEvidenceKey(t *testing.T) {
+	manifest, _, private := rotatedPack(t)
+	dir := t.TempDir()
+	ec, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spki, _ := x509.MarshalPKIXPublicKey(&ec.PublicKey)
+	other, _ := rotation.LoadOrCreateEvidenceKey(filepath.Join(dir, "other.key"))
+	privatePEM, _ := os.ReadFile(private)
+	for _, tc := range []struct {
+		name string
+		key  []byte
+		says string
+	}{
+		{"ECDSA public key", pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: spki}), "not an Ed25519 public key"},
+		{"the evidence private key", privatePEM, "not an Ed25519 public key"},
+		{"not a key", []byte("evidence.pub\n"), "not an Ed25519 public key"},
+		{"another Ed25519 key", rotation.MarshalEvidencePublicKey(other.Public().(ed25519.PublicKey)), "INVALID"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pub := filepath.Join(dir, "key.pem")
+			os.WriteFile(pub, tc.key, 0o600)
+			out, stderr, code := run(t, "rep", "verify", manifest, "--evidence-key", pub)
+			if code != exitFailure || !strings.Contains(stderr, tc.says) {
+				t.Fatalf("exit %d (want %d), want %q\n%s%s", code, exitFailure, tc.says, out, stderr)
+			}
+			block, _ := pem.Decode(privatePEM)
+			if body := base64.StdEncoding.EncodeToString(block.Bytes); strings.Contains(stderr, body[:16]) {
+				t.Fatalf("the message carries key material: %s", stderr)
+			}
+		})
 	}
 }
