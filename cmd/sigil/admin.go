@@ -37,7 +37,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 			if client.Code(err) == proto.Unauthenticated {
 				return agentError(what, err)
 			}
-			return &exitError{exitUnreachable, fmt.Errorf("no agent admin socket at %s: %w", addr, err)}
+			return &exitError{exitUnreachable, fmt.Errorf("no agent admin socket at %s: %s", addr, dialCause(err))}
 		}
 		defer c.Close()
 		msg, err := fn(ctx, c)

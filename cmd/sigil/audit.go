@@ -88,7 +88,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 		case err == nil:
 			return c, nil
 		case adminSocket != "":
-			return nil, &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %w", addr, err)}
+			return nil, &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %s", addr, dialCause(err))}
 		}
 		return nil, nil
 	}
@@ -156,12 +156,12 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 					defer c.Close()
 					return tailOnline(cmd.Context(), c, out, tenant, n, follow)
 				} else if follow {
-					return &exitError{exitUnreachable, fmt.Errorf("--follow reads the running agent, and none answered at %s: %w", addr, err)}
+					return &exitError{exitUnreachable, fmt.Errorf("--follow reads the running agent, and none answered at %s: %s", addr, dialCause(err))}
 				} else if adminSocket != "" {
 					// As verify, export and prune: the agent named is the
 					// one asked about; another journal's records would
 					// pass for its.
-					return &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %w", addr, err)}
+					return &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %s", addr, dialCause(err))}
 				}
 			}
 			j, err := open(journal.Options{ReadOnly: true}, askTheAgent)

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -464,4 +465,120 @@ func TestHelpMatchesBehaviour(t *testing.T) {
 			}
 		})
 	}
+}
+
+// listenUnix serves path with fn on each accepted connection until the test
+// ends.
+func listenUnix(t *testing.T, path string, fn func(net.Conn)) {
+	t.Helper()
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			fn(c)
+		}
+	}()
+}
+
+// clientPrefix matches the client package's own wrapping ("sigil: connect
+// to agent at ...", "sigil Hello: ..."), which main's one "sigil: " makes a
+// repetition; "'sigil agent'" in a hint is not one.
+var clientPrefix = regexp.MustCompile(`sigil( [A-Za-z]+)?:`)
+
+// A connection error says what happened once: "no agent answered at X:
+// sigil: connect to agent at X: ..." said the prefix and the address twice,
+// and the --timeout path "sigil: hello: sigil Hello: ..." after its own
+// words.
+func TestConnectionErrorsSayItOnce(t *testing.T) {
+	dir := shortSocketDir(t)
+	dead := filepath.Join(dir, "dead.sock")
+	silent := filepath.Join(dir, "silent.sock")
+	var held []net.Conn
+	t.Cleanup(func() {
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	listenUnix(t, silent, func(c net.Conn) { held = append(held, c) }) // never says Hello
+	closing := filepath.Join(dir, "closing.sock")
+	listenUnix(t, closing, func(c net.Conn) { c.Close() })
+	untrusted := t.TempDir()
+
+	for _, tc := range []struct {
+		name string
+		env  string // TMPDIR, for a default socket dir
+		args []string
+		code int
+		says string
+	}{
+		{"keys: no agent", "", []string{"--socket", dead, "keys", "info"}, exitUnreachable, "no agent at " + dead + " (start one"},
+		{"keys: silent agent", "", []string{"--socket", silent, "--timeout", "300ms", "keys", "info"}, exitUnreachable, "did not answer within --timeout (300ms)"},
+		{"keys: closed at once", "", []string{"--socket", closing, "keys", "info"}, exitUnreachable, "no agent at " + closing},
+		{"keys: untrusted socket dir", untrusted, []string{"keys", "info"}, exitUnreachable, "refusing to trust an agent in the default socket dir: "},
+		{"audit verify: no agent", "", []string{"audit", "verify", "--admin-socket", dead}, exitUnreachable, "no agent answered at " + dead + ": "},
+		{"audit verify: closed at once", "", []string{"audit", "verify", "--admin-socket", closing}, exitUnreachable, "no agent answered at " + closing + ": "},
+		{"audit tail: no agent", "", []string{"audit", "tail", "--admin-socket", dead}, exitUnreachable, "no agent answered at " + dead + ": "},
+		{"audit tail -f: no agent", "", []string{"audit", "tail", "-f", "--admin-socket", dead}, exitUnreachable, "none answered at " + dead + ": "},
+		{"audit export: no agent", "", []string{"audit", "export", "--admin-socket", dead}, exitUnreachable, "no agent answered at " + dead + ": "},
+		{"audit prune: no agent", "", []string{"audit", "prune", "--before", "24h", "--admin-socket", dead}, exitUnreachable, "no agent answered at " + dead + ": "},
+		{"admin: no agent", "", []string{"admin", "pause", "a/b", "--admin-socket", dead}, exitUnreachable, "no agent admin socket at " + dead + ": "},
+		{"admin: closed at once", "", []string{"admin", "reload", "--admin-socket", closing}, exitUnreachable, "no agent admin socket at " + closing + ": "},
+		{"rep export: no agent", "", []string{"rep", "export", "a/b", "--admin-socket", dead}, exitUnreachable, "no agent admin socket at " + dead + ": "},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.env != "" {
+				t.Setenv("XDG_RUNTIME_DIR", "")
+				t.Setenv("TMPDIR", tc.env)
+				t.Setenv(proto.SocketEnv, "")
+				open := filepath.Dir(proto.DefaultSocketPath())
+				os.Mkdir(open, 0o777)
+				os.Chmod(open, 0o777)
+			}
+			_, stderr, code := run(t, tc.args...)
+			if code != tc.code || !strings.Contains(stderr, tc.says) || clientPrefix.MatchString(stderr) {
+				t.Fatalf("exit %d (want %d), want %q said once:\n%s", code, tc.code, tc.says, stderr)
+			}
+		})
+	}
+
+	// An agent that stops under 'audit tail -f': the next poll's redial
+	// finds none ("audit tail: sigil AuditTail: reconnect: sigil: connect
+	// to agent at ..." before).
+	t.Run("audit tail -f: the agent stops", func(t *testing.T) {
+		cfg := agent.DefaultConfig()
+		cfg.DataDir = t.TempDir()
+		a, socket := serveTestAgent(t, cfg, "agent.sock")
+		admin := filepath.Join(filepath.Dir(socket), "admin.sock")
+		ln, err := agent.ListenUnix(admin)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go a.ServeAdmin(ln)
+		type result struct {
+			stderr string
+			code   int
+		}
+		done := make(chan result, 1)
+		go func() {
+			_, stderr, code := run(t, "audit", "tail", "-f", "--admin-socket", admin)
+			done <- result{stderr, code}
+		}()
+		time.Sleep(700 * time.Millisecond) // a poll or two
+		a.Shutdown(context.Background())
+		select {
+		case r := <-done:
+			if r.code != exitUnreachable || !strings.Contains(r.stderr, "audit tail: connection to the agent failed: ") || clientPrefix.MatchString(r.stderr) {
+				t.Fatalf("exit %d (want %d), stderr %q", r.code, exitUnreachable, r.stderr)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("audit tail -f went on after the agent stopped")
+		}
+	})
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 	"time"
@@ -89,7 +90,7 @@ func (g *globalFlags) connect(ctx context.Context) (*client.Client, error) {
 			return nil, agentError("connect", err)
 		}
 		if errors.Is(err, proto.ErrUntrustedSocketDir) {
-			return nil, &exitError{exitUnreachable, err}
+			return nil, &exitError{exitUnreachable, errors.New(dialCause(err))}
 		}
 		addr := g.socket
 		if addr == "" {
@@ -98,15 +99,28 @@ func (g *globalFlags) connect(ctx context.Context) (*client.Client, error) {
 		if errors.Is(err, context.DeadlineExceeded) {
 			// A Unix dial to nothing fails at once: something is there
 			// and did not say Hello in time.
-			return nil, &exitError{exitUnreachable, fmt.Errorf("the agent at %s did not answer within --timeout (%s): %w", addr, g.timeout, err)}
+			return nil, &exitError{exitUnreachable, fmt.Errorf("the agent at %s did not answer within --timeout (%s)", addr, g.timeout)}
 		}
-		cause := errors.Unwrap(err) // without "connect to agent at PATH", said here
-		if cause == nil {
-			cause = err
-		}
-		return nil, &exitError{exitUnreachable, fmt.Errorf("no agent at %s (start one with 'sigil agent' or 'make run', or set $SIGIL_SOCK): %w", addr, cause)}
+		return nil, &exitError{exitUnreachable, fmt.Errorf("no agent at %s (start one with 'sigil agent' or 'make run', or set $SIGIL_SOCK): %s", addr, dialCause(err))}
 	}
 	return c, nil
+}
+
+// dialCause is why a dial failed, for a message that has already named the
+// agent's address. The client wraps the cause in words of its own, each
+// starting "sigil" ("sigil: connect to agent at ADDR: ", "sigil: hello: ",
+// "sigil Hello: "), which after main's "sigil: " and the caller's "no agent
+// answered at ADDR" said it all twice. It is the first error in err's chain
+// that is not such a wrapping (the network's, the TLS handshake's), else
+// err's message without its "sigil: " (a refusal of the default socket dir,
+// whose details follow the sentinel's words).
+func dialCause(err error) string {
+	for e := err; e != nil; e = errors.Unwrap(e) {
+		if !strings.HasPrefix(e.Error(), "sigil") {
+			return e.Error()
+		}
+	}
+	return strings.TrimPrefix(err.Error(), "sigil: ")
 }
 
 // dialAddr dials an agent address as the admin and audit commands name it:
@@ -158,7 +172,15 @@ func agentError(what string, err error) error {
 	if errors.Is(err, context.DeadlineExceeded) {
 		return &exitError{exitRefused, fmt.Errorf("%s: %s: no answer within the --timeout", what, proto.DeadlineExceeded)}
 	}
-	return &exitError{exitUnreachable, fmt.Errorf("%s: %w", what, err)}
+	// The client's words start with "sigil", which main prints once; a
+	// network failure (the agent went away, and a redial found none) is
+	// told by the network's error alone, under the client's layers
+	// ("sigil AuditTail: reconnect: sigil: connect to agent at ...").
+	var netErr *net.OpError
+	if errors.As(err, &netErr) {
+		return &exitError{exitUnreachable, fmt.Errorf("%s: connection to the agent failed: %v", what, netErr)}
+	}
+	return &exitError{exitUnreachable, fmt.Errorf("%s: %s", what, strings.TrimPrefix(err.Error(), "sigil: "))}
 }
 
 func usageError(format string, args ...any) error {
