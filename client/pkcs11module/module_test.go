@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -623,5 +624,33 @@ func TestConnectionClosedAfterAnswerIsNotReused(t *testing.T) {
 		if i > 0 && fake.conns.Load() != conns+1 {
 			t.Fatalf("signature %d: %d dials, want 1", i, fake.conns.Load()-conns)
 		}
+	}
+}
+
+// The config file's socket comes before $SIGIL_SOCK, so a bad $SIGIL_SOCK
+// is not even read when the file names a socket (it used to fail
+// C_Initialize first), and a `keys =` line longer than 511 bytes is one
+// line (it was cut in two and refused with a line number the file lacks).
+func TestConfigFileSocketAndLongLines(t *testing.T) {
+	fake := startFake(t, newFakeKeys(t))
+	names := []string{"p256"}
+	for i := range 60 {
+		names = append(names, fmt.Sprintf("payments-release-%02d", i))
+	}
+	conf := filepath.Join(shortDir(t), "pkcs11.conf")
+	if err := os.WriteFile(conf, []byte("socket = "+fake.sock+"\nkeys = "+strings.Join(names, ", ")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("SIGIL_PKCS11_CONF", conf)
+	t.Setenv("SIGIL_SOCK", "/tmp/"+strings.Repeat("x", 150)+"/agent.sock")
+	ctx := openModule(t)
+	s := openSession(t, ctx)
+	key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+	sig, err := signMessageECDSA(ctx, s, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := verify(fake.keys[0].signer.Public(), crypto.SHA256, false, sig); err != nil {
+		t.Fatal(err)
 	}
 }

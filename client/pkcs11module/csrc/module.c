@@ -206,6 +206,10 @@ static int same_dir(const char *a, const char *b)
 	return sa - a == sb - b && memcmp(a, b, (size_t)(sa - a)) == 0;
 }
 
+/* A config line longer than this is refused as such: a `keys =` list of a
+ * few thousand slot names fits. */
+#define MAX_CONFIG_LINE 65536
+
 /* load_config: SIGIL_PKCS11_CONF's settings, else SIGIL_SOCK, else the
  * agent's default socket path (proto.DefaultSocketPath). secure_getenv:
  * a setuid host does not take its socket from the caller's environment. */
@@ -216,23 +220,32 @@ static CK_RV load_config(char *sock, size_t cap, unsigned *timeout_ms, char *lab
 	sock[0] = 0;
 	*timeout_ms = DEFAULT_TIMEOUT_MS;
 	strcpy(label, "sigil");
-	if ((v = secure_getenv("SIGIL_SOCK")) && *v && set_socket(sock, cap, v))
-		goto toolong;
 	if ((v = secure_getenv("SIGIL_PKCS11_CONF")) && *v) {
 		FILE *f = fopen(v, "re");
-		char line[512];
+		char *line = NULL;
+		size_t line_cap = 0;
+		ssize_t line_len;
 		int lineno = 0;
 		if (!f) {
 			fprintf(stderr, "libsigil-pkcs11: SIGIL_PKCS11_CONF %s: %s\n", v, strerror(errno));
 			return CKR_GENERAL_ERROR;
 		}
-		while (fgets(line, sizeof line, f)) {
+		while ((line_len = getline(&line, &line_cap, f)) != -1) {
 			lineno++;
+			if (line_len > MAX_CONFIG_LINE) {
+				fprintf(stderr, "libsigil-pkcs11: %s:%d: line longer than %d bytes\n", v, lineno, MAX_CONFIG_LINE);
+				free(line);
+				fclose(f);
+				free(*only_keys);
+				*only_keys = NULL;
+				return CKR_GENERAL_ERROR;
+			}
 			char *l = trim(line), *eq;
 			if (!*l || *l == '#')
 				continue;
 			if (!(eq = strchr(l, '='))) {
 				fprintf(stderr, "libsigil-pkcs11: %s:%d: want key = value\n", v, lineno);
+				free(line);
 				fclose(f);
 				free(*only_keys);
 				*only_keys = NULL;
@@ -240,7 +253,7 @@ static CK_RV load_config(char *sock, size_t cap, unsigned *timeout_ms, char *lab
 			}
 			*eq = 0;
 			char *key = trim(l), *val = trim(eq + 1);
-			int bad = 0;
+			int bad = 0, unknown = 0;
 			if (strcmp(key, "socket") == 0) {
 				bad = set_socket(sock, cap, val);
 			} else if (strcmp(key, "token_label") == 0) {
@@ -268,21 +281,24 @@ static CK_RV load_config(char *sock, size_t cap, unsigned *timeout_ms, char *lab
 				*timeout_ms = (unsigned)ms;
 			} else {
 				fprintf(stderr, "libsigil-pkcs11: %s:%d: unknown setting %s\n", v, lineno, key);
-				fclose(f);
-				free(*only_keys);
-				*only_keys = NULL;
-				return CKR_GENERAL_ERROR;
+				unknown = 1;
 			}
-			if (bad) {
-				fprintf(stderr, "libsigil-pkcs11: %s:%d: bad value for %s\n", v, lineno, key);
+			if (bad || unknown) {
+				if (bad)
+					fprintf(stderr, "libsigil-pkcs11: %s:%d: bad value for %s\n", v, lineno, key);
+				free(line);
 				fclose(f);
 				free(*only_keys);
 				*only_keys = NULL;
 				return CKR_GENERAL_ERROR;
 			}
 		}
+		free(line);
 		fclose(f);
 	}
+	/* The file's socket comes first: a SIGIL_SOCK it overrides is not read. */
+	if (!sock[0] && (v = secure_getenv("SIGIL_SOCK")) && *v && set_socket(sock, cap, v))
+		goto toolong;
 	char def[512];
 	if ((v = secure_getenv("XDG_RUNTIME_DIR")) && *v) {
 		snprintf(def, sizeof def, "%s/sigil/agent.sock", v);
