@@ -182,6 +182,18 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 	e := t.key
 	alg, err := e.algorithmFor(req.Scheme, req.Hash)
 	if err != nil {
+		if t.slot != nil {
+			// The policy's rules before the algorithm's (the slot's
+			// clients, its pause) decide first, as docs/policy.md orders
+			// them: a caller outside clients learns nothing of the key.
+			early := c.a.policy.Check(tenant, t.slot.Name, c.identity(), providers.Algorithm{}, len(req.Digest))
+			early.Done()
+			if r := early.Reason; r == policy.PermissionDenied || r == policy.Paused {
+				d.policyHash = early.PolicyHash
+				c.a.metrics.denied(r)
+				return nil, &proto.Error{Code: reasonCode(r), Msg: early.Message()}
+			}
+		}
 		return nil, err
 	}
 	d.alg = alg

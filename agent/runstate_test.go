@@ -846,3 +846,36 @@ func unreadBytes(t *testing.T, nc net.Conn) int {
 	}
 	return n
 }
+
+// The policy's order holds for a hash the agent does not know: a paused
+// slot answers PAUSED and a caller outside the slot's clients
+// PERMISSION_DENIED, before the algorithm is looked at. The agent used to
+// answer UNSUPPORTED_ALGORITHM first.
+func TestPolicyOrderHoldsForAnUnknownHash(t *testing.T) {
+	for _, tc := range []struct {
+		policy string
+		want   proto.Code
+	}{
+		{"paused: true", proto.Paused},
+		{fmt.Sprintf(`clients: ["uid:%d"]`, os.Getuid()+1), proto.PermissionDenied},
+		{"", proto.UnsupportedAlgorithm},
+	} {
+		t.Run(tc.want.String(), func(t *testing.T) {
+			cfg := softwareConfig(t)
+			cfg.DefaultKey = ""
+			cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+			pol := strings.Replace(heldPolicy(tc.policy), "key: hkey", "key: default", 1)
+			// The tenant's second uid, for a clients list the caller is not in.
+			pol = strings.Replace(pol, fmt.Sprintf("identities: {unix_uids: [%d]}", os.Getuid()), fmt.Sprintf("identities: {unix_uids: [%d, %d]}", os.Getuid(), os.Getuid()+1), 1)
+			os.WriteFile(cfg.Policy, []byte(pol), 0o600)
+			r := startAgent(t, cfg)
+			rc := r.raw(t)
+			rc.hello()
+			rc.send(&proto.Request{ID: 2, Op: proto.OpSign, Key: "release", Hash: 99, Digest: make([]byte, 32)})
+			resp, err := rc.recv()
+			if err != nil || resp.Code != tc.want {
+				t.Fatalf("Sign with hash 99: %v %+v, want %v", err, resp, tc.want)
+			}
+		})
+	}
+}
