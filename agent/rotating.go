@@ -397,6 +397,11 @@ func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {
 	return nil
 }
 
+// rotationError gives a rotation's refusal its code and the reason as the
+// reply's text. What it does not name gets its code from codeOf
+// (rotation.WireCode): a request refused for what it asks
+// (rotation.ErrBadRequest) is BAD_REQUEST and its text the reply's, while
+// faults (the journal, a provider) keep theirs.
 func rotationError(err error) error {
 	switch {
 	case errors.Is(err, rotation.ErrNotFound):

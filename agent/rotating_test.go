@@ -393,3 +393,54 @@ func TestReloadPutsCalendarsInForce(t *testing.T) {
 		}
 	})
 }
+
+// An admin's rotation request that is refused for what it asks is answered
+// with a code for that and the reason in the message. A one-off time in
+// the past, past what the rotation state can hold (after 9999), or an
+// evidence pack of a slot not named tenant/slot used to be INTERNAL,
+// "internal error; see the agent's log", which docs/protocol.md defines as
+// a bug, while the reason was only in the agent's log.
+func TestRotationRefusalsSayWhy(t *testing.T) {
+	cfg := smallRotationConfig(t)
+	ctx := context.Background()
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		for _, tc := range []struct {
+			name   string
+			call   func() error
+			code   proto.Code
+			reason string
+		}{
+			{"schedule a rotation in the past", func() error {
+				_, err := admin.ScheduleRotation(ctx, "payments/release", time.Date(2020, 1, 1, 0, 0, 0, 0, time.UTC))
+				return err
+			}, proto.BadRequest, "not in the future"},
+			{"schedule a rotation after 9999", func() error {
+				_, err := admin.ScheduleRotation(ctx, "payments/release", time.Date(10000, 1, 1, 0, 0, 0, 0, time.UTC))
+				return err
+			}, proto.BadRequest, "9999"},
+			{"export the newest pack of a slot not named tenant/slot", func() error {
+				_, _, err := admin.ExportREP(ctx, "release", 0)
+				return err
+			}, proto.BadRequest, "tenant/slot"},
+			{"export pack 2 of a slot with an invalid name", func() error {
+				_, _, err := admin.ExportREP(ctx, "payments/Release", 2)
+				return err
+			}, proto.BadRequest, "allowed are a-z"},
+			{"roll back a slot that has only v1", func() error {
+				_, err := admin.Rollback(ctx, "payments/release")
+				return err
+			}, proto.NotFound, "no version before v1"},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				err := tc.call()
+				if client.Code(err) != tc.code || !strings.Contains(fmt.Sprint(err), tc.reason) {
+					t.Fatalf("%v (%v), want %v naming %q", err, client.Code(err), tc.code, tc.reason)
+				}
+			})
+		}
+		// The slot still rotates: nothing was scheduled or changed.
+		if err := admin.Rotate(ctx, "payments/release"); err != nil {
+			t.Fatal(err)
+		}
+	})
+}

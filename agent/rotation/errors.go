@@ -17,6 +17,12 @@ var (
 	// ErrNotFound: no such slot, version or kid in the slot. It wraps
 	// providers.ErrNotFound, so the agent's code mapping gives NOT_FOUND.
 	ErrNotFound error = &wrappedSentinel{msg: "rotation: no such key slot or version", is: providers.ErrNotFound}
+	// ErrBadRequest: the request is refused for what it asks, not for a
+	// fault: a slot name that is not tenant/slot, a one-off rotation time
+	// that is not in the future or not after the slot's last activation.
+	// The error's text is the reason, for the caller. It wraps
+	// providers.ErrBadRequest, so WireCode gives BAD_REQUEST.
+	ErrBadRequest error = &wrappedSentinel{msg: "rotation: bad request", is: providers.ErrBadRequest}
 	// ErrBusy: another rotation, rollback or drill is running on the slot.
 	ErrBusy = errors.New("rotation: another rotation of this slot is in progress")
 	// ErrSlotExists: Enroll found the slot already enrolled with another key.
@@ -40,6 +46,18 @@ type wrappedSentinel struct {
 
 func (e *wrappedSentinel) Error() string { return e.msg }
 func (e *wrappedSentinel) Unwrap() error { return e.is }
+
+// requestError is a request refused for what it asks: its text is the
+// reason alone, and errors.Is finds both its cause and ErrBadRequest.
+type requestError struct{ err error }
+
+func (e *requestError) Error() string   { return e.err.Error() }
+func (e *requestError) Unwrap() []error { return []error{e.err, ErrBadRequest} }
+
+// refuse is a requestError with the reason format gives.
+func refuse(format string, args ...any) error {
+	return &requestError{err: fmt.Errorf(format, args...)}
+}
 
 // Steps of a rotation, as StepError.Step and journal details name them.
 const (

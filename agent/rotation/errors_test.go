@@ -36,6 +36,7 @@ func TestWireCode(t *testing.T) {
 		{fmt.Errorf("append: %w", journal.ErrUnavailable), proto.JournalUnavailable},
 		{context.DeadlineExceeded, proto.DeadlineExceeded},
 		{&StepError{Slot: "t/s", Step: StepKeygen, Err: providers.ErrUnavailable}, proto.Unavailable},
+		{fmt.Errorf("rotate: %w", ErrBadRequest), proto.BadRequest},
 		{errors.New("something else"), proto.Internal},
 	} {
 		if got := WireCode(tc.err); got != tc.want {

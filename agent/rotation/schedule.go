@@ -221,8 +221,12 @@ func (s *Scheduler) RotateAt(ctx context.Context, slot string, at time.Time, pee
 	}
 	at = at.UTC()
 	now := s.r.now()
-	if !at.After(now) {
-		return fmt.Errorf("rotate %s at %s: that is not in the future", slot, at.Format(time.RFC3339))
+	switch {
+	case !at.After(now):
+		return refuse("rotate %s at %s: that is not in the future", slot, at.Format(time.RFC3339))
+	case at.Year() > 9999:
+		// The slot's state is JSON, whose times (RFC 3339) end there.
+		return refuse("rotate %s at %s: that is after the year 9999", slot, at.Format(time.RFC3339))
 	}
 	rec := &journal.Record{Time: now, Tenant: tenant, Slot: slot, Op: "rotate.scheduled", CodeName: proto.OK.String(),
 		Peer: peer, Detail: "rotation scheduled for " + at.Format(time.RFC3339)}
@@ -230,7 +234,7 @@ func (s *Scheduler) RotateAt(ctx context.Context, slot string, at time.Time, pee
 		if last := sl.LastActivation(); !at.After(last) {
 			// NextDue counts one-off times after the last activation only:
 			// after a clock stepped back, this one would never run.
-			return fmt.Errorf("rotate %s at %s: that is not after the slot's last activation (%s), so it would never run",
+			return refuse("rotate %s at %s: that is not after the slot's last activation (%s), so it would never run",
 				slot, at.Format(time.RFC3339), last.Format(time.RFC3339))
 		}
 		v := sl.ActiveVersion()

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 )
 
@@ -238,8 +239,10 @@ func TestSchedulerRotateAt(t *testing.T) {
 	s := newScheduler(t, e, nil)
 	ctx := context.Background()
 	at := t0.Add(3 * time.Hour)
-	if err := s.RotateAt(ctx, testSlot, t0.Add(-time.Hour), "admin"); err == nil {
-		t.Fatal("RotateAt in the past accepted")
+	for _, past := range []time.Time{t0.Add(-time.Hour), t0} {
+		if err := s.RotateAt(ctx, testSlot, past, "admin"); WireCode(err) != proto.BadRequest || !strings.Contains(err.Error(), "not in the future") {
+			t.Fatalf("RotateAt %v, now %v: %v (%v), want it refused, BAD_REQUEST", past, t0, err, WireCode(err))
+		}
 	}
 	if err := s.RotateAt(ctx, testSlot, at, "admin"); err != nil {
 		t.Fatal(err)
@@ -393,8 +396,9 @@ func TestRotateAtBeforeTheLastActivationIsRefused(t *testing.T) {
 		t.Fatal("not rotated at the scheduled time")
 	}
 	e.clock.Set(at.Add(-time.Hour)) // stepped back
-	if err := s.RotateAt(ctx, testSlot, at.Add(-30*time.Minute), "admin"); err == nil || !strings.Contains(err.Error(), "never run") {
-		t.Fatalf("RotateAt before the last activation: %v, want it refused", err)
+	// A caller's error, BAD_REQUEST with the reason, not INTERNAL (a bug).
+	if err := s.RotateAt(ctx, testSlot, at.Add(-30*time.Minute), "admin"); WireCode(err) != proto.BadRequest || !strings.Contains(err.Error(), "never run") {
+		t.Fatalf("RotateAt before the last activation: %v (%v), want it refused, BAD_REQUEST", err, WireCode(err))
 	}
 }
 

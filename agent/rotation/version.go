@@ -189,17 +189,18 @@ func mustSPKI(pub crypto.PublicKey) []byte {
 	return b
 }
 
-// SplitSlot splits "tenant/slot" and checks both names.
+// SplitSlot splits "tenant/slot" and checks both names. A name that fails
+// is ErrBadRequest: slot names come from callers and config files.
 func SplitSlot(slot string) (tenant, name string, err error) {
 	tenant, name, ok := strings.Cut(slot, "/")
 	if !ok {
-		return "", "", fmt.Errorf("slot %q: want tenant/slot", slot)
+		return "", "", refuse("slot %q: want tenant/slot", slot)
 	}
 	if err := checkName(tenant); err != nil {
-		return "", "", fmt.Errorf("slot %q: tenant: %w", slot, err)
+		return "", "", refuse("slot %q: tenant: %w", slot, err)
 	}
 	if err := checkName(name); err != nil {
-		return "", "", fmt.Errorf("slot %q: %w", slot, err)
+		return "", "", refuse("slot %q: %w", slot, err)
 	}
 	return tenant, name, nil
 }
