@@ -53,3 +53,66 @@ tenants:
 		})
 	}
 }
+
+// What a provider refuses at start without touching its device or service
+// (a key URI carrying a PIN, a relative pin_file, a pin_env that cannot
+// name a variable, a token named twice) is refused by the config's validation, which `sigil agent --check`,
+// LoadConfig and agent.New all run: --check used to call such a config
+// valid, and the agent then failed to start with INTERNAL. The error names
+// the setting as the config file spells it, and never echoes what may be a
+// PIN (a pin-value, a PIN typed as pin_file or pin_env).
+func TestConfigRefusesWhatProvidersRefuseAtStart(t *testing.T) {
+	hsm := func(settings string, uris ...string) string {
+		y := "providers:\n  - id: hsm\n    type: pkcs11\n    module: /usr/lib/softhsm/libsofthsm2.so\n" + settings + "    keys:\n"
+		for i, uri := range uris {
+			y += fmt.Sprintf("      - {name: key%d, uri: %q}\n", i, uri)
+		}
+		return y
+	}
+	const token, pin = "    token_label: prod\n", "    pin_env: SIGIL_PIN\n"
+	for _, tc := range []struct {
+		name   string
+		yaml   string
+		want   string // "" when valid
+		secret string // never in the error
+	}{
+		{"valid pkcs11", hsm(token+pin, "pkcs11:object=release"), "", ""},
+		{"valid pkcs11, token in the uri", hsm(pin, "pkcs11:token=prod;object=release"), "", ""},
+		{"pin_file not absolute", hsm(token+"    pin_file: s3cr3t-pin\n", "pkcs11:object=release"), "pin_file is not an absolute path", "s3cr3t-pin"},
+		{"pin_env not a variable name", hsm(token+"    pin_env: \"12-34!56\"\n", "pkcs11:object=release"), "pin_env is not an environment variable name", "12-34!56"},
+		{"pin-value in a key's uri", hsm(token+pin, "pkcs11:object=release?pin-value=s3cr3t-pin"), `key "key0": uri carries pin-value`, "s3cr3t-pin"},
+		{"pin-value in a key's uri path", hsm(token+pin, "pkcs11:object=release;pin-value=s3cr3t-pin"), `key "key0": uri carries pin-value`, "s3cr3t-pin"},
+		{"pin-source in a key's uri", hsm(token+pin, "pkcs11:object=release?pin-source=file:/etc/pin"), "uri carries pin-source: use pin_file", "/etc/pin"},
+		{"both pin_env and pin_file", hsm(token+pin+"    pin_file: /etc/sigil/pin\n", "pkcs11:object=release"), "both pin_env and pin_file", ""},
+		{"no PIN source", hsm(token, "pkcs11:object=release"), "pin_env or pin_file", ""},
+		{"token named twice", hsm(token+"    token_serial: \"42\"\n"+pin, "pkcs11:object=release"), "one of token_label, token_serial or slot", ""},
+		{"no token named", hsm(pin, "pkcs11:object=release"), "set token_label, token_serial or slot", ""},
+		{"a uri naming another token", hsm(token+pin, "pkcs11:token=test;object=release"), "one provider serves one token", ""},
+		{"a uri naming no object", hsm(token+pin, "pkcs11:token=prod"), `key "key0": uri names no object`, ""},
+		{"a uri with an unknown attribute", hsm(token+pin, "pkcs11:object=release;objet=x"), "unknown path attribute", ""},
+		{"two keys, one object", hsm(token+pin, "pkcs11:object=release", "pkcs11:object=release"), `keys "key0" and "key1" name the same object`, ""},
+		{"a uri with another module-path", hsm(token+pin, "pkcs11:object=release?module-path=/usr/lib/other.so"), "module-path", ""},
+		{"too many module instances", hsm(token+pin+"    module_instances: 17\n", "pkcs11:object=release"), "module_instances 17", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := agent.ParseConfig([]byte(tc.yaml))
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.want == "":
+				return
+			case err == nil:
+				t.Fatalf("accepted; want it refused naming %q", tc.want)
+			case !strings.Contains(err.Error(), tc.want):
+				t.Fatalf("%v\nwant it to say %q", err, tc.want)
+			case tc.secret != "" && strings.Contains(err.Error(), tc.secret):
+				t.Fatalf("%v\nechoes %q", err, tc.secret)
+			}
+			for _, goName := range []string{"PINFile", "PINEnv", "TokenLabel", "TokenSerial", "Instances", "URI"} {
+				if strings.Contains(err.Error(), goName) {
+					t.Errorf("%v\nnames the Go field %s, not the config's setting", err, goName)
+				}
+			}
+		})
+	}
+}

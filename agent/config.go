@@ -21,7 +21,6 @@ import (
 	"github.com/sigil-agent/sigil/agent/rotation"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
-	"github.com/sigil-agent/sigil/providers/pkcs11"
 )
 
 //go:embed default.yaml
@@ -428,20 +427,9 @@ func (c *Config) Validate() error {
 				}
 			}
 		case "pkcs11":
-			if p.Module == "" {
-				errs = append(errs, fmt.Errorf("%s: pkcs11 needs module", where))
-			}
-			if p.PINEnv == "" && p.PINFile == "" {
-				errs = append(errs, fmt.Errorf("%s: pkcs11 needs pin_env or pin_file (a PIN is never taken from the config text)", where))
-			}
-			if p.Instances < 0 || p.Instances > pkcs11.MaxInstances {
-				errs = append(errs, fmt.Errorf("%s: module_instances %d: want 1 to %d", where, p.Instances, pkcs11.MaxInstances))
-			}
-			for j, k := range p.Keys {
-				if k.URI == "" {
-					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: pkcs11 keys need a uri", where, j, k.Name))
-				}
-			}
+			// What the provider refuses at open without its module, by
+			// its own check: --check and a start must not disagree.
+			errs = append(errs, pkcs11ConfigErrors(where, p)...)
 		case "gcpkms":
 			if p.Project == "" || p.Location == "" || p.KeyRing == "" {
 				errs = append(errs, fmt.Errorf("%s: gcpkms needs project, location and key_ring", where))

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 
 	"go.uber.org/zap"
 
@@ -10,11 +11,19 @@ import (
 )
 
 func openPKCS11(ctx context.Context, spec ProviderSpec, log *zap.Logger) (providers.Provider, error) {
+	cfg := pkcs11Config(spec)
+	cfg.Logger = log
+	return pkcs11.Open(ctx, cfg)
+}
+
+// pkcs11Config is the provider's configuration from spec: the one mapping,
+// which Validate checks and openPKCS11 opens.
+func pkcs11Config(spec ProviderSpec) pkcs11.Config {
 	keys := make([]pkcs11.KeyConfig, len(spec.Keys))
 	for i, k := range spec.Keys {
 		keys[i] = pkcs11.KeyConfig{Name: k.Name, URI: k.URI}
 	}
-	return pkcs11.Open(ctx, pkcs11.Config{
+	return pkcs11.Config{
 		ID:          spec.ID,
 		Module:      spec.Module,
 		TokenLabel:  spec.TokenLabel,
@@ -25,6 +34,31 @@ func openPKCS11(ctx context.Context, spec ProviderSpec, log *zap.Logger) (provid
 		Sessions:    spec.Sessions,
 		Instances:   spec.Instances,
 		Keys:        keys,
-		Logger:      log,
-	})
+	}
+}
+
+// pkcs11FieldNames are pkcs11.Config's fields as the config file spells
+// them (ProviderSpec's and KeySpec's yaml tags).
+var pkcs11FieldNames = pkcs11.FieldNames{
+	"Module": "module", "TokenLabel": "token_label", "TokenSerial": "token_serial", "Slot": "slot",
+	"PINEnv": "pin_env", "PINFile": "pin_file", "Instances": "module_instances", "URI": "uri",
+}
+
+// pkcs11ConfigErrors is what pkcs11.Open would refuse in spec before it
+// loads the module, each problem on its own, named as the config file
+// names it; where prefixes each ("providers[0]").
+func pkcs11ConfigErrors(where string, spec ProviderSpec) []error {
+	err := pkcs11Config(spec).Validate(pkcs11FieldNames)
+	if err == nil {
+		return nil
+	}
+	errs := []error{err}
+	if joined, ok := err.(interface{ Unwrap() []error }); ok {
+		errs = joined.Unwrap()
+	}
+	out := make([]error, len(errs))
+	for i, e := range errs {
+		out[i] = fmt.Errorf("%s: %w", where, e)
+	}
+	return out
 }

@@ -321,3 +321,34 @@ func TestSecondSignalEndsTheAgentAtOnce(t *testing.T) {
 		t.Fatalf("the agent still drained 5 s after a second SIGTERM\n%s", a.stderr.String())
 	}
 }
+
+// A pkcs11 provider setting the agent refuses at start is refused by
+// `sigil agent --check` too, and a start on it fails as a config error
+// naming the setting, not as "agent failed to start (INTERNAL)". --check
+// used to call these configs valid. Neither output echoes what may be a
+// PIN.
+func TestCheckRefusesWhatTheStartRefuses(t *testing.T) {
+	bin := buildSigil(t)
+	for _, tc := range []struct {
+		name, settings, uri string
+		want, secret        string
+	}{
+		{"relative pin_file", "pin_file: s3cr3t-pin", "pkcs11:token=prod;object=release", "pin_file is not an absolute path", "s3cr3t-pin"},
+		{"pin_env not a variable name", `pin_env: "12-34!56"`, "pkcs11:token=prod;object=release", "pin_env is not an environment variable name", "12-34!56"},
+		{"pin-value in a key's uri", "pin_env: SIGIL_PIN", "pkcs11:token=prod;object=release?pin-value=s3cr3t-pin", `key "release": uri carries pin-value`, "s3cr3t-pin"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			config := writeEd25519Config(t, dir, fmt.Sprintf("  - id: hsm\n    type: pkcs11\n    module: /usr/lib/softhsm/libsofthsm2.so\n    %s\n    keys: [{name: release, uri: %q}]\n", tc.settings, tc.uri))
+			out, stderr, code := runBin(t, bin, "agent", "--check", "--config", config)
+			if code != exitFailure || !strings.Contains(stderr, tc.want) || strings.Contains(out+stderr, tc.secret) {
+				t.Errorf("agent --check: exit %d, stdout %q, stderr %q; want %d naming %q, without %q", code, out, stderr, exitFailure, tc.want, tc.secret)
+			}
+			sock := filepath.Join(dir, "agent.sock")
+			out, stderr, code = runBin(t, bin, "agent", "--config", config, "--socket", sock)
+			if code != exitFailure || !strings.Contains(stderr, config+": providers[1]: "+tc.want) || strings.Contains(stderr, "INTERNAL") || strings.Contains(out+stderr, tc.secret) {
+				t.Errorf("agent: exit %d, stderr %q; want %d, a config error naming %q, without %q", code, stderr, exitFailure, tc.want, tc.secret)
+			}
+		})
+	}
+}

@@ -111,6 +111,92 @@ func (c *Config) ensureDefaults() {
 	}
 }
 
+// FieldNames names Config's fields in Validate's errors: Go field name to
+// the name a caller's users know it by ("PINFile": "pin_file"), for a
+// caller that reads its configuration from a file. A field it lacks goes
+// by its Go name.
+type FieldNames map[string]string
+
+func (n FieldNames) of(field string) string {
+	if name, ok := n[field]; ok {
+		return name
+	}
+	return field
+}
+
+// Validate checks what Open refuses before it loads the module: the module
+// path, how the token is named (TokenLabel, TokenSerial or Slot, and the
+// key URIs' token attributes, all naming one token), the PIN's source
+// (exactly one of PINEnv, a variable's name, and PINFile, an absolute
+// path; not the PIN), Instances, and each key's URI (no PIN in it, one
+// object, each object once). It leaves to the caller the ID and the key
+// names, which a caller with several providers checks across them, and
+// to Open what needs the module, the token or the PIN. Its errors name
+// fields by n (nil: Go names) and never quote a key URI, PINEnv or
+// PINFile, where a PIN may have been put by mistake.
+func (c Config) Validate(n FieldNames) error {
+	_, _, err := c.parse(n)
+	return err
+}
+
+// parse is Validate returning, for Open, the token selector and each key's
+// object (by index in Keys).
+func (c *Config) parse(n FieldNames) (tokenSelector, []objectSelector, error) {
+	var errs []error
+	if c.Module == "" {
+		errs = append(errs, fmt.Errorf("no %s: the path of the PKCS#11 library", n.of("Module")))
+	}
+	var sel tokenSelector
+	named := 0
+	if c.TokenLabel != "" {
+		sel.label = c.TokenLabel
+		named++
+	}
+	if c.TokenSerial != "" {
+		sel.serial = c.TokenSerial
+		named++
+	}
+	if c.Slot != nil {
+		s := *c.Slot
+		sel.slot = &s
+		named++
+	}
+	if named > 1 {
+		errs = append(errs, fmt.Errorf("name the token by one of %s, %s or %s", n.of("TokenLabel"), n.of("TokenSerial"), n.of("Slot")))
+	}
+	if c.Instances < 0 || c.Instances > MaxInstances {
+		errs = append(errs, fmt.Errorf("%s %d: want 1 to %d", n.of("Instances"), c.Instances, MaxInstances))
+	}
+	objs := make([]objectSelector, len(c.Keys))
+	parsed := make([]bool, len(c.Keys))
+	allParsed := true
+	for i, kc := range c.Keys {
+		obj, tok, err := parseKeyURI(kc.URI, c.Module, n)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("key %q: %w", kc.Name, err))
+			allParsed = false
+			continue
+		}
+		if err := sel.merge(tok); err != nil {
+			errs = append(errs, fmt.Errorf("key %q: %w", kc.Name, err))
+		}
+		for j := range i {
+			if parsed[j] && objs[j].equal(obj) {
+				errs = append(errs, fmt.Errorf("keys %q and %q name the same object", c.Keys[j].Name, kc.Name))
+				break
+			}
+		}
+		objs[i], parsed[i] = obj, true
+	}
+	if sel.empty() && allParsed {
+		errs = append(errs, fmt.Errorf("no token named: set %s, %s or %s, or token= in a key's %s", n.of("TokenLabel"), n.of("TokenSerial"), n.of("Slot"), n.of("URI")))
+	}
+	if err := pinSourceError(c, n); err != nil {
+		errs = append(errs, err)
+	}
+	return sel, objs, errors.Join(errs...)
+}
+
 func (c *Config) loadPath() string {
 	if c.loadFrom != "" {
 		return c.loadFrom
@@ -205,14 +291,18 @@ var uriAttrsIgnored = map[string]bool{
 
 // parseKeyURI parses one key URI. Its errors never quote the URI, which
 // could carry a PIN under a spelling the checks below do not know; the caller
-// names the key instead.
-func parseKeyURI(raw, module string) (objectSelector, tokenSelector, error) {
-	if err := refusePINAttributes(raw); err != nil {
+// names the key instead. n names Config's fields in them.
+func parseKeyURI(raw, module string, n FieldNames) (objectSelector, tokenSelector, error) {
+	uri := n.of("URI")
+	if raw == "" {
+		return objectSelector{}, tokenSelector{}, fmt.Errorf("no %s: name the key's object, like pkcs11:object=release", uri)
+	}
+	if err := refusePINAttributes(raw, n); err != nil {
 		return objectSelector{}, tokenSelector{}, err
 	}
 	u := pkcs11uri.New()
 	if err := u.Parse(raw); err != nil {
-		return objectSelector{}, tokenSelector{}, fmt.Errorf("parse URI: %w", err)
+		return objectSelector{}, tokenSelector{}, fmt.Errorf("parse %s: %w", uri, err)
 	}
 	var obj objectSelector
 	var tok tokenSelector
@@ -233,7 +323,7 @@ func parseKeyURI(raw, module string) (objectSelector, tokenSelector, error) {
 		obj.id = []byte(v)
 	}
 	if v, ok := get("type"); ok && v != "private" {
-		return obj, tok, fmt.Errorf("URI: type=%s: a signing key is type=private", v)
+		return obj, tok, fmt.Errorf("%s: type=%s: a signing key is type=private", uri, v)
 	}
 	if v, ok := get("token"); ok {
 		tok.label = v
@@ -248,26 +338,26 @@ func parseKeyURI(raw, module string) (objectSelector, tokenSelector, error) {
 		tok.model = v
 	}
 	if v, ok := get("slot-id"); ok {
-		n, err := strconv.ParseUint(v, 10, 64)
+		id, err := strconv.ParseUint(v, 10, 64)
 		if err != nil {
-			return obj, tok, fmt.Errorf("URI: slot-id: %w", err)
+			return obj, tok, fmt.Errorf("%s: slot-id: %w", uri, err)
 		}
-		s := uint(n)
+		s := uint(id)
 		tok.slot = &s
 	}
 	for name := range uriAttrsIgnored {
 		get(name)
 	}
 	if countPathAttributes(raw) != known {
-		return obj, tok, errors.New("URI: unknown path attribute (known: object, id, type, token, serial, manufacturer, model, slot-id)")
+		return obj, tok, fmt.Errorf("%s: unknown path attribute (known: object, id, type, token, serial, manufacturer, model, slot-id)", uri)
 	}
 	if v, ok := u.GetQueryAttribute("module-path", false); ok {
 		if filepath.Clean(v) != filepath.Clean(module) {
-			return obj, tok, fmt.Errorf("URI: its module-path differs from the provider's module %s", module)
+			return obj, tok, fmt.Errorf("%s: its module-path differs from the provider's %s %s", uri, n.of("Module"), module)
 		}
 	}
 	if obj.label == "" && obj.id == nil {
-		return obj, tok, errors.New("URI names no object: give object= or id=")
+		return obj, tok, fmt.Errorf("%s names no object: give object= or id=", uri)
 	}
 	return obj, tok, nil
 }
@@ -278,7 +368,7 @@ func parseKeyURI(raw, module string) (objectSelector, tokenSelector, error) {
 // reach an error message or a log line either. Both separators are tried
 // on both parts: "object=k&pin-value=…" is a valid path attribute whose
 // value would otherwise carry the PIN into the object label.
-func refusePINAttributes(raw string) error {
+func refusePINAttributes(raw string, n FieldNames) error {
 	attrs := strings.FieldsFunc(raw, func(r rune) bool { return r == ';' || r == '&' || r == '?' })
 	for _, attr := range attrs {
 		name, _, _ := strings.Cut(attr, "=")
@@ -287,9 +377,9 @@ func refusePINAttributes(raw string) error {
 		}
 		switch strings.TrimPrefix(strings.ToLower(strings.TrimSpace(name)), "pkcs11:") {
 		case "pin-value":
-			return errors.New("URI carries pin-value: the PIN comes from PINEnv or PINFile, never from configuration")
+			return fmt.Errorf("%s carries pin-value: the PIN comes from %s or %s, never from the configuration", n.of("URI"), n.of("PINEnv"), n.of("PINFile"))
 		case "pin-source":
-			return errors.New("URI carries pin-source: use PINFile instead")
+			return fmt.Errorf("%s carries pin-source: use %s instead", n.of("URI"), n.of("PINFile"))
 		}
 	}
 	return nil
@@ -318,26 +408,41 @@ func envName(s string) bool {
 	return s != ""
 }
 
+// pinSourceError checks how the PIN is to be found, not the PIN: exactly
+// one of PINEnv and PINFile, a variable's name, an absolute path. Neither
+// value is quoted: a PIN may have been typed where either belongs.
+func pinSourceError(cfg *Config, n FieldNames) error {
+	switch {
+	case cfg.PINEnv != "" && cfg.PINFile != "":
+		return fmt.Errorf("both %s and %s set: choose one", n.of("PINEnv"), n.of("PINFile"))
+	case cfg.PINEnv != "":
+		if !envName(cfg.PINEnv) {
+			return fmt.Errorf("%s is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)", n.of("PINEnv"))
+		}
+	case cfg.PINFile != "":
+		if !filepath.IsAbs(cfg.PINFile) {
+			return fmt.Errorf("%s is not an absolute path", n.of("PINFile"))
+		}
+	default:
+		return fmt.Errorf("no PIN source: set %s or %s (a PIN is never taken from the configuration text)", n.of("PINEnv"), n.of("PINFile"))
+	}
+	return nil
+}
+
 // readPIN fetches the PIN from the one configured source. Errors name the
 // source, never the content.
 func readPIN(cfg *Config, log *zap.Logger) (string, error) {
+	if err := pinSourceError(cfg, nil); err != nil {
+		return "", err
+	}
 	switch {
-	case cfg.PINEnv != "" && cfg.PINFile != "":
-		return "", errors.New("both PINEnv and PINFile set: choose one")
 	case cfg.PINEnv != "":
-		if !envName(cfg.PINEnv) {
-			// Not quoted: a PIN typed where its variable's name belongs.
-			return "", errors.New("PINEnv is not an environment variable name ([A-Za-z_][A-Za-z0-9_]*)")
-		}
 		v, ok := os.LookupEnv(cfg.PINEnv)
 		if !ok || v == "" {
 			return "", fmt.Errorf("PIN environment variable %s is unset or empty", cfg.PINEnv)
 		}
 		return v, nil
-	case cfg.PINFile != "":
-		if !filepath.IsAbs(cfg.PINFile) {
-			return "", errors.New("PINFile is not an absolute path") // not quoted, as above
-		}
+	default:
 		fi, err := os.Stat(cfg.PINFile)
 		if err != nil {
 			return "", fmt.Errorf("PIN file: %w", err)
@@ -361,5 +466,4 @@ func readPIN(cfg *Config, log *zap.Logger) (string, error) {
 		}
 		return string(b), nil
 	}
-	return "", errors.New("no PIN source: set PINEnv or PINFile")
 }

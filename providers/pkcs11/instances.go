@@ -57,13 +57,27 @@ const MaxInstances = 16
 // module instance. A wrong PIN fails with providers.ErrPINIncorrect, a
 // locked token with providers.ErrTokenLocked; neither is retried.
 func Open(ctx context.Context, cfg Config) (*Provider, error) {
+	if cfg.ID == "" {
+		return nil, errors.New("pkcs11 provider: empty id")
+	}
+	for i, kc := range cfg.Keys {
+		if kc.Name == "" {
+			return nil, fmt.Errorf("pkcs11 provider %s: key with an empty name", cfg.ID)
+		}
+		for _, other := range cfg.Keys[:i] {
+			if other.Name == kc.Name {
+				return nil, fmt.Errorf("pkcs11 provider %s: key %q configured twice", cfg.ID, kc.Name)
+			}
+		}
+	}
+	// Before the defaults: what Validate refuses, Open refuses.
+	if err := cfg.Validate(nil); err != nil {
+		return nil, fmt.Errorf("pkcs11 provider %s: %w", cfg.ID, err)
+	}
 	cfg.ensureDefaults()
 	cfg.pinRefused = new(atomic.Bool)
 	if cfg.Instances == 1 {
 		return openInstance(ctx, cfg)
-	}
-	if cfg.Instances > MaxInstances {
-		return nil, fmt.Errorf("pkcs11 provider %s: %d module instances: at most %d", cfg.ID, cfg.Instances, MaxInstances)
 	}
 	sessions := cfg.Sessions / cfg.Instances
 	if cfg.Sessions%cfg.Instances != 0 {

@@ -254,7 +254,7 @@ func (p *Provider) addKey(ctx context.Context, kc KeyConfig) (providers.KeyInfo,
 	fail := func(err error) (providers.KeyInfo, error) {
 		return providers.KeyInfo{}, fmt.Errorf("pkcs11 add key %s: %w", kc.Name, err)
 	}
-	obj, tok, err := parseKeyURI(kc.URI, p.modulePath)
+	obj, tok, err := parseKeyURI(kc.URI, p.modulePath, nil)
 	if err != nil {
 		return fail(err)
 	}

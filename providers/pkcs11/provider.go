@@ -72,62 +72,17 @@ const closeDrainTimeout = 5 * time.Second
 // openInstance opens one instance of the module: see Open.
 func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 	cfg.ensureDefaults()
-	if cfg.ID == "" {
-		return nil, errors.New("pkcs11 provider: empty id")
-	}
 	fail := func(err error) (*Provider, error) {
 		return nil, fmt.Errorf("pkcs11 provider %s: %w", cfg.ID, err)
 	}
-	if cfg.Module == "" {
-		return fail(errors.New("no module path"))
+	sel, objs, err := cfg.parse(nil) // Open has checked the id and the key names
+	if err != nil {
+		return fail(err)
 	}
-
-	var sel tokenSelector
-	named := 0
-	if cfg.TokenLabel != "" {
-		sel.label = cfg.TokenLabel
-		named++
-	}
-	if cfg.TokenSerial != "" {
-		sel.serial = cfg.TokenSerial
-		named++
-	}
-	if cfg.Slot != nil {
-		s := *cfg.Slot
-		sel.slot = &s
-		named++
-	}
-	if named > 1 {
-		return fail(errors.New("name the token by one of TokenLabel, TokenSerial or Slot"))
-	}
-	var keys []*key
-	for _, kc := range cfg.Keys {
-		if kc.Name == "" {
-			return fail(errors.New("key with an empty name"))
-		}
-		for _, other := range keys {
-			if other.info.Name == kc.Name {
-				return fail(fmt.Errorf("key %q configured twice", kc.Name))
-			}
-		}
-		obj, tok, err := parseKeyURI(kc.URI, cfg.Module)
-		if err != nil {
-			return fail(fmt.Errorf("key %q: %w", kc.Name, err))
-		}
-		if err := sel.merge(tok); err != nil {
-			return fail(fmt.Errorf("key %q: %w", kc.Name, err))
-		}
-		for _, other := range keys {
-			if other.obj.equal(obj) {
-				return fail(fmt.Errorf("keys %q and %q name the same object", other.info.Name, kc.Name))
-			}
-		}
-		k := &key{obj: obj}
-		k.info.Name = kc.Name
-		keys = append(keys, k)
-	}
-	if sel.empty() {
-		return fail(errors.New("no token named: set TokenLabel, TokenSerial or Slot, or token= in the key URIs"))
+	keys := make([]*key, len(cfg.Keys))
+	for i, kc := range cfg.Keys {
+		keys[i] = &key{obj: objs[i]}
+		keys[i].info.Name = kc.Name
 	}
 	pin, err := readPIN(&cfg, cfg.Logger)
 	if err != nil {

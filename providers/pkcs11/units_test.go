@@ -55,7 +55,7 @@ func TestParseKeyURI(t *testing.T) {
 	}
 	for _, tc := range cases {
 		t.Run(tc.uri, func(t *testing.T) {
-			obj, tok, err := parseKeyURI(tc.uri, "/usr/lib/softhsm/libsofthsm2.so")
+			obj, tok, err := parseKeyURI(tc.uri, "/usr/lib/softhsm/libsofthsm2.so", nil)
 			if tc.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 					t.Fatalf("error %v, want one mentioning %q", err, tc.wantErr)
@@ -214,7 +214,7 @@ func TestPublicKeyWithoutPublicObject(t *testing.T) {
 func TestFormatURIRoundTrip(t *testing.T) {
 	for _, o := range []objectSelector{{label: "release signing/v2;x"}, {label: "k", id: []byte{0, 1, 0xff}}} {
 		uri := formatURI("prod token", o)
-		got, tok, err := parseKeyURI(uri, "")
+		got, tok, err := parseKeyURI(uri, "", nil)
 		if err != nil {
 			t.Fatalf("%s: %v", uri, err)
 		}
@@ -224,5 +224,67 @@ func TestFormatURIRoundTrip(t *testing.T) {
 	}
 	if !bytes.Equal([]byte(pctEncodeAll([]byte{1, 0xab})), []byte("%01%AB")) {
 		t.Error(pctEncodeAll([]byte{1, 0xab}))
+	}
+}
+
+// Validate is what Open refuses before it loads the module, so that a
+// caller's config check (`sigil agent --check`) cannot pass what Open then
+// refuses. Its errors name fields as the caller's FieldNames say, and never
+// quote a PIN put in a key URI, PINEnv or PINFile.
+func TestValidate(t *testing.T) {
+	names := FieldNames{"PINEnv": "pin_env", "PINFile": "pin_file", "TokenLabel": "token_label",
+		"TokenSerial": "token_serial", "Slot": "slot", "Instances": "module_instances", "URI": "uri", "Module": "module"}
+	slot := uint(3)
+	for _, tc := range []struct {
+		name   string
+		edit   func(*Config)
+		want   string // "" when valid
+		secret string // never in the error
+	}{
+		{"valid", func(*Config) {}, "", ""},
+		{"token in the URI only", func(c *Config) { c.TokenLabel, c.Keys[0].URI = "", "pkcs11:token=prod;object=k" }, "", ""},
+		{"PINFile not absolute", func(c *Config) { c.PINEnv, c.PINFile = "", "s3cr3t-pin" }, "pin_file is not an absolute path", "s3cr3t-pin"},
+		{"PINEnv not a name", func(c *Config) { c.PINEnv = "12-34!56" }, "pin_env is not an environment variable name", "12-34!56"},
+		{"both PIN sources", func(c *Config) { c.PINFile = "/etc/pin" }, "both pin_env and pin_file", ""},
+		{"no PIN source", func(c *Config) { c.PINEnv = "" }, "set pin_env or pin_file", ""},
+		{"pin-value in a URI", func(c *Config) { c.Keys[0].URI = "pkcs11:object=k?pin-value=s3cr3t-pin" }, `key "k": uri carries pin-value: the PIN comes from pin_env or pin_file`, "s3cr3t-pin"},
+		{"pin-source in a URI", func(c *Config) { c.Keys[0].URI = "pkcs11:object=k?pin-source=file:/etc/pin" }, "uri carries pin-source: use pin_file", "/etc/pin"},
+		{"empty URI", func(c *Config) { c.Keys[0].URI = "" }, `key "k": no uri`, ""},
+		{"no module", func(c *Config) { c.Module = "" }, "no module", ""},
+		{"two token selectors", func(c *Config) { c.Slot = &slot }, "one of token_label, token_serial or slot", ""},
+		{"no token", func(c *Config) { c.TokenLabel = "" }, "no token named: set token_label, token_serial or slot, or token= in a key's uri", ""},
+		{"two tokens", func(c *Config) { c.Keys[0].URI = "pkcs11:token=test;object=k" }, "one provider serves one token", ""},
+		{"one object twice", func(c *Config) { c.Keys = append(c.Keys, KeyConfig{Name: "k2", URI: "pkcs11:object=k"}) }, `keys "k" and "k2" name the same object`, ""},
+		{"too many instances", func(c *Config) { c.Instances = MaxInstances + 1 }, "module_instances 17: want 1 to 16", ""},
+		{"negative instances", func(c *Config) { c.Instances = -1 }, "module_instances -1", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := Config{ID: "hsm", Module: "/nonexistent/module.so", TokenLabel: "prod", PINEnv: "SIGIL_PIN",
+				Keys: []KeyConfig{{Name: "k", URI: "pkcs11:object=k"}}}
+			tc.edit(&cfg)
+			err := cfg.Validate(names)
+			if tc.want == "" {
+				if err != nil {
+					t.Fatalf("refused: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("%v, want an error saying %q", err, tc.want)
+			}
+			if tc.secret != "" && strings.Contains(err.Error(), tc.secret) {
+				t.Errorf("%v echoes %q", err, tc.secret)
+			}
+			for goName := range names {
+				if strings.Contains(err.Error(), goName) {
+					t.Errorf("%v names the field %s by its Go name", err, goName)
+				}
+			}
+			// Open refuses it the same way, before it loads the module.
+			want := cfg.Validate(nil).Error()
+			if _, err := Open(t.Context(), cfg); err == nil || !strings.Contains(err.Error(), want) {
+				t.Errorf("Open: %v, want the refusal %q", err, want)
+			}
+		})
 	}
 }
