@@ -56,7 +56,8 @@ tenants:
 
 // What a provider refuses at start without touching its device or service
 // (a key URI carrying a PIN, a relative pin_file, a pin_env that cannot
-// name a variable, a token named twice) is refused by the config's validation, which `sigil agent --check`,
+// name a variable, a token named twice, a Cloud KMS resource id with a
+// "/") is refused by the config's validation, which `sigil agent --check`,
 // LoadConfig and agent.New all run: --check used to call such a config
 // valid, and the agent then failed to start with INTERNAL. The error names
 // the setting as the config file spells it, and never echoes what may be a
@@ -70,6 +71,9 @@ func TestConfigRefusesWhatProvidersRefuseAtStart(t *testing.T) {
 		return y
 	}
 	const token, pin = "    token_label: prod\n", "    pin_env: SIGIL_PIN\n"
+	gcp := func(project, key, version string) string {
+		return fmt.Sprintf("providers:\n  - id: gcp\n    type: gcpkms\n    project: %q\n    location: global\n    key_ring: ring\n    keys:\n      - {name: k, key: %q, version: %q}\n", project, key, version)
+	}
 	for _, tc := range []struct {
 		name   string
 		yaml   string
@@ -92,6 +96,11 @@ func TestConfigRefusesWhatProvidersRefuseAtStart(t *testing.T) {
 		{"a uri with an unknown attribute", hsm(token+pin, "pkcs11:object=release;objet=x"), "unknown path attribute", ""},
 		{"two keys, one object", hsm(token+pin, "pkcs11:object=release", "pkcs11:object=release"), `keys "key0" and "key1" name the same object`, ""},
 		{"a uri with another module-path", hsm(token+pin, "pkcs11:object=release?module-path=/usr/lib/other.so"), "module-path", ""},
+		{"valid gcpkms", gcp("p", "release", "latest"), "", ""},
+		{"valid gcpkms version", gcp("p", "release", "3"), "", ""},
+		{"a gcpkms project with a slash", gcp("p/q", "release", "3"), `providers[0].keys[0] "k": project, location, key_ring, key and version`, ""},
+		{"a gcpkms key with a slash", gcp("p", "release/x", "latest"), `providers[0].keys[0] "k": project, location, key_ring, key and version`, ""},
+		{"a gcpkms version with a slash", gcp("p", "release", "3/4"), `providers[0].keys[0] "k": project, location, key_ring, key and version`, ""},
 		{"too many module instances", hsm(token+pin+"    module_instances: 17\n", "pkcs11:object=release"), "module_instances 17", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -441,6 +441,11 @@ func (c *Config) Validate() error {
 			for j, k := range p.Keys {
 				if k.Key == "" || k.Version == "" {
 					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: gcpkms keys need key and version (a number or latest)", where, j, k.Name))
+				} else if p.Project != "" && p.Location != "" && p.KeyRing != "" {
+					// What the provider refuses at open, by its own check.
+					if err := gcpkmsKey(p, k).Validate(); err != nil {
+						errs = append(errs, fmt.Errorf("%s.keys[%d] %q: project, location, key_ring, key and version make the key's resource name, so none may contain \"/\": %w", where, j, k.Name, err))
+					}
 				}
 			}
 		case "awskms":

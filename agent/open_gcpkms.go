@@ -14,16 +14,9 @@ import (
 )
 
 func openGCPKMS(ctx context.Context, spec ProviderSpec, log *zap.Logger) (providers.Provider, error) {
-	ring := fmt.Sprintf("projects/%s/locations/%s/keyRings/%s", spec.Project, spec.Location, spec.KeyRing)
 	keys := make([]gcpkms.KeyConfig, len(spec.Keys))
 	for i, k := range spec.Keys {
-		kc := gcpkms.KeyConfig{Name: k.Name, Resource: ring + "/cryptoKeys/" + k.Key}
-		if k.Version == gcpkms.VersionLatest {
-			kc.Version = gcpkms.VersionLatest
-		} else {
-			kc.Resource += "/cryptoKeyVersions/" + k.Version
-		}
-		keys[i] = kc
+		keys[i] = gcpkmsKey(spec, k)
 	}
 	var opts []option.ClientOption
 	if spec.Endpoint != "" {
@@ -34,4 +27,18 @@ func openGCPKMS(ctx context.Context, spec ProviderSpec, log *zap.Logger) (provid
 			option.WithGRPCDialOption(grpc.WithTransportCredentials(insecure.NewCredentials())))
 	}
 	return gcpkms.Open(ctx, gcpkms.Config{ID: spec.ID, Keys: keys, Timeout: spec.Timeout, ClientOptions: opts, Logger: log})
+}
+
+// gcpkmsKey is the provider's configuration of key k: the one mapping,
+// which Validate checks and openGCPKMS opens. The config's ids make the
+// key's resource name.
+func gcpkmsKey(spec ProviderSpec, k KeySpec) gcpkms.KeyConfig {
+	kc := gcpkms.KeyConfig{Name: k.Name,
+		Resource: fmt.Sprintf("projects/%s/locations/%s/keyRings/%s/cryptoKeys/%s", spec.Project, spec.Location, spec.KeyRing, k.Key)}
+	if k.Version == gcpkms.VersionLatest {
+		kc.Version = gcpkms.VersionLatest
+	} else {
+		kc.Resource += "/cryptoKeyVersions/" + k.Version
+	}
+	return kc
 }

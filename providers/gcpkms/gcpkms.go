@@ -138,24 +138,35 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	return p, nil
 }
 
-func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error) {
-	version := kc.Resource
+// Validate checks what Open refuses in kc before it asks Cloud KMS: the
+// shape of Resource for its Version (ErrBadRequest).
+func (kc KeyConfig) Validate() error {
 	switch kc.Version {
 	case "":
 		if !isResource(kc.Resource, 10) {
-			return nil, fmt.Errorf("resource %q is not projects/P/locations/L/keyRings/R/cryptoKeys/K/cryptoKeyVersions/V: %w", kc.Resource, providers.ErrBadRequest)
+			return fmt.Errorf("resource %q is not projects/P/locations/L/keyRings/R/cryptoKeys/K/cryptoKeyVersions/V: %w", kc.Resource, providers.ErrBadRequest)
 		}
 	case VersionLatest:
 		if !isResource(kc.Resource, 8) {
-			return nil, fmt.Errorf("resource %q with version latest is not projects/P/locations/L/keyRings/R/cryptoKeys/K: %w", kc.Resource, providers.ErrBadRequest)
+			return fmt.Errorf("resource %q with version latest is not projects/P/locations/L/keyRings/R/cryptoKeys/K: %w", kc.Resource, providers.ErrBadRequest)
 		}
+	default:
+		return fmt.Errorf("version %q: want empty (resource names the version) or %q: %w", kc.Version, VersionLatest, providers.ErrBadRequest)
+	}
+	return nil
+}
+
+func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error) {
+	if err := kc.Validate(); err != nil {
+		return nil, err
+	}
+	version := kc.Resource
+	if kc.Version == VersionLatest {
 		v, err := p.latestVersion(ctx, kc.Resource)
 		if err != nil {
 			return nil, err
 		}
 		version = v
-	default:
-		return nil, fmt.Errorf("version %q: want empty (resource names the version) or %q: %w", kc.Version, VersionLatest, providers.ErrBadRequest)
 	}
 
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)

@@ -560,3 +560,25 @@ func TestSignLeavesAtItsDeadline(t *testing.T) {
 		t.Fatalf("Sign with a 100 ms deadline: %v after %v; want DeadlineExceeded at its deadline", err, took)
 	}
 }
+
+// KeyConfig.Validate is what Open refuses before it asks Cloud KMS, so a
+// config check (`sigil agent --check`) refuses it too.
+func TestKeyConfigValidate(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		key   KeyConfig
+		valid bool
+	}{
+		{"a version", KeyConfig{Resource: gcpkmstest.VersionName("k", "1")}, true},
+		{"latest", KeyConfig{Resource: gcpkmstest.CryptoKeyName("k"), Version: VersionLatest}, true},
+		{"malformed resource", KeyConfig{Resource: "projects/p/cryptoKeys/x"}, false},
+		{"a project with a slash", KeyConfig{Resource: "projects/p/q/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1"}, false},
+		{"latest on a version resource", KeyConfig{Resource: gcpkmstest.VersionName("k", "1"), Version: VersionLatest}, false},
+		{"unknown version word", KeyConfig{Resource: gcpkmstest.CryptoKeyName("k"), Version: "newest"}, false},
+	} {
+		err := tc.key.Validate()
+		if tc.valid != (err == nil) || (err != nil && !errors.Is(err, providers.ErrBadRequest)) {
+			t.Errorf("%s: %v, want valid %v (else ErrBadRequest)", tc.name, err, tc.valid)
+		}
+	}
+}
