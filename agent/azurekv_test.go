@@ -95,16 +95,7 @@ func TestKeyDeletedInTheBackendIsUnavailable(t *testing.T) {
 	if client.Code(err) != proto.Unavailable {
 		t.Fatalf("sign with a deleted key: %v, want UNAVAILABLE", err)
 	}
-	aln, err := agent.ListenUnix(cfg.AdminSocket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go r.agent.ServeAdmin(aln)
-	admin, err := client.Dial(context.Background(), cfg.AdminSocket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close()
+	admin := r.serveAdmin(t, cfg.AdminSocket)
 	recs, err := admin.AuditTail(context.Background(), "", 0, 1)
 	if err != nil || len(recs) != 1 || !strings.Contains(string(recs[0]), `"op":"sign"`) || !strings.Contains(string(recs[0]), `"UNAVAILABLE"`) {
 		t.Fatalf("the refusal's record: %q %v, want a sign refused UNAVAILABLE", recs, err)

@@ -363,17 +363,23 @@ func heldAgent(t *testing.T) (*heldProvider, agent.Config, *running, *client.Cli
 		t.Fatal(err)
 	}
 	r := startAgent(t, cfg, agent.WithProviders(h))
-	aln, err := agent.ListenUnix(cfg.AdminSocket)
+	return h, cfg, r, r.serveAdmin(t, cfg.AdminSocket)
+}
+
+// serveAdmin serves the agent's admin operations on path and dials it.
+func (r *running) serveAdmin(t testing.TB, path string) *client.Client {
+	t.Helper()
+	aln, err := agent.ListenUnix(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	go r.agent.ServeAdmin(aln)
-	admin, err := client.Dial(context.Background(), cfg.AdminSocket)
+	admin, err := client.Dial(context.Background(), path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { admin.Close() })
-	return h, cfg, r, admin
+	return admin
 }
 
 // heldPolicy is heldAgent's policy, the slot's policy fields given.

@@ -774,16 +774,7 @@ func TestPauseAckComesAfterQueuedRepliesLeave(t *testing.T) {
 			cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
 			os.WriteFile(cfg.Policy, []byte(fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: default}\n", os.Getuid(), os.Getuid())), 0o600)
 			r := startAgent(t, cfg)
-			aln, err := agent.ListenUnix(cfg.AdminSocket)
-			if err != nil {
-				t.Fatal(err)
-			}
-			go r.agent.ServeAdmin(aln)
-			admin, err := client.Dial(context.Background(), cfg.AdminSocket)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer admin.Close()
+			admin := r.serveAdmin(t, cfg.AdminSocket)
 
 			rc := r.raw(t)
 			rc.nc.SetDeadline(time.Now().Add(30 * time.Second))

@@ -18,7 +18,6 @@ import (
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/journal"
-	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/software"
 )
@@ -348,16 +347,7 @@ func TestSSHPauseAckComesAfterRepliesLeave(t *testing.T) {
 		t.Fatal(err)
 	}
 	go r.agent.ServeSSHAgent(ln)
-	aln, err := agent.ListenUnix(cfg.AdminSocket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go r.agent.ServeAdmin(aln)
-	admin, err := client.Dial(context.Background(), cfg.AdminSocket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close()
+	admin := r.serveAdmin(t, cfg.AdminSocket)
 
 	lc, err := net.Dial("unix", sshSock)
 	if err != nil {
