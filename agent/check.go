@@ -18,7 +18,10 @@ import (
 // fails on a file the agent would refuse.
 //
 // What needs the agent's keys is left to the agent: that a certificate
-// certifies its key, and that each slot's key is served.
+// certifies its key, and that each slot's key is served. A rotation
+// slot's next_key must name a key of the config's providers (the start
+// refuses one that no provider serves, an embedder's included): otherwise
+// every rotation of the slot fails.
 func CheckFiles(cfg Config) error {
 	var errs []error
 	if cfg.Policy != "" {
@@ -27,10 +30,18 @@ func CheckFiles(cfg Config) error {
 			errs = append(errs, fmt.Errorf("policy: %w", err))
 		} else {
 			errs = append(errs, calendarSlotErrors(set, cfg.Rotation.Calendars)...)
+			errs = append(errs, slotSettingErrors(set, cfg.Rotation.Slots)...)
 		}
 	} else if len(cfg.Rotation.Calendars) > 0 {
 		errs = append(errs, errors.New("rotation.calendars: rotation needs a policy file, and the config names none"))
 	}
+	configured := map[string]bool{}
+	for _, p := range cfg.Providers {
+		for _, k := range p.Keys {
+			configured[k.Name] = true
+		}
+	}
+	errs = append(errs, nextKeyErrors(cfg.Rotation.Slots, func(name string) bool { return configured[name] })...)
 	if cfg.TCP.Listen != "" {
 		if _, err := newTLSMaterial(cfg.TCP); err != nil {
 			errs = append(errs, err)
@@ -47,14 +58,38 @@ func CheckFiles(cfg Config) error {
 // calendarSlotErrors names each calendar whose slot the policy set lacks:
 // a mistyped slot ("payments/relase") would never rotate, silently.
 func calendarSlotErrors(set *policy.Set, cals map[string]rotation.CalendarConfig) []error {
+	return unknownSlotErrors(set, "rotation.calendars", slices.Sorted(maps.Keys(cals)), "so it would never rotate")
+}
+
+// slotSettingErrors names each rotation.slots entry whose slot the policy
+// set lacks: its subject and next_key would never apply, silently.
+func slotSettingErrors(set *policy.Set, slots map[string]SlotRotation) []error {
+	return unknownSlotErrors(set, "rotation.slots", slices.Sorted(maps.Keys(slots)), "so its settings would never apply")
+}
+
+// unknownSlotErrors names each of slots (named in setting) that the policy
+// set lacks, saying what follows.
+func unknownSlotErrors(set *policy.Set, setting string, slots []string, consequence string) []error {
 	var errs []error
-	for _, name := range slices.Sorted(maps.Keys(cals)) {
+	for _, name := range slots {
 		tenant, slot, err := rotation.SplitSlot(name)
 		if err != nil {
 			continue // Validate names it
 		}
 		if _, ok := set.Slot(tenant, slot); !ok {
-			errs = append(errs, fmt.Errorf("rotation.calendars[%s]: the policy has no such slot, so it would never rotate", name))
+			errs = append(errs, fmt.Errorf("%s[%s]: the policy has no such slot, %s", setting, name, consequence))
+		}
+	}
+	return errs
+}
+
+// nextKeyErrors names each rotation slot whose next_key names no key that
+// served reports: every rotation of that slot would fail.
+func nextKeyErrors(slots map[string]SlotRotation, served func(name string) bool) []error {
+	var errs []error
+	for _, name := range slices.Sorted(maps.Keys(slots)) {
+		if k := slots[name].NextKey; k != "" && !served(k) {
+			errs = append(errs, fmt.Errorf("rotation.slots[%s].next_key %q: no provider serves a key by that name, so every rotation of the slot would fail", name, k))
 		}
 	}
 	return errs

@@ -1,11 +1,15 @@
 package agent_test
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"go.uber.org/zap"
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/rotation"
@@ -121,6 +125,66 @@ func TestConfigRefusesWhatProvidersRefuseAtStart(t *testing.T) {
 				if strings.Contains(err.Error(), goName) {
 					t.Errorf("%v\nnames the Go field %s, not the config's setting", err, goName)
 				}
+			}
+		})
+	}
+}
+
+// A rotation.slots entry that cannot take effect is refused by `sigil agent
+// --check` (LoadConfig's validation, then CheckFiles), as a calendar is: a
+// next_key that names no configured key, a slot not named tenant/slot or
+// one the policy lacks. A next_key typo used to pass --check and the start;
+// every rotation of the slot then failed, with nothing in the journal. The
+// start refuses a next_key no provider serves too (it knows the keys of
+// providers an embedder adds), and warns of a slot the policy lacks, as of
+// a calendar's.
+func TestCheckRefusesRotationSlotsThatCannotTakeEffect(t *testing.T) {
+	dir := t.TempDir()
+	policyFile := filepath.Join(dir, "policy.yaml")
+	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: default}
+`, os.Getuid())), 0o600)
+	subject := agent.SubjectConfig{CommonName: "release signing"}
+	for _, tc := range []struct {
+		name         string
+		slots        map[string]agent.SlotRotation
+		want         string // "" when valid
+		startRefuses bool
+	}{
+		{"next_key served", map[string]agent.SlotRotation{"payments/release": {NextKey: "p384"}}, "", false},
+		{"a subject", map[string]agent.SlotRotation{"payments/release": {Subject: subject}}, "", false},
+		{"next_key names no key", map[string]agent.SlotRotation{"payments/release": {NextKey: "nosuchkey"}},
+			`rotation.slots[payments/release].next_key "nosuchkey"`, true},
+		{"a slot the policy lacks", map[string]agent.SlotRotation{"payments/relase": {Subject: subject}},
+			"rotation.slots[payments/relase]: the policy has no such slot", false},
+		{"a slot not named tenant/slot", map[string]agent.SlotRotation{"release": {Subject: subject}},
+			"rotation.slots[release]", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := softwareConfig(t)
+			cfg.DefaultKey = ""
+			cfg.Policy = policyFile
+			cfg.Rotation.Slots = tc.slots
+			err := errors.Join(cfg.Validate(), agent.CheckFiles(cfg))
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("refused: %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("--check: %v, want an error naming %q", err, tc.want)
+			}
+			a, err := agent.New(context.Background(), cfg, zap.NewNop())
+			if err == nil {
+				defer a.Shutdown(context.Background())
+			}
+			switch {
+			case tc.startRefuses && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("start: %v, want it refused naming %q", err, tc.want)
+			case !tc.startRefuses && err != nil:
+				t.Fatalf("start refused: %v", err)
 			}
 		})
 	}

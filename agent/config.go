@@ -514,6 +514,11 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("rotation.calendars[%s]: %w", slot, err))
 		}
 	}
+	for _, slot := range slices.Sorted(maps.Keys(c.Rotation.Slots)) {
+		if _, _, err := rotation.SplitSlot(slot); err != nil {
+			errs = append(errs, fmt.Errorf("rotation.slots[%s]: %w", slot, err))
+		}
+	}
 	return errors.Join(errs...)
 }
 

@@ -228,10 +228,10 @@ func (s *slowProvider) Sign(ctx context.Context, key string, alg providers.Algor
 // agentLifetime runs one agent on cfg from start to a checked Shutdown,
 // handing f a client and an admin connection: tests that restart an agent
 // call it once per life.
-func agentLifetime(t *testing.T, cfg agent.Config, f func(c, admin *client.Client)) {
+func agentLifetime(t *testing.T, cfg agent.Config, f func(c, admin *client.Client), opts ...agent.Option) {
 	t.Helper()
 	ctx := context.Background()
-	a, err := agent.New(ctx, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)))
+	a, err := agent.New(ctx, cfg, zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel)), opts...)
 	if err != nil {
 		t.Fatal(err)
 	}

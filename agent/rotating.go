@@ -75,6 +75,11 @@ const rotationTimeout = 2 * time.Minute
 // rotation made before a restart, enrolls the policy's slots (v1 = the
 // configured key) and starts the calendar.
 func (a *Agent) setupRotation(ctx context.Context) error {
+	// Every rotation of such a slot would fail: refused as --check
+	// refuses it, here with the keys of providers an embedder added.
+	if errs := nextKeyErrors(a.cfg.Rotation.Slots, func(name string) bool { return a.keys.entry(name) != nil }); len(errs) > 0 {
+		return errors.Join(errs...)
+	}
 	store, err := rotation.OpenStore(ctx, a.journal, rotation.StoreOptions{Logger: a.log.Named("rotation")})
 	if err != nil {
 		return err
@@ -131,6 +136,9 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 	}
 	for _, err := range calendarSlotErrors(a.policy.Set(), a.cfg.Rotation.Calendars) {
 		a.log.Warn("a rotation calendar names no slot of the policy", zap.Error(err))
+	}
+	for _, err := range slotSettingErrors(a.policy.Set(), a.cfg.Rotation.Slots) {
+		a.log.Warn("rotation settings name no slot of the policy", zap.Error(err))
 	}
 	sched, err := rotation.NewScheduler(rot, rotation.SchedulerOptions{
 		Calendars:  cals,
@@ -251,17 +259,26 @@ func (m cloudMaker) GenerateKey(ctx context.Context, name string, kt providers.K
 	return info, err
 }
 
-// rotateOptions: the new version is made by the provider of the active one.
+// rotateOptions are the options of a rotation of slot: the new version is
+// the slot's next_key, or is made by the provider of the active one. An
+// error is a fault of the configuration or of the agent's state, not of
+// the request: UNAVAILABLE, the reason in its text. The options returned
+// with it carry the reason, peer and policy hash, for the failure's record
+// (Rotator.FailStart).
 func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions, error) {
+	o := rotation.RotateOptions{Reason: reason, Peer: peer, Canaries: a.cfg.Rotation.Canaries}
+	if tenant, _, err := rotation.SplitSlot(slot); err == nil && a.policy != nil {
+		o.PolicyHash, _ = a.policy.Set().TenantHash(tenant)
+	}
 	v, err := a.rot.Store().Resolve(slot)
 	if err != nil {
-		return rotation.RotateOptions{}, err
+		return o, err
 	}
 	e := a.keys.entry(v.Key)
 	if e == nil {
-		return rotation.RotateOptions{}, fmt.Errorf("active key %s is not served", v.Key)
+		return o, fmt.Errorf("active key %s is not served: %w", v.Key, providers.ErrUnavailable)
 	}
-	o := rotation.RotateOptions{Signer: e.provider, Reason: reason, Peer: peer, Canaries: a.cfg.Rotation.Canaries}
+	o.Signer = e.provider
 	switch pp := e.provider.(type) {
 	case *software.Provider:
 		o.Maker = &servingMaker{a: a, p: pp, gen: pp}
@@ -269,9 +286,6 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 		o.Maker = &locatingMaker{servingMaker{a: a, p: pp, gen: pkcs11Maker{pp}}, pp}
 	case versionedKeys:
 		o.Maker = &locatingMaker{servingMaker{a: a, p: e.provider, gen: cloudMaker{pp, v.Key}}, pp}
-	}
-	if tenant, _, err := rotation.SplitSlot(slot); err == nil && a.policy != nil {
-		o.PolicyHash, _ = a.policy.Set().TenantHash(tenant)
 	}
 	sc := a.cfg.Rotation.Slots[slot]
 	if sc.Subject.CommonName != "" || len(sc.Subject.Organization) > 0 {
@@ -281,7 +295,9 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 	if sc.NextKey != "" {
 		next := a.keys.entry(sc.NextKey)
 		if next == nil {
-			return rotation.RotateOptions{}, fmt.Errorf("rotation.slots[%s].next_key %q is not served by any provider", slot, sc.NextKey)
+			// The start refuses this (nextKeyErrors); the keys served do
+			// not change while the agent runs.
+			return o, fmt.Errorf("rotation.slots[%s].next_key %q is not served by any provider: %w", slot, sc.NextKey, providers.ErrUnavailable)
 		}
 		used := false
 		if sl, ok := a.rot.Store().Get(slot); ok {
@@ -297,7 +313,7 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 	}
 	if o.NextKey == nil && o.Maker == nil {
 		// A pre-provisioned next key needs no generation; anything else does.
-		return rotation.RotateOptions{}, fmt.Errorf("provider %s cannot generate keys", e.provider.ID())
+		return o, fmt.Errorf("provider %s cannot generate keys: %w", e.provider.ID(), providers.ErrUnavailable)
 	}
 	return o, nil
 }
@@ -367,7 +383,8 @@ func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {
 	}
 	o, err := c.a.rotateOptions(slot, reason, peer)
 	if err != nil {
-		return rotationError(err)
+		// Journaled like any failed rotation, and the caller told why.
+		return rotationError(c.a.rot.FailStart(ctx, slot, o, err))
 	}
 	if req.Op == proto.OpIncidentDrill {
 		o.Emergency = true

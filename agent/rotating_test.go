@@ -21,6 +21,7 @@ import (
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
+	"github.com/sigil-agent/sigil/providers/software"
 )
 
 // Rotation through the agent: rotate, old and new both verify while the old
@@ -443,4 +444,98 @@ func TestRotationRefusalsSayWhy(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// signOnlyProvider serves its keys but cannot generate one (an embedder's
+// provider): the agent cannot make a rotation of a slot whose key it holds.
+type signOnlyProvider struct{ providers.Provider }
+
+// A rotation the agent cannot make with its configuration (here the slot's
+// provider cannot generate keys) fails at its start step, journaled
+// (rotate.failed, UNAVAILABLE) like any failed rotation, whether an
+// operator or the calendar asked, and the operator is told why: such
+// failures used to leave no record, and a rotation by hand got INTERNAL,
+// "internal error; see the agent's log", which docs/protocol.md defines as
+// a bug. The slot keeps signing with its key, unpaused.
+func TestRotationOptionFailuresAreJournaled(t *testing.T) {
+	cfg := smallRotationConfig(t)
+	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf(`
+admins: {unix_uids: [%d]}
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: fixed}
+`, os.Getuid(), os.Getuid())), 0o600)
+	soft, err := software.Open(software.Config{ID: "fixed", DataDir: t.TempDir(),
+		Keys: []software.KeyConfig{{Name: "fixed", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	const slot = "payments/release"
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		failures := func(t *testing.T) []map[string]any {
+			t.Helper()
+			recs, err := admin.AuditTail(ctx, "payments", 0, 100)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var out []map[string]any
+			for _, raw := range recs {
+				var r map[string]any
+				if err := json.Unmarshal(raw, &r); err != nil {
+					t.Fatal(err)
+				}
+				if r["op"] == "rotate.failed" {
+					out = append(out, r)
+				}
+			}
+			return out
+		}
+		for _, tc := range []struct {
+			name      string
+			ask       func() error
+			scheduled bool // the scheduler rotates, later
+		}{
+			{"rotate", func() error { return admin.Rotate(ctx, slot) }, false},
+			{"incident drill", func() error { _, err := admin.IncidentDrill(ctx, slot); return err }, false},
+			{"a one-off time", func() error {
+				_, err := admin.ScheduleRotation(ctx, slot, time.Now().Add(2*time.Second))
+				return err
+			}, true},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				before := len(failures(t))
+				err := tc.ask()
+				switch {
+				case tc.scheduled && err != nil:
+					t.Fatal(err)
+				case !tc.scheduled && (client.Code(err) != proto.Unavailable || !strings.Contains(err.Error(), "step start failed") ||
+					!strings.Contains(err.Error(), "cannot generate keys")):
+					t.Fatalf("%v (%v), want UNAVAILABLE naming the step and the reason", err, client.Code(err))
+				}
+				var got []map[string]any
+				for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+					if got = failures(t); len(got) > before || time.Now().After(deadline) {
+						break
+					}
+				}
+				if len(got) != before+1 {
+					t.Fatalf("%d rotate.failed records, want %d", len(got), before+1)
+				}
+				r := got[len(got)-1]
+				detail, _ := r["detail"].(string)
+				if !strings.Contains(detail, "step start failed") || !strings.Contains(detail, "cannot generate keys") || r["code_name"] != "UNAVAILABLE" {
+					t.Fatalf("failure record %v, want the step, the reason and UNAVAILABLE", r)
+				}
+				if scheduler := r["peer"] == "scheduler"; scheduler != tc.scheduled {
+					t.Fatalf("failure record's peer %v", r["peer"])
+				}
+				if _, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, make([]byte, 32)); err != nil {
+					t.Fatalf("the slot after the failure: %v", err)
+				}
+			})
+		}
+	}, agent.WithProviders(signOnlyProvider{soft}))
 }

@@ -202,17 +202,60 @@ var errNotDue = errors.New("no longer due")
 // them one by one; a manual rotation or a drill of a later slot meanwhile
 // must not be followed at once by a second one.
 func (r *Rotator) rotateIfDue(ctx context.Context, slot string, opts RotateOptions, due func(Slot) bool) (*Result, error) {
-	release, err := r.store.acquire(ctx, slot)
+	release, err := r.holdIfDue(ctx, slot, due)
 	if err != nil {
 		return nil, err
 	}
 	defer release()
+	return r.rotateLocked(ctx, slot, opts)
+}
+
+// holdIfDue holds the slot for a rotation (ErrBusy if another holds it)
+// and, if due is not nil, asks it whether the slot, as it is now, is still
+// due (errNotDue if not). The caller calls release.
+func (r *Rotator) holdIfDue(ctx context.Context, slot string, due func(Slot) bool) (release func(), err error) {
+	release, err = r.store.acquire(ctx, slot)
+	if err != nil {
+		return nil, err
+	}
 	if due != nil {
 		if cur, ok := r.store.Get(slot); !ok || !due(cur) {
+			release()
 			return nil, errNotDue
 		}
 	}
-	return r.rotateLocked(ctx, slot, opts)
+	return release, nil
+}
+
+// FailStart journals a rotation of slot that could not start because its
+// options could not be made (the agent's: the slot's next_key or active
+// key not served, a provider that cannot generate keys): a failed start
+// step ("rotate.failed", with cause's code), as Rotate journals one, and
+// the *StepError, which wraps cause. opts is what is known of the
+// rotation: its peer and policy hash go on the record. Like Rotate it
+// holds the slot meanwhile; a slot the store does not know (ErrNotFound)
+// or that another rotation holds (ErrBusy) is not journaled, as Rotate
+// journals neither.
+func (r *Rotator) FailStart(ctx context.Context, slot string, opts RotateOptions, cause error) error {
+	if _, _, err := SplitSlot(slot); err != nil {
+		return err
+	}
+	return r.failStartIfDue(ctx, slot, opts, cause, nil)
+}
+
+// failStartIfDue is FailStart that, once it holds the slot, asks due (if
+// not nil) whether the rotation would have run at all, as rotateIfDue does.
+func (r *Rotator) failStartIfDue(ctx context.Context, slot string, opts RotateOptions, cause error, due func(Slot) bool) error {
+	release, err := r.holdIfDue(ctx, slot, due)
+	if err != nil {
+		return err
+	}
+	defer release()
+	cur, ok := r.store.Get(slot)
+	if !ok {
+		return fmt.Errorf("%s: %w", slot, ErrNotFound)
+	}
+	return r.newRotation(slot, cur, opts).fail(ctx, StepStart, cause)
 }
 
 // rotation is one Rotate in progress.
@@ -246,8 +289,7 @@ func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOpti
 	if !ok {
 		return nil, fmt.Errorf("%s: %w", slot, ErrNotFound)
 	}
-	u := &rotation{r: r, slot: slot, tenant: cur.Tenant, name: cur.Name, opts: opts,
-		old: cur.ActiveVersion(), n: cur.nextNumber(), started: r.now(), afterStepsHook: r.hook}
+	u := r.newRotation(slot, cur, opts)
 	if err := ctx.Err(); err != nil {
 		return nil, &StepError{Slot: slot, Step: StepStart, Err: err}
 	}
@@ -311,6 +353,13 @@ func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOpti
 	r.log.Info("slot rotated", zap.String("slot", slot), zap.Int("old", u.old.Number), zap.Int("new", u.n),
 		zap.String("kid", u.newKey.KID), zap.String("reason", u.opts.Reason), zap.Bool("emergency", u.opts.Emergency))
 	return res, nil
+}
+
+// newRotation is a rotation of the slot, whose state is cur, from its
+// active version.
+func (r *Rotator) newRotation(slot string, cur Slot, opts RotateOptions) *rotation {
+	return &rotation{r: r, slot: slot, tenant: cur.Tenant, name: cur.Name, opts: opts,
+		old: cur.ActiveVersion(), n: cur.nextNumber(), started: r.now(), afterStepsHook: r.hook}
 }
 
 func (u *rotation) hook(step string) error {

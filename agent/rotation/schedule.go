@@ -122,7 +122,11 @@ type SchedulerOptions struct {
 	// request (and at their RotateAt times).
 	Calendars map[string]Calendar
 	// Options returns the options of a scheduled rotation of slot: maker,
-	// signer, key type, subject, overlap, policy hash. Required.
+	// signer, key type, subject, overlap, policy hash. Required. When it
+	// fails, the rotation fails at its start step, journaled like any
+	// failed step (Rotator.FailStart), and is retried after RetryAfter;
+	// the options it returns with the error give the record's peer and
+	// policy hash.
 	Options func(slot string) (RotateOptions, error)
 	// RetryAfter is the wait after a failed scheduled rotation before the
 	// next attempt. Default 1h.
@@ -386,14 +390,14 @@ func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
 
 func (s *Scheduler) rotate(ctx context.Context, slot string, due time.Time, stillDue func(Slot) bool) (*Result, error) {
 	opts, err := s.opts.Options(slot)
-	if err != nil {
-		return nil, fmt.Errorf("rotation options: %w", err)
-	}
 	if opts.Reason == "" {
 		opts.Reason = "scheduled, due " + due.UTC().Format(time.RFC3339)
 	}
 	if opts.Peer == "" {
 		opts.Peer = "scheduler"
+	}
+	if err != nil {
+		return nil, s.r.failStartIfDue(ctx, slot, opts, err, stillDue)
 	}
 	return s.r.rotateIfDue(ctx, slot, opts, stillDue)
 }

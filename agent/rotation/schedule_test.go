@@ -3,6 +3,7 @@ package rotation
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -449,5 +450,66 @@ func TestStepGuardHoldsRoundsBack(t *testing.T) {
 	}
 	if _, act := g.round(start.Add(time.Second+time.Minute), time.Minute); !act {
 		t.Fatal("a round after the hold did not act")
+	}
+}
+
+// A rotation whose options cannot be made (the agent's: a next_key or an
+// active key not served, a provider that cannot generate keys) fails at
+// its start step, journaled ("rotate.failed", with the code and the
+// options' peer and policy hash) like any failed step, whether the
+// scheduler or an operator asked. It used to leave no record at all,
+// though a failure is documented as journaled every time.
+func TestOptionsFailuresAreJournaled(t *testing.T) {
+	cause := fmt.Errorf("next_key %q is not served: %w", "nosuchkey", providers.ErrUnavailable)
+	hash := [32]byte{1, 2, 3}
+	for _, tc := range []struct {
+		name   string
+		rotate func(e *env) error
+		peer   string
+	}{
+		{"the scheduler", func(e *env) error {
+			s, err := NewScheduler(e.rot, SchedulerOptions{
+				Calendars: map[string]Calendar{testSlot: {Period: 720 * time.Hour}},
+				Options: func(string) (RotateOptions, error) {
+					return RotateOptions{PolicyHash: hash}, cause
+				},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			e.clock.Set(t0.Add(720 * time.Hour))
+			rep, err := s.Tick(context.Background())
+			if rep.Failed[testSlot] == nil {
+				t.Fatalf("the rotation did not fail: %+v", rep)
+			}
+			return err
+		}, "scheduler"},
+		{"an operator", func(e *env) error {
+			return e.rot.FailStart(context.Background(), testSlot, RotateOptions{Peer: "admin", PolicyHash: hash}, cause)
+		}, "admin"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, providers.KeyEd25519)
+			err := tc.rotate(e)
+			var se *StepError
+			if !errors.As(err, &se) || se.Step != StepStart || !errors.Is(err, providers.ErrUnavailable) {
+				t.Fatalf("%v, want a failed start step carrying the cause", err)
+			}
+			recs := e.records()
+			last := recs[len(recs)-1]
+			switch {
+			case last.Op != "rotate.failed":
+				t.Fatalf("records %v: the failure is not journaled", ops(recs))
+			case !strings.Contains(last.Detail, "step start failed") || !strings.Contains(last.Detail, "nosuchkey"):
+				t.Fatalf("failure record's detail %q, want the step and the cause", last.Detail)
+			case last.CodeName != proto.Unavailable.String() || last.Peer != tc.peer || last.PolicyHash != hash:
+				t.Fatalf("failure record: code %s, peer %q, policy hash %x; want UNAVAILABLE, %q, %x", last.CodeName, last.Peer, last.PolicyHash, tc.peer, hash)
+			case last.Version != 1:
+				t.Fatalf("failure record names v%d, want the active v1", last.Version)
+			}
+			if v := e.active(); v.Number != 1 {
+				t.Fatalf("v%d active after a failed start", v.Number)
+			}
+		})
 	}
 }
