@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"cmp"
 	"context"
 	"crypto/x509/pkix"
 	"errors"
@@ -51,7 +52,8 @@ func parseCalendars(cfg map[string]rotation.CalendarConfig) (map[string]rotation
 
 // SlotRotation is one slot's rotation settings.
 type SlotRotation struct {
-	// Subject of the CSR issued for each new key (default CN=tenant/slot).
+	// Subject of the CSR issued for each new key: the fields set, and
+	// CN=tenant/slot unless common_name is set.
 	Subject SubjectConfig `yaml:"subject"`
 	// NextKey names a pre-provisioned key (served by a provider in this
 	// config) that the next rotation moves to instead of generating one;
@@ -59,12 +61,19 @@ type SlotRotation struct {
 	NextKey string `yaml:"next_key"`
 }
 
-// SubjectConfig is a CSR subject.
+// SubjectConfig is a CSR subject. Each field set is in the CSR; the
+// common name is "<tenant>/<slot>" unless set.
 type SubjectConfig struct {
 	CommonName         string   `yaml:"common_name"`
 	Organization       []string `yaml:"organization"`
 	OrganizationalUnit []string `yaml:"organizational_unit"`
 	Country            []string `yaml:"country"`
+}
+
+// name is the subject of slot's CSRs.
+func (s SubjectConfig) name(slot string) pkix.Name {
+	return pkix.Name{CommonName: cmp.Or(s.CommonName, slot), Organization: s.Organization,
+		OrganizationalUnit: s.OrganizationalUnit, Country: s.Country}
 }
 
 // rotationTimeout bounds an operator's rotation: key generation on an HSM,
@@ -288,10 +297,7 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 		o.Maker = &locatingMaker{servingMaker{a: a, p: e.provider, gen: cloudMaker{pp, v.Key}}, pp}
 	}
 	sc := a.cfg.Rotation.Slots[slot]
-	if sc.Subject.CommonName != "" || len(sc.Subject.Organization) > 0 {
-		o.Subject = pkix.Name{CommonName: sc.Subject.CommonName, Organization: sc.Subject.Organization,
-			OrganizationalUnit: sc.Subject.OrganizationalUnit, Country: sc.Subject.Country}
-	}
+	o.Subject = sc.Subject.name(slot)
 	if sc.NextKey != "" {
 		next := a.keys.entry(sc.NextKey)
 		if next == nil {

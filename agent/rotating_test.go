@@ -4,10 +4,14 @@ import (
 	"context"
 	"crypto"
 	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"os"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -538,4 +542,58 @@ tenants:
 			})
 		}
 	}, agent.WithProviders(signOnlyProvider{soft}))
+}
+
+// The CSR of a rotation carries every subject field the slot's rotation
+// settings set, with CN=<tenant>/<slot> when common_name is not one of
+// them. A subject of only organizational_unit and country used to be
+// dropped whole (the CSR said CN=payments/release and nothing else), and
+// one of only organization had no CN.
+func TestRotationCSRHasTheConfiguredSubject(t *testing.T) {
+	const slot = "payments/release"
+	ou, country, org := []string{"Signing"}, []string{"US"}, []string{"Example Corp"}
+	for _, tc := range []struct {
+		name    string
+		subject agent.SubjectConfig
+		want    pkix.Name
+	}{
+		{"none", agent.SubjectConfig{}, pkix.Name{CommonName: slot}},
+		{"organizational unit and country", agent.SubjectConfig{OrganizationalUnit: ou, Country: country},
+			pkix.Name{CommonName: slot, OrganizationalUnit: ou, Country: country}},
+		{"organization", agent.SubjectConfig{Organization: org}, pkix.Name{CommonName: slot, Organization: org}},
+		{"every field", agent.SubjectConfig{CommonName: "release.payments.example", Organization: org, OrganizationalUnit: ou, Country: country},
+			pkix.Name{CommonName: "release.payments.example", Organization: org, OrganizationalUnit: ou, Country: country}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := smallRotationConfig(t)
+			cfg.Rotation.Slots = map[string]agent.SlotRotation{slot: {Subject: tc.subject}}
+			ctx := context.Background()
+			agentLifetime(t, cfg, func(_, admin *client.Client) {
+				if err := admin.Rotate(ctx, slot); err != nil {
+					t.Fatal(err)
+				}
+				manifest, _, err := admin.ExportREP(ctx, slot, 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var m rotation.Manifest
+				if err := json.Unmarshal(manifest, &m); err != nil {
+					t.Fatal(err)
+				}
+				block, _ := pem.Decode([]byte(m.CSR.PEM))
+				if block == nil {
+					t.Fatalf("the pack's CSR is not PEM: %q", m.CSR.PEM)
+				}
+				csr, err := x509.ParseCertificateRequest(block.Bytes)
+				if err != nil {
+					t.Fatal(err)
+				}
+				got := pkix.Name{CommonName: csr.Subject.CommonName, Organization: csr.Subject.Organization,
+					OrganizationalUnit: csr.Subject.OrganizationalUnit, Country: csr.Subject.Country}
+				if !reflect.DeepEqual(got, tc.want) {
+					t.Fatalf("CSR subject %q (manifest %q), want %q", got, m.CSR.Subject, tc.want)
+				}
+			})
+		})
+	}
 }
