@@ -32,8 +32,6 @@ func CheckFiles(cfg Config) error {
 			errs = append(errs, calendarSlotErrors(set, cfg.Rotation.Calendars)...)
 			errs = append(errs, slotSettingErrors(set, cfg.Rotation.Slots)...)
 		}
-	} else if len(cfg.Rotation.Calendars) > 0 {
-		errs = append(errs, errors.New("rotation.calendars: rotation needs a policy file, and the config names none"))
 	}
 	configured := map[string]bool{}
 	for _, p := range cfg.Providers {

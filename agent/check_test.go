@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/rotation"
@@ -44,7 +45,7 @@ tenants:
 			cfg := softwareConfig(t)
 			cfg.Policy = tc.policy
 			cfg.Rotation.Calendars = tc.calendars
-			err := agent.CheckFiles(cfg)
+			err := errors.Join(cfg.Validate(), agent.CheckFiles(cfg)) // as --check runs them
 			switch {
 			case tc.want == "" && err != nil:
 				t.Fatalf("refused: %v", err)
@@ -185,6 +186,71 @@ tenants:
 				t.Fatalf("start: %v, want it refused naming %q", err, tc.want)
 			case !tc.startRefuses && err != nil:
 				t.Fatalf("start refused: %v", err)
+			}
+		})
+	}
+}
+
+// Rotation runs only with a policy (its slots) and the audit journal (its
+// state). Calendars or slot settings without them are refused by `sigil
+// agent --check` and the config's validation (so by the start and a
+// reload too), naming what is missing: with `journal: {mode: off}` and a
+// policy, --check passed, the start skipped rotation without a word, and
+// `sigil admin reload` then refused "rotation is off in this agent", so
+// `systemctl reload` failed after its pre-check passed and the slot never
+// rotated. Without rotation settings such an agent starts, and says that
+// rotation is off.
+func TestRotationSettingsNeedRotationOn(t *testing.T) {
+	policyFile := filepath.Join(t.TempDir(), "policy.yaml")
+	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: default}
+`, os.Getuid())), 0o600)
+	calendars := map[string]rotation.CalendarConfig{"payments/release": {Period: "720h"}}
+	slots := map[string]agent.SlotRotation{"payments/release": {Subject: agent.SubjectConfig{CommonName: "release signing"}}}
+	for _, tc := range []struct {
+		name      string
+		policy    string
+		journal   string
+		calendars map[string]rotation.CalendarConfig
+		slots     map[string]agent.SlotRotation
+		want      string // "" when valid
+		startLog  string // what the start logs, when valid
+	}{
+		{"calendars and slot settings, with a policy and the journal", policyFile, "", calendars, slots, "", ""},
+		{"calendars with the journal off", policyFile, "off", calendars, nil, "rotation.calendars: rotation needs the audit journal", ""},
+		{"slot settings with the journal off", policyFile, "off", nil, slots, "rotation.slots: rotation needs the audit journal", ""},
+		{"calendars without a policy", "", "", calendars, nil, "rotation.calendars: rotation needs a policy file", ""},
+		{"slot settings without a policy", "", "", nil, slots, "rotation.slots: rotation needs a policy file", ""},
+		{"a policy with the journal off, no rotation settings", policyFile, "off", nil, nil, "", "key rotation is off"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := softwareConfig(t)
+			cfg.DefaultKey = ""
+			cfg.Policy, cfg.Journal.Mode = tc.policy, tc.journal
+			cfg.Rotation.Calendars, cfg.Rotation.Slots = tc.calendars, tc.slots
+			err := errors.Join(cfg.Validate(), agent.CheckFiles(cfg))
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("--check refused: %v", err)
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("--check: %v, want an error naming %q", err, tc.want)
+			}
+			core, logs := observer.New(zap.InfoLevel)
+			a, err := agent.New(context.Background(), cfg, zap.New(core))
+			if err == nil {
+				defer a.Shutdown(context.Background())
+			}
+			switch {
+			case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+				t.Fatalf("start: %v, want it refused naming %q", err, tc.want)
+			case tc.want == "" && err != nil:
+				t.Fatalf("start refused: %v", err)
+			case tc.startLog != "" && logs.FilterMessageSnippet(tc.startLog).Len() == 0:
+				t.Fatalf("the start did not log %q", tc.startLog)
 			}
 		})
 	}

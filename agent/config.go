@@ -519,7 +519,31 @@ func (c *Config) Validate() error {
 			errs = append(errs, fmt.Errorf("rotation.slots[%s]: %w", slot, err))
 		}
 	}
+	// Without a policy or the journal the agent does not rotate: such a
+	// calendar or slot setting would never apply, and a reload would
+	// refuse it (followConfig). Refused here, --check, the start and a
+	// reload agree.
+	if off := rotationOffReason(c); off != "" {
+		if len(c.Rotation.Calendars) > 0 {
+			errs = append(errs, fmt.Errorf("rotation.calendars: %s", off))
+		}
+		if len(c.Rotation.Slots) > 0 {
+			errs = append(errs, fmt.Errorf("rotation.slots: %s", off))
+		}
+	}
 	return errors.Join(errs...)
+}
+
+// rotationOffReason says why the agent will not rotate keys under c: ""
+// when it will.
+func rotationOffReason(c *Config) string {
+	switch {
+	case c.Policy == "":
+		return "rotation needs a policy file (its slots are defined there), and the config names none"
+	case c.Journal.Mode == "off":
+		return "rotation needs the audit journal (its state is kept there), and journal.mode is off"
+	}
+	return ""
 }
 
 func knownKeyType(t string) bool {

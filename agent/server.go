@@ -189,6 +189,11 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		jl.Close()
 		return nil, err
 	}
+	if off := rotationOffReason(&cfg); off != "" && engine != nil {
+		// Validate refused rotation settings; the rotation commands
+		// will be refused.
+		log.Warn("key rotation is off: " + off)
+	}
 	if engine != nil && jl != nil {
 		if err := a.setupRotation(ctx); err != nil {
 			kr.close()
