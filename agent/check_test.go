@@ -255,3 +255,70 @@ tenants:
 		})
 	}
 }
+
+// A provider's config is one struct for every type, so a setting of
+// another type (pin_file or token_label on a software provider, vault_url
+// on awskms, key_id on a gcpkms key) was silently ignored by --check and
+// the start: the operator believed a PIN file, a token or a vault in use
+// that was not. Such a setting is refused, naming it, the types that take
+// it and the provider's type, never its value.
+func TestConfigRefusesSettingsOfAnotherProviderType(t *testing.T) {
+	const (
+		soft  = "providers:\n  - id: p\n    type: software\n%s    keys:\n      - {name: k, type: ed25519%s}\n"
+		hsm   = "providers:\n  - id: p\n    type: pkcs11\n    module: /usr/lib/softhsm/libsofthsm2.so\n    token_label: prod\n    pin_env: SIGIL_PIN\n    sessions: 4\n    module_instances: 2\n%s    keys:\n      - {name: k, uri: 'pkcs11:object=k'%s}\n"
+		gcp   = "providers:\n  - id: p\n    type: gcpkms\n    project: pr\n    location: global\n    key_ring: ring\n    endpoint: 127.0.0.1:9999\n    insecure_endpoint: true\n    timeout: 3s\n%s    keys:\n      - {name: k, key: release, version: latest%s}\n"
+		aws   = "providers:\n  - id: p\n    type: awskms\n    region: eu-west-1\n    endpoint: https://kms.example.com\n    timeout: 3s\n%s    keys:\n      - {name: k, key_id: alias/k%s}\n"
+		azure = "providers:\n  - id: p\n    type: azurekv\n    vault_url: https://v.vault.azure.net\n    timeout: 3s\n    disable_challenge_resource_verification: true\n%s    keys:\n      - {name: k, key: release, version: abc%s}\n"
+	)
+	for _, tc := range []struct {
+		name  string
+		yaml  string
+		want  string // "" when valid
+		value string // the setting's value, never in the error
+	}{
+		{"software with its settings", fmt.Sprintf(soft, "    dir: /var/lib/sigil/keys\n", ""), "", ""},
+		{"pkcs11 with its settings", fmt.Sprintf(hsm, "", ""), "", ""},
+		{"gcpkms with its settings", fmt.Sprintf(gcp, "", ""), "", ""},
+		{"awskms with its settings", fmt.Sprintf(aws, "", ""), "", ""},
+		{"azurekv with its settings", fmt.Sprintf(azure, "", ""), "", ""},
+		{"pin_file on software", fmt.Sprintf(soft, "    pin_file: /etc/s3cr3t-pin\n", ""),
+			"providers[0]: pin_file is for pkcs11 providers, not software", "s3cr3t-pin"},
+		{"token_label on software", fmt.Sprintf(soft, "    token_label: prod-token\n", ""),
+			"providers[0]: token_label is for pkcs11 providers, not software", "prod-token"},
+		{"vault_url on awskms", fmt.Sprintf(aws, "    vault_url: https://other.vault.azure.net\n", ""),
+			"providers[0]: vault_url is for azurekv providers, not awskms", "other.vault"},
+		{"dir on pkcs11", fmt.Sprintf(hsm, "    dir: /var/lib/sigil/other-keys\n", ""),
+			"providers[0]: dir is for software providers, not pkcs11", "other-keys"},
+		{"region on gcpkms", fmt.Sprintf(gcp, "    region: eu-north-9\n", ""),
+			"providers[0]: region is for awskms providers, not gcpkms", "eu-north-9"},
+		{"endpoint on azurekv", fmt.Sprintf(azure, "    endpoint: https://kms.example.org\n", ""),
+			"providers[0]: endpoint is for gcpkms and awskms providers, not azurekv", "kms.example.org"},
+		{"timeout on software", fmt.Sprintf(soft, "    timeout: 7s\n", ""),
+			"providers[0]: timeout is for gcpkms, awskms and azurekv providers, not software", ""},
+		{"challenge verification off on awskms", fmt.Sprintf(aws, "    disable_challenge_resource_verification: true\n", ""),
+			"providers[0]: disable_challenge_resource_verification is for azurekv providers, not awskms", ""},
+		{"key_id on a gcpkms key", fmt.Sprintf(gcp, "", ", key_id: alias/other-key"),
+			`providers[0].keys[0] "k": key_id is for keys of awskms providers, not gcpkms`, "other-key"},
+		{"type on a pkcs11 key", fmt.Sprintf(hsm, "", ", type: rsa-2048"),
+			`providers[0].keys[0] "k": type is for keys of software providers, not pkcs11`, "rsa-2048"},
+		{"uri on a software key", fmt.Sprintf(soft, "", ", uri: 'pkcs11:object=other-object'"),
+			`providers[0].keys[0] "k": uri is for keys of pkcs11 providers, not software`, "other-object"},
+		{"version on an awskms key", fmt.Sprintf(aws, "", ", version: '7'"),
+			`providers[0].keys[0] "k": version is for keys of gcpkms and azurekv providers, not awskms`, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := agent.ParseConfig([]byte(tc.yaml))
+			switch {
+			case tc.want == "" && err != nil:
+				t.Fatalf("refused: %v\n%s", err, tc.yaml)
+			case tc.want == "":
+			case err == nil:
+				t.Fatalf("accepted; want it refused naming %q", tc.want)
+			case !strings.Contains(err.Error(), tc.want):
+				t.Fatalf("%v\nwant it to say %q", err, tc.want)
+			case tc.value != "" && strings.Contains(err.Error(), tc.value):
+				t.Fatalf("%v\nechoes the setting's value %q", err, tc.value)
+			}
+		})
+	}
+}

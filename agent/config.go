@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"time"
@@ -135,10 +136,11 @@ type Limits struct {
 	IdleTimeout time.Duration `yaml:"idle_timeout"`
 }
 
-// ProviderSpec configures one provider. Type selects which fields apply.
+// ProviderSpec configures one provider. Type selects which fields apply
+// (providerSettings); Validate refuses the others.
 type ProviderSpec struct {
 	ID   string `yaml:"id"`
-	Type string `yaml:"type"` // software | pkcs11
+	Type string `yaml:"type"` // software | pkcs11 | gcpkms | awskms | azurekv
 
 	// software
 	Dir string `yaml:"dir"` // default DataDir/keys/<id>
@@ -422,9 +424,6 @@ func (c *Config) Validate() error {
 				if !knownKeyType(k.Type) {
 					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: type %q: want one of %v", where, j, k.Name, k.Type, providers.KeyTypes))
 				}
-				if k.URI != "" {
-					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: uri is for pkcs11 providers", where, j, k.Name))
-				}
 			}
 		case "pkcs11":
 			// What the provider refuses at open without its module, by
@@ -485,9 +484,7 @@ func (c *Config) Validate() error {
 		default:
 			errs = append(errs, fmt.Errorf("%s: type %q: want software, pkcs11, gcpkms, awskms or azurekv", where, p.Type))
 		}
-		if p.DisableChallengeResourceVerification && p.Type != "azurekv" {
-			errs = append(errs, fmt.Errorf("%s: disable_challenge_resource_verification is for azurekv providers", where))
-		}
+		errs = append(errs, settingTypeErrors(where, p)...)
 		for j, k := range p.Keys {
 			if k.Name == "" {
 				errs = append(errs, fmt.Errorf("%s.keys[%d]: name is required", where, j))
@@ -532,6 +529,88 @@ func (c *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// providerTypes are the provider types, in the order messages list them.
+var providerTypes = []string{"software", "pkcs11", "gcpkms", "awskms", "azurekv"}
+
+// providerSettings are the settings each provider type takes, named as the
+// config file names them (ProviderSpec's yaml tags), besides id, type and
+// keys; keySettings those its keys take (KeySpec's), besides name. Each
+// opener (openProvider) reads these and no others. ProviderSpec is one
+// struct for every type, so a setting of another type would be ignored:
+// settingTypeErrors refuses it.
+var (
+	providerSettings = map[string][]string{
+		"software": {"dir"},
+		"pkcs11":   {"module", "token_label", "token_serial", "slot", "pin_env", "pin_file", "sessions", "module_instances"},
+		"gcpkms":   {"project", "location", "key_ring", "endpoint", "timeout", "insecure_endpoint"},
+		"awskms":   {"region", "endpoint", "timeout"},
+		"azurekv":  {"vault_url", "timeout", "disable_challenge_resource_verification"},
+	}
+	keySettings = map[string][]string{
+		"software": {"type"},
+		"pkcs11":   {"uri"},
+		"gcpkms":   {"key", "version"},
+		"awskms":   {"key_id"},
+		"azurekv":  {"key", "version"},
+	}
+)
+
+// settingTypeErrors names each setting of p, and of its keys, that p's
+// type does not take (a pin_file on a software provider, a key_id on a
+// gcpkms key), with the types that take it. Never the value: a PIN may
+// have been typed where a path was meant.
+func settingTypeErrors(where string, p ProviderSpec) []error {
+	if _, known := providerSettings[p.Type]; !known {
+		return nil // Validate names the type
+	}
+	errs := wrongTypeErrors(where, p.Type, settingsSet(p, "id", "type", "keys"), providerSettings, "")
+	for j, k := range p.Keys {
+		errs = append(errs, wrongTypeErrors(fmt.Sprintf("%s.keys[%d] %q", where, j, k.Name), p.Type, settingsSet(k, "name"), keySettings, "keys of ")...)
+	}
+	return errs
+}
+
+// wrongTypeErrors is an error for each of set that typ does not take
+// under takes, naming the types that do.
+func wrongTypeErrors(where, typ string, set []string, takes map[string][]string, whose string) []error {
+	var errs []error
+	for _, name := range set {
+		if slices.Contains(takes[typ], name) {
+			continue
+		}
+		var takers []string
+		for _, t := range providerTypes {
+			if slices.Contains(takes[t], name) {
+				takers = append(takers, t)
+			}
+		}
+		errs = append(errs, fmt.Errorf("%s: %s is for %s%s providers, not %s", where, name, whose, wordList(takers), typ))
+	}
+	return errs
+}
+
+// settingsSet names the fields of spec (a ProviderSpec or KeySpec) that
+// are set, by their yaml tags, except those in skip.
+func settingsSet(spec any, skip ...string) []string {
+	v := reflect.ValueOf(spec)
+	var set []string
+	for i := range v.NumField() {
+		name, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("yaml"), ",")
+		if name != "" && !slices.Contains(skip, name) && !v.Field(i).IsZero() {
+			set = append(set, name)
+		}
+	}
+	return set
+}
+
+// wordList is "a", "a and b", "a, b and c".
+func wordList(words []string) string {
+	if len(words) <= 1 {
+		return strings.Join(words, "")
+	}
+	return strings.Join(words[:len(words)-1], ", ") + " and " + words[len(words)-1]
 }
 
 // rotationOffReason says why the agent will not rotate keys under c: ""
