@@ -254,8 +254,16 @@ func TestTenantCapacityRefusalIsCounted(t *testing.T) {
 	if err := <-held; err != nil {
 		t.Fatal(err)
 	}
-	mf := scrapeMetrics(t, r.agent)
-	if got := counter(mf, "sigil_requests_total", map[string]string{"op": "Sign", "code": "DEADLINE_EXCEEDED"}); got != 1 {
+	// The client's own deadline may end its call a moment before the
+	// agent answers (and counts) the refusal: wait for the count.
+	var got float64
+	for deadline := time.Now().Add(5 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		mf := scrapeMetrics(t, r.agent)
+		if got = counter(mf, "sigil_requests_total", map[string]string{"op": "Sign", "code": "DEADLINE_EXCEEDED"}); got != 0 {
+			break
+		}
+	}
+	if got != 1 {
 		t.Errorf("sigil_requests_total{op=Sign,code=DEADLINE_EXCEEDED} = %v, want 1", got)
 	}
 }
