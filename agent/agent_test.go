@@ -244,6 +244,147 @@ func TestOutOfRangeOpAndVersionKeepTheConnection(t *testing.T) {
 	}
 }
 
+// Hand-built msgpack for requests a well-behaved client never writes: each
+// uint as a uint64 whatever its value, so any number reaches the decoder.
+func uintField(k string, v uint64) []byte {
+	return binary.BigEndian.AppendUint64(append(append([]byte{0xa0 | byte(len(k))}, k...), 0xcf), v)
+}
+
+func strField(k, v string) []byte {
+	return append(append(append([]byte{0xa0 | byte(len(k))}, k...), 0xa0|byte(len(v))), v...)
+}
+
+func binField(k string, v []byte) []byte {
+	return append(append(append([]byte{0xa0 | byte(len(k))}, k...), 0xc4, byte(len(v))), v...)
+}
+
+// rawFrame frames a map of the given fields (at most 15).
+func rawFrame(fields ...[]byte) []byte {
+	payload := bytes.Join(append([][]byte{{0x80 | byte(len(fields))}}, fields...), nil)
+	return append(binary.BigEndian.AppendUint32(nil, uint32(len(payload))), payload...)
+}
+
+// exchange writes one hand-built request frame on rc and checks its reply
+// (code and id), then that the connection still answers a Ping.
+func (rc *rawConn) exchange(frame []byte, id uint64, want proto.Code) *proto.Response {
+	rc.t.Helper()
+	if _, err := rc.nc.Write(frame); err != nil {
+		rc.t.Fatal(err)
+	}
+	resp, err := rc.recv()
+	if err != nil || resp.ID != id || resp.Code != want {
+		rc.t.Fatalf("reply %v %+v, want id %d and %s", err, resp, id, want)
+	}
+	rc.send(&proto.Request{ID: id + 1, Op: proto.OpPing})
+	if ping, err := rc.recv(); err != nil || ping.ID != id+1 || ping.Code != proto.OK {
+		rc.t.Fatalf("ping afterwards: %v %+v", err, ping)
+	}
+	return resp
+}
+
+// sch, hash, tmo and n are uints on the wire, wider than the fields they
+// fill. A number past a field is answered as docs/protocol.md says, with
+// the request's id and the connection left open: a scheme or hash nobody
+// speaks is UNSUPPORTED_ALGORITHM, a client deadline of 2^32-1 ms or more
+// leaves the agent's own limit, an AuditTail n is capped at 100 like any
+// n over it, and an ExportREP pack number that large names no pack
+// (NOT_FOUND). Such numbers used to fail decoding: the agent sent the
+// final id-0 BAD_REQUEST and closed. None may wrap onto a smaller number:
+// sch 257 is not ECDSA, tmo 2^32+1 is not 1 ms, n 2^32+2 is not pack 2.
+func TestOutOfRangeNumbersKeepTheConnection(t *testing.T) {
+	const id = 10
+	d := sha256.Sum256([]byte("out of range"))
+	sign := func(fields ...[]byte) []byte {
+		return rawFrame(append([][]byte{uintField("id", id), uintField("op", uint64(proto.OpSign)),
+			strField("key", "default"), binField("dig", d[:])}, fields...)...)
+	}
+	t.Run("key operations", func(t *testing.T) {
+		r := startAgent(t, softwareConfig(t))
+		c := r.dial(t)
+		good, err := c.Sign(context.Background(), client.ByName("default"), client.Algorithm{}, d[:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		verify := func(fields ...[]byte) []byte {
+			return rawFrame(append([][]byte{uintField("id", id), uintField("op", uint64(proto.OpVerify)),
+				strField("key", "default"), binField("dig", d[:]), binField("sig", good.Sig)}, fields...)...)
+		}
+		for _, tc := range []struct {
+			name    string
+			request []byte
+			want    proto.Code
+		}{
+			{"sign: sch 255", sign(uintField("sch", 255)), proto.UnsupportedAlgorithm},
+			{"sign: sch 257 (ECDSA + 256)", sign(uintField("sch", 256+uint64(proto.SchemeECDSA))), proto.UnsupportedAlgorithm},
+			{"sign: sch 2^64-1", sign(uintField("sch", math.MaxUint64)), proto.UnsupportedAlgorithm},
+			{"sign: hash 255", sign(uintField("hash", 255)), proto.UnsupportedAlgorithm},
+			{"sign: hash 257 (SHA-256 + 256)", sign(uintField("hash", 256+uint64(proto.HashSHA256))), proto.UnsupportedAlgorithm},
+			{"sign: hash 2^32", sign(uintField("hash", 1<<32)), proto.UnsupportedAlgorithm},
+			{"verify: sch 260 (Ed25519 + 256)", verify(uintField("sch", 256+uint64(proto.SchemeEd25519))), proto.UnsupportedAlgorithm},
+			{"verify: hash 2^64-1", verify(uintField("hash", math.MaxUint64)), proto.UnsupportedAlgorithm},
+			{"sign: tmo 2^32-1", sign(uintField("tmo", math.MaxUint32)), proto.OK},
+			{"sign: tmo 2^32+1", sign(uintField("tmo", 1<<32+1)), proto.OK},
+			{"sign: tmo 2^64-1", sign(uintField("tmo", math.MaxUint64)), proto.OK},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				rc := r.raw(t)
+				rc.hello()
+				resp := rc.exchange(tc.request, id, tc.want)
+				if tc.want == proto.OK && len(resp.Sig) == 0 {
+					t.Fatalf("OK without a signature: %+v", resp)
+				}
+				if tc.want != proto.OK && !strings.Contains(resp.Msg, "255 or more") && !strings.Contains(resp.Msg, "policy") {
+					t.Fatalf("the refusal does not say the number was 255 or more: %q", resp.Msg)
+				}
+			})
+		}
+	})
+
+	t.Run("admin operations", func(t *testing.T) {
+		cfg := smallRotationConfig(t)
+		r := startAgent(t, cfg)
+		ln, err := agent.ListenUnix(cfg.AdminSocket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		go r.agent.ServeAdmin(ln)
+		ctx := context.Background()
+		admin, err := client.Dial(ctx, cfg.AdminSocket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer admin.Close()
+		if err := admin.Rotate(ctx, "payments/release"); err != nil { // evidence pack 2, v2's
+			t.Fatal(err)
+		}
+		rc := rawAt(t, cfg.AdminSocket)
+		rc.hello()
+		tail := func(n uint64) []byte {
+			return rawFrame(uintField("id", id), uintField("op", uint64(proto.OpAuditTail)), uintField("n", n))
+		}
+		export := func(n uint64) []byte {
+			return rawFrame(uintField("id", id), uintField("op", uint64(proto.OpExportREP)),
+				strField("key", "payments/release"), uintField("n", n))
+		}
+		if resp := rc.exchange(tail(1), id, proto.OK); len(resp.Records) != 1 {
+			t.Fatalf("AuditTail n 1: %d records", len(resp.Records))
+		}
+		all := len(rc.exchange(tail(100), id, proto.OK).Records)
+		if all < 2 {
+			t.Fatalf("AuditTail n 100: %d records, want a few", all)
+		}
+		for _, n := range []uint64{math.MaxUint32, 1<<32 + 1, math.MaxUint64} {
+			if resp := rc.exchange(tail(n), id, proto.OK); len(resp.Records) != all {
+				t.Fatalf("AuditTail n %d: %d records, want %d (n capped at 100)", n, len(resp.Records), all)
+			}
+		}
+		rc.exchange(export(2), id, proto.OK)
+		for _, n := range []uint64{math.MaxUint32, 1<<32 + 2, math.MaxUint64} {
+			rc.exchange(export(n), id, proto.NotFound)
+		}
+	})
+}
+
 // Request ids are non-zero: id 0 marks the agent's final reply before it
 // closes, so a reply to a request of id 0 could not be told from that one
 // (an OK with id 0 is a protocol error to the client). Such a request is

@@ -266,10 +266,12 @@ func (c *conn) verify(req *proto.Request, resp *proto.Response, meta *reqMeta) e
 	return nil
 }
 
-// requestTimeout is the tighter of the client's deadline and the agent's limit.
+// requestTimeout is the tighter of the client's deadline and the agent's
+// limit. A tmo of proto.TimeoutOutOfRange stands for 2^32-1 ms or more: a
+// deadline that does not tighten the limit, however long the limit is.
 func (c *conn) requestTimeout(req *proto.Request) time.Duration {
 	limit := c.a.cfg.Limits.RequestTimeout
-	if req.TimeoutMillis > 0 {
+	if req.TimeoutMillis > 0 && req.TimeoutMillis != proto.TimeoutOutOfRange {
 		if d := time.Duration(req.TimeoutMillis) * time.Millisecond; d < limit {
 			return d
 		}

@@ -168,7 +168,13 @@ type rawConn struct {
 
 func (r *running) raw(t testing.TB) *rawConn {
 	t.Helper()
-	nc, err := net.Dial("unix", r.socket)
+	return rawAt(t, r.socket)
+}
+
+// rawAt is a rawConn to the Unix socket at path (an admin socket).
+func rawAt(t testing.TB, path string) *rawConn {
+	t.Helper()
+	nc, err := net.Dial("unix", path)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -219,8 +219,16 @@ func wireHash(h uint8) (crypto.Hash, bool) {
 // default's hash.
 func (e *keyEntry) algorithmFor(scheme, hash uint8) (providers.Algorithm, error) {
 	h, ok := wireHash(hash)
-	if !ok {
+	switch {
+	case hash == proto.HashOutOfRange:
+		// Every number from 255 up reads so: which one it was is unknown.
+		return providers.Algorithm{}, &proto.Error{Code: proto.UnsupportedAlgorithm, Msg: fmt.Sprintf("unknown hash number (%d or more)", hash)}
+	case !ok:
 		return providers.Algorithm{}, &proto.Error{Code: proto.UnsupportedAlgorithm, Msg: fmt.Sprintf("unknown hash number %d", hash)}
+	case scheme == proto.SchemeOutOfRange:
+		// Other unknown schemes are refused by the policy or
+		// providers.CheckRequest, which would name this one 255.
+		return providers.Algorithm{}, &proto.Error{Code: proto.UnsupportedAlgorithm, Msg: fmt.Sprintf("unknown scheme number (%d or more)", scheme)}
 	}
 	alg := e.defaultAlg
 	if scheme != proto.SchemeDefault {

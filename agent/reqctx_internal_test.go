@@ -3,8 +3,11 @@ package agent
 import (
 	"context"
 	"errors"
+	"math"
 	"testing"
 	"time"
+
+	"github.com/sigil-agent/sigil/proto"
 )
 
 type ctxKey struct{}
@@ -147,5 +150,33 @@ func TestRequestContext(t *testing.T) {
 			defer cancel()
 			tc.run(t, parent, cancel)
 		})
+	}
+}
+
+// A request's deadline is the tighter of the client's tmo and the agent's
+// limits.request_timeout. tmo is a uint on the wire: from 2^32-1 ms up it
+// reads as proto.TimeoutOutOfRange, a deadline too far off to tighten the
+// agent's own limit, whatever that limit is; it must not wrap onto a short
+// one either (2^32+1 ms is not 1 ms).
+func TestRequestTimeout(t *testing.T) {
+	const longLimit = 100 * 24 * time.Hour // past 2^32-1 ms, about 49.7 days
+	for _, tc := range []struct {
+		limit time.Duration
+		tmo   uint32
+		want  time.Duration
+	}{
+		{5 * time.Second, 0, 5 * time.Second},
+		{5 * time.Second, 1, time.Millisecond},
+		{5 * time.Second, 4999, 4999 * time.Millisecond},
+		{5 * time.Second, 6000, 5 * time.Second},
+		{5 * time.Second, proto.TimeoutOutOfRange, 5 * time.Second},
+		{longLimit, 0, longLimit},
+		{longLimit, math.MaxUint32 - 1, (math.MaxUint32 - 1) * time.Millisecond},
+		{longLimit, proto.TimeoutOutOfRange, longLimit},
+	} {
+		c := &conn{a: &Agent{cfg: Config{Limits: Limits{RequestTimeout: tc.limit}}}}
+		if got := c.requestTimeout(&proto.Request{TimeoutMillis: tc.tmo}); got != tc.want {
+			t.Errorf("limit %s, tmo %d ms: %s, want %s", tc.limit, tc.tmo, got, tc.want)
+		}
 	}
 }

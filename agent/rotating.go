@@ -442,6 +442,10 @@ func (c *conn) exportREP(req *proto.Request, resp *proto.Response) error {
 	}
 	store := c.a.rot.Store()
 	n := int(req.Limit)
+	if req.Limit == proto.LimitOutOfRange {
+		// Every number from 2^32-1 up reads so; no pack is numbered that high.
+		return &proto.Error{Code: proto.NotFound, Msg: fmt.Sprintf("no evidence pack numbered %d or more", req.Limit)}
+	}
 	if n == 0 {
 		nums, err := store.REPNumbers(c.ctx, req.Key)
 		if err != nil {

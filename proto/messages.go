@@ -24,9 +24,11 @@ type Request struct {
 	Sig      []byte // Verify: the signature to check
 	// TimeoutMillis is the client's remaining deadline; the agent never works
 	// on a request longer than this (nor longer than its own limit).
+	// TimeoutOutOfRange: 2^32-1 ms or more, which leaves the agent's limit.
 	TimeoutMillis uint32
 	// AuditTail: records from this seq on (0: the last Limit records), at
-	// most Limit of them (the agent caps it).
+	// most Limit of them (the agent caps it). LimitOutOfRange: 2^32-1 or
+	// more.
 	FromSeq uint64
 	Limit   uint32
 	// Rotate: Unix seconds of a one-off rotation to schedule (0: now).
@@ -196,22 +198,22 @@ func (r *Request) decode(c *Codec) error {
 		case kKID:
 			r.KID, err = c.decodeString()
 		case kScheme:
-			v, err = decodeUintMax(d, 0xff)
+			v, err = decodeUintSaturated(d, uint64(SchemeOutOfRange))
 			r.Scheme = uint8(v)
 		case kHash:
-			v, err = decodeUintMax(d, 0xff)
+			v, err = decodeUintSaturated(d, uint64(HashOutOfRange))
 			r.Hash = uint8(v)
 		case kDigest:
 			r.Digest, err = c.decodeBytesInto(r.Digest[:0])
 		case kSig:
 			r.Sig, err = c.decodeBytesInto(r.Sig[:0])
 		case kTimeout:
-			v, err = decodeUintMax(d, 0xffffffff)
+			v, err = decodeUintSaturated(d, uint64(TimeoutOutOfRange))
 			r.TimeoutMillis = uint32(v)
 		case kFromSeq:
 			r.FromSeq, err = d.DecodeUint64()
 		case kLimit:
-			v, err = decodeUintMax(d, 0xffffffff)
+			v, err = decodeUintSaturated(d, uint64(LimitOutOfRange))
 			r.Limit = uint32(v)
 		case kAt:
 			r.At, err = d.DecodeInt64()
@@ -502,11 +504,15 @@ func decodeUintMax(d *msgpack.Decoder, max uint64) (uint64, error) {
 	return v, nil
 }
 
-// decodeUintSaturated reads a uint whose values from max up all mean the
-// same: an op or a version that nobody speaks (OpOutOfRange,
-// VersionOutOfRange), answered as such rather than refused as malformed.
-// msgpack's DecodeUint64 takes a negative int as its two's complement,
-// which lands here too.
+// decodeUintSaturated reads a uint into a field narrower than the wire's
+// uint64, whose values from max up all mean the same: an op, version,
+// scheme or hash that nobody speaks (OpOutOfRange, VersionOutOfRange,
+// SchemeOutOfRange, HashOutOfRange), a deadline too far off to matter
+// (TimeoutOutOfRange), a count past every cap (LimitOutOfRange). Such a
+// number is answered as docs/protocol.md says rather than refused as
+// malformed, and saturating, not truncating, keeps it from wrapping onto
+// a smaller, meaningful one. msgpack's DecodeUint64 takes a negative int
+// as its two's complement, which lands here too.
 func decodeUintSaturated(d *msgpack.Decoder, max uint64) (uint64, error) {
 	v, err := d.DecodeUint64()
 	return min(v, max), err

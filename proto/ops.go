@@ -94,3 +94,23 @@ const (
 // SchemeDefault (0) in a Sign request asks for the key's default algorithm
 // (ECDSA with the curve's hash, RSA PKCS#1 v1.5 SHA-256, pure Ed25519).
 const SchemeDefault uint8 = 0
+
+// SchemeOutOfRange and HashOutOfRange are what the decoder reads for a
+// scheme or hash number too large for a byte: 255 and every number past it
+// (sch and hash are uints on the wire). No scheme or hash will ever be
+// numbered so: the agent answers UNSUPPORTED_ALGORITHM, as for any number
+// it does not know.
+const (
+	SchemeOutOfRange uint8 = 0xff
+	HashOutOfRange   uint8 = 0xff
+)
+
+// TimeoutOutOfRange is what the decoder reads for a tmo of 2^32-1 ms (about
+// 49.7 days) or more: a client deadline too far off to tighten the agent's
+// own limits.request_timeout, whatever that is.
+const TimeoutOutOfRange uint32 = 0xffffffff
+
+// LimitOutOfRange is what the decoder reads for an n of 2^32-1 or more:
+// past AuditTail's cap (100 records), and a pack number no evidence pack
+// will ever have (ExportREP answers NOT_FOUND).
+const LimitOutOfRange uint32 = 0xffffffff

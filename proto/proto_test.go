@@ -180,6 +180,53 @@ func TestOpAndVersionPastTheirFields(t *testing.T) {
 	}
 }
 
+// sch, hash, tmo and n are uints on the wire, wider than their fields. A
+// number past a field saturates to the field's reserved top value
+// (SchemeOutOfRange, HashOutOfRange, TimeoutOutOfRange, LimitOutOfRange),
+// which the agent answers as docs/protocol.md says (UNSUPPORTED_ALGORITHM,
+// its own limit, at most 100 records, no such pack): it must not fail the
+// decode (the agent would close the connection) nor wrap around onto a
+// smaller number (sch 257 is not ECDSA, tmo 2^32+1 is not 1 ms).
+func TestUintFieldsPastTheirWidths(t *testing.T) {
+	for _, tc := range []struct {
+		wire      uint64
+		sch, hash uint8
+		tmo, n    uint32
+	}{
+		{wire: 4, sch: 4, hash: 4, tmo: 4, n: 4},
+		{wire: 254, sch: 254, hash: 254, tmo: 254, n: 254},
+		{wire: 255, sch: SchemeOutOfRange, hash: HashOutOfRange, tmo: 255, n: 255},
+		{wire: 256 + uint64(SchemeECDSA), sch: SchemeOutOfRange, hash: HashOutOfRange, tmo: 257, n: 257},
+		{wire: math.MaxUint32 - 1, sch: SchemeOutOfRange, hash: HashOutOfRange, tmo: math.MaxUint32 - 1, n: math.MaxUint32 - 1},
+		{wire: math.MaxUint32, sch: SchemeOutOfRange, hash: HashOutOfRange, tmo: TimeoutOutOfRange, n: LimitOutOfRange},
+		{wire: 1<<32 + 1, sch: SchemeOutOfRange, hash: HashOutOfRange, tmo: TimeoutOutOfRange, n: LimitOutOfRange},
+		{wire: math.MaxUint64, sch: SchemeOutOfRange, hash: HashOutOfRange, tmo: TimeoutOutOfRange, n: LimitOutOfRange},
+	} {
+		raw, err := msgpack.Marshal(map[string]any{"id": 1, "op": OpSign, "sch": tc.wire, "hash": tc.wire, "tmo": tc.wire, "n": tc.wire})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := NewCodec()
+		var r Request
+		if err := c.DecodeRequest(raw, &r); err != nil {
+			t.Fatalf("%d: %v", tc.wire, err)
+		}
+		if r.Scheme != tc.sch || r.Hash != tc.hash || r.TimeoutMillis != tc.tmo || r.Limit != tc.n {
+			t.Fatalf("%d decoded as sch %d, hash %d, tmo %d, n %d; want %d, %d, %d, %d",
+				tc.wire, r.Scheme, r.Hash, r.TimeoutMillis, r.Limit, tc.sch, tc.hash, tc.tmo, tc.n)
+		}
+		frame, err := c.AppendRequestFrame(nil, &r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var again Request
+		if err := c.DecodeRequest(frame[FrameHeaderLen:], &again); err != nil || again.Scheme != r.Scheme ||
+			again.Hash != r.Hash || again.TimeoutMillis != r.TimeoutMillis || again.Limit != r.Limit {
+			t.Fatalf("re-encoded: %v, %+v want %+v", err, again, r)
+		}
+	}
+}
+
 func TestReadFrame(t *testing.T) {
 	frame := func(n uint32, body []byte) []byte {
 		return append(binary.BigEndian.AppendUint32(nil, n), body...)
