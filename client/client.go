@@ -812,10 +812,12 @@ func (c *Client) Verify(ctx context.Context, ref KeyRef, alg Algorithm, digest, 
 }
 
 // Code returns the stable code of an error from this package: the agent's
-// code for a refused request, DEADLINE_EXCEEDED for a context deadline,
-// UNAVAILABLE otherwise: a lost connection, and also a call the caller
-// cancelled itself (context.Canceled), which the protocol has no code for;
-// test for that with errors.Is before retrying on UNAVAILABLE.
+// code for a refused request (one this version does not know included:
+// proto.CodeOutOfRange for a number past 16 bits), DEADLINE_EXCEEDED for a
+// context deadline, UNAVAILABLE otherwise: a lost connection, and also a
+// call the caller cancelled itself (context.Canceled), which the protocol
+// has no code for; test for that with errors.Is before retrying on
+// UNAVAILABLE.
 func Code(err error) proto.Code {
 	var pe *proto.Error
 	switch {

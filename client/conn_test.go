@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -481,5 +482,64 @@ func TestReplyBeforeCloseIsNotLost(t *testing.T) {
 		c.Close()
 		<-reading
 		f.stop()
+	}
+}
+
+// rawReply is a reply written by hand: code as a uint64 whatever its
+// value (package proto writes only the codes Code holds), with a message
+// and a signature.
+func rawReply(id, code uint64, msg string, sig []byte) []byte {
+	payload := []byte{0x84, 0xa2, 'i', 'd', 0xcf}
+	payload = binary.BigEndian.AppendUint64(payload, id)
+	payload = append(payload, 0xa4, 'c', 'o', 'd', 'e', 0xcf)
+	payload = binary.BigEndian.AppendUint64(payload, code)
+	payload = append(append(payload, 0xa3, 'm', 's', 'g', 0xa0|byte(len(msg))), msg...)
+	payload = append(append(payload, 0xa3, 's', 'i', 'g', 0xc4, byte(len(sig))), sig...)
+	return append(binary.BigEndian.AppendUint32(nil, uint32(len(payload))), payload...)
+}
+
+// A newer agent may answer with a code this client does not know. It is
+// the call's error, with that code (never OK: a signature beside it is
+// not returned), and the connection stays. A code past Code's 16 bits
+// reads as proto.CodeOutOfRange, not wrapped onto a known code (65536 is
+// not OK, 65546 not PAUSED); it used to fail the reply's decoding, which
+// closed the connection and failed the call, and every other in flight,
+// as UNAVAILABLE: a refusal the caller would have retried.
+func TestUnknownCodesAreErrors(t *testing.T) {
+	codes := []uint64{18, 0xfffe, 0xffff, 0x10000, 0x10000 + uint64(proto.Paused), 1<<32 + 1, 1<<64 - 1}
+	const msg = "a newer agent's refusal"
+	path := fakeAgent(t, func(nc net.Conn, br *bufio.Reader) {
+		for _, code := range codes {
+			req, err := readRequest(br)
+			if err != nil {
+				return
+			}
+			if _, err := nc.Write(rawReply(req.ID, code, msg, []byte{0x30, 0x06, 1, 1, 1, 2, 1, 1})); err != nil {
+				return
+			}
+		}
+		if req, err := readRequest(br); err == nil {
+			writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := client.Dial(ctx, path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	digest := make([]byte, 32)
+	for _, code := range codes {
+		sig, err := c.Sign(ctx, client.ByName("k"), client.Algorithm{}, digest)
+		want := proto.Code(min(code, uint64(proto.CodeOutOfRange)))
+		var pe *proto.Error
+		if err == nil || sig.Sig != nil || !errors.As(err, &pe) || pe.Code != want || pe.Msg != msg || client.Code(err) != want {
+			t.Fatalf("code %d: signature %x, error %v (code %s), want %s with the agent's message", code, sig.Sig, err, client.Code(err), want)
+		}
+	}
+	// The same connection: the fake agent accepts no other.
+	if err := c.Ping(ctx); err != nil {
+		t.Fatalf("the connection did not outlive the unknown codes: %v", err)
 	}
 }

@@ -25,6 +25,12 @@ const (
 	DeadlineExceeded     Code = 15
 	JournalUnavailable   Code = 16
 	Internal             Code = 17
+
+	// CodeOutOfRange is what the decoder reads for a code too large for
+	// Code: 65535 and every number past it (code is a uint on the wire).
+	// No code will ever be numbered so; like any code this version does
+	// not know (a newer agent's), it is an error, never OK.
+	CodeOutOfRange Code = 0xffff
 )
 
 var codeNames = [...]string{
@@ -58,10 +64,14 @@ func Codes() []Code {
 }
 
 // String returns the code's stable name, or CODE_<n> for a number this
-// version does not know (a newer peer's code).
+// version does not know (a newer peer's code), CODE_65535+ for
+// CodeOutOfRange.
 func (c Code) String() string {
-	if int(c) < len(codeNames) {
+	switch {
+	case int(c) < len(codeNames):
 		return codeNames[c]
+	case c == CodeOutOfRange:
+		return "CODE_" + strconv.Itoa(int(c)) + "+"
 	}
 	return "CODE_" + strconv.Itoa(int(c))
 }

@@ -70,7 +70,6 @@ func TestDecodeErrorsHoldNoPayloadBytes(t *testing.T) {
 	var (
 		s       = secret
 		s4      = secret[:4]
-		s8      = secret[:8]
 		keyS    = payload([]byte{0xd9, 32}, s) // the secret as a map key (str8)
 		binKeyS = payload([]byte{0xc4, 32}, s) // the same as bin
 		longKey = payload([]byte{0xd9, 64}, s, s)
@@ -106,7 +105,6 @@ func TestDecodeErrorsHoldNoPayloadBytes(t *testing.T) {
 		{"key as a map", payload([]byte{0x81}, fix("key"), []byte{0x81}, keyS, []byte{0xc0}), false},
 
 		{"response: unknown key, str32 of 4 GB", payload([]byte{0x81}, keyS, []byte{0xdb, 0xff, 0xff, 0xff, 0xff}), true},
-		{"response: code as 8 bytes of the secret", payload([]byte{0x81}, fix("code"), []byte{0xcf}, s8), true},
 		{"response: msg with a str32 length from the secret", payload([]byte{0x81}, fix("msg"), []byte{0xdb}, s4), true},
 		{"response: ok as the secret", payload([]byte{0x81}, fix("ok"), keyS), true},
 		{"response: keys with a count from the secret", payload([]byte{0x81}, fix("keys"), []byte{0xdd}, s4), true},

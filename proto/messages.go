@@ -313,7 +313,7 @@ func (r *Response) decode(c *Codec) error {
 		case kID:
 			r.ID, err = d.DecodeUint64()
 		case kCode:
-			v, err = decodeUintMax(d, 0xffff)
+			v, err = decodeUintSaturated(d, uint64(CodeOutOfRange))
 			r.Code = Code(v)
 		case kMsg:
 			r.Msg, err = c.decodeString()
@@ -493,21 +493,10 @@ func discard(d *msgpack.Decoder, n int) error {
 	return nil
 }
 
-func decodeUintMax(d *msgpack.Decoder, max uint64) (uint64, error) {
-	v, err := d.DecodeUint64()
-	if err != nil {
-		return 0, err
-	}
-	if v > max {
-		return 0, formatError(fmt.Sprintf("value out of range (at most %d)", max))
-	}
-	return v, nil
-}
-
 // decodeUintSaturated reads a uint into a field narrower than the wire's
 // uint64, whose values from max up all mean the same: an op, version,
-// scheme or hash that nobody speaks (OpOutOfRange, VersionOutOfRange,
-// SchemeOutOfRange, HashOutOfRange), a deadline too far off to matter
+// scheme, hash or result code that nobody speaks (OpOutOfRange,
+// VersionOutOfRange, SchemeOutOfRange, HashOutOfRange, CodeOutOfRange), a deadline too far off to matter
 // (TimeoutOutOfRange), a count past every cap (LimitOutOfRange). Such a
 // number is answered as docs/protocol.md says rather than refused as
 // malformed, and saturating, not truncating, keeps it from wrapping onto

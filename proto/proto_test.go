@@ -227,6 +227,38 @@ func TestUintFieldsPastTheirWidths(t *testing.T) {
 	}
 }
 
+// code is a uint on the wire, wider than Code. A code past it (a newer
+// agent's, however large) reads as CodeOutOfRange: an error like any code
+// this version does not know, never a wrap onto OK (65536) or a known
+// code (65546 is not PAUSED), nor a decode failure, which would close the
+// client's connection.
+func TestCodePastItsField(t *testing.T) {
+	for _, tc := range []struct {
+		wire uint64
+		code Code
+		name string
+	}{
+		{18, 18, "CODE_18"},
+		{0xfffe, 0xfffe, "CODE_65534"},
+		{0xffff, CodeOutOfRange, "CODE_65535+"},
+		{0x10000, CodeOutOfRange, "CODE_65535+"},
+		{0x10000 + uint64(Paused), CodeOutOfRange, "CODE_65535+"},
+		{math.MaxUint64, CodeOutOfRange, "CODE_65535+"},
+	} {
+		raw, err := msgpack.Marshal(map[string]any{"id": 1, "code": tc.wire, "msg": "m"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r Response
+		if err := NewCodec().DecodeResponse(raw, &r); err != nil || r.Code != tc.code {
+			t.Fatalf("code %d: %v, decoded as %d, want %d", tc.wire, err, r.Code, tc.code)
+		}
+		if err := r.Err(); err == nil || err.Error() != tc.name+": m" {
+			t.Fatalf("code %d: Err() %v, want %q", tc.wire, err, tc.name+": m")
+		}
+	}
+}
+
 func TestReadFrame(t *testing.T) {
 	frame := func(n uint32, body []byte) []byte {
 		return append(binary.BigEndian.AppendUint32(nil, n), body...)
