@@ -385,6 +385,58 @@ func TestOutOfRangeNumbersKeepTheConnection(t *testing.T) {
 	})
 }
 
+// A uint holds no negative number: one in any uint field of a request is
+// a malformed message, answered by the final id-0 BAD_REQUEST and a close
+// like any other. The decoder used to read it as its two's complement:
+// id -1 was answered as id 2^64-1, op -1 and ver -1 as numbers nobody
+// speaks, sch -1 as UNSUPPORTED_ALGORITHM, tmo -1 as no deadline at all.
+func TestNegativeNumbersAreMalformed(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	d := sha256.Sum256([]byte("negative"))
+	for _, neg := range []struct {
+		name string
+		v    []byte
+	}{
+		{"-1 as a fixint", []byte{0xff}},
+		{"-1 as an int64", []byte{0xd3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}},
+		{"-2^31 as an int32", []byte{0xd2, 0x80, 0, 0, 0}},
+	} {
+		field := func(k string) []byte { return append(append([]byte{0xa0 | byte(len(k))}, k...), neg.v...) }
+		for _, tc := range []struct {
+			key   string
+			hello bool // say Hello first (else the request is one)
+			frame []byte
+		}{
+			{"id", true, rawFrame(field("id"), uintField("op", uint64(proto.OpPing)))},
+			{"op", true, rawFrame(uintField("id", 10), field("op"))},
+			{"ver", false, rawFrame(uintField("id", 10), uintField("op", uint64(proto.OpHello)), field("ver"))},
+			{"feat", false, rawFrame(uintField("id", 10), uintField("op", uint64(proto.OpHello)), uintField("ver", uint64(proto.Version)), field("feat"))},
+			{"sch", true, rawFrame(uintField("id", 10), uintField("op", uint64(proto.OpSign)), binField("dig", d[:]), field("sch"))},
+			{"hash", true, rawFrame(uintField("id", 10), uintField("op", uint64(proto.OpSign)), binField("dig", d[:]), field("hash"))},
+			{"tmo", true, rawFrame(uintField("id", 10), uintField("op", uint64(proto.OpSign)), binField("dig", d[:]), field("tmo"))},
+			{"from", true, rawFrame(uintField("id", 10), uintField("op", uint64(proto.OpAuditTail)), field("from"))},
+			{"n", true, rawFrame(uintField("id", 10), uintField("op", uint64(proto.OpAuditTail)), field("n"))},
+		} {
+			t.Run(tc.key+" "+neg.name, func(t *testing.T) {
+				rc := r.raw(t)
+				if tc.hello {
+					rc.hello()
+				}
+				if _, err := rc.nc.Write(tc.frame); err != nil {
+					t.Fatal(err)
+				}
+				resp, err := rc.recv()
+				if err != nil || resp.ID != 0 || resp.Code != proto.BadRequest || len(resp.Sig) != 0 {
+					t.Fatalf("final reply: %v %+v, want id 0 and BAD_REQUEST", err, resp)
+				}
+				if _, err := rc.recv(); !errors.Is(err, io.EOF) {
+					t.Fatalf("connection left open: %v", err)
+				}
+			})
+		}
+	}
+}
+
 // Request ids are non-zero: id 0 marks the agent's final reply before it
 // closes, so a reply to a request of id 0 could not be told from that one
 // (an OK with id 0 is a protocol error to the client). Such a request is

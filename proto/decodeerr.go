@@ -25,6 +25,7 @@ var (
 	errPastEnd   = formatError("a length or count past the end of the payload")
 	errTooDeep   = formatError(fmt.Sprintf("a value nested more than %d deep", maxSkipDepth))
 	errNilKey    = formatError("a nil key")
+	errNegative  = formatError("a negative number where a uint belongs")
 )
 
 // The keys each decoder knows, for naming a field in an error: a key not

@@ -70,6 +70,7 @@ func TestDecodeErrorsHoldNoPayloadBytes(t *testing.T) {
 	var (
 		s       = secret
 		s4      = secret[:4]
+		s8      = secret[:8]                   // negative as an int64: 0xc0 leads
 		keyS    = payload([]byte{0xd9, 32}, s) // the secret as a map key (str8)
 		binKeyS = payload([]byte{0xc4, 32}, s) // the same as bin
 		longKey = payload([]byte{0xd9, 64}, s, s)
@@ -100,11 +101,17 @@ func TestDecodeErrorsHoldNoPayloadBytes(t *testing.T) {
 		{"id as the secret's str", payload([]byte{0x81}, fix("id"), keyS), false},
 		{"id as raw secret bytes", payload([]byte{0x82}, fix("id"), s), false},
 		{"at as the secret's bin", payload([]byte{0x81}, fix("at"), binKeyS), false},
+		{"id as 8 bytes of the secret, a negative int64", payload([]byte{0x81}, fix("id"), []byte{0xd3}, s8), false},
+		{"sch as 8 bytes of the secret, a negative int64", payload([]byte{0x81}, fix("sch"), []byte{0xd3}, s8), false},
+		{"tmo as 4 bytes of the secret, a negative int32", payload([]byte{0x81}, fix("tmo"), []byte{0xd2}, s4), false},
+		{"n as 8 bytes of the secret, a negative int64", payload([]byte{0x81}, fix("n"), []byte{0xd3}, s8), false},
 		{"dig with a bin32 length from the secret", payload([]byte{0x81}, fix("dig"), []byte{0xc6}, s4), false},
 		{"key with a str32 length from the secret", payload([]byte{0x81}, fix("key"), []byte{0xdb}, s4), false},
 		{"key as a map", payload([]byte{0x81}, fix("key"), []byte{0x81}, keyS, []byte{0xc0}), false},
 
 		{"response: unknown key, str32 of 4 GB", payload([]byte{0x81}, keyS, []byte{0xdb, 0xff, 0xff, 0xff, 0xff}), true},
+		{"response: code as 8 bytes of the secret, a negative int64", payload([]byte{0x81}, fix("code"), []byte{0xd3}, s8), true},
+		{"response: id as 4 bytes of the secret, a negative int32", payload([]byte{0x81}, fix("id"), []byte{0xd2}, s4), true},
 		{"response: msg with a str32 length from the secret", payload([]byte{0x81}, fix("msg"), []byte{0xdb}, s4), true},
 		{"response: ok as the secret", payload([]byte{0x81}, fix("ok"), keyS), true},
 		{"response: keys with a count from the secret", payload([]byte{0x81}, fix("keys"), []byte{0xdd}, s4), true},

@@ -184,7 +184,7 @@ func (r *Request) decode(c *Codec) error {
 		var v uint64
 		switch string(key) {
 		case kID:
-			r.ID, err = d.DecodeUint64()
+			r.ID, err = decodeUint(d)
 		case kOp:
 			v, err = decodeUintSaturated(d, uint64(OpOutOfRange))
 			r.Op = Op(v)
@@ -192,7 +192,7 @@ func (r *Request) decode(c *Codec) error {
 			v, err = decodeUintSaturated(d, uint64(VersionOutOfRange))
 			r.Version = uint16(v)
 		case kFeatures:
-			r.Features, err = d.DecodeUint64()
+			r.Features, err = decodeUint(d)
 		case kKey:
 			r.Key, err = c.decodeString()
 		case kKID:
@@ -211,7 +211,7 @@ func (r *Request) decode(c *Codec) error {
 			v, err = decodeUintSaturated(d, uint64(TimeoutOutOfRange))
 			r.TimeoutMillis = uint32(v)
 		case kFromSeq:
-			r.FromSeq, err = d.DecodeUint64()
+			r.FromSeq, err = decodeUint(d)
 		case kLimit:
 			v, err = decodeUintSaturated(d, uint64(LimitOutOfRange))
 			r.Limit = uint32(v)
@@ -311,7 +311,7 @@ func (r *Response) decode(c *Codec) error {
 		var v uint64
 		switch string(key) {
 		case kID:
-			r.ID, err = d.DecodeUint64()
+			r.ID, err = decodeUint(d)
 		case kCode:
 			v, err = decodeUintSaturated(d, uint64(CodeOutOfRange))
 			r.Code = Code(v)
@@ -321,7 +321,7 @@ func (r *Response) decode(c *Codec) error {
 			v, err = decodeUintSaturated(d, uint64(VersionOutOfRange))
 			r.Version = uint16(v)
 		case kFeatures:
-			r.Features, err = d.DecodeUint64()
+			r.Features, err = decodeUint(d)
 		case kKey:
 			r.Key, err = c.decodeString()
 		case kKID:
@@ -500,11 +500,30 @@ func discard(d *msgpack.Decoder, n int) error {
 // (TimeoutOutOfRange), a count past every cap (LimitOutOfRange). Such a
 // number is answered as docs/protocol.md says rather than refused as
 // malformed, and saturating, not truncating, keeps it from wrapping onto
-// a smaller, meaningful one. msgpack's DecodeUint64 takes a negative int
-// as its two's complement, which lands here too.
+// a smaller, meaningful one. A negative number is malformed (decodeUint).
 func decodeUintSaturated(d *msgpack.Decoder, max uint64) (uint64, error) {
-	v, err := d.DecodeUint64()
+	v, err := decodeUint(d)
 	return min(v, max), err
+}
+
+// decodeUint reads a uint: msgpack's uint family, or its int family when
+// the number is not negative (an encoder may write a small number so). A
+// negative number is malformed: msgpack's DecodeUint64 would take -1 for
+// 2^64-1, an id no client chose or a number saturated into a meaning
+// (an unknown op, no deadline). The peek reads the byte in place.
+func decodeUint(d *msgpack.Decoder) (uint64, error) {
+	code, err := d.PeekCode()
+	if err != nil {
+		return 0, err
+	}
+	if code >= msgpcode.NegFixedNumLow || (code >= msgpcode.Int8 && code <= msgpcode.Int64) {
+		n, err := d.DecodeInt64()
+		if err == nil && n < 0 {
+			return 0, errNegative
+		}
+		return uint64(n), err
+	}
+	return d.DecodeUint64()
 }
 
 // decodeBytesInto reads a bin or str value into buf's capacity. A length

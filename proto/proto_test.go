@@ -8,6 +8,7 @@ import (
 	"io"
 	"math"
 	"reflect"
+	"strings"
 	"testing"
 
 	"github.com/vmihailenco/msgpack/v5"
@@ -150,7 +151,7 @@ func TestOpAndVersionPastTheirFields(t *testing.T) {
 		{wire: 256 + int64(OpSign), op: OpOutOfRange, unwire: 65536 + uint64(Version), ver: VersionOutOfRange},
 		{wire: 1 << 32, op: OpOutOfRange, unwire: 1 << 32, ver: VersionOutOfRange},
 		{wire: math.MaxInt64, op: OpOutOfRange, unwire: math.MaxUint64, ver: VersionOutOfRange},
-		{wire: -1, op: OpOutOfRange, unwire: 1<<32 + 1, ver: VersionOutOfRange},
+		// A negative op is malformed: TestNegativeNumbersInUintFields.
 	} {
 		raw, err := msgpack.Marshal(map[string]any{"id": 1, "op": tc.wire, "ver": tc.unwire})
 		if err != nil {
@@ -255,6 +256,78 @@ func TestCodePastItsField(t *testing.T) {
 		}
 		if err := r.Err(); err == nil || err.Error() != tc.name+": m" {
 			t.Fatalf("code %d: Err() %v, want %q", tc.wire, err, tc.name+": m")
+		}
+	}
+}
+
+// A uint field holds no negative number. msgpack's own DecodeUint64 reads
+// an int as its two's complement (id -1 became 2^64-1, sch -1 the
+// saturated 255), so a negative number is refused as malformed, in every
+// uint field of either direction; a number of the int family that is not
+// negative is still read, as some encoders write small numbers so.
+func TestNegativeNumbersInUintFields(t *testing.T) {
+	fix := func(k string) []byte { return append([]byte{0xa0 | byte(len(k))}, k...) }
+	negative := map[string][]byte{
+		"fixint -1":   {0xff},
+		"fixint -32":  {0xe0},
+		"int8 -1":     {0xd0, 0xff},
+		"int16 -1":    {0xd1, 0xff, 0xff},
+		"int32 -2^31": {0xd2, 0x80, 0, 0, 0},
+		"int64 -1":    {0xd3, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff},
+		"int64 -2^63": {0xd3, 0x80, 0, 0, 0, 0, 0, 0, 0},
+	}
+	positive := map[string][]byte{ // all 5
+		"int8":  {0xd0, 5},
+		"int16": {0xd1, 0, 5},
+		"int32": {0xd2, 0, 0, 0, 5},
+		"int64": {0xd3, 0, 0, 0, 0, 0, 0, 0, 5},
+	}
+	c := NewCodec()
+	for _, key := range requestKeys {
+		var r Request
+		field := map[string]func() uint64{
+			kID: func() uint64 { return r.ID }, kOp: func() uint64 { return uint64(r.Op) },
+			kVersion: func() uint64 { return uint64(r.Version) }, kFeatures: func() uint64 { return r.Features },
+			kScheme: func() uint64 { return uint64(r.Scheme) }, kHash: func() uint64 { return uint64(r.Hash) },
+			kTimeout: func() uint64 { return uint64(r.TimeoutMillis) }, kFromSeq: func() uint64 { return r.FromSeq },
+			kLimit: func() uint64 { return uint64(r.Limit) },
+		}[key]
+		if field == nil {
+			continue // not a uint
+		}
+		for name, v := range negative {
+			r = Request{}
+			if err := c.DecodeRequest(payload([]byte{0x81}, fix(key), v), &r); err == nil || !strings.Contains(err.Error(), key) {
+				t.Errorf("request %s %s: %v, %+v; want an error naming the field", key, name, err, r)
+			}
+		}
+		for name, v := range positive {
+			r = Request{}
+			if err := c.DecodeRequest(payload([]byte{0x81}, fix(key), v), &r); err != nil || field() != 5 {
+				t.Errorf("request %s %s 5: %v, read %d", key, name, err, field())
+			}
+		}
+	}
+	for _, key := range responseKeys {
+		var r Response
+		field := map[string]func() uint64{
+			kID: func() uint64 { return r.ID }, kCode: func() uint64 { return uint64(r.Code) },
+			kVersion: func() uint64 { return uint64(r.Version) }, kFeatures: func() uint64 { return r.Features },
+		}[key]
+		if field == nil {
+			continue
+		}
+		for name, v := range negative {
+			r = Response{}
+			if err := c.DecodeResponse(payload([]byte{0x81}, fix(key), v), &r); err == nil || !strings.Contains(err.Error(), key) {
+				t.Errorf("response %s %s: %v, %+v; want an error naming the field", key, name, err, r)
+			}
+		}
+		for name, v := range positive {
+			r = Response{}
+			if err := c.DecodeResponse(payload([]byte{0x81}, fix(key), v), &r); err != nil || field() != 5 {
+				t.Errorf("response %s %s 5: %v, read %d", key, name, err, field())
+			}
 		}
 	}
 }
