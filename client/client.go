@@ -676,8 +676,13 @@ func (c *conn) readFrame() (*proto.Response, error) {
 		return nil, err
 	}
 	n := int(binary.BigEndian.Uint32(hdr))
-	if n == 0 || n > c.maxFrame {
-		return nil, fmt.Errorf("reply frame of %d bytes: %w", n, proto.ErrFrameTooLarge)
+	if n == 0 {
+		return nil, fmt.Errorf("%w: a reply with no payload", proto.ErrEmptyFrame)
+	}
+	if n > c.maxFrame {
+		// Not the announced length: from an agent or a stream that lost
+		// its place, those four bytes may be a digest's (docs/security.md).
+		return nil, fmt.Errorf("%w: a reply over the limit of %d bytes", proto.ErrFrameTooLarge, c.maxFrame)
 	}
 	frame, err := c.br.Peek(proto.FrameHeaderLen + n)
 	if err != nil {
