@@ -93,9 +93,6 @@ type conn struct {
 	nextID atomic.Uint64
 }
 
-// ErrClosed is returned for calls on a closed client.
-var ErrClosed = errors.New("sigil client closed")
-
 // Dial connects to the agent at addr and says Hello. An empty addr means
 // $SIGIL_SOCK, else the default socket path. addr is a Unix socket path,
 // optionally written "unix:PATH". The client redials the same path when the
@@ -113,7 +110,7 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 		var d net.Dialer
 		nc, err := d.DialContext(ctx, "unix", path)
 		if err != nil {
-			return nil, fmt.Errorf("sigil: connect to agent at %s: %w", path, err)
+			return nil, dialFailed(path, err)
 		}
 		if proto.InDefaultSocketDir(path) {
 			// Who listens, by the kernel's word: closes the window between
@@ -139,10 +136,20 @@ func DialTLS(ctx context.Context, addr string, cfg *tls.Config) (*Client, error)
 	return newClient(ctx, func(ctx context.Context) (net.Conn, error) {
 		nc, err := d.DialContext(ctx, "tcp", addr)
 		if err != nil {
-			return nil, fmt.Errorf("sigil: connect to agent at %s: %w", addr, err)
+			return nil, dialFailed(addr, err)
 		}
 		return nc, nil
 	})
+}
+
+// dialFailed is the failure of a dial to addr. The network's error names
+// the address itself ("dial unix PATH: ..."); a TLS handshake's does not.
+func dialFailed(addr string, err error) error {
+	var opErr *net.OpError
+	if errors.As(err, &opErr) {
+		return failed("connect to the agent", err)
+	}
+	return failed("connect to the agent at "+addr, err)
 }
 
 func newClient(ctx context.Context, dial func(context.Context) (net.Conn, error)) (*Client, error) {
@@ -187,7 +194,9 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 	cn.writeToken <- struct{}{}
 	if _, _, err := cn.call(ctx, &proto.Request{Op: proto.OpHello, Version: proto.Version, Features: proto.FeaturePipelining}); err != nil {
 		cn.fail(ErrClosed)
-		return nil, fmt.Errorf("sigil: hello: %w", err)
+		// As is: the agent's refusal, a lost connection, or a failure
+		// that names the Hello.
+		return nil, err
 	}
 	return cn, nil
 }
@@ -216,8 +225,11 @@ func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response,
 		return resp, err
 	}
 	cn, err = c.redial(ctx, cn)
+	if errors.Is(err, ErrClosed) {
+		return nil, err
+	}
 	if err != nil {
-		return nil, fmt.Errorf("sigil %s: %w", req.Op, err)
+		return nil, failed(req.Op.String()+" not sent", err)
 	}
 	resp, _, err = cn.call(ctx, req)
 	return resp, err
@@ -244,8 +256,13 @@ func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
 		return cur, nil // redialled while we waited
 	}
 	if since := time.Since(c.failedAt); since < redialBackoff {
-		// %v, not %w: the code is UNAVAILABLE whatever the last failure's was.
-		return nil, fmt.Errorf("agent unavailable: the last reconnect, %v ago, failed: %v", since.Round(time.Millisecond), c.failErr)
+		// Not wrapped: the code is UNAVAILABLE whatever the last
+		// failure's was, which its text names when it is another.
+		last := causeText(c.failErr)
+		if Code(c.failErr) != proto.Unavailable {
+			last = c.failErr.Error()
+		}
+		return nil, failed(fmt.Sprintf("the last reconnect, %v ago, failed: %s", since.Round(time.Millisecond), last), nil)
 	}
 	cn, err := c.connect(ctx)
 	if err != nil {
@@ -254,7 +271,7 @@ func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
 		if ctx.Err() == nil {
 			c.failedAt, c.failErr = time.Now(), err
 		}
-		return nil, fmt.Errorf("reconnect: %w", err)
+		return nil, failed("reconnect", err)
 	}
 	c.failedAt, c.failErr = time.Time{}, nil
 	c.mu.Lock()
@@ -278,7 +295,7 @@ func (c *conn) fail(err error) {
 	if err == nil {
 		// A nil c.err reads as "still open" while pending is already gone:
 		// the next call would write to a nil map.
-		err = errors.New("sigil: connection to agent failed")
+		err = failed("connection to the agent failed", nil)
 	}
 	c.mu.Lock()
 	if c.err != nil {
@@ -316,14 +333,14 @@ func (c *conn) send(ctx context.Context, req *proto.Request) (ch chan *proto.Res
 		// A request its caller gave up on before it was sent stays unsent:
 		// the agent would sign it, journal it and count it against the
 		// slot's rate and quota.
-		return nil, dl, false, fmt.Errorf("sigil %s: %w", req.Op, err)
+		return nil, dl, false, failed(req.Op.String()+" not sent", err)
 	}
 	req.ID = c.nextID.Add(1)
 	dl, hasDeadline := ctx.Deadline()
 	if hasDeadline {
 		ms := time.Until(dl).Milliseconds()
 		if ms <= 0 {
-			return nil, dl, false, fmt.Errorf("sigil %s: %w", req.Op, context.DeadlineExceeded)
+			return nil, dl, false, failed(req.Op.String()+" not sent", context.DeadlineExceeded)
 		}
 		req.TimeoutMillis = uint32(min(ms, math.MaxUint32))
 	}
@@ -377,7 +394,7 @@ func (c *conn) await(ctx context.Context, req *proto.Request, ch chan *proto.Res
 			c.readerRole <- struct{}{}
 			if err != nil {
 				c.forget(req.ID)
-				return nil, fmt.Errorf("sigil %s: %w", req.Op, err)
+				return nil, failed(req.Op.String()+" sent, no reply yet", err)
 			}
 			return c.result(resp, ok)
 		case <-ctx.Done():
@@ -385,7 +402,7 @@ func (c *conn) await(ctx context.Context, req *proto.Request, ch chan *proto.Res
 				return c.result(resp, ok)
 			}
 			c.forget(req.ID)
-			return nil, fmt.Errorf("sigil %s: %w", req.Op, ctx.Err())
+			return nil, failed(req.Op.String()+" sent, no reply yet", ctx.Err())
 		case <-c.done:
 			// A reader hands out the replies it read before it fails the
 			// connection: one may be waiting, a signature the agent made
@@ -445,7 +462,7 @@ func (c *conn) closedByAgent(dl time.Time) bool {
 			return false // part of a frame: the next reader waits for the rest
 		}
 		if err != nil {
-			c.fail(fmt.Errorf("sigil: connection to agent lost: %w", err))
+			c.fail(failed("connection to the agent lost", err))
 			return true
 		}
 		if resp.ID == 0 {
@@ -497,7 +514,7 @@ func (c *conn) write(ctx context.Context, op proto.Op, frame []byte) (unsent boo
 	select {
 	case <-c.writeToken:
 	case <-ctx.Done():
-		return false, fmt.Errorf("sigil %s: %w", op, ctx.Err())
+		return false, failed(op.String()+" not sent", ctx.Err())
 	case <-c.done:
 		return true, c.terminalErr()
 	}
@@ -505,7 +522,7 @@ func (c *conn) write(ctx context.Context, op proto.Op, frame []byte) (unsent boo
 	if err := ctx.Err(); err != nil {
 		// The token and the cancellation were both ready, and select took
 		// the token: nothing is sent for a caller that gave up.
-		return false, fmt.Errorf("sigil %s: %w", op, err)
+		return false, failed(op.String()+" not sent", err)
 	}
 	dl, _ := ctx.Deadline()
 	if !c.writeDeadline.Equal(dl) {
@@ -533,7 +550,7 @@ func (c *conn) write(ctx context.Context, op proto.Op, frame []byte) (unsent boo
 		return false, nil
 	}
 	if !errors.Is(err, os.ErrDeadlineExceeded) {
-		c.fail(c.finalWord(fmt.Errorf("sigil: write to agent: %w", err)))
+		c.fail(c.finalWord(failed("write to the agent", err)))
 		// A Unix socket whose peer has closed fails the write (EPIPE) with
 		// nothing sent: how a connection to a restarted agent is found dead.
 		// Over TLS, n counts whole records written, so n == 0 still means
@@ -546,13 +563,13 @@ func (c *conn) write(ctx context.Context, op proto.Op, frame []byte) (unsent boo
 	}
 	if n == 0 && !c.cutWriteBreaks {
 		// Nothing of the frame went out: the stream is still in step.
-		return false, fmt.Errorf("sigil %s: %w", op, cause)
+		return false, failed(op.String()+" not sent", cause)
 	}
 	// Part of the frame went out. The agent would read the next request's
 	// bytes as the rest of this one, so no request may follow on this
 	// connection.
-	c.fail(fmt.Errorf("sigil: connection to agent closed: a %s request was cut off by its caller's deadline or cancellation after %d of its %d bytes", op, n, len(frame)))
-	return false, fmt.Errorf("sigil %s: %w (the request was cut off after %d of its %d bytes, so the connection was closed)", op, cause, n, len(frame))
+	c.fail(failed(fmt.Sprintf("connection to the agent closed: a %s request was cut off by its caller's deadline or cancellation after %d of its %d bytes", op, n, len(frame)), nil))
+	return false, failed(fmt.Sprintf("%s cut off after %d of its %d bytes, so the connection was closed", op, n, len(frame)), cause)
 }
 
 // finalWordWait bounds the look for the agent's last reply after a failed
@@ -631,7 +648,7 @@ func (c *conn) readUntil(ctx context.Context, id uint64, ch chan *proto.Response
 				c.deadline = time.Now()
 				continue
 			}
-			c.fail(fmt.Errorf("sigil: connection to agent lost: %w", err))
+			c.fail(failed("connection to the agent lost", err))
 			return nil, false, nil
 		}
 		if resp.ID == 0 {
@@ -653,7 +670,7 @@ func finalReplyError(resp *proto.Response) error {
 	if err := resp.Err(); err != nil {
 		return err
 	}
-	return errors.New("sigil: protocol error: the agent sent a final reply (id 0) with code OK; connection closed")
+	return failed("protocol error: the agent sent a final reply (id 0) with code OK; connection closed", nil)
 }
 
 // deliver hands a reply read by the reader to the call waiting for it, if
@@ -756,7 +773,7 @@ func (c *Client) ListKeys(ctx context.Context) ([]Key, error) {
 	for _, k := range resp.Keys {
 		pub, err := x509.ParsePKIXPublicKey(k.Pub)
 		if err != nil {
-			return nil, fmt.Errorf("sigil: key %q: public key: %w", k.Name, err)
+			return nil, failed(fmt.Sprintf("key %q: public key", k.Name), err)
 		}
 		out = append(out, Key{Name: k.Name, KID: k.KID, Provider: k.Provider, Type: k.KeyType, Public: pub, SPKI: k.Pub, Certificate: k.Cert, Intermediates: k.Chain})
 	}
@@ -771,7 +788,7 @@ func (c *Client) PublicKey(ctx context.Context, ref KeyRef) (Key, error) {
 	}
 	pub, err := x509.ParsePKIXPublicKey(resp.Pub)
 	if err != nil {
-		return Key{}, fmt.Errorf("sigil: key %q: public key: %w", resp.Key, err)
+		return Key{}, failed(fmt.Sprintf("key %q: public key", resp.Key), err)
 	}
 	return Key{Name: resp.Key, KID: resp.KID, Type: resp.KeyType, Public: pub, SPKI: resp.Pub}, nil
 }

@@ -27,5 +27,15 @@
 // Close is final: the client does not redial after it, and calls fail with
 // ErrClosed.
 //
-// Errors the agent returns are *proto.Error values carrying a stable Code.
+// Errors the agent returns are *proto.Error values carrying a stable Code;
+// Code gives the code of any error from this package (UNAVAILABLE for a
+// lost connection, DEADLINE_EXCEEDED for a deadline). An error's text says
+// what happened once, led by its code's name ("UNAVAILABLE: Sign not sent:
+// reconnect: connect to the agent: dial unix ...", "NOT_FOUND: ...") or,
+// for what the protocol has no code for (a caller's own cancellation, a
+// closed client, a default socket directory the client will not trust),
+// by "sigil: ". Match
+// on Code, errors.Is and errors.As, not on the text: the causes (context
+// errors, *net.OpError, ErrClosed, the agent's *proto.Error) stay in the
+// chain.
 package client

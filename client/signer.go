@@ -82,7 +82,7 @@ func (c *Client) TLSCertificate(ctx context.Context, name string) (tls.Certifica
 	}
 	leaf, err := x509.ParseCertificate(k.Certificate)
 	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("sigil: key %q: certificate: %w", name, err)
+		return tls.Certificate{}, failed(fmt.Sprintf("key %q: certificate", name), err)
 	}
 	return tls.Certificate{
 		Certificate: append([][]byte{k.Certificate}, k.Intermediates...),

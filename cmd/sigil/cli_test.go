@@ -487,10 +487,12 @@ func listenUnix(t *testing.T, path string, fn func(net.Conn)) {
 	}()
 }
 
-// clientPrefix matches the client package's own wrapping ("sigil: connect
-// to agent at ...", "sigil Hello: ..."), which main's one "sigil: " makes a
-// repetition; "'sigil agent'" in a hint is not one.
-var clientPrefix = regexp.MustCompile(`sigil( [A-Za-z]+)?:`)
+// clientPrefix matches the client package's own leads, which after the
+// command's words repeat what main's one "sigil: " and the command said:
+// "sigil: ", a code's name ("UNAVAILABLE: connect to the agent: ..."), and
+// the nested wrapping they replaced ("sigil: connect to agent at ...",
+// "sigil Hello: ..."); "'sigil agent'" in a hint is not one.
+var clientPrefix = regexp.MustCompile(`sigil( [A-Za-z]+)?:|UNAVAILABLE:|DEADLINE_EXCEEDED:`)
 
 // A connection error says what happened once: "no agent answered at X:
 // sigil: connect to agent at X: ..." said the prefix and the address twice,

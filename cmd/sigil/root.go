@@ -107,20 +107,36 @@ func (g *globalFlags) connect(ctx context.Context) (*client.Client, error) {
 }
 
 // dialCause is why a dial failed, for a message that has already named the
-// agent's address. The client wraps the cause in words of its own, each
-// starting "sigil" ("sigil: connect to agent at ADDR: ", "sigil: hello: ",
-// "sigil Hello: "), which after main's "sigil: " and the caller's "no agent
-// answered at ADDR" said it all twice. It is the first error in err's chain
-// that is not such a wrapping (the network's, the TLS handshake's), else
-// err's message without its "sigil: " (a refusal of the default socket dir,
-// whose details follow the sentinel's words).
+// agent's address. The client's errors start with their code's name
+// ("UNAVAILABLE: connect to the agent: dial unix ADDR: ...") or, from the
+// client and proto packages, with "sigil: ", which after main's "sigil: "
+// and the caller's "no agent answered at ADDR" would say it twice. It is
+// the first error in err's chain that is not such a wrapping (the
+// network's, the TLS handshake's), else err's message without its lead (a
+// refusal of the default socket dir, whose details follow the sentinel's
+// words).
 func dialCause(err error) string {
 	for e := err; e != nil; e = errors.Unwrap(e) {
-		if !strings.HasPrefix(e.Error(), "sigil") {
+		if _, ok := clientLead(e.Error()); !ok {
 			return e.Error()
 		}
 	}
-	return strings.TrimPrefix(err.Error(), "sigil: ")
+	rest, _ := clientLead(err.Error())
+	return rest
+}
+
+// clientLead reports whether msg starts as the client's and proto's errors
+// do, with "sigil" or a code's name, and returns what follows a "sigil: "
+// or "CODE: " lead.
+func clientLead(msg string) (rest string, ok bool) {
+	if strings.HasPrefix(msg, "sigil") {
+		return strings.TrimPrefix(msg, "sigil: "), true
+	}
+	lead, rest, found := strings.Cut(msg, ": ")
+	if _, known := proto.ParseCode(lead); found && (known || strings.HasPrefix(lead, "CODE_")) {
+		return rest, true
+	}
+	return msg, false
 }
 
 // dialAddr dials an agent address as the admin and audit commands name it:
@@ -172,10 +188,11 @@ func agentError(what string, err error) error {
 	if errors.Is(err, context.DeadlineExceeded) {
 		return &exitError{exitRefused, fmt.Errorf("%s: %s: no answer within the --timeout", what, proto.DeadlineExceeded)}
 	}
-	// The client's words start with "sigil", which main prints once; a
-	// network failure (the agent went away, and a redial found none) is
-	// told by the network's error alone, under the client's layers
-	// ("sigil AuditTail: reconnect: sigil: connect to agent at ...").
+	// A network failure (the agent went away, and a redial found none) is
+	// told by the network's error alone, under the client's words
+	// ("UNAVAILABLE: AuditTail not sent: reconnect: connect to the agent:
+	// dial unix ..."); other failures keep the client's text, which leads
+	// with its code's name (or "sigil: ", which main prints once).
 	var netErr *net.OpError
 	if errors.As(err, &netErr) {
 		return &exitError{exitUnreachable, fmt.Errorf("%s: connection to the agent failed: %v", what, netErr)}
