@@ -67,7 +67,9 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 		j, err := journal.Open(o)
 		if err != nil {
 			if errors.Is(err, journal.ErrInUse) {
-				return nil, &exitError{exitFailure, fmt.Errorf("journal %s is in use (%s): %w", d, inUse, err)}
+				// The journal's words ("journal: in use by another
+				// process: DIR") would name the directory a second time.
+				return nil, &exitError{exitFailure, fmt.Errorf("journal %s is in use by another process (%s)", d, inUse)}
 			}
 			return nil, &exitError{exitFailure, err}
 		}

@@ -536,7 +536,8 @@ func TestAuditTailRefusesCountBelowOne(t *testing.T) {
 // that reads the directory, each saying what would work: the readers can
 // ask the agent over --admin-socket, while recover, which has no such flag
 // and writes to the journal, needs the agent stopped. recover used to give
-// the readers' advice.
+// the readers' advice. The directory is named once: "journal X is in use
+// (...): journal: in use by another process: X" said it twice.
 func TestAuditJournalInUseSaysWhatToDo(t *testing.T) {
 	held := t.TempDir()
 	j, err := journal.Open(journal.Options{Dir: held})
@@ -561,8 +562,11 @@ func TestAuditJournalInUseSaysWhatToDo(t *testing.T) {
 				args = append(args, "--before", "24h")
 			}
 			out, stderr, code := run(t, args...)
-			if code != tc.code || !strings.Contains(stderr, "in use") || !strings.Contains(stderr, tc.says) || tc.never != "" && strings.Contains(stderr, tc.never) {
+			if code != tc.code || !strings.Contains(stderr, "in use by another process") || !strings.Contains(stderr, tc.says) || tc.never != "" && strings.Contains(stderr, tc.never) {
 				t.Fatalf("exit %d (want %d), want %q and not %q\n%s%s", code, tc.code, tc.says, tc.never, out, stderr)
+			}
+			if n := strings.Count(stderr, held); n != 1 || strings.Count(stderr, "in use") != 1 {
+				t.Fatalf("the directory named %d times, \"in use\" said %d times, want once each: %s", n, strings.Count(stderr, "in use"), stderr)
 			}
 		})
 	}
