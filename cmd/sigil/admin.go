@@ -41,6 +41,12 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		}
 		defer c.Close()
 		msg, err := fn(ctx, c)
+		var local *exitError
+		if errors.As(err, &local) {
+			// fn's own failure (rep export writing its files), with its
+			// exit status: not the agent's answer.
+			return &exitError{local.code, fmt.Errorf("%s: %w", what, local.err)}
+		}
 		if err != nil {
 			return agentError(what, err)
 		}

@@ -94,13 +94,15 @@ func repExportCommand(run func(string, func(context.Context, *client.Client) (st
 				if err != nil {
 					return "", err
 				}
+				// The pack is here: what fails from now on fails here
+				// (exit 1), not the agent or the connection.
 				var m rotation.Manifest
 				if err := json.Unmarshal(manifest, &m); err != nil {
-					return "", fmt.Errorf("manifest: %w", err)
+					return "", &exitError{exitFailure, fmt.Errorf("the pack's manifest does not parse: %w", err)}
 				}
 				files, err := rotation.WriteREP(out, &m, manifest, sig)
 				if err != nil {
-					return "", err
+					return "", &exitError{exitFailure, fmt.Errorf("the pack could not be written under --out %s: %w", out, err)}
 				}
 				return "wrote " + strings.Join(files, ", "), nil
 			})

@@ -135,3 +135,39 @@ func TestREPExportOfALargePack(t *testing.T) {
 		t.Fatalf("rep verify of the exported pack: %d %s %s", code, out, stderr)
 	}
 }
+
+// `rep export` that cannot write its files here fails as a local failure
+// (exit 1, naming the path and why), not as a lost agent: it used to
+// report the write through the connection's error path, exit 3 and
+// "no agent reachable", with the agent up and the pack fetched.
+func TestREPExportLocalFailureIsNotNoAgent(t *testing.T) {
+	bin := buildSigil(t)
+	r := newRotationSetup(t, "ecdsa-p256", 10)
+	startAgentProcess(t, bin, r.config, r.socket).waitReady(t)
+	if out, stderr, code := runBin(t, bin, "rotate", "payments/release", "--admin-socket", r.admin); code != 0 {
+		t.Fatalf("rotate: %d %s %s", code, out, stderr)
+	}
+	file := filepath.Join(r.dir, "a-file")
+	os.WriteFile(file, []byte("not a directory"), 0o600)
+	readOnly := filepath.Join(r.dir, "read-only")
+	os.Mkdir(readOnly, 0o500)
+	for _, tc := range []struct {
+		name, out, says string
+		needsNonRoot    bool
+	}{
+		{"--out is a file", file, "not a directory", false},
+		{"--out under a file", filepath.Join(file, "packs"), "not a directory", false},
+		{"--out read-only", readOnly, "permission denied", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.needsNonRoot && os.Geteuid() == 0 {
+				t.Skip("root writes into a read-only directory")
+			}
+			_, stderr, code := runBin(t, bin, "rep", "export", "payments/release", "--out", tc.out, "--admin-socket", r.admin)
+			if code != exitFailure || !strings.Contains(stderr, tc.says) || !strings.Contains(stderr, tc.out) ||
+				strings.Contains(stderr, "agent") || strings.Contains(stderr, "connection") {
+				t.Fatalf("exit %d (want %d), want a local failure naming %s and %q, not the agent:\n%s", code, exitFailure, tc.out, tc.says, stderr)
+			}
+		})
+	}
+}
