@@ -10,8 +10,12 @@ import (
 
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/policy"
-	"github.com/sigil-agent/sigil/proto"
 )
+
+// adminRunner runs one admin request (what names it in messages) with the
+// admin socket's client: fn's requests wait --timeout, or max(--timeout,
+// wait) for wait > 0.
+type adminRunner func(what string, wait time.Duration, fn func(context.Context, *client.Client) (string, error)) error
 
 // adminCommands builds `sigil admin ...` and the top-level rotate, rollback
 // and incident commands over the same admin-socket plumbing.
@@ -22,24 +26,27 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		Short: "Operator commands on the agent's admin socket: pause, resume, reload, rotate, rollback, drill",
 	}
 	cmd.PersistentFlags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket, --socket's or $SIGIL_SOCK's)")
-	run := func(what string, fn func(context.Context, *client.Client) (string, error)) error {
+	// run dials the admin socket within --timeout, asks fn, and prints
+	// its answer. fn's requests wait --timeout, or max(--timeout, wait)
+	// for wait > 0 (adminChangeWait).
+	var run adminRunner = func(what string, wait time.Duration, fn func(context.Context, *client.Client) (string, error)) error {
 		addr := adminSocketAddr(adminSocket, g.socket)
-		// Rotations generate keys (seconds on some HSMs) and sign a canary
-		// set: the agent allows them 2 minutes, so the CLI waits at least 3.
-		ctx, cancel := context.WithTimeout(context.Background(), max(g.timeout, 3*time.Minute))
-		defer cancel()
-		c, err := g.dialAddr(ctx, addr)
+		dialCtx, cancelDial := g.context()
+		defer cancelDial()
+		c, err := g.dialAgent(dialCtx, what, addr, func(addr, cause string) string {
+			return fmt.Sprintf("no agent admin socket at %s: %s", addr, cause)
+		})
 		if err != nil {
-			var usage *exitError
-			if errors.As(err, &usage) {
-				return err
-			}
-			if client.Code(err) == proto.Unauthenticated {
-				return agentError(what, err)
-			}
-			return &exitError{exitUnreachable, fmt.Errorf("no agent admin socket at %s: %s", addr, dialCause(err))}
+			return err
 		}
 		defer c.Close()
+		limit, waited := g.timeout, "the --timeout"
+		if wait > 0 {
+			limit = g.longWait(wait)
+			waited = limit.String()
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), limit)
+		defer cancel()
 		msg, err := fn(ctx, c)
 		var local *exitError
 		if errors.As(err, &local) {
@@ -48,7 +55,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 			return &exitError{local.code, fmt.Errorf("%s: %w", what, local.err)}
 		}
 		if err != nil {
-			return agentError(what, err)
+			return agentErrorAfter(what, err, waited)
 		}
 		if msg == "" {
 			msg = "done"
@@ -61,7 +68,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		Short: "Stop a key slot from signing (signers get PAUSED)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("pause "+args[0], func(ctx context.Context, c *client.Client) (string, error) { return c.Pause(ctx, args[0]) })
+			return run("pause "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.Pause(ctx, args[0]) })
 		},
 	}
 	resume := &cobra.Command{
@@ -69,7 +76,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		Short: "Lift a run-time pause",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("resume "+args[0], func(ctx context.Context, c *client.Client) (string, error) { return c.Resume(ctx, args[0]) })
+			return run("resume "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.Resume(ctx, args[0]) })
 		},
 	}
 	reload := &cobra.Command{
@@ -77,7 +84,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		Short: "Re-read what SIGHUP re-reads: the policy, the TLS certificates and the keys' certificates (each on its own: a part that fails to load is refused and its old version stays; the reply names the parts taken)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return run("reload", func(ctx context.Context, c *client.Client) (string, error) { return c.ReloadPolicy(ctx) })
+			return run("reload", adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.ReloadPolicy(ctx) })
 		},
 	}
 	cmd.AddCommand(pause, resume, reload)
@@ -95,7 +102,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 
 // rotationCommands are rotate, rollback and drill; they are also top-level
 // commands (`sigil rotate SLOT`), as operators know them.
-func rotationCommands(run func(string, func(context.Context, *client.Client) (string, error)) error) []*cobra.Command {
+func rotationCommands(run adminRunner) []*cobra.Command {
 	var at string
 	rotate := &cobra.Command{
 		Use:   "rotate TENANT/SLOT [--at TIME]",
@@ -107,11 +114,11 @@ func rotationCommands(run func(string, func(context.Context, *client.Client) (st
 				if err != nil {
 					return usageError("--at: %v (want RFC 3339, e.g. 2026-12-01T09:00:00Z)", err)
 				}
-				return run("rotate "+args[0], func(ctx context.Context, c *client.Client) (string, error) {
+				return run("rotate "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) {
 					return c.ScheduleRotation(ctx, args[0], t)
 				})
 			}
-			return run("rotate "+args[0], func(ctx context.Context, c *client.Client) (string, error) { return c.RotateSlot(ctx, args[0]) })
+			return run("rotate "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.RotateSlot(ctx, args[0]) })
 		},
 	}
 	rotate.Flags().StringVar(&at, "at", "", "schedule the rotation at this RFC 3339 time instead of now")
@@ -120,7 +127,7 @@ func rotationCommands(run func(string, func(context.Context, *client.Client) (st
 		Short: "Make the previous key version active again (while it is not retired)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("rollback "+args[0], func(ctx context.Context, c *client.Client) (string, error) { return c.Rollback(ctx, args[0]) })
+			return run("rollback "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.Rollback(ctx, args[0]) })
 		},
 	}
 	drill := &cobra.Command{
@@ -128,7 +135,7 @@ func rotationCommands(run func(string, func(context.Context, *client.Client) (st
 		Short: "Incident drill: pause, emergency rotation, canaries, resume, incident statement",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("incident drill "+args[0], func(ctx context.Context, c *client.Client) (string, error) { return c.IncidentDrill(ctx, args[0]) })
+			return run("incident drill "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.IncidentDrill(ctx, args[0]) })
 		},
 	}
 	return []*cobra.Command{rotate, rollback, drill}

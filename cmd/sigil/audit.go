@@ -77,35 +77,49 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 	}
 
 	var adminSocket string
+	// dialAdmin dials the admin socket at addr within --timeout (what
+	// names the command in a refusal). A command that reads the directory
+	// when no agent answers (the socket was not named) does so on an
+	// exitUnreachable error.
+	dialAdmin := func(what, addr string, noAgent func(addr, cause string) string) (*client.Client, error) {
+		ctx, cancel := g.context()
+		defer cancel()
+		return g.dialAgent(ctx, what, addr, noAgent)
+	}
+	noAgentAnswered := func(addr, cause string) string { return fmt.Sprintf("no agent answered at %s: %s", addr, cause) }
+	readTheDirectory := func(err error) bool {
+		var ee *exitError
+		return adminSocket == "" && errors.As(err, &ee) && ee.code == exitUnreachable
+	}
 	// runningAgent dials the running agent's admin socket (auditAdminSocket)
 	// unless there is none to ask. nil and no error: read the directory (no
 	// agent answered, and none was named).
-	runningAgent := func(ctx context.Context) (*client.Client, error) {
+	runningAgent := func(what string) (*client.Client, error) {
 		addr, err := auditAdminSocket(configPath, dir, adminSocket, g.socket)
 		if err != nil || addr == "" {
 			return nil, err
 		}
-		c, err := g.dialAddr(ctx, addr)
-		switch {
-		case err == nil:
-			return c, nil
-		case adminSocket != "":
-			return nil, &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %s", addr, dialCause(err))}
+		c, err := dialAdmin(what, addr, noAgentAnswered)
+		if readTheDirectory(err) {
+			return nil, nil
 		}
-		return nil, nil
+		return c, err
 	}
 	verify := &cobra.Command{
 		Use:   "verify",
 		Short: "Recompute the hash chain (the running agent's, over its admin socket, else the journal directory); exit 1 and name the first broken record on a break, 5 when it could not be checked",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if c, err := runningAgent(cmd.Context()); err != nil {
+			if c, err := runningAgent("audit verify"); err != nil {
 				return err
 			} else if c != nil {
 				defer c.Close()
-				ok, summary, err := c.AuditVerify(cmd.Context())
+				wait := g.longWait(auditLongWait)
+				ctx, cancel := context.WithTimeout(context.Background(), wait)
+				defer cancel()
+				ok, summary, err := c.AuditVerify(ctx)
 				if err != nil {
-					return agentError("audit verify", err)
+					return agentErrorAfter("audit verify", err, wait.String())
 				}
 				if !ok {
 					return &exitError{exitFailure, fmt.Errorf("running agent: %s", summary)}
@@ -154,16 +168,22 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				return usageError("--follow reads the running agent: name its admin socket with --admin-socket")
 			}
 			if addr != "" {
-				if c, err := g.dialAddr(cmd.Context(), addr); err == nil {
+				noAgent := noAgentAnswered
+				if follow {
+					noAgent = func(addr, cause string) string {
+						return fmt.Sprintf("--follow reads the running agent, and none answered at %s: %s", addr, cause)
+					}
+				}
+				c, err := dialAdmin("audit tail", addr, noAgent)
+				if err == nil {
 					defer c.Close()
-					return tailOnline(cmd.Context(), c, out, tenant, n, follow)
-				} else if follow {
-					return &exitError{exitUnreachable, fmt.Errorf("--follow reads the running agent, and none answered at %s: %s", addr, dialCause(err))}
-				} else if adminSocket != "" {
-					// As verify, export and prune: the agent named is the
-					// one asked about; another journal's records would
-					// pass for its.
-					return &exitError{exitUnreachable, fmt.Errorf("no agent answered at %s: %s", addr, dialCause(err))}
+					return tailOnline(cmd.Context(), c, out, tenant, n, follow, g.timeout)
+				}
+				// As verify, export and prune: the agent named is the
+				// one asked about; another journal's records would pass
+				// for its.
+				if follow || !readTheDirectory(err) {
+					return err
 				}
 			}
 			j, err := open(journal.Options{ReadOnly: true}, askTheAgent)
@@ -205,11 +225,11 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				}
 				f.Since = t
 			}
-			if c, err := runningAgent(cmd.Context()); err != nil {
+			if c, err := runningAgent("audit export"); err != nil {
 				return err
 			} else if c != nil {
 				defer c.Close()
-				if err := exportOnline(cmd.Context(), c, cmd.OutOrStdout(), f); err != nil {
+				if err := exportOnline(cmd.Context(), c, cmd.OutOrStdout(), f, g.timeout); err != nil {
 					return agentError("audit export", err)
 				}
 				return nil
@@ -244,13 +264,16 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				return usageError("--before: %v", err)
 			}
 			out := cmd.OutOrStdout()
-			if c, err := runningAgent(cmd.Context()); err != nil {
+			if c, err := runningAgent("audit prune"); err != nil {
 				return err
 			} else if c != nil {
 				defer c.Close()
-				summary, err := c.AuditPrune(cmd.Context(), cut)
+				wait := g.longWait(auditLongWait)
+				ctx, cancel := context.WithTimeout(context.Background(), wait)
+				defer cancel()
+				summary, err := c.AuditPrune(ctx, cut)
 				if err != nil {
-					return agentError("audit prune", err)
+					return agentErrorAfter("audit prune", err, wait.String())
 				}
 				fmt.Fprintf(out, "running agent: %s\n", summary)
 				return nil
@@ -450,12 +473,13 @@ func (tw *tailWriter) row(js []byte) {
 // agent's reply is each record's export JSON) until a page comes back
 // empty: the agent sends fewer than asked when they would not fit a reply.
 // Records before f.Since are skipped here, as WriteJSONL does on the
-// directory.
-func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journal.Filter) error {
+// directory. Each page waits timeout (--timeout); the export as a whole has
+// no bound: it goes on while pages come.
+func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journal.Filter, timeout time.Duration) error {
 	const page = 100
 	w := bufio.NewWriterSize(out, 64<<10)
 	for from := uint64(1); ; {
-		recs, err := c.AuditTail(ctx, f.Tenant, from, page)
+		recs, err := auditTailPage(ctx, c, timeout, f.Tenant, from, page)
 		if err != nil {
 			return err
 		}
@@ -504,11 +528,19 @@ func continuesExport(from, seq uint64, tenant, op, detail string) error {
 	return fmt.Errorf("records %d-%d were pruned while the export ran, so the output has a gap there: export again", from, seq-1)
 }
 
+// auditTailPage is one AuditTail request, which waits timeout (--timeout).
+func auditTailPage(ctx context.Context, c *client.Client, timeout time.Duration, tenant string, from uint64, limit int) ([][]byte, error) {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	return c.AuditTail(ctx, tenant, from, limit)
+}
+
 // tailOnline reads the running agent's journal through the AuditTail admin
-// operation; with follow it polls for new records until interrupted.
-func tailOnline(ctx context.Context, c *client.Client, out io.Writer, tenant string, n int, follow bool) error {
+// operation; with follow it polls for new records until interrupted. Each
+// request waits timeout (--timeout); following has no bound.
+func tailOnline(ctx context.Context, c *client.Client, out io.Writer, tenant string, n int, follow bool, timeout time.Duration) error {
 	tw := newTailWriter(out)
-	recs, err := c.AuditTail(ctx, tenant, 0, n)
+	recs, err := auditTailPage(ctx, c, timeout, tenant, 0, n)
 	if err != nil {
 		return agentError("audit tail", err)
 	}
@@ -529,7 +561,7 @@ func tailOnline(ctx context.Context, c *client.Client, out io.Writer, tenant str
 		case <-tick.C:
 		}
 		for {
-			recs, err := c.AuditTail(ctx, tenant, tw.last+1, 100)
+			recs, err := auditTailPage(ctx, c, timeout, tenant, tw.last+1, 100)
 			if err != nil {
 				if ctx.Err() != nil {
 					return nil

@@ -1,18 +1,21 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -583,4 +586,135 @@ func TestConnectionErrorsSayItOnce(t *testing.T) {
 			t.Fatal("audit tail -f went on after the agent stopped")
 		}
 	})
+}
+
+// answerHelloOnly is an agent that says Hello and then answers nothing:
+// a wedged agent.
+func answerHelloOnly(nc net.Conn) {
+	br := bufio.NewReaderSize(nc, proto.DefaultMaxFrame+proto.FrameHeaderLen)
+	payload, err := proto.ReadFrame(br, nil, proto.DefaultMaxFrame)
+	if err != nil {
+		return
+	}
+	var req proto.Request
+	if proto.NewCodec().DecodeRequest(payload, &req) != nil || req.Op != proto.OpHello {
+		return
+	}
+	frame, err := proto.NewCodec().AppendResponseFrame(nil, &proto.Response{ID: req.ID, Code: proto.OK, Version: proto.Version, Features: proto.FeaturePipelining})
+	if err == nil {
+		nc.Write(frame)
+	}
+	io.Copy(io.Discard, br) // the requests that follow, unanswered
+}
+
+// Every command that talks to the agent gives up on one that does not
+// answer, and says so. A socket that accepts and never says Hello (a
+// wedged agent, a listener that is not an agent) is given --timeout and is
+// exit 3, as for 'keys sign'; an agent that said Hello and then does not
+// answer a request is exit 4, DEADLINE_EXCEEDED, after --timeout, or after
+// the longer wait of the requests the agent gives more time (state
+// changes, audit verify and prune; shortened here). The audit commands
+// used to dial with no deadline at all, so 'audit verify --admin-socket S'
+// hung for good, and the admin commands gave a silent socket 3 minutes.
+func TestEveryCommandGivesUpOnASilentAgent(t *testing.T) {
+	defer func(a, b time.Duration) { adminChangeWait, auditLongWait = a, b }(adminChangeWait, auditLongWait)
+	adminChangeWait, auditLongWait = 700*time.Millisecond, 900*time.Millisecond
+	const timeout = 300 * time.Millisecond
+
+	dir := shortSocketDir(t)
+	var mu sync.Mutex
+	var held []net.Conn
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			c.Close()
+		}
+	})
+	hold := func(c net.Conn) {
+		mu.Lock()
+		held = append(held, c)
+		mu.Unlock()
+	}
+	silent := filepath.Join(dir, "silent.sock")
+	listenUnix(t, silent, hold)
+	wedged := filepath.Join(dir, "wedged.sock")
+	listenUnix(t, wedged, func(c net.Conn) { hold(c); go answerHelloOnly(c) })
+	in := filepath.Join(t.TempDir(), "f")
+	os.WriteFile(in, []byte("release"), 0o644)
+	later := time.Now().Add(48 * time.Hour).UTC().Format(time.RFC3339)
+
+	for _, tc := range []struct {
+		args []string // then --socket or --admin-socket
+		wait time.Duration
+	}{
+		{[]string{"keys", "info"}, timeout},
+		{[]string{"keys", "pubkey"}, timeout},
+		{[]string{"keys", "sign", "--in", in}, timeout},
+		{[]string{"verify-signature", "--in", in, "--sig", in, "--kid", "k"}, timeout},
+		{[]string{"audit", "verify"}, auditLongWait},
+		{[]string{"audit", "tail"}, timeout},
+		{[]string{"audit", "tail", "-f"}, timeout},
+		{[]string{"audit", "export"}, timeout},
+		{[]string{"audit", "prune", "--before", "24h"}, auditLongWait},
+		{[]string{"admin", "pause", "a/b"}, adminChangeWait},
+		{[]string{"admin", "resume", "a/b"}, adminChangeWait},
+		{[]string{"admin", "reload"}, adminChangeWait},
+		{[]string{"admin", "rotate", "a/b"}, adminChangeWait},
+		{[]string{"admin", "rollback", "a/b"}, adminChangeWait},
+		{[]string{"admin", "drill", "a/b"}, adminChangeWait},
+		{[]string{"rotate", "a/b"}, adminChangeWait},
+		{[]string{"rotate", "a/b", "--at", later}, adminChangeWait},
+		{[]string{"rollback", "a/b"}, adminChangeWait},
+		{[]string{"incident", "drill", "a/b"}, adminChangeWait},
+		{[]string{"rep", "export", "a/b", "--out", t.TempDir()}, timeout},
+	} {
+		for _, agent := range []struct {
+			name, socket string
+			code         int
+			says         string
+			wait         time.Duration
+		}{
+			{"silent", silent, exitUnreachable, "the agent at " + silent + " did not answer within --timeout (300ms)", timeout},
+			{"wedged", wedged, exitRefused, "DEADLINE_EXCEEDED: no answer within ", tc.wait},
+		} {
+			args := append([]string{"--timeout", timeout.String()}, tc.args...)
+			if tc.args[0] == "keys" || tc.args[0] == "verify-signature" {
+				args = append(args, "--socket", agent.socket)
+			} else {
+				args = append(args, "--admin-socket", agent.socket)
+			}
+			t.Run(agent.name+" "+strings.Join(tc.args, " "), func(t *testing.T) {
+				type result struct {
+					stderr string
+					code   int
+				}
+				done := make(chan result, 1)
+				start := time.Now()
+				go func() {
+					_, stderr, code := run(t, args...)
+					done <- result{stderr, code}
+				}()
+				select {
+				case r := <-done:
+					took := time.Since(start)
+					says := agent.says
+					if agent.code == exitRefused {
+						says += agent.wait.String()
+						if agent.wait == timeout {
+							says = agent.says + "the --timeout"
+						}
+					}
+					if r.code != agent.code || !strings.Contains(r.stderr, says) {
+						t.Fatalf("exit %d (want %d), stderr %q, want %q", r.code, agent.code, r.stderr, says)
+					}
+					if took < agent.wait || took > agent.wait+2*time.Second {
+						t.Fatalf("gave up after %v, want about %v", took, agent.wait)
+					}
+				case <-time.After(agent.wait + 5*time.Second):
+					t.Fatalf("still waiting after %v", agent.wait+5*time.Second)
+				}
+			})
+		}
+	}
 }

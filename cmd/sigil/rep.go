@@ -74,7 +74,7 @@ public key (PEM, or the 32 raw bytes); 2 a usage error.`,
 
 // repExportCommand is `sigil rep export`; the root command attaches it, as
 // it talks to the agent over the admin socket plumbing of adminCommands.
-func repExportCommand(run func(string, func(context.Context, *client.Client) (string, error)) error) *cobra.Command {
+func repExportCommand(run adminRunner) *cobra.Command {
 	var out string
 	cmd := &cobra.Command{
 		Use:   "export TENANT/SLOT [N] [--out DIR]",
@@ -89,7 +89,7 @@ func repExportCommand(run func(string, func(context.Context, *client.Client) (st
 				}
 				n = v
 			}
-			return run("rep export "+args[0], func(ctx context.Context, c *client.Client) (string, error) {
+			return run("rep export "+args[0], 0, func(ctx context.Context, c *client.Client) (string, error) {
 				manifest, sig, err := c.ExportREP(ctx, args[0], n)
 				if err != nil {
 					return "", err

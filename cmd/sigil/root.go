@@ -17,6 +17,23 @@ import (
 	"github.com/sigil-agent/sigil/proto"
 )
 
+// How long the commands wait for the agent. The dial and its Hello, and
+// each request, wait --timeout; the requests the agent itself gives longer
+// are waited for that long at least. The agent finishes those whether or
+// not anyone waits for the answer, and a command that gave up sooner would
+// report as failed a change that was made, or a check that passed.
+var (
+	// adminChangeWait is for the admin requests that change the agent:
+	// pause, resume, reload, rotate, rollback and the incident drill. The
+	// agent gives a rotation 2 minutes (key generation on an HSM, the
+	// canaries), and a pause waits out the slot's signatures in flight
+	// (request_timeout + write_timeout + 1s) and any drill under way.
+	adminChangeWait = 3 * time.Minute
+	// auditLongWait is for audit verify and audit prune over the admin
+	// socket, which the agent gives 10 minutes: they read every record.
+	auditLongWait = 11 * time.Minute
+)
+
 // globalFlags are shared by the client-side commands.
 type globalFlags struct {
 	socket  string
@@ -38,7 +55,7 @@ Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() +
 		SilenceErrors: true,
 	}
 	root.PersistentFlags().StringVar(&g.socket, "socket", "", "agent socket (default $SIGIL_SOCK, else "+proto.DefaultSocketPath()+")")
-	root.PersistentFlags().DurationVar(&g.timeout, "timeout", 10*time.Second, "deadline for each request to the agent")
+	root.PersistentFlags().DurationVar(&g.timeout, "timeout", 10*time.Second, "deadline for reaching the agent (the dial and its Hello) and for each request; the admin changes wait at least "+adminChangeWait.String()+", audit verify and prune at least "+auditLongWait.String())
 	root.PersistentFlags().StringVar(&g.tlsCert, "tls-cert", "", "client certificate (PEM) for --socket tls://host:port")
 	root.PersistentFlags().StringVar(&g.tlsKey, "tls-key", "", "client private key (PEM) for --socket tls://host:port")
 	root.PersistentFlags().StringVar(&g.tlsCA, "tls-ca", "", "CA bundle (PEM) that signed the agent's certificate")
@@ -75,35 +92,47 @@ func refuseUnknownSubcommands(c *cobra.Command) {
 	c.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
 }
 
-// connect dials the agent, mapping failure to exitUnreachable with a hint.
+// connect dials the agent within ctx, mapping failure to its exit status
+// (dialAgent) with a hint to start one.
 func (g *globalFlags) connect(ctx context.Context) (*client.Client, error) {
-	c, err := g.dialAddr(ctx, g.socket)
+	return g.dialAgent(ctx, "connect", g.socket, func(addr, cause string) string {
+		return fmt.Sprintf("no agent at %s (start one with 'sigil agent' or 'make run', or set $SIGIL_SOCK): %s", addr, cause)
+	})
+}
+
+// dialAgent dials addr (dialAddr) within ctx, its Hello included, and maps
+// a failure to its exit status: a usage error (the --tls-* files) as it
+// is; a refusal (too many connections, a peer the agent does not admit) to
+// exitRefused for what, as an agent that answered and said no; a default
+// socket dir not to trust, and a socket that accepted and said no Hello
+// before ctx's deadline (a wedged agent, a listener that is not an agent),
+// to exitUnreachable saying so; and a dial that found nothing to
+// exitUnreachable in noAgent's words, given the address and the cause.
+func (g *globalFlags) dialAgent(ctx context.Context, what, addr string, noAgent func(addr, cause string) string) (*client.Client, error) {
+	c, err := g.dialAddr(ctx, addr)
+	if err == nil {
+		return c, nil
+	}
 	var usage *exitError
 	if errors.As(err, &usage) {
 		return nil, err
 	}
-	if err != nil {
-		var refused *proto.Error
-		if errors.As(err, &refused) {
-			// An agent is there and said no (too many connections, a peer
-			// it does not admit): not "no agent".
-			return nil, agentError("connect", err)
-		}
-		if errors.Is(err, proto.ErrUntrustedSocketDir) {
-			return nil, &exitError{exitUnreachable, errors.New(dialCause(err))}
-		}
-		addr := g.socket
-		if addr == "" {
-			addr = proto.ClientSocketPath()
-		}
-		if errors.Is(err, context.DeadlineExceeded) {
-			// A Unix dial to nothing fails at once: something is there
-			// and did not say Hello in time.
-			return nil, &exitError{exitUnreachable, fmt.Errorf("the agent at %s did not answer within --timeout (%s)", addr, g.timeout)}
-		}
-		return nil, &exitError{exitUnreachable, fmt.Errorf("no agent at %s (start one with 'sigil agent' or 'make run', or set $SIGIL_SOCK): %s", addr, dialCause(err))}
+	var refused *proto.Error
+	if errors.As(err, &refused) {
+		return nil, agentError(what, err)
 	}
-	return c, nil
+	if errors.Is(err, proto.ErrUntrustedSocketDir) {
+		return nil, &exitError{exitUnreachable, errors.New(dialCause(err))}
+	}
+	if addr == "" {
+		addr = proto.ClientSocketPath()
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		// A Unix dial to nothing fails at once: something is there
+		// and did not say Hello in time.
+		return nil, &exitError{exitUnreachable, fmt.Errorf("the agent at %s did not answer within --timeout (%s)", addr, g.timeout)}
+	}
+	return nil, &exitError{exitUnreachable, errors.New(noAgent(addr, dialCause(err)))}
 }
 
 // dialCause is why a dial failed, for a message that has already named the
@@ -174,19 +203,33 @@ func clientTLSConfig(certFile, keyFile, caFile string) (*tls.Config, error) {
 	return &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: pool, MinVersion: tls.VersionTLS13}, nil
 }
 
+// context bounds one request, or a dial and its Hello, by --timeout.
 func (g *globalFlags) context() (context.Context, context.CancelFunc) {
 	return context.WithTimeout(context.Background(), g.timeout)
 }
 
-// agentError wraps an error from a request: refused by the agent (exitRefused,
-// with the code name first) or a lost connection (exitUnreachable).
+// longWait is how long to wait for a request the agent gives wait
+// (adminChangeWait, auditLongWait): that long, or --timeout if longer.
+func (g *globalFlags) longWait(wait time.Duration) time.Duration {
+	return max(g.timeout, wait)
+}
+
+// agentError wraps an error from a request bound by --timeout: refused by
+// the agent (exitRefused, with the code name first), no answer in time
+// (exitRefused, DEADLINE_EXCEEDED) or a lost connection (exitUnreachable).
 func agentError(what string, err error) error {
+	return agentErrorAfter(what, err, "the --timeout")
+}
+
+// agentErrorAfter is agentError for a request that waited for as long as
+// waited says.
+func agentErrorAfter(what string, err error, waited string) error {
 	var pe *proto.Error
 	if errors.As(err, &pe) {
 		return &exitError{exitRefused, fmt.Errorf("%s: agent refused: %s", what, pe.Error())}
 	}
 	if errors.Is(err, context.DeadlineExceeded) {
-		return &exitError{exitRefused, fmt.Errorf("%s: %s: no answer within the --timeout", what, proto.DeadlineExceeded)}
+		return &exitError{exitRefused, fmt.Errorf("%s: %s: no answer within %s", what, proto.DeadlineExceeded, waited)}
 	}
 	// A network failure (the agent went away, and a redial found none) is
 	// told by the network's error alone, under the client's words
