@@ -229,10 +229,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 				return err
 			} else if c != nil {
 				defer c.Close()
-				if err := exportOnline(cmd.Context(), c, cmd.OutOrStdout(), f, g.timeout); err != nil {
-					return agentError("audit export", err)
-				}
-				return nil
+				return exportOnline(cmd.Context(), c, cmd.OutOrStdout(), f, g.timeout)
 			}
 			j, err := open(journal.Options{ReadOnly: true}, askTheAgent)
 			if err != nil {
@@ -474,14 +471,17 @@ func (tw *tailWriter) row(js []byte) {
 // empty: the agent sends fewer than asked when they would not fit a reply.
 // Records before f.Since are skipped here, as WriteJSONL does on the
 // directory. Each page waits timeout (--timeout); the export as a whole has
-// no bound: it goes on while pages come.
+// no bound: it goes on while pages come. Its error has its exit status: the
+// agent's (agentError), or exitFailure for what fails here, a gap, a record
+// that does not parse, an output not written.
 func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journal.Filter, timeout time.Duration) error {
 	const page = 100
 	w := bufio.NewWriterSize(out, 64<<10)
+	failed := func(err error) error { return &exitError{exitFailure, fmt.Errorf("audit export: %w", err)} }
 	for from := uint64(1); ; {
 		recs, err := auditTailPage(ctx, c, timeout, f.Tenant, from, page)
 		if err != nil {
-			return err
+			return agentError("audit export", err)
 		}
 		for _, r := range recs {
 			var head struct {
@@ -491,11 +491,11 @@ func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journa
 				Detail string    `json:"detail"`
 			}
 			if err := json.Unmarshal(r, &head); err != nil {
-				return fmt.Errorf("record after seq %d: %w", from-1, err)
+				return failed(fmt.Errorf("record after seq %d: %w", from-1, err))
 			}
 			if err := continuesExport(from, head.Seq, f.Tenant, head.Op, head.Detail); err != nil {
 				w.Flush()
-				return err
+				return failed(err)
 			}
 			from = head.Seq + 1
 			if !f.Since.IsZero() && head.Time.Before(f.Since) {
@@ -505,7 +505,10 @@ func exportOnline(ctx context.Context, c *client.Client, out io.Writer, f journa
 			w.WriteByte('\n')
 		}
 		if len(recs) == 0 {
-			return w.Flush()
+			if err := w.Flush(); err != nil {
+				return failed(err)
+			}
+			return nil
 		}
 	}
 }

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -570,4 +572,63 @@ func TestAuditJournalInUseSaysWhatToDo(t *testing.T) {
 			}
 		})
 	}
+}
+
+// `audit export` from a running agent fails here, exit 1, when what it
+// got cannot be exported: records pruned between two pages (a gap the
+// output would hide), a record that is not JSON, an output that cannot be
+// written. All three went out through the connection's error path, exit 3
+// (no agent reachable), from an agent that had answered every request.
+func TestAuditExportLocalFailuresAreNotNoAgent(t *testing.T) {
+	record := func(seq uint64) []byte {
+		return []byte(fmt.Sprintf(`{"seq":%d,"time":"2026-12-01T09:00:00Z","op":"sign"}`, seq))
+	}
+	dir := shortSocketDir(t)
+	for _, tc := range []struct {
+		name  string
+		pages map[uint64][][]byte // by the page's first seq
+		says  string
+	}{
+		{"records pruned under it", map[uint64][][]byte{1: {record(1), record(2)}, 3: {record(40)}}, "records 3-39 were pruned while the export ran"},
+		{"a record not JSON", map[uint64][][]byte{1: {record(1), []byte("not JSON")}}, "record after seq 1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sock := filepath.Join(dir, strings.ReplaceAll(tc.name, " ", "-")+".sock")
+			listenUnix(t, sock, func(c net.Conn) {
+				go fakeAgent(c, func(req *proto.Request) *proto.Response {
+					return &proto.Response{Code: proto.OK, Records: tc.pages[req.FromSeq]}
+				})
+			})
+			_, stderr, code := run(t, "audit", "export", "--admin-socket", sock)
+			if code != exitFailure || !strings.Contains(stderr, tc.says) {
+				t.Fatalf("exit %d (want %d), stderr %q, want %q", code, exitFailure, stderr, tc.says)
+			}
+		})
+	}
+
+	t.Run("output not written", func(t *testing.T) {
+		full, err := os.OpenFile("/dev/full", os.O_WRONLY, 0)
+		if err != nil {
+			t.Skip("no /dev/full")
+		}
+		defer full.Close()
+		sock := filepath.Join(dir, "full.sock")
+		listenUnix(t, sock, func(c net.Conn) {
+			go fakeAgent(c, func(req *proto.Request) *proto.Response {
+				if req.FromSeq == 1 {
+					return &proto.Response{Code: proto.OK, Records: [][]byte{record(1)}}
+				}
+				return &proto.Response{Code: proto.OK}
+			})
+		})
+		cmd := exec.Command(buildSigil(t), "audit", "export", "--admin-socket", sock)
+		cmd.Stdout = full
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		err = cmd.Run()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != exitFailure || !strings.Contains(stderr.String(), "no space left on device") {
+			t.Fatalf("exit %v, stderr %q; want exit %d naming the write", err, stderr.String(), exitFailure)
+		}
+	})
 }

@@ -8,7 +8,6 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -590,21 +589,41 @@ func TestConnectionErrorsSayItOnce(t *testing.T) {
 
 // answerHelloOnly is an agent that says Hello and then answers nothing:
 // a wedged agent.
-func answerHelloOnly(nc net.Conn) {
+func answerHelloOnly(nc net.Conn) { fakeAgent(nc, nil) }
+
+// fakeAgent says Hello on nc, then answers each request with answer's
+// reply (its ID set here); a nil answer, or a nil reply, answers nothing.
+func fakeAgent(nc net.Conn, answer func(*proto.Request) *proto.Response) {
 	br := bufio.NewReaderSize(nc, proto.DefaultMaxFrame+proto.FrameHeaderLen)
-	payload, err := proto.ReadFrame(br, nil, proto.DefaultMaxFrame)
-	if err != nil {
-		return
+	codec := proto.NewCodec()
+	for {
+		payload, err := proto.ReadFrame(br, nil, proto.DefaultMaxFrame)
+		if err != nil {
+			return
+		}
+		var req proto.Request
+		if codec.DecodeRequest(payload, &req) != nil {
+			return
+		}
+		var resp *proto.Response
+		switch {
+		case req.Op == proto.OpHello:
+			resp = &proto.Response{Code: proto.OK, Version: proto.Version, Features: proto.FeaturePipelining}
+		case answer != nil:
+			resp = answer(&req)
+		}
+		if resp == nil {
+			continue
+		}
+		resp.ID = req.ID
+		frame, err := codec.AppendResponseFrame(nil, resp)
+		if err != nil {
+			return
+		}
+		if _, err := nc.Write(frame); err != nil {
+			return
+		}
 	}
-	var req proto.Request
-	if proto.NewCodec().DecodeRequest(payload, &req) != nil || req.Op != proto.OpHello {
-		return
-	}
-	frame, err := proto.NewCodec().AppendResponseFrame(nil, &proto.Response{ID: req.ID, Code: proto.OK, Version: proto.Version, Features: proto.FeaturePipelining})
-	if err == nil {
-		nc.Write(frame)
-	}
-	io.Copy(io.Discard, br) // the requests that follow, unanswered
 }
 
 // Every command that talks to the agent gives up on one that does not
