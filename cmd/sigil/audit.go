@@ -58,7 +58,9 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 	open := func(o journal.Options, inUse string) (*journal.Journal, error) {
 		d, err := journalDir(configPath, dir)
 		if err != nil {
-			return nil, &exitError{exitUsage, err}
+			// A --config that does not load: a local failure, as for
+			// 'sigil agent --config'.
+			return nil, &exitError{exitFailure, err}
 		}
 		if _, err := os.Stat(d); err != nil {
 			return nil, &exitError{exitFailure, fmt.Errorf("no journal at %s: %w", d, err)}
@@ -111,7 +113,7 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if c, err := runningAgent("audit verify"); err != nil {
-				return err
+				return unchecked(err)
 			} else if c != nil {
 				defer c.Close()
 				wait := g.longWait(auditLongWait)
@@ -351,7 +353,7 @@ func auditAdminSocket(configPath, dir, named, clientSocket string) (string, erro
 	case configPath != "":
 		cfg, err := agent.LoadConfig(configPath)
 		if err != nil {
-			return "", &exitError{exitUsage, err}
+			return "", &exitError{exitFailure, err}
 		}
 		if cfg.Socket == "" && cfg.AdminSocket == "" {
 			return "", nil

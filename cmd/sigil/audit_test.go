@@ -632,3 +632,33 @@ func TestAuditExportLocalFailuresAreNotNoAgent(t *testing.T) {
 		}
 	})
 }
+
+// An audit command whose --config cannot be read or does not parse fails
+// as a local failure, as 'sigil agent --config' and 'ssh-agent-env
+// --config' do (exit 1; verify's 5, as it could check nothing): it used to
+// be exit 2, a usage error, for a command line that was right.
+func TestAuditConfigThatDoesNotLoad(t *testing.T) {
+	dir := t.TempDir()
+	missing := filepath.Join(dir, "missing.yaml")
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("no_such_field: 1\n"), 0o600)
+	for _, config := range []string{missing, bad} {
+		for _, tc := range []struct {
+			args []string
+			code int
+		}{
+			{[]string{"audit", "verify"}, exitUnchecked},
+			{[]string{"audit", "tail"}, exitFailure},
+			{[]string{"audit", "export"}, exitFailure},
+			{[]string{"audit", "prune", "--before", "24h"}, exitFailure},
+			{[]string{"audit", "recover"}, exitFailure},
+		} {
+			t.Run(filepath.Base(config)+" "+tc.args[1], func(t *testing.T) {
+				_, stderr, code := run(t, append(tc.args, "--config", config)...)
+				if code != tc.code || !strings.Contains(stderr, "config") {
+					t.Fatalf("exit %d (want %d), stderr %q", code, tc.code, stderr)
+				}
+			})
+		}
+	}
+}
