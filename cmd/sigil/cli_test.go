@@ -23,6 +23,7 @@ import (
 	"github.com/sigil-agent/sigil/agent/devcerts"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
 )
 
 func startTestAgent(t *testing.T) string {
@@ -240,6 +241,11 @@ func TestShellErrors(t *testing.T) {
 		{"missing file, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "keys", "sign", "--in", filepath.Join(dir, "nope")}, exitFailure, "no such file"},
 		{"verify: missing file, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "verify-signature", "--kid", "k", "--in", filepath.Join(dir, "nope"), "--sig", in}, exitFailure, "no such file"},
 		{"verify needs a key", []string{"--socket", sock, "verify-signature", "--in", in, "--sig", in}, exitUsage, "--kid"},
+		// A --sig longer than any signature (the wrong file) is invalid,
+		// told here: the client's frame limit refused it, and the
+		// command said "agent refused: BAD_REQUEST", exit 4.
+		{"verify: --sig longer than any signature", []string{"--socket", sock, "verify-signature", "--in", in, "--sig", big, "--key", "default"}, exitFailure, "signature INVALID: " + big + " holds 102400 bytes"},
+		{"verify: --sig longer than any signature, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "verify-signature", "--in", in, "--sig", big, "--key", "default"}, exitFailure, "signature INVALID"},
 		// -2160h "ago" is 90 days ahead: everything would go.
 		{"prune before a negative duration", []string{"--socket", sock, "audit", "prune", "--before", "-2160h"}, exitUsage, "cannot be negative"},
 		{"both --key and --kid", []string{"--socket", sock, "keys", "pubkey", "--key", "a", "--kid", "b"}, exitUsage, "none of the others"},
@@ -455,6 +461,7 @@ func TestHelpMatchesBehaviour(t *testing.T) {
 	}{
 		{"verify-signature --key", []string{"verify-signature", "--help"}, exitOK, "--kid is required", "default: the agent's default key"},
 		{"verify-signature without a key", []string{"verify-signature", "--in", "f", "--sig", "s"}, exitUsage, "--kid KID (or --key NAME)", ""},
+		{"verify-signature exit status", []string{"verify-signature", "--help"}, exitOK, "2 usage; 3 no agent reachable; 4 the agent refused", ""},
 		{"keys sign --key", []string{"keys", "sign", "--help"}, exitOK, "default: the agent's default key", ""},
 		{"sigil help: ssh-agent-env", []string{"help"}, exitOK, `eval "$(sigil ssh-agent-env --config FILE)"`, "$(sigil ssh-agent-env)"},
 		{"ssh-agent-env --help", []string{"ssh-agent-env", "--help"}, exitOK, "sigil ssh-agent-env --config FILE", "$(sigil ssh-agent-env)"},
@@ -734,6 +741,25 @@ func TestEveryCommandGivesUpOnASilentAgent(t *testing.T) {
 					t.Fatalf("still waiting after %v", agent.wait+5*time.Second)
 				}
 			})
+		}
+	}
+}
+
+// maxSignature, past which verify-signature calls a signature invalid
+// unasked, is the longest signature of the key types the agent serves: a
+// new type (RSA-8192, say) must raise it, or its signatures would be.
+func TestMaxSignatureCoversEveryKeyType(t *testing.T) {
+	longest := map[providers.KeyType]int{
+		providers.KeyECDSAP256: 72, providers.KeyECDSAP384: 104, // ASN.1 DER, at most
+		providers.KeyRSA2048: 256, providers.KeyRSA3072: 384, providers.KeyRSA4096: 512,
+		providers.KeyEd25519: 64,
+	}
+	for _, kt := range providers.KeyTypes {
+		n, ok := longest[kt]
+		if !ok {
+			t.Errorf("key type %s: how long are its signatures? maxSignature is %d", kt, maxSignature)
+		} else if n > maxSignature {
+			t.Errorf("key type %s signs with up to %d bytes, more than maxSignature (%d)", kt, n, maxSignature)
 		}
 	}
 }

@@ -269,6 +269,10 @@ func algorithmName(a client.Algorithm) string {
 // maxMessage leaves room in a frame for the request's other fields.
 const maxMessage = proto.DefaultMaxFrame - 512
 
+// maxSignature is the longest signature of the key types the agent serves
+// (providers.KeyTypes): RSA-4096's 512 bytes.
+const maxSignature = 512
+
 // digestFile hashes the file with h, or for h == 0 (pure Ed25519) returns the
 // file itself, refusing one that cannot fit in a frame.
 func digestFile(path string, h crypto.Hash) ([]byte, error) {

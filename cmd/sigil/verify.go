@@ -20,7 +20,11 @@ func newVerifyCommand(g *globalFlags) *cobra.Command {
 		Short: "Check a signature made by 'sigil keys sign'",
 		Long: `Check that --sig is a valid signature over --in by the key (--kid or --key).
 The signature file may be raw bytes or base64. The file is hashed here the
-same way 'sigil keys sign' hashed it. Exit status: 0 valid, 1 invalid.`,
+same way 'sigil keys sign' hashed it.
+
+Exit status: 0 valid; 1 invalid, or an input that cannot be read;
+2 usage; 3 no agent reachable; 4 the agent refused (an unknown key, an
+algorithm the key does not make: the code is printed).`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if in == "" || sigPath == "" {
@@ -32,6 +36,12 @@ same way 'sigil keys sign' hashed it. Exit status: 0 valid, 1 invalid.`,
 			sig, err := readSignature(sigPath)
 			if err != nil {
 				return &exitError{exitFailure, err}
+			}
+			if len(sig) > maxSignature {
+				// The wrong file, most likely: no key makes it, and the
+				// request would not fit a frame (the client's refusal
+				// read as the agent's, exit 4).
+				return &exitError{exitFailure, fmt.Errorf("signature INVALID: %s holds %d bytes, and no key behind the agent makes a signature longer than %d", sigPath, len(sig), maxSignature)}
 			}
 			if err := checkInputs(alg, in); err != nil {
 				return err
