@@ -462,6 +462,10 @@ func TestHelpMatchesBehaviour(t *testing.T) {
 		{"verify-signature --key", []string{"verify-signature", "--help"}, exitOK, "--kid is required", "default: the agent's default key"},
 		{"verify-signature without a key", []string{"verify-signature", "--in", "f", "--sig", "s"}, exitUsage, "--kid KID (or --key NAME)", ""},
 		{"verify-signature exit status", []string{"verify-signature", "--help"}, exitOK, "2 usage; 3 no agent reachable; 4 the agent refused", ""},
+		// The exit statuses README.md lists, in the help of the commands
+		// that did not say them.
+		{"sigil --help: exit status", []string{"--help"}, exitOK, "5 audit verify could not check; 78 the agent did not start", ""},
+		{"rep export --help: exit status", []string{"rep", "export", "--help"}, exitOK, "1 the files could not be written", ""},
 		{"keys sign --key", []string{"keys", "sign", "--help"}, exitOK, "default: the agent's default key", ""},
 		{"sigil help: ssh-agent-env", []string{"help"}, exitOK, `eval "$(sigil ssh-agent-env --config FILE)"`, "$(sigil ssh-agent-env)"},
 		{"ssh-agent-env --help", []string{"ssh-agent-env", "--help"}, exitOK, "sigil ssh-agent-env --config FILE", "$(sigil ssh-agent-env)"},

@@ -79,7 +79,14 @@ func repExportCommand(run adminRunner) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "export TENANT/SLOT [N] [--out DIR]",
 		Short: "Write a stored evidence pack (rep-N.json, .sig, .md) from the running agent's journal",
-		Args:  cobra.RangeArgs(1, 2),
+		Long: `Fetch a stored Rotation Evidence Pack (the newest without N) from the running
+agent over its admin socket and write DIR/TENANT/SLOT/rep-N.json, .sig and
+.md (DIR is --out).
+
+Exit status: 0 written; 1 the files could not be written under --out, or
+the manifest fetched does not parse; 2 usage; 3 no agent reachable; 4 the
+agent refused (no such pack: NOT_FOUND) or did not answer within --timeout.`,
+		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			n := 0
 			if len(args) == 2 {

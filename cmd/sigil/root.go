@@ -50,7 +50,12 @@ func newRootCommand() *cobra.Command {
 		Long: `Sigil holds warm sessions to HSMs and KMS and signs digests for local services and people.
 
 Run the agent with 'sigil agent'; then sign with 'sigil keys sign --in FILE'.
-Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() + `.`,
+Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() + `.
+
+Exit status: 0 success; 1 an invalid signature or a local failure; 2 usage;
+3 no agent reachable; 4 the agent refused (its code printed) or did not
+answer in time; 5 audit verify could not check; 78 the agent did not start
+for its credentials (a PIN refused, a token locked).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
