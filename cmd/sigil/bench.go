@@ -19,7 +19,7 @@ import (
 	"github.com/sigil-agent/sigil/bench"
 )
 
-func newBenchCommand() *cobra.Command {
+func newBenchCommand(g *globalFlags) *cobra.Command {
 	var (
 		quick             bool
 		conns             string
@@ -68,6 +68,20 @@ round trip); the report says whether they met it, and with --slo a miss
 exits 1 too.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if addr != "" {
+				// An agent must answer there within --timeout: the
+				// harness's workers dial with no deadline, and waited
+				// for good on a socket that accepts and never answers.
+				ctx, cancel := g.context()
+				c, err := g.dialAgent(ctx, "bench", addr, func(addr, cause string) string {
+					return fmt.Sprintf("--addr: no agent at %s: %s", addr, cause)
+				})
+				cancel()
+				if err != nil {
+					return err
+				}
+				c.Close()
+			}
 			o := bench.SuiteOptions{Log: cmd.ErrOrStderr(), Addr: addr, Key: key}
 			if quick {
 				o.Conns = []int{1, 8}
@@ -149,7 +163,7 @@ exits 1 too.`,
 	f.StringVar(&svgPath, "svg", "", "write the latency CDF (1 connection) as SVG here")
 	f.StringVar(&docPath, "doc", "", "write the full Markdown report here (and its SVG beside it)")
 	f.StringVar(&sloSpec, "slo", "", "e.g. p95=50ms,p99=200ms: exit 1 if any scenario misses (cloud scenarios: always p95=150ms,p99=200ms)")
-	f.StringVar(&addr, "addr", "", "measure an agent already running at this socket")
+	f.StringVar(&addr, "addr", "", "measure an agent already running at this socket (it must say Hello within --timeout)")
 	f.StringVar(&key, "key", "", "with --addr: the key to sign with")
 	return cmd
 }

@@ -747,6 +747,27 @@ func TestEveryCommandGivesUpOnASilentAgent(t *testing.T) {
 			})
 		}
 	}
+
+	// bench --addr measures an agent already running: it must find one
+	// there first. Its workers' requests are the harness's own (package
+	// bench), not bound here: the wedged agent is not tried.
+	t.Run("silent bench --addr", func(t *testing.T) {
+		done := make(chan int, 1)
+		var stderr string
+		go func() {
+			var code int
+			_, stderr, code = run(t, "--timeout", timeout.String(), "bench", "--addr", silent, "--key", "default", "--quick")
+			done <- code
+		}()
+		select {
+		case code := <-done:
+			if code != exitUnreachable || !strings.Contains(stderr, "did not answer within --timeout (300ms)") {
+				t.Fatalf("exit %d (want %d), stderr %q", code, exitUnreachable, stderr)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("bench --addr still waiting on a silent socket after 10s")
+		}
+	})
 }
 
 // maxSignature, past which verify-signature calls a signature invalid

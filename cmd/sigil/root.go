@@ -69,7 +69,7 @@ for its credentials (a PIN refused, a token locked).`,
 	root.AddCommand(opsCmds[:3]...)
 	rep := newREPCommand()
 	rep.AddCommand(opsCmds[3])
-	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(g), newPolicyCommand(), rep, newSSHAgentEnvCommand(), newBenchCommand(), newSoakCommand(), newVersionCommand())
+	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(g), newPolicyCommand(), rep, newSSHAgentEnvCommand(), newBenchCommand(g), newSoakCommand(), newVersionCommand())
 	for _, c := range root.Commands() {
 		refuseUnknownSubcommands(c)
 	}
