@@ -484,7 +484,11 @@ func (c *conn) send(resp *proto.Response, fence policy.Decision) {
 		w.pending, _ = codec.AppendResponseFrame(w.pending, &proto.Response{ID: resp.ID, Code: proto.Internal, Msg: "internal error; see the agent's log"})
 	}
 	if len(w.pending) > maxPendingReplies {
+		// Dropped: nothing queued may be written after its fence ends,
+		// not even by a flusher whose blocked write returns before the
+		// close below.
 		w.broken = true
+		w.pending = w.pending[:0]
 		dropped := w.fences
 		w.fences = nil
 		w.mu.Unlock()
@@ -539,7 +543,7 @@ func (c *conn) send(resp *proto.Response, fence policy.Decision) {
 			c.drop()
 			return
 		}
-		if len(w.pending) == 0 {
+		if len(w.pending) == 0 || w.broken { // broken: dropped meanwhile, pending emptied
 			w.flushing = false
 			w.mu.Unlock()
 			return

@@ -56,8 +56,10 @@ func (p pauser) Pause(tenant, slot string) error {
 	// slot is released. A request still running past its own deadline has
 	// its signature withheld; a reply not written within
 	// limits.write_timeout drops its connection, and the reply with it.
+	// A reply queued behind another's write may wait out that write's
+	// timeout before its own starts: two write timeouts in all.
 	lim := p.a.cfg.Limits
-	wctx, cancel := context.WithTimeout(context.Background(), lim.RequestTimeout+lim.WriteTimeout+time.Second)
+	wctx, cancel := context.WithTimeout(context.Background(), lim.RequestTimeout+2*lim.WriteTimeout+time.Second)
 	if err := p.a.policy.WaitIdle(wctx, tenant, slot); err != nil {
 		p.a.log.Warn("pause: signatures still in flight past the request timeout", zap.String("slot", tenant+"/"+slot), zap.Error(err))
 	}

@@ -174,6 +174,9 @@ type sshConn struct {
 	// ends the connection).
 	fenceMu sync.Mutex
 	fence   policy.Decision
+	// replying: a reply's first write has set the write deadline. Only
+	// the ssh-agent server's goroutine reads and writes.
+	replying bool
 }
 
 func (s *sshConn) holdFence(f policy.Decision) {
@@ -191,9 +194,12 @@ func (s *sshConn) endFence() {
 
 // Write gives each reply limits.write_timeout: a client that stops
 // reading is dropped, as on the agent's own socket, rather than holding
-// its goroutine (and a signature's fence) for good.
+// its goroutine (and a signature's fence) for good. The ssh-agent server
+// writes a reply in two calls (its length, then its body), so the
+// deadline is set at a reply's first write, not at each.
 func (s *sshConn) Write(p []byte) (int, error) {
-	if s.writeTimeout > 0 {
+	if s.writeTimeout > 0 && !s.replying {
+		s.replying = true
 		s.Conn.SetWriteDeadline(time.Now().Add(s.writeTimeout))
 	}
 	return s.Conn.Write(p)
@@ -203,6 +209,7 @@ var errSSHMessageTooLarge = errors.New("ssh-agent message longer than limits.max
 
 func (s *sshConn) Read(p []byte) (int, error) {
 	s.endFence() // the previous reply is written
+	s.replying = false
 	n, err := s.Conn.Read(p)
 	if n > 0 {
 		if perr := s.track(p[:n]); perr != nil {
