@@ -302,7 +302,8 @@ func parseKeyURI(raw, module string, n FieldNames) (objectSelector, tokenSelecto
 	}
 	u := pkcs11uri.New()
 	if err := u.Parse(raw); err != nil {
-		return objectSelector{}, tokenSelector{}, fmt.Errorf("parse %s: %w", uri, err)
+		// The parser's own messages quote attribute values.
+		return objectSelector{}, tokenSelector{}, fmt.Errorf("%s does not parse as an RFC 7512 PKCS#11 URI (check its attributes and %%-escapes)", uri)
 	}
 	var obj objectSelector
 	var tok tokenSelector
@@ -323,7 +324,7 @@ func parseKeyURI(raw, module string, n FieldNames) (objectSelector, tokenSelecto
 		obj.id = []byte(v)
 	}
 	if v, ok := get("type"); ok && v != "private" {
-		return obj, tok, fmt.Errorf("%s: type=%s: a signing key is type=private", uri, v)
+		return obj, tok, fmt.Errorf("%s: its type is not private: a signing key is type=private", uri)
 	}
 	if v, ok := get("token"); ok {
 		tok.label = v
@@ -340,7 +341,7 @@ func parseKeyURI(raw, module string, n FieldNames) (objectSelector, tokenSelecto
 	if v, ok := get("slot-id"); ok {
 		id, err := strconv.ParseUint(v, 10, 64)
 		if err != nil {
-			return obj, tok, fmt.Errorf("%s: slot-id: %w", uri, err)
+			return obj, tok, fmt.Errorf("%s: slot-id is not a number", uri)
 		}
 		s := uint(id)
 		tok.slot = &s
