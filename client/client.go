@@ -146,9 +146,10 @@ func DialTLS(ctx context.Context, addr string, cfg *tls.Config) (*Client, error)
 // the address itself ("dial unix PATH: ..."); a TLS handshake's does not.
 func dialFailed(addr string, err error) error {
 	var opErr *net.OpError
-	if errors.As(err, &opErr) {
-		return failed("connect to the agent", err)
+	if errors.As(err, &opErr) && opErr.Addr != nil {
+		return failed("connect to the agent", err) // its text names the address
 	}
+	// A TLS alert is a *net.OpError too, but names no address.
 	return failed("connect to the agent at "+addr, err)
 }
 
