@@ -43,3 +43,28 @@ func TestForkDuringFinalize(t *testing.T) {
 		t.Fatalf("forkfinalize: %s", out)
 	}
 }
+
+// fork() while another thread dials the agent: testdata/forkdial.c, run
+// under testdata/slowsocket.c (an LD_PRELOAD socket(2) that lingers), so
+// that forks land between the socket's making and its joining the
+// module's list of connections. No child may keep a socket: each would be
+// a copy of the parent's live connection to the agent.
+func TestForkDuringDial(t *testing.T) {
+	need(t, "cc")
+	startFixture(t, fixtureOptions{})
+	mod := modulePath(t)
+	dir := t.TempDir()
+	shim := filepath.Join(dir, "slowsocket.so")
+	if out, err := exec.Command("cc", "-shared", "-fPIC", "-o", shim, "testdata/slowsocket.c", "-ldl").CombinedOutput(); err != nil {
+		t.Fatalf("cc slowsocket.c: %v\n%s", err, out)
+	}
+	bin := filepath.Join(dir, "forkdial")
+	if out, err := exec.Command("cc", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-I/usr/include/p11-kit-1",
+		"-o", bin, "testdata/forkdial.c", "-ldl", "-lpthread").CombinedOutput(); err != nil {
+		t.Fatalf("cc forkdial.c: %v\n%s", err, out)
+	}
+	out := run(t, []string{"LD_PRELOAD=" + shim}, bin, mod, "p256")
+	if !strings.HasPrefix(out, "ok: 40 forks") {
+		t.Fatalf("forkdial: %s", out)
+	}
+}

@@ -30,19 +30,24 @@ void sg_agent_init(sg_agent *a, const char *path, unsigned timeout_ms)
 	pthread_mutex_init(&a->mu, NULL);
 }
 
-/* conn_track puts a new connection on a->all. */
-static void conn_track(sg_agent *a, sg_conn *c)
+/* conn_open makes c's socket and puts c on a->all in one step under the
+ * pool's lock, which fork's prepare handler takes: a child never gets a
+ * socket that is on no list (and so never closed). Neither call blocks. */
+static int conn_open(sg_agent *a, sg_conn *c)
 {
 	pthread_mutex_lock(&a->mu);
+	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	c->all_prev = NULL;
 	c->all_next = a->all;
 	if (a->all)
 		a->all->all_prev = c;
 	a->all = c;
 	pthread_mutex_unlock(&a->mu);
+	return c->fd;
 }
 
-/* conn_free closes c and takes it off a->all. */
+/* conn_free takes c off a->all and closes it, under the pool's lock for
+ * the same reason. */
 static void conn_free(sg_agent *a, sg_conn *c)
 {
 	pthread_mutex_lock(&a->mu);
@@ -52,9 +57,9 @@ static void conn_free(sg_agent *a, sg_conn *c)
 		a->all = c->all_next;
 	if (c->all_next)
 		c->all_next->all_prev = c->all_prev;
-	pthread_mutex_unlock(&a->mu);
 	if (c->fd >= 0)
 		close(c->fd);
+	pthread_mutex_unlock(&a->mu);
 	free(c);
 }
 
@@ -219,9 +224,7 @@ static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
 	c->next = NULL;
 	c->dead = 0;
 	c->next_id = 1;
-	c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	conn_track(a, c);
-	if (c->fd < 0)
+	if (conn_open(a, c) < 0)
 		goto fail;
 	/* The agent answers within its request_timeout (5 s by default) or
 	 * says DEADLINE_EXCEEDED; the socket timeout is the backstop for an
