@@ -654,3 +654,31 @@ func TestConfigFileSocketAndLongLines(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A config file that cannot be read to its end makes C_Initialize fail:
+// it used to be taken for one that ended there, settings such as `keys =`
+// after the failure silently dropped. And a line past 64 KiB is refused.
+func TestConfigFileNotReadWholeIsRefused(t *testing.T) {
+	dir := shortDir(t)
+	long := filepath.Join(dir, "long.conf")
+	os.WriteFile(long, []byte("# "+strings.Repeat("x", 70000)+"\nkeys = p256\n"), 0o600)
+	for _, tc := range []struct{ name, conf string }{
+		{"a directory", dir}, // fopen succeeds, the first read fails (EISDIR)
+		{"a line past 64 KiB", long},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("SIGIL_PKCS11_CONF", tc.conf)
+			ctx := p11.New(modulePath(t))
+			if ctx == nil {
+				t.Fatal("cannot load the module")
+			}
+			defer ctx.Destroy()
+			if err := ctx.Initialize(); ckr(err) != p11.CKR_GENERAL_ERROR {
+				if err == nil {
+					ctx.Finalize()
+				}
+				t.Fatalf("C_Initialize: %v, want CKR_GENERAL_ERROR", err)
+			}
+		})
+	}
+}

@@ -210,6 +210,40 @@ static int same_dir(const char *a, const char *b)
  * few thousand slot names fits. */
 #define MAX_CONFIG_LINE 65536
 
+/* read_line reads one line of f (its newline dropped) into *buf, grown as
+ * needed but never past MAX_CONFIG_LINE, so a huge file costs no more
+ * memory than that. Returns the line's length, or -1 at the end of the
+ * file, -2 for a line too long, -3 for a read error or no memory: a file
+ * not read to its end is never taken for a shorter one. */
+static long read_line(FILE *f, char **buf, size_t *cap)
+{
+	size_t n = 0;
+	int ch;
+	while ((ch = getc(f)) != EOF && ch != '\n') {
+		if (n + 1 >= MAX_CONFIG_LINE)
+			return -2;
+		if (n + 2 > *cap) {
+			size_t want = *cap ? *cap * 2 : 256;
+			if (want > MAX_CONFIG_LINE)
+				want = MAX_CONFIG_LINE;
+			char *p = realloc(*buf, want);
+			if (!p)
+				return -3;
+			*buf = p;
+			*cap = want;
+		}
+		(*buf)[n++] = (char)ch;
+	}
+	if (ferror(f))
+		return -3;
+	if (ch == EOF && n == 0)
+		return -1;
+	if (!*buf && !(*buf = malloc(*cap = 1)))
+		return -3;
+	(*buf)[n] = 0;
+	return (long)n;
+}
+
 /* load_config: SIGIL_PKCS11_CONF's settings, else SIGIL_SOCK, else the
  * agent's default socket path (proto.DefaultSocketPath). secure_getenv:
  * a setuid host does not take its socket from the caller's environment. */
@@ -224,16 +258,19 @@ static CK_RV load_config(char *sock, size_t cap, unsigned *timeout_ms, char *lab
 		FILE *f = fopen(v, "re");
 		char *line = NULL;
 		size_t line_cap = 0;
-		ssize_t line_len;
+		long line_len;
 		int lineno = 0;
 		if (!f) {
 			fprintf(stderr, "libsigil-pkcs11: SIGIL_PKCS11_CONF %s: %s\n", v, strerror(errno));
 			return CKR_GENERAL_ERROR;
 		}
-		while ((line_len = getline(&line, &line_cap, f)) != -1) {
+		while ((line_len = read_line(f, &line, &line_cap)) != -1) {
 			lineno++;
-			if (line_len > MAX_CONFIG_LINE) {
-				fprintf(stderr, "libsigil-pkcs11: %s:%d: line longer than %d bytes\n", v, lineno, MAX_CONFIG_LINE);
+			if (line_len < 0) {
+				if (line_len == -2)
+					fprintf(stderr, "libsigil-pkcs11: %s:%d: line longer than %d bytes\n", v, lineno, MAX_CONFIG_LINE);
+				else
+					fprintf(stderr, "libsigil-pkcs11: %s:%d: could not be read\n", v, lineno);
 				free(line);
 				fclose(f);
 				free(*only_keys);
