@@ -69,7 +69,6 @@ func TestWireRejectsMalformed(t *testing.T) {
 		"truncated":      good[:len(good)-1],
 		"trailing":       append(append([]byte{}, good...), 0xc0),
 		"not a map":      {0x91, 0x01},
-		"code too big":   {0x81, 0xa4, 'c', 'o', 'd', 'e', 0xce, 0, 1, 0, 0},
 		"negative id":    {0x81, 0xa2, 'i', 'd', 0xff},
 		"sig wrong type": {0x81, 0xa3, 's', 'i', 'g', 0x01},
 		"bin past end":   {0x81, 0xa3, 's', 'i', 'g', 0xc6, 0xff, 0xff, 0xff, 0xff, 0x00},
@@ -80,6 +79,25 @@ func TestWireRejectsMalformed(t *testing.T) {
 	for name, b := range cases {
 		if _, err := decodeResponse(b); err == nil {
 			t.Errorf("%s: accepted % x", name, b)
+		}
+	}
+}
+
+// A reply code or version past 16 bits reads as 0xffff, one no agent
+// uses, as the Go client reads it: never wrapped onto a real one (65536
+// would be OK), and not a malformed reply that costs the connection.
+func TestWireSaturatesCodeAndVersion(t *testing.T) {
+	for name, b := range map[string][]byte{
+		"code 65536": {0x81, 0xa4, 'c', 'o', 'd', 'e', 0xce, 0, 1, 0, 0},
+		"code 2^32":  {0x81, 0xa4, 'c', 'o', 'd', 'e', 0xcf, 0, 0, 0, 1, 0, 0, 0, 0},
+		"ver 65536":  {0x81, 0xa3, 'v', 'e', 'r', 0xce, 0, 1, 0, 0},
+	} {
+		r, err := decodeResponse(b)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if r.Code != 0 && r.Code != 0xffff || r.Version != 0 && r.Version != 0xffff || r.Code == 0 && r.Version == 0 {
+			t.Fatalf("%s: code %d, version %d; want 0xffff", name, r.Code, r.Version)
 		}
 	}
 }

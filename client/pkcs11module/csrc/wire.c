@@ -383,11 +383,13 @@ int sg_decode_response(const uint8_t *p, size_t n, sg_response *resp)
 		if (key_is(k, "id")) {
 			rc = get_uint(&r, &resp->id);
 		} else if (key_is(k, "code")) {
-			rc = get_uint(&r, &v) || v > 0xffff;
-			resp->code = (uint32_t)v;
+			/* Past 16 bits: one no agent uses (as the Go client reads it),
+			 * never one that wraps onto a real code such as OK. */
+			rc = get_uint(&r, &v);
+			resp->code = v > 0xffff ? 0xffff : (uint32_t)v;
 		} else if (key_is(k, "ver")) {
-			rc = get_uint(&r, &v) || v > 0xffff;
-			resp->ver = (uint16_t)v;
+			rc = get_uint(&r, &v);
+			resp->ver = v > 0xffff ? 0xffff : (uint16_t)v;
 		} else if (key_is(k, "msg")) {
 			rc = get_bytes(&r, &resp->msg);
 		} else if (key_is(k, "key")) {
