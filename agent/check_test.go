@@ -20,15 +20,7 @@ import (
 // rotate, silently: `sigil agent --check`, which systemctl reload runs
 // first, refuses it, as it does a calendar without any policy.
 func TestCheckFilesRefusesCalendarsForUnknownSlots(t *testing.T) {
-	dir := t.TempDir()
-	policyFile := filepath.Join(dir, "policy.yaml")
-	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: default}
-`, os.Getuid())), 0o600)
+	policyFile := releaseSlotPolicy(t)
 	month := rotation.CalendarConfig{Period: "720h"}
 	for _, tc := range []struct {
 		name      string
@@ -140,15 +132,7 @@ func TestConfigRefusesWhatProvidersRefuseAtStart(t *testing.T) {
 // providers an embedder adds), and warns of a slot the policy lacks, as of
 // a calendar's.
 func TestCheckRefusesRotationSlotsThatCannotTakeEffect(t *testing.T) {
-	dir := t.TempDir()
-	policyFile := filepath.Join(dir, "policy.yaml")
-	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: default}
-`, os.Getuid())), 0o600)
+	policyFile := releaseSlotPolicy(t)
 	subject := agent.SubjectConfig{CommonName: "release signing"}
 	for _, tc := range []struct {
 		name         string
@@ -201,14 +185,7 @@ tenants:
 // rotated. Without rotation settings such an agent starts, and says that
 // rotation is off.
 func TestRotationSettingsNeedRotationOn(t *testing.T) {
-	policyFile := filepath.Join(t.TempDir(), "policy.yaml")
-	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: default}
-`, os.Getuid())), 0o600)
+	policyFile := releaseSlotPolicy(t)
 	calendars := map[string]rotation.CalendarConfig{"payments/release": {Period: "720h"}}
 	slots := map[string]agent.SlotRotation{"payments/release": {Subject: agent.SubjectConfig{CommonName: "release signing"}}}
 	for _, tc := range []struct {
@@ -321,4 +298,21 @@ func TestConfigRefusesSettingsOfAnotherProviderType(t *testing.T) {
 			}
 		})
 	}
+}
+
+// releaseSlotPolicy writes a policy whose one tenant, payments (this
+// process's uid), has one slot, release, signed by the key default.
+func releaseSlotPolicy(t *testing.T) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "policy.yaml")
+	if err := os.WriteFile(path, []byte(fmt.Sprintf(`
+tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: default}
+`, os.Getuid())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
 }
