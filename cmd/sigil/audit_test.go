@@ -499,13 +499,7 @@ func TestAuditWritesJournalFilesOwnerOnly(t *testing.T) {
 func TestAuditTailRefusesCountBelowOne(t *testing.T) {
 	cfg := agent.DefaultConfig()
 	cfg.DataDir = t.TempDir()
-	a, socket := serveTestAgent(t, cfg, "agent.sock")
-	admin := filepath.Join(filepath.Dir(socket), "admin.sock")
-	ln, err := agent.ListenUnix(admin)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go a.ServeAdmin(ln)
+	_, socket, admin := serveTestAgentWithAdmin(t, cfg)
 	refuseKeyNames(t, socket, "a", "b", "c")
 	stopped := t.TempDir()
 	j, err := journal.Open(journal.Options{Dir: stopped})

@@ -54,6 +54,20 @@ func serveTestAgent(t *testing.T, cfg agent.Config, name string) (*agent.Agent, 
 	return a, cfg.Socket
 }
 
+// serveTestAgentWithAdmin is serveTestAgent with the admin operations
+// served on admin.sock beside the socket, whose path it returns too.
+func serveTestAgentWithAdmin(t *testing.T, cfg agent.Config) (a *agent.Agent, socket, admin string) {
+	t.Helper()
+	a, socket = serveTestAgent(t, cfg, "agent.sock")
+	admin = filepath.Join(filepath.Dir(socket), "admin.sock")
+	ln, err := agent.ListenUnix(admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go a.ServeAdmin(ln)
+	return a, socket, admin
+}
+
 // `sigil keys info` shows the certificate the agent serves with a key.
 func TestKeysInfoShowsCertificates(t *testing.T) {
 	cfg := agent.DefaultConfig()
@@ -569,13 +583,7 @@ func TestConnectionErrorsSayItOnce(t *testing.T) {
 	t.Run("audit tail -f: the agent stops", func(t *testing.T) {
 		cfg := agent.DefaultConfig()
 		cfg.DataDir = t.TempDir()
-		a, socket := serveTestAgent(t, cfg, "agent.sock")
-		admin := filepath.Join(filepath.Dir(socket), "admin.sock")
-		ln, err := agent.ListenUnix(admin)
-		if err != nil {
-			t.Fatal(err)
-		}
-		go a.ServeAdmin(ln)
+		a, _, admin := serveTestAgentWithAdmin(t, cfg)
 		type result struct {
 			stderr string
 			code   int
