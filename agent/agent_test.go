@@ -425,13 +425,7 @@ func TestNegativeNumbersAreMalformed(t *testing.T) {
 				if _, err := rc.nc.Write(tc.frame); err != nil {
 					t.Fatal(err)
 				}
-				resp, err := rc.recv()
-				if err != nil || resp.ID != 0 || resp.Code != proto.BadRequest || len(resp.Sig) != 0 {
-					t.Fatalf("final reply: %v %+v, want id 0 and BAD_REQUEST", err, resp)
-				}
-				if _, err := rc.recv(); !errors.Is(err, io.EOF) {
-					t.Fatalf("connection left open: %v", err)
-				}
+				rc.finalBadRequest()
 			})
 		}
 	}
@@ -469,13 +463,7 @@ func TestRequestIDZeroIsMalformed(t *testing.T) {
 			} else if _, err := rc.nc.Write(tc.raw); err != nil {
 				t.Fatal(err)
 			}
-			resp, err := rc.recv()
-			if err != nil || resp.ID != 0 || resp.Code != proto.BadRequest || len(resp.Sig) != 0 {
-				t.Fatalf("final reply: %v %+v, want id 0 and BAD_REQUEST", err, resp)
-			}
-			if _, err := rc.recv(); !errors.Is(err, io.EOF) {
-				t.Fatalf("connection left open: %v", err)
-			}
+			rc.finalBadRequest()
 		})
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -204,6 +205,19 @@ func (rc *rawConn) recv() (*proto.Response, error) {
 		rc.t.Fatal(err)
 	}
 	return &resp, nil
+}
+
+// finalBadRequest reads the agent's last word on a malformed request (id
+// 0, BAD_REQUEST, no signature) and then the close.
+func (rc *rawConn) finalBadRequest() {
+	rc.t.Helper()
+	resp, err := rc.recv()
+	if err != nil || resp.ID != 0 || resp.Code != proto.BadRequest || len(resp.Sig) != 0 {
+		rc.t.Fatalf("final reply: %v %+v, want id 0 and BAD_REQUEST", err, resp)
+	}
+	if _, err := rc.recv(); !errors.Is(err, io.EOF) {
+		rc.t.Fatalf("connection left open: %v", err)
+	}
 }
 
 func (rc *rawConn) hello() {
