@@ -27,7 +27,7 @@ var (
 	// pause, resume, reload, rotate, rollback and the incident drill. The
 	// agent gives a rotation 2 minutes (key generation on an HSM, the
 	// canaries), and a pause waits out the slot's signatures in flight
-	// (request_timeout + write_timeout + 1s) and any drill under way.
+	// (request_timeout + 2 × write_timeout + 1s) and any drill under way.
 	adminChangeWait = 3 * time.Minute
 	// auditLongWait is for audit verify and audit prune over the admin
 	// socket, which the agent gives 10 minutes: they read every record.
