@@ -638,7 +638,8 @@ func TestConfigFileSocketAndLongLines(t *testing.T) {
 		names = append(names, fmt.Sprintf("payments-release-%02d", i))
 	}
 	conf := filepath.Join(shortDir(t), "pkcs11.conf")
-	if err := os.WriteFile(conf, []byte("socket = "+fake.sock+"\nkeys = "+strings.Join(names, ", ")+"\n"), 0o600); err != nil {
+	bound := "#" + strings.Repeat("x", 65535) + "\n" // a line of 64 KiB exactly, the longest taken
+	if err := os.WriteFile(conf, []byte(bound+"socket = "+fake.sock+"\nkeys = "+strings.Join(names, ", ")+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	t.Setenv("SIGIL_PKCS11_CONF", conf)
@@ -657,14 +658,18 @@ func TestConfigFileSocketAndLongLines(t *testing.T) {
 
 // A config file that cannot be read to its end makes C_Initialize fail:
 // it used to be taken for one that ended there, settings such as `keys =`
-// after the failure silently dropped. And a line past 64 KiB is refused.
+// after the failure silently dropped. A line past 64 KiB is refused, and
+// one holding a NUL, which cut the line short for every string function.
 func TestConfigFileNotReadWholeIsRefused(t *testing.T) {
 	dir := shortDir(t)
 	long := filepath.Join(dir, "long.conf")
-	os.WriteFile(long, []byte("# "+strings.Repeat("x", 70000)+"\nkeys = p256\n"), 0o600)
+	os.WriteFile(long, []byte("# "+strings.Repeat("x", 65535)+"\nkeys = p256\n"), 0o600) // 65537 bytes
+	nul := filepath.Join(dir, "nul.conf")
+	os.WriteFile(nul, []byte("\x00keys = p256\n"), 0o600)
 	for _, tc := range []struct{ name, conf string }{
 		{"a directory", dir}, // fopen succeeds, the first read fails (EISDIR)
 		{"a line past 64 KiB", long},
+		{"a NUL byte", nul}, // it hid the keys restriction
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Setenv("SIGIL_PKCS11_CONF", tc.conf)

@@ -211,7 +211,7 @@ static int same_dir(const char *a, const char *b)
 #define MAX_CONFIG_LINE 65536
 
 /* read_line reads one line of f (its newline dropped) into *buf, grown as
- * needed but never past MAX_CONFIG_LINE, so a huge file costs no more
+ * needed but never past MAX_CONFIG_LINE bytes, so a huge file costs no more
  * memory than that. Returns the line's length, or -1 at the end of the
  * file, -2 for a line too long, -3 for a read error or no memory: a file
  * not read to its end is never taken for a shorter one. */
@@ -220,12 +220,12 @@ static long read_line(FILE *f, char **buf, size_t *cap)
 	size_t n = 0;
 	int ch;
 	while ((ch = getc(f)) != EOF && ch != '\n') {
-		if (n + 1 >= MAX_CONFIG_LINE)
+		if (n >= MAX_CONFIG_LINE)
 			return -2;
 		if (n + 2 > *cap) {
 			size_t want = *cap ? *cap * 2 : 256;
-			if (want > MAX_CONFIG_LINE)
-				want = MAX_CONFIG_LINE;
+			if (want > MAX_CONFIG_LINE + 1)
+				want = MAX_CONFIG_LINE + 1;
 			char *p = realloc(*buf, want);
 			if (!p)
 				return -3;
@@ -266,9 +266,13 @@ static CK_RV load_config(char *sock, size_t cap, unsigned *timeout_ms, char *lab
 		}
 		while ((line_len = read_line(f, &line, &line_cap)) != -1) {
 			lineno++;
-			if (line_len < 0) {
+			/* A NUL would end the line early for every string function
+			 * below, dropping the rest of a setting without a word. */
+			if (line_len < 0 || memchr(line, 0, (size_t)line_len)) {
 				if (line_len == -2)
 					fprintf(stderr, "libsigil-pkcs11: %s:%d: line longer than %d bytes\n", v, lineno, MAX_CONFIG_LINE);
+				else if (line_len >= 0)
+					fprintf(stderr, "libsigil-pkcs11: %s:%d: holds a NUL byte\n", v, lineno);
 				else
 					fprintf(stderr, "libsigil-pkcs11: %s:%d: could not be read\n", v, lineno);
 				free(line);
