@@ -68,20 +68,6 @@ round trip); the report says whether they met it, and with --slo a miss
 exits 1 too.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if addr != "" {
-				// An agent must answer there within --timeout: the
-				// harness's workers dial with no deadline, and waited
-				// for good on a socket that accepts and never answers.
-				ctx, cancel := g.context()
-				c, err := g.dialAgent(ctx, "bench", addr, func(addr, cause string) string {
-					return fmt.Sprintf("--addr: no agent at %s: %s", addr, cause)
-				})
-				cancel()
-				if err != nil {
-					return err
-				}
-				c.Close()
-			}
 			o := bench.SuiteOptions{Log: cmd.ErrOrStderr(), Addr: addr, Key: key}
 			if quick {
 				o.Conns = []int{1, 8}
@@ -121,6 +107,24 @@ exits 1 too.`,
 				if slo, err = bench.ParseSLO(sloSpec); err != nil {
 					return usageError("--slo: %v", err)
 				}
+			}
+			if addr != "" && key == "" {
+				return usageError("--addr needs --key: the key to sign with")
+			}
+			if addr != "" {
+				// The flags first (a usage error is said as such), then an
+				// agent must answer there within --timeout: the harness's
+				// workers dial with no deadline, and waited for good on a
+				// socket that accepts and never answers.
+				ctx, cancel := g.context()
+				c, err := g.dialAgent(ctx, "bench", addr, func(addr, cause string) string {
+					return fmt.Sprintf("--addr: no agent at %s: %s", addr, cause)
+				})
+				cancel()
+				if err != nil {
+					return err
+				}
+				c.Close()
 			}
 			self, err := os.Executable()
 			if err != nil {

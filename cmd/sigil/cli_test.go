@@ -260,6 +260,9 @@ func TestShellErrors(t *testing.T) {
 		// command said "agent refused: BAD_REQUEST", exit 4.
 		{"verify: --sig longer than any signature", []string{"--socket", sock, "verify-signature", "--in", in, "--sig", big, "--key", "default"}, exitFailure, "signature INVALID: " + big + " holds 102400 bytes"},
 		{"verify: --sig longer than any signature, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "verify-signature", "--in", in, "--sig", big, "--key", "default"}, exitFailure, "signature INVALID"},
+		// The usage and the inputs come before the signature's length.
+		{"verify: a long --sig and a bad --alg", []string{"--socket", sock, "verify-signature", "--in", in, "--sig", big, "--key", "default", "--alg", "bogus"}, exitUsage, "unknown algorithm"},
+		{"verify: a long --sig and a missing --in", []string{"--socket", sock, "verify-signature", "--in", filepath.Join(dir, "nope"), "--sig", big, "--key", "default"}, exitFailure, "no such file"},
 		// -2160h "ago" is 90 days ahead: everything would go.
 		{"prune before a negative duration", []string{"--socket", sock, "audit", "prune", "--before", "-2160h"}, exitUsage, "cannot be negative"},
 		{"both --key and --kid", []string{"--socket", sock, "keys", "pubkey", "--key", "a", "--kid", "b"}, exitUsage, "none of the others"},
@@ -757,8 +760,9 @@ func TestEveryCommandGivesUpOnASilentAgent(t *testing.T) {
 	}
 
 	// bench --addr measures an agent already running: it must find one
-	// there first. Its workers' requests are the harness's own (package
-	// bench), not bound here: the wedged agent is not tried.
+	// there first. Its workers' requests are the harness's own: a wedged
+	// agent fails its scenario Options.Drain after a phase (package
+	// bench's TestRunFailsAScenarioThatStopsAnswering).
 	t.Run("silent bench --addr", func(t *testing.T) {
 		done := make(chan int, 1)
 		var stderr string
@@ -776,6 +780,18 @@ func TestEveryCommandGivesUpOnASilentAgent(t *testing.T) {
 			t.Fatal("bench --addr still waiting on a silent socket after 10s")
 		}
 	})
+	// Its flags are checked before it dials: a usage error is one, not
+	// "no agent" after --timeout.
+	for name, args := range map[string][]string{
+		"a bad --conns": {"bench", "--addr", silent, "--key", "default", "--conns", "abc"},
+		"no --key":      {"bench", "--addr", silent},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if _, stderr, code := run(t, append([]string{"--timeout", timeout.String()}, args...)...); code != exitUsage {
+				t.Fatalf("exit %d (want %d), stderr %q", code, exitUsage, stderr)
+			}
+		})
+	}
 }
 
 // maxSignature, past which verify-signature calls a signature invalid

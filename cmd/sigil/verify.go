@@ -33,6 +33,11 @@ algorithm the key does not make: the code is printed).`,
 			if key.name == "" && key.kid == "" {
 				return usageError("name the key that signed: --kid KID (or --key NAME)")
 			}
+			// The inputs and --alg first: a usage error or a missing
+			// file is said as such, not as an invalid signature.
+			if err := checkInputs(alg, in); err != nil {
+				return err
+			}
 			sig, err := readSignature(sigPath)
 			if err != nil {
 				return &exitError{exitFailure, err}
@@ -42,9 +47,6 @@ algorithm the key does not make: the code is printed).`,
 				// request would not fit a frame (the client's refusal
 				// read as the agent's, exit 4).
 				return &exitError{exitFailure, fmt.Errorf("signature INVALID: %s holds %d bytes, and no key behind the agent makes a signature longer than %d", sigPath, len(sig), maxSignature)}
-			}
-			if err := checkInputs(alg, in); err != nil {
-				return err
 			}
 			ctx, cancel := g.context()
 			defer cancel()
