@@ -57,6 +57,10 @@ type Options struct {
 	Duration time.Duration `json:"duration"` // measured time per rep; default 2s
 	Warmup   time.Duration `json:"warmup"`   // before each rep of each scenario×conns; default 300ms, negative for none
 	Reps     int           `json:"reps"`     // default 3
+	// Drain is how long ops still running at the end of a phase are
+	// waited for before they are cancelled and the scenario fails
+	// (errUnanswered); default 10 s.
+	Drain time.Duration `json:"-"`
 
 	// Progress, if set, receives a line per finished rep (for stderr).
 	Progress func(string) `json:"-"`
@@ -78,6 +82,9 @@ func (o *Options) EnsureDefaults() {
 	if o.Reps == 0 {
 		o.Reps = 3
 	}
+	if o.Drain == 0 {
+		o.Drain = 10 * time.Second
+	}
 }
 
 func (o *Options) validate() error {
@@ -94,11 +101,6 @@ func (o *Options) validate() error {
 	}
 	return nil
 }
-
-// drainTimeout is how long ops still running at the end of a rep are waited
-// for before their context is cancelled, so that a hung signer stalls the
-// harness for bounded time rather than forever.
-const drainTimeout = 10 * time.Second
 
 // Run measures every scenario at every connection count, Reps times, and
 // returns the report with the ratios computed.
@@ -321,9 +323,12 @@ func measure(ctx context.Context, sc Scenario, conns int, opts Options) (repMeas
 	// during this one.
 	runtime.GC()
 	if opts.Warmup > 0 {
-		runPhase(ctx, workers, opts.Warmup, false)
+		_, cut := runPhase(ctx, workers, opts.Warmup, opts.Drain, false)
 		if err := ctx.Err(); err != nil {
 			return repMeasurement{}, err
+		}
+		if cut {
+			return repMeasurement{}, errUnanswered
 		}
 	}
 	for _, w := range workers {
@@ -331,10 +336,13 @@ func measure(ctx context.Context, sc Scenario, conns int, opts Options) (repMeas
 	}
 
 	cpu0 := processTreeCPU() + scenarioCPU(sc)
-	wall := runPhase(ctx, workers, opts.Duration, true)
+	wall, cut := runPhase(ctx, workers, opts.Duration, opts.Drain, true)
 	cpu := processTreeCPU() + scenarioCPU(sc) - cpu0
 	if err := ctx.Err(); err != nil {
 		return repMeasurement{}, err
+	}
+	if cut {
+		return repMeasurement{}, errUnanswered
 	}
 
 	m := repMeasurement{wall: wall, cpu: cpu}
@@ -400,11 +408,19 @@ func closeWorkers(workers []*worker) error {
 	return errors.Join(errs...)
 }
 
+// errUnanswered fails a scenario whose ops were still unanswered
+// Options.Drain after their phase ended (an agent that stopped answering,
+// a hung signer): its figures would measure the cut, and every later phase
+// would wait as long again. The wait keeps a hung signer from stalling the
+// harness for good.
+var errUnanswered = errors.New("ops still unanswered after the phase ended (Options.Drain): the server stopped answering")
+
 // runPhase runs every worker concurrently for d and returns the wall time
-// from the common start to the end of the last op. Ops in flight at the
-// deadline complete and count, and the wall time includes them, so ops/s
-// stays the ratio of what was done to the time it took.
-func runPhase(ctx context.Context, workers []*worker, d time.Duration, record bool) time.Duration {
+// from the common start to the end of the last op, and whether ops still
+// running drain after d had to be cancelled (cut). Ops in flight at
+// the deadline complete and count, and the wall time includes them, so
+// ops/s stays the ratio of what was done to the time it took.
+func runPhase(ctx context.Context, workers []*worker, d, drain time.Duration, record bool) (wall time.Duration, cut bool) {
 	var stop atomic.Bool
 	unhook := context.AfterFunc(ctx, func() { stop.Store(true) })
 	defer unhook()
@@ -422,11 +438,12 @@ func runPhase(ctx context.Context, workers []*worker, d time.Duration, record bo
 	}
 	begin := time.Now()
 	end = begin.Add(d)
-	drain := time.AfterFunc(d+drainTimeout, cancel)
-	defer drain.Stop()
+	var drained atomic.Bool
+	cutter := time.AfterFunc(d+drain, func() { drained.Store(true); cancel() })
+	defer cutter.Stop()
 	close(start)
 	wg.Wait()
-	return time.Since(begin)
+	return time.Since(begin), drained.Load()
 }
 
 // processTreeCPU is the user+system CPU of this process and of its children

@@ -328,3 +328,29 @@ func BenchmarkWorkerLoop(b *testing.B) {
 	b.ResetTimer()
 	w.loop(context.Background(), end, &stop, true)
 }
+
+// A scenario whose ops stop being answered (a wedged agent behind a
+// socket that said Hello) fails once, Options.Drain after its phase, and
+// is not measured again: every phase used to wait the drain out, rep
+// after rep, and a quick run took minutes.
+func TestRunFailsAScenarioThatStopsAnswering(t *testing.T) {
+	wedged := Scenario{Name: "wedged", Key: "k", NewWorker: func(context.Context) (func(context.Context) error, func() error, error) {
+		return func(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }, nil, nil
+	}}
+	start := time.Now()
+	report, err := Run(context.Background(), []Scenario{wedged}, Options{Conns: []int{1, 2}, Duration: 50 * time.Millisecond, Warmup: -1, Reps: 3, Drain: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if elapsed := time.Since(start); elapsed > 3*time.Second {
+		t.Errorf("Run took %v: the wedged cells were waited for rep after rep", elapsed)
+	}
+	if len(report.Results) != 2 {
+		t.Fatalf("%d results, want one per connection count", len(report.Results))
+	}
+	for _, r := range report.Results {
+		if !strings.Contains(r.Err, "unanswered") {
+			t.Errorf("%s@%d: error %q, want the ops unanswered", r.Scenario, r.Conns, r.Err)
+		}
+	}
+}
