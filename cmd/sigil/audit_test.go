@@ -313,16 +313,7 @@ func TestExportNoticesRecordsPrunedUnderIt(t *testing.T) {
 // TestAcceptTailLossRecordsTheLoss).
 func TestAuditRecoverWithNothingLost(t *testing.T) {
 	dir := t.TempDir()
-	j, err := journal.Open(journal.Options{Dir: dir})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := j.Append(context.Background(), &journal.Record{Tenant: "acme", Op: "sign", CodeName: "OK"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := j.Close(); err != nil {
-		t.Fatal(err)
-	}
+	oneRecordJournal(t, dir)
 	out, stderr, code := run(t, "audit", "recover", "--journal", dir)
 	if code != 0 || !strings.Contains(out, "nothing to recover") {
 		t.Fatalf("recover: exit %d\n%s%s", code, out, stderr)
@@ -338,16 +329,7 @@ func TestAuditRecoverWithNothingLost(t *testing.T) {
 func TestAuditVerifyExitStatus(t *testing.T) {
 	dir := t.TempDir()
 	sound := filepath.Join(dir, "sound")
-	j, err := journal.Open(journal.Options{Dir: sound})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := j.Append(context.Background(), &journal.Record{Tenant: "acme", Op: "sign", CodeName: "OK"}); err != nil {
-		t.Fatal(err)
-	}
-	if err := j.Close(); err != nil {
-		t.Fatal(err)
-	}
+	oneRecordJournal(t, sound)
 	held := filepath.Join(dir, "held")
 	hj, err := journal.Open(journal.Options{Dir: held})
 	if err != nil {
@@ -654,5 +636,20 @@ func TestAuditConfigThatDoesNotLoad(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// oneRecordJournal makes a closed journal in dir holding one sign record.
+func oneRecordJournal(t *testing.T, dir string) {
+	t.Helper()
+	j, err := journal.Open(journal.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Append(context.Background(), &journal.Record{Tenant: "acme", Op: "sign", CodeName: "OK"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
 	}
 }
