@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -251,4 +253,42 @@ func asDB(j *Journal, r pebble.Reader) (*pebble.DB, error) {
 		return nil, errors.New("a read-only journal's reader is not its DB")
 	}
 	return db, nil
+}
+
+// rewriteHistoryFrom3 edits record 3 of j's n records and recomputes every
+// link after it, as someone who can write the store would: only the head
+// checkpoint then disagrees.
+func rewriteHistoryFrom3(t *testing.T, j *Journal, n uint64) {
+	t.Helper()
+	var prev [32]byte
+	for seq := uint64(1); seq <= n; seq++ {
+		var r Record
+		if err := decodeRecord(rawGet(t, j, auditKey(seq)), &r); err != nil {
+			t.Fatal(err)
+		}
+		if seq >= 3 {
+			r.PrevHash = prev
+			if seq == 3 {
+				r.CodeName = "FORGED"
+			}
+			rawSet(t, j, auditKey(seq), r.encode())
+		}
+		prev = r.Hash
+	}
+}
+
+// damageTailFrame flips a byte of the i-th frame's payload (0-based) in
+// the tail log of the journal in dir.
+func damageTailFrame(t *testing.T, dir string, i int) {
+	t.Helper()
+	path := filepath.Join(dir, tailName)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	offs, _ := frameOffsets(t, data)
+	data[offs[i]+tailHeaderLen] ^= 1
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -162,21 +162,7 @@ func TestVerifyFindsTampering(t *testing.T) {
 			name: "history rewritten from seq 3 on",
 			tamper: func(t *testing.T, j *Journal) {
 				// Every link recomputed: only the checkpoint disagrees.
-				var prev [32]byte
-				for seq := uint64(1); seq <= n; seq++ {
-					var r Record
-					if err := decodeRecord(rawGet(t, j, auditKey(seq)), &r); err != nil {
-						t.Fatal(err)
-					}
-					if seq >= 3 {
-						r.PrevHash = prev
-						if seq == 3 {
-							r.CodeName = "FORGED"
-						}
-						rawSet(t, j, auditKey(seq), r.encode())
-					}
-					prev = r.Hash
-				}
+				rewriteHistoryFrom3(t, j, n)
 			},
 			seq: n, reason: BreakHeadMismatch, records: n,
 		},

@@ -96,21 +96,7 @@ func TestRewrittenHistoryKeepsItsEvidence(t *testing.T) {
 		t.Fatal(err)
 	}
 	j = openTest(t, dir, WAL)
-	var prev [32]byte
-	for seq := uint64(1); seq <= n; seq++ {
-		var r Record
-		if err := decodeRecord(rawGet(t, j, auditKey(seq)), &r); err != nil {
-			t.Fatal(err)
-		}
-		if seq >= 3 {
-			r.PrevHash = prev
-			if seq == 3 {
-				r.CodeName = "FORGED"
-			}
-			rawSet(t, j, auditKey(seq), r.encode())
-		}
-		prev = r.Hash
-	}
+	rewriteHistoryFrom3(t, j, n)
 	if err := j.Close(); err != nil { // writes the head it holds: the true one
 		t.Fatal(err)
 	}
@@ -140,16 +126,7 @@ func TestRewrittenHistoryKeepsItsEvidence(t *testing.T) {
 // refusal prints, `sigil audit verify`, is this.
 func TestReadOnlyReportsATailLogOpenRefuses(t *testing.T) {
 	dir := killedWithTail(t)
-	path := filepath.Join(dir, tailName)
-	data, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	offs, _ := frameOffsets(t, data)
-	data[offs[5]+tailHeaderLen] ^= 1 // the frame of record 7
-	if err := os.WriteFile(path, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	damageTailFrame(t, dir, 5) // the frame of record 7
 	if w, err := Open(Options{Dir: dir, Logger: testLogger(t)}); !errors.Is(err, errTailCorrupt) {
 		if err == nil {
 			w.Close()
@@ -169,16 +146,7 @@ func TestReadOnlyReportsATailLogOpenRefuses(t *testing.T) {
 // refusal used to advise, made the agent sign on as seq 7).
 func TestAcceptTailLossRecordsTheLoss(t *testing.T) {
 	dir := killedWithTail(t)
-	path := filepath.Join(dir, tailName)
-	data, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	offs, _ := frameOffsets(t, data)
-	data[offs[5]+tailHeaderLen] ^= 1 // the frame of record 7; 8-30 follow it
-	if err := os.WriteFile(path, data, 0o600); err != nil {
-		t.Fatal(err)
-	}
+	damageTailFrame(t, dir, 5) // the frame of record 7; 8-30 follow it
 	j, err := Open(Options{Dir: dir, AcceptTailLoss: true, Logger: testLogger(t)})
 	if err != nil {
 		t.Fatalf("Open accepting the loss: %v", err)
