@@ -386,6 +386,19 @@ func heldAgent(t *testing.T) (*heldProvider, agent.Config, *running, *client.Cli
 	return h, cfg, r, r.serveAdmin(t, cfg.AdminSocket)
 }
 
+// serveSSH serves the agent's ssh-agent socket beside cfg's socket and
+// returns its path.
+func (r *running) serveSSH(t testing.TB, cfg agent.Config) string {
+	t.Helper()
+	path := filepath.Join(filepath.Dir(cfg.Socket), "ssh.sock")
+	ln, err := agent.ListenUnix(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	go r.agent.ServeSSHAgent(ln)
+	return path
+}
+
 // serveAdmin serves the agent's admin operations on path and dials it.
 func (r *running) serveAdmin(t testing.TB, path string) *client.Client {
 	t.Helper()

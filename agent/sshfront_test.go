@@ -123,12 +123,7 @@ func TestSSHAgentSocketLimits(t *testing.T) {
 	cfg.Limits.FrameTimeout = 300 * time.Millisecond
 	cfg.Limits.MaxConnsPerTenant = 3
 	r := startAgent(t, cfg)
-	sshSock := filepath.Join(filepath.Dir(cfg.Socket), "ssh.sock")
-	ln, err := agent.ListenUnix(sshSock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go r.agent.ServeSSHAgent(ln)
+	sshSock := r.serveSSH(t, cfg)
 	dial := func() net.Conn {
 		t.Helper()
 		c, err := net.Dial("unix", sshSock)
@@ -341,12 +336,7 @@ func TestSSHPauseAckComesAfterRepliesLeave(t *testing.T) {
 	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
 	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: ed}\n", os.Getuid(), os.Getuid())), 0o600)
 	r := startAgent(t, cfg)
-	sshSock := filepath.Join(filepath.Dir(cfg.Socket), "ssh.sock")
-	ln, err := agent.ListenUnix(sshSock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	go r.agent.ServeSSHAgent(ln)
+	sshSock := r.serveSSH(t, cfg)
 	admin := r.serveAdmin(t, cfg.AdminSocket)
 
 	lc, err := net.Dial("unix", sshSock)
