@@ -26,7 +26,12 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response, arrived time.T
 	var err error
 	switch req.Op {
 	case proto.OpHello:
-		if err = c.admitted(); err == nil {
+		// The first Hello's peer was admitted by the reader, which closes
+		// the connection otherwise; a later one is asked again.
+		if c.helloDone {
+			err = c.admitted()
+		}
+		if err == nil {
 			err = c.hello(req, resp)
 		}
 	case proto.OpPing:
