@@ -250,6 +250,11 @@ func uintField(k string, v uint64) []byte {
 	return binary.BigEndian.AppendUint64(append(append([]byte{0xa0 | byte(len(k))}, k...), 0xcf), v)
 }
 
+// intField writes v as an int64, whatever its value.
+func intField(k string, v int64) []byte {
+	return binary.BigEndian.AppendUint64(append(append([]byte{0xa0 | byte(len(k))}, k...), 0xd3), uint64(v))
+}
+
 func strField(k, v string) []byte {
 	return append(append(append([]byte{0xa0 | byte(len(k))}, k...), 0xa0|byte(len(v))), v...)
 }
@@ -381,6 +386,58 @@ func TestOutOfRangeNumbersKeepTheConnection(t *testing.T) {
 		rc.exchange(export(2), id, proto.OK)
 		for _, n := range []uint64{math.MaxUint32, 1<<32 + 2, math.MaxUint64} {
 			rc.exchange(export(n), id, proto.NotFound)
+		}
+
+		// at is an int, which a client may write as a uint up to 2^64-1:
+		// one past the year 9999 is refused as out of range. A uint from
+		// 2^63 up used to be read as a negative number, and an int near
+		// 2^63-1 wrapped around in time.Unix, so the refusal spoke of a
+		// time not in the future, or a prune without a cut-off time. A
+		// negative int is a time before 1970, and its refusal says so.
+		rotateAt := func(at []byte) []byte {
+			return rawFrame(uintField("id", id), uintField("op", uint64(proto.OpRotate)),
+				strField("key", "payments/release"), at)
+		}
+		pruneAt := func(at []byte) []byte {
+			return rawFrame(uintField("id", id), uintField("op", uint64(proto.OpAuditPrune)), at)
+		}
+		const outOfRange, early = "at is out of range", "at is before 1970"
+		for _, tc := range []struct {
+			name    string
+			request []byte
+			reason  string
+		}{
+			{"rotate: at 2^63 (uint)", rotateAt(uintField("at", 1<<63)), outOfRange},
+			{"rotate: at 2^63 + a time (uint)", rotateAt(uintField("at", 1<<63+1_800_000_000)), outOfRange},
+			{"rotate: at 2^64-1 (uint)", rotateAt(uintField("at", math.MaxUint64)), outOfRange},
+			{"rotate: at 2^63-1 (uint)", rotateAt(uintField("at", math.MaxInt64)), outOfRange},
+			{"rotate: at 2^63-1 (int)", rotateAt(intField("at", math.MaxInt64)), outOfRange},
+			{"rotate: at the year 10000", rotateAt(intField("at", 253402300800)), outOfRange},
+			{"rotate: at -5", rotateAt(intField("at", -5)), early},
+			{"rotate: at -2^63", rotateAt(intField("at", math.MinInt64)), early},
+			{"prune: at 2^63 (uint)", pruneAt(uintField("at", 1<<63)), outOfRange},
+			{"prune: at 2^64-1 (uint)", pruneAt(uintField("at", math.MaxUint64)), outOfRange},
+			{"prune: at 2^63-1 (int)", pruneAt(intField("at", math.MaxInt64)), outOfRange},
+			{"prune: at -5", pruneAt(intField("at", -5)), early},
+			{"prune: at -2^63", pruneAt(intField("at", math.MinInt64)), early},
+		} {
+			resp := rc.exchange(tc.request, id, proto.BadRequest)
+			if !strings.Contains(resp.Msg, tc.reason) {
+				t.Errorf("%s: refused with %q, want it to say %q", tc.name, resp.Msg, tc.reason)
+			}
+			if tc.reason == outOfRange && (strings.Contains(resp.Msg, "future") || strings.Contains(resp.Msg, "1970") ||
+				strings.Contains(resp.Msg, "cut-off")) {
+				t.Errorf("%s: refused with %q, which names another reason than the range", tc.name, resp.Msg)
+			}
+		}
+		recs := rc.exchange(tail(100), id, proto.OK).Records
+		if len(recs) < all {
+			t.Fatalf("%d records after the refused prunes, want at least %d: one pruned", len(recs), all)
+		}
+		for _, rec := range recs {
+			if bytes.Contains(rec, []byte("rotate.scheduled")) {
+				t.Fatalf("a refused time was scheduled: %s", rec)
+			}
 		}
 	})
 }

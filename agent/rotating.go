@@ -376,7 +376,10 @@ func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {
 		return nil
 	}
 	if req.Op == proto.OpRotate && req.At != 0 {
-		at := time.Unix(req.At, 0)
+		at, err := requestTime("rotate "+slot, req.At, "not in the future")
+		if err != nil {
+			return err
+		}
 		if err := c.a.sched.RotateAt(ctx, slot, at, peer); err != nil {
 			return rotationError(err)
 		}

@@ -421,18 +421,43 @@ func (a *Agent) auditVerify(ctx context.Context, resp *proto.Response) error {
 	return nil
 }
 
+// lastRequestTime is the last second of the year 9999, in Unix seconds.
+// The agent's times end there (the rotation state and the journal write
+// them as RFC 3339), and past it time.Unix wraps around before
+// proto.AtOutOfRange: read as a time, such an at lies in the past.
+const lastRequestTime = 253402300799
+
+// requestTime reads a request's at for what ("rotate payments/release",
+// "audit prune"). A number past lastRequestTime, proto.AtOutOfRange
+// included, is refused as out of range, not for what it would wrap onto;
+// a negative one as before 1970, early saying what that means for the
+// operation.
+func requestTime(what string, at int64, early string) (time.Time, error) {
+	switch {
+	case at > lastRequestTime:
+		return time.Time{}, &proto.Error{Code: proto.BadRequest, Msg: what + ": at is out of range (Unix seconds after the year 9999)"}
+	case at < 0:
+		return time.Time{}, &proto.Error{Code: proto.BadRequest, Msg: what + ": at is before 1970, " + early}
+	}
+	return time.Unix(at, 0), nil
+}
+
 // auditPrune deletes the records older than the Unix time at, for `sigil
 // audit prune`; the prune record names the admin who asked.
 func (a *Agent) auditPrune(ctx context.Context, at int64, by string, resp *proto.Response) error {
 	if a.journal == nil {
 		return &proto.Error{Code: proto.JournalUnavailable, Msg: "the audit journal is off"}
 	}
-	if at <= 0 {
+	if at == 0 {
 		return &proto.Error{Code: proto.BadRequest, Msg: "audit prune needs a cut-off time"}
+	}
+	before, err := requestTime("audit prune", at, "older than any record")
+	if err != nil {
+		return err
 	}
 	ctx, cancel := context.WithTimeout(ctx, auditVerifyTimeout)
 	defer cancel()
-	res, err := a.pruneJournal(ctx, time.Unix(at, 0), "admin "+by)
+	res, err := a.pruneJournal(ctx, before, "admin "+by)
 	switch {
 	case errors.Is(err, journal.ErrPruneRefused):
 		return &proto.Error{Code: proto.Internal, Msg: strings.TrimPrefix(err.Error(), "journal: ")}

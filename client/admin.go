@@ -71,9 +71,14 @@ func (c *Client) AuditVerify(ctx context.Context) (ok bool, summary string, err 
 
 // AuditPrune has the running agent delete its audit records older than
 // before (admin role), keeping the chain verifiable from the new start; it
-// returns the agent's summary. A broken chain refuses the prune (INTERNAL).
+// returns the agent's summary. A broken chain refuses the prune (INTERNAL),
+// and a zero before is no cut-off (BAD_REQUEST).
 func (c *Client) AuditPrune(ctx context.Context, before time.Time) (string, error) {
-	resp, err := c.call(ctx, &proto.Request{Op: proto.OpAuditPrune, At: before.Unix()})
+	var at int64
+	if !before.IsZero() {
+		at = before.Unix() // the zero time's would read as a time before 1970
+	}
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpAuditPrune, At: at})
 	if err != nil {
 		return "", err
 	}

@@ -32,7 +32,8 @@ type Request struct {
 	FromSeq uint64
 	Limit   uint32
 	// Rotate: Unix seconds of a one-off rotation to schedule (0: now).
-	// ExportREP uses Limit as the pack's number (0: the newest).
+	// AuditPrune: the cut-off. ExportREP uses Limit as the pack's number
+	// (0: the newest). AtOutOfRange: 2^63-1 or more.
 	At int64
 }
 
@@ -216,7 +217,7 @@ func (r *Request) decode(c *Codec) error {
 			v, err = decodeUintSaturated(d, uint64(LimitOutOfRange))
 			r.Limit = uint32(v)
 		case kAt:
-			r.At, err = d.DecodeInt64()
+			r.At, err = decodeIntSaturated(d, AtOutOfRange)
 		default:
 			err = c.skip(0)
 		}
@@ -504,6 +505,24 @@ func discard(d *msgpack.Decoder, n int) error {
 func decodeUintSaturated(d *msgpack.Decoder, max uint64) (uint64, error) {
 	v, err := decodeUint(d)
 	return min(v, max), err
+}
+
+// decodeIntSaturated reads an int: msgpack's int family as it is, negative
+// numbers included, and its uint family with the numbers from max up
+// saturated to max. msgpack's DecodeInt64 reads a uint64 past 2^63-1 as
+// the negative number of its bits, a meaning nobody sent (at 2^64-1 is
+// not a second before 1970).
+func decodeIntSaturated(d *msgpack.Decoder, max int64) (int64, error) {
+	code, err := d.PeekCode()
+	if err != nil {
+		return 0, err
+	}
+	if code == msgpcode.Uint64 {
+		v, err := d.DecodeUint64()
+		return int64(min(v, uint64(max))), err
+	}
+	n, err := d.DecodeInt64()
+	return min(n, max), err
 }
 
 // decodeUint reads a uint: msgpack's uint family, or its int family when

@@ -1,6 +1,9 @@
 package proto
 
-import "strconv"
+import (
+	"math"
+	"strconv"
+)
 
 // Version is the protocol version this package speaks.
 const Version uint16 = 1
@@ -114,3 +117,11 @@ const TimeoutOutOfRange uint32 = 0xffffffff
 // past AuditTail's cap (100 records), and a pack number no evidence pack
 // will ever have (ExportREP answers NOT_FOUND).
 const LimitOutOfRange uint32 = 0xffffffff
+
+// AtOutOfRange is what the decoder reads for an at of 2^63-1 or more (at
+// is an int on the wire, and a client may write a time in the uint
+// family, up to 2^64-1): seconds long past the year 9999, where the
+// agent's times end. The agent refuses it as out of range (BAD_REQUEST);
+// read as an int64 it would wrap onto a negative number, a time before
+// 1970, and the refusal would name the wrong reason.
+const AtOutOfRange int64 = math.MaxInt64

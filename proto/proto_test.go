@@ -228,6 +228,57 @@ func TestUintFieldsPastTheirWidths(t *testing.T) {
 	}
 }
 
+// at is an int on the wire, and a client may write it in msgpack's uint
+// family, up to 2^64-1. A number from 2^63-1 up reads as AtOutOfRange,
+// which the agent refuses as out of range; it must not wrap onto a
+// negative number (a time before 1970, refused for the wrong reason), nor
+// fail the decode. A negative int is a time before 1970 and stays one.
+func TestAtPastItsField(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		encode func(*msgpack.Encoder) error
+		at     int64
+	}{
+		{"uint", func(e *msgpack.Encoder) error { return e.EncodeUint(1_800_000_000) }, 1_800_000_000},
+		{"uint64 small", func(e *msgpack.Encoder) error { return e.EncodeUint64(1_800_000_000) }, 1_800_000_000},
+		{"int", func(e *msgpack.Encoder) error { return e.EncodeInt(1_800_000_000) }, 1_800_000_000},
+		{"negative int", func(e *msgpack.Encoder) error { return e.EncodeInt(-5) }, -5},
+		{"min int64", func(e *msgpack.Encoder) error { return e.EncodeInt64(math.MinInt64) }, math.MinInt64},
+		{"max int64 as int", func(e *msgpack.Encoder) error { return e.EncodeInt64(math.MaxInt64) }, AtOutOfRange},
+		{"max int64 as uint", func(e *msgpack.Encoder) error { return e.EncodeUint64(math.MaxInt64) }, AtOutOfRange},
+		{"2^63", func(e *msgpack.Encoder) error { return e.EncodeUint64(1 << 63) }, AtOutOfRange},
+		{"2^63 + a time", func(e *msgpack.Encoder) error { return e.EncodeUint64(1<<63 + 1_800_000_000) }, AtOutOfRange},
+		{"2^64-1", func(e *msgpack.Encoder) error { return e.EncodeUint64(math.MaxUint64) }, AtOutOfRange},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var buf bytes.Buffer
+			e := msgpack.NewEncoder(&buf)
+			for _, err := range []error{e.EncodeMapLen(3), e.EncodeString("id"), e.EncodeUint(1),
+				e.EncodeString("op"), e.EncodeUint(uint64(OpRotate)), e.EncodeString("at"), tc.encode(e)} {
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			c := NewCodec()
+			var r Request
+			if err := c.DecodeRequest(buf.Bytes(), &r); err != nil {
+				t.Fatalf("decode: %v", err)
+			}
+			if r.At != tc.at {
+				t.Fatalf("at decoded as %d, want %d", r.At, tc.at)
+			}
+			frame, err := c.AppendRequestFrame(nil, &r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var again Request
+			if err := c.DecodeRequest(frame[FrameHeaderLen:], &again); err != nil || again.At != r.At {
+				t.Fatalf("re-encoded: %v, at %d, want %d", err, again.At, r.At)
+			}
+		})
+	}
+}
+
 // code is a uint on the wire, wider than Code. A code past it (a newer
 // agent's, however large) reads as CodeOutOfRange: an error like any code
 // this version does not know, never a wrap onto OK (65536) or a known
