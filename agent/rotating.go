@@ -76,9 +76,9 @@ func (s SubjectConfig) name(slot string) pkix.Name {
 		OrganizationalUnit: s.OrganizationalUnit, Country: s.Country}
 }
 
-// rotationTimeout bounds an operator's rotation: key generation on an HSM,
-// a CSR and the canary set.
-const rotationTimeout = 2 * time.Minute
+// rotationTimeout bounds an operator's rotation, as the scheduler bounds
+// its own: key generation on an HSM, a CSR and the canary set.
+const rotationTimeout = rotation.DefaultTimeout
 
 // setupRotation opens the rotation state, serves again the key versions a
 // rotation made before a restart, enrolls the policy's slots (v1 = the
@@ -152,6 +152,7 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 	sched, err := rotation.NewScheduler(rot, rotation.SchedulerOptions{
 		Calendars:  cals,
 		RetryAfter: a.cfg.Rotation.RetryAfter,
+		Timeout:    rotationTimeout,
 		Options: func(slot string) (rotation.RotateOptions, error) {
 			// No reason: the scheduler writes "scheduled, due <time>".
 			return a.rotateOptions(slot, "", "scheduler")

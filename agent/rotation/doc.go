@@ -101,8 +101,11 @@
 //
 // A Scheduler rotates slots on their Calendar (a period counted from the
 // active version's activation, explicit dates, and one-off times set with
-// RotateAt and kept in the slot's state) and calls RetireDue. Tick does one
-// round at the injected clock; Run loops on a timer. Rotator.Drill pauses
+// RotateAt and kept in the slot's state) and calls RetireDue. Each of its
+// rotations has a deadline of its own (SchedulerOptions.Timeout), as the
+// agent gives an operator's: a hung provider fails the rotation rather than
+// holding the slot and every later round. Tick does one round at the
+// injected clock; Run loops on a timer. Rotator.Drill pauses
 // the slot through a Pauser (the policy engine), rotates in emergency
 // mode, resumes, and renders an incident statement from the journal
 // records of the drill. A failed drill leaves the slot paused.

@@ -134,12 +134,26 @@ type SchedulerOptions struct {
 	// MaxSleep bounds Run's sleep, so that a wall-clock step or a new
 	// calendar is noticed. Default 1 minute.
 	MaxSleep time.Duration
+	// Timeout bounds each scheduled rotation, from holding the slot to its
+	// evidence pack. One that runs out of time fails at the step it was
+	// in, like any failed rotation. Default DefaultTimeout.
+	Timeout time.Duration
 }
+
+// DefaultTimeout is how long a rotation may take: key generation on an
+// HSM, a CSR and the canary set. The agent gives an operator's rotation as
+// long. Without a bound of its own, a scheduled rotation whose provider
+// hangs would hold the slot, and every later round, for as long as the
+// agent runs.
+const DefaultTimeout = 2 * time.Minute
 
 // EnsureDefaults fills in the zero-valued fields that have defaults.
 func (o *SchedulerOptions) EnsureDefaults() {
 	if o.RetryAfter <= 0 {
 		o.RetryAfter = time.Hour
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = DefaultTimeout
 	}
 	if o.MaxSleep <= 0 {
 		o.MaxSleep = time.Minute
@@ -373,7 +387,8 @@ func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
 			}
 			rep.Failed[slot] = err
 			s.log.Error("scheduled rotation failed", zap.String("slot", slot), zap.Time("due", due),
-				zap.Duration("retry_after", s.opts.RetryAfter), zap.Error(err))
+				zap.Bool("timed_out", errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil),
+				zap.Duration("timeout", s.opts.Timeout), zap.Duration("retry_after", s.opts.RetryAfter), zap.Error(err))
 		default:
 			s.mu.Lock()
 			delete(s.retry, slot)
@@ -389,6 +404,10 @@ func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
 }
 
 func (s *Scheduler) rotate(ctx context.Context, slot string, due time.Time, stillDue func(Slot) bool) (*Result, error) {
+	// The failure is still journaled once the deadline has passed: the
+	// rotation's commits run detached from ctx (commitTimeout).
+	ctx, cancel := context.WithTimeout(ctx, s.opts.Timeout)
+	defer cancel()
 	opts, err := s.opts.Options(slot)
 	if opts.Reason == "" {
 		opts.Reason = "scheduled, due " + due.UTC().Format(time.RFC3339)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -509,6 +510,138 @@ func TestOptionsFailuresAreJournaled(t *testing.T) {
 			}
 			if v := e.active(); v.Number != 1 {
 				t.Fatalf("v%d active after a failed start", v.Number)
+			}
+		})
+	}
+}
+
+// blockingMaker generates no key until ctx ends or release is closed: a
+// provider hung in key generation that still honours its context.
+type blockingMaker struct{ release chan struct{} }
+
+func (m blockingMaker) GenerateKey(ctx context.Context, _ string, _ providers.KeyType) (providers.KeyInfo, error) {
+	select {
+	case <-ctx.Done():
+		return providers.KeyInfo{}, ctx.Err()
+	case <-m.release:
+		return providers.KeyInfo{}, errInjected
+	}
+}
+
+// blockingSigner signs through inner for its first `clean` calls (the CSR
+// is the first), then blocks like blockingMaker: a provider hung in a
+// canary signature.
+type blockingSigner struct {
+	inner   Signer
+	clean   int64
+	calls   atomic.Int64
+	release chan struct{}
+}
+
+func (s *blockingSigner) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	if s.calls.Add(1) <= s.clean {
+		return s.inner.Sign(ctx, key, alg, digest)
+	}
+	select {
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	case <-s.release:
+		return nil, errInjected
+	}
+}
+
+// A scheduled rotation has a deadline of its own (Timeout): one whose
+// provider hangs, in key generation or in a canary signature, fails when
+// it runs out, like any failed rotation: journaled, retried after
+// RetryAfter, and the slot left signing on its active version and free for
+// the next rotation. It used to run under the scheduler's context alone,
+// which has no deadline: the round, the slot and any operator's rotation of
+// it waited as long as the provider hung.
+func TestScheduledRotationTimesOut(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		modify   func(e *env, o *RotateOptions, release chan struct{})
+		step     string
+		reverted bool
+	}{
+		{"keygen", func(e *env, o *RotateOptions, release chan struct{}) {
+			o.Maker = blockingMaker{release: release}
+		}, StepKeygen, false},
+		{"canary", func(e *env, o *RotateOptions, release chan struct{}) {
+			o.Signer = &blockingSigner{inner: e.soft, clean: 1, release: release}
+		}, StepCanary, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, providers.KeyEd25519)
+			release := make(chan struct{})
+			hang := true
+			const timeout = 3 * time.Second // the canary case must reach its canaries first, on a busy machine
+			s, err := NewScheduler(e.rot, SchedulerOptions{
+				Calendars:  map[string]Calendar{testSlot: {Period: 720 * time.Hour}},
+				RetryAfter: time.Hour,
+				Timeout:    timeout,
+				Options: func(string) (RotateOptions, error) {
+					o := e.opts()
+					if hang {
+						tc.modify(e, &o, release)
+					}
+					return o, nil
+				},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			due := t0.Add(720 * time.Hour)
+			e.clock.Set(due)
+			type tickResult struct {
+				rep TickReport
+				err error
+			}
+			done := make(chan tickResult, 1)
+			start := time.Now()
+			go func() {
+				rep, err := s.Tick(context.Background())
+				done <- tickResult{rep, err}
+			}()
+			var res tickResult
+			select {
+			case res = <-done:
+			case <-time.After(30 * time.Second):
+				close(release) // let the round end before the test's cleanup closes the journal
+				<-done
+				t.Fatalf("the round still waited on the hung provider after %v (Timeout %v)", time.Since(start), timeout)
+			}
+			if res.err == nil || !errors.Is(res.rep.Failed[testSlot], context.DeadlineExceeded) {
+				t.Fatalf("round: %+v %v, want the rotation failed with DEADLINE_EXCEEDED", res.rep, res.err)
+			}
+			var se *StepError
+			if !errors.As(res.rep.Failed[testSlot], &se) || se.Step != tc.step || se.Reverted != tc.reverted {
+				t.Fatalf("failure %v, want step %s, reverted %v", res.rep.Failed[testSlot], tc.step, tc.reverted)
+			}
+			recs := e.records()
+			last := recs[len(recs)-1]
+			if last.Op != "rotate.failed" || last.CodeName != proto.DeadlineExceeded.String() || !strings.Contains(last.Detail, "step "+tc.step) {
+				t.Fatalf("last record %s %s %q, want rotate.failed DEADLINE_EXCEEDED at step %s", last.Op, last.CodeName, last.Detail, tc.step)
+			}
+
+			// The slot signs on v1, and is free: nothing holds it.
+			v1 := e.active()
+			if v1.Number != 1 {
+				t.Fatalf("active v%d after the failed rotation, want v1", v1.Number)
+			}
+			alg, in, sig := signWith(t, e.soft, v1, []byte("after the timeout"))
+			if err := providers.Verify(v1.Public, alg, in, sig); err != nil {
+				t.Fatalf("v1's signature does not verify: %v", err)
+			}
+			if next := s.Next(); !next.Equal(due.Add(time.Hour)) {
+				t.Fatalf("Next after the timeout %v, want the retry at %v", next, due.Add(time.Hour))
+			}
+			if rep := tick(t, e, s, due.Add(59*time.Minute)); len(rep.Rotated)+len(rep.Failed) != 0 {
+				t.Fatalf("retried before RetryAfter: %+v", rep)
+			}
+			hang = false
+			if rep := tick(t, e, s, due.Add(time.Hour)); len(rep.Rotated) != 1 || e.active().Number == 1 {
+				t.Fatalf("not retried after RetryAfter: %+v, active v%d", rep, e.active().Number)
 			}
 		})
 	}
