@@ -17,29 +17,34 @@ import (
 // systemd unit runs before it signals a reload, so that `systemctl reload`
 // fails on a file the agent would refuse.
 //
-// What needs the agent's keys is left to the agent: that a certificate
-// certifies its key, and that each slot's key is served. A rotation
-// slot's next_key must name a key of the config's providers (the start
-// refuses one that no provider serves, an embedder's included): otherwise
-// every rotation of the slot fails.
+// The keys a policy's slots name, and a rotation slot's next_key, must be
+// keys of the config's providers: the start serves those and no others
+// (an embedder's providers aside, which it does not know), refuses a slot
+// naming another, and every rotation of a slot whose next_key names none
+// would fail. What needs the keys themselves is left to the agent: that
+// a certificate certifies its key.
 func CheckFiles(cfg Config) error {
 	var errs []error
-	if cfg.Policy != "" {
-		set, err := policy.Load(cfg.Policy)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("policy: %w", err))
-		} else {
-			errs = append(errs, calendarSlotErrors(set, cfg.Rotation.Calendars)...)
-			errs = append(errs, slotSettingErrors(set, cfg.Rotation.Slots)...)
-		}
-	}
 	configured := map[string]bool{}
 	for _, p := range cfg.Providers {
 		for _, k := range p.Keys {
 			configured[k.Name] = true
 		}
 	}
-	errs = append(errs, nextKeyErrors(cfg.Rotation.Slots, func(name string) bool { return configured[name] })...)
+	isConfigured := func(name string) bool { return configured[name] }
+	if cfg.Policy != "" {
+		set, err := policy.Load(cfg.Policy)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("policy: %w", err))
+		} else {
+			if err := slotKeysError(set, isConfigured); err != nil {
+				errs = append(errs, fmt.Errorf("policy: %w", err))
+			}
+			errs = append(errs, calendarSlotErrors(set, cfg.Rotation.Calendars)...)
+			errs = append(errs, slotSettingErrors(set, cfg.Rotation.Slots)...)
+		}
+	}
+	errs = append(errs, nextKeyErrors(cfg.Rotation.Slots, isConfigured)...)
 	if cfg.TCP.Listen != "" {
 		if _, err := newTLSMaterial(cfg.TCP); err != nil {
 			errs = append(errs, err)

@@ -175,6 +175,59 @@ func TestCheckRefusesRotationSlotsThatCannotTakeEffect(t *testing.T) {
 	}
 }
 
+// A policy slot whose key (or a listed version's key) no configured
+// provider serves is refused by the start; `sigil agent --check` used to
+// pass it, so `systemctl reload` signalled an agent that then refused the
+// policy, and the next restart failed. Both now refuse it in the same
+// words, naming each such key once.
+func TestCheckRefusesSlotsNamingUnservedKeys(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		slot  string
+		wants []string // each in both errors; none when valid
+	}{
+		{"a served key", "{name: release, key: default}", nil},
+		{"served versions", "{name: release, versions: [{version: 1, key: default}, {version: 2, key: p384}]}", nil},
+		{"an unserved key", "{name: release, key: nosuchkey}",
+			[]string{`policy: slot payments/release: key "nosuchkey" is not served by any provider`}},
+		{"an unserved older version", "{name: release, versions: [{version: 1, key: gone}, {version: 2, key: default}]}",
+			[]string{`policy: slot payments/release: key "gone" is not served by any provider`}},
+		{"two unserved versions", "{name: release, versions: [{version: 1, key: gone}, {version: 2, key: nosuchkey}]}",
+			[]string{`key "gone" is not served`, `key "nosuchkey" is not served`}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := softwareConfig(t)
+			cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+			policyYAML := fmt.Sprintf("tenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - %s\n", os.Getuid(), tc.slot)
+			if err := os.WriteFile(cfg.Policy, []byte(policyYAML), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			checkErr := errors.Join(cfg.Validate(), agent.CheckFiles(cfg)) // as --check runs them
+			a, startErr := agent.New(context.Background(), cfg, zap.NewNop())
+			if startErr == nil {
+				defer a.Shutdown(context.Background())
+			}
+			for what, err := range map[string]error{"--check": checkErr, "start": startErr} {
+				if len(tc.wants) == 0 {
+					if err != nil {
+						t.Errorf("%s refused: %v", what, err)
+					}
+					continue
+				}
+				if err == nil {
+					t.Errorf("%s accepted it; want %q", what, tc.wants)
+					continue
+				}
+				for _, want := range tc.wants {
+					if n := strings.Count(err.Error(), want); n != 1 {
+						t.Errorf("%s: %v\nsays %q %d times, want once", what, err, want, n)
+					}
+				}
+			}
+		})
+	}
+}
+
 // Rotation runs only with a policy (its slots) and the audit journal (its
 // state). Calendars or slot settings without them are refused by `sigil
 // agent --check` and the config's validation (so by the start and a

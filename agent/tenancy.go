@@ -204,16 +204,27 @@ func (c *conn) isAdmin() bool {
 
 // checkSlotKeys refuses a policy whose slots name keys no provider serves.
 func checkSlotKeys(set *policy.Set, kr *keyring) error {
+	return slotKeysError(set, func(name string) bool { return kr.entry(name) != nil })
+}
+
+// slotKeysError names each key that a slot of set names (its key, each
+// listed version's) and served says no provider serves, each once per
+// slot. The start and a reload ask the keyring; `sigil agent --check`,
+// without one, the config's keys, which are what the start's keyring
+// holds, so that --check refuses what the start would, in its words.
+func slotKeysError(set *policy.Set, served func(name string) bool) error {
 	var errs []error
 	for _, s := range set.AllSlots() {
+		named := map[string]bool{}
 		keys := []string{s.Key}
 		for _, v := range s.Versions {
 			keys = append(keys, v.Key)
 		}
 		for _, k := range keys {
-			if k != "" && kr.entry(k) == nil {
+			if k != "" && !named[k] && !served(k) {
 				errs = append(errs, fmt.Errorf("slot %s: key %q is not served by any provider", s.FullName(), k))
 			}
+			named[k] = true
 		}
 	}
 	return errors.Join(errs...)
