@@ -228,6 +228,69 @@ func TestCheckRefusesSlotsNamingUnservedKeys(t *testing.T) {
 	}
 }
 
+// New's errors that only an operator can cure (the config fails its
+// checks, the policy fails its own or names a key no provider serves, a
+// PKCS#11 PIN source gives no PIN) are IsConfigError, on which `sigil
+// agent` exits 78 and systemd does not restart it; they used to be
+// INTERNAL, like a bug. One that may pass on another try (the journal
+// held by an agent still stopping) is not.
+func TestStartFailuresThatNeedAnOperator(t *testing.T) {
+	badPolicy := filepath.Join(t.TempDir(), "policy.yaml")
+	if err := os.WriteFile(badPolicy, []byte("tenants: [{name: payments}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	unservedKey := filepath.Join(t.TempDir(), "policy.yaml")
+	if err := os.WriteFile(unservedKey, []byte(fmt.Sprintf("tenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: nosuchkey}\n", os.Getuid())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const pinVar = "SIGIL_TEST_NEVER_SET_PIN"
+	hsm := func(pinSource string) func(*agent.Config) {
+		return func(cfg *agent.Config) {
+			cfg.DefaultKey = ""
+			cfg.Providers = append(cfg.Providers, agent.ProviderSpec{
+				ID: "hsm", Type: "pkcs11", Module: "/nonexistent/libpkcs11.so", TokenLabel: "prod",
+				PINEnv: pinSource, Keys: []agent.KeySpec{{Name: "release", URI: "pkcs11:object=release"}},
+			})
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		edit   func(*agent.Config)
+		names  string // in the error
+		config bool
+	}{
+		{"a config that fails validation", func(cfg *agent.Config) { cfg.DefaultKey = "nosuchkey" }, `default_key "nosuchkey"`, true},
+		{"a policy that fails its checks", func(cfg *agent.Config) { cfg.Policy = badPolicy }, badPolicy, true},
+		{"a policy slot naming a key no provider serves", func(cfg *agent.Config) { cfg.Policy = unservedKey }, `key "nosuchkey"`, true},
+		{"a PIN variable unset", hsm(pinVar), pinVar, true},
+		{"the journal held by another agent", nil, "journal", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := softwareConfig(t)
+			if tc.edit != nil {
+				tc.edit(&cfg)
+			} else {
+				first, err := agent.New(context.Background(), cfg, zap.NewNop())
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer first.Shutdown(context.Background())
+			}
+			a, err := agent.New(context.Background(), cfg, zap.NewNop())
+			if err == nil {
+				a.Shutdown(context.Background())
+				t.Fatal("the agent started")
+			}
+			if !strings.Contains(err.Error(), tc.names) {
+				t.Errorf("%v\ndoes not name %q", err, tc.names)
+			}
+			if got := agent.IsConfigError(err); got != tc.config {
+				t.Errorf("IsConfigError = %v, want %v: %v", got, tc.config, err)
+			}
+		})
+	}
+}
+
 // Rotation runs only with a policy (its slots) and the audit journal (its
 // state). Calendars or slot settings without them are refused by `sigil
 // agent --check` and the config's validation (so by the start and a

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"go.uber.org/zap"
@@ -13,7 +14,15 @@ import (
 func openPKCS11(ctx context.Context, spec ProviderSpec, log *zap.Logger) (providers.Provider, error) {
 	cfg := pkcs11Config(spec)
 	cfg.Logger = log
-	return pkcs11.Open(ctx, cfg)
+	p, err := pkcs11.Open(ctx, cfg)
+	if errors.Is(err, pkcs11.ErrPINSource) {
+		return nil, &configError{err}
+	}
+	if err != nil {
+		// A nil *pkcs11.Provider in the interface would not be nil.
+		return nil, err
+	}
+	return p, nil
 }
 
 // pkcs11Config is the provider's configuration from spec: the one mapping,

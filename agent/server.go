@@ -93,8 +93,28 @@ func WithProviders(p ...providers.Provider) Option {
 	return func(o *options) { o.extra = append(o.extra, p...) }
 }
 
+// IsConfigError reports whether err, from New, is the configuration's
+// fault: the config fails its checks, the policy fails its own or names a
+// key no provider serves, or a PKCS#11 provider's PIN source gives no PIN.
+// Starting again fails the same way until an operator changes the config,
+// a file it names or the agent's environment, so a supervisor should not
+// restart the agent on it. It has no wire code: Code calls it INTERNAL,
+// which would read as a fault of the agent's.
+func IsConfigError(err error) bool {
+	var ce *configError
+	return errors.As(err, &ce)
+}
+
+// configError marks an error from New as the configuration's fault
+// (IsConfigError), its text unchanged.
+type configError struct{ err error }
+
+func (e *configError) Error() string { return e.err.Error() }
+func (e *configError) Unwrap() error { return e.err }
+
 // New opens the configured providers (logging in to tokens) and returns an
-// agent ready to serve. cfg is completed with EnsureDefaults.
+// agent ready to serve. cfg is completed with EnsureDefaults. An error
+// that only an operator can cure is one IsConfigError reports.
 func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Agent, error) {
 	var o options
 	for _, opt := range opts {
@@ -102,13 +122,13 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 	}
 	cfg.EnsureDefaults()
 	if err := cfg.Validate(); err != nil {
-		return nil, fmt.Errorf("config: %w", err)
+		return nil, &configError{fmt.Errorf("config: %w", err)}
 	}
 	if log == nil {
 		log = zap.NewNop()
 	}
 	if cfg.DataDir == "" {
-		return nil, errors.New("data_dir: no default (no $XDG_STATE_HOME, and no home directory): set it")
+		return nil, &configError{errors.New("data_dir: no default (no $XDG_STATE_HOME, and no home directory): set it")}
 	}
 	if err := software.PrivateDir(cfg.DataDir); err != nil {
 		return nil, fmt.Errorf("data_dir: %w", err)
@@ -144,7 +164,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		}
 		if err != nil {
 			kr.close()
-			return nil, fmt.Errorf("policy: %w", err)
+			return nil, &configError{fmt.Errorf("policy: %w", err)}
 		}
 		engine = policy.NewEngine(set, time.Now)
 		log.Info("policy in force", zap.String("file", cfg.Policy), zap.String("hash", set.HashHex()), zap.Strings("tenants", set.Tenants()))

@@ -32,7 +32,11 @@ func newAgentCommand(g *globalFlags) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the signing agent",
-		Long: `Run the signing agent in the foreground until SIGTERM or SIGINT.
+		Long: `Run the signing agent in the foreground until SIGTERM or SIGINT. A start
+that cannot succeed until an operator acts (a config or policy that fails
+its checks, a PIN source that gives no PIN, a PIN refused, a token locked)
+exits 78, which sigil.service does not restart on; another failed start
+exits 1.
 
 With --check it only checks the config and the files a reload reads (the
 policy, the TLS listener's certificate, key and CAs, key certificates) and
@@ -55,7 +59,12 @@ a path (so an agent and the clients of one shell agree), else that default.`,
 			if configPath != "" {
 				var err error
 				if cfg, err = agent.LoadConfig(configPath); err != nil {
-					return &exitError{exitFailure, err}
+					if check {
+						return &exitError{exitFailure, err}
+					}
+					// As agent.New's own validation would: no restart
+					// can pass it.
+					return &exitError{exitConfig, fmt.Errorf("agent failed to start (%s): %w", configFault, err)}
 				}
 			}
 			if check {
@@ -146,6 +155,10 @@ func ownerOnlyFiles() (previous int) {
 	return syscall.Umask(0o077)
 }
 
+// configFault is what a start that fails on its configuration calls the
+// failure (agent.IsConfigError), where another failure names its code.
+const configFault = "configuration"
+
 func runAgent(cfg agent.Config) error {
 	// Taken first: SIGHUP's default action ends the process, and a reload
 	// sent while the agent starts (a config management run right after a
@@ -182,11 +195,16 @@ func runAgent(cfg agent.Config) error {
 	}
 	a, err := agent.New(ctx, cfg, log)
 	if err != nil {
+		if agent.IsConfigError(err) {
+			// Not a wire code: Code would say INTERNAL, a fault of ours.
+			log.Error("agent failed to start", zap.String("fault", configFault), zap.Error(err))
+			return &exitError{exitConfig, fmt.Errorf("agent failed to start (%s): %w", configFault, err)}
+		}
 		code := agent.Code(err)
 		log.Error("agent failed to start", zap.Stringer("code", code), zap.Error(err))
 		exit := exitFailure
 		if code == proto.PINIncorrect || code == proto.TokenLocked {
-			exit = exitCredentials
+			exit = exitConfig
 		}
 		return &exitError{exit, fmt.Errorf("agent failed to start (%s): %w", code, err)}
 	}

@@ -323,10 +323,10 @@ func TestSecondSignalEndsTheAgentAtOnce(t *testing.T) {
 }
 
 // A pkcs11 provider setting the agent refuses at start is refused by
-// `sigil agent --check` too, and a start on it fails as a config error
-// naming the setting, not as "agent failed to start (INTERNAL)". --check
-// used to call these configs valid. Neither output echoes what may be a
-// PIN.
+// `sigil agent --check` too (exit 1), and a start on it fails as a config
+// error naming the setting (exit 78, which sigil.service does not restart
+// on), not as "agent failed to start (INTERNAL)". --check used to call
+// these configs valid. Neither output echoes what may be a PIN.
 func TestCheckRefusesWhatTheStartRefuses(t *testing.T) {
 	bin := buildSigil(t)
 	for _, tc := range []struct {
@@ -346,8 +346,8 @@ func TestCheckRefusesWhatTheStartRefuses(t *testing.T) {
 			}
 			sock := filepath.Join(dir, "agent.sock")
 			out, stderr, code = runBin(t, bin, "agent", "--config", config, "--socket", sock)
-			if code != exitFailure || !strings.Contains(stderr, config+": providers[1]: "+tc.want) || strings.Contains(stderr, "INTERNAL") || strings.Contains(out+stderr, tc.secret) {
-				t.Errorf("agent: exit %d, stderr %q; want %d, a config error naming %q, without %q", code, stderr, exitFailure, tc.want, tc.secret)
+			if code != exitConfig || !strings.Contains(stderr, config+": providers[1]: "+tc.want) || strings.Contains(stderr, "INTERNAL") || strings.Contains(out+stderr, tc.secret) {
+				t.Errorf("agent: exit %d, stderr %q; want %d, a config error naming %q, without %q", code, stderr, exitConfig, tc.want, tc.secret)
 			}
 		})
 	}

@@ -192,7 +192,7 @@ providers:
 	defer cancel()
 	go func() { <-ctx.Done(); agent.cmd.Process.Kill() }()
 	err := agent.cmd.Wait()
-	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != exitCredentials { // not restarted by sigil.service
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != exitConfig { // not restarted by sigil.service
 		t.Fatalf("agent with a wrong PIN: %v\n%s", err, agent.stderr)
 	}
 	log := agent.stderr.String()
@@ -201,6 +201,94 @@ providers:
 	}
 	if strings.Contains(log, "0000-wrong") || strings.Contains(log, tok.PIN) {
 		t.Fatalf("a PIN is in the log:\n%s", log)
+	}
+}
+
+// A start that cannot succeed until an operator changes something (a PIN
+// source that gives no PIN, a config or policy that fails its checks)
+// exits 78, on which sigil.service does not restart, and calls itself a
+// configuration failure naming the source: it used to exit 1 saying
+// INTERNAL, as for a bug, and systemd restarted it every two seconds.
+func TestAgentStartRefusedOnItsConfiguration(t *testing.T) {
+	tok := softhsmtest.New(t, "cfgfault")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	pinFile := func(name string, content string, mode os.FileMode) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(path, mode); err != nil { // past the umask
+			t.Fatal(err)
+		}
+		return path
+	}
+	pinDir := filepath.Join(dir, "pin-dir") // as root, the one PIN file a read fails on
+	if err := os.Mkdir(pinDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	goodPIN := tok.PINFile(t)
+	policy := filepath.Join(dir, "policy.yaml")
+	if err := os.WriteFile(policy, []byte(fmt.Sprintf("tenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: nosuchkey}\n", os.Getuid())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	const pinVar = "SIGIL_E2E_PIN"
+	hsm := func(pinSource string, extra ...string) string {
+		return fmt.Sprintf("data_dir: %s\ndefault_key: release\nproviders:\n  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: %s\n    %s\n    keys:\n      - {name: release, uri: %q}\n%s",
+			filepath.Join(dir, "state"), tok.Module, tok.Label, pinSource, keys[providers.KeyECDSAP256].URI, strings.Join(extra, ""))
+	}
+	for _, tc := range []struct {
+		name   string
+		config string
+		env    []string // added to this process's environment
+		names  string   // what the message must name
+		secret string   // never in the output, besides the token's PIN
+	}{
+		{"pin_file missing", hsm("pin_file: " + filepath.Join(dir, "no-such-pin")), nil, filepath.Join(dir, "no-such-pin"), ""},
+		{"pin_file others may read", hsm("pin_file: " + pinFile("pin-644", "1234-open\n", 0o644)), nil, filepath.Join(dir, "pin-644"), "1234-open"},
+		{"pin_file its group may write", hsm("pin_file: " + pinFile("pin-660", "1234-group\n", 0o660)), nil, filepath.Join(dir, "pin-660"), "1234-group"},
+		{"pin_file empty", hsm("pin_file: " + pinFile("pin-empty", "\n", 0o600)), nil, filepath.Join(dir, "pin-empty"), ""},
+		{"pin_file unreadable", hsm("pin_file: " + pinDir), nil, pinDir, ""},
+		{"pin_env unset", hsm("pin_env: " + pinVar), nil, pinVar, ""},
+		{"pin_env empty", hsm("pin_env: " + pinVar), []string{pinVar + "="}, pinVar, ""},
+		{"a policy slot naming a key no provider serves", hsm("pin_file: "+goodPIN, "policy: "+policy+"\n"), nil, `key "nosuchkey" is not served`, ""},
+		{"a config that fails validation", hsm("pin_file: "+goodPIN, "default_ky: release\n"), nil, "default_ky", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			config := filepath.Join(t.TempDir(), "sigil.yaml")
+			if err := os.WriteFile(config, []byte(tc.config), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			var env []string
+			for _, kv := range os.Environ() {
+				if !strings.HasPrefix(kv, pinVar+"=") {
+					env = append(env, kv)
+				}
+			}
+			agent := startAgentProcessEnv(t, bin, config, filepath.Join(shortSocketDir(t), "agent.sock"), append(env, tc.env...))
+			waited := make(chan error, 1)
+			go func() { waited <- agent.cmd.Wait() }()
+			var err error
+			select {
+			case err = <-waited:
+			case <-time.After(30 * time.Second):
+				t.Fatalf("the agent did not exit:\n%s", agent.stderr)
+			}
+			out := agent.stderr.String()
+			if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != exitConfig {
+				t.Fatalf("exit %v, want %d:\n%s", err, exitConfig, out)
+			}
+			if !strings.Contains(out, "agent failed to start (configuration)") || strings.Contains(out, "INTERNAL") {
+				t.Errorf("not called a configuration failure, or called INTERNAL:\n%s", out)
+			}
+			if !strings.Contains(out, tc.names) {
+				t.Errorf("does not name %q:\n%s", tc.names, out)
+			}
+			if strings.Contains(out, tok.PIN) || (tc.secret != "" && strings.Contains(out, tc.secret)) {
+				t.Errorf("a PIN is in the output:\n%s", out)
+			}
+		})
 	}
 }
 

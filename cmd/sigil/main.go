@@ -21,11 +21,14 @@ const (
 	// missing, in use or unreadable), which a monitor must not take for
 	// a broken chain (exit 1) nor for a sound one.
 	exitUnchecked = 5
-	// exitCredentials: the agent did not start because a token refused
-	// its PIN or is locked. Starting again presents the same PIN and may
-	// lock the token, so sigil.service does not restart on it
+	// exitConfig: the agent did not start, and will not until an
+	// operator changes something: a token refused its PIN or is locked
+	// (starting again presents the same PIN and may lock the token), a
+	// PIN source gives no PIN (pin_file missing, unreadable, empty or open
+	// to others; pin_env unset or empty), or the config or its policy
+	// fails its checks. sigil.service does not restart on it
 	// (RestartPreventExitStatus=78; 78 is sysexits' EX_CONFIG).
-	exitCredentials = 78
+	exitConfig = 78
 )
 
 // exitError carries an exit code up to main.

@@ -55,7 +55,8 @@ Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() +
 Exit status: 0 success; 1 an invalid signature or a local failure; 2 usage;
 3 no agent reachable; 4 the agent refused (its code printed) or did not
 answer in time; 5 audit verify could not check; 78 the agent did not start
-for its credentials (a PIN refused, a token locked).`,
+and will not until an operator acts (a PIN refused, a token locked, a PIN
+source that gives no PIN, a config or policy that fails its checks).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}

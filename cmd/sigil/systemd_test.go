@@ -341,7 +341,7 @@ func TestServiceUnitMatchesTheBinary(t *testing.T) {
 	}
 	want := map[string]string{
 		"Restart":                  "on-failure",
-		"RestartPreventExitStatus": strconv.Itoa(exitCredentials),
+		"RestartPreventExitStatus": strconv.Itoa(exitConfig),
 		"StartLimitBurst":          "5",
 	}
 	for k, v := range want {

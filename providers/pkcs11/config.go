@@ -430,40 +430,47 @@ func pinSourceError(cfg *Config, n FieldNames) error {
 	return nil
 }
 
-// readPIN fetches the PIN from the one configured source. Errors name the
-// source, never the content.
+// ErrPINSource: the configured PIN source gave no PIN to present (the
+// variable unset or empty; the file missing, unreadable, empty, or open
+// to others). The token was never asked, so it is not a refused PIN
+// (providers.ErrPINIncorrect); nor will a retry help: the agent's
+// environment or the file must change first.
+var ErrPINSource = errors.New("no usable PIN")
+
+// readPIN fetches the PIN from the one configured source. Errors wrap
+// ErrPINSource and name the source, never the content.
 func readPIN(cfg *Config, log *zap.Logger) (string, error) {
 	if err := pinSourceError(cfg, nil); err != nil {
-		return "", err
+		return "", fmt.Errorf("%w: %w", ErrPINSource, err)
 	}
 	switch {
 	case cfg.PINEnv != "":
 		v, ok := os.LookupEnv(cfg.PINEnv)
 		if !ok || v == "" {
-			return "", fmt.Errorf("PIN environment variable %s is unset or empty", cfg.PINEnv)
+			return "", fmt.Errorf("%w: environment variable %s is unset or empty", ErrPINSource, cfg.PINEnv)
 		}
 		return v, nil
 	default:
 		fi, err := os.Stat(cfg.PINFile)
 		if err != nil {
-			return "", fmt.Errorf("PIN file: %w", err)
+			return "", fmt.Errorf("%w: PIN file: %w", ErrPINSource, err)
 		}
 		switch perm := fi.Mode().Perm(); {
 		case perm&0o007 != 0, perm&0o020 != 0:
 			// Group read stays allowed: root's 0640 file for group sigil
 			// is the layout the shipped unit suggests.
-			return "", fmt.Errorf("PIN file %s has mode %v: others may read or group may write it; want 0600 or 0640", cfg.PINFile, perm)
+			return "", fmt.Errorf("%w: PIN file %s has mode %v: others may read or group may write it; want 0600 or 0640", ErrPINSource, cfg.PINFile, perm)
 		case perm&0o040 != 0:
 			log.Info("PIN file is readable by its group", zap.String("file", cfg.PINFile), zap.Stringer("mode", perm))
 		}
 		b, err := os.ReadFile(cfg.PINFile)
 		if err != nil {
-			return "", fmt.Errorf("PIN file: %w", err)
+			return "", fmt.Errorf("%w: PIN file: %w", ErrPINSource, err)
 		}
 		b = bytes.TrimSuffix(b, []byte("\n"))
 		b = bytes.TrimSuffix(b, []byte("\r"))
 		if len(b) == 0 {
-			return "", fmt.Errorf("PIN file %s is empty", cfg.PINFile)
+			return "", fmt.Errorf("%w: PIN file %s is empty", ErrPINSource, cfg.PINFile)
 		}
 		return string(b), nil
 	}

@@ -24,7 +24,8 @@
 // or providers.ErrTokenLocked and never presents the PIN again.
 //
 // The PIN comes from an environment variable or a file, never from
-// configuration text, and appears in no error and no log line.
+// configuration text, and appears in no error and no log line. Open fails
+// with ErrPINSource when that source gives no PIN: the token is not asked.
 //
 // A Cryptoki library has one state per process, so providers on the same
 // module path share it (module.go): initialized once, finalized by the last

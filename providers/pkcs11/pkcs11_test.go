@@ -8,6 +8,7 @@ import (
 	"crypto/sha512"
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -364,6 +365,74 @@ func TestConfigErrors(t *testing.T) {
 			}
 			if strings.Contains(err.Error(), tok.PIN) {
 				t.Errorf("error %q contains the PIN", err)
+			}
+		})
+	}
+}
+
+// A PIN source that gives no PIN is ErrPINSource, naming the source: the
+// token never saw a PIN, so it is not ErrPINIncorrect, and the agent
+// tells it from a fault of its own (it was an unclassified error, which
+// the agent reported as INTERNAL). A PIN the token refuses stays
+// ErrPINIncorrect.
+func TestPINSourceErrors(t *testing.T) {
+	tok := softhsmtest.New(t, "pinsrc")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	dir := t.TempDir()
+	file := func(name, content string, mode os.FileMode) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(path, mode); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	unreadable := filepath.Join(dir, "pin-dir") // a directory: unreadable as a file to root too
+	if err := os.Mkdir(unreadable, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	fromFile := func(path string) func(*Config) { return func(c *Config) { c.PINEnv, c.PINFile = "", path } }
+	fromEnv := func(name, value string, set bool) func(*Config) {
+		return func(c *Config) {
+			if set {
+				t.Setenv(name, value)
+			}
+			c.PINEnv = name
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		edit   func(*Config)
+		names  string // in the error
+		source bool   // ErrPINSource, else ErrPINIncorrect
+	}{
+		{"variable unset", fromEnv("SIGIL_TEST_NEVER_SET_PIN", "", false), "SIGIL_TEST_NEVER_SET_PIN", true},
+		{"variable empty", fromEnv("SIGIL_TEST_EMPTY_PIN", "", true), "SIGIL_TEST_EMPTY_PIN", true},
+		{"file missing", fromFile(filepath.Join(dir, "absent")), filepath.Join(dir, "absent"), true},
+		{"file others may read", fromFile(file("open", tok.PIN+"\n", 0o644)), filepath.Join(dir, "open"), true},
+		{"file its group may write", fromFile(file("group", tok.PIN+"\n", 0o660)), filepath.Join(dir, "group"), true},
+		{"file empty", fromFile(file("empty", "\n", 0o600)), filepath.Join(dir, "empty"), true},
+		{"file unreadable", fromFile(unreadable), "read " + unreadable, true},
+		{"a PIN the token refuses", fromFile(file("wrong", "0000-wrong\n", 0o600)), "", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := tryOpen(t, tok, []KeyConfig{{Name: "k", URI: keys[providers.KeyECDSAP256].URI}}, tc.edit)
+			if err == nil {
+				t.Fatal("Open succeeded")
+			}
+			if got := errors.Is(err, ErrPINSource); got != tc.source {
+				t.Errorf("errors.Is(%v, ErrPINSource) = %v, want %v", err, got, tc.source)
+			}
+			if got := errors.Is(err, providers.ErrPINIncorrect); got == tc.source {
+				t.Errorf("errors.Is(%v, ErrPINIncorrect) = %v, want %v", err, got, !tc.source)
+			}
+			if !strings.Contains(err.Error(), tc.names) {
+				t.Errorf("%v\ndoes not name %q", err, tc.names)
+			}
+			if strings.Contains(err.Error(), tok.PIN) || strings.Contains(err.Error(), "0000-wrong") {
+				t.Errorf("%v\ncontains a PIN", err)
 			}
 		})
 	}
