@@ -122,7 +122,7 @@ func (c *Client) IncidentDrill(ctx context.Context, slot string) (string, error)
 // the wire 0 means "now", and an earlier time is in the past anyway.
 func (c *Client) ScheduleRotation(ctx context.Context, slot string, at time.Time) (string, error) {
 	if at.Unix() <= 0 {
-		return "", &proto.Error{Code: proto.BadRequest, Msg: "a rotation can be scheduled only for a time in the future, " + at.UTC().Format(time.RFC3339) + " is not"}
+		return "", refused(proto.BadRequest, "Rotate refused by the client, not sent: a rotation can be scheduled only for a time in the future, "+at.UTC().Format(time.RFC3339)+" is not")
 	}
 	resp, err := c.call(ctx, &proto.Request{Op: proto.OpRotate, Key: slot, At: at.Unix()})
 	if err != nil {
@@ -137,7 +137,7 @@ func (c *Client) ScheduleRotation(ctx context.Context, slot string, at time.Time
 // A manifest larger than one reply comes in parts, which it asks for in
 // turn, of the same pack.
 func (c *Client) ExportREP(ctx context.Context, slot string, n int) (manifest, sig []byte, err error) {
-	malformed := &proto.Error{Code: proto.Internal, Msg: "malformed ExportREP reply"}
+	malformed := malformedReply("malformed ExportREP reply: its parts do not make one manifest", nil)
 	for {
 		resp, err := c.call(ctx, &proto.Request{Op: proto.OpExportREP, Key: slot, Limit: uint32(max(n, 0)), FromSeq: uint64(len(manifest))})
 		if err != nil {

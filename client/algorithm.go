@@ -49,7 +49,7 @@ func ParseAlgorithm(s string) (Algorithm, error) {
 			}
 		}
 	}
-	return Algorithm{}, fmt.Errorf("unknown algorithm %q (want ecdsa-sha256, rsa-pkcs1v15-sha256, rsa-pss-sha256, ed25519, … with sha256/384/512)", s)
+	return Algorithm{}, refused(proto.UnsupportedAlgorithm, fmt.Sprintf("unknown algorithm %q (want ecdsa-sha256, rsa-pkcs1v15-sha256, rsa-pss-sha256, ed25519, … with sha256/384/512)", s))
 }
 
 // DefaultAlgorithm is the algorithm the agent uses for a key type when the
@@ -77,5 +77,5 @@ func wireHash(h crypto.Hash) (uint8, error) {
 	case crypto.SHA512:
 		return proto.HashSHA512, nil
 	}
-	return 0, &proto.Error{Code: proto.UnsupportedAlgorithm, Msg: fmt.Sprintf("hash %v is not supported (SHA-256, SHA-384, SHA-512)", h)}
+	return 0, refused(proto.UnsupportedAlgorithm, fmt.Sprintf("hash %v is not supported (SHA-256, SHA-384, SHA-512)", h))
 }

@@ -365,8 +365,10 @@ func (c *conn) send(ctx context.Context, req *proto.Request) (ch chan *proto.Res
 	codec := codecPool.Get().(*proto.Codec)
 	frame, err := codec.AppendRequestFrame(nil, req)
 	codecPool.Put(codec)
-	if err == nil && len(frame)-proto.FrameHeaderLen > c.maxFrame {
-		err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("request of %d bytes exceeds the %d-byte frame limit", len(frame)-proto.FrameHeaderLen, c.maxFrame)}
+	if err != nil {
+		err = refused(proto.BadRequest, fmt.Sprintf("%s refused by the client, not sent: %v", req.Op, err))
+	} else if len(frame)-proto.FrameHeaderLen > c.maxFrame {
+		err = refused(proto.BadRequest, fmt.Sprintf("%s refused by the client, not sent: the request's %d bytes exceed the %d-byte frame limit", req.Op, len(frame)-proto.FrameHeaderLen, c.maxFrame))
 	}
 	if err != nil {
 		c.forget(req.ID)
@@ -463,7 +465,7 @@ func (c *conn) closedByAgent(dl time.Time) bool {
 			return false // part of a frame: the next reader waits for the rest
 		}
 		if err != nil {
-			c.fail(failed("connection to the agent lost", err))
+			c.fail(lostOrClosed(err))
 			return true
 		}
 		if resp.ID == 0 {
@@ -649,7 +651,7 @@ func (c *conn) readUntil(ctx context.Context, id uint64, ch chan *proto.Response
 				c.deadline = time.Now()
 				continue
 			}
-			c.fail(failed("connection to the agent lost", err))
+			c.fail(lostOrClosed(err))
 			return nil, false, nil
 		}
 		if resp.ID == 0 {
@@ -664,6 +666,15 @@ func (c *conn) readUntil(ctx context.Context, id uint64, ch chan *proto.Response
 	}
 }
 
+// lostOrClosed is the error a failed read ends the connection with: lost
+// (the network's err), or closed by the client for a reply it cannot take.
+func lostOrClosed(err error) error {
+	if errors.Is(err, ErrMalformedReply) {
+		return failed("connection to the agent closed", err)
+	}
+	return failed("connection to the agent lost", err)
+}
+
 // finalReplyError is the error an id 0 reply ends the connection with:
 // the agent's last word before it closes the connection, which is a
 // refusal; one with code OK is a protocol error.
@@ -671,7 +682,7 @@ func finalReplyError(resp *proto.Response) error {
 	if err := resp.Err(); err != nil {
 		return err
 	}
-	return failed("protocol error: the agent sent a final reply (id 0) with code OK; connection closed", nil)
+	return malformedReply("protocol error: the agent sent a final reply (id 0) with code OK; connection closed", nil)
 }
 
 // deliver hands a reply read by the reader to the call waiting for it, if
@@ -695,12 +706,12 @@ func (c *conn) readFrame() (*proto.Response, error) {
 	}
 	n := int(binary.BigEndian.Uint32(hdr))
 	if n == 0 {
-		return nil, fmt.Errorf("%w: a reply with no payload", proto.ErrEmptyFrame)
+		return nil, malformedReply("malformed reply: no payload", proto.ErrEmptyFrame)
 	}
 	if n > c.maxFrame {
 		// Not the announced length: from an agent or a stream that lost
 		// its place, those four bytes may be a digest's (docs/security.md).
-		return nil, fmt.Errorf("%w: a reply over the limit of %d bytes", proto.ErrFrameTooLarge, c.maxFrame)
+		return nil, malformedReply(fmt.Sprintf("malformed reply: over the limit of %d bytes", c.maxFrame), proto.ErrFrameTooLarge)
 	}
 	frame, err := c.br.Peek(proto.FrameHeaderLen + n)
 	if err != nil {
@@ -710,7 +721,7 @@ func (c *conn) readFrame() (*proto.Response, error) {
 	err = c.codec.DecodeResponse(frame[proto.FrameHeaderLen:], resp)
 	c.br.Discard(proto.FrameHeaderLen + n)
 	if err != nil {
-		return nil, fmt.Errorf("malformed reply: %w", err)
+		return nil, malformedReply("malformed reply", err)
 	}
 	return resp, nil
 }
@@ -774,7 +785,7 @@ func (c *Client) ListKeys(ctx context.Context) ([]Key, error) {
 	for _, k := range resp.Keys {
 		pub, err := x509.ParsePKIXPublicKey(k.Pub)
 		if err != nil {
-			return nil, failed(fmt.Sprintf("key %q: public key", k.Name), err)
+			return nil, malformedReply(fmt.Sprintf("ListKeys reply: key %q: public key", k.Name), err)
 		}
 		out = append(out, Key{Name: k.Name, KID: k.KID, Provider: k.Provider, Type: k.KeyType, Public: pub, SPKI: k.Pub, Certificate: k.Cert, Intermediates: k.Chain})
 	}
@@ -789,7 +800,7 @@ func (c *Client) PublicKey(ctx context.Context, ref KeyRef) (Key, error) {
 	}
 	pub, err := x509.ParsePKIXPublicKey(resp.Pub)
 	if err != nil {
-		return Key{}, failed(fmt.Sprintf("key %q: public key", resp.Key), err)
+		return Key{}, malformedReply(fmt.Sprintf("PublicKey reply: key %q: public key", resp.Key), err)
 	}
 	return Key{Name: resp.Key, KID: resp.KID, Type: resp.KeyType, Public: pub, SPKI: resp.Pub}, nil
 }
@@ -834,13 +845,17 @@ func (c *Client) Verify(ctx context.Context, ref KeyRef, alg Algorithm, digest, 
 	return resp.Valid, nil
 }
 
-// Code returns the stable code of an error from this package: the agent's
-// code for a refused request (one this version does not know included:
-// proto.CodeOutOfRange for a number past 16 bits), DEADLINE_EXCEEDED for a
-// context deadline, UNAVAILABLE otherwise: a lost connection, and also a
-// call the caller cancelled itself (context.Canceled), which the protocol
-// has no code for; test for that with errors.Is before retrying on
-// UNAVAILABLE.
+// Code returns the stable code of an error from this package:
+//   - the agent's code for a request it refused (one this version does not
+//     know included: proto.CodeOutOfRange for a number past 16 bits);
+//   - DEADLINE_EXCEEDED for a context deadline;
+//   - BAD_REQUEST, or UNSUPPORTED_ALGORITHM for an algorithm, for a request
+//     the client refused itself before sending it (ErrRefusedByClient);
+//   - INTERNAL for a reply the client cannot take (ErrMalformedReply);
+//   - UNAVAILABLE otherwise: no agent, a lost connection, and also a call
+//     the caller cancelled itself (context.Canceled) or made on a closed
+//     client (ErrClosed), which the protocol has no code for; test for
+//     those with errors.Is before retrying on UNAVAILABLE.
 func Code(err error) proto.Code {
 	var pe *proto.Error
 	switch {
@@ -850,6 +865,13 @@ func Code(err error) proto.Code {
 		return pe.Code
 	case errors.Is(err, context.DeadlineExceeded):
 		return proto.DeadlineExceeded
+	}
+	// The client's own finding, however deep: "reconnect" wraps a Hello
+	// whose reply did not decode.
+	for f := (*failure)(nil); errors.As(err, &f); err = f.cause {
+		if f.code != proto.OK {
+			return f.code
+		}
 	}
 	return proto.Unavailable
 }

@@ -251,15 +251,15 @@ func readWholeFrames(br *bufio.Reader) error {
 }
 
 // The agent's final reply (id 0) ends the connection: the call waiting fails
-// with its code, or UNAVAILABLE when it says OK (a buggy or hostile agent),
-// and nothing panics or hangs.
+// with its code, or INTERNAL when it says OK (a buggy or hostile agent: a
+// protocol error, ErrMalformedReply), and nothing panics or hangs.
 func TestFinalReplyEndsConnection(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		code proto.Code
 		want proto.Code
 	}{
-		{"OK", proto.OK, proto.Unavailable},
+		{"OK", proto.OK, proto.Internal},
 		{"UNAUTHENTICATED", proto.Unauthenticated, proto.Unauthenticated},
 		{"BAD_REQUEST", proto.BadRequest, proto.BadRequest},
 	} {
@@ -574,8 +574,10 @@ func TestOversizedReplyNamesTheLimit(t *testing.T) {
 			}
 			defer c.Close()
 			err = c.Ping(ctx)
-			if !errors.Is(err, tc.is) || client.Code(err) != proto.Unavailable {
-				t.Fatalf("%v (%s), want %v", err, client.Code(err), tc.is)
+			// INTERNAL, not UNAVAILABLE: the agent is there and broke the
+			// protocol; a caller retrying on UNAVAILABLE would not mend it.
+			if !errors.Is(err, tc.is) || !errors.Is(err, client.ErrMalformedReply) || client.Code(err) != proto.Internal {
+				t.Fatalf("%v (%s), want %v, a malformed reply, INTERNAL", err, client.Code(err), tc.is)
 			}
 			msg := err.Error()
 			n := binary.BigEndian.Uint32(tc.prefix)

@@ -27,9 +27,17 @@
 // Close is final: the client does not redial after it, and calls fail with
 // ErrClosed.
 //
-// Errors the agent returns are *proto.Error values carrying a stable Code;
-// Code gives the code of any error from this package (UNAVAILABLE for a
-// lost connection, DEADLINE_EXCEEDED for a deadline). An error's text says
+// Errors the agent returns are *proto.Error values carrying a stable Code,
+// and only those: what the client finds itself is never one. Code gives
+// the code of any error from this package: the agent's; DEADLINE_EXCEEDED
+// for a deadline; BAD_REQUEST (UNSUPPORTED_ALGORITHM for an algorithm) for
+// a request the client refused before sending any of it, too large for one
+// frame or with an argument the protocol cannot carry
+// (ErrRefusedByClient: the agent never saw it, and it fails the same way
+// every time); INTERNAL for a reply the client cannot take, a frame that
+// does not decode or a public key that does not parse (ErrMalformedReply);
+// UNAVAILABLE for no agent or a lost connection, the one a caller may
+// retry with backoff. An error's text says
 // what happened once, led by its code's name ("UNAVAILABLE: Sign not sent:
 // reconnect: connect to the agent: dial unix ...", "NOT_FOUND: ...") or,
 // for what the protocol has no code for (a caller's own cancellation, a

@@ -11,6 +11,25 @@ import (
 // ErrClosed is returned for calls on a closed client.
 var ErrClosed = errors.New("sigil: client closed")
 
+// ErrRefusedByClient is in the chain of a request the client refused
+// itself, before any of it was sent: an argument the protocol cannot
+// carry or the agent would refuse for what it is (a request larger than
+// one frame, a hash or signer option the protocol has no number for, a
+// rotation scheduled for the Unix epoch or before). Code gives BAD_REQUEST, or
+// UNSUPPORTED_ALGORITHM for an algorithm. The agent never saw it and
+// journaled nothing, and the same request fails the same way again: it is
+// not to be retried, and it is not the agent's refusal (no *proto.Error).
+var ErrRefusedByClient = errors.New("sigil: refused by the client, not sent")
+
+// ErrMalformedReply is in the chain of a reply the client cannot take: a
+// frame that is empty or over the limit, a message that does not decode, a
+// final reply with code OK, a public key that does not parse, an evidence
+// pack's parts that do not add up. Code gives INTERNAL, as the agent does
+// for its own bugs: whatever answers at the address broke the protocol,
+// and retrying will not mend it. A frame that does not decode ends the
+// connection; a later call dials a new one.
+var ErrMalformedReply = errors.New("sigil: malformed reply")
+
 // failure is an error of a call that the agent did not answer with a code
 // of its own: a dial, a lost connection, a deadline. Its text says what
 // happened once: the name of the code Code gives it first, or "sigil: "
@@ -22,6 +41,10 @@ var ErrClosed = errors.New("sigil: client closed")
 type failure struct {
 	what  string // what happened, in this package's words
 	cause error  // nil when what says it all
+	// code is the client's own finding (refused, malformedReply), which
+	// Code gives; 0 leaves the code to the cause, else UNAVAILABLE.
+	code proto.Code
+	kind error // ErrRefusedByClient or ErrMalformedReply with code, for errors.Is
 }
 
 func (f *failure) Error() string {
@@ -41,6 +64,10 @@ func uncoded(err error) bool {
 }
 
 func (f *failure) Unwrap() error { return f.cause }
+
+// Is makes errors.Is(err, ErrRefusedByClient) and (err, ErrMalformedReply)
+// match the failures that are such.
+func (f *failure) Is(target error) bool { return f.kind != nil && target == f.kind }
 
 // body is the text after the lead.
 func (f *failure) body() string {
@@ -66,3 +93,15 @@ func causeText(err error) string {
 
 // failed returns a failure: what happened, and why (cause, may be nil).
 func failed(what string, cause error) error { return &failure{what: what, cause: cause} }
+
+// refused is a request the client refuses to send, with the code the agent
+// would have answered it with (ErrRefusedByClient).
+func refused(code proto.Code, what string) error {
+	return &failure{what: what, code: code, kind: ErrRefusedByClient}
+}
+
+// malformedReply is a reply the client cannot take (ErrMalformedReply):
+// what says which, cause (may be nil) why.
+func malformedReply(what string, cause error) error {
+	return &failure{what: what, cause: cause, code: proto.Internal, kind: ErrMalformedReply}
+}

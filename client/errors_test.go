@@ -3,6 +3,7 @@ package client_test
 import (
 	"bufio"
 	"context"
+	"crypto"
 	"errors"
 	"net"
 	"os"
@@ -143,4 +144,155 @@ func dialFake(t *testing.T, then func(nc net.Conn, br *bufio.Reader)) *client.Cl
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// What the client finds wrong itself has a code of its own, not the
+// UNAVAILABLE of an agent that is not there, which a caller retries: a
+// request it refuses before sending anything (BAD_REQUEST, or
+// UNSUPPORTED_ALGORITHM for an algorithm; ErrRefusedByClient) and a reply
+// it cannot take (INTERNAL; ErrMalformedReply). Neither is a *proto.Error,
+// which is the agent's answer alone. Each used to be UNAVAILABLE, or a
+// *proto.Error the CLI reported as "agent refused".
+func TestClientFaultsHaveCodesOfTheirOwn(t *testing.T) {
+	ctx := func(t *testing.T) context.Context {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		t.Cleanup(cancel)
+		return ctx
+	}
+	// nothingSent is a fake agent after Hello that fails the test when a
+	// request reaches it, and answers Ping so that the test can tell the
+	// connection is still open and in step.
+	nothingSent := func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+		return func(nc net.Conn, br *bufio.Reader) {
+			for {
+				req, err := readRequest(br)
+				if err != nil {
+					return
+				}
+				if req.Op != proto.OpPing {
+					t.Errorf("the agent got a %v the client refused", req.Op)
+				}
+				writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
+			}
+		}
+	}
+	// answers is a fake agent after Hello that answers one request with
+	// reply (its id set here), or with raw bytes.
+	answers := func(reply *proto.Response, raw []byte) func(nc net.Conn, br *bufio.Reader) {
+		return func(nc net.Conn, br *bufio.Reader) {
+			req, err := readRequest(br)
+			if err != nil {
+				return
+			}
+			if raw != nil {
+				nc.Write(raw)
+				return
+			}
+			reply.ID = req.ID
+			writeResponse(nc, reply)
+		}
+	}
+	garbage := []byte{0, 0, 0, 3, 0xc1, 0xc1, 0xc1} // 0xc1 is no msgpack type
+	for _, tc := range []struct {
+		name  string
+		agent func(t *testing.T) func(nc net.Conn, br *bufio.Reader)
+		run   func(t *testing.T, c *client.Client) error
+		code  proto.Code
+		is    error
+		says  string
+	}{
+		{name: "refused: a Sign over the frame limit", agent: nothingSent, code: proto.BadRequest, is: client.ErrRefusedByClient,
+			says: "BAD_REQUEST: Sign refused by the client, not sent: the request's ",
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.Sign(ctx(t), client.ByName("ed"), client.Algorithm{Scheme: client.SchemeEd25519}, make([]byte, proto.DefaultMaxFrame))
+				return err
+			}},
+		{name: "refused: a Verify over the frame limit", agent: nothingSent, code: proto.BadRequest, is: client.ErrRefusedByClient,
+			says: "BAD_REQUEST: Verify refused by the client, not sent: ",
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.Verify(ctx(t), client.ByName("ed"), client.Algorithm{Scheme: client.SchemeEd25519}, make([]byte, proto.DefaultMaxFrame-100), make([]byte, 512))
+				return err
+			}},
+		{name: "refused: a hash the protocol has no number for", agent: nothingSent, code: proto.UnsupportedAlgorithm, is: client.ErrRefusedByClient,
+			says: "UNSUPPORTED_ALGORITHM: hash MD5 is not supported",
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.Sign(ctx(t), client.ByName("k"), client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.MD5}, make([]byte, 16))
+				return err
+			}},
+		{name: "refused: a rotation scheduled for the Unix epoch or before", agent: nothingSent, code: proto.BadRequest, is: client.ErrRefusedByClient,
+			says: "BAD_REQUEST: Rotate refused by the client, not sent: a rotation can be scheduled only for a time in the future",
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.ScheduleRotation(ctx(t), "a/b", time.Unix(-1, 0))
+				return err
+			}},
+		{name: "refused: an algorithm name", agent: nothingSent, code: proto.UnsupportedAlgorithm, is: client.ErrRefusedByClient,
+			says: `UNSUPPORTED_ALGORITHM: unknown algorithm "md5"`,
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := client.ParseAlgorithm("md5")
+				return err
+			}},
+		{name: "malformed: a public key that does not parse", code: proto.Internal, is: client.ErrMalformedReply,
+			says: `INTERNAL: PublicKey reply: key "k": public key: `,
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return answers(&proto.Response{Code: proto.OK, Key: "k", KID: "0123", Pub: []byte{0x30, 0x01}}, nil)
+			},
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.PublicKey(ctx(t), client.ByName("k"))
+				return err
+			}},
+		{name: "malformed: a listed public key that does not parse", code: proto.Internal, is: client.ErrMalformedReply,
+			says: `INTERNAL: ListKeys reply: key "k": public key: `,
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return answers(&proto.Response{Code: proto.OK, Keys: []proto.KeyEntry{{Name: "k", KID: "0123", Provider: "p", KeyType: "ed25519", Pub: []byte("nope")}}}, nil)
+			},
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.ListKeys(ctx(t))
+				return err
+			}},
+		{name: "malformed: evidence pack parts that do not add up", code: proto.Internal, is: client.ErrMalformedReply,
+			says: "INTERNAL: malformed ExportREP reply",
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return answers(&proto.Response{Code: proto.OK, Records: [][]byte{[]byte("{}")}}, nil)
+			},
+			run: func(t *testing.T, c *client.Client) error {
+				_, _, err := c.ExportREP(ctx(t), "a/b", 0)
+				return err
+			}},
+		{name: "malformed: a final reply with code OK", code: proto.Internal, is: client.ErrMalformedReply,
+			says: "INTERNAL: protocol error: the agent sent a final reply (id 0) with code OK",
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return func(nc net.Conn, br *bufio.Reader) {
+					if _, err := readRequest(br); err == nil {
+						writeResponse(nc, &proto.Response{ID: 0, Code: proto.OK})
+					}
+				}
+			},
+			run: func(t *testing.T, c *client.Client) error { return c.Ping(ctx(t)) }},
+		{name: "malformed: a reply that does not decode", code: proto.Internal, is: client.ErrMalformedReply,
+			says:  "INTERNAL: connection to the agent closed: malformed reply: ",
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) { return answers(nil, garbage) },
+			run:   func(t *testing.T, c *client.Client) error { return c.Ping(ctx(t)) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := dialFake(t, tc.agent(t))
+			err := tc.run(t, c)
+			var pe *proto.Error
+			switch {
+			case err == nil:
+				t.Fatal("no error")
+			case client.Code(err) != tc.code || !errors.Is(err, tc.is) || !strings.HasPrefix(err.Error(), tc.says):
+				t.Fatalf("%q (%s), want %s, %v in the chain and a text starting %q", err, client.Code(err), tc.code, tc.is, tc.says)
+			case errors.As(err, &pe):
+				t.Fatalf("%q: a *proto.Error, which is the agent's answer alone", err)
+			case errors.Is(err, client.ErrRefusedByClient) && errors.Is(err, client.ErrMalformedReply):
+				t.Fatalf("%q: both refused and malformed", err)
+			}
+			if tc.is == client.ErrRefusedByClient {
+				// Nothing of the request went out: the connection is in step.
+				if err := c.Ping(ctx(t)); err != nil {
+					t.Fatalf("Ping after the refusal: %v", err)
+				}
+			}
+		})
+	}
 }

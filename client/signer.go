@@ -82,7 +82,7 @@ func (c *Client) TLSCertificate(ctx context.Context, name string) (tls.Certifica
 	}
 	leaf, err := x509.ParseCertificate(k.Certificate)
 	if err != nil {
-		return tls.Certificate{}, failed(fmt.Sprintf("key %q: certificate", name), err)
+		return tls.Certificate{}, malformedReply(fmt.Sprintf("ListKeys reply: key %q: certificate", name), err)
 	}
 	return tls.Certificate{
 		Certificate: append([][]byte{k.Certificate}, k.Intermediates...),
@@ -191,5 +191,5 @@ func (s *Signer) algorithm(opts crypto.SignerOpts, digestLen int) (Algorithm, er
 }
 
 func unsupported(msg string) error {
-	return &proto.Error{Code: proto.UnsupportedAlgorithm, Msg: msg}
+	return refused(proto.UnsupportedAlgorithm, msg)
 }
