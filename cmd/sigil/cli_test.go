@@ -351,6 +351,44 @@ tenants:
 	}
 }
 
+// A request the client refuses before sending any of it (too large for one
+// frame, a rotation at the epoch) never reached the agent: every command
+// says so and exits 1, a local failure, as verify-signature does for a
+// --sig longer than any signature. They said "agent refused: BAD_REQUEST",
+// exit 4, which sends an operator to the agent's log for nothing.
+func TestRequestRefusedHereIsNotTheAgents(t *testing.T) {
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	_, sock, admin := serveTestAgentWithAdmin(t, cfg)
+	dir := t.TempDir()
+	msg := filepath.Join(dir, "msg") // as long as pure Ed25519 signs here
+	os.WriteFile(msg, bytes.Repeat([]byte{'m'}, maxMessage), 0o644)
+	sig := filepath.Join(dir, "sig") // as long as a signature may be; not base64
+	os.WriteFile(sig, bytes.Repeat([]byte{0xff}, maxSignature), 0o644)
+	huge := strings.Repeat("x", proto.DefaultMaxFrame)
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"keys pubkey", []string{"--socket", sock, "keys", "pubkey", "--kid", huge}},
+		{"keys sign", []string{"--socket", sock, "keys", "sign", "--in", msg, "--kid", huge}},
+		// The message and the signature each fit, together they do not.
+		{"verify-signature", []string{"--socket", sock, "verify-signature", "--in", msg, "--sig", sig, "--key", "ed25519"}},
+		{"admin pause", []string{"admin", "pause", huge, "--admin-socket", admin}},
+		{"rotate --at the epoch", []string{"rotate", "a/b", "--at", "1970-01-01T00:00:00Z", "--admin-socket", admin}},
+		{"rep export", []string{"rep", "export", huge, "--out", dir, "--admin-socket", admin}},
+		{"audit tail", []string{"audit", "tail", "--tenant", huge, "--admin-socket", admin}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, stderr, code := run(t, tc.args...)
+			stderr = strings.ReplaceAll(stderr, huge, "HUGE")
+			if code != exitFailure || !strings.Contains(stderr, "refused by the client, not sent") || strings.Contains(stderr, "agent refused") {
+				t.Fatalf("exit %d (want %d), stderr %q: want a request not sent, not the agent's refusal", code, exitFailure, stderr)
+			}
+		})
+	}
+}
+
 // Output that cannot be written (a full disk, here /dev/full) fails the
 // command: a script must not take a signature it never got for one written.
 func TestUnwritableOutputFails(t *testing.T) {

@@ -221,7 +221,7 @@ func newKeysPubkeyCommand(g *globalFlags) *cobra.Command {
 func checkInputs(algFlag, in string) error {
 	if algFlag != "" {
 		if _, err := client.ParseAlgorithm(algFlag); err != nil {
-			return usageError("%v", err)
+			return usageError("%s", withoutClientLead(err))
 		}
 	}
 	if in != "-" {
@@ -326,7 +326,7 @@ func keyAndDigest(ctx context.Context, c *client.Client, what string, ref client
 	}
 	a, err := chooseAlgorithm(algFlag, k.Type)
 	if err != nil {
-		return client.Key{}, client.Algorithm{}, nil, usageError("%v", err)
+		return client.Key{}, client.Algorithm{}, nil, usageError("%s", withoutClientLead(err))
 	}
 	digest, err := digestFile(in, a.Hash)
 	if err != nil {

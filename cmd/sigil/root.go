@@ -52,7 +52,8 @@ func newRootCommand() *cobra.Command {
 Run the agent with 'sigil agent'; then sign with 'sigil keys sign --in FILE'.
 Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() + `.
 
-Exit status: 0 success; 1 an invalid signature or a local failure; 2 usage;
+Exit status: 0 success; 1 an invalid signature or a local failure (a
+request too large for one message included: it is not sent); 2 usage;
 3 no agent reachable; 4 the agent refused (its code printed) or did not
 answer in time; 5 audit verify could not check; 78 the agent did not start
 and will not until an operator acts (a PIN refused, a token locked, a PIN
@@ -174,6 +175,13 @@ func clientLead(msg string) (rest string, ok bool) {
 	return msg, false
 }
 
+// withoutClientLead is err's text without the client's lead: a usage
+// error from client.ParseAlgorithm is no code the agent answered.
+func withoutClientLead(err error) string {
+	rest, _ := clientLead(err.Error())
+	return rest
+}
+
 // dialAddr dials an agent address as the admin and audit commands name it:
 // a Unix socket path, or tls://host:port with the global --tls-* files (an
 // mTLS identity in the policy's admins is served admin operations there).
@@ -222,7 +230,9 @@ func (g *globalFlags) longWait(wait time.Duration) time.Duration {
 
 // agentError wraps an error from a request bound by --timeout: refused by
 // the agent (exitRefused, with the code name first), no answer in time
-// (exitRefused, DEADLINE_EXCEEDED) or a lost connection (exitUnreachable).
+// (exitRefused, DEADLINE_EXCEEDED), refused by the client before any of it
+// was sent (exitFailure: the agent never saw it) or a lost connection
+// (exitUnreachable).
 func agentError(what string, err error) error {
 	return agentErrorAfter(what, err, "the --timeout")
 }
@@ -233,6 +243,12 @@ func agentErrorAfter(what string, err error, waited string) error {
 	var pe *proto.Error
 	if errors.As(err, &pe) {
 		return &exitError{exitRefused, fmt.Errorf("%s: agent refused: %s", what, pe.Error())}
+	}
+	if errors.Is(err, client.ErrRefusedByClient) {
+		// Too large for one frame, say: a local failure, which the
+		// agent's log knows nothing of. The client's words say it was
+		// not sent; its code (BAD_REQUEST) would read as the agent's.
+		return &exitError{exitFailure, fmt.Errorf("%s: %s", what, withoutClientLead(err))}
 	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		return &exitError{exitRefused, fmt.Errorf("%s: %s: no answer within %s", what, proto.DeadlineExceeded, waited)}

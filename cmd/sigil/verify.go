@@ -22,7 +22,8 @@ func newVerifyCommand(g *globalFlags) *cobra.Command {
 The signature file may be raw bytes or base64. The file is hashed here the
 same way 'sigil keys sign' hashed it.
 
-Exit status: 0 valid; 1 invalid, or an input that cannot be read;
+Exit status: 0 valid; 1 invalid, an input that cannot be read, or a
+message and signature too large together for one request (not sent);
 2 usage; 3 no agent reachable; 4 the agent refused (an unknown key, an
 algorithm the key does not make: the code is printed).`,
 		Args: cobra.NoArgs,
@@ -43,9 +44,9 @@ algorithm the key does not make: the code is printed).`,
 				return &exitError{exitFailure, err}
 			}
 			if len(sig) > maxSignature {
-				// The wrong file, most likely: no key makes it, and the
-				// request would not fit a frame (the client's refusal
-				// read as the agent's, exit 4).
+				// The wrong file, most likely: no key makes it. Said as
+				// such, not as the request the client would refuse to
+				// send (exit 1 too, but "not sent", which hides why).
 				return &exitError{exitFailure, fmt.Errorf("signature INVALID: %s holds %d bytes, and no key behind the agent makes a signature longer than %d", sigPath, len(sig), maxSignature)}
 			}
 			ctx, cancel := g.context()
