@@ -12,10 +12,10 @@ import (
 	"github.com/sigil-agent/sigil/policy"
 )
 
-// adminRunner runs one admin request (what names it in messages) with the
-// admin socket's client: fn's requests wait --timeout, or max(--timeout,
-// wait) for wait > 0.
-type adminRunner func(what string, wait time.Duration, fn func(context.Context, *client.Client) (string, error)) error
+// adminRunner runs one admin request for cmd (what names it in messages)
+// with the admin socket's client and prints its answer on cmd's output:
+// fn's requests wait --timeout, or max(--timeout, wait) for wait > 0.
+type adminRunner func(cmd *cobra.Command, what string, wait time.Duration, fn func(context.Context, *client.Client) (string, error)) error
 
 // adminCommands builds `sigil admin ...` and the top-level rotate, rollback
 // and incident commands over the same admin-socket plumbing.
@@ -29,7 +29,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 	// run dials the admin socket within --timeout, asks fn, and prints
 	// its answer. fn's requests wait --timeout, or max(--timeout, wait)
 	// for wait > 0 (adminChangeWait).
-	var run adminRunner = func(what string, wait time.Duration, fn func(context.Context, *client.Client) (string, error)) error {
+	var run adminRunner = func(cmd *cobra.Command, what string, wait time.Duration, fn func(context.Context, *client.Client) (string, error)) error {
 		addr := adminSocketAddr(adminSocket, g.socket)
 		dialCtx, cancelDial := g.context()
 		defer cancelDial()
@@ -60,7 +60,9 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		if msg == "" {
 			msg = "done"
 		}
-		fmt.Println(what+":", msg)
+		// cmd's writer, as the other commands print: main checks its
+		// writes, and a caller of the command can capture it.
+		fmt.Fprintln(cmd.OutOrStdout(), what+":", msg)
 		return nil
 	}
 	pause := &cobra.Command{
@@ -68,7 +70,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		Short: "Stop a key slot from signing (signers get PAUSED)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("pause "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.Pause(ctx, args[0]) })
+			return run(cmd, "pause "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.Pause(ctx, args[0]) })
 		},
 	}
 	resume := &cobra.Command{
@@ -76,7 +78,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		Short: "Lift a run-time pause",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("resume "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.Resume(ctx, args[0]) })
+			return run(cmd, "resume "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.Resume(ctx, args[0]) })
 		},
 	}
 	reload := &cobra.Command{
@@ -84,7 +86,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 		Short: "Re-read what SIGHUP re-reads: the policy, the TLS certificates and the keys' certificates (each on its own: a part that fails to load is refused and its old version stays; the reply names the parts taken)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return run("reload", adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.ReloadPolicy(ctx) })
+			return run(cmd, "reload", adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.ReloadPolicy(ctx) })
 		},
 	}
 	cmd.AddCommand(pause, resume, reload)
@@ -114,11 +116,11 @@ func rotationCommands(run adminRunner) []*cobra.Command {
 				if err != nil {
 					return usageError("--at: %v (want RFC 3339, e.g. 2026-12-01T09:00:00Z)", err)
 				}
-				return run("rotate "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) {
+				return run(cmd, "rotate "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) {
 					return c.ScheduleRotation(ctx, args[0], t)
 				})
 			}
-			return run("rotate "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.RotateSlot(ctx, args[0]) })
+			return run(cmd, "rotate "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.RotateSlot(ctx, args[0]) })
 		},
 	}
 	rotate.Flags().StringVar(&at, "at", "", "schedule the rotation at this RFC 3339 time instead of now")
@@ -127,7 +129,7 @@ func rotationCommands(run adminRunner) []*cobra.Command {
 		Short: "Make the previous key version active again (while it is not retired)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("rollback "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.Rollback(ctx, args[0]) })
+			return run(cmd, "rollback "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.Rollback(ctx, args[0]) })
 		},
 	}
 	drill := &cobra.Command{
@@ -135,7 +137,7 @@ func rotationCommands(run adminRunner) []*cobra.Command {
 		Short: "Incident drill: pause, emergency rotation, canaries, resume, incident statement",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			return run("incident drill "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.IncidentDrill(ctx, args[0]) })
+			return run(cmd, "incident drill "+args[0], adminChangeWait, func(ctx context.Context, c *client.Client) (string, error) { return c.IncidentDrill(ctx, args[0]) })
 		},
 	}
 	return []*cobra.Command{rotate, rollback, drill}

@@ -389,6 +389,40 @@ func TestRequestRefusedHereIsNotTheAgents(t *testing.T) {
 	}
 }
 
+// The admin and rotation commands print their answer through the
+// command's writer, as every other command does: output captured there
+// (a test, a program embedding the command) sees it. They printed to the
+// process's standard output instead.
+func TestAdminAnswersGoToTheCommandsOutput(t *testing.T) {
+	r := newRotationSetup(t, "ecdsa-p256", 2)
+	cfg, err := agent.LoadConfig(r.config)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, admin := serveTestAgentWithAdmin(t, cfg)
+	later := time.Now().Add(48 * time.Hour).UTC().Format(time.RFC3339)
+	for _, tc := range []struct {
+		args []string // then --admin-socket
+		says string
+	}{
+		{[]string{"admin", "pause", "payments/release"}, "pause payments/release: "},
+		{[]string{"admin", "resume", "payments/release"}, "resume payments/release: "},
+		{[]string{"admin", "reload"}, "reload: "},
+		{[]string{"rotate", "payments/release"}, "rotate payments/release: "},
+		{[]string{"admin", "rotate", "payments/release", "--at", later}, "rotate payments/release: "},
+		{[]string{"rollback", "payments/release"}, "rollback payments/release: "},
+		{[]string{"incident", "drill", "payments/release"}, "incident drill payments/release: "},
+		{[]string{"rep", "export", "payments/release", "--out", t.TempDir()}, "rep export payments/release: wrote "},
+	} {
+		t.Run(strings.Join(tc.args, " "), func(t *testing.T) {
+			out, stderr, code := run(t, append(tc.args, "--admin-socket", admin)...)
+			if code != exitOK || !strings.HasPrefix(out, tc.says) {
+				t.Fatalf("exit %d, stdout %q, stderr %q; want exit 0 and stdout starting %q", code, out, stderr, tc.says)
+			}
+		})
+	}
+}
+
 // Output that cannot be written (a full disk, here /dev/full) fails the
 // command: a script must not take a signature it never got for one written.
 func TestUnwritableOutputFails(t *testing.T) {

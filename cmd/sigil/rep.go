@@ -96,7 +96,7 @@ agent refused (no such pack: NOT_FOUND) or did not answer within --timeout.`,
 				}
 				n = v
 			}
-			return run("rep export "+args[0], 0, func(ctx context.Context, c *client.Client) (string, error) {
+			return run(cmd, "rep export "+args[0], 0, func(ctx context.Context, c *client.Client) (string, error) {
 				manifest, sig, err := c.ExportREP(ctx, args[0], n)
 				if err != nil {
 					return "", err
