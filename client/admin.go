@@ -135,11 +135,22 @@ func (c *Client) ScheduleRotation(ctx context.Context, slot string, at time.Time
 // canonical manifest and the detached signature. n 0 means the newest.
 //
 // A manifest larger than one reply comes in parts, which it asks for in
-// turn, of the same pack.
+// turn, of the same pack, all within ctx (see ExportREPPerPart).
 func (c *Client) ExportREP(ctx context.Context, slot string, n int) (manifest, sig []byte, err error) {
+	return c.ExportREPPerPart(ctx, slot, n, 0)
+}
+
+// ExportREPPerPart is ExportREP with each request, one per part of a
+// manifest larger than one reply, bounded by perPart as well as by ctx: a
+// large pack over a slow link then needs each part in time, not the whole
+// pack within one deadline. perPart 0 or less leaves each to ctx alone.
+// The loop ends of itself: each part must bring the manifest closer to
+// the length the first announced.
+func (c *Client) ExportREPPerPart(ctx context.Context, slot string, n int, perPart time.Duration) (manifest, sig []byte, err error) {
 	malformed := malformedReply("malformed ExportREP reply: its parts do not make one manifest", nil)
+	length := -1 // the manifest's, as the first part announced it
 	for {
-		resp, err := c.call(ctx, &proto.Request{Op: proto.OpExportREP, Key: slot, Limit: uint32(max(n, 0)), FromSeq: uint64(len(manifest))})
+		resp, err := c.exportREPPart(ctx, perPart, &proto.Request{Op: proto.OpExportREP, Key: slot, Limit: uint32(max(n, 0)), FromSeq: uint64(len(manifest))})
 		if err != nil {
 			return nil, nil, err
 		}
@@ -152,10 +163,11 @@ func (c *Client) ExportREP(ctx context.Context, slot string, n int) (manifest, s
 		case 3: // a part: "LENGTH NUMBER" beside it
 			var total, number int
 			if _, err := fmt.Sscanf(string(resp.Records[2]), "%d %d", &total, &number); err != nil ||
-				len(resp.Records[0]) == 0 || len(manifest)+len(resp.Records[0]) > total || (n != 0 && number != n) {
+				len(resp.Records[0]) == 0 || len(manifest)+len(resp.Records[0]) > total || (n != 0 && number != n) ||
+				(length >= 0 && total != length) {
 				return nil, nil, malformed
 			}
-			manifest, sig, n = append(manifest, resp.Records[0]...), resp.Records[1], number
+			manifest, sig, n, length = append(manifest, resp.Records[0]...), resp.Records[1], number, total
 			if len(manifest) == total {
 				return manifest, sig, nil
 			}
@@ -163,4 +175,14 @@ func (c *Client) ExportREP(ctx context.Context, slot string, n int) (manifest, s
 			return nil, nil, malformed
 		}
 	}
+}
+
+// exportREPPart is one ExportREP request, within perPart when it is set.
+func (c *Client) exportREPPart(ctx context.Context, perPart time.Duration, req *proto.Request) (*proto.Response, error) {
+	if perPart > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, perPart)
+		defer cancel()
+	}
+	return c.call(ctx, req)
 }

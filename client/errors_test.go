@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"path/filepath"
@@ -256,6 +257,25 @@ func TestClientFaultsHaveCodesOfTheirOwn(t *testing.T) {
 			},
 			run: func(t *testing.T, c *client.Client) error {
 				_, _, err := c.ExportREP(ctx(t), "a/b", 0)
+				return err
+			}},
+		{name: "malformed: evidence pack parts that announce another length", code: proto.Internal, is: client.ErrMalformedReply,
+			says: "INTERNAL: malformed ExportREP reply",
+			// Each part is bounded on its own (ExportREPPerPart), so the
+			// length must hold still for the parts to end.
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return func(nc net.Conn, br *bufio.Reader) {
+					for total := 10; ; total++ {
+						req, err := readRequest(br)
+						if err != nil {
+							return
+						}
+						writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK, Records: [][]byte{[]byte("{"), {1}, fmt.Appendf(nil, "%d 1", total)}})
+					}
+				}
+			},
+			run: func(t *testing.T, c *client.Client) error {
+				_, _, err := c.ExportREPPerPart(ctx(t), "a/b", 0, time.Second)
 				return err
 			}},
 		{name: "malformed: a final reply with code OK", code: proto.Internal, is: client.ErrMalformedReply,

@@ -14,8 +14,15 @@ import (
 
 // adminRunner runs one admin request for cmd (what names it in messages)
 // with the admin socket's client and prints its answer on cmd's output:
-// fn's requests wait --timeout, or max(--timeout, wait) for wait > 0.
+// fn's requests wait --timeout, or max(--timeout, wait) for wait > 0; for
+// wait eachRequest fn bounds each of its requests itself.
 type adminRunner func(cmd *cobra.Command, what string, wait time.Duration, fn func(context.Context, *client.Client) (string, error)) error
+
+// eachRequest is the adminRunner wait of an fn that makes several requests
+// and bounds each by --timeout itself (rep export's parts): one deadline
+// for them all would fail a large pack on a slow link although every
+// part came in time.
+const eachRequest time.Duration = -1
 
 // adminCommands builds `sigil admin ...` and the top-level rotate, rollback
 // and incident commands over the same admin-socket plumbing.
@@ -28,7 +35,8 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 	cmd.PersistentFlags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket, --socket's or $SIGIL_SOCK's)")
 	// run dials the admin socket within --timeout, asks fn, and prints
 	// its answer. fn's requests wait --timeout, or max(--timeout, wait)
-	// for wait > 0 (adminChangeWait).
+	// for wait > 0 (adminChangeWait); with eachRequest, fn's context has
+	// no deadline and fn bounds each request.
 	var run adminRunner = func(cmd *cobra.Command, what string, wait time.Duration, fn func(context.Context, *client.Client) (string, error)) error {
 		addr := adminSocketAddr(adminSocket, g.socket)
 		dialCtx, cancelDial := g.context()
@@ -40,13 +48,17 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 			return err
 		}
 		defer c.Close()
-		limit, waited := g.timeout, "the --timeout"
-		if wait > 0 {
-			limit = g.longWait(wait)
-			waited = limit.String()
+		ctx, waited := context.Background(), "the --timeout"
+		if wait != eachRequest {
+			limit := g.timeout
+			if wait > 0 {
+				limit = g.longWait(wait)
+				waited = limit.String()
+			}
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, limit)
+			defer cancel()
 		}
-		ctx, cancel := context.WithTimeout(context.Background(), limit)
-		defer cancel()
 		msg, err := fn(ctx, c)
 		var local *exitError
 		if errors.As(err, &local) {
@@ -95,7 +107,7 @@ func adminCommands(g *globalFlags) (*cobra.Command, []*cobra.Command) {
 	for _, c := range top {
 		c.Flags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket, --socket's or $SIGIL_SOCK's)")
 	}
-	export := repExportCommand(run)
+	export := repExportCommand(g, run)
 	export.Flags().StringVar(&adminSocket, "admin-socket", "", "admin socket (default: admin.sock beside the agent socket, --socket's or $SIGIL_SOCK's)")
 	incident := &cobra.Command{Use: "incident", Short: "Incident drills"}
 	incident.AddCommand(top[2])

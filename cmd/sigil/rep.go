@@ -74,14 +74,16 @@ public key (PEM, or the 32 raw bytes); 2 a usage error.`,
 
 // repExportCommand is `sigil rep export`; the root command attaches it, as
 // it talks to the agent over the admin socket plumbing of adminCommands.
-func repExportCommand(run adminRunner) *cobra.Command {
+func repExportCommand(g *globalFlags, run adminRunner) *cobra.Command {
 	var out string
 	cmd := &cobra.Command{
 		Use:   "export TENANT/SLOT [N] [--out DIR]",
 		Short: "Write a stored evidence pack (rep-N.json, .sig, .md) from the running agent's journal",
 		Long: `Fetch a stored Rotation Evidence Pack (the newest without N) from the running
 agent over its admin socket and write DIR/TENANT/SLOT/rep-N.json, .sig and
-.md (DIR is --out).
+.md (DIR is --out). A pack larger than one reply comes in parts, and each
+part waits --timeout: the export as a whole has no bound, and goes on
+while parts come in time.
 
 Exit status: 0 written; 1 the files could not be written under --out, or
 the manifest fetched does not parse; 2 usage; 3 no agent reachable; 4 the
@@ -96,8 +98,8 @@ agent refused (no such pack: NOT_FOUND) or did not answer within --timeout.`,
 				}
 				n = v
 			}
-			return run(cmd, "rep export "+args[0], 0, func(ctx context.Context, c *client.Client) (string, error) {
-				manifest, sig, err := c.ExportREP(ctx, args[0], n)
+			return run(cmd, "rep export "+args[0], eachRequest, func(ctx context.Context, c *client.Client) (string, error) {
+				manifest, sig, err := c.ExportREPPerPart(ctx, args[0], n, g.timeout)
 				if err != nil {
 					return "", err
 				}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -9,13 +10,18 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/pem"
+	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/agent/rotation"
+	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/software"
 )
@@ -131,5 +137,47 @@ func TestREPVerifyWithAWrongEvidenceKey(t *testing.T) {
 				t.Fatalf("the message carries key material: %s", stderr)
 			}
 		})
+	}
+}
+
+// rep export gives each part of a pack larger than one reply its own
+// --timeout: a big pack over a slow link, every part well in time, is
+// fetched whole. The parts used to share one --timeout, so such a pack
+// failed with DEADLINE_EXCEEDED however quick each part was.
+func TestREPExportWaitsTimeoutForEachPart(t *testing.T) {
+	const (
+		parts   = 5
+		perPart = 400 * time.Millisecond // each part's wait at the fake agent
+		timeout = 1200 * time.Millisecond
+	)
+	// The parts together take longer than --timeout; each one well within it.
+	if parts*perPart < timeout+500*time.Millisecond || 2*perPart > timeout {
+		t.Fatal("the test's timing proves nothing")
+	}
+	manifest := []byte(`{"slot":"a/b","number":3,"reason":"` + strings.Repeat("r", parts*10000) + `"}`)
+	partLen := (len(manifest) + parts - 1) / parts
+	sig := bytes.Repeat([]byte{7}, 64)
+	dir := shortSocketDir(t)
+	admin := filepath.Join(dir, "admin.sock")
+	var asked atomic.Int32
+	listenUnix(t, admin, func(nc net.Conn) {
+		go fakeAgent(nc, func(req *proto.Request) *proto.Response {
+			if req.Op != proto.OpExportREP || req.Key != "a/b" || req.FromSeq >= uint64(len(manifest)) {
+				return &proto.Response{Code: proto.BadRequest, Msg: "not the request the test expects"}
+			}
+			asked.Add(1)
+			time.Sleep(perPart)
+			part := manifest[req.FromSeq:min(int(req.FromSeq)+partLen, len(manifest))]
+			return &proto.Response{Code: proto.OK, Records: [][]byte{part, sig, fmt.Appendf(nil, "%d 3", len(manifest))}}
+		})
+	})
+	out := t.TempDir()
+	stdout, stderr, code := run(t, "--timeout", timeout.String(), "rep", "export", "a/b", "--out", out, "--admin-socket", admin)
+	if code != exitOK || !strings.Contains(stdout, "wrote ") {
+		t.Fatalf("exit %d after %d parts, stdout %q, stderr %q; want the pack written", code, asked.Load(), stdout, stderr)
+	}
+	written, _, _, _ := rotation.REPPaths(out, "a/b", 3)
+	if got, err := os.ReadFile(written); err != nil || !bytes.Equal(got, manifest) || asked.Load() != parts {
+		t.Fatalf("%s: %v, %d bytes in %d parts; want the %d-byte manifest in %d", written, err, len(got), asked.Load(), len(manifest), parts)
 	}
 }
