@@ -120,6 +120,9 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 				return nil, err
 			}
 		}
+		if uc, ok := nc.(*net.UnixConn); ok {
+			return unixConn(uc), nil
+		}
 		return nc, nil
 	})
 }

@@ -1,0 +1,290 @@
+//go:build linux
+
+package client
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"runtime"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// pollPair is a pollConn and the *net.UnixConn at the other end.
+func pollPair(t *testing.T) (*pollConn, *net.UnixConn) {
+	t.Helper()
+	uc, peer := dialPair(t)
+	pc, err := newPollConn(uc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	return pc, peer
+}
+
+// within fails the test unless fn returns within d (generous: a busy
+// machine), and returns its error.
+func within(t *testing.T, d time.Duration, what string, fn func() error) error {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- fn() }()
+	select {
+	case err := <-done:
+		return err
+	case <-time.After(d):
+		t.Fatalf("%s: still blocked after %v", what, d)
+		return nil
+	}
+}
+
+func TestPollConnCarriesBytesBothWays(t *testing.T) {
+	pc, peer := pollPair(t)
+	if _, err := pc.Write([]byte("request")); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 16)
+	n, err := io.ReadAtLeast(peer, buf, 7)
+	if err != nil || string(buf[:n]) != "request" {
+		t.Fatalf("peer read %q, %v", buf[:n], err)
+	}
+	// The reply comes while the read waits in poll(2).
+	go func() {
+		time.Sleep(20 * time.Millisecond)
+		peer.Write([]byte("reply"))
+	}()
+	n, err = pc.Read(buf)
+	if err != nil || string(buf[:n]) != "reply" {
+		t.Fatalf("read %q, %v", buf[:n], err)
+	}
+	// A write larger than the socket's buffer waits for the peer to read.
+	big := make([]byte, 8<<20)
+	go io.Copy(io.Discard, peer)
+	if n, err := pc.Write(big); err != nil || n != len(big) {
+		t.Fatalf("wrote %d of %d bytes: %v", n, len(big), err)
+	}
+}
+
+// The client cuts a waiting read by moving its deadline from another
+// goroutine (a cancelled context); the wait must notice at once.
+func TestPollConnDeadlines(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		run  func(pc *pollConn) error
+	}{
+		{"read deadline runs out", func(pc *pollConn) error {
+			pc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+			_, err := pc.Read(make([]byte, 8))
+			return err
+		}},
+		{"read deadline moved into the past while waiting", func(pc *pollConn) error {
+			pc.SetReadDeadline(time.Now().Add(time.Hour))
+			time.AfterFunc(50*time.Millisecond, func() { pc.SetReadDeadline(time.Now()) })
+			_, err := pc.Read(make([]byte, 8))
+			return err
+		}},
+		{"read deadline set while waiting with none", func(pc *pollConn) error {
+			time.AfterFunc(50*time.Millisecond, func() { pc.SetDeadline(time.Now().Add(10 * time.Millisecond)) })
+			_, err := pc.Read(make([]byte, 8))
+			return err
+		}},
+		{"read deadline already past", func(pc *pollConn) error {
+			pc.SetReadDeadline(time.Unix(0, 0))
+			_, err := pc.Read(make([]byte, 8))
+			return err
+		}},
+		{"write deadline while the peer reads nothing", func(pc *pollConn) error {
+			pc.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+			_, err := pc.Write(make([]byte, 32<<20))
+			return err
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pc, peer := pollPair(t)
+			err := within(t, 10*time.Second, tc.name, func() error { return tc.run(pc) })
+			if !errors.Is(err, os.ErrDeadlineExceeded) {
+				t.Fatalf("got %v, want a deadline error", err)
+			}
+			var opErr *net.OpError
+			if !errors.As(err, &opErr) || opErr.Net != "unix" {
+				t.Fatalf("got %T %v, want a *net.OpError as the net package gives", err, err)
+			}
+			// The connection still works once the deadline is lifted.
+			pc.SetDeadline(time.Time{})
+			peer.Write([]byte("x"))
+			err = within(t, 10*time.Second, "read after the deadline", func() error {
+				_, err := pc.Read(make([]byte, 1))
+				return err
+			})
+			if err != nil {
+				t.Fatalf("read after the deadline: %v", err)
+			}
+		})
+	}
+}
+
+func TestPollConnEnds(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		run  func(t *testing.T, pc *pollConn, peer *net.UnixConn) error
+		want error
+	}{
+		{"peer closes during a read", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+			time.AfterFunc(50*time.Millisecond, func() { peer.Close() })
+			_, err := pc.Read(make([]byte, 8))
+			return err
+		}, io.EOF},
+		{"Close during a read", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+			time.AfterFunc(50*time.Millisecond, func() { pc.Close() })
+			_, err := pc.Read(make([]byte, 8))
+			return err
+		}, net.ErrClosed},
+		{"Close during a blocked write", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+			time.AfterFunc(50*time.Millisecond, func() { pc.Close() })
+			_, err := pc.Write(make([]byte, 32<<20))
+			return err
+		}, net.ErrClosed},
+		{"write to a closed peer", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+			peer.Close()
+			_, err := pc.Write([]byte("x"))
+			return err
+		}, syscall.EPIPE},
+		{"read after Close", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+			pc.Close()
+			_, err := pc.Read(make([]byte, 8))
+			return err
+		}, net.ErrClosed},
+		{"second Close", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+			pc.Close()
+			return pc.Close()
+		}, net.ErrClosed},
+		{"deadline after Close", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+			pc.Close()
+			return pc.SetReadDeadline(time.Now())
+		}, net.ErrClosed},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			pc, peer := pollPair(t)
+			err := within(t, 10*time.Second, tc.name, func() error { return tc.run(t, pc, peer) })
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("got %v, want %v", err, tc.want)
+			}
+		})
+	}
+}
+
+// openFDs counts this process's open descriptors.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skip("no /proc/self/fd:", err)
+	}
+	return len(ents)
+}
+
+// Close releases the socket and both eventfds, also when it lands while
+// a read is using them; the peer sees the connection end.
+func TestPollConnCloseReleasesDescriptors(t *testing.T) {
+	pc, peer := pollPair(t)
+	before := openFDs(t)
+	read := make(chan error, 1)
+	go func() {
+		_, err := pc.Read(make([]byte, 8))
+		read <- err
+	}()
+	time.Sleep(20 * time.Millisecond)
+	pc.Close()
+	if err := <-read; !errors.Is(err, net.ErrClosed) {
+		t.Fatalf("read: %v", err)
+	}
+	if after := openFDs(t); after != before-3 {
+		t.Fatalf("%d descriptors open after Close, want %d", after, before-3)
+	}
+	peer.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := peer.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("peer read %v, want EOF", err)
+	}
+}
+
+// A connection dropped without Close does not keep its descriptors.
+func TestPollConnCollectedClosesDescriptors(t *testing.T) {
+	uc, _ := dialPair(t)
+	before := openFDs(t)
+	func() {
+		if _, err := newPollConn(uc, nil); err != nil {
+			t.Fatal(err)
+		}
+	}()
+	deadline := time.Now().Add(10 * time.Second)
+	for openFDs(t) > before-1 { // uc's descriptor is closed too
+		if time.Now().After(deadline) {
+			t.Fatalf("%d descriptors open, want %d", openFDs(t), before-1)
+		}
+		runtime.GC()
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// dialPair connects to a fresh listener and returns both ends; the
+// listener and the server's end are closed with the test.
+func dialPair(t *testing.T) (client, server *net.UnixConn) {
+	t.Helper()
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(t.TempDir(), "s"), Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	uc, err := net.DialUnix("unix", nil, ln.Addr().(*net.UnixAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := ln.AcceptUnix()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { peer.Close() })
+	return uc, peer
+}
+
+// clientEnd is the client's end of dialPair.
+func clientEnd(uc, _ *net.UnixConn) *net.UnixConn { return uc }
+
+// The budget hands out limit connections in poll mode (GOMAXPROCS-1: with
+// one P, none); the rest use the netpoller. A closed connection, or one
+// collected unclosed, gives its place back.
+func TestPollBudget(t *testing.T) {
+	isPoll := func(nc net.Conn) bool { _, ok := nc.(*pollConn); return ok }
+	var none budget
+	if nc := none.unixConn(clientEnd(dialPair(t)), 0); isPoll(nc) {
+		t.Fatal("limit 0 gave a connection in poll mode")
+	}
+	var b budget
+	first := b.unixConn(clientEnd(dialPair(t)), 1)
+	second := b.unixConn(clientEnd(dialPair(t)), 1)
+	if !isPoll(first) || isPoll(second) {
+		t.Fatalf("limit 1: got %T and %T, want the first in poll mode only", first, second)
+	}
+	second.Close()
+	first.Close()
+	if n := b.inUse.Load(); n != 0 {
+		t.Fatalf("%d places in use after Close, want 0", n)
+	}
+	func() { b.unixConn(clientEnd(dialPair(t)), 1) }() // dropped unclosed
+	deadline := time.Now().Add(10 * time.Second)
+	for b.inUse.Load() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("a connection collected unclosed kept its place")
+		}
+		runtime.GC()
+		time.Sleep(10 * time.Millisecond)
+	}
+	if third := b.unixConn(clientEnd(dialPair(t)), 1); !isPoll(third) {
+		t.Fatalf("after the place came back: got %T", third)
+	} else {
+		third.Close()
+	}
+}
