@@ -681,6 +681,23 @@ func TestConnectionErrorsSayItOnce(t *testing.T) {
 	})
 }
 
+// A reply the client cannot read came from something at the socket: it
+// is not "no agent reachable" (exit 3) but an answer of no use, exit 4,
+// with the client's INTERNAL.
+func TestUnreadableReplyIsExit4(t *testing.T) {
+	socket := filepath.Join(shortSocketDir(t), "garbled.sock")
+	listenUnix(t, socket, func(nc net.Conn) {
+		go fakeAgent(nc, func(req *proto.Request) *proto.Response {
+			// A public key that does not parse.
+			return &proto.Response{Code: proto.OK, Key: "default", KID: "k1", KeyType: "ecdsa-p256", Pub: []byte("not a key")}
+		})
+	})
+	_, stderr, code := run(t, "--socket", socket, "keys", "pubkey", "--key", "default")
+	if code != exitRefused || !strings.Contains(stderr, "INTERNAL") {
+		t.Fatalf("exit %d (want %d) and INTERNAL, stderr:\n%s", code, exitRefused, stderr)
+	}
+}
+
 // answerHelloOnly is an agent that says Hello and then answers nothing:
 // a wedged agent.
 func answerHelloOnly(nc net.Conn) { fakeAgent(nc, nil) }

@@ -16,7 +16,7 @@ const (
 	exitFailure     = 1 // the command ran and the answer is no (bad signature) or it failed
 	exitUsage       = 2
 	exitUnreachable = 3 // no agent answered at the socket
-	exitRefused     = 4 // the agent answered with an error code
+	exitRefused     = 4 // the agent answered with an error code, not in time, or unreadably
 	// exitUnchecked: 'audit verify' reached no verdict (the journal
 	// missing, in use or unreadable), which a monitor must not take for
 	// a broken chain (exit 1) nor for a sound one.

@@ -54,8 +54,8 @@ Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() +
 
 Exit status: 0 success; 1 an invalid signature or a local failure (a
 request too large for one message included: it is not sent); 2 usage;
-3 no agent reachable; 4 the agent refused (its code printed) or did not
-answer in time; 5 audit verify could not check; 78 the agent did not start
+3 no agent reachable; 4 the agent refused (its code printed), did not
+answer in time, or sent a reply the client cannot read (INTERNAL); 5 audit verify could not check; 78 the agent did not start
 and will not until an operator acts (a PIN refused, a token locked, a PIN
 source that gives no PIN, a config or policy that fails its checks).`,
 		SilenceUsage:  true,
@@ -252,6 +252,11 @@ func agentErrorAfter(what string, err error, waited string) error {
 	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		return &exitError{exitRefused, fmt.Errorf("%s: %s: no answer within %s", what, proto.DeadlineExceeded, waited)}
+	}
+	if errors.Is(err, client.ErrMalformedReply) {
+		// Something answered at the socket, so not exit 3 (no agent):
+		// an answer that is no use, as a refusal is.
+		return &exitError{exitRefused, fmt.Errorf("%s: %s", what, err)}
 	}
 	// A network failure (the agent went away, and a redial found none) is
 	// told by the network's error alone, under the client's words
