@@ -120,8 +120,8 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 				return nil, err
 			}
 		}
-		if uc, ok := nc.(*net.UnixConn); ok {
-			return unixConn(uc), nil
+		if sc, ok := nc.(socketConn); ok {
+			return pollingConn(sc), nil
 		}
 		return nc, nil
 	})
@@ -135,13 +135,31 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 func DialTLS(ctx context.Context, addr string, cfg *tls.Config) (*Client, error) {
 	cfg = cfg.Clone()
 	cfg.MinVersion = tls.VersionTLS13
-	d := tls.Dialer{Config: cfg}
+	if cfg.ServerName == "" {
+		// What tls.Dialer would derive: the name the certificate must bear.
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			host = addr
+		}
+		cfg.ServerName = host
+	}
 	return newClient(ctx, func(ctx context.Context) (net.Conn, error) {
+		var d net.Dialer
 		nc, err := d.DialContext(ctx, "tcp", addr)
 		if err != nil {
 			return nil, dialFailed(addr, err)
 		}
-		return nc, nil
+		// The TCP connection waits in poll(2) as the Unix socket does,
+		// the TLS records on top.
+		if sc, ok := nc.(socketConn); ok {
+			nc = pollingConn(sc)
+		}
+		tc := tls.Client(nc, cfg)
+		if err := tc.HandshakeContext(ctx); err != nil {
+			nc.Close()
+			return nil, dialFailed(addr, err)
+		}
+		return tc, nil
 	})
 }
 

@@ -27,15 +27,15 @@
 // Close is final: the client does not redial after it, and calls fail with
 // ErrClosed.
 //
-// On Linux a call waits for its reply on the Unix socket in poll(2), on its
-// own thread, rather than in Go's netpoller: one thread wake-up per reply
-// instead of two or three, which took 15-25% off a signature's latency at
-// one connection on the test machines (docs/performance.md, "The Go
-// client's wait"). One call per connection reads at a time, so this holds
-// one thread per connection, as a cgo call would, and its P until the
-// runtime hands the P on. A process has at most GOMAXPROCS-1 connections
-// so (none with GOMAXPROCS 1), the first ones dialled; the others, and TLS
-// connections, use the netpoller.
+// On Linux a call waits for its reply in poll(2), on its own thread, rather
+// than in Go's netpoller: on the Unix socket, and on the TCP connection
+// under TLS. One thread wake-up per reply instead of two or three took
+// 15-25% off a signature's latency at one connection on the test machines
+// (docs/performance.md, "The Go client's wait"). One call per connection
+// reads at a time, so this holds one thread per connection, as a cgo call
+// would, and its P until the runtime hands the P on. A process has at most
+// GOMAXPROCS-1 connections so (none with GOMAXPROCS 1), the first ones
+// dialled; the others use the netpoller.
 //
 // Errors the agent returns are *proto.Error values carrying a stable Code,
 // and only those: what the client finds itself is never one. Code gives

@@ -54,10 +54,18 @@ type deadline struct {
 	wake    int          // eventfd
 }
 
-// unixConn is how a call reaches the agent over uc: through a pollConn
-// while the process has one to spare (pollBudget), else through uc itself.
-func unixConn(uc *net.UnixConn) net.Conn {
-	return pollBudget.unixConn(uc, runtime.GOMAXPROCS(0)-1)
+// socketConn is a connected stream socket of the net package: a
+// *net.UnixConn or a *net.TCPConn.
+type socketConn interface {
+	net.Conn
+	syscall.Conn
+}
+
+// pollingConn is how a call reaches the agent over sc (the Unix socket, or
+// the TCP connection under TLS): through a pollConn while the process has
+// one to spare (pollBudget), else through sc itself.
+func pollingConn(sc socketConn) net.Conn {
+	return pollBudget.conn(sc, runtime.GOMAXPROCS(0)-1)
 }
 
 // pollBudget is the one piece of process-wide state in this package, for a
@@ -73,29 +81,29 @@ var pollBudget budget
 // budget counts the connections in poll mode.
 type budget struct{ inUse atomic.Int32 }
 
-func (b *budget) unixConn(uc *net.UnixConn, limit int) net.Conn {
+func (b *budget) conn(sc socketConn, limit int) net.Conn {
 	for {
 		n := b.inUse.Load()
 		if int(n) >= limit {
-			return uc
+			return sc
 		}
 		if b.inUse.CompareAndSwap(n, n+1) {
 			break
 		}
 	}
-	pc, err := newPollConn(uc, func() { b.inUse.Add(-1) })
+	pc, err := newPollConn(sc, func() { b.inUse.Add(-1) })
 	if err != nil {
 		b.inUse.Add(-1)
-		return uc // the netpoller's way still works
+		return sc // the netpoller's way still works
 	}
 	return pc
 }
 
-// newPollConn takes uc's socket out of the netpoller: it keeps a duplicate
-// of the descriptor and closes uc. On failure uc is left as it was.
+// newPollConn takes sc's socket out of the netpoller: it keeps a duplicate
+// of the descriptor and closes sc. On failure sc is left as it was.
 // released runs once the descriptors are closed.
-func newPollConn(uc *net.UnixConn, released func()) (*pollConn, error) {
-	rc, err := uc.SyscallConn()
+func newPollConn(sc socketConn, released func()) (*pollConn, error) {
+	rc, err := sc.SyscallConn()
 	if err != nil {
 		return nil, err
 	}
@@ -109,11 +117,11 @@ func newPollConn(uc *net.UnixConn, released func()) (*pollConn, error) {
 	if dupErr != nil {
 		return nil, os.NewSyscallError("fcntl", dupErr)
 	}
-	c := &pollConn{fd: fd, local: uc.LocalAddr(), remote: uc.RemoteAddr()}
+	c := &pollConn{fd: fd, local: sc.LocalAddr(), remote: sc.RemoteAddr()}
 	c.fds = &fdSet{fds: [3]int{fd, -1, -1}, released: released}
 	for i, d := range []*deadline{&c.readDeadline, &c.writeDeadline} {
 		if d.wake, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
-			c.fds.released = nil // the caller's to undo, with uc
+			c.fds.released = nil // the caller's to undo, with sc
 			c.fds.close()
 			return nil, os.NewSyscallError("eventfd", err)
 		}
@@ -122,9 +130,10 @@ func newPollConn(uc *net.UnixConn, released func()) (*pollConn, error) {
 	// A client dropped without Close: its socket is closed when the
 	// connection is collected, as the net package's would be.
 	runtime.AddCleanup(c, (*fdSet).close, c.fds)
-	// The duplicate shares uc's open file, non-blocking as the net package
-	// left it; closing uc takes the socket out of the netpoller's epoll set.
-	uc.Close()
+	// The duplicate shares sc's open file, non-blocking as the net package
+	// left it (TCP_NODELAY and keep-alive too); closing sc takes the socket
+	// out of the netpoller's epoll set.
+	sc.Close()
 	return c, nil
 }
 
@@ -328,7 +337,47 @@ func (d *deadline) passed() bool {
 }
 
 func (c *pollConn) opError(op string, err error) error {
-	return &net.OpError{Op: op, Net: "unix", Source: c.local, Addr: c.remote, Err: err}
+	return &net.OpError{Op: op, Net: c.local.Network(), Source: c.local, Addr: c.remote, Err: err}
+}
+
+// SyscallConn gives the socket to a caller that looks at it directly (the
+// TLS connection's probe for the agent's close, conn.peerSpoke).
+func (c *pollConn) SyscallConn() (syscall.RawConn, error) { return rawPollConn{c}, nil }
+
+// rawPollConn is a pollConn's syscall.RawConn.
+type rawPollConn struct{ c *pollConn }
+
+func (r rawPollConn) Control(f func(fd uintptr)) error {
+	if !r.c.enter() {
+		return r.c.opError("control", net.ErrClosed)
+	}
+	defer r.c.leave()
+	f(uintptr(r.c.fd))
+	return nil
+}
+
+func (r rawPollConn) Read(f func(fd uintptr) bool) error {
+	return r.do("read", unix.POLLIN, &r.c.readDeadline, f)
+}
+
+func (r rawPollConn) Write(f func(fd uintptr) bool) error {
+	return r.do("write", unix.POLLOUT, &r.c.writeDeadline, f)
+}
+
+// do calls f until it reports done, waiting for events between calls, as
+// the net package's RawConn does.
+func (r rawPollConn) do(op string, events int16, d *deadline, f func(fd uintptr) bool) error {
+	c := r.c
+	if !c.enter() {
+		return c.opError(op, net.ErrClosed)
+	}
+	defer c.leave()
+	for !f(uintptr(c.fd)) {
+		if err := c.wait(events, d); err != nil {
+			return c.opError(op, err)
+		}
+	}
+	return nil
 }
 
 func (c *pollConn) LocalAddr() net.Addr  { return c.local }

@@ -259,12 +259,12 @@ func clientEnd(uc, _ *net.UnixConn) *net.UnixConn { return uc }
 func TestPollBudget(t *testing.T) {
 	isPoll := func(nc net.Conn) bool { _, ok := nc.(*pollConn); return ok }
 	var none budget
-	if nc := none.unixConn(clientEnd(dialPair(t)), 0); isPoll(nc) {
+	if nc := none.conn(clientEnd(dialPair(t)), 0); isPoll(nc) {
 		t.Fatal("limit 0 gave a connection in poll mode")
 	}
 	var b budget
-	first := b.unixConn(clientEnd(dialPair(t)), 1)
-	second := b.unixConn(clientEnd(dialPair(t)), 1)
+	first := b.conn(clientEnd(dialPair(t)), 1)
+	second := b.conn(clientEnd(dialPair(t)), 1)
 	if !isPoll(first) || isPoll(second) {
 		t.Fatalf("limit 1: got %T and %T, want the first in poll mode only", first, second)
 	}
@@ -273,7 +273,7 @@ func TestPollBudget(t *testing.T) {
 	if n := b.inUse.Load(); n != 0 {
 		t.Fatalf("%d places in use after Close, want 0", n)
 	}
-	func() { b.unixConn(clientEnd(dialPair(t)), 1) }() // dropped unclosed
+	func() { b.conn(clientEnd(dialPair(t)), 1) }() // dropped unclosed
 	deadline := time.Now().Add(10 * time.Second)
 	for b.inUse.Load() != 0 {
 		if time.Now().After(deadline) {
@@ -282,9 +282,61 @@ func TestPollBudget(t *testing.T) {
 		runtime.GC()
 		time.Sleep(10 * time.Millisecond)
 	}
-	if third := b.unixConn(clientEnd(dialPair(t)), 1); !isPoll(third) {
+	if third := b.conn(clientEnd(dialPair(t)), 1); !isPoll(third) {
 		t.Fatalf("after the place came back: got %T", third)
 	} else {
 		third.Close()
+	}
+}
+
+// Under TLS the client polls the TCP connection, and its probe for the
+// agent's close (conn.peerSpoke) peeks at the socket through SyscallConn.
+func TestPollConnOverTCP(t *testing.T) {
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	tc, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer, err := ln.AcceptTCP()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.Close()
+	pc, err := newPollConn(tc, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+
+	peer.Write([]byte("hello"))
+	rc, err := pc.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var peeked int
+	err = within(t, 10*time.Second, "peek", func() error {
+		return rc.Read(func(fd uintptr) bool {
+			var b [8]byte
+			n, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+			peeked = n
+			return err != syscall.EAGAIN
+		})
+	})
+	if err != nil || peeked != 5 {
+		t.Fatalf("peeked %d bytes, %v; want the 5 waiting", peeked, err)
+	}
+	buf := make([]byte, 8)
+	if n, err := pc.Read(buf); err != nil || string(buf[:n]) != "hello" {
+		t.Fatalf("read %q, %v after the peek", buf[:n], err)
+	}
+	pc.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+	_, err = pc.Read(buf)
+	var opErr *net.OpError
+	if !errors.As(err, &opErr) || opErr.Net != "tcp" || !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("got %v, want a tcp *net.OpError for the deadline", err)
 	}
 }

@@ -2,7 +2,17 @@
 
 package client
 
-import "net"
+import (
+	"net"
+	"syscall"
+)
 
-// unixConn is uc itself: the poll(2) connection is Linux's (pollconn.go).
-func unixConn(uc *net.UnixConn) net.Conn { return uc }
+// socketConn is a connected stream socket of the net package.
+type socketConn interface {
+	net.Conn
+	syscall.Conn
+}
+
+// pollingConn is sc itself: the poll(2) connection is Linux's
+// (pollconn.go).
+func pollingConn(sc socketConn) net.Conn { return sc }
