@@ -14,10 +14,10 @@ import (
 	"time"
 )
 
-// pollPair is a pollConn and the *net.UnixConn at the other end.
-func pollPair(t *testing.T) (*pollConn, *net.UnixConn) {
+// pollPair is a pollConn on a Unix socket and the other end.
+func pollPair(t *testing.T) (*pollConn, net.Conn) {
 	t.Helper()
-	uc, peer := dialPair(t)
+	uc, peer := dialPair(t, "unix")
 	pc, err := newPollConn(uc, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -129,39 +129,39 @@ func TestPollConnDeadlines(t *testing.T) {
 func TestPollConnEnds(t *testing.T) {
 	for _, tc := range []struct {
 		name string
-		run  func(t *testing.T, pc *pollConn, peer *net.UnixConn) error
+		run  func(t *testing.T, pc *pollConn, peer net.Conn) error
 		want error
 	}{
-		{"peer closes during a read", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+		{"peer closes during a read", func(t *testing.T, pc *pollConn, peer net.Conn) error {
 			time.AfterFunc(50*time.Millisecond, func() { peer.Close() })
 			_, err := pc.Read(make([]byte, 8))
 			return err
 		}, io.EOF},
-		{"Close during a read", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+		{"Close during a read", func(t *testing.T, pc *pollConn, peer net.Conn) error {
 			time.AfterFunc(50*time.Millisecond, func() { pc.Close() })
 			_, err := pc.Read(make([]byte, 8))
 			return err
 		}, net.ErrClosed},
-		{"Close during a blocked write", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+		{"Close during a blocked write", func(t *testing.T, pc *pollConn, peer net.Conn) error {
 			time.AfterFunc(50*time.Millisecond, func() { pc.Close() })
 			_, err := pc.Write(make([]byte, 32<<20))
 			return err
 		}, net.ErrClosed},
-		{"write to a closed peer", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+		{"write to a closed peer", func(t *testing.T, pc *pollConn, peer net.Conn) error {
 			peer.Close()
 			_, err := pc.Write([]byte("x"))
 			return err
 		}, syscall.EPIPE},
-		{"read after Close", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+		{"read after Close", func(t *testing.T, pc *pollConn, peer net.Conn) error {
 			pc.Close()
 			_, err := pc.Read(make([]byte, 8))
 			return err
 		}, net.ErrClosed},
-		{"second Close", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+		{"second Close", func(t *testing.T, pc *pollConn, peer net.Conn) error {
 			pc.Close()
 			return pc.Close()
 		}, net.ErrClosed},
-		{"deadline after Close", func(t *testing.T, pc *pollConn, peer *net.UnixConn) error {
+		{"deadline after Close", func(t *testing.T, pc *pollConn, peer net.Conn) error {
 			pc.Close()
 			return pc.SetReadDeadline(time.Now())
 		}, net.ErrClosed},
@@ -212,7 +212,7 @@ func TestPollConnCloseReleasesDescriptors(t *testing.T) {
 
 // A connection dropped without Close does not keep its descriptors.
 func TestPollConnCollectedClosesDescriptors(t *testing.T) {
-	uc, _ := dialPair(t)
+	uc, _ := dialPair(t, "unix")
 	before := openFDs(t)
 	func() {
 		if _, err := newPollConn(uc, nil); err != nil {
@@ -229,29 +229,34 @@ func TestPollConnCollectedClosesDescriptors(t *testing.T) {
 	}
 }
 
-// dialPair connects to a fresh listener and returns both ends; the
-// listener and the server's end are closed with the test.
-func dialPair(t *testing.T) (client, server *net.UnixConn) {
+// dialPair connects to a fresh listener on network ("unix", or "tcp" on
+// loopback) and returns both ends; the listener and the server's end are
+// closed with the test.
+func dialPair(t *testing.T, network string) (client socketConn, server net.Conn) {
 	t.Helper()
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(t.TempDir(), "s"), Net: "unix"})
+	addr := "127.0.0.1:0"
+	if network == "unix" {
+		addr = filepath.Join(t.TempDir(), "s")
+	}
+	ln, err := net.Listen(network, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { ln.Close() })
-	uc, err := net.DialUnix("unix", nil, ln.Addr().(*net.UnixAddr))
+	nc, err := net.Dial(network, ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
-	peer, err := ln.AcceptUnix()
+	peer, err := ln.Accept()
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { peer.Close() })
-	return uc, peer
+	return nc.(socketConn), peer
 }
 
 // clientEnd is the client's end of dialPair.
-func clientEnd(uc, _ *net.UnixConn) *net.UnixConn { return uc }
+func clientEnd(c socketConn, _ net.Conn) socketConn { return c }
 
 // The budget hands out limit connections in poll mode (GOMAXPROCS-1: with
 // one P, none); the rest use the netpoller. A closed connection, or one
@@ -259,12 +264,12 @@ func clientEnd(uc, _ *net.UnixConn) *net.UnixConn { return uc }
 func TestPollBudget(t *testing.T) {
 	isPoll := func(nc net.Conn) bool { _, ok := nc.(*pollConn); return ok }
 	var none budget
-	if nc := none.conn(clientEnd(dialPair(t)), 0); isPoll(nc) {
+	if nc := none.conn(clientEnd(dialPair(t, "unix")), 0); isPoll(nc) {
 		t.Fatal("limit 0 gave a connection in poll mode")
 	}
 	var b budget
-	first := b.conn(clientEnd(dialPair(t)), 1)
-	second := b.conn(clientEnd(dialPair(t)), 1)
+	first := b.conn(clientEnd(dialPair(t, "unix")), 1)
+	second := b.conn(clientEnd(dialPair(t, "unix")), 1)
 	if !isPoll(first) || isPoll(second) {
 		t.Fatalf("limit 1: got %T and %T, want the first in poll mode only", first, second)
 	}
@@ -273,7 +278,7 @@ func TestPollBudget(t *testing.T) {
 	if n := b.inUse.Load(); n != 0 {
 		t.Fatalf("%d places in use after Close, want 0", n)
 	}
-	func() { b.conn(clientEnd(dialPair(t)), 1) }() // dropped unclosed
+	func() { b.conn(clientEnd(dialPair(t, "unix")), 1) }() // dropped unclosed
 	deadline := time.Now().Add(10 * time.Second)
 	for b.inUse.Load() != 0 {
 		if time.Now().After(deadline) {
@@ -282,7 +287,7 @@ func TestPollBudget(t *testing.T) {
 		runtime.GC()
 		time.Sleep(10 * time.Millisecond)
 	}
-	if third := b.conn(clientEnd(dialPair(t)), 1); !isPoll(third) {
+	if third := b.conn(clientEnd(dialPair(t, "unix")), 1); !isPoll(third) {
 		t.Fatalf("after the place came back: got %T", third)
 	} else {
 		third.Close()
@@ -292,20 +297,7 @@ func TestPollBudget(t *testing.T) {
 // Under TLS the client polls the TCP connection, and its probe for the
 // agent's close (conn.peerSpoke) peeks at the socket through SyscallConn.
 func TestPollConnOverTCP(t *testing.T) {
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	tc, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer, err := ln.AcceptTCP()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peer.Close()
+	tc, peer := dialPair(t, "tcp")
 	pc, err := newPollConn(tc, nil)
 	if err != nil {
 		t.Fatal(err)
