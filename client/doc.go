@@ -32,10 +32,11 @@
 // under TLS. One thread wake-up per reply instead of two or three took
 // 15-25% off a signature's latency at one connection on the test machines
 // (docs/performance.md, "The Go client's wait"). One call per connection
-// reads at a time, so this holds one thread per connection, as a cgo call
-// would, and its P until the runtime hands the P on. A process has at most
-// GOMAXPROCS-1 connections so (none with GOMAXPROCS 1), the first ones
-// dialled; the others use the netpoller.
+// reads at a time, so this holds one thread per connection (two while a
+// write waits for room), as a cgo call would, and its P until the runtime
+// hands the P on. A process has at most GOMAXPROCS-1 connections so (none
+// with GOMAXPROCS 1), the first ones dialled, counted at the dial; the
+// others use the netpoller.
 //
 // Errors the agent returns are *proto.Error values carrying a stable Code,
 // and only those: what the client finds itself is never one. Code gives

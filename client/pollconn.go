@@ -4,6 +4,7 @@ package client
 
 import (
 	"io"
+	"math"
 	"net"
 	"os"
 	"runtime"
@@ -29,14 +30,17 @@ import (
 // The price is a thread: a call waiting for its reply holds one, as a cgo
 // call does, and its P until the runtime hands the P on. Only one call per
 // connection reads at a time (the others wait for it on channels), so that
-// is one thread per connection with calls in flight.
+// is one thread per connection with calls in flight, and a second while a
+// write waits for room in the socket (an agent that has stopped reading).
+// Before it waits, a call lets the goroutines it readied run (wait).
 //
 // At most one Read and one Write may run at a time (conn's readerRole and
 // writeToken see to that); deadline changes and Close may come from any
 // goroutine and wake a wait in progress.
 type pollConn struct {
 	fd            int
-	fds           *fdSet // fd and the two eventfds, closed once
+	fds           *fdSet    // fd and the two eventfds, closed once
+	born          time.Time // the zero of the deadlines' clock
 	local, remote net.Addr
 	readDeadline  deadline
 	writeDeadline deadline
@@ -49,9 +53,12 @@ type pollConn struct {
 // deadline is one direction's deadline and the eventfd that wakes a wait
 // when it moves.
 type deadline struct {
-	at      atomic.Int64 // UnixNano; 0: none
-	waiting atomic.Bool  // a wait is in poll(2) (or about to be)
-	wake    int          // eventfd
+	// at is when the deadline falls, in nanoseconds on the connection's
+	// monotonic clock (pollConn.elapsed), as the net package keeps its
+	// own: a step of the wall clock moves no deadline. 0: none.
+	at      atomic.Int64
+	waiting atomic.Bool // a wait is in poll(2) (or about to be)
+	wake    int         // eventfd
 }
 
 // socketConn is a connected stream socket of the net package: a
@@ -75,7 +82,9 @@ func pollingConn(sc socketConn) net.Conn {
 // rest of the program (none with GOMAXPROCS 1, where the wait would hold
 // up every other goroutine). More of them measured worse: 8 connections
 // each waiting in poll(2), with 2 Ps, used 15% more CPU per signature than
-// the netpoller, the threads taking the Ps from one another.
+// the netpoller, the threads taking the Ps from one another. The count is
+// taken at dial: a GOMAXPROCS lowered later leaves the connections that
+// are in poll mode so until they close.
 var pollBudget budget
 
 // budget counts the connections in poll mode.
@@ -117,7 +126,7 @@ func newPollConn(sc socketConn, released func()) (*pollConn, error) {
 	if dupErr != nil {
 		return nil, os.NewSyscallError("fcntl", dupErr)
 	}
-	c := &pollConn{fd: fd, local: sc.LocalAddr(), remote: sc.RemoteAddr()}
+	c := &pollConn{fd: fd, local: sc.LocalAddr(), remote: sc.RemoteAddr(), born: time.Now()}
 	c.fds = &fdSet{fds: [3]int{fd, -1, -1}, released: released}
 	for i, d := range []*deadline{&c.readDeadline, &c.writeDeadline} {
 		if d.wake, err = unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK); err != nil {
@@ -142,7 +151,7 @@ func (c *pollConn) Read(p []byte) (int, error) {
 		return 0, c.opError("read", net.ErrClosed)
 	}
 	defer c.leave()
-	if c.readDeadline.passed() {
+	if c.readDeadline.passed(c.elapsed()) {
 		return 0, c.opError("read", os.ErrDeadlineExceeded)
 	}
 	for {
@@ -171,7 +180,7 @@ func (c *pollConn) Write(p []byte) (int, error) {
 		return 0, c.opError("write", net.ErrClosed)
 	}
 	defer c.leave()
-	if c.writeDeadline.passed() {
+	if c.writeDeadline.passed(c.elapsed()) {
 		return 0, c.opError("write", os.ErrDeadlineExceeded)
 	}
 	done := 0
@@ -200,6 +209,11 @@ func (c *pollConn) Write(p []byte) (int, error) {
 // the read or write that follows says which), the deadline passes, or the
 // connection is closed.
 func (c *pollConn) wait(events int16, d *deadline) error {
+	// Run first what this goroutine has readied (a caller that a reply
+	// read here was delivered to waits on this P as its next goroutine):
+	// a thread waiting in ppoll keeps its P, and the runtime would take
+	// it back only after a sysmon tick or two, up to 20 ms.
+	runtime.Gosched()
 	d.waiting.Store(true)
 	defer d.waiting.Store(false)
 	for {
@@ -209,7 +223,7 @@ func (c *pollConn) wait(events int16, d *deadline) error {
 		// Read after waiting is set: a deadline set from now on wakes us.
 		var ts *unix.Timespec
 		if at := d.at.Load(); at != 0 {
-			left := time.Until(time.Unix(0, at))
+			left := time.Duration(at - c.elapsed())
 			if left <= 0 {
 				return os.ErrDeadlineExceeded
 			}
@@ -248,14 +262,7 @@ func (c *pollConn) setDeadline(d *deadline, t time.Time) error {
 		return c.opError("set deadline", net.ErrClosed)
 	}
 	defer c.leave()
-	var at int64
-	if !t.IsZero() {
-		at = t.UnixNano()
-		if at == 0 { // the zero of UnixNano is a real instant, and long past
-			at = -1
-		}
-	}
-	d.at.Store(at)
+	d.at.Store(c.deadlineAt(t))
 	if d.waiting.Load() {
 		wakeUp(d.wake)
 	}
@@ -331,9 +338,32 @@ func (c *pollConn) leave() {
 }
 
 // passed reports whether the deadline is set and has passed.
-func (d *deadline) passed() bool {
+func (d *deadline) passed(now int64) bool {
 	at := d.at.Load()
-	return at != 0 && time.Now().UnixNano() >= at
+	return at != 0 && now >= at
+}
+
+// elapsed is the connection's monotonic clock: nanoseconds since born.
+func (c *pollConn) elapsed() int64 { return int64(time.Since(c.born)) }
+
+// deadlineAt is t on the connection's clock, for deadline.at: from t's
+// monotonic reading when it has one (a context's deadline does), as the
+// net package does. A deadline past the clock's range (a context.
+// WithTimeout of math.MaxInt64, a common "no timeout") is none; one
+// already past is 1, before any reading of the clock after born.
+func (c *pollConn) deadlineAt(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	now := c.elapsed()
+	left := time.Until(t) // saturates instead of wrapping
+	switch {
+	case left <= 0:
+		return 1
+	case int64(left) > math.MaxInt64-now:
+		return 0
+	}
+	return now + int64(left)
 }
 
 func (c *pollConn) opError(op string, err error) error {

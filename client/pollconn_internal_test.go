@@ -5,10 +5,13 @@ package client
 import (
 	"errors"
 	"io"
+	"math"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -330,5 +333,78 @@ func TestPollConnOverTCP(t *testing.T) {
 	var opErr *net.OpError
 	if !errors.As(err, &opErr) || opErr.Net != "tcp" || !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("got %v, want a tcp *net.OpError for the deadline", err)
+	}
+}
+
+// A deadline past the clock's range is none: context.WithTimeout(ctx,
+// math.MaxInt64), a common "no timeout", wrapped round to a time long
+// past, and every call failed at once.
+func TestPollConnDeadlineBeyondTheClock(t *testing.T) {
+	pc, peer := pollPair(t)
+	pc.SetDeadline(time.Now().Add(math.MaxInt64))
+	if _, err := pc.Write([]byte("x")); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	time.AfterFunc(20*time.Millisecond, func() { peer.Write([]byte("y")) })
+	err := within(t, 10*time.Second, "read", func() error {
+		_, err := pc.Read(make([]byte, 1))
+		return err
+	})
+	if err != nil {
+		t.Fatalf("read: %v", err)
+	}
+}
+
+// A reader that hands a reply to another caller and goes back to waiting
+// must let that caller run first. The caller is queued on the reader's P,
+// which a thread in ppoll keeps; with the other P busy, it ran only when
+// sysmon took the P back, up to 20 ms later (sysmon ticks slowly in a
+// program that is otherwise idle).
+func TestPollConnReaderLetsTheCallerItWokeRun(t *testing.T) {
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(2))
+	pc, peer := pollPair(t)
+	// The replies come from another process, every 30 ms: no goroutine
+	// of this one needs a P to send them.
+	f, err := peer.(*net.UnixConn).File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	writer := exec.Command("sh", "-c", "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 0.03; printf r; done >&3")
+	writer.ExtraFiles = []*os.File{f}
+	var spin atomic.Bool
+	spin.Store(true)
+	defer spin.Store(false)
+	go func() { // keeps the other P busy
+		for spin.Load() {
+		}
+	}()
+	handed := make(chan time.Time)
+	go func() { // the reader: each byte is another caller's reply
+		buf := make([]byte, 1)
+		for {
+			if _, err := pc.Read(buf); err != nil {
+				close(handed)
+				return
+			}
+			handed <- time.Now()
+		}
+	}()
+	if err := writer.Start(); err != nil {
+		t.Skip("no sh:", err)
+	}
+	defer writer.Wait()
+	var late []time.Duration
+	for range 10 {
+		sent, ok := <-handed
+		if !ok {
+			t.Fatal("the reader stopped")
+		}
+		if d := time.Since(sent); d > 2*time.Millisecond {
+			late = append(late, d)
+		}
+	}
+	if len(late) > 2 {
+		t.Fatalf("%d of 10 hand-offs reached their caller late: %v", len(late), late)
 	}
 }
