@@ -12,6 +12,7 @@ import (
 	"math"
 	"net"
 	"os"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -715,6 +716,14 @@ func (c *conn) deliver(resp *proto.Response) {
 	c.mu.Unlock()
 	if waiting != nil {
 		waiting <- resp
+		if c.br.Buffered() == 0 {
+			// The caller just handed its reply is queued on this P, and
+			// the reader's next read waits. On a connection in poll mode
+			// (pollconn.go) that wait keeps the P, and the caller would
+			// run only when another P took it or the runtime took the P
+			// back, milliseconds later: it runs first.
+			runtime.Gosched()
+		}
 	}
 }
 

@@ -32,7 +32,12 @@ import (
 // connection reads at a time (the others wait for it on channels), so that
 // is one thread per connection with calls in flight, and a second while a
 // write waits for room in the socket (an agent that has stopped reading).
-// Before it waits, a call lets the goroutines it readied run (wait).
+// A goroutine readied by the waiting one is queued on the P the wait
+// keeps, and runs when another P takes it or the runtime takes the P back
+// (up to a sysmon tick or two, 20 ms): conn.readUntil yields after handing
+// a reply to another caller for that reason. Yielding before every wait
+// cost more than the wait saved (runtime.Gosched wakes a thread to look
+// for work).
 //
 // At most one Read and one Write may run at a time (conn's readerRole and
 // writeToken see to that); deadline changes and Close may come from any
@@ -209,11 +214,6 @@ func (c *pollConn) Write(p []byte) (int, error) {
 // the read or write that follows says which), the deadline passes, or the
 // connection is closed.
 func (c *pollConn) wait(events int16, d *deadline) error {
-	// Run first what this goroutine has readied (a caller that a reply
-	// read here was delivered to waits on this P as its next goroutine):
-	// a thread waiting in ppoll keeps its P, and the runtime would take
-	// it back only after a sysmon tick or two, up to 20 ms.
-	runtime.Gosched()
 	d.waiting.Store(true)
 	defer d.waiting.Store(false)
 	for {
