@@ -55,9 +55,10 @@ Clients find the agent through $SIGIL_SOCK, else ` + proto.DefaultSocketPath() +
 Exit status: 0 success; 1 an invalid signature or a local failure (a
 request too large for one message included: it is not sent); 2 usage;
 3 no agent reachable; 4 the agent refused (its code printed), did not
-answer in time, or sent a reply the client cannot read (INTERNAL); 5 audit verify could not check; 78 the agent did not start
-and will not until an operator acts (a PIN refused, a token locked, a PIN
-source that gives no PIN, a config or policy that fails its checks).`,
+answer in time, or sent a reply the client cannot read (INTERNAL);
+5 audit verify could not check; 78 the agent did not start and will not
+until an operator acts (a PIN refused, a token locked, a PIN source that
+gives no PIN, a config or policy that fails its checks).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
