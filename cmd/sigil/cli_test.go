@@ -207,6 +207,18 @@ func TestSignAndVerifyFromTheShell(t *testing.T) {
 		t.Fatalf("verify base64 signature: %s", stderr)
 	}
 
+	// --out -: the raw signature on the command's output, as the rest it
+	// prints (it went to the process's stdout, past a caller's writer).
+	stdout, _, code = run(t, "--socket", sock, "keys", "sign", "--in", in, "--out", "-")
+	if code != exitOK || stdout == "" {
+		t.Fatalf("sign --out -: exit %d, %d bytes out", code, len(stdout))
+	}
+	raw := filepath.Join(dir, "sig.raw")
+	os.WriteFile(raw, []byte(stdout), 0o644)
+	if _, stderr, code := run(t, "--socket", sock, "verify-signature", "--in", in, "--sig", raw, "--key", "default"); code != exitOK {
+		t.Fatalf("verify the raw signature from --out -: exit %d %s", code, stderr)
+	}
+
 	stdout, _, code = run(t, "--socket", sock, "keys", "pubkey", "--kid", keys[0].KID)
 	if code != exitOK || !strings.HasPrefix(stdout, "-----BEGIN PUBLIC KEY-----") {
 		t.Fatalf("pubkey: %d %q", code, stdout)

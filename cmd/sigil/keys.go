@@ -176,7 +176,7 @@ What key signed, and its kid, goes to stderr.`,
 					return nil
 				}
 			}
-			if err := writeOut(out, sig.Sig); err != nil {
+			if err := writeOut(cmd.OutOrStdout(), out, sig.Sig); err != nil {
 				return &exitError{exitFailure, fmt.Errorf("write signature: %w", err)}
 			}
 			return nil

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strings"
@@ -288,9 +289,11 @@ func newVersionCommand() *cobra.Command {
 	}
 }
 
-func writeOut(path string, data []byte) error {
+// writeOut writes data to the file at path, or to stdout (the command's
+// output, as everything else it prints) for "" or "-".
+func writeOut(stdout io.Writer, path string, data []byte) error {
 	if path == "" || path == "-" {
-		_, err := os.Stdout.Write(data)
+		_, err := stdout.Write(data)
 		return err
 	}
 	return os.WriteFile(path, data, 0o644)
