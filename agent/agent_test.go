@@ -833,14 +833,7 @@ func TestShutdownCancelsAdminOperationsAfterGrace(t *testing.T) {
 	cfg := pauseConfig(t)
 	cfg.Rotation.Canaries = 20
 	cfg.Rotation.Slots = map[string]agent.SlotRotation{"payments/release": {NextKey: "slow-next"}}
-	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf(`
-admins: {unix_uids: [%d]}
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: slow-cur}
-`, os.Getuid(), os.Getuid())), 0o600)
+	os.WriteFile(cfg.Policy, []byte(releasePolicy("slow-cur", "")), 0o600)
 	soft, err := software.Open(software.Config{ID: "slow", DataDir: t.TempDir(), Keys: []software.KeyConfig{
 		{Name: "slow-cur", Type: providers.KeyEd25519}, {Name: "slow-next", Type: providers.KeyEd25519}}})
 	if err != nil {

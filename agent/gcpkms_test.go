@@ -293,14 +293,7 @@ func gcpRotationSetup(t *testing.T, version string) (*gcpkmstest.Server, agent.C
 	kms.Serve(t)
 	dir := t.TempDir()
 	policyFile := filepath.Join(dir, "policy.yaml")
-	os.WriteFile(policyFile, []byte(fmt.Sprintf(`
-admins: {unix_uids: [%d]}
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: gcp-release}
-`, os.Getuid(), os.Getuid())), 0o600)
+	os.WriteFile(policyFile, []byte(releasePolicy("gcp-release", "")), 0o600)
 	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
 policy: %s
 rotation: {canaries: 5}

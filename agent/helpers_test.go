@@ -415,13 +415,18 @@ func (r *running) serveAdmin(t testing.TB, path string) *client.Client {
 	return admin
 }
 
-// heldPolicy is heldAgent's policy, the slot's policy fields given.
-func heldPolicy(slotPolicy string) string {
+// releasePolicy is a policy whose admin and whose one tenant, payments,
+// are this process's uid, with one slot, release, signed by key under the
+// slot's policy fields slotPolicy ("" for none).
+func releasePolicy(key, slotPolicy string) string {
 	if slotPolicy != "" {
 		slotPolicy = ", policy: {" + slotPolicy + "}"
 	}
-	return fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: hkey%s}\n", os.Getuid(), os.Getuid(), slotPolicy)
+	return fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: %s%s}\n", os.Getuid(), os.Getuid(), key, slotPolicy)
 }
+
+// heldPolicy is heldAgent's policy, the slot's policy fields given.
+func heldPolicy(slotPolicy string) string { return releasePolicy("hkey", slotPolicy) }
 
 // tenantAtItsLimit runs an agent whose tenant may have one Sign in flight
 // (max_in_flight_per_tenant 1) and takes that place with a Sign held in a

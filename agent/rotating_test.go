@@ -225,14 +225,7 @@ func TestAgentRotationOnSoftHSM(t *testing.T) {
 	cfg := hsmConfig(t, tok, keys)
 	dir := t.TempDir()
 	cfg.Policy = filepath.Join(dir, "policy.yaml")
-	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf(`
-admins: {unix_uids: [%d]}
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: hsm-ecdsa-p256}
-`, os.Getuid(), os.Getuid())), 0o600)
+	os.WriteFile(cfg.Policy, []byte(releasePolicy("hsm-ecdsa-p256", "")), 0o600)
 	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
 	cfg.Rotation.Canaries = 10
 	ctx := context.Background()
@@ -463,14 +456,7 @@ type signOnlyProvider struct{ providers.Provider }
 // a bug. The slot keeps signing with its key, unpaused.
 func TestRotationOptionFailuresAreJournaled(t *testing.T) {
 	cfg := smallRotationConfig(t)
-	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf(`
-admins: {unix_uids: [%d]}
-tenants:
-  - name: payments
-    identities: {unix_uids: [%d]}
-    slots:
-      - {name: release, key: fixed}
-`, os.Getuid(), os.Getuid())), 0o600)
+	os.WriteFile(cfg.Policy, []byte(releasePolicy("fixed", "")), 0o600)
 	soft, err := software.Open(software.Config{ID: "fixed", DataDir: t.TempDir(),
 		Keys: []software.KeyConfig{{Name: "fixed", Type: providers.KeyECDSAP256}}})
 	if err != nil {

@@ -772,7 +772,7 @@ func TestPauseAckComesAfterQueuedRepliesLeave(t *testing.T) {
 			cfg.Limits.WriteTimeout = tc.write
 			cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
 			cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
-			os.WriteFile(cfg.Policy, []byte(fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: default}\n", os.Getuid(), os.Getuid())), 0o600)
+			os.WriteFile(cfg.Policy, []byte(releasePolicy("default", "")), 0o600)
 			r := startAgent(t, cfg)
 			admin := r.serveAdmin(t, cfg.AdminSocket)
 
@@ -855,7 +855,7 @@ func TestPolicyOrderHoldsForAnUnknownHash(t *testing.T) {
 			cfg := softwareConfig(t)
 			cfg.DefaultKey = ""
 			cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
-			pol := strings.Replace(heldPolicy(tc.policy), "key: hkey", "key: default", 1)
+			pol := releasePolicy("default", tc.policy)
 			// The tenant's second uid, for a clients list the caller is not in.
 			pol = strings.Replace(pol, fmt.Sprintf("identities: {unix_uids: [%d]}", os.Getuid()), fmt.Sprintf("identities: {unix_uids: [%d, %d]}", os.Getuid(), os.Getuid()+1), 1)
 			os.WriteFile(cfg.Policy, []byte(pol), 0o600)

@@ -334,7 +334,7 @@ func TestSSHPauseAckComesAfterRepliesLeave(t *testing.T) {
 	cfg.Limits.WriteTimeout = 2 * time.Second
 	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
 	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
-	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: ed}\n", os.Getuid(), os.Getuid())), 0o600)
+	os.WriteFile(cfg.Policy, []byte(releasePolicy("ed", "")), 0o600)
 	r := startAgent(t, cfg)
 	sshSock := r.serveSSH(t, cfg)
 	admin := r.serveAdmin(t, cfg.AdminSocket)
