@@ -17,6 +17,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "opensockets.h"
+
 static CK_FUNCTION_LIST *f;
 static const char *label;
 static volatile int stop;
@@ -59,28 +61,6 @@ static CK_RV sign_once(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE key)
 	if (rv == CKR_OK && n != 64)
 		rv = CKR_GENERAL_ERROR;
 	return rv;
-}
-
-/* open_sockets counts this process's socket fds: the module's connections
- * to the agent are the only sockets forkcheck has. */
-static int open_sockets(void)
-{
-	DIR *d = opendir("/proc/self/fd");
-	if (!d)
-		die("opendir /proc/self/fd", 0);
-	int n = 0;
-	struct dirent *e;
-	while ((e = readdir(d))) {
-		char path[300], target[64];
-		snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
-		ssize_t k = readlink(path, target, sizeof target - 1);
-		if (k > 0) {
-			target[k] = 0;
-			n += strncmp(target, "socket:", 7) == 0;
-		}
-	}
-	closedir(d);
-	return n;
 }
 
 static void *signer(void *arg)
@@ -151,7 +131,11 @@ int main(int argc, char **argv)
 			/* Copies of the parent's connections, those its threads had
 			 * borrowed at the fork included, are closed by the child's
 			 * C_Initialize; its own by C_Finalize. */
+			/* The module's connections to the agent are the only
+			 * sockets forkcheck has. */
 			int left = open_sockets();
+			if (left < 0)
+				die("opendir /proc/self/fd", 0);
 			if (left) {
 				fprintf(stderr, "forkcheck [%d]: %d agent connections still open after C_Finalize\n", (int)getpid(), left);
 				_exit(1);

@@ -18,28 +18,11 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "opensockets.h"
+
 static CK_FUNCTION_LIST *f;
 static const char *label;
 static volatile int stop;
-
-static int open_sockets(void)
-{
-	DIR *d = opendir("/proc/self/fd");
-	int n = 0;
-	struct dirent *e;
-	while (d && (e = readdir(d))) {
-		char path[300], target[64];
-		snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
-		ssize_t k = readlink(path, target, sizeof target - 1);
-		if (k > 0) {
-			target[k] = 0;
-			n += strncmp(target, "socket:", 7) == 0;
-		}
-	}
-	if (d)
-		closedir(d);
-	return n;
-}
 
 static void *dialer(void *arg)
 {
