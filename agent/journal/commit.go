@@ -339,8 +339,9 @@ func (j *Journal) commitGroup(group []*request) error {
 	copy(key[:], auditPrefix)
 	records := uint64(0)
 	// waits: this commit waits for Pebble's WAL (see tail.go) rather than
-	// going through the tail log.
-	waits := j.tail == nil
+	// going through the tail log, which it then starts over: also when the
+	// applier found the tail's file moved away.
+	waits := j.tail == nil || j.tailMoved.Load()
 	if j.lost[1] != 0 {
 		seq++
 		note := Record{
@@ -423,6 +424,7 @@ func (j *Journal) commitGroup(group []*request) error {
 	b.Reset()
 	if waits && j.tail != nil {
 		j.tail.startOver(j.log)
+		j.publishTail()
 	}
 	j.headMu.Lock()
 	j.headSeq, j.headHash = seq, prev
@@ -446,7 +448,7 @@ func (j *Journal) commitBatch(b *pebble.Batch, waits bool, lastSeq uint64, lastH
 	if waits {
 		j.applyMu.Lock()
 		defer j.applyMu.Unlock()
-		if err := j.applyStagedLocked(); err != nil {
+		if err := j.applyStagedLocked(pebble.NoSync); err != nil {
 			return err
 		}
 		return apply(j.db, b, pebble.Sync)
@@ -622,20 +624,36 @@ func (j *Journal) applyLoop() {
 			_ = j.applyStaged()
 			return
 		}
-		_ = j.applyStaged()
+		moved, first := j.tailMovedAway()
+		if !moved {
+			_ = j.applyStaged()
+			continue
+		}
+		// The staged groups' frames went to a file no restart finds: into
+		// Pebble's WAL file with them now, rather than whenever its
+		// writer's buffer fills or a waited commit comes.
+		err := j.applyStagedWith(pebble.Sync)
+		if first {
+			j.log.Warn("journal tail log was deleted or moved away; the records staged were given to pebble's WAL, and the next commit waits for it and creates a new tail log",
+				zap.NamedError("apply_error", err))
+		}
 	}
 }
 
 // applyStaged commits the staged groups to Pebble.
-func (j *Journal) applyStaged() error {
+func (j *Journal) applyStaged() error { return j.applyStagedWith(pebble.NoSync) }
+
+// applyStagedWith is applyStaged with Pebble's write options: pebble.Sync
+// returns once Pebble's WAL has the groups.
+func (j *Journal) applyStagedWith(opts *pebble.WriteOptions) error {
 	j.applyMu.Lock()
 	defer j.applyMu.Unlock()
-	return j.applyStagedLocked()
+	return j.applyStagedLocked(opts)
 }
 
-// applyStagedLocked is applyStaged with applyMu held. After a failure it
-// applies nothing more until the DB is reopened.
-func (j *Journal) applyStagedLocked() error {
+// applyStagedLocked is applyStagedWith with applyMu held. After a failure
+// it applies nothing more until the DB is reopened.
+func (j *Journal) applyStagedLocked(opts *pebble.WriteOptions) error {
 	if j.applyFailed.Load() {
 		return errApplyFailed
 	}
@@ -661,7 +679,7 @@ func (j *Journal) applyStagedLocked() error {
 		// Pebble would panic holding its commit lock (see doc.go).
 		err = errWALWriteFailed
 	} else {
-		err = apply(j.db, b, pebble.NoSync)
+		err = apply(j.db, b, opts)
 	}
 	if err != nil {
 		j.spareStaged = nil // never reused: the reopen makes new ones
@@ -725,6 +743,7 @@ func (j *Journal) closeFailedDB() {
 		j.log.Warn("closing the tail log", zap.Error(err))
 	}
 	j.tail = nil
+	j.publishTail()
 	if db == nil {
 		return
 	}

@@ -245,6 +245,13 @@ type Journal struct {
 	applyStop     chan struct{} // closed by Close
 	applyDone     chan struct{} // closed when the applier goroutine has exited
 
+	// The mapped tail log's identity (nil without one), which the applier
+	// compares with the file at its path, and whether it found another
+	// file there or none: the next commit then waits for Pebble's WAL and
+	// starts the tail over (tail.go, Journal.tailMovedAway).
+	tailID    atomic.Pointer[fileID]
+	tailMoved atomic.Bool
+
 	// ReadOnly: the tail log's records Pebble lacks, over db (an indexed
 	// batch, never committed), and what Open found in doubt, for Verify.
 	overlay   *pebble.Batch
@@ -523,6 +530,7 @@ func (j *Journal) startTail() error {
 		return err
 	}
 	j.tail = t
+	j.publishTail()
 	return nil
 }
 

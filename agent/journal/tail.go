@@ -111,6 +111,9 @@ type tailLog struct {
 	// the frames before it, and Open would take the gap for lost records.
 	// Until it starts over, every commit waits for Pebble's WAL (fits).
 	stale bool
+	// id: the mapped file's device and inode, which the applier compares
+	// with the file at path (Journal.tailMovedAway); nil when written.
+	id *fileID
 }
 
 // createTail creates (or empties) the tail log, mapped when mapIt is set
@@ -127,6 +130,11 @@ func createTail(fs vfs.FS, path string, mapIt bool, log *zap.Logger) (*tailLog, 
 			log.Warn("journal tail log is written, not mapped", zap.Error(err))
 		}
 		t.mapped = m
+	}
+	if t.mapped != nil {
+		if id, err := fdID(f.Fd()); err == nil {
+			t.id = &id
+		}
 	}
 	return t, nil
 }
@@ -238,6 +246,49 @@ func (t *tailLog) startOver(log *zap.Logger) {
 		log.Warn("closing the old tail log", zap.Error(err))
 	}
 	*t = *nt
+}
+
+// publishTail tells the applier which file the tail log is now (after it
+// was created, started over or closed), and clears what the applier found
+// about the one before. Only the holder of busy calls it.
+func (j *Journal) publishTail() {
+	var id *fileID
+	if j.tail != nil {
+		id = j.tail.id
+	}
+	j.tailID.Store(id)
+	j.tailMoved.Store(false)
+}
+
+// tailMovedAway reports whether the mapped tail log's file is no longer
+// at its path (deleted, renamed, or another file renamed over it), which
+// the applier asks before each apply: one stat(2) per 2 ms of records,
+// off the appends' path. startOver notices too, but only after a commit
+// that waits for Pebble's WAL, which under load comes with the checkpoint
+// (100 ms) and when the agent is idle not until its next append; until
+// then the groups went to a file no restart finds, and their records
+// were kill-safe nowhere, since Pebble's WAL writer keeps what a NoSync
+// commit gives it in its buffer until the buffer fills (32 KiB) or a
+// commit waits. Once this has said yes, applies wait for Pebble's WAL and
+// the next commit waits too and starts the tail over (publishTail clears
+// it). A stat that fails otherwise than with ENOENT says nothing here:
+// startOver looks again at the next waited commit. first is set when this
+// call is the one that found it.
+func (j *Journal) tailMovedAway() (moved, first bool) {
+	if j.tailMoved.Load() {
+		return true, false
+	}
+	id := j.tailID.Load()
+	if id == nil {
+		return false, false
+	}
+	named, err := pathID(j.tailPath())
+	if err == nil && named == *id || err != nil && !errors.Is(err, os.ErrNotExist) {
+		return false, false
+	}
+	// The committer may have just created a new tail and not published it
+	// yet: then this is a false alarm, which costs one waited commit.
+	return true, j.tailMoved.CompareAndSwap(false, true)
 }
 
 // atPath reports whether the open (mapped) tail file is still the one at

@@ -37,18 +37,41 @@ func mapTail(fd uintptr, size int) ([]byte, error) {
 
 func unmapTail(m []byte) error { return syscall.Munmap(m) }
 
+// fileID names a file: its device and inode.
+type fileID struct{ dev, ino uint64 }
+
+// fdID returns the identity of the file open as fd.
+func fdID(fd uintptr) (fileID, error) {
+	var st syscall.Stat_t
+	if err := syscall.Fstat(int(fd), &st); err != nil {
+		return fileID{}, fmt.Errorf("fstat: %w", err)
+	}
+	return fileID{dev: uint64(st.Dev), ino: st.Ino}, nil
+}
+
+// pathID returns the identity of the file at path; an error wrapping
+// os.ErrNotExist when there is none.
+func pathID(path string) (fileID, error) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(path, &st); err != nil {
+		return fileID{}, fmt.Errorf("stat: %w", err)
+	}
+	return fileID{dev: uint64(st.Dev), ino: st.Ino}, nil
+}
+
 // fdAtPath reports whether the file open as fd is the one at path (same
 // device and inode); a path that names nothing is not.
 func fdAtPath(fd uintptr, path string) (bool, error) {
-	var open, named syscall.Stat_t
-	if err := syscall.Fstat(int(fd), &open); err != nil {
-		return false, fmt.Errorf("fstat: %w", err)
+	open, err := fdID(fd)
+	if err != nil {
+		return false, err
 	}
-	if err := syscall.Stat(path, &named); err != nil {
-		if errors.Is(err, syscall.ENOENT) {
-			return false, nil
-		}
-		return false, fmt.Errorf("stat: %w", err)
+	named, err := pathID(path)
+	if errors.Is(err, syscall.ENOENT) {
+		return false, nil
 	}
-	return open.Dev == named.Dev && open.Ino == named.Ino, nil
+	if err != nil {
+		return false, err
+	}
+	return open == named, nil
 }

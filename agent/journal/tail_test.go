@@ -354,6 +354,62 @@ func TestTailMovedAwayIsRecreated(t *testing.T) {
 	}
 }
 
+// The start over that finds the tail moved away comes after a waited
+// commit (the checkpoint, every 100 ms under load; when idle, not before
+// the next append); until then each group went to a file no restart
+// finds, and a kill lost those still in Pebble's WAL writer's buffer,
+// which it writes out only when full (32 KiB) or a commit waits. The
+// applier, which runs 2 ms after a group is staged, looks at the path
+// too: once it has seen the file gone, it hands Pebble the staged groups
+// waiting for its WAL, and the next commit waits for it too and creates
+// a new tail, so a kill after that loses nothing. No checkpoint falls due
+// here: the applier must notice by itself.
+func TestTailMovedAwayIsNoticedBeforeTheCheckpoint(t *testing.T) {
+	for _, move := range []struct {
+		name string
+		do   func(path string) error
+	}{
+		{"deleted", os.Remove},
+		{"renamed", func(path string) error { return os.Rename(path, path+".old") }},
+		{"replaced", func(path string) error {
+			if err := os.WriteFile(path+".new", nil, 0o600); err != nil {
+				return err
+			}
+			return os.Rename(path+".new", path)
+		}},
+	} {
+		t.Run(move.name, func(t *testing.T) {
+			dir := t.TempDir()
+			core, logs := observer.New(zap.WarnLevel)
+			j := openTest(t, dir, WAL, func(o *Options) { o.Logger = zap.New(core) })
+			appendN(t, j, "acme", 1) // the first commit checkpoints
+			j.nextCheckpoint = time.Now().Add(time.Hour)
+			if err := move.do(filepath.Join(dir, tailName)); err != nil {
+				t.Fatal(err)
+			}
+			appendN(t, j, "acme", 1) // record 2, into the file moved away, staged
+			for deadline := time.Now().Add(2 * time.Second); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+				if logs.FilterMessageSnippet("moved away").Len() > 0 {
+					break
+				}
+			}
+			// Killed now: record 2 is in Pebble's WAL file, not only in
+			// its writer's buffer.
+			if head := openHeadOf(t, snapshotDir(t, dir, tailName+".old")); head != 2 {
+				t.Fatalf("killed once the applier had run, the head is %d, want 2", head)
+			}
+			appendN(t, j, "acme", 1) // record 3: waits for Pebble's WAL, and a new tail follows
+			walSizes := logFileSizes(t, dir)
+			appendN(t, j, "acme", 3) // records 4-6
+			// Killed with Pebble's WAL as it was after record 3.
+			killed := cutLogFiles(t, snapshotDir(t, dir, tailName+".old"), walSizes)
+			if head := openHeadOf(t, killed); head != 6 {
+				t.Fatalf("after a kill the head is %d, want 6", head)
+			}
+		})
+	}
+}
+
 // A mapped tail starts over in place: the frames written since lie before
 // older ones, which Pebble's WAL already has. Open takes the new run and
 // stops where it ends.
