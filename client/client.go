@@ -878,14 +878,21 @@ func (c *Client) Verify(ctx context.Context, ref KeyRef, alg Algorithm, digest, 
 // Code returns the stable code of an error from this package:
 //   - the agent's code for a request it refused (one this version does not
 //     know included: proto.CodeOutOfRange for a number past 16 bits);
-//   - DEADLINE_EXCEEDED for a context deadline;
+//   - DEADLINE_EXCEEDED for a call whose context ended: its deadline, or
+//     its caller's cancellation (context.Canceled), which the protocol has
+//     no code of its own for; retry only in a context that has not ended;
+//   - BAD_REQUEST for a call on a closed client, or one waiting for its
+//     reply when the client was closed (ErrClosed): Close is final, and
+//     the call fails the same way every time;
 //   - BAD_REQUEST, or UNSUPPORTED_ALGORITHM for an algorithm, for a request
 //     the client refused itself before sending it (ErrRefusedByClient);
 //   - INTERNAL for a reply the client cannot take (ErrMalformedReply);
-//   - UNAVAILABLE otherwise: no agent, a lost connection, and also a call
-//     the caller cancelled itself (context.Canceled) or made on a closed
-//     client (ErrClosed), which the protocol has no code for; test for
-//     those with errors.Is before retrying on UNAVAILABLE.
+//   - UNAVAILABLE otherwise: no agent, a lost connection, the one a caller
+//     may retry with backoff.
+//
+// The caller's own endings are never UNAVAILABLE, so that a loop retrying
+// while UNAVAILABLE ends with its context or its Close; errors.Is tells
+// context.Canceled, context.DeadlineExceeded and ErrClosed apart.
 func Code(err error) proto.Code {
 	var pe *proto.Error
 	switch {
@@ -893,8 +900,10 @@ func Code(err error) proto.Code {
 		return proto.OK
 	case errors.As(err, &pe):
 		return pe.Code
-	case errors.Is(err, context.DeadlineExceeded):
+	case errors.Is(err, context.DeadlineExceeded), errors.Is(err, context.Canceled):
 		return proto.DeadlineExceeded
+	case errors.Is(err, ErrClosed):
+		return proto.BadRequest
 	}
 	// The client's own finding, however deep: "reconnect" wraps a Hello
 	// whose reply did not decode.

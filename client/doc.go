@@ -41,20 +41,21 @@
 // Errors the agent returns are *proto.Error values carrying a stable Code,
 // and only those: what the client finds itself is never one. Code gives
 // the code of any error from this package: the agent's; DEADLINE_EXCEEDED
-// for a deadline; BAD_REQUEST (UNSUPPORTED_ALGORITHM for an algorithm) for
-// a request the client refused before sending any of it, too large for one
-// frame or with an argument the protocol cannot carry
+// for a call whose context ended, its deadline or its caller's
+// cancellation; BAD_REQUEST for a call on a closed client (ErrClosed:
+// Close is final); BAD_REQUEST (UNSUPPORTED_ALGORITHM for an algorithm)
+// for a request the client refused before sending any of it, too large
+// for one frame or with an argument the protocol cannot carry
 // (ErrRefusedByClient: the agent never saw it, and it fails the same way
 // every time); INTERNAL for a reply the client cannot take, a frame that
 // does not decode or a public key that does not parse (ErrMalformedReply);
 // UNAVAILABLE for no agent or a lost connection, the one a caller may
-// retry with backoff. An error's text says
-// what happened once, led by its code's name ("UNAVAILABLE: Sign not sent:
-// reconnect: connect to the agent: dial unix ...", "NOT_FOUND: ...") or,
-// for what the protocol has no code for (a caller's own cancellation, a
-// closed client, a default socket directory the client will not trust),
-// by "sigil: ". Match
-// on Code, errors.Is and errors.As, not on the text: the causes (context
-// errors, *net.OpError, ErrClosed, the agent's *proto.Error) stay in the
-// chain.
+// retry with backoff, and never for what the caller ended itself. An
+// error's text says what happened once, led by its code's name
+// ("UNAVAILABLE: Sign not sent: reconnect: connect to the agent: dial unix
+// ...", "NOT_FOUND: ...") or, for what no code names (a caller's own
+// cancellation, a closed client, a default socket directory the client
+// will not trust), by "sigil: ". Match on Code, errors.Is and errors.As,
+// not on the text: the causes (context errors, *net.OpError, ErrClosed,
+// the agent's *proto.Error) stay in the chain.
 package client

@@ -8,7 +8,11 @@ import (
 	"github.com/sigil-agent/sigil/proto"
 )
 
-// ErrClosed is returned for calls on a closed client.
+// ErrClosed is returned for calls on a closed client, and for calls
+// waiting for their replies when it was closed. Code gives BAD_REQUEST:
+// Close is final, so the call fails the same way every time, and it is
+// not the UNAVAILABLE of an agent that cannot be reached, which a caller
+// retries.
 var ErrClosed = errors.New("sigil: client closed")
 
 // ErrRefusedByClient is in the chain of a request the client refused
@@ -56,9 +60,10 @@ func (f *failure) Error() string {
 }
 
 // uncoded reports whether err is the caller's or the client's own doing,
-// which the protocol has no code for (Code says UNAVAILABLE of it all the
-// same): a cancellation, a closed client, a default socket directory the
-// client will not trust. Their texts lead with "sigil: ".
+// which the protocol has no code that names: a cancellation, a closed
+// client, a default socket directory the client will not trust. Their
+// texts lead with "sigil: ", not with the nearest code Code gives them
+// (DEADLINE_EXCEEDED, BAD_REQUEST, UNAVAILABLE), which would misname them.
 func uncoded(err error) bool {
 	return errors.Is(err, context.Canceled) || errors.Is(err, ErrClosed) || errors.Is(err, proto.ErrUntrustedSocketDir)
 }

@@ -18,8 +18,8 @@ import (
 )
 
 // An error from the client says what happened once, led by its code's name
-// where it has one (client.Code's, which it still gives) and by "sigil: "
-// where it has none (a caller's cancellation, a closed client). It used to
+// (client.Code's, which it still gives) and by "sigil: " where no code
+// names it (a caller's cancellation, a closed client). It used to
 // nest the client's own words: "sigil: hello: sigil Hello: context deadline
 // exceeded", "sigil Ping: reconnect: sigil: connect to agent at X: dial
 // unix X: ...", "sigil: hello: UNSUPPORTED_VERSION: ...". The causes stay
@@ -66,7 +66,7 @@ func TestErrorsSayItOnce(t *testing.T) {
 				_, err := client.Dial(context.Background(), f.path)
 				return err
 			}},
-		{name: "call: cancelled before it was sent", code: proto.Unavailable, prefix: "sigil: Ping not sent: ", is: context.Canceled,
+		{name: "call: cancelled before it was sent", code: proto.DeadlineExceeded, prefix: "sigil: Ping not sent: ", is: context.Canceled,
 			run: func(t *testing.T) error {
 				c := dialFake(t, func(nc net.Conn, br *bufio.Reader) {})
 				ctx, cancel := context.WithCancel(context.Background())
@@ -101,7 +101,7 @@ func TestErrorsSayItOnce(t *testing.T) {
 				time.Sleep(50 * time.Millisecond) // the close reaches the client's socket
 				return c.Ping(context.Background())
 			}},
-		{name: "call: client closed", code: proto.Unavailable, prefix: "sigil: client closed", is: client.ErrClosed,
+		{name: "call: client closed", code: proto.BadRequest, prefix: "sigil: client closed", is: client.ErrClosed,
 			run: func(t *testing.T) error {
 				c := dialFake(t, func(nc net.Conn, br *bufio.Reader) {})
 				c.Close()
@@ -312,6 +312,151 @@ func TestClientFaultsHaveCodesOfTheirOwn(t *testing.T) {
 				if err := c.Ping(ctx(t)); err != nil {
 					t.Fatalf("Ping after the refusal: %v", err)
 				}
+			}
+		})
+	}
+}
+
+// What the caller ended itself is not UNAVAILABLE, the code of an agent
+// that cannot be reached and that a caller retries with backoff: a call
+// whose context the caller cancelled (DEADLINE_EXCEEDED, as for its
+// deadline: the call's time ran out at the caller's word; the protocol
+// has no code of its own for it) and a call on a client the caller
+// closed (BAD_REQUEST: Close is final, and the call fails the same way
+// every time). Both were UNAVAILABLE, so that a loop retrying while
+// UNAVAILABLE went on for ever after its own context ended or its own
+// Close. The causes stay in the chain, and none is the agent's word.
+func TestCallersOwnEndIsNotUnavailable(t *testing.T) {
+	// silent is a fake agent after Hello that reads requests, reports
+	// each on got and answers none.
+	silent := func(got chan<- struct{}) func(nc net.Conn, br *bufio.Reader) {
+		return func(nc net.Conn, br *bufio.Reader) {
+			for {
+				if _, err := readRequest(br); err != nil {
+					return
+				}
+				select {
+				case got <- struct{}{}:
+				default:
+				}
+			}
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		run  func(t *testing.T) error
+		code proto.Code
+		is   error
+	}{
+		{name: "cancelled before it was sent", code: proto.DeadlineExceeded, is: context.Canceled,
+			run: func(t *testing.T) error {
+				c := dialFake(t, silent(nil))
+				ctx, cancel := context.WithCancel(context.Background())
+				cancel()
+				return c.Ping(ctx)
+			}},
+		{name: "cancelled while waiting for the reply", code: proto.DeadlineExceeded, is: context.Canceled,
+			run: func(t *testing.T) error {
+				got := make(chan struct{}, 1)
+				c := dialFake(t, silent(got))
+				ctx, cancel := context.WithCancel(context.Background())
+				go func() { <-got; cancel() }()
+				defer cancel()
+				return c.Ping(ctx)
+			}},
+		{name: "deadline while waiting for the reply", code: proto.DeadlineExceeded, is: context.DeadlineExceeded,
+			run: func(t *testing.T) error {
+				c := dialFake(t, silent(nil))
+				ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+				defer cancel()
+				return c.Ping(ctx)
+			}},
+		{name: "dial cancelled", code: proto.DeadlineExceeded, is: context.Canceled,
+			run: func(t *testing.T) error {
+				ctx, cancel := context.WithCancel(context.Background())
+				cancel()
+				_, err := client.Dial(ctx, fakeAgent(t, silent(nil)))
+				return err
+			}},
+		{name: "dial cancelled while waiting for the Hello", code: proto.DeadlineExceeded, is: context.Canceled,
+			run: func(t *testing.T) error {
+				got := make(chan struct{}, 1)
+				f := listenFake(t, func(_ int32, nc net.Conn, br *bufio.Reader) { silent(got)(nc, br) })
+				ctx, cancel := context.WithCancel(context.Background())
+				go func() { <-got; cancel() }()
+				defer cancel()
+				_, err := client.Dial(ctx, f.path)
+				return err
+			}},
+		{name: "call on a closed client", code: proto.BadRequest, is: client.ErrClosed,
+			run: func(t *testing.T) error {
+				c := dialFake(t, silent(nil))
+				c.Close()
+				return c.Ping(context.Background())
+			}},
+		{name: "call on a closed client whose connection was lost", code: proto.BadRequest, is: client.ErrClosed,
+			run: func(t *testing.T) error {
+				c := dialFake(t, func(nc net.Conn, br *bufio.Reader) { nc.Close() })
+				time.Sleep(20 * time.Millisecond) // the close reaches the client's socket
+				c.Close()
+				_, err := c.ListKeys(context.Background())
+				return err
+			}},
+		{name: "call in flight when the client is closed", code: proto.BadRequest, is: client.ErrClosed,
+			run: func(t *testing.T) error {
+				got := make(chan struct{}, 1)
+				c := dialFake(t, silent(got))
+				go func() { <-got; c.Close() }()
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				_, err := c.Sign(ctx, client.ByName("ed"), ed25519Alg, []byte("m"))
+				return err
+			}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.run(t)
+			var pe *proto.Error
+			switch {
+			case err == nil:
+				t.Fatal("no error")
+			case client.Code(err) != tc.code || !errors.Is(err, tc.is):
+				t.Fatalf("%q (%s), want %s and %v in the chain", err, client.Code(err), tc.code, tc.is)
+			case errors.As(err, &pe):
+				t.Fatalf("%q: a *proto.Error, which is the agent's answer alone", err)
+			case errors.Is(err, client.ErrRefusedByClient) || errors.Is(err, client.ErrMalformedReply):
+				t.Fatalf("%q: not the caller's own doing", err)
+			case !strings.HasPrefix(err.Error(), "sigil: ") && tc.is != context.DeadlineExceeded:
+				// The protocol has no code that names it: the text does
+				// not lead with one.
+				t.Fatalf("%q: want a text starting %q", err, "sigil: ")
+			}
+		})
+	}
+}
+
+// Code's mapping of the errors a caller may hold, wrapped or not: the
+// agent's code wins; then the caller's own ending; UNAVAILABLE is left for
+// what says nothing of the caller.
+func TestCodeOfCallersOwnErrors(t *testing.T) {
+	wrap := func(err error) error { return fmt.Errorf("sign the release: %w", err) }
+	for _, tc := range []struct {
+		name string
+		err  error
+		want proto.Code
+	}{
+		{"nil", nil, proto.OK},
+		{"context.Canceled", context.Canceled, proto.DeadlineExceeded},
+		{"context.Canceled wrapped", wrap(context.Canceled), proto.DeadlineExceeded},
+		{"context.DeadlineExceeded", context.DeadlineExceeded, proto.DeadlineExceeded},
+		{"ErrClosed", client.ErrClosed, proto.BadRequest},
+		{"ErrClosed wrapped", wrap(client.ErrClosed), proto.BadRequest},
+		{"the agent's UNAVAILABLE", wrap(&proto.Error{Code: proto.Unavailable, Msg: "shutting down"}), proto.Unavailable},
+		{"the agent's code before the caller's cancellation", errors.Join(&proto.Error{Code: proto.RateLimited}, context.Canceled), proto.RateLimited},
+		{"a lost connection", &net.OpError{Op: "read", Net: "unix", Err: errors.New("connection reset by peer")}, proto.Unavailable},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := client.Code(tc.err); got != tc.want {
+				t.Fatalf("Code(%v) = %s, want %s", tc.err, got, tc.want)
 			}
 		})
 	}
