@@ -886,6 +886,8 @@ func (c *Client) Verify(ctx context.Context, ref KeyRef, alg Algorithm, digest, 
 //     the call fails the same way every time;
 //   - BAD_REQUEST, or UNSUPPORTED_ALGORITHM for an algorithm, for a request
 //     the client refused itself before sending it (ErrRefusedByClient);
+//   - NOT_FOUND from TLSCertificate for a name the agent's key list has
+//     no certificate under (ErrNoCertificate);
 //   - INTERNAL for a reply the client cannot take (ErrMalformedReply);
 //   - UNAVAILABLE otherwise: no agent, a lost connection, the one a caller
 //     may retry with backoff.

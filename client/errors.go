@@ -34,6 +34,14 @@ var ErrRefusedByClient = errors.New("sigil: refused by the client, not sent")
 // connection; a later call dials a new one.
 var ErrMalformedReply = errors.New("sigil: malformed reply")
 
+// ErrNoCertificate is in the chain of TLSCertificate's NOT_FOUND when the
+// client finds no certificate under the name in the key list the agent
+// sent: no key of that name, or one without a certificate. Code gives
+// NOT_FOUND. It is not a *proto.Error: the agent answered the list, and
+// it is the client that found nothing in it. (A qualified name the agent
+// itself answers NOT_FOUND for is the agent's *proto.Error.)
+var ErrNoCertificate = errors.New("sigil: no certificate under that name")
+
 // failure is an error of a call that the agent did not answer with a code
 // of its own: a dial, a lost connection, a deadline. Its text says what
 // happened once: the name of the code Code gives it first, or "sigil: "
@@ -45,10 +53,11 @@ var ErrMalformedReply = errors.New("sigil: malformed reply")
 type failure struct {
 	what  string // what happened, in this package's words
 	cause error  // nil when what says it all
-	// code is the client's own finding (refused, malformedReply), which
-	// Code gives; 0 leaves the code to the cause, else UNAVAILABLE.
+	// code is the client's own finding (refused, malformedReply,
+	// noCertificate), which Code gives; 0 leaves the code to the cause,
+	// else UNAVAILABLE.
 	code proto.Code
-	kind error // ErrRefusedByClient or ErrMalformedReply with code, for errors.Is
+	kind error // ErrRefusedByClient, ErrMalformedReply or ErrNoCertificate with code, for errors.Is
 }
 
 func (f *failure) Error() string {
@@ -70,8 +79,8 @@ func uncoded(err error) bool {
 
 func (f *failure) Unwrap() error { return f.cause }
 
-// Is makes errors.Is(err, ErrRefusedByClient) and (err, ErrMalformedReply)
-// match the failures that are such.
+// Is makes errors.Is(err, ErrRefusedByClient), (err, ErrMalformedReply)
+// and (err, ErrNoCertificate) match the failures that are such.
 func (f *failure) Is(target error) bool { return f.kind != nil && target == f.kind }
 
 // body is the text after the lead.
@@ -109,4 +118,10 @@ func refused(code proto.Code, what string) error {
 // what says which, cause (may be nil) why.
 func malformedReply(what string, cause error) error {
 	return &failure{what: what, cause: cause, code: proto.Internal, kind: ErrMalformedReply}
+}
+
+// noCertificate is TLSCertificate's NOT_FOUND (ErrNoCertificate): what
+// says which name and why.
+func noCertificate(what string) error {
+	return &failure{what: what, code: proto.NotFound, kind: ErrNoCertificate}
 }

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"context"
 	"crypto"
+	"crypto/ed25519"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -136,6 +138,19 @@ func TestErrorsSayItOnce(t *testing.T) {
 	}
 }
 
+// edSPKI is an Ed25519 public key as the agent lists it (DER SPKI).
+var edSPKI = func() []byte {
+	pub, _, err := ed25519.GenerateKey(nil)
+	if err != nil {
+		panic(err)
+	}
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		panic(err)
+	}
+	return der
+}()
+
 // dialFake connects to a fake agent that answers Hello and then runs then.
 func dialFake(t *testing.T, then func(nc net.Conn, br *bufio.Reader)) *client.Client {
 	t.Helper()
@@ -150,10 +165,12 @@ func dialFake(t *testing.T, then func(nc net.Conn, br *bufio.Reader)) *client.Cl
 // What the client finds wrong itself has a code of its own, not the
 // UNAVAILABLE of an agent that is not there, which a caller retries: a
 // request it refuses before sending anything (BAD_REQUEST, or
-// UNSUPPORTED_ALGORITHM for an algorithm; ErrRefusedByClient) and a reply
-// it cannot take (INTERNAL; ErrMalformedReply). Neither is a *proto.Error,
-// which is the agent's answer alone. Each used to be UNAVAILABLE, or a
-// *proto.Error the CLI reported as "agent refused".
+// UNSUPPORTED_ALGORITHM for an algorithm; ErrRefusedByClient), a reply
+// it cannot take (INTERNAL; ErrMalformedReply) and a name TLSCertificate
+// finds no certificate under in the agent's list (NOT_FOUND;
+// ErrNoCertificate). None is a *proto.Error, which is the agent's answer
+// alone. Each used to be UNAVAILABLE, or a *proto.Error the CLI reported
+// as "agent refused".
 func TestClientFaultsHaveCodesOfTheirOwn(t *testing.T) {
 	ctx := func(t *testing.T) context.Context {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -292,6 +309,49 @@ func TestClientFaultsHaveCodesOfTheirOwn(t *testing.T) {
 			says:  "INTERNAL: connection to the agent closed: malformed reply: ",
 			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) { return answers(nil, garbage) },
 			run:   func(t *testing.T, c *client.Client) error { return c.Ping(ctx(t)) }},
+		// The agent answered ListKeys; it is the client that found no
+		// certificate in the list. These were a *proto.Error, which the
+		// CLI and callers take for the agent's NOT_FOUND.
+		{name: "not found: a name the key list does not have", code: proto.NotFound, is: client.ErrNoCertificate,
+			says: `NOT_FOUND: no key named "k"`,
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return answers(&proto.Response{Code: proto.OK, Keys: []proto.KeyEntry{{Name: "other", KID: "0123", Provider: "p", KeyType: "ed25519", Pub: edSPKI}}}, nil)
+			},
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.TLSCertificate(ctx(t), "k")
+				return err
+			}},
+		{name: "not found: a listed key without a certificate", code: proto.NotFound, is: client.ErrNoCertificate,
+			says: `NOT_FOUND: the agent has no certificate for key "k"`,
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return answers(&proto.Response{Code: proto.OK, Keys: []proto.KeyEntry{{Name: "k", KID: "0123", Provider: "p", KeyType: "ed25519", Pub: edSPKI}}}, nil)
+			},
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.TLSCertificate(ctx(t), "k")
+				return err
+			}},
+		{name: "not found: a qualified name the listed slot is another key of", code: proto.NotFound, is: client.ErrNoCertificate,
+			says: `NOT_FOUND: no key named "a/k"`,
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return func(nc net.Conn, br *bufio.Reader) {
+					for {
+						req, err := readRequest(br)
+						if err != nil {
+							return
+						}
+						switch req.Op {
+						case proto.OpListKeys:
+							writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK, Keys: []proto.KeyEntry{{Name: "k", KID: "0123", Provider: "p", KeyType: "ed25519", Pub: edSPKI, Cert: []byte("a certificate")}}})
+						case proto.OpPublicKey:
+							writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK, Key: req.Key, KID: "4567", KeyType: "ed25519", Pub: edSPKI})
+						}
+					}
+				}
+			},
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.TLSCertificate(ctx(t), "a/k")
+				return err
+			}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := dialFake(t, tc.agent(t))

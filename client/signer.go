@@ -53,7 +53,10 @@ func (c *Client) Signer(ctx context.Context, ref KeyRef) (*Signer, error) {
 // tls.Config's Certificates or GetClientCertificate: the key's certificate
 // and its intermediates as the agent lists them (the agent config's
 // `certificates:` file) and a Signer for the private key, which stays
-// behind the agent. A key the agent has no certificate for is NOT_FOUND.
+// behind the agent. A name the agent's key list has no certificate under
+// (no such key, or a key without one) is NOT_FOUND, with
+// ErrNoCertificate in the chain: the client's finding, not a
+// *proto.Error.
 // name is what Signer takes: a key name, or a policy slot as the tenant
 // sees it ("release") or qualified ("payments/release").
 func (c *Client) TLSCertificate(ctx context.Context, name string) (tls.Certificate, error) {
@@ -75,10 +78,10 @@ func (c *Client) TLSCertificate(ctx context.Context, name string) (tls.Certifica
 		}
 	}
 	if !found {
-		return tls.Certificate{}, &proto.Error{Code: proto.NotFound, Msg: fmt.Sprintf("no key named %q", name)}
+		return tls.Certificate{}, noCertificate(fmt.Sprintf("no key named %q", name))
 	}
 	if k.Certificate == nil {
-		return tls.Certificate{}, &proto.Error{Code: proto.NotFound, Msg: fmt.Sprintf("the agent has no certificate for key %q", name)}
+		return tls.Certificate{}, noCertificate(fmt.Sprintf("the agent has no certificate for key %q", name))
 	}
 	leaf, err := x509.ParseCertificate(k.Certificate)
 	if err != nil {

@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -62,8 +63,8 @@ func TestTLSCertificateAuthenticatesAClient(t *testing.T) {
 	cfg.Socket = filepath.Join(sockDir, "second.sock")
 	_, c2 := serve(t, cfg)
 
-	if _, err := c2.TLSCertificate(context.Background(), "rsa"); client.Code(err) != proto.NotFound {
-		t.Fatalf("a key without a certificate: %v, want NOT_FOUND", err)
+	if _, err := c2.TLSCertificate(context.Background(), "rsa"); client.Code(err) != proto.NotFound || !errors.Is(err, client.ErrNoCertificate) {
+		t.Fatalf("a key without a certificate: %v, want NOT_FOUND (ErrNoCertificate)", err)
 	}
 	cert, err := c2.TLSCertificate(context.Background(), "p256")
 	if err != nil {
