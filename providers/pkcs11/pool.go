@@ -322,7 +322,11 @@ func (p *Provider) afterFault(s *session, cls faultClass, rv uint, epoch uint64,
 }
 
 // requestRepair asks the supervisor for a repair of at least level. A login
-// or reload request for an epoch that has since been repaired is dropped.
+// or reload request is dropped when its epoch has since been repaired, and
+// when a repair of its level or above is under way for its epoch: the
+// caller saw the fault that repair answers (or its consequences: a session
+// voided, the gate closed by the reload), and queuing it behind would
+// finalize the module a second time for one fault.
 func (p *Provider) requestRepair(level repairLevel, epoch uint64) {
 	if level == repairNone {
 		return
@@ -333,7 +337,10 @@ func (p *Provider) requestRepair(level repairLevel, epoch uint64) {
 	case st.kind == stateFailed || st.kind == stateClosed:
 		p.stateMu.Unlock()
 		return
-	case level >= repairLogin && st.kind == stateHealthy && st.epoch != epoch:
+	case level >= repairLogin && st.epoch != epoch:
+		p.stateMu.Unlock()
+		return
+	case level >= repairLogin && level <= p.running:
 		p.stateMu.Unlock()
 		return
 	}

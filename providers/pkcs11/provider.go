@@ -41,6 +41,9 @@ type Provider struct {
 	stateMu sync.Mutex
 	state   atomic.Pointer[state]
 	wanted  repairLevel // guarded by stateMu
+	// running is the repair under way (repairNone between repairs); a
+	// request it covers is not queued behind it. Guarded by stateMu.
+	running repairLevel
 	wake    chan struct{}
 	stop    chan struct{}
 	done    chan struct{}

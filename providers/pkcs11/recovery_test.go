@@ -257,6 +257,212 @@ func TestDeviceRemovedReloadsModule(t *testing.T) {
 	}
 }
 
+// One device fault costs one module reload. A signer that took its session
+// before the fault and reaches the module while the supervisor repairs it
+// meets the fault's consequences (the gate closed by the reload, a session
+// of the old generation, the device gone) and reports them under the epoch
+// the repair under way was asked for; that report is the repair's to
+// answer. It used to be queued for a second repair, and the module was
+// finalized and initialized again, voiding the sessions and the login the
+// first had just made. Each case parks the straggler in the module's fault
+// hook, holds the repair at the stage named, lets the straggler report
+// there, and releases the repair.
+func TestOneDeviceFaultReloadsOnce(t *testing.T) {
+	type stage int
+	const (
+		draining   stage = iota // the reload waits for a call still inside the module
+		finding                 // the module is reloaded; the keys are being found again
+		escalating              // a re-login's sweep finds the device gone
+	)
+	tok := softhsmtest.New(t, "reloadonce")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	name := string(providers.KeyECDSAP256)
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	for _, tc := range []struct {
+		name      string
+		at        stage
+		first     uint // the first signer's C_Sign answer, which asks for the repair
+		straggler uint // the straggler's; 0: the real call
+	}{
+		{"a signer meets the gate the reload closed", draining, p11.CKR_DEVICE_REMOVED, 0},
+		{"a signer's session is from before the reload", finding, p11.CKR_DEVICE_REMOVED, 0},
+		{"a re-login escalates to the reload a signer asked for", escalating, p11.CKR_USER_NOT_LOGGED_IN, p11.CKR_DEVICE_REMOVED},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var (
+				armed            atomic.Bool
+				signs            atomic.Int32
+				held             atomic.Bool
+				stragglerIn      = make(chan struct{})
+				stragglerGo      = make(chan struct{})
+				repairIn         = make(chan struct{})
+				repairGo         = make(chan struct{})
+				releaseStraggler = sync.OnceFunc(func() { close(stragglerGo) })
+				releaseRepair    = sync.OnceFunc(func() { close(repairGo) })
+				heldOp           string // the repair's module call held
+				heldFails        bool   // which then finds the device gone
+			)
+			defer releaseStraggler()
+			defer releaseRepair()
+			switch tc.at {
+			case finding:
+				heldOp = "find"
+			case escalating:
+				heldOp, heldFails = "session-info", true
+			}
+			p := open(t, tok, keyConfigs(keys), func(c *Config) {
+				c.FaultHook = func(op string) uint {
+					if !armed.Load() {
+						return 0
+					}
+					if op == "sign" {
+						switch signs.Add(1) {
+						case 1:
+							close(stragglerIn)
+							<-stragglerGo
+							return tc.straggler
+						case 2:
+							return tc.first
+						}
+						return 0
+					}
+					if op == heldOp && held.CompareAndSwap(false, true) {
+						close(repairIn)
+						<-repairGo
+						if heldFails {
+							return p11.CKR_DEVICE_REMOVED
+						}
+					}
+					return 0
+				}
+			})
+			info := keyInfo(t, p, name)
+			genBefore := p.mod.gen.Load()
+			armed.Store(true)
+
+			type result struct {
+				who    string
+				digest []byte
+				sig    []byte
+				err    error
+			}
+			results := make(chan result, 2)
+			sign := func(who string) {
+				digest := digestOf(crypto.SHA256, []byte(who))
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				sig, err := p.Sign(ctx, name, alg, digest)
+				results <- result{who, digest, sig, err}
+			}
+			go sign("straggler")
+			<-stragglerIn // it holds a session of the healthy provider
+			if tc.at == draining {
+				// Another signer's call still inside the module holds the
+				// reload in its drain, with the gate closed.
+				inside := make(chan struct{})
+				go p.mod.do(func(*p11.Ctx) error {
+					close(inside)
+					<-repairGo
+					return nil
+				})
+				<-inside
+			}
+			go sign("first")
+			switch tc.at {
+			case draining:
+				waitFor(t, "the reload to close the gate", func() bool { return p.mod.gate.Load() == gateReload })
+			default:
+				select {
+				case <-repairIn:
+				case <-time.After(10 * time.Second):
+					t.Fatalf("the repair never reached %s", heldOp)
+				}
+			}
+			releaseStraggler()
+			if tc.straggler != 0 {
+				// A fault above the repair under way is queued; the
+				// escalation must then take it over.
+				waitFor(t, "the straggler's reload request", func() bool { return pendingRepair(p) == repairReload })
+			} else {
+				// Nothing to wait for once it is dropped: give the
+				// straggler time to report it.
+				deadline := time.Now().Add(300 * time.Millisecond)
+				for pendingRepair(p) == repairNone && time.Now().Before(deadline) {
+					time.Sleep(time.Millisecond)
+				}
+			}
+			releaseRepair()
+			for range 2 {
+				r := <-results
+				if r.err == nil {
+					r.err = providers.Verify(info.Public, alg, r.digest, r.sig)
+				}
+				if r.err != nil {
+					t.Errorf("%s signer: %v", r.who, r.err)
+				}
+			}
+			waitHealthy(t, p, 5*time.Second)
+			if n := p.mod.gen.Load() - genBefore; n != 1 {
+				t.Errorf("one device fault reloaded the module %d times", n)
+			}
+		})
+	}
+}
+
+// One device fault among signers under load reloads the module once, fault
+// after fault, and no caller sees it.
+func TestDeviceFaultsUnderLoadReloadOnceEach(t *testing.T) {
+	tok := softhsmtest.New(t, "reloadload")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	var fault atomic.Bool
+	p := open(t, tok, keyConfigs(keys), func(c *Config) {
+		c.FaultHook = func(op string) uint {
+			if op == "sign" && fault.CompareAndSwap(true, false) {
+				return p11.CKR_DEVICE_REMOVED
+			}
+			return 0
+		}
+	})
+	load := startLoad(t, p, string(providers.KeyECDSAP256), 8, 5*time.Second)
+	load.settle(t, 100, 5*time.Second)
+	const faults = 20
+	for i := range faults {
+		before := p.mod.gen.Load()
+		fault.Store(true)
+		waitFor(t, "a signer to meet the fault", func() bool { return !fault.Load() })
+		load.settle(t, 100, 10*time.Second)
+		waitHealthy(t, p, 5*time.Second)
+		if n := p.mod.gen.Load() - before; n != 1 {
+			t.Errorf("fault %d: %d module reloads, want 1", i, n)
+		}
+	}
+	errs := load.stopAndErrors()
+	for i, err := range errs {
+		if i < 5 {
+			t.Errorf("a caller saw: %v", err)
+		}
+	}
+}
+
+// pendingRepair is the repair the supervisor has been asked for and not
+// yet started.
+func pendingRepair(p *Provider) repairLevel {
+	p.stateMu.Lock()
+	defer p.stateMu.Unlock()
+	return p.wanted
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 10s for %s", what)
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+}
+
 // No call outlives its deadline: with every session taken, Sign returns
 // DeadlineExceeded at the deadline; with a repair that cannot finish, it
 // returns ErrUnavailable by the deadline.

@@ -28,6 +28,7 @@ func (p *Provider) supervise() {
 			p.stateMu.Lock()
 			level := p.wanted
 			p.wanted = repairNone
+			p.running = level
 			p.stateMu.Unlock()
 			if level == repairNone {
 				break
@@ -35,6 +36,7 @@ func (p *Provider) supervise() {
 			start := time.Now()
 			done, err := p.repair(level)
 			p.stateMu.Lock()
+			p.running = repairNone
 			if err == nil {
 				p.repairs.Add(1)
 				if p.wanted < repairLogin {
@@ -126,6 +128,15 @@ func (p *Provider) repair(level repairLevel) (repairLevel, error) {
 		if errors.As(err, &esc) && esc.level > level {
 			p.log.Info("pkcs11 repair escalated", zap.Stringer("from", level), zap.Stringer("to", esc.level), zap.Error(esc.cause))
 			level = esc.level
+			p.stateMu.Lock()
+			p.running = level
+			// What callers asked for meanwhile, up to this level, the
+			// bigger repair does from its start: a device fault they
+			// reported while a re-login found it too is one reload.
+			if p.wanted <= level {
+				p.wanted = repairNone
+			}
+			p.stateMu.Unlock()
 			continue
 		}
 		return level, err
