@@ -14,6 +14,7 @@ import (
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/rotation"
+	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
 )
 
 // A rotation calendar for a slot the policy lacks (a typo) would never
@@ -230,10 +231,11 @@ func TestCheckRefusesSlotsNamingUnservedKeys(t *testing.T) {
 
 // New's errors that only an operator can cure (the config fails its
 // checks, the policy fails its own or names a key no provider serves, a
-// PKCS#11 PIN source gives no PIN) are IsConfigError, on which `sigil
-// agent` exits 78 and systemd does not restart it; they used to be
-// INTERNAL, like a bug. One that may pass on another try (the journal
-// held by an agent still stopping) is not.
+// PKCS#11 PIN source gives no PIN or module path no library) are
+// IsConfigError, on which `sigil agent` exits 78 and systemd does not
+// restart it; they used to be INTERNAL, like a bug. One that may pass on
+// another try (the journal held by an agent still stopping, a module
+// whose C_Initialize fails) is not.
 func TestStartFailuresThatNeedAnOperator(t *testing.T) {
 	badPolicy := filepath.Join(t.TempDir(), "policy.yaml")
 	if err := os.WriteFile(badPolicy, []byte("tenants: [{name: payments}]\n"), 0o600); err != nil {
@@ -244,15 +246,26 @@ func TestStartFailuresThatNeedAnOperator(t *testing.T) {
 		t.Fatal(err)
 	}
 	const pinVar = "SIGIL_TEST_NEVER_SET_PIN"
-	hsm := func(pinSource string) func(*agent.Config) {
+	hsmOn := func(module, pinSource string) func(*agent.Config) {
 		return func(cfg *agent.Config) {
 			cfg.DefaultKey = ""
 			cfg.Providers = append(cfg.Providers, agent.ProviderSpec{
-				ID: "hsm", Type: "pkcs11", Module: "/nonexistent/libpkcs11.so", TokenLabel: "prod",
+				ID: "hsm", Type: "pkcs11", Module: module, TokenLabel: "prod",
 				PINEnv: pinSource, Keys: []agent.KeySpec{{Name: "release", URI: "pkcs11:object=release"}},
 			})
 		}
 	}
+	hsm := func(pinSource string) func(*agent.Config) { return hsmOn("/nonexistent/libpkcs11.so", pinSource) }
+	const setPIN = "SIGIL_TEST_CHECK_PIN"
+	t.Setenv(setPIN, "1234")
+	notELF := filepath.Join(t.TempDir(), "libnotes.so")
+	if err := os.WriteFile(notELF, []byte("not a shared object\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	// SoftHSM2 loads, and its C_Initialize fails without its configuration.
+	const initFails = "a module whose C_Initialize fails"
+	softhsm := softhsmtest.FindModule()
+	t.Setenv("SOFTHSM2_CONF", filepath.Join(t.TempDir(), "absent.conf"))
 	for _, tc := range []struct {
 		name   string
 		edit   func(*agent.Config)
@@ -263,9 +276,15 @@ func TestStartFailuresThatNeedAnOperator(t *testing.T) {
 		{"a policy that fails its checks", func(cfg *agent.Config) { cfg.Policy = badPolicy }, badPolicy, true},
 		{"a policy slot naming a key no provider serves", func(cfg *agent.Config) { cfg.Policy = unservedKey }, `key "nosuchkey"`, true},
 		{"a PIN variable unset", hsm(pinVar), pinVar, true},
+		{"a module path with no file", hsmOn("/nonexistent/libpkcs11.so", setPIN), "/nonexistent/libpkcs11.so", true},
+		{"a module path to no shared object", hsmOn(notELF, setPIN), notELF, true},
+		{initFails, hsmOn(softhsm, setPIN), "initialize module", false},
 		{"the journal held by another agent", nil, "journal", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.name == initFails && softhsm == "" {
+				t.Skip("SoftHSM2 not installed")
+			}
 			cfg := softwareConfig(t)
 			if tc.edit != nil {
 				tc.edit(&cfg)

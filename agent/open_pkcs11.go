@@ -15,7 +15,9 @@ func openPKCS11(ctx context.Context, spec ProviderSpec, log *zap.Logger) (provid
 	cfg := pkcs11Config(spec)
 	cfg.Logger = log
 	p, err := pkcs11.Open(ctx, cfg)
-	if errors.Is(err, pkcs11.ErrPINSource) {
+	if errors.Is(err, pkcs11.ErrPINSource) || errors.Is(err, pkcs11.ErrModuleLoad) {
+		// Not a module that loads and whose C_Initialize fails: its
+		// device may come back, and a restart may find it.
 		return nil, &configError{err}
 	}
 	if err != nil {

@@ -34,9 +34,10 @@ func newAgentCommand(g *globalFlags) *cobra.Command {
 		Short: "Run the signing agent",
 		Long: `Run the signing agent in the foreground until SIGTERM or SIGINT. A start
 that cannot succeed until an operator acts (a config or policy that fails
-its checks, a PIN source that gives no PIN, a PIN refused, a token locked)
-exits 78, which sigil.service does not restart on; another failed start
-exits 1.
+its checks, a PIN source that gives no PIN, a PKCS#11 module path that
+gives no library, a PIN refused, a token locked) exits 78, which
+sigil.service does not restart on; another failed start (a module whose
+device does not answer, say) exits 1.
 
 With --check it only checks the config and the files a reload reads (the
 policy, the TLS listener's certificate, key and CAs, key certificates) and

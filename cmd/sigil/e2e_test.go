@@ -292,6 +292,86 @@ func TestAgentStartRefusedOnItsConfiguration(t *testing.T) {
 	}
 }
 
+// A module path that gives no PKCS#11 library (no file there, a file that
+// is not a shared object, a shared object without C_GetFunctionList) is
+// the operator's to fix: the start exits 78, on which sigil.service does
+// not restart, and calls it a configuration failure naming the path; it
+// exited 1, and systemd restarted it every two seconds for ever. A module
+// that loads and whose C_Initialize fails (a device error: a network HSM
+// out of reach) still exits 1, and is restarted: the device may come back.
+func TestAgentStartOnAModuleThatDoesNotLoad(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	notELF := filepath.Join(dir, "libnotes.so")
+	if err := os.WriteFile(notELF, []byte("not a shared object\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	const pinVar = "SIGIL_E2E_MODULE_PIN"
+	for _, tc := range []struct {
+		name   string
+		module func(t *testing.T) string
+		env    []string // added to this process's environment
+		code   int
+		says   string // besides the module's path
+	}{
+		{"no file there", func(*testing.T) string { return filepath.Join(dir, "libabsent.so") }, nil, exitConfig, "No such file"},
+		{"not a shared object", func(*testing.T) string { return notELF }, nil, exitConfig, "not a loadable PKCS#11 module"},
+		{"no C_GetFunctionList", func(t *testing.T) string { return buildCModule(t, "nofunctionlist.c") }, nil, exitConfig, "exports no C_GetFunctionList"},
+		{"C_Initialize fails with CKR_DEVICE_ERROR", func(t *testing.T) string { return buildCModule(t, "initfails.c") }, nil, exitFailure, "CKR_DEVICE_ERROR"},
+		{"SoftHSM2's C_Initialize fails without its configuration", func(t *testing.T) string {
+			module := softhsmtest.FindModule()
+			if module == "" {
+				t.Skip("SoftHSM2 not installed")
+			}
+			return module
+		}, []string{"SOFTHSM2_CONF=" + filepath.Join(dir, "absent.conf")}, exitFailure, "initialize module"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			module := tc.module(t)
+			config := filepath.Join(t.TempDir(), "sigil.yaml")
+			yaml := fmt.Sprintf("data_dir: %s\ndefault_key: release\nproviders:\n  - id: hsm\n    type: pkcs11\n    module: %s\n    token_label: prod\n    pin_env: %s\n    keys:\n      - {name: release, uri: \"pkcs11:object=release\"}\n",
+				filepath.Join(dir, "state"), module, pinVar)
+			if err := os.WriteFile(config, []byte(yaml), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			env := append(os.Environ(), pinVar+"=1234")
+			agent := startAgentProcessEnv(t, bin, config, filepath.Join(shortSocketDir(t), "agent.sock"), append(env, tc.env...))
+			waited := make(chan error, 1)
+			go func() { waited <- agent.cmd.Wait() }()
+			var err error
+			select {
+			case err = <-waited:
+			case <-time.After(30 * time.Second):
+				t.Fatalf("the agent did not exit:\n%s", agent.stderr)
+			}
+			out := agent.stderr.String()
+			if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != tc.code {
+				t.Fatalf("exit %v, want %d:\n%s", err, tc.code, out)
+			}
+			if got := strings.Contains(out, "agent failed to start (configuration)"); got != (tc.code == exitConfig) {
+				t.Errorf("called a configuration failure: %v, want %v:\n%s", got, tc.code == exitConfig, out)
+			}
+			if !strings.Contains(out, module) || !strings.Contains(out, tc.says) {
+				t.Errorf("does not name %s and say %q:\n%s", module, tc.says, out)
+			}
+		})
+	}
+}
+
+// buildCModule compiles providers/pkcs11/testdata/src into a shared
+// object and returns its path.
+func buildCModule(t *testing.T, src string) string {
+	t.Helper()
+	if _, err := exec.LookPath("cc"); err != nil {
+		t.Skip("no C compiler")
+	}
+	so := filepath.Join(t.TempDir(), "libmodule.so")
+	if out, err := exec.Command("cc", "-shared", "-fPIC", "-Wall", "-o", so, filepath.Join("../../providers/pkcs11/testdata", src)).CombinedOutput(); err != nil {
+		t.Fatalf("cc: %v\n%s", err, out)
+	}
+	return so
+}
+
 // Started under umask 000, the agent still creates nothing others can read
 // or write: its journal's files, its sockets, its keys.
 func TestAgentCreatesFilesForItsUserAlone(t *testing.T) {

@@ -26,6 +26,9 @@
 // The PIN comes from an environment variable or a file, never from
 // configuration text, and appears in no error and no log line. Open fails
 // with ErrPINSource when that source gives no PIN: the token is not asked.
+// It fails with ErrModuleLoad when the module path gives no PKCS#11
+// library; a module that loads and whose C_Initialize fails is another
+// error, since its device may come back.
 //
 // A Cryptoki library has one state per process, so providers on the same
 // module path share it (module.go): initialized once, finalized by the last

@@ -63,6 +63,15 @@ var errGated = p11.Error(p11.CKR_CRYPTOKI_NOT_INITIALIZED)
 // the module to return before it gives up (and is retried with backoff).
 const reloadDrainTimeout = 5 * time.Second
 
+// ErrModuleLoad: the configured module is not a PKCS#11 library this
+// process can load. The dynamic loader refused the file (it is missing or
+// unreadable, not a shared object for this machine, needs a library that
+// is not installed, or lies on a noexec mount), or it exports no
+// C_GetFunctionList. Starting again fails the same way until an operator
+// fixes the path or the installation. A module that loads but whose
+// C_Initialize fails is not this: its device may come back.
+var ErrModuleLoad = errors.New("not a loadable PKCS#11 module")
+
 func acquireModule(path string) (*module, error) {
 	key := filepath.Clean(path)
 	modules.mu.Lock()
@@ -71,14 +80,17 @@ func acquireModule(path string) (*module, error) {
 		m.refs++
 		return m, nil
 	}
-	ctx := p11.New(path)
-	if ctx == nil {
-		return nil, fmt.Errorf("load module %s: dlopen failed", path)
-	}
+	// The shim's load first: it says why a file does not load, and it
+	// releases a library without C_GetFunctionList, which miekg's New
+	// leaves loaded.
 	lib, err := openLibrary(path)
 	if err != nil {
-		ctx.Destroy()
 		return nil, fmt.Errorf("load module %s: %w", path, err)
+	}
+	ctx := p11.New(path)
+	if ctx == nil {
+		lib.close()
+		return nil, fmt.Errorf("load module %s: dlopen failed", path)
 	}
 	m := &module{path: key, ctx: ctx, lib: lib, refs: 1, logins: make(map[string]int)}
 	switch err := ctx.Initialize(); {

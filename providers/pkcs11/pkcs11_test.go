@@ -8,6 +8,7 @@ import (
 	"crypto/sha512"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -436,6 +437,70 @@ func TestPINSourceErrors(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A module path that does not give a PKCS#11 library (no file there, a
+// file that is not a shared object, a shared object without
+// C_GetFunctionList) is ErrModuleLoad, which the agent takes for the
+// configuration's fault and does not restart on; it said only "dlopen
+// failed". A module that loads and whose C_Initialize fails is not: its
+// device may come back.
+func TestModuleThatDoesNotLoad(t *testing.T) {
+	dir := t.TempDir()
+	notELF := filepath.Join(dir, "libnotes.so")
+	if err := os.WriteFile(notELF, []byte("not a shared object\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		module func(t *testing.T) string
+		says   string // in the error
+		load   bool   // ErrModuleLoad
+	}{
+		{"no file there", func(*testing.T) string { return filepath.Join(dir, "libabsent.so") }, "No such file", true},
+		{"not a shared object", func(*testing.T) string { return notELF }, "libnotes.so", true},
+		{"no C_GetFunctionList", func(t *testing.T) string { return buildModule(t, "testdata/nofunctionlist.c") }, "exports no C_GetFunctionList", true},
+		{"C_Initialize fails with CKR_DEVICE_ERROR", func(t *testing.T) string { return buildModule(t, "testdata/initfails.c") }, "CKR_DEVICE_ERROR", false},
+		{"SoftHSM2 without its configuration", func(t *testing.T) string {
+			module := softhsmtest.FindModule()
+			if module == "" {
+				t.Skip("SoftHSM2 not installed")
+			}
+			t.Setenv("SOFTHSM2_CONF", filepath.Join(dir, "absent.conf"))
+			return module
+		}, "initialize module", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			module := tc.module(t)
+			t.Setenv(pinEnv, "1234")
+			p, err := Open(context.Background(), Config{ID: "hsm", Module: module, TokenLabel: "prod", PINEnv: pinEnv,
+				Keys: []KeyConfig{{Name: "k", URI: "pkcs11:object=k"}}})
+			if err == nil {
+				p.Close()
+				t.Fatal("Open succeeded")
+			}
+			if got := errors.Is(err, ErrModuleLoad); got != tc.load {
+				t.Errorf("errors.Is(%v, ErrModuleLoad) = %v, want %v", err, got, tc.load)
+			}
+			if !strings.Contains(err.Error(), module) || !strings.Contains(err.Error(), tc.says) {
+				t.Errorf("%v\ndoes not name %s and say %q", err, module, tc.says)
+			}
+		})
+	}
+}
+
+// buildModule compiles the C file src into a shared object and returns
+// its path.
+func buildModule(t *testing.T, src string) string {
+	t.Helper()
+	if _, err := exec.LookPath("cc"); err != nil {
+		t.Skip("no C compiler")
+	}
+	so := filepath.Join(t.TempDir(), "libmodule.so")
+	if out, err := exec.Command("cc", "-shared", "-fPIC", "-Wall", "-o", so, src).CombinedOutput(); err != nil {
+		t.Fatalf("cc: %v\n%s", err, out)
+	}
+	return so
 }
 
 func TestSignErrors(t *testing.T) {

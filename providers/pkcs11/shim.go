@@ -23,6 +23,7 @@ package pkcs11
 #include <dlfcn.h>
 #include <stddef.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef unsigned long sigil_ulong;
 typedef sigil_ulong sigil_rv;
@@ -57,17 +58,41 @@ typedef struct {
 
 typedef sigil_rv (*sigil_get_function_list_fn)(sigil_function_list **list);
 
-static void *sigilOpen(const char *path, sigil_function_list **list) {
+// What sigilOpen found: the library loaded with its function list, or
+// which step failed.
+enum {
+	sigilLoaded,
+	sigilNoLibrary,      // dlopen failed; *why is dlerror's text (malloc'd)
+	sigilNoFunctionList, // the library exports no C_GetFunctionList
+	sigilListFailed,     // C_GetFunctionList returned *rv, or no list
+};
+
+// sigilOpen copies dlerror's text in the call that failed: it is per
+// thread, and the goroutine may run on another after the call returns.
+static int sigilOpen(const char *path, void **handle, sigil_function_list **list, char **why, sigil_rv *rv) {
+	*handle = NULL;
+	*why = NULL;
+	*rv = 0;
 	void *h = dlopen(path, RTLD_LAZY);
 	if (h == NULL) {
-		return NULL;
+		const char *e = dlerror();
+		if (e != NULL) {
+			*why = strdup(e);
+		}
+		return sigilNoLibrary;
 	}
 	sigil_get_function_list_fn get = (sigil_get_function_list_fn)dlsym(h, "C_GetFunctionList");
-	if (get == NULL || get(list) != 0 || *list == NULL) {
+	if (get == NULL) {
 		dlclose(h);
-		return NULL;
+		return sigilNoFunctionList;
 	}
-	return h;
+	*rv = get(list);
+	if (*rv != 0 || *list == NULL) {
+		dlclose(h);
+		return sigilListFailed;
+	}
+	*handle = h;
+	return sigilLoaded;
 }
 
 static void sigilClose(void *h) {
@@ -103,7 +128,10 @@ import "C"
 
 import (
 	"errors"
+	"fmt"
 	"unsafe"
+
+	p11 "github.com/miekg/pkcs11"
 )
 
 // library is the shim's own reference to a loaded module.
@@ -112,15 +140,36 @@ type library struct {
 	list   *C.sigil_function_list
 }
 
+// openLibrary loads the module at path. A file the dynamic loader refuses
+// (missing, not a shared object for this machine, a dependency missing, on
+// a noexec mount) and a library without C_GetFunctionList are
+// ErrModuleLoad.
 func openLibrary(path string) (*library, error) {
 	cpath := C.CString(path)
 	defer C.free(unsafe.Pointer(cpath))
-	var list *C.sigil_function_list
-	h := C.sigilOpen(cpath, &list)
-	if h == nil {
-		return nil, errors.New("dlopen or C_GetFunctionList failed")
+	var (
+		h    unsafe.Pointer
+		list *C.sigil_function_list
+		why  *C.char
+		rv   C.sigil_rv
+	)
+	switch C.sigilOpen(cpath, &h, &list, &why, &rv) {
+	case C.sigilLoaded:
+		return &library{handle: h, list: list}, nil
+	case C.sigilNoLibrary:
+		detail := "dlopen failed"
+		if why != nil {
+			detail = C.GoString(why)
+			C.free(unsafe.Pointer(why))
+		}
+		return nil, fmt.Errorf("%w: %s", ErrModuleLoad, detail)
+	case C.sigilNoFunctionList:
+		return nil, fmt.Errorf("%w: it exports no C_GetFunctionList", ErrModuleLoad)
 	}
-	return &library{handle: h, list: list}, nil
+	if rv == 0 {
+		return nil, errors.New("C_GetFunctionList gave no function list")
+	}
+	return nil, fmt.Errorf("C_GetFunctionList: %w", p11.Error(rv))
 }
 
 func (l *library) close() {
