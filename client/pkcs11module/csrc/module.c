@@ -10,6 +10,10 @@
  * whole call on that session (including the agent round trip of C_Sign),
  * so one session's calls are serialised and other sessions run in
  * parallel. Order: a session's mutex, then g.mu; never the other way.
+ *
+ * Lifetime: every call that uses g holds the call gate (g_gate) from entry
+ * to return, and C_Finalize closes the gate and waits for the calls inside
+ * to leave before it frees anything.
  */
 #include <errno.h>
 #include <pthread.h>
@@ -17,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "agent.h"
@@ -73,9 +78,70 @@ static struct {
 } g;
 
 /* Set in a fork child: every call answers CKR_CRYPTOKI_NOT_INITIALIZED
- * until the child calls C_Initialize, which drops the parent's state. */
+ * until the child calls C_Initialize, which drops the parent's state.
+ * Read and written under g_init_mu (or in the child's atfork handler, the
+ * child's only thread). */
 static int g_forked;
 static pthread_mutex_t g_init_mu = PTHREAD_MUTEX_INITIALIZER;
+
+/*
+ * The call gate. PKCS#11 v2.40 section 5.4 makes C_Finalize while another
+ * thread is inside the module the application's fault, but the module is
+ * loaded into hosts (Java, NSS, OpenSSL engines) where a crash is worse
+ * than an error: a C_Sign in flight used the key, the session and the
+ * connection pool that C_Finalize freed under it
+ * (testdata/finalizesign.c).
+ *
+ * One word: GATE_CLOSED while the module is not initialized (or is being
+ * finalized, or this is a fork child that has not initialized again), and
+ * below it the number of calls inside. A call enters with one atomic add,
+ * which both counts it and reads the flag, so no call can slip past a
+ * closing C_Finalize unseen; it leaves with one atomic subtract (ENTER_CALL,
+ * through a cleanup handler, so no return path forgets it). C_Finalize sets
+ * the flag, waits for the count to reach zero and only then frees: a call
+ * in flight finishes normally, each of its waits on the agent bounded by
+ * the module's own I/O timeouts, and one that starts after the flag answers
+ * CKR_CRYPTOKI_NOT_INITIALIZED. No lock is held across a round trip, so
+ * threads signing on separate connections never wait on each other here:
+ * a call costs two atomic operations on one shared word (at worst the
+ * cache line moving between cores, well under a microsecond) against a
+ * round trip of tens of microseconds. A failed entry undoes its add; it
+ * looks at the flag first, so threads that keep calling a finalized module
+ * do not keep a closing C_Finalize waiting on their transient counts.
+ */
+#define GATE_CLOSED 0x80000000u
+static uint32_t g_gate = GATE_CLOSED;
+
+static int call_enter(void)
+{
+	if (__atomic_load_n(&g_gate, __ATOMIC_RELAXED) & GATE_CLOSED)
+		return 0;
+	/* Acquire: pairs with C_Initialize's release opening the gate, so
+	 * the call sees the state it set up. */
+	if (!(__atomic_fetch_add(&g_gate, 1, __ATOMIC_ACQUIRE) & GATE_CLOSED))
+		return 1;
+	__atomic_fetch_sub(&g_gate, 1, __ATOMIC_RELEASE);
+	return 0;
+}
+
+static void call_leave(int *entered)
+{
+	/* Release: C_Finalize's acquire load of a zero count then sees every
+	 * access this call made before it frees the state. */
+	if (*entered)
+		__atomic_fetch_sub(&g_gate, 1, __ATOMIC_RELEASE);
+}
+
+/* gate_close closes the gate and waits for the calls inside to leave.
+ * Under g_init_mu. */
+static void gate_close(void)
+{
+	__atomic_fetch_or(&g_gate, GATE_CLOSED, __ATOMIC_ACQ_REL);
+	while (__atomic_load_n(&g_gate, __ATOMIC_ACQUIRE) != GATE_CLOSED) {
+		struct timespec ts = {.tv_sec = 0, .tv_nsec = 100000};
+		nanosleep(&ts, NULL);
+	}
+}
 
 /* fork() is not a Cryptoki call: an application may fork while another of
  * its threads is in C_Initialize, C_Finalize or C_OpenSession. The child
@@ -117,6 +183,9 @@ static void on_fork_child(void)
 	pthread_mutex_unlock(&g_init_mu);
 	if (g.init)
 		g_forked = 1;
+	/* The count is of parent threads, none of which is here: closed and
+	 * empty, so the child's own C_Initialize and C_Finalize start clean. */
+	__atomic_store_n(&g_gate, GATE_CLOSED, __ATOMIC_RELAXED);
 }
 
 /* glibc unregisters these handlers when the module is dlclose'd. */
@@ -125,11 +194,13 @@ __attribute__((constructor)) static void on_load(void)
 	pthread_atfork(on_fork_prepare, on_fork_parent, on_fork_child);
 }
 
-#define CHECK_INIT()                      \
-	do {                              \
-		if (!g.init || g_forked)  \
-			return CKR_CRYPTOKI_NOT_INITIALIZED; \
-	} while (0)
+/* ENTER_CALL opens a call that uses the module's state: it holds the call
+ * gate until the function returns (a cleanup handler leaves it). First in
+ * the function body, before anything of g is read. */
+#define ENTER_CALL()                                                              \
+	int sg_entered_ __attribute__((cleanup(call_leave))) = call_enter();     \
+	if (!sg_entered_)                                                         \
+		return CKR_CRYPTOKI_NOT_INITIALIZED
 
 /* ---- result codes ---- */
 
@@ -547,7 +618,7 @@ static void put_session(sg_session *s)
 }
 
 #define SESSION(h, s)                                              \
-	CHECK_INIT();                                              \
+	ENTER_CALL();                                              \
 	sg_session *s = get_session(h);                            \
 	if (!s)                                                    \
 		return CKR_SESSION_HANDLE_INVALID;                 \
@@ -649,6 +720,7 @@ EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
 		hsh = (hsh ^ (uint8_t)*p) * 1099511628211ull;
 	snprintf(g.serial, sizeof g.serial, "%016llx", (unsigned long long)hsh);
 	g.init = 1;
+	__atomic_fetch_and(&g_gate, ~GATE_CLOSED, __ATOMIC_RELEASE);
 out:
 	pthread_mutex_unlock(&g_init_mu);
 	return rv;
@@ -663,6 +735,7 @@ EXPORT CK_RV C_Finalize(CK_VOID_PTR pReserved)
 		pthread_mutex_unlock(&g_init_mu);
 		return CKR_CRYPTOKI_NOT_INITIALIZED;
 	}
+	gate_close();
 	drop_state(0);
 	pthread_mutex_unlock(&g_init_mu);
 	return CKR_OK;
@@ -670,7 +743,7 @@ EXPORT CK_RV C_Finalize(CK_VOID_PTR pReserved)
 
 EXPORT CK_RV C_GetInfo(CK_INFO_PTR pInfo)
 {
-	CHECK_INIT();
+	ENTER_CALL();
 	if (!pInfo)
 		return CKR_ARGUMENTS_BAD;
 	memset(pInfo, 0, sizeof *pInfo);
@@ -686,7 +759,7 @@ EXPORT CK_RV C_GetInfo(CK_INFO_PTR pInfo)
 EXPORT CK_RV C_GetSlotList(CK_BBOOL tokenPresent, CK_SLOT_ID_PTR pSlotList, CK_ULONG_PTR pulCount)
 {
 	(void)tokenPresent;
-	CHECK_INIT();
+	ENTER_CALL();
 	if (!pulCount)
 		return CKR_ARGUMENTS_BAD;
 	if (!pSlotList) {
@@ -704,7 +777,7 @@ EXPORT CK_RV C_GetSlotList(CK_BBOOL tokenPresent, CK_SLOT_ID_PTR pSlotList, CK_U
 
 EXPORT CK_RV C_GetSlotInfo(CK_SLOT_ID slotID, CK_SLOT_INFO_PTR pInfo)
 {
-	CHECK_INIT();
+	ENTER_CALL();
 	if (slotID != SLOT_ID)
 		return CKR_SLOT_ID_INVALID;
 	if (!pInfo)
@@ -722,7 +795,7 @@ EXPORT CK_RV C_GetSlotInfo(CK_SLOT_ID slotID, CK_SLOT_INFO_PTR pInfo)
 
 EXPORT CK_RV C_GetTokenInfo(CK_SLOT_ID slotID, CK_TOKEN_INFO_PTR pInfo)
 {
-	CHECK_INIT();
+	ENTER_CALL();
 	if (slotID != SLOT_ID)
 		return CKR_SLOT_ID_INVALID;
 	if (!pInfo)
@@ -807,7 +880,7 @@ static int family_bits(int family, unsigned *min, unsigned *max)
 
 EXPORT CK_RV C_GetMechanismList(CK_SLOT_ID slotID, CK_MECHANISM_TYPE_PTR pMechanismList, CK_ULONG_PTR pulCount)
 {
-	CHECK_INIT();
+	ENTER_CALL();
 	if (slotID != SLOT_ID)
 		return CKR_SLOT_ID_INVALID;
 	if (!pulCount)
@@ -837,7 +910,7 @@ EXPORT CK_RV C_GetMechanismList(CK_SLOT_ID slotID, CK_MECHANISM_TYPE_PTR pMechan
 
 EXPORT CK_RV C_GetMechanismInfo(CK_SLOT_ID slotID, CK_MECHANISM_TYPE type, CK_MECHANISM_INFO_PTR pInfo)
 {
-	CHECK_INIT();
+	ENTER_CALL();
 	if (slotID != SLOT_ID)
 		return CKR_SLOT_ID_INVALID;
 	if (!pInfo)
@@ -865,7 +938,7 @@ EXPORT CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pAppli
 {
 	(void)pApplication;
 	(void)Notify; /* no callbacks: this token never surrenders */
-	CHECK_INIT();
+	ENTER_CALL();
 	if (slotID != SLOT_ID)
 		return CKR_SLOT_ID_INVALID;
 	if (!(flags & CKF_SERIAL_SESSION))
@@ -914,7 +987,7 @@ out:
 
 EXPORT CK_RV C_CloseSession(CK_SESSION_HANDLE hSession)
 {
-	CHECK_INIT();
+	ENTER_CALL();
 	sg_session *s = NULL;
 	size_t i = (size_t)(hSession & (MAX_SESSIONS - 1));
 	int free_it = 0;
@@ -933,7 +1006,7 @@ EXPORT CK_RV C_CloseSession(CK_SESSION_HANDLE hSession)
 
 EXPORT CK_RV C_CloseAllSessions(CK_SLOT_ID slotID)
 {
-	CHECK_INIT();
+	ENTER_CALL();
 	if (slotID != SLOT_ID)
 		return CKR_SLOT_ID_INVALID;
 	pthread_mutex_lock(&g.mu);
