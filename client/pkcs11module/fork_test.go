@@ -9,7 +9,9 @@ import (
 
 // The module across fork(): testdata/forkcheck.c (built here with the C
 // compiler the module needs anyway) forks while two threads sign, and each
-// child initializes the module again and signs; the parent never stops.
+// child, before any call, holds none of the parent's connections (those its
+// threads had borrowed for a round trip included), then initializes the
+// module again and signs; the parent never stops.
 func TestForkSafety(t *testing.T) {
 	need(t, "cc")
 	startFixture(t, fixtureOptions{})

@@ -383,6 +383,15 @@ void sg_agent_close(sg_agent *a)
 	}
 }
 
+void sg_agent_close_copies(sg_agent *a)
+{
+	for (sg_conn *c = a->all; c; c = c->all_next) {
+		if (c->fd >= 0)
+			close(c->fd);
+		c->fd = -1; /* the number may be reused by the child's own files */
+	}
+}
+
 void sg_agent_forget(sg_agent *a)
 {
 	/* The mutex may have been held by a parent thread at fork time: do not

@@ -60,9 +60,18 @@ void sg_agent_release(sg_agent *a, sg_conn *c);
 void sg_agent_close(sg_agent *a);
 
 /*
+ * sg_agent_close_copies closes this process's copy of every connection's
+ * socket, pooled or borrowed, and marks each closed (fd -1), touching
+ * nothing else: a fork child's atfork handler calls it, while the forking
+ * thread holds the pool's lock (so the list is whole), and the parent's
+ * sockets stay as they were. Only close(2), which is async-signal-safe.
+ */
+void sg_agent_close_copies(sg_agent *a);
+
+/*
  * sg_agent_forget drops every connection, pooled or borrowed, without
  * touching the sockets' state in the parent: after fork the child closes
- * only its copies of the fds.
+ * only its copies of the fds (those sg_agent_close_copies left).
  */
 void sg_agent_forget(sg_agent *a);
 

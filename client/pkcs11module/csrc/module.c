@@ -177,6 +177,13 @@ static void on_fork_child(void)
 {
 	/* The forking thread, the child's only one, holds them all. */
 	if (g_fork_holds_mu) {
+		/* Nothing in the child may use the parent's connections (every
+		 * call answers CKR_CRYPTOKI_NOT_INITIALIZED until C_Initialize,
+		 * which drops them): close the child's copies now, those a
+		 * parent thread had borrowed for a round trip included, rather
+		 * than leave them open for the life of a child that never
+		 * initializes the module. The parent's sockets are untouched. */
+		sg_agent_close_copies(&g.agent);
 		pthread_mutex_unlock(&g.agent.mu);
 		pthread_mutex_unlock(&g.mu);
 	}

@@ -4,7 +4,13 @@
  * held and a request in flight. Each child must find the module
  * uninitialized (PKCS#11 v2.40 section 6.7.7), initialize it again, sign on
  * its own connection and finalize, leaving no connection open; the
- * parent's threads must keep signing throughout on theirs.
+ * parent's threads must keep signing throughout on theirs. Before it calls
+ * the module at all, each child must hold no socket: its copies of the
+ * parent's connections, pooled or borrowed by a signing thread at the
+ * fork, are the child's to close at once, or a child that never uses the
+ * module keeps them until it execs or exits. Most forks land while a
+ * thread is in a round trip (the parent's signers never pause); the run
+ * fails if none did.
  * Usage: forkcheck MODULE KEY-LABEL. Prints "ok ...".
  */
 #include <dirent.h>
@@ -14,6 +20,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -23,6 +30,9 @@ static CK_FUNCTION_LIST *f;
 static const char *label;
 static volatile int stop;
 static long signatures[2];
+static int signing[2]; /* atomic: thread i is inside sign_once */
+/* In a shared page: children that found a parent thread signing at the fork. */
+static int *forks_mid_call;
 
 static void die(const char *what, CK_RV rv)
 {
@@ -68,8 +78,11 @@ static void *signer(void *arg)
 	long *count = arg;
 	CK_OBJECT_HANDLE key;
 	CK_SESSION_HANDLE s = open_and_find(&key);
+	int *busy = &signing[count - signatures];
 	while (!stop) {
+		__atomic_store_n(busy, 1, __ATOMIC_SEQ_CST);
 		CK_RV rv = sign_once(s, key);
+		__atomic_store_n(busy, 0, __ATOMIC_SEQ_CST);
 		if (rv)
 			die("parent thread C_Sign", rv);
 		(*count)++;
@@ -96,6 +109,11 @@ int main(int argc, char **argv)
 	CK_C_INITIALIZE_ARGS args = {.flags = CKF_OS_LOCKING_OK};
 	if ((rv = f->C_Initialize(&args)))
 		die("C_Initialize", rv);
+	forks_mid_call = mmap(NULL, sizeof *forks_mid_call, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	if (forks_mid_call == MAP_FAILED) {
+		perror("mmap");
+		return 1;
+	}
 	CK_OBJECT_HANDLE key;
 	CK_SESSION_HANDLE s = open_and_find(&key);
 	if ((rv = sign_once(s, key)))
@@ -113,6 +131,17 @@ int main(int argc, char **argv)
 			return 1;
 		}
 		if (pid == 0) {
+			/* The module's connections to the agent are the only
+			 * sockets forkcheck has. */
+			int inherited = open_sockets();
+			if (inherited < 0)
+				die("opendir /proc/self/fd", 0);
+			if (inherited) {
+				fprintf(stderr, "forkcheck [%d]: %d of the parent's agent connections open in the child before any call\n", (int)getpid(), inherited);
+				_exit(1);
+			}
+			if (signing[0] || signing[1])
+				__atomic_add_fetch(forks_mid_call, 1, __ATOMIC_SEQ_CST);
 			CK_SLOT_ID slot;
 			CK_ULONG n = 1;
 			if ((rv = f->C_GetSlotList(CK_TRUE, &slot, &n)) != CKR_CRYPTOKI_NOT_INITIALIZED)
@@ -128,11 +157,7 @@ int main(int argc, char **argv)
 					die("child C_Sign", rv);
 			if ((rv = f->C_Finalize(NULL)))
 				die("child C_Finalize", rv);
-			/* Copies of the parent's connections, those its threads had
-			 * borrowed at the fork included, are closed by the child's
-			 * C_Initialize; its own by C_Finalize. */
-			/* The module's connections to the agent are the only
-			 * sockets forkcheck has. */
+			/* Its own connections are closed by C_Finalize. */
 			int left = open_sockets();
 			if (left < 0)
 				die("opendir /proc/self/fd", 0);
@@ -156,6 +181,11 @@ int main(int argc, char **argv)
 		die("C_Sign after the forks", rv);
 	if ((rv = f->C_Finalize(NULL)))
 		die("C_Finalize", rv);
-	printf("ok: %d forks, %ld parent signatures meanwhile\n", forks, signatures[0] + signatures[1]);
+	if (*forks_mid_call == 0) {
+		fprintf(stderr, "forkcheck: no fork landed while a parent thread was signing\n");
+		return 1;
+	}
+	printf("ok: %d forks (%d with a parent thread signing), %ld parent signatures meanwhile\n", forks, *forks_mid_call,
+	       signatures[0] + signatures[1]);
 	return 0;
 }
