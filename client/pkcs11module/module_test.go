@@ -509,11 +509,20 @@ func TestFinalizeAndInitializeAgain(t *testing.T) {
 		t.Fatal("cannot load the module")
 	}
 	defer ctx.Destroy()
+	var before []p11.SessionHandle
 	for round := 0; round < 3; round++ {
 		if err := ctx.Initialize(); err != nil {
 			t.Fatalf("round %d: C_Initialize: %v", round, err)
 		}
 		s := openSession(t, ctx)
+		// Handles die with C_Finalize: one kept from an earlier round
+		// must not name this round's session.
+		for _, old := range before {
+			if _, err := ctx.GetSessionInfo(old); ckr(err) != p11.CKR_SESSION_HANDLE_INVALID {
+				t.Fatalf("round %d: a session handle from before C_Finalize (%#x, now %#x): %v", round, old, s, err)
+			}
+		}
+		before = append(before, s)
 		key := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
 		if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA_SHA256, nil)}, key); err != nil {
 			t.Fatal(err)

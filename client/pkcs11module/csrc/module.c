@@ -73,9 +73,14 @@ static struct {
 	int keys_loaded;
 	sg_session **sess;
 	size_t nsess, opensess, rwsess;
-	uint64_t gen;
 	int logged_in;
 } g;
+
+/* The high bits of session handles, bumped at every open under g.mu. It
+ * lives outside g, which C_Initialize and C_Finalize clear, so that a
+ * handle kept from before C_Finalize (or from the parent, in a fork child)
+ * does not name a session opened after the next C_Initialize. */
+static uint64_t g_session_gen;
 
 /* Set in a fork child: every call answers CKR_CRYPTOKI_NOT_INITIALIZED
  * until the child calls C_Initialize, which drops the parent's state.
@@ -978,8 +983,8 @@ EXPORT CK_RV C_OpenSession(CK_SLOT_ID slotID, CK_FLAGS flags, CK_VOID_PTR pAppli
 	}
 	/* The low bits index the table; the high bits change with every open,
 	 * so a stale handle to a reused slot is refused. */
-	g.gen++;
-	s->h = (CK_SESSION_HANDLE)(i + 1) | (CK_SESSION_HANDLE)(g.gen << 20);
+	g_session_gen++;
+	s->h = (CK_SESSION_HANDLE)(i + 1) | (CK_SESSION_HANDLE)(g_session_gen << 20);
 	g.sess[i] = s;
 	g.opensess++;
 	if (s->flags & CKF_RW_SESSION)
