@@ -59,7 +59,7 @@ func BenchmarkMiekgSignECDSAP256(b *testing.B) {
 	p, name := benchProvider(b, providers.KeyECDSAP256, 0)
 	digest := digestOf(crypto.SHA256, []byte("bench"))
 	k, _ := p.keys.Get(name)
-	key := p11.ObjectHandle(k.handle.Load())
+	key := k.handle.Load().obj
 	c := p.mod.ctx
 	mech := []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}
 	openSession := func(b *testing.B) p11.SessionHandle {

@@ -63,8 +63,10 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	// should not hold one of the signing sessions. Closing it afterwards
 	// keeps the login, since the pool's sessions stay open.
 	var sh p11.SessionHandle
+	var shGen uint64
 	err = p.call("open-session", func(c *p11.Ctx) error {
 		var err error
+		shGen = p.mod.gen.Load() // the generation its key handle will belong to
 		sh, err = c.OpenSession(uint(p.slot.Load()), p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
 		return err
 	})
@@ -124,7 +126,7 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 				return destroy(err)
 			}
 			k.info, k.sigLen = info, n
-			k.handle.Store(uint64(priv))
+			k.setHandle(priv, shGen)
 			return nil
 		})
 	})

@@ -37,13 +37,31 @@ var (
 )
 
 // key is one served key. info and obj never change; handle is the private
-// key's object handle in the current login and module generation (0 when
+// key's object handle and the module generation it was found in (nil when
 // the object could not be found after a re-login).
 type key struct {
 	info   providers.KeyInfo
 	obj    objectSelector
 	sigLen int
-	handle atomic.Uint64
+	handle atomic.Pointer[keyHandle]
+}
+
+// keyHandle is an object handle with the module generation it belongs to.
+// A provider's generation moves when its reload starts, its handles only as
+// its key search reaches each key; the number of a handle from an older
+// generation may name another object now (another provider's key), so
+// Sign passes a handle to the module only in its own generation. gen is
+// that of the session the handle was found (or generated) through: one a
+// reload had voided gives a handle Sign refuses, not one it trusts. One
+// value, so that a signer never reads a number with another's generation.
+type keyHandle struct {
+	obj p11.ObjectHandle
+	gen uint64
+}
+
+// setHandle records h, found in module generation gen.
+func (k *key) setHandle(h p11.ObjectHandle, gen uint64) {
+	k.handle.Store(&keyHandle{obj: h, gen: gen})
 }
 
 // signParams picks the mechanism for alg and fills in the module's input: the

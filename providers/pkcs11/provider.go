@@ -206,7 +206,7 @@ func (p *Provider) resolveKey(s *session, k *key) error {
 			return err
 		}
 		k.info, k.sigLen = info, n
-		k.handle.Store(uint64(h))
+		k.setHandle(h, s.gen)
 		return nil
 	})
 }
@@ -273,8 +273,8 @@ func (p *Provider) signOn(ctx context.Context, name string, alg providers.Algori
 		if err != nil {
 			return nil, fmt.Errorf("pkcs11 sign %s: %w", name, err)
 		}
-		h := uint(k.handle.Load())
-		if h == 0 {
+		h := k.handle.Load()
+		if h == nil {
 			p.release(s)
 			return nil, fmt.Errorf("pkcs11 sign %s: key object %s is missing from the token or was replaced: %w", name, k.obj, providers.ErrUnavailable)
 		}
@@ -333,7 +333,7 @@ const rvStale = ^uint(0)
 const rvGaveUp = ^uint(0) - 1
 
 // signCall is the hot path's one cgo crossing (see shim.go).
-func (p *Provider) signCall(ctx context.Context, s *session, key uint, params *signParams, input, out []byte) (rv uint, n int, failedInit bool) {
+func (p *Provider) signCall(ctx context.Context, s *session, key *keyHandle, params *signParams, input, out []byte) (rv uint, n int, failedInit bool) {
 	if p.inject != nil {
 		if rv := p.inject("sign"); rv != 0 {
 			return rv, 0, true
@@ -347,11 +347,14 @@ func (p *Provider) signCall(ctx context.Context, s *session, key uint, params *s
 	// Inside the gate the generation cannot move. A reload between acquire
 	// and here voided both handles, and their numbers may have been given
 	// to other sessions and objects (another provider's keys among them).
-	if g := p.mod.gen.Load(); s.gen != g || p.gen.Load() != g {
+	// The provider's generation is not enough for the key: it moves when
+	// its reload starts, the key's handle only when the reload's search
+	// finds it again.
+	if g := p.mod.gen.Load(); s.gen != g || key.gen != g || p.gen.Load() != g {
 		p.mod.exit()
 		return rvStale, 0, true
 	}
-	rv, n, failedInit = p.mod.lib.sign(uint(s.h), key, params, input, out)
+	rv, n, failedInit = p.mod.lib.sign(uint(s.h), uint(key.obj), params, input, out)
 	p.mod.exit()
 	return rv, n, failedInit
 }

@@ -747,6 +747,184 @@ func TestReloadBySharerFindsKeysAgain(t *testing.T) {
 	}
 }
 
+// A provider's reload after a sharer's stores the module's generation
+// before it finds its keys again; a signer that took a session of the new
+// generation just before, and loaded its key's handle from the old one,
+// must not reach the module with that handle in between: SoftHSM2 has
+// given the number to the sharer's key (b1's old handle is a0's after the
+// reload, as in TestReloadBySharerFindsKeysAgain), and the signature would
+// verify under a0, not under the key asked for. Each case parks the signer
+// in the sign hook with its session and handle in hand (its first try
+// failed, so it holds a retry's fresh session opened after the sharer's
+// reload), holds the bystander's repair at the stage named, and lets the
+// signer go: it must get a clean ErrUnavailable or a signature that
+// verifies under b1.
+func TestStaleKeyHandleNeverSignsInANewGeneration(t *testing.T) {
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	for _, tc := range []struct {
+		name   string
+		heldOp string // the bystander's repair call held
+	}{
+		{"the generation is stored, the slot not yet found", "slot"},
+		{"the keys are being found again", "find"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tok := softhsmtest.New(t, "stalehandle")
+			generate := func(labels []string, idBase byte) []KeyConfig {
+				var kc []KeyConfig
+				for i, l := range labels {
+					k := tok.GenerateKey(t, providers.KeyECDSAP256, l, []byte{idBase + byte(i)})
+					kc = append(kc, KeyConfig{Name: l, URI: k.URI})
+				}
+				return kc
+			}
+			bystanderKeys := generate([]string{"b0", "b1"}, 0x10)
+			reloaderKeys := generate([]string{"a0"}, 0x20)
+
+			var (
+				armed     atomic.Bool
+				signs     atomic.Int32
+				holdRep   atomic.Bool
+				firstIn   = make(chan struct{})
+				firstGo   = make(chan struct{})
+				retryIn   = make(chan struct{})
+				retryGo   = make(chan struct{})
+				repairIn  = make(chan struct{})
+				repairGo  = make(chan struct{})
+				goFirst   = sync.OnceFunc(func() { close(firstGo) })
+				goRetry   = sync.OnceFunc(func() { close(retryGo) })
+				goRepair  = sync.OnceFunc(func() { close(repairGo) })
+				repairHit = sync.OnceFunc(func() { close(repairIn) })
+			)
+			defer goFirst()
+			defer goRetry()
+			defer goRepair()
+			bystander := open(t, tok, bystanderKeys, func(c *Config) {
+				c.ID = "bystander"
+				c.Sessions = 1
+				c.FaultHook = func(op string) uint {
+					if !armed.Load() {
+						return 0
+					}
+					if op == "sign" {
+						switch signs.Add(1) {
+						case 1: // its session dies; it retries on a fresh one
+							close(firstIn)
+							<-firstGo
+							return p11.CKR_SESSION_HANDLE_INVALID
+						case 2: // the retry, its session and handle in hand
+							close(retryIn)
+							<-retryGo
+						}
+						return 0
+					}
+					if op == tc.heldOp && holdRep.Load() {
+						repairHit()
+						<-repairGo
+					}
+					return 0
+				}
+			})
+			faults := newFaultSwitch()
+			reloader := open(t, tok, reloaderKeys, func(c *Config) {
+				c.ID = "reloader"
+				c.Sessions = 2
+				c.FaultHook = faults.hook
+			})
+			b0, b1 := keyInfo(t, bystander, "b0"), keyInfo(t, bystander, "b1")
+			a0 := keyInfo(t, reloader, "a0")
+
+			type result struct {
+				sig []byte
+				err error
+			}
+			sign := func(name string, digest []byte) chan result {
+				ch := make(chan result, 1)
+				go func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					defer cancel()
+					sig, err := bystander.Sign(ctx, name, alg, digest)
+					ch <- result{sig, err}
+				}()
+				return ch
+			}
+			wait := func(what string, ch chan struct{}) {
+				t.Helper()
+				select {
+				case <-ch:
+				case <-time.After(10 * time.Second):
+					t.Fatalf("waited 10s for %s", what)
+				}
+			}
+
+			armed.Store(true)
+			digest := digestOf(crypto.SHA256, []byte("asked of b1"))
+			signer := sign("b1", digest)
+			wait("the signer's first try", firstIn)
+
+			// The sharer reloads the module; the bystander has not noticed.
+			genBefore := reloader.mod.gen.Load()
+			faults.set(map[string]uint{"sign": p11.CKR_DEVICE_REMOVED})
+			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+			_, err := reloader.Sign(ctx, "a0", alg, digestOf(crypto.SHA256, []byte("gone")))
+			cancel()
+			if !errors.Is(err, providers.ErrUnavailable) {
+				t.Fatalf("Sign with the device gone: %v, want ErrUnavailable", err)
+			}
+			faults.set(nil)
+			waitHealthy(t, reloader, 5*time.Second)
+			if reloader.mod.gen.Load() == genBefore {
+				t.Fatal("the module was not reloaded")
+			}
+
+			goFirst()
+			wait("the signer's retry", retryIn)
+
+			// Another signer finds the bystander behind the module; its
+			// repair is held with the provider's generation already new.
+			holdRep.Store(true)
+			other := sign("b0", digestOf(crypto.SHA256, []byte("asked of b0")))
+			wait("the bystander's repair to reach "+tc.heldOp, repairIn)
+			if got, want := bystander.gen.Load(), bystander.mod.gen.Load(); got != want {
+				t.Fatalf("the repair is held with the provider at generation %d, the module at %d", got, want)
+			}
+
+			goRetry()
+			var r result
+			select {
+			case r = <-signer:
+				goRepair()
+			case <-time.After(500 * time.Millisecond):
+				// It waits for the repair: let it finish.
+				goRepair()
+				r = <-signer
+			}
+			switch {
+			case r.err != nil:
+				if !errors.Is(r.err, providers.ErrUnavailable) {
+					t.Errorf("the signer got %v, want ErrUnavailable or a good signature", r.err)
+				}
+			case providers.Verify(b1.Public, alg, digest, r.sig) == nil:
+			case providers.Verify(a0.Public, alg, digest, r.sig) == nil:
+				t.Errorf("b1's signature verifies under the reloader's key a0: signed with a handle of the old generation")
+			default:
+				t.Errorf("b1's signature verifies under no key it was asked of: %v", providers.Verify(b1.Public, alg, digest, r.sig))
+			}
+			if o := <-other; o.err != nil {
+				t.Errorf("the other signer: %v", o.err)
+			} else if err := providers.Verify(b0.Public, alg, digestOf(crypto.SHA256, []byte("asked of b0")), o.sig); err != nil {
+				t.Errorf("the other signer's signature: %v", err)
+			}
+
+			waitHealthy(t, bystander, 5*time.Second)
+			for _, kc := range bystanderKeys {
+				signAndVerify(t, bystander, kc.Name, alg, []byte("after the repair"))
+			}
+			signAndVerify(t, reloader, "a0", alg, []byte("after the repair"))
+		})
+	}
+}
+
 // replaceKeyPair destroys the objects labelled label and generates a new
 // pair under the same label and id.
 func replaceKeyPair(t *testing.T, tok *softhsmtest.Token, label string, id []byte) {
@@ -1046,7 +1224,7 @@ func TestLogoutDuringTheKeySearchDoesNotStrandTheKey(t *testing.T) {
 	}
 	if err != nil {
 		k, _ := p.keys.Get(name)
-		t.Fatalf("3s after the faults ended, %d Signs failed, last: %v; Healthy() = %v; key handle %d",
+		t.Fatalf("3s after the faults ended, %d Signs failed, last: %v; Healthy() = %v; key handle %+v",
 			fails, err, p.Healthy(), k.handle.Load())
 	}
 	signAndVerify(t, other, name, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("other"))

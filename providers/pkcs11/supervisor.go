@@ -256,7 +256,7 @@ func (p *Provider) login(s *session) error {
 }
 
 // findKeys finds every served key's private key object again. A key whose
-// object has gone is kept with handle 0: it signs with ErrUnavailable until a
+// object has gone is kept without a handle: it signs with ErrUnavailable until a
 // later repair finds it.
 //
 // The object is found by its label and id, which a new key can take over
@@ -289,7 +289,7 @@ func (p *Provider) findKeys(s *session) error {
 			return nil
 		})
 		if errors.Is(err, errObjectMissing) {
-			k.handle.Store(0)
+			k.handle.Store(nil)
 			missing = true
 			p.log.Warn("pkcs11 key object missing after re-login", zap.String("key", k.info.Name), zap.Stringer("object", k.obj))
 			continue
@@ -298,12 +298,12 @@ func (p *Provider) findKeys(s *session) error {
 			return fmt.Errorf("find key %s: %w", k.info.Name, err)
 		}
 		if readErr != nil || !sameKey(k.info.Public, pub) {
-			k.handle.Store(0)
+			k.handle.Store(nil)
 			p.log.Error("pkcs11 key object replaced: its public key is not the served key's; not signing with it",
 				zap.String("key", k.info.Name), zap.String("kid", k.info.KID), zap.Stringer("object", k.obj), zap.NamedError("read", readErr))
 			continue
 		}
-		k.handle.Store(uint64(h))
+		k.setHandle(h, s.gen)
 	}
 	if missing {
 		// A session logged out meanwhile (another provider's logout on
