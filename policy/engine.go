@@ -283,13 +283,15 @@ func (s *slotState) rebase(pol *Policy, now int64) {
 // An allowed Decision counts in its slot's signatures in flight until its
 // Done, which the caller must call once the signature is out or withheld.
 func (e *Engine) Check(tenant, slot string, id Identity, alg providers.Algorithm, digestLen int) Decision {
-	d, rs := e.check(tenant, slot, id, alg, digestLen)
+	d, rs, counted := e.check(tenant, slot, id, alg, digestLen)
 	if d.Reason == OK && rs != nil {
 		rs.inFlight.Add(1)
 		if rs.paused.Load() {
 			// A Pause landed between the check and the count: it may
-			// have found the slot idle already, so this one is refused.
+			// have found the slot idle already, so this one is refused,
+			// and a refusal takes neither a quota unit nor a token.
 			rs.inFlight.Add(-1)
+			rs.giveBack(&d.Slot.Policy, counted)
 			d.Reason = Paused
 			return d
 		}
@@ -298,40 +300,42 @@ func (e *Engine) Check(tenant, slot string, id Identity, alg providers.Algorithm
 	return d
 }
 
-func (e *Engine) check(tenant, slot string, id Identity, alg providers.Algorithm, digestLen int) (Decision, *slotState) {
+// check applies the rules; an allowed request's slot state is returned
+// with the quota day its unit was taken from.
+func (e *Engine) check(tenant, slot string, id Identity, alg providers.Algorithm, digestLen int) (Decision, *slotState, uint64) {
 	st := e.state.Load()
 	t := st.set.tenantOf(id)
 	if t == nil {
-		return Decision{Reason: NotFound}, nil
+		return Decision{Reason: NotFound}, nil, 0
 	}
 	if t.Name != tenant {
-		return Decision{Reason: NotFound, PolicyHash: t.hash}, nil
+		return Decision{Reason: NotFound, PolicyHash: t.hash}, nil, 0
 	}
 	sl, ok := t.slots[slot]
 	if !ok {
-		return Decision{Reason: NotFound, PolicyHash: t.hash}, nil
+		return Decision{Reason: NotFound, PolicyHash: t.hash}, nil, 0
 	}
 	d := Decision{PolicyHash: t.hash, Slot: sl}
 	pol := &sl.Policy
 	if pol.clients != nil && !pol.clients.matches(id) {
 		d.Reason = PermissionDenied
-		return d, nil
+		return d, nil, 0
 	}
 	rs := st.slots[sl.index]
 	if pol.Paused || rs.paused.Load() {
 		d.Reason = Paused
-		return d, nil
+		return d, nil, 0
 	}
 	if algorithmBit(alg)&pol.algs == 0 {
 		d.Reason = UnsupportedAlgorithm
-		return d, nil
+		return d, nil, 0
 	}
 	if n := digestSize(alg); n >= 0 && digestLen != n {
 		d.Reason = BadRequest
-		return d, nil
+		return d, nil, 0
 	}
 	if pol.window == nil && pol.DailyQuota == 0 && pol.Rate == nil {
-		return d, rs
+		return d, rs, 0
 	}
 	now := e.clock()
 	if pol.window != nil {
@@ -340,7 +344,7 @@ func (e *Engine) check(tenant, slot string, id Identity, alg providers.Algorithm
 			if n := pol.window.untilNext(m); n > 0 {
 				d.RetryAfter = time.Duration(n)*time.Minute - sinceMinute(now)
 			}
-			return d, nil
+			return d, nil, 0
 		}
 	}
 	var counted uint64 // the day the quota unit was taken from
@@ -351,7 +355,7 @@ func (e *Engine) check(tenant, slot string, id Identity, alg providers.Algorithm
 			// The day counted against, which a clock stepped back across
 			// midnight leaves a day ahead of today's.
 			d.RetryAfter = time.Unix(int64(counted+1)*86400, 0).Sub(now)
-			return d, nil
+			return d, nil, 0
 		}
 	}
 	if pol.Rate != nil {
@@ -361,10 +365,10 @@ func (e *Engine) check(tenant, slot string, id Identity, alg providers.Algorithm
 			}
 			d.Reason = RateLimited
 			d.RetryAfter = time.Duration(wait)
-			return d, nil
+			return d, nil, 0
 		}
 	}
-	return d, rs
+	return d, rs, counted
 }
 
 func sinceMinute(t time.Time) time.Duration {
@@ -488,6 +492,20 @@ func (s *slotState) refundQuota(day uint64) {
 		if s.quota.CompareAndSwap(old, old-1) {
 			return
 		}
+	}
+}
+
+// giveBack returns what an allowed check under pol took, the quota unit
+// counted against day and the rate token, when the request is refused
+// after all.
+func (s *slotState) giveBack(pol *Policy, day uint64) {
+	if pol.DailyQuota > 0 {
+		s.refundQuota(day)
+	}
+	if pol.Rate != nil {
+		// The token's interval back off tat: exact whatever was taken
+		// since, and a bucket full meanwhile stays full (tat <= now).
+		s.tat.Add(-pol.interval)
 	}
 }
 

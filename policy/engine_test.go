@@ -498,6 +498,66 @@ func TestRateRefusalRefundsTheDayCounted(t *testing.T) {
 
 // A reload that brings slots back pauses those its caller names in the same
 // step that puts the set in force; slots that stayed keep their own state.
+// A Pause that lands after a Check passed the pause rule and before it
+// counted the request in flight refuses the request (the fence: the Pause
+// may have found the slot idle already), and the refusal takes nothing:
+// the quota unit and the rate token go back, so the slot still has its
+// whole quota and burst after the Resume. Before, the refused request kept
+// both, and an agent restarted that day counted the PAUSED record as
+// nothing, so memory and journal disagreed.
+func TestPauseLandingDuringACheckTakesNothing(t *testing.T) {
+	for _, tc := range []struct {
+		slot    string
+		allowed int    // Checks that pass after the Resume
+		then    Reason // the next one
+		count   uint64 // the day's count after them
+	}{
+		{"quota", 2, QuotaExceeded, 2}, // daily_quota 2
+		{"rated", 3, RateLimited, 0},   // burst 3
+		{"both", 1, RateLimited, 1},    // burst 1, daily_quota 5
+	} {
+		t.Run(tc.slot, func(t *testing.T) {
+			clock := newFakeClock(monday.Add(12 * time.Hour))
+			var e *Engine
+			var pauseAtRead atomic.Bool
+			// The engine reads its clock after the pause rule, for the
+			// windows, quota and rate: a Pause there lands mid-check.
+			e = NewEngine(mustParse(t, enginePolicy), func() time.Time {
+				if pauseAtRead.CompareAndSwap(true, false) {
+					if err := e.Pause("a", tc.slot); err != nil {
+						t.Error(err)
+					}
+				}
+				return clock.now()
+			})
+			pauseAtRead.Store(true)
+			d := e.Check("a", tc.slot, alice, es256, 32)
+			if d.Reason != Paused || d.Holds() {
+				t.Fatalf("Check with a Pause landing during it: %v (holds %v), want Paused", d.Reason, d.Holds())
+			}
+			if pauseAtRead.Load() {
+				t.Fatal("the clock was not read during the Check: the Pause did not land")
+			}
+			if err := e.Resume("a", tc.slot); err != nil {
+				t.Fatal(err)
+			}
+			for i := range tc.allowed {
+				d := e.Check("a", tc.slot, alice, es256, 32)
+				if d.Reason != OK {
+					t.Fatalf("Check %d after the Resume: %v, want OK (the refused one took a unit)", i+1, d.Reason)
+				}
+				d.Done()
+			}
+			if r := e.Check("a", tc.slot, alice, es256, 32).Reason; r != tc.then {
+				t.Fatalf("Check %d after the Resume: %v, want %v", tc.allowed+1, r, tc.then)
+			}
+			if got := e.DailyCounts(e.Today())["a/"+tc.slot]; got != tc.count {
+				t.Fatalf("the day's count: %d, want %d (the signatures allowed)", got, tc.count)
+			}
+		})
+	}
+}
+
 func TestSwapPausedPausesReturningSlots(t *testing.T) {
 	set := mustParse(t, enginePolicy)
 	e := NewEngine(mustParse(t, `
