@@ -187,21 +187,16 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 	e := t.key
 	alg, err := e.algorithmFor(req.Scheme, req.Hash)
 	if err != nil {
-		if t.slot != nil {
-			// The policy's rules before the algorithm's (the slot's
-			// clients, its pause) decide first, as docs/policy.md orders
-			// them: a caller outside clients learns nothing of the key.
-			early := c.a.policy.Check(tenant, t.slot.Name, c.identity(), providers.Algorithm{}, len(req.Digest))
-			early.Done()
-			if r := early.Reason; r == policy.PermissionDenied || r == policy.Paused {
-				d.policyHash = early.PolicyHash
-				c.a.metrics.denied(r)
-				return nil, &proto.Error{Code: reasonCode(r), Msg: early.Message()}
-			}
-		}
-		return nil, err
+		return nil, c.refuseBeforePolicy(req, d, err)
 	}
 	d.alg = alg
+	// The key's own checks before the policy's: a request the key cannot
+	// sign (PSS with an ECDSA key, which a policy allowing every algorithm
+	// lets through) must not take a quota unit and a rate token for a
+	// signature never made.
+	if err := providers.CheckRequest(e.info.Type, alg, req.Digest); err != nil {
+		return nil, c.refuseBeforePolicy(req, d, err)
+	}
 	if t.slot != nil {
 		*fence = c.a.policy.Check(tenant, t.slot.Name, c.identity(), alg, len(req.Digest))
 		d.policyHash = fence.PolicyHash
@@ -209,9 +204,6 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 			c.a.metrics.denied(fence.Reason)
 			return nil, &proto.Error{Code: reasonCode(fence.Reason), Msg: fence.Message()}
 		}
-	}
-	if err := providers.CheckRequest(e.info.Type, alg, req.Digest); err != nil {
-		return nil, err
 	}
 	sig, err := e.provider.Sign(ctx, e.info.Name, alg, req.Digest)
 	if err == nil {
@@ -231,6 +223,26 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 		return nil, fmt.Errorf("client went away: %w", err)
 	}
 	return nil, err
+}
+
+// refuseBeforePolicy answers a request refused for its algorithm or digest
+// before the policy's full check, which would count it. The policy's rules
+// before the algorithm's (the slot's clients, its pause) still decide
+// first, as docs/policy.md orders them: a caller outside clients learns
+// nothing of the key. That check allows nothing (no algorithm), so it
+// takes no quota unit or token.
+func (c *conn) refuseBeforePolicy(req *proto.Request, d *signDecision, err error) error {
+	if d.target.slot == nil {
+		return err
+	}
+	early := c.a.policy.Check(d.tenant, d.target.slot.Name, c.identity(), providers.Algorithm{}, len(req.Digest))
+	early.Done()
+	if r := early.Reason; r == policy.PermissionDenied || r == policy.Paused {
+		d.policyHash = early.PolicyHash
+		c.a.metrics.denied(r)
+		return &proto.Error{Code: reasonCode(r), Msg: early.Message()}
+	}
+	return err
 }
 
 // servedKeyLost turns a provider's "no such key" for a key the agent

@@ -149,9 +149,11 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 // whether or not the provider then signs (policy.Engine.Check), so a record
 // counts if it was released (OK) or if the policy decided on it (its
 // tenant's policy hash is set) with a code no policy refusal has: a provider
-// failure, a deadline. BAD_REQUEST and UNSUPPORTED_ALGORITHM after an allow
-// (the provider's own request checks, which the policy's mostly repeat) are
-// read as the policy's refusals of the same codes and not counted.
+// failure, a deadline. A PAUSED record is not counted: the policy gives back
+// what it took from a request a Pause refuses as it lands. BAD_REQUEST and
+// UNSUPPORTED_ALGORITHM are not either: the key's own request checks run
+// before the policy counts (agents before them ran after it, and their
+// records are read the same way).
 func countsAgainstQuota(r *journal.Record, refusals map[proto.Code]bool) bool {
 	if r.Code == uint16(proto.OK) {
 		return true

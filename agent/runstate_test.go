@@ -407,6 +407,45 @@ func TestDailyQuotaSurvivesRestart(t *testing.T) {
 	expectOneLeft("failed requests counted, refusals not")
 }
 
+// A request the provider refuses before signing (a scheme the slot's key
+// cannot make, which a policy allowing every algorithm lets through) takes
+// no quota unit and no rate token: no signature was made. It used to take
+// both, in memory only (a restart read its UNSUPPORTED_ALGORITHM record as
+// a refusal), so a client asking for the wrong scheme used up the slot's
+// day without a signature.
+func TestRequestTheKeyCannotSignTakesNoQuota(t *testing.T) {
+	cfg := pauseConfig(t)
+	policyText := strings.Replace(pausePolicy(true), "{name: release, key: default}",
+		"{name: release, key: default, policy: {daily_quota: 2, rate: {per_second: 0.001, burst: 3}}}", 1)
+	if err := os.WriteFile(cfg.Policy, []byte(policyText), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := sha256.Sum256([]byte("wrong scheme"))
+	agentLifetime(t, cfg, func(c, _ *client.Client) {
+		ctx := context.Background()
+		// The slot's key is ECDSA P-256.
+		for _, alg := range []client.Algorithm{
+			{Scheme: client.SchemePSS, Hash: crypto.SHA256},
+			{Scheme: client.SchemePKCS1v15, Hash: crypto.SHA256},
+			{Scheme: client.SchemeEd25519},
+		} {
+			_, err := c.Sign(ctx, client.ByName("release"), alg, d[:])
+			if client.Code(err) != proto.UnsupportedAlgorithm {
+				t.Fatalf("Sign with scheme %d on an ECDSA key: %v, want UNSUPPORTED_ALGORITHM", alg.Scheme, err)
+			}
+		}
+		sign := releaseSigner("quota")
+		for i := range 2 {
+			if err := sign(c); err != nil {
+				t.Fatalf("signature %d of the quota of 2: %v", i+1, err)
+			}
+		}
+		if err := sign(c); client.Code(err) != proto.QuotaExceeded {
+			t.Fatalf("past the quota: %v, want QUOTA_EXCEEDED", err)
+		}
+	})
+}
+
 // Fail closed at start: an agent that cannot read its stored pauses, or
 // the counts behind today's quotas, does not start, since it could not
 // tell which slots may sign or how much. The reads fail once the journal
