@@ -34,8 +34,9 @@ const pauseKeyPrefix = "pause/"
 var errPauseNotStored = errors.New("the pause could not be stored in the journal")
 
 // pauser pauses and resumes slots in the policy engine and the journal.
-// An operator's pauser lifts any pause; a drill's (own set) lifts only its
-// own, as rotation.Pauser asks.
+// An operator's pauser pauses and lifts any pause; a drill's (own set)
+// pauses only a slot that signs and lifts only its own pause, as
+// rotation.Pauser asks.
 type pauser struct {
 	a  *Agent
 	by string // who asks, stored with the pause
@@ -47,6 +48,15 @@ type pauser struct {
 func (p pauser) Pause(tenant, slot string) error {
 	p.a.pauseMu.Lock()
 	defer p.a.pauseMu.Unlock()
+	if p.own != nil {
+		// A drill's look and its pause are one step under pauseMu, which
+		// an operator's pause takes too: a pause made between a separate
+		// look and this one would be numbered the drill's below, and
+		// lifted by its resume.
+		if paused, _ := p.a.policy.Paused(tenant, slot); paused {
+			return rotation.ErrPausedAlready
+		}
+	}
 	if err := p.a.policy.Pause(tenant, slot); err != nil {
 		return err
 	}
@@ -111,12 +121,6 @@ func (p pauser) Resume(tenant, slot string) error {
 		return fmt.Errorf("%w: %w", rotation.ErrPausedMeanwhile, err)
 	}
 	return err
-}
-
-// Paused reports whether the slot refuses with PAUSED now (a run-time
-// pause or its policy file).
-func (p pauser) Paused(tenant, slot string) (paused, found bool) {
-	return p.a.policy.Paused(tenant, slot)
 }
 
 // restorePauses puts the stored pauses back in force. A stored pause of a

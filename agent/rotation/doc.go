@@ -106,7 +106,7 @@
 // agent gives an operator's: a hung provider fails the rotation rather than
 // holding the slot and every later round. Tick does one round at the
 // injected clock; Run loops on a timer. Rotator.Drill pauses
-// the slot through a Pauser (the policy engine), rotates in emergency
+// the slot through a Pauser (the agent's, over its policy engine), rotates in emergency
 // mode, resumes, and renders an incident statement from the journal
 // records of the drill. A failed drill leaves the slot paused.
 //

@@ -13,10 +13,14 @@ import (
 	"github.com/sigil-agent/sigil/proto"
 )
 
-// Pauser pauses and resumes a slot's signing (signers get PAUSED meanwhile).
-// The policy engine (policy.Engine) satisfies it. Paused reports whether
-// the slot refuses with PAUSED now, for whatever reason (an operator's
-// pause, the policy file).
+// Pauser pauses and resumes a slot's signing for a drill (signers get
+// PAUSED meanwhile); the agent's implements it.
+//
+// Pause pauses only a slot that signs: one paused already, for whatever
+// reason (an operator's pause, the policy file), it leaves as it is and
+// returns ErrPausedAlready. It looks and pauses in one step: a pause made
+// between a separate look and the drill's pause would be taken for the
+// drill's own, and lifted by its resume.
 //
 // Resume lifts only the pause this Pauser made: when someone paused the
 // slot again meanwhile (an operator, during the drill), it returns
@@ -24,12 +28,16 @@ import (
 type Pauser interface {
 	Pause(tenant, slot string) error
 	Resume(tenant, slot string) error
-	Paused(tenant, slot string) (paused, found bool)
 }
 
-// ErrPausedMeanwhile is a Pauser's Resume refusing to lift a pause someone
-// else made after its own.
-var ErrPausedMeanwhile = errors.New("the slot was paused again meanwhile, by someone else; it stays paused")
+var (
+	// ErrPausedAlready is a Pauser's Pause finding the slot paused by
+	// someone else: it stays so, and the drill does not resume it.
+	ErrPausedAlready = errors.New("the slot is paused already; it stays paused")
+	// ErrPausedMeanwhile is a Pauser's Resume refusing to lift a pause
+	// someone else made after its own.
+	ErrPausedMeanwhile = errors.New("the slot was paused again meanwhile, by someone else; it stays paused")
+)
 
 // DrillReport is the outcome of an incident drill.
 type DrillReport struct {
@@ -41,8 +49,8 @@ type DrillReport struct {
 	// Resumed: the slot was resumed. A drill whose rotation failed leaves
 	// the slot paused, and so does one on a slot paused before it.
 	Resumed bool
-	// WasPaused: the slot was paused before the drill (an operator's
-	// pause, or its policy file), and the drill left it so.
+	// WasPaused: the slot was paused when the drill came to pause it (an
+	// operator's pause, or its policy file), and the drill left it so.
 	WasPaused bool
 	// PausedMeanwhile: someone paused the slot again during the drill, and
 	// the drill left that pause in force instead of resuming.
@@ -63,9 +71,9 @@ type DrillReport struct {
 //     version stops verifying at the cut-over and is retired once the
 //     rotation succeeded), which re-signs and verifies the canary set and
 //     writes a REP;
-//  4. resume the slot, unless it was paused before the drill: an
-//     operator who paused a suspect key and then drills it means it to
-//     stay paused;
+//  4. resume the slot, unless it was paused when the drill came to
+//     pause it: an operator who paused a suspect key and then drills it
+//     means it to stay paused;
 //  5. an incident statement rendered from the journal records of the
 //     slot from the drill's first seq on, written next to the REPs and
 //     stored; its BLAKE3 is in the closing record "drill.done".
@@ -108,17 +116,16 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 	rep.FirstSeq = first.Seq
 
 	drillErr := func() error {
-		if paused, _ := p.Paused(tenant, name); paused {
-			// Paused already: the operator's pause, and who made it,
-			// stay as they are.
+		switch err := p.Pause(tenant, name); {
+		case errors.Is(err, ErrPausedAlready):
+			// The operator's pause, and who made it, stay as they are.
 			rep.WasPaused = true
 			if err := appendRec(rec("pause", "incident drill: the slot was paused already; it stays paused after the drill")); err != nil {
 				return fmt.Errorf("pause: journal: %w", err)
 			}
-		} else {
-			if err := p.Pause(tenant, name); err != nil {
-				return fmt.Errorf("pause: %w", err)
-			}
+		case err != nil:
+			return fmt.Errorf("pause: %w", err)
+		default:
 			if err := appendRec(rec("pause", "incident drill: signing refused with PAUSED")); err != nil {
 				return fmt.Errorf("pause: journal: %w", err)
 			}

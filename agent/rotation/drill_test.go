@@ -17,8 +17,8 @@ import (
 	"github.com/sigil-agent/sigil/providers"
 )
 
-// fakePauser records Pause and Resume calls, as the policy engine would
-// take them.
+// fakePauser records Pause and Resume calls, as the agent's pauser would
+// take them: a slot paused already it leaves alone.
 type fakePauser struct {
 	mu     sync.Mutex
 	paused map[string]bool
@@ -31,6 +31,9 @@ func (p *fakePauser) Pause(tenant, slot string) error {
 	if p.paused == nil {
 		p.paused = map[string]bool{}
 	}
+	if p.paused[tenant+"/"+slot] {
+		return ErrPausedAlready
+	}
 	p.paused[tenant+"/"+slot] = true
 	p.calls = append(p.calls, "pause "+tenant+"/"+slot)
 	return nil
@@ -42,10 +45,6 @@ func (p *fakePauser) Resume(tenant, slot string) error {
 	p.paused[tenant+"/"+slot] = false
 	p.calls = append(p.calls, "resume "+tenant+"/"+slot)
 	return nil
-}
-
-func (p *fakePauser) Paused(tenant, slot string) (paused, found bool) {
-	return p.isPaused(tenant + "/" + slot), true
 }
 
 func (p *fakePauser) isPaused(slot string) bool {
