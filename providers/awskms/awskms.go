@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,6 +22,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/kms"
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
 	"github.com/aws/smithy-go"
+	smithyhttp "github.com/aws/smithy-go/transport/http"
 	"go.uber.org/zap"
 
 	"github.com/sigil-agent/sigil/providers"
@@ -140,25 +142,33 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	// The SDK's standard retryer, for transient 5xx and connection resets
 	// only, with a jittered backoff capped so that retries fit inside the
 	// per-call deadline instead of outliving it. Throttling is not
-	// retried: it is RATE_LIMITED at once, for the client to back off,
-	// rather than three requests per signature to a service that is
-	// already refusing, in step with every other caller's.
+	// retried, whatever HTTP status carries it: it is RATE_LIMITED at
+	// once, for the client to back off, rather than three requests per
+	// signature to a service that is already refusing, in step with every
+	// other caller's. retryPolicy keeps a pause the service asks for
+	// inside the same bounds.
 	maxBackoff := cfg.Timeout / 4
 	opts := []func(*kms.Options){func(o *kms.Options) {
 		if cfg.Endpoint != "" {
 			o.BaseEndpoint = aws.String(cfg.Endpoint)
 		}
-		o.Retryer = retry.NewStandard(func(so *retry.StandardOptions) {
+		o.Retryer = retryPolicy{maxPause: maxBackoff, Standard: retry.NewStandard(func(so *retry.StandardOptions) {
 			so.MaxBackoff = maxBackoff
 			so.Backoff = jitterBackoff{max: maxBackoff}
 			so.Retryables = []retry.IsErrorRetryable{
 				retry.NoRetryCanceledError{},
+				retry.IsErrorRetryableFunc(func(err error) aws.Ternary {
+					if throttled(err) {
+						return aws.FalseTernary
+					}
+					return aws.UnknownTernary
+				}),
 				retry.RetryableError{},
 				retry.RetryableConnectionError{},
 				retry.RetryableHTTPStatusCode{Codes: retry.DefaultRetryableHTTPStatusCodes},
 				retry.RetryableErrorCode{Codes: retry.DefaultRetryableErrorCodes},
 			}
-		})
+		})}
 	}}
 	opts = append(opts, cfg.ClientOptions...)
 	client := kms.NewFromConfig(awsCfg, opts...)
@@ -556,15 +566,93 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 
 // jitterBackoff is a full-jitter exponential backoff from 25 ms, capped at
 // max. The SDK's own, under a cap below one second, waits the cap every
-// time: every caller retrying in step.
+// time: every caller retrying in step. A pause the service asks for
+// (X-Amz-Retry-After) replaces it: retryPolicy has checked that it fits.
 type jitterBackoff struct{ max time.Duration }
 
-func (b jitterBackoff) BackoffDelay(attempt int, _ error) (time.Duration, error) {
+func (b jitterBackoff) BackoffDelay(attempt int, err error) (time.Duration, error) {
+	if pause, ok := retryAfter(err); ok && pause <= b.max {
+		return pause, nil
+	}
 	ceil := min(b.max, 25*time.Millisecond<<min(attempt, 16))
 	if ceil <= 0 {
 		return 0, nil
 	}
 	return time.Duration(rand.Int64N(int64(ceil) + 1)), nil
+}
+
+// retryPolicy is the standard retryer, refusing a retry after an answer
+// that asks for a pause (X-Amz-Retry-After) longer than the backoff cap,
+// or than what is left of the call's deadline. The SDK would stretch its
+// backoff to that pause (up to 5 s beyond it), past the cap that keeps
+// retries inside the deadline, and sleep out the deadline to report
+// DEADLINE_EXCEEDED where the answer in hand says UNAVAILABLE now.
+type retryPolicy struct {
+	*retry.Standard
+	maxPause time.Duration
+}
+
+// GetRetryToken is asked before every retry, with the attempt's context
+// (whose deadline is the call's) and the error it failed with.
+func (r retryPolicy) GetRetryToken(ctx context.Context, err error) (func(error) error, error) {
+	if pause, ok := retryAfter(err); ok {
+		if pause > r.maxPause {
+			return nil, &pauseRefused{pause: pause, limit: "the backoff cap"}
+		}
+		if d, ok := ctx.Deadline(); ok && time.Until(d) < pause {
+			return nil, &pauseRefused{pause: pause, limit: "the call's deadline"}
+		}
+	}
+	return r.Standard.GetRetryToken(ctx, err)
+}
+
+// pauseRefused ends a call whose retry would wait longer than it may.
+type pauseRefused struct {
+	pause time.Duration
+	limit string
+}
+
+func (e *pauseRefused) Error() string {
+	return fmt.Sprintf("not retried: the service asks for a pause of %v, beyond %s", e.pause, e.limit)
+}
+
+// retryAfter returns the pause an error answer asks for in its
+// X-Amz-Retry-After header (milliseconds), read as the SDK reads it.
+func retryAfter(err error) (time.Duration, bool) {
+	var re *smithyhttp.ResponseError
+	if !errors.As(err, &re) || re.Response == nil || re.Response.Response == nil {
+		return 0, false
+	}
+	v := re.Response.Header.Get("X-Amz-Retry-After")
+	if v == "" {
+		return 0, false
+	}
+	ms, perr := strconv.ParseInt(v, 10, 64)
+	if perr != nil || ms < 0 {
+		return 0, false // the SDK ignores it too
+	}
+	// Beyond any cap; kept from overflowing a Duration.
+	return min(time.Duration(ms), time.Hour/time.Millisecond) * time.Millisecond, true
+}
+
+// throttleCodes are the API error codes of a throttled call, in KMS and
+// the AWS front ends before it.
+var throttleCodes = map[string]bool{
+	"ThrottlingException": true, "Throttling": true, "ThrottledException": true,
+	"TooManyRequestsException": true, "RequestLimitExceeded": true, "LimitExceededException": true,
+	"RequestThrottled": true, "RequestThrottledException": true, "SlowDown": true,
+}
+
+// throttled reports a throttled call: a throttling error code, under
+// whatever HTTP status, or a 429 whatever its body says (a proxy's, or
+// none).
+func throttled(err error) bool {
+	var status interface{ HTTPStatusCode() int }
+	if errors.As(err, &status) && status.HTTPStatusCode() == http.StatusTooManyRequests {
+		return true
+	}
+	var apiErr smithy.APIError
+	return errors.As(err, &apiErr) && throttleCodes[apiErr.ErrorCode()]
 }
 
 // Close implements providers.Provider. Sign fails with ErrUnavailable after
@@ -599,10 +687,16 @@ func classify(parent, callCtx context.Context, op string, err error) error {
 		return fmt.Errorf("awskms %s: request failed: %w", op, providers.ErrUnavailable)
 	}
 	code := apiErr.ErrorCode()
-	switch code {
-	case "ThrottlingException", "Throttling", "ThrottledException", "TooManyRequestsException",
-		"RequestLimitExceeded", "LimitExceededException":
+	if throttled(err) {
 		return fmt.Errorf("awskms %s: rate limited (%s): %w", op, code, providers.ErrRateLimited)
+	}
+	var refused *pauseRefused
+	if errors.As(err, &refused) {
+		// The answer (a 5xx, most likely) was retryable, but not within
+		// the bounds: said apart, so the log tells why it was not retried.
+		return fmt.Errorf("awskms %s: %s; %v: %w", op, code, refused, providers.ErrUnavailable)
+	}
+	switch code {
 	case "AccessDeniedException", "UnrecognizedClientException", "InvalidSignatureException",
 		"IncompleteSignature", "MissingAuthenticationToken", "InvalidClientTokenId",
 		"ExpiredTokenException", "ExpiredToken", "SignatureDoesNotMatch":

@@ -50,6 +50,16 @@ type transport struct {
 	injected  atomic.Int64 // requests answered by inject
 	staleARN  string       // what a faultStaleRead DescribeKey names
 	attempts  atomic.Int64 // requests of a faultAppliedThenThrottled operation
+	replies   sync.Map     // operation name → reply, on every attempt, counted in injected
+}
+
+// reply is a canned KMS answer: an error body with the status and headers
+// KMS (or a proxy in front of it) may send. local-kms never sees the
+// request.
+type reply struct {
+	status int
+	body   string
+	header http.Header
 }
 
 // fault is how an operation fails as the client sees it.
@@ -79,6 +89,21 @@ const (
 func (tr *transport) Do(req *http.Request) (*http.Response, error) {
 	target := req.Header.Get("X-Amz-Target")
 	op := target[strings.LastIndexByte(target, '.')+1:]
+	if r, ok := tr.replies.Load(op); ok {
+		tr.injected.Add(1)
+		rp := r.(reply)
+		h := rp.header.Clone()
+		if h == nil {
+			h = http.Header{}
+		}
+		h.Set("Content-Type", "application/x-amz-json-1.1")
+		return &http.Response{
+			Status: http.StatusText(rp.status), StatusCode: rp.status,
+			Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+			Header: h, Body: io.NopCloser(strings.NewReader(rp.body)),
+			ContentLength: int64(len(rp.body)), Request: req,
+		}, nil
+	}
 	if f, _ := tr.faults.Load(op); f != nil && f.(fault) != noFault {
 		if f.(fault) == faultAppliedThenThrottled {
 			f = faultThrottled
@@ -561,5 +586,76 @@ func TestCredentialFailureIsNamed(t *testing.T) {
 	_, err = p.Sign(context.Background(), "k", algES256, randomDigest(crypto.SHA256))
 	if !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "no credentials") {
 		t.Fatalf("Sign with credentials gone: %v, want UNAVAILABLE naming the credentials", err)
+	}
+}
+
+// Throttling is RATE_LIMITED after one request, whatever HTTP status
+// carries it and whatever pause it asks for (X-Amz-Retry-After); a
+// transient 5xx is retried, at most three requests, each pause within the
+// backoff cap (a quarter of the timeout) and the call's deadline. A pause
+// the service asks for beyond either is not taken: the SDK would stretch
+// its backoff to the hint (up to 5 s more), and sleep out the deadline to
+// answer DEADLINE_EXCEEDED late where UNAVAILABLE was known at once.
+func TestThrottlingAndRetryAfter(t *testing.T) {
+	const timeout = time.Second // backoff cap 250ms
+	endpoint := awskmstest.Start(t)
+	id := awskmstest.CreateKey(t, awskmstest.Client(endpoint), types.KeySpecEccNistP256)
+	throttle := `{"__type":"ThrottlingException","message":"Rate exceeded"}`
+	internal := `{"__type":"KMSInternalException","message":"injected fault"}`
+	for _, tc := range []struct {
+		name       string
+		status     int
+		body       string
+		retryAfter string        // X-Amz-Retry-After, milliseconds; "" for none
+		deadline   time.Duration // the caller's, 0 for none
+		want       error
+		attempts   int64
+		minElapsed time.Duration // pauses taken
+		maxElapsed time.Duration
+	}{
+		{"throttled", 400, throttle, "", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
+		{"throttled, retry after 100ms", 400, throttle, "100", 0, providers.ErrRateLimited, 1, 0, 90 * time.Millisecond},
+		{"throttled, retry after 3s", 400, throttle, "3000", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
+		{"429 without an error code", 429, `{"message":"Too Many Requests"}`, "", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
+		{"429, retry after 100ms", 429, "", "100", 0, providers.ErrRateLimited, 1, 0, 90 * time.Millisecond},
+		{"throttled on a 503, retry after 100ms", 503, throttle, "100", 0, providers.ErrRateLimited, 1, 0, 90 * time.Millisecond},
+		{"5xx", 500, internal, "", 0, providers.ErrUnavailable, 3, 0, 2*timeout/4 + 150*time.Millisecond},
+		{"5xx, retry after 100ms", 500, internal, "100", 0, providers.ErrUnavailable, 3, 200 * time.Millisecond, 2*timeout/4 + 150*time.Millisecond},
+		{"5xx, retry after 3s, beyond the cap", 500, internal, "3000", 0, providers.ErrUnavailable, 1, 0, 150 * time.Millisecond},
+		{"5xx, retry after a year", 500, internal, "31536000000", 0, providers.ErrUnavailable, 1, 0, 150 * time.Millisecond},
+		{"5xx, retry after 200ms, beyond the caller's deadline", 500, internal, "200", 150 * time.Millisecond, providers.ErrUnavailable, 1, 0, 100 * time.Millisecond},
+		{"5xx, retry after 200ms, deadline for one pause", 500, internal, "200", 300 * time.Millisecond, providers.ErrUnavailable, 2, 200 * time.Millisecond, 290 * time.Millisecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tr := &transport{}
+			p, err := Open(context.Background(), testConfig(endpoint, tr, timeout, KeyConfig{Name: "k", KeyID: id}))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			rp := reply{status: tc.status, body: tc.body}
+			if tc.retryAfter != "" {
+				rp.header = http.Header{"X-Amz-Retry-After": {tc.retryAfter}}
+			}
+			tr.replies.Store("Sign", rp)
+			ctx := context.Background()
+			if tc.deadline > 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, tc.deadline)
+				defer cancel()
+			}
+			start := time.Now()
+			_, err = p.Sign(ctx, "k", algES256, randomDigest(algES256.Hash))
+			elapsed := time.Since(start)
+			if !errors.Is(err, tc.want) || errors.Is(err, context.DeadlineExceeded) || strings.Contains(err.Error(), "injected fault") {
+				t.Errorf("Sign: %v, want %v without the server's text", err, tc.want)
+			}
+			if n := tr.injected.Load(); n != tc.attempts {
+				t.Errorf("%d requests, want %d", n, tc.attempts)
+			}
+			if elapsed < tc.minElapsed || elapsed > tc.maxElapsed {
+				t.Errorf("answered after %v, want %v..%v", elapsed, tc.minElapsed, tc.maxElapsed)
+			}
+		})
 	}
 }

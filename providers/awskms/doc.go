@@ -18,12 +18,14 @@
 // roles), never from configuration text; Config.Credentials exists for tests
 // against an emulator. One kms.Client is built per provider and reused; every
 // call has a deadline (Config.Timeout, default 2 s) that covers the SDK's own
-// retries: its standard retryer decides what is retryable (throttling,
-// transient server and connection errors), with its backoff capped at a
-// quarter of the timeout so retries fit inside the deadline. API error codes
-// map to the provider error vocabulary in one place, classify: throttling and
-// LimitExceeded are ErrRateLimited (RATE_LIMITED), refused credentials
-// ErrUnavailable "credentials refused", NotFoundException ErrNotFound,
+// retries: its standard retryer retries transient server and connection
+// errors, never throttling, with its backoff capped at a quarter of the
+// timeout so retries fit inside the deadline; a pause an answer asks for
+// (X-Amz-Retry-After) is taken only when it fits under that cap and in what
+// is left of the deadline, else the call ends at once. API error codes map
+// to the provider error vocabulary in one place, classify: throttling (any
+// throttling code, any 429) is ErrRateLimited (RATE_LIMITED), refused
+// credentials ErrUnavailable "credentials refused", NotFoundException ErrNotFound,
 // disabled or pending-deletion keys ErrUnavailable "key not usable",
 // ValidationException and InvalidKeyUsage ErrBadRequest, and an expired
 // deadline context.DeadlineExceeded. Messages keep the error code and drop the
