@@ -16,6 +16,7 @@ import (
 
 	kms "cloud.google.com/go/kms/apiv1"
 	"cloud.google.com/go/kms/apiv1/kmspb"
+	gax "github.com/googleapis/gax-go/v2"
 	"go.uber.org/zap"
 	"google.golang.org/api/iterator"
 	"google.golang.org/api/option"
@@ -112,6 +113,11 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	// into a late "deadline exceeded". Sign retries only an integrity
 	// mismatch, itself.
 	client.CallOptions.AsymmetricSign = nil
+	// Nor the SDK's retries on the reads that serve a key (at open, AddKey
+	// and NewVersion): they too retried until the deadline. readRetry
+	// replaces them.
+	client.CallOptions.GetPublicKey = nil
+	client.CallOptions.ListCryptoKeyVersions = nil
 	p := &Provider{
 		id:      cfg.ID,
 		timeout: cfg.Timeout,
@@ -171,7 +177,7 @@ func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error
 
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
-	pk, err := p.client.GetPublicKey(callCtx, &kmspb.GetPublicKeyRequest{Name: version})
+	pk, err := p.client.GetPublicKey(callCtx, &kmspb.GetPublicKeyRequest{Name: version}, p.readRetry(callCtx))
 	if err != nil {
 		return nil, classify(ctx, callCtx, "get public key "+version, err)
 	}
@@ -210,7 +216,7 @@ func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error
 func (p *Provider) latestVersion(ctx context.Context, cryptoKey string) (string, error) {
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
-	it := p.client.ListCryptoKeyVersions(callCtx, &kmspb.ListCryptoKeyVersionsRequest{Parent: cryptoKey})
+	it := p.client.ListCryptoKeyVersions(callCtx, &kmspb.ListCryptoKeyVersionsRequest{Parent: cryptoKey}, p.readRetry(callCtx))
 	best, bestN := "", int64(-1)
 	for {
 		v, err := it.Next()
@@ -235,6 +241,50 @@ func (p *Provider) latestVersion(ctx context.Context, cryptoKey string) (string,
 		return "", fmt.Errorf("%s has no ENABLED version: %w", cryptoKey, providers.ErrNotFound)
 	}
 	return best, nil
+}
+
+// readAttempts bounds the requests of one read that serves a key.
+const readAttempts = 3
+
+// readRetry is the retry policy of the reads that serve a key
+// (GetPublicKey, ListCryptoKeyVersions), in place of the SDK's, which
+// retried UNAVAILABLE and DEADLINE_EXCEEDED until the deadline: an
+// outage answered a late DEADLINE_EXCEEDED after a dozen requests.
+// Unlike a Sign, whose caller has a tight deadline and its own retries, a
+// read runs at start (which one blip would fail) or just after a
+// rotation made a version (which a failed read destroys), so it is
+// retried, but as the AWS provider retries: UNAVAILABLE only, three
+// requests at most, a full-jitter backoff from 50 ms capped at a quarter
+// of the timeout, and no pause that would outlast ctx's deadline. An
+// outage is UNAVAILABLE within the timeout.
+func (p *Provider) readRetry(ctx context.Context) gax.CallOption {
+	deadline, _ := ctx.Deadline()
+	return gax.WithRetry(func() gax.Retryer {
+		return &readRetryer{
+			deadline: deadline,
+			left:     readAttempts - 1,
+			backoff:  gax.Backoff{Initial: 50 * time.Millisecond, Max: p.timeout / 4, Multiplier: 2},
+		}
+	})
+}
+
+// readRetryer is one call's state under readRetry.
+type readRetryer struct {
+	deadline time.Time // zero: none
+	left     int       // retries left
+	backoff  gax.Backoff
+}
+
+func (r *readRetryer) Retry(err error) (time.Duration, bool) {
+	if r.left == 0 || status.Code(err) != codes.Unavailable {
+		return 0, false
+	}
+	pause := r.backoff.Pause()
+	if !r.deadline.IsZero() && time.Until(r.deadline) <= pause {
+		return 0, false // the UNAVAILABLE in hand, rather than a deadline slept out
+	}
+	r.left--
+	return pause, true
 }
 
 // ID implements providers.Provider.

@@ -582,3 +582,107 @@ func TestKeyConfigValidate(t *testing.T) {
 		}
 	}
 }
+
+// GetPublicKey (at open, when AddKey serves a rotated version again after
+// a restart, and when NewVersion serves its new version) is retried on
+// UNAVAILABLE only, three requests at most, within the per-call timeout.
+// With the SDK's defaults it was retried on UNAVAILABLE and
+// DEADLINE_EXCEEDED until the deadline: a dozen requests and a late
+// DEADLINE_EXCEEDED where UNAVAILABLE was known at the first answer.
+func TestPublicKeyRetries(t *testing.T) {
+	unavailable := status.Error(codes.Unavailable, "injected")
+	for _, tc := range []struct {
+		name     string
+		err      error
+		errs     int   // failed answers before the key; 0: every answer fails
+		want     error // nil: served
+		requests int
+	}{
+		{"unavailable once", unavailable, 1, nil, 2},
+		{"unavailable twice", unavailable, 2, nil, 3},
+		{"unavailable every time", unavailable, 0, providers.ErrUnavailable, 3},
+		{"deadline exceeded at the server", status.Error(codes.DeadlineExceeded, "injected"), 0, context.DeadlineExceeded, 1},
+		{"permission denied", status.Error(codes.PermissionDenied, "injected"), 0, providers.ErrUnavailable, 1},
+		{"resource exhausted", status.Error(codes.ResourceExhausted, "injected"), 0, providers.ErrRateLimited, 1},
+		{"internal", status.Error(codes.Internal, "injected"), 0, providers.ErrUnavailable, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			check := func(step string, err error, requests int) {
+				t.Helper()
+				if tc.want == nil && err != nil || tc.want != nil && !errors.Is(err, tc.want) {
+					t.Errorf("%s: %v, want %v", step, err, tc.want)
+				}
+				if tc.want != context.DeadlineExceeded && errors.Is(err, context.DeadlineExceeded) {
+					t.Errorf("%s: %v, a deadline exceeded", step, err)
+				}
+				if requests != tc.requests {
+					t.Errorf("%s: %d GetPublicKey requests, want %d", step, requests, tc.requests)
+				}
+			}
+			f := &gcpkmstest.Server{}
+			v := f.Add(gcpkmstest.VersionName("p256", "1"), gcpkmstest.TestKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+			v.PublicKeyErr, v.PublicKeyErrs = tc.err, tc.errs
+			opts := f.Serve(t)
+			p, err := Open(context.Background(), Config{
+				ID:            "gcp",
+				Keys:          []KeyConfig{{Name: "p256", Resource: gcpkmstest.VersionName("p256", "1")}},
+				ClientOptions: opts,
+			})
+			check("Open", err, f.PublicKeyCount())
+			if err != nil {
+				return
+			}
+			defer p.Close()
+
+			// The same for the version a rotation makes.
+			f.Update(func() {
+				f.NewVersionFault = func(v *gcpkmstest.Version) { v.PublicKeyErr, v.PublicKeyErrs = tc.err, tc.errs }
+			})
+			before := f.PublicKeyCount()
+			_, err = p.NewVersion(context.Background(), "p256", "p256-v2")
+			check("NewVersion", err, f.PublicKeyCount()-before)
+		})
+	}
+}
+
+// ListCryptoKeyVersions, which resolves a "latest" key at open, is retried
+// as GetPublicKey is (TestPublicKeyRetries).
+func TestListVersionsRetries(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		errs     int   // UNAVAILABLE answers before the list; -1: every one
+		want     error // nil: served
+		requests int64
+	}{
+		{"unavailable once", 1, nil, 2},
+		{"unavailable every time", -1, providers.ErrUnavailable, 3},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := &gcpkmstest.Server{}
+			f.Add(gcpkmstest.VersionName("p256", "1"), gcpkmstest.TestKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+			var requests atomic.Int64
+			interceptor := grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, o ...grpc.CallOption) error {
+				if strings.HasSuffix(method, "/ListCryptoKeyVersions") {
+					if n := requests.Add(1); tc.errs < 0 || n <= int64(tc.errs) {
+						return status.Error(codes.Unavailable, "injected")
+					}
+				}
+				return invoker(ctx, method, req, reply, cc, o...)
+			})
+			p, err := Open(context.Background(), Config{
+				ID:            "gcp",
+				Keys:          []KeyConfig{{Name: "p256", Resource: gcpkmstest.CryptoKeyName("p256"), Version: VersionLatest}},
+				ClientOptions: append(f.Serve(t), option.WithGRPCDialOption(interceptor)),
+			})
+			if err == nil {
+				p.Close()
+			}
+			if tc.want == nil && err != nil || tc.want != nil && (!errors.Is(err, tc.want) || errors.Is(err, context.DeadlineExceeded)) {
+				t.Errorf("Open: %v, want %v", err, tc.want)
+			}
+			if n := requests.Load(); n != tc.requests {
+				t.Errorf("%d ListCryptoKeyVersions requests, want %d", n, tc.requests)
+			}
+		})
+	}
+}

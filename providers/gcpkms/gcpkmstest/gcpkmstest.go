@@ -43,6 +43,7 @@ type Server struct {
 	versions map[string]*Version
 	signs    int // AsymmetricSign calls answered, faults included
 	gets     int // GetCryptoKeyVersion calls answered
+	pubKeys  int // GetPublicKey calls answered, faults included
 	addr     string
 
 	// NewVersionFault, when set, is applied to every version
@@ -69,6 +70,10 @@ type Version struct {
 	CorruptCRC    int           // the next corruptCRC responses carry a wrong signature_crc32c
 	Unverified    bool          // verified_digest_crc32c stays false
 	CorruptPEMCRC bool          // GetPublicKey returns a wrong pem_crc32c
+	// PublicKeyErr, when set, fails the next PublicKeyErrs GetPublicKey
+	// calls (every one while PublicKeyErrs is 0).
+	PublicKeyErr  error
+	PublicKeyErrs int
 
 	// pendingGets is how many more GetCryptoKeyVersion calls report
 	// PENDING_GENERATION before the version turns ENABLED.
@@ -108,10 +113,32 @@ func (f *Server) SignCount() int {
 	return f.signs
 }
 
+// PublicKeyCount is how many GetPublicKey calls were answered, faults
+// included.
+func (f *Server) PublicKeyCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.pubKeys
+}
+
 func (f *Server) GetPublicKey(_ context.Context, req *kmspb.GetPublicKeyRequest) (*kmspb.PublicKey, error) {
+	f.mu.Lock()
+	f.pubKeys++
+	f.mu.Unlock()
 	v, err := f.Lookup(req.Name)
 	if err != nil {
 		return nil, err
+	}
+	f.mu.Lock()
+	fault := v.PublicKeyErr
+	if fault != nil && v.PublicKeyErrs > 0 {
+		if v.PublicKeyErrs--; v.PublicKeyErrs == 0 {
+			v.PublicKeyErr = nil
+		}
+	}
+	f.mu.Unlock()
+	if fault != nil {
+		return nil, fault
 	}
 	der, err := x509.MarshalPKIXPublicKey(v.Signer.Public())
 	if err != nil {
