@@ -51,6 +51,8 @@ type transport struct {
 	staleARN  string       // what a faultStaleRead DescribeKey names
 	attempts  atomic.Int64 // requests of a faultAppliedThenThrottled operation
 	replies   sync.Map     // operation name → reply, on every attempt, counted in injected
+	lateMu    sync.Mutex
+	late      []*http.Request // faultAppliedLate requests, sent on after the next DescribeKey
 }
 
 // reply is a canned KMS answer: an error body with the status and headers
@@ -84,6 +86,10 @@ const (
 	// faultAppliedThenThrottled: the first attempt is faultApplied5xx,
 	// every later one faultThrottled.
 	faultAppliedThenThrottled
+	// faultAppliedLate: a 500 at once, and local-kms carries the request
+	// out only after the next DescribeKey has been answered: an update
+	// that KMS applies after a read that followed it.
+	faultAppliedLate
 )
 
 func (tr *transport) Do(req *http.Request) (*http.Response, error) {
@@ -111,7 +117,35 @@ func (tr *transport) Do(req *http.Request) (*http.Response, error) {
 				f = faultApplied5xx
 			}
 		}
+		if f.(fault) == faultAppliedLate {
+			body, err := io.ReadAll(req.Body)
+			if err != nil {
+				return nil, err
+			}
+			late := req.Clone(context.Background())
+			late.Body = io.NopCloser(bytes.NewReader(body))
+			tr.lateMu.Lock()
+			tr.late = append(tr.late, late)
+			tr.lateMu.Unlock()
+			return tr.inject(req, faultRefused5xx)
+		}
 		return tr.inject(req, f.(fault))
+	}
+	if op == "DescribeKey" {
+		resp, err := tr.inner.Do(req)
+		tr.lateMu.Lock()
+		late := tr.late
+		tr.late = nil
+		tr.lateMu.Unlock()
+		for _, r := range late {
+			lr, lerr := tr.inner.Do(r)
+			if lerr != nil {
+				return nil, lerr
+			}
+			io.Copy(io.Discard, lr.Body)
+			lr.Body.Close()
+		}
+		return resp, err
 	}
 	if op != "Sign" {
 		return tr.inner.Do(req)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/awskms/awskmstest"
+	"github.com/sigil-agent/sigil/providers/providertest"
 )
 
 func TestNewVersionByAlias(t *testing.T) {
@@ -165,6 +166,9 @@ func TestNewVersionAliasUpdateFaults(t *testing.T) {
 		{"refused with a 4xx", faultThrottled, noFault, true, false, true},
 		{"not applied, a 5xx", faultRefused5xx, noFault, true, false, false},
 		{"applied, read back stale", faultApplied5xx, faultStaleRead, true, true, false},
+		// The read-back sees the old key because the update has not been
+		// applied yet; KMS applies it after.
+		{"applied after the read-back", faultAppliedLate, noFault, true, true, false},
 		// The 4xx answers a second attempt, after the first was applied:
 		// it proves nothing about the alias.
 		{"applied, then a throttled attempt", faultAppliedThenThrottled, noFault, false, true, false},
@@ -182,6 +186,7 @@ func TestNewVersionAliasUpdateFaults(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer p.Close()
+			oldInfo := providertest.KeyInfo(t, p, "signing")
 			tr.faults.Store("UpdateAlias", tc.update)
 			tr.faults.Store("DescribeKey", tc.readBack)
 
@@ -239,6 +244,20 @@ func TestNewVersionAliasUpdateFaults(t *testing.T) {
 			}
 			if got := awskmstest.DescribeKey(t, admin, newARN).KeyState; got != wantState {
 				t.Errorf("new key is %s, want %s", got, wantState)
+			}
+
+			// Wherever the alias ended, the old version signs with the old
+			// key: Sign names the ARN, never the alias.
+			if got, _ := p.URI("signing"); got != oldARN {
+				t.Errorf("signing serves %s, want the old key %s", got, oldARN)
+			}
+			digest := randomDigest(crypto.SHA256)
+			sig, err := p.Sign(ctx, "signing", algES256, digest)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := providers.Verify(oldInfo.Public, algES256, digest, sig); err != nil {
+				t.Errorf("the old version's signature does not verify with its key: %v", err)
 			}
 		})
 	}
