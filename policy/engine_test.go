@@ -496,8 +496,6 @@ func TestRateRefusalRefundsTheDayCounted(t *testing.T) {
 	}
 }
 
-// A reload that brings slots back pauses those its caller names in the same
-// step that puts the set in force; slots that stayed keep their own state.
 // A Pause that lands after a Check passed the pause rule and before it
 // counted the request in flight refuses the request (the fence: the Pause
 // may have found the slot idle already), and the refusal takes nothing:
@@ -558,6 +556,8 @@ func TestPauseLandingDuringACheckTakesNothing(t *testing.T) {
 	}
 }
 
+// A reload that brings slots back pauses those its caller names in the same
+// step that puts the set in force; slots that stayed keep their own state.
 func TestSwapPausedPausesReturningSlots(t *testing.T) {
 	set := mustParse(t, enginePolicy)
 	e := NewEngine(mustParse(t, `
