@@ -56,6 +56,28 @@ var modules = struct {
 	m  map[string]*module
 }{m: make(map[string]*module)}
 
+// tokenFileLocks holds one lock per configured module path; see
+// Provider.tokenFiles.
+var tokenFileLocks = struct {
+	mu sync.Mutex
+	m  map[string]*sync.Mutex
+}{m: make(map[string]*sync.Mutex)}
+
+// tokenFileLock returns the lock of the module configured at path: the
+// same for every provider and every module instance (a private copy) of
+// it, since they all read the same token files.
+func tokenFileLock(path string) *sync.Mutex {
+	key := filepath.Clean(path)
+	tokenFileLocks.mu.Lock()
+	defer tokenFileLocks.mu.Unlock()
+	l := tokenFileLocks.m[key]
+	if l == nil {
+		l = new(sync.Mutex)
+		tokenFileLocks.m[key] = l
+	}
+	return l
+}
+
 // errGated is what a call gets while another goroutine reloads the module.
 var errGated = p11.Error(p11.CKR_CRYPTOKI_NOT_INITIALIZED)
 

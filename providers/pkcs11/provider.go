@@ -24,6 +24,15 @@ type Provider struct {
 	serial     string // the token's identity for login sharing
 	pin        string
 	pinRefused *atomic.Bool // shared by the instances of one Open (login); never nil
+	// tokenFiles serializes the calls that read or write SoftHSM2's
+	// token.object (C_Login rewrites it, C_Login and C_GetTokenInfo read
+	// it) among every provider and module instance of the module's path.
+	// SoftHSM2 guards the file with fcntl locks, which are per process:
+	// a module instance reading it while another rewrote it found it
+	// truncated, and its C_Login or C_GetTokenInfo failed with
+	// CKR_GENERAL_ERROR. Signatures, key searches and session calls do not
+	// touch the file and never take the lock.
+	tokenFiles *sync.Mutex
 	inject     func(string) uint
 	size       int
 	backoff    time.Duration
@@ -108,6 +117,7 @@ func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 		tokenLabel: sel.String(),
 		pin:        pin,
 		pinRefused: cfg.pinRefused,
+		tokenFiles: tokenFileLock(cfg.Module),
 		inject:     cfg.FaultHook,
 		size:       cfg.Sessions,
 		backoff:    cfg.Backoff,

@@ -239,7 +239,11 @@ func (p *Provider) login(s *session) error {
 	if p.pinRefused.Load() {
 		return fmt.Errorf("login to token %s: %w: the token refused this PIN to another module instance; not presented again", p.tokenLabel, providers.ErrPINIncorrect)
 	}
-	err := p.call("login", func(c *p11.Ctx) error { return c.Login(s.h, p11.CKU_USER, p.pin) })
+	err := p.call("login", func(c *p11.Ctx) error {
+		p.tokenFiles.Lock()
+		defer p.tokenFiles.Unlock()
+		return c.Login(s.h, p11.CKU_USER, p.pin)
+	})
 	switch {
 	case err == nil, isRV(err, p11.CKR_USER_ALREADY_LOGGED_IN):
 		return nil
@@ -375,6 +379,8 @@ func (p *Provider) findSlot() (uint, p11.TokenInfo, error) {
 	var found []uint
 	var infos []p11.TokenInfo
 	err := p.mod.do(func(c *p11.Ctx) error {
+		p.tokenFiles.Lock() // C_GetTokenInfo reads the token file
+		defer p.tokenFiles.Unlock()
 		slots, err := c.GetSlotList(true)
 		if err != nil {
 			return err
