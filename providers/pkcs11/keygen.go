@@ -67,14 +67,27 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	err = p.call("open-session", func(c *p11.Ctx) error {
 		var err error
 		shGen = p.mod.gen.Load() // the generation its key handle will belong to
+		if p.gen.Load() != shGen {
+			// The slot is from before another provider's reload: it may
+			// be another token's now.
+			return errStale
+		}
 		sh, err = c.OpenSession(uint(p.slot.Load()), p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
 		return err
 	})
+	if errors.Is(err, errStale) {
+		p.afterStale(p.state.Load().epoch)
+		return fail(fmt.Errorf("open session: %w", err))
+	}
 	if err != nil {
 		p.requestRepair(classify(rvOf(err)).repair(), p.state.Load().epoch)
 		return fail(fmt.Errorf("open session: %w: %w", providers.ErrUnavailable, err))
 	}
-	defer func() { _ = p.mod.do(func(c *p11.Ctx) error { return c.CloseSession(sh) }) }()
+	// Closed only in its generation: after a reload the number may be
+	// another provider's session.
+	defer func() {
+		_ = p.onSession(context.Background(), "", shGen, func(c *p11.Ctx) error { return c.CloseSession(sh) })
+	}()
 
 	sel := objectSelector{label: label, id: id}
 	k := &key{obj: sel}
@@ -82,7 +95,9 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	start := time.Now()
 	// The write runs alone among the module instances (instances.go).
 	err = p.writeExclusive(func() error {
-		return p.call("generate", func(c *p11.Ctx) error {
+		// A reload meanwhile voided sh: its number may be another
+		// provider's session, on another token.
+		return p.onSession(context.Background(), "generate", shGen, func(c *p11.Ctx) error {
 			// Private and public objects alike: a leftover public key with
 			// the id would make the new pair's public half ambiguous.
 			for _, class := range []uint{p11.CKO_PRIVATE_KEY, p11.CKO_PUBLIC_KEY} {
@@ -130,6 +145,10 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 			return nil
 		})
 	})
+	if errors.Is(err, errStale) {
+		p.afterStale(p.state.Load().epoch)
+		return fail(err)
+	}
 	if err != nil {
 		if lvl := classify(rvOf(err)).repair(); rvOf(err) != 0 && lvl >= repairLogin {
 			p.requestRepair(lvl, p.state.Load().epoch)

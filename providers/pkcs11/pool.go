@@ -180,6 +180,12 @@ func (p *Provider) acquireFresh(ctx context.Context) (*session, uint64, error) {
 			p.release(s)
 			return nil, 0, fmt.Errorf("no session for the retry before the deadline: %w", err)
 		}
+		if errors.Is(err, errStale) {
+			last = err
+			p.release(s)
+			p.afterStale(cur)
+			continue
+		}
 		if err != nil {
 			last = err
 			p.afterFault(s, classify(rvOf(err)), rvOf(err), cur, "C_GetSessionInfo")
@@ -245,11 +251,48 @@ func (p *Provider) release(s *session) {
 
 // drop removes a session from the pool. closeIt is false when the session is
 // already gone: its handle may have been reissued to a new session (ours or
-// another provider's), which C_CloseSession would kill.
+// another provider's), which C_CloseSession would kill. A session of an
+// earlier generation is never closed, for the same reason.
 func (p *Provider) drop(s *session, closeIt bool) {
 	p.live.Add(-1)
-	if closeIt && s.gen == p.mod.gen.Load() {
-		_ = p.mod.do(func(c *p11.Ctx) error { return c.CloseSession(s.h) })
+	if closeIt {
+		_ = p.onSession(context.Background(), "", s.gen, func(c *p11.Ctx) error { return c.CloseSession(s.h) })
+	}
+}
+
+// errStale is a call's answer when the module was reloaded (by this
+// provider or another on the module) since its session was opened, or
+// since the provider found its token's slot: nothing was sent to the
+// module.
+var errStale = fmt.Errorf("module reloaded meanwhile: %w", providers.ErrUnavailable)
+
+// onSession runs fn, a call on a session of module generation gen, inside
+// the module's gate, and only while gen is the module's: after a reload
+// the session's number may name another provider's session, on another
+// token, which a login, a key search or a C_CloseSession would act on.
+// Checked before entering, a reload could land between the check and the
+// call. op names the call for the fault hook ("": none).
+func (p *Provider) onSession(ctx context.Context, op string, gen uint64, fn func(*p11.Ctx) error) error {
+	if op != "" {
+		if rv := hook(p.inject, op); rv != 0 {
+			return p11.Error(rv)
+		}
+	}
+	return p.mod.doCtx(ctx, func(c *p11.Ctx) error {
+		if p.mod.gen.Load() != gen {
+			return errStale
+		}
+		return fn(c)
+	})
+}
+
+// afterStale asks the supervisor to find the slot and the keys again when
+// another provider's reload is why a call met errStale. When this provider
+// has found them since, nothing is asked: a reload then would finalize the
+// module a second time.
+func (p *Provider) afterStale(epoch uint64) {
+	if p.gen.Load() != p.mod.gen.Load() {
+		p.requestRepair(repairReload, epoch)
 	}
 }
 
@@ -291,11 +334,8 @@ func (p *Provider) sessionInfo(s *session) (p11.SessionInfo, error) {
 
 // sessionInfoCtx is sessionInfo for a caller with a deadline (doCtx).
 func (p *Provider) sessionInfoCtx(ctx context.Context, s *session) (p11.SessionInfo, error) {
-	if rv := hook(p.inject, "session-info"); rv != 0 {
-		return p11.SessionInfo{}, p11.Error(rv)
-	}
 	var info p11.SessionInfo
-	err := p.mod.doCtx(ctx, func(c *p11.Ctx) error {
+	err := p.onSession(ctx, "session-info", s.gen, func(c *p11.Ctx) error {
 		var err error
 		info, err = c.GetSessionInfo(s.h)
 		return err

@@ -191,7 +191,7 @@ func (p *Provider) connect(ctx context.Context) error {
 // resolveKey finds k's private key object, reads its public key and fills in
 // k's KeyInfo, signature length and handle.
 func (p *Provider) resolveKey(s *session, k *key) error {
-	return p.call("find", func(c *p11.Ctx) error {
+	return p.onSession(context.Background(), "find", s.gen, func(c *p11.Ctx) error {
 		h, err := findPrivateKey(c, s.h, k.obj)
 		if err != nil {
 			return err
@@ -408,6 +408,11 @@ func (p *Provider) healthy() error {
 		return fmt.Errorf("pkcs11 provider %s: module reloaded: %w", p.id, providers.ErrUnavailable)
 	}
 	info, err := p.sessionInfo(s)
+	if errors.Is(err, errStale) {
+		p.drop(s, false)
+		p.requestRepair(repairLogin, st.epoch)
+		return fmt.Errorf("pkcs11 provider %s: module reloaded: %w", p.id, providers.ErrUnavailable)
+	}
 	if err != nil {
 		p.afterFault(s, classify(rvOf(err)), rvOf(err), st.epoch, "C_GetSessionInfo")
 		return fmt.Errorf("pkcs11 provider %s: %w: %w", p.id, providers.ErrUnavailable, err)
@@ -498,7 +503,7 @@ func (p *Provider) logout() {
 			p.drop(s, false)
 			continue
 		}
-		err := p.mod.do(func(c *p11.Ctx) error { return c.Logout(s.h) })
+		err := p.onSession(context.Background(), "", s.gen, func(c *p11.Ctx) error { return c.Logout(s.h) })
 		p.idle <- s
 		if err != nil && !isRV(err, p11.CKR_USER_NOT_LOGGED_IN) {
 			p.log.Warn("pkcs11 logout failed", zap.Error(err))

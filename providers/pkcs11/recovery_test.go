@@ -925,6 +925,191 @@ func TestStaleKeyHandleNeverSignsInANewGeneration(t *testing.T) {
 	}
 }
 
+// heldCall parks the first call of op made once armed, until released.
+type heldCall struct {
+	op      string
+	armed   atomic.Bool
+	in, out chan struct{}
+	release func()
+}
+
+func newHeldCall(op string) *heldCall {
+	h := &heldCall{op: op, in: make(chan struct{}), out: make(chan struct{})}
+	h.release = sync.OnceFunc(func() { close(h.out) })
+	return h
+}
+
+func (h *heldCall) hook(op string) uint {
+	if op == h.op && h.armed.CompareAndSwap(true, false) {
+		close(h.in)
+		<-h.out
+	}
+	return 0
+}
+
+func (h *heldCall) wait(t *testing.T, who string) {
+	t.Helper()
+	select {
+	case <-h.in:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("waited 10s for %s to reach %s", who, h.op)
+	}
+}
+
+// Two providers serve two tokens of one module (two partitions of an HSM,
+// each with its own PIN and a key of the same name), so a reload by one
+// voids the other's sessions, and SoftHSM2 numbers sessions from 1 again:
+// a session number from before the reload now names one of the sharer's
+// sessions, on the other token. Each case holds one of own's calls on a
+// session opened before the sharer reloads and lets it go after: the
+// call must not reach the module on that number. Before, a re-login's
+// C_Login presented own's PIN to the other token (which counted a wrong
+// PIN, and own stopped for good with PIN_INCORRECT); a re-login's key
+// search found the other token's key of the same name and reported own's
+// key replaced; a key generation ran on the sharer's read-only session
+// and then closed it.
+func TestSessionCallsAfterASharersReload(t *testing.T) {
+	const otherPINEnv = "SIGIL_TEST_PKCS11_OTHER_PIN"
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	for _, tc := range []struct {
+		name       string
+		op         string // own's call held across the sharer's reload
+		sharerHeld string // the sharer's repair call held when own's goes on ("": none)
+	}{
+		{"a re-login's C_Login", "login", "login"},
+		{"a re-login's key search", "find", ""},
+		{"a key generation", "generate", ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tok := softhsmtest.New(t, "own")
+			other := tok.AddToken(t, "other", "other-pin-5")
+			ownKey := tok.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
+			otherKey := other.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
+			core, logs := observer.New(zap.DebugLevel)
+			held := newHeldCall(tc.op)
+			defer held.release()
+			own := open(t, tok, []KeyConfig{{Name: "release", URI: ownKey.URI}}, func(c *Config) {
+				c.ID, c.Sessions, c.Logger, c.FaultHook = "own", 1, zap.New(core), held.hook
+			})
+			ownInfo := keyInfo(t, own, "release")
+
+			// own's call takes its session and is held.
+			held.armed.Store(true)
+			type result struct {
+				sig  []byte
+				info providers.KeyInfo
+				err  error
+			}
+			done := make(chan result, 1)
+			digest := digestOf(crypto.SHA256, []byte("own"))
+			if tc.op == "generate" {
+				go func() {
+					info, err := own.GenerateKey(context.Background(), "rotated", providers.KeyECDSAP256, "", []byte{9})
+					done <- result{info: info, err: err}
+				}()
+			} else {
+				logoutInside(t, own) // own's next Sign asks for a re-login
+				go func() {
+					ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+					defer cancel()
+					sig, err := own.Sign(ctx, "release", alg, digest)
+					done <- result{sig: sig, err: err}
+				}()
+			}
+			held.wait(t, "own")
+
+			// The sharer opens on the other token and reloads the module.
+			t.Setenv(otherPINEnv, other.PIN)
+			faults := newFaultSwitch()
+			sharerHeld := newHeldCall(tc.sharerHeld)
+			defer sharerHeld.release()
+			sharer, err := Open(context.Background(), Config{ID: "sharer", Module: tok.Module, PINEnv: otherPINEnv,
+				Keys: []KeyConfig{{Name: "release", URI: otherKey.URI}}, Sessions: 8, Backoff: 20 * time.Millisecond,
+				FaultHook: func(op string) uint {
+					if rv := faults.hook(op); rv != 0 {
+						return rv
+					}
+					return sharerHeld.hook(op)
+				}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() {
+				if err := sharer.Close(); err != nil {
+					t.Errorf("sharer Close: %v", err)
+				}
+			}()
+			genBefore := sharer.mod.gen.Load()
+			sharerHeld.armed.Store(tc.sharerHeld != "")
+			faults.set(map[string]uint{"sign": p11.CKR_DEVICE_REMOVED})
+			ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+			sharer.Sign(ctx, "release", alg, digestOf(crypto.SHA256, []byte("gone")))
+			cancel()
+			faults.set(nil)
+			if tc.sharerHeld != "" {
+				sharerHeld.wait(t, "the sharer's repair")
+			} else {
+				waitHealthy(t, sharer, 5*time.Second)
+			}
+			if sharer.mod.gen.Load() == genBefore {
+				t.Fatal("the sharer did not reload the module")
+			}
+
+			held.release()
+			var r result
+			select {
+			case r = <-done:
+			case <-time.After(15 * time.Second):
+				t.Fatal("own's call did not return")
+			}
+			sharerHeld.release()
+			waitHealthy(t, sharer, 5*time.Second)
+
+			if tc.op == "generate" {
+				// It fails cleanly (the session is gone), or works on own's token.
+				if r.err != nil && (!errors.Is(r.err, providers.ErrUnavailable) || strings.Contains(r.err.Error(), "CKR_")) {
+					t.Errorf("GenerateKey across the sharer's reload: %v, want a clean ErrUnavailable", r.err)
+				}
+				if r.err == nil {
+					signAndVerify(t, own, "rotated", alg, []byte("generated across the reload"))
+				}
+			} else if r.err != nil {
+				t.Errorf("own's Sign across the sharer's reload: %v", r.err)
+			} else if err := providers.Verify(ownInfo.Public, alg, digest, r.sig); err != nil {
+				t.Errorf("own's signature: %v", err)
+			}
+			for _, msg := range []string{
+				"pkcs11 key object replaced: its public key is not the served key's; not signing with it",
+				"pkcs11 key object missing after re-login",
+				"pkcs11 login refused; provider stopped retrying",
+			} {
+				if n := logs.FilterMessage(msg).Len(); n != 0 {
+					t.Errorf("own logged %q", msg)
+				}
+			}
+			sharer.mod.pause(func() {
+				for n := len(sharer.idle); n > 0; n-- {
+					s := <-sharer.idle
+					if _, err := sharer.mod.ctx.GetSessionInfo(s.h); err != nil {
+						t.Errorf("a session of the sharer's pool was closed under it: %v", err)
+					}
+					sharer.idle <- s
+				}
+			})
+
+			waitHealthy(t, own, 5*time.Second)
+			signAndVerify(t, own, "release", alg, []byte("after"))
+			signAndVerify(t, sharer, "release", alg, []byte("after"))
+			if tc.op == "generate" {
+				if _, err := own.GenerateKey(context.Background(), "rotated-again", providers.KeyECDSAP256, "", []byte{10}); err != nil {
+					t.Fatalf("GenerateKey after the repair: %v", err)
+				}
+				signAndVerify(t, own, "rotated-again", alg, []byte("new key"))
+			}
+		})
+	}
+}
+
 // replaceKeyPair destroys the objects labelled label and generates a new
 // pair under the same label and id.
 func replaceKeyPair(t *testing.T, tok *softhsmtest.Token, label string, id []byte) {

@@ -1,6 +1,7 @@
 package pkcs11
 
 import (
+	"context"
 	"crypto"
 	"errors"
 	"fmt"
@@ -98,7 +99,15 @@ func escalateFor(err error, current repairLevel) error {
 	if err == nil {
 		return nil
 	}
-	if lvl := classify(rvOf(err)).repair(); lvl > current {
+	lvl := classify(rvOf(err)).repair()
+	if errors.Is(err, errStale) {
+		// Another provider reloaded the module under the repair: the
+		// slot and the keys are found again. The supervisor's sessions
+		// are opened in the provider's generation, so the module has
+		// moved past it and reload only takes that on (module.reload).
+		lvl = repairReload
+	}
+	if lvl > current {
 		return &escalation{level: lvl, cause: err}
 	}
 	return err
@@ -168,6 +177,10 @@ func (p *Provider) sweep() error {
 			continue
 		}
 		info, err := p.sessionInfo(s)
+		if errors.Is(err, errStale) {
+			p.drop(s, false)
+			return escalateFor(err, repairSweep)
+		}
 		if err != nil {
 			cls := classify(rvOf(err))
 			p.drop(s, cls != faultSessionGone && cls != faultDevice)
@@ -215,6 +228,12 @@ func (p *Provider) relogin() error {
 		return escalateFor(fmt.Errorf("open session: %w", err), repairLogin)
 	}
 	defer p.release(s)
+	if s.gen != p.gen.Load() {
+		// The module was reloaded since the provider last found its slot
+		// (by another provider): the PIN goes only to the token whose
+		// serial a reload has checked.
+		return &escalation{level: repairReload, cause: errStale}
+	}
 	info, err := p.sessionInfo(s)
 	if err != nil {
 		return escalateFor(fmt.Errorf("session info: %w", err), repairLogin)
@@ -239,7 +258,7 @@ func (p *Provider) login(s *session) error {
 	if p.pinRefused.Load() {
 		return fmt.Errorf("login to token %s: %w: the token refused this PIN to another module instance; not presented again", p.tokenLabel, providers.ErrPINIncorrect)
 	}
-	err := p.call("login", func(c *p11.Ctx) error {
+	err := p.onSession(context.Background(), "login", s.gen, func(c *p11.Ctx) error {
 		p.tokenFiles.Lock()
 		defer p.tokenFiles.Unlock()
 		return c.Login(s.h, p11.CKU_USER, p.pin)
@@ -274,7 +293,7 @@ func (p *Provider) findKeys(s *session) error {
 		var h p11.ObjectHandle
 		var pub crypto.PublicKey
 		var readErr error
-		err := p.call("find", func(c *p11.Ctx) error {
+		err := p.onSession(context.Background(), "find", s.gen, func(c *p11.Ctx) error {
 			var err error
 			if h, err = findPrivateKey(c, s.h, k.obj); err != nil {
 				return err
@@ -316,11 +335,14 @@ func (p *Provider) findKeys(s *session) error {
 		// again; marked missing for good, the keys would never come back
 		// while the sessions look healthy.
 		var state uint
-		err := p.call("session info", func(c *p11.Ctx) error {
+		err := p.onSession(context.Background(), "session info", s.gen, func(c *p11.Ctx) error {
 			info, err := c.GetSessionInfo(s.h)
 			state = info.State
 			return err
 		})
+		if errors.Is(err, errStale) {
+			return fmt.Errorf("after the key search: %w", err)
+		}
 		if err != nil || (state != p11.CKS_RO_USER_FUNCTIONS && state != p11.CKS_RW_USER_FUNCTIONS) {
 			return fmt.Errorf("the session was logged out during the key search: %w", providers.ErrUnavailable)
 		}

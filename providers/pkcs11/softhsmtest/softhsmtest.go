@@ -127,6 +127,19 @@ func (tok *Token) Reinitialize(t testing.TB) {
 	tok.Serial = tok.findSerial(t)
 }
 
+// AddToken initializes another token beside tok, in the same directory
+// and configuration, with its own label and user PIN: two partitions of
+// one HSM, which one module serves in two slots. SoftHSM lists its tokens
+// at C_Initialize: add them before any provider opens the module.
+func (tok *Token) AddToken(t testing.TB, label, pin string) *Token {
+	t.Helper()
+	other := *tok
+	other.Label, other.PIN, other.Around = label, pin, nil
+	run(t, "softhsm2-util", "--init-token", "--free", "--label", label, "--so-pin", other.SOPIN, "--pin", pin)
+	other.Serial = other.findSerial(t)
+	return &other
+}
+
 // findSerial reads the token's serial from softhsm2-util --show-slots.
 func (tok *Token) findSerial(t testing.TB) string {
 	out := run(t, "softhsm2-util", "--show-slots")
