@@ -55,7 +55,10 @@ const MaxInstances = 16
 // finds the token, logs in once, finds every configured key and its public
 // half, and opens the session pool; with Instances > 1 it does so for each
 // module instance. A wrong PIN fails with providers.ErrPINIncorrect, a
-// locked token with providers.ErrTokenLocked; neither is retried.
+// locked token with providers.ErrTokenLocked; neither is retried. A reload
+// of the module by another provider meanwhile is waited out (within ctx);
+// one that leaves the module down fails the open with
+// providers.ErrUnavailable.
 func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	if cfg.ID == "" {
 		return nil, errors.New("pkcs11 provider: empty id")

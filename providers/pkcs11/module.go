@@ -40,9 +40,10 @@ type module struct {
 	calls    atomic.Int64
 	gate     atomic.Uint32 // gateOpen, gateReload or gatePause
 	reloadMu sync.Mutex    // serializes reloads and pauses
-	down     bool          // guarded by reloadMu: finalized, and the last Initialize failed
+	down     atomic.Bool   // finalized, and the last Initialize failed; set under reloadMu
 	pauseMu  sync.Mutex
 	paused   chan struct{} // guarded by pauseMu; closed when a pause ends
+	reloaded chan struct{} // guarded by pauseMu; closed when the reload under way ends
 }
 
 const (
@@ -213,11 +214,20 @@ func (m *module) do(fn func(*p11.Ctx) error) error {
 func (m *module) reload(seenGen uint64, inject func(string) uint) (gen uint64, reloaded bool, err error) {
 	m.reloadMu.Lock()
 	defer m.reloadMu.Unlock()
-	if g := m.gen.Load(); g != seenGen && !m.down {
+	if g := m.gen.Load(); g != seenGen && !m.down.Load() {
 		return g, false, nil
 	}
+	m.pauseMu.Lock()
+	m.reloaded = make(chan struct{})
+	m.pauseMu.Unlock()
 	m.gate.Store(gateReload)
-	defer m.gate.Store(gateOpen)
+	defer func() {
+		m.gate.Store(gateOpen)
+		m.pauseMu.Lock()
+		close(m.reloaded)
+		m.reloaded = nil
+		m.pauseMu.Unlock()
+	}()
 	if err := m.drain(); err != nil {
 		return seenGen, false, fmt.Errorf("reload: %w", err)
 	}
@@ -226,16 +236,46 @@ func (m *module) reload(seenGen uint64, inject func(string) uint) (gen uint64, r
 	}
 	// From here every old handle is void, whether or not Initialize works.
 	g := m.gen.Add(1)
-	m.down = true
+	m.down.Store(true)
 	if rv := hook(inject, "initialize"); rv != 0 {
 		return g, true, fmt.Errorf("initialize: %w", p11.Error(rv))
 	}
 	if err := m.ctx.Initialize(); err != nil && !isRV(err, p11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
 		return g, true, fmt.Errorf("initialize: %w", err)
 	}
-	m.down = false
+	m.down.Store(false)
 	m.initialized = true
 	return g, true, nil
+}
+
+// reloading reports whether a reload is under way, or has been since
+// generation gen.
+func (m *module) reloading(gen uint64) bool {
+	return m.gate.Load() == gateReload || m.gen.Load() != gen
+}
+
+// isDown reports whether the module is finalized after a reload whose
+// C_Initialize failed; not while a reload is under way (which finalizes
+// the module before it initializes it again).
+func (m *module) isDown() bool {
+	return m.gate.Load() != gateReload && m.down.Load()
+}
+
+// awaitReload waits until no reload of the module is under way, or ctx
+// ends.
+func (m *module) awaitReload(ctx context.Context) error {
+	m.pauseMu.Lock()
+	ch := m.reloaded
+	m.pauseMu.Unlock()
+	if ch == nil {
+		return nil
+	}
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // drain waits for the goroutines inside the module to leave; the gate is

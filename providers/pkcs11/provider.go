@@ -132,12 +132,8 @@ func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 		_ = p.keys.Add(k.info.Name, k) // names checked above
 	}
 	p.state.Store(&state{kind: stateHealthy, changed: make(chan struct{})})
-	p.gen.Store(mod.gen.Load())
-	if err := p.connect(ctx); err != nil {
-		if p.loggedIn && p.mod.releaseLogin(p.serial) {
-			p.logout()
-		}
-		p.closeSessions()
+	if err := p.connectAcrossReloads(ctx); err != nil {
+		p.disconnect()
 		mod.release()
 		return fail(err)
 	}
@@ -146,6 +142,60 @@ func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 		zap.String("module", cfg.Module), zap.String("token", p.tokenLabel), zap.String("serial", p.serial),
 		zap.Uint64("slot", p.slot.Load()), zap.Int("keys", p.keys.Len()), zap.Int("sessions", p.size))
 	return p, nil
+}
+
+// maxOpenReloads bounds the reloads by other providers on the module that
+// one Open waits out.
+const maxOpenReloads = 3
+
+// connectAcrossReloads connects in the module's current generation. A
+// reload by another provider on the module meanwhile (its gate closed
+// while it runs; what connect found, void after it) is waited out and
+// connect is made again: the open succeeds once the module is back.
+// When that reload leaves the module down, the open fails with
+// ErrUnavailable; the PIN is never presented again after the token
+// refused it.
+func (p *Provider) connectAcrossReloads(ctx context.Context) error {
+	for reloads := 0; ; reloads++ {
+		gen := p.mod.gen.Load()
+		p.gen.Store(gen)
+		err := p.connect(ctx)
+		if err == nil {
+			if p.mod.gen.Load() == gen {
+				return nil
+			}
+			err = errStale // what it found is of a generation now over
+		}
+		if errors.Is(err, providers.ErrPINIncorrect) || errors.Is(err, providers.ErrTokenLocked) || ctx.Err() != nil {
+			return err
+		}
+		if p.mod.isDown() {
+			return fmt.Errorf("module %s is down: another provider's reload of it failed, and that provider retries it: %w", p.modulePath, providers.ErrUnavailable)
+		}
+		if !errors.Is(err, errStale) && !p.mod.reloading(gen) {
+			return err
+		}
+		p.disconnect()
+		if reloads == maxOpenReloads {
+			return fmt.Errorf("module %s reloaded %d times by other providers during the open: %w", p.modulePath, reloads+1, providers.ErrUnavailable)
+		}
+		p.log.Info("pkcs11 module reloaded by another provider during the open; opening again", zap.String("module", p.modulePath))
+		if werr := p.mod.awaitReload(ctx); werr != nil {
+			return fmt.Errorf("waiting for another provider's reload of module %s: %w: %w", p.modulePath, providers.ErrUnavailable, werr)
+		}
+	}
+}
+
+// disconnect undoes what a connect that failed (or whose generation ended)
+// did: its sessions and its hold on the token's login.
+func (p *Provider) disconnect() {
+	if p.loggedIn {
+		p.loggedIn = false
+		if p.mod.releaseLogin(p.serial) {
+			p.logout()
+		}
+	}
+	p.closeSessions()
 }
 
 // connect finds the slot, logs in, resolves every key and fills the pool.

@@ -1110,6 +1110,154 @@ func TestSessionCallsAfterASharersReload(t *testing.T) {
 	}
 }
 
+// A provider opens (at the agent's start) while another provider on the
+// same module, serving another token, reloads it. The open waits for the
+// reload and succeeds; it used to fail at once with the module's raw
+// CKR_CRYPTOKI_NOT_INITIALIZED (the gate closed by the reload), or, with
+// the reload landing between its steps, go on with a session the reload
+// had voided. When the sharer's reload fails and leaves the module down,
+// the open fails with a clean UNAVAILABLE.
+func TestOpenDuringASharersReload(t *testing.T) {
+	const otherPINEnv = "SIGIL_TEST_PKCS11_OTHER_PIN"
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	for _, tc := range []struct {
+		name        string
+		sharerHeld  string // the sharer's reload held there while own opens
+		ownHeld     string // own's open held there while the sharer reloads
+		reloadFails bool   // the sharer's C_Initialize fails until the end
+	}{
+		{"the reload holds the module's gate", "initialize", "", false},
+		{"a reload between the open's steps", "", "login", false},
+		{"the reload leaves the module down", "", "", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tok := softhsmtest.New(t, "own")
+			other := tok.AddToken(t, "other", "other-pin-6")
+			ownKey := tok.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
+			otherKey := other.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
+			t.Setenv(otherPINEnv, other.PIN)
+			t.Setenv(pinEnv, tok.PIN)
+
+			faults := newFaultSwitch()
+			sharerHeld := newHeldCall(tc.sharerHeld)
+			defer sharerHeld.release()
+			sharer, err := Open(context.Background(), Config{ID: "sharer", Module: tok.Module, PINEnv: otherPINEnv,
+				Keys: []KeyConfig{{Name: "release", URI: otherKey.URI}}, Sessions: 2, Backoff: 20 * time.Millisecond,
+				FaultHook: func(op string) uint {
+					if rv := faults.hook(op); rv != 0 {
+						return rv
+					}
+					return sharerHeld.hook(op)
+				}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer func() {
+				if err := sharer.Close(); err != nil {
+					t.Errorf("sharer Close: %v", err)
+				}
+			}()
+			defer sharerHeld.release() // before the Close: it waits for the repair
+			reload := func() {
+				t.Helper()
+				if tc.reloadFails {
+					faults.set(map[string]uint{"sign": p11.CKR_DEVICE_REMOVED, "initialize": p11.CKR_DEVICE_REMOVED})
+				} else {
+					faults.set(map[string]uint{"sign": p11.CKR_DEVICE_REMOVED})
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+				sharer.Sign(ctx, "release", alg, digestOf(crypto.SHA256, []byte("gone")))
+				cancel()
+				if !tc.reloadFails {
+					faults.set(nil)
+				}
+			}
+
+			ownHeld := newHeldCall(tc.ownHeld)
+			defer ownHeld.release()
+			ownHeld.armed.Store(tc.ownHeld != "")
+			reachedSlot := make(chan struct{}, 1)
+			opened := make(chan error, 1)
+			var own *Provider
+			openOwn := func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				var err error
+				own, err = Open(ctx, Config{ID: "own", Module: tok.Module, PINEnv: pinEnv,
+					Keys: []KeyConfig{{Name: "release", URI: ownKey.URI}}, Sessions: 2, Backoff: 20 * time.Millisecond,
+					FaultHook: func(op string) uint {
+						if op == "slot" {
+							select {
+							case reachedSlot <- struct{}{}:
+							default:
+							}
+						}
+						return ownHeld.hook(op)
+					}})
+				opened <- err
+			}
+			genBefore := sharer.mod.gen.Load()
+			switch {
+			case tc.sharerHeld != "":
+				sharerHeld.armed.Store(true)
+				reload()
+				sharerHeld.wait(t, "the sharer's reload")
+				go openOwn()
+				<-reachedSlot
+				select {
+				case err := <-opened:
+					t.Fatalf("Open returned during the sharer's reload: %v", err)
+				case <-time.After(200 * time.Millisecond):
+				}
+				sharerHeld.release()
+			case tc.ownHeld != "":
+				go openOwn()
+				ownHeld.wait(t, "own's open")
+				reload()
+				waitHealthy(t, sharer, 5*time.Second)
+				ownHeld.release()
+			default:
+				reload()
+				waitFor(t, "the sharer's reload to fail", func() bool { return faults.count("initialize") > 0 })
+				go openOwn()
+			}
+			var openErr error
+			select {
+			case openErr = <-opened:
+			case <-time.After(15 * time.Second):
+				t.Fatal("Open did not return")
+			}
+			if own != nil {
+				defer own.Close()
+			}
+			if sharer.mod.gen.Load() == genBefore {
+				t.Fatal("the sharer did not reload the module")
+			}
+			if tc.reloadFails {
+				if openErr == nil {
+					t.Fatal("Open on a module left down succeeded")
+				}
+				if !errors.Is(openErr, providers.ErrUnavailable) || strings.Contains(openErr.Error(), "CKR_") {
+					t.Errorf("Open on a module left down: %v, want a clean ErrUnavailable", openErr)
+				}
+				faults.set(nil) // the device is back
+				waitHealthy(t, sharer, 5*time.Second)
+				go openOwn()
+				openErr = <-opened
+				if own != nil {
+					defer own.Close()
+				}
+			}
+			if openErr != nil {
+				t.Fatalf("Open during the sharer's reload: %v", openErr)
+			}
+			signAndVerify(t, own, "release", alg, []byte("opened during a reload"))
+			waitHealthy(t, sharer, 5*time.Second)
+			signAndVerify(t, sharer, "release", alg, []byte("after"))
+		})
+	}
+}
+
 // replaceKeyPair destroys the objects labelled label and generates a new
 // pair under the same label and id.
 func replaceKeyPair(t *testing.T, tok *softhsmtest.Token, label string, id []byte) {
