@@ -451,7 +451,11 @@ func (j *Journal) commitBatch(b *pebble.Batch, waits bool, lastSeq uint64, lastH
 		if err := j.applyStagedLocked(pebble.NoSync); err != nil {
 			return err
 		}
-		return apply(j.db, b, pebble.Sync)
+		if err := apply(j.db, b, pebble.Sync); err != nil {
+			return err
+		}
+		j.walBuffered = false
+		return nil
 	}
 	if err := j.tail.append(b.Repr(), j.headSeq+1, lastSeq, j.headHash, lastHash); err != nil {
 		return err
@@ -605,16 +609,42 @@ func (j *Journal) closeRun() {
 // an empty batch, it waits Options.ApplyDelay and applies what has
 // gathered. It exits after a last apply once Close has stopped the
 // committer.
+//
+// Before each apply it looks whether the tail log is still at its path
+// (tailMovedAway). And once no group has come for ApplyDelay after an
+// apply that left records in Pebble's WAL writer's buffer, it has that
+// WAL written (writeBufferedWAL): on an idle agent nothing else would
+// before its next append, and the tail log would stay those records' one
+// copy a kill leaves, unwatched, however long that took (a deletion then
+// lost them to a kill, unnoticed). Under load the next group comes first,
+// and the look before its apply stands in for the write. The applier
+// wakes only while records are staged or buffered: after the write, an
+// idle agent's applier sleeps until the next append.
 func (j *Journal) applyLoop() {
 	defer close(j.applyDone)
 	t := time.NewTimer(j.opts.ApplyDelay)
 	t.Stop()
+	idle := time.NewTimer(j.opts.ApplyDelay)
+	idle.Stop()
+	var idleC <-chan time.Time // armed while walBuffered may be set
 	for {
 		select {
 		case <-j.applyKick:
+		case <-idleC:
+			idleC = nil
+			_, first := j.tailMovedAway()
+			err := j.writeBufferedWAL()
+			if first {
+				j.warnTailMoved(err)
+			}
+			continue
 		case <-j.applyStop:
 			_ = j.applyStaged()
 			return
+		}
+		if idleC != nil {
+			idle.Stop()
+			idleC = nil
 		}
 		t.Reset(j.opts.ApplyDelay)
 		select {
@@ -626,18 +656,62 @@ func (j *Journal) applyLoop() {
 		}
 		moved, first := j.tailMovedAway()
 		if !moved {
-			_ = j.applyStaged()
+			if j.applyStaged() == nil && j.isWALBuffered() {
+				idle.Reset(j.opts.ApplyDelay)
+				idleC = idle.C
+			}
 			continue
 		}
 		// The staged groups' frames went to a file no restart finds: into
 		// Pebble's WAL file with them now, rather than whenever its
-		// writer's buffer fills or a waited commit comes.
+		// writer's buffer fills or a waited commit comes; and so do the
+		// records applied before, should a reader have applied the
+		// staged ones already.
 		err := j.applyStagedWith(pebble.Sync)
+		if err == nil {
+			err = j.writeBufferedWAL()
+		}
 		if first {
-			j.log.Warn("journal tail log was deleted or moved away; the records staged were given to pebble's WAL, and the next commit waits for it and creates a new tail log",
-				zap.NamedError("apply_error", err))
+			j.warnTailMoved(err)
 		}
 	}
+}
+
+// isWALBuffered reports walBuffered.
+func (j *Journal) isWALBuffered() bool {
+	j.applyMu.Lock()
+	defer j.applyMu.Unlock()
+	return j.walBuffered
+}
+
+// warnTailMoved says that the applier found the tail log moved away.
+func (j *Journal) warnTailMoved(err error) {
+	j.log.Warn("journal tail log was deleted or moved away; pebble's WAL was written with the records applied, and the next commit waits for it and creates a new tail log",
+		zap.NamedError("apply_error", err))
+}
+
+// writeBufferedWAL has Pebble's WAL writer write what it buffers (one
+// pebble.Sync commit of no records), if records were applied without
+// waiting for it since it was last written.
+func (j *Journal) writeBufferedWAL() error {
+	j.applyMu.Lock()
+	defer j.applyMu.Unlock()
+	if !j.walBuffered || j.db == nil || j.applyFailed.Load() {
+		return nil // nothing buffered, or a reopen replays the tail log
+	}
+	if j.fs.walFailed.Load() {
+		// Pebble would panic holding its commit lock (see doc.go); the
+		// next commit reopens it, and the reopen replays the tail log.
+		return errWALWriteFailed
+	}
+	if err := syncWAL(j.db, "sigil: applied records written"); err != nil {
+		j.applyFailed.Store(true)
+		j.log.Error("journal: writing pebble's WAL failed; the records are in the tail log, and pebble is reopened at the next commit",
+			zap.Error(err))
+		return fmt.Errorf("%w: %w", errApplyFailed, err)
+	}
+	j.walBuffered = false
+	return nil
 }
 
 // applyStaged commits the staged groups to Pebble.
@@ -688,6 +762,7 @@ func (j *Journal) applyStagedLocked(opts *pebble.WriteOptions) error {
 			zap.Int("records", records), zap.Error(err))
 		return fmt.Errorf("%w: %w", errApplyFailed, err)
 	}
+	j.walBuffered = !opts.Sync
 	b.Reset()
 	j.spareStaged = b
 	return nil

@@ -94,8 +94,9 @@ type Options struct {
 	MemTableSize uint64
 	// ApplyDelay is how long, in `wal` mode, confirmed records gather in
 	// the tail log before the journal commits them to Pebble as one batch
-	// (commit.go, "Deferred apply"). Readers never wait for it. Default
-	// 2ms.
+	// (commit.go, "Deferred apply"), and how long after such a commit,
+	// when no more records come, it has Pebble's WAL file written with
+	// them (applyLoop). Readers never wait for it. Default 2ms.
 	ApplyDelay time.Duration
 	// MinFreeBytes is the free space the journal keeps on its filesystem:
 	// below it, appends fail with ErrUnavailable ("journal full") before
@@ -244,6 +245,12 @@ type Journal struct {
 	applyKick     chan struct{} // buffered 1: staged went from empty to not
 	applyStop     chan struct{} // closed by Close
 	applyDone     chan struct{} // closed when the applier goroutine has exited
+	// walBuffered: records were applied with NoSync since Pebble's WAL
+	// was last written by a commit that waited for it, so its writer may
+	// hold them in its buffer, and the tail log is their one copy a kill
+	// leaves. The applier has the WAL written once it is idle (applyLoop).
+	// Guarded by applyMu.
+	walBuffered bool
 
 	// The mapped tail log's identity (nil without one), which the applier
 	// compares with the file at its path, and whether it found another
@@ -411,6 +418,7 @@ func (j *Journal) openDB() error {
 	j.staged = db.NewBatch()
 	j.stageMu.Unlock()
 	j.spareStaged = db.NewBatch()
+	j.walBuffered = false // Open wrote Pebble's WAL after any replay
 	j.applyFailed.Store(false)
 	j.dbMu.Lock()
 	j.db = db

@@ -444,7 +444,7 @@ func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, s
 	if added > 0 && into == nil {
 		// Through Pebble's WAL (in `fsync` mode also to the disk) before
 		// the tail is emptied.
-		if err := syncWAL(db); err != nil {
+		if err := syncWAL(db, "sigil: tail log replayed"); err != nil {
 			return seq, hash, added, fmt.Errorf("journal: replay tail log: %w", err)
 		}
 		log.Info("journal replayed records from its tail log", zap.Uint64("records", added), zap.Uint64("head_seq", seq))
@@ -557,9 +557,10 @@ func readAll(fs vfs.FS, path string) ([]byte, error) {
 }
 
 // syncWAL waits until everything committed so far is in Pebble's WAL
-// file (and synced, in `fsync` mode; see walFS).
-func syncWAL(db *pebble.DB) error {
+// file (and synced, in `fsync` mode; see walFS), with a commit of note
+// alone, which Pebble writes to its WAL and applies to nothing.
+func syncWAL(db *pebble.DB, note string) error {
 	b := db.NewBatch()
-	_ = b.LogData([]byte("sigil: tail log replayed"), nil)
+	_ = b.LogData([]byte(note), nil)
 	return apply(db, b, pebble.Sync)
 }

@@ -410,6 +410,59 @@ func TestTailMovedAwayIsNoticedBeforeTheCheckpoint(t *testing.T) {
 	}
 }
 
+// An idle agent's records that the applier gave Pebble (NoSync) before the
+// tail log was deleted: their one copy a kill leaves was the tail, since
+// Pebble's WAL writer keeps them in its buffer until it fills or a commit
+// waits, and an idle agent's applier would not look again before its next
+// append (reported: head 1 of 2 after a kill, Verify clean, no journal.lost
+// record, no warning). Once nothing more is staged, the applier has
+// Pebble's WAL written shortly after its last apply, so the tail is never
+// the only copy for long.
+func TestIdleTailMovedAwayLosesNothing(t *testing.T) {
+	for _, move := range []struct {
+		name string
+		do   func(path string) error
+	}{
+		{"deleted", os.Remove},
+		{"renamed", func(path string) error { return os.Rename(path, path+".old") }},
+		{"replaced", func(path string) error {
+			if err := os.WriteFile(path+".new", nil, 0o600); err != nil {
+				return err
+			}
+			return os.Rename(path+".new", path)
+		}},
+	} {
+		t.Run(move.name, func(t *testing.T) {
+			dir := t.TempDir()
+			j := openTest(t, dir, WAL)
+			appendN(t, j, "acme", 1) // the first commit checkpoints
+			j.nextCheckpoint = time.Now().Add(time.Hour)
+			written := j.fs.walSkipped.Load()
+			appendN(t, j, "acme", 1) // record 2: in the tail, applied 2 ms later
+			// Idle: no commit waits for Pebble's WAL. Give the applier
+			// time to write it (2 s, as a reviewer waited, when it never
+			// does).
+			time.Sleep(50 * time.Millisecond)
+			for deadline := time.Now().Add(2 * time.Second); j.fs.walSkipped.Load() == written && time.Now().Before(deadline); {
+				time.Sleep(time.Millisecond)
+			}
+			if err := move.do(filepath.Join(dir, tailName)); err != nil {
+				t.Fatal(err)
+			}
+			time.Sleep(50 * time.Millisecond)
+			// Killed now, still idle.
+			if head := openHeadOf(t, snapshotDir(t, dir, tailName+".old")); head != 2 {
+				t.Fatalf("killed while idle after the tail log was %s, the head is %d, want 2", move.name, head)
+			}
+			// Once written, the WAL is left alone: an idle agent's
+			// applier does not wake to write it again.
+			if n := j.fs.walSkipped.Load() - written; n != 1 {
+				t.Errorf("Pebble's WAL was written %d times while idle, want once", n)
+			}
+		})
+	}
+}
+
 // A mapped tail starts over in place: the frames written since lie before
 // older ones, which Pebble's WAL already has. Open takes the new run and
 // stops where it ends.
