@@ -341,7 +341,8 @@ func (j *Journal) commitGroup(group []*request) error {
 	// waits: this commit waits for Pebble's WAL (see tail.go) rather than
 	// going through the tail log, which it then starts over: also when the
 	// applier found the tail's file moved away.
-	waits := j.tail == nil || j.tailMoved.Load()
+	moved := j.tailMoved.Load()
+	waits := j.tail == nil || moved != nil && moved == j.tail.id
 	if j.lost[1] != 0 {
 		seq++
 		note := Record{
@@ -423,6 +424,12 @@ func (j *Journal) commitGroup(group []*request) error {
 	}
 	b.Reset()
 	if waits && j.tail != nil {
+		// Until the new tail is published, the applier's looks say
+		// nothing (tailMovedAway): startOver may create a new file at
+		// the path, which is no move, and Pebble's WAL has just been
+		// written with every record applied; nothing is staged meanwhile,
+		// since only the holder of busy stages.
+		j.tailID.Store(nil)
 		j.tail.startOver(j.log)
 		j.publishTail()
 	}
@@ -632,10 +639,10 @@ func (j *Journal) applyLoop() {
 		case <-j.applyKick:
 		case <-idleC:
 			idleC = nil
-			_, first := j.tailMovedAway()
+			_, found := j.tailMovedAway()
 			err := j.writeBufferedWAL()
-			if first {
-				j.warnTailMoved(err)
+			if found != "" {
+				j.warnTailMoved(found, err)
 			}
 			continue
 		case <-j.applyStop:
@@ -654,7 +661,7 @@ func (j *Journal) applyLoop() {
 			_ = j.applyStaged()
 			return
 		}
-		moved, first := j.tailMovedAway()
+		moved, found := j.tailMovedAway()
 		if !moved {
 			if j.applyStaged() == nil && j.isWALBuffered() {
 				idle.Reset(j.opts.ApplyDelay)
@@ -671,8 +678,8 @@ func (j *Journal) applyLoop() {
 		if err == nil {
 			err = j.writeBufferedWAL()
 		}
-		if first {
-			j.warnTailMoved(err)
+		if found != "" {
+			j.warnTailMoved(found, err)
 		}
 	}
 }
@@ -684,10 +691,11 @@ func (j *Journal) isWALBuffered() bool {
 	return j.walBuffered
 }
 
-// warnTailMoved says that the applier found the tail log moved away.
-func (j *Journal) warnTailMoved(err error) {
+// warnTailMoved says that the applier found the tail log moved away, and
+// what it found at its path instead (tailMovedAway).
+func (j *Journal) warnTailMoved(found string, err error) {
 	j.log.Warn("journal tail log was deleted or moved away; pebble's WAL was written with the records applied, and the next commit waits for it and creates a new tail log",
-		zap.NamedError("apply_error", err))
+		zap.String("at_its_path", found), zap.NamedError("apply_error", err))
 }
 
 // writeBufferedWAL has Pebble's WAL writer write what it buffers (one

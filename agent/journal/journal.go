@@ -252,12 +252,14 @@ type Journal struct {
 	// Guarded by applyMu.
 	walBuffered bool
 
-	// The mapped tail log's identity (nil without one), which the applier
-	// compares with the file at its path, and whether it found another
-	// file there or none: the next commit then waits for Pebble's WAL and
-	// starts the tail over (tail.go, Journal.tailMovedAway).
+	// tailID: the mapped tail log's identity (nil without one, and while
+	// the committer starts the tail over), which the applier compares with
+	// the file at its path. tailMoved: the identity of the tail whose path
+	// the applier found holding another file or none; while that is the
+	// tail, commits wait for Pebble's WAL, and the next one starts the
+	// tail over (tail.go, Journal.tailMovedAway).
 	tailID    atomic.Pointer[fileID]
-	tailMoved atomic.Bool
+	tailMoved atomic.Pointer[fileID]
 
 	// ReadOnly: the tail log's records Pebble lacks, over db (an indexed
 	// batch, never committed), and what Open found in doubt, for Verify.

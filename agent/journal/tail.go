@@ -250,14 +250,17 @@ func (t *tailLog) startOver(log *zap.Logger) {
 
 // publishTail tells the applier which file the tail log is now (after it
 // was created, started over or closed), and clears what the applier found
-// about the one before. Only the holder of busy calls it.
+// about the one before. A look that ends after this marks only the file
+// it began with, so it counts only if that is still the tail (started
+// over in place: at its path after all), and costs one waited commit,
+// which publishes it again. Only the holder of busy calls it.
 func (j *Journal) publishTail() {
 	var id *fileID
 	if j.tail != nil {
 		id = j.tail.id
 	}
+	j.tailMoved.Store(nil)
 	j.tailID.Store(id)
-	j.tailMoved.Store(false)
 }
 
 // tailMovedAway reports whether the mapped tail log's file is no longer
@@ -270,25 +273,37 @@ func (j *Journal) publishTail() {
 // were kill-safe nowhere, since Pebble's WAL writer keeps what a NoSync
 // commit gives it in its buffer until the buffer fills (32 KiB) or a
 // commit waits. Once this has said yes, applies wait for Pebble's WAL and
-// the next commit waits too and starts the tail over (publishTail clears
-// it). A stat that fails otherwise than with ENOENT says nothing here:
-// startOver looks again at the next waited commit. first is set when this
-// call is the one that found it.
-func (j *Journal) tailMovedAway() (moved, first bool) {
-	if j.tailMoved.Load() {
-		return true, false
-	}
+// the next commit waits too and starts the tail over (publishing another
+// tail ends it). A stat that fails otherwise than with ENOENT says
+// nothing here: startOver looks again at the next waited commit. found,
+// set by the call that finds it, says what is at the path: "nothing" or
+// "another file". Only the applier calls it.
+//
+// While the committer starts the tail over, which may create a new file
+// at the path, tailID is nil, so a look then says nothing; a look that
+// began before finds tailID changed when it is done, and says nothing
+// either. (It used to take the committer's new file for another one put
+// there: a warning of a move that was none, and a waited commit.)
+func (j *Journal) tailMovedAway() (moved bool, found string) {
 	id := j.tailID.Load()
 	if id == nil {
-		return false, false
+		return false, ""
+	}
+	if j.tailMoved.Load() == id {
+		return true, ""
 	}
 	named, err := pathID(j.tailPath())
 	if err == nil && named == *id || err != nil && !errors.Is(err, os.ErrNotExist) {
-		return false, false
+		return false, ""
 	}
-	// The committer may have just created a new tail and not published it
-	// yet: then this is a false alarm, which costs one waited commit.
-	return true, j.tailMoved.CompareAndSwap(false, true)
+	if j.tailID.Load() != id {
+		return false, ""
+	}
+	j.tailMoved.Store(id)
+	if err != nil {
+		return true, "nothing"
+	}
+	return true, "another file"
 }
 
 // atPath reports whether the open (mapped) tail file is still the one at

@@ -463,6 +463,47 @@ func TestIdleTailMovedAwayLosesNothing(t *testing.T) {
 	}
 }
 
+// When the committer finds the tail log gone, it creates a new one at the
+// path, and the applier, looking meanwhile, must not take that file for
+// another put there (reported: a "moved away" warning for a move that was
+// none, and a waited commit for the new tail). Appends keep the applier
+// looking while the tail is deleted, again and again, and a commit that
+// waits for Pebble's WAL recreates it each time. The applier may find a
+// deletion first (nothing at the path), never another file: no one else
+// puts one there.
+func TestApplierTakesNoNewTailForAMove(t *testing.T) {
+	dir := t.TempDir()
+	core, logs := observer.New(zap.WarnLevel)
+	j := openTest(t, dir, WAL, func(o *Options) { o.Logger = zap.New(core) })
+	appendN(t, j, "acme", 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for i := 0; ctx.Err() == nil; i++ {
+			_ = j.Append(ctx, signRecord("acme", i))
+		}
+	}()
+	const rounds = 100
+	for i := 0; i < rounds; i++ {
+		if err := os.Remove(filepath.Join(dir, tailName)); err != nil {
+			t.Fatal(err)
+		}
+		if err := j.Put(context.Background(), "k", []byte{byte(i)}); err != nil { // waits, and recreates the tail
+			t.Fatal(err)
+		}
+	}
+	cancel()
+	<-done
+	if n := logs.FilterMessageSnippet("recreating it").Len(); n != rounds {
+		t.Errorf("the committer recreated the tail %d times, want %d", n, rounds)
+	}
+	if n := logs.FilterMessageSnippet("moved away").FilterField(zap.String("at_its_path", "another file")).Len(); n > 0 {
+		t.Errorf("the applier took the committer's new tail log for another file %d times in %d rounds", n, rounds)
+	}
+	verifyOK(t, j)
+}
+
 // A mapped tail starts over in place: the frames written since lie before
 // older ones, which Pebble's WAL already has. Open takes the new run and
 // stops where it ends.
