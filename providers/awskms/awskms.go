@@ -675,7 +675,18 @@ func classify(parent, callCtx context.Context, op string, err error) error {
 		return fmt.Errorf("awskms %s: %w", op, context.DeadlineExceeded)
 	}
 	var apiErr smithy.APIError
-	if !errors.As(err, &apiErr) {
+	isAPIErr := errors.As(err, &apiErr)
+	if throttled(err) {
+		// Before the API error's absence: a proxy's or load balancer's
+		// 429 has a body the SDK cannot read as one, and is throttling
+		// all the same.
+		code := "HTTP 429"
+		if isAPIErr && apiErr.ErrorCode() != "" {
+			code = apiErr.ErrorCode()
+		}
+		return fmt.Errorf("awskms %s: rate limited (%s): %w", op, code, providers.ErrRateLimited)
+	}
+	if !isAPIErr {
 		if credentialsFailed(err) {
 			// Nothing was sent: the SDK could not get credentials to sign
 			// with (expired, the role or file unreadable). Said apart from
@@ -687,9 +698,6 @@ func classify(parent, callCtx context.Context, op string, err error) error {
 		return fmt.Errorf("awskms %s: request failed: %w", op, providers.ErrUnavailable)
 	}
 	code := apiErr.ErrorCode()
-	if throttled(err) {
-		return fmt.Errorf("awskms %s: rate limited (%s): %w", op, code, providers.ErrRateLimited)
-	}
 	var refused *pauseRefused
 	if errors.As(err, &refused) {
 		// The answer (a 5xx, most likely) was retryable, but not within

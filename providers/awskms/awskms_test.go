@@ -652,6 +652,8 @@ func TestThrottlingAndRetryAfter(t *testing.T) {
 		{"throttled, retry after 3s", 400, throttle, "3000", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
 		{"429 without an error code", 429, `{"message":"Too Many Requests"}`, "", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
 		{"429, retry after 100ms", 429, "", "100", 0, providers.ErrRateLimited, 1, 0, 90 * time.Millisecond},
+		{"429 from a proxy, an HTML body", 429, "<html><body>429 Too Many Requests</body></html>", "", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
+		{"429 from a proxy, a text body", 429, "Too Many Requests", "", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
 		{"throttled on a 503, retry after 100ms", 503, throttle, "100", 0, providers.ErrRateLimited, 1, 0, 90 * time.Millisecond},
 		{"5xx", 500, internal, "", 0, providers.ErrUnavailable, 3, 0, 2*timeout/4 + 150*time.Millisecond},
 		{"5xx, retry after 100ms", 500, internal, "100", 0, providers.ErrUnavailable, 3, 200 * time.Millisecond, 2*timeout/4 + 150*time.Millisecond},
