@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1107,6 +1108,79 @@ func TestSessionCallsAfterASharersReload(t *testing.T) {
 				signAndVerify(t, own, "rotated-again", alg, []byte("new key"))
 			}
 		})
+	}
+}
+
+// An open's PIN goes only to the slot it looked up in the module's current
+// generation: a sharer's reload that lands between the open's slot lookup
+// and its first session (SoftHSM2 keeps slot ids, a module that renumbers
+// its slots at C_Initialize would not) makes the open look again, not
+// present the PIN on a slot number from before the reload.
+func TestOpenLogsInOnlyOnTheSlotOfItsGeneration(t *testing.T) {
+	const otherPINEnv = "SIGIL_TEST_PKCS11_OTHER_PIN"
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	tok := softhsmtest.New(t, "own")
+	other := tok.AddToken(t, "other", "other-pin-7")
+	ownKey := tok.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
+	otherKey := other.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
+	t.Setenv(otherPINEnv, other.PIN)
+	t.Setenv(pinEnv, tok.PIN)
+	faults := newFaultSwitch()
+	sharer, err := Open(context.Background(), Config{ID: "sharer", Module: tok.Module, PINEnv: otherPINEnv,
+		Keys: []KeyConfig{{Name: "release", URI: otherKey.URI}}, Sessions: 2, Backoff: 20 * time.Millisecond,
+		FaultHook: faults.hook})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sharer.Close()
+	modGen := func() uint64 {
+		modules.mu.Lock()
+		defer modules.mu.Unlock()
+		return modules.m[filepath.Clean(tok.Module)].gen.Load()
+	}
+	var mu sync.Mutex
+	var slotGen uint64
+	var bad []string
+	held := newHeldCall("open-session")
+	held.armed.Store(true)
+	defer held.release()
+	opened := make(chan error, 1)
+	var own *Provider
+	go func() {
+		var err error
+		own, err = Open(context.Background(), Config{ID: "own", Module: tok.Module, PINEnv: pinEnv,
+			Keys: []KeyConfig{{Name: "release", URI: ownKey.URI}}, Sessions: 2, Backoff: 20 * time.Millisecond,
+			FaultHook: func(op string) uint {
+				mu.Lock()
+				switch op {
+				case "slot":
+					slotGen = modGen()
+				case "login":
+					if g := modGen(); g != slotGen {
+						bad = append(bad, fmt.Sprintf("C_Login in generation %d, the slot looked up in generation %d", g, slotGen))
+					}
+				}
+				mu.Unlock()
+				return held.hook(op)
+			}})
+		opened <- err
+	}()
+	held.wait(t, "own's open")
+	faults.set(map[string]uint{"sign": p11.CKR_DEVICE_REMOVED})
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	sharer.Sign(ctx, "release", alg, digestOf(crypto.SHA256, []byte("gone")))
+	cancel()
+	faults.set(nil)
+	waitHealthy(t, sharer, 5*time.Second)
+	held.release()
+	if err := <-opened; err != nil {
+		t.Fatalf("Open: %v", err)
+	}
+	defer own.Close()
+	mu.Lock()
+	defer mu.Unlock()
+	for _, b := range bad {
+		t.Errorf("PIN presented on a slot number from an earlier generation: %s", b)
 	}
 }
 

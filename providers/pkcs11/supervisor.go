@@ -258,6 +258,13 @@ func (p *Provider) login(s *session) error {
 	if p.pinRefused.Load() {
 		return fmt.Errorf("login to token %s: %w: the token refused this PIN to another module instance; not presented again", p.tokenLabel, providers.ErrPINIncorrect)
 	}
+	if s.gen != p.gen.Load() {
+		// The slot was looked up in another generation: after a reload a
+		// module may number its slots anew, and the PIN must go only to
+		// the token whose serial the lookup checked. onSession then keeps
+		// the module's generation from moving under the call.
+		return errStale
+	}
 	err := p.onSession(context.Background(), "login", s.gen, func(c *p11.Ctx) error {
 		p.tokenFiles.Lock()
 		defer p.tokenFiles.Unlock()
