@@ -599,7 +599,7 @@ func (r retryPolicy) GetRetryToken(ctx context.Context, err error) (func(error) 
 		if pause > r.maxPause {
 			return nil, &pauseRefused{pause: pause, limit: "the backoff cap"}
 		}
-		if d, ok := ctx.Deadline(); ok && time.Until(d) < pause {
+		if d, ok := ctx.Deadline(); ok && time.Until(d) <= pause {
 			return nil, &pauseRefused{pause: pause, limit: "the call's deadline"}
 		}
 	}
