@@ -957,6 +957,57 @@ func (h *heldCall) wait(t *testing.T, who string) {
 	}
 }
 
+// otherPINEnv names the PIN of the second token of sharedTokens.
+const otherPINEnv = "SIGIL_TEST_PKCS11_OTHER_PIN"
+
+// sharedTokens is one module with two tokens (two partitions of an HSM,
+// each with its own PIN), each holding an ECDSA key labelled "release":
+// the set-up of the tests in which one provider's reload voids another's
+// sessions and handles. pinEnv names own's PIN, otherPINEnv the other's.
+type sharedTokens struct {
+	tok, other       *softhsmtest.Token
+	ownKey, otherKey softhsmtest.Key
+}
+
+func newSharedTokens(t *testing.T, otherPIN string) sharedTokens {
+	t.Helper()
+	tok := softhsmtest.New(t, "own")
+	other := tok.AddToken(t, "other", otherPIN)
+	st := sharedTokens{
+		tok: tok, other: other,
+		ownKey:   tok.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1}),
+		otherKey: other.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1}),
+	}
+	t.Setenv(pinEnv, tok.PIN)
+	t.Setenv(otherPINEnv, other.PIN)
+	return st
+}
+
+// openSharer opens "sharer", a provider of the other token's key on the
+// same module. Its fault hook answers from faults first, then from held
+// (nil: none). It is closed when the test ends, after the test's own
+// deferred calls, which release what they held first.
+func (st sharedTokens) openSharer(t *testing.T, sessions int, faults *faultSwitch, held *heldCall) *Provider {
+	t.Helper()
+	sharer, err := Open(context.Background(), Config{ID: "sharer", Module: st.tok.Module, PINEnv: otherPINEnv,
+		Keys: []KeyConfig{{Name: "release", URI: st.otherKey.URI}}, Sessions: sessions, Backoff: 20 * time.Millisecond,
+		FaultHook: func(op string) uint {
+			if rv := faults.hook(op); rv != 0 || held == nil {
+				return rv
+			}
+			return held.hook(op)
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := sharer.Close(); err != nil {
+			t.Errorf("sharer Close: %v", err)
+		}
+	})
+	return sharer
+}
+
 // Two providers serve two tokens of one module (two partitions of an HSM,
 // each with its own PIN and a key of the same name), so a reload by one
 // voids the other's sessions, and SoftHSM2 numbers sessions from 1 again:
@@ -970,7 +1021,6 @@ func (h *heldCall) wait(t *testing.T, who string) {
 // key replaced; a key generation ran on the sharer's read-only session
 // and then closed it.
 func TestSessionCallsAfterASharersReload(t *testing.T) {
-	const otherPINEnv = "SIGIL_TEST_PKCS11_OTHER_PIN"
 	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
 	for _, tc := range []struct {
 		name       string
@@ -982,14 +1032,11 @@ func TestSessionCallsAfterASharersReload(t *testing.T) {
 		{"a key generation", "generate", ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			tok := softhsmtest.New(t, "own")
-			other := tok.AddToken(t, "other", "other-pin-5")
-			ownKey := tok.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
-			otherKey := other.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
+			st := newSharedTokens(t, "other-pin-5")
 			core, logs := observer.New(zap.DebugLevel)
 			held := newHeldCall(tc.op)
 			defer held.release()
-			own := open(t, tok, []KeyConfig{{Name: "release", URI: ownKey.URI}}, func(c *Config) {
+			own := open(t, st.tok, []KeyConfig{{Name: "release", URI: st.ownKey.URI}}, func(c *Config) {
 				c.ID, c.Sessions, c.Logger, c.FaultHook = "own", 1, zap.New(core), held.hook
 			})
 			ownInfo := keyInfo(t, own, "release")
@@ -1020,26 +1067,10 @@ func TestSessionCallsAfterASharersReload(t *testing.T) {
 			held.wait(t, "own")
 
 			// The sharer opens on the other token and reloads the module.
-			t.Setenv(otherPINEnv, other.PIN)
 			faults := newFaultSwitch()
 			sharerHeld := newHeldCall(tc.sharerHeld)
 			defer sharerHeld.release()
-			sharer, err := Open(context.Background(), Config{ID: "sharer", Module: tok.Module, PINEnv: otherPINEnv,
-				Keys: []KeyConfig{{Name: "release", URI: otherKey.URI}}, Sessions: 8, Backoff: 20 * time.Millisecond,
-				FaultHook: func(op string) uint {
-					if rv := faults.hook(op); rv != 0 {
-						return rv
-					}
-					return sharerHeld.hook(op)
-				}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer func() {
-				if err := sharer.Close(); err != nil {
-					t.Errorf("sharer Close: %v", err)
-				}
-			}()
+			sharer := st.openSharer(t, 8, faults, sharerHeld)
 			genBefore := sharer.mod.gen.Load()
 			sharerHeld.armed.Store(tc.sharerHeld != "")
 			faults.set(map[string]uint{"sign": p11.CKR_DEVICE_REMOVED})
@@ -1117,26 +1148,14 @@ func TestSessionCallsAfterASharersReload(t *testing.T) {
 // its slots at C_Initialize would not) makes the open look again, not
 // present the PIN on a slot number from before the reload.
 func TestOpenLogsInOnlyOnTheSlotOfItsGeneration(t *testing.T) {
-	const otherPINEnv = "SIGIL_TEST_PKCS11_OTHER_PIN"
 	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
-	tok := softhsmtest.New(t, "own")
-	other := tok.AddToken(t, "other", "other-pin-7")
-	ownKey := tok.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
-	otherKey := other.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
-	t.Setenv(otherPINEnv, other.PIN)
-	t.Setenv(pinEnv, tok.PIN)
+	st := newSharedTokens(t, "other-pin-7")
 	faults := newFaultSwitch()
-	sharer, err := Open(context.Background(), Config{ID: "sharer", Module: tok.Module, PINEnv: otherPINEnv,
-		Keys: []KeyConfig{{Name: "release", URI: otherKey.URI}}, Sessions: 2, Backoff: 20 * time.Millisecond,
-		FaultHook: faults.hook})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sharer.Close()
+	sharer := st.openSharer(t, 2, faults, nil)
 	modGen := func() uint64 {
 		modules.mu.Lock()
 		defer modules.mu.Unlock()
-		return modules.m[filepath.Clean(tok.Module)].gen.Load()
+		return modules.m[filepath.Clean(st.tok.Module)].gen.Load()
 	}
 	var mu sync.Mutex
 	var slotGen uint64
@@ -1148,8 +1167,8 @@ func TestOpenLogsInOnlyOnTheSlotOfItsGeneration(t *testing.T) {
 	var own *Provider
 	go func() {
 		var err error
-		own, err = Open(context.Background(), Config{ID: "own", Module: tok.Module, PINEnv: pinEnv,
-			Keys: []KeyConfig{{Name: "release", URI: ownKey.URI}}, Sessions: 2, Backoff: 20 * time.Millisecond,
+		own, err = Open(context.Background(), Config{ID: "own", Module: st.tok.Module, PINEnv: pinEnv,
+			Keys: []KeyConfig{{Name: "release", URI: st.ownKey.URI}}, Sessions: 2, Backoff: 20 * time.Millisecond,
 			FaultHook: func(op string) uint {
 				mu.Lock()
 				switch op {
@@ -1192,7 +1211,6 @@ func TestOpenLogsInOnlyOnTheSlotOfItsGeneration(t *testing.T) {
 // had voided. When the sharer's reload fails and leaves the module down,
 // the open fails with a clean UNAVAILABLE.
 func TestOpenDuringASharersReload(t *testing.T) {
-	const otherPINEnv = "SIGIL_TEST_PKCS11_OTHER_PIN"
 	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
 	for _, tc := range []struct {
 		name        string
@@ -1205,33 +1223,11 @@ func TestOpenDuringASharersReload(t *testing.T) {
 		{"the reload leaves the module down", "", "", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			tok := softhsmtest.New(t, "own")
-			other := tok.AddToken(t, "other", "other-pin-6")
-			ownKey := tok.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
-			otherKey := other.GenerateKey(t, providers.KeyECDSAP256, "release", []byte{1})
-			t.Setenv(otherPINEnv, other.PIN)
-			t.Setenv(pinEnv, tok.PIN)
-
+			st := newSharedTokens(t, "other-pin-6")
 			faults := newFaultSwitch()
 			sharerHeld := newHeldCall(tc.sharerHeld)
-			defer sharerHeld.release()
-			sharer, err := Open(context.Background(), Config{ID: "sharer", Module: tok.Module, PINEnv: otherPINEnv,
-				Keys: []KeyConfig{{Name: "release", URI: otherKey.URI}}, Sessions: 2, Backoff: 20 * time.Millisecond,
-				FaultHook: func(op string) uint {
-					if rv := faults.hook(op); rv != 0 {
-						return rv
-					}
-					return sharerHeld.hook(op)
-				}})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer func() {
-				if err := sharer.Close(); err != nil {
-					t.Errorf("sharer Close: %v", err)
-				}
-			}()
-			defer sharerHeld.release() // before the Close: it waits for the repair
+			defer sharerHeld.release() // before the sharer's Close: it waits for the repair
+			sharer := st.openSharer(t, 2, faults, sharerHeld)
 			reload := func() {
 				t.Helper()
 				if tc.reloadFails {
@@ -1257,8 +1253,8 @@ func TestOpenDuringASharersReload(t *testing.T) {
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 				defer cancel()
 				var err error
-				own, err = Open(ctx, Config{ID: "own", Module: tok.Module, PINEnv: pinEnv,
-					Keys: []KeyConfig{{Name: "release", URI: ownKey.URI}}, Sessions: 2, Backoff: 20 * time.Millisecond,
+				own, err = Open(ctx, Config{ID: "own", Module: st.tok.Module, PINEnv: pinEnv,
+					Keys: []KeyConfig{{Name: "release", URI: st.ownKey.URI}}, Sessions: 2, Backoff: 20 * time.Millisecond,
 					FaultHook: func(op string) uint {
 						if op == "slot" {
 							select {
