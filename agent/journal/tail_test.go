@@ -354,6 +354,22 @@ func TestTailMovedAwayIsRecreated(t *testing.T) {
 	}
 }
 
+// tailMoves are the ways an operator or a clean-up job can take the tail
+// log away from under a running journal.
+var tailMoves = []struct {
+	name string
+	do   func(path string) error
+}{
+	{"deleted", os.Remove},
+	{"renamed", func(path string) error { return os.Rename(path, path+".old") }},
+	{"replaced", func(path string) error {
+		if err := os.WriteFile(path+".new", nil, 0o600); err != nil {
+			return err
+		}
+		return os.Rename(path+".new", path)
+	}},
+}
+
 // The start over that finds the tail moved away comes after a waited
 // commit (the checkpoint, every 100 ms under load; when idle, not before
 // the next append); until then each group went to a file no restart
@@ -365,19 +381,7 @@ func TestTailMovedAwayIsRecreated(t *testing.T) {
 // a new tail, so a kill after that loses nothing. No checkpoint falls due
 // here: the applier must notice by itself.
 func TestTailMovedAwayIsNoticedBeforeTheCheckpoint(t *testing.T) {
-	for _, move := range []struct {
-		name string
-		do   func(path string) error
-	}{
-		{"deleted", os.Remove},
-		{"renamed", func(path string) error { return os.Rename(path, path+".old") }},
-		{"replaced", func(path string) error {
-			if err := os.WriteFile(path+".new", nil, 0o600); err != nil {
-				return err
-			}
-			return os.Rename(path+".new", path)
-		}},
-	} {
+	for _, move := range tailMoves {
 		t.Run(move.name, func(t *testing.T) {
 			dir := t.TempDir()
 			core, logs := observer.New(zap.WarnLevel)
@@ -419,19 +423,7 @@ func TestTailMovedAwayIsNoticedBeforeTheCheckpoint(t *testing.T) {
 // Pebble's WAL written shortly after its last apply, so the tail is never
 // the only copy for long.
 func TestIdleTailMovedAwayLosesNothing(t *testing.T) {
-	for _, move := range []struct {
-		name string
-		do   func(path string) error
-	}{
-		{"deleted", os.Remove},
-		{"renamed", func(path string) error { return os.Rename(path, path+".old") }},
-		{"replaced", func(path string) error {
-			if err := os.WriteFile(path+".new", nil, 0o600); err != nil {
-				return err
-			}
-			return os.Rename(path+".new", path)
-		}},
-	} {
+	for _, move := range tailMoves {
 		t.Run(move.name, func(t *testing.T) {
 			dir := t.TempDir()
 			j := openTest(t, dir, WAL)
