@@ -87,6 +87,27 @@ func (p *agentProcess) waitReady(t *testing.T) {
 	t.Fatalf("agent did not start:\n%s", p.stderr.String())
 }
 
+// waitExit waits for an agent that is expected to fail its start and
+// returns its exit status and what it wrote to stderr.
+func (p *agentProcess) waitExit(t *testing.T) (int, string) {
+	t.Helper()
+	waited := make(chan error, 1)
+	go func() { waited <- p.cmd.Wait() }()
+	var err error
+	select {
+	case err = <-waited:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the agent did not exit:\n%s", p.stderr)
+	}
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	} else if err != nil {
+		t.Fatal(err)
+	}
+	return code, p.stderr.String()
+}
+
 func runBin(t *testing.T, bin string, args ...string) (string, string, int) {
 	t.Helper()
 	var stdout, stderr bytes.Buffer
@@ -267,17 +288,9 @@ func TestAgentStartRefusedOnItsConfiguration(t *testing.T) {
 				}
 			}
 			agent := startAgentProcessEnv(t, bin, config, filepath.Join(shortSocketDir(t), "agent.sock"), append(env, tc.env...))
-			waited := make(chan error, 1)
-			go func() { waited <- agent.cmd.Wait() }()
-			var err error
-			select {
-			case err = <-waited:
-			case <-time.After(30 * time.Second):
-				t.Fatalf("the agent did not exit:\n%s", agent.stderr)
-			}
-			out := agent.stderr.String()
-			if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != exitConfig {
-				t.Fatalf("exit %v, want %d:\n%s", err, exitConfig, out)
+			code, out := agent.waitExit(t)
+			if code != exitConfig {
+				t.Fatalf("exit %d, want %d:\n%s", code, exitConfig, out)
 			}
 			if !strings.Contains(out, "agent failed to start (configuration)") || strings.Contains(out, "INTERNAL") {
 				t.Errorf("not called a configuration failure, or called INTERNAL:\n%s", out)
@@ -336,17 +349,9 @@ func TestAgentStartOnAModuleThatDoesNotLoad(t *testing.T) {
 			}
 			env := append(os.Environ(), pinVar+"=1234")
 			agent := startAgentProcessEnv(t, bin, config, filepath.Join(shortSocketDir(t), "agent.sock"), append(env, tc.env...))
-			waited := make(chan error, 1)
-			go func() { waited <- agent.cmd.Wait() }()
-			var err error
-			select {
-			case err = <-waited:
-			case <-time.After(30 * time.Second):
-				t.Fatalf("the agent did not exit:\n%s", agent.stderr)
-			}
-			out := agent.stderr.String()
-			if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != tc.code {
-				t.Fatalf("exit %v, want %d:\n%s", err, tc.code, out)
+			code, out := agent.waitExit(t)
+			if code != tc.code {
+				t.Fatalf("exit %d, want %d:\n%s", code, tc.code, out)
 			}
 			if got := strings.Contains(out, "agent failed to start (configuration)"); got != (tc.code == exitConfig) {
 				t.Errorf("called a configuration failure: %v, want %v:\n%s", got, tc.code == exitConfig, out)
