@@ -13,13 +13,14 @@
  * under AddressSanitizer: a use after free), fails.
  * Usage: finalizesign MODULE KEY-LABEL. Prints "ok: N rounds ...".
  */
-#include <dlfcn.h>
 #include <p11-kit/pkcs11.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+#include "loadmodule.h"
 
 #define THREADS 3
 #define ROUNDS 30
@@ -103,14 +104,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	label = argv[2];
-	void *h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
-	if (!h) {
-		fprintf(stderr, "dlopen: %s\n", dlerror());
-		return 1;
-	}
-	CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(h, "C_GetFunctionList");
-	if (!get || get(&f) != CKR_OK)
-		fail("C_GetFunctionList", 0);
+	f = load_module(argv[1]);
 	CK_C_INITIALIZE_ARGS args = {.flags = CKF_OS_LOCKING_OK};
 	for (int r = 0; r < ROUNDS; r++) {
 		CK_RV rv;

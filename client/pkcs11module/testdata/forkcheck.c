@@ -14,7 +14,6 @@
  * Usage: forkcheck MODULE KEY-LABEL. Prints "ok ...".
  */
 #include <dirent.h>
-#include <dlfcn.h>
 #include <p11-kit/pkcs11.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -24,6 +23,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "loadmodule.h"
 #include "opensockets.h"
 
 static CK_FUNCTION_LIST *f;
@@ -97,15 +97,8 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	label = argv[2];
-	void *h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
-	if (!h) {
-		fprintf(stderr, "dlopen: %s\n", dlerror());
-		return 1;
-	}
-	CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(h, "C_GetFunctionList");
+	f = load_module(argv[1]);
 	CK_RV rv;
-	if (!get || (rv = get(&f)))
-		die("C_GetFunctionList", 0);
 	CK_C_INITIALIZE_ARGS args = {.flags = CKF_OS_LOCKING_OK};
 	if ((rv = f->C_Initialize(&args)))
 		die("C_Initialize", rv);

@@ -9,7 +9,6 @@
  * made. Usage: forkdial MODULE KEY-LABEL. Prints "ok: N forks".
  */
 #include <dirent.h>
-#include <dlfcn.h>
 #include <p11-kit/pkcs11.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -18,6 +17,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "loadmodule.h"
 #include "opensockets.h"
 
 static CK_FUNCTION_LIST *f;
@@ -56,12 +56,7 @@ int main(int argc, char **argv)
 		return 2;
 	}
 	label = argv[2];
-	void *h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
-	CK_C_GetFunctionList get = h ? (CK_C_GetFunctionList)dlsym(h, "C_GetFunctionList") : NULL;
-	if (!get || get(&f) != CKR_OK) {
-		fprintf(stderr, "forkdial: cannot load %s\n", argv[1]);
-		return 1;
-	}
+	f = load_module(argv[1]);
 	pthread_t th;
 	pthread_create(&th, NULL, dialer, NULL);
 	usleep(50000);

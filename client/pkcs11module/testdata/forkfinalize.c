@@ -7,7 +7,6 @@
  * while, and forks a varying time into it. Usage: forkfinalize MODULE.
  * Prints "ok: N forks", or how many children failed or crashed.
  */
-#include <dlfcn.h>
 #include <p11-kit/pkcs11.h>
 #include <pthread.h>
 #include <signal.h>
@@ -16,6 +15,8 @@
 #include <string.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include "loadmodule.h"
 
 static CK_FUNCTION_LIST *f;
 static volatile int go;
@@ -35,16 +36,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: forkfinalize MODULE\n");
 		return 2;
 	}
-	void *h = dlopen(argv[1], RTLD_NOW | RTLD_LOCAL);
-	if (!h) {
-		fprintf(stderr, "dlopen: %s\n", dlerror());
-		return 1;
-	}
-	CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(h, "C_GetFunctionList");
-	if (!get || get(&f)) {
-		fprintf(stderr, "C_GetFunctionList\n");
-		return 1;
-	}
+	f = load_module(argv[1]);
 	const int rounds = 40;
 	int crashed = 0, failed = 0;
 	for (int r = 0; r < rounds; r++) {
