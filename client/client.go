@@ -889,6 +889,10 @@ func (c *Client) Verify(ctx context.Context, ref KeyRef, alg Algorithm, digest, 
 //   - NOT_FOUND from TLSCertificate for a name the agent's key list has
 //     no certificate under (ErrNoCertificate);
 //   - INTERNAL for a reply the client cannot take (ErrMalformedReply);
+//   - UNAUTHENTICATED for a socket the client will not trust as the
+//     agent's (proto.ErrUntrustedSocketDir: a default socket directory
+//     others can write to or own, or a listener of another user), which
+//     stays so until an operator fixes it;
 //   - UNAVAILABLE otherwise: no agent, a lost connection, the one a caller
 //     may retry with backoff.
 //
@@ -906,6 +910,10 @@ func Code(err error) proto.Code {
 		return proto.DeadlineExceeded
 	case errors.Is(err, ErrClosed):
 		return proto.BadRequest
+	case errors.Is(err, proto.ErrUntrustedSocketDir):
+		// The client would not take the socket's owner for the agent: a
+		// retry meets the same directory until an operator fixes it.
+		return proto.Unauthenticated
 	}
 	// The client's own finding, however deep: "reconnect" wraps a Hello
 	// whose reply did not decode.

@@ -49,6 +49,8 @@
 // (ErrRefusedByClient: the agent never saw it, and it fails the same way
 // every time); INTERNAL for a reply the client cannot take, a frame that
 // does not decode or a public key that does not parse (ErrMalformedReply);
+// UNAUTHENTICATED for a socket the client will not trust as the agent's
+// (proto.ErrUntrustedSocketDir, until an operator fixes it);
 // UNAVAILABLE for no agent or a lost connection, the one a caller may
 // retry with backoff, and never for what the caller ended itself. An
 // error's text says what happened once, led by its code's name

@@ -72,7 +72,8 @@ func (f *failure) Error() string {
 // which the protocol has no code that names: a cancellation, a closed
 // client, a default socket directory the client will not trust. Their
 // texts lead with "sigil: ", not with the nearest code Code gives them
-// (DEADLINE_EXCEEDED, BAD_REQUEST, UNAVAILABLE), which would misname them.
+// (DEADLINE_EXCEEDED, BAD_REQUEST, UNAUTHENTICATED), which would misname
+// them.
 func uncoded(err error) bool {
 	return errors.Is(err, context.Canceled) || errors.Is(err, ErrClosed) || errors.Is(err, proto.ErrUntrustedSocketDir)
 }

@@ -512,6 +512,7 @@ func TestCodeOfCallersOwnErrors(t *testing.T) {
 		{"ErrClosed wrapped", wrap(client.ErrClosed), proto.BadRequest},
 		{"the agent's UNAVAILABLE", wrap(&proto.Error{Code: proto.Unavailable, Msg: "shutting down"}), proto.Unavailable},
 		{"the agent's code before the caller's cancellation", errors.Join(&proto.Error{Code: proto.RateLimited}, context.Canceled), proto.RateLimited},
+		{"an untrusted socket dir", wrap(proto.ErrUntrustedSocketDir), proto.Unauthenticated},
 		{"a lost connection", &net.OpError{Op: "read", Net: "unix", Err: errors.New("connection reset by peer")}, proto.Unavailable},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
