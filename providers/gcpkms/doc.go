@@ -16,6 +16,7 @@
 // Credentials), never from configuration text. One gRPC client is opened per
 // provider and reused; every call has a deadline (Config.Timeout, default
 // 2 s). The SDK's retries are off for AsymmetricSign; the reads that serve a
-// key retry UNAVAILABLE within the deadline (readRetry). gRPC status codes map to the provider error vocabulary in one place,
-// classify.
+// key, and the polls of a new version's state, retry UNAVAILABLE within the
+// deadline (readRetry). gRPC status codes map to the provider error
+// vocabulary in one place, classify.
 package gcpkms

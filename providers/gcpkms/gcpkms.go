@@ -114,10 +114,11 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	// mismatch, itself.
 	client.CallOptions.AsymmetricSign = nil
 	// Nor the SDK's retries on the reads that serve a key (at open, AddKey
-	// and NewVersion): they too retried until the deadline. readRetry
-	// replaces them.
+	// and NewVersion) or poll a new version's state (NewVersion): they too
+	// retried until the deadline. readRetry replaces them.
 	client.CallOptions.GetPublicKey = nil
 	client.CallOptions.ListCryptoKeyVersions = nil
+	client.CallOptions.GetCryptoKeyVersion = nil
 	p := &Provider{
 		id:      cfg.ID,
 		timeout: cfg.Timeout,
@@ -247,7 +248,8 @@ func (p *Provider) latestVersion(ctx context.Context, cryptoKey string) (string,
 const readAttempts = 3
 
 // readRetry is the retry policy of the reads that serve a key
-// (GetPublicKey, ListCryptoKeyVersions), in place of the SDK's, which
+// (GetPublicKey, ListCryptoKeyVersions) and of each poll of a new
+// version's state (GetCryptoKeyVersion), in place of the SDK's, which
 // retried UNAVAILABLE and DEADLINE_EXCEEDED until the deadline: an
 // outage answered a late DEADLINE_EXCEEDED after a dozen requests.
 // Unlike a Sign, whose caller has a tight deadline and its own retries, a
@@ -598,14 +600,20 @@ func (p *Provider) destroyVersion(ctx context.Context, version string) {
 
 // awaitEnabled polls version until it is ENABLED, each call bounded by the
 // per-call timeout, with doubling backoff between calls, for at most
-// GenerationTimeout in all.
+// GenerationTimeout in all. Each poll retries as the reads that serve a key
+// do (readRetry), its pauses kept inside the poll's deadline, which is
+// never past the wait's: a poll that still fails ends the wait with its
+// answer (an outage is UNAVAILABLE within the timeout, not DEADLINE_EXCEEDED
+// at its end), and the version, which the caller then destroys, is not
+// polled again. A version still PENDING_GENERATION when the wait ends is
+// DEADLINE_EXCEEDED.
 func (p *Provider) awaitEnabled(ctx context.Context, version string) error {
 	waitCtx, cancel := context.WithTimeout(ctx, GenerationTimeout)
 	defer cancel()
 	delay := pollFirst
 	for {
 		callCtx, callCancel := context.WithTimeout(waitCtx, p.timeout)
-		v, err := p.client.GetCryptoKeyVersion(callCtx, &kmspb.GetCryptoKeyVersionRequest{Name: version})
+		v, err := p.client.GetCryptoKeyVersion(callCtx, &kmspb.GetCryptoKeyVersionRequest{Name: version}, p.readRetry(callCtx))
 		err = classifyIf(ctx, callCtx, "get version "+version, err)
 		callCancel()
 		if err != nil {

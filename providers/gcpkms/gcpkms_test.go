@@ -686,3 +686,73 @@ func TestListVersionsRetries(t *testing.T) {
 		})
 	}
 }
+
+// GetCryptoKeyVersion, polled while a rotation's new version is generated,
+// is retried as GetPublicKey is (TestPublicKeyRetries), within each poll's
+// deadline: the per-call timeout or what is left of the caller's, whichever
+// ends first. With the SDK's defaults a poll was retried on UNAVAILABLE
+// and DEADLINE_EXCEEDED until that deadline, and the rotation failed with
+// a late DEADLINE_EXCEEDED. A poll that fails ends the wait, and the
+// version is destroyed, as for any rotation that fails after its version
+// exists.
+func TestVersionPollRetries(t *testing.T) {
+	unavailable := status.Error(codes.Unavailable, "injected")
+	for _, tc := range []struct {
+		name     string
+		err      error
+		errs     int           // failed polls before the state; 0: every poll fails
+		pending  int           // polls that answer PENDING_GENERATION after them
+		deadline time.Duration // the caller's; 0: none
+		want     error         // nil: served
+		requests int           // GetCryptoKeyVersion requests; -1: as many as fit
+	}{
+		{"unavailable once", unavailable, 1, 1, 0, nil, 3},
+		{"unavailable twice", unavailable, 2, 1, 0, nil, 4},
+		{"unavailable every time", unavailable, 0, 1, 0, providers.ErrUnavailable, 3},
+		{"unavailable every time, the caller's deadline before the timeout's", unavailable, 0, 1, time.Second, providers.ErrUnavailable, 3},
+		{"deadline exceeded at the server", status.Error(codes.DeadlineExceeded, "injected"), 0, 1, 0, context.DeadlineExceeded, 1},
+		{"permission denied", status.Error(codes.PermissionDenied, "injected"), 0, 1, 0, providers.ErrUnavailable, 1},
+		{"resource exhausted", status.Error(codes.ResourceExhausted, "injected"), 0, 1, 0, providers.ErrRateLimited, 1},
+		{"internal", status.Error(codes.Internal, "injected"), 0, 1, 0, providers.ErrUnavailable, 1},
+		{"pending past the caller's deadline", nil, 0, 1 << 20, 300 * time.Millisecond, context.DeadlineExceeded, -1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tf := newFleet(t, 0)
+			tf.kms.Update(func() {
+				tf.kms.NewVersionFault = func(v *gcpkmstest.Version) {
+					v.GetVersionErr, v.GetVersionErrs, v.PendingGets = tc.err, tc.errs, tc.pending
+				}
+			})
+			ctx := context.Background()
+			if tc.deadline > 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, tc.deadline)
+				defer cancel()
+			}
+			before := tf.kms.GetVersionCount()
+			_, err := tf.p.NewVersion(ctx, "p256", "p256-v2")
+			if tc.want == nil && err != nil || tc.want != nil && !errors.Is(err, tc.want) {
+				t.Errorf("NewVersion: %v, want %v", err, tc.want)
+			}
+			if tc.want != context.DeadlineExceeded && errors.Is(err, context.DeadlineExceeded) {
+				t.Errorf("NewVersion: %v, a deadline exceeded", err)
+			}
+			if n := tf.kms.GetVersionCount() - before; tc.requests >= 0 && n != tc.requests {
+				t.Errorf("%d GetCryptoKeyVersion requests, want %d", n, tc.requests)
+			}
+			v, lerr := tf.kms.Lookup(gcpkmstest.VersionName("p256", "2"))
+			if lerr != nil {
+				t.Fatal(lerr)
+			}
+			var st kmspb.CryptoKeyVersion_CryptoKeyVersionState
+			tf.kms.Update(func() { st = v.State })
+			want := kmspb.CryptoKeyVersion_ENABLED
+			if tc.want != nil {
+				want = kmspb.CryptoKeyVersion_DESTROY_SCHEDULED
+			}
+			if st != want {
+				t.Errorf("the new version is %s, want %s", st, want)
+			}
+		})
+	}
+}

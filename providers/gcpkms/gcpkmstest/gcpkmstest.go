@@ -42,7 +42,7 @@ type Server struct {
 	mu       sync.Mutex
 	versions map[string]*Version
 	signs    int // AsymmetricSign calls answered, faults included
-	gets     int // GetCryptoKeyVersion calls answered
+	gets     int // GetCryptoKeyVersion calls answered, faults included
 	pubKeys  int // GetPublicKey calls answered, faults included
 	addr     string
 
@@ -74,10 +74,14 @@ type Version struct {
 	// calls (every one while PublicKeyErrs is 0).
 	PublicKeyErr  error
 	PublicKeyErrs int
-
-	// pendingGets is how many more GetCryptoKeyVersion calls report
-	// PENDING_GENERATION before the version turns ENABLED.
-	pendingGets int
+	// GetVersionErr and GetVersionErrs do the same for
+	// GetCryptoKeyVersion; a failed call changes no state.
+	GetVersionErr  error
+	GetVersionErrs int
+	// PendingGets is how many more GetCryptoKeyVersion calls report
+	// PENDING_GENERATION before the version turns ENABLED (1 for a
+	// version CreateCryptoKeyVersion makes; NewVersionFault may raise it).
+	PendingGets int
 }
 
 const KeyRing = "projects/p/locations/global/keyRings/ring"
@@ -130,12 +134,7 @@ func (f *Server) GetPublicKey(_ context.Context, req *kmspb.GetPublicKeyRequest)
 		return nil, err
 	}
 	f.mu.Lock()
-	fault := v.PublicKeyErr
-	if fault != nil && v.PublicKeyErrs > 0 {
-		if v.PublicKeyErrs--; v.PublicKeyErrs == 0 {
-			v.PublicKeyErr = nil
-		}
-	}
+	fault := takeFault(&v.PublicKeyErr, &v.PublicKeyErrs)
 	f.mu.Unlock()
 	if fault != nil {
 		return nil, fault
@@ -150,6 +149,18 @@ func (f *Server) GetPublicKey(_ context.Context, req *kmspb.GetPublicKeyRequest)
 		sum ^= 1
 	}
 	return &kmspb.PublicKey{Name: req.Name, Pem: p, Algorithm: v.Alg, PemCrc32C: wrapperspb.Int64(sum)}, nil
+}
+
+// takeFault returns *err for one call, and clears it once *n calls,
+// counted down here, have had it (never while *n is 0).
+func takeFault(err *error, n *int) error {
+	fault := *err
+	if fault != nil && *n > 0 {
+		if *n--; *n == 0 {
+			*err = nil
+		}
+	}
+	return fault
 }
 
 func (f *Server) ListCryptoKeyVersions(_ context.Context, req *kmspb.ListCryptoKeyVersionsRequest) (*kmspb.ListCryptoKeyVersionsResponse, error) {
@@ -327,7 +338,7 @@ func (f *Server) CreateCryptoKeyVersion(_ context.Context, req *kmspb.CreateCryp
 			break
 		}
 	}
-	v := &Version{Signer: signer, Alg: alg, State: kmspb.CryptoKeyVersion_PENDING_GENERATION, pendingGets: 1}
+	v := &Version{Signer: signer, Alg: alg, State: kmspb.CryptoKeyVersion_PENDING_GENERATION, PendingGets: 1}
 	if f.NewVersionFault != nil {
 		f.NewVersionFault(v)
 	}
@@ -345,7 +356,7 @@ func (f *Server) DestroyCryptoKeyVersion(_ context.Context, req *kmspb.DestroyCr
 		return nil, status.Errorf(codes.NotFound, "CryptoKeyVersion %s not found", req.Name)
 	}
 	v.State = kmspb.CryptoKeyVersion_DESTROY_SCHEDULED
-	v.pendingGets = 0
+	v.PendingGets = 0
 	return &kmspb.CryptoKeyVersion{Name: req.Name, State: v.State, Algorithm: v.Alg}, nil
 }
 
@@ -372,7 +383,7 @@ func generate(alg kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm) (crypto.Sign
 }
 
 // GetCryptoKeyVersion reports a version's state, turning a freshly created
-// version ENABLED after its first report.
+// version ENABLED after its PendingGets reports (the first one).
 func (f *Server) GetCryptoKeyVersion(_ context.Context, req *kmspb.GetCryptoKeyVersionRequest) (*kmspb.CryptoKeyVersion, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -381,17 +392,21 @@ func (f *Server) GetCryptoKeyVersion(_ context.Context, req *kmspb.GetCryptoKeyV
 		return nil, status.Errorf(codes.NotFound, "CryptoKeyVersion %s not found", req.Name)
 	}
 	f.gets++
+	if fault := takeFault(&v.GetVersionErr, &v.GetVersionErrs); fault != nil {
+		return nil, fault
+	}
 	resp := &kmspb.CryptoKeyVersion{Name: req.Name, State: v.State, Algorithm: v.Alg}
-	if v.pendingGets > 0 {
-		v.pendingGets--
-		if v.pendingGets == 0 && v.State == kmspb.CryptoKeyVersion_PENDING_GENERATION {
+	if v.PendingGets > 0 {
+		v.PendingGets--
+		if v.PendingGets == 0 && v.State == kmspb.CryptoKeyVersion_PENDING_GENERATION {
 			v.State = kmspb.CryptoKeyVersion_ENABLED
 		}
 	}
 	return resp, nil
 }
 
-// GetVersionCount is how many GetCryptoKeyVersion calls were answered.
+// GetVersionCount is how many GetCryptoKeyVersion calls were answered,
+// faults included.
 func (f *Server) GetVersionCount() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
