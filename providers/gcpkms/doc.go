@@ -16,7 +16,7 @@
 // Credentials), never from configuration text. One gRPC client is opened per
 // provider and reused; every call has a deadline (Config.Timeout, default
 // 2 s). The SDK's retries are off for AsymmetricSign; the reads that serve a
-// key, and the polls of a new version's state, retry UNAVAILABLE within the
-// deadline (readRetry). gRPC status codes map to the provider error
+// key, the polls of a new version's state and the destruction of a version
+// a failed rotation made retry UNAVAILABLE within the deadline (readRetry). gRPC status codes map to the provider error
 // vocabulary in one place, classify.
 package gcpkms

@@ -119,6 +119,9 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	client.CallOptions.GetPublicKey = nil
 	client.CallOptions.ListCryptoKeyVersions = nil
 	client.CallOptions.GetCryptoKeyVersion = nil
+	// And on the destruction of a version a failed rotation made, which
+	// held the rotation's answer back the whole timeout in an outage.
+	client.CallOptions.DestroyCryptoKeyVersion = nil
 	p := &Provider{
 		id:      cfg.ID,
 		timeout: cfg.Timeout,
@@ -258,7 +261,8 @@ const readAttempts = 3
 // retried, but as the AWS provider retries: UNAVAILABLE only, three
 // requests at most, a full-jitter backoff from 50 ms capped at a quarter
 // of the timeout, and no pause that would outlast ctx's deadline. An
-// outage is UNAVAILABLE within the timeout.
+// outage is UNAVAILABLE within the timeout. The one write that takes it,
+// destroyVersion's, leaves the same state however often it is served.
 func (p *Provider) readRetry(ctx context.Context) gax.CallOption {
 	deadline, _ := ctx.Deadline()
 	return gax.WithRetry(func() gax.Retryer {
@@ -586,11 +590,14 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 // destroyVersion schedules an unused new version for destruction, best
 // effort: the rotation has failed already, and the version was never
 // served. Cloud KMS keeps it restorable for the key's destroy-scheduled
-// duration.
+// duration. It retries as the reads do (readRetry): UNAVAILABLE only,
+// which says the request was not served, never a DEADLINE_EXCEEDED that
+// may come after the destruction was scheduled (a second request would
+// then be refused: only ENABLED or DISABLED versions can be scheduled).
 func (p *Provider) destroyVersion(ctx context.Context, version string) {
 	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
 	defer cancel()
-	if _, err := p.client.DestroyCryptoKeyVersion(callCtx, &kmspb.DestroyCryptoKeyVersionRequest{Name: version}); err != nil {
+	if _, err := p.client.DestroyCryptoKeyVersion(callCtx, &kmspb.DestroyCryptoKeyVersionRequest{Name: version}, p.readRetry(callCtx)); err != nil {
 		p.log.Warn("gcpkms: could not schedule an unused new version for destruction; it stays enabled",
 			zap.String("version", version), zap.Error(classify(callCtx, callCtx, "destroy version", err)))
 		return

@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"github.com/sigil-agent/sigil/providers/gcpkms/gcpkmstest"
 	"strings"
 	"sync/atomic"
@@ -14,6 +15,8 @@ import (
 	"time"
 
 	"cloud.google.com/go/kms/apiv1/kmspb"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -752,6 +755,79 @@ func TestVersionPollRetries(t *testing.T) {
 			}
 			if st != want {
 				t.Errorf("the new version is %s, want %s", st, want)
+			}
+		})
+	}
+}
+
+// DestroyCryptoKeyVersion, which schedules the destruction of the version
+// a failed rotation made, is retried as the reads are
+// (TestPublicKeyRetries), within its own timeout. With the SDK's defaults
+// it was retried on UNAVAILABLE and DEADLINE_EXCEEDED until that timeout:
+// a dozen requests, the failed rotation's answer held back the whole
+// timeout, and a DEADLINE_EXCEEDED logged where UNAVAILABLE was known at
+// the first answer. A server's DEADLINE_EXCEEDED, which may come after the
+// destruction was scheduled, is not sent again.
+func TestDestroyRetries(t *testing.T) {
+	unavailable := status.Error(codes.Unavailable, "injected")
+	for _, tc := range []struct {
+		name      string
+		err       error
+		errs      int    // failed answers before the destruction; 0: every answer fails
+		destroyed bool   // the version ends DESTROY_SCHEDULED
+		logged    string // in the warning that the version stays enabled; "": none
+		requests  int
+	}{
+		{"unavailable once", unavailable, 1, true, "", 2},
+		{"unavailable twice", unavailable, 2, true, "", 3},
+		{"unavailable every time", unavailable, 0, false, "Unavailable", 3},
+		{"deadline exceeded at the server", status.Error(codes.DeadlineExceeded, "injected"), 0, false, "deadline exceeded", 1},
+		{"permission denied", status.Error(codes.PermissionDenied, "injected"), 0, false, "PermissionDenied", 1},
+		{"internal", status.Error(codes.Internal, "injected"), 0, false, "Internal", 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := &gcpkmstest.Server{}
+			f.Add(gcpkmstest.VersionName("p256", "1"), gcpkmstest.TestKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+			core, logs := observer.New(zap.InfoLevel)
+			p, err := Open(context.Background(), Config{
+				ID:            "gcp",
+				Keys:          []KeyConfig{{Name: "p256", Resource: gcpkmstest.VersionName("p256", "1")}},
+				ClientOptions: f.Serve(t),
+				Logger:        zap.New(core),
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			// The new version's public key fails its check, so the rotation
+			// fails after the version exists and destroys it.
+			f.Update(func() {
+				f.NewVersionFault = func(v *gcpkmstest.Version) {
+					v.CorruptPEMCRC, v.DestroyErr, v.DestroyErrs = true, tc.err, tc.errs
+				}
+			})
+			_, err = p.NewVersion(context.Background(), "p256", "p256-v2")
+			if !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "pem_crc32c") {
+				t.Errorf("NewVersion: %v, want the public key's integrity failure", err)
+			}
+			if n := f.DestroyCount(); n != tc.requests {
+				t.Errorf("%d DestroyCryptoKeyVersion requests, want %d", n, tc.requests)
+			}
+			v, err := f.Lookup(gcpkmstest.VersionName("p256", "2"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			var st kmspb.CryptoKeyVersion_CryptoKeyVersionState
+			f.Update(func() { st = v.State })
+			if destroyed := st == kmspb.CryptoKeyVersion_DESTROY_SCHEDULED; destroyed != tc.destroyed {
+				t.Errorf("the failed rotation's version is %s, want destroyed %v", st, tc.destroyed)
+			}
+			warnings := logs.FilterMessageSnippet("it stays enabled").All()
+			switch {
+			case tc.logged == "" && len(warnings) != 0:
+				t.Errorf("warned %v", warnings)
+			case tc.logged != "" && (len(warnings) != 1 || !strings.Contains(fmt.Sprint(warnings[0].ContextMap()["error"]), tc.logged)):
+				t.Errorf("warned %v, want one naming %q", warnings, tc.logged)
 			}
 		})
 	}

@@ -44,6 +44,7 @@ type Server struct {
 	signs    int // AsymmetricSign calls answered, faults included
 	gets     int // GetCryptoKeyVersion calls answered, faults included
 	pubKeys  int // GetPublicKey calls answered, faults included
+	destroys int // DestroyCryptoKeyVersion calls answered, faults included
 	addr     string
 
 	// NewVersionFault, when set, is applied to every version
@@ -74,10 +75,12 @@ type Version struct {
 	// calls (every one while PublicKeyErrs is 0).
 	PublicKeyErr  error
 	PublicKeyErrs int
-	// GetVersionErr and GetVersionErrs do the same for
-	// GetCryptoKeyVersion; a failed call changes no state.
+	// GetVersionErr and DestroyErr do the same for GetCryptoKeyVersion
+	// and DestroyCryptoKeyVersion; a failed call changes no state.
 	GetVersionErr  error
 	GetVersionErrs int
+	DestroyErr     error
+	DestroyErrs    int
 	// PendingGets is how many more GetCryptoKeyVersion calls report
 	// PENDING_GENERATION before the version turns ENABLED (1 for a
 	// version CreateCryptoKeyVersion makes; NewVersionFault may raise it).
@@ -355,6 +358,10 @@ func (f *Server) DestroyCryptoKeyVersion(_ context.Context, req *kmspb.DestroyCr
 	if !ok {
 		return nil, status.Errorf(codes.NotFound, "CryptoKeyVersion %s not found", req.Name)
 	}
+	f.destroys++
+	if fault := takeFault(&v.DestroyErr, &v.DestroyErrs); fault != nil {
+		return nil, fault
+	}
 	v.State = kmspb.CryptoKeyVersion_DESTROY_SCHEDULED
 	v.PendingGets = 0
 	return &kmspb.CryptoKeyVersion{Name: req.Name, State: v.State, Algorithm: v.Alg}, nil
@@ -411,6 +418,14 @@ func (f *Server) GetVersionCount() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.gets
+}
+
+// DestroyCount is how many DestroyCryptoKeyVersion calls were answered,
+// faults included.
+func (f *Server) DestroyCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.destroys
 }
 
 // Update runs fn with the server's lock held, for tests that change a
