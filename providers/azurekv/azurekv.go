@@ -246,7 +246,12 @@ func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error
 	op := "get key " + kc.Key
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
-	resp, err := p.client.GetKey(callCtx, kc.Key, kc.Version, nil)
+	// Aside, as Sign's call (see signCall): at Open, a reload or a
+	// rotation's AddKey, a token fetch another call holds must not keep
+	// this past its deadline. A get abandoned there changes nothing.
+	resp, err := providers.CallAside(callCtx, func() (azkeys.GetKeyResponse, error) {
+		return p.client.GetKey(callCtx, kc.Key, kc.Version, nil)
+	})
 	if err != nil {
 		return nil, classify(ctx, callCtx, op, err)
 	}

@@ -65,8 +65,17 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	// Sent once: not idempotent, and a 5xx or a lost answer may come after
-	// the vault made the version, so each retry would make another.
-	resp, err := p.client.CreateKey(policy.WithRetryOptions(callCtx, policy.RetryOptions{MaxRetries: -1}), b.key, params, nil)
+	// the vault made the version, so each retry would make another. Aside,
+	// as Sign's call (see signCall), so that a token fetch another call
+	// holds cannot keep the rotation past its deadline. A create abandoned
+	// there is sent, if at all, with a context already ended; one in flight
+	// at the deadline may still be carried out, as any lost answer: the
+	// version is then found by its tag and disabled, or named for the
+	// operator, and never served.
+	createCtx := policy.WithRetryOptions(callCtx, policy.RetryOptions{MaxRetries: -1})
+	resp, err := providers.CallAside(callCtx, func() (azkeys.CreateKeyResponse, error) {
+		return p.client.CreateKey(createCtx, b.key, params, nil)
+	})
 	if err != nil {
 		err = classify(ctx, callCtx, op, err)
 		return fail(p.disableTagged(ctx, b.key, tag, err))
@@ -103,7 +112,11 @@ func (p *Provider) disableTagged(ctx context.Context, key, tag string, cause err
 	defer cancel()
 	pager := p.client.NewListKeyPropertiesVersionsPager(key, nil)
 	for pager.More() {
-		page, err := pager.NextPage(callCtx)
+		// Aside (see signCall); a page abandoned at the deadline is
+		// dropped with the pager, which nothing reads again.
+		page, err := providers.CallAside(callCtx, func() (azkeys.ListKeyPropertiesVersionsResponse, error) {
+			return pager.NextPage(callCtx)
+		})
 		if err != nil {
 			return fmt.Errorf("%w; listing the key's versions to find one the failed create may have made failed too (%v): check for an enabled version tagged %s=%s, and disable it",
 				cause, classify(ctx, callCtx, "list versions of "+key, err), rotationTag, tag)
@@ -124,10 +137,16 @@ func (p *Provider) disable(ctx context.Context, key, version string, cause error
 	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
 	defer cancel()
 	enabled := false
-	_, err := p.client.UpdateKey(callCtx, key, version, azkeys.UpdateKeyParameters{KeyAttributes: &azkeys.KeyAttributes{Enabled: &enabled}}, nil)
+	// Aside (see signCall). An update abandoned at its deadline, like one
+	// whose answer was lost, may yet disable the version: so the error says
+	// only that it may still be enabled. Either way the provider never
+	// serves it: it was not added to the key table.
+	_, err := providers.CallAside(callCtx, func() (azkeys.UpdateKeyResponse, error) {
+		return p.client.UpdateKey(callCtx, key, version, azkeys.UpdateKeyParameters{KeyAttributes: &azkeys.KeyAttributes{Enabled: &enabled}}, nil)
+	})
 	if err != nil {
 		p.log.Warn("azurekv: a version made by a failed rotation could not be disabled", zap.String("vault_key", key), zap.String("version", version), zap.Error(err))
-		return fmt.Errorf("%w; the version %s it made could not be disabled, and is the key's current one: disable it by hand", cause, version)
+		return fmt.Errorf("%w; the version %s it made could not be disabled (%v), and may be the key's current one: check it and disable it by hand", cause, version, classify(callCtx, callCtx, "disable "+key, err))
 	}
 	p.log.Warn("azurekv: disabled the version a failed rotation made", zap.String("vault_key", key), zap.String("version", version))
 	return fmt.Errorf("%w; the version %s it made was disabled", cause, version)

@@ -4,8 +4,12 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
+	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
 
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/azurekv/azurekvtest"
@@ -192,5 +196,86 @@ func TestFailedNewVersionLeavesOtherWritersVersions(t *testing.T) {
 	}
 	if ours != 0 {
 		t.Fatal("the failed rotation's own version is still enabled")
+	}
+}
+
+// heldCredential hands out its inner credential's tokens, but the first
+// expires almost at once and the fetch of the second is held until the
+// test releases it, deaf to its caller's context: a token endpoint that
+// hangs during a refresh, under azcore's lock.
+type heldCredential struct {
+	inner   azcore.TokenCredential
+	calls   atomic.Int32
+	release chan struct{}
+}
+
+func (c *heldCredential) GetToken(ctx context.Context, o policy.TokenRequestOptions) (azcore.AccessToken, error) {
+	switch c.calls.Add(1) {
+	case 1:
+		tok, err := c.inner.GetToken(ctx, o)
+		tok.ExpiresOn = time.Now().Add(300 * time.Millisecond)
+		return tok, err
+	case 2:
+		<-c.release
+		return azcore.AccessToken{}, errors.New("token endpoint gave up")
+	}
+	return c.inner.GetToken(ctx, o)
+}
+
+// The calls that serve a key or make a rotation's version (GetKey for
+// AddKey, CreateKey and the version listing for NewVersion) keep to the
+// provider's timeout while another call's token fetch hangs: azcore makes
+// them wait for that fetch without heeding their contexts.
+func TestKeyCallsDeadlineDuringATokenFetch(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	for _, tc := range []struct {
+		name  string
+		calls int // Key Vault calls the operation makes, each bounded by timeout
+		op    func(p *Provider, uri string) error
+	}{
+		{"add key", 1, func(p *Provider, uri string) error {
+			_, err := p.AddKey(context.Background(), "again", uri)
+			return err
+		}},
+		{"new version", 2, func(p *Provider, _ string) error {
+			_, err := p.NewVersion(context.Background(), "p256", "p256-v2")
+			return err
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tf := newFleet(t, 0)
+			cred := &heldCredential{inner: tf.cred, release: make(chan struct{})}
+			// Released after a while, so that a call held by the fetch fails
+			// the test instead of hanging it.
+			release := time.AfterFunc(3*time.Second, func() { close(cred.release) })
+			t.Cleanup(func() { // before the vault's own cleanup
+				if release.Stop() {
+					close(cred.release)
+				}
+			})
+			p, err := Open(context.Background(), Config{ID: "azure2", VaultURL: tf.url, Keys: []KeyConfig{{Name: "p256", Key: "ec-p256", Version: tf.v["ec-p256"].ID}},
+				Timeout: timeout, Credential: cred, ClientOptions: tf.opts})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			uri, _ := p.URI("p256")
+			time.Sleep(400 * time.Millisecond) // the first token has expired
+			// This Sign fetches the next token, and the fetch hangs.
+			go p.Sign(context.Background(), "p256", algES256, randomDigest(algES256.Hash))
+			time.Sleep(50 * time.Millisecond)
+			start := time.Now()
+			err = tc.op(p, uri)
+			limit := time.Duration(tc.calls)*timeout + 200*time.Millisecond
+			if el := time.Since(start); el > limit {
+				t.Fatalf("returned after %v, want at most %v (%v)", el, limit, err)
+			}
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("err = %v, want a deadline error", err)
+			}
+			if _, ok := p.Version("p256-v2"); ok {
+				t.Fatal("a rotation that timed out serves its version")
+			}
+		})
 	}
 }
