@@ -447,11 +447,14 @@ func TestSignByAnotherKeyIsRefused(t *testing.T) {
 }
 
 // stallingCredential hands out its inner credential's tokens, but the
-// first expires almost at once and the fetch of the second hangs until its
-// caller gives up: a slow managed-identity endpoint during a refresh.
+// first expires almost at once and the fetch of the second hangs: until
+// its caller gives up (a slow managed-identity endpoint during a refresh),
+// or, with release set, until the test closes release, deaf to its
+// caller's context (a token endpoint that hangs under azcore's lock).
 type stallingCredential struct {
-	inner azcore.TokenCredential
-	calls atomic.Int32
+	inner   azcore.TokenCredential
+	calls   atomic.Int32
+	release chan struct{}
 }
 
 func (c *stallingCredential) GetToken(ctx context.Context, o policy.TokenRequestOptions) (azcore.AccessToken, error) {
@@ -461,6 +464,10 @@ func (c *stallingCredential) GetToken(ctx context.Context, o policy.TokenRequest
 		tok.ExpiresOn = time.Now().Add(300 * time.Millisecond)
 		return tok, err
 	case 2:
+		if c.release != nil {
+			<-c.release
+			return azcore.AccessToken{}, errors.New("token endpoint gave up")
+		}
 		<-ctx.Done()
 		return azcore.AccessToken{}, ctx.Err()
 	}

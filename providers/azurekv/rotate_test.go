@@ -4,12 +4,8 @@ import (
 	"context"
 	"crypto"
 	"errors"
-	"sync/atomic"
 	"testing"
 	"time"
-
-	"github.com/Azure/azure-sdk-for-go/sdk/azcore"
-	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
 
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/azurekv/azurekvtest"
@@ -199,29 +195,6 @@ func TestFailedNewVersionLeavesOtherWritersVersions(t *testing.T) {
 	}
 }
 
-// heldCredential hands out its inner credential's tokens, but the first
-// expires almost at once and the fetch of the second is held until the
-// test releases it, deaf to its caller's context: a token endpoint that
-// hangs during a refresh, under azcore's lock.
-type heldCredential struct {
-	inner   azcore.TokenCredential
-	calls   atomic.Int32
-	release chan struct{}
-}
-
-func (c *heldCredential) GetToken(ctx context.Context, o policy.TokenRequestOptions) (azcore.AccessToken, error) {
-	switch c.calls.Add(1) {
-	case 1:
-		tok, err := c.inner.GetToken(ctx, o)
-		tok.ExpiresOn = time.Now().Add(300 * time.Millisecond)
-		return tok, err
-	case 2:
-		<-c.release
-		return azcore.AccessToken{}, errors.New("token endpoint gave up")
-	}
-	return c.inner.GetToken(ctx, o)
-}
-
 // The calls that serve a key or make a rotation's version (GetKey for
 // AddKey, CreateKey and the version listing for NewVersion) keep to the
 // provider's timeout while another call's token fetch hangs: azcore makes
@@ -244,7 +217,7 @@ func TestKeyCallsDeadlineDuringATokenFetch(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tf := newFleet(t, 0)
-			cred := &heldCredential{inner: tf.cred, release: make(chan struct{})}
+			cred := &stallingCredential{inner: tf.cred, release: make(chan struct{})}
 			// Released after a while, so that a call held by the fetch fails
 			// the test instead of hanging it.
 			release := time.AfterFunc(3*time.Second, func() { close(cred.release) })
