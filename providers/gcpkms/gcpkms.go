@@ -181,7 +181,12 @@ func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error
 
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
-	pk, err := p.client.GetPublicKey(callCtx, &kmspb.GetPublicKeyRequest{Name: version}, p.readRetry(callCtx))
+	// Aside, as Sign's call (see signCall): at Open, AddKey or a
+	// rotation's serve, a token refresh another call holds must not keep
+	// this past its deadline. A read abandoned there changes nothing.
+	pk, err := providers.CallAside(callCtx, func() (*kmspb.PublicKey, error) {
+		return p.client.GetPublicKey(callCtx, &kmspb.GetPublicKeyRequest{Name: version}, p.readRetry(callCtx))
+	})
 	if err != nil {
 		return nil, classify(ctx, callCtx, "get public key "+version, err)
 	}
@@ -223,7 +228,10 @@ func (p *Provider) latestVersion(ctx context.Context, cryptoKey string) (string,
 	it := p.client.ListCryptoKeyVersions(callCtx, &kmspb.ListCryptoKeyVersionsRequest{Parent: cryptoKey}, p.readRetry(callCtx))
 	best, bestN := "", int64(-1)
 	for {
-		v, err := it.Next()
+		// Aside (see signCall): each page is fetched by Next. One abandoned
+		// at the deadline is dropped with the iterator, which nothing
+		// reads again.
+		v, err := providers.CallAside(callCtx, it.Next)
 		if errors.Is(err, iterator.Done) {
 			break
 		}
@@ -553,12 +561,26 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	cryptoKey := bk.version[:i]
 
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
-	created, err := p.client.CreateCryptoKeyVersion(callCtx, &kmspb.CreateCryptoKeyVersionRequest{
-		Parent:           cryptoKey,
-		CryptoKeyVersion: &kmspb.CryptoKeyVersion{},
+	// Aside, as Sign's call (see signCall), so that a token refresh
+	// another call holds cannot keep the rotation past its deadline. A
+	// create abandoned there is sent, if at all, with a context already
+	// ended; one in flight at the deadline may still be carried out, as
+	// any lost answer. Its version, if made, is never served; it carries
+	// no mark of this rotation to find it by among other writers', so it
+	// is named for the operator rather than destroyed.
+	created, err := providers.CallAside(callCtx, func() (*kmspb.CryptoKeyVersion, error) {
+		return p.client.CreateCryptoKeyVersion(callCtx, &kmspb.CreateCryptoKeyVersionRequest{
+			Parent:           cryptoKey,
+			CryptoKeyVersion: &kmspb.CryptoKeyVersion{},
+		})
 	})
 	err = classifyIf(ctx, callCtx, "create version of "+cryptoKey, err)
 	cancel()
+	if errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled) {
+		p.log.Warn("gcpkms: a rotation's create ended without an answer; Cloud KMS may still make the version",
+			zap.String("crypto_key", cryptoKey), zap.Error(err))
+		return fail(fmt.Errorf("%w; Cloud KMS may still make the version, which would be the highest ENABLED one (what \"latest\" picks at the next start): check %s's versions and destroy one made now", err, cryptoKey))
+	}
 	if err != nil {
 		return fail(err)
 	}
@@ -597,8 +619,15 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 func (p *Provider) destroyVersion(ctx context.Context, version string) {
 	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
 	defer cancel()
-	if _, err := p.client.DestroyCryptoKeyVersion(callCtx, &kmspb.DestroyCryptoKeyVersionRequest{Name: version}, p.readRetry(callCtx)); err != nil {
-		p.log.Warn("gcpkms: could not schedule an unused new version for destruction; it stays enabled",
+	// Aside (see signCall). A destroy abandoned at its deadline, like one
+	// whose answer was lost, may yet be carried out or not: so the warning
+	// says the version stays enabled unless it was, and asks for a check.
+	// Either way the version is not served.
+	_, err := providers.CallAside(callCtx, func() (*kmspb.CryptoKeyVersion, error) {
+		return p.client.DestroyCryptoKeyVersion(callCtx, &kmspb.DestroyCryptoKeyVersionRequest{Name: version}, p.readRetry(callCtx))
+	})
+	if err != nil {
+		p.log.Warn("gcpkms: could not schedule an unused new version for destruction; it stays enabled, unless a request that ended at its deadline was carried out: check it and destroy it by hand",
 			zap.String("version", version), zap.Error(classify(callCtx, callCtx, "destroy version", err)))
 		return
 	}
@@ -620,7 +649,11 @@ func (p *Provider) awaitEnabled(ctx context.Context, version string) error {
 	delay := pollFirst
 	for {
 		callCtx, callCancel := context.WithTimeout(waitCtx, p.timeout)
-		v, err := p.client.GetCryptoKeyVersion(callCtx, &kmspb.GetCryptoKeyVersionRequest{Name: version}, p.readRetry(callCtx))
+		// Aside (see signCall); a poll abandoned at its deadline changes
+		// nothing, and the version is then destroyed as any that failed.
+		v, err := providers.CallAside(callCtx, func() (*kmspb.CryptoKeyVersion, error) {
+			return p.client.GetCryptoKeyVersion(callCtx, &kmspb.GetCryptoKeyVersionRequest{Name: version}, p.readRetry(callCtx))
+		})
 		err = classifyIf(ctx, callCtx, "get version "+version, err)
 		callCancel()
 		if err != nil {

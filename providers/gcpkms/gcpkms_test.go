@@ -17,6 +17,7 @@ import (
 	"cloud.google.com/go/kms/apiv1/kmspb"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest/observer"
+	"golang.org/x/oauth2"
 	"google.golang.org/api/option"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -828,6 +829,109 @@ func TestDestroyRetries(t *testing.T) {
 				t.Errorf("warned %v", warnings)
 			case tc.logged != "" && (len(warnings) != 1 || !strings.Contains(fmt.Sprint(warnings[0].ContextMap()["error"]), tc.logged)):
 				t.Errorf("warned %v, want one naming %q", warnings, tc.logged)
+			}
+		})
+	}
+}
+
+// heldTokenSource hands out tokens, but the first expires almost at once
+// and the fetch of the second is held until the test releases it: a
+// metadata server that hangs during a refresh. Behind oauth2's
+// ReuseTokenSource, as the SDK's, the fetch holds the cache's lock, and
+// every other call's Token waits for it, with no context to leave by.
+type heldTokenSource struct {
+	calls   atomic.Int32
+	release chan struct{}
+}
+
+func (s *heldTokenSource) Token() (*oauth2.Token, error) {
+	switch s.calls.Add(1) {
+	case 1:
+		// oauth2 takes a token for expired 10 s before its expiry.
+		return &oauth2.Token{AccessToken: "first", Expiry: time.Now().Add(10*time.Second + 300*time.Millisecond)}, nil
+	case 2:
+		<-s.release
+		return nil, errors.New("metadata server gave up")
+	}
+	return &oauth2.Token{AccessToken: "later", Expiry: time.Now().Add(time.Hour)}, nil
+}
+
+// tokenCredentials are gRPC per-RPC credentials over an oauth2 token
+// source, as grpc/credentials/oauth's, but allowed on the fake's
+// plaintext connection: GetRequestMetadata asks for the token without
+// the call's context.
+type tokenCredentials struct{ ts oauth2.TokenSource }
+
+func (c tokenCredentials) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	tok, err := c.ts.Token()
+	if err != nil {
+		return nil, err
+	}
+	return map[string]string{"authorization": tok.Type() + " " + tok.AccessToken}, nil
+}
+
+func (tokenCredentials) RequireTransportSecurity() bool { return false }
+
+// The calls that serve a key or make a rotation's version (the listing
+// and GetPublicKey at Open, GetPublicKey for AddKey,
+// CreateCryptoKeyVersion for NewVersion) keep to the provider's timeout
+// while another call's token refresh hangs, as Sign's do.
+func TestKeyCallsDeadlineDuringATokenFetch(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	for _, tc := range []struct {
+		name string
+		op   func(p *Provider, opts []option.ClientOption) error
+	}{
+		{"open latest", func(_ *Provider, opts []option.ClientOption) error {
+			p, err := Open(context.Background(), Config{ID: "gcp2", Timeout: timeout, ClientOptions: opts,
+				Keys: []KeyConfig{{Name: "p256", Resource: gcpkmstest.CryptoKeyName("p256"), Version: VersionLatest}}})
+			if err == nil {
+				p.Close()
+			}
+			return err
+		}},
+		{"add key", func(p *Provider, _ []option.ClientOption) error {
+			_, err := p.AddKey(context.Background(), "again", gcpkmstest.VersionName("p256", "1"))
+			return err
+		}},
+		{"new version", func(p *Provider, _ []option.ClientOption) error {
+			_, err := p.NewVersion(context.Background(), "p256", "p256-v2")
+			return err
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := &gcpkmstest.Server{}
+			f.Add(gcpkmstest.VersionName("p256", "1"), gcpkmstest.TestKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+			ts := &heldTokenSource{release: make(chan struct{})}
+			opts := append(f.Serve(t), option.WithGRPCDialOption(grpc.WithPerRPCCredentials(tokenCredentials{oauth2.ReuseTokenSource(nil, ts)})))
+			// Released after a while, so that a call held by the fetch fails
+			// the test instead of hanging it.
+			release := time.AfterFunc(3*time.Second, func() { close(ts.release) })
+			t.Cleanup(func() { // before the fake's own cleanup
+				if release.Stop() {
+					close(ts.release)
+				}
+			})
+			p, err := Open(context.Background(), Config{ID: "gcp", Timeout: timeout, ClientOptions: opts,
+				Keys: []KeyConfig{{Name: "p256", Resource: gcpkmstest.VersionName("p256", "1")}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer p.Close()
+			time.Sleep(400 * time.Millisecond) // the first token has expired
+			// This Sign fetches the next token, and the fetch hangs.
+			go p.Sign(context.Background(), "p256", algES256, randomDigest(crypto.SHA256))
+			time.Sleep(50 * time.Millisecond)
+			start := time.Now()
+			err = tc.op(p, opts)
+			if limit := timeout + 200*time.Millisecond; time.Since(start) > limit {
+				t.Fatalf("returned after %v, want at most %v (%v)", time.Since(start), limit, err)
+			}
+			if !errors.Is(err, context.DeadlineExceeded) {
+				t.Fatalf("err = %v, want a deadline error", err)
+			}
+			if _, ok := p.Version("p256-v2"); ok {
+				t.Fatal("a rotation that timed out serves its version")
 			}
 		})
 	}
