@@ -211,6 +211,19 @@ func TestClientFaultsHaveCodesOfTheirOwn(t *testing.T) {
 		}
 	}
 	garbage := []byte{0, 0, 0, 3, 0xc1, 0xc1, 0xc1} // 0xc1 is no msgpack type
+	// listsOne is a fake agent that answers ListKeys with one Ed25519 key
+	// named name, without a certificate.
+	listsOne := func(name string) func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+		return func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+			return answers(&proto.Response{Code: proto.OK, Keys: []proto.KeyEntry{{Name: name, KID: "0123", Provider: "p", KeyType: "ed25519", Pub: edSPKI}}}, nil)
+		}
+	}
+	tlsCertificate := func(name string) func(t *testing.T, c *client.Client) error {
+		return func(t *testing.T, c *client.Client) error {
+			_, err := c.TLSCertificate(ctx(t), name)
+			return err
+		}
+	}
 	for _, tc := range []struct {
 		name  string
 		agent func(t *testing.T) func(nc net.Conn, br *bufio.Reader)
@@ -313,23 +326,9 @@ func TestClientFaultsHaveCodesOfTheirOwn(t *testing.T) {
 		// certificate in the list. These were a *proto.Error, which the
 		// CLI and callers take for the agent's NOT_FOUND.
 		{name: "not found: a name the key list does not have", code: proto.NotFound, is: client.ErrNoCertificate,
-			says: `NOT_FOUND: no key named "k"`,
-			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
-				return answers(&proto.Response{Code: proto.OK, Keys: []proto.KeyEntry{{Name: "other", KID: "0123", Provider: "p", KeyType: "ed25519", Pub: edSPKI}}}, nil)
-			},
-			run: func(t *testing.T, c *client.Client) error {
-				_, err := c.TLSCertificate(ctx(t), "k")
-				return err
-			}},
+			says: `NOT_FOUND: no key named "k"`, agent: listsOne("other"), run: tlsCertificate("k")},
 		{name: "not found: a listed key without a certificate", code: proto.NotFound, is: client.ErrNoCertificate,
-			says: `NOT_FOUND: the agent has no certificate for key "k"`,
-			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
-				return answers(&proto.Response{Code: proto.OK, Keys: []proto.KeyEntry{{Name: "k", KID: "0123", Provider: "p", KeyType: "ed25519", Pub: edSPKI}}}, nil)
-			},
-			run: func(t *testing.T, c *client.Client) error {
-				_, err := c.TLSCertificate(ctx(t), "k")
-				return err
-			}},
+			says: `NOT_FOUND: the agent has no certificate for key "k"`, agent: listsOne("k"), run: tlsCertificate("k")},
 		{name: "not found: a qualified name the listed slot is another key of", code: proto.NotFound, is: client.ErrNoCertificate,
 			says: `NOT_FOUND: no key named "a/k"`,
 			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
@@ -348,10 +347,7 @@ func TestClientFaultsHaveCodesOfTheirOwn(t *testing.T) {
 					}
 				}
 			},
-			run: func(t *testing.T, c *client.Client) error {
-				_, err := c.TLSCertificate(ctx(t), "a/k")
-				return err
-			}},
+			run: tlsCertificate("a/k")},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := dialFake(t, tc.agent(t))
