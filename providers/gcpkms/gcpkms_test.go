@@ -936,3 +936,66 @@ func TestKeyCallsDeadlineDuringATokenFetch(t *testing.T) {
 		})
 	}
 }
+
+// heldAfterTokenSource fetches a token for every call (each one handed
+// out has already expired, and oauth2's ReuseTokenSource hands out a
+// fresh fetch unchecked), until it is armed: the fetch after that hangs
+// until released, holding the cache's lock as the SDK's does.
+type heldAfterTokenSource struct {
+	armed   atomic.Bool
+	release chan struct{}
+}
+
+func (s *heldAfterTokenSource) Token() (*oauth2.Token, error) {
+	if s.armed.Load() {
+		<-s.release
+		return nil, errors.New("metadata server gave up")
+	}
+	return &oauth2.Token{AccessToken: "short", Expiry: time.Now().Add(-time.Second)}, nil
+}
+
+// A rotation's state poll and the destroy of its unusable version keep to
+// the provider's timeout while a token refresh hangs, as the create does
+// (TestKeyCallsDeadlineDuringATokenFetch): the refresh starts right after
+// the create, so the first poll waits in it, and the destroy then waits
+// for the cache's lock. NewVersion fails within the two calls' timeouts,
+// warns that the version may stay enabled, and never serves it.
+func TestRotationPollAndDestroyDeadlineDuringATokenFetch(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	f := &gcpkmstest.Server{}
+	f.Add(gcpkmstest.VersionName("p256", "1"), gcpkmstest.TestKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	ts := &heldAfterTokenSource{release: make(chan struct{})}
+	opts := append(f.Serve(t), option.WithGRPCDialOption(grpc.WithPerRPCCredentials(tokenCredentials{oauth2.ReuseTokenSource(nil, ts)})))
+	// Released after a while, so that a call held by the fetch fails the
+	// test instead of hanging it.
+	release := time.AfterFunc(5*time.Second, func() { close(ts.release) })
+	t.Cleanup(func() { // before the fake's own cleanup
+		if release.Stop() {
+			close(ts.release)
+		}
+	})
+	core, logs := observer.New(zap.InfoLevel)
+	p, err := Open(context.Background(), Config{ID: "gcp", Timeout: timeout, ClientOptions: opts, Logger: zap.New(core),
+		Keys: []KeyConfig{{Name: "p256", Resource: gcpkmstest.VersionName("p256", "1")}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	// The create has its token by the time the server makes the version.
+	f.Update(func() { f.NewVersionFault = func(*gcpkmstest.Version) { ts.armed.Store(true) } })
+	start := time.Now()
+	_, err = p.NewVersion(context.Background(), "p256", "p256-v2")
+	took := time.Since(start)
+	if limit := 2*timeout + 300*time.Millisecond; took > limit {
+		t.Fatalf("NewVersion returned after %v, want at most %v (%v)", took, limit, err)
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("NewVersion: %v, want a deadline error", err)
+	}
+	if w := logs.FilterMessageSnippet("it stays enabled").All(); len(w) != 1 {
+		t.Errorf("%d warnings that the version may stay enabled, want 1", len(w))
+	}
+	if v, served := p.Version("p256-v2"); served {
+		t.Errorf("the failed rotation's version %s is served", v)
+	}
+}
