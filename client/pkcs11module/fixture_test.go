@@ -277,7 +277,7 @@ type fakeAgent struct {
 	hungUp chan struct{} // receives once per connection closed for hangUp
 	ops    [32]atomic.Int64
 	conns  atomic.Int64
-	mu     sync.Mutex
+	mu     sync.Mutex // open, and keys once serving
 	open   []net.Conn
 	closed atomic.Bool
 }
@@ -340,6 +340,14 @@ func (f *fakeAgent) close() {
 	f.mu.Unlock()
 }
 
+// setKeys changes what the agent lists and signs with from the next
+// request on: a key added, removed or moved in the list behind the module.
+func (f *fakeAgent) setKeys(keys []fakeKey) {
+	f.mu.Lock()
+	f.keys = keys
+	f.mu.Unlock()
+}
+
 func (f *fakeAgent) total() int64 {
 	var n int64
 	for i := range f.ops {
@@ -394,12 +402,15 @@ var hashes = map[uint8]crypto.Hash{proto.HashSHA256: crypto.SHA256, proto.HashSH
 
 func (f *fakeAgent) answer(req *proto.Request) *proto.Response {
 	resp := &proto.Response{ID: req.ID}
+	f.mu.Lock()
+	keys := f.keys
+	f.mu.Unlock()
 	switch req.Op {
 	case proto.OpHello:
 		resp.Version = proto.Version
 	case proto.OpListKeys:
 		resp.Keys = []proto.KeyEntry{}
-		for _, k := range f.keys {
+		for _, k := range keys {
 			der, _ := x509.MarshalPKIXPublicKey(k.signer.Public())
 			resp.Keys = append(resp.Keys, proto.KeyEntry{Name: k.name, KID: k.kid, Provider: "fake", KeyType: k.kty, Pub: der})
 		}
@@ -409,9 +420,9 @@ func (f *fakeAgent) answer(req *proto.Request) *proto.Response {
 			return resp
 		}
 		var key *fakeKey
-		for i := range f.keys {
-			if f.keys[i].name == req.Key && f.keys[i].kid == req.KID {
-				key = &f.keys[i]
+		for i := range keys {
+			if keys[i].name == req.Key && keys[i].kid == req.KID {
+				key = &keys[i]
 			}
 		}
 		if key == nil {

@@ -543,6 +543,90 @@ func TestFinalizeAndInitializeAgain(t *testing.T) {
 	}
 }
 
+// Object handles die with C_Finalize, as session handles do: one an
+// application kept from before names no key after the next C_Initialize,
+// whatever the agent lists then. They were numbered from the key table's
+// index alone, so a kept handle named whichever key took that index: read
+// its attributes and signed with it. Within one initialization a key that
+// stays listed keeps its handles, wherever it moves in the list.
+func TestObjectHandlesDieWithFinalize(t *testing.T) {
+	keys := newFakeKeys(t)
+	p256, p384 := keys[0], keys[1]
+	fake := startFake(t, []fakeKey{p256, p384})
+	t.Setenv(proto.SocketEnv, fake.sock)
+	ctx := p11.New(modulePath(t))
+	if ctx == nil {
+		t.Fatal("cannot load the module")
+	}
+	defer ctx.Destroy()
+	ecdsaMech := []*p11.Mechanism{p11.NewMechanism(p11.CKM_ECDSA, nil)}
+	for _, tc := range []struct {
+		name  string
+		after []fakeKey // what the agent lists after C_Finalize
+	}{
+		{"the list unchanged", []fakeKey{p256, p384}},
+		{"the keys swapped", []fakeKey{p384, p256}},
+		{"the key removed", []fakeKey{p384}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fake.setKeys([]fakeKey{p256, p384})
+			if err := ctx.Initialize(); err != nil {
+				t.Fatalf("C_Initialize: %v", err)
+			}
+			s := openSession(t, ctx)
+			oldPriv := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256")
+			oldPub := findKey(t, ctx, s, p11.CKO_PUBLIC_KEY, "p256")
+			if err := ctx.Finalize(); err != nil {
+				t.Fatalf("C_Finalize: %v", err)
+			}
+			fake.setKeys(tc.after)
+			if err := ctx.Initialize(); err != nil {
+				t.Fatalf("C_Initialize again: %v", err)
+			}
+			defer ctx.Finalize()
+			s = openSession(t, ctx)
+			// A search fetches the new list: the table is filled again.
+			newPriv := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p384")
+			for _, h := range []p11.ObjectHandle{oldPriv, oldPub} {
+				attrs, err := ctx.GetAttributeValue(s, h, []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, nil)})
+				if ckr(err) != p11.CKR_OBJECT_HANDLE_INVALID {
+					label := ""
+					if err == nil {
+						label = string(attrs[0].Value)
+					}
+					t.Errorf("C_GetAttributeValue on p256's handle %#x from before C_Finalize: label %q, %v; want CKR_OBJECT_HANDLE_INVALID", h, label, err)
+				}
+			}
+			if err := ctx.SignInit(s, ecdsaMech, oldPriv); ckr(err) != p11.CKR_KEY_HANDLE_INVALID {
+				signer := "no key"
+				if err == nil {
+					if sig, err := ctx.Sign(s, sum(crypto.SHA256, message)); err == nil {
+						for _, k := range keys {
+							if verify(k.signer.Public(), crypto.SHA256, false, sig) == nil {
+								signer = k.name
+							}
+						}
+					}
+				}
+				t.Errorf("C_SignInit with p256's handle %#x from before C_Finalize: %v (signed with %s); want CKR_KEY_HANDLE_INVALID", oldPriv, err, signer)
+			}
+			// This initialization's handles work, and keep naming their
+			// key when a search sees it moved in the list.
+			fake.setKeys([]fakeKey{p256, p384})
+			if again := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p384"); again != newPriv {
+				t.Fatalf("p384's private key moved from handle %#x to %#x within one initialization", newPriv, again)
+			}
+			sig, err := signMessageECDSA(ctx, s, newPriv)
+			if err != nil {
+				t.Fatalf("C_Sign with this initialization's handle: %v", err)
+			}
+			if err := verify(p384.signer.Public(), crypto.SHA256, false, sig); err != nil {
+				t.Fatalf("p384's handle: %v", err)
+			}
+		})
+	}
+}
+
 // An agent restart costs nothing but the restart: pooled connections the
 // agent closed are noticed before use, so the next call after the agent is
 // back succeeds; a call while it is down fails and the one after recovers.

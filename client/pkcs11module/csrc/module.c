@@ -71,6 +71,7 @@ static struct {
 	sg_key **keys;
 	size_t nkeys, capkeys;
 	int keys_loaded;
+	uint32_t obj_base; /* g_object_next at C_Initialize: see object_handle */
 	sg_session **sess;
 	size_t nsess, opensess, rwsess;
 	int logged_in;
@@ -81,6 +82,15 @@ static struct {
  * handle kept from before C_Finalize (or from the parent, in a fork child)
  * does not name a session opened after the next C_Initialize. */
 static uint64_t g_session_gen;
+
+/* The first object handle the next key added to the table takes, less
+ * one. Like g_session_gen it outlives g, and C_Initialize starts the new
+ * table's numbering here, past every handle given out before in this
+ * process (and in the parent, for a fork child): a handle kept from before
+ * C_Finalize names no object after it, however the agent's list has
+ * changed, rather than whichever key took its place in the table. Written
+ * under g.mu (and in C_Initialize under g_init_mu, with no call inside). */
+static uint32_t g_object_next;
 
 /* Set in a fork child: every call answers CKR_CRYPTOKI_NOT_INITIALIZED
  * until the child calls C_Initialize, which drops the parent's state.
@@ -500,6 +510,16 @@ static CK_RV refresh_keys(void)
 			sg_key_free(k); /* a key type PKCS#11 clients here cannot use */
 			continue;
 		}
+		/* Object handles stay within 32 bits, though CK_ULONG has 64
+		 * here: a host or language binding that keeps a handle in a
+		 * 32-bit integer would otherwise pass back another number. Past
+		 * that (613 million keys in a process's life) no handle is
+		 * reused: no new key is shown. */
+		if ((uint64_t)g.obj_base + SG_OBJS_PER_KEY * ((uint64_t)g.nkeys + 1) > UINT32_MAX) {
+			sg_key_free(k);
+			rv = CKR_GENERAL_ERROR;
+			break;
+		}
 		if (g.nkeys == g.capkeys) {
 			size_t cap = g.capkeys ? 2 * g.capkeys : 16;
 			sg_key **nk = realloc(g.keys, cap * sizeof *nk);
@@ -512,6 +532,7 @@ static CK_RV refresh_keys(void)
 			g.capkeys = cap;
 		}
 		g.keys[g.nkeys++] = k;
+		g_object_next = g.obj_base + (uint32_t)(SG_OBJS_PER_KEY * g.nkeys);
 	}
 	if (more < 0)
 		rv = CKR_DEVICE_ERROR;
@@ -541,23 +562,28 @@ static int object_exists(const sg_key *k, int kind)
 	return 1;
 }
 
-/* find_object resolves a handle (sigil.h: SG_OBJS_PER_KEY per key) to its
- * key and which of the key's objects it is (SG_OBJ_*). */
+/* object_handle numbers the objects of table entry key (sigil.h:
+ * SG_OBJS_PER_KEY per key) from this initialization's base, so a key keeps
+ * its handles for as long as it stays listed, and no handle is one an
+ * earlier initialization gave out (g_object_next). */
+static CK_OBJECT_HANDLE object_handle(size_t key, int kind) { return (CK_OBJECT_HANDLE)g.obj_base + key * SG_OBJS_PER_KEY + (CK_OBJECT_HANDLE)kind + 1; }
+
+/* find_object resolves a handle to its key and which of the key's objects
+ * it is (SG_OBJ_*); NULL for one below this initialization's base. */
 static sg_key *find_object(CK_OBJECT_HANDLE h, int *kind)
 {
 	sg_key *k = NULL;
-	if (h == 0)
+	if (h <= g.obj_base)
 		return NULL;
-	*kind = (int)((h - 1) % SG_OBJS_PER_KEY);
+	CK_OBJECT_HANDLE off = h - g.obj_base - 1;
+	*kind = (int)(off % SG_OBJS_PER_KEY);
 	pthread_mutex_lock(&g.mu);
-	size_t i = (size_t)((h - 1) / SG_OBJS_PER_KEY);
+	size_t i = (size_t)(off / SG_OBJS_PER_KEY);
 	if (i < g.nkeys && g.keys[i]->present && object_exists(g.keys[i], *kind))
 		k = g.keys[i];
 	pthread_mutex_unlock(&g.mu);
 	return k;
 }
-
-static CK_OBJECT_HANDLE object_handle(size_t key, int kind) { return (CK_OBJECT_HANDLE)(key * SG_OBJS_PER_KEY + kind + 1); }
 
 static const sg_attrs *object_attrs(const sg_key *k, int kind)
 {
@@ -720,6 +746,7 @@ EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
 		goto out;
 	}
 	memset(&g, 0, sizeof g);
+	g.obj_base = g_object_next;
 	g.only_keys = only_keys;
 	pthread_mutex_init(&g.mu, NULL);
 	sg_agent_init(&g.agent, sock, timeout_ms);

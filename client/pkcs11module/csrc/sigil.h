@@ -61,9 +61,10 @@ typedef struct {
 	size_t chain_len[SG_MAX_CHAIN];
 } sg_key;
 
-/* The objects of key i have handles 7i+1 (private), 7i+2 (public), 7i+3
- * (certificate, when the key has one) and 7i+4 to 7i+7 (its intermediates,
- * as many as it has). */
+/* The objects of the key table's entry i have handles b+7i+1 (private),
+ * b+7i+2 (public), b+7i+3 (certificate, when the key has one) and b+7i+4 to
+ * b+7i+7 (its intermediates, as many as it has), b being the
+ * initialization's first handle less one (module.c, object_handle). */
 enum { SG_OBJ_PRIVATE = 0, SG_OBJ_PUBLIC = 1, SG_OBJ_CERT = 2, SG_OBJ_CHAIN = 3, SG_OBJS_PER_KEY = 3 + SG_MAX_CHAIN };
 
 /* keys.c */
