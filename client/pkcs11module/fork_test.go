@@ -11,7 +11,8 @@ import (
 // compiler the module needs anyway) forks while two threads sign, and each
 // child, before any call, holds none of the parent's connections (those its
 // threads had borrowed for a round trip included), then initializes the
-// module again and signs; the parent never stops.
+// module again, finds the parent's key handle refused, and signs; the
+// parent never stops.
 func TestForkSafety(t *testing.T) {
 	need(t, "cc")
 	startFixture(t, fixtureOptions{})

@@ -2,9 +2,10 @@
  * forkcheck: the module across fork(). Two threads sign in a loop while the
  * main thread forks 20 times, so some forks happen with the module's locks
  * held and a request in flight. Each child must find the module
- * uninitialized (PKCS#11 v2.40 section 6.7.7), initialize it again, sign on
- * its own connection and finalize, leaving no connection open; the
- * parent's threads must keep signing throughout on theirs. Before it calls
+ * uninitialized (PKCS#11 v2.40 section 6.7.7), initialize it again, find
+ * the parent's key handle refused, sign on its own connection and
+ * finalize, leaving no connection open; the parent's threads must keep
+ * signing throughout on theirs. Before it calls
  * the module at all, each child must hold no socket: its copies of the
  * parent's connections, pooled or borrowed by a signing thread at the
  * fork, are the child's to close at once, or a child that never uses the
@@ -145,6 +146,11 @@ int main(int argc, char **argv)
 				die("child C_Initialize", rv);
 			CK_OBJECT_HANDLE k2;
 			CK_SESSION_HANDLE s2 = open_and_find(&k2);
+			/* The parent's key handle names nothing here, though the
+			 * child's table lists the same key. */
+			CK_MECHANISM m = {CKM_ECDSA, NULL, 0};
+			if ((rv = f->C_SignInit(s2, &m, key)) != CKR_KEY_HANDLE_INVALID)
+				die("child C_SignInit with the parent's key handle", rv);
 			for (int j = 0; j < 5; j++)
 				if ((rv = sign_once(s2, k2)))
 					die("child C_Sign", rv);
