@@ -161,7 +161,17 @@ type signDecision struct {
 	alg        providers.Algorithm
 	digest     []byte
 	code       proto.Code
+	// allowed: the policy allowed the request, and so counted it against
+	// the slot's daily quota, whatever happened after.
+	allowed bool
 }
+
+// allowedThenFailed is the detail of a sign record whose request the
+// policy allowed and that then failed (the provider, the deadline). A
+// key service's throttling (RATE_LIMITED) or refusal (BAD_REQUEST,
+// UNSUPPORTED_ALGORITHM) has the code of a policy refusal; the detail
+// tells a restart counting the day's quota that the policy counted it.
+const allowedThenFailed = "allowed by the policy, then failed"
 
 // record journals a signing decision. For an allowed signature it returns
 // the error that must stop the signature's release; a denial whose record
@@ -187,6 +197,9 @@ func (c *conn) record(ctx context.Context, d *signDecision) error {
 		CodeName:      d.code.String(),
 		LatencyMicros: uint32(min(now.Sub(d.start).Microseconds(), 1<<32-1)),
 		Peer:          c.peerName,
+	}
+	if d.allowed && d.code != proto.OK {
+		r.Detail = allowedThenFailed
 	}
 	switch {
 	case d.target.slot != nil && d.target.key == nil:

@@ -204,6 +204,7 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 			c.a.metrics.denied(fence.Reason)
 			return nil, &proto.Error{Code: reasonCode(fence.Reason), Msg: fence.Message()}
 		}
+		d.allowed = true
 	}
 	sig, err := e.provider.Sign(ctx, e.info.Name, alg, req.Digest)
 	if err == nil {

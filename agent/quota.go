@@ -147,18 +147,24 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 // countsAgainstQuota reports whether the policy counted r's request
 // against the slot's daily quota. The policy counts every request it allows,
 // whether or not the provider then signs (policy.Engine.Check), so a record
-// counts if it was released (OK) or if the policy decided on it (its
-// tenant's policy hash is set) with a code no policy refusal has: a provider
+// counts if it was released (OK), or if the policy allowed it and it failed
+// after (its detail says so, allowedThenFailed, whatever its code: a key
+// service's RATE_LIMITED is a policy refusal's code too). Records of agents
+// before that detail count when the policy decided on them (the tenant's
+// policy hash is set) with a code no policy refusal has: a provider
 // failure, a deadline. A PAUSED record is not counted: the policy gives back
 // what it took from a request a Pause refuses as it lands. BAD_REQUEST and
-// UNSUPPORTED_ALGORITHM are not either: the key's own request checks run
-// before the policy counts (agents before them ran after it, and their
-// records are read the same way).
+// UNSUPPORTED_ALGORITHM of the key's own request checks are not either:
+// those run before the policy counts (agents before them ran after it, and
+// their records are read the same way).
 func countsAgainstQuota(r *journal.Record, refusals map[proto.Code]bool) bool {
 	if r.Code == uint16(proto.OK) {
 		return true
 	}
-	return r.PolicyHash != ([32]byte{}) && !refusals[proto.Code(r.Code)]
+	if r.PolicyHash == ([32]byte{}) {
+		return false
+	}
+	return r.Detail == allowedThenFailed || !refusals[proto.Code(r.Code)]
 }
 
 // policyRefusalCodes are the wire codes of the policy's refusals, built

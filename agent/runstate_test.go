@@ -31,6 +31,8 @@ import (
 	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/software"
 )
 
 // A run-time pause outlives the agent: after a restart the slot still
@@ -405,6 +407,90 @@ func TestDailyQuotaSurvivesRestart(t *testing.T) {
 	})
 	// 3 released + 2 allowed and failed = 5 of 6: one more, then none.
 	expectOneLeft("failed requests counted, refusals not")
+}
+
+// failOnceProvider fails its next Sign with err, if set, and then signs.
+type failOnceProvider struct {
+	providers.Provider
+	mu  sync.Mutex
+	err error
+}
+
+func (f *failOnceProvider) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	f.mu.Lock()
+	err := f.err
+	f.err = nil
+	f.mu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("injected: %w", err)
+	}
+	return f.Provider.Sign(ctx, key, alg, digest)
+}
+
+// A request the policy allowed and its provider then failed counts against
+// the day's quota after a restart too, whatever code the provider's error
+// has: a key service's throttling (RATE_LIMITED) or its refusal of the
+// request (BAD_REQUEST, UNSUPPORTED_ALGORITHM) shares its code with a
+// policy refusal, and a restart without stored counts used to read such a
+// record as one, handing the unit back.
+func TestProviderFailuresCountAfterRestart(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		err  error
+		code proto.Code
+	}{
+		{"throttled by the key service", providers.ErrRateLimited, proto.RateLimited},
+		{"refused by the key service", providers.ErrBadRequest, proto.BadRequest},
+		{"algorithm refused by the key service", providers.ErrUnsupportedAlgorithm, proto.UnsupportedAlgorithm},
+		{"key service unavailable", providers.ErrUnavailable, proto.Unavailable},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := pauseConfig(t)
+			policyText := strings.Replace(pausePolicy(true), "{name: release, key: default}",
+				"{name: release, key: flaky, policy: {daily_quota: 2}}", 1)
+			if err := os.WriteFile(cfg.Policy, []byte(policyText), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			keyDir := t.TempDir()
+			flaky := func(err error) *failOnceProvider {
+				soft, oerr := software.Open(software.Config{ID: "flaky", DataDir: keyDir,
+					Keys: []software.KeyConfig{{Name: "flaky", Type: providers.KeyECDSAP256}}})
+				if oerr != nil {
+					t.Fatal(oerr)
+				}
+				return &failOnceProvider{Provider: soft, err: err}
+			}
+			sign := releaseSigner("provider failure")
+			agentLifetime(t, cfg, func(c, _ *client.Client) {
+				if err := sign(c); client.Code(err) != tc.code {
+					t.Fatalf("the provider's failure: %v, want %s", err, tc.code)
+				}
+				if err := sign(c); err != nil {
+					t.Fatalf("the quota's second unit: %v", err)
+				}
+				if err := sign(c); client.Code(err) != proto.QuotaExceeded {
+					t.Fatalf("past the quota: %v, want QUOTA_EXCEEDED", err)
+				}
+			}, agent.WithProviders(flaky(tc.err)))
+			// A crash before the first store of the counts: the restart
+			// counts today's records.
+			j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := j.Delete(context.Background(), "quota/counts"); err != nil {
+				t.Fatal(err)
+			}
+			if err := j.Close(); err != nil {
+				t.Fatal(err)
+			}
+			agentLifetime(t, cfg, func(c, _ *client.Client) {
+				if err := sign(c); client.Code(err) != proto.QuotaExceeded {
+					t.Fatalf("after a restart: %v, want QUOTA_EXCEEDED (the failed request counted)", err)
+				}
+			}, agent.WithProviders(flaky(nil)))
+		})
+	}
 }
 
 // A request the provider refuses before signing (a scheme the slot's key
