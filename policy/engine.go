@@ -259,7 +259,13 @@ func (s *slotState) rebase(pol *Policy, now int64) {
 		next := tat
 		if tat > now && s.interval > 0 {
 			spent := float64(tat-now) / float64(s.interval)
-			next = now + min(int64(spent*float64(pol.interval)), pol.tolerance)
+			// Capped as a float: tokens spent at a fast rate times a
+			// slow rate's interval can pass int64, which converts to
+			// its minimum and would leave the bucket full.
+			next = now + pol.tolerance
+			if f := spent * float64(pol.interval); f < float64(pol.tolerance) {
+				next = now + int64(f)
+			}
 		}
 		if s.tat.CompareAndSwap(tat, next) {
 			break

@@ -729,6 +729,9 @@ func TestSwapRebasesTheBucket(t *testing.T) {
 		{"burst raised", "rate: {per_second: 1, burst: 10}", 10, []string{"rate: {per_second: 1, burst: 100}"}, 0, 90},
 		{"rate lowered", "rate: {per_second: 100, burst: 100}", 100, []string{"rate: {per_second: 1, burst: 100}"}, 0, 0},
 		{"unchanged", "rate: {per_second: 1, burst: 10}", 10, []string{"rate: {per_second: 1, burst: 10}"}, 0, 0},
+		// The spent tokens times the new interval pass int64 (1000 ×
+		// 2.5e16 ns): the bucket stays empty, not full.
+		{"rate lowered past int64 in ns", "rate: {per_second: 1000, burst: 1000}", 1000, []string{"rate: {per_second: 0.00000004, burst: 1}"}, 0, 0},
 		{"rate removed and restored", "rate: {per_second: 0.001, burst: 5}", 5, []string{"daily_quota: 100", "rate: {per_second: 0.001, burst: 5}"}, 0, 0},
 		{"dropped and back", "rate: {per_second: 0.001, burst: 5}", 5, []string{"dropped", "rate: {per_second: 0.001, burst: 5}"}, 0, 0},
 		{"dropped and back at a higher rate", "rate: {per_second: 0.001, burst: 5}", 5, []string{"dropped", "rate: {per_second: 1000, burst: 5}"}, 5 * time.Millisecond, 5},
