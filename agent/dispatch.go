@@ -184,6 +184,13 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 	if err != nil {
 		return nil, err
 	}
+	return c.decideResolved(ctx, req, d, fence)
+}
+
+// decideResolved is decideAndSign once the request's key is resolved
+// (d.target): the checks, the policy's count and the signature.
+func (c *conn) decideResolved(ctx context.Context, req *proto.Request, d *signDecision, fence *policy.Decision) ([]byte, error) {
+	t := d.target
 	e := t.key
 	alg, err := e.algorithmFor(req.Scheme, req.Hash)
 	if err != nil {
@@ -198,13 +205,16 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 		return nil, c.refuseBeforePolicy(req, d, err)
 	}
 	if t.slot != nil {
-		*fence = c.a.policy.Check(tenant, t.slot.Name, c.identity(), alg, len(req.Digest))
+		*fence = c.a.policy.Check(d.tenant, t.slot.Name, c.identity(), alg, len(req.Digest))
 		d.policyHash = fence.PolicyHash
 		if !fence.Allowed() {
 			c.a.metrics.denied(fence.Reason)
 			return nil, &proto.Error{Code: reasonCode(fence.Reason), Msg: fence.Message()}
 		}
 		d.allowed = true
+		if err := c.stillActive(t); err != nil {
+			return nil, err
+		}
 	}
 	sig, err := e.provider.Sign(ctx, e.info.Name, alg, req.Digest)
 	if err == nil {
@@ -224,6 +234,27 @@ func (c *conn) decideAndSign(ctx context.Context, req *proto.Request, d *signDec
 		return nil, fmt.Errorf("client went away: %w", err)
 	}
 	return nil, err
+}
+
+// stillActive confirms, once the policy counts the request among its
+// slot's signatures in flight, that the version resolved before the check
+// is still the slot's active one. An incident drill pauses the slot and
+// waits out the signatures in flight before it retires the key; a request
+// that resolved the key before that pause and was checked after the
+// drill's resume is not among them, and would sign with the retired key.
+// One it refuses has used its quota unit, as a provider's failure does.
+func (c *conn) stillActive(t target) error {
+	if c.a.rot == nil || t.version == 0 {
+		return nil
+	}
+	v, err := c.a.rot.Store().Resolve(t.slot.FullName())
+	if err != nil {
+		return err
+	}
+	if v.Number != t.version {
+		return &proto.Error{Code: proto.Unavailable, Msg: "the key slot rotated while this request was checked; retry"}
+	}
+	return nil
 }
 
 // refuseBeforePolicy answers a request refused for its algorithm or digest

@@ -2,11 +2,17 @@ package agent
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/sha256"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
+	"github.com/sigil-agent/sigil/policy"
+	"github.com/sigil-agent/sigil/proto"
 	"go.uber.org/zap/zaptest"
 )
 
@@ -97,5 +103,68 @@ func TestDrillKeepsAPauseMadeJustBeforeItsOwn(t *testing.T) {
 	defer a.Shutdown(ctx)
 	if paused, _ := a.policy.Paused("payments", "release"); !paused {
 		t.Fatal("after a restart the slot signs: the drill deleted the operator's stored pause")
+	}
+}
+
+// A Sign that resolved its slot's key before an incident drill and reaches
+// the policy's check after the drill resumed the slot is refused: it was
+// not in flight when the drill's pause waited, so without a second look it
+// signed with the key the drill had just retired.
+func TestSignResolvedBeforeADrillIsRefused(t *testing.T) {
+	const slot = "payments/release"
+	a, _ := drillAgent(t)
+	ctx := context.Background()
+	defer a.Shutdown(ctx)
+	srv, cli := net.Pipe()
+	defer srv.Close()
+	defer cli.Close()
+	c := newConn(a, srv, false)
+	c.helloDone = true
+	c.peer = peer{unix: true, uid: uint32(os.Getuid()), gid: uint32(os.Getgid())}
+	c.peerName = c.peer.String()
+	digest := sha256.Sum256([]byte("released after the drill"))
+	req := &proto.Request{ID: 1, Op: proto.OpSign, Key: "release", Scheme: proto.SchemeECDSA, Hash: proto.HashSHA256, Digest: digest[:]}
+
+	// The first half of decideAndSign: the slot's key is resolved.
+	target, tenant, err := c.resolve(req.Key, req.KID, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := target.key
+	// The whole drill runs before this request's policy check.
+	o, err := a.rotateOptions(slot, "incident drill", "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	o.Emergency = true
+	rep, err := a.rot.Drill(ctx, slot, pauser{a: a, by: "incident drill by test", own: new(uint64)}, o)
+	if err != nil || !rep.Resumed {
+		t.Fatalf("drill: %v (resumed %v)", err, rep.Resumed)
+	}
+
+	d := signDecision{start: time.Now(), keyName: req.Key, digest: req.Digest, tenant: tenant, target: target}
+	var fence policy.Decision
+	sig, err := c.decideResolved(ctx, req, &d, &fence)
+	fence.Done()
+	if err == nil {
+		verdict := "a signature that does not verify under the retired key"
+		if ecdsa.VerifyASN1(old.info.Public.(*ecdsa.PublicKey), digest[:], sig) {
+			verdict = "a signature by the retired key"
+		}
+		t.Fatalf("after the drill the request got %s (kid %s)", verdict, old.info.KID)
+	}
+	if codeOf(err) != proto.Unavailable {
+		t.Fatalf("err = %v (%s), want UNAVAILABLE", err, codeOf(err))
+	}
+	// The retry resolves the drill's new key and signs with it.
+	d = signDecision{start: time.Now(), keyName: req.Key, digest: req.Digest}
+	fence = policy.Decision{}
+	sig, err = c.decideAndSign(ctx, req, &d, &fence)
+	fence.Done()
+	if err != nil {
+		t.Fatalf("the retry: %v", err)
+	}
+	if d.target.key == old || !ecdsa.VerifyASN1(d.target.key.info.Public.(*ecdsa.PublicKey), digest[:], sig) {
+		t.Fatal("the retry did not sign with the drill's new key")
 	}
 }
