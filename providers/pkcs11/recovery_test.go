@@ -1633,6 +1633,85 @@ func TestLogoutDuringTheKeySearchDoesNotStrandTheKey(t *testing.T) {
 	signAndVerify(t, other, name, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("other"))
 }
 
+// The token is logged out again while a re-login runs, after its C_Login:
+// a signer that took its session before the first logout meets the second
+// one (a new fault: its one retry is owed), and the re-login's key search
+// meets it too. The signer's request is the running re-login's to answer
+// (a straggler of the first logout could not be told apart), but the
+// re-login failed on that very logout and backed off, and every signer
+// waiting for it got UNAVAILABLE at once: the logout that sank the repair
+// is no token failure to back off from, and the repair is run again at
+// once. Each case holds the re-login at its key search, logs the token out
+// there, and lets the signers go.
+func TestLogoutDuringAReloginIsRepairedAtOnce(t *testing.T) {
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	for _, tc := range []struct {
+		name      string
+		straggler bool // a signer holding a session from before meets the second logout
+	}{
+		{"a signer meets the second logout", true},
+		{"only the re-login meets it", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tok := softhsmtest.New(t, "relogout")
+			keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+			name := string(providers.KeyECDSAP256)
+			straggler, search := newHeldCall("sign"), newHeldCall("find")
+			defer straggler.release()
+			defer search.release()
+			p := open(t, tok, keyConfigs(keys), func(c *Config) {
+				c.Sessions = 2
+				c.FaultHook = func(op string) uint {
+					straggler.hook(op)
+					return search.hook(op)
+				}
+			})
+			info := keyInfo(t, p, name)
+			type result struct {
+				who    string
+				digest []byte
+				sig    []byte
+				err    error
+			}
+			results := make(chan result, 2)
+			sign := func(who string) {
+				digest := digestOf(crypto.SHA256, []byte(who))
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				sig, err := p.Sign(ctx, name, alg, digest)
+				results <- result{who, digest, sig, err}
+			}
+			signers := 1
+			if tc.straggler {
+				signers++
+				straggler.armed.Store(true)
+				go sign("straggler")
+				straggler.wait(t, "the straggler") // a pool session of the healthy provider in hand
+			}
+			logoutInside(t, p)
+			search.armed.Store(true)
+			go sign("first") // meets the logout and asks for the re-login
+			search.wait(t, "the re-login")
+			logoutInside(t, p) // after the re-login's C_Login
+			if tc.straggler {
+				straggler.release()
+			}
+			search.release()
+			for range signers {
+				r := <-results
+				if r.err == nil {
+					r.err = providers.Verify(info.Public, alg, r.digest, r.sig)
+				}
+				if r.err != nil {
+					t.Errorf("%s signer: %v", r.who, r.err)
+				}
+			}
+			waitHealthy(t, p, 5*time.Second)
+			signAndVerify(t, p, name, alg, []byte("after"))
+		})
+	}
+}
+
 // Close is bounded when the supervisor's repair hangs in the module (a
 // C_Login on a wedged network HSM): it leaves the module loaded and says
 // so, as it does for a hung C_Sign. It used to wait for the repair without

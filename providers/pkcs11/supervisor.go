@@ -19,6 +19,10 @@ import (
 func (p *Provider) supervise() {
 	defer close(p.done)
 	backoff := p.backoff
+	// Whether a repair lost to a logout has been run again at once since
+	// the last repair that worked: once, so a token logged out over and
+	// over still costs one attempt per backoff period.
+	rerun := false
 	for {
 		select {
 		case <-p.wake:
@@ -52,7 +56,7 @@ func (p *Provider) supervise() {
 				if done >= repairLogin {
 					p.log.Info("pkcs11 token recovered", zap.Stringer("repair", done), zap.Duration("took", time.Since(start)))
 				}
-				backoff = p.backoff
+				backoff, rerun = p.backoff, false
 				continue
 			}
 			if errors.Is(err, providers.ErrPINIncorrect) || errors.Is(err, providers.ErrTokenLocked) {
@@ -65,6 +69,17 @@ func (p *Provider) supervise() {
 			}
 			if done > p.wanted {
 				p.wanted = done
+			}
+			if errors.Is(err, errLoggedOutMidRepair) && !rerun {
+				// The login the repair made was taken away after it (another
+				// provider's logout of the shared token): a new event, not a
+				// token failing. Backing off would fail every caller waiting
+				// for the repair, signers that met only this logout among
+				// them, whose report the running repair had taken on.
+				rerun = true
+				p.stateMu.Unlock()
+				p.log.Info("pkcs11 token logged out during the repair; repairing again", zap.Stringer("repair", done), zap.Error(err))
+				continue
 			}
 			p.setStateLocked(stateDegraded, err, false)
 			p.stateMu.Unlock()
@@ -285,6 +300,10 @@ func (p *Provider) login(s *session) error {
 	return fmt.Errorf("login to token %s: %w", p.tokenLabel, err)
 }
 
+// errLoggedOutMidRepair: the token was logged out while a repair searched
+// for its keys, after the repair's own login check.
+var errLoggedOutMidRepair = fmt.Errorf("the session was logged out during the key search: %w", providers.ErrUnavailable)
+
 // findKeys finds every served key's private key object again. A key whose
 // object has gone is kept without a handle: it signs with ErrUnavailable until a
 // later repair finds it.
@@ -324,6 +343,10 @@ func (p *Provider) findKeys(s *session) error {
 			p.log.Warn("pkcs11 key object missing after re-login", zap.String("key", k.info.Name), zap.Stringer("object", k.obj))
 			continue
 		}
+		if isRV(err, p11.CKR_USER_NOT_LOGGED_IN) {
+			// Found, then logged out before its test signature.
+			return fmt.Errorf("find key %s: %w: %w", k.info.Name, errLoggedOutMidRepair, err)
+		}
 		if err != nil {
 			return fmt.Errorf("find key %s: %w", k.info.Name, err)
 		}
@@ -350,8 +373,11 @@ func (p *Provider) findKeys(s *session) error {
 		if errors.Is(err, errStale) {
 			return fmt.Errorf("after the key search: %w", err)
 		}
-		if err != nil || (state != p11.CKS_RO_USER_FUNCTIONS && state != p11.CKS_RW_USER_FUNCTIONS) {
-			return fmt.Errorf("the session was logged out during the key search: %w", providers.ErrUnavailable)
+		if err != nil {
+			return fmt.Errorf("session info after the key search (%v): %w", err, providers.ErrUnavailable)
+		}
+		if !isUserState(state) {
+			return errLoggedOutMidRepair
 		}
 	}
 	return nil
