@@ -80,11 +80,23 @@ func tokenFileLock(path string) *sync.Mutex {
 }
 
 // errGated is what a call gets while another goroutine reloads the module.
-var errGated = p11.Error(p11.CKR_CRYPTOKI_NOT_INITIALIZED)
+// It reads as CKR_CRYPTOKI_NOT_INITIALIZED (the module is going away: a
+// reload is the repair), and errors.Is tells it from the module's own
+// answer: a reload that gives up before the generation moves leaves no
+// other trace that it was met.
+var errGated error = gatedError{}
+
+type gatedError struct{}
+
+func (gatedError) Error() string {
+	return "module reloading: " + p11.Error(p11.CKR_CRYPTOKI_NOT_INITIALIZED).Error()
+}
+func (gatedError) Unwrap() error { return p11.Error(p11.CKR_CRYPTOKI_NOT_INITIALIZED) }
 
 // reloadDrainTimeout bounds how long a reload waits for calls already inside
-// the module to return before it gives up (and is retried with backoff).
-const reloadDrainTimeout = 5 * time.Second
+// the module to return before it gives up (and is retried with backoff). A
+// variable for tests.
+var reloadDrainTimeout = 5 * time.Second
 
 // ErrModuleLoad: the configured module is not a PKCS#11 library this
 // process can load. The dynamic loader refused the file (it is missing or

@@ -151,7 +151,9 @@ const maxOpenReloads = 3
 // connectAcrossReloads connects in the module's current generation. A
 // reload by another provider on the module meanwhile (its gate closed
 // while it runs; what connect found, void after it) is waited out and
-// connect is made again: the open succeeds once the module is back.
+// connect is made again: the open succeeds once the module is back, also
+// when the reload gave up before the generation moved (a call met its
+// gate, but it was over by the time the open looked).
 // When that reload leaves the module down, the open fails with
 // ErrUnavailable; the PIN is never presented again after the token
 // refused it.
@@ -172,12 +174,12 @@ func (p *Provider) connectAcrossReloads(ctx context.Context) error {
 		if p.mod.isDown() {
 			return fmt.Errorf("module %s is down: another provider's reload of it failed, and that provider retries it: %w", p.modulePath, providers.ErrUnavailable)
 		}
-		if !errors.Is(err, errStale) && !p.mod.reloading(gen) {
+		if !errors.Is(err, errStale) && !errors.Is(err, errGated) && !p.mod.reloading(gen) {
 			return err
 		}
 		p.disconnect()
 		if reloads == maxOpenReloads {
-			return fmt.Errorf("module %s reloaded %d times by other providers during the open: %w", p.modulePath, reloads+1, providers.ErrUnavailable)
+			return fmt.Errorf("module %s: %d reloads by other providers met during the open: %w", p.modulePath, reloads+1, providers.ErrUnavailable)
 		}
 		p.log.Info("pkcs11 module reloaded by another provider during the open; opening again", zap.String("module", p.modulePath))
 		if werr := p.mod.awaitReload(ctx); werr != nil {

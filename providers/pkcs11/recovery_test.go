@@ -1328,6 +1328,69 @@ func TestOpenDuringASharersReload(t *testing.T) {
 	}
 }
 
+// An open that meets another provider's reload which fails before the
+// module's generation moves (its drain times out with a call still inside
+// the module, or C_Finalize fails) gets the closed gate's
+// CKR_CRYPTOKI_NOT_INITIALIZED from a call. When that reload had already
+// given up by the time the open looked, nothing said a reload had been met,
+// and the open failed with the module's raw code: 3 of 99 opens here. It
+// must succeed once the gate is open, or fail with a clean UNAVAILABLE.
+// The sharer's reloads fail over and over, each holding the gate for a
+// millisecond; opens are made until one fails with a raw code, or 400.
+func TestOpenAcrossASharersFailedReloads(t *testing.T) {
+	st := newSharedTokens(t, "other-pin-8")
+	sharer := st.openSharer(t, 1, newFaultSwitch(), nil)
+	m := sharer.mod
+	drainTimeout := reloadDrainTimeout
+	reloadDrainTimeout = time.Millisecond
+	defer func() { reloadDrainTimeout = drainTimeout }()
+	inside, leave := make(chan struct{}), make(chan struct{})
+	go m.do(func(*p11.Ctx) error { // what each reload's drain waits for in vain
+		close(inside)
+		<-leave
+		return nil
+	})
+	<-inside
+	var stop atomic.Bool
+	reloads := make(chan error, 1)
+	go func() {
+		for !stop.Load() {
+			gen, _, err := m.reload(m.gen.Load(), nil)
+			if err == nil || gen != m.gen.Load() {
+				reloads <- fmt.Errorf("a reload did not fail in its drain: %v", err)
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+		reloads <- nil
+	}()
+	defer func() {
+		stop.Store(true)
+		if err := <-reloads; err != nil {
+			t.Error(err)
+		}
+		close(leave)
+	}()
+	opened := 0
+	for range 400 {
+		own, err := Open(context.Background(), Config{ID: "own", Module: st.tok.Module, PINEnv: pinEnv,
+			Keys: []KeyConfig{{Name: "release", URI: st.ownKey.URI}}, Sessions: 1, Backoff: 20 * time.Millisecond})
+		if err != nil {
+			if !errors.Is(err, providers.ErrUnavailable) || strings.Contains(err.Error(), "CKR_") {
+				t.Fatalf("Open across a sharer's failed reloads: %v, want success or a clean ErrUnavailable", err)
+			}
+			continue
+		}
+		opened++
+		if err := own.Close(); err != nil {
+			t.Fatalf("Close: %v", err)
+		}
+	}
+	if opened == 0 {
+		t.Error("no open succeeded between the failed reloads")
+	}
+}
+
 // replaceKeyPair destroys the objects labelled label and generates a new
 // pair under the same label and id.
 func replaceKeyPair(t *testing.T, tok *softhsmtest.Token, label string, id []byte) {
