@@ -290,56 +290,26 @@ func TestOneDeviceFaultReloadsOnce(t *testing.T) {
 		{"a re-login escalates to the reload a signer asked for", escalating, p11.CKR_USER_NOT_LOGGED_IN, p11.CKR_DEVICE_REMOVED},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var (
-				armed            atomic.Bool
-				signs            atomic.Int32
-				held             atomic.Bool
-				stragglerIn      = make(chan struct{})
-				stragglerGo      = make(chan struct{})
-				repairIn         = make(chan struct{})
-				repairGo         = make(chan struct{})
-				releaseStraggler = sync.OnceFunc(func() { close(stragglerGo) })
-				releaseRepair    = sync.OnceFunc(func() { close(repairGo) })
-				heldOp           string // the repair's module call held
-				heldFails        bool   // which then finds the device gone
-			)
-			defer releaseStraggler()
-			defer releaseRepair()
+			straggler := newHeldCall("sign") // the first signature, parked with its session
+			straggler.rv = tc.straggler
+			first := newHeldCall("sign") // the second, which asks for the repair: not held
+			first.nth, first.rv = 2, tc.first
+			first.release()
+			repair := newHeldCall("") // the repair's module call held ("": none)
 			switch tc.at {
 			case finding:
-				heldOp = "find"
+				repair.op = "find"
 			case escalating:
-				heldOp, heldFails = "session-info", true
+				repair.op, repair.rv = "session-info", p11.CKR_DEVICE_REMOVED // the device is gone
 			}
-			p := open(t, tok, keyConfigs(keys), func(c *Config) {
-				c.FaultHook = func(op string) uint {
-					if !armed.Load() {
-						return 0
-					}
-					if op == "sign" {
-						switch signs.Add(1) {
-						case 1:
-							close(stragglerIn)
-							<-stragglerGo
-							return tc.straggler
-						case 2:
-							return tc.first
-						}
-						return 0
-					}
-					if op == heldOp && held.CompareAndSwap(false, true) {
-						close(repairIn)
-						<-repairGo
-						if heldFails {
-							return p11.CKR_DEVICE_REMOVED
-						}
-					}
-					return 0
-				}
-			})
+			defer straggler.release()
+			defer repair.release()
+			p := open(t, tok, keyConfigs(keys), func(c *Config) { c.FaultHook = heldCalls(straggler, first, repair) })
 			info := keyInfo(t, p, name)
 			genBefore := p.mod.gen.Load()
-			armed.Store(true)
+			for _, h := range []*heldCall{straggler, first, repair} {
+				h.armed.Store(true)
+			}
 
 			type result struct {
 				who    string
@@ -356,14 +326,14 @@ func TestOneDeviceFaultReloadsOnce(t *testing.T) {
 				results <- result{who, digest, sig, err}
 			}
 			go sign("straggler")
-			<-stragglerIn // it holds a session of the healthy provider
+			straggler.wait(t, "the straggler") // it holds a session of the healthy provider
 			if tc.at == draining {
 				// Another signer's call still inside the module holds the
 				// reload in its drain, with the gate closed.
 				inside := make(chan struct{})
 				go p.mod.do(func(*p11.Ctx) error {
 					close(inside)
-					<-repairGo
+					<-repair.out
 					return nil
 				})
 				<-inside
@@ -373,13 +343,9 @@ func TestOneDeviceFaultReloadsOnce(t *testing.T) {
 			case draining:
 				waitFor(t, "the reload to close the gate", func() bool { return p.mod.gate.Load() == gateReload })
 			default:
-				select {
-				case <-repairIn:
-				case <-time.After(10 * time.Second):
-					t.Fatalf("the repair never reached %s", heldOp)
-				}
+				repair.wait(t, "the repair")
 			}
-			releaseStraggler()
+			straggler.release()
 			if tc.straggler != 0 {
 				// A fault above the repair under way is queued; the
 				// escalation must then take it over.
@@ -392,7 +358,7 @@ func TestOneDeviceFaultReloadsOnce(t *testing.T) {
 					time.Sleep(time.Millisecond)
 				}
 			}
-			releaseRepair()
+			repair.release()
 			for range 2 {
 				r := <-results
 				if r.err == nil {
@@ -782,49 +748,18 @@ func TestStaleKeyHandleNeverSignsInANewGeneration(t *testing.T) {
 			bystanderKeys := generate([]string{"b0", "b1"}, 0x10)
 			reloaderKeys := generate([]string{"a0"}, 0x20)
 
-			var (
-				armed     atomic.Bool
-				signs     atomic.Int32
-				holdRep   atomic.Bool
-				firstIn   = make(chan struct{})
-				firstGo   = make(chan struct{})
-				retryIn   = make(chan struct{})
-				retryGo   = make(chan struct{})
-				repairIn  = make(chan struct{})
-				repairGo  = make(chan struct{})
-				goFirst   = sync.OnceFunc(func() { close(firstGo) })
-				goRetry   = sync.OnceFunc(func() { close(retryGo) })
-				goRepair  = sync.OnceFunc(func() { close(repairGo) })
-				repairHit = sync.OnceFunc(func() { close(repairIn) })
-			)
-			defer goFirst()
-			defer goRetry()
-			defer goRepair()
+			first := newHeldCall("sign") // its session dies; it retries on a fresh one
+			first.rv = p11.CKR_SESSION_HANDLE_INVALID
+			retry := newHeldCall("sign") // the retry, its session and handle in hand
+			retry.nth = 2
+			repair := newHeldCall(tc.heldOp)
+			defer first.release()
+			defer retry.release()
+			defer repair.release()
 			bystander := open(t, tok, bystanderKeys, func(c *Config) {
 				c.ID = "bystander"
 				c.Sessions = 1
-				c.FaultHook = func(op string) uint {
-					if !armed.Load() {
-						return 0
-					}
-					if op == "sign" {
-						switch signs.Add(1) {
-						case 1: // its session dies; it retries on a fresh one
-							close(firstIn)
-							<-firstGo
-							return p11.CKR_SESSION_HANDLE_INVALID
-						case 2: // the retry, its session and handle in hand
-							close(retryIn)
-							<-retryGo
-						}
-						return 0
-					}
-					if op == tc.heldOp && holdRep.Load() {
-						repairHit()
-						<-repairGo
-					}
-					return 0
-				}
+				c.FaultHook = heldCalls(first, retry, repair)
 			})
 			faults := newFaultSwitch()
 			reloader := open(t, tok, reloaderKeys, func(c *Config) {
@@ -849,19 +784,12 @@ func TestStaleKeyHandleNeverSignsInANewGeneration(t *testing.T) {
 				}()
 				return ch
 			}
-			wait := func(what string, ch chan struct{}) {
-				t.Helper()
-				select {
-				case <-ch:
-				case <-time.After(10 * time.Second):
-					t.Fatalf("waited 10s for %s", what)
-				}
-			}
 
-			armed.Store(true)
+			first.armed.Store(true)
+			retry.armed.Store(true)
 			digest := digestOf(crypto.SHA256, []byte("asked of b1"))
 			signer := sign("b1", digest)
-			wait("the signer's first try", firstIn)
+			first.wait(t, "the signer's first try")
 
 			// The sharer reloads the module; the bystander has not noticed.
 			genBefore := reloader.mod.gen.Load()
@@ -878,26 +806,26 @@ func TestStaleKeyHandleNeverSignsInANewGeneration(t *testing.T) {
 				t.Fatal("the module was not reloaded")
 			}
 
-			goFirst()
-			wait("the signer's retry", retryIn)
+			first.release()
+			retry.wait(t, "the signer's retry")
 
 			// Another signer finds the bystander behind the module; its
 			// repair is held with the provider's generation already new.
-			holdRep.Store(true)
+			repair.armed.Store(true)
 			other := sign("b0", digestOf(crypto.SHA256, []byte("asked of b0")))
-			wait("the bystander's repair to reach "+tc.heldOp, repairIn)
+			repair.wait(t, "the bystander's repair")
 			if got, want := bystander.gen.Load(), bystander.mod.gen.Load(); got != want {
 				t.Fatalf("the repair is held with the provider at generation %d, the module at %d", got, want)
 			}
 
-			goRetry()
+			retry.release()
 			var r result
 			select {
 			case r = <-signer:
-				goRepair()
+				repair.release()
 			case <-time.After(500 * time.Millisecond):
 				// It waits for the repair: let it finish.
-				goRepair()
+				repair.release()
 				r = <-signer
 			}
 			switch {
@@ -927,25 +855,62 @@ func TestStaleKeyHandleNeverSignsInANewGeneration(t *testing.T) {
 }
 
 // heldCall parks the first call of op made once armed, until released.
+// With nth set it parks the nth instead (counting from the arming), and
+// with rv set the call, once released, fails with rv instead of being made.
 type heldCall struct {
 	op      string
+	nth     int32
+	rv      uint
 	armed   atomic.Bool
+	calls   atomic.Int32 // of op, since armed
 	in, out chan struct{}
 	release func()
 }
 
 func newHeldCall(op string) *heldCall {
-	h := &heldCall{op: op, in: make(chan struct{}), out: make(chan struct{})}
+	h := &heldCall{op: op, nth: 1, in: make(chan struct{}), out: make(chan struct{})}
 	h.release = sync.OnceFunc(func() { close(h.out) })
 	return h
 }
 
 func (h *heldCall) hook(op string) uint {
-	if op == h.op && h.armed.CompareAndSwap(true, false) {
-		close(h.in)
-		<-h.out
+	if !h.counts(op) {
+		return 0
 	}
-	return 0
+	return h.park()
+}
+
+// counts counts a call of op and reports whether it is the one to hold.
+func (h *heldCall) counts(op string) bool {
+	return op == h.op && h.armed.Load() && h.calls.Add(1) == h.nth
+}
+
+func (h *heldCall) park() uint {
+	close(h.in)
+	<-h.out
+	return h.rv
+}
+
+// heldCalls is a fault hook made of several heldCalls: every one counts
+// the call before any parks it (a parked call must not keep the others
+// from counting the calls made meanwhile), and the first to fail it
+// gives its answer.
+func heldCalls(hs ...*heldCall) func(string) uint {
+	return func(op string) uint {
+		var hits []*heldCall
+		for _, h := range hs {
+			if h.counts(op) {
+				hits = append(hits, h)
+			}
+		}
+		var rv uint
+		for _, h := range hits {
+			if r := h.park(); rv == 0 {
+				rv = r
+			}
+		}
+		return rv
+	}
 }
 
 func (h *heldCall) wait(t *testing.T, who string) {
@@ -1724,10 +1689,7 @@ func TestLogoutDuringAReloginIsRepairedAtOnce(t *testing.T) {
 			defer search.release()
 			p := open(t, tok, keyConfigs(keys), func(c *Config) {
 				c.Sessions = 2
-				c.FaultHook = func(op string) uint {
-					straggler.hook(op)
-					return search.hook(op)
-				}
+				c.FaultHook = heldCalls(straggler, search)
 			})
 			info := keyInfo(t, p, name)
 			type result struct {
