@@ -283,6 +283,10 @@ func TestShellErrors(t *testing.T) {
 		{"mistyped admin subcommand", []string{"--socket", sock, "admin", "pasue", "payments/release"}, exitUsage, `unknown command "pasue" for "sigil admin"`},
 		{"mistyped audit subcommand", []string{"audit", "verfy"}, exitUsage, `unknown command "verfy"`},
 		{"mistyped keys subcommand", []string{"--socket", sock, "keys", "lsit"}, exitUsage, `unknown command "lsit"`},
+		// No request can be answered in no time: that is the flag's
+		// mistake, not an agent that "did not answer" (exit 3).
+		{"zero --timeout", []string{"--socket", sock, "--timeout", "0s", "keys", "info"}, exitUsage, "--timeout must be positive"},
+		{"negative --timeout", []string{"--socket", sock, "--timeout", "-1s", "keys", "sign", "--in", in}, exitUsage, "--timeout must be positive"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

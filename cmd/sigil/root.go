@@ -63,6 +63,14 @@ gives no PIN, a PKCS#11 module path that gives no library, a config or
 policy that fails its checks).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		PersistentPreRunE: func(*cobra.Command, []string) error {
+			if g.timeout <= 0 {
+				// A context that has ended before the dial: every command
+				// would say the agent "did not answer" (exit 3).
+				return usageError("--timeout must be positive, not %s", g.timeout)
+			}
+			return nil
+		},
 	}
 	root.PersistentFlags().StringVar(&g.socket, "socket", "", "agent socket (default $SIGIL_SOCK, else "+proto.DefaultSocketPath()+")")
 	root.PersistentFlags().DurationVar(&g.timeout, "timeout", 10*time.Second, "deadline for reaching the agent (the dial and its Hello) and for each request; the admin changes wait at least "+adminChangeWait.String()+", audit verify and prune at least "+auditLongWait.String())
