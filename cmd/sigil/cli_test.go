@@ -287,6 +287,11 @@ func TestShellErrors(t *testing.T) {
 		// mistake, not an agent that "did not answer" (exit 3).
 		{"zero --timeout", []string{"--socket", sock, "--timeout", "0s", "keys", "info"}, exitUsage, "--timeout must be positive"},
 		{"negative --timeout", []string{"--socket", sock, "--timeout", "-1s", "keys", "sign", "--in", in}, exitUsage, "--timeout must be positive"},
+		// Told before the agent is asked, and said once: it read
+		// "read DIR: read DIR: is a directory", after the dial.
+		{"--in a directory", []string{"--socket", sock, "keys", "sign", "--in", dir}, exitFailure, dir + " is a directory, not a file"},
+		{"--in a directory, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "keys", "sign", "--in", dir}, exitFailure, "is a directory"},
+		{"verify: --in a directory", []string{"--socket", sock, "verify-signature", "--in", dir, "--sig", in, "--key", "default"}, exitFailure, "is a directory"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -7,8 +7,10 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"text/tabwriter"
 	"time"
@@ -232,6 +234,9 @@ func checkInputs(algFlag, in string) error {
 		if err != nil {
 			return &exitError{exitFailure, err}
 		}
+		if st.IsDir() {
+			return &exitError{exitFailure, fmt.Errorf("%s is a directory, not a file", in)}
+		}
 		if st.Mode().IsRegular() {
 			f, err := os.Open(in)
 			if err != nil {
@@ -284,7 +289,7 @@ func digestFile(path string, h crypto.Hash) ([]byte, error) {
 	if h == 0 {
 		data, err := io.ReadAll(io.LimitReader(r, maxMessage+1))
 		if err != nil {
-			return nil, fmt.Errorf("read %s: %w", displayName(path), err)
+			return nil, readError(path, err)
 		}
 		if len(data) > maxMessage {
 			return nil, fmt.Errorf("%s is larger than %d bytes: pure Ed25519 signs the message itself and it must fit in one request; use an ECDSA or RSA key for large files", displayName(path), maxMessage)
@@ -293,9 +298,18 @@ func digestFile(path string, h crypto.Hash) ([]byte, error) {
 	}
 	hasher := h.New()
 	if _, err := io.Copy(hasher, r); err != nil {
-		return nil, fmt.Errorf("read %s: %w", displayName(path), err)
+		return nil, readError(path, err)
 	}
 	return hasher.Sum(nil), nil
+}
+
+// readError is a failed read of the input. A file's error names the read
+// and the file already ("read NAME: ..."); said again, it read twice.
+func readError(path string, err error) error {
+	if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
+		return err
+	}
+	return fmt.Errorf("read %s: %w", displayName(path), err)
 }
 
 func openInput(path string) (io.Reader, func(), error) {
