@@ -292,6 +292,11 @@ func TestShellErrors(t *testing.T) {
 		{"--in a directory", []string{"--socket", sock, "keys", "sign", "--in", dir}, exitFailure, dir + " is a directory, not a file"},
 		{"--in a directory, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "keys", "sign", "--in", dir}, exitFailure, "is a directory"},
 		{"verify: --in a directory", []string{"--socket", sock, "verify-signature", "--in", dir, "--sig", in, "--key", "default"}, exitFailure, "is a directory"},
+		// An --out that cannot be written is told before the agent signs:
+		// after, the signature was journaled, counted against the slot's
+		// quota, and lost.
+		{"--out in a missing directory, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "keys", "sign", "--in", in, "--out", filepath.Join(dir, "nope", "f.sig")}, exitFailure, "no such file or directory"},
+		{"--out a directory", []string{"--socket", sock, "keys", "sign", "--in", in, "--out", dir}, exitFailure, "is a directory"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -473,6 +478,56 @@ func TestUnwritableOutputFails(t *testing.T) {
 			var ee *exec.ExitError
 			if !errors.As(err, &ee) || ee.ExitCode() != exitFailure || !strings.Contains(stderr.String(), "write to standard output") {
 				t.Fatalf("exit %v, stderr %q; want exit %d naming the write", err, stderr.String(), exitFailure)
+			}
+		})
+	}
+}
+
+// An --out that cannot be written is refused before the agent is asked:
+// the signature used to be made, journaled and counted against the slot's
+// quota, and then lost. A --out that can be written gets the signature.
+func TestUnwritableOutSignsNothing(t *testing.T) {
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	_, sock, admin := serveTestAgentWithAdmin(t, cfg)
+	ac, err := client.Dial(context.Background(), admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ac.Close()
+	records := func() int {
+		t.Helper()
+		recs, err := ac.AuditTail(context.Background(), "", 0, 1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(recs)
+	}
+	dir := t.TempDir()
+	in := filepath.Join(dir, "f")
+	os.WriteFile(in, []byte("release"), 0o644)
+	for _, tc := range []struct {
+		name, out, says string
+		code, records   int
+	}{
+		{"a missing directory", filepath.Join(dir, "nope", "f.sig"), "no such file or directory", exitFailure, 0},
+		{"a directory", dir, "is a directory", exitFailure, 0},
+		{"a new file", filepath.Join(dir, "f.sig"), "", exitOK, 1},
+		{"an existing file", filepath.Join(dir, "f.sig"), "", exitOK, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := records()
+			_, stderr, code := run(t, "--socket", sock, "keys", "sign", "--in", in, "--out", tc.out)
+			if code != tc.code || !strings.Contains(stderr, tc.says) {
+				t.Fatalf("exit %d, stderr %q; want exit %d saying %q", code, stderr, tc.code, tc.says)
+			}
+			if got := records() - before; got != tc.records {
+				t.Fatalf("%d audit records, want %d", got, tc.records)
+			}
+			if tc.code == exitOK {
+				if _, stderr, code := run(t, "--socket", sock, "verify-signature", "--in", in, "--sig", tc.out, "--key", "default"); code != exitOK {
+					t.Fatalf("verify the signature in --out: exit %d %s", code, stderr)
+				}
 			}
 		})
 	}

@@ -12,10 +12,13 @@ import (
 	"io"
 	"io/fs"
 	"os"
+	"path/filepath"
+	"syscall"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
 
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
@@ -138,6 +141,7 @@ for P-384, unless --alg says otherwise) and only the digest goes to the agent;
 Ed25519 signs the file itself, which must then fit in one frame (about 64 KiB).
 
 The signature is written raw to --out, or base64 to stdout without --out.
+An --out that cannot be written is refused before the agent signs.
 What key signed, and its kid, goes to stderr.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -145,6 +149,9 @@ What key signed, and its kid, goes to stderr.`,
 				return usageError("--in FILE is required (use - for stdin)")
 			}
 			if err := checkInputs(alg, in); err != nil {
+				return err
+			}
+			if err := checkOut(out); err != nil {
 				return err
 			}
 			ctx, cancel := g.context()
@@ -244,6 +251,47 @@ func checkInputs(algFlag, in string) error {
 			}
 			f.Close()
 		}
+	}
+	return nil
+}
+
+// checkOut reports an --out the signature could not be written to before
+// the agent is asked: after, the signature would be made, journaled and
+// counted against the slot's quota, and then lost. A file that does not
+// exist yet needs a directory this user can create it in; an existing
+// regular file must be writable. Other files (a pipe, /dev/stdout) are
+// left to the write.
+func checkOut(out string) error {
+	if out == "" || out == "-" {
+		return nil
+	}
+	st, err := os.Stat(out)
+	switch {
+	case err == nil && st.IsDir():
+		return &exitError{exitFailure, fmt.Errorf("--out %s is a directory, not a file", out)}
+	case err == nil && st.Mode().IsRegular():
+		if err := unix.Access(out, unix.W_OK); err != nil {
+			return &exitError{exitFailure, &fs.PathError{Op: "write signature to", Path: out, Err: err}}
+		}
+		return nil
+	case err == nil:
+		return nil
+	case !errors.Is(err, fs.ErrNotExist):
+		return &exitError{exitFailure, err}
+	}
+	dir := filepath.Dir(out)
+	dst, err := os.Stat(dir)
+	if err == nil && !dst.IsDir() {
+		err = syscall.ENOTDIR
+	}
+	if err == nil {
+		err = unix.Access(dir, unix.W_OK|unix.X_OK)
+	}
+	if err != nil {
+		if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
+			err = pe.Err // the directory's stat names it; say what it is for
+		}
+		return &exitError{exitFailure, fmt.Errorf("--out %s: cannot create it in %s: %w", out, dir, err)}
 	}
 	return nil
 }
