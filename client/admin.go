@@ -3,6 +3,7 @@ package client
 import (
 	"context"
 	"fmt"
+	"math"
 	"time"
 
 	"github.com/sigil-agent/sigil/proto"
@@ -89,7 +90,7 @@ func (c *Client) AuditPrune(ctx context.Context, before time.Time) (string, erro
 // limit records when from is 0, else up to limit records from seq from on;
 // tenant "" means every tenant. Each record is one JSON object.
 func (c *Client) AuditTail(ctx context.Context, tenant string, from uint64, limit int) ([][]byte, error) {
-	resp, err := c.call(ctx, &proto.Request{Op: proto.OpAuditTail, Key: tenant, FromSeq: from, Limit: uint32(max(limit, 0))})
+	resp, err := c.call(ctx, &proto.Request{Op: proto.OpAuditTail, Key: tenant, FromSeq: from, Limit: wireCount(limit)})
 	if err != nil {
 		return nil, err
 	}
@@ -150,7 +151,7 @@ func (c *Client) ExportREPPerPart(ctx context.Context, slot string, n int, perPa
 	malformed := malformedReply("malformed ExportREP reply: its parts do not make one manifest", nil)
 	length := -1 // the manifest's, as the first part announced it
 	for {
-		resp, err := c.exportREPPart(ctx, perPart, &proto.Request{Op: proto.OpExportREP, Key: slot, Limit: uint32(max(n, 0)), FromSeq: uint64(len(manifest))})
+		resp, err := c.exportREPPart(ctx, perPart, &proto.Request{Op: proto.OpExportREP, Key: slot, Limit: wireCount(n), FromSeq: uint64(len(manifest))})
 		if err != nil {
 			return nil, nil, err
 		}
@@ -175,6 +176,20 @@ func (c *Client) ExportREPPerPart(ctx context.Context, slot string, n int, perPa
 			return nil, nil, malformed
 		}
 	}
+}
+
+// wireCount is n as the wire's 32-bit count or pack number: 2^32-1 for
+// any larger n, which the protocol reads as the most records a reply
+// holds, or a pack number never assigned (NOT_FOUND). Its low 32 bits
+// would be another number: pack 2^32+1 would fetch pack 1.
+func wireCount(n int) uint32 {
+	switch {
+	case n <= 0:
+		return 0
+	case uint64(n) > math.MaxUint32:
+		return math.MaxUint32
+	}
+	return uint32(n)
 }
 
 // exportREPPart is one ExportREP request, within perPart when it is set.

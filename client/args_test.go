@@ -1,0 +1,48 @@
+package client_test
+
+import (
+	"bufio"
+	"context"
+	"math"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/sigil-agent/sigil/proto"
+)
+
+// A count or pack number past the wire's 32 bits goes out as the largest
+// (which the protocol reads as "as many as allowed", or a pack never
+// assigned, NOT_FOUND), never as its low 32 bits: pack 2^32+1 is not
+// pack 1, and 2^32+5 records are not 5.
+func TestLargeNumbersAreNotWrapped(t *testing.T) {
+	big := int64(1)<<32 + 1
+	if int64(int(big)) != big {
+		t.Skip("int is 32 bits here")
+	}
+	got := make(chan uint32, 2)
+	c := dialFake(t, func(nc net.Conn, br *bufio.Reader) {
+		for {
+			req, err := readRequest(br)
+			if err != nil {
+				return
+			}
+			got <- req.Limit
+			writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.NotFound, Msg: "no such pack"})
+		}
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	for _, tc := range []struct {
+		name string
+		call func() error
+	}{
+		{"ExportREP pack 2^32+1", func() error { _, _, err := c.ExportREP(ctx, "a/b", int(big)); return err }},
+		{"AuditTail 2^32+5 records", func() error { _, err := c.AuditTail(ctx, "", 0, int(big)+4); return err }},
+	} {
+		tc.call()
+		if n := <-got; n != math.MaxUint32 {
+			t.Errorf("%s: the agent was asked for %d, want %d", tc.name, n, uint32(math.MaxUint32))
+		}
+	}
+}
