@@ -3,13 +3,32 @@ package client_test
 import (
 	"bufio"
 	"context"
+	"errors"
 	"math"
 	"net"
 	"testing"
 	"time"
 
+	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
 )
+
+// DialTLS without a config is the caller's mistake, returned as one: it
+// used to panic (a nil *tls.Config's MinVersion).
+func TestDialTLSWithoutAConfig(t *testing.T) {
+	var err error
+	func() {
+		defer func() {
+			if p := recover(); p != nil {
+				t.Fatalf("DialTLS with a nil config panicked: %v", p)
+			}
+		}()
+		_, err = client.DialTLS(context.Background(), "127.0.0.1:1", nil)
+	}()
+	if !errors.Is(err, client.ErrRefusedByClient) || client.Code(err) != proto.BadRequest {
+		t.Fatalf("DialTLS(nil config) = %v (code %v), want BAD_REQUEST, ErrRefusedByClient", err, client.Code(err))
+	}
+}
 
 // A count or pack number past the wire's 32 bits goes out as the largest
 // (which the protocol reads as "as many as allowed", or a pack never

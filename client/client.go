@@ -131,9 +131,15 @@ func Dial(ctx context.Context, addr string) (*Client, error) {
 // DialTLS connects to an agent's mutual-TLS listener at addr (host:port).
 // cfg must carry the client certificate (Certificates or
 // GetClientCertificate) and the CAs that signed the agent's certificate
-// (RootCAs); TLS 1.3 is required. The client redials with the same
-// configuration when the connection fails.
+// (RootCAs); TLS 1.3 is required. A nil cfg is refused (BAD_REQUEST,
+// ErrRefusedByClient). The client redials with the same configuration when
+// the connection fails.
 func DialTLS(ctx context.Context, addr string, cfg *tls.Config) (*Client, error) {
+	if cfg == nil {
+		// The agent requires a client certificate: without a config no
+		// handshake can succeed, and Clone of nil is nil.
+		return nil, refused(proto.BadRequest, "DialTLS needs a tls.Config with the client certificate and the CAs of the agent's certificate; got nil")
+	}
 	cfg = cfg.Clone()
 	cfg.MinVersion = tls.VersionTLS13
 	if cfg.ServerName == "" {

@@ -19,7 +19,8 @@ var ErrClosed = errors.New("sigil: client closed")
 // itself, before any of it was sent: an argument the protocol cannot
 // carry or the agent would refuse for what it is (a request larger than
 // one frame, a hash or signer option the protocol has no number for, a
-// rotation scheduled for the Unix epoch or before). Code gives BAD_REQUEST, or
+// rotation scheduled for the Unix epoch or before, a DialTLS without a
+// tls.Config). Code gives BAD_REQUEST, or
 // UNSUPPORTED_ALGORITHM for an algorithm. The agent never saw it and
 // journaled nothing, and the same request fails the same way again: it is
 // not to be retried, and it is not the agent's refusal (no *proto.Error).
