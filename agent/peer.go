@@ -3,6 +3,7 @@ package agent
 import (
 	"crypto/sha256"
 	"crypto/tls"
+	"encoding/asn1"
 	"encoding/hex"
 	"errors"
 	"net"
@@ -21,7 +22,7 @@ type peer struct {
 	unix     bool
 	uid, gid uint32
 	pid      int32
-	name     string // mTLS: the first URI SAN (a SPIFFE ID, say), else the subject CN
+	name     string // mTLS: the URI SAN (a SPIFFE ID, say), else the subject CN
 	// cert names an mTLS peer whose certificate has neither (a DNS-SAN
 	// only one, as cert-manager and ACME issue): by its leaf's SHA-256,
 	// so that its connections count as one client in the limits and the
@@ -49,6 +50,22 @@ func tlsPeer(cs tls.ConnectionState, addr string) (peer, error) {
 	}
 	leaf := cs.PeerCertificates[0]
 	p := peer{addr: addr, name: leaf.Subject.CommonName}
+	// A certificate that names its holder twice does not say which tenant
+	// it is: which one a peer became would hang on attribute order, and a
+	// CA may have checked only one of the names (SPIFFE X.509-SVIDs carry
+	// exactly one URI SAN). crypto/x509 keeps the last CN of several.
+	if len(leaf.URIs) > 1 {
+		return peer{addr: addr}, errManyURIs
+	}
+	cns := 0
+	for _, n := range leaf.Subject.Names {
+		if n.Type.Equal(oidCommonName) {
+			cns++
+		}
+	}
+	if len(leaf.URIs) == 0 && cns > 1 {
+		return peer{addr: addr}, errManyCNs
+	}
 	if len(leaf.URIs) > 0 {
 		p.name = leaf.URIs[0].String()
 	} else if strings.Contains(p.name, "://") {
@@ -63,6 +80,12 @@ func tlsPeer(cs tls.ConnectionState, addr string) (peer, error) {
 	}
 	return p, nil
 }
+
+var (
+	oidCommonName = asn1.ObjectIdentifier{2, 5, 4, 3}
+	errManyURIs   = errors.New("the client certificate has more than one URI SAN: it must name its holder once")
+	errManyCNs    = errors.New("the client certificate has no URI SAN and more than one subject CN: it must name its holder once")
+)
 
 var errURIInCN = errors.New("the client certificate has no URI SAN and a URI for its CN: a URI identity must be a URI SAN")
 
