@@ -51,6 +51,11 @@ type conn struct {
 	admin      bool   // accepted on the admin socket: admin operations only
 	helloDone  bool   // touched by the reader goroutine only
 	frameArmed bool   // the reader's deadline is limits.frame_timeout; reader only
+
+	// An mTLS peer's certificate: the client CAs it was last verified
+	// under and when its verified chain ends (certInForce); reader only.
+	certUnder *tls.Config
+	certEnd   time.Time
 }
 
 // identify establishes who the peer is before anything is read from it: the
@@ -63,14 +68,21 @@ func (c *conn) identify() error {
 		c.peer = p
 		return err
 	case *tls.Conn:
+		if c.a.tls != nil {
+			// Taken before the handshake: a reload during it makes the
+			// first request verify the certificate under the new CAs.
+			c.certUnder = c.a.tls.current.Load()
+		}
 		ctx, cancel := context.WithTimeout(c.ctx, c.a.cfg.TCP.HandshakeTimeout)
 		defer cancel()
 		if err := nc.HandshakeContext(ctx); err != nil {
 			c.log = c.log.With(zap.String("peer_addr", nc.RemoteAddr().String()))
 			return fmt.Errorf("TLS handshake: %w", err)
 		}
-		p, err := tlsPeer(nc.ConnectionState(), nc.RemoteAddr().String())
+		cs := nc.ConnectionState()
+		p, err := tlsPeer(cs, nc.RemoteAddr().String())
 		c.peer = p
+		c.certEnd = chainsEnd(cs.VerifiedChains)
 		return err
 	}
 	// Fail closed: a connection whose peer cannot be identified (plain TCP,
@@ -332,6 +344,14 @@ func (c *conn) readLoop() {
 			c.log.Info("closing connection: malformed message", zap.Error(errRequestIDZero))
 			c.sendFinal(proto.BadRequest, errRequestIDZero.Error()+"; closing connection")
 			return
+		}
+		if c.peer.chain != nil {
+			if err := c.certInForce(time.Now()); err != nil {
+				c.log.Info("closing connection: client certificate no longer valid", zap.Error(err))
+				c.sendFinal(codeOf(err), clientMessage(codeOf(err), err))
+				requestPool.Put(req)
+				return
+			}
 		}
 		if !c.helloDone && req.Op == proto.OpHello {
 			if err := c.admitted(); err != nil {

@@ -3,11 +3,13 @@ package agent
 import (
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/asn1"
 	"encoding/hex"
 	"errors"
 	"net"
 	"strings"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -29,6 +31,9 @@ type peer struct {
 	// audit records name the certificate, not an ephemeral port.
 	cert string
 	addr string
+	// chain is an mTLS peer's certificates as sent (leaf first), kept to
+	// check them again when the client CAs change (certInForce).
+	chain []*x509.Certificate
 }
 
 // unixPeer reads SO_PEERCRED: the uid, gid and pid the kernel recorded when
@@ -49,7 +54,7 @@ func tlsPeer(cs tls.ConnectionState, addr string) (peer, error) {
 		return peer{}, errNoClientCert
 	}
 	leaf := cs.PeerCertificates[0]
-	p := peer{addr: addr, name: leaf.Subject.CommonName}
+	p := peer{addr: addr, name: leaf.Subject.CommonName, chain: cs.PeerCertificates}
 	// A certificate that names its holder twice does not say which tenant
 	// it is: which one a peer became would hang on attribute order, and a
 	// CA may have checked only one of the names (SPIFFE X.509-SVIDs carry
@@ -94,4 +99,62 @@ func (p peer) logFields() []zap.Field {
 		return []zap.Field{zap.Uint32("peer_uid", p.uid), zap.Uint32("peer_gid", p.gid), zap.Int32("peer_pid", p.pid)}
 	}
 	return []zap.Field{zap.String("peer", p.String()), zap.String("peer_addr", p.addr)}
+}
+
+// chainsEnd is when the last of chains stops being valid: a chain ends
+// with the first of its certificates to expire.
+func chainsEnd(chains [][]*x509.Certificate) time.Time {
+	var end time.Time
+	for _, ch := range chains {
+		var chEnd time.Time
+		for i, c := range ch {
+			if i == 0 || c.NotAfter.Before(chEnd) {
+				chEnd = c.NotAfter
+			}
+		}
+		if chEnd.After(end) {
+			end = chEnd
+		}
+	}
+	return end
+}
+
+var (
+	errCertExpired   = &proto.Error{Code: proto.Unauthenticated, Msg: "the client certificate has expired since the handshake; connect again with a valid one"}
+	errCertUntrusted = &proto.Error{Code: proto.Unauthenticated, Msg: "the client certificate no longer chains to a CA of client_ca_file; connect again with one that does"}
+)
+
+// certInForce checks an mTLS peer's certificate again before a request:
+// the handshake's checks hold only while the certificate is within its
+// validity and its CA is still in client_ca_file, and a connection may
+// stay open for months. Verification runs again only after a reload has
+// put other client CAs in force. The reader alone calls it, for mTLS
+// peers only (peer.chain set).
+func (c *conn) certInForce(now time.Time) error {
+	if now.After(c.certEnd) {
+		return errCertExpired
+	}
+	if c.a.tls == nil {
+		return nil
+	}
+	cur := c.a.tls.current.Load()
+	if cur == c.certUnder {
+		return nil
+	}
+	inter := x509.NewCertPool()
+	for _, ic := range c.peer.chain[1:] {
+		inter.AddCert(ic)
+	}
+	chains, err := c.peer.chain[0].Verify(x509.VerifyOptions{
+		Roots:         cur.ClientCAs,
+		Intermediates: inter,
+		CurrentTime:   now,
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	})
+	if err != nil {
+		c.log.Info("client certificate refused under the reloaded client CAs", zap.Error(err))
+		return errCertUntrusted
+	}
+	c.certUnder, c.certEnd = cur, chainsEnd(chains)
+	return nil
 }

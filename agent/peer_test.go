@@ -5,6 +5,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/sigil-agent/sigil/agent/devcerts"
 	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
 )
 
 func (s *tlsSetup) dialTLS(t testing.TB, cert tls.Certificate) (*client.Client, error) {
@@ -105,4 +107,72 @@ func TestAmbiguousCertificateNamesAreRefused(t *testing.T) {
 			}
 		})
 	}
+}
+
+// An mTLS connection outlives the checks its handshake made: a service
+// holds one for its lifetime. A CA taken out of client_ca_file (and
+// reloaded), or the client certificate's end, used to leave such a
+// connection signing as its tenant for as long as it stayed open. Its
+// next request is now refused UNAUTHENTICATED and the connection closed,
+// so that a client with a renewed certificate redials with it.
+func TestOpenTLSConnectionsFollowTheirCertificate(t *testing.T) {
+	ctx := context.Background()
+	d := sha256.Sum256([]byte("after the certificate's end"))
+	for _, tc := range []struct {
+		name   string
+		leaf   func(s *tlsSetup) devcerts.Leaf
+		change func(t *testing.T, s *tlsSetup)
+	}{
+		{"its CA removed by a reload", func(*tlsSetup) devcerts.Leaf { return devcerts.Leaf{CommonName: "c"} },
+			func(t *testing.T, s *tlsSetup) {
+				if _, err := s.otherCA.WriteCert(s.dir, "clients-ca"); err != nil {
+					t.Fatal(err)
+				}
+				if err := s.running.agent.Reload(); err != nil {
+					t.Fatal(err)
+				}
+			}},
+		{"its certificate expired", func(*tlsSetup) devcerts.Leaf {
+			return devcerts.Leaf{CommonName: "c", NotAfter: time.Now().Add(2 * time.Second)}
+		}, func(t *testing.T, s *tlsSetup) {
+			time.Sleep(3 * time.Second) // x509 times have whole seconds
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := startTLSAgent(t)
+			cert, err := s.ca.Issue(tc.leaf(s))
+			if err != nil {
+				t.Fatal(err)
+			}
+			c, err := s.dial(t, cert)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.Sign(ctx, client.KeyRef{}, client.Algorithm{}, d[:]); err != nil {
+				t.Fatal(err)
+			}
+			tc.change(t, s)
+			if _, err := c.Sign(ctx, client.KeyRef{}, client.Algorithm{}, d[:]); client.Code(err) != proto.Unauthenticated {
+				t.Fatalf("an open connection's Sign after its certificate stopped being valid: %v, want UNAUTHENTICATED", err)
+			}
+			// The Unix socket is untouched.
+			if _, err := s.running.dial(t).Sign(ctx, client.KeyRef{}, client.Algorithm{}, d[:]); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+	t.Run("a reload that keeps its CA", func(t *testing.T) {
+		s := startTLSAgent(t)
+		cert, _ := s.ca.Issue(devcerts.Leaf{CommonName: "c"})
+		c, err := s.dial(t, cert)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.running.agent.Reload(); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Sign(ctx, client.KeyRef{}, client.Algorithm{}, d[:]); err != nil {
+			t.Fatal(err)
+		}
+	})
 }

@@ -392,7 +392,8 @@ func (e *ReloadError) Error() string {
 func (e *ReloadError) Unwrap() error { return e.Err }
 
 // Reload re-reads what can change without a restart: the TLS certificates
-// (new handshakes use them; open connections carry on), the keys'
+// (new handshakes use them; open connections carry on, unless their
+// client's certificate no longer chains to the client CAs), the keys'
 // certificates (certs.go), the policy and the rotation calendars, each
 // from the path the config file names now (as `sigil agent --check` reads
 // them). A part that fails to load is refused and its old version stays

@@ -39,7 +39,8 @@ func (t *TCPConfig) validate() error {
 
 // tlsMaterial holds the current certificates; Reload swaps them so new
 // handshakes use renewed certificates without a restart, while established
-// connections carry on.
+// connections carry on as long as their client's certificate chains to the
+// client CAs in force (certInForce).
 type tlsMaterial struct {
 	cfg     TCPConfig
 	current atomic.Pointer[tls.Config]
