@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"net/url"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -175,4 +176,46 @@ func TestOpenTLSConnectionsFollowTheirCertificate(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// A client CA file that does not parse whole (a bundle caught half
+// written, a block that is not a certificate) is refused at a reload, and
+// the CAs in force stay: x509.CertPool.AppendCertsFromPEM used to keep
+// what parsed before the damage and report success, silently dropping
+// the CAs after it, and with them the connections of their clients.
+func TestReloadRefusesADamagedClientCAFile(t *testing.T) {
+	s := startTLSAgent(t)
+	caFile := filepath.Join(s.dir, "clients-ca.pem")
+	good := append(append([]byte{}, s.ca.CertPEM...), s.otherCA.CertPEM...)
+	for _, tc := range []struct {
+		name string
+		data []byte
+	}{
+		{"the second CA cut short", good[:len(s.ca.CertPEM)+len(s.otherCA.CertPEM)/2]},
+		{"a block that is not a certificate", append(append([]byte{}, s.ca.CertPEM...), "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"...)},
+		{"a private key among the CAs", append(append([]byte{}, s.ca.CertPEM...), "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"...)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := os.WriteFile(caFile, good, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.running.agent.Reload(); err != nil {
+				t.Fatal(err)
+			}
+			fromOther, _ := s.otherCA.Issue(devcerts.Leaf{CommonName: "other"})
+			c, err := s.dialTLS(t, fromOther.TLS)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(caFile, tc.data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.running.agent.Reload(); err == nil {
+				t.Fatal("a damaged client CA file was reloaded")
+			}
+			if err := c.Ping(context.Background()); err != nil {
+				t.Fatalf("a client of a CA in force, after the refused reload: %v", err)
+			}
+		})
+	}
 }

@@ -1,8 +1,10 @@
 package agent
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net"
@@ -66,9 +68,9 @@ func (m *tlsMaterial) reloadFrom(cfg TCPConfig) error {
 	if err != nil {
 		return fmt.Errorf("tls: client CAs: %w", err)
 	}
-	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(caPEM) {
-		return fmt.Errorf("tls: %s holds no PEM certificate", cfg.ClientCAFile)
+	pool, err := clientCAPool(caPEM)
+	if err != nil {
+		return fmt.Errorf("tls: %s: %w", cfg.ClientCAFile, err)
 	}
 	m.cfg = cfg
 	m.current.Store(&tls.Config{
@@ -105,4 +107,38 @@ func (a *Agent) WrapTLS(ln net.Listener) (net.Listener, error) {
 			return a.tls.current.Load(), nil
 		},
 	}), nil
+}
+
+// clientCAPool parses a client CA file whole. x509.CertPool's
+// AppendCertsFromPEM keeps what parses before a damaged block and skips
+// blocks of other types: a bundle caught half written would load with its
+// last CAs missing, and open connections of their clients would be cut
+// (certInForce), with the reload reported a success.
+func clientCAPool(data []byte) (*x509.CertPool, error) {
+	pool := x509.NewCertPool()
+	n := 0
+	rest := data
+	for {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			break
+		}
+		n++
+		if b.Type != "CERTIFICATE" {
+			return nil, fmt.Errorf("PEM block %d is a %s, not a CERTIFICATE", n, b.Type)
+		}
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("certificate %d: %w", n, err)
+		}
+		pool.AddCert(c)
+	}
+	if bytes.Contains(rest, []byte("-----BEGIN")) {
+		return nil, fmt.Errorf("the PEM block after certificate %d is incomplete", n)
+	}
+	if n == 0 {
+		return nil, errors.New("holds no PEM certificate")
+	}
+	return pool, nil
 }
