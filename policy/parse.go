@@ -485,6 +485,10 @@ func (p *parser) identities(file string, n *yaml.Node, path string) []rawID {
 					p.errorf(at(file, el, f), "%d is out of range for a Unix id", x)
 					return
 				}
+				if problem := unixIDProblem(uint32(x)); problem != "" {
+					p.errorf(at(file, el, f), "%d %s", x, problem)
+					return
+				}
 				ids = append(ids, rawID{at: at(file, el, f), kind: kind, num: uint32(x)})
 			})
 		}
@@ -508,6 +512,24 @@ func (p *parser) identities(file string, n *yaml.Node, path string) []rawID {
 		}},
 	})
 	return ids
+}
+
+// overflowID is the kernel's default overflowuid and overflowgid: what
+// SO_PEERCRED reports for a peer in another user namespace whose uid or
+// gid has no mapping in the agent's (a container's root, say).
+const overflowID = 65534
+
+// unixIDProblem says why id cannot name a peer: the overflow id stands for
+// every unmapped user of every other user namespace as well as for the
+// user it is here (nobody), and (uid_t)-1 is no user at all.
+func unixIDProblem(id uint32) string {
+	switch id {
+	case overflowID:
+		return "is the kernel's overflow id (nobody): peers of other user namespaces whose ids have no mapping here show as it; give the client a user of its own"
+	case math.MaxUint32:
+		return "is (uid_t)-1, which names no user"
+	}
+	return ""
 }
 
 func (p *parser) tenant(file string, n *yaml.Node, path string) {
