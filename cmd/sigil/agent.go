@@ -176,6 +176,10 @@ func runAgent(cfg agent.Config) error {
 		return &exitError{exitUsage, err}
 	}
 	defer log.Sync()
+	// Go's standard logger, which libraries write to (x/crypto's ssh-agent
+	// server logs each refused request there), goes through zap: its plain
+	// lines broke a JSON log stream.
+	defer zap.RedirectStdLog(log.Named("stdlog"))()
 	if err := hardenProcess(); err != nil {
 		log.Warn("the agent stays dumpable: other processes of its user could read its memory", zap.Error(err))
 	}
@@ -289,7 +293,12 @@ func runAgent(cfg agent.Config) error {
 	// while the agent answers. Scripts that started the agent in the
 	// background wait for the line on stderr, printed only now: a listener
 	// that fails to open (a port in use) ends the start, unannounced.
-	fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", shellQuote(socket))
+	if cfg.Log.Format == "json" {
+		// The same words, as an entry of the JSON stream.
+		log.Info("sigil agent ready", zap.String("export", "SIGIL_SOCK="+shellQuote(socket)))
+	} else {
+		fmt.Fprintf(os.Stderr, "sigil agent ready; export SIGIL_SOCK=%s\n", shellQuote(socket))
+	}
 	sdNotify(log, "READY=1\nSTATUS=serving on "+socket)
 	wdCtx, wdStop := context.WithCancel(ctx)
 	defer wdStop()

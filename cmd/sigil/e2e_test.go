@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -15,6 +17,7 @@ import (
 
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
+	sshagent "golang.org/x/crypto/ssh/agent"
 )
 
 // buildSigil compiles the binary once per test run.
@@ -429,5 +432,45 @@ func TestAgentCreatesFilesForItsUserAlone(t *testing.T) {
 	}
 	if seen < 8 {
 		t.Fatalf("only %d files looked at", seen)
+	}
+}
+
+// With `log: {format: json}` every line the agent writes is JSON, also what
+// a library writes to Go's standard logger: x/crypto's ssh-agent server
+// logs each refused request there ("agent 17: ..."), and those lines went
+// to stderr as plain text in the middle of the JSON stream.
+func TestAgentLogIsJSONThroughout(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	sshSock := filepath.Join(dir, "ssh.sock")
+	config := writeEd25519Config(t, dir, fmt.Sprintf("ssh_agent_socket: %q\nlog: {format: json}\n", sshSock))
+	p := startAgentProcess(t, bin, config, filepath.Join(dir, "agent.sock"))
+	p.waitReady(t)
+	nc, err := net.Dial("unix", sshSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, key, _ := ed25519.GenerateKey(nil)
+	if err := sshagent.NewClient(nc).Add(sshagent.AddedKey{PrivateKey: key}); err == nil {
+		t.Fatal("the ssh-agent socket took a key")
+	}
+	nc.Close()
+	p.cmd.Process.Signal(syscall.SIGTERM)
+	if code, _ := p.waitExit(t); code != 0 {
+		t.Fatalf("exit %d:\n%s", code, p.stderr)
+	}
+	refusal := false
+	for _, line := range strings.Split(strings.TrimSpace(p.stderr.String()), "\n") {
+		var entry map[string]any
+		if err := json.Unmarshal([]byte(line), &entry); err != nil {
+			t.Errorf("not a JSON line: %q", line)
+			continue
+		}
+		if msg, _ := entry["msg"].(string); strings.HasPrefix(msg, "agent 17:") {
+			refusal = true
+		}
+	}
+	if !refusal {
+		t.Errorf("the ssh-agent server's refusal is not in the log:\n%s", p.stderr)
 	}
 }
