@@ -28,6 +28,12 @@ type module struct {
 	initialized bool
 	refs        int            // guarded by modules.mu
 	logins      map[string]int // token serial → providers relying on its login; guarded by modules.mu
+	// loginCalls counts the C_Logins made through this module value, by
+	// any provider on it, each counted before its tokenFiles lock is let
+	// go. A key search that found a key missing can see a logout during it
+	// only while the token stays logged out: a login since (another
+	// provider's repair) hides it from C_GetSessionInfo, not from this.
+	loginCalls atomic.Uint64
 
 	// gen counts reloads (C_Finalize + C_Initialize). Every session and object
 	// handle belongs to one generation; after a reload they are all void and

@@ -31,7 +31,9 @@ type Provider struct {
 	// a module instance reading it while another rewrote it found it
 	// truncated, and its C_Login or C_GetTokenInfo failed with
 	// CKR_GENERAL_ERROR. Signatures, key searches and session calls do not
-	// touch the file and never take the lock.
+	// touch the file and do not take the lock, but for the session check
+	// after a key search that found a key missing: it must not fall
+	// between a C_Login and its count (module.loginCalls).
 	tokenFiles *sync.Mutex
 	inject     func(string) uint
 	size       int

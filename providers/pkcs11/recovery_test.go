@@ -1836,3 +1836,79 @@ func TestSecondCloseWaitsForTheFirst(t *testing.T) {
 	}
 	<-first
 }
+
+// Two providers share a token. p's re-login searches for its key while the
+// token is logged out (the object is not found), and the other provider
+// logs in again before p's search checks its session: the session looks
+// logged in, so a logout during the search went unseen. The key was
+// marked missing although its object never left the token, the repair
+// counted as a success, and every Sign of the key then failed with
+// UNAVAILABLE without asking for a repair: nothing would find it again on
+// a quiet token. Now a search that finds a key missing is trusted only if
+// no login was made on the module since it began, and the repair is run
+// again otherwise. The test holds p's key search (where the token is
+// logged out) and the check after it (where the other provider logs in).
+func TestLoginDuringTheKeySearchDoesNotStrandTheKey(t *testing.T) {
+	tok := softhsmtest.New(t, "loginsearch")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	name := string(providers.KeyECDSAP256)
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	other := open(t, tok, keyConfigs(keys), func(c *Config) { c.ID = "other"; c.Sessions = 1 })
+	search, check := newHeldCall("find"), newHeldCall("session info")
+	defer search.release()
+	defer check.release()
+	p := open(t, tok, keyConfigs(keys), func(c *Config) {
+		c.Sessions = 2
+		c.FaultHook = heldCalls(search, check)
+	})
+	info := keyInfo(t, p, name)
+	signAndVerify(t, p, name, alg, []byte("before"))
+
+	type result struct {
+		sig []byte
+		err error
+	}
+	first := make(chan result, 1)
+	digest := digestOf(crypto.SHA256, []byte("first"))
+	logoutInside(t, p) // p's next Sign meets it and asks for a re-login
+	search.armed.Store(true)
+	check.armed.Store(true)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		sig, err := p.Sign(ctx, name, alg, digest)
+		first <- result{sig, err}
+	}()
+	search.wait(t, "the re-login's key search")
+	logoutInside(t, p) // after the re-login's C_Login: the search sees no private object
+	search.release()
+	check.wait(t, "the check after the key search")
+	// The other provider notices the logout and logs in again.
+	waitFor(t, "the other provider to log in again", func() bool { return other.Healthy() == nil })
+	check.release()
+
+	r := <-first
+	if r.err == nil {
+		r.err = providers.Verify(info.Public, alg, digest, r.sig)
+	}
+	if r.err != nil {
+		k, _ := p.keys.Get(name)
+		t.Errorf("the signer waiting for the re-login: %v (key handle %+v)", r.err, k.handle.Load())
+	}
+	waitHealthy(t, p, 5*time.Second)
+	repairs := p.repairs.Load()
+	for i := range 3 {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		d := digestOf(crypto.SHA256, []byte{byte(i)})
+		sig, err := p.Sign(ctx, name, alg, d)
+		cancel()
+		if err == nil {
+			err = providers.Verify(info.Public, alg, d, sig)
+		}
+		if err != nil {
+			t.Errorf("Sign %d after the faults: %v; repairs since: %d, repair pending: %s",
+				i, err, p.repairs.Load()-repairs, pendingRepair(p))
+		}
+	}
+	signAndVerify(t, other, name, alg, []byte("other"))
+}

@@ -283,6 +283,7 @@ func (p *Provider) login(s *session) error {
 	err := p.onSession(context.Background(), "login", s.gen, func(c *p11.Ctx) error {
 		p.tokenFiles.Lock()
 		defer p.tokenFiles.Unlock()
+		defer p.mod.loginCalls.Add(1)
 		return c.Login(s.h, p11.CKU_USER, p.pin)
 	})
 	switch {
@@ -304,6 +305,10 @@ func (p *Provider) login(s *session) error {
 // for its keys, after the repair's own login check.
 var errLoggedOutMidRepair = fmt.Errorf("the session was logged out during the key search: %w", providers.ErrUnavailable)
 
+// errLoginDuringSearch: a login was made on the module while a repair
+// searched for its keys, so a logout before it may have hidden them.
+var errLoginDuringSearch = fmt.Errorf("a login was made during the key search: %w", errLoggedOutMidRepair)
+
 // findKeys finds every served key's private key object again. A key whose
 // object has gone is kept without a handle: it signs with ErrUnavailable until a
 // later repair finds it.
@@ -314,6 +319,7 @@ var errLoggedOutMidRepair = fmt.Errorf("the session was logged out during the ke
 // signing with another key would hand out signatures that verify under no
 // key the caller knows, all journaled under the wrong kid.
 func (p *Provider) findKeys(s *session) error {
+	logins := p.mod.loginCalls.Load()
 	missing := false
 	for _, k := range p.keys.All() {
 		var h p11.ObjectHandle
@@ -363,11 +369,17 @@ func (p *Provider) findKeys(s *session) error {
 		// the shared token) sees no private object at all: the keys are
 		// there, the login is not. The repair is not done, and is tried
 		// again; marked missing for good, the keys would never come back
-		// while the sessions look healthy.
+		// while the sessions look healthy. A logout followed by another
+		// provider's login shows a logged-in session: so no login may have
+		// been made since the search began. Under the lock C_Login is made
+		// and counted under, a login the session shows is counted.
 		var state uint
+		var loginsAfter uint64
 		err := p.onSession(context.Background(), "session info", s.gen, func(c *p11.Ctx) error {
+			p.tokenFiles.Lock()
+			defer p.tokenFiles.Unlock()
 			info, err := c.GetSessionInfo(s.h)
-			state = info.State
+			state, loginsAfter = info.State, p.mod.loginCalls.Load()
 			return err
 		})
 		if errors.Is(err, errStale) {
@@ -378,6 +390,9 @@ func (p *Provider) findKeys(s *session) error {
 		}
 		if !isUserState(state) {
 			return errLoggedOutMidRepair
+		}
+		if loginsAfter != logins {
+			return errLoginDuringSearch
 		}
 	}
 	return nil
