@@ -134,7 +134,7 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 		if opts.Reason == "" {
 			opts.Reason = "incident drill"
 		}
-		res, err := r.rotateLocked(ctx, slot, opts)
+		res, err := r.rotateLocked(ctx, slot, opts, false)
 		if err != nil {
 			return err
 		}

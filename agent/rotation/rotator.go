@@ -200,14 +200,15 @@ var errNotDue = errors.New("no longer due")
 // nil), with the slot as it is then, whether to rotate at all. The
 // scheduler decides from a snapshot of every slot taken before it rotates
 // them one by one; a manual rotation or a drill of a later slot meanwhile
-// must not be followed at once by a second one.
+// must not be followed at once by a second one. Only the scheduler passes
+// a due: its attempt is stamped on the slot (Slot.ScheduledAttempt).
 func (r *Rotator) rotateIfDue(ctx context.Context, slot string, opts RotateOptions, due func(Slot) bool) (*Result, error) {
 	release, err := r.holdIfDue(ctx, slot, due)
 	if err != nil {
 		return nil, err
 	}
 	defer release()
-	return r.rotateLocked(ctx, slot, opts)
+	return r.rotateLocked(ctx, slot, opts, due != nil)
 }
 
 // holdIfDue holds the slot for a rotation (ErrBusy if another holds it)
@@ -255,7 +256,7 @@ func (r *Rotator) failStartIfDue(ctx context.Context, slot string, opts RotateOp
 	if !ok {
 		return fmt.Errorf("%s: %w", slot, ErrNotFound)
 	}
-	return r.newRotation(slot, cur, opts).fail(ctx, StepStart, cause)
+	return r.newRotation(slot, cur, opts, due != nil).fail(ctx, StepStart, cause)
 }
 
 // rotation is one Rotate in progress.
@@ -277,6 +278,8 @@ type rotation struct {
 	t1             time.Time
 	cutover        bool        // the new version is, or may be, active: a failure must revert it
 	served         []time.Time // one-off times the cut-over dropped; a revert puts them back
+	scheduled      bool        // the scheduler's attempt: stamped as Slot.ScheduledAttempt
+	attemptBefore  time.Time   // the ScheduledAttempt the cut-over cleared; a revert puts it back
 	firstSeq       uint64
 	lastSeq        uint64
 	lastHash       [32]byte
@@ -284,12 +287,12 @@ type rotation struct {
 	afterStepsHook func(step string) error
 }
 
-func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOptions) (*Result, error) {
+func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOptions, scheduled bool) (*Result, error) {
 	cur, ok := r.store.Get(slot)
 	if !ok {
 		return nil, fmt.Errorf("%s: %w", slot, ErrNotFound)
 	}
-	u := r.newRotation(slot, cur, opts)
+	u := r.newRotation(slot, cur, opts, scheduled)
 	if err := ctx.Err(); err != nil {
 		return nil, &StepError{Slot: slot, Step: StepStart, Err: err}
 	}
@@ -304,6 +307,11 @@ func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOpti
 	keyName := u.opts.KeyName
 	_, err := r.store.mutate(ctx, slot, rec, func(sl *Slot, rec *journal.Record) error {
 		sl.Attempt++
+		if u.scheduled {
+			// Before the key is made: an agent that dies making it must
+			// wait too when it starts again.
+			sl.ScheduledAttempt = u.started
+		}
 		if keyName == "" {
 			keyName = fmt.Sprintf("%s/v%d", slot, u.n)
 			if sl.Attempt > 1 {
@@ -356,9 +364,9 @@ func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOpti
 }
 
 // newRotation is a rotation of the slot, whose state is cur, from its
-// active version.
-func (r *Rotator) newRotation(slot string, cur Slot, opts RotateOptions) *rotation {
-	return &rotation{r: r, slot: slot, tenant: cur.Tenant, name: cur.Name, opts: opts,
+// active version; scheduled if the scheduler asked for it.
+func (r *Rotator) newRotation(slot string, cur Slot, opts RotateOptions, scheduled bool) *rotation {
+	return &rotation{r: r, slot: slot, tenant: cur.Tenant, name: cur.Name, opts: opts, scheduled: scheduled,
 		old: cur.ActiveVersion(), n: cur.nextNumber(), started: r.now(), afterStepsHook: r.hook}
 }
 
@@ -539,6 +547,7 @@ func (u *rotation) doCutover(ctx context.Context) error {
 		sl.Versions[i].State, sl.Versions[i].T1 = StateAccepted, t1
 		sl.Versions = append(sl.Versions, nv)
 		sl.Active, sl.Attempt = u.n, 0
+		u.attemptBefore, sl.ScheduledAttempt = sl.ScheduledAttempt, time.Time{}
 		u.served = nil
 		sl.Scheduled = slices.DeleteFunc(sl.Scheduled, func(t time.Time) bool {
 			if t.After(now) {
@@ -675,6 +684,7 @@ func (u *rotation) fail(ctx context.Context, step string, cause error) error {
 			o.State, o.T1, o.Retired = StateActive, time.Time{}, time.Time{}
 			n.State, n.T1, n.Retired, n.Failed = StateRetired, time.Time{}, now, true
 			sl.Active = u.old.Number
+			sl.ScheduledAttempt = u.attemptBefore
 			// The one-off times the cut-over served are due again: the
 			// rotation they asked for did not happen.
 			sl.Scheduled = append(sl.Scheduled, u.served...)
@@ -697,7 +707,22 @@ func (u *rotation) fail(ctx context.Context, step string, cause error) error {
 		version, kid := u.old.Number, u.old.KID
 		rec := u.rec("rotate.failed", version, kid, detail)
 		rec.Code, rec.CodeName = uint16(code), code.String()
-		if err := u.append(ctx, rec); err != nil {
+		var err error
+		if u.scheduled && u.firstSeq == 0 {
+			// A scheduled attempt that failed before its start record (its
+			// options could not be made) is stamped with its failure, so
+			// that a restart waits before writing the same failure again.
+			_, err = u.r.store.mutate(ctx, u.slot, rec, func(sl *Slot, _ *journal.Record) error {
+				sl.ScheduledAttempt = u.started
+				return nil
+			})
+			if err == nil {
+				u.note(rec)
+			}
+		} else {
+			err = u.append(ctx, rec)
+		}
+		if err != nil {
 			u.r.log.Error("rotation failure not journaled", zap.String("slot", u.slot), zap.Error(err))
 		}
 	}

@@ -129,7 +129,9 @@ type SchedulerOptions struct {
 	// policy hash.
 	Options func(slot string) (RotateOptions, error)
 	// RetryAfter is the wait after a failed scheduled rotation before the
-	// next attempt. Default 1h.
+	// next attempt, counted from the attempt's start. The start is stored
+	// in the slot (Slot.ScheduledAttempt), so a new Scheduler (a restart)
+	// waits too, at most RetryAfter from its own start. Default 1h.
 	RetryAfter time.Duration
 	// MaxSleep bounds Run's sleep, so that a wall-clock step or a new
 	// calendar is noticed. Default 1 minute.
@@ -181,10 +183,28 @@ func NewScheduler(r *Rotator, opts SchedulerOptions) (*Scheduler, error) {
 	}
 	opts.EnsureDefaults()
 	s := &Scheduler{r: r, opts: opts, log: r.log, kick: make(chan struct{}, 1), retry: map[string]time.Time{}}
+	now := r.now()
+	for _, sl := range r.store.Slots() {
+		if !sl.ScheduledAttempt.IsZero() {
+			s.retry[sl.FullName()] = retryAt(sl.ScheduledAttempt, now, opts.RetryAfter)
+		}
+	}
 	if err := s.SetCalendars(opts.Calendars); err != nil {
 		return nil, err
 	}
 	return s, nil
+}
+
+// retryAt is when a scheduled rotation first tried at attempt may be tried
+// again, for a scheduler starting at now: retryAfter after the attempt,
+// and no later than retryAfter from now. An attempt stamped after now was
+// made before the clock was stepped back; waiting for its stamp would
+// stop the slot's rotations for as long as the step.
+func retryAt(attempt, now time.Time, retryAfter time.Duration) time.Time {
+	if attempt.After(now) {
+		attempt = now
+	}
+	return attempt.Add(retryAfter)
 }
 
 // SetCalendars replaces the calendars (on a configuration reload).
@@ -257,6 +277,9 @@ func (s *Scheduler) RotateAt(ctx context.Context, slot string, at time.Time, pee
 		}
 		v := sl.ActiveVersion()
 		rec.Version, rec.KID = uint32(v.Number), v.KID
+		// The operator's time ends the wait after a failed attempt, after
+		// a restart too.
+		sl.ScheduledAttempt = time.Time{}
 		if !slices.ContainsFunc(sl.Scheduled, at.Equal) {
 			sl.Scheduled = append(sl.Scheduled, at)
 			slices.SortFunc(sl.Scheduled, time.Time.Compare)

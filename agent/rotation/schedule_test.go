@@ -217,22 +217,57 @@ func TestSchedulerBackOffGivesWayToTheOperator(t *testing.T) {
 			return due.Add(5*time.Minute + 720*time.Hour)
 		}},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			e := newEnv(t, providers.KeyEd25519)
-			s, fail := failingScheduler(t, e, 10000*time.Hour)
-			due := t0.Add(720 * time.Hour)
-			e.clock.Set(due)
-			if _, err := s.Tick(context.Background()); err == nil {
-				t.Fatal("the failing rotation succeeded")
-			}
-			*fail = false
-			e.clock.Set(due.Add(5 * time.Minute))
-			at := tc.operate(e, s, due)
-			before := e.active().Number
-			if rep := tick(t, e, s, at); len(rep.Rotated) != 1 || e.active().Number != before+1 {
-				t.Fatalf("at %v: rotated %d, active v%d (was v%d); Next %v", at, len(rep.Rotated), e.active().Number, before, s.Next())
-			}
-		})
+		for _, restart := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s, restart %v", tc.name, restart), func(t *testing.T) {
+				e := newEnv(t, providers.KeyEd25519)
+				s, fail := failingScheduler(t, e, 10000*time.Hour)
+				due := t0.Add(720 * time.Hour)
+				e.clock.Set(due)
+				if _, err := s.Tick(context.Background()); err == nil {
+					t.Fatal("the failing rotation succeeded")
+				}
+				*fail = false
+				e.clock.Set(due.Add(5 * time.Minute))
+				at := tc.operate(e, s, due)
+				if restart {
+					e.reopen()
+					s, fail = failingScheduler(t, e, 10000*time.Hour)
+					*fail = false
+				}
+				before := e.active().Number
+				if rep := tick(t, e, s, at); len(rep.Rotated) != 1 || e.active().Number != before+1 {
+					t.Fatalf("at %v: rotated %d, active v%d (was v%d); Next %v", at, len(rep.Rotated), e.active().Number, before, s.Next())
+				}
+			})
+		}
+	}
+}
+
+// The wait after a failed scheduled rotation, counted from an attempt
+// stamped by a clock that was ahead (since stepped back), ends no later
+// than retry_after after the restart: waiting for the stamp would stop
+// the slot's rotations for as long as the step.
+func TestSchedulerBackOffAfterAClockStepBack(t *testing.T) {
+	e := newEnv(t, providers.KeyEd25519)
+	s, fail := failingScheduler(t, e, time.Hour)
+	due := t0.Add(720 * time.Hour)
+	ahead := due.Add(1000 * time.Hour) // the clock was 1000h ahead
+	e.clock.Set(ahead)
+	if _, err := s.Tick(context.Background()); err == nil {
+		t.Fatal("the failing rotation succeeded")
+	}
+	e.clock.Set(due.Add(time.Hour)) // stepped back, then restarted
+	e.reopen()
+	s, fail = failingScheduler(t, e, time.Hour)
+	*fail = false
+	if next := s.Next(); !next.Equal(due.Add(2 * time.Hour)) {
+		t.Fatalf("Next after the restart %v, want retry_after from the restart, %v", next, due.Add(2*time.Hour))
+	}
+	if rep := tick(t, e, s, due.Add(2*time.Hour-time.Second)); len(rep.Rotated)+len(rep.Failed) != 0 {
+		t.Fatalf("retried before retry_after: %+v", rep)
+	}
+	if rep := tick(t, e, s, due.Add(2*time.Hour)); len(rep.Rotated) != 1 || e.active().Number != 2 {
+		t.Fatalf("not retried retry_after after the restart: %+v", rep)
 	}
 }
 
@@ -642,6 +677,128 @@ func TestScheduledRotationTimesOut(t *testing.T) {
 			hang = false
 			if rep := tick(t, e, s, due.Add(time.Hour)); len(rep.Rotated) != 1 || e.active().Number == 1 {
 				t.Fatalf("not retried after RetryAfter: %+v, active v%d", rep, e.active().Number)
+			}
+		})
+	}
+}
+
+// makeThenFailMaker makes the key through inner, counting it, and then
+// reports err: an HSM or key service that made the key and failed after
+// (a timeout on the reply), so every attempt leaves a key behind.
+type makeThenFailMaker struct {
+	inner KeyMaker
+	made  *atomic.Int32
+	err   error
+}
+
+func (m makeThenFailMaker) GenerateKey(ctx context.Context, name string, kt providers.KeyType) (providers.KeyInfo, error) {
+	info, err := m.inner.GenerateKey(ctx, name, kt)
+	if err != nil {
+		return info, err
+	}
+	m.made.Add(1)
+	return info, m.err
+}
+
+// The wait after a failed scheduled rotation holds across a restart,
+// whichever way the attempt failed, including an agent that died in the
+// middle of it. The wait used to be kept in memory only: a restarted agent
+// tried the slot again at once, so an agent in a crash loop (systemd
+// restarting it every few seconds) made a key in the HSM or cloud KMS, and
+// wrote a rotation's records, at every start.
+func TestSchedulerBackOffSurvivesARestart(t *testing.T) {
+	const retryAfter = time.Hour
+	due := t0.Add(720 * time.Hour)
+	for _, tc := range []struct {
+		name string
+		// fail makes the rotation the scheduler starts fail; made counts
+		// the keys made.
+		fail func(e *env, o *RotateOptions, made *atomic.Int32) error
+	}{
+		{"the key is made, then the maker fails", func(e *env, o *RotateOptions, made *atomic.Int32) error {
+			o.Maker = makeThenFailMaker{inner: e.soft, made: made, err: providers.ErrUnavailable}
+			return nil
+		}},
+		{"the rotation's options cannot be made", func(e *env, o *RotateOptions, made *atomic.Int32) error {
+			return fmt.Errorf("provider cannot generate keys: %w", providers.ErrUnavailable)
+		}},
+		{"the canaries fail after the cut-over", func(e *env, o *RotateOptions, made *atomic.Int32) error {
+			o.Maker = makeThenFailMaker{inner: e.soft, made: made}
+			o.Signer = &corruptingSigner{inner: e.soft, clean: 1}
+			return nil
+		}},
+		{"the agent dies after making the key", func(e *env, o *RotateOptions, made *atomic.Int32) error {
+			o.Maker = makeThenFailMaker{inner: e.soft, made: made}
+			e.rot.hook = func(step string) error {
+				if step == StepKeygen {
+					if made.Load() == 1 {
+						_ = e.j.Close() // the process dies here; a later attempt only fails
+					}
+					return errInjected
+				}
+				return nil
+			}
+			return nil
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, providers.KeyEd25519)
+			var made atomic.Int32
+			failing := true
+			start := func() *Scheduler {
+				t.Helper()
+				s, err := NewScheduler(e.rot, SchedulerOptions{
+					Calendars:  map[string]Calendar{testSlot: {Period: 720 * time.Hour}},
+					RetryAfter: retryAfter,
+					Options: func(string) (RotateOptions, error) {
+						o := e.opts()
+						e.rot.hook = nil
+						if failing {
+							return o, tc.fail(e, &o, &made)
+						}
+						return o, nil
+					},
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				return s
+			}
+			s := start()
+			e.clock.Set(due)
+			if rep, err := s.Tick(context.Background()); err == nil || rep.Failed[testSlot] == nil {
+				t.Fatalf("failing rotation: %+v %v", rep, err)
+			}
+			e.reopen()
+			recs, keys := len(e.records()), made.Load()
+
+			// Restarts within the wait, as systemd would make them.
+			for i, at := range []time.Time{due.Add(5 * time.Second), due.Add(time.Minute), due.Add(retryAfter - time.Second)} {
+				if i > 0 {
+					e.reopen()
+				}
+				s = start()
+				if next := s.Next(); !next.Equal(due.Add(retryAfter)) {
+					t.Errorf("restart at %v: Next %v, want the retry at %v", at, next, due.Add(retryAfter))
+				}
+				e.clock.Set(at)
+				rep, err := s.Tick(context.Background())
+				if got := len(e.records()); err != nil || got != recs || made.Load() != keys || len(rep.Failed)+len(rep.Rotated) != 0 {
+					t.Fatalf("restart at %v, within retry_after of the failure at %v: tried again (%d records, was %d; %d keys made, was %d): %v",
+						at, due, got, recs, made.Load(), keys, err)
+				}
+			}
+			failing = false
+			if rep := tick(t, e, s, due.Add(retryAfter)); len(rep.Rotated) != 1 {
+				t.Fatalf("not retried after retry_after: %+v", rep)
+			}
+			v := e.active()
+			if v.Number == 1 {
+				t.Fatal("v1 still active after the retry")
+			}
+			alg, in, sig := signWith(t, e.soft, v, []byte("after the retry"))
+			if err := providers.Verify(v.Public, alg, in, sig); err != nil {
+				t.Fatalf("the new version's signature does not verify: %v", err)
 			}
 		})
 	}

@@ -79,6 +79,13 @@ type Slot struct {
 	// Scheduled are one-off rotation times (`sigil rotate SLOT --at TIME`),
 	// sorted; a cutover drops those it has served.
 	Scheduled []time.Time `json:"scheduled,omitempty"`
+	// ScheduledAttempt is when the scheduler began its last rotation of
+	// the slot that has not cut over (zero once one has, or once a one-off
+	// time was set). The wait after a failed scheduled rotation
+	// (SchedulerOptions.RetryAfter) counts from it, so that it holds across
+	// a restart: an agent in a crash loop would otherwise make a key at
+	// every start. It is committed with the attempt's first record.
+	ScheduledAttempt time.Time `json:"scheduled_attempt,omitzero"`
 }
 
 const slotFormat = 1
