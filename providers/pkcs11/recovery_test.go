@@ -311,21 +311,8 @@ func TestOneDeviceFaultReloadsOnce(t *testing.T) {
 				h.armed.Store(true)
 			}
 
-			type result struct {
-				who    string
-				digest []byte
-				sig    []byte
-				err    error
-			}
-			results := make(chan result, 2)
-			sign := func(who string) {
-				digest := digestOf(crypto.SHA256, []byte(who))
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				defer cancel()
-				sig, err := p.Sign(ctx, name, alg, digest)
-				results <- result{who, digest, sig, err}
-			}
-			go sign("straggler")
+			signers := newSigners(p, name, alg)
+			go signers.sign("straggler")
 			straggler.wait(t, "the straggler") // it holds a session of the healthy provider
 			if tc.at == draining {
 				// Another signer's call still inside the module holds the
@@ -338,7 +325,7 @@ func TestOneDeviceFaultReloadsOnce(t *testing.T) {
 				})
 				<-inside
 			}
-			go sign("first")
+			go signers.sign("first")
 			switch tc.at {
 			case draining:
 				waitFor(t, "the reload to close the gate", func() bool { return p.mod.gate.Load() == gateReload })
@@ -359,15 +346,7 @@ func TestOneDeviceFaultReloadsOnce(t *testing.T) {
 				}
 			}
 			repair.release()
-			for range 2 {
-				r := <-results
-				if r.err == nil {
-					r.err = providers.Verify(info.Public, alg, r.digest, r.sig)
-				}
-				if r.err != nil {
-					t.Errorf("%s signer: %v", r.who, r.err)
-				}
-			}
+			signers.verify(t, 2, info)
 			waitHealthy(t, p, 5*time.Second)
 			if n := p.mod.gen.Load() - genBefore; n != 1 {
 				t.Errorf("one device fault reloaded the module %d times", n)
@@ -851,6 +830,49 @@ func TestStaleKeyHandleNeverSignsInANewGeneration(t *testing.T) {
 			}
 			signAndVerify(t, reloader, "a0", alg, []byte("after the repair"))
 		})
+	}
+}
+
+// signers runs Signs of one key in the background, each over a digest of
+// the signer's name, for tests that hold signers at different points.
+type signers struct {
+	p       *Provider
+	name    string
+	alg     providers.Algorithm
+	results chan signerResult
+}
+
+type signerResult struct {
+	who         string
+	digest, sig []byte
+	err         error
+}
+
+func newSigners(p *Provider, name string, alg providers.Algorithm) *signers {
+	return &signers{p: p, name: name, alg: alg, results: make(chan signerResult, 8)}
+}
+
+// sign signs as who (10 s deadline) and reports the outcome to verify.
+func (s *signers) sign(who string) {
+	digest := digestOf(crypto.SHA256, []byte(who))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	sig, err := s.p.Sign(ctx, s.name, s.alg, digest)
+	s.results <- signerResult{who, digest, sig, err}
+}
+
+// verify waits for n signers and fails the test for each whose Sign failed
+// or whose signature does not verify under info.
+func (s *signers) verify(t *testing.T, n int, info providers.KeyInfo) {
+	t.Helper()
+	for range n {
+		r := <-s.results
+		if r.err == nil {
+			r.err = providers.Verify(info.Public, s.alg, r.digest, r.sig)
+		}
+		if r.err != nil {
+			t.Errorf("%s signer: %v", r.who, r.err)
+		}
 	}
 }
 
@@ -1692,45 +1714,24 @@ func TestLogoutDuringAReloginIsRepairedAtOnce(t *testing.T) {
 				c.FaultHook = heldCalls(straggler, search)
 			})
 			info := keyInfo(t, p, name)
-			type result struct {
-				who    string
-				digest []byte
-				sig    []byte
-				err    error
-			}
-			results := make(chan result, 2)
-			sign := func(who string) {
-				digest := digestOf(crypto.SHA256, []byte(who))
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				defer cancel()
-				sig, err := p.Sign(ctx, name, alg, digest)
-				results <- result{who, digest, sig, err}
-			}
-			signers := 1
+			signers := newSigners(p, name, alg)
+			started := 1
 			if tc.straggler {
-				signers++
+				started++
 				straggler.armed.Store(true)
-				go sign("straggler")
+				go signers.sign("straggler")
 				straggler.wait(t, "the straggler") // a pool session of the healthy provider in hand
 			}
 			logoutInside(t, p)
 			search.armed.Store(true)
-			go sign("first") // meets the logout and asks for the re-login
+			go signers.sign("first") // meets the logout and asks for the re-login
 			search.wait(t, "the re-login")
 			logoutInside(t, p) // after the re-login's C_Login
 			if tc.straggler {
 				straggler.release()
 			}
 			search.release()
-			for range signers {
-				r := <-results
-				if r.err == nil {
-					r.err = providers.Verify(info.Public, alg, r.digest, r.sig)
-				}
-				if r.err != nil {
-					t.Errorf("%s signer: %v", r.who, r.err)
-				}
-			}
+			signers.verify(t, started, info)
 			waitHealthy(t, p, 5*time.Second)
 			signAndVerify(t, p, name, alg, []byte("after"))
 		})
