@@ -1,6 +1,7 @@
 // Package awskmstest runs the AWS KMS emulator github.com/nsmithuk/local-kms
 // for tests and for `sigil bench`: a real KMS wire protocol server, reached by
-// the real SDK client over loopback, with keys created through the SDK.
+// the real SDK client over loopback, with keys created through the SDK. Start
+// puts a Front before it, which adds the Ed25519 keys local-kms lacks.
 // Nothing here is for production. It does not import testing (TB is the part
 // of testing.TB the helpers use), so the sigil binary can link it.
 package awskmstest
@@ -227,9 +228,10 @@ func (e *Emulator) Close() {
 	os.RemoveAll(e.dir)
 }
 
-// Start runs a fresh local-kms (StartEmulator) for the test's lifetime and
-// returns its loopback endpoint. The test is skipped, with the reason, when
-// the emulator cannot be installed.
+// Start runs a fresh local-kms (StartEmulator) behind a Front, which adds
+// Ed25519 keys, for the test's lifetime, and returns the front's loopback
+// endpoint. The test is skipped, with the reason, when the emulator cannot
+// be installed.
 func Start(t TB) string {
 	t.Helper()
 	bin, err := Binary()
@@ -241,7 +243,12 @@ func Start(t TB) string {
 		t.Fatalf("%v", err)
 	}
 	t.Cleanup(e.Close)
-	return e.Endpoint
+	f, err := StartFront(e.Endpoint)
+	if err != nil {
+		t.Fatalf("%v", err)
+	}
+	t.Cleanup(f.Close)
+	return f.Endpoint
 }
 
 // Client is a KMS client for the emulator at endpoint, for creating and
