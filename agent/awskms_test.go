@@ -1,27 +1,28 @@
 package agent_test
 
 import (
+	"bytes"
 	"context"
 	"crypto"
+	"crypto/ed25519"
 	"crypto/sha256"
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/client"
+	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/awskms/awskmstest"
 )
 
-// An AWS KMS key (the local-kms emulator, the real SDK client) served by the
-// agent, with credentials from the SDK's default chain as in production.
-func TestAgentServesAWSKMSKeys(t *testing.T) {
-	endpoint := awskmstest.Start(t)
-	kc := awskmstest.Client(endpoint)
-	id := awskmstest.CreateKey(t, kc, types.KeySpecEccNistP256)
-	awskmstest.CreateAlias(t, kc, "alias/release", id)
+// startAWSAgent starts an agent serving the AWS KMS key alias as "release",
+// with credentials from the SDK's default chain as in production.
+func startAWSAgent(t *testing.T, endpoint, alias string) *running {
+	t.Helper()
 	creds, err := awskmstest.Credentials().Retrieve(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -36,8 +37,8 @@ providers:
     region: %s
     endpoint: %q
     keys:
-      - {name: release, key_id: alias/release}
-`, awskmstest.Region, endpoint)))
+      - {name: release, key_id: %s}
+`, awskmstest.Region, endpoint, alias)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -45,7 +46,17 @@ providers:
 	cfg.Socket = shortSocketPath(t)
 	r, logs := startAgentObserved(t, cfg)
 	assertNoFieldTwice(t, logs)
-	c := r.dial(t)
+	return r
+}
+
+// An AWS KMS key (the local-kms emulator, the real SDK client) served by the
+// agent.
+func TestAgentServesAWSKMSKeys(t *testing.T) {
+	endpoint := awskmstest.Start(t)
+	kc := awskmstest.Client(endpoint)
+	id := awskmstest.CreateKey(t, kc, types.KeySpecEccNistP256)
+	awskmstest.CreateAlias(t, kc, "alias/release", id)
+	c := startAWSAgent(t, endpoint, "alias/release").dial(t)
 	ctx := context.Background()
 	k, err := c.PublicKey(ctx, client.ByName("release"))
 	if err != nil {
@@ -59,5 +70,55 @@ providers:
 	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
 	if err := providers.Verify(k.Public, alg, d[:], sig.Sig); err != nil {
 		t.Fatalf("Go crypto rejects the AWS KMS signature: %v", err)
+	}
+}
+
+// An Ed25519 key in AWS KMS serves as a software one does: pure Ed25519 by
+// default, over the message itself, which KMS signs up to 4096 bytes.
+func TestAgentServesAWSKMSEd25519Key(t *testing.T) {
+	endpoint := awskmstest.Start(t)
+	kc := awskmstest.Client(endpoint)
+	id := awskmstest.CreateKey(t, kc, types.KeySpecEccNistEdwards25519)
+	awskmstest.CreateAlias(t, kc, "alias/release", id)
+	c := startAWSAgent(t, endpoint, "alias/release").dial(t)
+	ctx := context.Background()
+	k, err := c.PublicKey(ctx, client.ByName("release"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, ok := k.Public.(ed25519.PublicKey)
+	if !ok || k.Type != string(providers.KeyEd25519) {
+		t.Fatalf("public key %T of type %s", k.Public, k.Type)
+	}
+	for _, tc := range []struct {
+		name string
+		alg  client.Algorithm
+		msg  []byte
+		want proto.Code
+	}{
+		{"default scheme", client.Algorithm{}, []byte("aws ed25519 payload"), proto.OK},
+		{"ed25519, 4096 bytes", client.Algorithm{Scheme: client.SchemeEd25519}, bytes.Repeat([]byte{7}, 4096), proto.OK},
+		{"4097 bytes", client.Algorithm{}, []byte(strings.Repeat("secret-payload!", 300)[:4097]), proto.BadRequest},
+		{"ecdsa", client.Algorithm{Scheme: client.SchemeECDSA, Hash: crypto.SHA256}, make([]byte, 32), proto.UnsupportedAlgorithm},
+		{"ed25519ph", client.Algorithm{Scheme: client.SchemeEd25519, Hash: crypto.SHA512}, make([]byte, 64), proto.UnsupportedAlgorithm},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sig, err := c.Sign(ctx, client.ByName("release"), tc.alg, tc.msg)
+			if tc.want != proto.OK {
+				if got := client.Code(err); got != tc.want {
+					t.Fatalf("code %s (%v), want %s", got, err, tc.want)
+				}
+				if strings.Contains(err.Error(), "secret-payload") {
+					t.Fatalf("the error carries the message: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !ed25519.Verify(pub, tc.msg, sig.Sig) {
+				t.Fatal("crypto/ed25519 rejects the AWS KMS signature")
+			}
+		})
 	}
 }

@@ -31,6 +31,11 @@ import (
 // DefaultTimeout bounds each KMS call when Config.Timeout is zero.
 const DefaultTimeout = 2 * time.Second
 
+// MaxEd25519Message is the longest message an Ed25519 key signs: KMS signs
+// pure Ed25519 over the message itself (MessageType RAW), and Sign takes at
+// most 4096 bytes of it.
+const MaxEd25519Message = 4096
+
 // KeyConfig names one key and the AWS KMS key behind it.
 type KeyConfig struct {
 	// Name is the key's name in Sigil, unique across the agent's configuration.
@@ -235,7 +240,11 @@ func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error
 		if !ok {
 			continue // an algorithm Sigil does not offer (SM2DSA, ML-DSA, ...)
 		}
-		if providers.CheckRequest(info.Type, alg, make([]byte, alg.Hash.Size())) != nil {
+		var probe []byte // pure Ed25519 signs a message, of any length
+		if alg.Hash != 0 {
+			probe = make([]byte, alg.Hash.Size())
+		}
+		if providers.CheckRequest(info.Type, alg, probe) != nil {
 			continue
 		}
 		algs[alg] = spec
@@ -533,7 +542,19 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if !ok {
 		return nil, fmt.Errorf("awskms sign %s: the key does not sign with %s: %w", name, alg, providers.ErrUnsupportedAlgorithm)
 	}
-	if len(digest) != alg.Hash.Size() {
+	msgType := types.MessageTypeDigest
+	if alg.Scheme == providers.SchemeEd25519 {
+		// ED25519_SHA_512 is pure Ed25519: KMS takes the message itself,
+		// as RAW only, and no more than it can take.
+		if len(digest) > MaxEd25519Message {
+			return nil, fmt.Errorf("awskms sign %s: an Ed25519 message of %d bytes; AWS KMS signs at most %d: %w",
+				name, len(digest), MaxEd25519Message, providers.ErrBadRequest)
+		}
+		msgType = types.MessageTypeRaw
+		if digest == nil {
+			digest = []byte{} // the SDK refuses a nil Message as missing
+		}
+	} else if len(digest) != alg.Hash.Size() {
 		return nil, fmt.Errorf("awskms sign %s: digest of %d bytes for %s: %w", name, len(digest), alg, providers.ErrBadRequest)
 	}
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
@@ -541,7 +562,7 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	out, err := p.client.Sign(callCtx, &kms.SignInput{
 		KeyId:            aws.String(k.keyID),
 		Message:          digest,
-		MessageType:      types.MessageTypeDigest,
+		MessageType:      msgType,
 		SigningAlgorithm: spec,
 	})
 	if err != nil {
@@ -556,8 +577,8 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if p.closed.Load() {
 		return nil, fmt.Errorf("awskms sign %s: provider closed during the call: %w", name, providers.ErrUnavailable)
 	}
-	// ECDSA signatures arrive ASN.1 DER and RSA ones raw: already the
-	// encodings providers.Provider promises.
+	// ECDSA signatures arrive ASN.1 DER, RSA ones raw and Ed25519 ones as
+	// their 64 bytes: already the encodings providers.Provider promises.
 	if err := providers.CheckReturned(k.info, alg, digest, out.Signature); err != nil {
 		return nil, fmt.Errorf("awskms sign %s: %w", name, err)
 	}
@@ -742,12 +763,14 @@ func keyTypeOf(spec types.KeySpec) (providers.KeyType, error) {
 		return providers.KeyRSA3072, nil
 	case types.KeySpecRsa4096:
 		return providers.KeyRSA4096, nil
+	case types.KeySpecEccNistEdwards25519:
+		return providers.KeyEd25519, nil
 	}
 	return "", fmt.Errorf("key spec %s: %w", spec, providers.ErrUnsupportedAlgorithm)
 }
 
 // algorithmOf maps an AWS signing algorithm to the providers.Algorithm it
-// performs.
+// performs. ED25519_PH_SHA_512 (Ed25519ph) is not one Sigil offers.
 func algorithmOf(spec types.SigningAlgorithmSpec) (providers.Algorithm, bool) {
 	const (
 		ecdsa = providers.SchemeECDSA
@@ -773,6 +796,8 @@ func algorithmOf(spec types.SigningAlgorithmSpec) (providers.Algorithm, bool) {
 		return providers.Algorithm{Scheme: pss, Hash: crypto.SHA384}, true
 	case types.SigningAlgorithmSpecRsassaPssSha512:
 		return providers.Algorithm{Scheme: pss, Hash: crypto.SHA512}, true
+	case types.SigningAlgorithmSpecEd25519Sha512:
+		return providers.Algorithm{Scheme: providers.SchemeEd25519}, true
 	}
 	return providers.Algorithm{}, false
 }
