@@ -96,6 +96,14 @@ var (
 // crc32c is the Castagnoli table Cloud KMS uses for its integrity fields.
 var crc32c = crc32.MakeTable(crc32.Castagnoli)
 
+// maxDataSize is the longest message Cloud KMS signs with an Ed25519
+// version. The API reference names no limit for AsymmetricSignRequest.data;
+// the service refuses more with INVALID_ARGUMENT "Request field data must
+// have length of at least 0, but not more than 65536" (reported in
+// onflow/flow-go-sdk#295), the 64 KiB its other data fields document.
+// Checked here, a longer message is refused without a round trip.
+const maxDataSize = 64 << 10
+
 // Open connects one KMS client, resolves every configured key to a version
 // and fetches and caches its public key. Any key that cannot be served fails
 // Open as a whole: a half-configured provider would fail later, per request.
@@ -210,7 +218,11 @@ func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error
 	}
 	// The public key and the algorithm come from one response; a mismatch
 	// means a key we do not understand, so refuse it rather than sign wrong.
-	if err := providers.CheckRequest(info.Type, alg, make([]byte, alg.Hash.Size())); err != nil {
+	var probe []byte // pure Ed25519 takes a message of any length, even none
+	if alg.Hash != 0 {
+		probe = make([]byte, alg.Hash.Size())
+	}
+	if err := providers.CheckRequest(info.Type, alg, probe); err != nil {
 		return nil, fmt.Errorf("version %s: %s key with algorithm %s: %w", version, info.Type, pk.Algorithm, providers.ErrUnsupportedAlgorithm)
 	}
 	if want := curveHash(info.Type); want != 0 && want != alg.Hash {
@@ -323,7 +335,8 @@ func (p *Provider) Version(name string) (string, bool) {
 }
 
 // Sign implements providers.Provider. One deadline, min(ctx, Config.Timeout),
-// covers the call and its one retry, so a caller's bound holds.
+// covers the call and its one retry, so a caller's bound holds. For an
+// Ed25519 version digest is the message, sent whole as the request's data.
 func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorithm, digest []byte) ([]byte, error) {
 	if p.closed.Load() {
 		return nil, fmt.Errorf("gcpkms sign %s: provider closed: %w", name, providers.ErrUnavailable)
@@ -335,13 +348,23 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	if alg != k.alg {
 		return nil, fmt.Errorf("gcpkms sign %s: the key version signs only %s, not %s: %w", name, k.alg, alg, providers.ErrUnsupportedAlgorithm)
 	}
-	if len(digest) != alg.Hash.Size() {
-		return nil, fmt.Errorf("gcpkms sign %s: digest of %d bytes for %s: %w", name, len(digest), alg, providers.ErrBadRequest)
-	}
-	req := &kmspb.AsymmetricSignRequest{
-		Name:         k.version,
-		Digest:       digestOf(alg.Hash, digest),
-		DigestCrc32C: wrapperspb.Int64(int64(crc32.Checksum(digest, crc32c))),
+	req := &kmspb.AsymmetricSignRequest{Name: k.version}
+	data := alg.Scheme == providers.SchemeEd25519
+	if data {
+		// Pure Ed25519 (RFC 8032) hashes the message together with a part
+		// of the private key, so no digest made here could stand for it:
+		// Cloud KMS takes the message itself, and refuses a digest.
+		if len(digest) > maxDataSize {
+			return nil, fmt.Errorf("gcpkms sign %s: message of %d bytes, over the %d Cloud KMS signs: %w", name, len(digest), maxDataSize, providers.ErrBadRequest)
+		}
+		req.Data = digest
+		req.DataCrc32C = wrapperspb.Int64(int64(crc32.Checksum(digest, crc32c)))
+	} else {
+		if len(digest) != alg.Hash.Size() {
+			return nil, fmt.Errorf("gcpkms sign %s: digest of %d bytes for %s: %w", name, len(digest), alg, providers.ErrBadRequest)
+		}
+		req.Digest = digestOf(alg.Hash, digest)
+		req.DigestCrc32C = wrapperspb.Int64(int64(crc32.Checksum(digest, crc32c)))
 	}
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
@@ -358,9 +381,9 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 			// Close overtook the call: nothing from it is released.
 			return nil, fmt.Errorf("gcpkms sign %s: provider closed: %w", name, providers.ErrUnavailable)
 		}
-		if err = checkSignResponse(resp, k.version); err == nil {
-			// ECDSA signatures arrive ASN.1 DER and RSA ones raw: already the
-			// encodings providers.Provider promises.
+		if err = checkSignResponse(resp, k.version, data); err == nil {
+			// ECDSA signatures arrive ASN.1 DER, RSA and Ed25519 ones raw:
+			// already the encodings providers.Provider promises.
 			if err := providers.CheckReturned(k.info, alg, digest, resp.Signature); err != nil {
 				return nil, fmt.Errorf("gcpkms sign %s: %w", name, err)
 			}
@@ -382,8 +405,14 @@ func (p *Provider) signCall(ctx context.Context, req *kmspb.AsymmetricSignReques
 	})
 }
 
-func checkSignResponse(resp *kmspb.AsymmetricSignResponse, version string) error {
-	if !resp.VerifiedDigestCrc32C {
+// checkSignResponse checks an answer's integrity fields; data says the
+// request carried data (Ed25519), whose CRC32C KMS must have verified,
+// rather than a digest.
+func checkSignResponse(resp *kmspb.AsymmetricSignResponse, version string, data bool) error {
+	if data && !resp.VerifiedDataCrc32C {
+		return fmt.Errorf("integrity check failed: KMS did not verify the data's CRC32C: %w", providers.ErrUnavailable)
+	}
+	if !data && !resp.VerifiedDigestCrc32C {
 		return fmt.Errorf("integrity check failed: KMS did not verify the digest's CRC32C: %w", providers.ErrUnavailable)
 	}
 	if resp.Name != version {
@@ -464,7 +493,7 @@ func algorithmOf(a kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm) (providers.
 	case kmspb.CryptoKeyVersion_RSA_SIGN_PSS_4096_SHA512:
 		return providers.Algorithm{Scheme: pss, Hash: crypto.SHA512}, nil
 	case kmspb.CryptoKeyVersion_EC_SIGN_ED25519:
-		return providers.Algorithm{}, fmt.Errorf("algorithm %s: GCP signs Ed25519 over the whole message, and this provider sends only digests: %w", a, providers.ErrUnsupportedAlgorithm)
+		return providers.Algorithm{Scheme: providers.SchemeEd25519}, nil // pure Ed25519 over the message
 	}
 	// RSA_SIGN_RAW_PKCS1_* take a prebuilt DigestInfo as data, secp256k1 is no
 	// Sigil key type, and the rest do not sign.

@@ -309,7 +309,8 @@ func TestOpenRefuses(t *testing.T) {
 	_, edKey, _ := ed25519.GenerateKey(rand.Reader)
 	f := &gcpkmstest.Server{}
 	f.Add(gcpkmstest.VersionName("ok", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
-	f.Add(gcpkmstest.VersionName("ed", "1"), edKey, kmspb.CryptoKeyVersion_EC_SIGN_ED25519)
+	f.Add(gcpkmstest.VersionName("ec-as-ed", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_ED25519)
+	f.Add(gcpkmstest.VersionName("ed-as-ec", "1"), edKey, kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
 	f.Add(gcpkmstest.VersionName("badcrc", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256).CorruptPEMCRC = true
 	f.Add(gcpkmstest.VersionName("mismatch", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
 	f.Add(gcpkmstest.VersionName("rsa-as-ec", "1"), keys["rsa2048"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
@@ -323,7 +324,8 @@ func TestOpenRefuses(t *testing.T) {
 		message string
 	}{
 		{"not found", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("missing", "1")}, providers.ErrNotFound, ""},
-		{"ed25519", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("ed", "1")}, providers.ErrUnsupportedAlgorithm, "Ed25519"},
+		{"p-256 key with algorithm ed25519", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("ec-as-ed", "1")}, providers.ErrUnsupportedAlgorithm, ""},
+		{"ed25519 key with algorithm p-256", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("ed-as-ec", "1")}, providers.ErrUnsupportedAlgorithm, ""},
 		{"pem crc32c", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("badcrc", "1")}, providers.ErrUnavailable, "pem_crc32c"},
 		{"curve and algorithm disagree", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("mismatch", "1")}, providers.ErrUnsupportedAlgorithm, ""},
 		{"key type and algorithm disagree", KeyConfig{Name: "k", Resource: gcpkmstest.VersionName("rsa-as-ec", "1")}, providers.ErrUnsupportedAlgorithm, ""},

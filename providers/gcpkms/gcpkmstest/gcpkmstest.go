@@ -10,6 +10,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/ecdsa"
+	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
@@ -35,7 +36,9 @@ import (
 // Server is an in-process Cloud KMS speaking the real gRPC service with real
 // Go keys. It does what the real service does on the paths Sigil uses: it
 // checks the digest's CRC32C and the digest type against the version's
-// algorithm, and returns CRC32C-protected answers. Faults are set per version.
+// algorithm, signs an EC_SIGN_ED25519 version's data (at most 64 KiB, its
+// CRC32C checked) and refuses it a digest, and returns CRC32C-protected
+// answers. Faults are set per version.
 type Server struct {
 	kmspb.UnimplementedKeyManagementServiceServer
 
@@ -206,6 +209,12 @@ func (f *Server) AsymmetricSign(ctx context.Context, req *kmspb.AsymmetricSignRe
 	if signErr != nil {
 		return nil, signErr
 	}
+	if v.Alg == kmspb.CryptoKeyVersion_EC_SIGN_ED25519 {
+		return signData(v, req, corrupt, unverified)
+	}
+	if len(req.Data) > 0 || req.DataCrc32C != nil {
+		return nil, status.Errorf(codes.Unimplemented, "test server: data for %s is not a path Sigil uses", v.Alg)
+	}
 	var digest []byte
 	var hash crypto.Hash
 	switch d := req.GetDigest().GetDigest().(type) {
@@ -241,6 +250,38 @@ func (f *Server) AsymmetricSign(ctx context.Context, req *kmspb.AsymmetricSignRe
 		Signature:            sig,
 		SignatureCrc32C:      wrapperspb.Int64(sum),
 		VerifiedDigestCrc32C: req.DigestCrc32C != nil && !unverified,
+	}, nil
+}
+
+// MaxDataSize is the most AsymmetricSignRequest.data Cloud KMS takes, as
+// its INVALID_ARGUMENT answer for more says.
+const MaxDataSize = 65536
+
+// signData signs req's data with an Ed25519 version, as Cloud KMS does:
+// pure Ed25519 over the message, which must come as data, not a digest.
+func signData(v *Version, req *kmspb.AsymmetricSignRequest, corrupt, unverified bool) (*kmspb.AsymmetricSignResponse, error) {
+	if req.Digest != nil {
+		return nil, status.Errorf(codes.InvalidArgument, "%s signs data, not a digest", v.Alg)
+	}
+	if len(req.Data) > MaxDataSize {
+		return nil, status.Errorf(codes.InvalidArgument, "Request field data must have length of at least 0, but not more than %d. Provided value had length %d.", MaxDataSize, len(req.Data))
+	}
+	if req.DataCrc32C != nil && int64(crc32.Checksum(req.Data, crc32c)) != req.DataCrc32C.Value {
+		return nil, status.Error(codes.InvalidArgument, "data_crc32c mismatch")
+	}
+	sig, err := v.Signer.Sign(rand.Reader, req.Data, crypto.Hash(0))
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	sum := int64(crc32.Checksum(sig, crc32c))
+	if corrupt {
+		sum ^= 0x5a
+	}
+	return &kmspb.AsymmetricSignResponse{
+		Name:               req.Name,
+		Signature:          sig,
+		SignatureCrc32C:    wrapperspb.Int64(sum),
+		VerifiedDataCrc32C: req.DataCrc32C != nil && !unverified,
 	}, nil
 }
 
@@ -367,7 +408,8 @@ func (f *Server) DestroyCryptoKeyVersion(_ context.Context, req *kmspb.DestroyCr
 	return &kmspb.CryptoKeyVersion{Name: req.Name, State: v.State, Algorithm: v.Alg}, nil
 }
 
-// generate makes a fresh key for alg: ECDSA P-256, P-384 or RSA-2048.
+// generate makes a fresh key for alg: ECDSA P-256, P-384, RSA-2048 or
+// Ed25519.
 func generate(alg kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm) (crypto.Signer, error) {
 	var (
 		k   crypto.Signer
@@ -380,6 +422,8 @@ func generate(alg kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm) (crypto.Sign
 		k, err = ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
 	case kmspb.CryptoKeyVersion_RSA_SIGN_PKCS1_2048_SHA256, kmspb.CryptoKeyVersion_RSA_SIGN_PSS_2048_SHA256:
 		k, err = rsa.GenerateKey(rand.Reader, 2048)
+	case kmspb.CryptoKeyVersion_EC_SIGN_ED25519:
+		_, k, err = ed25519.GenerateKey(rand.Reader)
 	default:
 		return nil, status.Errorf(codes.Unimplemented, "test server cannot generate %s", alg)
 	}
