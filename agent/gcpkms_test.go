@@ -3,10 +3,13 @@ package agent_test
 import (
 	"context"
 	"crypto"
+	"crypto/ed25519"
+	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -89,6 +92,75 @@ providers:
 	}
 }
 
+// A GCP Ed25519 key served by the agent: a Sign carries the message
+// itself (pure Ed25519), which the provider sends to Cloud KMS whole; the
+// signatures verify with crypto/ed25519, the key's default scheme is
+// Ed25519, and another scheme or a hash is UNSUPPORTED_ALGORITHM.
+func TestAgentServesGCPKMSEd25519Key(t *testing.T) {
+	_, edKey, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kms := &gcpkmstest.Server{}
+	kms.Add(gcpkmstest.VersionName("ed", "1"), edKey, kmspb.CryptoKeyVersion_EC_SIGN_ED25519)
+	kms.Serve(t)
+	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
+providers:
+  - id: gcp
+    type: gcpkms
+    project: p
+    location: global
+    key_ring: ring
+    endpoint: %q
+    insecure_endpoint: true
+    keys:
+      - {name: ed, key: ed, version: "1"}
+`, kms.Addr())))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DataDir = t.TempDir()
+	cfg.Socket = shortSocketPath(t)
+	r := startAgent(t, cfg)
+	c := r.dial(t)
+	ctx := context.Background()
+	k, err := c.PublicKey(ctx, client.ByName("ed"))
+	if err != nil || k.Type != "ed25519" {
+		t.Fatalf("public key %s: %v", k.Type, err)
+	}
+	pub := edKey.Public().(ed25519.PublicKey)
+	if !pub.Equal(k.Public) {
+		t.Fatal("the agent serves another public key")
+	}
+	for _, tc := range []struct {
+		name string
+		alg  client.Algorithm
+		msg  []byte
+	}{
+		{"default scheme", client.Algorithm{}, []byte("release 1.2.3")},
+		{"ed25519 named", client.Algorithm{Scheme: client.SchemeEd25519}, []byte("a message longer than any digest: " + strings.Repeat("x", 200))},
+		{"empty message", client.Algorithm{Scheme: client.SchemeEd25519}, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s, err := c.Sign(ctx, client.ByName("ed"), tc.alg, tc.msg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.KID != k.KID || !ed25519.Verify(pub, tc.msg, s.Sig) {
+				t.Fatalf("signature by kid %s (want %s) does not verify over the message", s.KID, k.KID)
+			}
+		})
+	}
+	for _, alg := range []client.Algorithm{
+		{Scheme: client.SchemeECDSA, Hash: crypto.SHA256},
+		{Scheme: client.SchemeEd25519, Hash: crypto.SHA512},
+	} {
+		if _, err := c.Sign(ctx, client.ByName("ed"), alg, make([]byte, alg.Hash.Size())); client.Code(err) != proto.UnsupportedAlgorithm {
+			t.Fatalf("%+v on an Ed25519 version: %v, want UNSUPPORTED_ALGORITHM", alg, err)
+		}
+	}
+}
+
 // Rotating a cloud slot makes a new version of its key in the KMS; after a
 // restart the agent serves that version again by the resource the rotation
 // recorded.
@@ -129,6 +201,55 @@ func TestAgentRotatesGCPKMSSlot(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// Rotating a slot on a GCP Ed25519 key makes an Ed25519 version (its
+// canaries signed over their payloads through Cloud KMS), which then signs
+// the slot's messages; the old and the new signatures each verify with
+// their own version's key.
+func TestAgentRotatesGCPKMSEd25519Slot(t *testing.T) {
+	_, edKey, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kms, cfg := gcpRotationSetup(t, `"1"`, gcpRotationKey{edKey, kmspb.CryptoKeyVersion_EC_SIGN_ED25519})
+	ctx := context.Background()
+	msg := []byte("cloud rotation of an ed25519 slot")
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		s1, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := admin.Rotate(ctx, "payments/release"); err != nil {
+			t.Fatal(err)
+		}
+		s2, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s2.KID == s1.KID {
+			t.Fatal("the slot signs with the same key after a rotation")
+		}
+		for _, s := range []client.Signature{s1, s2} {
+			k, err := c.PublicKey(ctx, client.ByKID(s.KID))
+			if err != nil {
+				t.Fatal(err)
+			}
+			pub, ok := k.Public.(ed25519.PublicKey)
+			if !ok || !ed25519.Verify(pub, msg, s.Sig) {
+				t.Fatalf("kid %s: a %T key, or a signature that does not verify over the message", s.KID, k.Public)
+			}
+		}
+	})
+	v2, err := kms.Lookup(gcpkmstest.VersionName("release", "2"))
+	if err != nil {
+		t.Fatalf("the rotation made no new version in the KMS: %v", err)
+	}
+	var alg kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm
+	kms.Update(func() { alg = v2.Alg })
+	if alg != kmspb.CryptoKeyVersion_EC_SIGN_ED25519 {
+		t.Fatalf("the new version is %s", alg)
+	}
 }
 
 // A slot whose key is configured as "latest" rotates, and the agent
@@ -282,14 +403,18 @@ providers:
 }
 
 // gcpRotationSetup starts an in-process Cloud KMS holding version 1 of key
-// "release" and returns it with an agent config that serves it as
-// gcp-release (configured by version, e.g. "1" or latest) behind the slot
-// payments/release, rotation on, this uid a tenant and the admin.
-func gcpRotationSetup(t *testing.T, version string) (*gcpkmstest.Server, agent.Config) {
+// "release" (a P-256 key, unless gcpRotationKey names another) and returns
+// it with an agent config that serves it as gcp-release (configured by
+// version, e.g. "1" or latest) behind the slot payments/release, rotation
+// on, this uid a tenant and the admin.
+func gcpRotationSetup(t *testing.T, version string, key ...gcpRotationKey) (*gcpkmstest.Server, agent.Config) {
 	t.Helper()
-	keys := gcpkmstest.TestKeys()
+	k := gcpRotationKey{gcpkmstest.TestKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256}
+	if len(key) > 0 {
+		k = key[0]
+	}
 	kms := &gcpkmstest.Server{}
-	kms.Add(gcpkmstest.VersionName("release", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
+	kms.Add(gcpkmstest.VersionName("release", "1"), k.signer, k.alg)
 	kms.Serve(t)
 	dir := t.TempDir()
 	policyFile := filepath.Join(dir, "policy.yaml")
@@ -315,4 +440,10 @@ providers:
 	cfg.Socket = shortSocketPath(t)
 	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
 	return kms, cfg
+}
+
+// gcpRotationKey is the key and algorithm of gcpRotationSetup's version 1.
+type gcpRotationKey struct {
+	signer crypto.Signer
+	alg    kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm
 }
