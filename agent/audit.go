@@ -128,17 +128,23 @@ func (a *Agent) pruneExpired(ctx context.Context, now time.Time) {
 // pruneJournal deletes the records older than before (see journal.Prune)
 // and counts them in the metrics.
 //
-// The day's quota counts are stored first (and again after): a restart
-// rebuilds them from the stored counts and the records after them, and a
-// prune may delete records the last stored counts do not cover, whose
-// signatures a restart would then hand out again.
+// The day's quota counts are stored with the deletion, in its commit (and
+// again after): a restart rebuilds them from the stored counts and the
+// records after them, and a prune may delete records the last stored
+// counts do not cover, whose signatures a restart would then hand out
+// again. In the prune's own commit they pass where it does, on a full
+// journal; stored by a commit before it, they were refused there, and the
+// prune with them.
 func (a *Agent) pruneJournal(ctx context.Context, before time.Time, by string) (journal.PruneResult, error) {
+	var counts []journal.StateChange
 	if a.policy != nil {
-		if err := a.storeQuotas(ctx, nil); err != nil {
-			return journal.PruneResult{}, fmt.Errorf("nothing pruned: the daily quota counts could not be stored first: %w", err)
+		_, change, err := a.quotaChange()
+		if err != nil {
+			return journal.PruneResult{}, fmt.Errorf("nothing pruned: the daily quota counts could not be stored: %w", err)
 		}
+		counts = append(counts, change)
 	}
-	res, err := a.journal.Prune(ctx, before, by)
+	res, err := a.journal.Prune(ctx, before, by, counts...)
 	if err == nil {
 		a.metrics.journalPruned.Add(float64(res.Deleted))
 		if a.policy != nil {

@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -441,5 +443,65 @@ func TestRecordPastTheDeadlineWithholdsTheSignature(t *testing.T) {
 	}
 	if resp.Code != proto.JournalUnavailable || len(resp.Sig) != 0 {
 		t.Fatalf("a record committed past the deadline: %s with %d signature bytes, want JOURNAL_UNAVAILABLE and none", resp.Code, len(resp.Sig))
+	}
+}
+
+// lowSpaceFS reports a settable amount of free space on the journal's
+// filesystem.
+type lowSpaceFS struct {
+	vfs.FS
+	avail atomic.Uint64
+}
+
+func (fs *lowSpaceFS) GetDiskUsage(string) (vfs.DiskUsage, error) {
+	a := fs.avail.Load()
+	return vfs.DiskUsage{AvailBytes: a, TotalBytes: 100 << 30, UsedBytes: 100<<30 - a}, nil
+}
+
+// A prune is how a full journal gets its space back (docs/audit.md,
+// "Retention"), and an agent with a policy stores the day's quota counts
+// with it. Those counts used to be stored by a commit of their own first,
+// which a full journal refused like any other write: the prune was refused
+// with it, on exactly the journal that needed it.
+func TestAuditPruneOnAFullJournalWithAPolicy(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	if err := os.WriteFile(cfg.Policy, []byte(releasePolicy("default", "daily_quota: 100")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	fs := &lowSpaceFS{FS: vfs.Default}
+	fs.avail.Store(10 << 30)
+	r := startAgent(t, cfg, agent.WithJournalFS(fs))
+	admin := r.serveAdmin(t, cfg.AdminSocket)
+	c := r.dial(t)
+	for i := 0; i < 5; i++ {
+		d := sha256.Sum256([]byte{byte(i)})
+		if _, err := c.Sign(context.Background(), client.ByName("payments/release"), client.Algorithm{}, d[:]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer fs.avail.Store(10 << 30) // the agent's shutdown stores the counts again
+	fs.avail.Store(32 << 20)       // under the 64 MiB reserve, over the prune's 16 MiB floor
+	d := sha256.Sum256([]byte("full"))
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		_, err := c.Sign(context.Background(), client.ByName("payments/release"), client.Algorithm{}, d[:])
+		if client.Code(err) == proto.JournalUnavailable {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("Sign on a full journal: %v, want JOURNAL_UNAVAILABLE", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	summary, err := admin.AuditPrune(context.Background(), time.Now().Add(time.Second))
+	if err != nil || !strings.Contains(summary, "deleted ") {
+		t.Fatalf("AuditPrune on a full journal = %q, %v", summary, err)
+	}
+	fs.avail.Store(10 << 30)
+	if ok, s, err := admin.AuditVerify(context.Background()); err != nil || !ok {
+		t.Fatalf("AuditVerify after the prune = %v %q %v", ok, s, err)
 	}
 }

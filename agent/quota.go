@@ -200,23 +200,33 @@ func (a *Agent) readQuotaSnapshot() (quotaSnapshot, bool, error) {
 // count before, so the counts include it; one counted but journaled later
 // is counted twice on restore, which errs on the side of refusing.
 func (a *Agent) storeQuotas(ctx context.Context, last *quotaSnapshot) error {
-	seq, _ := a.journal.Head()
-	day := a.policy.Today()
-	snap := quotaSnapshot{Day: day, Seq: seq, Counts: a.policy.DailyCounts(day)}
-	if last != nil && last.Day == snap.Day && maps.Equal(last.Counts, snap.Counts) {
-		return nil
-	}
-	v, err := json.Marshal(snap)
+	snap, change, err := a.quotaChange()
 	if err != nil {
 		return err
 	}
-	if err := a.journal.Put(ctx, quotaStateKey, v); err != nil {
+	if last != nil && last.Day == snap.Day && maps.Equal(last.Counts, snap.Counts) {
+		return nil
+	}
+	if err := a.journal.Put(ctx, quotaStateKey, change.Value); err != nil {
 		return fmt.Errorf("store quota counts: %w", err)
 	}
 	if last != nil {
 		*last = snap
 	}
 	return nil
+}
+
+// quotaChange is the day's counts with the journal head they cover (see
+// storeQuotas), as the state change that stores them.
+func (a *Agent) quotaChange() (quotaSnapshot, journal.StateChange, error) {
+	seq, _ := a.journal.Head()
+	day := a.policy.Today()
+	snap := quotaSnapshot{Day: day, Seq: seq, Counts: a.policy.DailyCounts(day)}
+	v, err := json.Marshal(snap)
+	if err != nil {
+		return snap, journal.StateChange{}, err
+	}
+	return snap, journal.StateChange{Key: quotaStateKey, Value: v}, nil
 }
 
 // startQuotaSnapshots stores the counts every quotaSnapshotInterval until

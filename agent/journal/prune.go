@@ -81,9 +81,19 @@ type pruneRange struct {
 // checking their links. It never deletes the record it appends, so the
 // chain is never empty after a prune. Concurrent Prunes run one at a
 // time; appends go on meanwhile. by says who asked, for the record's Peer.
-func (j *Journal) Prune(ctx context.Context, before time.Time, by string) (PruneResult, error) {
+//
+// The state changes are committed with the deletion, atomically, and like
+// it below the free-space reserve: what must be stored before records go
+// (the agent's daily quota counts) cannot then be refused on the full
+// journal that a prune is there to empty.
+func (j *Journal) Prune(ctx context.Context, before time.Time, by string, changes ...StateChange) (PruneResult, error) {
 	if j.opts.ReadOnly {
 		return PruneResult{}, ErrReadOnly
+	}
+	for _, c := range changes {
+		if c.Key == "" {
+			return PruneResult{}, errEmptyKey
+		}
 	}
 	j.pruneMu.Lock()
 	defer j.pruneMu.Unlock()
@@ -101,7 +111,7 @@ func (j *Journal) Prune(ctx context.Context, before time.Time, by string) (Prune
 		Detail: fmt.Sprintf("deleted records %d-%d, each older than %s; the chain now starts after seq %d",
 			pr.from, pr.to, before.UTC().Format(time.RFC3339), pr.to),
 	}
-	if err := j.submitRecord(ctx, &r, nil, &pr); err != nil {
+	if err := j.submitRecord(ctx, &r, changes, &pr); err != nil {
 		return PruneResult{}, err
 	}
 	j.reclaim(ctx, pr.from, pr.to)

@@ -284,9 +284,13 @@ func TestPruneOnAFullJournal(t *testing.T) {
 	if err := j.Append(ctx, signRecord("acme", 51)); err == nil || !strings.Contains(err.Error(), "journal full") {
 		t.Fatalf("append on a full journal: %v, want journal full", err)
 	}
-	res, err := j.Prune(ctx, recordAt(t0, 41), "operator")
+	// The state a prune carries (the agent's quota counts) passes with it.
+	res, err := j.Prune(ctx, recordAt(t0, 41), "operator", StateChange{Key: "counts", Value: []byte("41")})
 	if err != nil || res.Deleted == 0 {
 		t.Fatalf("prune on a full journal: %+v, %v", res, err)
+	}
+	if v, err := j.Get("counts"); err != nil || string(v) != "41" {
+		t.Fatalf("state committed with the prune: %q, %v", v, err)
 	}
 	verifyOK(t, j)
 	fs.avail.Store(pruneFloorBytes / 2)
