@@ -96,8 +96,11 @@ type StateChange struct {
 // error means the record was not confirmed and the caller must not act on
 // the decision (release no signature): every such error wraps
 // ErrUnavailable except a record that cannot be encoded (a string field
-// longer than 65535 bytes, a time outside the years 1678-2261). If ctx ends while the commit is pending Append
-// returns an error wrapping both ErrUnavailable and ctx.Err(); the record
+// longer than 65535 bytes, a time outside the years 1678-2261). Bytes of
+// r's strings that are not UTF-8 are replaced with U+FFFD first, in r, as
+// the JSON export would show them (Record.toValidUTF8). If ctx ends while
+// the commit is pending Append returns an error wrapping both
+// ErrUnavailable and ctx.Err(); the record
 // may still be committed later, as may the records of a commit that failed
 // after Pebble wrote them (see doc.go, "Failures").
 func (j *Journal) Append(ctx context.Context, r *Record) error {
@@ -108,6 +111,7 @@ func (j *Journal) Append(ctx context.Context, r *Record) error {
 // atomic commit, so a rotation step and its audit record are both there
 // after a crash or neither is. Durability and errors are as for Append.
 func (j *Journal) AppendWithState(ctx context.Context, r *Record, changes ...StateChange) error {
+	r.toValidUTF8()
 	if err := r.validate(); err != nil {
 		return err
 	}

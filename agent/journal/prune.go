@@ -111,6 +111,7 @@ func (j *Journal) Prune(ctx context.Context, before time.Time, by string, change
 		Detail: fmt.Sprintf("deleted records %d-%d, each older than %s; the chain now starts after seq %d",
 			pr.from, pr.to, before.UTC().Format(time.RFC3339), pr.to),
 	}
+	r.toValidUTF8()
 	if err := j.submitRecord(ctx, &r, changes, &pr); err != nil {
 		return PruneResult{}, err
 	}

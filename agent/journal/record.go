@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/zeebo/blake3"
 )
@@ -83,6 +85,21 @@ const (
 
 // errUndecodable marks a stored value that is not a valid record encoding.
 var errUndecodable = errors.New("undecodable record")
+
+// toValidUTF8 replaces each run of bytes that are not UTF-8 in the
+// record's strings with U+FFFD, in place, before the record is hashed. The
+// JSON export (encoding/json) writes such bytes as U+FFFD, so a record
+// hashed over the raw bytes would export as text that no longer hashes to
+// its Hash; the fields may be a client's text (a refused request's key
+// name) or a provider's error. Valid strings are left as they are, with
+// no allocation.
+func (r *Record) toValidUTF8() {
+	for _, s := range [...]*string{&r.Tenant, &r.Slot, &r.KID, &r.Op, &r.Algorithm, &r.CodeName, &r.Peer, &r.Detail} {
+		if !utf8.ValidString(*s) {
+			*s = strings.ToValidUTF8(*s, "\uFFFD")
+		}
+	}
+}
 
 // validate reports a record that cannot be encoded. It runs in Append, on
 // the caller's goroutine, so a bad record never reaches a commit group.

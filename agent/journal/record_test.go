@@ -1,7 +1,12 @@
 package journal
 
 import (
+	"bytes"
+	"context"
 	"encoding/hex"
+	"encoding/json"
+	"math"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -143,4 +148,91 @@ func TestValidateRejectsUnencodable(t *testing.T) {
 			t.Errorf("validate accepted a record with a %s", name)
 		}
 	}
+}
+
+// fromExport rebuilds a record from its JSON export line, as a verifier
+// off the host would: the fields' text, the hashes from hex.
+func fromExport(t *testing.T, line []byte) Record {
+	t.Helper()
+	var jr jsonRecord
+	if err := json.Unmarshal(line, &jr); err != nil {
+		t.Fatalf("export line %q: %v", line, err)
+	}
+	ts, err := time.Parse(time.RFC3339Nano, jr.Time)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := Record{Seq: jr.Seq, Time: ts, Tenant: jr.Tenant, Slot: jr.Slot, Version: jr.Version, KID: jr.KID,
+		Op: jr.Op, Algorithm: jr.Algorithm, Code: jr.Code, CodeName: jr.CodeName,
+		LatencyMicros: jr.LatencyMicros, Peer: jr.Peer, Detail: jr.Detail}
+	for _, h := range []struct {
+		dst *[32]byte
+		hex string
+	}{{&r.DigestHash, jr.DigestHash}, {&r.PolicyHash, jr.PolicyHash}, {&r.PrevHash, jr.PrevHash}, {&r.Hash, jr.Hash}} {
+		b, err := hex.DecodeString(h.hex)
+		if err != nil || len(b) != 32 {
+			t.Fatalf("hash %q in the export", h.hex)
+		}
+		copy(h.dst[:], b)
+	}
+	return r
+}
+
+// Records with unusual but encodable fields read back as Append returned
+// them, and their JSON export carries exactly what the hash covers: a
+// verifier off the host recomputes each hash from the export alone. A
+// string that is not UTF-8 used to be hashed as its bytes while the export
+// (encoding/json) carried U+FFFD in their place, so such a record's export
+// no longer matched its hash; the journal now stores it as the export
+// shows it, as the agent does with a client's key name.
+func TestUnusualFieldsRoundTripAndExportAsHashed(t *testing.T) {
+	long := strings.Repeat("x", maxStringLen)
+	cases := []struct {
+		name string
+		rec  Record
+	}{
+		{"empty fields", Record{}},
+		{"every string at its limit", Record{Tenant: long, Slot: long, KID: long, Op: long, Algorithm: long, CodeName: long, Peer: long, Detail: long}},
+		{"not UTF-8", Record{Op: "sign", Slot: "key\xff\xfe", Peer: "cn=caf\xe9", Detail: "\xc3"}},
+		{"not UTF-8 at the length limit", Record{Op: "sign", Detail: strings.Repeat("\xff", maxStringLen)}},
+		{"controls, NUL, escapes", Record{Op: "sign", Slot: "a\tb\nc\x00d\x1b[2J", Detail: "<script>\"'\\u2028\u2028"}},
+		{"extremes", Record{Op: "sign", Version: math.MaxUint32, Code: math.MaxUint16, LatencyMicros: math.MaxUint32,
+			Time: time.Unix(0, math.MinInt64), DigestHash: [32]byte{0xff}, PolicyHash: [32]byte{1}}},
+	}
+	j := openTest(t, t.TempDir(), WAL)
+	ctx := context.Background()
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			r := tc.rec
+			if err := j.Append(ctx, &r); err != nil {
+				t.Fatal(err)
+			}
+			var stored Record
+			if err := j.Scan(ctx, Filter{FromSeq: r.Seq}, func(s *Record) error {
+				if s.Seq == r.Seq {
+					stored = *s
+				}
+				return nil
+			}); err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(stored, r) {
+				t.Fatalf("read back:\n%+v\nAppend returned:\n%+v", stored, r)
+			}
+			var buf bytes.Buffer
+			if err := j.WriteJSONL(ctx, &buf, Filter{FromSeq: r.Seq}); err != nil {
+				t.Fatal(err)
+			}
+			line, _, _ := bytes.Cut(buf.Bytes(), []byte("\n"))
+			exported := fromExport(t, line)
+			stored.Time = stored.Time.UTC()
+			if !reflect.DeepEqual(exported, stored) {
+				t.Fatalf("export carries another record than the store:\n%+v\n%+v", exported, stored)
+			}
+			if exported.encode(); exported.Hash != r.Hash {
+				t.Fatalf("the export's fields hash to %x, the record's hash is %x", exported.Hash[:8], r.Hash[:8])
+			}
+		})
+	}
+	verifyOK(t, j)
 }
