@@ -540,12 +540,79 @@ func auditTailPage(ctx context.Context, c *client.Client, timeout time.Duration,
 	return c.AuditTail(ctx, tenant, from, limit)
 }
 
+// lastOnline returns the running agent's last n records (of tenant),
+// oldest first, as Journal.Last does on the directory. One AuditTail call
+// answers at most 100 records, fewer when they would not fit a reply, and
+// asks for none before a seq: the older ones are paged forward from a seq
+// far enough back, a window that doubles while it holds too few (a
+// tenant's records are spread out, a prune leaves none before its anchor).
+func lastOnline(ctx context.Context, c *client.Client, timeout time.Duration, tenant string, n int) ([][]byte, error) {
+	recs, err := auditTailPage(ctx, c, timeout, tenant, 0, n)
+	if err != nil || len(recs) == 0 || len(recs) >= n {
+		return recs, err
+	}
+	oldest, err := recordSeq(recs[0])
+	if err != nil {
+		return nil, err
+	}
+	need := uint64(n - len(recs))
+	for window := need; ; window *= 2 {
+		from := uint64(1)
+		if oldest > window {
+			from = oldest - window
+		}
+		var older [][]byte
+	pages:
+		for next := from; next < oldest; {
+			page, err := auditTailPage(ctx, c, timeout, tenant, next, 100)
+			if err != nil {
+				return nil, err
+			}
+			if len(page) == 0 {
+				break
+			}
+			for _, r := range page {
+				seq, err := recordSeq(r)
+				if err != nil {
+					return nil, err
+				}
+				if seq >= oldest {
+					break pages
+				}
+				older = append(older, r)
+				next = seq + 1
+			}
+		}
+		if uint64(len(older)) >= need || from == 1 {
+			if uint64(len(older)) > need {
+				older = older[uint64(len(older))-need:]
+			}
+			return append(older, recs...), nil
+		}
+	}
+}
+
+// recordSeq reads the seq of a record's export JSON.
+func recordSeq(js []byte) (uint64, error) {
+	var r struct {
+		Seq uint64 `json:"seq"`
+	}
+	if err := json.Unmarshal(js, &r); err != nil {
+		return 0, &exitError{exitFailure, fmt.Errorf("audit tail: a record that does not parse: %w", err)}
+	}
+	return r.Seq, nil
+}
+
 // tailOnline reads the running agent's journal through the AuditTail admin
 // operation; with follow it polls for new records until interrupted. Each
 // request waits timeout (--timeout); following has no bound.
 func tailOnline(ctx context.Context, c *client.Client, out io.Writer, tenant string, n int, follow bool, timeout time.Duration) error {
 	tw := newTailWriter(out)
-	recs, err := auditTailPage(ctx, c, timeout, tenant, 0, n)
+	recs, err := lastOnline(ctx, c, timeout, tenant, n)
+	var local *exitError
+	if errors.As(err, &local) {
+		return err
+	}
 	if err != nil {
 		return agentError("audit tail", err)
 	}

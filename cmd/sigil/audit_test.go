@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -651,5 +652,46 @@ func oneRecordJournal(t *testing.T, dir string) {
 	}
 	if err := j.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// `audit tail -n N` prints the last N records from a running agent as it
+// does from the directory. The agent answers at most 100 records a call,
+// and fewer when they would not fit a reply; tail printed what one call
+// gave, so -n 250 printed 100, and -n 100 of wide records some 60.
+func TestAuditTailOnlinePrintsAllItWasAskedFor(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	sockDir := shortSocketDir(t)
+	socket, admin := filepath.Join(sockDir, "agent.sock"), filepath.Join(sockDir, "admin.sock")
+	startAgentProcess(t, bin, writeEd25519Config(t, dir), socket).waitReady(t)
+	wide := make([]string, 300)
+	for i := range wide {
+		wide[i] = strings.Repeat("<", 64) // six bytes of JSON each
+	}
+	refuseKeyNames(t, socket, wide...)
+
+	for _, n := range []int{1, 100, 250, 1000} {
+		out, stderr, code := runBin(t, bin, "audit", "tail", "-n", strconv.Itoa(n), "--admin-socket", admin)
+		if code != 0 {
+			t.Fatalf("audit tail -n %d: exit %d: %s", n, code, stderr)
+		}
+		var seqs []uint64
+		for _, line := range strings.Split(strings.TrimSpace(out), "\n")[1:] {
+			seq, err := strconv.ParseUint(strings.Fields(line)[0], 10, 64)
+			if err != nil {
+				t.Fatalf("row %q", line)
+			}
+			seqs = append(seqs, seq)
+		}
+		want := min(n, 300)
+		if len(seqs) != want {
+			t.Fatalf("audit tail -n %d printed %d records, want %d", n, len(seqs), want)
+		}
+		for i, s := range seqs {
+			if s != seqs[len(seqs)-1]-uint64(len(seqs)-1-i) {
+				t.Fatalf("audit tail -n %d: seqs %v are not the last ones in order", n, seqs)
+			}
+		}
 	}
 }
