@@ -188,6 +188,11 @@ func runAgent(cfg agent.Config) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
+	// The first signal gives the signals back their default action at
+	// once, not when the loop below next looks: a reload stuck on a file
+	// (a hung mount) or a provider that ignores ctx during New held the
+	// loop, and a second SIGTERM went to a channel nobody read.
+	context.AfterFunc(ctx, stop)
 
 	// Under systemd socket activation the sockets come from sigil.socket
 	// (and stay there across restarts); otherwise the agent makes its own.
@@ -310,8 +315,8 @@ wait:
 		select {
 		case <-ctx.Done():
 			// A second SIGTERM or SIGINT ends the process at once, as
-			// its default action: the journal loses nothing to a kill.
-			stop()
+			// its default action (AfterFunc above): the journal loses
+			// nothing to a kill.
 			log.Info("shutting down: finishing in-flight requests (a second SIGTERM or Ctrl-C ends the process now)", zap.Duration("grace", cfg.Limits.ShutdownGrace))
 			break wait
 		case <-hup:

@@ -322,6 +322,41 @@ func TestSecondSignalEndsTheAgentAtOnce(t *testing.T) {
 	}
 }
 
+// A second SIGTERM ends the agent at once even while the first waits for
+// a reload to finish: a reload stuck reading a file (a hung network mount,
+// here a FIFO nobody writes) used to hold the signal loop, and the second
+// SIGTERM went to a channel nobody read, so only SIGKILL ended the agent.
+func TestSecondSignalEndsTheAgentDuringAStuckReload(t *testing.T) {
+	bin := buildSigil(t)
+	r := newRotationSetup(t, "ecdsa-p256", 1)
+	a := startAgentProcess(t, bin, r.config, r.socket)
+	a.waitReady(t)
+	exited := make(chan error, 1)
+	go func() { exited <- a.cmd.Wait() }()
+	policyFile := filepath.Join(r.dir, "policy.yaml")
+	if err := os.Remove(policyFile); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(policyFile, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a.cmd.Process.Signal(syscall.SIGHUP)
+	time.Sleep(500 * time.Millisecond) // the reload blocks opening the FIFO
+	for range 2 {
+		a.cmd.Process.Signal(syscall.SIGTERM)
+		time.Sleep(100 * time.Millisecond)
+	}
+	select {
+	case err := <-exited:
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGTERM {
+			t.Fatalf("the agent ended with %v, want killed by SIGTERM\n%s", err, a.stderr.String())
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatalf("the agent still ran 5 s after a second SIGTERM during a stuck reload\n%s", a.stderr.String())
+	}
+}
+
 // A pkcs11 provider setting the agent refuses at start is refused by
 // `sigil agent --check` too (exit 1), and a start on it fails as a config
 // error naming the setting (exit 78, which sigil.service does not restart
