@@ -378,34 +378,47 @@ func (c *conn) readLoop() {
 		// wait ended, long after its client gave up.
 		arrived := time.Now()
 		held := c.tryTenantToken()
-		if !held && !c.mayWaitOnWorker() {
-			// The tenant already has as many requests waiting on workers
-			// as it may have in flight: this reader waits itself.
-			if !c.acquireSlot(req, arrived) {
-				if c.ctx.Err() != nil {
-					return
-				}
-				continue
-			}
-			held = true
-		}
 		if held && c.runInline(req, br) {
 			c.handle(req, arrived)
 			c.releaseSlot()
 			continue
 		}
-		// Backpressure: past the in-flight bound the reader stops reading,
-		// so a client that floods waits instead of growing our memory.
-		select {
-		case c.inFlight <- struct{}{}:
-		case <-c.ctx.Done():
-			if held {
+		if held {
+			select {
+			case c.inFlight <- struct{}{}:
+			default:
+				// The connection is at its in-flight bound. Waiting for a
+				// place with the tenant's held would keep it from this
+				// connection's requests on workers that wait for one:
+				// each waited out its deadline.
 				c.releaseSlot()
-			} else {
-				c.doneWaiting()
+				held = false
 			}
-			requestPool.Put(req)
-			return
+		}
+		if !held {
+			// Backpressure: past the in-flight bound the reader stops
+			// reading, so a client that floods waits instead of growing
+			// our memory.
+			select {
+			case c.inFlight <- struct{}{}:
+			case <-c.ctx.Done():
+				requestPool.Put(req)
+				return
+			}
+			held = c.tryTenantToken()
+			if !held && !c.mayWaitOnWorker() {
+				// The tenant already has as many requests waiting on
+				// workers as it may have in flight: this reader waits
+				// itself, holding no tenant place meanwhile.
+				if !c.acquireSlot(req, arrived) {
+					<-c.inFlight
+					if c.ctx.Err() != nil {
+						return
+					}
+					continue
+				}
+				held = true
+			}
 		}
 		c.handlers.Add(1)
 		c.a.workers.run(job{c: c, req: req, arrived: arrived, waitSlot: !held})

@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"runtime"
@@ -541,5 +542,48 @@ func TestTenantWaitersAreBounded(t *testing.T) {
 				t.Fatalf("a waiting request: %v %+v", err, resp)
 			}
 		}
+	}
+}
+
+// A reader does not hold one of the tenant's in-flight places while it
+// waits for one of its connection's: a request of that connection already
+// on a worker may be waiting for that very place. With both limits at 1 a
+// pipelining client's requests each waited out their deadline
+// (DEADLINE_EXCEEDED) behind the next one's reader.
+func TestReaderHoldsNoTenantPlaceWhileItsConnectionIsFull(t *testing.T) {
+	for _, lim := range []struct{ perConn, perTenant int }{{1, 1}, {2, 2}, {1, 4}} {
+		t.Run(fmt.Sprintf("per_conn=%d,per_tenant=%d", lim.perConn, lim.perTenant), func(t *testing.T) {
+			cfg := softwareConfig(t)
+			cfg.Limits.MaxInFlightPerConn = lim.perConn
+			cfg.Limits.MaxInFlightPerTenant = lim.perTenant
+			soft, err := software.Open(software.Config{ID: "kms", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "kms", Type: providers.KeyECDSAP256}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			r := startAgent(t, cfg, agent.WithProviders(remoteSlowProvider{&slowProvider{Provider: soft, delay: 20 * time.Millisecond}}))
+			pub, err := r.dial(t).PublicKey(context.Background(), client.ByName("kms"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			rc := r.raw(t)
+			rc.hello()
+			const n = 24
+			d := sha256.Sum256([]byte("pipelined"))
+			for i := range n {
+				rc.send(&proto.Request{ID: uint64(2 + i), Op: proto.OpSign, Key: "kms", Digest: d[:], TimeoutMillis: 2000})
+			}
+			for range n {
+				resp, err := rc.recv()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if resp.Code != proto.OK {
+					t.Fatalf("request %d: %s %q, want every request signed", resp.ID, resp.Code, resp.Msg)
+				}
+				if err := providers.Verify(pub.Public, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d[:], resp.Sig); err != nil {
+					t.Fatalf("request %d: %v", resp.ID, err)
+				}
+			}
+		})
 	}
 }
