@@ -181,7 +181,9 @@ const allowedThenFailed = "allowed by the policy, then failed"
 
 // record journals a signing decision. For an allowed signature it returns
 // the error that must stop the signature's release; a denial whose record
-// cannot be written stays a denial (and is logged).
+// cannot be written stays a denial (and is logged). ctx ends at the
+// request's deadline, not with the connection: a signature made is
+// journaled whether or not its client is still there to take it.
 func (c *conn) record(ctx context.Context, d *signDecision) error {
 	j := c.a.journal
 	if j == nil {

@@ -505,3 +505,71 @@ func TestAuditPruneOnAFullJournalWithAPolicy(t *testing.T) {
 		t.Fatalf("AuditVerify after the prune = %v %q %v", ok, s, err)
 	}
 }
+
+// A client that hangs up with signatures in flight gets none of them, and
+// each signature the provider made has its record all the same: the first
+// reply's failed write cancels the connection, and a signature whose
+// record was about to be appended then was neither released nor journaled.
+func TestPeerGoneMidRequestLeavesEverySignatureJournaled(t *testing.T) {
+	cfg := softwareConfig(t)
+	soft, err := software.Open(software.Config{ID: "hsm", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "hsm", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	prov := &countingSigner{Provider: &stubbornProvider{Provider: soft, delay: 100 * time.Millisecond}}
+	r := startAgent(t, cfg, agent.WithProviders(prov))
+	const rounds, n = 5, 16
+	sent := map[[32]byte]bool{}
+	for round := range rounds {
+		rc := r.raw(t)
+		rc.hello()
+		for i := range n {
+			d := sha256.Sum256([]byte{byte(round), byte(i)})
+			sent[journal.HashDigest(d[:])] = true
+			rc.send(&proto.Request{ID: uint64(2 + i), Op: proto.OpSign, Key: "hsm", Digest: d[:]})
+		}
+		time.Sleep(20 * time.Millisecond) // read by the agent, in the provider
+		rc.nc.Close()
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err := r.agent.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	codes := map[string]int{}
+	recorded := 0
+	err = j.Scan(context.Background(), journal.Filter{}, func(r *journal.Record) error {
+		if sent[r.DigestHash] {
+			recorded++
+			codes[r.CodeName]++
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if made := int(prov.signed.Load()); recorded != made {
+		t.Fatalf("%d signatures made, %d records (%v)", made, recorded, codes)
+	}
+}
+
+// countingSigner counts the signatures its provider made; the agent takes
+// it for a remote provider, so its signatures run on workers, side by side.
+type countingSigner struct {
+	providers.Provider
+	signed atomic.Int64
+}
+
+func (c *countingSigner) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	sig, err := c.Provider.Sign(ctx, key, alg, digest)
+	if err == nil {
+		c.signed.Add(1)
+	}
+	return sig, err
+}
+
+func (c *countingSigner) Remote() bool { return true }

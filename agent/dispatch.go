@@ -155,12 +155,12 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta, arr
 	}
 	// One deadline for the decision, the signature and its audit record: a
 	// record that cannot be written in time withholds the signature.
-	ctx := newRequestContext(c.ctx, d.start.Add(c.requestTimeout(req)))
-	defer ctx.release()
-	sig, err := c.decideAndSign(ctx, req, &d, fence)
+	ctxs := newSignContexts(c.ctx, d.start.Add(c.requestTimeout(req)))
+	defer ctxs.release()
+	sig, err := c.decideAndSign(&ctxs.request, req, &d, fence)
 	meta.set(d.tenant, d.target)
 	d.code = codeOf(err)
-	if rerr := c.record(ctx, &d); rerr != nil {
+	if rerr := c.record(&ctxs.record, &d); rerr != nil {
 		return rerr
 	}
 	if err != nil {

@@ -40,6 +40,30 @@ func newRequestContext(parent context.Context, deadline time.Time) *requestConte
 	return &requestContext{parent: parent, deadline: deadline}
 }
 
+// signContexts are a Sign's two contexts, in one allocation: the request's,
+// which ends with its connection too, and its audit record's, the same
+// deadline alone. A client gone while its signature's record was being
+// appended used to cancel the append before the journal took the record:
+// a signature made, withheld, and in no record.
+type signContexts struct {
+	request, record requestContext
+}
+
+func newSignContexts(conn context.Context, deadline time.Time) *signContexts {
+	if d, ok := conn.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	return &signContexts{
+		request: requestContext{parent: conn, deadline: deadline},
+		record:  requestContext{parent: context.Background(), deadline: deadline},
+	}
+}
+
+func (sc *signContexts) release() {
+	sc.request.release()
+	sc.record.release()
+}
+
 func (rc *requestContext) arm() context.Context {
 	rc.once.Do(func() {
 		ctx, cancel := context.WithDeadline(rc.parent, rc.deadline)
