@@ -14,7 +14,8 @@ import (
 )
 
 // GenerateKey creates a key pair in the token (C_GenerateKeyPair, token
-// objects; the private key can sign, is sensitive and never extractable),
+// objects; the private key can sign and do nothing else, is sensitive and
+// never extractable; the public key can only verify),
 // and adds it to the keys the provider serves under name. label and id
 // become CKA_LABEL and CKA_ID of both halves; an empty label means name, a
 // nil id a random 16-byte one. Either already naming a private key on the
@@ -220,18 +221,30 @@ func keyTemplates(kt providers.KeyType, label string, id []byte) (pub, priv []*p
 			p11.NewAttribute(p11.CKA_ID, id),
 		}
 	}
+	// Every use but signing is set false, not left out: a token's defaults
+	// fill in what the template omits, and SoftHSM2's are CKA_DECRYPT,
+	// CKA_UNWRAP, CKA_SIGN_RECOVER (raw RSA: a decryption oracle) true on
+	// the private key and CKA_ENCRYPT, CKA_WRAP true on the public one.
 	privAttrs := func(keyType uint) []*p11.Attribute {
 		return append(common(p11.CKO_PRIVATE_KEY, keyType),
 			p11.NewAttribute(p11.CKA_PRIVATE, true),
 			p11.NewAttribute(p11.CKA_SIGN, true),
 			p11.NewAttribute(p11.CKA_SENSITIVE, true),
 			p11.NewAttribute(p11.CKA_EXTRACTABLE, false),
+			p11.NewAttribute(p11.CKA_DECRYPT, false),
+			p11.NewAttribute(p11.CKA_UNWRAP, false),
+			p11.NewAttribute(p11.CKA_DERIVE, false),
+			p11.NewAttribute(p11.CKA_SIGN_RECOVER, false),
 		)
 	}
 	pubAttrs := func(keyType uint) []*p11.Attribute {
 		return append(common(p11.CKO_PUBLIC_KEY, keyType),
 			p11.NewAttribute(p11.CKA_PRIVATE, false),
 			p11.NewAttribute(p11.CKA_VERIFY, true),
+			p11.NewAttribute(p11.CKA_ENCRYPT, false),
+			p11.NewAttribute(p11.CKA_WRAP, false),
+			p11.NewAttribute(p11.CKA_DERIVE, false),
+			p11.NewAttribute(p11.CKA_VERIFY_RECOVER, false),
 		)
 	}
 	ecParams := func(oid asn1.ObjectIdentifier) []byte {

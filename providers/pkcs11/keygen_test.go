@@ -1,0 +1,105 @@
+package pkcs11
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"testing"
+
+	p11 "github.com/miekg/pkcs11"
+
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/pkcs11/softhsmtest"
+)
+
+// tokenAttributes reads the boolean attributes attrs of the one object of
+// class with CKA_ID id, through a handle of the process's own on tok's
+// module (the provider's login serves it).
+func tokenAttributes(t *testing.T, tok *softhsmtest.Token, class uint, id []byte, attrs []uint) map[uint]bool {
+	t.Helper()
+	got := map[uint]bool{}
+	tok.WithModule(t, func(c *p11.Ctx, slot uint) {
+		s, err := c.OpenSession(slot, p11.CKF_SERIAL_SESSION)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.CloseSession(s)
+		if err := c.Login(s, p11.CKU_USER, tok.PIN); err != nil && !errors.Is(err, p11.Error(p11.CKR_USER_ALREADY_LOGGED_IN)) {
+			t.Fatal(err)
+		}
+		objs, err := findObjects(c, s, []*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, class), p11.NewAttribute(p11.CKA_ID, id)}, 2)
+		if err != nil || len(objs) != 1 {
+			t.Fatalf("objects of class %d with id %x: %v %v", class, id, objs, err)
+		}
+		tmpl := make([]*p11.Attribute, len(attrs))
+		for i, a := range attrs {
+			tmpl[i] = p11.NewAttribute(a, nil)
+		}
+		vals, err := c.GetAttributeValue(s, objs[0], tmpl)
+		if err != nil {
+			t.Fatalf("C_GetAttributeValue: %v", err)
+		}
+		for _, v := range vals {
+			got[v.Type] = len(v.Value) == 1 && v.Value[0] != 0
+		}
+	})
+	return got
+}
+
+// A generated key can sign and nothing else: a private key that can also
+// decrypt, unwrap or derive is a second use of the signing key that no
+// policy of the agent governs, and its public half should not encrypt or
+// wrap for it either. SoftHSM2's defaults for what the template leaves out
+// are CKA_DECRYPT, CKA_UNWRAP (private) and CKA_ENCRYPT, CKA_WRAP (public)
+// true.
+func TestGeneratedKeyAttributes(t *testing.T) {
+	tok := softhsmtest.New(t, "genattrs")
+	p := open(t, tok, nil, func(c *Config) { c.TokenLabel = tok.Label })
+	privWant := map[uint]bool{
+		p11.CKA_TOKEN: true, p11.CKA_PRIVATE: true, p11.CKA_SENSITIVE: true, p11.CKA_EXTRACTABLE: false,
+		p11.CKA_SIGN: true, p11.CKA_DECRYPT: false, p11.CKA_UNWRAP: false, p11.CKA_DERIVE: false,
+		p11.CKA_SIGN_RECOVER: false, p11.CKA_ALWAYS_SENSITIVE: true, p11.CKA_NEVER_EXTRACTABLE: true,
+	}
+	pubWant := map[uint]bool{
+		p11.CKA_TOKEN: true, p11.CKA_PRIVATE: false, p11.CKA_VERIFY: true,
+		p11.CKA_ENCRYPT: false, p11.CKA_WRAP: false, p11.CKA_DERIVE: false, p11.CKA_VERIFY_RECOVER: false,
+	}
+	for i, kt := range []providers.KeyType{providers.KeyECDSAP256, providers.KeyEd25519, providers.KeyRSA2048} {
+		t.Run(string(kt), func(t *testing.T) {
+			id := []byte{0x50, byte(i)}
+			if _, err := p.GenerateKey(context.Background(), "attrs-"+string(kt), kt, "", id); err != nil {
+				t.Fatal(err)
+			}
+			for _, half := range []struct {
+				class uint
+				want  map[uint]bool
+			}{{p11.CKO_PRIVATE_KEY, privWant}, {p11.CKO_PUBLIC_KEY, pubWant}} {
+				var attrs []uint
+				for a := range half.want {
+					attrs = append(attrs, a)
+				}
+				got := tokenAttributes(t, tok, half.class, id, attrs)
+				for a, want := range half.want {
+					if got[a] != want {
+						t.Errorf("%s key: %s = %v, want %v", map[uint]string{p11.CKO_PRIVATE_KEY: "private", p11.CKO_PUBLIC_KEY: "public"}[half.class], attrName(a), got[a], want)
+					}
+				}
+			}
+		})
+	}
+}
+
+func attrName(a uint) string {
+	names := map[uint]string{
+		p11.CKA_TOKEN: "CKA_TOKEN", p11.CKA_PRIVATE: "CKA_PRIVATE", p11.CKA_SENSITIVE: "CKA_SENSITIVE",
+		p11.CKA_EXTRACTABLE: "CKA_EXTRACTABLE", p11.CKA_SIGN: "CKA_SIGN", p11.CKA_DECRYPT: "CKA_DECRYPT",
+		p11.CKA_UNWRAP: "CKA_UNWRAP", p11.CKA_DERIVE: "CKA_DERIVE", p11.CKA_SIGN_RECOVER: "CKA_SIGN_RECOVER",
+		p11.CKA_ALWAYS_SENSITIVE: "CKA_ALWAYS_SENSITIVE", p11.CKA_NEVER_EXTRACTABLE: "CKA_NEVER_EXTRACTABLE",
+		p11.CKA_VERIFY: "CKA_VERIFY", p11.CKA_ENCRYPT: "CKA_ENCRYPT", p11.CKA_WRAP: "CKA_WRAP",
+		p11.CKA_VERIFY_RECOVER: "CKA_VERIFY_RECOVER",
+	}
+	if n, ok := names[a]; ok {
+		return n
+	}
+	return fmt.Sprintf("0x%x", a)
+}
