@@ -275,7 +275,8 @@ func keyTemplates(kt providers.KeyType, label string, id []byte) (pub, priv []*p
 
 // AddKey starts serving a key already on the token, named by its RFC 7512
 // URI: a key version a rotation generated before a restart. The URI's token
-// must be this provider's.
+// attributes (token, serial, manufacturer, model, slot-id) must all be
+// this provider's token's.
 func (p *Provider) AddKey(ctx context.Context, kc KeyConfig) (providers.KeyInfo, error) {
 	info, err := p.addKey(ctx, kc)
 	if err == nil {
@@ -292,7 +293,10 @@ func (p *Provider) addKey(ctx context.Context, kc KeyConfig) (providers.KeyInfo,
 	if err != nil {
 		return fail(err)
 	}
-	if (tok.label != "" && tok.label != p.tokenLabel) || (tok.serial != "" && tok.serial != p.serial) {
+	// Every token attribute the URI gives counts, as at Open: a URI for
+	// another vendor's or model's token, or another slot, must not pick
+	// up a key of the same label here.
+	if !tok.matches(p.tokenInfo) || (tok.slot != nil && uint64(*tok.slot) != p.slot.Load()) {
 		return fail(fmt.Errorf("the URI names another token than %q", p.tokenLabel))
 	}
 	if !p.enter() {

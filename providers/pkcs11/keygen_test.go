@@ -103,3 +103,37 @@ func attrName(a uint) string {
 	}
 	return fmt.Sprintf("0x%x", a)
 }
+
+// AddKey serves a key named by a URI only if every token attribute the URI
+// gives is the provider's token's: a URI written for another token (its
+// manufacturer, model, serial or slot) must not pick up a key of the same
+// label on this one.
+func TestAddKeyChecksTheURIsToken(t *testing.T) {
+	tok := softhsmtest.New(t, "addkey")
+	tok.GenerateKey(t, providers.KeyECDSAP256, "k", []byte{0x61})
+	p := open(t, tok, nil, func(c *Config) { c.TokenLabel = tok.Label })
+	slot := p.slot.Load()
+	for i, tc := range []struct {
+		uri string
+		ok  bool
+	}{
+		{"pkcs11:token=addkey;object=k", true},
+		{"pkcs11:token=addkey;manufacturer=SoftHSM%20project;model=SoftHSM%20v2;object=k", true},
+		{fmt.Sprintf("pkcs11:serial=%s;slot-id=%d;id=%%61", tok.Serial, slot), true},
+		{"pkcs11:token=other;object=k", false},
+		{"pkcs11:serial=0123456789abcdef;object=k", false},
+		{"pkcs11:token=addkey;manufacturer=Other%20Vendor;object=k", false},
+		{"pkcs11:token=addkey;model=Other%20HSM;object=k", false},
+		{fmt.Sprintf("pkcs11:token=addkey;slot-id=%d;object=k", slot+1), false},
+	} {
+		t.Run(tc.uri, func(t *testing.T) {
+			info, err := p.AddKey(context.Background(), KeyConfig{Name: fmt.Sprintf("k%d", i), URI: tc.uri})
+			switch {
+			case tc.ok && err != nil:
+				t.Fatalf("AddKey: %v", err)
+			case !tc.ok && err == nil:
+				t.Fatalf("AddKey served %s (%s) through a URI for another token", info.Name, info.KID)
+			}
+		})
+	}
+}

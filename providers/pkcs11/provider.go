@@ -20,8 +20,9 @@ type Provider struct {
 	log        *zap.Logger
 	mod        *module
 	tokenSel   tokenSelector
-	tokenLabel string // for messages
-	serial     string // the token's identity for login sharing
+	tokenLabel string        // for messages
+	serial     string        // the token's identity for login sharing
+	tokenInfo  p11.TokenInfo // as found at Open: what a key URI's token attributes must match
 	pin        string
 	pinRefused *atomic.Bool // shared by the instances of one Open (login); never nil
 	// tokenFiles serializes the calls that read or write SoftHSM2's
@@ -211,6 +212,7 @@ func (p *Provider) connect(ctx context.Context) error {
 	p.slot.Store(uint64(slot))
 	p.serial = trimPadded(ti.SerialNumber)
 	p.tokenLabel = trimPadded(ti.Label)
+	p.tokenInfo = ti
 	s, err := p.openSession(false)
 	if err != nil {
 		return fmt.Errorf("open session on token %s: %w", p.tokenLabel, err)
