@@ -322,6 +322,9 @@ func (p *Provider) addKey(ctx context.Context, kc KeyConfig) (providers.KeyInfo,
 	if err != nil {
 		return fail(err)
 	}
+	if other := p.sameObject(k); other != nil {
+		return fail(fmt.Errorf("its object is served as %q already", other.info.Name))
+	}
 	if err := p.keys.Add(kc.Name, k); err != nil {
 		return fail(err)
 	}

@@ -2,8 +2,10 @@ package pkcs11
 
 import (
 	"context"
+	"crypto"
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 
 	p11 "github.com/miekg/pkcs11"
@@ -111,6 +113,8 @@ func attrName(a uint) string {
 func TestAddKeyChecksTheURIsToken(t *testing.T) {
 	tok := softhsmtest.New(t, "addkey")
 	tok.GenerateKey(t, providers.KeyECDSAP256, "k", []byte{0x61})
+	tok.GenerateKey(t, providers.KeyECDSAP256, "k2", []byte{0x62})
+	tok.GenerateKey(t, providers.KeyECDSAP256, "k3", []byte{0x63})
 	p := open(t, tok, nil, func(c *Config) { c.TokenLabel = tok.Label })
 	slot := p.slot.Load()
 	for i, tc := range []struct {
@@ -118,8 +122,8 @@ func TestAddKeyChecksTheURIsToken(t *testing.T) {
 		ok  bool
 	}{
 		{"pkcs11:token=addkey;object=k", true},
-		{"pkcs11:token=addkey;manufacturer=SoftHSM%20project;model=SoftHSM%20v2;object=k", true},
-		{fmt.Sprintf("pkcs11:serial=%s;slot-id=%d;id=%%61", tok.Serial, slot), true},
+		{"pkcs11:token=addkey;manufacturer=SoftHSM%20project;model=SoftHSM%20v2;object=k2", true},
+		{fmt.Sprintf("pkcs11:serial=%s;slot-id=%d;id=%%63", tok.Serial, slot), true},
 		{"pkcs11:token=other;object=k", false},
 		{"pkcs11:serial=0123456789abcdef;object=k", false},
 		{"pkcs11:token=addkey;manufacturer=Other%20Vendor;object=k", false},
@@ -135,5 +139,50 @@ func TestAddKeyChecksTheURIsToken(t *testing.T) {
 				t.Fatalf("AddKey served %s (%s) through a URI for another token", info.Name, info.KID)
 			}
 		})
+	}
+}
+
+// A key URI names exactly one private key object. One that matches two
+// (two keys under one label) is refused, never served by whichever the
+// token lists first; two keys of the configuration that name one object
+// by different attributes are refused as the same spelling is.
+func TestKeyURIsNameOneObjectEach(t *testing.T) {
+	tok := softhsmtest.New(t, "oneobj")
+	tok.GenerateKey(t, providers.KeyECDSAP256, "twin", []byte{0x71})
+	tok.GenerateKey(t, providers.KeyECDSAP256, "twin", []byte{0x72})
+	tok.GenerateKey(t, providers.KeyEd25519, "single", []byte{0x73})
+	for _, tc := range []struct {
+		name string
+		keys []KeyConfig
+		want string // in Open's error
+	}{
+		{"two objects under one label", []KeyConfig{{Name: "a", URI: "pkcs11:token=oneobj;object=twin"}}, "more than one private key"},
+		{"one object by label and by id", []KeyConfig{
+			{Name: "a", URI: "pkcs11:token=oneobj;object=single"},
+			{Name: "b", URI: "pkcs11:token=oneobj;id=%73"},
+		}, `"a" and "b" name the same object`},
+		{"one object by id, and by label and id", []KeyConfig{
+			{Name: "a", URI: "pkcs11:token=oneobj;id=%71"},
+			{Name: "b", URI: "pkcs11:token=oneobj;object=twin;id=%71"},
+		}, `"a" and "b" name the same object`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p, err := tryOpen(t, tok, tc.keys, nil)
+			if err == nil {
+				infos, _ := p.Keys(context.Background())
+				t.Fatalf("Open served %v", infos)
+			}
+			if !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Open: %v, want an error saying %q", err, tc.want)
+			}
+		})
+	}
+	// Each twin by its id is one object.
+	p := open(t, tok, []KeyConfig{{Name: "a", URI: "pkcs11:token=oneobj;object=twin;id=%71"}, {Name: "b", URI: "pkcs11:token=oneobj;id=%72"}}, nil)
+	if a, b := keyInfo(t, p, "a"), keyInfo(t, p, "b"); a.Public.(interface{ Equal(crypto.PublicKey) bool }).Equal(b.Public) {
+		t.Error("the twins' keys are one key")
+	}
+	if info, err := p.AddKey(context.Background(), KeyConfig{Name: "c", URI: "pkcs11:token=oneobj;object=twin;id=%72"}); err == nil {
+		t.Errorf("AddKey served b's object again as %s (%s)", info.Name, info.KID)
 	}
 }

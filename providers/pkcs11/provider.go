@@ -232,6 +232,10 @@ func (p *Provider) connect(ctx context.Context) error {
 			p.release(s)
 			return fmt.Errorf("key %q (%s): %w", k.info.Name, k.obj, err)
 		}
+		if other := p.sameObject(k); other != nil {
+			p.release(s)
+			return fmt.Errorf("keys %q and %q name the same object", other.info.Name, k.info.Name)
+		}
 	}
 	p.release(s)
 	for p.live.Load() < int32(p.size) {
@@ -275,6 +279,23 @@ func (p *Provider) resolveKey(s *session, k *key) error {
 		k.setHandle(h, s.gen)
 		return nil
 	})
+}
+
+// sameObject returns a served key other than k whose object is k's. Config
+// validation catches one URI spelled twice; two spellings (object= and
+// id=) of one object only show on the token. Served under two names, one
+// key would sign under two kids, each with its own policy.
+func (p *Provider) sameObject(k *key) *key {
+	h := k.handle.Load()
+	if h == nil {
+		return nil
+	}
+	for _, other := range p.keys.All() {
+		if o := other.handle.Load(); other != k && o != nil && o.gen == h.gen && o.obj == h.obj {
+			return other
+		}
+	}
+	return nil
 }
 
 func trimPadded(s string) string {
