@@ -186,3 +186,26 @@ func TestKeyURIsNameOneObjectEach(t *testing.T) {
 		t.Errorf("AddKey served b's object again as %s (%s)", info.Name, info.KID)
 	}
 }
+
+// A token may return fewer handles from C_FindObjects than asked for while
+// more match. The search for a key's object goes on until the token says
+// there are no more: stopping at the first answer served whichever of two
+// keys under one label the token listed first.
+func TestKeySearchGoesOnPastAShortAnswer(t *testing.T) {
+	tok := softhsmtest.New(t, "findone")
+	tok.GenerateKey(t, providers.KeyECDSAP256, "twin", []byte{0x71})
+	tok.GenerateKey(t, providers.KeyECDSAP256, "twin", []byte{0x72})
+	proxy := buildModule(t, "testdata/findone.c")
+	t.Setenv("SIGIL_TEST_FINDONE_TARGET", tok.Module)
+	p, err := tryOpen(t, tok, []KeyConfig{{Name: "a", URI: "pkcs11:token=findone;object=twin"}}, func(c *Config) { c.Module = proxy })
+	if err == nil {
+		infos, _ := p.Keys(context.Background())
+		t.Fatalf("Open through a module answering one handle a call served %v", infos)
+	}
+	if !strings.Contains(err.Error(), "more than one private key") {
+		t.Fatalf("Open: %v, want an error saying more than one private key matches", err)
+	}
+	// The proxy itself works: one key by its id opens and signs.
+	p = open(t, tok, []KeyConfig{{Name: "b", URI: "pkcs11:token=findone;id=%72"}}, func(c *Config) { c.Module = proxy })
+	signAndVerify(t, p, "b", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("through the proxy"))
+}

@@ -155,11 +155,25 @@ func (o objectSelector) attributes() []*p11.Attribute {
 	return a
 }
 
+// findObjects returns up to max objects matching tmpl. A token may answer
+// C_FindObjects with fewer handles than asked for while more match (only
+// an empty answer ends the search), so it asks until it has max or none
+// come: a caller that asks for 2 to tell one match from several must see
+// the second.
 func findObjects(ctx *p11.Ctx, s p11.SessionHandle, tmpl []*p11.Attribute, max int) ([]p11.ObjectHandle, error) {
 	if err := ctx.FindObjectsInit(s, tmpl); err != nil {
 		return nil, err
 	}
-	objs, _, err := ctx.FindObjects(s, max)
+	var objs []p11.ObjectHandle
+	var err error
+	for len(objs) < max {
+		var more []p11.ObjectHandle
+		more, _, err = ctx.FindObjects(s, max-len(objs))
+		if err != nil || len(more) == 0 {
+			break
+		}
+		objs = append(objs, more...)
+	}
 	if ferr := ctx.FindObjectsFinal(s); err == nil {
 		err = ferr
 	}

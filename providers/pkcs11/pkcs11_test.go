@@ -497,7 +497,7 @@ func buildModule(t *testing.T, src string) string {
 		t.Skip("no C compiler")
 	}
 	so := filepath.Join(t.TempDir(), "libmodule.so")
-	if out, err := exec.Command("cc", "-shared", "-fPIC", "-Wall", "-o", so, src).CombinedOutput(); err != nil {
+	if out, err := exec.Command("cc", "-shared", "-fPIC", "-Wall", "-o", so, src, "-ldl").CombinedOutput(); err != nil {
 		t.Fatalf("cc: %v\n%s", err, out)
 	}
 	return so
