@@ -72,7 +72,8 @@ type Config struct {
 	// FaultHook is for tests. When set, it is called with the name of each
 	// module operation the provider is about to make ("sign", "login",
 	// "open-session", "session-info", "find", "slot", "initialize",
-	// "generate"); a non-zero CKR_ value is then taken as the module's
+	// "generate", and in a key generation after C_GenerateKeyPair
+	// "public-key" and "destroy"); a non-zero CKR_ value is then taken as the module's
 	// answer and the real call is skipped. It must be safe for concurrent use.
 	FaultHook func(op string) uint
 }

@@ -121,10 +121,20 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 			// From here a failure destroys the new pair: left on the
 			// token it would be a key no journal record names, holding
 			// the label the next attempt needs.
+			// When the destruction fails too (the session or the device
+			// gone), the error says so and names the pair: an operator
+			// must remove it before the label and id can be used again.
 			destroy := func(err error) error {
-				_ = c.DestroyObject(sh, priv)
-				_ = c.DestroyObject(sh, pubH)
-				return err
+				derr := errors.Join(p.destroyObject(c, sh, priv), p.destroyObject(c, sh, pubH))
+				if derr == nil {
+					return err
+				}
+				p.log.Error("pkcs11 key generation failed and its key pair is left on the token",
+					zap.String("key", name), zap.Stringer("object", sel), zap.NamedError("cause", err), zap.NamedError("destroy", derr))
+				return fmt.Errorf("%w; the new key pair (label %q, id %x) is left on the token: destroying it failed: %v", err, label, id, derr)
+			}
+			if rv := hook(p.inject, "public-key"); rv != 0 {
+				return destroy(p11.Error(rv))
 			}
 			pub, err := readPublicKey(c, sh, priv)
 			if err != nil {
@@ -164,6 +174,14 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	p.log.Info("pkcs11 key generated", zap.String("key", name), zap.String("kid", k.info.KID),
 		zap.String("type", string(kt)), zap.Stringer("object", sel), zap.Duration("took", time.Since(start)))
 	return k.info, nil
+}
+
+// destroyObject is C_DestroyObject through the fault hook ("destroy").
+func (p *Provider) destroyObject(c *p11.Ctx, sh p11.SessionHandle, h p11.ObjectHandle) error {
+	if rv := hook(p.inject, "destroy"); rv != 0 {
+		return p11.Error(rv)
+	}
+	return c.DestroyObject(sh, h)
 }
 
 // URI returns the RFC 7512 URI that names a generated (or configured) key's

@@ -209,3 +209,54 @@ func TestKeySearchGoesOnPastAShortAnswer(t *testing.T) {
 	p = open(t, tok, []KeyConfig{{Name: "b", URI: "pkcs11:token=findone;id=%72"}}, func(c *Config) { c.Module = proxy })
 	signAndVerify(t, p, "b", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("through the proxy"))
 }
+
+// A generation that fails after C_GenerateKeyPair destroys the new pair;
+// when that fails too, the error says the pair is left on the token and
+// names it, so that an operator can remove it: silently left, it holds
+// the label and id the next attempt needs and is a key no record names.
+func TestGenerateKeyFailingHalfway(t *testing.T) {
+	tok := softhsmtest.New(t, "halfway")
+	faults := newFaultSwitch()
+	p := open(t, tok, nil, func(c *Config) { c.TokenLabel, c.FaultHook = tok.Label, faults.hook })
+	count := func(label string) int {
+		n := 0
+		tok.WithModule(t, func(c *p11.Ctx, slot uint) {
+			s, err := c.OpenSession(slot, p11.CKF_SERIAL_SESSION)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.CloseSession(s)
+			objs, err := findObjects(c, s, []*p11.Attribute{p11.NewAttribute(p11.CKA_LABEL, label)}, 10)
+			if err != nil {
+				t.Fatal(err)
+			}
+			n = len(objs)
+		})
+		return n
+	}
+	for _, tc := range []struct {
+		name    string
+		faults  map[string]uint
+		left    int    // objects under the label afterwards
+		saysErr string // in GenerateKey's error
+	}{
+		{"the pair destroyed", map[string]uint{"public-key": p11.CKR_DEVICE_ERROR}, 0, "CKR_DEVICE_ERROR"},
+		{"the pair left behind", map[string]uint{"public-key": p11.CKR_DEVICE_ERROR, "destroy": p11.CKR_DEVICE_ERROR}, 2, `key pair (label "half-2", id 6302) is left on the token`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			label := fmt.Sprintf("half-%d", tc.left)
+			faults.set(tc.faults)
+			_, err := p.GenerateKey(context.Background(), label, providers.KeyECDSAP256, "", []byte{0x63, byte(tc.left)})
+			faults.set(map[string]uint{})
+			if err == nil {
+				t.Fatal("GenerateKey succeeded")
+			}
+			if !strings.Contains(err.Error(), tc.saysErr) {
+				t.Errorf("GenerateKey: %v\nwant it to say %q", err, tc.saysErr)
+			}
+			if n := count(label); n != tc.left {
+				t.Errorf("%d objects under the label afterwards, want %d", n, tc.left)
+			}
+		})
+	}
+}
