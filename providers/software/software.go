@@ -12,6 +12,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"net/url"
 	"os"
@@ -268,11 +269,31 @@ func PrivateDir(dir string) error {
 // ReadKeyFile reads a PKCS#8 PEM private key written by WriteKeyFile. A file
 // readable by group or others, or owned by another user, is refused rather
 // than fixed: a key readable by others may already have been copied, and
-// one another user wrote is theirs. Errors never show the contents.
+// one another user wrote is theirs. Anything but a regular file is refused
+// too: through a symlink the checks would judge the target, not the link,
+// so a link planted while the directory was open would make a key of any
+// file of ours, and a FIFO would hang the start. The checks are made on
+// the file opened, so it cannot be swapped between them and the read.
+// Errors never show the contents.
 func ReadKeyFile(path string) (crypto.Signer, error) {
-	st, err := os.Stat(path)
+	lst, err := os.Lstat(path)
 	if err != nil {
 		return nil, err
+	}
+	if !lst.Mode().IsRegular() {
+		return nil, fmt.Errorf("key file %s is %s, not a regular file: refusing it", path, fileKind(lst.Mode()))
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if !os.SameFile(lst, st) {
+		return nil, fmt.Errorf("key file %s changed while it was opened: refusing it", path)
 	}
 	if st.Mode().Perm()&0o077 != 0 {
 		return nil, fmt.Errorf("key file %s has mode %v; want 0600", path, st.Mode().Perm())
@@ -280,7 +301,7 @@ func ReadKeyFile(path string) (crypto.Signer, error) {
 	if uid, ok := fileOwner(st); ok && uid != os.Getuid() {
 		return nil, fmt.Errorf("key file %s belongs to uid %d, not us (%d): refusing it", path, uid, os.Getuid())
 	}
-	raw, err := os.ReadFile(path)
+	raw, err := io.ReadAll(f)
 	if err != nil {
 		return nil, err
 	}
@@ -337,4 +358,20 @@ func WriteKeyFile(path string, key crypto.Signer) error {
 	}
 	defer dir.Close()
 	return dir.Sync()
+}
+
+func fileKind(m fs.FileMode) string {
+	switch {
+	case m&fs.ModeSymlink != 0:
+		return "a symlink"
+	case m.IsDir():
+		return "a directory"
+	case m&fs.ModeNamedPipe != 0:
+		return "a FIFO"
+	case m&fs.ModeSocket != 0:
+		return "a socket"
+	case m&fs.ModeDevice != 0:
+		return "a device"
+	}
+	return "special (" + m.Type().String() + ")"
 }

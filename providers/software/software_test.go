@@ -304,3 +304,50 @@ func BenchmarkSignEd25519(b *testing.B) {
 		}
 	})
 }
+
+// A key file is loaded only when it is a regular file in the key directory.
+// A symlink there (planted while the directory was open to others, or by
+// a packaging script) must not make a key of another file: the owner and
+// mode checks would judge the target, not the link, and a FIFO would hang
+// the start for ever.
+func TestOpenRefusesKeyFileNotRegular(t *testing.T) {
+	cases := []struct {
+		name  string
+		plant func(t *testing.T, dir, path string)
+	}{
+		{"symlink to another of our keys", func(t *testing.T, dir, path string) {
+			other := filepath.Join(t.TempDir(), "other.pem")
+			if _, err := Open(Config{ID: "s", DataDir: filepath.Dir(other), Keys: []KeyConfig{{"other", providers.KeyEd25519}}}); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Symlink(other, path); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"dangling symlink", func(t *testing.T, dir, path string) {
+			if err := os.Symlink(filepath.Join(dir, "nowhere"), path); err != nil {
+				t.Fatal(err)
+			}
+		}},
+		{"fifo", func(t *testing.T, dir, path string) {
+			mkfifo(t, path)
+		}},
+		{"directory", func(t *testing.T, dir, path string) {
+			if err := os.Mkdir(path, 0o700); err != nil {
+				t.Fatal(err)
+			}
+		}},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			tc.plant(t, dir, filepath.Join(dir, "k.pem"))
+			p, err := Open(Config{ID: "s", DataDir: dir, Keys: []KeyConfig{{"k", providers.KeyEd25519}}})
+			if err == nil {
+				p.Close()
+				t.Fatal("Open accepted it")
+			}
+			t.Log(err)
+		})
+	}
+}
