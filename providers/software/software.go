@@ -109,6 +109,13 @@ func (p *Provider) Sign(_ context.Context, name string, alg providers.Algorithm,
 	if !ok {
 		return nil, fmt.Errorf("software sign %s: %w", name, providers.ErrNotFound)
 	}
+	// Go's signers do not refuse a scheme of another family: an RSA key
+	// given Hash(0) signs its input raw, without a DigestInfo, and an
+	// ECDSA key signs whatever the label says. The agent checks first,
+	// but a provider must not depend on it (the PKCS#11 one does not).
+	if err := providers.CheckRequest(k.info.Type, alg, digest); err != nil {
+		return nil, fmt.Errorf("software sign %s: %w", name, err)
+	}
 	var opts crypto.SignerOpts = alg.Hash
 	switch alg.Scheme {
 	case providers.SchemePSS:

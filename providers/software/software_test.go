@@ -3,6 +3,7 @@ package software
 import (
 	"context"
 	"crypto"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/sha512"
 	"errors"
@@ -57,6 +58,13 @@ func TestSignVerifiesEveryType(t *testing.T) {
 			}
 			if err := providers.Verify(pubs[tc.key], tc.alg, tc.digest, sig); err != nil {
 				t.Fatalf("verify: %v", err)
+			}
+			if tc.alg.Scheme == providers.SchemePSS {
+				// providers.Verify accepts any salt length; the documented one is the hash's.
+				opts := &rsa.PSSOptions{SaltLength: tc.alg.Hash.Size()}
+				if err := rsa.VerifyPSS(pubs[tc.key].(*rsa.PublicKey), tc.alg.Hash, tc.digest, sig, opts); err != nil {
+					t.Fatalf("PSS salt is not the hash length: %v", err)
+				}
 			}
 			flipped := append([]byte{}, tc.digest...)
 			if len(flipped) == 0 {
@@ -348,6 +356,45 @@ func TestOpenRefusesKeyFileNotRegular(t *testing.T) {
 				t.Fatal("Open accepted it")
 			}
 			t.Log(err)
+		})
+	}
+}
+
+// Sign refuses what the key cannot sign, as the PKCS#11 provider does,
+// rather than trusting every caller to have run CheckRequest: an RSA key
+// asked for Ed25519 would otherwise sign the raw input without a
+// DigestInfo, and an ECDSA key asked for PSS would sign under the wrong
+// label.
+func TestSignRefusesWhatTheKeyCannotDo(t *testing.T) {
+	p, err := Open(Config{ID: "s", DataDir: t.TempDir(), Keys: allKeys[:5]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	d256 := sha256.Sum256([]byte("x"))
+	cases := []struct {
+		key    string
+		alg    providers.Algorithm
+		digest []byte
+		want   error
+	}{
+		{"p256", providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA256}, d256[:], providers.ErrUnsupportedAlgorithm},
+		{"p256", providers.Algorithm{Scheme: providers.SchemeEd25519}, d256[:], providers.ErrUnsupportedAlgorithm},
+		{"rsa2048", providers.Algorithm{Scheme: providers.SchemeEd25519}, d256[:], providers.ErrUnsupportedAlgorithm},
+		{"rsa2048", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d256[:], providers.ErrUnsupportedAlgorithm},
+		{"ed25519", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d256[:], providers.ErrUnsupportedAlgorithm},
+		{"ed25519", providers.Algorithm{Scheme: providers.SchemeEd25519, Hash: crypto.SHA512}, d256[:], providers.ErrUnsupportedAlgorithm},
+		{"p256", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, d256[:20], providers.ErrBadRequest},
+		{"p384", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA384}, d256[:], providers.ErrBadRequest},
+		{"rsa2048", providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA384}, d256[:], providers.ErrBadRequest},
+		{"rsa2048", providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA1}, d256[:20], providers.ErrUnsupportedAlgorithm},
+	}
+	for _, tc := range cases {
+		t.Run(tc.key+"/"+tc.alg.String(), func(t *testing.T) {
+			sig, err := p.Sign(context.Background(), tc.key, tc.alg, tc.digest)
+			if !errors.Is(err, tc.want) {
+				t.Fatalf("Sign = %d-byte signature, %v; want %v", len(sig), err, tc.want)
+			}
 		})
 	}
 }
