@@ -1144,6 +1144,9 @@ func TestConfigValidation(t *testing.T) {
 		{"unknown provider type", "providers:\n  - {id: a, type: tpm}\n", "type \"tpm\""},
 		{"pkcs11 without pin source", "providers:\n  - {id: h, type: pkcs11, module: /x.so, keys: [{name: k, uri: 'pkcs11:object=k'}]}\n", "pin_env or pin_file"},
 		{"bad key type", "providers:\n  - {id: a, type: software, keys: [{name: k, type: dsa}]}\n", "type \"dsa\""},
+		// The default key dir is DATA_DIR/keys/<id>: "../journal" would put keys in the journal's directory.
+		{"software id that leaves the keys dir", "providers:\n  - {id: ../journal, type: software, keys: [{name: k, type: ed25519}]}\n", "providers[0]: id \"../journal\""},
+		{"software id that is the keys dir", "providers:\n  - {id: ., type: software, keys: [{name: k, type: ed25519}]}\n", "providers[0]: id \".\""},
 		{"duplicate key name", "providers:\n  - {id: a, type: software, keys: [{name: k, type: ed25519}]}\n  - {id: b, type: software, keys: [{name: k, type: ed25519}]}\n", "also used"},
 		{"default key missing", "default_key: x\nproviders:\n  - {id: a, type: software, keys: [{name: k, type: ed25519}]}\n", "default_key"},
 		{"rotation calendar too short", "rotation: {calendars: {payments/release: {period: 5m}}}\n", "rotation.calendars[payments/release]"},

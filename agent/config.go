@@ -420,6 +420,12 @@ func (c *Config) Validate() error {
 		ids[p.ID] = true
 		switch p.Type {
 		case "software":
+			if defaulted := p.Dir == "" || p.Dir == filepath.Join(c.DataDir, "keys", p.ID); defaulted && p.ID != "" &&
+				(!filepath.IsLocal(p.ID) || filepath.Clean(p.ID) == ".") {
+				// The default dir would be outside DATA_DIR/keys (the journal's
+				// directory, the data dir, a parent made 0700) or keys/ itself.
+				errs = append(errs, fmt.Errorf("%s: id %q cannot name a directory under data_dir/keys: use another id, or set dir", where, p.ID))
+			}
 			for j, k := range p.Keys {
 				if !knownKeyType(k.Type) {
 					errs = append(errs, fmt.Errorf("%s.keys[%d] %q: type %q: want one of %v", where, j, k.Name, k.Type, providers.KeyTypes))
