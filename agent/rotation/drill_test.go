@@ -225,7 +225,7 @@ func TestDrillFailureLeavesSlotPaused(t *testing.T) {
 	if last := recs[len(recs)-1]; last.Op != "drill.failed" || last.CodeName != "UNAVAILABLE" || last.Seq != rep.LastSeq {
 		t.Fatalf("closing record %s %s", last.Op, last.CodeName)
 	}
-	for _, want := range []string{"FAILED", "paused", "rotate.failed", "sigil resume " + testSlot} {
+	for _, want := range []string{"FAILED", "paused", "rotate.failed", "sigil admin resume " + testSlot} {
 		if !strings.Contains(string(rep.Statement), want) {
 			t.Errorf("statement lacks %q:\n%s", want, rep.Statement)
 		}

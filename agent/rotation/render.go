@@ -136,7 +136,7 @@ func renderIncident(in *incident) []byte {
 	if in.err != nil {
 		p("- **Failed**: %s\n", md(in.err.Error()))
 		if !in.resumed && !in.wasPaused && !in.pausedMeanwhile {
-			p("- The slot was left **paused** (signing refused with `PAUSED`): resume it with `sigil resume %s` once the situation is understood.\n", md(in.slot))
+			p("- The slot was left **paused** (signing refused with `PAUSED`): resume it with `sigil admin resume %s` once the situation is understood.\n", mdCode(in.slot))
 		}
 	}
 	if r := in.result; r != nil {
