@@ -80,11 +80,13 @@ func stateText(k KeyEvidence) string {
 	return md(k.State)
 }
 
+// ts shows t as the manifest's JSON does (RFC 3339 with the fraction it
+// has): cut to seconds, a statement would disagree with what it restates.
 func ts(t time.Time) string {
 	if t.IsZero() {
 		return "–"
 	}
-	return t.UTC().Format(time.RFC3339)
+	return t.UTC().Format(time.RFC3339Nano)
 }
 
 // md makes text safe in a Markdown table cell or line.
