@@ -311,7 +311,8 @@ func VerifyREP(manifest, sig []byte, evidencePub ed25519.PublicKey) (*Manifest, 
 }
 
 // VerifyREPFile verifies the pack at manifestPath (rep-<n>.json) with its
-// signature beside it (rep-<n>.sig): `sigil rep verify FILE`.
+// signature beside it (rep-<n>.sig), and that it is the pack its place
+// names (CheckREPPlace): `sigil rep verify FILE`.
 func VerifyREPFile(manifestPath string, evidencePub ed25519.PublicKey) (*Manifest, error) {
 	manifest, err := os.ReadFile(manifestPath)
 	if err != nil {
@@ -321,7 +322,42 @@ func VerifyREPFile(manifestPath string, evidencePub ed25519.PublicKey) (*Manifes
 	if err != nil {
 		return nil, err
 	}
-	return VerifyREP(manifest, sig, evidencePub)
+	m, err := VerifyREP(manifest, sig, evidencePub)
+	if err != nil {
+		return nil, err
+	}
+	if err := CheckREPPlace(manifestPath, m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// CheckREPPlace checks that a verified pack read from path is the pack
+// that path names. A file named rep-<n>.json (REPPaths: the agent and
+// `sigil rep export` write <tenant>/<slot>/rep-<n>.json) must hold pack n
+// of that slot: the signature binds the manifest to the evidence key,
+// not to a place, so an older pack replayed, or another slot's, put in
+// its place would verify as well. A file under any other name is not
+// checked: it is verified as what its manifest says it is. Errors wrap
+// ErrInvalidREP.
+func CheckREPPlace(path string, m *Manifest) error {
+	base := filepath.Base(path)
+	digits, ok := strings.CutPrefix(base, "rep-")
+	digits, ok2 := strings.CutSuffix(digits, ".json")
+	if !ok || !ok2 || digits == "" || strings.Trim(digits, "0123456789") != "" {
+		return nil
+	}
+	abs, err := filepath.Abs(path)
+	if err != nil {
+		return fmt.Errorf("%w: %s: %v", ErrInvalidREP, path, err)
+	}
+	dir := filepath.Dir(abs)
+	place := filepath.Base(filepath.Dir(dir)) + "/" + filepath.Base(dir)
+	if base != "rep-"+strconv.Itoa(m.Number)+".json" || place != m.Slot {
+		return fmt.Errorf("%w: %s is the place of pack %s of %s, but holds pack %d of %s (another pack put in its place)",
+			ErrInvalidREP, base, digits, place, m.Number, m.Slot)
+	}
+	return nil
 }
 
 func parseKeyEvidence(k *KeyEvidence) (crypto.PublicKey, []byte, error) {

@@ -26,7 +26,9 @@ func newREPCommand() *cobra.Command {
 		Long: `Checks the detached Ed25519 signature by the agent's evidence key over the
 manifest's exact bytes, then its content: each kid matches its public key, the
 CSR is signed by the new key, every canary signature verifies. The signature
-defaults to the manifest's name with .sig for .json.
+defaults to the manifest's name with .sig for .json. A manifest named
+rep-N.json must be pack N of the slot its directories name (TENANT/SLOT/),
+where the agent and rep export put it: another pack in its place fails.
 
 Exit status: 0 the pack verifies; 1 it does not (the first problem named),
 including a file missing and an --evidence-key file that is not an Ed25519
@@ -59,6 +61,9 @@ public key (PEM, or the 32 raw bytes); 2 a usage error.`,
 				return &exitError{exitFailure, fmt.Errorf("evidence pack not verified: --evidence-key %s is not an Ed25519 public key (%w)", pubPath, err)}
 			}
 			m, err := rotation.VerifyREP(manifest, sig, pub)
+			if err == nil {
+				err = rotation.CheckREPPlace(args[0], m)
+			}
 			if err != nil {
 				return &exitError{exitFailure, fmt.Errorf("evidence pack INVALID: %w", err)}
 			}

@@ -181,3 +181,38 @@ func TestREPExportWaitsTimeoutForEachPart(t *testing.T) {
 		t.Fatalf("%s: %v, %d bytes in %d parts; want the %d-byte manifest in %d", written, err, len(got), asked.Load(), len(manifest), parts)
 	}
 }
+
+// A pack verifies as the file it is named: rep-N.json in TENANT/SLOT/, as
+// the agent and rep export write it, must be pack N of that slot. Another
+// pack put in its place (an older one replayed, another slot's, another
+// tenant's) verifies by its signature alone, and rep verify used to say
+// "evidence pack OK" for it. A copy under another name is verified as
+// what it says it is.
+func TestREPVerifyRefusesAPackInAnothersPlace(t *testing.T) {
+	manifest, pub, _ := rotatedPack(t) // pack 2 of payments/release
+	raw, _ := os.ReadFile(manifest)
+	sig, _ := os.ReadFile(strings.TrimSuffix(manifest, ".json") + ".sig")
+	for _, tc := range []struct {
+		name, at string // at: where the pack is put, under a fresh directory
+		code     int
+		says     string
+	}{
+		{"its own place", "payments/release/rep-2.json", exitOK, "evidence pack OK: payments/release rotation 2"},
+		{"a copy under another name", "pack.json", exitOK, "evidence pack OK: payments/release rotation 2"},
+		{"in place of a newer pack", "payments/release/rep-3.json", exitFailure, "rep-3.json is the place of pack 3 of payments/release, but holds pack 2 of payments/release"},
+		{"in place of another slot's", "payments/firmware/rep-2.json", exitFailure, "place of pack 2 of payments/firmware, but holds pack 2 of payments/release"},
+		{"in place of another tenant's", "billing/release/rep-2.json", exitFailure, "place of pack 2 of billing/release, but holds pack 2 of payments/release"},
+		{"a copy named rep-2.json out of its place", "rep-2.json", exitFailure, "INVALID: rotation evidence pack does not verify: rep-2.json is the place of pack 2 of"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), filepath.FromSlash(tc.at))
+			os.MkdirAll(filepath.Dir(path), 0o755)
+			os.WriteFile(path, raw, 0o644)
+			os.WriteFile(strings.TrimSuffix(path, ".json")+".sig", sig, 0o644)
+			out, stderr, code := run(t, "rep", "verify", path, "--evidence-key", pub)
+			if code != tc.code || !strings.Contains(out+stderr, tc.says) {
+				t.Fatalf("exit %d (want %d), want %q in\n%s%s", code, tc.code, tc.says, out, stderr)
+			}
+		})
+	}
+}
