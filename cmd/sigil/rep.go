@@ -91,7 +91,7 @@ part waits --timeout: the export as a whole has no bound, and goes on
 while parts come in time.
 
 Exit status: 0 written; 1 the files could not be written under --out, or
-the manifest fetched does not parse; 2 usage; 3 no agent reachable; 4 the
+the manifest fetched does not parse or is not the pack asked for; 2 usage; 3 no agent reachable; 4 the
 agent refused (no such pack: NOT_FOUND) or did not answer within --timeout.`,
 		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -113,6 +113,11 @@ agent refused (no such pack: NOT_FOUND) or did not answer within --timeout.`,
 				var m rotation.Manifest
 				if err := json.Unmarshal(manifest, &m); err != nil {
 					return "", &exitError{exitFailure, fmt.Errorf("the pack's manifest does not parse: %w", err)}
+				}
+				// Written under the manifest's own slot and number, another
+				// pack would land where it was not asked for, as "wrote".
+				if m.Slot != args[0] || n != 0 && m.Number != n {
+					return "", &exitError{exitFailure, fmt.Errorf("the agent sent pack %d of %.80q, not the pack asked for: nothing written", m.Number, m.Slot)}
 				}
 				files, err := rotation.WriteREP(out, &m, manifest, sig)
 				if err != nil {

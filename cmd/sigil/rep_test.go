@@ -216,3 +216,37 @@ func TestREPVerifyRefusesAPackInAnothersPlace(t *testing.T) {
 		})
 	}
 }
+
+// rep export writes what it asked for: a reply that carries a pack of
+// another slot, or another number than the one asked, is refused and
+// nothing is written. It used to be written, under the other pack's own
+// name, and the export said "wrote".
+func TestREPExportRefusesAnotherPack(t *testing.T) {
+	sig := bytes.Repeat([]byte{7}, 64)
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		manifest string
+	}{
+		{"another slot", []string{"a/b"}, `{"slot":"a/other","tenant":"a","number":3}`},
+		{"another number", []string{"a/b", "3"}, `{"slot":"a/b","tenant":"a","number":2}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			admin := filepath.Join(shortSocketDir(t), "admin.sock")
+			listenUnix(t, admin, func(nc net.Conn) {
+				go fakeAgent(nc, func(req *proto.Request) *proto.Response {
+					return &proto.Response{Code: proto.OK, Records: [][]byte{[]byte(tc.manifest), sig}}
+				})
+			})
+			out := t.TempDir()
+			args := append([]string{"rep", "export"}, tc.args...)
+			stdout, stderr, code := run(t, append(args, "--out", out, "--admin-socket", admin)...)
+			if code != exitFailure || !strings.Contains(stderr, "not the pack asked for") {
+				t.Fatalf("exit %d, want %d and the reason; stdout %q, stderr %q", code, exitFailure, stdout, stderr)
+			}
+			if ents, _ := os.ReadDir(out); len(ents) != 0 {
+				t.Fatalf("files written under --out: %v", ents)
+			}
+		})
+	}
+}
