@@ -354,7 +354,7 @@ func CheckREPPlace(path string, m *Manifest) error {
 	dir := filepath.Dir(abs)
 	place := filepath.Base(filepath.Dir(dir)) + "/" + filepath.Base(dir)
 	if base != "rep-"+strconv.Itoa(m.Number)+".json" || place != m.Slot {
-		return fmt.Errorf("%w: %s is the place of pack %s of %s, but holds pack %d of %s (another pack put in its place)",
+		return fmt.Errorf("%w: %s is the place of pack %s of %s, but holds pack %d of %s (another pack put in its place; a copy kept outside TENANT/SLOT/ verifies under another file name)",
 			ErrInvalidREP, base, digits, place, m.Number, m.Slot)
 	}
 	return nil
