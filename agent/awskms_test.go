@@ -49,19 +49,27 @@ providers:
 	return r
 }
 
-// An AWS KMS key (the local-kms emulator, the real SDK client) served by the
-// agent.
-func TestAgentServesAWSKMSKeys(t *testing.T) {
+// awsKeyServed starts the emulator with one key of spec under
+// alias/release and an agent serving it as "release", and returns a
+// client of the agent and the key as the agent shows it.
+func awsKeyServed(t *testing.T, spec types.KeySpec) (*client.Client, client.Key) {
+	t.Helper()
 	endpoint := awskmstest.Start(t)
 	kc := awskmstest.Client(endpoint)
-	id := awskmstest.CreateKey(t, kc, types.KeySpecEccNistP256)
-	awskmstest.CreateAlias(t, kc, "alias/release", id)
+	awskmstest.CreateAlias(t, kc, "alias/release", awskmstest.CreateKey(t, kc, spec))
 	c := startAWSAgent(t, endpoint, "alias/release").dial(t)
-	ctx := context.Background()
-	k, err := c.PublicKey(ctx, client.ByName("release"))
+	k, err := c.PublicKey(context.Background(), client.ByName("release"))
 	if err != nil {
 		t.Fatal(err)
 	}
+	return c, k
+}
+
+// An AWS KMS key (the local-kms emulator, the real SDK client) served by the
+// agent.
+func TestAgentServesAWSKMSKeys(t *testing.T) {
+	c, k := awsKeyServed(t, types.KeySpecEccNistP256)
+	ctx := context.Background()
 	d := sha256.Sum256([]byte("aws payload"))
 	sig, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
 	if err != nil {
@@ -76,16 +84,8 @@ func TestAgentServesAWSKMSKeys(t *testing.T) {
 // An Ed25519 key in AWS KMS serves as a software one does: pure Ed25519 by
 // default, over the message itself, which KMS signs up to 4096 bytes.
 func TestAgentServesAWSKMSEd25519Key(t *testing.T) {
-	endpoint := awskmstest.Start(t)
-	kc := awskmstest.Client(endpoint)
-	id := awskmstest.CreateKey(t, kc, types.KeySpecEccNistEdwards25519)
-	awskmstest.CreateAlias(t, kc, "alias/release", id)
-	c := startAWSAgent(t, endpoint, "alias/release").dial(t)
+	c, k := awsKeyServed(t, types.KeySpecEccNistEdwards25519)
 	ctx := context.Background()
-	k, err := c.PublicKey(ctx, client.ByName("release"))
-	if err != nil {
-		t.Fatal(err)
-	}
 	pub, ok := k.Public.(ed25519.PublicKey)
 	if !ok || k.Type != string(providers.KeyEd25519) {
 		t.Fatalf("public key %T of type %s", k.Public, k.Type)

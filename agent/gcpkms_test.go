@@ -33,24 +33,8 @@ func TestAgentServesGCPKMSKeys(t *testing.T) {
 	kms.Add(gcpkmstest.VersionName("release", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
 	kms.Add(gcpkmstest.VersionName("release", "2"), keys["p384"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
 	kms.Serve(t)
-	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
-providers:
-  - id: gcp
-    type: gcpkms
-    project: p
-    location: global
-    key_ring: ring
-    endpoint: %q
-    insecure_endpoint: true
-    keys:
-      - {name: release-v1, key: release, version: "1"}
-      - {name: release-latest, key: release, version: latest}
-`, kms.Addr())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.DataDir = t.TempDir()
-	cfg.Socket = shortSocketPath(t)
+	cfg := parsedConfig(t, "providers:\n"+gcpProvider(kms, "",
+		`[{name: release-v1, key: release, version: "1"}, {name: release-latest, key: release, version: latest}]`))
 	r, logs := startAgentObserved(t, cfg)
 	assertNoFieldTwice(t, logs)
 	if logs.FilterMessage("gcpkms key ready").Len() != 2 {
@@ -104,23 +88,7 @@ func TestAgentServesGCPKMSEd25519Key(t *testing.T) {
 	kms := &gcpkmstest.Server{}
 	kms.Add(gcpkmstest.VersionName("ed", "1"), edKey, kmspb.CryptoKeyVersion_EC_SIGN_ED25519)
 	kms.Serve(t)
-	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
-providers:
-  - id: gcp
-    type: gcpkms
-    project: p
-    location: global
-    key_ring: ring
-    endpoint: %q
-    insecure_endpoint: true
-    keys:
-      - {name: ed, key: ed, version: "1"}
-`, kms.Addr())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.DataDir = t.TempDir()
-	cfg.Socket = shortSocketPath(t)
+	cfg := parsedConfig(t, "providers:\n"+gcpProvider(kms, "", `[{name: ed, key: ed, version: "1"}]`))
 	r := startAgent(t, cfg)
 	c := r.dial(t)
 	ctx := context.Background()
@@ -305,32 +273,15 @@ func TestAgentStalledCloudKey(t *testing.T) {
 	stalled := kms.Add(gcpkmstest.VersionName("slow", "1"), keys["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
 	kms.Add(gcpkmstest.VersionName("fast", "1"), keys["p384"], kmspb.CryptoKeyVersion_EC_SIGN_P384_SHA384)
 	kms.Serve(t)
-	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
-providers:
-  - id: gcp
-    type: gcpkms
-    project: p
-    location: global
-    key_ring: ring
-    endpoint: %q
-    insecure_endpoint: true
-    timeout: 200ms
-    keys:
-      - {name: slow, key: slow, version: "1"}
-      - {name: fast, key: fast, version: "1"}
-`, kms.Addr())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.DataDir = t.TempDir()
-	cfg.Socket = shortSocketPath(t)
+	cfg := parsedConfig(t, "providers:\n"+gcpProvider(kms, "    timeout: 200ms\n",
+		`[{name: slow, key: slow, version: "1"}, {name: fast, key: fast, version: "1"}]`))
 	r := startAgent(t, cfg)
 	c := r.dial(t)
 	kms.Update(func() { stalled.Delay = 5 * time.Second })
 	ctx := context.Background()
 	d := sha256.Sum256([]byte("stall"))
 	start := time.Now()
-	_, err = c.Sign(ctx, client.ByName("slow"), client.Algorithm{}, d[:])
+	_, err := c.Sign(ctx, client.ByName("slow"), client.Algorithm{}, d[:])
 	if client.Code(err) != proto.DeadlineExceeded {
 		t.Fatalf("stalled KMS: %v", err)
 	}
@@ -362,24 +313,8 @@ tenants:
       - {name: slow, key: gcp-slow}
       - {name: local, key: default}
 `, os.Getuid())), 0o600)
-	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
-policy: %s
-providers:
-  - {id: soft, type: software, keys: [{name: default, type: ecdsa-p256}]}
-  - id: gcp
-    type: gcpkms
-    project: p
-    location: global
-    key_ring: ring
-    endpoint: %q
-    insecure_endpoint: true
-    keys: [{name: gcp-slow, key: slow, version: "1"}]
-`, policyFile, kms.Addr())))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.DataDir = t.TempDir()
-	cfg.Socket = shortSocketPath(t)
+	cfg := parsedConfig(t, fmt.Sprintf("policy: %s\nproviders:\n  - {id: soft, type: software, keys: [{name: default, type: ecdsa-p256}]}\n", policyFile)+
+		gcpProvider(kms, "", `[{name: gcp-slow, key: slow, version: "1"}]`))
 	r := startAgent(t, cfg)
 	c := r.dial(t)
 	ctx := context.Background()
@@ -419,25 +354,8 @@ func gcpRotationSetup(t *testing.T, version string, key ...gcpRotationKey) (*gcp
 	dir := t.TempDir()
 	policyFile := filepath.Join(dir, "policy.yaml")
 	os.WriteFile(policyFile, []byte(releasePolicy("gcp-release", "")), 0o600)
-	cfg, err := agent.ParseConfig([]byte(fmt.Sprintf(`
-policy: %s
-rotation: {canaries: 5}
-providers:
-  - id: gcp
-    type: gcpkms
-    project: p
-    location: global
-    key_ring: ring
-    endpoint: %q
-    insecure_endpoint: true
-    keys:
-      - {name: gcp-release, key: release, version: %s}
-`, policyFile, kms.Addr(), version)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.DataDir = t.TempDir()
-	cfg.Socket = shortSocketPath(t)
+	cfg := parsedConfig(t, fmt.Sprintf("policy: %s\nrotation: {canaries: 5}\nproviders:\n", policyFile)+
+		gcpProvider(kms, "", "[{name: gcp-release, key: release, version: "+version+"}]"))
 	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
 	return kms, cfg
 }
@@ -446,4 +364,24 @@ providers:
 type gcpRotationKey struct {
 	signer crypto.Signer
 	alg    kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm
+}
+
+// gcpProvider is the providers: entry of a gcpkms provider "gcp" on kms,
+// with fields (more settings, as indented lines) and keys (its keys:).
+func gcpProvider(kms *gcpkmstest.Server, fields, keys string) string {
+	return fmt.Sprintf("  - id: gcp\n    type: gcpkms\n    project: p\n    location: global\n    key_ring: ring\n    endpoint: %q\n    insecure_endpoint: true\n%s    keys: %s\n",
+		kms.Addr(), fields, keys)
+}
+
+// parsedConfig parses an agent configuration, with the test's own data dir
+// and socket.
+func parsedConfig(t *testing.T, yaml string) agent.Config {
+	t.Helper()
+	cfg, err := agent.ParseConfig([]byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.DataDir = t.TempDir()
+	cfg.Socket = shortSocketPath(t)
+	return cfg
 }
