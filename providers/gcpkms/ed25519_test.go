@@ -140,48 +140,6 @@ func TestEd25519SignRefuses(t *testing.T) {
 	}
 }
 
-// The data path keeps the digest path's integrity checks: data_crc32c
-// sent, verified_data_crc32c required, signature_crc32c checked, one
-// retry for a corrupted answer.
-func TestEd25519SignIntegrity(t *testing.T) {
-	for _, tc := range []struct {
-		name       string
-		corruptCRC int
-		unverified bool
-		wantErr    bool
-		wantCalls  int
-	}{
-		{"one corrupted signature_crc32c is retried", 1, false, false, 2},
-		{"persistent corruption fails", 100, false, true, 2},
-		{"data crc32c not verified by KMS", 0, true, true, 2},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			tf := newEd25519Fleet(t)
-			v, _ := tf.kms.Lookup(gcpkmstest.VersionName("ed", "1"))
-			tf.kms.Update(func() {
-				v.CorruptCRC, v.Unverified = tc.corruptCRC, tc.unverified
-			})
-			msg := []byte("integrity")
-			sig, err := tf.p.Sign(context.Background(), "ed", algEd25519, msg)
-			if n := tf.kms.SignCount(); n != tc.wantCalls {
-				t.Fatalf("%d sign calls, want %d", n, tc.wantCalls)
-			}
-			if tc.wantErr {
-				if !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "integrity") {
-					t.Fatalf("err = %v, want an integrity ErrUnavailable", err)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !ed25519.Verify(tf.info(t, "ed").Public.(ed25519.PublicKey), msg, sig) {
-				t.Fatal("signature does not verify")
-			}
-		})
-	}
-}
-
 // A rotation of an Ed25519 CryptoKey makes an Ed25519 version (Cloud KMS
 // takes the algorithm from the key's template), served at once.
 func TestEd25519NewVersion(t *testing.T) {

@@ -234,42 +234,55 @@ func TestSignErrorMapping(t *testing.T) {
 	}
 }
 
+// A Sign's integrity checks, on the digest path and on Ed25519's data
+// path alike: the input's crc32c sent, its verification by KMS required,
+// signature_crc32c checked, one retry for a corrupted answer.
 func TestSignIntegrity(t *testing.T) {
-	for _, tc := range []struct {
-		name       string
-		corruptCRC int
-		unverified bool
-		wantErr    bool
-		wantCalls  int
+	for _, path := range []struct {
+		name  string
+		fleet func(*testing.T) *testFleet
+		key   string
+		alg   providers.Algorithm
+		input []byte
 	}{
-		{"one corrupted signature_crc32c is retried", 1, false, false, 2},
-		{"persistent corruption fails", 100, false, true, 2},
-		{"digest crc32c not verified by KMS", 0, true, true, 2},
+		{"digest", func(t *testing.T) *testFleet { return newFleet(t, 0) }, "rsa-pss", algPS256, randomDigest(crypto.SHA256)},
+		{"Ed25519 data", newEd25519Fleet, "ed", algEd25519, []byte("integrity")},
 	} {
-		t.Run(tc.name, func(t *testing.T) {
-			tf := newFleet(t, 0)
-			v, _ := tf.kms.Lookup(gcpkmstest.VersionName("rsa-pss", "1"))
-			tf.kms.Update(func() {
-				v.CorruptCRC, v.Unverified = tc.corruptCRC, tc.unverified
-			})
-			digest := randomDigest(crypto.SHA256)
-			sig, err := tf.p.Sign(context.Background(), "rsa-pss", algPS256, digest)
-			if n := tf.kms.SignCount(); n != tc.wantCalls {
-				t.Fatalf("%d sign calls, want %d", n, tc.wantCalls)
-			}
-			if tc.wantErr {
-				if !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "integrity") {
-					t.Fatalf("err = %v, want an integrity ErrUnavailable", err)
+		for _, tc := range []struct {
+			name       string
+			corruptCRC int
+			unverified bool
+			wantErr    bool
+			wantCalls  int
+		}{
+			{"one corrupted signature_crc32c is retried", 1, false, false, 2},
+			{"persistent corruption fails", 100, false, true, 2},
+			{"input crc32c not verified by KMS", 0, true, true, 2},
+		} {
+			t.Run(path.name+"/"+tc.name, func(t *testing.T) {
+				tf := path.fleet(t)
+				v, _ := tf.kms.Lookup(gcpkmstest.VersionName(path.key, "1"))
+				tf.kms.Update(func() {
+					v.CorruptCRC, v.Unverified = tc.corruptCRC, tc.unverified
+				})
+				sig, err := tf.p.Sign(context.Background(), path.key, path.alg, path.input)
+				if n := tf.kms.SignCount(); n != tc.wantCalls {
+					t.Fatalf("%d sign calls, want %d", n, tc.wantCalls)
 				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := providers.Verify(tf.info(t, "rsa-pss").Public, algPS256, digest, sig); err != nil {
-				t.Fatal(err)
-			}
-		})
+				if tc.wantErr {
+					if !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "integrity") {
+						t.Fatalf("err = %v, want an integrity ErrUnavailable", err)
+					}
+					return
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := providers.Verify(tf.info(t, path.key).Public, path.alg, path.input, sig); err != nil {
+					t.Fatal(err)
+				}
+			})
+		}
 	}
 }
 
