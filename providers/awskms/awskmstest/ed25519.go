@@ -137,6 +137,11 @@ func (f *Front) forward(r *http.Request, body []byte) (*answer, error) {
 		return nil, err
 	}
 	req.Header = r.Header.Clone()
+	return f.do(req)
+}
+
+// do sends req to local-kms and reads its whole answer.
+func (f *Front) do(req *http.Request) (*answer, error) {
 	resp, err := f.client.Do(req)
 	if err != nil {
 		return nil, err
@@ -171,16 +176,7 @@ func (f *Front) call(ctx context.Context, op string, in any) (*answer, error) {
 	}
 	req.Header.Set("Content-Type", "application/x-amz-json-1.1")
 	req.Header.Set("X-Amz-Target", "TrentService."+op)
-	resp, err := f.client.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return nil, err
-	}
-	return &answer{status: resp.StatusCode, header: resp.Header, body: body}, nil
+	return f.do(req)
 }
 
 func writeError(w http.ResponseWriter, code, msg string) {
