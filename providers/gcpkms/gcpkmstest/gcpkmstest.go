@@ -237,7 +237,17 @@ func (f *Server) AsymmetricSign(ctx context.Context, req *kmspb.AsymmetricSignRe
 	if strings.HasPrefix(v.Alg.String(), "RSA_SIGN_PSS_") {
 		opts = &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: hash}
 	}
-	sig, err := v.Signer.Sign(rand.Reader, digest, opts)
+	resp, err := signed(v, req, digest, opts, corrupt)
+	if err == nil {
+		resp.VerifiedDigestCrc32C = req.DigestCrc32C != nil && !unverified
+	}
+	return resp, err
+}
+
+// signed signs input with v and answers it with the signature's CRC32C,
+// a wrong one when corrupt.
+func signed(v *Version, req *kmspb.AsymmetricSignRequest, input []byte, opts crypto.SignerOpts, corrupt bool) (*kmspb.AsymmetricSignResponse, error) {
+	sig, err := v.Signer.Sign(rand.Reader, input, opts)
 	if err != nil {
 		return nil, status.Error(codes.Internal, err.Error())
 	}
@@ -245,12 +255,7 @@ func (f *Server) AsymmetricSign(ctx context.Context, req *kmspb.AsymmetricSignRe
 	if corrupt {
 		sum ^= 0x5a
 	}
-	return &kmspb.AsymmetricSignResponse{
-		Name:                 req.Name,
-		Signature:            sig,
-		SignatureCrc32C:      wrapperspb.Int64(sum),
-		VerifiedDigestCrc32C: req.DigestCrc32C != nil && !unverified,
-	}, nil
+	return &kmspb.AsymmetricSignResponse{Name: req.Name, Signature: sig, SignatureCrc32C: wrapperspb.Int64(sum)}, nil
 }
 
 // MaxDataSize is the most AsymmetricSignRequest.data Cloud KMS takes, as
@@ -269,20 +274,11 @@ func signData(v *Version, req *kmspb.AsymmetricSignRequest, corrupt, unverified 
 	if req.DataCrc32C != nil && int64(crc32.Checksum(req.Data, crc32c)) != req.DataCrc32C.Value {
 		return nil, status.Error(codes.InvalidArgument, "data_crc32c mismatch")
 	}
-	sig, err := v.Signer.Sign(rand.Reader, req.Data, crypto.Hash(0))
-	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
+	resp, err := signed(v, req, req.Data, crypto.Hash(0), corrupt)
+	if err == nil {
+		resp.VerifiedDataCrc32C = req.DataCrc32C != nil && !unverified
 	}
-	sum := int64(crc32.Checksum(sig, crc32c))
-	if corrupt {
-		sum ^= 0x5a
-	}
-	return &kmspb.AsymmetricSignResponse{
-		Name:               req.Name,
-		Signature:          sig,
-		SignatureCrc32C:    wrapperspb.Int64(sum),
-		VerifiedDataCrc32C: req.DataCrc32C != nil && !unverified,
-	}, nil
+	return resp, err
 }
 
 // TB is the part of testing.TB Serve uses; *testing.T and *testing.B
