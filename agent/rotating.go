@@ -121,14 +121,15 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 	if err := a.enrollSlots(ctx, store, a.policy.Set()); err != nil {
 		return err
 	}
-	evKey, err := rotation.LoadOrCreateEvidenceKey(filepath.Join(a.cfg.DataDir, "evidence.key"))
+	evidenceDir := filepath.Join(a.cfg.DataDir, "evidence")
+	evKey, err := rotation.OpenEvidenceKey(ctx, filepath.Join(a.cfg.DataDir, "evidence.key"), evidenceDir, store)
 	if err != nil {
-		return err
+		return evidenceKeyError(err)
 	}
 	host, _ := os.Hostname()
 	rot, err := rotation.NewRotator(store, rotation.Options{
 		EvidenceKey:     evKey,
-		EvidenceDir:     filepath.Join(a.cfg.DataDir, "evidence"),
+		EvidenceDir:     evidenceDir,
 		Host:            host,
 		DefaultOverlap:  a.cfg.Rotation.Overlap,
 		DefaultCanaries: a.cfg.Rotation.Canaries,
@@ -136,7 +137,7 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 		Logger:          a.log.Named("rotation"),
 	})
 	if err != nil {
-		return err
+		return evidenceKeyError(err)
 	}
 	a.rot = rot
 	cals, err := parseCalendars(a.cfg.Rotation.Calendars)
@@ -172,6 +173,17 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 		a.log.Warn("could not write the evidence public key", zap.Error(err))
 	}
 	return nil
+}
+
+// evidenceKeyError marks a lost evidence key, or a public key file of
+// another key, as the operator's to resolve (IsConfigError): every start
+// fails the same way until the key is restored or the old public key is
+// moved aside, so a supervisor should not restart the agent on it.
+func evidenceKeyError(err error) error {
+	if errors.Is(err, rotation.ErrEvidenceKeyLost) || errors.Is(err, rotation.ErrEvidenceKeyMismatch) {
+		return &configError{err}
+	}
+	return err
 }
 
 // servable reports whether v's key signs here now: served, under v's kid.

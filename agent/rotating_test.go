@@ -1,6 +1,7 @@
 package agent_test
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/sha256"
@@ -580,6 +581,115 @@ func TestRotationCSRHasTheConfiguredSubject(t *testing.T) {
 					t.Fatalf("CSR subject %q (manifest %q), want %q", got, m.CSR.Subject, tc.want)
 				}
 			})
+		})
+	}
+}
+
+// The evidence key file lost while its packs are kept (a backup restored
+// without DATA_DIR/evidence.key, an operator's mistake): the agent used to
+// make a new key at the next start, silently, and write its public half
+// over evidence-key.pub.pem and evidence.pub, so every pack kept pointed at
+// a key file that no longer verified it, and the old public key was gone
+// from the host. The start is refused now, naming the key the packs need
+// and the two ways on; moving the public key aside under its fingerprint
+// begins a new key, and the old packs still verify with the file kept.
+func TestLostEvidenceKeyIsNotReplacedSilently(t *testing.T) {
+	ctx := context.Background()
+	for _, tc := range []struct {
+		name    string
+		disturb func(t *testing.T, evDir, oldID string) // after evidence.key is removed
+		refused bool
+	}{
+		{"the public key and the packs kept", func(*testing.T, string, string) {}, true},
+		{"the public key lost too, the packs kept", func(t *testing.T, evDir, _ string) {
+			if err := os.Remove(filepath.Join(evDir, "evidence-key.pub.pem")); err != nil {
+				t.Fatal(err)
+			}
+		}, true},
+		{"the public key moved aside under another name", func(t *testing.T, evDir, _ string) {
+			if err := os.Rename(filepath.Join(evDir, "evidence-key.pub.pem"), filepath.Join(evDir, "old.pem")); err != nil {
+				t.Fatal(err)
+			}
+		}, true},
+		{"the public key moved aside under its fingerprint", func(t *testing.T, evDir, oldID string) {
+			if err := os.Rename(filepath.Join(evDir, "evidence-key.pub.pem"), filepath.Join(evDir, "evidence-key-"+oldID+".pub.pem")); err != nil {
+				t.Fatal(err)
+			}
+		}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := smallRotationConfig(t)
+			agentLifetime(t, cfg, func(_, admin *client.Client) {
+				if err := admin.Rotate(ctx, "payments/release"); err != nil {
+					t.Fatal(err)
+				}
+			})
+			evDir := filepath.Join(cfg.DataDir, "evidence")
+			pubFile := filepath.Join(evDir, "evidence-key.pub.pem")
+			oldPEM, err := os.ReadFile(pubFile)
+			if err != nil {
+				t.Fatal(err)
+			}
+			oldPub, err := rotation.ParseEvidencePublicKey(oldPEM)
+			if err != nil {
+				t.Fatal(err)
+			}
+			oldID := rotation.EvidenceKeyID(oldPub)
+			pack, _, _, _ := rotation.REPPaths(evDir, "payments/release", 2)
+			if _, err := rotation.VerifyREPFile(pack, oldPub); err != nil {
+				t.Fatalf("the pack before the key was lost: %v", err)
+			}
+			if err := os.Remove(filepath.Join(cfg.DataDir, "evidence.key")); err != nil {
+				t.Fatal(err)
+			}
+			tc.disturb(t, evDir, oldID)
+
+			a, err := agent.New(ctx, cfg, zaptest.NewLogger(t, zaptest.Level(zap.ErrorLevel)))
+			if a != nil {
+				defer a.Shutdown(ctx)
+			}
+			if !tc.refused {
+				if err != nil {
+					t.Fatalf("the start after the old public key was kept aside: %v", err)
+				}
+				kept, err := os.ReadFile(filepath.Join(evDir, "evidence-key-"+oldID+".pub.pem"))
+				if err != nil || !bytes.Equal(kept, oldPEM) {
+					t.Fatalf("the old public key kept aside: %v", err)
+				}
+				newPEM, _ := os.ReadFile(pubFile)
+				if newPub, err := rotation.ParseEvidencePublicKey(newPEM); err != nil || rotation.EvidenceKeyID(newPub) == oldID {
+					t.Fatalf("evidence-key.pub.pem after a new key began: %v, the old key %v", err, rotation.EvidenceKeyID(newPub) == oldID)
+				}
+				if _, err := rotation.VerifyREPFile(pack, oldPub); err != nil {
+					t.Fatalf("the old pack with the key kept aside: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				besidePEM, _ := os.ReadFile(pubFile)
+				beside, _ := rotation.ParseEvidencePublicKey(besidePEM)
+				_, verr := rotation.VerifyREPFile(pack, beside)
+				t.Fatalf("the agent started with a new evidence key; evidence-key.pub.pem replaced: %v; the old pack with the key beside it: %v",
+					!bytes.Equal(besidePEM, oldPEM), verr)
+			}
+			t.Logf("refused: %v", err)
+			if !agent.IsConfigError(err) {
+				t.Errorf("refused as %v (code %s), want a configuration error (exit 78: a restart does not cure it)", err, agent.Code(err))
+			}
+			for _, want := range []string{oldID, "evidence.key", "evidence-key-" + oldID + ".pub.pem"} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("the refusal %q does not name %q", err, want)
+				}
+			}
+			if _, serr := os.Stat(filepath.Join(cfg.DataDir, "evidence.key")); !os.IsNotExist(serr) {
+				t.Errorf("a refused start left an evidence key: %v", serr)
+			}
+			if after, _ := os.ReadFile(filepath.Join(cfg.DataDir, "evidence.pub")); !bytes.Equal(after, oldPEM) {
+				t.Error("a refused start replaced DATA_DIR/evidence.pub")
+			}
+			if _, err := rotation.VerifyREPFile(pack, oldPub); err != nil {
+				t.Errorf("the old pack after a refused start: %v", err)
+			}
 		})
 	}
 }

@@ -97,7 +97,9 @@ func WithProviders(p ...providers.Provider) Option {
 // fault: the config fails its checks, the policy fails its own or names a
 // key no provider serves, a PKCS#11 provider's PIN source gives no PIN, or
 // its module does not load (pkcs11.ErrModuleLoad; not a module whose
-// C_Initialize fails, which a restart may get past).
+// C_Initialize fails, which a restart may get past), or the evidence key
+// file is missing while evidence of it is kept (rotation.ErrEvidenceKeyLost,
+// ErrEvidenceKeyMismatch).
 // Starting again fails the same way until an operator changes the config,
 // a file it names or the agent's environment, so a supervisor should not
 // restart the agent on it. It has no wire code: Code calls it INTERNAL,

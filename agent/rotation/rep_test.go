@@ -255,3 +255,49 @@ func TestEvidenceKeyFile(t *testing.T) {
 		t.Fatal("NewRotator without an evidence key")
 	}
 }
+
+// NewRotator never writes its evidence public key over a file that holds
+// another key, or one it cannot read: the packs in the evidence directory
+// are verified with that file. It used to replace it whatever it held. A
+// first start (no file) and a restart (the same key) write it.
+func TestNewRotatorKeepsAnotherKeysPublicKeyFile(t *testing.T) {
+	key := func() ed25519.PrivateKey {
+		_, k, err := ed25519.GenerateKey(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	ours, theirs := key(), key()
+	for _, tc := range []struct {
+		name    string
+		had     []byte // nil: no file
+		refused bool
+	}{
+		{"no file: a first start", nil, false},
+		{"the same key: a restart", MarshalEvidencePublicKey(ours.Public().(ed25519.PublicKey)), false},
+		{"another key", MarshalEvidencePublicKey(theirs.Public().(ed25519.PublicKey)), true},
+		{"a file that does not parse", []byte("-----BEGIN PUBLIC KEY-----\ncut"), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			path := filepath.Join(dir, EvidencePublicKeyFile)
+			if tc.had != nil {
+				if err := os.WriteFile(path, tc.had, 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_, err := NewRotator(&Store{}, Options{EvidenceKey: ours, EvidenceDir: dir})
+			after, _ := os.ReadFile(path)
+			if tc.refused {
+				if !errors.Is(err, ErrEvidenceKeyMismatch) || !bytes.Equal(after, tc.had) {
+					t.Fatalf("NewRotator: %v, the file kept %v; want ErrEvidenceKeyMismatch and the file as it was", err, bytes.Equal(after, tc.had))
+				}
+				return
+			}
+			if got, perr := ParseEvidencePublicKey(after); err != nil || perr != nil || !got.Equal(ours.Public()) {
+				t.Fatalf("NewRotator: %v; the file: %v", err, perr)
+			}
+		})
+	}
+}

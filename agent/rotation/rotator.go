@@ -10,6 +10,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
+	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -89,7 +91,9 @@ type Rotator struct {
 
 // NewRotator returns a Rotator over store. When EvidenceDir is set it
 // writes the evidence public key there as evidence-key.pub.pem, for
-// verifiers; they should pin it by its fingerprint (EvidenceKeyID).
+// verifiers; they should pin it by its fingerprint (EvidenceKeyID). A file
+// there that holds another key, or does not parse, is not replaced: the
+// error wraps ErrEvidenceKeyMismatch.
 func NewRotator(store *Store, opts Options) (*Rotator, error) {
 	if store == nil {
 		return nil, errors.New("rotation: a store is required")
@@ -107,7 +111,15 @@ func NewRotator(store *Store, opts Options) (*Rotator, error) {
 	}
 	r := &Rotator{store: store, opts: opts, evidencePub: pub, log: opts.Logger}
 	if opts.EvidenceDir != "" {
-		if err := writeFileAtomic(opts.EvidenceDir, "evidence-key.pub.pem", MarshalEvidencePublicKey(pub)); err != nil {
+		path := filepath.Join(opts.EvidenceDir, EvidencePublicKeyFile)
+		switch had, err := readEvidencePublicKey(path); {
+		case err == nil && !had.Equal(pub):
+			return nil, fmt.Errorf("rotation: %w: %s holds evidence key %s, not this agent's %s; it verifies the packs kept there and is not replaced (move it to %s to keep it beside them)",
+				ErrEvidenceKeyMismatch, path, EvidenceKeyID(had), EvidenceKeyID(pub), filepath.Join(opts.EvidenceDir, KeptEvidencePublicKeyFile(EvidenceKeyID(had))))
+		case err != nil && !errors.Is(err, fs.ErrNotExist):
+			return nil, fmt.Errorf("rotation: %w: %w", ErrEvidenceKeyMismatch, err)
+		}
+		if err := writeFileAtomic(opts.EvidenceDir, EvidencePublicKeyFile, MarshalEvidencePublicKey(pub)); err != nil {
 			return nil, fmt.Errorf("rotation: evidence dir: %w", err)
 		}
 	}

@@ -35,7 +35,8 @@ func newAgentCommand(g *globalFlags) *cobra.Command {
 		Long: `Run the signing agent in the foreground until SIGTERM or SIGINT. A start
 that cannot succeed until an operator acts (a config or policy that fails
 its checks, a PIN source that gives no PIN, a PKCS#11 module path that
-gives no library, a PIN refused, a token locked) exits 78, which
+gives no library, a PIN refused, a token locked, the evidence key lost
+while its packs are kept) exits 78, which
 sigil.service does not restart on; another failed start (a module whose
 device does not answer, say) exits 1.
 
