@@ -44,14 +44,21 @@ func (c *conn) dispatch(req *proto.Request, resp *proto.Response, arrived time.T
 		err = c.adminOp(req, resp)
 	case proto.OpListKeys, proto.OpPublicKey, proto.OpSign, proto.OpVerify:
 		if c.admin {
-			err = &proto.Error{Code: proto.PermissionDenied, Msg: "the admin socket serves admin operations only"}
+			// An admin a reload revoked is told that first, as on every op.
+			if err = c.admitted(); err == nil {
+				err = &proto.Error{Code: proto.PermissionDenied, Msg: "the admin socket serves admin operations only"}
+			}
 			break
 		}
 		err = c.keyOp(req, resp, &meta, arrived, fence)
 	case proto.OpOutOfRange:
-		err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("unknown operation (%d or more)", req.Op)}
+		if err = c.admitted(); err == nil {
+			err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("unknown operation (%d or more)", req.Op)}
+		}
 	default:
-		err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("unknown operation %d", req.Op)}
+		if err = c.admitted(); err == nil {
+			err = &proto.Error{Code: proto.BadRequest, Msg: fmt.Sprintf("unknown operation %d", req.Op)}
+		}
 	}
 	m.inFlight.Add(-1)
 	if err == nil {

@@ -334,6 +334,11 @@ func (c *conn) tlsAdmin() bool { return !c.admin && !c.peer.unix && c.isAdmin() 
 func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 	if !c.admin {
 		if !c.tlsAdmin() {
+			// A peer whose mapping a reload removed learns that, not
+			// merely that this op is not its to ask.
+			if err := c.admitted(); err != nil {
+				return err
+			}
 			return &proto.Error{Code: proto.PermissionDenied, Msg: req.Op.String() + " needs the admin role (the admin socket, or an mTLS identity in the policy's admins)"}
 		}
 	} else if !c.isAdmin() {
