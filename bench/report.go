@@ -26,7 +26,10 @@ type Result struct {
 	Errors     int     `json:"errors"`
 	CPUPerOpUs float64 `json:"cpu_per_op_us"` // this process, its waited-for children and Scenario.CPU, per successful op
 	Reps       int     `json:"reps"`
-	Err        string  `json:"error,omitempty"` // NewWorker failed: not run, or not every rep
+	Err        string  `json:"error,omitempty"` // NewWorker failed or ops went unanswered: not run, or not every rep
+	// Unanswered: Err is that ops were still unanswered Options.Drain
+	// after a phase. The signer, not the harness, failed: an SLO miss.
+	Unanswered bool `json:"unanswered,omitempty"`
 
 	// Each rep's own p50 and ops/s, in rep order (a rep without one
 	// successful op has p50 0). The figures above are their medians; these
@@ -72,11 +75,12 @@ func (r *Report) Find(scenario, key string, conns int) (Result, bool) {
 
 // Skipped returns the results that did not run to completion because a
 // worker could not be opened. They are neither passes nor SLO violations: the
-// harness, not the signer, failed to measure them.
+// harness, not the signer, failed to measure them. A result whose ops went
+// unanswered is not among them: that is the signer's failure.
 func (r *Report) Skipped() []Result {
 	var out []Result
 	for _, res := range r.Results {
-		if res.Err != "" {
+		if res.Err != "" && !res.Unanswered {
 			out = append(out, res)
 		}
 	}
@@ -296,6 +300,9 @@ func (r *Report) Markdown(w io.Writer) error {
 	for _, res := range r.Results {
 		fmt.Fprintf(&b, "| %s | %s | %d ", mdEscape(res.Scenario), mdEscape(res.Key), res.Conns)
 		switch {
+		case res.Unanswered && res.Reps == 0:
+			b.WriteString("| – | – | – | – | – | – | unanswered |\n")
+			continue
 		case res.Err != "" && res.Reps == 0:
 			b.WriteString("| – | – | – | – | – | – | not run |\n")
 			continue

@@ -167,6 +167,7 @@ run:
 						break run
 					}
 					c.err = err.Error()
+					c.unanswered = errors.Is(err, errUnanswered)
 					opts.progress("rep %d/%d %s@%d: not run: %v", rep, opts.Reps, sc.label(), conns, err)
 					continue
 				}
@@ -223,10 +224,13 @@ func (m *repMeasurement) describe(sc Scenario, conns int) string {
 
 // cell accumulates the reps of one scenario at one connection count.
 type cell struct {
-	reps     []repMeasurement
-	merged   []time.Duration // every rep's samples, for the CDF
-	err      string          // NewWorker failed
-	firstErr error
+	reps   []repMeasurement
+	merged []time.Duration // every rep's samples, for the CDF
+	err    string          // NewWorker failed, or the ops went unanswered
+	// unanswered: err is errUnanswered, the signer's failure rather
+	// than the harness's.
+	unanswered bool
+	firstErr   error
 }
 
 func (c *cell) add(m repMeasurement) {
@@ -239,7 +243,7 @@ func (c *cell) add(m repMeasurement) {
 }
 
 func (c *cell) result(sc Scenario, conns int) Result {
-	r := Result{Scenario: sc.Name, Key: sc.Key, Conns: conns, Reps: len(c.reps), Err: c.err}
+	r := Result{Scenario: sc.Name, Key: sc.Key, Conns: conns, Reps: len(c.reps), Err: c.err, Unanswered: c.unanswered}
 	if c.firstErr != nil {
 		r.OpErr = c.firstErr.Error()
 	}

@@ -103,6 +103,8 @@ type Violation struct {
 	Measured   time.Duration // the median over reps of that percentile
 	Limit      time.Duration
 	AllFailed  bool
+	// Unanswered: ops were still unanswered Options.Drain after a phase.
+	Unanswered bool
 	Errors     int
 	Ops        int64 // successful ops, beside Errors when some failed
 	// NoneMeasured: not one result of the report was measured.
@@ -116,6 +118,8 @@ func (v Violation) String() string {
 	}
 	where := fmt.Sprintf("%s/%s@%d", v.Scenario, v.Key, v.Conns)
 	switch {
+	case v.Unanswered:
+		return where + ": ops went unanswered (the signer stopped answering)"
 	case v.AllFailed:
 		return fmt.Sprintf("%s: every op failed (%d errors)", where, v.Errors)
 	case v.Percentile == "":
@@ -149,14 +153,15 @@ func (vs Violations) Err() error {
 // judges it (s.For: CloudSLO for the cloud scenarios, s for the rest), and
 // every result in which an op failed. Results that were not run at all
 // (Report.Skipped) are not judged; one whose later reps could not run is
-// judged on the reps that did. A report in which no result was judged is a
+// judged on the reps that did. One whose ops went unanswered (Result.
+// Unanswered) misses, in whichever rep it hung. A report in which no result was judged is a
 // violation too: an SLO is not met by nothing. The figures checked are the
 // medians over reps.
 func (s SLO) Check(r *Report) Violations {
 	var out Violations
 	judged := 0
 	for _, res := range r.Results {
-		if res.Reps == 0 {
+		if res.Reps == 0 && !res.Unanswered {
 			continue
 		}
 		judged++
@@ -173,7 +178,7 @@ func (s SLO) Check(r *Report) Violations {
 // results that ran.
 func CheckCloud(r *Report) (judged int, vs Violations) {
 	for _, res := range r.Results {
-		if !IsCloudScenario(res.Scenario) || res.Reps == 0 {
+		if !IsCloudScenario(res.Scenario) || (res.Reps == 0 && !res.Unanswered) {
 			continue
 		}
 		judged++
@@ -183,6 +188,11 @@ func CheckCloud(r *Report) (judged int, vs Violations) {
 }
 
 func (s SLO) check(res Result) Violations {
+	if res.Unanswered {
+		// The earlier reps' figures, if any, do not clear a signer that
+		// then hung.
+		return Violations{{Scenario: res.Scenario, Key: res.Key, Conns: res.Conns, Unanswered: true, Errors: res.Errors, Ops: res.Ops}}
+	}
 	if res.AllFailed {
 		return Violations{{Scenario: res.Scenario, Key: res.Key, Conns: res.Conns, AllFailed: true, Errors: res.Errors}}
 	}

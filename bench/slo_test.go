@@ -1,8 +1,11 @@
 package bench
 
 import (
+	"context"
+	"fmt"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -225,6 +228,65 @@ func TestCheckCloud(t *testing.T) {
 			}
 			if tt.markdown != "" && !strings.Contains(b.String(), tt.markdown) {
 				t.Errorf("markdown lacks %q:\n%s", tt.markdown, b.String())
+			}
+		})
+	}
+}
+
+// A signer that stops answering is the worst latency there is, not a
+// scenario the harness failed to set up: it misses the SLO, whether it
+// hung in the first rep or a later one.
+func TestSLOCheckJudgesAScenarioThatStopsAnswering(t *testing.T) {
+	var n atomic.Int64
+	// hangAt(k): the workers of the first k measurements answer, later
+	// ones never do.
+	hangAt := func(k int64) Scenario {
+		return Scenario{Name: fmt.Sprintf("hangs-after-%d", k), Key: "k", NewWorker: func(context.Context) (func(context.Context) error, func() error, error) {
+			hang := n.Add(1) > k
+			return func(ctx context.Context) error {
+				if hang {
+					<-ctx.Done()
+					return ctx.Err()
+				}
+				return nil
+			}, nil, nil
+		}}
+	}
+	fine := Scenario{Name: "fine", Key: "k", NewWorker: func(context.Context) (func(context.Context) error, func() error, error) {
+		return func(context.Context) error { time.Sleep(10 * time.Microsecond); return nil }, nil, nil
+	}}
+	seeds, err := ParseSLO("p95=50ms,p99=200ms")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		name string
+		sc   Scenario
+		reps int // of the hanging scenario that ran
+	}{
+		{"hangs in the first rep", hangAt(0), 0},
+		{"hangs in the second rep", hangAt(1), 1},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			n.Store(0)
+			opts := Options{Conns: []int{1}, Duration: 20 * time.Millisecond, Warmup: -1, Reps: 2, Drain: 100 * time.Millisecond}
+			report, err := Run(context.Background(), []Scenario{fine, tt.sc}, opts)
+			if err != nil {
+				t.Fatal(err)
+			}
+			r, ok := report.Find(tt.sc.Name, "k", 1)
+			if !ok || !strings.Contains(r.Err, "unanswered") || r.Reps != tt.reps {
+				t.Fatalf("%s: err %q, %d reps; want unanswered after %d", tt.sc.Name, r.Err, r.Reps, tt.reps)
+			}
+			vs := seeds.Check(report)
+			if len(vs) != 1 || vs[0].Scenario != tt.sc.Name || !strings.Contains(vs[0].String(), "unanswered") {
+				t.Fatalf("violations %v, want %s's unanswered ops", vs, tt.sc.Name)
+			}
+			if vs.Err() == nil {
+				t.Fatal("the command would exit 0")
+			}
+			if sk := report.Skipped(); len(sk) != 0 {
+				t.Errorf("Skipped() = %v: a hung signer is not the harness's failure", sk)
 			}
 		})
 	}
