@@ -207,7 +207,7 @@ func (s SLO) check(res Result) Violations {
 		if !ok {
 			continue // only a hand-built SLO can hold an unknown name
 		}
-		measured := time.Duration(get(res) * float64(time.Microsecond))
+		measured := usDuration(get(res))
 		if measured > l.Max {
 			out = append(out, Violation{
 				Scenario: res.Scenario, Key: res.Key, Conns: res.Conns,

@@ -148,6 +148,14 @@ func TestSLOCheck(t *testing.T) {
 			want:   []string{"agent-unix/ecdsa-p256@1: p99 200.004ms > 200ms"},
 		},
 		{
+			// 256.001 µs in float µs times 1000 is 256000.99999999997 ns:
+			// truncated to a Duration it sat on the limit.
+			name:   "a miss of one nanosecond",
+			slo:    SLO{Limits: []Limit{{"p99", 256 * time.Microsecond}}},
+			report: report(res("direct", 1, 100, durationUs(256*time.Microsecond+1))),
+			want:   []string{"direct/ecdsa-p256@1: p99 256.001µs > 256µs"},
+		},
+		{
 			name:   "p99.9 limit",
 			slo:    SLO{Limits: []Limit{{"p99.9", 500 * time.Microsecond}}},
 			report: report(res("direct", 1, 100, 300)),

@@ -103,6 +103,13 @@ func cdfPoints(sorted []time.Duration, limit int) []time.Duration {
 
 func durationUs(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
+// usDuration rounds: float µs times 1000 can fall just short of the whole
+// nanoseconds it came from (256.001 µs gives 256000.99999999997), and
+// truncated, a figure 1 ns over an SLO limit read as on it.
+func usDuration(us float64) time.Duration {
+	return time.Duration(math.Round(us * float64(time.Microsecond)))
+}
+
 // formatDuration keeps three significant digits: "212ms", "1.23ms", "95.2µs".
 // time.Duration.String would print every nanosecond.
 func formatDuration(d time.Duration) string {

@@ -234,8 +234,6 @@ func (r *Report) svgSubtitle() string {
 // svgUs clamps at 1 ns: a log axis has no place for a zero latency.
 func svgUs(d time.Duration) float64 { return math.Max(durationUs(d), 0.001) }
 
-func usDuration(us float64) time.Duration { return time.Duration(us * float64(time.Microsecond)) }
-
 func decadeLabel(exp int) string {
 	units := []struct {
 		exp  int
