@@ -393,6 +393,9 @@ func openWorkers(ctx context.Context, sc Scenario, n int) ([]*worker, error) {
 				_ = closeFn()
 			}
 			_ = closeWorkers(workers) // the open error is the one worth reporting
+			if errors.As(err, new(errNotSetUp)) {
+				return nil, err
+			}
 			return nil, fmt.Errorf("open worker %d of %d: %w", i+1, n, err)
 		}
 		workers = append(workers, &worker{op: op, closeFn: closeFn})

@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -68,6 +69,9 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 	defer cloud.Close()
 
 	agentCPU := processesCPU(env.AgentPID())
+	// Why a wanted scenario could not be set up, by name: it is reported
+	// as not run (notSetUp) rather than left out of the report.
+	unavailable := map[string]string{}
 	var direct, forwarded *Cryptoki
 	if o.wants(ScenarioDirect) {
 		if direct, err = OpenCryptoki(env.Module, env.TokenLabel, env.PIN); err != nil {
@@ -75,10 +79,14 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 		defer direct.Close()
 	}
+	if o.wants(ScenarioP11Kit) && env.P11KitAddress == "" {
+		unavailable[ScenarioP11Kit] = cmp.Or(env.P11KitSkip, "no p11-kit server")
+	}
 	if o.wants(ScenarioP11Kit) && env.P11KitAddress != "" {
 		p11kitEnv(env.P11KitAddress)
 		if forwarded, err = OpenCryptoki(env.P11KitClient, env.TokenLabel, env.PIN); err != nil {
 			fmt.Fprintf(o.Log, "bench: p11kit scenario skipped: %v\n", err)
+			unavailable[ScenarioP11Kit] = err.Error()
 			forwarded = nil
 		} else {
 			defer forwarded.Close()
@@ -89,7 +97,8 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 	var frontAgent Variant
 	if o.wants(ScenarioPKCS11Front) {
 		if env.PKCS11Front == "" {
-			fmt.Fprintf(o.Log, "bench: pkcs11-front scenario skipped: no libsigil-pkcs11.so beside %s (make build)\n", o.Sigil)
+			unavailable[ScenarioPKCS11Front] = fmt.Sprintf("no libsigil-pkcs11.so beside %s (make build)", o.Sigil)
+			fmt.Fprintf(o.Log, "bench: pkcs11-front scenario skipped: %s\n", unavailable[ScenarioPKCS11Front])
 		} else if frontAgent, err = env.startFrontAgent(ctx, o.Sigil); err != nil {
 			return nil, fmt.Errorf("pkcs11-front agent: %w", err)
 		} else {
@@ -155,9 +164,13 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 		if forwarded != nil {
 			scenarios = append(scenarios, forwarded.Scenario(ScenarioP11Kit, k, p11kitCPU))
+		} else if why, ok := unavailable[ScenarioP11Kit]; ok {
+			scenarios = append(scenarios, notSetUp(ScenarioP11Kit, k, why))
 		}
 		if front != nil {
 			scenarios = append(scenarios, front.Scenario(ScenarioPKCS11Front, k, processesCPU(frontAgent.PID)))
+		} else if why, ok := unavailable[ScenarioPKCS11Front]; ok {
+			scenarios = append(scenarios, notSetUp(ScenarioPKCS11Front, k, why))
 		}
 		if o.wants(ScenarioSoftware) {
 			scenarios = append(scenarios, AgentScenario(ScenarioSoftware, k, env.AgentSocket, softKeyName(k), agentCPU))
@@ -171,5 +184,28 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 		}
 	}
 	scenarios = append(scenarios, cloud.Scenarios()...)
+	for _, name := range CloudScenarios {
+		if why, ok := cloud.Skipped[name]; ok {
+			scenarios = append(scenarios, notSetUp(name, KeyECDSAP256, why))
+		}
+	}
 	return Run(ctx, scenarios, o.Options)
+}
+
+// errNotSetUp is why a scenario could not be set up: Run reports it as is,
+// not as a worker that failed to open.
+type errNotSetUp struct{ why string }
+
+func (e errNotSetUp) Error() string { return "not set up: " + e.why }
+
+// notSetUp stands for a wanted scenario that could not be set up (an
+// emulator or p11-kit not installed, the PKCS#11 module not built): every
+// connection count of it is reported "not run" with why. Left out, it
+// vanished from the table, and a run of nothing else but such scenarios
+// failed with "no scenarios".
+func notSetUp(name, key, why string) Scenario {
+	err := errNotSetUp{why}
+	return Scenario{Name: name, Key: key, NewWorker: func(context.Context) (func(context.Context) error, func() error, error) {
+		return nil, nil, err
+	}}
 }

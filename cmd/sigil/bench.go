@@ -56,8 +56,12 @@ hold on a noisy machine:
   awskms, gcpkms, azurekv
               one more agent process signing with an ECDSA P-256 key in each
               cloud KMS, against emulators started on loopback: local-kms
-              (skipped when not installed), an in-process Cloud KMS and an
+              (not run when not installed), an in-process Cloud KMS and an
               in-process Key Vault (docs/cloudkms.md)
+
+A scenario that cannot be set up (p11-kit or local-kms not installed,
+libsigil-pkcs11.so not built) is reported "not run" with why; its goals read
+"not measured" and no SLO judges it.
 
 --quick (what 'make bench' runs) takes under a minute on 2 cores.
 --doc FILE writes the full report (machine, command, table, ratios) and the
