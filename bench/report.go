@@ -225,14 +225,18 @@ func (g Goal) status() string {
 // figure is the goal's value for the report: two decimals, or as many as
 // it takes for the printed figure to side with the verdict (0.8996 against
 // ≥ 0.9 reads "0.8996", not "0.90 … NOT met").
-func (g Goal) figure() string {
+func (g Goal) figure() string { return g.format(g.Value) }
+
+// format prints x, a value of the goal's ratio (the median or one rep's),
+// as figure does.
+func (g Goal) format(x float64) string {
 	for _, prec := range []int{2, 4, 6} {
-		s := strconv.FormatFloat(g.Value, 'f', prec, 64)
-		if v, _ := strconv.ParseFloat(s, 64); g.Limit == 0 || g.reached(v) == g.reached(g.Value) {
+		s := strconv.FormatFloat(x, 'f', prec, 64)
+		if v, _ := strconv.ParseFloat(s, 64); g.Limit == 0 || g.reached(v) == g.reached(x) {
 			return s
 		}
 	}
-	return strconv.FormatFloat(g.Value, 'g', -1, 64)
+	return strconv.FormatFloat(x, 'g', -1, 64)
 }
 
 // Goals evaluates the goals against Ratios (call ComputeRatios
@@ -326,7 +330,10 @@ func (r *Report) Markdown(w io.Writer) error {
 			}
 			fmt.Fprintf(&b, ", goal %s: %s", g.Text, g.status())
 			if g.RepPairs > 1 {
-				fmt.Fprintf(&b, " (rep by rep %.2f-%.2f", g.RepMin, g.RepMax)
+				// Each end sides with the count after it: reps of
+				// 0.8996 and 0.95 against ≥ 0.9 read "0.90-0.95, met in
+				// 1 of 2".
+				fmt.Fprintf(&b, " (rep by rep %s-%s", g.format(g.RepMin), g.format(g.RepMax))
 				if g.Limit != 0 {
 					fmt.Fprintf(&b, ", met in %d of %d", g.RepPairsMet, g.RepPairs)
 				}

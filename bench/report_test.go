@@ -426,3 +426,34 @@ func TestGoalFigureSidesWithTheVerdict(t *testing.T) {
 		t.Fatalf("the goal line does not print 0.8996:\n%s", b.String())
 	}
 }
+
+// The rep-by-rep range sides with its count too: reps of 0.8996 and 0.95
+// against ≥ 0.9 read "0.90-0.95, met in 1 of 2", two reps seemingly met.
+func TestRepRangeSidesWithTheCount(t *testing.T) {
+	tests := []struct {
+		name string
+		wal  []float64 // software-wal ops/s rep by rep, against 10000
+		want string
+	}{
+		{"the low end misses", []float64{8996, 9500}, "rep by rep 0.8996-0.95, met in 1 of 2"},
+		{"the high end meets", []float64{8500, 9000.4}, "rep by rep 0.85-0.90, met in 1 of 2"},
+		{"the high end misses", []float64{8500, 8999.6}, "rep by rep 0.85-0.899960, met in 0 of 2"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			off := []float64{10000, 10000}
+			r := &Report{Results: []Result{
+				{Scenario: ScenarioSoftwareWAL, Key: KeyECDSAP256, Conns: 8, Reps: 2, Ops: 1, OpsPerS: Median(tt.wal), RepOpsPerS: tt.wal},
+				{Scenario: ScenarioSoftwareNoJournal, Key: KeyECDSAP256, Conns: 8, Reps: 2, Ops: 1, OpsPerS: Median(off), RepOpsPerS: off},
+			}}
+			r.ComputeRatios()
+			var b bytes.Buffer
+			if err := r.Markdown(&b); err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(b.String(), tt.want) {
+				t.Fatalf("want %q in:\n%s", tt.want, b.String())
+			}
+		})
+	}
+}
