@@ -4,6 +4,8 @@
 // (pkcs11-tool, ssh-keygen and ssh-agent, openssl with libp11's engine)
 // and miekg/pkcs11 loading the module against a real agent, a fake agent
 // that counts round trips and answers every result code, a fork check in
-// C, and a cgo shim over the module's wire codec so that Go's fuzzer can
-// drive the C decoder against package proto.
+// C, a cgo shim over the module's wire codec so that Go's fuzzer can
+// drive the C decoder against package proto, and a harness that runs the
+// module's reading of replies (frames, key lists, key objects,
+// signatures) under AddressSanitizer and UBSan over hostile replies.
 package pkcs11module

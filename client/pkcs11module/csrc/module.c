@@ -462,7 +462,9 @@ static int shown(sg_bytes name)
 	if (!g.only_keys)
 		return 1;
 	char want[260];
-	if (name.n > sizeof want - 3 || memchr(name.p, ',', name.n))
+	/* An absent name is a NULL pointer, which memchr must not see; no
+	 * "keys =" entry names an empty key anyway. */
+	if (name.n == 0 || name.n > sizeof want - 3 || memchr(name.p, ',', name.n))
 		return 0;
 	want[0] = ',';
 	memcpy(want + 1, name.p, name.n);
