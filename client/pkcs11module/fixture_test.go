@@ -274,12 +274,16 @@ type fakeAgent struct {
 	code   atomic.Uint32 // what Sign answers; OK signs
 	silent atomic.Bool   // Sign requests are read and never answered
 	hangUp atomic.Bool   // after answering a Sign, close the connection
-	hungUp chan struct{} // receives once per connection closed for hangUp
-	ops    [32]atomic.Int64
-	conns  atomic.Int64
-	mu     sync.Mutex // open, and keys once serving
-	open   []net.Conn
-	closed atomic.Bool
+	// finalOK: every request is answered with id 0 (the final reply
+	// before a close) and code OK, which the protocol calls malformed,
+	// carrying a signature of zeros.
+	finalOK atomic.Bool
+	hungUp  chan struct{} // receives once per connection closed for hangUp
+	ops     [32]atomic.Int64
+	conns   atomic.Int64
+	mu      sync.Mutex // open, and keys once serving
+	open    []net.Conn
+	closed  atomic.Bool
 }
 
 func newFakeKeys(t testing.TB) []fakeKey {
@@ -383,6 +387,9 @@ func (f *fakeAgent) handle(nc net.Conn) {
 			continue // a hung agent: the connection stays open, unanswered
 		}
 		resp := f.answer(&req)
+		if f.finalOK.Load() {
+			resp = &proto.Response{ID: 0, Code: proto.OK, Sig: make([]byte, 64)}
+		}
 		frame, err := codec.AppendResponseFrame(nil, resp)
 		if err != nil {
 			return

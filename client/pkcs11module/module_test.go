@@ -780,3 +780,35 @@ func TestConfigFileNotReadWholeIsRefused(t *testing.T) {
 		})
 	}
 }
+
+// A final reply (id 0) must carry an error: docs/protocol.md calls one
+// with OK malformed. The module took it as the answer to the request in
+// flight, so C_Sign returned the zeros such a reply carried as a
+// signature; on a fresh connection the Hello's final OK was even handed
+// back as the answer to a request never sent.
+func TestFinalReplyWithOKIsADeviceError(t *testing.T) {
+	keys := newFakeKeys(t)
+	fake := startFake(t, keys[3:]) // ed: its signature is the 64 bytes as sent
+	t.Setenv(proto.SocketEnv, fake.sock)
+	ctx := p11.New(modulePath(t))
+	if ctx == nil {
+		t.Fatal("cannot load the module")
+	}
+	defer ctx.Destroy()
+	if err := ctx.Initialize(); err != nil {
+		t.Fatal(err)
+	}
+	defer ctx.Finalize()
+	s := openSession(t, ctx)
+	priv := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "ed")
+	fake.finalOK.Store(true)
+	for _, where := range []string{"on the pooled connection", "on a fresh connection (the Hello)"} {
+		if err := ctx.SignInit(s, []*p11.Mechanism{p11.NewMechanism(ckmEdDSA, nil)}, priv); err != nil {
+			t.Fatal(err)
+		}
+		sig, err := ctx.Sign(s, message)
+		if ckr(err) != p11.CKR_DEVICE_ERROR {
+			t.Fatalf("%s: C_Sign = %x, %v; want CKR_DEVICE_ERROR", where, sig, err)
+		}
+	}
+}

@@ -159,8 +159,12 @@ static int roundtrip(sg_conn *c, size_t len, uint64_t id, sg_response *resp, int
 	if (sg_decode_response(body, n, resp))
 		return SG_IO_PROTOCOL;
 	/* id 0 is the agent's last word before it closes the connection
-	 * (e.g. UNAUTHENTICATED); its code still answers this request. */
+	 * (e.g. UNAUTHENTICATED); its code still answers this request. One
+	 * that says OK is malformed (docs/protocol.md): taken as the answer,
+	 * whatever it carried would pass for this request's signature. */
 	if (resp->id != id && resp->id != 0)
+		return SG_IO_PROTOCOL;
+	if (resp->id == 0 && resp->code == SG_OK)
 		return SG_IO_PROTOCOL;
 	return SG_IO_OK;
 }
