@@ -1408,6 +1408,40 @@ func TestDataDirsArePrivate(t *testing.T) {
 	}
 }
 
+// A crash inside software.WriteKeyFile leaves a temp copy of a private key
+// beside the key files, or beside evidence.key in the data dir. The agent
+// removes old ones when it starts, and starts as before.
+func TestAgentRemovesStaleKeyTemps(t *testing.T) {
+	cfg := softwareConfig(t)
+	a, err := agent.New(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Shutdown(context.Background())
+	old := time.Now().Add(-time.Hour)
+	var temps []string
+	for _, dir := range []string{cfg.DataDir, filepath.Join(cfg.DataDir, "keys", "soft")} {
+		tmp := filepath.Join(dir, ".tmp-key-left")
+		if err := os.WriteFile(tmp, []byte("-----BEGIN PRIVATE KEY-----\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chtimes(tmp, old, old); err != nil {
+			t.Fatal(err)
+		}
+		temps = append(temps, tmp)
+	}
+	a, err = agent.New(context.Background(), cfg, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Shutdown(context.Background())
+	for _, tmp := range temps {
+		if _, err := os.Lstat(tmp); !os.IsNotExist(err) {
+			t.Errorf("%s kept (%v)", tmp, err)
+		}
+	}
+}
+
 // On the wire a rotation's time 0 means "now": a rotation scheduled for the
 // Unix epoch (a zero-ish time from a bug or a typo) must be refused, not
 // run at once.

@@ -137,6 +137,11 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 	if err := software.PrivateDir(cfg.DataDir); err != nil {
 		return nil, fmt.Errorf("data_dir: %w", err)
 	}
+	// evidence.key is written with software.WriteKeyFile, whose temp files
+	// a crash leaves here.
+	if err := software.RemoveStaleKeyTemps(cfg.DataDir); err != nil {
+		return nil, fmt.Errorf("data_dir: %w", err)
+	}
 	provs, err := openProviders(ctx, &cfg, log)
 	if err != nil {
 		return nil, err

@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/sigil-agent/sigil/providers"
 )
@@ -66,6 +67,9 @@ func Open(cfg Config) (*Provider, error) {
 		return nil, fmt.Errorf("software provider %s: empty data dir", cfg.ID)
 	}
 	if err := PrivateDir(cfg.DataDir); err != nil {
+		return nil, fmt.Errorf("software provider %s: %w", cfg.ID, err)
+	}
+	if err := RemoveStaleKeyTemps(cfg.DataDir); err != nil {
 		return nil, fmt.Errorf("software provider %s: %w", cfg.ID, err)
 	}
 	p := &Provider{id: cfg.ID, dir: cfg.DataDir, keys: make(map[string]*softKey)}
@@ -250,9 +254,9 @@ func generate(kt providers.KeyType) (crypto.Signer, error) {
 // when it exists, refused unless this user owns it and then made 0700. A
 // directory another user made first (a pre-made path under /tmp, a
 // data_dir pointed at the wrong place) would let them plant keys, read the
-// journal or delete it.
+// journal or delete it. Each level it creates is fsynced into its parent.
 func PrivateDir(dir string) error {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := mkdirAllSynced(dir); err != nil {
 		return err
 	}
 	st, err := os.Stat(dir)
@@ -268,6 +272,94 @@ func PrivateDir(dir string) error {
 	if st.Mode().Perm() != 0o700 {
 		if err := os.Chmod(dir, 0o700); err != nil {
 			return err
+		}
+	}
+	return nil
+}
+
+// mkdirAllSynced is os.MkdirAll(dir, 0o700) with each directory it creates
+// fsynced into its parent. WriteKeyFile fsyncs a key and the directory that
+// holds it, but not that directory's own entry: after a power cut on a first
+// start, DATA_DIR/keys/<id> could be gone with the keys in it while the
+// journal, synced since, names their kids, and the next start would make
+// new keys under new kids.
+func mkdirAllSynced(dir string) error {
+	st, err := os.Stat(dir)
+	if err == nil {
+		if !st.IsDir() {
+			return fmt.Errorf("%s is not a directory", dir)
+		}
+		return nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	parent := filepath.Dir(dir)
+	if parent != dir {
+		if err := mkdirAllSynced(parent); err != nil {
+			return err
+		}
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		if errors.Is(err, fs.ErrExist) {
+			return nil // made meanwhile by another process, which syncs it; PrivateDir checks whose it is
+		}
+		return err
+	}
+	return syncDir(parent)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("fsync directory %s: %w", dir, err)
+	}
+	return nil
+}
+
+// keyTempPattern names WriteKeyFile's temp files.
+const keyTempPattern = ".tmp-key-*"
+
+// staleKeyTempAge is the age from which a key temp file is a crash's
+// leftover. WriteKeyFile holds its temp file for one encode and fsync, far
+// less than this; a younger one may be a write in flight, as nothing locks a
+// key dir: a second agent started on the same data dir opens its providers
+// before its journal lock refuses it, beside a live agent's rotation.
+const staleKeyTempAge = 5 * time.Minute
+
+// RemoveStaleKeyTemps removes the temp files WriteKeyFile leaves in dir
+// when the process dies before its deferred remove. Each holds a private
+// key, one never served (the crash came before the link) or a second name of
+// a key file (after it), so removing it loses nothing. Only regular files of
+// ours named like one and staleKeyTempAge old go; a symlink is left, since
+// its name is not the file it reaches.
+func RemoveStaleKeyTemps(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	for _, e := range entries {
+		if ok, _ := filepath.Match(keyTempPattern, e.Name()); !ok || !e.Type().IsRegular() {
+			continue
+		}
+		path := filepath.Join(dir, e.Name())
+		st, err := os.Lstat(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if uid, ok := fileOwner(st); !st.Mode().IsRegular() || (ok && uid != os.Getuid()) || now.Sub(st.ModTime()) < staleKeyTempAge {
+			continue
+		}
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("remove stale key temp file: %w", err)
 		}
 	}
 	return nil
@@ -337,7 +429,7 @@ func WriteKeyFile(path string, key crypto.Signer) error {
 	if err != nil {
 		return fmt.Errorf("marshal key: %w", err)
 	}
-	f, err := os.CreateTemp(filepath.Dir(path), ".tmp-key-*")
+	f, err := os.CreateTemp(filepath.Dir(path), keyTempPattern)
 	if err != nil {
 		return err
 	}
@@ -359,12 +451,7 @@ func WriteKeyFile(path string, key crypto.Signer) error {
 	if err := os.Link(tmp, path); err != nil {
 		return err
 	}
-	dir, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return err
-	}
-	defer dir.Close()
-	return dir.Sync()
+	return syncDir(filepath.Dir(path))
 }
 
 func fileKind(m fs.FileMode) string {
