@@ -306,7 +306,13 @@ func mkdirAllSynced(dir string) error {
 		}
 		return err
 	}
-	return syncDir(parent)
+	if err := syncDir(parent); err != nil && !errors.Is(err, fs.ErrPermission) {
+		return err
+	}
+	// A parent this user may write into but not read (mode 0300, say)
+	// cannot be opened to be synced: the directory is made all the same,
+	// as os.MkdirAll made it before.
+	return nil
 }
 
 func syncDir(dir string) error {
