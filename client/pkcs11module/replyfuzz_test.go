@@ -429,12 +429,22 @@ func TestHostileReplyRegressions(t *testing.T) {
 		// pointer passed as argument 1"); a nil one is empty too.
 		"entry without name":  mp{}.mapN(1).str("keys").arr(1).mapN(2).str("kid").str("00").str("pub").bin(p256),
 		"entry with nil name": mp{}.mapN(1).str("keys").arr(1).mapN(3).str("name").raw(0xc0).str("kid").str("00").str("pub").bin(p256),
+		// Failed DER parses left OpenSSL's errors on the calling thread's
+		// queue, where a host using OpenSSL itself (the pkcs11 engine)
+		// took them for its own ("left the OpenSSL error queue changed").
+		"truncated pub": mp{}.mapN(1).str("keys").arr(1).mapN(3).str("name").str("k").str("kid").str("00").str("pub").bin(p256[:len(p256)-1]),
+		"cert not DER": mp{}.mapN(1).str("keys").arr(1).mapN(4).str("name").str("k").str("kid").str("00").str("pub").bin(p256).
+			str("cert").bin([]byte{0x30, 0x84, 0xff, 0xff, 0xff, 0xff}),
 	}
 	h := &replyHarness{bin: buildReplyHarness(t)}
 	defer h.stop()
 	for name, payload := range cases {
-		if err := h.feed(frameOf(payload)); err != nil {
-			t.Errorf("%s: %v", name, err)
+		// Twice: the harness alternates between an empty error queue
+		// and one holding a marker of the host's.
+		for range 2 {
+			if err := h.feed(frameOf(payload)); err != nil {
+				t.Errorf("%s: %v", name, err)
+			}
 		}
 	}
 }

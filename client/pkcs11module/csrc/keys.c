@@ -6,6 +6,7 @@
 #include "sigil.h"
 
 #include <openssl/asn1.h>
+#include <openssl/err.h>
 #include <openssl/objects.h>
 #include <openssl/x509.h>
 #include <stdio.h>
@@ -395,12 +396,12 @@ static int chain_objects(sg_key *k, const sg_key_entry *e)
 }
 
 /*
- * sg_key_build reads the SubjectPublicKeyInfo with X509_PUBKEY alone, never
+ * key_build reads the SubjectPublicKeyInfo with X509_PUBKEY alone, never
  * as an EVP_PKEY: in a host that set an ENGINE as its default (openssl
  * -engine pkcs11, which loads this very module) an EVP_PKEY's parameters
  * can be out of reach, and the key must not vanish from the token for it.
  */
-int sg_key_build(sg_key *k, const sg_key_entry *e)
+static int key_build(sg_key *k, const sg_key_entry *e)
 {
 	const unsigned char *p = e->pub.p;
 	X509_PUBKEY *xpk = d2i_X509_PUBKEY(NULL, &p, (long)e->pub.n);
@@ -488,5 +489,16 @@ int sg_key_build(sg_key *k, const sg_key_entry *e)
 	rc = 0;
 out:
 	X509_PUBKEY_free(xpk);
+	return rc;
+}
+
+/* The error queue is the host thread's: a DER parse that fails here (a
+ * key or certificate the module leaves out) must not leave errors a host
+ * using OpenSSL itself, such as the pkcs11 engine, would take for its own. */
+int sg_key_build(sg_key *k, const sg_key_entry *e)
+{
+	ERR_set_mark();
+	int rc = key_build(k, e);
+	ERR_pop_to_mark();
 	return rc;
 }

@@ -13,7 +13,8 @@
  * bytes of what the agent would write to the socket (a frame header and a
  * payload, either possibly lying). After each record it writes one '.'
  * to stdout, so the driver knows which record a crash belongs to. A
- * sanitizer report, or a broken invariant, ends the process non-zero.
+ * sanitizer report, or a broken invariant (among them: the thread's
+ * OpenSSL error queue left as the host had it), ends the process non-zero.
  */
 #include "../csrc/agent.c"
 #include "../csrc/crypto.c"
@@ -69,12 +70,34 @@ static unsigned touch(const sg_attrs *a)
 
 static volatile unsigned sink;
 
+/* The host's OpenSSL error queue, as the module must leave it: records
+ * alternate between an empty queue and one holding a marker of the host's
+ * own, and after each call the queue must be exactly that again. */
+static int marked;
+
+static void host_queue(void)
+{
+	ERR_clear_error();
+	if (marked)
+		ERR_raise(ERR_LIB_USER, 42);
+}
+
+static void host_queue_unchanged(const char *what)
+{
+	unsigned long e = ERR_get_error();
+	if (marked ? ERR_GET_LIB(e) != ERR_LIB_USER || ERR_GET_REASON(e) != 42 || ERR_get_error() != 0 : e != 0)
+		fail(what);
+}
+
 static void build_key(const sg_key_entry *e)
 {
 	sg_key *k = calloc(1, sizeof *k);
 	if (!k)
 		fail("calloc");
-	if (sg_key_build(k, e) == 0) {
+	host_queue();
+	int built = sg_key_build(k, e) == 0;
+	host_queue_unchanged("sg_key_build left the OpenSSL error queue changed");
+	if (built) {
 		if (!sg_key_same(k, e))
 			fail("a key built from an entry is not the same as it");
 		if (k->sig_len == 0 || k->sig_len > 1024 || (k->family == SG_FAM_EC && 2 * k->field_len != k->sig_len))
@@ -90,10 +113,6 @@ static void build_key(const sg_key_entry *e)
 		sink += sum;
 	}
 	sg_key_free(k);
-	/* What keys.c leaves on the thread's OpenSSL error queue is the
-	 * host's problem later; clear it so one record does not leak into the
-	 * next. */
-	ERR_clear_error();
 }
 
 /* sign_reply does with a reply's sig what agent_sign does for each key
@@ -106,9 +125,10 @@ static void sign_reply(sg_bytes sig)
 		uint8_t *out = malloc(2 * fields[i]);
 		if (!out)
 			fail("malloc");
+		host_queue();
 		sg_ecdsa_der_to_raw(sig.p, sig.n, fields[i], out);
+		host_queue_unchanged("sg_ecdsa_der_to_raw left the OpenSSL error queue changed");
 		free(out);
-		ERR_clear_error();
 	}
 }
 
@@ -207,6 +227,7 @@ int main(void)
 		if (!frame(rec, n) && n > SG_FRAME_HEADER && n - SG_FRAME_HEADER <= SG_MAX_FRAME)
 			decode(rec + SG_FRAME_HEADER, n - SG_FRAME_HEADER);
 		free(rec);
+		marked = !marked;
 		if (write(1, ".", 1) != 1)
 			return 1;
 	}
