@@ -43,9 +43,18 @@ static void guarded_free(uint8_t *dst, size_t n, size_t maplen) {
 import "C"
 
 import (
+	"embed"
 	"errors"
 	"unsafe"
 )
+
+// The go command's build cache keys this package on its own files, not on
+// what the preamble #includes from csrc/: embedding the decoder's sources
+// puts them in the key, so a change to them rebuilds the shim rather than
+// testing a stale decoder from the cache.
+//
+//go:embed csrc/wire.c csrc/wire.h
+var wireSources embed.FS
 
 // wireResponse is what the C decoder read, copied out of its buffer.
 type wireResponse struct {
