@@ -231,3 +231,49 @@ func FuzzWireEncodeRequest(f *testing.F) {
 		checkRequest(t, wireRequest{ID: id, Op: op, Key: key, KID: kid, Scheme: sch, Hash: hash, Digest: dig, TimeoutMs: tmo})
 	})
 }
+
+// A field a key entry carries twice is read as package proto reads it: the
+// last occurrence, whole. The module keeps intermediates by position, so a
+// shorter second chain must not keep the first's tail.
+func TestWireDuplicateKeyEntryFieldsAsProtoReadsThem(t *testing.T) {
+	a, b, c := []byte{0x30, 1}, []byte{0x30, 2}, []byte{0x30, 3}
+	entry := func(fields func(mp) mp, n uint32) []byte {
+		m := mp{}.mapN(1).str("keys").arr(1).mapN(n + 2).str("name").str("k").str("kid").str("00")
+		return fields(m)
+	}
+	chain := func(m mp, certs ...[]byte) mp {
+		m = m.str("chain").arr(uint32(len(certs)))
+		for _, x := range certs {
+			m = m.bin(x)
+		}
+		return m
+	}
+	cases := map[string][]byte{
+		"long chain then short": entry(func(m mp) mp { return chain(chain(m, a, b, c), b) }, 2),
+		"chain then empty":      entry(func(m mp) mp { return chain(chain(m, a, b)) }, 2),
+		"chain then nil":        entry(func(m mp) mp { return chain(m, a, b).str("chain").raw(0xc0) }, 2),
+		"short chain then long": entry(func(m mp) mp { return chain(chain(m, c), a, b) }, 2),
+		"cert twice":            entry(func(m mp) mp { return m.str("cert").bin(a).str("cert").bin(b) }, 2),
+	}
+	for name, payload := range cases {
+		var want proto.Response
+		if err := proto.NewCodec().DecodeResponse(payload, &want); err != nil {
+			t.Fatalf("%s: proto refused it: %v", name, err)
+		}
+		got, err := decodeResponse(payload)
+		if err != nil {
+			t.Fatalf("%s: C refused what proto read: %v", name, err)
+		}
+		sameResponse(t, &want, got)
+		wc, gc := want.Keys[0].Chain, got.Keys[0].Chain
+		if len(gc) != len(wc) {
+			t.Errorf("%s: C read %d intermediates, proto %d", name, len(gc), len(wc))
+			continue
+		}
+		for i := range wc {
+			if !bytes.Equal(gc[i], wc[i]) {
+				t.Errorf("%s: intermediate %d: C % x, proto % x", name, i, gc[i], wc[i])
+			}
+		}
+	}
+}

@@ -325,10 +325,13 @@ static int key_is(sg_bytes k, const char *s)
 }
 
 /* read_chain reads the intermediates (an array of DER certificates),
- * keeping the first SG_MAX_CHAIN. */
+ * keeping the first SG_MAX_CHAIN. A second "chain" replaces the first
+ * whole, as package proto reads it. */
 static int read_chain(rd *r, sg_key_entry *e)
 {
 	uint64_t n;
+	e->nchain = 0;
+	memset(e->chain, 0, sizeof e->chain);
 	if (get_len(r, 0, &n))
 		return -1;
 	for (uint64_t i = 0; i < n; i++) {
