@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 )
 
 // EvidencePublicKeyFile is the name of the evidence public key in the
@@ -85,6 +86,21 @@ func readEvidencePublicKey(path string) (ed25519.PublicKey, error) {
 	return pub, nil
 }
 
+// NamedEvidenceKey is the evidence key fingerprint a manifest names
+// (its evidence_key), read without verifying anything: "" when the
+// manifest does not parse or names nothing that looks like a fingerprint
+// (EvidenceKeyID), so what an edited file says is never shown raw. It
+// tells which key a pack needs, as its signature cannot.
+func NamedEvidenceKey(manifest []byte) string {
+	var m struct {
+		EvidenceKey string `json:"evidence_key"`
+	}
+	if json.Unmarshal(manifest, &m) != nil || len(m.EvidenceKey) != 32 || strings.Trim(m.EvidenceKey, "0123456789abcdef") != "" {
+		return ""
+	}
+	return m.EvidenceKey
+}
+
 type packKey struct{ id, where string }
 
 // packEvidenceKeys lists the evidence keys the packs name, once each with
@@ -92,16 +108,14 @@ type packKey struct{ id, where string }
 func packEvidenceKeys(ctx context.Context, evidenceDir string, store *Store) ([]packKey, error) {
 	var out []packKey
 	add := func(manifest []byte, where string) {
-		var m struct {
-			EvidenceKey string `json:"evidence_key"`
-		}
 		// A file that names no key cannot be tied to one; verifying it
 		// fails whatever key is made.
-		if json.Unmarshal(manifest, &m) != nil || m.EvidenceKey == "" {
+		id := NamedEvidenceKey(manifest)
+		if id == "" {
 			return
 		}
-		if !slices.ContainsFunc(out, func(k packKey) bool { return k.id == m.EvidenceKey }) {
-			out = append(out, packKey{m.EvidenceKey, where})
+		if !slices.ContainsFunc(out, func(k packKey) bool { return k.id == id }) {
+			out = append(out, packKey{id, where})
 		}
 	}
 	if evidenceDir != "" {

@@ -64,10 +64,17 @@ public key (PEM, or the 32 raw bytes); 2 a usage error.`,
 			if err == nil {
 				err = rotation.CheckREPPlace(args[0], m)
 			}
+			// The fingerprint is what an auditor pins (docs/rotation.md):
+			// the key file given may be any key found beside the pack.
+			given := rotation.EvidenceKeyID(pub)
 			if err != nil {
-				return &exitError{exitFailure, fmt.Errorf("evidence pack INVALID: %w", err)}
+				keys := "verified with evidence key " + given
+				if named := rotation.NamedEvidenceKey(manifest); named != "" && named != given {
+					keys += "; the manifest names evidence key " + named
+				}
+				return &exitError{exitFailure, fmt.Errorf("evidence pack INVALID: %w (%s)", err, keys)}
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "evidence pack OK: %s rotation %d\n", m.Slot, m.Number)
+			fmt.Fprintf(cmd.OutOrStdout(), "evidence pack OK: %s rotation %d (evidence key %s)\n", m.Slot, m.Number, given)
 			return nil
 		},
 	}

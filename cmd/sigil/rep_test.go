@@ -250,3 +250,37 @@ func TestREPExportRefusesAnotherPack(t *testing.T) {
 		})
 	}
 }
+
+// rep verify names the evidence key it verified with, so an auditor can
+// compare it with the fingerprint pinned (docs/rotation.md); a pack
+// whose manifest names another key says which, beside the key given. It
+// used to print neither, though the docs tell auditors to pin it.
+func TestREPVerifyPrintsTheEvidenceKey(t *testing.T) {
+	manifest, pub, _ := rotatedPack(t)
+	pubPEM, _ := os.ReadFile(pub)
+	own, err := rotation.ParseEvidencePublicKey(pubPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, _ := rotation.LoadOrCreateEvidenceKey(filepath.Join(t.TempDir(), "other.key"))
+	otherPub := other.Public().(ed25519.PublicKey)
+	otherFile := filepath.Join(t.TempDir(), "other.pub.pem")
+	os.WriteFile(otherFile, rotation.MarshalEvidencePublicKey(otherPub), 0o644)
+	for _, tc := range []struct {
+		name, key string
+		code      int
+		says      string
+	}{
+		{"the signing key", pub, exitOK,
+			"evidence pack OK: payments/release rotation 2 (evidence key " + rotation.EvidenceKeyID(own) + ")\n"},
+		{"another key", otherFile, exitFailure,
+			"(verified with evidence key " + rotation.EvidenceKeyID(otherPub) + "; the manifest names evidence key " + rotation.EvidenceKeyID(own) + ")"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			out, stderr, code := run(t, "rep", "verify", manifest, "--evidence-key", tc.key)
+			if code != tc.code || !strings.Contains(out+stderr, tc.says) {
+				t.Fatalf("exit %d (want %d), want %q in\n%s%s", code, tc.code, tc.says, out, stderr)
+			}
+		})
+	}
+}
