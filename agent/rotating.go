@@ -3,6 +3,7 @@ package agent
 import (
 	"cmp"
 	"context"
+	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
 	"fmt"
@@ -475,6 +476,13 @@ func (c *conn) exportREP(req *proto.Request, resp *proto.Response) error {
 	manifest, sig, err := store.REP(req.Key, n)
 	if err != nil {
 		return rotationError(err)
+	}
+	// The evidence public key with every reply: rep export writes it
+	// where the statements' verify command looks for it. Clients that
+	// predate it ignore the field.
+	resp.Pub, err = x509.MarshalPKIXPublicKey(c.a.rot.EvidencePublicKey())
+	if err != nil {
+		return err
 	}
 	off := req.FromSeq
 	if off == 0 && len(manifest) <= repChunk {

@@ -1,7 +1,10 @@
 package client
 
 import (
+	"bytes"
 	"context"
+	"crypto/ed25519"
+	"crypto/x509"
 	"fmt"
 	"math"
 	"time"
@@ -145,37 +148,79 @@ func (c *Client) ExportREP(ctx context.Context, slot string, n int) (manifest, s
 // manifest larger than one reply, bounded by perPart as well as by ctx: a
 // large pack over a slow link then needs each part in time, not the whole
 // pack within one deadline. perPart 0 or less leaves each to ctx alone.
+func (c *Client) ExportREPPerPart(ctx context.Context, slot string, n int, perPart time.Duration) (manifest, sig []byte, err error) {
+	p, err := c.ExportREPPack(ctx, slot, n, perPart)
+	if err != nil {
+		return nil, nil, err
+	}
+	return p.Manifest, p.Sig, nil
+}
+
+// REPPack is a stored Rotation Evidence Pack as the agent sends it.
+type REPPack struct {
+	Manifest, Sig []byte
+	// EvidenceKey is the agent's current evidence public key, which
+	// signs its new packs; an older pack may be by an earlier one. nil
+	// from an agent that does not send it.
+	EvidenceKey ed25519.PublicKey
+}
+
+// ExportREPPack is ExportREPPerPart with the agent's evidence public key.
 // The loop ends of itself: each part must bring the manifest closer to
 // the length the first announced.
-func (c *Client) ExportREPPerPart(ctx context.Context, slot string, n int, perPart time.Duration) (manifest, sig []byte, err error) {
+func (c *Client) ExportREPPack(ctx context.Context, slot string, n int, perPart time.Duration) (*REPPack, error) {
 	malformed := malformedReply("malformed ExportREP reply: its parts do not make one manifest", nil)
+	var manifest, spki []byte
 	length := -1 // the manifest's, as the first part announced it
 	for {
 		resp, err := c.exportREPPart(ctx, perPart, &proto.Request{Op: proto.OpExportREP, Key: slot, Limit: wireCount(n), FromSeq: uint64(len(manifest))})
 		if err != nil {
-			return nil, nil, err
+			return nil, err
 		}
+		if manifest != nil && !bytes.Equal(resp.Pub, spki) {
+			return nil, malformed
+		}
+		spki = resp.Pub
 		switch len(resp.Records) {
 		case 2: // the whole manifest
 			if manifest != nil {
-				return nil, nil, malformed
+				return nil, malformed
 			}
-			return resp.Records[0], resp.Records[1], nil
+			return exportedPack(resp.Records[0], resp.Records[1], spki)
 		case 3: // a part: "LENGTH NUMBER" beside it
 			var total, number int
 			if _, err := fmt.Sscanf(string(resp.Records[2]), "%d %d", &total, &number); err != nil ||
 				len(resp.Records[0]) == 0 || len(manifest)+len(resp.Records[0]) > total || (n != 0 && number != n) ||
 				(length >= 0 && total != length) {
-				return nil, nil, malformed
+				return nil, malformed
 			}
-			manifest, sig, n, length = append(manifest, resp.Records[0]...), resp.Records[1], number, total
+			manifest, n, length = append(manifest, resp.Records[0]...), number, total
 			if len(manifest) == total {
-				return manifest, sig, nil
+				return exportedPack(manifest, resp.Records[1], spki)
 			}
 		default:
-			return nil, nil, malformed
+			return nil, malformed
 		}
 	}
+}
+
+// exportedPack parses the evidence key beside a pack: DER SPKI of an
+// Ed25519 key, or nothing.
+func exportedPack(manifest, sig, spki []byte) (*REPPack, error) {
+	p := &REPPack{Manifest: manifest, Sig: sig}
+	if len(spki) == 0 {
+		return p, nil
+	}
+	pub, err := x509.ParsePKIXPublicKey(spki)
+	if err != nil {
+		return nil, malformedReply("malformed ExportREP reply: the evidence public key does not parse", err)
+	}
+	ed, ok := pub.(ed25519.PublicKey)
+	if !ok {
+		return nil, malformedReply(fmt.Sprintf("malformed ExportREP reply: the evidence public key is %T, not Ed25519", pub), nil)
+	}
+	p.EvidenceKey = ed
+	return p, nil
 }
 
 // wireCount is n as the wire's 32-bit count or pack number: 2^32-1 for

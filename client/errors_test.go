@@ -138,8 +138,11 @@ func TestErrorsSayItOnce(t *testing.T) {
 	}
 }
 
-// edSPKI is an Ed25519 public key as the agent lists it (DER SPKI).
-var edSPKI = func() []byte {
+// edSPKI and otherSPKI are Ed25519 public keys as the agent lists them
+// (DER SPKI).
+var edSPKI, otherSPKI = newEdSPKI(), newEdSPKI()
+
+func newEdSPKI() []byte {
 	pub, _, err := ed25519.GenerateKey(nil)
 	if err != nil {
 		panic(err)
@@ -149,7 +152,7 @@ var edSPKI = func() []byte {
 		panic(err)
 	}
 	return der
-}()
+}
 
 // dialFake connects to a fake agent that answers Hello and then runs then.
 func dialFake(t *testing.T, then func(nc net.Conn, br *bufio.Reader)) *client.Client {
@@ -306,6 +309,39 @@ func TestClientFaultsHaveCodesOfTheirOwn(t *testing.T) {
 			},
 			run: func(t *testing.T, c *client.Client) error {
 				_, _, err := c.ExportREPPerPart(ctx(t), "a/b", 0, time.Second)
+				return err
+			}},
+		// The evidence key beside a pack is what rep export writes for
+		// auditors: one that does not parse, or that changes between the
+		// parts of one pack, is not passed on.
+		{name: "malformed: an evidence key that does not parse", code: proto.Internal, is: client.ErrMalformedReply,
+			says: "INTERNAL: malformed ExportREP reply: the evidence public key does not parse",
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return answers(&proto.Response{Code: proto.OK, Records: [][]byte{[]byte("{}"), {1}}, Pub: []byte{0x30, 0x01}}, nil)
+			},
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.ExportREPPack(ctx(t), "a/b", 0, 0)
+				return err
+			}},
+		{name: "malformed: evidence pack parts with another evidence key", code: proto.Internal, is: client.ErrMalformedReply,
+			says: "INTERNAL: malformed ExportREP reply",
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return func(nc net.Conn, br *bufio.Reader) {
+					for i := 0; ; i++ {
+						req, err := readRequest(br)
+						if err != nil {
+							return
+						}
+						pub := edSPKI
+						if i > 0 {
+							pub = otherSPKI
+						}
+						writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK, Pub: pub, Records: [][]byte{[]byte("{"), {1}, []byte("2 1")}})
+					}
+				}
+			},
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.ExportREPPack(ctx(t), "a/b", 0, time.Second)
 				return err
 			}},
 		{name: "malformed: a final reply with code OK", code: proto.Internal, is: client.ErrMalformedReply,

@@ -35,6 +35,29 @@ var (
 // replaced it, so the packs it signed still verify on this host.
 func KeptEvidencePublicKeyFile(id string) string { return "evidence-key-" + id + ".pub.pem" }
 
+// WriteEvidencePublicKey writes pub as dir's EvidencePublicKeyFile, where
+// every pack's statement under dir looks for it, and returns its path. A
+// file there holding another key, or one that does not parse, is not
+// replaced: the packs kept beside it are verified with it. The error then
+// wraps ErrEvidenceKeyMismatch and names where to keep the old key
+// (KeptEvidencePublicKeyFile).
+func WriteEvidencePublicKey(dir string, pub ed25519.PublicKey) (string, error) {
+	path := filepath.Join(dir, EvidencePublicKeyFile)
+	switch had, err := readEvidencePublicKey(path); {
+	case err == nil && had.Equal(pub):
+		return path, nil
+	case err == nil:
+		return "", fmt.Errorf("%w: %s holds evidence key %s, not this agent's %s; it verifies the packs kept there and is not replaced (move it to %s to keep it beside them)",
+			ErrEvidenceKeyMismatch, path, EvidenceKeyID(had), EvidenceKeyID(pub), filepath.Join(dir, KeptEvidencePublicKeyFile(EvidenceKeyID(had))))
+	case !errors.Is(err, fs.ErrNotExist):
+		return "", fmt.Errorf("%w: %w", ErrEvidenceKeyMismatch, err)
+	}
+	if err := writeFileAtomic(dir, EvidencePublicKeyFile, MarshalEvidencePublicKey(pub)); err != nil {
+		return "", fmt.Errorf("evidence dir: %w", err)
+	}
+	return path, nil
+}
+
 // OpenEvidenceKey loads the evidence key at keyPath. It creates one
 // (LoadOrCreateEvidenceKey) only when no evidence of an earlier key is
 // kept: no public key file in evidenceDir, and every pack there and in

@@ -10,8 +10,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io/fs"
-	"path/filepath"
 	"slices"
 	"strings"
 	"time"
@@ -111,16 +109,8 @@ func NewRotator(store *Store, opts Options) (*Rotator, error) {
 	}
 	r := &Rotator{store: store, opts: opts, evidencePub: pub, log: opts.Logger}
 	if opts.EvidenceDir != "" {
-		path := filepath.Join(opts.EvidenceDir, EvidencePublicKeyFile)
-		switch had, err := readEvidencePublicKey(path); {
-		case err == nil && !had.Equal(pub):
-			return nil, fmt.Errorf("rotation: %w: %s holds evidence key %s, not this agent's %s; it verifies the packs kept there and is not replaced (move it to %s to keep it beside them)",
-				ErrEvidenceKeyMismatch, path, EvidenceKeyID(had), EvidenceKeyID(pub), filepath.Join(opts.EvidenceDir, KeptEvidencePublicKeyFile(EvidenceKeyID(had))))
-		case err != nil && !errors.Is(err, fs.ErrNotExist):
-			return nil, fmt.Errorf("rotation: %w: %w", ErrEvidenceKeyMismatch, err)
-		}
-		if err := writeFileAtomic(opts.EvidenceDir, EvidencePublicKeyFile, MarshalEvidencePublicKey(pub)); err != nil {
-			return nil, fmt.Errorf("rotation: evidence dir: %w", err)
+		if _, err := WriteEvidencePublicKey(opts.EvidenceDir, pub); err != nil {
+			return nil, fmt.Errorf("rotation: %w", err)
 		}
 	}
 	return r, nil

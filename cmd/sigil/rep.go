@@ -93,12 +93,16 @@ func repExportCommand(g *globalFlags, run adminRunner) *cobra.Command {
 		Short: "Write a stored evidence pack (rep-N.json, .sig, .md) from the running agent's journal",
 		Long: `Fetch a stored Rotation Evidence Pack (the newest without N) from the running
 agent over its admin socket and write DIR/TENANT/SLOT/rep-N.json, .sig and
-.md (DIR is --out). A pack larger than one reply comes in parts, and each
-part waits --timeout: the export as a whole has no bound, and goes on
-while parts come in time.
+.md (DIR is --out), and the agent's evidence public key as
+DIR/evidence-key.pub.pem, where each statement's verify command looks for
+it. A file there holding another key is not replaced: nothing is written.
+A pack larger than one reply comes in parts, and each part waits
+--timeout: the export as a whole has no bound, and goes on while parts
+come in time.
 
-Exit status: 0 written; 1 the files could not be written under --out, or
-the manifest fetched does not parse or is not the pack asked for; 2 usage; 3 no agent reachable; 4 the
+Exit status: 0 written; 1 the files could not be written under --out, its
+evidence-key.pub.pem holds another key, or the manifest fetched does not
+parse or is not the pack asked for; 2 usage; 3 no agent reachable; 4 the
 agent refused (no such pack: NOT_FOUND) or did not answer within --timeout.`,
 		Args: cobra.RangeArgs(1, 2),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -111,10 +115,11 @@ agent refused (no such pack: NOT_FOUND) or did not answer within --timeout.`,
 				n = v
 			}
 			return run(cmd, "rep export "+args[0], eachRequest, func(ctx context.Context, c *client.Client) (string, error) {
-				manifest, sig, err := c.ExportREPPerPart(ctx, args[0], n, g.timeout)
+				pack, err := c.ExportREPPack(ctx, args[0], n, g.timeout)
 				if err != nil {
 					return "", err
 				}
+				manifest, sig := pack.Manifest, pack.Sig
 				// The pack is here: what fails from now on fails here
 				// (exit 1), not the agent or the connection.
 				var m rotation.Manifest
@@ -126,11 +131,33 @@ agent refused (no such pack: NOT_FOUND) or did not answer within --timeout.`,
 				if m.Slot != args[0] || n != 0 && m.Number != n {
 					return "", &exitError{exitFailure, fmt.Errorf("the agent sent pack %d of %.80q, not the pack asked for: nothing written", m.Number, m.Slot)}
 				}
-				files, err := rotation.WriteREP(out, &m, manifest, sig)
+				// The key first: a file of another key there refuses the
+				// export before any pack is written beside it.
+				var files []string
+				var note string
+				if pack.EvidenceKey == nil {
+					note = "; no " + rotation.EvidencePublicKeyFile + " written: the agent did not send its evidence public key (an older agent)"
+				} else {
+					// An --out that cannot be a directory fails as such,
+					// not as an unreadable key file.
+					if err := os.MkdirAll(out, 0o755); err != nil {
+						return "", &exitError{exitFailure, fmt.Errorf("the pack could not be written under --out %s: %w", out, err)}
+					}
+					keyFile, err := rotation.WriteEvidencePublicKey(out, pack.EvidenceKey)
+					if err != nil {
+						return "", &exitError{exitFailure, fmt.Errorf("nothing written under --out %s: %w", out, err)}
+					}
+					files = append(files, keyFile)
+					current := rotation.EvidenceKeyID(pack.EvidenceKey)
+					if named := rotation.NamedEvidenceKey(manifest); named != "" && named != current {
+						note = fmt.Sprintf("; the pack names evidence key %s, not the agent's current %s: verify it with that key's public key (%s)", named, current, rotation.KeptEvidencePublicKeyFile(named))
+					}
+				}
+				packFiles, err := rotation.WriteREP(out, &m, manifest, sig)
 				if err != nil {
 					return "", &exitError{exitFailure, fmt.Errorf("the pack could not be written under --out %s: %w", out, err)}
 				}
-				return "wrote " + strings.Join(files, ", "), nil
+				return "wrote " + strings.Join(append(packFiles, files...), ", ") + note, nil
 			})
 		},
 	}

@@ -284,3 +284,100 @@ func TestREPVerifyPrintsTheEvidenceKey(t *testing.T) {
 		})
 	}
 }
+
+// statementVerifyCommand is the `sigil rep verify` line of the statement
+// rep-N.md beside manifest, as arguments after "sigil".
+func statementVerifyCommand(t *testing.T, manifest string) []string {
+	t.Helper()
+	md, err := os.ReadFile(strings.TrimSuffix(manifest, ".json") + ".md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(md), "\n") {
+		if strings.HasPrefix(l, "sigil rep verify ") {
+			return strings.Fields(l)[1:]
+		}
+	}
+	t.Fatalf("no verify command in the statement beside %s", manifest)
+	return nil
+}
+
+// rep export writes the agent's evidence public key at the top of --out,
+// where every statement's verify command (../../evidence-key.pub.pem)
+// looks for it, so that command verifies the exported pack as printed. A
+// file there holding another key verifies the packs exported before with
+// it: it is not replaced, and nothing is written. The key used not to be
+// written at all, so the statement's command failed in an export.
+func TestREPExportWritesTheEvidencePublicKey(t *testing.T) {
+	manifestPath, pubPath, _ := rotatedPack(t)
+	manifest, _ := os.ReadFile(manifestPath)
+	sig, _ := os.ReadFile(strings.TrimSuffix(manifestPath, ".json") + ".sig")
+	pubPEM, _ := os.ReadFile(pubPath)
+	pub, err := rotation.ParseEvidencePublicKey(pubPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	spki, _ := x509.MarshalPKIXPublicKey(pub)
+	other, _ := rotation.LoadOrCreateEvidenceKey(filepath.Join(t.TempDir(), "other.key"))
+	otherSPKI, _ := x509.MarshalPKIXPublicKey(other.Public())
+	otherPEM := rotation.MarshalEvidencePublicKey(other.Public().(ed25519.PublicKey))
+	for _, tc := range []struct {
+		name     string
+		had      []byte // evidence-key.pub.pem under --out before the export
+		agentKey []byte // the evidence key the agent sends (DER SPKI; nil: the signing key)
+		code     int
+		says     string
+		verifies bool // the statement's command, run in the exported pack's directory
+	}{
+		{"a fresh directory", nil, nil, exitOK, "evidence-key.pub.pem", true},
+		{"the same key there", pubPEM, nil, exitOK, "wrote", true},
+		{"another key there", otherPEM, nil, exitFailure, "holds evidence key " + rotation.EvidenceKeyID(other.Public().(ed25519.PublicKey)), false},
+		{"not a key there", []byte("junk\n"), nil, exitFailure, "evidence-key.pub.pem", false},
+		// After the agent's evidence key was replaced: its older packs are
+		// signed by the key kept aside, which the note names.
+		{"a pack by an earlier key", nil, otherSPKI, exitOK, "the pack names evidence key " + rotation.EvidenceKeyID(pub) + ", not the agent's current " + rotation.EvidenceKeyID(other.Public().(ed25519.PublicKey)), false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			admin := filepath.Join(shortSocketDir(t), "admin.sock")
+			listenUnix(t, admin, func(nc net.Conn) {
+				go fakeAgent(nc, func(req *proto.Request) *proto.Response {
+					key := spki
+					if tc.agentKey != nil {
+						key = tc.agentKey
+					}
+					return &proto.Response{Code: proto.OK, Records: [][]byte{manifest, sig}, Pub: key}
+				})
+			})
+			out := t.TempDir()
+			keyFile := filepath.Join(out, rotation.EvidencePublicKeyFile)
+			if tc.had != nil {
+				os.WriteFile(keyFile, tc.had, 0o644)
+			}
+			stdout, stderr, code := run(t, "rep", "export", "payments/release", "--out", out, "--admin-socket", admin)
+			if code != tc.code || !strings.Contains(stdout+stderr, tc.says) {
+				t.Fatalf("exit %d (want %d), want %q in stdout %q, stderr %q", code, tc.code, tc.says, stdout, stderr)
+			}
+			exported, _, _, _ := rotation.REPPaths(out, "payments/release", 2)
+			if code == exitOK && !tc.verifies {
+				// Written, with the agent's current key: not the pack's.
+				if got, _ := os.ReadFile(keyFile); !bytes.Equal(got, otherPEM) {
+					t.Fatalf("%s does not hold the agent's key", keyFile)
+				}
+				return
+			}
+			if !tc.verifies {
+				if got, _ := os.ReadFile(keyFile); !bytes.Equal(got, tc.had) {
+					t.Fatalf("%s was replaced", keyFile)
+				}
+				if _, err := os.Stat(exported); err == nil {
+					t.Fatalf("%s written though the export failed", exported)
+				}
+				return
+			}
+			t.Chdir(filepath.Dir(exported))
+			if stdout, stderr, code := run(t, statementVerifyCommand(t, exported)...); code != exitOK || !strings.Contains(stdout, "evidence pack OK") {
+				t.Fatalf("the statement's command in the export: exit %d %s %s", code, stdout, stderr)
+			}
+		})
+	}
+}

@@ -38,22 +38,15 @@ func TestRotationFromTheShell(t *testing.T) {
 		t.Fatalf("rep verify: %d %s %s", code, out, stderr)
 	}
 	// The statement's own verify command works as printed, run where the
-	// agent wrote the pack.
-	packDir := filepath.Join(state, "evidence", "payments", "release")
-	md, err := os.ReadFile(filepath.Join(packDir, "rep-2.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var verifyLine string
-	for _, l := range strings.Split(string(md), "\n") {
-		if strings.HasPrefix(l, "sigil rep verify ") {
-			verifyLine = l
+	// agent wrote the pack, and where rep export wrote it (with the
+	// evidence public key the agent sent; it used to write none).
+	for _, packDir := range []string{filepath.Join(state, "evidence", "payments", "release"), filepath.Dir(manifest)} {
+		args := statementVerifyCommand(t, filepath.Join(packDir, "rep-2.json"))
+		cmd := exec.Command(bin, args...)
+		cmd.Dir = packDir
+		if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "evidence pack OK") {
+			t.Fatalf("the statement's %q in %s: %v\n%s", args, packDir, err, out)
 		}
-	}
-	cmd := exec.Command(bin, strings.Fields(verifyLine)[1:]...)
-	cmd.Dir = packDir
-	if out, err := cmd.CombinedOutput(); err != nil || !strings.Contains(string(out), "evidence pack OK") {
-		t.Fatalf("the statement's %q: %v\n%s", verifyLine, err, out)
 	}
 	at := time.Now().Add(48 * time.Hour).UTC().Format(time.RFC3339)
 	if out, stderr, code = runBin(t, bin, "rotate", "payments/release", "--at", at, "--admin-socket", admin); code != 0 || !strings.Contains(out, "scheduled") {
