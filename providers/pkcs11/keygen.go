@@ -239,31 +239,36 @@ func keyTemplates(kt providers.KeyType, label string, id []byte) (pub, priv []*p
 			p11.NewAttribute(p11.CKA_ID, id),
 		}
 	}
-	// Every use but signing is set false, not left out: a token's defaults
-	// fill in what the template omits, and SoftHSM2's are CKA_DECRYPT,
-	// CKA_UNWRAP, CKA_SIGN_RECOVER (raw RSA: a decryption oracle) true on
-	// the private key and CKA_ENCRYPT, CKA_WRAP true on the public one.
-	privAttrs := func(keyType uint) []*p11.Attribute {
-		return append(common(p11.CKO_PRIVATE_KEY, keyType),
+	// The uses a key of its type has, but signing, are set false, not left
+	// out: a token's defaults fill in what the template omits, and
+	// SoftHSM2's are CKA_DECRYPT, CKA_UNWRAP, CKA_SIGN_RECOVER (raw RSA: a
+	// decryption oracle) true on an RSA private key, CKA_ENCRYPT, CKA_WRAP
+	// true on its public one. Only the uses the type has: tokens refuse an
+	// attribute they do not support for it (AWS CloudHSM answers
+	// CKR_TEMPLATE_INCONSISTENT for CKA_DECRYPT on an EC key, older
+	// YubiHSM modules CKR_ATTRIBUTE_TYPE_INVALID for CKA_SIGN_RECOVER),
+	// and key generation, a rotation's first step, would fail on them.
+	privAttrs := func(keyType uint, off ...uint) []*p11.Attribute {
+		a := append(common(p11.CKO_PRIVATE_KEY, keyType),
 			p11.NewAttribute(p11.CKA_PRIVATE, true),
 			p11.NewAttribute(p11.CKA_SIGN, true),
 			p11.NewAttribute(p11.CKA_SENSITIVE, true),
 			p11.NewAttribute(p11.CKA_EXTRACTABLE, false),
-			p11.NewAttribute(p11.CKA_DECRYPT, false),
-			p11.NewAttribute(p11.CKA_UNWRAP, false),
-			p11.NewAttribute(p11.CKA_DERIVE, false),
-			p11.NewAttribute(p11.CKA_SIGN_RECOVER, false),
 		)
+		for _, t := range off {
+			a = append(a, p11.NewAttribute(t, false))
+		}
+		return a
 	}
-	pubAttrs := func(keyType uint) []*p11.Attribute {
-		return append(common(p11.CKO_PUBLIC_KEY, keyType),
+	pubAttrs := func(keyType uint, off ...uint) []*p11.Attribute {
+		a := append(common(p11.CKO_PUBLIC_KEY, keyType),
 			p11.NewAttribute(p11.CKA_PRIVATE, false),
 			p11.NewAttribute(p11.CKA_VERIFY, true),
-			p11.NewAttribute(p11.CKA_ENCRYPT, false),
-			p11.NewAttribute(p11.CKA_WRAP, false),
-			p11.NewAttribute(p11.CKA_DERIVE, false),
-			p11.NewAttribute(p11.CKA_VERIFY_RECOVER, false),
 		)
+		for _, t := range off {
+			a = append(a, p11.NewAttribute(t, false))
+		}
+		return a
 	}
 	ecParams := func(oid asn1.ObjectIdentifier) []byte {
 		b, _ := asn1.Marshal(oid)
@@ -275,18 +280,20 @@ func keyTemplates(kt providers.KeyType, label string, id []byte) (pub, priv []*p
 		if kt == providers.KeyECDSAP384 {
 			oid = oidP384
 		}
+		// An EC key's one other use is key agreement (ECDH).
 		pub = append(pubAttrs(p11.CKK_EC), p11.NewAttribute(p11.CKA_EC_PARAMS, ecParams(oid)))
-		return pub, privAttrs(p11.CKK_EC), p11.CKM_EC_KEY_PAIR_GEN, nil
+		return pub, privAttrs(p11.CKK_EC, p11.CKA_DERIVE), p11.CKM_EC_KEY_PAIR_GEN, nil
 	case providers.KeyEd25519:
+		// EdDSA keys only sign.
 		pub = append(pubAttrs(ckkECEdwards), p11.NewAttribute(p11.CKA_EC_PARAMS, ecParams(oidEd25519)))
 		return pub, privAttrs(ckkECEdwards), ckmECEdwardsKeyPairGen, nil
 	case providers.KeyRSA2048, providers.KeyRSA3072, providers.KeyRSA4096:
 		bits := map[providers.KeyType]int{providers.KeyRSA2048: 2048, providers.KeyRSA3072: 3072, providers.KeyRSA4096: 4096}[kt]
-		pub = append(pubAttrs(p11.CKK_RSA),
+		pub = append(pubAttrs(p11.CKK_RSA, p11.CKA_ENCRYPT, p11.CKA_WRAP, p11.CKA_VERIFY_RECOVER),
 			p11.NewAttribute(p11.CKA_MODULUS_BITS, bits),
 			p11.NewAttribute(p11.CKA_PUBLIC_EXPONENT, []byte{1, 0, 1}),
 		)
-		return pub, privAttrs(p11.CKK_RSA), p11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil
+		return pub, privAttrs(p11.CKK_RSA, p11.CKA_DECRYPT, p11.CKA_UNWRAP, p11.CKA_SIGN_RECOVER), p11.CKM_RSA_PKCS_KEY_PAIR_GEN, nil
 	}
 	return nil, nil, 0, fmt.Errorf("key type %q: %w", kt, providers.ErrUnsupportedAlgorithm)
 }

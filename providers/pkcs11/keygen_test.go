@@ -5,6 +5,8 @@ import (
 	"crypto"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"testing"
 
@@ -57,25 +59,38 @@ func tokenAttributes(t *testing.T, tok *softhsmtest.Token, class uint, id []byte
 func TestGeneratedKeyAttributes(t *testing.T) {
 	tok := softhsmtest.New(t, "genattrs")
 	p := open(t, tok, nil, func(c *Config) { c.TokenLabel = tok.Label })
-	privWant := map[uint]bool{
+	base := func(more map[uint]bool, from map[uint]bool) map[uint]bool {
+		m := maps.Clone(from)
+		maps.Copy(m, more)
+		return m
+	}
+	privBase := map[uint]bool{
 		p11.CKA_TOKEN: true, p11.CKA_PRIVATE: true, p11.CKA_SENSITIVE: true, p11.CKA_EXTRACTABLE: false,
-		p11.CKA_SIGN: true, p11.CKA_DECRYPT: false, p11.CKA_UNWRAP: false, p11.CKA_DERIVE: false,
-		p11.CKA_SIGN_RECOVER: false, p11.CKA_ALWAYS_SENSITIVE: true, p11.CKA_NEVER_EXTRACTABLE: true,
+		p11.CKA_SIGN: true, p11.CKA_ALWAYS_SENSITIVE: true, p11.CKA_NEVER_EXTRACTABLE: true,
 	}
-	pubWant := map[uint]bool{
-		p11.CKA_TOKEN: true, p11.CKA_PRIVATE: false, p11.CKA_VERIFY: true,
-		p11.CKA_ENCRYPT: false, p11.CKA_WRAP: false, p11.CKA_DERIVE: false, p11.CKA_VERIFY_RECOVER: false,
-	}
-	for i, kt := range []providers.KeyType{providers.KeyECDSAP256, providers.KeyEd25519, providers.KeyRSA2048} {
-		t.Run(string(kt), func(t *testing.T) {
+	pubBase := map[uint]bool{p11.CKA_TOKEN: true, p11.CKA_PRIVATE: false, p11.CKA_VERIFY: true}
+	// Each type's uses but signing, off: an RSA key could decrypt, unwrap,
+	// sign-recover (a decryption oracle) and its public half encrypt and
+	// wrap; an EC key could agree keys (ECDH); an EdDSA key only signs.
+	for i, tc := range []struct {
+		kt        providers.KeyType
+		priv, pub map[uint]bool
+	}{
+		{providers.KeyECDSAP256, base(map[uint]bool{p11.CKA_DERIVE: false}, privBase), pubBase},
+		{providers.KeyEd25519, privBase, pubBase},
+		{providers.KeyRSA2048,
+			base(map[uint]bool{p11.CKA_DECRYPT: false, p11.CKA_UNWRAP: false, p11.CKA_SIGN_RECOVER: false}, privBase),
+			base(map[uint]bool{p11.CKA_ENCRYPT: false, p11.CKA_WRAP: false, p11.CKA_VERIFY_RECOVER: false}, pubBase)},
+	} {
+		t.Run(string(tc.kt), func(t *testing.T) {
 			id := []byte{0x50, byte(i)}
-			if _, err := p.GenerateKey(context.Background(), "attrs-"+string(kt), kt, "", id); err != nil {
+			if _, err := p.GenerateKey(context.Background(), "attrs-"+string(tc.kt), tc.kt, "", id); err != nil {
 				t.Fatal(err)
 			}
 			for _, half := range []struct {
 				class uint
 				want  map[uint]bool
-			}{{p11.CKO_PRIVATE_KEY, privWant}, {p11.CKO_PUBLIC_KEY, pubWant}} {
+			}{{p11.CKO_PRIVATE_KEY, tc.priv}, {p11.CKO_PUBLIC_KEY, tc.pub}} {
 				var attrs []uint
 				for a := range half.want {
 					attrs = append(attrs, a)
@@ -88,6 +103,33 @@ func TestGeneratedKeyAttributes(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A key template names only the uses its key type has: a token refuses an
+// attribute it does not support for the type (AWS CloudHSM: CKA_DECRYPT on
+// an EC key is CKR_TEMPLATE_INCONSISTENT; older YubiHSM modules:
+// CKA_SIGN_RECOVER is CKR_ATTRIBUTE_TYPE_INVALID), and every rotation's
+// key generation would fail there.
+func TestKeyTemplatesNameOnlyTheTypesUses(t *testing.T) {
+	rsaOnly := []uint{p11.CKA_DECRYPT, p11.CKA_UNWRAP, p11.CKA_SIGN_RECOVER, p11.CKA_ENCRYPT, p11.CKA_WRAP, p11.CKA_VERIFY_RECOVER}
+	for _, tc := range []struct {
+		kt     providers.KeyType
+		absent []uint
+	}{
+		{providers.KeyECDSAP256, rsaOnly},
+		{providers.KeyECDSAP384, rsaOnly},
+		{providers.KeyEd25519, append(rsaOnly, p11.CKA_DERIVE)},
+	} {
+		pub, priv, _, err := keyTemplates(tc.kt, "l", []byte{1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, a := range append(pub, priv...) {
+			if slices.Contains(tc.absent, a.Type) {
+				t.Errorf("%s template names %s", tc.kt, attrName(a.Type))
+			}
+		}
 	}
 }
 
