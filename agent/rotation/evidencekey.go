@@ -47,7 +47,7 @@ func WriteEvidencePublicKey(dir string, pub ed25519.PublicKey) (string, error) {
 	case err == nil && had.Equal(pub):
 		return path, nil
 	case err == nil:
-		return "", fmt.Errorf("%w: %s holds evidence key %s, not this agent's %s; it verifies the packs kept there and is not replaced (move it to %s to keep it beside them)",
+		return "", fmt.Errorf("%w: %s holds evidence key %s, not this agent's %s; it verifies the packs kept there and is not replaced (restore the evidence key it belongs to, or move it to %s to keep it beside them and begin with this key)",
 			ErrEvidenceKeyMismatch, path, EvidenceKeyID(had), EvidenceKeyID(pub), filepath.Join(dir, KeptEvidencePublicKeyFile(EvidenceKeyID(had))))
 	case !errors.Is(err, fs.ErrNotExist):
 		return "", fmt.Errorf("%w: %w", ErrEvidenceKeyMismatch, err)

@@ -110,7 +110,7 @@ func NewRotator(store *Store, opts Options) (*Rotator, error) {
 	r := &Rotator{store: store, opts: opts, evidencePub: pub, log: opts.Logger}
 	if opts.EvidenceDir != "" {
 		if _, err := WriteEvidencePublicKey(opts.EvidenceDir, pub); err != nil {
-			return nil, fmt.Errorf("rotation: %w", err)
+			return nil, err // it names the file and the keys; the agent adds "rotation:"
 		}
 	}
 	return r, nil

@@ -516,7 +516,8 @@ static CK_RV refresh_keys(void)
 		 * here: a host or language binding that keeps a handle in a
 		 * 32-bit integer would otherwise pass back another number. Past
 		 * that (613 million keys in a process's life) no handle is
-		 * reused: no new key is shown. */
+		 * reused: the search fails (CKR_GENERAL_ERROR) and the keys
+		 * after this one stay hidden. */
 		if ((uint64_t)g.obj_base + SG_OBJS_PER_KEY * ((uint64_t)g.nkeys + 1) > UINT32_MAX) {
 			sg_key_free(k);
 			rv = CKR_GENERAL_ERROR;
