@@ -290,6 +290,8 @@ var uriAttrsIgnored = map[string]bool{
 	"slot-description": true, "slot-manufacturer": true,
 }
 
+const uriScheme = "pkcs11:"
+
 // parseKeyURI parses one key URI. Its errors never quote the URI, which
 // could carry a PIN under a spelling the checks below do not know; the caller
 // names the key instead. n names Config's fields in them.
@@ -300,6 +302,12 @@ func parseKeyURI(raw, module string, n FieldNames) (objectSelector, tokenSelecto
 	}
 	if err := refusePINAttributes(raw, n); err != nil {
 		return objectSelector{}, tokenSelector{}, err
+	}
+	// A scheme is case-insensitive (RFC 3986 §3.1) but the parser and
+	// countPathAttributes know only "pkcs11:". Attribute names keep their
+	// case: RFC 7512 defines them in lower case only.
+	if len(raw) >= len(uriScheme) && strings.EqualFold(raw[:len(uriScheme)], uriScheme) {
+		raw = uriScheme + raw[len(uriScheme):]
 	}
 	u := pkcs11uri.New()
 	if err := u.Parse(raw); err != nil {
@@ -390,7 +398,7 @@ func refusePINAttributes(raw string, n FieldNames) error {
 // countPathAttributes counts the ';'-separated attributes of a URI's path, as
 // the parser splits them (it refuses a repeated attribute).
 func countPathAttributes(uri string) int {
-	path := strings.TrimPrefix(uri, "pkcs11:")
+	path := strings.TrimPrefix(uri, uriScheme)
 	if i := strings.IndexByte(path, '?'); i >= 0 {
 		path = path[:i]
 	}

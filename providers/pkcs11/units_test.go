@@ -57,6 +57,12 @@ func TestParseKeyURI(t *testing.T) {
 		{uri: "pkcs11:object=x;slot-id=-1", wantErr: "slot-id"},
 		{uri: "pkcs11:object=x?module-path=/other.so", wantErr: "module-path"},
 		{uri: "file:/x", wantErr: "does not parse"},
+		// RFC 3986 §3.1: the scheme is case-insensitive; attribute names are not.
+		{uri: "PKCS11:token=prod;object=release-signing", obj: objectSelector{label: "release-signing"}, tok: tokenSelector{label: "prod"}},
+		{uri: "Pkcs11:id=%01;slot-id=7", obj: objectSelector{id: []byte{1}}, tok: tokenSelector{slot: &slot7}},
+		{uri: "PKCS11:object=x?PIN-VALUE=1234", wantErr: "pin-value"},
+		{uri: "pkcs11:OBJECT=x", wantErr: "unknown path attribute"},
+		{uri: "pkcs11:object=x;Token=prod", wantErr: "unknown path attribute"},
 	}
 	for _, tc := range cases {
 		t.Run(tc.uri, func(t *testing.T) {
