@@ -222,6 +222,14 @@ func (t tokenSelector) String() string {
 	if t.serial != "" {
 		parts = append(parts, "serial="+t.serial)
 	}
+	// Matching checks them too (supervisor.go): an error that left them
+	// out would name a token that is present.
+	if t.manufacturer != "" {
+		parts = append(parts, "manufacturer="+t.manufacturer)
+	}
+	if t.model != "" {
+		parts = append(parts, "model="+t.model)
+	}
 	if t.slot != nil {
 		parts = append(parts, "slot-id="+strconv.FormatUint(uint64(*t.slot), 10))
 	}

@@ -340,6 +340,8 @@ func TestConfigErrors(t *testing.T) {
 		{"two selectors", func(c *Config) { c.TokenLabel, c.TokenSerial = "cfg", tok.Serial }, "one of TokenLabel", ""},
 		{"no token", func(c *Config) { c.Keys[0].URI = "pkcs11:object=x" }, "no token named", ""},
 		{"token absent", func(c *Config) { c.Keys[0].URI = "pkcs11:token=absent;object=x" }, "no token token=absent", ""},
+		{"token of another manufacturer", func(c *Config) { c.Keys[0].URI = "pkcs11:token=cfg;manufacturer=Other%20Vendor;object=x" }, "no token token=cfg;manufacturer=Other Vendor present", ""},
+		{"token of another model", func(c *Config) { c.Keys[0].URI = "pkcs11:token=cfg;model=Other%20HSM;object=x" }, "no token token=cfg;model=Other HSM present", ""},
 		{"no PIN source", func(c *Config) { c.PINEnv = "" }, "no PIN source", ""},
 		{"empty PIN env", func(c *Config) { c.PINEnv = "SIGIL_TEST_UNSET_PIN_VAR" }, "SIGIL_TEST_UNSET_PIN_VAR", ""},
 		{"duplicate name", func(c *Config) { c.Keys = append(c.Keys, c.Keys[0]) }, "configured twice", ""},
