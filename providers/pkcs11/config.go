@@ -338,6 +338,8 @@ func parseKeyURI(raw, module string, n FieldNames) (objectSelector, tokenSelecto
 		obj.label = v
 	}
 	if v, ok := get("id"); ok {
+		// Non-nil even when empty: RFC 7512 §2.3 has an empty attribute
+		// match an empty value, so "id=" names a key with an empty CKA_ID.
 		obj.id = []byte(v)
 	}
 	if v, ok := get("type"); ok && v != "private" {
