@@ -20,7 +20,9 @@ func newVerifyCommand(g *globalFlags) *cobra.Command {
 		Short: "Check a signature made by 'sigil keys sign'",
 		Long: `Check that --sig is a valid signature over --in by the key (--kid or --key).
 The signature file may be raw bytes or base64. The file is hashed here the
-same way 'sigil keys sign' hashed it.
+same way 'sigil keys sign' hashed it. With --key, the key version the
+lookup found (its kid is printed) both picks the algorithm and verifies;
+a signature by a version the slot has rotated away from needs its --kid.
 
 Exit status: 0 valid; 1 invalid, an input that cannot be read, or a
 message and signature too large together for one request (not sent);
@@ -60,10 +62,15 @@ algorithm the key does not make: the code is printed).`,
 			if err != nil {
 				return err
 			}
+			// Pin the kid, as 'keys sign' does: the key whose type chose
+			// the algorithm is the key that verifies, and the one the
+			// result names, even if the slot rotates in between.
+			ref := key.ref()
+			ref.KID = k.KID
 			// --timeout is per request, not for reading the input too.
 			verifyCtx, cancelVerify := g.context()
 			defer cancelVerify()
-			ok, err := c.Verify(verifyCtx, key.ref(), a, digest, sig)
+			ok, err := c.Verify(verifyCtx, ref, a, digest, sig)
 			if err != nil {
 				return agentError("verify", err)
 			}
