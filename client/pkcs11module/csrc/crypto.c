@@ -6,6 +6,7 @@
 #include "sigil.h"
 
 #include <openssl/ecdsa.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <string.h>
 
@@ -14,7 +15,7 @@
  * concurrent signers would contend on. */
 static EVP_MD *mds[4];
 
-int sg_crypto_init(void)
+static int fetch_mds(void)
 {
 	static const char *names[4] = {NULL, "SHA256", "SHA384", "SHA512"};
 	for (int i = 1; i < 4; i++) {
@@ -24,6 +25,18 @@ int sg_crypto_init(void)
 			return -1;
 	}
 	return 0;
+}
+
+/* The fetch runs on the host's thread, against the host's library context:
+ * one it cannot satisfy (default properties such as "fips=yes" with no FIPS
+ * provider) leaves an error on the host's queue, which a host using OpenSSL
+ * itself would take for its own. The module answers CKR_GENERAL_ERROR. */
+int sg_crypto_init(void)
+{
+	ERR_set_mark();
+	int rc = fetch_mds();
+	ERR_pop_to_mark();
+	return rc;
 }
 
 void sg_crypto_free(void)
