@@ -834,6 +834,16 @@ func (c *Client) PublicKey(ctx context.Context, ref KeyRef) (Key, error) {
 	if err != nil {
 		return Key{}, err
 	}
+	// A caller pins the kid it gets here for its next request (sigil
+	// keys sign, verify-signature): an empty one would turn a request for
+	// this key into one for the default key, another would name a key
+	// not asked for.
+	switch {
+	case resp.KID == "":
+		return Key{}, malformedReply(fmt.Sprintf("PublicKey reply: key %q comes without its kid", resp.Key), nil)
+	case ref.KID != "" && resp.KID != ref.KID:
+		return Key{}, malformedReply(fmt.Sprintf("PublicKey reply: key %q has kid %q, not the %q asked for", resp.Key, resp.KID, ref.KID), nil)
+	}
 	pub, err := x509.ParsePKIXPublicKey(resp.Pub)
 	if err != nil {
 		return Key{}, malformedReply(fmt.Sprintf("PublicKey reply: key %q: public key", resp.Key), err)

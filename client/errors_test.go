@@ -274,6 +274,24 @@ func TestClientFaultsHaveCodesOfTheirOwn(t *testing.T) {
 				_, err := c.PublicKey(ctx(t), client.ByName("k"))
 				return err
 			}},
+		{name: "malformed: a public key without its kid", code: proto.Internal, is: client.ErrMalformedReply,
+			says: `INTERNAL: PublicKey reply: key "k" comes without its kid`,
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return answers(&proto.Response{Code: proto.OK, Key: "k", KeyType: "ed25519", Pub: edSPKI}, nil)
+			},
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.PublicKey(ctx(t), client.ByName("k"))
+				return err
+			}},
+		{name: "malformed: a public key of another kid than asked", code: proto.Internal, is: client.ErrMalformedReply,
+			says: `INTERNAL: PublicKey reply: key "k" has kid "4567", not the "0123" asked for`,
+			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
+				return answers(&proto.Response{Code: proto.OK, Key: "k", KID: "4567", KeyType: "ed25519", Pub: edSPKI}, nil)
+			},
+			run: func(t *testing.T, c *client.Client) error {
+				_, err := c.PublicKey(ctx(t), client.KeyRef{Name: "k", KID: "0123"})
+				return err
+			}},
 		{name: "malformed: a listed public key that does not parse", code: proto.Internal, is: client.ErrMalformedReply,
 			says: `INTERNAL: ListKeys reply: key "k": public key: `,
 			agent: func(t *testing.T) func(nc net.Conn, br *bufio.Reader) {
