@@ -887,6 +887,23 @@ func (c tokenCredentials) GetRequestMetadata(context.Context, ...string) (map[st
 
 func (tokenCredentials) RequireTransportSecurity() bool { return false }
 
+// servedWithTokens serves f to a client whose gRPC per-RPC credentials
+// come from ts through oauth2's ReuseTokenSource, as the SDK's do. ts holds
+// a fetch until release is closed: after the given time, or at the test's
+// end, before the fake's own cleanup, so that a call held by the fetch
+// fails the test instead of hanging it.
+func servedWithTokens(t *testing.T, f *gcpkmstest.Server, ts oauth2.TokenSource, release chan struct{}, after time.Duration) []option.ClientOption {
+	t.Helper()
+	opts := append(f.Serve(t), option.WithGRPCDialOption(grpc.WithPerRPCCredentials(tokenCredentials{oauth2.ReuseTokenSource(nil, ts)})))
+	timer := time.AfterFunc(after, func() { close(release) })
+	t.Cleanup(func() {
+		if timer.Stop() {
+			close(release)
+		}
+	})
+	return opts
+}
+
 // The calls that serve a key or make a rotation's version (the listing
 // and GetPublicKey at Open, GetPublicKey for AddKey,
 // CreateCryptoKeyVersion for NewVersion) keep to the provider's timeout
@@ -918,15 +935,7 @@ func TestKeyCallsDeadlineDuringATokenFetch(t *testing.T) {
 			f := &gcpkmstest.Server{}
 			f.Add(gcpkmstest.VersionName("p256", "1"), gcpkmstest.TestKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
 			ts := &heldTokenSource{release: make(chan struct{})}
-			opts := append(f.Serve(t), option.WithGRPCDialOption(grpc.WithPerRPCCredentials(tokenCredentials{oauth2.ReuseTokenSource(nil, ts)})))
-			// Released after a while, so that a call held by the fetch fails
-			// the test instead of hanging it.
-			release := time.AfterFunc(3*time.Second, func() { close(ts.release) })
-			t.Cleanup(func() { // before the fake's own cleanup
-				if release.Stop() {
-					close(ts.release)
-				}
-			})
+			opts := servedWithTokens(t, f, ts, ts.release, 3*time.Second)
 			p, err := Open(context.Background(), Config{ID: "gcp", Timeout: timeout, ClientOptions: opts,
 				Keys: []KeyConfig{{Name: "p256", Resource: gcpkmstest.VersionName("p256", "1")}}})
 			if err != nil {
@@ -980,15 +989,7 @@ func TestRotationPollAndDestroyDeadlineDuringATokenFetch(t *testing.T) {
 	f := &gcpkmstest.Server{}
 	f.Add(gcpkmstest.VersionName("p256", "1"), gcpkmstest.TestKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
 	ts := &heldAfterTokenSource{release: make(chan struct{})}
-	opts := append(f.Serve(t), option.WithGRPCDialOption(grpc.WithPerRPCCredentials(tokenCredentials{oauth2.ReuseTokenSource(nil, ts)})))
-	// Released after a while, so that a call held by the fetch fails the
-	// test instead of hanging it.
-	release := time.AfterFunc(5*time.Second, func() { close(ts.release) })
-	t.Cleanup(func() { // before the fake's own cleanup
-		if release.Stop() {
-			close(ts.release)
-		}
-	})
+	opts := servedWithTokens(t, f, ts, ts.release, 5*time.Second)
 	core, logs := observer.New(zap.InfoLevel)
 	p, err := Open(context.Background(), Config{ID: "gcp", Timeout: timeout, ClientOptions: opts, Logger: zap.New(core),
 		Keys: []KeyConfig{{Name: "p256", Resource: gcpkmstest.VersionName("p256", "1")}}})
