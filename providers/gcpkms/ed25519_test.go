@@ -153,13 +153,7 @@ func TestEd25519NewVersion(t *testing.T) {
 	if ki.Type != providers.KeyEd25519 || ki.KID == base.KID {
 		t.Fatalf("new version info %+v (base kid %s)", ki, base.KID)
 	}
-	v2, err := tf.kms.Lookup(gcpkmstest.VersionName("ed", "2"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var alg kmspb.CryptoKeyVersion_CryptoKeyVersionAlgorithm
-	tf.kms.Update(func() { alg = v2.Alg })
-	if alg != kmspb.CryptoKeyVersion_EC_SIGN_ED25519 {
+	if alg := versionNow(t, tf.kms, gcpkmstest.VersionName("ed", "2")).Alg; alg != kmspb.CryptoKeyVersion_EC_SIGN_ED25519 {
 		t.Fatalf("the new version is %s", alg)
 	}
 	msg := []byte("after rotation")

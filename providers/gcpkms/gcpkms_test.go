@@ -510,13 +510,7 @@ func TestFailedNewVersionIsDestroyed(t *testing.T) {
 	if _, err := tf.p.NewVersion(context.Background(), "p256", "p256-v2"); err == nil {
 		t.Fatal("NewVersion succeeded with a public key that fails its integrity check")
 	}
-	v, err := tf.kms.Lookup(gcpkmstest.VersionName("p256", "2"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var st kmspb.CryptoKeyVersion_CryptoKeyVersionState
-	tf.kms.Update(func() { st = v.State })
-	if st != kmspb.CryptoKeyVersion_DESTROY_SCHEDULED {
+	if st := versionNow(t, tf.kms, gcpkmstest.VersionName("p256", "2")).State; st != kmspb.CryptoKeyVersion_DESTROY_SCHEDULED {
 		t.Fatalf("the failed rotation's version is %s, want DESTROY_SCHEDULED", st)
 	}
 }
@@ -759,12 +753,7 @@ func TestVersionPollRetries(t *testing.T) {
 			if n := tf.kms.GetVersionCount() - before; tc.requests >= 0 && n != tc.requests {
 				t.Errorf("%d GetCryptoKeyVersion requests, want %d", n, tc.requests)
 			}
-			v, lerr := tf.kms.Lookup(gcpkmstest.VersionName("p256", "2"))
-			if lerr != nil {
-				t.Fatal(lerr)
-			}
-			var st kmspb.CryptoKeyVersion_CryptoKeyVersionState
-			tf.kms.Update(func() { st = v.State })
+			st := versionNow(t, tf.kms, gcpkmstest.VersionName("p256", "2")).State
 			want := kmspb.CryptoKeyVersion_ENABLED
 			if tc.want != nil {
 				want = kmspb.CryptoKeyVersion_DESTROY_SCHEDULED
@@ -829,12 +818,7 @@ func TestDestroyRetries(t *testing.T) {
 			if n := f.DestroyCount(); n != tc.requests {
 				t.Errorf("%d DestroyCryptoKeyVersion requests, want %d", n, tc.requests)
 			}
-			v, err := f.Lookup(gcpkmstest.VersionName("p256", "2"))
-			if err != nil {
-				t.Fatal(err)
-			}
-			var st kmspb.CryptoKeyVersion_CryptoKeyVersionState
-			f.Update(func() { st = v.State })
+			st := versionNow(t, f, gcpkmstest.VersionName("p256", "2")).State
 			if destroyed := st == kmspb.CryptoKeyVersion_DESTROY_SCHEDULED; destroyed != tc.destroyed {
 				t.Errorf("the failed rotation's version is %s, want destroyed %v", st, tc.destroyed)
 			}
@@ -886,6 +870,19 @@ func (c tokenCredentials) GetRequestMetadata(context.Context, ...string) (map[st
 }
 
 func (tokenCredentials) RequireTransportSecurity() bool { return false }
+
+// versionNow is a copy of a fake version as it is now, read under the
+// fake's lock.
+func versionNow(t *testing.T, f *gcpkmstest.Server, name string) gcpkmstest.Version {
+	t.Helper()
+	v, err := f.Lookup(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var now gcpkmstest.Version
+	f.Update(func() { now = *v })
+	return now
+}
 
 // servedWithTokens serves f to a client whose gRPC per-RPC credentials
 // come from ts through oauth2's ReuseTokenSource, as the SDK's do. ts holds
