@@ -155,12 +155,25 @@ func (f *Front) do(req *http.Request) (*answer, error) {
 }
 
 func (f *Front) pass(w http.ResponseWriter, r *http.Request, body []byte) {
+	if a, ok := f.forwardOK(w, r, body); ok {
+		a.write(w)
+	}
+}
+
+// forwardOK forwards body and returns local-kms's answer when it is a
+// success, for the caller to use; any other answer, or a failure to reach
+// local-kms (502), it has written to w already.
+func (f *Front) forwardOK(w http.ResponseWriter, r *http.Request, body []byte) (*answer, bool) {
 	a, err := f.forward(r, body)
 	if err != nil {
 		http.Error(w, "awskmstest front: "+err.Error(), http.StatusBadGateway)
-		return
+		return nil, false
 	}
-	a.write(w)
+	if a.status != http.StatusOK {
+		a.write(w)
+		return nil, false
+	}
+	return a, true
 }
 
 // call sends one request of its own to local-kms, which does not check
@@ -259,13 +272,8 @@ func (f *Front) createKey(w http.ResponseWriter, r *http.Request, body []byte) {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
 	}
-	a, err := f.forward(r, fwd)
-	if err != nil {
-		http.Error(w, "awskmstest front: "+err.Error(), http.StatusBadGateway)
-		return
-	}
-	if a.status != http.StatusOK {
-		a.write(w)
+	a, ok := f.forwardOK(w, r, fwd)
+	if !ok {
 		return
 	}
 	out, err := decodeObject(a.body)
@@ -292,13 +300,8 @@ func (f *Front) createKey(w http.ResponseWriter, r *http.Request, body []byte) {
 // rewrite passes GetPublicKey and DescribeKey through, and makes an answer
 // about an Ed25519 key say what AWS says of it.
 func (f *Front) rewrite(w http.ResponseWriter, r *http.Request, body []byte) {
-	a, err := f.forward(r, body)
-	if err != nil {
-		http.Error(w, "awskmstest front: "+err.Error(), http.StatusBadGateway)
-		return
-	}
-	if a.status != http.StatusOK {
-		a.write(w)
+	a, ok := f.forwardOK(w, r, body)
+	if !ok {
 		return
 	}
 	out, err := decodeObject(a.body)
