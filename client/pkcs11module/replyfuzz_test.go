@@ -153,56 +153,50 @@ type replyKeys struct {
 	signers []crypto.Signer
 }
 
-var (
-	replyKeysOnce sync.Once
-	replyKeysVal  replyKeys
-	replyKeysErr  error
-)
+// makeReplyKeys runs once per test binary: RSA key generation dominates.
+var makeReplyKeys = sync.OnceValues(func() (replyKeys, error) {
+	var keys replyKeys
+	root, err := devcerts.NewCA("fuzz root")
+	if err != nil {
+		return keys, err
+	}
+	mid, err := root.NewIntermediate("fuzz intermediate")
+	if err != nil {
+		return keys, err
+	}
+	p256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	p384, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
+	rk, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return keys, err
+	}
+	_, ed, _ := ed25519.GenerateKey(rand.Reader)
+	for i, s := range []crypto.Signer{p256, p384, rk, ed} {
+		pub, err := x509.MarshalPKIXPublicKey(s.Public())
+		if err != nil {
+			return keys, err
+		}
+		name := []string{"p256", "p384", "rsa", "ed"}[i]
+		cert, err := mid.Certify(s.Public(), devcerts.Leaf{CommonName: name, CodeSigning: true})
+		if err != nil {
+			return keys, err
+		}
+		keys.entries = append(keys.entries, proto.KeyEntry{
+			Name: name, KID: fmt.Sprintf("%032x", i+1), Provider: "soft", KeyType: name, Pub: pub,
+			Cert: cert, Chain: [][]byte{mid.Cert.Raw, root.Cert.Raw},
+		})
+		keys.signers = append(keys.signers, s)
+	}
+	return keys, nil
+})
 
 func newReplyKeys(t testing.TB) replyKeys {
 	t.Helper()
-	replyKeysOnce.Do(func() {
-		root, err := devcerts.NewCA("fuzz root")
-		if err != nil {
-			replyKeysErr = err
-			return
-		}
-		mid, err := root.NewIntermediate("fuzz intermediate")
-		if err != nil {
-			replyKeysErr = err
-			return
-		}
-		p256, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-		p384, _ := ecdsa.GenerateKey(elliptic.P384(), rand.Reader)
-		rk, err := rsa.GenerateKey(rand.Reader, 2048)
-		if err != nil {
-			replyKeysErr = err
-			return
-		}
-		_, ed, _ := ed25519.GenerateKey(rand.Reader)
-		for i, s := range []crypto.Signer{p256, p384, rk, ed} {
-			pub, err := x509.MarshalPKIXPublicKey(s.Public())
-			if err != nil {
-				replyKeysErr = err
-				return
-			}
-			name := []string{"p256", "p384", "rsa", "ed"}[i]
-			cert, err := mid.Certify(s.Public(), devcerts.Leaf{CommonName: name, CodeSigning: true})
-			if err != nil {
-				replyKeysErr = err
-				return
-			}
-			replyKeysVal.entries = append(replyKeysVal.entries, proto.KeyEntry{
-				Name: name, KID: fmt.Sprintf("%032x", i+1), Provider: "soft", KeyType: name, Pub: pub,
-				Cert: cert, Chain: [][]byte{mid.Cert.Raw, root.Cert.Raw},
-			})
-			replyKeysVal.signers = append(replyKeysVal.signers, s)
-		}
-	})
-	if replyKeysErr != nil {
-		t.Fatal(replyKeysErr)
+	keys, err := makeReplyKeys()
+	if err != nil {
+		t.Fatal(err)
 	}
-	return replyKeysVal
+	return keys
 }
 
 // replySeeds are real replies as package proto writes them: Hello, an
