@@ -45,15 +45,7 @@ func TestEverySignatureIsJournaled(t *testing.T) {
 	c.Sign(context.Background(), client.ByName(strings.Repeat("nope", 2000)), client.Algorithm{}, make([]byte, 32))
 	c.Sign(context.Background(), client.ByName("default"), client.Algorithm{}, make([]byte, 31))
 	c.Close()
-	if err := a.Shutdown(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-
-	j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer j.Close()
+	j := journalOfStopped(t, a, cfg)
 	rep, err := j.Verify(context.Background())
 	if err != nil || !rep.OK() {
 		t.Fatalf("chain: %v %+v", err, rep.Break)
@@ -351,14 +343,7 @@ func TestLateSignatureIsWithheldAndJournaled(t *testing.T) {
 	if resp.Code != proto.DeadlineExceeded || len(resp.Sig) != 0 {
 		t.Fatalf("late signature: code %s, %d signature bytes; want DEADLINE_EXCEEDED and none", resp.Code, len(resp.Sig))
 	}
-	if err := r.agent.Shutdown(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer j.Close()
+	j := journalOfStopped(t, r.agent, cfg)
 	var found []string
 	err = j.Scan(context.Background(), journal.Filter{}, func(r *journal.Record) error {
 		if r.DigestHash == journal.HashDigest(d[:]) {
@@ -532,14 +517,7 @@ func TestPeerGoneMidRequestLeavesEverySignatureJournaled(t *testing.T) {
 		rc.nc.Close()
 		time.Sleep(200 * time.Millisecond)
 	}
-	if err := r.agent.Shutdown(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer j.Close()
+	j := journalOfStopped(t, r.agent, cfg)
 	codes := map[string]int{}
 	recorded := 0
 	err = j.Scan(context.Background(), journal.Filter{}, func(r *journal.Record) error {

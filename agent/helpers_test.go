@@ -21,6 +21,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
 	"github.com/sigil-agent/sigil/providers"
@@ -447,4 +448,19 @@ func tenantAtItsLimit(t *testing.T) (*running, *heldProvider, chan error, [32]by
 	}()
 	<-h.entered
 	return r, h, held, d
+}
+
+// journalOfStopped shuts a down and opens its journal, closed at the
+// test's end: what the agent left on disk.
+func journalOfStopped(t *testing.T, a *agent.Agent, cfg agent.Config) *journal.Journal {
+	t.Helper()
+	if err := a.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { j.Close() })
+	return j
 }

@@ -93,14 +93,7 @@ func TestSSHAgentSocketWithOpenSSH(t *testing.T) {
 		t.Fatalf("ssh-add of a private key was accepted: %s", out)
 	}
 
-	if err := a.Shutdown(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer j.Close()
+	j := journalOfStopped(t, a, cfg)
 	found := false
 	j.Scan(context.Background(), journal.Filter{}, func(r *journal.Record) error {
 		if strings.HasPrefix(r.Peer, "ssh:") && r.Slot == "ed" && r.CodeName == "OK" {
