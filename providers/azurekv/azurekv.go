@@ -424,8 +424,9 @@ func (p *Provider) Close() error {
 
 // jwsAlgorithm maps a Sigil algorithm on a key type to the JWS algorithm
 // Key Vault signs with. Key Vault pairs an EC curve with one hash (ES256 on
-// P-256, ES384 on P-384), and its PSS uses a salt as long as the digest, as
-// Sigil does.
+// P-256, ES384 on P-384), signs RSA with any of SHA-256/384/512 (RS512 and
+// PS512 too, as the wire may ask), and its PSS uses a salt as long as the
+// digest, as Sigil does.
 func jwsAlgorithm(t providers.KeyType, alg providers.Algorithm) (azkeys.SignatureAlgorithm, error) {
 	switch {
 	case t == providers.KeyECDSAP256 && alg == providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}:
@@ -440,6 +441,10 @@ func jwsAlgorithm(t providers.KeyType, alg providers.Algorithm) (azkeys.Signatur
 		return azkeys.SignatureAlgorithmPS256, nil
 	case t.IsRSA() && alg.Scheme == providers.SchemePSS && alg.Hash == crypto.SHA384:
 		return azkeys.SignatureAlgorithmPS384, nil
+	case t.IsRSA() && alg.Scheme == providers.SchemePKCS1v15 && alg.Hash == crypto.SHA512:
+		return azkeys.SignatureAlgorithmRS512, nil
+	case t.IsRSA() && alg.Scheme == providers.SchemePSS && alg.Hash == crypto.SHA512:
+		return azkeys.SignatureAlgorithmPS512, nil
 	}
 	return "", fmt.Errorf("%s key cannot sign %s here: %w", t, alg, providers.ErrUnsupportedAlgorithm)
 }

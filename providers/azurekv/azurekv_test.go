@@ -32,6 +32,8 @@ var (
 	algRS384 = providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA384}
 	algPS256 = providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA256}
 	algPS384 = providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA384}
+	algRS512 = providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA512}
+	algPS512 = providers.Algorithm{Scheme: providers.SchemePSS, Hash: crypto.SHA512}
 )
 
 // testKeys are generated once per test binary: RSA generation is slow under -race.
@@ -113,6 +115,8 @@ func TestSignVerifies(t *testing.T) {
 		{"rsa", algRS384, providers.KeyRSA2048},
 		{"rsa", algPS256, providers.KeyRSA2048},
 		{"rsa", algPS384, providers.KeyRSA2048},
+		{"rsa", algRS512, providers.KeyRSA2048},
+		{"rsa", algPS512, providers.KeyRSA2048},
 	} {
 		t.Run(tc.key+"/"+tc.alg.String(), func(t *testing.T) {
 			ki := tf.info(t, tc.key)
@@ -149,7 +153,7 @@ func TestSignRefusesOtherAlgorithms(t *testing.T) {
 		{"p384", algES256},
 		{"p256", algPS256},
 		{"rsa", algES256},
-		{"rsa", providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA512}},
+		{"p384", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA512}},
 		{"p256", providers.Algorithm{Scheme: providers.SchemeEd25519}},
 	} {
 		t.Run(tc.key+"/"+tc.alg.String(), func(t *testing.T) {
