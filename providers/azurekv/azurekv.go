@@ -11,6 +11,7 @@ import (
 	"math/big"
 	"net/http"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -149,6 +150,7 @@ type remoteKey struct {
 	kty     azkeys.KeyType
 	crv     azkeys.CurveName // EC keys only
 	size    int              // signature length: 2×coordinate bytes for ECDSA (raw r‖s), modulus bytes for RSA
+	expires time.Time        // the version's exp when it was read; zero: none
 }
 
 var (
@@ -269,8 +271,27 @@ func (p *Provider) entryOf(op string, kc KeyConfig, resp azkeys.KeyBundle) (*rem
 	if name, version := jwk.KID.Name(), jwk.KID.Version(); name != kc.Key || version == "" || (kc.Version != "" && version != kc.Version) {
 		return nil, fmt.Errorf("azurekv %s: response names key %q version %q: %w", op, name, version, providers.ErrUnavailable)
 	}
-	if resp.Attributes != nil && resp.Attributes.Enabled != nil && !*resp.Attributes.Enabled {
-		return nil, fmt.Errorf("azurekv %s: key version is disabled: %w", op, providers.ErrUnavailable)
+	var expires time.Time
+	if a := resp.Attributes; a != nil {
+		if a.Enabled != nil && !*a.Enabled {
+			return nil, fmt.Errorf("azurekv %s: key version is disabled: %w", op, providers.ErrUnavailable)
+		}
+		// Key Vault refuses to sign outside nbf..exp (403), as for a
+		// disabled version: served, every Sign would fail, blamed on the
+		// identity's access.
+		now := time.Now()
+		if a.Expires != nil {
+			if expires = *a.Expires; !now.Before(expires) {
+				return nil, fmt.Errorf("azurekv %s: key version expired at %s: %w", op, expires.UTC().Format(time.RFC3339), providers.ErrUnavailable)
+			}
+		}
+		if a.NotBefore != nil && now.Before(*a.NotBefore) {
+			return nil, fmt.Errorf("azurekv %s: key version not valid before %s: %w", op, a.NotBefore.UTC().Format(time.RFC3339), providers.ErrUnavailable)
+		}
+	}
+	// key_ops bound what the vault does with the key; absent means no bound.
+	if jwk.KeyOps != nil && !slices.ContainsFunc(jwk.KeyOps, func(o *azkeys.KeyOperation) bool { return o != nil && *o == azkeys.KeyOperationSign }) {
+		return nil, fmt.Errorf("azurekv %s: the key version's key_ops do not permit sign: %w", op, providers.ErrUnsupportedAlgorithm)
 	}
 	pub, size, err := publicKeyOf(jwk)
 	if err != nil {
@@ -280,7 +301,7 @@ func (p *Provider) entryOf(op string, kc KeyConfig, resp azkeys.KeyBundle) (*rem
 	if err != nil {
 		return nil, fmt.Errorf("azurekv %s: %w", op, err)
 	}
-	k := &remoteKey{info: info, key: kc.Key, version: jwk.KID.Version(), uri: string(*jwk.KID), kty: *jwk.Kty, size: size}
+	k := &remoteKey{info: info, key: kc.Key, version: jwk.KID.Version(), uri: string(*jwk.KID), kty: *jwk.Kty, size: size, expires: expires}
 	if jwk.Crv != nil {
 		k.crv = *jwk.Crv
 	}
@@ -378,8 +399,18 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 	defer cancel()
 	resp, err := p.signCall(callCtx, k, jws, digest)
 	if err != nil {
-		p.noteThrottle(err, time.Now())
-		return nil, classify(ctx, callCtx, "sign "+name, err)
+		now := time.Now()
+		p.noteThrottle(err, now)
+		var re *azcore.ResponseError
+		forbidden := errors.As(err, &re) && re.StatusCode == http.StatusForbidden
+		err = classify(ctx, callCtx, "sign "+name, err)
+		// A 403's reason is in the server's text, which stays out; an exp
+		// passed since Open is the likely one. The vault stays the judge:
+		// an exp an operator moved on signs again.
+		if forbidden && !k.expires.IsZero() && !now.Before(k.expires) {
+			err = fmt.Errorf("%w (the key version expired at %s)", err, k.expires.UTC().Format(time.RFC3339))
+		}
+		return nil, err
 	}
 	if resp.KID != nil && (resp.KID.Name() != k.key || resp.KID.Version() != k.version) {
 		return nil, fmt.Errorf("azurekv sign %s: response names another key version: %w", name, providers.ErrUnavailable)

@@ -505,3 +505,80 @@ func TestSignDeadlineDuringATokenFetch(t *testing.T) {
 		t.Fatalf("Sign: %v, want a deadline error", err)
 	}
 }
+
+// A version Key Vault will not sign with is not served: one outside its
+// nbf/exp window or whose key_ops leave out sign fails Open with that
+// reason, as a disabled one does, whether it was named or is the key's
+// current version (what a restart resolves after another writer's
+// rotation). Served, every Sign would be a 403 blamed on the identity's
+// access policy.
+func TestOpenRefusesVersionsThatCannotSign(t *testing.T) {
+	now := time.Now()
+	for _, tc := range []struct {
+		name string
+		set  func(v *azurekvtest.Version)
+		want error // nil: served, and signs
+		text string
+	}{
+		{"expired", func(v *azurekvtest.Version) { v.Expires = now.Add(-time.Hour) }, providers.ErrUnavailable, "expired at"},
+		{"not yet valid", func(v *azurekvtest.Version) { v.NotBefore = now.Add(time.Hour) }, providers.ErrUnavailable, "not valid before"},
+		{"no sign in key_ops", func(v *azurekvtest.Version) { v.KeyOps = []string{"verify"} }, providers.ErrUnsupportedAlgorithm, "key_ops"},
+		{"disabled", func(v *azurekvtest.Version) { v.Enabled = false }, providers.ErrUnavailable, "disabled"},
+		{"inside its window, sign permitted", func(v *azurekvtest.Version) {
+			v.NotBefore, v.Expires, v.KeyOps = now.Add(-time.Hour), now.Add(time.Hour), []string{"sign"}
+		}, nil, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			kv := &azurekvtest.Server{}
+			kv.Add("ec", testKeys()["p256-b"])
+			cur := kv.Add("ec", testKeys()["p256"])
+			kv.Update(func() { tc.set(cur) })
+			url, opts, cred := kv.Start(t)
+			for _, kc := range []KeyConfig{{Name: "ec", Key: "ec"}, {Name: "ec", Key: "ec", Version: cur.ID}} {
+				p, err := Open(context.Background(), Config{ID: "azure", VaultURL: url, Keys: []KeyConfig{kc}, Credential: cred, ClientOptions: opts})
+				if tc.want != nil {
+					if !errors.Is(err, tc.want) || !strings.Contains(err.Error(), tc.text) {
+						t.Fatalf("version %q: Open err = %v, want %v mentioning %q", kc.Version, err, tc.want, tc.text)
+					}
+					continue
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				digest := randomDigest(crypto.SHA256)
+				sig, err := p.Sign(context.Background(), "ec", algES256, digest)
+				p.Close()
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := providers.Verify(cur.Signer.Public(), algES256, digest, sig); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// A served version whose exp passes is refused by the vault with a 403;
+// the error names the expiry rather than only the identity's access.
+func TestSignAfterTheVersionExpired(t *testing.T) {
+	kv := &azurekvtest.Server{}
+	v := kv.Add("ec", testKeys()["p256"])
+	// exp is in whole seconds on the wire: at least a second ahead.
+	exp := time.Now().Add(2 * time.Second).Truncate(time.Second)
+	kv.Update(func() { v.Expires = exp })
+	url, opts, cred := kv.Start(t)
+	p, err := Open(context.Background(), Config{ID: "azure", VaultURL: url, Keys: []KeyConfig{{Name: "ec", Key: "ec"}}, Credential: cred, ClientOptions: opts})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.Close()
+	if _, err := p.Sign(context.Background(), "ec", algES256, randomDigest(crypto.SHA256)); err != nil {
+		t.Fatalf("before exp: %v", err)
+	}
+	time.Sleep(time.Until(exp) + 50*time.Millisecond)
+	_, err = p.Sign(context.Background(), "ec", algES256, randomDigest(crypto.SHA256))
+	if !errors.Is(err, providers.ErrUnavailable) || !strings.Contains(err.Error(), "expired at") {
+		t.Fatalf("after exp: err = %v, want UNAVAILABLE naming the expiry", err)
+	}
+}

@@ -34,6 +34,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -81,6 +82,14 @@ type Version struct {
 	Signer  crypto.Signer
 	Enabled bool
 	Tags    map[string]string // as the create-key request set them
+	// NotBefore and Expires are the version's nbf and exp attributes (zero:
+	// none). Key Vault refuses to sign outside them with a 403, as for a
+	// disabled version; verify would still work.
+	NotBefore, Expires time.Time
+	// KeyOps are the operations the version permits (its JWK key_ops); nil
+	// means every operation of its key type, as Key Vault gives a key made
+	// without key_ops. A sign it does not permit is refused with a 403.
+	KeyOps []string
 
 	Delay      time.Duration // sign stalls this long (or until the client gives up)
 	SignStatus int           // sign answers with this HTTP status (and a Key Vault error body)
@@ -442,9 +451,9 @@ func (s *Server) getKey(w http.ResponseWriter, r *http.Request, name, version st
 	s.gets++
 	v := s.lookup(name, version)
 	var status int
-	var enabled bool
+	var attrs versionAttrs
 	if v != nil {
-		status, enabled = v.GetStatus, v.Enabled
+		status, attrs = v.GetStatus, v.attrs()
 	}
 	s.mu.Unlock()
 	if v == nil {
@@ -455,7 +464,19 @@ func (s *Server) getKey(w http.ResponseWriter, r *http.Request, name, version st
 		writeError(w, status, codeFor(status), "injected fault")
 		return
 	}
-	writeBundle(w, r, v, enabled)
+	writeBundle(w, r, v, attrs)
+}
+
+// versionAttrs are what a key bundle says of a version beside its public
+// key, copied under the server's lock.
+type versionAttrs struct {
+	enabled            bool
+	notBefore, expires time.Time
+	keyOps             []string
+}
+
+func (v *Version) attrs() versionAttrs {
+	return versionAttrs{enabled: v.Enabled, notBefore: v.NotBefore, expires: v.Expires, keyOps: append([]string(nil), v.KeyOps...)}
 }
 
 // createKey makes a new version of key name (a new key if there is none)
@@ -515,8 +536,10 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request, name string) 
 	v := s.Add(name, signer)
 	s.mu.Lock()
 	v.Tags = req.Tags
+	v.KeyOps = req.KeyOps
 	s.creates++
 	status, stall := s.CreateStatus, s.CreateStall
+	attrs := v.attrs()
 	s.mu.Unlock()
 	switch {
 	case stall:
@@ -526,7 +549,7 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request, name string) 
 		writeError(w, status, codeFor(status), "injected fault")
 		return
 	}
-	writeBundle(w, r, v, true)
+	writeBundle(w, r, v, attrs)
 }
 
 // listVersions answers with the properties of key name's versions (one
@@ -561,20 +584,20 @@ func (s *Server) updateKey(w http.ResponseWriter, r *http.Request, name, version
 	if v != nil && req.Attributes != nil && req.Attributes.Enabled != nil {
 		v.Enabled = *req.Attributes.Enabled
 	}
-	var enabled bool
+	var attrs versionAttrs
 	if v != nil {
-		enabled = v.Enabled
+		attrs = v.attrs()
 	}
 	s.mu.Unlock()
 	if v == nil {
 		writeError(w, http.StatusNotFound, "KeyNotFound", "A key with (name/id) "+name+" was not found in this key vault.")
 		return
 	}
-	writeBundle(w, r, v, enabled)
+	writeBundle(w, r, v, attrs)
 }
 
 // writeBundle answers with v's KeyBundle: its JWK public key and attributes.
-func writeBundle(w http.ResponseWriter, r *http.Request, v *Version, enabled bool) {
+func writeBundle(w http.ResponseWriter, r *http.Request, v *Version, a versionAttrs) {
 	key := map[string]any{"kid": kid(r, v)}
 	switch pub := v.Signer.Public().(type) {
 	case *ecdsa.PublicKey:
@@ -598,10 +621,17 @@ func writeBundle(w http.ResponseWriter, r *http.Request, v *Version, enabled boo
 		writeError(w, http.StatusInternalServerError, "InternalServerError", "unsupported test key")
 		return
 	}
-	writeJSON(w, map[string]any{
-		"key":        key,
-		"attributes": map[string]any{"enabled": enabled, "created": time.Now().Unix(), "updated": time.Now().Unix(), "recoveryLevel": "Recoverable+Purgeable"},
-	})
+	if a.keyOps != nil {
+		key["key_ops"] = a.keyOps
+	}
+	attributes := map[string]any{"enabled": a.enabled, "created": time.Now().Unix(), "updated": time.Now().Unix(), "recoveryLevel": "Recoverable+Purgeable"}
+	if !a.notBefore.IsZero() {
+		attributes["nbf"] = a.notBefore.Unix()
+	}
+	if !a.expires.IsZero() {
+		attributes["exp"] = a.expires.Unix()
+	}
+	writeJSON(w, map[string]any{"key": key, "attributes": attributes})
 }
 
 func bigEndian(e int) []byte {
@@ -638,7 +668,7 @@ func (s *Server) sign(w http.ResponseWriter, r *http.Request, name, version stri
 		return
 	}
 	s.signs++
-	delay, status, enabled := v.Delay, v.SignStatus, v.Enabled
+	delay, status, attrs := v.Delay, v.SignStatus, v.attrs()
 	s.mu.Unlock()
 	if delay > 0 {
 		select {
@@ -651,8 +681,16 @@ func (s *Server) sign(w http.ResponseWriter, r *http.Request, name, version stri
 		writeError(w, status, codeFor(status), "injected fault")
 		return
 	}
-	if !enabled {
+	now := time.Now()
+	switch {
+	case !attrs.enabled:
 		writeError(w, http.StatusForbidden, "Forbidden", "Operation sign is not allowed on a disabled key.")
+		return
+	case !attrs.notBefore.IsZero() && now.Before(attrs.notBefore), !attrs.expires.IsZero() && !now.Before(attrs.expires):
+		writeError(w, http.StatusForbidden, "Forbidden", "Operation sign is not allowed outside the key's validity period.")
+		return
+	case attrs.keyOps != nil && !slices.Contains(attrs.keyOps, "sign"):
+		writeError(w, http.StatusForbidden, "Forbidden", "Operation sign is not permitted on this key.")
 		return
 	}
 	sig, err := signWith(v.Signer, req.Alg, digest)
