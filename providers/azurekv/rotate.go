@@ -145,8 +145,11 @@ func (p *Provider) disable(ctx context.Context, key, version string, cause error
 		return p.client.UpdateKey(callCtx, key, version, azkeys.UpdateKeyParameters{KeyAttributes: &azkeys.KeyAttributes{Enabled: &enabled}}, nil)
 	})
 	if err != nil {
+		// Classified, for the log too: the SDK's error carries the vault's
+		// whole answer, which stays out of logs as out of messages.
+		err = classify(callCtx, callCtx, "disable "+key, err)
 		p.log.Warn("azurekv: a version made by a failed rotation could not be disabled", zap.String("vault_key", key), zap.String("version", version), zap.Error(err))
-		return fmt.Errorf("%w; the version %s it made could not be disabled (%v), and may be the key's current one: check it and disable it by hand", cause, version, classify(callCtx, callCtx, "disable "+key, err))
+		return fmt.Errorf("%w; the version %s it made could not be disabled (%v), and may be the key's current one: check it and disable it by hand", cause, version, err)
 	}
 	p.log.Warn("azurekv: disabled the version a failed rotation made", zap.String("vault_key", key), zap.String("version", version))
 	return fmt.Errorf("%w; the version %s it made was disabled", cause, version)

@@ -4,8 +4,13 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/sigil-agent/sigil/providers"
 	"github.com/sigil-agent/sigil/providers/azurekv/azurekvtest"
@@ -250,5 +255,32 @@ func TestKeyCallsDeadlineDuringATokenFetch(t *testing.T) {
 				t.Fatal("a rotation that timed out serves its version")
 			}
 		})
+	}
+}
+
+// A version a failed rotation made and could not disable is named in the
+// log and the error, by the vault's status and code only: the vault's
+// answer text stays out of both, as classify keeps it out of every other
+// message.
+func TestUndisabledVersionLogCarriesNoServerText(t *testing.T) {
+	tf := newFleet(t, 500*time.Millisecond)
+	core, logs := observer.New(zap.DebugLevel)
+	tf.p.log = zap.New(core)
+	tf.kv.Update(func() { tf.kv.CreateStatus, tf.kv.UpdateStatus = 503, 503 })
+	_, err := tf.p.NewVersion(context.Background(), "p256", "p256-v2")
+	if err == nil || !strings.Contains(err.Error(), "could not be disabled") {
+		t.Fatalf("NewVersion err = %v, want the version it could not disable named", err)
+	}
+	if strings.Contains(err.Error(), "injected fault") {
+		t.Fatalf("error carries the vault's text: %v", err)
+	}
+	entries := logs.FilterMessageSnippet("could not be disabled").All()
+	if len(entries) != 1 {
+		t.Fatalf("%d log entries about the undisabled version, want 1", len(entries))
+	}
+	for k, v := range entries[0].ContextMap() {
+		if s := fmt.Sprint(v); strings.Contains(s, "injected fault") || strings.Contains(s, "RESPONSE CONTENT") {
+			t.Fatalf("log field %s carries the vault's answer: %s", k, s)
+		}
 	}
 }

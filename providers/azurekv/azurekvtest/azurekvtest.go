@@ -73,6 +73,9 @@ type Server struct {
 	// answered until the client gives up.
 	CreateStatus int
 	CreateStall  bool
+	// UpdateStatus, set through Update, answers update-key requests with
+	// that HTTP status (and a Key Vault error body), changing nothing.
+	UpdateStatus int
 }
 
 // Version is one key version.
@@ -580,6 +583,11 @@ func (s *Server) updateKey(w http.ResponseWriter, r *http.Request, name, version
 		return
 	}
 	s.mu.Lock()
+	if status := s.UpdateStatus; status != 0 {
+		s.mu.Unlock()
+		writeError(w, status, codeFor(status), "injected fault")
+		return
+	}
 	v := s.lookup(name, version)
 	if v != nil && req.Attributes != nil && req.Attributes.Enabled != nil {
 		v.Enabled = *req.Attributes.Enabled
