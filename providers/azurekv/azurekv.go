@@ -1,6 +1,7 @@
 package azurekv
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -440,9 +441,14 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 // holds the fetch, a Sign with a short deadline would wait out the
 // fetcher's. So the call runs aside, and the caller leaves at its deadline;
 // the call ends with its context, once the fetch lets it.
+//
+// The call gets its own copy of the digest: the SDK encodes it on the
+// call's goroutine, which may run after the caller left at its deadline
+// and reused the buffer (the agent pools a request's digest).
 func (p *Provider) signCall(ctx context.Context, k *remoteKey, jws azkeys.SignatureAlgorithm, digest []byte) (azkeys.SignResponse, error) {
+	params := azkeys.SignParameters{Algorithm: &jws, Value: bytes.Clone(digest)}
 	return providers.CallAside(ctx, func() (azkeys.SignResponse, error) {
-		return p.client.Sign(ctx, k.key, k.version, azkeys.SignParameters{Algorithm: &jws, Value: digest}, nil)
+		return p.client.Sign(ctx, k.key, k.version, params, nil)
 	})
 }
 

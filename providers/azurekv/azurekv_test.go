@@ -582,3 +582,24 @@ func TestSignAfterTheVersionExpired(t *testing.T) {
 		t.Fatalf("after exp: err = %v, want UNAVAILABLE naming the expiry", err)
 	}
 }
+
+// Sign returns at its deadline while its SDK call runs on aside; the
+// caller then reuses its digest buffer (the agent pools a request's
+// digest). The call left behind must not read it then: under -race a read
+// after Sign returned is a reported race, and a signature over whatever
+// the buffer holds next would be worse.
+func TestAbandonedSignDoesNotReadTheCallersDigest(t *testing.T) {
+	tf := newFleet(t, 0)
+	for range 20 {
+		digest := randomDigest(crypto.SHA256)
+		ctx, cancel := context.WithDeadline(context.Background(), time.Now())
+		_, err := tf.p.Sign(ctx, "p256", algES256, digest)
+		cancel()
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("err = %v, want DeadlineExceeded", err)
+		}
+		copy(digest, randomDigest(crypto.SHA256)) // the buffer's next request
+	}
+	// Give the calls left behind time to run to their end.
+	time.Sleep(200 * time.Millisecond)
+}
