@@ -1,6 +1,7 @@
 package gcpkms
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/x509"
@@ -357,13 +358,13 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 		if len(digest) > maxDataSize {
 			return nil, fmt.Errorf("gcpkms sign %s: message of %d bytes, over the %d Cloud KMS signs: %w", name, len(digest), maxDataSize, providers.ErrBadRequest)
 		}
-		req.Data = digest
+		req.Data = bytes.Clone(digest) // see signCall
 		req.DataCrc32C = wrapperspb.Int64(int64(crc32.Checksum(digest, crc32c)))
 	} else {
 		if len(digest) != alg.Hash.Size() {
 			return nil, fmt.Errorf("gcpkms sign %s: digest of %d bytes for %s: %w", name, len(digest), alg, providers.ErrBadRequest)
 		}
-		req.Digest = digestOf(alg.Hash, digest)
+		req.Digest = digestOf(alg.Hash, bytes.Clone(digest)) // see signCall
 		req.DigestCrc32C = wrapperspb.Int64(int64(crc32.Checksum(digest, crc32c)))
 	}
 	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
@@ -398,7 +399,9 @@ func (p *Provider) Sign(ctx context.Context, name string, alg providers.Algorith
 // signCall runs the RPC aside and leaves at ctx's end. gRPC asks the auth
 // library for the call's token under its refresh lock, without the call's
 // context: while one call fetches a new token from a hung metadata server,
-// every other Sign would wait past its deadline.
+// every other Sign would wait past its deadline. So req holds its own copy
+// of the digest or data: gRPC encodes it on the call's goroutine, maybe
+// after Sign has returned and the agent has reused the caller's buffer.
 func (p *Provider) signCall(ctx context.Context, req *kmspb.AsymmetricSignRequest) (*kmspb.AsymmetricSignResponse, error) {
 	return providers.CallAside(ctx, func() (*kmspb.AsymmetricSignResponse, error) {
 		return p.client.AsymmetricSign(ctx, req)

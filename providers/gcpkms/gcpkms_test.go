@@ -1,6 +1,7 @@
 package gcpkms
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ed25519"
@@ -517,7 +518,7 @@ func TestFailedNewVersionIsDestroyed(t *testing.T) {
 
 // openIntercepted opens a provider on one P-256 key of a fake whose client
 // runs every unary call through icpt, given the provider once it is open.
-func openIntercepted(t *testing.T, icpt func(p *Provider, ctx context.Context, method string, call func() error) error) *Provider {
+func openIntercepted(t *testing.T, icpt func(p *Provider, ctx context.Context, req any, call func() error) error) *Provider {
 	t.Helper()
 	f := &gcpkmstest.Server{}
 	f.Add(gcpkmstest.VersionName("p256", "1"), gcpkmstest.TestKeys()["p256"], kmspb.CryptoKeyVersion_EC_SIGN_P256_SHA256)
@@ -525,7 +526,7 @@ func openIntercepted(t *testing.T, icpt func(p *Provider, ctx context.Context, m
 	interceptor := grpc.WithUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, o ...grpc.CallOption) error {
 		call := func() error { return invoker(ctx, method, req, reply, cc, o...) }
 		if p := prov.Load(); p != nil && strings.HasSuffix(method, "/AsymmetricSign") {
-			return icpt(p, ctx, method, call)
+			return icpt(p, ctx, req, call)
 		}
 		return call()
 	})
@@ -545,7 +546,7 @@ func openIntercepted(t *testing.T, icpt func(p *Provider, ctx context.Context, m
 // A Close that overtakes a Sign's call releases nothing from it, as AWS
 // and Azure do: before, the signature came back all the same.
 func TestSignOvertakenByCloseReleasesNothing(t *testing.T) {
-	p := openIntercepted(t, func(p *Provider, _ context.Context, _ string, call func() error) error {
+	p := openIntercepted(t, func(p *Provider, _ context.Context, _ any, call func() error) error {
 		err := call()
 		p.Close() // KMS has answered; Sign has not returned yet
 		return err
@@ -561,7 +562,7 @@ func TestSignOvertakenByCloseReleasesNothing(t *testing.T) {
 func TestSignLeavesAtItsDeadline(t *testing.T) {
 	release := make(chan struct{})
 	t.Cleanup(func() { close(release) })
-	p := openIntercepted(t, func(_ *Provider, _ context.Context, _ string, call func() error) error {
+	p := openIntercepted(t, func(_ *Provider, _ context.Context, _ any, call func() error) error {
 		<-release // deaf to the call's context, as the token refresh is
 		return call()
 	})
@@ -571,6 +572,37 @@ func TestSignLeavesAtItsDeadline(t *testing.T) {
 	_, err := p.Sign(ctx, "p256", algES256, randomDigest(crypto.SHA256))
 	if took := time.Since(start); !errors.Is(err, context.DeadlineExceeded) || took > time.Second {
 		t.Fatalf("Sign with a 100 ms deadline: %v after %v; want DeadlineExceeded at its deadline", err, took)
+	}
+}
+
+// A Sign left behind at its deadline sends the digest it was given, not
+// what its caller's buffer holds later: the agent reuses a request's buffer
+// for its next request once Sign has returned, while gRPC encodes the
+// request on the call's own goroutine, once the token fetch lets it go.
+func TestAbandonedSignSendsTheDigestItWasGiven(t *testing.T) {
+	release := make(chan struct{})
+	sent := make(chan []byte, 1)
+	p := openIntercepted(t, func(_ *Provider, _ context.Context, req any, call func() error) error {
+		<-release
+		sent <- bytes.Clone(req.(*kmspb.AsymmetricSignRequest).GetDigest().GetSha256())
+		return call()
+	})
+	digest := randomDigest(crypto.SHA256)
+	given := bytes.Clone(digest)
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	if _, err := p.Sign(ctx, "p256", algES256, digest); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Sign held by the token fetch: %v, want DeadlineExceeded", err)
+	}
+	copy(digest, randomDigest(crypto.SHA256)) // the buffer's next request
+	close(release)
+	select {
+	case got := <-sent:
+		if !bytes.Equal(got, given) {
+			t.Fatalf("the abandoned call sends %x, want the digest it was given %x", got, given)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the abandoned call never went on")
 	}
 }
 
