@@ -9,8 +9,9 @@
 // sign); Sign sends only the digest, with the JWS algorithm name: ES256 on
 // P-256, ES384 on P-384, and RS256/RS384/RS512 (PKCS#1 v1.5) or
 // PS256/PS384/PS512 (PSS, salt = hash length) on RSA. Anything else is
-// providers.ErrUnsupportedAlgorithm, refused before any network call. Key Vault returns ECDSA signatures as raw r‖s; Sign converts
-// them to ASN.1 DER as providers.Provider promises.
+// providers.ErrUnsupportedAlgorithm, refused before any network call. Key
+// Vault returns ECDSA signatures as raw r‖s; Sign converts them to ASN.1
+// DER as providers.Provider promises.
 //
 // Credentials come from Config.Credential or, when nil, the SDK's default
 // chain (azidentity.NewDefaultAzureCredential), never from configuration
