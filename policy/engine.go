@@ -55,7 +55,7 @@ var reasonMessages = [...]string{
 	PermissionDenied:     "this client identity may not use the key slot",
 	UnsupportedAlgorithm: "the key slot's policy does not allow this algorithm",
 	BadRequest:           "digest length does not match the algorithm's hash",
-	RateLimited:          "the key slot's rate limit is exceeded; retry later",
+	RateLimited:          "the key slot's rate limit is exceeded",
 	QuotaExceeded:        "the key slot's daily quota is used up; it resets at 00:00 UTC",
 	OutsideWindow:        "signing with this key slot is not allowed at this time (UTC windows)",
 	Paused:               "the key slot is paused",
@@ -99,10 +99,26 @@ func (d Decision) Allowed() bool { return d.Reason == OK }
 
 // Message is a fixed text for the client explaining a denial ("" for OK).
 func (d Decision) Message() string {
-	if int(d.Reason) < len(reasonMessages) {
+	if int(d.Reason) >= len(reasonMessages) {
+		return "denied by policy"
+	}
+	if d.RetryAfter <= 0 {
 		return reasonMessages[d.Reason]
 	}
-	return "denied by policy"
+	// The wire has no field for it, and a client that is refused for a
+	// rule that time lifts needs to know when; rounded up, so that a retry
+	// at that time passes the rule.
+	return reasonMessages[d.Reason] + "; retry in " + roundUp(d.RetryAfter).String()
+}
+
+// roundUp rounds a retry time up to the millisecond, or to the second from
+// one second on, so that it reads as "500ms" or "16m40s".
+func roundUp(d time.Duration) time.Duration {
+	unit := time.Millisecond
+	if d >= time.Second {
+		unit = time.Second
+	}
+	return (d + unit - 1) / unit * unit
 }
 
 // Errors of the admin operations.

@@ -762,3 +762,25 @@ func TestSwapRebasesTheBucket(t *testing.T) {
 		})
 	}
 }
+
+// A refusal that time lifts says when, rounded up so that a retry then
+// passes; the others keep their fixed text.
+func TestDenialMessageSaysWhenToRetry(t *testing.T) {
+	cases := []struct {
+		d    Decision
+		want string
+	}{
+		{Decision{Reason: RateLimited, RetryAfter: 500 * time.Millisecond}, "the key slot's rate limit is exceeded; retry in 500ms"},
+		{Decision{Reason: RateLimited, RetryAfter: 1}, "the key slot's rate limit is exceeded; retry in 1ms"},
+		{Decision{Reason: OutsideWindow, RetryAfter: 29750 * time.Millisecond}, "signing with this key slot is not allowed at this time (UTC windows); retry in 30s"},
+		{Decision{Reason: QuotaExceeded, RetryAfter: time.Minute}, "the key slot's daily quota is used up; it resets at 00:00 UTC; retry in 1m0s"},
+		{Decision{Reason: Paused}, "the key slot is paused"},
+		{Decision{Reason: PermissionDenied}, "this client identity may not use the key slot"},
+		{Decision{Reason: Reason(200)}, "denied by policy"},
+	}
+	for _, tc := range cases {
+		if got := tc.d.Message(); got != tc.want {
+			t.Errorf("%v after %v: %q, want %q", tc.d.Reason, tc.d.RetryAfter, got, tc.want)
+		}
+	}
+}
