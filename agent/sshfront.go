@@ -135,6 +135,42 @@ func (b sshBackend) Sign(ctx context.Context, name string, alg providers.Algorit
 	return resp.Sig, nil
 }
 
+// Refused journals a signature the front refused before Sign, as dispatch
+// journals a socket Sign it refuses: a key the tenant has no slot for is
+// NOT_FOUND, recorded under the client's fingerprint as a socket refusal
+// is under the client's text for the name.
+func (b sshBackend) Refused(_ context.Context, name, fingerprint string, data []byte, err error) {
+	c := b.c
+	d := signDecision{start: time.Now(), keyName: fingerprint, digest: data, code: sshRefusalCode(err)}
+	if name != "" {
+		t, tenant, rerr := c.resolve(name, "", false)
+		d.tenant = tenant
+		if rerr == nil {
+			d.target = t
+		}
+	} else {
+		d.tenant, _ = c.tenant()
+	}
+	var meta reqMeta
+	meta.set(d.tenant, d.target)
+	c.a.metrics.request(proto.OpSign, d.code, &meta)
+	// A refusal's record is written even past its request's deadline; the
+	// journal's own bound applies (record).
+	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
+	defer cancel()
+	c.record(ctx, &d)
+}
+
+func sshRefusalCode(err error) proto.Code {
+	switch {
+	case errors.Is(err, sshagent.ErrUnknownKey):
+		return proto.NotFound
+	case errors.Is(err, sshagent.ErrSHA1):
+		return proto.UnsupportedAlgorithm
+	}
+	return codeOf(err)
+}
+
 func protoHash(h crypto.Hash) uint8 {
 	switch h {
 	case crypto.SHA256:

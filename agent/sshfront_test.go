@@ -3,6 +3,8 @@ package agent_test
 import (
 	"bufio"
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/binary"
 	"fmt"
 	"net"
@@ -14,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/crypto/ssh"
 	sshagentclient "golang.org/x/crypto/ssh/agent"
 
 	"github.com/sigil-agent/sigil/agent"
@@ -363,4 +366,102 @@ func TestSSHPauseAckComesAfterRepliesLeave(t *testing.T) {
 	go nc.Write(frames)     // blocks once the agent stops reading
 	time.Sleep(time.Second) // the agent's replies fill the client's socket
 	pauseWritesNothingAfterItsAck(t, admin, "payments/release", nc, bufio.NewReader(nc))
+}
+
+// A signature the ssh-agent front refuses before it names a key — the key
+// blob of another tenant's key, or of no key of ours — is journaled as the
+// same refusal on the client socket is (NOT_FOUND, the peer, the tenant):
+// an audit that reads the journal sees a tenant probing for keys whichever
+// socket it used.
+func TestSSHRefusalsAreJournaled(t *testing.T) {
+	soft, err := software.Open(software.Config{ID: "tenants", DataDir: t.TempDir(), Keys: []software.KeyConfig{
+		{Name: "pay-key", Type: providers.KeyEd25519},
+		{Name: "shop-key", Type: providers.KeyECDSAP256},
+		{Name: "pay-rsa", Type: providers.KeyRSA2048},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	infos, err := soft.Keys(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	pubs := map[string]ssh.PublicKey{}
+	for _, k := range infos {
+		if pubs[k.Name], err = ssh.NewPublicKey(k.Public); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_, stranger, _ := ed25519.GenerateKey(rand.Reader)
+	if pubs["stranger"], err = ssh.NewPublicKey(stranger.Public()); err != nil {
+		t.Fatal(err)
+	}
+
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	os.WriteFile(cfg.Policy, []byte(fmt.Sprintf(`tenants:
+  - name: payments
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: release, key: pay-key}
+      - {name: legacy, key: pay-rsa}
+  - name: shop
+    identities: {mtls: [shop-client]}
+    slots:
+      - {name: release, key: shop-key}
+`, os.Getuid())), 0o600)
+	r := startAgent(t, cfg, agent.WithProviders(soft))
+	sshSock := r.serveSSH(t, cfg)
+	nc, err := net.Dial("unix", sshSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	ac := sshagentclient.NewClient(nc)
+	if keys, err := ac.List(); err != nil || len(keys) != 2 {
+		t.Fatalf("List: %v %v, want payments' two keys", keys, err)
+	}
+	// Plain ssh-rsa (no flags) asks for SHA-1.
+	for _, name := range []string{"shop-key", "stranger", "pay-rsa"} {
+		if _, err := ac.Sign(pubs[name], []byte("probe "+name)); err == nil {
+			t.Fatalf("signed with %s", name)
+		}
+	}
+	sig, err := ac.Sign(pubs["pay-key"], []byte("own key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pubs["pay-key"].Verify([]byte("own key"), sig); err != nil {
+		t.Fatal(err)
+	}
+	nc.Close()
+
+	j := journalOfStopped(t, r.agent, cfg)
+	wantSlot := map[string]string{
+		"NOT_FOUND":             "SHA256:", // the client's key, by fingerprint
+		"UNSUPPORTED_ALGORITHM": "payments/legacy",
+		"OK":                    "payments/release",
+	}
+	var refused, signed int
+	j.Scan(context.Background(), journal.Filter{}, func(rec *journal.Record) error {
+		if rec.Op != "sign" {
+			return nil // the slots' enrolments
+		}
+		if !strings.HasPrefix(rec.Peer, "ssh:") || rec.Tenant != "payments" {
+			t.Errorf("record %d: peer %q op %q tenant %q", rec.Seq, rec.Peer, rec.Op, rec.Tenant)
+		}
+		if !strings.HasPrefix(rec.Slot, wantSlot[rec.CodeName]) {
+			t.Errorf("record %d (%s): slot %q", rec.Seq, rec.CodeName, rec.Slot)
+		}
+		if rec.CodeName == "OK" {
+			signed++
+		} else {
+			refused++
+		}
+		return nil
+	})
+	if refused != 3 || signed != 1 {
+		t.Fatalf("journal: %d refused and %d OK ssh signatures, want 3 and 1", refused, signed)
+	}
 }

@@ -6,6 +6,9 @@
 // caller (the Sigil agent), chosen by the peer's identity: the Backend lists
 // only the SSH-enabled keys the peer's tenant may use and signs through the
 // same policy check and audit journal as Sigil's own wire protocol.
+// A signature the front refuses itself (a key the Backend does not list,
+// plain ssh-rsa) is handed to Backend.Refused, so that it is journaled as
+// the wire protocol's refusals are.
 //
 // SSH signs a whole payload while Sigil providers sign digests, so the front
 // prepares what the provider signs:

@@ -34,6 +34,13 @@ type Backend interface {
 	// Ed25519; the result has crypto.Signer's encoding (ASN.1 DER for
 	// ECDSA, raw for RSA and Ed25519).
 	Sign(ctx context.Context, name string, alg providers.Algorithm, message []byte) ([]byte, error)
+	// Refused journals a signature the front refused without calling
+	// Sign, as Sign journals its own refusals: the client's key is none
+	// Keys lists (name "") or Keys failed, or the listed key named cannot
+	// sign as asked (plain ssh-rsa). fingerprint is the client's key's
+	// SHA256 fingerprint, data the payload it asked to have signed, err
+	// why (ErrUnknownKey, ErrSHA1, or what Keys returned).
+	Refused(ctx context.Context, name, fingerprint string, data []byte, err error)
 }
 
 // Key is one key a Backend offers.
@@ -211,6 +218,7 @@ func (f *front) SignWithFlags(key ssh.PublicKey, data []byte, flags agent.Signat
 func (f *front) sign(key ssh.PublicKey, data []byte, flags agent.SignatureFlags) (*ssh.Signature, string, error) {
 	ks, err := f.keys()
 	if err != nil {
+		f.b.Refused(f.ctx, "", ssh.FingerprintSHA256(key), data, err)
 		return nil, "", err
 	}
 	want := key.Marshal()
@@ -222,10 +230,14 @@ func (f *front) sign(key ssh.PublicKey, data []byte, flags agent.SignatureFlags)
 		}
 	}
 	if k == nil {
+		// Another tenant's key, or no key of ours: the socket journals a
+		// Sign for a slot the tenant lacks, so this is journaled too.
+		f.b.Refused(f.ctx, "", ssh.FingerprintSHA256(key), data, ErrUnknownKey)
 		return nil, "", ErrUnknownKey
 	}
 	sa, err := sshAlgorithm(k.pub, flags)
 	if err != nil {
+		f.b.Refused(f.ctx, k.name, ssh.FingerprintSHA256(key), data, err)
 		return nil, k.name, err
 	}
 	msg := data

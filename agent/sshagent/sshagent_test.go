@@ -27,8 +27,14 @@ import (
 type fakeBackend struct {
 	p *software.Provider
 
-	mu    sync.Mutex
-	signs []signCall
+	mu       sync.Mutex
+	signs    []signCall
+	refusals []refusal
+}
+
+type refusal struct {
+	name, fingerprint string
+	err               error
 }
 
 type signCall struct {
@@ -66,6 +72,21 @@ func (b *fakeBackend) Sign(ctx context.Context, name string, alg providers.Algor
 		return b.p.Sign(ctx, name, alg, msg)
 	}
 	return nil, errors.New("no such key")
+}
+
+func (b *fakeBackend) Refused(_ context.Context, name, fingerprint string, _ []byte, err error) {
+	b.mu.Lock()
+	b.refusals = append(b.refusals, refusal{name, fingerprint, err})
+	b.mu.Unlock()
+}
+
+func (b *fakeBackend) lastRefusal() refusal {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.refusals) == 0 {
+		return refusal{}
+	}
+	return b.refusals[len(b.refusals)-1]
 }
 
 func (b *fakeBackend) lastSign() signCall {
@@ -193,6 +214,9 @@ func TestInProcess(t *testing.T) {
 		if _, err := ac.Sign(pub, data); err == nil {
 			t.Fatal("plain ssh-rsa (SHA-1) signature was produced")
 		}
+		if got := b.lastRefusal(); got.name != "ssh-rsa2048" || got.fingerprint != ssh.FingerprintSHA256(pub) || !errors.Is(got.err, ErrSHA1) {
+			t.Fatalf("backend told of %+v, want the refusal of ssh-rsa2048 with ErrSHA1", got)
+		}
 	})
 	t.Run("unknown key refused", func(t *testing.T) {
 		other, err := ssh.NewPublicKey(testEd25519Pub(t))
@@ -201,6 +225,9 @@ func TestInProcess(t *testing.T) {
 		}
 		if _, err := ac.Sign(other, data); err == nil {
 			t.Fatal("signed with a key the backend does not list")
+		}
+		if got := b.lastRefusal(); got.name != "" || got.fingerprint != ssh.FingerprintSHA256(other) || !errors.Is(got.err, ErrUnknownKey) {
+			t.Fatalf("backend told of %+v, want the refusal of an unknown key", got)
 		}
 	})
 	t.Run("mutations refused", func(t *testing.T) {
