@@ -71,7 +71,7 @@ func (a *Agent) sshBackendFor(nc net.Conn) (sshagent.Backend, net.Conn, error) {
 		return nil, nil, errors.New("ssh-agent connection refused: " + limit)
 	}
 	lim := a.cfg.Limits
-	sc := &sshConn{Conn: nc, c: c, maxMsg: lim.MaxFrame, frameTimeout: lim.FrameTimeout, writeTimeout: lim.WriteTimeout}
+	sc := &sshConn{Conn: nc, c: c, maxMsg: lim.MaxFrame, frameTimeout: lim.FrameTimeout, idleTimeout: lim.IdleTimeout, writeTimeout: lim.WriteTimeout}
 	return sshBackend{c: c, out: sc}, sc, nil
 }
 
@@ -187,14 +187,17 @@ func protoHash(h crypto.Hash) uint8 {
 // (limits.go): its messages share limits.max_frame (x/crypto's server
 // would otherwise allocate up to 16 MiB for a length prefix a client
 // sends), a message must complete within limits.frame_timeout once its
-// first byte is in, and the connection counts against max_conns and the
-// tenant's max_conns_per_tenant until it closes. It tracks message
+// first byte is in, a connection quiet for limits.idle_timeout (when set)
+// after its last reply is closed, and the connection counts against
+// max_conns and the tenant's max_conns_per_tenant until it closes. It
+// tracks message
 // boundaries from the 4-byte length prefixes as bytes pass through Read.
 type sshConn struct {
 	net.Conn
 	c            *conn
 	maxMsg       int
 	frameTimeout time.Duration
+	idleTimeout  time.Duration
 
 	writeTimeout time.Duration
 
@@ -246,6 +249,13 @@ var errSSHMessageTooLarge = errors.New("ssh-agent message longer than limits.max
 func (s *sshConn) Read(p []byte) (int, error) {
 	s.endFence() // the previous reply is written
 	s.replying = false
+	// Between messages the ssh-agent server has written its last reply
+	// (it serves one message at a time), so the wait from here is idle:
+	// a signature that takes longer than idle_timeout does not count.
+	waitingIdle := s.idleTimeout > 0 && !s.armed
+	if waitingIdle {
+		s.Conn.SetReadDeadline(time.Now().Add(s.idleTimeout))
+	}
 	n, err := s.Conn.Read(p)
 	if n > 0 {
 		if perr := s.track(p[:n]); perr != nil {
@@ -254,9 +264,15 @@ func (s *sshConn) Read(p []byte) (int, error) {
 			return 0, perr
 		}
 	}
-	if err != nil && s.armed && errors.Is(err, os.ErrDeadlineExceeded) {
-		s.c.a.metrics.refused(limitFrameTimeout)
-		s.c.log.Info("closing ssh-agent connection: " + limitFrameTimeout + " expired")
+	if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		switch {
+		case s.armed:
+			s.c.a.metrics.refused(limitFrameTimeout)
+			s.c.log.Info("closing ssh-agent connection: " + limitFrameTimeout + " expired")
+		case waitingIdle && n == 0:
+			s.c.a.metrics.refused(limitIdleTimeout)
+			s.c.log.Info("closing ssh-agent connection: " + limitIdleTimeout + " expired")
+		}
 	}
 	return n, err
 }

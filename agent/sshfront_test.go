@@ -465,3 +465,46 @@ func TestSSHRefusalsAreJournaled(t *testing.T) {
 		t.Fatalf("journal: %d refused and %d OK ssh signatures, want 3 and 1", refused, signed)
 	}
 }
+
+// limits.idle_timeout closes a quiet ssh-agent connection as it does a
+// client socket's, counting from the last reply: a connection that asks
+// more often stays, and so does one whose signature takes longer than
+// the timeout.
+func TestSSHAgentIdleTimeout(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.Limits.IdleTimeout = 300 * time.Millisecond
+	_, sshSock, _ := startSlowSSHAgent(t, cfg, 500*time.Millisecond, nil)
+	dial := func() (net.Conn, sshagentclient.ExtendedAgent) {
+		t.Helper()
+		nc, err := net.Dial("unix", sshSock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { nc.Close() })
+		return nc, sshagentclient.NewClient(nc)
+	}
+	idle, idleAgent := dial()
+	if _, err := idleAgent.List(); err != nil {
+		t.Fatal(err)
+	}
+	_, busy := dial()
+	var keys []*sshagentclient.Key
+	for range 6 {
+		var err error
+		if keys, err = busy.List(); err != nil || len(keys) != 1 {
+			t.Fatalf("busy connection: %d keys, %v", len(keys), err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// 500 ms in the provider, past idle_timeout, then still served.
+	for range 2 {
+		sig, err := busy.Sign(keys[0], []byte("slow"))
+		if err != nil {
+			t.Fatalf("a connection waiting on its signature was cut: %v", err)
+		}
+		if err := keys[0].Verify([]byte("slow"), sig); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitClosed(t, idle, 5*time.Second)
+}
