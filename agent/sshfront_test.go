@@ -7,6 +7,7 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -507,4 +508,200 @@ func TestSSHAgentIdleTimeout(t *testing.T) {
 		}
 	}
 	waitClosed(t, idle, 5*time.Second)
+}
+
+// The ssh-agent socket on malformed and unsupported messages
+// (draft-miller-ssh-agent): a message it cannot use gets SSH_AGENT_FAILURE
+// (5) and the connection goes on; a length it cannot take (0, past
+// max_frame) ends the connection.
+func TestSSHAgentMalformedMessages(t *testing.T) {
+	cfg := softwareConfig(t)
+	cfg.SSHKeys = []string{"ed", "rsa"}
+	r := startAgent(t, cfg)
+	sshSock := r.serveSSH(t, cfg)
+
+	lc, err := net.Dial("unix", sshSock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys, err := sshagentclient.NewClient(lc).List()
+	lc.Close()
+	if err != nil || len(keys) != 2 {
+		t.Fatalf("List: %d keys, %v", len(keys), err)
+	}
+	str := func(b []byte) []byte { return append(binary.BigEndian.AppendUint32(nil, uint32(len(b))), b...) }
+	signReq := func(blob []byte, data string, flags uint32) []byte {
+		m := append([]byte{13}, str(blob)...)
+		m = append(m, str([]byte(data))...)
+		return binary.BigEndian.AppendUint32(m, flags)
+	}
+	var edBlob, rsaBlob []byte
+	for _, k := range keys {
+		switch k.Format {
+		case ssh.KeyAlgoED25519:
+			edBlob = k.Blob
+		case ssh.KeyAlgoRSA:
+			rsaBlob = k.Blob
+		}
+	}
+	const (
+		failure = 5
+		signRes = 14
+	)
+	tests := []struct {
+		name   string
+		msg    []byte // the message, its length prefixed
+		raw    []byte // or the bytes as sent
+		want   byte   // the reply's type; 0: the connection ends
+		format string // a signature's format
+	}{
+		{name: "unknown type", msg: []byte{200, 1, 2, 3}, want: failure},
+		{name: "type only, sign", msg: []byte{13}, want: failure},
+		{name: "sign, key blob string cut short", msg: append([]byte{13, 0, 0, 1, 0}, edBlob[:10]...), want: failure},
+		{name: "sign, data string longer than the message", msg: append(append([]byte{13}, str(edBlob)...), 0xff, 0xff, 0xff, 0xff, 'x'), want: failure},
+		{name: "sign, key blob not a key", msg: signReq([]byte("not a key"), "x", 0), want: failure},
+		{name: "sign ed25519, unknown flag bits", msg: signReq(edBlob, "x", 0xfff0), want: signRes, format: ssh.KeyAlgoED25519},
+		{name: "sign rsa, sha2-256 and unknown bits", msg: signReq(rsaBlob, "x", 0x2|0xf0), want: signRes, format: ssh.KeyAlgoRSASHA256},
+		{name: "sign rsa, sha2-512", msg: signReq(rsaBlob, "x", 0x4), want: signRes, format: ssh.KeyAlgoRSASHA512},
+		{name: "sign rsa, unknown bits only (SHA-1)", msg: signReq(rsaBlob, "x", 0xf0), want: failure},
+		{name: "add identity", msg: append([]byte{17}, str([]byte(ssh.KeyAlgoED25519))...), want: failure},
+		{name: "remove all", msg: []byte{19}, want: failure},
+		{name: "lock", msg: append([]byte{22}, str([]byte("pw"))...), want: failure},
+		{name: "unlock", msg: append([]byte{23}, str([]byte("pw"))...), want: failure},
+		{name: "session-bind extension", msg: append(append([]byte{27}, str([]byte("session-bind@openssh.com"))...), str(edBlob)...), want: failure},
+		{name: "length 0", raw: []byte{0, 0, 0, 0}},
+		{name: "length 2^32-1", raw: []byte{0xff, 0xff, 0xff, 0xff, 11}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			nc, err := net.Dial("unix", sshSock)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer nc.Close()
+			nc.SetDeadline(time.Now().Add(10 * time.Second))
+			out := tc.raw
+			if out == nil {
+				out = append(binary.BigEndian.AppendUint32(nil, uint32(len(tc.msg))), tc.msg...)
+			}
+			// Pipelined behind it, a List that must be answered whenever
+			// the connection goes on.
+			out = append(out, 0, 0, 0, 1, 11)
+			if _, err := nc.Write(out); err != nil {
+				t.Fatal(err)
+			}
+			br := bufio.NewReader(nc)
+			reply, err := readSSHReply(br)
+			if tc.want == 0 {
+				if err == nil {
+					t.Fatalf("answered (type %d), want the connection closed", reply[0])
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if reply[0] != tc.want {
+				t.Fatalf("reply type %d, want %d", reply[0], tc.want)
+			}
+			if tc.format != "" {
+				// SSH_AGENT_SIGN_RESPONSE: byte 14, string signature.
+				var sig ssh.Signature
+				if err := ssh.Unmarshal(reply[1+4:], &sig); err != nil {
+					t.Fatal(err)
+				}
+				if sig.Format != tc.format {
+					t.Fatalf("signature format %q, want %q", sig.Format, tc.format)
+				}
+				blob := edBlob
+				if tc.format != ssh.KeyAlgoED25519 {
+					blob = rsaBlob
+				}
+				pub, err := ssh.ParsePublicKey(blob)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := pub.Verify([]byte("x"), &sig); err != nil {
+					t.Fatalf("verify: %v", err)
+				}
+			}
+			next, err := readSSHReply(br)
+			if err != nil || next[0] != 12 {
+				t.Fatalf("the pipelined List after it: %v %v", next, err)
+			}
+		})
+	}
+}
+
+// readSSHReply reads one length-prefixed ssh-agent message.
+func readSSHReply(br *bufio.Reader) ([]byte, error) {
+	var n [4]byte
+	if _, err := io.ReadFull(br, n[:]); err != nil {
+		return nil, err
+	}
+	l := binary.BigEndian.Uint32(n[:])
+	if l == 0 || l > 1<<20 {
+		return nil, fmt.Errorf("reply length %d", l)
+	}
+	b := make([]byte, l)
+	_, err := io.ReadFull(br, b)
+	return b, err
+}
+
+// Every key type the agent holds signs through the ssh-agent socket, and
+// each signature verifies with x/crypto/ssh under the format it names.
+func TestSSHAgentSignaturesVerify(t *testing.T) {
+	cfg := softwareConfig(t)
+	r := startAgent(t, cfg)
+	nc, err := net.Dial("unix", r.serveSSH(t, cfg))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	ac := sshagentclient.NewClient(nc)
+	keys, err := ac.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	byName := map[string]*sshagentclient.Key{}
+	for _, k := range keys {
+		byName[k.Comment] = k
+	}
+	tests := []struct {
+		key    string
+		flags  sshagentclient.SignatureFlags
+		format string
+	}{
+		{"ed", 0, ssh.KeyAlgoED25519},
+		{"default", 0, ssh.KeyAlgoECDSA256},
+		{"p384", 0, ssh.KeyAlgoECDSA384},
+		{"rsa", sshagentclient.SignatureFlagRsaSha256, ssh.KeyAlgoRSASHA256},
+		{"rsa", sshagentclient.SignatureFlagRsaSha512, ssh.KeyAlgoRSASHA512},
+	}
+	data := []byte("an SSH signature payload")
+	for _, tc := range tests {
+		t.Run(tc.format, func(t *testing.T) {
+			k := byName[tc.key]
+			if k == nil {
+				t.Fatalf("%s not listed among %d keys", tc.key, len(keys))
+			}
+			sig, err := ac.SignWithFlags(k, data, tc.flags)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if sig.Format != tc.format {
+				t.Fatalf("format %q, want %q", sig.Format, tc.format)
+			}
+			pub, err := ssh.ParsePublicKey(k.Blob)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := pub.Verify(data, sig); err != nil {
+				t.Fatalf("verify: %v", err)
+			}
+			if err := pub.Verify([]byte("other data"), sig); err == nil {
+				t.Fatal("verified over other data")
+			}
+		})
+	}
 }
