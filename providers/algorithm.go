@@ -142,15 +142,15 @@ func CheckRequest(t KeyType, alg Algorithm, digest []byte) error {
 	switch alg.Scheme {
 	case SchemeECDSA:
 		if !t.IsECDSA() {
-			return fmt.Errorf("%s with a %s key: %w", alg.Scheme, t, ErrUnsupportedAlgorithm)
+			return fmt.Errorf("%s with a key of type %s: %w", alg.Scheme, t, ErrUnsupportedAlgorithm)
 		}
 	case SchemePKCS1v15, SchemePSS:
 		if !t.IsRSA() {
-			return fmt.Errorf("%s with a %s key: %w", alg.Scheme, t, ErrUnsupportedAlgorithm)
+			return fmt.Errorf("%s with a key of type %s: %w", alg.Scheme, t, ErrUnsupportedAlgorithm)
 		}
 	case SchemeEd25519:
 		if t != KeyEd25519 {
-			return fmt.Errorf("%s with a %s key: %w", alg.Scheme, t, ErrUnsupportedAlgorithm)
+			return fmt.Errorf("%s with a key of type %s: %w", alg.Scheme, t, ErrUnsupportedAlgorithm)
 		}
 		if alg.Hash != 0 {
 			return fmt.Errorf("ed25519 signs the message itself; hash %s: %w", hashName(alg.Hash), ErrUnsupportedAlgorithm)
