@@ -185,6 +185,52 @@ func TestHandshake(t *testing.T) {
 	})
 }
 
+// docs/protocol.md: a client announcing any version but 1 gets
+// UNSUPPORTED_VERSION, the agent's version in ver, and may say Hello again
+// on the same connection. Version 0, written or left out, is such a
+// version: it used to be answered BAD_REQUEST, which tells a client of
+// another implementation nothing about the version to use.
+func TestHelloVersionNegotiation(t *testing.T) {
+	r := startAgent(t, softwareConfig(t))
+	const id = 10
+	hello := uintField("op", uint64(proto.OpHello))
+	for _, tc := range []struct {
+		name    string
+		request []byte
+		want    proto.Code
+	}{
+		{"ver 1", rawFrame(uintField("id", id), hello, uintField("ver", 1)), proto.OK},
+		{"ver 1 as a fixint", rawFrame(uintField("id", id), hello, []byte{0xa3, 'v', 'e', 'r', 0x01}), proto.OK},
+		{"ver 1 as an int8", rawFrame(uintField("id", id), hello, []byte{0xa3, 'v', 'e', 'r', 0xd0, 0x01}), proto.OK},
+		{"ver 0", rawFrame(uintField("id", id), hello, uintField("ver", 0)), proto.UnsupportedVersion},
+		{"ver nil", rawFrame(uintField("id", id), hello, []byte{0xa3, 'v', 'e', 'r', 0xc0}), proto.UnsupportedVersion},
+		{"no ver", rawFrame(uintField("id", id), hello), proto.UnsupportedVersion},
+		{"ver 2", rawFrame(uintField("id", id), hello, uintField("ver", 2)), proto.UnsupportedVersion},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			rc := r.raw(t)
+			if _, err := rc.nc.Write(tc.request); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := rc.recv()
+			if err != nil || resp.ID != id || resp.Code != tc.want || resp.Version != proto.Version {
+				t.Fatalf("reply %v %+v, want id %d, %s and ver %d", err, resp, id, tc.want, proto.Version)
+			}
+			if tc.want != proto.OK {
+				rc.send(&proto.Request{ID: id + 1, Op: proto.OpPing})
+				if resp, err := rc.recv(); err != nil || resp.ID != 0 || resp.Code != proto.BadRequest {
+					t.Fatalf("ping before a Hello was taken: %v %+v, want the final BAD_REQUEST", err, resp)
+				}
+				return
+			}
+			rc.send(&proto.Request{ID: id + 1, Op: proto.OpPing})
+			if resp, err := rc.recv(); err != nil || resp.ID != id+1 || resp.Code != proto.OK {
+				t.Fatalf("ping afterwards: %v %+v", err, resp)
+			}
+		})
+	}
+}
+
 // op and ver are uints on the wire, wider than proto's Op and Version: a
 // number past them is an op or a version the agent does not know, like any
 // other. It is answered with the request's id (BAD_REQUEST for an op,

@@ -127,7 +127,10 @@ func (c *conn) hello(req *proto.Request, resp *proto.Response) error {
 	resp.Features = proto.FeaturePipelining
 	switch {
 	case req.Version == 0:
-		return &proto.Error{Code: proto.BadRequest, Msg: "Hello without a version"}
+		// Absent or 0 alike: not a version the agent speaks, and the
+		// reply's ver tells the client which one to say Hello with.
+		return &proto.Error{Code: proto.UnsupportedVersion,
+			Msg: fmt.Sprintf("client announced no version (0); this agent speaks %d", proto.Version)}
 	case req.Version == proto.VersionOutOfRange:
 		return &proto.Error{Code: proto.UnsupportedVersion,
 			Msg: fmt.Sprintf("client speaks version %d or later; this agent speaks %d", req.Version, proto.Version)}
