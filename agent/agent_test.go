@@ -5,9 +5,11 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/sha512"
+	"crypto/x509"
 	"encoding/binary"
 	"encoding/hex"
 	"errors"
@@ -649,6 +651,80 @@ func TestBadFramesCloseOnlyThatConnection(t *testing.T) {
 	d := sha256.Sum256([]byte("still here"))
 	if _, err := good.Sign(context.Background(), client.KeyRef{}, client.Algorithm{}, d[:]); err != nil {
 		t.Fatalf("other client after bad frames: %v", err)
+	}
+}
+
+// Id 0 marks the agent's last reply on a connection (docs/protocol.md),
+// so a request already taken when a bad frame arrives is answered before
+// it, never after. The final reply used to go out at once, and the reply to
+// a Sign still at its provider followed it: a client that stops at id 0,
+// as the Go client does, lost a signature that was made and journaled.
+func TestFinalReplyIsTheLast(t *testing.T) {
+	d := sha256.Sum256([]byte("in flight at the bad frame"))
+	for _, tc := range []struct {
+		name string
+		bad  []byte
+	}{
+		{"empty frame", []byte{0, 0, 0, 0}},
+		{"frame over the limit", []byte{0xff, 0xff, 0xff, 0xff}},
+		{"payload that does not decode", []byte{0, 0, 0, 1, 0xc1}},
+		{"request id 0", rawFrame(uintField("id", 0), uintField("op", uint64(proto.OpPing)))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newHeldProvider(t)
+			r, logs := startAgentObserved(t, softwareConfig(t), agent.WithProviders(h))
+			rc := r.raw(t)
+			rc.hello()
+			h.hold.Store(true)
+			sign, err := rc.codec.AppendRequestFrame(nil, &proto.Request{ID: 2, Op: proto.OpSign, Key: "hkey", Digest: d[:]})
+			if err != nil {
+				t.Fatal(err)
+			}
+			// One write: the bad frame is buffered behind the Sign, which
+			// therefore goes to a worker rather than holding up the reader.
+			if _, err := rc.nc.Write(append(sign, tc.bad...)); err != nil {
+				t.Fatal(err)
+			}
+			<-h.entered
+			for end := time.Now().Add(5 * time.Second); logs.FilterMessageSnippet("closing connection").Len() == 0; {
+				if time.Now().After(end) {
+					t.Fatal("the agent did not read the bad frame")
+				}
+				time.Sleep(time.Millisecond)
+			}
+			h.release()
+			var got []*proto.Response
+			for {
+				resp, err := rc.recv()
+				if errors.Is(err, io.EOF) {
+					break
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				got = append(got, resp)
+			}
+			if len(got) != 2 || got[0].ID != 2 || got[1].ID != 0 || got[1].Code != proto.BadRequest {
+				for _, resp := range got {
+					t.Logf("reply id %d: %s %q", resp.ID, resp.Code, resp.Msg)
+				}
+				t.Fatalf("%d replies, want the Sign's (id 2) and then the final BAD_REQUEST (id 0)", len(got))
+			}
+			if got[0].Code != proto.OK {
+				t.Fatalf("Sign: %s %q", got[0].Code, got[0].Msg)
+			}
+			keys, err := h.Keys(context.Background())
+			if err != nil || len(keys) != 1 {
+				t.Fatalf("keys %v %v", keys, err)
+			}
+			pub, err := x509.ParsePKIXPublicKey(keys[0].SPKI)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !ecdsa.VerifyASN1(pub.(*ecdsa.PublicKey), d[:], got[0].Sig) {
+				t.Fatal("the Sign's signature does not verify")
+			}
+		})
 	}
 }
 

@@ -51,6 +51,9 @@ type conn struct {
 	admin      bool   // accepted on the admin socket: admin operations only
 	helloDone  bool   // touched by the reader goroutine only
 	frameArmed bool   // the reader's deadline is limits.frame_timeout; reader only
+	// final is the reply (id 0) the reader ended the connection with,
+	// sent after the replies to the requests it had already taken.
+	final *proto.Response
 
 	// An mTLS peer's certificate: the client CAs it was last verified
 	// under and when its verified chain ends (certInForce); reader only.
@@ -173,6 +176,11 @@ func (c *conn) serve() {
 	// Requests already read still get their replies (each handler writes its
 	// own), unless the peer is gone.
 	c.handlers.Wait()
+	if c.final != nil {
+		// Only now: id 0 marks the last reply on the connection, and a
+		// client stops reading there (docs/protocol.md).
+		c.sendFinal(c.final.Code, c.final.Msg)
+	}
 	c.cancel()
 	c.nc.Close()
 	c.log.Debug("connection closed")
@@ -298,7 +306,7 @@ func (c *conn) readLoop() {
 			c.a.metrics.refused(limit)
 			c.log.Info("closing connection: "+limit+" expired", zap.String("limit", limit))
 			if limit == limitFrameTimeout {
-				c.sendFinal(proto.BadRequest, "frame not completed within limits.frame_timeout; closing connection")
+				c.lastWord(proto.BadRequest, "frame not completed within limits.frame_timeout; closing connection")
 			}
 			return
 		} else if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
@@ -309,7 +317,7 @@ func (c *conn) readLoop() {
 		if err != nil && c.frameExpired(err) {
 			c.a.metrics.refused(limitFrameTimeout)
 			c.log.Info("closing connection: "+limitFrameTimeout+" expired", zap.String("limit", limitFrameTimeout))
-			c.sendFinal(proto.BadRequest, "frame not completed within limits.frame_timeout; closing connection")
+			c.lastWord(proto.BadRequest, "frame not completed within limits.frame_timeout; closing connection")
 			return
 		}
 		c.disarmFrame()
@@ -334,7 +342,7 @@ func (c *conn) readLoop() {
 		if err := codec.DecodeRequest(payload, req); err != nil {
 			requestPool.Put(req)
 			c.log.Info("closing connection: malformed message", zap.Error(err))
-			c.sendFinal(proto.BadRequest, "malformed message; closing connection")
+			c.lastWord(proto.BadRequest, "malformed message; closing connection")
 			return
 		}
 		if req.ID == 0 {
@@ -342,13 +350,13 @@ func (c *conn) readLoop() {
 			// request could not be told from it, so the request is malformed.
 			requestPool.Put(req)
 			c.log.Info("closing connection: malformed message", zap.Error(errRequestIDZero))
-			c.sendFinal(proto.BadRequest, errRequestIDZero.Error()+"; closing connection")
+			c.lastWord(proto.BadRequest, errRequestIDZero.Error()+"; closing connection")
 			return
 		}
 		if c.peer.chain != nil {
 			if err := c.certInForce(time.Now()); err != nil {
 				c.log.Info("closing connection: client certificate no longer valid", zap.Error(err))
-				c.sendFinal(codeOf(err), clientMessage(codeOf(err), err))
+				c.lastWord(codeOf(err), clientMessage(codeOf(err), err))
 				requestPool.Put(req)
 				return
 			}
@@ -356,14 +364,14 @@ func (c *conn) readLoop() {
 		if !c.helloDone && req.Op == proto.OpHello {
 			if err := c.admitted(); err != nil {
 				c.log.Info("closing connection: peer refused", zap.Error(err))
-				c.sendFinal(codeOf(err), clientMessage(codeOf(err), err))
+				c.lastWord(codeOf(err), clientMessage(codeOf(err), err))
 				requestPool.Put(req)
 				return
 			}
 		}
 		if !c.helloDone && req.Op != proto.OpHello {
 			c.log.Info("closing connection: request before Hello", zap.Stringer("op", req.Op))
-			c.sendFinal(proto.BadRequest, "the first request on a connection must be Hello")
+			c.lastWord(proto.BadRequest, "the first request on a connection must be Hello")
 			requestPool.Put(req)
 			return
 		}
@@ -431,7 +439,7 @@ func (c *conn) readFailed(err error) {
 		// The peer hung up, or shutdown stopped the reader.
 	case errors.Is(err, proto.ErrFrameTooLarge), errors.Is(err, proto.ErrEmptyFrame):
 		c.log.Info("closing connection: bad frame", zap.Error(err))
-		c.sendFinal(proto.BadRequest, err.Error()+"; closing connection")
+		c.lastWord(proto.BadRequest, err.Error()+"; closing connection")
 	default:
 		c.log.Debug("connection read failed", zap.Error(err))
 	}
@@ -480,6 +488,12 @@ var errRequestIDZero = errors.New("request id 0 (request ids are non-zero)")
 // 0: the offending frame's id, if it had one, could not be trusted.
 func (c *conn) sendFinal(code proto.Code, msg string) {
 	c.send(&proto.Response{ID: 0, Code: code, Msg: msg}, policy.Decision{})
+}
+
+// lastWord is the reader's sendFinal: the reply goes out once the requests
+// already handed to workers have their replies, so none follows it.
+func (c *conn) lastWord(code proto.Code, msg string) {
+	c.final = &proto.Response{ID: 0, Code: code, Msg: msg}
 }
 
 // runInline reports whether a Sign or Verify should run on the reader: only
