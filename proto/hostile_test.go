@@ -78,3 +78,55 @@ func TestSkipDepthIsBounded(t *testing.T) {
 		t.Fatalf("id %d, err %v", r.ID, err)
 	}
 }
+
+// A 32-bit length or count is a uint32 on the wire; on a 32-bit platform
+// msgpack returns one from 2^31 up as a negative int, and -1 is also what
+// it returns for nil. Read as nil (or as nothing to skip), such a header
+// was followed by the value's own bytes read as the next fields: a string
+// could carry a field past every other decoder's reading of it. Each
+// payload here hides "id": 7 inside a value declared 2 GiB or more long,
+// and must be refused on every platform (GOARCH=386 shows the difference).
+func TestLengthsFrom2GiBAreNeverNil(t *testing.T) {
+	hidden := []byte{0xa2, 'i', 'd', 0x07}
+	for _, tc := range []struct {
+		name     string
+		payload  []byte
+		response bool
+	}{
+		{"unknown field, str32 of 2 GiB", payload([]byte{0x82, 0xa2, 'z', 'z', 0xdb, 0x80, 0, 0, 0}, hidden), false},
+		{"unknown field, str32 of 4 GiB - 1 (-1 as an int32)", payload([]byte{0x82, 0xa2, 'z', 'z', 0xdb, 0xff, 0xff, 0xff, 0xff}, hidden), false},
+		{"unknown field, bin32 of 4 GiB - 1", payload([]byte{0x82, 0xa2, 'z', 'z', 0xc6, 0xff, 0xff, 0xff, 0xff}, hidden), false},
+		{"unknown field, ext32 of 4 GiB - 1", payload([]byte{0x82, 0xa2, 'z', 'z', 0xc9, 0xff, 0xff, 0xff, 0xff, 0x01}, hidden), false},
+		{"unknown field, array32 of 4G - 1", payload([]byte{0x82, 0xa2, 'z', 'z', 0xdd, 0xff, 0xff, 0xff, 0xff}, hidden), false},
+		{"unknown field, map32 of 4G - 1", payload([]byte{0x82, 0xa2, 'z', 'z', 0xdf, 0xff, 0xff, 0xff, 0xff}, hidden), false},
+		{"key, str32 of 4 GiB - 1", payload([]byte{0x82, 0xa3, 'k', 'e', 'y', 0xdb, 0xff, 0xff, 0xff, 0xff}, hidden), false},
+		{"dig, bin32 of 4 GiB - 1", payload([]byte{0x82, 0xa3, 'd', 'i', 'g', 0xc6, 0xff, 0xff, 0xff, 0xff}, hidden), false},
+		{"a map key, str32 of 4 GiB - 1", payload([]byte{0x82, 0xdb, 0xff, 0xff, 0xff, 0xff}, hidden), false},
+		{"the request, map32 of 4G - 1", payload([]byte{0xdf, 0xff, 0xff, 0xff, 0xff}, hidden), false},
+		{"response: msg, str32 of 4 GiB - 1", payload([]byte{0x82, 0xa3, 'm', 's', 'g', 0xdb, 0xff, 0xff, 0xff, 0xff}, hidden), true},
+		{"response: recs, array32 of 4G - 1", payload([]byte{0x82, 0xa4, 'r', 'e', 'c', 's', 0xdd, 0xff, 0xff, 0xff, 0xff}, hidden), true},
+		{"response: keys, array32 of 4G - 1", payload([]byte{0x82, 0xa4, 'k', 'e', 'y', 's', 0xdd, 0xff, 0xff, 0xff, 0xff}, hidden), true},
+		{"response: a key entry, map32 of 4G - 1", payload([]byte{0x82, 0xa4, 'k', 'e', 'y', 's', 0x91, 0xdf, 0xff, 0xff, 0xff, 0xff}, hidden), true},
+		{"response: the reply, map32 of 4G - 1", payload([]byte{0xdf, 0xff, 0xff, 0xff, 0xff}, hidden), true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := NewCodec()
+			if tc.response {
+				var r Response
+				if err := c.DecodeResponse(tc.payload, &r); err == nil {
+					t.Fatalf("decoded, id %d", r.ID)
+				}
+				return
+			}
+			var r Request
+			if err := c.DecodeRequest(tc.payload, &r); err == nil {
+				t.Fatalf("decoded, id %d", r.ID)
+			}
+		})
+	}
+	// nil is still nil: an absent value, not a malformed one.
+	var r Request
+	if err := NewCodec().DecodeRequest([]byte{0x83, 0xa2, 'i', 'd', 0x07, 0xa3, 'k', 'e', 'y', 0xc0, 0xa2, 'z', 'z', 0xc0}, &r); err != nil || r.ID != 7 || r.Key != "" {
+		t.Fatalf("nil values: id %d, key %q, err %v", r.ID, r.Key, err)
+	}
+}

@@ -170,7 +170,7 @@ func (r *Request) EncodeMsgpack(e *msgpack.Encoder) error {
 // fields reuse r's existing capacity.
 func (r *Request) decode(c *Codec) error {
 	d := c.dec
-	n, err := d.DecodeMapLen()
+	n, err := c.mapLen()
 	if err != nil {
 		return fmt.Errorf("request: %w", c.safeErr(err))
 	}
@@ -179,7 +179,7 @@ func (r *Request) decode(c *Codec) error {
 	}
 	key := c.key[:0]
 	for i := 0; i < n; i++ {
-		if key, err = decodeKey(d, key[:0]); err != nil {
+		if key, err = c.decodeKey(key[:0]); err != nil {
 			return fmt.Errorf("request key: %w", c.safeErr(err))
 		}
 		var v uint64
@@ -297,7 +297,7 @@ func (r *Response) EncodeMsgpack(e *msgpack.Encoder) error {
 // decode reads a map written by EncodeMsgpack, skipping unknown keys.
 func (r *Response) decode(c *Codec) error {
 	d := c.dec
-	n, err := d.DecodeMapLen()
+	n, err := c.mapLen()
 	if err != nil {
 		return fmt.Errorf("response: %w", c.safeErr(err))
 	}
@@ -306,7 +306,7 @@ func (r *Response) decode(c *Codec) error {
 	}
 	var key []byte
 	for i := 0; i < n; i++ {
-		if key, err = decodeKey(d, key[:0]); err != nil {
+		if key, err = c.decodeKey(key[:0]); err != nil {
 			return fmt.Errorf("response key: %w", c.safeErr(err))
 		}
 		var v uint64
@@ -368,7 +368,6 @@ func (c *Codec) decodeByteList() ([][]byte, error) {
 }
 
 func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {
-	d := c.dec
 	n, err := c.decodeArrayLen()
 	if err != nil || n < 0 {
 		return nil, err
@@ -378,13 +377,13 @@ func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {
 	out := make([]KeyEntry, 0, min(n, 1024))
 	var key []byte
 	for i := 0; i < n; i++ {
-		m, err := d.DecodeMapLen()
+		m, err := c.mapLen()
 		if err != nil {
 			return nil, fmt.Errorf("key entry: %w", c.safeErr(err))
 		}
 		var k KeyEntry
 		for j := 0; j < m; j++ {
-			if key, err = decodeKey(d, key[:0]); err != nil {
+			if key, err = c.decodeKey(key[:0]); err != nil {
 				return nil, fmt.Errorf("key entry key: %w", c.safeErr(err))
 			}
 			switch string(key) {
@@ -460,8 +459,9 @@ func count(b bool) int {
 // skipped as unknown without being stored.
 const maxKeyLen = 32
 
-func decodeKey(d *msgpack.Decoder, buf []byte) ([]byte, error) {
-	n, err := d.DecodeBytesLen() // accepts str and bin families
+func (c *Codec) decodeKey(buf []byte) ([]byte, error) {
+	d := c.dec
+	n, err := c.bytesLen() // accepts str and bin families
 	if err != nil {
 		return nil, err
 	}
@@ -550,7 +550,7 @@ func decodeUint(d *msgpack.Decoder) (uint64, error) {
 // hostile header cannot make the agent allocate gigabytes.
 func (c *Codec) decodeBytesInto(buf []byte) ([]byte, error) {
 	d := c.dec
-	n, err := d.DecodeBytesLen()
+	n, err := c.bytesLen()
 	if err != nil {
 		return nil, err
 	}
@@ -576,7 +576,7 @@ func (c *Codec) decodeBytesInto(buf []byte) ([]byte, error) {
 // DecodeString allocates up to 1 MiB for a 5-byte header and keeps the grown
 // buffer in the decoder, so a reused Codec grew by a MiB per hostile frame.
 func (c *Codec) decodeString() (string, error) {
-	n, err := c.dec.DecodeBytesLen()
+	n, err := c.bytesLen()
 	if err != nil {
 		return "", err
 	}
@@ -596,9 +596,41 @@ func (c *Codec) decodeString() (string, error) {
 // decodeArrayLen reads an array header whose count fits in what is left of
 // the payload (every element takes at least one byte).
 func (c *Codec) decodeArrayLen() (int, error) {
-	n, err := c.dec.DecodeArrayLen()
+	n, err := c.arrayLen()
 	if err == nil && n > c.rd.Len() {
 		err = errPastEnd
+	}
+	return n, err
+}
+
+// bytesLen, arrayLen and mapLen read a str or bin length, an array count
+// or a map count, -1 for nil. A 32-bit length is a uint32 on the wire, and
+// on a 32-bit platform msgpack returns one from 2^31 up as a negative int:
+// 0xffffffff as -1, nil's own number. Taken for nil, or for nothing to
+// skip, the header would be followed by the value's own bytes read as the
+// fields after it, a field no other decoder sees. Only a nil takes one
+// byte, so a negative length from a longer header is refused (lenFits).
+func (c *Codec) bytesLen() (int, error) {
+	before := c.rd.Len()
+	n, err := c.dec.DecodeBytesLen()
+	return c.lenFits(n, before, err)
+}
+
+func (c *Codec) arrayLen() (int, error) {
+	before := c.rd.Len()
+	n, err := c.dec.DecodeArrayLen()
+	return c.lenFits(n, before, err)
+}
+
+func (c *Codec) mapLen() (int, error) {
+	before := c.rd.Len()
+	n, err := c.dec.DecodeMapLen()
+	return c.lenFits(n, before, err)
+}
+
+func (c *Codec) lenFits(n, before int, err error) (int, error) {
+	if err == nil && n < 0 && before-c.rd.Len() != 1 {
+		return 0, errPastEnd
 	}
 	return n, err
 }
@@ -621,7 +653,7 @@ func (c *Codec) skip(depth int) error {
 	var values int
 	switch {
 	case msgpcode.IsString(code) || msgpcode.IsBin(code):
-		n, err := d.DecodeBytesLen()
+		n, err := c.bytesLen()
 		if err != nil {
 			return err
 		}
@@ -634,18 +666,21 @@ func (c *Codec) skip(depth int) error {
 		if err != nil {
 			return err
 		}
+		if n < 0 { // an ext is never nil: a length from 2^31 up (lenFits)
+			return errPastEnd
+		}
 		if n > c.rd.Len() {
 			return errPastEnd
 		}
 		return discard(d, n)
 	case msgpcode.IsFixedArray(code) || code == msgpcode.Array16 || code == msgpcode.Array32:
-		n, err := d.DecodeArrayLen()
+		n, err := c.arrayLen()
 		if err != nil {
 			return err
 		}
 		values = n
 	case msgpcode.IsFixedMap(code) || code == msgpcode.Map16 || code == msgpcode.Map32:
-		n, err := d.DecodeMapLen()
+		n, err := c.mapLen()
 		if err != nil {
 			return err
 		}
