@@ -469,3 +469,48 @@ func BenchmarkResponseRoundTrip(b *testing.B) {
 		}
 	}
 }
+
+// Values a well-behaved encoder never writes, each read as
+// docs/protocol.md says: a non-negative number of the int family is the
+// uint; a float is no uint; nil is an absent value; a key that is not
+// UTF-8 is an unknown key, skipped with its value, whatever msgpack type
+// (ext included) that value has; an ext is no string.
+func TestDecodeEdgeCases(t *testing.T) {
+	id := []byte{0xa2, 'i', 'd'}
+	for _, tc := range []struct {
+		name    string
+		payload []byte
+		wantErr bool
+		check   func(r *Request) bool
+	}{
+		{"id as an int8", payload([]byte{0x81}, id, []byte{0xd0, 0x05}), false, func(r *Request) bool { return r.ID == 5 }},
+		{"id as an int64", payload([]byte{0x81}, id, []byte{0xd3, 0, 0, 0, 0, 0, 0, 0, 0x05}), false, func(r *Request) bool { return r.ID == 5 }},
+		{"id as a float64", payload([]byte{0x81}, id, []byte{0xcb, 0x40, 0x14, 0, 0, 0, 0, 0, 0}), true, nil},
+		{"id as a float32", payload([]byte{0x81}, id, []byte{0xca, 0x40, 0xa0, 0, 0}), true, nil},
+		{"at as a float64", payload([]byte{0x82}, id, []byte{0x05, 0xa2, 'a', 't', 0xcb, 0x40, 0x14, 0, 0, 0, 0, 0, 0}), true, nil},
+		{"key nil", payload([]byte{0x82}, id, []byte{0x05, 0xa3, 'k', 'e', 'y', 0xc0}), false, func(r *Request) bool { return r.ID == 5 && r.Key == "" }},
+		{"key as an ext", payload([]byte{0x82}, id, []byte{0x05, 0xa3, 'k', 'e', 'y', 0xd4, 0x01, 'k'}), true, nil},
+		{"key that is not UTF-8, skipped", payload([]byte{0x82}, id, []byte{0x05, 0xa3, 0xff, 0xfe, 0xfd, 0xa1, 'v'}), false, func(r *Request) bool { return r.ID == 5 }},
+		{"key that is not UTF-8 beside a known one", payload([]byte{0x82}, id, []byte{0x05, 0xa3, 'k', 0xff, 'y', 0xa1, 'v'}), false, func(r *Request) bool { return r.Key == "" }},
+		{"unknown field, fixext1", payload([]byte{0x82}, id, []byte{0x05, 0xa2, 'z', 'z', 0xd4, 0x01, 0x00}), false, func(r *Request) bool { return r.ID == 5 }},
+		{"unknown field, timestamp ext", payload([]byte{0x82}, id, []byte{0x05, 0xa2, 'z', 'z', 0xd6, 0xff, 0, 0, 0, 1}), false, func(r *Request) bool { return r.ID == 5 }},
+		{"unknown field, ext8 of 3", payload([]byte{0x82}, id, []byte{0x05, 0xa2, 'z', 'z', 0xc7, 0x03, 0x02, 'a', 'b', 'c'}), false, func(r *Request) bool { return r.ID == 5 }},
+		{"unknown field, a float", payload([]byte{0x82}, id, []byte{0x05, 0xa2, 'z', 'z', 0xca, 0, 0, 0, 0}), false, func(r *Request) bool { return r.ID == 5 }},
+		{"an int key", payload([]byte{0x82}, id, []byte{0x05, 0x01, 0x02}), true, nil},
+		{"a nil key", payload([]byte{0x82}, id, []byte{0x05, 0xc0, 0x02}), true, nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var r Request
+			err := NewCodec().DecodeRequest(tc.payload, &r)
+			if tc.wantErr {
+				if err == nil {
+					t.Fatalf("decoded: %+v", r)
+				}
+				return
+			}
+			if err != nil || !tc.check(&r) {
+				t.Fatalf("decoded %+v, %v", r, err)
+			}
+		})
+	}
+}
