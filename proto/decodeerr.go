@@ -26,6 +26,7 @@ var (
 	errTooDeep   = formatError(fmt.Sprintf("a value nested more than %d deep", maxSkipDepth))
 	errNilKey    = formatError("a nil key")
 	errNegative  = formatError("a negative number where a uint belongs")
+	errDuplicate = formatError("given twice")
 )
 
 // The keys each decoder knows, for naming a field in an error: a key not

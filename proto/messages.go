@@ -178,45 +178,64 @@ func (r *Request) decode(c *Codec) error {
 		return fmt.Errorf("request: nil map")
 	}
 	key := c.key[:0]
+	// A known field given twice is refused: what the agent acts on would
+	// depend on which of the two a reader keeps (the last, here), and
+	// another reader of the same bytes (a log, a proxy) may keep the first.
+	var seen uint32
 	for i := 0; i < n; i++ {
 		if key, err = c.decodeKey(key[:0]); err != nil {
 			return fmt.Errorf("request key: %w", c.safeErr(err))
 		}
 		var v uint64
+		var field uint32
 		switch string(key) {
 		case kID:
+			field = 1 << 0
 			r.ID, err = decodeUint(d)
 		case kOp:
+			field = 1 << 1
 			v, err = decodeUintSaturated(d, uint64(OpOutOfRange))
 			r.Op = Op(v)
 		case kVersion:
+			field = 1 << 2
 			v, err = decodeUintSaturated(d, uint64(VersionOutOfRange))
 			r.Version = uint16(v)
 		case kFeatures:
+			field = 1 << 3
 			r.Features, err = decodeUint(d)
 		case kKey:
+			field = 1 << 4
 			r.Key, err = c.decodeString()
 		case kKID:
+			field = 1 << 5
 			r.KID, err = c.decodeString()
 		case kScheme:
+			field = 1 << 6
 			v, err = decodeUintSaturated(d, uint64(SchemeOutOfRange))
 			r.Scheme = uint8(v)
 		case kHash:
+			field = 1 << 7
 			v, err = decodeUintSaturated(d, uint64(HashOutOfRange))
 			r.Hash = uint8(v)
 		case kDigest:
+			field = 1 << 8
 			r.Digest, err = c.decodeBytesInto(r.Digest[:0])
 		case kSig:
+			field = 1 << 9
 			r.Sig, err = c.decodeBytesInto(r.Sig[:0])
 		case kTimeout:
+			field = 1 << 10
 			v, err = decodeUintSaturated(d, uint64(TimeoutOutOfRange))
 			r.TimeoutMillis = uint32(v)
 		case kFromSeq:
+			field = 1 << 11
 			r.FromSeq, err = decodeUint(d)
 		case kLimit:
+			field = 1 << 12
 			v, err = decodeUintSaturated(d, uint64(LimitOutOfRange))
 			r.Limit = uint32(v)
 		case kAt:
+			field = 1 << 13
 			r.At, err = decodeIntSaturated(d, AtOutOfRange)
 		default:
 			err = c.skip(0)
@@ -224,6 +243,10 @@ func (r *Request) decode(c *Codec) error {
 		if err != nil {
 			return c.fieldErr("request", key, requestKeys, err)
 		}
+		if seen&field != 0 {
+			return c.fieldErr("request", key, requestKeys, errDuplicate)
+		}
+		seen |= field
 	}
 	return nil
 }

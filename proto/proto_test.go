@@ -514,3 +514,63 @@ func TestDecodeEdgeCases(t *testing.T) {
 		})
 	}
 }
+
+// A known field given twice is refused, whichever it is: the request the
+// agent acts on must not depend on which of the two a reader keeps. The
+// error names the field and nothing of its values.
+func TestRequestFieldGivenTwiceIsRefused(t *testing.T) {
+	valueOf := func(e *msgpack.Encoder, key string, n int) error {
+		switch key {
+		case kKey, kKID:
+			return e.EncodeString(strings.Repeat("k", n))
+		case kDigest, kSig:
+			return e.EncodeBytes(bytes.Repeat([]byte{0xd1}, n))
+		case kAt:
+			return e.EncodeInt(int64(n))
+		}
+		return e.EncodeUint(uint64(n))
+	}
+	for _, key := range requestKeys {
+		t.Run(key, func(t *testing.T) {
+			var b bytes.Buffer
+			e := msgpack.NewEncoder(&b)
+			e.EncodeMapLen(3)
+			e.EncodeString(kID)
+			e.EncodeUint(7)
+			if key == kID {
+				e.EncodeString("zz") // an unknown field in place of the id
+				e.EncodeUint(0)
+			}
+			for n := 1; n <= 2 && b.Len() > 0; n++ {
+				e.EncodeString(key)
+				if err := valueOf(e, key, n); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if key == kID {
+				// id, zz, id, id: four entries
+				raw := b.Bytes()
+				raw[0] = 0x84
+			}
+			var r Request
+			err := NewCodec().DecodeRequest(b.Bytes(), &r)
+			if err == nil || !strings.Contains(err.Error(), `field "`+key+`": given twice`) {
+				t.Fatalf("request with %q twice: %v; want it refused as given twice", key, err)
+			}
+		})
+	}
+	// Unknown fields stay free to repeat: they are skipped, not acted on.
+	var b bytes.Buffer
+	e := msgpack.NewEncoder(&b)
+	e.EncodeMapLen(3)
+	e.EncodeString(kID)
+	e.EncodeUint(7)
+	for range 2 {
+		e.EncodeString("zz")
+		e.EncodeUint(1)
+	}
+	var r Request
+	if err := NewCodec().DecodeRequest(b.Bytes(), &r); err != nil || r.ID != 7 {
+		t.Fatalf("an unknown field twice: id %d, %v; want it skipped", r.ID, err)
+	}
+}
