@@ -237,6 +237,12 @@ func ParseConfig(raw []byte) (Config, error) {
 	if err := dec.Decode(&more); !errors.Is(err, io.EOF) {
 		return Config{}, errors.New("the config holds more than one YAML document (a second \"---\"): merge them into one")
 	}
+	// "unix:PATH" is how SIGIL_SOCK and --socket may name a socket, and
+	// the path alone is meant here too: kept, it became a relative path
+	// beginning "unix:".
+	for _, path := range []*string{&cfg.Socket, &cfg.AdminSocket, &cfg.SSHAgentSocket} {
+		*path = strings.TrimPrefix(*path, "unix:")
+	}
 	if err := cfg.Validate(); err != nil {
 		return Config{}, err
 	}

@@ -43,3 +43,21 @@ func TestProviderSettingsTablesMatchTheSpecs(t *testing.T) {
 		}
 	}
 }
+
+// A socket named "unix:PATH" in the config is PATH, as it is in SIGIL_SOCK
+// and --socket: kept whole it was a relative path starting "unix:".
+func TestConfigSocketsTakeTheUnixPrefix(t *testing.T) {
+	cfg, err := ParseConfig([]byte("socket: unix:/run/s/agent.sock\nadmin_socket: unix:/run/s/admin.sock\nssh_agent_socket: unix:/run/s/ssh.sock\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, got := range []struct{ field, path, want string }{
+		{"socket", cfg.Socket, "/run/s/agent.sock"},
+		{"admin_socket", cfg.AdminSocket, "/run/s/admin.sock"},
+		{"ssh_agent_socket", cfg.SSHAgentSocket, "/run/s/ssh.sock"},
+	} {
+		if got.path != got.want {
+			t.Errorf("%s: unix:%s read as %q", got.field, got.want, got.path)
+		}
+	}
+}
