@@ -83,14 +83,30 @@ func (a *Agent) AdminHandler() http.Handler {
 	return mux
 }
 
+// adminHTTPTimeouts bound how long one connection may hold the admin HTTP
+// server, whose connections take file descriptors from the signing
+// sockets. read covers the body too: without it a client that trickled a
+// body held its connection for ever, since the server reads an unread
+// body (up to 256 KiB) before it answers. It ends the reading of the
+// request only, not the handler: a /debug/pprof profile still runs its
+// seconds (up to write). A variable so that tests can shorten them.
+var adminHTTPTimeouts = struct{ readHeader, read, write, idle time.Duration }{
+	readHeader: 5 * time.Second,
+	read:       10 * time.Second,
+	write:      30 * time.Second,
+	idle:       60 * time.Second,
+}
+
 // ServeAdminHTTP serves the admin HTTP endpoints on ln until Shutdown; it
 // returns ErrClosed after a shutdown, or the listener's error.
 func (a *Agent) ServeAdminHTTP(ln net.Listener) error {
+	t := adminHTTPTimeouts
 	srv := &http.Server{
 		Handler:           a.AdminHandler(),
-		ReadHeaderTimeout: 5 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       60 * time.Second,
+		ReadHeaderTimeout: t.readHeader,
+		ReadTimeout:       t.read,
+		WriteTimeout:      t.write,
+		IdleTimeout:       t.idle,
 	}
 	a.mu.Lock()
 	if a.closing {

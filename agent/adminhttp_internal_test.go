@@ -1,0 +1,86 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// A client that sends its request slowly, a byte now and then, is cut
+// once the admin HTTP server's read timeout passes, whatever part of the
+// request it trickles: the endpoints share the agent's file descriptors,
+// and connections held for ever would starve the signing sockets of them.
+// The timeouts are shortened here; the agent's own are seconds.
+func TestAdminHTTPCutsSlowRequests(t *testing.T) {
+	saved := adminHTTPTimeouts
+	t.Cleanup(func() { adminHTTPTimeouts = saved })
+	adminHTTPTimeouts.readHeader = 200 * time.Millisecond
+	adminHTTPTimeouts.read = 500 * time.Millisecond
+	adminHTTPTimeouts.write = 500 * time.Millisecond
+	adminHTTPTimeouts.idle = 500 * time.Millisecond
+
+	a, err := New(context.Background(), Config{DataDir: t.TempDir(), Journal: JournalConfig{Mode: "off"}}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- a.ServeAdminHTTP(ln) }()
+	t.Cleanup(func() {
+		a.Shutdown(context.Background())
+		if err := <-served; !errors.Is(err, ErrClosed) {
+			t.Errorf("ServeAdminHTTP returned %v", err)
+		}
+	})
+
+	for _, tc := range []struct {
+		name    string
+		head    string // sent at once
+		trickle string // then sent for ever, one piece at a time
+	}{
+		{"chunked body", "GET /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", "1\r\na\r\n"},
+		{"declared body", "GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n", "a"},
+		{"body to an unknown path", "POST /readyz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n", "1\r\na\r\n"},
+		{"headers", "GET /healthz HTTP/1.1\r\n", "X: y\r\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			if _, err := io.WriteString(c, tc.head); err != nil {
+				t.Fatal(err)
+			}
+			closed := make(chan struct{})
+			go func() {
+				io.Copy(io.Discard, c) // until the server closes it
+				close(closed)
+			}()
+			// Many times every timeout: a server that holds the
+			// connection past this holds it for as long as the
+			// client trickles.
+			giveUp := time.After(10 * time.Second)
+			tick := time.NewTicker(50 * time.Millisecond)
+			defer tick.Stop()
+			for {
+				select {
+				case <-closed:
+					return
+				case <-giveUp:
+					t.Fatal("the server still holds a connection that trickles its request")
+				case <-tick.C:
+					io.WriteString(c, tc.trickle)
+				}
+			}
+		})
+	}
+}
