@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
+	"syscall"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/activation"
@@ -26,48 +28,93 @@ type systemdListeners struct {
 }
 
 // inheritedListeners takes the sockets systemd passed, or returns nil when
-// the agent was not socket-activated. The LISTEN_* variables are unset so
-// that child processes do not take the sockets for theirs.
+// the agent was not socket-activated (LISTEN_PID names another process, as
+// when a parent that was activated leaked the variables). The LISTEN_*
+// variables are unset in any case, so that child processes do not take the
+// sockets for theirs. A passed fd that is not a listening stream socket is
+// refused here: it used to be skipped (a regular file), and the agent made
+// its own socket instead of the unit's, or taken (a datagram or
+// seqpacket socket, a connected one), and every accept failed once the
+// agent had told systemd it was ready.
 func inheritedListeners() (*systemdListeners, error) {
-	if os.Getenv("LISTEN_FDS") == "" {
-		return nil, nil
+	files := activation.Files(true)
+	var s systemdListeners
+	taken := func() []net.Listener {
+		return slices.DeleteFunc([]net.Listener{s.client, s.admin, s.tcp}, func(ln net.Listener) bool { return ln == nil })
 	}
-	byName, err := activation.ListenersWithNames()
-	if err != nil {
+	fail := func(err error) (*systemdListeners, error) {
+		for _, ln := range taken() {
+			ln.Close()
+		}
 		return nil, fmt.Errorf("systemd socket activation: %w", err)
 	}
-	var s systemdListeners
-	for name, lns := range byName {
-		for i, ln := range lns {
-			if ln == nil {
-				return nil, fmt.Errorf("systemd socket activation: %q is not a stream socket", name)
-			}
-			var slot *net.Listener
-			switch name {
-			case "client":
-				slot = &s.client
-			case "admin":
-				slot = &s.admin
-			case "tcp":
-				slot = &s.tcp
-			default:
-				return nil, fmt.Errorf("systemd socket activation: unknown socket name %q (want client, admin or tcp in FileDescriptorName=)", name)
-			}
-			if i > 0 || *slot != nil {
-				return nil, fmt.Errorf("systemd socket activation: more than one socket named %q", name)
-			}
-			if _, unix := ln.(*net.UnixListener); name != "tcp" && !unix {
-				// The agent identifies these sockets' peers by their kernel
-				// credentials; a TCP socket has none.
-				return nil, fmt.Errorf("systemd socket activation: %q must be a Unix socket (ListenStream=/path), not %s", name, ln.Addr().Network())
-			}
-			*slot = ln
+	for _, f := range files {
+		// net.FileListener dups the fd; the original is not needed.
+		defer f.Close()
+	}
+	for _, f := range files {
+		name := f.Name()
+		var slot *net.Listener
+		switch name {
+		case "client":
+			slot = &s.client
+		case "admin":
+			slot = &s.admin
+		case "tcp":
+			slot = &s.tcp
+		default:
+			return fail(fmt.Errorf("unknown socket name %q (want client, admin or tcp in FileDescriptorName=)", name))
+		}
+		if *slot != nil {
+			return fail(fmt.Errorf("more than one socket named %q", name))
+		}
+		if err := isListeningStream(f); err != nil {
+			return fail(fmt.Errorf("%q: %w (want ListenStream= and Accept=no)", name, err))
+		}
+		ln, err := net.FileListener(f)
+		if err != nil {
+			return fail(fmt.Errorf("%q: %w", name, err))
+		}
+		*slot = ln
+		if network := ln.Addr().Network(); name != "tcp" && network != "unix" {
+			// The agent identifies these sockets' peers by their kernel
+			// credentials; a TCP socket has none.
+			return fail(fmt.Errorf("%q must be a Unix socket (ListenStream=/path), not %s", name, network))
 		}
 	}
-	if s.client == nil && s.admin == nil && s.tcp == nil {
+	if len(taken()) == 0 {
 		return nil, nil
 	}
 	return &s, nil
+}
+
+// isListeningStream reports why f is not a listening SOCK_STREAM socket, or
+// nil when it is.
+func isListeningStream(f *os.File) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var typ, listening int
+	var sockErr error
+	if err := rc.Control(func(fd uintptr) {
+		if typ, sockErr = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_TYPE); sockErr == nil {
+			listening, sockErr = syscall.GetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_ACCEPTCONN)
+		}
+	}); err != nil {
+		return err
+	}
+	switch {
+	case errors.Is(sockErr, syscall.ENOTSOCK):
+		return errors.New("not a socket")
+	case sockErr != nil:
+		return sockErr
+	case typ != syscall.SOCK_STREAM:
+		return fmt.Errorf("not a stream socket (type %d)", typ)
+	case listening == 0:
+		return errors.New("not a listening socket")
+	}
+	return nil
 }
 
 // sdNotify sends state to systemd when NOTIFY_SOCKET is set (Type=notify);

@@ -377,3 +377,133 @@ func TestHardenProcessMakesItNotDumpable(t *testing.T) {
 		t.Fatalf("child: %v\n%s", err, out)
 	}
 }
+
+// inheritedListeners takes only stream sockets it can serve, under names it
+// knows, and only when LISTEN_PID is this process; whatever it finds, it
+// unsets LISTEN_*, so that no child takes the fds for its own. Run in a
+// child test process, whose fds 3 and up are the files of each case.
+func TestInheritedListeners(t *testing.T) {
+	if os.Getenv("SIGIL_TEST_INHERIT_CHILD") == "1" {
+		s, err := inheritedListeners()
+		env := os.Getenv("LISTEN_PID") + os.Getenv("LISTEN_FDS") + os.Getenv("LISTEN_FDNAMES")
+		switch {
+		case err != nil:
+			fmt.Printf("error: %v\nenv=%q\n", err, env)
+		case s == nil:
+			fmt.Printf("none\nenv=%q\n", env)
+		default:
+			fmt.Printf("client=%v admin=%v tcp=%v\nenv=%q\n", s.client != nil, s.admin != nil, s.tcp != nil, env)
+		}
+		os.Exit(0)
+	}
+	dir, err := os.MkdirTemp("", "sigil-inh")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	n := 0
+	file := func(f interface{ File() (*os.File, error) }) *os.File {
+		t.Helper()
+		of, err := f.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { of.Close() })
+		return of
+	}
+	unixStream := func() *os.File {
+		n++
+		ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: filepath.Join(dir, strconv.Itoa(n)), Net: "unix"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		return file(ln)
+	}
+	unixDatagram := func() *os.File {
+		n++
+		c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: filepath.Join(dir, strconv.Itoa(n)), Net: "unixgram"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return file(c)
+	}
+	tcp := func() *os.File {
+		ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		return file(ln)
+	}
+	regular := func() *os.File {
+		f, err := os.CreateTemp(dir, "plain")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		return f
+	}
+	// What a socket unit with Accept=yes passes: one connection.
+	connected := func() *os.File {
+		n++
+		path := filepath.Join(dir, strconv.Itoa(n))
+		ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		c, err := net.DialUnix("unix", nil, &net.UnixAddr{Name: path, Net: "unix"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return file(c)
+	}
+	for _, tc := range []struct {
+		name     string
+		files    []*os.File
+		names    string
+		otherPID bool
+		want     string // the child's first line, or its prefix up to "…"
+	}{
+		{"client and admin", []*os.File{unixStream(), unixStream()}, "client:admin", false, "client=true admin=true tcp=false"},
+		{"all three", []*os.File{unixStream(), unixStream(), tcp()}, "client:admin:tcp", false, "client=true admin=true tcp=true"},
+		{"another process's", []*os.File{unixStream()}, "client", true, "none"},
+		{"unnamed", []*os.File{unixStream()}, "", false, `error: systemd socket activation: unknown socket name "LISTEN_FD_3"…`},
+		{"unknown name", []*os.File{unixStream()}, "sigil.socket", false, `error: systemd socket activation: unknown socket name "sigil.socket"…`},
+		{"twice client", []*os.File{unixStream(), unixStream()}, "client:client", false, `error: systemd socket activation: more than one socket named "client"…`},
+		{"TCP as client", []*os.File{tcp()}, "client", false, `error: systemd socket activation: "client" must be a Unix socket…`},
+		{"datagram as client", []*os.File{unixDatagram()}, "client", false, `error: systemd socket activation: "client": not a stream socket…`},
+		{"connection as client", []*os.File{connected()}, "client", false, `error: systemd socket activation: "client": not a listening socket…`},
+		{"regular file as admin", []*os.File{unixStream(), regular()}, "client:admin", false, `error: systemd socket activation: "admin": not a socket…`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			env := withoutEnv(os.Environ(), "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
+			env = append(env, "SIGIL_TEST_INHERIT_CHILD=1", "LISTEN_FDS="+strconv.Itoa(len(tc.files)))
+			if tc.names != "" {
+				env = append(env, "LISTEN_FDNAMES="+tc.names)
+			}
+			pid := `$$`
+			if tc.otherPID {
+				pid = "1"
+			}
+			cmd := exec.Command("/bin/sh", "-c", `LISTEN_PID=`+pid+`; export LISTEN_PID; exec "$@"`, "sh",
+				os.Args[0], "-test.run=^TestInheritedListeners$")
+			cmd.Env = env
+			cmd.ExtraFiles = tc.files
+			out, err := cmd.CombinedOutput()
+			if err != nil {
+				t.Fatalf("child: %v\n%s", err, out)
+			}
+			first, rest, _ := strings.Cut(string(out), "\n")
+			if prefix, ok := strings.CutSuffix(tc.want, "…"); ok && !strings.HasPrefix(first, prefix) || !ok && first != tc.want {
+				t.Errorf("got %q, want %q", first, tc.want)
+			}
+			if !strings.HasPrefix(rest, `env=""`) {
+				t.Errorf("LISTEN_* left in the environment: %s", rest)
+			}
+		})
+	}
+}
