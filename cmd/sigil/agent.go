@@ -201,8 +201,10 @@ func runAgent(cfg agent.Config) error {
 	// without logging in to a token first.
 	sd, err := inheritedListeners()
 	if err != nil {
-		log.Error("agent failed to listen", zap.Error(err))
-		return &exitError{exitFailure, err}
+		// The socket units decide what is passed: a restart would be
+		// refused the same way.
+		log.Error("agent failed to start", zap.String("fault", configFault), zap.Error(err))
+		return &exitError{exitConfig, err}
 	}
 	a, err := agent.New(ctx, cfg, log)
 	if err != nil {

@@ -121,7 +121,8 @@ func TestSystemdSocketActivation(t *testing.T) {
 
 // A TCP socket passed under the name "client" (or "admin") is refused at
 // start: those sockets' peers are identified by their Unix credentials, and a
-// plain TCP peer has none.
+// plain TCP peer has none. The exit status is one systemd does not restart
+// on: the socket units decide what is passed, and a restart changes nothing.
 func TestSystemdTCPSocketNamedClientIsRefused(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds and runs the agent binary")
@@ -154,6 +155,10 @@ func TestSystemdTCPSocketNamedClientIsRefused(t *testing.T) {
 	case err := <-done:
 		if err == nil {
 			t.Fatal("the agent started on a TCP socket named client")
+		}
+		// Every restart would fail the same way until the unit changes.
+		if code := cmd.ProcessState.ExitCode(); code != exitConfig {
+			t.Errorf("exit status %d, want %d (no restart)", code, exitConfig)
 		}
 	case <-time.After(20 * time.Second):
 		cmd.Process.Kill()
