@@ -323,14 +323,15 @@ wait:
 			log.Info("shutting down: finishing in-flight requests (a second SIGTERM or Ctrl-C ends the process now)", zap.Duration("grace", cfg.Limits.ShutdownGrace))
 			break wait
 		case <-hup:
-			// The outcome shows in `systemctl status`: systemd's reload job
-			// ended when the signal was sent.
+			sdReloading(log)
+			// The outcome shows in `systemctl status`. READY=1 either way:
+			// a refused reload leaves the agent serving as before.
 			at := time.Now().UTC().Format(time.RFC3339)
 			outcome := "reloaded at " + at
 			if err := a.Reload(); err != nil {
 				outcome = "the reload at " + at + " was " + firstLineOf(err) + " (see the log)"
 			}
-			sdNotify(log, "STATUS=serving on "+socket+"; "+outcome)
+			sdNotify(log, "READY=1\nSTATUS=serving on "+socket+"; "+outcome)
 		case err := <-serveErr:
 			log.Error("listener failed", zap.Error(err))
 			// Exit non-zero after the shutdown, so that a supervisor

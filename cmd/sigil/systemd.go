@@ -7,12 +7,14 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strconv"
 	"syscall"
 	"time"
 
 	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/coreos/go-systemd/v22/daemon"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
@@ -123,6 +125,22 @@ func sdNotify(log *zap.Logger, state string) {
 	if _, err := daemon.SdNotify(false, state); err != nil {
 		log.Warn("sd_notify", zap.String("state", state), zap.Error(err))
 	}
+}
+
+// sdReloading tells systemd that a reload began (sd_notify(3)):
+// RELOADING=1 with the monotonic clock's time, by which systemd 253+ matches
+// it to the reload it asked for. READY=1 must follow once the reload is
+// done. Seen before systemd sees ExecReload's kill exit (it reads notify
+// messages before SIGCHLD), it keeps the unit reloading until READY=1, so
+// that `systemctl reload` returns once the new policy is in force, not
+// when the signal was sent.
+func sdReloading(log *zap.Logger) {
+	state := "RELOADING=1\nSTATUS=reloading"
+	var now unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &now); err == nil {
+		state += "\nMONOTONIC_USEC=" + strconv.FormatInt(now.Nano()/1000, 10)
+	}
+	sdNotify(log, state)
 }
 
 // runWatchdog sends WATCHDOG=1 every half WatchdogSec while the agent still

@@ -8,11 +8,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/client"
@@ -312,20 +315,67 @@ tenants:
 	})
 	awaitNotify(t, msgs, exited, &stderr, func(l string) bool { return l == "READY=1" }, "READY=1", 60*time.Second)
 
-	status := func(what string) string {
+	// The reload protocol of sd_notify(3): RELOADING=1 with the
+	// monotonic clock's time (systemd 253+ matches it to its own signal),
+	// then READY=1 once the reload is done, refused or not (the agent
+	// serves on), with the outcome in STATUS.
+	reload := func(what string) string {
 		t.Helper()
-		return awaitNotify(t, msgs, exited, &stderr, func(l string) bool { return strings.HasPrefix(l, "STATUS=") && strings.Contains(l, "reload") }, what, 30*time.Second)
+		var sent unix.Timespec
+		if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &sent); err != nil {
+			t.Fatal(err)
+		}
+		cmd.Process.Signal(syscall.SIGHUP)
+		msg := awaitNotifyMessage(t, msgs, exited, &stderr, "RELOADING=1", what+": RELOADING=1")
+		fields := notifyFields(msg)
+		usec, err := strconv.ParseInt(fields["MONOTONIC_USEC"], 10, 64)
+		if err != nil || usec < sent.Nano()/1000 {
+			t.Fatalf("%s: RELOADING=1 with MONOTONIC_USEC=%q, want a time after the signal (%d)", what, fields["MONOTONIC_USEC"], sent.Nano()/1000)
+		}
+		msg = awaitNotifyMessage(t, msgs, exited, &stderr, "READY=1", what+": READY=1")
+		return notifyFields(msg)["STATUS"]
 	}
 	writePolicy("no-such-key") // valid on its own; only the agent knows its keys
-	cmd.Process.Signal(syscall.SIGHUP)
-	if got := status("the refused reload's STATUS"); !strings.Contains(got, "was refused") || !strings.Contains(got, "no-such-key") {
-		t.Fatalf("after a refused reload: %q", got)
+	if got := reload("the refused reload"); !strings.Contains(got, "was refused") || !strings.Contains(got, "no-such-key") {
+		t.Fatalf("after a refused reload: STATUS=%q", got)
 	}
 	writePolicy("ed")
-	cmd.Process.Signal(syscall.SIGHUP)
-	if got := status("the reload's STATUS"); !strings.Contains(got, "reloaded at") {
-		t.Fatalf("after a good reload: %q", got)
+	if got := reload("the good reload"); !strings.Contains(got, "reloaded at") {
+		t.Fatalf("after a good reload: STATUS=%q", got)
 	}
+}
+
+// awaitNotifyMessage waits for a notify message with the line want and
+// returns the whole message.
+func awaitNotifyMessage(t *testing.T, msgs <-chan string, exited <-chan error, stderr *bytes.Buffer, want, what string) string {
+	t.Helper()
+	deadline := time.After(30 * time.Second)
+	for {
+		select {
+		case m, ok := <-msgs:
+			if !ok {
+				t.Fatalf("notify socket closed before %s", what)
+			}
+			if slices.Contains(strings.Split(m, "\n"), want) {
+				return m
+			}
+		case err := <-exited:
+			t.Fatalf("agent exited (%v) before %s; stderr:\n%s", err, what, stderr.String())
+		case <-deadline:
+			t.Fatalf("no %s; stderr:\n%s", what, stderr.String())
+		}
+	}
+}
+
+// notifyFields splits a notify message into its KEY=value lines.
+func notifyFields(msg string) map[string]string {
+	fields := map[string]string{}
+	for _, line := range strings.Split(msg, "\n") {
+		if k, v, ok := strings.Cut(line, "="); ok {
+			fields[k] = v
+		}
+	}
+	return fields
 }
 
 // The unit and the binary agree: the exit status for a refused PIN is one
