@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
+	"golang.org/x/net/netutil"
 )
 
 // AdminHTTPConfig configures the optional admin HTTP listener that serves
@@ -50,8 +51,32 @@ func (a *Agent) ListenAdminHTTP() (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("admin http: %w", err)
 	}
+	if err := boundWhereAllowed(ln.Addr(), a.cfg.AdminHTTP); err != nil {
+		ln.Close()
+		return nil, err
+	}
 	return ln, nil
 }
+
+// boundWhereAllowed checks the address the listener got, not only the
+// configured name: "localhost" is taken as loopback by the config's check,
+// and a hosts file that maps it elsewhere would serve the unauthenticated
+// endpoints beyond this host.
+func boundWhereAllowed(addr net.Addr, h AdminHTTPConfig) error {
+	if h.AllowRemote {
+		return nil
+	}
+	if ta, ok := addr.(*net.TCPAddr); ok && ta.IP.IsLoopback() {
+		return nil
+	}
+	return fmt.Errorf("admin http: admin_http.listen %q bound %s, which is not a loopback address; set admin_http.allow_remote: true to serve metrics beyond this host", h.Listen, addr)
+}
+
+// maxAdminHTTPConns bounds the admin HTTP server's open connections: they
+// take file descriptors from the process that serves the signing sockets,
+// and the timeouts alone let a client hold many for seconds each. A
+// scraper needs one. A variable so that tests can lower it.
+var maxAdminHTTPConns = 64
 
 // AdminHandler serves /metrics, /healthz and /readyz (and /debug/pprof/
 // with admin_http.pprof).
@@ -116,7 +141,7 @@ func (a *Agent) ServeAdminHTTP(ln net.Listener) error {
 	}
 	a.httpServers[srv] = struct{}{}
 	a.mu.Unlock()
-	err := srv.Serve(ln)
+	err := srv.Serve(netutil.LimitListener(ln, maxAdminHTTPConns))
 	a.mu.Lock()
 	delete(a.httpServers, srv)
 	a.mu.Unlock()

@@ -3,8 +3,10 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -82,5 +84,87 @@ func TestAdminHTTPCutsSlowRequests(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// The admin HTTP server holds at most maxAdminHTTPConns connections: one
+// more waits, unanswered, until one of them closes, instead of taking
+// another of the file descriptors the signing sockets need.
+func TestAdminHTTPConnectionCap(t *testing.T) {
+	saved := maxAdminHTTPConns
+	t.Cleanup(func() { maxAdminHTTPConns = saved })
+	maxAdminHTTPConns = 2
+
+	a, err := New(context.Background(), Config{DataDir: t.TempDir(), Journal: JournalConfig{Mode: "off"}}, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- a.ServeAdminHTTP(ln) }()
+	t.Cleanup(func() {
+		a.Shutdown(context.Background())
+		if err := <-served; !errors.Is(err, ErrClosed) {
+			t.Errorf("ServeAdminHTTP returned %v", err)
+		}
+	})
+	healthz := func(timeout time.Duration) error {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(timeout))
+		if _, err := io.WriteString(c, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"); err != nil {
+			return err
+		}
+		reply, err := io.ReadAll(c)
+		if err == nil && !strings.HasPrefix(string(reply), "HTTP/1.1 200") {
+			err = fmt.Errorf("reply %q", reply)
+		}
+		return err
+	}
+	if err := healthz(5 * time.Second); err != nil {
+		t.Fatalf("healthz with no other connection: %v", err)
+	}
+	var held []net.Conn
+	for range maxAdminHTTPConns {
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		held = append(held, c)
+	}
+	if err := healthz(500 * time.Millisecond); err == nil {
+		t.Fatalf("healthz answered with %d connections already open, the cap", len(held))
+	}
+	held[0].Close()
+	if err := healthz(5 * time.Second); err != nil {
+		t.Fatalf("healthz once a held connection closed: %v", err)
+	}
+}
+
+// An address the configured name resolved to but that is not loopback is
+// refused unless allow_remote is set: the config's check takes "localhost"
+// on its name.
+func TestAdminHTTPBoundAddressIsChecked(t *testing.T) {
+	for _, tc := range []struct {
+		addr        net.Addr
+		allowRemote bool
+		ok          bool
+	}{
+		{&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 9464}, false, true},
+		{&net.TCPAddr{IP: net.IPv6loopback, Port: 9464}, false, true},
+		{&net.TCPAddr{IP: net.IPv4(10, 1, 2, 3), Port: 9464}, false, false},
+		{&net.TCPAddr{IP: net.IPv4(10, 1, 2, 3), Port: 9464}, true, true},
+	} {
+		err := boundWhereAllowed(tc.addr, AdminHTTPConfig{Listen: "localhost:9464", AllowRemote: tc.allowRemote})
+		if (err == nil) != tc.ok {
+			t.Errorf("%v, allow_remote %v: %v; want ok %v", tc.addr, tc.allowRemote, err, tc.ok)
+		}
 	}
 }
