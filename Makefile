@@ -57,7 +57,8 @@ systemd-verify: build
 # The binary to $(PREFIX)/bin, the PKCS#11 front to $(PREFIX)/lib (where
 # docs/pkcs11-module.md loads it from), the units to $(UNITDIR) (ExecStart
 # rewritten to $(PREFIX)/bin/sigil), and an example config (the embedded
-# default) to /etc/sigil/sigil.yaml.example; DESTDIR for packaging.
+# default, with the unit's data and socket paths) to
+# /etc/sigil/sigil.yaml.example; DESTDIR for packaging.
 install: build
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(UNITDIR) $(DESTDIR)/etc/sigil
 	install -m 0755 $(BIN) $(DESTDIR)$(PREFIX)/bin/sigil
@@ -66,7 +67,12 @@ install: build
 		sed 's|/usr/local/bin/sigil|$(PREFIX)/bin/sigil|' $$u > $(DESTDIR)$(UNITDIR)/$$(basename $$u); \
 		chmod 0644 $(DESTDIR)$(UNITDIR)/$$(basename $$u); \
 	done
-	./$(BIN) agent --print-default-config > $(DESTDIR)/etc/sigil/sigil.yaml.example
+	{ echo '# For sigil.service: its StateDirectory and the sockets its socket units pass'; \
+	  echo '# (sigil audit --config and the admin commands find the agent through them).'; \
+	  echo 'data_dir: /var/lib/sigil'; \
+	  echo 'socket: /run/sigil/agent.sock'; \
+	  echo 'admin_socket: /run/sigil/admin.sock'; \
+	  echo; ./$(BIN) agent --print-default-config; } > $(DESTDIR)/etc/sigil/sigil.yaml.example
 	chmod 0644 $(DESTDIR)/etc/sigil/sigil.yaml.example
 
 test-deps: ensure-cc
