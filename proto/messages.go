@@ -327,7 +327,7 @@ func (r *Response) decode(c *Codec) error {
 	if n < 0 {
 		return fmt.Errorf("response: nil map")
 	}
-	var key []byte
+	key := c.key[:0] // nothing below it decodes a key with c.key (decodeKeyEntries has its own)
 	for i := 0; i < n; i++ {
 		if key, err = c.decodeKey(key[:0]); err != nil {
 			return fmt.Errorf("response key: %w", c.safeErr(err))
