@@ -26,22 +26,7 @@ func TestAdminHTTPCutsSlowRequests(t *testing.T) {
 	adminHTTPTimeouts.write = 500 * time.Millisecond
 	adminHTTPTimeouts.idle = 500 * time.Millisecond
 
-	a, err := New(context.Background(), Config{DataDir: t.TempDir(), Journal: JournalConfig{Mode: "off"}}, zap.NewNop())
-	if err != nil {
-		t.Fatal(err)
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 1)
-	go func() { served <- a.ServeAdminHTTP(ln) }()
-	t.Cleanup(func() {
-		a.Shutdown(context.Background())
-		if err := <-served; !errors.Is(err, ErrClosed) {
-			t.Errorf("ServeAdminHTTP returned %v", err)
-		}
-	})
+	addr := serveAdminHTTP(t)
 
 	for _, tc := range []struct {
 		name    string
@@ -54,7 +39,7 @@ func TestAdminHTTPCutsSlowRequests(t *testing.T) {
 		{"headers", "GET /healthz HTTP/1.1\r\n", "X: y\r\n"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			c, err := net.Dial("tcp", ln.Addr().String())
+			c, err := net.Dial("tcp", addr)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -87,14 +72,10 @@ func TestAdminHTTPCutsSlowRequests(t *testing.T) {
 	}
 }
 
-// The admin HTTP server holds at most maxAdminHTTPConns connections: one
-// more waits, unanswered, until one of them closes, instead of taking
-// another of the file descriptors the signing sockets need.
-func TestAdminHTTPConnectionCap(t *testing.T) {
-	saved := maxAdminHTTPConns
-	t.Cleanup(func() { maxAdminHTTPConns = saved })
-	maxAdminHTTPConns = 2
-
+// serveAdminHTTP serves an agent's admin HTTP endpoints on a loopback port
+// until the test ends, and returns the address.
+func serveAdminHTTP(t *testing.T) string {
+	t.Helper()
 	a, err := New(context.Background(), Config{DataDir: t.TempDir(), Journal: JournalConfig{Mode: "off"}}, zap.NewNop())
 	if err != nil {
 		t.Fatal(err)
@@ -111,8 +92,20 @@ func TestAdminHTTPConnectionCap(t *testing.T) {
 			t.Errorf("ServeAdminHTTP returned %v", err)
 		}
 	})
+	return ln.Addr().String()
+}
+
+// The admin HTTP server holds at most maxAdminHTTPConns connections: one
+// more waits, unanswered, until one of them closes, instead of taking
+// another of the file descriptors the signing sockets need.
+func TestAdminHTTPConnectionCap(t *testing.T) {
+	saved := maxAdminHTTPConns
+	t.Cleanup(func() { maxAdminHTTPConns = saved })
+	maxAdminHTTPConns = 2
+
+	addr := serveAdminHTTP(t)
 	healthz := func(timeout time.Duration) error {
-		c, err := net.Dial("tcp", ln.Addr().String())
+		c, err := net.Dial("tcp", addr)
 		if err != nil {
 			return err
 		}
@@ -132,7 +125,7 @@ func TestAdminHTTPConnectionCap(t *testing.T) {
 	}
 	var held []net.Conn
 	for range maxAdminHTTPConns {
-		c, err := net.Dial("tcp", ln.Addr().String())
+		c, err := net.Dial("tcp", addr)
 		if err != nil {
 			t.Fatal(err)
 		}
