@@ -334,6 +334,16 @@ func parseKeyURI(raw, module string, n FieldNames) (objectSelector, tokenSelecto
 		}
 		return v, ok
 	}
+	// An empty label, serial, manufacturer or model would match only a
+	// token or object whose attribute is blank (RFC 7512 §2.3), but the
+	// selectors below take "" for "not named", which matches any: refused,
+	// so that "token=" cannot pick whichever token comes first. (An empty
+	// id= keeps its RFC meaning: the selector tells it from an absent one.)
+	for _, name := range []string{"object", "token", "serial", "manufacturer", "model"} {
+		if v, ok := u.GetPathAttribute(name, false); ok && v == "" {
+			return obj, tok, fmt.Errorf("%s: %s= is empty; name it or leave the attribute out", uri, name)
+		}
+	}
 	if v, ok := get("object"); ok {
 		obj.label = v
 	}

@@ -63,6 +63,14 @@ func TestParseKeyURI(t *testing.T) {
 		{uri: "PKCS11:object=x?PIN-VALUE=1234", wantErr: "pin-value"},
 		{uri: "pkcs11:OBJECT=x", wantErr: "unknown path attribute"},
 		{uri: "pkcs11:object=x;Token=prod", wantErr: "unknown path attribute"},
+		// An empty attribute would match only a blank one, and read as
+		// unnamed it matched any token (or any label beside an id).
+		{uri: "pkcs11:token=;object=x", wantErr: "token= is empty"},
+		{uri: "pkcs11:serial=;object=x", wantErr: "serial= is empty"},
+		{uri: "pkcs11:manufacturer=;object=x", wantErr: "manufacturer= is empty"},
+		{uri: "pkcs11:model=;object=x", wantErr: "model= is empty"},
+		{uri: "pkcs11:object=;id=%01", wantErr: "object= is empty"},
+		{uri: "pkcs11:token=prod;id=", obj: objectSelector{id: []byte{}}, tok: tokenSelector{label: "prod"}},
 	}
 	for _, tc := range cases {
 		t.Run(tc.uri, func(t *testing.T) {
