@@ -69,8 +69,13 @@ func boundWhereAllowed(addr net.Addr, h AdminHTTPConfig) error {
 	if ta, ok := addr.(*net.TCPAddr); ok && ta.IP.IsLoopback() {
 		return nil
 	}
-	return fmt.Errorf("admin http: admin_http.listen %q bound %s, which is not a loopback address; set admin_http.allow_remote: true to serve metrics beyond this host", h.Listen, addr)
+	return fmt.Errorf("admin http: admin_http.listen %q bound %s: %w", h.Listen, addr, ErrAdminHTTPNotLoopback)
 }
+
+// ErrAdminHTTPNotLoopback is ListenAdminHTTP's error for an address that
+// resolved beyond this host without admin_http.allow_remote: the config's
+// fault, which a restart would only repeat.
+var ErrAdminHTTPNotLoopback = errors.New("not a loopback address; set admin_http.allow_remote: true to serve metrics beyond this host")
 
 // maxAdminHTTPConns bounds the admin HTTP server's open connections: they
 // take file descriptors from the process that serves the signing sockets,

@@ -289,6 +289,10 @@ func runAgent(cfg agent.Config) error {
 		if err != nil {
 			a.Shutdown(context.Background())
 			removeSocket()
+			if errors.Is(err, agent.ErrAdminHTTPNotLoopback) {
+				log.Error("agent failed to start", zap.String("fault", configFault), zap.Error(err))
+				return &exitError{exitConfig, err}
+			}
 			log.Error("agent failed to listen", zap.Error(err))
 			return &exitError{exitFailure, err}
 		}

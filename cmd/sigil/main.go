@@ -28,9 +28,11 @@ const (
 	// to others; pin_env unset or empty), a PKCS#11 module path gives no
 	// library (pkcs11.ErrModuleLoad), the config or its policy fails
 	// its checks, DATA_DIR/evidence.key is missing while its public
-	// key or packs are kept, or systemd passed sockets the agent cannot
-	// take (an unknown name, not a listening stream socket). sigil.service does not restart on it
-	// (RestartPreventExitStatus=78; 78 is sysexits' EX_CONFIG).
+	// key or packs are kept, systemd passed sockets the agent cannot take
+	// (an unknown name, not a listening stream socket), or
+	// admin_http.listen resolved to an address that is not loopback.
+	// sigil.service does not restart on it (RestartPreventExitStatus=78;
+	// 78 is sysexits' EX_CONFIG).
 	exitConfig = 78
 )
 
