@@ -176,9 +176,11 @@ func (c *conn) serve() {
 	// Requests already read still get their replies (each handler writes its
 	// own), unless the peer is gone.
 	c.handlers.Wait()
-	if c.final != nil {
+	if c.final != nil && c.ctx.Err() == nil {
 		// Only now: id 0 marks the last reply on the connection, and a
-		// client stops reading there (docs/protocol.md).
+		// client stops reading there (docs/protocol.md). Not once the
+		// connection was dropped (shutdown's grace ran out, a failed
+		// write): there is no one to tell.
 		c.sendFinal(c.final.Code, c.final.Msg)
 	}
 	c.cancel()
