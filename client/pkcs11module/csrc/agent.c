@@ -63,12 +63,33 @@ static void conn_free(sg_agent *a, sg_conn *c)
 	free(c);
 }
 
-static int write_all(int fd, const uint8_t *p, size_t n)
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* A host's signal handler installed without SA_RESTART (a SIGALRM or
+ * SIGCHLD handler) makes every blocking call here fail with EINTR, and a
+ * call restarted with its full timeout each time never times out under a
+ * steady stream of signals: an agent that stopped answering then hung the
+ * host's call for good (TestUnansweredAgentTimesOutUnderSignalStorm). So
+ * each wait has one deadline, taken once, and an interrupted call goes
+ * again only while it lies ahead. */
+static int passed(uint64_t deadline_ns)
+{
+	return now_ns() >= deadline_ns;
+}
+
+/* write_all sends n bytes by deadline_ns (each send(2) is also bounded
+ * by the socket's SO_SNDTIMEO). */
+static int write_all(int fd, const uint8_t *p, size_t n, uint64_t deadline_ns)
 {
 	while (n > 0) {
 		ssize_t k = send(fd, p, n, MSG_NOSIGNAL);
 		if (k < 0) {
-			if (errno == EINTR)
+			if (errno == EINTR && !passed(deadline_ns))
 				continue;
 			return -1;
 		}
@@ -78,8 +99,8 @@ static int write_all(int fd, const uint8_t *p, size_t n)
 	return 0;
 }
 
-/* wait_readable waits up to ms for fd to have bytes (or end of stream).
- * Returns 0 ready, -1 error or timeout.
+/* wait_readable waits until deadline_ns for fd to have bytes (or end of
+ * stream). Returns 0 ready, -1 error or timeout.
  *
  * Why not sleep in recv(2) itself: when the agent reads our request, the
  * kernel tells our socket it has write space again, and that wake-up goes
@@ -88,31 +109,34 @@ static int write_all(int fd, const uint8_t *p, size_t n)
  * agent in the middle of the signature it was waiting for. poll(2) sleeps
  * for POLLIN only, so that wake-up passes it by: the p50 at 1 thread fell
  * from 131-141 to 107-113 us (docs/pkcs11-module.md). */
-static int wait_readable(int fd, int ms)
+static int wait_readable(int fd, uint64_t deadline_ns)
 {
 	struct pollfd pfd = {.fd = fd, .events = POLLIN};
 	for (;;) {
-		int rc = poll(&pfd, 1, ms);
+		uint64_t now = now_ns();
+		if (now >= deadline_ns)
+			return -1;
+		/* Rounded up: a wait cut to 0 ms would spin until the deadline. */
+		int rc = poll(&pfd, 1, (int)((deadline_ns - now + 999999) / 1000000));
 		if (rc > 0)
 			return 0;
-		if (rc < 0 && errno == EINTR)
-			continue; /* restarts the full wait: a signal storm only delays */
-		return -1;
+		if (rc < 0 && errno != EINTR)
+			return -1;
 	}
 }
 
 /* read_frame reads one reply frame into buf (cap bytes) and sets *body
- * and *n to its payload, waiting up to wait_ms for each piece. It asks for
+ * and *n to its payload, all of it by deadline_ns. It asks for
  * as much as fits, so a reply the agent wrote with one write(2) usually
  * takes one recv(2), not a header read and a payload read. Returns 0 done,
  * -1 error or timeout, 1 end of stream before any byte, 2 more bytes than
  * the frame (no reply of ours does that: the connection is not to be
  * reused), 3 a length out of range. */
-static int read_frame(int fd, int wait_ms, uint8_t *buf, size_t cap, uint8_t **body, uint32_t *n)
+static int read_frame(int fd, uint64_t deadline_ns, uint8_t *buf, size_t cap, uint8_t **body, uint32_t *n)
 {
 	size_t got = 0, want = SG_FRAME_HEADER;
 	while (got < want) {
-		if (wait_readable(fd, wait_ms))
+		if (wait_readable(fd, deadline_ns))
 			return -1;
 		ssize_t k = recv(fd, buf + got, cap - got, 0);
 		if (k < 0) {
@@ -136,16 +160,18 @@ static int read_frame(int fd, int wait_ms, uint8_t *buf, size_t cap, uint8_t **b
 }
 
 /* roundtrip writes the frame already in c->buf (len bytes) and reads the
- * reply. wrote is set once the request has fully left. */
+ * reply, the two within c->wait_ms. wrote is set once the request has
+ * fully left. */
 static int roundtrip(sg_conn *c, size_t len, uint64_t id, sg_response *resp, int *wrote)
 {
 	*wrote = 0;
-	if (write_all(c->fd, c->buf, len))
+	uint64_t deadline_ns = now_ns() + (uint64_t)c->wait_ms * 1000000u;
+	if (write_all(c->fd, c->buf, len, deadline_ns))
 		return SG_IO_LOST;
 	*wrote = 1;
 	uint8_t *body;
 	uint32_t n = 0;
-	switch (read_frame(c->fd, c->wait_ms, c->buf, sizeof c->buf, &body, &n)) {
+	switch (read_frame(c->fd, deadline_ns, c->buf, sizeof c->buf, &body, &n)) {
 	case 0:
 		break;
 	case 2:
@@ -240,10 +266,13 @@ static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
 	setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	memcpy(sa.sun_path, a->path, sizeof sa.sun_path);
+	/* connect(2) blocks while the agent's backlog is full, each try for
+	 * up to SO_SNDTIMEO; retried after EINTR only until one deadline. */
+	uint64_t deadline_ns = now_ns() + (uint64_t)ms * 1000000u;
 	int rc;
 	do {
 		rc = connect(c->fd, (struct sockaddr *)&sa, sizeof sa);
-	} while (rc < 0 && errno == EINTR);
+	} while (rc < 0 && errno == EINTR && !passed(deadline_ns));
 	if (rc < 0)
 		goto fail;
 	if (a->check_dir && !peer_trusted(c->fd))
@@ -266,13 +295,6 @@ fail:
 	conn_free(a, c);
 	*io = SG_IO_UNREACHABLE;
 	return NULL;
-}
-
-static uint64_t now_ns(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 /* A connection pooled less than this long ago is reused without the

@@ -1,0 +1,175 @@
+package pkcs11module
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"encoding/hex"
+	"errors"
+	"math/big"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// ccProgram builds testdata/name.c, a host program, with the flags the
+// other test programs use (and extra), and returns the binary's path.
+func ccProgram(t *testing.T, name string, extra ...string) string {
+	t.Helper()
+	need(t, "cc")
+	bin := filepath.Join(t.TempDir(), name)
+	args := append([]string{"-std=c11", "-D_GNU_SOURCE", "-Wall", "-Werror", "-I/usr/include/p11-kit-1"}, extra...)
+	args = append(args, "-o", bin, "testdata/"+name+".c", "-ldl", "-lpthread")
+	if out, err := exec.Command("cc", args...).CombinedOutput(); err != nil {
+		t.Fatalf("cc %s.c: %v\n%s", name, err, out)
+	}
+	return bin
+}
+
+// runBounded runs a host program with extra environment and gives it
+// limit to finish: a host call that never returns is the failure some
+// tests look for, reported here rather than as the test binary's timeout.
+func runBounded(t *testing.T, limit time.Duration, env []string, name string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), limit)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Env = append(os.Environ(), env...)
+	out, err := cmd.CombinedOutput()
+	if ctx.Err() != nil {
+		t.Fatalf("%s %s: still running after %v (killed): a call never returned\n%s", filepath.Base(name), strings.Join(args, " "), limit, out)
+	}
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", filepath.Base(name), strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// verifyLines checks "MESSAGE HEX-SIGNATURE" lines (CKM_ECDSA_SHA256, raw
+// r||s) against pub and returns how many there were; the line after them
+// must start with last.
+func verifyLines(t *testing.T, out string, pub *ecdsa.PublicKey, last string) int {
+	t.Helper()
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	if len(lines) == 0 || !strings.HasPrefix(lines[len(lines)-1], last) {
+		t.Fatalf("want a last line %q: %s", last, out)
+	}
+	for _, l := range lines[:len(lines)-1] {
+		msg, sigHex, ok := strings.Cut(l, " ")
+		sig, err := hex.DecodeString(sigHex)
+		if !ok || err != nil || len(sig) != 64 {
+			t.Fatalf("bad line %q", l)
+		}
+		h := crypto.SHA256.New()
+		h.Write([]byte(msg))
+		if !ecdsa.Verify(pub, h.Sum(nil), new(big.Int).SetBytes(sig[:32]), new(big.Int).SetBytes(sig[32:])) {
+			t.Errorf("the signature for %q does not verify", msg)
+		}
+	}
+	return len(lines) - 1
+}
+
+// A host with a SIGALRM handler installed without SA_RESTART, the signal
+// firing every 50 us: every call the module blocks in fails with EINTR
+// over and over. Every signature must still come back whole and match its
+// own message.
+func TestSigningUnderSignalStorm(t *testing.T) {
+	f := startFixture(t, fixtureOptions{})
+	bin := ccProgram(t, "sigstorm")
+	out := runBounded(t, 2*time.Minute, nil, bin, modulePath(t), "p256", "sign", "100")
+	if n := verifyLines(t, out, f.keys["p256"].Public.(*ecdsa.PublicKey), "ok: "); n != 200 {
+		t.Fatalf("%d signatures, want 200", n)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	t.Log(lines[len(lines)-1])
+}
+
+// silentListener accepts connections and reads what comes, never
+// answering: an agent that hangs after accepting.
+func silentListener(t *testing.T, sock string) {
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+			go func() {
+				b := make([]byte, 4096)
+				for {
+					if _, err := c.Read(b); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+}
+
+// fullListener listens with a backlog that one queued connection (made
+// here) fills, and never accepts: the module's connect(2) blocks.
+func fullListener(t *testing.T, sock string) {
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: sock}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		d := net.Dialer{Timeout: 200 * time.Millisecond}
+		c, err := d.Dial("unix", sock)
+		if err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				return // full
+			}
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+}
+
+// An agent that does not answer costs a call the module's timeout
+// (timeout_ms + 2 s), and then CKR_DEVICE_ERROR, even while the host's
+// signals interrupt the module's waits: each EINTR used to start the wait
+// over, so under a signal storm the call never returned.
+func TestUnansweredAgentTimesOutUnderSignalStorm(t *testing.T) {
+	bin := ccProgram(t, "sigstorm")
+	for _, tc := range []struct {
+		name   string
+		listen func(*testing.T, string)
+	}{
+		{"accepts and never answers", silentListener},
+		{"never accepts", fullListener},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := shortDir(t)
+			sock := filepath.Join(dir, "agent.sock")
+			tc.listen(t, sock)
+			conf := filepath.Join(dir, "pkcs11.conf")
+			if err := os.WriteFile(conf, []byte("socket = "+sock+"\ntimeout_ms = 100\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			// 2.1 s is the module's wait; 30 s means it did not end.
+			out := runBounded(t, 30*time.Second, []string{"SIGIL_PKCS11_CONF=" + conf}, bin, modulePath(t), "p256", "search")
+			if strings.TrimSpace(out) != "rv 0x30" {
+				t.Fatalf("C_FindObjectsInit: %s, want rv 0x30 (CKR_DEVICE_ERROR)", out)
+			}
+		})
+	}
+}
