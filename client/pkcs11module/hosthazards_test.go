@@ -1,11 +1,13 @@
 package pkcs11module
 
 import (
+	"bufio"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"encoding/hex"
 	"errors"
+	"io"
 	"math/big"
 	"net"
 	"os"
@@ -172,4 +174,126 @@ func TestUnansweredAgentTimesOutUnderSignalStorm(t *testing.T) {
 			}
 		})
 	}
+}
+
+// reopen brings a closed fake agent back on its socket: the agent
+// restarted.
+func (f *fakeAgent) reopen() {
+	f.t.Helper()
+	ln, err := net.Listen("unix", f.sock)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	f.mu.Lock()
+	f.ln, f.open = ln, nil
+	f.mu.Unlock()
+	f.closed.Store(false)
+	go f.serve()
+}
+
+// A host that leaves SIGPIPE at its default (death) while the agent
+// closes connections under it, dies and comes back: every send on a
+// closed connection must come back as an error (the module retries or
+// answers CKR_DEVICE_ERROR), never as a signal that kills the host, and
+// once the agent is back the next call signs.
+func TestHostSurvivesAgentGoingAway(t *testing.T) {
+	keys := newFakeKeys(t)
+	fake := startFake(t, keys)
+	bin := ccProgram(t, "sigpipe")
+	cmd := exec.Command(bin, modulePath(t), "p256")
+	cmd.Env = append(os.Environ(), "SIGIL_SOCK="+fake.sock, "SIGIL_PKCS11_CONF=")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	lines := bufio.NewScanner(stdout)
+	pub := keys[0].signer.Public().(*ecdsa.PublicKey)
+	// ask sends cmd and reads n answers; the host dying shows as no answer.
+	cmd2 := cmd
+	ask := func(cmd string, n int) []string {
+		t.Helper()
+		if _, err := io.WriteString(stdin, cmd+"\n"); err != nil {
+			t.Fatalf("%s: the host is gone: %v", cmd, err)
+		}
+		var got []string
+		for range n {
+			if !lines.Scan() {
+				t.Fatalf("%s: the host is gone (%v), stderr: %s", cmd, cmd2.Wait(), stderr.String())
+			}
+			got = append(got, lines.Text())
+		}
+		return got
+	}
+	signed := func(step, line string) {
+		t.Helper()
+		rest, ok := strings.CutPrefix(line, "ok ")
+		if !ok {
+			t.Fatalf("%s: %q, want a signature", step, line)
+		}
+		verifyLines(t, rest+"\nend", pub, "end")
+	}
+
+	signed("agent up", ask("sign", 1)[0])
+	fake.hangUp.Store(true)
+	go func() { // hungUp only has room for 16
+		for range fake.hungUp {
+		}
+	}()
+	for _, l := range ask("burst 20", 20) {
+		// A request that left just before the agent's close is lost, not
+		// repeated: CKR_DEVICE_ERROR. One that meets the close is retried.
+		if l != "rv 0x30" {
+			signed("agent hanging up after each answer", l)
+		}
+	}
+	fake.hangUp.Store(false)
+	fake.close()
+	if got := ask("sign", 1)[0]; got != "rv 0x30" {
+		t.Fatalf("agent gone: %q, want rv 0x30 (CKR_DEVICE_ERROR)", got)
+	}
+	fake.reopen()
+	signed("agent back", ask("sign", 1)[0])
+	stdin.Close()
+	if !lines.Scan() || lines.Text() != "bye" {
+		t.Fatalf("at the end: %q (%v), stderr: %s", lines.Text(), cmd.Wait(), stderr.String())
+	}
+}
+
+// A host that starts programs while the module holds agent connections
+// (one pooled, one in a round trip on another thread) passes none of them
+// on: posix_spawn runs no atfork handler, so close-on-exec alone must keep
+// them out; fork then exec too. testdata/cloexec.c.
+func TestSpawnedProgramsGetNoAgentSocket(t *testing.T) {
+	startFixture(t, fixtureOptions{})
+	bin := ccProgram(t, "cloexec")
+	out := runBounded(t, 2*time.Minute, nil, bin, modulePath(t), "p256")
+	if !strings.HasPrefix(out, "ok: 20 children") {
+		t.Fatalf("cloexec: %s", out)
+	}
+}
+
+// Threads that share one session (the application's fault by PKCS#11,
+// but a host may do it) get results, not a crash or a signature for
+// another's request: testdata/sharedsession.c, under AddressSanitizer
+// where the toolchain has it. Every signature any thread got verifies.
+func TestThreadsSharingOneSession(t *testing.T) {
+	f := startFixture(t, fixtureOptions{})
+	mod, flags := asanBuild(t)
+	bin := ccProgram(t, "sharedsession", flags...)
+	out := runBounded(t, 2*time.Minute, nil, bin, mod, "p256")
+	n := verifyLines(t, out, f.keys["p256"].Public.(*ecdsa.PublicKey), "ok: ")
+	if n == 0 {
+		t.Fatalf("no thread signed: %s", out)
+	}
+	t.Logf("%d signatures", n)
 }
