@@ -297,3 +297,23 @@ func TestThreadsSharingOneSession(t *testing.T) {
 	}
 	t.Logf("%d signatures", n)
 }
+
+// A host thread cancelled (pthread_cancel) while C_Sign waits on the
+// agent: poll(2) is a cancellation point, and a thread taken out there
+// kept its session's lock and its place in the call gate, so the next
+// call on the session and C_Finalize waited forever. The call runs to its
+// end (here the module's timeout, CKR_DEVICE_ERROR) and the thread is
+// cancelled after it. testdata/cancel.c.
+func TestCancelledThreadLeavesTheModuleUsable(t *testing.T) {
+	fake := startFake(t, newFakeKeys(t))
+	fake.silent.Store(true)
+	conf := filepath.Join(shortDir(t), "pkcs11.conf")
+	if err := os.WriteFile(conf, []byte("socket = "+fake.sock+"\ntimeout_ms = 100\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bin := ccProgram(t, "cancel")
+	out := runBounded(t, 30*time.Second, []string{"SIGIL_PKCS11_CONF=" + conf}, bin, modulePath(t), "p256")
+	if strings.TrimSpace(out) != "ok: C_Sign rv 0x30" {
+		t.Fatalf("cancel: %s, want C_Sign to end with CKR_DEVICE_ERROR (0x30)", out)
+	}
+}

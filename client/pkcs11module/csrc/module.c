@@ -216,10 +216,35 @@ __attribute__((constructor)) static void on_load(void)
 	pthread_atfork(on_fork_prepare, on_fork_parent, on_fork_child);
 }
 
+/* A host may cancel a thread (pthread_cancel, deferred) that is inside
+ * the module, and poll(2), connect(2), fopen(3) and nanosleep(2) are
+ * cancellation points. A thread taken out there never ran the rest of the
+ * call: it kept its session's lock and its place in the call gate, so the
+ * next call on the session and C_Finalize waited forever
+ * (testdata/cancel.c). So no call is a cancellation point: each runs to
+ * its end, every wait in it bounded by the module's timeouts, and the
+ * thread is cancelled at the host's next cancellation point after. */
+static int cancel_off(void)
+{
+	int old;
+	pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old);
+	return old;
+}
+
+static void cancel_restore(int *old)
+{
+	int ignored;
+	pthread_setcancelstate(*old, &ignored);
+}
+
+#define NO_CANCEL() int sg_cancel_ __attribute__((cleanup(cancel_restore))) = cancel_off()
+
 /* ENTER_CALL opens a call that uses the module's state: it holds the call
- * gate until the function returns (a cleanup handler leaves it). First in
+ * gate until the function returns (a cleanup handler leaves it), with
+ * cancellation off (NO_CANCEL; restored after the gate is left). First in
  * the function body, before anything of g is read. */
 #define ENTER_CALL()                                                              \
+	NO_CANCEL();                                                              \
 	int sg_entered_ __attribute__((cleanup(call_leave))) = call_enter();     \
 	if (!sg_entered_)                                                         \
 		return CKR_CRYPTOKI_NOT_INITIALIZED
@@ -716,6 +741,7 @@ static void drop_state(int after_fork)
 
 EXPORT CK_RV C_Initialize(CK_VOID_PTR pInitArgs)
 {
+	NO_CANCEL(); /* reads the config file under g_init_mu */
 	CK_RV rv = CKR_OK;
 	if (pInitArgs) {
 		CK_C_INITIALIZE_ARGS *a = pInitArgs;
@@ -770,6 +796,7 @@ out:
 
 EXPORT CK_RV C_Finalize(CK_VOID_PTR pReserved)
 {
+	NO_CANCEL(); /* waits for the calls inside with g_init_mu held */
 	if (pReserved)
 		return CKR_ARGUMENTS_BAD;
 	pthread_mutex_lock(&g_init_mu);
