@@ -34,10 +34,10 @@ run: build
 # Installs SoftHSM2, OpenSC, p11-kit, OpenSSH and OpenSSL's PKCS#11 engine
 # when missing and running as root, then runs every test with the race
 # detector. The PKCS#11 front's tests load bin/libsigil-pkcs11.so.
+# Then the wire codec once more on a 32-bit platform, where msgpack reads a
+# length from 2^31 up as a negative int (proto/messages.go, lenFits).
 test: test-deps systemd-verify $(PKCS11_MODULE)
 	$(GO) test -race -count=1 -timeout 25m $(TESTFLAGS) $(PKGS)
-	# The wire codec once more on a 32-bit platform, where msgpack reads a
-	# length from 2^31 up as a negative int (proto/messages.go, lenFits).
 	CGO_ENABLED=0 GOARCH=386 $(GO) test -count=1 ./proto/
 
 # `systemd-analyze verify` on the units, with ExecStart pointed at the built
