@@ -39,12 +39,8 @@ static CK_SESSION_HANDLE session(CK_OBJECT_HANDLE *key)
 	CK_RV rv;
 	if ((rv = f->C_OpenSession(1, CKF_SERIAL_SESSION, NULL, NULL, &s)) != CKR_OK)
 		fail("C_OpenSession", (long)rv);
-	CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
-	CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_LABEL, (void *)label, strlen(label)}};
-	CK_ULONG n = 0;
-	if ((rv = f->C_FindObjectsInit(s, tmpl, 2)) != CKR_OK || (rv = f->C_FindObjects(s, key, 1, &n)) != CKR_OK || n != 1)
+	if ((rv = find_private_key(f, s, label, key)) != CKR_OK)
 		fail("find key", (long)rv);
-	f->C_FindObjectsFinal(s);
 	return s;
 }
 

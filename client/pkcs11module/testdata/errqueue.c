@@ -56,13 +56,9 @@ static void host_queue_unchanged(const char *what)
 
 static CK_OBJECT_HANDLE find_key(CK_SESSION_HANDLE s, const char *label)
 {
-	CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
-	CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_LABEL, (void *)label, strlen(label)}};
 	CK_OBJECT_HANDLE key;
-	CK_ULONG n = 0;
 	CK_RV rv;
-	if ((rv = f->C_FindObjectsInit(s, tmpl, 2)) != CKR_OK || (rv = f->C_FindObjects(s, &key, 1, &n)) != CKR_OK ||
-	    (rv = f->C_FindObjectsFinal(s)) != CKR_OK || n != 1)
+	if ((rv = find_private_key(f, s, label, &key)) != CKR_OK)
 		fail("find key", rv);
 	return key;
 }

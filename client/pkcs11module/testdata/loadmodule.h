@@ -10,6 +10,7 @@
 #include <p11-kit/pkcs11.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 static CK_FUNCTION_LIST_PTR load_module(const char *path)
 {
@@ -26,6 +27,29 @@ static CK_FUNCTION_LIST_PTR load_module(const char *path)
 		exit(1);
 	}
 	return list;
+}
+
+/* find_private_key finds the one private key labelled label on session s
+ * into *key: CKR_OK, the module's error, or CKR_KEY_HANDLE_INVALID when
+ * not exactly one key has that label. The search is finalized in any case. */
+static CK_RV find_private_key(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE s, const char *label, CK_OBJECT_HANDLE *key)
+{
+	CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+	CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_LABEL, (void *)label, strlen(label)}};
+	CK_OBJECT_HANDLE found[2];
+	CK_ULONG n = 0;
+	CK_RV rv = f->C_FindObjectsInit(s, tmpl, 2);
+	if (rv != CKR_OK)
+		return rv;
+	rv = f->C_FindObjects(s, found, 2, &n);
+	CK_RV frv = f->C_FindObjectsFinal(s);
+	if (rv == CKR_OK)
+		rv = frv;
+	if (rv == CKR_OK && n != 1)
+		rv = CKR_KEY_HANDLE_INVALID;
+	if (rv == CKR_OK)
+		*key = found[0];
+	return rv;
 }
 
 #endif

@@ -64,12 +64,8 @@ int main(int argc, char **argv)
 		fail("C_Initialize", rv);
 	if ((rv = f->C_OpenSession(1, CKF_SERIAL_SESSION, NULL, NULL, &s)) != CKR_OK)
 		fail("C_OpenSession", rv);
-	CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
-	CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_LABEL, argv[2], strlen(argv[2])}};
-	CK_ULONG n = 0;
-	if ((rv = f->C_FindObjectsInit(s, tmpl, 2)) != CKR_OK || (rv = f->C_FindObjects(s, &key, 1, &n)) != CKR_OK || n != 1)
+	if ((rv = find_private_key(f, s, argv[2], &key)) != CKR_OK)
 		fail("find key", rv);
-	f->C_FindObjectsFinal(s);
 	char line[64];
 	while (fgets(line, sizeof line, stdin)) {
 		if (strncmp(line, "sign", 4) == 0) {

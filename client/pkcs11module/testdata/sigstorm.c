@@ -47,16 +47,9 @@ static void fail(const char *what, CK_RV rv)
 
 static CK_RV find_key(CK_SESSION_HANDLE s, CK_OBJECT_HANDLE *key)
 {
-	CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
-	CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof cls}, {CKA_LABEL, (void *)label, strlen(label)}};
-	CK_ULONG n = 0;
-	CK_RV rv = f->C_FindObjectsInit(s, tmpl, 2);
-	if (rv != CKR_OK)
-		return rv;
-	rv = f->C_FindObjects(s, key, 1, &n);
-	f->C_FindObjectsFinal(s);
-	if (rv == CKR_OK && n != 1)
-		fail("C_FindObjects: no key", 0);
+	CK_RV rv = find_private_key(f, s, label, key);
+	if (rv == CKR_KEY_HANDLE_INVALID)
+		fail("C_FindObjects: not one key", 0);
 	return rv;
 }
 
