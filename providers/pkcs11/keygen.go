@@ -6,6 +6,7 @@ import (
 	"encoding/asn1"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	p11 "github.com/miekg/pkcs11"
@@ -195,14 +196,19 @@ func (p *Provider) URI(name string) (string, error) {
 }
 
 func formatURI(token string, o objectSelector) string {
-	uri := "pkcs11:token=" + pctEncode([]byte(token))
+	var attrs []string
+	// A token with a blank label (picked by serial or slot) is named by
+	// the provider's own selection alone: an empty token= is refused.
+	if token != "" {
+		attrs = append(attrs, "token="+pctEncode([]byte(token)))
+	}
 	if o.label != "" {
-		uri += ";object=" + pctEncode([]byte(o.label))
+		attrs = append(attrs, "object="+pctEncode([]byte(o.label)))
 	}
 	if o.id != nil {
-		uri += ";id=" + pctEncodeAll(o.id)
+		attrs = append(attrs, "id="+pctEncodeAll(o.id))
 	}
-	return uri
+	return "pkcs11:" + strings.Join(attrs, ";")
 }
 
 // pctEncode escapes everything outside RFC 3986's unreserved set.

@@ -241,6 +241,13 @@ func TestFormatURIRoundTrip(t *testing.T) {
 			t.Errorf("%s parsed to %s %s", uri, got, tok)
 		}
 	}
+	// A token with a blank label (picked by serial or slot): the URI names
+	// none, since an empty token= is refused.
+	if uri := formatURI("", objectSelector{label: "k"}); uri != "pkcs11:object=k" {
+		t.Errorf("blank token label: %s", uri)
+	} else if got, tok, err := parseKeyURI(uri, "", nil); err != nil || got.label != "k" || !tok.empty() {
+		t.Errorf("%s parsed to %s %s, %v", uri, got, tok, err)
+	}
 	if !bytes.Equal([]byte(pctEncodeAll([]byte{1, 0xab})), []byte("%01%AB")) {
 		t.Error(pctEncodeAll([]byte{1, 0xab}))
 	}
