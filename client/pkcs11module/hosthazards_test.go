@@ -317,3 +317,19 @@ func TestCancelledThreadLeavesTheModuleUsable(t *testing.T) {
 		t.Fatalf("cancel: %s, want C_Sign to end with CKR_DEVICE_ERROR (0x30)", out)
 	}
 }
+
+// A reply already in the socket when the round trip's deadline has passed
+// (the host was stopped or descheduled past it) is read, not dropped: the
+// agent signed and journaled it, and CKR_DEVICE_ERROR would lose it.
+// testdata/latereply.c includes csrc/agent.c to call its read_frame.
+func TestReplyInTheSocketPastTheDeadlineIsRead(t *testing.T) {
+	need(t, "cc")
+	bin := filepath.Join(t.TempDir(), "latereply")
+	if out, err := exec.Command("cc", "-std=c11", "-D_GNU_SOURCE", "-Wall", "-Werror", "-I/usr/include/p11-kit-1", "-Icsrc",
+		"-o", bin, "testdata/latereply.c", "csrc/wire.c", "-lcrypto").CombinedOutput(); err != nil {
+		t.Fatalf("cc latereply.c: %v\n%s", err, out)
+	}
+	if out, err := exec.Command(bin).CombinedOutput(); err != nil {
+		t.Fatalf("%s(%v)", out, err)
+	}
+}

@@ -114,13 +114,16 @@ static int wait_readable(int fd, uint64_t deadline_ns)
 	struct pollfd pfd = {.fd = fd, .events = POLLIN};
 	for (;;) {
 		uint64_t now = now_ns();
-		if (now >= deadline_ns)
-			return -1;
-		/* Rounded up: a wait cut to 0 ms would spin until the deadline. */
-		int rc = poll(&pfd, 1, (int)((deadline_ns - now + 999999) / 1000000));
+		/* Past the deadline, one look without waiting: a reply already
+		 * in the socket (the host was stopped or descheduled past it)
+		 * is the agent's answer, signed and journaled, not a timeout.
+		 * Rounded up otherwise: a wait cut to 0 ms would spin until the
+		 * deadline. */
+		int late = now >= deadline_ns;
+		int rc = poll(&pfd, 1, late ? 0 : (int)((deadline_ns - now + 999999) / 1000000));
 		if (rc > 0)
 			return 0;
-		if (rc < 0 && errno != EINTR)
+		if (late || (rc < 0 && errno != EINTR))
 			return -1;
 	}
 }
