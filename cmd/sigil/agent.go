@@ -36,7 +36,8 @@ func newAgentCommand(g *globalFlags) *cobra.Command {
 that cannot succeed until an operator acts (a config or policy that fails
 its checks, a PIN source that gives no PIN, a PKCS#11 module path that
 gives no library, a PIN refused, a token locked, the evidence key lost
-while its packs are kept) exits 78, which
+while its packs are kept, sockets systemd passed that the agent cannot
+take, admin_http.listen bound beyond loopback) exits 78, which
 sigil.service does not restart on; another failed start (a module whose
 device does not answer, say) exits 1.
 
