@@ -465,7 +465,13 @@ func TestSignDisabledKey(t *testing.T) {
 // A stalled KMS costs the caller the configured deadline and no more, and the
 // provider goes on serving its other keys meanwhile.
 func TestSignDeadline(t *testing.T) {
-	const timeout = 200 * time.Millisecond
+	// The bounds below sit midway between the outcomes they tell apart,
+	// so that a CI machine stalled for a few hundred milliseconds cannot
+	// trip them: the call ends at Config.Timeout, not at twice it (a
+	// deadline per attempt, one retry) nor at the stall (5 s or never);
+	// the caller's 50 ms deadline ends it well before Config.Timeout.
+	const timeout = time.Second
+	const limit = timeout + timeout/2
 	tf := newFleet(t, timeout)
 	tf.tr.stallKey.Store(tf.ids["p256"])
 
@@ -485,8 +491,8 @@ func TestSignDeadline(t *testing.T) {
 	if !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("err = %v, want DeadlineExceeded", err)
 	}
-	if elapsed < timeout || elapsed > timeout+100*time.Millisecond {
-		t.Fatalf("deadline error after %v, want %v..%v", elapsed, timeout, timeout+100*time.Millisecond)
+	if elapsed < timeout || elapsed > limit {
+		t.Fatalf("deadline error after %v, want %v..%v", elapsed, timeout, limit)
 	}
 	if err := <-other; err != nil {
 		t.Fatalf("other key during a stall: %v", err)
@@ -499,7 +505,7 @@ func TestSignDeadline(t *testing.T) {
 	if _, err := tf.p.Sign(ctx, "p256", algES256, randomDigest(crypto.SHA256)); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("caller deadline: err = %v", err)
 	}
-	if elapsed := time.Since(start); elapsed > 150*time.Millisecond {
+	if elapsed := time.Since(start); elapsed > timeout/2 {
 		t.Fatalf("caller deadline of 50ms honoured after %v", elapsed)
 	}
 }
@@ -578,7 +584,9 @@ func BenchmarkSign(b *testing.B) {
 func TestThrottlingIsNotRetried(t *testing.T) {
 	tf := newFleet(t, 0)
 	tf.tr.faults.Store("Sign", faultThrottled)
-	ctx, cancel := context.WithTimeout(context.Background(), 400*time.Millisecond)
+	// The bound is midway between an answer at once and one at the
+	// caller's deadline, for a stalled CI machine not to trip it.
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	start := time.Now()
 	_, err := tf.p.Sign(ctx, "p256", algES256, randomDigest(algES256.Hash))
@@ -588,7 +596,7 @@ func TestThrottlingIsNotRetried(t *testing.T) {
 	if n := tf.tr.injected.Load(); n != 1 {
 		t.Fatalf("%d Sign requests for one throttled signature, want 1", n)
 	}
-	if el := time.Since(start); el > 200*time.Millisecond {
+	if el := time.Since(start); el > time.Second {
 		t.Fatalf("the throttle took %v to report", el)
 	}
 }
@@ -631,7 +639,12 @@ func TestCredentialFailureIsNamed(t *testing.T) {
 // its backoff to the hint (up to 5 s more), and sleep out the deadline to
 // answer DEADLINE_EXCEEDED late where UNAVAILABLE was known at once.
 func TestThrottlingAndRetryAfter(t *testing.T) {
-	const timeout = time.Second // backoff cap 250ms
+	// Each maxElapsed sits well between the outcomes it tells apart (an
+	// answer at once against a pause or a deadline of 900 ms or more),
+	// so that a CI machine stalled for a few hundred milliseconds cannot
+	// trip it. Rows whose pauses must fit under the backoff cap run with
+	// a longer timeout, for a cap of 1 s.
+	const timeout, longTimeout = time.Second, 4 * time.Second // backoff caps 250ms, 1s
 	endpoint := awskmstest.Start(t)
 	id := awskmstest.CreateKey(t, awskmstest.Client(endpoint), types.KeySpecEccNistP256)
 	throttle := `{"__type":"ThrottlingException","message":"Rate exceeded"}`
@@ -641,30 +654,35 @@ func TestThrottlingAndRetryAfter(t *testing.T) {
 		status     int
 		body       string
 		retryAfter string        // X-Amz-Retry-After, milliseconds; "" for none
+		timeout    time.Duration // Config.Timeout, 0 for timeout
 		deadline   time.Duration // the caller's, 0 for none
 		want       error
 		attempts   int64
 		minElapsed time.Duration // pauses taken
 		maxElapsed time.Duration
 	}{
-		{"throttled", 400, throttle, "", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
-		{"throttled, retry after 100ms", 400, throttle, "100", 0, providers.ErrRateLimited, 1, 0, 90 * time.Millisecond},
-		{"throttled, retry after 3s", 400, throttle, "3000", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
-		{"429 without an error code", 429, `{"message":"Too Many Requests"}`, "", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
-		{"429, retry after 100ms", 429, "", "100", 0, providers.ErrRateLimited, 1, 0, 90 * time.Millisecond},
-		{"429 from a proxy, an HTML body", 429, "<html><body>429 Too Many Requests</body></html>", "", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
-		{"429 from a proxy, a text body", 429, "Too Many Requests", "", 0, providers.ErrRateLimited, 1, 0, 150 * time.Millisecond},
-		{"throttled on a 503, retry after 100ms", 503, throttle, "100", 0, providers.ErrRateLimited, 1, 0, 90 * time.Millisecond},
-		{"5xx", 500, internal, "", 0, providers.ErrUnavailable, 3, 0, 2*timeout/4 + 150*time.Millisecond},
-		{"5xx, retry after 100ms", 500, internal, "100", 0, providers.ErrUnavailable, 3, 200 * time.Millisecond, 2*timeout/4 + 150*time.Millisecond},
-		{"5xx, retry after 3s, beyond the cap", 500, internal, "3000", 0, providers.ErrUnavailable, 1, 0, 150 * time.Millisecond},
-		{"5xx, retry after a year", 500, internal, "31536000000", 0, providers.ErrUnavailable, 1, 0, 150 * time.Millisecond},
-		{"5xx, retry after 200ms, beyond the caller's deadline", 500, internal, "200", 150 * time.Millisecond, providers.ErrUnavailable, 1, 0, 100 * time.Millisecond},
-		{"5xx, retry after 200ms, deadline for one pause", 500, internal, "200", 300 * time.Millisecond, providers.ErrUnavailable, 2, 200 * time.Millisecond, 290 * time.Millisecond},
+		{"throttled", 400, throttle, "", 0, 0, providers.ErrRateLimited, 1, 0, timeout / 2},
+		{"throttled, retry after 900ms", 400, throttle, "900", longTimeout, 0, providers.ErrRateLimited, 1, 0, 450 * time.Millisecond},
+		{"throttled, retry after 3s", 400, throttle, "3000", 0, 0, providers.ErrRateLimited, 1, 0, timeout / 2},
+		{"429 without an error code", 429, `{"message":"Too Many Requests"}`, "", 0, 0, providers.ErrRateLimited, 1, 0, timeout / 2},
+		{"429, retry after 900ms", 429, "", "900", longTimeout, 0, providers.ErrRateLimited, 1, 0, 450 * time.Millisecond},
+		{"429 from a proxy, an HTML body", 429, "<html><body>429 Too Many Requests</body></html>", "", 0, 0, providers.ErrRateLimited, 1, 0, timeout / 2},
+		{"429 from a proxy, a text body", 429, "Too Many Requests", "", 0, 0, providers.ErrRateLimited, 1, 0, timeout / 2},
+		{"throttled on a 503, retry after 900ms", 503, throttle, "900", longTimeout, 0, providers.ErrRateLimited, 1, 0, 450 * time.Millisecond},
+		{"5xx", 500, internal, "", 0, 0, providers.ErrUnavailable, 3, 0, 2*timeout/4 + 150*time.Millisecond},
+		{"5xx, retry after 100ms", 500, internal, "100", 0, 0, providers.ErrUnavailable, 3, 200 * time.Millisecond, 2*timeout/4 + 150*time.Millisecond},
+		{"5xx, retry after 3s, beyond the cap", 500, internal, "3000", 0, 0, providers.ErrUnavailable, 1, 0, timeout / 2},
+		{"5xx, retry after a year", 500, internal, "31536000000", 0, 0, providers.ErrUnavailable, 1, 0, timeout / 2},
+		{"5xx, retry after 950ms, beyond the caller's deadline", 500, internal, "950", longTimeout, 900 * time.Millisecond, providers.ErrUnavailable, 1, 0, 450 * time.Millisecond},
+		{"5xx, retry after 900ms, deadline for one pause", 500, internal, "900", longTimeout, 1700 * time.Millisecond, providers.ErrUnavailable, 2, 900 * time.Millisecond, 1300 * time.Millisecond},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			tr := &transport{}
-			p, err := Open(context.Background(), testConfig(endpoint, tr, timeout, KeyConfig{Name: "k", KeyID: id}))
+			cfgTimeout := timeout
+			if tc.timeout > 0 {
+				cfgTimeout = tc.timeout
+			}
+			p, err := Open(context.Background(), testConfig(endpoint, tr, cfgTimeout, KeyConfig{Name: "k", KeyID: id}))
 			if err != nil {
 				t.Fatal(err)
 			}
