@@ -17,6 +17,10 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	p11 "github.com/miekg/pkcs11"
+
+	"github.com/sigil-agent/sigil/proto"
 )
 
 // ccProgram builds testdata/name.c, a host program, with the flags the
@@ -171,6 +175,114 @@ func TestUnansweredAgentTimesOutUnderSignalStorm(t *testing.T) {
 			out := runBounded(t, 30*time.Second, []string{"SIGIL_PKCS11_CONF=" + conf}, bin, modulePath(t), "p256", "search")
 			if strings.TrimSpace(out) != "rv 0x30" {
 				t.Fatalf("C_FindObjectsInit: %s, want rv 0x30 (CKR_DEVICE_ERROR)", out)
+			}
+		})
+	}
+}
+
+// lateHelloListener answers each connection's Hello after wait, then
+// reads and never answers: an agent slow to greet that then hangs.
+func lateHelloListener(wait time.Duration) func(*testing.T, string) {
+	return func(t *testing.T, sock string) {
+		ln, err := net.Listen("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		go func() {
+			for {
+				c, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				t.Cleanup(func() { c.Close() })
+				go func() {
+					br := bufio.NewReader(c)
+					codec := proto.NewCodec()
+					payload, err := proto.ReadFrame(br, nil, proto.DefaultMaxFrame)
+					var req proto.Request
+					if err != nil || codec.DecodeRequest(payload, &req) != nil {
+						return
+					}
+					time.Sleep(wait)
+					frame, err := codec.AppendResponseFrame(nil, &proto.Response{ID: req.ID, Version: proto.Version})
+					if err != nil {
+						return
+					}
+					if _, err := c.Write(frame); err != nil {
+						return
+					}
+					io.Copy(io.Discard, br)
+				}()
+			}
+		}()
+	}
+}
+
+// lateAcceptListener is fullListener that, after wait, accepts the one
+// connection filling its backlog and then nothing more: the module's
+// connect(2) goes through late and its Hello is never answered.
+func lateAcceptListener(wait time.Duration) func(*testing.T, string) {
+	return func(t *testing.T, sock string) {
+		fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { syscall.Close(fd) })
+		if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: sock}); err != nil {
+			t.Fatal(err)
+		}
+		if err := syscall.Listen(fd, 0); err != nil {
+			t.Fatal(err)
+		}
+		c, err := net.Dial("unix", sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		timer := time.AfterFunc(wait, func() {
+			if nfd, _, err := syscall.Accept(fd); err == nil {
+				t.Cleanup(func() { syscall.Close(nfd) })
+			}
+		})
+		t.Cleanup(func() { timer.Stop() })
+	}
+}
+
+// The module's wait for one call is timeout_ms + 2 s in all, the dial of
+// a fresh connection (connect and Hello) included: each step used to
+// have its own deadline, so an agent slow to accept or to greet, and then
+// silent, cost the first call on a connection about twice that.
+func TestFirstCallOnNewConnectionKeepsOneDeadline(t *testing.T) {
+	const wait = 2100 * time.Millisecond // timeout_ms = 100, + 2 s
+	late := wait - 300*time.Millisecond
+	for _, tc := range []struct {
+		name   string
+		listen func(*testing.T, string)
+	}{
+		{"Hello answered late, request never", lateHelloListener(late)},
+		{"accepted late, Hello never answered", lateAcceptListener(late)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := shortDir(t)
+			sock := filepath.Join(dir, "agent.sock")
+			tc.listen(t, sock)
+			conf := filepath.Join(dir, "pkcs11.conf")
+			if err := os.WriteFile(conf, []byte("socket = "+sock+"\ntimeout_ms = 100\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			t.Setenv("SIGIL_PKCS11_CONF", conf)
+			ctx := openModule(t)
+			s := openSession(t, ctx)
+			start := time.Now()
+			err := ctx.FindObjectsInit(s, nil)
+			waited := time.Since(start)
+			if ckr(err) != p11.CKR_DEVICE_ERROR {
+				t.Fatalf("C_FindObjectsInit: %v, want CKR_DEVICE_ERROR", err)
+			}
+			// The slack is for a loaded machine; the bug cost late + wait.
+			if waited > wait+time.Second {
+				t.Fatalf("gave up after %v, want about %v (timeout_ms + 2 s)", waited, wait)
 			}
 		})
 	}

@@ -83,7 +83,8 @@ static int passed(uint64_t deadline_ns)
 }
 
 /* write_all sends n bytes by deadline_ns (each send(2) is also bounded
- * by the socket's SO_SNDTIMEO). */
+ * by the socket's SO_SNDTIMEO, so a send that only took part of the bytes
+ * checks the deadline before the next). */
 static int write_all(int fd, const uint8_t *p, size_t n, uint64_t deadline_ns)
 {
 	while (n > 0) {
@@ -95,6 +96,8 @@ static int write_all(int fd, const uint8_t *p, size_t n, uint64_t deadline_ns)
 		}
 		p += k;
 		n -= (size_t)k;
+		if (n > 0 && passed(deadline_ns))
+			return -1;
 	}
 	return 0;
 }
@@ -163,12 +166,11 @@ static int read_frame(int fd, uint64_t deadline_ns, uint8_t *buf, size_t cap, ui
 }
 
 /* roundtrip writes the frame already in c->buf (len bytes) and reads the
- * reply, the two within c->wait_ms. wrote is set once the request has
- * fully left. */
-static int roundtrip(sg_conn *c, size_t len, uint64_t id, sg_response *resp, int *wrote)
+ * reply, the two by deadline_ns. wrote is set once the request has fully
+ * left. */
+static int roundtrip(sg_conn *c, size_t len, uint64_t id, sg_response *resp, int *wrote, uint64_t deadline_ns)
 {
 	*wrote = 0;
-	uint64_t deadline_ns = now_ns() + (uint64_t)c->wait_ms * 1000000u;
 	if (write_all(c->fd, c->buf, len, deadline_ns))
 		return SG_IO_LOST;
 	*wrote = 1;
@@ -243,7 +245,10 @@ static int peer_trusted(int fd)
 	return 0;
 }
 
-static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
+/* dial connects and says Hello, the two by deadline_ns: the caller's
+ * deadline for the whole call, which the request's own round trip then
+ * shares. */
+static sg_conn *dial(sg_agent *a, uint64_t deadline_ns, sg_response *resp, int *io)
 {
 	if (a->check_dir && !dir_trusted(a->path)) {
 		*io = SG_IO_UNREACHABLE;
@@ -259,19 +264,21 @@ static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
 	c->next_id = 1;
 	if (conn_open(a, c) < 0)
 		goto fail;
-	/* The agent answers within its request_timeout (5 s by default) or
-	 * says DEADLINE_EXCEEDED; the socket timeout is the backstop for an
-	 * agent that stopped answering altogether. */
-	unsigned ms = a->timeout_ms + 2000;
-	c->wait_ms = (int)ms;
-	struct timeval tv = {.tv_sec = ms / 1000, .tv_usec = (ms % 1000) * 1000};
+	/* The socket timeouts bound each blocking call (connect(2) while the
+	 * agent's backlog is full, a send(2)), here and on every later use of
+	 * the connection, to what is left of this call's wait. A zero timeval
+	 * would mean no timeout: the time left is rounded up to whole
+	 * milliseconds. */
+	uint64_t now = now_ns();
+	if (now >= deadline_ns)
+		goto fail;
+	uint64_t ms = (deadline_ns - now + 999999) / 1000000;
+	struct timeval tv = {.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
 	setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 	setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	memcpy(sa.sun_path, a->path, sizeof sa.sun_path);
-	/* connect(2) blocks while the agent's backlog is full, each try for
-	 * up to SO_SNDTIMEO; retried after EINTR only until one deadline. */
-	uint64_t deadline_ns = now_ns() + (uint64_t)ms * 1000000u;
+	/* Retried after EINTR only until the deadline. */
 	int rc;
 	do {
 		rc = connect(c->fd, (struct sockaddr *)&sa, sizeof sa);
@@ -283,7 +290,7 @@ static sg_conn *dial(sg_agent *a, sg_response *resp, int *io)
 	sg_request hello = {.id = c->next_id++, .op = SG_OP_HELLO, .ver = SG_PROTOCOL_VERSION};
 	size_t len = sg_encode_request(&hello, c->buf, sizeof c->buf);
 	int wrote;
-	*io = roundtrip(c, len, hello.id, resp, &wrote);
+	*io = roundtrip(c, len, hello.id, resp, &wrote, deadline_ns);
 	if (*io != SG_IO_OK) {
 		conn_free(a, c);
 		return NULL;
@@ -343,12 +350,17 @@ int sg_agent_call(sg_agent *a, sg_request *req, sg_response *resp, sg_conn **con
 	*connp = NULL;
 	if (a->timeout_ms && !req->tmo)
 		req->tmo = a->timeout_ms;
+	/* The agent answers within tmo or says DEADLINE_EXCEEDED; 2 s more is
+	 * the backstop for an agent that stopped answering altogether. One
+	 * deadline for the call: a fresh connection's connect and Hello count
+	 * against it too, so no call waits longer than that in all. */
+	uint64_t deadline_ns = now_ns() + ((uint64_t)a->timeout_ms + 2000) * 1000000u;
 	for (int attempt = 0; attempt < 2; attempt++) {
 		int io = SG_IO_OK;
 		sg_conn *c = borrow(a);
 		int pooled = c != NULL;
 		if (!c) {
-			c = dial(a, resp, &io);
+			c = dial(a, deadline_ns, resp, &io);
 			if (!c)
 				return io;
 			if (c->dead) {
@@ -363,7 +375,7 @@ int sg_agent_call(sg_agent *a, sg_request *req, sg_response *resp, sg_conn **con
 			return SG_IO_TOOBIG;
 		}
 		int wrote;
-		io = roundtrip(c, len, req->id, resp, &wrote);
+		io = roundtrip(c, len, req->id, resp, &wrote, deadline_ns);
 		if (io == SG_IO_OK) {
 			if (resp->id == 0)
 				c->dead = 1; /* the agent closes it after this reply */

@@ -16,7 +16,6 @@
 typedef struct sg_conn {
 	int fd;
 	int dead; /* not to be pooled: the agent closes it after this reply */
-	int wait_ms; /* how long a reply may take before the connection is lost */
 	uint64_t idle_since_ns; /* CLOCK_MONOTONIC when it was last pooled */
 	uint64_t next_id;
 	struct sg_conn *next; /* in the idle pool */
