@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -283,6 +284,78 @@ func TestFirstCallOnNewConnectionKeepsOneDeadline(t *testing.T) {
 			// The slack is for a loaded machine; the bug cost late + wait.
 			if waited > wait+time.Second {
 				t.Fatalf("gave up after %v, want about %v (timeout_ms + 2 s)", waited, wait)
+			}
+		})
+	}
+}
+
+// countingListener accepts connections, counts them and never answers.
+func countingListener(t *testing.T, sock string, n *atomic.Int64) {
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n.Add(1)
+			t.Cleanup(func() { c.Close() })
+			go io.Copy(io.Discard, c)
+		}
+	}()
+}
+
+// A socket the module cannot give its timeouts (setsockopt fails, under
+// testdata/failsockopt.c) is not used: the call fails with
+// CKR_DEVICE_ERROR before connecting. The failure used to be ignored:
+// without SO_SNDTIMEO, a connect(2) to an agent whose backlog is full
+// blocked for good; without SO_RCVTIMEO, the module went on to connect.
+func TestSocketWithoutTimeoutsIsNotUsed(t *testing.T) {
+	need(t, "cc")
+	mod := modulePath(t)
+	shim := filepath.Join(t.TempDir(), "failsockopt.so")
+	if out, err := exec.Command("cc", "-shared", "-fPIC", "-o", shim, "testdata/failsockopt.c", "-ldl").CombinedOutput(); err != nil {
+		t.Fatalf("cc failsockopt.c: %v\n%s", err, out)
+	}
+	// sigpipe's host installs no signal handler: no EINTR ends a wait.
+	bin := ccProgram(t, "sigpipe")
+	for _, tc := range []struct {
+		option  string
+		accepts bool // the listener accepts and counts; else its backlog is full
+	}{
+		{"SO_SNDTIMEO", false},
+		{"SO_RCVTIMEO", true},
+	} {
+		t.Run(tc.option, func(t *testing.T) {
+			dir := shortDir(t)
+			sock := filepath.Join(dir, "agent.sock")
+			var conns atomic.Int64
+			if tc.accepts {
+				countingListener(t, sock, &conns)
+			} else {
+				fullListener(t, sock)
+			}
+			conf := filepath.Join(dir, "pkcs11.conf")
+			if err := os.WriteFile(conf, []byte("socket = "+sock+"\ntimeout_ms = 100\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+			defer cancel()
+			cmd := exec.CommandContext(ctx, bin, mod, "p256")
+			cmd.Env = append(os.Environ(), "SIGIL_PKCS11_CONF="+conf, "LD_PRELOAD="+shim, "SIGIL_TEST_FAIL_SOCKOPT="+tc.option)
+			out, _ := cmd.CombinedOutput()
+			if ctx.Err() != nil {
+				t.Fatalf("sigpipe: still running after 20 s (killed): the module's connect never returned\n%s", out)
+			}
+			if !strings.Contains(string(out), "find key: rv 0x30") {
+				t.Fatalf("sigpipe: %s, want find key: rv 0x30 (CKR_DEVICE_ERROR)", out)
+			}
+			if n := conns.Load(); n != 0 {
+				t.Fatalf("the module connected %d times on a socket without timeouts", n)
 			}
 		})
 	}

@@ -266,16 +266,18 @@ static sg_conn *dial(sg_agent *a, uint64_t deadline_ns, sg_response *resp, int *
 		goto fail;
 	/* The socket timeouts bound each blocking call (connect(2) while the
 	 * agent's backlog is full, a send(2)), here and on every later use of
-	 * the connection, to what is left of this call's wait. A zero timeval
-	 * would mean no timeout: the time left is rounded up to whole
-	 * milliseconds. */
+	 * the connection, to what is left of this call's wait. Without them
+	 * such a call blocks for good, so a socket that cannot have them is
+	 * not used. A zero timeval would mean no timeout: the time left is
+	 * rounded up to whole milliseconds. */
 	uint64_t now = now_ns();
 	if (now >= deadline_ns)
 		goto fail;
 	uint64_t ms = (deadline_ns - now + 999999) / 1000000;
 	struct timeval tv = {.tv_sec = (time_t)(ms / 1000), .tv_usec = (suseconds_t)(ms % 1000) * 1000};
-	setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-	setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+	if (setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv) != 0 ||
+	    setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv) != 0)
+		goto fail;
 	struct sockaddr_un sa = {.sun_family = AF_UNIX};
 	memcpy(sa.sun_path, a->path, sizeof sa.sun_path);
 	/* Retried after EINTR only until the deadline. */
