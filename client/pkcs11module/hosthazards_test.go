@@ -96,9 +96,10 @@ func TestSigningUnderSignalStorm(t *testing.T) {
 	t.Log(lines[len(lines)-1])
 }
 
-// silentListener accepts connections and reads what comes, never
-// answering: an agent that hangs after accepting.
-func silentListener(t *testing.T, sock string) {
+// serveUnixConns listens on sock until the test ends and runs handle on
+// its own goroutine for each connection it accepts (closed at the end).
+func serveUnixConns(t *testing.T, sock string, handle func(net.Conn)) {
+	t.Helper()
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
 		t.Fatal(err)
@@ -111,16 +112,15 @@ func silentListener(t *testing.T, sock string) {
 				return
 			}
 			t.Cleanup(func() { c.Close() })
-			go func() {
-				b := make([]byte, 4096)
-				for {
-					if _, err := c.Read(b); err != nil {
-						return
-					}
-				}
-			}()
+			go handle(c)
 		}
 	}()
+}
+
+// silentListener accepts connections and reads what comes, never
+// answering: an agent that hangs after accepting.
+func silentListener(t *testing.T, sock string) {
+	serveUnixConns(t, sock, func(c net.Conn) { io.Copy(io.Discard, c) })
 }
 
 // fullListener listens with a backlog that one queued connection (made
@@ -185,38 +185,24 @@ func TestUnansweredAgentTimesOutUnderSignalStorm(t *testing.T) {
 // reads and never answers: an agent slow to greet that then hangs.
 func lateHelloListener(wait time.Duration) func(*testing.T, string) {
 	return func(t *testing.T, sock string) {
-		ln, err := net.Listen("unix", sock)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ln.Close() })
-		go func() {
-			for {
-				c, err := ln.Accept()
-				if err != nil {
-					return
-				}
-				t.Cleanup(func() { c.Close() })
-				go func() {
-					br := bufio.NewReader(c)
-					codec := proto.NewCodec()
-					payload, err := proto.ReadFrame(br, nil, proto.DefaultMaxFrame)
-					var req proto.Request
-					if err != nil || codec.DecodeRequest(payload, &req) != nil {
-						return
-					}
-					time.Sleep(wait)
-					frame, err := codec.AppendResponseFrame(nil, &proto.Response{ID: req.ID, Version: proto.Version})
-					if err != nil {
-						return
-					}
-					if _, err := c.Write(frame); err != nil {
-						return
-					}
-					io.Copy(io.Discard, br)
-				}()
+		serveUnixConns(t, sock, func(c net.Conn) {
+			br := bufio.NewReader(c)
+			codec := proto.NewCodec()
+			payload, err := proto.ReadFrame(br, nil, proto.DefaultMaxFrame)
+			var req proto.Request
+			if err != nil || codec.DecodeRequest(payload, &req) != nil {
+				return
 			}
-		}()
+			time.Sleep(wait)
+			frame, err := codec.AppendResponseFrame(nil, &proto.Response{ID: req.ID, Version: proto.Version})
+			if err != nil {
+				return
+			}
+			if _, err := c.Write(frame); err != nil {
+				return
+			}
+			io.Copy(io.Discard, br)
+		})
 	}
 }
 
@@ -302,7 +288,7 @@ func countingListener(t *testing.T, sock string, n *atomic.Int64) {
 			if err != nil {
 				return
 			}
-			n.Add(1)
+			n.Add(1) // counted as accepted, before the test can look
 			t.Cleanup(func() { c.Close() })
 			go io.Copy(io.Discard, c)
 		}
