@@ -123,9 +123,11 @@ func silentListener(t *testing.T, sock string) {
 	serveUnixConns(t, sock, func(c net.Conn) { io.Copy(io.Discard, c) })
 }
 
-// fullListener listens with a backlog that one queued connection (made
-// here) fills, and never accepts: the module's connect(2) blocks.
-func fullListener(t *testing.T, sock string) {
+// listenBacklog0 is a Unix socket listening on sock with a backlog of 0
+// (one queued connection fills it), closed when the test ends; Go's
+// net.Listen offers no backlog.
+func listenBacklog0(t *testing.T, sock string) int {
+	t.Helper()
 	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
@@ -137,6 +139,13 @@ func fullListener(t *testing.T, sock string) {
 	if err := syscall.Listen(fd, 0); err != nil {
 		t.Fatal(err)
 	}
+	return fd
+}
+
+// fullListener listens with a backlog that one queued connection (made
+// here) fills, and never accepts: the module's connect(2) blocks.
+func fullListener(t *testing.T, sock string) {
+	listenBacklog0(t, sock)
 	for range 2 {
 		d := net.Dialer{Timeout: 200 * time.Millisecond}
 		c, err := d.Dial("unix", sock)
@@ -211,17 +220,7 @@ func lateHelloListener(wait time.Duration) func(*testing.T, string) {
 // connect(2) goes through late and its Hello is never answered.
 func lateAcceptListener(wait time.Duration) func(*testing.T, string) {
 	return func(t *testing.T, sock string) {
-		fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { syscall.Close(fd) })
-		if err := syscall.Bind(fd, &syscall.SockaddrUnix{Name: sock}); err != nil {
-			t.Fatal(err)
-		}
-		if err := syscall.Listen(fd, 0); err != nil {
-			t.Fatal(err)
-		}
+		fd := listenBacklog0(t, sock)
 		c, err := net.Dial("unix", sock)
 		if err != nil {
 			t.Fatal(err)
