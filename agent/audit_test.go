@@ -492,31 +492,53 @@ func TestAuditPruneOnAFullJournalWithAPolicy(t *testing.T) {
 }
 
 // A client that hangs up with signatures in flight gets none of them, and
-// each signature the provider made has its record all the same: the first
+// each signature the provider made has its record all the same. The first
 // reply's failed write cancels the connection, and a signature whose
 // record was about to be appended then was neither released nor journaled.
+// The agent's signed hook holds two Signs in that window: the test hangs
+// up, lets one go (its reply's write fails and ends the connection), and
+// the other appends its record only once the connection has ended.
 func TestPeerGoneMidRequestLeavesEverySignatureJournaled(t *testing.T) {
 	cfg := softwareConfig(t)
 	soft, err := software.Open(software.Config{ID: "hsm", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "hsm", Type: providers.KeyECDSAP256}}})
 	if err != nil {
 		t.Fatal(err)
 	}
-	prov := &countingSigner{Provider: &stubbornProvider{Provider: soft, delay: 100 * time.Millisecond}}
-	r := startAgent(t, cfg, agent.WithProviders(prov))
-	const rounds, n = 5, 16
-	sent := map[[32]byte]bool{}
-	for round := range rounds {
-		rc := r.raw(t)
-		rc.hello()
-		for i := range n {
-			d := sha256.Sum256([]byte{byte(round), byte(i)})
-			sent[journal.HashDigest(d[:])] = true
-			rc.send(&proto.Request{ID: uint64(2 + i), Op: proto.OpSign, Key: "hsm", Digest: d[:]})
+	prov := &countingSigner{Provider: soft}
+	var entered atomic.Int32
+	inWindow := make(chan struct{}, 2)
+	hungUp := make(chan struct{})
+	hook := func(request context.Context) {
+		first := entered.Add(1) == 1
+		inWindow <- struct{}{}
+		<-hungUp
+		if !first {
+			return // its reply's write fails: the agent sees the hang-up
 		}
-		time.Sleep(20 * time.Millisecond) // read by the agent, in the provider
-		rc.nc.Close()
-		time.Sleep(200 * time.Millisecond)
+		select {
+		case <-request.Done():
+		case <-time.After(5 * time.Second):
+			t.Errorf("the connection did not end after the client hung up")
+		}
 	}
+	r := startAgent(t, cfg, agent.WithProviders(prov), agent.WithSignedHook(hook))
+	rc := r.raw(t)
+	rc.hello()
+	sent := map[[32]byte]bool{}
+	for i := range 2 {
+		d := sha256.Sum256([]byte{byte(i)})
+		sent[journal.HashDigest(d[:])] = true
+		rc.send(&proto.Request{ID: uint64(2 + i), Op: proto.OpSign, Key: "hsm", Digest: d[:]})
+	}
+	for range 2 {
+		select {
+		case <-inWindow:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%d of 2 Signs reached the window between signature and record", entered.Load())
+		}
+	}
+	rc.nc.Close()
+	close(hungUp)
 	j := journalOfStopped(t, r.agent, cfg)
 	codes := map[string]int{}
 	recorded := 0
@@ -530,8 +552,8 @@ func TestPeerGoneMidRequestLeavesEverySignatureJournaled(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if made := int(prov.signed.Load()); recorded != made {
-		t.Fatalf("%d signatures made, %d records (%v)", made, recorded, codes)
+	if made := int(prov.signed.Load()); made != 2 || recorded != made {
+		t.Fatalf("%d signatures made, %d records (%v), want 2 and 2", made, recorded, codes)
 	}
 }
 

@@ -168,6 +168,9 @@ func (c *conn) sign(req *proto.Request, resp *proto.Response, meta *reqMeta, arr
 	ctxs := newSignContexts(c.ctx, d.start.Add(c.requestTimeout(req)))
 	defer ctxs.release()
 	sig, err := c.decideAndSign(&ctxs.request, req, &d, fence)
+	if c.a.signedHook != nil && err == nil {
+		c.a.signedHook(&ctxs.request)
+	}
 	meta.set(d.tenant, d.target)
 	d.code = codeOf(err)
 	if rerr := c.record(&ctxs.record, &d); rerr != nil {

@@ -41,6 +41,11 @@ type Agent struct {
 
 	metrics *metrics
 
+	// signedHook, nil outside tests, runs after a Sign's signature was made
+	// and kept and before its record is appended, with the request's
+	// context: the one moment a departing client must not cost the record.
+	signedHook func(request context.Context)
+
 	// reloadMu serializes Reload and ReloadPolicy, and guards policyFile:
 	// the policy file reloads read, the config's as of the last reload.
 	reloadMu   sync.Mutex
@@ -77,8 +82,9 @@ type Agent struct {
 type Option func(*options)
 
 type options struct {
-	extra     []providers.Provider
-	journalFS vfs.FS
+	extra      []providers.Provider
+	journalFS  vfs.FS
+	signedHook func(context.Context) // set by tests only (export_test.go)
 }
 
 // WithJournalFS makes the journal use fs (tests inject disk faults with it).
@@ -203,6 +209,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		tenants:    map[string]*tenantLoad{},
 
 		httpServers: map[*http.Server]struct{}{},
+		signedHook:  o.signedHook,
 	}
 	a.metrics = newMetrics(a)
 	a.checkCertificates(time.Now())
