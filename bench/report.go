@@ -61,6 +61,28 @@ type Report struct {
 	// scenarios ran: how far the ratio moves within the run.
 	RepRatios map[string][]float64 `json:"rep_ratios"`
 	Machine   Machine              `json:"machine"`
+	// Interrupted is set when the run was stopped (Ctrl-C) before its
+	// last rep: the results hold what was measured until then.
+	Interrupted *Interruption `json:"interrupted,omitempty"`
+}
+
+// An Interruption says where a run was stopped.
+type Interruption struct {
+	AfterRep int `json:"after_rep"` // reps every scenario went through, of Options.Reps
+	// Incomplete names (scenario/key@conns) each result short of reps,
+	// or never reached, because of the stop; a result that failed on its
+	// own is reported as before, not here.
+	Incomplete []string `json:"incomplete"`
+}
+
+// incomplete reports whether the stop left the result of scenario on key
+// at conns short of reps: no goal is judged on it, as its median covers
+// other reps than the figure it is divided by.
+func (r *Report) incomplete(scenario, key string, conns int) bool {
+	if r.Interrupted == nil {
+		return false
+	}
+	return slices.Contains(r.Interrupted.Incomplete, fmt.Sprintf("%s/%s@%d", scenario, key, conns))
 }
 
 // Find returns the result of scenario on key at conns connections.
@@ -141,7 +163,7 @@ func (r *Report) ComputeRatios() {
 	for _, d := range ratioDefs {
 		num, ok1 := r.Find(d.num, KeyECDSAP256, d.conns)
 		den, ok2 := r.Find(d.den, KeyECDSAP256, d.conns)
-		if !ok1 || !ok2 || !num.ran() || !den.ran() {
+		if !ok1 || !ok2 || !num.ran() || !den.ran() || r.incomplete(d.num, KeyECDSAP256, d.conns) || r.incomplete(d.den, KeyECDSAP256, d.conns) {
 			continue
 		}
 		n, m := num.P50us, den.P50us
@@ -189,6 +211,10 @@ type Goal struct {
 	// their latencies are the successes' alone, so a goal with failures
 	// is not met, whatever its figure.
 	Failed int `json:"failed,omitempty"`
+
+	// Interrupted: the run was stopped before a result the goal needs
+	// had every rep (Report.Interrupted); the goal is not judged.
+	Interrupted bool `json:"interrupted,omitempty"`
 }
 
 // reached reports whether v meets the goal's bound.
@@ -207,6 +233,8 @@ func (g Goal) Met() bool {
 
 func (g Goal) status() string {
 	switch {
+	case g.Interrupted:
+		return "not judged: interrupted"
 	case !g.Measured:
 		return "not measured"
 	case g.Failed > 0 && g.Limit == 0:
@@ -246,6 +274,7 @@ func (r *Report) Goals() []Goal {
 	for _, d := range ratioDefs {
 		g := Goal{Name: d.name, Limit: d.goal, AtMost: d.atMost}
 		g.Value, g.Measured = r.Ratios[d.name]
+		g.Interrupted = r.incomplete(d.num, KeyECDSAP256, d.conns) || r.incomplete(d.den, KeyECDSAP256, d.conns)
 		for _, sc := range []string{d.num, d.den} {
 			if res, ok := r.Find(sc, KeyECDSAP256, d.conns); ok && g.Measured {
 				g.Failed += res.Errors
@@ -261,8 +290,8 @@ func (r *Report) Goals() []Goal {
 		}
 		goals = append(goals, g)
 	}
-	g := Goal{Name: GoalSoftwareEd25519OpsG8, Limit: 40000}
-	if res, ok := r.Find(ScenarioSoftware, KeyEd25519, 8); ok && res.ran() {
+	g := Goal{Name: GoalSoftwareEd25519OpsG8, Limit: 40000, Interrupted: r.incomplete(ScenarioSoftware, KeyEd25519, 8)}
+	if res, ok := r.Find(ScenarioSoftware, KeyEd25519, 8); ok && res.ran() && !g.Interrupted {
 		g.Value, g.Measured, g.Failed = res.OpsPerS, true, res.Errors
 	}
 	goals = append(goals, g)
@@ -299,6 +328,10 @@ var goalDescriptions = map[string]string{
 // what was skipped.
 func (r *Report) Markdown(w io.Writer) error {
 	var b strings.Builder
+	if r.Interrupted != nil {
+		fmt.Fprintf(&b, "**Interrupted after rep %d of %d**: the rows hold what was measured until then; incomplete: %s. No goal is judged on an incomplete result.\n\n",
+			r.Interrupted.AfterRep, r.Reps, strings.Join(r.Interrupted.Incomplete, ", "))
+	}
 	b.WriteString("| scenario | key | conns | p50 µs | p95 µs | p99 µs | p99.9 µs | ops/s | CPU µs/op | errors |\n")
 	b.WriteString("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n")
 	for _, res := range r.Results {
@@ -405,6 +438,8 @@ func (r *Report) WriteJSON(w io.Writer) error {
 		Ratios    map[string]float64   `json:"ratios"`
 		RepRatios map[string][]float64 `json:"rep_ratios"`
 		Goals     []jsonGoal           `json:"goals"`
+		// Absent from a complete run's file, as before.
+		Interrupted *Interruption `json:"interrupted,omitempty"`
 	}{
 		Started: r.Started,
 		Options: jsonOptions{
@@ -413,10 +448,11 @@ func (r *Report) WriteJSON(w io.Writer) error {
 			Warmup:   r.Warmup.String(),
 			Reps:     r.Reps,
 		},
-		Machine:   r.Machine,
-		Results:   r.Results,
-		Ratios:    r.Ratios,
-		RepRatios: r.RepRatios,
+		Machine:     r.Machine,
+		Results:     r.Results,
+		Ratios:      r.Ratios,
+		RepRatios:   r.RepRatios,
+		Interrupted: r.Interrupted,
 	}
 	// Consumers index these; null would make them special-case an empty run.
 	if out.Results == nil {

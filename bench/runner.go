@@ -113,7 +113,8 @@ func (o *Options) validate() error {
 //
 // A failed op is counted, not fatal. A scenario whose NewWorker fails carries
 // the error in its Result and is not tried again at that connection count.
-// If ctx is cancelled Run returns what it has measured so far and ctx.Err().
+// If ctx is cancelled (Ctrl-C) Run returns what it has measured so far,
+// marked Report.Interrupted, and ctx.Err().
 func Run(ctx context.Context, scenarios []Scenario, opts Options) (*Report, error) {
 	opts.EnsureDefaults()
 	opts.Conns = slices.Clone(opts.Conns)
@@ -141,8 +142,10 @@ func Run(ctx context.Context, scenarios []Scenario, opts Options) (*Report, erro
 	nc := len(opts.Conns)
 	cells := make([]cell, len(scenarios)*nc)
 	var runErr error
+	finished := 0 // reps every scenario has been through
 run:
 	for rep := 1; rep <= opts.Reps; rep++ {
+		finished = rep - 1
 		for ci, conns := range opts.Conns {
 			for i := range scenarios {
 				// Every other rep runs the scenarios in reverse order, so
@@ -176,9 +179,15 @@ run:
 			}
 		}
 	}
+	if runErr != nil {
+		report.Interrupted = &Interruption{AfterRep: finished}
+	}
 	for si, sc := range scenarios {
 		for ci, conns := range opts.Conns {
 			c := &cells[si*nc+ci]
+			if runErr != nil && c.err == "" && len(c.reps) < opts.Reps {
+				report.Interrupted.Incomplete = append(report.Interrupted.Incomplete, fmt.Sprintf("%s@%d", sc.label(), conns))
+			}
 			if len(c.reps) == 0 && c.err == "" {
 				continue // never reached: the run was cancelled first
 			}

@@ -1,7 +1,9 @@
 package bench
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -351,6 +353,93 @@ func TestRunFailsAScenarioThatStopsAnswering(t *testing.T) {
 	for _, r := range report.Results {
 		if !strings.Contains(r.Err, "unanswered") {
 			t.Errorf("%s@%d: error %q, want the ops unanswered", r.Scenario, r.Conns, r.Err)
+		}
+	}
+}
+
+// TestRunInterruptedReport stops a run in its last rep, as Ctrl-C does: the
+// report keeps what was measured, says where it stopped and which results
+// are short of reps, and judges no goal on a short result.
+func TestRunInterruptedReport(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	opens := map[string]int{}
+	var mu sync.Mutex
+	scenario := func(name string) Scenario {
+		return Scenario{Name: name, Key: KeyECDSAP256, NewWorker: func(context.Context) (func(context.Context) error, func() error, error) {
+			mu.Lock()
+			opens[name]++
+			// Rep 2 runs in reverse order: software, agent-unix, then
+			// direct, which the operator interrupts.
+			if name == ScenarioDirect && opens[name] == 2 {
+				cancel()
+			}
+			mu.Unlock()
+			return func(context.Context) error { time.Sleep(50 * time.Microsecond); return nil }, nil, nil
+		}}
+	}
+	scenarios := []Scenario{scenario(ScenarioDirect), scenario(ScenarioAgentUnix), scenario(ScenarioSoftware)}
+	report, err := Run(ctx, scenarios, Options{Conns: []int{1}, Duration: 20 * time.Millisecond, Warmup: -1, Reps: 2})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v, want context.Canceled", err)
+	}
+	if report == nil {
+		t.Fatal("no report of what was measured")
+	}
+	for _, tc := range []struct {
+		scenario string
+		reps     int
+	}{{ScenarioDirect, 1}, {ScenarioAgentUnix, 2}, {ScenarioSoftware, 2}} {
+		res, ok := report.Find(tc.scenario, KeyECDSAP256, 1)
+		if !ok || res.Reps != tc.reps || res.Ops == 0 {
+			t.Errorf("%s: found %v, %d reps, %d ops; want %d reps with ops", tc.scenario, ok, res.Reps, res.Ops, tc.reps)
+		}
+	}
+	if _, ok := report.Ratios[RatioAgentVsDirectP50]; ok {
+		t.Errorf("ratio %s computed on direct's 1 rep of 2", RatioAgentVsDirectP50)
+	}
+
+	var md bytes.Buffer
+	if err := report.Markdown(&md); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{
+		"Interrupted after rep 1 of 2",
+		"incomplete: direct/ecdsa-p256@1",
+		RatioAgentVsDirectP50 + " (agent-unix p50 ÷ direct p50, 1 conn): goal ≤ 1.3: not judged: interrupted",
+	} {
+		if !strings.Contains(md.String(), want) {
+			t.Errorf("Markdown lacks %q:\n%s", want, md.String())
+		}
+	}
+	if strings.Contains(md.String(), "agent-unix/ecdsa-p256@1,") || strings.Contains(md.String(), "incomplete: direct/ecdsa-p256@1, ") {
+		t.Errorf("Markdown names a complete result incomplete:\n%s", md.String())
+	}
+
+	var js bytes.Buffer
+	if err := report.WriteJSON(&js); err != nil {
+		t.Fatal(err)
+	}
+	var out struct {
+		Interrupted *struct {
+			AfterRep   int      `json:"after_rep"`
+			Incomplete []string `json:"incomplete"`
+		} `json:"interrupted"`
+		Goals []struct {
+			Name        string `json:"name"`
+			Met         bool   `json:"met"`
+			Interrupted bool   `json:"interrupted"`
+		} `json:"goals"`
+	}
+	if err := json.Unmarshal(js.Bytes(), &out); err != nil {
+		t.Fatal(err)
+	}
+	if out.Interrupted == nil || out.Interrupted.AfterRep != 1 || !slices.Equal(out.Interrupted.Incomplete, []string{"direct/ecdsa-p256@1"}) {
+		t.Errorf("JSON interrupted = %+v, want after rep 1, incomplete [direct/ecdsa-p256@1]", out.Interrupted)
+	}
+	for _, g := range out.Goals {
+		if g.Name == RatioAgentVsDirectP50 && (g.Met || !g.Interrupted) {
+			t.Errorf("JSON goal %+v: want not met, interrupted", g)
 		}
 	}
 }

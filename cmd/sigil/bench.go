@@ -69,7 +69,12 @@ CDF plot beside it. --slo p95=50ms,p99=200ms exits 1 naming every scenario
 that missed. The cloud scenarios are always judged against the seeds' cloud
 SLO, p95=150ms,p99=200ms, whatever --slo says (their latency includes a KMS
 round trip); the report says whether they met it, and with --slo a miss
-exits 1 too.`,
+exits 1 too.
+
+Ctrl-C (or SIGTERM) stops the run and still writes the report, --doc and
+--json of what was measured, marked interrupted after rep K of N with the
+incomplete results named; no goal is judged on those, nor the SLO, and it
+exits 1. A second Ctrl-C quits at once.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o := bench.SuiteOptions{Log: cmd.ErrOrStderr(), Addr: addr, Key: key}
@@ -139,8 +144,15 @@ exits 1 too.`,
 
 			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 			defer stop()
+			// The first signal stops the run and keeps what it measured;
+			// with the handler gone, a second one ends the process at
+			// once, as an operator who presses Ctrl-C twice means.
+			context.AfterFunc(ctx, func() {
+				stop()
+				fmt.Fprintln(cmd.ErrOrStderr(), "bench: interrupted: reporting what was measured (again to quit at once)")
+			})
 			report, err := bench.RunSuite(ctx, o)
-			if err != nil {
+			if report == nil || (err != nil && report.Interrupted == nil) {
 				return &exitError{exitFailure, err}
 			}
 			report.ComputeRatios()
@@ -149,6 +161,11 @@ exits 1 too.`,
 			}
 			if err := writeReportFiles(report, jsonPath, svgPath, docPath, os.Args); err != nil {
 				return &exitError{exitFailure, err}
+			}
+			if in := report.Interrupted; in != nil {
+				// Partial figures are written for the operator, but a
+				// run that was stopped passes nothing, the SLO included.
+				return &exitError{exitFailure, fmt.Errorf("interrupted after rep %d of %d: %d results incomplete, goals on them and the SLO not judged", in.AfterRep, report.Reps, len(in.Incomplete))}
 			}
 			if sloSpec != "" {
 				if err := slo.Check(report).Err(); err != nil {
@@ -218,6 +235,9 @@ func writeReportFiles(r *bench.Report, jsonPath, svgPath, docPath string, argv [
 	var b bytes.Buffer
 	m := r.Machine
 	fmt.Fprintf(&b, "# Benchmarks\n\nWritten by `sigil bench --doc` on %s. Regenerate with `make bench-full`.\n\n", r.Started.UTC().Format("2006-01-02 15:04 MST"))
+	if in := r.Interrupted; in != nil {
+		fmt.Fprintf(&b, "**This run was interrupted after rep %d of %d**: partial figures, see Results.\n\n", in.AfterRep, r.Reps)
+	}
 	fmt.Fprintf(&b, "## Machine and versions\n\n- %d cores, %s, Linux %s, %s %s/%s\n", m.Cores, m.CPUModel, m.Kernel, m.GoVersion, m.OS, m.Arch)
 	fmt.Fprintf(&b, "- SoftHSM2 %s, p11-kit %s\n", toolVersion("softhsm2-util", "--version"), toolVersion("p11-kit", "--version"))
 	fmt.Fprintf(&b, "- the agents' garbage-collection target: %s\n", agentGCTarget(os.Getenv("GOGC")))
