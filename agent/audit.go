@@ -219,13 +219,16 @@ func (c *conn) record(ctx context.Context, d *signDecision) error {
 	case d.target.key != nil:
 		r.Slot, r.KID = d.target.key.info.Name, d.target.key.info.KID
 	}
-	// A refusal is recorded even when the request's deadline has passed
-	// (it is the usual cause of one); an allowed signature's record shares
-	// the request's deadline, and past it the signature is withheld.
-	if d.code != proto.OK && ctx.Err() != nil {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(context.Background(), journalAppendTimeout)
-		defer cancel()
+	// An allowed signature's record shares the request's deadline, and past
+	// it the signature is withheld. A refusal's has the journal's own bound,
+	// whatever is left of the request's: a deadline is the usual cause of a
+	// refusal, and one that ran out between a check here and the journal's
+	// own (a refusal decided microseconds before it) failed the append and
+	// left the refusal unrecorded. No timer unless the append has to wait.
+	if d.code != proto.OK {
+		own := newRequestContext(context.Background(), now.Add(journalAppendTimeout))
+		defer own.release()
+		ctx = own
 	}
 	err := j.Append(ctx, &r)
 	c.a.metrics.journalAppended(time.Since(now), err)

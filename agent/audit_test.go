@@ -573,3 +573,65 @@ func (c *countingSigner) Sign(ctx context.Context, key string, alg providers.Alg
 }
 
 func (c *countingSigner) Remote() bool { return true }
+
+// edgeProvider fails every Sign at a point swept across the last few
+// microseconds before the request's deadline: the refusal reaches its
+// audit record at the deadline's edge.
+type edgeProvider struct {
+	providers.Provider
+	n atomic.Int64
+}
+
+func (e *edgeProvider) Sign(ctx context.Context, _ string, _ providers.Algorithm, _ []byte) ([]byte, error) {
+	deadline, _ := ctx.Deadline()
+	// 0 to 40 µs before the deadline, in steps of 100 ns.
+	at := deadline.Add(-time.Duration(e.n.Add(1)%400) * 100 * time.Nanosecond)
+	for time.Now().Before(at) {
+	}
+	return nil, fmt.Errorf("edge: %w", providers.ErrUnavailable)
+}
+
+// Every refusal the client gets has its record, however near the request's
+// deadline it was decided: a refusal's record is written on the journal's
+// own bound, not the request's.
+func TestRefusalAtTheDeadlineIsJournaled(t *testing.T) {
+	cfg := softwareConfig(t)
+	soft, err := software.Open(software.Config{ID: "edge", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "edge", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Limits.RequestTimeout = 2 * time.Millisecond
+	r := startAgent(t, cfg, agent.WithProviders(&edgeProvider{Provider: soft}))
+	rc := r.raw(t)
+	rc.hello()
+	const n = 800
+	refused := map[[32]byte]bool{}
+	for i := range n {
+		d := sha256.Sum256([]byte(fmt.Sprint("edge ", i)))
+		rc.send(&proto.Request{ID: uint64(2 + i), Op: proto.OpSign, Key: "edge", Digest: d[:]})
+		resp, err := rc.recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.Code == proto.OK || len(resp.Sig) != 0 {
+			t.Fatalf("request %d: %s with %d signature bytes, want a refusal", i, resp.Code, len(resp.Sig))
+		}
+		refused[journal.HashDigest(d[:])] = true
+	}
+	j := journalOfStopped(t, r.agent, cfg)
+	codes := map[string]int{}
+	recorded := 0
+	err = j.Scan(context.Background(), journal.Filter{}, func(r *journal.Record) error {
+		if refused[r.DigestHash] {
+			recorded++
+			codes[r.CodeName]++
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if recorded != len(refused) {
+		t.Fatalf("%d refusals, %d records (%v)", len(refused), recorded, codes)
+	}
+}
