@@ -46,7 +46,13 @@ type Result struct {
 	CDF []time.Duration `json:"-"`
 }
 
-func (r Result) label() string { return fmt.Sprintf("%s/%s@%d", r.Scenario, r.Key, r.Conns) }
+func (r Result) label() string { return resultLabel(r.Scenario, r.Key, r.Conns) }
+
+// resultLabel names a result as the progress lines and
+// Interruption.Incomplete do: scenario/key@conns.
+func resultLabel(scenario, key string, conns int) string {
+	return fmt.Sprintf("%s/%s@%d", scenario, key, conns)
+}
 
 // ran reports whether r has figures worth comparing.
 func (r Result) ran() bool { return r.Err == "" && !r.AllFailed && r.Reps > 0 }
@@ -82,7 +88,7 @@ func (r *Report) incomplete(scenario, key string, conns int) bool {
 	if r.Interrupted == nil {
 		return false
 	}
-	return slices.Contains(r.Interrupted.Incomplete, fmt.Sprintf("%s/%s@%d", scenario, key, conns))
+	return slices.Contains(r.Interrupted.Incomplete, resultLabel(scenario, key, conns))
 }
 
 // Find returns the result of scenario on key at conns connections.

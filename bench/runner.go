@@ -186,7 +186,7 @@ run:
 		for ci, conns := range opts.Conns {
 			c := &cells[si*nc+ci]
 			if runErr != nil && c.err == "" && len(c.reps) < opts.Reps {
-				report.Interrupted.Incomplete = append(report.Interrupted.Incomplete, fmt.Sprintf("%s@%d", sc.label(), conns))
+				report.Interrupted.Incomplete = append(report.Interrupted.Incomplete, resultLabel(sc.Name, sc.Key, conns))
 			}
 			if len(c.reps) == 0 && c.err == "" {
 				continue // never reached: the run was cancelled first
