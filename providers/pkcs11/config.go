@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -480,9 +481,22 @@ func readPIN(cfg *Config, log *zap.Logger) (string, error) {
 		}
 		return v, nil
 	default:
-		fi, err := os.Stat(cfg.PINFile)
+		// Judged on the file opened, not on the path: a name swapped
+		// between a check and the read would have the check judge
+		// another file. Links are followed (a Kubernetes secret's file is
+		// one).
+		f, err := os.Open(cfg.PINFile)
 		if err != nil {
 			return "", fmt.Errorf("%w: PIN file: %w", ErrPINSource, err)
+		}
+		defer f.Close()
+		fi, err := f.Stat()
+		if err != nil {
+			return "", fmt.Errorf("%w: PIN file: %w", ErrPINSource, err)
+		}
+		if uid, ok := fileOwner(fi); ok && uid != os.Geteuid() && uid != 0 {
+			// Its owner may read it whatever its mode, or chmod it.
+			return "", fmt.Errorf("%w: PIN file %s belongs to uid %d, neither the agent's (%d) nor root: its owner can read it", ErrPINSource, cfg.PINFile, uid, os.Geteuid())
 		}
 		switch perm := fi.Mode().Perm(); {
 		case perm&0o007 != 0, perm&0o020 != 0:
@@ -492,7 +506,7 @@ func readPIN(cfg *Config, log *zap.Logger) (string, error) {
 		case perm&0o040 != 0:
 			log.Info("PIN file is readable by its group", zap.String("file", cfg.PINFile), zap.Stringer("mode", perm))
 		}
-		b, err := os.ReadFile(cfg.PINFile)
+		b, err := io.ReadAll(f)
 		if err != nil {
 			return "", fmt.Errorf("%w: PIN file: %w", ErrPINSource, err)
 		}

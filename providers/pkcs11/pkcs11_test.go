@@ -397,6 +397,16 @@ func TestPINSourceErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	fromFile := func(path string) func(*Config) { return func(c *Config) { c.PINEnv, c.PINFile = "", path } }
+	// A file another user owns (0600, the right PIN in it) is theirs to
+	// read, or to chmod: as good as one others may read. Only root can
+	// give a file away, so only root runs that case.
+	othersFile := filepath.Join(dir, "nobodys")
+	if os.Getuid() == 0 {
+		file("nobodys", tok.PIN+"\n", 0o600)
+		if err := os.Chown(othersFile, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+	}
 	fromEnv := func(name, value string, set bool) func(*Config) {
 		return func(c *Config) {
 			if set {
@@ -419,8 +429,12 @@ func TestPINSourceErrors(t *testing.T) {
 		{"file empty", fromFile(file("empty", "\n", 0o600)), filepath.Join(dir, "empty"), true},
 		{"file unreadable", fromFile(unreadable), "read " + unreadable, true},
 		{"a PIN the token refuses", fromFile(file("wrong", "0000-wrong\n", 0o600)), "", false},
+		{"file another user owns", fromFile(othersFile), othersFile, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			if tc.name == "file another user owns" && os.Getuid() != 0 {
+				t.Skip("only root can give a file to another user")
+			}
 			_, err := tryOpen(t, tok, []KeyConfig{{Name: "k", URI: keys[providers.KeyECDSAP256].URI}}, tc.edit)
 			if err == nil {
 				t.Fatal("Open succeeded")
