@@ -92,7 +92,12 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	if err != nil {
 		return nil, err
 	}
-	dir, err := os.MkdirTemp("", "sigil-pkcs11-")
+	tmp, err := copiesParent(os.TempDir())
+	if err != nil {
+		p.Close()
+		return nil, fmt.Errorf("pkcs11 provider %s: module instances: %w", cfg.ID, err)
+	}
+	dir, err := os.MkdirTemp(tmp, "sigil-pkcs11-")
 	if err != nil {
 		p.Close()
 		return nil, fmt.Errorf("pkcs11 provider %s: module instances: %w", cfg.ID, err)
@@ -119,6 +124,41 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	}
 	p.log.Info("pkcs11 module instances open", zap.Int("instances", cfg.Instances), zap.Int("sessions_each", sessions))
 	return p, nil
+}
+
+// copiesParent resolves dir (TMPDIR) and checks that no other user can
+// rename or replace what the agent makes in it. The copies are loaded by
+// path after they are written: whoever may rename the 0700 directory
+// holding them (a parent others may write without the sticky bit, which
+// keeps them from renaming entries not theirs, or one another user owns)
+// could put a library of theirs under a copy's name in between, and the
+// agent would run its code. Every level up to / is checked, as each could
+// be renamed with all below it. Root's directories are trusted: root is
+// not defended against (docs/security.md).
+func copiesParent(dir string) (string, error) {
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return "", err
+	}
+	real, err = filepath.Abs(real)
+	if err != nil {
+		return "", err
+	}
+	for d := real; ; d = filepath.Dir(d) {
+		st, err := os.Lstat(d)
+		if err != nil {
+			return "", err
+		}
+		if uid, ok := fileOwner(st); ok && uid != os.Geteuid() && uid != 0 {
+			return "", fmt.Errorf("the module copies' directory %s lies in %s, which belongs to uid %d: set TMPDIR to a directory only the agent's user or root can change", dir, d, uid)
+		}
+		if st.Mode().Perm()&0o022 != 0 && st.Mode()&os.ModeSticky == 0 {
+			return "", fmt.Errorf("the module copies' directory %s lies in %s, which others may write (%v) without the sticky bit: set TMPDIR to a directory only the agent's user or root can change", dir, d, st.Mode().Perm())
+		}
+		if parent := filepath.Dir(d); parent == d {
+			return real, nil
+		}
+	}
 }
 
 // copyFile copies the module to dst, which must not exist yet (O_EXCL: the

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -413,5 +414,64 @@ func TestReloginsOnBothInstancesUnderLoad(t *testing.T) {
 	if n := logs.FilterMessage("pkcs11 repair failed; backing off").Len(); n != 0 {
 		t.Errorf("%d repairs failed over %d rounds of re-logins on both instances; first: %v",
 			n, rounds, logs.FilterMessage("pkcs11 repair failed; backing off").All()[0].ContextMap()["error"])
+	}
+}
+
+// The module copies are loaded by path, after they are written: whoever
+// can rename the directory they are written in (a TMPDIR that others may
+// write, without the sticky bit that stops them renaming what is not
+// theirs, or one another user owns) can put a library of theirs under
+// the copy's name in between, and the agent runs its code. Such a TMPDIR
+// is refused, naming it; /tmp's own mode (1777) is accepted.
+func TestModuleInstancesRefuseAnOpenTMPDIR(t *testing.T) {
+	tok := softhsmtest.New(t, "opentmp")
+	keys := tok.GenerateKeys(t, providers.KeyECDSAP256)
+	for _, tc := range []struct {
+		name  string
+		mode  os.FileMode
+		owner int // -1: ours
+		ok    bool
+	}{
+		{"writable by others", 0o777, -1, false},
+		{"writable by the group", 0o770, -1, false},
+		{"sticky and writable by all, as /tmp", 0o777 | os.ModeSticky, -1, true},
+		{"ours alone", 0o700, -1, true},
+		{"another user's", 0o755, 65534, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.owner >= 0 && os.Getuid() != 0 {
+				t.Skip("only root can give a directory to another user")
+			}
+			tmp := filepath.Join(t.TempDir(), "tmp")
+			if err := os.Mkdir(tmp, 0o700); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Chmod(tmp, tc.mode); err != nil {
+				t.Fatal(err)
+			}
+			if tc.owner >= 0 {
+				if err := os.Chown(tmp, tc.owner, tc.owner); err != nil {
+					t.Fatal(err)
+				}
+			}
+			t.Setenv("TMPDIR", tmp)
+			p, err := tryOpen(t, tok, keyConfigs(keys), func(c *Config) { c.Instances, c.Sessions = 2, 2 })
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("Open: %v", err)
+				}
+				signAndVerify(t, p, string(providers.KeyECDSAP256), providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}, []byte("x"))
+				return
+			}
+			if err == nil {
+				t.Fatal("Open succeeded: the module copies went into a directory others can swap")
+			}
+			if !strings.Contains(err.Error(), tmp) || !strings.Contains(err.Error(), "TMPDIR") {
+				t.Errorf("error %q does not name %s and TMPDIR", err, tmp)
+			}
+			if left, _ := filepath.Glob(filepath.Join(tmp, "*")); len(left) != 0 {
+				t.Errorf("written into the refused directory: %v", left)
+			}
+		})
 	}
 }
