@@ -302,3 +302,87 @@ func TestReloadFollowsTheConfigsPaths(t *testing.T) {
 		}
 	}
 }
+
+// The agent's mTLS private key is its identity to remote clients: a local
+// user who can read it can pass for the agent to them. It is held to the
+// PIN file's rule: 0600 or 0640 (0400, 0440), owned by the agent's user or
+// root, at start and at a reload, which keeps the key in force.
+func TestTLSKeyFileMustBePrivate(t *testing.T) {
+	ca, err := devcerts.NewCA("key file CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := ca.Issue(devcerts.Leaf{CommonName: "sigil agent", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name  string
+		mode  os.FileMode
+		owner int // -1: ours
+		ok    bool
+	}{
+		{"0600", 0o600, -1, true},
+		{"0640 for the agent's group", 0o640, -1, true},
+		{"0400", 0o400, -1, true},
+		{"readable by others", 0o644, -1, false},
+		{"readable by others alone", 0o604, -1, false},
+		{"writable by the group", 0o660, -1, false},
+		{"another user's", 0o600, 65534, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.owner >= 0 && os.Getuid() != 0 {
+				t.Skip("only root can give a file to another user")
+			}
+			dir := t.TempDir()
+			cfg := softwareConfig(t)
+			cfg.TCP.CertFile, cfg.TCP.KeyFile, _ = srv.Write(dir, "server")
+			cfg.TCP.ClientCAFile, _ = ca.WriteCert(dir, "clients-ca")
+			cfg.TCP.Listen = "127.0.0.1:0"
+			if err := os.Chmod(cfg.TCP.KeyFile, tc.mode); err != nil {
+				t.Fatal(err)
+			}
+			if tc.owner >= 0 {
+				if err := os.Chown(cfg.TCP.KeyFile, tc.owner, tc.owner); err != nil {
+					t.Fatal(err)
+				}
+			}
+			a, err := agent.New(context.Background(), cfg, nil)
+			if err == nil {
+				a.Shutdown(context.Background())
+			}
+			if tc.ok {
+				if err != nil {
+					t.Fatalf("New: %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("New accepted a TLS key file others can read")
+			}
+			if !strings.Contains(err.Error(), cfg.TCP.KeyFile) {
+				t.Errorf("error %q does not name the key file", err)
+			}
+			if strings.Contains(err.Error(), "PRIVATE KEY") {
+				t.Errorf("error %q quotes the key file", err)
+			}
+		})
+	}
+
+	// A reload that finds the key opened up keeps the key in force.
+	s := startTLSAgent(t)
+	good, _ := s.ca.Issue(devcerts.Leaf{CommonName: "c"})
+	if err := os.Chmod(s.cfg.TCP.KeyFile, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.running.agent.Reload(); err == nil || !strings.Contains(err.Error(), s.cfg.TCP.KeyFile) {
+		t.Fatalf("reload with the key file open to others: %v, want a refusal naming it", err)
+	}
+	c, err := s.dial(t, good)
+	if err == nil {
+		err = c.Ping(context.Background())
+	}
+	if err != nil {
+		t.Fatalf("after the refused reload: %v", err)
+	}
+}
