@@ -209,7 +209,14 @@ func (f *front) Sign(key ssh.PublicKey, data []byte) (*ssh.Signature, error) {
 func (f *front) SignWithFlags(key ssh.PublicKey, data []byte, flags agent.SignatureFlags) (*ssh.Signature, error) {
 	sig, name, err := f.sign(key, data, flags)
 	if err != nil {
-		f.log.Info("ssh-agent: sign refused", zap.String("key", name), zap.String("type", key.Type()), zap.Error(err))
+		// A key the agent does not serve is named by its fingerprint:
+		// its type is the request's bytes, whatever the client wrote,
+		// up to a whole message. A served key's type is its own.
+		fields := []zap.Field{zap.String("key", name), zap.String("fingerprint", ssh.FingerprintSHA256(key)), zap.Error(err)}
+		if name != "" {
+			fields = append(fields, zap.String("type", key.Type()))
+		}
+		f.log.Info("ssh-agent: sign refused", fields...)
 		return nil, err
 	}
 	return sig, nil

@@ -14,7 +14,9 @@ import (
 	"sync"
 	"testing"
 
+	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 	"golang.org/x/crypto/ssh"
 	"golang.org/x/crypto/ssh/agent"
 
@@ -443,4 +445,42 @@ func parseSSHSIG(t *testing.T, armored, message []byte) (*ssh.Signature, []byte)
 		Hash                         []byte
 	}{s.Namespace, s.Reserved, s.HashAlg, h[:]})...)
 	return &sig, signed
+}
+
+// alienKey is a key blob a client made up: its type is whatever the
+// client wrote, up to a whole message.
+type alienKey struct{ typ string }
+
+func (k alienKey) Type() string { return k.typ }
+func (k alienKey) Marshal() []byte {
+	return ssh.Marshal(struct{ Format, Rest string }{k.typ, "x"})
+}
+func (k alienKey) Verify([]byte, *ssh.Signature) error { return errors.New("no") }
+
+// A sign request for a key the agent does not serve is logged by the
+// key's fingerprint, a bounded name: not by the key type the request
+// carries, which is the client's bytes (a whole message of them, invalid
+// UTF-8 and all), as docs/security.md has it for a malformed frame's.
+func TestSignRefusalLogsNoClientBytes(t *testing.T) {
+	p, err := software.Open(software.Config{ID: "soft", DataDir: t.TempDir(), Keys: testKeys[:1]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { p.Close() })
+	core, logs := observer.New(zap.DebugLevel)
+	a := NewAgent(context.Background(), &fakeBackend{p: p}, zap.New(core))
+	junk := "client-bytes-" + strings.Repeat("\xff", 8) + strings.Repeat("A", 60000)
+	if _, err := a.SignWithFlags(alienKey{junk}, []byte("data"), 0); !errors.Is(err, ErrUnknownKey) {
+		t.Fatalf("SignWithFlags: %v, want ErrUnknownKey", err)
+	}
+	if logs.Len() == 0 {
+		t.Fatal("the refusal was not logged")
+	}
+	for _, e := range logs.All() {
+		for k, v := range e.ContextMap() {
+			if s, ok := v.(string); ok && (strings.Contains(s, "client-bytes-") || len(s) > 256) {
+				t.Errorf("log %q field %s carries the client's bytes (%d bytes)", e.Message, k, len(s))
+			}
+		}
+	}
 }
