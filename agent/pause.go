@@ -9,6 +9,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/agent/rotation"
 	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/proto"
@@ -25,6 +26,10 @@ import (
 //     told so.
 //   - Resume is stored first, then takes effect. If it cannot be stored the
 //     slot stays paused.
+//
+// Each is stored in one commit with its audit record: as two commits, an
+// agent killed between them restarted paused with no record of the pause,
+// or signing after a resume the journal did not show.
 
 // pauseKeyPrefix is the state namespace of run-time pauses:
 // pause/<tenant>/<slot>, whose value says who paused it and when.
@@ -45,7 +50,7 @@ type pauser struct {
 	own *uint64
 }
 
-func (p pauser) Pause(tenant, slot string) error {
+func (p pauser) Pause(tenant, slot string, rec *journal.Record) error {
 	p.a.pauseMu.Lock()
 	defer p.a.pauseMu.Unlock()
 	if p.own != nil {
@@ -86,9 +91,8 @@ func (p pauser) Pause(tenant, slot string) error {
 		return nil
 	}
 	value := fmt.Sprintf("paused by %s at %s", p.by, time.Now().UTC().Format(time.RFC3339))
-	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
-	defer cancel()
-	if err := p.a.journal.Put(ctx, pauseKeyPrefix+tenant+"/"+slot, []byte(value)); err != nil {
+	change := journal.StateChange{Key: pauseKeyPrefix + tenant + "/" + slot, Value: []byte(value)}
+	if err := p.a.commitWithRecord(rec, change); err != nil {
 		p.a.log.Error("slot paused, but the pause was not stored: it lasts until the agent restarts",
 			zap.String("slot", tenant+"/"+slot), zap.Error(err))
 		return fmt.Errorf("%w: %w", errPauseNotStored, err)
@@ -96,7 +100,7 @@ func (p pauser) Pause(tenant, slot string) error {
 	return nil
 }
 
-func (p pauser) Resume(tenant, slot string) error {
+func (p pauser) Resume(tenant, slot string, rec *journal.Record) error {
 	p.a.pauseMu.Lock()
 	defer p.a.pauseMu.Unlock()
 	if _, found := p.a.policy.Paused(tenant, slot); !found {
@@ -106,9 +110,8 @@ func (p pauser) Resume(tenant, slot string) error {
 		return rotation.ErrPausedMeanwhile
 	}
 	if p.a.journal != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
-		defer cancel()
-		if err := p.a.journal.Delete(ctx, pauseKeyPrefix+tenant+"/"+slot); err != nil {
+		change := journal.StateChange{Key: pauseKeyPrefix + tenant + "/" + slot, Delete: true}
+		if err := p.a.commitWithRecord(rec, change); err != nil {
 			return &proto.Error{Code: proto.JournalUnavailable, Msg: "the slot stays paused: its resume could not be stored in the journal"}
 		}
 	}
@@ -120,6 +123,16 @@ func (p pauser) Resume(tenant, slot string) error {
 		// made meanwhile would.
 		return fmt.Errorf("%w: %w", rotation.ErrPausedMeanwhile, err)
 	}
+	return err
+}
+
+// commitWithRecord commits a stored pause's change with its audit record.
+func (a *Agent) commitWithRecord(rec *journal.Record, change journal.StateChange) error {
+	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
+	defer cancel()
+	t0 := time.Now()
+	err := a.journal.AppendWithState(ctx, rec, change)
+	a.metrics.journalAppended(time.Since(t0), err)
 	return err
 }
 

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/policy"
 	"github.com/sigil-agent/sigil/proto"
 	"go.uber.org/zap/zaptest"
@@ -54,11 +55,12 @@ type operatorFirst struct {
 	operator pauser
 }
 
-func (p operatorFirst) Pause(tenant, slot string) error {
-	if err := p.operator.Pause(tenant, slot); err != nil {
+func (p operatorFirst) Pause(tenant, slot string, rec *journal.Record) error {
+	op := p.a.eventRecord("pause", tenant+"/"+slot, proto.OK, "by operator")
+	if err := p.operator.Pause(tenant, slot, &op); err != nil {
 		return err
 	}
-	return p.pauser.Pause(tenant, slot)
+	return p.pauser.Pause(tenant, slot, rec)
 }
 
 // An operator's pause that lands between a drill's "was it paused" check

@@ -995,3 +995,75 @@ func TestPolicyOrderHoldsForAnUnknownHash(t *testing.T) {
 		})
 	}
 }
+
+// A pause or a resume is stored in the same commit as its audit record.
+// They were two commits: a resume stored, then its record refused (here
+// the journal's tail log failing, as an agent killed between the two
+// would leave it), answered OK and the slot signed on, while the journal's
+// last word on the slot was its pause; killed the other way round, an
+// agent restarted paused with no record of the pause.
+func TestPauseAndResumeAreStoredWithTheirRecords(t *testing.T) {
+	cfg := pauseConfig(t)
+	if err := os.WriteFile(cfg.Policy, []byte(pausePolicy(true)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	sign := releaseSigner("pause and record")
+	tailFaults := faultsWhere(func(op errorfs.Op) bool {
+		return op.Kind.ReadOrWrite() == errorfs.OpIsWrite && filepath.Base(op.Path) == "journal.tail"
+	})
+	for _, op := range []string{"pause", "resume"} {
+		t.Run(op, func(t *testing.T) {
+			var opErr, signErr error
+			agentLifetime(t, cfg, func(c, admin *client.Client) {
+				if op == "resume" {
+					if _, err := admin.Pause(ctx, "payments/release"); err != nil {
+						t.Fatal(err)
+					}
+				} else if _, err := admin.Resume(ctx, "payments/release"); err != nil {
+					t.Fatal(err)
+				}
+				tailFaults.On()
+				if op == "pause" {
+					_, opErr = admin.Pause(ctx, "payments/release")
+				} else {
+					_, opErr = admin.Resume(ctx, "payments/release")
+				}
+				tailFaults.Off()
+				deadline := time.Now().Add(10 * time.Second)
+				for signErr = sign(c); client.Code(signErr) == proto.JournalUnavailable && time.Now().Before(deadline); signErr = sign(c) {
+					time.Sleep(20 * time.Millisecond)
+				}
+			}, agent.WithJournalFS(errorfs.Wrap(vfs.Default, tailFaults)))
+			if signErr != nil && client.Code(signErr) != proto.Paused {
+				t.Fatalf("after the %s: %v", op, signErr)
+			}
+			signs := signErr == nil
+
+			j, err := journal.Open(journal.Options{Dir: filepath.Join(cfg.DataDir, "journal")})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer j.Close()
+			last := ""
+			j.Scan(ctx, journal.Filter{}, func(r *journal.Record) error {
+				if (r.Op == "pause" || r.Op == "resume") && r.Slot == "payments/release" && r.CodeName == proto.OK.String() {
+					last = r.Op
+				}
+				return nil
+			})
+			_, err = j.Get("pause/payments/release")
+			stored := err == nil
+			t.Logf("%s answered %v; the slot signs: %v; pause stored: %v; last record: %s", op, opErr, signs, stored, last)
+			if signs == stored {
+				t.Errorf("the slot signs: %v, and a pause is stored: %v", signs, stored)
+			}
+			if want := map[bool]string{true: "resume", false: "pause"}[signs]; last != want {
+				t.Errorf("the slot signs: %v, but the journal's last pause or resume of it is %q", signs, last)
+			}
+			if opErr == nil && signs != (op == "resume") {
+				t.Errorf("%s answered OK, and the slot signs: %v", op, signs)
+			}
+		})
+	}
+}

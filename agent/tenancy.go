@@ -293,13 +293,18 @@ func firstLine(s string) string {
 	return s
 }
 
+// eventRecord is the audit record of an operator action.
+func (a *Agent) eventRecord(op, slot string, code proto.Code, detail string) journal.Record {
+	return journal.Record{Op: op, Slot: slot, Code: uint16(code), CodeName: code.String(), Detail: detail, Peer: "agent"}
+}
+
 // journalEvent records an operator action. Failing to record one is logged;
 // the action itself has happened.
 func (a *Agent) journalEvent(op, slot string, code proto.Code, detail string) {
 	if a.journal == nil {
 		return
 	}
-	r := journal.Record{Op: op, Slot: slot, Code: uint16(code), CodeName: code.String(), Detail: detail, Peer: "agent"}
+	r := a.eventRecord(op, slot, code, detail)
 	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
 	defer cancel()
 	t0 := time.Now()
@@ -362,11 +367,16 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 		var err error
 		op := "pause"
 		p := pauser{a: c.a, by: c.peer.String()}
+		rec := c.a.eventRecord(op, req.Key, proto.OK, "by "+c.peer.String())
 		if req.Op == proto.OpPause {
-			err = p.Pause(tenant, slot)
+			err = p.Pause(tenant, slot, &rec)
 		} else {
 			op = "resume"
-			err = p.Resume(tenant, slot)
+			rec.Op = op
+			if c.a.policy.PausedInFile(tenant, slot) {
+				rec.Detail = "run-time pause lifted; the policy file still pauses the slot"
+			}
+			err = p.Resume(tenant, slot, &rec)
 		}
 		switch {
 		case errors.Is(err, policy.ErrSlotNotFound):
@@ -375,13 +385,11 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 			c.a.journalEvent(op, req.Key, proto.JournalUnavailable, "by "+c.peer.String()+"; in force until a restart: the pause could not be stored")
 			return &proto.Error{Code: proto.JournalUnavailable, Msg: "the slot is paused, but the pause could not be stored in the journal: it lasts until the agent restarts"}
 		case errors.Is(err, policy.ErrPausedInFile):
-			c.a.journalEvent(op, req.Key, proto.OK, "run-time pause lifted; the policy file still pauses the slot")
 			resp.Msg = "the policy file itself pauses this slot: it stays paused until the file says paused: false and is reloaded"
 			return nil
 		case err != nil:
 			return err
 		}
-		c.a.journalEvent(op, req.Key, proto.OK, "by "+c.peer.String())
 		c.log.Info("slot "+op+"d by an admin", zap.String("slot", req.Key))
 		return nil
 	case proto.OpAuditVerify:

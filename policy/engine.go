@@ -586,6 +586,12 @@ func (e *Engine) Resume(tenant, slot string) error {
 	return nil
 }
 
+// PausedInFile reports whether the policy file itself pauses the slot.
+func (e *Engine) PausedInFile(tenant, slot string) bool {
+	sl, _, ok := e.lookup(tenant, slot)
+	return ok && sl.Policy.Paused
+}
+
 // Paused reports whether the slot is paused, by its file or at run time;
 // found is false for an unknown slot.
 func (e *Engine) Paused(tenant, slot string) (paused, found bool) {

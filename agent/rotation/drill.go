@@ -25,9 +25,15 @@ import (
 // Resume lifts only the pause this Pauser made: when someone paused the
 // slot again meanwhile (an operator, during the drill), it returns
 // ErrPausedMeanwhile and the slot stays paused.
+//
+// Each commits rec, the change's audit record, in one atomic commit with
+// the stored change (journal.AppendWithState), and does not commit it
+// when it changes nothing (ErrPausedAlready, ErrPausedMeanwhile): a crash
+// between two commits left a pause stored that no record showed, or a
+// resume in force that the journal did not know.
 type Pauser interface {
-	Pause(tenant, slot string) error
-	Resume(tenant, slot string) error
+	Pause(tenant, slot string, rec *journal.Record) error
+	Resume(tenant, slot string, rec *journal.Record) error
 }
 
 var (
@@ -116,7 +122,7 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 	rep.FirstSeq = first.Seq
 
 	drillErr := func() error {
-		switch err := p.Pause(tenant, name); {
+		switch err := p.Pause(tenant, name, rec("pause", "incident drill: signing refused with PAUSED")); {
 		case errors.Is(err, ErrPausedAlready):
 			// The operator's pause, and who made it, stay as they are.
 			rep.WasPaused = true
@@ -125,10 +131,6 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 			}
 		case err != nil:
 			return fmt.Errorf("pause: %w", err)
-		default:
-			if err := appendRec(rec("pause", "incident drill: signing refused with PAUSED")); err != nil {
-				return fmt.Errorf("pause: journal: %w", err)
-			}
 		}
 		opts.Emergency = true
 		if opts.Reason == "" {
@@ -142,7 +144,7 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 		if rep.WasPaused {
 			return nil
 		}
-		if err := p.Resume(tenant, name); errors.Is(err, ErrPausedMeanwhile) {
+		if err := p.Resume(tenant, name, rec("resume", "incident drill: signing resumed")); errors.Is(err, ErrPausedMeanwhile) {
 			// An operator paused the slot during the drill: their pause
 			// stands, as one made before the drill would.
 			rep.PausedMeanwhile = true
@@ -154,9 +156,6 @@ func (r *Rotator) Drill(ctx context.Context, slot string, p Pauser, opts RotateO
 			return fmt.Errorf("resume: %w", err)
 		}
 		rep.Resumed = true
-		if err := appendRec(rec("resume", "incident drill: signing resumed")); err != nil {
-			return fmt.Errorf("resume: journal: %w", err)
-		}
 		return nil
 	}()
 

@@ -18,14 +18,17 @@ import (
 )
 
 // fakePauser records Pause and Resume calls, as the agent's pauser would
-// take them: a slot paused already it leaves alone.
+// take them: a slot paused already it leaves alone. It journals the
+// change's record in j, as the agent's pauser commits it with the stored
+// pause.
 type fakePauser struct {
+	j      *journal.Journal
 	mu     sync.Mutex
 	paused map[string]bool
 	calls  []string
 }
 
-func (p *fakePauser) Pause(tenant, slot string) error {
+func (p *fakePauser) Pause(tenant, slot string, rec *journal.Record) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.paused == nil {
@@ -36,15 +39,15 @@ func (p *fakePauser) Pause(tenant, slot string) error {
 	}
 	p.paused[tenant+"/"+slot] = true
 	p.calls = append(p.calls, "pause "+tenant+"/"+slot)
-	return nil
+	return p.j.Append(context.Background(), rec)
 }
 
-func (p *fakePauser) Resume(tenant, slot string) error {
+func (p *fakePauser) Resume(tenant, slot string, rec *journal.Record) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.paused[tenant+"/"+slot] = false
 	p.calls = append(p.calls, "resume "+tenant+"/"+slot)
-	return nil
+	return p.j.Append(context.Background(), rec)
 }
 
 func (p *fakePauser) isPaused(slot string) bool {
@@ -76,7 +79,7 @@ func (s *pauseCheckingSigner) Sign(ctx context.Context, key string, alg provider
 // nor resumes it: the slot stays paused, and the statement says so.
 func TestDrillOfAPausedSlotLeavesItPaused(t *testing.T) {
 	e := newEnv(t, providers.KeyECDSAP256)
-	p := &fakePauser{paused: map[string]bool{testSlot: true}}
+	p := &fakePauser{j: e.j, paused: map[string]bool{testSlot: true}}
 	o := e.opts()
 	o.Signer = &pauseCheckingSigner{inner: e.soft, pauser: p, j: e.j}
 	rep, err := e.rot.Drill(context.Background(), testSlot, p, o)
@@ -99,7 +102,7 @@ func TestDrill(t *testing.T) {
 	e.rotate() // v1 accepted until its T1, v2 active
 	v1, _ := e.store.Get(testSlot)
 	old := e.active()
-	p := &fakePauser{}
+	p := &fakePauser{j: e.j}
 	signer := &pauseCheckingSigner{inner: e.soft, pauser: p, j: e.j}
 	o := e.opts()
 	o.Signer, o.Peer = signer, "admin uid:0"
@@ -179,9 +182,9 @@ type cancellingPauser struct {
 	cancel context.CancelFunc
 }
 
-func (p *cancellingPauser) Resume(tenant, slot string) error {
+func (p *cancellingPauser) Resume(tenant, slot string, rec *journal.Record) error {
 	p.cancel()
-	return p.fakePauser.Resume(tenant, slot)
+	return p.fakePauser.Resume(tenant, slot, rec)
 }
 
 // A drill whose caller goes away after the rotation still writes its
@@ -190,7 +193,7 @@ func TestDrillOutlivesItsCaller(t *testing.T) {
 	e := newEnv(t, providers.KeyECDSAP256)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	p := &cancellingPauser{cancel: cancel}
+	p := &cancellingPauser{fakePauser: fakePauser{j: e.j}, cancel: cancel}
 	rep, err := e.rot.Drill(ctx, testSlot, p, e.opts())
 	if err != nil {
 		t.Fatalf("Drill: %v", err)
@@ -207,7 +210,7 @@ func TestDrillOutlivesItsCaller(t *testing.T) {
 func TestDrillFailureLeavesSlotPaused(t *testing.T) {
 	e := newEnv(t, providers.KeyEd25519)
 	old := e.active()
-	p := &fakePauser{}
+	p := &fakePauser{j: e.j}
 	o := e.opts()
 	o.Maker = failingMaker{fmt.Errorf("generate: %w", providers.ErrUnavailable)}
 	rep, err := e.rot.Drill(context.Background(), testSlot, p, o)
@@ -236,7 +239,7 @@ func TestDrillFailureLeavesSlotPaused(t *testing.T) {
 // drill runs: its Resume refuses, as the agent's does for a drill.
 type meanwhilePauser struct{ fakePauser }
 
-func (p *meanwhilePauser) Resume(tenant, slot string) error {
+func (p *meanwhilePauser) Resume(tenant, slot string, _ *journal.Record) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.calls = append(p.calls, "resume refused "+tenant+"/"+slot)
@@ -247,7 +250,7 @@ func (p *meanwhilePauser) Resume(tenant, slot string) error {
 // the slot, succeeds, and the statement says the slot stays paused.
 func TestDrillLeavesAPauseMadeDuringIt(t *testing.T) {
 	e := newEnv(t, providers.KeyECDSAP256)
-	p := &meanwhilePauser{}
+	p := &meanwhilePauser{fakePauser{j: e.j}}
 	o := e.opts()
 	o.Signer = &pauseCheckingSigner{inner: e.soft, pauser: &p.fakePauser, j: e.j}
 	rep, err := e.rot.Drill(context.Background(), testSlot, p, o)

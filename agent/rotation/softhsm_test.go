@@ -74,7 +74,7 @@ func TestSoftHSMRotationAndDrill(t *testing.T) {
 	}
 	e.clock.Advance(time.Hour)
 
-	pauser := &fakePauser{}
+	pauser := &fakePauser{j: e.j}
 	rep, err := e.rot.Drill(ctx, testSlot, pauser, o)
 	if err != nil {
 		t.Fatalf("Drill: %v", err)
