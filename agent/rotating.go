@@ -169,8 +169,7 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 			a.log.Error("rotation scheduler stopped", zap.Error(err))
 		}
 	})
-	pub := rotation.MarshalEvidencePublicKey(rot.EvidencePublicKey())
-	if err := os.WriteFile(filepath.Join(a.cfg.DataDir, "evidence.pub"), pub, 0o644); err != nil {
+	if err := rotation.CopyEvidencePublicKey(a.cfg.DataDir, "evidence.pub", rot.EvidencePublicKey()); err != nil {
 		a.log.Warn("could not write the evidence public key", zap.Error(err))
 	}
 	return nil

@@ -693,3 +693,36 @@ func TestLostEvidenceKeyIsNotReplacedSilently(t *testing.T) {
 		})
 	}
 }
+
+// DATA_DIR/evidence.pub, the operator's copy of the evidence public key
+// (the way back when evidence.key is lost), used to be written in place at
+// every start: an agent killed during that write left it cut short. It is
+// replaced whole now, through a temporary file and a rename, so a link to
+// the old file (here standing for a reader holding the old one) keeps the
+// old bytes, and the new file holds the key.
+func TestEvidencePublicKeyIsReplacedWhole(t *testing.T) {
+	cfg := smallRotationConfig(t)
+	agentLifetime(t, cfg, func(_, _ *client.Client) {})
+	pubFile := filepath.Join(cfg.DataDir, "evidence.pub")
+	want, err := os.ReadFile(pubFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	witness := filepath.Join(t.TempDir(), "witness")
+	if err := os.WriteFile(witness, []byte("the old file\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(pubFile); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Link(witness, pubFile); err != nil {
+		t.Skipf("no hard links here: %v", err)
+	}
+	agentLifetime(t, cfg, func(_, _ *client.Client) {})
+	if got, _ := os.ReadFile(witness); string(got) != "the old file\n" {
+		t.Fatalf("evidence.pub was written in place: the old file now holds %q", got)
+	}
+	if got, _ := os.ReadFile(pubFile); !bytes.Equal(got, want) {
+		t.Fatalf("evidence.pub after the start: %q, want the evidence public key %q", got, want)
+	}
+}

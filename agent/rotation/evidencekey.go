@@ -58,6 +58,18 @@ func WriteEvidencePublicKey(dir string, pub ed25519.PublicKey) (string, error) {
 	return path, nil
 }
 
+// CopyEvidencePublicKey writes pub as dir/name, replacing whatever is
+// there: the agent's own copy of the key in force (DATA_DIR/evidence.pub),
+// for operators. It is replaced whole, through a temporary file and a
+// rename, as written in place an agent killed during the write would leave
+// it cut short; a file already holding pub is left as it is.
+func CopyEvidencePublicKey(dir, name string, pub ed25519.PublicKey) error {
+	if had, err := readEvidencePublicKey(filepath.Join(dir, name)); err == nil && had.Equal(pub) {
+		return nil
+	}
+	return writeFileAtomic(dir, name, MarshalEvidencePublicKey(pub))
+}
+
 // OpenEvidenceKey loads the evidence key at keyPath. It creates one
 // (LoadOrCreateEvidenceKey) only when no evidence of an earlier key is
 // kept: no public key file in evidenceDir, and every pack there and in
