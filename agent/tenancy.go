@@ -134,8 +134,15 @@ func (c *conn) slotKey(slot *policy.Slot, kid string, verify bool) (*keyEntry, i
 		}
 		if kid != "" && v.KID != kid {
 			if !verify {
-				if _, verr := store.VersionForVerify(slot.FullName(), kid, time.Now()); verr == nil {
-					return nil, 0, &proto.Error{Code: proto.KeyRetired, Msg: "that key version verifies only; sign with the slot's name"}
+				// The request may have named the slot as well as the kid
+				// (a Go client's Signer does): the kid is what to drop.
+				switch _, verr := store.VersionForVerify(slot.FullName(), kid, time.Now()); {
+				case verr == nil:
+					return nil, 0, &proto.Error{Code: proto.KeyRetired, Msg: "that key version verifies only: it is no longer the slot's active version; to sign with that one, name the slot and no kid"}
+				case errors.Is(verr, rotation.ErrKeyRetired):
+					// A version of the slot still, as Verify answers: not
+					// NOT_FOUND, which would say the slot has no such kid.
+					return nil, 0, &proto.Error{Code: proto.KeyRetired, Msg: "that key version is retired: it no longer signs or verifies; to sign with the slot's active version, name the slot and no kid"}
 				}
 				return nil, 0, rotationError(rotation.ErrNotFound)
 			}

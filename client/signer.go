@@ -8,6 +8,7 @@ import (
 	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -17,11 +18,14 @@ import (
 	"github.com/sigil-agent/sigil/proto"
 )
 
-// Signer is a crypto.Signer backed by a key behind the agent. It signs by
-// kid, so it keeps signing with the key whose public half it returned even
-// if the name later points elsewhere; made from a name, it signs by the name
-// and the kid both, so the agent applies that key slot's policy (two slots
-// may share a key) and refuses if the slot's key is no longer that kid.
+// Signer is a crypto.Signer backed by a key behind the agent. It signs
+// only with the key whose public half Public returns: by kid, and, made
+// from a name, by the name and the kid both, so that the agent applies that
+// key slot's policy (two slots may share a key). When that key no longer
+// signs under the name, Sign fails and Public still returns it: after the
+// slot rotated to another version, KEY_RETIRED (the old version accepted
+// or retired alike); for a name that now means another key, NOT_FOUND. A
+// new Signer (or TLSCertificate) signs with the current key.
 type Signer struct {
 	c       *Client
 	key     Key
@@ -133,6 +137,12 @@ func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 	defer cancel()
 	sig, err := s.c.Sign(ctx, s.ref, alg, digest)
 	if err != nil {
+		var pe *proto.Error
+		if errors.As(err, &pe) && pe.Code == proto.KeyRetired {
+			// The agent's remedy (a request without the kid) is not one a
+			// Signer can take: it signs only with the key Public returns.
+			return nil, failed(fmt.Sprintf("Sign with this Signer's key (kid %s), which its slot no longer signs with: make a new Signer (or TLSCertificate) for the active version", s.key.KID), err)
+		}
 		return nil, err
 	}
 	return sig.Sig, nil
