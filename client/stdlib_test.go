@@ -449,18 +449,70 @@ func handshakeErr(server, cfg *tls.Config) error {
 	return nil
 }
 
-// An agent restart while a Signer is in use: goroutines signing through
-// it see either a signature that verifies or UNAVAILABLE (a request lost
-// with the connection, or none to send it on), never another code or a
-// bad signature; once the agent is back, the same Signer signs again.
+// An agent restart while a Signer is in use, on the Unix socket and over
+// mutual TLS: goroutines signing through it see either a signature that
+// verifies or UNAVAILABLE (a request lost with the connection, or none to
+// send it on), never another code or a bad signature; once the agent is
+// back, the same Signer signs again.
 func TestSignerAcrossAnAgentRestart(t *testing.T) {
-	cfg := agentConfig(t)
-	cfg.DataDir = t.TempDir() // the same keys after the restart
-	dir, _ := os.MkdirTemp("", "sigil-c")
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	cfg.Socket = filepath.Join(dir, "agent.sock")
-	a := run(t, cfg)
-	c := dial(t, cfg.Socket)
+	t.Run("unix", func(t *testing.T) {
+		cfg := agentConfig(t)
+		cfg.DataDir = t.TempDir() // the same keys after the restart
+		dir, _ := os.MkdirTemp("", "sigil-c")
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		cfg.Socket = filepath.Join(dir, "agent.sock")
+		start := func() *agent.Agent { return run(t, cfg) }
+		signAcrossARestart(t, start, func() *client.Client { return dial(t, cfg.Socket) })
+	})
+	t.Run("tls", func(t *testing.T) {
+		cfg := agentConfig(t)
+		cfg.DataDir = t.TempDir()
+		dir, _ := os.MkdirTemp("", "sigil-c")
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		cfg.Socket = filepath.Join(dir, "agent.sock")
+		ca, err := devcerts.NewCA("restart CA")
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv, err := ca.Issue(devcerts.Leaf{CommonName: "sigil agent", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.TCP.CertFile, cfg.TCP.KeyFile, _ = srv.Write(dir, "server")
+		cfg.TCP.ClientCAFile, _ = ca.WriteCert(dir, "clients-ca")
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.TCP.Listen = ln.Addr().String()
+		ln.Close()
+		start := func() *agent.Agent {
+			a := run(t, cfg)
+			tln, err := a.ListenTLS()
+			if err != nil {
+				t.Fatal(err)
+			}
+			go a.Serve(tln)
+			return a
+		}
+		cert, err := ca.Issue(devcerts.Leaf{CommonName: "restart-client"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		signAcrossARestart(t, start, func() *client.Client {
+			c, err := client.DialTLS(context.Background(), cfg.TCP.Listen, &tls.Config{RootCAs: ca.Pool(), Certificates: []tls.Certificate{cert.TLS}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { c.Close() })
+			return c
+		})
+	})
+}
+
+func signAcrossARestart(t *testing.T, start func() *agent.Agent, dial func() *client.Client) {
+	a := start()
+	c := dial()
 	s, err := c.Signer(context.Background(), client.ByName("p256"))
 	if err != nil {
 		t.Fatal(err)
@@ -502,7 +554,7 @@ func TestSignerAcrossAnAgentRestart(t *testing.T) {
 	waitFor(50)
 	a.Shutdown(context.Background())
 	time.Sleep(50 * time.Millisecond) // callers meet the agent gone
-	run(t, cfg)
+	start()
 	before := signed.Load()
 	waitFor(before + 50)
 	stop.Store(true)
