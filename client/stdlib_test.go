@@ -116,7 +116,7 @@ func tlsSchemes(pub crypto.PublicKey, v uint16) []tls.SignatureScheme {
 // crypto.Signer the standard library takes as it takes its own keys: TLS
 // 1.3 and 1.2 servers and clients authenticate with it, for every signature
 // scheme the version allows, and x509 makes and checks certificates
-// (self-signed and issued by it) and CSRs with every signature algorithm
+// (self-signed and issued by it), CRLs and CSRs with every signature algorithm
 // the key can make. The stdlib's own verification (the TLS peer's, x509's)
 // checks each signature.
 func TestSignerInTheStandardLibrary(t *testing.T) {
@@ -185,7 +185,8 @@ func TestSignerInTheStandardLibrary(t *testing.T) {
 }
 
 // checkX509 makes a self-signed CA certificate with s, a leaf it issues,
-// and a CSR, all with alg, and checks them with x509.
+// a CRL revoking the leaf and a CSR, all with alg, and checks them with
+// x509.
 func checkX509(t *testing.T, s crypto.Signer, alg x509.SignatureAlgorithm) {
 	t.Helper()
 	now := time.Now()
@@ -194,7 +195,7 @@ func checkX509(t *testing.T, s crypto.Signer, alg x509.SignatureAlgorithm) {
 		Subject:               pkix.Name{CommonName: "sigil root"},
 		NotBefore:             now.Add(-time.Hour),
 		NotAfter:              now.Add(time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
 		IsCA:                  true,
 		BasicConstraintsValid: true,
 		SignatureAlgorithm:    alg,
@@ -240,6 +241,26 @@ func checkX509(t *testing.T, s crypto.Signer, alg x509.SignatureAlgorithm) {
 	roots.AddCert(root)
 	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, DNSName: "leaf.sigil.test"}); err != nil {
 		t.Fatalf("issued: %v", err)
+	}
+
+	crlDER, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
+		Number:             big.NewInt(1),
+		ThisUpdate:         now,
+		NextUpdate:         now.Add(time.Hour),
+		SignatureAlgorithm: alg,
+		RevokedCertificateEntries: []x509.RevocationListEntry{
+			{SerialNumber: leaf.SerialNumber, RevocationTime: now},
+		},
+	}, root, s)
+	if err != nil {
+		t.Fatalf("CRL: %v", err)
+	}
+	crl, err := x509.ParseRevocationList(crlDER)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := crl.CheckSignatureFrom(root); err != nil {
+		t.Fatalf("CRL: %v", err)
 	}
 
 	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
