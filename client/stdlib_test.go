@@ -342,6 +342,11 @@ func TestSignerOptionEdgeCases(t *testing.T) {
 				t.Fatalf("Sign = %x, %v; want %s", sig, err, tc.want)
 			}
 			if tc.want != proto.OK {
+				// Led by the code's name, which the rest does not repeat.
+				words := strings.ToLower(strings.ReplaceAll(tc.want.String(), "_", " "))
+				if text := strings.ToLower(strings.ReplaceAll(err.Error(), "_", " ")); !strings.HasPrefix(text, words+": ") || strings.Count(text, words) != 1 {
+					t.Errorf("the error says its code other than once, first: %q", err)
+				}
 				return
 			}
 			if err := verifyUnder(s.Public(), tc.digest, tc.opts, sig); err != nil {

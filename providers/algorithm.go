@@ -142,32 +142,47 @@ func CheckRequest(t KeyType, alg Algorithm, digest []byte) error {
 	switch alg.Scheme {
 	case SchemeECDSA:
 		if !t.IsECDSA() {
-			return fmt.Errorf("%s with a key of type %s: %w", alg.Scheme, t, ErrUnsupportedAlgorithm)
+			return refuse(ErrUnsupportedAlgorithm, "%s is not for a key of type %s", alg.Scheme, t)
 		}
 	case SchemePKCS1v15, SchemePSS:
 		if !t.IsRSA() {
-			return fmt.Errorf("%s with a key of type %s: %w", alg.Scheme, t, ErrUnsupportedAlgorithm)
+			return refuse(ErrUnsupportedAlgorithm, "%s is not for a key of type %s", alg.Scheme, t)
 		}
 	case SchemeEd25519:
 		if t != KeyEd25519 {
-			return fmt.Errorf("%s with a key of type %s: %w", alg.Scheme, t, ErrUnsupportedAlgorithm)
+			return refuse(ErrUnsupportedAlgorithm, "%s is not for a key of type %s", alg.Scheme, t)
 		}
 		if alg.Hash != 0 {
-			return fmt.Errorf("ed25519 signs the message itself; hash %s: %w", hashName(alg.Hash), ErrUnsupportedAlgorithm)
+			return refuse(ErrUnsupportedAlgorithm, "ed25519 signs the message itself, not a %s digest", hashName(alg.Hash))
 		}
 		return nil
 	default:
-		return fmt.Errorf("%s: %w", alg.Scheme, ErrUnsupportedAlgorithm)
+		return refuse(ErrUnsupportedAlgorithm, "unknown signature scheme %d", uint8(alg.Scheme))
 	}
 	switch alg.Hash {
 	case crypto.SHA256, crypto.SHA384, crypto.SHA512:
 	default:
-		return fmt.Errorf("hash %v: %w", alg.Hash, ErrUnsupportedAlgorithm)
+		return refuse(ErrUnsupportedAlgorithm, "hash %v is not supported (sha256, sha384, sha512)", alg.Hash)
 	}
 	if len(digest) != alg.Hash.Size() {
-		return fmt.Errorf("digest of %d bytes for %s (want %d): %w", len(digest), hashName(alg.Hash), alg.Hash.Size(), ErrBadRequest)
+		return refuse(ErrBadRequest, "digest of %d bytes for %s (want %d)", len(digest), hashName(alg.Hash), alg.Hash.Size())
 	}
 	return nil
+}
+
+// refusal is a request refused for what it asks. Its text is the reason
+// alone: the agent sends it to the caller after the name of the code kind
+// maps to, which kind's own text ("bad request") would only repeat.
+type refusal struct {
+	reason string
+	kind   error // ErrUnsupportedAlgorithm or ErrBadRequest
+}
+
+func (r *refusal) Error() string { return r.reason }
+func (r *refusal) Unwrap() error { return r.kind }
+
+func refuse(kind error, format string, args ...any) error {
+	return &refusal{reason: fmt.Sprintf(format, args...), kind: kind}
 }
 
 func marshalSPKI(pub crypto.PublicKey) ([]byte, error) {
