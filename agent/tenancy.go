@@ -138,11 +138,11 @@ func (c *conn) slotKey(slot *policy.Slot, kid string, verify bool) (*keyEntry, i
 				// (a Go client's Signer does): the kid is what to drop.
 				switch _, verr := store.VersionForVerify(slot.FullName(), kid, time.Now()); {
 				case verr == nil:
-					return nil, 0, &proto.Error{Code: proto.KeyRetired, Msg: "that key version verifies only: it is no longer the slot's active version; to sign with that one, name the slot and no kid"}
+					return nil, 0, &proto.Error{Code: proto.KeyRetired, Msg: "that key version verifies only: the slot signs with another version now; name the slot and no kid to sign with that one"}
 				case errors.Is(verr, rotation.ErrKeyRetired):
 					// A version of the slot still, as Verify answers: not
 					// NOT_FOUND, which would say the slot has no such kid.
-					return nil, 0, &proto.Error{Code: proto.KeyRetired, Msg: "that key version is retired: it no longer signs or verifies; to sign with the slot's active version, name the slot and no kid"}
+					return nil, 0, &proto.Error{Code: proto.KeyRetired, Msg: "that key version is retired: it neither signs nor verifies; name the slot and no kid to sign with the slot's current version"}
 				}
 				return nil, 0, rotationError(rotation.ErrNotFound)
 			}

@@ -116,8 +116,8 @@ func TestSignerAcrossARotation(t *testing.T) {
 	}
 	for _, s := range []*client.Signer{byName, byKID, fresh} {
 		sig, err := s.Sign(nil, digestFor(crypto.SHA256, "after the drill"), crypto.SHA256)
-		if client.Code(err) != proto.KeyRetired {
-			t.Errorf("a retired version (%s): Sign = %x, %v; want KEY_RETIRED", s.Key().KID, sig, err)
+		if client.Code(err) != proto.KeyRetired || !strings.Contains(err.Error(), "new Signer") {
+			t.Errorf("a retired version (%s): Sign = %x, %v; want KEY_RETIRED, saying to make a new Signer", s.Key().KID, sig, err)
 		}
 	}
 }

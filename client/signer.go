@@ -141,7 +141,7 @@ func (s *Signer) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byt
 		if errors.As(err, &pe) && pe.Code == proto.KeyRetired {
 			// The agent's remedy (a request without the kid) is not one a
 			// Signer can take: it signs only with the key Public returns.
-			return nil, failed(fmt.Sprintf("Sign with this Signer's key (kid %s), which its slot no longer signs with: make a new Signer (or TLSCertificate) for the active version", s.key.KID), err)
+			return nil, failed(fmt.Sprintf("Sign with this Signer's key, kid %s (a new Signer or TLSCertificate takes the slot's current key)", s.key.KID), err)
 		}
 		return nil, err
 	}
