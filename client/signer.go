@@ -63,6 +63,13 @@ func (c *Client) Signer(ctx context.Context, ref KeyRef) (*Signer, error) {
 // *proto.Error.
 // name is what Signer takes: a key name, or a policy slot as the tenant
 // sees it ("release") or qualified ("payments/release").
+//
+// TLS picks the signature scheme from the peer's preferences before the
+// agent's policy has a say: under a slot policy that allows some
+// algorithms only, set SupportedSignatureAlgorithms to those, or the
+// handshakes whose pick falls outside them fail (UNSUPPORTED_ALGORITHM in
+// the server's error). Go's TLS 1.2 signs with ECDSA SHA-256 for a P-384
+// key and prefers RSA-PSS; TLS 1.3 signs RSA with PSS only.
 func (c *Client) TLSCertificate(ctx context.Context, name string) (tls.Certificate, error) {
 	keys, err := c.ListKeys(ctx)
 	if err != nil {

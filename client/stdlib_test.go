@@ -439,7 +439,7 @@ func TestSignerSharedByManyGoroutines(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				errs <- handshakeErr(server, &tls.Config{RootCAs: ca.Pool(), ServerName: "sigil.test"})
+				errs <- handshakeErr(server, &tls.Config{RootCAs: ca.Pool(), ServerName: "sigil.test"}, nil)
 			}()
 		}
 		wg.Wait()
@@ -453,19 +453,29 @@ func TestSignerSharedByManyGoroutines(t *testing.T) {
 }
 
 // handshakeErr is handshake for goroutines other than the test's: it
-// returns the first failure of either side.
-func handshakeErr(server, cfg *tls.Config) error {
+// returns the first failure of either side, and the server's own in
+// *serverErr when that is not nil.
+func handshakeErr(server, cfg *tls.Config, serverErr *error) error {
 	srvConn, cliConn := net.Pipe()
 	defer srvConn.Close()
 	defer cliConn.Close()
 	srv, cli := tls.Server(srvConn, server), tls.Client(cliConn, cfg)
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Handshake() }()
+	go func() {
+		err := srv.Handshake()
+		if err != nil {
+			srvConn.Close() // else the client waits on the pipe for good
+		}
+		errc <- err
+	}()
 	cerr := cli.Handshake()
 	if cerr != nil {
-		srvConn.Close()
+		cliConn.Close()
 	}
 	serr := <-errc
+	if serverErr != nil {
+		*serverErr = serr
+	}
 	if cerr != nil {
 		return fmt.Errorf("client handshake: %w", cerr)
 	}
@@ -597,4 +607,98 @@ func signAcrossARestart(t *testing.T, start func() *agent.Agent, dial func() *cl
 	if err := verifyUnder(s.Public(), digest, crypto.SHA256, sig); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A slot policy that allows some algorithms only: TLS picks the signature
+// scheme from the peer's preferences before the agent's policy has a say,
+// so a Certificate whose SupportedSignatureAlgorithms does not match the
+// policy fails the handshakes where the pick falls outside it, with the
+// policy's UNSUPPORTED_ALGORITHM in the server's error (a P-384 key
+// allowed ecdsa-sha384 only, in TLS 1.2, where Go picks ECDSA with
+// SHA-256; an RSA key allowed PKCS#1 v1.5 only, in either version). Set
+// to the policy's schemes, the same handshakes complete.
+func TestSignerInTLSUnderAnAlgorithmPolicy(t *testing.T) {
+	cfg := agentConfig(t)
+	cfg.DefaultKey = ""
+	cfg.DataDir = t.TempDir()
+	dir, _ := os.MkdirTemp("", "sigil-pol")
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	cfg.Socket = filepath.Join(dir, "agent.sock")
+	cfg.Policy = filepath.Join(dir, "policy.yaml")
+	policy := fmt.Sprintf(`tenants:
+  - name: web
+    identities: {unix_uids: [%d]}
+    slots:
+      - {name: p384, key: p384, policy: {algorithms: [ecdsa-sha384]}}
+      - {name: rsa, key: rsa, policy: {algorithms: [rsa-pkcs1v15-sha256]}}
+`, os.Getuid())
+	if err := os.WriteFile(cfg.Policy, []byte(policy), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	run(t, cfg)
+	c := dial(t, cfg.Socket)
+	ca, err := devcerts.NewCA("policy root")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		slot     string
+		version  uint16
+		schemes  []tls.SignatureScheme // the policy's, for the Certificate
+		unlisted bool                  // without them the handshake still completes
+	}{
+		{"p384", tls.VersionTLS13, []tls.SignatureScheme{tls.ECDSAWithP384AndSHA384}, true},
+		{"p384", tls.VersionTLS12, []tls.SignatureScheme{tls.ECDSAWithP384AndSHA384}, false},
+		{"rsa", tls.VersionTLS12, []tls.SignatureScheme{tls.PKCS1WithSHA256}, false},
+	} {
+		t.Run(tc.slot+"/"+tls.VersionName(tc.version), func(t *testing.T) {
+			s, err := c.Signer(context.Background(), client.ByName(tc.slot))
+			if err != nil {
+				t.Fatal(err)
+			}
+			der, err := ca.Certify(s.Public(), devcerts.Leaf{CommonName: tc.slot, DNSNames: []string{"sigil.test"}, Server: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			peer := &tls.Config{RootCAs: ca.Pool(), ServerName: "sigil.test", MaxVersion: tc.version}
+			cert := tls.Certificate{Certificate: [][]byte{der}, PrivateKey: s}
+			var serverErr error
+			server := &tls.Config{Certificates: []tls.Certificate{cert}, MaxVersion: tc.version}
+			err = handshakeErr(server, peer, &serverErr)
+			switch {
+			case tc.unlisted && err != nil:
+				t.Fatalf("without SupportedSignatureAlgorithms: %v", err)
+			case !tc.unlisted && !refusedForItsAlgorithm(serverErr):
+				t.Fatalf("without SupportedSignatureAlgorithms: %v; want the server to fail with UNSUPPORTED_ALGORITHM", err)
+			}
+			cert.SupportedSignatureAlgorithms = tc.schemes
+			server.Certificates = []tls.Certificate{cert}
+			if err := handshakeErr(server, peer, nil); err != nil {
+				t.Fatalf("with SupportedSignatureAlgorithms %v: %v", tc.schemes, err)
+			}
+		})
+	}
+	// TLS 1.3 signs RSA with PSS only: a slot allowed PKCS#1 v1.5 alone
+	// cannot serve it, whatever the Certificate says.
+	s, err := c.Signer(context.Background(), client.ByName("rsa"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := ca.Certify(s.Public(), devcerts.Leaf{CommonName: "rsa", DNSNames: []string{"sigil.test"}, Server: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serverErr error
+	handshakeErr(&tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: s}}},
+		&tls.Config{RootCAs: ca.Pool(), ServerName: "sigil.test"}, &serverErr)
+	if !refusedForItsAlgorithm(serverErr) {
+		t.Fatalf("TLS 1.3 with an RSA slot allowed PKCS#1 v1.5 only: server %v, want UNSUPPORTED_ALGORITHM", serverErr)
+	}
+}
+
+// refusedForItsAlgorithm reports whether a TLS server's handshake failed
+// on the agent's UNSUPPORTED_ALGORITHM: crypto/tls keeps the Signer's
+// error as text only, so client.Code cannot see it.
+func refusedForItsAlgorithm(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "failed to sign") && strings.Contains(err.Error(), proto.UnsupportedAlgorithm.String()+": ")
 }
