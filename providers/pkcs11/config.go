@@ -57,6 +57,9 @@ type Config struct {
 	// loadFrom is the file an instance loads the module from when it is not
 	// Module: a private copy (instances.go).
 	loadFrom string
+	// loaded, if set, runs once the loader has mapped loadFrom, before
+	// C_Initialize: the copy's file is not needed after that.
+	loaded func()
 	// pinRefused is shared by the instances of one Open: once the token
 	// has refused the PIN to one of them, none presents it again (see
 	// Provider.login).

@@ -97,15 +97,18 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		p.Close()
 		return nil, fmt.Errorf("pkcs11 provider %s: module instances: %w", cfg.ID, err)
 	}
-	dir, err := os.MkdirTemp(tmp, "sigil-pkcs11-")
-	if err != nil {
-		p.Close()
-		return nil, fmt.Errorf("pkcs11 provider %s: module instances: %w", cfg.ID, err)
-	}
-	// The copies are loaded by now or never will be: the mappings outlive
-	// the files.
-	defer os.RemoveAll(dir)
 	for i := 1; i < cfg.Instances; i++ {
+		dir, err := os.MkdirTemp(tmp, "sigil-pkcs11-")
+		if err != nil {
+			p.Close()
+			return nil, fmt.Errorf("pkcs11 provider %s: module instances: %w", cfg.ID, err)
+		}
+		// The copy goes as soon as the loader has mapped it (loaded, before
+		// C_Initialize, which a network HSM's library may spend long in):
+		// a process killed later in the open, by a watchdog or a crash,
+		// leaves nothing for the next start to add to. This removal is for
+		// an open that fails before that.
+		defer os.RemoveAll(dir)
 		copyPath := filepath.Join(dir, fmt.Sprintf("instance-%d-%s", i, filepath.Base(cfg.Module)))
 		if err := copyFile(cfg.Module, copyPath); err != nil {
 			p.Close()
@@ -114,6 +117,7 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 		sub := cfg
 		sub.Sessions = sessions
 		sub.loadFrom = copyPath
+		sub.loaded = func() { os.RemoveAll(dir) }
 		sub.Logger = cfg.Logger.With(zap.Int("instance", i))
 		peer, err := openInstance(ctx, sub)
 		if err != nil {

@@ -113,7 +113,10 @@ var reloadDrainTimeout = 5 * time.Second
 // C_Initialize fails is not this: its device may come back.
 var ErrModuleLoad = errors.New("not a loadable PKCS#11 module")
 
-func acquireModule(path string) (*module, error) {
+// acquireModule loads the module at path, or takes another reference to
+// it. loaded, if not nil, runs once a new load has mapped the library,
+// before C_Initialize.
+func acquireModule(path string, loaded func()) (*module, error) {
 	key := filepath.Clean(path)
 	modules.mu.Lock()
 	defer modules.mu.Unlock()
@@ -129,6 +132,9 @@ func acquireModule(path string) (*module, error) {
 		return nil, fmt.Errorf("load module %s: %w", path, err)
 	}
 	ctx := p11.New(path)
+	if loaded != nil {
+		loaded()
+	}
 	if ctx == nil {
 		lib.close()
 		return nil, fmt.Errorf("load module %s: dlopen failed", path)

@@ -107,7 +107,7 @@ func openInstance(ctx context.Context, cfg Config) (*Provider, error) {
 		return fail(err)
 	}
 
-	mod, err := acquireModule(cfg.loadPath())
+	mod, err := acquireModule(cfg.loadPath(), cfg.loaded)
 	if err != nil {
 		return fail(err)
 	}
