@@ -88,10 +88,23 @@ func newAuditCommand(g *globalFlags) *cobra.Command {
 		defer cancel()
 		return g.dialAgent(ctx, what, addr, noAgent)
 	}
-	noAgentAnswered := func(addr, cause string) string { return fmt.Sprintf("no agent answered at %s: %s", addr, cause) }
+	// theDirectoryIsItsJournal reports whether the directory read when no
+	// agent answers is the journal of the agent asked: one named with
+	// --admin-socket has its own; without --config the directory is the
+	// default data dir's, the default agent's, and not that of an agent
+	// at another --socket or $SIGIL_SOCK (a stopped systemd agent's).
+	theDirectoryIsItsJournal := func() bool {
+		return adminSocket == "" && (configPath != "" || namesTheDefaultAgent(g.socket))
+	}
+	noAgentAnswered := func(addr, cause string) string {
+		if adminSocket == "" && !theDirectoryIsItsJournal() {
+			return fmt.Sprintf("no agent answered at %s: %s; to read that agent's journal while it is stopped, name it with --config FILE or --journal DIR (the default data dir's is another agent's)", addr, cause)
+		}
+		return fmt.Sprintf("no agent answered at %s: %s", addr, cause)
+	}
 	readTheDirectory := func(err error) bool {
 		var ee *exitError
-		return adminSocket == "" && errors.As(err, &ee) && ee.code == exitUnreachable
+		return theDirectoryIsItsJournal() && errors.As(err, &ee) && ee.code == exitUnreachable
 	}
 	// runningAgent dials the running agent's admin socket (auditAdminSocket)
 	// unless there is none to ask. nil and no error: read the directory (no
@@ -379,6 +392,19 @@ func adminSocketAddr(named, clientSocket string) string {
 		clientSocket = proto.ClientSocketPath()
 	}
 	return filepath.Join(filepath.Dir(clientSocket), "admin.sock")
+}
+
+// namesTheDefaultAgent reports whether the client socket (the global
+// --socket, else $SIGIL_SOCK, else the default path) is the default
+// agent's, whose journal is in the default data dir.
+func namesTheDefaultAgent(clientSocket string) bool {
+	if clientSocket == "" {
+		clientSocket = proto.ClientSocketPath()
+	}
+	if strings.HasPrefix(clientSocket, "tls://") {
+		return false
+	}
+	return filepath.Clean(strings.TrimPrefix(clientSocket, "unix:")) == filepath.Clean(proto.DefaultSocketPath())
 }
 
 func journalDir(configPath, dir string) (string, error) {

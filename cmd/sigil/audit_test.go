@@ -695,3 +695,55 @@ func TestAuditTailOnlinePrintsAllItWasAskedFor(t *testing.T) {
 		}
 	}
 }
+
+// With no agent answering, the audit commands read a journal directory;
+// without --config or --journal, the default data dir's. That is the
+// default agent's journal, not the one of an agent named by --socket or
+// $SIGIL_SOCK at another path: a stopped systemd agent (SIGIL_SOCK=
+// /run/sigil/agent.sock) had `audit verify` report the caller's own
+// default journal "audit chain OK", exit 0, and prune would have deleted
+// its records. For such an agent they exit 3 and say how to name its
+// journal; the default agent's stopped journal is still read.
+func TestAuditOfAStoppedNamedAgentReadsNoOtherJournal(t *testing.T) {
+	state := t.TempDir()
+	t.Setenv("XDG_STATE_HOME", state)
+	t.Setenv("XDG_RUNTIME_DIR", shortSocketDir(t))
+	defaultJournal := filepath.Join(state, "sigil", "journal")
+	if err := os.MkdirAll(filepath.Dir(defaultJournal), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	oneRecordJournal(t, defaultJournal)
+	stopped := filepath.Join(shortSocketDir(t), "agent.sock")
+
+	commands := [][]string{
+		{"audit", "verify"},
+		{"audit", "tail"},
+		{"audit", "export"},
+		{"audit", "prune", "--before", "1ns"},
+	}
+	for _, named := range []struct {
+		name string
+		env  string
+		args []string
+	}{
+		{"SIGIL_SOCK", stopped, nil},
+		{"--socket", "", []string{"--socket", stopped}},
+	} {
+		for _, args := range commands {
+			t.Run(named.name+" "+args[1], func(t *testing.T) {
+				t.Setenv("SIGIL_SOCK", named.env)
+				out, stderr, code := run(t, append(append([]string{}, named.args...), args...)...)
+				if code != exitUnreachable || !strings.Contains(stderr, "--journal") || strings.Contains(out, "acme") || strings.Contains(out, "OK") {
+					t.Fatalf("exit %d, want %d naming --journal, and no record of the default journal\n%s%s", code, exitUnreachable, out, stderr)
+				}
+			})
+		}
+	}
+	t.Run("the default agent", func(t *testing.T) {
+		t.Setenv("SIGIL_SOCK", proto.DefaultSocketPath())
+		out, stderr, code := run(t, "audit", "verify")
+		if code != exitOK || !strings.Contains(out, "audit chain OK: 1 records") {
+			t.Fatalf("exit %d, want its stopped journal read\n%s%s", code, out, stderr)
+		}
+	})
+}
