@@ -385,11 +385,11 @@ func adminSocketAddr(named, clientSocket string) string {
 	if named != "" {
 		return named
 	}
-	if strings.HasPrefix(clientSocket, "tls://") {
-		return clientSocket
-	}
 	if clientSocket == "" {
 		clientSocket = proto.ClientSocketPath()
+	}
+	if strings.HasPrefix(clientSocket, "tls://") {
+		return clientSocket
 	}
 	return filepath.Join(filepath.Dir(clientSocket), "admin.sock")
 }

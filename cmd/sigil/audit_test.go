@@ -259,7 +259,7 @@ func TestAdminCommandsOverMutualTLS(t *testing.T) {
 	addr := ln.Addr().String()
 	ln.Close()
 	policyFile := filepath.Join(dir, "policy.yaml")
-	os.WriteFile(policyFile, []byte(fmt.Sprintf("admins: {mtls: [\"spiffe://example.org/ops\"]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots: [{name: release, key: ed}]\n", os.Getuid())), 0o600)
+	os.WriteFile(policyFile, []byte(fmt.Sprintf("admins: {mtls: [\"spiffe://example.org/ops\"]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d], mtls: [\"spiffe://example.org/ops\"]}\n    slots: [{name: release, key: ed}]\n", os.Getuid())), 0o600)
 	config := writeEd25519Config(t, dir, fmt.Sprintf("policy: %s\ntcp: {listen: %q, cert_file: %s, key_file: %s, client_ca_file: %s}\n", policyFile, addr, serverCert, serverKey, caFile))
 	sockDir := shortSocketDir(t)
 	socket := filepath.Join(sockDir, "agent.sock")
@@ -279,6 +279,21 @@ func TestAdminCommandsOverMutualTLS(t *testing.T) {
 	}
 	if _, stderr, code := runBin(t, bin, "--socket", "tls://"+addr, "admin", "resume", "payments/release"); code != exitUsage {
 		t.Fatalf("admin over tls:// without the TLS files: exit %d %s, want a usage error", code, stderr)
+	}
+
+	// $SIGIL_SOCK is --socket's default, a tls:// address included (the
+	// agent takes one there for a client's, not its own): the commands
+	// used to dial it as a Unix path, "dial unix tls://…", exit 3.
+	t.Setenv("SIGIL_SOCK", "tls://"+addr)
+	tlsFiles := tlsFlags[2:]
+	for _, args := range [][]string{
+		{"admin", "resume", "payments/release"},
+		{"audit", "verify"},
+		{"keys", "info"},
+	} {
+		if out, stderr, code := runBin(t, bin, append(tlsFiles, args...)...); code != 0 {
+			t.Errorf("SIGIL_SOCK=tls://… %s: exit %d\n%s%s", strings.Join(args, " "), code, out, stderr)
+		}
 	}
 }
 

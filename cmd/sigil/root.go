@@ -197,8 +197,13 @@ func withoutClientLead(err error) string {
 // dialAddr dials an agent address as the admin and audit commands name it:
 // a Unix socket path, or tls://host:port with the global --tls-* files (an
 // mTLS identity in the policy's admins is served admin operations there).
-// A TLS setup error is a usage error (exitError).
+// A TLS setup error is a usage error (exitError). An empty addr is
+// --socket's default, $SIGIL_SOCK (a tls:// one too), else the default
+// path.
 func (g *globalFlags) dialAddr(ctx context.Context, addr string) (*client.Client, error) {
+	if addr == "" {
+		addr = proto.ClientSocketPath()
+	}
 	if host, ok := strings.CutPrefix(addr, "tls://"); ok {
 		cfg, err := clientTLSConfig(g.tlsCert, g.tlsKey, g.tlsCA)
 		if err != nil {
