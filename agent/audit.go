@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"path/filepath"
 	"strconv"
@@ -67,6 +68,11 @@ func openJournal(cfg *Config, log *zap.Logger, fs vfs.FS) (*journal.Journal, err
 		return nil, fmt.Errorf("audit journal: %w", err)
 	}
 	j, err := journal.Open(journal.Options{Dir: dir, Durability: d, Logger: log.Named("journal"), FS: fs})
+	if errors.Is(err, journal.ErrInUse) {
+		// Most likely a second agent on one data dir: the operator's to
+		// settle. The journal's own words would name dir a second time.
+		return nil, &journalInUseError{dir}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("audit journal %s: %w", dir, err)
 	}
@@ -74,6 +80,16 @@ func openJournal(cfg *Config, log *zap.Logger, fs vfs.FS) (*journal.Journal, err
 	log.Info("audit journal open", zap.String("dir", dir), zap.Stringer("mode", d), zap.Uint64("head_seq", seq))
 	return j, nil
 }
+
+// journalInUseError is a start refused because another process holds the
+// journal's lock.
+type journalInUseError struct{ dir string }
+
+func (e *journalInUseError) Error() string {
+	return "audit journal " + e.dir + " is in use by another process: is another agent running on this data dir? Stop it, or give this one a data_dir of its own"
+}
+
+func (e *journalInUseError) Unwrap() error { return journal.ErrInUse }
 
 // startRetention runs the journal's retention in the background when
 // journal.retention is set; Shutdown stops it before closing the journal.

@@ -18,6 +18,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/proto"
 )
 
@@ -213,6 +214,13 @@ func runAgent(cfg agent.Config) error {
 			// Not a wire code: Code would say INTERNAL, a fault of ours.
 			log.Error("agent failed to start", zap.String("fault", configFault), zap.Error(err))
 			return &exitError{exitConfig, fmt.Errorf("agent failed to start (%s): %w", configFault, err)}
+		}
+		if errors.Is(err, journal.ErrInUse) {
+			// Another agent on the data dir: no fault of ours, which a
+			// code would say (INTERNAL). Exit 1: a start once it stops
+			// succeeds.
+			log.Error("agent failed to start", zap.Error(err))
+			return &exitError{exitFailure, fmt.Errorf("agent failed to start: %w", err)}
 		}
 		code := agent.Code(err)
 		log.Error("agent failed to start", zap.Stringer("code", code), zap.Error(err))

@@ -387,3 +387,29 @@ func TestCheckRefusesWhatTheStartRefuses(t *testing.T) {
 		})
 	}
 }
+
+// A second agent started on the data dir of one that runs (the same
+// config, or --socket elsewhere) finds the journal locked. It used to say
+// "agent failed to start (INTERNAL): audit journal DIR: journal: in use by
+// another process: DIR": a fault of ours by its code, the directory twice,
+// and nothing of what to do. It says another process holds the data dir's
+// journal, and how to go on; the first agent signs on.
+func TestSecondAgentOnADataDirSaysSo(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	sockDir := shortSocketDir(t)
+	first := filepath.Join(sockDir, "agent.sock")
+	config := writeEd25519Config(t, dir)
+	startAgentProcess(t, bin, config, first).waitReady(t)
+
+	for _, socket := range []string{first, filepath.Join(sockDir, "second.sock")} {
+		code, stderr := startAgentProcess(t, bin, config, socket).waitExit(t)
+		if code != exitFailure || strings.Contains(stderr, "INTERNAL") || !strings.Contains(stderr, "in use by another process") ||
+			!strings.Contains(stderr, "another agent") || strings.Count(stderr, filepath.Join(dir, "state", "journal")) != 2 {
+			t.Errorf("second agent at %s: exit %d, want %d saying the data dir is another agent's, naming it once (and once in the log)\n%s", socket, code, exitFailure, stderr)
+		}
+		if _, stderr, code := runBin(t, bin, "--socket", first, "keys", "sign", "--in", config); code != 0 {
+			t.Fatalf("the first agent after the second's try: exit %d %s", code, stderr)
+		}
+	}
+}
