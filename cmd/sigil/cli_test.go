@@ -13,6 +13,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -975,5 +976,29 @@ func TestMaxSignatureCoversEveryKeyType(t *testing.T) {
 		} else if n > maxSignature {
 			t.Errorf("key type %s signs with up to %d bytes, more than maxSignature (%d)", kt, n, maxSignature)
 		}
+	}
+}
+
+// `sigil --help` and `sigil agent --help` list the same causes of exit 78
+// (README.md: "`sigil --help` says the same"). The root's lacked "the
+// evidence key lost while its packs are kept", which the agent's had.
+func TestExit78CausesAgreeInEveryHelp(t *testing.T) {
+	causes := func(args []string, lead string) []string {
+		t.Helper()
+		out, stderr, code := run(t, args...)
+		text := strings.Join(strings.Fields(out), " ")
+		_, list, ok := strings.Cut(text, lead)
+		list, _, closed := strings.Cut(list, ")")
+		if code != exitOK || !ok || !closed {
+			t.Fatalf("%v: exit %d, no list after %q\n%s%s", args, code, lead, out, stderr)
+		}
+		c := strings.Split(list, ", ")
+		slices.Sort(c)
+		return c
+	}
+	root := causes([]string{"--help"}, "78 the agent did not start and will not until an operator acts (")
+	agent := causes([]string{"agent", "--help"}, "A start that cannot succeed until an operator acts (")
+	if !slices.Equal(root, agent) {
+		t.Fatalf("exit 78 causes differ:\nsigil --help:       %q\nsigil agent --help: %q", root, agent)
 	}
 }
