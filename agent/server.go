@@ -413,6 +413,12 @@ func (e *ReloadError) Unwrap() error { return e.Err }
 // them). A part that fails to load is refused and its old version stays
 // in force; the others are taken (*ReloadError says which).
 func (a *Agent) Reload() error {
+	return a.reload("")
+}
+
+// reload is Reload for who asked (an admin's peer name), which the
+// policy's journal record names; "" for the process's own (SIGHUP).
+func (a *Agent) reload(by string) error {
 	a.reloadMu.Lock()
 	defer a.reloadMu.Unlock()
 	var errs []error
@@ -464,7 +470,7 @@ func (a *Agent) Reload() error {
 	}
 	if a.policy != nil {
 		was := a.policy.Set().HashHex()
-		if err := a.reloadPolicy(); err != nil {
+		if err := a.reloadPolicy(by); err != nil {
 			errs = append(errs, err)
 		} else if now := a.policy.Set().HashHex(); now != was {
 			taken = append(taken, "policy "+now)

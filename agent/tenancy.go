@@ -243,11 +243,14 @@ func slotKeysError(set *policy.Set, served func(name string) bool) error {
 func (a *Agent) ReloadPolicy() error {
 	a.reloadMu.Lock()
 	defer a.reloadMu.Unlock()
-	return a.reloadPolicy()
+	return a.reloadPolicy("")
 }
 
-// reloadPolicy is ReloadPolicy with reloadMu held.
-func (a *Agent) reloadPolicy() error {
+// reloadPolicy is ReloadPolicy with reloadMu held; by is who asked (reload).
+func (a *Agent) reloadPolicy(by string) error {
+	if by != "" {
+		by = ", by " + by
+	}
 	if a.policy == nil {
 		return errors.New("the agent runs without a policy file (single-tenant mode)")
 	}
@@ -271,7 +274,7 @@ func (a *Agent) reloadPolicy() error {
 	}
 	if err != nil {
 		a.log.Warn("policy reload refused; the current policy stays in force", zap.Error(err))
-		a.journalEvent("reload-policy", "", proto.BadRequest, "refused: "+firstLine(err.Error()))
+		a.journalEvent("reload-policy", "", proto.BadRequest, "refused"+by+": "+firstLine(err.Error()))
 		return err
 	}
 	a.policy.SwapPaused(set, func(tenant, slot string) bool {
@@ -279,7 +282,7 @@ func (a *Agent) reloadPolicy() error {
 		return ok
 	})
 	a.log.Info("policy reloaded", zap.String("hash", set.HashHex()))
-	a.journalEvent("reload-policy", "", proto.OK, "policy "+set.HashHex())
+	a.journalEvent("reload-policy", "", proto.OK, "policy "+set.HashHex()+by)
 	if a.journal != nil {
 		// A slot this reload dropped keeps its day's count only in memory
 		// until the next snapshot; a crash before it would give the count
@@ -412,7 +415,7 @@ func (c *conn) adminOp(req *proto.Request, resp *proto.Response) error {
 		return nil
 	case proto.OpReloadPolicy:
 		// What SIGHUP reloads: TLS certificates, keys' certificates, policy.
-		if err := c.a.Reload(); err != nil {
+		if err := c.a.reload(c.peer.String()); err != nil {
 			return &proto.Error{Code: proto.BadRequest, Msg: "reload " + err.Error()}
 		}
 		resp.Msg = "reloaded"

@@ -1002,3 +1002,45 @@ func TestExit78CausesAgreeInEveryHelp(t *testing.T) {
 		t.Fatalf("exit 78 causes differ:\nsigil --help:       %q\nsigil agent --help: %q", root, agent)
 	}
 }
+
+// A reload an admin asks for is journaled with who asked, as a pause is
+// ("by uid:N gid:G"), taken or refused: its reload-policy record said
+// only "policy HASH" or "refused: …", peer "agent", so the journal could
+// not tell an admin's reload from a SIGHUP.
+func TestAdminReloadIsJournaledWithWhoAsked(t *testing.T) {
+	cfg := agent.DefaultConfig()
+	cfg.DataDir = t.TempDir()
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	good := fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: ops\n    identities: {unix_uids: [%d]}\n    slots: [{name: release, key: default}]\n", os.Getuid(), os.Getuid())
+	os.WriteFile(cfg.Policy, []byte(good), 0o600)
+	_, _, admin := serveTestAgentWithAdmin(t, cfg)
+
+	if _, stderr, code := run(t, "admin", "reload", "--admin-socket", admin); code != exitOK {
+		t.Fatalf("reload: exit %d %s", code, stderr)
+	}
+	os.WriteFile(cfg.Policy, []byte(good+"    pasued: true\n"), 0o600)
+	if _, stderr, code := run(t, "admin", "reload", "--admin-socket", admin); code != exitRefused || !strings.Contains(stderr, "pasued") {
+		t.Fatalf("reload of a broken policy: exit %d %s, want %d naming the field", code, stderr, exitRefused)
+	}
+	out, stderr, code := run(t, "audit", "export", "--admin-socket", admin)
+	if code != exitOK {
+		t.Fatalf("export: exit %d %s", code, stderr)
+	}
+	by := fmt.Sprintf("by uid:%d gid:%d", os.Getuid(), os.Getgid())
+	var details []string
+	for line := range strings.Lines(out) {
+		var r struct {
+			Op       string `json:"op"`
+			CodeName string `json:"code_name"`
+			Detail   string `json:"detail"`
+		}
+		json.Unmarshal([]byte(line), &r)
+		if r.Op == "reload-policy" {
+			details = append(details, r.CodeName+" "+r.Detail)
+		}
+	}
+	if len(details) != 2 || !strings.HasPrefix(details[0], "OK ") || !strings.HasPrefix(details[1], "BAD_REQUEST ") ||
+		!strings.Contains(details[0], by) || !strings.Contains(details[1], by) {
+		t.Fatalf("reload-policy records %q, want an OK and a BAD_REQUEST, each saying %q", details, by)
+	}
+}
