@@ -435,7 +435,18 @@ func parseSince(s string) (time.Time, error) {
 		}
 		return time.Now().Add(-d), nil
 	}
-	return time.Parse(time.RFC3339, s)
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		// Go's own words name its layout ("2006-01-02T15:04:05Z07:00"),
+		// and not the durations taken too; a value out of range ("month
+		// out of range") is kept.
+		var detail string
+		if pe, ok := err.(*time.ParseError); ok {
+			detail = pe.Message
+		}
+		return time.Time{}, fmt.Errorf("%q is neither an RFC 3339 time (2026-12-01T09:00:00Z) nor a duration ago (2160h: a day is 24h)%s", s, detail)
+	}
+	return t, nil
 }
 
 func dash(s string) string {

@@ -762,3 +762,24 @@ func TestAuditOfAStoppedNamedAgentReadsNoOtherJournal(t *testing.T) {
 		}
 	})
 }
+
+// --since and --before take an RFC 3339 time or a duration ago; a value
+// that is neither says both forms. It said only Go's time layout error,
+// `parsing time "5d" as "2006-01-02T15:04:05Z07:00": cannot parse "5d" as
+// "2006"`, which names neither, for a duration written as days.
+func TestSinceThatIsNeitherSaysBothForms(t *testing.T) {
+	j := filepath.Join(t.TempDir(), "journal")
+	oneRecordJournal(t, j)
+	for _, args := range [][]string{
+		{"audit", "export", "--since", "5d"},
+		{"audit", "export", "--since", "yesterday"},
+		{"audit", "prune", "--before", "90d"},
+	} {
+		t.Run(strings.Join(args[1:], " "), func(t *testing.T) {
+			_, stderr, code := run(t, append(args, "--journal", j)...)
+			if code != exitUsage || !strings.Contains(stderr, "RFC 3339") || !strings.Contains(stderr, "duration") || strings.Contains(stderr, "2006") {
+				t.Fatalf("exit %d, stderr %q; want %d naming both forms, not Go's layout", code, stderr, exitUsage)
+			}
+		})
+	}
+}
