@@ -18,7 +18,6 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/sigil-agent/sigil/agent"
-	"github.com/sigil-agent/sigil/agent/journal"
 	"github.com/sigil-agent/sigil/proto"
 )
 
@@ -215,14 +214,15 @@ func runAgent(cfg agent.Config) error {
 			log.Error("agent failed to start", zap.String("fault", configFault), zap.Error(err))
 			return &exitError{exitConfig, fmt.Errorf("agent failed to start (%s): %w", configFault, err)}
 		}
-		if errors.Is(err, journal.ErrInUse) {
-			// Another agent on the data dir: no fault of ours, which a
-			// code would say (INTERNAL). Exit 1: a start once it stops
-			// succeeds.
+		code := agent.Code(err)
+		var pe *proto.Error
+		if code == proto.Internal && !errors.As(err, &pe) {
+			// No code names it (another agent holding the data dir's
+			// journal, a data_dir that is a file): INTERNAL would call
+			// it a fault of ours.
 			log.Error("agent failed to start", zap.Error(err))
 			return &exitError{exitFailure, fmt.Errorf("agent failed to start: %w", err)}
 		}
-		code := agent.Code(err)
 		log.Error("agent failed to start", zap.Stringer("code", code), zap.Error(err))
 		exit := exitFailure
 		if code == proto.PINIncorrect || code == proto.TokenLocked {

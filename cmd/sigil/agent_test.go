@@ -413,3 +413,20 @@ func TestSecondAgentOnADataDirSaysSo(t *testing.T) {
 		}
 	}
 }
+
+// A start refused for a reason no wire code names (a data_dir that is a
+// file) said "agent failed to start (INTERNAL): …", a fault of ours by
+// its label, for a path the operator got wrong. The label is the code of
+// an error that carries one (a PIN refused: PIN_INCORRECT); others have
+// none.
+func TestAgentStartFailureWithoutACodeHasNoCodeLabel(t *testing.T) {
+	bin := buildSigil(t)
+	dir := t.TempDir()
+	config := writeEd25519Config(t, dir)
+	file := filepath.Join(dir, "file")
+	os.WriteFile(file, nil, 0o600)
+	_, stderr, code := runBin(t, bin, "agent", "--config", config, "--data-dir", file, "--socket", filepath.Join(shortSocketDir(t), "a.sock"))
+	if code != exitFailure || strings.Contains(stderr, "(INTERNAL)") || !strings.Contains(stderr, "sigil: agent failed to start: data_dir: "+file+" is not a directory") {
+		t.Fatalf("exit %d, want %d, no INTERNAL, naming %s\n%s", code, exitFailure, file, stderr)
+	}
+}
