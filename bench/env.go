@@ -359,7 +359,7 @@ func (e *Env) launch(ctx context.Context, sigil, name, config, socket string, en
 	cmd := exec.Command(sigil, "agent", "--config", cfgPath)
 	cmd.Env = append(append(os.Environ(), pinEnv+"="+e.PIN), env...)
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = serverProcAttr()
 	if err := cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
@@ -450,7 +450,7 @@ func (e *Env) startP11Kit(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = serverProcAttr()
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start p11-kit server: %w", err)
 	}
@@ -503,4 +503,13 @@ func (e *Env) Close() error {
 		f.Close()
 	}
 	return os.RemoveAll(e.Dir)
+}
+
+// serverProcAttr is how the bench starts its servers (agents, the p11-kit
+// server): killed if the bench dies, and in a process group of their own,
+// so that a terminal's Ctrl-C, which signals its foreground group, reaches
+// the bench alone, which stops its run, reports what it measured, and
+// then stops them itself (Close).
+func serverProcAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 }

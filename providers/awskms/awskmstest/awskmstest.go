@@ -18,6 +18,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -172,6 +173,10 @@ func StartEmulator(bin string) (*Emulator, error) {
 		"KMS_ACCOUNT_ID="+AccountID,
 		"PORT=0",
 	)
+	// Gone with the process that started it (a killed test or bench), and
+	// out of its process group, so a terminal's Ctrl-C to a bench stops
+	// the bench alone, which then reports and stops the emulator itself.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL, Setpgid: true}
 	pr, pw := io.Pipe()
 	cmd.Stdout, cmd.Stderr = pw, pw
 	if err := cmd.Start(); err != nil {
