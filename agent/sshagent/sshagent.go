@@ -286,11 +286,13 @@ func sshAlgorithm(pub crypto.PublicKey, flags agent.SignatureFlags) (sshAlg, err
 		}
 		return sshAlg{}, fmt.Errorf("ecdsa curve %s: %w", k.Curve.Params().Name, providers.ErrUnsupportedAlgorithm)
 	case *rsa.PublicKey:
+		// SHA-256 first when a client sets both flags, as OpenSSH's
+		// ssh-agent does: a slot's algorithm policy then rules alike here.
 		switch {
-		case flags&agent.SignatureFlagRsaSha512 != 0:
-			return sshAlg{ssh.KeyAlgoRSASHA512, providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA512}}, nil
 		case flags&agent.SignatureFlagRsaSha256 != 0:
 			return sshAlg{ssh.KeyAlgoRSASHA256, providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA256}}, nil
+		case flags&agent.SignatureFlagRsaSha512 != 0:
+			return sshAlg{ssh.KeyAlgoRSASHA512, providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: crypto.SHA512}}, nil
 		}
 		return sshAlg{}, ErrSHA1
 	}

@@ -6,6 +6,7 @@ import (
 	"crypto/sha512"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -180,9 +181,13 @@ func TestInProcess(t *testing.T) {
 		{"ssh-p384", 0, ssh.KeyAlgoECDSA384, providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: 6}},
 		{"ssh-rsa2048", agent.SignatureFlagRsaSha256, ssh.KeyAlgoRSASHA256, providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: 5}},
 		{"ssh-rsa2048", agent.SignatureFlagRsaSha512, ssh.KeyAlgoRSASHA512, providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: 7}},
+		// Both flags: SHA-256, as OpenSSH's ssh-agent picks
+		// (agent_decode_alg), so a slot allowing only rsa-pkcs1-sha256
+		// signs for such a client here as there.
+		{"ssh-rsa2048", agent.SignatureFlagRsaSha256 | agent.SignatureFlagRsaSha512, ssh.KeyAlgoRSASHA256, providers.Algorithm{Scheme: providers.SchemePKCS1v15, Hash: 5}},
 	}
 	for _, tc := range tests {
-		t.Run(tc.format, func(t *testing.T) {
+		t.Run(fmt.Sprintf("%s/flags%d", tc.format, tc.flags), func(t *testing.T) {
 			k := byName[tc.key]
 			if k == nil {
 				t.Fatalf("key %s not listed", tc.key)
