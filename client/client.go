@@ -41,6 +41,12 @@ type Client struct {
 
 	mu     sync.Mutex
 	closed bool // set by Close: no redial after it
+	// closing is cancelled by Close. A redial's connection is not cur until
+	// its Hello is answered, so Close cannot close it: a redial watches
+	// closing instead, or an agent that never answers the Hello would hold
+	// the redialling call, and every call queued behind it, past Close.
+	closing  context.Context
+	closeNow context.CancelFunc
 }
 
 // redialBackoff is how long after a failed redial the next one may start.
@@ -183,6 +189,7 @@ func dialFailed(addr string, err error) error {
 
 func newClient(ctx context.Context, dial func(context.Context) (net.Conn, error)) (*Client, error) {
 	c := &Client{dial: dial, redialToken: make(chan struct{}, 1)}
+	c.closing, c.closeNow = context.WithCancel(context.Background())
 	c.redialToken <- struct{}{}
 	cn, err := c.connect(ctx)
 	if err != nil {
@@ -236,6 +243,7 @@ func (c *Client) Close() error {
 	c.mu.Lock()
 	c.closed = true
 	c.mu.Unlock()
+	c.closeNow()
 	// A redial in progress sees closed before it publishes its connection
 	// (redial), so the connection loaded here is the last one.
 	c.cur.Load().fail(ErrClosed)
@@ -276,6 +284,8 @@ func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
 	case <-c.redialToken:
 	case <-ctx.Done():
 		return nil, ctx.Err()
+	case <-c.closing.Done():
+		return nil, ErrClosed
 	}
 	defer func() { c.redialToken <- struct{}{} }()
 	if c.isClosed() {
@@ -293,8 +303,14 @@ func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
 		}
 		return nil, failed(fmt.Sprintf("the last reconnect, %v ago, failed: %s", since.Round(time.Millisecond), last), nil)
 	}
-	cn, err := c.connect(ctx)
+	dialCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer context.AfterFunc(c.closing, cancel)()
+	cn, err := c.connect(dialCtx)
 	if err != nil {
+		if c.isClosed() {
+			return nil, ErrClosed // cut short by Close
+		}
 		// A dial cut short by the caller's own context says nothing about
 		// the agent: no backoff for the next caller.
 		if ctx.Err() == nil {
