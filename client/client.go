@@ -228,7 +228,13 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 	}
 	cn.readerRole <- struct{}{}
 	cn.writeToken <- struct{}{}
-	if _, _, err := cn.call(ctx, &proto.Request{Op: proto.OpHello, Version: proto.Version, Features: proto.FeaturePipelining}); err != nil {
+	resp, _, err := cn.call(ctx, &proto.Request{Op: proto.OpHello, Version: proto.Version, Features: proto.FeaturePipelining})
+	if err == nil && resp.Version != proto.Version {
+		// The agent says it speaks another version than the one it agreed
+		// to: what it sends next may mean what this client cannot read.
+		err = malformedReply(fmt.Sprintf("protocol error: the agent answered the Hello for protocol version %d with OK and version %d; connection closed", proto.Version, resp.Version), nil)
+	}
+	if err != nil {
 		cn.fail(ErrClosed)
 		// As is: the agent's refusal, a lost connection, or a failure
 		// that names the Hello.
@@ -889,6 +895,14 @@ func (c *Client) Sign(ctx context.Context, ref KeyRef, alg Algorithm, digest []b
 	resp, err := c.call(ctx, &proto.Request{Op: proto.OpSign, Key: ref.Name, KID: ref.KID, Scheme: uint8(alg.Scheme), Hash: h, Digest: digest})
 	if err != nil {
 		return Signature{}, err
+	}
+	// A Signer hands the signature on as crypto.Signer's: an empty one, or
+	// one by another key than the kid it pins (Public's), is not to be sent.
+	switch {
+	case len(resp.Sig) == 0:
+		return Signature{}, malformedReply("Sign reply: OK without a signature", nil)
+	case ref.KID != "" && resp.KID != ref.KID:
+		return Signature{}, malformedReply(fmt.Sprintf("Sign reply: signed by kid %q, not the %q asked for", resp.KID, ref.KID), nil)
 	}
 	return Signature{Sig: resp.Sig, Key: resp.Key, KID: resp.KID, PolicyHash: resp.PolicyHash}, nil
 }

@@ -28,8 +28,10 @@ var ErrRefusedByClient = errors.New("sigil: refused by the client, not sent")
 
 // ErrMalformedReply is in the chain of a reply the client cannot take: a
 // frame that is empty or over the limit, a message that does not decode, a
-// final reply with code OK, a public key that does not parse, an evidence
-// pack's parts that do not add up. Code gives INTERNAL, as the agent does
+// final reply with code OK, a Hello answered OK for another protocol
+// version, a Sign answered without a signature or by another kid than asked,
+// a public key that does not parse, an evidence pack's parts that do not
+// add up. Code gives INTERNAL, as the agent does
 // for its own bugs: whatever answers at the address broke the protocol,
 // and retrying will not mend it. A frame that does not decode ends the
 // connection; a later call dials a new one.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -56,6 +57,111 @@ func TestCloseEndsARedialInProgress(t *testing.T) {
 					}
 				case <-time.After(5 * time.Second):
 					t.Fatal("a call still waits on the redial 5 s after Close")
+				}
+			}
+		})
+	}
+}
+
+// A reply the client cannot take for what it says, in a frame that decodes,
+// is INTERNAL (ErrMalformedReply), not a result: a Sign answered OK without
+// a signature (crypto.Signer's caller would have sent an empty one on), a
+// Sign by kid answered by another kid (a signature Public's key does not
+// verify), a Hello answered OK for another protocol version than the
+// client's (or none). Each used to be taken: a nil error with an empty
+// signature, another key's signature, a connection in a version the client
+// does not speak. The Sign's connection stays open: its frame was sound.
+func TestRepliesThatDoNotFitTheRequest(t *testing.T) {
+	ctx := func(t *testing.T) context.Context {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		t.Cleanup(cancel)
+		return ctx
+	}
+	// agent answers Hello with hello (its id set here), then each request
+	// with reply, Pings with OK.
+	agent := func(hello, reply proto.Response) func(int32, net.Conn, *bufio.Reader) {
+		return func(_ int32, nc net.Conn, br *bufio.Reader) {
+			for first := true; ; first = false {
+				req, err := readRequest(br)
+				if err != nil {
+					return
+				}
+				resp := reply
+				switch {
+				case first:
+					resp = hello
+				case req.Op == proto.OpPing:
+					resp = proto.Response{Code: proto.OK}
+				}
+				resp.ID = req.ID
+				writeResponse(nc, &resp)
+			}
+		}
+	}
+	hello := proto.Response{Code: proto.OK, Version: proto.Version, Features: proto.FeaturePipelining}
+	helloIn := func(v uint16) proto.Response { h := hello; h.Version = v; return h }
+	sign := func(ref client.KeyRef) func(*testing.T, *client.Client) error {
+		return func(t *testing.T, c *client.Client) error {
+			sig, err := c.Sign(ctx(t), ref, client.Algorithm{}, make([]byte, 32))
+			if err != nil && (sig.Sig != nil || sig.KID != "") {
+				t.Errorf("a failed Sign returned a signature, kid %q", sig.KID)
+			}
+			return err
+		}
+	}
+	for _, tc := range []struct {
+		name  string
+		hello proto.Response
+		reply proto.Response
+		run   func(*testing.T, *client.Client) error // nil: the Dial fails
+		says  string
+	}{
+		{name: "a Sign answered OK without a signature", hello: hello,
+			reply: proto.Response{Code: proto.OK, Key: "k", KID: "0123"}, run: sign(client.ByName("k")),
+			says: "INTERNAL: Sign reply: OK without a signature"},
+		{name: "a Sign by kid answered by another kid", hello: hello,
+			reply: proto.Response{Code: proto.OK, Key: "k", KID: "4567", Sig: []byte("sig")}, run: sign(client.ByKID("0123")),
+			says: `INTERNAL: Sign reply: signed by kid "4567", not the "0123" asked for`},
+		{name: "a Sign by kid answered without a kid", hello: hello,
+			reply: proto.Response{Code: proto.OK, Key: "k", Sig: []byte("sig")}, run: sign(client.KeyRef{Name: "k", KID: "0123"}),
+			says: `INTERNAL: Sign reply: signed by kid "", not the "0123" asked for`},
+		{name: "a Hello answered OK for version 2", hello: helloIn(2),
+			says: "INTERNAL: protocol error: the agent answered the Hello for protocol version 1 with OK and version 2"},
+		{name: "a Hello answered OK without a version", hello: helloIn(0),
+			says: "INTERNAL: protocol error: the agent answered the Hello for protocol version 1 with OK and version 0"},
+		{name: "a Hello answered OK for a version past 16 bits", hello: helloIn(proto.VersionOutOfRange),
+			says: "INTERNAL: protocol error: the agent answered the Hello for protocol version 1 with OK and version 65535"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := listenFake(t, agent(tc.hello, tc.reply))
+			c, err := client.Dial(ctx(t), f.path)
+			if tc.run == nil {
+				if err == nil {
+					c.Close()
+					t.Fatal("Dial succeeded")
+				}
+			} else {
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				err = tc.run(t, c)
+			}
+			var pe *proto.Error
+			switch {
+			case err == nil:
+				t.Fatal("no error")
+			case client.Code(err) != proto.Internal || !errors.Is(err, client.ErrMalformedReply) || !strings.HasPrefix(err.Error(), tc.says):
+				t.Fatalf("%q (%s), want INTERNAL, ErrMalformedReply and a text starting %q", err, client.Code(err), tc.says)
+			case errors.As(err, &pe):
+				t.Fatalf("%q: a *proto.Error, which is the agent's answer alone", err)
+			}
+			if c != nil {
+				if err := c.Ping(ctx(t)); err != nil {
+					t.Fatalf("Ping after the reply: %v", err)
+				}
+				if n := f.conns.Load(); n != 1 {
+					t.Fatalf("%d connections, want the first one kept", n)
 				}
 			}
 		})
