@@ -839,7 +839,9 @@ func (c *Client) ListKeys(ctx context.Context) ([]Key, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := make([]Key, 0, len(resp.Keys))
+	// Grown as the keys parse, not made for the count the agent sent: a
+	// list whose first key does not parse allocates nothing more.
+	var out []Key
 	for _, k := range resp.Keys {
 		pub, err := x509.ParsePKIXPublicKey(k.Pub)
 		if err != nil {

@@ -3,9 +3,12 @@ package client_test
 import (
 	"bufio"
 	"context"
+	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -165,5 +168,64 @@ func TestRepliesThatDoNotFitTheRequest(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A key list is decoded into memory in proportion to its reply, not to the
+// count of entries the reply declares: an entry must carry its public key,
+// so it takes at least 8 bytes of the frame. An entry of one byte (an empty
+// map, a nil) used to become a 136-byte KeyEntry and a 152-byte Key: a
+// 1 KiB reply made the client allocate about 300 KB, a reply at the frame
+// limit over 50 MB. Each such reply is INTERNAL (ErrMalformedReply).
+func TestKeyListAllocatesInProportionToItsReply(t *testing.T) {
+	// keysReply is a reply of about size bytes to request id: a list of
+	// copies of entry.
+	keysReply := func(id uint64, size int, entry []byte) []byte {
+		p := []byte{0x83, 0xa2, 'i', 'd', 0xcf}
+		p = binary.BigEndian.AppendUint64(p, id)
+		p = append(p, 0xa4, 'c', 'o', 'd', 'e', 0x00, 0xa4, 'k', 'e', 'y', 's', 0xdd)
+		n := (size - len(p) - 4) / len(entry)
+		p = binary.BigEndian.AppendUint32(p, uint32(n))
+		for range n {
+			p = append(p, entry...)
+		}
+		return append(binary.BigEndian.AppendUint32(nil, uint32(len(p))), p...)
+	}
+	for _, size := range []int{1 << 10, proto.DefaultMaxFrame} {
+		for _, entry := range []struct {
+			name  string
+			bytes []byte
+		}{
+			{"empty maps", []byte{0x80}},
+			{"nils", []byte{0xc0}},
+			{"maps of an unknown field", []byte{0x81, 0xa0, 0xc0}},
+			{"maps of a 1-byte pub", []byte{0x81, 0xa3, 'p', 'u', 'b', 0xc4, 0x01, 0x00}},
+		} {
+			t.Run(fmt.Sprintf("%d bytes of %s", size, entry.name), func(t *testing.T) {
+				// The Hello is request 1, ListKeys 2. The fake agent
+				// allocates nothing while the client decodes.
+				reply := keysReply(2, size, entry.bytes)
+				buf := make([]byte, proto.DefaultMaxFrame)
+				c := dialFake(t, func(nc net.Conn, br *bufio.Reader) {
+					if _, err := proto.ReadFrame(br, buf, proto.DefaultMaxFrame); err == nil {
+						nc.Write(reply)
+					}
+					io.Copy(io.Discard, br)
+				})
+				var before, after runtime.MemStats
+				runtime.GC()
+				runtime.ReadMemStats(&before)
+				_, err := c.ListKeys(context.Background())
+				runtime.ReadMemStats(&after)
+				if client.Code(err) != proto.Internal || !errors.Is(err, client.ErrMalformedReply) {
+					t.Fatalf("ListKeys: %v (%s), want INTERNAL, a malformed reply", err, client.Code(err))
+				}
+				allocated := after.TotalAlloc - before.TotalAlloc
+				t.Logf("%d bytes allocated for a %d-byte reply", allocated, len(reply))
+				if most := uint64(24*len(reply) + 32<<10); allocated > most {
+					t.Fatalf("%d bytes allocated for a %d-byte reply, want at most %d", allocated, len(reply), most)
+				}
+			})
+		}
 	}
 }

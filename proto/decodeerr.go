@@ -27,6 +27,7 @@ var (
 	errNilKey    = formatError("a nil key")
 	errNegative  = formatError("a negative number where a uint belongs")
 	errDuplicate = formatError("given twice")
+	errNoPub     = formatError("a key entry without pub")
 )
 
 // The keys each decoder knows, for naming a field in an error: a key not

@@ -390,14 +390,24 @@ func (c *Codec) decodeByteList() ([][]byte, error) {
 	return out, nil
 }
 
+// minKeyEntryLen is the size of the smallest key entry: a map of one
+// field, a pub of one byte ({"pub": bin8 of 1}).
+const minKeyEntryLen = 1 + 1 + len(kPub) + 2 + 1
+
 func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {
 	n, err := c.decodeArrayLen()
 	if err != nil || n < 0 {
 		return nil, err
 	}
-	// decodeArrayLen bounds a hostile count by the frame size; cap the
-	// pre-allocation all the same.
-	out := make([]KeyEntry, 0, min(n, 1024))
+	// An entry of one byte (an empty map, a nil) would become a 136-byte
+	// KeyEntry, and a frame of them tens of megabytes of the client's
+	// memory (growth included). An entry must carry its key's pub, so it
+	// takes minKeyEntryLen bytes at least: memory stays within a small
+	// multiple of the frame, and the count can be allocated at once.
+	if n > c.rd.Len()/minKeyEntryLen {
+		return nil, errPastEnd
+	}
+	out := make([]KeyEntry, 0, n)
 	var key []byte
 	for i := 0; i < n; i++ {
 		m, err := c.mapLen()
@@ -430,6 +440,9 @@ func (c *Codec) decodeKeyEntries() ([]KeyEntry, error) {
 			if err != nil {
 				return nil, c.fieldErr("key entry", key, keyEntryKeys, err)
 			}
+		}
+		if len(k.Pub) == 0 {
+			return nil, errNoPub
 		}
 		out = append(out, k)
 	}
