@@ -229,3 +229,60 @@ func TestKeyListAllocatesInProportionToItsReply(t *testing.T) {
 		}
 	}
 }
+
+// Replies no caller waits for reach no caller: one for a request whose
+// caller gave up (its deadline passed), one with an id no request has, and
+// a second one for an id already answered. The next caller gets its own
+// signature, the connection stays, and once the client is closed its
+// goroutines are gone.
+func TestStrayRepliesReachNoOtherCaller(t *testing.T) {
+	before := runtime.NumGoroutine()
+	const rounds = 10
+	f := listenFake(t, func(_ int32, nc net.Conn, br *bufio.Reader) {
+		if answerHello(nc, br) != nil {
+			return
+		}
+		echo := func(id uint64, sig []byte) { writeResponse(nc, &proto.Response{ID: id, Code: proto.OK, Sig: sig}) }
+		for {
+			late, err := readRequest(br) // its caller gives up
+			if err != nil {
+				return
+			}
+			now, err := readRequest(br)
+			if err != nil {
+				return
+			}
+			echo(late.ID, late.Digest)
+			echo(now.ID+1000, []byte("stray"))
+			echo(now.ID, now.Digest)
+			echo(now.ID, []byte("again"))
+		}
+	})
+	c, err := client.Dial(context.Background(), f.path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range rounds {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+		_, err := c.Sign(ctx, client.ByName("ed"), ed25519Alg, fmt.Appendf(nil, "late %d", i))
+		cancel()
+		if client.Code(err) != proto.DeadlineExceeded {
+			t.Fatalf("round %d: the unanswered Sign: %v, want DEADLINE_EXCEEDED", i, err)
+		}
+		want := fmt.Appendf(nil, "now %d", i)
+		sig, err := c.Sign(context.Background(), client.ByName("ed"), ed25519Alg, want)
+		if err != nil || string(sig.Sig) != string(want) {
+			t.Fatalf("round %d: Sign got %q, %v, want its own reply %q", i, sig.Sig, err, want)
+		}
+	}
+	if n := f.conns.Load(); n != 1 {
+		t.Fatalf("%d connections, want 1", n)
+	}
+	c.Close()
+	f.stop()
+	for deadline := time.Now().Add(5 * time.Second); runtime.NumGoroutine() > before; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines after Close, %d before Dial", runtime.NumGoroutine(), before)
+		}
+	}
+}
