@@ -75,6 +75,29 @@ func (kr *keyring) add(k providers.KeyInfo, p providers.Provider) (*keyEntry, er
 	return e, nil
 }
 
+// remove stops serving the key name with kid: a rotation's key that never
+// signed, about to be destroyed. Another key under the name stays.
+func (kr *keyring) remove(name, kid string) {
+	kr.addMu.Lock()
+	defer kr.addMu.Unlock()
+	old := kr.maps.Load()
+	if e := old.byName[name]; e == nil || e.info.KID != kid {
+		return
+	}
+	m := &keyMaps{byName: make(map[string]*keyEntry, len(old.byName)), byKID: make(map[string]*keyEntry, len(old.byKID))}
+	for n, e := range old.byName {
+		if n != name {
+			m.byName[n] = e
+		}
+	}
+	for k, e := range old.byKID {
+		if k != kid {
+			m.byKID[k] = e
+		}
+	}
+	kr.maps.Store(m)
+}
+
 // openProviders opens every configured provider, closing those already open
 // if one fails, so a failed start leaves no token logged in.
 func openProviders(ctx context.Context, cfg *Config, log *zap.Logger) (_ []providers.Provider, err error) {

@@ -303,9 +303,9 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 	o.Signer = e.provider
 	switch pp := e.provider.(type) {
 	case *software.Provider:
-		o.Maker = &servingMaker{a: a, p: pp, gen: pp}
+		o.Maker = &destroyingMaker{servingMaker{a: a, p: pp, gen: pp}, pp}
 	case *pkcs11.Provider:
-		o.Maker = &locatingMaker{servingMaker{a: a, p: pp, gen: pkcs11Maker{pp}}, pp}
+		o.Maker = &hsmMaker{destroyingMaker{servingMaker{a: a, p: pp, gen: pkcs11Maker{pp}}, pp}, pp}
 	case versionedKeys:
 		o.Maker = &locatingMaker{servingMaker{a: a, p: e.provider, gen: cloudMaker{pp, v.Key}}, pp}
 	}
@@ -362,6 +362,42 @@ type locatingMaker struct {
 }
 
 func (m *locatingMaker) URI(name string) (string, error) { return m.loc.URI(name) }
+
+// destroyingMaker is a servingMaker whose provider can destroy a key it
+// generated (rotation.KeyDestroyer): the key of a rotation attempt that
+// failed before its cut-over. Cloud providers are not: their keys stay.
+type destroyingMaker struct {
+	servingMaker
+	d rotation.KeyDestroyer
+}
+
+// DestroyKey keeps a key the agent serves for anything but the attempt's
+// key name (a configured key, a version), then stops serving it and
+// destroys it.
+func (m *destroyingMaker) DestroyKey(ctx context.Context, name string, check func(providers.KeyInfo) error) error {
+	return m.d.DestroyKey(ctx, name, func(info providers.KeyInfo) error {
+		if e := m.a.keys.entryByKID(info.KID); e != nil && e.info.Name != name {
+			return fmt.Errorf("%w: the agent serves it as %s", rotation.ErrKeyInUse, e.info.Name)
+		}
+		if e := m.a.keys.entry(name); e != nil && e.info.KID != info.KID {
+			return fmt.Errorf("%w: the agent serves another key under its name", rotation.ErrKeyInUse)
+		}
+		if err := check(info); err != nil {
+			return err
+		}
+		m.a.keys.remove(name, info.KID)
+		return nil
+	})
+}
+
+// hsmMaker is a destroyingMaker whose provider names keys by URI
+// (PKCS#11).
+type hsmMaker struct {
+	destroyingMaker
+	loc rotation.KeyLocator
+}
+
+func (m *hsmMaker) URI(name string) (string, error) { return m.loc.URI(name) }
 
 // rotationOp answers the Rotate and Rollback admin operations.
 func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {

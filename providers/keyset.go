@@ -111,6 +111,29 @@ func (s *KeySet[T]) Replace(name string, v T) error {
 	return nil
 }
 
+// Remove drops the entry under name, if there is one, and reports whether
+// there was.
+func (s *KeySet[T]) Remove(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.snap.Load()
+	if old == nil {
+		return false
+	}
+	if _, ok := old.byName[name]; !ok {
+		return false
+	}
+	next := &keySnapshot[T]{byName: make(map[string]T, len(old.byName)-1), order: make([]string, 0, len(old.order)-1)}
+	for _, n := range old.order {
+		if n != name {
+			next.byName[n] = old.byName[n]
+			next.order = append(next.order, n)
+		}
+	}
+	s.snap.Store(next)
+	return true
+}
+
 // with returns a copy of ks (nil: empty) serving v under name, added after
 // the others when name is new.
 func (ks *keySnapshot[T]) with(name string, v T) *keySnapshot[T] {

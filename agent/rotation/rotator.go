@@ -285,7 +285,10 @@ type rotation struct {
 	firstSeq       uint64
 	lastSeq        uint64
 	lastHash       [32]byte
-	generatedLeft  string // a generated key's name, for the failure record
+	generatedLeft  string     // a generated key's name, for the failure record
+	generatedKID   string     // its kid, when the maker told it
+	attemptKey     AttemptKey // the key this attempt generates, as its start record names it
+	mayHaveCutOver bool       // a cut-over was, or may have been, committed: the new key may have signed
 	afterStepsHook func(step string) error
 }
 
@@ -302,11 +305,20 @@ func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOpti
 		return nil, u.fail(ctx, StepStart, err)
 	}
 
+	// A key an earlier attempt generated and never cut over (it died
+	// before it could destroy it) goes first: the start below names the
+	// next one in its place.
+	if cur.AttemptKey.Name != "" {
+		u.destroyAttemptKey(ctx, cur.AttemptKey, "", "left by an earlier attempt that did not cut over")
+	}
+
 	// start: the record names the key the rotation will make (or use), so
 	// that a key generated and then orphaned by a crash before the keygen
 	// record can still be traced from the journal.
 	rec := u.rec("rotate.start", u.old.Number, u.old.KID, "")
 	keyName := u.opts.KeyName
+	_, destroyable := u.opts.Maker.(KeyDestroyer)
+	destroyable = destroyable && u.opts.NextKey == nil
 	_, err := r.store.mutate(ctx, slot, rec, func(sl *Slot, rec *journal.Record) error {
 		sl.Attempt++
 		if u.scheduled {
@@ -321,6 +333,13 @@ func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOpti
 			}
 		}
 		key := "key " + keyName
+		// Committed before the key exists, so that a crash after its
+		// generation still leaves its name for the next attempt.
+		sl.AttemptKey = AttemptKey{}
+		if destroyable {
+			sl.AttemptKey = AttemptKey{Name: keyName, Provider: u.old.Provider}
+		}
+		u.attemptKey = sl.AttemptKey
 		if u.opts.NextKey != nil {
 			key = "pre-provisioned key " + u.opts.NextKey.Name
 		}
@@ -461,7 +480,7 @@ func (u *rotation) keygen(ctx context.Context, keyName string, cur Slot) error {
 		if info.Name != "" {
 			// Made, even if the maker then failed: the failure record
 			// must name it.
-			u.generatedLeft = info.Name
+			u.generatedLeft, u.generatedKID = info.Name, info.KID
 		}
 		if err != nil {
 			return err
@@ -549,6 +568,8 @@ func (u *rotation) doCutover(ctx context.Context) error {
 		sl.Versions[i].State, sl.Versions[i].T1 = StateAccepted, t1
 		sl.Versions = append(sl.Versions, nv)
 		sl.Active, sl.Attempt = u.n, 0
+		// From this commit on the new key may sign: never destroyed.
+		sl.AttemptKey = AttemptKey{}
 		u.attemptBefore, sl.ScheduledAttempt = sl.ScheduledAttempt, time.Time{}
 		u.served = nil
 		sl.Scheduled = slices.DeleteFunc(sl.Scheduled, func(t time.Time) bool {
@@ -567,10 +588,12 @@ func (u *rotation) doCutover(ctx context.Context) error {
 		// must undo the cut-over.
 		if sl, _ := u.r.store.Get(u.slot); sl.Active == u.n || errors.Is(err, ErrStateUnknown) {
 			u.cutover, u.cutoverAt, u.t1 = true, now, t1
+			u.mayHaveCutOver = true
 		}
 		return err
 	}
 	u.cutover, u.cutoverAt, u.t1 = true, now, t1
+	u.mayHaveCutOver = true
 	u.note(rec)
 	return nil
 }
@@ -705,17 +728,30 @@ func (u *rotation) fail(ctx context.Context, step string, cause error) error {
 			u.cutover = false // it never landed: journal the failure alone
 		}
 	}
+	// The attempt's key is destroyed below only if it never cut over and
+	// the maker named it as made; otherwise the slot stops naming it as
+	// an attempt's key, with the failure record, so that no later start
+	// destroys it: a key that may have been active is kept.
+	ak := u.attemptKey
+	destroy := ak.Name != "" && !u.mayHaveCutOver && u.generatedLeft == ak.Name
+	sl, _ := u.r.store.Get(u.slot)
+	forget := ak.Name != "" && !destroy && sl.AttemptKey == ak
 	if !u.cutover {
 		version, kid := u.old.Number, u.old.KID
 		rec := u.rec("rotate.failed", version, kid, detail)
 		rec.Code, rec.CodeName = uint16(code), code.String()
 		var err error
-		if u.scheduled && u.firstSeq == 0 {
+		if stamp := u.scheduled && u.firstSeq == 0; stamp || forget {
 			// A scheduled attempt that failed before its start record (its
 			// options could not be made) is stamped with its failure, so
 			// that a restart waits before writing the same failure again.
 			_, err = u.r.store.mutate(ctx, u.slot, rec, func(sl *Slot, _ *journal.Record) error {
-				sl.ScheduledAttempt = u.started
+				if stamp {
+					sl.ScheduledAttempt = u.started
+				}
+				if forget && sl.AttemptKey == ak {
+					sl.AttemptKey = AttemptKey{}
+				}
 				return nil
 			})
 			if err == nil {
@@ -728,9 +764,96 @@ func (u *rotation) fail(ctx context.Context, step string, cause error) error {
 			u.r.log.Error("rotation failure not journaled", zap.String("slot", u.slot), zap.Error(err))
 		}
 	}
+	if destroy {
+		u.destroyAttemptKey(ctx, ak, u.generatedKID, "of an attempt that failed at step "+step)
+	}
 	u.r.log.Error("rotation failed", zap.String("slot", u.slot), zap.String("step", step),
 		zap.Bool("reverted", se.Reverted), zap.Error(se))
 	return se
+}
+
+// destroyTimeout bounds destroying an attempt's unused key. The rotation's
+// own context may have ended: a timeout is one way an attempt fails.
+var destroyTimeout = 30 * time.Second
+
+// destroyAttemptKey destroys ak, the key of an attempt that never cut over
+// (the slot's AttemptKey names it, which the cut-over clears in its own
+// commit), through the rotation's key maker, and journals the outcome
+// ("rotate.destroy"). kid, if known, is the kid the attempt generated.
+// Fail closed: the key is kept when the slot is not settled, no longer
+// names it, or when it is a version of any slot or the maker finds it
+// in use. A key that is not destroyed never fails the rotation; the
+// record names it, and a destroy that failed is tried again at the next
+// attempt's start.
+func (u *rotation) destroyAttemptKey(ctx context.Context, ak AttemptKey, kid, why string) {
+	d, ok := u.opts.Maker.(KeyDestroyer)
+	if !ok || u.opts.NextKey != nil || ak.Provider != u.old.Provider {
+		// Another provider made it (the active version moved since), or
+		// this maker cannot destroy: the record of its start names it.
+		u.r.log.Warn("an unused key of a failed rotation attempt is left in its provider",
+			zap.String("slot", u.slot), zap.String("key", ak.Name), zap.String("provider", ak.Provider))
+		return
+	}
+	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), destroyTimeout)
+	defer cancel()
+	var found providers.KeyInfo
+	err := d.DestroyKey(dctx, ak.Name, func(info providers.KeyInfo) error {
+		found = info
+		if kid != "" && info.KID != kid {
+			return fmt.Errorf("%w: it has kid %s, the attempt generated %s", ErrKeyInUse, info.KID, kid)
+		}
+		if _, err := u.r.store.Resolve(u.slot); err != nil {
+			return fmt.Errorf("%w: the slot's state is not settled: %w", ErrKeyInUse, err)
+		}
+		if sl, ok := u.r.store.Get(u.slot); !ok || sl.AttemptKey != ak {
+			return fmt.Errorf("%w: the slot no longer names it as an unused attempt's key", ErrKeyInUse)
+		}
+		for _, sl := range u.r.store.Slots() {
+			for _, v := range sl.Versions {
+				if v.KID == info.KID || v.Key == ak.Name && v.Provider == ak.Provider {
+					return fmt.Errorf("%w: it is v%d of %s", ErrKeyInUse, v.Number, sl.FullName())
+				}
+			}
+		}
+		return nil
+	})
+	if found.KID != "" {
+		kid = found.KID
+	}
+	rec := u.rec("rotate.destroy", u.n, kid, "")
+	forget := true // the slot stops naming the key
+	switch {
+	case err == nil:
+		rec.Detail = truncate(fmt.Sprintf("unused key %s %s destroyed in %s", ak.Name, why, ak.Provider))
+		u.r.log.Info("unused key of a failed rotation attempt destroyed", zap.String("slot", u.slot), zap.String("key", ak.Name))
+	case errors.Is(err, providers.ErrNotFound):
+		// Never made (the attempt died before), or destroyed already.
+		rec.Detail = truncate(fmt.Sprintf("unused key %s %s: not in %s", ak.Name, why, ak.Provider))
+	default:
+		code := u.r.opts.Code(err)
+		rec.Code, rec.CodeName = uint16(code), code.String()
+		rec.Detail = truncate(fmt.Sprintf("unused key %s %s kept in %s: %v", ak.Name, why, ak.Provider, err))
+		// A key found in use is never tried again; a destroy that failed
+		// is, at the next attempt's start.
+		forget = errors.Is(err, ErrKeyInUse)
+		u.r.log.Error("unused key of a failed rotation attempt not destroyed; it stays in its provider",
+			zap.String("slot", u.slot), zap.String("key", ak.Name), zap.String("provider", ak.Provider), zap.Error(err))
+	}
+	if forget {
+		_, err = u.r.store.mutate(ctx, u.slot, rec, func(sl *Slot, _ *journal.Record) error {
+			if sl.AttemptKey == ak {
+				sl.AttemptKey = AttemptKey{}
+			}
+			return nil
+		})
+	} else {
+		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+		defer cancel()
+		err = u.r.store.j.Append(cctx, rec)
+	}
+	if err != nil {
+		u.r.log.Error("destroying a failed attempt's unused key not journaled", zap.String("slot", u.slot), zap.String("key", ak.Name), zap.Error(err))
+	}
 }
 
 // RollbackOptions describe one rollback.

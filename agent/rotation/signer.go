@@ -7,6 +7,7 @@ import (
 	_ "crypto/sha256" // canary digests
 	_ "crypto/sha512"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"strconv"
@@ -27,6 +28,24 @@ type KeyMaker interface {
 type Signer interface {
 	Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error)
 }
+
+// KeyDestroyer is optionally implemented by a KeyMaker that can destroy a
+// key it generated (software: the key file; PKCS#11: C_DestroyObject on the
+// private and the public object). A rotation calls it only for the key of
+// an attempt that never cut over, so never signed a request.
+//
+// DestroyKey finds the key generated under name (served or not), and calls
+// check with its KeyInfo; when check returns an error, the key is kept and
+// that error returned. A key that is not there is an error wrapping
+// providers.ErrNotFound. The key stops being served before it is destroyed.
+type KeyDestroyer interface {
+	DestroyKey(ctx context.Context, name string, check func(providers.KeyInfo) error) error
+}
+
+// ErrKeyInUse: a key a failed rotation attempt would destroy is a version
+// of a slot, or is served for another purpose, or is not the key the
+// attempt generated. It is kept.
+var ErrKeyInUse = errors.New("the key is in use")
 
 // KeyLocator is optionally implemented by a KeyMaker whose keys a later
 // configuration must name by URI (the PKCS#11 provider's URI method). The

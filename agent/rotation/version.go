@@ -86,6 +86,20 @@ type Slot struct {
 	// a restart: an agent in a crash loop would otherwise make a key at
 	// every start. It is committed with the attempt's first record.
 	ScheduledAttempt time.Time `json:"scheduled_attempt,omitzero"`
+	// AttemptKey names the key the rotation attempt in progress generates,
+	// committed with its start record (so before the key exists) and
+	// cleared by its cut-over in the same commit. Set, it is a key that
+	// never cut over, so never signed a request: the attempt's failure, or
+	// the next attempt's start after a crash, destroys it (KeyDestroyer).
+	// Only set when the key maker can destroy keys.
+	AttemptKey AttemptKey `json:"attempt_key,omitzero"`
+}
+
+// AttemptKey is a key a rotation attempt generates: its name and the
+// provider it is made in.
+type AttemptKey struct {
+	Name     string `json:"name"`
+	Provider string `json:"provider"`
 }
 
 const slotFormat = 1

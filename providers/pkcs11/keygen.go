@@ -177,6 +177,137 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	return k.info, nil
 }
 
+// DestroyKey destroys a key pair this provider generated under name and
+// that was never used (rotation.KeyDestroyer: the key of a rotation attempt
+// that failed before its cut-over): C_DestroyObject on the private key and
+// on the public key with its id. The key served under name is the one
+// destroyed; one not served (an attempt that died, and the agent
+// restarted) is found by its label, name, as GenerateKey makes it with an
+// empty label. check is given the key's info first; its error keeps the
+// key and is returned. No private key there is an error wrapping
+// providers.ErrNotFound; more than one is an error too, and all are kept:
+// which to destroy would be a guess. The key stops being served, by every module instance,
+// before it is destroyed.
+func (p *Provider) DestroyKey(ctx context.Context, name string, check func(providers.KeyInfo) error) error {
+	fail := func(err error) error { return fmt.Errorf("pkcs11 destroy %s: %w", name, err) }
+	if name == "" {
+		return fail(errors.New("empty key name"))
+	}
+	if !p.enter() {
+		return fail(errClosed)
+	}
+	defer p.exit()
+	p.keysMu.Lock()
+	defer p.keysMu.Unlock()
+	sel := objectSelector{label: name}
+	served, _ := p.keys.Get(name)
+	if served != nil {
+		sel = served.obj
+	}
+	if err := ctx.Err(); err != nil {
+		return fail(err)
+	}
+	if err := stateError(p.state.Load()); err != nil {
+		return fail(err)
+	}
+	var sh p11.SessionHandle
+	var shGen uint64
+	err := p.call("open-session", func(c *p11.Ctx) error {
+		var err error
+		shGen = p.mod.gen.Load()
+		if p.gen.Load() != shGen {
+			return errStale
+		}
+		sh, err = c.OpenSession(uint(p.slot.Load()), p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+		return err
+	})
+	if errors.Is(err, errStale) {
+		p.afterStale(p.state.Load().epoch)
+		return fail(fmt.Errorf("open session: %w", err))
+	}
+	if err != nil {
+		p.requestRepair(classify(rvOf(err)).repair(), p.state.Load().epoch)
+		return fail(fmt.Errorf("open session: %w: %w", providers.ErrUnavailable, err))
+	}
+	defer func() {
+		_ = p.onSession(context.Background(), "", shGen, func(c *p11.Ctx) error { return c.CloseSession(sh) })
+	}()
+	err = p.writeExclusive(func() error {
+		return p.onSession(context.Background(), "", shGen, func(c *p11.Ctx) error {
+			priv, err := findPrivateKey(c, sh, sel)
+			if errors.Is(err, errObjectMissing) {
+				return providers.ErrNotFound
+			}
+			if err != nil {
+				return err
+			}
+			pub, err := readPublicKey(c, sh, priv)
+			if err != nil {
+				return err
+			}
+			info, err := providers.NewKeyInfo(p.id, name, pub)
+			if err != nil {
+				return err
+			}
+			if served != nil && served.info.KID != info.KID {
+				return fmt.Errorf("the object found has kid %s, the key served under the name %s", info.KID, served.info.KID)
+			}
+			for _, other := range p.keys.All() {
+				if other.info.KID == info.KID && other.info.Name != name {
+					return fmt.Errorf("the key is served as %q", other.info.Name)
+				}
+			}
+			if err := check(info); err != nil {
+				return err
+			}
+			attrs, err := c.GetAttributeValue(sh, priv, []*p11.Attribute{p11.NewAttribute(p11.CKA_ID, nil)})
+			if err != nil {
+				return err
+			}
+			tmpl := append([]*p11.Attribute{p11.NewAttribute(p11.CKA_CLASS, p11.CKO_PUBLIC_KEY)}, sel.attributes()...)
+			if sel.id == nil && len(attrs) == 1 && len(attrs[0].Value) > 0 {
+				tmpl = append(tmpl, p11.NewAttribute(p11.CKA_ID, attrs[0].Value))
+			}
+			pubs, err := findObjects(c, sh, tmpl, 2)
+			if err != nil {
+				return err
+			}
+			// Not served from here on: it is going.
+			p.keys.Remove(name)
+			for _, q := range p.peers {
+				q.keysMu.Lock()
+				q.keys.Remove(name)
+				q.keysMu.Unlock()
+			}
+			if err := p.destroyObject(c, sh, priv); err != nil {
+				return fmt.Errorf("C_DestroyObject (private key): %w", err)
+			}
+			if len(pubs) != 1 {
+				// None, or several: which is the pair's would be a guess.
+				p.log.Warn("pkcs11 key destroyed; its public key object is left on the token",
+					zap.String("key", name), zap.Stringer("object", sel), zap.Int("public_objects", len(pubs)))
+				return nil
+			}
+			if err := p.destroyObject(c, sh, pubs[0]); err != nil {
+				return fmt.Errorf("C_DestroyObject (public key): %w", err)
+			}
+			return nil
+		})
+	})
+	if errors.Is(err, errStale) {
+		p.afterStale(p.state.Load().epoch)
+		return fail(err)
+	}
+	if err != nil {
+		if lvl := classify(rvOf(err)).repair(); rvOf(err) != 0 && lvl >= repairLogin {
+			p.requestRepair(lvl, p.state.Load().epoch)
+		}
+		return fail(err)
+	}
+	p.log.Info("pkcs11 key destroyed", zap.String("key", name), zap.Stringer("object", sel))
+	return nil
+}
+
 // destroyObject is C_DestroyObject through the fault hook ("destroy").
 func (p *Provider) destroyObject(c *p11.Ctx, sh p11.SessionHandle, h p11.ObjectHandle) error {
 	if rv := hook(p.inject, "destroy"); rv != 0 {

@@ -192,6 +192,62 @@ func (p *Provider) Adopt(name string, kt providers.KeyType) (providers.KeyInfo, 
 	return k.info, nil
 }
 
+// DestroyKey stops serving the key name and removes its key file: a key a
+// rotation generated and never used (rotation.KeyDestroyer). check is given
+// the key's info first; its error keeps the key and is returned. A key that
+// is neither served nor has a file is an error wrapping
+// providers.ErrNotFound.
+func (p *Provider) DestroyKey(_ context.Context, name string, check func(providers.KeyInfo) error) error {
+	fail := func(err error) error { return fmt.Errorf("software destroy %s: %w", name, err) }
+	// No generation of the same name meanwhile.
+	p.genMu.Lock()
+	defer p.genMu.Unlock()
+	path := p.keyPath(name)
+	p.mu.RLock()
+	k := p.keys[name]
+	p.mu.RUnlock()
+	var info providers.KeyInfo
+	if k != nil {
+		info = k.info
+	} else {
+		signer, err := ReadKeyFile(path)
+		if errors.Is(err, fs.ErrNotExist) {
+			return fail(providers.ErrNotFound)
+		}
+		if err != nil {
+			return fail(err)
+		}
+		if info, err = providers.NewKeyInfo(p.id, name, signer.Public()); err != nil {
+			return fail(err)
+		}
+	}
+	if err := check(info); err != nil {
+		return fail(err)
+	}
+	p.mu.Lock()
+	if k := p.keys[name]; k != nil && k.info.KID != info.KID {
+		p.mu.Unlock()
+		return fail(errors.New("another key was adopted under the name meanwhile"))
+	}
+	delete(p.keys, name)
+	for i, n := range p.order {
+		if n == name {
+			p.order = append(p.order[:i:i], p.order[i+1:]...)
+			break
+		}
+	}
+	p.mu.Unlock()
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fail(err)
+	}
+	// The removal must last: a key file back after a crash is a key
+	// nothing names.
+	if err := syncDir(p.dir); err != nil {
+		return fail(err)
+	}
+	return nil
+}
+
 // Close implements providers.Provider.
 func (p *Provider) Close() error {
 	p.mu.Lock()
