@@ -309,7 +309,7 @@ func (r *Rotator) rotateLocked(ctx context.Context, slot string, opts RotateOpti
 	// before it could destroy it) goes first: the start below names the
 	// next one in its place.
 	if cur.AttemptKey.Name != "" {
-		u.destroyAttemptKey(ctx, cur.AttemptKey, "", "left by an earlier attempt that did not cut over")
+		u.destroyAttemptKey(ctx, cur.AttemptKey, cur.AttemptKey.KID, "left by an earlier attempt that did not cut over")
 	}
 
 	// start: the record names the key the rotation will make (or use), so
@@ -514,7 +514,28 @@ func (u *rotation) keygen(ctx context.Context, keyName string, cur Slot) error {
 	u.newKey = info
 	rec := u.rec("rotate.keygen", u.n, info.KID, fmt.Sprintf("%s key %s (%s) on %s", how, info.Name, info.Type, info.Provider))
 	rec.LatencyMicros = micros(time.Since(start))
-	return u.append(ctx, rec)
+	if u.attemptKey.Name == "" {
+		return u.append(ctx, rec)
+	}
+	// The attempt's key gets its kid in the record's commit: a later
+	// attempt destroys a crashed one's key only by that kid, as a key
+	// found under the name alone might be another's.
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
+	defer cancel()
+	_, err := u.r.store.mutate(cctx, u.slot, rec, func(sl *Slot, _ *journal.Record) error {
+		if sl.AttemptKey == u.attemptKey && info.Name == u.attemptKey.Name {
+			sl.AttemptKey.KID = info.KID
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("journal %s: %w", rec.Op, err)
+	}
+	if info.Name == u.attemptKey.Name {
+		u.attemptKey.KID = info.KID
+	}
+	u.note(rec)
+	return nil
 }
 
 func (u *rotation) csr(ctx context.Context) error {
@@ -799,7 +820,13 @@ func (u *rotation) destroyAttemptKey(ctx context.Context, ak AttemptKey, kid, wh
 	var found providers.KeyInfo
 	err := d.DestroyKey(dctx, ak.Name, func(info providers.KeyInfo) error {
 		found = info
-		if kid != "" && info.KID != kid {
+		if kid == "" {
+			// The attempt died before its key generation was journaled:
+			// a key under the name may not be the one it made (an
+			// operator's, say). Kept, and named by the record.
+			return fmt.Errorf("%w: its generation was not journaled, so it cannot be told from another key under the name", ErrKeyInUse)
+		}
+		if info.KID != kid {
 			return fmt.Errorf("%w: it has kid %s, the attempt generated %s", ErrKeyInUse, info.KID, kid)
 		}
 		if _, err := u.r.store.Resolve(u.slot); err != nil {

@@ -100,6 +100,9 @@ type Slot struct {
 type AttemptKey struct {
 	Name     string `json:"name"`
 	Provider string `json:"provider"`
+	// KID is the generated key's, set with the keygen record: only a key
+	// with this kid is destroyed, and none when it is not set.
+	KID string `json:"kid,omitempty"`
 }
 
 const slotFormat = 1
