@@ -824,7 +824,7 @@ func (u *rotation) destroyAttemptKey(ctx context.Context, ak AttemptKey, kid, wh
 			// The attempt died before its key generation was journaled:
 			// a key under the name may not be the one it made (an
 			// operator's, say). Kept, and named by the record.
-			return fmt.Errorf("%w: its generation was not journaled, so it cannot be told from another key under the name", ErrKeyInUse)
+			return fmt.Errorf("%w: its generation was not journaled, so it cannot be told from another key under the name", ErrKeyNotProvenUnused)
 		}
 		if info.KID != kid {
 			return fmt.Errorf("%w: it has kid %s, the attempt generated %s", ErrKeyInUse, info.KID, kid)
@@ -862,7 +862,7 @@ func (u *rotation) destroyAttemptKey(ctx context.Context, ak AttemptKey, kid, wh
 		rec.Detail = truncate(fmt.Sprintf("unused key %s %s kept in %s: %v", ak.Name, why, ak.Provider, err))
 		// A key found in use is never tried again; a destroy that failed
 		// is, at the next attempt's start.
-		forget = errors.Is(err, ErrKeyInUse)
+		forget = errors.Is(err, ErrKeyInUse) || errors.Is(err, ErrKeyNotProvenUnused)
 		u.r.log.Error("unused key of a failed rotation attempt not destroyed; it stays in its provider",
 			zap.String("slot", u.slot), zap.String("key", ak.Name), zap.String("provider", ak.Provider), zap.Error(err))
 	}

@@ -47,6 +47,11 @@ type KeyDestroyer interface {
 // attempt generated. It is kept.
 var ErrKeyInUse = errors.New("the key is in use")
 
+// ErrKeyNotProvenUnused: a crashed attempt's key whose kid the journal
+// does not hold (the attempt died between making it and its keygen
+// record); a key under its name might be another's. It is kept.
+var ErrKeyNotProvenUnused = errors.New("the key cannot be proven to be the attempt's")
+
 // KeyLocator is optionally implemented by a KeyMaker whose keys a later
 // configuration must name by URI (the PKCS#11 provider's URI method). The
 // URI is kept with the version, so the agent can serve the key again after

@@ -208,3 +208,59 @@ func TestNextAttemptDestroysTheKeyOfACrashedOne(t *testing.T) {
 		})
 	}
 }
+
+// dyingMaker generates the key, then the process dies before the keygen
+// record: the key exists, and no record or state holds its kid.
+type dyingMaker struct{ KeyMakerDestroyer }
+
+// KeyMakerDestroyer is what the software provider is to a rotation.
+type KeyMakerDestroyer interface {
+	KeyMaker
+	KeyDestroyer
+}
+
+func (m dyingMaker) GenerateKey(ctx context.Context, name string, kt providers.KeyType) (providers.KeyInfo, error) {
+	if _, err := m.KeyMakerDestroyer.GenerateKey(ctx, name, kt); err != nil {
+		return providers.KeyInfo{}, err
+	}
+	panic(errCrash)
+}
+
+// An attempt that died between making its key and journaling it left a
+// name in the slot's state and no kid: the next attempt cannot tell the
+// key under that name from another's (an operator's, on a shared token),
+// so it keeps it and says so in a rotate.destroy record that is not OK.
+func TestACrashedAttemptsKeyWithoutItsKidIsKept(t *testing.T) {
+	e := newEnv(t, providers.KeyEd25519)
+	before := e.keyFiles()
+	func() {
+		defer func() {
+			if r := recover(); r != errCrash {
+				t.Fatalf("Rotate did not die in its key generation: %v", r)
+			}
+		}()
+		o := e.opts()
+		o.Maker = dyingMaker{e.soft}
+		_, _ = e.rot.Rotate(context.Background(), testSlot, o)
+	}()
+	e.reopen()
+	if got := len(e.keyFiles()); got != len(before)+1 {
+		t.Fatalf("after the crash: %d key files, want %d", got, len(before)+1)
+	}
+	e.rotate()
+	if got := len(e.keyFiles()); got != len(before)+2 {
+		t.Fatalf("%d key files after the next rotation, want %d: the crashed attempt's key and the new one", got, len(before)+2)
+	}
+	var destroys []string
+	for _, r := range e.records() {
+		if r.Op == "rotate.destroy" {
+			destroys = append(destroys, r.CodeName+" "+r.Detail)
+		}
+	}
+	if len(destroys) != 1 || strings.HasPrefix(destroys[0], "OK ") || !strings.Contains(destroys[0], "not journaled") {
+		t.Fatalf("destroy records %q, want one keeping the key, its generation not journaled", destroys)
+	}
+	if sl, _ := e.store.Get(testSlot); sl.AttemptKey != (AttemptKey{}) {
+		t.Fatalf("the slot still names an attempt's key: %+v", sl.AttemptKey)
+	}
+}
