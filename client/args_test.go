@@ -6,6 +6,7 @@ import (
 	"errors"
 	"math"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -63,5 +64,36 @@ func TestLargeNumbersAreNotWrapped(t *testing.T) {
 		if n := <-got; n != math.MaxUint32 {
 			t.Errorf("%s: the agent was asked for %d, want %d", tc.name, n, uint32(math.MaxUint32))
 		}
+	}
+}
+
+// A tls:// address is the CLI's (SIGIL_SOCK=tls://host:port with its
+// --tls-* files); Dial speaks Unix sockets only. It used to dial
+// "tls://host:port" as a path and fail with "no such file or directory",
+// which named neither the cause nor DialTLS.
+func TestDialRefusesATLSAddress(t *testing.T) {
+	for _, tc := range []struct {
+		name, addr, env string
+	}{
+		{"given", "tls://127.0.0.1:7443", ""},
+		{"from SIGIL_SOCK", "", "tls://127.0.0.1:7443"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.env != "" {
+				t.Setenv(proto.SocketEnv, tc.env)
+			}
+			_, err := client.Dial(context.Background(), tc.addr)
+			if !errors.Is(err, client.ErrRefusedByClient) || client.Code(err) != proto.BadRequest {
+				t.Fatalf("Dial = %v (code %v), want BAD_REQUEST, ErrRefusedByClient", err, client.Code(err))
+			}
+			for _, want := range []string{"tls://127.0.0.1:7443", "DialTLS"} {
+				if !strings.Contains(err.Error(), want) {
+					t.Errorf("Dial = %q, want it to name %q", err, want)
+				}
+			}
+			if tc.env != "" && !strings.Contains(err.Error(), proto.SocketEnv) {
+				t.Errorf("Dial = %q, want it to name %s", err, proto.SocketEnv)
+			}
+		})
 	}
 }

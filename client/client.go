@@ -104,10 +104,20 @@ type conn struct {
 // $SIGIL_SOCK, else the default socket path. addr is a Unix socket path,
 // optionally written "unix:PATH". The client redials the same path when the
 // connection fails. A path in the default socket directory is dialled only
-// while that directory is this user's (proto.CheckDefaultSocketDir).
+// while that directory is this user's (proto.CheckDefaultSocketDir). A
+// tls://host:port address (the sigil CLI takes one, in $SIGIL_SOCK too) is
+// refused (BAD_REQUEST, ErrRefusedByClient): it needs DialTLS and a client
+// certificate.
 func Dial(ctx context.Context, addr string) (*Client, error) {
+	from := "address"
 	if addr == "" {
 		addr = proto.ClientSocketPath()
+		from = "$" + proto.SocketEnv
+	}
+	if strings.HasPrefix(addr, "tls://") {
+		// Dialled as a path it failed with "no such file or directory",
+		// naming neither the cause nor the remedy.
+		return nil, refused(proto.BadRequest, fmt.Sprintf("Dial speaks Unix sockets only; the %s %s is an mTLS agent: use DialTLS with its host:port and a tls.Config holding a client certificate", from, addr))
 	}
 	path := strings.TrimPrefix(addr, "unix:")
 	return newClient(ctx, func(ctx context.Context) (net.Conn, error) {

@@ -812,3 +812,41 @@ func TestFinalReplyWithOKIsADeviceError(t *testing.T) {
 		}
 	}
 }
+
+// A tls://host:port address (the sigil CLI's, in SIGIL_SOCK too) is
+// refused at C_Initialize, saying the module speaks Unix sockets only: it
+// was taken as a path, showed a slot named after it and failed every call
+// with CKR_DEVICE_ERROR and no word why.
+func TestTLSAddressIsRefused(t *testing.T) {
+	need(t, "pkcs11-tool")
+	conf := filepath.Join(shortDir(t), "pkcs11.conf")
+	if err := os.WriteFile(conf, []byte("socket = tls://127.0.0.1:7443\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct{ name, conf, sock string }{
+		{"in SIGIL_SOCK", "", "tls://127.0.0.1:7443"},
+		{"in the config file", conf, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Setenv("SIGIL_PKCS11_CONF", tc.conf)
+			t.Setenv(proto.SocketEnv, tc.sock)
+			ctx := p11.New(modulePath(t))
+			if ctx == nil {
+				t.Fatal("cannot load the module")
+			}
+			defer ctx.Destroy()
+			if err := ctx.Initialize(); ckr(err) != p11.CKR_GENERAL_ERROR {
+				if err == nil {
+					ctx.Finalize()
+				}
+				t.Fatalf("C_Initialize: %v, want CKR_GENERAL_ERROR", err)
+			}
+			out, _ := runErr(nil, "pkcs11-tool", "--module", modulePath(t), "-L")
+			for _, want := range []string{"tls://127.0.0.1:7443", "Unix sockets only"} {
+				if !strings.Contains(out, want) {
+					t.Errorf("pkcs11-tool -L said %q, want it to name %q", out, want)
+				}
+			}
+		})
+	}
+}

@@ -315,6 +315,15 @@ static int set_socket(char *dst, size_t cap, const char *v)
 	return 0;
 }
 
+/* tls_address reports whether v is a tls://host:port agent address: the
+ * sigil CLI takes one (in SIGIL_SOCK too), the module does not speak TLS.
+ * Taken as a path it showed a slot named after it and then failed every
+ * call with CKR_DEVICE_ERROR and no word why. */
+static int tls_address(const char *v)
+{
+	return strncmp(v, "tls://", 6) == 0;
+}
+
 /* same_dir reports whether paths a and b name files in one directory. */
 static int same_dir(const char *a, const char *b)
 {
@@ -413,7 +422,10 @@ static CK_RV load_config(char *sock, size_t cap, unsigned *timeout_ms, char *lab
 			*eq = 0;
 			char *key = trim(l), *val = trim(eq + 1);
 			int bad = 0, unknown = 0;
-			if (strcmp(key, "socket") == 0) {
+			if (strcmp(key, "socket") == 0 && tls_address(val)) {
+				fprintf(stderr, "libsigil-pkcs11: %s:%d: socket %s is an mTLS address; the module speaks Unix sockets only: name the agent's Unix socket\n", v, lineno, val);
+				unknown = 1; /* said why */
+			} else if (strcmp(key, "socket") == 0) {
 				bad = set_socket(sock, cap, val);
 			} else if (strcmp(key, "token_label") == 0) {
 				bad = !*val || strlen(val) > 32;
@@ -456,8 +468,16 @@ static CK_RV load_config(char *sock, size_t cap, unsigned *timeout_ms, char *lab
 		fclose(f);
 	}
 	/* The file's socket comes first: a SIGIL_SOCK it overrides is not read. */
-	if (!sock[0] && (v = secure_getenv("SIGIL_SOCK")) && *v && set_socket(sock, cap, v))
-		goto toolong;
+	if (!sock[0] && (v = secure_getenv("SIGIL_SOCK")) && *v) {
+		if (tls_address(v)) {
+			fprintf(stderr, "libsigil-pkcs11: SIGIL_SOCK=%s is an mTLS address; the module speaks Unix sockets only: set SIGIL_SOCK, or socket = in $SIGIL_PKCS11_CONF, to the agent's Unix socket\n", v);
+			free(*only_keys);
+			*only_keys = NULL;
+			return CKR_GENERAL_ERROR;
+		}
+		if (set_socket(sock, cap, v))
+			goto toolong;
+	}
 	char def[512];
 	if ((v = secure_getenv("XDG_RUNTIME_DIR")) && *v) {
 		snprintf(def, sizeof def, "%s/sigil/agent.sock", v);
