@@ -1188,6 +1188,14 @@ func TestStaleSocketIsReplaced(t *testing.T) {
 	if _, err := os.Stat(cfg.Socket); err != nil {
 		t.Fatalf("stale socket not left behind: %v", err)
 	}
+	// Checked before the agent opens anything: a stale socket is no reason
+	// to refuse, and the check leaves it for ListenUnix.
+	if err := agent.CheckUnixSocket(cfg.Socket); err != nil {
+		t.Fatalf("CheckUnixSocket(a stale socket) = %v", err)
+	}
+	if _, err := os.Stat(cfg.Socket); err != nil {
+		t.Fatalf("CheckUnixSocket removed the stale socket: %v", err)
+	}
 	r := startAgent(t, cfg)
 	if err := r.dial(t).Ping(context.Background()); err != nil {
 		t.Fatal(err)
@@ -1243,6 +1251,9 @@ func TestListenUnixReplacesOnlyAStaleSocket(t *testing.T) {
 			var before syscall.Stat_t
 			if err := syscall.Lstat(path, &before); err != nil {
 				t.Fatal(err)
+			}
+			if err := agent.CheckUnixSocket(path); err == nil {
+				t.Fatal("CheckUnixSocket found the path free")
 			}
 			if ln, err := agent.ListenUnix(path); err == nil {
 				ln.Close()

@@ -71,47 +71,17 @@ func fileKind(m fs.FileMode) string {
 // socket whose dial fails otherwise than refused (a live agent with a full
 // accept queue).
 func ListenUnix(path string) (net.Listener, error) {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("socket dir: %w", err)
 	}
-	st, err := os.Lstat(dir)
+	stale, err := checkUnixSocket(path)
 	if err != nil {
-		return nil, fmt.Errorf("socket dir: %w", err)
+		return nil, err
 	}
-	if sys, ok := st.Sys().(*syscall.Stat_t); ok && int(sys.Uid) != os.Getuid() {
-		return nil, fmt.Errorf("socket dir %s belongs to uid %d, not us (%d): refusing it", dir, sys.Uid, os.Getuid())
-	}
-	if st.Mode().Perm()&0o022 != 0 {
-		// Another user could replace the socket, or plant one before it.
-		// Its mode is not ours to change: for root, dir may be /tmp or /run.
-		return nil, fmt.Errorf("socket dir %s is writable by group or others (%v): give the socket a directory of its own, e.g. %s",
-			dir, st.Mode().Perm(), filepath.Join(dir, "sigil"))
-	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode().Type() != fs.ModeSocket {
-			// A mistyped path (the config file, ~/.ssh/config) is not
-			// ours to delete.
-			return nil, fmt.Errorf("socket %s: a %s is there, not a socket: refusing to replace it", path, fileKind(fi.Mode()))
-		}
-		c, err := net.DialTimeout("unix", path, time.Second)
-		if err == nil {
-			c.Close()
-			return nil, fmt.Errorf("socket %s: another agent is listening there", path)
-		}
-		if !errors.Is(err, syscall.ECONNREFUSED) {
-			// Only a refused connection shows that no one listens. A live
-			// agent whose accept queue is full answers EAGAIN, and one
-			// that is slow to accept times out: removing its socket
-			// would cut it off from every client while it holds the keys
-			// and the journal.
-			return nil, fmt.Errorf("socket %s: cannot tell whether an agent listens there (%w); remove it by hand if none does", path, err)
-		}
+	if stale {
 		if err := os.Remove(path); err != nil {
 			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
 		}
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	// No one else can reach the socket between bind and the chmod below:
 	// its directory is ours and 0700 (checked above). A umask would close
@@ -127,4 +97,63 @@ func ListenUnix(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("socket %s: %w", path, err)
 	}
 	return ln, nil
+}
+
+// CheckUnixSocket returns what ListenUnix would refuse path for now (a live
+// agent there, a file that is not a socket, a directory others own or can
+// write to), and makes and removes nothing. The agent calls it before it
+// opens its providers and journal: a second agent on a running one's
+// socket is refused before it makes keys and a journal that no agent
+// would serve.
+func CheckUnixSocket(path string) error {
+	_, err := checkUnixSocket(path)
+	return err
+}
+
+// checkUnixSocket is CheckUnixSocket, reporting too whether a stale socket
+// (one no agent listens on) is at path. A directory that does not exist
+// yet is no reason to refuse.
+func checkUnixSocket(path string) (stale bool, err error) {
+	dir := filepath.Dir(path)
+	st, err := os.Lstat(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("socket dir: %w", err)
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok && int(sys.Uid) != os.Getuid() {
+		return false, fmt.Errorf("socket dir %s belongs to uid %d, not us (%d): refusing it", dir, sys.Uid, os.Getuid())
+	}
+	if st.Mode().Perm()&0o022 != 0 {
+		// Another user could replace the socket, or plant one before it.
+		// Its mode is not ours to change: for root, dir may be /tmp or /run.
+		return false, fmt.Errorf("socket dir %s is writable by group or others (%v): give the socket a directory of its own, e.g. %s",
+			dir, st.Mode().Perm(), filepath.Join(dir, "sigil"))
+	}
+	fi, err := os.Lstat(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("socket %s: %w", path, err)
+	}
+	if fi.Mode().Type() != fs.ModeSocket {
+		// A mistyped path (the config file, ~/.ssh/config) is not ours
+		// to delete.
+		return false, fmt.Errorf("socket %s: a %s is there, not a socket: refusing to replace it", path, fileKind(fi.Mode()))
+	}
+	c, err := net.DialTimeout("unix", path, time.Second)
+	if err == nil {
+		c.Close()
+		return false, fmt.Errorf("socket %s: another agent is listening there", path)
+	}
+	if !errors.Is(err, syscall.ECONNREFUSED) {
+		// Only a refused connection shows that no one listens. A live
+		// agent whose accept queue is full answers EAGAIN, and one that
+		// is slow to accept times out: removing its socket would cut it
+		// off from every client while it holds the keys and the journal.
+		return false, fmt.Errorf("socket %s: cannot tell whether an agent listens there (%w); remove it by hand if none does", path, err)
+	}
+	return true, nil
 }

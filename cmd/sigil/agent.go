@@ -207,6 +207,26 @@ func runAgent(cfg agent.Config) error {
 		log.Error("agent failed to start", zap.String("fault", configFault), zap.Error(err))
 		return &exitError{exitConfig, err}
 	}
+	if sd == nil {
+		sd = &systemdListeners{}
+	}
+	// The sockets the agent makes itself are looked at before the
+	// providers and the journal open: a second agent on a running one's
+	// socket used to make keys and a journal in its data dir first, for no
+	// agent to serve. ListenUnix below looks again: another agent may
+	// start meanwhile.
+	for _, own := range []struct {
+		path    string
+		systemd net.Listener
+	}{{cfg.Socket, sd.client}, {cfg.AdminSocket, sd.admin}, {cfg.SSHAgentSocket, nil}} {
+		if own.path == "" || own.systemd != nil {
+			continue
+		}
+		if err := agent.CheckUnixSocket(own.path); err != nil {
+			log.Error("agent failed to listen", zap.Error(err))
+			return &exitError{exitFailure, err}
+		}
+	}
 	a, err := agent.New(ctx, cfg, log)
 	if err != nil {
 		if agent.IsConfigError(err) {
@@ -229,9 +249,6 @@ func runAgent(cfg agent.Config) error {
 			exit = exitConfig
 		}
 		return &exitError{exit, fmt.Errorf("agent failed to start (%s): %w", code, err)}
-	}
-	if sd == nil {
-		sd = &systemdListeners{}
 	}
 	ownSocket, ownAdmin := sd.client == nil, sd.admin == nil
 	removeSocket := func() {}

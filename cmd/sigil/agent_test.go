@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"os"
@@ -388,29 +389,62 @@ func TestCheckRefusesWhatTheStartRefuses(t *testing.T) {
 	}
 }
 
-// A second agent started on the data dir of one that runs (the same
-// config, or --socket elsewhere) finds the journal locked. It used to say
-// "agent failed to start (INTERNAL): audit journal DIR: journal: in use by
-// another process: DIR": a fault of ours by its code, the directory twice,
-// and nothing of what to do. It says another process holds the data dir's
-// journal, and how to go on; the first agent signs on.
+// A second agent started on the data dir of one that runs (--socket
+// elsewhere) finds the journal locked. It used to say "agent failed to
+// start (INTERNAL): audit journal DIR: journal: in use by another process:
+// DIR": a fault of ours by its code, the directory twice, and nothing of
+// what to do. It says another process holds the data dir's journal, and
+// how to go on; the first agent signs on. On the same socket (the same
+// config) it is refused at the socket, before it opens anything.
 func TestSecondAgentOnADataDirSaysSo(t *testing.T) {
 	bin := buildSigil(t)
 	dir := t.TempDir()
-	sockDir := shortSocketDir(t)
-	first := filepath.Join(sockDir, "agent.sock")
+	first := filepath.Join(shortSocketDir(t), "agent.sock")
 	config := writeEd25519Config(t, dir)
 	startAgentProcess(t, bin, config, first).waitReady(t)
 
-	for _, socket := range []string{first, filepath.Join(sockDir, "second.sock")} {
+	journal := filepath.Join(dir, "state", "journal")
+	for _, tc := range []struct {
+		socket string
+		want   []string
+		count  int // how often the journal's path is named
+	}{
+		{first, []string{"socket " + first + ": another agent is listening there"}, 0},
+		// Its own directory: the admin socket beside it is its own too.
+		{filepath.Join(shortSocketDir(t), "second.sock"), []string{"in use by another process", "another agent"}, 2},
+	} {
+		socket := tc.socket
 		code, stderr := startAgentProcess(t, bin, config, socket).waitExit(t)
-		if code != exitFailure || strings.Contains(stderr, "INTERNAL") || !strings.Contains(stderr, "in use by another process") ||
-			!strings.Contains(stderr, "another agent") || strings.Count(stderr, filepath.Join(dir, "state", "journal")) != 2 {
-			t.Errorf("second agent at %s: exit %d, want %d saying the data dir is another agent's, naming it once (and once in the log)\n%s", socket, code, exitFailure, stderr)
+		ok := code == exitFailure && !strings.Contains(stderr, "INTERNAL") && strings.Count(stderr, journal) == tc.count
+		for _, w := range tc.want {
+			ok = ok && strings.Contains(stderr, w)
+		}
+		if !ok {
+			t.Errorf("second agent at %s: exit %d, want %d saying %q, naming the journal %d times\n%s", socket, code, exitFailure, tc.want, tc.count, stderr)
 		}
 		if _, stderr, code := runBin(t, bin, "--socket", first, "keys", "sign", "--in", config); code != 0 {
 			t.Fatalf("the first agent after the second's try: exit %d %s", code, stderr)
 		}
+	}
+}
+
+// A second agent with a data dir of its own on the socket a running agent
+// holds is refused before it makes anything: it used to open its
+// providers and journal first, leaving keys and a journal in a data dir
+// no agent serves, and only then find the socket taken.
+func TestSecondAgentOnASocketMakesNoState(t *testing.T) {
+	bin := buildSigil(t)
+	socket := filepath.Join(shortSocketDir(t), "agent.sock")
+	startAgentProcess(t, bin, writeEd25519Config(t, t.TempDir()), socket).waitReady(t)
+
+	dir := t.TempDir()
+	code, stderr := startAgentProcess(t, bin, writeEd25519Config(t, dir), socket).waitExit(t)
+	if code != exitFailure || !strings.Contains(stderr, "another agent is listening there") {
+		t.Errorf("second agent at %s: exit %d, want %d saying another agent listens there\n%s", socket, code, exitFailure, stderr)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, "state")); !errors.Is(err, fs.ErrNotExist) {
+		made, _ := filepath.Glob(filepath.Join(dir, "state", "*"))
+		t.Errorf("the refused agent made its data dir (%v): %v", err, made)
 	}
 }
 
