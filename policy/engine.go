@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -76,6 +77,10 @@ type Decision struct {
 	// earliest moment a retry can pass that rule; 0 otherwise.
 	RetryAfter time.Duration
 
+	// alg is, for UnsupportedAlgorithm, the algorithm asked for: Message
+	// names it and the slot's allowed ones.
+	alg providers.Algorithm
+
 	// rs counts an allowed request among its slot's signatures in flight
 	// until Done: what a Pause waits out (WaitIdle).
 	rs *slotState
@@ -101,6 +106,12 @@ func (d Decision) Allowed() bool { return d.Reason == OK }
 func (d Decision) Message() string {
 	if int(d.Reason) >= len(reasonMessages) {
 		return "denied by policy"
+	}
+	if d.Reason == UnsupportedAlgorithm && d.Slot != nil {
+		// The slot's own policy, told to a caller its clients admit: a
+		// TLS handshake refused under it is otherwise guesswork. Built
+		// only for a refusal, so Check stays free of allocations.
+		return "the key slot's policy does not allow " + d.alg.String() + "; it allows " + strings.Join(d.Slot.Policy.algs.names(), ", ")
 	}
 	if d.RetryAfter <= 0 {
 		return reasonMessages[d.Reason]
@@ -350,6 +361,7 @@ func (e *Engine) check(tenant, slot string, id Identity, alg providers.Algorithm
 	}
 	if algorithmBit(alg)&pol.algs == 0 {
 		d.Reason = UnsupportedAlgorithm
+		d.alg = alg
 		return d, nil, 0
 	}
 	if n := digestSize(alg); n >= 0 && digestLen != n {

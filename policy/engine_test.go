@@ -784,3 +784,31 @@ func TestDenialMessageSaysWhenToRetry(t *testing.T) {
 		}
 	}
 }
+
+// An algorithm refusal names the algorithm asked for and the ones the slot
+// allows: "does not allow this algorithm" left a TLS handshake refused
+// under an algorithm policy to guesswork.
+func TestAlgorithmRefusalNamesTheAlgorithms(t *testing.T) {
+	e := NewEngine(mustParse(t, enginePolicy), newFakeClock(monday).now)
+	for _, tc := range []struct {
+		name, slot string
+		alg        providers.Algorithm
+		n          int
+		want       string
+	}{
+		{"not in the slot's list", "algs", es384, 48,
+			"the key slot's policy does not allow ecdsa-sha384; it allows ecdsa-sha256, ed25519"},
+		{"none a policy can name", "open", providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA1}, 20,
+			"the key slot's policy does not allow ecdsa-SHA-1; it allows ecdsa-sha256, ecdsa-sha384, ecdsa-sha512, rsa-pkcs1v15-sha256, rsa-pkcs1v15-sha384, rsa-pkcs1v15-sha512, rsa-pss-sha256, rsa-pss-sha384, rsa-pss-sha512, ed25519"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := e.Check("a", tc.slot, alice, tc.alg, tc.n)
+			if d.Reason != UnsupportedAlgorithm {
+				t.Fatalf("Check = %v, want UNSUPPORTED_ALGORITHM", d.Reason)
+			}
+			if got := d.Message(); got != tc.want {
+				t.Errorf("Message = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}
