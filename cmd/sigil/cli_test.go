@@ -262,11 +262,14 @@ func TestShellErrors(t *testing.T) {
 		{"bad --alg", []string{"--socket", sock, "keys", "sign", "--in", in, "--alg", "md5"}, exitUsage, "unknown algorithm"},
 		{"wrong alg for key", []string{"--socket", sock, "keys", "sign", "--in", in, "--alg", "rsa-pss-sha256"}, exitRefused, "UNSUPPORTED_ALGORITHM"},
 		{"ed25519 file too big", []string{"--socket", sock, "keys", "sign", "--in", big, "--key", "ed25519"}, exitFailure, "ECDSA or RSA"},
-		{"missing file", []string{"--socket", sock, "keys", "sign", "--in", filepath.Join(dir, "nope")}, exitFailure, "no such file"},
+		// The flag whose file is missing is named: it said only
+		// "stat PATH: no such file or directory".
+		{"missing file", []string{"--socket", sock, "keys", "sign", "--in", filepath.Join(dir, "nope")}, exitFailure, "--in " + filepath.Join(dir, "nope") + ": cannot read it: no such file or directory"},
 		// Input mistakes are told as such even with no agent to ask.
 		{"bad --alg, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "keys", "sign", "--in", in, "--alg", "bogus"}, exitUsage, "unknown algorithm"},
-		{"missing file, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "keys", "sign", "--in", filepath.Join(dir, "nope")}, exitFailure, "no such file"},
-		{"verify: missing file, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "verify-signature", "--kid", "k", "--in", filepath.Join(dir, "nope"), "--sig", in}, exitFailure, "no such file"},
+		{"missing file, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "keys", "sign", "--in", filepath.Join(dir, "nope")}, exitFailure, "--in " + filepath.Join(dir, "nope") + ": cannot read it: no such file"},
+		{"verify: missing file, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "verify-signature", "--kid", "k", "--in", filepath.Join(dir, "nope"), "--sig", in}, exitFailure, "--in " + filepath.Join(dir, "nope") + ": cannot read it: no such file"},
+		{"verify: missing --sig file, no agent", []string{"--socket", filepath.Join(dir, "none.sock"), "verify-signature", "--kid", "k", "--in", in, "--sig", filepath.Join(dir, "nope")}, exitFailure, "--sig " + filepath.Join(dir, "nope") + ": cannot read it: no such file"},
 		{"verify needs a key", []string{"--socket", sock, "verify-signature", "--in", in, "--sig", in}, exitUsage, "--kid"},
 		// A --sig longer than any signature (the wrong file) is invalid,
 		// told here: the client's frame limit refused it, and the

@@ -239,20 +239,30 @@ func checkInputs(algFlag, in string) error {
 		// for a writer that has gone.
 		st, err := os.Stat(in)
 		if err != nil {
-			return &exitError{exitFailure, err}
+			return &exitError{exitFailure, unreadable("--in", in, err)}
 		}
 		if st.IsDir() {
-			return &exitError{exitFailure, fmt.Errorf("%s is a directory, not a file", in)}
+			return &exitError{exitFailure, fmt.Errorf("--in %s is a directory, not a file", in)}
 		}
 		if st.Mode().IsRegular() {
 			f, err := os.Open(in)
 			if err != nil {
-				return &exitError{exitFailure, err}
+				return &exitError{exitFailure, unreadable("--in", in, err)}
 			}
 			f.Close()
 		}
 	}
 	return nil
+}
+
+// unreadable is a flag's file that could not be read. The file system's
+// words ("stat PATH: no such file or directory") name a system call and
+// the path, not which flag gave it.
+func unreadable(flag, path string, err error) error {
+	if pe := (*fs.PathError)(nil); errors.As(err, &pe) {
+		err = pe.Err
+	}
+	return fmt.Errorf("%s %s: cannot read it: %w", flag, path, err)
 }
 
 // checkOut reports an --out the signature could not be written to before

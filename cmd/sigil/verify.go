@@ -93,7 +93,7 @@ algorithm the key does not make: the code is printed).`,
 func readSignature(path string) ([]byte, error) {
 	raw, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("read signature: %w", err)
+		return nil, unreadable("--sig", path, err)
 	}
 	text := bytes.TrimSpace(raw)
 	if dec, err := base64.StdEncoding.DecodeString(string(text)); err == nil && len(dec) > 0 {
