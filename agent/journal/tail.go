@@ -494,11 +494,53 @@ func applyFrame(db *pebble.DB, into *pebble.Batch, fr tailFrame) (err error) {
 	if err := b.SetRepr(append([]byte(nil), fr.payload...)); err != nil {
 		return fmt.Errorf("journal: tail log frame for seqs %d-%d: %w", fr.firstSeq, fr.lastSeq, err)
 	}
+	if err := checkFrame(b, fr); err != nil {
+		return fmt.Errorf("journal: tail log frame for seqs %d-%d: %w", fr.firstSeq, fr.lastSeq, err)
+	}
 	if into != nil {
 		return into.Apply(b, nil)
 	}
 	if err := apply(db, b, pebble.NoSync); err != nil {
 		return fmt.Errorf("journal: replay tail log: %w", err)
+	}
+	return nil
+}
+
+// checkFrame checks that a frame's batch holds what the journal writes in
+// a frame, and nothing else: the records firstSeq..lastSeq in order, each
+// set under its own seq, each hashing to its stored hash and linking to
+// the one before, from the header's prev hash to its last one. Only
+// commits of records go through the tail (state changes, prunes and the
+// checkpoint wait for Pebble's WAL instead), so a state key, a deletion,
+// another seq's record or a chain the header does not describe was not
+// written by the journal. The checksum is no seal (anyone who can write
+// the file can recompute it), and a frame is applied to the store as it
+// is: unchecked, a forged frame put whatever it held there at the next
+// start (TestForgedTailFrameIsRefused).
+func checkFrame(b *pebble.Batch, fr tailFrame) error {
+	r := b.Reader()
+	seq, prev := fr.firstSeq, fr.prev
+	var rec Record
+	for {
+		kind, k, v, ok, err := r.Next()
+		if err != nil {
+			return err
+		}
+		if !ok {
+			break
+		}
+		keySeq, isAudit := seqFromKey(k)
+		if kind != pebble.InternalKeyKindSet || !isAudit || keySeq != seq || seq > fr.lastSeq {
+			return fmt.Errorf("it holds an entry (kind %s) the journal does not write in a frame at seq %d", kind, seq)
+		}
+		if brk, _ := checkRecord(v, seq, prev, &rec); brk != nil {
+			return fmt.Errorf("its record %d: %s: %s", seq, brk.Reason, brk.Detail)
+		}
+		prev = rec.Hash
+		seq++
+	}
+	if seq != fr.lastSeq+1 || prev != fr.last {
+		return fmt.Errorf("its records end at seq %d, not at the seq and hash its header names", seq-1)
 	}
 	return nil
 }
