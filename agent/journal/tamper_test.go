@@ -127,3 +127,300 @@ func TestForgedTailFrameIsRefused(t *testing.T) {
 		})
 	}
 }
+
+// What `audit verify` cannot see, as docs/audit.md says: the chain is
+// unkeyed (BLAKE3 with no secret), and the head checkpoint and the prune
+// anchor are stored beside the records, no better protected. Whoever can
+// write the journal directory while the agent is stopped can therefore
+// make a history that verifies: each case here passes Verify, and a
+// writable Open takes it. Only a head hash kept off the host (an export, a
+// Rotation Evidence Pack) shows these. If one of them starts to fail, the
+// journal learned to see it: update the docs.
+func TestWhatVerifyCannotSee(t *testing.T) {
+	const n = 20
+	cases := []struct {
+		name    string
+		tamper  func(t *testing.T, db *pebble.DB)
+		records uint64
+	}{
+		{"a record forged at the end, chained and hashed", func(t *testing.T, db *pebble.DB) {
+			last := dbRecord(t, db, n)
+			forged := *signRecord("acme", 99)
+			forged.Seq, forged.PrevHash, forged.Time = n+1, last.Hash, last.Time
+			dbSet(t, db, auditKey(n+1), forged.encode())
+		}, n + 1},
+		{"the last records cut and the checkpoint lowered to match", func(t *testing.T, db *pebble.DB) {
+			r := dbRecord(t, db, n-5)
+			for seq := uint64(n - 4); seq <= n; seq++ {
+				dbDelete(t, db, auditKey(seq))
+			}
+			dbSetMeta(t, db, headKey, n-5, r.Hash)
+		}, n - 5},
+		{"the last records cut and the checkpoint deleted", func(t *testing.T, db *pebble.DB) {
+			for seq := uint64(n - 4); seq <= n; seq++ {
+				dbDelete(t, db, auditKey(seq))
+			}
+			dbDelete(t, db, []byte(headKey))
+		}, n - 5},
+		{"history rewritten with the checkpoint", func(t *testing.T, db *pebble.DB) {
+			var prev [32]byte
+			for seq := uint64(1); seq <= n; seq++ {
+				r := dbRecord(t, db, seq)
+				if seq >= 3 {
+					r.PrevHash = prev
+					if seq == 3 {
+						r.CodeName = "FORGED"
+					}
+					dbSet(t, db, auditKey(seq), r.encode())
+				}
+				prev = r.Hash
+			}
+			dbSetMeta(t, db, headKey, n, prev)
+		}, n},
+		{"a prune forged: records cut, the anchor moved and a prune record appended", func(t *testing.T, db *pebble.DB) {
+			anchor, last := dbRecord(t, db, 10), dbRecord(t, db, n)
+			for seq := uint64(1); seq <= 10; seq++ {
+				dbDelete(t, db, auditKey(seq))
+			}
+			dbSetMeta(t, db, anchorKey, 10, anchor.Hash)
+			prune := Record{Seq: n + 1, Time: last.Time, Op: PruneOp, PrevHash: last.Hash, DigestHash: anchor.Hash,
+				Peer: "agent (journal.retention 2160h0m0s)", Detail: "records 1-10"}
+			dbSet(t, db, auditKey(n+1), prune.encode())
+			dbSetMeta(t, db, headKey, n+1, prune.Hash)
+		}, n + 1 - 10},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, db := closedJournal(t, n, true)
+			tc.tamper(t, db)
+			if err := db.Close(); err != nil {
+				t.Fatal(err)
+			}
+			ro, err := Open(Options{Dir: dir, ReadOnly: true, Logger: testLogger(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rep := verifyOK(t, ro); rep.Records != tc.records {
+				t.Fatalf("records %d, want %d", rep.Records, tc.records)
+			}
+			if err := ro.Close(); err != nil {
+				t.Fatal(err)
+			}
+			j := openTest(t, dir, WAL) // the agent starts on it
+			appendN(t, j, "acme", 1)
+			verifyOK(t, j)
+		})
+	}
+
+	// A rollback: the directory put back as an older copy of itself.
+	t.Run("the journal replaced by an older copy", func(t *testing.T) {
+		dir := t.TempDir()
+		j := openTest(t, dir, WAL)
+		appendN(t, j, "acme", n)
+		if err := j.Close(); err != nil {
+			t.Fatal(err)
+		}
+		old := snapshotDir(t, dir)
+		j = openTest(t, dir, WAL)
+		appendN(t, j, "acme", n)
+		if err := j.Close(); err != nil {
+			t.Fatal(err)
+		}
+		j = openTest(t, old, WAL)
+		mustVerify(t, j, n)
+	})
+}
+
+// The helpers below edit a closed journal's store with Pebble itself, as
+// someone who can write the data dir while the agent is stopped would.
+
+func dbGet(t *testing.T, db *pebble.DB, key []byte) []byte {
+	t.Helper()
+	v, closer, err := db.Get(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closer.Close()
+	return append([]byte(nil), v...)
+}
+
+func dbSet(t *testing.T, db *pebble.DB, key, value []byte) {
+	t.Helper()
+	if err := db.Set(key, value, pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func dbDelete(t *testing.T, db *pebble.DB, key []byte) {
+	t.Helper()
+	if err := db.Delete(key, pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func dbRecord(t *testing.T, db *pebble.DB, seq uint64) Record {
+	t.Helper()
+	var r Record
+	if err := decodeRecord(dbGet(t, db, auditKey(seq)), &r); err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+func dbSetMeta(t *testing.T, db *pebble.DB, key string, seq uint64, hash [32]byte) {
+	t.Helper()
+	v := make([]byte, headLen)
+	encodeHead(v, seq, hash)
+	dbSet(t, db, []byte(key), v)
+}
+
+// closedJournal is a journal of n records, closed cleanly (a checkpoint at
+// n), opened with Pebble alone: with split, each record under its own key,
+// else in runs.
+func closedJournal(t *testing.T, n int, split bool) (string, *pebble.DB) {
+	t.Helper()
+	dir := t.TempDir()
+	var j *Journal
+	if split {
+		j = openTest(t, dir, WAL)
+		appendN(t, j, "acme", n)
+	} else {
+		j, _ = openRuns(t, dir, n) // one run of n records
+	}
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	db, err := pebble.Open(dir, &pebble.Options{Logger: pebbleLogger{z: zap.NewNop().Sugar()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if split {
+		splitRuns(t, db)
+	}
+	return dir, db
+}
+
+// Tampering done while the agent is stopped, with Pebble itself, is found
+// by a read-only verify, and the agent either refuses to start or starts
+// and keeps the evidence: a record it appends and the checkpoint it then
+// writes do not make the chain verify again.
+func TestTamperingWhileStoppedKeepsItsEvidence(t *testing.T) {
+	const n = 20
+	cases := []struct {
+		name   string
+		split  bool // a record per key; else the runs Close left
+		tamper func(t *testing.T, db *pebble.DB)
+		seq    uint64
+		reason BreakReason
+		// refused: Open does not start on it.
+		refused bool
+		// after: the reason once the agent wrote on (0: reason). Records
+		// cut from the end are a head mismatch, then a gap before the
+		// records that continue the chain after the checkpoint.
+		after BreakReason
+	}{
+		{"a byte of a record stored alone", true, func(t *testing.T, db *pebble.DB) {
+			v := dbGet(t, db, auditKey(7))
+			v[offLatency] ^= 1
+			dbSet(t, db, auditKey(7), v)
+		}, 7, BreakHashMismatch, false, 0},
+		{"a byte of the last record, the checkpoint's", true, func(t *testing.T, db *pebble.DB) {
+			v := dbGet(t, db, auditKey(n))
+			v[offLatency] ^= 1
+			dbSet(t, db, auditKey(n), v)
+		}, n, BreakHashMismatch, false, 0},
+		{"a byte of a record in a run", false, func(t *testing.T, db *pebble.DB) {
+			v := dbGet(t, db, auditKey(1)) // records 1-20
+			rest := v
+			for range 3 {
+				var err error
+				if _, rest, err = nextInRun(rest); err != nil || len(rest) == 0 {
+					t.Fatalf("no run of records 1-20 under key 1 (%v)", err)
+				}
+			}
+			v[len(v)-len(rest)+offLatency] ^= 1 // record 4
+			dbSet(t, db, auditKey(1), v)
+		}, 4, BreakHashMismatch, false, 0},
+		{"a middle record deleted", true, func(t *testing.T, db *pebble.DB) { dbDelete(t, db, auditKey(11)) },
+			11, BreakGap, false, 0},
+		{"the last 5 records deleted", true, func(t *testing.T, db *pebble.DB) {
+			for seq := uint64(n - 4); seq <= n; seq++ {
+				dbDelete(t, db, auditKey(seq))
+			}
+		}, n - 4, BreakHeadMismatch, false, BreakGap},
+		{"two records swapped", true, func(t *testing.T, db *pebble.DB) {
+			a, b := dbGet(t, db, auditKey(4)), dbGet(t, db, auditKey(5))
+			dbSet(t, db, auditKey(4), b)
+			dbSet(t, db, auditKey(5), a)
+		}, 4, BreakUndecodable, false, 0},
+		{"the last record duplicated after it", true, func(t *testing.T, db *pebble.DB) {
+			dbSet(t, db, auditKey(n+1), dbGet(t, db, auditKey(n)))
+		}, n + 1, BreakUndecodable, false, 0},
+		{"a record forged in the middle, re-hashed", true, func(t *testing.T, db *pebble.DB) {
+			r := dbRecord(t, db, 9)
+			r.CodeName = "PERMISSION_DENIED"
+			dbSet(t, db, auditKey(9), r.encode())
+		}, 10, BreakPrevMismatch, false, 0},
+		{"the history rewritten up to the checkpoint", true, func(t *testing.T, db *pebble.DB) {
+			var prev [32]byte
+			for seq := uint64(1); seq <= n; seq++ {
+				r := dbRecord(t, db, seq)
+				if seq >= 3 {
+					r.PrevHash = prev
+					r.LatencyMicros++
+					dbSet(t, db, auditKey(seq), r.encode())
+				}
+				prev = r.Hash
+			}
+		}, n, BreakHeadMismatch, true, 0},
+		{"records pruned by hand, with no prune record", true, func(t *testing.T, db *pebble.DB) {
+			r := dbRecord(t, db, 10)
+			for seq := uint64(1); seq <= 10; seq++ {
+				dbDelete(t, db, auditKey(seq))
+			}
+			dbSetMeta(t, db, anchorKey, 10, r.Hash)
+		}, 11, BreakAnchor, false, 0},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, db := closedJournal(t, n, tc.split)
+			tc.tamper(t, db)
+			if err := db.Close(); err != nil {
+				t.Fatal(err)
+			}
+			ro, err := Open(Options{Dir: dir, ReadOnly: true, Logger: testLogger(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			expectBreak(t, ro, tc.seq, tc.reason)
+			if err := ro.Close(); err != nil {
+				t.Fatal(err)
+			}
+			j, err := Open(Options{Dir: dir, Durability: WAL, Logger: testLogger(t)})
+			if tc.refused {
+				if err == nil {
+					_ = j.Close()
+					t.Fatal("the agent started on a journal it should refuse")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Open: %v", err)
+			}
+			appendN(t, j, "acme", 3)
+			if err := j.Close(); err != nil { // a new checkpoint
+				t.Fatal(err)
+			}
+			ro, err = Open(Options{Dir: dir, ReadOnly: true, Logger: testLogger(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ro.Close()
+			after := tc.reason
+			if tc.after != 0 {
+				after = tc.after
+			}
+			expectBreak(t, ro, tc.seq, after)
+		})
+	}
+}
