@@ -354,6 +354,25 @@ func TestAuditVerifyExitStatus(t *testing.T) {
 	defer hj.Close()
 	notDir := filepath.Join(dir, "file")
 	os.WriteFile(notDir, []byte("not a journal"), 0o600)
+	export, edited := filepath.Join(dir, "export.jsonl"), filepath.Join(dir, "edited.jsonl")
+	{
+		ej, err := journal.Open(journal.Options{Dir: filepath.Join(dir, "exported")})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range 3 {
+			if err := ej.Append(context.Background(), &journal.Record{Tenant: "acme", Op: "sign", CodeName: "OK", Slot: fmt.Sprint(i)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		var buf bytes.Buffer
+		if err := ej.WriteJSONL(context.Background(), &buf, journal.Filter{}); err != nil {
+			t.Fatal(err)
+		}
+		ej.Close()
+		os.WriteFile(export, buf.Bytes(), 0o600)
+		os.WriteFile(edited, bytes.Replace(buf.Bytes(), []byte(`"slot":"1"`), []byte(`"slot":"9"`), 1), 0o600)
+	}
 
 	for _, tc := range []struct {
 		name string
@@ -366,6 +385,11 @@ func TestAuditVerifyExitStatus(t *testing.T) {
 		{"journal in use", []string{"--journal", held}, exitUnchecked, "in use"},
 		{"not a journal", []string{"--journal", notDir}, exitUnchecked, "journal"},
 		{"named agent silent", []string{"--admin-socket", filepath.Join(dir, "none.sock")}, exitUnreachable, "no agent answered"},
+		{"sound export", []string{"--export", export}, exitOK, "export chain OK: 3 records"},
+		{"edited export", []string{"--export", edited}, exitFailure, "seq 2: hash mismatch"},
+		{"no export", []string{"--export", filepath.Join(dir, "none.jsonl")}, exitUnchecked, "no such file"},
+		{"not an export", []string{"--export", notDir}, exitFailure, "undecodable record"},
+		{"export and a journal", []string{"--export", export, "--journal", sound}, exitUsage, "--export checks a file alone"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			out, stderr, code := run(t, append([]string{"audit", "verify"}, tc.args...)...)
