@@ -15,6 +15,8 @@ import (
 
 	pkcs11uri "github.com/stefanberger/go-pkcs11uri"
 	"go.uber.org/zap"
+
+	"github.com/sigil-agent/sigil/providers"
 )
 
 // KeyConfig names one key on the token.
@@ -497,7 +499,7 @@ func readPIN(cfg *Config, log *zap.Logger) (string, error) {
 		if err != nil {
 			return "", fmt.Errorf("%w: PIN file: %w", ErrPINSource, err)
 		}
-		if uid, ok := fileOwner(fi); ok && uid != os.Geteuid() && uid != 0 {
+		if uid, ok := providers.FileOwner(fi); ok && uid != os.Geteuid() && uid != 0 {
 			// Its owner may read it whatever its mode, or chmod it.
 			return "", fmt.Errorf("%w: PIN file %s belongs to uid %d, neither the agent's (%d) nor root: its owner can read it", ErrPINSource, cfg.PINFile, uid, os.Geteuid())
 		}

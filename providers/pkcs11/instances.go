@@ -153,7 +153,7 @@ func copiesParent(dir string) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		if uid, ok := fileOwner(st); ok && uid != os.Geteuid() && uid != 0 {
+		if uid, ok := providers.FileOwner(st); ok && uid != os.Geteuid() && uid != 0 {
 			return "", fmt.Errorf("the module copies' directory %s lies in %s, which belongs to uid %d: set TMPDIR to a directory only the agent's user or root can change", dir, d, uid)
 		}
 		if st.Mode().Perm()&0o022 != 0 && st.Mode()&os.ModeSticky == 0 {

@@ -61,35 +61,11 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 		return fail(err)
 	}
 
-	// A read-write session of its own: generation can take seconds and
-	// should not hold one of the signing sessions. Closing it afterwards
-	// keeps the login, since the pool's sessions stay open.
-	var sh p11.SessionHandle
-	var shGen uint64
-	err = p.call("open-session", func(c *p11.Ctx) error {
-		var err error
-		shGen = p.mod.gen.Load() // the generation its key handle will belong to
-		if p.gen.Load() != shGen {
-			// The slot is from before another provider's reload: it may
-			// be another token's now.
-			return errStale
-		}
-		sh, err = c.OpenSession(uint(p.slot.Load()), p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
-		return err
-	})
-	if errors.Is(err, errStale) {
-		p.afterStale(p.state.Load().epoch)
-		return fail(fmt.Errorf("open session: %w", err))
-	}
+	sh, shGen, closeSession, err := p.openWriteSession()
 	if err != nil {
-		p.requestRepair(classify(rvOf(err)).repair(), p.state.Load().epoch)
-		return fail(fmt.Errorf("open session: %w: %w", providers.ErrUnavailable, err))
+		return fail(err)
 	}
-	// Closed only in its generation: after a reload the number may be
-	// another provider's session.
-	defer func() {
-		_ = p.onSession(context.Background(), "", shGen, func(c *p11.Ctx) error { return c.CloseSession(sh) })
-	}()
+	defer closeSession()
 
 	sel := objectSelector{label: label, id: id}
 	k := &key{obj: sel}
@@ -177,6 +153,40 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	return k.info, nil
 }
 
+// openWriteSession opens a read-write session of its own for a token
+// write (generating or destroying a key): a write can take seconds and
+// should not hold one of the signing sessions. It returns the session, the
+// module generation its handles belong to, and its close, which closes it
+// only in that generation (after a reload the number may be another
+// provider's session) and keeps the login, since the pool's sessions stay
+// open.
+func (p *Provider) openWriteSession() (p11.SessionHandle, uint64, func(), error) {
+	var sh p11.SessionHandle
+	var shGen uint64
+	err := p.call("open-session", func(c *p11.Ctx) error {
+		var err error
+		shGen = p.mod.gen.Load()
+		if p.gen.Load() != shGen {
+			// The slot is from before another provider's reload: it may
+			// be another token's now.
+			return errStale
+		}
+		sh, err = c.OpenSession(uint(p.slot.Load()), p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
+		return err
+	})
+	if errors.Is(err, errStale) {
+		p.afterStale(p.state.Load().epoch)
+		return 0, 0, nil, fmt.Errorf("open session: %w", err)
+	}
+	if err != nil {
+		p.requestRepair(classify(rvOf(err)).repair(), p.state.Load().epoch)
+		return 0, 0, nil, fmt.Errorf("open session: %w: %w", providers.ErrUnavailable, err)
+	}
+	return sh, shGen, func() {
+		_ = p.onSession(context.Background(), "", shGen, func(c *p11.Ctx) error { return c.CloseSession(sh) })
+	}, nil
+}
+
 // DestroyKey destroys a key pair this provider generated under name and
 // that was never used (rotation.KeyDestroyer: the key of a rotation attempt
 // that failed before its cut-over): C_DestroyObject on the private key and
@@ -210,28 +220,11 @@ func (p *Provider) DestroyKey(ctx context.Context, name string, check func(provi
 	if err := stateError(p.state.Load()); err != nil {
 		return fail(err)
 	}
-	var sh p11.SessionHandle
-	var shGen uint64
-	err := p.call("open-session", func(c *p11.Ctx) error {
-		var err error
-		shGen = p.mod.gen.Load()
-		if p.gen.Load() != shGen {
-			return errStale
-		}
-		sh, err = c.OpenSession(uint(p.slot.Load()), p11.CKF_SERIAL_SESSION|p11.CKF_RW_SESSION)
-		return err
-	})
-	if errors.Is(err, errStale) {
-		p.afterStale(p.state.Load().epoch)
-		return fail(fmt.Errorf("open session: %w", err))
-	}
+	sh, shGen, closeSession, err := p.openWriteSession()
 	if err != nil {
-		p.requestRepair(classify(rvOf(err)).repair(), p.state.Load().epoch)
-		return fail(fmt.Errorf("open session: %w: %w", providers.ErrUnavailable, err))
+		return fail(err)
 	}
-	defer func() {
-		_ = p.onSession(context.Background(), "", shGen, func(c *p11.Ctx) error { return c.CloseSession(sh) })
-	}()
+	defer closeSession()
 	err = p.writeExclusive(func() error {
 		return p.onSession(context.Background(), "", shGen, func(c *p11.Ctx) error {
 			priv, err := findPrivateKey(c, sh, sel)

@@ -322,7 +322,7 @@ func PrivateDir(dir string) error {
 	if !st.IsDir() {
 		return fmt.Errorf("%s is not a directory", dir)
 	}
-	if uid, ok := fileOwner(st); ok && uid != os.Getuid() {
+	if uid, ok := providers.FileOwner(st); ok && uid != os.Getuid() {
 		return fmt.Errorf("directory %s belongs to uid %d, not us (%d): refusing it", dir, uid, os.Getuid())
 	}
 	if st.Mode().Perm() != 0o700 {
@@ -417,7 +417,7 @@ func RemoveStaleKeyTemps(dir string) error {
 		if err != nil {
 			return err
 		}
-		if uid, ok := fileOwner(st); !st.Mode().IsRegular() || (ok && uid != os.Getuid()) || now.Sub(st.ModTime()) < staleKeyTempAge {
+		if uid, ok := providers.FileOwner(st); !st.Mode().IsRegular() || (ok && uid != os.Getuid()) || now.Sub(st.ModTime()) < staleKeyTempAge {
 			continue
 		}
 		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -459,7 +459,7 @@ func ReadKeyFile(path string) (crypto.Signer, error) {
 	if st.Mode().Perm()&0o077 != 0 {
 		return nil, fmt.Errorf("key file %s has mode %v; want 0600", path, st.Mode().Perm())
 	}
-	if uid, ok := fileOwner(st); ok && uid != os.Getuid() {
+	if uid, ok := providers.FileOwner(st); ok && uid != os.Getuid() {
 		return nil, fmt.Errorf("key file %s belongs to uid %d, not us (%d): refusing it", path, uid, os.Getuid())
 	}
 	raw, err := io.ReadAll(f)

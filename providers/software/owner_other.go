@@ -1,8 +1,0 @@
-//go:build !unix
-
-package software
-
-import "io/fs"
-
-// fileOwner: no uids here.
-func fileOwner(fs.FileInfo) (int, bool) { return 0, false }
