@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"errors"
@@ -48,6 +49,18 @@ type keyMaps struct {
 func (kr *keyring) entry(name string) *keyEntry { return kr.maps.Load().byName[name] }
 
 func (kr *keyring) entryByKID(kid string) *keyEntry { return kr.maps.Load().byKID[kid] }
+
+// servingAs returns a name other than name under which the key with the
+// public key spki is served, or "". A walk of every key: for a rotation's
+// rare destroy, not for a request.
+func (kr *keyring) servingAs(spki []byte, name string) string {
+	for n, e := range kr.maps.Load().byName {
+		if n != name && bytes.Equal(e.info.SPKI, spki) {
+			return n
+		}
+	}
+	return ""
+}
 
 // add serves a key that appeared after start (a rotation's new version, or
 // one adopted again after a restart).

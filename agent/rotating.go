@@ -376,8 +376,10 @@ type destroyingMaker struct {
 // destroys it.
 func (m *destroyingMaker) DestroyKey(ctx context.Context, name string, check func(providers.KeyInfo) error) error {
 	return m.d.DestroyKey(ctx, name, func(info providers.KeyInfo) error {
-		if e := m.a.keys.entryByKID(info.KID); e != nil && e.info.Name != name {
-			return fmt.Errorf("%w: the agent serves it as %s", rotation.ErrKeyInUse, e.info.Name)
+		// By public key, not by kid: a kid hashes the key's name too, so
+		// the same key adopted under another name has another kid.
+		if other := m.a.keys.servingAs(info.SPKI, name); other != "" {
+			return fmt.Errorf("%w: the agent serves it as %s", rotation.ErrKeyInUse, other)
 		}
 		if e := m.a.keys.entry(name); e != nil && e.info.KID != info.KID {
 			return fmt.Errorf("%w: the agent serves another key under its name", rotation.ErrKeyInUse)

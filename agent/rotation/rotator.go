@@ -1,6 +1,7 @@
 package rotation
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ed25519"
@@ -837,7 +838,10 @@ func (u *rotation) destroyAttemptKey(ctx context.Context, ak AttemptKey, kid, wh
 		}
 		for _, sl := range u.r.store.Slots() {
 			for _, v := range sl.Versions {
-				if v.KID == info.KID || v.Key == ak.Name && v.Provider == ak.Provider {
+				// By public key as well as kid: a kid hashes the key's name
+				// too, so the same key enrolled under another name (adopted
+				// by URI as another slot's) has another kid.
+				if v.KID == info.KID || bytes.Equal(v.SPKI, info.SPKI) || v.Key == ak.Name && v.Provider == ak.Provider {
 					return fmt.Errorf("%w: it is v%d of %s", ErrKeyInUse, v.Number, sl.FullName())
 				}
 			}

@@ -1,6 +1,7 @@
 package pkcs11
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/asn1"
@@ -133,14 +134,8 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 			return nil
 		})
 	})
-	if errors.Is(err, errStale) {
-		p.afterStale(p.state.Load().epoch)
-		return fail(err)
-	}
 	if err != nil {
-		if lvl := classify(rvOf(err)).repair(); rvOf(err) != 0 && lvl >= repairLogin {
-			p.requestRepair(lvl, p.state.Load().epoch)
-		}
+		p.afterWriteFailed(err)
 		return fail(err)
 	}
 
@@ -151,6 +146,20 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	p.log.Info("pkcs11 key generated", zap.String("key", name), zap.String("kid", k.info.KID),
 		zap.String("type", string(kt)), zap.Stringer("object", sel), zap.Duration("took", time.Since(start)))
 	return k.info, nil
+}
+
+// afterWriteFailed asks for what a failed token write calls for: the
+// provider's state looked at again when the module reloaded meanwhile, a
+// repair when the token's answer needs one (a lost login, a removed
+// device).
+func (p *Provider) afterWriteFailed(err error) {
+	if errors.Is(err, errStale) {
+		p.afterStale(p.state.Load().epoch)
+		return
+	}
+	if lvl := classify(rvOf(err)).repair(); rvOf(err) != 0 && lvl >= repairLogin {
+		p.requestRepair(lvl, p.state.Load().epoch)
+	}
 }
 
 // openWriteSession opens a read-write session of its own for a token
@@ -246,7 +255,8 @@ func (p *Provider) DestroyKey(ctx context.Context, name string, check func(provi
 				return fmt.Errorf("the object found has kid %s, the key served under the name %s", info.KID, served.info.KID)
 			}
 			for _, other := range p.keys.All() {
-				if other.info.KID == info.KID && other.info.Name != name {
+				// By public key: a kid hashes the name too.
+				if other.info.Name != name && bytes.Equal(other.info.SPKI, info.SPKI) {
 					return fmt.Errorf("the key is served as %q", other.info.Name)
 				}
 			}
@@ -266,11 +276,12 @@ func (p *Provider) DestroyKey(ctx context.Context, name string, check func(provi
 				return err
 			}
 			// Not served from here on: it is going.
+			// Not under the peers' keysMu: a peer's AddKey holds it while
+			// it waits for its module, paused by this write, to open again
+			// (a deadlock with module_instances > 1). A KeySet locks itself.
 			p.keys.Remove(name)
 			for _, q := range p.peers {
-				q.keysMu.Lock()
 				q.keys.Remove(name)
-				q.keysMu.Unlock()
 			}
 			if err := p.destroyObject(c, sh, priv); err != nil {
 				return fmt.Errorf("C_DestroyObject (private key): %w", err)
@@ -287,14 +298,8 @@ func (p *Provider) DestroyKey(ctx context.Context, name string, check func(provi
 			return nil
 		})
 	})
-	if errors.Is(err, errStale) {
-		p.afterStale(p.state.Load().epoch)
-		return fail(err)
-	}
 	if err != nil {
-		if lvl := classify(rvOf(err)).repair(); rvOf(err) != 0 && lvl >= repairLogin {
-			p.requestRepair(lvl, p.state.Load().epoch)
-		}
+		p.afterWriteFailed(err)
 		return fail(err)
 	}
 	p.log.Info("pkcs11 key destroyed", zap.String("key", name), zap.Stringer("object", sel))
