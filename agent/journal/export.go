@@ -6,6 +6,7 @@ import (
 	"context"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"time"
@@ -75,7 +76,9 @@ func VerifyExport(ctx context.Context, r io.Reader) (VerifyReport, error) {
 }
 
 // parseExportLine is MarshalJSON's inverse, strictly: a field the export
-// does not have, or a hash that is not 32 bytes of hex, is an error.
+// does not have, a field named twice or spelled otherwise than the export
+// spells it, anything after the record on the line, or a hash that is not
+// 32 bytes of hex, is an error.
 func parseExportLine(line []byte, r *Record) error {
 	var js jsonRecord
 	dec := json.NewDecoder(bytes.NewReader(line))
@@ -83,8 +86,12 @@ func parseExportLine(line []byte, r *Record) error {
 	if err := dec.Decode(&js); err != nil {
 		return fmt.Errorf("not an exported record: %w", err)
 	}
-	if dec.More() {
+	// More does not see a stray '}' or ']' after the object.
+	if len(bytes.TrimSpace(line[dec.InputOffset():])) != 0 {
 		return fmt.Errorf("not an exported record: more after it on the line")
+	}
+	if err := checkExportNames(line); err != nil {
+		return fmt.Errorf("not an exported record: %w", err)
 	}
 	t, err := time.Parse(time.RFC3339Nano, js.Time)
 	if err != nil {
@@ -113,4 +120,73 @@ func parseExportLine(line []byte, r *Record) error {
 		copy(h.to[:], b)
 	}
 	return nil
+}
+
+// exportNames are the export's field names (jsonRecord's), as
+// MarshalJSON writes them.
+var exportNames = [...]string{
+	"seq", "time", "tenant", "slot", "version", "kid", "op", "alg", "digest_hash",
+	"policy_hash", "code", "code_name", "latency_us", "peer", "detail", "prev_hash", "hash",
+}
+
+// checkExportNames refuses a line (one JSON object, which encoding/json
+// has decoded) that names a field twice, or names one otherwise than
+// exportNames spells it. encoding/json keeps a repeated name's last value
+// and matches names in any case and with escapes, so a line could hash to
+// its hash with one value while a reader that keeps the first value, or
+// matches names exactly, reads another. It allocates nothing.
+func checkExportNames(line []byte) error {
+	var seen uint32
+	depth := 0
+	for i := 0; i < len(line); i++ {
+		switch line[i] {
+		case '{', '[':
+			depth++
+		case '}', ']':
+			depth--
+		case '"':
+			end := i + 1
+			for end < len(line) && line[end] != '"' {
+				if line[end] == '\\' {
+					end++
+				}
+				end++
+			}
+			if end >= len(line) {
+				return errors.New("a string does not end")
+			}
+			if depth == 1 && nextNonSpace(line, end+1) == ':' {
+				name := line[i+1 : end]
+				k := -1
+				for n, want := range exportNames {
+					if string(name) == want { // compared in place, not converted
+						k = n
+						break
+					}
+				}
+				switch {
+				case k < 0:
+					return fmt.Errorf("field name %.40q is not spelled as the export spells it", name)
+				case seen&(1<<k) != 0:
+					return fmt.Errorf("field %q named twice", exportNames[k])
+				}
+				seen |= 1 << k
+			}
+			i = end
+		}
+	}
+	return nil
+}
+
+// nextNonSpace returns the first byte at or after i that is not JSON
+// whitespace, or 0.
+func nextNonSpace(b []byte, i int) byte {
+	for ; i < len(b); i++ {
+		switch b[i] {
+		case ' ', '\t', '\n', '\r':
+		default:
+			return b[i]
+		}
+	}
+	return 0
 }

@@ -63,12 +63,37 @@ func TestVerifyExport(t *testing.T) {
 			l[2] = strings.Replace(l[2], `{`, `{"note":"x",`, 1)
 			return l
 		}, 3, BreakUndecodable, 2},
+		// encoding/json keeps a repeated key's last value, and matches
+		// names in any case or escaped: each of these lines hashed to its
+		// hash with "OK", while a reader that keeps the first value saw a
+		// refusal.
+		{"a field repeated", func(_ *testing.T, l []string) []string {
+			l[4] = strings.Replace(l[4], `{`, `{"code_name":"PERMISSION_DENIED",`, 1)
+			return l
+		}, 5, BreakUndecodable, 4},
+		{"a field repeated in capitals", func(_ *testing.T, l []string) []string {
+			l[4] = strings.Replace(l[4], `{`, `{"CODE_NAME":"PERMISSION_DENIED",`, 1)
+			return l
+		}, 5, BreakUndecodable, 4},
+		{"a field repeated, its name escaped", func(_ *testing.T, l []string) []string {
+			l[4] = strings.Replace(l[4], `{`, `{"code\u005fname":"PERMISSION_DENIED",`, 1)
+			return l
+		}, 5, BreakUndecodable, 4},
+		{"a brace after the record", func(_ *testing.T, l []string) []string {
+			l[4] = strings.Replace(l[4], "}\n", "}}\n", 1)
+			return l
+		}, 5, BreakUndecodable, 4},
 		{"a hash cut short", func(_ *testing.T, l []string) []string {
 			l[2] = strings.Replace(l[2], `"hash":"`, `"hash":"00`, 1)
 			return l
 		}, 3, BreakUndecodable, 2},
 		// Not found: nothing says where the export ended.
 		{"lines cut from the end", func(_ *testing.T, l []string) []string { return l[:n-3] }, 0, 0, n - 3},
+	}
+	// Every line of an export goes through the name check.
+	first := []byte(lines[0])
+	if a := testing.AllocsPerRun(100, func() { _ = checkExportNames(first) }); a != 0 {
+		t.Errorf("checkExportNames: %v allocations per line, want none", a)
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

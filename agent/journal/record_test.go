@@ -235,4 +235,13 @@ func TestUnusualFieldsRoundTripAndExportAsHashed(t *testing.T) {
 		})
 	}
 	verifyOK(t, j)
+	// ... and the export verifies on its own: the strict reading of its
+	// lines (VerifyExport) takes every escape encoding/json writes.
+	var buf bytes.Buffer
+	if err := j.WriteJSONL(ctx, &buf, Filter{}); err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := VerifyExport(ctx, &buf); err != nil || !rep.OK() || rep.Records != uint64(len(cases)) {
+		t.Fatalf("VerifyExport: %+v %v", rep.Break, err)
+	}
 }
