@@ -114,7 +114,8 @@ type Options struct {
 	// lost range is committed after the highest seq the tail shows, so
 	// the chain goes on after it and no seq of a released signature is
 	// reused. `sigil audit recover`. A tail that disagrees with the store
-	// is still refused.
+	// is still refused, and so is a loss larger than the tail file could
+	// have held (a forged frame header: maxTailRecords).
 	AcceptTailLoss bool
 	// ReadOnly opens an existing journal to read it, as `sigil audit
 	// verify`, `tail` and `export` do without an agent: Pebble read-only,
@@ -447,6 +448,15 @@ func (j *Journal) acceptTailLoss(db *pebble.DB, seq uint64, hash [32]byte, cause
 	hw, hwHash := tailHighWater(data)
 	if hw <= seq {
 		return seq, hash, cause
+	}
+	// The lost records were all in the tail (Pebble has every record from
+	// before it last started over), but the seq comes from a frame header
+	// anyone who can write the file can forge with a checksum that holds:
+	// a loss the file could not have held would have the chain jump over
+	// seqs no signer was ever given (TestRecoverRefusesALossTheTailCouldNotHold).
+	if limit := maxTailRecords(len(data)); hw-seq > limit {
+		return seq, hash, fmt.Errorf("%w (%s): a frame names record %d, but the chain stops at %d and a tail log of %d bytes holds at most %d records: that frame was not written by the journal, and no loss is recorded; run `sigil audit verify`, and keep this directory as evidence",
+			errTailCorrupt, j.tailPath(), hw, seq, len(data), limit)
 	}
 	aside := fmt.Sprintf("%s.lost-%d", j.tailPath(), time.Now().UnixNano())
 	if err := writeSynced(j.fs, aside, data); err != nil {

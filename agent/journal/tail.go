@@ -342,6 +342,14 @@ var errTailCorrupt = errors.New("journal: tail log corrupt")
 // AcceptTailLoss records that loss instead of refusing to open.
 var errTailGap = errors.New("records lost")
 
+// minFrameRecordLen is the least a record takes in a frame: its entry in
+// the frame's Pebble batch (kind, key length, key, value length, value),
+// the shortest record encoding as the value.
+const minFrameRecordLen = 1 + 1 + auditKeyLen + 2 + minRecordEncoded
+
+// maxTailRecords is how many records a tail log of size bytes could hold.
+func maxTailRecords(size int) uint64 { return uint64(size / minFrameRecordLen) }
+
 // tailHighWater returns the highest seq a valid frame anywhere in the tail
 // log holds, and that record's hash: the head a killed agent had confirmed,
 // past any damage.

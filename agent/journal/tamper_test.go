@@ -1,6 +1,7 @@
 package journal
 
 import (
+	"bytes"
 	"errors"
 	"os"
 	"path/filepath"
@@ -421,6 +422,71 @@ func TestTamperingWhileStoppedKeepsItsEvidence(t *testing.T) {
 				after = tc.after
 			}
 			expectBreak(t, ro, tc.seq, after)
+		})
+	}
+}
+
+// A recovery sizes the loss from the highest seq a valid frame's header
+// names, and a header is anyone's to write (the checksum is no seal): a
+// frame naming seq 2^60 made `audit recover` record 31-2^60 as lost and
+// jump the chain there. The lost records were all in the tail log (Pebble
+// has every record before it last started over), so a loss larger than
+// the file could hold (its size over the smallest a record takes in a
+// frame) is refused, and nothing is written: the tail stays where it is,
+// as evidence. A loss up to that bound is still recorded.
+func TestRecoverRefusesALossTheTailCouldNotHold(t *testing.T) {
+	dir := killedWithTail(t) // the store holds record 1, the tail 2-30
+	path := filepath.Join(dir, tailName)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bound := maxTailRecords(len(data))
+	cases := []struct {
+		name   string
+		seq    uint64 // the forged frame's, after the chain's record 30
+		refuse bool
+	}{
+		{"seq 2^60", 1 << 60, true},
+		{"one past what the file could hold", 30 + bound + 1, true},
+		{"as much as the file could hold", 30 + bound, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := snapshotDir(t, dir)
+			path := filepath.Join(dir, tailName)
+			_, end := frameOffsets(t, data)
+			forged := append([]byte(nil), data...)
+			copy(forged[end:], forgeFrame(t, tc.seq, tc.seq, [32]byte{3}, [32]byte{4}, func(*pebble.Batch) {}))
+			if err := os.WriteFile(path, forged, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			j, err := Open(Options{Dir: dir, AcceptTailLoss: true, Logger: testLogger(t)})
+			if !tc.refuse {
+				if err != nil {
+					t.Fatalf("Open accepting the loss: %v", err)
+				}
+				defer j.Close()
+				if head, _ := j.Head(); head != tc.seq+1 {
+					t.Fatalf("head %d, want %d: the journal.lost record after the forged seq", head, tc.seq+1)
+				}
+				return
+			}
+			if err == nil {
+				head, _ := j.Head()
+				j.Close()
+				t.Fatalf("Open accepted a loss of %d records from a %d-byte tail log: head now %d", tc.seq-30, len(data), head)
+			}
+			if !errors.Is(err, errTailCorrupt) || errors.Is(err, errTailGap) {
+				t.Fatalf("Open: %v, want errTailCorrupt, not a loss to record", err)
+			}
+			if kept, _ := filepath.Glob(path + ".lost-*"); len(kept) != 0 {
+				t.Fatalf("a refused recovery wrote %v", kept)
+			}
+			if now, err := os.ReadFile(path); err != nil || !bytes.Equal(now, forged) {
+				t.Fatalf("a refused recovery changed the tail log (%v)", err)
+			}
+			expectBreak(t, openReadOnly(t, dir), 31, BreakTailLog)
 		})
 	}
 }

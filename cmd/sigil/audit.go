@@ -332,7 +332,8 @@ damaged tail beside the journal as journal.tail.lost-<time>, and writes a
 journal.lost record naming the lost seqs: the chain goes on after them, so no
 seq of a released signature is used again. 'audit verify' reports the gap
 until a prune deletes past it. A tail log that disagrees with the store (the
-store changed under the journal) is not recovered: keep it as evidence.`,
+store changed under the journal), or that names more lost records than it
+could have held, is not recovered: keep it as evidence.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			defer syscall.Umask(ownerOnlyFiles())
