@@ -123,3 +123,35 @@ func TestVerifyExport(t *testing.T) {
 		})
 	}
 }
+
+// A record written before invalid UTF-8 was replaced at append hashes the
+// raw bytes; its export carries U+FFFD instead and cannot match. The break
+// says so, so that the operator checks the journal instead of suspecting
+// an edit (a reviewer's note on audit verify --export).
+func TestVerifyExportNamesUFFFD(t *testing.T) {
+	j := openTest(t, t.TempDir(), WAL)
+	appendN(t, j, "acme", 3)
+	var buf bytes.Buffer
+	if err := j.WriteJSONL(context.Background(), &buf, Filter{}); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name, replacement string
+		noted             bool
+	}{
+		{"escaped", `\ufffd`, true},
+		{"raw", "\uFFFD", true},
+		{"another edit", "x", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			edited := strings.Replace(buf.String(), `"peer":"`, `"peer":"`+tc.replacement, 1)
+			rep, err := VerifyExport(context.Background(), strings.NewReader(edited))
+			if err != nil || rep.Break == nil || rep.Break.Reason != BreakHashMismatch {
+				t.Fatalf("%+v %v, want a hash mismatch", rep.Break, err)
+			}
+			if got := strings.Contains(rep.Break.Detail, "U+FFFD"); got != tc.noted {
+				t.Fatalf("detail %q names U+FFFD: %v, want %v", rep.Break.Detail, got, tc.noted)
+			}
+		})
+	}
+}
