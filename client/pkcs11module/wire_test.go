@@ -238,7 +238,8 @@ func FuzzWireEncodeRequest(f *testing.F) {
 func TestWireDuplicateKeyEntryFieldsAsProtoReadsThem(t *testing.T) {
 	a, b, c := []byte{0x30, 1}, []byte{0x30, 2}, []byte{0x30, 3}
 	entry := func(fields func(mp) mp, n uint32) []byte {
-		m := mp{}.mapN(1).str("keys").arr(1).mapN(n + 2).str("name").str("k").str("kid").str("00")
+		// Every entry carries its pub: proto refuses one without.
+		m := mp{}.mapN(1).str("keys").arr(1).mapN(n + 3).str("name").str("k").str("kid").str("00").str("pub").bin([]byte{0x30, 9})
 		return fields(m)
 	}
 	chain := func(m mp, certs ...[]byte) mp {
