@@ -45,7 +45,9 @@ func TestKillLoopKeepsJournalAndRotationConsistent(t *testing.T) {
 			if os.Getenv("SIGIL_KILL_ROUNDS") == "" {
 				// SoftHSM2's file store is not itself safe against a kill:
 				// once in 50 rounds its token was gone at the restart
-				// (CKR_TOKEN_NOT_PRESENT), which the agent refuses to start on.
+				// (CKR_TOKEN_NOT_PRESENT), which the agent refuses to start on:
+				// a kill inside C_Login leaves token.object empty
+				// (docs/pkcs11.md, "SoftHSM2's file store and a killed agent").
 				t.Skip("by hand only: SIGIL_KILL_ROUNDS=N")
 			}
 			tok := softhsmtest.New(t, "kill")
