@@ -87,6 +87,9 @@ func (p *agentProcess) waitReady(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+	// Read stderr only once exec has stopped writing to it: after Wait.
+	p.cmd.Process.Kill()
+	p.cmd.Wait()
 	t.Fatalf("agent did not start:\n%s", p.stderr.String())
 }
 
@@ -100,6 +103,8 @@ func (p *agentProcess) waitExit(t *testing.T) (int, string) {
 	select {
 	case err = <-waited:
 	case <-time.After(30 * time.Second):
+		p.cmd.Process.Kill()
+		<-waited // stderr is whole, and no longer written, after Wait
 		t.Fatalf("the agent did not exit:\n%s", p.stderr)
 	}
 	code := 0
