@@ -158,6 +158,20 @@ func ownerOnlyFiles() (previous int) {
 	return syscall.Umask(0o077)
 }
 
+// checkTCPAddr returns what a TCP listen on addr fails with now, and
+// leaves nothing bound: binding is the only sure test that an address is
+// free. Closing at once costs the real bind after agent.New nothing on
+// Linux: a listening socket that accepted no connection leaves no
+// TIME_WAIT behind, and Go's listeners set SO_REUSEADDR. A client that
+// connects in that instant is reset, as by a port nobody listens on.
+func checkTCPAddr(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return err
+	}
+	return ln.Close()
+}
+
 // configFault is what a start that fails on its configuration calls the
 // failure (agent.IsConfigError), where another failure names its code.
 const configFault = "configuration"
@@ -225,6 +239,23 @@ func runAgent(cfg agent.Config) error {
 		if err := agent.CheckUnixSocket(own.path); err != nil {
 			log.Error("agent failed to listen", zap.Error(err))
 			return &exitError{exitFailure, err}
+		}
+	}
+	// So are the TCP addresses, for the same reason (a port another
+	// process holds); the listens below bind again. The config has
+	// passed its checks (ParseConfig): a non-loopback admin_http.listen
+	// was refused there as the config's fault, not here as an address
+	// this host cannot bind.
+	for _, own := range []struct {
+		name, addr string
+		systemd    net.Listener
+	}{{"tcp.listen", cfg.TCP.Listen, sd.tcp}, {"admin_http.listen", cfg.AdminHTTP.Listen, nil}} {
+		if own.addr == "" || own.systemd != nil {
+			continue
+		}
+		if err := checkTCPAddr(own.addr); err != nil {
+			log.Error("agent failed to listen", zap.Error(err))
+			return &exitError{exitFailure, fmt.Errorf("%s: %w", own.name, err)}
 		}
 	}
 	a, err := agent.New(ctx, cfg, log)

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/sigil-agent/sigil/agent"
+	"github.com/sigil-agent/sigil/agent/devcerts"
 )
 
 func TestSetGCPercent(t *testing.T) {
@@ -462,5 +463,63 @@ func TestAgentStartFailureWithoutACodeHasNoCodeLabel(t *testing.T) {
 	_, stderr, code := runBin(t, bin, "agent", "--config", config, "--data-dir", file, "--socket", filepath.Join(shortSocketDir(t), "a.sock"))
 	if code != exitFailure || strings.Contains(stderr, "(INTERNAL)") || !strings.Contains(stderr, "sigil: agent failed to start: data_dir: "+file+" is not a directory") {
 		t.Fatalf("exit %d, want %d, no INTERNAL, naming %s\n%s", code, exitFailure, file, stderr)
+	}
+}
+
+// An agent whose tcp.listen or admin_http.listen address another process
+// holds is refused before it makes anything: it used to open its
+// providers and journal first, leaving keys and a journal in a fresh data
+// dir that no agent serves, and only then find the port taken. An address
+// the config's checks refuse (admin_http beyond loopback) stays the
+// config's fault, exit 78, though this host cannot bind it either: the
+// bind is tried only on a config that passed them.
+func TestAgentOnATakenPortMakesNoState(t *testing.T) {
+	bin := buildSigil(t)
+	tlsDir := t.TempDir()
+	ca, err := devcerts.NewCA("taken port")
+	if err != nil {
+		t.Fatal(err)
+	}
+	caFile, _ := ca.WriteCert(tlsDir, "ca")
+	server, _ := ca.Issue(devcerts.Leaf{CommonName: "agent", IPs: []net.IP{net.IPv4(127, 0, 0, 1)}, Server: true})
+	serverCert, serverKey, _ := server.Write(tlsDir, "server")
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	addr := taken.Addr().String()
+	const remote = "192.0.2.1:9464" // TEST-NET-1: on no host
+	for _, tc := range []struct {
+		name, section string
+		code          int
+		want          []string
+	}{
+		{"tcp.listen", fmt.Sprintf("tcp: {listen: %q, cert_file: %s, key_file: %s, client_ca_file: %s}\n", addr, serverCert, serverKey, caFile),
+			exitFailure, []string{"tcp.listen: listen tcp " + addr, "address already in use"}},
+		{"admin_http.listen", fmt.Sprintf("admin_http: {listen: %q}\n", addr),
+			exitFailure, []string{"admin_http.listen: listen tcp " + addr, "address already in use"}},
+		{"admin_http.listen beyond loopback", fmt.Sprintf("admin_http: {listen: %q}\n", remote),
+			exitConfig, []string{"agent failed to start (configuration)", remote, "not a loopback address"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := t.TempDir()
+			socket := filepath.Join(shortSocketDir(t), "agent.sock")
+			code, stderr := startAgentProcess(t, bin, writeEd25519Config(t, dir, tc.section), socket).waitExit(t)
+			ok := code == tc.code
+			for _, w := range tc.want {
+				ok = ok && strings.Contains(stderr, w)
+			}
+			if !ok {
+				t.Errorf("exit %d, want %d saying %q\n%s", code, tc.code, tc.want, stderr)
+			}
+			if _, err := os.Lstat(filepath.Join(dir, "state")); !errors.Is(err, fs.ErrNotExist) {
+				made, _ := filepath.Glob(filepath.Join(dir, "state", "*"))
+				t.Errorf("the refused agent made its data dir (%v): %v", err, made)
+			}
+			if _, err := os.Lstat(socket); !errors.Is(err, fs.ErrNotExist) {
+				t.Errorf("the refused agent left its socket: %v", err)
+			}
+		})
 	}
 }
