@@ -450,13 +450,12 @@ func (j *Journal) acceptTailLoss(db *pebble.DB, seq uint64, hash [32]byte, cause
 		return seq, hash, cause
 	}
 	// The lost records were all in the tail (Pebble has every record from
-	// before it last started over), but the seq comes from a frame header
-	// anyone who can write the file can forge with a checksum that holds:
-	// a loss the file could not have held would have the chain jump over
-	// seqs no signer was ever given (TestRecoverRefusesALossTheTailCouldNotHold).
-	if limit := maxTailRecords(len(data)); hw-seq > limit {
-		return seq, hash, fmt.Errorf("%w (%s): a frame names record %d, but the chain stops at %d and a tail log of %d bytes holds at most %d records: that frame was not written by the journal, and no loss is recorded; run `sigil audit verify`, and keep this directory as evidence",
-			errTailCorrupt, j.tailPath(), hw, seq, len(data), limit)
+	// before it last started over): a loss the file could not have held
+	// would have the chain jump over seqs no signer was ever given
+	// (TestRecoverRefusesALossTheTailCouldNotHold). Replay refuses it
+	// without errTailGap already; this stays the last word before a write.
+	if err := impossibleLoss(j.tailPath(), hw, seq, len(data)); err != nil {
+		return seq, hash, err
 	}
 	aside := fmt.Sprintf("%s.lost-%d", j.tailPath(), time.Now().UnixNano())
 	if err := writeSynced(j.fs, aside, data); err != nil {

@@ -350,6 +350,22 @@ const minFrameRecordLen = 1 + 1 + auditKeyLen + 2 + minRecordEncoded
 // maxTailRecords is how many records a tail log of size bytes could hold.
 func maxTailRecords(size int) uint64 { return uint64(size / minFrameRecordLen) }
 
+// impossibleLoss is the error for a tail log of size bytes at path whose
+// frame names record high while the chain stops at seq, or nil if the file
+// could have held the records between. The seq comes from a frame header
+// anyone who can write the file can forge with a checksum that holds: a
+// larger loss is no loss but a frame the journal did not write, and
+// recover refuses to record it (acceptTailLoss), so no message may send
+// the operator there.
+func impossibleLoss(path string, high, seq uint64, size int) error {
+	limit := maxTailRecords(size)
+	if high-seq <= limit {
+		return nil
+	}
+	return fmt.Errorf("%w (%s): a frame names record %d, but the chain stops at %d and a tail log of %d bytes holds at most %d records: that frame was not written by the journal, and `sigil audit recover` will not record it as a loss; run `sigil audit verify`, and keep this directory as evidence",
+		errTailCorrupt, path, high, seq, size, limit)
+}
+
 // tailHighWater returns the highest seq a valid frame anywhere in the tail
 // log holds, and that record's hash: the head a killed agent had confirmed,
 // past any damage.
@@ -404,7 +420,8 @@ func replayTail(fs vfs.FS, path string, db *pebble.DB, seq uint64, hash [32]byte
 // another journal's: errTailCorrupt). From the head the chain goes on
 // through the frame that continues it, as long as there is one; a valid
 // frame left beyond that point holds confirmed records db cannot have
-// (errTailCorrupt and errTailGap: records lost).
+// (errTailCorrupt and errTailGap: records lost), unless it names more than
+// the file could hold (impossibleLoss: errTailCorrupt alone).
 func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, seq uint64, hash [32]byte, log *zap.Logger) (uint64, [32]byte, uint64, error) {
 	data, err := readAll(fs, path)
 	if errors.Is(err, os.ErrNotExist) {
@@ -480,6 +497,9 @@ func replayTailInto(fs vfs.FS, path string, db *pebble.DB, into *pebble.Batch, s
 	}
 	switch {
 	case high > seq:
+		if err := impossibleLoss(path, high, seq, len(data)); err != nil {
+			return seq, hash, added, err
+		}
 		return seq, hash, added, fmt.Errorf("%w (%w, %s): it holds records up to %d, but the chain it continues stops at %d (a frame damaged or missing); records confirmed to signers are missing: run `sigil audit verify`, then `sigil audit recover` to record their loss in the chain and start again",
 			errTailCorrupt, errTailGap, path, high, seq)
 	case !complete:

@@ -3,8 +3,10 @@ package journal
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -487,6 +489,67 @@ func TestRecoverRefusesALossTheTailCouldNotHold(t *testing.T) {
 				t.Fatalf("a refused recovery changed the tail log (%v)", err)
 			}
 			expectBreak(t, openReadOnly(t, dir), 31, BreakTailLog)
+		})
+	}
+}
+
+// Plain Open's refusal and a read-only Verify's report of a tail log whose
+// frame names more lost records than the file could hold say the frame is
+// not the journal's, and that recover will not record it: they used to
+// say the tail "holds records up to 1152921504606846976" and advise
+// `sigil audit recover`, which refuses such a loss. A loss the file could
+// hold is still a loss for recover to record.
+func TestOpenAndVerifyCallAnImpossibleLossForged(t *testing.T) {
+	dir := killedWithTail(t) // the store holds record 1, the tail 2-30
+	data, err := os.ReadFile(filepath.Join(dir, tailName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bound := maxTailRecords(len(data))
+	const (
+		forgedText = "that frame was not written by the journal, and `sigil audit recover` will not record it as a loss"
+		lossText   = "then `sigil audit recover` to record their loss"
+		evidence   = "keep this directory as evidence"
+	)
+	cases := []struct {
+		name   string
+		seq    uint64 // the forged frame's, after the chain's record 30
+		forged bool
+	}{
+		{"seq 2^60", 1 << 60, true},
+		{"one past what the file could hold", 30 + bound + 1, true},
+		{"as much as the file could hold", 30 + bound, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := snapshotDir(t, dir)
+			_, end := frameOffsets(t, data)
+			forged := append([]byte(nil), data...)
+			copy(forged[end:], forgeFrame(t, tc.seq, tc.seq, [32]byte{3}, [32]byte{4}, func(*pebble.Batch) {}))
+			if err := os.WriteFile(filepath.Join(dir, tailName), forged, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			j, err := Open(Options{Dir: dir, Logger: testLogger(t)})
+			if err == nil {
+				j.Close()
+				t.Fatal("Open took a tail log with a frame past the chain")
+			}
+			rep := expectBreak(t, openReadOnly(t, dir), 31, BreakTailLog)
+			for what, msg := range map[string]string{"Open": err.Error(), "Verify": rep.Break.Detail} {
+				var ok bool
+				if tc.forged {
+					ok = strings.Contains(msg, forgedText) && strings.Contains(msg, evidence) &&
+						!strings.Contains(msg, lossText) && !strings.Contains(msg, "holds records up to")
+				} else {
+					ok = strings.Contains(msg, lossText) && strings.Contains(msg, fmt.Sprintf("holds records up to %d", tc.seq))
+				}
+				if !ok {
+					t.Errorf("%s (forged %v): %s", what, tc.forged, msg)
+				}
+			}
+			if !errors.Is(err, errTailCorrupt) || errors.Is(err, errTailGap) == tc.forged {
+				t.Errorf("Open: %v; want errTailCorrupt, and errTailGap (a loss to record) %v", err, !tc.forged)
+			}
 		})
 	}
 }
