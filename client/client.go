@@ -54,6 +54,15 @@ type Client struct {
 // tight loop, each call a connect and, with TLS, a handshake.
 const redialBackoff = 100 * time.Millisecond
 
+// frameTimeout bounds the wait for the rest of a reply frame once part of
+// it has been read, as the agent's limits.frame_timeout (10 s by default)
+// bounds a request's: the agent writes a reply whole, so a frame that stops
+// partway is a hung or hostile agent or a lost network, and no reply can
+// follow it on the connection. Without the bound a caller with no deadline
+// waited for good, and callers with deadlines each timed out on a
+// connection that was never given up. A var for tests.
+var frameTimeout = 10 * time.Second
+
 // conn is one connection to an agent.
 //
 // There is no reader goroutine: a caller waiting for its reply reads the
@@ -82,6 +91,12 @@ type conn struct {
 	br         *bufio.Reader
 	codec      *proto.Codec
 	deadline   time.Time // the read deadline last set on nc
+	// frameBy is when the rest of a reply frame that is partly in br must
+	// have come (frameTimeout); zero while br holds no part of a frame
+	// that a reader has waited on. It outlives a reader that gives up at
+	// its own deadline, so that callers with short deadlines cannot keep a
+	// frame that never ends alive between them.
+	frameBy time.Time
 
 	// probe, set on TCP connections, is the socket under TLS that
 	// peerSpoke peeks at: a TCP write to an agent that has closed the
@@ -520,7 +535,7 @@ func (c *conn) closedByAgent(dl time.Time) bool {
 			c.deadline = dl
 		}
 		c.nc.SetReadDeadline(c.deadline)
-		resp, err := c.readFrame()
+		resp, err := c.readFrame(nil)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			return false // part of a frame: the next reader waits for the rest
 		}
@@ -655,7 +670,7 @@ func (c *conn) finalWord(writeErr error) error {
 	c.deadline = time.Now().Add(finalWordWait)
 	c.nc.SetReadDeadline(c.deadline)
 	for {
-		resp, err := c.readFrame()
+		resp, err := c.readFrame(nil)
 		if err != nil {
 			return writeErr
 		}
@@ -695,7 +710,7 @@ func (c *conn) readUntil(ctx context.Context, id uint64, ch chan *proto.Response
 			c.nc.SetReadDeadline(dl)
 			c.deadline = dl
 		}
-		resp, err := c.readFrame()
+		resp, err := c.readFrame(ctx)
 		if c.probe != nil {
 			c.lastRead.Store(int64(time.Since(c.born)))
 		}
@@ -766,9 +781,10 @@ func (c *conn) deliver(resp *proto.Response) {
 }
 
 // readFrame reads one reply. It peeks the whole frame before consuming any
-// of it, so a read deadline in the middle leaves the stream in step.
-func (c *conn) readFrame() (*proto.Response, error) {
-	hdr, err := c.br.Peek(proto.FrameHeaderLen)
+// of it, so a read deadline in the middle leaves the stream in step. ctx,
+// when not nil, is the context of the caller whose deadline is set.
+func (c *conn) readFrame(ctx context.Context) (*proto.Response, error) {
+	hdr, err := c.peekFrame(ctx, proto.FrameHeaderLen)
 	if err != nil {
 		return nil, err
 	}
@@ -781,17 +797,68 @@ func (c *conn) readFrame() (*proto.Response, error) {
 		// its place, those four bytes may be a digest's (docs/security.md).
 		return nil, malformedReply(fmt.Sprintf("malformed reply: over the limit of %d bytes", c.maxFrame), proto.ErrFrameTooLarge)
 	}
-	frame, err := c.br.Peek(proto.FrameHeaderLen + n)
+	frame, err := c.peekFrame(ctx, proto.FrameHeaderLen+n)
 	if err != nil {
 		return nil, err
 	}
 	resp := new(proto.Response)
 	err = c.codec.DecodeResponse(frame[proto.FrameHeaderLen:], resp)
 	c.br.Discard(proto.FrameHeaderLen + n)
+	c.frameBy = time.Time{}
 	if err != nil {
 		return nil, malformedReply("malformed reply", err)
 	}
 	return resp, nil
+}
+
+// peekFrame returns the first n bytes of the frame at the head of br, n
+// at most the frame's length, reading one read at a time: a reply read
+// whole by its first read takes no timer and no system call more. Once part
+// of the frame is in and more must be waited for, the wait is bounded by
+// frameTimeout as well as by the caller's deadline.
+func (c *conn) peekFrame(ctx context.Context, n int) ([]byte, error) {
+	for {
+		have := c.br.Buffered()
+		if have >= n {
+			return c.br.Peek(n)
+		}
+		if have > 0 {
+			if err := c.boundFrame(ctx); err != nil {
+				return nil, err
+			}
+		}
+		if _, err := c.br.Peek(have + 1); err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) && !c.frameBy.IsZero() && !time.Now().Before(c.frameBy) {
+				return nil, failed(fmt.Sprintf("a reply frame stopped after %d bytes, and the rest did not come within %v", c.br.Buffered(), frameTimeout), nil)
+			}
+			return nil, err
+		}
+	}
+}
+
+// boundFrame makes the read deadline no later than frameBy, armed by the
+// first wait for the rest of the frame. A reader that comes after frameBy
+// still reads what is in the socket, for finalWordWait.
+func (c *conn) boundFrame(ctx context.Context) error {
+	now := time.Now()
+	if c.frameBy.IsZero() {
+		c.frameBy = now.Add(frameTimeout)
+	}
+	by := c.frameBy
+	if grace := now.Add(finalWordWait); by.Before(grace) {
+		by = grace
+	}
+	if !c.deadline.IsZero() && !by.Before(c.deadline) {
+		return nil // the deadline set comes first
+	}
+	c.nc.SetReadDeadline(by)
+	c.deadline = by
+	if ctx != nil && ctx.Err() != nil {
+		// The caller's cancellation cut the read deadline before this
+		// moved it: it is cut again here, as readUntil's own would be.
+		return os.ErrDeadlineExceeded
+	}
+	return nil
 }
 
 var codecPool = sync.Pool{New: func() any { return proto.NewCodec() }}

@@ -12,6 +12,13 @@
 // kid. One dial runs at a time, and none starts within 100 ms of a failed one:
 // while the agent is down, calls fail at once with UNAVAILABLE.
 //
+// A reply frame that stops partway (its length header, or part of its
+// payload, in and the rest not coming) ends its connection once the rest has
+// not come within 10 s of the first wait for it, the agent's default
+// limits.frame_timeout: the calls on it fail with UNAVAILABLE, callers
+// without a deadline too, and the next call dials anew. Until then a call
+// with an earlier deadline fails with DEADLINE_EXCEEDED as usual.
+//
 // Only a request that was never written goes out on the new connection. A
 // request that was written and whose reply was lost with the connection fails
 // with UNAVAILABLE and is not sent again: the agent may have signed it, and a

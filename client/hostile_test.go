@@ -286,3 +286,80 @@ func TestStrayRepliesReachNoOtherCaller(t *testing.T) {
 		}
 	}
 }
+
+// A reply frame whose rest never comes (the agent sent part of its length
+// header, the header alone, or the header and part of the payload, and then
+// nothing) ends its connection once the frame timeout has passed: its
+// callers get UNAVAILABLE, with or without deadlines, and the next call
+// goes out on a new connection. A caller without a deadline used to wait
+// for good, and callers with deadlines each got DEADLINE_EXCEEDED on a
+// connection that was never given up.
+func TestReplyFrameCutOffEndsTheConnection(t *testing.T) {
+	defer client.SetFrameTimeout(200 * time.Millisecond)()
+	for _, part := range []struct {
+		name  string
+		bytes []byte
+	}{
+		{"half a length header", []byte{0, 0}},
+		{"a length header alone", []byte{0, 0, 0, 40}},
+		{"a header and part of the payload", []byte{0, 0, 0, 40, 0x83, 0xa2, 'i'}},
+	} {
+		for _, deadline := range []time.Duration{0, 50 * time.Millisecond} {
+			name := part.name + "/no deadline"
+			if deadline > 0 {
+				name = fmt.Sprintf("%s/%v deadlines", part.name, deadline)
+			}
+			t.Run(name, func(t *testing.T) {
+				f := listenFake(t, func(n int32, nc net.Conn, br *bufio.Reader) {
+					if answerHello(nc, br) != nil {
+						return
+					}
+					if n == 1 {
+						if _, err := readRequest(br); err == nil {
+							nc.Write(part.bytes)
+						}
+						io.Copy(io.Discard, br) // open, and silent
+						return
+					}
+					for {
+						req, err := readRequest(br)
+						if err != nil {
+							return
+						}
+						writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
+					}
+				})
+				c := dial(t, f.path)
+				ping := func() error {
+					ctx := context.Background()
+					if deadline > 0 {
+						var cancel context.CancelFunc
+						ctx, cancel = context.WithTimeout(ctx, deadline)
+						defer cancel()
+					}
+					return c.Ping(ctx)
+				}
+				// With deadlines, the calls before the frame timeout passes
+				// time out on their own.
+				var err error
+				calls := 0
+				returnsWithin(t, 10*time.Second, "Pings on a connection with a frame cut off", func() {
+					for err = ping(); deadline > 0 && client.Code(err) == proto.DeadlineExceeded && calls < 100; err = ping() {
+						calls++
+					}
+				})
+				if client.Code(err) != proto.Unavailable {
+					t.Fatalf("Ping after %d calls timed out: %v (%s), want UNAVAILABLE", calls, err, client.Code(err))
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+				defer cancel()
+				if err := c.Ping(ctx); err != nil {
+					t.Fatalf("Ping after the connection was given up: %v", err)
+				}
+				if n := f.conns.Load(); n != 2 {
+					t.Fatalf("%d connections, want 2", n)
+				}
+			})
+		}
+	}
+}

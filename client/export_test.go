@@ -1,0 +1,11 @@
+package client
+
+import "time"
+
+// SetFrameTimeout sets the bound on a reply frame's rest for a test, which
+// need not wait the default's 10 s, and returns what restores it.
+func SetFrameTimeout(d time.Duration) (restore func()) {
+	was := frameTimeout
+	frameTimeout = d
+	return func() { frameTimeout = was }
+}
