@@ -38,6 +38,12 @@ type Client struct {
 	redialToken chan struct{}
 	failedAt    time.Time // when the last redial failed; zero after a success
 	failErr     error     // why it failed
+	// lastRedial is the connection the last successful redial made. Lost
+	// before it proved itself (conn.proven), it counts as a failed redial:
+	// an agent that answers the Hello and drops every connection before
+	// any reply would otherwise cost each call of a retrying caller a
+	// connect and a Hello, with no backoff.
+	lastRedial *conn
 
 	mu     sync.Mutex
 	closed bool // set by Close: no redial after it
@@ -53,6 +59,9 @@ type Client struct {
 // Without it every caller of a service whose agent is down would dial in a
 // tight loop, each call a connect and, with TLS, a handshake.
 const redialBackoff = 100 * time.Millisecond
+
+// helloID is the id of connect's Hello, a connection's first request.
+const helloID = 1
 
 // frameTimeout bounds the wait for the rest of a reply frame once part of
 // it has been read, as the agent's limits.frame_timeout (10 s by default)
@@ -101,11 +110,16 @@ type conn struct {
 	// probe, set on TCP connections, is the socket under TLS that
 	// peerSpoke peeks at: a TCP write to an agent that has closed the
 	// connection succeeds, so the close must be looked for before a request
-	// goes out (see send). born and lastRead (nanoseconds since born, when
-	// the last reply was read) tell how long the connection has been quiet.
+	// goes out (see send). born (when it was dialled) and lastRead
+	// (nanoseconds since born, when the last reply was read) tell how long
+	// the connection has been quiet.
 	probe    syscall.RawConn
 	born     time.Time
 	lastRead atomic.Int64
+	// proven is set once the agent has answered a request after the Hello,
+	// or a caller ended the connection itself (a write it cut off): a loss
+	// after that is not the agent failing the redial (Client.lastRedial).
+	proven atomic.Bool
 
 	mu      sync.Mutex
 	pending map[uint64]chan *proto.Response
@@ -243,12 +257,12 @@ func (c *Client) connect(ctx context.Context) (*conn, error) {
 		writeCut:   make(chan struct{}, 1),
 		pending:    map[uint64]chan *proto.Response{},
 		done:       make(chan struct{}),
+		born:       time.Now(),
 	}
 	if tc, ok := nc.(*tls.Conn); ok {
 		cn.cutWriteBreaks = true
 		if sc, ok := tc.NetConn().(syscall.Conn); ok {
 			cn.probe, _ = sc.SyscallConn()
-			cn.born = time.Now()
 		}
 	}
 	cn.readerRole <- struct{}{}
@@ -325,6 +339,9 @@ func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
 	if cur := c.cur.Load(); cur != dead {
 		return cur, nil // redialled while we waited
 	}
+	if dead == c.lastRedial && !dead.proven.Load() && dead.born.After(c.failedAt) {
+		c.failedAt, c.failErr = dead.born, failed("its connection was lost before any reply", dead.terminalErr())
+	}
 	if since := time.Since(c.failedAt); since < redialBackoff {
 		// Not wrapped: the code is UNAVAILABLE whatever the last
 		// failure's was, which its text names when it is another.
@@ -357,6 +374,7 @@ func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
 		return nil, ErrClosed
 	}
 	c.cur.Store(cn)
+	c.lastRedial = cn
 	return cn, nil
 }
 
@@ -646,6 +664,7 @@ func (c *conn) write(ctx context.Context, op proto.Op, frame []byte) (unsent boo
 	// Part of the frame went out. The agent would read the next request's
 	// bytes as the rest of this one, so no request may follow on this
 	// connection.
+	c.proven.Store(true) // closed for the caller's sake, not the agent's
 	c.fail(failed(fmt.Sprintf("connection to the agent closed: a %s request was cut off by its caller's deadline or cancellation after %d of its %d bytes", op, n, len(frame)), nil))
 	return false, failed(fmt.Sprintf("%s cut off after %d of its %d bytes, so the connection was closed", op, n, len(frame)), cause)
 }
@@ -805,6 +824,9 @@ func (c *conn) readFrame(ctx context.Context) (*proto.Response, error) {
 	err = c.codec.DecodeResponse(frame[proto.FrameHeaderLen:], resp)
 	c.br.Discard(proto.FrameHeaderLen + n)
 	c.frameBy = time.Time{}
+	if resp.ID > helloID && !c.proven.Load() {
+		c.proven.Store(true)
+	}
 	if err != nil {
 		return nil, malformedReply("malformed reply", err)
 	}

@@ -10,7 +10,10 @@
 // with the same TLS config, says Hello and goes out on the new connection;
 // Signers and TLS certificates made from the Client keep working, signing by
 // kid. One dial runs at a time, and none starts within 100 ms of a failed one:
-// while the agent is down, calls fail at once with UNAVAILABLE.
+// while the agent is down, calls fail at once with UNAVAILABLE. A redial's
+// connection that the agent drops before answering anything after the Hello
+// counts as a failed dial, so an agent that does so to every connection
+// costs a retrying caller one connection per 100 ms, not one per call.
 //
 // A reply frame that stops partway (its length header, or part of its
 // payload, in and the rest not coming) ends its connection once the rest has

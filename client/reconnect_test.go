@@ -383,3 +383,70 @@ func TestCloseIsFinal(t *testing.T) {
 		})
 	}
 }
+
+// An agent that answers the Hello and then drops every connection before
+// any reply (an agent in a crash loop that gets as far as the Hello, or one
+// out of some resource for each request) makes a caller retrying in a loop
+// back off as for a failed dial: at most one connection per backoff period,
+// each call still UNAVAILABLE. Every call used to make a connection and say
+// Hello. Once the agent answers again, a call goes through.
+func TestConnectionsLostBeforeAnyReplyBackOff(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// readFirst: the agent reads the first request before closing;
+		// else it closes right after its Hello reply.
+		readFirst bool
+	}{
+		{"closed after the Hello", false},
+		{"closed after reading a request", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var healthy atomic.Bool
+			f := listenFake(t, func(n int32, nc net.Conn, br *bufio.Reader) {
+				if answerHello(nc, br) != nil {
+					return
+				}
+				if !healthy.Load() {
+					if tc.readFirst {
+						readRequest(br)
+					}
+					return
+				}
+				for {
+					req, err := readRequest(br)
+					if err != nil {
+						return
+					}
+					writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
+				}
+			})
+			c := dial(t, f.path)
+			const window = 500 * time.Millisecond
+			calls := 0
+			var err error
+			start := time.Now()
+			for time.Since(start) < window {
+				if err = c.Ping(context.Background()); client.Code(err) != proto.Unavailable {
+					t.Fatalf("Ping %d: %v, want UNAVAILABLE", calls, err)
+				}
+				calls++
+			}
+			elapsed := time.Since(start)
+			// One connection per 100 ms backoff, plus one for the edges of
+			// the window, after Dial's.
+			redials := f.conns.Load() - 1
+			t.Logf("%d calls and %d redials in %v; the last: %v", calls, redials, elapsed, err)
+			if most := int32(elapsed/(100*time.Millisecond)) + 2; redials > most {
+				t.Fatalf("%d redials in %v over %d calls, want at most %d", redials, elapsed, calls, most)
+			}
+			healthy.Store(true)
+			deadline := time.Now().Add(5 * time.Second)
+			for err := c.Ping(context.Background()); err != nil; err = c.Ping(context.Background()) {
+				if client.Code(err) != proto.Unavailable || time.Now().After(deadline) {
+					t.Fatalf("Ping with the agent answering: %v", err)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		})
+	}
+}
