@@ -728,6 +728,15 @@ func (c *conn) readUntil(ctx context.Context, id uint64, ch chan *proto.Response
 		if !c.deadline.Equal(dl) {
 			c.nc.SetReadDeadline(dl)
 			c.deadline = dl
+			if ctx.Err() != nil {
+				// Cancelled before that set: the AfterFunc's cut came
+				// first and was just undone. A context ends before its
+				// AfterFuncs run, so after this look a cancellation's cut
+				// comes after the set, and holds.
+				c.deadline = time.Time{}
+				c.nc.SetReadDeadline(time.Time{})
+				return nil, false, ctx.Err()
+			}
 		}
 		resp, err := c.readFrame(ctx)
 		if c.probe != nil {
