@@ -55,14 +55,7 @@ func (p *Provider) GenerateKey(ctx context.Context, name string, kt providers.Ke
 	if _, dup := p.keys.Get(name); dup {
 		return fail(errors.New("a key of that name is already served"))
 	}
-	if err := ctx.Err(); err != nil {
-		return fail(err)
-	}
-	if err := stateError(p.state.Load()); err != nil {
-		return fail(err)
-	}
-
-	sh, shGen, closeSession, err := p.openWriteSession()
+	sh, shGen, closeSession, err := p.openWriteSession(ctx)
 	if err != nil {
 		return fail(err)
 	}
@@ -163,13 +156,21 @@ func (p *Provider) afterWriteFailed(err error) {
 }
 
 // openWriteSession opens a read-write session of its own for a token
-// write (generating or destroying a key): a write can take seconds and
-// should not hold one of the signing sessions. It returns the session, the
+// write (generating or destroying a key), unless ctx has ended or the
+// provider is not serving (stateError). Of its own: a write can take
+// seconds and should not hold one of the signing sessions. It returns the
+// session, the
 // module generation its handles belong to, and its close, which closes it
 // only in that generation (after a reload the number may be another
 // provider's session) and keeps the login, since the pool's sessions stay
 // open.
-func (p *Provider) openWriteSession() (p11.SessionHandle, uint64, func(), error) {
+func (p *Provider) openWriteSession(ctx context.Context) (p11.SessionHandle, uint64, func(), error) {
+	if err := ctx.Err(); err != nil {
+		return 0, 0, nil, err
+	}
+	if err := stateError(p.state.Load()); err != nil {
+		return 0, 0, nil, err
+	}
 	var sh p11.SessionHandle
 	var shGen uint64
 	err := p.call("open-session", func(c *p11.Ctx) error {
@@ -223,13 +224,7 @@ func (p *Provider) DestroyKey(ctx context.Context, name string, check func(provi
 	if served != nil {
 		sel = served.obj
 	}
-	if err := ctx.Err(); err != nil {
-		return fail(err)
-	}
-	if err := stateError(p.state.Load()); err != nil {
-		return fail(err)
-	}
-	sh, shGen, closeSession, err := p.openWriteSession()
+	sh, shGen, closeSession, err := p.openWriteSession(ctx)
 	if err != nil {
 		return fail(err)
 	}
