@@ -833,11 +833,13 @@ func (c *conn) readFrame(ctx context.Context) (*proto.Response, error) {
 	err = c.codec.DecodeResponse(frame[proto.FrameHeaderLen:], resp)
 	c.br.Discard(proto.FrameHeaderLen + n)
 	c.frameBy = time.Time{}
+	if err != nil {
+		// No proof of a working agent: the connection closes for it, and
+		// the redial backs off as after a failed dial (lastRedial).
+		return nil, malformedReply("malformed reply", err)
+	}
 	if resp.ID > helloID && !c.proven.Load() {
 		c.proven.Store(true)
-	}
-	if err != nil {
-		return nil, malformedReply("malformed reply", err)
 	}
 	return resp, nil
 }

@@ -20,7 +20,10 @@
 // not come within 10 s of the first wait for it, the agent's default
 // limits.frame_timeout: the calls on it fail with UNAVAILABLE, callers
 // without a deadline too, and the next call dials anew. Until then a call
-// with an earlier deadline fails with DEADLINE_EXCEEDED as usual.
+// with an earlier deadline fails with DEADLINE_EXCEEDED as usual. Over TLS
+// the bound starts once part of the frame is decrypted: an agent stopping
+// inside the first TLS record of a reply is bounded by callers' deadlines
+// only.
 //
 // Only a request that was never written goes out on the new connection. A
 // request that was written and whose reply was lost with the connection fails

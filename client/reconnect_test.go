@@ -9,6 +9,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"net"
@@ -396,9 +397,14 @@ func TestConnectionsLostBeforeAnyReplyBackOff(t *testing.T) {
 		// readFirst: the agent reads the first request before closing;
 		// else it closes right after its Hello reply.
 		readFirst bool
+		// malformed: it answers that request with a reply the client
+		// cannot take (a byte after the message), which closes the
+		// connection: no proof of a working agent either (reviewer BE).
+		malformed bool
 	}{
-		{"closed after the Hello", false},
-		{"closed after reading a request", true},
+		{"closed after the Hello", false, false},
+		{"closed after reading a request", true, false},
+		{"a malformed reply to the first request", true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var healthy atomic.Bool
@@ -408,7 +414,14 @@ func TestConnectionsLostBeforeAnyReplyBackOff(t *testing.T) {
 				}
 				if !healthy.Load() {
 					if tc.readFirst {
-						readRequest(br)
+						req, err := readRequest(br)
+						if err == nil && tc.malformed {
+							frame, _ := proto.NewCodec().AppendResponseFrame(nil, &proto.Response{ID: req.ID, Code: proto.OK})
+							frame = append(frame, 0xc0)
+							binary.BigEndian.PutUint32(frame, uint32(len(frame)-proto.FrameHeaderLen))
+							nc.Write(frame)
+							br.ReadByte() // until the client closes
+						}
 					}
 					return
 				}
@@ -426,7 +439,8 @@ func TestConnectionsLostBeforeAnyReplyBackOff(t *testing.T) {
 			var err error
 			start := time.Now()
 			for time.Since(start) < window {
-				if err = c.Ping(context.Background()); client.Code(err) != proto.Unavailable {
+				err = c.Ping(context.Background())
+				if code := client.Code(err); code != proto.Unavailable && !(tc.malformed && code == proto.Internal) {
 					t.Fatalf("Ping %d: %v, want UNAVAILABLE", calls, err)
 				}
 				calls++

@@ -159,11 +159,10 @@ func (p *Provider) afterWriteFailed(err error) {
 // write (generating or destroying a key), unless ctx has ended or the
 // provider is not serving (stateError). Of its own: a write can take
 // seconds and should not hold one of the signing sessions. It returns the
-// session, the
-// module generation its handles belong to, and its close, which closes it
-// only in that generation (after a reload the number may be another
-// provider's session) and keeps the login, since the pool's sessions stay
-// open.
+// session, the module generation its handles belong to, and its close,
+// which closes it only in that generation (after a reload the number may
+// be another provider's session) and keeps the login, since the pool's
+// sessions stay open.
 func (p *Provider) openWriteSession(ctx context.Context) (p11.SessionHandle, uint64, func(), error) {
 	if err := ctx.Err(); err != nil {
 		return 0, 0, nil, err
