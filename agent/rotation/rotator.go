@@ -520,17 +520,16 @@ func (u *rotation) keygen(ctx context.Context, keyName string, cur Slot) error {
 	}
 	// The attempt's key gets its kid in the record's commit: a later
 	// attempt destroys a crashed one's key only by that kid, as a key
-	// found under the name alone might be another's.
-	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), commitTimeout)
-	defer cancel()
-	_, err := u.r.store.mutate(cctx, u.slot, rec, func(sl *Slot, _ *journal.Record) error {
+	// found under the name alone might be another's. (mutate bounds the
+	// commit by commitTimeout and names the record in its error.)
+	_, err := u.r.store.mutate(ctx, u.slot, rec, func(sl *Slot, _ *journal.Record) error {
 		if sl.AttemptKey == u.attemptKey && info.Name == u.attemptKey.Name {
 			sl.AttemptKey.KID = info.KID
 		}
 		return nil
 	})
 	if err != nil {
-		return fmt.Errorf("journal %s: %w", rec.Op, err)
+		return err
 	}
 	if info.Name == u.attemptKey.Name {
 		u.attemptKey.KID = info.KID
