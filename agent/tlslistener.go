@@ -7,12 +7,12 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"sync/atomic"
-	"syscall"
 	"time"
+
+	"github.com/sigil-agent/sigil/providers"
 )
 
 // TCPConfig configures the mutual-TLS listener for services on other hosts
@@ -66,7 +66,9 @@ func (m *tlsMaterial) reloadFrom(cfg TCPConfig) error {
 	if err != nil {
 		return fmt.Errorf("tls: %w", err)
 	}
-	keyPEM, err := readPrivateFile(cfg.KeyFile)
+	// Who reads the key can pass for the agent to remote clients: held
+	// to the PIN file's rule.
+	keyPEM, _, err := providers.ReadPrivateFile(cfg.KeyFile, true)
 	if err != nil {
 		return fmt.Errorf("tls: key_file: %w", err)
 	}
@@ -152,34 +154,4 @@ func clientCAPool(data []byte) (*x509.CertPool, error) {
 		return nil, errors.New("holds no PEM certificate")
 	}
 	return pool, nil
-}
-
-// readPrivateFile reads a file that holds a secret (the mTLS private key,
-// the agent's identity to remote clients: who reads it can pass for the
-// agent) after checking that only the agent's user, and at most its group,
-// can read it, and that none but its owner can write it: the PIN file's
-// rule (providers/pkcs11). The file's owner must be the agent's user or
-// root, as an owner can read a file whatever its mode. Judged on the file
-// opened, so that a name swapped between a check and the read does not
-// have the check judge another file. Errors name the file, never quote it.
-func readPrivateFile(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !fi.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s is not a regular file (%v)", path, fi.Mode().Type())
-	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Geteuid() && st.Uid != 0 {
-		return nil, fmt.Errorf("%s belongs to uid %d, neither the agent's (%d) nor root: its owner can read it", path, st.Uid, os.Geteuid())
-	}
-	if perm := fi.Mode().Perm(); perm&0o007 != 0 || perm&0o020 != 0 {
-		return nil, fmt.Errorf("%s has mode %v: others may read or group may write it; want 0600 or 0640", path, perm)
-	}
-	return io.ReadAll(f)
 }

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"io"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -486,34 +485,12 @@ func readPIN(cfg *Config, log *zap.Logger) (string, error) {
 		}
 		return v, nil
 	default:
-		// Judged on the file opened, not on the path: a name swapped
-		// between a check and the read would have the check judge
-		// another file. Links are followed (a Kubernetes secret's file is
-		// one).
-		f, err := os.Open(cfg.PINFile)
+		b, perm, err := providers.ReadPrivateFile(cfg.PINFile, false)
 		if err != nil {
 			return "", fmt.Errorf("%w: PIN file: %w", ErrPINSource, err)
 		}
-		defer f.Close()
-		fi, err := f.Stat()
-		if err != nil {
-			return "", fmt.Errorf("%w: PIN file: %w", ErrPINSource, err)
-		}
-		if uid, ok := providers.FileOwner(fi); ok && uid != os.Geteuid() && uid != 0 {
-			// Its owner may read it whatever its mode, or chmod it.
-			return "", fmt.Errorf("%w: PIN file %s belongs to uid %d, neither the agent's (%d) nor root: its owner can read it", ErrPINSource, cfg.PINFile, uid, os.Geteuid())
-		}
-		switch perm := fi.Mode().Perm(); {
-		case perm&0o007 != 0, perm&0o020 != 0:
-			// Group read stays allowed: root's 0640 file for group sigil
-			// is the layout the shipped unit suggests.
-			return "", fmt.Errorf("%w: PIN file %s has mode %v: others may read or group may write it; want 0600 or 0640", ErrPINSource, cfg.PINFile, perm)
-		case perm&0o040 != 0:
+		if perm&0o040 != 0 {
 			log.Info("PIN file is readable by its group", zap.String("file", cfg.PINFile), zap.Stringer("mode", perm))
-		}
-		b, err := io.ReadAll(f)
-		if err != nil {
-			return "", fmt.Errorf("%w: PIN file: %w", ErrPINSource, err)
 		}
 		b = bytes.TrimSuffix(b, []byte("\n"))
 		b = bytes.TrimSuffix(b, []byte("\r"))
