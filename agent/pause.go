@@ -126,12 +126,14 @@ func (p pauser) Resume(tenant, slot string, rec *journal.Record) error {
 	return err
 }
 
-// commitWithRecord commits a stored pause's change with its audit record.
-func (a *Agent) commitWithRecord(rec *journal.Record, change journal.StateChange) error {
+// commitWithRecord commits an operator action's audit record, with the
+// state changes it makes (a stored pause) in the same commit, within the
+// journal's own bound, and counts the append in the metrics.
+func (a *Agent) commitWithRecord(rec *journal.Record, changes ...journal.StateChange) error {
 	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
 	defer cancel()
 	t0 := time.Now()
-	err := a.journal.AppendWithState(ctx, rec, change)
+	err := a.journal.AppendWithState(ctx, rec, changes...)
 	a.metrics.journalAppended(time.Since(t0), err)
 	return err
 }

@@ -315,12 +315,7 @@ func (a *Agent) journalEvent(op, slot string, code proto.Code, detail string) {
 		return
 	}
 	r := a.eventRecord(op, slot, code, detail)
-	ctx, cancel := context.WithTimeout(context.Background(), journalAppendTimeout)
-	defer cancel()
-	t0 := time.Now()
-	err := a.journal.Append(ctx, &r)
-	a.metrics.journalAppended(time.Since(t0), err)
-	if err != nil {
+	if err := a.commitWithRecord(&r); err != nil {
 		a.log.Warn("audit journal append failed", zap.String("op", op), zap.Error(err))
 	}
 }
