@@ -84,8 +84,12 @@ type Provider struct {
 	log     *zap.Logger
 	client  *kms.Client
 	keys    providers.KeySet[*remoteKey]
-	keysMu  sync.Mutex // serializes NewVersion and AddKey, which check keys before slow work
+	keysMu  sync.Mutex // serializes NewVersion, AddKey and DestroyKey, which check keys before slow work
 	closed  atomic.Bool
+	// unused holds, by name, the keys DestroyKey stopped serving: nil once
+	// scheduled for deletion, else kept so that a later call (the next
+	// rotation attempt's start) can try again. Guarded by keysMu.
+	unused map[string]*remoteKey
 }
 
 type remoteKey struct {
@@ -462,19 +466,115 @@ func (p *Provider) aliasTarget(ctx context.Context, alias string) (string, error
 	return aws.ToString(out.KeyMetadata.Arn), nil
 }
 
+// DeletionWindowDays is the pending window of a key the provider schedules
+// for deletion: KMS's minimum. Until it ends the key can be recovered
+// (CancelKeyDeletion), and it signs nothing.
+const DeletionWindowDays = 7
+
 // deleteKey schedules an unused key NewVersion created for deletion, best
 // effort: the rotation has failed already, and the key was never served.
 func (p *Provider) deleteKey(ctx context.Context, keyARN string) {
-	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
+	if err := p.scheduleDeletion(ctx, keyARN); err != nil {
+		p.log.Warn("awskms: could not schedule an unused new key for deletion",
+			zap.String("key_id", keyARN), zap.Error(err))
+	}
+}
+
+// scheduleDeletion schedules the key keyARN for deletion after
+// DeletionWindowDays. It runs even when ctx is done (a rotation that failed
+// at its deadline still cleans up). The SDK may send the request again
+// after a 5xx that followed its being carried out, and KMS refuses a second
+// one (KMSInvalidStateException): so a failure is checked against the
+// key's state, and a key found pending deletion is done.
+func (p *Provider) scheduleDeletion(ctx context.Context, keyARN string) error {
+	parent := context.WithoutCancel(ctx)
+	callCtx, cancel := context.WithTimeout(parent, p.timeout)
 	defer cancel()
 	_, err := p.client.ScheduleKeyDeletion(callCtx, &kms.ScheduleKeyDeletionInput{
 		KeyId:               aws.String(keyARN),
-		PendingWindowInDays: aws.Int32(7),
+		PendingWindowInDays: aws.Int32(DeletionWindowDays),
 	})
-	if err != nil {
-		p.log.Warn("awskms: could not schedule an unused new key for deletion",
-			zap.String("key_id", keyARN), zap.Error(classify(callCtx, callCtx, "schedule key deletion", err)))
+	if err == nil {
+		return nil
 	}
+	err = classify(parent, callCtx, "schedule key deletion", err)
+	readCtx, cancelRead := context.WithTimeout(parent, p.timeout)
+	defer cancelRead()
+	out, readErr := p.client.DescribeKey(readCtx, &kms.DescribeKeyInput{KeyId: aws.String(keyARN)})
+	if readErr == nil && out.KeyMetadata != nil && out.KeyMetadata.KeyState == types.KeyStatePendingDeletion {
+		return nil
+	}
+	return err
+}
+
+// DestroyKey schedules for deletion (after DeletionWindowDays) the key
+// NewVersion made under name, for a rotation attempt that never cut over
+// (rotation.KeyDestroyer): check is called with its KeyInfo, and an error
+// from it keeps the key, served as before. A key an alias names (the one
+// NewVersion moved, or any other) is kept too: deleting it would break
+// every user of the alias. The key stops being served before the request
+// is sent; one whose request failed is found again by a later call.
+//
+// Only keys made by this provider since it started are found: after a
+// restart, a key an earlier process made is not known by name, and the
+// error says so (it is not ErrNotFound: the key may well exist).
+func (p *Provider) DestroyKey(ctx context.Context, name string, check func(providers.KeyInfo) error) error {
+	fail := func(err error) error {
+		return fmt.Errorf("awskms provider %s: destroy key %s: %w", p.id, name, err)
+	}
+	if p.closed.Load() {
+		return fail(fmt.Errorf("provider closed: %w", providers.ErrUnavailable))
+	}
+	p.keysMu.Lock()
+	defer p.keysMu.Unlock()
+	k, served := p.keys.Get(name)
+	if !served {
+		var known bool
+		if k, known = p.unused[name]; !known {
+			return fail(fmt.Errorf("no key was made under this name since the provider started (one made before a restart is not found by its name; the rotation records name it): %w", providers.ErrUnavailable))
+		}
+		if k == nil {
+			return fail(fmt.Errorf("scheduled for deletion already: %w", providers.ErrNotFound))
+		}
+	}
+	if err := p.refuseAliased(ctx, k); err != nil {
+		return fail(err)
+	}
+	if err := check(k.info); err != nil {
+		return fail(err)
+	}
+	if p.unused == nil {
+		p.unused = make(map[string]*remoteKey)
+	}
+	p.keys.Remove(name)
+	p.unused[name] = k
+	if err := p.scheduleDeletion(ctx, k.keyID); err != nil {
+		p.log.Warn("awskms: could not schedule an unused rotation key for deletion; it is not served",
+			zap.String("key", name), zap.String("key_id", k.keyID), zap.Error(err))
+		return fail(err)
+	}
+	p.unused[name] = nil
+	p.log.Info("awskms: unused rotation key scheduled for deletion", zap.String("key", name),
+		zap.String("key_id", k.keyID), zap.Int("pending_window_days", DeletionWindowDays))
+	return nil
+}
+
+// refuseAliased returns an error when an alias names k's key, or when that
+// cannot be read: the key is then kept.
+func (p *Provider) refuseAliased(ctx context.Context, k *remoteKey) error {
+	if k.alias != "" {
+		return fmt.Errorf("alias %s names key %s", k.alias, k.keyID)
+	}
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	out, err := p.client.ListAliases(callCtx, &kms.ListAliasesInput{KeyId: aws.String(k.keyID), Limit: aws.Int32(1)})
+	if err != nil {
+		return fmt.Errorf("%w; the key's aliases are unknown, so it is kept", classify(ctx, callCtx, "list aliases of "+k.keyID, err))
+	}
+	if len(out.Aliases) > 0 {
+		return fmt.Errorf("alias %s names key %s", aws.ToString(out.Aliases[0].AliasName), k.keyID)
+	}
+	return nil
 }
 
 // AddKey starts serving an existing key, named by key id, key ARN, alias or

@@ -87,8 +87,12 @@ type Provider struct {
 	log     *zap.Logger
 	client  *azkeys.Client
 	keys    providers.KeySet[*remoteKey]
-	keysMu  sync.Mutex // serialises NewVersion and AddKey, which check keys before slow work
+	keysMu  sync.Mutex // serialises NewVersion, AddKey and DestroyKey, which check keys before slow work
 	closed  atomic.Bool
+	// unused holds, by name, the versions DestroyKey stopped serving: nil
+	// once disabled, else kept so that a later call (the next rotation
+	// attempt's start) can try again. Guarded by keysMu.
+	unused map[string]*remoteKey
 	// throttledUntil (Unix ns): the vault answered 429 and asked for a
 	// pause until then. Signs meanwhile are RATE_LIMITED here: Key Vault
 	// extends throttling for clients that keep sending.

@@ -134,13 +134,25 @@ func (p *Provider) disableTagged(ctx context.Context, key, tag string, cause err
 // disable disables a version a failed NewVersion made, so that it is not
 // left as the vault key's current one, and returns cause saying so.
 func (p *Provider) disable(ctx context.Context, key, version string, cause error) error {
+	// The provider never serves the version, whatever becomes of the
+	// update: it was not added to the key table.
+	if err := p.disableVersion(ctx, key, version); err != nil {
+		return fmt.Errorf("%w; the version %s it made could not be disabled (%v), and may be the key's current one: check it and disable it by hand", cause, version, err)
+	}
+	return fmt.Errorf("%w; the version %s it made was disabled", cause, version)
+}
+
+// disableVersion disables one version of key (UpdateKey, enabled: false),
+// the only way to retire a single version: Key Vault deletes whole keys,
+// every version at once. It runs even when ctx is done (a rotation that
+// failed at its deadline still cleans up).
+func (p *Provider) disableVersion(ctx context.Context, key, version string) error {
 	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
 	defer cancel()
 	enabled := false
 	// Aside (see signCall). An update abandoned at its deadline, like one
 	// whose answer was lost, may yet disable the version: so the error says
-	// only that it may still be enabled. Either way the provider never
-	// serves it: it was not added to the key table.
+	// only that it may still be enabled.
 	_, err := providers.CallAside(callCtx, func() (azkeys.UpdateKeyResponse, error) {
 		return p.client.UpdateKey(callCtx, key, version, azkeys.UpdateKeyParameters{KeyAttributes: &azkeys.KeyAttributes{Enabled: &enabled}}, nil)
 	})
@@ -149,10 +161,57 @@ func (p *Provider) disable(ctx context.Context, key, version string, cause error
 		// whole answer, which stays out of logs as out of messages.
 		err = classify(callCtx, callCtx, "disable "+key, err)
 		p.log.Warn("azurekv: a version made by a failed rotation could not be disabled", zap.String("vault_key", key), zap.String("version", version), zap.Error(err))
-		return fmt.Errorf("%w; the version %s it made could not be disabled (%v), and may be the key's current one: check it and disable it by hand", cause, version, err)
+		return err
 	}
 	p.log.Warn("azurekv: disabled the version a failed rotation made", zap.String("vault_key", key), zap.String("version", version))
-	return fmt.Errorf("%w; the version %s it made was disabled", cause, version)
+	return nil
+}
+
+// DestroyKey disables the version NewVersion made under name, for a
+// rotation attempt that never cut over (rotation.KeyDestroyer): Key Vault
+// cannot delete a single version, and a disabled one signs nothing. check
+// is called with its KeyInfo, and an error from it keeps the version,
+// served and enabled as before. The version stops being served before the
+// update is sent; one whose update failed is found again by a later call.
+// The version stays in the vault, disabled, and is still the key's newest:
+// a key named without a version resolves to it (and cannot sign) until
+// the next rotation makes another.
+//
+// Only versions made by this provider since it started are found: after a
+// restart, a version an earlier process made is not known by name, and the
+// error says so (it is not ErrNotFound: the version may well exist).
+func (p *Provider) DestroyKey(ctx context.Context, name string, check func(providers.KeyInfo) error) error {
+	fail := func(err error) error {
+		return fmt.Errorf("azurekv destroy key %s: %w", name, err)
+	}
+	if p.closed.Load() {
+		return fail(fmt.Errorf("provider closed: %w", providers.ErrUnavailable))
+	}
+	p.keysMu.Lock()
+	defer p.keysMu.Unlock()
+	k, served := p.keys.Get(name)
+	if !served {
+		var known bool
+		if k, known = p.unused[name]; !known {
+			return fail(fmt.Errorf("no version was made under this name since the provider started (one made before a restart is not found by its name; the rotation records name it): %w", providers.ErrUnavailable))
+		}
+		if k == nil {
+			return fail(fmt.Errorf("disabled already: %w", providers.ErrNotFound))
+		}
+	}
+	if err := check(k.info); err != nil {
+		return fail(err)
+	}
+	if p.unused == nil {
+		p.unused = make(map[string]*remoteKey)
+	}
+	p.keys.Remove(name)
+	p.unused[name] = k
+	if err := p.disableVersion(ctx, k.key, k.version); err != nil {
+		return fail(err)
+	}
+	p.unused[name] = nil
+	return nil
 }
 
 // URI returns the full Key Vault key id (the kid URL, version included) of a

@@ -79,8 +79,12 @@ type Provider struct {
 	log     *zap.Logger
 	client  *kms.KeyManagementClient
 	keys    providers.KeySet[*remoteKey]
-	keysMu  sync.Mutex // serializes NewVersion and AddKey, which check keys before slow work
+	keysMu  sync.Mutex // serializes NewVersion, AddKey and DestroyKey, which check keys before slow work
 	closed  atomic.Bool
+	// unused holds, by name, the versions DestroyKey stopped serving: nil
+	// once scheduled for destruction, else kept so that a later call (the
+	// next rotation attempt's start) can try again. Guarded by keysMu.
+	unused map[string]*remoteKey
 }
 
 type remoteKey struct {
@@ -626,7 +630,7 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	// highest, so a key configured as "latest" would pick it at the next
 	// start.
 	discard := func(err error) (providers.KeyInfo, error) {
-		p.destroyVersion(ctx, version)
+		_ = p.destroyVersion(ctx, version) // logged; the rotation's error is err
 		return fail(err)
 	}
 	if created.GetState() != kmspb.CryptoKeyVersion_ENABLED {
@@ -648,7 +652,7 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 // which says the request was not served, never a DEADLINE_EXCEEDED that
 // may come after the destruction was scheduled (a second request would
 // then be refused: only ENABLED or DISABLED versions can be scheduled).
-func (p *Provider) destroyVersion(ctx context.Context, version string) {
+func (p *Provider) destroyVersion(ctx context.Context, version string) error {
 	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
 	defer cancel()
 	// Aside (see signCall). A destroy abandoned at its deadline, like one
@@ -659,11 +663,59 @@ func (p *Provider) destroyVersion(ctx context.Context, version string) {
 		return p.client.DestroyCryptoKeyVersion(callCtx, &kmspb.DestroyCryptoKeyVersionRequest{Name: version}, p.readRetry(callCtx))
 	})
 	if err != nil {
+		err = classify(callCtx, callCtx, "destroy version", err)
 		p.log.Warn("gcpkms: could not schedule an unused new version for destruction; it stays enabled, unless a request that ended at its deadline was carried out: check it and destroy it by hand",
-			zap.String("version", version), zap.Error(classify(callCtx, callCtx, "destroy version", err)))
-		return
+			zap.String("version", version), zap.Error(err))
+		return err
 	}
 	p.log.Info("gcpkms: unused new version scheduled for destruction", zap.String("version", version))
+	return nil
+}
+
+// DestroyKey schedules for destruction the version NewVersion made under
+// name, for a rotation attempt that never cut over (rotation.KeyDestroyer):
+// check is called with its KeyInfo, and an error from it keeps the version,
+// served as before. The version stops being served before the request is
+// sent (destroyVersion: retried on UNAVAILABLE only); one whose request
+// failed is found again by a later call. Cloud KMS destroys it after the
+// CryptoKey's destroy-scheduled duration (30 days unless the key was made
+// with another), until when it can be restored; it signs nothing meanwhile.
+//
+// Only versions made by this provider since it started are found: after a
+// restart, a version an earlier process made is not known by name, and the
+// error says so (it is not ErrNotFound: the version may well exist).
+func (p *Provider) DestroyKey(ctx context.Context, name string, check func(providers.KeyInfo) error) error {
+	fail := func(err error) error {
+		return fmt.Errorf("gcpkms provider %s: destroy key %s: %w", p.id, name, err)
+	}
+	if p.closed.Load() {
+		return fail(fmt.Errorf("provider closed: %w", providers.ErrUnavailable))
+	}
+	p.keysMu.Lock()
+	defer p.keysMu.Unlock()
+	k, served := p.keys.Get(name)
+	if !served {
+		var known bool
+		if k, known = p.unused[name]; !known {
+			return fail(fmt.Errorf("no version was made under this name since the provider started (one made before a restart is not found by its name; the rotation records name it): %w", providers.ErrUnavailable))
+		}
+		if k == nil {
+			return fail(fmt.Errorf("scheduled for destruction already: %w", providers.ErrNotFound))
+		}
+	}
+	if err := check(k.info); err != nil {
+		return fail(err)
+	}
+	if p.unused == nil {
+		p.unused = make(map[string]*remoteKey)
+	}
+	p.keys.Remove(name)
+	p.unused[name] = k
+	if err := p.destroyVersion(ctx, k.version); err != nil {
+		return fail(err)
+	}
+	p.unused[name] = nil
+	return nil
 }
 
 // awaitEnabled polls version until it is ENABLED, each call bounded by the

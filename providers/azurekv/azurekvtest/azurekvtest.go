@@ -76,6 +76,10 @@ type Server struct {
 	// UpdateStatus, set through Update, answers update-key requests with
 	// that HTTP status (and a Key Vault error body), changing nothing.
 	UpdateStatus int
+	// NewVersionFault, set through Update, is applied to every version a
+	// create-key request makes (under the server's lock), so a test can
+	// fail a rotation after the version exists.
+	NewVersionFault func(*Version)
 }
 
 // Version is one key version.
@@ -540,6 +544,9 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request, name string) 
 	s.mu.Lock()
 	v.Tags = req.Tags
 	v.KeyOps = req.KeyOps
+	if s.NewVersionFault != nil {
+		s.NewVersionFault(v)
+	}
 	s.creates++
 	status, stall := s.CreateStatus, s.CreateStall
 	attrs := v.attrs()

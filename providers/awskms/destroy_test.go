@@ -1,0 +1,158 @@
+package awskms
+
+import (
+	"context"
+	"crypto"
+	"errors"
+	"testing"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/kms/types"
+
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/awskms/awskmstest"
+)
+
+// DestroyKey (rotation.KeyDestroyer) schedules for deletion the key
+// NewVersion made for a rotation attempt that never cut over: before, a
+// failed attempt left its key enabled, billed, one more per retry. A key
+// check refuses (a slot's version), or that an alias names, stays enabled
+// and served; a deletion carried out whose answer was lost (the SDK's
+// retry is then refused) is done; one the service refused leaves the key
+// unserved and is done by the next call; the base key signs on.
+func TestDestroyKey(t *testing.T) {
+	errKept := errors.New("a version of a slot")
+	for _, tc := range []struct {
+		name      string
+		refuse    bool   // check refuses the key
+		alias     bool   // an operator's alias names the new key
+		fault     fault  // how ScheduleKeyDeletion fails the first call
+		wantState string // the new key's state in the end
+	}{
+		{"scheduled for deletion", false, false, noFault, string(types.KeyStatePendingDeletion)},
+		{"check refuses", true, false, noFault, string(types.KeyStateEnabled)},
+		{"an alias names it", false, true, noFault, string(types.KeyStateEnabled)},
+		{"carried out, answer lost", false, false, faultApplied5xx, string(types.KeyStatePendingDeletion)},
+		{"refused, then the next call schedules it", false, false, faultRefused5xx, string(types.KeyStatePendingDeletion)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tf := newFleet(t, 0)
+			ctx := context.Background()
+			base := tf.info(t, "p256")
+			made, err := tf.p.NewVersion(ctx, "p256", "p256-v2")
+			if err != nil {
+				t.Fatal(err)
+			}
+			arn, err := tf.p.URI("p256-v2")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.alias {
+				awskmstest.CreateAlias(t, tf.admin, "alias/operators", arn)
+			}
+			tf.tr.faults.Store("ScheduleKeyDeletion", tc.fault)
+			var checked providers.KeyInfo
+			err = tf.p.DestroyKey(ctx, "p256-v2", func(info providers.KeyInfo) error {
+				checked = info
+				if tc.refuse {
+					return errKept
+				}
+				return nil
+			})
+			if tc.alias {
+				if err == nil || checked.KID != "" {
+					t.Fatalf("DestroyKey of a key an alias names: %v, check called: %v", err, checked.KID != "")
+				}
+			} else if checked.KID != made.KID {
+				t.Fatalf("check saw kid %q, want the new key's %s", checked.KID, made.KID)
+			}
+			if tc.fault == faultRefused5xx {
+				if err == nil || errors.Is(err, providers.ErrNotFound) {
+					t.Fatalf("DestroyKey with the service refusing: %v, want its error", err)
+				}
+				if st := awskmstest.DescribeKey(t, tf.admin, arn).KeyState; st != types.KeyStateEnabled {
+					t.Fatalf("after a refused deletion the key is %s", st)
+				}
+				tf.tr.faults.Store("ScheduleKeyDeletion", noFault)
+				err = tf.p.DestroyKey(ctx, "p256-v2", func(providers.KeyInfo) error { return nil })
+			}
+			kept := tc.wantState == string(types.KeyStateEnabled)
+			switch {
+			case tc.refuse && !errors.Is(err, errKept), !kept && err != nil:
+				t.Fatalf("DestroyKey: %v", err)
+			}
+			md := awskmstest.DescribeKey(t, tf.admin, arn)
+			if string(md.KeyState) != tc.wantState {
+				t.Fatalf("the attempt's key is %s, want %s", md.KeyState, tc.wantState)
+			}
+			if !kept && md.DeletionDate == nil {
+				t.Fatal("a key pending deletion with no deletion date")
+			}
+			d := randomDigest(crypto.SHA256)
+			sig, err := tf.p.Sign(ctx, "p256-v2", algES256, d)
+			if kept {
+				if err != nil {
+					t.Fatalf("the kept key: %v", err)
+				}
+				if err := providers.Verify(made.Public, algES256, d, sig); err != nil {
+					t.Fatalf("the kept key's signature: %v", err)
+				}
+			} else if !errors.Is(err, providers.ErrNotFound) {
+				t.Fatalf("Sign with the deleted key: %v, want ErrNotFound (not served)", err)
+			}
+			if sig, err = tf.p.Sign(ctx, "p256", algES256, d); err != nil {
+				t.Fatal(err)
+			}
+			if err := providers.Verify(base.Public, algES256, d, sig); err != nil {
+				t.Fatalf("the base key's signature: %v", err)
+			}
+			if st := awskmstest.DescribeKey(t, tf.admin, tf.ids["p256"]).KeyState; st != types.KeyStateEnabled {
+				t.Fatalf("the base key is %s", st)
+			}
+			if !kept {
+				err := tf.p.DestroyKey(ctx, "p256-v2", func(providers.KeyInfo) error { return nil })
+				if !errors.Is(err, providers.ErrNotFound) {
+					t.Fatalf("DestroyKey again: %v, want ErrNotFound", err)
+				}
+			}
+		})
+	}
+}
+
+// A key NewVersion moved the configured alias to is kept, without a call
+// to check: the alias's users sign with it.
+func TestDestroyKeyKeepsTheAliasedNewKey(t *testing.T) {
+	tf := newFleet(t, 0)
+	ctx := context.Background()
+	awskmstest.CreateAlias(t, tf.admin, "alias/rotating", tf.ids["p256"])
+	if _, err := tf.p.AddKey(ctx, "by-alias", "alias/rotating"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tf.p.NewVersion(ctx, "by-alias", "by-alias-v2"); err != nil {
+		t.Fatal(err)
+	}
+	arn, _ := tf.p.URI("by-alias-v2")
+	err := tf.p.DestroyKey(ctx, "by-alias-v2", func(providers.KeyInfo) error {
+		t.Fatal("check called for a key the alias names")
+		return nil
+	})
+	if err == nil {
+		t.Fatal("DestroyKey scheduled the deletion of the key the alias names")
+	}
+	if md := awskmstest.DescribeKey(t, tf.admin, "alias/rotating"); aws.ToString(md.Arn) != arn || md.KeyState != types.KeyStateEnabled {
+		t.Fatalf("the alias names %s (%s), want the new key %s enabled", aws.ToString(md.Arn), md.KeyState, arn)
+	}
+}
+
+// A name the provider made no key under since it started is not said to
+// be absent: the key may exist. check is not called.
+func TestDestroyKeyOfAnUnknownName(t *testing.T) {
+	tf := newFleet(t, 0)
+	err := tf.p.DestroyKey(context.Background(), "p256-v9", func(providers.KeyInfo) error {
+		t.Fatal("check called for a name the provider does not know")
+		return nil
+	})
+	if !errors.Is(err, providers.ErrUnavailable) || errors.Is(err, providers.ErrNotFound) {
+		t.Fatalf("DestroyKey of an unknown name: %v, want ErrUnavailable, not ErrNotFound", err)
+	}
+}
