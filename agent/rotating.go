@@ -305,9 +305,17 @@ func (a *Agent) rotateOptions(slot, reason, peer string) (rotation.RotateOptions
 	case *software.Provider:
 		o.Maker = &destroyingMaker{servingMaker{a: a, p: pp, gen: pp}, pp}
 	case *pkcs11.Provider:
-		o.Maker = &hsmMaker{destroyingMaker{servingMaker{a: a, p: pp, gen: pkcs11Maker{pp}}, pp}, pp}
+		o.Maker = &locatingDestroyingMaker{destroyingMaker{servingMaker{a: a, p: pp, gen: pkcs11Maker{pp}}, pp}, pp}
 	case versionedKeys:
-		o.Maker = &locatingMaker{servingMaker{a: a, p: e.provider, gen: cloudMaker{pp, v.Key}}, pp}
+		serving := servingMaker{a: a, p: e.provider, gen: cloudMaker{pp, v.Key}}
+		if d, ok := pp.(rotation.KeyDestroyer); ok {
+			// The cloud providers: a failed attempt's key or version is
+			// scheduled for deletion (AWS), destroyed (GCP) or disabled
+			// (Azure), not left enabled, billed and counted against quotas.
+			o.Maker = &locatingDestroyingMaker{destroyingMaker{serving, d}, pp}
+		} else {
+			o.Maker = &locatingMaker{serving, pp}
+		}
 	}
 	sc := a.cfg.Rotation.Slots[slot]
 	o.Subject = sc.Subject.name(slot)
@@ -365,7 +373,7 @@ func (m *locatingMaker) URI(name string) (string, error) { return m.loc.URI(name
 
 // destroyingMaker is a servingMaker whose provider can destroy a key it
 // generated (rotation.KeyDestroyer): the key of a rotation attempt that
-// failed before its cut-over. Cloud providers are not: their keys stay.
+// failed before its cut-over.
 type destroyingMaker struct {
 	servingMaker
 	d rotation.KeyDestroyer
@@ -392,14 +400,14 @@ func (m *destroyingMaker) DestroyKey(ctx context.Context, name string, check fun
 	})
 }
 
-// hsmMaker is a destroyingMaker whose provider names keys by URI
-// (PKCS#11).
-type hsmMaker struct {
+// locatingDestroyingMaker is a destroyingMaker whose provider names keys
+// by URI (PKCS#11, the cloud providers).
+type locatingDestroyingMaker struct {
 	destroyingMaker
 	loc rotation.KeyLocator
 }
 
-func (m *hsmMaker) URI(name string) (string, error) { return m.loc.URI(name) }
+func (m *locatingDestroyingMaker) URI(name string) (string, error) { return m.loc.URI(name) }
 
 // rotationOp answers the Rotate and Rollback admin operations.
 func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {

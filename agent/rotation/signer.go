@@ -31,7 +31,9 @@ type Signer interface {
 
 // KeyDestroyer is optionally implemented by a KeyMaker that can destroy a
 // key it generated (software: the key file; PKCS#11: C_DestroyObject on the
-// private and the public object). A rotation calls it only for the key of
+// private and the public object; AWS KMS: ScheduleKeyDeletion; GCP:
+// DestroyCryptoKeyVersion; Azure Key Vault, which cannot delete one
+// version: the version disabled). A rotation calls it only for the key of
 // an attempt that never cut over, so never signed a request.
 //
 // DestroyKey finds the key generated under name (served or not), and calls
