@@ -86,10 +86,7 @@ type Provider struct {
 	keys    providers.KeySet[*remoteKey]
 	keysMu  sync.Mutex // serializes NewVersion, AddKey and DestroyKey, which check keys before slow work
 	closed  atomic.Bool
-	// unused holds, by name, the keys DestroyKey stopped serving: nil once
-	// scheduled for deletion, else kept so that a later call (the next
-	// rotation attempt's start) can try again. Guarded by keysMu.
-	unused map[string]*remoteKey
+	unused  providers.UnusedKeys[*remoteKey] // keys DestroyKey stopped serving; guarded by keysMu
 }
 
 type remoteKey struct {
@@ -519,43 +516,30 @@ func (p *Provider) scheduleDeletion(ctx context.Context, keyARN string) error {
 // restart, a key an earlier process made is not known by name, and the
 // error says so (it is not ErrNotFound: the key may well exist).
 func (p *Provider) DestroyKey(ctx context.Context, name string, check func(providers.KeyInfo) error) error {
-	fail := func(err error) error {
-		return fmt.Errorf("awskms provider %s: destroy key %s: %w", p.id, name, err)
-	}
 	if p.closed.Load() {
-		return fail(fmt.Errorf("provider closed: %w", providers.ErrUnavailable))
+		return fmt.Errorf("awskms provider %s: destroy key %s: provider closed: %w", p.id, name, providers.ErrUnavailable)
 	}
 	p.keysMu.Lock()
 	defer p.keysMu.Unlock()
-	k, served := p.keys.Get(name)
-	if !served {
-		var known bool
-		if k, known = p.unused[name]; !known {
-			return fail(fmt.Errorf("no key was made under this name since the provider started (one made before a restart is not found by its name; the rotation records name it): %w", providers.ErrUnavailable))
+	var keyID string
+	err := p.unused.Destroy(&p.keys, name, func(k *remoteKey) error {
+		if err := p.refuseAliased(ctx, k); err != nil {
+			return err
 		}
-		if k == nil {
-			return fail(fmt.Errorf("scheduled for deletion already: %w", providers.ErrNotFound))
+		return check(k.info)
+	}, func(k *remoteKey) error {
+		keyID = k.keyID
+		return p.scheduleDeletion(ctx, k.keyID)
+	})
+	if err != nil {
+		if keyID != "" {
+			p.log.Warn("awskms: could not schedule an unused rotation key for deletion; it is not served",
+				zap.String("key", name), zap.String("key_id", keyID), zap.Error(err))
 		}
+		return fmt.Errorf("awskms provider %s: destroy key %s: %w", p.id, name, err)
 	}
-	if err := p.refuseAliased(ctx, k); err != nil {
-		return fail(err)
-	}
-	if err := check(k.info); err != nil {
-		return fail(err)
-	}
-	if p.unused == nil {
-		p.unused = make(map[string]*remoteKey)
-	}
-	p.keys.Remove(name)
-	p.unused[name] = k
-	if err := p.scheduleDeletion(ctx, k.keyID); err != nil {
-		p.log.Warn("awskms: could not schedule an unused rotation key for deletion; it is not served",
-			zap.String("key", name), zap.String("key_id", k.keyID), zap.Error(err))
-		return fail(err)
-	}
-	p.unused[name] = nil
 	p.log.Info("awskms: unused rotation key scheduled for deletion", zap.String("key", name),
-		zap.String("key_id", k.keyID), zap.Int("pending_window_days", DeletionWindowDays))
+		zap.String("key_id", keyID), zap.Int("pending_window_days", DeletionWindowDays))
 	return nil
 }
 

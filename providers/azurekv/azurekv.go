@@ -89,10 +89,7 @@ type Provider struct {
 	keys    providers.KeySet[*remoteKey]
 	keysMu  sync.Mutex // serialises NewVersion, AddKey and DestroyKey, which check keys before slow work
 	closed  atomic.Bool
-	// unused holds, by name, the versions DestroyKey stopped serving: nil
-	// once disabled, else kept so that a later call (the next rotation
-	// attempt's start) can try again. Guarded by keysMu.
-	unused map[string]*remoteKey
+	unused  providers.UnusedKeys[*remoteKey] // versions DestroyKey stopped serving; guarded by keysMu
 	// throttledUntil (Unix ns): the vault answered 429 and asked for a
 	// pause until then. Signs meanwhile are RATE_LIMITED here: Key Vault
 	// extends throttling for clients that keep sending.

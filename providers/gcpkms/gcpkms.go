@@ -81,10 +81,7 @@ type Provider struct {
 	keys    providers.KeySet[*remoteKey]
 	keysMu  sync.Mutex // serializes NewVersion, AddKey and DestroyKey, which check keys before slow work
 	closed  atomic.Bool
-	// unused holds, by name, the versions DestroyKey stopped serving: nil
-	// once scheduled for destruction, else kept so that a later call (the
-	// next rotation attempt's start) can try again. Guarded by keysMu.
-	unused map[string]*remoteKey
+	unused  providers.UnusedKeys[*remoteKey] // versions DestroyKey stopped serving; guarded by keysMu
 }
 
 type remoteKey struct {
@@ -685,36 +682,16 @@ func (p *Provider) destroyVersion(ctx context.Context, version string) error {
 // restart, a version an earlier process made is not known by name, and the
 // error says so (it is not ErrNotFound: the version may well exist).
 func (p *Provider) DestroyKey(ctx context.Context, name string, check func(providers.KeyInfo) error) error {
-	fail := func(err error) error {
-		return fmt.Errorf("gcpkms provider %s: destroy key %s: %w", p.id, name, err)
-	}
 	if p.closed.Load() {
-		return fail(fmt.Errorf("provider closed: %w", providers.ErrUnavailable))
+		return fmt.Errorf("gcpkms provider %s: destroy key %s: provider closed: %w", p.id, name, providers.ErrUnavailable)
 	}
 	p.keysMu.Lock()
 	defer p.keysMu.Unlock()
-	k, served := p.keys.Get(name)
-	if !served {
-		var known bool
-		if k, known = p.unused[name]; !known {
-			return fail(fmt.Errorf("no version was made under this name since the provider started (one made before a restart is not found by its name; the rotation records name it): %w", providers.ErrUnavailable))
-		}
-		if k == nil {
-			return fail(fmt.Errorf("scheduled for destruction already: %w", providers.ErrNotFound))
-		}
+	err := p.unused.Destroy(&p.keys, name, func(k *remoteKey) error { return check(k.info) },
+		func(k *remoteKey) error { return p.destroyVersion(ctx, k.version) })
+	if err != nil {
+		return fmt.Errorf("gcpkms provider %s: destroy key %s: %w", p.id, name, err)
 	}
-	if err := check(k.info); err != nil {
-		return fail(err)
-	}
-	if p.unused == nil {
-		p.unused = make(map[string]*remoteKey)
-	}
-	p.keys.Remove(name)
-	p.unused[name] = k
-	if err := p.destroyVersion(ctx, k.version); err != nil {
-		return fail(err)
-	}
-	p.unused[name] = nil
 	return nil
 }
 
