@@ -68,7 +68,7 @@ func (m *tlsMaterial) reloadFrom(cfg TCPConfig) error {
 	}
 	// Who reads the key can pass for the agent to remote clients: held
 	// to the PIN file's rule.
-	keyPEM, _, err := providers.ReadPrivateFile(cfg.KeyFile, true)
+	keyPEM, _, err := providers.ReadPrivateFile(cfg.KeyFile)
 	if err != nil {
 		return fmt.Errorf("tls: key_file: %w", err)
 	}

@@ -16,3 +16,6 @@ func FileOwner(fi fs.FileInfo) (int, bool) {
 	}
 	return int(st.Uid), true
 }
+
+// openNoBlock keeps an open of a FIFO from waiting for a writer.
+const openNoBlock = syscall.O_NONBLOCK

@@ -8,8 +8,8 @@ import (
 )
 
 // ReadPrivateFile reads a file that holds a secret (a PIN, the agent's
-// mTLS private key) after checking, when regularOnly, that it is a regular
-// file (a PIN may come from a pipe), that its owner is the agent's user or root (an owner can read a file whatever its
+// mTLS private key) after checking that it is a regular file, that its
+// owner is the agent's user or root (an owner can read a file whatever its
 // mode, or chmod it), and that none but its owner and group may read it
 // and none but its owner write it: 0600 or 0640. The checks are made on
 // the file opened, not on the path, so that a name swapped between a check
@@ -17,18 +17,29 @@ import (
 // followed (a Kubernetes secret's file is one). It returns the file's
 // permission bits too, for a caller that says when its group may read it.
 // Errors name the file, never quote it.
-func ReadPrivateFile(path string, regularOnly bool) ([]byte, fs.FileMode, error) {
-	f, err := os.Open(path)
+func ReadPrivateFile(path string) ([]byte, fs.FileMode, error) {
+	// Refused before the open when the path already shows it: opening a
+	// device runs its driver, and opening a FIFO to read waits for a
+	// writer, which would hold the agent's start for good.
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, 0, err
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, 0, notRegular(path, fi)
+	}
+	// Non-blocking, for a FIFO put in the file's place since the Stat: the
+	// open returns at once and the check below refuses it.
+	f, err := os.OpenFile(path, os.O_RDONLY|openNoBlock, 0)
 	if err != nil {
 		return nil, 0, err
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
+	if fi, err = f.Stat(); err != nil {
 		return nil, 0, err
 	}
-	if regularOnly && !fi.Mode().IsRegular() {
-		return nil, 0, fmt.Errorf("%s is not a regular file (%v)", path, fi.Mode().Type())
+	if !fi.Mode().IsRegular() {
+		return nil, 0, notRegular(path, fi)
 	}
 	if uid, ok := FileOwner(fi); ok && uid != os.Geteuid() && uid != 0 {
 		return nil, 0, fmt.Errorf("%s belongs to uid %d, neither the agent's (%d) nor root: its owner can read it", path, uid, os.Geteuid())
@@ -41,4 +52,8 @@ func ReadPrivateFile(path string, regularOnly bool) ([]byte, fs.FileMode, error)
 	}
 	b, err := io.ReadAll(f)
 	return b, perm, err
+}
+
+func notRegular(path string, fi fs.FileInfo) error {
+	return fmt.Errorf("%s is not a regular file (%v): a secret is read only from a regular file, never a pipe, device or directory", path, fi.Mode().Type())
 }

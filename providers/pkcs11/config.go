@@ -485,7 +485,7 @@ func readPIN(cfg *Config, log *zap.Logger) (string, error) {
 		}
 		return v, nil
 	default:
-		b, perm, err := providers.ReadPrivateFile(cfg.PINFile, false)
+		b, perm, err := providers.ReadPrivateFile(cfg.PINFile)
 		if err != nil {
 			return "", fmt.Errorf("%w: PIN file: %w", ErrPINSource, err)
 		}

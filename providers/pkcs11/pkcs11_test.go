@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -392,8 +393,13 @@ func TestPINSourceErrors(t *testing.T) {
 		}
 		return path
 	}
-	unreadable := filepath.Join(dir, "pin-dir") // a directory: unreadable as a file to root too
-	if err := os.Mkdir(unreadable, 0o700); err != nil {
+	pinDir := filepath.Join(dir, "pin-dir")
+	if err := os.Mkdir(pinDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	// A FIFO held the start: its open waited for a writer.
+	fifo := filepath.Join(dir, "pin-fifo")
+	if err := syscall.Mkfifo(fifo, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	fromFile := func(path string) func(*Config) { return func(c *Config) { c.PINEnv, c.PINFile = "", path } }
@@ -427,7 +433,8 @@ func TestPINSourceErrors(t *testing.T) {
 		{"file others may read", fromFile(file("open", tok.PIN+"\n", 0o644)), filepath.Join(dir, "open"), true},
 		{"file its group may write", fromFile(file("group", tok.PIN+"\n", 0o660)), filepath.Join(dir, "group"), true},
 		{"file empty", fromFile(file("empty", "\n", 0o600)), filepath.Join(dir, "empty"), true},
-		{"file unreadable", fromFile(unreadable), "read " + unreadable, true},
+		{"file a directory", fromFile(pinDir), pinDir + " is not a regular file", true},
+		{"file a FIFO", fromFile(fifo), fifo + " is not a regular file", true},
 		{"a PIN the token refuses", fromFile(file("wrong", "0000-wrong\n", 0o600)), "", false},
 		{"file another user owns", fromFile(othersFile), othersFile, true},
 	} {
