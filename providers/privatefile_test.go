@@ -97,3 +97,63 @@ func TestReadPrivateFile(t *testing.T) {
 		})
 	}
 }
+
+// TrustedPath follows a path as the kernel does: ".." after a link is
+// the parent of where the link led, and each directory met on the way,
+// through links too, is judged.
+func TestTrustedPath(t *testing.T) {
+	base := t.TempDir()
+	mkdir := func(rel string, mode os.FileMode) {
+		if err := os.Mkdir(filepath.Join(base, rel), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(filepath.Join(base, rel), mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	link := func(target, rel string) {
+		if err := os.Symlink(target, filepath.Join(base, rel)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mkdir("lib", 0o755)
+	mkdir("open", 0o777)
+	mkdir("lib/sub", 0o755)
+	if err := os.WriteFile(filepath.Join(base, "lib", "f"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(base, "open", "f"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	link("../f", "lib/sub/up")              // relative, through a private directory
+	link("../../open/f", "lib/sub/to-open") // relative, into a directory others may write
+	link("sub/../../open", "lib/dotdot")    // ".." after a real directory
+	link("loop2", "lib/loop1")
+	link("loop1", "lib/loop2")
+	for _, tc := range []struct {
+		rel  string
+		want string // in the error; "" for trusted
+	}{
+		{"lib/f", ""},
+		{"lib/sub/../f", ""},
+		{"lib/sub/up", ""},
+		{"open/f", "directory " + filepath.Join(base, "open") + " may be written"},
+		{"lib/sub/to-open", "directory " + filepath.Join(base, "open") + " may be written"},
+		{"lib/dotdot/f", "directory " + filepath.Join(base, "open") + " may be written"},
+		{"lib/loop1", "more than 40 links"},
+		{"lib/absent", "no such file"},
+	} {
+		t.Run(tc.rel, func(t *testing.T) {
+			fi, err := TrustedPath(filepath.Join(base, tc.rel))
+			if tc.want == "" {
+				if err != nil || !fi.Mode().IsRegular() {
+					t.Fatalf("got %v, %v; want the file's information", fi, err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("error %v; want one saying %q", err, tc.want)
+			}
+		})
+	}
+}

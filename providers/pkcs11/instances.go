@@ -79,6 +79,11 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	}
 	cfg.ensureDefaults()
 	cfg.pinRefused = new(atomic.Bool)
+	// Before the load, which runs the module's code; the copies for the
+	// other instances are read from this file too.
+	if err := checkModulePath(cfg.Module); err != nil {
+		return nil, fmt.Errorf("pkcs11 provider %s: load module %s: %w", cfg.ID, cfg.Module, err)
+	}
 	if cfg.Instances == 1 {
 		return openInstance(ctx, cfg)
 	}

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	p11 "github.com/miekg/pkcs11"
+	"github.com/sigil-agent/sigil/providers"
 )
 
 // A Cryptoki library has one state per process: C_Initialize succeeds once,
@@ -107,11 +109,38 @@ var reloadDrainTimeout = 5 * time.Second
 // ErrModuleLoad: the configured module is not a PKCS#11 library this
 // process can load. The dynamic loader refused the file (it is missing or
 // unreadable, not a shared object for this machine, needs a library that
-// is not installed, or lies on a noexec mount), or it exports no
-// C_GetFunctionList. Starting again fails the same way until an operator
-// fixes the path or the installation. A module that loads but whose
-// C_Initialize fails is not this: its device may come back.
+// is not installed, or lies on a noexec mount), it exports no
+// C_GetFunctionList, or a user other than the agent's or root could change
+// it or the directories on its path (checkModulePath; it is then never
+// loaded). Starting again fails the same way until an operator fixes the
+// path or the installation. A module that loads but whose C_Initialize
+// fails is not this: its device may come back.
 var ErrModuleLoad = errors.New("not a loadable PKCS#11 module")
+
+// checkModulePath refuses a module file that a user other than the
+// agent's or root could change, or put another library in the place of:
+// dlopen runs a library's constructors with the agent's privileges before
+// any PKCS#11 call, and the agent then hands the module the PIN. The file
+// must be a regular file none but its owner may write, and every directory
+// and link on its way must be as providers.TrustedPath asks (OpenSSH's
+// StrictModes). Nothing is checked of what the module itself loads (its
+// DT_NEEDED libraries, found by the loader's search path): that is the
+// system's. A missing file is left to the loader to say so: its directory
+// is one only the agent's user or root may write.
+func checkModulePath(path string) error {
+	fi, err := providers.TrustedPath(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("%w: %w", ErrModuleLoad, err)
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("%w: not a regular file (%v)", ErrModuleLoad, fi.Mode().Type())
+	case fi.Mode().Perm()&0o022 != 0:
+		return fmt.Errorf("%w: the file may be written by its group or others (%v): only its owner may write a module the agent loads", ErrModuleLoad, fi.Mode())
+	}
+	return nil
+}
 
 // acquireModule loads the module at path, or takes another reference to
 // it. loaded, if not nil, runs once a new load has mapped the library,

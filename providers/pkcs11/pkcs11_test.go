@@ -616,3 +616,163 @@ func TestGenerateKeyLeavesNoOrphan(t *testing.T) {
 		t.Fatalf("the retry under the same label: %v (an orphan from the first attempt holds it)", err)
 	}
 }
+
+// The module is loaded into the agent, and dlopen runs its constructors
+// with the agent's privileges before any check on what it does; the agent
+// then hands it the PIN. A module file, or a directory on its way, that a
+// user other than the agent's or root may change let that user run code
+// in the agent: the loader took any path. Such a module is refused before
+// it is loaded, as ErrModuleLoad (the configuration's fault), naming the
+// path and the rule.
+func TestModuleOthersMayChangeIsRefused(t *testing.T) {
+	so := buildModule(t, "testdata/ranonload.c")
+	const nobody = 65534
+	// put copies the module to base/rel, with each directory made 0755 and
+	// the file 0755.
+	put := func(t *testing.T, base, rel string) string {
+		path := filepath.Join(base, rel)
+		if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.ReadFile(so)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(path, b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	chmod := func(t *testing.T, path string, mode os.FileMode) {
+		if err := os.Chmod(path, mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lchown := func(t *testing.T, path string) {
+		if err := os.Lchown(path, nobody, nobody); err != nil {
+			t.Fatal(err)
+		}
+	}
+	symlink := func(t *testing.T, target, link string) {
+		if err := os.MkdirAll(filepath.Dir(link), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(target, link); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		layout func(t *testing.T, base string) string // the module's path
+		root   bool                                   // needs root (chown)
+		says   string                                 // in the refusal; "" for a module loaded
+	}{
+		{"in a directory only ours", func(t *testing.T, base string) string { return put(t, base, "lib/mod.so") }, false, ""},
+		{"under a sticky directory others may write, as /tmp", func(t *testing.T, base string) string {
+			m := put(t, base, "tmp/lib/mod.so")
+			chmod(t, filepath.Join(base, "tmp"), 0o777|os.ModeSticky)
+			return m
+		}, false, ""},
+		{"through a link in a directory only ours", func(t *testing.T, base string) string {
+			put(t, base, "lib/mod.so")
+			symlink(t, "lib", filepath.Join(base, "alias"))
+			return filepath.Join(base, "alias", "mod.so")
+		}, false, ""},
+		{"the file its group may write", func(t *testing.T, base string) string {
+			m := put(t, base, "lib/mod.so")
+			chmod(t, m, 0o775)
+			return m
+		}, false, "may be written by its group or others"},
+		{"the file others may write", func(t *testing.T, base string) string {
+			m := put(t, base, "lib/mod.so")
+			chmod(t, m, 0o757)
+			return m
+		}, false, "may be written by its group or others"},
+		{"its directory its group may write", func(t *testing.T, base string) string {
+			m := put(t, base, "lib/mod.so")
+			chmod(t, filepath.Dir(m), 0o775)
+			return m
+		}, false, "directory " + "BASE/lib may be written by its group or others"},
+		{"a directory above others may write", func(t *testing.T, base string) string {
+			m := put(t, base, "open/lib/mod.so")
+			chmod(t, filepath.Join(base, "open"), 0o777)
+			return m
+		}, false, "directory BASE/open may be written"},
+		{"a link to it in a directory others may write", func(t *testing.T, base string) string {
+			m := put(t, base, "lib/mod.so")
+			symlink(t, m, filepath.Join(base, "open", "mod.so"))
+			chmod(t, filepath.Join(base, "open"), 0o777)
+			return filepath.Join(base, "open", "mod.so")
+		}, false, "directory BASE/open may be written"},
+		{"a link leading to a directory others may write", func(t *testing.T, base string) string {
+			put(t, base, "open/mod.so")
+			chmod(t, filepath.Join(base, "open"), 0o777)
+			symlink(t, filepath.Join(base, "open", "mod.so"), filepath.Join(base, "lib", "mod.so"))
+			return filepath.Join(base, "lib", "mod.so")
+		}, false, "directory BASE/open may be written"},
+		{"missing from a sticky directory others may write", func(t *testing.T, base string) string {
+			open := filepath.Join(base, "tmp")
+			if err := os.Mkdir(open, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			chmod(t, open, 0o777|os.ModeSticky)
+			return filepath.Join(open, "absent.so")
+		}, false, "BASE/tmp/absent.so does not exist, and others may make it"},
+		{"a relative path", func(t *testing.T, base string) string {
+			put(t, base, "lib/mod.so")
+			t.Chdir(base)
+			return "lib/mod.so"
+		}, false, "not an absolute path"},
+		{"the file another user's", func(t *testing.T, base string) string {
+			m := put(t, base, "lib/mod.so")
+			lchown(t, m)
+			return m
+		}, true, "BASE/lib/mod.so belongs to uid 65534"},
+		{"its directory another user's", func(t *testing.T, base string) string {
+			m := put(t, base, "lib/mod.so")
+			lchown(t, filepath.Dir(m))
+			return m
+		}, true, "BASE/lib belongs to uid 65534"},
+		{"another user's link in a sticky directory", func(t *testing.T, base string) string {
+			m := put(t, base, "lib/mod.so")
+			link := filepath.Join(base, "tmp", "mod.so")
+			symlink(t, m, link)
+			chmod(t, filepath.Dir(link), 0o777|os.ModeSticky)
+			lchown(t, link)
+			return link
+		}, true, "BASE/tmp/mod.so belongs to uid 65534"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if tc.root && os.Getuid() != 0 {
+				t.Skip("only root can give a file to another user")
+			}
+			base := t.TempDir()
+			module := tc.layout(t, base)
+			ran := filepath.Join(t.TempDir(), "ran")
+			t.Setenv("SIGIL_TEST_MODULE_RAN", ran)
+			t.Setenv(pinEnv, "1234")
+			p, err := Open(context.Background(), Config{ID: "hsm", Module: module, TokenLabel: "prod", PINEnv: pinEnv,
+				Keys: []KeyConfig{{Name: "k", URI: "pkcs11:object=k"}}})
+			if err == nil {
+				p.Close()
+				t.Fatal("Open succeeded on a module whose C_Initialize fails")
+			}
+			_, statErr := os.Stat(ran)
+			if tc.says == "" {
+				if errors.Is(err, ErrModuleLoad) || statErr != nil {
+					t.Fatalf("the module was not loaded (its constructor ran: %v): %v", statErr == nil, err)
+				}
+				return
+			}
+			if statErr == nil {
+				t.Error("the module's constructor ran")
+			}
+			if !errors.Is(err, ErrModuleLoad) {
+				t.Errorf("errors.Is(%v, ErrModuleLoad) = false", err)
+			}
+			if want := strings.ReplaceAll(tc.says, "BASE", base); !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), module) {
+				t.Errorf("error %q does not say %q naming %s", err, want, module)
+			}
+		})
+	}
+}
