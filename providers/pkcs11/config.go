@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -485,6 +486,15 @@ func readPIN(cfg *Config, log *zap.Logger) (string, error) {
 		}
 		return v, nil
 	default:
+		// The file's own checks are made on the file opened, but whoever
+		// may write a directory on its path can put another file there
+		// that passes them (a link to another of the agent's or root's
+		// private files), which the agent would present as the PIN: a
+		// failed login at each start, toward the token's lockout. A name
+		// missing from a trusted directory is left to the read to report.
+		if _, err := providers.TrustedPath(cfg.PINFile); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return "", fmt.Errorf("%w: PIN file %s: %w", ErrPINSource, cfg.PINFile, err)
+		}
 		b, perm, err := providers.ReadPrivateFile(cfg.PINFile)
 		if err != nil {
 			return "", fmt.Errorf("%w: PIN file: %w", ErrPINSource, err)

@@ -413,6 +413,39 @@ func TestPINSourceErrors(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	// A directory on the file's path that others may write lets them put
+	// another file of the agent's or root's in its place (a link to it),
+	// which the agent would present as the PIN: a failed login each start,
+	// toward the token's lockout.
+	openDir := filepath.Join(dir, "writable-dir")
+	if err := os.Mkdir(openDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	inOpenDir := filepath.Join(openDir, "pin")
+	if err := os.WriteFile(inOpenDir, []byte(tok.PIN+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(openDir, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	// Here the link, put in the PIN file's place, leads to another
+	// private file of the agent's, which is not the PIN.
+	linkInOpenDir := filepath.Join(openDir, "link")
+	if err := os.Symlink(file("agents-other-secret", "0000-wrong\n", 0o600), linkInOpenDir); err != nil {
+		t.Fatal(err)
+	}
+	othersDir := filepath.Join(dir, "nobodys-dir")
+	if os.Getuid() == 0 {
+		if err := os.Mkdir(othersDir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(othersDir, "pin"), []byte(tok.PIN+"\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(othersDir, 65534, 65534); err != nil {
+			t.Fatal(err)
+		}
+	}
 	fromEnv := func(name, value string, set bool) func(*Config) {
 		return func(c *Config) {
 			if set {
@@ -437,9 +470,12 @@ func TestPINSourceErrors(t *testing.T) {
 		{"file a FIFO", fromFile(fifo), fifo + " is not a regular file", true},
 		{"a PIN the token refuses", fromFile(file("wrong", "0000-wrong\n", 0o600)), "", false},
 		{"file another user owns", fromFile(othersFile), othersFile, true},
+		{"file in a directory others may write", fromFile(inOpenDir), "directory " + openDir + " may be written by its group or others", true},
+		{"file linked from a directory others may write", fromFile(linkInOpenDir), "directory " + openDir + " may be written by its group or others", true},
+		{"file in a directory another user owns", fromFile(filepath.Join(othersDir, "pin")), othersDir + " belongs to uid 65534", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if tc.name == "file another user owns" && os.Getuid() != 0 {
+			if (tc.name == "file another user owns" || tc.name == "file in a directory another user owns") && os.Getuid() != 0 {
 				t.Skip("only root can give a file to another user")
 			}
 			_, err := tryOpen(t, tok, []KeyConfig{{Name: "k", URI: keys[providers.KeyECDSAP256].URI}}, tc.edit)
