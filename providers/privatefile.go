@@ -53,9 +53,17 @@ func ReadPrivateFile(path string) ([]byte, fs.FileMode, error) {
 		// the layout the shipped unit suggests.
 		return nil, 0, fmt.Errorf("%s has mode %v: others may read or group may write it; want 0600 or 0640", path, perm)
 	}
-	b, err := io.ReadAll(f)
+	// A PIN or a private key is a few KiB at most: a path pointed at a
+	// large file by mistake is refused, not read into memory whole.
+	b, err := io.ReadAll(io.LimitReader(f, maxPrivateFile+1))
+	if err == nil && len(b) > maxPrivateFile {
+		return nil, 0, fmt.Errorf("%s is larger than %d KiB: not a PIN or a private key", path, maxPrivateFile>>10)
+	}
 	return b, perm, err
 }
+
+// maxPrivateFile bounds what ReadPrivateFile reads.
+const maxPrivateFile = 1 << 20
 
 func notRegular(path string, fi fs.FileInfo) error {
 	return fmt.Errorf("%s is not a regular file (%v): a secret is read only from a regular file, never a pipe, device or directory", path, fi.Mode().Type())

@@ -40,6 +40,10 @@ func TestReadPrivateFile(t *testing.T) {
 		}
 		return path
 	}
+	large := filepath.Join(dir, "large")
+	if err := os.WriteFile(large, make([]byte, maxPrivateFile+1), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	subdir := filepath.Join(dir, "a-dir")
 	if err := os.Mkdir(subdir, 0o700); err != nil {
 		t.Fatal(err)
@@ -58,6 +62,7 @@ func TestReadPrivateFile(t *testing.T) {
 		{"a link to a FIFO", link("to-fifo", fifo("fifo2", 0o600)), "not a regular file"},
 		{"a directory", subdir, "not a regular file"},
 		{"a character device", "/dev/null", "not a regular file"},
+		{"larger than any PIN or key", large, "larger than"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			type result struct {
