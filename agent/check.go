@@ -42,7 +42,10 @@ func CheckFiles(cfg Config) error {
 			}
 			errs = append(errs, calendarSlotErrors(set, cfg.Rotation.Calendars)...)
 			errs = append(errs, slotSettingErrors(set, cfg.Rotation.Slots)...)
+			errs = append(errs, sshKeysError(cfg, set, isConfigured))
 		}
+	} else {
+		errs = append(errs, sshKeysError(cfg, nil, isConfigured))
 	}
 	errs = append(errs, nextKeyErrors(cfg.Rotation.Slots, isConfigured)...)
 	if cfg.TCP.Listen != "" {
@@ -96,4 +99,28 @@ func nextKeyErrors(slots map[string]SlotRotation, served func(name string) bool)
 		}
 	}
 	return errs
+}
+
+// sshKeysError names each ssh_keys entry that matches nothing the ssh-agent
+// socket could offer (slot names with a policy set, else keys that served
+// reports): a typo would leave the socket offering no key, silently.
+// Checked with or without ssh_agent_socket: an embedder serves the
+// protocol on a listener of its own (ServeSSHAgent).
+func sshKeysError(cfg Config, set *policy.Set, served func(name string) bool) error {
+	slots := map[string]bool{}
+	if set != nil {
+		for _, s := range set.AllSlots() {
+			slots[s.Name] = true
+		}
+	}
+	var errs []error
+	for _, name := range cfg.SSHKeys {
+		switch {
+		case set != nil && !slots[name]:
+			errs = append(errs, fmt.Errorf("ssh_keys: no slot named %q in the policy, so the ssh-agent socket would never offer it", name))
+		case set == nil && !served(name):
+			errs = append(errs, fmt.Errorf("ssh_keys: no key named %q, so the ssh-agent socket would never offer it", name))
+		}
+	}
+	return errors.Join(errs...)
 }

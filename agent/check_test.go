@@ -451,3 +451,57 @@ tenants:
 	}
 	return path
 }
+
+// ssh_keys names what the ssh-agent socket lists and signs with: key names
+// without a policy, slot names with one. A name that matches nothing (a
+// typo) used to be taken silently, and the socket then offered no key at
+// all. --check and the start refuse it, as they do a calendar for no slot.
+func TestCheckRefusesSSHKeysNamingNothing(t *testing.T) {
+	policyYAML := fmt.Sprintf("tenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: default}\n", os.Getuid())
+	for _, tc := range []struct {
+		name     string
+		policy   bool
+		noSocket bool
+		keys     []string
+		want     string // in both errors; "" when valid
+	}{
+		{"a key, no policy", false, false, []string{"default", "ed"}, ""},
+		{"a mistyped key, no policy", false, false, []string{"default", "defualt"}, `ssh_keys: no key named "defualt"`},
+		{"a slot, with a policy", true, false, []string{"release"}, ""},
+		{"a key that is no slot, with a policy", true, false, []string{"default"}, `ssh_keys: no slot named "default"`},
+		{"a mistyped key, no ssh_agent_socket (an embedder's listener)", false, true, []string{"defualt"}, `ssh_keys: no key named "defualt"`},
+		{"a key, no ssh_agent_socket", false, true, []string{"default"}, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := softwareConfig(t)
+			if !tc.noSocket {
+				cfg.SSHAgentSocket = shortSocketPath(t)
+			}
+			cfg.SSHKeys = tc.keys
+			if tc.policy {
+				cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+				if err := os.WriteFile(cfg.Policy, []byte(policyYAML), 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			checkErr := errors.Join(cfg.Validate(), agent.CheckFiles(cfg)) // as --check runs them
+			a, startErr := agent.New(context.Background(), cfg, zap.NewNop())
+			if startErr == nil {
+				defer a.Shutdown(context.Background())
+			}
+			for what, err := range map[string]error{"--check": checkErr, "start": startErr} {
+				switch {
+				case tc.want == "" && err != nil:
+					t.Errorf("%s refused: %v", what, err)
+				case tc.want != "" && err == nil:
+					t.Errorf("%s accepted it; want %q", what, tc.want)
+				case tc.want != "" && strings.Count(err.Error(), tc.want) != 1:
+					t.Errorf("%s: %v\nwant %q once", what, err, tc.want)
+				}
+			}
+			if tc.want != "" && startErr != nil && !agent.IsConfigError(startErr) {
+				t.Errorf("start: %v is not a configuration error (exit 78)", startErr)
+			}
+		})
+	}
+}

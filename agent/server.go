@@ -184,6 +184,14 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		engine = policy.NewEngine(set, time.Now)
 		log.Info("policy in force", zap.String("file", cfg.Policy), zap.String("hash", set.HashHex()), zap.Strings("tenants", set.Tenants()))
 	}
+	var set *policy.Set
+	if engine != nil {
+		set = engine.Set()
+	}
+	if err := sshKeysError(cfg, set, func(name string) bool { return kr.entry(name) != nil }); err != nil {
+		kr.close()
+		return nil, &configError{err}
+	}
 	// Fail closed: without its journal the agent does not start.
 	jl, err := openJournal(&cfg, log, o.journalFS)
 	if err != nil {
