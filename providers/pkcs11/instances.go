@@ -135,39 +135,30 @@ func Open(ctx context.Context, cfg Config) (*Provider, error) {
 	return p, nil
 }
 
-// copiesParent resolves dir (TMPDIR) and checks that no other user can
-// rename or replace what the agent makes in it. The copies are loaded by
-// path after they are written: whoever may rename the 0700 directory
-// holding them (a parent others may write without the sticky bit, which
-// keeps them from renaming entries not theirs, or one another user owns)
-// could put a library of theirs under a copy's name in between, and the
-// agent would run its code. Every level up to / is checked, as each could
-// be renamed with all below it. Root's directories are trusted: root is
-// not defended against (docs/security.md).
+// copiesParent checks that no other user can rename or replace what the
+// agent makes in dir (TMPDIR), and returns it made absolute. The copies
+// are loaded by path after they are written: whoever may rename the 0700
+// directory holding them (a parent others may write without the sticky
+// bit, which keeps them from renaming entries not theirs, or one another
+// user owns) could put a library of theirs under a copy's name in
+// between, and the agent would run its code. providers.TrustedPath holds
+// every directory and link on the way to the module's own rule. Root's
+// directories are trusted: root is not defended against
+// (docs/security.md). A refusal is ErrModuleLoad: starting again fails the
+// same way until an operator changes TMPDIR.
 func copiesParent(dir string) (string, error) {
-	real, err := filepath.EvalSymlinks(dir)
+	abs, err := filepath.Abs(dir)
 	if err != nil {
 		return "", err
 	}
-	real, err = filepath.Abs(real)
+	fi, err := providers.TrustedPath(abs)
+	if err == nil && !fi.IsDir() {
+		err = fmt.Errorf("not a directory (%v)", fi.Mode().Type())
+	}
 	if err != nil {
-		return "", err
+		return "", fmt.Errorf("%w: the module copies' directory %s (TMPDIR): %w; set TMPDIR to a directory only the agent's user or root can change", ErrModuleLoad, dir, err)
 	}
-	for d := real; ; d = filepath.Dir(d) {
-		st, err := os.Lstat(d)
-		if err != nil {
-			return "", err
-		}
-		if uid, ok := providers.FileOwner(st); ok && uid != os.Geteuid() && uid != 0 {
-			return "", fmt.Errorf("the module copies' directory %s lies in %s, which belongs to uid %d: set TMPDIR to a directory only the agent's user or root can change", dir, d, uid)
-		}
-		if st.Mode().Perm()&0o022 != 0 && st.Mode()&os.ModeSticky == 0 {
-			return "", fmt.Errorf("the module copies' directory %s lies in %s, which others may write (%v) without the sticky bit: set TMPDIR to a directory only the agent's user or root can change", dir, d, st.Mode().Perm())
-		}
-		if parent := filepath.Dir(d); parent == d {
-			return real, nil
-		}
-	}
+	return abs, nil
 }
 
 // copyFile copies the module to dst, which must not exist yet (O_EXCL: the

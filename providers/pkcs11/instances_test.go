@@ -469,6 +469,9 @@ func TestModuleInstancesRefuseAnOpenTMPDIR(t *testing.T) {
 			if !strings.Contains(err.Error(), tmp) || !strings.Contains(err.Error(), "TMPDIR") {
 				t.Errorf("error %q does not name %s and TMPDIR", err, tmp)
 			}
+			if !errors.Is(err, ErrModuleLoad) {
+				t.Errorf("error %q is not ErrModuleLoad (exit 78: a restart would fail the same way)", err)
+			}
 			if left, _ := filepath.Glob(filepath.Join(tmp, "*")); len(left) != 0 {
 				t.Errorf("written into the refused directory: %v", left)
 			}
