@@ -63,18 +63,18 @@ const (
 func Load(path string) (*Set, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
-		return nil, fmt.Errorf("policy: %w", err)
+		return nil, err
 	}
 	if !fi.IsDir() {
 		data, err := os.ReadFile(path)
 		if err != nil {
-			return nil, fmt.Errorf("policy: %w", err)
+			return nil, err
 		}
 		return parseFiles([]sourceFile{{path, data}})
 	}
 	entries, err := os.ReadDir(path)
 	if err != nil {
-		return nil, fmt.Errorf("policy: %w", err)
+		return nil, err
 	}
 	var files []sourceFile
 	for _, e := range entries { // os.ReadDir sorts by name
@@ -85,12 +85,12 @@ func Load(path string) (*Set, error) {
 		full := filepath.Join(path, name)
 		data, err := os.ReadFile(full)
 		if err != nil {
-			return nil, fmt.Errorf("policy: %w", err)
+			return nil, err
 		}
 		files = append(files, sourceFile{full, data})
 	}
 	if len(files) == 0 {
-		return nil, fmt.Errorf("policy: directory %s holds no *.yaml or *.yml file", path)
+		return nil, fmt.Errorf("directory %s holds no *.yaml or *.yml file", path)
 	}
 	return parseFiles(files)
 }

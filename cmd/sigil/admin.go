@@ -179,7 +179,7 @@ func newPolicyCommand() *cobra.Command {
 		RunE: func(cmd *cobra.Command, args []string) error {
 			set, err := policy.Load(args[0])
 			if err != nil {
-				return &exitError{exitFailure, err}
+				return &exitError{exitFailure, fmt.Errorf("policy: %w", err)}
 			}
 			out := cmd.OutOrStdout()
 			fmt.Fprintf(out, "%s  (whole policy)\n", set.HashHex())
