@@ -12,6 +12,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"go.uber.org/zap"
 	"golang.org/x/net/netutil"
+
+	"github.com/sigil-agent/sigil/providers"
 )
 
 // AdminHTTPConfig configures the optional admin HTTP listener that serves
@@ -183,12 +185,24 @@ func (a *Agent) notReady(ctx context.Context) string {
 		if ctx.Err() != nil {
 			return "readiness check cancelled"
 		}
-		if err := hc.Healthy(); err != nil {
+		if err := a.providerHealthy(p.ID(), hc); err != nil {
 			a.log.Info("not ready: provider unhealthy", zap.String("provider", p.ID()), zap.Error(err))
 			return "provider " + p.ID() + " unavailable"
 		}
 	}
 	return ""
+}
+
+// providerHealthy is hc's Healthy, a panic in it (a provider's bug) an
+// error: the provider counts as unavailable, and the admin HTTP server's
+// own recovery, which would log the panic's value, is not reached.
+func (a *Agent) providerHealthy(id string, hc healthChecker) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			err = logProviderPanic(a.log, providers.Recovered(v, id, "health check", ""))
+		}
+	}()
+	return hc.Healthy()
 }
 
 // shutdownHTTP stops the admin HTTP servers (during Shutdown).

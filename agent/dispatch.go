@@ -229,7 +229,7 @@ func (c *conn) decideResolved(ctx context.Context, req *proto.Request, d *signDe
 			return nil, err
 		}
 	}
-	sig, err := e.provider.Sign(ctx, e.info.Name, alg, req.Digest)
+	sig, err := c.providerSign(ctx, e, alg, req.Digest)
 	if err == nil {
 		// A provider that cannot be interrupted (a PKCS#11 C_Sign) may
 		// return after the request's deadline or its client's departure.
@@ -247,6 +247,30 @@ func (c *conn) decideResolved(ctx context.Context, req *proto.Request, d *signDe
 		return nil, fmt.Errorf("client went away: %w", err)
 	}
 	return nil, err
+}
+
+// providerSign is the provider's Sign, with a panic in it (a bug in the
+// provider or a library under it) turned into this request's failure: the
+// agent serves its other keys and clients on, and the caller journals the
+// failure (INTERNAL) as any provider error's. The deferred recover costs
+// no allocation on the hot path.
+func (c *conn) providerSign(ctx context.Context, e *keyEntry, alg providers.Algorithm, digest []byte) (sig []byte, err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			err = logProviderPanic(c.log, providers.Recovered(v, e.provider.ID(), "sign", e.info.Name))
+		}
+	}()
+	return e.provider.Sign(ctx, e.info.Name, alg, digest)
+}
+
+// logProviderPanic logs a provider's panic once, at error level, with its
+// stack (a bug report's substance), and returns it. Not its value: see
+// providers.PanicError.
+func logProviderPanic(log *zap.Logger, pe *providers.PanicError) error {
+	log.Error("provider panicked; the call failed, the agent serves on",
+		zap.String("provider", pe.Provider), zap.String("op", pe.Op), zap.String("key", shortName(pe.Key)),
+		zap.String("panic", pe.Value), zap.ByteString("stack", pe.Stack))
+	return pe
 }
 
 // stillActive confirms, once the policy counts the request among its
