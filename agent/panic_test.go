@@ -12,10 +12,12 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
@@ -241,5 +243,121 @@ func TestProviderPanicInMetricsAndReadiness(t *testing.T) {
 	}
 	if n := logs.FilterMessageSnippet("panicked").FilterField(zap.String("op", "health check")).Len(); n != 1 {
 		t.Errorf("%d log entries for the health check's panic, want 1", n)
+	}
+}
+
+// panickyCloud is a cloud-style provider (it makes new versions of a key,
+// as GCP and Azure do) whose NewVersion panics.
+type panickyCloud struct{ *software.Provider }
+
+func (p panickyCloud) NewVersion(context.Context, string, string) (providers.KeyInfo, error) {
+	panic(panicSecret)
+}
+func (p panickyCloud) URI(name string) (string, error) { return "cloud:" + name, nil }
+func (p panickyCloud) AddKey(context.Context, string, string) (providers.KeyInfo, error) {
+	return providers.KeyInfo{}, providers.ErrUnavailable
+}
+
+// A rotation whose provider panics making the new version fails that
+// attempt, journaled (rotate.failed, INTERNAL), whether an operator or the
+// scheduler asked, and the agent serves on: the slot signs with its key on
+// the same connection and on a new one.
+func TestProviderPanicInRotationFailsTheAttempt(t *testing.T) {
+	cfg := smallRotationConfig(t)
+	os.WriteFile(cfg.Policy, []byte(releasePolicy("fixed", "")), 0o600)
+	soft, err := software.Open(software.Config{ID: "cloud", DataDir: t.TempDir(),
+		Keys: []software.KeyConfig{{Name: "fixed", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, logs := startAgentObserved(t, cfg, agent.WithProviders(panickyCloud{soft}))
+	admin := r.serveAdmin(t, cfg.AdminSocket)
+	c := r.dial(t)
+	ctx := context.Background()
+	const slot = "payments/release"
+	failures := func() []map[string]any {
+		t.Helper()
+		recs, err := admin.AuditTail(ctx, "payments", 0, 100)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []map[string]any
+		for _, raw := range recs {
+			var r map[string]any
+			if err := json.Unmarshal(raw, &r); err != nil {
+				t.Fatal(err)
+			}
+			if r["op"] == "rotate.failed" {
+				out = append(out, r)
+			}
+		}
+		return out
+	}
+	for _, tc := range []struct {
+		name      string
+		ask       func() error
+		scheduled bool
+	}{
+		{"rotate", func() error { return admin.Rotate(ctx, slot) }, false},
+		{"a one-off time", func() error {
+			_, err := admin.ScheduleRotation(ctx, slot, time.Now().Add(2*time.Second))
+			return err
+		}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := len(failures())
+			err := tc.ask()
+			switch {
+			case tc.scheduled && err != nil:
+				t.Fatal(err)
+			case !tc.scheduled && (client.Code(err) != proto.Internal || strings.Contains(err.Error(), panicSecret)):
+				t.Fatalf("%v, want INTERNAL without the panic's value", err)
+			}
+			var got []map[string]any
+			for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+				if got = failures(); len(got) > before || time.Now().After(deadline) {
+					break
+				}
+			}
+			if len(got) != before+1 {
+				t.Fatalf("%d rotate.failed records, want %d", len(got), before+1)
+			}
+			rec := got[len(got)-1]
+			detail, _ := rec["detail"].(string)
+			if rec["code_name"] != "INTERNAL" || !strings.Contains(detail, "step keygen failed") || !strings.Contains(detail, "panicked") ||
+				strings.Contains(detail, panicSecret) || (rec["peer"] == "scheduler") != tc.scheduled {
+				t.Fatalf("failure record %v", rec)
+			}
+			d := sha256.Sum256([]byte("after " + tc.name))
+			for _, cl := range []*client.Client{c, r.dial(t)} {
+				s, err := cl.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+				if err != nil {
+					t.Fatalf("the slot after the failed rotation: %v", err)
+				}
+				pk, err := cl.PublicKey(ctx, client.ByKID(s.KID))
+				if err != nil {
+					t.Fatal(err)
+				}
+				pub, err := x509.ParsePKIXPublicKey(pk.SPKI)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !ecdsa.VerifyASN1(pub.(*ecdsa.PublicKey), d[:], s.Sig) {
+					t.Fatal("the slot's signature after the failed rotation does not verify")
+				}
+			}
+		})
+	}
+	n := 0
+	for _, e := range logs.All() {
+		if strings.Contains(fmt.Sprint(e.Message, e.ContextMap()), panicSecret) {
+			t.Errorf("the log has the panic's value: %s", e.Message)
+		}
+		if e.Level == zapcore.ErrorLevel && strings.Contains(e.Message, "panicked") && e.ContextMap()["op"] == "generate key" {
+			n++
+		}
+	}
+	if n != 2 {
+		t.Errorf("%d error-level entries for the 2 panics", n)
 	}
 }

@@ -476,8 +476,10 @@ func (u *rotation) keygen(ctx context.Context, keyName string, cur Slot) error {
 	if u.opts.NextKey != nil {
 		info, how = *u.opts.NextKey, "pre-provisioned"
 	} else {
-		var err error
-		info, err = u.opts.Maker.GenerateKey(ctx, keyName, u.keyType)
+		err := u.r.callProvider(u.old.Provider, "generate key", keyName, func() (err error) {
+			info, err = u.opts.Maker.GenerateKey(ctx, keyName, u.keyType)
+			return err
+		})
 		if info.Name != "" {
 			// Made, even if the maker then failed: the failure record
 			// must name it.
@@ -499,14 +501,22 @@ func (u *rotation) keygen(ctx context.Context, keyName string, cur Slot) error {
 		}
 	}
 	if loc, ok := u.opts.Maker.(KeyLocator); ok && u.opts.NextKey == nil {
-		uri, err := loc.URI(info.Name)
+		var uri string
+		err := u.r.callProvider(u.old.Provider, "locate key", info.Name, func() (err error) {
+			uri, err = loc.URI(info.Name)
+			return err
+		})
 		if err != nil {
 			return fmt.Errorf("locate key %s: %w", info.Name, err)
 		}
 		u.newURI = uri
 	}
 	if at, ok := u.opts.Maker.(Attester); ok {
-		a, err := at.Attest(ctx, info)
+		var a Attestation
+		err := u.r.callProvider(u.old.Provider, "attest key", info.Name, func() (err error) {
+			a, err = at.Attest(ctx, info)
+			return err
+		})
 		if err != nil {
 			return fmt.Errorf("attest key %s: %w", info.Name, err)
 		}
@@ -541,7 +551,11 @@ func (u *rotation) keygen(ctx context.Context, keyName string, cur Slot) error {
 func (u *rotation) csr(ctx context.Context) error {
 	start := time.Now()
 	tmpl := &x509.CertificateRequest{Subject: u.opts.Subject}
-	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, NewCryptoSigner(ctx, u.opts.Signer, u.newKey))
+	var der []byte
+	err := u.r.callProvider(u.newKey.Provider, "sign (CSR)", u.newKey.Name, func() (err error) {
+		der, err = x509.CreateCertificateRequest(rand.Reader, tmpl, NewCryptoSigner(ctx, u.opts.Signer, u.newKey))
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("create CSR: %w", err)
 	}
@@ -645,7 +659,11 @@ func (u *rotation) canaries(ctx context.Context) error {
 	var firstErr error
 	for i := 0; i < c.count; i++ {
 		in := canaryInput(c.alg, CanaryPayload(u.slot, u.n, i))
-		sig, err := u.opts.Signer.Sign(ctx, active.Key, c.alg, in)
+		var sig []byte
+		err := u.r.callProvider(active.Provider, "sign (canary)", active.Key, func() (err error) {
+			sig, err = u.opts.Signer.Sign(ctx, active.Key, c.alg, in)
+			return err
+		})
 		if err != nil {
 			return fmt.Errorf("canary %d: sign: %w", i, err)
 		}
@@ -818,7 +836,7 @@ func (u *rotation) destroyAttemptKey(ctx context.Context, ak AttemptKey, kid, wh
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), destroyTimeout)
 	defer cancel()
 	var found providers.KeyInfo
-	err := d.DestroyKey(dctx, ak.Name, func(info providers.KeyInfo) error {
+	check := func(info providers.KeyInfo) error {
 		found = info
 		if kid == "" {
 			// The attempt died before its key generation was journaled:
@@ -846,7 +864,8 @@ func (u *rotation) destroyAttemptKey(ctx context.Context, ak AttemptKey, kid, wh
 			}
 		}
 		return nil
-	})
+	}
+	err := u.r.callProvider(ak.Provider, "destroy key", ak.Name, func() error { return d.DestroyKey(dctx, ak.Name, check) })
 	if found.KID != "" {
 		kid = found.KID
 	}

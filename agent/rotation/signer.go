@@ -13,6 +13,7 @@ import (
 	"strconv"
 
 	"github.com/zeebo/blake3"
+	"go.uber.org/zap"
 
 	"github.com/sigil-agent/sigil/providers"
 )
@@ -170,4 +171,22 @@ func canarySignaturesHash(sigs [][]byte) [32]byte {
 	var out [32]byte
 	copy(out[:], h.Sum(nil))
 	return out
+}
+
+// callProvider runs call, a call of op into a provider about key, with a
+// panic in it (a bug in the provider or in a library under it) turned into
+// a *providers.PanicError (INTERNAL), logged once with its stack: the
+// rotation fails at its step as for the provider's error, journaled and
+// retried by the rules of any failed attempt, and the agent serves on.
+func (r *Rotator) callProvider(provider, op, key string, call func() error) (err error) {
+	defer func() {
+		if v := recover(); v != nil {
+			pe := providers.Recovered(v, provider, op, key)
+			r.log.Error("provider panicked; the call failed, the agent serves on",
+				zap.String("provider", pe.Provider), zap.String("op", pe.Op), zap.String("key", pe.Key),
+				zap.String("panic", pe.Value), zap.ByteString("stack", pe.Stack))
+			err = pe
+		}
+	}()
+	return call()
 }

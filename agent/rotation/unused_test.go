@@ -6,6 +6,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -210,7 +211,9 @@ func TestNextAttemptDestroysTheKeyOfACrashedOne(t *testing.T) {
 }
 
 // dyingMaker generates the key, then the process dies before the keygen
-// record: the key exists, and no record or state holds its kid.
+// record: the key exists, and no record or state holds its kid. The
+// rotation's goroutine ends there (runtime.Goexit): a panic would not do,
+// as the rotation recovers a provider's panic and fails the attempt.
 type dyingMaker struct{ KeyMakerDestroyer }
 
 // KeyMakerDestroyer is what the software provider is to a rotation.
@@ -223,7 +226,8 @@ func (m dyingMaker) GenerateKey(ctx context.Context, name string, kt providers.K
 	if _, err := m.KeyMakerDestroyer.GenerateKey(ctx, name, kt); err != nil {
 		return providers.KeyInfo{}, err
 	}
-	panic(errCrash)
+	runtime.Goexit()
+	return providers.KeyInfo{}, nil
 }
 
 // An attempt that died between making its key and journaling it left a
@@ -233,16 +237,15 @@ func (m dyingMaker) GenerateKey(ctx context.Context, name string, kt providers.K
 func TestACrashedAttemptsKeyWithoutItsKidIsKept(t *testing.T) {
 	e := newEnv(t, providers.KeyEd25519)
 	before := e.keyFiles()
-	func() {
-		defer func() {
-			if r := recover(); r != errCrash {
-				t.Fatalf("Rotate did not die in its key generation: %v", r)
-			}
-		}()
+	died := make(chan struct{})
+	go func() {
+		defer close(died)
 		o := e.opts()
 		o.Maker = dyingMaker{e.soft}
-		_, _ = e.rot.Rotate(context.Background(), testSlot, o)
+		_, err := e.rot.Rotate(context.Background(), testSlot, o)
+		t.Errorf("Rotate did not die in its key generation: %v", err)
 	}()
+	<-died
 	e.reopen()
 	if got := len(e.keyFiles()); got != len(before)+1 {
 		t.Fatalf("after the crash: %d key files, want %d", got, len(before)+1)
