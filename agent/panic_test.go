@@ -38,6 +38,7 @@ type panickyProvider struct {
 	providers.Provider
 	key    string
 	remote bool
+	aside  bool // Sign runs on a goroutine of its own, as Azure's does (providers.CallAside)
 }
 
 // panicSecret stands for data a panic's value may carry; it must reach
@@ -45,10 +46,16 @@ type panickyProvider struct {
 const panicSecret = "secret-in-the-panic-value"
 
 func (p *panickyProvider) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
-	if key == p.key {
-		panic(fmt.Errorf("provider bug holding %s", panicSecret))
+	sign := func() ([]byte, error) {
+		if key == p.key {
+			panic(fmt.Errorf("provider bug holding %s", panicSecret))
+		}
+		return p.Provider.Sign(ctx, key, alg, digest)
 	}
-	return p.Provider.Sign(ctx, key, alg, digest)
+	if p.aside {
+		return providers.CallAside(ctx, sign)
+	}
+	return sign()
 }
 
 func (p *panickyProvider) Remote() bool { return p.remote }
@@ -60,11 +67,12 @@ func (p *panickyProvider) Remote() bool { return p.remote }
 // remote ones on the worker pool: both are covered.
 func TestProviderPanicInSignFailsTheRequestOnly(t *testing.T) {
 	for _, tc := range []struct {
-		name   string
-		remote bool
+		name          string
+		remote, aside bool
 	}{
-		{"local provider, on the reader", false},
-		{"remote provider, on a worker", true},
+		{"local provider, on the reader", false, false},
+		{"remote provider, on a worker", true, false},
+		{"remote provider, on a goroutine of its own", true, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := softwareConfig(t)
@@ -74,7 +82,7 @@ func TestProviderPanicInSignFailsTheRequestOnly(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			r, logs := startAgentObserved(t, cfg, agent.WithProviders(&panickyProvider{Provider: soft, key: "boom", remote: tc.remote}))
+			r, logs := startAgentObserved(t, cfg, agent.WithProviders(&panickyProvider{Provider: soft, key: "boom", remote: tc.remote, aside: tc.aside}))
 			admin := r.serveAdmin(t, cfg.AdminSocket)
 			c := r.dial(t)
 			ctx := context.Background()

@@ -1,6 +1,7 @@
 package providers
 
 import (
+	"cmp"
 	"fmt"
 	"runtime"
 	"runtime/debug"
@@ -31,17 +32,30 @@ type PanicError struct {
 const maxPanicStack = 16 << 10
 
 func (e *PanicError) Error() string {
-	msg := fmt.Sprintf("provider %s panicked in %s (%s)", e.Provider, e.Op, e.Value)
-	if e.Key != "" {
-		msg = fmt.Sprintf("provider %s panicked in %s of key %s (%s)", e.Provider, e.Op, e.Key, e.Value)
+	msg := "a provider's call panicked" // raised by CallAside, not recovered by a caller that names it
+	if e.Provider != "" {
+		msg = "provider " + e.Provider + " panicked"
 	}
-	return msg
+	if e.Op != "" {
+		msg += " in " + e.Op
+	}
+	if e.Key != "" {
+		msg += " of key " + e.Key
+	}
+	return msg + " (" + e.Value + ")"
 }
 
 // Recovered is the PanicError for v, a value recover returned in a call of
 // op on the provider's key. Call it from the deferred function that
-// recovered, so that the stack is the panic's.
+// recovered, so that the stack is the panic's. A v that is a PanicError
+// already (CallAside raises one again on its caller's goroutine) keeps its
+// stack, the call's, and gets the fields it lacks.
 func Recovered(v any, provider, op, key string) *PanicError {
+	if pe, ok := v.(*PanicError); ok {
+		c := *pe
+		c.Provider, c.Op, c.Key = cmp.Or(c.Provider, provider), cmp.Or(c.Op, op), cmp.Or(c.Key, key)
+		return &c
+	}
 	return &PanicError{Provider: provider, Op: op, Key: key, Value: panicValue(v), Stack: stackWithoutArgs(debug.Stack())}
 }
 

@@ -1,6 +1,7 @@
 package providers_test
 
 import (
+	"context"
 	"errors"
 	"strings"
 	"testing"
@@ -60,5 +61,27 @@ func TestRecoveredKeepsNoPanicData(t *testing.T) {
 				t.Errorf("Error() = %q, want %q", pe.Error(), want)
 			}
 		})
+	}
+}
+
+//go:noinline
+func sdkSign() ([]byte, error) { panic("sdk bug holding PIN 1234") }
+
+// A call CallAside runs on a goroutine of its own (Azure's Sign) panics on
+// its caller's goroutine, where the agent recovers a provider's panic: on
+// its own goroutine it ended the process, out of any caller's reach. The
+// PanicError keeps the stack of the call that panicked, and Recovered
+// fills in what the caller knows.
+func TestCallAsidePanicsOnTheCallersGoroutine(t *testing.T) {
+	var pe *providers.PanicError
+	func() {
+		defer func() { pe = providers.Recovered(recover(), "vault", "sign", "release") }()
+		_, _ = providers.CallAside(context.Background(), sdkSign)
+	}()
+	if pe.Provider != "vault" || pe.Op != "sign" || pe.Key != "release" || pe.Value != "string" {
+		t.Fatalf("PanicError %+v", pe)
+	}
+	if !strings.Contains(string(pe.Stack), "sdkSign(...)") || strings.Contains(string(pe.Stack)+pe.Error(), "1234") {
+		t.Fatalf("the stack is not the call's, or holds the panic's value:\n%s", pe.Stack)
 	}
 }
