@@ -505,3 +505,35 @@ func TestCheckRefusesSSHKeysNamingNothing(t *testing.T) {
 		})
 	}
 }
+
+// A reload is held to the start's rule: one that drops the slot ssh_keys
+// names is refused, and the policy in force stays.
+func TestPolicyReloadRefusesDroppingAnSSHKeysSlot(t *testing.T) {
+	policyYAML := func(slot string) string {
+		return fmt.Sprintf("tenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: %s, key: default}\n", os.Getuid(), slot)
+	}
+	cfg := softwareConfig(t)
+	cfg.SSHAgentSocket = shortSocketPath(t)
+	cfg.SSHKeys = []string{"release"}
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	if err := os.WriteFile(cfg.Policy, []byte(policyYAML("release")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	a, err := agent.New(context.Background(), cfg, zap.NewNop())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Shutdown(context.Background())
+	if err := os.WriteFile(cfg.Policy, []byte(policyYAML("releases")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.ReloadPolicy(); err == nil || !strings.Contains(err.Error(), `ssh_keys: no slot named "release"`) {
+		t.Fatalf("reload dropping the ssh_keys slot: %v, want it refused naming it", err)
+	}
+	if err := os.WriteFile(cfg.Policy, []byte(policyYAML("release")+"      - {name: build, key: default}\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.ReloadPolicy(); err != nil {
+		t.Fatalf("reload keeping the slot: %v", err)
+	}
+}

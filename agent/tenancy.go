@@ -258,6 +258,11 @@ func (a *Agent) reloadPolicy(by string) error {
 	if err == nil {
 		err = checkSlotKeys(set, a.keys)
 	}
+	if err == nil {
+		// As at start: a reload that dropped or renamed a slot ssh_keys
+		// names would leave the ssh-agent socket offering less, silently.
+		err = sshKeysError(a.cfg, set, func(name string) bool { return a.keys.entry(name) != nil })
+	}
 	var paused map[string]string
 	if err == nil {
 		// A slot that comes back must be paused from its first Check if a
