@@ -42,6 +42,16 @@ enum input_kind {
 	IN_MESSAGE,    /* CKM_EDDSA: the message itself */
 };
 
+/* sign_key is what a signing operation needs of its key, the session's
+ * own copy: refresh_keys may free the table's key (no longer listed) while
+ * the operation is active or its round trip under way. */
+typedef struct {
+	char *name; /* the name's bytes, then the kid's */
+	size_t name_len, kid_len;
+	int family;
+	size_t sig_len, field_len;
+} sign_key;
+
 typedef struct {
 	CK_SESSION_HANDLE h;
 	CK_FLAGS flags;
@@ -54,7 +64,7 @@ typedef struct {
 	size_t nfound, pos;
 
 	int sign_active, sign_multi;
-	sg_key *key;
+	sign_key key;
 	int sch, hash, input;
 	void *mdctx;
 	uint8_t *buf;
@@ -68,8 +78,9 @@ static struct {
 	char token_label[33];
 	char serial[17];
 	char *only_keys; /* "keys =" in the config: ",name,name," or NULL for all */
-	sg_key **keys;
+	sg_key **keys; /* in order of slot */
 	size_t nkeys, capkeys;
+	uint32_t nslots; /* slots given out since C_Initialize: see object_handle */
 	int keys_loaded;
 	uint32_t obj_base; /* g_object_next at C_Initialize: see object_handle */
 	sg_session **sess;
@@ -501,7 +512,7 @@ toolong:
 /* refresh_keys asks the agent for the caller's keys (one round trip) and
  * merges them into the key table: a known (name, kid, certificate) keeps
  * its object handles, a new one gets new handles, one no longer listed
- * disappears. */
+ * disappears (forget_absent). */
 static int shown(sg_bytes name)
 {
 	if (!g.only_keys)
@@ -516,6 +527,34 @@ static int shown(sg_bytes name)
 	want[name.n + 1] = ',';
 	want[name.n + 2] = 0;
 	return strstr(g.only_keys, want) != NULL;
+}
+
+/* Keys no longer listed that the table keeps, so that one listed again
+ * (a provider back after an outage) has its handles back. Past these the
+ * oldest are freed: the table is then at most one key list (a frame's
+ * worth of keys) and these. It kept every key ever listed until
+ * C_Finalize, so an agent listing new keys at each search grew the host
+ * by about 1.7 MB a search (TestKeyListsDoNotAccumulate). */
+#define MAX_ABSENT_KEYS 64
+
+/* forget_absent frees the oldest unlisted keys past MAX_ABSENT_KEYS, under
+ * g.mu. A key is only read under g.mu (a signing session has its own
+ * sign_key), so none is in use. */
+static void forget_absent(void)
+{
+	size_t absent = 0, kept = 0;
+	for (size_t i = 0; i < g.nkeys; i++)
+		absent += !g.keys[i]->present;
+	for (size_t i = 0; i < g.nkeys; i++) {
+		sg_key *k = g.keys[i];
+		if (!k->present && absent > MAX_ABSENT_KEYS) {
+			sg_key_free(k);
+			absent--;
+			continue;
+		}
+		g.keys[kept++] = k;
+	}
+	g.nkeys = kept;
 }
 
 static CK_RV refresh_keys(void)
@@ -563,7 +602,7 @@ static CK_RV refresh_keys(void)
 		 * that (613 million keys in a process's life) no handle is
 		 * reused: the search fails (CKR_GENERAL_ERROR) and the keys
 		 * after this one stay hidden. */
-		if ((uint64_t)g.obj_base + SG_OBJS_PER_KEY * ((uint64_t)g.nkeys + 1) > UINT32_MAX) {
+		if ((uint64_t)g.obj_base + SG_OBJS_PER_KEY * ((uint64_t)g.nslots + 1) > UINT32_MAX) {
 			sg_key_free(k);
 			rv = CKR_GENERAL_ERROR;
 			break;
@@ -579,11 +618,13 @@ static CK_RV refresh_keys(void)
 			g.keys = nk;
 			g.capkeys = cap;
 		}
+		k->slot = g.nslots++;
 		g.keys[g.nkeys++] = k;
-		g_object_next = g.obj_base + (uint32_t)(SG_OBJS_PER_KEY * g.nkeys);
+		g_object_next = g.obj_base + (uint32_t)(SG_OBJS_PER_KEY * g.nslots);
 	}
 	if (more < 0)
 		rv = CKR_DEVICE_ERROR;
+	forget_absent();
 	if (rv == CKR_OK)
 		g.keys_loaded = 1;
 	pthread_mutex_unlock(&g.mu);
@@ -610,27 +651,36 @@ static int object_exists(const sg_key *k, int kind)
 	return 1;
 }
 
-/* object_handle numbers the objects of table entry key (sigil.h:
- * SG_OBJS_PER_KEY per key) from this initialization's base, so a key keeps
- * its handles for as long as it stays listed, and no handle is one an
- * earlier initialization gave out (g_object_next). */
-static CK_OBJECT_HANDLE object_handle(size_t key, int kind) { return (CK_OBJECT_HANDLE)g.obj_base + key * SG_OBJS_PER_KEY + (CK_OBJECT_HANDLE)kind + 1; }
+/* object_handle numbers the objects of the key in slot (sigil.h:
+ * SG_OBJS_PER_KEY per key; a slot is never given out twice) from this
+ * initialization's base, so a key keeps its handles for as long as it
+ * stays in the table, and no handle is one an earlier initialization gave
+ * out (g_object_next). */
+static CK_OBJECT_HANDLE object_handle(uint32_t slot, int kind) { return (CK_OBJECT_HANDLE)g.obj_base + (CK_OBJECT_HANDLE)slot * SG_OBJS_PER_KEY + (CK_OBJECT_HANDLE)kind + 1; }
 
 /* find_object resolves a handle to its key and which of the key's objects
- * it is (SG_OBJ_*); NULL for one below this initialization's base. */
+ * it is (SG_OBJ_*); NULL for one below this initialization's base or of a
+ * key not listed. Under g.mu, which the caller holds while it reads the
+ * key: a later search may free it. */
 static sg_key *find_object(CK_OBJECT_HANDLE h, int *kind)
 {
-	sg_key *k = NULL;
 	if (h <= g.obj_base)
 		return NULL;
 	CK_OBJECT_HANDLE off = h - g.obj_base - 1;
 	*kind = (int)(off % SG_OBJS_PER_KEY);
-	pthread_mutex_lock(&g.mu);
-	size_t i = (size_t)(off / SG_OBJS_PER_KEY);
-	if (i < g.nkeys && g.keys[i]->present && object_exists(g.keys[i], *kind))
-		k = g.keys[i];
-	pthread_mutex_unlock(&g.mu);
-	return k;
+	CK_OBJECT_HANDLE slot = off / SG_OBJS_PER_KEY;
+	/* The table is in order of slot: a binary search. */
+	size_t lo = 0, hi = g.nkeys;
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+		if (g.keys[mid]->slot < slot)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	if (lo < g.nkeys && g.keys[lo]->slot == slot && g.keys[lo]->present && object_exists(g.keys[lo], *kind))
+		return g.keys[lo];
+	return NULL;
 }
 
 static const sg_attrs *object_attrs(const sg_key *k, int kind)
@@ -664,7 +714,8 @@ static void session_end_sign(sg_session *s)
 	s->mdctx = NULL;
 	s->blen = 0;
 	s->sign_active = s->sign_multi = 0;
-	s->key = NULL;
+	free(s->key.name);
+	memset(&s->key, 0, sizeof s->key);
 }
 
 static void session_free(sg_session *s)
@@ -741,6 +792,7 @@ static void drop_state(int after_fork)
 			session_end_find(s);
 			if (s->mdctx)
 				sg_md_ctx_free(s->mdctx);
+			free(s->key.name);
 			free(s->buf);
 			free(s);
 		} else {
@@ -1222,7 +1274,7 @@ EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTem
 			continue;
 		for (int kind = 0; kind < SG_OBJS_PER_KEY; kind++)
 			if (object_exists(k, kind) && matches(object_attrs(k, kind), pTemplate, ulCount, kind == SG_OBJ_PRIVATE))
-				s->found[s->nfound++] = object_handle(i, kind);
+				s->found[s->nfound++] = object_handle(k->slot, kind);
 	}
 	pthread_mutex_unlock(&g.mu);
 	s->pos = 0;
@@ -1264,6 +1316,7 @@ EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hO
 	SESSION(hSession, s);
 	CK_RV rv = CKR_OK;
 	int kind;
+	pthread_mutex_lock(&g.mu);
 	sg_key *k = find_object(hObject, &kind);
 	if (!k) {
 		rv = CKR_OBJECT_HANDLE_INVALID;
@@ -1295,6 +1348,7 @@ EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hO
 		}
 	}
 out:
+	pthread_mutex_unlock(&g.mu);
 	put_session(s);
 	return rv;
 }
@@ -1327,12 +1381,39 @@ static CK_RV pss_hash(CK_MECHANISM_PTR m, int fixed, int *hash)
 	return CKR_OK;
 }
 
+/* copy_sign_key copies what signing needs of the private key hKey. */
+static CK_RV copy_sign_key(CK_OBJECT_HANDLE hKey, sign_key *out)
+{
+	int kind;
+	CK_RV rv = CKR_OK;
+	pthread_mutex_lock(&g.mu);
+	const sg_key *k = find_object(hKey, &kind);
+	if (!k) {
+		rv = CKR_KEY_HANDLE_INVALID;
+	} else if (kind != SG_OBJ_PRIVATE) {
+		/* A certificate is no key (v2.40 section 5.1); the public key
+		 * is one that may not sign. */
+		rv = kind == SG_OBJ_PUBLIC ? CKR_KEY_FUNCTION_NOT_PERMITTED : CKR_KEY_HANDLE_INVALID;
+	} else if (!(out->name = malloc(k->name_len + k->kid_len + 1))) {
+		rv = CKR_HOST_MEMORY;
+	} else {
+		memcpy(out->name, k->name, k->name_len);
+		memcpy(out->name + k->name_len, k->kid, k->kid_len);
+		out->name_len = k->name_len;
+		out->kid_len = k->kid_len;
+		out->family = k->family;
+		out->sig_len = k->sig_len;
+		out->field_len = k->field_len;
+	}
+	pthread_mutex_unlock(&g.mu);
+	return rv;
+}
+
 EXPORT CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism, CK_OBJECT_HANDLE hKey)
 {
 	SESSION(hSession, s);
 	CK_RV rv = CKR_OK;
-	int kind;
-	sg_key *k;
+	sign_key k = {0};
 	const mech_spec *m;
 	int hash;
 	if (s->sign_active) {
@@ -1343,21 +1424,13 @@ EXPORT CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
 		rv = CKR_ARGUMENTS_BAD;
 		goto out;
 	}
-	if (!(k = find_object(hKey, &kind))) {
-		rv = CKR_KEY_HANDLE_INVALID;
+	if ((rv = copy_sign_key(hKey, &k)) != CKR_OK)
 		goto out;
-	}
-	if (kind != SG_OBJ_PRIVATE) {
-		/* A certificate is no key (v2.40 section 5.1); the public key
-		 * is one that may not sign. */
-		rv = kind == SG_OBJ_PUBLIC ? CKR_KEY_FUNCTION_NOT_PERMITTED : CKR_KEY_HANDLE_INVALID;
-		goto out;
-	}
 	if (!(m = find_mech(pMechanism->mechanism))) {
 		rv = CKR_MECHANISM_INVALID;
 		goto out;
 	}
-	if (m->family != k->family) {
+	if (m->family != k.family) {
 		rv = CKR_KEY_TYPE_INCONSISTENT;
 		goto out;
 	}
@@ -1374,6 +1447,7 @@ EXPORT CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
 		}
 	}
 	s->key = k;
+	k.name = NULL;
 	s->sch = m->sch;
 	s->hash = hash;
 	s->input = m->input;
@@ -1381,19 +1455,20 @@ EXPORT CK_RV C_SignInit(CK_SESSION_HANDLE hSession, CK_MECHANISM_PTR pMechanism,
 	s->blen = 0;
 	s->sign_active = 1;
 out:
+	free(k.name);
 	put_session(s);
 	return rv;
 }
 
 /* agent_sign: one round trip; the signature lands in out in PKCS#11's form. */
-static CK_RV agent_sign(const sg_key *k, int sch, int hash, const uint8_t *dig, size_t n, uint8_t *out)
+static CK_RV agent_sign(const sign_key *k, int sch, int hash, const uint8_t *dig, size_t n, uint8_t *out)
 {
 	sg_request req = {
 		.op = SG_OP_SIGN,
 		/* Name and kid both: with rotation the agent refuses (KEY_RETIRED)
 		 * rather than sign with a version other than this object's key. */
 		.key = {(const uint8_t *)k->name, k->name_len},
-		.kid = {(const uint8_t *)k->kid, k->kid_len},
+		.kid = {(const uint8_t *)k->name + k->name_len, k->kid_len},
 		.sch = (uint8_t)sch,
 		.hash = (uint8_t)hash,
 		.dig = {dig, n},
@@ -1470,14 +1545,14 @@ static CK_RV finish_sign(sg_session *s, const uint8_t *in, size_t n, int hashed,
 			return CKR_DATA_LEN_RANGE;
 		break;
 	}
-	return agent_sign(s->key, s->sch, hash, dig, n, out);
+	return agent_sign(&s->key, s->sch, hash, dig, n, out);
 }
 
 /* sig_room answers a length query or a short buffer without the agent:
  * every signature's length is known from the key. 1: answered. */
 static int sig_room(sg_session *s, CK_BYTE_PTR sig, CK_ULONG_PTR len, CK_RV *rv)
 {
-	size_t need = s->key->sig_len;
+	size_t need = s->key.sig_len;
 	if (!sig) {
 		*len = need;
 		*rv = CKR_OK;
@@ -1518,7 +1593,7 @@ EXPORT CK_RV C_Sign(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pData, CK_ULONG ulDa
 		goto out; /* the operation stays active (v2.40 section 5.2) */
 	rv = finish_sign(s, pData, ulDataLen, 0, pSignature);
 	if (rv == CKR_OK)
-		*pulSignatureLen = s->key->sig_len;
+		*pulSignatureLen = s->key.sig_len;
 	session_end_sign(s);
 out:
 	put_session(s);
@@ -1605,7 +1680,7 @@ EXPORT CK_RV C_SignFinal(CK_SESSION_HANDLE hSession, CK_BYTE_PTR pSignature, CK_
 		rv = finish_sign(s, s->buf, s->blen, 0, pSignature);
 	}
 	if (rv == CKR_OK)
-		*pulSignatureLen = s->key->sig_len;
+		*pulSignatureLen = s->key.sig_len;
 	session_end_sign(s);
 out:
 	put_session(s);

@@ -35,9 +35,8 @@ enum { SG_FAM_EC = 1, SG_FAM_RSA = 2, SG_FAM_ED = 3 };
 /*
  * sg_key is one key the agent lists: a private key object, a public key
  * object and, when the agent has the key's certificate, a certificate
- * object. Immutable once built, except present (read and written under the
- * module lock), and never freed before C_Finalize, so a session may use a
- * key pointer without holding the lock.
+ * object. Read, and freed, only under the module lock: a search frees the
+ * keys the agent stopped listing past a few (module.c, forget_absent).
  */
 typedef struct {
 	char *name, *kid;
@@ -47,6 +46,7 @@ typedef struct {
 	size_t sig_len;   /* the PKCS#11 signature's length: answers length queries locally */
 	size_t field_len; /* ECDSA: bytes of r and of s */
 	int present;      /* listed by the agent's last ListKeys */
+	uint32_t slot;    /* its place in the numbering of object handles */
 	int has_cert;     /* the certificate object exists */
 	uint8_t *cert_der; /* the agent's certificate bytes, as listed (NULL: none) */
 	size_t cert_len;
