@@ -274,6 +274,91 @@ func TestFirstCallOnNewConnectionKeepsOneDeadline(t *testing.T) {
 	}
 }
 
+// slowHelloAgent greets each connection after wait, then answers every
+// request at once with an empty key list, sending the tmo each carried
+// on got.
+func slowHelloAgent(t *testing.T, sock string, wait time.Duration, got chan<- uint32) {
+	serveUnixConns(t, sock, func(c net.Conn) {
+		br := bufio.NewReader(c)
+		codec := proto.NewCodec()
+		for {
+			payload, err := proto.ReadFrame(br, nil, proto.DefaultMaxFrame)
+			var req proto.Request
+			if err != nil || codec.DecodeRequest(payload, &req) != nil {
+				return
+			}
+			resp := &proto.Response{ID: req.ID}
+			if req.Op == proto.OpHello {
+				time.Sleep(wait)
+				resp.Version = proto.Version
+			} else {
+				got <- req.TimeoutMillis
+				resp.Keys = []proto.KeyEntry{}
+			}
+			frame, err := codec.AppendResponseFrame(nil, resp)
+			if err != nil {
+				return
+			}
+			if _, err := c.Write(frame); err != nil {
+				return
+			}
+		}
+	})
+}
+
+// A request's tmo is what is left of timeout_ms once a fresh connection's
+// connect and Hello have taken their share, as docs/protocol.md defines
+// it (the client's remaining deadline), and a request with nothing left
+// is not sent. It was timeout_ms whatever the dial took, so past the
+// first 2 s of dial the agent could still be signing, and journaling,
+// when the module gave up on the reply.
+func TestRequestTimeoutCountsTheDial(t *testing.T) {
+	const timeout = 1000 // ms
+	for _, tc := range []struct {
+		name   string
+		hello  time.Duration
+		wantRV uint
+	}{
+		{"Hello took most of it", 600 * time.Millisecond, p11.CKR_OK},
+		{"Hello took all of it", 1300 * time.Millisecond, p11.CKR_DEVICE_ERROR},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := shortDir(t)
+			sock := filepath.Join(dir, "agent.sock")
+			got := make(chan uint32, 4)
+			slowHelloAgent(t, sock, tc.hello, got)
+			conf := filepath.Join(dir, "pkcs11.conf")
+			if err := os.WriteFile(conf, []byte("socket = "+sock+"\ntimeout_ms = 1000\n"), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			t.Setenv("SIGIL_PKCS11_CONF", conf)
+			ctx := openModule(t)
+			s := openSession(t, ctx)
+			err := ctx.FindObjectsInit(s, nil)
+			if ckr(err) != tc.wantRV {
+				t.Fatalf("C_FindObjectsInit: %v, want %#x", err, tc.wantRV)
+			}
+			if err == nil {
+				ctx.FindObjectsFinal(s)
+			}
+			left := uint32(timeout - tc.hello.Milliseconds())
+			select {
+			case tmo := <-got:
+				if tc.wantRV != p11.CKR_OK {
+					t.Fatalf("a ListKeys with tmo %d ms was sent after the Hello took %v of timeout_ms %d", tmo, tc.hello, timeout)
+				}
+				if tmo == 0 || tmo > left {
+					t.Fatalf("ListKeys carried tmo %d ms after a Hello of %v: want at most the %d ms left of timeout_ms", tmo, tc.hello, left)
+				}
+			default:
+				if tc.wantRV == p11.CKR_OK {
+					t.Fatal("the agent saw no ListKeys")
+				}
+			}
+		})
+	}
+}
+
 // countingListener accepts connections, counts them and never answers.
 func countingListener(t *testing.T, sock string, n *atomic.Int64) {
 	ln, err := net.Listen("unix", sock)

@@ -350,13 +350,12 @@ static sg_conn *borrow(sg_agent *a)
 int sg_agent_call(sg_agent *a, sg_request *req, sg_response *resp, sg_conn **connp)
 {
 	*connp = NULL;
-	if (a->timeout_ms && !req->tmo)
-		req->tmo = a->timeout_ms;
 	/* The agent answers within tmo or says DEADLINE_EXCEEDED; 2 s more is
 	 * the backstop for an agent that stopped answering altogether. One
 	 * deadline for the call: a fresh connection's connect and Hello count
 	 * against it too, so no call waits longer than that in all. */
-	uint64_t deadline_ns = now_ns() + ((uint64_t)a->timeout_ms + 2000) * 1000000u;
+	uint64_t tmo_ns = now_ns() + (uint64_t)a->timeout_ms * 1000000u;
+	uint64_t deadline_ns = tmo_ns + 2000u * 1000000u;
 	for (int attempt = 0; attempt < 2; attempt++) {
 		int io = SG_IO_OK;
 		sg_conn *c = borrow(a);
@@ -369,6 +368,19 @@ int sg_agent_call(sg_agent *a, sg_request *req, sg_response *resp, sg_conn **con
 				*connp = c; /* the agent refused the Hello: resp has its code */
 				return SG_IO_OK;
 			}
+		}
+		/* tmo is what is left of timeout_ms (docs/protocol.md: the
+		 * client's remaining deadline), the dial's share taken: sent whole
+		 * after a slow dial, it let the agent go on signing, and
+		 * journaling, past the module's give-up. With nothing left the
+		 * request is not sent, as the Go client does. */
+		if (a->timeout_ms) {
+			uint64_t now = now_ns();
+			if (now >= tmo_ns) {
+				sg_agent_release(a, c);
+				return SG_IO_LOST;
+			}
+			req->tmo = (uint32_t)((tmo_ns - now + 999999) / 1000000);
 		}
 		req->id = c->next_id++;
 		size_t len = sg_encode_request(req, c->buf, sizeof c->buf);

@@ -45,7 +45,7 @@ enum { SG_IO_OK = 0, SG_IO_UNREACHABLE = 1, SG_IO_LOST = 2, SG_IO_PROTOCOL = 3, 
 void sg_agent_init(sg_agent *a, const char *path, unsigned timeout_ms);
 
 /*
- * sg_agent_call sends req (its id is set here) and reads the reply into
+ * sg_agent_call sends req (its id and tmo are set here) and reads the reply into
  * *resp, whose byte fields point into the connection returned in *connp.
  * The caller copies what it needs and then calls sg_agent_release. On a
  * transport error *connp is NULL and nothing needs releasing.
