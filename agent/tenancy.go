@@ -255,7 +255,9 @@ func (a *Agent) reloadPolicy(by string) error {
 		return errors.New("the agent runs without a policy file (single-tenant mode)")
 	}
 	set, err := policy.Load(a.policyFile)
-	if err == nil {
+	if err != nil {
+		err = fmt.Errorf("policy: %w", err)
+	} else {
 		err = checkSlotKeys(set, a.keys)
 	}
 	if err == nil {

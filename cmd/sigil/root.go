@@ -60,10 +60,10 @@ answer in time, or sent a reply the client cannot read (INTERNAL);
 5 audit verify could not check; 78 the agent did not start and will not
 until an operator acts (a PIN refused, a token locked, a PIN source that
 gives no PIN or whose file others may change, a PKCS#11 module path that
-gives no library or that others may change, a config or
-policy that fails its checks, the evidence key lost while its packs are
-kept, sockets systemd passed that the agent cannot take, admin_http.listen
-bound beyond loopback).`,
+gives no library or that others may change or whose copies' TMPDIR
+others may change, a config or policy that fails its checks, the
+evidence key lost while its packs are kept, sockets systemd passed that
+the agent cannot take, admin_http.listen bound beyond loopback).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(*cobra.Command, []string) error {

@@ -150,8 +150,14 @@ func (c Config) Validate(n FieldNames) error {
 // object (by index in Keys).
 func (c *Config) parse(n FieldNames) (tokenSelector, []objectSelector, error) {
 	var errs []error
-	if c.Module == "" {
+	switch {
+	case c.Module == "":
 		errs = append(errs, fmt.Errorf("no %s: the path of the PKCS#11 library", n.of("Module")))
+	case !filepath.IsAbs(c.Module):
+		// Open refuses it (checkModulePath: a name the loader would look
+		// up in its search path is a path nobody checked); --check says so
+		// first.
+		errs = append(errs, fmt.Errorf("%s %q: want an absolute path (a bare name is looked up by the loader in directories nobody checked)", n.of("Module"), c.Module))
 	}
 	var sel tokenSelector
 	named := 0

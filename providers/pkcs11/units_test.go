@@ -277,6 +277,7 @@ func TestValidate(t *testing.T) {
 		{"pin-source in a URI", func(c *Config) { c.Keys[0].URI = "pkcs11:object=k?pin-source=file:/etc/pin" }, "uri carries pin-source: use pin_file", "/etc/pin"},
 		{"empty URI", func(c *Config) { c.Keys[0].URI = "" }, `key "k": no uri`, ""},
 		{"no module", func(c *Config) { c.Module = "" }, "no module", ""},
+		{"a bare module name", func(c *Config) { c.Module = "libsofthsm2.so" }, `module "libsofthsm2.so": want an absolute path`, ""},
 		{"two token selectors", func(c *Config) { c.Slot = &slot }, "one of token_label, token_serial or slot", ""},
 		{"no token", func(c *Config) { c.TokenLabel = "" }, "no token named: set token_label, token_serial or slot, or token= in a key's uri", ""},
 		{"two tokens", func(c *Config) { c.Keys[0].URI = "pkcs11:token=test;object=k" }, "one provider serves one token", ""},
