@@ -131,23 +131,13 @@ func TestFailedCloudAttemptsLeaveNoEnabledKeys(t *testing.T) {
 // key was destroyed.
 func destroyRecords(t *testing.T, admin *client.Client) int {
 	t.Helper()
-	recs, err := admin.AuditTail(context.Background(), "payments", 0, 200)
-	if err != nil {
-		t.Fatal(err)
-	}
 	n := 0
-	for _, raw := range recs {
-		var r map[string]any
-		if err := json.Unmarshal(raw, &r); err != nil {
-			t.Fatal(err)
+	for _, r := range auditOps(t, admin, "payments", "rotate.destroy") {
+		if r["code_name"] != "OK" {
+			t.Errorf("rotate.destroy record %v", r)
+			continue
 		}
-		if r["op"] == "rotate.destroy" {
-			if r["code_name"] != "OK" {
-				t.Errorf("rotate.destroy record %v", r)
-				continue
-			}
-			n++
-		}
+		n++
 	}
 	return n
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto/sha256"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -463,4 +464,25 @@ func journalOfStopped(t *testing.T, a *agent.Agent, cfg agent.Config) *journal.J
 	}
 	t.Cleanup(func() { j.Close() })
 	return j
+}
+
+// auditOps returns tenant's last 1000 audit records whose op is op, each
+// as its JSON fields, oldest first.
+func auditOps(t *testing.T, admin *client.Client, tenant, op string) []map[string]any {
+	t.Helper()
+	recs, err := admin.AuditTail(context.Background(), tenant, 0, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []map[string]any
+	for _, raw := range recs {
+		var r map[string]any
+		if err := json.Unmarshal(raw, &r); err != nil {
+			t.Fatal(err)
+		}
+		if r["op"] == op {
+			out = append(out, r)
+		}
+	}
+	return out
 }

@@ -283,24 +283,7 @@ func TestProviderPanicInRotationFailsTheAttempt(t *testing.T) {
 	c := r.dial(t)
 	ctx := context.Background()
 	const slot = "payments/release"
-	failures := func() []map[string]any {
-		t.Helper()
-		recs, err := admin.AuditTail(ctx, "payments", 0, 100)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var out []map[string]any
-		for _, raw := range recs {
-			var r map[string]any
-			if err := json.Unmarshal(raw, &r); err != nil {
-				t.Fatal(err)
-			}
-			if r["op"] == "rotate.failed" {
-				out = append(out, r)
-			}
-		}
-		return out
-	}
+	failures := func() []map[string]any { return auditOps(t, admin, "payments", "rotate.failed") }
 	for _, tc := range []struct {
 		name      string
 		ask       func() error
