@@ -1,6 +1,7 @@
 // Package azurekvtest is an in-process Azure Key Vault for tests: an
 // httptest TLS server speaking the Key Vault REST endpoints the azkeys SDK
-// uses for get-key, create-key and sign, holding real Go keys, reached by the real
+// uses (get-key, create-key, update-key, list-key-versions and sign),
+// holding real Go keys, reached by the real
 // azkeys.Client through its real challenge-based bearer authentication. The
 // azurekv provider's tests, the agent's and `sigil bench` use it; nothing
 // here is for production. It does not import testing (TB is the part of
@@ -34,6 +35,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -80,6 +82,10 @@ type Server struct {
 	// create-key request makes (under the server's lock), so a test can
 	// fail a rotation after the version exists.
 	NewVersionFault func(*Version)
+	// ListPageSize, set through Update, splits a list-key-versions answer
+	// into pages of that many versions, each but the last with a nextLink,
+	// as Key Vault pages it (25 a page); 0 answers with one page.
+	ListPageSize int
 }
 
 // Version is one key version.
@@ -89,6 +95,9 @@ type Version struct {
 	Signer  crypto.Signer
 	Enabled bool
 	Tags    map[string]string // as the create-key request set them
+	// Created is the version's created attribute: when Add made it, unless
+	// a test sets another (Key Vault keeps whole seconds).
+	Created time.Time
 	// NotBefore and Expires are the version's nbf and exp attributes (zero:
 	// none). Key Vault refuses to sign outside them with a 403, as for a
 	// disabled version; verify would still work.
@@ -113,7 +122,7 @@ func (s *Server) Add(name string, signer crypto.Signer) *Version {
 	if s.keys == nil {
 		s.keys = make(map[string][]*Version)
 	}
-	v := &Version{Name: name, ID: hex.EncodeToString(id[:]), Signer: signer, Enabled: true}
+	v := &Version{Name: name, ID: hex.EncodeToString(id[:]), Signer: signer, Enabled: true, Created: time.Now()}
 	s.keys[name] = append(s.keys[name], v)
 	return v
 }
@@ -477,13 +486,26 @@ func (s *Server) getKey(w http.ResponseWriter, r *http.Request, name, version st
 // versionAttrs are what a key bundle says of a version beside its public
 // key, copied under the server's lock.
 type versionAttrs struct {
-	enabled            bool
-	notBefore, expires time.Time
-	keyOps             []string
+	enabled                     bool
+	created, notBefore, expires time.Time
+	keyOps                      []string
 }
 
 func (v *Version) attrs() versionAttrs {
-	return versionAttrs{enabled: v.Enabled, notBefore: v.NotBefore, expires: v.Expires, keyOps: append([]string(nil), v.KeyOps...)}
+	return versionAttrs{enabled: v.Enabled, created: v.Created, notBefore: v.NotBefore, expires: v.Expires, keyOps: append([]string(nil), v.KeyOps...)}
+}
+
+// json is the attributes object Key Vault sends for a version: times in
+// seconds since the epoch, nbf and exp only when set.
+func (a versionAttrs) json() map[string]any {
+	attributes := map[string]any{"enabled": a.enabled, "created": a.created.Unix(), "updated": a.created.Unix(), "recoveryLevel": "Recoverable+Purgeable"}
+	if !a.notBefore.IsZero() {
+		attributes["nbf"] = a.notBefore.Unix()
+	}
+	if !a.expires.IsZero() {
+		attributes["exp"] = a.expires.Unix()
+	}
+	return attributes
 }
 
 // createKey makes a new version of key name (a new key if there is none)
@@ -562,20 +584,34 @@ func (s *Server) createKey(w http.ResponseWriter, r *http.Request, name string) 
 	writeBundle(w, r, v, attrs)
 }
 
-// listVersions answers with the properties of key name's versions (one
-// page), as Key Vault's list-key-versions does.
+// listVersions answers with the properties of key name's versions, as Key
+// Vault's list-key-versions does: kid, attributes (enabled, created, nbf,
+// exp) and tags, no key material; ListPageSize versions a page when set,
+// the next page's link carrying the offset.
 func (s *Server) listVersions(w http.ResponseWriter, r *http.Request, name string) {
+	skip, _ := strconv.Atoi(r.URL.Query().Get("$skiptoken"))
 	s.mu.Lock()
-	var items []map[string]any
-	for _, v := range s.keys[name] {
+	vs, size := s.keys[name], s.ListPageSize
+	if skip < 0 || skip > len(vs) {
+		skip = len(vs)
+	}
+	vs = vs[skip:]
+	var next any
+	if size > 0 && len(vs) > size {
+		vs = vs[:size]
+		q := url.Values{"api-version": {r.URL.Query().Get("api-version")}, "$skiptoken": {strconv.Itoa(skip + size)}}
+		next = "https://" + r.Host + r.URL.Path + "?" + q.Encode()
+	}
+	items := []map[string]any{}
+	for _, v := range vs {
 		items = append(items, map[string]any{
 			"kid":        kid(r, v),
-			"attributes": map[string]any{"enabled": v.Enabled, "recoveryLevel": "Recoverable+Purgeable"},
+			"attributes": v.attrs().json(),
 			"tags":       v.Tags,
 		})
 	}
 	s.mu.Unlock()
-	writeJSON(w, map[string]any{"value": items, "nextLink": nil})
+	writeJSON(w, map[string]any{"value": items, "nextLink": next})
 }
 
 // updateKey applies an update-key request's enabled attribute to a version.
@@ -639,14 +675,7 @@ func writeBundle(w http.ResponseWriter, r *http.Request, v *Version, a versionAt
 	if a.keyOps != nil {
 		key["key_ops"] = a.keyOps
 	}
-	attributes := map[string]any{"enabled": a.enabled, "created": time.Now().Unix(), "updated": time.Now().Unix(), "recoveryLevel": "Recoverable+Purgeable"}
-	if !a.notBefore.IsZero() {
-		attributes["nbf"] = a.notBefore.Unix()
-	}
-	if !a.expires.IsZero() {
-		attributes["exp"] = a.expires.Unix()
-	}
-	writeJSON(w, map[string]any{"key": key, "attributes": attributes})
+	writeJSON(w, map[string]any{"key": key, "attributes": a.json()})
 }
 
 func bigEndian(e int) []byte {
