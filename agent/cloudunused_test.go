@@ -220,6 +220,64 @@ func azureCloudSlot(t *testing.T) cloudSlot {
 	}
 }
 
+// A failed rotation attempt on a slot whose Azure key is configured without
+// a version disables the version it made, which stays the vault key's
+// newest. The agent used to fail its next start on the same configuration
+// (the key resolved to that version: "key version is disabled"); it now
+// starts, the key resolving to the newest enabled version, and signs with
+// the slot's active version.
+func TestAzureVersionlessSlotRestartsAfterAFailedAttempt(t *testing.T) {
+	vault := &azurekvtest.Server{}
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	vault.Add("release", key)
+	u, opts, cred := vault.Start(t)
+	ctx := context.Background()
+	open := func() (*azurekv.Provider, error) {
+		return azurekv.Open(ctx, azurekv.Config{ID: "azure", VaultURL: u, Credential: cred, ClientOptions: opts,
+			Keys: []azurekv.KeyConfig{{Name: "az-release", Key: "release"}}})
+	}
+	p, err := open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := rotationConfig(t, "az-release", "")
+	d := sha256.Sum256([]byte("after a restart"))
+	alg := providers.Algorithm{Scheme: providers.SchemeECDSA, Hash: crypto.SHA256}
+	var v1 client.Key
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		if v1, err = c.PublicKey(ctx, client.ByName("release")); err != nil {
+			t.Fatal(err)
+		}
+		vault.Update(func() {
+			vault.NewVersionFault = func(v *azurekvtest.Version) { v.SignStatus = http.StatusForbidden }
+		})
+		if err := admin.Rotate(ctx, "payments/release"); err == nil || !strings.Contains(err.Error(), "step csr failed") {
+			t.Fatalf("the attempt: %v, want a failure at the CSR", err)
+		}
+	}, agent.WithProviders(p))
+	p.Close()
+	vs := vault.Versions("release")
+	newestEnabled := true
+	vault.Update(func() { newestEnabled = vs[len(vs)-1].Enabled })
+	if len(vs) != 2 || newestEnabled {
+		t.Fatalf("%d versions, the newest enabled: %v; want 2, the attempt's disabled", len(vs), newestEnabled)
+	}
+
+	p, err = open()
+	if err != nil {
+		t.Fatalf("the provider at the restart: %v", err)
+	}
+	agentLifetime(t, cfg, func(c, admin *client.Client) {
+		sig, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		if err != nil || sig.KID != v1.KID {
+			t.Fatalf("after the restart: kid %s (v1 %s), %v", sig.KID, v1.KID, err)
+		}
+		if err := providers.Verify(key.Public(), alg, d[:], sig.Sig); err != nil {
+			t.Fatalf("v1's signature after the restart: %v", err)
+		}
+	}, agent.WithProviders(p))
+}
+
 func awsCloudSlot(t *testing.T) cloudSlot {
 	endpoint := awskmstest.Start(t)
 	kc := awskmstest.Client(endpoint)

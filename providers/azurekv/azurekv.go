@@ -38,7 +38,9 @@ type KeyConfig struct {
 	// Key is the key's name in the vault.
 	Key string
 	// Version is a Key Vault key version; empty means the current version,
-	// resolved once at Open to the concrete version the vault reports.
+	// resolved once at Open to the concrete version the vault reports, or,
+	// when that one cannot sign (disabled, outside its nbf..exp), to the
+	// newest by created time that can (see openKey).
 	Version string
 }
 
@@ -259,7 +261,122 @@ func (p *Provider) openKey(ctx context.Context, kc KeyConfig) (*remoteKey, error
 	if err != nil {
 		return nil, classify(ctx, callCtx, op, err)
 	}
-	return p.entryOf(op, kc, resp.KeyBundle)
+	k, err := p.entryOf(op, kc, resp.KeyBundle)
+	var refused *unusableVersion
+	if kc.Version == "" && errors.As(err, &refused) {
+		return p.openNewestUsable(ctx, kc, resp.KeyBundle, refused)
+	}
+	return k, err
+}
+
+// maxVersionPages bounds the version listing openNewestUsable and
+// disableTagged page through: Key Vault sends 25 versions a page, so a
+// thousand versions, several seconds' worth of calls under the deadline.
+const maxVersionPages = 40
+
+// errTooManyVersions ends a listing that reached maxVersionPages.
+var errTooManyVersions = fmt.Errorf("the key has more than %d pages of versions", maxVersionPages)
+
+// openNewestUsable opens, for kc named without a version, the newest
+// version Key Vault would sign with, when the current one (the bundle
+// current, the newest) would not, as refused says. A rotation attempt that failed before its
+// cut-over leaves its version disabled and newest (DestroyKey); resolved
+// to it, the start failed and the agent did not start. As GCP's latest is
+// the highest ENABLED version, the newest enabled version inside its
+// nbf..exp, by created time (a tie by version id, so that every start
+// picks the same), is served in its stead. With none, or when the
+// versions cannot be listed, the current version's refusal stands.
+func (p *Provider) openNewestUsable(ctx context.Context, kc KeyConfig, current azkeys.KeyBundle, refused *unusableVersion) (*remoteKey, error) {
+	var best string
+	var bestCreated time.Time
+	now := time.Now()
+	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	err := p.eachVersion(callCtx, kc.Key, func(kp *azkeys.KeyProperties) bool {
+		if kp.KID == nil || kp.KID.Name() != kc.Key || kp.KID.Version() == "" || unusable(kp.Attributes, now) != "" {
+			return true
+		}
+		var created time.Time
+		if kp.Attributes != nil && kp.Attributes.Created != nil {
+			created = *kp.Attributes.Created
+		}
+		if v := kp.KID.Version(); best == "" || created.After(bestCreated) || created.Equal(bestCreated) && v > best {
+			best, bestCreated = v, created
+		}
+		return true
+	})
+	switch {
+	case errors.Is(err, errTooManyVersions):
+		return nil, fmt.Errorf("%w; %v to look through for one that can sign: pin a version in the configuration", refused, err)
+	case err != nil:
+		return nil, fmt.Errorf("%w; listing the key's versions for one that can sign failed (%v)", refused, classify(ctx, callCtx, "list versions of "+kc.Key, err))
+	case best == "":
+		return nil, refused
+	}
+	var currentVersion string
+	if current.Key != nil && current.Key.KID != nil {
+		currentVersion = current.Key.KID.Version()
+	}
+	p.log.Info("azurekv: the key's current version cannot sign; serving its newest enabled version",
+		zap.String("key", kc.Name), zap.String("vault_key", kc.Key), zap.String("current", currentVersion),
+		zap.String("reason", refused.why), zap.String("version", best))
+	return p.openKey(ctx, KeyConfig{Name: kc.Name, Key: kc.Key, Version: best})
+}
+
+// eachVersion pages through key's versions (list-key-versions: properties,
+// no key material) under callCtx, calling visit for each until it returns
+// false. It returns the SDK's error unclassified, or errTooManyVersions
+// after maxVersionPages pages.
+func (p *Provider) eachVersion(callCtx context.Context, key string, visit func(*azkeys.KeyProperties) bool) error {
+	pager := p.client.NewListKeyPropertiesVersionsPager(key, nil)
+	for pages := 0; pager.More(); pages++ {
+		if pages == maxVersionPages {
+			return errTooManyVersions
+		}
+		// Aside (see signCall); a page abandoned at the deadline is
+		// dropped with the pager, which nothing reads again.
+		page, err := providers.CallAside(callCtx, func() (azkeys.ListKeyPropertiesVersionsResponse, error) {
+			return pager.NextPage(callCtx)
+		})
+		if err != nil {
+			return err
+		}
+		for _, kp := range page.Value {
+			if kp != nil && !visit(kp) {
+				return nil
+			}
+		}
+	}
+	return nil
+}
+
+// unusableVersion is entryOf's refusal of a version Key Vault would not
+// sign with (see unusable): ErrUnavailable, and for a key named without a
+// version, the cue to look for one it would sign with.
+type unusableVersion struct{ op, why string }
+
+func (e *unusableVersion) Error() string {
+	return fmt.Sprintf("azurekv %s: %s: %v", e.op, e.why, providers.ErrUnavailable)
+}
+
+func (e *unusableVersion) Unwrap() error { return providers.ErrUnavailable }
+
+// unusable says why Key Vault would not sign with a version of these
+// attributes, "" when it would. It refuses (403) a disabled version and
+// one outside nbf..exp alike: served, every Sign would fail, blamed on the
+// identity's access.
+func unusable(a *azkeys.KeyAttributes, now time.Time) string {
+	switch {
+	case a == nil:
+		return ""
+	case a.Enabled != nil && !*a.Enabled:
+		return "key version is disabled"
+	case a.Expires != nil && !now.Before(*a.Expires):
+		return "key version expired at " + a.Expires.UTC().Format(time.RFC3339)
+	case a.NotBefore != nil && now.Before(*a.NotBefore):
+		return "key version not valid before " + a.NotBefore.UTC().Format(time.RFC3339)
+	}
+	return ""
 }
 
 // entryOf builds the served entry for kc from a key bundle the vault
@@ -273,23 +390,12 @@ func (p *Provider) entryOf(op string, kc KeyConfig, resp azkeys.KeyBundle) (*rem
 	if name, version := jwk.KID.Name(), jwk.KID.Version(); name != kc.Key || version == "" || (kc.Version != "" && version != kc.Version) {
 		return nil, fmt.Errorf("azurekv %s: response names key %q version %q: %w", op, name, version, providers.ErrUnavailable)
 	}
+	if why := unusable(resp.Attributes, time.Now()); why != "" {
+		return nil, &unusableVersion{op: op, why: why}
+	}
 	var expires time.Time
-	if a := resp.Attributes; a != nil {
-		if a.Enabled != nil && !*a.Enabled {
-			return nil, fmt.Errorf("azurekv %s: key version is disabled: %w", op, providers.ErrUnavailable)
-		}
-		// Key Vault refuses to sign outside nbf..exp (403), as for a
-		// disabled version: served, every Sign would fail, blamed on the
-		// identity's access.
-		now := time.Now()
-		if a.Expires != nil {
-			if expires = *a.Expires; !now.Before(expires) {
-				return nil, fmt.Errorf("azurekv %s: key version expired at %s: %w", op, expires.UTC().Format(time.RFC3339), providers.ErrUnavailable)
-			}
-		}
-		if a.NotBefore != nil && now.Before(*a.NotBefore) {
-			return nil, fmt.Errorf("azurekv %s: key version not valid before %s: %w", op, a.NotBefore.UTC().Format(time.RFC3339), providers.ErrUnavailable)
-		}
+	if a := resp.Attributes; a != nil && a.Expires != nil {
+		expires = *a.Expires
 	}
 	// key_ops bound what the vault does with the key; absent means no bound.
 	if jwk.KeyOps != nil && !slices.ContainsFunc(jwk.KeyOps, func(o *azkeys.KeyOperation) bool { return o != nil && *o == azkeys.KeyOperationSign }) {

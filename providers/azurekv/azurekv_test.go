@@ -516,7 +516,9 @@ func TestSignDeadlineDuringATokenFetch(t *testing.T) {
 // nbf/exp window or whose key_ops leave out sign fails Open with that
 // reason, as a disabled one does, whether it was named or is the key's
 // current version (what a restart resolves after another writer's
-// rotation). Served, every Sign would be a 403 blamed on the identity's
+// rotation) with no older one that can sign (the older one here is
+// disabled; TestVersionlessKeyResolvesToTheNewestUsableVersion has one
+// that can). Served, every Sign would be a 403 blamed on the identity's
 // access policy.
 func TestOpenRefusesVersionsThatCannotSign(t *testing.T) {
 	now := time.Now()
@@ -536,9 +538,12 @@ func TestOpenRefusesVersionsThatCannotSign(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			kv := &azurekvtest.Server{}
-			kv.Add("ec", testKeys()["p256-b"])
+			older := kv.Add("ec", testKeys()["p256-b"])
 			cur := kv.Add("ec", testKeys()["p256"])
-			kv.Update(func() { tc.set(cur) })
+			kv.Update(func() {
+				older.Enabled = false
+				tc.set(cur)
+			})
 			url, opts, cred := kv.Start(t)
 			for _, kc := range []KeyConfig{{Name: "ec", Key: "ec"}, {Name: "ec", Key: "ec", Version: cur.ID}} {
 				p, err := Open(context.Background(), Config{ID: "azure", VaultURL: url, Keys: []KeyConfig{kc}, Credential: cred, ClientOptions: opts})

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"encoding/hex"
+	"errors"
 	"fmt"
 
 	"github.com/Azure/azure-sdk-for-go/sdk/azcore/policy"
@@ -110,23 +111,23 @@ const rotationTag = "sigil-rotation"
 func (p *Provider) disableTagged(ctx context.Context, key, tag string, cause error) error {
 	callCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.timeout)
 	defer cancel()
-	pager := p.client.NewListKeyPropertiesVersionsPager(key, nil)
-	for pager.More() {
-		// Aside (see signCall); a page abandoned at the deadline is
-		// dropped with the pager, which nothing reads again.
-		page, err := providers.CallAside(callCtx, func() (azkeys.ListKeyPropertiesVersionsResponse, error) {
-			return pager.NextPage(callCtx)
-		})
-		if err != nil {
-			return fmt.Errorf("%w; listing the key's versions to find one the failed create may have made failed too (%v): check for an enabled version tagged %s=%s, and disable it",
-				cause, classify(ctx, callCtx, "list versions of "+key, err), rotationTag, tag)
+	var found string
+	err := p.eachVersion(callCtx, key, func(kp *azkeys.KeyProperties) bool {
+		if kp.KID == nil || kp.Tags[rotationTag] == nil || *kp.Tags[rotationTag] != tag {
+			return true
 		}
-		for _, kp := range page.Value {
-			if kp == nil || kp.KID == nil || kp.Tags[rotationTag] == nil || *kp.Tags[rotationTag] != tag {
-				continue
-			}
-			return p.disable(ctx, key, kp.KID.Version(), cause)
+		found = kp.KID.Version()
+		return false
+	})
+	if err != nil {
+		if !errors.Is(err, errTooManyVersions) {
+			err = classify(ctx, callCtx, "list versions of "+key, err)
 		}
+		return fmt.Errorf("%w; listing the key's versions to find one the failed create may have made failed too (%v): check for an enabled version tagged %s=%s, and disable it",
+			cause, err, rotationTag, tag)
+	}
+	if found != "" {
+		return p.disable(ctx, key, found, cause)
 	}
 	return cause
 }
@@ -174,8 +175,8 @@ func (p *Provider) disableVersion(ctx context.Context, key, version string) erro
 // served and enabled as before. The version stops being served before the
 // update is sent; one whose update failed is found again by a later call.
 // The version stays in the vault, disabled, and is still the key's newest:
-// a key named without a version resolves to it (and cannot sign) until
-// the next rotation makes another.
+// a key named without a version passes over it to the newest enabled
+// version (see openNewestUsable).
 //
 // Only versions made by this provider since it started are found: after a
 // restart, a version an earlier process made is not known by name, and the
