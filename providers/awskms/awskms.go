@@ -468,6 +468,9 @@ func (p *Provider) aliasTarget(ctx context.Context, alias string) (string, error
 // (CancelKeyDeletion), and it signs nothing.
 const DeletionWindowDays = 7
 
+// maxAliasPages bounds the ListAliases pages read for one key.
+const maxAliasPages = 10
+
 // deleteKey schedules an unused key NewVersion created for deletion, best
 // effort: the rotation has failed already, and the key was never served.
 func (p *Provider) deleteKey(ctx context.Context, keyARN string) {
@@ -509,8 +512,9 @@ func (p *Provider) scheduleDeletion(ctx context.Context, keyARN string) error {
 // (rotation.KeyDestroyer): check is called with its KeyInfo, and an error
 // from it keeps the key, served as before. A key an alias names (the one
 // NewVersion moved, or any other) is kept too: deleting it would break
-// every user of the alias. The key stops being served before the request
-// is sent; one whose request failed is found again by a later call.
+// every user of the alias; and so is a key whose aliases cannot all be
+// listed. The key stops being served before the request is sent; one whose
+// request failed is found again by a later call.
 //
 // Only keys made by this provider since it started are found: after a
 // restart, a key an earlier process made is not known by name, and the
@@ -544,21 +548,36 @@ func (p *Provider) DestroyKey(ctx context.Context, name string, check func(provi
 }
 
 // refuseAliased returns an error when an alias names k's key, or when that
-// cannot be read: the key is then kept.
+// cannot all be read: the key is then kept.
 func (p *Provider) refuseAliased(ctx context.Context, k *remoteKey) error {
 	if k.alias != "" {
 		return fmt.Errorf("alias %s names key %s", k.alias, k.keyID)
 	}
-	callCtx, cancel := context.WithTimeout(ctx, p.timeout)
-	defer cancel()
-	out, err := p.client.ListAliases(callCtx, &kms.ListAliasesInput{KeyId: aws.String(k.keyID), Limit: aws.Int32(1)})
-	if err != nil {
-		return fmt.Errorf("%w; the key's aliases are unknown, so it is kept", classify(ctx, callCtx, "list aliases of "+k.keyID, err))
+	// ListAliases may answer fewer aliases than asked for, even none, and
+	// say Truncated: the rest follow NextMarker. Only an untruncated page
+	// ends the list.
+	var marker *string
+	for range maxAliasPages {
+		callCtx, cancel := context.WithTimeout(ctx, p.timeout)
+		out, err := p.client.ListAliases(callCtx, &kms.ListAliasesInput{KeyId: aws.String(k.keyID), Marker: marker})
+		if err != nil {
+			err = classify(ctx, callCtx, "list aliases of "+k.keyID, err)
+			cancel()
+			return fmt.Errorf("%w; the key's aliases are unknown, so it is kept", err)
+		}
+		cancel()
+		if len(out.Aliases) > 0 {
+			return fmt.Errorf("alias %s names key %s", aws.ToString(out.Aliases[0].AliasName), k.keyID)
+		}
+		if !out.Truncated {
+			return nil
+		}
+		if aws.ToString(out.NextMarker) == "" {
+			return fmt.Errorf("list aliases of %s: a truncated answer without a marker; the key's aliases are unknown, so it is kept: %w", k.keyID, providers.ErrUnavailable)
+		}
+		marker = out.NextMarker
 	}
-	if len(out.Aliases) > 0 {
-		return fmt.Errorf("alias %s names key %s", aws.ToString(out.Aliases[0].AliasName), k.keyID)
-	}
-	return nil
+	return fmt.Errorf("list aliases of %s: more than %d pages; the key's aliases are unknown, so it is kept: %w", k.keyID, maxAliasPages, providers.ErrUnavailable)
 }
 
 // AddKey starts serving an existing key, named by key id, key ARN, alias or

@@ -51,6 +51,7 @@ type transport struct {
 	staleARN  string       // what a faultStaleRead DescribeKey names
 	attempts  atomic.Int64 // requests of a faultAppliedThenThrottled operation
 	replies   sync.Map     // operation name → reply, on every attempt, counted in injected
+	answers   sync.Map     // operation name → func(request body) string, a 200 answer's body; local-kms never sees the request
 	lateMu    sync.Mutex
 	late      []*http.Request // faultAppliedLate requests, sent on after the next DescribeKey
 }
@@ -108,6 +109,19 @@ func (tr *transport) Do(req *http.Request) (*http.Response, error) {
 			Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
 			Header: h, Body: io.NopCloser(strings.NewReader(rp.body)),
 			ContentLength: int64(len(rp.body)), Request: req,
+		}, nil
+	}
+	if a, ok := tr.answers.Load(op); ok {
+		body, err := io.ReadAll(req.Body)
+		if err != nil {
+			return nil, err
+		}
+		out := a.(func([]byte) string)(body)
+		return &http.Response{
+			Status: "200 OK", StatusCode: http.StatusOK,
+			Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
+			Header: http.Header{"Content-Type": {"application/x-amz-json-1.1"}},
+			Body:   io.NopCloser(strings.NewReader(out)), ContentLength: int64(len(out)), Request: req,
 		}, nil
 	}
 	if f, _ := tr.faults.Load(op); f != nil && f.(fault) != noFault {

@@ -3,7 +3,10 @@ package awskms
 import (
 	"context"
 	"crypto"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"sync"
 	"testing"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -154,5 +157,81 @@ func TestDestroyKeyOfAnUnknownName(t *testing.T) {
 	})
 	if !errors.Is(err, providers.ErrUnavailable) || errors.Is(err, providers.ErrNotFound) {
 		t.Fatalf("DestroyKey of an unknown name: %v, want ErrUnavailable, not ErrNotFound", err)
+	}
+}
+
+// ListAliases may answer fewer aliases than its Limit, none at all, and
+// say Truncated: more may follow (NextMarker). An empty page that says so
+// used to read as "no alias", and the key an alias names on a later page
+// was scheduled for deletion. Now the pages are followed, a bounded
+// number of them; a key whose aliases were not all read is kept.
+func TestDestroyKeyReadsEveryAliasPage(t *testing.T) {
+	const more = `{"Aliases":[],"Truncated":true,"NextMarker":"m%d"}`
+	const last = `{"Aliases":[],"Truncated":false}`
+	const named = `{"Aliases":[{"AliasName":"alias/operators","AliasArn":"arn:aws:kms:eu-west-1:111122223333:alias/operators"}],"Truncated":false}`
+	for _, tc := range []struct {
+		name    string
+		pages   func(n int) string // the answer to the n-th request, from 1
+		kept    bool
+		markers int // requests expected, each after the first with the marker before it
+	}{
+		{"an alias on the second page", func(n int) string {
+			if n == 1 {
+				return fmt.Sprintf(more, n)
+			}
+			return named
+		}, true, 2},
+		{"no alias on any page", func(n int) string {
+			if n < 3 {
+				return fmt.Sprintf(more, n)
+			}
+			return last
+		}, false, 3},
+		{"truncated with no marker", func(int) string { return `{"Aliases":[],"Truncated":true}` }, true, 1},
+		{"truncated past the bound", func(n int) string { return fmt.Sprintf(more, n) }, true, maxAliasPages},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tf := newFleet(t, 0)
+			ctx := context.Background()
+			if _, err := tf.p.NewVersion(ctx, "p256", "p256-v2"); err != nil {
+				t.Fatal(err)
+			}
+			arn, _ := tf.p.URI("p256-v2")
+			var (
+				mu      sync.Mutex
+				markers []string
+			)
+			tf.tr.answers.Store("ListAliases", func(body []byte) string {
+				var in struct{ KeyId, Marker string }
+				if err := json.Unmarshal(body, &in); err != nil || in.KeyId != arn {
+					t.Errorf("ListAliases for %q (%v), want the new key's", in.KeyId, err)
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				markers = append(markers, in.Marker)
+				return tc.pages(len(markers))
+			})
+			err := tf.p.DestroyKey(ctx, "p256-v2", func(providers.KeyInfo) error { return nil })
+			if tc.kept == (err == nil) {
+				t.Fatalf("DestroyKey: %v, want the key kept: %v", err, tc.kept)
+			}
+			want := types.KeyStatePendingDeletion
+			if tc.kept {
+				want = types.KeyStateEnabled
+			}
+			if st := awskmstest.DescribeKey(t, tf.admin, arn).KeyState; st != want {
+				t.Fatalf("the attempt's key is %s, want %s", st, want)
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			if len(markers) != tc.markers {
+				t.Fatalf("%d ListAliases requests, want %d", len(markers), tc.markers)
+			}
+			for i, m := range markers {
+				if w := fmt.Sprintf("m%d", i); i > 0 && m != w || i == 0 && m != "" {
+					t.Fatalf("request %d sent marker %q, want the one before it", i+1, m)
+				}
+			}
+		})
 	}
 }
