@@ -51,6 +51,10 @@ type cloudSlot struct {
 	made func(t *testing.T) []string
 	// gone is the state of a failed attempt's key once it is cleaned up.
 	gone string
+	// aliasSPKI, when set, returns the public key (DER SPKI) of the key
+	// the slot's configured alias names: it must be the one the slot
+	// signs with, after the failed attempts and after the rotation.
+	aliasSPKI func(t *testing.T) []byte
 }
 
 // A rotation attempt on a cloud slot that fails after its key generation
@@ -60,7 +64,10 @@ type cloudSlot struct {
 // and counted against quotas. Now each failed attempt's key is scheduled
 // for deletion (AWS), destroyed (GCP) or disabled (Azure), with a
 // rotate.destroy record; the slot signs on with its old version, and the
-// next rotation succeeds.
+// next rotation succeeds. On an AWS slot configured by alias, each attempt
+// moved the alias to its key at keygen, and the alias used to stay there,
+// on a key the slot never cut over to, kept enabled for it: now it goes
+// back to v1, and the rotation that succeeds moves it to v2.
 func TestFailedCloudAttemptsLeaveNoEnabledKeys(t *testing.T) {
 	const attempts = 2
 	for _, tc := range []struct {
@@ -68,7 +75,8 @@ func TestFailedCloudAttemptsLeaveNoEnabledKeys(t *testing.T) {
 		setup func(t *testing.T) cloudSlot
 	}{
 		{"gcpkms", gcpCloudSlot},
-		{"awskms", awsCloudSlot},
+		{"awskms", func(t *testing.T) cloudSlot { return awsCloudSlot(t, false) }},
+		{"awskms by alias", func(t *testing.T) cloudSlot { return awsCloudSlot(t, true) }},
 		{"azurekv", azureCloudSlot},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -106,6 +114,9 @@ func TestFailedCloudAttemptsLeaveNoEnabledKeys(t *testing.T) {
 				if err := providers.Verify(v1.Public, alg, d[:], sig.Sig); err != nil {
 					t.Fatalf("v1's signature after the failed attempts: %v", err)
 				}
+				if s.aliasSPKI != nil && !bytes.Equal(s.aliasSPKI(t), v1.SPKI) {
+					t.Error("after the failed attempts the slot's alias names another key than v1")
+				}
 
 				s.failNew(false)
 				if err := admin.Rotate(ctx, "payments/release"); err != nil {
@@ -121,6 +132,9 @@ func TestFailedCloudAttemptsLeaveNoEnabledKeys(t *testing.T) {
 				}
 				if err := providers.Verify(v2.Public, alg, d[:], sig.Sig); err != nil {
 					t.Fatalf("the new version's signature: %v", err)
+				}
+				if s.aliasSPKI != nil && !bytes.Equal(s.aliasSPKI(t), v2.SPKI) {
+					t.Error("after the rotation the slot's alias does not name the new version's key")
 				}
 			}, s.opts...)
 		})
@@ -278,10 +292,18 @@ func TestAzureVersionlessSlotRestartsAfterAFailedAttempt(t *testing.T) {
 	}, agent.WithProviders(p))
 }
 
-func awsCloudSlot(t *testing.T) cloudSlot {
+// awsCloudSlot is a slot on an AWS key, configured by its key ARN or, with
+// byAlias, by an alias that names it (which a rotation moves).
+func awsCloudSlot(t *testing.T, byAlias bool) cloudSlot {
+	const alias = "alias/release"
 	endpoint := awskmstest.Start(t)
 	kc := awskmstest.Client(endpoint)
 	v1 := aws.ToString(awskmstest.DescribeKey(t, kc, awskmstest.CreateKey(t, kc, types.KeySpecEccNistP256)).Arn)
+	keyID := v1
+	if byAlias {
+		awskmstest.CreateAlias(t, kc, alias, v1)
+		keyID = alias
+	}
 	var failing atomic.Bool
 	front := signRefusingFront(t, endpoint, v1, &failing)
 	creds, err := awskmstest.Credentials().Retrieve(context.Background())
@@ -292,10 +314,21 @@ func awsCloudSlot(t *testing.T) cloudSlot {
 	t.Setenv("AWS_SECRET_ACCESS_KEY", creds.SecretAccessKey)
 	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
 	cfg := rotationConfig(t, "aws-release", fmt.Sprintf("providers:\n  - id: aws\n    type: awskms\n    region: %s\n    endpoint: %q\n    keys:\n      - {name: aws-release, key_id: %s}\n",
-		awskmstest.Region, front, v1))
+		awskmstest.Region, front, keyID))
+	var aliasSPKI func(t *testing.T) []byte
+	if byAlias {
+		aliasSPKI = func(t *testing.T) []byte {
+			out, err := kc.GetPublicKey(context.Background(), &kms.GetPublicKeyInput{KeyId: aws.String(alias)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return out.PublicKey
+		}
+	}
 	return cloudSlot{
-		cfg:     cfg,
-		failNew: failing.Store,
+		aliasSPKI: aliasSPKI,
+		cfg:       cfg,
+		failNew:   failing.Store,
 		made: func(t *testing.T) []string {
 			var out []string
 			keys, err := kc.ListKeys(context.Background(), &kms.ListKeysInput{})

@@ -95,6 +95,12 @@ type remoteKey struct {
 	spec  types.KeySpec                                      // the key's spec, for creating its next version
 	alias string                                             // "alias/name" when the key is served through that alias, else ""
 	algs  map[providers.Algorithm]types.SigningAlgorithmSpec // what the key may sign with
+	// movedFrom is the ARN of the key NewVersion moved alias from to this
+	// key, and movedBase the name that key is served under: DestroyKey
+	// moves the alias back to it. Both "" for a key whose alias this
+	// provider did not move (one opened through its alias).
+	movedFrom string
+	movedBase string
 }
 
 // aliasName returns the alias name ("alias/name") a configured key id names,
@@ -296,7 +302,9 @@ func (p *Provider) URI(name string) (string, error) {
 // key (and schedules the unused new key for deletion, best effort). A failed
 // alias update is checked against where the alias points (updateAlias): the
 // new key is deleted only when the alias is known not to name it. The old
-// key stays served under base.
+// key stays served under base. The alias moves at once, before the
+// rotation's CSR and canaries: when the attempt fails, DestroyKey moves it
+// back.
 func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers.KeyInfo, error) {
 	fail := func(err error) (providers.KeyInfo, error) {
 		return providers.KeyInfo{}, fmt.Errorf("awskms provider %s: new version %s of %s: %w", p.id, name, base, err)
@@ -358,13 +366,14 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	if bk.alias != "" {
 		if deletable, err := p.updateAlias(ctx, bk.alias, newARN); err != nil {
 			if !deletable {
-				return fail(err)
+				return fail(fmt.Errorf("%w, so that key was left in place, not scheduled for deletion: check the alias, and delete the key that it does not name", err))
 			}
 			return discard(err)
 		}
 		// The alias now follows the new version: a later rotation of
-		// name moves it again, one of base no longer does.
-		k.alias = bk.alias
+		// name moves it again, one of base no longer does (unless
+		// DestroyKey moves the alias back to base).
+		k.alias, k.movedFrom, k.movedBase = bk.alias, bk.keyID, base
 		ob := *bk
 		ob.alias = ""
 		if err := p.keys.Replace(base, &ob); err != nil {
@@ -388,8 +397,8 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 // and the alias read back; a read showing newARN means done (nil), but a
 // read showing the old key proves nothing, since KMS is eventually
 // consistent and may still show what it named before. So in every other
-// case the new key is left in place (deletable false) and the error names
-// it.
+// case the error (deletable false) says that the alias may name newARN all
+// the same.
 func (p *Provider) updateAlias(ctx context.Context, alias, newARN string) (deletable bool, err error) {
 	update := func() error {
 		callCtx, cancel := context.WithTimeout(ctx, p.timeout)
@@ -427,10 +436,9 @@ func (p *Provider) updateAlias(ctx context.Context, alias, newARN string) (delet
 			zap.String("alias", alias), zap.String("key_id", newARN), zap.Error(err))
 		return false, nil
 	}
-	p.log.Warn("awskms: alias update failed and may have been applied; new key left in place",
+	p.log.Warn("awskms: alias update failed and may have been applied",
 		zap.String("alias", alias), zap.String("key_id", newARN), zap.Error(err), zap.NamedError("read_back", readErr))
-	return false, fmt.Errorf("%w; the alias may name new key %s all the same (KMS shows changes late), so that key was left in place, not scheduled for deletion: check the alias, and delete the key that it does not name",
-		err, newARN)
+	return false, fmt.Errorf("%w; the alias may name key %s all the same (KMS shows changes late)", err, newARN)
 }
 
 // errRejected marks a call the service answered with a 4xx: it was not
@@ -510,11 +518,18 @@ func (p *Provider) scheduleDeletion(ctx context.Context, keyARN string) error {
 // DestroyKey schedules for deletion (after DeletionWindowDays) the key
 // NewVersion made under name, for a rotation attempt that never cut over
 // (rotation.KeyDestroyer): check is called with its KeyInfo, and an error
-// from it keeps the key, served as before. A key an alias names (the one
-// NewVersion moved, or any other) is kept too: deleting it would break
-// every user of the alias; and so is a key whose aliases cannot all be
-// listed. The key stops being served before the request is sent; one whose
-// request failed is found again by a later call.
+// from it keeps the key, served as before.
+//
+// When NewVersion moved the configured alias to the key, the alias is
+// moved back to the key it named before (the base key, which the slot
+// still signs with), and the base key's next version moves it again. That
+// is done only while the alias names the key NewVersion moved it to, or
+// that base key already: an alias that names another key now was moved by
+// someone else, and is left alone, the key kept. A key any other alias
+// names is kept too: deleting it would break every user of the alias. So
+// is a key whose aliases cannot all be read, or whose alias could not be
+// moved back. The key stops being served before the alias moves back; one
+// kept after that is found again by a later call, which tries again.
 //
 // Only keys made by this provider since it started are found: after a
 // restart, a key an earlier process made is not known by name, and the
@@ -533,6 +548,11 @@ func (p *Provider) DestroyKey(ctx context.Context, name string, check func(provi
 		return check(k.info)
 	}, func(k *remoteKey) error {
 		keyID = k.keyID
+		if k.movedFrom != "" {
+			if err := p.moveAliasBack(ctx, k); err != nil {
+				return err
+			}
+		}
 		return p.scheduleDeletion(ctx, k.keyID)
 	})
 	if err != nil {
@@ -548,9 +568,24 @@ func (p *Provider) DestroyKey(ctx context.Context, name string, check func(provi
 }
 
 // refuseAliased returns an error when an alias names k's key, or when that
-// cannot all be read: the key is then kept.
+// cannot all be read: the key is then kept. The alias NewVersion moved to
+// k is the exception while it names k or the key it was moved from (it
+// moves back before the deletion). A read of it may be stale (KMS is
+// eventually consistent), which is why either answer moves it back, and
+// why the listing skips it.
 func (p *Provider) refuseAliased(ctx context.Context, k *remoteKey) error {
-	if k.alias != "" {
+	own := ""
+	switch {
+	case k.movedFrom != "":
+		target, err := p.aliasTarget(ctx, k.alias)
+		if err != nil {
+			return fmt.Errorf("%w; where alias %s points is unknown, so key %s is kept", err, k.alias, k.keyID)
+		}
+		if target != k.keyID && target != k.movedFrom {
+			return fmt.Errorf("alias %s was moved to key %s since the rotation moved it to key %s; the alias is left there and the key kept", k.alias, target, k.keyID)
+		}
+		own = k.alias
+	case k.alias != "":
 		return fmt.Errorf("alias %s names key %s", k.alias, k.keyID)
 	}
 	// ListAliases may answer fewer aliases than asked for, even none, and
@@ -566,8 +601,10 @@ func (p *Provider) refuseAliased(ctx context.Context, k *remoteKey) error {
 			return fmt.Errorf("%w; the key's aliases are unknown, so it is kept", err)
 		}
 		cancel()
-		if len(out.Aliases) > 0 {
-			return fmt.Errorf("alias %s names key %s", aws.ToString(out.Aliases[0].AliasName), k.keyID)
+		for _, a := range out.Aliases {
+			if n := aws.ToString(a.AliasName); n != own {
+				return fmt.Errorf("alias %s names key %s", n, k.keyID)
+			}
 		}
 		if !out.Truncated {
 			return nil
@@ -578,6 +615,29 @@ func (p *Provider) refuseAliased(ctx context.Context, k *remoteKey) error {
 		marker = out.NextMarker
 	}
 	return fmt.Errorf("list aliases of %s: more than %d pages; the key's aliases are unknown, so it is kept: %w", k.keyID, maxAliasPages, providers.ErrUnavailable)
+}
+
+// moveAliasBack points the alias NewVersion moved to k back at the key it
+// moved it from, and gives that key, if still served under its name, the
+// alias again, so that its next version moves it. An update that may have
+// been applied is settled as NewVersion settles it (updateAlias); any
+// failure keeps k.
+func (p *Provider) moveAliasBack(ctx context.Context, k *remoteKey) error {
+	if _, err := p.updateAlias(ctx, k.alias, k.movedFrom); err != nil {
+		return fmt.Errorf("move alias %s back to key %s: %w; key %s is kept, and the next attempt tries again", k.alias, k.movedFrom, err, k.keyID)
+	}
+	p.log.Info("awskms: alias moved back from an unused rotation key", zap.String("alias", k.alias),
+		zap.String("key_id", k.movedFrom), zap.String("from_key_id", k.keyID))
+	if b, ok := p.keys.Get(k.movedBase); ok && b.keyID == k.movedFrom && b.alias == "" {
+		nb := *b
+		nb.alias = k.alias
+		if err := p.keys.Replace(k.movedBase, &nb); err != nil {
+			return err
+		}
+	}
+	// Done: a later call (after a failed deletion) finds k with no alias.
+	k.alias, k.movedFrom, k.movedBase = "", "", ""
+	return nil
 }
 
 // AddKey starts serving an existing key, named by key id, key ARN, alias or

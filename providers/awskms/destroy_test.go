@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/kms"
 	"github.com/aws/aws-sdk-go-v2/service/kms/types"
 
 	"github.com/sigil-agent/sigil/providers"
@@ -122,28 +123,117 @@ func TestDestroyKey(t *testing.T) {
 	}
 }
 
-// A key NewVersion moved the configured alias to is kept, without a call
-// to check: the alias's users sign with it.
-func TestDestroyKeyKeepsTheAliasedNewKey(t *testing.T) {
-	tf := newFleet(t, 0)
-	ctx := context.Background()
-	awskmstest.CreateAlias(t, tf.admin, "alias/rotating", tf.ids["p256"])
-	if _, err := tf.p.AddKey(ctx, "by-alias", "alias/rotating"); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := tf.p.NewVersion(ctx, "by-alias", "by-alias-v2"); err != nil {
-		t.Fatal(err)
-	}
-	arn, _ := tf.p.URI("by-alias-v2")
-	err := tf.p.DestroyKey(ctx, "by-alias-v2", func(providers.KeyInfo) error {
-		t.Fatal("check called for a key the alias names")
-		return nil
-	})
-	if err == nil {
-		t.Fatal("DestroyKey scheduled the deletion of the key the alias names")
-	}
-	if md := awskmstest.DescribeKey(t, tf.admin, "alias/rotating"); aws.ToString(md.Arn) != arn || md.KeyState != types.KeyStateEnabled {
-		t.Fatalf("the alias names %s (%s), want the new key %s enabled", aws.ToString(md.Arn), md.KeyState, arn)
+// NewVersion moves the alias a slot's key was configured by to the new
+// key at once, before the attempt's CSR and canaries. DestroyKey used to
+// keep that key because the alias named it: the alias's users signed with
+// a key the slot never cut over to, enabled for good. Now the alias moves
+// back to the key it named before and the key is scheduled for deletion,
+// and the next NewVersion moves the alias again. An alias someone else
+// moved, or one this provider did not move, is left alone, the key kept.
+// A move back that fails keeps the key, and the next call finishes it.
+func TestDestroyKeyMovesTheAliasBack(t *testing.T) {
+	const alias = "alias/rotating"
+	for _, tc := range []struct {
+		name    string
+		destroy string // the name DestroyKey is given
+		moved   bool   // someone else moves the alias after NewVersion
+		faultOp string // the operation that fails in the first DestroyKey
+		fault   fault
+		kept    bool   // the first DestroyKey keeps the key
+		aliasAt string // where the alias is after it: "base", "new" or "other"
+	}{
+		{name: "moved back", destroy: "by-alias-v2", aliasAt: "base"},
+		{name: "moved back, the answer lost", destroy: "by-alias-v2", faultOp: "UpdateAlias", fault: faultApplied5xx, aliasAt: "base"},
+		{name: "the move back refused, then done", destroy: "by-alias-v2", faultOp: "UpdateAlias", fault: faultRefused5xx, kept: true, aliasAt: "new"},
+		{name: "moved back, the deletion refused, then done", destroy: "by-alias-v2", faultOp: "ScheduleKeyDeletion", fault: faultRefused5xx, kept: true, aliasAt: "base"},
+		{name: "someone else moved the alias", destroy: "by-alias-v2", moved: true, kept: true, aliasAt: "other"},
+		{name: "an alias the provider did not move", destroy: "by-alias-2", kept: true, aliasAt: "base"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			tf := newFleet(t, 0)
+			ctx := context.Background()
+			base := aws.ToString(awskmstest.DescribeKey(t, tf.admin, tf.ids["p256"]).Arn)
+			awskmstest.CreateAlias(t, tf.admin, alias, base)
+			for _, name := range []string{"by-alias", "by-alias-2"} {
+				if _, err := tf.p.AddKey(ctx, name, alias); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, err := tf.p.NewVersion(ctx, "by-alias", "by-alias-v2"); err != nil {
+				t.Fatal(err)
+			}
+			v2, _ := tf.p.URI("by-alias-v2")
+			if got := aws.ToString(awskmstest.DescribeKey(t, tf.admin, alias).Arn); got != v2 {
+				t.Fatalf("NewVersion left the alias on %s", got)
+			}
+			moveAlias := func(to string) {
+				if _, err := tf.admin.UpdateAlias(ctx, &kms.UpdateAliasInput{AliasName: aws.String(alias), TargetKeyId: aws.String(to)}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			destroyed, at := v2, map[string]string{"base": base, "new": v2}
+			if tc.destroy == "by-alias-2" {
+				// It names the base key, opened through the alias, which
+				// this provider did not move there.
+				destroyed = base
+				moveAlias(base)
+			}
+			if tc.moved {
+				at["other"] = aws.ToString(awskmstest.DescribeKey(t, tf.admin, awskmstest.CreateKey(t, tf.admin, types.KeySpecEccNistP256)).Arn)
+				moveAlias(at["other"])
+			}
+			if tc.faultOp != "" {
+				tf.tr.faults.Store(tc.faultOp, tc.fault)
+			}
+			err := tf.p.DestroyKey(ctx, tc.destroy, func(providers.KeyInfo) error { return nil })
+			if tc.faultOp != "" {
+				tf.tr.faults.Store(tc.faultOp, noFault)
+			}
+			if tc.kept == (err == nil) {
+				t.Fatalf("DestroyKey: %v, want the key kept: %v", err, tc.kept)
+			}
+			if got := aws.ToString(awskmstest.DescribeKey(t, tf.admin, alias).Arn); got != at[tc.aliasAt] {
+				t.Fatalf("the alias names %s, want the %s key %s", got, tc.aliasAt, at[tc.aliasAt])
+			}
+			st := awskmstest.DescribeKey(t, tf.admin, destroyed).KeyState
+			if want := map[bool]types.KeyState{true: types.KeyStateEnabled, false: types.KeyStatePendingDeletion}[tc.kept]; st != want {
+				t.Fatalf("the key DestroyKey was given is %s, want %s", st, want)
+			}
+			if tc.fault == faultRefused5xx {
+				// What the next attempt's start does.
+				if err := tf.p.DestroyKey(ctx, tc.destroy, func(providers.KeyInfo) error { return nil }); err != nil {
+					t.Fatalf("DestroyKey again: %v", err)
+				}
+				if got := aws.ToString(awskmstest.DescribeKey(t, tf.admin, alias).Arn); got != base {
+					t.Fatalf("after the second DestroyKey the alias names %s, want the base key %s", got, base)
+				}
+				if st := awskmstest.DescribeKey(t, tf.admin, v2).KeyState; st != types.KeyStatePendingDeletion {
+					t.Fatalf("after the second DestroyKey the new key is %s", st)
+				}
+			}
+			if awskmstest.DescribeKey(t, tf.admin, base).KeyState != types.KeyStateEnabled {
+				t.Fatal("the base key is not enabled")
+			}
+			d := randomDigest(crypto.SHA256)
+			sig, err := tf.p.Sign(ctx, "by-alias", algES256, d)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := providers.Verify(tf.info(t, "by-alias").Public, algES256, d, sig); err != nil {
+				t.Fatalf("the base key's signature: %v", err)
+			}
+			if tc.kept && tc.fault == noFault {
+				return
+			}
+			// The base key got the alias back: its next version takes it.
+			if _, err := tf.p.NewVersion(ctx, "by-alias", "by-alias-v3"); err != nil {
+				t.Fatal(err)
+			}
+			v3, _ := tf.p.URI("by-alias-v3")
+			if got := aws.ToString(awskmstest.DescribeKey(t, tf.admin, alias).Arn); got != v3 {
+				t.Fatalf("after the next NewVersion the alias names %s, want the new key %s", got, v3)
+			}
+		})
 	}
 }
 
