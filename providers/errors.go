@@ -26,4 +26,8 @@ var (
 	ErrRateLimited = errors.New("rate limited by the key service")
 	// ErrInvalidSignature: Verify found the signature does not match.
 	ErrInvalidSignature = errors.New("invalid signature")
+	// ErrInUse: a key a DestroyKey was asked to destroy is in use (a
+	// version of a slot, served for another purpose, named by an alias
+	// others use) and is kept. Not transient: asking again changes nothing.
+	ErrInUse = errors.New("the key is in use")
 )

@@ -119,6 +119,10 @@ func WireCode(err error) proto.Code {
 		return proto.UnsupportedAlgorithm
 	case errors.Is(err, providers.ErrBadRequest):
 		return proto.BadRequest
+	case errors.Is(err, providers.ErrInUse):
+		// A rotation's unused key kept because something uses it: the
+		// agent may not destroy it.
+		return proto.PermissionDenied
 	case errors.Is(err, providers.ErrPINIncorrect):
 		return proto.PINIncorrect
 	case errors.Is(err, providers.ErrTokenLocked):

@@ -27,6 +27,8 @@ func TestWireCode(t *testing.T) {
 		{fmt.Errorf("sign: %w", providers.ErrNotFound), proto.NotFound},
 		{providers.ErrUnsupportedAlgorithm, proto.UnsupportedAlgorithm},
 		{providers.ErrBadRequest, proto.BadRequest},
+		{fmt.Errorf("destroy: %w", ErrKeyInUse), proto.PermissionDenied},
+		{fmt.Errorf("awskms destroy: alias names it: %w", providers.ErrInUse), proto.PermissionDenied},
 		{providers.ErrPINIncorrect, proto.PINIncorrect},
 		{providers.ErrTokenLocked, proto.TokenLocked},
 		{fmt.Errorf("kms: %w", providers.ErrRateLimited), proto.RateLimited},

@@ -47,8 +47,10 @@ type KeyDestroyer interface {
 
 // ErrKeyInUse: a key a failed rotation attempt would destroy is a version
 // of a slot, or is served for another purpose, or is not the key the
-// attempt generated. It is kept.
-var ErrKeyInUse = errors.New("the key is in use")
+// attempt generated. It is kept. The providers' own word for it (an AWS
+// key an operator's alias names), so that a provider's refusal is read
+// as the rotator's.
+var ErrKeyInUse = providers.ErrInUse
 
 // ErrKeyNotProvenUnused: a crashed attempt's key whose kid the journal
 // does not hold (the attempt died between making it and its keygen

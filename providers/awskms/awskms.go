@@ -364,7 +364,7 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 	}
 
 	if bk.alias != "" {
-		if deletable, err := p.updateAlias(ctx, bk.alias, newARN); err != nil {
+		if deletable, err := p.updateAlias(ctx, bk.alias, newARN, true); err != nil {
 			if !deletable {
 				return fail(fmt.Errorf("%w, so that key was left in place, not scheduled for deletion: check the alias, and delete the key that it does not name", err))
 			}
@@ -396,10 +396,12 @@ func (p *Provider) NewVersion(ctx context.Context, base, name string) (providers
 // sent once more (pointing an alias at the same key again is idempotent),
 // and the alias read back; a read showing newARN means done (nil), but a
 // read showing the old key proves nothing, since KMS is eventually
-// consistent and may still show what it named before. So in every other
-// case the error (deletable false) says that the alias may name newARN all
-// the same.
-func (p *Provider) updateAlias(ctx context.Context, alias, newARN string) (deletable bool, err error) {
+// consistent and may still show what it named before. A read showing
+// newARN proves the update only when readBackProves: not when newARN is
+// the key the alias named before (a failed attempt's alias moved back),
+// which a stale read shows too. So in every other case the error
+// (deletable false) says that the alias may name newARN all the same.
+func (p *Provider) updateAlias(ctx context.Context, alias, newARN string, readBackProves bool) (deletable bool, err error) {
 	update := func() error {
 		callCtx, cancel := context.WithTimeout(ctx, p.timeout)
 		defer cancel()
@@ -431,7 +433,7 @@ func (p *Provider) updateAlias(ctx context.Context, alias, newARN string) (delet
 		}
 	}
 	target, readErr := p.aliasTarget(ctx, alias)
-	if readErr == nil && target == newARN {
+	if readErr == nil && target == newARN && readBackProves {
 		p.log.Warn("awskms: alias update reported a failure but was applied",
 			zap.String("alias", alias), zap.String("key_id", newARN), zap.Error(err))
 		return false, nil
@@ -582,11 +584,11 @@ func (p *Provider) refuseAliased(ctx context.Context, k *remoteKey) error {
 			return fmt.Errorf("%w; where alias %s points is unknown, so key %s is kept", err, k.alias, k.keyID)
 		}
 		if target != k.keyID && target != k.movedFrom {
-			return fmt.Errorf("alias %s was moved to key %s since the rotation moved it to key %s; the alias is left there and the key kept", k.alias, target, k.keyID)
+			return fmt.Errorf("alias %s was moved to key %s since the rotation moved it to key %s; the alias is left there and the key kept: %w", k.alias, target, k.keyID, providers.ErrInUse)
 		}
 		own = k.alias
 	case k.alias != "":
-		return fmt.Errorf("alias %s names key %s", k.alias, k.keyID)
+		return fmt.Errorf("alias %s names key %s: %w", k.alias, k.keyID, providers.ErrInUse)
 	}
 	// ListAliases may answer fewer aliases than asked for, even none, and
 	// say Truncated: the rest follow NextMarker. Only an untruncated page
@@ -603,7 +605,7 @@ func (p *Provider) refuseAliased(ctx context.Context, k *remoteKey) error {
 		cancel()
 		for _, a := range out.Aliases {
 			if n := aws.ToString(a.AliasName); n != own {
-				return fmt.Errorf("alias %s names key %s", n, k.keyID)
+				return fmt.Errorf("alias %s names key %s: %w", n, k.keyID, providers.ErrInUse)
 			}
 		}
 		if !out.Truncated {
@@ -623,7 +625,9 @@ func (p *Provider) refuseAliased(ctx context.Context, k *remoteKey) error {
 // been applied is settled as NewVersion settles it (updateAlias); any
 // failure keeps k.
 func (p *Provider) moveAliasBack(ctx context.Context, k *remoteKey) error {
-	if _, err := p.updateAlias(ctx, k.alias, k.movedFrom); err != nil {
+	// The read-back proves nothing here: newARN is the key the alias named
+	// until NewVersion moved it, which a stale read still shows.
+	if _, err := p.updateAlias(ctx, k.alias, k.movedFrom, false); err != nil {
 		return fmt.Errorf("move alias %s back to key %s: %w; key %s is kept, and the next attempt tries again", k.alias, k.movedFrom, err, k.keyID)
 	}
 	p.log.Info("awskms: alias moved back from an unused rotation key", zap.String("alias", k.alias),

@@ -139,12 +139,17 @@ func TestDestroyKeyMovesTheAliasBack(t *testing.T) {
 		moved   bool   // someone else moves the alias after NewVersion
 		faultOp string // the operation that fails in the first DestroyKey
 		fault   fault
+		stale   bool   // and DescribeKey answers the base key (a stale read)
 		kept    bool   // the first DestroyKey keeps the key
 		aliasAt string // where the alias is after it: "base", "new" or "other"
 	}{
 		{name: "moved back", destroy: "by-alias-v2", aliasAt: "base"},
-		{name: "moved back, the answer lost", destroy: "by-alias-v2", faultOp: "UpdateAlias", fault: faultApplied5xx, aliasAt: "base"},
+		// A read showing the base key proves nothing: a stale one shows it
+		// too. So a move back whose answers were lost keeps the key, and
+		// the next call, whose update is answered, finishes it.
+		{name: "moved back, the answers lost, then done", destroy: "by-alias-v2", faultOp: "UpdateAlias", fault: faultApplied5xx, kept: true, aliasAt: "base"},
 		{name: "the move back refused, then done", destroy: "by-alias-v2", faultOp: "UpdateAlias", fault: faultRefused5xx, kept: true, aliasAt: "new"},
+		{name: "the move back refused, a stale read showing the base key", destroy: "by-alias-v2", faultOp: "UpdateAlias", fault: faultRefused5xx, stale: true, kept: true, aliasAt: "new"},
 		{name: "moved back, the deletion refused, then done", destroy: "by-alias-v2", faultOp: "ScheduleKeyDeletion", fault: faultRefused5xx, kept: true, aliasAt: "base"},
 		{name: "someone else moved the alias", destroy: "by-alias-v2", moved: true, kept: true, aliasAt: "other"},
 		{name: "an alias the provider did not move", destroy: "by-alias-2", kept: true, aliasAt: "base"},
@@ -185,12 +190,22 @@ func TestDestroyKeyMovesTheAliasBack(t *testing.T) {
 			if tc.faultOp != "" {
 				tf.tr.faults.Store(tc.faultOp, tc.fault)
 			}
+			if tc.stale {
+				tf.tr.staleARN = base
+				tf.tr.faults.Store("DescribeKey", faultStaleRead)
+			}
 			err := tf.p.DestroyKey(ctx, tc.destroy, func(providers.KeyInfo) error { return nil })
 			if tc.faultOp != "" {
 				tf.tr.faults.Store(tc.faultOp, noFault)
 			}
+			tf.tr.faults.Store("DescribeKey", noFault)
 			if tc.kept == (err == nil) {
 				t.Fatalf("DestroyKey: %v, want the key kept: %v", err, tc.kept)
+			}
+			if inUse := tc.kept && tc.fault == noFault; errors.Is(err, providers.ErrInUse) != inUse {
+				// An alias someone uses keeps the key for good (the rotator
+				// does not try again); a failed call keeps it for a retry.
+				t.Fatalf("DestroyKey: %v; want ErrInUse: %v", err, inUse)
 			}
 			if got := aws.ToString(awskmstest.DescribeKey(t, tf.admin, alias).Arn); got != at[tc.aliasAt] {
 				t.Fatalf("the alias names %s, want the %s key %s", got, tc.aliasAt, at[tc.aliasAt])
@@ -199,7 +214,7 @@ func TestDestroyKeyMovesTheAliasBack(t *testing.T) {
 			if want := map[bool]types.KeyState{true: types.KeyStateEnabled, false: types.KeyStatePendingDeletion}[tc.kept]; st != want {
 				t.Fatalf("the key DestroyKey was given is %s, want %s", st, want)
 			}
-			if tc.fault == faultRefused5xx {
+			if tc.fault == faultRefused5xx || tc.fault == faultApplied5xx {
 				// What the next attempt's start does.
 				if err := tf.p.DestroyKey(ctx, tc.destroy, func(providers.KeyInfo) error { return nil }); err != nil {
 					t.Fatalf("DestroyKey again: %v", err)
