@@ -136,12 +136,23 @@ func TestUnlistedKeysAreDroppedPastALimit(t *testing.T) {
 		ctx.FindObjectsFinal(searching)
 	}
 
-	search(fresh(70)) // base unlisted: 4 absent, kept
-	fake.setKeys(base)
-	if again := findKey(t, ctx, searching, p11.CKO_PRIVATE_KEY, "p256"); again != priv {
-		t.Fatalf("p256 listed again: handle %#x, was %#x", again, priv)
+	listedAgain := func(why string) {
+		t.Helper()
+		fake.setKeys(base)
+		if again := findKey(t, ctx, searching, p11.CKO_PRIVATE_KEY, "p256"); again != priv {
+			t.Fatalf("p256 listed again (%s): handle %#x, was %#x", why, again, priv)
+		}
 	}
-	search(fresh(71)) // base and 70 unlisted: base, the oldest, dropped
+	search(fresh(70)) // base unlisted: 4 absent, kept
+	listedAgain("4 unlisted")
+	// 70 keys rotated away for good, then base missing from one list (its
+	// provider out): the keys unlisted longest go first, not base, though
+	// it came first (reviewer BO: the first-added went first).
+	search(fresh(71))
+	listedAgain("missing from one list after 70 others went for good")
+	// Base unlisted longer than all but 60 of 64 others: it goes.
+	search(fresh(72))
+	search(fresh(73))
 
 	fake.setKeys(base) // the agent signs with p256 again; no search yet
 	sig, err := ctx.Sign(signing, sum(crypto.SHA256, message))

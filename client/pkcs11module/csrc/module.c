@@ -81,6 +81,7 @@ static struct {
 	sg_key **keys; /* in order of slot */
 	size_t nkeys, capkeys;
 	uint32_t nslots; /* slots given out since C_Initialize: see object_handle */
+	uint64_t searches; /* key lists merged since C_Initialize: see forget_absent */
 	int keys_loaded;
 	uint32_t obj_base; /* g_object_next at C_Initialize: see object_handle */
 	sg_session **sess;
@@ -537,19 +538,45 @@ static int shown(sg_bytes name)
  * by about 1.7 MB a search (TestKeyListsDoNotAccumulate). */
 #define MAX_ABSENT_KEYS 64
 
-/* forget_absent frees the oldest unlisted keys past MAX_ABSENT_KEYS, under
- * g.mu. A key is only read under g.mu (a signing session has its own
+static int cmp_u64(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return (x > y) - (x < y);
+}
+
+/* forget_absent frees, under g.mu, the unlisted keys past MAX_ABSENT_KEYS
+ * that have gone unlisted longest (by the last search that listed them; a
+ * tie by slot), so that a long-lived key missing from one list, while its
+ * provider was out, keeps its handles, and those rotated away for good go
+ * first. A key is only read under g.mu (a signing session has its own
  * sign_key), so none is in use. */
 static void forget_absent(void)
 {
-	size_t absent = 0, kept = 0;
+	size_t absent = 0, kept = 0, below = 0;
 	for (size_t i = 0; i < g.nkeys; i++)
 		absent += !g.keys[i]->present;
+	if (absent <= MAX_ABSENT_KEYS)
+		return;
+	uint64_t *when = malloc(absent * sizeof *when);
+	if (!when)
+		return; /* kept until a later search has the memory */
+	size_t n = 0;
+	for (size_t i = 0; i < g.nkeys; i++)
+		if (!g.keys[i]->present)
+			when[n++] = g.keys[i]->listed;
+	qsort(when, n, sizeof *when, cmp_u64);
+	size_t drop = absent - MAX_ABSENT_KEYS;
+	uint64_t cut = when[drop - 1]; /* the newest "last listed" that goes */
+	for (size_t i = 0; i < n; i++)
+		below += when[i] < cut;
+	free(when);
+	size_t ties = drop - below; /* keys listed last at cut that go, by slot */
 	for (size_t i = 0; i < g.nkeys; i++) {
 		sg_key *k = g.keys[i];
-		if (!k->present && absent > MAX_ABSENT_KEYS) {
+		if (!k->present && (k->listed < cut || (k->listed == cut && ties > 0))) {
+			if (k->listed == cut)
+				ties--;
 			sg_key_free(k);
-			absent--;
 			continue;
 		}
 		g.keys[kept++] = k;
@@ -571,6 +598,7 @@ static CK_RV refresh_keys(void)
 		return rv;
 	}
 	pthread_mutex_lock(&g.mu);
+	g.searches++;
 	for (size_t i = 0; i < g.nkeys; i++)
 		g.keys[i]->present = 0;
 	sg_bytes it = resp.keys;
@@ -585,6 +613,7 @@ static CK_RV refresh_keys(void)
 				break;
 		if (i < g.nkeys) {
 			g.keys[i]->present = 1;
+			g.keys[i]->listed = g.searches;
 			continue;
 		}
 		sg_key *k = calloc(1, sizeof *k);
@@ -619,14 +648,18 @@ static CK_RV refresh_keys(void)
 			g.capkeys = cap;
 		}
 		k->slot = g.nslots++;
+		k->listed = g.searches;
 		g.keys[g.nkeys++] = k;
 		g_object_next = g.obj_base + (uint32_t)(SG_OBJS_PER_KEY * g.nslots);
 	}
 	if (more < 0)
 		rv = CKR_DEVICE_ERROR;
-	forget_absent();
-	if (rv == CKR_OK)
+	if (rv == CKR_OK) {
+		/* Only after a whole list: one cut short leaves keys it did not
+		 * reach unmarked, though the agent still lists them. */
+		forget_absent();
 		g.keys_loaded = 1;
+	}
 	pthread_mutex_unlock(&g.mu);
 	sg_agent_release(&g.agent, c);
 	return rv;

@@ -46,6 +46,7 @@ typedef struct {
 	size_t sig_len;   /* the PKCS#11 signature's length: answers length queries locally */
 	size_t field_len; /* ECDSA: bytes of r and of s */
 	int present;      /* listed by the agent's last ListKeys */
+	uint64_t listed;  /* the number of the last search that listed it */
 	uint32_t slot;    /* its place in the numbering of object handles */
 	int has_cert;     /* the certificate object exists */
 	uint8_t *cert_der; /* the agent's certificate bytes, as listed (NULL: none) */
