@@ -171,7 +171,8 @@ func (c *conn) slotKey(slot *policy.Slot, kid string, verify bool) (*keyEntry, i
 	return e, version, nil
 }
 
-// listKeys is the ListKeys reply: the tenant's slots, or every key.
+// listKeys is the ListKeys reply: the tenant's slots whose clients admit
+// the caller, or every key.
 func (c *conn) listKeys() ([]proto.KeyEntry, error) {
 	if c.a.policy == nil {
 		return c.a.keys.listWithCerts(), nil
@@ -182,7 +183,14 @@ func (c *conn) listKeys() ([]proto.KeyEntry, error) {
 	}
 	slots := c.a.policy.Set().Slots(tenant)
 	out := make([]proto.KeyEntry, 0, len(slots))
+	id := c.identity()
 	for _, s := range slots {
+		if !s.Admits(id) {
+			// Not a key this caller may use: the ssh-agent socket and
+			// the PKCS#11 module would offer it, and every Sign with
+			// it be PERMISSION_DENIED.
+			continue
+		}
 		if e, _, err := c.slotKey(s, "", false); err == nil {
 			cert := c.a.keys.cert(e.info.Name)
 			out = append(out, proto.KeyEntry{Name: s.Name, KID: e.info.KID, Provider: e.info.Provider, KeyType: string(e.info.Type),

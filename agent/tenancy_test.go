@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 
+	sshagentclient "golang.org/x/crypto/ssh/agent"
+
 	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/agent/devcerts"
 	"github.com/sigil-agent/sigil/client"
@@ -356,4 +358,109 @@ func TestReloadRefusedInPartSaysWhatWasTaken(t *testing.T) {
 	if _, err := billing.Sign(ctx, client.ByName("invoice"), client.Algorithm{}, []byte("m")); client.Code(err) != proto.Unauthenticated {
 		t.Fatalf("the revocation the reply reports as taken: %v", err)
 	}
+}
+
+// clientsPolicy gives payments (this uid, the uid after it, and every
+// SPIFFE ID under payments/) a slot that only the uid after this one and
+// the ci identity may sign with, and one that every identity of the
+// tenant may.
+func clientsPolicy(uid int) string {
+	return fmt.Sprintf(`
+admins: {unix_uids: [%d]}
+tenants:
+  - name: payments
+    identities:
+      unix_uids: [%d, %d]
+      mtls: ["spiffe://example.org/payments/*"]
+    slots:
+      - name: ci-only
+        key: default
+        policy: {clients: ["uid:%d", "spiffe://example.org/payments/ci"]}
+      - name: open
+        key: ed
+`, uid, uid, uid+1, uid+1)
+}
+
+// ListKeys answers the keys this caller may use (docs/protocol.md), on
+// every door: a slot whose clients leave the caller out is not listed,
+// neither on the client socket nor over mTLS nor on the ssh-agent socket,
+// where a listed key the caller could not sign with was offered to ssh.
+// The slot's public key stays readable by the tenant's identities
+// (PublicKey): public material, for verifying.
+func TestListKeysShowsOnlySlotsTheCallerMaySignWith(t *testing.T) {
+	s := startTenancy(t)
+	ctx := context.Background()
+	if err := os.WriteFile(s.policyFile, []byte(clientsPolicy(os.Getuid())), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	admin, err := client.Dial(ctx, s.admin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close()
+	if _, err := admin.ReloadPolicy(ctx); err != nil {
+		t.Fatal(err)
+	}
+	web, err := s.tenantClient(t, "spiffe://example.org/payments/web")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ci, err := s.tenantClient(t, "spiffe://example.org/payments/ci")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		c    *client.Client
+		want string // the slots listed, sorted, comma-separated
+	}{
+		{"this uid on the client socket", s.running.dial(t), "open"},
+		{"payments/web over mTLS", web, "open"},
+		{"payments/ci over mTLS", ci, "ci-only,open"},
+	}
+	d := sha256.Sum256([]byte("listed"))
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			keys, err := tc.c.ListKeys(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var names []string
+			for _, k := range keys {
+				names = append(names, k.Name)
+			}
+			if got := strings.Join(names, ","); got != tc.want {
+				t.Fatalf("lists %q, want %q", got, tc.want)
+			}
+			// What is listed signs; what is not is PERMISSION_DENIED.
+			for _, slot := range []string{"ci-only", "open"} {
+				_, err := tc.c.Sign(ctx, client.ByName(slot), client.Algorithm{}, d[:])
+				listed := strings.Contains(","+tc.want+",", ","+slot+",")
+				if listed && err != nil || !listed && client.Code(err) != proto.PermissionDenied {
+					t.Errorf("sign with %s (listed %v): %v", slot, listed, err)
+				}
+			}
+			if _, err := tc.c.PublicKey(ctx, client.ByName("ci-only")); err != nil {
+				t.Errorf("public key of ci-only: %v", err)
+			}
+		})
+	}
+	t.Run("this uid on the ssh-agent socket", func(t *testing.T) {
+		nc, err := net.Dial("unix", s.running.serveSSH(t, agent.Config{Socket: s.running.socket}))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer nc.Close()
+		keys, err := sshagentclient.NewClient(nc).List()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, k := range keys {
+			names = append(names, k.Comment)
+		}
+		if got := strings.Join(names, ","); got != "open" {
+			t.Fatalf("the ssh-agent socket offers %q, want %q", got, "open")
+		}
+	})
 }

@@ -84,6 +84,13 @@ type Slot struct {
 // FullName is "tenant/slot".
 func (s *Slot) FullName() string { return s.fullName }
 
+// Admits reports whether id, an identity of the slot's tenant, is among
+// the slot's clients (any identity of the tenant when it names none): who
+// may sign with it, and so who is shown it in a key listing.
+func (s *Slot) Admits(id Identity) bool {
+	return s.Policy.clients == nil || s.Policy.clients.matches(id)
+}
+
 // Version is one key version of a slot.
 type Version struct {
 	Number int    // 1, 2, …
