@@ -52,7 +52,7 @@ func (j *JournalConfig) validate() error {
 
 func openJournal(cfg *Config, log *zap.Logger, fs vfs.FS) (*journal.Journal, error) {
 	if cfg.Journal.Mode == "off" {
-		log.Warn("audit journal is OFF: signatures are released without audit records (benchmarks only)")
+		log.Warn("audit journal is OFF: signatures are released without audit records, and daily quota counts and run-time pauses do not outlive a restart (benchmarks only)")
 		return nil, nil
 	}
 	d, err := journal.ParseDurability(cfg.Journal.Mode)
