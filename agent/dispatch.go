@@ -225,7 +225,7 @@ func (c *conn) decideResolved(ctx context.Context, req *proto.Request, d *signDe
 			return nil, &proto.Error{Code: reasonCode(fence.Reason), Msg: fence.Message()}
 		}
 		d.allowed = true
-		if err := c.stillActive(t); err != nil {
+		if err := c.stillActive(t, fence.Slot, req.KID); err != nil {
 			return nil, err
 		}
 	}
@@ -280,7 +280,18 @@ func logProviderPanic(log *zap.Logger, pe *providers.PanicError) error {
 // that resolved the key before that pause and was checked after the
 // drill's resume is not among them, and would sign with the retired key.
 // One it refuses has used its quota unit, as a provider's failure does.
-func (c *conn) stillActive(t target) error {
+//
+// checked is the slot as the policy that allowed the request has it: a
+// reload between the resolve and the check may have given the slot
+// another key (without rotation the file's key signs), and the request,
+// checked under the new policy, must not sign with the old one's key,
+// which that policy may give to another tenant.
+func (c *conn) stillActive(t target, checked *policy.Slot, kid string) error {
+	if checked != t.slot {
+		if e, _, err := c.slotKey(checked, kid, false); err != nil || e != t.key {
+			return &proto.Error{Code: proto.Unavailable, Msg: "the key slot changed while this request was checked; retry"}
+		}
+	}
 	if c.a.rot == nil || t.version == 0 {
 		return nil
 	}
