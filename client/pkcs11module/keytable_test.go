@@ -169,3 +169,28 @@ func TestUnlistedKeysAreDroppedPastALimit(t *testing.T) {
 		t.Fatalf("p256 listed after it was dropped kept handle %#x", priv)
 	}
 }
+
+// Keys that leave the list together (their provider out) go latest added
+// first: the long-lived key, added first, keeps its handles.
+func TestKeysUnlistedTogetherGoLatestAddedFirst(t *testing.T) {
+	base := newFakeKeys(t)
+	later := make([]fakeKey, 70)
+	for i := range later {
+		k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		later[i] = fakeKey{fmt.Sprintf("later-%d", i), fmt.Sprintf("%032x", 5000+i), "ecdsa-p256", k}
+	}
+	fake := startFake(t, append(append([]fakeKey(nil), base...), later...))
+	t.Setenv(proto.SocketEnv, fake.sock)
+	ctx := openModule(t)
+	s := openSession(t, ctx)
+	priv := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256") // base, then the 70, listed
+	fake.setKeys(nil)                                       // all 74 unlisted at once: 10 go
+	if err := ctx.FindObjectsInit(s, nil); err != nil {
+		t.Fatalf("C_FindObjectsInit: %v", err)
+	}
+	ctx.FindObjectsFinal(s)
+	fake.setKeys(base)
+	if again := findKey(t, ctx, s, p11.CKO_PRIVATE_KEY, "p256"); again != priv {
+		t.Fatalf("p256, added first, listed again: handle %#x, was %#x", again, priv)
+	}
+}

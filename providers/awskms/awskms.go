@@ -584,7 +584,9 @@ func (p *Provider) refuseAliased(ctx context.Context, k *remoteKey) error {
 			return fmt.Errorf("%w; where alias %s points is unknown, so key %s is kept", err, k.alias, k.keyID)
 		}
 		if target != k.keyID && target != k.movedFrom {
-			return fmt.Errorf("alias %s was moved to key %s since the rotation moved it to key %s; the alias is left there and the key kept: %w", k.alias, target, k.keyID, providers.ErrInUse)
+			// Someone moved it, or the read is stale (KMS shows an alias's
+			// moves late): kept, and read again at the next attempt's start.
+			return fmt.Errorf("alias %s names key %s, not key %s the rotation moved it to; the alias is left there and the key kept for now: %w", k.alias, target, k.keyID, providers.ErrUnavailable)
 		}
 		own = k.alias
 	case k.alias != "":

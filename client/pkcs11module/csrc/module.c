@@ -545,10 +545,10 @@ static int cmp_u64(const void *a, const void *b)
 }
 
 /* forget_absent frees, under g.mu, the unlisted keys past MAX_ABSENT_KEYS
- * that have gone unlisted longest (by the last search that listed them; a
- * tie by slot), so that a long-lived key missing from one list, while its
- * provider was out, keeps its handles, and those rotated away for good go
- * first. A key is only read under g.mu (a signing session has its own
+ * that have gone unlisted longest (by the last search that listed them;
+ * among keys last listed together, the latest added first), so that a
+ * long-lived key missing from one list, while its provider was out, keeps
+ * its handles, and those rotated away for good go first. A key is only read under g.mu (a signing session has its own
  * sign_key), so none is in use. */
 static void forget_absent(void)
 {
@@ -565,17 +565,28 @@ static void forget_absent(void)
 		if (!g.keys[i]->present)
 			when[n++] = g.keys[i]->listed;
 	qsort(when, n, sizeof *when, cmp_u64);
-	size_t drop = absent - MAX_ABSENT_KEYS;
+	size_t drop = absent - MAX_ABSENT_KEYS, tied = 0;
 	uint64_t cut = when[drop - 1]; /* the newest "last listed" that goes */
-	for (size_t i = 0; i < n; i++)
+	for (size_t i = 0; i < n; i++) {
 		below += when[i] < cut;
+		tied += when[i] == cut;
+	}
 	free(when);
-	size_t ties = drop - below; /* keys listed last at cut that go, by slot */
+	/* Of the keys last listed at cut, drop - below go: the latest added
+	 * (the table is in order of slot), so the first tied - that stay. */
+	size_t stay = tied - (drop - below);
 	for (size_t i = 0; i < g.nkeys; i++) {
 		sg_key *k = g.keys[i];
-		if (!k->present && (k->listed < cut || (k->listed == cut && ties > 0))) {
-			if (k->listed == cut)
-				ties--;
+		int gone = 0;
+		if (!k->present && k->listed < cut)
+			gone = 1;
+		else if (!k->present && k->listed == cut) {
+			if (stay > 0)
+				stay--;
+			else
+				gone = 1;
+		}
+		if (gone) {
 			sg_key_free(k);
 			continue;
 		}
