@@ -59,6 +59,11 @@ func (p pauser) Pause(tenant, slot string, rec *journal.Record) error {
 		// look and this one would be numbered the drill's below, and
 		// lifted by its resume.
 		if paused, _ := p.a.policy.Paused(tenant, slot); paused {
+			// Left as it is, but fenced all the same: a reload that
+			// paused the slot in its file did not wait out the
+			// signatures its old policy allowed, and the drill's
+			// emergency rotation must not retire their key under them.
+			p.waitIdle(tenant, slot)
 			return rotation.ErrPausedAlready
 		}
 	}
@@ -73,12 +78,7 @@ func (p pauser) Pause(tenant, slot string, rec *journal.Record) error {
 	// limits.write_timeout drops its connection, and the reply with it.
 	// A reply queued behind another's write may wait out that write's
 	// timeout before its own starts: two write timeouts in all.
-	lim := p.a.cfg.Limits
-	wctx, cancel := context.WithTimeout(context.Background(), lim.RequestTimeout+2*lim.WriteTimeout+time.Second)
-	if err := p.a.policy.WaitIdle(wctx, tenant, slot); err != nil {
-		p.a.log.Warn("pause: signatures still in flight past the request timeout", zap.String("slot", tenant+"/"+slot), zap.Error(err))
-	}
-	cancel()
+	p.waitIdle(tenant, slot)
 	p.a.pauseSerial++
 	if p.a.pausedBy == nil {
 		p.a.pausedBy = map[string]uint64{}
@@ -98,6 +98,16 @@ func (p pauser) Pause(tenant, slot string, rec *journal.Record) error {
 		return fmt.Errorf("%w: %w", errPauseNotStored, err)
 	}
 	return nil
+}
+
+// waitIdle waits until the slot's signatures in flight are out.
+func (p pauser) waitIdle(tenant, slot string) {
+	lim := p.a.cfg.Limits
+	wctx, cancel := context.WithTimeout(context.Background(), lim.RequestTimeout+2*lim.WriteTimeout+time.Second)
+	defer cancel()
+	if err := p.a.policy.WaitIdle(wctx, tenant, slot); err != nil {
+		p.a.log.Warn("pause: signatures still in flight past the request timeout", zap.String("slot", tenant+"/"+slot), zap.Error(err))
+	}
 }
 
 func (p pauser) Resume(tenant, slot string, rec *journal.Record) error {
