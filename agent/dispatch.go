@@ -238,6 +238,9 @@ func (c *conn) decideResolved(ctx context.Context, req *proto.Request, d *signDe
 		// deadline would fail at once, leave no record, and answer
 		// JOURNAL_UNAVAILABLE of a healthy journal.
 		if err = ctx.Err(); err == nil {
+			err = c.notRetiredMeanwhile(t)
+		}
+		if err == nil {
 			return sig, nil
 		}
 	} else {
@@ -301,6 +304,32 @@ func (c *conn) stillActive(t target, checked *policy.Slot, kid string) error {
 	}
 	if v.Number != t.version {
 		return &proto.Error{Code: proto.Unavailable, Msg: "the key slot rotated while this request was checked; retry"}
+	}
+	return nil
+}
+
+// notRetiredMeanwhile withholds a signature whose version was retired
+// while its provider signed: an emergency rotation (an incident drill)
+// retires the old version at its cut-over, and a failed rotation's revert
+// the new one. A drill's pause waits out the signatures in flight, but a
+// slot paused already (an operator's pause, its policy file) is not
+// paused by the drill, and a pause lifted during the drill (an operator's
+// resume, a reload) no longer holds signers back: a signature allowed
+// then was released, journaled OK, after the drill retired its key. A
+// version replaced by an ordinary rotation or a rollback is accepted and
+// still verifies: its signature goes out. The common case, the slot still
+// on the version that signed, costs one atomic load and no clock read.
+func (c *conn) notRetiredMeanwhile(t target) error {
+	if c.a.rot == nil || t.version == 0 {
+		return nil
+	}
+	store := c.a.rot.Store()
+	slot := t.slot.FullName()
+	if v, err := store.Resolve(slot); err == nil && v.Number == t.version {
+		return nil
+	}
+	if _, err := store.VersionForVerify(slot, t.key.info.KID, time.Now()); err != nil {
+		return &proto.Error{Code: proto.Unavailable, Msg: "the key version that signed was retired meanwhile (an incident drill, or a failed rotation); retry"}
 	}
 	return nil
 }

@@ -2,13 +2,20 @@ package agent_test
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"os"
+	"path/filepath"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+	"github.com/sigil-agent/sigil/providers/software"
 )
 
 // okSignsAfterRetire returns the OK sign records of payments that the
@@ -74,4 +81,140 @@ func TestDrillOfAFilePausedSlotReleasesNoSignatureOfTheKeyItRetired(t *testing.T
 	if err != nil && client.Code(err) != proto.Unavailable {
 		t.Fatalf("the Sign in flight: %v, want it released before the retirement or UNAVAILABLE", err)
 	}
+}
+
+// gatedProvider is a software provider that makes key versions, like
+// heldProvider, and holds the next Sign of a key whose name starts with a
+// gate's prefix until the test opens that gate: two calls held apart.
+type gatedProvider struct {
+	*software.Provider
+	mu    sync.Mutex
+	gates map[string]*signGate
+}
+
+type signGate struct {
+	entered, letGo chan struct{}
+	once           sync.Once
+}
+
+// open lets the held call go (once).
+func (gt *signGate) open() { gt.once.Do(func() { close(gt.letGo) }) }
+
+func newGatedProvider(t *testing.T) *gatedProvider {
+	t.Helper()
+	sp, err := software.Open(software.Config{ID: "gated", DataDir: t.TempDir(), Keys: []software.KeyConfig{{Name: "hkey", Type: providers.KeyECDSAP256}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &gatedProvider{Provider: sp, gates: map[string]*signGate{}}
+}
+
+// gate holds the next Sign of a key named prefix…
+func (g *gatedProvider) gate(t *testing.T, prefix string) *signGate {
+	gt := &signGate{entered: make(chan struct{}, 1), letGo: make(chan struct{})}
+	t.Cleanup(gt.open)
+	g.mu.Lock()
+	g.gates[prefix] = gt
+	g.mu.Unlock()
+	return gt
+}
+
+func (g *gatedProvider) Sign(ctx context.Context, key string, alg providers.Algorithm, digest []byte) ([]byte, error) {
+	g.mu.Lock()
+	var gt *signGate
+	for prefix, x := range g.gates {
+		if strings.HasPrefix(key, prefix) {
+			gt = x
+			delete(g.gates, prefix)
+		}
+	}
+	g.mu.Unlock()
+	if gt != nil {
+		gt.entered <- struct{}{}
+		select {
+		case <-gt.letGo:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	return g.Provider.Sign(ctx, key, alg, digest)
+}
+
+func (g *gatedProvider) NewVersion(ctx context.Context, _, name string) (providers.KeyInfo, error) {
+	return g.Provider.GenerateKey(ctx, name, providers.KeyECDSAP256)
+}
+
+func (g *gatedProvider) URI(name string) (string, error) { return "gated:" + name, nil }
+
+func (g *gatedProvider) AddKey(_ context.Context, name, _ string) (providers.KeyInfo, error) {
+	return g.Provider.Adopt(name, providers.KeyECDSAP256)
+}
+
+func waitEntered(t *testing.T, gt *signGate, what string) {
+	t.Helper()
+	select {
+	case <-gt.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s did not reach the provider", what)
+	}
+}
+
+// An operator's resume during an incident drill lets the slot sign again
+// while the drill rotates; a signature the old key was making when the
+// drill cut over and retired it is withheld (UNAVAILABLE), not released.
+// Before, it came out after the drill's retire record, journaled OK: a
+// signature by the key the incident retired.
+func TestSignByAKeyRetiredWhileItSignedIsWithheld(t *testing.T) {
+	g := newGatedProvider(t)
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Rotation.Canaries = 2
+	if err := os.WriteFile(cfg.Policy, []byte(heldPolicy("")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg, agent.WithProviders(g))
+	admin := r.serveAdmin(t, cfg.AdminSocket)
+	ctx := context.Background()
+
+	csr := g.gate(t, "payments/release/") // the drill's new key
+	drilled := make(chan error, 1)
+	go func() { _, err := admin.IncidentDrill(ctx, "payments/release"); drilled <- err }()
+	waitEntered(t, csr, "the drill's CSR") // the drill has paused the slot
+	operator := r.serveAdminAgain(t, cfg.AdminSocket)
+	if _, err := operator.Resume(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	old := g.gate(t, "hkey")
+	signed := make(chan error, 1)
+	go func() {
+		d := sha256.Sum256([]byte("while the drill rotates"))
+		_, err := r.dial(t).Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		signed <- err
+	}()
+	waitEntered(t, old, "the Sign after the resume")
+	csr.open()
+	if err := <-drilled; err != nil {
+		t.Fatalf("drill: %v", err)
+	}
+	old.open()
+	err := <-signed
+	if bad := okSignsAfterRetire(t, operator); len(bad) > 0 {
+		t.Fatalf("the Sign by the old key got %v; signatures journaled OK after their key's retirement:\n%s", err, bad)
+	}
+	if client.Code(err) != proto.Unavailable {
+		t.Fatalf("the Sign by the old key: %v, want UNAVAILABLE", err)
+	}
+}
+
+// serveAdminAgain dials the admin socket serveAdmin serves.
+func (r *running) serveAdminAgain(t *testing.T, path string) *client.Client {
+	t.Helper()
+	c, err := client.Dial(context.Background(), path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
