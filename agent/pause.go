@@ -113,11 +113,19 @@ func (p pauser) waitIdle(tenant, slot string) {
 func (p pauser) Resume(tenant, slot string, rec *journal.Record) error {
 	p.a.pauseMu.Lock()
 	defer p.a.pauseMu.Unlock()
-	if _, found := p.a.policy.Paused(tenant, slot); !found {
-		return policy.ErrSlotNotFound
-	}
-	if cur, ok := p.a.pausedBy[tenant+"/"+slot]; ok && p.own != nil && cur != *p.own {
+	cur, ours := p.a.pausedBy[tenant+"/"+slot]
+	if ours && p.own != nil && cur != *p.own {
 		return rotation.ErrPausedMeanwhile
+	}
+	_, found := p.a.policy.Paused(tenant, slot)
+	// A drill whose slot a reload dropped meanwhile lifts its own pause
+	// all the same: its rotation is done, and a stored pause left behind
+	// would pause the slot, by nobody's choice, when a reload brings it
+	// back. An operator's resume of such a slot is refused, and the stored
+	// pause kept for its return (docs/policy.md).
+	gone := !found && p.own != nil && ours
+	if !found && !gone {
+		return policy.ErrSlotNotFound
 	}
 	if p.a.journal != nil {
 		change := journal.StateChange{Key: pauseKeyPrefix + tenant + "/" + slot, Delete: true}
@@ -126,6 +134,9 @@ func (p pauser) Resume(tenant, slot string, rec *journal.Record) error {
 		}
 	}
 	delete(p.a.pausedBy, tenant+"/"+slot)
+	if gone {
+		return nil
+	}
 	err := p.a.policy.Resume(tenant, slot)
 	if p.own != nil && errors.Is(err, policy.ErrPausedInFile) {
 		// A reload paused the slot in its file during the drill: the

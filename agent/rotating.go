@@ -493,6 +493,10 @@ func rotationError(err error) error {
 		return &proto.Error{Code: proto.NotFound, Msg: err.Error()}
 	case errors.Is(err, rotation.ErrKeyRetired):
 		return &proto.Error{Code: proto.KeyRetired, Msg: err.Error()}
+	case errors.Is(err, policy.ErrSlotNotFound):
+		// A drill's pause of a slot the rotation state keeps and the
+		// policy no longer has (a reload dropped it).
+		return &proto.Error{Code: proto.NotFound, Msg: err.Error() + " (the policy in force has no such slot)"}
 	}
 	return err
 }

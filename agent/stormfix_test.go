@@ -218,3 +218,71 @@ func (r *running) serveAdminAgain(t *testing.T, path string) *client.Client {
 	t.Cleanup(func() { c.Close() })
 	return c
 }
+
+// A reload that drops a slot while an incident drill runs on it leaves
+// the drill a success: its rotation is done, and it lifts its own pause
+// (in the journal), so the slot signs with the new key when a reload
+// brings it back. Before, the drill's resume found no slot and the drill
+// failed, INTERNAL and drill.failed, after its rotation, and the slot came
+// back paused by nobody's choice.
+func TestDrillOfASlotDroppedDuringItSucceeds(t *testing.T) {
+	g := newGatedProvider(t)
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Rotation.Canaries = 2
+	withSlot := heldPolicy("") + "      - {name: other, key: ed}\n"
+	withoutSlot := strings.Replace(withSlot, "      - {name: release, key: hkey}\n", "", 1)
+	if err := os.WriteFile(cfg.Policy, []byte(withSlot), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg, agent.WithProviders(g))
+	admin := r.serveAdmin(t, cfg.AdminSocket)
+	ctx := context.Background()
+
+	csr := g.gate(t, "payments/release/")
+	drilled := make(chan error, 1)
+	go func() { _, err := admin.IncidentDrill(ctx, "payments/release"); drilled <- err }()
+	waitEntered(t, csr, "the drill's CSR")
+	if err := os.WriteFile(cfg.Policy, []byte(withoutSlot), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.agent.ReloadPolicy(); err != nil {
+		t.Fatal(err)
+	}
+	csr.open()
+	if err := <-drilled; err != nil {
+		t.Fatalf("drill: %v", err)
+	}
+	if err := os.WriteFile(cfg.Policy, []byte(withSlot), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.agent.ReloadPolicy(); err != nil {
+		t.Fatal(err)
+	}
+	if err := releaseSigner("back")(r.dial(t)); err != nil {
+		t.Fatalf("the slot brought back after the drill: %v", err)
+	}
+}
+
+// A drill of a slot the policy does not have (a reload dropped it; the
+// rotation state keeps it) is NOT_FOUND, as a rotation of a slot the
+// store lacks is. It was INTERNAL.
+func TestDrillOfASlotThePolicyLacksIsNotFound(t *testing.T) {
+	h, cfg, r, admin := heldAgent(t)
+	_ = h
+	if err := os.WriteFile(cfg.Policy, []byte(releasePolicy("ed", "")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p := strings.Replace(releasePolicy("ed", ""), "name: release", "name: other", 1)
+	if err := os.WriteFile(cfg.Policy, []byte(p), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.agent.ReloadPolicy(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := admin.IncidentDrill(context.Background(), "payments/release"); client.Code(err) != proto.NotFound {
+		t.Fatalf("drill of a slot the policy dropped: %v, want NOT_FOUND", err)
+	}
+}
