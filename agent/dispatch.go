@@ -311,11 +311,10 @@ func (c *conn) stillActive(t target, checked *policy.Slot, kid string) error {
 // notRetiredMeanwhile withholds a signature whose version was retired
 // while its provider signed: an emergency rotation (an incident drill)
 // retires the old version at its cut-over, and a failed rotation's revert
-// the new one. A drill's pause waits out the signatures in flight, but a
-// slot paused already (an operator's pause, its policy file) is not
-// paused by the drill, and a pause lifted during the drill (an operator's
-// resume, a reload) no longer holds signers back: a signature allowed
-// then was released, journaled OK, after the drill retired its key. A
+// the new one. A drill's pause waits out the signatures in flight, and
+// while it runs an operator's resume and a reload lifting the slot's file
+// pause are refused (pause.go, drillUnderWay); this is the last fence,
+// for a failed rotation's revert and any way round those. A
 // version replaced by an ordinary rotation or a rollback is accepted and
 // still verifies: its signature goes out. The common case, the slot still
 // on the version that signed, costs one atomic load and no clock read.

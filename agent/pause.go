@@ -100,6 +100,48 @@ func (p pauser) Pause(tenant, slot string, rec *journal.Record) error {
 	return nil
 }
 
+// errDrillUnderWay refuses what would let a slot sign during its incident
+// drill: signatures allowed then, by the key the drill's emergency
+// cut-over retires, were released after the cut-over record.
+var errDrillUnderWay = &proto.Error{Code: proto.Unavailable, Msg: "an incident drill of this slot is under way; try again once it ends"}
+
+// drillUnderWay marks slot's drill under way until the returned func is
+// called: an operator's resume of the slot is refused meanwhile, and so is
+// a policy reload that would lift the slot's pause in its file.
+func (a *Agent) drillUnderWay(slot string) (done func()) {
+	a.pauseMu.Lock()
+	if a.drilling == nil {
+		a.drilling = map[string]int{}
+	}
+	a.drilling[slot]++
+	a.pauseMu.Unlock()
+	return func() {
+		a.pauseMu.Lock()
+		if a.drilling[slot]--; a.drilling[slot] <= 0 {
+			delete(a.drilling, slot)
+		}
+		a.pauseMu.Unlock()
+	}
+}
+
+// liftsDrilledPause names a slot whose drill is under way and whose pause
+// in its file set would lift: the drill found it paused by the file and
+// took no pause of its own.
+func (a *Agent) liftsDrilledPause(set *policy.Set) error {
+	a.pauseMu.Lock()
+	defer a.pauseMu.Unlock()
+	for name := range a.drilling {
+		tenant, slot, _ := strings.Cut(name, "/")
+		if !a.policy.PausedInFile(tenant, slot) {
+			continue
+		}
+		if s, ok := set.Slot(tenant, slot); !ok || !s.Policy.Paused {
+			return fmt.Errorf("slot %s is paused in the policy file and an incident drill of it is under way: reload once the drill ends", name)
+		}
+	}
+	return nil
+}
+
 // waitIdle waits until the slot's signatures in flight are out.
 func (p pauser) waitIdle(tenant, slot string) {
 	lim := p.a.cfg.Limits
@@ -113,6 +155,9 @@ func (p pauser) waitIdle(tenant, slot string) {
 func (p pauser) Resume(tenant, slot string, rec *journal.Record) error {
 	p.a.pauseMu.Lock()
 	defer p.a.pauseMu.Unlock()
+	if p.own == nil && p.a.drilling[tenant+"/"+slot] > 0 {
+		return errDrillUnderWay
+	}
 	cur, ours := p.a.pausedBy[tenant+"/"+slot]
 	if ours && p.own != nil && cur != *p.own {
 		return rotation.ErrPausedMeanwhile

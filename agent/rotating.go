@@ -456,6 +456,7 @@ func (c *conn) rotationOp(req *proto.Request, resp *proto.Response) error {
 	}
 	if req.Op == proto.OpIncidentDrill {
 		o.Emergency = true
+		defer c.a.drillUnderWay(slot)()
 		rep, err := c.a.rot.Drill(ctx, slot, pauser{a: c.a, by: "incident drill by " + c.peer.String(), own: new(uint64)}, o)
 		if err != nil {
 			return rotationError(err)

@@ -66,6 +66,10 @@ type Agent struct {
 	// own pause. Guarded by pauseMu.
 	pausedBy    map[string]uint64
 	pauseSerial uint64
+	// drilling counts the incident drills under way by slot
+	// ("tenant/slot"), which an operator's resume and a reload may not
+	// let sign until they end. Guarded by pauseMu.
+	drilling map[string]int
 
 	mu          sync.Mutex
 	listeners   map[net.Listener]struct{}

@@ -159,12 +159,13 @@ func waitEntered(t *testing.T, gt *signGate, what string) {
 	}
 }
 
-// An operator's resume during an incident drill lets the slot sign again
-// while the drill rotates; a signature the old key was making when the
-// drill cut over and retired it is withheld (UNAVAILABLE), not released.
-// Before, it came out after the drill's retire record, journaled OK: a
-// signature by the key the incident retired.
-func TestSignByAKeyRetiredWhileItSignedIsWithheld(t *testing.T) {
+// An operator's resume during an incident drill is refused (UNAVAILABLE)
+// until the drill ends: it let the slot sign again while the drill
+// rotated, and a signature allowed then, by the key the drill's emergency
+// cut-over retires, came out after the drill's retire record, journaled
+// OK (the storm test's finding). A Sign meanwhile is PAUSED; the drill
+// resumes the slot itself, on its new key.
+func TestOperatorResumeDuringADrillIsRefused(t *testing.T) {
 	g := newGatedProvider(t)
 	cfg := softwareConfig(t)
 	cfg.DefaultKey = ""
@@ -183,28 +184,31 @@ func TestSignByAKeyRetiredWhileItSignedIsWithheld(t *testing.T) {
 	go func() { _, err := admin.IncidentDrill(ctx, "payments/release"); drilled <- err }()
 	waitEntered(t, csr, "the drill's CSR") // the drill has paused the slot
 	operator := r.serveAdminAgain(t, cfg.AdminSocket)
-	if _, err := operator.Resume(ctx, "payments/release"); err != nil {
-		t.Fatal(err)
+	if _, err := operator.Resume(ctx, "payments/release"); client.Code(err) != proto.Unavailable {
+		t.Fatalf("an operator's resume during the drill: %v, want UNAVAILABLE", err)
 	}
-	old := g.gate(t, "hkey")
-	signed := make(chan error, 1)
-	go func() {
-		d := sha256.Sum256([]byte("while the drill rotates"))
-		_, err := r.dial(t).Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
-		signed <- err
-	}()
-	waitEntered(t, old, "the Sign after the resume")
+	c := r.dial(t)
+	d := sha256.Sum256([]byte("while the drill rotates"))
+	if _, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:]); client.Code(err) != proto.Paused {
+		t.Fatalf("a Sign during the drill: %v, want PAUSED", err)
+	}
 	csr.open()
 	if err := <-drilled; err != nil {
 		t.Fatalf("drill: %v", err)
 	}
-	old.open()
-	err := <-signed
 	if bad := okSignsAfterRetire(t, operator); len(bad) > 0 {
-		t.Fatalf("the Sign by the old key got %v; signatures journaled OK after their key's retirement:\n%s", err, bad)
+		t.Fatalf("signatures journaled OK after their key's retirement:\n%s", bad)
 	}
-	if client.Code(err) != proto.Unavailable {
-		t.Fatalf("the Sign by the old key: %v, want UNAVAILABLE", err)
+	sig, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+	if err != nil {
+		t.Fatalf("a Sign after the drill: %v", err)
+	}
+	k, err := c.PublicKey(ctx, client.ByName("release"))
+	if err != nil || sig.KID != k.KID {
+		t.Fatalf("after the drill the slot signs with kid %s, its public key is %s (%v)", sig.KID, k.KID, err)
+	}
+	if _, err := operator.Resume(ctx, "payments/release"); err != nil {
+		t.Fatalf("an operator's resume after the drill: %v", err)
 	}
 }
 
@@ -284,5 +288,54 @@ func TestDrillOfASlotThePolicyLacksIsNotFound(t *testing.T) {
 	}
 	if _, err := admin.IncidentDrill(context.Background(), "payments/release"); client.Code(err) != proto.NotFound {
 		t.Fatalf("drill of a slot the policy dropped: %v, want NOT_FOUND", err)
+	}
+}
+
+// A policy reload that would lift the file pause of a slot whose drill is
+// under way is refused until the drill ends: the drill found the slot
+// paused by its file and took no pause of its own, so the reload let it
+// sign while the drill rotated. Once the drill ends the same reload goes
+// through.
+func TestReloadLiftingADrilledSlotsFilePauseWaitsForTheDrill(t *testing.T) {
+	g := newGatedProvider(t)
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Rotation.Canaries = 2
+	if err := os.WriteFile(cfg.Policy, []byte(heldPolicy("paused: true")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg, agent.WithProviders(g))
+	admin := r.serveAdmin(t, cfg.AdminSocket)
+	ctx := context.Background()
+
+	csr := g.gate(t, "payments/release/")
+	drilled := make(chan error, 1)
+	go func() { _, err := admin.IncidentDrill(ctx, "payments/release"); drilled <- err }()
+	waitEntered(t, csr, "the drill's CSR")
+	if err := os.WriteFile(cfg.Policy, []byte(heldPolicy("")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.agent.ReloadPolicy(); err == nil || !strings.Contains(err.Error(), "incident drill of it is under way") {
+		t.Fatalf("a reload lifting the file pause during the drill: %v, want it refused", err)
+	}
+	d := sha256.Sum256([]byte("while the drill rotates"))
+	c := r.dial(t)
+	if _, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:]); client.Code(err) != proto.Paused {
+		t.Fatalf("a Sign during the drill: %v, want PAUSED", err)
+	}
+	csr.open()
+	if err := <-drilled; err != nil {
+		t.Fatalf("drill: %v", err)
+	}
+	if err := r.agent.ReloadPolicy(); err != nil {
+		t.Fatalf("the reload after the drill: %v", err)
+	}
+	if _, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:]); err != nil {
+		t.Fatalf("a Sign after the drill and the reload: %v", err)
+	}
+	if bad := okSignsAfterRetire(t, admin); len(bad) > 0 {
+		t.Fatalf("signatures journaled OK after their key's retirement:\n%s", bad)
 	}
 }

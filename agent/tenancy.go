@@ -269,6 +269,9 @@ func (a *Agent) reloadPolicy(by string) error {
 		err = checkSlotKeys(set, a.keys)
 	}
 	if err == nil {
+		err = a.liftsDrilledPause(set)
+	}
+	if err == nil {
 		// As at start: a reload that dropped or renamed a slot ssh_keys
 		// names would leave the ssh-agent socket offering less, silently.
 		err = sshKeysError(a.cfg, set, func(name string) bool { return a.keys.entry(name) != nil })
