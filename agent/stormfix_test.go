@@ -166,24 +166,9 @@ func waitEntered(t *testing.T, gt *signGate, what string) {
 // OK (the storm test's finding). A Sign meanwhile is PAUSED; the drill
 // resumes the slot itself, on its new key.
 func TestOperatorResumeDuringADrillIsRefused(t *testing.T) {
-	g := newGatedProvider(t)
-	cfg := softwareConfig(t)
-	cfg.DefaultKey = ""
-	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
-	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
-	cfg.Rotation.Canaries = 2
-	if err := os.WriteFile(cfg.Policy, []byte(heldPolicy("")), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r := startAgent(t, cfg, agent.WithProviders(g))
-	admin := r.serveAdmin(t, cfg.AdminSocket)
-	ctx := context.Background()
-
-	csr := g.gate(t, "payments/release/") // the drill's new key
-	drilled := make(chan error, 1)
-	go func() { _, err := admin.IncidentDrill(ctx, "payments/release"); drilled <- err }()
-	waitEntered(t, csr, "the drill's CSR") // the drill has paused the slot
-	operator := r.serveAdminAgain(t, cfg.AdminSocket)
+	held := drillHeldAtItsCSR(t, heldPolicy(""))
+	r, csr, drilled, ctx := held.r, held.csr, held.drilled, context.Background()
+	operator := r.serveAdminAgain(t, held.cfg.AdminSocket)
 	if _, err := operator.Resume(ctx, "payments/release"); client.Code(err) != proto.Unavailable {
 		t.Fatalf("an operator's resume during the drill: %v, want UNAVAILABLE", err)
 	}
@@ -230,25 +215,10 @@ func (r *running) serveAdminAgain(t *testing.T, path string) *client.Client {
 // failed, INTERNAL and drill.failed, after its rotation, and the slot came
 // back paused by nobody's choice.
 func TestDrillOfASlotDroppedDuringItSucceeds(t *testing.T) {
-	g := newGatedProvider(t)
-	cfg := softwareConfig(t)
-	cfg.DefaultKey = ""
-	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
-	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
-	cfg.Rotation.Canaries = 2
 	withSlot := heldPolicy("") + "      - {name: other, key: ed}\n"
 	withoutSlot := strings.Replace(withSlot, "      - {name: release, key: hkey}\n", "", 1)
-	if err := os.WriteFile(cfg.Policy, []byte(withSlot), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r := startAgent(t, cfg, agent.WithProviders(g))
-	admin := r.serveAdmin(t, cfg.AdminSocket)
-	ctx := context.Background()
-
-	csr := g.gate(t, "payments/release/")
-	drilled := make(chan error, 1)
-	go func() { _, err := admin.IncidentDrill(ctx, "payments/release"); drilled <- err }()
-	waitEntered(t, csr, "the drill's CSR")
+	d := drillHeldAtItsCSR(t, withSlot)
+	r, cfg, csr, drilled := d.r, d.cfg, d.csr, d.drilled
 	if err := os.WriteFile(cfg.Policy, []byte(withoutSlot), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -297,23 +267,8 @@ func TestDrillOfASlotThePolicyLacksIsNotFound(t *testing.T) {
 // sign while the drill rotated. Once the drill ends the same reload goes
 // through.
 func TestReloadLiftingADrilledSlotsFilePauseWaitsForTheDrill(t *testing.T) {
-	g := newGatedProvider(t)
-	cfg := softwareConfig(t)
-	cfg.DefaultKey = ""
-	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
-	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
-	cfg.Rotation.Canaries = 2
-	if err := os.WriteFile(cfg.Policy, []byte(heldPolicy("paused: true")), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	r := startAgent(t, cfg, agent.WithProviders(g))
-	admin := r.serveAdmin(t, cfg.AdminSocket)
-	ctx := context.Background()
-
-	csr := g.gate(t, "payments/release/")
-	drilled := make(chan error, 1)
-	go func() { _, err := admin.IncidentDrill(ctx, "payments/release"); drilled <- err }()
-	waitEntered(t, csr, "the drill's CSR")
+	held := drillHeldAtItsCSR(t, heldPolicy("paused: true"))
+	r, cfg, admin, csr, drilled, ctx := held.r, held.cfg, held.admin, held.csr, held.drilled, context.Background()
 	if err := os.WriteFile(cfg.Policy, []byte(heldPolicy("")), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -338,4 +293,34 @@ func TestReloadLiftingADrilledSlotsFilePauseWaitsForTheDrill(t *testing.T) {
 	if bad := okSignsAfterRetire(t, admin); len(bad) > 0 {
 		t.Fatalf("signatures journaled OK after their key's retirement:\n%s", bad)
 	}
+}
+
+// heldDrill is an agent on a gatedProvider, its policy file slotPolicy,
+// with an incident drill of payments/release held at its CSR: the drill
+// has paused the slot (unless the file pauses it) and made its new key.
+type heldDrill struct {
+	r       *running
+	cfg     agent.Config
+	admin   *client.Client
+	csr     *signGate  // open() lets the drill go on
+	drilled chan error // the drill's result
+}
+
+func drillHeldAtItsCSR(t *testing.T, policyYAML string) heldDrill {
+	t.Helper()
+	g := newGatedProvider(t)
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Rotation.Canaries = 2
+	if err := os.WriteFile(cfg.Policy, []byte(policyYAML), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg, agent.WithProviders(g))
+	admin := r.serveAdmin(t, cfg.AdminSocket)
+	d := heldDrill{r: r, cfg: cfg, admin: admin, csr: g.gate(t, "payments/release/"), drilled: make(chan error, 1)}
+	go func() { _, err := admin.IncidentDrill(context.Background(), "payments/release"); d.drilled <- err }()
+	waitEntered(t, d.csr, "the drill's CSR")
+	return d
 }
