@@ -124,12 +124,17 @@ func (a *Agent) drillUnderWay(slot string) (done func()) {
 	}
 }
 
-// liftsDrilledPause names a slot whose drill is under way and whose pause
-// in its file set would lift: the drill found it paused by the file and
-// took no pause of its own.
-func (a *Agent) liftsDrilledPause(set *policy.Set) error {
-	a.pauseMu.Lock()
-	defer a.pauseMu.Unlock()
+// swapPolicyLocked puts set in force, with pauseMu held. A slot that comes
+// back is paused from its first Check if a stored pause names it, so the
+// stored pauses are read first, and the reload refused (fail closed) if
+// they cannot be. A slot whose drill is under way and whose pause in its
+// file set would lift is refused too: the drill found it paused by the
+// file and took no pause of its own.
+func (a *Agent) swapPolicyLocked(set *policy.Set) error {
+	paused, err := a.storedPauses(context.Background())
+	if err != nil {
+		return fmt.Errorf("the stored pauses could not be read: %w", err)
+	}
 	for name := range a.drilling {
 		tenant, slot, _ := strings.Cut(name, "/")
 		if !a.policy.PausedInFile(tenant, slot) {
@@ -139,6 +144,10 @@ func (a *Agent) liftsDrilledPause(set *policy.Set) error {
 			return fmt.Errorf("slot %s is paused in the policy file and an incident drill of it is under way: reload once the drill ends", name)
 		}
 	}
+	a.policy.SwapPaused(set, func(tenant, slot string) bool {
+		_, ok := paused[tenant+"/"+slot]
+		return ok
+	})
 	return nil
 }
 

@@ -545,16 +545,11 @@ func checkStormJournal(t *testing.T, dir string, received map[[32]byte]stormSig,
 				t.Errorf("seq %d: %s signed under policy %x, neither of the storm's", r.Seq, r.Slot, r.PolicyHash[:8])
 			}
 			if d, ok := dead[r.KID]; ok {
-				// Known, not fixed: a drill's slot signing again during
-				// the drill (an operator's resume, a reload lifting the
-				// file's pause) lets a signature by the old key whose
-				// record lands after the emergency cut-over's through;
-				// the post-sign check narrows it to the cut-over commit.
-				report := t.Logf
-				if os.Getenv("SIGIL_STORM_STRICT") != "" {
-					report = t.Errorf
-				}
-				report("seq %d: %s signed with kid %s, retired by the record at %s", r.Seq, r.Slot, r.KID, d)
+				// Nothing lets a drill's slot sign while it runs (an
+				// operator's resume and a reload lifting the file's pause
+				// are refused until it ends), so no signature by the old
+				// key may have a record after the emergency cut-over's.
+				t.Errorf("seq %d: %s signed with kid %s, retired by the record at %s", r.Seq, r.Slot, r.KID, d)
 			}
 			v, ok := versions[r.KID]
 			switch {

@@ -269,36 +269,30 @@ func (a *Agent) reloadPolicy(by string) error {
 		err = checkSlotKeys(set, a.keys)
 	}
 	if err == nil {
-		err = a.liftsDrilledPause(set)
-	}
-	if err == nil {
 		// As at start: a reload that dropped or renamed a slot ssh_keys
 		// names would leave the ssh-agent socket offering less, silently.
 		err = sshKeysError(a.cfg, set, func(name string) bool { return a.keys.entry(name) != nil })
-	}
-	var paused map[string]string
-	if err == nil {
-		// A slot that comes back must be paused from its first Check if a
-		// stored pause names it: read them all before the swap, and refuse
-		// the reload (fail closed) if they cannot be read.
-		if paused, err = a.storedPauses(context.Background()); err != nil {
-			err = fmt.Errorf("the stored pauses could not be read: %w", err)
-		}
 	}
 	if err == nil && a.rot != nil {
 		// A slot new to the agent gets its version 1 before it is in force:
 		// with rotation on, a slot the store does not know cannot sign.
 		err = a.enrollSlots(context.Background(), a.rot.Store(), set)
 	}
+	if err == nil {
+		// The stored pauses' read, the drills' check and the swap are one
+		// step under pauseMu, which pauses, resumes and drills take: a
+		// pause made between the read and the swap was lost in memory, and
+		// a drill begun between the check and the swap found its slot
+		// paused by the file it then unpaused (reviewer BT).
+		a.pauseMu.Lock()
+		err = a.swapPolicyLocked(set)
+		a.pauseMu.Unlock()
+	}
 	if err != nil {
 		a.log.Warn("policy reload refused; the current policy stays in force", zap.Error(err))
 		a.journalEvent("reload-policy", "", proto.BadRequest, "refused"+by+": "+firstLine(err.Error()))
 		return err
 	}
-	a.policy.SwapPaused(set, func(tenant, slot string) bool {
-		_, ok := paused[tenant+"/"+slot]
-		return ok
-	})
 	a.log.Info("policy reloaded", zap.String("hash", set.HashHex()))
 	a.journalEvent("reload-policy", "", proto.OK, "policy "+set.HashHex()+by)
 	if a.journal != nil {
