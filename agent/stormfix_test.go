@@ -95,6 +95,7 @@ type gatedProvider struct {
 type signGate struct {
 	entered, letGo chan struct{}
 	once           sync.Once
+	corrupt        bool // the held call's signature comes back with a byte flipped
 }
 
 // open lets the held call go (once).
@@ -137,7 +138,11 @@ func (g *gatedProvider) Sign(ctx context.Context, key string, alg providers.Algo
 			return nil, ctx.Err()
 		}
 	}
-	return g.Provider.Sign(ctx, key, alg, digest)
+	sig, err := g.Provider.Sign(ctx, key, alg, digest)
+	if err == nil && gt != nil && gt.corrupt {
+		sig[len(sig)/2] ^= 0xff
+	}
+	return sig, err
 }
 
 func (g *gatedProvider) NewVersion(ctx context.Context, _, name string) (providers.KeyInfo, error) {
@@ -323,4 +328,59 @@ func drillHeldAtItsCSR(t *testing.T, policyYAML string) heldDrill {
 	go func() { _, err := admin.IncidentDrill(context.Background(), "payments/release"); d.drilled <- err }()
 	waitEntered(t, d.csr, "the drill's CSR")
 	return d
+}
+
+// A Sign by a rotation's new version, in its provider when a canary fails
+// and the rotation reverts (the new version retired, the old one active
+// again), is withheld UNAVAILABLE: released, it would be a signature by a
+// version the journal retired before its record.
+func TestSignByAVersionARevertRetiredIsWithheld(t *testing.T) {
+	g := newGatedProvider(t)
+	cfg := softwareConfig(t)
+	cfg.DefaultKey = ""
+	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
+	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
+	cfg.Rotation.Canaries = 2
+	if err := os.WriteFile(cfg.Policy, []byte(heldPolicy("")), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := startAgent(t, cfg, agent.WithProviders(g))
+	admin := r.serveAdmin(t, cfg.AdminSocket)
+	ctx := context.Background()
+	const newKey = "payments/release/" // the rotation's new version's key
+
+	csr := g.gate(t, newKey)
+	rotated := make(chan error, 1)
+	go func() { rotated <- admin.Rotate(ctx, "payments/release") }()
+	waitEntered(t, csr, "the rotation's CSR")
+	canary := g.gate(t, newKey)
+	canary.corrupt = true
+	csr.open()
+	waitEntered(t, canary, "the first canary") // cut over: v2 active
+	c := r.dial(t)
+	v2, err := c.PublicKey(ctx, client.ByName("release"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	inFlight := g.gate(t, newKey)
+	signed := make(chan error, 1)
+	go func() {
+		d := sha256.Sum256([]byte("by v2, while its canary fails"))
+		_, err := c.Sign(ctx, client.ByName("release"), client.Algorithm{}, d[:])
+		signed <- err
+	}()
+	waitEntered(t, inFlight, "the Sign by v2")
+	canary.open()
+	if err := <-rotated; err == nil {
+		t.Fatal("the rotation succeeded with a canary that does not verify")
+	}
+	inFlight.open()
+	if err := <-signed; client.Code(err) != proto.Unavailable {
+		t.Fatalf("the Sign by v2 (kid %s), in flight at the revert: %v, want UNAVAILABLE", v2.KID, err)
+	}
+	for _, r := range auditOps(t, admin, "payments", "sign") {
+		if r["kid"] == v2.KID && r["code_name"] == "OK" {
+			t.Fatalf("a signature by the reverted v2 was journaled OK: %v", r)
+		}
+	}
 }
