@@ -48,6 +48,10 @@ type keyMaps struct {
 
 func (kr *keyring) entry(name string) *keyEntry { return kr.maps.Load().byName[name] }
 
+// serves reports whether a provider serves the key name: what the
+// configuration checks (a slot's key, ssh_keys, next_key) ask of the keyring.
+func (kr *keyring) serves(name string) bool { return kr.entry(name) != nil }
+
 func (kr *keyring) entryByKID(kid string) *keyEntry { return kr.maps.Load().byKID[kid] }
 
 // servingAs returns a name other than name under which the key with the

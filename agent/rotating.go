@@ -87,7 +87,7 @@ const rotationTimeout = rotation.DefaultTimeout
 func (a *Agent) setupRotation(ctx context.Context) error {
 	// Every rotation of such a slot would fail: refused as --check
 	// refuses it, here with the keys of providers an embedder added.
-	if errs := nextKeyErrors(a.cfg.Rotation.Slots, func(name string) bool { return a.keys.entry(name) != nil }); len(errs) > 0 {
+	if errs := nextKeyErrors(a.cfg.Rotation.Slots, a.keys.serves); len(errs) > 0 {
 		return errors.Join(errs...)
 	}
 	store, err := rotation.OpenStore(ctx, a.journal, rotation.StoreOptions{Logger: a.log.Named("rotation")})

@@ -192,7 +192,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 	if engine != nil {
 		set = engine.Set()
 	}
-	if err := sshKeysError(cfg, set, func(name string) bool { return kr.entry(name) != nil }); err != nil {
+	if err := sshKeysError(cfg, set, kr.serves); err != nil {
 		kr.close()
 		return nil, &configError{err}
 	}

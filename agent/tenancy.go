@@ -219,7 +219,7 @@ func (c *conn) isAdmin() bool {
 
 // checkSlotKeys refuses a policy whose slots name keys no provider serves.
 func checkSlotKeys(set *policy.Set, kr *keyring) error {
-	return slotKeysError(set, func(name string) bool { return kr.entry(name) != nil })
+	return slotKeysError(set, kr.serves)
 }
 
 // slotKeysError names each key that a slot of set names (its key, each
@@ -271,7 +271,7 @@ func (a *Agent) reloadPolicy(by string) error {
 	if err == nil {
 		// As at start: a reload that dropped or renamed a slot ssh_keys
 		// names would leave the ssh-agent socket offering less, silently.
-		err = sshKeysError(a.cfg, set, func(name string) bool { return a.keys.entry(name) != nil })
+		err = sshKeysError(a.cfg, set, a.keys.serves)
 	}
 	if err == nil && a.rot != nil {
 		// A slot new to the agent gets its version 1 before it is in force:

@@ -350,7 +350,7 @@ func (e *Engine) check(tenant, slot string, id Identity, alg providers.Algorithm
 	}
 	d := Decision{PolicyHash: t.hash, Slot: sl}
 	pol := &sl.Policy
-	if pol.clients != nil && !pol.clients.matches(id) {
+	if !sl.Admits(id) {
 		d.Reason = PermissionDenied
 		return d, nil, 0
 	}
