@@ -317,7 +317,7 @@ func slowWrites(d time.Duration) *errorfs.Toggle {
 // slow HSM or KMS call, made deterministic. deaf makes the held call
 // ignore its context, as a C_Sign on a wedged network HSM does.
 type heldProvider struct {
-	*software.Provider
+	versioningSoftware
 	hold, deaf atomic.Bool
 	entered    chan struct{}
 	letGo      chan struct{}
@@ -329,7 +329,7 @@ func newHeldProvider(t *testing.T) *heldProvider {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &heldProvider{Provider: sp, entered: make(chan struct{}, 1), letGo: make(chan struct{})}
+	h := &heldProvider{versioningSoftware: versioningSoftware{sp, "held"}, entered: make(chan struct{}, 1), letGo: make(chan struct{})}
 	t.Cleanup(h.release)
 	return h
 }
@@ -360,14 +360,22 @@ func (h *heldProvider) Sign(ctx context.Context, key string, alg providers.Algor
 	return h.Provider.Sign(ctx, key, alg, digest)
 }
 
-func (h *heldProvider) NewVersion(ctx context.Context, _, name string) (providers.KeyInfo, error) {
-	return h.Provider.GenerateKey(ctx, name, providers.KeyECDSAP256)
+// versioningSoftware is a software provider with ECDSA P-256 key versions
+// the way a cloud provider makes them (NewVersion, URI, AddKey), for the
+// test providers that hold signatures (heldProvider, gatedProvider).
+type versioningSoftware struct {
+	*software.Provider
+	scheme string // the URIs' scheme
 }
 
-func (h *heldProvider) URI(name string) (string, error) { return "held:" + name, nil }
+func (v versioningSoftware) NewVersion(ctx context.Context, _, name string) (providers.KeyInfo, error) {
+	return v.GenerateKey(ctx, name, providers.KeyECDSAP256)
+}
 
-func (h *heldProvider) AddKey(_ context.Context, name, _ string) (providers.KeyInfo, error) {
-	return h.Provider.Adopt(name, providers.KeyECDSAP256)
+func (v versioningSoftware) URI(name string) (string, error) { return v.scheme + ":" + name, nil }
+
+func (v versioningSoftware) AddKey(_ context.Context, name, _ string) (providers.KeyInfo, error) {
+	return v.Adopt(name, providers.KeyECDSAP256)
 }
 
 // heldAgent runs an agent whose tenant payments (this uid, also the admin)

@@ -87,7 +87,7 @@ func TestDrillOfAFilePausedSlotReleasesNoSignatureOfTheKeyItRetired(t *testing.T
 // heldProvider, and holds the next Sign of a key whose name starts with a
 // gate's prefix until the test opens that gate: two calls held apart.
 type gatedProvider struct {
-	*software.Provider
+	versioningSoftware
 	mu    sync.Mutex
 	gates map[string]*signGate
 }
@@ -107,7 +107,7 @@ func newGatedProvider(t *testing.T) *gatedProvider {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &gatedProvider{Provider: sp, gates: map[string]*signGate{}}
+	return &gatedProvider{versioningSoftware: versioningSoftware{sp, "gated"}, gates: map[string]*signGate{}}
 }
 
 // gate holds the next Sign of a key named prefix…
@@ -143,16 +143,6 @@ func (g *gatedProvider) Sign(ctx context.Context, key string, alg providers.Algo
 		sig[len(sig)/2] ^= 0xff
 	}
 	return sig, err
-}
-
-func (g *gatedProvider) NewVersion(ctx context.Context, _, name string) (providers.KeyInfo, error) {
-	return g.Provider.GenerateKey(ctx, name, providers.KeyECDSAP256)
-}
-
-func (g *gatedProvider) URI(name string) (string, error) { return "gated:" + name, nil }
-
-func (g *gatedProvider) AddKey(_ context.Context, name, _ string) (providers.KeyInfo, error) {
-	return g.Provider.Adopt(name, providers.KeyECDSAP256)
 }
 
 func waitEntered(t *testing.T, gt *signGate, what string) {
