@@ -494,3 +494,22 @@ func auditOps(t *testing.T, admin *client.Client, tenant, op string) []map[strin
 	}
 	return out
 }
+
+// serveAdminHTTP serves the agent's admin HTTP endpoints on listen until
+// the test ends, and returns their base URL.
+func (r *running) serveAdminHTTP(t *testing.T, listen string) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		t.Fatal(err)
+	}
+	httpDone := make(chan error, 1)
+	go func() { httpDone <- r.agent.ServeAdminHTTP(ln) }()
+	t.Cleanup(func() {
+		r.agent.Shutdown(context.Background())
+		if err := <-httpDone; !errors.Is(err, agent.ErrClosed) {
+			t.Errorf("ServeAdminHTTP returned %v", err)
+		}
+	})
+	return "http://" + ln.Addr().String()
+}

@@ -7,7 +7,6 @@ import (
 	"crypto/sha512"
 	"errors"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -49,19 +48,7 @@ func TestAdminHTTPMetricsAndHealth(t *testing.T) {
 	cfg.AdminHTTP.Listen = "127.0.0.1:0"
 	hp := &healthProvider{}
 	r := startAgent(t, cfg, agent.WithProviders(hp))
-	ln, err := net.Listen("tcp", cfg.AdminHTTP.Listen)
-	if err != nil {
-		t.Fatal(err)
-	}
-	httpDone := make(chan error, 1)
-	go func() { httpDone <- r.agent.ServeAdminHTTP(ln) }()
-	t.Cleanup(func() {
-		r.agent.Shutdown(context.Background())
-		if err := <-httpDone; !errors.Is(err, agent.ErrClosed) {
-			t.Errorf("ServeAdminHTTP returned %v", err)
-		}
-	})
-	base := "http://" + ln.Addr().String()
+	base := r.serveAdminHTTP(t, cfg.AdminHTTP.Listen)
 
 	get := func(path string) (int, string) {
 		t.Helper()

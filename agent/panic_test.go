@@ -7,10 +7,8 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -192,21 +190,10 @@ func TestProviderPanicInMetricsAndReadiness(t *testing.T) {
 	}
 	sp := &sickProvider{panickyProvider: &panickyProvider{Provider: soft, key: "boom"}}
 	r, logs := startAgentObserved(t, cfg, agent.WithProviders(sp))
-	ln, err := net.Listen("tcp", cfg.AdminHTTP.Listen)
-	if err != nil {
-		t.Fatal(err)
-	}
-	httpDone := make(chan error, 1)
-	go func() { httpDone <- r.agent.ServeAdminHTTP(ln) }()
-	t.Cleanup(func() {
-		r.agent.Shutdown(context.Background())
-		if err := <-httpDone; !errors.Is(err, agent.ErrClosed) {
-			t.Errorf("ServeAdminHTTP returned %v", err)
-		}
-	})
+	base := r.serveAdminHTTP(t, cfg.AdminHTTP.Listen)
 	get := func(path string) (int, string) {
 		t.Helper()
-		resp, err := http.Get("http://" + ln.Addr().String() + path)
+		resp, err := http.Get(base + path)
 		if err != nil {
 			t.Fatal(err)
 		}
