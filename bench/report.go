@@ -141,21 +141,38 @@ type ratioDef struct {
 	ops      bool // ops/s rather than p50
 	goal     float64
 	atMost   bool // the goal is an upper bound
+	reach    reachKind
 }
 
+// reachKind says which side of a ratio signs on the SoftHSM2 token in
+// another process than the bench's, and so how far the ratio can go in a
+// run (Goal.Reach). Such a signature costs at least the token's own in a
+// hot loop in process (direct) and a bare round trip to another process
+// (roundtrip): in latency, the two p50s at 1 connection; in CPU, the
+// least CPU per op either was measured at. With every core busy, no such
+// signer can do more than cores ÷ that CPU per op.
+type reachKind int
+
+const (
+	reachNone   reachKind = iota
+	reachP50Num           // num's p50 is at least direct's + roundtrip's
+	reachP50Den           // den's is
+	reachOpsNum           // num's ops/s are at most cores ÷ (direct's + roundtrip's CPU per op)
+)
+
 var ratioDefs = []ratioDef{
-	{name: RatioAgentVsDirectP50, num: ScenarioAgentUnix, den: ScenarioDirect, conns: 1, goal: 1.3, atMost: true},
-	{name: RatioAgentVsDirectOpsG8, num: ScenarioAgentUnix, den: ScenarioDirect, conns: 8, ops: true, goal: 1.0},
-	{name: RatioP11KitVsAgentP50, num: ScenarioP11Kit, den: ScenarioAgentUnix, conns: 1, goal: 3},
-	{name: RatioAgentVsP11KitOpsG8, num: ScenarioAgentUnix, den: ScenarioP11Kit, conns: 8, ops: true, goal: 3},
+	{name: RatioAgentVsDirectP50, num: ScenarioAgentUnix, den: ScenarioDirect, conns: 1, goal: 1.3, atMost: true, reach: reachP50Num},
+	{name: RatioAgentVsDirectOpsG8, num: ScenarioAgentUnix, den: ScenarioDirect, conns: 8, ops: true, goal: 1.0, reach: reachOpsNum},
+	{name: RatioP11KitVsAgentP50, num: ScenarioP11Kit, den: ScenarioAgentUnix, conns: 1, goal: 3, reach: reachP50Den},
+	{name: RatioAgentVsP11KitOpsG8, num: ScenarioAgentUnix, den: ScenarioP11Kit, conns: 8, ops: true, goal: 3, reach: reachOpsNum},
 	{name: RatioTCPVsUnixP50, num: ScenarioAgentTCP, den: ScenarioAgentUnix, conns: 1, goal: 1.2, atMost: true},
 	{name: RatioJournalVsOffOpsG8, num: ScenarioSoftwareWAL, den: ScenarioSoftwareNoJournal, conns: 8, ops: true, goal: 0.9},
 	{name: RatioMainVsOffOpsG8, num: ScenarioSoftware, den: ScenarioSoftwareNoJournal, conns: 8, ops: true},
 	{name: RatioFsyncVsOffOpsG8, num: ScenarioSoftwareFsync, den: ScenarioSoftwareNoJournal, conns: 8, ops: true},
 	{name: RatioJournalHSMOpsG8, num: ScenarioAgentUnix, den: ScenarioAgentNoJournal, conns: 8, ops: true},
 	{name: RatioPolicyVsNoneOpsG8, num: ScenarioSoftwarePolicy, den: ScenarioSoftwareWAL, conns: 8, ops: true, goal: 0.95},
-	{name: RatioFrontVsP11KitOpsG8, num: ScenarioPKCS11Front, den: ScenarioP11Kit, conns: 8, ops: true, goal: 2.5},
-	{name: RatioFrontVsP11KitP50, num: ScenarioPKCS11Front, den: ScenarioP11Kit, conns: 1, goal: 0.5, atMost: true},
+	{name: RatioFrontVsP11KitOpsG8, num: ScenarioPKCS11Front, den: ScenarioP11Kit, conns: 8, ops: true, goal: 2.5, reach: reachOpsNum},
+	{name: RatioFrontVsP11KitP50, num: ScenarioPKCS11Front, den: ScenarioP11Kit, conns: 1, goal: 0.5, atMost: true, reach: reachP50Num},
 }
 
 // ComputeRatios fills Ratios with the goal ratios on ECDSA P-256, each the
@@ -221,6 +238,18 @@ type Goal struct {
 	// Interrupted: the run was stopped before a result the goal needs
 	// had every rep (Report.Interrupted); the goal is not judged.
 	Interrupted bool `json:"interrupted,omitempty"`
+
+	// Reach is the best value the ratio could have taken in this run, for
+	// a goal on a signer in another process (reachKind): from the direct
+	// and roundtrip scenarios, 0 when either was not measured.
+	Reach float64 `json:"reach,omitempty"`
+}
+
+// OutOfReach reports whether the run's floors put the goal beyond any
+// signer in another process: not even one that did nothing but sign on
+// the token and answer could have met it.
+func (g Goal) OutOfReach() bool {
+	return g.Reach > 0 && g.Limit != 0 && !g.reached(g.Reach)
 }
 
 // reached reports whether v meets the goal's bound.
@@ -294,6 +323,7 @@ func (r *Report) Goals() []Goal {
 				}
 			}
 		}
+		g.Reach = r.reach(d)
 		goals = append(goals, g)
 	}
 	g := Goal{Name: GoalSoftwareEd25519OpsG8, Limit: 40000, Interrupted: r.incomplete(ScenarioSoftware, KeyEd25519, 8)}
@@ -312,6 +342,68 @@ func (r *Report) Goals() []Goal {
 		}
 	}
 	return goals
+}
+
+// reach works out Goal.Reach for d (reachKind).
+func (r *Report) reach(d ratioDef) float64 {
+	usable := func(scenario, key string, conns int) (Result, bool) {
+		res, ok := r.Find(scenario, key, conns)
+		if !ok || !res.ran() || res.Errors > 0 || r.incomplete(scenario, key, conns) {
+			return Result{}, false
+		}
+		return res, true
+	}
+	switch d.reach {
+	case reachOpsNum:
+		den, ok := usable(d.den, KeyECDSAP256, d.conns)
+		sign, trip := r.leastCPUPerOp(ScenarioDirect, KeyECDSAP256), r.leastCPUPerOp(ScenarioRoundTrip, KeyNone)
+		if !ok || den.OpsPerS <= 0 || sign == 0 || trip == 0 || r.Machine.Cores == 0 {
+			return 0
+		}
+		return float64(r.Machine.Cores) * 1e6 / (sign + trip) / den.OpsPerS
+	case reachP50Num, reachP50Den:
+		fixed := d.den // the side that does not sign in another process
+		if d.reach == reachP50Den {
+			fixed = d.num
+		}
+		other, ok := usable(fixed, KeyECDSAP256, d.conns)
+		direct, ok1 := usable(ScenarioDirect, KeyECDSAP256, 1)
+		trip, ok2 := usable(ScenarioRoundTrip, KeyNone, 1)
+		if !ok || !ok1 || !ok2 || other.P50us <= 0 {
+			return 0
+		}
+		floor := direct.P50us + trip.P50us
+		if d.reach == reachP50Den {
+			return other.P50us / floor
+		}
+		return floor / other.P50us
+	}
+	return 0
+}
+
+// hasReach reports whether any goal has Goal.Reach.
+func (r *Report) hasReach() bool {
+	for _, g := range r.Goals() {
+		if g.Reach > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// leastCPUPerOp is the least CPU per op scenario was measured at on key,
+// over every connection count that ran without a failed op; 0 if none.
+func (r *Report) leastCPUPerOp(scenario, key string) float64 {
+	least := 0.0
+	for _, res := range r.Results {
+		if res.Scenario != scenario || res.Key != key || !res.ran() || res.Errors > 0 || res.CPUPerOpUs <= 0 || r.incomplete(scenario, key, res.Conns) {
+			continue
+		}
+		if least == 0 || res.CPUPerOpUs < least {
+			least = res.CPUPerOpUs
+		}
+	}
+	return least
 }
 
 var goalDescriptions = map[string]string{
@@ -378,10 +470,20 @@ func (r *Report) Markdown(w io.Writer) error {
 				}
 				b.WriteString(")")
 			}
+			if g.Reach > 0 {
+				fmt.Fprintf(&b, "; at best %s in this run", g.format(g.Reach))
+				if g.OutOfReach() {
+					b.WriteString(": out of reach")
+				}
+			}
 			b.WriteString("\n")
 		} else {
 			fmt.Fprintf(&b, "goal %s: %s\n", g.Text, g.status())
 		}
+	}
+
+	if r.hasReach() {
+		b.WriteString("\n\"At best\" is the figure a signer in another process would reach if it did nothing but sign on the token and answer: a signature costs at least the `direct` p50 plus the `roundtrip` p50 (a bare request and reply with an echo process), and at least the least CPU per op either was measured at, of which the machine's cores give so many per second. \"Out of reach\": the goal is beyond that figure in this run.\n")
 	}
 
 	if line := r.cloudSLOSummary(); line != "" {

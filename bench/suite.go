@@ -22,7 +22,7 @@ type SuiteOptions struct {
 	Sigil string
 	// Keys are the key types to measure; default ecdsa-p256, rsa-2048, ed25519.
 	Keys []string
-	// Scenarios limits which scenarios run (default all): direct, agent-unix,
+	// Scenarios limits which scenarios run (default all): roundtrip, direct, agent-unix,
 	// agent-unix-nojournal, agent-tcp, p11kit, pkcs11-front, software (and its
 	// -wal, -nojournal, -fsync and -policy variants), and the cloud ones (awskms,
 	// gcpkms, azurekv; see StartCloud).
@@ -137,6 +137,13 @@ func RunSuite(ctx context.Context, o SuiteOptions) (*Report, error) {
 	}
 
 	var scenarios []Scenario
+	if o.wants(ScenarioRoundTrip) {
+		echo, err := env.startEcho(ctx, o.Sigil)
+		if err != nil {
+			return nil, fmt.Errorf("roundtrip scenario: %w", err)
+		}
+		scenarios = append(scenarios, RoundTripScenario(echo.Socket, processesCPU(echo.PID)))
+	}
 	for _, k := range env.Keys {
 		if direct != nil {
 			scenarios = append(scenarios, direct.Scenario(ScenarioDirect, k, nil))

@@ -54,3 +54,25 @@ func TestRunSuiteReportsWhatCannotBeSetUp(t *testing.T) {
 		}
 	}
 }
+
+// The roundtrip scenario runs its echo in a process of its own (the sigil
+// binary's hidden bench-echo command), whose CPU counts in the figures.
+func TestRunSuiteRoundTrip(t *testing.T) {
+	o := SuiteOptions{
+		Options:   Options{Conns: []int{1, 2}, Duration: 100 * time.Millisecond, Warmup: -1, Reps: 1},
+		Sigil:     buildSigil(t),
+		Keys:      []string{KeyECDSAP256},
+		Scenarios: []string{ScenarioRoundTrip},
+		Log:       testLog{t},
+	}
+	report, err := RunSuite(context.Background(), o)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, conns := range o.Conns {
+		r, ok := report.Find(ScenarioRoundTrip, KeyNone, conns)
+		if !ok || !r.ran() || r.Errors != 0 || r.CPUPerOpUs <= 0 {
+			t.Errorf("roundtrip@%d: found %v, %+v", conns, ok, r)
+		}
+	}
+}

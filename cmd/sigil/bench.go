@@ -41,6 +41,9 @@ process serving them (and software keys of the same types), and a p11-kit
 server forwarding the same token. Scenarios, interleaved rep by rep so ratios
 hold on a noisy machine:
 
+  roundtrip   a bare request and reply with an echo process, nothing signed
+              (the floor of a round trip on this machine; with direct, it
+              gives each goal the best figure this run allows, "at best")
   direct      in-process miekg/pkcs11 on the token (the floor)
   agent-unix  the agent over its Unix socket, one connection per worker
   agent-tcp   the agent over mutual TLS 1.3 on loopback, one connection per worker
@@ -180,7 +183,7 @@ exits 1. A second Ctrl-C quits at once.`,
 	f.BoolVar(&quick, "quick", false, "1 and 8 connections, ECDSA P-256 and Ed25519, 2 reps of 400ms (under a minute)")
 	f.StringVar(&conns, "conns", "", "connection counts, comma-separated (default 1,8,64)")
 	f.StringVar(&keys, "keys", "", "key types: ecdsa-p256,rsa-2048,ed25519 (default all)")
-	f.StringVar(&scenarios, "scenarios", "", "direct,agent-unix,agent-unix-nojournal,agent-tcp,p11kit,pkcs11-front,software,software-wal,software-nojournal,software-fsync,software-policy,awskms,gcpkms,azurekv (default all but the experiments)")
+	f.StringVar(&scenarios, "scenarios", "", "roundtrip,direct,agent-unix,agent-unix-nojournal,agent-tcp,p11kit,pkcs11-front,software,software-wal,software-nojournal,software-fsync,software-policy,awskms,gcpkms,azurekv (default all but the experiments)")
 	f.DurationVar(&duration, "duration", 0, "measured time per rep (default 2s)")
 	f.DurationVar(&warmup, "warmup", 0, "warm-up before each rep (default 300ms)")
 	f.IntVar(&reps, "reps", 0, "repetitions (default 3); figures are medians over reps")
@@ -191,6 +194,25 @@ exits 1. A second Ctrl-C quits at once.`,
 	f.StringVar(&addr, "addr", "", "measure an agent already running at this socket (it must say Hello within --timeout)")
 	f.StringVar(&key, "key", "", "with --addr: the key to sign with")
 	return cmd
+}
+
+// newBenchEchoCommand is the echo process of the bench's roundtrip
+// scenario (bench.ServeEcho): hidden, as only `sigil bench` runs it.
+func newBenchEchoCommand() *cobra.Command {
+	return &cobra.Command{
+		Use:    bench.EchoCommand + " SOCKET",
+		Short:  "Echo every message on a Unix socket (the bench's roundtrip floor)",
+		Hidden: true,
+		Args:   cobra.ExactArgs(1),
+		RunE: func(_ *cobra.Command, args []string) error {
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			if err := bench.ServeEcho(ctx, args[0]); err != nil {
+				return &exitError{exitFailure, err}
+			}
+			return nil
+		},
+	}
 }
 
 func parseInts(s string) ([]int, error) {

@@ -85,7 +85,7 @@ the agent cannot take, admin_http.listen bound beyond loopback).`,
 	root.AddCommand(opsCmds[:3]...)
 	rep := newREPCommand()
 	rep.AddCommand(opsCmds[3])
-	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(g), newPolicyCommand(), rep, newSSHAgentEnvCommand(), newBenchCommand(g), newSoakCommand(), newVersionCommand())
+	root.AddCommand(newAgentCommand(g), newKeysCommand(g), newVerifyCommand(g), newAuditCommand(g), newPolicyCommand(), rep, newSSHAgentEnvCommand(), newBenchCommand(g), newSoakCommand(), newVersionCommand(), newBenchEchoCommand())
 	for _, c := range root.Commands() {
 		refuseUnknownSubcommands(c)
 	}
