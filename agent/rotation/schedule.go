@@ -388,6 +388,15 @@ func (s *Scheduler) Tick(ctx context.Context) (TickReport, error) {
 			delete(s.retry, slot)
 			notBefore = time.Time{}
 		}
+		if !notBefore.IsZero() && notBefore.After(now.Add(s.opts.RetryAfter)) {
+			// Set by a round whose clock was ahead, since stepped
+			// back: as at a restart (retryAt), the wait ends no later
+			// than RetryAfter from now, not when the clock reaches the
+			// stamp, which would stop the slot's rotations for as
+			// long as the step.
+			notBefore = retryAt(notBefore.Add(-s.opts.RetryAfter), now, s.opts.RetryAfter)
+			s.retry[slot] = notBefore
+		}
 		s.mu.Unlock()
 		if now.Before(notBefore) {
 			continue

@@ -271,6 +271,33 @@ func TestSchedulerBackOffAfterAClockStepBack(t *testing.T) {
 	}
 }
 
+// The same without a restart: a running scheduler that sees the clock
+// stepped back waits at most retry_after from the round that sees it. It
+// used to wait for the stamp of the clock that was ahead, 1000h here, and
+// the slot made no scheduled rotation for as long as the step.
+func TestSchedulerBackOffAfterAClockStepBackWhileRunning(t *testing.T) {
+	e := newEnv(t, providers.KeyEd25519)
+	s, fail := failingScheduler(t, e, time.Hour)
+	due := t0.Add(720 * time.Hour)
+	e.clock.Set(due.Add(1000 * time.Hour)) // the clock was 1000h ahead
+	if _, err := s.Tick(context.Background()); err == nil {
+		t.Fatal("the failing rotation succeeded")
+	}
+	*fail = false
+	if rep := tick(t, e, s, due.Add(time.Hour)); len(rep.Rotated)+len(rep.Failed) != 0 { // stepped back
+		t.Fatalf("retried at once after the step: %+v", rep)
+	}
+	if next := s.Next(); !next.Equal(due.Add(2 * time.Hour)) {
+		t.Fatalf("Next after the step %v, want retry_after from the round that saw it, %v", next, due.Add(2*time.Hour))
+	}
+	if rep := tick(t, e, s, due.Add(2*time.Hour-time.Second)); len(rep.Rotated)+len(rep.Failed) != 0 {
+		t.Fatalf("retried before retry_after: %+v", rep)
+	}
+	if rep := tick(t, e, s, due.Add(2*time.Hour)); len(rep.Rotated) != 1 || e.active().Number != 2 {
+		t.Fatalf("not retried retry_after after the step: %+v", rep)
+	}
+}
+
 func TestSchedulerRotateAt(t *testing.T) {
 	e := newEnv(t, providers.KeyEd25519)
 	s := newScheduler(t, e, nil)
