@@ -389,6 +389,42 @@ func TestHealthyNoticesFreedSpace(t *testing.T) {
 	}
 }
 
+// A clock stepped back while the journal is full does not stop Healthy's
+// probe: it used to stamp the next probe on the wall clock, so a probe
+// made with the clock an hour ahead held the next one off for an hour,
+// and an agent whose disk an operator freed stayed not ready, getting no
+// appends to notice it by, for as long as the step.
+func TestHealthyProbesAfterAClockStepBack(t *testing.T) {
+	ctx := context.Background()
+	fs := &spaceFS{FS: vfs.Default}
+	fs.avail.Store(10 << 30)
+	var ahead atomic.Int64 // how far the journal's clock is ahead, ns
+	j := openTest(t, t.TempDir(), WAL, func(o *Options) {
+		o.FS = fs
+		o.RecoveryInterval = 50 * time.Millisecond
+		o.Clock = func() time.Time { return time.Now().Add(time.Duration(ahead.Load())).Round(0) }
+	})
+	appendN(t, j, "before", 1)
+	fs.avail.Store(1 << 20)
+	time.Sleep(spaceCheckInterval + 10*time.Millisecond)
+	if err := j.Append(ctx, signRecord("full", 0)); err == nil {
+		t.Fatal("Append on a full disk succeeded")
+	}
+	ahead.Store(int64(time.Hour))
+	if err := j.Healthy(ctx); err == nil { // probes, with the clock an hour ahead
+		t.Fatal("Healthy on a full disk")
+	}
+	ahead.Store(0) // stepped back
+	fs.avail.Store(10 << 30)
+	deadline := time.Now().Add(5 * time.Second)
+	for j.Healthy(ctx) != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("Healthy still reports the journal full after space was freed and the clock stepped back")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // Healthy follows a write fault: unavailable while the disk fails, and it
 // reopens Pebble by itself once the fault clears, with no append to push it
 // (a not-ready agent gets none).

@@ -229,7 +229,11 @@ type Journal struct {
 
 	pruneMu sync.Mutex // one Prune at a time
 
-	nextFullProbe atomic.Int64 // Unix ns: Healthy's next free-space probe while full
+	// nextFullProbe is Healthy's next free-space probe while full, in ns
+	// since opened, by the monotonic clock: a wall clock stepped back must
+	// not hold the probe off for as long as the step.
+	nextFullProbe atomic.Int64
+	opened        time.Time // at Open, with its monotonic reading
 
 	// Deferred apply (`wal` mode; commit.go, "Deferred apply"). applyMu
 	// serializes applying staged groups to Pebble with every other Pebble
@@ -296,10 +300,11 @@ func Open(opts Options) (*Journal, error) {
 		return nil, fmt.Errorf("journal: unknown durability %d", int(opts.Durability))
 	}
 	j := &Journal{
-		opts: opts,
-		log:  opts.Logger.Named("journal"),
-		fs:   &walFS{FS: opts.FS, readOnly: opts.ReadOnly},
-		done: make(chan struct{}),
+		opts:   opts,
+		log:    opts.Logger.Named("journal"),
+		opened: time.Now(),
+		fs:     &walFS{FS: opts.FS, readOnly: opts.ReadOnly},
+		done:   make(chan struct{}),
 
 		applyKick: make(chan struct{}, 1),
 		applyStop: make(chan struct{}),
@@ -719,7 +724,7 @@ func (j *Journal) Healthy(ctx context.Context) error {
 		if err := j.commitState(ctx, nil); err != nil {
 			return fmt.Errorf("%w: recovering from a write failure", ErrUnavailable)
 		}
-	} else if j.fullNow.Load() && j.fullProbeDue(time.Now()) {
+	} else if j.fullNow.Load() && j.fullProbeDue(time.Since(j.opened)) {
 		// The error is the free-space check's; fullNow says the same.
 		_ = j.commitState(ctx, nil)
 	}
@@ -737,12 +742,13 @@ func (j *Journal) Healthy(ctx context.Context) error {
 // fullProbeDue reports whether Healthy may probe a full journal now, at
 // most once per RecoveryInterval: while full, every commit calls statfs,
 // and readiness checks may come often and from several probers.
-func (j *Journal) fullProbeDue(now time.Time) bool {
+// now is the time since Open.
+func (j *Journal) fullProbeDue(now time.Duration) bool {
 	next := j.nextFullProbe.Load()
-	if now.UnixNano() < next {
+	if int64(now) < next {
 		return false
 	}
-	return j.nextFullProbe.CompareAndSwap(next, now.Add(j.opts.RecoveryInterval).UnixNano())
+	return j.nextFullProbe.CompareAndSwap(next, int64(now+j.opts.RecoveryInterval))
 }
 
 // Stats returns the journal's counters since Open.
