@@ -41,6 +41,26 @@ type quotaSnapshot struct {
 	Day    uint64            `json:"day"`    // policy.Day of the counts
 	Seq    uint64            `json:"seq"`    // journal head when taken; later records are not in Counts
 	Counts map[string]uint64 `json:"counts"` // "tenant/slot" → signatures counted that day
+	// Ahead are the signatures counted against Day+1: after the clock was
+	// stepped back across midnight the engine counts a slot that signed
+	// on the newer day against that day (policy.Engine.Check), and Counts
+	// lacks it. Nil in counts stored before it was kept; then counts of
+	// the day before today say nothing of today's.
+	Ahead map[string]uint64 `json:"ahead"`
+}
+
+// dayCount is a slot's count and the day it is counted against.
+type dayCount struct{ day, n uint64 }
+
+// count is takeQuota's rule: one more signature counted at a check on
+// day, against the newer of day and the day counted, unless that is more
+// than a day ahead (a clock stepped far ahead and back).
+func (c dayCount) count(day uint64) dayCount {
+	if c.day < day || c.day > day+1 {
+		c = dayCount{day: day}
+	}
+	c.n++
+	return c
 }
 
 // OfflinePruneCutoff is the cut-off a prune without the agent may use in
@@ -103,13 +123,18 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 	}
 	day := a.policy.Today()
 	dayStart := time.Unix(int64(day)*86400, 0)
-	counts := map[string]uint64{}
+	counts := map[string]dayCount{}
 	snap, found, err := a.readQuotaSnapshot()
 	if err != nil {
 		return err
 	}
 	var from uint64
-	stored := found && snap.Day == day
+	// Stored counts hold today's when stored today; or the day after,
+	// before the clock was stepped back across midnight; or the day
+	// before with the counts ahead of it, stored while it was stepped
+	// back. Taken for the day the clock reads, they handed the newer
+	// day's quota out again at the clock's midnight.
+	stored := found && (snap.Day == day || snap.Day == day+1 || snap.Day+1 == day && snap.Ahead != nil)
 	if !stored && !a.hasDailyQuota() {
 		// No slot in force has a quota and none was stored today: nothing
 		// to restore, and the day's records need not be read. Stored
@@ -118,26 +143,37 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 		return nil
 	}
 	if stored {
-		maps.Copy(counts, snap.Counts)
+		for slot, n := range snap.Counts {
+			counts[slot] = dayCount{snap.Day, n}
+		}
+		for slot, n := range snap.Ahead {
+			counts[slot] = dayCount{snap.Day + 1, n} // the engine keeps the newer day's
+		}
 		from = snap.Seq + 1
 	} else if from, err = a.journal.FirstSeqAt(dayStart); err != nil {
 		return fmt.Errorf("find today's first audit record: %w", err)
 	}
 	read := 0
 	refusals := policyRefusalCodes()
-	err = a.journal.Scan(ctx, journal.Filter{FromSeq: from, Since: dayStart}, func(r *journal.Record) error {
+	// From the day before's start: a record stamped then after today's
+	// first ones (a clock stepped back across midnight) was counted
+	// against today, as count says.
+	err = a.journal.Scan(ctx, journal.Filter{FromSeq: from, Since: dayStart.Add(-24 * time.Hour)}, func(r *journal.Record) error {
 		read++
 		if r.Op == "sign" && r.Tenant != "" && countsAgainstQuota(r, refusals) {
-			counts[r.Slot]++
+			counts[r.Slot] = counts[r.Slot].count(policy.Day(r.Time))
 		}
 		return nil
 	})
 	if err != nil {
 		return fmt.Errorf("count today's signatures: %w", err)
 	}
-	for slot, n := range counts {
+	for slot, c := range counts {
+		if c.day < day || c.day > day+1 {
+			continue // a day over, or one the engine drops
+		}
 		tenant, name, _ := strings.Cut(slot, "/")
-		a.policy.RestoreDailyCount(tenant, name, day, n)
+		a.policy.RestoreDailyCount(tenant, name, c.day, c.n)
 	}
 	a.log.Info("daily quota counts restored", zap.Int("slots", len(counts)),
 		zap.Bool("stored_counts", stored), zap.Int("records_read", read))
@@ -204,7 +240,7 @@ func (a *Agent) storeQuotas(ctx context.Context, last *quotaSnapshot) error {
 	if err != nil {
 		return err
 	}
-	if last != nil && last.Day == snap.Day && maps.Equal(last.Counts, snap.Counts) {
+	if last != nil && last.Day == snap.Day && maps.Equal(last.Counts, snap.Counts) && maps.Equal(last.Ahead, snap.Ahead) {
 		return nil
 	}
 	if err := a.journal.Put(ctx, quotaStateKey, change.Value); err != nil {
@@ -221,7 +257,7 @@ func (a *Agent) storeQuotas(ctx context.Context, last *quotaSnapshot) error {
 func (a *Agent) quotaChange() (quotaSnapshot, journal.StateChange, error) {
 	seq, _ := a.journal.Head()
 	day := a.policy.Today()
-	snap := quotaSnapshot{Day: day, Seq: seq, Counts: a.policy.DailyCounts(day)}
+	snap := quotaSnapshot{Day: day, Seq: seq, Counts: a.policy.DailyCounts(day), Ahead: a.policy.DailyCounts(day + 1)}
 	v, err := json.Marshal(snap)
 	if err != nil {
 		return snap, journal.StateChange{}, err

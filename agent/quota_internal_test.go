@@ -1,0 +1,139 @@
+package agent
+
+import (
+	"context"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap/zaptest"
+
+	"github.com/sigil-agent/sigil/agent/journal"
+	"github.com/sigil-agent/sigil/policy"
+	"github.com/sigil-agent/sigil/proto"
+	"github.com/sigil-agent/sigil/providers"
+)
+
+// stepClock is a wall clock a test sets.
+type stepClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *stepClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *stepClock) Set(t time.Time) {
+	c.mu.Lock()
+	c.t = t
+	c.mu.Unlock()
+}
+
+// A day's quota is not handed out again by a restart after the clock was
+// stepped back across midnight. The engine counts such a step's signatures
+// against the newer day (docs/policy.md), and so must what a restart puts
+// back: the counts stored and the records journaled. The counts stored
+// while the clock read the day before left out every slot counting
+// against the newer day, and a restart counted the newer day's records
+// against the day before: either way the newer day's quota was handed out
+// again at the clock's midnight.
+func TestDailyQuotaSurvivesARestartAfterAStepBackAcrossMidnight(t *testing.T) {
+	const quota = 3
+	set, err := policy.Parse("policy.yaml", []byte(`
+tenants:
+  - name: payments
+    identities: {unix_uids: [1000]}
+    slots:
+      - {name: release, key: default, policy: {daily_quota: 3}}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := policy.UnixIdentity(1000, 1000)
+	ed := providers.Algorithm{Scheme: providers.SchemeEd25519}
+	midnight := time.Date(2026, 12, 8, 0, 0, 0, 0, time.UTC)
+
+	for _, tc := range []struct {
+		name string
+		// storeInTheStep: the counts were stored again while the clock
+		// read the day before.
+		storeInTheStep bool
+		// restartAt is the clock at the restart.
+		restartAt time.Time
+	}{
+		{"counts stored before the step, restart in it", false, midnight.Add(-90 * time.Second)},
+		{"counts stored in the step, restart in it", true, midnight.Add(-90 * time.Second)},
+		{"counts stored before the step, restart after the clock's midnight", false, midnight.Add(time.Second)},
+		{"counts stored in the step, restart after the clock's midnight", true, midnight.Add(time.Second)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			clock := &stepClock{t: midnight.Add(10 * time.Second)}
+			log := zaptest.NewLogger(t)
+			j, err := journal.Open(journal.Options{Dir: filepath.Join(t.TempDir(), "journal"), Logger: log, Clock: clock.Now, MinFreeBytes: -1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer j.Close()
+			a := &Agent{log: log, journal: j, policy: policy.NewEngine(set, clock.Now)}
+			signed := 0
+			sign := func() proto.Code {
+				t.Helper()
+				d := a.policy.Check("payments", "release", id, ed, 32)
+				code := reasonCode(d.Reason)
+				if d.Allowed() {
+					d.Done()
+					signed++
+					r := journal.Record{Op: "sign", Tenant: "payments", Slot: "payments/release", Code: uint16(code),
+						CodeName: code.String(), PolicyHash: d.PolicyHash}
+					if err := j.Append(ctx, &r); err != nil {
+						t.Fatal(err)
+					}
+				}
+				return code
+			}
+			// Two signatures of the new day, stored; then the clock is
+			// stepped back two minutes, and one more is signed, which
+			// the engine counts against the new day.
+			for i := 0; i < 2; i++ {
+				if code := sign(); code != proto.OK {
+					t.Fatalf("signature %d: %v", i+1, code)
+				}
+			}
+			if err := a.storeQuotas(ctx, nil); err != nil {
+				t.Fatal(err)
+			}
+			clock.Set(midnight.Add(-110 * time.Second))
+			if code := sign(); code != proto.OK {
+				t.Fatalf("signature 3: %v", code)
+			}
+			if code := sign(); code != proto.QuotaExceeded {
+				t.Fatalf("signature 4, before the restart: %v, want QUOTA_EXCEEDED", code)
+			}
+			if tc.storeInTheStep {
+				if err := a.storeQuotas(ctx, nil); err != nil {
+					t.Fatal(err)
+				}
+			}
+
+			clock.Set(tc.restartAt) // restarted
+			a = &Agent{log: log, journal: j, policy: policy.NewEngine(set, clock.Now)}
+			if err := a.restoreQuotas(ctx); err != nil {
+				t.Fatal(err)
+			}
+			for _, at := range []time.Time{tc.restartAt, midnight.Add(time.Minute), midnight.Add(23 * time.Hour)} {
+				if at.Before(tc.restartAt) {
+					continue
+				}
+				clock.Set(at)
+				if code := sign(); code != proto.QuotaExceeded {
+					t.Fatalf("at %v after the restart: %v; %d signatures of a quota of %d on %s", at.Format(time.TimeOnly), code, signed, quota, midnight.Format(time.DateOnly))
+				}
+			}
+		})
+	}
+}
