@@ -271,6 +271,14 @@ type Journal struct {
 	overlay   *pebble.Batch
 	tailDoubt *ChainBreak
 
+	// headCopy is the head file (headFileName) as Open found it: the
+	// checkpoint the last Close wrote beside the store. Set before
+	// Pebble is opened and not changed after, so readers need no lock.
+	// headCopyErr: the file is there but is not a checkpoint (a
+	// ReadOnly journal reports it; a writable Open refuses).
+	headCopy    checkpoint
+	headCopyErr error
+
 	// Owned by whichever goroutine holds busy (an inline Append or the
 	// committer goroutine).
 	batch          *pebble.Batch
@@ -329,6 +337,11 @@ func Open(opts Options) (*Journal, error) {
 		return nil, fmt.Errorf("journal: lock %s: %w", opts.Dir, err)
 	}
 	j.lock = lock
+	j.headCopy, j.headCopyErr = readHeadFile(j.fs, j.headFilePath())
+	if j.headCopyErr != nil && !opts.ReadOnly {
+		_ = lock.Close()
+		return nil, j.headCopyErr
+	}
 	if opts.ReadOnly {
 		if err := j.openReadOnly(); err != nil {
 			_ = lock.Close()
@@ -401,7 +414,7 @@ func (j *Journal) openDB() error {
 	if err != nil {
 		return fmt.Errorf("journal: open pebble in %s: %w", j.opts.Dir, err)
 	}
-	seq, hash, err := readHead(db, j.log)
+	seq, hash, err := readHead(db, j.headCopy, j.log)
 	if err == nil {
 		var added uint64
 		seq, hash, added, err = replayTail(j.fs, j.tailPath(), db, seq, hash, j.log)
@@ -514,7 +527,7 @@ func (j *Journal) openReadOnly() error {
 	if err != nil {
 		return fmt.Errorf("journal: open pebble in %s read-only: %w", j.opts.Dir, err)
 	}
-	seq, hash, err := readHead(db, j.log)
+	seq, hash, err := readHead(db, j.headCopy, j.log)
 	if errors.Is(err, errHeadDoubt) {
 		err = nil // Verify reports where
 	}
@@ -559,42 +572,56 @@ func (j *Journal) startTail() error {
 }
 
 // readHead returns the chain head: the last record's seq and stored hash.
-// The checkpoint entry ("m/head", see checkpointInterval) is compared with
-// it: a checkpoint beyond the last record means records were deleted from
-// the end while the journal was closed. The checkpoint then wins, so new
-// records keep the evidence (Verify reports the gap) instead of reusing
-// the missing seqs.
-func readHead(db pebble.Reader, log *zap.Logger) (uint64, [32]byte, error) {
+// The checkpoint entry ("m/head", see checkpointInterval) and its copy in
+// the head file (copied, written by the last Close) are compared with it:
+// a checkpoint beyond the last record means records were deleted from the
+// end while the journal was closed, or lost with a damaged Pebble WAL
+// (Pebble replays its newest WAL up to a damaged record and drops the
+// rest, m/head included, without an error). The checkpoint then wins, so
+// new records keep the evidence (Verify reports the gap) instead of
+// reusing the missing seqs.
+func readHead(db pebble.Reader, copied checkpoint, log *zap.Logger) (uint64, [32]byte, error) {
 	last, lastHash, _, err := lastRecordHead(db)
 	if err != nil {
 		return 0, lastHash, err
 	}
-	cpSeq, cpHash, found, err := readCheckpoint(db)
+	var stored checkpoint
+	stored.seq, stored.hash, stored.found, err = readCheckpoint(db)
 	if err != nil {
 		return 0, lastHash, err
 	}
-	if found && cpSeq > last {
-		log.Error("journal checkpoint is beyond the last record: records were removed; run audit verify",
-			zap.Uint64("checkpoint_seq", cpSeq), zap.Uint64("last_record_seq", last))
-		return cpSeq, cpHash, nil
+	anchor, _, _, err := readMeta(db, anchorKey)
+	if err != nil {
+		return 0, lastHash, err
 	}
-	if found {
-		// Every record up to a checkpoint is in Pebble before it (a
-		// checkpoint is a waited commit, which applies the staged groups
-		// first), so the record at its seq has its hash, unless a prune
-		// deleted it since. Otherwise the history was rewritten while the
-		// journal was closed, and a writer would overwrite the one entry
-		// that shows it at its next checkpoint.
-		anchor, _, _, err := readMeta(db, anchorKey)
-		if err != nil {
-			return 0, lastHash, err
-		}
-		if stored, ok := storedHash(db, cpSeq); cpSeq > anchor && (!ok || stored != cpHash) {
-			return last, lastHash, fmt.Errorf("%w: the chain-head checkpoint names record %d with another hash than the store holds: records were changed while the journal was closed; run `sigil audit verify`, and keep this directory as evidence (move it aside to start a new journal)",
-				errHeadDoubt, cpSeq)
+	seq, hash := last, lastHash
+	for _, cp := range [...]struct {
+		name string
+		checkpoint
+	}{{"checkpoint", stored}, {"head file " + headFileName, copied}} {
+		switch {
+		case !cp.found:
+		case cp.seq > last:
+			log.Error("journal "+cp.name+" is beyond the last record: records were removed, or lost with a damaged pebble WAL; run audit verify",
+				zap.Uint64("checkpoint_seq", cp.seq), zap.Uint64("last_record_seq", last))
+			if cp.seq > seq {
+				seq, hash = cp.seq, cp.hash
+			}
+		case cp.seq > anchor:
+			// Every record up to a checkpoint is in Pebble before it (a
+			// checkpoint is a waited commit, which applies the staged
+			// groups first), so the record at its seq has its hash,
+			// unless a prune deleted it since. Otherwise the history was
+			// rewritten while the journal was closed, and a writer would
+			// overwrite the one entry that shows it at its next
+			// checkpoint.
+			if h, ok := storedHash(db, cp.seq); !ok || h != cp.hash {
+				return last, lastHash, fmt.Errorf("%w: the chain-head %s names record %d with another hash than the store holds: records were changed while the journal was closed; run `sigil audit verify`, and keep this directory as evidence (move it aside to start a new journal)",
+					errHeadDoubt, cp.name, cp.seq)
+			}
 		}
 	}
-	return last, lastHash, nil
+	return seq, hash, nil
 }
 
 // errHeadDoubt marks a store whose records disagree with its chain-head
@@ -674,6 +701,64 @@ func decodeHead(v []byte) (uint64, [32]byte, error) {
 	}
 	copy(hash[:], v[9:])
 	return getUint64(v[1:]), hash, nil
+}
+
+// checkpoint is a chain head as a checkpoint names it.
+type checkpoint struct {
+	seq   uint64
+	hash  [32]byte
+	found bool
+}
+
+// headFileName is the head file: a copy of the chain-head checkpoint that
+// Close writes beside Pebble's files, in the same encoding as m/head.
+// Pebble keeps a stopped journal's newest records, and the m/head entry
+// Close wrote after them, in its newest WAL file, and on Open replays that
+// file up to the first record that fails its checksum, taking the damage
+// for a write a crash cut short (v2.1.7, open.go replayWAL: a damaged
+// chunk in the WAL's last 32 KiB block is never told from a torn write).
+// One byte changed there dropped every record after it, and the
+// checkpoint with them, with no error: a shorter chain that verified, and
+// an agent that gave the lost seqs to new signatures
+// (TestDamagedWALIsNotACleanShorterChain). The head file is outside the
+// WAL, so the cut shows. It is no better protected than the store: it
+// tells a damaged WAL or a careless edit from a sound journal, not a
+// deliberate rewrite (docs/audit.md, "What verify cannot see").
+const headFileName = "journal.head"
+
+func (j *Journal) headFilePath() string { return j.fs.PathJoin(j.opts.Dir, headFileName) }
+
+// readHeadFile reads the head file; a missing one (a journal never closed
+// cleanly, or closed before the file existed) is no checkpoint.
+func readHeadFile(fs vfs.FS, path string) (checkpoint, error) {
+	v, err := readAll(fs, path)
+	if errors.Is(err, os.ErrNotExist) {
+		return checkpoint{}, nil
+	}
+	if err != nil {
+		return checkpoint{}, fmt.Errorf("journal: read head file: %w", err)
+	}
+	seq, hash, err := decodeHead(v)
+	if err != nil {
+		return checkpoint{}, fmt.Errorf("%w: the head file %s is not a chain-head checkpoint (%d bytes): it was not written by the journal; run `sigil audit verify`, and keep this directory as evidence",
+			errHeadDoubt, path, len(v))
+	}
+	return checkpoint{seq: seq, hash: hash, found: true}, nil
+}
+
+// writeHeadFile replaces the head file with (seq, hash), synced, through a
+// rename, so that a crash leaves the old file or the new one.
+func (j *Journal) writeHeadFile(seq uint64, hash [32]byte) error {
+	var v [headLen]byte
+	encodeHead(v[:], seq, hash)
+	tmp := j.headFilePath() + ".tmp"
+	if err := writeSynced(j.fs, tmp, v[:]); err != nil {
+		return fmt.Errorf("journal: write head file: %w", err)
+	}
+	if err := j.fs.Rename(tmp, j.headFilePath()); err != nil {
+		return fmt.Errorf("journal: write head file: %w", err)
+	}
+	return nil
 }
 
 // Head returns the last confirmed record's seq and hash (0 and zeros for
@@ -853,6 +938,12 @@ func (j *Journal) writeCheckpoint(db *pebble.DB) error {
 	// for yet (tail.go), this is where Pebble reports it, with Fatalf.
 	if err := apply(db, b, pebble.Sync); err != nil {
 		return fmt.Errorf("journal: write checkpoint: %w", err)
+	}
+	// After the synced commit, so the file never names a head the store
+	// may lack. The store has the records: a head file that cannot be
+	// written costs only its check at the next Open.
+	if err := j.writeHeadFile(seq, hash); err != nil {
+		j.log.Warn("journal head file not written", zap.Error(err))
 	}
 	return nil
 }

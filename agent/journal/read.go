@@ -405,6 +405,13 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 		breakAt(0, BreakHeadMismatch, "%v", cpErr)
 	}
 	rep.CheckpointSeq = cpSeq
+	// The head file, a copy of the checkpoint outside Pebble's WAL, as
+	// Open read it (journal.go, headFileName): it shows the records a
+	// damaged WAL dropped with m/head.
+	fileCp := j.headCopy
+	if j.headCopyErr != nil {
+		breakAt(0, BreakHeadMismatch, "%v", j.headCopyErr)
+	}
 	// After a prune the chain starts after the anchor (prune.go).
 	anchorSeq, anchorHash, anchorFound, err := readMeta(snap, anchorKey)
 	if err != nil {
@@ -480,6 +487,9 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 			if cpFound && seq == cpSeq && r.Hash != cpHash {
 				breakAt(seq, BreakHeadMismatch, "record hash %x, checkpoint says %x", r.Hash[:8], cpHash[:8])
 			}
+			if fileCp.found && seq == fileCp.seq && r.Hash != fileCp.hash {
+				breakAt(seq, BreakHeadMismatch, "record hash %x, the head file %s says %x", r.Hash[:8], headFileName, fileCp.hash[:8])
+			}
 			prevHash = r.Hash
 			seq++
 		}
@@ -499,6 +509,10 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 	if cpFound && cpSeq > rep.LastSeq {
 		breakAt(rep.LastSeq+1, BreakHeadMismatch,
 			"checkpoint at seq %d, last record is seq %d: records were removed from the end", cpSeq, rep.LastSeq)
+	}
+	if fileCp.found && fileCp.seq > rep.LastSeq {
+		breakAt(rep.LastSeq+1, BreakHeadMismatch,
+			"the head file %s names seq %d, last record is seq %d: records were removed from the end, or lost with a damaged pebble WAL", headFileName, fileCp.seq, rep.LastSeq)
 	}
 	return rep, nil
 }

@@ -2,6 +2,7 @@ package journal
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -132,8 +133,9 @@ func TestForgedTailFrameIsRefused(t *testing.T) {
 }
 
 // What `audit verify` cannot see, as docs/audit.md says: the chain is
-// unkeyed (BLAKE3 with no secret), and the head checkpoint and the prune
-// anchor are stored beside the records, no better protected. Whoever can
+// unkeyed (BLAKE3 with no secret), and the head checkpoint (with its copy
+// in the head file) and the prune anchor are stored beside the records,
+// no better protected. Whoever can
 // write the journal directory while the agent is stopped can therefore
 // make a history that verifies: each case here passes Verify, and a
 // writable Open takes it. Only a head hash kept off the host (an export, a
@@ -197,6 +199,11 @@ func TestWhatVerifyCannotSee(t *testing.T) {
 			dir, db := closedJournal(t, n, true)
 			tc.tamper(t, db)
 			if err := db.Close(); err != nil {
+				t.Fatal(err)
+			}
+			// The head file, the checkpoint's copy beside the store, is
+			// as easy to remove as the checkpoint is to lower.
+			if err := os.Remove(filepath.Join(dir, headFileName)); err != nil {
 				t.Fatal(err)
 			}
 			ro, err := Open(Options{Dir: dir, ReadOnly: true, Logger: testLogger(t)})
@@ -549,6 +556,154 @@ func TestOpenAndVerifyCallAnImpossibleLossForged(t *testing.T) {
 			}
 			if !errors.Is(err, errTailCorrupt) || errors.Is(err, errTailGap) == tc.forged {
 				t.Errorf("Open: %v; want errTailCorrupt, and errTailGap (a loss to record) %v", err, !tc.forged)
+			}
+		})
+	}
+}
+
+// A byte changed in Pebble's write-ahead log, where a stopped agent's
+// newest records are (Pebble does not flush its memtable at Close), is not
+// a hash mismatch: Pebble takes a damaged record in its newest WAL for a
+// write a crash cut short and replays the log up to it, silently, so every
+// record after the byte is gone from the store, and the head checkpoint
+// written at Close with them. `audit verify` passed the shorter chain, and
+// the agent started on it and gave the lost records' seqs to new
+// signatures. The head file Close writes beside the store keeps the head:
+// verify reports the cut, and the agent goes on after it.
+func TestDamagedWALIsNotACleanShorterChain(t *testing.T) {
+	const n = 20
+	dir := t.TempDir()
+	j := openTest(t, dir, WAL)
+	appendN(t, j, "acme", n)
+	if err := j.Close(); err != nil {
+		t.Fatal(err)
+	}
+	logs, err := filepath.Glob(filepath.Join(dir, "*.log"))
+	if err != nil || len(logs) != 1 {
+		t.Fatalf("pebble WAL files %v (%v), want one", logs, err)
+	}
+	data, err := os.ReadFile(logs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The latency of record 11, the 11th "acme/release" slot's record: a
+	// byte in its fixed part, as a hex editor changes it.
+	at := -1
+	for i, off := 0, 0; i < 11; i++ {
+		k := bytes.Index(data[off:], []byte("acme/release"))
+		if k < 0 {
+			t.Fatalf("record %d not in the WAL", i+1)
+		}
+		at, off = off+k, off+k+1
+	}
+	data[at-2-len("acme")-2-recordFixedLen+offLatency] ^= 1
+	if err := os.WriteFile(logs[0], data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	ro, err := Open(Options{Dir: dir, ReadOnly: true, Logger: testLogger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rep, err := ro.Verify(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.OK() {
+		t.Fatalf("verify passed a journal whose WAL was damaged: %s", Summary(&rep))
+	}
+	if rep.Break.Reason != BreakHeadMismatch && rep.Break.Reason != BreakHashMismatch {
+		t.Fatalf("break %v, want a head or hash mismatch", rep.Break)
+	}
+	if err := ro.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	j = openTest(t, dir, WAL)
+	if seq, _ := j.Head(); seq < n {
+		t.Fatalf("the agent started at head %d, below the %d records it confirmed: it would reuse their seqs", seq, n)
+	}
+	appendN(t, j, "acme", 1)
+	if seq, _ := j.Head(); seq != n+1 {
+		t.Fatalf("head %d after one append, want %d", seq, n+1)
+	}
+	if rep, err := j.Verify(context.Background()); err != nil || rep.OK() {
+		t.Fatalf("verify after the agent wrote on: %v %v", rep.Break, err)
+	}
+}
+
+// The head file is the journal's to write: one that is not a checkpoint,
+// or that names a record the store holds with another hash, is refused by
+// the agent and reported by verify, as the m/head entry is. A missing one
+// (a journal an older agent closed, or one never closed cleanly) is no
+// checkpoint.
+func TestHeadFileTampering(t *testing.T) {
+	const n = 10
+	cases := []struct {
+		name    string
+		content func(rec5 Record) []byte // the head file's bytes
+		seq     uint64
+		refused bool
+	}{
+		{"empty", func(Record) []byte { return nil }, 0, true},
+		{"garbage", func(Record) []byte { return []byte("not a checkpoint at all, but long enough") }, 0, true},
+		{"another record's hash", func(Record) []byte {
+			v := make([]byte, headLen)
+			encodeHead(v, 5, [32]byte{1})
+			return v
+		}, 5, true},
+		{"lowered to an earlier record", func(rec5 Record) []byte {
+			v := make([]byte, headLen)
+			encodeHead(v, 5, rec5.Hash)
+			return v
+		}, 0, false},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, db := closedJournal(t, n, true)
+			rec5 := dbRecord(t, db, 5)
+			if err := db.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.WriteFile(filepath.Join(dir, headFileName), tc.content(rec5), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			ro, err := Open(Options{Dir: dir, ReadOnly: true, Logger: testLogger(t)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.refused {
+				rep := expectBreak(t, ro, tc.seq, BreakHeadMismatch)
+				if !strings.Contains(rep.Break.Detail, headFileName) {
+					t.Errorf("the break does not name the head file: %v", rep.Break)
+				}
+			} else {
+				mustVerify(t, ro, n)
+			}
+			if err := ro.Close(); err != nil {
+				t.Fatal(err)
+			}
+			j, err := Open(Options{Dir: dir, Durability: WAL, Logger: testLogger(t)})
+			if tc.refused {
+				if err == nil {
+					_ = j.Close()
+					t.Fatal("the agent started on a head file the journal did not write")
+				}
+				if !strings.Contains(err.Error(), headFileName) {
+					t.Errorf("the refusal does not name the head file: %v", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			appendN(t, j, "acme", 1)
+			if err := j.Close(); err != nil {
+				t.Fatal(err)
+			}
+			cp, err := readHeadFile(vfs.Default, filepath.Join(dir, headFileName))
+			if err != nil || !cp.found || cp.seq != n+1 {
+				t.Fatalf("head file after Close: %+v, %v; want seq %d", cp, err, n+1)
 			}
 		})
 	}
