@@ -75,7 +75,7 @@ func (a *Agent) reloadCertificates(paths map[string]string) error {
 	if len(paths) == 0 && len(a.certPaths) == 0 {
 		return nil
 	}
-	if err := a.keys.loadCertificates(paths); err != nil {
+	if err := a.loadCertificates(paths); err != nil {
 		return err
 	}
 	a.certPaths = paths
@@ -84,12 +84,49 @@ func (a *Agent) reloadCertificates(paths map[string]string) error {
 	return nil
 }
 
+// loadCertificates is keyring.loadCertificates for the agent's keys: a
+// certificate for a key version a rotation made that the agent no longer
+// serves (retired, so not served again at a start) is left out, with a
+// warning, rather than failing the start or the reload. The operator named
+// it while the version signed (docs/rotation.md, "Certificates"); the
+// calendar retiring the version must not stop the next start.
+func (a *Agent) loadCertificates(paths map[string]string) error {
+	skipped, err := a.keys.loadCertificates(paths, a.rotationKey)
+	for _, name := range skipped {
+		a.log.Warn("key certificate left out: its key is a rotated-out key version the agent no longer serves; remove it from certificates:",
+			zap.String("key", name), zap.String("file", paths[name]))
+	}
+	return err
+}
+
+// rotationKey reports whether name is the key of a version the rotation
+// state records, for any slot.
+func (a *Agent) rotationKey(name string) bool {
+	if a.rot == nil {
+		return false
+	}
+	for _, sl := range a.rot.Store().Slots() {
+		for _, v := range sl.Versions {
+			if v.Key == name {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // loadCertificates reads and checks the configured certificates and puts
-// them in force; on any error the ones in force stay.
-func (kr *keyring) loadCertificates(paths map[string]string) error {
+// them in force; on any error the ones in force stay. A certificate for a
+// key no provider serves is an error, unless skip says to leave it out
+// (the names left out are returned).
+func (kr *keyring) loadCertificates(paths map[string]string, skip func(name string) bool) (skipped []string, err error) {
 	m := keyCerts{}
 	var errs []error
 	for _, name := range slices.Sorted(maps.Keys(paths)) {
+		if kr.entry(name) == nil && skip(name) {
+			skipped = append(skipped, name)
+			continue
+		}
 		c, err := kr.readCertificate(name, paths[name])
 		if err != nil {
 			errs = append(errs, fmt.Errorf("certificates[%s]: %w", name, err))
@@ -98,19 +135,19 @@ func (kr *keyring) loadCertificates(paths map[string]string) error {
 		m[name] = c
 	}
 	if len(errs) > 0 {
-		return errors.Join(errs...)
+		return nil, errors.Join(errs...)
 	}
 	// ListKeys answers in one frame, and clients (the Go client, the
 	// PKCS#11 front) read at most proto.DefaultMaxFrame.
 	frame, err := proto.NewCodec().AppendResponseFrame(nil, &proto.Response{ID: 1 << 62, Keys: withCerts(kr.list, m)})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if len(frame) > proto.DefaultMaxFrame {
-		return fmt.Errorf("certificates: with them the key list is %d bytes, over the %d-byte frame clients read; name fewer", len(frame), proto.DefaultMaxFrame)
+		return nil, fmt.Errorf("certificates: with them the key list is %d bytes, over the %d-byte frame clients read; name fewer", len(frame), proto.DefaultMaxFrame)
 	}
 	kr.certs.Store(&m)
-	return nil
+	return skipped, nil
 }
 
 // certExpiryWarning is how long before a certificate's end the agent starts

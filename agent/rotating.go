@@ -163,16 +163,24 @@ func (a *Agent) setupRotation(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	a.sched = sched
+	a.sched = sched // started by startScheduler, once New can no longer fail
+	if err := rotation.CopyEvidencePublicKey(a.cfg.DataDir, "evidence.pub", rot.EvidencePublicKey()); err != nil {
+		a.log.Warn("could not write the evidence public key", zap.Error(err))
+	}
+	return nil
+}
+
+// startScheduler runs the rotation calendar's scheduler until Shutdown.
+func (a *Agent) startScheduler() {
+	if a.sched == nil {
+		return
+	}
+	sched := a.sched
 	a.goUntilShutdown(func(ctx context.Context) {
 		if err := sched.Run(ctx); err != nil && ctx.Err() == nil {
 			a.log.Error("rotation scheduler stopped", zap.Error(err))
 		}
 	})
-	if err := rotation.CopyEvidencePublicKey(a.cfg.DataDir, "evidence.pub", rot.EvidencePublicKey()); err != nil {
-		a.log.Warn("could not write the evidence public key", zap.Error(err))
-	}
-	return nil
 }
 
 // evidenceKeyError marks a lost evidence key, or a public key file of

@@ -164,10 +164,6 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		}
 		return nil, err
 	}
-	if err := kr.loadCertificates(cfg.Certificates); err != nil {
-		kr.close()
-		return nil, err
-	}
 	var tm *tlsMaterial
 	if cfg.TCP.Listen != "" {
 		if tm, err = newTLSMaterial(cfg.TCP); err != nil {
@@ -224,7 +220,6 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		signedHook:  o.signedHook,
 	}
 	a.metrics = newMetrics(a)
-	a.checkCertificates(time.Now())
 	// Fail closed: without the stored pauses and the day's quota counts the
 	// agent cannot tell which slots may sign, or how much.
 	if err = a.restorePauses(ctx); err != nil {
@@ -249,6 +244,18 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 			return nil, fmt.Errorf("rotation: %w", err)
 		}
 	}
+	// After the rotation's setup, which serves again the key versions
+	// rotations made: `certificates:` may name those keys (a reload
+	// takes them), and a start must too.
+	if err := a.loadCertificates(cfg.Certificates); err != nil {
+		kr.close()
+		if jl != nil { // journal: off
+			jl.Close()
+		}
+		return nil, err
+	}
+	a.checkCertificates(time.Now())
+	a.startScheduler()
 	a.startRetention()
 	a.startQuotaSnapshots()
 	return a, nil
