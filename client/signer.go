@@ -40,7 +40,14 @@ func newSigner(c *Client, key Key, ref KeyRef) *Signer {
 }
 
 // DefaultSignerTimeout bounds each Sign of a Signer: crypto.Signer has no
-// context, so the deadline is set here.
+// context, so the deadline is set here. It is the only bound: the deadline
+// of a TLS handshake that signs (HandshakeContext, which http.Server sets
+// from its timeouts) does not reach the Signer, so a wedged agent holds
+// such a handshake, and its goroutine, until the Sign's deadline, and the
+// handshake then fails (DEADLINE_EXCEEDED in the Signer's error, or the
+// handshake's own context error). A server with a shorter handshake
+// timeout sets the Signer's to match (SetTimeout). While no agent answers
+// at all (stopped, restarting), Sign fails at once with UNAVAILABLE.
 const DefaultSignerTimeout = 10 * time.Second
 
 // Signer returns a crypto.Signer for the key. ctx bounds only the public key
@@ -70,6 +77,12 @@ func (c *Client) Signer(ctx context.Context, ref KeyRef) (*Signer, error) {
 // handshakes whose pick falls outside them fail (UNSUPPORTED_ALGORITHM in
 // the server's error). Go's TLS 1.2 signs with ECDSA SHA-256 for a P-384
 // key and prefers RSA-PSS; TLS 1.3 signs RSA with PSS only.
+//
+// The PrivateKey is a *Signer: each handshake's signature waits at most
+// DefaultSignerTimeout (cert.PrivateKey.(*Signer).SetTimeout changes it).
+// After the slot rotates, the certificate still binds the old key and its
+// handshakes fail with KEY_RETIRED; call TLSCertificate again once the new
+// key has a certificate (docs/rotation.md, "Certificates").
 func (c *Client) TLSCertificate(ctx context.Context, name string) (tls.Certificate, error) {
 	keys, err := c.ListKeys(ctx)
 	if err != nil {
