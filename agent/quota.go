@@ -129,12 +129,15 @@ func (a *Agent) restoreQuotas(ctx context.Context) error {
 		return err
 	}
 	var from uint64
-	// Stored counts hold today's when stored today; or the day after,
-	// before the clock was stepped back across midnight; or the day
-	// before with the counts ahead of it, stored while it was stepped
-	// back. Taken for the day the clock reads, they handed the newer
-	// day's quota out again at the clock's midnight.
-	stored := found && (snap.Day == day || snap.Day == day+1 || snap.Day+1 == day && snap.Ahead != nil)
+	// Stored counts hold today's when stored today, or the day before
+	// with the counts ahead of it (stored while the clock was stepped
+	// back across midnight: taken for the day the clock read, they
+	// handed the newer day's quota out again at the clock's midnight).
+	// Counts stored on the day after the clock's (before it was stepped
+	// back) lack the slots still counted against the clock's day, whose
+	// records precede them: today's records are read instead, and count
+	// says which day each slot's signatures count against.
+	stored := found && (snap.Day == day || snap.Day+1 == day && snap.Ahead != nil)
 	if !stored && !a.hasDailyQuota() {
 		// No slot in force has a quota and none was stored today: nothing
 		// to restore, and the day's records need not be read. Stored

@@ -137,3 +137,68 @@ tenants:
 		})
 	}
 }
+
+// A slot that used its quota on day D-1 before midnight and did not sign
+// on D; counts stored at D 00:00:10; the clock stepped back 2 min; a
+// restart. The running engine refuses (the slot's count is D-1's). The
+// restart took the counts stored on D, which lack the slot, and read only
+// the records after them: D-1's quota was handed out again.
+func TestDailyQuotaOfTheClockDaySurvivesARestartOnTheDayBefore(t *testing.T) {
+	set, err := policy.Parse("policy.yaml", []byte(`
+tenants:
+  - name: payments
+    identities: {unix_uids: [1000]}
+    slots:
+      - {name: release, key: default, policy: {daily_quota: 3}}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := policy.UnixIdentity(1000, 1000)
+	ed := providers.Algorithm{Scheme: providers.SchemeEd25519}
+	midnight := time.Date(2026, 12, 8, 0, 0, 0, 0, time.UTC)
+	ctx := context.Background()
+	clock := &stepClock{t: midnight.Add(-60 * time.Second)}
+	log := zaptest.NewLogger(t)
+	j, err := journal.Open(journal.Options{Dir: filepath.Join(t.TempDir(), "journal"), Logger: log, Clock: clock.Now, MinFreeBytes: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer j.Close()
+	a := &Agent{log: log, journal: j, policy: policy.NewEngine(set, clock.Now)}
+	signed := 0
+	sign := func() proto.Code {
+		d := a.policy.Check("payments", "release", id, ed, 32)
+		code := reasonCode(d.Reason)
+		if d.Allowed() {
+			d.Done()
+			signed++
+			r := journal.Record{Op: "sign", Tenant: "payments", Slot: "payments/release", Code: uint16(code),
+				CodeName: code.String(), PolicyHash: d.PolicyHash}
+			if err := j.Append(ctx, &r); err != nil {
+				t.Fatal(err)
+			}
+		}
+		return code
+	}
+	for i := 0; i < 3; i++ {
+		if code := sign(); code != proto.OK {
+			t.Fatalf("signature %d: %v", i+1, code)
+		}
+	}
+	clock.Set(midnight.Add(10 * time.Second))
+	if err := a.storeQuotas(ctx, nil); err != nil { // the 10 s snapshot after midnight
+		t.Fatal(err)
+	}
+	clock.Set(midnight.Add(-110 * time.Second)) // stepped back
+	if code := sign(); code != proto.QuotaExceeded {
+		t.Fatalf("before the restart: %v, want QUOTA_EXCEEDED", code)
+	}
+	a = &Agent{log: log, journal: j, policy: policy.NewEngine(set, clock.Now)} // restarted
+	if err := a.restoreQuotas(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if code := sign(); code != proto.QuotaExceeded {
+		t.Fatalf("after the restart: %v; %d signatures of a quota of 3 on %s", code, signed, midnight.Add(-time.Hour).Format(time.DateOnly))
+	}
+}

@@ -393,7 +393,11 @@ func TestHealthyNoticesFreedSpace(t *testing.T) {
 // probe: it used to stamp the next probe on the wall clock, so a probe
 // made with the clock an hour ahead held the next one off for an hour,
 // and an agent whose disk an operator freed stayed not ready, getting no
-// appends to notice it by, for as long as the step.
+// appends to notice it by, for as long as the step. The wall clock cannot
+// be stepped in a test, and the old code read it, not Options.Clock, so
+// this test passes on it too: it pins that the probe stays off the
+// journal's clock (the wall time records are stamped with), which the
+// journal's other timings follow.
 func TestHealthyProbesAfterAClockStepBack(t *testing.T) {
 	ctx := context.Background()
 	fs := &spaceFS{FS: vfs.Default}
