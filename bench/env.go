@@ -47,6 +47,7 @@ type Env struct {
 	ClientTLS   *tls.Config // a client certificate the agent accepts
 	agent       *exec.Cmd
 	extra       []*exec.Cmd
+	stops       []func() // servers waited for by a goroutine of their own (the echo)
 	logs        []*os.File
 	// Variants are the extra agents by scenario name.
 	Variants map[string]Variant
@@ -485,6 +486,9 @@ func waitForSocket(ctx context.Context, network, addr string, limit time.Duratio
 
 // Close stops the processes and removes the directory.
 func (e *Env) Close() error {
+	for _, stop := range e.stops {
+		stop()
+	}
 	for _, cmd := range append([]*exec.Cmd{e.agent, e.p11kit}, e.extra...) {
 		if cmd == nil || cmd.Process == nil || cmd.ProcessState != nil {
 			continue

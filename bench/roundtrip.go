@@ -146,12 +146,33 @@ func (e *Env) startEcho(ctx context.Context, sigil string) (Variant, error) {
 	if err := cmd.Start(); err != nil {
 		return Variant{}, fmt.Errorf("start echo: %w", err)
 	}
-	if err := waitForSocket(ctx, "unix", sock, 20*time.Second); err != nil {
-		cmd.Process.Kill()
-		cmd.Wait()
-		return Variant{}, fmt.Errorf("echo did not come up: %w", err)
+	// A binary without the command exits at once: say so then, not after
+	// waitForSocket's limit.
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	upCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	up := make(chan error, 1)
+	go func() { up <- waitForSocket(upCtx, "unix", sock, 20*time.Second) }()
+	select {
+	case err := <-exited:
+		return Variant{}, fmt.Errorf("echo (%s %s) exited: %v", sigil, EchoCommand, err)
+	case err := <-up:
+		if err != nil {
+			cmd.Process.Kill()
+			<-exited
+			return Variant{}, fmt.Errorf("echo did not come up: %w", err)
+		}
 	}
-	e.extra = append(e.extra, cmd)
+	e.stops = append(e.stops, func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-exited:
+		case <-time.After(10 * time.Second):
+			cmd.Process.Kill()
+			<-exited
+		}
+	})
 	return Variant{Socket: sock, PID: cmd.Process.Pid}, nil
 }
 

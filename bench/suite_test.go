@@ -3,6 +3,7 @@ package bench
 import (
 	"bytes"
 	"context"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -74,5 +75,22 @@ func TestRunSuiteRoundTrip(t *testing.T) {
 		if !ok || !r.ran() || r.Errors != 0 || r.CPUPerOpUs <= 0 {
 			t.Errorf("roundtrip@%d: found %v, %+v", conns, ok, r)
 		}
+	}
+}
+
+// A sigil binary without the echo command (an older one, named by hand)
+// leaves the roundtrip scenario not set up, said at once; the run goes on.
+func TestRunSuiteRoundTripWithoutEcho(t *testing.T) {
+	fake := filepath.Join(t.TempDir(), "sigil")
+	if err := os.WriteFile(fake, []byte("#!/bin/sh\nexit 2\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	env := &Env{Dir: t.TempDir()}
+	start := time.Now()
+	if _, err := env.startEcho(context.Background(), fake); err == nil || !strings.Contains(err.Error(), "exited") {
+		t.Fatalf("startEcho with a binary lacking %s: %v, want it to say the echo exited", EchoCommand, err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("startEcho took %v to see the echo exit", d)
 	}
 }
