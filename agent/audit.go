@@ -73,6 +73,12 @@ func openJournal(cfg *Config, log *zap.Logger, fs vfs.FS) (*journal.Journal, err
 		// settle. The journal's own words would name dir a second time.
 		return nil, &journalInUseError{dir}
 	}
+	if errors.Is(err, journal.ErrNewerFormat) {
+		// A rollback onto a journal a newer sigil wrote: no restart cures
+		// it, so a supervisor should not retry (IsConfigError). The
+		// journal's words name dir.
+		return nil, &configError{fmt.Errorf("audit journal: %w", err)}
+	}
 	if err != nil {
 		return nil, fmt.Errorf("audit journal %s: %w", dir, err)
 	}

@@ -133,6 +133,12 @@ type Options struct {
 // process) has the directory open.
 var ErrInUse = errors.New("journal: in use by another process")
 
+// ErrNewerFormat is returned by Open when the directory's journal format
+// (the "m/format" entry) is newer than this build reads: a newer sigil
+// wrote it, and an older one rolled back onto it would misread its records
+// or state. Nothing in the directory is changed.
+var ErrNewerFormat = errors.New("journal: written by a newer sigil")
+
 // lockHeld tells a lock another holder has from a lock that could not be
 // tried (the LOCK file unreadable, say): fcntl's refusal is a bare errno,
 // the file's open a *fs.PathError.
@@ -191,6 +197,7 @@ const (
 	auditPrefix = "a/"
 	statePrefix = "s/"
 	headKey     = "m/head" // chain-head checkpoint
+	formatKey   = "m/format"
 	auditKeyLen = len(auditPrefix) + 8
 )
 
@@ -414,6 +421,12 @@ func (j *Journal) openDB() error {
 	if err != nil {
 		return fmt.Errorf("journal: open pebble in %s: %w", j.opts.Dir, err)
 	}
+	// Before the tail log's replay writes anything into a store whose
+	// layout this build may not know.
+	if err := claimFormat(db, j.opts.Dir); err != nil {
+		_ = closeDB(db)
+		return err
+	}
 	seq, hash, err := readHead(db, j.headCopy, j.log)
 	if err == nil {
 		var added uint64
@@ -526,6 +539,10 @@ func (j *Journal) openReadOnly() error {
 	db, err := pebble.Open(j.opts.Dir, o)
 	if err != nil {
 		return fmt.Errorf("journal: open pebble in %s read-only: %w", j.opts.Dir, err)
+	}
+	if _, err := readFormat(db, j.opts.Dir); err != nil {
+		_ = closeDB(db)
+		return err
 	}
 	seq, hash, err := readHead(db, j.headCopy, j.log)
 	if errors.Is(err, errHeadDoubt) {
@@ -682,6 +699,51 @@ func valueHash(v []byte) (h [32]byte, ok bool) {
 	}
 	copy(h[:], v[len(v)-32:])
 	return h, true
+}
+
+// journalFormat is the layout this build writes and reads, stored as one
+// byte under "m/format" (see doc.go, "Formats"). A journal without the
+// entry was written by an agent from before it, whose layouts (a record
+// per key, or runs) this build reads. Raise it with any change an older
+// build would misread, so that the older build refuses the directory
+// (ErrNewerFormat) instead of misreading it.
+const journalFormat = 1
+
+// readFormat returns the stored journal format (0: none stored), and
+// ErrNewerFormat for one newer than journalFormat.
+func readFormat(r pebble.Reader, dir string) (byte, error) {
+	v, closer, err := r.Get([]byte(formatKey))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("journal: read %s: %w", formatKey, err)
+	}
+	defer closer.Close()
+	if len(v) != 1 || v[0] == 0 {
+		return 0, fmt.Errorf("journal: %s in %s is malformed (%d bytes)", formatKey, dir, len(v))
+	}
+	if v[0] > journalFormat {
+		return v[0], fmt.Errorf("%w: %s holds journal format %d, and this sigil reads format %d at most; run the sigil that wrote it, or a later one (a journal is never converted back to an older format)",
+			ErrNewerFormat, dir, v[0], journalFormat)
+	}
+	return v[0], nil
+}
+
+// claimFormat refuses a journal of a newer format, and stores this
+// build's format in one without it, so that an older build that checks
+// refuses the directory once this one has written to it.
+func claimFormat(db *pebble.DB, dir string) error {
+	f, err := readFormat(db, dir)
+	if err != nil || f == journalFormat {
+		return err
+	}
+	b := db.NewBatch()
+	_ = b.Set([]byte(formatKey), []byte{journalFormat}, nil)
+	if err := apply(db, b, pebble.Sync); err != nil {
+		return fmt.Errorf("journal: store %s: %w", formatKey, err)
+	}
+	return nil
 }
 
 const headFormatV1 = 1
