@@ -43,6 +43,7 @@
 //	                             encodings concatenated
 //	m/head                       chain-head checkpoint: version byte 1,
 //	                             seq (8 bytes BE), hash (32 bytes)
+//	m/format                     the journal's format: one byte (1)
 //	s/<key>                      agent state (rotation state, calendars,
 //	                             REPs): Put, Get, Delete, ScanState
 //
@@ -55,6 +56,21 @@
 // Readers find record seq in the last run stored under a seq not above it.
 // Runs make Pebble's per-key work (memtable inserts, flush and compaction)
 // once per run rather than once per record.
+//
+// # Formats
+//
+// A writable Open stores the journal's format under m/format (journal.go,
+// journalFormat), and every Open refuses a directory whose format is
+// newer than the build's (ErrNewerFormat) before it reads or replays
+// anything: an older build rolled back onto a journal a newer one wrote
+// stops, saying so, instead of misreading it. Format 1 is the layout
+// above. A directory without the entry was written by an agent from
+// before it, whose layouts (a record per key, then runs) format 1 reads as
+// they are. Agents from before runs do not read runs: rolled back onto a
+// journal of format 1 they report undecodable records, and they predate
+// the entry, so nothing stops them (docs/audit.md, "Upgrades and
+// rollbacks"). A change that an older build would misread raises the
+// format.
 //
 // Audit keys only grow, so sstables of audit keys never overlap and move
 // down the LSM without rewrites; Options.Experimental.SpanPolicyFunc cuts

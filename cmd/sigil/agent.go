@@ -39,7 +39,7 @@ change, a PKCS#11 module path that gives no library or that others may
 change or whose copies' TMPDIR others may change, a PIN refused, a token
 locked, the evidence key lost while its packs are kept, sockets systemd
 passed that the agent cannot take, admin_http.listen bound beyond
-loopback) exits 78, which
+loopback, a journal written by a newer sigil) exits 78, which
 sigil.service does not restart on; another failed start (a module whose
 device does not answer, say) exits 1.
 

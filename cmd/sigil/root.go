@@ -63,7 +63,8 @@ gives no PIN or whose file others may change, a PKCS#11 module path that
 gives no library or that others may change or whose copies' TMPDIR
 others may change, a config or policy that fails its checks, the
 evidence key lost while its packs are kept, sockets systemd passed that
-the agent cannot take, admin_http.listen bound beyond loopback).`,
+the agent cannot take, admin_http.listen bound beyond loopback, a
+journal written by a newer sigil).`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 		PersistentPreRunE: func(*cobra.Command, []string) error {
