@@ -731,8 +731,8 @@ func readFormat(r pebble.Reader, dir string) (byte, error) {
 }
 
 // claimFormat refuses a journal of a newer format, and stores this
-// build's format in one without it, so that an older build that checks
-// refuses the directory once this one has written to it.
+// build's format in one without it (an older agent's), so that the
+// directory says which layout it holds from the first write on.
 func claimFormat(db *pebble.DB, dir string) error {
 	f, err := readFormat(db, dir)
 	if err != nil || f == journalFormat {
