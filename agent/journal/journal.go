@@ -136,7 +136,8 @@ var ErrInUse = errors.New("journal: in use by another process")
 // ErrNewerFormat is returned by Open when the directory's journal format
 // (the "m/format" entry) is newer than this build reads: a newer sigil
 // wrote it, and an older one rolled back onto it would misread its records
-// or state. Nothing in the directory is changed.
+// or state. Open returns it before it reads a record or replays the tail
+// log: nothing the journal holds is appended, replayed or rewritten.
 var ErrNewerFormat = errors.New("journal: written by a newer sigil")
 
 // lockHeld tells a lock another holder has from a lock that could not be
