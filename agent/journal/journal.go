@@ -345,11 +345,10 @@ func Open(opts Options) (*Journal, error) {
 		return nil, fmt.Errorf("journal: lock %s: %w", opts.Dir, err)
 	}
 	j.lock = lock
+	// A head file that is no checkpoint refuses a writable Open, but only
+	// once openDB has found the format one this build reads: a newer
+	// sigil's head file may be of another encoding (ErrNewerFormat).
 	j.headCopy, j.headCopyErr = readHeadFile(j.fs, j.headFilePath())
-	if j.headCopyErr != nil && !opts.ReadOnly {
-		_ = lock.Close()
-		return nil, j.headCopyErr
-	}
 	if opts.ReadOnly {
 		if err := j.openReadOnly(); err != nil {
 			_ = lock.Close()
@@ -378,7 +377,7 @@ func (j *Journal) pebbleOptions() *pebble.Options {
 		Lock:               j.lock,
 		Logger:             plog,
 		MemTableSize:       j.opts.MemTableSize,
-		FormatMajorVersion: pebble.FormatNewest,
+		FormatMajorVersion: pebbleFormat,
 		EventListener: &pebble.EventListener{
 			BackgroundError: func(err error) {
 				j.log.Error("pebble background error", zap.Error(err))
@@ -420,13 +419,17 @@ func (j *Journal) openDB() error {
 	j.fs.walFailed.Store(false)
 	db, err := pebble.Open(j.opts.Dir, j.pebbleOptions())
 	if err != nil {
-		return fmt.Errorf("journal: open pebble in %s: %w", j.opts.Dir, err)
+		return pebbleOpenError(j.opts.Dir, "", err)
 	}
 	// Before the tail log's replay writes anything into a store whose
 	// layout this build may not know.
 	if err := claimFormat(db, j.opts.Dir); err != nil {
 		_ = closeDB(db)
 		return err
+	}
+	if j.headCopyErr != nil {
+		_ = closeDB(db)
+		return j.headCopyErr
 	}
 	seq, hash, err := readHead(db, j.headCopy, j.log)
 	if err == nil {
@@ -539,7 +542,7 @@ func (j *Journal) openReadOnly() error {
 	o.ReadOnly = true
 	db, err := pebble.Open(j.opts.Dir, o)
 	if err != nil {
-		return fmt.Errorf("journal: open pebble in %s read-only: %w", j.opts.Dir, err)
+		return pebbleOpenError(j.opts.Dir, " read-only", err)
 	}
 	if _, err := readFormat(db, j.opts.Dir); err != nil {
 		_ = closeDB(db)
@@ -709,6 +712,24 @@ func valueHash(v []byte) (h [32]byte, ok bool) {
 // build would misread, so that the older build refuses the directory
 // (ErrNewerFormat) instead of misreading it.
 const journalFormat = 1
+
+// pebbleFormat is the Pebble format major version the journal opens a
+// store at, pinned rather than pebble.FormatNewest: Pebble raises an older
+// store's format at a writable Open, before m/format is read, and a build
+// on an older Pebble then cannot open it at all. Raise it deliberately,
+// with journalFormat.
+const pebbleFormat = pebble.FormatValueSeparation
+
+// pebbleOpenError wraps pebble.Open's error; a store of a Pebble format
+// this build's Pebble does not know was written by a newer sigil
+// (ErrNewerFormat). Pebble says so only in its message (v2.1.7,
+// format_major_version.go).
+func pebbleOpenError(dir, how string, err error) error {
+	if strings.Contains(err.Error(), "written in unknown format major version") {
+		return fmt.Errorf("%w: %s was written by a Pebble this sigil does not know (%v); run the sigil that wrote it, or a later one", ErrNewerFormat, dir, err)
+	}
+	return fmt.Errorf("journal: open pebble in %s%s: %w", dir, how, err)
+}
 
 // readFormat returns the stored journal format (0: none stored), and
 // ErrNewerFormat for one newer than journalFormat.
