@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/sigil-agent/sigil/agent/rotation"
 	"github.com/sigil-agent/sigil/proto"
 )
 
@@ -85,13 +86,16 @@ func (a *Agent) reloadCertificates(paths map[string]string) error {
 }
 
 // loadCertificates is keyring.loadCertificates for the agent's keys: a
-// certificate for a key version a rotation made that the agent no longer
-// serves (retired, so not served again at a start) is left out, with a
-// warning, rather than failing the start or the reload. The operator named
-// it while the version signed (docs/rotation.md, "Certificates"); the
-// calendar retiring the version must not stop the next start.
+// certificate for a key version a rotation made and has since retired (so
+// not served again at a start) is left out, with a warning, rather than
+// failing the start or the reload. The operator named it while the version
+// signed (docs/rotation.md, "Certificates"); the calendar retiring the
+// version must not stop the next start. It is still read and checked
+// against the version's recorded key, as it was while the version was
+// served: a start and a reload refuse what a reload before the restart
+// refused.
 func (a *Agent) loadCertificates(paths map[string]string) error {
-	skipped, err := a.keys.loadCertificates(paths, a.rotationKey)
+	skipped, err := a.keys.loadCertificates(paths, a.retiredVersionKeys)
 	for _, name := range skipped {
 		a.log.Warn("key certificate left out: its key is a rotated-out key version the agent no longer serves; remove it from certificates:",
 			zap.String("key", name), zap.String("file", paths[name]))
@@ -99,33 +103,52 @@ func (a *Agent) loadCertificates(paths map[string]string) error {
 	return err
 }
 
-// rotationKey reports whether name is the key of a version the rotation
-// state records, for any slot.
-func (a *Agent) rotationKey(name string) bool {
+// retiredVersionKeys returns the recorded public keys of the rotation
+// versions whose key is name, when every one of them is retired. Any other
+// key, an accepted version whose key could not be served again at the start
+// among them (it is no rotated-out key, and its signatures should still
+// verify), gets none: its certificate is refused as that of any key no
+// provider serves.
+func (a *Agent) retiredVersionKeys(name string) []crypto.PublicKey {
 	if a.rot == nil {
-		return false
+		return nil
 	}
+	now := time.Now()
+	var pubs []crypto.PublicKey
 	for _, sl := range a.rot.Store().Slots() {
 		for _, v := range sl.Versions {
-			if v.Key == name {
-				return true
+			if v.Key != name {
+				continue
 			}
+			if v.StateAt(now) != rotation.StateRetired {
+				return nil
+			}
+			pubs = append(pubs, v.Public)
 		}
 	}
-	return false
+	return pubs
 }
 
 // loadCertificates reads and checks the configured certificates and puts
 // them in force; on any error the ones in force stay. A certificate for a
-// key no provider serves is an error, unless skip says to leave it out
-// (the names left out are returned).
-func (kr *keyring) loadCertificates(paths map[string]string, skip func(name string) bool) (skipped []string, err error) {
+// key no provider serves is an error, unless retired returns that key's
+// public keys (a retired rotation version's, one per version with that
+// key name): then it is left out (the names left out are returned) if it
+// certifies one of them, and still an error if it does not or cannot be
+// read.
+func (kr *keyring) loadCertificates(paths map[string]string, retired func(name string) []crypto.PublicKey) (skipped []string, err error) {
 	m := keyCerts{}
 	var errs []error
 	for _, name := range slices.Sorted(maps.Keys(paths)) {
-		if kr.entry(name) == nil && skip(name) {
-			skipped = append(skipped, name)
-			continue
+		if kr.entry(name) == nil {
+			if pubs := retired(name); len(pubs) > 0 {
+				if _, err := readCertificateOf(paths[name], pubs...); err != nil {
+					errs = append(errs, fmt.Errorf("certificates[%s]: %w", name, err))
+					continue
+				}
+				skipped = append(skipped, name)
+				continue
+			}
 		}
 		c, err := kr.readCertificate(name, paths[name])
 		if err != nil {
@@ -181,15 +204,24 @@ func (kr *keyring) readCertificate(name, path string) (keyCert, error) {
 	if e == nil {
 		return keyCert{}, errors.New("no provider serves this key")
 	}
-	ders, certs, err := readCertificateChain(path)
-	if err != nil {
-		return keyCert{}, err
-	}
 	pub, err := x509.ParsePKIXPublicKey(e.info.SPKI)
 	if err != nil {
 		return keyCert{}, fmt.Errorf("the key's public key: %w", err)
 	}
-	if k, ok := pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(certs[0].PublicKey) {
+	return readCertificateOf(path, pub)
+}
+
+// readCertificateOf reads a PEM file as readCertificate does and checks
+// that the first certificate certifies one of pubs.
+func readCertificateOf(path string, pubs ...crypto.PublicKey) (keyCert, error) {
+	ders, certs, err := readCertificateChain(path)
+	if err != nil {
+		return keyCert{}, err
+	}
+	if !slices.ContainsFunc(pubs, func(pub crypto.PublicKey) bool {
+		k, ok := pub.(interface{ Equal(crypto.PublicKey) bool })
+		return ok && k.Equal(certs[0].PublicKey)
+	}) {
 		return keyCert{}, fmt.Errorf("%s certifies another key (subject %q), not this one", path, certs[0].Subject.String())
 	}
 	c := keyCert{leaf: ders[0], notAfter: certs[0].NotAfter}

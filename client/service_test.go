@@ -9,7 +9,9 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -435,7 +437,61 @@ func TestTLSHandshakesAcrossAnAgentRestart(t *testing.T) {
 // named.
 func TestTLSCertificateForARotatedVersionSurvivesRestarts(t *testing.T) {
 	ctx := context.Background()
-	dir, _ := os.MkdirTemp("", "sigil-svc")
+	dir, writeConfig := rotatingSlotConfig(t)
+	start := startRotatingSlot(t)
+	ca, err := devcerts.NewCA("rotated root")
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := &tls.Config{RootCAs: ca.Pool(), ServerName: "sigil.test"}
+	servesTLS := func(t *testing.T, c *client.Client, when string) {
+		t.Helper()
+		cert, err := c.TLSCertificate(ctx, "release")
+		if err != nil {
+			t.Fatalf("%s: TLSCertificate: %v", when, err)
+		}
+		if err := handshakeErr(&tls.Config{Certificates: []tls.Certificate{cert}}, peer, nil); err != nil {
+			t.Fatalf("%s: %v", when, err)
+		}
+	}
+
+	cfg := writeConfig("")
+	a, c, admin := start(cfg)
+	if err := admin.Rotate(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	newKey, certFile := certifyRotatedKey(t, admin, ca, dir)
+	cfg = writeConfig(fmt.Sprintf("certificates: {%q: %s}", newKey, certFile))
+	if err := a.Reload(); err != nil {
+		t.Fatalf("reload naming the rotated key's certificate: %v", err)
+	}
+	servesTLS(t, c, "after the reload")
+
+	c.Close()
+	admin.Close()
+	a.Shutdown(ctx)
+	a, c, admin = start(cfg)
+	servesTLS(t, c, "after a restart")
+
+	if _, err := admin.IncidentDrill(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	admin.Close()
+	a.Shutdown(ctx)
+	_, c, _ = start(cfg)
+	if _, err := c.TLSCertificate(ctx, "release"); client.Code(err) != proto.NotFound || !errors.Is(err, client.ErrNoCertificate) {
+		t.Fatalf("the drill's new version, after a restart: TLSCertificate = %v, want NOT_FOUND (no certificate yet)", err)
+	}
+}
+
+// rotatingSlotConfig makes a config file for an agent with rotation on,
+// whose policy's one slot, payments/release, starts on the software key
+// p256; write writes it again with the certificates: line given and loads
+// it. dir holds the config, the sockets and what a test writes beside.
+func rotatingSlotConfig(t *testing.T) (dir string, write func(certificates string) agent.Config) {
+	t.Helper()
+	dir, _ = os.MkdirTemp("", "sigil-svc")
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	policyFile := filepath.Join(dir, "policy.yaml")
 	policy := fmt.Sprintf("admins: {unix_uids: [%d]}\ntenants:\n  - name: payments\n    identities: {unix_uids: [%d]}\n    slots:\n      - {name: release, key: p256}\n", os.Getuid(), os.Getuid())
@@ -444,7 +500,7 @@ func TestTLSCertificateForARotatedVersionSurvivesRestarts(t *testing.T) {
 	}
 	configFile := filepath.Join(dir, "sigil.yaml")
 	dataDir := t.TempDir()
-	writeConfig := func(certificates string) agent.Config {
+	return dir, func(certificates string) agent.Config {
 		t.Helper()
 		yaml := fmt.Sprintf(`socket: %s
 admin_socket: %s
@@ -467,7 +523,12 @@ providers:
 		}
 		return cfg
 	}
-	start := func(cfg agent.Config) (*agent.Agent, *client.Client, *client.Client) {
+}
+
+// startRotatingSlot returns a start of an agent on a rotatingSlotConfig:
+// the agent, a client and an admin client.
+func startRotatingSlot(t *testing.T) func(cfg agent.Config) (*agent.Agent, *client.Client, *client.Client) {
+	return func(cfg agent.Config) (*agent.Agent, *client.Client, *client.Client) {
 		t.Helper()
 		a := run(t, cfg)
 		aln, err := agent.ListenUnix(cfg.AdminSocket)
@@ -477,30 +538,15 @@ providers:
 		go a.ServeAdmin(aln)
 		return a, dial(t, cfg.Socket), dial(t, cfg.AdminSocket)
 	}
-	ca, err := devcerts.NewCA("rotated root")
-	if err != nil {
-		t.Fatal(err)
-	}
-	peer := &tls.Config{RootCAs: ca.Pool(), ServerName: "sigil.test"}
-	servesTLS := func(t *testing.T, c *client.Client, when string) {
-		t.Helper()
-		cert, err := c.TLSCertificate(ctx, "release")
-		if err != nil {
-			t.Fatalf("%s: TLSCertificate: %v", when, err)
-		}
-		if err := handshakeErr(&tls.Config{Certificates: []tls.Certificate{cert}}, peer, nil); err != nil {
-			t.Fatalf("%s: %v", when, err)
-		}
-	}
+}
 
-	cfg := writeConfig("")
-	a, c, admin := start(cfg)
-	if err := admin.Rotate(ctx, "payments/release"); err != nil {
-		t.Fatal(err)
-	}
-	// What the operator has: the rotation's evidence pack, with the new
-	// key's name and its CSR.
-	manifest, _, err := admin.ExportREP(ctx, "payments/release", 0)
+// certifyRotatedKey does what an operator does after a rotation of
+// payments/release: reads the new key's name and its CSR from the
+// rotation's evidence pack, has ca certify it, and writes the certificate
+// in dir. It returns the key's name and the certificate's file.
+func certifyRotatedKey(t *testing.T, admin *client.Client, ca *devcerts.CA, dir string) (key, certFile string) {
+	t.Helper()
+	manifest, _, err := admin.ExportREP(context.Background(), "payments/release", 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -526,30 +572,126 @@ providers:
 	if err != nil {
 		t.Fatal(err)
 	}
-	certFile := filepath.Join(dir, "release-v2.crt")
+	certFile = filepath.Join(dir, strings.ReplaceAll(rep.New.Key, "/", "_")+".crt")
 	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg = writeConfig(fmt.Sprintf("certificates: {%q: %s}", rep.New.Key, certFile))
-	if err := a.Reload(); err != nil {
-		t.Fatalf("reload naming the rotated key's certificate: %v", err)
+	return rep.New.Key, certFile
+}
+
+// A certificate named for a key version a drill retired is left out of a
+// start and of a reload (TestTLSCertificateForARotatedVersionSurvivesRestarts),
+// but only once read and found to certify that version's recorded key, as
+// while the version was served: a certificate of another key under its
+// name (the next version's: v2 for v3) and a file that is not there are
+// refused by a start and by a reload after one, as by a reload before the
+// restart.
+func TestCertificateOfARetiredVersionIsStillChecked(t *testing.T) {
+	ctx := context.Background()
+	dir, writeConfig := rotatingSlotConfig(t)
+	start := startRotatingSlot(t)
+	ca, err := devcerts.NewCA("rotated root")
+	if err != nil {
+		t.Fatal(err)
 	}
-	servesTLS(t, c, "after the reload")
-
-	c.Close()
-	admin.Close()
-	a.Shutdown(ctx)
-	a, c, admin = start(cfg)
-	servesTLS(t, c, "after a restart")
-
+	a, _, admin := start(writeConfig(""))
+	if err := admin.Rotate(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	retired, retiredCert := certifyRotatedKey(t, admin, ca, dir)
 	if _, err := admin.IncidentDrill(ctx, "payments/release"); err != nil {
 		t.Fatal(err)
 	}
-	c.Close()
+	next, nextCert := certifyRotatedKey(t, admin, ca, dir)
+	if next == retired {
+		t.Fatalf("the drill's evidence pack names the retired key %s", next)
+	}
+	cases := []struct {
+		name, file string
+		want       string // in the error; "" for none
+	}{
+		{"its own certificate", retiredCert, ""},
+		{"the next version's certificate", nextCert, nextCert + " certifies another key"},
+		{"a file that is not there", filepath.Join(dir, "missing.crt"), "no such file"},
+	}
+	check := func(t *testing.T, when string, err error, want string) {
+		t.Helper()
+		switch {
+		case want == "" && err != nil:
+			t.Errorf("%s: %v", when, err)
+		case want != "" && err == nil:
+			t.Errorf("%s took it, want an error with %q", when, want)
+		case want != "" && (!strings.Contains(err.Error(), "certificates["+retired+"]: ") || !strings.Contains(err.Error(), want)):
+			t.Errorf("%s: %v, want certificates[%s]: ...%s", when, err, retired, want)
+		}
+	}
+	configs := make([]agent.Config, len(cases))
+	for i, tc := range cases {
+		// The retired key is served until the restart.
+		configs[i] = writeConfig(fmt.Sprintf("certificates: {%q: %s}", retired, tc.file))
+		check(t, tc.name+": a reload before the restart", a.Reload(), tc.want)
+	}
 	admin.Close()
 	a.Shutdown(ctx)
-	_, c, _ = start(cfg)
-	if _, err := c.TLSCertificate(ctx, "release"); client.Code(err) != proto.NotFound || !errors.Is(err, client.ErrNoCertificate) {
-		t.Fatalf("the drill's new version, after a restart: TLSCertificate = %v, want NOT_FOUND (no certificate yet)", err)
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			b, err := agent.New(ctx, configs[i], nil)
+			if err == nil {
+				b.Shutdown(ctx)
+			}
+			check(t, "a start", err, tc.want)
+			b, _, _ = start(writeConfig(""))
+			writeConfig(fmt.Sprintf("certificates: {%q: %s}", retired, tc.file))
+			check(t, "a reload after a start", b.Reload(), tc.want)
+			b.Shutdown(ctx)
+		})
+	}
+}
+
+// A certificate for an accepted version (its signatures verify until its
+// T1) whose key a start could not serve again is no rotated-out key's:
+// the start refuses it as any certificate of a key no provider serves,
+// rather than leaving it out as retired.
+func TestCertificateOfAnAcceptedVersionNotServedRefused(t *testing.T) {
+	ctx := context.Background()
+	dir, writeConfig := rotatingSlotConfig(t)
+	start := startRotatingSlot(t)
+	ca, err := devcerts.NewCA("rotated root")
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, _, admin := start(writeConfig(""))
+	if err := admin.Rotate(ctx, "payments/release"); err != nil {
+		t.Fatal(err)
+	}
+	accepted, certFile := certifyRotatedKey(t, admin, ca, dir)
+	if err := admin.Rotate(ctx, "payments/release"); err != nil { // accepted is accepted now, until its T1
+		t.Fatal(err)
+	}
+	cfg := writeConfig(fmt.Sprintf("certificates: {%q: %s}", accepted, certFile))
+	if err := a.Reload(); err != nil {
+		t.Fatalf("reload while the accepted version is served: %v", err)
+	}
+	admin.Close()
+	a.Shutdown(ctx)
+	// The key is lost: its software key file is gone.
+	keyFile := url.PathEscape(accepted) + ".pem"
+	var removed bool
+	filepath.WalkDir(cfg.DataDir, func(path string, d fs.DirEntry, err error) error {
+		if err == nil && d.Name() == keyFile {
+			removed = os.Remove(path) == nil
+		}
+		return nil
+	})
+	if !removed {
+		t.Fatalf("no key file %s under %s", keyFile, cfg.DataDir)
+	}
+	b, err := agent.New(ctx, cfg, nil)
+	if err == nil {
+		b.Shutdown(ctx)
+		t.Fatal("a start left out the certificate of an accepted version it could not serve")
+	}
+	if want := "certificates[" + accepted + "]: no provider serves this key"; !strings.Contains(err.Error(), want) {
+		t.Fatalf("start: %v, want %q", err, want)
 	}
 }
