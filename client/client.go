@@ -44,6 +44,10 @@ type Client struct {
 	// any reply would otherwise cost each call of a retrying caller a
 	// connect and a Hello, with no backoff.
 	lastRedial *conn
+	// reconnecting is a redial that outlived the call that began it: its
+	// dial or Hello goes on, and calls fail at once until it ends (see
+	// redial). Read and set by the token's holder alone.
+	reconnecting *reconnect
 
 	mu     sync.Mutex
 	closed bool // set by Close: no redial after it
@@ -59,6 +63,25 @@ type Client struct {
 // Without it every caller of a service whose agent is down would dial in a
 // tight loop, each call a connect and, with TLS, a handshake.
 const redialBackoff = 100 * time.Millisecond
+
+// redialWait bounds a redial's dial and Hello, which go on after the call
+// that began them has given up (see redial). Under systemd's socket
+// activation the socket stays open while the agent is down or restarting:
+// the connect succeeds and the Hello waits until an agent takes the
+// connection. A var for tests.
+var redialWait = 30 * time.Second
+
+// reconnectGrace is how long a call waits for a reconnect that another
+// call began: a healthy agent answers a connect and a Hello well within it.
+const reconnectGrace = 100 * time.Millisecond
+
+// reconnect is a redial's connect running on past its caller.
+type reconnect struct {
+	start time.Time
+	done  chan struct{} // closed when cn and err are set
+	cn    *conn
+	err   error
+}
 
 // helloID is the id of connect's Hello, a connection's first request.
 const helloID = 1
@@ -321,23 +344,71 @@ func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response,
 // has, and returns the current connection. Dials are serialized, and none
 // starts within redialBackoff of a failed one: callers then get UNAVAILABLE
 // at once.
+//
+// The connect waits as long as the caller that began it (its context) and,
+// once that caller has given up, goes on without it for up to redialWait
+// while every other call fails at once with UNAVAILABLE. An agent that
+// takes longer than a call's deadline to answer (a start under socket
+// activation, where systemd accepts the connect and the Hello waits for
+// the agent) so costs the one call its deadline, not every call; and once
+// the agent answers, that connection serves the next call.
 func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
+	for {
+		cn, pending, err := c.redialOnce(ctx, dead)
+		if pending == nil {
+			return cn, err
+		}
+		// A reconnect begun within reconnectGrace: wait for it, as for a
+		// redial in progress.
+		t := time.NewTimer(time.Until(pending.start.Add(reconnectGrace)))
+		select {
+		case <-pending.done:
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return nil, ctx.Err()
+		case <-c.closing.Done():
+			t.Stop()
+			return nil, ErrClosed
+		}
+		t.Stop()
+	}
+}
+
+// redialOnce is redial's one turn with the redial token. It returns the
+// reconnect in progress instead when that began less than reconnectGrace
+// ago and has not ended: the caller waits for it, without the token.
+func (c *Client) redialOnce(ctx context.Context, dead *conn) (*conn, *reconnect, error) {
 	if c.isClosed() {
-		return nil, ErrClosed // without waiting for a dial in progress
+		return nil, nil, ErrClosed // without waiting for a dial in progress
 	}
 	select {
 	case <-c.redialToken:
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return nil, nil, ctx.Err()
 	case <-c.closing.Done():
-		return nil, ErrClosed
+		return nil, nil, ErrClosed
 	}
 	defer func() { c.redialToken <- struct{}{} }()
 	if c.isClosed() {
-		return nil, ErrClosed
+		return nil, nil, ErrClosed
 	}
 	if cur := c.cur.Load(); cur != dead {
-		return cur, nil // redialled while we waited
+		return cur, nil, nil // redialled while we waited
+	}
+	if r := c.reconnecting; r != nil {
+		select {
+		case <-r.done:
+			c.reconnecting = nil
+			cn, err := c.redialed(r)
+			return cn, nil, err
+		default:
+		}
+		since := time.Since(r.start)
+		if since < reconnectGrace {
+			return nil, r, nil
+		}
+		return nil, nil, failed(fmt.Sprintf("reconnect: the agent has not answered a reconnect begun %v ago (it may be starting, or down behind a socket that systemd holds)", since.Round(time.Millisecond)), nil)
 	}
 	if dead == c.lastRedial && !dead.proven.Load() && dead.born.After(c.failedAt) {
 		c.failedAt, c.failErr = dead.born, failed("its connection was lost before any reply", dead.terminalErr())
@@ -349,21 +420,51 @@ func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
 		if Code(c.failErr) != proto.Unavailable {
 			last = c.failErr.Error()
 		}
-		return nil, failed(fmt.Sprintf("the last reconnect, %v ago, failed: %s", since.Round(time.Millisecond), last), nil)
+		return nil, nil, failed(fmt.Sprintf("the last reconnect, %v ago, failed: %s", since.Round(time.Millisecond), last), nil)
 	}
-	dialCtx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	defer context.AfterFunc(c.closing, cancel)()
-	cn, err := c.connect(dialCtx)
+	r := &reconnect{start: time.Now(), done: make(chan struct{})}
+	wait := redialWait
+	go func() {
+		// Not the caller's context: the connect may outlive it.
+		dialCtx, cancel := context.WithTimeout(c.closing, wait)
+		defer cancel()
+		r.cn, r.err = c.connect(dialCtx)
+		if r.err != nil && errors.Is(dialCtx.Err(), context.DeadlineExceeded) {
+			r.err = failed(fmt.Sprintf("the agent did not answer in %v", wait), nil)
+		}
+		close(r.done)
+	}()
+	select {
+	case <-r.done:
+		cn, err := c.redialed(r)
+		return cn, nil, err
+	case <-ctx.Done():
+		// The caller gives up; the connect goes on without the token
+		// (later calls fail at once, or wait reconnectGrace) and its end
+		// is recorded when it comes, or by the next call after it.
+		c.reconnecting = r
+		go func() {
+			<-r.done
+			<-c.redialToken
+			defer func() { c.redialToken <- struct{}{} }()
+			if c.reconnecting == r {
+				c.reconnecting = nil
+				c.redialed(r)
+			}
+		}()
+		return nil, nil, failed("reconnect (it goes on without this call)", ctx.Err())
+	}
+}
+
+// redialed records the end of the reconnect r, the redial token held: the
+// new connection becomes the client's, or the failure starts a backoff.
+func (c *Client) redialed(r *reconnect) (*conn, error) {
+	cn, err := r.cn, r.err
 	if err != nil {
 		if c.isClosed() {
 			return nil, ErrClosed // cut short by Close
 		}
-		// A dial cut short by the caller's own context says nothing about
-		// the agent: no backoff for the next caller.
-		if ctx.Err() == nil {
-			c.failedAt, c.failErr = time.Now(), err
-		}
+		c.failedAt, c.failErr = time.Now(), err
 		return nil, failed("reconnect", err)
 	}
 	c.failedAt, c.failErr = time.Time{}, nil

@@ -10,7 +10,15 @@
 // with the same TLS config, says Hello and goes out on the new connection;
 // Signers and TLS certificates made from the Client keep working, signing by
 // kid. One dial runs at a time, and none starts within 100 ms of a failed one:
-// while the agent is down, calls fail at once with UNAVAILABLE. A redial's
+// while the agent is down, calls fail at once with UNAVAILABLE. Under
+// systemd's socket activation (or over TCP to a host that does not answer)
+// the socket of an agent that is down still takes the connect, or the dial
+// hangs: the call that began the redial waits for the Hello's reply until
+// its own deadline (an agent that starts within it serves the call), and
+// the dial and Hello then go on without it, up to 30 s from the dial, while
+// other calls fail at once with UNAVAILABLE; once the agent answers, that
+// connection is the client's. A redialling caller without a deadline waits
+// those 30 s at most. A redial's
 // connection that the agent drops before answering anything after the Hello
 // counts as a failed dial, so an agent that does so to every connection
 // costs a retrying caller one connection per 100 ms, not one per call.

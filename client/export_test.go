@@ -9,3 +9,11 @@ func SetFrameTimeout(d time.Duration) (restore func()) {
 	frameTimeout = d
 	return func() { frameTimeout = was }
 }
+
+// SetRedialWait sets the bound on a redial's dial and Hello for a test,
+// which need not wait the default's 30 s, and returns what restores it.
+func SetRedialWait(d time.Duration) (restore func()) {
+	was := redialWait
+	redialWait = d
+	return func() { redialWait = was }
+}

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/sigil-agent/sigil/agent"
 	"github.com/sigil-agent/sigil/client"
 	"github.com/sigil-agent/sigil/proto"
 )
@@ -463,4 +464,108 @@ func TestConnectionsLostBeforeAnyReplyBackOff(t *testing.T) {
 			}
 		})
 	}
+}
+
+// Under systemd's socket activation (the README's setup) the socket stays
+// open while the agent is down or restarting: a redial connects and its
+// Hello waits for an agent to take the connection. The Sign that began the
+// redial waits its deadline (an agent that starts within it serves it);
+// while no agent answers, later Signs fail at once with UNAVAILABLE rather
+// than each waiting its whole deadline; and once an agent takes the socket,
+// the waiting connection serves the next Sign. A call with no deadline (or
+// a long one) waits for the redial's own bound, not for good.
+func TestRestartUnderSocketActivation(t *testing.T) {
+	d := sha256.Sum256([]byte("socket activation"))
+	// restart stops the agent serving cfg and holds its socket, as systemd
+	// does, until start serves it with a new agent.
+	restart := func(t *testing.T) (s *client.Signer, start func()) {
+		t.Helper()
+		cfg := agentConfig(t)
+		cfg.DataDir = t.TempDir() // the software keys live here, across restarts
+		dir, _ := os.MkdirTemp("", "sigil-c")
+		t.Cleanup(func() { os.RemoveAll(dir) })
+		cfg.Socket = filepath.Join(dir, "agent.sock")
+		a := run(t, cfg)
+		s, err := dial(t, cfg.Socket).Signer(context.Background(), client.ByName("p256"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		a.Shutdown(context.Background())
+		os.Remove(cfg.Socket)
+		ln, err := net.Listen("unix", cfg.Socket) // held, not accepted
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		return s, func() {
+			b, err := agent.New(context.Background(), cfg, nil)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			t.Cleanup(func() { b.Shutdown(context.Background()) })
+			go b.Serve(ln)
+		}
+	}
+	signs := func(t *testing.T, s *client.Signer, when string) {
+		t.Helper()
+		sig, err := s.Sign(nil, d[:], crypto.SHA256)
+		if err != nil {
+			t.Fatalf("%s: %v", when, err)
+		}
+		if !ecdsa.VerifyASN1(s.Public().(*ecdsa.PublicKey), d[:], sig) {
+			t.Fatalf("%s: the signature does not verify", when)
+		}
+	}
+
+	t.Run("an agent down past a Sign's deadline", func(t *testing.T) {
+		s, start := restart(t)
+		const deadline = time.Second
+		s.SetTimeout(deadline)
+		began := time.Now()
+		_, err := s.Sign(nil, d[:], crypto.SHA256)
+		if took := time.Since(began); client.Code(err) != proto.DeadlineExceeded || took < deadline*9/10 {
+			t.Fatalf("the first Sign: %v (%s) after %v, want DEADLINE_EXCEEDED after its deadline", err, client.Code(err), took)
+		}
+		for i := range 3 {
+			began := time.Now()
+			_, err := s.Sign(nil, d[:], crypto.SHA256)
+			if took := time.Since(began); client.Code(err) != proto.Unavailable || took > 300*time.Millisecond {
+				t.Fatalf("Sign %d while no agent answers: %v (%s) after %v, want UNAVAILABLE at once", i+2, err, client.Code(err), took)
+			}
+		}
+		start()
+		for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			began := time.Now()
+			_, err := s.Sign(nil, d[:], crypto.SHA256)
+			if err == nil {
+				break
+			}
+			if took := time.Since(began); client.Code(err) != proto.Unavailable || took > 300*time.Millisecond {
+				t.Fatalf("Sign while the agent starts: %v (%s) after %v, want UNAVAILABLE at once", err, client.Code(err), took)
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no Sign 5 s after the agent started: %v", err)
+			}
+		}
+		signs(t, s, "after the start")
+	})
+
+	t.Run("a call without a deadline", func(t *testing.T) {
+		defer client.SetRedialWait(500 * time.Millisecond)()
+		s, _ := restart(t)
+		s.SetTimeout(time.Hour)
+		began := time.Now()
+		_, err := s.Sign(nil, d[:], crypto.SHA256)
+		if took := time.Since(began); client.Code(err) != proto.Unavailable || took < 400*time.Millisecond || took > 5*time.Second {
+			t.Fatalf("Sign: %v (%s) after %v, want UNAVAILABLE once the redial's 500 ms are up", err, client.Code(err), took)
+		}
+	})
+
+	t.Run("an agent that starts within the deadline", func(t *testing.T) {
+		s, start := restart(t)
+		s.SetTimeout(5 * time.Second)
+		time.AfterFunc(500*time.Millisecond, start)
+		signs(t, s, "the Sign that waited for the start")
+	})
 }

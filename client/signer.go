@@ -46,8 +46,13 @@ func newSigner(c *Client, key Key, ref KeyRef) *Signer {
 // such a handshake, and its goroutine, until the Sign's deadline, and the
 // handshake then fails (DEADLINE_EXCEEDED in the Signer's error, or the
 // handshake's own context error). A server with a shorter handshake
-// timeout sets the Signer's to match (SetTimeout). While no agent answers
-// at all (stopped, restarting), Sign fails at once with UNAVAILABLE.
+// timeout sets the Signer's to match (SetTimeout). While the agent is
+// stopped or restarting and its socket is gone, Sign fails at once with
+// UNAVAILABLE. Under systemd's socket activation the socket stays and takes
+// the connect: the first Sign waits for the agent up to its deadline (and
+// is served if the agent starts within it, else fails with
+// DEADLINE_EXCEEDED), and the Signs after it fail at once with UNAVAILABLE
+// until the agent answers (the package doc, on restarts).
 const DefaultSignerTimeout = 10 * time.Second
 
 // Signer returns a crypto.Signer for the key. ctx bounds only the public key
