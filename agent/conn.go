@@ -42,8 +42,10 @@ type conn struct {
 
 	load     *tenantLoad // nil on the admin socket (limits.go)
 	stopping atomic.Bool // stopReading was called: keep the read deadline in the past
-	// lastDone is when a request on a worker last ended (Unix ns), kept
-	// with idle_timeout on: the connection is idle from then.
+	// lastDone is when a request on a worker last ended, by monoNow, kept
+	// with idle_timeout on: the connection is idle from then. Not the wall
+	// clock: a step back held an idle connection open for as long as the
+	// step, and a step forward closed one whose request had just ended.
 	lastDone atomic.Int64
 
 	peer       peer
@@ -245,8 +247,8 @@ func (c *conn) waitFrame(br *bufio.Reader, lim Limits, draining bool) (string, e
 					idleFor = lim.IdleTimeout
 					continue
 				}
-				if since := time.Since(time.Unix(0, c.lastDone.Load())); since < lim.IdleTimeout {
-					idleFor = lim.IdleTimeout - since
+				if left := c.idleLeft(lim.IdleTimeout, monoNow()); left > 0 {
+					idleFor = left
 					continue
 				}
 				return limitIdleTimeout, err
@@ -447,13 +449,35 @@ func (c *conn) readFailed(err error) {
 	}
 }
 
+// monoEpoch is what monoNow measures from: its monotonic reading is the
+// one that counts.
+var monoEpoch = time.Now()
+
+// monoNow is the time since monoEpoch by the monotonic clock, which no
+// clock step moves.
+func monoNow() time.Duration { return time.Since(monoEpoch) }
+
+// markDone records that a request on a worker ended at now (monoNow).
+func (c *conn) markDone(now time.Duration) { c.lastDone.Store(int64(now)) }
+
+// idleLeft is how much of timeout is left at now (monoNow) since the last
+// request on a worker ended: 0 or less when the connection has been idle
+// for timeout, or no request ended on a worker.
+func (c *conn) idleLeft(timeout, now time.Duration) time.Duration {
+	done := c.lastDone.Load()
+	if done == 0 {
+		return 0
+	}
+	return timeout - (now - time.Duration(done))
+}
+
 // handleAsync answers req on a worker, first waiting for the tenant's
 // in-flight place when the reader could not take one (waitSlot).
 func (c *conn) handleAsync(req *proto.Request, arrived time.Time, waitSlot bool) {
 	held := !waitSlot
 	defer func() {
 		if c.a.cfg.Limits.IdleTimeout > 0 {
-			c.lastDone.Store(time.Now().UnixNano())
+			c.markDone(monoNow())
 		}
 		<-c.inFlight
 		if held {

@@ -108,3 +108,44 @@ func TestSSHReplyHasOneWriteDeadline(t *testing.T) {
 		}
 	}
 }
+
+// idle_timeout counts from the end of a connection's last request on a
+// worker by the monotonic clock. It was kept as wall-clock time: a clock
+// stepped back an hour held an idle connection an hour longer, and one
+// stepped forward closed a connection whose request had just ended.
+func TestIdleTimeIsMeasuredOnTheMonotonicClock(t *testing.T) {
+	if !strings.Contains(monoEpoch.String(), " m=") {
+		t.Fatalf("monoEpoch has no monotonic reading: %s", monoEpoch)
+	}
+	const timeout = 10 * time.Second
+	for _, tc := range []struct {
+		name       string
+		done, now  time.Duration // by monoNow; done 0: no request ended yet
+		wantIdle   bool
+		wantLeftAt time.Duration
+	}{
+		{"no request ended on a worker", 0, time.Second, true, 0},
+		{"ended just now", 5 * time.Second, 5 * time.Second, false, timeout},
+		{"ended 2s ago", 5 * time.Second, 7 * time.Second, false, 8 * time.Second},
+		{"ended timeout ago", 5 * time.Second, 15 * time.Second, true, 0},
+		{"ended long ago", 5 * time.Second, time.Hour, true, 0},
+	} {
+		c := &conn{}
+		if tc.done != 0 {
+			c.markDone(tc.done)
+		}
+		left := c.idleLeft(timeout, tc.now)
+		if idle := left <= 0; idle != tc.wantIdle || (!idle && left != tc.wantLeftAt) {
+			t.Errorf("%s: idleLeft = %v, want idle %v (left %v)", tc.name, left, tc.wantIdle, tc.wantLeftAt)
+		}
+	}
+	// Between two real readings only the monotonic clock counts: a wall
+	// clock stepped between them (the journal's Clock tests do the same
+	// with an injected clock) cannot show here, and the reading of a
+	// request that just ended leaves the whole timeout.
+	c := &conn{}
+	c.markDone(monoNow())
+	if left := c.idleLeft(timeout, monoNow()); left <= timeout-time.Second || left > timeout {
+		t.Fatalf("just after a request ended: idleLeft = %v, want about %v", left, timeout)
+	}
+}
