@@ -107,17 +107,64 @@ func (a *Agent) startRetention() {
 	every := min(time.Hour, keep/10)
 	a.log.Info("audit journal retention on", zap.Duration("retention", keep), zap.Duration("every", every))
 	started := time.Now()
+	first := true
 	a.every(every, true, func(ctx context.Context) {
-		now := time.Now()
-		if measured := notAhead(started.Round(0), now.Sub(started), now.Round(0)); measured.Before(now) {
-			if ahead := now.Sub(measured); ahead > time.Minute {
-				a.log.Warn("the wall clock is ahead of the time measured since retention started (a clock step, or a resumed VM); records are pruned by the measured time",
-					zap.Duration("ahead", ahead))
-			}
-			now = measured
+		now, ok := a.retentionTime(time.Now(), started, first)
+		first = false
+		if ok {
+			a.pruneExpired(ctx, now)
 		}
-		a.pruneExpired(ctx, now)
 	})
+}
+
+// retentionTime is the time a retention round at now prunes by (records
+// older than it less the retention go), and false when the round must
+// prune nothing. started is when retention started; atStart says this is
+// the round run then.
+//
+// At start the time measured since then is nothing to go by, so a clock
+// far ahead (an agent started before NTP corrected it) would delete
+// almost every record: the first round prunes by the earlier of now and
+// the newest record's time when the journal opened, so no record newer
+// than the retention before that record goes. Where that time could not
+// be read, it prunes nothing; the next round, by the measured time, does.
+// Later rounds prune by no later than the start time plus the time
+// measured since (notAhead).
+func (a *Agent) retentionTime(now, started time.Time, atStart bool) (time.Time, bool) {
+	if atStart {
+		if !a.retentionFloorOK {
+			return now, false
+		}
+		if floor := a.retentionFloor; !floor.IsZero() && floor.Before(now) {
+			return floor, true
+		}
+		return now, true
+	}
+	if measured := notAhead(started.Round(0), now.Sub(started), now.Round(0)); measured.Before(now) {
+		if ahead := now.Sub(measured); ahead > time.Minute {
+			a.log.Warn("the wall clock is ahead of the time measured since retention started (a clock step, or a resumed VM); records are pruned by the measured time",
+				zap.Duration("ahead", ahead))
+		}
+		return measured, true
+	}
+	return now, true
+}
+
+// newestRecordTime reads the time of the journal's newest record (zero for
+// an empty journal, or without one), for retention's first round.
+func newestRecordTime(ctx context.Context, j *journal.Journal, log *zap.Logger) (time.Time, bool) {
+	if j == nil {
+		return time.Time{}, true
+	}
+	last, err := j.Last(ctx, 1, "")
+	if err != nil {
+		log.Warn("the newest audit record could not be read; retention prunes nothing at start", zap.Error(err))
+		return time.Time{}, false
+	}
+	if len(last) == 0 {
+		return time.Time{}, true
+	}
+	return last[0].Time, true
 }
 
 // notAhead returns now, or startWall plus the time measured since then

@@ -33,6 +33,13 @@ type Agent struct {
 	rot     *rotation.Rotator // nil without a policy file or without the journal
 	sched   *rotation.Scheduler
 
+	// retentionFloor is the newest record's time when the journal opened
+	// (zero for an empty journal): retention's first round, at start,
+	// prunes by no later time (retentionTime). retentionFloorOK: it could
+	// be read.
+	retentionFloor   time.Time
+	retentionFloorOK bool
+
 	stopSSH context.CancelFunc // ends ServeSSHAgent's connections on Shutdown
 	sshWG   sync.WaitGroup     // held while ServeSSHAgent runs
 	// background stops and waits for each goroutine goUntilShutdown
@@ -220,6 +227,7 @@ func New(ctx context.Context, cfg Config, log *zap.Logger, opts ...Option) (*Age
 		signedHook:  o.signedHook,
 	}
 	a.metrics = newMetrics(a)
+	a.retentionFloor, a.retentionFloorOK = newestRecordTime(ctx, jl, log)
 	// Fail closed: without the stored pauses and the day's quota counts the
 	// agent cannot tell which slots may sign, or how much.
 	if err = a.restorePauses(ctx); err != nil {
