@@ -315,6 +315,9 @@ func (j *Journal) commitPrunesApart(group []*request) []*request {
 // commitGroup chains, encodes and commits one group. The head moves only
 // if Pebble confirms the commit.
 func (j *Journal) commitGroup(group []*request) error {
+	if err := j.corruptErr(); err != nil && holdsWork(group) {
+		return err
+	}
 	now := time.Now()
 	if err := j.checkSpace(now); err != nil && !(onlyPrunes(group) && j.availBytes >= pruneFloorBytes) {
 		if holdsWork(group) {

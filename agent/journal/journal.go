@@ -303,6 +303,92 @@ type Journal struct {
 	stats struct {
 		records, commits, failures, recoveries, full, replayed atomic.Uint64
 	}
+
+	// corrupt is the path of the first file Pebble reported corrupt: from
+	// then on commits that carry work are refused and Healthy fails.
+	corrupt atomic.Pointer[string]
+	// bgErrors and corruptions count Pebble's repeated reports.
+	bgErrors, corruptions repeatLog
+}
+
+// repeatLog logs each text of a message that may repeat many times a
+// second once in full, then, at most once per repeatLogEvery, again with
+// how often it came since. It keeps up to repeatLogTexts texts; others
+// are counted together and logged with the next text that is due. The
+// monotonic clock measures the interval.
+type repeatLog struct {
+	mu      sync.Mutex
+	texts   map[string]*repeated
+	dropped int // texts past repeatLogTexts, since the last line
+}
+
+type repeated struct {
+	last    time.Time
+	repeats int
+}
+
+const (
+	// repeatLogEvery is how often a repeating Pebble error is logged again.
+	repeatLogEvery = time.Minute
+	repeatLogTexts = 16
+)
+
+func (r *repeatLog) log(l *zap.Logger, msg, text string) {
+	r.mu.Lock()
+	now := time.Now()
+	e := r.texts[text]
+	switch {
+	case e == nil && len(r.texts) >= repeatLogTexts:
+		r.dropped++
+		r.mu.Unlock()
+		return
+	case e == nil:
+		if r.texts == nil {
+			r.texts = map[string]*repeated{}
+		}
+		e = &repeated{}
+		r.texts[text] = e
+	case now.Sub(e.last) < repeatLogEvery:
+		e.repeats++
+		r.mu.Unlock()
+		return
+	}
+	repeats, others := e.repeats, r.dropped
+	e.last, e.repeats, r.dropped = now, 0, 0
+	r.mu.Unlock()
+	fields := []zap.Field{zap.String("error", text)}
+	if repeats > 0 {
+		fields = append(fields, zap.Int("repeats_since_last_logged", repeats))
+	}
+	if others > 0 {
+		fields = append(fields, zap.Int("other_errors_not_logged", others))
+	}
+	l.Error(msg, fields...)
+}
+
+// oneLine is err with errorText's message, and err underneath it for
+// errors.Is and As (pebble.IsCorruptionError, ExtractDataCorruptionInfo).
+func oneLine(err error) error {
+	if err == nil {
+		return nil
+	}
+	return &oneLineError{err}
+}
+
+type oneLineError struct{ err error }
+
+func (e *oneLineError) Error() string { return errorText(e.err) }
+func (e *oneLineError) Unwrap() error { return e.err }
+
+// errorText is err's message on one line, without the stack traces that
+// zap.Error adds for Pebble's errors and without the "<corruption detail
+// carrier>" that Pebble joins to a corruption error.
+func errorText(err error) string {
+	if err == nil {
+		return ""
+	}
+	s := strings.ReplaceAll(err.Error(), "\n<corruption detail carrier>", "")
+	return strings.ReplaceAll(s, "\n", "; ")
 }
 
 // Open opens (creating if needed) the journal in opts.Dir and reads the
@@ -379,14 +465,27 @@ func (j *Journal) pebbleOptions() *pebble.Options {
 		MemTableSize:       j.opts.MemTableSize,
 		FormatMajorVersion: pebbleFormat,
 		EventListener: &pebble.EventListener{
+			// Pebble retries a compaction that failed at once, with no
+			// back-off (v2.1.7, handleCompactFailure): one damaged table
+			// under an L0 compaction repeated the same two errors
+			// thousands of times a second. Each is logged once in full
+			// and then counted (repeatLog), as one line without Pebble's
+			// stack traces.
 			BackgroundError: func(err error) {
-				j.log.Error("pebble background error", zap.Error(err))
+				j.bgErrors.log(j.log, "pebble background error", errorText(err))
 			},
 			// Pebble's default here is Fatalf. A corrupt sstable is
 			// reported by Verify and by the reads that hit it; the agent
-			// keeps running so that an operator can look.
+			// keeps running so that an operator can look, but takes no
+			// more records (fail closed): the store that lost one table's
+			// data is where the records of new signatures would go, and
+			// compactions cannot get past the table.
 			DataCorruption: func(info pebble.DataCorruptionInfo) {
-				j.log.Error("pebble data corruption", zap.String("info", info.String()))
+				if j.corrupt.CompareAndSwap(nil, &info.Path) {
+					j.log.Error("journal store corrupt: refusing appends; run `sigil audit verify`, and keep this directory as evidence (move it aside to start a new journal)",
+						zap.String("path", info.Path))
+				}
+				j.corruptions.log(j.log, "pebble data corruption", info.Path+": "+errorText(info.Details))
 			},
 			WriteStallBegin: func(info pebble.WriteStallBeginInfo) {
 				j.stalled.Store(true)
@@ -900,10 +999,22 @@ func (j *Journal) Healthy(ctx context.Context) error {
 	if j.fullNow.Load() {
 		return fmt.Errorf("%w: journal full", ErrUnavailable)
 	}
+	if err := j.corruptErr(); err != nil {
+		return err
+	}
 	if j.stalled.Load() {
 		// Pebble stopped taking writes (its flushes fail, or cannot keep
 		// up): appends wait out their deadlines meanwhile.
 		return fmt.Errorf("%w: pebble write stall", ErrUnavailable)
+	}
+	return nil
+}
+
+// corruptErr is the error of every commit after Pebble reported a
+// corrupt file, nil before.
+func (j *Journal) corruptErr() error {
+	if p := j.corrupt.Load(); p != nil {
+		return fmt.Errorf("%w: store corrupt (%s): run `sigil audit verify`", ErrUnavailable, *p)
 	}
 	return nil
 }

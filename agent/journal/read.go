@@ -423,7 +423,7 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 	// after it in a run of their own: the first run starts at anchor+1.
 	it, err := snap.NewIter(auditIterOptions(anchorSeq + 1))
 	if err != nil {
-		return rep, fmt.Errorf("journal: verify: %w", err)
+		return rep, fmt.Errorf("journal: verify: %w", oneLine(err))
 	}
 	defer it.Close()
 	var (
@@ -496,7 +496,7 @@ func (j *Journal) Verify(ctx context.Context) (VerifyReport, error) {
 		expected = seq
 	}
 	if err := it.Error(); err != nil {
-		return rep, fmt.Errorf("journal: verify: %w", err)
+		return rep, fmt.Errorf("journal: verify: %w", oneLine(err))
 	}
 	rep.HeadHash = prevHash
 	switch {
