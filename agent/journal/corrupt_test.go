@@ -10,14 +10,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 )
 
-// corruptSSTJournal writes a journal whose records are in several Pebble
-// tables, then changes one byte in each table but the newest.
-func corruptSSTJournal(t *testing.T) string {
+// tabledJournal writes a journal whose records are in several Pebble
+// tables, and closes it.
+func tabledJournal(t *testing.T) string {
 	t.Helper()
 	dir := t.TempDir()
 	j, err := Open(Options{Dir: dir, MemTableSize: 256 << 10, Durability: WAL})
@@ -39,12 +40,35 @@ func corruptSSTJournal(t *testing.T) string {
 	if err := j.Close(); err != nil {
 		t.Fatal(err)
 	}
-	tables, _ := filepath.Glob(filepath.Join(dir, "*.sst"))
-	if len(tables) < 2 {
-		t.Fatalf("%d tables, want several", len(tables))
+	return dir
+}
+
+// corruptTables changes one byte in every table of dir's audit records
+// but the newest: whichever one Pebble's compactions read first. The
+// tables of the m/ entries (the format, the chain head) are left whole:
+// Open reads them, and would stop there.
+func corruptTables(t *testing.T, dir string) {
+	t.Helper()
+	db, err := pebble.Open(dir, &pebble.Options{ReadOnly: true, Logger: quietPebble})
+	if err != nil {
+		t.Fatal(err)
 	}
-	// Every table but the newest (which Open reads the chain head from):
-	// whichever one Pebble's compactions read first.
+	levels, err := db.SSTables()
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var tables []string
+	for _, level := range levels {
+		for _, ti := range level {
+			if strings.HasPrefix(string(ti.Largest.UserKey), auditPrefix) {
+				tables = append(tables, filepath.Join(dir, ti.FileNum.String()+".sst"))
+			}
+		}
+	}
+	if len(tables) < 2 {
+		t.Fatalf("%d tables of records, want several", len(tables))
+	}
 	sort.Strings(tables)
 	for _, path := range tables[:len(tables)-1] {
 		b, err := os.ReadFile(path)
@@ -56,7 +80,6 @@ func corruptSSTJournal(t *testing.T) string {
 			t.Fatal(err)
 		}
 	}
-	return dir
 }
 
 // One byte changed in a Pebble table made a running journal's log flood:
@@ -68,7 +91,8 @@ func corruptSSTJournal(t *testing.T) string {
 // are counted, Pebble's compactions back off, and the journal refuses
 // appends (fail closed) while verify names the damaged table.
 func TestCorruptTableDoesNotFloodTheLog(t *testing.T) {
-	dir := corruptSSTJournal(t)
+	dir := tabledJournal(t)
+	corruptTables(t, dir)
 	core, logs := observer.New(zap.InfoLevel)
 	j := openTest(t, dir, WAL, func(o *Options) {
 		o.Logger = zap.New(core)
