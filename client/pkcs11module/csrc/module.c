@@ -1580,6 +1580,11 @@ static CK_RV finish_sign(sg_session *s, const uint8_t *in, size_t n, int hashed,
 		}
 		break;
 	case IN_DIGESTINFO:
+		/* CKM_RSA_PKCS takes at most k-11 bytes (v2.40 curr. mechs.
+		 * section 2.1.6); past that the length is wrong, whatever the
+		 * bytes are. */
+		if (n + 11 > s->key.sig_len)
+			return CKR_DATA_LEN_RANGE;
 		if (sg_digestinfo_split(in, n, &hash, &dig))
 			return CKR_DATA_INVALID;
 		n = sg_hash_len(hash);

@@ -180,12 +180,21 @@ static void sign_errors(CK_SESSION_HANDLE s)
 			signatures++;
 	}
 
+	/* CKM_RSA_PKCS takes at most k-11 bytes (v2.40 curr. mechs. section
+	 * 2.1.6): more is a bad length, whatever the bytes are. */
 	CK_MECHANISM pkcs = {CKM_RSA_PKCS, NULL, 0};
-	f->C_SignInit(s, &pkcs, rsa);
-	n = sizeof sig;
-	rv = f->C_Sign(s, data, 51, sig, &n); /* not a DigestInfo */
-	CHECK(rv == CKR_DATA_INVALID, "CKM_RSA_PKCS without DigestInfo: rv %#lx", (unsigned long)rv);
-	CHECK(f->C_Sign(s, data, 51, sig, &n) == CKR_OPERATION_NOT_INITIALIZED, "CKM_RSA_PKCS refusal left the operation active");
+	unsigned char long_data[300] = {0x30};
+	struct {
+		CK_ULONG len;
+		CK_RV want;
+	} pkcs_in[] = {{51, CKR_DATA_INVALID}, {245, CKR_DATA_INVALID}, {246, CKR_DATA_LEN_RANGE}, {300, CKR_DATA_LEN_RANGE}};
+	for (size_t i = 0; i < sizeof pkcs_in / sizeof pkcs_in[0]; i++) {
+		f->C_SignInit(s, &pkcs, rsa);
+		n = sizeof sig;
+		rv = f->C_Sign(s, long_data, pkcs_in[i].len, sig, &n); /* no DigestInfo */
+		CHECK(rv == pkcs_in[i].want, "CKM_RSA_PKCS over %lu bytes (no DigestInfo), 2048-bit key: rv %#lx, want %#lx", (unsigned long)pkcs_in[i].len, (unsigned long)rv, (unsigned long)pkcs_in[i].want);
+		CHECK(f->C_Sign(s, long_data, 51, sig, &n) == CKR_OPERATION_NOT_INITIALIZED, "CKM_RSA_PKCS refusal left the operation active");
+	}
 
 	struct {
 		CK_MECHANISM_TYPE mech;
