@@ -44,15 +44,23 @@ const sg_attr *sg_attrs_find(const sg_attrs *a, CK_ATTRIBUTE_TYPE t)
 }
 
 /* Private key attributes that hold key material: the agent never has it to
- * give, and a client asking is told CKR_ATTRIBUTE_SENSITIVE. */
-int sg_attr_sensitive(CK_ATTRIBUTE_TYPE t)
+ * give, and a client asking is told CKR_ATTRIBUTE_SENSITIVE. Only those of
+ * the key's own type (v2.40 curr. mechs. sections 2.1.3, 2.3.4; EdDSA as
+ * EC): another type's, such as CKA_PRIME_1 of an EC key, is an attribute
+ * the key does not have, CKR_ATTRIBUTE_TYPE_INVALID (v2.40 section 5.7,
+ * C_GetAttributeValue's case 2), so a host that probes for one learns what
+ * the key is not. */
+int sg_attr_sensitive(int family, CK_ATTRIBUTE_TYPE t)
 {
-	switch (t) {
-	case CKA_VALUE: case CKA_PRIVATE_EXPONENT: case CKA_PRIME_1: case CKA_PRIME_2:
-	case CKA_EXPONENT_1: case CKA_EXPONENT_2: case CKA_COEFFICIENT:
-		return 1;
+	if (family == SG_FAM_RSA) {
+		switch (t) {
+		case CKA_PRIVATE_EXPONENT: case CKA_PRIME_1: case CKA_PRIME_2:
+		case CKA_EXPONENT_1: case CKA_EXPONENT_2: case CKA_COEFFICIENT:
+			return 1;
+		}
+		return 0;
 	}
-	return 0;
+	return t == CKA_VALUE;
 }
 
 static void attrs_free(sg_attrs *a)

@@ -1275,10 +1275,13 @@ EXPORT CK_RV C_Logout(CK_SESSION_HANDLE hSession)
 
 /* ---- objects ---- */
 
-static int matches(const sg_attrs *a, CK_ATTRIBUTE_PTR t, CK_ULONG n, int is_private)
+/* matches: whether the object with attributes a matches template t; for a
+ * private key, family is its key's (a sensitive attribute matches nothing),
+ * else 0. */
+static int matches(const sg_attrs *a, CK_ATTRIBUTE_PTR t, CK_ULONG n, int family)
 {
 	for (CK_ULONG i = 0; i < n; i++) {
-		if (is_private && sg_attr_sensitive(t[i].type))
+		if (family && sg_attr_sensitive(family, t[i].type))
 			return 0;
 		const sg_attr *x = sg_attrs_find(a, t[i].type);
 		if (!x || x->len != t[i].ulValueLen)
@@ -1317,7 +1320,7 @@ EXPORT CK_RV C_FindObjectsInit(CK_SESSION_HANDLE hSession, CK_ATTRIBUTE_PTR pTem
 		if (!k->present)
 			continue;
 		for (int kind = 0; kind < SG_OBJS_PER_KEY; kind++)
-			if (object_exists(k, kind) && matches(object_attrs(k, kind), pTemplate, ulCount, kind == SG_OBJ_PRIVATE))
+			if (object_exists(k, kind) && matches(object_attrs(k, kind), pTemplate, ulCount, kind == SG_OBJ_PRIVATE ? k->family : 0))
 				s->found[s->nfound++] = object_handle(k->slot, kind);
 	}
 	pthread_mutex_unlock(&g.mu);
@@ -1375,7 +1378,7 @@ EXPORT CK_RV C_GetAttributeValue(CK_SESSION_HANDLE hSession, CK_OBJECT_HANDLE hO
 	for (CK_ULONG i = 0; i < ulCount; i++) {
 		CK_ATTRIBUTE_PTR t = &pTemplate[i];
 		const sg_attr *a;
-		if (is_private && sg_attr_sensitive(t->type)) {
+		if (is_private && sg_attr_sensitive(k->family, t->type)) {
 			t->ulValueLen = CK_UNAVAILABLE_INFORMATION;
 			rv = CKR_ATTRIBUTE_SENSITIVE;
 		} else if (!(a = sg_attrs_find(attrs, t->type))) {

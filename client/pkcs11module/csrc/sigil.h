@@ -75,7 +75,7 @@ int sg_key_build(sg_key *k, const sg_key_entry *e);
 int sg_key_same(const sg_key *k, const sg_key_entry *e);
 void sg_key_free(sg_key *k);
 const sg_attr *sg_attrs_find(const sg_attrs *a, CK_ATTRIBUTE_TYPE t);
-int sg_attr_sensitive(CK_ATTRIBUTE_TYPE t);
+int sg_attr_sensitive(int family, CK_ATTRIBUTE_TYPE t);
 
 /* crypto.c */
 int sg_crypto_init(void);

@@ -101,7 +101,6 @@ static void attributes(CK_SESSION_HANDLE s)
 		CK_RV want;
 		const char *what;
 	} one[] = {
-		{{CKA_PRIVATE_EXPONENT, NULL, 0}, CKR_ATTRIBUTE_SENSITIVE, "private CKA_PRIVATE_EXPONENT"},
 		{{CKA_VALUE, NULL, 0}, CKR_ATTRIBUTE_SENSITIVE, "private CKA_VALUE length query"},
 		{{CKA_VENDOR_DEFINED | 0x5157, NULL, 0}, CKR_ATTRIBUTE_TYPE_INVALID, "a vendor attribute"},
 		{{CKA_ID, id, sizeof id}, CKR_BUFFER_TOO_SMALL, "CKA_ID into 1 byte"},
@@ -111,6 +110,29 @@ static void attributes(CK_SESSION_HANDLE s)
 		rv = f->C_GetAttributeValue(s, priv, &a, 1);
 		CHECK(rv == one[i].want, "%s: rv %#lx, want %#lx", one[i].what, (unsigned long)rv, (unsigned long)one[i].want);
 		CHECK(a.ulValueLen == CK_UNAVAILABLE_INFORMATION, "%s: length %#lx", one[i].what, (unsigned long)a.ulValueLen);
+	}
+	/* Case 1 is for an attribute the key has and will not reveal; one its
+	 * type of key does not have at all is case 2, whatever the name. */
+	struct {
+		const char *key;
+		CK_ATTRIBUTE_TYPE type;
+		CK_RV want;
+	} kinds[] = {
+		{"p256", CKA_VALUE, CKR_ATTRIBUTE_SENSITIVE},
+		{"p256", CKA_PRIME_1, CKR_ATTRIBUTE_TYPE_INVALID},
+		{"p256", CKA_PRIVATE_EXPONENT, CKR_ATTRIBUTE_TYPE_INVALID},
+		{"ed", CKA_VALUE, CKR_ATTRIBUTE_SENSITIVE},
+		{"ed", CKA_COEFFICIENT, CKR_ATTRIBUTE_TYPE_INVALID},
+		{"rsa", CKA_PRIVATE_EXPONENT, CKR_ATTRIBUTE_SENSITIVE},
+		{"rsa", CKA_PRIME_2, CKR_ATTRIBUTE_SENSITIVE},
+		{"rsa", CKA_COEFFICIENT, CKR_ATTRIBUTE_SENSITIVE},
+		{"rsa", CKA_VALUE, CKR_ATTRIBUTE_TYPE_INVALID},
+	};
+	for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++) {
+		CK_ATTRIBUTE a = {kinds[i].type, NULL, 0};
+		rv = f->C_GetAttributeValue(s, key(s, CKO_PRIVATE_KEY, kinds[i].key), &a, 1);
+		CHECK(rv == kinds[i].want && a.ulValueLen == CK_UNAVAILABLE_INFORMATION, "%s private key, attribute %#lx: rv %#lx length %#lx, want rv %#lx",
+		      kinds[i].key, (unsigned long)kinds[i].type, (unsigned long)rv, (unsigned long)a.ulValueLen, (unsigned long)kinds[i].want);
 	}
 	/* An attribute of length 0 copies nothing and is OK into any buffer. */
 	CK_ATTRIBUTE empty = {CKA_START_DATE, NULL, 0};
