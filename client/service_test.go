@@ -3,6 +3,7 @@ package client_test
 import (
 	"bufio"
 	"context"
+	"crypto"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -191,6 +192,23 @@ func TestTLSServerAcrossAnAgentOutage(t *testing.T) {
 // hungAgent is an agent that answers the Hello and PublicKey (for the key
 // pub) and takes Sign requests without ever answering them, as a wedged
 // agent does. It returns the socket's path.
+// signerTLS is a TLS server config whose certificate, from a throwaway
+// CA, certifies s's key for sigil.test, with s as its private key; and a
+// client config that trusts that CA.
+func signerTLS(t *testing.T, s crypto.Signer) (server, peer *tls.Config) {
+	t.Helper()
+	ca, err := devcerts.NewCA("signer root")
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := ca.Certify(s.Public(), devcerts.Leaf{CommonName: "sigil.test", DNSNames: []string{"sigil.test"}, Server: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: s}}},
+		&tls.Config{RootCAs: ca.Pool(), ServerName: "sigil.test"}
+}
+
 func hungAgent(t *testing.T, spki []byte) string {
 	t.Helper()
 	f := listenFake(t, func(_ int32, nc net.Conn, br *bufio.Reader) {
@@ -228,16 +246,7 @@ func TestTLSHandshakeAgainstAHungAgent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ca, err := devcerts.NewCA("hung root")
-	if err != nil {
-		t.Fatal(err)
-	}
-	der, err := ca.Certify(s.Public(), devcerts.Leaf{CommonName: "hung", DNSNames: []string{"sigil.test"}, Server: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	server := &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: s}}}
-	peer := &tls.Config{RootCAs: ca.Pool(), ServerName: "sigil.test"}
+	server, peer := signerTLS(t, s)
 	const signerTimeout = 600 * time.Millisecond
 	s.SetTimeout(signerTimeout)
 	for _, tc := range []struct {
@@ -368,16 +377,7 @@ func TestTLSHandshakesAcrossAnAgentRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ca, err := devcerts.NewCA("restart root")
-	if err != nil {
-		t.Fatal(err)
-	}
-	der, err := ca.Certify(s.Public(), devcerts.Leaf{CommonName: "p256", DNSNames: []string{"sigil.test"}, Server: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	server := &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: s}}}
-	peer := &tls.Config{RootCAs: ca.Pool(), ServerName: "sigil.test"}
+	server, peer := signerTLS(t, s)
 
 	var stop atomic.Bool
 	var ok, unavailable atomic.Int64

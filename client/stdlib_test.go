@@ -424,22 +424,14 @@ func TestSignerSharedByManyGoroutines(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		ca, err := devcerts.NewCA("concurrent root")
-		if err != nil {
-			t.Fatal(err)
-		}
-		der, err := ca.Certify(s.Public(), devcerts.Leaf{CommonName: "sigil.test", DNSNames: []string{"sigil.test"}, Server: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		server := &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: s}}}
+		server, peer := signerTLS(t, s)
 		var wg sync.WaitGroup
 		errs := make(chan error, workers)
 		for range workers {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				errs <- handshakeErr(server, &tls.Config{RootCAs: ca.Pool(), ServerName: "sigil.test"}, nil)
+				errs <- handshakeErr(server, peer.Clone(), nil)
 			}()
 		}
 		wg.Wait()
