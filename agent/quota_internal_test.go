@@ -53,8 +53,6 @@ tenants:
 	if err != nil {
 		t.Fatal(err)
 	}
-	id := policy.UnixIdentity(1000, 1000)
-	ed := providers.Algorithm{Scheme: providers.SchemeEd25519}
 	midnight := time.Date(2026, 12, 8, 0, 0, 0, 0, time.UTC)
 
 	for _, tc := range []struct {
@@ -83,18 +81,7 @@ tenants:
 			signed := 0
 			sign := func() proto.Code {
 				t.Helper()
-				d := a.policy.Check("payments", "release", id, ed, 32)
-				code := reasonCode(d.Reason)
-				if d.Allowed() {
-					d.Done()
-					signed++
-					r := journal.Record{Op: "sign", Tenant: "payments", Slot: "payments/release", Code: uint16(code),
-						CodeName: code.String(), PolicyHash: d.PolicyHash}
-					if err := j.Append(ctx, &r); err != nil {
-						t.Fatal(err)
-					}
-				}
-				return code
+				return signReleaseAndRecord(t, a, j, &signed)
 			}
 			// Two signatures of the new day, stored; then the clock is
 			// stepped back two minutes, and one more is signed, which
@@ -154,8 +141,6 @@ tenants:
 	if err != nil {
 		t.Fatal(err)
 	}
-	id := policy.UnixIdentity(1000, 1000)
-	ed := providers.Algorithm{Scheme: providers.SchemeEd25519}
 	midnight := time.Date(2026, 12, 8, 0, 0, 0, 0, time.UTC)
 	ctx := context.Background()
 	clock := &stepClock{t: midnight.Add(-60 * time.Second)}
@@ -168,18 +153,8 @@ tenants:
 	a := &Agent{log: log, journal: j, policy: policy.NewEngine(set, clock.Now)}
 	signed := 0
 	sign := func() proto.Code {
-		d := a.policy.Check("payments", "release", id, ed, 32)
-		code := reasonCode(d.Reason)
-		if d.Allowed() {
-			d.Done()
-			signed++
-			r := journal.Record{Op: "sign", Tenant: "payments", Slot: "payments/release", Code: uint16(code),
-				CodeName: code.String(), PolicyHash: d.PolicyHash}
-			if err := j.Append(ctx, &r); err != nil {
-				t.Fatal(err)
-			}
-		}
-		return code
+		t.Helper()
+		return signReleaseAndRecord(t, a, j, &signed)
 	}
 	for i := 0; i < 3; i++ {
 		if code := sign(); code != proto.OK {
@@ -201,4 +176,24 @@ tenants:
 	if code := sign(); code != proto.QuotaExceeded {
 		t.Fatalf("after the restart: %v; %d signatures of a quota of 3 on %s", code, signed, midnight.Add(-time.Hour).Format(time.DateOnly))
 	}
+}
+
+// signReleaseAndRecord is an Ed25519 signature by uid 1000 with
+// payments/release as the agent makes it, the provider left out: the
+// policy's check and, when it allows, the journal's record (counted in
+// *signed). It returns the check's code.
+func signReleaseAndRecord(t *testing.T, a *Agent, j *journal.Journal, signed *int) proto.Code {
+	t.Helper()
+	d := a.policy.Check("payments", "release", policy.UnixIdentity(1000, 1000), providers.Algorithm{Scheme: providers.SchemeEd25519}, 32)
+	code := reasonCode(d.Reason)
+	if d.Allowed() {
+		d.Done()
+		*signed++
+		r := journal.Record{Op: "sign", Tenant: "payments", Slot: "payments/release", Code: uint16(code),
+			CodeName: code.String(), PolicyHash: d.PolicyHash}
+		if err := j.Append(context.Background(), &r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return code
 }
