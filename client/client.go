@@ -44,10 +44,13 @@ type Client struct {
 	// any reply would otherwise cost each call of a retrying caller a
 	// connect and a Hello, with no backoff.
 	lastRedial *conn
-	// reconnecting is a redial that outlived the call that began it: its
-	// dial or Hello goes on, and calls fail at once until it ends (see
-	// redial). Read and set by the token's holder alone.
+	// reconnecting is the redial in progress: its dial or Hello goes on
+	// without the token, and calls other than the one that began it fail
+	// at once until it ends (see redial). unanswered says a redial went
+	// unanswered for redialWait since the last one that succeeded. Both
+	// read and set by the token's holder alone.
 	reconnecting *reconnect
+	unanswered   bool
 
 	mu     sync.Mutex
 	closed bool // set by Close: no redial after it
@@ -75,12 +78,18 @@ var redialWait = 30 * time.Second
 // call began: a healthy agent answers a connect and a Hello well within it.
 const reconnectGrace = 100 * time.Millisecond
 
-// reconnect is a redial's connect running on past its caller.
+// reconnect is a redial's connect, which runs without the redial token and
+// may outlive the call that began it.
 type reconnect struct {
 	start time.Time
-	done  chan struct{} // closed when cn and err are set
+	done  chan struct{} // closed when cn, err and unanswered are set
 	cn    *conn
 	err   error
+	// unanswered: redialWait passed without the agent's answer.
+	unanswered bool
+	// What it came to, recorded once (settle), the redial token held.
+	settledCn  *conn
+	settledErr error
 }
 
 // helloID is the id of connect's Hello, a connection's first request.
@@ -341,74 +350,91 @@ func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response,
 }
 
 // redial replaces the failed connection dead, unless another caller already
-// has, and returns the current connection. Dials are serialized, and none
-// starts within redialBackoff of a failed one: callers then get UNAVAILABLE
-// at once.
+// has, and returns the current connection. One redial runs at a time, and
+// none starts within redialBackoff of a failed one: callers then get
+// UNAVAILABLE at once.
 //
-// The connect waits as long as the caller that began it (its context) and,
-// once that caller has given up, goes on without it for up to redialWait
-// while every other call fails at once with UNAVAILABLE. An agent that
-// takes longer than a call's deadline to answer (a start under socket
-// activation, where systemd accepts the connect and the Hello waits for
-// the agent) so costs the one call its deadline, not every call; and once
-// the agent answers, that connection serves the next call.
+// A redial's connect runs on its own bound (redialWait, and Close), not the
+// caller's context, and nobody holds the redial token while it runs: the
+// call that began it waits for it up to its own deadline, and every other
+// call fails at once with UNAVAILABLE (after waiting reconnectGrace at most
+// for one begun that recently). An agent that takes longer than a call's
+// deadline to answer (a start under socket activation, where systemd
+// accepts the connect and the Hello waits for the agent) so costs the one
+// call its deadline, not every call; and once the agent answers, that
+// connection serves the next call. After a redial that went unanswered for
+// redialWait (the agent down for long), the call that begins the next one
+// waits reconnectGrace at most too, until a redial succeeds: else one call
+// in every redialWait would wait its whole deadline.
 func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
 	for {
-		cn, pending, err := c.redialOnce(ctx, dead)
-		if pending == nil {
+		cn, r, patient, err := c.redialOnce(ctx, dead)
+		if r == nil {
 			return cn, err
 		}
-		// A reconnect begun within reconnectGrace: wait for it, as for a
-		// redial in progress.
-		t := time.NewTimer(time.Until(pending.start.Add(reconnectGrace)))
-		select {
-		case <-pending.done:
-		case <-t.C:
-		case <-ctx.Done():
-			t.Stop()
-			return nil, ctx.Err()
-		case <-c.closing.Done():
-			t.Stop()
-			return nil, ErrClosed
+		if cn, again, err := c.await(ctx, r, patient); !again {
+			return cn, err
 		}
-		t.Stop()
+	}
+}
+
+// await waits for the reconnect r: until it ends, the caller's context
+// ends or Close, and unless patient reconnectGrace from r's start at most,
+// after which the caller is to try again (again), to fail at once.
+func (c *Client) await(ctx context.Context, r *reconnect, patient bool) (cn *conn, again bool, err error) {
+	var grace <-chan time.Time
+	if !patient {
+		t := time.NewTimer(time.Until(r.start.Add(reconnectGrace)))
+		defer t.Stop()
+		grace = t.C
+	}
+	select {
+	case <-r.done:
+		cn, err := c.ended(ctx, r, patient)
+		return cn, false, err
+	case <-grace:
+		return nil, true, nil
+	case <-ctx.Done():
+		if patient {
+			return nil, false, failed("reconnect (it goes on without this call)", ctx.Err())
+		}
+		return nil, false, ctx.Err()
+	case <-c.closing.Done():
+		return nil, false, ErrClosed
 	}
 }
 
 // redialOnce is redial's one turn with the redial token. It returns the
-// reconnect in progress instead when that began less than reconnectGrace
-// ago and has not ended: the caller waits for it, without the token.
-func (c *Client) redialOnce(ctx context.Context, dead *conn) (*conn, *reconnect, error) {
+// connection to use, or an error, or a reconnect in progress to wait for
+// without the token: the one it began (patient: up to the caller's
+// deadline, unless the last one went unanswered), or another that began
+// less than reconnectGrace ago and has not ended.
+func (c *Client) redialOnce(ctx context.Context, dead *conn) (cn *conn, r *reconnect, patient bool, err error) {
 	if c.isClosed() {
-		return nil, nil, ErrClosed // without waiting for a dial in progress
+		return nil, nil, false, ErrClosed // without waiting for a dial in progress
 	}
-	select {
-	case <-c.redialToken:
-	case <-ctx.Done():
-		return nil, nil, ctx.Err()
-	case <-c.closing.Done():
-		return nil, nil, ErrClosed
+	if err := c.takeRedialToken(ctx); err != nil {
+		return nil, nil, false, err
 	}
 	defer func() { c.redialToken <- struct{}{} }()
 	if c.isClosed() {
-		return nil, nil, ErrClosed
+		return nil, nil, false, ErrClosed
 	}
 	if cur := c.cur.Load(); cur != dead {
-		return cur, nil, nil // redialled while we waited
+		return cur, nil, false, nil // redialled while we waited
 	}
-	if r := c.reconnecting; r != nil {
+	if other := c.reconnecting; other != nil {
 		select {
-		case <-r.done:
-			c.reconnecting = nil
-			cn, err := c.redialed(r)
-			return cn, nil, err
+		case <-other.done:
+			cn, err := c.settle(other)
+			return cn, nil, false, err
 		default:
 		}
-		since := time.Since(r.start)
+		since := time.Since(other.start)
 		if since < reconnectGrace {
-			return nil, r, nil
+			return nil, other, false, nil
 		}
-		return nil, nil, failed(fmt.Sprintf("reconnect: the agent has not answered a reconnect begun %v ago (it may be starting, or down behind a socket that systemd holds)", since.Round(time.Millisecond)), nil)
+		return nil, nil, false, failed(fmt.Sprintf("reconnect: the agent has not answered a reconnect begun %v ago (it may be starting, or down behind a socket that systemd holds)", since.Round(time.Millisecond)), nil)
 	}
 	if dead == c.lastRedial && !dead.proven.Load() && dead.born.After(c.failedAt) {
 		c.failedAt, c.failErr = dead.born, failed("its connection was lost before any reply", dead.terminalErr())
@@ -420,44 +446,70 @@ func (c *Client) redialOnce(ctx context.Context, dead *conn) (*conn, *reconnect,
 		if Code(c.failErr) != proto.Unavailable {
 			last = c.failErr.Error()
 		}
-		return nil, nil, failed(fmt.Sprintf("the last reconnect, %v ago, failed: %s", since.Round(time.Millisecond), last), nil)
+		return nil, nil, false, failed(fmt.Sprintf("the last reconnect, %v ago, failed: %s", since.Round(time.Millisecond), last), nil)
 	}
-	r := &reconnect{start: time.Now(), done: make(chan struct{})}
+	r = &reconnect{start: time.Now(), done: make(chan struct{})}
+	// Published before anyone waits for it: later calls see it in progress
+	// and fail at once rather than queue for the token.
+	c.reconnecting = r
 	wait := redialWait
 	go func() {
 		// Not the caller's context: the connect may outlive it.
 		dialCtx, cancel := context.WithTimeout(c.closing, wait)
-		defer cancel()
 		r.cn, r.err = c.connect(dialCtx)
 		if r.err != nil && errors.Is(dialCtx.Err(), context.DeadlineExceeded) {
+			r.unanswered = true
 			r.err = failed(fmt.Sprintf("the agent did not answer in %v", wait), nil)
 		}
+		cancel()
 		close(r.done)
+		// Recorded now, whoever waits for it: an answered connection
+		// becomes the client's, a failure starts the backoff.
+		<-c.redialToken
+		c.settle(r)
+		c.redialToken <- struct{}{}
 	}()
+	return nil, r, !c.unanswered, nil
+}
+
+// takeRedialToken waits for the redial token, which the holder gives back
+// soon: nobody holds it while a connect runs.
+func (c *Client) takeRedialToken(ctx context.Context) error {
 	select {
-	case <-r.done:
-		cn, err := c.redialed(r)
-		return cn, nil, err
+	case <-c.redialToken:
+		return nil
 	case <-ctx.Done():
-		// The caller gives up; the connect goes on without the token
-		// (later calls fail at once, or wait reconnectGrace) and its end
-		// is recorded when it comes, or by the next call after it.
-		c.reconnecting = r
-		go func() {
-			<-r.done
-			<-c.redialToken
-			defer func() { c.redialToken <- struct{}{} }()
-			if c.reconnecting == r {
-				c.reconnecting = nil
-				c.redialed(r)
-			}
-		}()
-		return nil, nil, failed("reconnect (it goes on without this call)", ctx.Err())
+		return ctx.Err()
+	case <-c.closing.Done():
+		return ErrClosed
 	}
 }
 
-// redialed records the end of the reconnect r, the redial token held: the
-// new connection becomes the client's, or the failure starts a backoff.
+// ended returns what the reconnect r, which has ended, came to, recording
+// it unless r's goroutine or another caller has.
+func (c *Client) ended(ctx context.Context, r *reconnect, patient bool) (*conn, error) {
+	if err := c.takeRedialToken(ctx); err != nil {
+		if patient && !errors.Is(err, ErrClosed) {
+			return nil, failed("reconnect", err)
+		}
+		return nil, err
+	}
+	defer func() { c.redialToken <- struct{}{} }()
+	return c.settle(r)
+}
+
+// settle records the end of the reconnect r once, the redial token held,
+// and returns what it came to: the new connection becomes the client's, or
+// the failure starts a backoff.
+func (c *Client) settle(r *reconnect) (*conn, error) {
+	if c.reconnecting == r {
+		c.reconnecting = nil
+		r.settledCn, r.settledErr = c.redialed(r)
+	}
+	return r.settledCn, r.settledErr
+}
+
+// redialed records the end of the reconnect r, the redial token held.
 func (c *Client) redialed(r *reconnect) (*conn, error) {
 	cn, err := r.cn, r.err
 	if err != nil {
@@ -465,9 +517,12 @@ func (c *Client) redialed(r *reconnect) (*conn, error) {
 			return nil, ErrClosed // cut short by Close
 		}
 		c.failedAt, c.failErr = time.Now(), err
+		// Until a redial succeeds: a refused dial in between says nothing
+		// of how long the next one waits.
+		c.unanswered = c.unanswered || r.unanswered
 		return nil, failed("reconnect", err)
 	}
-	c.failedAt, c.failErr = time.Time{}, nil
+	c.failedAt, c.failErr, c.unanswered = time.Time{}, nil, false
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {

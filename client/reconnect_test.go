@@ -569,3 +569,237 @@ func TestRestartUnderSocketActivation(t *testing.T) {
 		signs(t, s, "the Sign that waited for the start")
 	})
 }
+
+// heldAgent is a fake agent behind a socket that systemd holds: its first
+// connection answers the Hello and is lost, and every later one is taken
+// and its Hello waits for an agent, until up starts one, which answers it
+// and then every request. The Client is dialled and its connection lost.
+func heldAgent(t *testing.T) (c *client.Client, f *fakeAgents, up func()) {
+	t.Helper()
+	started, lost := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	up = func() { once.Do(func() { close(started) }) }
+	f = listenFake(t, func(n int32, nc net.Conn, br *bufio.Reader) {
+		if n == 1 {
+			answerHello(nc, br)
+			nc.Close()
+			close(lost)
+			return
+		}
+		<-started
+		if answerHello(nc, br) != nil {
+			return
+		}
+		for {
+			req, err := readRequest(br)
+			if err != nil {
+				return
+			}
+			writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
+		}
+	})
+	t.Cleanup(up) // before listenFake's, which waits for the handlers
+	c = dial(t, f.path)
+	<-lost
+	return c, f, up
+}
+
+// pingWithin pings with the deadline (none for 0) and returns the error
+// and how long the call took.
+func pingWithin(c *client.Client, deadline time.Duration) (error, time.Duration) {
+	ctx := context.Background()
+	if deadline > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, deadline)
+		defer cancel()
+	}
+	began := time.Now()
+	err := c.Ping(ctx)
+	return err, time.Since(began)
+}
+
+// Calls that come while the call that began a redial still waits for the
+// agent's answer (under socket activation, up to its own deadline) fail at
+// once with UNAVAILABLE, or wait 100 ms at most for a redial begun that
+// recently; they do not dial. They used to queue behind the waiting call
+// until it gave up, or until their own deadline: a 5 s call got
+// UNAVAILABLE after 1.7 s, a 1 s call DEADLINE_EXCEEDED after 1 s.
+func TestCallsDuringAWaitingRedialFailFast(t *testing.T) {
+	// fast bounds a call that is to fail at once: the 100 ms grace, and
+	// room for a loaded machine under -race.
+	const fast = 400 * time.Millisecond
+	for _, tc := range []struct {
+		name          string
+		firstDeadline time.Duration
+		upAt          time.Duration   // when the agent starts; 0: never
+		laterAt       time.Duration   // when the later calls begin
+		laterDeadline []time.Duration // theirs; 0: none
+	}{
+		{"past the grace, the agent down", 2 * time.Second, 0, 300 * time.Millisecond, []time.Duration{5 * time.Second, time.Second, 0}},
+		{"within the grace, the agent down", 2 * time.Second, 0, 10 * time.Millisecond, []time.Duration{5 * time.Second, 0}},
+		{"the agent starts within the first call's deadline", 5 * time.Second, 800 * time.Millisecond, 300 * time.Millisecond, []time.Duration{5 * time.Second, 0}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, f, up := heldAgent(t)
+			if tc.upAt > 0 {
+				time.AfterFunc(tc.upAt, up)
+			}
+			start := time.Now()
+			first := make(chan error, 1)
+			go func() {
+				err, _ := pingWithin(c, tc.firstDeadline)
+				first <- err
+			}()
+			time.Sleep(tc.laterAt)
+			var wg sync.WaitGroup
+			for _, d := range tc.laterDeadline {
+				wg.Go(func() {
+					err, took := pingWithin(c, d)
+					if client.Code(err) != proto.Unavailable || took > fast {
+						t.Errorf("a call with deadline %v begun %v into the redial: %v (%s) after %v, want UNAVAILABLE at once", d, tc.laterAt, err, client.Code(err), took)
+					}
+				})
+			}
+			wg.Wait()
+			err := <-first
+			took := time.Since(start)
+			if tc.upAt > 0 {
+				if err != nil || took < tc.upAt {
+					t.Fatalf("the first call: %v after %v, want it served once the agent starts at %v", err, took, tc.upAt)
+				}
+				if err, _ := pingWithin(c, 5*time.Second); err != nil {
+					t.Fatalf("a call after the start: %v", err)
+				}
+			} else if client.Code(err) != proto.DeadlineExceeded || took < tc.firstDeadline*9/10 {
+				t.Fatalf("the first call: %v (%s) after %v, want DEADLINE_EXCEEDED after its deadline", err, client.Code(err), took)
+			}
+			if got := f.conns.Load(); got != 2 {
+				t.Fatalf("%d connections, want 2: Dial's and one redial's", got)
+			}
+		})
+	}
+}
+
+// When a redial goes unanswered for its whole bound (redialWait, 30 s by
+// default; an agent down for long behind a socket that systemd holds), the
+// next redial goes on in the background too: the call that begins it waits
+// 100 ms at most, as other calls do, and fails with UNAVAILABLE. It used to
+// wait up to its own deadline again, so one call in every 30 s (and those
+// queued behind it) waited its whole deadline. Once the agent answers,
+// whether a redial is waiting for it then or not, a call goes through
+// within a backoff period.
+func TestRedialAfterAnUnansweredRedialFailsFast(t *testing.T) {
+	const wait = time.Second // the redial's bound in this test
+	const fast = 400 * time.Millisecond
+	for _, tc := range []struct {
+		name string
+		// up: when the agent starts, after the second redial began: while
+		// it waits (within wait), after it ended unanswered, or never (0).
+		up time.Duration
+	}{
+		{"the agent stays down", 0},
+		{"the agent starts while a redial waits", wait / 2},
+		{"the agent starts after the redial ended", wait * 3 / 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			defer client.SetRedialWait(wait)()
+			c, f, up := heldAgent(t)
+			start := time.Now()
+			if err, _ := pingWithin(c, 300*time.Millisecond); client.Code(err) != proto.DeadlineExceeded {
+				t.Fatalf("the call that began the redial: %v (%s), want DEADLINE_EXCEEDED", err, client.Code(err))
+			}
+			// Past the first redial's bound and the backoff after it.
+			time.Sleep(time.Until(start.Add(wait + 300*time.Millisecond)))
+			second := time.Now()
+			for _, d := range []time.Duration{5 * time.Second, 0} {
+				err, took := pingWithin(c, d)
+				if client.Code(err) != proto.Unavailable || took > fast {
+					t.Fatalf("a call with deadline %v after a redial went unanswered: %v (%s) after %v, want UNAVAILABLE at once", d, err, client.Code(err), took)
+				}
+			}
+			if got := f.conns.Load(); got != 3 {
+				t.Fatalf("%d connections, want 3: Dial's and two redials'", got)
+			}
+			if tc.up == 0 {
+				// Three more redial bounds: every call fails at once.
+				for time.Since(second) < 3*wait {
+					err, took := pingWithin(c, 5*time.Second)
+					if client.Code(err) != proto.Unavailable || took > fast {
+						t.Fatalf("a call %v into the outage: %v (%s) after %v, want UNAVAILABLE at once", time.Since(start), err, client.Code(err), took)
+					}
+					time.Sleep(50 * time.Millisecond)
+				}
+				return
+			}
+			time.Sleep(time.Until(second.Add(tc.up)))
+			up()
+			upAt := time.Now()
+			for {
+				err, took := pingWithin(c, 5*time.Second)
+				if err == nil {
+					break
+				}
+				if client.Code(err) != proto.Unavailable || took > fast {
+					t.Fatalf("a call after the agent started: %v (%s) after %v, want UNAVAILABLE at once", err, client.Code(err), took)
+				}
+				if since := time.Since(upAt); since > fast {
+					t.Fatalf("no call served %v after the agent started: %v", since, err)
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		})
+	}
+}
+
+// Close ends a redial that goes on without the call that began it: its
+// connection is closed, whether the agent has not answered its Hello yet
+// or answers it as Close runs, and it never becomes the client's.
+func TestCloseEndsARedialGoingOnWithoutItsCall(t *testing.T) {
+	for _, tc := range []struct {
+		name     string
+		upBefore bool // the agent starts just before Close
+	}{
+		{"unanswered", false},
+		{"answered as Close runs", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			started, lost, ended := make(chan struct{}), make(chan struct{}), make(chan struct{})
+			var once sync.Once
+			up := func() { once.Do(func() { close(started) }) }
+			f := listenFake(t, func(n int32, nc net.Conn, br *bufio.Reader) {
+				if n == 1 {
+					answerHello(nc, br)
+					nc.Close()
+					close(lost)
+					return
+				}
+				<-started
+				answerHello(nc, br)
+				readWholeFrames(br) // until the client closes
+				close(ended)
+			})
+			t.Cleanup(up)
+			c := dial(t, f.path)
+			<-lost
+			if err, _ := pingWithin(c, 200*time.Millisecond); client.Code(err) != proto.DeadlineExceeded {
+				t.Fatalf("the call that began the redial: %v (%s), want DEADLINE_EXCEEDED", err, client.Code(err))
+			}
+			if tc.upBefore {
+				up()
+			}
+			c.Close()
+			up()
+			select {
+			case <-ended:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the redial's connection is still open 5 s after Close")
+			}
+			if err, _ := pingWithin(c, 0); !errors.Is(err, client.ErrClosed) {
+				t.Fatalf("Ping after Close: %v, want ErrClosed", err)
+			}
+			if got := f.conns.Load(); got != 2 {
+				t.Fatalf("%d connections, want 2", got)
+			}
+		})
+	}
+}
