@@ -45,12 +45,11 @@ type Client struct {
 	// connect and a Hello, with no backoff.
 	lastRedial *conn
 	// reconnecting is the redial in progress: its dial or Hello goes on
-	// without the token, and calls other than the one that began it fail
-	// at once until it ends (see redial). unanswered says a redial went
-	// unanswered for redialWait since the last one that succeeded. Both
-	// read and set by the token's holder alone.
+	// without the token (see redial). unansweredAt is when a redial last
+	// went unanswered for redialWait, zero once one succeeds. Both read and
+	// set by the token's holder alone.
 	reconnecting *reconnect
-	unanswered   bool
+	unansweredAt time.Time
 
 	mu     sync.Mutex
 	closed bool // set by Close: no redial after it
@@ -74,8 +73,9 @@ const redialBackoff = 100 * time.Millisecond
 // connection. A var for tests.
 var redialWait = 30 * time.Second
 
-// reconnectGrace is how long a call waits for a reconnect that another
-// call began: a healthy agent answers a connect and a Hello well within it.
+// reconnectGrace is how long the call that begins a redial waits for it
+// while the agent is known to be down (a redial went unanswered within
+// redialWait): a healthy agent answers a connect and a Hello well within it.
 const reconnectGrace = 100 * time.Millisecond
 
 // reconnect is a redial's connect, which runs without the redial token and
@@ -83,8 +83,12 @@ const reconnectGrace = 100 * time.Millisecond
 type reconnect struct {
 	start time.Time
 	done  chan struct{} // closed when cn, err and unanswered are set
-	cn    *conn
-	err   error
+	// abandoned is closed when the call that began the redial stops
+	// waiting for it (its deadline passed, or the grace of a known
+	// outage): other calls then fail at once rather than wait in turn.
+	abandoned chan struct{}
+	cn        *conn
+	err       error
 	// unanswered: redialWait passed without the agent's answer.
 	unanswered bool
 	// What it came to, recorded once (settle), the redial token held.
@@ -355,86 +359,102 @@ func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response,
 // UNAVAILABLE at once.
 //
 // A redial's connect runs on its own bound (redialWait, and Close), not the
-// caller's context, and nobody holds the redial token while it runs: the
-// call that began it waits for it up to its own deadline, and every other
-// call fails at once with UNAVAILABLE (after waiting reconnectGrace at most
-// for one begun that recently). An agent that takes longer than a call's
-// deadline to answer (a start under socket activation, where systemd
-// accepts the connect and the Hello waits for the agent) so costs the one
-// call its deadline, not every call; and once the agent answers, that
-// connection serves the next call. After a redial that went unanswered for
-// redialWait (the agent down for long), the call that begins the next one
-// waits reconnectGrace at most too, until a redial succeeds: else one call
-// in every redialWait would wait its whole deadline.
+// caller's context, and nobody holds the redial token while it runs. The
+// call that began it waits for it up to its own deadline, and so does every
+// call made meanwhile (each up to its own): a healthy agent that takes a
+// while to answer (a TLS reconnect over a long path, a restart under socket
+// activation) serves them all. Once the call that began it gives up, the
+// agent has not answered within a caller's deadline: the calls waiting, and
+// every later one until the redial ends, fail at once with UNAVAILABLE, so
+// an agent that stays down costs one call its deadline, not every call. The
+// connect goes on without them, and once the agent answers, that connection
+// serves the next call. After a redial that went unanswered for redialWait
+// (the agent down for long), the call that begins the next one within
+// redialWait waits reconnectGrace at most: else one call in every
+// redialWait would wait its whole deadline.
 func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
-	for {
-		cn, r, patient, err := c.redialOnce(ctx, dead)
-		if r == nil {
-			return cn, err
-		}
-		if cn, again, err := c.await(ctx, r, patient); !again {
-			return cn, err
-		}
+	cn, r, role, err := c.redialOnce(ctx, dead)
+	if r == nil {
+		return cn, err
 	}
+	return c.await(ctx, r, role)
 }
 
-// await waits for the reconnect r: until it ends, the caller's context
-// ends or Close, and unless patient reconnectGrace from r's start at most,
-// after which the caller is to try again (again), to fail at once.
-func (c *Client) await(ctx context.Context, r *reconnect, patient bool) (cn *conn, again bool, err error) {
+// How a call waits for a reconnect (await).
+type reconnectRole int
+
+const (
+	beganPatient   reconnectRole = iota // began it: waits up to its deadline
+	beganImpatient                      // began it in a known outage: waits reconnectGrace
+	joined                              // made while another call's waits
+)
+
+// notAnswered is the error of a call that does not wait for the reconnect
+// r, which has not ended.
+func notAnswered(r *reconnect) error {
+	return failed(fmt.Sprintf("reconnect: the agent has not answered a reconnect begun %v ago (it may be starting, or down behind a socket that systemd holds)", time.Since(r.start).Round(time.Millisecond)), nil)
+}
+
+// await waits for the reconnect r as role says: until it ends, the caller's
+// context ends, Close, or (for a call that did not begin it) the call that
+// began it gives up.
+func (c *Client) await(ctx context.Context, r *reconnect, role reconnectRole) (*conn, error) {
 	var grace <-chan time.Time
-	if !patient {
+	if role == beganImpatient {
 		t := time.NewTimer(time.Until(r.start.Add(reconnectGrace)))
 		defer t.Stop()
 		grace = t.C
 	}
+	abandoned := r.abandoned
+	if role != joined {
+		abandoned = nil // its own to close
+	}
 	select {
 	case <-r.done:
-		cn, err := c.ended(ctx, r, patient)
-		return cn, false, err
+		return c.ended(ctx, r, role != joined)
 	case <-grace:
-		return nil, true, nil
+		close(r.abandoned)
+		return nil, notAnswered(r)
+	case <-abandoned:
+		return nil, notAnswered(r)
 	case <-ctx.Done():
-		if patient {
-			return nil, false, failed("reconnect (it goes on without this call)", ctx.Err())
+		if role == joined {
+			return nil, ctx.Err()
 		}
-		return nil, false, ctx.Err()
+		close(r.abandoned)
+		return nil, failed("reconnect (it goes on without this call)", ctx.Err())
 	case <-c.closing.Done():
-		return nil, false, ErrClosed
+		return nil, ErrClosed
 	}
 }
 
-// redialOnce is redial's one turn with the redial token. It returns the
+// redialOnce is redial's turn with the redial token. It returns the
 // connection to use, or an error, or a reconnect in progress to wait for
-// without the token: the one it began (patient: up to the caller's
-// deadline, unless the last one went unanswered), or another that began
-// less than reconnectGrace ago and has not ended.
-func (c *Client) redialOnce(ctx context.Context, dead *conn) (cn *conn, r *reconnect, patient bool, err error) {
+// without the token (await), with how to wait.
+func (c *Client) redialOnce(ctx context.Context, dead *conn) (cn *conn, r *reconnect, role reconnectRole, err error) {
 	if c.isClosed() {
-		return nil, nil, false, ErrClosed // without waiting for a dial in progress
+		return nil, nil, 0, ErrClosed // without waiting for a dial in progress
 	}
 	if err := c.takeRedialToken(ctx); err != nil {
-		return nil, nil, false, err
+		return nil, nil, 0, err
 	}
 	defer func() { c.redialToken <- struct{}{} }()
 	if c.isClosed() {
-		return nil, nil, false, ErrClosed
+		return nil, nil, 0, ErrClosed
 	}
 	if cur := c.cur.Load(); cur != dead {
-		return cur, nil, false, nil // redialled while we waited
+		return cur, nil, 0, nil // redialled while we waited
 	}
 	if other := c.reconnecting; other != nil {
 		select {
 		case <-other.done:
 			cn, err := c.settle(other)
-			return cn, nil, false, err
+			return cn, nil, 0, err
+		case <-other.abandoned:
+			return nil, nil, 0, notAnswered(other)
 		default:
+			return nil, other, joined, nil
 		}
-		since := time.Since(other.start)
-		if since < reconnectGrace {
-			return nil, other, false, nil
-		}
-		return nil, nil, false, failed(fmt.Sprintf("reconnect: the agent has not answered a reconnect begun %v ago (it may be starting, or down behind a socket that systemd holds)", since.Round(time.Millisecond)), nil)
 	}
 	if dead == c.lastRedial && !dead.proven.Load() && dead.born.After(c.failedAt) {
 		c.failedAt, c.failErr = dead.born, failed("its connection was lost before any reply", dead.terminalErr())
@@ -446,11 +466,11 @@ func (c *Client) redialOnce(ctx context.Context, dead *conn) (cn *conn, r *recon
 		if Code(c.failErr) != proto.Unavailable {
 			last = c.failErr.Error()
 		}
-		return nil, nil, false, failed(fmt.Sprintf("the last reconnect, %v ago, failed: %s", since.Round(time.Millisecond), last), nil)
+		return nil, nil, 0, failed(fmt.Sprintf("the last reconnect, %v ago, failed: %s", since.Round(time.Millisecond), last), nil)
 	}
-	r = &reconnect{start: time.Now(), done: make(chan struct{})}
+	r = &reconnect{start: time.Now(), done: make(chan struct{}), abandoned: make(chan struct{})}
 	// Published before anyone waits for it: later calls see it in progress
-	// and fail at once rather than queue for the token.
+	// and wait with it rather than queue for the token.
 	c.reconnecting = r
 	wait := redialWait
 	go func() {
@@ -469,7 +489,13 @@ func (c *Client) redialOnce(ctx context.Context, dead *conn) (cn *conn, r *recon
 		c.settle(r)
 		c.redialToken <- struct{}{}
 	}()
-	return nil, r, !c.unanswered, nil
+	// A redial that went unanswered long ago says nothing of this one: a
+	// client idle while the agent came back must not take a later restart
+	// for the same outage.
+	if !c.unansweredAt.IsZero() && time.Since(c.unansweredAt) < redialWait {
+		return nil, r, beganImpatient, nil
+	}
+	return nil, r, beganPatient, nil
 }
 
 // takeRedialToken waits for the redial token, which the holder gives back
@@ -517,12 +543,14 @@ func (c *Client) redialed(r *reconnect) (*conn, error) {
 			return nil, ErrClosed // cut short by Close
 		}
 		c.failedAt, c.failErr = time.Now(), err
-		// Until a redial succeeds: a refused dial in between says nothing
-		// of how long the next one waits.
-		c.unanswered = c.unanswered || r.unanswered
+		// Until a redial succeeds, or redialWait passes: a refused dial in
+		// between says nothing of how long the next one waits.
+		if r.unanswered {
+			c.unansweredAt = c.failedAt
+		}
 		return nil, failed("reconnect", err)
 	}
-	c.failedAt, c.failErr, c.unanswered = time.Time{}, nil, false
+	c.failedAt, c.failErr, c.unansweredAt = time.Time{}, nil, time.Time{}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {

@@ -14,18 +14,19 @@
 // systemd's socket activation (or over TCP to a host that does not answer)
 // the socket of an agent that is down still takes the connect, or the dial
 // hangs. The call that began the redial then waits for the Hello's reply up
-// to its own deadline (an agent that starts within it serves the call), and
-// the dial and Hello go on without it, up to 30 s from the dial; meanwhile
-// every other call fails at once with UNAVAILABLE, without a dial of its own
-// (one that comes within 100 ms of the dial waits for it until 100 ms after
-// the dial, and goes through if the agent answers by then). Once the agent
-// answers, that connection is the client's and the next call goes out on
-// it. A redial the agent leaves unanswered for the 30 s fails, and from then
-// until a redial succeeds the call that begins one waits 100 ms at most
-// too: with the agent down for long every call fails at once, and once it
-// is back, the redial waiting then (its connection taken by the agent) or
-// the next call's (answered within those 100 ms) gets through. A
-// redialling caller without a deadline waits the 30 s at most. A redial's
+// to its own deadline, and so does every call made meanwhile, each up to
+// its own, without a dial of its own: an agent that answers in time (one
+// starting, or a TLS reconnect over a long path) serves them all. Once the
+// call that began the redial gives up, the calls still waiting, and every
+// later one, fail at once with UNAVAILABLE, and the dial and Hello go on
+// without them, up to 30 s from the dial. Once the agent answers, that
+// connection is the client's and the next call goes out on it. A redial
+// the agent leaves unanswered for the 30 s fails, and for the next 30 s the
+// call that begins a redial waits 100 ms at most: with the agent down for
+// long every call fails at once, and once it is back, the redial waiting
+// then (its connection taken by the agent) or the next call's (answered
+// within those 100 ms) gets through. A redialling caller without a
+// deadline waits the 30 s at most. A redial's
 // connection that the agent drops before answering anything after the Hello
 // counts as a failed dial, so an agent that does so to every connection
 // costs a retrying caller one connection per 100 ms, not one per call.

@@ -49,12 +49,13 @@ func newSigner(c *Client, key Key, ref KeyRef) *Signer {
 // timeout sets the Signer's to match (SetTimeout). While the agent is
 // stopped or restarting and its socket is gone, Sign fails at once with
 // UNAVAILABLE. Under systemd's socket activation the socket stays and takes
-// the connect: the first Sign waits for the agent up to its deadline (and
-// is served if the agent starts within it, else fails with
-// DEADLINE_EXCEEDED), and the Signs during that wait and after it fail at
-// once with UNAVAILABLE until the agent answers; once the agent has left a
-// reconnect unanswered for 30 s, every Sign fails at once, the first too,
-// until it answers (the package doc, on restarts).
+// the connect: the first Sign waits for the agent up to its deadline, and
+// the Signs made meanwhile wait with it (all are served if the agent starts
+// in time; the first fails with DEADLINE_EXCEEDED if not); once the first
+// has given up, the Signs fail at once with UNAVAILABLE until the agent
+// answers, and once the agent has left a reconnect unanswered for 30 s,
+// every Sign fails at once, the first too, until it answers (the package
+// doc, on restarts).
 const DefaultSignerTimeout = 10 * time.Second
 
 // Signer returns a crypto.Signer for the key. ctx bounds only the public key
