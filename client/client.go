@@ -73,6 +73,12 @@ const redialBackoff = 100 * time.Millisecond
 // connection. A var for tests.
 var redialWait = 30 * time.Second
 
+// reconnectPatience is how long a redial must have gone unanswered before a
+// caller's deadline passing while it waits marks it abandoned (see redial):
+// a caller with a short deadline (a health check's 50 ms) says nothing of
+// an agent that answers a reconnect in 150 ms.
+const reconnectPatience = time.Second
+
 // reconnectGrace is how long the call that begins a redial waits for it
 // while the agent is known to be down (a redial went unanswered within
 // redialWait): a healthy agent answers a connect and a Hello well within it.
@@ -83,12 +89,14 @@ const reconnectGrace = 100 * time.Millisecond
 type reconnect struct {
 	start time.Time
 	done  chan struct{} // closed when cn, err and unanswered are set
-	// abandoned is closed when the call that began the redial stops
-	// waiting for it (its deadline passed, or the grace of a known
-	// outage): other calls then fail at once rather than wait in turn.
-	abandoned chan struct{}
-	cn        *conn
-	err       error
+	// abandoned is closed (abandon) once a caller's deadline passed while
+	// it waited, reconnectPatience or more after the dial, or the call
+	// that began it in a known outage stopped waiting: calls then fail at
+	// once rather than wait in turn.
+	abandoned     chan struct{}
+	abandonedOnce sync.Once
+	cn            *conn
+	err           error
 	// unanswered: redialWait passed without the agent's answer.
 	unanswered bool
 	// What it came to, recorded once (settle), the redial token held.
@@ -353,6 +361,21 @@ func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response,
 	return resp, err
 }
 
+// abandon marks r abandoned.
+func (r *reconnect) abandon() { r.abandonedOnce.Do(func() { close(r.abandoned) }) }
+
+// ready reports whether r has ended; a caller looks before it looks at
+// abandoned, so that a reconnect the agent answered is never reported
+// unanswered because its end and its abandonment came together.
+func (r *reconnect) ready() bool {
+	select {
+	case <-r.done:
+		return true
+	default:
+		return false
+	}
+}
+
 // redial replaces the failed connection dead, unless another caller already
 // has, and returns the current connection. One redial runs at a time, and
 // none starts within redialBackoff of a failed one: callers then get
@@ -363,10 +386,13 @@ func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response,
 // call that began it waits for it up to its own deadline, and so does every
 // call made meanwhile (each up to its own): a healthy agent that takes a
 // while to answer (a TLS reconnect over a long path, a restart under socket
-// activation) serves them all. Once the call that began it gives up, the
-// agent has not answered within a caller's deadline: the calls waiting, and
-// every later one until the redial ends, fail at once with UNAVAILABLE, so
-// an agent that stays down costs one call its deadline, not every call. The
+// activation) serves them all. Once a caller's deadline passes while it
+// waits, and the redial has gone unanswered for reconnectPatience or more,
+// the agent has not answered within a caller's deadline: the calls
+// waiting, and every later one until the redial ends, fail at once with
+// UNAVAILABLE, so an agent that stays down costs a caller its deadline,
+// not every caller. A caller that is cancelled, or whose deadline is
+// shorter than reconnectPatience, leaves the others waiting. The
 // connect goes on without them, and once the agent answers, that connection
 // serves the next call. After a redial that went unanswered for redialWait
 // (the agent down for long), the call that begins the next one within
@@ -396,8 +422,7 @@ func notAnswered(r *reconnect) error {
 }
 
 // await waits for the reconnect r as role says: until it ends, the caller's
-// context ends, Close, or (for a call that did not begin it) the call that
-// began it gives up.
+// context ends, Close, or r is abandoned.
 func (c *Client) await(ctx context.Context, r *reconnect, role reconnectRole) (*conn, error) {
 	var grace <-chan time.Time
 	if role == beganImpatient {
@@ -405,27 +430,34 @@ func (c *Client) await(ctx context.Context, r *reconnect, role reconnectRole) (*
 		defer t.Stop()
 		grace = t.C
 	}
-	abandoned := r.abandoned
-	if role != joined {
-		abandoned = nil // its own to close
-	}
 	select {
 	case <-r.done:
-		return c.ended(ctx, r, role != joined)
 	case <-grace:
-		close(r.abandoned)
+		if r.ready() {
+			break
+		}
+		r.abandon()
 		return nil, notAnswered(r)
-	case <-abandoned:
+	case <-r.abandoned:
+		if r.ready() {
+			break
+		}
 		return nil, notAnswered(r)
 	case <-ctx.Done():
+		if r.ready() {
+			break
+		}
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) && time.Since(r.start) >= reconnectPatience {
+			r.abandon()
+		}
 		if role == joined {
 			return nil, ctx.Err()
 		}
-		close(r.abandoned)
 		return nil, failed("reconnect (it goes on without this call)", ctx.Err())
 	case <-c.closing.Done():
 		return nil, ErrClosed
 	}
+	return c.ended(ctx, r, role != joined)
 }
 
 // redialOnce is redial's turn with the redial token. It returns the
@@ -446,10 +478,11 @@ func (c *Client) redialOnce(ctx context.Context, dead *conn) (cn *conn, r *recon
 		return cur, nil, 0, nil // redialled while we waited
 	}
 	if other := c.reconnecting; other != nil {
-		select {
-		case <-other.done:
+		if other.ready() {
 			cn, err := c.settle(other)
 			return cn, nil, 0, err
+		}
+		select {
 		case <-other.abandoned:
 			return nil, nil, 0, notAnswered(other)
 		default:

@@ -51,11 +51,11 @@ func newSigner(c *Client, key Key, ref KeyRef) *Signer {
 // UNAVAILABLE. Under systemd's socket activation the socket stays and takes
 // the connect: the first Sign waits for the agent up to its deadline, and
 // the Signs made meanwhile wait with it (all are served if the agent starts
-// in time; the first fails with DEADLINE_EXCEEDED if not); once the first
-// has given up, the Signs fail at once with UNAVAILABLE until the agent
-// answers, and once the agent has left a reconnect unanswered for 30 s,
-// every Sign fails at once, the first too, until it answers (the package
-// doc, on restarts).
+// in time; the first fails with DEADLINE_EXCEEDED if not); once one has
+// given up at its deadline, the Signs fail at once with UNAVAILABLE until
+// the agent answers, and for 30 s after the agent left a reconnect
+// unanswered for 30 s, every Sign fails at once, the first too (the
+// package doc, on restarts).
 const DefaultSignerTimeout = 10 * time.Second
 
 // Signer returns a crypto.Signer for the key. ctx bounds only the public key
