@@ -71,13 +71,7 @@ tenants:
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
 			clock := &stepClock{t: midnight.Add(10 * time.Second)}
-			log := zaptest.NewLogger(t)
-			j, err := journal.Open(journal.Options{Dir: filepath.Join(t.TempDir(), "journal"), Logger: log, Clock: clock.Now, MinFreeBytes: -1})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer j.Close()
-			a := &Agent{log: log, journal: j, policy: policy.NewEngine(set, clock.Now)}
+			a, j := quotaTestAgent(t, set, clock)
 			signed := 0
 			sign := func() proto.Code {
 				t.Helper()
@@ -108,7 +102,7 @@ tenants:
 			}
 
 			clock.Set(tc.restartAt) // restarted
-			a = &Agent{log: log, journal: j, policy: policy.NewEngine(set, clock.Now)}
+			a = &Agent{log: a.log, journal: j, policy: policy.NewEngine(set, clock.Now)}
 			if err := a.restoreQuotas(ctx); err != nil {
 				t.Fatal(err)
 			}
@@ -144,13 +138,7 @@ tenants:
 	midnight := time.Date(2026, 12, 8, 0, 0, 0, 0, time.UTC)
 	ctx := context.Background()
 	clock := &stepClock{t: midnight.Add(-60 * time.Second)}
-	log := zaptest.NewLogger(t)
-	j, err := journal.Open(journal.Options{Dir: filepath.Join(t.TempDir(), "journal"), Logger: log, Clock: clock.Now, MinFreeBytes: -1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer j.Close()
-	a := &Agent{log: log, journal: j, policy: policy.NewEngine(set, clock.Now)}
+	a, j := quotaTestAgent(t, set, clock)
 	signed := 0
 	sign := func() proto.Code {
 		t.Helper()
@@ -169,7 +157,7 @@ tenants:
 	if code := sign(); code != proto.QuotaExceeded {
 		t.Fatalf("before the restart: %v, want QUOTA_EXCEEDED", code)
 	}
-	a = &Agent{log: log, journal: j, policy: policy.NewEngine(set, clock.Now)} // restarted
+	a = &Agent{log: a.log, journal: j, policy: policy.NewEngine(set, clock.Now)} // restarted
 	if err := a.restoreQuotas(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -196,4 +184,18 @@ func signReleaseAndRecord(t *testing.T, a *Agent, j *journal.Journal, signed *in
 		}
 	}
 	return code
+}
+
+// quotaTestAgent is as much of an agent as the quota tests need: a journal
+// and a policy engine on set, both on clock. The journal is closed at the
+// test's end.
+func quotaTestAgent(t *testing.T, set *policy.Set, clock *stepClock) (*Agent, *journal.Journal) {
+	t.Helper()
+	log := zaptest.NewLogger(t)
+	j, err := journal.Open(journal.Options{Dir: filepath.Join(t.TempDir(), "journal"), Logger: log, Clock: clock.Now, MinFreeBytes: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { j.Close() })
+	return &Agent{log: log, journal: j, policy: policy.NewEngine(set, clock.Now)}, j
 }
