@@ -76,8 +76,10 @@ var redialWait = 30 * time.Second
 // reconnectPatience is how long a redial must have gone unanswered before a
 // caller's deadline passing while it waits marks it abandoned (see redial):
 // a caller with a short deadline (a health check's 50 ms) says nothing of
-// an agent that answers a reconnect in 150 ms.
-const reconnectPatience = time.Second
+// an agent that answers a reconnect in 150 ms. Well under a second, the
+// shortest Signer timeout a service is likely to set: a caller whose
+// deadline is the patience itself would race it.
+const reconnectPatience = 500 * time.Millisecond
 
 // reconnectGrace is how long the call that begins a redial waits for it
 // while the agent is known to be down (a redial went unanswered within
@@ -95,8 +97,12 @@ type reconnect struct {
 	// once rather than wait in turn.
 	abandoned     chan struct{}
 	abandonedOnce sync.Once
-	cn            *conn
-	err           error
+	// inOutage: begun within redialWait of an unanswered redial (a known
+	// outage). Every call waits for it reconnectGrace from its start at
+	// most, whoever began it, and then abandons it.
+	inOutage bool
+	cn       *conn
+	err      error
 	// unanswered: redialWait passed without the agent's answer.
 	unanswered bool
 	// What it came to, recorded once (settle), the redial token held.
@@ -386,34 +392,25 @@ func (r *reconnect) ready() bool {
 // call that began it waits for it up to its own deadline, and so does every
 // call made meanwhile (each up to its own): a healthy agent that takes a
 // while to answer (a TLS reconnect over a long path, a restart under socket
-// activation) serves them all. Once a caller's deadline passes while it
-// waits, and the redial has gone unanswered for reconnectPatience or more,
-// the agent has not answered within a caller's deadline: the calls
-// waiting, and every later one until the redial ends, fail at once with
-// UNAVAILABLE, so an agent that stays down costs a caller its deadline,
-// not every caller. A caller that is cancelled, or whose deadline is
-// shorter than reconnectPatience, leaves the others waiting. The
-// connect goes on without them, and once the agent answers, that connection
-// serves the next call. After a redial that went unanswered for redialWait
-// (the agent down for long), the call that begins the next one within
-// redialWait waits reconnectGrace at most: else one call in every
-// redialWait would wait its whole deadline.
+// activation) serves them all. Once a caller's deadline passes after it
+// waited reconnectPatience or more, the agent has not answered within a
+// caller's deadline: the calls waiting, and every later one until the
+// redial ends, fail at once with UNAVAILABLE, so an agent that stays down
+// costs a caller its deadline, not every caller. A caller that is
+// cancelled, or that waited less than reconnectPatience, leaves the others
+// waiting. The connect goes on without them, and once the agent answers,
+// that connection serves the next call. A redial begun within redialWait
+// of one that went unanswered for redialWait (the agent down for long) is
+// waited for reconnectGrace from its start at most, by every call: else
+// one call in every redialWait, and those made meanwhile, would wait their
+// whole deadlines.
 func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
-	cn, r, role, err := c.redialOnce(ctx, dead)
+	cn, r, began, err := c.redialOnce(ctx, dead)
 	if r == nil {
 		return cn, err
 	}
-	return c.await(ctx, r, role)
+	return c.await(ctx, r, began)
 }
-
-// How a call waits for a reconnect (await).
-type reconnectRole int
-
-const (
-	beganPatient   reconnectRole = iota // began it: waits up to its deadline
-	beganImpatient                      // began it in a known outage: waits reconnectGrace
-	joined                              // made while another call's waits
-)
 
 // notAnswered is the error of a call that does not wait for the reconnect
 // r, which has not ended.
@@ -421,11 +418,12 @@ func notAnswered(r *reconnect) error {
 	return failed(fmt.Sprintf("reconnect: the agent has not answered a reconnect begun %v ago (it may be starting, or down behind a socket that systemd holds)", time.Since(r.start).Round(time.Millisecond)), nil)
 }
 
-// await waits for the reconnect r as role says: until it ends, the caller's
-// context ends, Close, or r is abandoned.
-func (c *Client) await(ctx context.Context, r *reconnect, role reconnectRole) (*conn, error) {
+// await waits for the reconnect r: until it ends, the caller's context
+// ends, Close, or r is abandoned. began: the caller began r.
+func (c *Client) await(ctx context.Context, r *reconnect, began bool) (*conn, error) {
+	waitFrom := time.Now()
 	var grace <-chan time.Time
-	if role == beganImpatient {
+	if r.inOutage {
 		t := time.NewTimer(time.Until(r.start.Add(reconnectGrace)))
 		defer t.Stop()
 		grace = t.C
@@ -447,46 +445,49 @@ func (c *Client) await(ctx context.Context, r *reconnect, role reconnectRole) (*
 		if r.ready() {
 			break
 		}
-		if errors.Is(ctx.Err(), context.DeadlineExceeded) && time.Since(r.start) >= reconnectPatience {
+		// Evidence that the agent does not answer: this call waited
+		// reconnectPatience for it, or the outage is known. A shorter
+		// wait, or a cancel, says nothing of the agent.
+		if r.inOutage || errors.Is(ctx.Err(), context.DeadlineExceeded) && time.Since(waitFrom) >= reconnectPatience {
 			r.abandon()
 		}
-		if role == joined {
+		if !began {
 			return nil, ctx.Err()
 		}
 		return nil, failed("reconnect (it goes on without this call)", ctx.Err())
 	case <-c.closing.Done():
 		return nil, ErrClosed
 	}
-	return c.ended(ctx, r, role != joined)
+	return c.ended(ctx, r, began)
 }
 
 // redialOnce is redial's turn with the redial token. It returns the
 // connection to use, or an error, or a reconnect in progress to wait for
-// without the token (await), with how to wait.
-func (c *Client) redialOnce(ctx context.Context, dead *conn) (cn *conn, r *reconnect, role reconnectRole, err error) {
+// without the token (await), and whether this call began it.
+func (c *Client) redialOnce(ctx context.Context, dead *conn) (cn *conn, r *reconnect, began bool, err error) {
 	if c.isClosed() {
-		return nil, nil, 0, ErrClosed // without waiting for a dial in progress
+		return nil, nil, false, ErrClosed // without waiting for a dial in progress
 	}
 	if err := c.takeRedialToken(ctx); err != nil {
-		return nil, nil, 0, err
+		return nil, nil, false, err
 	}
 	defer func() { c.redialToken <- struct{}{} }()
 	if c.isClosed() {
-		return nil, nil, 0, ErrClosed
+		return nil, nil, false, ErrClosed
 	}
 	if cur := c.cur.Load(); cur != dead {
-		return cur, nil, 0, nil // redialled while we waited
+		return cur, nil, false, nil // redialled while we waited
 	}
 	if other := c.reconnecting; other != nil {
 		if other.ready() {
 			cn, err := c.settle(other)
-			return cn, nil, 0, err
+			return cn, nil, false, err
 		}
 		select {
 		case <-other.abandoned:
-			return nil, nil, 0, notAnswered(other)
+			return nil, nil, false, notAnswered(other)
 		default:
-			return nil, other, joined, nil
+			return nil, other, false, nil
 		}
 	}
 	if dead == c.lastRedial && !dead.proven.Load() && dead.born.After(c.failedAt) {
@@ -499,9 +500,13 @@ func (c *Client) redialOnce(ctx context.Context, dead *conn) (cn *conn, r *recon
 		if Code(c.failErr) != proto.Unavailable {
 			last = c.failErr.Error()
 		}
-		return nil, nil, 0, failed(fmt.Sprintf("the last reconnect, %v ago, failed: %s", since.Round(time.Millisecond), last), nil)
+		return nil, nil, false, failed(fmt.Sprintf("the last reconnect, %v ago, failed: %s", since.Round(time.Millisecond), last), nil)
 	}
-	r = &reconnect{start: time.Now(), done: make(chan struct{}), abandoned: make(chan struct{})}
+	// A redial that went unanswered long ago says nothing of this one: a
+	// client idle while the agent came back must not take a later restart
+	// for the same outage.
+	inOutage := !c.unansweredAt.IsZero() && time.Since(c.unansweredAt) < redialWait
+	r = &reconnect{start: time.Now(), done: make(chan struct{}), abandoned: make(chan struct{}), inOutage: inOutage}
 	// Published before anyone waits for it: later calls see it in progress
 	// and wait with it rather than queue for the token.
 	c.reconnecting = r
@@ -522,13 +527,7 @@ func (c *Client) redialOnce(ctx context.Context, dead *conn) (cn *conn, r *recon
 		c.settle(r)
 		c.redialToken <- struct{}{}
 	}()
-	// A redial that went unanswered long ago says nothing of this one: a
-	// client idle while the agent came back must not take a later restart
-	// for the same outage.
-	if !c.unansweredAt.IsZero() && time.Since(c.unansweredAt) < redialWait {
-		return nil, r, beganImpatient, nil
-	}
-	return nil, r, beganPatient, nil
+	return nil, r, true, nil
 }
 
 // takeRedialToken waits for the redial token, which the holder gives back

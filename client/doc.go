@@ -17,14 +17,13 @@
 // to its own deadline, and so does every call made meanwhile, each up to
 // its own, without a dial of its own: an agent that answers in time (one
 // starting, or a TLS reconnect over a long path) serves them all. Once a
-// waiting call's deadline passes with the redial a second or more old, the
-// calls still waiting, and every later one, fail at once with UNAVAILABLE
-// (a call cancelled, or whose deadline passes sooner, leaves the others
-// waiting), and the dial and Hello go on without them, up to 30 s from the
-// dial. Once the agent answers, that
+// call's deadline passes after it waited half a second or more, the calls
+// still waiting, and every later one, fail at once with UNAVAILABLE (a call
+// cancelled, or that waited less, leaves the others waiting), and the dial
+// and Hello go on without them, up to 30 s from the dial. Once the agent answers, that
 // connection is the client's and the next call goes out on it. A redial
-// the agent leaves unanswered for the 30 s fails, and for the next 30 s the
-// call that begins a redial waits 100 ms at most: with the agent down for
+// the agent leaves unanswered for the 30 s fails, and for the next 30 s
+// every call waits for a redial 100 ms from its start at most: with the agent down for
 // long every call fails at once, and once it is back, the redial waiting
 // then (its connection taken by the agent) or the next call's (answered
 // within those 100 ms) gets through. A redialling caller without a

@@ -27,7 +27,7 @@ func TestAnsweredReconnectWinsOverAbandoned(t *testing.T) {
 		if cn, _, _, err := c.redialOnce(ctx, dead); cn != fresh {
 			t.Fatalf("call %d: %v, %v; want the answered connection", i, cn, err)
 		}
-		if cn, err := c.await(ctx, r, joined); cn != fresh {
+		if cn, err := c.await(ctx, r, false); cn != fresh {
 			t.Fatalf("call %d waiting: %v, %v; want the answered connection", i, cn, err)
 		}
 	}

@@ -622,7 +622,7 @@ func pingWithin(c *client.Client, deadline time.Duration) (error, time.Duration)
 // each up to its own deadline: an agent that answers in time serves them
 // all, whatever the deadline of the call that began the redial. Once a
 // caller's deadline passes after the redial has waited reconnectPatience
-// (1 s), the agent has not answered within a caller's deadline: the calls
+// (500 ms), the agent has not answered within a caller's deadline: the calls
 // still waiting, and later ones, fail at once with UNAVAILABLE. (Reviewer
 // CK: they used to queue for the redial token until the first call gave
 // up; reviewer CM: then, failing after 100 ms whatever the agent, a healthy
@@ -704,6 +704,65 @@ func TestCallsDuringAWaitingRedial(t *testing.T) {
 				t.Fatalf("%d connections, want 2: Dial's and one redial's", got)
 			}
 		})
+	}
+}
+
+// In a known outage (a redial went unanswered within redialWait) every
+// call fails at once, whichever call began the redial. Reviewer CO: when
+// that call had a deadline shorter than the 100 ms grace (a 50 ms health
+// check) or was cancelled, nothing abandoned the redial, and the next
+// calls waited until their own deadline or the redial's end.
+func TestKnownOutageBegunByAShortCall(t *testing.T) {
+	const wait = 3 * time.Second
+	for _, tc := range []struct {
+		name  string
+		begin func(c *client.Client)
+	}{
+		{"a 50 ms deadline", func(c *client.Client) { pingWithin(c, 50*time.Millisecond) }},
+		{"cancelled", func(c *client.Client) {
+			ctx, cancel := context.WithCancel(context.Background())
+			time.AfterFunc(20*time.Millisecond, cancel)
+			c.Ping(ctx)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			defer client.SetRedialWait(wait)()
+			c, _, _ := heldAgent(t)
+			start := time.Now()
+			if err, _ := pingWithin(c, 300*time.Millisecond); client.Code(err) != proto.DeadlineExceeded {
+				t.Fatalf("first: %v", err)
+			}
+			// Past the first redial's bound and its backoff: a known outage.
+			time.Sleep(time.Until(start.Add(wait + 300*time.Millisecond)))
+			if err, took := pingWithin(c, 5*time.Second); client.Code(err) != proto.Unavailable || took > 400*time.Millisecond {
+				t.Fatalf("control: %v after %v", err, took)
+			}
+			// That redial (abandoned by its 100 ms grace) runs until wait; past it.
+			time.Sleep(wait + 300*time.Millisecond)
+			tc.begin(c) // begins the next redial, impatient, and leaves
+			err, took := pingWithin(c, 5*time.Second)
+			if client.Code(err) != proto.Unavailable || took > 400*time.Millisecond {
+				t.Fatalf("a 5 s call in a known outage after a short call began the redial: %v (%s) after %v, want UNAVAILABLE at once", err, client.Code(err), took)
+			}
+		})
+	}
+}
+
+// A short call made late in a redial leaves the others waiting. Reviewer
+// CO: a redial's age, not the call's own wait, decided, so a 50 ms health
+// check made 1.1 s into a 1.5 s socket-activated restart failed the 10 s
+// call waiting since the start.
+func TestAShortCallLateInARedialLeavesOthersWaiting(t *testing.T) {
+	c, _, up := heldAgent(t)
+	time.AfterFunc(1500*time.Millisecond, up)
+	long := make(chan error, 1)
+	go func() { err, _ := pingWithin(c, 10*time.Second); long <- err }()
+	time.Sleep(1100 * time.Millisecond)
+	if err, _ := pingWithin(c, 50*time.Millisecond); client.Code(err) != proto.DeadlineExceeded {
+		t.Logf("health check: %v", err)
+	}
+	if err := <-long; err != nil {
+		t.Fatalf("the 10 s call, agent up at 1.5 s: %v (%s), want it served", err, client.Code(err))
 	}
 }
 
