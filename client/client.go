@@ -73,17 +73,18 @@ const redialBackoff = 100 * time.Millisecond
 // connection. A var for tests.
 var redialWait = 30 * time.Second
 
-// reconnectPatience is how long a redial must have gone unanswered before a
-// caller's deadline passing while it waits marks it abandoned (see redial):
-// a caller with a short deadline (a health check's 50 ms) says nothing of
-// an agent that answers a reconnect in 150 ms. Well under a second, the
-// shortest Signer timeout a service is likely to set: a caller whose
-// deadline is the patience itself would race it.
+// reconnectPatience is how long a call must have waited for a redial before
+// its deadline passing marks the redial abandoned (see redial): a caller
+// with a short deadline (a health check's 50 ms) says nothing of an agent
+// that answers a reconnect in 150 ms. Well under a second, the shortest
+// Signer timeout a service is likely to set: a caller whose deadline is
+// the patience itself would race it.
 const reconnectPatience = 500 * time.Millisecond
 
-// reconnectGrace is how long the call that begins a redial waits for it
-// while the agent is known to be down (a redial went unanswered within
-// redialWait): a healthy agent answers a connect and a Hello well within it.
+// reconnectGrace is how long from its start a redial is waited for while
+// the agent is known to be down (a redial went unanswered, or was
+// abandoned and failed, within redialWait): a healthy agent answers a
+// connect and a Hello well within it.
 const reconnectGrace = 100 * time.Millisecond
 
 // reconnect is a redial's connect, which runs without the redial token and
@@ -91,10 +92,10 @@ const reconnectGrace = 100 * time.Millisecond
 type reconnect struct {
 	start time.Time
 	done  chan struct{} // closed when cn, err and unanswered are set
-	// abandoned is closed (abandon) once a caller's deadline passed while
-	// it waited, reconnectPatience or more after the dial, or the call
-	// that began it in a known outage stopped waiting: calls then fail at
-	// once rather than wait in turn.
+	// abandoned is closed (abandon) once a call's deadline passed after it
+	// waited reconnectPatience or more, or in a known outage once its
+	// grace passed or a call stopped waiting: calls made after that fail
+	// at once rather than wait in turn; those waiting already wait on.
 	abandoned     chan struct{}
 	abandonedOnce sync.Once
 	// inOutage: begun within redialWait of an unanswered redial (a known
@@ -370,6 +371,16 @@ func (c *Client) call(ctx context.Context, req *proto.Request) (*proto.Response,
 // abandon marks r abandoned.
 func (r *reconnect) abandon() { r.abandonedOnce.Do(func() { close(r.abandoned) }) }
 
+// isAbandoned reports whether r was abandoned.
+func (r *reconnect) isAbandoned() bool {
+	select {
+	case <-r.abandoned:
+		return true
+	default:
+		return false
+	}
+}
+
 // ready reports whether r has ended; a caller looks before it looks at
 // abandoned, so that a reconnect the agent answered is never reported
 // unanswered because its end and its abandonment came together.
@@ -392,18 +403,19 @@ func (r *reconnect) ready() bool {
 // call that began it waits for it up to its own deadline, and so does every
 // call made meanwhile (each up to its own): a healthy agent that takes a
 // while to answer (a TLS reconnect over a long path, a restart under socket
-// activation) serves them all. Once a caller's deadline passes after it
+// activation) serves them all. Once a call's deadline passes after it
 // waited reconnectPatience or more, the agent has not answered within a
-// caller's deadline: the calls waiting, and every later one until the
-// redial ends, fail at once with UNAVAILABLE, so an agent that stays down
-// costs a caller its deadline, not every caller. A caller that is
-// cancelled, or that waited less than reconnectPatience, leaves the others
-// waiting. The connect goes on without them, and once the agent answers,
-// that connection serves the next call. A redial begun within redialWait
-// of one that went unanswered for redialWait (the agent down for long) is
-// waited for reconnectGrace from its start at most, by every call: else
-// one call in every redialWait, and those made meanwhile, would wait their
-// whole deadlines.
+// caller's deadline: every call made after that, until the redial ends,
+// fails at once with UNAVAILABLE (the calls already waiting wait on, up to
+// their own deadlines), so an agent that stays down costs the callers of
+// its first seconds their deadlines, not every caller. A call that is
+// cancelled, or that waited less than reconnectPatience, changes nothing
+// for the others. The connect goes on without them, and once the agent
+// answers, that connection serves the next call. A redial begun within
+// redialWait of one that went unanswered for redialWait, or was abandoned
+// and then failed (the agent down for long), is waited for reconnectGrace
+// from its start at most, by every call: else one call in every
+// redialWait, and those made meanwhile, would wait their whole deadlines.
 func (c *Client) redial(ctx context.Context, dead *conn) (*conn, error) {
 	cn, r, began, err := c.redialOnce(ctx, dead)
 	if r == nil {
@@ -428,6 +440,8 @@ func (c *Client) await(ctx context.Context, r *reconnect, began bool) (*conn, er
 		defer t.Stop()
 		grace = t.C
 	}
+	// Not r.abandoned: an abandoned redial fails the calls made after it,
+	// not those already waiting, which wait out their own deadlines.
 	select {
 	case <-r.done:
 	case <-grace:
@@ -435,11 +449,6 @@ func (c *Client) await(ctx context.Context, r *reconnect, began bool) (*conn, er
 			break
 		}
 		r.abandon()
-		return nil, notAnswered(r)
-	case <-r.abandoned:
-		if r.ready() {
-			break
-		}
 		return nil, notAnswered(r)
 	case <-ctx.Done():
 		if r.ready() {
@@ -576,8 +585,11 @@ func (c *Client) redialed(r *reconnect) (*conn, error) {
 		}
 		c.failedAt, c.failErr = time.Now(), err
 		// Until a redial succeeds, or redialWait passes: a refused dial in
-		// between says nothing of how long the next one waits.
-		if r.unanswered {
+		// between says nothing of how long the next one waits. A redial
+		// abandoned and then failed (the agent's side took the connect
+		// and dropped it unanswered: a crash loop under socket
+		// activation, a proxy's timeout) is an outage too.
+		if r.unanswered || r.isAbandoned() {
 			c.unansweredAt = c.failedAt
 		}
 		return nil, failed("reconnect", err)

@@ -17,17 +17,19 @@
 // to its own deadline, and so does every call made meanwhile, each up to
 // its own, without a dial of its own: an agent that answers in time (one
 // starting, or a TLS reconnect over a long path) serves them all. Once a
-// call's deadline passes after it waited half a second or more, the calls
-// still waiting, and every later one, fail at once with UNAVAILABLE (a call
-// cancelled, or that waited less, leaves the others waiting), and the dial
-// and Hello go on without them, up to 30 s from the dial. Once the agent answers, that
-// connection is the client's and the next call goes out on it. A redial
-// the agent leaves unanswered for the 30 s fails, and for the next 30 s
-// every call waits for a redial 100 ms from its start at most: with the agent down for
-// long every call fails at once, and once it is back, the redial waiting
-// then (its connection taken by the agent) or the next call's (answered
-// within those 100 ms) gets through. A redialling caller without a
-// deadline waits the 30 s at most. A redial's
+// call's deadline passes after it waited half a second or more, every call
+// made after that fails at once with UNAVAILABLE, while those waiting
+// already wait on, each up to its own deadline (a call cancelled, or that
+// waited less, changes nothing for the others); the dial and Hello go on
+// up to 30 s from the dial. Once the agent answers, that connection is the
+// client's and the next call goes out on it. A redial the agent leaves
+// unanswered for the 30 s, or that such a call gave up on and that then
+// failed (the agent's side dropped the connect), marks an outage: for the
+// next 30 s every call waits for a redial 100 ms from its start at most,
+// so with the agent down for long every call fails within 100 ms, and once
+// it is back, the redial waiting then (its connection taken by the agent)
+// or the next call's (answered within those 100 ms) gets through. A
+// redialling caller without a deadline waits the 30 s at most. A redial's
 // connection that the agent drops before answering anything after the Hello
 // counts as a failed dial, so an agent that does so to every connection
 // costs a retrying caller one connection per 100 ms, not one per call.

@@ -621,14 +621,14 @@ func pingWithin(c *client.Client, deadline time.Duration) (error, time.Duration)
 // Calls made while another call's redial waits for the agent wait with it,
 // each up to its own deadline: an agent that answers in time serves them
 // all, whatever the deadline of the call that began the redial. Once a
-// caller's deadline passes after the redial has waited reconnectPatience
-// (500 ms), the agent has not answered within a caller's deadline: the calls
-// still waiting, and later ones, fail at once with UNAVAILABLE. (Reviewer
-// CK: they used to queue for the redial token until the first call gave
-// up; reviewer CM: then, failing after 100 ms whatever the agent, a healthy
-// agent that answered a reconnect in 150 ms failed every concurrent call
-// but one; reviewer CN: then a first call with a 50 ms deadline failed
-// them all.)
+// call's deadline passes after it waited reconnectPatience (500 ms), the
+// agent has not answered within a caller's deadline: calls made after
+// that fail at once with UNAVAILABLE, and those waiting already wait on.
+// (Reviewer CK: they used to queue for the redial token until the first
+// call gave up; reviewer CM: then, failing after 100 ms whatever the
+// agent, a healthy agent that answered a reconnect in 150 ms failed every
+// concurrent call but one; reviewers CN, CO and CP: then a first call with
+// a short deadline, a late short call, or a 1 s probe failed them all.)
 func TestCallsDuringAWaitingRedial(t *testing.T) {
 	const slack = 400 * time.Millisecond // a loaded machine under -race
 	type call struct {
@@ -644,16 +644,17 @@ func TestCallsDuringAWaitingRedial(t *testing.T) {
 		later      []call
 		afterFirst bool // a call after them all fails at once
 	}{
-		// The 1 s call's deadline passes 1.3 s into the redial: past
-		// reconnectPatience, so every waiting call fails then.
-		{"the agent down", call{2 * time.Second, proto.Unavailable, 1300 * time.Millisecond}, 0, 300 * time.Millisecond, []call{
-			{5 * time.Second, proto.Unavailable, 1300 * time.Millisecond},
+		// The 1 s call's deadline passes 1.3 s into the redial, after it
+		// waited past reconnectPatience: calls made after it fail at
+		// once, and those waiting wait out their own deadlines.
+		{"the agent down", call{2 * time.Second, proto.DeadlineExceeded, 2 * time.Second}, 0, 300 * time.Millisecond, []call{
+			{3 * time.Second, proto.DeadlineExceeded, 3300 * time.Millisecond},
 			{time.Second, proto.DeadlineExceeded, 1300 * time.Millisecond},
-			{0, proto.Unavailable, 1300 * time.Millisecond},
 		}, true},
-		{"the agent down, every deadline the same", call{2 * time.Second, proto.DeadlineExceeded, 2 * time.Second}, 0, 300 * time.Millisecond, []call{
-			{0, proto.Unavailable, 2 * time.Second},
-		}, true},
+		{"a 1 s probe during a healthy restart", call{10 * time.Second, proto.OK, 1500 * time.Millisecond}, 1500 * time.Millisecond, 200 * time.Millisecond, []call{
+			{time.Second, proto.DeadlineExceeded, 1200 * time.Millisecond},
+			{10 * time.Second, proto.OK, 1500 * time.Millisecond},
+		}, false},
 		{"the agent starts within the first call's deadline", call{5 * time.Second, proto.OK, 800 * time.Millisecond}, 800 * time.Millisecond, 300 * time.Millisecond, []call{
 			{5 * time.Second, proto.OK, 800 * time.Millisecond},
 			{0, proto.OK, 800 * time.Millisecond},
@@ -763,6 +764,85 @@ func TestAShortCallLateInARedialLeavesOthersWaiting(t *testing.T) {
 	}
 	if err := <-long; err != nil {
 		t.Fatalf("the 10 s call, agent up at 1.5 s: %v (%s), want it served", err, client.Code(err))
+	}
+}
+
+// An agent side that takes the connect and drops it without answering (a
+// crash loop under socket activation, a proxy's backend timeout) is an
+// outage too, though no redial runs out its whole bound: a redial that a
+// caller abandoned and that then failed makes the next calls fail at once.
+// Reviewer CP: every call waited its whole deadline.
+func TestDroppedRedialsMakeAKnownOutage(t *testing.T) {
+	defer client.SetRedialWait(3 * time.Second)()
+	lost := make(chan struct{})
+	f := listenFake(t, func(n int32, nc net.Conn, br *bufio.Reader) {
+		if n == 1 {
+			answerHello(nc, br)
+			nc.Close()
+			close(lost)
+			return
+		}
+		readRequest(br) // the Hello, never answered
+		time.Sleep(1500 * time.Millisecond)
+	})
+	c := dial(t, f.path)
+	<-lost
+	for i := range 4 {
+		err, took := pingWithin(c, time.Second)
+		t.Logf("call %d: %v (%s) after %v", i, err, client.Code(err), took)
+		if i >= 2 && took > 400*time.Millisecond {
+			t.Fatalf("call %d in a long outage waited %v (its whole deadline), want UNAVAILABLE at once", i, took)
+		}
+		time.Sleep(700 * time.Millisecond)
+	}
+}
+
+// In a known outage a call that leaves before the 100 ms grace does not cut
+// it short for the calls already waiting: an agent that answers within it
+// serves them. Reviewer CP: they failed at once.
+func TestAShortCallInAKnownOutageLeavesTheGraceToOthers(t *testing.T) {
+	defer client.SetRedialWait(time.Second)()
+	lost := make(chan struct{})
+	f := listenFake(t, func(n int32, nc net.Conn, br *bufio.Reader) {
+		switch n {
+		case 1:
+			answerHello(nc, br)
+			nc.Close()
+			close(lost)
+			return
+		case 2:
+			for { // held: never answered
+				if _, err := readRequest(br); err != nil {
+					return
+				}
+			}
+		}
+		time.Sleep(70 * time.Millisecond)
+		if answerHello(nc, br) != nil {
+			return
+		}
+		for {
+			req, err := readRequest(br)
+			if err != nil {
+				return
+			}
+			writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
+		}
+	})
+	c := dial(t, f.path)
+	<-lost
+	start := time.Now()
+	if err, _ := pingWithin(c, 300*time.Millisecond); client.Code(err) != proto.DeadlineExceeded {
+		t.Fatalf("first: %v", err)
+	}
+	time.Sleep(time.Until(start.Add(1300 * time.Millisecond))) // the redial went unanswered: a known outage
+	short := make(chan error, 1)
+	go func() { err, _ := pingWithin(c, 50*time.Millisecond); short <- err }()
+	time.Sleep(10 * time.Millisecond)
+	err, took := pingWithin(c, 5*time.Second)
+	t.Logf("50 ms check: %v", <-short)
+	if err != nil {
+		t.Fatalf("5 s call, agent answering in 70 ms: %v (%s) after %v, want it served", err, client.Code(err), took)
 	}
 }
 

@@ -50,12 +50,12 @@ func newSigner(c *Client, key Key, ref KeyRef) *Signer {
 // stopped or restarting and its socket is gone, Sign fails at once with
 // UNAVAILABLE. Under systemd's socket activation the socket stays and takes
 // the connect: the first Sign waits for the agent up to its deadline, and
-// the Signs made meanwhile wait with it (all are served if the agent starts
-// in time; the first fails with DEADLINE_EXCEEDED if not); once one has
-// given up at its deadline, the Signs fail at once with UNAVAILABLE until
-// the agent answers, and for 30 s after the agent left a reconnect
-// unanswered for 30 s, every Sign fails at once, the first too (the
-// package doc, on restarts).
+// the Signs made meanwhile wait with it, each up to its own (all are served
+// if the agent starts in time); once one has given up at its deadline after
+// waiting half a second or more, the Signs made after it fail at once with
+// UNAVAILABLE until the agent answers, and in an outage the client has
+// seen (a reconnect left unanswered, within the last 30 s), every Sign
+// fails within 100 ms (the package doc, on restarts).
 const DefaultSignerTimeout = 10 * time.Second
 
 // Signer returns a crypto.Signer for the key. ctx bounds only the public key
