@@ -329,13 +329,7 @@ func TestReplyFrameCutOffEndsTheConnection(t *testing.T) {
 						io.Copy(io.Discard, br) // open, and silent
 						return
 					}
-					for {
-						req, err := readRequest(br)
-						if err != nil {
-							return
-						}
-						writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
-					}
+					answerOK(nc, br)
 				})
 				c := dial(t, f.path)
 				ping := func() error {

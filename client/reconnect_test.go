@@ -200,6 +200,17 @@ func answerHello(nc net.Conn, br *bufio.Reader) error {
 	return writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK, Version: proto.Version, Features: proto.FeaturePipelining})
 }
 
+// answerOK answers every request on nc with OK until the connection ends.
+func answerOK(nc net.Conn, br *bufio.Reader) {
+	for {
+		req, err := readRequest(br)
+		if err != nil {
+			return
+		}
+		writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
+	}
+}
+
 // While no agent serves the socket, calls fail at once with UNAVAILABLE,
 // and the client dials at most once per backoff period however many calls
 // come, yet keeps trying.
@@ -426,13 +437,7 @@ func TestConnectionsLostBeforeAnyReplyBackOff(t *testing.T) {
 					}
 					return
 				}
-				for {
-					req, err := readRequest(br)
-					if err != nil {
-						return
-					}
-					writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
-				}
+				answerOK(nc, br)
 			})
 			c := dial(t, f.path)
 			const window = 500 * time.Millisecond
@@ -590,13 +595,7 @@ func heldAgent(t *testing.T) (c *client.Client, f *fakeAgents, up func()) {
 		if answerHello(nc, br) != nil {
 			return
 		}
-		for {
-			req, err := readRequest(br)
-			if err != nil {
-				return
-			}
-			writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
-		}
+		answerOK(nc, br)
 	})
 	t.Cleanup(up) // before listenFake's, which waits for the handlers
 	c = dial(t, f.path)
@@ -821,13 +820,7 @@ func TestAShortCallInAKnownOutageLeavesTheGraceToOthers(t *testing.T) {
 		if answerHello(nc, br) != nil {
 			return
 		}
-		for {
-			req, err := readRequest(br)
-			if err != nil {
-				return
-			}
-			writeResponse(nc, &proto.Response{ID: req.ID, Code: proto.OK})
-		}
+		answerOK(nc, br)
 	})
 	c := dial(t, f.path)
 	<-lost
