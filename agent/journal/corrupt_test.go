@@ -1,11 +1,12 @@
 package journal
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"os"
 	"path/filepath"
-	"sort"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -43,10 +44,14 @@ func tabledJournal(t *testing.T) string {
 	return dir
 }
 
-// corruptTables changes one byte in every table of dir's audit records
-// but the newest: whichever one Pebble's compactions read first. The
-// tables of the m/ entries (the format, the chain head) are left whole:
-// Open reads them, and would stop there.
+// corruptTables changes one byte in tables of dir that Open does not read
+// but Pebble's compactions do: the tables of audit records but the newest
+// (Open reads the chain head from it), and the tables of m/ entries that
+// hold only the chain-head checkpoint, but the newest (Open reads the
+// checkpoint from it; the one with the format entry, which every Open
+// reads, is left whole). Tables of records alone, which overlap nothing,
+// may be moved down the levels without being read; the checkpoint's
+// tables overlap each other and are rewritten.
 func corruptTables(t *testing.T, dir string) {
 	t.Helper()
 	db, err := pebble.Open(dir, &pebble.Options{ReadOnly: true, Logger: quietPebble})
@@ -58,25 +63,42 @@ func corruptTables(t *testing.T, dir string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var tables []string
+	type table struct {
+		path string
+		num  uint64
+	}
+	var records, heads []table
 	for _, level := range levels {
 		for _, ti := range level {
-			if strings.HasPrefix(string(ti.Largest.UserKey), auditPrefix) {
-				tables = append(tables, filepath.Join(dir, ti.FileNum.String()+".sst"))
+			tb := table{filepath.Join(dir, ti.FileNum.String()+".sst"), uint64(ti.FileNum)}
+			switch {
+			case strings.HasPrefix(string(ti.Largest.UserKey), auditPrefix):
+				records = append(records, tb)
+			case string(ti.Smallest.UserKey) > formatKey:
+				heads = append(heads, tb)
 			}
 		}
 	}
-	if len(tables) < 2 {
-		t.Fatalf("%d tables of records, want several", len(tables))
+	byNum := func(a, b table) int { return cmp.Compare(a.num, b.num) }
+	slices.SortFunc(records, byNum)
+	slices.SortFunc(heads, byNum)
+	var damage []table
+	if len(records) > 1 {
+		damage = append(damage, records[:len(records)-1]...)
 	}
-	sort.Strings(tables)
-	for _, path := range tables[:len(tables)-1] {
-		b, err := os.ReadFile(path)
+	if len(heads) > 1 {
+		damage = append(damage, heads[:len(heads)-1]...)
+	}
+	if len(damage) == 0 {
+		t.Fatalf("no table to damage: %d of records, %d of checkpoints", len(records), len(heads))
+	}
+	for _, tb := range damage {
+		b, err := os.ReadFile(tb.path)
 		if err != nil {
 			t.Fatal(err)
 		}
 		b[len(b)/4] ^= 0xff
-		if err := os.WriteFile(path, b, 0o600); err != nil {
+		if err := os.WriteFile(tb.path, b, 0o600); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -109,11 +131,19 @@ func TestCorruptTableDoesNotFloodTheLog(t *testing.T) {
 		}
 	}
 	// Pebble's compaction meets the damaged table when it gets to it;
-	// then it retried at once, forever.
+	// then it retried at once, forever. Pebble may move a table of
+	// records down the levels without reading it, so a read of every
+	// record (Verify) meets it when no compaction has in a few seconds:
+	// reads report a corrupt table as compactions do.
+	read := time.Now().Add(3 * time.Second)
 	deadline := time.Now().Add(30 * time.Second)
 	for j.corrupt.Load() == nil {
 		if time.Now().After(deadline) {
-			t.Fatal("no compaction met the damaged table")
+			t.Fatal("neither a compaction nor a read met the damaged table")
+		}
+		if time.Now().After(read) {
+			_, _ = j.Verify(context.Background())
+			read = deadline
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
