@@ -384,6 +384,15 @@ func (v versioningSoftware) AddKey(_ context.Context, name, _ string) (providers
 func heldAgent(t *testing.T) (*heldProvider, agent.Config, *running, *client.Client) {
 	t.Helper()
 	h := newHeldProvider(t)
+	cfg := heldConfig(t)
+	r := startAgent(t, cfg, agent.WithProviders(h))
+	return h, cfg, r, r.serveAdmin(t, cfg.AdminSocket)
+}
+
+// heldConfig is the agent config of heldAgent: heldPolicy's slot on the
+// test's provider, an admin socket, two canaries per rotation.
+func heldConfig(t *testing.T) agent.Config {
+	t.Helper()
 	cfg := softwareConfig(t)
 	cfg.DefaultKey = ""
 	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
@@ -392,8 +401,7 @@ func heldAgent(t *testing.T) (*heldProvider, agent.Config, *running, *client.Cli
 	if err := os.WriteFile(cfg.Policy, []byte(heldPolicy("")), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	r := startAgent(t, cfg, agent.WithProviders(h))
-	return h, cfg, r, r.serveAdmin(t, cfg.AdminSocket)
+	return cfg
 }
 
 // serveSSH serves the agent's ssh-agent socket beside cfg's socket and

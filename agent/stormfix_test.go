@@ -326,14 +326,7 @@ func drillHeldAtItsCSR(t *testing.T, policyYAML string) heldDrill {
 // version the journal retired before its record.
 func TestSignByAVersionARevertRetiredIsWithheld(t *testing.T) {
 	g := newGatedProvider(t)
-	cfg := softwareConfig(t)
-	cfg.DefaultKey = ""
-	cfg.Policy = filepath.Join(t.TempDir(), "policy.yaml")
-	cfg.AdminSocket = filepath.Join(filepath.Dir(cfg.Socket), "admin.sock")
-	cfg.Rotation.Canaries = 2
-	if err := os.WriteFile(cfg.Policy, []byte(heldPolicy("")), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	cfg := heldConfig(t)
 	r := startAgent(t, cfg, agent.WithProviders(g))
 	admin := r.serveAdmin(t, cfg.AdminSocket)
 	ctx := context.Background()

@@ -405,18 +405,12 @@ func TestTLSHandshakesAcrossAnAgentRestart(t *testing.T) {
 			}
 		})
 	}
-	waitFor := func(n int64) {
-		deadline := time.Now().Add(10 * time.Second)
-		for ok.Load() < n && time.Now().Before(deadline) {
-			time.Sleep(time.Millisecond)
-		}
-	}
-	waitFor(50)
+	waitForCount(&ok, 50)
 	a.Shutdown(context.Background())
 	time.Sleep(100 * time.Millisecond)
 	run(t, cfg)
 	before := ok.Load()
-	waitFor(before + 50)
+	waitForCount(&ok, before+50)
 	stop.Store(true)
 	wg.Wait()
 	if ok.Load() < before+50 {

@@ -573,18 +573,12 @@ func signAcrossARestart(t *testing.T, start func() *agent.Agent, dial func() *cl
 			}
 		}()
 	}
-	waitFor := func(n int64) {
-		deadline := time.Now().Add(10 * time.Second)
-		for signed.Load() < n && time.Now().Before(deadline) {
-			time.Sleep(time.Millisecond)
-		}
-	}
-	waitFor(50)
+	waitForCount(&signed, 50)
 	a.Shutdown(context.Background())
 	time.Sleep(50 * time.Millisecond) // callers meet the agent gone
 	start()
 	before := signed.Load()
-	waitFor(before + 50)
+	waitForCount(&signed, before+50)
 	stop.Store(true)
 	wg.Wait()
 	if signed.Load() < before+50 {
@@ -693,4 +687,12 @@ func TestSignerInTLSUnderAnAlgorithmPolicy(t *testing.T) {
 // error as text only, so client.Code cannot see it.
 func refusedForItsAlgorithm(err error) bool {
 	return err != nil && strings.Contains(err.Error(), "failed to sign") && strings.Contains(err.Error(), proto.UnsupportedAlgorithm.String()+": ")
+}
+
+// waitForCount waits until c reaches n, 10 s at most (the caller's own
+// checks then say what is missing).
+func waitForCount(c *atomic.Int64, n int64) {
+	for deadline := time.Now().Add(10 * time.Second); c.Load() < n && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
 }
