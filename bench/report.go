@@ -381,16 +381,6 @@ func (r *Report) reach(d ratioDef) float64 {
 	return 0
 }
 
-// hasReach reports whether any goal has Goal.Reach.
-func (r *Report) hasReach() bool {
-	for _, g := range r.Goals() {
-		if g.Reach > 0 {
-			return true
-		}
-	}
-	return false
-}
-
 // leastCPUPerOp is the least CPU per op scenario was measured at on key,
 // over every connection count that ran without a failed op; 0 if none.
 func (r *Report) leastCPUPerOp(scenario, key string) float64 {
@@ -451,7 +441,9 @@ func (r *Report) Markdown(w io.Writer) error {
 	}
 
 	b.WriteString("\nGoals (ECDSA P-256 unless named, one run):\n\n")
+	anyReach := false
 	for _, g := range r.Goals() {
+		anyReach = anyReach || g.Reach > 0
 		fmt.Fprintf(&b, "- %s (%s): ", g.Name, goalDescriptions[g.Name])
 		if g.Measured {
 			if g.Name == GoalSoftwareEd25519OpsG8 {
@@ -482,7 +474,7 @@ func (r *Report) Markdown(w io.Writer) error {
 		}
 	}
 
-	if r.hasReach() {
+	if anyReach {
 		b.WriteString("\n\"At best\" is the figure a signer in another process would reach if it did nothing but sign on the token and answer: a signature costs at least the `direct` p50 plus the `roundtrip` p50 (a bare request and reply with an echo process), and at least the least CPU per op either was measured at, of which the machine's cores give so many per second. \"Out of reach\": the goal is beyond that figure in this run.\n")
 	}
 
